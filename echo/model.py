@@ -1,0 +1,165 @@
+"""EchoModel: the ECHO encoder with the released checkpoint's parameter names, and its reference
+per-signal `encode` that follows the released behaviour step by step (spec sections 1-6)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import geometry, inputs
+from .ops import attention as attention_ops
+from .ops import norm as norm_ops
+from .ops import stft as stft_ops
+from .ops import tokens as token_ops
+
+
+@dataclass(frozen=True)
+class EchoConfig:
+    dim: int = 384
+    depth: int = 12
+    heads: int = 6
+    mlp_ratio: int = 4
+    layer_norm_eps: float = 1e-6  # inside every encoder layer (released value)
+    final_norm_eps: float = 1e-6  # the final `norm`; some authors' snippets used torch's default 1e-5
+
+    def __post_init__(self):
+        if self.dim <= 0 or self.dim % 2 or self.depth <= 0 or self.heads <= 0 or self.dim % self.heads:
+            raise ValueError(
+                f"invalid ECHO config: dim={self.dim} must be even and divisible by heads={self.heads}, "
+                f"depth={self.depth} must be positive"
+            )
+
+    @classmethod
+    def preset(cls, size: str, **overrides) -> "EchoConfig":
+        if size not in PRESETS:
+            raise ValueError(f"unknown ECHO size {size!r}; known sizes: {', '.join(PRESETS)}")
+        return replace(PRESETS[size], **overrides)
+
+    @property
+    def size(self) -> str | None:
+        """The preset name this config matches in dim/depth/heads, or None for a custom one."""
+        for name, preset in PRESETS.items():
+            if (preset.dim, preset.depth, preset.heads) == (self.dim, self.depth, self.heads):
+                return name
+        return None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS = {
+    "tiny": EchoConfig(dim=192, depth=12, heads=3),
+    "small": EchoConfig(dim=384, depth=12, heads=6),
+    "base": EchoConfig(dim=768, depth=12, heads=12),
+    "large": EchoConfig(dim=1024, depth=24, heads=16),
+}
+
+
+class SelfAttention(nn.Module):
+    """Named like nn.MultiheadAttention so checkpoints load: packed in_proj (rows Q, K, V) + out_proj."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) -> (B, L, D), every sequence attending only to itself."""
+        q, k, v = attention_ops.split_heads(F.linear(x, self.in_proj_weight, self.in_proj_bias), self.heads)
+        return self.out_proj(attention_ops.merge_heads(attention_ops.attention(q, k, v)))
+
+
+class EchoLayer(nn.Module):
+    """One post-norm layer, exactly nn.TransformerEncoderLayer(norm_first=False, activation='gelu')."""
+
+    def __init__(self, config: EchoConfig):
+        super().__init__()
+        dim = config.dim
+        self.self_attn = SelfAttention(dim, config.heads)
+        self.linear1 = nn.Linear(dim, config.mlp_ratio * dim)
+        self.linear2 = nn.Linear(config.mlp_ratio * dim, dim)
+        self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = norm_ops.residual_layer_norm(x, self.self_attn(x), self.norm1.weight, self.norm1.bias, self.norm1.eps)
+        hidden = norm_ops.bias_gelu(F.linear(x, self.linear1.weight), self.linear1.bias)
+        return norm_ops.residual_layer_norm(x, self.linear2(hidden), self.norm2.weight, self.norm2.bias, self.norm2.eps)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: EchoConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(EchoLayer(config) for _ in range(config.depth))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        patch = (geometry.BAND_BINS, geometry.PATCH_FRAMES)
+        self.proj = nn.Conv2d(1, dim, kernel_size=patch, stride=patch)
+
+
+class EchoModel(nn.Module):
+    """The ECHO encoder. `state_dict()` has exactly the released keys and shapes (spec section 7)."""
+
+    def __init__(self, config: EchoConfig | None = None):
+        super().__init__()
+        self.config = config or EchoConfig()
+        dim = self.config.dim
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        # Fixed sin/cos table, but stored in checkpoints: a frozen parameter, as released.
+        self.pos_embed = nn.Parameter(token_ops.time_position_table(dim), requires_grad=False)
+        self.patch_embed = PatchEmbed(dim)
+        self.encoder = Encoder(self.config)
+        self.norm = nn.LayerNorm(dim, eps=self.config.final_norm_eps)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    @property
+    def device(self) -> torch.device:
+        return self.cls_token.device
+
+    def band_tokens(self, bands: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(B, 32, T) band images with their FPE positions p (B,) -> (B, L+1, D) sequences [CLS, patches]."""
+        patches = token_ops.patch_project(bands, self.patch_embed.proj.weight, self.patch_embed.proj.bias)
+        fpe = token_ops.frequency_encoding(positions.to(bands.device), self.config.dim).to(patches.dtype)
+        return token_ops.assemble_sequences(patches, self.cls_token, self.pos_embed, fpe)
+
+    def forward(self, sequences: torch.Tensor) -> torch.Tensor:
+        """(B, L+1, D) token sequences -> (B, L+1, D) final-normed outputs."""
+        for layer in self.encoder.layers:
+            sequences = layer(sequences)
+        return self.norm(sequences)
+
+    @torch.no_grad()
+    def encode(self, waveform, sample_rate) -> tuple[torch.Tensor, torch.Tensor]:
+        """One signal -> (utterance (nb*D,), frames (rows, nb*D)), float32 on the CPU.
+
+        `waveform` is (N,) or (C, N) at its own integer rate; with C channels each is encoded on its own and
+        the embeddings are concatenated along the feature axis (utterance C*nb*D, frames (rows, C*nb*D)).
+        Signals over 2000 frames are cut into segments as released: utterance = mean of the segments',
+        frames = the segments' rows stacked.
+        """
+        sample_rate = inputs.check_sample_rate(sample_rate)
+        waveform = inputs.as_signal(waveform, sample_rate)
+        if waveform.dim() == 2:
+            encoded = [self._encode_mono(channel, sample_rate) for channel in waveform]
+            return torch.cat([u for u, _ in encoded]), torch.cat([f for _, f in encoded], dim=-1)
+        return self._encode_mono(waveform, sample_rate)
+
+    def _encode_mono(self, waveform: torch.Tensor, sample_rate: int) -> tuple[torch.Tensor, torch.Tensor]:
+        spec = stft_ops.spectrogram(waveform.to(self.device), sample_rate)
+        positions = token_ops.band_positions(sample_rate)
+        utterances, frames = [], []
+        for start, end in geometry.segments(spec.shape[-1]):
+            bands = token_ops.band_split(spec[:, start:end], sample_rate)
+            out = self(self.band_tokens(bands, positions))
+            utterances.append(out[:, 0].flatten())
+            frames.append(out[:, 1:].transpose(0, 1).flatten(1))
+        utterance = torch.stack(utterances).mean(dim=0)
+        return utterance.float().cpu(), torch.cat(frames).float().cpu()

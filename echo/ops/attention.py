@@ -1,0 +1,35 @@
+"""Multi-head self-attention of the ECHO layer (spec section 4): packed in-projection, heads are contiguous
+D/H slices, scale 1/sqrt(head_dim), no mask."""
+from __future__ import annotations
+
+import torch
+
+
+def split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(..., L, 3D) packed rows Q, K, V -> three (..., H, L, D/H)."""
+    *lead, length, three_dim = qkv.shape
+    head_dim = three_dim // (3 * heads)
+    q, k, v = qkv.reshape(*lead, length, 3, heads, head_dim).movedim(-3, 0).transpose(-3, -2).unbind(0)
+    return q, k, v
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over (..., L, d); softmax in float32 whatever the input dtype."""
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    return (scores.softmax(dim=-1).to(v.dtype)) @ v
+
+
+def merge_heads(out: torch.Tensor) -> torch.Tensor:
+    """(..., H, L, d) -> (..., L, H*d)."""
+    return out.transpose(-3, -2).flatten(-2)
+
+
+def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, heads: int) -> torch.Tensor:
+    """Reference for packed sequences: qkv (total, 3D), sequence s is rows cu_seqlens[s]:cu_seqlens[s+1];
+    no token attends outside its own sequence. Returns (total, D)."""
+    bounds = cu_seqlens.tolist()
+    pieces = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        q, k, v = split_heads(qkv[start:end], heads)
+        pieces.append(merge_heads(attention(q, k, v)))
+    return torch.cat(pieces) if pieces else qkv.new_empty(0, qkv.shape[-1] // 3)

@@ -1,0 +1,74 @@
+"""From a normalised spectrogram to the token sequences of its bands (spec sections 2 and 3)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import geometry
+
+
+def band_split(spec: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """(F, T) -> (nb, 32, T). Band b holds bins [32b, min(32b+32, F)); a narrower last band is zero-padded
+    with rows BEFORE its real bins (0 is a value of the normalised domain)."""
+    bins, frames = spec.shape
+    bands = geometry.n_bands(sample_rate)
+    pad = bands * geometry.BAND_BINS - bins
+    last_start = (bands - 1) * geometry.BAND_BINS
+    last = F.pad(spec[last_start:], (0, 0, pad, 0))
+    full = spec[:last_start].reshape(bands - 1, geometry.BAND_BINS, frames)
+    return torch.cat([full, last[None]], dim=0)
+
+
+def time_position_table(dim: int, rows: int = geometry.MAX_PATCHES + 1) -> torch.Tensor:
+    """pos_embed (1, rows, D): row 0 zero; row i = [sin(p w_k) | cos(p w_k)] for p = i - 1,
+    w_k = 10000^(-k / (D/2)), computed in float64 and cast to float32."""
+    half = dim // 2
+    omega = 1.0 / 10000 ** (np.arange(half, dtype=np.float64) / half)
+    angles = np.arange(rows - 1, dtype=np.float64)[:, None] * omega[None, :]
+    table = np.zeros((rows, dim), dtype=np.float64)
+    table[1:] = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    return torch.from_numpy(table).to(torch.float32)[None]
+
+
+def frequency_encoding(position: torch.Tensor | float, dim: int) -> torch.Tensor:
+    """FPE of band positions p (fraction of Nyquist), (...,) -> (..., D), float32, sin/cos interleaved:
+    angle_i = (25 p) * exp(2i * -ln(10000) / D)."""
+    position = torch.as_tensor(position, dtype=torch.float32)
+    inverse_freq = torch.exp(
+        torch.arange(0, dim, 2, dtype=torch.float32, device=position.device) * (-math.log(10000.0) / dim)
+    )
+    angles = (geometry.FPE_SCALE * position)[..., None] * inverse_freq
+    return torch.stack([torch.sin(angles), torch.cos(angles)], dim=-1).flatten(-2)
+
+
+def band_positions(sample_rate: int) -> torch.Tensor:
+    """p of every grid band of a rate, from the centre of its real bins."""
+    return torch.tensor(
+        [
+            geometry.band_position(sample_rate, *geometry.band_edges(sample_rate, b))
+            for b in range(geometry.n_bands(sample_rate))
+        ],
+        dtype=torch.float64,
+    ).to(torch.float32)
+
+
+def patch_project(bands: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """(B, 32, T) -> (B, L, D): non-overlapping 32x16 patches (a strided conv), time right-padded with zeros
+    to L = ceil(T / 16) patches."""
+    frames = bands.shape[-1]
+    padded = F.pad(bands, (0, geometry.n_patches(frames) * geometry.PATCH_FRAMES - frames))
+    return F.conv2d(padded[:, None], weight, bias, stride=(geometry.BAND_BINS, geometry.PATCH_FRAMES)).flatten(2).transpose(1, 2)
+
+
+def assemble_sequences(
+    patches: torch.Tensor, cls_token: torch.Tensor, pos_embed: torch.Tensor, fpe: torch.Tensor
+) -> torch.Tensor:
+    """(B, L, D) projected patches -> (B, L+1, D) sequences [CLS, patch 1..L]: patch i gets pos_embed row i and
+    its band's FPE; CLS = cls_token + FPE (no time row)."""
+    length = patches.shape[1]
+    tokens = patches + pos_embed[:, 1 : length + 1] + fpe[:, None]
+    cls = cls_token.reshape(1, 1, -1) + fpe[:, None]
+    return torch.cat([cls, tokens], dim=1)

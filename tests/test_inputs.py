@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model("tiny")
+
+
+@pytest.mark.parametrize(
+    "signal,rate,message",
+    [
+        (torch.zeros(0), 16000, "signal is empty"),
+        (torch.randn(300), 16000, r"signal of 300 samples is shorter than one 25 ms window at 16000 Hz \(400 samples\)"),
+        (torch.randn(2, 3, 16000), 16000, r"1-D \(samples\) or 2-D \(channels, samples\), got shape \(2, 3, 16000\)"),
+        (torch.tensor([0.0] * 500 + [float("nan")]), 16000, "1 NaN or Inf"),
+        (torch.tensor([float("inf")] * 600), 16000, "600 NaN or Inf"),
+        (torch.ones(16000, dtype=torch.uint8), 16000, "unsupported dtype torch.uint8"),
+        (np.ones(16000, dtype=np.complex64), 16000, "unsupported dtype complex64"),
+        ([0.0] * 16000, 16000, "torch.Tensor or numpy array, got list"),
+        (torch.randn(16000), 1999, "1999 Hz is below the minimum of 2000 Hz"),
+        (torch.randn(16000), 16000.5, "integer number of Hz, got 16000.5"),
+        (torch.randn(16000), "16000", "integer number of Hz, got '16000'"),
+        (torch.randn(16000, 2), 16000, r"pass \(channels, samples\)"),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(model, signal, rate, message):
+    with pytest.raises(ValueError, match=message):
+        model.encode(signal, rate)
+
+
+def test_int16_pcm_is_scaled(model):
+    pcm = (torch.randn(8000) * 3000).to(torch.int16)
+    u_int, _ = model.encode(pcm, 8000)
+    u_float, _ = model.encode(pcm.float() / 32768, 8000)
+    assert torch.equal(u_int, u_float)
+
+
+def test_numpy_and_float64_accepted(model):
+    x = np.random.randn(12000)
+    u_np, _ = model.encode(x, 12000)
+    u_t, _ = model.encode(torch.from_numpy(x).float(), np.int64(12000))
+    assert torch.equal(u_np, u_t)

@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+import echo
+from echo import geometry
+from independent import independent_encode, torch_layers
+
+from conftest import RATE_FAMILIES, random_model, rel_err
+
+
+@pytest.mark.parametrize("size,params", [("tiny", 5_461_632), ("small", 21_540_096)])
+def test_state_dict_layout(size, params):
+    model = echo.EchoModel(echo.EchoConfig.preset(size))
+    state = model.state_dict()
+    d = model.config.dim
+    assert len(state) == 150
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert state["cls_token"].shape == (1, 1, d) and state["pos_embed"].shape == (1, 126, d)
+    assert state["patch_embed.proj.weight"].shape == (d, 1, 32, 16)
+    assert state["encoder.layers.11.self_attn.in_proj_weight"].shape == (3 * d, d)
+    assert state["encoder.layers.0.linear2.weight"].shape == (d, 4 * d)
+    assert state["norm.bias"].shape == (d,)
+
+
+def test_presets():
+    assert [(c.dim, c.depth, c.heads) for c in echo.PRESETS.values()] == [
+        (192, 12, 3), (384, 12, 6), (768, 12, 12), (1024, 24, 16)]
+    assert echo.EchoConfig.preset("small").final_norm_eps == 1e-6
+    with pytest.raises(ValueError, match="unknown ECHO size 'huge'"):
+        echo.EchoConfig.preset("huge")
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_layers_match_torch_transformer(size):
+    model = random_model(size)
+    reference = torch_layers(model.state_dict(), model.config.dim, model.config.heads, model.config.depth)
+    x = torch.randn(5, 1 + int(torch.randint(1, 126, ())), model.config.dim)
+    with torch.no_grad():
+        ours = x
+        for layer in model.encoder.layers:
+            ours = layer(ours)
+        assert rel_err(ours, reference(x)) < 1e-5
+
+
+@pytest.mark.parametrize("rate", RATE_FAMILIES)
+def test_encode_matches_independent_formulation(rate):
+    model = random_model("tiny")
+    frames = int(torch.randint(7, 300, ()))
+    n = rate * 25 // 1000 + (frames - 1) * (rate * 10 // 1000) + int(torch.randint(0, rate // 100, ()))
+    x = torch.randn(n)
+    utterance, frame_rows = model.encode(x, rate)
+    ref_u, ref_f = independent_encode(model.state_dict(), model.config.heads, x.numpy(), rate)
+    g = geometry.SignalGeometry(rate, n)
+    assert utterance.shape == (g.bands * 192,) and frame_rows.shape == (g.frame_rows, g.bands * 192)
+    assert rel_err(utterance, ref_u) < 1e-5 and rel_err(frame_rows, ref_f) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size,rate,frames", [("small", 16000, 2001), ("tiny", 8000, 4500), ("tiny", 48000, 2000)])
+def test_long_signals_match_independent_formulation(size, rate, frames):
+    model = random_model(size)
+    n = rate * 25 // 1000 + (frames - 1) * (rate * 10 // 1000)
+    x = torch.randn(n)
+    utterance, frame_rows = model.encode(x, rate)
+    ref_u, ref_f = independent_encode(model.state_dict(), model.config.heads, x.numpy(), rate)
+    segments = geometry.segments(frames)
+    assert frame_rows.shape[0] == 125 * len(segments)
+    assert rel_err(utterance, ref_u) < 1e-5 and rel_err(frame_rows, ref_f) < 1e-5
+
+
+def test_segment_average_rule():
+    """2001 frames: utterance = mean of segments [0, 2000) and [1, 2001) of the whole spectrogram; frames stacked."""
+    from echo.ops import stft as stft_ops
+    from echo.ops import tokens as token_ops
+
+    model = random_model("tiny")
+    rate = 8000
+    x = torch.randn(200 + 2000 * 80)
+    utterance, frame_rows = model.encode(x, rate)
+    spec = stft_ops.spectrogram(x, rate)
+    assert spec.shape[1] == 2001
+    outs = []
+    with torch.no_grad():
+        for start in (0, 1):
+            bands = token_ops.band_split(spec[:, start : start + 2000], rate)
+            outs.append(model(model.band_tokens(bands, token_ops.band_positions(rate))))
+    assert frame_rows.shape == (250, 4 * 192)
+    assert rel_err(utterance, (outs[0][:, 0].flatten() + outs[1][:, 0].flatten()) / 2) < 1e-6
+    assert rel_err(frame_rows[125:], outs[1][:, 1:].transpose(0, 1).flatten(1)) < 1e-6
+
+
+def test_multichannel_concatenates_channels():
+    model = random_model("tiny")
+    x = torch.randn(2, 12000)
+    utterance, frame_rows = model.encode(x, 12000)
+    u0, f0 = model.encode(x[0], 12000)
+    u1, f1 = model.encode(x[1], 12000)
+    assert torch.equal(utterance, torch.cat([u0, u1]))
+    assert torch.equal(frame_rows, torch.cat([f0, f1], dim=-1))
+
+
+def test_final_norm_eps_is_configurable():
+    model = random_model("tiny", final_norm_eps=1e-5)
+    assert model.norm.eps == 1e-5 and model.encoder.layers[0].norm1.eps == 1e-6
