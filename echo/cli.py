@@ -1,8 +1,14 @@
-"""The command line: `python -m echo COMMAND` (or `echo-fm COMMAND`; `echo` alone is a shell builtin)."""
+"""The command line: `python -m echo COMMAND` (or `echo-fm COMMAND`; `echo` alone is a shell builtin).
+
+Each command other than `demo` lives in the module that owns its job and exposes `add_arguments(parser)`
+and `run(args) -> int`; it is listed in COMMANDS and imported only when asked for.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
+import sys
 
 import torch
 
@@ -25,9 +31,19 @@ def demo(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="echo-fm", description=__doc__)
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {}
+
+
+def build_parser(argv) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="echo-fm", description="ECHO embeddings for machine signals")
     commands = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text)
+        if name in argv:  # import a command's module only when it runs
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub)
+            sub.set_defaults(run=module.run)
     demo_parser = commands.add_parser("demo", help="encode a generated signal and print the embedding shapes")
     demo_parser.add_argument("--size", choices=list(PRESETS), default="tiny")
     demo_parser.add_argument("--rate", type=int, default=16000, help="sample rate in Hz")
@@ -38,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.run(args)
     except ValueError as error:

@@ -33,3 +33,27 @@ def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, heads: int) ->
         q, k, v = split_heads(qkv[start:end], heads)
         pieces.append(merge_heads(attention(q, k, v)))
     return torch.cat(pieces) if pieces else qkv.new_empty(0, qkv.shape[-1] // 3)
+
+
+def grouped_attention(qkv: torch.Tensor, groups: dict[int, torch.Tensor], heads: int) -> torch.Tensor:
+    """Same contract as varlen_attention: SDPA once per distinct sequence length over the gathered rows of
+    all sequences of that length (`groups`: length -> packed row indices), so nothing is padded."""
+    out = qkv.new_empty(qkv.shape[0], qkv.shape[1] // 3)
+    for length, rows in groups.items():
+        q, k, v = split_heads(qkv[rows].view(-1, length, qkv.shape[1]), heads)
+        out[rows] = merge_heads(torch.nn.functional.scaled_dot_product_attention(q, k, v)).reshape(-1, out.shape[1])
+    return out
+
+
+def packed_attention(qkv: torch.Tensor, packing, heads: int, backend: str | None = None) -> torch.Tensor:
+    """Dispatch of varlen attention on a packed (total, 3D) buffer described by an echo.packed.Packing."""
+    from . import backend as backends
+
+    chosen = backends.choose("attention", qkv.device, backend, available=("triton", "torch", "reference"))
+    if chosen == "triton":
+        from echo_kernels import attention as kernel
+
+        return kernel.varlen_attention(qkv, packing.cu_seqlens, packing.max_seqlen, heads)
+    if chosen == "reference":
+        return varlen_attention(qkv, packing.cu_seqlens, heads)
+    return grouped_attention(qkv, packing.groups, heads)

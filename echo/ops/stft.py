@@ -37,3 +37,64 @@ def log_normalise(magnitude: torch.Tensor) -> torch.Tensor:
 def spectrogram(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
     """The whole front end: (..., N) float32 -> normalised log magnitude (..., F, T), frequency first."""
     return log_normalise(stft_magnitude(remove_dc(waveform), sample_rate))
+
+
+def band_layout(spec: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """(..., F, T) -> (..., nb*32, T): the band split of every band stacked, zero rows inserted before the
+    last band's real bins. This is the layout the token stage reads."""
+    bins = spec.shape[-2]
+    bands = geometry.n_bands(sample_rate)
+    last_start = (bands - 1) * geometry.BAND_BINS
+    pad = bands * geometry.BAND_BINS - bins
+    zeros = spec.new_zeros(*spec.shape[:-2], pad, spec.shape[-1])
+    return torch.cat([spec[..., :last_start, :], zeros, spec[..., last_start:, :]], dim=-2)
+
+
+def ragged_spectrogram_reference(waves: torch.Tensor, wave_offsets: torch.Tensor, plan) -> torch.Tensor:
+    """All signals of a plan, back to back in `waves` (signal i = waves[wave_offsets[i]:wave_offsets[i+1]]),
+    -> one flat buffer holding each signal's band-layout spectrogram (nb*32, T) at plan.spec_offsets[i]."""
+    bounds = wave_offsets.tolist()
+    pieces = [
+        band_layout(spectrogram(waves[bounds[i] : bounds[i + 1]], sr), sr).reshape(-1)
+        for i, sr in enumerate(plan.sample_rates)
+    ]
+    return torch.cat(pieces) if pieces else waves.new_empty(0)
+
+
+def ragged_spectrogram_torch(waves: torch.Tensor, wave_offsets: torch.Tensor, plan) -> torch.Tensor:
+    """Same result, one windowed real FFT per distinct sample rate over the frames of all its signals."""
+    out = waves.new_empty(int(plan.spec_offsets[-1]))
+    bounds = wave_offsets.tolist()
+    spec_bounds = plan.spec_offsets.tolist()
+    by_rate: dict[int, list[int]] = {}
+    for i, sr in enumerate(plan.sample_rates):
+        by_rate.setdefault(sr, []).append(i)
+    for sr, members in by_rate.items():
+        window_length, step = geometry.n_fft(sr), geometry.hop(sr)
+        window = torch.hann_window(window_length, periodic=True, dtype=waves.dtype, device=waves.device)
+        framed = torch.cat([
+            remove_dc(waves[bounds[i] : bounds[i + 1]]).unfold(0, window_length, step) for i in members
+        ])
+        magnitude = torch.fft.rfft(framed * window).abs()
+        spec = log_normalise(magnitude)  # (frames of all members, F)
+        first = 0
+        for i in members:
+            frames = plan.frames[i]
+            layout = band_layout(spec[first : first + frames].T, sr)
+            out[spec_bounds[i] : spec_bounds[i + 1]].view_as(layout).copy_(layout)
+            first += frames
+    return out
+
+
+def ragged_spectrogram(waves: torch.Tensor, wave_offsets: torch.Tensor, plan, backend: str | None = None) -> torch.Tensor:
+    """Dispatch of the ragged front end (see ragged_spectrogram_reference for the contract)."""
+    from . import backend as backends
+
+    chosen = backends.choose("stft", waves.device, backend, available=("triton", "torch", "reference"))
+    if chosen == "triton":
+        from echo_kernels import stft as kernel
+
+        return kernel.ragged_spectrogram(waves, wave_offsets, plan)
+    if chosen == "reference":
+        return ragged_spectrogram_reference(waves, wave_offsets, plan)
+    return ragged_spectrogram_torch(waves, wave_offsets, plan)

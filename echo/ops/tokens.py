@@ -72,3 +72,68 @@ def assemble_sequences(
     tokens = patches + pos_embed[:, 1 : length + 1] + fpe[:, None]
     cls = cls_token.reshape(1, 1, -1) + fpe[:, None]
     return torch.cat([cls, tokens], dim=1)
+
+
+def pack_tokens_reference(spec: torch.Tensor, plan, weight, bias, cls_token, pos_embed) -> torch.Tensor:
+    """Flat band-layout spectrogram buffer (see ops.stft.ragged_spectrogram) -> the packed (total_tokens, D)
+    token buffer of the plan: sequence s = [cls + fpe, proj(patch i) + pos_embed[i] + fpe for i = 1..L],
+    its patches cut from band seq_band[s] of its signal, frames [start, start + frames), zero-padded in time."""
+    dim = weight.shape[0]
+    out = []
+    for s in range(plan.num_sequences):
+        i = int(plan.seq_signal[s])
+        band, start, frames = int(plan.seq_band[s]), int(plan.seq_frame_start[s]), int(plan.seq_frames[s])
+        image = spec[int(plan.spec_offsets[i]) : int(plan.spec_offsets[i + 1])].view(-1, plan.frames[i])
+        rows = image[geometry.BAND_BINS * band : geometry.BAND_BINS * (band + 1), start : start + frames]
+        patches = patch_project(rows[None], weight, bias)
+        fpe = frequency_encoding(plan.seq_position[s : s + 1].to(spec.device), dim).to(patches.dtype)
+        out.append(assemble_sequences(patches, cls_token, pos_embed, fpe)[0])
+    return torch.cat(out) if out else spec.new_empty(0, dim)
+
+
+def patch_matrix(spec: torch.Tensor, plan) -> torch.Tensor:
+    """Every patch of every sequence as one (patches, 512) matrix, in packed order (rows: 32 bins x 16
+    frames, bin-major like the conv kernel)."""
+    pieces = []
+    spec_bounds = plan.spec_offsets.tolist()
+    for signal, first, bands, patches in plan.segments:
+        start = int(plan.seq_frame_start[first])
+        frames = int(plan.seq_frames[first])
+        image = spec[spec_bounds[signal] : spec_bounds[signal + 1]].view(bands, geometry.BAND_BINS, -1)
+        segment = image[:, :, start : start + frames]
+        segment = F.pad(segment, (0, patches * geometry.PATCH_FRAMES - frames))
+        pieces.append(
+            segment.reshape(bands, geometry.BAND_BINS, patches, geometry.PATCH_FRAMES)
+            .transpose(1, 2)
+            .reshape(bands * patches, geometry.BAND_BINS * geometry.PATCH_FRAMES)
+        )
+    return torch.cat(pieces) if pieces else spec.new_empty(0, geometry.BAND_BINS * geometry.PATCH_FRAMES)
+
+
+def pack_tokens_torch(spec, plan, weight, bias, cls_token, pos_embed, patch_rows=None) -> torch.Tensor:
+    """Same result: one matrix product over all patches of all sequences, positions added by gather."""
+    dim = weight.shape[0]
+    patch_rows = plan.patch_rows() if patch_rows is None else patch_rows
+    cls_rows = plan.cls_rows()
+    fpe = frequency_encoding(plan.seq_position.to(spec.device), dim).to(weight.dtype)  # (S, D)
+    seq_of_patch = torch.repeat_interleave(torch.arange(plan.num_sequences), plan.seq_patches)
+    patch_index = patch_rows - plan.cu_seqlens[:-1].long()[seq_of_patch]  # 1..L within its sequence
+    projected = torch.addmm(bias, patch_matrix(spec, plan).to(weight.dtype), weight.reshape(dim, -1).T)
+    tokens = torch.empty(plan.total_tokens, dim, dtype=weight.dtype, device=spec.device)
+    tokens[patch_rows] = projected + pos_embed[0, patch_index.to(spec.device)] + fpe[seq_of_patch.to(spec.device)]
+    tokens[cls_rows] = cls_token.reshape(1, dim) + fpe
+    return tokens
+
+
+def pack_tokens(spec, plan, weight, bias, cls_token, pos_embed, backend: str | None = None) -> torch.Tensor:
+    """Dispatch of the token stage (see pack_tokens_reference for the contract)."""
+    from . import backend as backends
+
+    chosen = backends.choose("tokens", spec.device, backend, available=("triton", "torch", "reference"))
+    if chosen == "triton":
+        from echo_kernels import tokens as kernel
+
+        return kernel.pack_tokens(spec, plan, weight, bias, cls_token, pos_embed)
+    if chosen == "reference":
+        return pack_tokens_reference(spec, plan, weight, bias, cls_token, pos_embed)
+    return pack_tokens_torch(spec, plan, weight, bias, cls_token, pos_embed)

@@ -1,0 +1,37 @@
+"""Which implementation of an op runs: chosen per device, forced by an argument or an environment variable.
+
+Backends, in order of preference: "triton" (CUDA, or CPU under TRITON_INTERPRET=1 when forced), "csrc" (the
+compiled extension, when built), "torch" (batched pure-torch fast path), "reference" (the readable truth).
+`ECHO_BACKEND=torch` forces every op; `ECHO_BACKEND_ATTENTION=reference` forces one op.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("triton", "csrc", "torch", "reference")
+
+
+def triton_available(device: torch.device) -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def choose(op: str, device: torch.device, requested: str | None = None, available: tuple[str, ...] = BACKENDS) -> str:
+    """The backend for `op` on `device`: the requested one (argument, then environment), else the fastest
+    available; Triton is chosen by default only on CUDA."""
+    requested = requested or os.environ.get(f"ECHO_BACKEND_{op.upper()}") or os.environ.get("ECHO_BACKEND")
+    if requested:
+        if requested not in BACKENDS:
+            raise ValueError(f"unknown backend {requested!r} for {op}; choose from {', '.join(BACKENDS)}")
+        if requested == "triton" and not triton_available(device):
+            raise ValueError(f"backend 'triton' for {op} needs triton and a CUDA device (or TRITON_INTERPRET=1)")
+        if requested not in available:
+            raise ValueError(f"op {op} has no {requested!r} backend; it has {', '.join(available)}")
+        return requested
+    if device.type == "cuda" and "triton" in available and triton_available(device):
+        return "triton"
+    return "torch" if "torch" in available else "reference"

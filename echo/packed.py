@@ -1,0 +1,58 @@
+"""The encoder on packed sequences: every dense op runs once over all tokens of all sequences, attention
+runs per sequence through `cu_seqlens`. Used by echo.fast (inference) and echo.pretrain (training)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .ops import attention as attention_ops
+from .ops import norm as norm_ops
+
+
+@dataclass
+class Packing:
+    """Sequences laid back to back: sequence s is rows cu_seqlens[s]:cu_seqlens[s+1]."""
+
+    cu_seqlens: torch.Tensor  # (S + 1,) int32
+    max_seqlen: int
+    groups: dict[int, torch.Tensor]  # sequence length -> packed row indices of all sequences of that length
+
+    @classmethod
+    def from_lengths(cls, lengths: torch.Tensor, device=None) -> "Packing":
+        lengths = torch.as_tensor(lengths, dtype=torch.int64).cpu()
+        cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu_seqlens[1:] = torch.cumsum(lengths, 0)
+        starts = cu_seqlens[:-1].long()
+        groups = {}
+        for length in torch.unique(lengths).tolist():
+            first = starts[lengths == length]
+            groups[length] = (first[:, None] + torch.arange(length)).reshape(-1).to(device)
+        return cls(cu_seqlens.to(device), int(lengths.max()) if len(lengths) else 0, groups)
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.cu_seqlens[-1])
+
+
+def layer_forward(layer, x: torch.Tensor, packing: Packing, backend: str | None = None) -> torch.Tensor:
+    """One post-norm ECHO layer on a packed (total, D) buffer."""
+    attn = layer.self_attn
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+    mixed = attn.out_proj(attention_ops.packed_attention(qkv, packing, attn.heads, backend))
+    x = norm_ops.residual_layer_norm(x, mixed, layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
+    hidden = norm_ops.bias_gelu(F.linear(x, layer.linear1.weight), layer.linear1.bias)
+    return norm_ops.residual_layer_norm(x, layer.linear2(hidden), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
+
+
+def forward(model, x: torch.Tensor, packing: Packing, backend: str | None = None, return_layers: bool = False):
+    """All layers and the final norm on packed tokens; with return_layers also each layer's output
+    (before the final norm), as pretraining targets need."""
+    layers = []
+    for layer in model.encoder.layers:
+        x = layer_forward(layer, x, packing, backend)
+        if return_layers:
+            layers.append(x)
+    out = model.norm(x)
+    return (out, layers) if return_layers else out

@@ -1,0 +1,108 @@
+"""The host-side geometry of a whole batch of mono signals, computed once (../shared/DESIGN.md).
+
+Every (signal, segment, band) becomes one sequence of L + 1 tokens [CLS, patch 1..L] in one packed
+(total_tokens, D) buffer, ordered signal -> segment -> band; `cu_seqlens` gives the token offsets in the
+FlashAttention convention. Nothing is padded between signals. Every later stage (front end, tokens,
+attention, output gathering, pretraining batches) reads these small integer tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import geometry
+
+
+@dataclass
+class Plan:
+    sample_rates: list[int]
+    lengths: list[int]  # samples per signal
+    frames: list[int]
+    bands: list[int]
+    # spectrogram buffer: signal i is a (bands_i * 32, frames_i) band image at spec_offsets[i] (band layout)
+    spec_offsets: torch.Tensor  # (signals + 1,) int64
+    # one entry per sequence
+    seq_signal: torch.Tensor  # (S,) int64
+    seq_band: torch.Tensor  # (S,) band index within its signal
+    seq_frame_start: torch.Tensor  # (S,) first frame of its segment
+    seq_frames: torch.Tensor  # (S,) frames in its segment
+    seq_patches: torch.Tensor  # (S,) L
+    seq_position: torch.Tensor  # (S,) float32 FPE position p of its band
+    cu_seqlens: torch.Tensor  # (S + 1,) int32 token offsets
+    # one entry per segment: (signal, first sequence, bands, patches)
+    segments: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.seq_signal)
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.cu_seqlens[-1])
+
+    @property
+    def max_seqlen(self) -> int:
+        return int(self.seq_patches.max()) + 1 if self.num_sequences else 0
+
+    def cls_rows(self) -> torch.Tensor:
+        """Row of each sequence's CLS token in the packed buffer."""
+        return self.cu_seqlens[:-1].long()
+
+    def patch_rows(self) -> torch.Tensor:
+        """Rows of all patch tokens in packed order (every row that is not a CLS)."""
+        is_patch = torch.ones(self.total_tokens, dtype=torch.bool)
+        is_patch[self.cls_rows()] = False
+        return is_patch.nonzero().squeeze(1)
+
+    def length_groups(self) -> dict[int, torch.Tensor]:
+        """Sequence length -> packed row indices (n_seq * length,) of all sequences of that length: attention
+        runs once per distinct length, with no padding."""
+        lengths = (self.seq_patches + 1).tolist()
+        starts = self.cu_seqlens[:-1].tolist()
+        by_length: dict[int, list[int]] = {}
+        for start, length in zip(starts, lengths):
+            by_length.setdefault(length, []).append(start)
+        return {
+            length: (torch.tensor(group)[:, None] + torch.arange(length)).reshape(-1)
+            for length, group in sorted(by_length.items())
+        }
+
+
+def make_plan(lengths: list[int], sample_rates: list[int]) -> Plan:
+    """The plan of mono signals with these sample counts and rates (all already validated)."""
+    frames = [geometry.n_frames(n, sr) for n, sr in zip(lengths, sample_rates)]
+    bands = [geometry.n_bands(sr) for sr in sample_rates]
+    spec_sizes = [nb * geometry.BAND_BINS * t for nb, t in zip(bands, frames)]
+    seq_signal, seq_band, seq_start, seq_frames, seq_patches, seq_position, segments = [], [], [], [], [], [], []
+    for i, (sr, t, nb) in enumerate(zip(sample_rates, frames, bands)):
+        positions = [geometry.band_position(sr, *geometry.band_edges(sr, b)) for b in range(nb)]
+        for start, end in geometry.segments(t):
+            patches = geometry.n_patches(end - start)
+            segments.append((i, len(seq_signal), nb, patches))
+            seq_signal += [i] * nb
+            seq_band += range(nb)
+            seq_start += [start] * nb
+            seq_frames += [end - start] * nb
+            seq_patches += [patches] * nb
+            seq_position += positions
+    patches = torch.tensor(seq_patches, dtype=torch.int64)
+    cu_seqlens = torch.zeros(len(patches) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.cumsum(patches + 1, 0)
+    spec_offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    spec_offsets[1:] = torch.cumsum(torch.tensor(spec_sizes, dtype=torch.int64), 0)
+    return Plan(
+        sample_rates=list(sample_rates),
+        lengths=list(lengths),
+        frames=frames,
+        bands=bands,
+        spec_offsets=spec_offsets,
+        seq_signal=torch.tensor(seq_signal, dtype=torch.int64),
+        seq_band=torch.tensor(seq_band, dtype=torch.int64),
+        seq_frame_start=torch.tensor(seq_start, dtype=torch.int64),
+        seq_frames=torch.tensor(seq_frames, dtype=torch.int64),
+        seq_patches=patches,
+        seq_position=torch.tensor(seq_position, dtype=torch.float64).to(torch.float32),
+        cu_seqlens=cu_seqlens,
+        segments=segments,
+    )
