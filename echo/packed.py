@@ -17,19 +17,24 @@ class Packing:
 
     cu_seqlens: torch.Tensor  # (S + 1,) int32
     max_seqlen: int
-    groups: dict[int, torch.Tensor]  # sequence length -> packed row indices of all sequences of that length
+    groups: dict[int, slice | torch.Tensor]  # sequence length -> packed rows of all sequences of that length
 
     @classmethod
     def from_lengths(cls, lengths: torch.Tensor, device=None) -> "Packing":
+        """Sequences of these lengths back to back. A length whose sequences are consecutive gets a slice (a
+        view, no copy) in `groups`; order sequences by length to get only slices."""
         lengths = torch.as_tensor(lengths, dtype=torch.int64).cpu()
-        cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int64)
         cu_seqlens[1:] = torch.cumsum(lengths, 0)
-        starts = cu_seqlens[:-1].long()
-        groups = {}
+        groups: dict[int, slice | torch.Tensor] = {}
         for length in torch.unique(lengths).tolist():
-            first = starts[lengths == length]
-            groups[length] = (first[:, None] + torch.arange(length)).reshape(-1).to(device)
-        return cls(cu_seqlens.to(device), int(lengths.max()) if len(lengths) else 0, groups)
+            members = (lengths == length).nonzero().squeeze(1)
+            first = cu_seqlens[members]
+            if int(members[-1] - members[0]) + 1 == len(members):
+                groups[length] = slice(int(first[0]), int(first[0]) + len(members) * length)
+            else:
+                groups[length] = (first[:, None] + torch.arange(length)).reshape(-1).to(device)
+        return cls(cu_seqlens.to(torch.int32).to(device), int(lengths.max()) if len(lengths) else 0, groups)
 
     @property
     def total_tokens(self) -> int:

@@ -1,8 +1,9 @@
 """The host-side geometry of a whole batch of mono signals, computed once (../shared/DESIGN.md).
 
 Every (signal, segment, band) becomes one sequence of L + 1 tokens [CLS, patch 1..L] in one packed
-(total_tokens, D) buffer, ordered signal -> segment -> band; `cu_seqlens` gives the token offsets in the
-FlashAttention convention. Nothing is padded between signals. Every later stage (front end, tokens,
+(total_tokens, D) buffer. Segments are ordered by patch count (then signal, then time) with the bands of a
+segment together, so all sequences of one length are consecutive and attention takes them as one view.
+`cu_seqlens` gives the token offsets in the FlashAttention convention. Nothing is padded between signals. Every later stage (front end, tokens,
 attention, output gathering, pretraining batches) reads these small integer tensors.
 """
 from __future__ import annotations
@@ -33,6 +34,11 @@ class Plan:
     # one entry per segment: (signal, first sequence, bands, patches)
     segments: list[tuple[int, int, int, int]] = field(default_factory=list)
 
+    def packing(self, device=None):
+        from .packed import Packing
+
+        return Packing.from_lengths(self.seq_patches + 1, device)
+
     @property
     def num_sequences(self) -> int:
         return len(self.seq_signal)
@@ -55,37 +61,35 @@ class Plan:
         is_patch[self.cls_rows()] = False
         return is_patch.nonzero().squeeze(1)
 
-    def length_groups(self) -> dict[int, torch.Tensor]:
-        """Sequence length -> packed row indices (n_seq * length,) of all sequences of that length: attention
-        runs once per distinct length, with no padding."""
-        lengths = (self.seq_patches + 1).tolist()
-        starts = self.cu_seqlens[:-1].tolist()
-        by_length: dict[int, list[int]] = {}
-        for start, length in zip(starts, lengths):
-            by_length.setdefault(length, []).append(start)
-        return {
-            length: (torch.tensor(group)[:, None] + torch.arange(length)).reshape(-1)
-            for length, group in sorted(by_length.items())
-        }
 
+def make_plan(lengths: list[int], sample_rates: list[int], segment_subsets: list[list[int]] | None = None) -> Plan:
+    """The plan of mono signals with these sample counts and rates (all already validated).
 
-def make_plan(lengths: list[int], sample_rates: list[int]) -> Plan:
-    """The plan of mono signals with these sample counts and rates (all already validated)."""
+    `segment_subsets[i]`, when given, keeps only those segments (indices into geometry.segments) of signal i:
+    how one signal too long for a memory budget is encoded over several calls."""
     frames = [geometry.n_frames(n, sr) for n, sr in zip(lengths, sample_rates)]
     bands = [geometry.n_bands(sr) for sr in sample_rates]
     spec_sizes = [nb * geometry.BAND_BINS * t for nb, t in zip(bands, frames)]
+    units = []  # (patches, signal, start, end)
+    for i, t in enumerate(frames):
+        ranges = geometry.segments(t)
+        chosen = ranges if segment_subsets is None else [ranges[k] for k in segment_subsets[i]]
+        units += [(geometry.n_patches(end - start), i, start, end) for start, end in chosen]
+    units.sort()
     seq_signal, seq_band, seq_start, seq_frames, seq_patches, seq_position, segments = [], [], [], [], [], [], []
-    for i, (sr, t, nb) in enumerate(zip(sample_rates, frames, bands)):
-        positions = [geometry.band_position(sr, *geometry.band_edges(sr, b)) for b in range(nb)]
-        for start, end in geometry.segments(t):
-            patches = geometry.n_patches(end - start)
-            segments.append((i, len(seq_signal), nb, patches))
-            seq_signal += [i] * nb
-            seq_band += range(nb)
-            seq_start += [start] * nb
-            seq_frames += [end - start] * nb
-            seq_patches += [patches] * nb
-            seq_position += positions
+    positions = {
+        sr: [geometry.band_position(sr, *geometry.band_edges(sr, b)) for b in range(geometry.n_bands(sr))]
+        for sr in set(sample_rates)
+    }
+    for patches, i, start, end in units:
+        nb = bands[i]
+        segments.append((i, len(seq_signal), nb, patches))
+        seq_signal += [i] * nb
+        seq_band += range(nb)
+        seq_start += [start] * nb
+        seq_frames += [end - start] * nb
+        seq_patches += [patches] * nb
+        seq_position += positions[sample_rates[i]]
     patches = torch.tensor(seq_patches, dtype=torch.int64)
     cu_seqlens = torch.zeros(len(patches) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.cumsum(patches + 1, 0)

@@ -36,8 +36,9 @@ def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, heads: int) ->
 
 
 def grouped_attention(qkv: torch.Tensor, groups: dict[int, torch.Tensor], heads: int) -> torch.Tensor:
-    """Same contract as varlen_attention: SDPA once per distinct sequence length over the gathered rows of
-    all sequences of that length (`groups`: length -> packed row indices), so nothing is padded."""
+    """Same contract as varlen_attention: SDPA once per distinct sequence length over the rows of all
+    sequences of that length (`groups`: length -> a slice of consecutive rows, or row indices to gather), so
+    nothing is padded."""
     out = qkv.new_empty(qkv.shape[0], qkv.shape[1] // 3)
     for length, rows in groups.items():
         q, k, v = split_heads(qkv[rows].view(-1, length, qkv.shape[1]), heads)

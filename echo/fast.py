@@ -1,0 +1,170 @@
+"""echo.fast.encode: many signals of any lengths and sample rates in one call, packed with no padding,
+the same embeddings as EchoModel.encode.
+
+plan -> ragged front end (one FFT per distinct rate) -> all patches in one matrix product -> encoder layers
+on the packed buffer (attention per sequence) -> CLS and patch rows gathered back per signal.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import geometry, inputs
+from .model import EchoModel
+from .ops import stft as stft_ops
+from .ops import tokens as token_ops
+from . import packed
+from .plan import make_plan
+
+DEFAULT_MAX_TOKENS = 32768  # ~50 MB of fp32 activations per (tokens, D=384) tensor: memory stays flat
+
+
+@dataclass
+class _Mono:
+    """One channel of one input signal, with its running results."""
+
+    signal: int
+    waveform: torch.Tensor
+    sample_rate: int
+    segment_tokens: list[int]
+    utterance_sum: torch.Tensor | None = None
+    frames: list[torch.Tensor] = field(default_factory=list)
+
+
+def _as_list(signals, sample_rates) -> tuple[list, list[int]]:
+    if isinstance(signals, (torch.Tensor, np.ndarray)):
+        signals = [signals]
+    signals = list(signals)
+    if isinstance(sample_rates, (list, tuple, np.ndarray, torch.Tensor)):
+        sample_rates = list(sample_rates)
+        if len(sample_rates) != len(signals):
+            raise ValueError(f"got {len(signals)} signals but {len(sample_rates)} sample rates")
+    else:
+        sample_rates = [sample_rates] * len(signals)
+    rates = [inputs.check_sample_rate(sr, f"signal {i}: ") for i, sr in enumerate(sample_rates)]
+    return signals, rates
+
+
+def _monos(signals, rates) -> list[_Mono]:
+    monos = []
+    for i, (signal, sr) in enumerate(zip(signals, rates)):
+        waveform = inputs.as_signal(signal, sr, f"signal {i}: ")
+        for channel in waveform if waveform.dim() == 2 else waveform[None]:
+            frames = geometry.n_frames(channel.shape[0], sr)
+            tokens = [geometry.n_bands(sr) * (geometry.n_patches(e - s) + 1) for s, e in geometry.segments(frames)]
+            monos.append(_Mono(i, channel, sr, tokens))
+    return monos
+
+
+def _chunks(monos: list[_Mono], max_tokens: int) -> list[list[tuple[int, list[int]]]]:
+    """Consecutive (mono, segment indices) groups of at most max_tokens tokens. A mono is split across chunks
+    only when it alone exceeds the budget; a single segment over the budget still runs, alone."""
+    chunks, current, used = [], [], 0
+    for m, mono in enumerate(monos):
+        total = sum(mono.segment_tokens)
+        if total <= max_tokens:
+            if used + total > max_tokens and current:
+                chunks.append(current)
+                current, used = [], 0
+            current.append((m, list(range(len(mono.segment_tokens)))))
+            used += total
+            continue
+        for k, tokens in enumerate(mono.segment_tokens):
+            if used + tokens > max_tokens and current:
+                chunks.append(current)
+                current, used = [], 0
+            if current and current[-1][0] == m:
+                current[-1][1].append(k)
+            else:
+                current.append((m, [k]))
+            used += tokens
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def encode(
+    model: EchoModel,
+    signals,
+    sample_rates,
+    *,
+    frames: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+    max_tokens: int | None = None,
+    backend: str | None = None,
+) -> list:
+    """Embeddings of every signal, in input order: one utterance tensor each, or (utterance, frames) tuples
+    with frames=True; float32 on the CPU, equal to model.encode of each signal.
+
+    `signals`: a list of (N,) or (C, N) tensors/arrays (or one signal); `sample_rates`: an int or one per signal.
+    `dtype=torch.bfloat16` runs the matrix products in bf16. `max_tokens` bounds the packed tokens per pass
+    (default 32768): any number of signals streams through in flat memory. `backend` forces every op's
+    backend ("torch", "reference", "triton"); by default each op picks the fastest for the device.
+    """
+    device = torch.device(device) if device is not None else model.device
+    if device != model.device:
+        raise ValueError(f"model is on {model.device} but device={device} was asked; move the model first")
+    max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else int(max_tokens)
+    if max_tokens <= 0:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    signal_list, rates = _as_list(signals, sample_rates)
+    monos = _monos(signal_list, rates)
+    spec_cache: tuple[tuple[int, ...], torch.Tensor, list[int]] | None = None
+    for chunk in _chunks(monos, max_tokens):
+        members = [m for m, _ in chunk]
+        plan = make_plan(
+            [monos[m].waveform.shape[0] for m in members],
+            [monos[m].sample_rate for m in members],
+            [subset for _, subset in chunk],
+        )
+        if spec_cache is None or spec_cache[0] != tuple(members):
+            waves = torch.cat([monos[m].waveform for m in members]).to(device)
+            wave_offsets = torch.tensor([0] + [monos[m].waveform.shape[0] for m in members]).cumsum(0)
+            spec_cache = (tuple(members), stft_ops.ragged_spectrogram(waves, wave_offsets, plan, backend))
+        _encode_chunk(model, plan, spec_cache[1], [monos[m] for m in members], frames, dtype, device, backend)
+    return _gather(monos, len(signal_list), frames)
+
+
+def _encode_chunk(model, plan, spec, members: list[_Mono], frames: bool, dtype, device, backend) -> None:
+    """Encode one packed chunk and add its segments' outputs to their monos."""
+    proj = model.patch_embed.proj
+    with _autocast(device, dtype):
+        tokens = token_ops.pack_tokens(spec, plan, proj.weight, proj.bias, model.cls_token, model.pos_embed, backend)
+        out = packed.forward(model, tokens, plan.packing(device), backend)
+    out = out.float().cpu()
+    dim = out.shape[1]
+    starts = plan.cu_seqlens.tolist()
+    for index, first, bands, patches in plan.segments:
+        mono = members[index]
+        block = out[starts[first] : starts[first] + bands * (patches + 1)].view(bands, patches + 1, dim)
+        cls = block[:, 0].reshape(-1)
+        mono.utterance_sum = cls.clone() if mono.utterance_sum is None else mono.utterance_sum + cls
+        if frames:
+            mono.frames.append(block[:, 1:].transpose(0, 1).reshape(patches, bands * dim))
+
+
+def _gather(monos: list[_Mono], count: int, frames: bool) -> list:
+    """Per input signal: segments averaged, channels concatenated (as EchoModel.encode)."""
+    utterances: list[list[torch.Tensor]] = [[] for _ in range(count)]
+    frame_rows: list[list[torch.Tensor]] = [[] for _ in range(count)]
+    for mono in monos:
+        utterances[mono.signal].append(mono.utterance_sum / len(mono.segment_tokens))
+        if frames:
+            frame_rows[mono.signal].append(torch.cat(mono.frames))
+    results = [torch.cat(u) for u in utterances]
+    if frames:
+        return [(u, torch.cat(f, dim=-1)) for u, f in zip(results, frame_rows)]
+    return results

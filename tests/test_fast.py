@@ -1,0 +1,128 @@
+import numpy as np
+import pytest
+import torch
+
+import echo.fast as fast
+from echo import geometry
+from echo.plan import make_plan
+
+from conftest import RATE_FAMILIES, random_model, rel_err
+
+
+def samples_for(frames: int, rate: int) -> int:
+    """A length giving exactly `frames` frames, plus a random remainder shorter than one hop."""
+    return geometry.n_fft(rate) + (frames - 1) * geometry.hop(rate) + int(torch.randint(0, geometry.hop(rate), ()))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model("tiny")
+
+
+def mixed_batch(count_long: int = 1):
+    """Every rate family; frame counts around patch boundaries (16k - 1, 16k + 1), short, and > 2000."""
+    rates, signals = [], []
+    frame_counts = [15, 17, 31, 1, 16 * int(torch.randint(2, 60, ())) - 1, int(torch.randint(40, 500, ()))]
+    for i, rate in enumerate(RATE_FAMILIES):
+        for frames in frame_counts[i % 3 : i % 3 + 3]:
+            rates.append(rate)
+            signals.append(torch.randn(samples_for(frames, rate)))
+    for _ in range(count_long):
+        rate = RATE_FAMILIES[int(torch.randint(0, len(RATE_FAMILIES), ()))]
+        rates.append(rate)
+        signals.append(torch.randn(samples_for(int(torch.randint(2001, 2600, ())), rate)))
+    order = torch.randperm(len(signals)).tolist()
+    return [signals[i] for i in order], [rates[i] for i in order]
+
+
+def test_equals_reference_on_mixed_batch(model):
+    signals, rates = mixed_batch()
+    results = fast.encode(model, signals, rates, frames=True)
+    assert len(results) == len(signals)
+    for (utterance, frame_rows), signal, rate in zip(results, signals, rates):
+        ref_u, ref_f = model.encode(signal, rate)
+        assert utterance.dtype == torch.float32 and utterance.device.type == "cpu"
+        assert frame_rows.shape == ref_f.shape
+        assert rel_err(utterance, ref_u) < 1e-5 and rel_err(frame_rows, ref_f) < 1e-5
+
+
+def test_utterances_only_and_single_signal(model):
+    x = np.random.randn(16000).astype(np.float32)
+    (utterance,) = fast.encode(model, x, 16000)
+    assert rel_err(utterance, model.encode(x, 16000)[0]) < 1e-5
+
+
+def test_duplicates_and_multichannel(model):
+    x = torch.randn(2, samples_for(100, 22050))
+    out = fast.encode(model, [x, x[0], x[0]], [22050, 22050, 22050], frames=True)
+    ref_u, ref_f = model.encode(x, 22050)
+    assert rel_err(out[0][0], ref_u) < 1e-5 and rel_err(out[0][1], ref_f) < 1e-5
+    assert torch.equal(out[1][0], out[2][0])
+    assert rel_err(out[1][0], ref_u[: ref_u.shape[0] // 2]) < 1e-5
+
+
+def test_small_token_budget_streams_through(model):
+    signals, rates = mixed_batch(count_long=2)
+    whole = fast.encode(model, signals, rates, frames=True)
+    budget = int(torch.randint(150, 3000, ()))
+    chunked = fast.encode(model, signals, rates, frames=True, max_tokens=budget)
+    for (u, f), (cu, cf) in zip(whole, chunked):
+        assert rel_err(cu, u) < 1e-6 and rel_err(cf, f) < 1e-6
+
+
+def test_chunks_respect_budget_and_cover_every_segment():
+    monos = fast._monos([torch.randn(samples_for(t, 16000)) for t in (10, 3000, 500, 6100, 30)], [16000] * 5)
+    budget = 2000
+    chunks = fast._chunks(monos, budget)
+    seen = [(m, k) for chunk in chunks for m, ks in chunk for k in ks]
+    assert seen == [(m, k) for m, mono in enumerate(monos) for k in range(len(mono.segment_tokens))]
+    for chunk in chunks:
+        used = sum(monos[m].segment_tokens[k] for m, ks in chunk for k in ks)
+        assert used <= budget or sum(len(ks) for _, ks in chunk) == 1
+
+
+def test_bf16_close_to_reference(model):
+    signals, rates = mixed_batch(count_long=0)
+    results = fast.encode(model, signals, rates, dtype=torch.bfloat16)
+    for utterance, signal, rate in zip(results, signals, rates):
+        assert rel_err(utterance, model.encode(signal, rate)[0]) < 3e-2
+
+
+def test_reference_backend_agrees(model):
+    signals, rates = mixed_batch(count_long=0)
+    a = fast.encode(model, signals[:6], rates[:6], backend="reference")
+    b = fast.encode(model, signals[:6], rates[:6], backend="torch")
+    assert all(rel_err(x, y) < 1e-5 for x, y in zip(a, b))
+
+
+def test_plan_orders_sequences_by_length_into_slices():
+    lengths = [samples_for(t, r) for t, r in ((40, 16000), (500, 8000), (41, 48000), (2500, 12000))]
+    plan = make_plan(lengths, [16000, 8000, 48000, 12000])
+    packing = plan.packing()
+    assert all(isinstance(rows, slice) for rows in packing.groups.values())
+    covered = sorted(r for length, rows in packing.groups.items() for r in range(rows.start, rows.stop))
+    assert covered == list(range(plan.total_tokens))
+    assert plan.num_sequences == 7 + 4 * 1 + 19 + 5 * 2
+
+
+@pytest.mark.parametrize(
+    "signals,rates,message",
+    [
+        ([torch.randn(16000), torch.randn(100)], 16000, "signal 1: signal of 100 samples is shorter"),
+        ([torch.randn(16000), torch.randn(16000)], [16000], "2 signals but 1 sample rates"),
+        ([torch.randn(16000), torch.randn(16000)], [16000, 1000], "signal 1: sample rate 1000 Hz is below"),
+        ([torch.randn(8000), torch.full((9000,), float("nan"))], 8000, "signal 1: signal contains 9000 NaN"),
+    ],
+)
+def test_bad_input_names_the_signal(model, signals, rates, message):
+    with pytest.raises(ValueError, match=message):
+        fast.encode(model, signals, rates)
+
+
+def test_bad_options(model):
+    with pytest.raises(ValueError, match="max_tokens must be positive"):
+        fast.encode(model, [torch.randn(8000)], 8000, max_tokens=0)
+    with pytest.raises(ValueError, match="dtype must be"):
+        fast.encode(model, [torch.randn(8000)], 8000, dtype=torch.int8)
+    with pytest.raises(ValueError, match="unknown backend"):
+        fast.encode(model, [torch.randn(8000)], 8000, backend="magic")
