@@ -86,15 +86,45 @@ def ragged_spectrogram_torch(waves: torch.Tensor, wave_offsets: torch.Tensor, pl
     return out
 
 
+def ragged_spectrogram_csrc(waves: torch.Tensor, wave_offsets: torch.Tensor, plan) -> torch.Tensor:
+    """Same result from the compiled op (csrc/frontend.cpp, csrc/cuda/frontend.cu), geometry from the plan."""
+    signal_geometry = torch.tensor(
+        [[geometry.n_fft(sr), geometry.hop(sr), t, nb] for sr, t, nb in zip(plan.sample_rates, plan.frames, plan.bands)],
+        dtype=torch.int64,
+    ).reshape(-1, 4)
+    return torch.ops.echo.ragged_spectrogram(
+        waves.contiguous(), wave_offsets.cpu(), plan.spec_offsets, signal_geometry,
+        geometry.LOG_EPS, geometry.LOG_MEAN, geometry.LOG_STD,
+    )
+
+
 def ragged_spectrogram(waves: torch.Tensor, wave_offsets: torch.Tensor, plan, backend: str | None = None) -> torch.Tensor:
     """Dispatch of the ragged front end (see ragged_spectrogram_reference for the contract)."""
+    from .. import extension
     from . import backend as backends
 
-    chosen = backends.choose("stft", waves.device, backend, available=("triton", "torch", "reference"))
+    available = ("triton", "torch", "reference")
+    if extension.has_op("ragged_spectrogram", waves.device):
+        available = available + ("csrc",)  # forced only: it does not beat the torch path (bench/RESULTS.md)
+    chosen = backends.choose("stft", waves.device, backend, available=available)
+    if chosen == "csrc":
+        return ragged_spectrogram_csrc(waves, wave_offsets, plan)
     if chosen == "triton":
         from echo_kernels import stft as kernel
 
-        return kernel.ragged_spectrogram(waves, wave_offsets, plan)
+        return kernel.ragged_spectrogram(
+            waves,
+            wave_offsets,
+            [geometry.n_fft(sr) for sr in plan.sample_rates],
+            [geometry.hop(sr) for sr in plan.sample_rates],
+            plan.frames,
+            plan.bands,
+            plan.spec_offsets,
+            log_eps=geometry.LOG_EPS,
+            log_mean=geometry.LOG_MEAN,
+            log_std=geometry.LOG_STD,
+            band=geometry.BAND_BINS,
+        )
     if chosen == "reference":
         return ragged_spectrogram_reference(waves, wave_offsets, plan)
     return ragged_spectrogram_torch(waves, wave_offsets, plan)

@@ -133,7 +133,22 @@ def pack_tokens(spec, plan, weight, bias, cls_token, pos_embed, backend: str | N
     if chosen == "triton":
         from echo_kernels import tokens as kernel
 
-        return kernel.pack_tokens(spec, plan, weight, bias, cls_token, pos_embed)
+        signal_frames = torch.tensor(plan.frames, dtype=torch.int64)[plan.seq_signal]
+        return kernel.pack_tokens(
+            spec,
+            weight,
+            bias,
+            cls_token,
+            pos_embed,
+            image_offsets=plan.spec_offsets[plan.seq_signal] + plan.seq_band * geometry.BAND_BINS * signal_frames,
+            image_strides=signal_frames,
+            frame_starts=plan.seq_frame_start,
+            frames=plan.seq_frames,
+            patches=plan.seq_patches,
+            cu_seqlens=plan.cu_seqlens,
+            positions=plan.seq_position,
+            fpe_scale=geometry.FPE_SCALE,
+        )
     if chosen == "reference":
         return pack_tokens_reference(spec, plan, weight, bias, cls_token, pos_embed)
     return pack_tokens_torch(spec, plan, weight, bias, cls_token, pos_embed)

@@ -1,0 +1,138 @@
+"""Token packing in Triton: band split + patch projection + bias + time and frequency positions + CLS,
+written straight into the packed (total_tokens, D) buffer.
+
+A patch is a (band rows x patch frames) window of a band-layout spectrogram image; projecting it is a matrix
+product of the (patches, rows*frames) patch matrix with the (rows*frames, D) conv weight. The patch matrix is
+never materialised: each program gathers its patches from the image (zero past the segment's last frame,
+the time padding of the last patch) and feeds them to `tl.dot`. Positions are added in the epilogue, the
+frequency encoding computed on the fly from the sequence's band position, so the packed buffer is written
+exactly once.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import dot_precision
+
+
+@triton.jit
+def _pack_tokens_kernel(
+    spec, weight, bias, cls_token, pos_embed, out,
+    tile_sequence, tile_patch,
+    image_offsets, image_strides, frame_starts, frames_of, patches_of, token_starts, positions,
+    dim, fpe_scale, fpe_rate,
+    BAND: tl.constexpr, PATCH: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """BLOCK_P tokens x BLOCK_D features of one sequence; the sequence's first tile also writes its CLS."""
+    tile = tl.program_id(0)
+    sequence = tl.load(tile_sequence + tile)
+    first_patch = tl.load(tile_patch + tile)
+    image = spec + tl.load(image_offsets + sequence)
+    stride = tl.load(image_strides + sequence)  # frames of the whole signal: one image row
+    frame_start = tl.load(frame_starts + sequence)
+    frames = tl.load(frames_of + sequence)  # frames of this segment
+    patches = tl.load(patches_of + sequence)
+    token_start = tl.load(token_starts + sequence)
+
+    patch = first_patch + tl.arange(0, BLOCK_P)
+    feature = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    patch_ok = patch < patches
+    feature_ok = feature < dim
+
+    acc = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
+    for first in range(0, BAND * PATCH, BLOCK_K):
+        # k runs bin-major over the patch (bin * PATCH + frame), the order of the conv weight's last two axes.
+        k = first + tl.arange(0, BLOCK_K)
+        frame = patch[:, None] * PATCH + (k % PATCH)[None, :]
+        x = tl.load(
+            image + (k // PATCH)[None, :] * stride + frame_start + frame,
+            mask=patch_ok[:, None] & (frame < frames),
+            other=0.0,
+        )
+        w = tl.load(weight + feature[None, :] * (BAND * PATCH) + k[:, None], mask=feature_ok[None, :], other=0.0)
+        acc += tl.dot(x.to(w.dtype), w, input_precision=PRECISION)
+
+    # Frequency encoding of the band: angle_i = (scale p) * exp(2i * fpe_rate), fpe_rate = -ln(base) / D,
+    # sin at even and cos at odd features; fp32 in the reference's order so the rounding matches.
+    pair = (feature - feature % 2).to(tl.float32)
+    angle = (fpe_scale * tl.load(positions + sequence)) * tl.exp(pair * fpe_rate)
+    fpe = tl.where(feature % 2 == 0, tl.sin(angle), tl.cos(angle))
+
+    row_bias = tl.load(bias + feature, mask=feature_ok, other=0.0).to(tl.float32)
+    time_row = tl.load(
+        pos_embed + (patch[:, None] + 1) * dim + feature[None, :],
+        mask=patch_ok[:, None] & feature_ok[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    tokens = acc + row_bias[None, :] + time_row + fpe[None, :]
+    out_rows = token_start + 1 + patch
+    tl.store(
+        out + out_rows[:, None] * dim + feature[None, :],
+        tokens.to(out.dtype.element_ty),
+        mask=patch_ok[:, None] & feature_ok[None, :],
+    )
+    if first_patch == 0:
+        cls = tl.load(cls_token + feature, mask=feature_ok, other=0.0).to(tl.float32) + fpe
+        tl.store(out + token_start * dim + feature, cls.to(out.dtype.element_ty), mask=feature_ok)
+
+
+def pack_tokens(
+    spec: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    cls_token: torch.Tensor,
+    pos_embed: torch.Tensor,
+    image_offsets: torch.Tensor,
+    image_strides: torch.Tensor,
+    frame_starts: torch.Tensor,
+    frames: torch.Tensor,
+    patches: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    fpe_scale: float,
+    fpe_base: float = 10000.0,
+    block_patches: int = 32,
+    block_dim: int = 64,
+    block_k: int = 64,
+) -> torch.Tensor:
+    """Sequence s reads the (band, frames) image at spec[image_offsets[s]:] (rows image_strides[s] apart),
+    frames [frame_starts[s], + frames[s]) as patches[s] patches, and becomes rows cu_seqlens[s]:cu_seqlens[s+1]
+    of the packed (total, D) output: [cls + fpe, weight . patch_i + bias + pos_embed[i] + fpe for i = 1..L],
+    fpe from the band position positions[s]. `weight` is the (D, 1, band, patch) conv weight; the output has
+    its dtype. The per-sequence tensors are host data (the plan's), so no device sync is needed.
+    """
+    dim, _, band, patch = weight.shape
+    device = spec.device
+    patches = torch.as_tensor(patches, dtype=torch.int64).cpu()
+    cu_seqlens = torch.as_tensor(cu_seqlens).cpu()
+    total = int(cu_seqlens[-1]) if len(cu_seqlens) else 0
+    out = torch.empty(total, dim, dtype=weight.dtype, device=device)
+    if len(patches) == 0:
+        return out
+    # One tile per BLOCK_P patches of each sequence (at least one, which writes the CLS).
+    tiles = ((patches + block_patches - 1) // block_patches).clamp(min=1)
+    tile_sequence = torch.repeat_interleave(torch.arange(len(patches)), tiles)
+    tile_first = torch.cumsum(tiles, 0) - tiles
+    tile_patch = (torch.arange(len(tile_sequence)) - tile_first[tile_sequence]) * block_patches
+
+    def on_device(values, dtype=torch.int64):
+        return torch.as_tensor(values).to(device=device, dtype=dtype, non_blocking=True)
+
+    grid = (len(tile_sequence), triton.cdiv(dim, block_dim))
+    _pack_tokens_kernel[grid](
+        spec, weight.reshape(dim, band * patch).contiguous(), bias.contiguous(), cls_token.contiguous(),
+        pos_embed.contiguous(), out,
+        on_device(tile_sequence), on_device(tile_patch),
+        on_device(image_offsets), on_device(image_strides), on_device(frame_starts), on_device(frames),
+        on_device(patches), on_device(cu_seqlens[:-1]), on_device(positions, torch.float32),
+        dim, fpe_scale, -math.log(fpe_base) / dim,
+        BAND=band, PATCH=patch, BLOCK_P=block_patches, BLOCK_D=block_dim, BLOCK_K=block_k,
+        PRECISION=dot_precision(weight.dtype),
+    )
+    return out
