@@ -1,0 +1,238 @@
+"""Synthetic machine signals whose physics is known, so tests, the demo and pretraining can check what a
+model sees against what was put in.
+
+A machine is a shaft turning at `shaft_hz` (optionally drifting: speed variation), seen by an
+accelerometer or microphone:
+
+- shaft harmonics k * fr, k = 1..harmonics, amplitude decaying by `harmonic_decay` per order;
+- imbalance raises the 1x harmonic, misalignment raises 2x (and 3x at 40 % of that): the classic
+  vibration-analysis signatures;
+- a gear of Z teeth meshes at Z * fr; its mesh tone is amplitude-modulated by the shaft, which puts
+  sidebands at Z * fr +- j * fr;
+- a bearing defect makes one impact per passage of a rolling element over it. Each impact rings the
+  structure's resonance (a decaying sinusoid), so the fault shows in the envelope of the resonance band
+  at the defect frequency. With n balls of diameter d on pitch diameter D and contact angle phi, and
+  r = (d / D) cos(phi):
+
+      cage       FTF  = fr / 2 * (1 - r)
+      outer race BPFO = n * fr / 2 * (1 - r)
+      inner race BPFI = n * fr / 2 * (1 + r)
+      ball       BSF  = D / (2 d) * fr * (1 - r^2)
+
+  (SKF 6205, the Case Western bearing: BPFO = 3.5848 fr, BPFI = 5.4152 fr, BSF = 2.3567 fr.) An inner-race
+  defect turns with the shaft through the load zone, so its impacts are amplitude-modulated at fr
+  (sidebands at BPFI +- fr); a ball defect is modulated at the cage frequency; an outer-race defect sits
+  still and is not modulated. Impacts slip by ~1 % of a period, as real rolling elements do.
+- load scales the gear mesh and the bearing impacts, and may drift (load variation);
+- white background noise, and optionally a recorded noise mixed in at a chosen SNR (`mix`).
+
+Everything is drawn from `numpy.random.default_rng(seed)`: the same machine, rate, length and seed give
+the same samples.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from ..inputs import check_sample_rate
+
+FAULTS = ("outer", "inner", "ball")
+RESONANCE_LIMIT = 0.4  # of the sample rate: the resonance stays clearly below Nyquist
+
+
+@dataclass(frozen=True)
+class Bearing:
+    """Rolling-element bearing geometry (mm and degrees). The default is an SKF 6205 deep-groove bearing."""
+
+    balls: int = 9
+    ball_diameter: float = 7.94
+    pitch_diameter: float = 39.04
+    contact_angle: float = 0.0
+
+    def defect_frequencies(self, shaft_hz: float) -> dict[str, float]:
+        """Impact rates in Hz of a defect on each part, and the cage rate, for a shaft at `shaft_hz`."""
+        r = self.ball_diameter / self.pitch_diameter * math.cos(math.radians(self.contact_angle))
+        return {
+            "cage": shaft_hz / 2 * (1 - r),
+            "outer": self.balls * shaft_hz / 2 * (1 - r),
+            "inner": self.balls * shaft_hz / 2 * (1 + r),
+            "ball": self.pitch_diameter / (2 * self.ball_diameter) * shaft_hz * (1 - r * r),
+        }
+
+
+@dataclass(frozen=True)
+class Machine:
+    """One machine's parameters; amplitudes are in arbitrary units relative to a healthy 1x of 0.1."""
+
+    shaft_hz: float = 29.5
+    harmonics: int = 8
+    harmonic_decay: float = 0.6
+    imbalance: float = 0.0  # extra 1x, as a multiple of the healthy 1x amplitude
+    misalignment: float = 0.0  # extra 2x, as a multiple of the healthy 1x amplitude
+    gear_teeth: int = 0  # 0: no gear
+    gear_level: float = 0.05
+    gear_modulation: float = 0.4  # depth of the shaft's modulation of the mesh: sideband j has m^j / 2
+    sidebands: int = 3
+    bearing: Bearing = field(default_factory=Bearing)
+    fault: str | None = None  # None, "outer", "inner" or "ball"
+    fault_level: float = 0.5
+    resonance_hz: float = 3000.0
+    resonance_damping: float = 0.05  # damping ratio of the structural resonance
+    slip: float = 0.01  # impact timing jitter, as a fraction of the defect period
+    speed_variation: float = 0.0  # peak relative deviation of the shaft speed
+    load: float = 1.0
+    load_variation: float = 0.0  # peak relative deviation of the load
+    noise: float = 0.01  # standard deviation of white background noise
+
+    def __post_init__(self):
+        if self.fault not in (None, *FAULTS):
+            raise ValueError(f"unknown bearing fault {self.fault!r}; known: {', '.join(FAULTS)} or None")
+        if self.shaft_hz <= 0 or self.harmonics < 1:
+            raise ValueError(f"shaft_hz must be > 0 and harmonics >= 1, got {self.shaft_hz}, {self.harmonics}")
+        if not 0 <= self.speed_variation < 1 or not 0 <= self.load_variation < 1:
+            raise ValueError(
+                f"speed_variation and load_variation must lie in [0, 1), got {self.speed_variation}, "
+                f"{self.load_variation}"
+            )
+
+    @property
+    def defect_hz(self) -> float | None:
+        """The impact rate of this machine's bearing fault at its nominal speed (None when healthy)."""
+        return None if self.fault is None else self.bearing.defect_frequencies(self.shaft_hz)[self.fault]
+
+
+def _drift(rng: np.random.Generator, t: np.ndarray, slowest_hz: float = 0.05, fastest_hz: float = 0.5):
+    """A slow random curve with peak |1|: four sinusoids of random frequency and phase."""
+    curve = sum(np.sin(2 * np.pi * f * t + p) for f, p in zip(rng.uniform(slowest_hz, fastest_hz, 4),
+                                                               rng.uniform(0, 2 * np.pi, 4)))
+    return curve / max(np.abs(curve).max(), 1e-12)
+
+
+def _resonance(sample_rate: int, hz: float, damping: float) -> np.ndarray:
+    """Impulse response of a single-mode structure, rung until it has decayed by 60 dB."""
+    omega = 2 * np.pi * hz
+    decay = damping * omega
+    t = np.arange(max(2, int(math.log(1000) / decay * sample_rate))) / sample_rate
+    return np.exp(-decay * t) * np.sin(omega * math.sqrt(1 - damping**2) * t)
+
+
+def _impacts(machine: Machine, rng, shaft_phase: np.ndarray, load: np.ndarray, sample_rate: int) -> np.ndarray:
+    """The bearing fault's impact train (unit impulses scaled by load and modulation), not yet filtered."""
+    ratios = machine.bearing.defect_frequencies(1.0)
+    cycles = ratios[machine.fault] * shaft_phase / (2 * np.pi)
+    starts = np.flatnonzero(np.diff(np.floor(cycles))) + 1
+    period = sample_rate / machine.defect_hz
+    positions = np.rint(starts + rng.normal(0, machine.slip * period, len(starts))).astype(np.int64)
+    positions = positions[(positions >= 0) & (positions < len(shaft_phase))]
+    phase = shaft_phase[positions]
+    if machine.fault == "inner":  # the defect turns through the load zone once per revolution
+        modulation = 0.5 * (1 + np.cos(phase))
+    elif machine.fault == "ball":  # the ball is carried through the load zone by the cage
+        modulation = 0.5 * (1 + np.cos(ratios["cage"] * phase))
+    else:
+        modulation = np.ones(len(positions))
+    train = np.zeros(len(shaft_phase))
+    np.add.at(train, positions, machine.fault_level * load[positions] * modulation)
+    return train
+
+
+def _convolve(signal: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    size = len(signal) + len(kernel) - 1
+    return np.fft.irfft(np.fft.rfft(signal, size) * np.fft.rfft(kernel, size), size)[: len(signal)]
+
+
+def machine_signal(machine: Machine, sample_rate: int, n_samples: int, seed: int = 0,
+                   background=None, background_snr_db: float = 10.0) -> np.ndarray:
+    """`n_samples` float32 samples of `machine` at `sample_rate` Hz. `background`: a recorded noise (1-D,
+    same rate) mixed in at `background_snr_db` dB below the machine (tiled if shorter)."""
+    sample_rate = check_sample_rate(sample_rate, "synthetic signal: ")
+    if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
+        raise ValueError(f"synthetic signal: n_samples must be a positive integer, got {n_samples!r}")
+    rng = np.random.default_rng(seed)
+    t = np.arange(n_samples) / sample_rate
+    nyquist = sample_rate / 2
+    speed = machine.shaft_hz * (1 + machine.speed_variation * _drift(rng, t))
+    shaft_phase = rng.uniform(0, 2 * np.pi) + 2 * np.pi * np.cumsum(speed) / sample_rate
+    load = machine.load * (1 + machine.load_variation * _drift(rng, t))
+    top_speed = speed.max()
+
+    healthy_1x = 0.1
+    amplitudes = healthy_1x * machine.harmonic_decay ** np.arange(machine.harmonics)
+    amplitudes[0] += healthy_1x * machine.imbalance
+    if machine.harmonics >= 2:
+        amplitudes[1] += healthy_1x * machine.misalignment
+    if machine.harmonics >= 3:
+        amplitudes[2] += 0.4 * healthy_1x * machine.misalignment
+    out = np.zeros(n_samples)
+    for order, amplitude in enumerate(amplitudes, start=1):
+        if order * top_speed < nyquist:  # never alias a harmonic
+            out += amplitude * np.sin(order * shaft_phase + rng.uniform(0, 2 * np.pi))
+
+    if machine.gear_teeth:
+        bands = machine.sidebands
+        if (machine.gear_teeth + bands) * top_speed < nyquist:
+            envelope = 1 + sum(machine.gear_modulation**j * np.cos(j * shaft_phase + rng.uniform(0, 2 * np.pi))
+                               for j in range(1, bands + 1))
+            mesh_phase = machine.gear_teeth * shaft_phase + rng.uniform(0, 2 * np.pi)
+            out += machine.gear_level * load * envelope * np.sin(mesh_phase)
+
+    if machine.fault is not None:
+        resonance = min(machine.resonance_hz, RESONANCE_LIMIT * sample_rate)
+        impacts = _impacts(machine, rng, shaft_phase, load, sample_rate)
+        out += _convolve(impacts, _resonance(sample_rate, resonance, machine.resonance_damping))
+
+    out += machine.noise * rng.standard_normal(n_samples)
+    if background is not None:
+        out = mix(out, background, background_snr_db, rng)
+    return out.astype(np.float32)
+
+
+def mix(signal, noise, snr_db: float, rng: np.random.Generator | None = None) -> np.ndarray:
+    """`signal` plus `noise` scaled so that signal power / noise power = `snr_db`. A shorter noise is tiled,
+    a longer one is cut at a random offset (drawn from `rng`, or 0 without one)."""
+    signal = np.asarray(signal, dtype=np.float64)
+    noise = np.asarray(noise, dtype=np.float64)
+    if noise.ndim != 1 or noise.size == 0 or not np.any(noise):
+        raise ValueError(f"background noise must be a non-silent 1-D waveform, got shape {noise.shape}")
+    if len(noise) < len(signal):
+        noise = np.tile(noise, math.ceil(len(signal) / len(noise)))
+    offset = 0 if rng is None else int(rng.integers(0, len(noise) - len(signal) + 1))
+    noise = noise[offset: offset + len(signal)]
+    scale = math.sqrt(np.mean(signal**2) / np.mean(noise**2) / 10 ** (snr_db / 10))
+    return signal + scale * noise
+
+
+# A few common deep-groove bearings (balls, ball and pitch diameter in mm)
+BEARINGS = {
+    "6205": Bearing(9, 7.94, 39.04),
+    "6203": Bearing(8, 6.75, 28.5),
+    "6307": Bearing(8, 13.49, 57.5),
+    "6008": Bearing(12, 7.14, 54.0),
+}
+
+
+def random_machine(seed: int, fault: str | None = None) -> Machine:
+    """A plausible machine drawn at random (speed, harmonics, gear, bearing, resonance, drifts, noise), with
+    the given bearing fault: the population the demo and pretraining augmentation draw from."""
+    rng = np.random.default_rng(seed)
+    machine = Machine(
+        shaft_hz=float(rng.uniform(10, 60)),
+        harmonics=int(rng.integers(3, 10)),
+        harmonic_decay=float(rng.uniform(0.3, 0.8)),
+        imbalance=float(rng.exponential(0.2)),
+        misalignment=float(rng.exponential(0.2)),
+        gear_teeth=int(rng.choice([0, 0, 17, 23, 31, 41])),
+        gear_level=float(rng.uniform(0.02, 0.1)),
+        gear_modulation=float(rng.uniform(0.1, 0.6)),
+        bearing=BEARINGS[str(rng.choice(list(BEARINGS)))],
+        fault_level=float(rng.uniform(0.3, 1.0)),
+        resonance_hz=float(rng.uniform(1500, 6000)),
+        resonance_damping=float(rng.uniform(0.02, 0.1)),
+        speed_variation=float(rng.uniform(0, 0.03)),
+        load=float(rng.uniform(0.5, 1.5)),
+        load_variation=float(rng.uniform(0, 0.2)),
+        noise=float(rng.uniform(0.005, 0.05)),
+    )
+    return replace(machine, fault=fault)

@@ -1,0 +1,119 @@
+"""Rebuild echo/data/samples/ (the bundled real recordings and CREDITS.md) from Debian packages.
+
+    python scripts/fetch_samples.py [--cache .cache/debian]
+
+Each sample is cut from one file of one package (trimmed, mono, 16-bit WAV at the file's own rate).
+`apt-get download` + `dpkg-deb -x` fetch the packages into the cache without installing anything.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from echo.data import debian  # noqa: E402
+from echo.data.opensfx import read_catalogue  # noqa: E402
+from echo.data.samples import SAMPLES_DIR  # noqa: E402
+from echo.data.wav import read_wav, write_wav  # noqa: E402
+
+OPENSFX_CATALOGUE = "usr/share/games/openttd/baseset/opensfx/opensfx.cat"
+
+
+@dataclass(frozen=True)
+class Cut:
+    name: str
+    package: str
+    member: str  # path inside the package, or "opensfx.cat#INDEX" for a sound of the OpenSFX catalogue
+    start: float  # seconds
+    seconds: float
+    description: str
+    licence: str  # for package files; catalogue sounds carry their own
+    authors: str
+
+
+CUTS = [
+    Cut("circular_saw", "openttd-opensfx", "opensfx.cat#40", 0.5, 2.5, "circular saw cross-cutting (sawmill)", "", ""),
+    Cut("mine_elevator", "openttd-opensfx", "opensfx.cat#11", 0.0, 2.3, "elevator machinery (mining machinery)", "", ""),
+    Cut("truck_engine", "openttd-opensfx", "opensfx.cat#25", 0.0, 3.0, "truck engine starting and pulling away", "", ""),
+    Cut("voice_prompt", "asterisk-core-sounds-en-wav",
+        "usr/share/asterisk/sounds/en_US_f_Allison/at-tone-time-exactly.wav", 0.0, 3.5,
+        "telephone voice prompt (speech)", "CC-BY-SA-3.0", "Allison Smith (recording); Digium, Inc."),
+    Cut("front_center", "alsa-utils", "usr/share/sounds/alsa/Front_Center.wav", 0.0, 1.5,
+        "speaker-test voice 'front center'", "GPL-2", "Jaroslav Kysela and the ALSA project"),
+    Cut("glass_water", "sound-icons", "usr/share/sounds/sound-icons/glass-water-1.wav", 0.0, 1.0,
+        "water poured into a glass (sound icon)", "GPL-2+", "Brailcom, o.p.s."),
+]
+
+
+def cut_waveform(cut: Cut, root: Path) -> tuple[np.ndarray, int, str, str, str]:
+    """(mono waveform, rate, original file name, licence, authors/credit) of one cut."""
+    if cut.member.startswith("opensfx.cat#"):
+        sound = read_catalogue(root / OPENSFX_CATALOGUE)[int(cut.member.split("#")[1])]
+        waveform, rate = read_wav(sound.wav)
+        original, licence, authors = f"{cut.member} \"{sound.title}\"", sound.licence, sound.credit
+    else:
+        waveform, rate = read_wav(root / cut.member)
+        original, licence, authors = Path(cut.member).name, cut.licence, cut.authors
+    if waveform.ndim == 2:
+        waveform = waveform.mean(axis=0)
+    start = int(cut.start * rate)
+    return waveform[start: start + int(cut.seconds * rate)], rate, original, licence, authors
+
+
+def credits_text(rows: list[tuple[Cut, int, float, str, str, str, str]]) -> str:
+    lines = [
+        "# Bundled samples: sources, licences, authors",
+        "",
+        "Short excerpts (trimmed, mono, 16-bit PCM WAV at the original sample rate) of files shipped in Debian",
+        "packages, made by `scripts/fetch_samples.py`. Each file keeps the licence of its source, which is not",
+        "echo's own licence. The packages' copyright statements are quoted below the table.",
+        "",
+        "| file | rate | seconds | what | Debian package | original file | licence | authors / credit |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for cut, rate, seconds, deb, original, licence, authors in rows:
+        lines.append(f"| {cut.name}.wav | {rate} Hz | {seconds:.2f} | {cut.description} | {deb} | {original} "
+                     f"| {licence} | {authors.replace('|', '/')} |")
+    lines += [
+        "",
+        "Licence texts: CC BY 3.0 https://creativecommons.org/licenses/by/3.0/, CC BY-SA 3.0",
+        "https://creativecommons.org/licenses/by-sa/3.0/, CC0 1.0 https://creativecommons.org/publicdomain/zero/1.0/,",
+        "GPL-2 / GPL-2+ https://www.gnu.org/licenses/old-licenses/gpl-2.0.html (on Debian:",
+        "/usr/share/common-licenses/GPL-2). OpenSFX (openttd-opensfx) lists each sound's authors and licence in",
+        "the catalogue entry quoted above; its package copyright: 'Files: src/wav/* License: CC-BY-SA-3.0'",
+        "(individual sounds CC BY 3.0, CC BY-SA 3.0 or CC0). asterisk-core-sounds-en: 'Copyright: 2003-2010,",
+        "Allison Smith', CC-BY-SA-3.0. alsa-utils: 'Copyright: 1998-2022 Jaroslav Kysela and others', GPL-2.",
+        "sound-icons: 'Copyright: 2003 Brailcom, o.p.s.', GPL-2+.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=Path(".cache/debian"), help="where packages are kept")
+    parser.add_argument("--out", type=Path, default=SAMPLES_DIR)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for cut in CUTS:
+        root = debian.fetch(cut.package, args.cache)
+        waveform, rate, original, licence, authors = cut_waveform(cut, root)
+        write_wav(args.out / f"{cut.name}.wav", waveform, rate)
+        rows.append((cut, rate, len(waveform) / rate, debian.version(root), original, licence, authors))
+        print(f"{cut.name}.wav: {rate} Hz, {len(waveform) / rate:.2f} s from {cut.package} {original}")
+    credits = args.out / "CREDITS.md"
+    temporary = credits.with_name(credits.name + ".tmp")
+    temporary.write_text(credits_text(rows))
+    temporary.replace(credits)
+    total = sum(path.stat().st_size for path in args.out.glob("*.wav"))
+    print(f"{len(rows)} samples, {total / 1e6:.2f} MB in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
