@@ -1,0 +1,215 @@
+"""Varlen multi-head attention in Triton, forward and backward, on the packed (total, 3D) qkv buffer.
+
+Sequences are rows cu_seqlens[s]:cu_seqlens[s+1] (FlashAttention convention) and never attend to each
+other. ECHO's sequences are short (2..126 tokens) and ragged, so a tile per sequence would waste most of
+its rows on padding. Instead the packed rows are cut into fixed tiles regardless of sequence boundaries:
+a query tile may hold the tail of one sequence, several whole short ones and the head of the next. It
+visits only the key rows of the sequences it touches, and a block-diagonal mask (sequence id of the query
+row == sequence id of the key row) keeps sequences apart. So no row is padding except the last tile's, the
+grid is known from the buffer's shape alone (no `.item()`, no host sync), and long sequences (thousands of
+tokens) run as ordinary flash attention with an online softmax.
+
+Softmax statistics are fp32 and kept in base 2 (exp2 is the hardware's native exponential), so the saved
+log-sum-exp is log2-domain; q.k products accumulate in fp32 whatever the input dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import dot_precision
+
+
+@triton.jit
+def _tile_span(seq_ids, cu_seqlens, first_row, total, BLOCK: tl.constexpr):
+    """Rows [lo, hi) of every sequence that rows [first_row, first_row + BLOCK) of the packed buffer touch."""
+    first_seq = tl.load(seq_ids + first_row)
+    last_seq = tl.load(seq_ids + tl.minimum(first_row + BLOCK, total) - 1)
+    return tl.load(cu_seqlens + first_seq), tl.load(cu_seqlens + last_seq + 1)
+
+
+@triton.jit
+def _forward_kernel(
+    qkv, out, lse, seq_ids, cu_seqlens, total, dim, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    first_row = tl.program_id(0) * BLOCK_M
+    head = tl.program_id(1)
+    col = head * HEAD_DIM + tl.arange(0, HEAD_DIM)
+    row = first_row + tl.arange(0, BLOCK_M)
+    row_ok = row < total
+    seq_q = tl.load(seq_ids + row, mask=row_ok, other=-1)
+    q = tl.load(qkv + row[:, None] * (3 * dim) + col[None, :], mask=row_ok[:, None], other=0.0)
+    kv_lo, kv_hi = _tile_span(seq_ids, cu_seqlens, first_row, total, BLOCK_M)
+
+    row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    for start in range(kv_lo, kv_hi, BLOCK_N):
+        key = start + tl.arange(0, BLOCK_N)
+        key_ok = key < kv_hi
+        seq_k = tl.load(seq_ids + key, mask=key_ok, other=-2)
+        k = tl.load(qkv + key[:, None] * (3 * dim) + dim + col[None, :], mask=key_ok[:, None], other=0.0)
+        v = tl.load(qkv + key[:, None] * (3 * dim) + 2 * dim + col[None, :], mask=key_ok[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        scores = tl.where(seq_q[:, None] == seq_k[None, :], scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        # A row may see no key of its sequence in this block (its max stays -inf): shift by 0 instead, so
+        # exp2(-inf - -inf) never produces a NaN.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        p = tl.exp2(scores - shift[:, None])
+        rescale = tl.exp2(row_max - shift)
+        row_sum = row_sum * rescale + tl.sum(p, axis=1)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        row_max = new_max
+
+    # Every real row sees at least its own key, so row_sum > 0 there; the guard only covers the padding rows.
+    row_sum = tl.where(row_ok, row_sum, 1.0)
+    tl.store(out + row[:, None] * dim + col[None, :], (acc / row_sum[:, None]).to(out.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(lse + head * total + row, row_max + tl.log2(row_sum), mask=row_ok)
+
+
+@triton.jit
+def _backward_kv_kernel(
+    qkv, grad_out, lse, delta, seq_ids, cu_seqlens, grad_qkv, total, dim, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dK and dV of one key tile, visiting the query rows of the sequences it touches."""
+    first_key = tl.program_id(0) * BLOCK_N
+    head = tl.program_id(1)
+    col = head * HEAD_DIM + tl.arange(0, HEAD_DIM)
+    key = first_key + tl.arange(0, BLOCK_N)
+    key_ok = key < total
+    seq_k = tl.load(seq_ids + key, mask=key_ok, other=-2)
+    k = tl.load(qkv + key[:, None] * (3 * dim) + dim + col[None, :], mask=key_ok[:, None], other=0.0)
+    v = tl.load(qkv + key[:, None] * (3 * dim) + 2 * dim + col[None, :], mask=key_ok[:, None], other=0.0)
+    q_lo, q_hi = _tile_span(seq_ids, cu_seqlens, first_key, total, BLOCK_N)
+
+    grad_k = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    grad_v = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    for start in range(q_lo, q_hi, BLOCK_M):
+        row = start + tl.arange(0, BLOCK_M)
+        row_ok = row < q_hi
+        seq_q = tl.load(seq_ids + row, mask=row_ok, other=-1)
+        q = tl.load(qkv + row[:, None] * (3 * dim) + col[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(grad_out + row[:, None] * dim + col[None, :], mask=row_ok[:, None], other=0.0)
+        row_lse = tl.load(lse + head * total + row, mask=row_ok, other=0.0)
+        row_delta = tl.load(delta + head * total + row, mask=row_ok, other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.exp2(scores - row_lse[:, None])
+        p = tl.where(seq_q[:, None] == seq_k[None, :], p, 0.0)
+        grad_v += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        grad_p = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        grad_s = p * (grad_p - row_delta[:, None])
+        grad_k += tl.dot(tl.trans(grad_s.to(q.dtype)), q, input_precision=PRECISION)
+
+    target = grad_qkv + key[:, None] * (3 * dim) + col[None, :]
+    tl.store(target + dim, (grad_k * scale).to(grad_qkv.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(target + 2 * dim, grad_v.to(grad_qkv.dtype.element_ty), mask=key_ok[:, None])
+
+
+@triton.jit
+def _backward_q_kernel(
+    qkv, grad_out, lse, delta, seq_ids, cu_seqlens, grad_qkv, total, dim, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dQ of one query tile: a second pass over the keys, so no atomics and a deterministic result."""
+    first_row = tl.program_id(0) * BLOCK_M
+    head = tl.program_id(1)
+    col = head * HEAD_DIM + tl.arange(0, HEAD_DIM)
+    row = first_row + tl.arange(0, BLOCK_M)
+    row_ok = row < total
+    seq_q = tl.load(seq_ids + row, mask=row_ok, other=-1)
+    q = tl.load(qkv + row[:, None] * (3 * dim) + col[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(grad_out + row[:, None] * dim + col[None, :], mask=row_ok[:, None], other=0.0)
+    row_lse = tl.load(lse + head * total + row, mask=row_ok, other=0.0)
+    row_delta = tl.load(delta + head * total + row, mask=row_ok, other=0.0)
+    kv_lo, kv_hi = _tile_span(seq_ids, cu_seqlens, first_row, total, BLOCK_M)
+
+    grad_q = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    for start in range(kv_lo, kv_hi, BLOCK_N):
+        key = start + tl.arange(0, BLOCK_N)
+        key_ok = key < kv_hi
+        seq_k = tl.load(seq_ids + key, mask=key_ok, other=-2)
+        k = tl.load(qkv + key[:, None] * (3 * dim) + dim + col[None, :], mask=key_ok[:, None], other=0.0)
+        v = tl.load(qkv + key[:, None] * (3 * dim) + 2 * dim + col[None, :], mask=key_ok[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.exp2(scores - row_lse[:, None])
+        p = tl.where(seq_q[:, None] == seq_k[None, :], p, 0.0)
+        grad_p = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        grad_s = p * (grad_p - row_delta[:, None])
+        grad_q += tl.dot(grad_s.to(k.dtype), k, input_precision=PRECISION)
+
+    tl.store(grad_qkv + row[:, None] * (3 * dim) + col[None, :], (grad_q * scale).to(grad_qkv.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+def _tile_size(max_seqlen: int) -> int:
+    """Rows per tile: at least 16 (the smallest tensor-core product), at most 64; a batch of only very
+    short sequences gets small tiles, so a tile rarely spans many sequences it must mask out."""
+    return min(64, max(16, triton.next_power_of_2(max(1, max_seqlen))))
+
+
+class _VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, cu_seqlens, heads, block):
+        total, three_dim = qkv.shape
+        dim = three_dim // 3
+        head_dim = dim // heads
+        # Sequence id of every packed row, computed on the device from cu_seqlens: no host round trip.
+        seq_ids = torch.searchsorted(
+            cu_seqlens[1:], torch.arange(total, device=qkv.device, dtype=cu_seqlens.dtype), right=True
+        ).to(torch.int32)
+        out = torch.empty(total, dim, dtype=qkv.dtype, device=qkv.device)
+        lse = torch.empty(heads, total, dtype=torch.float32, device=qkv.device)
+        scale = head_dim**-0.5
+        if total:
+            _forward_kernel[(triton.cdiv(total, block), heads)](
+                qkv, out, lse, seq_ids, cu_seqlens, total, dim, scale * math.log2(math.e),
+                HEAD_DIM=head_dim, BLOCK_M=block, BLOCK_N=block, PRECISION=dot_precision(qkv.dtype),
+            )
+        ctx.save_for_backward(qkv, out, lse, seq_ids, cu_seqlens)
+        ctx.heads, ctx.block, ctx.scale = heads, block, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, out, lse, seq_ids, cu_seqlens = ctx.saved_tensors
+        heads, block, scale = ctx.heads, ctx.block, ctx.scale
+        total, dim = out.shape
+        grad_out = grad_out.contiguous()
+        grad_qkv = torch.empty_like(qkv)
+        if total:
+            # delta_i = sum_j P_ij dP_ij = dO_i . O_i, per row and head (the softmax backward's row term).
+            delta = (grad_out.float() * out.float()).view(total, heads, -1).sum(-1).T.contiguous()
+            args = (qkv, grad_out, lse, delta, seq_ids, cu_seqlens, grad_qkv, total, dim,
+                    scale * math.log2(math.e), scale)
+            meta = dict(HEAD_DIM=dim // heads, BLOCK_M=block, BLOCK_N=block, PRECISION=dot_precision(qkv.dtype))
+            grid = (triton.cdiv(total, block), heads)
+            _backward_kv_kernel[grid](*args, **meta)
+            _backward_q_kernel[grid](*args, **meta)
+        return grad_qkv, None, None, None
+
+
+def varlen_attention(
+    qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, heads: int, block: int | None = None
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v within each packed sequence: qkv (total, 3D) with rows Q, K, V per token
+    and heads as contiguous D/H slices -> (total, D) in qkv's dtype. Differentiable (dqkv).
+
+    `max_seqlen` (host int) only picks the tile size; `block` overrides it (a power of two >= 16).
+    """
+    if qkv.dim() != 2 or qkv.shape[1] % (3 * heads):
+        raise ValueError(f"qkv must be (total, 3*D) with D divisible by heads={heads}, got {tuple(qkv.shape)}")
+    head_dim = qkv.shape[1] // (3 * heads)
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"the Triton attention needs a power-of-two head dim >= 16, got {head_dim}")
+    block = block or _tile_size(max_seqlen)
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"attention tile must be a power of two >= 16, got {block}")
+    cu_seqlens = cu_seqlens.to(device=qkv.device, dtype=torch.int32)
+    return _VarlenAttention.apply(qkv.contiguous(), cu_seqlens, heads, block)
