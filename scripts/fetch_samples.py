@@ -17,7 +17,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from echo.data import debian  # noqa: E402
 from echo.data.opensfx import read_catalogue  # noqa: E402
-from echo.data.samples import SAMPLES_DIR  # noqa: E402
+from echo.data.bundled import SAMPLES_DIR  # noqa: E402
 from echo.data.wav import read_wav, write_wav  # noqa: E402
 
 OPENSFX_CATALOGUE = "usr/share/games/openttd/baseset/opensfx/opensfx.cat"

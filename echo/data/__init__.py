@@ -1,5 +1,5 @@
 """Data for echo: synthetic machine signals with known physics, and the small real recordings bundled with
 the package (licences in samples/CREDITS.md)."""
-from .samples import sample, samples
+from .bundled import sample, samples
 
 __all__ = ["sample", "samples"]

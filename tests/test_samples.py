@@ -1,0 +1,81 @@
+"""Bundled samples, the stdlib WAV reader/writer and the OpenSFX catalogue reader."""
+import io
+import struct
+import wave
+
+import numpy as np
+import pytest
+
+import echo.data
+from echo.data import bundled
+from echo.data.opensfx import read_catalogue
+from echo.data.wav import read_wav, write_wav
+
+
+def test_bundled_samples_are_real_short_and_credited():
+    every = echo.data.samples()
+    assert len(every) >= 3
+    rates = {rate for _, rate in every.values()}
+    assert len(rates) >= 3 and {8000, 44100} <= rates
+    credits = (bundled.SAMPLES_DIR / "CREDITS.md").read_text()
+    for name, (waveform, rate) in every.items():
+        assert waveform.dtype == np.float32 and waveform.ndim == 1
+        assert 0.5 * rate <= len(waveform) <= 4 * rate, name
+        assert 0.01 < np.abs(waveform).max() <= 1.0 and waveform.std() > 1e-3, name  # not silent
+        row = next(line for line in credits.splitlines() if line.startswith(f"| {name}.wav |"))
+        assert f"| {rate} Hz |" in row and ".deb |" in row
+        assert any(licence in row for licence in ("Creative Commons", "CC-BY", "GPL-2"))
+    assert sum(path.stat().st_size for path in bundled.SAMPLES_DIR.iterdir()) < 2_000_000
+    waveform, rate = echo.data.sample(sorted(every)[0])
+    assert np.array_equal(waveform, every[sorted(every)[0]][0])
+
+
+def test_unknown_sample_names_the_known_ones():
+    with pytest.raises(ValueError, match="no bundled sample 'nope'; bundled: .*circular_saw"):
+        echo.data.sample("nope")
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_wav_round_trip(tmp_path, channels):
+    rate = int(np.random.choice([8000, 22050, 50000]))
+    waveform = np.random.uniform(-0.9, 0.9, (channels, 1001)).squeeze(0) if channels == 1 else \
+        np.random.uniform(-0.9, 0.9, (channels, 1001))
+    path = write_wav(tmp_path / "x.wav", waveform, rate)
+    back, back_rate = read_wav(path)
+    assert back_rate == rate and back.shape == waveform.shape
+    assert np.abs(back - waveform).max() <= 0.5 / 32768 + 1e-7
+    assert not (tmp_path / "x.wav.tmp").exists()
+
+
+def wav_bytes(samples, rate):
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(rate)
+        writer.writeframes(np.asarray(samples, dtype="<i2").tobytes())
+    return buffer.getvalue()
+
+
+def test_opensfx_catalogue_is_read(tmp_path):
+    pcm = np.random.randint(-30000, 30000, 777)
+    entries = [
+        (b'"Saw". Original "saw.wav" by "someone". License: Creative Commons Zero 1.0.\0', wav_bytes(pcm, 44100)),
+        (b'"Unused". Trivial empty sound file.\0', b"\0" * 44),
+    ]
+    table = 8 * len(entries)
+    body, header = b"", b""
+    for name, data in entries:
+        entry = bytes([len(name)]) + name + data
+        header += struct.pack("<II", (table + len(body)) | (1 << 31), len(entry))
+        body += entry
+    path = tmp_path / "test.cat"
+    path.write_bytes(header + body)
+    sounds = read_catalogue(path)
+    assert [s.title for s in sounds] == ["Saw", "Unused"]
+    assert sounds[0].licence == "Creative Commons Zero 1.0" and sounds[1].wav == b""
+    waveform, rate = read_wav(sounds[0].wav)
+    assert rate == 44100 and np.array_equal(waveform * 32768, pcm.astype(np.float32))
+    path.write_bytes(header[:8] + struct.pack("<II", 10**9, 5) + body)
+    with pytest.raises(ValueError, match="entry 1 .* lies outside"):
+        read_catalogue(path)

@@ -1,0 +1,144 @@
+"""The synthetic machines' physics, checked with spectra computed here (scipy), against literature values."""
+import numpy as np
+import pytest
+from scipy.signal import butter, hilbert, sosfiltfilt
+
+from echo.data import synth
+
+# Case Western Reserve bearing data centre, SKF 6205-2RS: defect frequencies as multiples of the shaft rate
+SKF_6205 = {"outer": 3.5848, "inner": 5.4152, "ball": 2.3567, "cage": 0.39828}
+
+
+def amplitude_spectrum(x, rate):
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x)))) / (len(x) / 4)  # a sine of amplitude a reads ~a
+    return np.fft.rfftfreq(len(x), 1 / rate), spectrum
+
+
+def peak_near(freqs, spectrum, hz, width=2.0):
+    band = np.abs(freqs - hz) <= width
+    return spectrum[band].max()
+
+
+def envelope_spectrum(x, rate, low, high):
+    band = sosfiltfilt(butter(4, [low, high], btype="band", fs=rate, output="sos"), x)
+    envelope = np.abs(hilbert(band))
+    return amplitude_spectrum(envelope - envelope.mean(), rate)
+
+
+def test_defect_frequencies_match_the_published_6205_values():
+    shaft = float(np.random.uniform(5, 60))
+    got = synth.Bearing().defect_frequencies(shaft)
+    for part, ratio in SKF_6205.items():
+        assert got[part] == pytest.approx(ratio * shaft, rel=2e-4), part
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 44100, 50000])
+def test_any_rate_exact_length_and_determinism(rate):
+    n = int(np.random.randint(rate // 10, rate // 2)) | 1  # odd, random length
+    machine = synth.random_machine(int(np.random.randint(1 << 30)), fault="inner")
+    seed = int(np.random.randint(1 << 30))
+    x = synth.machine_signal(machine, rate, n, seed=seed)
+    assert x.shape == (n,) and x.dtype == np.float32 and np.isfinite(x).all() and x.std() > 0
+    assert np.array_equal(x, synth.machine_signal(machine, rate, n, seed=seed))
+    assert not np.array_equal(x, synth.machine_signal(machine, rate, n, seed=seed + 1))
+
+
+@pytest.mark.parametrize("fault", ["outer", "inner", "ball"])
+@pytest.mark.parametrize("rate", [16000, 44100])
+def test_envelope_spectrum_peaks_at_the_defect_frequency(fault, rate):
+    shaft = float(np.random.uniform(20, 40))
+    machine = synth.Machine(shaft_hz=shaft, fault=fault, resonance_hz=3000, noise=0.02)
+    x = synth.machine_signal(machine, rate, 4 * rate, seed=int(np.random.randint(1 << 30)))
+    freqs, spectrum = envelope_spectrum(x, rate, 2000, 4000)
+    search = (freqs > 5) & (freqs < 400)
+    strongest = freqs[search][np.argmax(spectrum[search])]
+    expected = SKF_6205[fault] * shaft
+    # the strongest envelope line is the defect rate (resolution 0.25 Hz, plus the 1 % slip)
+    assert strongest == pytest.approx(expected, abs=0.5), (strongest, expected)
+
+
+def test_inner_race_is_modulated_by_the_shaft_and_outer_race_is_not():
+    shaft, rate = 25.0, 16000
+    lines = {}
+    for fault in ("inner", "outer"):
+        machine = synth.Machine(shaft_hz=shaft, fault=fault, noise=0.0, slip=0.0)
+        freqs, spectrum = envelope_spectrum(synth.machine_signal(machine, rate, 8 * rate, seed=3), rate, 2000, 4000)
+        carrier = SKF_6205[fault] * shaft
+        lines[fault] = peak_near(freqs, spectrum, carrier + shaft, 0.3) / peak_near(freqs, spectrum, carrier, 0.3)
+    assert lines["inner"] > 0.2  # sidebands at BPFI +- fr
+    assert lines["outer"] < 0.05
+
+
+def test_imbalance_raises_1x_and_misalignment_raises_2x():
+    rate, shaft = 8000, 30.0
+    seconds = 4
+
+    def harmonics(**faults):
+        x = synth.machine_signal(synth.Machine(shaft_hz=shaft, noise=0.001, **faults), rate, seconds * rate, seed=7)
+        freqs, spectrum = amplitude_spectrum(x, rate)
+        return peak_near(freqs, spectrum, shaft, 1), peak_near(freqs, spectrum, 2 * shaft, 1)
+
+    healthy_1x, healthy_2x = harmonics()
+    assert healthy_1x == pytest.approx(0.1, rel=0.05) and healthy_2x == pytest.approx(0.06, rel=0.05)
+    ones = [harmonics(imbalance=level)[0] for level in (0.5, 1.0, 2.0)]
+    assert ones[0] == pytest.approx(0.15, rel=0.05) and ones[2] == pytest.approx(0.3, rel=0.05)
+    assert harmonics(imbalance=2.0)[1] == pytest.approx(healthy_2x, rel=0.05)
+    twos = [harmonics(misalignment=level)[1] for level in (0.5, 1.0)]
+    assert healthy_2x < twos[0] < twos[1] and twos[1] == pytest.approx(0.16, rel=0.05)
+    assert harmonics(misalignment=1.0)[0] == pytest.approx(healthy_1x, rel=0.05)
+
+
+def test_gear_mesh_with_shaft_sidebands():
+    rate, shaft, teeth = 16000, 20.0, 31
+    machine = synth.Machine(shaft_hz=shaft, harmonics=1, gear_teeth=teeth, gear_level=0.1, gear_modulation=0.4,
+                            noise=0.0)
+    freqs, spectrum = amplitude_spectrum(synth.machine_signal(machine, rate, 4 * rate, seed=1), rate)
+    mesh = teeth * shaft
+    assert peak_near(freqs, spectrum, mesh) == pytest.approx(0.1, rel=0.05)
+    for j in (1, 2):
+        for side in (-1, 1):
+            assert peak_near(freqs, spectrum, mesh + side * j * shaft) == pytest.approx(0.1 * 0.4**j / 2, rel=0.1)
+
+
+def test_speed_variation_smears_the_shaft_line():
+    rate = 8000
+
+    def concentration(variation):
+        machine = synth.Machine(shaft_hz=30.0, harmonics=1, speed_variation=variation, noise=0.0)
+        freqs, spectrum = amplitude_spectrum(synth.machine_signal(machine, rate, 20 * rate, seed=2), rate)
+        energy = spectrum**2
+        return energy[np.abs(freqs - 30) < 0.2].sum() / energy.sum()
+
+    assert concentration(0.0) > 0.95 and concentration(0.05) < 0.6
+
+
+def test_harmonics_above_nyquist_are_left_out():
+    x = synth.machine_signal(synth.Machine(shaft_hz=900.0, harmonics=8, noise=0.0), 4000, 4000, seed=0)
+    freqs, spectrum = amplitude_spectrum(x, 4000)
+    kept = (np.abs(freqs - 900) < 3) | (np.abs(freqs - 1800) < 3)  # 1x and 2x lie below Nyquist (2000 Hz)
+    assert peak_near(freqs, spectrum, 1800, 2) > 0.05
+    assert spectrum[~kept].max() < 1e-3  # 3x..8x left out, so none aliases (3x would fold to 1300 Hz)
+
+
+def test_recorded_noise_is_mixed_at_the_requested_snr():
+    signal = np.random.randn(5000)
+    noise = np.random.randn(1234)  # shorter: tiled
+    snr = float(np.random.uniform(-5, 20))
+    mixed = synth.mix(signal, noise, snr, np.random.default_rng(0))
+    added = mixed - signal
+    assert 10 * np.log10(np.mean(signal**2) / np.mean(added**2)) == pytest.approx(snr, abs=1e-9)
+    machine = synth.Machine()
+    clean = synth.machine_signal(machine, 8000, 8000, seed=4)
+    noisy = synth.machine_signal(machine, 8000, 8000, seed=4, background=noise, background_snr_db=snr)
+    assert noisy.shape == clean.shape and not np.allclose(noisy, clean)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="unknown bearing fault 'cage'"):
+        synth.Machine(fault="cage")
+    with pytest.raises(ValueError, match="n_samples must be a positive integer"):
+        synth.machine_signal(synth.Machine(), 8000, 0)
+    with pytest.raises(ValueError, match="sample rate 1000 Hz is below"):
+        synth.machine_signal(synth.Machine(), 1000, 100)
+    with pytest.raises(ValueError, match="non-silent 1-D"):
+        synth.mix(np.ones(10), np.zeros(10), 0.0)
