@@ -46,9 +46,10 @@ def layer_forward(layer, x: torch.Tensor, packing: Packing, backend: str | None 
     attn = layer.self_attn
     qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
     mixed = attn.out_proj(attention_ops.packed_attention(qkv, packing, attn.heads, backend))
-    x = norm_ops.residual_layer_norm(x, mixed, layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
-    hidden = norm_ops.bias_gelu(F.linear(x, layer.linear1.weight), layer.linear1.bias)
-    return norm_ops.residual_layer_norm(x, layer.linear2(hidden), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
+    norm1, norm2 = layer.norm1, layer.norm2
+    x = norm_ops.fused_residual_layer_norm(x, mixed, norm1.weight, norm1.bias, norm1.eps, backend)
+    hidden = norm_ops.fused_bias_gelu(F.linear(x, layer.linear1.weight), layer.linear1.bias, backend)
+    return norm_ops.fused_residual_layer_norm(x, layer.linear2(hidden), norm2.weight, norm2.bias, norm2.eps, backend)
 
 
 def forward(model, x: torch.Tensor, packing: Packing, backend: str | None = None, return_layers: bool = False):

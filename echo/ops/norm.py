@@ -15,3 +15,31 @@ def residual_layer_norm(
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """gelu(x + bias), exact erf form."""
     return F.gelu(x + bias)
+
+
+def _backend(device: torch.device, requested: str | None) -> str:
+    from . import backend as backends
+
+    # "torch" is accepted (ECHO_BACKEND=torch forces every op) and is the reference: torch's own kernels.
+    return backends.choose("norm", device, requested, available=("triton", "torch", "reference"))
+
+
+def fused_residual_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Dispatch of residual_layer_norm: the fused Triton kernel (forward + backward) or the reference."""
+    if _backend(x.device, backend) == "triton":
+        from echo_kernels import norm as kernel
+
+        return kernel.residual_layer_norm(x, residual, weight, bias, eps)
+    return residual_layer_norm(x, residual, weight, bias, eps)
+
+
+def fused_bias_gelu(x: torch.Tensor, bias: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """Dispatch of bias_gelu: the fused Triton kernel (forward + backward) or the reference."""
+    if _backend(x.device, backend) == "triton":
+        from echo_kernels import norm as kernel
+
+        return kernel.bias_gelu(x, bias)
+    return bias_gelu(x, bias)
