@@ -1,0 +1,145 @@
+"""DCASE Task 2 (2020-2025) anomaly detection with a memory bank of normal training clips (SIREN protocol).
+
+Bank: the training clips of one (split, machine type, section); dev and eval are never mixed. 2020 keys the
+bank by machine id (stored as `section`), 2021-2025 by section, with source and target training clips in one
+bank (the min over both = 1-NN over their union). Score of a test clip = cosine distance to its nearest bank
+clip (1 - max cosine similarity).
+
+Groups (scikit-learn: AUC = roc_auc_score, pAUC = roc_auc_score(max_fpr=0.1)):
+  2020       AUC and pAUC per (machine, id)
+  2021       AUC and pAUC per (machine, section, domain), on that domain's test clips
+  2022-2025  AUC per (machine, section, domain); pAUC per (machine, section) over both domains. The domain
+             AUC follows `domain_rule`: "official" (the DCASE evaluators: normals of the domain + anomalies of
+             both domains) or "siren" (the SIREN tables: normals and anomalies of the domain only).
+A group holding one class only is reported in `excluded`, never scored 0.
+
+Scores: per split the official score, the harmonic mean of every AUC and pAUC of the year, each floored at
+`eps` (2021-2025), the arithmetic mean in 2020; and the paper's yearly figure, the same mean over the pooled
+dev + eval values.
+"""
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import neighbors, require
+
+YEARS = tuple(range(2020, 2026))
+DOMAIN_RULES = ("official", "siren")
+MAX_FPR = 0.1
+HMEAN_EPS = sys.float_info.epsilon
+
+
+@dataclass(frozen=True)
+class Clip:
+    path: Path
+    split: str  # "dev" or "eval"
+    machine: str
+    section: str  # "00", ...; the machine id in 2020
+    domain: str | None  # "source" / "target"; None in 2020
+    subset: str  # "train" or "test"
+    label: int | None  # 0 normal, 1 anomalous, None unknown (unlabelled eval clips)
+
+
+def check_year(year: int | None) -> int | None:
+    """A DCASE year, or None for a user's folder (one bank per machine, no domains, scored as 2020)."""
+    if year is not None and year not in YEARS:
+        raise ValueError(f"DCASE year {year} is not supported; supported: {YEARS[0]}-{YEARS[-1]}")
+    return year
+
+
+def score_clips(clips: list[Clip], embeddings, device=None, backend: str = "torch") -> np.ndarray:
+    """Cosine 1-NN distance of every test clip to its own bank; NaN for training clips."""
+    embeddings = np.asarray(embeddings)
+    if len(embeddings) != len(clips):
+        raise ValueError(f"{len(embeddings)} embeddings for {len(clips)} clips")
+    groups = defaultdict(lambda: ([], []))
+    for index, clip in enumerate(clips):
+        groups[(clip.split, clip.machine, clip.section)][clip.subset == "test"].append(index)
+    scores = np.full(len(clips), np.nan)
+    for (split, machine, section), (bank, tests) in sorted(groups.items()):
+        if tests and not bank:
+            raise ValueError(f"{split} {machine} section {section}: {len(tests)} test clips but no training "
+                             f"clip to build the memory bank from")
+        if tests:
+            distances, _ = neighbors.nearest(embeddings[tests], embeddings[bank], 1, "cosine", device=device,
+                                             backend=backend)
+            scores[tests] = distances[:, 0]
+    return scores
+
+
+def _metric_rows(key: dict, labels: np.ndarray, scores: np.ndarray, metrics: tuple, rows: list, excluded: list):
+    normals, anomalies = int((labels == 0).sum()), int((labels == 1).sum())
+    if not normals or not anomalies:
+        excluded.append({**key, "metrics": "+".join(metrics), "normals": normals, "anomalies": anomalies,
+                         "reason": "one class only"})
+        return
+    sklearn_metrics = require("sklearn.metrics", "AUC/pAUC")
+    for metric in metrics:
+        value = sklearn_metrics.roc_auc_score(labels, scores, max_fpr=MAX_FPR if metric == "pAUC" else None)
+        rows.append({**key, "metric": metric, "value": float(value), "normals": normals, "anomalies": anomalies})
+
+
+def group_metrics(clips: list[Clip], scores, year: int | None, domain_rule: str = "official") -> tuple[list, list]:
+    """(rows, excluded): one row per (group, metric) with its value; excluded one-class groups."""
+    check_year(year)
+    if domain_rule not in DOMAIN_RULES:
+        raise ValueError(f"unknown domain AUC rule {domain_rule!r}; known: {', '.join(DOMAIN_RULES)}")
+    scores = np.asarray(scores, dtype=np.float64)
+    tests = defaultdict(list)
+    for index, clip in enumerate(clips):
+        if clip.subset == "test" and clip.label is not None:
+            tests[(clip.split, clip.machine, clip.section)].append(index)
+    rows, excluded = [], []
+    for (split, machine, section), members in sorted(tests.items()):
+        members = np.asarray(members)
+        labels = np.array([clips[i].label for i in members])
+        domains = np.array([clips[i].domain for i in members])
+        key = {"split": split, "machine": machine, "section": section}
+        if year in (2020, None):
+            _metric_rows({**key, "domain": ""}, labels, scores[members], ("AUC", "pAUC"), rows, excluded)
+            continue
+        for domain in ("source", "target"):
+            own = domains == domain
+            if year == 2021:
+                _metric_rows({**key, "domain": domain}, labels[own], scores[members[own]], ("AUC", "pAUC"),
+                             rows, excluded)
+                continue
+            anomalies = (labels == 1) & own if domain_rule == "siren" else labels == 1
+            chosen = own & (labels == 0) | anomalies
+            _metric_rows({**key, "domain": domain}, labels[chosen], scores[members[chosen]], ("AUC",), rows,
+                         excluded)
+        if year >= 2022:
+            _metric_rows({**key, "domain": "both"}, labels, scores[members], ("pAUC",), rows, excluded)
+    return rows, excluded
+
+
+def mean_score(values, year: int | None, eps: float = HMEAN_EPS) -> float:
+    """The year's official mean: arithmetic in 2020 (and users' folders), harmonic of eps-floored values
+    from 2021."""
+    values = np.asarray(values, dtype=np.float64)
+    if not len(values):
+        return float("nan")
+    if year in (2020, None):
+        return float(values.mean())
+    return float(len(values) / np.sum(1 / np.maximum(values, eps)))
+
+
+def summarise(rows: list, year: int | None, eps: float = HMEAN_EPS) -> dict:
+    """{"official score (dev)": ..., "official score (eval)": ..., "yearly figure (dev+eval)": ...}
+    for the splits present, plus each split's mean AUC and pAUC alone."""
+    summary = {}
+    splits = sorted({row["split"] for row in rows})
+    for split in splits:
+        values = [row["value"] for row in rows if row["split"] == split]
+        summary[f"official score ({split})"] = mean_score(values, year, eps)
+        for metric in ("AUC", "pAUC"):
+            chosen = [row["value"] for row in rows if row["split"] == split and row["metric"] == metric]
+            summary[f"{metric} ({split})"] = mean_score(chosen, year, eps)
+    if len(splits) > 1:
+        summary[f"yearly figure ({'+'.join(splits)})"] = mean_score([row["value"] for row in rows], year, eps)
+    return summary

@@ -1,0 +1,182 @@
+"""`python -m echo eval --task TASK --data DIR --model PATH --out DIR`: embed a data set (cached), score it
+with the SIREN protocol, print and save the results (results.csv, results.json, scores.csv, failures.csv)
+and the plots (PNG) in --out, with files/s and the share of time spent encoding vs searching."""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import anomaly, datasets, faults, plots
+from .embed import embed_files, file_hash
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--task", required=True, choices=datasets.TASKS)
+    parser.add_argument("--data", required=True, type=Path, help="the data set's folder")
+    parser.add_argument("--model", required=True, type=Path, help="checkpoint (.safetensors or .pth)")
+    parser.add_argument("--out", required=True, type=Path, help="folder for results and plots")
+    parser.add_argument("--cache", type=Path, help="embedding cache folder (default: OUT/cache)")
+    parser.add_argument("--device", default=None, help="encode and search device (default: cuda if present)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="encoder compute dtype")
+    parser.add_argument("--labels", type=Path, action="append", help="DCASE eval_data_list csv (default: found "
+                        "under --data)")
+    parser.add_argument("--domain-auc", choices=anomaly.DOMAIN_RULES, default="official",
+                        help="2022-2025 domain AUC: official (normals of the domain + all anomalies) or siren "
+                        "(the domain's clips only)")
+    parser.add_argument("--eps", type=float, default=anomaly.HMEAN_EPS, help="floor of values in harmonic means")
+    parser.add_argument("--protocol", action="append", choices=faults.PROTOCOLS,
+                        help="fault protocols (default: those the data set defines)")
+    parser.add_argument("--k", type=int, default=5, help="neighbours for fault classification")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=1, help="k-fold shuffle seed")
+    parser.add_argument("--channels", help="channels fused for multi-channel data, e.g. 0,1,2 (default: all)")
+    parser.add_argument("--search", choices=("torch", "faiss"), default="torch", help="anomaly search backend")
+    parser.add_argument("--batch-files", type=int, default=64, help="files encoded per batch")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def format_table(rows: list, columns: list) -> str:
+    cell = lambda value: f"{value:.4f}" if isinstance(value, float) else str(value)  # noqa: E731
+    widths = [max([len(c)] + [len(cell(row.get(c, ""))) for row in rows]) for c in columns]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(cell(row.get(c, "")).ljust(w) for c, w in zip(columns, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, rows: list, columns: list) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    temporary.replace(path)
+
+
+def _write_json(path: Path, content: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(content, indent=2, default=str) + "\n")
+    temporary.replace(path)
+
+
+def _stack(vectors: list, items: list) -> np.ndarray:
+    widths = {}
+    for vector, item in zip(vectors, items):
+        widths.setdefault(len(vector), item.path)
+    if len(widths) > 1:
+        shown = "; ".join(f"{width} values (e.g. {path})" for width, path in widths.items())
+        raise ValueError(f"the embeddings differ in size, so they cannot be compared (files at different sample "
+                         f"rates or channel counts): {shown}")
+    return np.stack(vectors).astype(np.float32)
+
+
+def _anomaly(args, dataset, items, vectors, device) -> tuple[dict, list]:
+    scores = anomaly.score_clips(items, vectors, device, args.search)
+    rows, excluded = anomaly.group_metrics(items, scores, dataset.year, args.domain_auc)
+    summary = anomaly.summarise(rows, dataset.year, args.eps)
+    _write_csv(args.out / "scores.csv", [
+        {"path": c.path, "split": c.split, "machine": c.machine, "section": c.section, "domain": c.domain or "",
+         "label": "" if c.label is None else c.label, "score": s} for c, s in zip(items, scores) if c.subset == "test"
+    ], ["path", "split", "machine", "section", "domain", "label", "score"])
+    columns = ["split", "machine", "section", "domain", "metric", "value", "normals", "anomalies"]
+    _write_csv(args.out / "results.csv", rows, columns)
+    print(format_table(rows, columns) if rows else "no labelled test clip with both classes: nothing to measure")
+    for group in excluded:
+        print(f"excluded (one class only): {group['split']} {group['machine']} section {group['section']} "
+              f"{group['domain']} {group['metrics']}: {group['normals']} normal, {group['anomalies']} anomalous")
+    for name, value in summary.items():
+        print(f"{name}: {value:.4f}")
+    figures = []
+    if not args.no_plots:
+        figures = plots.anomaly_plots(items, scores, args.out)
+        tests = [i for i, c in enumerate(items) if c.subset == "test"]
+        labels = [{0: "normal", 1: "anomalous", None: "unlabelled"}[items[i].label] for i in tests]
+        figures.append(plots.projection_plot(vectors[tests], labels, args.out / "projection.png",
+                                             "test clips (PCA of the embeddings)"))
+    return {"groups": rows, "excluded": excluded, "summary": summary}, figures
+
+
+def _faults(args, dataset, items, vectors, device) -> tuple[dict, list]:
+    embeddings = vectors.reshape(len(vectors), dataset.channels, -1)
+    labels = [item.label for item in items]
+    subsets = [item.subset for item in items]
+    fused = None if args.channels is None else [int(c) for c in args.channels.split(",")]
+    views = [(None, False)]
+    if dataset.channels > 1:
+        views += [([c], False) for c in range(dataset.channels)] + [(fused, True)]
+    results = [faults.evaluate(embeddings, labels, protocol, args.k, subsets, channels, fuse, args.folds,
+                               args.seed, device)
+               for protocol in (args.protocol or dataset.protocols) for channels, fuse in views]
+    rows = [result.row() for result in results]
+    columns = ["protocol", "view", "files", "accuracy", "precision", "recall", "f1", "fold_mean", "fold_std"]
+    _write_csv(args.out / "results.csv", rows, columns)
+    print(format_table(rows, columns))
+    figures = []
+    if not args.no_plots:
+        for result in results:
+            if result.view == "all" or result.view.startswith("fused"):
+                name = f"confusion_{result.protocol}_{result.view.split()[0]}.png"
+                figures.append(plots.confusion_plot(result, args.out / name))
+        figures.append(plots.projection_plot(vectors, labels, args.out / "projection.png",
+                                             f"{dataset.task} (PCA of the embeddings)"))
+    details = [{**result.row(), "classes": result.classes, "confusion": result.confusion.tolist(),
+                "fold_accuracies": result.fold_accuracies} for result in results]
+    return {"results": details}, figures
+
+
+def run(args) -> int:
+    try:
+        return _run(args)
+    except ImportError as error:  # an optional dependency is missing: say which and how to install it
+        print(f"error: {error}")
+        return 2
+
+
+def _run(args) -> int:
+    from .. import checkpoint
+
+    started = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dataset = datasets.load(args.task, args.data, args.labels)
+    for note in dataset.notes:
+        print(f"note: {note}")
+    model = checkpoint.load(args.model, device=device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    embedded = embed_files(model, [item.path for item in dataset.items], dataset.read,
+                           args.cache or args.out / "cache", file_hash(args.model), device, DTYPES[args.dtype],
+                           args.batch_files, progress=not args.quiet)
+    _write_csv(args.out / "failures.csv", [{"path": p, "reason": r} for p, r in embedded.failures],
+               ["path", "reason"])
+    for path, reason in embedded.failures:
+        print(f"skipped {path}: {reason}")
+    kept = [i for i, vector in enumerate(embedded.vectors) if vector is not None]
+    if not kept:
+        raise ValueError(f"no file of {args.data} could be embedded ({len(embedded.failures)} failures, see "
+                         f"{args.out / 'failures.csv'})")
+    items = [dataset.items[i] for i in kept]
+    vectors = _stack([embedded.vectors[i] for i in kept], items)
+    search_started = time.perf_counter()
+    evaluate = _anomaly if dataset.kind == "anomaly" else _faults
+    results, figures = evaluate(args, dataset, items, vectors, device)
+    search_seconds = time.perf_counter() - search_started
+    total = time.perf_counter() - started
+    speed = {"files": len(dataset.items), "embedded": len(kept), "failed": len(embedded.failures),
+             "from_cache": embedded.cached, "encoded": embedded.encoded, "seconds": total,
+             "files_per_second": len(dataset.items) / total, "encode_seconds": embedded.encode_seconds,
+             "read_wait_seconds": embedded.read_seconds, "search_and_metrics_seconds": search_seconds}
+    _write_json(args.out / "results.json", {"task": args.task, "data": str(args.data), "model": str(args.model),
+                                            "domain_auc": args.domain_auc, "notes": dataset.notes, **results,
+                                            "failures": embedded.failures, "speed": speed,
+                                            "plots": [p.name for p in figures]})
+    print(f"{len(dataset.items)} files ({embedded.cached} from the cache, {len(embedded.failures)} failed) in "
+          f"{total:.1f} s: {speed['files_per_second']:.1f} files/s; encoding {embedded.encode_seconds:.1f} s "
+          f"({100 * embedded.encode_seconds / total:.0f}%), search + metrics {search_seconds:.1f} s "
+          f"({100 * search_seconds / total:.0f}%); results in {args.out}")
+    return 0

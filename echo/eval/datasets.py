@@ -1,0 +1,296 @@
+"""Adapters for the published data-set layouts, each reading a folder the user downloaded.
+
+Each adapter returns a `Dataset`: the files with their labels, the reader that turns one file into
+(signal (N,) or (C, N), sample rate), and the protocols that apply. A wrong layout fails with a message
+that names what is missing where. Nothing is downloaded.
+
+    dcase<year>  DCASE Task 2 2020-2025: <root>/{dev_data,eval_data}/<machine>/{train,test}/*.wav (any depth);
+                 eval test labels from eval_data_list_<year>.csv (a one-field row names the machine, then
+                 `file,reference_file,label` rows; the domain is read from the reference file name)
+    cwru         CWRU 12 kHz drive-end and fan-end fault .mat files; 10 classes: end (DE/FE) x fault type
+                 (B, IR, OR) with the outer-race position @3/@6/@12; signal = variable X<nnn>_DE_time
+    mafaulda     MAFAULDA CSV files (8 columns, 50 kHz); 10 classes from the path (normal, imbalance,
+                 horizontal-/vertical-misalignment, {under,over}hang x {ball_fault, cage_fault, outer_race})
+    iiee         IDMT-ISA electric engine: train_cut/ and test_cut/ (or test/); classes good, broken, heavyload
+    iica         IDMT-ISA compressed air (48 kHz): the class is the folder holding the file; a train*/test*
+                 folder above it gives the split, otherwise stratified k-fold
+    folder       a user's machine: <root>/normal/* is the bank, <root>/test/{normal,anomalous}/* is scored
+                 (files directly in <root>/test/ are scored without a label)
+"""
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import require
+from .anomaly import Clip, check_year
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".aiff", ".aif"}
+CWRU_RATE = 12000
+MAFAULDA_RATE = 50000
+MAFAULDA_CHANNELS = 8
+MAFAULDA_TOP = ("normal", "imbalance", "horizontal-misalignment", "vertical-misalignment", "underhang", "overhang")
+MAFAULDA_BEARING = ("ball_fault", "cage_fault", "outer_race")
+IIEE_CLASSES = ("good", "broken", "heavyload")
+TASKS = tuple(f"dcase{year}" for year in range(2020, 2026)) + ("cwru", "mafaulda", "iiee", "iica", "folder")
+
+
+@dataclass
+class Sample:
+    """One file of a fault-classification data set."""
+    path: Path
+    label: str
+    subset: str | None = None  # "train" / "test" where the data set gives a split
+
+
+@dataclass
+class Dataset:
+    task: str
+    kind: str  # "anomaly" (items are anomaly.Clip) or "faults" (items are Sample)
+    items: list
+    read: Callable[[Path], tuple[np.ndarray, int]]
+    channels: int = 1
+    year: int | None = None
+    protocols: tuple = ()
+    notes: list = field(default_factory=list)
+
+
+def read_audio(path: Path) -> tuple[np.ndarray, int]:
+    soundfile = require("soundfile", "reading audio files")
+    data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    return (data[:, 0] if data.shape[1] == 1 else np.ascontiguousarray(data.T)), rate
+
+
+def read_cwru(path: Path) -> tuple[np.ndarray, int]:
+    """The drive-end accelerometer of a CWRU .mat file; where a file holds several, the one whose number
+    is the file's own."""
+    io = require("scipy.io", "reading CWRU .mat files")
+    content = io.loadmat(str(path))
+    keys = sorted(key for key in content if re.fullmatch(r"X\d+_DE_time", key))
+    if not keys:
+        raise ValueError(f"{path}: no X<nnn>_DE_time variable (has {', '.join(k for k in content if k[0] != '_')})")
+    number = re.match(r"\d+", path.stem)
+    own = [key for key in keys if number and int(key[1:].split("_")[0]) == int(number.group())]
+    return np.asarray(content[(own or keys)[0]], dtype=np.float32).ravel(), CWRU_RATE
+
+
+def read_mafaulda(path: Path) -> tuple[np.ndarray, int]:
+    table = np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
+    if table.shape[1] != MAFAULDA_CHANNELS:
+        raise ValueError(f"{path}: {table.shape[1]} columns, MAFAULDA files have {MAFAULDA_CHANNELS}")
+    return np.ascontiguousarray(table.T), MAFAULDA_RATE
+
+
+def _root(root) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"data folder {root} does not exist")
+    return root
+
+
+def _files(folder: Path, suffixes, recursive: bool = False) -> list[Path]:
+    pattern = folder.rglob("*") if recursive else folder.glob("*")
+    return sorted(p for p in pattern if p.is_file() and p.suffix.lower() in suffixes)
+
+
+# ---------------------------------------------------------------- DCASE
+
+def read_label_lists(paths) -> dict:
+    """{(machine, file name): (reference file name, label)} from eval_data_list csv files."""
+    table = {}
+    for path in paths:
+        machine = None
+        with open(path, newline="") as handle:
+            for line, row in enumerate(csv.reader(handle), 1):
+                row = [cell.strip() for cell in row if cell.strip()]
+                if len(row) == 1:
+                    machine = row[0]
+                elif len(row) >= 2:
+                    if machine is None:
+                        raise ValueError(f"{path}:{line}: a file row before any machine-name row")
+                    reference = row[1] if len(row) >= 3 else ""
+                    try:
+                        table[(machine, Path(row[0]).name)] = (Path(reference).name, int(float(row[-1])))
+                    except ValueError:
+                        raise ValueError(f"{path}:{line}: label {row[-1]!r} is not 0 or 1") from None
+    return table
+
+
+def _dcase_fields(name: str, year: int):
+    key = re.search(r"(?:^|_)id_(\d+)" if year == 2020 else r"(?:^|_)section_(\d+)", name)
+    domain = re.search(r"_(source|target)(?:_|\.|$)", name)
+    label = re.search(r"(?:^|_)(normal|anomaly)(?:_|\.|$)", name)
+    return (key and key.group(1), domain and domain.group(1),
+            None if label is None else int(label.group(1) == "anomaly"))
+
+
+def dcase(root, year: int, label_lists=None) -> Dataset:
+    root, year = _root(root), check_year(year)
+    naming = "id_XX" if year == 2020 else "section_XX"
+    machine_dirs = sorted({p.parent for p in root.rglob("train") if p.is_dir()})
+    if not machine_dirs:
+        raise ValueError(f"{root}: no DCASE machine folder: expected <root>/dev_data/<machine>/train/ and "
+                         f"<root>/dev_data/<machine>/test/ (and eval_data/... for the evaluation set)")
+    lists = list(label_lists) if label_lists else sorted(root.rglob("eval_data_list*.csv"))
+    lists = [p for p in lists if str(year) in Path(p).name] or lists
+    labels = read_label_lists(lists)
+    items, notes, unlabelled = [], [], 0
+    for machine_dir in machine_dirs:
+        machine = machine_dir.name
+        where = (root.name,) + machine_dir.relative_to(root).parts[:-1]
+        split = "eval" if any("eval" in part.lower() for part in where) else "dev"
+        test_dir = machine_dir / "test"
+        if not test_dir.is_dir():
+            raise ValueError(f"{machine_dir}: has train/ but no test/ folder")
+        for subset in ("train", "test"):
+            files = _files(machine_dir / subset, AUDIO_SUFFIXES)
+            if not files:
+                raise ValueError(f"{machine_dir / subset}: no audio file ({', '.join(sorted(AUDIO_SUFFIXES))})")
+            for path in files:
+                section, domain, label = _dcase_fields(path.name, year)
+                if subset == "test" and label is None:
+                    reference, label = labels.get((machine, path.name), ("", None))
+                    domain = domain or _dcase_fields(reference, year)[1]
+                label = 0 if subset == "train" and label is None else label
+                if section is None:
+                    raise ValueError(f"{path}: the file name has no {naming} (DCASE {year} naming)")
+                if year > 2020 and domain is None and label is not None:
+                    raise ValueError(f"{path}: no source/target domain in the file name or the label list")
+                unlabelled += label is None
+                items.append(Clip(path, split, machine, section, domain, subset, label))
+    if unlabelled:
+        notes.append(f"{unlabelled} test clips have no label (no eval_data_list_{year}.csv entry under {root}): "
+                     f"they are scored but not measured")
+    return Dataset(f"dcase{year}", "anomaly", items, read_audio, year=year, notes=notes)
+
+
+def folder(root) -> Dataset:
+    root = _root(root)
+    bank = _files(root / "normal", AUDIO_SUFFIXES, recursive=True)
+    if not bank:
+        raise ValueError(f"{root / 'normal'}: no audio file; a folder task needs <root>/normal/* (the normal "
+                         f"bank) and <root>/test/{{normal,anomalous}}/*")
+    tests = [(path, None) for path in _files(root / "test", AUDIO_SUFFIXES)]
+    for name, label in (("normal", 0), ("anomalous", 1), ("anomaly", 1)):
+        tests += [(path, label) for path in _files(root / "test" / name, AUDIO_SUFFIXES, recursive=True)]
+    if not tests:
+        raise ValueError(f"{root / 'test'}: no audio file to score (expected test/normal/*, test/anomalous/* "
+                         f"or test/*)")
+    clip = lambda path, subset, label: Clip(path, "dev", root.name, "00", None, subset, label)  # noqa: E731
+    items = [clip(path, "train", 0) for path in bank] + [clip(path, "test", label) for path, label in tests]
+    return Dataset("folder", "anomaly", items, read_audio)
+
+
+# ---------------------------------------------------------------- fault data sets
+
+def _cwru_label(relative: Path) -> str | None:
+    text = relative.as_posix().lower()
+    end = "DE" if re.search(r"drive|(?:^|[^a-z])de(?:[^a-z]|$)", text) else \
+        "FE" if re.search(r"fan|(?:^|[^a-z])fe(?:[^a-z]|$)", text) else None
+    tokens = re.split(r"[/_\s\-]+", relative.with_suffix("").as_posix())
+    fault = position = None
+    for token in tokens:
+        match = re.fullmatch(r"(IR|B|OR)(\d{3})?(@\d+)?", token, flags=re.IGNORECASE)
+        if match:
+            fault = match.group(1).upper()
+            position = match.group(3) or position
+        elif re.fullmatch(r"@(3|6|12)", token):
+            position = token
+    if end is None or fault is None or (fault == "OR" and position not in ("@3", "@6", "@12")):
+        return None
+    return f"{end}_{fault}{position if fault == 'OR' else ''}"
+
+
+def cwru(root) -> Dataset:
+    root = _root(root)
+    files = _files(root, {".mat"}, recursive=True)
+    if not files:
+        raise ValueError(f"{root}: no .mat file; expected the CWRU 12k drive-end and fan-end fault folders, "
+                         f"e.g. <root>/12k_Drive_End/IR007_0.mat, <root>/12k_Fan_End/OR007@6_1.mat")
+    items, skipped = [], []
+    for path in files:
+        relative = path.relative_to(root)
+        text = relative.as_posix().lower()
+        if "48k" in text or "normal" in text:
+            skipped.append(path)
+            continue
+        label = _cwru_label(relative)
+        if label is None:
+            raise ValueError(f"{path}: cannot tell the class from the path: it needs the end (a 'Drive_End' or "
+                             f"'Fan_End' folder) and the fault (B007, IR014, OR021@6, or B/IR/OR folders with "
+                             f"@3/@6/@12 for the outer race)")
+        items.append(Sample(path, label))
+    notes = [f"skipped {len(skipped)} files that are not 12 kHz fault data (48k or normal)"] if skipped else []
+    return Dataset("cwru", "faults", items, read_cwru, protocols=("loocv", "kfold"), notes=notes)
+
+
+def mafaulda(root) -> Dataset:
+    root = _root(root)
+    files = _files(root, {".csv"}, recursive=True)
+    if not files:
+        raise ValueError(f"{root}: no .csv file; expected the MAFAULDA folders {', '.join(MAFAULDA_TOP)}")
+    items = []
+    for path in files:
+        parts = path.relative_to(root).parts
+        if parts[0] not in MAFAULDA_TOP:
+            raise ValueError(f"{path}: the first folder under {root} must be one of {', '.join(MAFAULDA_TOP)}")
+        label = parts[0]
+        if label in ("underhang", "overhang"):
+            if len(parts) < 3 or parts[1] not in MAFAULDA_BEARING:
+                raise ValueError(f"{path}: a {label} file must lie in {label}/<{'|'.join(MAFAULDA_BEARING)}>/")
+            label = f"{label}-{parts[1]}"
+        items.append(Sample(path, label))
+    return Dataset("mafaulda", "faults", items, read_mafaulda, channels=MAFAULDA_CHANNELS,
+                   protocols=("loocv", "kfold"))
+
+
+def iiee(root) -> Dataset:
+    root = _root(root)
+    test_dir = next((root / name for name in ("test_cut", "test") if (root / name).is_dir()), None)
+    if not (root / "train_cut").is_dir() or test_dir is None:
+        raise ValueError(f"{root}: IDMT-ISA electric engine needs train_cut/ and test_cut/ (or test/) folders")
+    items = []
+    for subset, base in (("train", root / "train_cut"), ("test", test_dir)):
+        for path in _files(base, AUDIO_SUFFIXES, recursive=True):
+            found = [c for part in path.relative_to(base).parts[:-1] for c in IIEE_CLASSES if c in part.lower()]
+            if not found:
+                raise ValueError(f"{path}: no class ({', '.join(IIEE_CLASSES)}) in its folder names")
+            items.append(Sample(path, found[-1], subset))
+    for subset in ("train", "test"):
+        if not any(item.subset == subset for item in items):
+            raise ValueError(f"{root}: no audio file in the {subset} folder")
+    return Dataset("iiee", "faults", items, read_audio, protocols=("split",))
+
+
+def iica(root) -> Dataset:
+    root = _root(root)
+    files = _files(root, AUDIO_SUFFIXES, recursive=True)
+    if not files:
+        raise ValueError(f"{root}: no audio file; IDMT-ISA compressed air expects <root>/[train|test/]<class>/*.wav")
+    items = []
+    for path in files:
+        parts = path.relative_to(root).parts[:-1]
+        if not parts:
+            raise ValueError(f"{path}: lies directly in {root}; files must lie in a folder named after their class")
+        subset = next((s for part in parts for s in ("train", "test") if part.lower().startswith(s)), None)
+        items.append(Sample(path, parts[-1], subset))
+    subsets = {item.subset for item in items}
+    if None in subsets and len(subsets) > 1:
+        raise ValueError(f"{root}: some files lie under a train/test folder and some do not")
+    protocols = ("kfold", "loocv") if subsets == {None} else ("split",)
+    return Dataset("iica", "faults", items, read_audio, protocols=protocols)
+
+
+def load(task: str, root, label_lists=None) -> Dataset:
+    """The adapter for `task` (one of TASKS) applied to folder `root`."""
+    if task.startswith("dcase") and task in TASKS:
+        return dcase(root, int(task[5:]), label_lists)
+    adapters = {"cwru": cwru, "mafaulda": mafaulda, "iiee": iiee, "iica": iica, "folder": folder}
+    if task not in adapters:
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    return adapters[task](root)

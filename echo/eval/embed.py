@@ -1,0 +1,151 @@
+"""Utterance embeddings of a whole data set through `echo.fast.encode`, cached on disk.
+
+Files are read by a thread pool one batch ahead of the encoder and encoded in batches of mixed rates and
+lengths. Each finished batch is written to the cache as one safetensors shard (temporary file + rename), so
+an interrupted run loses at most one batch and a rerun encodes only what is missing. A cache entry is keyed
+by (model hash, resolved file path, size, mtime): a changed file gets a new key and is encoded again. A file
+that cannot be read or encoded is reported with the reason and left out, never replaced by a zero vector.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from tqdm import tqdm
+
+from .. import inputs
+
+BATCH_FILES = 64
+READ_WORKERS = 4
+
+
+def file_hash(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_hash(model) -> str:
+    """A hash of the weights and config, for models that do not come from a file."""
+    digest = hashlib.sha256(repr(sorted(model.config.to_dict().items())).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class EmbeddingCache:
+    """Embeddings of one model in `folder/<model hash>/*.safetensors`, one shard per encoded batch."""
+
+    def __init__(self, folder, model_key: str):
+        self.folder = Path(folder) / model_key[:32]
+        self.entries: dict[str, np.ndarray] = {}
+        for shard in sorted(self.folder.glob("*.safetensors")) if self.folder.is_dir() else []:
+            self.entries.update(load_file(str(shard)))
+
+    @staticmethod
+    def key(path: Path) -> str:
+        stat = path.stat()
+        return hashlib.sha256(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:40]
+
+    def add(self, entries: dict[str, np.ndarray]) -> None:
+        if not entries:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        shard = self.folder / f"{time.time_ns()}-{os.getpid()}.safetensors"
+        temporary = shard.with_name(shard.name + ".tmp")
+        save_file({key: np.ascontiguousarray(value) for key, value in entries.items()}, str(temporary))
+        os.replace(temporary, shard)
+        self.entries.update(entries)
+
+
+@dataclass
+class Embedded:
+    vectors: list  # one float32 array per path, None where the file failed
+    failures: list = field(default_factory=list)  # (path, reason)
+    cached: int = 0
+    encoded: int = 0
+    read_seconds: float = 0.0
+    encode_seconds: float = 0.0
+
+
+def _read_checked(read: Callable, path: Path):
+    """(signal tensor, rate) or the reason it cannot be used."""
+    try:
+        signal, rate = read(path)
+        rate = inputs.check_sample_rate(rate)
+        return inputs.as_signal(signal, rate), rate
+    except Exception as error:  # any reader failure (corrupt file, wrong format) is reported, not raised
+        return f"{type(error).__name__}: {error}"
+
+
+def _encode(model, signals: list, rates: list, device, dtype) -> list:
+    from .. import fast
+
+    return [u.float().cpu().numpy() for u in fast.encode(model, signals, rates, dtype=dtype, device=device)]
+
+
+def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | None = None, device=None,
+                dtype=torch.float32, batch_files: int = BATCH_FILES, progress: bool = True) -> Embedded:
+    """Utterance embeddings of `paths`, each file read by `read(path) -> (signal, rate)`."""
+    paths = [Path(p) for p in paths]
+    cache = EmbeddingCache(cache_dir, model_key or model_hash(model)) if cache_dir is not None else None
+    result = Embedded([None] * len(paths))
+    keys, todo = [None] * len(paths), []
+    for index, path in enumerate(paths):
+        try:
+            keys[index] = EmbeddingCache.key(path)
+        except OSError as error:
+            result.failures.append((path, f"{type(error).__name__}: {error}"))
+            continue
+        if cache is not None and keys[index] in cache.entries:
+            result.vectors[index] = cache.entries[keys[index]]
+            result.cached += 1
+        else:
+            todo.append(index)
+    batches = [todo[i:i + batch_files] for i in range(0, len(todo), batch_files)]
+    bar = tqdm(total=len(paths), initial=len(paths) - len(todo), desc="embedding", unit="file",
+               disable=not progress)
+    with ThreadPoolExecutor(READ_WORKERS) as pool:
+        submit = lambda batch: [pool.submit(_read_checked, read, paths[i]) for i in batch]  # noqa: E731
+        pending = submit(batches[0]) if batches else []
+        for number, batch in enumerate(batches):
+            start = time.perf_counter()
+            loaded = [future.result() for future in pending]
+            result.read_seconds += time.perf_counter() - start
+            pending = submit(batches[number + 1]) if number + 1 < len(batches) else []
+            start = time.perf_counter()
+            good = [(i, item) for i, item in zip(batch, loaded) if not isinstance(item, str)]
+            result.failures += [(paths[i], item) for i, item in zip(batch, loaded) if isinstance(item, str)]
+            try:
+                vectors = good and _encode(model, [s for _, (s, _) in good], [r for _, (_, r) in good], device, dtype)
+            except (ValueError, RuntimeError):  # find the file(s) at fault, encode the rest
+                vectors = []
+                for i, (signal, rate) in good:
+                    try:
+                        vectors += _encode(model, [signal], [rate], device, dtype)
+                    except (ValueError, RuntimeError) as error:
+                        result.failures.append((paths[i], f"encode failed: {error}"))
+                        vectors.append(None)
+            result.encode_seconds += time.perf_counter() - start
+            fresh = {}
+            for (i, _), vector in zip(good, vectors):
+                if vector is not None:
+                    result.vectors[i] = vector
+                    fresh[keys[i]] = vector
+            result.encoded += len(fresh)
+            if cache is not None:
+                cache.add(fresh)
+            bar.update(len(batch))
+    bar.close()
+    return result

@@ -1,0 +1,123 @@
+"""Fault classification by k-nearest neighbours on frozen embeddings (the SIREN protocol).
+
+k = 5, Euclidean distance on the raw embeddings, majority vote; a tied vote goes to the tied label met first
+in ascending-distance order. Protocols: leave-one-file-out (the query is never its own neighbour), stratified
+k-fold (5 folds, seed 1: accuracy of the pooled predictions, plus per-fold mean and population std) and a
+given train/test split. Multi-channel embeddings (rows, channels, features) are scored on all channels
+concatenated, on each channel alone, and by the fused distance of `neighbors.fused_nearest`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import neighbors, require
+
+PROTOCOLS = ("loocv", "kfold", "split")
+
+
+def vote(neighbor_labels: np.ndarray) -> np.ndarray:
+    """(Q, k) integer labels in ascending-distance order -> (Q,) majority label; ties to the earliest."""
+    neighbor_labels = np.asarray(neighbor_labels)
+    counts = np.zeros((neighbor_labels.shape[0], neighbor_labels.max() + 1), dtype=np.int64)
+    np.add.at(counts, (np.arange(neighbor_labels.shape[0])[:, None], neighbor_labels), 1)
+    votes = np.take_along_axis(counts, neighbor_labels, axis=1)  # each neighbour's label count
+    first_winner = np.argmax(votes == votes.max(axis=1, keepdims=True), axis=1)
+    return neighbor_labels[np.arange(len(neighbor_labels)), first_winner]
+
+
+def _as_channels(embeddings) -> np.ndarray:
+    embeddings = np.asarray(embeddings)
+    if embeddings.ndim == 2:
+        return embeddings[:, None, :]
+    if embeddings.ndim != 3:
+        raise ValueError(f"embeddings must be (rows, features) or (rows, channels, features), "
+                         f"got shape {embeddings.shape}")
+    return embeddings
+
+
+def predict(bank, bank_codes, queries, k: int = 5, channels=None, fuse: bool = False, exclude=None,
+            device=None) -> np.ndarray:
+    """kNN predictions (label codes) for `queries` against `bank` on the chosen channels."""
+    bank, queries = _as_channels(bank), _as_channels(queries)
+    channels = list(range(bank.shape[1])) if channels is None else list(channels)
+    if fuse:
+        _, indices = neighbors.fused_nearest(queries, bank, k, channels, exclude, device)
+    else:
+        flat = lambda x: x[:, channels].reshape(len(x), -1)  # noqa: E731
+        _, indices = neighbors.nearest(flat(queries), flat(bank), k, "euclidean", exclude, device)
+    return vote(np.asarray(bank_codes)[indices])
+
+
+@dataclass
+class FaultResult:
+    protocol: str
+    view: str  # which channels: "all", "channel 3", "fused 0,1,2"
+    classes: list
+    y_true: np.ndarray
+    y_pred: np.ndarray
+    accuracy: float
+    precision: float  # weighted over classes, as scikit-learn's average="weighted"
+    recall: float
+    f1: float
+    confusion: np.ndarray  # rows: true class, columns: predicted, in `classes` order
+    fold_accuracies: list = field(default_factory=list)
+
+    def row(self) -> dict:
+        row = {"protocol": self.protocol, "view": self.view, "files": len(self.y_true),
+               "accuracy": self.accuracy, "precision": self.precision, "recall": self.recall, "f1": self.f1}
+        if self.fold_accuracies:
+            row["fold_mean"] = float(np.mean(self.fold_accuracies))
+            row["fold_std"] = float(np.std(self.fold_accuracies))
+        return row
+
+
+def score(y_true, y_pred, classes, protocol: str, view: str, fold_accuracies=()) -> FaultResult:
+    metrics = require("sklearn.metrics", "fault classification metrics")
+    precision, recall, f1, _ = metrics.precision_recall_fscore_support(
+        y_true, y_pred, labels=classes, average="weighted", zero_division=0)
+    return FaultResult(protocol, view, list(classes), np.asarray(y_true), np.asarray(y_pred),
+                       float(metrics.accuracy_score(y_true, y_pred)), float(precision), float(recall), float(f1),
+                       metrics.confusion_matrix(y_true, y_pred, labels=classes), list(fold_accuracies))
+
+
+def view_name(channels, fuse: bool, n_channels: int) -> str:
+    if channels is None or (not fuse and list(channels) == list(range(n_channels))):
+        return "all" if not fuse else "fused " + ",".join(map(str, range(n_channels)))
+    return ("fused " if fuse else "channel " if len(channels) == 1 else "channels ") + ",".join(map(str, channels))
+
+
+def evaluate(embeddings, labels, protocol: str, k: int = 5, subsets=None, channels=None, fuse: bool = False,
+             folds: int = 5, seed: int = 1, device=None) -> FaultResult:
+    """One protocol on one channel view. `subsets` ("train"/"test" per row) is needed for "split"."""
+    embeddings = _as_channels(embeddings)
+    labels = np.asarray(labels)
+    if len(labels) != len(embeddings):
+        raise ValueError(f"{len(labels)} labels for {len(embeddings)} embeddings")
+    classes, codes = np.unique(labels, return_inverse=True)
+    view = view_name(channels, fuse, embeddings.shape[1])
+    run = lambda bank, queries, exclude=None: classes[predict(  # noqa: E731
+        embeddings[bank], codes[bank], embeddings[queries], k, channels, fuse, exclude, device)]
+    everything = np.arange(len(labels))
+    if protocol == "loocv":
+        return score(labels, run(everything, everything, everything), classes, protocol, view)
+    if protocol == "kfold":
+        selection = require("sklearn.model_selection", "stratified k-fold")
+        splitter = selection.StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        predictions = np.empty_like(labels)
+        fold_accuracies = []
+        for train, test in splitter.split(np.zeros(len(labels)), labels):
+            predictions[test] = run(train, test)
+            fold_accuracies.append(float(np.mean(predictions[test] == labels[test])))
+        return score(labels, predictions, classes, protocol, view, fold_accuracies)
+    if protocol == "split":
+        if subsets is None:
+            raise ValueError("protocol 'split' needs a train/test subset for every file")
+        subsets = np.asarray(subsets)
+        train, test = everything[subsets == "train"], everything[subsets == "test"]
+        if not len(train) or not len(test):
+            raise ValueError(f"protocol 'split' needs train and test files, got {len(train)} train and "
+                             f"{len(test)} test")
+        return score(labels[test], run(train, test), classes, protocol, view)
+    raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")

@@ -1,0 +1,174 @@
+"""Exact k-nearest-neighbour search by chunked matrix products, on the encode device.
+
+A (queries x bank) distance matrix is never held whole: the bank is visited in chunks and a running top-k is
+merged, so memory stays bounded for banks of 10^6 x 7680. Euclidean distances use |q|^2 + |b|^2 - 2 q.b after
+centring both sides on the bank mean (translation leaves distances unchanged and the centring removes most of
+the cancellation). Cosine distance is 1 - q.b on L2-normalised rows. `backend="faiss"` uses faiss's exact flat
+indexes instead, for banks that outgrow the device.
+
+Among neighbours at exactly equal distance the lower bank index comes first, except at the k-th place of a
+chunk, where torch.topk picks one of the tied candidates.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import require
+
+METRICS = ("euclidean", "cosine")
+CHUNK_BYTES = 256 * 2**20  # one chunk of the distance matrix
+BANK_CHUNK_ROWS = 65536
+
+
+def _as_matrix(x, name: str, device, dtype=None) -> torch.Tensor:
+    x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    if x.dim() != 2 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty (rows, features) matrix, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        x = x.double()
+    return x.to(device=device, dtype=dtype or x.dtype)
+
+
+def _check(queries: torch.Tensor, bank: torch.Tensor, k: int, metric: str, exclude) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    if queries.shape[1] != bank.shape[1]:
+        raise ValueError(f"queries have {queries.shape[1]} features but the bank has {bank.shape[1]}")
+    available = bank.shape[0] - (exclude is not None)
+    if not 1 <= k <= available:
+        raise ValueError(f"k={k} neighbours asked of a bank of {bank.shape[0]} rows"
+                         + (" (each query's own row excluded)" if exclude is not None else ""))
+
+
+def pairwise_distances(queries: torch.Tensor, bank: torch.Tensor, metric: str, bank_sq=None) -> torch.Tensor:
+    """(Q, B) distances of prepared rows (centred for euclidean, unit-norm for cosine)."""
+    products = queries @ bank.T
+    if metric == "cosine":
+        return 1 - products
+    queries_sq = (queries * queries).sum(1, keepdim=True)
+    bank_sq = (bank * bank).sum(1) if bank_sq is None else bank_sq
+    return (queries_sq + bank_sq - 2 * products).clamp_min_(0).sqrt_()
+
+
+def _preparer(bank: torch.Tensor, metric: str, device):
+    """The map applied to query and bank rows before `pairwise_distances`."""
+    if metric == "cosine":
+        return lambda rows: F.normalize(rows, dim=1)
+    centre = bank.mean(0, keepdim=True).to(device)
+    return lambda rows: rows - centre
+
+
+def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, device=None,
+            backend: str = "torch", chunk_bytes: int = CHUNK_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """(distances (Q, k), bank indices (Q, k)), ascending per row.
+
+    `exclude`: for each query, one bank row it may not match (its own row in leave-one-out), or -1.
+    Computed in the inputs' dtype (float32 unless float64 is passed).
+    """
+    if backend == "faiss":
+        return _nearest_faiss(queries, bank, k, metric, exclude)
+    if backend != "torch":
+        raise ValueError(f"unknown search backend {backend!r}; known: torch, faiss")
+    device = torch.device(device or "cpu")
+    queries = _as_matrix(queries, "queries", device)
+    bank = _as_matrix(bank, "bank", "cpu", queries.dtype)
+    exclude = None if exclude is None else torch.as_tensor(np.asarray(exclude), dtype=torch.long, device=device)
+    _check(queries, bank, k, metric, exclude)
+    prepare = _preparer(bank, metric, device)
+    queries = prepare(queries)
+    n_queries, n_bank = queries.shape[0], bank.shape[0]
+    best_d = torch.full((n_queries, k), float("inf"), dtype=queries.dtype, device=device)
+    best_i = torch.full((n_queries, k), -1, dtype=torch.long, device=device)
+    bank_rows = min(n_bank, BANK_CHUNK_ROWS)
+    query_rows = max(1, chunk_bytes // (bank_rows * queries.element_size()))
+    for b0 in range(0, n_bank, bank_rows):
+        chunk = prepare(bank[b0:b0 + bank_rows].to(device))
+        chunk_sq = (chunk * chunk).sum(1)
+        columns = torch.arange(b0, b0 + chunk.shape[0], device=device)
+        take = min(k, chunk.shape[0])
+        for q0 in range(0, n_queries, query_rows):
+            rows = slice(q0, q0 + query_rows)
+            distances = pairwise_distances(queries[rows], chunk, metric, chunk_sq)
+            if exclude is not None:
+                distances.masked_fill_(exclude[rows, None] == columns[None, :], float("inf"))
+            chunk_d, chunk_i = torch.topk(distances, take, dim=1, largest=False, sorted=True)
+            merged_d = torch.cat([best_d[rows], chunk_d], dim=1)
+            merged_i = torch.cat([best_i[rows], chunk_i + b0], dim=1)
+            order = torch.sort(merged_d, dim=1, stable=True).indices[:, :k]
+            best_d[rows] = merged_d.gather(1, order)
+            best_i[rows] = merged_i.gather(1, order)
+    return best_d.cpu().numpy(), best_i.cpu().numpy()
+
+
+def _nearest_faiss(queries, bank, k: int, metric: str, exclude) -> tuple[np.ndarray, np.ndarray]:
+    faiss = require("faiss", "backend='faiss'")
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    bank = np.ascontiguousarray(bank, dtype=np.float32)
+    _check(torch.from_numpy(queries), torch.from_numpy(bank), k, metric, exclude)
+    if metric == "cosine":
+        queries, bank = queries.copy(), bank.copy()
+        faiss.normalize_L2(queries)
+        faiss.normalize_L2(bank)
+        index = faiss.IndexFlatIP(bank.shape[1])
+    else:
+        index = faiss.IndexFlatL2(bank.shape[1])
+    index.add(bank)
+    extra = 0 if exclude is None else 1
+    distances, indices = index.search(queries, k + extra)
+    if exclude is not None:
+        exclude = np.asarray(exclude)
+        keep = indices != exclude[:, None]
+        keep[keep.sum(1) > k, -1] = False  # the excluded row was not among the k + 1: drop the farthest
+        distances = distances[keep].reshape(-1, k)
+        indices = indices[keep].reshape(-1, k)
+    distances = 1 - distances if metric == "cosine" else np.sqrt(np.maximum(distances, 0))
+    return distances.astype(np.float64), indices.astype(np.int64)
+
+
+def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=None,
+                  chunk_bytes: int = CHUNK_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest neighbours by the fused multi-channel distance: each (query, channel) row of Euclidean
+    distances is z-scored over the bank (population std; a query's excluded row takes no part), then the
+    chosen channels are averaged. queries (Q, C, E), bank (B, C, E) -> (fused distances, indices) (Q, k)."""
+    device = torch.device(device or "cpu")
+    queries = torch.as_tensor(np.asarray(queries) if not isinstance(queries, torch.Tensor) else queries)
+    bank = torch.as_tensor(np.asarray(bank) if not isinstance(bank, torch.Tensor) else bank)
+    if queries.dim() != 3 or bank.dim() != 3 or queries.shape[1:] != bank.shape[1:]:
+        raise ValueError(f"fused search needs (rows, channels, features) for both sides with equal channels and "
+                         f"features, got queries {tuple(queries.shape)} and bank {tuple(bank.shape)}")
+    channels = list(range(bank.shape[1])) if channels is None else list(channels)
+    if not channels or not all(0 <= c < bank.shape[1] for c in channels):
+        raise ValueError(f"channels {channels} must be a non-empty subset of 0..{bank.shape[1] - 1}")
+    dtype = queries.dtype if queries.is_floating_point() else torch.float64
+    queries, bank = queries.to(device, dtype), bank.to(device, dtype)
+    exclude = None if exclude is None else torch.as_tensor(np.asarray(exclude), dtype=torch.long, device=device)
+    _check(queries[:, 0], bank[:, 0], k, "euclidean", exclude)
+    prepared = []
+    for c in channels:
+        prepare = _preparer(bank[:, c], "euclidean", device)
+        prepared.append((prepare(queries[:, c]), prepare(bank[:, c])))
+    bank_sq = [(b * b).sum(1) for _, b in prepared]
+    n_queries, n_bank = queries.shape[0], bank.shape[0]
+    columns = torch.arange(n_bank, device=device)
+    query_rows = max(1, chunk_bytes // (2 * n_bank * queries.element_size()))
+    out_d, out_i = [], []
+    for q0 in range(0, n_queries, query_rows):
+        rows = slice(q0, q0 + query_rows)
+        valid = torch.ones(queries[rows].shape[0], n_bank, dtype=queries.dtype, device=device)
+        if exclude is not None:
+            valid.masked_fill_(exclude[rows, None] == columns[None, :], 0)
+        count = valid.sum(1, keepdim=True)
+        fused = torch.zeros_like(valid)
+        for (q, b), b_sq in zip(prepared, bank_sq):
+            distances = pairwise_distances(q[rows], b, "euclidean", b_sq)
+            mean = (distances * valid).sum(1, keepdim=True) / count
+            std = ((((distances - mean) * valid) ** 2).sum(1, keepdim=True) / count).sqrt()
+            fused += (distances - mean) / torch.where(std > 0, std, torch.ones_like(std))
+        fused /= len(channels)
+        fused.masked_fill_(valid == 0, float("inf"))
+        d, i = torch.topk(fused, k, dim=1, largest=False, sorted=True)
+        out_d.append(d)
+        out_i.append(i)
+    return torch.cat(out_d).cpu().numpy(), torch.cat(out_i).cpu().numpy()

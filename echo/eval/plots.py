@@ -1,0 +1,93 @@
+"""PNG figures of an evaluation (matplotlib, no display needed): ROC curves and score histograms per machine,
+confusion matrices, and a 2-D PCA projection of the embeddings coloured by label."""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from . import require
+
+
+def _pyplot():
+    matplotlib = require("matplotlib", "plots")
+    matplotlib.use("Agg")
+    return require("matplotlib.pyplot", "plots")
+
+
+def _save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    _pyplot().close(figure)
+    return path
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
+
+
+def anomaly_plots(clips, scores, out: Path) -> list[Path]:
+    """One ROC figure (a curve per section) and one score histogram per (split, machine)."""
+    plt, metrics = _pyplot(), require("sklearn.metrics", "ROC curves")
+    groups = defaultdict(list)
+    for index, clip in enumerate(clips):
+        if clip.subset == "test":
+            groups[(clip.split, clip.machine)].append(index)
+    written = []
+    for (split, machine), members in sorted(groups.items()):
+        figure, axis = plt.subplots(figsize=(5, 5))
+        sections = sorted({clips[i].section for i in members})
+        for section in sections:
+            chosen = [i for i in members if clips[i].section == section and clips[i].label is not None]
+            labels = np.array([clips[i].label for i in chosen])
+            if len(set(labels)) == 2:
+                fpr, tpr, _ = metrics.roc_curve(labels, scores[chosen])
+                axis.plot(fpr, tpr, label=f"section {section} (AUC {metrics.roc_auc_score(labels, scores[chosen]):.3f})")
+        axis.plot([0, 1], [0, 1], "k:", linewidth=1)
+        axis.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{machine} ({split})")
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
+        written.append(_save(figure, out / f"roc_{_safe(split)}_{_safe(machine)}.png"))
+        figure, axis = plt.subplots(figsize=(6, 4))
+        for name, label in (("normal", 0), ("anomalous", 1), ("unlabelled", None)):
+            values = [scores[i] for i in members if clips[i].label == label]
+            if values:
+                axis.hist(values, bins=30, alpha=0.6, label=f"{name} ({len(values)})")
+        axis.set(xlabel="anomaly score (cosine distance to the nearest normal clip)", ylabel="clips",
+                 title=f"{machine} ({split})")
+        axis.legend(fontsize=8)
+        written.append(_save(figure, out / f"scores_{_safe(split)}_{_safe(machine)}.png"))
+    return written
+
+
+def confusion_plot(result, path: Path) -> Path:
+    plt = _pyplot()
+    size = max(4, 0.6 * len(result.classes) + 2)
+    figure, axis = plt.subplots(figsize=(size, size))
+    axis.imshow(result.confusion, cmap="Blues")
+    ticks = range(len(result.classes))
+    axis.set_xticks(ticks, [str(c) for c in result.classes], rotation=90, fontsize=8)
+    axis.set_yticks(ticks, [str(c) for c in result.classes], fontsize=8)
+    for (row, column), count in np.ndenumerate(result.confusion):
+        axis.text(column, row, str(count), ha="center", va="center", fontsize=7)
+    axis.set(xlabel="predicted", ylabel="true",
+             title=f"{result.protocol}, {result.view}: accuracy {result.accuracy:.3f}")
+    return _save(figure, path)
+
+
+def projection_plot(vectors: np.ndarray, labels, path: Path, title: str) -> Path:
+    """First two principal components, one colour per label."""
+    plt, decomposition = _pyplot(), require("sklearn.decomposition", "the 2-D projection")
+    vectors = np.asarray(vectors, dtype=np.float64)
+    points = decomposition.PCA(n_components=2).fit_transform(vectors) if len(vectors) > 2 else \
+        np.zeros((len(vectors), 2))
+    labels = np.asarray([str(label) for label in labels])
+    figure, axis = plt.subplots(figsize=(6, 5))
+    for label in sorted(set(labels)):
+        chosen = labels == label
+        axis.scatter(points[chosen, 0], points[chosen, 1], s=8, label=f"{label} ({chosen.sum()})")
+    axis.set(xlabel="PC 1", ylabel="PC 2", title=title)
+    axis.legend(fontsize=7, markerscale=2)
+    return _save(figure, path)

@@ -1,0 +1,120 @@
+"""Exact kNN search against brute-force loops written here, on fresh random data and hand cases."""
+import numpy as np
+import pytest
+
+from echo.eval import neighbors
+
+
+def brute_force(queries, bank, k, metric, exclude=None):
+    distances, indices = [], []
+    for q, query in enumerate(queries):
+        if metric == "cosine":
+            row = np.array([1 - query @ b / (np.linalg.norm(query) * np.linalg.norm(b)) for b in bank])
+        else:
+            row = np.array([np.sqrt(np.sum((query - b) ** 2)) for b in bank])
+        if exclude is not None:
+            row[exclude[q]] = np.inf
+        order = np.argsort(row, kind="stable")[:k]
+        distances.append(row[order])
+        indices.append(order)
+    return np.array(distances), np.array(indices)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_nearest_matches_brute_force(metric, chunked, monkeypatch):
+    rng = np.random.default_rng()
+    bank = rng.normal(size=(37, 12)) + 3.0  # an offset, so centring matters
+    queries = rng.normal(size=(11, 12)) + 3.0
+    kwargs = {}
+    if chunked:  # several bank chunks and one query per chunk: exercises the running top-k merge
+        monkeypatch.setattr(neighbors, "BANK_CHUNK_ROWS", 5)
+        kwargs["chunk_bytes"] = 1
+    distances, indices = neighbors.nearest(queries, bank, 4, metric, **kwargs)
+    ref_d, ref_i = brute_force(queries, bank, 4, metric)
+    np.testing.assert_array_equal(indices, ref_i)
+    np.testing.assert_allclose(distances, ref_d, rtol=1e-9, atol=1e-9)
+
+
+def test_nearest_excludes_own_row_and_float32_agrees():
+    rng = np.random.default_rng()
+    points = rng.normal(size=(25, 8))
+    distances, indices = neighbors.nearest(points.astype(np.float32), points.astype(np.float32), 3,
+                                           exclude=np.arange(25))
+    ref_d, ref_i = brute_force(points, points, 3, "euclidean", exclude=np.arange(25))
+    assert not np.any(indices == np.arange(25)[:, None])
+    np.testing.assert_array_equal(indices, ref_i)
+    np.testing.assert_allclose(distances, ref_d, rtol=1e-5)
+
+
+def test_hand_case_on_a_line():
+    bank = np.array([[0.0], [1.0], [4.0], [10.0]])
+    distances, indices = neighbors.nearest(np.array([[3.0], [9.0]]), bank, 2)
+    assert indices.tolist() == [[2, 1], [3, 2]]
+    np.testing.assert_allclose(distances, [[1.0, 2.0], [1.0, 5.0]])
+    # cosine: [1, 1] is 45 degrees from [1, 0] and [0, 1], 0 degrees from [2, 2]
+    distances, indices = neighbors.nearest(np.array([[1.0, 1.0]]), np.array([[1.0, 0], [0, 1.0], [2.0, 2.0]]),
+                                           1, "cosine")
+    assert indices.tolist() == [[2]] and abs(distances[0, 0]) < 1e-12
+
+
+def naive_fused(queries, bank, k, channels, exclude=None):
+    """Per query: per channel Euclidean row over the bank, z-scored with the population std, averaged."""
+    out_d, out_i = [], []
+    for q in range(len(queries)):
+        keep = np.array([exclude is None or j != exclude[q] for j in range(len(bank))])
+        fused = np.zeros(len(bank))
+        for c in channels:
+            row = np.array([np.linalg.norm(queries[q, c] - bank[j, c]) for j in range(len(bank))])
+            fused += (row - row[keep].mean()) / row[keep].std()
+        fused = fused / len(channels)
+        fused[~keep] = np.inf
+        order = np.argsort(fused, kind="stable")[:k]
+        out_d.append(fused[order])
+        out_i.append(order)
+    return np.array(out_d), np.array(out_i)
+
+
+@pytest.mark.parametrize("leave_one_out", [False, True])
+def test_fused_matches_naive(leave_one_out):
+    rng = np.random.default_rng()
+    bank = rng.normal(size=(20, 4, 6)) * np.array([1, 10, 0.1, 3])[None, :, None]  # channels of unequal scale
+    queries = bank if leave_one_out else rng.normal(size=(9, 4, 6))
+    exclude = np.arange(20) if leave_one_out else None
+    distances, indices = neighbors.fused_nearest(queries, bank, 5, [0, 1, 3], exclude, chunk_bytes=1)
+    ref_d, ref_i = naive_fused(queries, bank, 5, [0, 1, 3], exclude)
+    np.testing.assert_array_equal(indices, ref_i)
+    np.testing.assert_allclose(distances, ref_d, rtol=1e-9, atol=1e-9)
+
+
+def test_fused_scale_invariance_by_hand():
+    """z-scoring makes a channel's scale irrelevant: channel 1 = 1000 x channel 0 gives channel 0's ranking."""
+    base = np.array([[0.0], [1.0], [3.0], [7.0]])
+    bank = np.stack([base, 1000 * base], axis=1)  # (4, 2, 1)
+    _, indices = neighbors.fused_nearest(np.array([[[2.6]], [[2600.0]]]).reshape(1, 2, 1), bank, 4)
+    assert indices.tolist() == [[2, 1, 0, 3]]  # |2.6-3| < |2.6-1| < |2.6-0| < |2.6-7|
+
+
+def test_bad_requests_are_clear():
+    bank = np.zeros((3, 4))
+    with pytest.raises(ValueError, match="k=4 neighbours asked of a bank of 3 rows"):
+        neighbors.nearest(np.zeros((1, 4)), bank, 4)
+    with pytest.raises(ValueError, match="own row excluded"):
+        neighbors.nearest(bank, bank, 3, exclude=np.arange(3))
+    with pytest.raises(ValueError, match="queries have 5 features but the bank has 4"):
+        neighbors.nearest(np.zeros((1, 5)), bank)
+    with pytest.raises(ValueError, match="unknown metric"):
+        neighbors.nearest(bank, bank, metric="manhattan")
+    with pytest.raises(ValueError, match="channels"):
+        neighbors.fused_nearest(np.zeros((1, 2, 3)), np.zeros((4, 2, 3)), 1, [2])
+
+
+def test_faiss_backend_matches_torch():
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng()
+    bank = rng.normal(size=(50, 16)).astype(np.float32)
+    for metric in ("euclidean", "cosine"):
+        ref = neighbors.nearest(bank, bank, 3, metric, exclude=np.arange(50))
+        got = neighbors.nearest(bank, bank, 3, metric, exclude=np.arange(50), backend="faiss")
+        np.testing.assert_array_equal(got[1], ref[1])
+        np.testing.assert_allclose(got[0], ref[0], rtol=1e-4, atol=1e-5)
