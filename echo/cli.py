@@ -32,7 +32,9 @@ def demo(args) -> int:
 
 
 # command -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "eval": ("echo.eval.cli", "evaluate embeddings: DCASE anomaly detection or fault classification (kNN)"),
+}
 
 
 def build_parser(argv) -> argparse.ArgumentParser:
