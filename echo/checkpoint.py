@@ -89,8 +89,14 @@ def check_state_dict(model: EchoModel, state: dict, source: str) -> None:
 
 
 def load(path, size: str | None = None, device=None, heads: int | None = None, **overrides) -> EchoModel:
-    """An EchoModel in eval mode from a checkpoint file. `size` forces a preset; `heads` overrides the
-    preset's head count; other keyword arguments override config fields (e.g. final_norm_eps=1e-5)."""
+    """An EchoModel in eval mode from a checkpoint file, or by name ("default", "echo-small", "echo-tiny":
+    see echo.hub). `size` forces a preset; `heads` overrides the preset's head count; other keyword
+    arguments override config fields (e.g. final_norm_eps=1e-5)."""
+    if isinstance(path, str) and not Path(path).exists():
+        from . import hub
+
+        if path in hub.NAMES:
+            path = hub.resolve(path)
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")

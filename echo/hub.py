@@ -1,0 +1,104 @@
+"""Checkpoints by name: `echo.load("echo-small")`, `"echo-tiny"`, `"default"`.
+
+Released checkpoints are fetched with huggingface_hub's `hf_hub_download`, so its cache
+(HF_HUB_CACHE / HF_HOME, or `cache_dir=`) and offline mode (HF_HUB_OFFLINE=1) apply; a file already in
+the cache is used without any network. "default" is the small model trained by echo's own pretraining and
+bundled in the package (echo/data/default/model.safetensors).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_CHECKPOINT = Path(__file__).parent / "data" / "default" / "model.safetensors"
+
+
+@dataclass(frozen=True)
+class Release:
+    repo_id: str
+    filename: str
+    sha256: str | None  # None: not published where echo could read it; the download is then not verified
+    revision: str = "main"
+
+    @property
+    def url(self) -> str:
+        return f"https://huggingface.co/{self.repo_id}/resolve/{self.revision}/{self.filename}"
+
+
+RELEASES = {
+    # github.com/yucongzh/ECHO (README, August 2025): weights at huggingface.co/yucongzh/echo-small-0824,
+    # loaded there with safetensors' load_file("model.safetensors"). Its sha256 was not found published.
+    "echo-small": Release("yucongzh/echo-small-0824", "model.safetensors", None),
+    # PLACEHOLDER: the ECHO README lists ECHO-tiny as "Coming Soon" and no hub repository for it was found;
+    # this id follows the small release's naming and must be checked when the tiny weights are published.
+    "echo-tiny": Release("yucongzh/echo-tiny-0824", "model.safetensors", None),
+}
+NAMES = ("default", *RELEASES)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _cache_dir(cache_dir) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    from huggingface_hub import constants
+
+    return Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
+
+
+def _not_found(name: str, release: Release, cache: Path, reason: str) -> ValueError:
+    folder = cache / f"models--{release.repo_id.replace('/', '--')}"
+    return ValueError(
+        f"{name}: {release.filename} of {release.repo_id} is not in the Hugging Face cache and could not be "
+        f"downloaded ({reason}). Either download {release.url} and load it by path "
+        f"(echo.load('/path/to/{release.filename}')), or put it at "
+        f"{folder}/snapshots/local/{release.filename} and write the word local into {folder}/refs/main"
+    )
+
+
+def _verify(path: Path, name: str, release: Release) -> Path:
+    if release.sha256 is None:
+        return path
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != release.sha256:
+        raise ValueError(f"{name}: {path} has sha256 {digest.hexdigest()}, but the release has {release.sha256}; "
+                         f"delete it and download {release.url} again")
+    return path
+
+
+def resolve(name: str, cache_dir=None) -> Path:
+    """The local file of a named checkpoint, downloading a release into the hub cache when allowed."""
+    if name == "default":
+        if not DEFAULT_CHECKPOINT.is_file():
+            raise ValueError(
+                f"the default model is not bundled yet: {DEFAULT_CHECKPOINT} is made by echo's pretraining "
+                f"(scripts/build_corpus.py, then python -m echo pretrain); meanwhile load a checkpoint by path "
+                f"or a release by name ({', '.join(RELEASES)})"
+            )
+        return DEFAULT_CHECKPOINT
+    if name not in RELEASES:
+        raise ValueError(f"unknown checkpoint name {name!r}; known names: {', '.join(NAMES)}")
+    release = RELEASES[name]
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import LocalEntryNotFoundError
+    except ImportError:
+        raise ValueError(f"{name}: loading released checkpoints by name needs huggingface_hub "
+                         f"(pip install 'echo-fm[hub]'), or download {release.url} and load it by path") from None
+    cache = _cache_dir(cache_dir)
+    try:
+        path = hf_hub_download(release.repo_id, release.filename, revision=release.revision,
+                               cache_dir=str(cache), local_files_only=_offline())
+    except LocalEntryNotFoundError as error:
+        reason = "offline mode (HF_HUB_OFFLINE)" if _offline() else f"the hub cannot be reached: {error}"
+        raise _not_found(name, release, cache, reason) from None
+    except OSError as error:  # network or HTTP errors are OSError subclasses in huggingface_hub
+        raise _not_found(name, release, cache, f"{type(error).__name__}: {error}") from None
+    return _verify(Path(path), name, release)

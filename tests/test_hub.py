@@ -1,0 +1,102 @@
+"""Checkpoints by name through a pre-populated huggingface_hub cache; never the network (HF_HUB_OFFLINE=1)."""
+import hashlib
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import echo
+from echo import hub
+from conftest import random_model
+
+pytest.importorskip("huggingface_hub")
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def released_file(path, model):
+    """A flat safetensors file without echo's metadata, as the release is."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def populate(cache, release, model, snapshot="0123456789abcdef0123456789abcdef01234567"):
+    folder = cache / f"models--{release.repo_id.replace('/', '--')}"
+    released_file(folder / "snapshots" / snapshot / release.filename, model)
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(snapshot)
+
+
+def same_weights(loaded, model):
+    return all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_release_loads_from_a_populated_cache(offline_cache):
+    model = random_model("tiny")
+    populate(offline_cache, hub.RELEASES["echo-tiny"], model)
+    loaded = echo.load("echo-tiny")
+    assert loaded.config.size == "tiny" and same_weights(loaded, model)
+
+
+def test_offline_without_cache_says_which_file_goes_where_and_that_recipe_works(offline_cache):
+    with pytest.raises(ValueError) as error:
+        echo.load("echo-small")
+    text = str(error.value)
+    folder = offline_cache / "models--yucongzh--echo-small-0824"
+    assert "https://huggingface.co/yucongzh/echo-small-0824/resolve/main/model.safetensors" in text
+    assert f"put it at {folder}/snapshots/local/model.safetensors" in text
+    assert f"write the word local into {folder}/refs/main" in text and "offline" in text
+    model = random_model("tiny")  # follow the message to the letter (tiny weights keep the test small)
+    released_file(folder / "snapshots" / "local" / "model.safetensors", model)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("local")
+    assert same_weights(echo.load("echo-small"), model)
+
+
+def test_sha256_is_checked(offline_cache, monkeypatch):
+    model = random_model("tiny")
+    release = hub.RELEASES["echo-tiny"]
+    populate(offline_cache, release, model)
+    path = hub.resolve("echo-tiny")
+    good = hashlib.sha256(path.read_bytes()).hexdigest()
+    monkeypatch.setitem(hub.RELEASES, "echo-tiny", replace(release, sha256=good))
+    assert same_weights(echo.load("echo-tiny"), model)
+    monkeypatch.setitem(hub.RELEASES, "echo-tiny", replace(release, sha256="0" * 64))
+    with pytest.raises(ValueError, match=f"has sha256 {good}, but the release has 0000"):
+        echo.load("echo-tiny")
+
+
+def test_explicit_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = random_model("tiny")
+    populate(tmp_path / "elsewhere", hub.RELEASES["echo-tiny"], model)
+    assert hub.resolve("echo-tiny", cache_dir=tmp_path / "elsewhere").is_file()
+
+
+def test_default_until_bundled_and_after(tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, "DEFAULT_CHECKPOINT", tmp_path / "default" / "model.safetensors")
+    with pytest.raises(ValueError, match="the default model is not bundled yet"):
+        echo.load("default")
+    model = random_model("tiny")
+    echo.save(model, hub.DEFAULT_CHECKPOINT)
+    assert same_weights(echo.load("default"), model)
+
+
+def test_paths_win_over_names_and_missing_hub_is_explained(tmp_path, monkeypatch):
+    model = random_model("tiny")
+    monkeypatch.chdir(tmp_path)
+    echo.save(model, tmp_path / "echo-tiny" / "model.safetensors")  # a folder named like a release is not loaded
+    with pytest.raises(ValueError, match="checkpoint echo-tiny does not exist"):
+        echo.load("echo-tiny")
+    monkeypatch.chdir(tmp_path / "echo-tiny")
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    with pytest.raises(ValueError, match=r"needs huggingface_hub \(pip install 'echo-fm\[hub\]'\)"):
+        echo.load("echo-tiny")
