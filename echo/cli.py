@@ -33,6 +33,8 @@ def demo(args) -> int:
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "pretrain": ("echo.pretrain.command", "self-supervised teacher-student pretraining on an audio folder or shards"),
+    "pretrain-shards": ("echo.pretrain.shards", "write an audio folder as WebDataset tar shards for pretraining"),
     "eval": ("echo.eval.cli", "evaluate embeddings: DCASE anomaly detection or fault classification (kNN)"),
 }
 

@@ -152,3 +152,36 @@ def pack_tokens(spec, plan, weight, bias, cls_token, pos_embed, backend: str | N
     if chosen == "reference":
         return pack_tokens_reference(spec, plan, weight, bias, cls_token, pos_embed)
     return pack_tokens_torch(spec, plan, weight, bias, cls_token, pos_embed)
+
+
+def band_patches(bands: torch.Tensor) -> torch.Tensor:
+    """(..., 32, T) band images -> (..., L, 512) patch rows (32 bins x 16 frames, bin-major like the conv
+    kernel), time right-padded with zeros to L = ceil(T / 16): the input of the patch projection as a matrix
+    product (used by pretraining, whose bands are not on the 32-bin grid)."""
+    frames = bands.shape[-1]
+    patches = geometry.n_patches(frames)
+    padded = F.pad(bands, (0, patches * geometry.PATCH_FRAMES - frames))
+    grid = padded.reshape(*bands.shape[:-2], geometry.BAND_BINS, patches, geometry.PATCH_FRAMES)
+    return grid.transpose(-3, -2).reshape(*bands.shape[:-2], patches, geometry.BAND_BINS * geometry.PATCH_FRAMES)
+
+
+def scatter_sequences(
+    projected: torch.Tensor,
+    patch_sequence: torch.Tensor,
+    patch_position: torch.Tensor,
+    cls_token: torch.Tensor,
+    pos_embed: torch.Tensor,
+    fpe: torch.Tensor,
+) -> torch.Tensor:
+    """Packed [CLS, patches] sequences from projected patches (N, D) grouped by sequence (`patch_sequence`
+    non-decreasing, each sequence's patches in the order they appear): patch j gets pos_embed row
+    patch_position[j] (1-based time index, so a subset of a band's patches keeps its time positions) and
+    fpe[patch_sequence[j]]; CLS = cls_token + fpe. fpe is (S, D); returns (S + N, D), differentiable."""
+    sequences, dim = fpe.shape[0], fpe.shape[1]
+    counts = torch.bincount(patch_sequence, minlength=sequences)
+    cls_rows = torch.cumsum(counts + 1, 0) - (counts + 1)
+    patch_rows = torch.arange(len(patch_sequence), device=projected.device) + patch_sequence + 1
+    tokens = projected.new_empty(sequences + len(patch_sequence), dim)
+    tokens[patch_rows] = projected + pos_embed[0, patch_position] + fpe[patch_sequence]
+    tokens[cls_rows] = cls_token.reshape(1, dim) + fpe
+    return tokens

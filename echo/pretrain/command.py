@@ -1,0 +1,62 @@
+"""`python -m echo pretrain`: the options are PretrainConfig's fields (--tokens-per-batch for
+tokens_per_batch, ...), so the command line and the saved config.json never drift apart."""
+from __future__ import annotations
+
+import logging
+from dataclasses import MISSING, fields
+
+from ..model import PRESETS
+from .trainer import PretrainConfig, export_run, train
+
+HELP = {
+    "data": "audio folder (WAV/FLAC/OGG, any rate, indexed once into a cached manifest) or WebDataset shards "
+            "(a folder of .tar files, one .tar, or a brace pattern)",
+    "out": "run folder: config.json, steps.csv, checkpoints/, model.safetensors; an existing run resumes",
+    "size": "model preset",
+    "dim": "custom width (overrides the preset)",
+    "depth": "custom layer count",
+    "heads": "custom head count",
+    "crop_seconds": "crop length (<= 20 s, one pass)",
+    "min_seconds": "files shorter than this are skipped",
+    "min_bands": "fewest random 32-bin bands per clip",
+    "max_bands": "most random 32-bin bands per clip",
+    "clones": "masked copies of each clip sharing one teacher pass",
+    "mask_ratio": "fraction of each band sequence's patches the student does not see (spec: 0.75-0.8)",
+    "tokens_per_batch": "teacher tokens per process and step (clips are packed up to this, nothing padded)",
+    "lr": "peak learning rate (default: base-lr x clips per step / 256)",
+    "warmup": "warm-up steps (default 5%% of the steps)",
+    "ema_anneal_steps": "steps over which the EMA decay rises from ema-start to ema-end (default: all)",
+    "precision": "bf16 autocast: auto = on GPUs that support it",
+    "workers": "DataLoader workers per process",
+    "save_every": "checkpoint every N steps",
+    "keep": "checkpoints kept",
+    "log_every": "log line (steps.csv, progress bar) every N steps",
+    "export": "which encoder goes to RUN_DIR/model.safetensors at the end",
+    "manifest": "where the folder manifest is cached (default DATA/.echo_manifest.csv)",
+}
+CHOICES = {"size": list(PRESETS), "precision": ["auto", "fp32", "bf16"], "export": ["teacher", "student"]}
+
+
+def add_arguments(parser) -> None:
+    for field in fields(PretrainConfig):
+        kind = int if "int" in field.type else float if "float" in field.type else str
+        option = "--" + field.name.replace("_", "-")
+        if field.default is MISSING:
+            parser.add_argument(option, type=kind, required=True, help=HELP.get(field.name))
+        else:
+            default_text = "" if field.default is None else f" (default {field.default})"
+            parser.add_argument(option, type=kind, default=field.default, choices=CHOICES.get(field.name),
+                                help=(HELP.get(field.name) or field.name.replace("_", " ")) + default_text)
+    parser.add_argument("--export-only", action="store_true",
+                        help="write model.safetensors from the run's newest checkpoint and stop")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.export_only:
+        print(f"exported {export_run(args.out, args.export)}")
+        return 0
+    config = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
+    train(config, progress=not args.quiet)
+    return 0

@@ -1,0 +1,196 @@
+"""Where pretraining audio comes from: a folder tree indexed once into a cached manifest, or WebDataset tar
+shards (see shards.py). Both give the same thing: per stream (one rank x one DataLoader worker), an endless,
+seeded sequence of mono examples whose rate and length are known before any audio is decoded, so that
+sampling can be replayed without reading audio when a run resumes.
+
+Every channel of a file is its own example. A file that cannot be read, or is shorter than the minimum
+duration, is logged and skipped, and the skipped count is reported.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .. import geometry
+
+log = logging.getLogger("echo.pretrain")
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".aif", ".aiff")
+MANIFEST_NAME = ".echo_manifest.csv"
+MANIFEST_FIELDS = ("path", "size", "mtime_ns", "sample_rate", "frames", "channels", "problem")
+
+
+def soundfile():
+    """The soundfile module, or a clear message on how to get it."""
+    try:
+        import soundfile as sf
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ValueError("pretraining reads audio with soundfile: pip install 'echo-fm[data]'") from error
+    return sf
+
+
+@dataclass
+class Example:
+    """One mono channel of one recording; `read(start, count)` returns float32 samples of that channel."""
+
+    key: str
+    sample_rate: int
+    frames: int  # samples per channel
+    channel: int
+    read: Callable[[int, int], np.ndarray]
+
+
+def too_short(frames: int, sample_rate: int, min_seconds: float) -> bool:
+    return frames < max(min_seconds * sample_rate, geometry.n_fft(sample_rate))
+
+
+@dataclass
+class FileEntry:
+    path: str  # relative to the corpus root
+    size: int
+    mtime_ns: int
+    sample_rate: int
+    frames: int
+    channels: int
+    problem: str  # why the file is unusable, "" when it is fine
+
+
+def probe(root: Path, relative: str) -> FileEntry:
+    """Header facts of one file (no samples decoded); an unreadable file gets its error as `problem`."""
+    path = root / relative
+    stat = path.stat()
+    try:
+        info = soundfile().info(str(path))
+        if info.frames <= 0 or info.samplerate < geometry.MIN_SAMPLE_RATE:
+            raise RuntimeError(f"{info.frames} frames at {info.samplerate} Hz")
+        return FileEntry(relative, stat.st_size, stat.st_mtime_ns, info.samplerate, info.frames, info.channels, "")
+    except RuntimeError as error:  # soundfile raises LibsndfileError (a RuntimeError) for bad files
+        return FileEntry(relative, stat.st_size, stat.st_mtime_ns, 0, 0, 0, str(error).replace("\n", " "))
+
+
+def audio_files(root: Path) -> list[str]:
+    return sorted(
+        str(path.relative_to(root)) for path in root.rglob("*")
+        if path.suffix.lower() in AUDIO_SUFFIXES and path.is_file()
+    )
+
+
+def read_manifest(path: Path) -> dict[str, FileEntry]:
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return {
+        row["path"]: FileEntry(row["path"], int(row["size"]), int(row["mtime_ns"]), int(row["sample_rate"]),
+                               int(row["frames"]), int(row["channels"]), row["problem"])
+        for row in rows
+    }
+
+
+def write_manifest(path: Path, entries: list[FileEntry]) -> None:
+    temporary = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(temporary, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(MANIFEST_FIELDS)
+        for e in entries:
+            writer.writerow([e.path, e.size, e.mtime_ns, e.sample_rate, e.frames, e.channels, e.problem])
+    os.replace(temporary, path)
+
+
+def index_folder(root, manifest: Path | None = None) -> tuple[list[FileEntry], Path]:
+    """Every audio file under `root` with its rate, frames and channels. The manifest (default
+    ROOT/.echo_manifest.csv) is reused: only files that are new or changed (size, mtime) are opened again."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"audio folder {root} does not exist")
+    manifest = Path(manifest) if manifest is not None else root / MANIFEST_NAME
+    cached = read_manifest(manifest)
+    entries, probed = [], 0
+    for relative in audio_files(root):
+        stat = (root / relative).stat()
+        entry = cached.get(relative)
+        if entry is None or (entry.size, entry.mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+            entry = probe(root, relative)
+            probed += 1
+        entries.append(entry)
+    if probed or len(entries) != len(cached):
+        write_manifest(manifest, entries)
+    log.info("indexed %d audio files under %s (%d opened, the rest from %s)", len(entries), root, probed, manifest)
+    return entries, manifest
+
+
+def usable(entries: list[FileEntry], min_seconds: float) -> tuple[list[FileEntry], dict[str, int]]:
+    """The entries long and readable enough, and the counts of those skipped, each skip logged."""
+    kept, skipped = [], {"unreadable": 0, "too short": 0}
+    for entry in entries:
+        if entry.problem:
+            log.warning("skipping unreadable %s: %s", entry.path, entry.problem)
+            skipped["unreadable"] += 1
+        elif too_short(entry.frames, entry.sample_rate, min_seconds):
+            log.warning("skipping %s: %.3f s is shorter than %g s", entry.path, entry.frames / entry.sample_rate,
+                        min_seconds)
+            skipped["too short"] += 1
+        else:
+            kept.append(entry)
+    return kept, skipped
+
+
+def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
+    """The same permutation on every rank and worker (each then takes its own share of it)."""
+    return np.random.default_rng([seed, epoch]).permutation(count)
+
+
+class FolderCorpus:
+    """Examples of a folder tree: each channel of each usable file, reshuffled every epoch."""
+
+    def __init__(self, root, min_seconds: float, manifest: Path | None = None):
+        self.root = Path(root)
+        entries, self.manifest = index_folder(self.root, manifest)
+        self.files, self.skipped = usable(entries, min_seconds)
+        self.items = [(f, c) for f in self.files for c in range(f.channels)]
+        if not self.items:
+            raise ValueError(f"no usable audio under {self.root}: {len(entries)} files, skipped {self.skipped}")
+
+    def describe(self) -> str:
+        return (f"{len(self.files)} files ({len(self.items)} channels as examples) under {self.root}, "
+                f"skipped {sum(self.skipped.values())} ({', '.join(f'{k}: {v}' for k, v in self.skipped.items())})")
+
+    def check_parts(self, parts: int) -> None:
+        if len(self.items) < parts:
+            raise ValueError(f"{len(self.items)} examples cannot feed {parts} streams (ranks x workers)")
+
+    def examples(self, seed: int, part: int, parts: int) -> Iterator[Example]:
+        """Endless: epoch after epoch, this stream's share (every `parts`-th) of the epoch's permutation."""
+        epoch = 0
+        while True:
+            for index in epoch_order(len(self.items), seed, epoch)[part::parts]:
+                entry, channel = self.items[index]
+                yield Example(f"{entry.path}:{channel}", entry.sample_rate, entry.frames, channel,
+                              self._reader(self.root / entry.path, channel))
+            epoch += 1
+
+    @staticmethod
+    def _reader(path: Path, channel: int) -> Callable[[int, int], np.ndarray]:
+        def read(start: int, count: int) -> np.ndarray:
+            data, _ = soundfile().read(str(path), frames=count, start=start, dtype="float32", always_2d=True)
+            return data[:, channel]
+
+        return read
+
+
+def decoded_reader(data: bytes, channel: int) -> Callable[[int, int], np.ndarray]:
+    """A reader over an in-memory audio file (a shard member)."""
+
+    def read(start: int, count: int) -> np.ndarray:
+        with soundfile().SoundFile(io.BytesIO(data)) as handle:
+            handle.seek(start)
+            return handle.read(count, dtype="float32", always_2d=True)[:, channel]
+
+    return read

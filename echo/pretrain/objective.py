@@ -1,0 +1,120 @@
+"""The teacher-student objective of spec section 8 (after EAT / data2vec 2.0), on packed batches.
+
+Teacher: every token of every band sequence; targets = its per-layer outputs, each instance-normalised over
+time within its sequence, averaged over layers, layer-normalised without affine. Student: only the visible
+tokens (and CLS) of every masked clone. A light conv decoder, fed the student's outputs with a mask token in
+every masked place, predicts the targets at the masked positions (frame loss); the student's CLS predicts the
+mean of its sequence's targets (utterance loss). Nothing is padded: encoders run through echo.packed, the
+decoder's convolutions see only their own sequence through per-row neighbour indices.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import packed
+from ..ops import tokens as token_ops
+from .sampling import Batch
+
+INSTANCE_NORM_EPS = 1e-5  # torch's instance_norm / layer_norm default, as data2vec uses them
+
+
+def band_tokens(model, patches, patch_sequence, patch_position, positions) -> torch.Tensor:
+    """Packed [CLS, patches] tokens of band sequences with the model's own parameters: the patch projection
+    as one matrix product over every patch, time rows and FPE added by index."""
+    weight = model.patch_embed.proj.weight
+    dim = weight.shape[0]
+    projected = torch.addmm(model.patch_embed.proj.bias, patches.to(weight.dtype), weight.reshape(dim, -1).T)
+    fpe = token_ops.frequency_encoding(positions, dim)
+    return token_ops.scatter_sequences(projected, patch_sequence, patch_position, model.cls_token, model.pos_embed, fpe)
+
+
+def segment_mean(x: torch.Tensor, segment: torch.Tensor, segments: int) -> torch.Tensor:
+    """Mean over the rows of each segment: (..., N, D) with segment ids (N,) -> (..., segments, D)."""
+    sums = x.new_zeros(*x.shape[:-2], segments, x.shape[-1]).index_add_(-2, segment, x)
+    counts = torch.bincount(segment, minlength=segments).to(x.dtype)
+    return sums / counts[:, None]
+
+
+def instance_norm_over_time(x: torch.Tensor, segment: torch.Tensor, segments: int) -> torch.Tensor:
+    """F.instance_norm of each sequence's (D, L) slice (per channel over time, biased variance), packed."""
+    centred = x - segment_mean(x, segment, segments)[..., segment, :]
+    variance = segment_mean(centred * centred, segment, segments)
+    return centred * torch.rsqrt(variance[..., segment, :] + INSTANCE_NORM_EPS)
+
+
+@torch.no_grad()
+def teacher_targets(teacher, batch: Batch, packing: packed.Packing) -> tuple[torch.Tensor, torch.Tensor]:
+    """(frame targets (P, D), utterance targets (S, D)), float32."""
+    sequences = len(batch.lengths)
+    tokens = band_tokens(teacher, batch.patches, batch.patch_sequence, batch.patch_position, batch.positions)
+    _, layers = packed.forward(teacher, tokens, packing, return_layers=True)
+    patch_rows = torch.arange(len(batch.patches), device=tokens.device) + batch.patch_sequence + 1
+    average = sum(instance_norm_over_time(layer[patch_rows].float(), batch.patch_sequence, sequences)
+                  for layer in layers) / len(layers)
+    targets = F.layer_norm(average, (average.shape[-1],), eps=INSTANCE_NORM_EPS)
+    return targets, segment_mean(targets, batch.patch_sequence, sequences)
+
+
+class ConvDecoder(nn.Module):
+    """data2vec 2.0's light decoder: blocks of grouped conv over time (zero-padded at each sequence's ends),
+    LayerNorm without affine, GELU, residual; then a linear layer. Works on rows of sequences laid back to
+    back, each tap gathered from a neighbour row of the same sequence."""
+
+    def __init__(self, dim: int, layers: int = 4, kernel: int = 3, groups: int = 16):
+        super().__init__()
+        if kernel < 1 or kernel % 2 == 0 or layers < 1:
+            raise ValueError(f"decoder needs an odd kernel and at least one layer, got kernel {kernel}, "
+                             f"layers {layers}")
+        self.kernel = kernel
+        self.mask_token = nn.Parameter(torch.zeros(dim))
+        self.convs = nn.ModuleList(nn.Conv1d(dim, dim, kernel, groups=math.gcd(groups, dim)) for _ in range(layers))
+        self.proj = nn.Linear(dim, dim)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def neighbours(self, time: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        """(R, kernel) row of each tap of each row (t = time[r] in a sequence of length[r]); a tap outside its
+        sequence points at row R, a zero row."""
+        taps = torch.arange(self.kernel, device=time.device) - self.kernel // 2
+        rows = torch.arange(len(time), device=time.device)[:, None] + taps
+        inside = (time[:, None] + taps >= 0) & (time[:, None] + taps < length[:, None])
+        return torch.where(inside, rows, len(time))
+
+    def forward(self, x: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+        dim = x.shape[-1]
+        for conv in self.convs:
+            window = torch.cat([x, x.new_zeros(1, dim)])[neighbours]  # (R, kernel, D)
+            mixed = F.conv1d(window.transpose(1, 2), conv.weight.to(x.dtype), conv.bias.to(x.dtype),
+                             groups=conv.groups).squeeze(-1)
+            x = x + F.gelu(F.layer_norm(mixed, (dim,)))
+        return self.proj(x)
+
+
+class Learner(nn.Module):
+    """What the optimizer trains (student encoder + decoder), one module so DDP can wrap it."""
+
+    def __init__(self, student, decoder: ConvDecoder, utterance_weight: float = 1.0):
+        super().__init__()
+        self.student = student
+        self.decoder = decoder
+        self.utterance_weight = utterance_weight
+
+    def forward(self, batch: Batch, packing: packed.Packing, targets: torch.Tensor, utterance_targets: torch.Tensor):
+        """(loss, frame loss, utterance loss) of one batch; `packing` is that of the student sequences."""
+        source = batch.decoder_source[batch.visible_rows]
+        tokens = band_tokens(self.student, batch.patches[source], batch.visible_sequence, batch.patch_position[source],
+                             batch.positions[batch.student_sequence])
+        out = packed.forward(self.student, tokens, packing)
+        cls_rows = packing.cu_seqlens[:-1].long()
+        visible_out = out[torch.arange(len(source), device=out.device) + batch.visible_sequence + 1]
+        rows = len(batch.decoder_source)
+        restored = self.decoder.mask_token.to(out.dtype).expand(rows, -1).index_put((batch.visible_rows,), visible_out)
+        time = batch.patch_position[batch.decoder_source] - 1
+        length = batch.lengths[batch.patch_sequence[batch.decoder_source]]
+        predicted = self.decoder(restored, self.decoder.neighbours(time, length))
+        frame = F.mse_loss(predicted[batch.masked_rows].float(), targets[batch.decoder_source[batch.masked_rows]])
+        utterance = F.mse_loss(out[cls_rows].float(), utterance_targets[batch.student_sequence])
+        return frame + self.utterance_weight * utterance, frame.detach(), utterance.detach()

@@ -1,0 +1,255 @@
+"""From examples to packed training batches (spec section 8).
+
+Each clip is a random crop; it contributes 2-5 random 32-bin bands at random bin offsets (FPE from each
+band's own centre), and each band sequence is masked independently in every clone (uniform random masking,
+an exact count per sequence). Clips are added to a batch until the next would overflow a token budget
+(teacher tokens: every band sequence's L + 1), so batches hold many short clips or few long ones, never
+padding.
+
+Everything random about a clip is drawn from its stream's generator using only the example's rate and length
+(`draw_clip`), and audio is read afterwards (`materialise`): a resumed run replays the batches it already
+trained on without reading their audio.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .. import geometry
+from ..ops import stft as stft_ops
+from ..ops import tokens as token_ops
+from .corpus import Example
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    crop_seconds: float = 10.0
+    min_bands: int = 2
+    max_bands: int = 5
+    clones: int = 4
+    mask_ratio: float = 0.8
+    tokens_per_batch: int = 16384
+
+    def __post_init__(self):
+        if not 0 < self.crop_seconds <= 20:
+            raise ValueError(f"crop_seconds must be in (0, 20] (one 2000-frame pass), got {self.crop_seconds}")
+        if not 1 <= self.min_bands <= self.max_bands:
+            raise ValueError(f"need 1 <= min_bands <= max_bands, got {self.min_bands} and {self.max_bands}")
+        if self.clones < 1:
+            raise ValueError(f"clones must be at least 1, got {self.clones}")
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.tokens_per_batch < self.max_clip_tokens:
+            raise ValueError(f"tokens_per_batch {self.tokens_per_batch} is smaller than one clip can take: "
+                             f"{self.max_bands} bands x {self.max_clip_patches + 1} tokens = {self.max_clip_tokens}")
+
+    @property
+    def max_clip_patches(self) -> int:
+        return geometry.n_patches(round(self.crop_seconds * 100))
+
+    @property
+    def max_clip_tokens(self) -> int:
+        return self.max_bands * (min(self.max_clip_patches, geometry.MAX_PATCHES) + 1)
+
+
+def masked_count(patches: int, ratio: float) -> int:
+    """Masked patches of one band sequence: round(ratio * L), keeping at least one patch visible."""
+    return min(round(ratio * patches), patches - 1)
+
+
+@dataclass
+class ClipPlan:
+    """Everything random about one clip, drawn before its audio is read."""
+
+    example: Example
+    start: int  # first sample of the crop
+    samples: int
+    band_starts: list[int]  # first bin of each band (not on the 32-bin grid)
+    masks: np.ndarray  # (clones, bands, L) bool, True = masked
+
+    @property
+    def patches(self) -> int:
+        return self.masks.shape[-1]
+
+    @property
+    def tokens(self) -> int:
+        return len(self.band_starts) * (self.patches + 1)
+
+
+def crop_samples(example: Example, seconds: float) -> int:
+    """Samples of a crop: `seconds`, at most the file and at most one 2000-frame pass."""
+    rate = example.sample_rate
+    longest = geometry.n_fft(rate) + (geometry.SEGMENT_FRAMES - 1) * geometry.hop(rate)
+    return min(example.frames, round(seconds * rate), longest)
+
+
+def draw_clip(example: Example, rng: np.random.Generator, config: SamplingConfig) -> ClipPlan:
+    samples = crop_samples(example, config.crop_seconds)
+    start = int(rng.integers(0, example.frames - samples + 1))
+    patches = geometry.n_patches(geometry.n_frames(samples, example.sample_rate))
+    bands = int(rng.integers(config.min_bands, config.max_bands + 1))
+    highest_start = max(geometry.n_bins(example.sample_rate) - geometry.BAND_BINS, 0)
+    band_starts = rng.integers(0, highest_start + 1, size=bands).tolist()
+    masked = masked_count(patches, config.mask_ratio)
+    order = np.argsort(rng.random((config.clones, bands, patches)), axis=-1)  # a uniform permutation per sequence
+    masks = np.zeros((config.clones, bands, patches), dtype=bool)
+    np.put_along_axis(masks, order[..., :masked], True, axis=-1)
+    return ClipPlan(example, start, samples, band_starts, masks)
+
+
+def band_image(spec: torch.Tensor, sample_rate: int, start: int) -> tuple[torch.Tensor, float]:
+    """32 rows of a (F, T) spectrogram from bin `start`, and the FPE position of their centre. Below 2560 Hz
+    there are fewer than 32 bins: zero rows go before the real ones, as in the grid split."""
+    bins = spec.shape[0]
+    end = min(start + geometry.BAND_BINS, bins)
+    rows = spec[start:end]
+    if end - start < geometry.BAND_BINS:
+        rows = torch.cat([rows.new_zeros(geometry.BAND_BINS - (end - start), rows.shape[1]), rows])
+    return rows, geometry.band_position(sample_rate, start, end)
+
+
+@dataclass
+class Batch:
+    """A packed batch; every index is computed here, on the host, so the step never waits on the device.
+
+    Teacher sequence s holds `lengths[s]` patches: rows of `patches` in order (`patch_sequence`), sequences
+    sorted by length. Student sequence j is a masked clone of teacher sequence `student_sequence[j]`. The
+    decoder sees every position of every student sequence, back to back: decoder row r is teacher patch
+    `decoder_source[r]`, masked or not (`masked[r]`). The student encodes only the rows `visible_rows` (those
+    not masked, in order, `visible_sequence` naming their student sequence) plus one CLS per sequence."""
+
+    patches: torch.Tensor  # (P, 512) float32
+    lengths: torch.Tensor  # (S,) int64 patches per teacher sequence
+    positions: torch.Tensor  # (S,) float32 FPE position p
+    patch_sequence: torch.Tensor  # (P,) teacher sequence of each patch
+    patch_position: torch.Tensor  # (P,) 1-based time index of each patch in its sequence
+    student_sequence: torch.Tensor  # (Q,)
+    student_lengths: torch.Tensor  # (Q,) tokens: visible patches + CLS
+    decoder_source: torch.Tensor  # (R,)
+    masked: torch.Tensor  # (R,) bool
+    masked_rows: torch.Tensor  # (R - V,) decoder rows the loss is taken at
+    visible_rows: torch.Tensor  # (V,) decoder rows the student encodes
+    visible_sequence: torch.Tensor  # (V,) their student sequence
+    clips: int
+    audio_seconds: float
+
+    def _apply(self, function) -> "Batch":
+        return Batch(**{f.name: function(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v
+                        for f in fields(self)})
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        return self._apply(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        return self._apply(torch.Tensor.pin_memory)
+
+    @property
+    def teacher_tokens(self) -> int:
+        return len(self.patches) + len(self.lengths)
+
+    @property
+    def student_tokens(self) -> int:
+        return len(self.visible_rows) + len(self.student_sequence)
+
+
+def materialise(plans: list[ClipPlan], clones: int) -> Batch:
+    """Read the crops, cut the bands into patches and lay out teacher, student and decoder rows."""
+    images, positions, sequence_masks = [], [], []
+    seconds = 0.0
+    for plan in plans:
+        rate = plan.example.sample_rate
+        wave = torch.from_numpy(np.ascontiguousarray(plan.example.read(plan.start, plan.samples)))
+        spec = stft_ops.spectrogram(wave, rate)
+        for band, start in enumerate(plan.band_starts):
+            rows, position = band_image(spec, rate, start)
+            images.append(token_ops.band_patches(rows))
+            positions.append(position)
+            sequence_masks.append(torch.from_numpy(plan.masks[:, band]))  # (clones, L)
+        seconds += plan.samples / rate
+    lengths = torch.tensor([len(image) for image in images], dtype=torch.int64)
+    order = torch.sort(lengths, stable=True).indices.tolist()  # equal lengths consecutive: attention takes views
+    lengths = lengths[order]
+    first = torch.cumsum(lengths, 0) - lengths
+    students, sources, masked = [], [], []  # per student sequence
+    for length in torch.unique_consecutive(lengths).tolist():
+        members = (lengths == length).nonzero().squeeze(1).tolist()
+        for clone in range(clones):
+            for s in members:
+                students.append(s)
+                sources.append(first[s] + torch.arange(length))
+                masked.append(sequence_masks[order[s]][clone])
+    masked = torch.cat(masked)
+    visible_rows = (~masked).nonzero().squeeze(1)
+    students = torch.tensor(students, dtype=torch.int64)
+    decoder_sequence = torch.repeat_interleave(torch.arange(len(students)), lengths[students])
+    return Batch(
+        patches=torch.cat([images[i] for i in order]),
+        lengths=lengths,
+        positions=torch.tensor([positions[i] for i in order], dtype=torch.float64).to(torch.float32),
+        patch_sequence=torch.repeat_interleave(torch.arange(len(lengths)), lengths),
+        patch_position=torch.cat([torch.arange(1, n + 1) for n in lengths.tolist()]),
+        student_sequence=students,
+        student_lengths=torch.bincount(decoder_sequence[visible_rows], minlength=len(students)) + 1,
+        decoder_source=torch.cat(sources),
+        masked=masked,
+        masked_rows=masked.nonzero().squeeze(1),
+        visible_rows=visible_rows,
+        visible_sequence=decoder_sequence[visible_rows],
+        clips=len(plans),
+        audio_seconds=seconds,
+    )
+
+
+def plan_batches(examples: Iterator[Example], rng: np.random.Generator, config: SamplingConfig) -> Iterator[list[ClipPlan]]:
+    """Clips packed greedily by the token budget; a clip that would overflow starts the next batch."""
+    batch: list[ClipPlan] = []
+    used = 0
+    for example in examples:
+        clip = draw_clip(example, rng, config)
+        if batch and used + clip.tokens > config.tokens_per_batch:
+            yield batch
+            batch, used = [], 0
+        batch.append(clip)
+        used += clip.tokens
+
+
+def batches_to_skip(consumed: int, worker: int, workers: int) -> int:
+    """Batches of one DataLoader worker among the first `consumed` (workers deliver in turn)."""
+    return max(0, (consumed - worker + workers - 1) // workers)
+
+
+class BatchStream(torch.utils.data.IterableDataset):
+    """The endless batches of one rank. With W DataLoader workers, worker w is stream rank * W + w of the
+    corpus and the loader delivers the workers' batches in turn, so the order depends only on the seed, the
+    world size and W. `consumed` batches (from a checkpoint) are replayed without reading audio."""
+
+    def __init__(self, corpus, config: SamplingConfig, seed: int, rank: int = 0, world: int = 1,
+                 workers: int = 0, consumed: int = 0):
+        self.corpus, self.config, self.seed = corpus, config, seed
+        self.rank, self.world, self.workers, self.consumed = rank, world, max(workers, 1), consumed
+        corpus.check_parts(self.world * self.workers)
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        part = self.rank * self.workers + worker
+        rng = np.random.default_rng([self.seed, part])
+        plans = plan_batches(self.corpus.examples(self.seed, part, self.world * self.workers), rng, self.config)
+        for _ in range(batches_to_skip(self.consumed, worker, self.workers)):
+            next(plans)
+        for batch in plans:
+            yield materialise(batch, self.config.clones)
+
+
+def expected_clip_tokens(config: SamplingConfig) -> float:
+    """Teacher tokens of an average full-length clip: for the nominal clips-per-batch of lr scaling."""
+    mean_bands = (config.min_bands + config.max_bands) / 2
+    return mean_bands * (min(config.max_clip_patches, geometry.MAX_PATCHES) + 1)
+
+
+def nominal_clips_per_batch(config: SamplingConfig) -> int:
+    return max(1, math.floor(config.tokens_per_batch / expected_clip_tokens(config)))
