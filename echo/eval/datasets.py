@@ -143,7 +143,7 @@ def dcase(root, year: int, label_lists=None) -> Dataset:
     for machine_dir in machine_dirs:
         machine = machine_dir.name
         where = (root.name,) + machine_dir.relative_to(root).parts[:-1]
-        split = "eval" if any("eval" in part.lower() for part in where) else "dev"
+        split = "eval" if any(part.lower().startswith("eval") for part in where) else "dev"
         test_dir = machine_dir / "test"
         if not test_dir.is_dir():
             raise ValueError(f"{machine_dir}: has train/ but no test/ folder")

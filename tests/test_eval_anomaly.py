@@ -1,0 +1,149 @@
+"""DCASE scoring, grouping and aggregation against hand computations on small tables."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from echo.eval import anomaly
+from echo.eval.anomaly import Clip
+
+
+def pairwise_auc(labels, scores):
+    """P(anomaly scores above normal), ties counting one half."""
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    a, n = scores[labels == 1], scores[labels == 0]
+    return np.mean((a[:, None] > n[None, :]) + 0.5 * (a[:, None] == n[None, :]))
+
+
+def mcclish_pauc(labels, scores, max_fpr=0.1):
+    """Standardised partial AUC, from the ROC polygon (thresholds at every distinct score)."""
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    fpr, tpr = [0.0], [0.0]
+    for threshold in sorted(set(scores), reverse=True):
+        fpr.append(np.mean(scores[labels == 0] >= threshold))
+        tpr.append(np.mean(scores[labels == 1] >= threshold))
+    area = 0.0
+    for (x0, y0), (x1, y1) in zip(zip(fpr, tpr), zip(fpr[1:], tpr[1:])):
+        if x0 >= max_fpr:
+            break
+        if x1 > max_fpr:  # cut the segment at max_fpr
+            y1, x1 = y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0), max_fpr
+        area += (x1 - x0) * (y0 + y1) / 2
+    low, high = max_fpr ** 2 / 2, max_fpr
+    return 0.5 * (1 + (area - low) / (high - low))
+
+
+def test_six_point_auc_and_pauc_by_hand():
+    labels = [0, 0, 0, 1, 1, 1]
+    scores = [0.1, 0.4, 0.35, 0.8, 0.3, 0.9]
+    # pairs (anomaly > normal): 0.8 beats 3, 0.3 beats 1, 0.9 beats 3 -> 7 of 9
+    rows, _ = anomaly.group_metrics([Clip(Path(f"{i}"), "dev", "fan", "00", None, "test", y)
+                                     for i, y in enumerate(labels)], scores, 2020)
+    values = {row["metric"]: row["value"] for row in rows}
+    assert values["AUC"] == pytest.approx(7 / 9)
+    # ROC: (0, 2/3) after the two top anomalies, flat until fpr 1/3: raw area over [0, 0.1] = 0.1 * 2/3
+    assert values["pAUC"] == pytest.approx(0.5 * (1 + (0.1 * 2 / 3 - 0.005) / (0.1 - 0.005)))
+
+
+def test_metrics_agree_with_independent_formulas_on_random_scores():
+    rng = np.random.default_rng()
+    labels = np.r_[np.zeros(40, int), np.ones(25, int)]
+    scores = np.round(rng.normal(size=65) + labels, 1)  # rounded: ties occur
+    clips = [Clip(Path(str(i)), "dev", "m", "00", None, "test", int(y)) for i, y in enumerate(labels)]
+    rows, _ = anomaly.group_metrics(clips, scores, 2020)
+    values = {row["metric"]: row["value"] for row in rows}
+    assert values["AUC"] == pytest.approx(pairwise_auc(labels, scores))
+    assert values["AUC"] == pytest.approx(roc_auc_score(labels, scores))
+    assert values["pAUC"] == pytest.approx(mcclish_pauc(labels, scores))
+
+
+def make_table():
+    """dev fan section 00: source 2 normal + 2 anomalous, target 2 normal + 1 anomalous, with chosen scores."""
+    spec = [  # (domain, label, score)
+        ("source", 0, 0.1), ("source", 0, 0.5), ("source", 1, 0.4), ("source", 1, 0.9),
+        ("target", 0, 0.3), ("target", 0, 0.7), ("target", 1, 0.6),
+    ]
+    clips = [Clip(Path(f"c{i}"), "dev", "fan", "00", d, "test", y) for i, (d, y, _) in enumerate(spec)]
+    return clips, np.array([s for _, _, s in spec]), spec
+
+
+def by_group(rows):
+    return {(row["domain"], row["metric"]): row["value"] for row in rows}
+
+
+def test_2021_groups_are_per_domain_test_sets():
+    clips, scores, spec = make_table()
+    values = by_group(anomaly.group_metrics(clips, scores, 2021)[0])
+    # source: anomalies 0.4, 0.9 vs normals 0.1, 0.5: 0.4>0.1, 0.9>both -> 3/4
+    assert values[("source", "AUC")] == pytest.approx(3 / 4)
+    # target: anomaly 0.6 vs 0.3, 0.7 -> 1/2
+    assert values[("target", "AUC")] == pytest.approx(1 / 2)
+    assert set(values) == {("source", "AUC"), ("source", "pAUC"), ("target", "AUC"), ("target", "pAUC")}
+
+
+@pytest.mark.parametrize("year", [2022, 2023, 2024, 2025])
+def test_2022_on_domain_rules_and_pauc_over_both_domains(year):
+    clips, scores, spec = make_table()
+    official = by_group(anomaly.group_metrics(clips, scores, year, "official")[0])
+    siren = by_group(anomaly.group_metrics(clips, scores, year, "siren")[0])
+    # official source AUC: normals 0.1, 0.5 (source) vs anomalies 0.4, 0.9, 0.6 (both domains): 0.4>0.1,
+    # 0.9>both, 0.6>both -> 5/6; target: normals 0.3, 0.7 vs 0.4, 0.9, 0.6: 0.4>0.3, 0.9>both, 0.6>0.3 -> 4/6
+    assert official[("source", "AUC")] == pytest.approx(5 / 6)
+    assert official[("target", "AUC")] == pytest.approx(4 / 6)
+    assert siren[("source", "AUC")] == pytest.approx(3 / 4)
+    assert siren[("target", "AUC")] == pytest.approx(1 / 2)
+    labels = [y for _, y, _ in spec]
+    assert official[("both", "pAUC")] == pytest.approx(mcclish_pauc(labels, scores))
+    assert set(official) == {("source", "AUC"), ("target", "AUC"), ("both", "pAUC")}
+
+
+def test_one_class_group_is_reported_and_excluded():
+    clips, scores, _ = make_table()
+    clips = [c for c in clips if not (c.domain == "target" and c.label == 1)]
+    scores = scores[:6]
+    rows, excluded = anomaly.group_metrics(clips, scores, 2021)
+    assert ("target", "AUC") not in by_group(rows)
+    assert excluded == [{"split": "dev", "machine": "fan", "section": "00", "domain": "target",
+                         "metrics": "AUC+pAUC", "normals": 2, "anomalies": 0, "reason": "one class only"}]
+
+
+def test_aggregation_by_hand():
+    rows = [{"split": "dev", "metric": "AUC", "value": 0.5}, {"split": "dev", "metric": "pAUC", "value": 1.0},
+            {"split": "eval", "metric": "AUC", "value": 0.8}, {"split": "eval", "metric": "pAUC", "value": 0.0}]
+    summary = anomaly.summarise(rows, 2023, eps=1e-3)
+    assert summary["official score (dev)"] == pytest.approx(2 / (1 / 0.5 + 1 / 1.0))
+    assert summary["official score (eval)"] == pytest.approx(2 / (1 / 0.8 + 1 / 1e-3))  # 0 floored at eps
+    assert summary["yearly figure (dev+eval)"] == pytest.approx(4 / (2 + 1 + 1.25 + 1000))
+    assert summary["AUC (dev)"] == pytest.approx(0.5)
+    summary_2020 = anomaly.summarise(rows, 2020)
+    assert summary_2020["official score (dev)"] == pytest.approx(0.75)
+    assert summary_2020["yearly figure (dev+eval)"] == pytest.approx((0.5 + 1.0 + 0.8 + 0.0) / 4)
+
+
+def test_bank_is_per_split_machine_section_and_cosine():
+    e = np.array([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0], [1.0, 1.0], [1.0, 0.2], [1.0, 1.0]])
+    clips = [
+        Clip(Path("a"), "dev", "fan", "00", "source", "train", 0),
+        Clip(Path("b"), "dev", "fan", "00", "target", "train", 0),
+        Clip(Path("c"), "eval", "fan", "00", "source", "train", 0),  # another split: never in dev's bank
+        Clip(Path("d"), "dev", "fan", "00", None, "test", 1),
+        Clip(Path("e"), "dev", "fan", "00", None, "test", 0),
+        Clip(Path("f"), "eval", "fan", "00", None, "test", None),
+    ]
+    scores = anomaly.score_clips(clips, e)
+    assert np.isnan(scores[:3]).all()
+    # d = [1, 1]: 45 degrees from both dev bank clips; e = [1, 0.2]: nearest is [1, 0]
+    assert scores[3] == pytest.approx(1 - 1 / np.sqrt(2))
+    assert scores[4] == pytest.approx(1 - 1 / np.sqrt(1.04))
+    assert scores[5] == pytest.approx(0.0, abs=1e-12)  # eval bank [5, 5] is parallel to [1, 1]
+
+
+def test_test_clips_without_a_bank_are_an_error():
+    clips = [Clip(Path("a"), "dev", "fan", "00", None, "train", 0), Clip(Path("b"), "dev", "fan", "01", None, "test", 0)]
+    with pytest.raises(ValueError, match="dev fan section 01: 1 test clips but no training clip"):
+        anomaly.score_clips(clips, np.eye(2))
+    with pytest.raises(ValueError, match="DCASE year 2019"):
+        anomaly.group_metrics(clips, [0, 0], 2019)
+    with pytest.raises(ValueError, match="unknown domain AUC rule"):
+        anomaly.group_metrics(clips, [0, 0], 2023, "strict")

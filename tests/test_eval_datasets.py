@@ -1,0 +1,124 @@
+"""Each adapter on a synthetic folder in its published layout, and on a wrong layout."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from echo.eval import datasets
+
+
+def touch(root: Path, *names):
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+
+
+def test_dcase2023_dev_and_eval_with_label_list(tmp_path):
+    touch(tmp_path, "dev_data/raw/fan/train/section_00_source_train_normal_0000_a.wav",
+          "dev_data/raw/fan/train/section_00_target_train_normal_0000_a.wav",
+          "dev_data/raw/fan/test/section_00_source_test_anomaly_0001_a.wav",
+          "dev_data/raw/fan/test/section_00_target_test_normal_0002_a.wav",
+          "eval_data/raw/saw/train/section_00_source_train_normal_0000.wav",
+          "eval_data/raw/saw/test/section_00_0000.wav", "eval_data/raw/saw/test/section_00_0001.wav")
+    (tmp_path / "eval_data_list_2023.csv").write_text(
+        "saw\nsection_00_0000.wav,section_00_target_test_anomaly_0000.wav,1\n"
+        "section_00_0001.wav,section_00_source_test_normal_0001.wav,0\n")
+    data = datasets.load("dcase2023", tmp_path)
+    fields = {(c.split, c.machine, c.path.name): (c.section, c.domain, c.subset, c.label) for c in data.items}
+    assert fields[("dev", "fan", "section_00_source_test_anomaly_0001_a.wav")] == ("00", "source", "test", 1)
+    assert fields[("dev", "fan", "section_00_target_train_normal_0000_a.wav")] == ("00", "target", "train", 0)
+    assert fields[("eval", "saw", "section_00_0000.wav")] == ("00", "target", "test", 1)
+    assert fields[("eval", "saw", "section_00_0001.wav")] == ("00", "source", "test", 0)
+    assert data.kind == "anomaly" and data.year == 2023 and not data.notes
+
+
+def test_dcase2020_ids_and_unlabelled_eval(tmp_path):
+    touch(tmp_path, "dev_data/ToyCar/train/normal_id_01_00000000.wav", "dev_data/ToyCar/test/anomaly_id_01_00000000.wav",
+          "eval_data/ToyCar/train/normal_id_05_00000000.wav", "eval_data/ToyCar/test/id_05_00000000.wav")
+    data = datasets.load("dcase2020", tmp_path)
+    fields = {c.path.name: (c.split, c.section, c.domain, c.label) for c in data.items}
+    assert fields["anomaly_id_01_00000000.wav"] == ("dev", "01", None, 1)
+    assert fields["id_05_00000000.wav"] == ("eval", "05", None, None)
+    assert "1 test clips have no label" in data.notes[0]
+
+
+def test_dcase_wrong_layouts(tmp_path):
+    with pytest.raises(ValueError, match="no DCASE machine folder"):
+        datasets.load("dcase2022", tmp_path)
+    touch(tmp_path, "dev_data/fan/train/section_00_source_train_normal_0000.wav")
+    with pytest.raises(ValueError, match="fan: has train/ but no test/ folder"):
+        datasets.load("dcase2022", tmp_path)
+    touch(tmp_path, "dev_data/fan/test/normal_id_00_0000.wav")
+    with pytest.raises(ValueError, match="has no section_XX"):
+        datasets.load("dcase2022", tmp_path)
+    with pytest.raises(ValueError, match="unknown task"):
+        datasets.load("dcase2019", tmp_path)
+
+
+def test_folder_task(tmp_path):
+    touch(tmp_path, "normal/a.wav", "normal/b.flac", "test/normal/c.wav", "test/anomalous/d.wav", "test/e.wav")
+    data = datasets.load("folder", tmp_path)
+    assert sorted((c.path.name, c.subset, c.label) for c in data.items) == [
+        ("a.wav", "train", 0), ("b.flac", "train", 0), ("c.wav", "test", 0), ("d.wav", "test", 1), ("e.wav", "test", None)]
+    with pytest.raises(ValueError, match="normal: no audio file"):
+        datasets.load("folder", tmp_path / "test" / "anomalous")
+
+
+def test_cwru_classes_from_paths_and_mat_reading(tmp_path):
+    scipy_io = pytest.importorskip("scipy.io")
+    names = ["12k_Drive_End_Bearing_Fault_Data/IR007_0.mat", "12k_Drive_End_Bearing_Fault_Data/B014_1.mat",
+             "12k_Drive_End_Bearing_Fault_Data/OR021@6_2.mat", "12k_Fan_End_Bearing_Fault_Data/OR/007/@12/OR007@12_0.mat",
+             "12k_Fan_End_Bearing_Fault_Data/IR/014/IR014_3.mat", "48k_Drive_End_Bearing_Fault_Data/IR007_0.mat",
+             "Normal_Baseline/97.mat"]
+    signal = np.random.default_rng().normal(size=500)
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        scipy_io.savemat(tmp_path / name, {"X105_DE_time": signal[:, None], "X105_FE_time": -signal[:, None]})
+    data = datasets.load("cwru", tmp_path)
+    labels = {item.path.name: item.label for item in data.items}
+    assert labels == {"IR007_0.mat": "DE_IR", "B014_1.mat": "DE_B", "OR021@6_2.mat": "DE_OR@6",
+                      "OR007@12_0.mat": "FE_OR@12", "IR014_3.mat": "FE_IR"}
+    assert "skipped 2 files" in data.notes[0]
+    read, rate = data.read(data.items[0].path)
+    assert rate == 12000 and np.allclose(read, signal)  # the DE variable, not the FE one
+    (tmp_path / "12k_Drive_End_Bearing_Fault_Data/X7.mat").write_bytes(b"")
+    with pytest.raises(ValueError, match="X7.mat: cannot tell the class"):
+        datasets.load("cwru", tmp_path)
+
+
+def test_mafaulda_classes_and_csv(tmp_path):
+    table = np.random.default_rng().normal(size=(300, 8)).astype(np.float32)
+    for name in ["normal/12.288.csv", "imbalance/6g/13.9.csv", "overhang/cage_fault/20g/14.1.csv",
+                 "underhang/outer_race/6g/15.0.csv"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        np.savetxt(tmp_path / name, table, delimiter=",")
+    data = datasets.load("mafaulda", tmp_path)
+    assert sorted(item.label for item in data.items) == ["imbalance", "normal", "overhang-cage_fault",
+                                                         "underhang-outer_race"]
+    signal, rate = data.read(data.items[0].path)
+    assert rate == 50000 and signal.shape == (8, 300) and np.allclose(signal, table.T, rtol=1e-6)
+    assert data.channels == 8
+    np.savetxt(tmp_path / "normal/bad.csv", table[:, :5], delimiter=",")
+    with pytest.raises(ValueError, match="5 columns, MAFAULDA files have 8"):
+        data.read(tmp_path / "normal/bad.csv")
+    touch(tmp_path, "misc/1.csv")
+    with pytest.raises(ValueError, match="must be one of normal"):
+        datasets.load("mafaulda", tmp_path)
+
+
+def test_iiee_and_iica(tmp_path):
+    touch(tmp_path / "ee", "train_cut/engine1_good/a.wav", "train_cut/engine2_broken/b.wav",
+          "test_cut/engine3_heavyload/c.wav")
+    data = datasets.load("iiee", tmp_path / "ee")
+    assert sorted((i.path.name, i.label, i.subset) for i in data.items) == [
+        ("a.wav", "good", "train"), ("b.wav", "broken", "train"), ("c.wav", "heavyload", "test")]
+    with pytest.raises(ValueError, match="needs train_cut/ and test_cut/"):
+        datasets.load("iiee", tmp_path / "ee" / "train_cut")
+    touch(tmp_path / "air", "leak/a.wav", "leak/b.wav", "tight/c.wav")
+    data = datasets.load("iica", tmp_path / "air")
+    assert sorted((i.label, i.subset) for i in data.items) == [("leak", None), ("leak", None), ("tight", None)]
+    assert data.protocols == ("kfold", "loocv")
+    touch(tmp_path / "air", "d.wav")
+    with pytest.raises(ValueError, match="folder named after their class"):
+        datasets.load("iica", tmp_path / "air")

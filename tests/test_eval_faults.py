@@ -1,0 +1,127 @@
+"""kNN fault classification against brute-force loops and hand cases."""
+from collections import Counter
+
+import numpy as np
+import pytest
+from sklearn.model_selection import StratifiedKFold
+
+from echo.eval import faults
+
+
+def naive_vote(labels_in_distance_order):
+    counts = Counter(labels_in_distance_order)
+    best = max(counts.values())
+    return next(label for label in labels_in_distance_order if counts[label] == best)
+
+
+def naive_predict(bank, bank_labels, query, k, skip=None):
+    distances = [np.inf if j == skip else np.sqrt(((query - b) ** 2).sum()) for j, b in enumerate(bank)]
+    order = np.argsort(distances, kind="stable")[:k]
+    return naive_vote([bank_labels[j] for j in order])
+
+
+def clustered(n_per_class=6, classes=("a", "b", "c"), dim=5, spread=1.5):
+    rng = np.random.default_rng()
+    centres = rng.normal(size=(len(classes), dim))
+    labels = np.repeat(classes, n_per_class)
+    points = centres[np.repeat(np.arange(len(classes)), n_per_class)] + spread * rng.normal(size=(len(labels), dim))
+    return points, labels
+
+
+def test_vote_ties_go_to_the_nearest_tied_label():
+    got = faults.vote(np.array([[0, 1, 0, 1, 2], [1, 0, 0, 1, 2], [2, 0, 1, 0, 1], [2, 2, 0, 0, 0], [3, 3, 3, 3, 3]]))
+    assert got.tolist() == [0, 1, 0, 0, 3]
+    rng = np.random.default_rng()
+    random_labels = rng.integers(0, 3, size=(200, 5))
+    assert faults.vote(random_labels).tolist() == [naive_vote(list(row)) for row in random_labels]
+
+
+def test_loocv_matches_brute_force():
+    points, labels = clustered()
+    result = faults.evaluate(points, labels, "loocv")
+    expected = [naive_predict(points, labels, points[i], 5, skip=i) for i in range(len(points))]
+    assert result.y_pred.tolist() == expected
+    assert result.accuracy == pytest.approx(np.mean(np.array(expected) == labels))
+
+
+def test_kfold_matches_brute_force():
+    points, labels = clustered(n_per_class=8)
+    result = faults.evaluate(points, labels, "kfold", folds=5, seed=1)
+    predictions = np.empty(len(labels), dtype=object)
+    fold_accuracies = []
+    for train, test in StratifiedKFold(5, shuffle=True, random_state=1).split(points, labels):
+        for i in test:
+            predictions[i] = naive_predict(points[train], labels[train], points[i], 5)
+        fold_accuracies.append(np.mean(predictions[test] == labels[test]))
+    assert result.y_pred.tolist() == predictions.tolist()
+    row = result.row()
+    assert row["accuracy"] == pytest.approx(np.mean(predictions == labels))
+    assert row["fold_mean"] == pytest.approx(np.mean(fold_accuracies))
+    assert row["fold_std"] == pytest.approx(np.sqrt(np.mean((np.array(fold_accuracies) - np.mean(fold_accuracies)) ** 2)))
+
+
+def test_given_split_hand_case_and_metrics():
+    # 1-D: class x near 0, class y near 10; k=3
+    train = np.array([[0.0], [1.0], [2.0], [9.0], [10.0], [11.0]])
+    test = np.array([[0.5], [4.0], [6.0], [10.5]])
+    embeddings = np.concatenate([train, test])
+    labels = np.array(["x", "x", "x", "y", "y", "y", "x", "y", "x", "y"])
+    subsets = ["train"] * 6 + ["test"] * 4
+    result = faults.evaluate(embeddings, labels, "split", k=3, subsets=subsets)
+    # 0.5 -> x,x,x; 4.0 -> 2,1,0 -> x; 6.0 -> 2 (4), 9 (3): nearest three 9, 2, 10 -> y; 10.5 -> y
+    assert result.y_pred.tolist() == ["x", "x", "y", "y"]
+    assert result.accuracy == pytest.approx(0.5)
+    # by hand: x predicted twice, right once (precision 1/2), recall 1/2; y the same; weights 2/4 each
+    assert result.precision == pytest.approx(0.5) and result.recall == pytest.approx(0.5)
+    assert result.f1 == pytest.approx(0.5)
+    assert result.confusion.tolist() == [[1, 1], [1, 1]]
+
+
+def test_weighted_metrics_by_hand():
+    rng = np.random.default_rng()
+    y_true = rng.choice(["a", "b", "c"], size=40)
+    y_pred = rng.choice(["a", "b", "c"], size=40)
+    result = faults.score(y_true, y_pred, ["a", "b", "c"], "loocv", "all")
+    precision = recall = f1 = 0.0
+    for c in "abc":
+        tp = np.sum((y_pred == c) & (y_true == c))
+        p = tp / max(np.sum(y_pred == c), 1)
+        r = tp / max(np.sum(y_true == c), 1)
+        weight = np.mean(y_true == c)
+        precision, recall = precision + weight * p, recall + weight * r
+        f1 += weight * (2 * p * r / (p + r) if p + r else 0)
+    assert (result.precision, result.recall, result.f1) == pytest.approx((precision, recall, f1))
+    assert result.confusion.sum() == 40 and np.trace(result.confusion) == np.sum(y_true == y_pred)
+
+
+def test_multichannel_views():
+    points, labels = clustered(n_per_class=6, dim=12)
+    embeddings = points.reshape(len(points), 3, 4)
+    single = faults.evaluate(embeddings, labels, "loocv", channels=[1])
+    assert single.view == "channel 1"
+    assert single.y_pred.tolist() == faults.evaluate(embeddings[:, 1], labels, "loocv").y_pred.tolist()
+    concatenated = faults.evaluate(embeddings, labels, "loocv")
+    assert concatenated.view == "all"
+    assert concatenated.y_pred.tolist() == faults.evaluate(points, labels, "loocv").y_pred.tolist()
+    fused = faults.evaluate(embeddings, labels, "loocv", channels=[0, 2], fuse=True)
+    assert fused.view == "fused 0,2"
+    expected = []
+    for q in range(len(points)):
+        keep = np.arange(len(points)) != q
+        total = np.zeros(len(points))
+        for c in (0, 2):
+            row = np.linalg.norm(embeddings[:, c] - embeddings[q, c], axis=1)
+            total += (row - row[keep].mean()) / row[keep].std()
+        total[q] = np.inf
+        expected.append(naive_vote(list(labels[np.argsort(total, kind="stable")[:5]])))
+    assert fused.y_pred.tolist() == expected
+
+
+def test_bad_protocol_inputs():
+    points, labels = clustered()
+    with pytest.raises(ValueError, match="unknown protocol"):
+        faults.evaluate(points, labels, "bootstrap")
+    with pytest.raises(ValueError, match="needs a train/test subset"):
+        faults.evaluate(points, labels, "split")
+    with pytest.raises(ValueError, match="17 labels for 18 embeddings"):
+        faults.evaluate(points, labels[:-1], "loocv")
