@@ -217,15 +217,15 @@ def plan_batches(examples: Iterator[Example], rng: np.random.Generator, config: 
         used += clip.tokens
 
 
-def batches_to_skip(consumed: int, worker: int, workers: int) -> int:
-    """Batches of one DataLoader worker among the first `consumed` (workers deliver in turn)."""
-    return max(0, (consumed - worker + workers - 1) // workers)
+def batches_to_skip(consumed: int, stream: int, streams: int) -> int:
+    """Batches of one stream among the first `consumed`, when batch k comes from stream k % streams."""
+    return max(0, (consumed - stream + streams - 1) // streams)
 
 
 class BatchStream(torch.utils.data.IterableDataset):
-    """The endless batches of one rank. With W DataLoader workers, worker w is stream rank * W + w of the
-    corpus and the loader delivers the workers' batches in turn, so the order depends only on the seed, the
-    world size and W. `consumed` batches (from a checkpoint) are replayed without reading audio."""
+    """The endless batches of one rank. With W DataLoader workers the rank has W streams (stream w reads part
+    rank * W + w of the corpus) and global batch k comes from stream k % W, so the order depends only on the
+    seed, the world size and W. `consumed` batches (from a checkpoint) are replayed without reading audio."""
 
     def __init__(self, corpus, config: SamplingConfig, seed: int, rank: int = 0, world: int = 1,
                  workers: int = 0, consumed: int = 0):
@@ -235,11 +235,13 @@ class BatchStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
-        part = self.rank * self.workers + worker
+        # The loader asks its workers in turn from worker 0, and global batch k belongs to stream k % W: after
+        # `consumed` batches, worker 0 must play stream consumed % W.
+        stream = ((info.id if info is not None else 0) + self.consumed) % self.workers
+        part = self.rank * self.workers + stream
         rng = np.random.default_rng([self.seed, part])
         plans = plan_batches(self.corpus.examples(self.seed, part, self.world * self.workers), rng, self.config)
-        for _ in range(batches_to_skip(self.consumed, worker, self.workers)):
+        for _ in range(batches_to_skip(self.consumed, stream, self.workers)):
             next(plans)
         for batch in plans:
             yield materialise(batch, self.config.clones)

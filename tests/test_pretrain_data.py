@@ -1,0 +1,156 @@
+"""Pretraining data: manifest caching and bad files, WebDataset shards, crops, bands, masks, token budget."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("soundfile")
+import soundfile as sf  # noqa: E402
+from independent import numpy_spectrogram  # noqa: E402
+from pretrain_corpus import write_corpus  # noqa: E402
+
+from echo import geometry  # noqa: E402
+from echo.pretrain import corpus, sampling, shards  # noqa: E402
+
+
+def test_manifest_is_cached_and_bad_files_are_skipped(tmp_path, monkeypatch):
+    root = write_corpus(tmp_path / "data", files=6)
+    (root / "broken.wav").write_bytes(b"RIFF not really audio")
+    sf.write(root / "short.wav", np.zeros(800, dtype=np.float32), 16000)  # 0.05 s
+    source = corpus.FolderCorpus(root, min_seconds=1.0)
+    assert source.skipped == {"unreadable": 1, "too short": 1}
+    assert len(source.files) == 6 and len(source.items) == 7  # file 0 has two channels: two examples
+    assert (root / corpus.MANIFEST_NAME).is_file()
+
+    opened = []
+    original = corpus.probe
+    monkeypatch.setattr(corpus, "probe", lambda root, rel: opened.append(rel) or original(root, rel))
+    again = corpus.FolderCorpus(root, min_seconds=1.0)
+    assert opened == [] and [f.path for f in again.files] == [f.path for f in source.files]
+    changed = source.files[1]
+    sf.write(root / changed.path, np.zeros(48000, dtype=np.float32), 16000)
+    third = corpus.FolderCorpus(root, min_seconds=1.0)
+    assert opened == [changed.path]
+    assert next(f for f in third.files if f.path == changed.path).frames == 48000
+
+
+def test_folder_examples_read_the_right_channel_and_split_across_streams(tmp_path):
+    root = write_corpus(tmp_path / "data", files=6)
+    source = corpus.FolderCorpus(root, min_seconds=1.0)
+    epoch = [list(itertools.islice(source.examples(0, p, 3), len(range(p, len(source.items), 3)))) for p in range(3)]
+    keys = [e.key for part in epoch for e in part]
+    assert sorted(keys) == sorted(f"{f.path}:{c}" for f, c in source.items)  # each example once per epoch
+    stereo = next(e for e in itertools.chain(*epoch) if e.key.endswith(":1"))
+    data, rate = sf.read(root / stereo.key.rsplit(":", 1)[0], dtype="float32", always_2d=True)
+    np.testing.assert_array_equal(stereo.read(100, 500), data[100:600, 1])
+    assert stereo.sample_rate == rate and stereo.frames == len(data)
+
+
+def test_shards_round_trip(tmp_path):
+    pytest.importorskip("webdataset")
+    root = write_corpus(tmp_path / "data", files=6)
+    (root / "broken.wav").write_bytes(b"junk")
+    written = shards.write_shards(root, tmp_path / "shards", per_shard=2)
+    assert len(written) == 3 and not list((tmp_path / "shards").glob("*.tmp"))
+    assert shards.is_shards(tmp_path / "shards") and not shards.is_shards(root)
+    folder = corpus.FolderCorpus(root, min_seconds=1.0)
+    source = shards.open_corpus(str(tmp_path / "shards" / "shard-{000000..000002}.tar"), min_seconds=1.0)
+    assert isinstance(source, shards.ShardCorpus)
+    streams = [list(itertools.islice(source.examples(0, p, 3), 1)) for p in range(3)]  # one shard each
+    from_shards = {}
+    for p in range(3):
+        epoch = itertools.islice(source.examples(0, p, 3), 3)
+        for example in epoch:
+            from_shards.setdefault(example.key, example)
+    assert all(streams)
+    assert len(from_shards) == len(folder.items)
+    for entry, channel in folder.items:
+        example = from_shards[f"{shards.sample_key(entry.path)}:{channel}"]
+        assert (example.sample_rate, example.frames) == (entry.sample_rate, entry.frames)
+        data, _ = sf.read(root / entry.path, dtype="float32", always_2d=True)
+        np.testing.assert_array_equal(example.read(7, 300), data[7:307, channel])
+
+
+def test_too_few_shards_for_the_streams_is_a_clear_error(tmp_path):
+    pytest.importorskip("webdataset")
+    root = write_corpus(tmp_path / "data", files=2)
+    shards.write_shards(root, tmp_path / "shards", per_shard=10)
+    source = shards.ShardCorpus(tmp_path / "shards", min_seconds=1.0)
+    with pytest.raises(ValueError, match="1 shards cannot feed 4 streams"):
+        sampling.BatchStream(source, sampling.SamplingConfig(crop_seconds=2, tokens_per_batch=400), 0, workers=4)
+
+
+def test_masks_keep_the_exact_ratio_and_the_student_sees_only_visible_patches(tmp_path):
+    root = write_corpus(tmp_path / "data", files=5, seconds=(3, 12))
+    ratio = float(np.random.uniform(0.75, 0.8))
+    config = sampling.SamplingConfig(crop_seconds=10, tokens_per_batch=1500, clones=3, mask_ratio=ratio)
+    stream = sampling.BatchStream(corpus.FolderCorpus(root, 1.0), config, seed=int(torch.randint(0, 999, ())))
+    for batch in itertools.islice(iter(stream), 3):
+        assert batch.teacher_tokens <= config.tokens_per_batch
+        decoder_lengths = batch.lengths[batch.student_sequence]
+        assert len(batch.student_sequence) == config.clones * len(batch.lengths)
+        start = 0
+        for j, length in enumerate(decoder_lengths.tolist()):
+            masked = batch.masked[start : start + length]
+            assert int(masked.sum()) == round(ratio * length)  # exactly, per sequence and clone
+            assert int(batch.student_lengths[j]) == length - int(masked.sum()) + 1  # visible + CLS
+            start += length
+        # the student's rows are exactly the unmasked decoder rows; none of them is masked
+        assert not batch.masked[batch.visible_rows].any()
+        assert sorted(batch.visible_rows.tolist() + batch.masked_rows.tolist()) == list(range(len(batch.masked)))
+        assert int(batch.student_lengths.sum()) == batch.student_tokens
+
+
+def test_ratio_over_a_ten_second_band_is_in_the_spec_range():
+    patches = geometry.n_patches(geometry.n_frames(160000, 16000))
+    assert 0.75 <= sampling.masked_count(patches, 0.8) / patches <= 0.8
+
+
+def test_batches_fill_the_token_budget_and_mix_rates(tmp_path):
+    root = write_corpus(tmp_path / "data", files=10)
+    config = sampling.SamplingConfig(crop_seconds=2, tokens_per_batch=300, clones=1)
+    examples = corpus.FolderCorpus(root, 1.0).examples(0, 0, 1)
+    plans = list(itertools.islice(sampling.plan_batches(examples, np.random.default_rng(1), config), 8))
+    for batch, following in zip(plans, plans[1:]):
+        used = sum(clip.tokens for clip in batch)
+        assert used <= config.tokens_per_batch < used + following[0].tokens
+    assert any(len({clip.example.sample_rate for clip in batch}) > 1 for batch in plans)
+    for clip in itertools.chain(*plans):
+        assert config.min_bands <= len(clip.band_starts) <= config.max_bands
+        assert max(clip.band_starts) <= geometry.n_bins(clip.example.sample_rate) - geometry.BAND_BINS
+
+
+def test_band_patches_and_positions_come_from_each_bands_own_bins(tmp_path):
+    root = write_corpus(tmp_path / "data", files=5)
+    config = sampling.SamplingConfig(crop_seconds=2, tokens_per_batch=400, clones=1)
+    source = corpus.FolderCorpus(root, 1.0)
+    clip = sampling.draw_clip(next(source.examples(0, 0, 1)), np.random.default_rng(), config)
+    batch = sampling.materialise([clip], clones=1)
+    rate = clip.example.sample_rate
+    spec = numpy_spectrogram(clip.example.read(clip.start, clip.samples), rate)
+    frames = spec.shape[1]
+    for s, start in enumerate(clip.band_starts):  # one clip: all bands have the same length, order kept
+        rows = batch.patches[batch.patch_sequence == s].reshape(-1, 32, 16).permute(1, 0, 2).reshape(32, -1)
+        np.testing.assert_allclose(rows[:, :frames].numpy(), spec[start : start + 32], atol=2e-5)
+        assert not rows[:, frames:].any()  # zero time padding of the last patch
+        centre = start + 15.5  # 32 real bins from `start`
+        assert batch.positions[s].item() == pytest.approx(centre * rate / geometry.n_fft(rate) / (rate / 2), rel=1e-6)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_stream_continues_with_the_same_batches(tmp_path, workers):
+    root = write_corpus(tmp_path / "data", files=6)
+    config = sampling.SamplingConfig(crop_seconds=2, tokens_per_batch=300, clones=2)
+    source = corpus.FolderCorpus(root, 1.0)
+
+    def batches(consumed, count):
+        stream = sampling.BatchStream(source, config, seed=3, workers=workers, consumed=consumed)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
+        return list(itertools.islice(loader, count))
+
+    straight = batches(0, 5)
+    resumed = batches(3, 2)
+    for a, b in zip(straight[3:], resumed):
+        assert torch.equal(a.patches, b.patches) and torch.equal(a.masked, b.masked)
+        assert torch.equal(a.positions, b.positions)
