@@ -6,7 +6,7 @@ on the packed buffer (attention per sequence) -> CLS and patch rows gathered bac
 """
 from __future__ import annotations
 
-import contextlib
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,12 +86,22 @@ def _chunks(monos: list[_Mono], max_tokens: int) -> list[list[tuple[int, list[in
     return chunks
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
+_LOW_PRECISION_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _model_for(model: EchoModel, dtype: torch.dtype) -> EchoModel:
+    """The model itself for float32; otherwise a cached low-precision copy, rebuilt when any parameter of
+    the model changed since (an optimiser step, a load) or it moved device."""
     if dtype == torch.float32:
-        return contextlib.nullcontext()
+        return model
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    signature = (dtype, model.device, tuple((p.data_ptr(), p._version) for p in model.parameters()))
+    cached = _LOW_PRECISION_COPIES.get(model)
+    if cached is None or cached[0] != signature:
+        cached = (signature, packed.low_precision_copy(model, dtype))
+        _LOW_PRECISION_COPIES[model] = cached
+    return cached[1]
 
 
 @torch.no_grad()
@@ -110,7 +120,7 @@ def encode(
     with frames=True; float32 on the CPU, equal to model.encode of each signal.
 
     `signals`: a list of (N,) or (C, N) tensors/arrays (or one signal); `sample_rates`: an int or one per signal.
-    `dtype=torch.bfloat16` runs the matrix products in bf16. `max_tokens` bounds the packed tokens per pass
+    `dtype=torch.bfloat16` (or float16) runs the encoder's matrix products in that dtype. `max_tokens` bounds the packed tokens per pass
     (default 32768): any number of signals streams through in flat memory. `backend` forces every op's
     backend ("torch", "reference", "triton"); by default each op picks the fastest for the device.
     """
@@ -120,6 +130,7 @@ def encode(
     max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else int(max_tokens)
     if max_tokens <= 0:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    model = _model_for(model, dtype)
     signal_list, rates = _as_list(signals, sample_rates)
     monos = _monos(signal_list, rates)
     spec_cache: tuple[tuple[int, ...], torch.Tensor, list[int]] | None = None
@@ -134,17 +145,15 @@ def encode(
             waves = torch.cat([monos[m].waveform for m in members]).to(device)
             wave_offsets = torch.tensor([0] + [monos[m].waveform.shape[0] for m in members]).cumsum(0)
             spec_cache = (tuple(members), stft_ops.ragged_spectrogram(waves, wave_offsets, plan, backend))
-        _encode_chunk(model, plan, spec_cache[1], [monos[m] for m in members], frames, dtype, device, backend)
+        _encode_chunk(model, plan, spec_cache[1], [monos[m] for m in members], frames, device, backend)
     return _gather(monos, len(signal_list), frames)
 
 
-def _encode_chunk(model, plan, spec, members: list[_Mono], frames: bool, dtype, device, backend) -> None:
+def _encode_chunk(model, plan, spec, members: list[_Mono], frames: bool, device, backend) -> None:
     """Encode one packed chunk and add its segments' outputs to their monos."""
     proj = model.patch_embed.proj
-    with _autocast(device, dtype):
-        tokens = token_ops.pack_tokens(spec, plan, proj.weight, proj.bias, model.cls_token, model.pos_embed, backend)
-        out = packed.forward(model, tokens, plan.packing(device), backend)
-    out = out.float().cpu()
+    tokens = token_ops.pack_tokens(spec, plan, proj.weight, proj.bias, model.cls_token, model.pos_embed, backend)
+    out = packed.forward(model, tokens, plan.packing(device), backend).float().cpu()
     dim = out.shape[1]
     starts = plan.cu_seqlens.tolist()
     for index, first, bands, patches in plan.segments:
@@ -168,3 +177,6 @@ def _gather(monos: list[_Mono], count: int, frames: bool) -> list:
     if frames:
         return [(u, torch.cat(f, dim=-1)) for u, f in zip(results, frame_rows)]
     return results
+
+
+from .streaming import StreamEncoder  # noqa: E402  (re-exported: echo.fast.StreamEncoder)

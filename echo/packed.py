@@ -2,6 +2,7 @@
 runs per sequence through `cu_seqlens`. Used by echo.fast (inference) and echo.pretrain (training)."""
 from __future__ import annotations
 
+from copy import deepcopy
 from dataclasses import dataclass
 
 import torch
@@ -42,14 +43,27 @@ class Packing:
 
 
 def layer_forward(layer, x: torch.Tensor, packing: Packing, backend: str | None = None) -> torch.Tensor:
-    """One post-norm ECHO layer on a packed (total, D) buffer."""
+    """One post-norm ECHO layer on a packed (total, D) buffer. The matrix products run in the dtype of the
+    layer's linear weights (see low_precision_copy); the residual stream and the norms stay in x's dtype."""
     attn = layer.self_attn
-    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+    qkv = F.linear(x.to(attn.in_proj_weight.dtype), attn.in_proj_weight, attn.in_proj_bias)
     mixed = attn.out_proj(attention_ops.packed_attention(qkv, packing, attn.heads, backend))
     norm1, norm2 = layer.norm1, layer.norm2
     x = norm_ops.fused_residual_layer_norm(x, mixed, norm1.weight, norm1.bias, norm1.eps, backend)
-    hidden = norm_ops.fused_bias_gelu(F.linear(x, layer.linear1.weight), layer.linear1.bias, backend)
+    linear1 = layer.linear1
+    hidden = norm_ops.fused_linear_gelu(x.to(linear1.weight.dtype), linear1.weight, linear1.bias, backend)
     return norm_ops.fused_residual_layer_norm(x, layer.linear2(hidden), norm2.weight, norm2.bias, norm2.eps, backend)
+
+
+def low_precision_copy(model, dtype: torch.dtype):
+    """A copy of the model whose attention and MLP matrices are in `dtype` (bf16: ~4x faster matrix products
+    on AVX-512-bf16 CPUs and tensor cores); patch projection, embeddings and norms stay float32, so does the
+    residual stream. Measured faster than autocast on CPU, which re-casts activations at every product."""
+    copy = deepcopy(model)
+    for layer in copy.encoder.layers:
+        for module in (layer.self_attn, layer.linear1, layer.linear2):
+            module.to(dtype)
+    return copy
 
 
 def forward(model, x: torch.Tensor, packing: Packing, backend: str | None = None, return_layers: bool = False):

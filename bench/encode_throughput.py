@@ -1,0 +1,140 @@
+"""End-to-end throughput of echo.fast.encode against the per-signal reference path (EchoModel.encode).
+
+Prints, for each workload and path: audio-seconds per second, achieved GFLOP/s (model FLOPs counted from the
+plan), the speed-up over the reference path, the fraction of this machine's measured matrix-product peak,
+and the peak RSS of the process that ran it (each measurement runs in a fresh subprocess).
+
+    python bench/encode_throughput.py                   # ECHO-small, W1 W2 W3, CPU
+    python bench/encode_throughput.py --size tiny --workloads W2 --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+WORKLOADS = {
+    "W1": "16 clips x 10 s at 16 kHz",
+    "W2": "128 segments of 0.5-2.5 s at 12/16/48/50 kHz",
+    "W3": "4 signals of 60 s at 48 kHz",
+}
+PATHS = ("reference", "fast-fp32", "fast-bf16")
+
+
+def workload(name: str) -> tuple[list[torch.Tensor], list[int]]:
+    generator = torch.Generator().manual_seed(0)
+    if name == "W1":
+        rates = [16000] * 16
+        seconds = [10.0] * 16
+    elif name == "W2":
+        rates = [(12000, 16000, 48000, 50000)[i % 4] for i in range(128)]
+        seconds = (0.5 + 2.0 * torch.rand(128, generator=generator)).tolist()
+    elif name == "W3":
+        rates, seconds = [48000] * 4, [60.0] * 4
+    else:
+        raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+    signals = [torch.randn(int(s * r), generator=generator) for s, r in zip(seconds, rates)]
+    return signals, rates
+
+
+def model_flops(signals, rates, dim: int, depth: int) -> float:
+    """Matrix-product FLOPs of the encoder: per sequence of n tokens and layer, 24 n D^2 (in/out projections
+    and MLP) + 4 n^2 D (scores and weighted sum); plus the patch projection 2 * 512 * D per patch."""
+    from echo.plan import make_plan
+
+    plan = make_plan([len(s) for s in signals], rates)
+    n = (plan.seq_patches + 1).double()
+    per_layer = (24 * n * dim**2 + 4 * n**2 * dim).sum().item()
+    return depth * per_layer + 2 * 512 * dim * plan.seq_patches.sum().item()
+
+
+def matmul_peak(dtype: torch.dtype, device: str, size: int = 2048, repeat: int = 5) -> float:
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    a @ b
+    times = []
+    for _ in range(repeat):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / min(times)
+
+
+def run_one(name: str, path: str, size: str, device: str, repeat: int) -> dict:
+    import echo
+    import echo.fast
+
+    torch.manual_seed(0)
+    model = echo.EchoModel(echo.EchoConfig.preset(size)).eval().to(device)
+    signals, rates = workload(name)
+    if path == "reference":
+        call = lambda: [model.encode(s, r) for s, r in zip(signals, rates)]  # noqa: E731
+    else:
+        dtype = torch.bfloat16 if path == "fast-bf16" else torch.float32
+        call = lambda: echo.fast.encode(model, signals, rates, dtype=dtype, frames=True)  # noqa: E731
+    call()  # warm-up
+    times = []
+    for _ in range(repeat):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        call()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {
+        "seconds": statistics.median(times),
+        "audio_seconds": sum(len(s) / r for s, r in zip(signals, rates)),
+        "flops": model_flops(signals, rates, model.config.dim, model.config.depth),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
+    parser.add_argument("--paths", nargs="+", default=list(PATHS))
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--one", nargs=2, metavar=("WORKLOAD", "PATH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(*args.one, args.size, args.device, args.repeat)))
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("skipped: --device cuda but no CUDA device is available")
+        return 0
+    peaks = {dtype: matmul_peak(dtype, args.device) for dtype in (torch.float32, torch.bfloat16)}
+    print(f"device {args.device}, {torch.get_num_threads()} threads, ECHO-{args.size}; measured matmul peak: "
+          f"fp32 {peaks[torch.float32] / 1e9:.0f} GFLOP/s, bf16 {peaks[torch.bfloat16] / 1e9:.0f} GFLOP/s")
+    header = f"| workload | path | audio s/s | GFLOP/s | x reference | % of peak | peak RSS MB |"
+    print(header + "\n|---|---|---|---|---|---|---|")
+    for name in args.workloads:
+        reference_time = None
+        for path in args.paths:
+            command = [sys.executable, __file__, "--one", name, path, "--size", args.size,
+                       "--device", args.device, "--repeat", str(args.repeat)]
+            result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+            if path == "reference":
+                reference_time = result["seconds"]
+            speedup = f"{reference_time / result['seconds']:.2f}" if reference_time else "-"
+            peak = peaks[torch.bfloat16 if path == "fast-bf16" else torch.float32]
+            achieved = result["flops"] / result["seconds"]
+            print(f"| {name} | {path} | {result['audio_seconds'] / result['seconds']:.1f} | {achieved / 1e9:.1f} | "
+                  f"{speedup} | {100 * achieved / peak:.0f}% | {result['peak_rss_mb']:.0f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""StreamEncoder: encode audio that arrives in pieces, emitting each 2000-frame segment as soon as the
+released segmenting rule makes it final, and ending with exactly what echo.fast.encode gives on the whole.
+
+Why this works although the front end subtracts the mean of the WHOLE signal: a constant c changes the STFT
+of a frame by c * W[k], W the DFT of the periodic Hann window, which is zero at every bin but 0 and 1. So
+only band 0 depends on the final mean. Bands >= 1 of a full segment are final when its 2000 frames exist;
+band 0 is emitted with the running mean (provisional) and recomputed at finish() from the stored complex
+spectrum of bins 0..31 (32 complex values per frame), along with the last, overlapping segment.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import geometry, inputs, packed
+from .model import EchoModel
+from .ops import stft as stft_ops
+from .ops import tokens as token_ops
+
+
+class StreamEncoder:
+    """`push(chunk)` returns the segments that became final, as (index, utterance, frames) with band 0
+    provisional; `finish()` returns utterance, or (utterance, frames) with frames=True, of the whole signal."""
+
+    def __init__(self, model: EchoModel, sample_rate, *, frames: bool = False, backend: str | None = None):
+        self.model = model
+        self.rate = inputs.check_sample_rate(sample_rate)
+        self.frames = frames
+        self.backend = backend
+        self.n_fft, self.hop = geometry.n_fft(self.rate), geometry.hop(self.rate)
+        self.bands = geometry.n_bands(self.rate)
+        self.positions = token_ops.band_positions(self.rate)
+        window = torch.hann_window(self.n_fft, periodic=True, dtype=torch.float64)
+        self.window = window
+        self.window_dft = torch.fft.rfft(window)[: geometry.BAND_BINS]  # W[k], k < 32
+        self.samples = 0
+        self.total = torch.zeros((), dtype=torch.float64)  # running sum, for the mean
+        self.audio = torch.zeros(0)  # samples from audio_start on
+        self.audio_start = 0
+        self.low = []  # per computed frame block: raw complex bins 0..31, and the DC estimate it used
+        self.upper = torch.zeros(self.bands * geometry.BAND_BINS, 0)  # band layout, frames from upper_start
+        self.upper_start = 0
+        self.done_frames = 0
+        self.outputs = []  # per emitted full segment: (nb, L+1, D) outputs, band 0 provisional
+        self.finished = False
+
+    def push(self, chunk) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        if self.finished:
+            raise ValueError("push() after finish(): start a new StreamEncoder for a new signal")
+        chunk = torch.as_tensor(chunk)
+        if chunk.dim() != 1:
+            raise ValueError(f"push() takes 1-D chunks of samples, got shape {tuple(chunk.shape)}")
+        if chunk.numel() == 0:
+            return []
+        if chunk.dtype in inputs.PCM_SCALES:
+            chunk = chunk.float() * inputs.PCM_SCALES[chunk.dtype]
+        if not chunk.is_floating_point():
+            raise ValueError(f"chunk has unsupported dtype {chunk.dtype}; pass float or int16/int32 PCM")
+        chunk = chunk.float()
+        if not torch.isfinite(chunk).all():
+            raise ValueError(f"chunk at sample {self.samples} contains NaN or Inf")
+        self.samples += chunk.numel()
+        self.total += chunk.double().sum()
+        self.audio = torch.cat([self.audio, chunk])
+        self._compute_frames()
+        emitted = []
+        while self.done_frames >= (len(self.outputs) + 1) * geometry.SEGMENT_FRAMES:
+            emitted.append(self._emit_block(len(self.outputs)))
+        self._trim()
+        return emitted
+
+    def _compute_frames(self) -> None:
+        available = geometry.n_frames(self.samples, self.rate)
+        if available <= self.done_frames:
+            return
+        first = self.done_frames * self.hop - self.audio_start
+        count = available - self.done_frames
+        span = self.audio[first : first + self.n_fft + (count - 1) * self.hop]
+        estimate = self.total / self.samples
+        # float64: the band-0 correction at finish() subtracts nearly equal complex numbers
+        spectrum = torch.fft.rfft((span.double() - estimate).unfold(0, self.n_fft, self.hop) * self.window)
+        self.low.append((spectrum[:, : geometry.BAND_BINS], estimate))
+        layout = stft_ops.band_layout(stft_ops.log_normalise(spectrum.abs()).T.float(), self.rate)
+        self.upper = torch.cat([self.upper, layout], dim=1)
+        self.done_frames = available
+
+    def _band0(self, mean: torch.Tensor) -> torch.Tensor:
+        """Band-0 rows (32, frames) of every computed frame, DC removed with `mean`."""
+        corrected = torch.cat([raw - (mean - estimate) * self.window_dft[: raw.shape[1]] for raw, estimate in self.low])
+        return stft_ops.band_layout(stft_ops.log_normalise(corrected.abs()).T.float(), self.rate)[: geometry.BAND_BINS]
+
+    def _encode(self, bands: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(B, 32, T) band images -> (B, L+1, D) outputs through the packed encoder."""
+        tokens = self.model.band_tokens(bands, positions)
+        count, length, dim = tokens.shape
+        packing = packed.Packing.from_lengths(torch.full((count,), length), tokens.device)
+        with torch.no_grad():
+            out = packed.forward(self.model, tokens.reshape(-1, dim), packing, self.backend)
+        return out.view(count, length, dim).float().cpu()
+
+    def _segment_bands(self, start: int, end: int, band0: torch.Tensor) -> torch.Tensor:
+        image = self.upper[:, start - self.upper_start : end - self.upper_start].clone()
+        image[: geometry.BAND_BINS] = band0[:, start:end]
+        return image.view(self.bands, geometry.BAND_BINS, end - start)
+
+    def _emit_block(self, k: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        start, end = k * geometry.SEGMENT_FRAMES, (k + 1) * geometry.SEGMENT_FRAMES
+        band0 = self._band0(self.total / self.samples)
+        with torch.no_grad():
+            out = self._encode(self._segment_bands(start, end, band0).to(self.model.device), self.positions)
+        self.outputs.append(out)
+        return k, out[:, 0].reshape(-1), out[:, 1:].transpose(0, 1).flatten(1)
+
+    def _trim(self) -> None:
+        """Keep only the audio of frames not yet computed and the spectrum the last segment may still need."""
+        keep_frame = max(0, self.done_frames - geometry.SEGMENT_FRAMES)
+        keep_upper = min(keep_frame, len(self.outputs) * geometry.SEGMENT_FRAMES)
+        self.upper = self.upper[:, keep_upper - self.upper_start :]
+        self.upper_start = keep_upper
+        keep_sample = self.done_frames * self.hop
+        self.audio = self.audio[keep_sample - self.audio_start :]
+        self.audio_start = keep_sample
+
+    def finish(self):
+        if self.finished:
+            raise ValueError("finish() was already called")
+        self.finished = True
+        if self.samples < self.n_fft:
+            raise ValueError(
+                f"signal of {self.samples} samples is shorter than one 25 ms window at {self.rate} Hz "
+                f"({self.n_fft} samples)"
+            )
+        band0 = self._band0(self.total / self.samples)
+        segments = geometry.segments(self.done_frames)
+        outputs = list(self.outputs)
+        with torch.no_grad():
+            if outputs:  # recompute band 0 of the emitted segments with the exact mean
+                images = torch.stack([band0[:, s:e] for s, e in segments[: len(outputs)]])
+                fixed = self._encode(images.to(self.model.device), self.positions[:1].expand(len(outputs)))
+                outputs = [torch.cat([fixed[i : i + 1], out[1:]]) for i, out in enumerate(outputs)]
+            for start, end in segments[len(outputs) :]:
+                outputs.append(self._encode(self._segment_bands(start, end, band0).to(self.model.device), self.positions))
+        utterance = torch.stack([out[:, 0].reshape(-1) for out in outputs]).mean(0)
+        if not self.frames:
+            return utterance
+        return utterance, torch.cat([out[:, 1:].transpose(0, 1).flatten(1) for out in outputs])

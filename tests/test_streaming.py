@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+import echo.fast as fast
+from echo import geometry
+
+from conftest import random_model, rel_err
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model("tiny")
+
+
+def push_in_random_pieces(stream, x):
+    emitted, position = [], 0
+    while position < len(x):
+        step = int(torch.randint(1, len(x) // 4 + 2, ()))
+        emitted += stream.push(x[position : position + step])
+        position += step
+    return emitted
+
+
+@pytest.mark.parametrize(
+    "rate,frames",
+    [(16000, 700), (8000, 2000), (12000, 2001),
+     pytest.param(2000, 4500, marks=pytest.mark.slow), pytest.param(22050, 4000, marks=pytest.mark.slow)],
+)
+def test_stream_equals_offline(model, rate, frames):
+    n = geometry.n_fft(rate) + (frames - 1) * geometry.hop(rate) + int(torch.randint(0, geometry.hop(rate), ()))
+    x = torch.randn(n) * 0.5 + float(torch.randn(()) * 3)  # a large DC offset: only known at the end
+    ref_u, ref_f = fast.encode(model, [x], rate, frames=True)[0]
+    stream = fast.StreamEncoder(model, rate, frames=True)
+    emitted = push_in_random_pieces(stream, x)
+    utterance, frame_rows = stream.finish()
+    assert frame_rows.shape == ref_f.shape
+    assert rel_err(utterance, ref_u) < 1e-5 and rel_err(frame_rows, ref_f) < 1e-5
+    # every full 2000-frame block is emitted once, in order, as soon as it exists; bands >= 1 already final
+    assert [k for k, _, _ in emitted] == list(range(frames // geometry.SEGMENT_FRAMES if frames > 2000 else int(frames == 2000)))
+    dim = model.config.dim
+    for k, _, rows in emitted:
+        final = ref_f[125 * k : 125 * (k + 1)]
+        if geometry.n_bands(rate) > 1:
+            assert rel_err(rows[:, dim:], final[:, dim:]) < 1e-5
+
+
+def test_utterance_only_and_pcm(model):
+    pcm = (torch.randn(30000) * 2000).to(torch.int16)
+    stream = fast.StreamEncoder(model, 12000)
+    push_in_random_pieces(stream, pcm)
+    utterance = stream.finish()
+    assert rel_err(utterance, model.encode(pcm, 12000)[0]) < 1e-5
+
+
+def test_stream_errors(model):
+    stream = fast.StreamEncoder(model, 16000)
+    with pytest.raises(ValueError, match="1-D chunks"):
+        stream.push(torch.zeros(2, 10))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        stream.push(torch.tensor([0.0, float("nan")]))
+    stream.push(torch.zeros(100))
+    with pytest.raises(ValueError, match="signal of 100 samples is shorter than one 25 ms window"):
+        stream.finish()
+    with pytest.raises(ValueError, match="after finish"):
+        stream.push(torch.zeros(10))
+    with pytest.raises(ValueError, match="below the minimum"):
+        fast.StreamEncoder(model, 500)
