@@ -35,6 +35,7 @@ def demo(args) -> int:
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("echo.pretrain.command", "self-supervised teacher-student pretraining on an audio folder or shards"),
     "pretrain-shards": ("echo.pretrain.shards", "write an audio folder as WebDataset tar shards for pretraining"),
+    "encode": ("echo.encode_files", "audio files or folders to ECHO embeddings (.npz or .parquet), resumable"),
     "eval": ("echo.eval.cli", "evaluate embeddings: DCASE anomaly detection or fault classification (kNN)"),
 }
 

@@ -1,0 +1,281 @@
+"""`python -m echo encode [PATH ...] --model default --out embeddings.npz`: audio files to ECHO embeddings.
+
+Files (WAV/FLAC/OGG, any rate, any channel count: channels are encoded on their own and concatenated) or
+folders (searched recursively) are read and encoded in batches through `echo.fast.encode`; with no PATH the
+bundled samples are encoded. A file that cannot be read or encoded is reported with the reason and left out.
+
+Every finished batch is saved at once in `OUT.parts/` (one shard per batch, written atomically), so an
+interrupted run loses at most one batch; the output is written atomically at the end, and a re-run skips
+every file already encoded by the same model, in the old output or in the shards. Under
+`torchrun --nproc-per-node N -m echo encode ...` rank r encodes files r, r + N, ... and rank 0 merges.
+
+Output: `.npz` with `paths`, `keys`, `sample_rates`, `channels`, `model` and one array per file,
+`utterance/{i}` (and `frames/{i}` with --frames), since embedding sizes differ between rates; or, for an
+`.parquet` OUT (needs pyarrow), one row per file. `read_embeddings` reads either back.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import inputs
+from .data.bundled import SAMPLES_DIR
+from .data.wav import read_wav
+from .eval.datasets import read_audio
+from .eval.embed import EmbeddingCache, model_hash
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FRAMES = "/frames"  # suffixes of a file's frame-embedding and (rate, channels) entries in the shards
+META = "/meta"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("paths", nargs="*", type=Path,
+                        help="audio files or folders (default: the bundled samples)")
+    parser.add_argument("--model", default="default",
+                        help="checkpoint path or name: default, echo-small, echo-tiny (default: default)")
+    parser.add_argument("--out", type=Path, default=Path("embeddings.npz"), help=".npz (default) or .parquet")
+    parser.add_argument("--frames", action="store_true", help="keep the frame embeddings too")
+    parser.add_argument("--batch-files", type=int, default=32, help="files encoded per batch")
+    parser.add_argument("--max-tokens", type=int, default=None, help="packed tokens per pass (echo.fast.encode)")
+    parser.add_argument("--device", default=None, help="default: cuda (this rank's GPU) if present, else cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="encoder compute dtype")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def find_files(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Audio files under `paths` (folders searched recursively, files taken as given), and the missing ones."""
+    files, missing = [], []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            missing.append((path, "no such file or folder"))
+    return list(dict.fromkeys(files)), missing
+
+
+def read_file(path: Path) -> tuple[np.ndarray, int]:
+    """(waveform (N,) or (C, N), rate) with soundfile; plain 16-bit WAV needs no package."""
+    if importlib.util.find_spec("soundfile") is None and path.suffix.lower() == ".wav":
+        return read_wav(path)
+    return read_audio(path)
+
+
+def _read_checked(path: Path):
+    """(float32 signal, rate) or the reason the file cannot be used."""
+    try:
+        signal, rate = read_file(path)
+        rate = inputs.check_sample_rate(rate)
+        return inputs.as_signal(signal, rate), rate
+    except Exception as error:  # a corrupt or unsupported file is reported, never fatal
+        return f"{type(error).__name__}: {error}"
+
+
+def _encode(model, signals, rates, frames: bool, options: dict) -> list[dict]:
+    from . import fast
+
+    outputs = fast.encode(model, signals, rates, frames=frames, **options)
+    if not frames:
+        return [{"utterance": u.float().numpy()} for u in outputs]
+    return [{"utterance": u.float().numpy(), "frames": f.float().numpy()} for u, f in outputs]
+
+
+def _encode_batch(model, loaded: list, frames: bool, options: dict) -> list:
+    """Embeddings of a batch of (signal, rate); if the batch fails, file by file, so only the bad one fails."""
+    try:
+        return _encode(model, [s for s, _ in loaded], [r for _, r in loaded], frames, options)
+    except (ValueError, RuntimeError):
+        results = []
+        for signal, rate in loaded:
+            try:
+                results += _encode(model, [signal], [rate], frames, options)
+            except (ValueError, RuntimeError) as error:
+                results.append(f"encode failed: {error}")
+        return results
+
+
+def read_embeddings(path) -> dict:
+    """{file path: {"utterance", "frames" (if kept), "key", "sample_rate", "channels"}} and "model" from an
+    npz or parquet output of `encode`."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        table = _require_pyarrow().parquet.read_table(str(path)).to_pylist()
+        model = table[0]["model"] if table else ""
+        rows = {row["path"]: {**row, "utterance": np.asarray(row["utterance"], dtype=np.float32)} for row in table}
+        for row in rows.values():
+            if row.get("frames") is not None:
+                row["frames"] = np.asarray(row["frames"], dtype=np.float32)
+        return {"model": model, "files": rows}
+    with np.load(path, allow_pickle=False) as data:
+        files = {}
+        for i, name in enumerate(data["paths"]):
+            row = {"key": str(data["keys"][i]), "sample_rate": int(data["sample_rates"][i]),
+                   "channels": int(data["channels"][i]), "utterance": data[f"utterance/{i}"]}
+            if f"frames/{i}" in data:
+                row["frames"] = data[f"frames/{i}"]
+            files[str(name)] = row
+        return {"model": str(data["model"]), "files": files}
+
+
+def _require_pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise ValueError("writing or reading .parquet needs pyarrow (pip install 'echo-fm[parquet]'); "
+                         "or use an .npz output") from None
+    return pyarrow
+
+
+def _write(out: Path, rows: list[dict], model_key: str, frames: bool) -> None:
+    temporary = out.with_name(out.name + ".tmp")
+    if out.suffix == ".parquet":
+        pyarrow = _require_pyarrow()
+        columns = {name: [row[name] for row in rows] for name in ("path", "key", "sample_rate", "channels")}
+        columns["model"] = [model_key] * len(rows)
+        columns["utterance"] = [row["utterance"].tolist() for row in rows]
+        if frames:
+            columns["frames"] = [row["frames"].tolist() for row in rows]
+        pyarrow.parquet.write_table(pyarrow.table(columns), str(temporary))
+    else:
+        arrays = {"paths": np.array([row["path"] for row in rows], dtype=str),
+                  "keys": np.array([row["key"] for row in rows], dtype=str),
+                  "sample_rates": np.array([row["sample_rate"] for row in rows], dtype=np.int64),
+                  "channels": np.array([row["channels"] for row in rows], dtype=np.int64),
+                  "model": np.array(model_key)}
+        for i, row in enumerate(rows):
+            arrays[f"utterance/{i}"] = row["utterance"]
+            if frames:
+                arrays[f"frames/{i}"] = row["frames"]
+        with open(temporary, "wb") as handle:  # a file object: numpy appends no ".npz" to the name
+            np.savez(handle, **arrays)
+    os.replace(temporary, out)
+
+
+def _previous(out: Path, model_key: str, frames: bool) -> dict:
+    """Entries of an earlier output of the same model, keyed like the shards, to skip their files."""
+    if not out.is_file():
+        return {}
+    try:
+        old = read_embeddings(out)
+    except Exception as error:  # an unreadable old output only means nothing is reused
+        print(f"note: the existing {out} is not readable ({type(error).__name__}: {error}); encoding everything")
+        return {}
+    if old["model"] != model_key:
+        return {}
+    entries = {}
+    for row in old["files"].values():
+        if frames and row.get("frames") is None:
+            continue
+        entries[row["key"]] = row["utterance"]
+        entries[row["key"] + META] = np.array([row["sample_rate"], row["channels"]], dtype=np.int64)
+        if row.get("frames") is not None:
+            entries[row["key"] + FRAMES] = row["frames"]
+    return entries
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) under torchrun, with a process group for the final barrier; (0, 1) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), world
+
+
+def run(args) -> int:
+    from .checkpoint import load
+
+    if args.batch_files < 1:
+        raise ValueError(f"--batch-files must be at least 1, got {args.batch_files}")
+    if args.out.suffix not in (".npz", ".parquet"):
+        raise ValueError(f"--out must end in .npz or .parquet, got {args.out.name}")
+    if args.out.suffix == ".parquet":
+        _require_pyarrow()
+    rank, world = _distributed()
+    device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    model = load(args.model, device=device)
+    model_key = model_hash(model)
+    files, failures = find_files(args.paths or [SAMPLES_DIR])
+    if not files:
+        raise ValueError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) found in {', '.join(map(str, args.paths))}")
+    parts = args.out.with_name(args.out.name + ".parts")
+    cache = EmbeddingCache(parts, model_key)
+    done = {**_previous(args.out, model_key, args.frames), **cache.entries}
+    keys = {}
+    for path in files:
+        try:
+            keys[path] = EmbeddingCache.key(path)
+        except OSError as error:
+            failures.append((path, f"{type(error).__name__}: {error}"))
+    wanted = [p for p in keys if keys[p] not in done or (args.frames and keys[p] + FRAMES not in done)]
+    mine = wanted[rank::world]
+    options = {"dtype": DTYPES[args.dtype], "device": device, "max_tokens": args.max_tokens}
+    start, seconds = time.perf_counter(), 0.0
+    bar = tqdm(total=len(mine), desc=f"encoding (rank {rank})" if world > 1 else "encoding", unit="file",
+               disable=args.quiet or rank != 0)
+    with ThreadPoolExecutor(4) as pool:
+        for first in range(0, len(mine), args.batch_files):
+            batch = mine[first:first + args.batch_files]
+            loaded = list(pool.map(_read_checked, batch))
+            good = [(path, item) for path, item in zip(batch, loaded) if not isinstance(item, str)]
+            failures += [(path, item) for path, item in zip(batch, loaded) if isinstance(item, str)]
+            results = _encode_batch(model, [item for _, item in good], args.frames, options)
+            fresh = {}
+            for (path, (signal, rate)), result in zip(good, results):
+                if isinstance(result, str):
+                    failures.append((path, result))
+                    continue
+                channels = signal.shape[0] if signal.dim() == 2 else 1
+                fresh[keys[path]] = result["utterance"]
+                fresh[keys[path] + META] = np.array([rate, channels], dtype=np.int64)
+                if args.frames:
+                    fresh[keys[path] + FRAMES] = result["frames"]
+                seconds += signal.shape[-1] / rate
+            cache.add(fresh)
+            bar.update(len(batch))
+    bar.close()
+    elapsed = time.perf_counter() - start
+    for path, reason in failures:
+        print(f"skipped {path}: {reason}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if rank != 0:
+            return 0
+        cache = EmbeddingCache(parts, model_key)  # every rank's shards
+    done.update(cache.entries)
+    rows = []
+    for path in files:
+        key = keys.get(path)
+        if key is None or key not in done or (args.frames and key + FRAMES not in done):
+            continue
+        rate, channels = (int(v) for v in done[key + META])
+        row = {"path": str(path), "key": key, "sample_rate": rate, "channels": channels, "utterance": done[key]}
+        if args.frames:
+            row["frames"] = done[key + FRAMES]
+        rows.append(row)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    _write(args.out, rows, model_key, args.frames)
+    shutil.rmtree(parts, ignore_errors=True)
+    reused = len(rows) - len(set(wanted) & {Path(row["path"]) for row in rows})
+    speed = f"; {seconds:.1f} s of audio in {elapsed:.1f} s ({seconds / max(elapsed, 1e-9):.1f}x real time)" \
+        if seconds else ""
+    print(f"wrote {args.out}: {len(rows)} files ({reused} reused from an earlier run), "
+          f"{len(failures)} skipped{speed}")
+    return 0 if rows else 1
