@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import dot_precision
+from . import dot, dot_precision
 
 
 @triton.jit
@@ -54,7 +54,7 @@ def _forward_kernel(
         seq_k = tl.load(seq_ids + key, mask=key_ok, other=-2)
         k = tl.load(qkv + key[:, None] * (3 * dim) + dim + col[None, :], mask=key_ok[:, None], other=0.0)
         v = tl.load(qkv + key[:, None] * (3 * dim) + 2 * dim + col[None, :], mask=key_ok[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        scores = dot(q, tl.trans(k), PRECISION) * qk_scale
         scores = tl.where(seq_q[:, None] == seq_k[None, :], scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
         # A row may see no key of its sequence in this block (its max stays -inf): shift by 0 instead, so
@@ -63,7 +63,7 @@ def _forward_kernel(
         p = tl.exp2(scores - shift[:, None])
         rescale = tl.exp2(row_max - shift)
         row_sum = row_sum * rescale + tl.sum(p, axis=1)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * rescale[:, None] + dot(p.to(v.dtype), v, PRECISION)
         row_max = new_max
 
     # Every real row sees at least its own key, so row_sum > 0 there; the guard only covers the padding rows.
@@ -99,13 +99,13 @@ def _backward_kv_kernel(
         do = tl.load(grad_out + row[:, None] * dim + col[None, :], mask=row_ok[:, None], other=0.0)
         row_lse = tl.load(lse + head * total + row, mask=row_ok, other=0.0)
         row_delta = tl.load(delta + head * total + row, mask=row_ok, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        scores = dot(q, tl.trans(k), PRECISION) * qk_scale
         p = tl.exp2(scores - row_lse[:, None])
         p = tl.where(seq_q[:, None] == seq_k[None, :], p, 0.0)
-        grad_v += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        grad_p = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        grad_v += dot(tl.trans(p.to(do.dtype)), do, PRECISION)
+        grad_p = dot(do, tl.trans(v), PRECISION)
         grad_s = p * (grad_p - row_delta[:, None])
-        grad_k += tl.dot(tl.trans(grad_s.to(q.dtype)), q, input_precision=PRECISION)
+        grad_k += dot(tl.trans(grad_s.to(q.dtype)), q, PRECISION)
 
     target = grad_qkv + key[:, None] * (3 * dim) + col[None, :]
     tl.store(target + dim, (grad_k * scale).to(grad_qkv.dtype.element_ty), mask=key_ok[:, None])
@@ -137,12 +137,12 @@ def _backward_q_kernel(
         seq_k = tl.load(seq_ids + key, mask=key_ok, other=-2)
         k = tl.load(qkv + key[:, None] * (3 * dim) + dim + col[None, :], mask=key_ok[:, None], other=0.0)
         v = tl.load(qkv + key[:, None] * (3 * dim) + 2 * dim + col[None, :], mask=key_ok[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        scores = dot(q, tl.trans(k), PRECISION) * qk_scale
         p = tl.exp2(scores - row_lse[:, None])
         p = tl.where(seq_q[:, None] == seq_k[None, :], p, 0.0)
-        grad_p = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        grad_p = dot(do, tl.trans(v), PRECISION)
         grad_s = p * (grad_p - row_delta[:, None])
-        grad_q += tl.dot(grad_s.to(k.dtype), k, input_precision=PRECISION)
+        grad_q += dot(grad_s.to(k.dtype), k, PRECISION)
 
     tl.store(grad_qkv + row[:, None] * (3 * dim) + col[None, :], (grad_q * scale).to(grad_qkv.dtype.element_ty),
              mask=row_ok[:, None])

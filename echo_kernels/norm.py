@@ -19,6 +19,16 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _residual_sum(x, residual, index, mask, dtype: tl.constexpr):
+    """x + residual in fp32, rounded to the output dtype as the reference's addition is (every operand is
+    widened first: arithmetic stays fp32, which is also all the Triton interpreter can do with bf16)."""
+    summed = tl.load(x + index, mask=mask, other=0.0).to(tl.float32) + tl.load(
+        residual + index, mask=mask, other=0.0
+    ).to(tl.float32)
+    return summed.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _layer_norm_forward_kernel(
     x, residual, weight, bias, out, mean_out, rstd_out, rows, dim, eps,
     BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -28,8 +38,7 @@ def _layer_norm_forward_kernel(
     col_ok = col < dim
     mask = (row < rows)[:, None] & col_ok[None, :]
     index = row[:, None] * dim + col[None, :]
-    summed = tl.load(x + index, mask=mask, other=0.0) + tl.load(residual + index, mask=mask, other=0.0)
-    h = summed.to(x.dtype.element_ty).to(tl.float32)
+    h = _residual_sum(x, residual, index, mask, out.dtype.element_ty)
     mean = tl.sum(h, axis=1) / dim
     centred = tl.where(mask, h - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / dim + eps)
@@ -53,8 +62,7 @@ def _layer_norm_backward_kernel(
     row_ok = row < rows
     mask = row_ok[:, None] & col_ok[None, :]
     index = row[:, None] * dim + col[None, :]
-    summed = tl.load(x + index, mask=mask, other=0.0) + tl.load(residual + index, mask=mask, other=0.0)
-    h = summed.to(x.dtype.element_ty).to(tl.float32)
+    h = _residual_sum(x, residual, index, mask, grad_in.dtype.element_ty)
     mean = tl.load(mean_in + row, mask=row_ok, other=0.0)
     rstd = tl.load(rstd_in + row, mask=row_ok, other=0.0)
     normed = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
@@ -82,7 +90,7 @@ class _ResidualLayerNorm(torch.autograd.Function):
         shape = x.shape
         x, residual = _rows(x), _rows(residual)
         rows, dim = x.shape
-        out = torch.empty_like(x)
+        out = torch.empty(rows, dim, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
         mean = torch.empty(rows, dtype=torch.float32, device=x.device)
         rstd = torch.empty_like(mean)
         block_rows, block_d = _layer_norm_blocks(dim)
@@ -101,7 +109,7 @@ class _ResidualLayerNorm(torch.autograd.Function):
         grad_out = _rows(grad_out)
         block_rows, block_d = _layer_norm_blocks(dim)
         blocks = triton.cdiv(rows, block_rows)
-        grad_in = torch.empty_like(x)
+        grad_in = torch.empty(rows, dim, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
         partial_w = torch.zeros(max(blocks, 1), dim, dtype=torch.float32, device=x.device)
         partial_b = torch.zeros_like(partial_w)
         if rows:
@@ -110,23 +118,27 @@ class _ResidualLayerNorm(torch.autograd.Function):
                 BLOCK_ROWS=block_rows, BLOCK_D=block_d,
             )
         grad_in = grad_in.view(ctx.shape)
-        grad_w = partial_w.sum(0).to(weight.dtype)
-        return grad_in, grad_in, grad_w, partial_b.sum(0).to(weight.dtype), None
+        grad_w, grad_b = partial_w.sum(0).to(weight.dtype), partial_b.sum(0).to(weight.dtype)
+        return grad_in.to(x.dtype), grad_in.to(residual.dtype), grad_w, grad_b, None
 
 
 def residual_layer_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    """LayerNorm(x + residual) over the last axis, in x's dtype (statistics in fp32). Differentiable."""
-    if x.shape != residual.shape or x.dtype != residual.dtype:
-        raise ValueError(f"x {tuple(x.shape)} {x.dtype} and residual {tuple(residual.shape)} {residual.dtype} differ")
+    """LayerNorm(x + residual) over the last axis, in their promoted dtype, as torch's x + residual
+    (statistics in fp32). Differentiable."""
+    if x.shape != residual.shape:
+        raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} must have the same shape")
     return _ResidualLayerNorm.apply(x, residual, weight.contiguous(), bias.contiguous(), eps)
 
 
 @triton.jit
 def _gelu_input(x, bias, index, col, mask, col_ok, dtype: tl.constexpr):
     """The GELU input h = x + bias, rounded to the output dtype as the reference's addition is."""
-    summed = tl.load(x + index, mask=mask, other=0.0) + tl.load(bias + col, mask=col_ok, other=0.0)[None, :]
+    summed = (
+        tl.load(x + index, mask=mask, other=0.0).to(tl.float32)
+        + tl.load(bias + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    )
     return summed.to(dtype).to(tl.float32)
 
 

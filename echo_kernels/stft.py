@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import dot_precision
+from . import dot, dot_precision
 
 
 @triton.jit
@@ -79,8 +79,8 @@ def _spectrogram_tile_kernel(
         basis_index = row[:, None] * n_fft + k[None, :]
         cos_tile = tl.load(cos_basis + basis_index, mask=basis_mask, other=0.0)
         sin_tile = tl.load(sin_basis + basis_index, mask=basis_mask, other=0.0)
-        real += tl.dot(cos_tile, samples, input_precision=PRECISION)
-        imag += tl.dot(sin_tile, samples, input_precision=PRECISION)
+        real += dot(cos_tile, samples, PRECISION)
+        imag += dot(sin_tile, samples, PRECISION)
 
     value = (tl.log(tl.sqrt(real * real + imag * imag) + log_eps) + log_mean) / log_std
     # Rows [last_start, last_start + pad) are the zero padding in front of the last band's real bins.

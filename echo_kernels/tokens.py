@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import dot_precision
+from . import dot, dot_precision
 
 
 @triton.jit
@@ -55,7 +55,7 @@ def _pack_tokens_kernel(
             other=0.0,
         )
         w = tl.load(weight + feature[None, :] * (BAND * PATCH) + k[:, None], mask=feature_ok[None, :], other=0.0)
-        acc += tl.dot(x.to(w.dtype), w, input_precision=PRECISION)
+        acc += dot(x.to(w.dtype), w, PRECISION)
 
     # Frequency encoding of the band: angle_i = (scale p) * exp(2i * fpe_rate), fpe_rate = -ln(base) / D,
     # sin at even and cos at odd features; fp32 in the reference's order so the rounding matches.

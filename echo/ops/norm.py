@@ -36,10 +36,13 @@ def fused_residual_layer_norm(
     return residual_layer_norm(x, residual, weight, bias, eps)
 
 
-def fused_bias_gelu(x: torch.Tensor, bias: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-    """Dispatch of bias_gelu: the fused Triton kernel (forward + backward) or the reference."""
+def fused_linear_gelu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, backend: str | None = None
+) -> torch.Tensor:
+    """gelu(x W^T + b) (erf): on Triton the bias add is fused into the GELU kernel (forward + backward);
+    otherwise torch adds the bias inside the matrix product, then applies GELU."""
     if _backend(x.device, backend) == "triton":
         from echo_kernels import norm as kernel
 
-        return kernel.bias_gelu(x, bias)
-    return bias_gelu(x, bias)
+        return kernel.bias_gelu(F.linear(x, weight), bias)
+    return F.gelu(F.linear(x, weight, bias))

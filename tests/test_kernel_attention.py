@@ -1,0 +1,87 @@
+"""The Triton varlen attention (echo_kernels/attention.py), forward and backward, against the reference."""
+import pytest
+import torch
+
+from echo.ops import attention as attention_ops
+from echo.packed import Packing
+
+from conftest import assert_flash_rule, rel_err
+
+pytest.importorskip("triton")
+from echo_kernels import attention as kernel  # noqa: E402  (after the interpreter is chosen in conftest)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HEADS, DIM = 2, 128  # head dim 64, as ECHO's
+
+
+def packed(lengths, dtype=torch.float64):
+    cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
+    qkv = torch.randn(int(cu_seqlens[-1]), 3 * DIM, dtype=torch.float64).to(dtype)
+    return qkv, cu_seqlens
+
+
+def run(qkv, cu_seqlens, grad, block=None):
+    """Kernel output and dqkv on the test device."""
+    qkv = qkv.to(DEVICE).requires_grad_()
+    out = kernel.varlen_attention(qkv, cu_seqlens.to(DEVICE), 0, HEADS, block=block)
+    (dqkv,) = torch.autograd.grad(out, qkv, grad.to(DEVICE, qkv.dtype))
+    return out.detach().cpu(), dqkv.cpu()
+
+
+def reference(qkv, cu_seqlens, grad):
+    qkv = qkv.clone().requires_grad_()
+    out = attention_ops.varlen_attention(qkv, cu_seqlens, HEADS)
+    (dqkv,) = torch.autograd.grad(out, qkv, grad.to(qkv.dtype))
+    return out.detach(), dqkv
+
+
+# With 16-row tiles: lengths 1 and 2, one tile exactly, one tile + 1, several tiles (online softmax
+# rescaling), and a random mix; sequences straddle tile boundaries everywhere.
+EDGE_LENGTHS = [1, 2, 16, 17, 3, 40]
+
+
+@pytest.mark.parametrize("block", [16, None])
+def test_forward_and_backward_fp32(block, poisoned_empty):
+    lengths = EDGE_LENGTHS + torch.randint(1, 20, (3,)).tolist()
+    qkv, cu_seqlens = packed(lengths)
+    grad = torch.randn(qkv.shape[0], DIM, dtype=torch.float64)
+    out, dqkv = run(qkv.float(), cu_seqlens, grad.float(), block)
+    ref_out, ref_dqkv = reference(qkv, cu_seqlens, grad)
+    assert not out.isnan().any() and not dqkv.isnan().any()
+    assert rel_err(out, ref_out) < 1e-5
+    assert rel_err(dqkv, ref_dqkv) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_flash_rule(dtype, poisoned_empty):
+    """Outputs within 2x, gradients within 3x the error of the torch computation in the same dtype."""
+    qkv, cu_seqlens = packed(EDGE_LENGTHS, dtype)
+    grad = torch.randn(qkv.shape[0], DIM).to(dtype)
+    out, dqkv = run(qkv, cu_seqlens, grad, block=16)
+    exact_out, exact_dqkv = reference(qkv.double(), cu_seqlens, grad.double())
+    low_out, low_dqkv = reference(qkv, cu_seqlens, grad)
+    assert out.dtype == dtype and dqkv.dtype == dtype
+    assert_flash_rule(out, low_out, exact_out, 2)
+    assert_flash_rule(dqkv, low_dqkv, exact_dqkv, 3)
+
+
+def test_dispatch_through_packing():
+    lengths = torch.randint(1, 30, (4,))
+    qkv, _ = packed(lengths.tolist(), torch.float32)
+    packing = Packing.from_lengths(lengths)
+    got = attention_ops.packed_attention(qkv.to(DEVICE), packing, HEADS, backend="triton")
+    ref = attention_ops.varlen_attention(qkv, packing.cu_seqlens, HEADS)
+    assert rel_err(got.cpu(), ref) < 1e-5
+
+
+def test_empty_batch():
+    qkv, cu_seqlens = packed([], torch.float32)
+    out, dqkv = run(qkv, cu_seqlens, torch.empty(0, DIM))
+    assert out.shape == (0, DIM) and dqkv.shape == (0, 3 * DIM)
+
+
+def test_rejects_unsupported_head_dim():
+    qkv = torch.randn(5, 3 * 96, device=DEVICE)
+    with pytest.raises(ValueError, match="head dim"):
+        kernel.varlen_attention(qkv, torch.tensor([0, 5], dtype=torch.int32), 5, heads=2)

@@ -1,0 +1,68 @@
+"""The Triton ragged front end (echo_kernels/stft.py) against the reference and float64 numpy."""
+import pytest
+import torch
+
+from echo import geometry
+from echo.ops import stft as stft_ops
+from echo.plan import make_plan
+from independent import numpy_spectrogram
+
+from conftest import rel_err
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def ragged_batch(lengths, rates):
+    """Signals with a DC offset back to back, their offsets and plan."""
+    waves = [torch.randn(n) * 0.3 + torch.empty(1).uniform_(-1, 1) for n in lengths]
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
+    flat = torch.cat(waves) if waves else torch.empty(0)
+    return waves, flat.to(DEVICE), offsets, make_plan(lengths, rates)
+
+
+def samples_for(frames: int, rate: int, extra: int = 0) -> int:
+    return geometry.n_fft(rate) + (frames - 1) * geometry.hop(rate) + extra
+
+
+def test_mixed_rates_one_launch(poisoned_empty):
+    rates = [8000, 12000, 16000, 8000, 22050]
+    # 1 frame, one 64-frame tile exactly, one tile + 1, and arbitrary lengths (samples beyond the last frame)
+    frames = [1, 64, 65, int(torch.randint(2, 30, ())), int(torch.randint(2, 30, ()))]
+    lengths = [samples_for(t, sr, int(torch.randint(0, geometry.hop(sr), ()))) for t, sr in zip(frames, rates)]
+    waves, flat, offsets, plan = ragged_batch(lengths, rates)
+    got = stft_ops.ragged_spectrogram(flat, offsets, plan, backend="triton")
+    assert got.shape == (int(plan.spec_offsets[-1]),) and not got.isnan().any()
+    ref = stft_ops.ragged_spectrogram_reference(flat.cpu(), offsets, plan)
+    assert rel_err(got.cpu(), ref) < 1e-5
+    # and against float64 numpy, signal by signal (zero rows included: compared exactly)
+    for i, (wave, sr) in enumerate(zip(waves, rates)):
+        image = got[plan.spec_offsets[i] : plan.spec_offsets[i + 1]].view(-1, plan.frames[i]).cpu()
+        exact = stft_ops.band_layout(torch.from_numpy(numpy_spectrogram(wave.double().numpy(), sr)), sr)
+        assert rel_err(image, exact) < 1e-5
+        pad_start = (plan.bands[i] - 1) * geometry.BAND_BINS
+        pad = plan.bands[i] * geometry.BAND_BINS - geometry.n_bins(sr)
+        assert torch.all(image[pad_start : pad_start + pad] == 0)
+
+
+@pytest.mark.parametrize("rate", [44100, 48000, 50000])
+def test_high_rates(rate, poisoned_empty):
+    """Window lengths 1102, 1200, 1250 (many k-steps) and the widest band layouts."""
+    lengths = [samples_for(int(torch.randint(1, 5, ())), rate, 7)]
+    _, flat, offsets, plan = ragged_batch(lengths, [rate])
+    got = stft_ops.ragged_spectrogram(flat, offsets, plan, backend="triton")
+    ref = stft_ops.ragged_spectrogram_reference(flat.cpu(), offsets, plan)
+    assert not got.isnan().any() and rel_err(got.cpu(), ref) < 1e-5
+
+
+def test_empty_batch():
+    _, flat, offsets, plan = ragged_batch([], [])
+    got = stft_ops.ragged_spectrogram(flat, offsets, plan, backend="triton")
+    assert got.shape == (0,)
+
+
+def test_rejects_non_float32():
+    _, flat, offsets, plan = ragged_batch([400], [16000])
+    with pytest.raises(ValueError, match="float32"):
+        stft_ops.ragged_spectrogram(flat.double(), offsets, plan, backend="triton")

@@ -1,0 +1,69 @@
+"""The Triton token packing (echo_kernels/tokens.py) against the reference."""
+import pytest
+import torch
+
+from echo import geometry
+from echo.ops import tokens as token_ops
+from echo.plan import make_plan
+
+from conftest import assert_flash_rule, rel_err
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DIM = 64
+
+
+def samples_for(frames: int, rate: int) -> int:
+    return geometry.n_fft(rate) + (frames - 1) * geometry.hop(rate)
+
+
+def random_parameters(dim: int = DIM, dtype=torch.float32):
+    weight = torch.randn(dim, 1, geometry.BAND_BINS, geometry.PATCH_FRAMES) * 0.05
+    bias, cls_token = torch.randn(dim) * 0.1, torch.randn(1, 1, dim)
+    return [t.to(DEVICE, dtype) for t in (weight, bias, cls_token, token_ops.time_position_table(dim))]
+
+
+def case(frames, rates):
+    plan = make_plan([samples_for(t, sr) for t, sr in zip(frames, rates)], rates)
+    spec = torch.randn(int(plan.spec_offsets[-1])).to(DEVICE)
+    return spec, plan
+
+
+def test_mixed_rates_and_patch_edges(poisoned_empty):
+    # 1 frame (one patch, mostly time padding), 16 frames (one whole patch), 512 frames = 32 patches (one
+    # tile exactly), 513 frames (one tile + 1), and random lengths, at mixed rates (4 to 9 bands)
+    frames = [1, 16, 512, 513, int(torch.randint(1, 200, ()))]
+    spec, plan = case(frames, [8000, 12000, 8000, 22050, 16000])
+    params = random_parameters()
+    got = token_ops.pack_tokens(spec, plan, *params, backend="triton")
+    assert got.shape == (plan.total_tokens, DIM) and not got.isnan().any()
+    ref = token_ops.pack_tokens_reference(spec.cpu(), plan, *[p.cpu() for p in params])
+    assert rel_err(got.cpu(), ref) < 1e-5
+
+
+def test_segments_of_a_long_signal(poisoned_empty):
+    """Over 2000 frames: two segments, the second the last 2000 frames (overlapping the first)."""
+    spec, plan = case([2000 + int(torch.randint(1, 300, ()))], [8000])
+    assert len(plan.segments) == 2
+    params = random_parameters()
+    got = token_ops.pack_tokens(spec, plan, *params, backend="triton")
+    ref = token_ops.pack_tokens_reference(spec.cpu(), plan, *[p.cpu() for p in params])
+    assert not got.isnan().any() and rel_err(got.cpu(), ref) < 1e-5
+
+
+def test_bf16_weights_flash_rule():
+    spec, plan = case([int(torch.randint(1, 100, ())), 40], [16000, 12000])
+    params = random_parameters()
+    low = [p.bfloat16() for p in params]
+    got = token_ops.pack_tokens(spec, plan, *low, backend="triton")
+    assert got.dtype == torch.bfloat16
+    cpu_spec = spec.cpu()
+    exact = token_ops.pack_tokens_reference(cpu_spec.double(), plan, *[p.cpu().double() for p in low])
+    same_dtype = token_ops.pack_tokens_torch(cpu_spec, plan, *[p.cpu() for p in low])
+    assert_flash_rule(got.cpu(), same_dtype, exact, 2)
+
+
+def test_empty_batch():
+    spec, plan = case([], [])
+    got = token_ops.pack_tokens(spec, plan, *random_parameters(), backend="triton")
+    assert got.shape == (0, DIM)
