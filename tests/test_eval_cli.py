@@ -1,0 +1,108 @@
+"""`python -m echo eval` end to end on generated data sets: separable anomalies give AUC near 1, anomalies
+drawn like the normals give AUC near 0.5; tables, JSON and non-empty plots are written."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import echo
+from conftest import random_model
+from echo.cli import main
+
+soundfile = pytest.importorskip("soundfile")
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+RATE = 8000
+
+
+def tone(rng, frequency, seconds=0.3, noise=0.05):
+    t = np.arange(int(seconds * RATE)) / RATE
+    return (np.sin(2 * np.pi * frequency * t + rng.uniform(0, 6)) + noise * rng.normal(size=len(t))).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return echo.save(random_model("tiny", depth=2), tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+def run_eval(*arguments):
+    return main(["eval", "--quiet", *map(str, arguments)])
+
+
+def read_rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_dcase2023_separable(tmp_path, model_path, capsys):
+    rng = np.random.default_rng()
+    root = tmp_path / "dcase"
+    for domain, frequency in (("source", 300), ("target", 500)):
+        folder = root / "dev_data" / "fan"
+        for i in range(6):
+            for subset, label in (("train", "normal"), ("test", "normal"), ("test", "anomaly")):
+                if subset == "train" or i < 4:
+                    signal = tone(rng, frequency) if label == "normal" else rng.normal(size=int(0.3 * RATE)).astype(np.float32)
+                    path = folder / subset / f"section_00_{domain}_{subset}_{label}_{i:04d}.wav"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    soundfile.write(str(path), signal, RATE)
+    out = tmp_path / "out"
+    assert run_eval("--task", "dcase2023", "--data", root, "--model", model_path, "--out", out) == 0
+    printed = capsys.readouterr().out
+    assert "official score (dev)" in printed and "files/s" in printed
+    rows = read_rows(out / "results.csv")
+    assert {(r["domain"], r["metric"]) for r in rows} == {("source", "AUC"), ("target", "AUC"), ("both", "pAUC")}
+    assert all(float(r["value"]) > 0.9 for r in rows)
+    result = json.loads((out / "results.json").read_text())
+    assert result["summary"]["official score (dev)"] > 0.9 and result["speed"]["encoded"] == 28
+    assert len(read_rows(out / "scores.csv")) == 16
+    for name in ("roc_dev_fan.png", "scores_dev_fan.png", "projection.png"):
+        assert (out / name).stat().st_size > 1000
+    # second run: everything from the cache
+    assert run_eval("--task", "dcase2023", "--data", root, "--model", model_path, "--out", out, "--no-plots") == 0
+    assert json.loads((out / "results.json").read_text())["speed"]["from_cache"] == 28
+
+
+def test_folder_not_separable_and_a_bad_file(tmp_path, model_path):
+    rng = np.random.default_rng()
+    for name, count in (("normal", 12), ("test/normal", 24), ("test/anomalous", 24)):
+        for i in range(count):
+            path = tmp_path / "machine" / name / f"{i}.wav"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            soundfile.write(str(path), tone(rng, 400, seconds=0.1, noise=1.0), RATE)  # anomalies drawn as normals
+    (tmp_path / "machine" / "test" / "broken.wav").write_bytes(b"not audio")
+    out = tmp_path / "out"
+    assert run_eval("--task", "folder", "--data", tmp_path / "machine", "--model", model_path, "--out", out) == 0
+    auc = next(float(r["value"]) for r in read_rows(out / "results.csv") if r["metric"] == "AUC")
+    assert abs(auc - 0.5) < 0.3  # ~3 standard deviations of the AUC of 24 x 24 exchangeable scores
+    failures = read_rows(out / "failures.csv")
+    assert [f["path"].endswith("broken.wav") for f in failures] == [True]
+    assert (out / "roc_dev_machine.png").stat().st_size > 1000
+
+
+def test_mafaulda_faults_with_channels(tmp_path, model_path):
+    rng = np.random.default_rng()
+    t = np.arange(2500) / 50000
+    for label, frequency in (("normal", 800), ("imbalance", 3000), ("overhang/ball_fault/6g", 9000)):
+        for i in range(5):
+            table = np.stack([np.sin(2 * np.pi * frequency * (c + 1) * t + rng.uniform(0, 6)) for c in range(8)], 1)
+            path = tmp_path / "mafaulda" / label / f"{i}.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savetxt(path, table + 0.01 * rng.normal(size=table.shape), delimiter=",")
+    out = tmp_path / "out"
+    assert run_eval("--task", "mafaulda", "--data", tmp_path / "mafaulda", "--model", model_path, "--out", out,
+                    "--k", "3") == 0
+    rows = read_rows(out / "results.csv")
+    views = {(r["protocol"], r["view"]) for r in rows}
+    assert ("loocv", "all") in views and ("kfold", "channel 7") in views and ("loocv", "fused 0,1,2,3,4,5,6,7") in views
+    assert len(rows) == 2 * (1 + 8 + 1)
+    assert all(float(r["accuracy"]) == 1.0 for r in rows if r["view"] == "all")
+    assert all(r["fold_mean"] for r in rows if r["protocol"] == "kfold")
+    assert (out / "confusion_loocv_all.png").stat().st_size > 1000
+
+
+def test_wrong_layout_is_a_clear_error(tmp_path, model_path, capsys):
+    assert run_eval("--task", "dcase2021", "--data", tmp_path, "--model", model_path, "--out", tmp_path / "o") == 2
+    assert "no DCASE machine folder" in capsys.readouterr().out

@@ -1,0 +1,105 @@
+"""Embedding a folder of files: equal to model.encode per file, cached, resumable, bad files reported."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import rel_err, random_model
+from echo.eval import embed
+from echo.eval.datasets import read_audio
+
+soundfile = pytest.importorskip("soundfile")
+
+
+def write(path, signal, rate):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(str(path), signal, rate)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model("tiny", depth=2)
+
+
+def make_files(folder):
+    rng = np.random.default_rng()
+    return [
+        write(folder / "a.wav", 0.3 * rng.normal(size=8000).astype(np.float32), 16000),
+        write(folder / "b.flac", 0.3 * rng.normal(size=3000).astype(np.float32), 8000),
+        write(folder / "c.wav", 0.3 * rng.normal(size=(12000, 2)).astype(np.float32), 12000),  # stereo
+        write(folder / "d.wav", 0.3 * rng.normal(size=9000).astype(np.float32), 16000),
+    ]
+
+
+def reference(model, path):
+    signal, rate = read_audio(path)
+    return model.encode(torch.from_numpy(signal), rate)[0]
+
+
+def test_embeddings_equal_model_encode_and_cache(tmp_path, model):
+    files = make_files(tmp_path / "data")
+    cache = tmp_path / "cache"
+    first = embed.embed_files(model, files, read_audio, cache, "key", batch_files=3, progress=False)
+    assert first.encoded == 4 and first.cached == 0 and not first.failures
+    for path, vector in zip(files, first.vectors):
+        assert rel_err(vector, reference(model, path)) < 1e-5
+    assert len(first.vectors[2]) == 2 * 5 * 192  # two channels x 5 bands at 12 kHz, concatenated
+    again = embed.embed_files(model, files, read_audio, cache, "key", progress=False)
+    assert again.encoded == 0 and again.cached == 4
+    for a, b in zip(first.vectors, again.vectors):
+        np.testing.assert_array_equal(a, b)
+    # a changed file is encoded again, the others come from the cache
+    write(files[3], 0.3 * np.random.default_rng().normal(size=9000).astype(np.float32), 16000)
+    stat = files[3].stat()
+    os.utime(files[3], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    changed = embed.embed_files(model, files, read_audio, cache, "key", progress=False)
+    assert changed.encoded == 1 and changed.cached == 3
+    assert rel_err(changed.vectors[3], reference(model, files[3])) < 1e-5
+    assert not np.allclose(changed.vectors[3], first.vectors[3])
+    # another model key never sees these entries
+    assert embed.embed_files(model, files[:1], read_audio, cache, "other", progress=False).encoded == 1
+
+
+def test_bad_files_are_reported_and_skipped(tmp_path, model):
+    files = make_files(tmp_path)
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF this is not audio")
+    short = write(tmp_path / "short.wav", np.zeros(100, np.float32), 16000)  # under one 25 ms window
+    missing = tmp_path / "missing.wav"
+    result = embed.embed_files(model, [files[0], corrupt, short, missing, files[1]], read_audio, None,
+                               progress=False)
+    assert [v is None for v in result.vectors] == [False, True, True, True, False]
+    reasons = {path.name: reason for path, reason in result.failures}
+    assert set(reasons) == {"corrupt.wav", "short.wav", "missing.wav"}
+    assert "shorter than one 25 ms window" in reasons["short.wav"]
+    assert rel_err(result.vectors[4], reference(model, files[1])) < 1e-5
+
+
+def test_interrupted_run_resumes(tmp_path, model, monkeypatch):
+    files = make_files(tmp_path / "data")
+    calls = []
+    original = embed._encode
+
+    def interrupted(*args):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(embed, "_encode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        embed.embed_files(model, files, read_audio, tmp_path / "cache", "key", batch_files=2, progress=False)
+    monkeypatch.setattr(embed, "_encode", original)
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
+    resumed = embed.embed_files(model, files, read_audio, tmp_path / "cache", "key", batch_files=2, progress=False)
+    assert resumed.cached == 2 and resumed.encoded == 2
+
+
+def test_model_hash_changes_with_weights():
+    model = random_model("tiny", depth=1)
+    before = embed.model_hash(model)
+    with torch.no_grad():
+        model.norm.bias[0] += 1
+    assert embed.model_hash(model) != before
