@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain-shards": ("echo.pretrain.shards", "write an audio folder as WebDataset tar shards for pretraining"),
     "encode": ("echo.encode_files", "audio files or folders to ECHO embeddings (.npz or .parquet), resumable"),
     "eval": ("echo.eval.cli", "evaluate embeddings: DCASE anomaly detection or fault classification (kNN)"),
+    "info": ("echo.info", "which backend each op uses on CPU and CUDA, and why (compiled extension, triton, env)"),
 }
 
 

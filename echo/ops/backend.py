@@ -21,8 +21,8 @@ def triton_available(device: torch.device) -> bool:
 
 
 def choose(op: str, device: torch.device, requested: str | None = None, available: tuple[str, ...] = BACKENDS) -> str:
-    """The backend for `op` on `device`: the requested one (argument, then environment), else the fastest
-    available; Triton is chosen by default only on CUDA."""
+    """The backend for `op` on `device`: the requested one (argument, then environment), else the first of
+    `available` (listed fastest first); Triton is chosen by default only on CUDA."""
     requested = requested or os.environ.get(f"ECHO_BACKEND_{op.upper()}") or os.environ.get("ECHO_BACKEND")
     if requested:
         if requested not in BACKENDS:
@@ -34,4 +34,4 @@ def choose(op: str, device: torch.device, requested: str | None = None, availabl
         return requested
     if device.type == "cuda" and "triton" in available and triton_available(device):
         return "triton"
-    return "torch" if "torch" in available else "reference"
+    return next(name for name in available if name != "triton")

@@ -98,15 +98,27 @@ def ragged_spectrogram_csrc(waves: torch.Tensor, wave_offsets: torch.Tensor, pla
     )
 
 
+# Device types where the compiled front end beats the torch path and so runs by default (bench/RESULTS.md,
+# "Compiled front end"); elsewhere it runs only when forced.
+CSRC_BY_DEFAULT = ("cpu",)
+
+
+def available_backends(device: torch.device) -> tuple[str, ...]:
+    """The front end's backends on this device, in order of preference."""
+    from .. import extension
+
+    if not extension.has_op("ragged_spectrogram", device):
+        return ("triton", "torch", "reference")
+    if device.type in CSRC_BY_DEFAULT:
+        return ("triton", "csrc", "torch", "reference")
+    return ("triton", "torch", "reference", "csrc")
+
+
 def ragged_spectrogram(waves: torch.Tensor, wave_offsets: torch.Tensor, plan, backend: str | None = None) -> torch.Tensor:
     """Dispatch of the ragged front end (see ragged_spectrogram_reference for the contract)."""
-    from .. import extension
     from . import backend as backends
 
-    available = ("triton", "torch", "reference")
-    if extension.has_op("ragged_spectrogram", waves.device):
-        available = available + ("csrc",)  # forced only: it does not beat the torch path (bench/RESULTS.md)
-    chosen = backends.choose("stft", waves.device, backend, available=available)
+    chosen = backends.choose("stft", waves.device, backend, available=available_backends(waves.device))
     if chosen == "csrc":
         return ragged_spectrogram_csrc(waves, wave_offsets, plan)
     if chosen == "triton":

@@ -125,11 +125,16 @@ def pack_tokens_torch(spec, plan, weight, bias, cls_token, pos_embed, patch_rows
     return tokens
 
 
+def available_backends(device: torch.device) -> tuple[str, ...]:
+    """The token stage's backends, in order of preference (no compiled op: the torch path is one GEMM)."""
+    return ("triton", "torch", "reference")
+
+
 def pack_tokens(spec, plan, weight, bias, cls_token, pos_embed, backend: str | None = None) -> torch.Tensor:
     """Dispatch of the token stage (see pack_tokens_reference for the contract)."""
     from . import backend as backends
 
-    chosen = backends.choose("tokens", spec.device, backend, available=("triton", "torch", "reference"))
+    chosen = backends.choose("tokens", spec.device, backend, available=available_backends(spec.device))
     if chosen == "triton":
         from echo_kernels import tokens as kernel
 

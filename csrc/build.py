@@ -1,0 +1,60 @@
+"""How csrc/ is compiled, in one place: setup.py builds echo._C from these sources and flags, and
+`python csrc/build.py check-cuda` (a step of `make test`) compiles the CUDA sources to object code for every
+target architecture, so their syntax and types are checked on machines that have nvcc but no GPU.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CSRC = Path(__file__).resolve().parent
+CPU_SOURCES = sorted(CSRC.glob("*.cpp"))
+CUDA_SOURCES = sorted((CSRC / "cuda").glob("*.cu"))
+CUDA_ARCHS = ("80", "90")  # A100, H100
+CXX_FLAGS = ["-O3", "-std=c++20"]
+NVCC_FLAGS = ["-O3", "-std=c++20", *(f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS)]
+
+
+def nvcc_path() -> str | None:
+    """nvcc from CUDA_HOME, else PATH."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and (Path(home) / "bin" / "nvcc").exists():
+        return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def check_cuda() -> int:
+    """Compile each .cu to an object file (no GPU needed); 0 when all compile or nvcc is absent."""
+    nvcc = nvcc_path()
+    if nvcc is None:
+        print("csrc check-cuda: skipped, nvcc not found (set CUDA_HOME or put nvcc on PATH to check the CUDA sources)")
+        return 0
+    from torch.utils.cpp_extension import include_paths
+
+    includes = [f"-I{path}" for path in include_paths()]
+    with tempfile.TemporaryDirectory() as scratch:
+        for source in CUDA_SOURCES:
+            started = time.perf_counter()
+            command = [nvcc, "-c", str(source), "-o", str(Path(scratch) / f"{source.stem}.o"), *includes,
+                       *NVCC_FLAGS, "-DTORCH_EXTENSION_NAME=_C",
+                       # a CPU torch ships c10/cuda without its generated config header; it only sets
+                       # export macros, which object code does not need
+                       "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode:
+                print(f"csrc check-cuda: {source.name} failed to compile:\n{result.stdout}{result.stderr}")
+                return 1
+            print(f"csrc check-cuda: {source.name} compiles for sm_{', sm_'.join(CUDA_ARCHS)} "
+                  f"({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["check-cuda"]:
+        sys.exit("usage: python csrc/build.py check-cuda")
+    sys.exit(check_cuda())

@@ -1,0 +1,181 @@
+// CUDA kernel of torch.ops.echo.ragged_spectrogram (contract: echo/ops/stft.py,
+// ragged_spectrogram_reference; the CPU kernel and the op's schema are in ../frontend.cpp).
+//
+// Signals are grouped by (window, hop, bands): one group per distinct sample rate. Per group: one block per signal
+// sums its samples (the DC), one block per frame writes the windowed DC-free frame into a (frames, n_fft)
+// buffer, cuFFT (through ATen) takes the real FFT of all frames at once, and a tiled transpose writes
+// (ln|X| + eps + mean) / std straight into each signal's band image (bins x frames, zero rows inserted before
+// the last band's real bins) in the flat output buffer.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_fft_r2c.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <map>
+#include <tuple>
+#include <vector>
+
+namespace echo {
+namespace {
+
+constexpr int64_t kBandBins = 32;
+constexpr int kTile = 32;      // transpose tile: 32 frames x 32 rows
+constexpr int kTileRows = 8;   // threads per tile column
+constexpr int kThreads = 256;
+
+// Per signal of a group: where its samples start, its first frame within the group, where its band image
+// starts in the output, its frame count.
+struct SignalRow {
+  int64_t wave_start, group_frame, spec_offset, frames;
+};
+
+__global__ void signal_means(const float* __restrict__ waves, const int64_t* __restrict__ wave_bounds,
+                             float* __restrict__ means) {
+  __shared__ double partial[kThreads];
+  const int64_t first = wave_bounds[2 * blockIdx.x], last = wave_bounds[2 * blockIdx.x + 1];
+  double sum = 0;
+  for (int64_t k = first + threadIdx.x; k < last; k += blockDim.x) sum += waves[k];
+  partial[threadIdx.x] = sum;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) means[blockIdx.x] = last > first ? static_cast<float>(partial[0] / (last - first)) : 0.f;
+}
+
+// The signal (row of `rows`) holding group frame `frame`: the last row whose group_frame <= frame.
+__device__ int find_signal(const SignalRow* rows, int count, int64_t frame) {
+  int lo = 0, hi = count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (rows[mid].group_frame <= frame) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+__global__ void window_frames(const float* __restrict__ waves, const SignalRow* __restrict__ rows, int count,
+                              const float* __restrict__ means, int64_t n_fft, int64_t hop,
+                              float* __restrict__ framed) {
+  const int64_t frame = blockIdx.x;
+  const int signal = find_signal(rows, count, frame);
+  const float* start = waves + rows[signal].wave_start + (frame - rows[signal].group_frame) * hop;
+  const float mean = means[signal];
+  for (int64_t k = threadIdx.x; k < n_fft; k += blockDim.x) {
+    const float window = 0.5f - 0.5f * cospif(2.f * static_cast<float>(k) / static_cast<float>(n_fft));
+    framed[frame * n_fft + k] = (start[k] - mean) * window;
+  }
+}
+
+// grid: (group frames / 32, band rows / 32); block (32, 8). Reads spectrum rows (frame-major), writes band
+// image rows (frame-contiguous) through a shared tile.
+__global__ void log_band_layout(const float2* __restrict__ spectrum, const SignalRow* __restrict__ rows,
+                                int count, int64_t total_frames, int64_t bins, int64_t bands, float log_eps,
+                                float log_mean, float inv_std, float* __restrict__ out) {
+  __shared__ float tile[kTile][kTile + 1];
+  const int64_t frame0 = static_cast<int64_t>(blockIdx.x) * kTile, row0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int64_t last_start = (bands - 1) * kBandBins, pad = bands * kBandBins - bins;
+  for (int i = threadIdx.y; i < kTile; i += kTileRows) {  // read: threadIdx.x runs along rows (bins)
+    const int64_t frame = frame0 + i, row = row0 + threadIdx.x;
+    float value = 0.f;
+    if (frame < total_frames && row < bands * kBandBins && (row < last_start || row >= last_start + pad)) {
+      const float2 x = spectrum[frame * bins + (row < last_start ? row : row - pad)];
+      value = (logf(hypotf(x.x, x.y) + log_eps) + log_mean) * inv_std;
+    }
+    tile[i][threadIdx.x] = value;
+  }
+  __syncthreads();
+  const int64_t frame = frame0 + threadIdx.x;  // write: threadIdx.x runs along frames
+  if (frame >= total_frames) return;
+  const SignalRow signal = rows[find_signal(rows, count, frame)];
+  for (int i = threadIdx.y; i < kTile; i += kTileRows) {
+    const int64_t row = row0 + i;
+    if (row < bands * kBandBins)
+      out[signal.spec_offset + row * signal.frames + (frame - signal.group_frame)] = tile[threadIdx.x][i];
+  }
+}
+
+at::Tensor ragged_spectrogram_cuda(const at::Tensor& waves, const at::Tensor& wave_offsets,
+                                   const at::Tensor& spec_offsets, const at::Tensor& signal_geometry,
+                                   double log_eps, double log_mean, double log_std) {
+  TORCH_CHECK(waves.is_cuda() && waves.dim() == 1 && waves.scalar_type() == at::kFloat && waves.is_contiguous(),
+              "ragged_spectrogram: waves must be a contiguous 1-D float32 CUDA tensor");
+  const int64_t signals = signal_geometry.size(0);
+  TORCH_CHECK(signal_geometry.is_cpu() && signal_geometry.dim() == 2 && signal_geometry.size(1) == 4 &&
+                  signal_geometry.scalar_type() == at::kLong && wave_offsets.is_cpu() &&
+                  wave_offsets.scalar_type() == at::kLong && wave_offsets.numel() == signals + 1 &&
+                  spec_offsets.is_cpu() && spec_offsets.scalar_type() == at::kLong &&
+                  spec_offsets.numel() == signals + 1,
+              "ragged_spectrogram: geometry and offsets must be CPU int64 tensors (signals, 4), (signals + 1,)");
+  const c10::cuda::CUDAGuard guard(waves.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor geometry_table = signal_geometry.contiguous();
+  const at::Tensor wave_bounds = wave_offsets.contiguous(), spec_bounds = spec_offsets.contiguous();
+  const int64_t* geometry = geometry_table.data_ptr<int64_t>();
+  const int64_t* bounds = wave_bounds.data_ptr<int64_t>();
+  const int64_t* spec_starts = spec_bounds.data_ptr<int64_t>();
+  TORCH_CHECK(bounds[signals] <= waves.numel(), "ragged_spectrogram: wave_offsets end at ", bounds[signals],
+              " but waves has ", waves.numel(), " samples");
+  at::Tensor out = at::empty({spec_starts[signals]}, waves.options());
+
+  std::map<std::tuple<int64_t, int64_t, int64_t>, std::vector<int64_t>> groups;  // (n_fft, hop, bands) -> signals
+  for (int64_t i = 0; i < signals; ++i) {
+    const int64_t n_fft = geometry[4 * i], hop = geometry[4 * i + 1], frames = geometry[4 * i + 2],
+                  bands = geometry[4 * i + 3];
+    TORCH_CHECK(n_fft > 0 && hop > 0 && bands * kBandBins >= n_fft / 2 + 1 &&
+                    (frames == 0 || (frames - 1) * hop + n_fft <= bounds[i + 1] - bounds[i]) &&
+                    spec_starts[i + 1] - spec_starts[i] == bands * kBandBins * frames,
+                "ragged_spectrogram: signal ", i, " has inconsistent geometry or offsets");
+    if (frames > 0) groups[{n_fft, hop, bands}].push_back(i);
+  }
+
+  for (const auto& [key, members] : groups) {
+    const auto [n_fft, hop, bands] = key;
+    const int64_t bins = n_fft / 2 + 1;
+    const int count = static_cast<int>(members.size());
+    // One host table per group, copied once: rows (count x SignalRow) then sample bounds (count x 2).
+    at::Tensor host = at::empty({count * 6}, geometry_table.options().pinned_memory(true));
+    int64_t* table = host.data_ptr<int64_t>();
+    int64_t group_frames = 0;
+    for (int j = 0; j < count; ++j) {
+      const int64_t i = members[j];
+      table[4 * j] = bounds[i];
+      table[4 * j + 1] = group_frames;
+      table[4 * j + 2] = spec_starts[i];
+      table[4 * j + 3] = geometry[4 * i + 2];
+      table[4 * count + 2 * j] = bounds[i];
+      table[4 * count + 2 * j + 1] = bounds[i + 1];
+      group_frames += geometry[4 * i + 2];
+    }
+    const at::Tensor device_table = host.to(waves.device(), /*non_blocking=*/true);
+    const auto* rows = reinterpret_cast<const SignalRow*>(device_table.data_ptr<int64_t>());
+    const int64_t* sample_bounds = device_table.data_ptr<int64_t>() + 4 * count;
+
+    at::Tensor means = at::empty({count}, waves.options());
+    signal_means<<<count, kThreads, 0, stream>>>(waves.data_ptr<float>(), sample_bounds, means.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    at::Tensor framed = at::empty({group_frames, n_fft}, waves.options());
+    window_frames<<<static_cast<unsigned>(group_frames), kThreads, 0, stream>>>(
+        waves.data_ptr<float>(), rows, count, means.data_ptr<float>(), n_fft, hop, framed.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+    const at::Tensor spectrum = at::_fft_r2c(framed, {1}, /*normalization=*/0, /*onesided=*/true);
+    const dim3 grid((group_frames + kTile - 1) / kTile, (bands * kBandBins + kTile - 1) / kTile);
+    log_band_layout<<<grid, dim3(kTile, kTileRows), 0, stream>>>(
+        reinterpret_cast<const float2*>(spectrum.data_ptr()), rows, count, group_frames, bins, bands,
+        static_cast<float>(log_eps), static_cast<float>(log_mean), static_cast<float>(1.0 / log_std),
+        out.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(echo, CUDA, m) { m.impl("ragged_spectrogram", &ragged_spectrogram_cuda); }
+
+}  // namespace echo

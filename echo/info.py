@@ -1,0 +1,91 @@
+"""`python -m echo info`: which backend each op runs on CPU and on CUDA, and why (built or not, Triton
+importable or not, forced by the environment), so a slow or surprising run can be explained at a glance."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import torch
+
+from . import extension
+from .ops import backend as backends
+
+# ops whose dispatch exposes available_backends(device): op name (as in ECHO_BACKEND_<OP>) -> module
+OPS = {"stft": "echo.ops.stft", "tokens": "echo.ops.tokens"}
+DEVICES = (torch.device("cpu"), torch.device("cuda"))
+
+
+def forcing(op: str) -> str | None:
+    """The environment variable that forces this op's backend, as NAME=value, if one is set."""
+    for name in (f"ECHO_BACKEND_{op.upper()}", "ECHO_BACKEND"):
+        if os.environ.get(name):
+            return f"{name}={os.environ[name]}"
+    return None
+
+
+def skipped_reasons(op: str, device: torch.device, available: tuple[str, ...], chosen: str) -> list[str]:
+    """Why each faster backend than the chosen one does not run."""
+    reasons = []
+    if chosen != "triton":
+        if importlib.util.find_spec("triton") is None:
+            reasons.append("triton not importable")
+        elif "triton" in available and device.type != "cuda":
+            reasons.append("triton runs by default only on CUDA (forced: needs TRITON_INTERPRET=1 on CPU)")
+    compiled = next((name for name, echo_op in extension.OPS.items() if echo_op == op), None)
+    if chosen != "csrc":
+        if compiled is None:
+            reasons.append("no compiled op")
+        elif "csrc" not in available:
+            reasons.append(f"csrc: {extension.why_unavailable(compiled, device)}")
+        elif available.index("csrc") > available.index("torch"):
+            reasons.append("csrc built but slower than torch here, runs only when forced")
+    return reasons
+
+
+def describe(op: str, device: torch.device) -> tuple[str, str]:
+    """(backend, why) of op on device."""
+    available = importlib.import_module(OPS[op]).available_backends(device)
+    forced = forcing(op)
+    try:
+        chosen = backends.choose(op, device, available=available)
+    except ValueError as error:
+        return "error", str(error)
+    if forced:
+        return chosen, f"forced by {forced}"
+    why = ["default"] + skipped_reasons(op, device, available, chosen)
+    return chosen, "; ".join(why)
+
+
+def report() -> str:
+    triton = importlib.util.find_spec("triton")
+    lines = [
+        f"torch {torch.__version__} (CUDA {torch.version.cuda or 'not built'}, "
+        f"{'a GPU' if torch.cuda.is_available() else 'no GPU'} visible); "
+        f"triton {'importable' if triton else 'not importable'}",
+    ]
+    load_error = extension.load_error()
+    if load_error:
+        lines.append(f"compiled extension: {load_error}")
+    else:
+        ops = [
+            f"{name} ({', '.join(d.type for d in DEVICES if extension.has_op(name, d)) or 'no kernels'})"
+            for name in extension.OPS
+        ]
+        lines.append(f"compiled extension echo._C: loaded; ops: {', '.join(ops)}")
+    lines.append("")
+    rows = [(op, device.type, *describe(op, device)) for op in OPS for device in DEVICES]
+    widths = [max(len(row[i]) for row in rows + [("op", "device", "backend")]) for i in range(3)]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(("op", "device", "backend"), widths)) + "  why")
+    for row in rows:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
+    return "\n".join(lines)
+
+
+def add_arguments(parser) -> None:
+    del parser  # no options
+
+
+def run(args) -> int:
+    print(report())
+    return 0

@@ -1,0 +1,85 @@
+"""The compiled ops of echo._C (csrc/) against their references, on fresh random inputs of every rate family.
+Skipped, with the reason, where the extension is not built; `make install` builds it, so CI runs them."""
+import pytest
+import torch
+
+from conftest import RATE_FAMILIES, rel_err
+from echo import extension
+from echo.ops import stft as stft_ops
+from echo.plan import make_plan
+
+requires_cpu_op = pytest.mark.skipif(
+    extension.why_unavailable("ragged_spectrogram", "cpu") is not None,
+    reason=f"compiled front end unavailable: {extension.why_unavailable('ragged_spectrogram', 'cpu')}",
+)
+
+
+def random_batch(rates: list[int], max_seconds: float = 1.5):
+    """Signals of random lengths (from one window to max_seconds) with a random DC offset, back to back."""
+    lengths = [int(sr * 0.025) + int(torch.randint(0, int(sr * max_seconds), ())) for sr in rates]
+    waves = torch.cat([torch.randn(n) * 0.3 + torch.randn(()) for n in lengths])
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor(lengths), 0)
+    return waves, offsets, make_plan(lengths, rates)
+
+
+def check_against_reference(out: torch.Tensor, waves, offsets, plan):
+    truth = stft_ops.ragged_spectrogram_reference(waves.double(), offsets, plan)
+    assert out.shape == truth.shape and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    assert torch.all(out.cpu()[truth == 0] == 0)  # inserted band rows: zeros, not leftover memory
+    assert rel_err(out.cpu(), truth) < 1e-5
+
+
+@requires_cpu_op
+@pytest.mark.parametrize("rate", RATE_FAMILIES)
+def test_ragged_spectrogram_cpu_matches_reference(rate):
+    waves, offsets, plan = random_batch([rate] * 3)
+    check_against_reference(stft_ops.ragged_spectrogram_csrc(waves, offsets, plan), waves, offsets, plan)
+
+
+@requires_cpu_op
+def test_ragged_spectrogram_cpu_mixed_rates_long_signal_and_threads():
+    """All families in one call, in random order, with a signal of several frame chunks, on 1 and 2 threads."""
+    rates = [RATE_FAMILIES[i] for i in torch.randperm(len(RATE_FAMILIES))] + [16000]
+    waves, offsets, plan = random_batch(rates)
+    long_wave = torch.randn(16000 * 3) + 0.5
+    waves = torch.cat([waves, long_wave])
+    offsets = torch.cat([offsets, offsets[-1:] + long_wave.numel()])
+    plan = make_plan(plan.lengths + [long_wave.numel()], rates + [16000])
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            check_against_reference(stft_ops.ragged_spectrogram_csrc(waves, offsets, plan), waves, offsets, plan)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@requires_cpu_op
+def test_forcing_the_compiled_front_end(monkeypatch):
+    waves, offsets, plan = random_batch([12000, 48000])
+    assert "csrc" in stft_ops.available_backends(torch.device("cpu"))
+    monkeypatch.setenv("ECHO_BACKEND_STFT", "csrc")
+    check_against_reference(stft_ops.ragged_spectrogram(waves, offsets, plan), waves, offsets, plan)
+
+
+@requires_cpu_op
+def test_inconsistent_geometry_is_refused():
+    waves, offsets, plan = random_batch([16000])
+    short = offsets.clone()
+    short[-1] = samples = 300  # fewer samples than the plan's frames need
+    with pytest.raises(RuntimeError, match=f"signal 0 has {samples} samples"):
+        stft_ops.ragged_spectrogram_csrc(waves[:samples], short, plan)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.skipif(
+    extension.why_unavailable("ragged_spectrogram", "cuda") is not None,
+    reason=f"compiled CUDA front end unavailable: {extension.why_unavailable('ragged_spectrogram', 'cuda')}",
+)
+def test_ragged_spectrogram_cuda_matches_reference():
+    waves, offsets, plan = random_batch(RATE_FAMILIES * 2 + [48000] * 3, max_seconds=25)  # a multi-segment one
+    out = stft_ops.ragged_spectrogram_csrc(waves.cuda(), offsets, plan)
+    assert out.is_cuda
+    check_against_reference(out, waves, offsets, plan)

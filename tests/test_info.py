@@ -1,0 +1,70 @@
+"""`python -m echo info`: one row per op and device, with the backend that dispatch really picks and why."""
+import re
+
+import pytest
+import torch
+
+from echo import extension
+from echo.cli import main
+from echo.ops import stft as stft_ops
+from echo.plan import make_plan
+
+
+def info_rows(capsys) -> tuple[str, dict[tuple[str, str], tuple[str, str]]]:
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    rows = {}
+    for line in text.splitlines():
+        match = re.match(r"(stft|tokens)\s+(cpu|cuda)\s+(\S+)\s+(.*)$", line)
+        if match:
+            rows[match[1], match[2]] = (match[3], match[4])
+    assert set(rows) == {(op, device) for op in ("stft", "tokens") for device in ("cpu", "cuda")}, text
+    return text, rows
+
+
+@pytest.fixture(autouse=True)
+def no_forcing(monkeypatch):
+    for name in ("ECHO_BACKEND", "ECHO_BACKEND_STFT", "ECHO_BACKEND_TOKENS", "TRITON_INTERPRET"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_info_matches_dispatch(capsys, monkeypatch):
+    text, rows = info_rows(capsys)
+    assert f"torch {torch.__version__}" in text
+    built = extension.load_error() is None
+    assert ("loaded; ops: ragged_spectrogram" in text) == built
+    cpu_backend, cpu_why = rows["stft", "cpu"]
+    assert cpu_backend == ("csrc" if built and "cpu" in stft_ops.CSRC_BY_DEFAULT else "torch")
+    assert cpu_why.startswith("default")
+    assert rows["tokens", "cpu"] == ("torch", rows["tokens", "cpu"][1])
+    assert "no compiled op" in rows["tokens", "cpu"][1]
+    # the reported choice is the one the dispatch makes on a real call
+    called = []
+    for backend in ("csrc", "torch", "reference"):
+        name = f"ragged_spectrogram_{backend}"
+        original = getattr(stft_ops, name)
+        monkeypatch.setattr(stft_ops, name, lambda *args, b=backend, f=original: called.append(b) or f(*args))
+    stft_ops.ragged_spectrogram(torch.randn(16000), torch.tensor([0, 16000]), make_plan([16000], [16000]))
+    assert called == [cpu_backend]
+
+
+def test_info_without_the_extension(capsys, monkeypatch):
+    reason = "echo._C is not built (test)"
+    monkeypatch.setattr(extension, "load_error", lambda: reason)
+    text, rows = info_rows(capsys)
+    assert f"compiled extension: {reason}" in text
+    assert rows["stft", "cpu"][0] == "torch"
+    assert f"csrc: {reason}" in rows["stft", "cpu"][1]
+
+
+def test_info_names_the_forcing_variable(capsys, monkeypatch):
+    monkeypatch.setenv("ECHO_BACKEND_STFT", "reference")
+    _, rows = info_rows(capsys)
+    assert rows["stft", "cpu"] == ("reference", "forced by ECHO_BACKEND_STFT=reference")
+    assert rows["tokens", "cpu"][1].startswith("default")
+
+
+def test_info_reports_a_bad_forcing_instead_of_failing(capsys, monkeypatch):
+    monkeypatch.setenv("ECHO_BACKEND", "fortran")
+    _, rows = info_rows(capsys)
+    assert rows["stft", "cpu"][0] == "error" and "unknown backend 'fortran'" in rows["stft", "cpu"][1]
