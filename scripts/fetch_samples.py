@@ -31,21 +31,19 @@ class Cut:
     start: float  # seconds
     seconds: float
     description: str
-    licence: str  # for package files; catalogue sounds carry their own
-    authors: str
 
 
 CUTS = [
-    Cut("circular_saw", "openttd-opensfx", "opensfx.cat#40", 0.5, 2.5, "circular saw cross-cutting (sawmill)", "", ""),
-    Cut("mine_elevator", "openttd-opensfx", "opensfx.cat#11", 0.0, 2.3, "elevator machinery (mining machinery)", "", ""),
-    Cut("truck_engine", "openttd-opensfx", "opensfx.cat#25", 0.0, 3.0, "truck engine starting and pulling away", "", ""),
+    Cut("circular_saw", "openttd-opensfx", "opensfx.cat#40", 0.5, 2.5, "circular saw cross-cutting (sawmill)"),
+    Cut("mine_elevator", "openttd-opensfx", "opensfx.cat#11", 0.0, 2.3, "elevator machinery (mining machinery)"),
+    Cut("truck_engine", "openttd-opensfx", "opensfx.cat#25", 0.0, 3.0, "truck engine starting and pulling away"),
     Cut("voice_prompt", "asterisk-core-sounds-en-wav",
         "usr/share/asterisk/sounds/en_US_f_Allison/at-tone-time-exactly.wav", 0.0, 3.5,
-        "telephone voice prompt (speech)", "CC-BY-SA-3.0", "Allison Smith (recording); Digium, Inc."),
+        "telephone voice prompt (speech)"),
     Cut("front_center", "alsa-utils", "usr/share/sounds/alsa/Front_Center.wav", 0.0, 1.5,
-        "speaker-test voice 'front center'", "GPL-2", "Jaroslav Kysela and the ALSA project"),
+        "speaker-test voice 'front center'"),
     Cut("glass_water", "sound-icons", "usr/share/sounds/sound-icons/glass-water-1.wav", 0.0, 1.0,
-        "water poured into a glass (sound icon)", "GPL-2+", "Brailcom, o.p.s."),
+        "water poured into a glass (sound icon)"),
 ]
 
 
@@ -57,7 +55,7 @@ def cut_waveform(cut: Cut, root: Path) -> tuple[np.ndarray, int, str, str, str]:
         original, licence, authors = f"{cut.member} \"{sound.title}\"", sound.licence, sound.credit
     else:
         waveform, rate = read_wav(root / cut.member)
-        original, licence, authors = Path(cut.member).name, cut.licence, cut.authors
+        original, (licence, authors) = Path(cut.member).name, debian.LICENCES[cut.package]
     if waveform.ndim == 2:
         waveform = waveform.mean(axis=0)
     start = int(cut.start * rate)

@@ -8,6 +8,16 @@ import shutil
 import subprocess
 from pathlib import Path
 
+# Licence and authors of the audio in each package, from its /usr/share/doc/PACKAGE/copyright. OpenSFX
+# sounds carry their own credit and licence (CC BY 3.0, CC BY-SA 3.0 or CC0) in the catalogue.
+LICENCES = {
+    "openttd-opensfx": ("CC-BY-SA-3.0 (per sound: see its credit)", "OpenSFX authors, see each sound's credit"),
+    "asterisk-core-sounds-en-wav": ("CC-BY-SA-3.0", "Allison Smith (recording); Digium, Inc."),
+    "alsa-utils": ("GPL-2", "Jaroslav Kysela and the ALSA project"),
+    "sound-icons": ("GPL-2+", "Brailcom, o.p.s."),
+    "bucklespring-data": ("GPL-2+", "Ico Doornekamp (bucklespring)"),
+}
+
 
 def _run(command: list[str], cwd: Path) -> None:
     if shutil.which(command[0]) is None:
