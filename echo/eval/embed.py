@@ -85,6 +85,8 @@ def _read_checked(read: Callable, path: Path):
         signal, rate = read(path)
         rate = inputs.check_sample_rate(rate)
         return inputs.as_signal(signal, rate), rate
+    except ImportError:  # a missing optional package is not a bad file
+        raise
     except Exception as error:  # any reader failure (corrupt file, wrong format) is reported, not raised
         return f"{type(error).__name__}: {error}"
 
