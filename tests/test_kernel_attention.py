@@ -24,7 +24,8 @@ def packed(lengths, dtype=torch.float64):
 def run(qkv, cu_seqlens, grad, block=None):
     """Kernel output and dqkv on the test device."""
     qkv = qkv.to(DEVICE).requires_grad_()
-    out = kernel.varlen_attention(qkv, cu_seqlens.to(DEVICE), 0, HEADS, block=block)
+    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if len(cu_seqlens) > 1 else 0
+    out = kernel.varlen_attention(qkv, cu_seqlens.to(DEVICE), max_seqlen, HEADS, block=block)
     (dqkv,) = torch.autograd.grad(out, qkv, grad.to(DEVICE, qkv.dtype))
     return out.detach().cpu(), dqkv.cpu()
 

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# One GPU check of the Triton kernels (issue 5), for a CUDA machine: the kernel tests on the GPU (no
+# interpreter), then the pytest-benchmark microbenchmarks of every kernel against its reference and the
+# library alternatives present. Everything goes under $OUT (default ./gpu_out); each stage is time-boxed,
+# and a failing stage is logged without stopping the others. Budget: under 5 minutes.
+#
+#   OUT=/tmp/gpu_out bash bench/gpu_check.sh
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-./gpu_out}"
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.txt"
+PYTHON="${PYTHON:-python}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET  # the real compiler, not the CPU interpreter
+
+log() { echo "$*" | tee -a "$SUMMARY"; }
+stage() {  # stage NAME SECONDS COMMAND...: run, log its output and exit status, never abort the script
+    local name="$1" seconds="$2"; shift 2
+    local start=$SECONDS
+    timeout --kill-after=10 "$seconds" "$@" >"$OUT/$name.log" 2>&1
+    local status=$?
+    log "stage $name: exit $status ($((SECONDS - start)) s; log $OUT/$name.log)$([ $status -eq 124 ] && echo ' TIMED OUT')"
+    tail -n 25 "$OUT/$name.log" | sed 's/^/    /' | tee -a "$SUMMARY" >/dev/null
+}
+
+: >"$SUMMARY"
+log "gpu_check $(date -u +%FT%TZ) in $PWD"
+
+# 1. environment: torch with CUDA, triton; install only when no torch is importable at all
+# (the machine may have no network: pip gets one short try)
+PIP="timeout 120 $PYTHON -m pip install --retries 0 --timeout 10"
+if ! "$PYTHON" -c 'import torch' 2>/dev/null; then
+    log "no importable torch: pip install torch triton (NOTE: installed by this script)"
+    $PIP torch triton >"$OUT/pip.log" 2>&1 || log "pip install torch triton failed, see $OUT/pip.log"
+fi
+for module in triton pytest pytest_benchmark numpy safetensors tqdm scipy; do
+    if ! "$PYTHON" -c "import $module" 2>/dev/null; then
+        package="${module//_/-}"
+        log "$module missing: pip install $package"
+        $PIP "$package" >>"$OUT/pip.log" 2>&1 || log "pip install $package failed, see $OUT/pip.log"
+    fi
+done
+stage environment 60 "$PYTHON" -c '
+import torch
+print("torch", torch.__version__, "cuda available:", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device:", torch.cuda.get_device_name(), "capability:", torch.cuda.get_device_capability())
+try:
+    import triton; print("triton", triton.__version__)
+except ImportError as error:
+    print("triton missing:", error)
+for name in ("flash_attn",):
+    try:
+        __import__(name); print(name, "installed")
+    except ImportError:
+        print(name, "not installed")
+'
+if ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    log "torch.cuda.is_available() is False: the kernel tests would run under the interpreter and the benchmarks skip"
+fi
+
+# 2. the kernel tests on the GPU (the same files CI runs on the CPU interpreter)
+stage kernel_tests 120 "$PYTHON" -m pytest -q -m "" -p no:cacheprovider -rs --durations=5 \
+    tests/test_kernel_stft.py tests/test_kernel_tokens.py tests/test_kernel_attention.py \
+    tests/test_kernel_norm.py tests/test_kernel_encoder.py
+
+# 3. microbenchmarks, each kernel against its reference and the library alternatives present
+stage benchmarks 150 "$PYTHON" -m pytest -q -s -p no:cacheprovider -rs --benchmark-only \
+    --benchmark-json="$OUT/benchmarks.json" --benchmark-columns=median,iqr,rounds \
+    bench/benchmark_stft.py bench/benchmark_tokens.py bench/benchmark_attention.py bench/benchmark_norm.py
+grep -E " ms .* GB/s " "$OUT/benchmarks.log" >"$OUT/rates.txt" 2>/dev/null
+log "achieved rates (also in $OUT/rates.txt):"
+sed 's/^/    /' "$OUT/rates.txt" | tee -a "$SUMMARY"
+log "done in $SECONDS s"
