@@ -15,7 +15,6 @@ Output: `.npz` with `paths`, `keys`, `sample_rates`, `channels`, `model` and one
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import time
@@ -67,9 +66,12 @@ def find_files(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
 
 def read_file(path: Path) -> tuple[np.ndarray, int]:
     """(waveform (N,) or (C, N), rate) with soundfile; plain 16-bit WAV needs no package."""
-    if importlib.util.find_spec("soundfile") is None and path.suffix.lower() == ".wav":
-        return read_wav(path)
-    return read_audio(path)
+    try:
+        return read_audio(path)
+    except ImportError:
+        if path.suffix.lower() == ".wav":
+            return read_wav(path)
+        raise
 
 
 def _read_checked(path: Path):
@@ -78,6 +80,8 @@ def _read_checked(path: Path):
         signal, rate = read_file(path)
         rate = inputs.check_sample_rate(rate)
         return inputs.as_signal(signal, rate), rate
+    except ImportError:  # a missing audio package fails every file alike: stop and say what to install
+        raise
     except Exception as error:  # a corrupt or unsupported file is reported, never fatal
         return f"{type(error).__name__}: {error}"
 
@@ -231,7 +235,10 @@ def run(args) -> int:
     with ThreadPoolExecutor(4) as pool:
         for first in range(0, len(mine), args.batch_files):
             batch = mine[first:first + args.batch_files]
-            loaded = list(pool.map(_read_checked, batch))
+            try:
+                loaded = list(pool.map(_read_checked, batch))
+            except ImportError as error:
+                raise ValueError(f"{error} (plain 16-bit WAV files need no package)") from None
             good = [(path, item) for path, item in zip(batch, loaded) if not isinstance(item, str)]
             failures += [(path, item) for path, item in zip(batch, loaded) if isinstance(item, str)]
             results = _encode_batch(model, [item for _, item in good], args.frames, options)

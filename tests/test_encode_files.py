@@ -124,6 +124,13 @@ def test_no_path_encodes_the_bundled_samples(tmp_path, model_path):
     assert len({row["sample_rate"] for row in files.values()}) >= 3
 
 
+def test_missing_soundfile_stops_with_the_install_hint(tmp_path, model_path, capsys, monkeypatch):
+    write_corpus(tmp_path / "data")
+    monkeypatch.setitem(sys.modules, "soundfile", None)
+    assert run(tmp_path / "data", "--model", model_path, "--out", tmp_path / "e.npz") == 2
+    assert "needs the package 'soundfile'" in capsys.readouterr().out and not (tmp_path / "e.npz").exists()
+
+
 def test_bad_arguments(tmp_path, model_path, capsys):
     assert run(tmp_path, "--model", model_path, "--out", tmp_path / "e.txt") == 2
     assert "--out must end in .npz or .parquet" in capsys.readouterr().out
