@@ -147,12 +147,42 @@ def ragged_spectrogram(
     if waves.dtype != torch.float32:
         raise ValueError(f"ragged_spectrogram takes float32 waveforms, got {waves.dtype}")
     device = waves.device
-    wave_bounds = torch.as_tensor(wave_offsets, dtype=torch.int64).tolist()
-    spec_bounds = torch.as_tensor(spec_offsets, dtype=torch.int64)
+    spec_bounds = torch.as_tensor(spec_offsets, dtype=torch.int64).cpu()
     signals = len(frames)
     out = torch.empty(int(spec_bounds[-1]) if signals else 0, dtype=torch.float32, device=device)
     if signals == 0 or out.numel() == 0:
         return out
+    rows = [b * band for b in bands]
+    shapes = tuple(sorted(set(zip(n_fft, rows))))
+    bases, basis_at = _bases(shapes, band, device)
+
+    # Per-signal integers, one host -> device copy; row j is one kernel argument.
+    per_signal = torch.tensor(
+        [n_fft, hop, frames, [n // 2 + 1 for n in n_fft], rows, [basis_at[shape] for shape in zip(n_fft, rows)]],
+        dtype=torch.int64,
+    )
+    per_signal = torch.cat([per_signal, spec_bounds[None, :-1]]).to(device, non_blocking=True)
+    offsets = torch.as_tensor(wave_offsets, dtype=torch.int64).to(device, non_blocking=True)
+    # Tile table: every (row block, frame block) of every signal, signal-major, built without a Python loop.
+    row_tiles = (torch.tensor(rows) + block_rows - 1) // block_rows
+    frame_tiles = (torch.tensor(frames) + block_frames - 1) // block_frames
+    tile_signal = torch.repeat_interleave(torch.arange(signals), row_tiles * frame_tiles)
+    local = torch.arange(len(tile_signal)) - (torch.cumsum(row_tiles * frame_tiles, 0) - row_tiles * frame_tiles)[tile_signal]
+    tiles = torch.stack([
+        tile_signal, (local % frame_tiles[tile_signal]) * block_frames, (local // frame_tiles[tile_signal]) * block_rows
+    ]).to(device, non_blocking=True)
+
+    means = torch.empty(signals, dtype=torch.float32, device=device)
+    _signal_mean_kernel[(signals,)](waves, offsets, means, BLOCK=1024)
+    n_ffts, hops, frames_of, bins_of, rows_of, basis_offsets, signal_spec_offsets = per_signal
+    _spectrogram_tile_kernel[(tiles.shape[1],)](
+        waves, means, out, bases, *tiles,
+        offsets, n_ffts, hops, frames_of, bins_of, rows_of, signal_spec_offsets, basis_offsets,
+        log_eps, log_mean, log_std,
+        BAND=band, BLOCK_R=block_rows, BLOCK_T=block_frames, BLOCK_K=block_k,
+        PRECISION=dot_precision(torch.float32),
+    )
+    return out
     rows = [b * band for b in bands]
     shapes = tuple(sorted(set(zip(n_fft, rows))))
     bases, basis_at = _bases(shapes, band, device)

@@ -121,16 +121,23 @@ def pack_tokens(
     tile_first = torch.cumsum(tiles, 0) - tiles
     tile_patch = (torch.arange(len(tile_sequence)) - tile_first[tile_sequence]) * block_patches
 
-    def on_device(values, dtype=torch.int64):
-        return torch.as_tensor(values).to(device=device, dtype=dtype, non_blocking=True)
+    # Every per-tile and per-sequence integer in one host -> device copy; row j is one kernel argument.
+    sequences = len(patches)
+    per_sequence = torch.stack([
+        torch.as_tensor(t, dtype=torch.int64).cpu()
+        for t in (image_offsets, image_strides, frame_starts, frames, patches, cu_seqlens[:-1])
+    ])
+    table = torch.cat([
+        torch.stack([tile_sequence, tile_patch]).reshape(-1), per_sequence.reshape(-1)
+    ]).to(device, non_blocking=True)
+    tile_sequence, tile_patch = table[: 2 * len(tile_sequence)].view(2, -1)
+    per_sequence = table[2 * len(tile_sequence) :].view(-1, sequences)
+    positions = torch.as_tensor(positions, dtype=torch.float32).to(device, non_blocking=True)
 
     grid = (len(tile_sequence), triton.cdiv(dim, block_dim))
     _pack_tokens_kernel[grid](
         spec, weight.reshape(dim, band * patch).contiguous(), bias.contiguous(), cls_token.contiguous(),
-        pos_embed.contiguous(), out,
-        on_device(tile_sequence), on_device(tile_patch),
-        on_device(image_offsets), on_device(image_strides), on_device(frame_starts), on_device(frames),
-        on_device(patches), on_device(cu_seqlens[:-1]), on_device(positions, torch.float32),
+        pos_embed.contiguous(), out, tile_sequence, tile_patch, *per_sequence, positions,
         dim, fpe_scale, -math.log(fpe_base) / dim,
         BAND=band, PATCH=patch, BLOCK_P=block_patches, BLOCK_D=block_dim, BLOCK_K=block_k,
         PRECISION=dot_precision(weight.dtype),
