@@ -32,6 +32,35 @@ def _tile_span(seq_ids, cu_seqlens, first_row, total, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _key_block(qkv, seq_ids, key, key_ok, col, dim):
+    """Sequence ids, K and V of a block of key rows (ids of rows past the span never match a query's)."""
+    seq_k = tl.load(seq_ids + key, mask=key_ok, other=-2)
+    k = tl.load(qkv + key[:, None] * (3 * dim) + dim + col[None, :], mask=key_ok[:, None], other=0.0)
+    v = tl.load(qkv + key[:, None] * (3 * dim) + 2 * dim + col[None, :], mask=key_ok[:, None], other=0.0)
+    return seq_k, k, v
+
+
+@triton.jit
+def _query_block(qkv, grad_out, lse, delta, seq_ids, row, row_ok, head, col, total, dim):
+    """What the backward needs of a block of query rows: sequence ids, Q, dO, log-sum-exp and delta."""
+    seq_q = tl.load(seq_ids + row, mask=row_ok, other=-1)
+    q = tl.load(qkv + row[:, None] * (3 * dim) + col[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(grad_out + row[:, None] * dim + col[None, :], mask=row_ok[:, None], other=0.0)
+    row_lse = tl.load(lse + head * total + row, mask=row_ok, other=0.0)
+    row_delta = tl.load(delta + head * total + row, mask=row_ok, other=0.0)
+    return seq_q, q, do, row_lse, row_delta
+
+
+@triton.jit
+def _probabilities_and_grad(q, k, v, do, row_lse, row_delta, same_sequence, qk_scale, PRECISION: tl.constexpr):
+    """P of one (query, key) tile, recomputed from the saved log-sum-exp, and dS = P * (dP - delta)."""
+    scores = dot(q, tl.trans(k), PRECISION) * qk_scale
+    p = tl.where(same_sequence, tl.exp2(scores - row_lse[:, None]), 0.0)
+    grad_p = dot(do, tl.trans(v), PRECISION)
+    return p, p * (grad_p - row_delta[:, None])
+
+
+@triton.jit
 def _forward_kernel(
     qkv, out, lse, seq_ids, cu_seqlens, total, dim, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
@@ -50,10 +79,7 @@ def _forward_kernel(
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     for start in range(kv_lo, kv_hi, BLOCK_N):
         key = start + tl.arange(0, BLOCK_N)
-        key_ok = key < kv_hi
-        seq_k = tl.load(seq_ids + key, mask=key_ok, other=-2)
-        k = tl.load(qkv + key[:, None] * (3 * dim) + dim + col[None, :], mask=key_ok[:, None], other=0.0)
-        v = tl.load(qkv + key[:, None] * (3 * dim) + 2 * dim + col[None, :], mask=key_ok[:, None], other=0.0)
+        seq_k, k, v = _key_block(qkv, seq_ids, key, key < kv_hi, col, dim)
         scores = dot(q, tl.trans(k), PRECISION) * qk_scale
         scores = tl.where(seq_q[:, None] == seq_k[None, :], scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
@@ -84,27 +110,20 @@ def _backward_kv_kernel(
     col = head * HEAD_DIM + tl.arange(0, HEAD_DIM)
     key = first_key + tl.arange(0, BLOCK_N)
     key_ok = key < total
-    seq_k = tl.load(seq_ids + key, mask=key_ok, other=-2)
-    k = tl.load(qkv + key[:, None] * (3 * dim) + dim + col[None, :], mask=key_ok[:, None], other=0.0)
-    v = tl.load(qkv + key[:, None] * (3 * dim) + 2 * dim + col[None, :], mask=key_ok[:, None], other=0.0)
+    seq_k, k, v = _key_block(qkv, seq_ids, key, key_ok, col, dim)
     q_lo, q_hi = _tile_span(seq_ids, cu_seqlens, first_key, total, BLOCK_N)
 
     grad_k = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     grad_v = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     for start in range(q_lo, q_hi, BLOCK_M):
         row = start + tl.arange(0, BLOCK_M)
-        row_ok = row < q_hi
-        seq_q = tl.load(seq_ids + row, mask=row_ok, other=-1)
-        q = tl.load(qkv + row[:, None] * (3 * dim) + col[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(grad_out + row[:, None] * dim + col[None, :], mask=row_ok[:, None], other=0.0)
-        row_lse = tl.load(lse + head * total + row, mask=row_ok, other=0.0)
-        row_delta = tl.load(delta + head * total + row, mask=row_ok, other=0.0)
-        scores = dot(q, tl.trans(k), PRECISION) * qk_scale
-        p = tl.exp2(scores - row_lse[:, None])
-        p = tl.where(seq_q[:, None] == seq_k[None, :], p, 0.0)
+        seq_q, q, do, row_lse, row_delta = _query_block(
+            qkv, grad_out, lse, delta, seq_ids, row, row < q_hi, head, col, total, dim
+        )
+        p, grad_s = _probabilities_and_grad(
+            q, k, v, do, row_lse, row_delta, seq_q[:, None] == seq_k[None, :], qk_scale, PRECISION
+        )
         grad_v += dot(tl.trans(p.to(do.dtype)), do, PRECISION)
-        grad_p = dot(do, tl.trans(v), PRECISION)
-        grad_s = p * (grad_p - row_delta[:, None])
         grad_k += dot(tl.trans(grad_s.to(q.dtype)), q, PRECISION)
 
     target = grad_qkv + key[:, None] * (3 * dim) + col[None, :]
@@ -123,25 +142,18 @@ def _backward_q_kernel(
     col = head * HEAD_DIM + tl.arange(0, HEAD_DIM)
     row = first_row + tl.arange(0, BLOCK_M)
     row_ok = row < total
-    seq_q = tl.load(seq_ids + row, mask=row_ok, other=-1)
-    q = tl.load(qkv + row[:, None] * (3 * dim) + col[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(grad_out + row[:, None] * dim + col[None, :], mask=row_ok[:, None], other=0.0)
-    row_lse = tl.load(lse + head * total + row, mask=row_ok, other=0.0)
-    row_delta = tl.load(delta + head * total + row, mask=row_ok, other=0.0)
+    seq_q, q, do, row_lse, row_delta = _query_block(
+        qkv, grad_out, lse, delta, seq_ids, row, row_ok, head, col, total, dim
+    )
     kv_lo, kv_hi = _tile_span(seq_ids, cu_seqlens, first_row, total, BLOCK_M)
 
     grad_q = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     for start in range(kv_lo, kv_hi, BLOCK_N):
         key = start + tl.arange(0, BLOCK_N)
-        key_ok = key < kv_hi
-        seq_k = tl.load(seq_ids + key, mask=key_ok, other=-2)
-        k = tl.load(qkv + key[:, None] * (3 * dim) + dim + col[None, :], mask=key_ok[:, None], other=0.0)
-        v = tl.load(qkv + key[:, None] * (3 * dim) + 2 * dim + col[None, :], mask=key_ok[:, None], other=0.0)
-        scores = dot(q, tl.trans(k), PRECISION) * qk_scale
-        p = tl.exp2(scores - row_lse[:, None])
-        p = tl.where(seq_q[:, None] == seq_k[None, :], p, 0.0)
-        grad_p = dot(do, tl.trans(v), PRECISION)
-        grad_s = p * (grad_p - row_delta[:, None])
+        seq_k, k, v = _key_block(qkv, seq_ids, key, key < kv_hi, col, dim)
+        _, grad_s = _probabilities_and_grad(
+            q, k, v, do, row_lse, row_delta, seq_q[:, None] == seq_k[None, :], qk_scale, PRECISION
+        )
         grad_q += dot(grad_s.to(k.dtype), k, PRECISION)
 
     tl.store(grad_qkv + row[:, None] * (3 * dim) + col[None, :], (grad_q * scale).to(grad_qkv.dtype.element_ty),
