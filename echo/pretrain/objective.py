@@ -5,7 +5,7 @@ time within its sequence, averaged over layers, layer-normalised without affine.
 tokens (and CLS) of every masked clone. A light conv decoder, fed the student's outputs with a mask token in
 every masked place, predicts the targets at the masked positions (frame loss); the student's CLS predicts the
 mean of its sequence's targets (utterance loss). Nothing is padded: encoders run through echo.packed, the
-decoder's convolutions see only their own sequence through per-row neighbour indices.
+decoder's convolutions see only their own sequence through a per-row mask of the taps.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def teacher_targets(teacher, batch: Batch, packing: packed.Packing) -> tuple[tor
 class ConvDecoder(nn.Module):
     """data2vec 2.0's light decoder: blocks of grouped conv over time (zero-padded at each sequence's ends),
     LayerNorm without affine, GELU, residual; then a linear layer. Works on rows of sequences laid back to
-    back, each tap gathered from a neighbour row of the same sequence."""
+    back; a tap that would cross into the next sequence is masked to zero."""
 
     def __init__(self, dim: int, layers: int = 4, kernel: int = 3, groups: int = 16):
         super().__init__()
@@ -75,20 +75,22 @@ class ConvDecoder(nn.Module):
         self.proj = nn.Linear(dim, dim)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def neighbours(self, time: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-        """(R, kernel) row of each tap of each row (t = time[r] in a sequence of length[r]); a tap outside its
-        sequence points at row R, a zero row."""
+    def inside(self, time: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        """(R, kernel) 1 where tap o of row r (t = time[r] in a sequence of length[r]) lies in its sequence,
+        0 where it would reach into a neighbouring sequence (that tap sees the zero padding instead)."""
         taps = torch.arange(self.kernel, device=time.device) - self.kernel // 2
-        rows = torch.arange(len(time), device=time.device)[:, None] + taps
-        inside = (time[:, None] + taps >= 0) & (time[:, None] + taps < length[:, None])
-        return torch.where(inside, rows, len(time))
+        return ((time[:, None] + taps >= 0) & (time[:, None] + taps < length[:, None])).float()
 
-    def forward(self, x: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
-        dim = x.shape[-1]
+    def forward(self, x: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+        rows, dim = x.shape
+        pad = self.kernel // 2
+        inside = inside.to(x.dtype)[:, None, :]
         for conv in self.convs:
-            window = torch.cat([x, x.new_zeros(1, dim)])[neighbours]  # (R, kernel, D)
-            mixed = F.conv1d(window.transpose(1, 2), conv.weight.to(x.dtype), conv.bias.to(x.dtype),
-                             groups=conv.groups).squeeze(-1)
+            # Taps as shifted slices, not a gather: the backward then has no scattered accumulation, so a CPU
+            # step is bit-reproducible (exact resumption) whatever the thread count.
+            padded = F.pad(x, (0, 0, pad, pad))
+            window = torch.stack([padded[o : o + rows] for o in range(self.kernel)], dim=-1) * inside  # (R, D, k)
+            mixed = F.conv1d(window, conv.weight.to(x.dtype), conv.bias.to(x.dtype), groups=conv.groups).squeeze(-1)
             x = x + F.gelu(F.layer_norm(mixed, (dim,)))
         return self.proj(x)
 
@@ -114,7 +116,7 @@ class Learner(nn.Module):
         restored = self.decoder.mask_token.to(out.dtype).expand(rows, -1).index_put((batch.visible_rows,), visible_out)
         time = batch.patch_position[batch.decoder_source] - 1
         length = batch.lengths[batch.patch_sequence[batch.decoder_source]]
-        predicted = self.decoder(restored, self.decoder.neighbours(time, length))
+        predicted = self.decoder(restored, self.decoder.inside(time, length))
         frame = F.mse_loss(predicted[batch.masked_rows].float(), targets[batch.decoder_source[batch.masked_rows]])
         utterance = F.mse_loss(out[cls_rows].float(), utterance_targets[batch.student_sequence])
         return frame + self.utterance_weight * utterance, frame.detach(), utterance.detach()

@@ -1,0 +1,169 @@
+"""Pretraining runs: a 30-step tiny run, exact resumption, checkpoints, export, the command line, 2-process
+DDP on gloo."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("soundfile")
+from pretrain_corpus import tiny_config, write_corpus  # noqa: E402
+
+import echo  # noqa: E402
+from echo import cli  # noqa: E402
+from echo.pretrain import checkpoints, trainer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "data", files=8)
+
+
+def rows(run):
+    with open(run / "steps.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_thirty_steps_learn_and_export_a_loadable_teacher(data, tmp_path):
+    run = tmp_path / "run"
+    initial = echo.EchoModel(tiny_config(data, run).model_config)
+    torch.manual_seed(0)
+    initial = echo.EchoModel(tiny_config(data, run).model_config).state_dict()
+    result = trainer.train(tiny_config(data, run), progress=False)
+    log = rows(run)
+    assert [int(r["step"]) for r in log] == [5, 10, 15, 20, 25, 30]
+    assert float(log[-1]["loss"]) < 0.8 * float(log[0]["loss"])
+    assert all(float(r["tokens_per_s"]) > 0 and 0.9998 <= float(r["ema_decay"]) <= 0.99999 for r in log)
+    student, teacher = result["student"].state_dict(), result["teacher"].state_dict()
+    moved = [k for k in student if not torch.equal(student[k], teacher[k])]
+    assert len(moved) == len(student) - 1  # all but the frozen pos_embed
+    assert any(not torch.equal(teacher[k], initial[k]) for k in teacher)  # the EMA moved the teacher
+    loaded = echo.load(run / "model.safetensors")
+    assert (loaded.config.dim, loaded.config.depth, loaded.config.heads) == (64, 2, 1)
+    assert_same_state(loaded.state_dict(), teacher)
+    assert json.loads((run / "config.json").read_text())["tokens_per_batch"] == 400
+    kept = checkpoints.checkpoint_paths(run / "checkpoints")
+    assert [p.name for p in kept] == ["step-000000020.pt", "step-000000030.pt"]  # keep=2
+    assert not list((run / "checkpoints").glob("*.tmp"))
+
+
+def test_a_stopped_and_resumed_run_equals_a_straight_run(data, tmp_path):
+    settings = dict(steps=8, save_every=2, log_every=2, keep=2)
+    straight = trainer.train(tiny_config(data, tmp_path / "straight", **settings), progress=False)
+    first = trainer.train(tiny_config(data, tmp_path / "resumed", **settings), progress=False, stop_at=5)
+    assert first["step"] == 5 and first["exported"] is None  # "killed" after step 5; last checkpoint: step 4
+    resumed = trainer.train(tiny_config(data, tmp_path / "resumed", **settings), progress=False)
+    assert resumed["step"] == 8
+    for part in ("student", "teacher", "decoder"):
+        assert_same_state(straight[part].state_dict(), resumed[part].state_dict())
+    assert rows(tmp_path / "straight") == [
+        {**r, "steps_per_s": a["steps_per_s"], "tokens_per_s": a["tokens_per_s"]}
+        for r, a in zip(rows(tmp_path / "resumed"), rows(tmp_path / "straight"))
+    ]
+
+
+def test_resuming_with_another_config_is_refused(data, tmp_path):
+    trainer.train(tiny_config(data, tmp_path / "run", steps=2, save_every=1), progress=False)
+    with pytest.raises(ValueError, match="mask_ratio: 0.8 -> 0.75"):
+        trainer.train(tiny_config(data, tmp_path / "run", steps=4, mask_ratio=0.75), progress=False)
+
+
+def test_checkpoints_are_atomic_and_a_broken_one_is_passed_over(tmp_path, monkeypatch):
+    folder = tmp_path / "checkpoints"
+    checkpoints.save(folder, 1, {"step": 1, "w": torch.randn(3)}, keep=3)
+    checkpoints.save(folder, 2, {"step": 2, "w": torch.randn(3)}, keep=3)
+
+    def crash(state, path):
+        with open(path, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        checkpoints.save(folder, 3, {"step": 3}, keep=3)
+    monkeypatch.undo()
+    assert [p.name for p in checkpoints.checkpoint_paths(folder)] == ["step-000000001.pt", "step-000000002.pt"]
+    assert checkpoints.load_latest(folder)["step"] == 2
+    (folder / "step-000000002.pt").write_bytes(b"truncated")
+    assert checkpoints.load_latest(folder)["step"] == 1
+    for step in range(3, 7):
+        checkpoints.save(folder, step, {"step": step}, keep=3)
+    assert [p.name for p in checkpoints.checkpoint_paths(folder)] == [f"step-00000000{s}.pt" for s in (4, 5, 6)]
+
+
+def test_command_line_writes_shards_trains_on_them_and_exports(data, tmp_path, capsys):
+    pytest.importorskip("webdataset")
+    assert cli.main(["pretrain-shards", "--data", str(data), "--out", str(tmp_path / "shards"),
+                     "--per-shard", "3"]) == 0
+    run = tmp_path / "run"
+    argv = ["pretrain", "--data", str(tmp_path / "shards"), "--out", str(run), "--dim", "64", "--depth", "2",
+            "--heads", "1", "--steps", "3", "--crop-seconds", "2", "--tokens-per-batch", "400", "--workers", "1",
+            "--log-every", "1", "--save-every", "3", "--export", "student", "--quiet"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "3 WebDataset shards" in out and '"tokens_per_batch": 400' in out
+    student = echo.load(run / "model.safetensors")
+    (run / "model.safetensors").unlink()
+    assert cli.main(["pretrain", "--data", "unused", "--out", str(run), "--export-only", "--export", "student"]) == 0
+    assert_same_state(echo.load(run / "model.safetensors").state_dict(), student.state_dict())
+    assert cli.main(argv[:-1] + ["--mask-ratio", "1.5"]) == 2
+    assert "mask_ratio must be in (0, 1), got 1.5" in capsys.readouterr().out
+
+
+def ddp_worker(rank, world, port, data, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    result = trainer.train(tiny_config(data, out, steps=4, log_every=2, save_every=4), progress=False)
+    torch.save({"student": result["student"].state_dict(), "teacher": result["teacher"].state_dict(),
+                "last": result["last"]}, f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_keeps_ranks_identical(data, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(ddp_worker, args=(2, port, str(data), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert_same_state(ranks[0]["student"], ranks[1]["student"])
+    assert_same_state(ranks[0]["teacher"], ranks[1]["teacher"])
+    assert ranks[0]["last"]["loss"] == ranks[1]["last"]["loss"]  # reduced over ranks
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_killed_process_resumes_exactly(data, tmp_path):
+    settings = dict(steps=10, save_every=1, keep=2, log_every=1)
+    straight = trainer.train(tiny_config(data, tmp_path / "straight", **settings), progress=False)
+    run = tmp_path / "killed"
+    argv = [sys.executable, "-m", "echo", "pretrain", "--data", str(data), "--out", str(run), "--dim", "64",
+            "--depth", "2", "--heads", "1", "--steps", "10", "--crop-seconds", "2", "--tokens-per-batch", "400",
+            "--clones", "2", "--lr", "1e-3", "--warmup", "5", "--workers", "0", "--save-every", "1", "--keep", "2",
+            "--log-every", "1", "--quiet"]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not checkpoints.checkpoint_paths(run / "checkpoints") and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert checkpoints.checkpoint_paths(run / "checkpoints"), "the run wrote no checkpoint before it was killed"
+    resumed = trainer.train(tiny_config(data, run, **settings), progress=False)
+    for part in ("student", "teacher", "decoder"):
+        assert_same_state(straight[part].state_dict(), resumed[part].state_dict())
