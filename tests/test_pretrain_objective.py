@@ -133,3 +133,13 @@ def test_cosine_schedule_warms_up_then_decays_to_the_minimum():
     assert lr.lr(110) == pytest.approx(1e-5) and lr.lr(500) == pytest.approx(1e-5)
     decreasing = [lr.lr(s) for s in range(10, 111)]
     assert all(a >= b for a, b in itertools.pairwise(decreasing))
+
+
+def test_bf16_autocast_loss_is_close_to_the_float32_loss(tmp_path):
+    batch = small_batch(tmp_path)
+    learner, teacher = random_learner(), random_model("tiny", dim=64, depth=2, heads=1)
+    reference = packed_loss(learner, teacher, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = packed_loss(learner, teacher, batch)
+    for got, expected in zip(low, reference):
+        assert rel_err(got.detach(), expected.detach()) < 2e-2

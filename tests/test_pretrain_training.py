@@ -37,8 +37,7 @@ def assert_same_state(a: dict, b: dict):
 
 def test_thirty_steps_learn_and_export_a_loadable_teacher(data, tmp_path):
     run = tmp_path / "run"
-    initial = echo.EchoModel(tiny_config(data, run).model_config)
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the run's seed: its initial weights
     initial = echo.EchoModel(tiny_config(data, run).model_config).state_dict()
     result = trainer.train(tiny_config(data, run), progress=False)
     log = rows(run)

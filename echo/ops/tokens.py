@@ -186,7 +186,8 @@ def scatter_sequences(
     counts = torch.bincount(patch_sequence, minlength=sequences)
     cls_rows = torch.cumsum(counts + 1, 0) - (counts + 1)
     patch_rows = torch.arange(len(patch_sequence), device=projected.device) + patch_sequence + 1
-    tokens = projected.new_empty(sequences + len(patch_sequence), dim)
-    tokens[patch_rows] = projected + pos_embed[0, patch_position] + fpe[patch_sequence]
-    tokens[cls_rows] = cls_token.reshape(1, dim) + fpe
+    patch_tokens = projected + pos_embed[0, patch_position] + fpe[patch_sequence]
+    tokens = patch_tokens.new_empty(sequences + len(patch_sequence), dim)
+    tokens[patch_rows] = patch_tokens
+    tokens[cls_rows] = (cls_token.reshape(1, dim) + fpe).to(tokens.dtype)
     return tokens
