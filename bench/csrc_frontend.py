@@ -12,21 +12,11 @@ import time
 
 import torch
 
+from encode_throughput import WORKLOADS, workload  # bench/encode_throughput.py: the encode benchmark's inputs
 from echo import extension
 from echo.ops import backend as backends
 from echo.ops import stft as stft_ops
 from echo.plan import make_plan
-
-
-def workloads(generator: torch.Generator) -> dict[str, tuple[list[int], list[int]]]:
-    """name -> (lengths, sample rates)."""
-    w2_rates = [(12000, 16000, 48000, 50000)[i % 4] for i in range(128)]
-    w2_lengths = [int(sr * (0.5 + 2.0 * torch.rand((), generator=generator).item())) for sr in w2_rates]
-    return {
-        "W1 16 x 10 s @ 16 kHz": ([160000] * 16, [16000] * 16),
-        "W2 128 x 0.5-2.5 s @ 12/16/48/50 kHz": (w2_lengths, w2_rates),
-        "W3 4 x 60 s @ 48 kHz": ([48000 * 60] * 4, [48000] * 4),
-    }
 
 
 def median_seconds(fn, repeats: int, device: torch.device) -> float:
@@ -58,9 +48,12 @@ def main() -> int:
     print(f"torch {torch.__version__}, {name}")
     print(f"| workload | audio s | threads | {' | '.join(f'{b} ms' for b in names)} | torch / csrc |")
     print(f"| --- | ---: | ---: |{' ---: |' * len(names)} ---: |")
-    for label, (lengths, rates) in workloads(torch.Generator().manual_seed(0)).items():
+    for key, description in WORKLOADS.items():
+        signals, rates = workload(key)
+        lengths = [len(signal) for signal in signals]
+        label = f"{key} {description}"
         plan = make_plan(lengths, rates)
-        waves = torch.randn(sum(lengths), dtype=torch.float64)
+        waves = torch.cat(signals).double()
         offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
         offsets[1:] = torch.cumsum(torch.tensor(lengths), 0)
         truth = stft_ops.ragged_spectrogram_torch(waves, offsets, plan)

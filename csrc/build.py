@@ -16,8 +16,9 @@ CSRC = Path(__file__).resolve().parent
 CPU_SOURCES = sorted(CSRC.glob("*.cpp"))
 CUDA_SOURCES = sorted((CSRC / "cuda").glob("*.cu"))
 CUDA_ARCHS = ("80", "90")  # A100, H100
-CXX_FLAGS = ["-O3", "-std=c++20"]
-NVCC_FLAGS = ["-O3", "-std=c++20", *(f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS)]
+# No -std: torch.utils.cpp_extension passes the C++ standard its torch was built with (a mismatch crashes).
+CXX_FLAGS = ["-O3", "-fopenmp"]  # -fopenmp: at::parallel_for is OpenMP code inlined from the torch headers
+NVCC_FLAGS = ["-O3", *(f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS)]
 
 
 def nvcc_path() -> str | None:
@@ -41,7 +42,7 @@ def check_cuda() -> int:
         for source in CUDA_SOURCES:
             started = time.perf_counter()
             command = [nvcc, "-c", str(source), "-o", str(Path(scratch) / f"{source.stem}.o"), *includes,
-                       *NVCC_FLAGS, "-DTORCH_EXTENSION_NAME=_C",
+                       *NVCC_FLAGS, "-std=c++20", "-DTORCH_EXTENSION_NAME=_C",  # torch 2.13's standard
                        # a CPU torch ships c10/cuda without its generated config header; it only sets
                        # export macros, which object code does not need
                        "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"]

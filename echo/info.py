@@ -25,21 +25,18 @@ def forcing(op: str) -> str | None:
 
 
 def skipped_reasons(op: str, device: torch.device, available: tuple[str, ...], chosen: str) -> list[str]:
-    """Why each faster backend than the chosen one does not run."""
+    """Why the backends listed before the chosen one, and a compiled op that is not built, do not run."""
     reasons = []
-    if chosen != "triton":
+    if "triton" in available[: available.index(chosen)]:
         if importlib.util.find_spec("triton") is None:
             reasons.append("triton not importable")
-        elif "triton" in available and device.type != "cuda":
+        else:
             reasons.append("triton runs by default only on CUDA (forced: needs TRITON_INTERPRET=1 on CPU)")
     compiled = next((name for name, echo_op in extension.OPS.items() if echo_op == op), None)
-    if chosen != "csrc":
-        if compiled is None:
-            reasons.append("no compiled op")
-        elif "csrc" not in available:
-            reasons.append(f"csrc: {extension.why_unavailable(compiled, device)}")
-        elif available.index("csrc") > available.index("torch"):
-            reasons.append("csrc built but slower than torch here, runs only when forced")
+    if compiled is None:
+        reasons.append("no compiled op")
+    elif "csrc" not in available:
+        reasons.append(f"csrc: {extension.why_unavailable(compiled, device)}")
     return reasons
 
 

@@ -1,4 +1,5 @@
 """`python -m echo info`: one row per op and device, with the backend that dispatch really picks and why."""
+import importlib.util
 import re
 
 import pytest
@@ -34,7 +35,9 @@ def test_info_matches_dispatch(capsys, monkeypatch):
     built = extension.load_error() is None
     assert ("loaded; ops: ragged_spectrogram" in text) == built
     cpu_backend, cpu_why = rows["stft", "cpu"]
-    assert cpu_backend == ("csrc" if built and "cpu" in stft_ops.CSRC_BY_DEFAULT else "torch")
+    assert cpu_backend == ("csrc" if built else "torch")
+    cuda_backend = "csrc" if extension.has_op("ragged_spectrogram", "cuda") else "triton"
+    assert rows["stft", "cuda"][0] == (cuda_backend if importlib.util.find_spec("triton") else "torch")
     assert cpu_why.startswith("default")
     assert rows["tokens", "cpu"] == ("torch", rows["tokens", "cpu"][1])
     assert "no compiled op" in rows["tokens", "cpu"][1]

@@ -1,8 +1,8 @@
 // CUDA kernel of torch.ops.echo.ragged_spectrogram (contract: echo/ops/stft.py,
 // ragged_spectrogram_reference; the CPU kernel and the op's schema are in ../frontend.cpp).
 //
-// Signals are grouped by (window, hop, bands): one group per distinct sample rate. Per group: one block per signal
-// sums its samples (the DC), one block per frame writes the windowed DC-free frame into a (frames, n_fft)
+// Signals are grouped by (window, hop, bands): one group per distinct sample rate. Per group: 64 blocks per
+// signal sum its samples (the DC), one block per frame writes the windowed DC-free frame into a (frames, n_fft)
 // buffer, cuFFT (through ATen) takes the real FFT of all frames at once, and a tiled transpose writes
 // (ln|X| + eps + mean) / std straight into each signal's band image (bins x frames, zero rows inserted before
 // the last band's real bins) in the flat output buffer.
@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_fft_r2c.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -26,6 +27,7 @@ constexpr int64_t kBandBins = 32;
 constexpr int kTile = 32;      // transpose tile: 32 frames x 32 rows
 constexpr int kTileRows = 8;   // threads per tile column
 constexpr int kThreads = 256;
+constexpr int kSlices = 64;    // blocks per signal for its DC sum
 
 // Per signal of a group: where its samples start, its first frame within the group, where its band image
 // starts in the output, its frame count.
@@ -33,19 +35,22 @@ struct SignalRow {
   int64_t wave_start, group_frame, spec_offset, frames;
 };
 
-__global__ void signal_means(const float* __restrict__ waves, const int64_t* __restrict__ wave_bounds,
-                             float* __restrict__ means) {
+// grid: (signals, kSlices); each block adds its slice of a signal's samples to sums[signal] (double).
+__global__ void signal_sums(const float* __restrict__ waves, const int64_t* __restrict__ wave_bounds,
+                            double* __restrict__ sums) {
   __shared__ double partial[kThreads];
   const int64_t first = wave_bounds[2 * blockIdx.x], last = wave_bounds[2 * blockIdx.x + 1];
+  const int64_t slice = (last - first + kSlices - 1) / kSlices;
+  const int64_t begin = first + blockIdx.y * slice, end = min(last, begin + slice);
   double sum = 0;
-  for (int64_t k = first + threadIdx.x; k < last; k += blockDim.x) sum += waves[k];
+  for (int64_t k = begin + threadIdx.x; k < end; k += blockDim.x) sum += waves[k];
   partial[threadIdx.x] = sum;
   __syncthreads();
   for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
     if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
     __syncthreads();
   }
-  if (threadIdx.x == 0) means[blockIdx.x] = last > first ? static_cast<float>(partial[0] / (last - first)) : 0.f;
+  if (threadIdx.x == 0 && begin < end) atomicAdd(sums + blockIdx.x, partial[0]);
 }
 
 // The signal (row of `rows`) holding group frame `frame`: the last row whose group_frame <= frame.
@@ -59,12 +64,12 @@ __device__ int find_signal(const SignalRow* rows, int count, int64_t frame) {
 }
 
 __global__ void window_frames(const float* __restrict__ waves, const SignalRow* __restrict__ rows, int count,
-                              const float* __restrict__ means, int64_t n_fft, int64_t hop,
-                              float* __restrict__ framed) {
+                              const int64_t* __restrict__ wave_bounds, const double* __restrict__ sums,
+                              int64_t n_fft, int64_t hop, float* __restrict__ framed) {
   const int64_t frame = blockIdx.x;
   const int signal = find_signal(rows, count, frame);
   const float* start = waves + rows[signal].wave_start + (frame - rows[signal].group_frame) * hop;
-  const float mean = means[signal];
+  const float mean = static_cast<float>(sums[signal] / (wave_bounds[2 * signal + 1] - wave_bounds[2 * signal]));
   for (int64_t k = threadIdx.x; k < n_fft; k += blockDim.x) {
     const float window = 0.5f - 0.5f * cospif(2.f * static_cast<float>(k) / static_cast<float>(n_fft));
     framed[frame * n_fft + k] = (start[k] - mean) * window;
@@ -155,15 +160,17 @@ at::Tensor ragged_spectrogram_cuda(const at::Tensor& waves, const at::Tensor& wa
     const auto* rows = reinterpret_cast<const SignalRow*>(device_table.data_ptr<int64_t>());
     const int64_t* sample_bounds = device_table.data_ptr<int64_t>() + 4 * count;
 
-    at::Tensor means = at::empty({count}, waves.options());
-    signal_means<<<count, kThreads, 0, stream>>>(waves.data_ptr<float>(), sample_bounds, means.data_ptr<float>());
+    at::Tensor sums = at::zeros({count}, waves.options().dtype(at::kDouble));
+    signal_sums<<<dim3(count, kSlices), kThreads, 0, stream>>>(waves.data_ptr<float>(), sample_bounds,
+                                                              sums.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     at::Tensor framed = at::empty({group_frames, n_fft}, waves.options());
     window_frames<<<static_cast<unsigned>(group_frames), kThreads, 0, stream>>>(
-        waves.data_ptr<float>(), rows, count, means.data_ptr<float>(), n_fft, hop, framed.data_ptr<float>());
+        waves.data_ptr<float>(), rows, count, sample_bounds, sums.data_ptr<double>(), n_fft, hop,
+        framed.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    const at::Tensor spectrum = at::_fft_r2c(framed, {1}, /*normalization=*/0, /*onesided=*/true);
+    const at::Tensor spectrum = at::_fft_r2c(framed, {1}, /*normalization=*/0, /*onesided=*/true).contiguous();
     const dim3 grid((group_frames + kTile - 1) / kTile, (bands * kBandBins + kTile - 1) / kTile);
     log_band_layout<<<grid, dim3(kTile, kTileRows), 0, stream>>>(
         reinterpret_cast<const float2*>(spectrum.data_ptr()), rows, count, group_frames, bins, bands,

@@ -22,7 +22,7 @@ def triton_available(device: torch.device) -> bool:
 
 def choose(op: str, device: torch.device, requested: str | None = None, available: tuple[str, ...] = BACKENDS) -> str:
     """The backend for `op` on `device`: the requested one (argument, then environment), else the first of
-    `available` (listed fastest first); Triton is chosen by default only on CUDA."""
+    `available` (listed fastest first) that can run, Triton by default only on CUDA."""
     requested = requested or os.environ.get(f"ECHO_BACKEND_{op.upper()}") or os.environ.get("ECHO_BACKEND")
     if requested:
         if requested not in BACKENDS:
@@ -32,6 +32,5 @@ def choose(op: str, device: torch.device, requested: str | None = None, availabl
         if requested not in available:
             raise ValueError(f"op {op} has no {requested!r} backend; it has {', '.join(available)}")
         return requested
-    if device.type == "cuda" and "triton" in available and triton_available(device):
-        return "triton"
-    return next(name for name in available if name != "triton")
+    triton_by_default = device.type == "cuda" and triton_available(device)
+    return next(name for name in available if name != "triton" or triton_by_default)

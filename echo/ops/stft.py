@@ -98,20 +98,13 @@ def ragged_spectrogram_csrc(waves: torch.Tensor, wave_offsets: torch.Tensor, pla
     )
 
 
-# Device types where the compiled front end beats the torch path and so runs by default (bench/RESULTS.md,
-# "Compiled front end"); elsewhere it runs only when forced.
-CSRC_BY_DEFAULT = ("cpu",)
-
-
 def available_backends(device: torch.device) -> tuple[str, ...]:
-    """The front end's backends on this device, in order of preference."""
+    """The front end's backends on this device, fastest first: the compiled op, when built for this device,
+    beats the torch path on CPU and both torch and Triton on CUDA (bench/RESULTS.md, "Compiled front end")."""
     from .. import extension
 
-    if not extension.has_op("ragged_spectrogram", device):
-        return ("triton", "torch", "reference")
-    if device.type in CSRC_BY_DEFAULT:
-        return ("triton", "csrc", "torch", "reference")
-    return ("triton", "torch", "reference", "csrc")
+    fallbacks = ("triton", "torch", "reference")
+    return ("csrc", *fallbacks) if extension.has_op("ragged_spectrogram", device) else fallbacks
 
 
 def ragged_spectrogram(waves: torch.Tensor, wave_offsets: torch.Tensor, plan, backend: str | None = None) -> torch.Tensor:
