@@ -42,7 +42,9 @@ def test_norm(benchmark, measure, workload_name, dtype, backward, op, backend):
     grad = torch.randn(rows, width, device="cuda").to(dtype)
     if op == "layer_norm":
         residual = torch.randn(rows, width, device="cuda").to(dtype)
-        weight, bias = torch.ones(width, device="cuda"), torch.zeros(width, device="cuda")
+        # LayerNorm parameters in the input dtype: torch's layer_norm takes no mixed dtypes
+        weight = torch.randn(width, device="cuda").to(dtype)
+        bias = torch.randn(width, device="cuda").to(dtype)
 
         def forward():
             return norm_ops.fused_residual_layer_norm(x, residual, weight, bias, 1e-6, backend)

@@ -70,7 +70,7 @@ def matmul_peak(dtype: torch.dtype, device: str, size: int = 2048, repeat: int =
     return 2 * size**3 / min(times)
 
 
-def run_one(name: str, path: str, size: str, device: str, repeat: int) -> dict:
+def run_one(name: str, path: str, size: str, device: str, repeat: int, backend: str | None) -> dict:
     import echo
     import echo.fast
 
@@ -81,7 +81,7 @@ def run_one(name: str, path: str, size: str, device: str, repeat: int) -> dict:
         call = lambda: [model.encode(s, r) for s, r in zip(signals, rates)]  # noqa: E731
     else:
         dtype = torch.bfloat16 if path == "fast-bf16" else torch.float32
-        call = lambda: echo.fast.encode(model, signals, rates, dtype=dtype, frames=True)  # noqa: E731
+        call = lambda: echo.fast.encode(model, signals, rates, dtype=dtype, frames=True, backend=backend)  # noqa: E731
     call()  # warm-up
     times = []
     for _ in range(repeat):
@@ -97,6 +97,7 @@ def run_one(name: str, path: str, size: str, device: str, repeat: int) -> dict:
         "audio_seconds": sum(len(s) / r for s, r in zip(signals, rates)),
         "flops": model_flops(signals, rates, model.config.dim, model.config.depth),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else 0.0,
     }
 
 
@@ -107,24 +108,28 @@ def main() -> int:
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
     parser.add_argument("--paths", nargs="+", default=list(PATHS))
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--backend", default=None, help="force every op of the fast path: torch, triton, reference")
     parser.add_argument("--one", nargs=2, metavar=("WORKLOAD", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(*args.one, args.size, args.device, args.repeat)))
+        print(json.dumps(run_one(*args.one, args.size, args.device, args.repeat, args.backend)))
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("skipped: --device cuda but no CUDA device is available")
         return 0
-    peaks = {dtype: matmul_peak(dtype, args.device) for dtype in (torch.float32, torch.bfloat16)}
-    print(f"device {args.device}, {torch.get_num_threads()} threads, ECHO-{args.size}; measured matmul peak: "
+    size = 8192 if args.device == "cuda" else 2048
+    peaks = {dtype: matmul_peak(dtype, args.device, size) for dtype in (torch.float32, torch.bfloat16)}
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"device {device_name}, fast-path backend {args.backend or 'default'}, ECHO-{args.size}; measured matmul peak: "
           f"fp32 {peaks[torch.float32] / 1e9:.0f} GFLOP/s, bf16 {peaks[torch.bfloat16] / 1e9:.0f} GFLOP/s")
-    header = f"| workload | path | audio s/s | GFLOP/s | x reference | % of peak | peak RSS MB |"
-    print(header + "\n|---|---|---|---|---|---|---|")
+    print("| workload | path | audio s/s | GFLOP/s | x reference | % of peak | peak RSS MB | peak GPU MB |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.workloads:
         reference_time = None
         for path in args.paths:
             command = [sys.executable, __file__, "--one", name, path, "--size", args.size,
                        "--device", args.device, "--repeat", str(args.repeat)]
+            command += ["--backend", args.backend] if args.backend else []
             result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
             if path == "reference":
                 reference_time = result["seconds"]
@@ -132,7 +137,8 @@ def main() -> int:
             peak = peaks[torch.bfloat16 if path == "fast-bf16" else torch.float32]
             achieved = result["flops"] / result["seconds"]
             print(f"| {name} | {path} | {result['audio_seconds'] / result['seconds']:.1f} | {achieved / 1e9:.1f} | "
-                  f"{speedup} | {100 * achieved / peak:.0f}% | {result['peak_rss_mb']:.0f} |", flush=True)
+                  f"{speedup} | {100 * achieved / peak:.0f}% | {result['peak_rss_mb']:.0f} | {result['peak_gpu_mb']:.0f} |",
+                  flush=True)
     return 0
 
 

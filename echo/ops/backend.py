@@ -12,6 +12,10 @@ import os
 import torch
 
 BACKENDS = ("triton", "csrc", "torch", "reference")
+# Measured on an H100 (bench/RESULTS.md, "GPU run"): the Triton front end (fp32 DFT on CUDA cores) is ~10x
+# slower than cuFFT through torch, and the Triton residual+LayerNorm forward ~3x slower than torch's own; they
+# run only when asked for. Tokens and attention kernels win and are the CUDA defaults.
+TRITON_OFF_BY_DEFAULT = frozenset({"stft", "norm"})
 
 
 def triton_available(device: torch.device) -> bool:
@@ -22,7 +26,7 @@ def triton_available(device: torch.device) -> bool:
 
 def choose(op: str, device: torch.device, requested: str | None = None, available: tuple[str, ...] = BACKENDS) -> str:
     """The backend for `op` on `device`: the requested one (argument, then environment), else the first of
-    `available` (listed fastest first) that can run, Triton by default only on CUDA."""
+    `available` (listed fastest first) that can run, Triton by default only on CUDA and where it measured faster."""
     requested = requested or os.environ.get(f"ECHO_BACKEND_{op.upper()}") or os.environ.get("ECHO_BACKEND")
     if requested:
         if requested not in BACKENDS:
@@ -32,5 +36,5 @@ def choose(op: str, device: torch.device, requested: str | None = None, availabl
         if requested not in available:
             raise ValueError(f"op {op} has no {requested!r} backend; it has {', '.join(available)}")
         return requested
-    triton_by_default = device.type == "cuda" and triton_available(device)
+    triton_by_default = device.type == "cuda" and op not in TRITON_OFF_BY_DEFAULT and triton_available(device)
     return next(name for name in available if name != "triton" or triton_by_default)
