@@ -87,13 +87,22 @@ def ragged_spectrogram_torch(waves: torch.Tensor, wave_offsets: torch.Tensor, pl
 
 
 def ragged_spectrogram_csrc(waves: torch.Tensor, wave_offsets: torch.Tensor, plan) -> torch.Tensor:
-    """Same result from the compiled op (csrc/frontend.cpp, csrc/cuda/frontend.cu), geometry from the plan."""
+    """Same result from the compiled op (csrc/frontend.cpp, csrc/cuda/frontend.cu), geometry from the plan.
+    Inputs are checked here: the op's own checks are a last guard, not an error message."""
+    wave_offsets = wave_offsets.cpu()
+    lengths = wave_offsets.diff().tolist()
+    if waves.dim() != 1 or waves.dtype != torch.float32 or waves.numel() < int(wave_offsets[-1]) or lengths != plan.lengths:
+        raise ValueError(
+            f"compiled front end: waves must be 1-D float32 holding the plan's signals back to back; got "
+            f"{waves.dtype} {tuple(waves.shape)}, offsets to {int(wave_offsets[-1])} samples, signal lengths "
+            f"{lengths[:8]} where the plan has {plan.lengths[:8]}"
+        )
     signal_geometry = torch.tensor(
         [[geometry.n_fft(sr), geometry.hop(sr), t, nb] for sr, t, nb in zip(plan.sample_rates, plan.frames, plan.bands)],
         dtype=torch.int64,
     ).reshape(-1, 4)
     return torch.ops.echo.ragged_spectrogram(
-        waves.contiguous(), wave_offsets.cpu(), plan.spec_offsets, signal_geometry,
+        waves.contiguous(), wave_offsets, plan.spec_offsets, signal_geometry,
         geometry.LOG_EPS, geometry.LOG_MEAN, geometry.LOG_STD,
     )
 
