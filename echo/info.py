@@ -30,8 +30,10 @@ def skipped_reasons(op: str, device: torch.device, available: tuple[str, ...], c
     if "triton" in available[: available.index(chosen)]:
         if importlib.util.find_spec("triton") is None:
             reasons.append("triton not importable")
-        else:
+        elif device.type != "cuda":
             reasons.append("triton runs by default only on CUDA (forced: needs TRITON_INTERPRET=1 on CPU)")
+        elif op in backends.TRITON_OFF_BY_DEFAULT:
+            reasons.append("triton measured slower here, runs only when forced (bench/RESULTS.md)")
     compiled = next((name for name, echo_op in extension.OPS.items() if echo_op == op), None)
     if compiled is None:
         reasons.append("no compiled op")

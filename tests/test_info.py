@@ -39,6 +39,8 @@ def test_info_matches_dispatch(capsys, monkeypatch):
     # the Triton front end measured slower than torch on an H100: not a CUDA default (echo/ops/backend.py)
     assert rows["stft", "cuda"][0] == ("csrc" if extension.has_op("ragged_spectrogram", "cuda") else "torch")
     assert rows["tokens", "cuda"][0] == ("triton" if importlib.util.find_spec("triton") else "torch")
+    if rows["stft", "cuda"][0] == "torch" and importlib.util.find_spec("triton"):
+        assert "triton measured slower here" in rows["stft", "cuda"][1]
     assert cpu_why.startswith("default")
     assert rows["tokens", "cpu"] == ("torch", rows["tokens", "cpu"][1])
     assert "no compiled op" in rows["tokens", "cpu"][1]
