@@ -1,13 +1,37 @@
+"""`python -m echo demo` end to end, on a small random model saved to a file (fast, and independent of the
+bundled weights)."""
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+import echo
+from echo import demo
+from conftest import random_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_demo_prints_embedding_shapes():
-    run = subprocess.run([sys.executable, "-m", "echo", "demo", "--seconds", "2", "--rate", "48000"],
-                         capture_output=True, text=True, check=True)
-    assert "utterance embedding (3648,)" in run.stdout  # 19 bands x 192
+@pytest.mark.slow
+def test_demo_command_prints_the_table_and_writes_the_plots(tmp_path):
+    out = tmp_path / "demo"
+    run = subprocess.run([sys.executable, "-m", "echo", "demo", "--model", str(echo.save(random_model(dim=32, depth=1, heads=2), tmp_path / "small.safetensors")),
+                          "--out", str(out), "--seed", "1"], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = {line.split()[0]: line.split() for line in run.stdout.splitlines() if line.strip()}
+    for spec in demo.MACHINES:
+        row = lines[spec.name]
+        assert row[1:3] == [str(spec.sample_rate), "Hz"] and row[3:5] == [str(demo.TEST_CLIPS)] * 2
+        assert all(0 <= float(value) <= 1 for value in row[5:7])
+        assert (out / f"roc_demo_{spec.name}.png").stat().st_size > 0
+        assert (out / f"projection_{spec.name}.png").stat().st_size > 0
+    assert (out / "roc_demo_all-machines.png").stat().st_size > 0
+    scores = (out / "scores.csv").read_text().splitlines()
+    assert len(scores) == 1 + 2 * demo.TEST_CLIPS * len(demo.MACHINES)
 
 
-def test_bad_argument_is_reported_without_traceback():
-    run = subprocess.run([sys.executable, "-m", "echo", "demo", "--seconds", "0.01"], capture_output=True, text=True)
-    assert run.returncode == 2 and "shorter than one 25 ms window" in run.stdout and "Traceback" not in run.stderr
+def test_demo_command_reports_a_missing_model(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "echo", "demo", "--model", str(tmp_path / "none.safetensors"),
+                          "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 2 and "does not exist" in run.stdout and "Traceback" not in run.stderr

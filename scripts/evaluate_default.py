@@ -1,0 +1,110 @@
+"""The default model's evaluation for its model card: trained weights vs the same architecture with random
+weights vs a log-spectrogram baseline, on
+
+  (a) the demo's task (echo/demo.py: healthy vs bearing-fault clips of four generated machines at 8-48 kHz
+      over real background recordings; cosine 1-NN to a bank of healthy clips): AUC and pAUC per machine
+      and their means;
+  (b) bucklespring key switches held out of pretraining (corpus/heldout/bucklespring, 44.1 kHz, labelled
+      press / release in corpus/datalist.csv): leave-one-out 5-NN accuracy (echo.eval.faults, Euclidean).
+
+    python scripts/evaluate_default.py [--model default] [--corpus corpus] [--json results.json]
+
+The log-spectrogram baseline is the time mean of the normalised log spectrogram of echo.ops.stft in the
+model's band layout (every 32-bin band, concatenated): what the encoder starts from, without the encoder.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from echo import checkpoint, demo  # noqa: E402
+from echo.data.wav import read_wav  # noqa: E402
+from echo.eval import faults  # noqa: E402
+from echo.model import EchoModel  # noqa: E402
+from echo.ops import stft  # noqa: E402
+
+HELD_OUT = "heldout/bucklespring/"
+
+
+def log_spectrogram_features(signals: list, rates: list) -> list[np.ndarray]:
+    """Per clip: the time mean of every bin of the band-layout normalised log spectrogram."""
+    return [stft.band_layout(stft.spectrogram(torch.as_tensor(signal, dtype=torch.float32), rate), rate)
+            .mean(-1).numpy() for signal, rate in zip(signals, rates)]
+
+
+def embedders(model_name: str, seed: int) -> dict:
+    """name -> function(signals, rates) -> list of vectors."""
+    trained = checkpoint.load(model_name)
+    torch.manual_seed(seed)
+    random = EchoModel(trained.config).eval()
+
+    return {f"trained ({model_name})": lambda signals, rates: demo.encode(trained, signals, rates),
+            f"random weights (ECHO-{trained.config.size or 'custom'})":
+                lambda signals, rates: demo.encode(random, signals, rates),
+            "log-spectrogram baseline": log_spectrogram_features}
+
+
+def bucklespring(corpus: Path, limit: int | None) -> tuple[list, list, list]:
+    """(signals, rates, labels) of the held-out key switches; `limit` keeps that many of each label."""
+    with open(corpus / "datalist.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["path"].startswith(HELD_OUT) and row["label"]]
+    if not rows:
+        raise SystemExit(f"no labelled {HELD_OUT} rows in {corpus / 'datalist.csv'}: run scripts/build_corpus.py")
+    if limit:
+        seen = Counter()
+        rows = [row for row in rows if seen.update([row["label"]]) or seen[row["label"]] <= limit]
+    signals, rates = zip(*(read_wav(corpus / row["path"]) for row in rows))
+    return list(signals), list(rates), [row["label"] for row in rows]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="default", help="checkpoint name or path (default: default)")
+    parser.add_argument("--corpus", type=Path, default=Path("corpus"), help="built by scripts/build_corpus.py")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the demo clips and of the random weights")
+    parser.add_argument("--bank", type=int, default=demo.BANK_CLIPS, help="demo: healthy bank clips per machine")
+    parser.add_argument("--tests", type=int, default=demo.TEST_CLIPS, help="demo: test clips per machine and class")
+    parser.add_argument("--limit", type=int, default=None, help="bucklespring: clips per label (default: all)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    args = parser.parse_args(argv)
+
+    task = demo.build_task(args.seed, args.bank, args.tests)
+    key_signals, key_rates, key_labels = bucklespring(args.corpus, args.limit)
+    print(f"demo task: {len(task.clips)} clips (seed {args.seed}); bucklespring: {len(key_labels)} clips "
+          f"({', '.join(f'{key_labels.count(label)} {label}' for label in sorted(set(key_labels)))})")
+    results = {}
+    for name, embed in embedders(args.model, args.seed).items():
+        started = time.perf_counter()
+        _, rows, summary = demo.score(task, embed(task.signals, task.rates))
+        keys = np.stack(embed(key_signals, key_rates))
+        accuracy = faults.evaluate(keys, key_labels, "loocv", k=5).accuracy
+        results[name] = {"demo AUC": summary["AUC (demo)"], "demo pAUC": summary["pAUC (demo)"],
+                         "bucklespring 5-NN LOOCV accuracy": accuracy,
+                         "demo per machine": {f"{r['machine']} {r['metric']}": r["value"] for r in rows}}
+        print(f"{name}: {time.perf_counter() - started:.1f} s")
+    columns = ["demo AUC", "demo pAUC", "bucklespring 5-NN LOOCV accuracy"]
+    width = max(len(name) for name in results)
+    print(f"\n{'embedding'.ljust(width)}  " + "  ".join(columns))
+    for name, numbers in results.items():
+        print(f"{name.ljust(width)}  " + "  ".join(f"{numbers[c]:.4f}".ljust(len(c)) for c in columns))
+    machines = list(next(iter(results.values()))["demo per machine"])
+    print(f"\n{'per machine'.ljust(width)}  " + "  ".join(machines))
+    for name, numbers in results.items():
+        print(f"{name.ljust(width)}  " + "  ".join(f"{numbers['demo per machine'][m]:.4f}".ljust(len(m))
+                                                 for m in machines))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Turn a pretraining run into the bundled default model: the teacher of the run's newest checkpoint as fp16
+safetensors (config in its metadata and in model.json beside it), the run's config and length, and its
+training curve.
+
+    python scripts/export_default.py RUN_DIR [--out echo/data/default]
+
+Writes OUT/model.safetensors, OUT/model.json, OUT/training.json, OUT/training_curve.png. A run that has
+not finished is exported as it stands; training.json says how many steps it got.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import echo  # noqa: E402
+from echo.eval import plots  # noqa: E402
+from echo.model import EchoModel  # noqa: E402
+from echo.pretrain import checkpoints  # noqa: E402
+from echo.pretrain.trainer import PretrainConfig  # noqa: E402
+
+
+def _curve(steps_csv: Path, path: Path) -> dict:
+    """Plot loss (total, frame, utterance) and learning rate against the step; return the last row."""
+    with open(steps_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise SystemExit(f"{steps_csv} has no logged step yet")
+    step = [int(row["step"]) for row in rows]
+    plt = plots._pyplot()
+    figure, (loss_axis, lr_axis) = plt.subplots(2, 1, figsize=(6, 4.5), sharex=True,
+                                                gridspec_kw={"height_ratios": [3, 1]})
+    for column in ("loss", "frame_loss", "utterance_loss"):
+        loss_axis.plot(step, [float(row[column]) for row in rows], label=column.replace("_", " "))
+    loss_axis.set(ylabel="training loss", title="ECHO default model: pretraining")
+    loss_axis.legend(fontsize=8)
+    lr_axis.plot(step, [float(row["lr"]) for row in rows], color="gray")
+    lr_axis.set(xlabel="step", ylabel="learning rate")
+    plots._save(figure, path)
+    return rows[-1]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="run folder of python -m echo pretrain")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "echo/data/default")
+    args = parser.parse_args(argv)
+
+    saved = checkpoints.load_latest(args.run / "checkpoints")
+    if saved is None:
+        raise SystemExit(f"no checkpoint in {args.run / 'checkpoints'}")
+    config = PretrainConfig(**saved["config"])
+    model = EchoModel(config.model_config)
+    model.load_state_dict(saved[config.export])
+    args.out.mkdir(parents=True, exist_ok=True)
+    echo.save(model, args.out / "model.safetensors", dtype=torch.float16)
+    last = _curve(args.run / "steps.csv", args.out / "training_curve.png")
+    record = {"steps_trained": saved["step"], "steps_planned": config.steps, "exported": config.export,
+              "last_logged": {key: float(value) for key, value in last.items()},
+              "pretrain_config": {k: v for k, v in config.to_dict().items() if k not in ("out", "device")}}
+    temporary = args.out / "training.json.tmp"
+    temporary.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(temporary, args.out / "training.json")
+    size = (args.out / "model.safetensors").stat().st_size
+    print(f"exported the {config.export} at step {saved['step']} of {config.steps} to "
+          f"{args.out / 'model.safetensors'} ({size / 2**20:.1f} MiB, fp16)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""The demo's task and scoring (echo/demo.py; the command itself is tested in test_cli.py) and the
+evaluation script of the default model (scripts/evaluate_default.py) on a tiny corpus."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import echo
+from echo import demo
+from echo.data import synth
+from echo.data.wav import write_wav
+from conftest import random_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_task_layout_and_reproducibility():
+    task = demo.build_task(seed=3, bank=3, tests=3, seconds=0.5)
+    assert len(task.clips) == len(demo.MACHINES) * 9
+    for spec in demo.MACHINES:
+        members = task.machine_indices()[spec.name]
+        clips = [task.clips[i] for i in members]
+        assert [c.subset for c in clips] == ["train"] * 3 + ["test"] * 6
+        assert [c.label for c in clips] == [None] * 3 + [0] * 3 + [1] * 3
+        assert [task.faults[i] for i in members] == [None] * 6 + list(synth.FAULTS)
+        assert {task.rates[i] for i in members} == {spec.sample_rate}
+        assert all(len(task.signals[i]) == int(0.5 * spec.sample_rate) for i in members)
+    again = demo.build_task(seed=3, bank=3, tests=3, seconds=0.5)
+    other = demo.build_task(seed=4, bank=3, tests=3, seconds=0.5)
+    assert all(np.array_equal(a, b) for a, b in zip(task.signals, again.signals))
+    assert not any(np.array_equal(a, b) for a, b in zip(task.signals, other.signals))
+
+
+def test_task_rejects_empty_parts():
+    with pytest.raises(ValueError, match="bank >= 1"):
+        demo.build_task(bank=0)
+
+
+def test_score_separates_what_is_separable():
+    """Faulty clips far from a tight healthy cluster score AUC 1; identical vectors score AUC 0.5."""
+    task = demo.build_task(seed=0, bank=4, tests=4, seconds=0.3)
+    rng = np.random.default_rng(0)
+    centre = {rate: rng.standard_normal(8 + rate % 7) for rate in set(task.rates)}  # widths differ per machine
+    embeddings = [centre[r] + (5.0 * rng.standard_normal(len(centre[r])) if f else 0.01 * rng.standard_normal(len(centre[r])))
+                  for r, f in zip(task.rates, task.faults)]
+    scores, rows, summary = demo.score(task, embeddings)
+    assert {r["machine"] for r in rows} == {m.name for m in demo.MACHINES}
+    assert all(r["value"] == 1.0 for r in rows) and summary["AUC (demo)"] == 1.0
+    assert np.isnan(scores[[c.subset == "train" for c in task.clips]]).all()
+    _, rows, _ = demo.score(task, [np.ones(5) for _ in task.clips])
+    assert all(r["value"] == 0.5 for r in rows if r["metric"] == "AUC")
+    with pytest.raises(ValueError, match="embeddings for"):
+        demo.score(task, embeddings[:-1])
+
+
+def test_evaluation_script_on_a_tiny_corpus(tmp_path):
+    """Three embeddings, two tasks, numbers in range; key clips here are tones (press) vs noise (release)."""
+    corpus = tmp_path / "corpus"
+    rng = np.random.default_rng(0)
+    lines = ["path,split,source,original,sample_rate,seconds,channels,label,licence,credit"]
+    for index in range(6):
+        for label in ("press", "release"):
+            t = np.arange(4410) / 44100
+            wave = np.sin(2 * np.pi * 900 * t) if label == "press" else rng.standard_normal(len(t))
+            path = f"heldout/bucklespring/wav/{index:02d}-{label}.wav"
+            (corpus / path).parent.mkdir(parents=True, exist_ok=True)
+            write_wav(corpus / path, (0.3 * wave).astype(np.float32), 44100)
+            lines.append(f"{path},heldout,test,{path},44100,0.1,1,{label},x,x")
+    (corpus / "datalist.csv").write_text("\n".join(lines) + "\n")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import evaluate_default
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    out = tmp_path / "results.json"
+    assert evaluate_default.main(["--model", str(echo.save(random_model(dim=32, depth=1, heads=2), tmp_path / "small.safetensors")), "--corpus", str(corpus),
+                                  "--bank", "2", "--tests", "2", "--limit", "5", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert len(results) == 3 and "log-spectrogram baseline" in results
+    for numbers in results.values():
+        assert all(0 <= numbers[key] <= 1 for key in ("demo AUC", "demo pAUC", "bucklespring 5-NN LOOCV accuracy"))
+        assert len(numbers["demo per machine"]) == 2 * len(demo.MACHINES)
+    assert results["log-spectrogram baseline"]["bucklespring 5-NN LOOCV accuracy"] == 1.0  # tone vs noise
