@@ -64,3 +64,32 @@ def assert_flash_rule(out, same_dtype_ref, exact_ref, factor: float):
         factor *= 2
     kernel_err, torch_err = rel_err(out, exact_ref), rel_err(same_dtype_ref, exact_ref)
     assert kernel_err <= factor * torch_err + 1e-6, (kernel_err, torch_err, factor)
+
+
+def float32_front_end(waves: torch.Tensor, offsets: torch.Tensor, plan) -> torch.Tensor:
+    """The released front end as it runs in float32 (torch.stft, float32 mean), in the ragged band layout:
+    the yardstick for float32 fast paths, whose rounding near-zero bins turn into ~1e-3 after the log."""
+    from echo import geometry
+    from echo.ops.stft import band_layout
+
+    pieces = []
+    bounds = offsets.tolist()
+    for i, rate in enumerate(plan.sample_rates):
+        x = waves[bounds[i] : bounds[i + 1]].float().cpu()
+        x = x - x.mean()
+        n_fft = geometry.n_fft(rate)
+        window = torch.hann_window(n_fft, periodic=True)
+        spec = torch.stft(x, n_fft, geometry.hop(rate), window=window, center=False, return_complex=True).abs()
+        spec = (torch.log(spec + 1e-9) + 5.874158) / 10.446348
+        pieces.append(band_layout(spec, rate).reshape(-1))
+    return torch.cat(pieces) if pieces else torch.empty(0)
+
+
+def assert_front_end_close(out: torch.Tensor, waves: torch.Tensor, offsets: torch.Tensor, plan) -> None:
+    """A float32 front end against the float64 reference: under 1e-5, or at most twice the error of the
+    released float32 computation on the same input (the flash-attention rule)."""
+    from echo.ops import stft as stft_ops
+
+    truth = stft_ops.ragged_spectrogram_reference(waves.double().cpu(), offsets, plan)
+    bound = max(1e-5, 2 * rel_err(float32_front_end(waves, offsets, plan), truth))
+    assert rel_err(out.cpu(), truth) < bound

@@ -7,7 +7,7 @@ from echo.ops import stft as stft_ops
 from echo.plan import make_plan
 from independent import numpy_spectrogram
 
-from conftest import rel_err
+from conftest import assert_front_end_close, float32_front_end, rel_err
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -34,13 +34,14 @@ def test_mixed_rates_one_launch(poisoned_empty):
     waves, flat, offsets, plan = ragged_batch(lengths, rates)
     got = stft_ops.ragged_spectrogram(flat, offsets, plan, backend="triton")
     assert got.shape == (int(plan.spec_offsets[-1]),) and not got.isnan().any()
-    ref = stft_ops.ragged_spectrogram_reference(flat.cpu(), offsets, plan)
-    assert rel_err(got.cpu(), ref) < 1e-5
-    # and against float64 numpy, signal by signal (zero rows included: compared exactly)
+    assert_front_end_close(got, flat, offsets, plan)
+    # and against float64 numpy, signal by signal, by the same rule (zero rows included: compared exactly)
+    released = float32_front_end(flat, offsets, plan)
     for i, (wave, sr) in enumerate(zip(waves, rates)):
-        image = got[plan.spec_offsets[i] : plan.spec_offsets[i + 1]].view(-1, plan.frames[i]).cpu()
+        rows = slice(int(plan.spec_offsets[i]), int(plan.spec_offsets[i + 1]))
+        image = got[rows].view(-1, plan.frames[i]).cpu()
         exact = stft_ops.band_layout(torch.from_numpy(numpy_spectrogram(wave.double().numpy(), sr)), sr)
-        assert rel_err(image, exact) < 1e-5
+        assert rel_err(image, exact) < max(1e-5, 2 * rel_err(released[rows].view_as(image), exact))
         pad_start = (plan.bands[i] - 1) * geometry.BAND_BINS
         pad = plan.bands[i] * geometry.BAND_BINS - geometry.n_bins(sr)
         assert torch.all(image[pad_start : pad_start + pad] == 0)
@@ -52,8 +53,8 @@ def test_high_rates(rate, poisoned_empty):
     lengths = [samples_for(int(torch.randint(1, 5, ())), rate, 7)]
     _, flat, offsets, plan = ragged_batch(lengths, [rate])
     got = stft_ops.ragged_spectrogram(flat, offsets, plan, backend="triton")
-    ref = stft_ops.ragged_spectrogram_reference(flat.cpu(), offsets, plan)
-    assert not got.isnan().any() and rel_err(got.cpu(), ref) < 1e-5
+    assert not got.isnan().any()
+    assert_front_end_close(got, flat, offsets, plan)
 
 
 def test_empty_batch():

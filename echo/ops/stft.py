@@ -35,8 +35,13 @@ def log_normalise(magnitude: torch.Tensor) -> torch.Tensor:
 
 
 def spectrogram(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
-    """The whole front end: (..., N) float32 -> normalised log magnitude (..., F, T), frequency first."""
-    return log_normalise(stft_magnitude(remove_dc(waveform), sample_rate))
+    """The whole front end: (..., N) float32 -> normalised log magnitude (..., F, T), frequency first.
+
+    Computed in float64, returned in the input's dtype. The log of a near-zero bin (the Nyquist bin of a
+    noisy signal, say) turns float32 FFT rounding into errors of ~1e-3 at that bin; the released float32 code
+    carries that noise, the reference does not (it agrees with the released front end to float32 rounding
+    everywhere else)."""
+    return log_normalise(stft_magnitude(remove_dc(waveform.double()), sample_rate)).to(waveform.dtype)
 
 
 def band_layout(spec: torch.Tensor, sample_rate: int) -> torch.Tensor:
@@ -62,7 +67,8 @@ def ragged_spectrogram_reference(waves: torch.Tensor, wave_offsets: torch.Tensor
 
 
 def ragged_spectrogram_torch(waves: torch.Tensor, wave_offsets: torch.Tensor, plan) -> torch.Tensor:
-    """Same result, one windowed real FFT per distinct sample rate over the frames of all its signals."""
+    """Same result, one windowed real FFT per distinct sample rate over the frames of all its signals
+    (in float64, like the reference: it costs little next to the encoder)."""
     out = waves.new_empty(int(plan.spec_offsets[-1]))
     bounds = wave_offsets.tolist()
     spec_bounds = plan.spec_offsets.tolist()
@@ -71,9 +77,9 @@ def ragged_spectrogram_torch(waves: torch.Tensor, wave_offsets: torch.Tensor, pl
         by_rate.setdefault(sr, []).append(i)
     for sr, members in by_rate.items():
         window_length, step = geometry.n_fft(sr), geometry.hop(sr)
-        window = torch.hann_window(window_length, periodic=True, dtype=waves.dtype, device=waves.device)
+        window = torch.hann_window(window_length, periodic=True, dtype=torch.float64, device=waves.device)
         framed = torch.cat([
-            remove_dc(waves[bounds[i] : bounds[i + 1]]).unfold(0, window_length, step) for i in members
+            remove_dc(waves[bounds[i] : bounds[i + 1]].double()).unfold(0, window_length, step) for i in members
         ])
         magnitude = torch.fft.rfft(framed * window).abs()
         spec = log_normalise(magnitude)  # (frames of all members, F)
