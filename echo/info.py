@@ -12,7 +12,7 @@ from . import extension
 from .ops import backend as backends
 
 # ops whose dispatch exposes available_backends(device): op name (as in ECHO_BACKEND_<OP>) -> module
-OPS = {"stft": "echo.ops.stft", "tokens": "echo.ops.tokens"}
+OPS = {"stft": "echo.ops.stft", "tokens": "echo.ops.tokens", "attention": "echo.ops.attention", "norm": "echo.ops.norm"}
 DEVICES = (torch.device("cpu"), torch.device("cuda"))
 
 

@@ -46,11 +46,16 @@ def grouped_attention(qkv: torch.Tensor, groups: dict[int, torch.Tensor], heads:
     return out
 
 
+def available_backends(device: torch.device) -> tuple[str, ...]:
+    """Attention's backends, in order of preference (no compiled op: SDPA grouped by length is the torch path)."""
+    return ("triton", "torch", "reference")
+
+
 def packed_attention(qkv: torch.Tensor, packing, heads: int, backend: str | None = None) -> torch.Tensor:
     """Dispatch of varlen attention on a packed (total, 3D) buffer described by an echo.packed.Packing."""
     from . import backend as backends
 
-    chosen = backends.choose("attention", qkv.device, backend, available=("triton", "torch", "reference"))
+    chosen = backends.choose("attention", qkv.device, backend, available=available_backends(qkv.device))
     if chosen == "triton":
         from echo_kernels import attention as kernel
 

@@ -17,11 +17,16 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return F.gelu(x + bias)
 
 
+def available_backends(device: torch.device) -> tuple[str, ...]:
+    """The norms' backends, in order of preference; "torch" (so ECHO_BACKEND=torch forces every op) is the
+    reference: torch's own kernels."""
+    return ("triton", "torch", "reference")
+
+
 def _backend(device: torch.device, requested: str | None) -> str:
     from . import backend as backends
 
-    # "torch" is accepted (ECHO_BACKEND=torch forces every op) and is the reference: torch's own kernels.
-    return backends.choose("norm", device, requested, available=("triton", "torch", "reference"))
+    return backends.choose("norm", device, requested, available=available_backends(device))
 
 
 def fused_residual_layer_norm(
