@@ -4,8 +4,10 @@ training curve.
 
     python scripts/export_default.py RUN_DIR [--out echo/data/default]
 
-Writes OUT/model.safetensors, OUT/model.json, OUT/training.json, OUT/training_curve.png. A run that has
-not finished is exported as it stands; training.json says how many steps it got.
+Writes OUT/model.safetensors, OUT/model.json, OUT/training.json, OUT/training_curve.png and, from the
+corpus's data list, OUT/DATA_CREDITS.csv (every source, licence and credit of the pretraining audio, with
+its file count and minutes). A run that has not finished is exported as it stands; training.json says how
+many steps it got.
 """
 from __future__ import annotations
 
@@ -46,10 +48,30 @@ def _curve(steps_csv: Path, path: Path) -> dict:
     return rows[-1]
 
 
+def _credits(datalist: Path, path: Path) -> None:
+    """One row per (source, licence, credit) of the pretraining split: files and minutes."""
+    totals: dict[tuple, list] = {}
+    with open(datalist, newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["split"] == "pretrain":
+                total = totals.setdefault((row["source"], row["licence"], row["credit"]), [0, 0.0])
+                total[0] += 1
+                total[1] += float(row["seconds"]) / 60
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["source", "licence", "credit", "files", "minutes"])
+        for (source, licence, credit), (files, minutes) in sorted(totals.items()):
+            writer.writerow([source, licence, credit, files, f"{minutes:.2f}"])
+    os.replace(temporary, path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="run folder of python -m echo pretrain")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "echo/data/default")
+    parser.add_argument("--datalist", type=Path, default=Path("corpus/datalist.csv"),
+                        help="the corpus's data list (scripts/build_corpus.py)")
     args = parser.parse_args(argv)
 
     saved = checkpoints.load_latest(args.run / "checkpoints")
@@ -61,6 +83,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     echo.save(model, args.out / "model.safetensors", dtype=torch.float16)
     last = _curve(args.run / "steps.csv", args.out / "training_curve.png")
+    _credits(args.datalist, args.out / "DATA_CREDITS.csv")
     record = {"steps_trained": saved["step"], "steps_planned": config.steps, "exported": config.export,
               "last_logged": {key: float(value) for key, value in last.items()},
               "pretrain_config": {k: v for k, v in config.to_dict().items() if k not in ("out", "device")}}

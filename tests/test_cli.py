@@ -16,8 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_demo_command_prints_the_table_and_writes_the_plots(tmp_path):
     out = tmp_path / "demo"
-    run = subprocess.run([sys.executable, "-m", "echo", "demo", "--model", str(echo.save(random_model(dim=32, depth=1, heads=2), tmp_path / "small.safetensors")),
-                          "--out", str(out), "--seed", "1"], capture_output=True, text=True, cwd=ROOT)
+    model = echo.save(random_model(dim=32, depth=1, heads=2), tmp_path / "small.safetensors")
+    command = ["demo", "--model", str(model), "--out", str(out), "--seed", "1"]
+    run = subprocess.run([sys.executable, "-m", "echo", *command],
+                         capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stdout + run.stderr
     lines = {line.split()[0]: line.split() for line in run.stdout.splitlines() if line.strip()}
     for spec in demo.MACHINES:

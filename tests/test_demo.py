@@ -43,7 +43,7 @@ def test_score_separates_what_is_separable():
     task = demo.build_task(seed=0, bank=4, tests=4, seconds=0.3)
     rng = np.random.default_rng(0)
     centre = {rate: rng.standard_normal(8 + rate % 7) for rate in set(task.rates)}  # widths differ per machine
-    embeddings = [centre[r] + (5.0 * rng.standard_normal(len(centre[r])) if f else 0.01 * rng.standard_normal(len(centre[r])))
+    embeddings = [centre[r] + (5.0 if f else 0.01) * rng.standard_normal(len(centre[r]))
                   for r, f in zip(task.rates, task.faults)]
     scores, rows, summary = demo.score(task, embeddings)
     assert {r["machine"] for r in rows} == {m.name for m in demo.MACHINES}
@@ -75,8 +75,9 @@ def test_evaluation_script_on_a_tiny_corpus(tmp_path):
     finally:
         sys.path.remove(str(ROOT / "scripts"))
     out = tmp_path / "results.json"
-    assert evaluate_default.main(["--model", str(echo.save(random_model(dim=32, depth=1, heads=2), tmp_path / "small.safetensors")), "--corpus", str(corpus),
-                                  "--bank", "2", "--tests", "2", "--limit", "5", "--json", str(out)]) == 0
+    model = echo.save(random_model(dim=32, depth=1, heads=2), tmp_path / "small.safetensors")
+    assert evaluate_default.main(["--model", str(model), "--corpus", str(corpus), "--bank", "2", "--tests", "2",
+                                  "--limit", "5", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     assert len(results) == 3 and "log-spectrogram baseline" in results
     for numbers in results.values():
