@@ -11,7 +11,7 @@ $(PY):
 # torch and the build tools first, then echo without build isolation: setup.py compiles the optional
 # extension echo._C (csrc/) against this CPU torch, and an isolated build never pulls a CUDA torch.
 install: $(PY)
-	$(PY) -m pip install -q -c constraints.txt torch==2.13.0 setuptools wheel ninja
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0 numpy "setuptools>=77" wheel ninja
 	$(PY) -m pip install -q -c constraints.txt --no-build-isolation -e '.[dev]'
 
 test: install
