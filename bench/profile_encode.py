@@ -1,0 +1,65 @@
+"""Where the time of echo.fast.encode goes, by kind of work (torch.profiler, self CPU time per op).
+
+    python bench/profile_encode.py --workload W1 --dtype bfloat16        # ECHO-small, CPU
+
+Categories: matrix products, attention, norms, GELU, front end (FFT, magnitude, log, compiled op), data
+movement (copies, gathers, concatenation, casts), other ops, and Python/dispatch (wall time not spent in ops).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from encode_throughput import WORKLOADS, workload
+
+CATEGORIES = {
+    "matrix products": ("addmm", "aten::mm", "bmm", "matmul", "linear", "baddbmm"),
+    "attention": ("scaled_dot_product", "flash_attention", "_efficient_attention"),
+    "norms": ("layer_norm",),
+    "GELU": ("gelu",),
+    "front end": ("fft", "stft", "aten::abs", "aten::log", "ragged_spectrogram"),
+    "data movement": ("copy_", "index", "aten::cat", "_to_copy", "aten::pad", "constant_pad", "fill_", "aten::stack"),
+}
+
+
+def category(name: str) -> str:
+    return next((label for label, keys in CATEGORIES.items() if any(key in name for key in keys)), "other ops")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", default="W1", choices=list(WORKLOADS))
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args()
+    import echo
+    import echo.fast
+
+    torch.manual_seed(0)
+    model = echo.EchoModel(echo.EchoConfig.preset(args.size)).eval()
+    signals, rates = workload(args.workload)
+    dtype = getattr(torch, args.dtype)
+    echo.fast.encode(model, signals, rates, dtype=dtype)  # warm-up (and the bf16 copy of the model)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        echo.fast.encode(model, signals, rates, dtype=dtype, frames=True)
+        wall = time.perf_counter() - start
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        totals[category(event.key)] = totals.get(category(event.key), 0.0) + event.self_cpu_time_total / 1e6
+    # self times of both threads' ops can exceed wall; scale ops to the wall share they took on the main thread
+    in_ops = sum(totals.values())
+    totals["Python/dispatch (wall - ops)"] = max(0.0, wall - in_ops)
+    print(f"ECHO-{args.size} {args.workload} ({WORKLOADS[args.workload]}), {args.dtype}, "
+          f"{torch.get_num_threads()} threads: {wall:.3f} s wall")
+    print("| work | seconds | share |\n|---|---|---|")
+    for label, seconds in sorted(totals.items(), key=lambda item: -item[1]):
+        print(f"| {label} | {seconds:.3f} | {100 * seconds / max(wall, in_ops):.0f}% |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
