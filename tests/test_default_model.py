@@ -1,0 +1,86 @@
+"""The bundled default model (echo/data/default/, made by scripts/train_default.sh): loads by name, embeds
+at three sample rates through the fast path as the reference does, and keeps the package small."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import echo
+from conftest import rel_err
+from echo import fast, geometry, hub
+
+PACKAGE_DATA = Path(echo.__file__).parent / "data"
+PACKAGE_DATA_LIMIT = 15 * 2**20
+bundled = pytest.mark.skipif(not hub.DEFAULT_CHECKPOINT.is_file(), reason="the default model is not bundled yet "
+                             "(scripts/train_default.sh makes echo/data/default/model.safetensors)")
+
+
+@bundled
+def test_default_loads_and_embeds_at_three_rates():
+    model = echo.load("default")
+    assert model.config.size == "tiny"
+    rates = (8000, 16000, 44100)
+    signals = [torch.randn(int(rate * seconds)) for rate, seconds in zip(rates, (1.3, 0.7, 2.1))]
+    fast_out = fast.encode(model, signals, list(rates))
+    for signal, rate, utterance in zip(signals, rates, fast_out):
+        assert utterance.shape == (geometry.n_bands(rate) * model.config.dim,)
+        assert torch.isfinite(utterance).all()
+        reference, _ = model.encode(signal, rate)
+        assert rel_err(utterance, reference) < 1e-5
+
+
+@bundled
+def test_default_is_a_trained_fp16_file_with_its_record():
+    from safetensors import safe_open
+
+    with safe_open(str(hub.DEFAULT_CHECKPOINT), framework="pt") as handle:
+        assert {handle.get_slice(key).get_dtype() for key in handle.keys()} == {"F16"}
+    record = json.loads((hub.DEFAULT_CHECKPOINT.parent / "training.json").read_text())
+    assert record["steps_trained"] > 0 and record["pretrain_config"]["size"] == "tiny"
+    saved = json.loads((hub.DEFAULT_CHECKPOINT.parent / "model.json").read_text())
+    assert echo.load("default").config.to_dict() == saved
+
+
+def test_package_data_stays_small():
+    total = sum(path.stat().st_size for path in PACKAGE_DATA.rglob("*") if path.is_file()
+                and "__pycache__" not in path.parts)
+    assert total < PACKAGE_DATA_LIMIT, f"echo/data holds {total / 2**20:.1f} MiB"
+
+
+@pytest.mark.slow
+def test_export_script_turns_an_unfinished_run_into_a_bundle(tmp_path):
+    """A run stopped early is exported as it stands: fp16 teacher equal to the checkpoint's, its step count,
+    its curve, and the credits of the data list."""
+    import csv
+    import sys
+
+    from echo.pretrain import checkpoints, trainer
+    from pretrain_corpus import tiny_config, write_corpus
+
+    run = tmp_path / "run"
+    config = tiny_config(write_corpus(tmp_path / "audio", files=4), run, steps=6, log_every=1, save_every=2)
+    trainer.train(config, progress=False, stop_at=4)
+    datalist = tmp_path / "datalist.csv"
+    rows = [("a.wav", "pretrain", "pkg1", "x", "8000", "30", "1", "", "CC0", "Someone"),
+            ("b.wav", "pretrain", "pkg1", "x", "8000", "90", "1", "", "CC0", "Someone"),
+            ("c.wav", "heldout", "pkg2", "x", "8000", "60", "1", "press", "GPL-2+", "Other")]
+    with open(datalist, "w", newline="") as handle:
+        csv.writer(handle).writerows([("path", "split", "source", "original", "sample_rate", "seconds", "channels",
+                                       "label", "licence", "credit"), *rows])
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        import export_default
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "bundle"
+    assert export_default.main([str(run), "--out", str(out), "--datalist", str(datalist)]) == 0
+    record = json.loads((out / "training.json").read_text())
+    assert record["steps_trained"] == 4 and record["steps_planned"] == 6
+    teacher = checkpoints.load_latest(run / "checkpoints")["teacher"]
+    exported = echo.load(out / "model.safetensors").state_dict()
+    assert all(torch.equal(exported[k], teacher[k].half().float()) for k in teacher)
+    assert (out / "training_curve.png").stat().st_size > 0
+    with open(out / "DATA_CREDITS.csv", newline="") as handle:
+        credits = list(csv.DictReader(handle))
+    assert credits == [{"source": "pkg1", "licence": "CC0", "credit": "Someone", "files": "2", "minutes": "2.00"}]
