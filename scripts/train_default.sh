@@ -4,7 +4,7 @@
 #
 #     bash scripts/train_default.sh [RUN_DIR]      (default runs/default; an existing run resumes)
 #
-# On one CPU core the pretraining takes about 45 minutes; set DEVICE=cuda to use a GPU.
+# On one CPU core the pretraining takes about 20-30 minutes; set DEVICE=cuda to use a GPU.
 # The corpus (~220 MB) is built from Debian packages fetched with apt-get download (nothing is installed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,8 +15,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 PYTHON=${PYTHON:-python}
 
 "$PYTHON" scripts/build_corpus.py --out corpus --synthetic 500 --seed 0
-"$PYTHON" -m echo pretrain --data corpus/pretrain --out "$RUN_DIR" --size tiny --steps 700 \
-    --tokens-per-batch 4096 --crop-seconds 4 --lr 5e-4 --warmup 25 --ema-start 0.996 --ema-end 0.9995 \
-    --precision bf16 --workers 1 --seed 0 --save-every 50 --keep 2 --log-every 10 ${DEVICE:+--device "$DEVICE"}
+"$PYTHON" -m echo pretrain --data corpus/pretrain --out "$RUN_DIR" --size tiny --steps 450 \
+    --tokens-per-batch 4096 --crop-seconds 4 --lr 2e-4 --warmup 25 --ema-start 0.999 --ema-end 0.9999 \
+    --export student --precision bf16 --workers 1 --seed 0 --save-every 25 --keep 2 --log-every 10 \
+    ${DEVICE:+--device "$DEVICE"}
 "$PYTHON" scripts/export_default.py "$RUN_DIR" --out echo/data/default --datalist corpus/datalist.csv
 "$PYTHON" scripts/evaluate_default.py --model default --corpus corpus --json echo/data/default/evaluation.json
