@@ -19,7 +19,11 @@ from .ops import tokens as token_ops
 from . import packed
 from .plan import make_plan
 
-DEFAULT_MAX_TOKENS = 32768  # ~50 MB of fp32 activations per (tokens, D=384) tensor: memory stays flat
+# Tokens per packed pass. On CPU, 4096 keeps a layer's intermediates near the caches: the elementwise ops
+# (GELU, norms, copies) ran ~3x slower per element at 32k tokens, for 10-15% of the whole (bench/RESULTS.md);
+# a GPU wants large passes to fill the device.
+DEFAULT_MAX_TOKENS = {"cpu": 4096}
+DEFAULT_MAX_TOKENS_ELSEWHERE = 65536
 
 
 @dataclass
@@ -120,14 +124,17 @@ def encode(
     with frames=True; float32 on the CPU, equal to model.encode of each signal.
 
     `signals`: a list of (N,) or (C, N) tensors/arrays (or one signal); `sample_rates`: an int or one per signal.
-    `dtype=torch.bfloat16` (or float16) runs the encoder's matrix products in that dtype. `max_tokens` bounds the packed tokens per pass
-    (default 32768): any number of signals streams through in flat memory. `backend` forces every op's
-    backend ("torch", "reference", "triton"); by default each op picks the fastest for the device.
+    `dtype=torch.bfloat16` (or float16) runs the encoder's matrix products in that dtype. `max_tokens` bounds
+    the packed tokens per pass (default 4096 on CPU, 65536 on GPUs): any number of signals streams through in
+    flat memory. `backend` forces every op's backend ("torch", "reference", "triton"); by default each op
+    picks the fastest for the device.
     """
     device = torch.device(device) if device is not None else model.device
     if device != model.device:
         raise ValueError(f"model is on {model.device} but device={device} was asked; move the model first")
-    max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else int(max_tokens)
+    if max_tokens is None:
+        max_tokens = DEFAULT_MAX_TOKENS.get(device.type, DEFAULT_MAX_TOKENS_ELSEWHERE)
+    max_tokens = int(max_tokens)
     if max_tokens <= 0:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
     model = _model_for(model, dtype)
