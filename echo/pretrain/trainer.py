@@ -37,13 +37,14 @@ class PretrainConfig:
     depth: int | None = None
     heads: int | None = None
     steps: int = 400_000
-    crop_seconds: float = 10.0
+    # sampling fields: their defaults are SamplingConfig's, the one place they are set
+    crop_seconds: float = SamplingConfig.crop_seconds
     min_seconds: float = 1.0
-    min_bands: int = 2
-    max_bands: int = 5
-    clones: int = 4
-    mask_ratio: float = 0.8
-    tokens_per_batch: int = 16384  # teacher tokens per rank and step
+    min_bands: int = SamplingConfig.min_bands
+    max_bands: int = SamplingConfig.max_bands
+    clones: int = SamplingConfig.clones
+    mask_ratio: float = SamplingConfig.mask_ratio
+    tokens_per_batch: int = SamplingConfig.tokens_per_batch  # teacher tokens per rank and step
     lr: float | None = None  # peak lr; default base_lr x clips per step (all ranks) / 256
     base_lr: float = 1e-4
     min_lr: float = 1e-5
