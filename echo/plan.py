@@ -47,10 +47,6 @@ class Plan:
     def total_tokens(self) -> int:
         return int(self.cu_seqlens[-1])
 
-    @property
-    def max_seqlen(self) -> int:
-        return int(self.seq_patches.max()) + 1 if self.num_sequences else 0
-
     def cls_rows(self) -> torch.Tensor:
         """Row of each sequence's CLS token in the packed buffer."""
         return self.cu_seqlens[:-1].long()
