@@ -39,10 +39,15 @@ def grouped_attention(qkv: torch.Tensor, groups: dict[int, torch.Tensor], heads:
     """Same contract as varlen_attention: SDPA once per distinct sequence length over the rows of all
     sequences of that length (`groups`: length -> a slice of consecutive rows, or row indices to gather), so
     nothing is padded."""
-    out = qkv.new_empty(qkv.shape[0], qkv.shape[1] // 3)
+    dim = qkv.shape[1] // 3
+    out = qkv.new_empty(qkv.shape[0], dim)
     for length, rows in groups.items():
         q, k, v = split_heads(qkv[rows].view(-1, length, qkv.shape[1]), heads)
-        out[rows] = merge_heads(torch.nn.functional.scaled_dot_product_attention(q, k, v)).reshape(-1, out.shape[1])
+        result = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # (n, H, L, d)
+        if isinstance(rows, slice):  # write the heads straight into their rows: one copy, not two
+            out[rows].view(-1, length, heads, dim // heads).copy_(result.transpose(1, 2))
+        else:
+            out[rows] = merge_heads(result).reshape(-1, dim)
     return out
 
 
