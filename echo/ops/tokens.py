@@ -110,10 +110,10 @@ def patch_matrix(spec: torch.Tensor, plan) -> torch.Tensor:
     return torch.cat(pieces) if pieces else spec.new_empty(0, geometry.BAND_BINS * geometry.PATCH_FRAMES)
 
 
-def pack_tokens_torch(spec, plan, weight, bias, cls_token, pos_embed, patch_rows=None) -> torch.Tensor:
+def pack_tokens_torch(spec, plan, weight, bias, cls_token, pos_embed) -> torch.Tensor:
     """Same result: one matrix product over all patches of all sequences, positions added by gather."""
     dim = weight.shape[0]
-    patch_rows = plan.patch_rows() if patch_rows is None else patch_rows
+    patch_rows = plan.patch_rows()
     cls_rows = plan.cls_rows()
     fpe = frequency_encoding(plan.seq_position.to(spec.device), dim).to(weight.dtype)  # (S, D)
     seq_of_patch = torch.repeat_interleave(torch.arange(plan.num_sequences), plan.seq_patches)
