@@ -53,8 +53,16 @@ def test_envelope_spectrum_peaks_at_the_defect_frequency(fault, rate):
     search = (freqs > 5) & (freqs < 400)
     strongest = freqs[search][np.argmax(spectrum[search])]
     expected = SKF_6205[fault] * shaft
-    # the strongest envelope line is the defect rate (resolution 0.25 Hz, plus the 1 % slip)
-    assert strongest == pytest.approx(expected, abs=0.5), (strongest, expected)
+    if fault != "ball":
+        # the strongest envelope line is the defect rate (resolution 0.25 Hz, plus the 1 % slip)
+        assert strongest == pytest.approx(expected, abs=0.5), (strongest, expected)
+        return
+    # A ball defect, carried through the load zone by the cage, puts nearly equal lines at BSF and 2 BSF
+    # (the textbook ball signature); in ~3 % of draws 2 BSF is the taller. The strongest line is one of the
+    # two, and the BSF line itself reaches 80 % of it (over 120 draws it never fell below 93 %).
+    assert min(abs(strongest - expected), abs(strongest - 2 * expected)) <= 1.0, (strongest, expected)
+    at_defect = spectrum[np.abs(freqs - expected) <= 0.5].max()
+    assert at_defect >= 0.8 * spectrum[search].max(), (at_defect, spectrum[search].max())
 
 
 def test_inner_race_is_modulated_by_the_shaft_and_outer_race_is_not():
