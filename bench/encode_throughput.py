@@ -2,7 +2,8 @@
 
 Prints, for each workload and path: audio-seconds per second, achieved GFLOP/s (model FLOPs counted from the
 plan), the speed-up over the reference path, the fraction of this machine's measured matrix-product peak,
-and the peak RSS of the process that ran it (each measurement runs in a fresh subprocess).
+the ceiling (the speed-up a path would reach running every FLOP at that peak: what a target can ask of this
+machine), and the peak RSS of the process that ran it (each measurement runs in a fresh subprocess).
 
     python bench/encode_throughput.py                   # ECHO-small, W1 W2 W3, CPU
     python bench/encode_throughput.py --size tiny --workloads W2 --device cuda
@@ -122,8 +123,9 @@ def main() -> int:
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"device {device_name}, fast-path backend {args.backend or 'default'}, ECHO-{args.size}; measured matmul peak: "
           f"fp32 {peaks[torch.float32] / 1e9:.0f} GFLOP/s, bf16 {peaks[torch.bfloat16] / 1e9:.0f} GFLOP/s")
-    print("| workload | path | audio s/s | GFLOP/s | x reference | % of peak | peak RSS MB | peak GPU MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| workload | path | audio s/s | GFLOP/s | x reference | % of peak | ceiling (x ref. at peak) | peak RSS MB "
+          "| peak GPU MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.workloads:
         reference_time = None
         for path in args.paths:
@@ -136,9 +138,10 @@ def main() -> int:
             speedup = f"{reference_time / result['seconds']:.2f}" if reference_time else "-"
             peak = peaks[torch.bfloat16 if path == "fast-bf16" else torch.float32]
             achieved = result["flops"] / result["seconds"]
+            ceiling = f"{reference_time * peak / result['flops']:.2f}" if reference_time else "-"
             print(f"| {name} | {path} | {result['audio_seconds'] / result['seconds']:.1f} | {achieved / 1e9:.1f} | "
-                  f"{speedup} | {100 * achieved / peak:.0f}% | {result['peak_rss_mb']:.0f} | {result['peak_gpu_mb']:.0f} |",
-                  flush=True)
+                  f"{speedup} | {100 * achieved / peak:.0f}% | {ceiling} | {result['peak_rss_mb']:.0f} | "
+                  f"{result['peak_gpu_mb']:.0f} |", flush=True)
     return 0
 
 

@@ -335,6 +335,11 @@ def main() -> int:
             print(f"| {size} | {path} | {tokens / median:,.0f} ({tokens / min(seconds):,.0f}) | "
                   f"{clips_per_s[size, path]:.1f} | {median / steps:.2f} ({min(seconds) / steps:.2f}) | {peak:,.0f} | "
                   f"{speedup} | {100 * waste:.0f}% |")
+    first = results[args.sizes[0], "padded"][0]
+    print(f"\nceiling on this mix: the padded encoder runs {first['padded_tokens'] / first['tokens']:.2f}x the real "
+          f"tokens, so packing can speed the step up by at most that much (a little more through attention, "
+          f"quadratic in length) and only as far as the encoder dominates: token building, targets, decoder, "
+          f"optimizer and EMA are shared")
     tokens_per_clip = results[args.sizes[0], "packed"][0]["tokens"] / results[args.sizes[0], "packed"][0]["clips"]
     print(f"\nthis mix: {tokens_per_clip:.0f} tokens (teacher + student) per clip; a full {config.crop_seconds:g} s "
           f"clip takes {full_clip_tokens(config):.0f}")
