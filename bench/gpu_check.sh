@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# One GPU check of the Triton kernels (issue 5), for a CUDA machine: the kernel tests on the GPU (no
-# interpreter), then the pytest-benchmark microbenchmarks of every kernel against its reference and the
-# library alternatives present. Everything goes under $OUT (default ./gpu_out); each stage is time-boxed,
-# and a failing stage is logged without stopping the others. Budget: under 5 minutes.
+# Every check that needs a CUDA machine, in one script: the kernel tests on the GPU (no interpreter), the
+# pytest-benchmark microbenchmarks of every kernel against its reference and the library alternatives present,
+# end-to-end encode throughput, the packed-vs-padded pretraining step, and the compiled extension's CUDA op
+# (built here with nvcc, then its tests). Everything goes under $OUT (default ./gpu_out); each stage is
+# time-boxed, and a failing stage is logged without stopping the others. STAGES picks a subset.
+# Budget: about 4 minutes for kernels + benchmarks, 3 for encode + pretrain, 4 for csrc.
 #
 #   OUT=/tmp/gpu_out bash bench/gpu_check.sh
+#   STAGES="pretrain csrc" bash bench/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./gpu_out}"
@@ -60,16 +63,34 @@ if ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() el
     log "torch.cuda.is_available() is False: the kernel tests would run under the interpreter and the benchmarks skip"
 fi
 
+STAGES=" ${STAGES:-kernels benchmarks encode pretrain csrc} "
+wanted() { [[ "$STAGES" == *" $1 "* ]]; }
+
 # 2. the kernel tests on the GPU (the same files CI runs on the CPU interpreter)
-stage kernel_tests 120 "$PYTHON" -m pytest -q -m "" -p no:cacheprovider -rs --durations=5 \
+wanted kernels && stage kernel_tests 120 "$PYTHON" -m pytest -q -m "" -p no:cacheprovider -rs --durations=5 \
     tests/test_kernel_stft.py tests/test_kernel_tokens.py tests/test_kernel_attention.py \
     tests/test_kernel_norm.py tests/test_kernel_encoder.py
 
 # 3. microbenchmarks, each kernel against its reference and the library alternatives present
-stage benchmarks 150 "$PYTHON" -m pytest -q -s -p no:cacheprovider -rs --benchmark-only \
-    --benchmark-json="$OUT/benchmarks.json" --benchmark-columns=median,iqr,rounds \
-    bench/benchmark_stft.py bench/benchmark_tokens.py bench/benchmark_attention.py bench/benchmark_norm.py
-grep -E " ms .* GB/s " "$OUT/benchmarks.log" >"$OUT/rates.txt" 2>/dev/null
-log "achieved rates (also in $OUT/rates.txt):"
-sed 's/^/    /' "$OUT/rates.txt" | tee -a "$SUMMARY"
+if wanted benchmarks; then
+    stage benchmarks 150 "$PYTHON" -m pytest -q -s -p no:cacheprovider -rs --benchmark-only \
+        --benchmark-json="$OUT/benchmarks.json" --benchmark-columns=median,iqr,rounds \
+        bench/benchmark_stft.py bench/benchmark_tokens.py bench/benchmark_attention.py bench/benchmark_norm.py
+    grep -E " ms .* GB/s " "$OUT/benchmarks.log" >"$OUT/rates.txt" 2>/dev/null
+    log "achieved rates (also in $OUT/rates.txt):"
+    sed 's/^/    /' "$OUT/rates.txt" | tee -a "$SUMMARY"
+fi
+
+# 4. end to end: fast.encode against the per-signal reference (issue 4)
+wanted encode && stage encode 120 "$PYTHON" bench/encode_throughput.py --device cuda --workloads W1 W2 --repeat 3
+
+# 5. pretraining: the packed step against the padded one, tiny and small (issue 7)
+wanted pretrain && stage pretrain 180 "$PYTHON" bench/pretrain_throughput.py --device cuda \
+    --tokens-per-batch 16384 --steps 3 --repeats 2
+
+# 6. the compiled extension's CUDA op: build it here with nvcc, then its tests on the GPU (issue 6)
+if wanted csrc; then
+    stage csrc_build 240 "$PYTHON" setup.py build_ext --inplace
+    stage csrc_tests 60 "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/test_csrc.py
+fi
 log "done in $SECONDS s"
