@@ -108,8 +108,11 @@ def test_command_line_writes_shards_trains_on_them_and_exports(data, tmp_path, c
     run = tmp_path / "run"
     argv = ["pretrain", "--data", str(tmp_path / "shards"), "--out", str(run), "--dim", "64", "--depth", "2",
             "--heads", "1", "--steps", "3", "--crop-seconds", "2", "--tokens-per-batch", "400", "--workers", "1",
-            "--log-every", "1", "--save-every", "3", "--export", "student", "--quiet"]
-    assert cli.main(argv) == 0
+            "--log-every", "1", "--save-every", "1", "--export", "student", "--quiet"]
+    assert cli.main(argv + ["--stop-at", "2"]) == 0  # a time-boxed process: checkpoint at 2, no export
+    assert checkpoints.load_latest(run / "checkpoints")["step"] == 2 and not (run / "model.safetensors").exists()
+    assert cli.main(argv) == 0  # the same command resumes and finishes
+    assert checkpoints.load_latest(run / "checkpoints")["step"] == 3
     out = capsys.readouterr().out
     assert "3 WebDataset shards" in out and '"tokens_per_batch": 400' in out
     student = echo.load(run / "model.safetensors")

@@ -49,6 +49,9 @@ def add_arguments(parser) -> None:
                                 help=(HELP.get(field.name) or field.name.replace("_", " ")) + default_text)
     parser.add_argument("--export-only", action="store_true",
                         help="write model.safetensors from the run's newest checkpoint and stop")
+    parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                        help="end this process after STEP, as a kill would (the checkpoint of a STEP that is a "
+                             "multiple of --save-every is written); the same command resumes the run")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -58,5 +61,5 @@ def run(args) -> int:
         print(f"exported {export_run(args.out, args.export)}")
         return 0
     config = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
-    train(config, progress=not args.quiet)
+    train(config, progress=not args.quiet, stop_at=args.stop_at)
     return 0
