@@ -1,5 +1,5 @@
 """The model and the packed encoder under torch.compile (users compile them for training and serving): same
-results as eager, on a ragged batch whose attention groups are slices and gathers."""
+results as eager, on a ragged batch of unsorted lengths (attention groups gathered by row index)."""
 import pytest
 import torch
 
