@@ -1,6 +1,6 @@
-"""Turn a pretraining run into the bundled default model: the teacher of the run's newest checkpoint as fp16
-safetensors (config in its metadata and in model.json beside it), the run's config and length, and its
-training curve.
+"""Turn a pretraining run into the bundled default model: the encoder the run exports (its --export, teacher
+or student) from its newest checkpoint as fp16 safetensors (config in its metadata and in model.json beside
+it), the run's config and length, and its training curve.
 
     python scripts/export_default.py RUN_DIR [--out echo/data/default]
 
@@ -23,9 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import echo  # noqa: E402
 from echo.eval import plots  # noqa: E402
-from echo.model import EchoModel  # noqa: E402
-from echo.pretrain import checkpoints  # noqa: E402
-from echo.pretrain.trainer import PretrainConfig  # noqa: E402
+from echo.pretrain.trainer import PretrainConfig, newest_encoder  # noqa: E402
 
 
 def _curve(steps_csv: Path, path: Path) -> dict:
@@ -74,12 +72,11 @@ def main(argv=None) -> int:
                         help="the corpus's data list (scripts/build_corpus.py)")
     args = parser.parse_args(argv)
 
-    saved = checkpoints.load_latest(args.run / "checkpoints")
-    if saved is None:
-        raise SystemExit(f"no checkpoint in {args.run / 'checkpoints'}")
+    try:
+        model, saved = newest_encoder(args.run)
+    except ValueError as error:
+        raise SystemExit(str(error))
     config = PretrainConfig(**saved["config"])
-    model = EchoModel(config.model_config)
-    model.load_state_dict(saved[config.export])
     args.out.mkdir(parents=True, exist_ok=True)
     echo.save(model, args.out / "model.safetensors", dtype=torch.float16)
     last = _curve(args.run / "steps.csv", args.out / "training_curve.png")

@@ -187,14 +187,21 @@ def export(model: EchoModel, out: Path) -> Path:
     return model_files.save(model, Path(out) / "model.safetensors")
 
 
+def newest_encoder(run_dir, which: str | None = None) -> tuple[EchoModel, dict]:
+    """(the teacher or student of a run's newest checkpoint, that checkpoint); `which` defaults to the run's
+    own export choice."""
+    folder = Path(run_dir) / "checkpoints"
+    saved = checkpoints.load_latest(folder)
+    if saved is None:
+        raise ValueError(f"no checkpoint in {folder}")
+    model = EchoModel(PretrainConfig(**saved["config"]).model_config)
+    model.load_state_dict(saved[which or saved["config"]["export"]])
+    return model, saved
+
+
 def export_run(run_dir, which: str = "teacher") -> Path:
     """Export the teacher or student of a run's newest checkpoint."""
-    saved = checkpoints.load_latest(Path(run_dir) / "checkpoints")
-    if saved is None:
-        raise ValueError(f"no checkpoint in {Path(run_dir) / 'checkpoints'}")
-    model = EchoModel(PretrainConfig(**saved["config"]).model_config)
-    model.load_state_dict(saved[which])
-    return export(model, Path(run_dir))
+    return export(newest_encoder(run_dir, which)[0], Path(run_dir))
 
 
 def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = None) -> dict:
