@@ -60,8 +60,8 @@ class DemoTask:
         return indices
 
 
-def _base_machine(spec: DemoMachine, index: int) -> synth.Machine:
-    machine = synth.random_machine(MACHINE_SEED + index)
+def _base_machine(spec: DemoMachine, index: int, machine_seed: int) -> synth.Machine:
+    machine = synth.random_machine(machine_seed + index)
     if spec.gear and not machine.gear_teeth:
         machine = replace(machine, gear_teeth=23)
     return machine
@@ -79,9 +79,10 @@ def _clip(base: synth.Machine, spec: DemoMachine, rng: np.random.Generator, faul
 
 
 def build_task(seed: int = 0, bank: int = BANK_CLIPS, tests: int = TEST_CLIPS, seconds: float = CLIP_SECONDS,
-               machines=MACHINES) -> DemoTask:
+               machines=MACHINES, machine_seed: int = MACHINE_SEED) -> DemoTask:
     """The demo's clips: per machine `bank` healthy training clips, `tests` healthy and `tests` faulty test
-    clips (faults cycling outer, inner, ball). The same seed gives the same clips."""
+    clips (faults cycling outer, inner, ball). The same seeds give the same clips; another `machine_seed` gives
+    other machines (a validation task for choosing a checkpoint, apart from the demo's own)."""
     from .eval.anomaly import Clip
 
     if bank < 1 or tests < 1 or seconds <= 0:
@@ -89,7 +90,7 @@ def build_task(seed: int = 0, bank: int = BANK_CLIPS, tests: int = TEST_CLIPS, s
     task = DemoTask([], [], [], [])
     for index, spec in enumerate(machines):
         rng = np.random.default_rng([seed, index])
-        base = _base_machine(spec, index)
+        base = _base_machine(spec, index, machine_seed)
         plan = [("train", None)] * bank + [("test", None)] * tests
         plan += [("test", synth.FAULTS[i % len(synth.FAULTS)]) for i in range(tests)]
         signals = [_clip(base, spec, rng, fault, seconds) for _, fault in plan]
@@ -117,6 +118,16 @@ def score(task: DemoTask, embeddings: list) -> tuple[np.ndarray, list, dict]:
         scores[members] = anomaly.score_clips([task.clips[i] for i in members], vectors)
     rows, _ = anomaly.group_metrics(task.clips, scores, None)
     return scores, rows, anomaly.summarise(rows, None)
+
+
+def embedding_spread(task: DemoTask, embeddings: list) -> float:
+    """Median over machines of |clips - their mean| / |clips|: near 0 when the encoder has collapsed (every clip
+    gets the same vector), which self-distillation can fall into."""
+    values = []
+    for members in task.machine_indices().values():
+        vectors = np.stack([embeddings[i] for i in members]).astype(np.float64)
+        values.append(np.linalg.norm(vectors - vectors.mean(0)) / np.linalg.norm(vectors))
+    return float(np.median(values))
 
 
 def encode(model, signals: list, rates: list) -> list[np.ndarray]:

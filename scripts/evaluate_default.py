@@ -41,16 +41,6 @@ def log_spectrogram_features(signals: list, rates: list) -> list[np.ndarray]:
             .mean(-1).numpy() for signal, rate in zip(signals, rates)]
 
 
-def spread(task: demo.DemoTask, embeddings: list) -> float:
-    """Median over machines of |clips - their mean| / |clips|: near 0 when the encoder has collapsed (every clip
-    gets the same vector), which self-distillation can fall into."""
-    values = []
-    for members in task.machine_indices().values():
-        vectors = np.stack([embeddings[i] for i in members]).astype(np.float64)
-        values.append(np.linalg.norm(vectors - vectors.mean(0)) / np.linalg.norm(vectors))
-    return float(np.median(values))
-
-
 def embedders(model_name: str, seed: int) -> dict:
     """name -> function(signals, rates) -> list of vectors."""
     trained = checkpoint.load(model_name)
@@ -99,7 +89,7 @@ def main(argv=None) -> int:
         keys = np.stack(embed(key_signals, key_rates))
         accuracy = faults.evaluate(keys, key_labels, "loocv", k=5).accuracy
         results[name] = {"demo AUC": summary["AUC (demo)"], "demo pAUC": summary["pAUC (demo)"],
-                         "bucklespring 5-NN LOOCV accuracy": accuracy, "demo embedding spread": spread(task, vectors),
+                         "bucklespring 5-NN LOOCV accuracy": accuracy, "demo embedding spread": demo.embedding_spread(task, vectors),
                          "demo per machine": {f"{r['machine']} {r['metric']}": r["value"] for r in rows}}
         print(f"{name}: {time.perf_counter() - started:.1f} s")
     columns = ["demo AUC", "demo pAUC", "bucklespring 5-NN LOOCV accuracy", "demo embedding spread"]

@@ -1,8 +1,9 @@
 """Turn a pretraining run into the bundled default model: the encoder the run exports (its --export, teacher
-or student) from its newest checkpoint as fp16 safetensors (config in its metadata and in model.json beside
-it), the run's config and length, and its training curve.
+or student) from its newest checkpoint, or from the one `--step` names (scripts/select_checkpoint.py chooses
+it), as fp16 safetensors (config in its metadata and in model.json beside it), the run's config and length,
+and its training curve.
 
-    python scripts/export_default.py RUN_DIR [--out echo/data/default]
+    python scripts/export_default.py RUN_DIR [--step N] [--out echo/data/default]
 
 Writes OUT/model.safetensors, OUT/model.json, OUT/training.json, OUT/training_curve.png and, from the
 corpus's data list, OUT/DATA_CREDITS.csv (every source, licence and credit of the pretraining audio, with
@@ -23,15 +24,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import echo  # noqa: E402
 from echo.eval import plots  # noqa: E402
-from echo.pretrain.trainer import PretrainConfig, newest_encoder  # noqa: E402
+from echo.pretrain.trainer import PretrainConfig, run_encoder  # noqa: E402
 
 
-def _curve(steps_csv: Path, path: Path) -> dict:
-    """Plot loss (total, frame, utterance) and learning rate against the step; return the last row."""
+def _curve(steps_csv: Path, path: Path, exported_step: int) -> dict:
+    """Plot loss (total, frame, utterance) and learning rate against the step, the exported step marked;
+    return the last row logged at or before it."""
     with open(steps_csv, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    if not rows:
-        raise SystemExit(f"{steps_csv} has no logged step yet")
+    logged = [row for row in rows if int(row["step"]) <= exported_step]
+    if not logged:
+        raise SystemExit(f"{steps_csv} has no step logged by step {exported_step}")
     step = [int(row["step"]) for row in rows]
     plt = plots._pyplot()
     figure, (loss_axis, lr_axis) = plt.subplots(2, 1, figsize=(6, 4.5), sharex=True,
@@ -39,11 +42,13 @@ def _curve(steps_csv: Path, path: Path) -> dict:
     for column in ("loss", "frame_loss", "utterance_loss"):
         loss_axis.plot(step, [float(row[column]) for row in rows], label=column.replace("_", " "))
     loss_axis.set(ylabel="training loss", title="ECHO default model: pretraining")
+    if exported_step < step[-1]:
+        loss_axis.axvline(exported_step, color="black", linestyle=":", label=f"exported (step {exported_step})")
     loss_axis.legend(fontsize=8)
     lr_axis.plot(step, [float(row["lr"]) for row in rows], color="gray")
     lr_axis.set(xlabel="step", ylabel="learning rate")
     plots._save(figure, path)
-    return rows[-1]
+    return logged[-1]
 
 
 def _credits(datalist: Path, path: Path) -> None:
@@ -68,18 +73,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="run folder of python -m echo pretrain")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "echo/data/default")
+    parser.add_argument("--step", type=int, default=None, help="the checkpoint of this step (default: the newest)")
     parser.add_argument("--datalist", type=Path, default=Path("corpus/datalist.csv"),
                         help="the corpus's data list (scripts/build_corpus.py)")
     args = parser.parse_args(argv)
 
     try:
-        model, saved = newest_encoder(args.run)
+        model, saved = run_encoder(args.run, step=args.step)
     except ValueError as error:
         raise SystemExit(str(error))
     config = PretrainConfig(**saved["config"])
     args.out.mkdir(parents=True, exist_ok=True)
     echo.save(model, args.out / "model.safetensors", dtype=torch.float16)
-    last = _curve(args.run / "steps.csv", args.out / "training_curve.png")
+    last = _curve(args.run / "steps.csv", args.out / "training_curve.png", saved["step"])
     _credits(args.datalist, args.out / "DATA_CREDITS.csv")
     record = {"steps_trained": saved["step"], "steps_planned": config.steps, "exported": config.export,
               "last_logged": {key: float(value) for key, value in last.items()},

@@ -1,8 +1,12 @@
 """The bundled default model (echo/data/default/, made by scripts/train_default.sh): loads by name, embeds
 at three sample rates through the fast path as the reference does, and keeps the package small."""
+import csv
+import importlib
 import json
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,19 +52,33 @@ def test_package_data_stays_small():
     assert total < PACKAGE_DATA_LIMIT, f"echo/data holds {total / 2**20:.1f} MiB"
 
 
-@pytest.mark.slow
-def test_export_script_turns_an_unfinished_run_into_a_bundle(tmp_path):
-    """A run stopped early is exported as it stands: fp16 teacher equal to the checkpoint's, its step count,
-    its curve, and the credits of the data list."""
-    import csv
-    import sys
+def import_script(name: str):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 
-    from echo.pretrain import checkpoints, trainer
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A tiny run of 6 planned steps, stopped after step 4 (checkpoints of steps 2 and 4)."""
+    from echo.pretrain import trainer
     from pretrain_corpus import tiny_config, write_corpus
 
-    run = tmp_path / "run"
-    config = tiny_config(write_corpus(tmp_path / "audio", files=4), run, steps=6, log_every=1, save_every=2)
+    folder = tmp_path_factory.mktemp("stopped")
+    run = folder / "run"
+    config = tiny_config(write_corpus(folder / "audio", files=4), run, steps=6, log_every=1, save_every=2)
     trainer.train(config, progress=False, stop_at=4)
+    return run
+
+
+@pytest.mark.slow
+def test_export_script_turns_an_unfinished_run_into_a_bundle(stopped_run, tmp_path):
+    """A run stopped early is exported as it stands: fp16 teacher equal to the checkpoint's, its step count,
+    its curve, and the credits of the data list."""
+    from echo.pretrain import checkpoints
+
     datalist = tmp_path / "datalist.csv"
     rows = [("a.wav", "pretrain", "pkg1", "x", "8000", "30", "1", "", "CC0", "Someone"),
             ("b.wav", "pretrain", "pkg1", "x", "8000", "90", "1", "", "CC0", "Someone"),
@@ -68,19 +86,53 @@ def test_export_script_turns_an_unfinished_run_into_a_bundle(tmp_path):
     with open(datalist, "w", newline="") as handle:
         csv.writer(handle).writerows([("path", "split", "source", "original", "sample_rate", "seconds", "channels",
                                        "label", "licence", "credit"), *rows])
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    try:
-        import export_default
-    finally:
-        sys.path.pop(0)
+    export_default = import_script("export_default")
     out = tmp_path / "bundle"
-    assert export_default.main([str(run), "--out", str(out), "--datalist", str(datalist)]) == 0
+    assert export_default.main([str(stopped_run), "--out", str(out), "--datalist", str(datalist)]) == 0
     record = json.loads((out / "training.json").read_text())
     assert record["steps_trained"] == 4 and record["steps_planned"] == 6
-    teacher = checkpoints.load_latest(run / "checkpoints")["teacher"]
+    teacher = checkpoints.load_latest(stopped_run / "checkpoints")["teacher"]
     exported = echo.load(out / "model.safetensors").state_dict()
     assert all(torch.equal(exported[k], teacher[k].half().float()) for k in teacher)
     assert (out / "training_curve.png").stat().st_size > 0
     with open(out / "DATA_CREDITS.csv", newline="") as handle:
         credits = list(csv.DictReader(handle))
     assert credits == [{"source": "pkg1", "licence": "CC0", "credit": "Someone", "files": "2", "minutes": "2.00"}]
+
+    assert export_default.main([str(stopped_run), "--step", "2", "--out", str(out), "--datalist", str(datalist)]) == 0
+    earlier = torch.load(stopped_run / "checkpoints" / "step-000000002.pt", weights_only=True)["teacher"]
+    exported = echo.load(out / "model.safetensors").state_dict()
+    assert all(torch.equal(exported[k], earlier[k].half().float()) for k in earlier)
+    assert json.loads((out / "training.json").read_text())["last_logged"]["step"] == 2
+    with pytest.raises(SystemExit, match=r"no checkpoint of step 3 .*\[2, 4\]"):
+        export_default.main([str(stopped_run), "--step", "3", "--out", str(out), "--datalist", str(datalist)])
+
+
+@pytest.mark.slow
+def test_select_checkpoint_scores_every_checkpoint_and_prints_the_best(stopped_run, tmp_path, capsys):
+    """Each checkpoint's validation AUC is that of its teacher on validation machines the demo does not use,
+    and the printed step is the best row."""
+    from echo import demo
+    from echo.pretrain import trainer
+
+    select = import_script("select_checkpoint")
+    table = tmp_path / "validation.csv"
+    assert select.main([str(stopped_run), "--bank", "3", "--tests", "2", "--csv", str(table)]) == 0
+    chosen_step = int(capsys.readouterr().out.strip())
+    with open(table, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["step"]) for row in rows] == [2, 4]
+    best = max(float(row["validation AUC"]) for row in rows)
+    assert chosen_step == min(int(r["step"]) for r in rows if float(r["validation AUC"]) == best)
+
+    saved = torch.load(stopped_run / "checkpoints" / "step-000000004.pt", weights_only=True)
+    model = echo.EchoModel(trainer.PretrainConfig(**saved["config"]).model_config)
+    model.load_state_dict(saved["teacher"])  # tiny_config exports the teacher
+    demo_clips = demo.build_task(0, 3, 2).signals
+    aucs = []
+    for machine_seed in select.VALIDATION_MACHINE_SEEDS:
+        task = demo.build_task(select.VALIDATION_SEED, 3, 2, machine_seed=machine_seed)
+        assert not any(np.array_equal(a, b) for a, b in zip(task.signals, demo_clips))  # not the demo's clips
+        embeddings = demo.encode(model, task.signals, task.rates)
+        aucs.append(demo.score(task, embeddings)[2]["AUC (demo)"])
+    assert float(rows[1]["validation AUC"]) == pytest.approx(np.mean(aucs), abs=1e-9)

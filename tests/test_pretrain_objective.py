@@ -33,7 +33,7 @@ def random_learner(dim=64, depth=2, heads=1):
     return objective.Learner(student, decoder, utterance_weight=float(np.random.uniform(0.5, 2)))
 
 
-def loss_sequence_by_sequence(learner, teacher, batch):
+def loss_sequence_by_sequence(learner, teacher, batch, utterance_target):
     """The same loss written per sequence, with torch.nn.TransformerEncoder layers for the teacher, the model's
     own per-band path for the student and a padded nn.Conv1d decoder."""
     dim = teacher.config.dim
@@ -45,13 +45,17 @@ def loss_sequence_by_sequence(learner, teacher, batch):
         band = rows.permute(1, 0, 2).reshape(1, 32, length * 16)
         bands.append(band)
         x = teacher.band_tokens(band, batch.positions[s : s + 1])
-        average = 0
+        average = raw_average = 0
         for layer in layers:
             x = layer(x)
             average = average + F.instance_norm(x[:, 1:].transpose(1, 2)).transpose(1, 2) / len(layers)
+            raw_average = raw_average + x[0, 1:] / len(layers)
         target = F.layer_norm(average[0], (dim,))
         targets.append(target)
-        utterance_targets.append(target.mean(0))
+        if utterance_target == "frame-mean":
+            utterance_targets.append(target.mean(0))
+        else:
+            utterance_targets.append(F.layer_norm(raw_average.mean(0), (dim,)))
     student, decoder = learner.student, learner.decoder
     masked_errors, utterance_errors = [], []
     start = 0
@@ -76,18 +80,20 @@ def loss_sequence_by_sequence(learner, teacher, batch):
     return frame + learner.utterance_weight * utterance, frame, utterance
 
 
-def packed_loss(learner, teacher, batch):
-    targets, utterance_targets = objective.teacher_targets(teacher, batch, Packing.from_lengths(batch.lengths + 1))
+def packed_loss(learner, teacher, batch, utterance_target="frame-mean"):
+    targets, utterance_targets = objective.teacher_targets(teacher, batch, Packing.from_lengths(batch.lengths + 1),
+                                                           utterance_target)
     return learner(batch, Packing.from_lengths(batch.student_lengths), targets, utterance_targets)
 
 
-def test_packed_loss_equals_the_loss_computed_sequence_by_sequence(tmp_path):
+@pytest.mark.parametrize("utterance_target", objective.UTTERANCE_TARGETS)
+def test_packed_loss_equals_the_loss_computed_sequence_by_sequence(tmp_path, utterance_target):
     batch = small_batch(tmp_path)
     learner = random_learner()
     teacher = random_model("tiny", dim=64, depth=2, heads=1)
-    packed = packed_loss(learner, teacher, batch)
+    packed = packed_loss(learner, teacher, batch, utterance_target)
     with torch.no_grad():
-        reference = loss_sequence_by_sequence(learner, teacher, batch)
+        reference = loss_sequence_by_sequence(learner, teacher, batch, utterance_target)
     for got, expected in zip(packed, reference):
         assert rel_err(got.detach(), expected) < 1e-5
     packed[0].backward()  # and it trains: every trained parameter gets a gradient

@@ -78,6 +78,17 @@ def test_resuming_with_another_config_is_refused(data, tmp_path):
         trainer.train(tiny_config(data, tmp_path / "run", steps=4, mask_ratio=0.75), progress=False)
 
 
+def test_a_run_saved_before_a_config_field_existed_resumes_with_its_default(tmp_path):
+    config = trainer.PretrainConfig(data=str(tmp_path), out=str(tmp_path / "run"))
+    older = {k: v for k, v in config.to_dict().items() if k != "utterance_target"}
+    config.check_resumable(older)  # the older run used the default, "frame-mean"
+    with pytest.raises(ValueError, match="utterance_target: 'frame-mean' -> 'layer-mean'"):
+        trainer.PretrainConfig(data=str(tmp_path), out=str(tmp_path / "run"),
+                               utterance_target="layer-mean").check_resumable(older)
+    with pytest.raises(ValueError, match="utterance_target must be one of"):
+        trainer.PretrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), utterance_target="frames")
+
+
 def test_checkpoints_are_atomic_and_a_broken_one_is_passed_over(tmp_path, monkeypatch):
     folder = tmp_path / "checkpoints"
     checkpoints.save(folder, 1, {"step": 1, "w": torch.randn(3)}, keep=3)

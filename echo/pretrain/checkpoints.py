@@ -38,6 +38,10 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def file_name(step: int) -> str:
+    return f"step-{step:09d}.pt"
+
+
 def checkpoint_paths(folder: Path) -> list[Path]:
     """Checkpoints in `folder`, oldest first."""
     if not folder.is_dir():
@@ -49,7 +53,7 @@ def save(folder: Path, step: int, state: dict, keep: int) -> Path:
     """Write step-NNNNNNNNN.pt through a temporary file and a rename (a crash leaves the previous checkpoints
     whole), then delete all but the newest `keep`."""
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"step-{step:09d}.pt"
+    final = folder / file_name(step)
     temporary = final.with_name(final.name + ".tmp")
     torch.save(state, temporary)
     os.replace(temporary, final)

@@ -6,6 +6,7 @@ import logging
 from dataclasses import MISSING, fields
 
 from ..model import PRESETS
+from .objective import UTTERANCE_TARGETS
 from .trainer import PretrainConfig, export_run, train
 
 HELP = {
@@ -26,6 +27,9 @@ HELP = {
     "lr": "peak learning rate (default: base-lr x clips per step / 256)",
     "warmup": "warm-up steps (default 5%% of the steps)",
     "ema_anneal_steps": "steps over which the EMA decay rises from ema-start to ema-end (default: all)",
+    "utterance_target": "what the student's CLS regresses to: frame-mean = the time mean of the frame targets "
+                        "(spec, EAT); layer-mean = the time mean of the teacher's layer outputs without instance "
+                        "normalisation (keeps each clip's stationary content)",
     "precision": "bf16 autocast: auto = on GPUs that support it",
     "workers": "DataLoader workers per process",
     "save_every": "checkpoint every N steps",
@@ -34,7 +38,8 @@ HELP = {
     "export": "which encoder goes to RUN_DIR/model.safetensors at the end",
     "manifest": "where the folder manifest is cached (default DATA/.echo_manifest.csv)",
 }
-CHOICES = {"size": list(PRESETS), "precision": ["auto", "fp32", "bf16"], "export": ["teacher", "student"]}
+CHOICES = {"size": list(PRESETS), "precision": ["auto", "fp32", "bf16"], "export": ["teacher", "student"],
+           "utterance_target": list(UTTERANCE_TARGETS)}
 
 
 def add_arguments(parser) -> None:

@@ -4,7 +4,8 @@ Teacher: every token of every band sequence; targets = its per-layer outputs, ea
 time within its sequence, averaged over layers, layer-normalised without affine. Student: only the visible
 tokens (and CLS) of every masked clone. A light conv decoder, fed the student's outputs with a mask token in
 every masked place, predicts the targets at the masked positions (frame loss); the student's CLS predicts the
-mean of its sequence's targets (utterance loss). Nothing is padded: encoders run through echo.packed, the
+mean of its sequence's targets (utterance loss; or, with utterance_target "layer-mean", the layer-normalised time
+mean of the teacher's layer outputs without instance normalisation, see UTTERANCE_TARGETS). Nothing is padded: encoders run through echo.packed, the
 decoder's convolutions see only their own sequence through a per-row mask of the taps.
 """
 from __future__ import annotations
@@ -20,6 +21,13 @@ from ..ops import tokens as token_ops
 from .sampling import Batch
 
 INSTANCE_NORM_EPS = 1e-5  # torch's instance_norm / layer_norm default, as data2vec uses them
+
+# What the student's CLS regresses to. "frame-mean" (spec section 8, EAT): the time mean of the frame targets.
+# Instance normalisation gives every channel of every layer a zero time mean, so that target holds only what the
+# final layer norm's per-token scaling leaves: it is nearly the same vector for every clip, and short CPU runs
+# learned CLS vectors that no longer tell clips apart. "layer-mean" keeps what a clip has throughout (its
+# stationary spectrum): the time mean of the teacher's layer outputs averaged over layers, layer-normalised.
+UTTERANCE_TARGETS = ("frame-mean", "layer-mean")
 
 
 def band_tokens(model, patches, patch_sequence, patch_position, positions) -> torch.Tensor:
@@ -47,16 +55,22 @@ def instance_norm_over_time(x: torch.Tensor, segment: torch.Tensor, segments: in
 
 
 @torch.no_grad()
-def teacher_targets(teacher, batch: Batch, packing: packed.Packing) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_targets(teacher, batch: Batch, packing: packed.Packing, utterance_target: str = "frame-mean"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(frame targets (P, D), utterance targets (S, D)), float32."""
+    if utterance_target not in UTTERANCE_TARGETS:
+        raise ValueError(f"utterance target must be one of {UTTERANCE_TARGETS}, got {utterance_target!r}")
     sequences = len(batch.lengths)
     tokens = band_tokens(teacher, batch.patches, batch.patch_sequence, batch.patch_position, batch.positions)
     _, layers = packed.forward(teacher, tokens, packing, return_layers=True)
     patch_rows = torch.arange(len(batch.patches), device=tokens.device) + batch.patch_sequence + 1
-    average = sum(instance_norm_over_time(layer[patch_rows].float(), batch.patch_sequence, sequences)
-                  for layer in layers) / len(layers)
+    outputs = [layer[patch_rows].float() for layer in layers]
+    average = sum(instance_norm_over_time(x, batch.patch_sequence, sequences) for x in outputs) / len(layers)
     targets = F.layer_norm(average, (average.shape[-1],), eps=INSTANCE_NORM_EPS)
-    return targets, segment_mean(targets, batch.patch_sequence, sequences)
+    if utterance_target == "frame-mean":
+        return targets, segment_mean(targets, batch.patch_sequence, sequences)
+    stationary = segment_mean(sum(outputs) / len(layers), batch.patch_sequence, sequences)
+    return targets, F.layer_norm(stationary, (stationary.shape[-1],), eps=INSTANCE_NORM_EPS)
 
 
 class ConvDecoder(nn.Module):

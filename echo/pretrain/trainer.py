@@ -12,7 +12,7 @@ import json
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from .. import checkpoint as model_files
 from ..model import EchoConfig, EchoModel
 from ..packed import Packing
 from . import checkpoints, schedule
-from .objective import ConvDecoder, Learner, teacher_targets
+from .objective import UTTERANCE_TARGETS, ConvDecoder, Learner, teacher_targets
 from .sampling import BatchStream, SamplingConfig, nominal_clips_per_batch
 from .shards import open_corpus
 
@@ -58,6 +58,7 @@ class PretrainConfig:
     decoder_kernel: int = 3
     decoder_groups: int = 16
     utterance_weight: float = 1.0
+    utterance_target: str = "frame-mean"  # objective.UTTERANCE_TARGETS
     precision: str = "auto"  # auto (bf16 where the GPU supports it), fp32, bf16
     workers: int = 2  # DataLoader workers per rank
     seed: int = 0
@@ -78,6 +79,8 @@ class PretrainConfig:
                              f"log_every ({self.log_every}) must be positive")
         if self.min_seconds < 0.2:
             raise ValueError(f"min_seconds must be at least 0.2 (two patches, one to mask), got {self.min_seconds}")
+        if self.utterance_target not in UTTERANCE_TARGETS:
+            raise ValueError(f"utterance_target must be one of {UTTERANCE_TARGETS}, got {self.utterance_target!r}")
         if not 0 < self.ema_start <= self.ema_end < 1:
             raise ValueError(f"need 0 < ema_start <= ema_end < 1, got {self.ema_start} and {self.ema_end}")
         if self.precision not in ("auto", "fp32", "bf16") or self.export not in ("teacher", "student"):
@@ -98,6 +101,8 @@ class PretrainConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def check_resumable(self, saved: dict) -> None:
+        # A field the saved run predates had its default there.
+        saved = {**{f.name: f.default for f in fields(self) if f.default is not MISSING}, **saved}
         changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in self.to_dict().items()
                    if k not in self.FREE_ON_RESUME and saved.get(k) != v]
         if changed:
@@ -187,21 +192,32 @@ def export(model: EchoModel, out: Path) -> Path:
     return model_files.save(model, Path(out) / "model.safetensors")
 
 
-def newest_encoder(run_dir, which: str | None = None) -> tuple[EchoModel, dict]:
-    """(the teacher or student of a run's newest checkpoint, that checkpoint); `which` defaults to the run's
-    own export choice."""
-    folder = Path(run_dir) / "checkpoints"
-    saved = checkpoints.load_latest(folder)
-    if saved is None:
-        raise ValueError(f"no checkpoint in {folder}")
+def checkpoint_encoder(saved: dict, which: str | None = None) -> EchoModel:
+    """The teacher or student of a loaded checkpoint; `which` defaults to the run's own export choice."""
     model = EchoModel(PretrainConfig(**saved["config"]).model_config)
     model.load_state_dict(saved[which or saved["config"]["export"]])
-    return model, saved
+    return model
+
+
+def run_encoder(run_dir, which: str | None = None, step: int | None = None) -> tuple[EchoModel, dict]:
+    """(the teacher or student of a run's checkpoint at `step`, default the newest; that checkpoint)."""
+    folder = Path(run_dir) / "checkpoints"
+    if step is None:
+        saved = checkpoints.load_latest(folder)
+        if saved is None:
+            raise ValueError(f"no checkpoint in {folder}")
+    else:
+        path = folder / checkpoints.file_name(step)
+        if not path.is_file():
+            steps = [int(checkpoints.NAME.match(p.name)[1]) for p in checkpoints.checkpoint_paths(folder)]
+            raise ValueError(f"no checkpoint of step {step} in {folder} (it holds steps {steps or 'none'})")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    return checkpoint_encoder(saved, which), saved
 
 
 def export_run(run_dir, which: str = "teacher") -> Path:
     """Export the teacher or student of a run's newest checkpoint."""
-    return export(newest_encoder(run_dir, which)[0], Path(run_dir))
+    return export(run_encoder(run_dir, which)[0], Path(run_dir))
 
 
 def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = None) -> dict:
@@ -278,7 +294,7 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
         teacher_packing = Packing.from_lengths(host_batch.lengths + 1, device)
         student_packing = Packing.from_lengths(host_batch.student_lengths, device)
         with autocast:
-            targets, utterance_targets = teacher_targets(teacher, batch, teacher_packing)
+            targets, utterance_targets = teacher_targets(teacher, batch, teacher_packing, config.utterance_target)
             loss, frame, utterance = model(batch, student_packing, targets, utterance_targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,103 @@
+"""Choose which checkpoint of a pretraining run to bundle, on a validation task and never on the held-out clips.
+
+Self-distillation's loss keeps falling while the embeddings can get worse (echo/data/default/MODEL_CARD.md),
+so the loss cannot choose. The validation task is the demo's task (healthy vs bearing-fault clips over real
+backgrounds, cosine 1-NN to a healthy bank) with other machines and other clips (`--machine-seeds`, `--seed`)
+than the demo and the model card's evaluation use; three sets of four machines, because one set's AUC moves
+with how hard its machines happen to be (0.65-0.88 for the log-spectrogram baseline). Every checkpoint of the
+run is scored (AUC, pAUC and embedding spread, means over the sets); the one with the highest AUC is chosen,
+the earlier one on a tie.
+
+    python scripts/select_checkpoint.py RUN_DIR [--which student] [--csv RUN_DIR/validation.csv]
+
+The table goes to stderr and the chosen step alone to stdout, so a recipe can pass it on:
+`python scripts/export_default.py RUN_DIR --step "$(python scripts/select_checkpoint.py RUN_DIR)"`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from echo import demo  # noqa: E402
+from echo.pretrain import checkpoints  # noqa: E402
+from echo.pretrain.trainer import checkpoint_encoder  # noqa: E402
+
+# The demo's machines are random_machine(90 000 + i) (demo.MACHINE_SEED), the corpus's random_machine(0 ..).
+VALIDATION_MACHINE_SEEDS = (95_000, 96_000, 97_000)
+VALIDATION_SEED = 1  # the demo and the model card's evaluation use clip seed 0
+COLUMNS = ("step", "validation AUC", "validation pAUC", "embedding spread")
+
+
+def validate(run: Path, which: str | None, tasks: list[demo.DemoTask]) -> list[dict]:
+    """One row per readable checkpoint of the run, oldest first: means over the validation tasks."""
+    rows = []
+    for path in tqdm(checkpoints.checkpoint_paths(run / "checkpoints"), desc="checkpoints", unit="ckpt",
+                     file=sys.stderr):
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # a torn or foreign file fails in many ways inside the unpickler
+            print(f"skipping unreadable checkpoint {path}: {error}", file=sys.stderr)
+            continue
+        model = checkpoint_encoder(saved, which).eval()
+        scores = []
+        for task in tasks:
+            embeddings = demo.encode(model, task.signals, task.rates)
+            _, _, summary = demo.score(task, embeddings)
+            scores.append((summary["AUC (demo)"], summary["pAUC (demo)"], demo.embedding_spread(task, embeddings)))
+        rows.append({"step": saved["step"], **dict(zip(COLUMNS[1:], map(float, np.mean(scores, axis=0))))})
+    return rows
+
+
+def chosen(rows: list[dict]) -> dict:
+    """The highest validation AUC; the earliest step among equals."""
+    return max(rows, key=lambda row: (row["validation AUC"], -row["step"]))
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(temporary, path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="run folder of python -m echo pretrain")
+    parser.add_argument("--which", choices=["teacher", "student"], default=None,
+                        help="which encoder to score (default: the run's --export)")
+    parser.add_argument("--machine-seeds", type=int, nargs="+", default=VALIDATION_MACHINE_SEEDS,
+                        help="first random_machine seed of each set of validation machines")
+    parser.add_argument("--seed", type=int, default=VALIDATION_SEED, help="seed of the validation clips")
+    parser.add_argument("--bank", type=int, default=demo.BANK_CLIPS, help="healthy bank clips per machine")
+    parser.add_argument("--tests", type=int, default=demo.TEST_CLIPS, help="test clips per machine and class")
+    parser.add_argument("--csv", type=Path, default=None, help="also write the table here (default RUN/validation.csv)")
+    args = parser.parse_args(argv)
+
+    tasks = [demo.build_task(args.seed, args.bank, args.tests, machine_seed=seed) for seed in args.machine_seeds]
+    rows = validate(args.run, args.which, tasks)
+    if not rows:
+        raise SystemExit(f"no readable checkpoint in {args.run / 'checkpoints'}")
+    best = chosen(rows)
+    for column in COLUMNS:
+        print(column.ljust(18), end="", file=sys.stderr)
+    print(file=sys.stderr)
+    for row in rows:
+        cells = [str(row["step"])] + [f"{row[c]:.4f}" for c in COLUMNS[1:]]
+        print("".join(cell.ljust(18) for cell in cells) + ("<- chosen" if row is best else ""), file=sys.stderr)
+    write_csv(rows, args.csv or args.run / "validation.csv")
+    print(best["step"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
