@@ -79,8 +79,11 @@ def main(argv=None) -> int:
 
     task = demo.build_task(args.seed, args.bank, args.tests)
     key_signals, key_rates, key_labels = bucklespring(args.corpus, args.limit)
+    # Embeddings of a nearly collapsed model nearly tie, so AUCs can move by ~0.01 with the float summation
+    # order, which the thread count changes: say which it was.
     print(f"demo task: {len(task.clips)} clips (seed {args.seed}); bucklespring: {len(key_labels)} clips "
-          f"({', '.join(f'{key_labels.count(label)} {label}' for label in sorted(set(key_labels)))})")
+          f"({', '.join(f'{key_labels.count(label)} {label}' for label in sorted(set(key_labels)))}); "
+          f"{torch.get_num_threads()} torch threads")
     results = {}
     for name, embed in embedders(args.model, args.seed).items():
         started = time.perf_counter()

@@ -3,12 +3,12 @@
 Self-distillation's loss keeps falling while the embeddings can get worse (echo/data/default/MODEL_CARD.md),
 so the loss cannot choose. The validation task is the demo's task (healthy vs bearing-fault clips over real
 backgrounds, cosine 1-NN to a healthy bank) with other machines and other clips (`--machine-seeds`, `--seed`)
-than the demo and the model card's evaluation use; three sets of four machines, because one set's AUC moves
+than the demo and the model card's evaluation use; six sets of four machines, because one set's AUC moves
 with how hard its machines happen to be (0.65-0.88 for the log-spectrogram baseline). Every checkpoint of the
 run is scored (AUC, pAUC and embedding spread, means over the sets); the one with the highest AUC is chosen,
 the earlier one on a tie.
 
-    python scripts/select_checkpoint.py RUN_DIR [--which student] [--csv RUN_DIR/validation.csv]
+    python scripts/select_checkpoint.py RUN_DIR [--which student] [--baselines] [--csv RUN_DIR/validation.csv]
 
 The table goes to stderr and the chosen step alone to stdout, so a recipe can pass it on:
 `python scripts/export_default.py RUN_DIR --step "$(python scripts/select_checkpoint.py RUN_DIR)"`.
@@ -27,11 +27,12 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from echo import demo  # noqa: E402
+from echo.model import EchoModel  # noqa: E402
 from echo.pretrain import checkpoints  # noqa: E402
 from echo.pretrain.trainer import checkpoint_encoder  # noqa: E402
 
 # The demo's machines are random_machine(90 000 + i) (demo.MACHINE_SEED), the corpus's random_machine(0 ..).
-VALIDATION_MACHINE_SEEDS = (95_000, 96_000, 97_000)
+VALIDATION_MACHINE_SEEDS = (95_000, 96_000, 97_000, 98_000, 99_000, 100_000)
 VALIDATION_SEED = 1  # the demo and the model card's evaluation use clip seed 0
 COLUMNS = ("step", "validation AUC", "validation pAUC", "embedding spread")
 
@@ -53,6 +54,25 @@ def validate(run: Path, which: str | None, tasks: list[demo.DemoTask]) -> list[d
             _, _, summary = demo.score(task, embeddings)
             scores.append((summary["AUC (demo)"], summary["pAUC (demo)"], demo.embedding_spread(task, embeddings)))
         rows.append({"step": saved["step"], **dict(zip(COLUMNS[1:], map(float, np.mean(scores, axis=0))))})
+    return rows
+
+
+def baselines(run: Path, which: str | None, tasks: list[demo.DemoTask]) -> list[dict]:
+    """Rows of the same architecture with random weights and of the log-spectrogram baseline, for scale."""
+    from evaluate_default import log_spectrogram_features
+
+    saved = torch.load(checkpoints.checkpoint_paths(run / "checkpoints")[0], map_location="cpu", weights_only=True)
+    torch.manual_seed(0)
+    random = EchoModel(checkpoint_encoder(saved, which).config).eval()
+    rows = []
+    for name, embed in (("random weights", lambda signals, rates: demo.encode(random, signals, rates)),
+                        ("log-spectrogram", log_spectrogram_features)):
+        scores = []
+        for task in tasks:
+            embeddings = embed(task.signals, task.rates)
+            _, _, summary = demo.score(task, embeddings)
+            scores.append((summary["AUC (demo)"], summary["pAUC (demo)"], demo.embedding_spread(task, embeddings)))
+        rows.append({"step": name, **dict(zip(COLUMNS[1:], map(float, np.mean(scores, axis=0))))})
     return rows
 
 
@@ -80,6 +100,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=VALIDATION_SEED, help="seed of the validation clips")
     parser.add_argument("--bank", type=int, default=demo.BANK_CLIPS, help="healthy bank clips per machine")
     parser.add_argument("--tests", type=int, default=demo.TEST_CLIPS, help="test clips per machine and class")
+    parser.add_argument("--baselines", action="store_true",
+                        help="also print random weights and the log-spectrogram baseline on the same tasks")
     parser.add_argument("--csv", type=Path, default=None, help="also write the table here (default RUN/validation.csv)")
     args = parser.parse_args(argv)
 
@@ -91,7 +113,7 @@ def main(argv=None) -> int:
     for column in COLUMNS:
         print(column.ljust(18), end="", file=sys.stderr)
     print(file=sys.stderr)
-    for row in rows:
+    for row in rows + (baselines(args.run, args.which, tasks) if args.baselines else []):
         cells = [str(row["step"])] + [f"{row[c]:.4f}" for c in COLUMNS[1:]]
         print("".join(cell.ljust(18) for cell in cells) + ("<- chosen" if row is best else ""), file=sys.stderr)
     write_csv(rows, args.csv or args.run / "validation.csv")

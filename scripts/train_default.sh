@@ -5,7 +5,7 @@
 #
 #     bash scripts/train_default.sh [RUN_DIR]      (default runs/default; an existing run resumes)
 #
-# On one CPU core the pretraining takes about 20-30 minutes; set DEVICE=cuda to use a GPU.
+# On one CPU core the pretraining takes about 60-90 minutes; set DEVICE=cuda to use a GPU.
 # The corpus (~220 MB) is built from Debian packages fetched with apt-get download (nothing is installed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,10 +16,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 PYTHON=${PYTHON:-python}
 
 "$PYTHON" scripts/build_corpus.py --out corpus --synthetic 500 --seed 0
-"$PYTHON" -m echo pretrain --data corpus/pretrain --out "$RUN_DIR" --size tiny --steps 450 \
+"$PYTHON" -m echo pretrain --data corpus/pretrain --out "$RUN_DIR" --size tiny --steps 1500 \
     --tokens-per-batch 4096 --crop-seconds 4 --lr 2e-4 --warmup 25 --ema-start 0.999 --ema-end 0.9999 \
-    --export student --precision bf16 --workers 1 --seed 0 --save-every 25 --keep 2 --log-every 10 \
-    ${DEVICE:+--device "$DEVICE"}
+    --utterance-target layer-mean --export student --precision bf16 --workers 1 --seed 0 \
+    --save-every 100 --keep 15 --log-every 20 ${DEVICE:+--device "$DEVICE"}
 # The checkpoint is chosen on a validation task (other machines and clips than the demo's), never on the
 # held-out clips the model card reports.
 STEP=$("$PYTHON" scripts/select_checkpoint.py "$RUN_DIR")

@@ -117,8 +117,10 @@ def test_select_checkpoint_scores_every_checkpoint_and_prints_the_best(stopped_r
 
     select = import_script("select_checkpoint")
     table = tmp_path / "validation.csv"
-    assert select.main([str(stopped_run), "--bank", "3", "--tests", "2", "--csv", str(table)]) == 0
-    chosen_step = int(capsys.readouterr().out.strip())
+    assert select.main([str(stopped_run), "--bank", "3", "--tests", "2", "--csv", str(table), "--baselines"]) == 0
+    printed = capsys.readouterr()
+    chosen_step = int(printed.out.strip())
+    assert "random weights" in printed.err and "log-spectrogram" in printed.err
     with open(table, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [int(row["step"]) for row in rows] == [2, 4]

@@ -139,6 +139,18 @@ def test_bank_is_per_split_machine_section_and_cosine():
     assert scores[5] == pytest.approx(0.0, abs=1e-12)  # eval bank [5, 5] is parallel to [1, 1]
 
 
+def test_close_embeddings_are_scored_to_float64_precision():
+    """float32 embeddings 0.5 % apart: 1 - cos is ~1e-5, which float32 arithmetic holds to 2-3 digits."""
+    rng = np.random.default_rng()
+    centre = rng.standard_normal(3000)
+    e = (centre + 0.005 * rng.standard_normal((12, 3000)) * np.linalg.norm(centre) / np.sqrt(3000)).astype(np.float32)
+    clips = [Clip(Path(f"{i}"), "dev", "fan", "00", None, "train" if i < 8 else "test", 0) for i in range(12)]
+    scores = anomaly.score_clips(clips, e)
+    unit = e.astype(np.float64) / np.linalg.norm(e.astype(np.float64), axis=1, keepdims=True)
+    expected = (1 - unit[8:] @ unit[:8].T).min(1)
+    assert np.abs(scores[8:] - expected).max() / expected.max() < 1e-9
+
+
 def test_test_clips_without_a_bank_are_an_error():
     clips = [Clip(Path("a"), "dev", "fan", "00", None, "train", 0), Clip(Path("b"), "dev", "fan", "01", None, "test", 0)]
     with pytest.raises(ValueError, match="dev fan section 01: 1 test clips but no training clip"):

@@ -66,7 +66,10 @@ def score_clips(clips: list[Clip], embeddings, device=None, backend: str = "torc
             raise ValueError(f"{split} {machine} section {section}: {len(tests)} test clips but no training "
                              f"clip to build the memory bank from")
         if tests:
-            distances, _ = neighbors.nearest(embeddings[tests], embeddings[bank], 1, "cosine", device=device,
+            # In float64: 1 - cos of close clips (a model's embeddings of one machine differ by ~1 %) is ~1e-5,
+            # where float32 keeps 2-3 digits, and ties then break with the summation order (thread count).
+            distances, _ = neighbors.nearest(embeddings[tests].astype(np.float64),
+                                             embeddings[bank].astype(np.float64), 1, "cosine", device=device,
                                              backend=backend)
             scores[tests] = distances[:, 0]
     return scores
