@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import sys
 from pathlib import Path
@@ -27,9 +28,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from echo import demo  # noqa: E402
-from echo.model import EchoModel  # noqa: E402
+from echo.model import EchoConfig, EchoModel  # noqa: E402
 from echo.pretrain import checkpoints  # noqa: E402
-from echo.pretrain.trainer import checkpoint_encoder  # noqa: E402
+from echo.pretrain.trainer import PretrainConfig, checkpoint_encoder  # noqa: E402
 
 # The demo's machines are random_machine(90 000 + i) (demo.MACHINE_SEED), the corpus's random_machine(0 ..).
 VALIDATION_MACHINE_SEEDS = (95_000, 96_000, 97_000, 98_000, 99_000, 100_000)
@@ -37,8 +38,23 @@ VALIDATION_SEED = 1  # the demo and the model card's evaluation use clip seed 0
 COLUMNS = ("step", "validation AUC", "validation pAUC", "embedding spread")
 
 
+def scored(embed, tasks: list[demo.DemoTask]) -> dict:
+    """Validation AUC, pAUC and embedding spread of one embedding function (signals, rates -> vectors), each
+    the mean over the tasks."""
+    scores = []
+    for task in tasks:
+        embeddings = embed(task.signals, task.rates)
+        _, _, summary = demo.score(task, embeddings)
+        scores.append((summary["AUC (demo)"], summary["pAUC (demo)"], demo.embedding_spread(task, embeddings)))
+    return dict(zip(COLUMNS[1:], map(float, np.mean(scores, axis=0))))
+
+
+def encoder(model):
+    return lambda signals, rates: demo.encode(model, signals, rates)
+
+
 def validate(run: Path, which: str | None, tasks: list[demo.DemoTask]) -> list[dict]:
-    """One row per readable checkpoint of the run, oldest first: means over the validation tasks."""
+    """One row per readable checkpoint of the run, oldest first."""
     rows = []
     for path in tqdm(checkpoints.checkpoint_paths(run / "checkpoints"), desc="checkpoints", unit="ckpt",
                      file=sys.stderr):
@@ -47,33 +63,18 @@ def validate(run: Path, which: str | None, tasks: list[demo.DemoTask]) -> list[d
         except Exception as error:  # a torn or foreign file fails in many ways inside the unpickler
             print(f"skipping unreadable checkpoint {path}: {error}", file=sys.stderr)
             continue
-        model = checkpoint_encoder(saved, which).eval()
-        scores = []
-        for task in tasks:
-            embeddings = demo.encode(model, task.signals, task.rates)
-            _, _, summary = demo.score(task, embeddings)
-            scores.append((summary["AUC (demo)"], summary["pAUC (demo)"], demo.embedding_spread(task, embeddings)))
-        rows.append({"step": saved["step"], **dict(zip(COLUMNS[1:], map(float, np.mean(scores, axis=0))))})
+        rows.append({"step": saved["step"], **scored(encoder(checkpoint_encoder(saved, which).eval()), tasks)})
     return rows
 
 
-def baselines(run: Path, which: str | None, tasks: list[demo.DemoTask]) -> list[dict]:
+def baselines(config: EchoConfig, tasks: list[demo.DemoTask]) -> list[dict]:
     """Rows of the same architecture with random weights and of the log-spectrogram baseline, for scale."""
     from evaluate_default import log_spectrogram_features
 
-    saved = torch.load(checkpoints.checkpoint_paths(run / "checkpoints")[0], map_location="cpu", weights_only=True)
     torch.manual_seed(0)
-    random = EchoModel(checkpoint_encoder(saved, which).config).eval()
-    rows = []
-    for name, embed in (("random weights", lambda signals, rates: demo.encode(random, signals, rates)),
-                        ("log-spectrogram", log_spectrogram_features)):
-        scores = []
-        for task in tasks:
-            embeddings = embed(task.signals, task.rates)
-            _, _, summary = demo.score(task, embeddings)
-            scores.append((summary["AUC (demo)"], summary["pAUC (demo)"], demo.embedding_spread(task, embeddings)))
-        rows.append({"step": name, **dict(zip(COLUMNS[1:], map(float, np.mean(scores, axis=0))))})
-    return rows
+    random = EchoModel(config).eval()
+    return [{"step": "random weights", **scored(encoder(random), tasks)},
+            {"step": "log-spectrogram", **scored(log_spectrogram_features, tasks)}]
 
 
 def chosen(rows: list[dict]) -> dict:
@@ -113,7 +114,8 @@ def main(argv=None) -> int:
     for column in COLUMNS:
         print(column.ljust(18), end="", file=sys.stderr)
     print(file=sys.stderr)
-    for row in rows + (baselines(args.run, args.which, tasks) if args.baselines else []):
+    config = PretrainConfig(**json.loads((args.run / "config.json").read_text())).model_config
+    for row in rows + (baselines(config, tasks) if args.baselines else []):
         cells = [str(row["step"])] + [f"{row[c]:.4f}" for c in COLUMNS[1:]]
         print("".join(cell.ljust(18) for cell in cells) + ("<- chosen" if row is best else ""), file=sys.stderr)
     write_csv(rows, args.csv or args.run / "validation.csv")
