@@ -4,9 +4,10 @@ Teacher: every token of every band sequence; targets = its per-layer outputs, ea
 time within its sequence, averaged over layers, layer-normalised without affine. Student: only the visible
 tokens (and CLS) of every masked clone. A light conv decoder, fed the student's outputs with a mask token in
 every masked place, predicts the targets at the masked positions (frame loss); the student's CLS predicts the
-mean of its sequence's targets (utterance loss; or, with utterance_target "layer-mean", the layer-normalised time
-mean of the teacher's layer outputs without instance normalisation, see UTTERANCE_TARGETS). Nothing is padded: encoders run through echo.packed, the
-decoder's convolutions see only their own sequence through a per-row mask of the taps.
+mean of its sequence's targets (utterance loss; or, with utterance_target "layer-mean", the layer-normalised
+time mean of the teacher's layer outputs without instance normalisation, see UTTERANCE_TARGETS). Nothing is
+padded: encoders run through echo.packed, the decoder's convolutions see only their own sequence through a
+per-row mask of the taps.
 """
 from __future__ import annotations
 
