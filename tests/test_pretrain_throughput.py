@@ -17,7 +17,8 @@ from echo.pretrain.sampling import SamplingConfig  # noqa: E402
 
 def test_padded_step_has_the_packed_loss_and_gradients():
     config = SamplingConfig(tokens_per_batch=500, clones=2)
-    batch = bench.make_batches(1, config, seed=int(torch.randint(0, 10_000, ())))[0]
+    # 1-3 s clips: several fit the budget, with different lengths (one 10 s clip could fill it alone, unpadded)
+    batch = bench.make_batches(1, config, seed=int(torch.randint(0, 10_000, ())), seconds=(1.0, 3.0))[0]
     assert bench.padded_tokens(batch) > bench.real_tokens(batch)  # unequal lengths: padding happens
     trainer = bench.make_trainer(EchoConfig.preset("tiny", dim=64, depth=2, heads=2), torch.device("cpu"), bf16=False)
     trainer.learner.student = random_model("tiny", dim=64, depth=2, heads=2)  # every parameter random
