@@ -69,10 +69,11 @@ __global__ void window_frames(const float* __restrict__ waves, const SignalRow* 
   const int64_t frame = blockIdx.x;
   const int signal = find_signal(rows, count, frame);
   const float* start = waves + rows[signal].wave_start + (frame - rows[signal].group_frame) * hop;
-  const float mean = static_cast<float>(sums[signal] / (wave_bounds[2 * signal + 1] - wave_bounds[2 * signal]));
+  // The mean in double, as on the CPU (csrc/frontend.cpp says why).
+  const double mean = sums[signal] / (wave_bounds[2 * signal + 1] - wave_bounds[2 * signal]);
   for (int64_t k = threadIdx.x; k < n_fft; k += blockDim.x) {
     const float window = 0.5f - 0.5f * cospif(2.f * static_cast<float>(k) / static_cast<float>(n_fft));
-    framed[frame * n_fft + k] = (start[k] - mean) * window;
+    framed[frame * n_fft + k] = static_cast<float>(start[k] - mean) * window;
   }
 }
 
