@@ -66,18 +66,20 @@ def test_large_dc_offsets_no_worse_than_the_torch_path():
 
 @requires_cpu_op
 def test_dc_is_removed_in_double_so_bins_0_and_1_stay_exact():
-    """Bins 0 and 1 see the DC error of every sample of a frame at once: with a float32 mean (off by up to half
-    an ulp of the DC) they erred by 1e-5 to 1e-3 on long signals with a large DC; in double, by ~1e-6."""
-    waves, offsets, plan = random_batch(RATE_FAMILIES, max_seconds=20, dc=3.0)
-    truth = stft_ops.ragged_spectrogram_reference(waves.double(), offsets, plan)
-    out = stft_ops.ragged_spectrogram_csrc(waves, offsets, plan)
-    bounds = plan.spec_offsets.tolist()
-
-    def lowest_two_bins(image):
-        return torch.cat([image[bounds[i] : bounds[i + 1]].view(-1, frames)[:2].reshape(-1)
-                          for i, frames in enumerate(plan.frames)])
-
-    assert rel_err(lowest_two_bins(out), lowest_two_bins(truth)) < 1e-5
+    """Bins 0 and 1 see the DC error of every sample of a frame at once. With a float32 mean (off by up to half
+    an ulp of the DC) the median signal's bins 0-1 erred by 1e-5 on long signals with a large DC; in double, by
+    6e-7 (max 4e-6 in 100 draws). Float32 FFT rounding still makes a rare near-zero bin err more, so the median
+    over 14 signals is what is checked."""
+    errors = []
+    for _ in range(2):
+        waves, offsets, plan = random_batch(RATE_FAMILIES, max_seconds=20, dc=3.0)
+        truth = stft_ops.ragged_spectrogram_reference(waves.double(), offsets, plan)
+        out = stft_ops.ragged_spectrogram_csrc(waves, offsets, plan)
+        bounds = plan.spec_offsets.tolist()
+        for i, frames in enumerate(plan.frames):
+            errors.append(rel_err(out[bounds[i] : bounds[i + 1]].view(-1, frames)[:2],
+                                  truth[bounds[i] : bounds[i + 1]].view(-1, frames)[:2]))
+    assert sorted(errors)[len(errors) // 2] < 5e-6
 
 
 @requires_cpu_op
