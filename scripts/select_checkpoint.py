@@ -55,16 +55,10 @@ def encoder(model):
 
 def validate(run: Path, which: str | None, tasks: list[demo.DemoTask]) -> list[dict]:
     """One row per readable checkpoint of the run, oldest first."""
-    rows = []
-    for path in tqdm(checkpoints.checkpoint_paths(run / "checkpoints"), desc="checkpoints", unit="ckpt",
-                     file=sys.stderr):
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # a torn or foreign file fails in many ways inside the unpickler
-            print(f"skipping unreadable checkpoint {path}: {error}", file=sys.stderr)
-            continue
-        rows.append({"step": saved["step"], **scored(encoder(checkpoint_encoder(saved, which).eval()), tasks)})
-    return rows
+    folder = run / "checkpoints"
+    return [{"step": saved["step"], **scored(encoder(checkpoint_encoder(saved, which).eval()), tasks)}
+            for saved in tqdm(checkpoints.readable(folder), total=len(checkpoints.checkpoint_paths(folder)),
+                              desc="checkpoints", unit="ckpt", file=sys.stderr)]
 
 
 def baselines(config: EchoConfig, tasks: list[demo.DemoTask]) -> list[dict]:

@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -62,11 +63,22 @@ def save(folder: Path, step: int, state: dict, keep: int) -> Path:
     return final
 
 
-def load_latest(folder: Path) -> dict | None:
-    """The newest readable checkpoint (an unreadable one is reported and the one before it used), or None."""
-    for path in reversed(checkpoint_paths(folder)):
+def read(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def readable(folder: Path, newest_first: bool = False) -> Iterator[dict]:
+    """The checkpoints in `folder` that load; an unreadable one is reported and passed over."""
+    paths = checkpoint_paths(folder)
+    for path in reversed(paths) if newest_first else paths:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            state = read(path)
         except Exception as error:  # a torn or foreign file fails in many ways inside the unpickler
             log.warning("skipping unreadable checkpoint %s: %s", path, error)
-    return None
+            continue
+        yield state
+
+
+def load_latest(folder: Path) -> dict | None:
+    """The newest readable checkpoint (an unreadable one is reported and the one before it used), or None."""
+    return next(readable(folder, newest_first=True), None)

@@ -211,7 +211,7 @@ def run_encoder(run_dir, which: str | None = None, step: int | None = None) -> t
         if not path.is_file():
             steps = [int(checkpoints.NAME.match(p.name)[1]) for p in checkpoints.checkpoint_paths(folder)]
             raise ValueError(f"no checkpoint of step {step} in {folder} (it holds steps {steps or 'none'})")
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = checkpoints.read(path)
     return checkpoint_encoder(saved, which), saved
 
 
