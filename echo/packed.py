@@ -2,6 +2,7 @@
 runs per sequence through `cu_seqlens`. Used by echo.fast (inference) and echo.pretrain (training)."""
 from __future__ import annotations
 
+import os
 from copy import deepcopy
 from dataclasses import dataclass
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops import attention as attention_ops
+from .ops import linear as linear_ops
 from .ops import norm as norm_ops
 
 
@@ -42,27 +44,76 @@ class Packing:
         return int(self.cu_seqlens[-1])
 
 
+class _EagerProducts:
+    """A layer's four matrix products straight from its modules, in the dtype of their weights."""
+
+    def __init__(self, layer, backend: str | None):
+        self.layer, self.backend = layer, backend
+
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        attn = self.layer.self_attn
+        return F.linear(x.to(attn.in_proj_weight.dtype), attn.in_proj_weight, attn.in_proj_bias)
+
+    def out(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer.self_attn.out_proj(x)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        linear1 = self.layer.linear1
+        return norm_ops.fused_linear_gelu(x.to(linear1.weight.dtype), linear1.weight, linear1.bias, self.backend)
+
+    def mlp_out(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.layer.linear2(hidden)
+
+
+class _OneDNNProducts:
+    """The same products with weights packed once for oneDNN and GELU fused (CPU bf16 inference)."""
+
+    def __init__(self, layer):
+        attn = layer.self_attn
+        self.qkv = linear_ops.PackedLinear(attn.in_proj_weight, attn.in_proj_bias)
+        self.out = linear_ops.PackedLinear(attn.out_proj.weight, attn.out_proj.bias)
+        self.mlp_out = linear_ops.PackedLinear(layer.linear2.weight, layer.linear2.bias)
+        self._linear1 = linear_ops.PackedLinear(layer.linear1.weight, layer.linear1.bias)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear1(x, gelu=True)
+
+
+def _products(layer, backend: str | None):
+    """oneDNN's packed products where low_precision_copy prepared them, unless a backend is forced for the
+    layer's ops (the reference, or Triton's fused GELU)."""
+    packed_products = getattr(layer, "onednn_products", None)
+    forced = backend or os.environ.get("ECHO_BACKEND_NORM") or os.environ.get("ECHO_BACKEND")
+    if packed_products is not None and forced in (None, "torch", "csrc"):
+        return packed_products
+    return _EagerProducts(layer, backend)
+
+
 def layer_forward(layer, x: torch.Tensor, packing: Packing, backend: str | None = None) -> torch.Tensor:
     """One post-norm ECHO layer on a packed (total, D) buffer. The matrix products run in the dtype of the
     layer's linear weights (see low_precision_copy); the residual stream and the norms stay in x's dtype."""
-    attn = layer.self_attn
-    qkv = F.linear(x.to(attn.in_proj_weight.dtype), attn.in_proj_weight, attn.in_proj_bias)
-    mixed = attn.out_proj(attention_ops.packed_attention(qkv, packing, attn.heads, backend))
+    products = _products(layer, backend)
+    qkv = products.qkv(x)
+    mixed = products.out(attention_ops.packed_attention(qkv, packing, layer.self_attn.heads, backend))
     norm1, norm2 = layer.norm1, layer.norm2
     x = norm_ops.fused_residual_layer_norm(x, mixed, norm1.weight, norm1.bias, norm1.eps, backend)
-    linear1 = layer.linear1
-    hidden = norm_ops.fused_linear_gelu(x.to(linear1.weight.dtype), linear1.weight, linear1.bias, backend)
-    return norm_ops.fused_residual_layer_norm(x, layer.linear2(hidden), norm2.weight, norm2.bias, norm2.eps, backend)
+    hidden = products.hidden(x)
+    return norm_ops.fused_residual_layer_norm(x, products.mlp_out(hidden), norm2.weight, norm2.bias, norm2.eps, backend)
 
 
 def low_precision_copy(model, dtype: torch.dtype):
     """A copy of the model whose attention and MLP matrices are in `dtype` (bf16: ~4x faster matrix products
     on AVX-512-bf16 CPUs and tensor cores); patch projection, embeddings and norms stay float32, so does the
-    residual stream. Measured faster than autocast on CPU, which re-casts activations at every product."""
+    residual stream. Measured faster than autocast on CPU, which re-casts activations at every product.
+    For inference in bf16 on a CPU whose torch has oneDNN, each layer also gets its products packed for
+    oneDNN (echo.ops.linear): no autograd through those."""
     copy = deepcopy(model)
     for layer in copy.encoder.layers:
         for module in (layer.self_attn, layer.linear1, layer.linear2):
             module.to(dtype)
+    if dtype == torch.bfloat16 and copy.device.type == "cpu" and linear_ops.available():
+        for layer in copy.encoder.layers:
+            layer.onednn_products = _OneDNNProducts(layer)
     return copy
 
 

@@ -1,0 +1,52 @@
+"""The oneDNN-packed bf16 products (echo.ops.linear) and their use by the packed encoder, against float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import echo.fast as fast
+from echo import packed
+from echo.ops import linear as linear_ops
+
+from conftest import random_model, rel_err
+
+requires_onednn = pytest.mark.skipif(not linear_ops.available(), reason="no oneDNN bf16 linear ops on this CPU/torch")
+
+
+@requires_onednn
+@pytest.mark.parametrize("rows", [1, 37, 4096, 5001])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_packed_linear_matches_float64(rows, gelu):
+    inputs, outputs = 384, int(torch.randint(100, 1600, ()))
+    x, weight, bias = torch.randn(rows, inputs), torch.randn(outputs, inputs) * inputs**-0.5, torch.randn(outputs)
+    out = linear_ops.PackedLinear(weight, bias)(x, gelu=gelu)
+    # the reference sees the same bf16-rounded operands; what remains is the product's own rounding
+    truth = F.linear(*(t.bfloat16().double() for t in (x, weight, bias)))
+    truth = F.gelu(truth) if gelu else truth
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, outputs)
+    assert rel_err(out, truth) < 1e-2
+    eager = F.linear(x.bfloat16(), weight.bfloat16(), bias.bfloat16())
+    eager = F.gelu(eager) if gelu else eager
+    assert rel_err(out, truth) <= 1.5 * rel_err(eager, truth) + 1e-4  # no worse than torch's own bf16 path
+
+
+@requires_onednn
+def test_bf16_copy_packs_every_layer_and_the_reference_backend_bypasses_it():
+    model = random_model("tiny")
+    copy = packed.low_precision_copy(model, torch.bfloat16)
+    assert all(isinstance(packed._products(layer, None), packed._OneDNNProducts) for layer in copy.encoder.layers)
+    assert isinstance(packed._products(copy.encoder.layers[0], "reference"), packed._EagerProducts)
+    assert not hasattr(model.encoder.layers[0], "onednn_products")  # the original model is untouched
+    assert not hasattr(packed.low_precision_copy(model, torch.float16).encoder.layers[0], "onednn_products")
+
+
+@requires_onednn
+def test_packed_and_eager_bf16_encodes_agree_with_float32():
+    model = random_model("tiny")
+    rates = [8000, 16000, 44100, 50000]
+    signals = [torch.randn(int(rate * (0.3 + 2 * torch.rand(()).item()))) for rate in rates]
+    truth = fast.encode(model, signals, rates, frames=True)
+    with_onednn = fast.encode(model, signals, rates, frames=True, dtype=torch.bfloat16)
+    eager = fast.encode(model, signals, rates, frames=True, dtype=torch.bfloat16, backend="reference")
+    for (u, f), (eu, ef), (tu, tf) in zip(with_onednn, eager, truth):
+        assert rel_err(u, tu) < 2e-2 and rel_err(f, tf) < 2e-2
+        assert rel_err(u, tu) <= 1.5 * rel_err(eu, tu) + 1e-3
