@@ -10,6 +10,7 @@ import torch
 
 from . import extension
 from .ops import backend as backends
+from .ops import linear as linear_ops
 
 # ops whose dispatch exposes available_backends(device): op name (as in ECHO_BACKEND_<OP>) -> module
 OPS = {"stft": "echo.ops.stft", "tokens": "echo.ops.tokens", "attention": "echo.ops.attention", "norm": "echo.ops.norm"}
@@ -38,7 +39,8 @@ def skipped_reasons(op: str, device: torch.device, available: tuple[str, ...], c
     if compiled is None:
         reasons.append("no compiled op")
     elif "csrc" not in available:
-        reasons.append(f"csrc: {extension.why_unavailable(compiled, device)}")
+        why_not = extension.why_unavailable(compiled, device)
+        reasons.append(f"csrc: {why_not}" if why_not else f"csrc: {compiled} runs in bf16 inference (echo.packed)")
     return reasons
 
 
@@ -72,6 +74,7 @@ def report() -> str:
             for name in extension.OPS
         ]
         lines.append(f"compiled extension echo._C: loaded; ops: {', '.join(ops)}")
+    lines.append(f"bf16 inference on the CPU: oneDNN packed products {'yes' if linear_ops.available() else 'no'}")
     lines.append("")
     rows = [(op, device.type, *describe(op, device)) for op in OPS for device in DEVICES]
     widths = [max(len(row[i]) for row in rows + [("op", "device", "backend")]) for i in range(3)]

@@ -44,8 +44,8 @@ class Packing:
         return int(self.cu_seqlens[-1])
 
 
-class _EagerProducts:
-    """A layer's four matrix products straight from its modules, in the dtype of their weights."""
+class _EagerOps:
+    """A layer's matrix products straight from its modules, in the dtype of their weights, and its norms."""
 
     def __init__(self, layer, backend: str | None):
         self.layer, self.backend = layer, backend
@@ -64,9 +64,13 @@ class _EagerProducts:
     def mlp_out(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.layer.linear2(hidden)
 
+    def norm(self, x: torch.Tensor, residual: torch.Tensor, norm) -> tuple[torch.Tensor, None]:
+        return norm_ops.fused_residual_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, self.backend), None
 
-class _OneDNNProducts:
-    """The same products with weights packed once for oneDNN and GELU fused (CPU bf16 inference)."""
+
+class _CPUBf16InferenceOps:
+    """The same for bf16 inference on a CPU: products with weights packed once for oneDNN and GELU fused
+    (echo.ops.linear); each norm also hands the next product its bf16 input (echo.ops.norm)."""
 
     def __init__(self, layer):
         attn = layer.self_attn
@@ -78,51 +82,58 @@ class _OneDNNProducts:
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         return self._linear1(x, gelu=True)
 
+    @staticmethod
+    def norm(x: torch.Tensor, residual: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        return norm_ops.residual_layer_norm_bf16_copy(x, residual, norm.weight, norm.bias, norm.eps)
 
-def _products(layer, backend: str | None):
-    """oneDNN's packed products where low_precision_copy prepared them, unless a backend is forced for the
-    layer's ops (the reference, or Triton's fused GELU)."""
-    packed_products = getattr(layer, "onednn_products", None)
+
+def _layer_ops(layer, backend: str | None):
+    """The CPU bf16 inference ops where low_precision_copy prepared them, unless a backend is forced for the
+    layer's ops (the reference, or Triton's fused kernels)."""
+    prepared = getattr(layer, "cpu_bf16_inference_ops", None)
     forced = backend or os.environ.get("ECHO_BACKEND_NORM") or os.environ.get("ECHO_BACKEND")
-    if packed_products is not None and forced in (None, "torch", "csrc"):
-        return packed_products
-    return _EagerProducts(layer, backend)
+    if prepared is not None and forced in (None, "torch", "csrc"):
+        return prepared
+    return _EagerOps(layer, backend)
 
 
-def layer_forward(layer, x: torch.Tensor, packing: Packing, backend: str | None = None) -> torch.Tensor:
+def layer_forward(
+    layer, x: torch.Tensor, packing: Packing, backend: str | None = None, x_low: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One post-norm ECHO layer on a packed (total, D) buffer. The matrix products run in the dtype of the
-    layer's linear weights (see low_precision_copy); the residual stream and the norms stay in x's dtype."""
-    products = _products(layer, backend)
-    qkv = products.qkv(x)
-    mixed = products.out(attention_ops.packed_attention(qkv, packing, layer.self_attn.heads, backend))
-    norm1, norm2 = layer.norm1, layer.norm2
-    x = norm_ops.fused_residual_layer_norm(x, mixed, norm1.weight, norm1.bias, norm1.eps, backend)
-    hidden = products.hidden(x)
-    return norm_ops.fused_residual_layer_norm(x, products.mlp_out(hidden), norm2.weight, norm2.bias, norm2.eps, backend)
+    layer's linear weights (see low_precision_copy); the residual stream and the norms stay in x's dtype.
+    `x_low` is x already cast for the first product, when the previous layer made it; returns the layer's
+    output and, on the CPU bf16 inference path, its bf16 copy (else None)."""
+    ops = _layer_ops(layer, backend)
+    qkv = ops.qkv(x if x_low is None else x_low)
+    mixed = ops.out(attention_ops.packed_attention(qkv, packing, layer.self_attn.heads, backend))
+    x, x_low = ops.norm(x, mixed, layer.norm1)
+    hidden = ops.hidden(x if x_low is None else x_low)
+    return ops.norm(x, ops.mlp_out(hidden), layer.norm2)
 
 
 def low_precision_copy(model, dtype: torch.dtype):
     """A copy of the model whose attention and MLP matrices are in `dtype` (bf16: ~4x faster matrix products
     on AVX-512-bf16 CPUs and tensor cores); patch projection, embeddings and norms stay float32, so does the
     residual stream. Measured faster than autocast on CPU, which re-casts activations at every product.
-    For inference in bf16 on a CPU whose torch has oneDNN, each layer also gets its products packed for
-    oneDNN (echo.ops.linear): no autograd through those."""
+    For inference in bf16 on a CPU whose torch has oneDNN, each layer also gets _CPUBf16InferenceOps: no
+    autograd through those."""
     copy = deepcopy(model)
     for layer in copy.encoder.layers:
         for module in (layer.self_attn, layer.linear1, layer.linear2):
             module.to(dtype)
     if dtype == torch.bfloat16 and copy.device.type == "cpu" and linear_ops.available():
         for layer in copy.encoder.layers:
-            layer.onednn_products = _OneDNNProducts(layer)
+            layer.cpu_bf16_inference_ops = _CPUBf16InferenceOps(layer)
     return copy
 
 
 def forward(model, x: torch.Tensor, packing: Packing, backend: str | None = None, return_layers: bool = False):
     """All layers and the final norm on packed tokens; with return_layers also each layer's output
     (before the final norm), as pretraining targets need."""
-    layers = []
+    layers, x_low = [], None
     for layer in model.encoder.layers:
-        x = layer_forward(layer, x, packing, backend)
+        x, x_low = layer_forward(layer, x, packing, backend, x_low)
         if return_layers:
             layers.append(x)
     out = model.norm(x)

@@ -111,3 +111,32 @@ def test_ragged_spectrogram_cuda_matches_reference():
     out = stft_ops.ragged_spectrogram_csrc(waves.cuda(), offsets, plan)
     assert out.is_cuda
     check_against_reference(out, waves, offsets, plan)
+
+
+requires_norm_op = pytest.mark.skipif(
+    extension.why_unavailable("residual_layer_norm", "cpu") is not None,
+    reason=f"compiled norm unavailable: {extension.why_unavailable('residual_layer_norm', 'cpu')}",
+)
+
+
+@requires_norm_op
+@pytest.mark.parametrize("residual_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,dim", [(1, 192), (37, 384), (4099, 384), (65, 100)])
+def test_residual_layer_norm_matches_float64_and_its_bf16_copy_is_the_cast(residual_dtype, tokens, dim):
+    x = torch.randn(tokens, dim) * 3 + torch.randn(dim)
+    residual = torch.randn(tokens, dim).to(residual_dtype)
+    weight, bias = torch.randn(dim), torch.randn(dim)
+    out, low = torch.ops.echo.residual_layer_norm(x, residual, weight, bias, 1e-5)
+    truth = torch.nn.functional.layer_norm(x.double() + residual.double(), (dim,), weight.double(), bias.double(), 1e-5)
+    assert out.dtype == torch.float32 and low.dtype == torch.bfloat16
+    assert rel_err(out, truth) < 1e-6
+    assert torch.equal(low, out.to(torch.bfloat16))  # round to nearest even, as torch casts
+
+
+@requires_norm_op
+def test_residual_layer_norm_rejects_bad_inputs():
+    x = torch.randn(8, 16)
+    with pytest.raises(RuntimeError, match="residual must be"):
+        torch.ops.echo.residual_layer_norm(x, torch.randn(8, 15), torch.ones(16), torch.zeros(16), 1e-5)
+    with pytest.raises(RuntimeError, match="x must be"):
+        torch.ops.echo.residual_layer_norm(x.double(), x, torch.ones(16), torch.zeros(16), 1e-5)

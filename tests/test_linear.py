@@ -1,4 +1,4 @@
-"""The oneDNN-packed bf16 products (echo.ops.linear) and their use by the packed encoder, against float64."""
+"""The oneDNN-packed bf16 products (echo.ops.linear) and the packed encoder's CPU bf16 inference path."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,23 +30,23 @@ def test_packed_linear_matches_float64(rows, gelu):
 
 
 @requires_onednn
-def test_bf16_copy_packs_every_layer_and_the_reference_backend_bypasses_it():
+def test_bf16_copy_prepares_every_layer_and_the_reference_backend_bypasses_it():
     model = random_model("tiny")
     copy = packed.low_precision_copy(model, torch.bfloat16)
-    assert all(isinstance(packed._products(layer, None), packed._OneDNNProducts) for layer in copy.encoder.layers)
-    assert isinstance(packed._products(copy.encoder.layers[0], "reference"), packed._EagerProducts)
-    assert not hasattr(model.encoder.layers[0], "onednn_products")  # the original model is untouched
-    assert not hasattr(packed.low_precision_copy(model, torch.float16).encoder.layers[0], "onednn_products")
+    assert all(isinstance(packed._layer_ops(layer, None), packed._CPUBf16InferenceOps) for layer in copy.encoder.layers)
+    assert isinstance(packed._layer_ops(copy.encoder.layers[0], "reference"), packed._EagerOps)
+    assert not hasattr(model.encoder.layers[0], "cpu_bf16_inference_ops")  # the original model is untouched
+    assert not hasattr(packed.low_precision_copy(model, torch.float16).encoder.layers[0], "cpu_bf16_inference_ops")
 
 
 @requires_onednn
-def test_packed_and_eager_bf16_encodes_agree_with_float32():
+def test_cpu_bf16_inference_path_as_close_to_float32_as_the_eager_bf16_path():
     model = random_model("tiny")
     rates = [8000, 16000, 44100, 50000]
     signals = [torch.randn(int(rate * (0.3 + 2 * torch.rand(()).item()))) for rate in rates]
     truth = fast.encode(model, signals, rates, frames=True)
-    with_onednn = fast.encode(model, signals, rates, frames=True, dtype=torch.bfloat16)
+    prepared = fast.encode(model, signals, rates, frames=True, dtype=torch.bfloat16)
     eager = fast.encode(model, signals, rates, frames=True, dtype=torch.bfloat16, backend="reference")
-    for (u, f), (eu, ef), (tu, tf) in zip(with_onednn, eager, truth):
+    for (u, f), (eu, ef), (tu, tf) in zip(prepared, eager, truth):
         assert rel_err(u, tu) < 2e-2 and rel_err(f, tf) < 2e-2
         assert rel_err(u, tu) <= 1.5 * rel_err(eu, tu) + 1e-3
