@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -24,7 +25,10 @@ WORKLOADS = {
     "W2": "128 segments of 0.5-2.5 s at 12/16/48/50 kHz",
     "W3": "4 signals of 60 s at 48 kHz",
 }
-PATHS = ("reference", "fast-fp32", "fast-bf16")
+PATHS = ("reference", "fast-fp32", "fast-bf16", "fast-bf16-eager")
+# fast-bf16-eager: the bf16 path with the layer's eager torch ops (ECHO_BACKEND_NORM=torch), i.e. without
+# the CPU bf16 inference ops (oneDNN packed products with GELU fused, compiled norm + cast): their A/B.
+PATH_ENV = {"fast-bf16-eager": {"ECHO_BACKEND_NORM": "torch"}}
 
 
 def workload(name: str) -> tuple[list[torch.Tensor], list[int]]:
@@ -80,7 +84,7 @@ def run_one(name: str, path: str, size: str, device: str, repeat: int, backend: 
     if path == "reference":
         call = lambda: [model.encode(s, r) for s, r in zip(signals, rates)]  # noqa: E731
     else:
-        dtype = torch.bfloat16 if path == "fast-bf16" else torch.float32
+        dtype = torch.bfloat16 if path.startswith("fast-bf16") else torch.float32
         call = lambda: echo.fast.encode(model, signals, rates, dtype=dtype, frames=True, backend=backend)  # noqa: E731
     call()  # warm-up
     times = []
@@ -132,11 +136,12 @@ def main() -> int:
             command = [sys.executable, __file__, "--one", name, path, "--size", args.size,
                        "--device", args.device, "--repeat", str(args.repeat)]
             command += ["--backend", args.backend] if args.backend else []
-            result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+            env = {**os.environ, **PATH_ENV.get(path, {})}
+            result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout)
             if path == "reference":
                 reference_time = result["seconds"]
             speedup = f"{reference_time / result['seconds']:.2f}" if reference_time else "-"
-            peak = peaks[torch.bfloat16 if path == "fast-bf16" else torch.float32]
+            peak = peaks[torch.bfloat16 if path.startswith("fast-bf16") else torch.float32]
             achieved = result["flops"] / result["seconds"]
             ceiling = f"{reference_time * peak / result['flops']:.2f}" if reference_time else "-"
             print(f"| {name} | {path} | {result['audio_seconds'] / result['seconds']:.1f} | {achieved / 1e9:.1f} | "

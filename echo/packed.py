@@ -89,10 +89,11 @@ class _CPUBf16InferenceOps:
 
 def _layer_ops(layer, backend: str | None):
     """The CPU bf16 inference ops where low_precision_copy prepared them, unless a backend is forced for the
-    layer's ops (the reference, or Triton's fused kernels)."""
+    layer's glue (`backend`, ECHO_BACKEND_NORM or ECHO_BACKEND: torch, triton or reference), which runs the
+    eager ops with it."""
     prepared = getattr(layer, "cpu_bf16_inference_ops", None)
     forced = backend or os.environ.get("ECHO_BACKEND_NORM") or os.environ.get("ECHO_BACKEND")
-    if prepared is not None and forced in (None, "torch", "csrc"):
+    if prepared is not None and forced in (None, "csrc"):
         return prepared
     return _EagerOps(layer, backend)
 

@@ -30,23 +30,26 @@ def test_packed_linear_matches_float64(rows, gelu):
 
 
 @requires_onednn
-def test_bf16_copy_prepares_every_layer_and_the_reference_backend_bypasses_it():
+def test_bf16_copy_prepares_every_layer_and_a_forced_backend_bypasses_it(monkeypatch):
     model = random_model("tiny")
     copy = packed.low_precision_copy(model, torch.bfloat16)
     assert all(isinstance(packed._layer_ops(layer, None), packed._CPUBf16InferenceOps) for layer in copy.encoder.layers)
     assert isinstance(packed._layer_ops(copy.encoder.layers[0], "reference"), packed._EagerOps)
+    monkeypatch.setenv("ECHO_BACKEND_NORM", "torch")
+    assert isinstance(packed._layer_ops(copy.encoder.layers[0], None), packed._EagerOps)
     assert not hasattr(model.encoder.layers[0], "cpu_bf16_inference_ops")  # the original model is untouched
     assert not hasattr(packed.low_precision_copy(model, torch.float16).encoder.layers[0], "cpu_bf16_inference_ops")
 
 
 @requires_onednn
-def test_cpu_bf16_inference_path_as_close_to_float32_as_the_eager_bf16_path():
+def test_cpu_bf16_inference_path_as_close_to_float32_as_the_eager_bf16_path(monkeypatch):
     model = random_model("tiny")
     rates = [8000, 16000, 44100, 50000]
     signals = [torch.randn(int(rate * (0.3 + 2 * torch.rand(()).item()))) for rate in rates]
     truth = fast.encode(model, signals, rates, frames=True)
     prepared = fast.encode(model, signals, rates, frames=True, dtype=torch.bfloat16)
-    eager = fast.encode(model, signals, rates, frames=True, dtype=torch.bfloat16, backend="reference")
+    monkeypatch.setenv("ECHO_BACKEND_NORM", "torch")  # the eager ops, as bench/encode_throughput.py's A/B
+    eager = fast.encode(model, signals, rates, frames=True, dtype=torch.bfloat16)
     for (u, f), (eu, ef), (tu, tf) in zip(prepared, eager, truth):
         assert rel_err(u, tu) < 2e-2 and rel_err(f, tf) < 2e-2
         assert rel_err(u, tu) <= 1.5 * rel_err(eu, tu) + 1e-3
