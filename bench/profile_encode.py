@@ -17,7 +17,7 @@ from encode_throughput import WORKLOADS, workload
 
 CATEGORIES = {
     "matrix products": ("addmm", "aten::mm", "bmm", "matmul", "linear", "baddbmm"),
-    "attention": ("scaled_dot_product", "flash_attention", "_efficient_attention"),
+    "attention": ("scaled_dot_product", "flash_attention", "_efficient_attention", "short_attention"),
     "norms": ("layer_norm",),
     "GELU": ("gelu",),
     "front end": ("fft", "stft", "aten::abs", "aten::log", "ragged_spectrogram"),

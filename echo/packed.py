@@ -43,6 +43,13 @@ class Packing:
     def total_tokens(self) -> int:
         return int(self.cu_seqlens[-1])
 
+    def leading_up_to(self, tokens: int) -> tuple[int, int]:
+        """(sequences, rows): how many sequences at the start have at most `tokens` tokens each, and their rows."""
+        cu_seqlens = self.cu_seqlens.cpu()
+        too_long = (cu_seqlens.diff() > tokens).nonzero()
+        sequences = int(too_long[0]) if len(too_long) else len(cu_seqlens) - 1
+        return sequences, int(cu_seqlens[sequences])
+
 
 class _EagerOps:
     """A layer's matrix products straight from its modules, in the dtype of their weights, and its norms."""

@@ -4,8 +4,11 @@ import pytest
 import torch
 
 from conftest import RATE_FAMILIES, assert_front_end_close, rel_err
+from test_attention import per_sequence_float64
 from echo import extension
+from echo.ops import attention as attention_ops
 from echo.ops import stft as stft_ops
+from echo.packed import Packing
 from echo.plan import make_plan
 
 requires_cpu_op = pytest.mark.skipif(
@@ -140,3 +143,58 @@ def test_residual_layer_norm_rejects_bad_inputs():
         torch.ops.echo.residual_layer_norm(x, torch.randn(8, 15), torch.ones(16), torch.zeros(16), 1e-5)
     with pytest.raises(RuntimeError, match="x must be"):
         torch.ops.echo.residual_layer_norm(x.double(), x, torch.ones(16), torch.zeros(16), 1e-5)
+
+
+requires_attention_op = pytest.mark.skipif(
+    extension.why_unavailable("short_attention", "cpu") is not None,
+    reason=f"compiled attention unavailable: {extension.why_unavailable('short_attention', 'cpu')}",
+)
+
+
+@requires_attention_op
+@pytest.mark.parametrize("heads", [3, 6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_short_attention_matches_float64(heads, dtype):
+    lengths = torch.randint(1, attention_ops.SHORT_TOKENS + 1, (int(torch.randint(1, 80, ())),))
+    packing = Packing.from_lengths(lengths)
+    qkv = (torch.randn(packing.total_tokens, 3 * 64 * heads) * 2).to(dtype)
+    truth = per_sequence_float64(qkv, packing.cu_seqlens, heads)  # of the same (bf16-rounded) inputs
+    out = torch.ops.echo.short_attention(qkv, packing.cu_seqlens, heads)
+    assert out.dtype == dtype and out.shape == truth.shape
+    if dtype == torch.float32:
+        assert rel_err(out, truth) < 1e-6
+    else:  # only the output's rounding to bf16 remains: no worse than SDPA's
+        sdpa = attention_ops.grouped_attention(qkv, packing.groups, heads)
+        assert rel_err(out, truth) <= 1.2 * rel_err(sdpa, truth) + 1e-4
+
+
+@requires_attention_op
+def test_short_attention_rejects_what_it_cannot_run():
+    qkv = torch.randn(40, 3 * 64)
+    with pytest.raises(RuntimeError, match="1 to 32 tokens"):
+        torch.ops.echo.short_attention(qkv, torch.tensor([0, 7, 40]), 1)
+    with pytest.raises(RuntimeError, match="qkv must be"):
+        torch.ops.echo.short_attention(torch.randn(40, 3 * 32), torch.tensor([0, 20, 40]), 1)
+    with pytest.raises(RuntimeError, match="cu_seqlens must run"):
+        torch.ops.echo.short_attention(qkv, torch.tensor([0, 20, 39]), 1)
+
+
+@requires_attention_op
+@pytest.mark.parametrize("sort", [True, False])
+def test_packed_attention_short_then_grouped_equals_float64(sort):
+    """Lengths from 1 to 126 (ECHO's range), sorted as a plan orders them (short ones lead) or not (then the
+    leading short run goes to the kernel and everything else to SDPA); the compiled backend is the default."""
+    lengths = torch.randint(1, 127, (int(torch.randint(5, 60, ())),))
+    packing = Packing.from_lengths(lengths.sort().values if sort else lengths)
+    qkv = torch.randn(packing.total_tokens, 3 * 64 * 2)
+    assert attention_ops.available_backends(torch.device("cpu"))[0] == "csrc"
+    out = attention_ops.packed_attention(qkv, packing, 2)
+    assert rel_err(out, per_sequence_float64(qkv, packing.cu_seqlens, 2)) < 1e-6
+
+
+@requires_attention_op
+def test_packed_attention_with_autograd_takes_the_differentiable_path():
+    packing = Packing.from_lengths(torch.tensor([3, 9, 30]))
+    qkv = torch.randn(packing.total_tokens, 3 * 64, requires_grad=True)
+    attention_ops.packed_attention(qkv, packing, 1).square().sum().backward()
+    assert qkv.grad is not None and torch.isfinite(qkv.grad).all() and qkv.grad.abs().sum() > 0

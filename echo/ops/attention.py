@@ -51,16 +51,49 @@ def grouped_attention(qkv: torch.Tensor, groups: dict[int, torch.Tensor], heads:
     return out
 
 
+# The compiled kernel (csrc/attention.cpp) takes sequences up to this many tokens with 64-dim heads; it beat
+# grouped SDPA 1.3-3.6x up to 24 tokens and tied at 32 (bench/RESULTS.md).
+SHORT_TOKENS = 32
+COMPILED_HEAD_DIM = 64
+
+
+def short_then_grouped_attention(qkv: torch.Tensor, packing, heads: int) -> torch.Tensor:
+    """Same contract as varlen_attention: the compiled kernel on the leading sequences of at most SHORT_TOKENS
+    tokens (a plan orders sequences by length, so all short ones lead), grouped SDPA on the rest."""
+    leading, rows = packing.leading_up_to(SHORT_TOKENS)
+    if rows == 0:
+        return grouped_attention(qkv, packing.groups, heads)
+    short = torch.ops.echo.short_attention(qkv[:rows], packing.cu_seqlens[: leading + 1].cpu(), heads)
+    if rows == qkv.shape[0]:
+        return short
+    rest = {length: group for length, group in packing.groups.items()
+            if not (isinstance(group, slice) and group.stop <= rows)}
+    out = grouped_attention(qkv, rest, heads)
+    out[:rows] = short
+    return out
+
+
 def available_backends(device: torch.device) -> tuple[str, ...]:
-    """Attention's backends, in order of preference (no compiled op: SDPA grouped by length is the torch path)."""
-    return ("triton", "torch", "reference")
+    """Attention's backends, in order of preference: the compiled kernel for short sequences where built
+    (inference only: it has no backward), then SDPA grouped by length (the torch path)."""
+    from .. import extension
+
+    fallbacks = ("triton", "torch", "reference")
+    return ("csrc", *fallbacks) if extension.has_op("short_attention", device) else fallbacks
 
 
 def packed_attention(qkv: torch.Tensor, packing, heads: int, backend: str | None = None) -> torch.Tensor:
     """Dispatch of varlen attention on a packed (total, 3D) buffer described by an echo.packed.Packing."""
     from . import backend as backends
 
-    chosen = backends.choose("attention", qkv.device, backend, available=available_backends(qkv.device))
+    available = available_backends(qkv.device)
+    head_dim = qkv.shape[1] // (3 * heads)
+    needs_grad = torch.is_grad_enabled() and qkv.requires_grad
+    if needs_grad or head_dim != COMPILED_HEAD_DIM or qkv.dtype not in (torch.float32, torch.bfloat16):
+        available = tuple(name for name in available if name != "csrc")
+    chosen = backends.choose("attention", qkv.device, backend, available=available)
+    if chosen == "csrc":
+        return short_then_grouped_attention(qkv, packing, heads)
     if chosen == "triton":
         from echo_kernels import attention as kernel
 
