@@ -1,0 +1,93 @@
+"""The CPU inference ops of a bf16 encode against the torch ops they replace, one ECHO-small layer's shapes
+(4096 packed tokens, D = 384, 6 heads of 64). Prints median milliseconds and the ratio torch / echo (> 1: the
+echo op is faster), after checking both against float64:
+
+- products: echo.ops.linear.PackedLinear (oneDNN, weight packed once, GELU fused) vs F.linear (+ F.gelu);
+- norm: torch.ops.echo.residual_layer_norm (add + LayerNorm + bf16 copy in one pass) vs add, layer_norm, cast;
+- attention: torch.ops.echo.short_attention vs SDPA grouped by length, sequences of L tokens filling 4096 rows.
+
+End to end, `python bench/encode_throughput.py` compares fast-bf16 with fast-bf16-eager (these ops off).
+Run: PYTHONPATH=. python bench/cpu_inference_ops.py [--repeats 15]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from csrc_frontend import median_seconds  # bench/csrc_frontend.py
+from echo import extension
+from echo.ops import attention as attention_ops
+from echo.ops import linear as linear_ops
+from echo.packed import Packing
+
+TOKENS, DIM, HEADS, HIDDEN = 4096, 384, 6, 1536
+
+
+def rel_err(out: torch.Tensor, truth: torch.Tensor) -> float:
+    return ((out.double() - truth).norm() / truth.norm()).item()
+
+
+def compare(label: str, echo_fn, torch_fn, truth: torch.Tensor, tolerance: float, repeats: int) -> bool:
+    errors = [rel_err(fn(), truth) for fn in (echo_fn, torch_fn)]
+    if errors[0] > max(tolerance, 1.5 * errors[1]):
+        print(f"{label}: echo op off the float64 result by {errors[0]:.2e} (torch {errors[1]:.2e})")
+        return False
+    echo_ms, torch_ms = (1e3 * median_seconds(fn, repeats, torch.device("cpu")) for fn in (echo_fn, torch_fn))
+    print(f"| {label} | {echo_ms:.2f} | {torch_ms:.2f} | {torch_ms / echo_ms:.2f} | {errors[0]:.1e} | {errors[1]:.1e} |")
+    return True
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    missing = [f"{op}: {why}" for op in ("residual_layer_norm", "short_attention")
+               if (why := extension.why_unavailable(op, "cpu"))]
+    if missing or not linear_ops.available():
+        print("skipped: " + "; ".join(missing + ([] if linear_ops.available() else ["no oneDNN bf16 linear ops"])))
+        return 0
+    torch.manual_seed(0)
+    warm = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    warm_until = time.perf_counter() + 2.0  # this CPU's AMX products speed up over their first second
+    while time.perf_counter() < warm_until:
+        warm @ warm
+    print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads; median of {args.repeats}")
+    print("| op | echo ms | torch ms | torch / echo | echo error | torch error |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+    ok = True
+    x = torch.randn(TOKENS, DIM).bfloat16()
+    for outputs, gelu in ((3 * DIM, False), (HIDDEN, True)):
+        weight, bias = torch.randn(outputs, DIM) * DIM**-0.5, torch.randn(outputs) * 0.1
+        packed = linear_ops.PackedLinear(weight, bias)
+        w, b = weight.bfloat16(), bias.bfloat16()
+        activation = F.gelu if gelu else (lambda y: y)
+        truth = activation(F.linear(x.double(), w.double(), b.double()))
+        ok &= compare(f"product {DIM}->{outputs}{' + GELU' if gelu else ''} (bf16)", lambda: packed(x, gelu=gelu),
+                      lambda: activation(F.linear(x, w, b)), truth, 1e-2, args.repeats)
+    residual, stream = torch.randn(TOKENS, DIM).bfloat16(), torch.randn(TOKENS, DIM) * 3
+    weight, bias = torch.randn(DIM), torch.randn(DIM)
+    truth = F.layer_norm(stream.double() + residual.double(), (DIM,), weight.double(), bias.double(), 1e-5)
+
+    def torch_norm():
+        out = F.layer_norm(stream + residual, (DIM,), weight, bias, 1e-5)
+        return out, out.to(torch.bfloat16)
+
+    ok &= compare("residual + LayerNorm + bf16 copy", lambda: torch.ops.echo.residual_layer_norm(
+        stream, residual, weight, bias, 1e-5)[0], lambda: torch_norm()[0], truth, 1e-6, args.repeats)
+    for dtype in (torch.bfloat16, torch.float32):
+        for length in (5, 12, 17, 24, 32):
+            packing = Packing.from_lengths(torch.full((TOKENS // length,), length))
+            qkv = torch.randn(packing.total_tokens, 3 * DIM).to(dtype)
+            truth = attention_ops.varlen_attention(qkv.double(), packing.cu_seqlens, HEADS)
+            ok &= compare(f"attention, {length}-token sequences ({str(dtype)[6:]})",
+                          lambda: torch.ops.echo.short_attention(qkv, packing.cu_seqlens, HEADS),
+                          lambda: attention_ops.grouped_attention(qkv, packing.groups, HEADS), truth,
+                          1e-2 if dtype == torch.bfloat16 else 1e-6, args.repeats)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
