@@ -3,7 +3,8 @@
 Prints, for each workload and path: audio-seconds per second, achieved GFLOP/s (model FLOPs counted from the
 plan), the speed-up over the reference path, the fraction of this machine's measured matrix-product peak,
 the ceiling (the speed-up a path would reach running every FLOP at that peak: what a target can ask of this
-machine), and the peak RSS of the process that ran it (each measurement runs in a fresh subprocess).
+machine), and the peak RSS of the process that ran it (each path runs in its own process; the paths of a
+workload are timed round-robin, so a drift of the machine's speed hits them alike).
 
     python bench/encode_throughput.py                   # ECHO-small, W1 W2 W3, CPU
     python bench/encode_throughput.py --size tiny --workloads W2 --device cuda
@@ -80,7 +81,9 @@ def matmul_peak(dtype: torch.dtype, device: str, size: int = 2048, repeat: int =
     return 2 * size**3 / min(times)
 
 
-def run_one(name: str, path: str, size: str, device: str, repeat: int, backend: str | None) -> dict:
+def serve(name: str, path: str, size: str, device: str, backend: str | None) -> None:
+    """A worker for one (workload, path): warms up, then times one call per `time` line on stdin; `quit`
+    reports its peak memory. One process per path keeps the peak RSS apart; the parent interleaves them."""
     import echo
     import echo.fast
 
@@ -93,22 +96,49 @@ def run_one(name: str, path: str, size: str, device: str, repeat: int, backend: 
         dtype = torch.bfloat16 if path.startswith("fast-bf16") else torch.float32
         call = lambda: echo.fast.encode(model, signals, rates, dtype=dtype, frames=True, backend=backend)  # noqa: E731
     call()  # warm-up
-    times = []
-    for _ in range(repeat):
-        if device == "cuda":
-            torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    print(json.dumps({"audio_seconds": sum(len(s) / r for s, r in zip(signals, rates)),
+                      "flops": model_flops(signals, rates, model.config.dim, model.config.depth)}), flush=True)
+    for command in sys.stdin:
+        if command.strip() != "time":
+            break
+        sync()
         start = time.perf_counter()
         call()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return {
-        "seconds": min(times),  # best of `repeat`: on a shared machine interference only ever adds time
-        "audio_seconds": sum(len(s) / r for s, r in zip(signals, rates)),
-        "flops": model_flops(signals, rates, model.config.dim, model.config.depth),
+        sync()
+        print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
+    print(json.dumps({
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else 0.0,
-    }
+    }), flush=True)
+
+
+def measure(name: str, paths: list[str], args) -> dict[str, dict]:
+    """Every path of one workload, timed round-robin (one call of each path per round, `repeat` rounds) so
+    that a machine whose speed drifts over minutes (this shared VM's does, by up to 2x) slows all paths
+    alike; each path's time is its best call."""
+    workers, results = {}, {}
+    for path in paths:  # started one after another: their warm-ups do not compete
+        command = [sys.executable, __file__, "--serve", name, path, "--size", args.size, "--device", args.device]
+        command += ["--backend", args.backend] if args.backend else []
+        env = {**os.environ, **PATH_ENV.get(path, {})}
+        workers[path] = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        results[path] = json.loads(workers[path].stdout.readline())
+        results[path]["times"] = []
+    for _ in range(args.repeat):
+        for path, worker in workers.items():
+            worker.stdin.write("time\n")
+            worker.stdin.flush()
+            results[path]["times"].append(json.loads(worker.stdout.readline())["seconds"])
+    for path, worker in workers.items():
+        worker.stdin.write("quit\n")
+        worker.stdin.flush()
+        results[path].update(json.loads(worker.stdout.readline()))
+        if worker.wait():
+            raise SystemExit(f"the {path} worker of {name} failed")
+        # best of `repeat`: on a shared machine interference only ever adds time
+        results[path]["seconds"] = min(results[path]["times"])
+    return results
 
 
 def main() -> int:
@@ -119,10 +149,10 @@ def main() -> int:
     parser.add_argument("--paths", nargs="+", default=list(PATHS))
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--backend", default=None, help="force every op of the fast path: torch, triton, reference")
-    parser.add_argument("--one", nargs=2, metavar=("WORKLOAD", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve", nargs=2, metavar=("WORKLOAD", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.one:
-        print(json.dumps(run_one(*args.one, args.size, args.device, args.repeat, args.backend)))
+    if args.serve:
+        serve(*args.serve, args.size, args.device, args.backend)
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("skipped: --device cuda but no CUDA device is available")
@@ -132,20 +162,14 @@ def main() -> int:
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"device {device_name}, fast-path backend {args.backend or 'default'}, ECHO-{args.size}; measured matmul peak: "
           f"fp32 {peaks[torch.float32] / 1e9:.0f} GFLOP/s, bf16 {peaks[torch.bfloat16] / 1e9:.0f} GFLOP/s; "
-          f"times: best of {args.repeat} after a warm-up, each path in its own process")
+          f"times: best of {args.repeat} rounds, the paths interleaved, each in its own process")
     print("| workload | path | audio s/s | GFLOP/s | x reference | % of peak | ceiling (x ref. at peak) | peak RSS MB "
           "| peak GPU MB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.workloads:
-        reference_time = None
-        for path in args.paths:
-            command = [sys.executable, __file__, "--one", name, path, "--size", args.size,
-                       "--device", args.device, "--repeat", str(args.repeat)]
-            command += ["--backend", args.backend] if args.backend else []
-            env = {**os.environ, **PATH_ENV.get(path, {})}
-            result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout)
-            if path == "reference":
-                reference_time = result["seconds"]
+        results = measure(name, args.paths, args)
+        reference_time = results["reference"]["seconds"] if "reference" in results else None
+        for path, result in results.items():
             speedup = f"{reference_time / result['seconds']:.2f}" if reference_time else "-"
             peak = peaks[torch.bfloat16 if path.startswith("fast-bf16") else torch.float32]
             achieved = result["flops"] / result["seconds"]
