@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ class Packing:
     cu_seqlens: torch.Tensor  # (S + 1,) int32
     max_seqlen: int
     groups: dict[int, slice | torch.Tensor]  # sequence length -> packed rows of all sequences of that length
+    _leading: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_lengths(cls, lengths: torch.Tensor, device=None) -> "Packing":
@@ -43,12 +44,15 @@ class Packing:
     def total_tokens(self) -> int:
         return int(self.cu_seqlens[-1])
 
-    def leading_up_to(self, tokens: int) -> tuple[int, int]:
-        """(sequences, rows): how many sequences at the start have at most `tokens` tokens each, and their rows."""
-        cu_seqlens = self.cu_seqlens.cpu()
-        too_long = (cu_seqlens.diff() > tokens).nonzero()
-        sequences = int(too_long[0]) if len(too_long) else len(cu_seqlens) - 1
-        return sequences, int(cu_seqlens[sequences])
+    def leading_up_to(self, tokens: int) -> tuple[int, torch.Tensor]:
+        """(rows, cu_seqlens): the sequences at the start that have at most `tokens` tokens each, as their
+        packed rows and their offsets (int64, on the CPU). Computed once per packing: every layer asks."""
+        if tokens not in self._leading:
+            cu_seqlens = self.cu_seqlens.cpu().long()
+            too_long = (cu_seqlens.diff() > tokens).nonzero()
+            sequences = int(too_long[0]) if len(too_long) else len(cu_seqlens) - 1
+            self._leading[tokens] = (int(cu_seqlens[sequences]), cu_seqlens[: sequences + 1])
+        return self._leading[tokens]
 
 
 class _EagerOps:

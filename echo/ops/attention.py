@@ -60,10 +60,10 @@ COMPILED_HEAD_DIM = 64
 def short_then_grouped_attention(qkv: torch.Tensor, packing, heads: int) -> torch.Tensor:
     """Same contract as varlen_attention: the compiled kernel on the leading sequences of at most SHORT_TOKENS
     tokens (a plan orders sequences by length, so all short ones lead), grouped SDPA on the rest."""
-    leading, rows = packing.leading_up_to(SHORT_TOKENS)
+    rows, cu_seqlens = packing.leading_up_to(SHORT_TOKENS)
     if rows == 0:
         return grouped_attention(qkv, packing.groups, heads)
-    short = torch.ops.echo.short_attention(qkv[:rows], packing.cu_seqlens[: leading + 1].cpu(), heads)
+    short = torch.ops.echo.short_attention(qkv[:rows], cu_seqlens, heads)
     if rows == qkv.shape[0]:
         return short
     rest = {length: group for length, group in packing.groups.items()
