@@ -3,8 +3,9 @@
 torch's eager bf16 `F.linear` re-lays out the weight for oneDNN at every call and GELU then reads the whole
 hidden layer back from memory. Packing each weight once (for inference: the packed copy has no autograd) and
 running GELU (exact erf) on the product's accumulators made a bf16 encode of ECHO-small 1.1-1.2x faster on
-this AVX-512/AMX CPU (bench/RESULTS.md). These are torch's own oneDNN ops, the ones inductor emits when it
-freezes a CPU model; `available()` checks that this torch build has them and that the CPU runs bf16.
+this AVX-512/AMX CPU in an in-process A/B (bench/RESULTS.md; per op: bench/cpu_inference_ops.py). These are
+torch's own (private) oneDNN ops, the ones inductor emits when it freezes a CPU model; `available()` checks
+that this torch build has them and that the CPU runs bf16, and everything else uses F.linear.
 """
 from __future__ import annotations
 

@@ -57,8 +57,8 @@ def residual_layer_norm_bf16_copy(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LayerNorm(x + residual) and its bf16 copy, for inference where a bf16 product reads the result next:
-    the compiled op (csrc/norm.cpp) does the add, the norm and the cast in one pass over memory, ~1.8x faster
-    than torch's three (bench/RESULTS.md); without it, torch's norm then a cast."""
+    the compiled op (csrc/norm.cpp) does the add, the norm and the cast in one pass over memory, ~1.7x faster
+    than torch's three (bench/cpu_inference_ops.py); without it, torch's norm then a cast."""
     from .. import extension
 
     if x.dtype == torch.float32 and residual.dtype in (torch.float32, torch.bfloat16) and extension.has_op(
