@@ -156,7 +156,8 @@ def main() -> int:
     parser.add_argument("--size", default="small")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
-    parser.add_argument("--paths", nargs="+", default=list(PATHS))
+    parser.add_argument("--paths", nargs="+", default=None,
+                        help=f"default: {' '.join(PATHS)} (no fast-bf16-eager on CUDA, where its ops do not run)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--backend", default=None, help="force every op of the fast path: torch, triton, reference")
     parser.add_argument("--serve", nargs=2, metavar=("WORKLOAD", "PATH"), help=argparse.SUPPRESS)
@@ -167,6 +168,8 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("skipped: --device cuda but no CUDA device is available")
         return 0
+    if args.paths is None:
+        args.paths = [path for path in PATHS if args.device == "cpu" or path not in PATH_ENV]
     dtypes = (torch.float32, torch.bfloat16)
     peaks = {dtype: machine_peak(dtype, args.device) for dtype in dtypes}
     measured = {}
