@@ -13,22 +13,17 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+// The vector helpers here and in cpu_vector.h take and return 64-byte vectors; they are always inlined into
+// the clones, so no call ever passes one by the ABI that GCC warns about.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#include "cpu_vector.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
-// One build for every x86-64 CPU, vector code for the one it runs on (GCC/clang function multiversioning);
-// the vector type below is lowered to whatever width each clone has.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define ECHO_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define ECHO_VECTOR_CLONES
-#endif
 #define ECHO_INLINE inline __attribute__((always_inline))
-// The helpers below take and return 64-byte vectors; they are always inlined into the clones, so no call
-// ever passes one by the ABI that GCC warns about.
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace echo {
 namespace {
@@ -36,11 +31,11 @@ namespace {
 constexpr int64_t kHeadDim = 64;
 constexpr int64_t kMaxTokens = 32;
 typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t i16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 
 ECHO_INLINE v16 splat(float value) { return v16{} + value; }
-ECHO_INLINE i16 splat_int(int32_t value) { return i16{} + value; }
 
 ECHO_INLINE float lane_max(v16 x) {
   float top = x[0];
@@ -68,7 +63,7 @@ ECHO_INLINE v16 exp_nonpositive(v16 x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
-  const i16 exponent = (__builtin_convertvector(n, i16) + 127) << 23;
+  const i32x16 exponent = (__builtin_convertvector(n, i32x16) + 127) << 23;
   v16 power;
   std::memcpy(&power, &exponent, sizeof power);
   return p * power;
@@ -82,7 +77,7 @@ ECHO_INLINE float to_float(c10::BFloat16 x) {
   return value;
 }
 
-// 16 consecutive values as float32, and back (bf16: round to nearest even, as torch casts; NaN stays NaN)
+// 16 consecutive values as float32, and back (bf16: cpu_vector.h's rounding, as torch casts)
 ECHO_INLINE v16 load16(const float* p) {
   v16 x;
   std::memcpy(&x, p, sizeof x);
@@ -91,18 +86,16 @@ ECHO_INLINE v16 load16(const float* p) {
 ECHO_INLINE v16 load16(const c10::BFloat16* p) {
   u16x16 half;
   std::memcpy(&half, p, sizeof half);
-  const i16 bits = __builtin_convertvector(half, i16) << 16;
+  const i32x16 bits = __builtin_convertvector(half, i32x16) << 16;
   v16 x;
   std::memcpy(&x, &bits, sizeof x);
   return x;
 }
 ECHO_INLINE void store16(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
 ECHO_INLINE void store16(c10::BFloat16* p, v16 x) {
-  i16 bits;
+  u32x16 bits;
   std::memcpy(&bits, &x, sizeof bits);
-  const i16 rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
-  const i16 quiet_nan = splat_int(0x7fc0);
-  const u16x16 half = __builtin_convertvector((bits & 0x7fffffff) > 0x7f800000 ? quiet_nan : (rounded & 0xffff), u16x16);
+  const u16x16 half = __builtin_convertvector(bfloat16_bits(bits), u16x16);
   std::memcpy(p, &half, sizeof half);
 }
 

@@ -9,29 +9,18 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "cpu_vector.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <tuple>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define ECHO_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define ECHO_VECTOR_CLONES
-#endif
 
 namespace echo {
 namespace {
 
-// float -> bfloat16 bits, round to nearest even (NaN stays NaN): c10's conversion branches on NaN, which
-// keeps the compiler from vectorising the loop that writes the copy.
-inline uint16_t bfloat16_bits(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof bits);
-  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  return (bits & 0x7fffffffu) > 0x7f800000u ? static_cast<uint16_t>(0x7fc0u) : static_cast<uint16_t>(rounded);
-}
 
 template <typename R>
 ECHO_VECTOR_CLONES void norm_rows(const float* __restrict__ x, const R* __restrict__ residual,
@@ -57,7 +46,9 @@ ECHO_VECTOR_CLONES void norm_rows(const float* __restrict__ x, const R* __restri
 #pragma omp simd
     for (int64_t c = 0; c < dim; ++c) {
       o[c] = (sum[c] - mean) * inverse * weight[c] + bias[c];
-      low[c] = bfloat16_bits(o[c]);
+      uint32_t bits;
+      std::memcpy(&bits, &o[c], sizeof bits);
+      low[c] = static_cast<uint16_t>(bfloat16_bits(bits));
     }
   }
 }
