@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from csrc_frontend import median_seconds  # bench/csrc_frontend.py
+from encode_throughput import matmul_peak
 from echo import extension
 from echo.ops import attention as attention_ops
 from echo.ops import linear as linear_ops
@@ -51,10 +51,7 @@ def main() -> int:
         print("skipped: " + "; ".join(missing + ([] if linear_ops.available() else ["no oneDNN bf16 linear ops"])))
         return 0
     torch.manual_seed(0)
-    warm = torch.randn(2048, 2048, dtype=torch.bfloat16)
-    warm_until = time.perf_counter() + 2.0  # this CPU's AMX products speed up over their first second
-    while time.perf_counter() < warm_until:
-        warm @ warm
+    matmul_peak(torch.bfloat16, "cpu", (2048, 2048, 2048))  # warms the AMX units up (they speed up ~2x)
     print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads; median of {args.repeats}")
     print("| op | echo ms | torch ms | torch / echo | echo error | torch error |\n| --- | ---: | ---: | ---: | ---: | ---: |")
     ok = True

@@ -33,9 +33,14 @@ def load_error() -> str | None:
 
 def has_op(name: str, device: torch.device | str) -> bool:
     """Whether echo._C is loaded and has a kernel of op `name` for this device's type."""
-    if load_error() is not None:
-        return False
-    dispatch_key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return load_error() is None and _has_kernel(name, torch.device(device).type)
+
+
+@functools.cache
+def _has_kernel(name: str, device_type: str) -> bool:
+    """Cached: the registrations do not change once echo._C is loaded, and the encoder's layers ask at
+    every call."""
+    dispatch_key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return dispatch_key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"echo::{name}", dispatch_key)
 
 
