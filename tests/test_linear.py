@@ -53,3 +53,21 @@ def test_cpu_bf16_inference_path_as_close_to_float32_as_the_eager_bf16_path(monk
     for (u, f), (eu, ef), (tu, tf) in zip(prepared, eager, truth):
         assert rel_err(u, tu) < 2e-2 and rel_err(f, tf) < 2e-2
         assert rel_err(u, tu) <= 1.5 * rel_err(eu, tu) + 1e-3
+
+
+def test_without_the_compiled_extension_the_bf16_path_falls_back_to_torch(monkeypatch):
+    """No echo._C: the norm's bf16 copy comes from torch (norm, then cast) and attention from SDPA."""
+    from echo import extension
+    from echo.ops import norm as norm_ops
+
+    monkeypatch.setattr(extension, "has_op", lambda name, device: False)
+    x, residual = torch.randn(33, 64), torch.randn(33, 64).bfloat16()
+    weight, bias = torch.randn(64), torch.randn(64)
+    out, low = norm_ops.residual_layer_norm_bf16_copy(x, residual, weight, bias, 1e-5)
+    truth = F.layer_norm(x.double() + residual.double(), (64,), weight.double(), bias.double(), 1e-5)
+    assert rel_err(out, truth) < 1e-6 and torch.equal(low, out.to(torch.bfloat16))
+    model = random_model("tiny")
+    signals, rates = [torch.randn(8000), torch.randn(30000)], [8000, 48000]
+    truth = fast.encode(model, signals, rates)
+    for got, want in zip(fast.encode(model, signals, rates, dtype=torch.bfloat16), truth):
+        assert rel_err(got, want) < 2e-2
