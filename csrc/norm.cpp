@@ -17,10 +17,8 @@
 #include <tuple>
 #include <vector>
 
-
 namespace echo {
 namespace {
-
 
 template <typename R>
 ECHO_VECTOR_CLONES void norm_rows(const float* __restrict__ x, const R* __restrict__ residual,

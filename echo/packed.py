@@ -2,7 +2,6 @@
 runs per sequence through `cu_seqlens`. Used by echo.fast (inference) and echo.pretrain (training)."""
 from __future__ import annotations
 
-import os
 from copy import deepcopy
 from dataclasses import dataclass, field
 
@@ -10,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops import attention as attention_ops
+from .ops import backend as backends
 from .ops import linear as linear_ops
 from .ops import norm as norm_ops
 
@@ -103,8 +103,7 @@ def _layer_ops(layer, backend: str | None):
     layer's glue (`backend`, ECHO_BACKEND_NORM or ECHO_BACKEND: torch, triton or reference), which runs the
     eager ops with it."""
     prepared = getattr(layer, "cpu_bf16_inference_ops", None)
-    forced = backend or os.environ.get("ECHO_BACKEND_NORM") or os.environ.get("ECHO_BACKEND")
-    if prepared is not None and forced in (None, "csrc"):
+    if prepared is not None and backends.forced("norm", backend) in (None, "csrc"):
         return prepared
     return _EagerOps(layer, backend)
 

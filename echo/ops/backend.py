@@ -24,10 +24,15 @@ def triton_available(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def forced(op: str, backend: str | None = None) -> str | None:
+    """The backend asked for `op`: the argument, else ECHO_BACKEND_<OP>, else ECHO_BACKEND; None when free."""
+    return backend or os.environ.get(f"ECHO_BACKEND_{op.upper()}") or os.environ.get("ECHO_BACKEND")
+
+
 def choose(op: str, device: torch.device, requested: str | None = None, available: tuple[str, ...] = BACKENDS) -> str:
     """The backend for `op` on `device`: the requested one (argument, then environment), else the first of
     `available` (listed fastest first) that can run, Triton by default only on CUDA and where it measured faster."""
-    requested = requested or os.environ.get(f"ECHO_BACKEND_{op.upper()}") or os.environ.get("ECHO_BACKEND")
+    requested = forced(op, requested)
     if requested:
         if requested not in BACKENDS:
             raise ValueError(f"unknown backend {requested!r} for {op}; choose from {', '.join(BACKENDS)}")
