@@ -3,10 +3,13 @@
 // sequences of 4-17 tokens (one band of one segment), and torch's SDPA spends about as long on such a
 // (sequence, head) as on one of 32 tokens: a fifth of a bf16 encode of short clips went there.
 //
-// One work item is one (sequence, head). K is transposed into 16-key vectors; a query's scores are
-// accumulated over the head dimension in registers (four chains, so the FMAs do not wait on each other), then
-// masked past the sequence end, an fp32 softmax with a vectorised exp, and the output row is accumulated from
-// the value rows. Inputs and output are float32 or bfloat16; all arithmetic is float32.
+// One work item is one (sequence, head). Queries lie in vector lanes (Q transposed by in-register shuffles), so
+// a key's scores against 16 queries are one vector and the softmax over keys is vertical arithmetic; key
+// values are broadcast from memory into the FMAs, four keys at a time so the sums do not wait on each other.
+// The weighted sum of the value rows then takes the queries four at a time. Inputs and output are float32 or
+// bfloat16; all arithmetic is float32. Scores more than 87 below the row maximum get weight exactly 0: a weight
+// of ~1e-38 would be a subnormal product, which costs the CPU a microcode assist per vector (that alone made
+// an earlier version of this kernel 2x slower).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -30,6 +33,7 @@ namespace {
 
 constexpr int64_t kHeadDim = 64;
 constexpr int64_t kMaxTokens = 32;
+constexpr int kQueries = 4;  // queries per pass over the value rows
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
@@ -37,22 +41,11 @@ typedef uint16_t u16x16 __attribute__((vector_size(32)));
 
 ECHO_INLINE v16 splat(float value) { return v16{} + value; }
 
-ECHO_INLINE float lane_max(v16 x) {
-  float top = x[0];
-  for (int l = 1; l < 16; ++l) top = std::max(top, x[l]);
-  return top;
-}
-
-ECHO_INLINE float lane_sum(v16 x) {
-  const v16 half = x + __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  const v16 quarter = half + __builtin_shufflevector(half, half, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
-  return quarter[0] + quarter[1] + quarter[2] + quarter[3];
-}
-
 // e^x for x <= 0, vectorised (std::exp is a scalar libm call): x = n ln2 + r with |r| <= ln2 / 2, e^r by
-// Cephes' expf polynomial (relative error ~1e-7), 2^n through the exponent bits; x below -87 gives ~1e-38.
+// Cephes' expf polynomial (relative error ~1e-7), 2^n through the exponent bits; x below -87 gives 0.
 ECHO_INLINE v16 exp_nonpositive(v16 x) {
-  x = x < -87.f ? splat(-87.f) : x;
+  const auto underflow = x < -87.f;
+  x = underflow ? splat(-87.f) : x;
   const v16 shifted = x * 1.44269504088896341f + 0.5f;
   const v16 n = (shifted - 0.5f + 12582912.f) - 12582912.f;  // round to nearest: the 1.5 * 2^23 trick
   const v16 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
@@ -66,15 +59,7 @@ ECHO_INLINE v16 exp_nonpositive(v16 x) {
   const i32x16 exponent = (__builtin_convertvector(n, i32x16) + 127) << 23;
   v16 power;
   std::memcpy(&power, &exponent, sizeof power);
-  return p * power;
-}
-
-ECHO_INLINE float to_float(float x) { return x; }
-ECHO_INLINE float to_float(c10::BFloat16 x) {
-  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float value;
-  std::memcpy(&value, &bits, sizeof value);
-  return value;
+  return underflow ? v16{} : p * power;
 }
 
 // 16 consecutive values as float32, and back (bf16: cpu_vector.h's rounding, as torch casts)
@@ -99,64 +84,111 @@ ECHO_INLINE void store16(c10::BFloat16* p, v16 x) {
   std::memcpy(p, &half, sizeof half);
 }
 
+// r[0..15] becomes its transpose (r[i][l] = the old r[l][i]): four rounds of two-source shuffles between rows
+// 8, 4, 2 and 1 apart.
+ECHO_INLINE void transpose16(v16* r) {
+  for (int i = 0; i < 16; ++i)
+    if (!(i & 8)) {
+      const v16 a = r[i], b = r[i + 8];
+      r[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+      r[i + 8] = __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    }
+  for (int i = 0; i < 16; ++i)
+    if (!(i & 4)) {
+      const v16 a = r[i], b = r[i + 4];
+      r[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+      r[i + 4] = __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    }
+  for (int i = 0; i < 16; ++i)
+    if (!(i & 2)) {
+      const v16 a = r[i], b = r[i + 2];
+      r[i] = __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+      r[i + 2] = __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    }
+  for (int i = 0; i < 16; ++i)
+    if (!(i & 1)) {
+      const v16 a = r[i], b = r[i + 1];
+      r[i] = __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+      r[i + 1] = __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+    }
+}
+
 // One head of one sequence of `length` <= 16 * kBlocks tokens; q, k, v rows `stride` elements apart.
+// Queries lie in vector lanes (Q transposed), so the softmax over the keys of every query is vertical
+// arithmetic on whole vectors; keys and values keep their row layout and are broadcast from memory.
 template <typename T, int kBlocks>
 ECHO_VECTOR_CLONES void attend(const T* q, const T* k, const T* v, T* out, int64_t length, int64_t stride,
                                int64_t out_stride, float scale) {
-  v16 keys[kHeadDim][kBlocks];  // keys[c][b][l]: channel c of key 16 b + l (zero past the end)
+  v16 queries[kHeadDim][kBlocks];  // queries[c][b][l]: channel c of query 16 b + l (zero past the end)
+  alignas(64) float keys[16 * kBlocks][kHeadDim];
   v16 values[16 * kBlocks][kHeadDim / 16];
-  for (int64_t c = 0; c < kHeadDim; ++c)
-    for (int b = 0; b < kBlocks; ++b) keys[c][b] = v16{};
-  for (int64_t j = 0; j < length; ++j) {
-    for (int64_t c = 0; c < kHeadDim; ++c) keys[c][j / 16][j % 16] = to_float(k[j * stride + c]);
-    for (int r = 0; r < kHeadDim / 16; ++r) values[j][r] = load16(v + j * stride + 16 * r);
-  }
-  v16 past_end[kBlocks];
   for (int b = 0; b < kBlocks; ++b)
-    for (int l = 0; l < 16; ++l) past_end[b][l] = 16 * b + l < length ? 0.f : -INFINITY;
-  for (int64_t i = 0; i < length; ++i) {
-    v16 query[kHeadDim / 16];
-    for (int r = 0; r < kHeadDim / 16; ++r) query[r] = load16(q + i * stride + 16 * r) * scale;
-    v16 partial[4][kBlocks] = {};
-    for (int64_t c = 0; c < kHeadDim; c += 4)
-      for (int u = 0; u < 4; ++u)
-        for (int b = 0; b < kBlocks; ++b) partial[u][b] += query[(c + u) / 16][(c + u) % 16] * keys[c + u][b];
-    v16 scores[kBlocks];
-    float top = -INFINITY;
-    for (int b = 0; b < kBlocks; ++b) {
-      scores[b] = past_end[b] + ((partial[0][b] + partial[1][b]) + (partial[2][b] + partial[3][b]));
-      top = std::max(top, lane_max(scores[b]));
+    for (int r = 0; r < kHeadDim / 16; ++r) {
+      v16 block[16];
+      for (int l = 0; l < 16; ++l)
+        block[l] = 16 * b + l < length ? load16(q + (16 * b + l) * stride + 16 * r) * scale : v16{};
+      transpose16(block);
+      for (int l = 0; l < 16; ++l) queries[16 * r + l][b] = block[l];
     }
-    float total = 0.f;
-    for (int b = 0; b < kBlocks; ++b) {
-      scores[b] = exp_nonpositive(scores[b] - top);
-      total += lane_sum(scores[b]);
+  for (int64_t j = 0; j < length; ++j)
+    for (int r = 0; r < kHeadDim / 16; ++r) {
+      store16(keys[j] + 16 * r, load16(k + j * stride + 16 * r));
+      values[j][r] = load16(v + j * stride + 16 * r);
     }
-    const float inverse = 1.f / total;
-    v16 row[kHeadDim / 16] = {};
+  for (int64_t j = length; j < (length + 3) / 4 * 4; ++j)
+    for (int r = 0; r < kHeadDim / 16; ++r) store16(keys[j] + 16 * r, v16{});
+  // scores[j][b][l]: query 16 b + l against key j, four keys at a time (independent sums for the FMA units)
+  v16 scores[16 * kBlocks][kBlocks];
+  for (int64_t j0 = 0; j0 < length; j0 += 4) {
+    const int64_t count = std::min<int64_t>(4, length - j0);
+    v16 sum[4][2][kBlocks] = {};
+    for (int c = 0; c < kHeadDim; c += 2)
+      for (int h = 0; h < 2; ++h)
+        for (int b = 0; b < kBlocks; ++b) {
+          const v16 query = queries[c + h][b];
+          for (int t = 0; t < 4; ++t) sum[t][h][b] += keys[j0 + t][c + h] * query;
+        }
+    for (int t = 0; t < count; ++t)
+      for (int b = 0; b < kBlocks; ++b) scores[j0 + t][b] = sum[t][0][b] + sum[t][1][b];
+  }
+  alignas(64) float weights[16 * kBlocks][16 * kBlocks];  // weights[j][i]: of key j for query i
+  for (int b = 0; b < kBlocks; ++b) {
+    v16 top = scores[0][b];
+    for (int64_t j = 1; j < length; ++j) top = top > scores[j][b] ? top : scores[j][b];
+    v16 total{};
     for (int64_t j = 0; j < length; ++j) {
-      const float weight = scores[j / 16][j % 16] * inverse;
-      for (int r = 0; r < kHeadDim / 16; ++r) row[r] += weight * values[j][r];
+      scores[j][b] = exp_nonpositive(scores[j][b] - top);
+      total += scores[j][b];
     }
-    for (int r = 0; r < kHeadDim / 16; ++r) store16(out + i * out_stride + 16 * r, row[r]);
+    const v16 inverse = 1.f / total;
+    for (int64_t j = 0; j < length; ++j) store16(weights[j] + 16 * b, scores[j][b] * inverse);
+  }
+  for (int64_t first = 0; first < length; first += kQueries) {
+    const int64_t count = std::min<int64_t>(kQueries, length - first);
+    v16 row[kQueries][kHeadDim / 16] = {};
+    for (int64_t j = 0; j < length; ++j)
+      for (int r = 0; r < kHeadDim / 16; ++r) {
+        const v16 value = values[j][r];
+        for (int u = 0; u < kQueries; ++u) row[u][r] += weights[j][first + u] * value;
+      }
+    for (int u = 0; u < count; ++u)
+      for (int r = 0; r < kHeadDim / 16; ++r) store16(out + (first + u) * out_stride + 16 * r, row[u][r]);
   }
 }
 
 template <typename T>
-void run(const at::Tensor& qkv, const int64_t* bounds, int64_t sequences, int64_t heads, int64_t longest,
-         at::Tensor& out) {
+void run(const at::Tensor& qkv, const int64_t* bounds, int64_t sequences, int64_t heads, at::Tensor& out) {
   const int64_t dim = qkv.size(1) / 3;
   const float scale = 1.f / std::sqrt(static_cast<float>(kHeadDim));
-  const auto kernel = longest <= 16 ? &attend<T, 1> : &attend<T, 2>;
   const T* in = qkv.data_ptr<T>();
   T* result = out.data_ptr<T>();
   // grain: enough (sequence, head) items per task to amortise the scheduling
   at::parallel_for(0, sequences * heads, 32, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t s = item / heads, h = item % heads, first = bounds[s];
+      const int64_t s = item / heads, h = item % heads, first = bounds[s], length = bounds[s + 1] - first;
       const T* q = in + first * 3 * dim + h * kHeadDim;
-      kernel(q, q + dim, q + 2 * dim, result + first * dim + h * kHeadDim, bounds[s + 1] - first, 3 * dim, dim,
-             scale);
+      (length <= 16 ? &attend<T, 1> : &attend<T, 2>)(q, q + dim, q + 2 * dim, result + first * dim + h * kHeadDim,
+                                                       length, 3 * dim, dim, scale);
     }
   });
 }
@@ -173,18 +205,16 @@ at::Tensor short_attention_cpu(const at::Tensor& qkv, const at::Tensor& cu_seqle
   const int64_t sequences = bounds_tensor.size(0) - 1;
   TORCH_CHECK(bounds[0] == 0 && bounds[sequences] == qkv.size(0), "short_attention: cu_seqlens must run from 0 to the ",
               qkv.size(0), " rows of qkv, got ", bounds[0], "..", bounds[sequences]);
-  int64_t longest = 0;
   for (int64_t s = 0; s < sequences; ++s) {
     const int64_t length = bounds[s + 1] - bounds[s];
     TORCH_CHECK(length >= 1 && length <= kMaxTokens, "short_attention: sequences must have 1 to ", kMaxTokens,
                 " tokens, sequence ", s, " has ", length);
-    longest = std::max(longest, length);
   }
   at::Tensor out = at::empty({qkv.size(0), qkv.size(1) / 3}, qkv.options());
   if (qkv.scalar_type() == at::kFloat)
-    run<float>(qkv, bounds, sequences, heads, longest, out);
+    run<float>(qkv, bounds, sequences, heads, out);
   else
-    run<c10::BFloat16>(qkv, bounds, sequences, heads, longest, out);
+    run<c10::BFloat16>(qkv, bounds, sequences, heads, out);
   return out;
 }
 

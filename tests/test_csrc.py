@@ -154,10 +154,14 @@ requires_attention_op = pytest.mark.skipif(
 @requires_attention_op
 @pytest.mark.parametrize("heads", [3, 6])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_short_attention_matches_float64(heads, dtype):
-    lengths = torch.randint(1, attention_ops.SHORT_TOKENS + 1, (int(torch.randint(1, 80, ())),))
-    packing = Packing.from_lengths(lengths)
-    qkv = (torch.randn(packing.total_tokens, 3 * 64 * heads) * 2).to(dtype)
+@pytest.mark.parametrize("spread", [2.0, 6.0])
+def test_short_attention_matches_float64(heads, dtype, spread):
+    """Every length 1..32 once (each tail of the kernel's groups of 4 keys and 4 queries, both sides of 16)
+    plus random ones, in random order; at spread 6 many weights fall below e^-87, which the kernel makes 0."""
+    extra = torch.randint(1, attention_ops.SHORT_TOKENS + 1, (int(torch.randint(1, 50, ())),))
+    lengths = torch.cat([torch.arange(1, attention_ops.SHORT_TOKENS + 1), extra])
+    packing = Packing.from_lengths(lengths[torch.randperm(len(lengths))])
+    qkv = (torch.randn(packing.total_tokens, 3 * 64 * heads) * spread).to(dtype)
     truth = per_sequence_float64(qkv, packing.cu_seqlens, heads)  # of the same (bf16-rounded) inputs
     out = torch.ops.echo.short_attention(qkv, packing.cu_seqlens, heads)
     assert out.dtype == dtype and out.shape == truth.shape
