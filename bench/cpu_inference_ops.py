@@ -2,11 +2,12 @@
 (4096 packed tokens, D = 384, 6 heads of 64). Prints median milliseconds and the ratio torch / echo (> 1: the
 echo op is faster), after checking both against float64:
 
-- products: echo.ops.linear.PackedLinear (oneDNN, weight packed once, GELU fused) vs F.linear (+ F.gelu);
+- products: echo.ops.linear.PackedLinear (oneDNN, weight packed once, GELU fused) vs F.linear (+ F.gelu), bf16
+  and float32;
 - norm: torch.ops.echo.residual_layer_norm (add + LayerNorm + bf16 copy in one pass) vs add, layer_norm, cast;
 - attention: torch.ops.echo.short_attention vs SDPA grouped by length, sequences of L tokens filling 4096 rows.
 
-End to end, `python bench/encode_throughput.py` compares fast-bf16 with fast-bf16-eager (these ops off).
+End to end, `python bench/encode_throughput.py` compares fast-bf16 and fast-fp32 with fast-*-eager (these ops off).
 Run: PYTHONPATH=. python bench/cpu_inference_ops.py [--repeats 15]
 """
 from __future__ import annotations
@@ -55,15 +56,17 @@ def main() -> int:
     print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads; median of {args.repeats}")
     print("| op | echo ms | torch ms | torch / echo | echo error | torch error |\n| --- | ---: | ---: | ---: | ---: | ---: |")
     ok = True
-    x = torch.randn(TOKENS, DIM).bfloat16()
-    for outputs, gelu in ((3 * DIM, False), (HIDDEN, True)):
-        weight, bias = torch.randn(outputs, DIM) * DIM**-0.5, torch.randn(outputs) * 0.1
-        packed = linear_ops.PackedLinear(weight, bias)
-        w, b = weight.bfloat16(), bias.bfloat16()
-        activation = F.gelu if gelu else (lambda y: y)
-        truth = activation(F.linear(x.double(), w.double(), b.double()))
-        ok &= compare(f"product {DIM}->{outputs}{' + GELU' if gelu else ''} (bf16)", lambda: packed(x, gelu=gelu),
-                      lambda: activation(F.linear(x, w, b)), truth, 1e-2, args.repeats)
+    for dtype, tolerance in ((torch.bfloat16, 1e-2), (torch.float32, 1e-6)):
+        for inputs, outputs, gelu in ((DIM, 3 * DIM, False), (DIM, HIDDEN, True), (HIDDEN, DIM, False)):
+            x = torch.randn(TOKENS, inputs).to(dtype)
+            weight, bias = torch.randn(outputs, inputs) * inputs**-0.5, torch.randn(outputs) * 0.1
+            packed = linear_ops.PackedLinear(weight, bias, dtype)
+            w, b = weight.to(dtype), bias.to(dtype)
+            activation = F.gelu if gelu else (lambda y: y)
+            truth = activation(F.linear(x.double(), w.double(), b.double()))
+            ok &= compare(f"product {inputs}->{outputs}{' + GELU' if gelu else ''} ({str(dtype)[6:]})",
+                          lambda: packed(x, gelu=gelu), lambda: activation(F.linear(x, w, b)), truth, tolerance,
+                          args.repeats)
     residual, stream = torch.randn(TOKENS, DIM).bfloat16(), torch.randn(TOKENS, DIM) * 3
     weight, bias = torch.randn(DIM), torch.randn(DIM)
     truth = F.layer_norm(stream.double() + residual.double(), (DIM,), weight.double(), bias.double(), 1e-5)
@@ -73,7 +76,11 @@ def main() -> int:
         return out, out.to(torch.bfloat16)
 
     ok &= compare("residual + LayerNorm + bf16 copy", lambda: torch.ops.echo.residual_layer_norm(
-        stream, residual, weight, bias, 1e-5)[0], lambda: torch_norm()[0], truth, 1e-6, args.repeats)
+        stream, residual, weight, bias, 1e-5, True)[0], lambda: torch_norm()[0], truth, 1e-6, args.repeats)
+    residual = residual.float()  # the float32 path: its products hand over float32, no bf16 copy
+    ok &= compare("residual + LayerNorm (float32)", lambda: torch.ops.echo.residual_layer_norm(
+        stream, residual, weight, bias, 1e-5, False)[0], lambda: F.layer_norm(stream + residual, (DIM,), weight, bias,
+        1e-5), truth, 1e-6, args.repeats)
     for dtype in (torch.bfloat16, torch.float32):
         for length in (5, 12, 17, 24, 32):
             packing = Packing.from_lengths(torch.full((TOKENS // length,), length))

@@ -26,10 +26,10 @@ WORKLOADS = {
     "W2": "128 segments of 0.5-2.5 s at 12/16/48/50 kHz",
     "W3": "4 signals of 60 s at 48 kHz",
 }
-PATHS = ("reference", "fast-fp32", "fast-bf16", "fast-bf16-eager")
-# fast-bf16-eager: the bf16 path with the layer's eager torch ops (ECHO_BACKEND_NORM=torch), i.e. without
-# the CPU bf16 inference ops (oneDNN packed products with GELU fused, compiled norm + cast): their A/B.
-PATH_ENV = {"fast-bf16-eager": {"ECHO_BACKEND_NORM": "torch"}}
+PATHS = ("reference", "fast-fp32", "fast-fp32-eager", "fast-bf16", "fast-bf16-eager")
+# fast-*-eager: the path with the layer's eager torch ops (ECHO_BACKEND_NORM=torch), i.e. without the CPU
+# inference ops (oneDNN packed products with GELU fused, compiled one-pass norm): their A/B.
+PATH_ENV = {"fast-fp32-eager": {"ECHO_BACKEND_NORM": "torch"}, "fast-bf16-eager": {"ECHO_BACKEND_NORM": "torch"}}
 
 
 def workload(name: str) -> tuple[list[torch.Tensor], list[int]]:
@@ -157,7 +157,7 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
     parser.add_argument("--paths", nargs="+", default=None,
-                        help=f"default: {' '.join(PATHS)} (no fast-bf16-eager on CUDA, where its ops do not run)")
+                        help=f"default: {' '.join(PATHS)} (no fast-*-eager on CUDA, where the ops they leave out do not run)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--backend", default=None, help="force every op of the fast path: torch, triton, reference")
     parser.add_argument("--serve", nargs=2, metavar=("WORKLOAD", "PATH"), help=argparse.SUPPRESS)

@@ -6,7 +6,6 @@ on the packed buffer (attention per sequence) -> CLS and patch rows gathered bac
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -90,24 +89,6 @@ def _chunks(monos: list[_Mono], max_tokens: int) -> list[list[tuple[int, list[in
     return chunks
 
 
-_LOW_PRECISION_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _model_for(model: EchoModel, dtype: torch.dtype) -> EchoModel:
-    """The model itself for float32; otherwise a cached low-precision copy, rebuilt when any parameter of
-    the model changed since (an optimiser step, a load) or it moved device."""
-    if dtype == torch.float32:
-        return model
-    if dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
-    signature = (dtype, model.device, tuple((p.data_ptr(), p._version) for p in model.parameters()))
-    cached = _LOW_PRECISION_COPIES.get(model)
-    if cached is None or cached[0] != signature:
-        cached = (signature, packed.low_precision_copy(model, dtype))
-        _LOW_PRECISION_COPIES[model] = cached
-    return cached[1]
-
-
 @torch.no_grad()
 def encode(
     model: EchoModel,
@@ -124,7 +105,9 @@ def encode(
     with frames=True; float32 on the CPU, equal to model.encode of each signal.
 
     `signals`: a list of (N,) or (C, N) tensors/arrays (or one signal); `sample_rates`: an int or one per signal.
-    `dtype=torch.bfloat16` (or float16) runs the encoder's matrix products in that dtype. `max_tokens` bounds
+    `dtype=torch.bfloat16` (or float16) runs the encoder's matrix products in that dtype; on a CPU the encoder
+    runs on a cached copy of the model with its weights packed for oneDNN (packed.inference_model), rebuilt
+    when the model's parameters change. `max_tokens` bounds
     the packed tokens per pass (default 4096 on CPU, 65536 on GPUs): any number of signals streams through in
     flat memory. `backend` forces every op's backend ("torch", "reference", "triton"); by default each op
     picks the fastest for the device.
@@ -137,7 +120,7 @@ def encode(
     max_tokens = int(max_tokens)
     if max_tokens <= 0:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-    model = _model_for(model, dtype)
+    model = packed.inference_model(model, dtype)
     signal_list, rates = _as_list(signals, sample_rates)
     monos = _monos(signal_list, rates)
     spec_cache: tuple[tuple[int, ...], torch.Tensor, list[int]] | None = None

@@ -40,7 +40,7 @@ def skipped_reasons(op: str, device: torch.device, available: tuple[str, ...], c
         reasons.append("no compiled op")
     elif "csrc" not in available:
         why_not = extension.why_unavailable(compiled, device)
-        reasons.append(f"csrc: {why_not}" if why_not else f"csrc: {compiled} runs in bf16 inference (echo.packed)")
+        reasons.append(f"csrc: {why_not}" if why_not else f"csrc: {compiled} runs in CPU inference (echo.packed)")
     return reasons
 
 
@@ -74,7 +74,8 @@ def report() -> str:
             for name in extension.OPS
         ]
         lines.append(f"compiled extension echo._C: loaded; ops: {', '.join(ops)}")
-    lines.append(f"bf16 inference on the CPU: oneDNN packed products {'yes' if linear_ops.available() else 'no'}")
+    packed = [str(dtype)[6:] for dtype in (torch.float32, torch.bfloat16) if linear_ops.available(dtype)]
+    lines.append(f"inference on the CPU: oneDNN packed products in {', '.join(packed) if packed else 'no dtype'}")
     lines.append("")
     rows = [(op, device.type, *describe(op, device)) for op in OPS for device in DEVICES]
     widths = [max(len(row[i]) for row in rows + [("op", "device", "backend")]) for i in range(3)]

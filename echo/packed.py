@@ -2,6 +2,7 @@
 runs per sequence through `cu_seqlens`. Used by echo.fast (inference) and echo.pretrain (training)."""
 from __future__ import annotations
 
+import weakref
 from copy import deepcopy
 from dataclasses import dataclass, field
 
@@ -79,30 +80,31 @@ class _EagerOps:
         return norm_ops.fused_residual_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, self.backend), None
 
 
-class _CPUBf16InferenceOps:
-    """The same for bf16 inference on a CPU: products with weights packed once for oneDNN and GELU fused
-    (echo.ops.linear); each norm also hands the next product its bf16 input (echo.ops.norm)."""
+class _CPUInferenceOps:
+    """The same for inference on a CPU in float32 or bf16: products with weights packed once for oneDNN and
+    GELU fused (echo.ops.linear); each norm runs in one pass and, for bf16, also hands the next product its
+    bf16 input (echo.ops.norm)."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, dtype: torch.dtype):
         attn = layer.self_attn
-        self.qkv = linear_ops.PackedLinear(attn.in_proj_weight, attn.in_proj_bias)
-        self.out = linear_ops.PackedLinear(attn.out_proj.weight, attn.out_proj.bias)
-        self.mlp_out = linear_ops.PackedLinear(layer.linear2.weight, layer.linear2.bias)
-        self._linear1 = linear_ops.PackedLinear(layer.linear1.weight, layer.linear1.bias)
+        self.qkv = linear_ops.PackedLinear(attn.in_proj_weight, attn.in_proj_bias, dtype)
+        self.out = linear_ops.PackedLinear(attn.out_proj.weight, attn.out_proj.bias, dtype)
+        self.mlp_out = linear_ops.PackedLinear(layer.linear2.weight, layer.linear2.bias, dtype)
+        self._linear1 = linear_ops.PackedLinear(layer.linear1.weight, layer.linear1.bias, dtype)
+        self._bf16_copy = dtype == torch.bfloat16
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         return self._linear1(x, gelu=True)
 
-    @staticmethod
-    def norm(x: torch.Tensor, residual: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
-        return norm_ops.residual_layer_norm_bf16_copy(x, residual, norm.weight, norm.bias, norm.eps)
+    def norm(self, x: torch.Tensor, residual: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return norm_ops.residual_layer_norm_inference(x, residual, norm.weight, norm.bias, norm.eps, self._bf16_copy)
 
 
 def _layer_ops(layer, backend: str | None):
-    """The CPU bf16 inference ops where low_precision_copy prepared them, unless a backend is forced for the
-    layer's glue (`backend`, ECHO_BACKEND_NORM or ECHO_BACKEND: torch, triton or reference), which runs the
-    eager ops with it."""
-    prepared = getattr(layer, "cpu_bf16_inference_ops", None)
+    """The CPU inference ops where inference_copy prepared them, unless a backend is forced for the layer's
+    glue (`backend`, ECHO_BACKEND_NORM or ECHO_BACKEND: torch, triton or reference), which runs the eager ops
+    with it."""
+    prepared = getattr(layer, "cpu_inference_ops", None)
     if prepared is not None and backends.forced("norm", backend) in (None, "csrc"):
         return prepared
     return _EagerOps(layer, backend)
@@ -112,7 +114,7 @@ def layer_forward(
     layer, x: torch.Tensor, packing: Packing, backend: str | None = None, x_low: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One post-norm ECHO layer on a packed (total, D) buffer. The matrix products run in the dtype of the
-    layer's linear weights (see low_precision_copy); the residual stream and the norms stay in x's dtype.
+    layer's linear weights (see inference_copy); the residual stream and the norms stay in x's dtype.
     `x_low` is x already cast for the first product, when the previous layer made it; returns the layer's
     output and, on the CPU bf16 inference path, its bf16 copy (else None)."""
     ops = _layer_ops(layer, backend)
@@ -123,20 +125,39 @@ def layer_forward(
     return ops.norm(x, ops.mlp_out(hidden), layer.norm2)
 
 
-def low_precision_copy(model, dtype: torch.dtype):
-    """A copy of the model whose attention and MLP matrices are in `dtype` (bf16: ~4x faster matrix products
-    on AVX-512-bf16 CPUs and tensor cores); patch projection, embeddings and norms stay float32, so does the
-    residual stream. Measured faster than autocast on CPU, which re-casts activations at every product.
-    For inference in bf16 on a CPU whose torch has oneDNN, each layer also gets _CPUBf16InferenceOps: no
-    autograd through those."""
+def inference_copy(model, dtype: torch.dtype):
+    """A copy of the model for inference with matrix products in `dtype`. Its attention and MLP matrices are in
+    `dtype` (bf16: ~4x faster products on AVX-512-bf16 CPUs and tensor cores); patch projection, embeddings
+    and norms stay float32, so does the residual stream (measured faster than autocast on CPU, which re-casts
+    activations at every product). On a CPU whose torch has oneDNN's packed ops for `dtype` (float32 or bf16),
+    each layer also gets _CPUInferenceOps: no autograd through those."""
     copy = deepcopy(model)
     for layer in copy.encoder.layers:
         for module in (layer.self_attn, layer.linear1, layer.linear2):
             module.to(dtype)
-    if dtype == torch.bfloat16 and copy.device.type == "cpu" and linear_ops.available():
+    if copy.device.type == "cpu" and linear_ops.available(dtype):
         for layer in copy.encoder.layers:
-            layer.cpu_bf16_inference_ops = _CPUBf16InferenceOps(layer)
+            layer.cpu_inference_ops = _CPUInferenceOps(layer, dtype)
     return copy
+
+
+_INFERENCE_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {dtype: (signature, copy)}
+
+
+def inference_model(model, dtype: torch.dtype):
+    """The model itself for float32 where no faster inference ops exist; otherwise a cached inference copy
+    (inference_copy), rebuilt when any parameter of the model changed since (an optimiser step, a load)
+    or it moved device."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+    if dtype == torch.float32 and not (model.device.type == "cpu" and linear_ops.available(dtype)):
+        return model
+    signature = (dtype, model.device, tuple((p.data_ptr(), p._version) for p in model.parameters()))
+    cached = _INFERENCE_COPIES.setdefault(model, {}).get(dtype)
+    if cached is None or cached[0] != signature:
+        cached = (signature, inference_copy(model, dtype))
+        _INFERENCE_COPIES[model][dtype] = cached
+    return cached[1]
 
 
 def forward(model, x: torch.Tensor, packing: Packing, backend: str | None = None, return_layers: bool = False):

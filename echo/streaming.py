@@ -22,7 +22,7 @@ class StreamEncoder:
     provisional; `finish()` returns utterance, or (utterance, frames) with frames=True, of the whole signal."""
 
     def __init__(self, model: EchoModel, sample_rate, *, frames: bool = False, backend: str | None = None):
-        self.model = model
+        self.model = packed.inference_model(model, torch.float32)  # the CPU inference ops, as fast.encode
         self.rate = inputs.check_sample_rate(sample_rate)
         self.frames = frames
         self.backend = backend

@@ -129,20 +129,22 @@ def test_residual_layer_norm_matches_float64_and_its_bf16_copy_is_the_cast(resid
     x = torch.randn(tokens, dim) * 3 + torch.randn(dim)
     residual = torch.randn(tokens, dim).to(residual_dtype)
     weight, bias = torch.randn(dim), torch.randn(dim)
-    out, low = torch.ops.echo.residual_layer_norm(x, residual, weight, bias, 1e-5)
+    out, low = torch.ops.echo.residual_layer_norm(x, residual, weight, bias, 1e-5, True)
     truth = torch.nn.functional.layer_norm(x.double() + residual.double(), (dim,), weight.double(), bias.double(), 1e-5)
     assert out.dtype == torch.float32 and low.dtype == torch.bfloat16
     assert rel_err(out, truth) < 1e-6
     assert torch.equal(low, out.to(torch.bfloat16))  # round to nearest even, as torch casts
+    alone, none = torch.ops.echo.residual_layer_norm(x, residual, weight, bias, 1e-5, False)  # float32 inference
+    assert rel_err(alone, truth) < 1e-6 and none.numel() == 0
 
 
 @requires_norm_op
 def test_residual_layer_norm_rejects_bad_inputs():
     x = torch.randn(8, 16)
     with pytest.raises(RuntimeError, match="residual must be"):
-        torch.ops.echo.residual_layer_norm(x, torch.randn(8, 15), torch.ones(16), torch.zeros(16), 1e-5)
+        torch.ops.echo.residual_layer_norm(x, torch.randn(8, 15), torch.ones(16), torch.zeros(16), 1e-5, True)
     with pytest.raises(RuntimeError, match="x must be"):
-        torch.ops.echo.residual_layer_norm(x.double(), x, torch.ones(16), torch.zeros(16), 1e-5)
+        torch.ops.echo.residual_layer_norm(x.double(), x, torch.ones(16), torch.zeros(16), 1e-5, True)
 
 
 requires_attention_op = pytest.mark.skipif(

@@ -1,4 +1,4 @@
-"""The oneDNN-packed bf16 products (echo.ops.linear) and the packed encoder's CPU bf16 inference path."""
+"""The oneDNN-packed products (echo.ops.linear) and the packed encoder's CPU inference path (bf16 and float32)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +10,9 @@ from echo.ops import linear as linear_ops
 from conftest import random_model, rel_err
 
 requires_onednn = pytest.mark.skipif(not linear_ops.available(), reason="no oneDNN bf16 linear ops on this CPU/torch")
+requires_onednn_fp32 = pytest.mark.skipif(
+    not linear_ops.available(torch.float32), reason="no oneDNN linear ops in this torch"
+)
 
 
 @requires_onednn
@@ -29,16 +32,48 @@ def test_packed_linear_matches_float64(rows, gelu):
     assert rel_err(out, truth) <= 1.5 * rel_err(eager, truth) + 1e-4  # no worse than torch's own bf16 path
 
 
+@requires_onednn_fp32
+@pytest.mark.parametrize("rows", [1, 37, 5001])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_packed_linear_in_float32_matches_float64(rows, gelu):
+    inputs, outputs = int(torch.randint(100, 1600, ())), int(torch.randint(100, 1600, ()))
+    x, weight, bias = torch.randn(rows, inputs), torch.randn(outputs, inputs) * inputs**-0.5, torch.randn(outputs)
+    out = linear_ops.PackedLinear(weight, bias, torch.float32)(x, gelu=gelu)
+    truth = F.linear(x.double(), weight.double(), bias.double())
+    truth = F.gelu(truth) if gelu else truth
+    assert out.dtype == torch.float32 and out.shape == (rows, outputs)
+    assert rel_err(out, truth) < 1e-6
+
+
 @requires_onednn
-def test_bf16_copy_prepares_every_layer_and_a_forced_backend_bypasses_it(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_inference_copy_prepares_every_layer_and_a_forced_backend_bypasses_it(monkeypatch, dtype):
     model = random_model("tiny")
-    copy = packed.low_precision_copy(model, torch.bfloat16)
-    assert all(isinstance(packed._layer_ops(layer, None), packed._CPUBf16InferenceOps) for layer in copy.encoder.layers)
+    copy = packed.inference_copy(model, dtype)
+    assert all(isinstance(packed._layer_ops(layer, None), packed._CPUInferenceOps) for layer in copy.encoder.layers)
+    assert copy.encoder.layers[0].cpu_inference_ops.qkv.dtype == dtype
     assert isinstance(packed._layer_ops(copy.encoder.layers[0], "reference"), packed._EagerOps)
     monkeypatch.setenv("ECHO_BACKEND_NORM", "torch")
     assert isinstance(packed._layer_ops(copy.encoder.layers[0], None), packed._EagerOps)
-    assert not hasattr(model.encoder.layers[0], "cpu_bf16_inference_ops")  # the original model is untouched
-    assert not hasattr(packed.low_precision_copy(model, torch.float16).encoder.layers[0], "cpu_bf16_inference_ops")
+    assert not hasattr(model.encoder.layers[0], "cpu_inference_ops")  # the original model is untouched
+    assert not hasattr(packed.inference_copy(model, torch.float16).encoder.layers[0], "cpu_inference_ops")
+
+
+@requires_onednn_fp32
+def test_cpu_float32_inference_path_matches_the_reference_and_the_eager_ops(monkeypatch):
+    """fast.encode in float32 runs the prepared ops (packed products, one-pass norms) on a cached copy."""
+    model = random_model("tiny")
+    rates = [8000, 22050, 48000]
+    signals = [torch.randn(int(rate * (0.3 + 2 * torch.rand(()).item()))) for rate in rates]
+    assert isinstance(packed._layer_ops(packed.inference_model(model, torch.float32).encoder.layers[0], None),
+                      packed._CPUInferenceOps)
+    prepared = fast.encode(model, signals, rates, frames=True)
+    monkeypatch.setenv("ECHO_BACKEND_NORM", "torch")
+    eager = fast.encode(model, signals, rates, frames=True)
+    for signal, rate, (u, f), (eu, ef) in zip(signals, rates, prepared, eager):
+        ru, rf = model.encode(signal, rate)
+        assert rel_err(u, ru) < 1e-5 and rel_err(f, rf) < 1e-5
+        assert rel_err(eu, ru) < 1e-5 and rel_err(ef, rf) < 1e-5
 
 
 @requires_onednn
@@ -55,19 +90,20 @@ def test_cpu_bf16_inference_path_as_close_to_float32_as_the_eager_bf16_path(monk
         assert rel_err(u, tu) <= 1.5 * rel_err(eu, tu) + 1e-3
 
 
-def test_without_the_compiled_extension_the_bf16_path_falls_back_to_torch(monkeypatch):
-    """No echo._C: the norm's bf16 copy comes from torch (norm, then cast) and attention from SDPA."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_without_the_compiled_extension_the_inference_path_falls_back_to_torch(monkeypatch, dtype):
+    """No echo._C: the norm (and its bf16 copy) comes from torch (norm, then cast), attention from SDPA."""
     from echo import extension
     from echo.ops import norm as norm_ops
 
     monkeypatch.setattr(extension, "has_op", lambda name, device: False)
     x, residual = torch.randn(33, 64), torch.randn(33, 64).bfloat16()
     weight, bias = torch.randn(64), torch.randn(64)
-    out, low = norm_ops.residual_layer_norm_bf16_copy(x, residual, weight, bias, 1e-5)
+    out, low = norm_ops.residual_layer_norm_inference(x, residual, weight, bias, 1e-5, dtype == torch.bfloat16)
     truth = F.layer_norm(x.double() + residual.double(), (64,), weight.double(), bias.double(), 1e-5)
-    assert rel_err(out, truth) < 1e-6 and torch.equal(low, out.to(torch.bfloat16))
+    assert rel_err(out, truth) < 1e-6
+    assert torch.equal(low, out.to(torch.bfloat16)) if dtype == torch.bfloat16 else low is None
     model = random_model("tiny")
     signals, rates = [torch.randn(8000), torch.randn(30000)], [8000, 48000]
-    truth = fast.encode(model, signals, rates)
-    for got, want in zip(fast.encode(model, signals, rates, dtype=torch.bfloat16), truth):
-        assert rel_err(got, want) < 2e-2
+    for signal, rate, got in zip(signals, rates, fast.encode(model, signals, rates, dtype=dtype)):
+        assert rel_err(got, model.encode(signal, rate)[0]) < (2e-2 if dtype == torch.bfloat16 else 1e-5)

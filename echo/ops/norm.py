@@ -53,17 +53,18 @@ def fused_linear_gelu(
     return F.gelu(F.linear(x, weight, bias))
 
 
-def residual_layer_norm_bf16_copy(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """LayerNorm(x + residual) and its bf16 copy, for inference where a bf16 product reads the result next:
-    the compiled op (csrc/norm.cpp) does the add, the norm and the cast in one pass over memory, ~1.7x faster
-    than torch's three (bench/cpu_inference_ops.py); without it, torch's norm then a cast."""
+def residual_layer_norm_inference(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, bf16_copy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """LayerNorm(x + residual) for inference, and with `bf16_copy` its bf16 copy, which a bf16 product reads
+    next: the compiled op (csrc/norm.cpp) does the add, the norm and the cast in one pass over memory, ~1.7-2x
+    faster than torch's passes (bench/cpu_inference_ops.py); without it, torch's norm (then a cast)."""
     from .. import extension
 
     if x.dtype == torch.float32 and residual.dtype in (torch.float32, torch.bfloat16) and extension.has_op(
         "residual_layer_norm", x.device
     ):
-        return torch.ops.echo.residual_layer_norm(x.contiguous(), residual.contiguous(), weight, bias, eps)
+        out, low = torch.ops.echo.residual_layer_norm(x.contiguous(), residual.contiguous(), weight, bias, eps, bf16_copy)
+        return out, low if bf16_copy else None
     out = residual_layer_norm(x, residual, weight, bias, eps)
-    return out, out.to(torch.bfloat16)
+    return out, out.to(torch.bfloat16) if bf16_copy else None
