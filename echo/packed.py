@@ -131,10 +131,13 @@ def inference_copy(model, dtype: torch.dtype):
     and norms stay float32, so does the residual stream (measured faster than autocast on CPU, which re-casts
     activations at every product). On a CPU whose torch has oneDNN's packed ops for `dtype` (float32 or bf16),
     each layer also gets _CPUInferenceOps: no autograd through those."""
-    copy = deepcopy(model)
-    for layer in copy.encoder.layers:
-        for module in (layer.self_attn, layer.linear1, layer.linear2):
-            module.to(dtype)
+    if dtype == torch.float32:  # the copy shares the model's tensors: only the packed weights are new memory
+        copy = deepcopy(model, {id(tensor): tensor for tensor in (*model.parameters(), *model.buffers())})
+    else:
+        copy = deepcopy(model)
+        for layer in copy.encoder.layers:
+            for module in (layer.self_attn, layer.linear1, layer.linear2):
+                module.to(dtype)
     if copy.device.type == "cpu" and linear_ops.available(dtype):
         for layer in copy.encoder.layers:
             layer.cpu_inference_ops = _CPUInferenceOps(layer, dtype)

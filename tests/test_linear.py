@@ -56,7 +56,28 @@ def test_inference_copy_prepares_every_layer_and_a_forced_backend_bypasses_it(mo
     monkeypatch.setenv("ECHO_BACKEND_NORM", "torch")
     assert isinstance(packed._layer_ops(copy.encoder.layers[0], None), packed._EagerOps)
     assert not hasattr(model.encoder.layers[0], "cpu_inference_ops")  # the original model is untouched
+    assert model.encoder.layers[0].linear1.weight.dtype == torch.float32
+    shares = copy.encoder.layers[0].linear1.weight is model.encoder.layers[0].linear1.weight
+    assert shares == (dtype == torch.float32)  # float32: no second copy of the weights, only the packed ones
     assert not hasattr(packed.inference_copy(model, torch.float16).encoder.layers[0], "cpu_inference_ops")
+
+
+@requires_onednn
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_changed_model_is_never_encoded_with_stale_packed_weights(dtype):
+    """The prepared copy is cached per model and dtype; an in-place change (an optimiser step, a load) or new
+    parameter tensors rebuild it."""
+    model = random_model("tiny")
+    signal = torch.randn(12000)
+    before = fast.encode(model, signal, 16000, dtype=dtype)[0]
+    assert packed.inference_model(model, dtype) is packed.inference_model(model, dtype)
+    with torch.no_grad():
+        model.encoder.layers[3].linear2.weight.mul_(-2.0)
+    changed = fast.encode(model, signal, 16000, dtype=dtype)[0]
+    truth = model.encode(signal, 16000)[0]
+    assert rel_err(changed, truth) < (2e-2 if dtype == torch.bfloat16 else 1e-5) and rel_err(before, truth) > 1e-2
+    model.load_state_dict({name: value.clone() for name, value in random_model("tiny").state_dict().items()})
+    assert rel_err(fast.encode(model, signal, 16000, dtype=dtype)[0], model.encode(signal, 16000)[0]) < 2e-2
 
 
 @requires_onednn_fp32
