@@ -19,27 +19,31 @@ import torch
 import torch.nn.functional as F
 
 from csrc_frontend import median_seconds  # bench/csrc_frontend.py
-from encode_throughput import matmul_peak
+from encode_throughput import machine_peak
 from echo import extension
 from echo.ops import attention as attention_ops
 from echo.ops import linear as linear_ops
 from echo.packed import Packing
 
 TOKENS, DIM, HEADS, HIDDEN = 4096, 384, 6, 1536
+# (inputs, outputs, GELU) of an ECHO-small layer's products: qkv, attention output, MLP in, MLP out
+LAYER_PRODUCTS = ((DIM, 3 * DIM, False), (DIM, DIM, False), (DIM, HIDDEN, True), (HIDDEN, DIM, False))
 
 
 def rel_err(out: torch.Tensor, truth: torch.Tensor) -> float:
     return ((out.double() - truth).norm() / truth.norm()).item()
 
 
-def compare(label: str, echo_fn, torch_fn, truth: torch.Tensor, tolerance: float, repeats: int) -> bool:
+def compare(label: str, echo_fn, torch_fn, truth: torch.Tensor, tolerance: float, repeats: int) -> float | None:
+    """Prints the row; returns the echo op's median seconds, None when it is off the float64 result."""
     errors = [rel_err(fn(), truth) for fn in (echo_fn, torch_fn)]
     if errors[0] > max(tolerance, 1.5 * errors[1]):
         print(f"{label}: echo op off the float64 result by {errors[0]:.2e} (torch {errors[1]:.2e})")
-        return False
-    echo_ms, torch_ms = (1e3 * median_seconds(fn, repeats, torch.device("cpu")) for fn in (echo_fn, torch_fn))
-    print(f"| {label} | {echo_ms:.2f} | {torch_ms:.2f} | {torch_ms / echo_ms:.2f} | {errors[0]:.1e} | {errors[1]:.1e} |")
-    return True
+        return None
+    echo_s, torch_s = (median_seconds(fn, repeats, torch.device("cpu")) for fn in (echo_fn, torch_fn))
+    print(f"| {label} | {1e3 * echo_s:.2f} | {1e3 * torch_s:.2f} | {torch_s / echo_s:.2f} | {errors[0]:.1e} | "
+          f"{errors[1]:.1e} |")
+    return echo_s
 
 
 def main() -> int:
@@ -52,21 +56,24 @@ def main() -> int:
         print("skipped: " + "; ".join(missing + ([] if linear_ops.available() else ["no oneDNN bf16 linear ops"])))
         return 0
     torch.manual_seed(0)
-    matmul_peak(torch.bfloat16, "cpu", (2048, 2048, 2048))  # warms the AMX units up (they speed up ~2x)
+    # warm (AMX speeds up ~2x over its first second): the same peak as bench/encode_throughput.py
+    peaks = {dtype: machine_peak(dtype, "cpu") for dtype in (torch.bfloat16, torch.float32)}
     print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads; median of {args.repeats}")
     print("| op | echo ms | torch ms | torch / echo | echo error | torch error |\n| --- | ---: | ---: | ---: | ---: | ---: |")
-    ok = True
+    ok, layer_products = True, {}
     for dtype, tolerance in ((torch.bfloat16, 1e-2), (torch.float32, 1e-6)):
-        for inputs, outputs, gelu in ((DIM, 3 * DIM, False), (DIM, HIDDEN, True), (HIDDEN, DIM, False)):
+        for inputs, outputs, gelu in LAYER_PRODUCTS:
             x = torch.randn(TOKENS, inputs).to(dtype)
             weight, bias = torch.randn(outputs, inputs) * inputs**-0.5, torch.randn(outputs) * 0.1
             packed = linear_ops.PackedLinear(weight, bias, dtype)
             w, b = weight.to(dtype), bias.to(dtype)
             activation = F.gelu if gelu else (lambda y: y)
             truth = activation(F.linear(x.double(), w.double(), b.double()))
-            ok &= compare(f"product {inputs}->{outputs}{' + GELU' if gelu else ''} ({str(dtype)[6:]})",
-                          lambda: packed(x, gelu=gelu), lambda: activation(F.linear(x, w, b)), truth, tolerance,
-                          args.repeats)
+            seconds = compare(f"product {inputs}->{outputs}{' + GELU' if gelu else ''} ({str(dtype)[6:]})",
+                              lambda: packed(x, gelu=gelu), lambda: activation(F.linear(x, w, b)), truth, tolerance,
+                              args.repeats)
+            ok &= seconds is not None
+            layer_products[dtype] = layer_products.get(dtype, 0.0) + (seconds or float("nan"))
     residual, stream = torch.randn(TOKENS, DIM).bfloat16(), torch.randn(TOKENS, DIM) * 3
     weight, bias = torch.randn(DIM), torch.randn(DIM)
     truth = F.layer_norm(stream.double() + residual.double(), (DIM,), weight.double(), bias.double(), 1e-5)
@@ -75,10 +82,10 @@ def main() -> int:
         out = F.layer_norm(stream + residual, (DIM,), weight, bias, 1e-5)
         return out, out.to(torch.bfloat16)
 
-    ok &= compare("residual + LayerNorm + bf16 copy", lambda: torch.ops.echo.residual_layer_norm(
+    ok &= None is not compare("residual + LayerNorm + bf16 copy", lambda: torch.ops.echo.residual_layer_norm(
         stream, residual, weight, bias, 1e-5, True)[0], lambda: torch_norm()[0], truth, 1e-6, args.repeats)
     residual = residual.float()  # the float32 path: its products hand over float32, no bf16 copy
-    ok &= compare("residual + LayerNorm (float32)", lambda: torch.ops.echo.residual_layer_norm(
+    ok &= None is not compare("residual + LayerNorm (float32)", lambda: torch.ops.echo.residual_layer_norm(
         stream, residual, weight, bias, 1e-5, False)[0], lambda: F.layer_norm(stream + residual, (DIM,), weight, bias,
         1e-5), truth, 1e-6, args.repeats)
     for dtype in (torch.bfloat16, torch.float32):
@@ -86,10 +93,15 @@ def main() -> int:
             packing = Packing.from_lengths(torch.full((TOKENS // length,), length))
             qkv = torch.randn(packing.total_tokens, 3 * DIM).to(dtype)
             truth = attention_ops.varlen_attention(qkv.double(), packing.cu_seqlens, HEADS)
-            ok &= compare(f"attention, {length}-token sequences ({str(dtype)[6:]})",
+            ok &= None is not compare(f"attention, {length}-token sequences ({str(dtype)[6:]})",
                           lambda: torch.ops.echo.short_attention(qkv, packing.cu_seqlens, HEADS),
                           lambda: attention_ops.grouped_attention(qkv, packing.groups, HEADS), truth,
                           1e-2 if dtype == torch.bfloat16 else 1e-6, args.repeats)
+    flops = sum(2 * TOKENS * inputs * outputs for inputs, outputs, _ in LAYER_PRODUCTS)
+    for dtype, seconds in layer_products.items():
+        print(f"a layer's {len(LAYER_PRODUCTS)} products ({str(dtype)[6:]}, GELU included): {1e3 * seconds:.1f} ms, "
+              f"{flops / seconds / 1e9:.0f} GFLOP/s = {100 * flops / seconds / peaks[dtype]:.0f}% of this run's "
+              f"measured peak ({peaks[dtype] / 1e9:.0f} GFLOP/s): the most an encode's products can reach here")
     return 0 if ok else 1
 
 
