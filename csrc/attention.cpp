@@ -16,9 +16,6 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-// The vector helpers here and in cpu_vector.h take and return 64-byte vectors; they are always inlined into
-// the clones, so no call ever passes one by the ABI that GCC warns about.
-#pragma GCC diagnostic ignored "-Wpsabi"
 #include "cpu_vector.h"
 
 #include <algorithm>
