@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #define ECHO_INLINE inline __attribute__((always_inline))
 
@@ -81,33 +82,25 @@ ECHO_INLINE void store16(c10::BFloat16* p, v16 x) {
   std::memcpy(p, &half, sizeof half);
 }
 
+// One round of the transpose below: rows i and i + kStep (i & kStep == 0) swap their kStep-lane blocks.
+template <int kStep, int... kLane>
+ECHO_INLINE void transpose_round(v16* r, std::integer_sequence<int, kLane...>) {
+  for (int i = 0; i < 16; ++i)
+    if (!(i & kStep)) {
+      const v16 a = r[i], b = r[i + kStep];
+      r[i] = __builtin_shufflevector(a, b, ((kLane & kStep) ? 16 + kLane - kStep : kLane)...);
+      r[i + kStep] = __builtin_shufflevector(a, b, ((kLane & kStep) ? 16 + kLane : kLane + kStep)...);
+    }
+}
+
 // r[0..15] becomes its transpose (r[i][l] = the old r[l][i]): four rounds of two-source shuffles between rows
 // 8, 4, 2 and 1 apart.
 ECHO_INLINE void transpose16(v16* r) {
-  for (int i = 0; i < 16; ++i)
-    if (!(i & 8)) {
-      const v16 a = r[i], b = r[i + 8];
-      r[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
-      r[i + 8] = __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    }
-  for (int i = 0; i < 16; ++i)
-    if (!(i & 4)) {
-      const v16 a = r[i], b = r[i + 4];
-      r[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
-      r[i + 4] = __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-    }
-  for (int i = 0; i < 16; ++i)
-    if (!(i & 2)) {
-      const v16 a = r[i], b = r[i + 2];
-      r[i] = __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
-      r[i + 2] = __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-    }
-  for (int i = 0; i < 16; ++i)
-    if (!(i & 1)) {
-      const v16 a = r[i], b = r[i + 1];
-      r[i] = __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
-      r[i + 1] = __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
-    }
+  constexpr auto lanes = std::make_integer_sequence<int, 16>{};
+  transpose_round<8>(r, lanes);
+  transpose_round<4>(r, lanes);
+  transpose_round<2>(r, lanes);
+  transpose_round<1>(r, lanes);
 }
 
 // One head of one sequence of `length` <= 16 * kBlocks tokens; q, k, v rows `stride` elements apart.
