@@ -52,7 +52,7 @@ def grouped_attention(qkv: torch.Tensor, groups: dict[int, torch.Tensor], heads:
 
 
 # The compiled kernel (csrc/attention.cpp) takes sequences up to this many tokens with 64-dim heads; it beat
-# grouped SDPA 1.3-3.6x up to 24 tokens and tied at 32 (bench/RESULTS.md).
+# grouped SDPA 1.5-7x at 5-32 tokens (bench/RESULTS.md, fifth session).
 SHORT_TOKENS = 32
 COMPILED_HEAD_DIM = 64
 
