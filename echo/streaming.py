@@ -19,10 +19,12 @@ from .ops import tokens as token_ops
 
 class StreamEncoder:
     """`push(chunk)` returns the segments that became final, as (index, utterance, frames) with band 0
-    provisional; `finish()` returns utterance, or (utterance, frames) with frames=True, of the whole signal."""
+    provisional; `finish()` returns utterance, or (utterance, frames) with frames=True, of the whole signal.
+    `dtype=torch.bfloat16` runs the matrix products in bf16, as in echo.fast.encode."""
 
-    def __init__(self, model: EchoModel, sample_rate, *, frames: bool = False, backend: str | None = None):
-        self.model = packed.inference_model(model, torch.float32)  # the CPU inference ops, as fast.encode
+    def __init__(self, model: EchoModel, sample_rate, *, frames: bool = False, dtype: torch.dtype = torch.float32,
+                 backend: str | None = None):
+        self.model = packed.inference_model(model, dtype)  # as fast.encode: products in dtype, CPU inference ops
         self.rate = inputs.check_sample_rate(sample_rate)
         self.frames = frames
         self.backend = backend

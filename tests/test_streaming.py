@@ -44,6 +44,19 @@ def test_stream_equals_offline(model, rate, frames):
             assert rel_err(rows[:, dim:], final[:, dim:]) < 1e-5
 
 
+def test_stream_in_bf16_equals_offline_bf16(model):
+    rate = 16000
+    x = torch.randn(geometry.n_fft(rate) + 2600 * geometry.hop(rate)) * 0.5 + 1.0
+    ref_u, ref_f = fast.encode(model, [x], rate, frames=True, dtype=torch.bfloat16)[0]
+    exact_u, exact_f = model.encode(x, rate)
+    stream = fast.StreamEncoder(model, rate, frames=True, dtype=torch.bfloat16)
+    emitted = push_in_random_pieces(stream, x)
+    utterance, frame_rows = stream.finish()
+    assert [k for k, _, _ in emitted] == [0] and frame_rows.shape == ref_f.shape
+    assert rel_err(utterance, ref_u) < 5e-3 and rel_err(frame_rows, ref_f) < 5e-3  # the same bf16 ops
+    assert rel_err(utterance, exact_u) < 2e-2 and rel_err(frame_rows, exact_f) < 2e-2
+
+
 def test_utterance_only_and_pcm(model):
     pcm = (torch.randn(30000) * 2000).to(torch.int16)
     stream = fast.StreamEncoder(model, 12000)
@@ -56,6 +69,8 @@ def test_stream_errors(model):
     stream = fast.StreamEncoder(model, 16000)
     with pytest.raises(ValueError, match="1-D chunks"):
         stream.push(torch.zeros(2, 10))
+    with pytest.raises(ValueError, match="dtype must be"):
+        fast.StreamEncoder(model, 16000, dtype=torch.int8)
     with pytest.raises(ValueError, match="NaN or Inf"):
         stream.push(torch.tensor([0.0, float("nan")]))
     stream.push(torch.zeros(100))
