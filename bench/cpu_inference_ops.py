@@ -89,7 +89,7 @@ def main() -> int:
         stream, residual, weight, bias, 1e-5, False)[0], lambda: F.layer_norm(stream + residual, (DIM,), weight, bias,
         1e-5), truth, 1e-6, args.repeats)
     for dtype in (torch.bfloat16, torch.float32):
-        for length in (5, 12, 17, 24, 32):
+        for length in (5, 12, 17, 24, 32, 48, 64):
             packing = Packing.from_lengths(torch.full((TOKENS // length,), length))
             qkv = torch.randn(packing.total_tokens, 3 * DIM).to(dtype)
             truth = attention_ops.varlen_attention(qkv.double(), packing.cu_seqlens, HEADS)

@@ -1,7 +1,7 @@
 // short_attention: self-attention of many short packed sequences on the CPU (contract: echo/ops/attention.py,
-// varlen_attention), for sequences of at most 32 tokens and head_dim 64. A clip of a few seconds gives ECHO
-// sequences of 4-17 tokens (one band of one segment), and torch's SDPA spends about as long on such a
-// (sequence, head) as on one of 32 tokens: a fifth of a bf16 encode of short clips went there.
+// varlen_attention), for sequences of at most 64 tokens and head_dim 64. A clip of up to ten seconds gives ECHO
+// sequences of 2-64 tokens (one band of one segment), and torch's SDPA spends about as long on such a
+// (sequence, head) as on one of 64 tokens: a fifth of a bf16 encode of short clips went there.
 //
 // One work item is one (sequence, head). Queries lie in vector lanes (Q transposed by in-register shuffles), so
 // a key's scores against 16 queries are one vector and the softmax over keys is vertical arithmetic; key
@@ -30,7 +30,7 @@ namespace echo {
 namespace {
 
 constexpr int64_t kHeadDim = 64;
-constexpr int64_t kMaxTokens = 32;
+constexpr int64_t kMaxTokens = 64;
 constexpr int kQueries = 4;  // queries per pass over the value rows
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
@@ -131,15 +131,19 @@ ECHO_VECTOR_CLONES void attend(const T* q, const T* k, const T* v, T* out, int64
   v16 scores[16 * kBlocks][kBlocks];
   for (int64_t j0 = 0; j0 < length; j0 += 4) {
     const int64_t count = std::min<int64_t>(4, length - j0);
-    v16 sum[4][2][kBlocks] = {};
-    for (int c = 0; c < kHeadDim; c += 2)
-      for (int h = 0; h < 2; ++h)
+    constexpr int kSplit = kBlocks <= 2 ? 2 : 1;  // independent sums per key: 8 to 16 in flight, no spills
+    v16 sum[4][kSplit][kBlocks] = {};
+    for (int c = 0; c < kHeadDim; c += kSplit)
+      for (int h = 0; h < kSplit; ++h)
         for (int b = 0; b < kBlocks; ++b) {
           const v16 query = queries[c + h][b];
           for (int t = 0; t < 4; ++t) sum[t][h][b] += keys[j0 + t][c + h] * query;
         }
     for (int t = 0; t < count; ++t)
-      for (int b = 0; b < kBlocks; ++b) scores[j0 + t][b] = sum[t][0][b] + sum[t][1][b];
+      for (int b = 0; b < kBlocks; ++b) {
+        scores[j0 + t][b] = sum[t][0][b];
+        for (int h = 1; h < kSplit; ++h) scores[j0 + t][b] += sum[t][h][b];
+      }
   }
   alignas(64) float weights[16 * kBlocks][16 * kBlocks];  // weights[j][i]: of key j for query i
   for (int b = 0; b < kBlocks; ++b) {
@@ -177,8 +181,11 @@ void run(const at::Tensor& qkv, const int64_t* bounds, int64_t sequences, int64_
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / heads, h = item % heads, first = bounds[s], length = bounds[s + 1] - first;
       const T* q = in + first * 3 * dim + h * kHeadDim;
-      (length <= 16 ? &attend<T, 1> : &attend<T, 2>)(q, q + dim, q + 2 * dim, result + first * dim + h * kHeadDim,
-                                                       length, 3 * dim, dim, scale);
+      (length <= 16   ? &attend<T, 1>
+       : length <= 32 ? &attend<T, 2>
+       : length <= 48 ? &attend<T, 3>
+                      : &attend<T, 4>)(q, q + dim, q + 2 * dim, result + first * dim + h * kHeadDim, length, 3 * dim, dim,
+                                       scale);
     }
   });
 }

@@ -158,7 +158,7 @@ requires_attention_op = pytest.mark.skipif(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("spread", [2.0, 6.0])
 def test_short_attention_matches_float64(heads, dtype, spread):
-    """Every length 1..32 once (each tail of the kernel's groups of 4 keys and 4 queries, both sides of 16)
+    """Every length 1..64 once (each tail of the kernel's groups of 4 keys and 4 queries, each of its widths)
     plus random ones, in random order; at spread 6 many weights fall below e^-87, which the kernel makes 0."""
     extra = torch.randint(1, attention_ops.SHORT_TOKENS + 1, (int(torch.randint(1, 50, ())),))
     lengths = torch.cat([torch.arange(1, attention_ops.SHORT_TOKENS + 1), extra])
@@ -167,22 +167,23 @@ def test_short_attention_matches_float64(heads, dtype, spread):
     truth = per_sequence_float64(qkv, packing.cu_seqlens, heads)  # of the same (bf16-rounded) inputs
     out = torch.ops.echo.short_attention(qkv, packing.cu_seqlens, heads)
     assert out.dtype == dtype and out.shape == truth.shape
-    if dtype == torch.float32:
-        assert rel_err(out, truth) < 1e-6
+    sdpa = attention_ops.grouped_attention(qkv, packing.groups, heads)
+    if dtype == torch.float32:  # scores of ~100 (spread 6) carry fp32 rounding of ~1e-5: no worse than SDPA's
+        assert rel_err(out, truth) < 1e-6 or rel_err(out, truth) <= 1.2 * rel_err(sdpa, truth)
+        assert rel_err(out, truth) < 1e-5
     else:  # only the output's rounding to bf16 remains: no worse than SDPA's
-        sdpa = attention_ops.grouped_attention(qkv, packing.groups, heads)
         assert rel_err(out, truth) <= 1.2 * rel_err(sdpa, truth) + 1e-4
 
 
 @requires_attention_op
 def test_short_attention_rejects_what_it_cannot_run():
-    qkv = torch.randn(40, 3 * 64)
-    with pytest.raises(RuntimeError, match="1 to 32 tokens"):
-        torch.ops.echo.short_attention(qkv, torch.tensor([0, 7, 40]), 1)
+    qkv = torch.randn(80, 3 * 64)
+    with pytest.raises(RuntimeError, match="1 to 64 tokens"):
+        torch.ops.echo.short_attention(qkv, torch.tensor([0, 7, 80]), 1)
     with pytest.raises(RuntimeError, match="qkv must be"):
-        torch.ops.echo.short_attention(torch.randn(40, 3 * 32), torch.tensor([0, 20, 40]), 1)
+        torch.ops.echo.short_attention(torch.randn(80, 3 * 32), torch.tensor([0, 40, 80]), 1)
     with pytest.raises(RuntimeError, match="cu_seqlens must run"):
-        torch.ops.echo.short_attention(qkv, torch.tensor([0, 20, 39]), 1)
+        torch.ops.echo.short_attention(qkv, torch.tensor([0, 40, 79]), 1)
 
 
 @requires_attention_op

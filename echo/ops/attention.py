@@ -52,8 +52,8 @@ def grouped_attention(qkv: torch.Tensor, groups: dict[int, torch.Tensor], heads:
 
 
 # The compiled kernel (csrc/attention.cpp) takes sequences up to this many tokens with 64-dim heads; it beat
-# grouped SDPA 1.5-7x at 5-32 tokens (bench/RESULTS.md, fifth session).
-SHORT_TOKENS = 32
+# grouped SDPA 1.1-7x at 5-64 tokens (bench/RESULTS.md, fifth session).
+SHORT_TOKENS = 64
 COMPILED_HEAD_DIM = 64
 
 
