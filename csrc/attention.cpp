@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <utility>
 
 #define ECHO_INLINE inline __attribute__((always_inline))
@@ -176,16 +177,16 @@ void run(const at::Tensor& qkv, const int64_t* bounds, int64_t sequences, int64_
   const float scale = 1.f / std::sqrt(static_cast<float>(kHeadDim));
   const T* in = qkv.data_ptr<T>();
   T* result = out.data_ptr<T>();
+  // the kernel of each 16-token width, chosen per sequence
+  constexpr decltype(&attend<T, 1>) kernels[] = {&attend<T, 1>, &attend<T, 2>, &attend<T, 3>, &attend<T, 4>};
+  static_assert(16 * std::size(kernels) == kMaxTokens);
   // grain: enough (sequence, head) items per task to amortise the scheduling
   at::parallel_for(0, sequences * heads, 32, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / heads, h = item % heads, first = bounds[s], length = bounds[s + 1] - first;
       const T* q = in + first * 3 * dim + h * kHeadDim;
-      (length <= 16   ? &attend<T, 1>
-       : length <= 32 ? &attend<T, 2>
-       : length <= 48 ? &attend<T, 3>
-                      : &attend<T, 4>)(q, q + dim, q + 2 * dim, result + first * dim + h * kHeadDim, length, 3 * dim, dim,
-                                       scale);
+      kernels[(length - 1) / 16](q, q + dim, q + 2 * dim, result + first * dim + h * kHeadDim, length, 3 * dim, dim,
+                                 scale);
     }
   });
 }
