@@ -52,7 +52,7 @@ def grouped_attention(qkv: torch.Tensor, groups: dict[int, torch.Tensor], heads:
 
 
 # The compiled kernel (csrc/attention.cpp) takes sequences up to this many tokens with 64-dim heads; against
-# grouped SDPA it measured 1.5-7x at 5-63 tokens, and at 64, where SDPA is at its best, 0.9-1.1x in bf16,
+# grouped SDPA it measured 1.4-7x at 5-63 tokens, and at 64, where SDPA is at its best, 0.9-1.1x in bf16,
 # 1.6-1.8x in fp32 and 1.06x on a whole bf16 W1 encode (bench/RESULTS.md, fifth session).
 SHORT_TOKENS = 64
 COMPILED_HEAD_DIM = 64
