@@ -60,6 +60,14 @@ def extension_setup() -> dict:
                 print(f"echo: WARNING: the compiled extension failed to build ({error}); "
                       "echo falls back to its torch ops (python -m echo info)")
 
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            built = self.get_ext_fullpath(ext.name)
+            problem = config.error_problem(built)
+            if problem:  # never install an extension that crashes where it should raise
+                os.remove(built)
+                raise RuntimeError(f"the built extension was removed: {problem}")
+
     return {"ext_modules": [extension], "cmdclass": {"build_ext": OptionalBuild.with_options(use_ninja=True)}}
 
 

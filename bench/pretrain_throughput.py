@@ -9,8 +9,9 @@ building, targets, decoder, loss (on real tokens only), backward, AdamW and EMA 
 The script first checks that both give the same fp32 loss, so the comparison is fair.
 
 Batches: the default sampling config (10 s crops, 2-5 bands, 4 clones, mask 0.8) on generated tones + noise
-at 8/16/22.05/44.1/48 kHz, 1-10 s each (so crops of 1-10 s). Each measurement runs in a fresh subprocess
-(peak RSS, or peak CUDA memory, of that measurement alone); packed and padded runs alternate.
+at 8/16/22.05/44.1/48 kHz, 1-10 s each (so crops of 1-10 s), made once and shared by every measurement. Each
+measurement runs in a fresh subprocess (peak RSS, or peak CUDA memory, of that measurement alone); packed and
+padded runs alternate.
 
     python bench/pretrain_throughput.py                                  # tiny and small, CPU
     python bench/pretrain_throughput.py --tokens-per-batch 4096 --steps 2 --repeats 2
@@ -27,6 +28,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -217,9 +219,9 @@ def bf16_wanted(args, device: torch.device) -> bool:
 
 
 def measure(args, size: str, path: str) -> dict:
-    """One measurement (run in its own process): warm-up steps, then timed steps on the same batches."""
+    """One measurement (run in its own process): warm-up steps, then timed steps on the shared batches."""
     device = torch.device(args.device)
-    batches = make_batches(args.warmup + args.steps, sampling_config(args), args.seed)
+    batches = torch.load(args.batches, weights_only=False)
     trainer = make_trainer(EchoConfig.preset(size), device, bf16_wanted(args, device), args.seed)
     padded = path == "padded"
     for batch in batches[: args.warmup]:
@@ -255,7 +257,8 @@ def full_clip_tokens(config: SamplingConfig) -> float:
 
 
 def run_measurement(args, size: str, path: str) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--one", size, path, "--device", args.device,
+    command = [sys.executable, os.path.abspath(__file__), "--one", size, path, "--batches", args.batches,
+               "--device", args.device,
                "--precision", args.precision, "--tokens-per-batch", str(args.tokens_per_batch),
                "--clones", str(args.clones), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--seed", str(args.seed)]
@@ -278,6 +281,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="measurements per size and path, alternated")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--one", nargs=2, metavar=("SIZE", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument("--batches", help=argparse.SUPPRESS)  # the measurements' batches, saved by the parent
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(args, *args.one)))
@@ -300,10 +304,13 @@ def main() -> int:
         print(f"timings on a loaded machine shared with other jobs (load average {load} on {os.cpu_count()} "
               f"cores): {args.repeats} measurements per row, packed and padded alternated; median and best")
 
+    started = time.perf_counter()
+    batches = make_batches(args.warmup + args.steps, config, args.seed)
+    print(f"{len(batches)} batches of {statistics.mean(b.clips for b in batches):.0f} clips made in "
+          f"{time.perf_counter() - started:.0f} s")
     fair = True
     for size in args.sizes:
-        batch = make_batches(1, config, args.seed)[0]
-        error = loss_mismatch(make_trainer(EchoConfig.preset(size), device, False, args.seed), batch)
+        error = loss_mismatch(make_trainer(EchoConfig.preset(size), device, False, args.seed), batches[0])
         fair &= error < 1e-5
         print(f"ECHO-{size}: padded fp32 loss vs packed: relative error {error:.1e} "
               f"({'ok' if error < 1e-5 else 'MISMATCH'}, limit 1e-5)")
@@ -312,10 +319,16 @@ def main() -> int:
         return 1
 
     results = {}
-    for size in args.sizes:
-        for repeat in range(args.repeats):
-            for path in PATHS if repeat % 2 == 0 else PATHS[::-1]:
-                results.setdefault((size, path), []).append(run_measurement(args, size, path))
+    with tempfile.TemporaryDirectory() as scratch:
+        args.batches = os.path.join(scratch, "batches.pt")
+        torch.save(batches, args.batches)
+        for size in args.sizes:
+            for repeat in range(args.repeats):
+                for path in PATHS if repeat % 2 == 0 else PATHS[::-1]:
+                    result = run_measurement(args, size, path)
+                    results.setdefault((size, path), []).append(result)
+                    print(f"  {size} {path}: {result['tokens'] / result['seconds']:,.0f} tokens/s", file=sys.stderr,
+                          flush=True)
 
     memory = "peak GPU MiB" if device.type == "cuda" else "peak RSS MiB"
     print(f"| size | path | tokens/s (median, best) | clips/s | step time s (median, min) | {memory} | "
@@ -336,10 +349,11 @@ def main() -> int:
                   f"{clips_per_s[size, path]:.1f} | {median / steps:.2f} ({min(seconds) / steps:.2f}) | {peak:,.0f} | "
                   f"{speedup} | {100 * waste:.0f}% |")
     first = results[args.sizes[0], "padded"][0]
-    print(f"\nceiling on this mix: the padded encoder runs {first['padded_tokens'] / first['tokens']:.2f}x the real "
-          f"tokens, so packing can speed the step up by at most that much (a little more through attention, "
-          f"quadratic in length) and only as far as the encoder dominates: token building, targets, decoder, "
-          f"optimizer and EMA are shared")
+    print(f"\npadding on this mix: the padded encoder runs {first['padded_tokens'] / first['tokens']:.2f}x the real "
+          f"tokens. Where the step's cost follows its token count (a CPU) that caps what packing gains, and only as "
+          f"far as the encoder dominates (token building, targets, decoder, optimizer and EMA are shared); on a "
+          f"GPU, masked attention over the padded length and the padded kernels can cost more than their token "
+          f"share")
     tokens_per_clip = results[args.sizes[0], "packed"][0]["tokens"] / results[args.sizes[0], "packed"][0]["clips"]
     print(f"\nthis mix: {tokens_per_clip:.0f} tokens (teacher + student) per clip; a full {config.crop_seconds:g} s "
           f"clip takes {full_clip_tokens(config):.0f}")

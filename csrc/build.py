@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -56,6 +57,36 @@ def check_cuda() -> int:
             print(f"csrc check-cuda: {source.name} compiles for sm_{', sm_'.join(CUDA_ARCHS)} "
                   f"({time.perf_counter() - started:.0f} s)")
     return 0
+
+
+ERROR_PROBE = """
+import sys, torch
+torch.ops.load_library(sys.argv[1])
+x = torch.zeros(2, 3)
+try:
+    torch.ops.echo.residual_layer_norm(x, x[:, :2].contiguous(), torch.ones(3), torch.zeros(3), 1e-5, False)
+except RuntimeError:
+    sys.exit(0)
+sys.exit("a mis-shaped residual was accepted")
+"""
+
+
+def error_problem(library: str) -> str | None:
+    """None when an op of the built library that refuses its input raises a Python error; else what happened.
+    Why: a compiler that links its own C++ runtime into the library (seen: a custom GCC that Python was built
+    with) makes an extension whose every C++ exception kills the process instead."""
+    result = subprocess.run([sys.executable, "-c", ERROR_PROBE, library], capture_output=True, text=True)
+    if result.returncode == 0:
+        return None
+    import torch
+
+    compiler = os.environ.get("CXX") or sysconfig.get_config_var("CXX")
+    torch_compiler = next((line.strip(" -") for line in torch.__config__.show().splitlines()
+                           if "GCC" in line or "clang" in line.lower()), "its compiler")
+    outcome = "crashed the process" if result.returncode < 0 else "failed"
+    return (f"an op that refuses its input {outcome} (exit {result.returncode}: {result.stderr.strip()[-300:]}) "
+            f"instead of raising. The compiler ({compiler}) may link a C++ runtime of its own; torch was built "
+            f"with {torch_compiler}: set CXX and CC to that compiler, e.g. CXX=/usr/bin/g++ CC=/usr/bin/gcc")
 
 
 if __name__ == "__main__":

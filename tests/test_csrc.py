@@ -205,3 +205,28 @@ def test_packed_attention_with_autograd_takes_the_differentiable_path():
     qkv = torch.randn(packing.total_tokens, 3 * 64, requires_grad=True)
     attention_ops.packed_attention(qkv, packing, 1).square().sum().backward()
     assert qkv.grad is not None and torch.isfinite(qkv.grad).all() and qkv.grad.abs().sum() > 0
+
+
+
+def build_module() -> dict:
+    """csrc/build.py's globals (it is not part of the package: setup.py loads it from the source tree)."""
+    import runpy
+    from pathlib import Path
+
+    return runpy.run_path(str(Path(__file__).resolve().parent.parent / "csrc" / "build.py"))
+
+
+@requires_norm_op
+def test_the_built_extension_raises_where_it_refuses_its_input():
+    import echo._C
+
+    assert build_module()["error_problem"](echo._C.__file__) is None
+
+
+def test_a_library_that_crashes_or_will_not_load_is_reported_with_the_fix(tmp_path):
+    build = build_module()
+    missing = build["error_problem"](str(tmp_path / "absent.so"))
+    assert missing is not None and "failed" in missing and "set CXX and CC" in missing
+    build["error_problem"].__globals__["ERROR_PROBE"] = "import os; os.abort()"
+    crashed = build["error_problem"](str(tmp_path / "absent.so"))
+    assert crashed is not None and "crashed the process" in crashed and "exit -6" in crashed
