@@ -86,10 +86,19 @@ def float32_front_end(waves: torch.Tensor, offsets: torch.Tensor, plan) -> torch
 
 
 def assert_front_end_close(out: torch.Tensor, waves: torch.Tensor, offsets: torch.Tensor, plan) -> None:
-    """A float32 front end against the float64 reference: under 1e-5, or at most twice the error of the
-    released float32 computation on the same input (the flash-attention rule)."""
+    """A float32 front end against the float64 reference, in two domains.
+    Magnitudes |X| (the normalisation undone): the FFT is norm-wise stable there, so float32's rule applies,
+    under 1e-5 (measured ~3e-7 for both the torch and the compiled path).
+    The normalised log the model sees: a near-zero bin turns float32 rounding into a large log error, and two
+    correct float32 computations differ there by luck (the compiled path is more accurate than torch.stft in
+    the median, yet 12x worse on single draws): at most twice the error of the released float32 computation
+    on the same input (the flash-attention rule), or 1e-3 (over 6000 random signals the torch path reached
+    3.6e-4 and the compiled one 2.2e-4)."""
+    from echo import geometry
     from echo.ops import stft as stft_ops
 
     truth = stft_ops.ragged_spectrogram_reference(waves.double().cpu(), offsets, plan)
-    bound = max(1e-5, 2 * rel_err(float32_front_end(waves, offsets, plan), truth))
+    magnitude = lambda normalised: torch.exp(normalised.double() * geometry.LOG_STD - geometry.LOG_MEAN)
+    assert rel_err(magnitude(out.cpu()), magnitude(truth)) < 1e-5
+    bound = max(1e-3, 2 * rel_err(float32_front_end(waves, offsets, plan), truth))
     assert rel_err(out.cpu(), truth) < bound
