@@ -1,11 +1,14 @@
 """Build the pretraining corpus of echo's default model from packages that install offline, plus synthetic
 machine signals, with a data list of every file's source, licence and credit.
 
-    python scripts/build_corpus.py [--out corpus] [--cache .cache/debian] [--synthetic 500]
+    python scripts/build_corpus.py [--out corpus] [--cache .cache/debian] [--synthetic 500] [--extra hydrogen-drumkits]
 
     OUT/pretrain/<package>/...wav        real audio at its own rate: OpenSFX machinery, vehicles and tools
                                          (unpacked from opensfx.cat), Asterisk speech prompts (8 kHz),
-                                         alsa-utils speaker-test voices (48 kHz), sound-icons (16 kHz)
+                                         alsa-utils speaker-test voices (48 kHz), sound-icons (16 kHz);
+                                         with --extra hydrogen-drumkits also the Hydrogen drum kits
+                                         (percussive transients, 22.05-48 kHz; FLAC, AIFF and WAV samples
+                                         written as 16-bit WAV; not in the bundled model's corpus)
     OUT/pretrain/synthetic/<rate>/...wav machines from echo.data.synth at mixed rates, healthy and with
                                          bearing faults
     OUT/heldout/bucklespring/...wav      bucklespring-data key switches (44.1 kHz), held out of pretraining
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,10 +37,32 @@ from echo import geometry  # noqa: E402
 from echo.data import debian, synth  # noqa: E402
 from echo.data.opensfx import read_catalogue  # noqa: E402
 from echo.data.wav import read_wav, write_wav  # noqa: E402
+from echo.encode_files import read_file  # noqa: E402
 
 PRETRAIN_PACKAGES = ("openttd-opensfx", "asterisk-core-sounds-en-wav", "alsa-utils", "sound-icons")
+EXTRA_PACKAGES = ("hydrogen-drumkits",)  # more real wideband audio, for runs beyond the bundled model's recipe
 HELD_OUT_PACKAGE = "bucklespring-data"
 OPENSFX_CATALOGUE = "usr/share/games/openttd/baseset/opensfx/opensfx.cat"
+HYDROGEN_KITS_FOLDER = "usr/share/hydrogen/data/drumkits"
+# (licence, credit) of each kit of hydrogen-drumkits 2017.09.19~dfsg-1, from its debian/copyright (which says
+# how each was confirmed); a kit not listed here is left out, never given a guessed licence.
+HYDROGEN_KITS = {
+    "Audiophob": ("CC0-1.0", "soundcloud.com/audiophobdubstep"),
+    "BJA_Pacific": ("CC-BY-SA-3.0-US", "Luc Tanguay, Bransin James Anderson"),
+    "ColomboAcousticDrumkit": ("GPL-2+ with composition exception", "Marcos Guglielmetti"),
+    "ElectricEmpireKit": ("GPL-2+", "Artemiy Pavlov (ArtemioLabs)"),
+    "ForzeeStereo": ("GPL-2", "Vladimir Sadovnikov, Alexander Belokurov"),
+    "Gimme A Hand 1.0": ("GPL-2", "Glen MacArthur"),
+    "HardElectro1": ("GPL-2+", "Artemiy Pavlov (ArtemioLabs)"),
+    "Millo-Drums_v.1": ("GPL-2", "Emiliano Grilli (Emillo)"),
+    "Millo_MultiLayered2": ("GPL-2", "Emiliano Grilli (Emillo)"),
+    "Millo_MultiLayered3": ("GPL-2", "Emiliano Grilli (Emillo)"),
+    "The Black Pearl 1.0": ("GPL-2", "Glen MacArthur"),
+    "VariBreaks": ("GPL-2+", "Artemiy Pavlov (ArtemioLabs)"),
+    "circAfrique v4": ("CC-BY-SA-3.0", "Jim Harney"),
+    "rumpf_kit_z01_h2": ("CC-BY-3.0", "Emanuel Rumpf"),
+}
+HYDROGEN_SUFFIXES = (".wav", ".flac", ".aiff", ".aif")
 SYNTHETIC_RATES = (8000, 12000, 16000, 22050, 44100, 48000, 50000)
 SILENCE = 1e-4  # peak below which a file counts as silent
 COLUMNS = ("path", "split", "source", "original", "sample_rate", "seconds", "channels", "label", "licence", "credit")
@@ -68,11 +94,31 @@ def _package_items(package: str, root: Path, split: str) -> list[tuple[Item, obj
                 items.append((Item(f"{folder}/{name}.wav", split, source, f"opensfx.cat#{sound.index} "
                                    f"\"{sound.title}\"", sound.licence, sound.credit), sound.wav))
         return items
+    if package == "hydrogen-drumkits":
+        return _hydrogen_items(root, folder, source)
     for path in sorted(root.rglob("*.wav")):
         relative = path.relative_to(root)
         label = {"0": "press", "1": "release"}.get(path.stem.rsplit("-", 1)[-1], "") if split == "heldout" else ""
         short = Path(*relative.parts[-2:]) if len(relative.parts) > 1 else relative
         items.append((Item(f"{folder}/{short}", split, source, str(relative), licence, credit, label), path))
+    return items
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in name)
+
+
+def _hydrogen_items(root: Path, folder: str, source: str) -> list[tuple[Item, object]]:
+    """Every sample of every kit whose licence is recorded in HYDROGEN_KITS, under pretrain/<package>/<kit>/."""
+    items = []
+    for kit in sorted(p for p in (root / HYDROGEN_KITS_FOLDER).iterdir() if p.is_dir()):
+        if kit.name not in HYDROGEN_KITS:
+            print(f"hydrogen-drumkits: kit {kit.name!r} left out: no licence recorded for it in HYDROGEN_KITS")
+            continue
+        licence, credit = HYDROGEN_KITS[kit.name]
+        for path in sorted(p for p in kit.rglob("*") if p.suffix.lower() in HYDROGEN_SUFFIXES):
+            relative = f"{folder}/{_slug(kit.name)}/{_slug(path.stem)}.wav"
+            items.append((Item(relative, "pretrain", source, str(path.relative_to(root)), licence, credit), path))
     return items
 
 
@@ -96,6 +142,8 @@ def _waveform(source) -> tuple[np.ndarray, int]:
         machine_seed, fault, rate, n = source
         signal = synth.machine_signal(synth.random_machine(machine_seed, fault), rate, n, seed=machine_seed)
         return signal / max(float(np.abs(signal).max()), 1e-9) * 0.9, rate
+    if isinstance(source, Path):
+        return read_file(source)
     return read_wav(source)
 
 
@@ -113,14 +161,19 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", type=Path, default=Path(".cache/debian"), help="where packages are kept")
     parser.add_argument("--synthetic", type=int, default=500, help="synthetic machine clips (2-10 s each)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--extra", nargs="+", choices=EXTRA_PACKAGES, default=[],
+                        help="also these packages (each file with its own licence and credit in the data list)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
 
     work = []
-    for package in (*PRETRAIN_PACKAGES, HELD_OUT_PACKAGE):
+    for package in (*PRETRAIN_PACKAGES, *args.extra, HELD_OUT_PACKAGE):
         root = debian.fetch(package, args.cache)
         work += _package_items(package, root, "heldout" if package == HELD_OUT_PACKAGE else "pretrain")
     work += _synthetic_items(args.synthetic, args.seed)
+    clashes = sorted(path for path, count in Counter(item.relative for item, _ in work).items() if count > 1)
+    if clashes:  # a rerun would take one file's output for the other's
+        raise SystemExit(f"two sources would be written to the same corpus file: {clashes[:5]}")
 
     rows, skipped, reused = [], [], 0
     for item, source in tqdm(work, desc="corpus", unit="file", disable=args.quiet):

@@ -138,3 +138,24 @@ def test_select_checkpoint_scores_every_checkpoint_and_prints_the_best(stopped_r
         embeddings = demo.encode(model, task.signals, task.rates)
         aucs.append(demo.score(task, embeddings)[2]["AUC (demo)"])
     assert float(rows[1]["validation AUC"]) == pytest.approx(np.mean(aucs), abs=1e-9)
+
+
+def test_the_corpus_takes_each_hydrogen_kit_with_its_recorded_licence_and_reads_flac(tmp_path, capsys):
+    soundfile = pytest.importorskip("soundfile")
+    build_corpus = import_script("build_corpus")
+    kits = tmp_path / build_corpus.HYDROGEN_KITS_FOLDER
+    (kits / "Audiophob").mkdir(parents=True)
+    (kits / "Unlisted Kit").mkdir()
+    samples = (np.random.uniform(-0.5, 0.5, (22050, 2)) * 32768).round() / 32768  # exact in 16-bit FLAC
+    soundfile.write(kits / "Audiophob" / "tom hit.flac", samples, 44100, subtype="PCM_16")
+    (kits / "Audiophob" / "drumkit.xml").write_text("<drumkit_info/>")
+    soundfile.write(kits / "Unlisted Kit" / "kick.wav", samples, 44100, subtype="PCM_16")
+
+    items = build_corpus._hydrogen_items(tmp_path, "pretrain/hydrogen-drumkits", "hydrogen-drumkits_test.deb")
+    assert [item.relative for item, _ in items] == ["pretrain/hydrogen-drumkits/Audiophob/tom_hit.wav"]
+    item, source = items[0]
+    assert (item.licence, item.credit) == build_corpus.HYDROGEN_KITS["Audiophob"]
+    assert "Unlisted Kit" in capsys.readouterr().out  # left out, and said so
+    waveform, rate = build_corpus._waveform(source)
+    assert rate == 44100 and waveform.shape == (2, 22050)
+    np.testing.assert_array_equal(waveform, samples.T.astype(np.float32))

@@ -15,6 +15,8 @@ LICENCES = {
     "asterisk-core-sounds-en-wav": ("CC-BY-SA-3.0", "Allison Smith (recording); Digium, Inc."),
     "alsa-utils": ("GPL-2", "Jaroslav Kysela and the ALSA project"),
     "sound-icons": ("GPL-2+", "Brailcom, o.p.s."),
+    "hydrogen-drumkits": ("per kit (GPL-2, GPL-2+, CC-BY-3.0, CC-BY-SA-3.0, CC0-1.0): see its credit",
+                          "the Hydrogen drum kits' authors, see each kit's credit"),
     "bucklespring-data": ("GPL-2+", "Ico Doornekamp (bucklespring)"),
 }
 
