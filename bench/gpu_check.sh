@@ -92,6 +92,9 @@ wanted pretrain && stage pretrain 280 "$PYTHON" bench/pretrain_throughput.py --d
 
 # 6. the compiled extension's CUDA op: build it here with nvcc, then its tests on the GPU (issue 6)
 if wanted csrc; then
+    # The lent H100 image's default compiler (the one its Python was built with, /opt/gcc) links a C++ runtime
+    # of its own, and setup.py refuses such a build; the system compiler is the one torch was built with there.
+    if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
     stage csrc_build 240 "$PYTHON" setup.py build_ext --inplace
     stage csrc_tests 60 "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/test_csrc.py
 fi
