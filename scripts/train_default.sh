@@ -8,7 +8,7 @@
 # On one CPU core the pretraining takes about 60-90 minutes; set DEVICE=cuda to use a GPU. STEPS, TOKENS
 # (teacher tokens per step) and WORKERS (DataLoader workers) default to the bundled model's recipe (1500,
 # 4096, 1); EXTRA=hydrogen-drumkits adds the drum kits to the corpus (not in the bundled recipe); a GPU run
-# scales them (an H100 took ~270 clips, 32768 tokens, per step at ~0.1 s: bench/RESULTS.md).
+# scales STEPS, TOKENS and WORKERS (an H100 took ~270 clips, 32768 tokens, per step at ~0.1 s: bench/RESULTS.md).
 # The corpus (~220 MB) is built from Debian packages fetched with apt-get download (nothing is installed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
