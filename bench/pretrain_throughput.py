@@ -258,8 +258,7 @@ def full_clip_tokens(config: SamplingConfig) -> float:
 
 def run_measurement(args, size: str, path: str) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--one", size, path, "--batches", args.batches,
-               "--device", args.device,
-               "--precision", args.precision, "--tokens-per-batch", str(args.tokens_per_batch),
+               "--device", args.device, "--precision", args.precision, "--tokens-per-batch", str(args.tokens_per_batch),
                "--clones", str(args.clones), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--seed", str(args.seed)]
     done = subprocess.run(command, capture_output=True, text=True)

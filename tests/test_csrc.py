@@ -207,7 +207,6 @@ def test_packed_attention_with_autograd_takes_the_differentiable_path():
     assert qkv.grad is not None and torch.isfinite(qkv.grad).all() and qkv.grad.abs().sum() > 0
 
 
-
 def build_module() -> dict:
     """csrc/build.py's globals (it is not part of the package: setup.py loads it from the source tree)."""
     import runpy
