@@ -90,7 +90,7 @@ def _package_items(package: str, root: Path, split: str) -> list[tuple[Item, obj
     if package == "openttd-opensfx":
         for sound in read_catalogue(root / OPENSFX_CATALOGUE):
             if sound.wav:
-                name = f"{sound.index:02d}_{''.join(c if c.isalnum() else '_' for c in sound.title.lower())}"
+                name = f"{sound.index:02d}_{_slug(sound.title.lower())}"
                 items.append((Item(f"{folder}/{name}.wav", split, source, f"opensfx.cat#{sound.index} "
                                    f"\"{sound.title}\"", sound.licence, sound.credit), sound.wav))
         return items
@@ -105,7 +105,8 @@ def _package_items(package: str, root: Path, split: str) -> list[tuple[Item, obj
 
 
 def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-." else "_" for c in name)
+    """A file name made of letters, digits and underscores."""
+    return "".join(c if c.isalnum() else "_" for c in name)
 
 
 def _hydrogen_items(root: Path, folder: str, source: str) -> list[tuple[Item, object]]:
