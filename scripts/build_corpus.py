@@ -2,6 +2,7 @@
 machine signals, with a data list of every file's source, licence and credit.
 
     python scripts/build_corpus.py [--out corpus] [--cache .cache/debian] [--synthetic 500] [--extra hydrogen-drumkits]
+        [--jobs N]
 
     OUT/pretrain/<package>/...wav        real audio at its own rate: OpenSFX machinery, vehicles and tools
                                          (unpacked from opensfx.cat), Asterisk speech prompts (8 kHz),
@@ -24,9 +25,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +161,30 @@ def _unusable(waveform: np.ndarray, rate: int) -> str | None:
     return None
 
 
+def _corpus_file(out: Path, item: Item, source) -> tuple[dict | None, tuple[str, str] | None, bool]:
+    """Write one corpus file (or reuse it, written atomically by an earlier run): (data-list row, None, reused),
+    or (None, (original, why it was left out), False)."""
+    target = out / item.relative
+    try:
+        reused = target.is_file()
+        if reused:
+            waveform, rate = read_wav(target)
+        else:
+            waveform, rate = _waveform(source)
+            reason = _unusable(waveform, rate)
+            if reason:
+                return None, (item.original, reason), False
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_wav(target, waveform, rate)
+    except (ValueError, OSError) as error:
+        return None, (item.original, f"{type(error).__name__}: {error}"), False
+    channels = 1 if waveform.ndim == 1 else waveform.shape[0]
+    row = {"path": item.relative, "split": item.split, "source": item.source, "original": item.original,
+           "sample_rate": rate, "seconds": round(waveform.shape[-1] / rate, 4), "channels": channels,
+           "label": item.label, "licence": item.licence, "credit": item.credit}
+    return row, None, reused
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("corpus"))
@@ -164,6 +193,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--extra", nargs="+", choices=EXTRA_PACKAGES, default=[],
                         help="also these packages (each file with its own licence and credit in the data list)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="processes writing files (default: one per CPU; the files do not depend on it)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
 
@@ -177,27 +208,15 @@ def main(argv=None) -> int:
         raise SystemExit(f"two sources would be written to the same corpus file: {clashes[:5]}")
 
     rows, skipped, reused = [], [], 0
-    for item, source in tqdm(work, desc="corpus", unit="file", disable=args.quiet):
-        target = args.out / item.relative
-        try:
-            if target.is_file():  # written atomically by an earlier run
-                waveform, rate = read_wav(target)
-                reused += 1
+    with ProcessPoolExecutor(args.jobs) if args.jobs > 1 else nullcontext() as pool:
+        results = (pool.map(_corpus_file, repeat(args.out), *zip(*work), chunksize=8) if pool is not None
+                   else map(_corpus_file, repeat(args.out), *zip(*work)))
+        for row, skip, was_reused in tqdm(results, total=len(work), desc="corpus", unit="file", disable=args.quiet):
+            if skip is not None:
+                skipped.append(skip)
             else:
-                waveform, rate = _waveform(source)
-                reason = _unusable(waveform, rate)
-                if reason:
-                    skipped.append((item.original, reason))
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                write_wav(target, waveform, rate)
-        except (ValueError, OSError) as error:
-            skipped.append((item.original, f"{type(error).__name__}: {error}"))
-            continue
-        channels = 1 if waveform.ndim == 1 else waveform.shape[0]
-        rows.append({"path": item.relative, "split": item.split, "source": item.source, "original": item.original,
-                     "sample_rate": rate, "seconds": round(waveform.shape[-1] / rate, 4), "channels": channels,
-                     "label": item.label, "licence": item.licence, "credit": item.credit})
+                rows.append(row)
+                reused += was_reused
 
     datalist = args.out / "datalist.csv"
     temporary = datalist.with_name(datalist.name + ".tmp")

@@ -159,3 +159,16 @@ def test_the_corpus_takes_each_hydrogen_kit_with_its_recorded_licence_and_reads_
     waveform, rate = build_corpus._waveform(source)
     assert rate == 44100 and waveform.shape == (2, 22050)
     np.testing.assert_array_equal(waveform, samples.T.astype(np.float32))
+
+
+def test_the_corpus_is_the_same_whatever_the_number_of_processes_writing_it(tmp_path, monkeypatch):
+    build_corpus = import_script("build_corpus")
+    monkeypatch.setattr(build_corpus.debian, "fetch", lambda package, cache: tmp_path / "no-package")
+    monkeypatch.setattr(build_corpus, "_package_items", lambda package, root, split: [])
+    outputs = {jobs: tmp_path / f"jobs{jobs}" for jobs in (1, 2)}
+    for jobs, out in outputs.items():
+        build_corpus.main(["--out", str(out), "--synthetic", "5", "--jobs", str(jobs), "--quiet"])
+    files = sorted(path.relative_to(outputs[1]) for path in outputs[1].rglob("*") if path.is_file())
+    assert len(files) == 6 and files == sorted(p.relative_to(outputs[2]) for p in outputs[2].rglob("*") if p.is_file())
+    for relative in files:
+        assert (outputs[1] / relative).read_bytes() == (outputs[2] / relative).read_bytes(), relative

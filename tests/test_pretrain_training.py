@@ -144,6 +144,20 @@ def ddp_worker(rank, world, port, data, out):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.parametrize("asked, local_rank, expected", [("cuda", None, "cuda:0"), ("cuda", "1", "cuda:1"),
+                                                         ("cuda:2", "1", "cuda:2")])
+def test_a_plain_cuda_device_gets_this_processs_gpu_index(monkeypatch, asked, local_rank, expected):
+    """torch.cuda.set_device refuses a device without an index: `--device cuda` failed on a GPU."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append(device))
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    if local_rank is not None:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    rank, world, device = trainer.setup_distributed(asked)
+    assert (rank, world, device) == (0, 1, torch.device(expected)) and chosen == [torch.device(expected)]
+
+
 @pytest.mark.slow
 def test_two_process_gloo_ddp_keeps_ranks_identical(data, tmp_path):
     import socket
