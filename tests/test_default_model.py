@@ -3,6 +3,7 @@ at three sample rates through the fast path as the reference does, and keeps the
 import csv
 import importlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -44,6 +45,22 @@ def test_default_is_a_trained_fp16_file_with_its_record():
     assert record["steps_trained"] > 0 and record["pretrain_config"]["size"] == "tiny"
     saved = json.loads((hub.DEFAULT_CHECKPOINT.parent / "model.json").read_text())
     assert echo.load("default").config.to_dict() == saved
+
+
+@bundled
+def test_the_recipe_script_pretrains_with_the_bundled_models_config():
+    """scripts/train_default.sh must reproduce the bundled file: every option its pretrain command sets (the
+    default of each `${VAR:-value}`) is the value training.json records."""
+    recipe = (Path(__file__).resolve().parents[1] / "scripts" / "train_default.sh").read_text()
+    command = recipe[recipe.index("-m echo pretrain"):].split("\n# ")[0].replace("\\\n", " ")
+    options = re.findall(r'--([a-z-]+) (?:"\$\{[A-Z_]+:-([^}]+)\}"|([^\s$"-][^\s]*))', command)
+    recorded = json.loads((hub.DEFAULT_CHECKPOINT.parent / "training.json").read_text())["pretrain_config"]
+    assert len(options) >= 15
+    for option, default, literal in options:
+        field, value = option.replace("-", "_"), default or literal
+        if field in ("out", "save_every", "keep", "log_every"):  # where it writes, not what it learns
+            continue
+        assert str(recorded[field]) in (value, str(float(value) if value[0].isdigit() else value)), (option, value)
 
 
 def test_package_data_stays_small():
