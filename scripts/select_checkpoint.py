@@ -9,6 +9,7 @@ run is scored (AUC, pAUC and embedding spread, means over the sets); the one wit
 the earlier one on a tie.
 
     python scripts/select_checkpoint.py RUN_DIR [--which student] [--baselines] [--csv RUN_DIR/validation.csv]
+        [--jobs N]
 
 The table goes to stderr and the chosen step alone to stdout, so a recipe can pass it on:
 `python scripts/export_default.py RUN_DIR --step "$(python scripts/select_checkpoint.py RUN_DIR)"`.
@@ -18,8 +19,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import multiprocessing
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -53,12 +56,32 @@ def encoder(model):
     return lambda signals, rates: demo.encode(model, signals, rates)
 
 
-def validate(run: Path, which: str | None, tasks: list[demo.DemoTask]) -> list[dict]:
-    """One row per readable checkpoint of the run, oldest first."""
-    folder = run / "checkpoints"
-    return [{"step": saved["step"], **scored(encoder(checkpoint_encoder(saved, which).eval()), tasks)}
-            for saved in tqdm(checkpoints.readable(folder), total=len(checkpoints.checkpoint_paths(folder)),
-                              desc="checkpoints", unit="ckpt", file=sys.stderr)]
+def validate(run: Path, which: str | None, tasks: list[demo.DemoTask], jobs: int = 1) -> list[dict]:
+    """One row per readable checkpoint of the run, oldest first. With jobs > 1 the checkpoints are scored in
+    that many processes of one torch thread each, which fork from this one and so share its tasks."""
+    global _TASKS
+    _TASKS = tasks
+    paths = checkpoints.checkpoint_paths(run / "checkpoints")
+    progress = partial(tqdm, total=len(paths), desc="checkpoints", unit="ckpt", file=sys.stderr)
+    score = partial(_score_checkpoint, which=which)
+    if jobs > 1 and "fork" in multiprocessing.get_all_start_methods():
+        with multiprocessing.get_context("fork").Pool(min(jobs, len(paths) or 1)) as pool:
+            rows = list(progress(pool.imap(score, paths, chunksize=1)))
+    else:
+        rows = list(progress(map(score, paths)))
+    return [row for row in rows if row is not None]
+
+
+_TASKS: list[demo.DemoTask] = []  # set by validate before it forks
+
+
+def _score_checkpoint(path: Path, which: str | None) -> dict | None:
+    if multiprocessing.parent_process() is not None:
+        torch.set_num_threads(1)
+    saved = checkpoints.read_or_report(path)
+    if saved is None:
+        return None
+    return {"step": saved["step"], **scored(encoder(checkpoint_encoder(saved, which).eval()), _TASKS)}
 
 
 def baselines(config: EchoConfig, tasks: list[demo.DemoTask]) -> list[dict]:
@@ -98,10 +121,12 @@ def main(argv=None) -> int:
     parser.add_argument("--baselines", action="store_true",
                         help="also print random weights and the log-spectrogram baseline on the same tasks")
     parser.add_argument("--csv", type=Path, default=None, help="also write the table here (default RUN/validation.csv)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="checkpoints scored at once, each in a process of one torch thread (default: one per CPU)")
     args = parser.parse_args(argv)
 
     tasks = [demo.build_task(args.seed, args.bank, args.tests, machine_seed=seed) for seed in args.machine_seeds]
-    rows = validate(args.run, args.which, tasks)
+    rows = validate(args.run, args.which, tasks, args.jobs)
     if not rows:
         raise SystemExit(f"no readable checkpoint in {args.run / 'checkpoints'}")
     best = chosen(rows)

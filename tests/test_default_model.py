@@ -134,12 +134,21 @@ def test_select_checkpoint_scores_every_checkpoint_and_prints_the_best(stopped_r
 
     select = import_script("select_checkpoint")
     table = tmp_path / "validation.csv"
-    assert select.main([str(stopped_run), "--bank", "3", "--tests", "2", "--csv", str(table), "--baselines"]) == 0
+    options = [str(stopped_run), "--bank", "3", "--tests", "2"]
+    assert select.main(options + ["--csv", str(table), "--baselines", "--jobs", "2"]) == 0
     printed = capsys.readouterr()
     chosen_step = int(printed.out.strip())
     assert "random weights" in printed.err and "log-spectrogram" in printed.err
     with open(table, newline="") as handle:
         rows = list(csv.DictReader(handle))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each process of --jobs 2 scored
+    try:
+        assert select.main(options + ["--csv", str(tmp_path / "serial.csv"), "--jobs", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    with open(tmp_path / "serial.csv", newline="") as handle:
+        assert list(csv.DictReader(handle)) == rows  # the same numbers, to the last digit
     assert [int(row["step"]) for row in rows] == [2, 4]
     best = max(float(row["validation AUC"]) for row in rows)
     assert chosen_step == min(int(r["step"]) for r in rows if float(r["validation AUC"]) == best)

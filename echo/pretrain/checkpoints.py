@@ -67,16 +67,22 @@ def read(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def read_or_report(path: Path) -> dict | None:
+    """The checkpoint at `path`, or None when it does not load (reported, so a caller can pass it over)."""
+    try:
+        return read(path)
+    except Exception as error:  # a torn or foreign file fails in many ways inside the unpickler
+        log.warning("skipping unreadable checkpoint %s: %s", path, error)
+        return None
+
+
 def readable(folder: Path, newest_first: bool = False) -> Iterator[dict]:
     """The checkpoints in `folder` that load; an unreadable one is reported and passed over."""
     paths = checkpoint_paths(folder)
     for path in reversed(paths) if newest_first else paths:
-        try:
-            state = read(path)
-        except Exception as error:  # a torn or foreign file fails in many ways inside the unpickler
-            log.warning("skipping unreadable checkpoint %s: %s", path, error)
-            continue
-        yield state
+        state = read_or_report(path)
+        if state is not None:
+            yield state
 
 
 def load_latest(folder: Path) -> dict | None:
