@@ -56,6 +56,9 @@ def encoder(model):
     return lambda signals, rates: demo.encode(model, signals, rates)
 
 
+_TASKS: list[demo.DemoTask] = []  # set by validate before it forks
+
+
 def validate(run: Path, which: str | None, tasks: list[demo.DemoTask], jobs: int = 1) -> list[dict]:
     """One row per readable checkpoint of the run, oldest first. With jobs > 1 the checkpoints are scored in
     that many processes of one torch thread each, which fork from this one and so share its tasks."""
@@ -70,9 +73,6 @@ def validate(run: Path, which: str | None, tasks: list[demo.DemoTask], jobs: int
     else:
         rows = list(progress(map(score, paths)))
     return [row for row in rows if row is not None]
-
-
-_TASKS: list[demo.DemoTask] = []  # set by validate before it forks
 
 
 def _score_checkpoint(path: Path, which: str | None) -> dict | None:

@@ -114,9 +114,7 @@ def setup_distributed(device: str | None) -> tuple[int, int, torch.device]:
     """(rank, world size, device) from torchrun's environment; one process alone needs none of it."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
-    if device is None:
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         if device.index is None:  # plain "cuda": this process's GPU
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
