@@ -6,8 +6,8 @@
 #     bash scripts/train_default.sh [RUN_DIR]      (default runs/default; an existing run resumes)
 #
 # The bundled model was trained on one H100 GPU (~11 steps/s; the model card has the run); a GPU is used when
-# torch sees one (DEVICE=cpu or DEVICE=cuda:1 to choose). On a 2-core CPU a step takes ~9 s: STOP_AT=200 stops
-# after the bundled checkpoint's step (~30 minutes) with the schedule unchanged.
+# torch sees one (DEVICE=cpu or DEVICE=cuda:1 to choose). On a 2-core CPU a step takes ~10 s: STOP_AT=200 stops
+# after the bundled checkpoint's step (~35 minutes) with the schedule unchanged.
 # STEPS, TOKENS (teacher tokens per step), LR, WARMUP and WORKERS (DataLoader workers, which also fix the
 # order of the data) default to the bundled model's recipe (1400, 16384, 8e-4, 100, 14); EXTRA=hydrogen-drumkits
 # adds the drum kits to the corpus (not in the bundled recipe).
