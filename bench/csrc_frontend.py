@@ -1,6 +1,7 @@
-"""The compiled front end (torch.ops.echo.ragged_spectrogram, csrc/) against the batched torch path (and
-Triton on CUDA), on the encode benchmark's workloads. Prints median milliseconds per backend and the ratio
-torch / csrc (> 1: the compiled op is faster), after checking every backend against the float64 reference.
+"""The front end's backends on the encode benchmark's workloads: the per-signal reference, the batched torch
+path, the compiled op (torch.ops.echo.ragged_spectrogram, csrc/) where built, and Triton on CUDA. Prints median
+milliseconds per backend and the ratios reference / torch and torch / csrc (> 1: the second is faster), after
+checking every backend against the float64 result.
 Run: PYTHONPATH=. python bench/csrc_frontend.py [--device cuda] [--threads 1 2 16] [--repeats 7]
 """
 from __future__ import annotations
@@ -39,15 +40,19 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("skipped: no CUDA device")
+        return 0
     reason = extension.why_unavailable("ragged_spectrogram", device)
     if reason:
-        print(f"skipped: {reason}")
-        return 0
-    names = ["torch", "csrc"] + (["triton"] if backends.triton_available(device) else [])
+        print(f"the compiled front end is not timed: {reason}")
+    names = (["reference", "torch"] + ([] if reason else ["csrc"])
+             + (["triton"] if backends.triton_available(device) else []))
+    ratios = {"reference / torch": ("reference", "torch")} | ({} if reason else {"torch / csrc": ("torch", "csrc")})
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__}, {name}")
-    print(f"| workload | audio s | threads | {' | '.join(f'{b} ms' for b in names)} | torch / csrc |")
-    print(f"| --- | ---: | ---: |{' ---: |' * len(names)} ---: |")
+    print(f"| workload | audio s | threads | {' | '.join(f'{b} ms' for b in names)} | {' | '.join(ratios)} |")
+    print(f"| --- | ---: | ---: |{' ---: |' * (len(names) + len(ratios))}")
     for key, description in WORKLOADS.items():
         signals, rates = workload(key)
         lengths = [len(signal) for signal in signals]
@@ -68,8 +73,8 @@ def main() -> int:
                     return 1
             ms = {b: 1e3 * median_seconds(fn, args.repeats, device) for b, fn in run.items()}
             seconds = sum(n / sr for n, sr in zip(lengths, rates))
-            cells = " | ".join(f"{ms[b]:.2f}" for b in names)
-            print(f"| {label} | {seconds:.0f} | {threads} | {cells} | {ms['torch'] / ms['csrc']:.2f} |")
+            cells = " | ".join([f"{ms[b]:.2f}" for b in names] + [f"{ms[a] / ms[b]:.2f}" for a, b in ratios.values()])
+            print(f"| {label} | {seconds:.0f} | {threads} | {cells} |")
     return 0
 
 

@@ -52,3 +52,28 @@ def test_frequency_encoding_16k():
     angle = 25 * p.double()[:, None] * torch.exp(2 * i * -torch.log(torch.tensor(10000.0, dtype=torch.float64)) / dim)
     assert torch.allclose(fpe[:, 0::2].double(), torch.sin(angle), atol=2e-6)
     assert torch.allclose(fpe[:, 1::2].double(), torch.cos(angle), atol=2e-6)
+
+
+def test_frame_groups_cut_in_order_under_the_budget():
+    frames = [5, 3, 9, 2, 2, 20, 1]
+    groups = stft_ops.frame_groups(list(range(7)), frames, budget=8)
+    assert groups == [[0, 1], [2], [3, 4], [5], [6]]  # a signal over the budget goes alone
+    assert stft_ops.frame_groups([4, 1], frames, budget=None) == [[4, 1]]
+
+
+@pytest.mark.parametrize("group_frames", [40, 1024])
+def test_torch_ragged_front_end_equals_the_per_signal_reference(monkeypatch, group_frames):
+    """The batched torch path, cut into groups of signals (as on a CPU) or not, gives the reference's numbers."""
+    from echo.plan import make_plan
+
+    monkeypatch.setattr(stft_ops, "CPU_GROUP_FRAMES", group_frames)
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    rates = [8000, 12000, 16000, 22050, 44100, 48000, 50000, 16000, 8000, 44100]
+    seconds = [0.3, 1.7, 0.45, 2.3, 0.31, 1.05, 0.77, 0.26, 3.1, 0.9]
+    signals = [torch.randn(int(s * r), generator=generator) * 0.3 for s, r in zip(seconds, rates)]
+    plan = make_plan([len(x) for x in signals], rates)
+    offsets = torch.zeros(len(signals) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor([len(x) for x in signals]), 0)
+    waves = torch.cat(signals)
+    out = stft_ops.ragged_spectrogram_torch(waves, offsets, plan)
+    assert rel_err(out, stft_ops.ragged_spectrogram_reference(waves, offsets, plan)) < 1e-6
