@@ -67,7 +67,7 @@ def ragged_spectrogram_reference(waves: torch.Tensor, wave_offsets: torch.Tensor
 
 
 # On a CPU one FFT over every frame of a rate runs out of cache: on the encode benchmark's workloads it was
-# 1.3-3x slower than the per-signal reference (bench/RESULTS.md, "The front end's torch path"). Groups of signals
+# 1.4-3.3x slower than the per-signal reference (bench/RESULTS.md, "The front end's torch path"). Groups of signals
 # of at most this many frames keep the FFT, |X| and log in cache; a GPU takes each rate in one call.
 CPU_GROUP_FRAMES = 1024
 
