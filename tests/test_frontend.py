@@ -19,6 +19,15 @@ def test_spectrogram_matches_float64_numpy(rate):
 
 
 @pytest.mark.parametrize("rate", RATE_FAMILIES)
+def test_spectrogram_at_chosen_bins_is_the_same_numbers(rate):
+    x = torch.randn(2, int(rate * 0.37) + int(torch.randint(0, 997, ()))) * 0.3 + 0.1
+    full = stft_ops.spectrogram(x, rate)
+    bins = torch.randperm(full.shape[-2])[: int(torch.randint(1, full.shape[-2] + 1, ()))].sort().values
+    got = stft_ops.spectrogram_bins(x, rate, bins)
+    assert got.dtype == x.dtype and torch.equal(got, full[..., bins, :])
+
+
+@pytest.mark.parametrize("rate", RATE_FAMILIES)
 def test_band_split_padding_rule(rate):
     spec = torch.randn(rate * 25 // 1000 // 2 + 1, 37)
     bands = token_ops.band_split(spec, rate)

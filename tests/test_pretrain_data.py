@@ -11,15 +11,21 @@ from independent import numpy_spectrogram  # noqa: E402
 from pretrain_corpus import write_corpus  # noqa: E402
 
 from echo import geometry  # noqa: E402
+from echo.ops import stft as stft_ops  # noqa: E402
+from echo.ops import tokens as token_ops  # noqa: E402
 from echo.pretrain import corpus, sampling, shards  # noqa: E402
 
 
-def test_manifest_is_cached_and_bad_files_are_skipped(tmp_path, monkeypatch):
+def test_manifest_is_cached_and_bad_files_are_skipped(tmp_path, monkeypatch, caplog):
     root = write_corpus(tmp_path / "data", files=6)
     (root / "broken.wav").write_bytes(b"RIFF not really audio")
-    sf.write(root / "short.wav", np.zeros(800, dtype=np.float32), 16000)  # 0.05 s
-    source = corpus.FolderCorpus(root, min_seconds=1.0)
-    assert source.skipped == {"unreadable": 1, "too short": 1}
+    for name in ("short.wav", "short2.wav"):
+        sf.write(root / name, np.zeros(800, dtype=np.float32), 16000)  # 0.05 s
+    with caplog.at_level("WARNING", logger=corpus.log.name):
+        source = corpus.FolderCorpus(root, min_seconds=1.0)
+    assert source.skipped == {"unreadable": 1, "too short": 2}
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "skipping unreadable broken.wav", "skipping 2 files shorter than 1 s (--min-seconds)"]
     assert len(source.files) == 6 and len(source.items) == 7  # file 0 has two channels: two examples
     assert (root / corpus.MANIFEST_NAME).is_file()
 
@@ -136,6 +142,20 @@ def test_band_patches_and_positions_come_from_each_bands_own_bins(tmp_path):
         assert not rows[:, frames:].any()  # zero time padding of the last patch
         centre = start + 15.5  # 32 real bins from `start`
         assert batch.positions[s].item() == pytest.approx(centre * rate / geometry.n_fft(rate) / (rate / 2), rel=1e-6)
+
+
+def test_patches_equal_those_cut_from_the_whole_spectrogram(tmp_path):
+    root = write_corpus(tmp_path / "data", files=6)
+    config = sampling.SamplingConfig(crop_seconds=2, clones=1)
+    examples = itertools.islice(corpus.FolderCorpus(root, 1.0).examples(0, 0, 1), 7)
+    plans = [sampling.draw_clip(example, np.random.default_rng(), config) for example in examples]
+    images = []
+    for plan in plans:
+        rate = plan.example.sample_rate
+        spec = stft_ops.spectrogram(torch.from_numpy(plan.example.read(plan.start, plan.samples)), rate)
+        images += [token_ops.band_patches(sampling.band_image(spec, rate, start)[0]) for start in plan.band_starts]
+    order = torch.sort(torch.tensor([len(image) for image in images]), stable=True).indices
+    assert torch.equal(sampling.materialise(plans, clones=1).patches, torch.cat([images[i] for i in order]))
 
 
 @pytest.mark.parametrize("workers", [0, 2])

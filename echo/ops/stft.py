@@ -11,8 +11,8 @@ def remove_dc(waveform: torch.Tensor) -> torch.Tensor:
     return waveform - waveform.mean(dim=-1, keepdim=True)
 
 
-def stft_magnitude(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
-    """|STFT| of (..., N) -> (..., F, T): 25 ms periodic Hann window, 10 ms hop, no centring, one-sided."""
+def complex_stft(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """Complex STFT of (..., N) -> (..., F, T): 25 ms periodic Hann window, 10 ms hop, no centring, one-sided."""
     window_length = geometry.n_fft(sample_rate)
     window = torch.hann_window(window_length, periodic=True, dtype=waveform.dtype, device=waveform.device)
     spectrum = torch.stft(
@@ -26,7 +26,12 @@ def stft_magnitude(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
         onesided=True,
         return_complex=True,
     )
-    return spectrum.abs().reshape(*waveform.shape[:-1], *spectrum.shape[-2:])
+    return spectrum.reshape(*waveform.shape[:-1], *spectrum.shape[-2:])
+
+
+def stft_magnitude(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """|STFT| of (..., N) -> (..., F, T)."""
+    return complex_stft(waveform, sample_rate).abs()
 
 
 def log_normalise(magnitude: torch.Tensor) -> torch.Tensor:
@@ -42,6 +47,14 @@ def spectrogram(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
     carries that noise, the reference does not (it agrees with the released front end to float32 rounding
     everywhere else)."""
     return log_normalise(stft_magnitude(remove_dc(waveform.double()), sample_rate)).to(waveform.dtype)
+
+
+def spectrogram_bins(waveform: torch.Tensor, sample_rate: int, bins: torch.Tensor) -> torch.Tensor:
+    """`spectrogram(waveform, sample_rate)[..., bins, :]`, the same numbers, with |X| and the log taken at those
+    bins only: a pretraining clip uses 2-5 of its bands, and |X| and the log of the others were 40% of the data
+    workers' time (bench/RESULTS.md, "The pretraining loader")."""
+    spectrum = complex_stft(remove_dc(waveform.double()), sample_rate)[..., bins, :]
+    return log_normalise(spectrum.abs()).to(waveform.dtype)
 
 
 def band_layout(spec: torch.Tensor, sample_rate: int) -> torch.Tensor:

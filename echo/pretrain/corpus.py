@@ -127,18 +127,24 @@ def index_folder(root, manifest: Path | None = None) -> tuple[list[FileEntry], P
 
 
 def usable(entries: list[FileEntry], min_seconds: float) -> tuple[list[FileEntry], dict[str, int]]:
-    """The entries long and readable enough, and the counts of those skipped, each skip logged."""
-    kept, skipped = [], {"unreadable": 0, "too short": 0}
+    """The entries long and readable enough, and the counts of those skipped. Each unreadable file is logged;
+    short files, expected in most corpora, get one line naming a few (each at debug level)."""
+    kept, short, skipped = [], [], {"unreadable": 0, "too short": 0}
     for entry in entries:
         if entry.problem:
             log.warning("skipping unreadable %s: %s", entry.path, entry.problem)
             skipped["unreadable"] += 1
         elif too_short(entry.frames, entry.sample_rate, min_seconds):
-            log.warning("skipping %s: %.3f s is shorter than %g s", entry.path, entry.frames / entry.sample_rate,
-                        min_seconds)
-            skipped["too short"] += 1
+            log.debug("skipping %s: %.3f s is shorter than %g s", entry.path, entry.frames / entry.sample_rate,
+                      min_seconds)
+            short.append(entry.path)
         else:
             kept.append(entry)
+    if short:
+        more = f" and {len(short) - 3} more" if len(short) > 3 else ""
+        log.warning("skipping %d file%s shorter than %g s (--min-seconds): %s%s", len(short),
+                    "s" if len(short) > 1 else "", min_seconds, ", ".join(short[:3]), more)
+    skipped["too short"] = len(short)
     return kept, skipped
 
 

@@ -112,6 +112,21 @@ def band_image(spec: torch.Tensor, sample_rate: int, start: int) -> tuple[torch.
     return rows, geometry.band_position(sample_rate, start, end)
 
 
+def clip_spectrogram(plan: ClipPlan) -> torch.Tensor:
+    """The crop's (F, T) front end, computed at the bins of its bands only; the other rows stay zero and are
+    never read."""
+    rate = plan.example.sample_rate
+    wave = torch.from_numpy(np.ascontiguousarray(plan.example.read(plan.start, plan.samples)))
+    needed = torch.zeros(geometry.n_bins(rate), dtype=torch.bool)
+    for start in plan.band_starts:
+        needed[start: start + geometry.BAND_BINS] = True
+    bins = needed.nonzero().squeeze(1)
+    rows = stft_ops.spectrogram_bins(wave, rate, bins)
+    spec = rows.new_zeros(len(needed), rows.shape[-1])
+    spec[bins] = rows
+    return spec
+
+
 @dataclass
 class Batch:
     """A packed batch; every index is computed here, on the host, so the step never waits on the device.
@@ -162,8 +177,7 @@ def materialise(plans: list[ClipPlan], clones: int) -> Batch:
     seconds = 0.0
     for plan in plans:
         rate = plan.example.sample_rate
-        wave = torch.from_numpy(np.ascontiguousarray(plan.example.read(plan.start, plan.samples)))
-        spec = stft_ops.spectrogram(wave, rate)
+        spec = clip_spectrogram(plan)
         for band, start in enumerate(plan.band_starts):
             rows, position = band_image(spec, rate, start)
             images.append(token_ops.band_patches(rows))
