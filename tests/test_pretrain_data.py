@@ -78,6 +78,19 @@ def test_shards_round_trip(tmp_path):
         np.testing.assert_array_equal(example.read(7, 300), data[7:307, channel])
 
 
+def test_a_short_shard_sample_is_reported_in_the_first_epoch_only(tmp_path, caplog):
+    pytest.importorskip("webdataset")
+    root = write_corpus(tmp_path / "data", files=2)
+    sf.write(root / "short.wav", np.zeros(8000, dtype=np.float32), 16000)  # 0.5 s: written, too short to train
+    shards.write_shards(root, tmp_path / "shards", per_shard=10, min_seconds=0.1)
+    source = shards.ShardCorpus(tmp_path / "shards", min_seconds=1.0)
+    with caplog.at_level("WARNING", logger=shards.log.name):
+        examples = list(itertools.islice(source.examples(0, 0, 1), 12))  # three epochs of four channels
+    key = shards.sample_key("short.wav")
+    assert not any(e.key.startswith(key) for e in examples)
+    assert [r.getMessage() for r in caplog.records] == [f"skipping shard sample {key}: 0.500 s is shorter than 1 s"]
+
+
 def test_too_few_shards_for_the_streams_is_a_clear_error(tmp_path):
     pytest.importorskip("webdataset")
     root = write_corpus(tmp_path / "data", files=2)

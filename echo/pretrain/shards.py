@@ -108,14 +108,16 @@ class ShardCorpus:
             urls = [self.urls[i] for i in corpus.epoch_order(len(self.urls), seed, epoch)[part::parts]]
             samples = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=wds.warn_and_continue))
             for sample in samples:
-                yield from self._channels(sample)
+                yield from self._channels(sample, report=log.warning if epoch == 0 else log.debug)
             epoch += 1
 
-    def _channels(self, sample: dict) -> Iterator[corpus.Example]:
+    def _channels(self, sample: dict, report) -> Iterator[corpus.Example]:
+        """The sample's channels as examples; a bad or short sample is skipped and reported (by `report`: a
+        warning in the first epoch, not again in every later one)."""
         key = sample["__key__"]
         audio = next((k for k in sample if f".{k}" in corpus.AUDIO_SUFFIXES), None)
         if audio is None:
-            log.warning("skipping shard sample %s: no audio member (%s)", key, ", ".join(sample))
+            report("skipping shard sample %s: no audio member (%s)", key, ", ".join(sample))
             return
         data = sample[audio]
         if "json" in sample:
@@ -125,11 +127,11 @@ class ShardCorpus:
             try:
                 info = corpus.soundfile().info(io.BytesIO(data))
             except RuntimeError as error:
-                log.warning("skipping unreadable shard sample %s: %s", key, error)
+                report("skipping unreadable shard sample %s: %s", key, error)
                 return
             rate, frames, channels = info.samplerate, info.frames, info.channels
         if corpus.too_short(frames, rate, self.min_seconds):
-            log.warning("skipping shard sample %s: %.3f s is shorter than %g s", key, frames / rate, self.min_seconds)
+            report("skipping shard sample %s: %.3f s is shorter than %g s", key, frames / rate, self.min_seconds)
             return
         for channel in range(channels):
             yield corpus.Example(f"{key}:{channel}", rate, frames, channel, corpus.decoded_reader(data, channel))
