@@ -51,8 +51,8 @@ def spectrogram(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
 
 def spectrogram_bins(waveform: torch.Tensor, sample_rate: int, bins: torch.Tensor) -> torch.Tensor:
     """`spectrogram(waveform, sample_rate)[..., bins, :]`, the same numbers, with |X| and the log taken at those
-    bins only: a pretraining clip uses 2-5 of its bands, and |X| and the log of the others were 40% of the data
-    workers' time (bench/RESULTS.md, "The pretraining loader")."""
+    bins only: a pretraining clip uses 2-5 of its bands, and |X| and the log of every bin took ~40% of a data
+    worker's time (bench/RESULTS.md, "The pretraining loader")."""
     spectrum = complex_stft(remove_dc(waveform.double()), sample_rate)[..., bins, :]
     return log_normalise(spectrum.abs()).to(waveform.dtype)
 
