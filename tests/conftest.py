@@ -21,6 +21,12 @@ def fresh_seed(request):
     yield seed
 
 
+def seeded_rng() -> np.random.Generator:
+    """A numpy Generator drawn from the test's seed (`fresh_seed` seeds numpy's global state), so numpy inputs
+    replay with ECHO_SEED as torch's do."""
+    return np.random.default_rng(np.random.randint(2**63, dtype=np.int64))
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = torch.as_tensor(out).double(), torch.as_tensor(ref).double()
     return ((out - ref).norm() / ref.norm()).item()

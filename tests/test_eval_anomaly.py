@@ -8,6 +8,8 @@ from sklearn.metrics import roc_auc_score
 from echo.eval import anomaly
 from echo.eval.anomaly import Clip
 
+from conftest import seeded_rng
+
 
 def pairwise_auc(labels, scores):
     """P(anomaly scores above normal), ties counting one half."""
@@ -47,7 +49,7 @@ def test_six_point_auc_and_pauc_by_hand():
 
 
 def test_metrics_agree_with_independent_formulas_on_random_scores():
-    rng = np.random.default_rng()
+    rng = seeded_rng()
     labels = np.r_[np.zeros(40, int), np.ones(25, int)]
     scores = np.round(rng.normal(size=65) + labels, 1)  # rounded: ties occur
     clips = [Clip(Path(str(i)), "dev", "m", "00", None, "test", int(y)) for i, y in enumerate(labels)]
@@ -141,7 +143,7 @@ def test_bank_is_per_split_machine_section_and_cosine():
 
 def test_close_embeddings_are_scored_to_float64_precision():
     """float32 embeddings 0.5 % apart: 1 - cos is ~1e-5, which float32 arithmetic holds to 2-3 digits."""
-    rng = np.random.default_rng()
+    rng = seeded_rng()
     centre = rng.standard_normal(3000)
     e = (centre + 0.005 * rng.standard_normal((12, 3000)) * np.linalg.norm(centre) / np.sqrt(3000)).astype(np.float32)
     clips = [Clip(Path(f"{i}"), "dev", "fan", "00", None, "train" if i < 8 else "test", 0) for i in range(12)]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import echo
-from conftest import random_model
+from conftest import random_model, seeded_rng
 from echo.cli import main
 
 soundfile = pytest.importorskip("soundfile")
@@ -37,7 +37,7 @@ def read_rows(path):
 
 
 def test_dcase2023_separable(tmp_path, model_path, capsys):
-    rng = np.random.default_rng()
+    rng = seeded_rng()
     root = tmp_path / "dcase"
     for domain, frequency in (("source", 300), ("target", 500)):
         folder = root / "dev_data" / "fan"
@@ -66,7 +66,7 @@ def test_dcase2023_separable(tmp_path, model_path, capsys):
 
 
 def test_folder_not_separable_and_a_bad_file(tmp_path, model_path):
-    rng = np.random.default_rng()
+    rng = seeded_rng()
     for name, count in (("normal", 12), ("test/normal", 24), ("test/anomalous", 24)):
         for i in range(count):
             path = tmp_path / "machine" / name / f"{i}.wav"
@@ -83,7 +83,7 @@ def test_folder_not_separable_and_a_bad_file(tmp_path, model_path):
 
 
 def test_mafaulda_faults_with_channels(tmp_path, model_path):
-    rng = np.random.default_rng()
+    rng = seeded_rng()
     t = np.arange(2500) / 50000
     for label, frequency in (("normal", 800), ("imbalance", 3000), ("overhang/ball_fault/6g", 9000)):
         for i in range(5):

@@ -6,6 +6,8 @@ import pytest
 
 from echo.eval import datasets
 
+from conftest import seeded_rng
+
 
 def touch(root: Path, *names):
     for name in names:
@@ -71,7 +73,7 @@ def test_cwru_classes_from_paths_and_mat_reading(tmp_path):
              "12k_Drive_End_Bearing_Fault_Data/OR021@6_2.mat", "12k_Fan_End_Bearing_Fault_Data/OR/007/@12/OR007@12_0.mat",
              "12k_Fan_End_Bearing_Fault_Data/IR/014/IR014_3.mat", "48k_Drive_End_Bearing_Fault_Data/IR007_0.mat",
              "Normal_Baseline/97.mat"]
-    signal = np.random.default_rng().normal(size=500)
+    signal = seeded_rng().normal(size=500)
     for name in names:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         scipy_io.savemat(tmp_path / name, {"X105_DE_time": signal[:, None], "X105_FE_time": -signal[:, None]})
@@ -88,7 +90,7 @@ def test_cwru_classes_from_paths_and_mat_reading(tmp_path):
 
 
 def test_mafaulda_classes_and_csv(tmp_path):
-    table = np.random.default_rng().normal(size=(300, 8)).astype(np.float32)
+    table = seeded_rng().normal(size=(300, 8)).astype(np.float32)
     for name in ["normal/12.288.csv", "imbalance/6g/13.9.csv", "overhang/cage_fault/20g/14.1.csv",
                  "underhang/outer_race/6g/15.0.csv"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import rel_err, random_model
+from conftest import random_model, rel_err, seeded_rng
 from echo.eval import embed
 from echo.eval.datasets import read_audio
 
@@ -24,7 +24,7 @@ def model():
 
 
 def make_files(folder):
-    rng = np.random.default_rng()
+    rng = seeded_rng()
     return [
         write(folder / "a.wav", 0.3 * rng.normal(size=8000).astype(np.float32), 16000),
         write(folder / "b.flac", 0.3 * rng.normal(size=3000).astype(np.float32), 8000),
@@ -51,7 +51,7 @@ def test_embeddings_equal_model_encode_and_cache(tmp_path, model):
     for a, b in zip(first.vectors, again.vectors):
         np.testing.assert_array_equal(a, b)
     # a changed file is encoded again, the others come from the cache
-    write(files[3], 0.3 * np.random.default_rng().normal(size=9000).astype(np.float32), 16000)
+    write(files[3], 0.3 * seeded_rng().normal(size=9000).astype(np.float32), 16000)
     stat = files[3].stat()
     os.utime(files[3], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     changed = embed.embed_files(model, files, read_audio, cache, "key", progress=False)

@@ -7,6 +7,8 @@ from sklearn.model_selection import StratifiedKFold
 
 from echo.eval import faults
 
+from conftest import seeded_rng
+
 
 def naive_vote(labels_in_distance_order):
     counts = Counter(labels_in_distance_order)
@@ -21,7 +23,7 @@ def naive_predict(bank, bank_labels, query, k, skip=None):
 
 
 def clustered(n_per_class=6, classes=("a", "b", "c"), dim=5, spread=1.5):
-    rng = np.random.default_rng()
+    rng = seeded_rng()
     centres = rng.normal(size=(len(classes), dim))
     labels = np.repeat(classes, n_per_class)
     points = centres[np.repeat(np.arange(len(classes)), n_per_class)] + spread * rng.normal(size=(len(labels), dim))
@@ -31,7 +33,7 @@ def clustered(n_per_class=6, classes=("a", "b", "c"), dim=5, spread=1.5):
 def test_vote_ties_go_to_the_nearest_tied_label():
     got = faults.vote(np.array([[0, 1, 0, 1, 2], [1, 0, 0, 1, 2], [2, 0, 1, 0, 1], [2, 2, 0, 0, 0], [3, 3, 3, 3, 3]]))
     assert got.tolist() == [0, 1, 0, 0, 3]
-    rng = np.random.default_rng()
+    rng = seeded_rng()
     random_labels = rng.integers(0, 3, size=(200, 5))
     assert faults.vote(random_labels).tolist() == [naive_vote(list(row)) for row in random_labels]
 
@@ -78,7 +80,7 @@ def test_given_split_hand_case_and_metrics():
 
 
 def test_weighted_metrics_by_hand():
-    rng = np.random.default_rng()
+    rng = seeded_rng()
     y_true = rng.choice(["a", "b", "c"], size=40)
     y_pred = rng.choice(["a", "b", "c"], size=40)
     result = faults.score(y_true, y_pred, ["a", "b", "c"], "loocv", "all")

@@ -4,6 +4,8 @@ import pytest
 
 from echo.eval import neighbors
 
+from conftest import seeded_rng
+
 
 def brute_force(queries, bank, k, metric, exclude=None):
     distances, indices = [], []
@@ -23,7 +25,7 @@ def brute_force(queries, bank, k, metric, exclude=None):
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 @pytest.mark.parametrize("chunked", [False, True])
 def test_nearest_matches_brute_force(metric, chunked, monkeypatch):
-    rng = np.random.default_rng()
+    rng = seeded_rng()
     bank = rng.normal(size=(37, 12)) + 3.0  # an offset, so centring matters
     queries = rng.normal(size=(11, 12)) + 3.0
     kwargs = {}
@@ -37,7 +39,7 @@ def test_nearest_matches_brute_force(metric, chunked, monkeypatch):
 
 
 def test_nearest_excludes_own_row_and_float32_agrees():
-    rng = np.random.default_rng()
+    rng = seeded_rng()
     points = rng.normal(size=(25, 8))
     distances, indices = neighbors.nearest(points.astype(np.float32), points.astype(np.float32), 3,
                                            exclude=np.arange(25))
@@ -77,7 +79,7 @@ def naive_fused(queries, bank, k, channels, exclude=None):
 
 @pytest.mark.parametrize("leave_one_out", [False, True])
 def test_fused_matches_naive(leave_one_out):
-    rng = np.random.default_rng()
+    rng = seeded_rng()
     bank = rng.normal(size=(20, 4, 6)) * np.array([1, 10, 0.1, 3])[None, :, None]  # channels of unequal scale
     queries = bank if leave_one_out else rng.normal(size=(9, 4, 6))
     exclude = np.arange(20) if leave_one_out else None
@@ -111,7 +113,7 @@ def test_bad_requests_are_clear():
 
 def test_faiss_backend_matches_torch():
     pytest.importorskip("faiss")
-    rng = np.random.default_rng()
+    rng = seeded_rng()
     bank = rng.normal(size=(50, 16)).astype(np.float32)
     for metric in ("euclidean", "cosine"):
         ref = neighbors.nearest(bank, bank, 3, metric, exclude=np.arange(50))
