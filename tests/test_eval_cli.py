@@ -76,7 +76,7 @@ def test_folder_not_separable_and_a_bad_file(tmp_path, model_path):
     out = tmp_path / "out"
     assert run_eval("--task", "folder", "--data", tmp_path / "machine", "--model", model_path, "--out", out) == 0
     auc = next(float(r["value"]) for r in read_rows(out / "results.csv") if r["metric"] == "AUC")
-    assert abs(auc - 0.5) < 0.3  # ~3 standard deviations of the AUC of 24 x 24 exchangeable scores
+    assert abs(auc - 0.5) < 0.35  # 4.2 standard deviations (0.084) of the AUC of 24 x 24 exchangeable scores
     failures = read_rows(out / "failures.csv")
     assert [f["path"].endswith("broken.wav") for f in failures] == [True]
     assert (out / "roc_dev_machine.png").stat().st_size > 1000
