@@ -20,6 +20,10 @@ RUN_DIR=${1:-runs/default}
 # choice and evaluation below were scored with one thread (more change the float summation order).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 PYTHON=${PYTHON:-python}
+# On a CPU, glibc's heap fragments over a run (echo/pretrain/host_memory.py): large blocks mapped on huge pages.
+if [ "${DEVICE:-}" = cpu ] || ! "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=4194304:glibc.malloc.hugetlb=1}
+fi
 
 "$PYTHON" scripts/build_corpus.py --out corpus --synthetic 500 --seed 0 ${EXTRA:+--extra $EXTRA}
 "$PYTHON" -m echo pretrain --data corpus/pretrain --out "$RUN_DIR" --size tiny --steps "${STEPS:-1400}" \

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .. import checkpoint as model_files
 from ..model import EchoConfig, EchoModel
 from ..packed import Packing
-from . import checkpoints, schedule
+from . import checkpoints, host_memory, schedule
 from .objective import UTTERANCE_TARGETS, ConvDecoder, Learner, teacher_targets
 from .sampling import BatchStream, SamplingConfig, nominal_clips_per_batch
 from .shards import open_corpus
@@ -273,6 +273,9 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
     if rank == 0:
         print(f"{world} process(es) on {device}, {'bf16' if bf16 else 'fp32'}; peak lr {peak:.3g} "
               f"(~{clips_per_step} clips per step), warm-up {warmup} steps")
+        advice = host_memory.allocator_advice(device.type)
+        if advice:
+            print(advice)
 
     def state() -> dict:
         return {"step": step, "student": student.state_dict(), "teacher": teacher.state_dict(),
