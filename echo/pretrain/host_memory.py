@@ -2,8 +2,9 @@
 other sizes (a packed batch's token count varies), and the heap that serves blocks under glibc's mmap threshold
 fragments: in a CPU run of 14 data workers the trainer grew to 14 GB by step 187 and was killed for memory on a
 24 GB machine. With blocks over 4 MB mapped on their own (returned on free) on huge pages (cheap to fault in
-again), bench/pretrain_memory.py measured half the peak memory at 1.06x the step time, the same losses. glibc
-reads these settings only when a process starts, so the trainer can only name them."""
+again, where the kernel's transparent huge pages are `madvise` or `always`), bench/pretrain_memory.py measured
+half the peak memory at 1.06x the step time, the same losses. glibc reads these settings only when a process
+starts, so the trainer can only name them."""
 from __future__ import annotations
 
 import os
