@@ -20,11 +20,10 @@ from pathlib import Path
 
 from pretrain_loader import generated_folder
 
-SETTINGS = {
-    "glibc default": "",
-    "mmap above 4 MB": "glibc.malloc.mmap_threshold=4194304",
-    "mmap above 4 MB, huge pages": "glibc.malloc.mmap_threshold=4194304:glibc.malloc.hugetlb=1",
-}
+from echo.pretrain.host_memory import TUNABLES
+
+MMAP_THRESHOLD = TUNABLES.split(":")[0]  # the advised settings without huge pages
+SETTINGS = {"glibc default": "", "mmap above 4 MB": MMAP_THRESHOLD, "mmap above 4 MB, huge pages": TUNABLES}
 
 
 def run(data: Path, out: Path, tunables: str, args) -> dict:
