@@ -53,7 +53,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        data = args.data or generated_folder(Path(scratch), files=70, seconds=6.0)
+        if args.data is None:  # beside the run folders, not above them: the corpus is indexed at every start
+            (Path(scratch) / "data").mkdir()
+        data = args.data or generated_folder(Path(scratch) / "data", files=70, seconds=6.0)
         results = {name: [] for name in SETTINGS}
         for repeat in range(args.repeats):
             for index, (name, tunables) in enumerate(SETTINGS.items()):
