@@ -26,10 +26,13 @@ WORKLOADS = {
     "W2": "128 segments of 0.5-2.5 s at 12/16/48/50 kHz",
     "W3": "4 signals of 60 s at 48 kHz",
 }
-PATHS = ("reference", "fast-fp32", "fast-fp32-eager", "fast-bf16", "fast-bf16-eager")
+PATHS = ("reference", "fast-fp32", "fast-fp32-eager", "fast-bf16", "fast-bf16-eager", "fast-bf16-kept-heap")
 # fast-*-eager: the path with the layer's eager torch ops (ECHO_BACKEND_NORM=torch), i.e. without the CPU
 # inference ops (oneDNN packed products with GELU fused, compiled one-pass norm): their A/B.
 PATH_ENV = {"fast-fp32-eager": {"ECHO_BACKEND_NORM": "torch"}, "fast-bf16-eager": {"ECHO_BACKEND_NORM": "torch"}}
+# fast-*-kept-heap: the process keeps the blocks an encode frees (echo.host_memory.keep_freed_memory, what
+# `python -m echo encode` does on a CPU): its A/B against the library's default, glibc's own settings.
+CPU_ONLY_PATHS = (*PATH_ENV, "fast-fp32-kept-heap", "fast-bf16-kept-heap")
 
 
 def workload(name: str) -> tuple[list[torch.Tensor], list[int]]:
@@ -96,7 +99,10 @@ def serve(name: str, path: str, size: str, device: str, backend: str | None) -> 
     reports its peak memory. One process per path keeps the peak RSS apart; the parent interleaves them."""
     import echo
     import echo.fast
+    from echo import host_memory
 
+    if path.endswith("-kept-heap"):
+        host_memory.keep_freed_memory()
     torch.manual_seed(0)
     model = echo.EchoModel(echo.EchoConfig.preset(size)).eval().to(device)
     signals, rates = workload(name)
@@ -157,7 +163,7 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
     parser.add_argument("--paths", nargs="+", default=None,
-                        help=f"default: {' '.join(PATHS)} (no fast-*-eager on CUDA, where the ops they leave out do not run)")
+                        help=f"default: {' '.join(PATHS)} (no fast-*-eager or -kept-heap on CUDA, where they change nothing the GPU runs)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--backend", default=None, help="force every op of the fast path: torch, triton, reference")
     parser.add_argument("--serve", nargs=2, metavar=("WORKLOAD", "PATH"), help=argparse.SUPPRESS)
@@ -169,7 +175,7 @@ def main() -> int:
         print("skipped: --device cuda but no CUDA device is available")
         return 0
     if args.paths is None:
-        args.paths = [path for path in PATHS if args.device == "cpu" or path not in PATH_ENV]
+        args.paths = [path for path in PATHS if args.device == "cpu" or path not in CPU_ONLY_PATHS]
     dtypes = (torch.float32, torch.bfloat16)
     peaks = {dtype: machine_peak(dtype, args.device) for dtype in dtypes}
     measured = {}

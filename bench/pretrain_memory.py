@@ -1,5 +1,5 @@
 """Peak memory and step time of CPU pretraining (`python -m echo pretrain`) under glibc's default malloc settings
-and under the ones echo/pretrain/host_memory.py advises (why: its docstring).
+and under the ones echo/host_memory.py advises (why: its docstring).
 
 Each setting runs the same steps (same seed, same data, no data workers) in its own process, the settings
 alternating; the script checks that the losses agree, then prints each setting's peak RSS and seconds per step.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pretrain_loader import generated_folder
 
-from echo.pretrain.host_memory import TUNABLES
+from echo.host_memory import TUNABLES
 
 MMAP_THRESHOLD = TUNABLES.split(":")[0]  # the advised settings without huge pages
 SETTINGS = {"glibc default": "", "mmap above 4 MB": MMAP_THRESHOLD, "mmap above 4 MB, huge pages": TUNABLES}

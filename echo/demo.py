@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import host_memory
 from .data import bundled, synth
 
 CLIP_SECONDS = 2.0
@@ -184,6 +185,7 @@ def run(args) -> int:
         print(f"error: {error}")
         return 2
     started = time.perf_counter()
+    host_memory.keep_freed_memory()  # the demo encodes on the CPU
     model = checkpoint.load(args.model)
     task = build_task(args.seed)
     rates = ", ".join(f"{rate} Hz" for rate in sorted(set(task.rates)))

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import inputs
+from . import host_memory, inputs
 from .data.bundled import SAMPLES_DIR
 from .data.wav import read_wav
 from .eval.datasets import read_audio
@@ -214,6 +214,8 @@ def run(args) -> int:
         _require_pyarrow()
     rank, world = _distributed()
     device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cpu":
+        host_memory.keep_freed_memory()
     model = load(args.model, device=device)
     model_key = model_hash(model)
     files, failures = find_files(args.paths or [SAMPLES_DIR])

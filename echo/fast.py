@@ -110,7 +110,8 @@ def encode(
     when the model's parameters change. `max_tokens` bounds
     the packed tokens per pass (default 4096 on CPU, 65536 on GPUs): any number of signals streams through in
     flat memory. `backend` forces every op's backend ("torch", "reference", "triton"); by default each op
-    picks the fastest for the device.
+    picks the fastest for the device. A process that encodes repeatedly on a CPU under glibc gains from
+    echo.host_memory.keep_freed_memory() (a process-wide malloc setting, so it is the caller's choice).
     """
     device = torch.device(device) if device is not None else model.device
     if device != model.device:

@@ -20,7 +20,7 @@ RUN_DIR=${1:-runs/default}
 # choice and evaluation below were scored with one thread (more change the float summation order).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 PYTHON=${PYTHON:-python}
-# On a CPU, glibc's heap fragments over a run (echo/pretrain/host_memory.py): large blocks mapped on huge pages.
+# On a CPU, glibc's heap fragments over a run (echo/host_memory.py): large blocks mapped on huge pages.
 if [ "${DEVICE:-}" = cpu ] || ! "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
     export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=4194304:glibc.malloc.hugetlb=1}
 fi

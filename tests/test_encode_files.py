@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import echo
-from echo import cli
+from echo import cli, host_memory
 from echo.data import bundled
 from echo.encode_files import read_embeddings
 from conftest import random_model, rel_err
@@ -117,8 +117,11 @@ def test_parquet_rows_match_npz(tmp_path, model_path):
         assert np.array_equal(parquet["files"][path]["frames"], row["frames"])
 
 
-def test_no_path_encodes_the_bundled_samples(tmp_path, model_path):
-    assert run("--model", model_path, "--out", tmp_path / "samples.npz") == 0
+def test_no_path_encodes_the_bundled_samples_with_a_kept_heap_on_the_cpu(tmp_path, model_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append("kept"))
+    assert run("--model", model_path, "--out", tmp_path / "samples.npz", "--device", "cpu") == 0
+    assert calls == ["kept"]
     files = read_embeddings(tmp_path / "samples.npz")["files"]
     assert {Path(p).stem for p in files} == set(bundled.names())
     assert len({row["sample_rate"] for row in files.values()}) >= 3

@@ -3,7 +3,6 @@ DDP on gloo."""
 import csv
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pretrain_corpus import tiny_config, write_corpus  # noqa: E402
 
 import echo  # noqa: E402
 from echo import cli  # noqa: E402
-from echo.pretrain import checkpoints, host_memory, trainer  # noqa: E402
+from echo.pretrain import checkpoints, trainer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -196,39 +195,3 @@ def test_a_killed_process_resumes_exactly(data, tmp_path):
     resumed = trainer.train(tiny_config(data, run, **settings), progress=False)
     for part in ("student", "teacher", "decoder"):
         assert_same_state(straight[part].state_dict(), resumed[part].state_dict())
-
-
-def test_allocator_advice_on_a_glibc_cpu_run_only_and_the_recipe_follows_it():
-    assert host_memory.TUNABLES in host_memory.allocator_advice("cpu", {}, "glibc")
-    assert host_memory.allocator_advice("cuda", {}, "glibc") is None
-    assert host_memory.allocator_advice("cpu", {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "glibc") is None
-    assert host_memory.allocator_advice("cpu", {}, "") is None  # musl, macOS: other allocators
-    recipe = (Path(__file__).resolve().parents[1] / "scripts" / "train_default.sh").read_text()
-    assert f"GLIBC_TUNABLES:-{host_memory.TUNABLES}" in recipe
-
-
-MMAPPED_AFTER_A_FREE = """
-import ctypes
-class Info(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype, libc.free.argtypes, libc.mallinfo2.restype = ctypes.c_void_p, [ctypes.c_void_p], Info
-libc.free(libc.malloc(6 << 20))  # by default this free raises the mmap threshold past 6 MB
-before = libc.mallinfo2().hblks
-block = libc.malloc(6 << 20)
-print(libc.mallinfo2().hblks - before)
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc tunables")
-def test_glibc_takes_the_advised_tunables():
-    """A misspelt tunable is ignored without a word: a 6 MB block after a free of one is mapped on its own under
-    the advised settings, and comes from the heap under glibc's defaults."""
-    def mapped(tunables):
-        env = {**os.environ, "GLIBC_TUNABLES": tunables}
-        return int(subprocess.run([sys.executable, "-c", MMAPPED_AFTER_A_FREE], env=env, capture_output=True,
-                                  text=True, check=True).stdout)
-
-    assert mapped("") == 0
-    assert mapped(host_memory.TUNABLES) == 1

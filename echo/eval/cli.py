@@ -142,13 +142,15 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from .. import checkpoint
+    from .. import checkpoint, host_memory
 
     started = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dataset = datasets.load(args.task, args.data, args.labels)
     for note in dataset.notes:
         print(f"note: {note}")
+    if device.type == "cpu":
+        host_memory.keep_freed_memory()
     model = checkpoint.load(args.model, device=device)
     args.out.mkdir(parents=True, exist_ok=True)
     embedded = embed_files(model, [item.path for item in dataset.items], dataset.read,

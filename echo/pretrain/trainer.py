@@ -20,9 +20,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .. import checkpoint as model_files
+from .. import host_memory
 from ..model import EchoConfig, EchoModel
 from ..packed import Packing
-from . import checkpoints, host_memory, schedule
+from . import checkpoints, schedule
 from .objective import UTTERANCE_TARGETS, ConvDecoder, Learner, teacher_targets
 from .sampling import BatchStream, SamplingConfig, nominal_clips_per_batch
 from .shards import open_corpus

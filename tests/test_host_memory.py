@@ -1,0 +1,78 @@
+"""glibc's malloc settings: the pretraining advice, the tunables it names, and the heap an encode keeps."""
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from echo import host_memory
+
+glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc settings")
+
+MALLINFO = """
+import ctypes, sys
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.free.argtypes, libc.mallinfo2.restype = ctypes.c_void_p, [ctypes.c_void_p], Info
+"""
+
+MAPPED_AFTER_A_FREE = MALLINFO + """
+libc.free(libc.malloc(6 << 20))  # by default this free raises the mmap threshold past 6 MB
+before = libc.mallinfo2().hblks
+block = libc.malloc(6 << 20)
+print(libc.mallinfo2().hblks - before)
+"""
+
+# A 40 MB block is over the largest mmap threshold glibc sets by itself (32 MB): by default it is mapped on its
+# own and unmapped on free; kept, it comes from the heap and stays there after the free.
+KEPT_AFTER_A_FREE = MALLINFO + """
+import importlib.util  # the module alone: importing echo (and torch) would leave free heap to serve the block
+spec = importlib.util.spec_from_file_location("host_memory", sys.argv[1])
+host_memory = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(host_memory)
+print(host_memory.keep_freed_memory())
+before = libc.mallinfo2()
+block = libc.malloc(40 << 20)
+print(libc.mallinfo2().hblks - before.hblks)
+libc.free(block)
+print(libc.mallinfo2().arena - before.arena >= 40 << 20)
+"""
+
+
+def python(code: str, tunables: str = "") -> list[str]:
+    env = {**os.environ, "GLIBC_TUNABLES": tunables}
+    return subprocess.run([sys.executable, "-c", code, host_memory.__file__], env=env, capture_output=True,
+                          text=True, check=True).stdout.split()
+
+
+def test_allocator_advice_on_a_glibc_cpu_run_only_and_the_recipe_follows_it():
+    assert host_memory.TUNABLES in host_memory.allocator_advice("cpu", {}, "glibc")
+    assert host_memory.allocator_advice("cuda", {}, "glibc") is None
+    assert host_memory.allocator_advice("cpu", {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "glibc") is None
+    assert host_memory.allocator_advice("cpu", {}, "") is None  # musl, macOS: other allocators
+    recipe = (Path(__file__).resolve().parents[1] / "scripts" / "train_default.sh").read_text()
+    assert f"GLIBC_TUNABLES:-{host_memory.TUNABLES}" in recipe
+
+
+@glibc_only
+def test_glibc_takes_the_advised_tunables():
+    """A misspelt tunable is ignored without a word: a 6 MB block after a free of one is mapped on its own under
+    the advised settings, and comes from the heap under glibc's defaults."""
+    assert python(MAPPED_AFTER_A_FREE) == ["0"]
+    assert python(MAPPED_AFTER_A_FREE, host_memory.TUNABLES) == ["1"]
+
+
+@glibc_only
+def test_kept_heap_serves_large_blocks_and_keeps_them_after_a_free():
+    assert python(KEPT_AFTER_A_FREE.replace("print(host_memory.keep_freed_memory())", "print(None)")) == [
+        "None", "1", "False"]
+    assert python(KEPT_AFTER_A_FREE) == ["True", "0", "True"]
+
+
+@glibc_only
+def test_malloc_tunables_of_the_user_are_left_alone():
+    assert python(KEPT_AFTER_A_FREE, "glibc.malloc.arena_max=2") == ["False", "1", "False"]
