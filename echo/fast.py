@@ -23,6 +23,12 @@ from .plan import make_plan
 # a GPU wants large passes to fill the device.
 DEFAULT_MAX_TOKENS = {"cpu": 4096}
 DEFAULT_MAX_TOKENS_ELSEWHERE = 65536
+# oneDNN builds a product for every row count it meets (~40 ms for a layer's four bf16 products on this CPU) and
+# keeps the last 1024: passes of ever new sizes paid that at every pass and grew the process with the cache
+# (bench/RESULTS.md). On a CPU a pass's rows are rounded up to a multiple of max(64, max_tokens / 64), so a
+# budget meets at most ~64 row counts, each built once; the padding rows are one-token sequences of zeros,
+# never read back.
+CPU_ROW_COUNTS = 64
 
 
 @dataclass
@@ -136,15 +142,28 @@ def encode(
             waves = torch.cat([monos[m].waveform for m in members]).to(device)
             wave_offsets = torch.tensor([0] + [monos[m].waveform.shape[0] for m in members]).cumsum(0)
             spec_cache = (tuple(members), stft_ops.ragged_spectrogram(waves, wave_offsets, plan, backend))
-        _encode_chunk(model, plan, spec_cache[1], [monos[m] for m in members], frames, device, backend)
+        _encode_chunk(model, plan, spec_cache[1], [monos[m] for m in members], frames, device, backend,
+                      _row_step(max_tokens, device))
     return _gather(monos, len(signal_list), frames)
 
 
-def _encode_chunk(model, plan, spec, members: list[_Mono], frames: bool, device, backend) -> None:
-    """Encode one packed chunk and add its segments' outputs to their monos."""
+def _row_step(max_tokens: int, device: torch.device) -> int:
+    """A pass's rows are padded to a multiple of this (see CPU_ROW_COUNTS)."""
+    return max(CPU_ROW_COUNTS, -(-max_tokens // CPU_ROW_COUNTS)) if device.type == "cpu" else 1
+
+
+def _encode_chunk(model, plan, spec, members: list[_Mono], frames: bool, device, backend, row_step: int) -> None:
+    """Encode one packed chunk, its rows padded to a multiple of `row_step`, and add its segments' outputs
+    to their monos."""
     proj = model.patch_embed.proj
     tokens = token_ops.pack_tokens(spec, plan, proj.weight, proj.bias, model.cls_token, model.pos_embed, backend)
-    out = packed.forward(model, tokens, plan.packing(device), backend).float().cpu()
+    lengths = plan.seq_patches + 1
+    padding = -tokens.shape[0] % row_step
+    if padding:
+        tokens = torch.cat([tokens, tokens.new_zeros(padding, tokens.shape[1])])
+        lengths = torch.cat([lengths, lengths.new_ones(padding)])
+    packing = packed.Packing.from_lengths(lengths, device)
+    out = packed.forward(model, tokens, packing, backend)[: plan.total_tokens].float().cpu()
     dim = out.shape[1]
     starts = plan.cu_seqlens.tolist()
     for index, first, bands, patches in plan.segments:

@@ -70,6 +70,23 @@ def test_small_token_budget_streams_through(model):
         assert rel_err(cu, u) < 1e-6 and rel_err(cf, f) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_passes_padded_to_few_row_counts_give_the_unpadded_result(model, monkeypatch, dtype):
+    from echo import packed
+
+    signals, rates = mixed_batch()
+    budget = int(torch.randint(300, 3000, ()))
+    rows, forward = [], packed.forward
+    monkeypatch.setattr(packed, "forward", lambda model, tokens, *rest: (rows.append(len(tokens)), forward(model, tokens, *rest))[1])
+    padded = fast.encode(model, signals, rates, frames=True, max_tokens=budget, dtype=dtype)
+    assert rows and all(count % fast._row_step(budget, torch.device("cpu")) == 0 for count in rows)
+    monkeypatch.setattr(fast, "_row_step", lambda max_tokens, device: 1)
+    unpadded = fast.encode(model, signals, rates, frames=True, max_tokens=budget, dtype=dtype)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-3  # the same products over more rows may block differently
+    for (u, f), (pu, pf) in zip(unpadded, padded):
+        assert rel_err(pu, u) < tolerance and rel_err(pf, f) < tolerance
+
+
 def test_chunks_respect_budget_and_cover_every_segment():
     monos = fast._monos([torch.randn(samples_for(t, 16000)) for t in (10, 3000, 500, 6100, 30)], [16000] * 5)
     budget = 2000
