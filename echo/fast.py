@@ -157,13 +157,10 @@ def _encode_chunk(model, plan, spec, members: list[_Mono], frames: bool, device,
     to their monos."""
     proj = model.patch_embed.proj
     tokens = token_ops.pack_tokens(spec, plan, proj.weight, proj.bias, model.cls_token, model.pos_embed, backend)
-    lengths = plan.seq_patches + 1
     padding = -tokens.shape[0] % row_step
     if padding:
         tokens = torch.cat([tokens, tokens.new_zeros(padding, tokens.shape[1])])
-        lengths = torch.cat([lengths, lengths.new_ones(padding)])
-    packing = packed.Packing.from_lengths(lengths, device)
-    out = packed.forward(model, tokens, packing, backend)[: plan.total_tokens].float().cpu()
+    out = packed.forward(model, tokens, plan.packing(device, padding), backend)[: plan.total_tokens].float().cpu()
     dim = out.shape[1]
     starts = plan.cu_seqlens.tolist()
     for index, first, bands, patches in plan.segments:

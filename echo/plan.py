@@ -34,10 +34,12 @@ class Plan:
     # one entry per segment: (signal, first sequence, bands, patches)
     segments: list[tuple[int, int, int, int]] = field(default_factory=list)
 
-    def packing(self, device=None):
+    def packing(self, device=None, padding: int = 0):
+        """The plan's sequences back to back, then `padding` one-token sequences (rows that no output reads)."""
         from .packed import Packing
 
-        return Packing.from_lengths(self.seq_patches + 1, device)
+        lengths = self.seq_patches + 1
+        return Packing.from_lengths(torch.cat([lengths, lengths.new_ones(padding)]) if padding else lengths, device)
 
     @property
     def num_sequences(self) -> int:

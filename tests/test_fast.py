@@ -120,6 +120,9 @@ def test_plan_orders_sequences_by_length_into_slices():
     covered = sorted(r for length, rows in packing.groups.items() for r in range(rows.start, rows.stop))
     assert covered == list(range(plan.total_tokens))
     assert plan.num_sequences == 7 + 4 * 1 + 19 + 5 * 2
+    padded = plan.packing(padding=5)  # one-token sequences after the plan's: one slice of their own
+    assert padded.groups[1] == slice(plan.total_tokens, plan.total_tokens + 5)
+    assert padded.cu_seqlens[: plan.num_sequences + 1].tolist() == packing.cu_seqlens.tolist()
 
 
 @pytest.mark.parametrize(
