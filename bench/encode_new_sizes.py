@@ -33,9 +33,13 @@ def run(setting: str, calls: int, dtype: torch.dtype) -> dict:
     host_memory.keep_freed_memory()  # as `python -m echo encode`: page faults out of the comparison
     if setting == "unpadded":
         echo.fast._row_step = lambda max_tokens, device: 1
-    rows = set()
-    forward = packed.forward
-    packed.forward = lambda model, tokens, *rest: (rows.add(tokens.shape[0]), forward(model, tokens, *rest))[1]
+    rows, forward = set(), packed.forward
+
+    def recorded(model, tokens, *rest):
+        rows.add(tokens.shape[0])
+        return forward(model, tokens, *rest)
+
+    packed.forward = recorded
     torch.manual_seed(0)
     model = echo.EchoModel(echo.EchoConfig.preset("small")).eval()
     rng = np.random.default_rng(0)
@@ -48,8 +52,8 @@ def run(setting: str, calls: int, dtype: torch.dtype) -> dict:
         echo.fast.encode(model, signals, rates, dtype=dtype)
         seconds.append(time.perf_counter() - start)
     statm_rss = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
-    return {"seconds": seconds, "row_counts": len(rows), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "final_rss_mb": statm_rss / 2**20}
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"seconds": seconds, "row_counts": len(rows), "peak_rss_mb": peak_rss / 2**20, "final_rss_mb": statm_rss / 2**20}
 
 
 def main() -> int:

@@ -77,7 +77,12 @@ def test_cpu_passes_padded_to_few_row_counts_give_the_unpadded_result(model, mon
     signals, rates = mixed_batch()
     budget = int(torch.randint(300, 3000, ()))
     rows, forward = [], packed.forward
-    monkeypatch.setattr(packed, "forward", lambda model, tokens, *rest: (rows.append(len(tokens)), forward(model, tokens, *rest))[1])
+
+    def recorded(model, tokens, *rest):
+        rows.append(len(tokens))
+        return forward(model, tokens, *rest)
+
+    monkeypatch.setattr(packed, "forward", recorded)
     padded = fast.encode(model, signals, rates, frames=True, max_tokens=budget, dtype=dtype)
     assert rows and all(count % fast._row_step(budget, torch.device("cpu")) == 0 for count in rows)
     monkeypatch.setattr(fast, "_row_step", lambda max_tokens, device: 1)
