@@ -25,9 +25,9 @@ TUNABLES = "glibc.malloc.mmap_threshold=4194304:glibc.malloc.hugetlb=1"
 # mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-# Every block of a 4096-token pass comes from the heap (the largest, ECHO-small's float32 MLP hidden layer, is
-# 25 MB), and up to 256 MB freed at the heap's top stays mapped for the next pass.
-HEAP_BLOCK_LIMIT = 64 << 20
+# Every block of a 4096-token pass of any preset comes from the heap (the largest, ECHO-large's float32 MLP hidden
+# layer, is 64 MB; ECHO-small's is 25 MB), and up to 256 MB freed at the heap's top stays mapped for the next pass.
+HEAP_BLOCK_LIMIT = 128 << 20
 KEPT_HEAP_TOP = 256 << 20
 
 
