@@ -8,6 +8,7 @@ import pytest
 
 import echo
 from conftest import random_model, seeded_rng
+from echo import host_memory
 from echo.cli import main
 
 soundfile = pytest.importorskip("soundfile")
@@ -65,7 +66,9 @@ def test_dcase2023_separable(tmp_path, model_path, capsys):
     assert json.loads((out / "results.json").read_text())["speed"]["from_cache"] == 28
 
 
-def test_folder_not_separable_and_a_bad_file(tmp_path, model_path):
+def test_folder_not_separable_and_a_bad_file_with_a_kept_heap_on_the_cpu(tmp_path, model_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append("kept"))
     rng = seeded_rng()
     for name, count in (("normal", 12), ("test/normal", 24), ("test/anomalous", 24)):
         for i in range(count):
@@ -74,7 +77,9 @@ def test_folder_not_separable_and_a_bad_file(tmp_path, model_path):
             soundfile.write(str(path), tone(rng, 400, seconds=0.1, noise=1.0), RATE)  # anomalies drawn as normals
     (tmp_path / "machine" / "test" / "broken.wav").write_bytes(b"not audio")
     out = tmp_path / "out"
-    assert run_eval("--task", "folder", "--data", tmp_path / "machine", "--model", model_path, "--out", out) == 0
+    assert run_eval("--task", "folder", "--data", tmp_path / "machine", "--model", model_path, "--out", out,
+                    "--device", "cpu") == 0
+    assert calls == ["kept"]
     auc = next(float(r["value"]) for r in read_rows(out / "results.csv") if r["metric"] == "AUC")
     assert abs(auc - 0.5) < 0.35  # 4.2 standard deviations (0.084) of the AUC of 24 x 24 exchangeable scores
     failures = read_rows(out / "failures.csv")
