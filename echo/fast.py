@@ -131,6 +131,7 @@ def encode(
     signal_list, rates = _as_list(signals, sample_rates)
     monos = _monos(signal_list, rates)
     spec_cache: tuple[tuple[int, ...], torch.Tensor, list[int]] | None = None
+    row_step = _row_step(max_tokens, device)
     for chunk in _chunks(monos, max_tokens):
         members = [m for m, _ in chunk]
         plan = make_plan(
@@ -142,8 +143,7 @@ def encode(
             waves = torch.cat([monos[m].waveform for m in members]).to(device)
             wave_offsets = torch.tensor([0] + [monos[m].waveform.shape[0] for m in members]).cumsum(0)
             spec_cache = (tuple(members), stft_ops.ragged_spectrogram(waves, wave_offsets, plan, backend))
-        _encode_chunk(model, plan, spec_cache[1], [monos[m] for m in members], frames, device, backend,
-                      _row_step(max_tokens, device))
+        _encode_chunk(model, plan, spec_cache[1], [monos[m] for m in members], frames, device, backend, row_step)
     return _gather(monos, len(signal_list), frames)
 
 
