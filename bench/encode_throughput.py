@@ -26,13 +26,17 @@ WORKLOADS = {
     "W2": "128 segments of 0.5-2.5 s at 12/16/48/50 kHz",
     "W3": "4 signals of 60 s at 48 kHz",
 }
-PATHS = ("reference", "fast-fp32", "fast-fp32-eager", "fast-bf16", "fast-bf16-eager", "fast-bf16-kept-heap")
+PATHS = ("reference", "fast-fp32", "fast-fp32-eager", "fast-bf16", "fast-bf16-eager", "fast-bf16-kept-heap",
+         "fast-fp32-utterances", "fast-bf16-utterances")
 # fast-*-eager: the path with the layer's eager torch ops (ECHO_BACKEND_NORM=torch), i.e. without the CPU
 # inference ops (oneDNN packed products with GELU fused, compiled one-pass norm): their A/B.
 PATH_ENV = {"fast-fp32-eager": {"ECHO_BACKEND_NORM": "torch"}, "fast-bf16-eager": {"ECHO_BACKEND_NORM": "torch"}}
 # fast-*-kept-heap: the process keeps the blocks an encode frees (echo.host_memory.keep_freed_memory, what
 # `python -m echo encode` does on a CPU): its A/B against the library's default, glibc's own settings.
-CPU_ONLY_PATHS = (*PATH_ENV, "fast-fp32-kept-heap", "fast-bf16-kept-heap")
+# fast-*-utterances: frames=False, what the encode and eval commands ask for: on a CPU the last layer runs on
+# the CLS rows alone (echo.packed.cls_layer_forward). Every other path returns the frames too, as the reference.
+CPU_ONLY_PATHS = (*PATH_ENV, "fast-fp32-kept-heap", "fast-bf16-kept-heap", "fast-fp32-utterances",
+                  "fast-bf16-utterances")
 
 
 def workload(name: str) -> tuple[list[torch.Tensor], list[int]]:
@@ -51,15 +55,18 @@ def workload(name: str) -> tuple[list[torch.Tensor], list[int]]:
     return signals, rates
 
 
-def model_flops(signals, rates, dim: int, depth: int) -> float:
+def model_flops(signals, rates, dim: int, depth: int, cls_only: bool = False) -> float:
     """Matrix-product FLOPs of the encoder: per sequence of n tokens and layer, 24 n D^2 (in/out projections
-    and MLP) + 4 n^2 D (scores and weighted sum); plus the patch projection 2 * 512 * D per patch."""
+    and MLP) + 4 n^2 D (scores and weighted sum); plus the patch projection 2 * 512 * D per patch. With
+    cls_only, the last layer makes the keys and values of all n tokens and the rest for the CLS alone:
+    6 n D^2 + 4 n D + 18 D^2."""
     from echo.plan import make_plan
 
     plan = make_plan([len(s) for s in signals], rates)
     n = (plan.seq_patches + 1).double()
     per_layer = (24 * n * dim**2 + 4 * n**2 * dim).sum().item()
-    return depth * per_layer + 2 * 512 * dim * plan.seq_patches.sum().item()
+    last_layer = (6 * n * dim**2 + 4 * n * dim + 18 * dim**2).sum().item() if cls_only else per_layer
+    return (depth - 1) * per_layer + last_layer + 2 * 512 * dim * plan.seq_patches.sum().item()
 
 
 def matmul_peak(dtype: torch.dtype, device: str, shape: tuple[int, int, int], repeat: int = 5,
@@ -110,11 +117,13 @@ def serve(name: str, path: str, size: str, device: str, backend: str | None) -> 
         call = lambda: [model.encode(s, r) for s, r in zip(signals, rates)]  # noqa: E731
     else:
         dtype = torch.bfloat16 if path.startswith("fast-bf16") else torch.float32
-        call = lambda: echo.fast.encode(model, signals, rates, dtype=dtype, frames=True, backend=backend)  # noqa: E731
+        frames = not path.endswith("-utterances")
+        call = lambda: echo.fast.encode(model, signals, rates, dtype=dtype, frames=frames, backend=backend)  # noqa: E731
     call()  # warm-up
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     print(json.dumps({"audio_seconds": sum(len(s) / r for s, r in zip(signals, rates)),
-                      "flops": model_flops(signals, rates, model.config.dim, model.config.depth)}), flush=True)
+                      "flops": model_flops(signals, rates, model.config.dim, model.config.depth,
+                                           cls_only=path.endswith("-utterances") and device == "cpu")}), flush=True)
     for command in sys.stdin:
         if command.strip() != "time":
             break

@@ -119,8 +119,29 @@ def layer_forward(
     output and, on the CPU bf16 inference path, its bf16 copy (else None)."""
     ops = _layer_ops(layer, backend)
     qkv = ops.qkv(x if x_low is None else x_low)
-    mixed = ops.out(attention_ops.packed_attention(qkv, packing, layer.self_attn.heads, backend))
-    x, x_low = ops.norm(x, mixed, layer.norm1)
+    return _after_attention(ops, layer, x, attention_ops.packed_attention(qkv, packing, layer.self_attn.heads, backend))
+
+
+def cls_layer_forward(
+    layer, x: torch.Tensor, packing: Packing, backend: str | None = None, x_low: torch.Tensor | None = None,
+    row_step: int = 1,
+) -> torch.Tensor:
+    """layer_forward's output at each sequence's CLS row alone, (S, D) in sequence order: keys and values
+    come from every token, the rest of the layer (three quarters of its products) runs on the CLS rows, padded
+    with zero rows to a multiple of `row_step` for the products (a CPU builds one per row count)."""
+    ops = _layer_ops(layer, backend)
+    qkv = ops.qkv(x if x_low is None else x_low)
+    attended = attention_ops.first_token_attention(qkv, packing, layer.self_attn.heads)
+    residual = x[packing.cu_seqlens[:-1].long()]
+    padding = -residual.shape[0] % row_step
+    if padding:
+        attended, residual = (F.pad(t, (0, 0, 0, padding)) for t in (attended, residual))
+    return _after_attention(ops, layer, residual, attended)[0][: attended.shape[0] - padding]
+
+
+def _after_attention(ops, layer, x: torch.Tensor, attended: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer from its attention output on: out-projection, residual + norm, MLP, residual + norm."""
+    x, x_low = ops.norm(x, ops.out(attended), layer.norm1)
     hidden = ops.hidden(x if x_low is None else x_low)
     return ops.norm(x, ops.mlp_out(hidden), layer.norm2)
 
@@ -163,13 +184,22 @@ def inference_model(model, dtype: torch.dtype):
     return cached[1]
 
 
-def forward(model, x: torch.Tensor, packing: Packing, backend: str | None = None, return_layers: bool = False):
+def forward(
+    model, x: torch.Tensor, packing: Packing, backend: str | None = None, return_layers: bool = False,
+    cls_only: bool = False, row_step: int = 1,
+):
     """All layers and the final norm on packed tokens; with return_layers also each layer's output
-    (before the final norm), as pretraining targets need."""
+    (before the final norm), as pretraining targets need. With cls_only, only each sequence's CLS output
+    (S, D): what an utterance embedding reads, for ~6% less work (see cls_layer_forward)."""
+    if cls_only and return_layers:
+        raise ValueError("return_layers needs every token's output; it cannot be combined with cls_only")
     layers, x_low = [], None
-    for layer in model.encoder.layers:
+    *body, last = model.encoder.layers
+    for layer in body if cls_only else model.encoder.layers:
         x, x_low = layer_forward(layer, x, packing, backend, x_low)
         if return_layers:
             layers.append(x)
+    if cls_only:
+        x = cls_layer_forward(last, x, packing, backend, x_low, row_step)
     out = model.norm(x)
     return (out, layers) if return_layers else out

@@ -30,3 +30,13 @@ def test_grouped_attention_slices_and_gathers():
         assert rel_err(attention_ops.grouped_attention(qkv, packing.groups, 2), truth) < 1e-5
         assert rel_err(attention_ops.varlen_attention(qkv, packing.cu_seqlens, 2), truth) < 1e-5
     assert all(isinstance(rows, slice) for rows in Packing.from_lengths(lengths.sort().values).groups.values())
+
+
+def test_first_token_attention_equals_the_cls_rows():
+    """One query per sequence, for slices and gathered groups alike, equals the first row of each sequence."""
+    lengths = torch.randint(1, 40, (int(torch.randint(20, 60, ())),))
+    for order in (lengths, lengths.sort().values):
+        packing = Packing.from_lengths(order)
+        qkv = torch.randn(packing.total_tokens, 3 * 128)
+        truth = per_sequence_float64(qkv, packing.cu_seqlens, heads=2)[packing.cu_seqlens[:-1].long()]
+        assert rel_err(attention_ops.first_token_attention(qkv, packing, 2), truth) < 1e-5

@@ -92,6 +92,43 @@ def test_cpu_passes_padded_to_few_row_counts_give_the_unpadded_result(model, mon
         assert rel_err(pu, u) < tolerance and rel_err(pf, f) < tolerance
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cls_only_forward_equals_the_cls_rows_of_the_whole_forward(model, monkeypatch, dtype):
+    """In any order of lengths; the last layer's rows after attention padded to a multiple of the step."""
+    from echo import packed
+
+    lengths = torch.randint(2, 40, (int(torch.randint(10, 40, ())),))
+    inference = packed.inference_model(model, dtype)
+    for order in (lengths, lengths.sort().values):
+        packing = packed.Packing.from_lengths(order)
+        tokens = torch.randn(packing.total_tokens, model.config.dim)
+        whole = packed.forward(inference, tokens, packing)[packing.cu_seqlens[:-1].long()]
+        step = int(torch.randint(2, 50, ()))
+        rows, after_attention = [], packed._after_attention
+
+        def recorded(ops, layer, x, attended):
+            rows.append(len(x))
+            return after_attention(ops, layer, x, attended)
+
+        monkeypatch.setattr(packed, "_after_attention", recorded)
+        cls = packed.forward(inference, tokens, packing, cls_only=True, row_step=step)
+        monkeypatch.undo()
+        assert rows[:-1] == [packing.total_tokens] * (len(rows) - 1)
+        assert rows[-1] % step == 0 and 0 <= rows[-1] - len(order) < step
+        assert cls.shape == whole.shape
+        assert rel_err(cls, whole) < (1e-6 if dtype == torch.float32 else 1e-2)
+    with pytest.raises(ValueError, match="return_layers"):
+        packed.forward(inference, tokens, packing, return_layers=True, cls_only=True)
+
+
+def test_utterances_only_equal_reference_in_small_passes(model):
+    """frames=False runs the last layer on the CLS rows alone, over several passes and long signals."""
+    signals, rates = mixed_batch(count_long=2)
+    results = fast.encode(model, signals, rates, max_tokens=int(torch.randint(150, 3000, ())))
+    for utterance, signal, rate in zip(results, signals, rates):
+        assert rel_err(utterance, model.encode(signal, rate)[0]) < 1e-5
+
+
 def test_chunks_respect_budget_and_cover_every_segment():
     monos = fast._monos([torch.randn(samples_for(t, 16000)) for t in (10, 3000, 500, 6100, 30)], [16000] * 5)
     budget = 2000

@@ -51,6 +51,25 @@ def grouped_attention(qkv: torch.Tensor, groups: dict[int, torch.Tensor], heads:
     return out
 
 
+def first_token_attention(qkv: torch.Tensor, packing, heads: int) -> torch.Tensor:
+    """The attention output of each sequence's first token (its CLS) alone: (S, D) in sequence order, equal to
+    those rows of varlen_attention. An encoder whose last layer feeds only the CLS rows needs no more: one
+    query per sequence against all its keys, SDPA once per distinct length."""
+    dim = qkv.shape[1] // 3
+    starts = packing.cu_seqlens[:-1].long()
+    host_starts = starts.cpu()  # one copy per call, not a device sync per group
+    out = qkv.new_empty(len(starts), dim)
+    for length, rows in packing.groups.items():
+        q, k, v = split_heads(qkv[rows].view(-1, length, qkv.shape[1]), heads)
+        result = merge_heads(torch.nn.functional.scaled_dot_product_attention(q[:, :, :1], k, v)).squeeze(1)
+        if isinstance(rows, slice):  # consecutive sequences
+            first = int(torch.searchsorted(host_starts, rows.start))
+            out[first : first + result.shape[0]] = result
+        else:
+            out[torch.searchsorted(starts, rows.view(-1, length)[:, 0].contiguous())] = result
+    return out
+
+
 # The compiled kernel (csrc/attention.cpp) takes sequences up to this many tokens with 64-dim heads; against
 # grouped SDPA it measured 1.4-7x at 5-63 tokens, and at 64, where SDPA is at its best, 0.9-1.1x in bf16,
 # 1.6-1.8x in fp32 and 1.06x on a whole bf16 W1 encode (bench/RESULTS.md, fifth session).
