@@ -188,15 +188,61 @@ def test_short_attention_rejects_what_it_cannot_run():
 
 @requires_attention_op
 @pytest.mark.parametrize("sort", [True, False])
-def test_packed_attention_short_then_grouped_equals_float64(sort):
-    """Lengths from 1 to 126 (ECHO's range), sorted as a plan orders them (short ones lead) or not (then the
-    leading short run goes to the kernel and everything else to SDPA); the compiled backend is the default."""
-    lengths = torch.randint(1, 127, (int(torch.randint(5, 60, ())),))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_attention_compiled_then_grouped_equals_float64(sort, dtype, monkeypatch):
+    """Lengths from 1 to 126 (ECHO's range) and a few over TILE_TOKENS, sorted as a plan orders them (short
+    ones lead) or not (then the leading short run goes to the kernels and everything else to SDPA); the
+    compiled backend is the default. In bf16 with AMX, both kernels run when sorted."""
+    lengths = torch.cat([torch.randint(1, 127, (int(torch.randint(5, 60, ())),)), torch.tensor([1, 16, 17, 130])])
     packing = Packing.from_lengths(lengths.sort().values if sort else lengths)
-    qkv = torch.randn(packing.total_tokens, 3 * 64 * 2)
+    qkv = torch.randn(packing.total_tokens, 3 * 64 * 2).to(dtype)
     assert attention_ops.available_backends(torch.device("cpu"))[0] == "csrc"
+    calls, kernels = [], {name: getattr(torch.ops.echo, name) for name in ("short_attention", "tile_attention")}
+    for name, kernel in kernels.items():
+        monkeypatch.setattr(torch.ops.echo, name, lambda *args, name=name, kernel=kernel: calls.append(name) or kernel(*args))
     out = attention_ops.packed_attention(qkv, packing, 2)
-    assert rel_err(out, per_sequence_float64(qkv, packing.cu_seqlens, 2)) < 1e-6
+    truth = per_sequence_float64(qkv, packing.cu_seqlens, 2)
+    if dtype == torch.float32:
+        assert rel_err(out, truth) < 1e-6
+    else:
+        assert rel_err(out, truth) <= 1.2 * rel_err(attention_ops.grouped_attention(qkv, packing.groups, 2), truth) + 1e-4
+    if sort:
+        assert calls == (["short_attention", "tile_attention"] if dtype == torch.bfloat16 and attention_ops.tiles_usable()
+                         else ["short_attention"])
+
+
+requires_tiles = pytest.mark.skipif(
+    extension.why_unavailable("tile_attention", "cpu") is not None or not attention_ops.tiles_usable(),
+    reason="the AMX tile attention kernel does not run here (echo._C without it, or no AMX)",
+)
+
+
+@requires_tiles
+@pytest.mark.parametrize("heads", [3, 6])
+@pytest.mark.parametrize("spread", [2.0, 6.0])
+def test_tile_attention_matches_float64(heads, spread):
+    """Every length 1..128 once (each tail of the 16-row blocks and 32-key steps) plus random ones, in random
+    order; at spread 6 many weights fall below e^-87, which the kernel makes 0."""
+    extra = torch.randint(1, attention_ops.TILE_TOKENS + 1, (int(torch.randint(1, 30, ())),))
+    lengths = torch.cat([torch.arange(1, attention_ops.TILE_TOKENS + 1), extra])
+    packing = Packing.from_lengths(lengths[torch.randperm(len(lengths))])
+    qkv = (torch.randn(packing.total_tokens, 3 * 64 * heads) * spread).to(torch.bfloat16)
+    truth = per_sequence_float64(qkv, packing.cu_seqlens, heads)
+    out = torch.ops.echo.tile_attention(qkv, packing.cu_seqlens, heads)
+    assert out.dtype == torch.bfloat16 and out.shape == truth.shape
+    sdpa = attention_ops.grouped_attention(qkv, packing.groups, heads)
+    assert rel_err(out, truth) <= 1.2 * rel_err(sdpa, truth) + 1e-4  # numerators rounded to bf16, as SDPA's
+
+
+@requires_tiles
+def test_tile_attention_rejects_what_it_cannot_run():
+    qkv = torch.randn(200, 3 * 64).bfloat16()
+    with pytest.raises(RuntimeError, match="1 to 128 tokens"):
+        torch.ops.echo.tile_attention(qkv, torch.tensor([0, 129, 200]), 1)
+    with pytest.raises(RuntimeError, match="qkv must be"):
+        torch.ops.echo.tile_attention(qkv.float(), torch.tensor([0, 100, 200]), 1)
+    with pytest.raises(RuntimeError, match="cu_seqlens must run"):
+        torch.ops.echo.tile_attention(qkv, torch.tensor([0, 100, 199]), 1)
 
 
 @requires_attention_op

@@ -2,6 +2,8 @@
 D/H slices, scale 1/sqrt(head_dim), no mask."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -75,27 +77,47 @@ def first_token_attention(qkv: torch.Tensor, packing, heads: int) -> torch.Tenso
 # 1.6-1.8x in fp32 and 1.06x on a whole bf16 W1 encode (bench/RESULTS.md, fifth session).
 SHORT_TOKENS = 64
 COMPILED_HEAD_DIM = 64
+# In bf16, on a CPU with AMX tiles, sequences of TILE_FROM to TILE_TOKENS tokens (every ECHO sequence: at most
+# 126) go to the tile kernel (csrc/tile_attention.cpp): 1.3-1.9x the FMA kernel from 17 tokens and 2-3x
+# SDPA at 64-126; the FMA kernel stays faster up to 12 (bench/RESULTS.md, eleventh session).
+TILE_FROM = 17
+TILE_TOKENS = 128
 
 
-def short_then_grouped_attention(qkv: torch.Tensor, packing, heads: int) -> torch.Tensor:
-    """Same contract as varlen_attention: the compiled kernel on the leading sequences of at most SHORT_TOKENS
-    tokens (a plan orders sequences by length, so all short ones lead), grouped SDPA on the rest."""
-    rows, cu_seqlens = packing.leading_up_to(SHORT_TOKENS)
-    if rows == 0:
-        return grouped_attention(qkv, packing.groups, heads)
-    short = torch.ops.echo.short_attention(qkv[:rows], cu_seqlens, heads)
-    if rows == qkv.shape[0]:
-        return short
+@functools.cache
+def tiles_usable() -> bool:
+    """Whether the tile kernel runs here: echo._C built with it, a CPU with AMX, a kernel that allows it."""
+    from .. import extension
+
+    return extension.has_op("tile_attention", "cpu") and bool(torch.ops.echo.tile_attention_usable())
+
+
+def compiled_then_grouped_attention(qkv: torch.Tensor, packing, heads: int) -> torch.Tensor:
+    """Same contract as varlen_attention: the compiled kernels on the leading sequences (a plan orders
+    sequences by length, so all short ones lead), in bf16 with AMX the FMA kernel below TILE_FROM tokens and
+    the tile kernel up to TILE_TOKENS, else the FMA kernel up to SHORT_TOKENS; grouped SDPA on the rest."""
+    tiles = qkv.dtype == torch.bfloat16 and tiles_usable()
+    short_rows, short_bounds = packing.leading_up_to(TILE_FROM - 1 if tiles else SHORT_TOKENS)
+    rows, bounds = packing.leading_up_to(TILE_TOKENS) if tiles else (short_rows, short_bounds)
+    pieces = []  # (rows, their output)
+    if short_rows:
+        pieces.append((slice(0, short_rows), torch.ops.echo.short_attention(qkv[:short_rows], short_bounds, heads)))
+    if rows > short_rows:
+        tile_bounds = bounds[len(short_bounds) - 1 :] - short_rows
+        pieces.append((slice(short_rows, rows), torch.ops.echo.tile_attention(qkv[short_rows:rows], tile_bounds, heads)))
+    if len(pieces) == 1 and rows == qkv.shape[0]:
+        return pieces[0][1]
     rest = {length: group for length, group in packing.groups.items()
             if not (isinstance(group, slice) and group.stop <= rows)}
     out = grouped_attention(qkv, rest, heads)
-    out[:rows] = short
+    for where, result in pieces:
+        out[where] = result
     return out
 
 
 def available_backends(device: torch.device) -> tuple[str, ...]:
-    """Attention's backends, in order of preference: the compiled kernel for short sequences where built
-    (inference only: it has no backward), then SDPA grouped by length (the torch path)."""
+    """Attention's backends, in order of preference: the compiled kernels where built (inference only: they
+    have no backward), then SDPA grouped by length (the torch path)."""
     from .. import extension
 
     fallbacks = ("triton", "torch", "reference")
@@ -113,7 +135,7 @@ def packed_attention(qkv: torch.Tensor, packing, heads: int, backend: str | None
         available = tuple(name for name in available if name != "csrc")
     chosen = backends.choose("attention", qkv.device, backend, available=available)
     if chosen == "csrc":
-        return short_then_grouped_attention(qkv, packing, heads)
+        return compiled_then_grouped_attention(qkv, packing, heads)
     if chosen == "triton":
         from echo_kernels import attention as kernel
 
