@@ -5,7 +5,9 @@ echo op is faster), after checking both against float64:
 - products: echo.ops.linear.PackedLinear (oneDNN, weight packed once, GELU fused) vs F.linear (+ F.gelu), bf16
   and float32;
 - norm: torch.ops.echo.residual_layer_norm (add + LayerNorm + bf16 copy in one pass) vs add, layer_norm, cast;
-- attention: torch.ops.echo.short_attention vs SDPA grouped by length, sequences of L tokens filling 4096 rows.
+- attention: echo's CPU attention (the FMA kernel torch.ops.echo.short_attention, in bf16 with AMX the tile
+  kernel torch.ops.echo.tile_attention from TILE_FROM tokens) vs SDPA grouped by length, sequences of L tokens
+  filling 4096 rows; then the tile kernel against the FMA kernel, the A/B behind TILE_FROM.
 
 End to end, `python bench/encode_throughput.py` compares fast-bf16 and fast-fp32 with fast-*-eager (these ops off).
 Run: PYTHONPATH=. python bench/cpu_inference_ops.py [--repeats 15]
@@ -44,6 +46,13 @@ def compare(label: str, echo_fn, torch_fn, truth: torch.Tensor, tolerance: float
     print(f"| {label} | {1e3 * echo_s:.2f} | {1e3 * torch_s:.2f} | {torch_s / echo_s:.2f} | {errors[0]:.1e} | "
           f"{errors[1]:.1e} |")
     return echo_s
+
+
+def attention_kernel(length: int, dtype: torch.dtype) -> str | None:
+    """The compiled kernel echo's CPU attention runs on sequences of this length, None for SDPA."""
+    if dtype == torch.bfloat16 and attention_ops.tiles_usable() and length >= attention_ops.TILE_FROM:
+        return "tile"
+    return "FMA" if length <= attention_ops.SHORT_TOKENS else None
 
 
 def main() -> int:
@@ -89,14 +98,25 @@ def main() -> int:
         stream, residual, weight, bias, 1e-5, False)[0], lambda: F.layer_norm(stream + residual, (DIM,), weight, bias,
         1e-5), truth, 1e-6, args.repeats)
     for dtype in (torch.bfloat16, torch.float32):
-        for length in (5, 12, 17, 24, 32, 48, 64):
+        for length in (5, 12, 17, 24, 32, 48, 64, 96, 126):
+            kernel = attention_kernel(length, dtype)
+            if kernel is None:
+                continue
             packing = Packing.from_lengths(torch.full((TOKENS // length,), length))
             qkv = torch.randn(packing.total_tokens, 3 * DIM).to(dtype)
             truth = attention_ops.varlen_attention(qkv.double(), packing.cu_seqlens, HEADS)
-            ok &= None is not compare(f"attention, {length}-token sequences ({str(dtype)[6:]})",
-                          lambda: torch.ops.echo.short_attention(qkv, packing.cu_seqlens, HEADS),
+            ok &= None is not compare(f"attention, {length}-token sequences ({str(dtype)[6:]}, {kernel} kernel)",
+                          lambda: attention_ops.compiled_then_grouped_attention(qkv, packing, HEADS),
                           lambda: attention_ops.grouped_attention(qkv, packing.groups, HEADS), truth,
                           1e-2 if dtype == torch.bfloat16 else 1e-6, args.repeats)
+    if attention_ops.tiles_usable():  # the A/B behind TILE_FROM
+        print("\n| bf16 attention, sequences of | tile kernel ms | FMA kernel ms | FMA / tile |\n| ---: | ---: | ---: | ---: |")
+        for length in (3, 4, 5, 6, 8, 12, 17, 24, 32, 48, 64):
+            packing = Packing.from_lengths(torch.full((TOKENS // length,), length))
+            qkv = torch.randn(packing.total_tokens, 3 * DIM).to(torch.bfloat16)
+            tile_s, fma_s = (median_seconds(lambda: op(qkv, packing.cu_seqlens, HEADS), args.repeats, torch.device("cpu"))
+                             for op in (torch.ops.echo.tile_attention, torch.ops.echo.short_attention))
+            print(f"| {length} | {1e3 * tile_s:.2f} | {1e3 * fma_s:.2f} | {fma_s / tile_s:.2f} |")
     flops = sum(2 * TOKENS * inputs * outputs for inputs, outputs, _ in LAYER_PRODUCTS)
     for dtype, seconds in layer_products.items():
         print(f"a layer's {len(LAYER_PRODUCTS)} products ({str(dtype)[6:]}, GELU included): {1e3 * seconds:.1f} ms, "

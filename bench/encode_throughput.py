@@ -118,7 +118,8 @@ def serve(name: str, path: str, size: str, device: str, backend: str | None) -> 
     else:
         dtype = torch.bfloat16 if path.startswith("fast-bf16") else torch.float32
         frames = not path.endswith("-utterances")
-        call = lambda: echo.fast.encode(model, signals, rates, dtype=dtype, frames=frames, backend=backend)  # noqa: E731
+        call = lambda: echo.fast.encode(  # noqa: E731
+            model, signals, rates, dtype=dtype, frames=frames, backend=backend)
     call()  # warm-up
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     print(json.dumps({"audio_seconds": sum(len(s) / r for s, r in zip(signals, rates)),

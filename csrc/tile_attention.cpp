@@ -68,7 +68,7 @@ struct alignas(64) TileConfig {
 
 // One thread's buffers for one (sequence, head); rows and columns past the sequence are zero where a tile reads.
 struct Scratch {
-  alignas(64) c10::BFloat16 q[kMaxTokens][kHeadDim];
+  alignas(64) c10::BFloat16 q[16][kHeadDim];  // a partial last block of queries
   alignas(64) uint32_t kt[kHeadDim / 2][kMaxTokens];      // kt[p][j]: channels 2p, 2p + 1 of key j
   alignas(64) c10::BFloat16 vv[kMaxTokens / 2][2 * kHeadDim];  // vv[r][2c + t]: channel c of value 2r + t
   alignas(64) float scores[kMaxTokens][kMaxTokens];
@@ -90,14 +90,43 @@ ECHO_TILES ECHO_INLINE __m512 exp_nonpositive(__m512 x, __mmask16 keep) {
   return _mm512_maskz_scalef_ps(keep, p, n);
 }
 
+// Softmax numerators and their sums of rows i..i + kRows - 1 of the scores. Several rows at once: one row's
+// chain (maximum, reduction across lanes, exponentials, sum) is mostly latency.
+template <int kRows>
+ECHO_TILES ECHO_INLINE void softmax_rows(Scratch& s, int64_t i, int64_t blocks, int64_t padded, __mmask16 last) {
+  const __m512 scale = _mm512_set1_ps(1.f / std::sqrt(static_cast<float>(kHeadDim)));
+  __m512 top[kRows], shift[kRows], total[kRows];
+  for (int r = 0; r < kRows; ++r) top[r] = _mm512_set1_ps(-INFINITY);
+  for (int64_t c = 0; c < blocks; ++c)
+    for (int r = 0; r < kRows; ++r)
+      top[r] = _mm512_mask_max_ps(top[r], c + 1 < blocks ? 0xffff : last, top[r],
+                                  _mm512_load_ps(s.scores[i + r] + 16 * c));
+  for (int r = 0; r < kRows; ++r) {
+    shift[r] = _mm512_mul_ps(_mm512_set1_ps(-_mm512_reduce_max_ps(top[r])), scale);
+    total[r] = _mm512_setzero_ps();
+  }
+  for (int64_t c = 0; c < padded / 16; ++c) {
+    const __mmask16 real = c + 1 < blocks ? 0xffff : c + 1 == blocks ? last : 0;
+    for (int r = 0; r < kRows; ++r) {
+      const __m512 e = exp_nonpositive(_mm512_fmadd_ps(_mm512_maskz_load_ps(real, s.scores[i + r] + 16 * c), scale,
+                                                       shift[r]), real);
+      total[r] = _mm512_add_ps(total[r], e);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(s.weights[i + r] + 16 * c),
+                         reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
+    }
+  }
+  for (int r = 0; r < kRows; ++r) s.total[i + r] = _mm512_reduce_add_ps(total[r]);
+}
+
 // One head of one sequence of `length` tokens; q, k, v rows `stride` elements apart, out rows `out_stride`.
 ECHO_TILES void attend(Scratch& s, const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFloat16* v,
                        c10::BFloat16* out, int64_t length, int64_t stride, int64_t out_stride) {
   const int64_t blocks = (length + 15) / 16;  // 16-token blocks holding real tokens
   const int64_t padded = (length + 31) / 32 * 32;  // P V takes keys 32 at a time
-  for (int64_t i = 0; i < 16 * blocks; ++i) {
-    if (i < length)
-      std::memcpy(s.q[i], q + i * stride, sizeof s.q[i]);
+  const int64_t full = length / 16;  // query blocks read in place; a partial last one is copied, zero-padded
+  for (int64_t i = 0; i < 16 && 16 * full < length; ++i) {
+    if (16 * full + i < length)
+      std::memcpy(s.q[i], q + (16 * full + i) * stride, sizeof s.q[i]);
     else
       std::memset(s.q[i], 0, sizeof s.q[i]);
   }
@@ -126,8 +155,10 @@ ECHO_TILES void attend(Scratch& s, const c10::BFloat16* q, const c10::BFloat16* 
     }
   // scores of every query block against every key block: two 32-channel steps per 16 x 16 tile
   for (int64_t qb = 0; qb < blocks; ++qb) {
-    _tile_loadd(4, &s.q[16 * qb][0], sizeof s.q[0]);
-    _tile_loadd(5, &s.q[16 * qb][32], sizeof s.q[0]);
+    const c10::BFloat16* block = qb < full ? q + 16 * qb * stride : s.q[0];
+    const int64_t block_stride = (qb < full ? stride : kHeadDim) * static_cast<int64_t>(sizeof *q);
+    _tile_loadd(4, block, block_stride);
+    _tile_loadd(5, block + 32, block_stride);
     for (int64_t kb = 0; kb < blocks; ++kb) {
       _tile_zero(0);
       _tile_loadd(6, &s.kt[0][16 * kb], sizeof s.kt[0]);
@@ -137,29 +168,12 @@ ECHO_TILES void attend(Scratch& s, const c10::BFloat16* q, const c10::BFloat16* 
       _tile_stored(0, &s.scores[16 * qb][16 * kb], sizeof s.scores[0]);
     }
   }
-  // softmax numerators e^(scale (s - max)) over the real keys; 0 for padded keys and padded queries
-  const float scale = 1.f / std::sqrt(static_cast<float>(kHeadDim));
+  // softmax numerators e^(scale (s - max)) over the real keys, four rows at a time; 0 past the real ones
   const __mmask16 last = length % 16 ? static_cast<__mmask16>((1u << (length % 16)) - 1) : 0xffff;
-  for (int64_t i = 0; i < 16 * blocks; ++i) {
-    if (i >= length) {
-      std::memset(s.weights[i], 0, padded * sizeof(c10::BFloat16));
-      continue;
-    }
-    __m512 top = _mm512_set1_ps(-INFINITY);
-    for (int64_t c = 0; c < blocks; ++c)
-      top = _mm512_mask_max_ps(top, c + 1 < blocks ? 0xffff : last, top, _mm512_load_ps(s.scores[i] + 16 * c));
-    const __m512 shift = _mm512_set1_ps(-_mm512_reduce_max_ps(top) * scale);
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t c = 0; c < padded / 16; ++c) {
-      const __mmask16 real = c + 1 < blocks ? 0xffff : c + 1 == blocks ? last : 0;
-      const __m512 e = exp_nonpositive(_mm512_fmadd_ps(_mm512_maskz_load_ps(real, s.scores[i] + 16 * c),
-                                                       _mm512_set1_ps(scale), shift), real);
-      total = _mm512_add_ps(total, e);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(s.weights[i] + 16 * c),
-                         reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
-    }
-    s.total[i] = _mm512_reduce_add_ps(total);
-  }
+  int64_t i = 0;
+  for (; i + 4 <= length; i += 4) softmax_rows<4>(s, i, blocks, padded, last);
+  for (; i < length; ++i) softmax_rows<1>(s, i, blocks, padded, last);
+  for (; i < 16 * blocks; ++i) std::memset(s.weights[i], 0, padded * sizeof(c10::BFloat16));
   // P V: four 16-channel accumulators per query block, keys 32 at a time
   for (int64_t qb = 0; qb < blocks; ++qb) {
     _tile_zero(0);
@@ -184,7 +198,10 @@ ECHO_TILES void attend(Scratch& s, const c10::BFloat16* q, const c10::BFloat16* 
   }
   for (int64_t i = 0; i < length; ++i) {
     const float inverse = 1.f / s.total[i];
-    for (int64_t c = 0; c < kHeadDim; c += 16) store16(out + i * out_stride + c, load16(s.out[i] + c) * inverse);
+    for (int64_t c = 0; c < kHeadDim; c += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * out_stride + c),
+                          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(s.out[i] + c),
+                                                                                     _mm512_set1_ps(inverse)))));
   }
 }
 

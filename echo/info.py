@@ -78,7 +78,8 @@ def report() -> str:
     packed = [str(dtype)[6:] for dtype in (torch.float32, torch.bfloat16) if linear_ops.available(dtype)]
     lines.append(f"inference on the CPU: oneDNN packed products in {', '.join(packed) if packed else 'no dtype'}")
     tiles = "yes" if attention_ops.tiles_usable() else "no (needs echo._C, a CPU with AMX and a kernel that allows it)"
-    lines.append(f"bf16 attention of {attention_ops.TILE_FROM}-{attention_ops.TILE_TOKENS}-token sequences on AMX tiles: {tiles}")
+    sizes = f"{attention_ops.TILE_FROM}-{attention_ops.TILE_TOKENS}"
+    lines.append(f"bf16 attention of {sizes}-token sequences on AMX tiles: {tiles}")
     lines.append("")
     rows = [(op, device.type, *describe(op, device)) for op in OPS for device in DEVICES]
     widths = [max(len(row[i]) for row in rows + [("op", "device", "backend")]) for i in range(3)]

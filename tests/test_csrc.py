@@ -193,22 +193,25 @@ def test_packed_attention_compiled_then_grouped_equals_float64(sort, dtype, monk
     """Lengths from 1 to 126 (ECHO's range) and a few over TILE_TOKENS, sorted as a plan orders them (short
     ones lead) or not (then the leading short run goes to the kernels and everything else to SDPA); the
     compiled backend is the default. In bf16 with AMX, both kernels run when sorted."""
-    lengths = torch.cat([torch.randint(1, 127, (int(torch.randint(5, 60, ())),)), torch.tensor([1, 16, 17, 130])])
+    edges = torch.tensor([1, attention_ops.TILE_FROM - 1, attention_ops.TILE_FROM, 130])
+    lengths = torch.cat([torch.randint(1, 127, (int(torch.randint(5, 60, ())),)), edges])
     packing = Packing.from_lengths(lengths.sort().values if sort else lengths)
     qkv = torch.randn(packing.total_tokens, 3 * 64 * 2).to(dtype)
     assert attention_ops.available_backends(torch.device("cpu"))[0] == "csrc"
     calls, kernels = [], {name: getattr(torch.ops.echo, name) for name in ("short_attention", "tile_attention")}
     for name, kernel in kernels.items():
-        monkeypatch.setattr(torch.ops.echo, name, lambda *args, name=name, kernel=kernel: calls.append(name) or kernel(*args))
+        monkeypatch.setattr(torch.ops.echo, name,
+                            lambda *args, name=name, kernel=kernel: calls.append(name) or kernel(*args))
     out = attention_ops.packed_attention(qkv, packing, 2)
     truth = per_sequence_float64(qkv, packing.cu_seqlens, 2)
     if dtype == torch.float32:
         assert rel_err(out, truth) < 1e-6
     else:
-        assert rel_err(out, truth) <= 1.2 * rel_err(attention_ops.grouped_attention(qkv, packing.groups, 2), truth) + 1e-4
+        sdpa = attention_ops.grouped_attention(qkv, packing.groups, 2)
+        assert rel_err(out, truth) <= 1.2 * rel_err(sdpa, truth) + 1e-4
     if sort:
-        assert calls == (["short_attention", "tile_attention"] if dtype == torch.bfloat16 and attention_ops.tiles_usable()
-                         else ["short_attention"])
+        tiles = dtype == torch.bfloat16 and attention_ops.tiles_usable()
+        assert calls == (["short_attention", "tile_attention"] if tiles else ["short_attention"])
 
 
 requires_tiles = pytest.mark.skipif(

@@ -77,10 +77,11 @@ def first_token_attention(qkv: torch.Tensor, packing, heads: int) -> torch.Tenso
 # 1.6-1.8x in fp32 and 1.06x on a whole bf16 W1 encode (bench/RESULTS.md, fifth session).
 SHORT_TOKENS = 64
 COMPILED_HEAD_DIM = 64
-# In bf16, on a CPU with AMX tiles, sequences of TILE_FROM to TILE_TOKENS tokens (every ECHO sequence: at most
-# 126) go to the tile kernel (csrc/tile_attention.cpp): 1.3-1.9x the FMA kernel from 17 tokens and 2-3x
-# SDPA at 64-126; the FMA kernel stays faster up to 12 (bench/RESULTS.md, eleventh session).
-TILE_FROM = 17
+# In bf16, on a CPU with AMX tiles, sequences of TILE_FROM to TILE_TOKENS tokens (ECHO's are at most 126) go
+# to the tile kernel (csrc/tile_attention.cpp): 1.2-1.7x the FMA kernel from 14-17 tokens on and 1.5-2.8x
+# SDPA at 64-126. Below ~12 tokens the tile kernel's fixed costs per (sequence, head) make it level with the
+# FMA kernel or slower, by up to 1.7x in this VM's slow states (bench/RESULTS.md, eleventh session).
+TILE_FROM = 13
 TILE_TOKENS = 128
 
 
@@ -104,7 +105,8 @@ def compiled_then_grouped_attention(qkv: torch.Tensor, packing, heads: int) -> t
         pieces.append((slice(0, short_rows), torch.ops.echo.short_attention(qkv[:short_rows], short_bounds, heads)))
     if rows > short_rows:
         tile_bounds = bounds[len(short_bounds) - 1 :] - short_rows
-        pieces.append((slice(short_rows, rows), torch.ops.echo.tile_attention(qkv[short_rows:rows], tile_bounds, heads)))
+        tiled = torch.ops.echo.tile_attention(qkv[short_rows:rows], tile_bounds, heads)
+        pieces.append((slice(short_rows, rows), tiled))
     if len(pieces) == 1 and rows == qkv.shape[0]:
         return pieces[0][1]
     rest = {length: group for length, group in packing.groups.items()
