@@ -35,9 +35,9 @@ def run(setting: str, calls: int, dtype: torch.dtype) -> dict:
         echo.fast._row_step = lambda max_tokens, device: 1
     rows, forward = set(), packed.forward
 
-    def recorded(model, tokens, *rest):
+    def recorded(model, tokens, *rest, **options):
         rows.add(tokens.shape[0])
-        return forward(model, tokens, *rest)
+        return forward(model, tokens, *rest, **options)
 
     packed.forward = recorded
     torch.manual_seed(0)

@@ -30,7 +30,9 @@ PATHS = ("reference", "fast-fp32", "fast-fp32-eager", "fast-bf16", "fast-bf16-ea
          "fast-fp32-utterances", "fast-bf16-utterances")
 # fast-*-eager: the path with the layer's eager torch ops (ECHO_BACKEND_NORM=torch), i.e. without the CPU
 # inference ops (oneDNN packed products with GELU fused, compiled one-pass norm): their A/B.
-PATH_ENV = {"fast-fp32-eager": {"ECHO_BACKEND_NORM": "torch"}, "fast-bf16-eager": {"ECHO_BACKEND_NORM": "torch"}}
+PATH_ENV = {"fast-fp32-eager": {"ECHO_BACKEND_NORM": "torch"}, "fast-bf16-eager": {"ECHO_BACKEND_NORM": "torch"},
+            # not in PATHS, asked for by --paths: the compiled attention kernels (csrc) off, SDPA for every length
+            "fast-bf16-sdpa": {"ECHO_BACKEND_ATTENTION": "torch"}}
 # fast-*-kept-heap: the process keeps the blocks an encode frees (echo.host_memory.keep_freed_memory, what
 # `python -m echo encode` does on a CPU): its A/B against the library's default, glibc's own settings.
 # fast-*-utterances: frames=False, what the encode and eval commands ask for: on a CPU the last layer runs on
@@ -173,7 +175,8 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
     parser.add_argument("--paths", nargs="+", default=None,
-                        help=f"default: {' '.join(PATHS)} (no fast-*-eager or -kept-heap on CUDA, where they change nothing the GPU runs)")
+                        help=f"default: {' '.join(PATHS)} (no fast-*-eager, -kept-heap or -utterances on CUDA, "
+                             "where they change nothing the GPU runs); also fast-bf16-sdpa")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--backend", default=None, help="force every op of the fast path: torch, triton, reference")
     parser.add_argument("--serve", nargs=2, metavar=("WORKLOAD", "PATH"), help=argparse.SUPPRESS)

@@ -190,7 +190,7 @@ def forward(
 ):
     """All layers and the final norm on packed tokens; with return_layers also each layer's output
     (before the final norm), as pretraining targets need. With cls_only, only each sequence's CLS output
-    (S, D): what an utterance embedding reads, for ~6% less work (see cls_layer_forward)."""
+    (S, D): what an utterance embedding reads, for 6% fewer FLOPs in ECHO-small (see cls_layer_forward)."""
     if cls_only and return_layers:
         raise ValueError("return_layers needs every token's output; it cannot be combined with cls_only")
     layers, x_low = [], None

@@ -78,9 +78,9 @@ def test_cpu_passes_padded_to_few_row_counts_give_the_unpadded_result(model, mon
     budget = int(torch.randint(300, 3000, ()))
     rows, forward = [], packed.forward
 
-    def recorded(model, tokens, *rest):
+    def recorded(model, tokens, *rest, **options):
         rows.append(len(tokens))
-        return forward(model, tokens, *rest)
+        return forward(model, tokens, *rest, **options)
 
     monkeypatch.setattr(packed, "forward", recorded)
     padded = fast.encode(model, signals, rates, frames=True, max_tokens=budget, dtype=dtype)
