@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "cpu_vector.h"
+#include "sequences.h"
 
 #include <cmath>
 #include <cstdint>
@@ -235,22 +236,10 @@ bool tile_attention_usable() { return tiles_usable(); }
 at::Tensor tile_attention_cpu(const at::Tensor& qkv, const at::Tensor& cu_seqlens, int64_t heads) {
   TORCH_CHECK(tiles_usable(), "tile_attention: this CPU (or its kernel) offers no AMX tiles; "
               "check torch.ops.echo.tile_attention_usable() first");
-  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && heads > 0 && qkv.size(1) == 3 * heads * kHeadDim &&
-                  qkv.scalar_type() == at::kBFloat16,
-              "tile_attention: qkv must be a contiguous bfloat16 (total, 3 * heads * ", kHeadDim,
-              ") tensor, got ", qkv.sizes(), " ", qkv.scalar_type(), " with heads=", heads);
-  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1 && cu_seqlens.is_cpu(),
-              "tile_attention: cu_seqlens must be a 1-D CPU tensor, got ", cu_seqlens.sizes());
-  const at::Tensor bounds_tensor = cu_seqlens.to(at::kLong).contiguous();
-  const int64_t* bounds = bounds_tensor.data_ptr<int64_t>();
-  const int64_t sequences = bounds_tensor.size(0) - 1;
-  TORCH_CHECK(bounds[0] == 0 && bounds[sequences] == qkv.size(0), "tile_attention: cu_seqlens must run from 0 to the ",
-              qkv.size(0), " rows of qkv, got ", bounds[0], "..", bounds[sequences]);
-  for (int64_t s = 0; s < sequences; ++s) {
-    const int64_t length = bounds[s + 1] - bounds[s];
-    TORCH_CHECK(length >= 1 && length <= kMaxTokens, "tile_attention: sequences must have 1 to ", kMaxTokens,
-                " tokens, sequence ", s, " has ", length);
-  }
+  TORCH_CHECK(qkv.scalar_type() == at::kBFloat16, "tile_attention: qkv must be bfloat16, got ", qkv.scalar_type());
+  const at::Tensor offsets = checked_offsets("tile_attention", qkv, cu_seqlens, heads, kHeadDim, kMaxTokens);
+  const int64_t* bounds = offsets.data_ptr<int64_t>();
+  const int64_t sequences = offsets.size(0) - 1;
   at::Tensor out = at::empty({qkv.size(0), qkv.size(1) / 3}, qkv.options());
 #if ECHO_HAS_TILES
   const c10::BFloat16* in = qkv.data_ptr<c10::BFloat16>();
