@@ -80,8 +80,10 @@ struct Scratch {
 
 // e^x for x <= 0 in the lanes of `keep` (0 elsewhere, and where x < -87: no subnormal weights, whose products
 // cost the CPU a microcode assist): x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor polynomial of degree 6
-// (relative error < 2e-7, far under the bf16 rounding of the numerators), 2^n by vscalefps.
-ECHO_TILES ECHO_INLINE __m512 exp_nonpositive(__m512 x, __mmask16 keep) {
+// (relative error < 2e-7, far under the bf16 rounding of the numerators), 2^n by vscalefps. The AVX-512 twin of
+// cpu_vector.h's exp_nonpositive, which must also compile for AVX2: with vscalefps, masks and the rounding
+// instruction it takes about half the instructions, and the softmax is this kernel's largest part.
+ECHO_TILES ECHO_INLINE __m512 masked_exp_nonpositive(__m512 x, __mmask16 keep) {
   keep = _mm512_mask_cmp_ps_mask(keep, x, _mm512_set1_ps(-87.f), _CMP_GE_OQ);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -109,8 +111,8 @@ ECHO_TILES ECHO_INLINE void softmax_rows(Scratch& s, int64_t i, int64_t blocks, 
   for (int64_t c = 0; c < padded / 16; ++c) {
     const __mmask16 real = c + 1 < blocks ? 0xffff : c + 1 == blocks ? last : 0;
     for (int r = 0; r < kRows; ++r) {
-      const __m512 e = exp_nonpositive(_mm512_fmadd_ps(_mm512_maskz_load_ps(real, s.scores[i + r] + 16 * c), scale,
-                                                       shift[r]), real);
+      const __m512 e = masked_exp_nonpositive(
+          _mm512_fmadd_ps(_mm512_maskz_load_ps(real, s.scores[i + r] + 16 * c), scale, shift[r]), real);
       total[r] = _mm512_add_ps(total[r], e);
       _mm256_store_si256(reinterpret_cast<__m256i*>(s.weights[i + r] + 16 * c),
                          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
