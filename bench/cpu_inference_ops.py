@@ -111,7 +111,7 @@ def main() -> int:
                           1e-2 if dtype == torch.bfloat16 else 1e-6, args.repeats)
     if attention_ops.tiles_usable():  # the A/B behind TILE_FROM
         print("\n| bf16 attention, sequences of | tile kernel ms | FMA kernel ms | FMA / tile |\n| ---: | ---: | ---: | ---: |")
-        for length in (3, 4, 5, 6, 8, 12, 17, 24, 32, 48, 64):
+        for length in (3, 4, 5, 6, 8, 12, 17, 24, 32, 48, 64, 96, 126):
             packing = Packing.from_lengths(torch.full((TOKENS // length,), length))
             qkv = torch.randn(packing.total_tokens, 3 * DIM).to(torch.bfloat16)
             tile_s, fma_s = (median_seconds(lambda: op(qkv, packing.cu_seqlens, HEADS), args.repeats, torch.device("cpu"))

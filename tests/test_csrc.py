@@ -158,8 +158,9 @@ requires_attention_op = pytest.mark.skipif(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("spread", [2.0, 6.0])
 def test_short_attention_matches_float64(heads, dtype, spread):
-    """Every length 1..64 once (each tail of the kernel's groups of 4 keys and 4 queries, each of its widths)
-    plus random ones, in random order; at spread 6 many weights fall below e^-87, which the kernel makes 0."""
+    """Every length 1..128 once (each tail of the kernel's groups of 4 keys and 4 queries, each of its widths,
+    the two query chunks past 64 tokens) plus random ones, in random order; at spread 6 many weights fall below
+    e^-87, which the kernel makes 0."""
     extra = torch.randint(1, attention_ops.SHORT_TOKENS + 1, (int(torch.randint(1, 50, ())),))
     lengths = torch.cat([torch.arange(1, attention_ops.SHORT_TOKENS + 1), extra])
     packing = Packing.from_lengths(lengths[torch.randperm(len(lengths))])
@@ -177,13 +178,13 @@ def test_short_attention_matches_float64(heads, dtype, spread):
 
 @requires_attention_op
 def test_short_attention_rejects_what_it_cannot_run():
-    qkv = torch.randn(80, 3 * 64)
-    with pytest.raises(RuntimeError, match="1 to 64 tokens"):
-        torch.ops.echo.short_attention(qkv, torch.tensor([0, 7, 80]), 1)
+    qkv = torch.randn(140, 3 * 64)
+    with pytest.raises(RuntimeError, match="1 to 128 tokens"):
+        torch.ops.echo.short_attention(qkv, torch.tensor([0, 7, 140]), 1)
     with pytest.raises(RuntimeError, match="qkv must be"):
-        torch.ops.echo.short_attention(torch.randn(80, 3 * 32), torch.tensor([0, 40, 80]), 1)
+        torch.ops.echo.short_attention(torch.randn(140, 3 * 32), torch.tensor([0, 40, 140]), 1)
     with pytest.raises(RuntimeError, match="cu_seqlens must run"):
-        torch.ops.echo.short_attention(qkv, torch.tensor([0, 40, 79]), 1)
+        torch.ops.echo.short_attention(qkv, torch.tensor([0, 40, 139]), 1)
 
 
 @requires_attention_op

@@ -72,10 +72,11 @@ def first_token_attention(qkv: torch.Tensor, packing, heads: int) -> torch.Tenso
     return out
 
 
-# The compiled kernel (csrc/attention.cpp) takes sequences up to this many tokens with 64-dim heads; against
-# grouped SDPA it measured 1.4-7x at 5-63 tokens, and at 64, where SDPA is at its best, 0.9-1.1x in bf16,
-# 1.6-1.8x in fp32 and 1.06x on a whole bf16 W1 encode (bench/RESULTS.md, fifth session).
-SHORT_TOKENS = 64
+# The compiled kernel (csrc/attention.cpp) takes sequences up to this many tokens with 64-dim heads: every ECHO
+# sequence (at most 126). Against grouped SDPA it measured 1.4-7x at 5-63 tokens, and at 64, where SDPA is at
+# its best, 0.9-1.1x in bf16, 1.6-1.8x in fp32 on an AMX CPU (bench/RESULTS.md, fifth session); 1.6-2.0x at
+# 64-126 tokens in bf16 and fp32 on an AVX-512 CPU without AMX (twelfth session).
+SHORT_TOKENS = 128
 COMPILED_HEAD_DIM = 64
 # In bf16, on a CPU with AMX tiles, sequences of TILE_FROM to TILE_TOKENS tokens (ECHO's are at most 126) go
 # to the tile kernel (csrc/tile_attention.cpp): 1.2-1.7x the FMA kernel from 14-17 tokens on and 1.5-2.8x
