@@ -128,8 +128,8 @@ void run(const at::Tensor& qkv, const int64_t* bounds, int64_t sequences, int64_
   constexpr decltype(&attend<T, 1>) kernels[] = {&attend<T, 1>, &attend<T, 2>, &attend<T, 3>, &attend<T, 4>,
                                                   &attend<T, 5>, &attend<T, 6>, &attend<T, 7>, &attend<T, 8>};
   static_assert(16 * std::size(kernels) == kMaxTokens);
-  // grain: enough (sequence, head) items per task to amortise the scheduling
-  at::parallel_for(0, sequences * heads, 32, [&](int64_t begin, int64_t end) {
+  // grain: enough (sequence, head) items per thread to amortise the scheduling
+  parallel_over_items(bounds, sequences, heads, 32, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / heads, h = item % heads, first = bounds[s], length = bounds[s + 1] - first;
       const T* q = in + first * 3 * dim + h * kHeadDim;

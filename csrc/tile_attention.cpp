@@ -247,7 +247,7 @@ at::Tensor tile_attention_cpu(const at::Tensor& qkv, const at::Tensor& cu_seqlen
   const c10::BFloat16* in = qkv.data_ptr<c10::BFloat16>();
   c10::BFloat16* result = out.data_ptr<c10::BFloat16>();
   const int64_t dim = qkv.size(1) / 3;
-  at::parallel_for(0, sequences * heads, 8, [&](int64_t begin, int64_t end) {
+  parallel_over_items(bounds, sequences, heads, 8, [&](int64_t begin, int64_t end) {
     attend_items(in, result, bounds, dim, heads, begin, end);
   });
 #endif

@@ -177,6 +177,24 @@ def test_short_attention_matches_float64(heads, dtype, spread):
 
 
 @requires_attention_op
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_short_attention_splits_a_padded_pass_among_threads(threads):
+    """A long signal's pass: sequences of 97-126 tokens, then many one-token padding sequences. The items are
+    split among the threads by work, not by count; every row must still be computed once."""
+    lengths = torch.cat([torch.randint(97, 127, (int(torch.randint(3, 9, ())),)),
+                         torch.ones(int(torch.randint(20, 60, ())), dtype=torch.long)])
+    packing = Packing.from_lengths(lengths)
+    qkv = torch.randn(packing.total_tokens, 3 * 64 * 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = torch.ops.echo.short_attention(qkv, packing.cu_seqlens, 2)
+    finally:
+        torch.set_num_threads(before)
+    assert rel_err(out, per_sequence_float64(qkv, packing.cu_seqlens, 2)) < 1e-6
+
+
+@requires_attention_op
 def test_short_attention_rejects_what_it_cannot_run():
     qkv = torch.randn(140, 3 * 64)
     with pytest.raises(RuntimeError, match="1 to 128 tokens"):
