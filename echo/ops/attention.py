@@ -74,7 +74,7 @@ def first_token_attention(qkv: torch.Tensor, packing, heads: int) -> torch.Tenso
 
 # The compiled kernel (csrc/attention.cpp) takes sequences up to this many tokens with 64-dim heads: every ECHO
 # sequence (at most 126). Against grouped SDPA it measured 1.4-7x at 5-63 tokens, and at 64, where SDPA is at
-# its best, 0.9-1.1x in bf16, 1.6-1.8x in fp32 on an AMX CPU (bench/RESULTS.md, fifth session); 1.6-2.0x at
+# its best, 0.9-1.1x in bf16, 1.6-1.8x in fp32 on an AMX CPU (bench/RESULTS.md, fifth session); 1.6-2.1x at
 # 64-126 tokens in bf16 and fp32 on an AVX-512 CPU without AMX (twelfth session).
 SHORT_TOKENS = 128
 COMPILED_HEAD_DIM = 64
