@@ -32,7 +32,7 @@ namespace {
 
 constexpr int64_t kHeadDim = 64;
 constexpr int64_t kMaxTokens = 128;
-constexpr int kMaxQueryBlocks = 4;  // queries per chunk: 64, so that a chunk's scores stay in the L1/L2 caches
+constexpr int kMaxQueryBlocks = 4;  // 16-query blocks per chunk (64 queries): arrays as large as a 64-token sequence's
 constexpr int kQueries = 4;         // queries per pass over the value rows
 
 // One chunk of `count` <= 16 * kQueryBlocks queries (rows `stride` elements apart) against all `length` keys
