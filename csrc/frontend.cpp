@@ -6,6 +6,11 @@
 // so MKL or pocketfft), magnitude, log + normalise on a chunk that stays in cache, then writes it straight
 // into its signal's band image in the flat output buffer. The CUDA version lives in cuda/frontend.cu.
 //
+// All of it runs in double, like the reference, and only the result is rounded to float32. A float32 FFT's
+// error is relative to the whole frame, so a bin far below the frame's energy (every bin but the first of a
+// silent stretch after DC removal, common in real recordings) gets float32 rounding noise above the log's
+// 1e-9 floor, and the log magnifies it: the bundled samples' embeddings moved by up to 5e-4.
+//
 // Geometry is not derived here: echo/geometry.py computes n_fft, hop, frames and bands per signal and the
 // caller passes them in `signal_geometry`.
 
@@ -67,14 +72,14 @@ void check_inputs(const at::Tensor& waves, const at::Tensor& wave_offsets, const
   }
 }
 
-// Periodic Hann window of each distinct n_fft, computed in double like torch.hann_window's definition.
-std::map<int64_t, std::vector<float>> hann_windows(const int64_t* geometry, int64_t signals) {
-  std::map<int64_t, std::vector<float>> windows;
+// Periodic Hann window of each distinct n_fft, like torch.hann_window's definition.
+std::map<int64_t, std::vector<double>> hann_windows(const int64_t* geometry, int64_t signals) {
+  std::map<int64_t, std::vector<double>> windows;
   for (int64_t i = 0; i < signals; ++i) {
     const int64_t n = geometry[4 * i];
     if (windows.count(n)) continue;
-    std::vector<float> w(n);
-    for (int64_t k = 0; k < n; ++k) w[k] = static_cast<float>(0.5 - 0.5 * std::cos(2.0 * M_PI * k / n));
+    std::vector<double> w(n);
+    for (int64_t k = 0; k < n; ++k) w[k] = 0.5 - 0.5 * std::cos(2.0 * M_PI * k / n);
     windows.emplace(n, std::move(w));
   }
   return windows;
@@ -93,9 +98,7 @@ at::Tensor ragged_spectrogram_cpu(const at::Tensor& waves, const at::Tensor& wav
   at::Tensor out = at::empty({spec_bounds[signals]}, waves.options());
   float* y = out.data_ptr<float>();
 
-  // DC of each signal, summed and subtracted in double like the reference: a float32 mean is off by up to half
-  // an ulp of the DC, an error every sample of a frame shares, which bin 0 sums (x the window's sum) and the log
-  // of a small bin 0 magnifies (1e-5 relative error in band 0 for a signal with a DC of 2.6).
+  // DC of each signal, summed in double like the reference.
   std::vector<double> means(signals);
   at::parallel_for(0, signals, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -111,27 +114,26 @@ at::Tensor ragged_spectrogram_cpu(const at::Tensor& waves, const at::Tensor& wav
     for (int64_t t = 0; t < geometry[4 * i + 2]; t += kChunkFrames)
       chunks.push_back({i, t, std::min(kChunkFrames, geometry[4 * i + 2] - t)});
   const auto windows = hann_windows(geometry, signals);
-  const float inv_std = static_cast<float>(1.0 / log_std);
+  const double inv_std = 1.0 / log_std;
 
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const Chunk& chunk = chunks[c];
       const int64_t* g = geometry + 4 * chunk.signal;
       const int64_t n_fft = g[0], hop = g[1], total_frames = g[2], bands = g[3];
-      const float* window = windows.at(n_fft).data();
+      const double* window = windows.at(n_fft).data();
       const double mean = means[chunk.signal];
 
-      at::Tensor framed = at::empty({chunk.frames, n_fft}, waves.options());
-      float* f = framed.data_ptr<float>();
+      at::Tensor framed = at::empty({chunk.frames, n_fft}, waves.options().dtype(at::kDouble));
+      double* f = framed.data_ptr<double>();
       const float* start = x + bounds[chunk.signal] + chunk.first_frame * hop;
       for (int64_t t = 0; t < chunk.frames; ++t)
-        for (int64_t k = 0; k < n_fft; ++k)
-          f[t * n_fft + k] = static_cast<float>(start[t * hop + k] - mean) * window[k];
+        for (int64_t k = 0; k < n_fft; ++k) f[t * n_fft + k] = (start[t * hop + k] - mean) * window[k];
 
       // |rfft| -> (ln(m + eps) + mean) / std, vectorised by ATen on the in-cache chunk.
       at::Tensor spec = at::_fft_r2c(framed, {1}, /*normalization=*/0, /*onesided=*/true).abs();
       spec.add_(log_eps).log_().add_(log_mean).mul_(inv_std);
-      const float* s = spec.data_ptr<float>();
+      const double* s = spec.data_ptr<double>();
 
       // Band layout: bin b goes to row b before the last band, to row b + pad inside it; pad rows are zero.
       const int64_t bins = n_fft / 2 + 1;
@@ -142,7 +144,7 @@ at::Tensor ragged_spectrogram_cpu(const at::Tensor& waves, const at::Tensor& wav
         std::fill_n(image + row * total_frames, chunk.frames, 0.f);
       for (int64_t b = 0; b < bins; ++b) {
         float* dst = image + (b < last_start ? b : b + pad) * total_frames;
-        for (int64_t t = 0; t < chunk.frames; ++t) dst[t] = s[t * bins + b];
+        for (int64_t t = 0; t < chunk.frames; ++t) dst[t] = static_cast<float>(s[t * bins + b]);
       }
     }
   });

@@ -1,10 +1,12 @@
 """Loading and saving ECHO weights: released `.safetensors` / `.pth` files and echo's own.
 
-Only safetensors and `torch.load(weights_only=True)` are used, so no file can run code on load. Loading is
-strict: a missing, unexpected or mis-shaped key is an error that names the keys.
+Only safetensors and `torch.load(weights_only=True)` are used, so no file can run code on load. The format is
+read from the file's first bytes, not its suffix (a safetensors file named .bin loads). Loading is strict: a
+missing, unexpected, mis-shaped or non-floating-point key is an error that names the keys.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -15,58 +17,128 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from . import hub
 from .model import PRESETS, EchoConfig, EchoModel
 
 CONFIG_KEY = "echo_config"  # safetensors metadata entry holding the JSON config
+CONFIG_FIELDS = tuple(field.name for field in dataclasses.fields(EchoConfig))
 LAYER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.")
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")  # only to point at files inside a folder
 
 
-def _read_state_dict(path: Path) -> tuple[dict, dict]:
-    """(flat state dict, saved config or {}) from a .safetensors or .pth/.pt file."""
-    if path.suffix == ".safetensors":
-        try:
-            state = load_file(str(path))
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-        except (SafetensorError, OSError) as error:
-            raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
-        return state, json.loads(metadata.get(CONFIG_KEY, "{}"))
+def _name_keys(keys: list[str]) -> str:
+    """The first keys of a list, so an error stays readable for a checkpoint with hundreds of bad keys."""
+    return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+
+def _file_format(path: Path) -> str:
+    """'safetensors' (an 8-byte little-endian header length, then a JSON object) or 'torch' (a zip archive, or a
+    pickle for torch's legacy format), from the first bytes; anything else is refused here, before torch's
+    unpickler can misreport text, HTML or random bytes as a pickle of foreign objects."""
+    with open(path, "rb") as handle:
+        head = handle.read(24)
+    if head[8:9] == b"{":
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return "torch"
+    if head.startswith(b"version https://git-lfs"):
+        raise ValueError(f"{path}: a git-lfs pointer, not the weights: fetch the file itself "
+                         f"(git lfs pull, or download it from where the repository hosts it)")
+    raise ValueError(f"{path}: neither a safetensors file nor a torch checkpoint "
+                     f"({'empty' if not head else f'it starts with {head!r}'})")
+
+
+def _unpickler_problem(path: Path, error: pickle.UnpicklingError) -> ValueError:
+    """torch's weights-only refusal, without its advice to retry with weights_only=False: that would run
+    whatever code the pickle holds, and for a damaged file it would not succeed anyway."""
+    text = str(error)
+    foreign = re.search(r"GLOBAL ([\w.]+)", text)
+    if foreign:
+        return ValueError(f"{path}: refused: the pickle holds objects other than tensors and plain containers "
+                          f"({foreign.group(1)}), and echo never unpickles arbitrary objects")
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    return ValueError(f"{path}: not a readable torch checkpoint" + (f" ({detail.group(1)})" if detail else ""))
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    """(state dict, saved config or {}); the config metadata is checked here, so a bad one (say, from a newer
+    echo) is reported with the file's name instead of as a JSON or TypeError."""
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+    if CONFIG_KEY not in metadata:
+        return state, {}
+    try:
+        saved = json.loads(metadata[CONFIG_KEY])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: its {CONFIG_KEY} metadata is not valid JSON ({error})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: its {CONFIG_KEY} metadata must be a JSON object, not {type(saved).__name__}")
+    unknown = sorted(set(saved) - set(CONFIG_FIELDS))
+    if unknown:
+        raise ValueError(f"{path}: its {CONFIG_KEY} metadata has fields this echo does not know: "
+                         f"{', '.join(unknown)} (written by a newer echo?); known: {', '.join(CONFIG_FIELDS)}")
+    not_numbers = [f"{key}={value!r}" for key, value in saved.items()
+                   if isinstance(value, bool) or not isinstance(value, (int, float))]
+    if not_numbers:
+        raise ValueError(f"{path}: its {CONFIG_KEY} metadata has fields that are not numbers: {', '.join(not_numbers)}")
+    return state, saved
+
+
+def _read_torch(path: Path) -> dict:
+    """The flat state dict of a torch checkpoint, bare or under 'encoder' as the released .pth files hold it."""
+    try:
+        with open(path, "rb") as handle:  # a handle, not the path: torch reads a path ending .safetensors as one
+            obj = torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"{path}: refused: the pickle holds objects other than tensors and plain containers, and echo never "
-            f"unpickles arbitrary objects ({str(error).splitlines()[0]})"
-        ) from None
-    except (RuntimeError, EOFError) as error:
-        raise ValueError(f"{path}: not a readable torch checkpoint ({error})") from None
+        raise _unpickler_problem(path, error) from None
+    except Exception as error:  # a damaged zip or pickle fails in many ways, none of them worth a torch traceback
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(error).__name__}: {error})") from None
     if isinstance(obj, dict) and isinstance(obj.get("encoder"), dict):
         obj = obj["encoder"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path}: expected a flat dict of tensors, or one under the key 'encoder'")
-    return obj, {}
+    not_strings = [repr(key) for key in obj if not isinstance(key, str)]
+    if not_strings:
+        raise ValueError(f"{path}: state dict keys must be strings, found {_name_keys(not_strings)}")
+    return obj
 
 
-def infer_config(state: dict, size: str | None = None, heads: int | None = None, **overrides) -> EchoConfig:
+def _read_state_dict(path: Path) -> tuple[dict, dict]:
+    """(flat state dict, saved config or {}) from a safetensors file or a torch checkpoint."""
+    if _file_format(path) == "safetensors":
+        state, saved = _read_safetensors(path)
+    else:
+        state, saved = _read_torch(path), {}
+    not_floating = [f"{key} ({value.dtype})" for key, value in state.items() if not value.is_floating_point()]
+    if not_floating:  # casting them to float32 would load a model of truncated or zeroed weights
+        raise ValueError(f"{path}: weights must be floating point; these are not: {_name_keys(not_floating)}")
+    return state, saved
+
+
+def infer_config(state: dict, **overrides) -> EchoConfig:
     """The config a state dict was saved from: dim from `cls_token`, depth from the layer keys, heads from the
-    preset of that (dim, depth) (heads cannot be read from shapes), or head dim 64 for a custom size."""
-    if size is not None:
-        config = EchoConfig.preset(size, **({"heads": heads} if heads else {}), **overrides)
-        return config
+    preset of that (dim, depth) (heads cannot be read from shapes), or head dim 64 for a custom size.
+    `overrides` replace any of these; the shapes are checked against the result afterwards."""
     if "cls_token" not in state:
-        raise ValueError("checkpoint has no 'cls_token': not an ECHO encoder state dict (missing key cls_token)")
-    dim = state["cls_token"].shape[-1]
+        raise ValueError("no 'cls_token': not an ECHO encoder state dict (missing key cls_token)")
+    if state["cls_token"].dim() != 3:
+        raise ValueError(f"mis-shaped key cls_token {tuple(state['cls_token'].shape)} (expected (1, 1, dim))")
     layers = {int(m.group(1)) for key in state if (m := LAYER_KEY.match(key))}
-    depth = max(layers) + 1 if layers else 0
-    preset = next((p for p in PRESETS.values() if (p.dim, p.depth) == (dim, depth)), None)
-    if heads is None:
+    dim = overrides.pop("dim", state["cls_token"].shape[-1])
+    depth = overrides.pop("depth", max(layers) + 1 if layers else 0)
+    if "heads" not in overrides:
+        preset = next((p for p in PRESETS.values() if (p.dim, p.depth) == (dim, depth)), None)
         if preset is not None:
-            heads = preset.heads
+            overrides["heads"] = preset.heads
         elif dim % 64 == 0:
-            heads = dim // 64
+            overrides["heads"] = dim // 64
         else:
             raise ValueError(f"unknown size: dim {dim}, depth {depth} matches no preset; pass heads=")
-    return EchoConfig(dim=dim, depth=depth, heads=heads, **overrides)
+    return EchoConfig(dim=dim, depth=depth, **overrides)
 
 
 def check_state_dict(model: EchoModel, state: dict, source: str) -> None:
@@ -78,33 +150,56 @@ def check_state_dict(model: EchoModel, state: dict, source: str) -> None:
         for key in expected
         if key in state and state[key].shape != expected[key].shape
     ]
-    problems = []
-    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped)):
-        if keys:
-            shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
-            problems.append(f"{label}: {shown}")
+    problems = [f"{label}: {_name_keys(keys)}"
+                for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                    ("mis-shaped keys", misshaped))
+                if keys]
     if problems:
         raise ValueError(f"{source}: does not match ECHO-{model.config.size or 'custom'} "
                          f"(dim {model.config.dim}, depth {model.config.depth}); " + "; ".join(problems))
 
 
-def load(path, size: str | None = None, device=None, heads: int | None = None, **overrides) -> EchoModel:
-    """An EchoModel in eval mode from a checkpoint file, or by name ("default", "echo-small", "echo-tiny":
-    see echo.hub). `size` forces a preset; `heads` overrides the preset's head count; other keyword
-    arguments override config fields (e.g. final_norm_eps=1e-5)."""
-    if isinstance(path, str) and not Path(path).exists():
-        from . import hub
+def _looks_like_name(path: str) -> bool:
+    """'echo-base', not 'weights/model.pth': a missing path of this shape is reported as an unknown name."""
+    return "/" not in path and os.sep not in path and not Path(path).suffix
 
-        if path in hub.NAMES:
-            path = hub.resolve(path)
+
+def _checkpoint_file(path) -> Path:
+    """The file `path` names: a checkpoint name is resolved through echo.hub; a folder is refused (naming the
+    checkpoint files in it) rather than guessing which file was meant."""
+    if isinstance(path, str) and not Path(path).exists() and _looks_like_name(path):
+        return hub.resolve(path)
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in CHECKPOINT_SUFFIXES and p.is_file())
+        hint = f"; it holds {_name_keys(inside)}: load one of those by path" if inside else ""
+        raise ValueError(f"checkpoint {path} is a directory, not a checkpoint file{hint}")
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load(path, size: str | None = None, device=None, heads: int | None = None, **overrides) -> EchoModel:
+    """An EchoModel in eval mode from a checkpoint file, or by name ("default", "echo-small", "echo-tiny":
+    see echo.hub). `size` forces a preset; `heads` and other keyword arguments override config fields
+    (e.g. final_norm_eps=1e-5), whether the config comes from the file's metadata or from its shapes."""
+    unknown = sorted(set(overrides) - set(CONFIG_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown config field(s) {', '.join(unknown)}; valid: size, device, "
+                         f"{', '.join(CONFIG_FIELDS)}")
+    if heads is not None:
+        overrides["heads"] = heads
+    path = _checkpoint_file(path)
     state, saved = _read_state_dict(path)
-    if saved and size is None:
-        config = EchoConfig(**{**saved, **({"heads": heads} if heads else {}), **overrides})
-    else:
-        config = infer_config(state, size, heads, **overrides)
+    try:
+        if size is not None:
+            config = EchoConfig.preset(size, **overrides)
+        elif saved:
+            config = EchoConfig(**{**saved, **overrides})
+        else:
+            config = infer_config(state, **overrides)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     model = EchoModel(config)
     check_state_dict(model, state, str(path))
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
@@ -117,6 +212,8 @@ def save(model: EchoModel, path, dtype: torch.dtype = torch.float32) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"save writes .safetensors files, got {path.name}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"save needs a floating-point dtype, got {dtype}: weights would be truncated")
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     config = json.dumps(model.config.to_dict())

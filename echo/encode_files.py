@@ -23,13 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from . import host_memory, inputs
 from .data.bundled import SAMPLES_DIR
 from .data.wav import read_wav
 from .eval.datasets import read_audio
-from .eval.embed import EmbeddingCache, model_hash
+from .eval.embed import EmbeddingCache, encoding_key, model_hash, shown
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -191,13 +192,24 @@ def _previous(out: Path, model_key: str, frames: bool) -> dict:
     return entries
 
 
+def _check_out(out: Path) -> None:
+    """Refused before any work, not after every file is encoded: a wrong suffix, a folder, a file in the way."""
+    if out.suffix not in (".npz", ".parquet"):
+        raise ValueError(f"--out must end in .npz or .parquet, got {out.name}")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the file to write, e.g. {out / 'embeddings.npz'}")
+    blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"--out {out} cannot be written: {blocking} is a file, not a folder")
+    if out.suffix == ".parquet":
+        _require_pyarrow()
+
+
 def _distributed() -> tuple[int, int]:
     """(rank, world size) under torchrun, with a process group for the final barrier; (0, 1) otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     return dist.get_rank(), world
@@ -208,17 +220,16 @@ def run(args) -> int:
 
     if args.batch_files < 1:
         raise ValueError(f"--batch-files must be at least 1, got {args.batch_files}")
-    if args.out.suffix not in (".npz", ".parquet"):
-        raise ValueError(f"--out must end in .npz or .parquet, got {args.out.name}")
-    if args.out.suffix == ".parquet":
-        _require_pyarrow()
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    _check_out(args.out)
     rank, world = _distributed()
     device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cpu":
         host_memory.keep_freed_memory()
     model = load(args.model, device=device)
-    model_key = model_hash(model)
-    files, failures = find_files(args.paths or [SAMPLES_DIR])
+    model_key = encoding_key(model_hash(model), DTYPES[args.dtype])
+    files, unusable = find_files(args.paths or [SAMPLES_DIR])  # the same on every rank, unlike `failures`
     if not files:
         raise ValueError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) found in {', '.join(map(str, args.paths))}")
     parts = args.out.with_name(args.out.name + ".parts")
@@ -228,12 +239,14 @@ def run(args) -> int:
     for path in files:
         try:
             keys[path] = EmbeddingCache.key(path)
-        except OSError as error:
-            failures.append((path, f"{type(error).__name__}: {error}"))
+        except (OSError, ValueError) as error:
+            unusable.append((path, f"{type(error).__name__}: {error}"))
     wanted = [p for p in keys if keys[p] not in done or (args.frames and keys[p] + FRAMES not in done)]
+    if world > 1:  # every rank has read the shards before any writes one, so all share out the same `wanted`
+        dist.barrier()
     mine = wanted[rank::world]
     options = {"dtype": DTYPES[args.dtype], "device": device, "max_tokens": args.max_tokens}
-    start, seconds = time.perf_counter(), 0.0
+    failures, start, seconds = [], time.perf_counter(), 0.0
     bar = tqdm(total=len(mine), desc=f"encoding (rank {rank})" if world > 1 else "encoding", unit="file",
                disable=args.quiet or rank != 0)
     with ThreadPoolExecutor(4) as pool:
@@ -261,13 +274,15 @@ def run(args) -> int:
             bar.update(len(batch))
     bar.close()
     elapsed = time.perf_counter() - start
-    for path, reason in failures:
-        print(f"skipped {path}: {reason}")
+    for path, reason in (unusable if rank == 0 else []) + failures:
+        print(f"skipped {shown(path)}: {reason}")
+    skipped = len(unusable) + len(failures)
     if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+        totals = torch.tensor([len(failures), seconds], dtype=torch.float64)  # the summary counts every rank
+        dist.all_reduce(totals)  # returns once every rank has encoded its share and saved its shards
+        skipped, seconds = len(unusable) + int(totals[0]), float(totals[1])
         if rank != 0:
+            dist.destroy_process_group()
             return 0
         cache = EmbeddingCache(parts, model_key)  # every rank's shards
     done.update(cache.entries)
@@ -284,9 +299,11 @@ def run(args) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     _write(args.out, rows, model_key, args.frames)
     shutil.rmtree(parts, ignore_errors=True)
+    if world > 1:
+        dist.destroy_process_group()
     reused = len(rows) - len(set(wanted) & {Path(row["path"]) for row in rows})
     speed = f"; {seconds:.1f} s of audio in {elapsed:.1f} s ({seconds / max(elapsed, 1e-9):.1f}x real time)" \
         if seconds else ""
     print(f"wrote {args.out}: {len(rows)} files ({reused} reused from an earlier run), "
-          f"{len(failures)} skipped{speed}")
+          f"{skipped} skipped{speed}")
     return 0 if rows else 1

@@ -6,6 +6,7 @@ on the packed buffer (attention per sequence) -> CLS and patch rows gathered bac
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,8 +47,13 @@ class _Mono:
 def _as_list(signals, sample_rates) -> tuple[list, list[int]]:
     if isinstance(signals, (torch.Tensor, np.ndarray)):
         signals = [signals]
-    signals = list(signals)
-    if isinstance(sample_rates, (list, tuple, np.ndarray, torch.Tensor)):
+    try:
+        signals = list(signals)
+    except TypeError:
+        raise ValueError(f"signals must be a signal or a list of signals, got {type(signals).__name__}") from None
+    if isinstance(sample_rates, (list, tuple)) or (
+        isinstance(sample_rates, (np.ndarray, torch.Tensor)) and sample_rates.ndim > 0
+    ):
         sample_rates = list(sample_rates)
         if len(sample_rates) != len(signals):
             raise ValueError(f"got {len(signals)} signals but {len(sample_rates)} sample rates")
@@ -120,14 +126,15 @@ def encode(
     picks the fastest for the device. A process that encodes repeatedly on a CPU under glibc gains from
     echo.host_memory.keep_freed_memory() (a process-wide malloc setting, so it is the caller's choice).
     """
-    device = torch.device(device) if device is not None else model.device
-    if device != model.device:
+    if device is not None and not _same_device(torch.device(device), model.device):
         raise ValueError(f"model is on {model.device} but device={device} was asked; move the model first")
+    device = model.device
     if max_tokens is None:
         max_tokens = DEFAULT_MAX_TOKENS.get(device.type, DEFAULT_MAX_TOKENS_ELSEWHERE)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Real) or \
+            not float(max_tokens).is_integer() or max_tokens <= 0:
+        raise ValueError(f"max_tokens must be a positive whole number of tokens, got {max_tokens!r}")
     max_tokens = int(max_tokens)
-    if max_tokens <= 0:
-        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
     model = packed.inference_model(model, dtype)
     signal_list, rates = _as_list(signals, sample_rates)
     monos = _monos(signal_list, rates)
@@ -146,6 +153,13 @@ def encode(
             spec_cache = (tuple(members), stft_ops.ragged_spectrogram(waves, wave_offsets, plan, backend))
         _encode_chunk(model, plan, spec_cache[1], [monos[m] for m in members], frames, device, backend, row_step)
     return _gather(monos, len(signal_list), frames)
+
+
+def _same_device(asked: torch.device, model_device: torch.device) -> bool:
+    """"cuda" is the current CUDA device and "cpu:0" the CPU: other spellings of the model's device."""
+    if asked.type == "cuda" and asked.index is None:
+        asked = torch.device("cuda", torch.cuda.current_device())
+    return asked.type == model_device.type and (asked.type == "cpu" or asked.index == model_device.index)
 
 
 def _row_step(max_tokens: int, device: torch.device) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,12 +52,22 @@ def _cache_dir(cache_dir) -> Path:
 
 
 def _not_found(name: str, release: Release, cache: Path, reason: str) -> ValueError:
+    """Says how to put a downloaded file where huggingface_hub looks offline. refs/main must hold the snapshot
+    name exactly: huggingface_hub does not strip it, so `echo local > refs/main` (with its newline) fails."""
     folder = cache / f"models--{release.repo_id.replace('/', '--')}"
+    ref = folder / "refs" / release.revision
+    held = ref.read_text() if ref.is_file() else ""
+    if held != held.strip():
+        reason += f"; {ref} holds {held!r}, and huggingface_hub reads it without stripping whitespace"
+    snapshot = folder / "snapshots" / "local"
+    commands = (f"mkdir -p {shlex.quote(str(snapshot))} {shlex.quote(str(ref.parent))} && "
+                f"cp {release.filename} {shlex.quote(str(snapshot / release.filename))} && "
+                f"printf local > {shlex.quote(str(ref))}")
     return ValueError(
         f"{name}: {release.filename} of {release.repo_id} is not in the Hugging Face cache and could not be "
         f"downloaded ({reason}). Either download {release.url} and load it by path "
-        f"(echo.load('/path/to/{release.filename}')), or put it at "
-        f"{folder}/snapshots/local/{release.filename} and write the word local into {folder}/refs/main"
+        f"(echo.load('/path/to/{release.filename}')), or put it in the cache, from the folder holding it: "
+        f"{commands}"
     )
 
 
@@ -84,7 +95,10 @@ def resolve(name: str, cache_dir=None) -> Path:
             )
         return DEFAULT_CHECKPOINT
     if name not in RELEASES:
-        raise ValueError(f"unknown checkpoint name {name!r}; known names: {', '.join(NAMES)}")
+        spelled_alike = [known for known in NAMES if known == name.lower().replace("_", "-")]
+        hint = f" (did you mean {spelled_alike[0]!r}?)" if spelled_alike else ""
+        raise ValueError(f"unknown checkpoint name {name!r}{hint}; known names: {', '.join(NAMES)}, "
+                         f"or give the path of a checkpoint file")
     release = RELEASES[name]
     try:
         from huggingface_hub import hf_hub_download

@@ -19,29 +19,38 @@ PCM_SCALES = {torch.int16: 1 / 32768, torch.int32: 1 / 2147483648}
 
 
 def check_sample_rate(sample_rate, where: str = "") -> int:
-    """An integer rate >= 2000 Hz (below that the 25 ms window has under 50 samples)."""
+    """An integer rate of 2000 Hz (below, the 25 ms window has under 50 samples) to 10 MHz (above, one window
+    holds over 250 000 samples in some 3900 bands: a typo, not a sensor); a 0-d tensor or array is its value."""
+    if isinstance(sample_rate, (torch.Tensor, np.ndarray)) and sample_rate.ndim == 0:
+        sample_rate = sample_rate.item()
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real):
         raise ValueError(f"{where}sample rate must be an integer number of Hz, got {sample_rate!r}")
-    if isinstance(sample_rate, torch.Tensor):
-        sample_rate = sample_rate.item()
     if not float(sample_rate).is_integer():
         raise ValueError(f"{where}sample rate must be an integer number of Hz, got {sample_rate!r}")
     sample_rate = int(sample_rate)
-    if sample_rate < geometry.MIN_SAMPLE_RATE:
-        raise ValueError(
-            f"{where}sample rate {sample_rate} Hz is below the minimum of {geometry.MIN_SAMPLE_RATE} Hz"
-        )
+    if not geometry.MIN_SAMPLE_RATE <= sample_rate <= geometry.MAX_SAMPLE_RATE:
+        raise ValueError(f"{where}sample rate {sample_rate} Hz is outside {geometry.MIN_SAMPLE_RATE} to "
+                         f"{geometry.MAX_SAMPLE_RATE} Hz")
     return sample_rate
+
+
+def as_tensor(samples, where: str = "", what: str = "signal") -> torch.Tensor:
+    """A tensor of the samples of a tensor or numpy array (float or integer PCM dtypes; float128 is narrowed
+    to float64, which torch holds); anything else is refused here rather than by torch."""
+    if isinstance(samples, np.ndarray):
+        if samples.dtype.kind not in "fi":
+            raise ValueError(f"{where}{what} has unsupported dtype {samples.dtype}; pass float or int16/int32 PCM")
+        if samples.dtype.kind == "f" and samples.dtype.itemsize > 8:
+            samples = samples.astype(np.float64)
+        return torch.from_numpy(np.ascontiguousarray(samples))
+    if not isinstance(samples, torch.Tensor):
+        raise ValueError(f"{where}{what} must be a torch.Tensor or numpy array, got {type(samples).__name__}")
+    return samples
 
 
 def as_signal(waveform, sample_rate: int, where: str = "") -> torch.Tensor:
     """A checked float32 tensor of shape (N,) or (C, N), every channel at least one window long."""
-    if isinstance(waveform, np.ndarray):
-        if waveform.dtype.kind not in "fi":
-            raise ValueError(f"{where}signal has unsupported dtype {waveform.dtype}; pass float or int16/int32 PCM")
-        waveform = torch.from_numpy(np.ascontiguousarray(waveform))
-    elif not isinstance(waveform, torch.Tensor):
-        raise ValueError(f"{where}signal must be a torch.Tensor or numpy array, got {type(waveform).__name__}")
+    waveform = as_tensor(waveform, where)
     if waveform.dtype in PCM_SCALES:
         waveform = waveform.to(torch.float32) * PCM_SCALES[waveform.dtype]
     elif not waveform.is_floating_point():
@@ -62,9 +71,12 @@ def as_signal(waveform, sample_rate: int, where: str = "") -> torch.Tensor:
             f"{where}signal of {n} samples is shorter than one 25 ms window at {sample_rate} Hz "
             f"({window} samples){hint}"
         )
-    waveform = waveform.to(torch.float32)
+    given, waveform = waveform, waveform.to(torch.float32)
     # one pass: NaN/Inf propagate into the sum, and float32 samples cannot overflow a float64 sum
     if not torch.isfinite(waveform.sum(dtype=torch.float64)):
-        bad = (~torch.isfinite(waveform)).sum().item()
-        raise ValueError(f"{where}signal contains {bad} NaN or Inf sample(s)")
+        bad = (~torch.isfinite(given)).sum().item()
+        if bad:
+            raise ValueError(f"{where}signal contains {bad} NaN or Inf sample(s)")
+        beyond = (~torch.isfinite(waveform)).sum().item()
+        raise ValueError(f"{where}signal has {beyond} sample(s) beyond float32's range (|x| > 3.4e38)")
     return waveform

@@ -48,7 +48,7 @@ class StreamEncoder:
     def push(self, chunk) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         if self.finished:
             raise ValueError("push() after finish(): start a new StreamEncoder for a new signal")
-        chunk = torch.as_tensor(chunk)
+        chunk = inputs.as_tensor(chunk, what="chunk")
         if chunk.dim() != 1:
             raise ValueError(f"push() takes 1-D chunks of samples, got shape {tuple(chunk.shape)}")
         if chunk.numel() == 0:

@@ -26,6 +26,19 @@ def write_corpus(root: Path, files: int = 8, seconds=(1.5, 3.0), seed: int = 0) 
     return root
 
 
+def write_damaged(root: Path) -> None:
+    """Next to a write_corpus corpus, files whose headers are fine but whose crops cannot be trained on: a FLAC
+    cut in half (decoding fails past the cut) and a float WAV with NaNs in the middle (every 2 s crop covers
+    them)."""
+    import soundfile as sf
+
+    raw = (root / "machine1" / "clip1.flac").read_bytes()
+    (root / "truncated.flac").write_bytes(raw[: len(raw) // 2])
+    wave = np.full(48000, 0.1, dtype=np.float32)
+    wave[22000:26000] = np.nan
+    sf.write(root / "nan.wav", wave, 16000, subtype="FLOAT")
+
+
 def tiny_config(data, out, **overrides):
     from echo.pretrain.trainer import PretrainConfig
 

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -62,17 +64,115 @@ class Payload:
         return (print, ("this must never run",))
 
 
-def test_pickle_with_objects_is_refused(tmp_path, capsys):
+def test_pickle_with_objects_is_refused_without_torchs_advice(tmp_path, capsys):
     path = tmp_path / "evil.pth"
     torch.save({"encoder": random_model("tiny").state_dict(), "x": Payload()}, path)
-    with pytest.raises(ValueError, match="refused"):
+    with pytest.raises(ValueError, match=r"refused: .* \((builtins\.)?print\)") as error:
         echo.load(path)
     assert "this must never run" not in capsys.readouterr().out
+    assert "weights_only" not in str(error.value)
 
 
 def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         echo.load(tmp_path / "nope.safetensors")
-    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
-    with pytest.raises(ValueError, match="not a readable safetensors"):
-        echo.load(tmp_path / "junk.safetensors")
+    path = echo.save(random_model("tiny"), tmp_path / "model.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="cut.safetensors: not a readable safetensors"):
+        echo.load(tmp_path / "cut.safetensors")
+    (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(ValueError, match="cut.pth: not a readable torch checkpoint"):
+        echo.load(tmp_path / "cut.pth")
+    folder = tmp_path / "run"
+    (folder / "logs").mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(path.read_bytes())
+    with pytest.raises(ValueError, match="run is a directory, not a checkpoint file; it holds model.safetensors: load"):
+        echo.load(folder)
+
+
+@pytest.mark.parametrize("content", [b"hello world\n", b"<!DOCTYPE html><html><body>404</body></html>",
+                                     bytes(range(1, 100)), b"", b"\x80\x02garbage that is no pickle"])
+def test_files_that_are_not_checkpoints_are_named_so(tmp_path, content):
+    path = tmp_path / "model.pth"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="model.pth: (neither a safetensors file nor a torch checkpoint|not a readable "
+                                         "torch checkpoint)") as error:
+        echo.load(path)
+    assert "weights_only" not in str(error.value) and "objects other than tensors" not in str(error.value)
+
+
+def test_git_lfs_pointer_is_recognised(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 123\n")
+    with pytest.raises(ValueError, match="model.safetensors: a git-lfs pointer, not the weights"):
+        echo.load(path)
+
+
+def test_format_is_read_from_content_not_suffix(tmp_path):
+    model = random_model("tiny")
+    safetensors_named_bin = tmp_path / "model.bin"
+    safetensors_named_bin.write_bytes(echo.save(model, tmp_path / "model.safetensors").read_bytes())
+    torch_named_safetensors = tmp_path / "torch.safetensors"
+    torch.save(model.state_dict(), torch_named_safetensors)
+    for path in (safetensors_named_bin, torch_named_safetensors):
+        loaded = echo.load(path)
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items()), path
+
+
+def test_save_refuses_non_floating_dtypes(tmp_path):
+    with pytest.raises(ValueError, match="floating-point dtype, got torch.int32"):
+        echo.save(random_model("tiny"), tmp_path / "m.safetensors", dtype=torch.int32)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64])
+def test_non_floating_weights_are_refused_by_key_and_dtype(tmp_path, dtype):
+    state = random_model("tiny").state_dict()
+    state["norm.weight"] = state["norm.weight"].to(dtype)
+    path = tmp_path / "m.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match=rf"must be floating point; these are not: norm.weight \({dtype}\)$"):
+        echo.load(path)
+
+
+@pytest.mark.parametrize("metadata, problem", [
+    ("{not json", "is not valid JSON"),
+    (json.dumps({"dim": 192, "depth": 12, "heads": 3, "qk_norm": True}), "fields this echo does not know: qk_norm"),
+    ("[1, 2]", "must be a JSON object, not list"),
+    (json.dumps({"dim": "192", "depth": 12, "heads": 3}), "not numbers: dim='192'"),
+])
+def test_bad_config_metadata_names_file_and_problem(tmp_path, metadata, problem):
+    path = tmp_path / "m.safetensors"
+    save_file(random_model("tiny").state_dict(), str(path), metadata={"echo_config": metadata})
+    with pytest.raises(ValueError, match=f"m.safetensors: its echo_config metadata .*{problem}"):
+        echo.load(path)
+
+
+@pytest.mark.parametrize("with_metadata", [True, False])
+def test_overrides_behave_alike_with_and_without_metadata(tmp_path, with_metadata):
+    model = random_model("tiny")
+    path = tmp_path / "m.safetensors"
+    if with_metadata:
+        echo.save(model, path)
+    else:
+        save_file(model.state_dict(), str(path))
+    with pytest.raises(ValueError, match="unknown config field.* bogus; valid: .*heads, mlp_ratio"):
+        echo.load(path, bogus=1)
+    assert echo.load(path, dim=192).config == model.config
+    shapes_checked = r"m.safetensors: does not match .*cls_token \(1, 1, 192\) \(expected \(1, 1, 384\)"
+    with pytest.raises(ValueError, match=shapes_checked):
+        echo.load(path, dim=384)
+    with pytest.raises(ValueError, match="m.safetensors: invalid ECHO config: .*heads=0"):
+        echo.load(path, heads=0)
+
+
+def test_zero_dim_cls_token_and_non_string_keys_are_named(tmp_path):
+    state = random_model("tiny").state_dict()
+    path = tmp_path / "m.safetensors"
+    save_file({**state, "cls_token": torch.tensor(0.0)}, str(path))
+    with pytest.raises(ValueError, match=r"m.safetensors: mis-shaped key cls_token \(\)"):
+        echo.load(path)
+    path = tmp_path / "m.pth"
+    torch.save({**state, 0: torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="m.pth: state dict keys must be strings, found 0"):
+        echo.load(path)

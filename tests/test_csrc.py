@@ -3,7 +3,7 @@ Skipped, with the reason, where the extension is not built; `make install` build
 import pytest
 import torch
 
-from conftest import RATE_FAMILIES, assert_front_end_close, rel_err
+from conftest import RATE_FAMILIES, rel_err
 from test_attention import per_sequence_float64
 from echo import extension
 from echo.ops import attention as attention_ops
@@ -27,11 +27,14 @@ def random_batch(rates: list[int], max_seconds: float = 1.5, dc: float = 0.2):
 
 
 def check_against_reference(out: torch.Tensor, waves, offsets, plan):
+    """The op computes in double like the reference and rounds once to float32. Where a bin's true magnitude is
+    ~0, two float64 FFTs still differ by ~1e-13, which the log at its 1e-9 floor turns into ~1e-5; a float32
+    FFT's noise there made errors of ~1 (test below), so every bin is checked, not only the norm."""
     truth = stft_ops.ragged_spectrogram_reference(waves.double(), offsets, plan)
     assert out.shape == truth.shape and out.dtype == torch.float32
-    assert torch.isfinite(out).all()
     assert torch.all(out.cpu()[truth == 0] == 0)  # inserted band rows: zeros, not leftover memory
-    assert_front_end_close(out, waves, offsets, plan)
+    assert rel_err(out.cpu(), truth) < 1e-6
+    assert (out.cpu().double() - truth).abs().max() < 1e-4
 
 
 @requires_cpu_op
@@ -60,29 +63,17 @@ def test_ragged_spectrogram_cpu_mixed_rates_long_signal_and_threads():
 
 
 @requires_cpu_op
-def test_large_dc_offsets_no_worse_than_the_torch_path():
-    """With DC ten times the signal, float32 DC removal itself costs ~1e-4: the compiled op may err at most
-    twice as much as the released float32 computation, both against float64."""
-    waves, offsets, plan = random_batch(RATE_FAMILIES, dc=3.0)
-    assert_front_end_close(stft_ops.ragged_spectrogram_csrc(waves, offsets, plan), waves, offsets, plan)
-
-
-@requires_cpu_op
-def test_dc_is_removed_in_double_so_bins_0_and_1_stay_exact():
-    """Bins 0 and 1 see the DC error of every sample of a frame at once. With a float32 mean (off by up to half
-    an ulp of the DC) the median signal's bins 0-1 erred by 1e-5 on long signals with a large DC; in double, by
-    6e-7 (max 4e-6 in 100 draws). Float32 FFT rounding still makes a rare near-zero bin err more, so the median
-    over 14 signals is what is checked."""
-    errors = []
-    for _ in range(2):
-        waves, offsets, plan = random_batch(RATE_FAMILIES, max_seconds=20, dc=3.0)
-        truth = stft_ops.ragged_spectrogram_reference(waves.double(), offsets, plan)
-        out = stft_ops.ragged_spectrogram_csrc(waves, offsets, plan)
-        bounds = plan.spec_offsets.tolist()
-        for i, frames in enumerate(plan.frames):
-            errors.append(rel_err(out[bounds[i] : bounds[i + 1]].view(-1, frames)[:2],
-                                  truth[bounds[i] : bounds[i + 1]].view(-1, frames)[:2]))
-    assert sorted(errors)[len(errors) // 2] < 5e-6
+def test_silent_stretches_with_a_dc_offset_stay_exact():
+    """Real recordings hold digital silence, which DC removal turns into a constant frame: every bin but the
+    first two is ~0 in float64, and float32 FFT rounding put noise above the log's 1e-9 floor there: errors of
+    ~1 in those bins, 0.35 relative over these signals, and up to 5e-4 in the bundled samples' embeddings.
+    Long signals with a large DC, cut by silent stretches."""
+    waves, offsets, plan = random_batch(RATE_FAMILIES, max_seconds=20, dc=3.0)
+    bounds = offsets.tolist()
+    for i in range(len(plan.lengths)):
+        length = bounds[i + 1] - bounds[i]
+        waves[bounds[i] + length // 4 : bounds[i] + length // 2] = 0.0
+    check_against_reference(stft_ops.ragged_spectrogram_csrc(waves, offsets, plan), waves, offsets, plan)
 
 
 @requires_cpu_op

@@ -105,6 +105,34 @@ def test_rerun_and_interrupted_run_resume(tmp_path, model_path, capsys, monkeypa
     assert "5 files (1 reused from an earlier run)" in capsys.readouterr().out
 
 
+def test_a_rerun_in_another_dtype_encodes_again(tmp_path, model_path, capsys):
+    """bf16 embeddings differ from float32 ones by ~5e-3: a float32 run must not take them from a bf16 run's
+    output or shards, and the other way round."""
+    soundfile.write(str(tmp_path / "a.wav"), np.random.uniform(-0.5, 0.5, 6000), 16000)
+    out = tmp_path / "emb.npz"
+    assert run(tmp_path / "a.wav", "--model", model_path, "--out", out, "--dtype", "bfloat16") == 0
+    capsys.readouterr()
+    assert run(tmp_path / "a.wav", "--model", model_path, "--out", out) == 0
+    assert "1 files (0 reused from an earlier run)" in capsys.readouterr().out
+    ref = reference(echo.load(model_path), tmp_path / "a.wav")[0]
+    assert rel_err(torch.from_numpy(read_embeddings(out)["files"][str(tmp_path / "a.wav")]["utterance"]), ref) < 1e-5
+
+
+def test_a_file_name_that_is_not_utf8_is_reported_and_skipped(tmp_path, model_path, capsys):
+    if sys.platform != "linux":
+        pytest.skip("needs a file system that takes any bytes in names")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    soundfile.write(str(folder / "good.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    soundfile.write(str(folder / "bad.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    os.rename(os.fsencode(folder / "bad.wav"), os.fsencode(folder) + b"/bad\xff.wav")
+    out = tmp_path / "emb.npz"
+    assert run(folder, "--model", model_path, "--out", out) == 0
+    printed = capsys.readouterr().out
+    assert "bad\\xff.wav" in printed and "not valid UTF-8" in printed and "1 skipped" in printed
+    assert list(read_embeddings(out)["files"]) == [str(folder / "good.wav")]
+
+
 def test_parquet_rows_match_npz(tmp_path, model_path):
     pytest.importorskip("pyarrow")
     write_corpus(tmp_path / "data")
@@ -139,6 +167,15 @@ def test_bad_arguments(tmp_path, model_path, capsys):
     assert "--out must end in .npz or .parquet" in capsys.readouterr().out
     assert run(tmp_path / "nothing-here", "--model", model_path, "--out", tmp_path / "e.npz") == 2
     assert "no audio files" in capsys.readouterr().out
+    # refused before any file is encoded
+    assert run(tmp_path, "--model", model_path, "--out", tmp_path / "e.npz", "--max-tokens", "0") == 2
+    assert "--max-tokens must be at least 1, got 0" in capsys.readouterr().out
+    (tmp_path / "folder.npz").mkdir()
+    assert run(tmp_path, "--model", model_path, "--out", tmp_path / "folder.npz") == 2
+    assert "is a folder" in capsys.readouterr().out
+    (tmp_path / "file").write_text("")
+    assert run(tmp_path, "--model", model_path, "--out", tmp_path / "file" / "e.npz") == 2
+    assert f"{tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().out
 
 
 def test_ranks_share_the_files_and_rank_0_merges(tmp_path, model_path):
@@ -158,4 +195,7 @@ def test_ranks_share_the_files_and_rank_0_merges(tmp_path, model_path):
     outputs = [process.communicate(timeout=120)[0] for process in ranks]
     assert [process.returncode for process in ranks] == [0, 0], outputs
     assert "wrote" in outputs[0] and "wrote" not in outputs[1]
+    # each rank reports the bad files it met; the summary counts both ranks' (broken.wav, short.flac)
+    assert sum(output.count("skipped ") for output in outputs) == 2, outputs
+    assert f"{len(good)} files (0 reused from an earlier run), 2 skipped" in outputs[0]
     assert set(read_embeddings(out)["files"]) == {str(p) for p in good}

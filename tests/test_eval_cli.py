@@ -111,3 +111,20 @@ def test_mafaulda_faults_with_channels(tmp_path, model_path):
 def test_wrong_layout_is_a_clear_error(tmp_path, model_path, capsys):
     assert run_eval("--task", "dcase2021", "--data", tmp_path, "--model", model_path, "--out", tmp_path / "o") == 2
     assert "no DCASE machine folder" in capsys.readouterr().out
+
+
+def test_models_by_name_and_a_cache_per_dtype(tmp_path, capsys):
+    """--model takes the names `encode` takes; bf16 embeddings (~5e-3 off) never answer a float32 run."""
+    rng = seeded_rng()
+    for name in ("normal/n", "test/normal/t", "test/anomalous/a"):
+        for i in range(3):
+            path = tmp_path / "machine" / f"{name}{i}.wav"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            soundfile.write(str(path), tone(rng, 400), RATE)
+    common = ("--task", "folder", "--data", tmp_path / "machine", "--model", "default", "--no-plots")
+    assert run_eval(*common, "--out", tmp_path / "o", "--dtype", "bfloat16") == 0
+    assert "(0 from the cache" in capsys.readouterr().out
+    assert run_eval(*common, "--out", tmp_path / "o") == 0
+    assert "(0 from the cache" in capsys.readouterr().out
+    assert run_eval(*common, "--out", tmp_path / "o") == 0
+    assert "(9 from the cache" in capsys.readouterr().out

@@ -35,6 +35,17 @@ def test_dcase2023_dev_and_eval_with_label_list(tmp_path):
     assert data.kind == "anomaly" and data.year == 2023 and not data.notes
 
 
+@pytest.mark.parametrize("label", ["0.7", "2", "inf", "-1", "yes"])
+def test_a_label_that_is_not_0_or_1_is_refused_not_rounded(tmp_path, label):
+    lists = tmp_path / "eval_data_list_2023.csv"
+    lists.write_text(f"saw\nsection_00_0000.wav,section_00_source_test_normal_0000.wav,1.0\n"
+                     f"section_00_0001.wav,section_00_source_test_anomaly_0001.wav,{label}\n")
+    with pytest.raises(ValueError, match=f"{lists}:3: label '{label}' is not 0 or 1"):
+        datasets.read_label_lists([lists])
+    with pytest.raises(ValueError, match="label list .*missing.csv does not exist"):
+        datasets.read_label_lists([tmp_path / "missing.csv"])
+
+
 def test_dcase2020_ids_and_unlabelled_eval(tmp_path):
     touch(tmp_path, "dev_data/ToyCar/train/normal_id_01_00000000.wav", "dev_data/ToyCar/test/anomaly_id_01_00000000.wav",
           "eval_data/ToyCar/train/normal_id_05_00000000.wav", "eval_data/ToyCar/test/id_05_00000000.wav")

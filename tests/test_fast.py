@@ -46,6 +46,16 @@ def test_equals_reference_on_mixed_batch(model):
         assert rel_err(utterance, ref_u) < 1e-5 and rel_err(frame_rows, ref_f) < 1e-5
 
 
+def test_equals_reference_on_the_bundled_real_recordings(model):
+    """Real audio has what random signals lack: digital silence and near-silent bins, where a float32 front end
+    once moved these embeddings by up to 5e-4."""
+    from echo.data import bundled
+
+    signals, rates = zip(*bundled.samples().values())
+    for utterance, signal, rate in zip(fast.encode(model, list(signals), list(rates)), signals, rates):
+        assert rel_err(utterance, model.encode(signal, rate)[0]) < 1e-5
+
+
 def test_utterances_only_and_single_signal(model):
     x = np.random.randn(16000).astype(np.float32)
     (utterance,) = fast.encode(model, x, 16000)
@@ -172,7 +182,8 @@ def test_plan_orders_sequences_by_length_into_slices():
     [
         ([torch.randn(16000), torch.randn(100)], 16000, "signal 1: signal of 100 samples is shorter"),
         ([torch.randn(16000), torch.randn(16000)], [16000], "2 signals but 1 sample rates"),
-        ([torch.randn(16000), torch.randn(16000)], [16000, 1000], "signal 1: sample rate 1000 Hz is below"),
+        ([torch.randn(16000), torch.randn(16000)], [16000, 1000], "signal 1: sample rate 1000 Hz is outside"),
+        (None, 16000, "signals must be a signal or a list of signals, got NoneType"),
         ([torch.randn(8000), torch.full((9000,), float("nan"))], 8000, "signal 1: signal contains 9000 NaN"),
     ],
 )
@@ -181,9 +192,18 @@ def test_bad_input_names_the_signal(model, signals, rates, message):
         fast.encode(model, signals, rates)
 
 
+def test_rates_as_tensors_and_other_spellings_of_the_device(model):
+    x = torch.randn(8000)
+    expected = fast.encode(model, [x, x], 8000)
+    for rates in (torch.tensor(8000), np.array(8000), torch.tensor([8000, 8000]), np.array([8000, 8000])):
+        assert all(torch.equal(a, b) for a, b in zip(fast.encode(model, [x, x], rates), expected))
+    assert torch.equal(fast.encode(model, [x, x], 8000, device="cpu:0")[0], expected[0])
+
+
 def test_bad_options(model):
-    with pytest.raises(ValueError, match="max_tokens must be positive"):
-        fast.encode(model, [torch.randn(8000)], 8000, max_tokens=0)
+    for max_tokens in (0, -3, 0.5, float("inf"), "4096"):
+        with pytest.raises(ValueError, match="max_tokens must be a positive whole number of tokens"):
+            fast.encode(model, [torch.randn(8000)], 8000, max_tokens=max_tokens)
     with pytest.raises(ValueError, match="dtype must be"):
         fast.encode(model, [torch.randn(8000)], 8000, dtype=torch.int8)
     with pytest.raises(ValueError, match="unknown backend"):

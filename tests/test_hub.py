@@ -1,5 +1,7 @@
 """Checkpoints by name through a pre-populated huggingface_hub cache; never the network (HF_HUB_OFFLINE=1)."""
 import hashlib
+import re
+import subprocess
 import sys
 from dataclasses import replace
 
@@ -46,19 +48,38 @@ def test_release_loads_from_a_populated_cache(offline_cache):
     assert loaded.config.size == "tiny" and same_weights(loaded, model)
 
 
-def test_offline_without_cache_says_which_file_goes_where_and_that_recipe_works(offline_cache):
+def test_offline_without_cache_gives_commands_that_work_when_run(offline_cache, tmp_path):
     with pytest.raises(ValueError) as error:
         echo.load("echo-small")
     text = str(error.value)
-    folder = offline_cache / "models--yucongzh--echo-small-0824"
     assert "https://huggingface.co/yucongzh/echo-small-0824/resolve/main/model.safetensors" in text
-    assert f"put it at {folder}/snapshots/local/model.safetensors" in text
-    assert f"write the word local into {folder}/refs/main" in text and "offline" in text
-    model = random_model("tiny")  # follow the message to the letter (tiny weights keep the test small)
-    released_file(folder / "snapshots" / "local" / "model.safetensors", model)
-    (folder / "refs").mkdir()
-    (folder / "refs" / "main").write_text("local")
+    assert "offline" in text
+    commands = re.search(r"from the folder holding it: (mkdir .*)$", text).group(1)
+    assert "printf local > " in commands  # `echo local >` writes a newline, and huggingface_hub does not strip it
+    model = random_model("tiny")  # run the commands as given (tiny weights keep the test small)
+    released_file(tmp_path / "download" / "model.safetensors", model)
+    subprocess.run(["sh", "-c", commands], cwd=tmp_path / "download", check=True)
     assert same_weights(echo.load("echo-small"), model)
+
+
+def test_a_newline_in_refs_main_is_pointed_out(offline_cache):
+    folder = offline_cache / "models--yucongzh--echo-small-0824"
+    released_file(folder / "snapshots" / "local" / "model.safetensors", random_model("tiny"))
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("local\n")
+    with pytest.raises(ValueError, match=r"refs/main holds 'local\\n', and huggingface_hub reads it without stripping"):
+        echo.load("echo-small")
+
+
+@pytest.mark.parametrize("name, hint", [("echo-base", ""), ("Echo-Small", " (did you mean 'echo-small'?)"),
+                                        ("echo_tiny", " (did you mean 'echo-tiny'?)")])
+def test_unknown_names_list_the_known_ones(tmp_path, monkeypatch, name, hint):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(f"unknown checkpoint name {name!r}{hint}; known names: default, "
+                                                   f"echo-small, echo-tiny")):
+        echo.load(name)
+    with pytest.raises(ValueError, match="checkpoint missing.pth does not exist"):
+        echo.load("missing.pth")  # a file name, not a checkpoint name
 
 
 def test_sha256_is_checked(offline_cache, monkeypatch):
@@ -94,7 +115,7 @@ def test_paths_win_over_names_and_missing_hub_is_explained(tmp_path, monkeypatch
     model = random_model("tiny")
     monkeypatch.chdir(tmp_path)
     echo.save(model, tmp_path / "echo-tiny" / "model.safetensors")  # a folder named like a release is not loaded
-    with pytest.raises(ValueError, match="checkpoint echo-tiny does not exist"):
+    with pytest.raises(ValueError, match="checkpoint echo-tiny is a directory, not a checkpoint file"):
         echo.load("echo-tiny")
     monkeypatch.chdir(tmp_path / "echo-tiny")
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)

@@ -21,7 +21,9 @@ def model():
         (torch.ones(16000, dtype=torch.uint8), 16000, "unsupported dtype torch.uint8"),
         (np.ones(16000, dtype=np.complex64), 16000, "unsupported dtype complex64"),
         ([0.0] * 16000, 16000, "torch.Tensor or numpy array, got list"),
-        (torch.randn(16000), 1999, "1999 Hz is below the minimum of 2000 Hz"),
+        (torch.randn(16000), 1999, "1999 Hz is outside 2000 to 10000000 Hz"),
+        (torch.randn(16000), 10**30, "outside 2000 to 10000000 Hz"),
+        (np.full(16000, 1e300), 16000, r"16000 sample\(s\) beyond float32's range"),
         (torch.randn(16000), 16000.5, "integer number of Hz, got 16000.5"),
         (torch.randn(16000), "16000", "integer number of Hz, got '16000'"),
         (torch.randn(16000, 2), 16000, r"pass \(channels, samples\)"),
@@ -44,3 +46,6 @@ def test_numpy_and_float64_accepted(model):
     u_np, _ = model.encode(x, 12000)
     u_t, _ = model.encode(torch.from_numpy(x).float(), np.int64(12000))
     assert torch.equal(u_np, u_t)
+    u_long, _ = model.encode(x.astype(np.longdouble), torch.tensor(12000))  # float128 where numpy has it
+    u_0d, _ = model.encode(x, np.array(12000))
+    assert torch.equal(u_long, u_t) and torch.equal(u_0d, u_t)

@@ -9,7 +9,7 @@ pytest.importorskip("soundfile")
 import soundfile as sf  # noqa: E402
 from conftest import seeded_rng  # noqa: E402
 from independent import numpy_spectrogram  # noqa: E402
-from pretrain_corpus import write_corpus  # noqa: E402
+from pretrain_corpus import write_corpus, write_damaged  # noqa: E402
 
 from echo import geometry  # noqa: E402
 from echo.ops import stft as stft_ops  # noqa: E402
@@ -73,7 +73,7 @@ def test_shards_round_trip(tmp_path):
     assert all(streams)
     assert len(from_shards) == len(folder.items)
     for entry, channel in folder.items:
-        example = from_shards[f"{shards.sample_key(entry.path)}:{channel}"]
+        example = from_shards[f"{shards.sample_key(folder.files.index(entry), entry.path)}:{channel}"]
         assert (example.sample_rate, example.frames) == (entry.sample_rate, entry.frames)
         data, _ = sf.read(root / entry.path, dtype="float32", always_2d=True)
         np.testing.assert_array_equal(example.read(7, 300), data[7:307, channel])
@@ -87,7 +87,7 @@ def test_a_short_shard_sample_is_reported_in_the_first_epoch_only(tmp_path, capl
     source = shards.ShardCorpus(tmp_path / "shards", min_seconds=1.0)
     with caplog.at_level("WARNING", logger=shards.log.name):
         examples = list(itertools.islice(source.examples(0, 0, 1), 12))  # three epochs of four channels
-    key = shards.sample_key("short.wav")
+    key = shards.sample_key(2, "short.wav")  # after machine0/clip0.wav and machine1/clip1.flac
     assert not any(e.key.startswith(key) for e in examples)
     assert [r.getMessage() for r in caplog.records] == [f"skipping shard sample {key}: 0.500 s is shorter than 1 s"]
 
@@ -188,3 +188,102 @@ def test_a_resumed_stream_continues_with_the_same_batches(tmp_path, workers):
     for a, b in zip(straight[3:], resumed):
         assert torch.equal(a.patches, b.patches) and torch.equal(a.masked, b.masked)
         assert torch.equal(a.positions, b.positions)
+
+
+@pytest.mark.parametrize("from_shards", [False, True])
+def test_clips_that_cannot_be_read_are_dropped_and_their_file_reported_once(tmp_path, caplog, from_shards):
+    root = write_corpus(tmp_path / "data", files=4)
+    write_damaged(root)
+    source = corpus.FolderCorpus(root, min_seconds=1.0)
+    assert source.skipped == {"unreadable": 0, "too short": 0}  # the headers hide the damage
+    if from_shards:
+        pytest.importorskip("webdataset")
+        shards.write_shards(root, tmp_path / "shards", per_shard=10)
+        source = shards.ShardCorpus(tmp_path / "shards", min_seconds=1.0)
+    config = sampling.SamplingConfig(crop_seconds=2, tokens_per_batch=300, clones=1)
+
+    def batches(consumed, count):
+        return list(itertools.islice(sampling.BatchStream(source, config, seed=0, consumed=consumed), count))
+
+    with caplog.at_level("WARNING", logger=corpus.log.name):
+        straight = batches(0, 12)
+    reports = sorted(r.getMessage() for r in caplog.records)
+    assert len(reports) == 2, reports  # each damaged file once, however many of its crops were dropped
+    assert "nan" in reports[0] and reports[0].endswith(": NaN or infinite samples")
+    assert "truncated" in reports[1]
+    assert all(torch.isfinite(batch.patches).all() for batch in straight)
+    # dropping a clip leaves the plan alone: a resumed stream still replays the same batches
+    for a, b in zip(straight[8:], batches(8, 4)):
+        assert torch.equal(a.patches, b.patches) and torch.equal(a.masked, b.masked)
+
+
+def test_a_crop_read_short_or_with_infinite_samples_is_unreadable():
+    def read(samples):
+        return lambda: np.asarray(samples, dtype=np.float32)
+
+    assert corpus.checked_read("x.wav", read([0.1, 0.2]), 2).tolist() == pytest.approx([0.1, 0.2])
+    with pytest.raises(corpus.UnreadableAudio, match="x.wav: 1 of 2 samples read"):
+        corpus.checked_read("x.wav", read([0.1]), 2)
+    with pytest.raises(corpus.UnreadableAudio, match="x.wav: NaN or infinite samples"):
+        corpus.checked_read("x.wav", read([0.1, np.inf]), 2)
+
+
+def test_shards_without_a_usable_sample_are_a_clear_error_not_an_endless_loop(tmp_path, monkeypatch):
+    pytest.importorskip("webdataset")
+    import tarfile
+
+    root = write_corpus(tmp_path / "data", files=2, seconds=(0.5, 0.8))
+    shards.write_shards(root, tmp_path / "shards", per_shard=1, min_seconds=0.2)
+    with tarfile.open(tmp_path / "shards" / "notes.tar", "w") as tar:  # a .tar without audio
+        tar.add(__file__, arcname="readme.txt")
+    epochs = []
+    original = corpus.epoch_order
+
+    def epoch_order(count, seed, epoch):
+        assert epoch < 5, "the stream loops over empty epochs"  # fails the test where it would hang
+        epochs.append(epoch)
+        return original(count, seed, epoch)
+
+    monkeypatch.setattr(corpus, "epoch_order", epoch_order)
+    source = shards.ShardCorpus(tmp_path / "shards", min_seconds=1.0)
+    for part in range(3):
+        with pytest.raises(ValueError, match=r"no usable audio under .*shards: 3 samples in 3 shards, skipped "
+                                             r"\{'unreadable': 1, 'too short': 2\}"):
+            next(source.examples(0, part, 3))
+    assert max(epochs) == 0
+
+
+def test_writing_shards_into_a_folder_with_earlier_shards_is_refused(tmp_path):
+    pytest.importorskip("webdataset")
+    root = write_corpus(tmp_path / "data", files=3)
+    shards.write_shards(root, tmp_path / "shards", per_shard=1)
+    with pytest.raises(ValueError, match=r"shards already holds 3 .tar files \(shard-000000.tar, "):
+        shards.write_shards(root, tmp_path / "shards", per_shard=10)
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [f"shard-00000{i}.tar" for i in range(3)]
+
+
+def test_files_whose_names_sanitise_alike_keep_distinct_shard_samples(tmp_path):
+    pytest.importorskip("webdataset")
+    root = tmp_path / "data"
+    root.mkdir()
+    waves = {name: np.random.default_rng(i).standard_normal(16000).astype(np.float32) * 0.1
+             for i, name in enumerate(["a b.wav", "a_b.wav", "a.b.wav"])}
+    for name, wave in waves.items():
+        sf.write(root / name, wave, 16000, subtype="FLOAT")
+    shards.write_shards(root, tmp_path / "shards", per_shard=10)
+    source = shards.ShardCorpus(tmp_path / "shards", min_seconds=1.0)
+    examples = list(itertools.islice(source.examples(0, 0, 1), 3))
+    assert len({e.key for e in examples}) == 3
+    read = sorted(e.read(0, 16000).tobytes() for e in examples)
+    assert read == sorted(wave.tobytes() for wave in waves.values())
+
+
+def test_a_stream_of_nothing_but_unreadable_clips_stops_with_a_clear_error(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    root.mkdir()
+    sf.write(root / "all_nan.wav", np.full(32000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
+    monkeypatch.setattr(sampling, "UNREADABLE_BATCHES_LIMIT", 3)
+    config = sampling.SamplingConfig(crop_seconds=1, tokens_per_batch=300, clones=1)
+    stream = sampling.BatchStream(corpus.FolderCorpus(root, min_seconds=1.0), config, seed=0)
+    with pytest.raises(ValueError, match=r"3 batches in a row held no readable clip: .*all_nan.wav"):
+        next(iter(stream))

@@ -7,17 +7,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("soundfile")
-from pretrain_corpus import tiny_config, write_corpus  # noqa: E402
+from pretrain_corpus import tiny_config, write_corpus, write_damaged  # noqa: E402
 
 import echo  # noqa: E402
 from echo import cli  # noqa: E402
-from echo.pretrain import checkpoints, trainer  # noqa: E402
+from echo.pretrain import checkpoints, objective, trainer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +72,36 @@ def test_a_stopped_and_resumed_run_equals_a_straight_run(data, tmp_path):
     ]
 
 
+def test_a_run_over_damaged_audio_reports_it_skips_it_and_finishes(tmp_path, caplog):
+    damaged = write_corpus(tmp_path / "data", files=4)
+    write_damaged(damaged)
+    with caplog.at_level("WARNING", logger="echo.pretrain"):
+        result = trainer.train(tiny_config(damaged, tmp_path / "run", steps=6, log_every=1), progress=False)
+    assert result["step"] == 6 and all(float(r["loss"]) < float("inf") for r in rows(tmp_path / "run"))
+    assert all(torch.isfinite(w).all() for w in echo.load(tmp_path / "run" / "model.safetensors").state_dict().values())
+    reports = sorted(r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping unreadable audio"))
+    assert len(reports) == 2 and "nan.wav" in reports[0] and "truncated.flac" in reports[1]
+
+
+def test_a_nan_loss_stops_the_run_naming_its_step_and_keeps_the_good_checkpoints(data, tmp_path, monkeypatch):
+    original = objective.Learner.forward
+    calls = []
+
+    def nan_at_step_five(self, *args):
+        loss, frame, utterance = original(self, *args)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 5 else loss), frame, utterance
+
+    monkeypatch.setattr(objective.Learner, "forward", nan_at_step_five)
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="the loss was NaN or infinite at step 5; stopped without checkpointing"):
+        trainer.train(tiny_config(data, run, steps=8, save_every=2, log_every=3, keep=2), progress=False)
+    assert [p.name for p in checkpoints.checkpoint_paths(run / "checkpoints")] == [
+        "step-000000002.pt", "step-000000004.pt"]  # step 6 (NaN weights) neither written nor rotating them out
+    assert all(torch.isfinite(w).all() for w in checkpoints.load_latest(run / "checkpoints")["student"].values())
+    assert [int(r["step"]) for r in rows(run)] == [3] and not (run / "model.safetensors").exists()
+
+
 def test_resuming_with_another_config_is_refused(data, tmp_path):
     trainer.train(tiny_config(data, tmp_path / "run", steps=2, save_every=1), progress=False)
     with pytest.raises(ValueError, match="mask_ratio: 0.8 -> 0.75"):
@@ -125,8 +154,10 @@ def test_command_line_writes_shards_trains_on_them_and_exports(data, tmp_path, c
     assert checkpoints.load_latest(run / "checkpoints")["step"] == 2 and not (run / "model.safetensors").exists()
     assert cli.main(argv) == 0  # the same command resumes and finishes
     assert checkpoints.load_latest(run / "checkpoints")["step"] == 3
+    assert cli.main(argv) == 0  # once more: nothing left to train, and no "last loss nan"
     out = capsys.readouterr().out
     assert "3 WebDataset shards" in out and '"tokens_per_batch": 400' in out
+    assert out.strip().splitlines()[-1].startswith("done: 3 steps; the run was already finished;")
     student = echo.load(run / "model.safetensors")
     (run / "model.safetensors").unlink()
     assert cli.main(["pretrain", "--data", "unused", "--out", str(run), "--export-only", "--export", "student"]) == 0

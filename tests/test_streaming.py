@@ -78,5 +78,11 @@ def test_stream_errors(model):
         stream.finish()
     with pytest.raises(ValueError, match="after finish"):
         stream.push(torch.zeros(10))
-    with pytest.raises(ValueError, match="below the minimum"):
+    with pytest.raises(ValueError, match="outside 2000 to"):
         fast.StreamEncoder(model, 500)
+    with pytest.raises(ValueError, match="outside 2000 to"):  # refused before a window of 1e28 samples is made
+        fast.StreamEncoder(model, 1e30)
+    stream = fast.StreamEncoder(model, 16000)
+    for chunk, kind in (("abc", "str"), (None, "NoneType"), ([0.0, 1.0], "list")):
+        with pytest.raises(ValueError, match=f"chunk must be a torch.Tensor or numpy array, got {kind}"):
+            stream.push(chunk)

@@ -5,7 +5,8 @@
 // signal sum its samples (the DC), one block per frame writes the windowed DC-free frame into a (frames, n_fft)
 // buffer, cuFFT (through ATen) takes the real FFT of all frames at once, and a tiled transpose writes
 // (ln|X| + eps + mean) / std straight into each signal's band image (bins x frames, zero rows inserted before
-// the last band's real bins) in the flat output buffer.
+// the last band's real bins) in the flat output buffer. Frames, FFT and log run in double and only the result
+// is rounded to float32, for the reason given in ../frontend.cpp (float32 FFT noise in near-silent bins).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_fft_r2c.h>
@@ -65,23 +66,23 @@ __device__ int find_signal(const SignalRow* rows, int count, int64_t frame) {
 
 __global__ void window_frames(const float* __restrict__ waves, const SignalRow* __restrict__ rows, int count,
                               const int64_t* __restrict__ wave_bounds, const double* __restrict__ sums,
-                              int64_t n_fft, int64_t hop, float* __restrict__ framed) {
+                              int64_t n_fft, int64_t hop, double* __restrict__ framed) {
   const int64_t frame = blockIdx.x;
   const int signal = find_signal(rows, count, frame);
   const float* start = waves + rows[signal].wave_start + (frame - rows[signal].group_frame) * hop;
   // The mean in double, as on the CPU (csrc/frontend.cpp says why).
   const double mean = sums[signal] / (wave_bounds[2 * signal + 1] - wave_bounds[2 * signal]);
   for (int64_t k = threadIdx.x; k < n_fft; k += blockDim.x) {
-    const float window = 0.5f - 0.5f * cospif(2.f * static_cast<float>(k) / static_cast<float>(n_fft));
-    framed[frame * n_fft + k] = static_cast<float>(start[k] - mean) * window;
+    const double window = 0.5 - 0.5 * cospi(2.0 * static_cast<double>(k) / static_cast<double>(n_fft));
+    framed[frame * n_fft + k] = (start[k] - mean) * window;
   }
 }
 
 // grid: (group frames / 32, band rows / 32); block (32, 8). Reads spectrum rows (frame-major), writes band
 // image rows (frame-contiguous) through a shared tile.
-__global__ void log_band_layout(const float2* __restrict__ spectrum, const SignalRow* __restrict__ rows,
-                                int count, int64_t total_frames, int64_t bins, int64_t bands, float log_eps,
-                                float log_mean, float inv_std, float* __restrict__ out) {
+__global__ void log_band_layout(const double2* __restrict__ spectrum, const SignalRow* __restrict__ rows,
+                                int count, int64_t total_frames, int64_t bins, int64_t bands, double log_eps,
+                                double log_mean, double inv_std, float* __restrict__ out) {
   __shared__ float tile[kTile][kTile + 1];
   const int64_t frame0 = static_cast<int64_t>(blockIdx.x) * kTile, row0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const int64_t last_start = (bands - 1) * kBandBins, pad = bands * kBandBins - bins;
@@ -89,8 +90,8 @@ __global__ void log_band_layout(const float2* __restrict__ spectrum, const Signa
     const int64_t frame = frame0 + i, row = row0 + threadIdx.x;
     float value = 0.f;
     if (frame < total_frames && row < bands * kBandBins && (row < last_start || row >= last_start + pad)) {
-      const float2 x = spectrum[frame * bins + (row < last_start ? row : row - pad)];
-      value = (logf(hypotf(x.x, x.y) + log_eps) + log_mean) * inv_std;
+      const double2 x = spectrum[frame * bins + (row < last_start ? row : row - pad)];
+      value = static_cast<float>((log(hypot(x.x, x.y) + log_eps) + log_mean) * inv_std);
     }
     tile[i][threadIdx.x] = value;
   }
@@ -165,18 +166,17 @@ at::Tensor ragged_spectrogram_cuda(const at::Tensor& waves, const at::Tensor& wa
     signal_sums<<<dim3(count, kSlices), kThreads, 0, stream>>>(waves.data_ptr<float>(), sample_bounds,
                                                               sums.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    at::Tensor framed = at::empty({group_frames, n_fft}, waves.options());
+    at::Tensor framed = at::empty({group_frames, n_fft}, waves.options().dtype(at::kDouble));
     window_frames<<<static_cast<unsigned>(group_frames), kThreads, 0, stream>>>(
         waves.data_ptr<float>(), rows, count, sample_bounds, sums.data_ptr<double>(), n_fft, hop,
-        framed.data_ptr<float>());
+        framed.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     const at::Tensor spectrum = at::_fft_r2c(framed, {1}, /*normalization=*/0, /*onesided=*/true).contiguous();
     const dim3 grid((group_frames + kTile - 1) / kTile, (bands * kBandBins + kTile - 1) / kTile);
     log_band_layout<<<grid, dim3(kTile, kTileRows), 0, stream>>>(
-        reinterpret_cast<const float2*>(spectrum.data_ptr()), rows, count, group_frames, bins, bands,
-        static_cast<float>(log_eps), static_cast<float>(log_mean), static_cast<float>(1.0 / log_std),
-        out.data_ptr<float>());
+        reinterpret_cast<const double2*>(spectrum.data_ptr()), rows, count, group_frames, bins, bands, log_eps,
+        log_mean, 1.0 / log_std, out.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return out;

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import anomaly, datasets, faults, plots
-from .embed import embed_files, file_hash
+from .embed import embed_files, shown
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -20,7 +20,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def add_arguments(parser) -> None:
     parser.add_argument("--task", required=True, choices=datasets.TASKS)
     parser.add_argument("--data", required=True, type=Path, help="the data set's folder")
-    parser.add_argument("--model", required=True, type=Path, help="checkpoint (.safetensors or .pth)")
+    parser.add_argument("--model", required=True,
+                        help="checkpoint path (.safetensors or .pth) or name: default, echo-small, echo-tiny")
     parser.add_argument("--out", required=True, type=Path, help="folder for results and plots")
     parser.add_argument("--cache", type=Path, help="embedding cache folder (default: OUT/cache)")
     parser.add_argument("--device", default=None, help="encode and search device (default: cuda if present)")
@@ -154,12 +155,12 @@ def _run(args) -> int:
     model = checkpoint.load(args.model, device=device)
     args.out.mkdir(parents=True, exist_ok=True)
     embedded = embed_files(model, [item.path for item in dataset.items], dataset.read,
-                           args.cache or args.out / "cache", file_hash(args.model), device, DTYPES[args.dtype],
+                           args.cache or args.out / "cache", None, device, DTYPES[args.dtype],
                            args.batch_files, progress=not args.quiet)
-    _write_csv(args.out / "failures.csv", [{"path": p, "reason": r} for p, r in embedded.failures],
+    _write_csv(args.out / "failures.csv", [{"path": shown(p), "reason": r} for p, r in embedded.failures],
                ["path", "reason"])
     for path, reason in embedded.failures:
-        print(f"skipped {path}: {reason}")
+        print(f"skipped {shown(path)}: {reason}")
     kept = [i for i, vector in enumerate(embedded.vectors) if vector is not None]
     if not kept:
         raise ValueError(f"no file of {args.data} could be embedded ({len(embedded.failures)} failures, see "
@@ -177,7 +178,7 @@ def _run(args) -> int:
              "read_wait_seconds": embedded.read_seconds, "search_and_metrics_seconds": search_seconds}
     _write_json(args.out / "results.json", {"task": args.task, "data": str(args.data), "model": str(args.model),
                                             "domain_auc": args.domain_auc, "notes": dataset.notes, **results,
-                                            "failures": embedded.failures, "speed": speed,
+                                            "failures": [(shown(p), r) for p, r in embedded.failures], "speed": speed,
                                             "plots": [p.name for p in figures]})
     print(f"{len(dataset.items)} files ({embedded.cached} from the cache, {len(embedded.failures)} failed) in "
           f"{total:.1f} s: {speed['files_per_second']:.1f} files/s; encoding {embedded.encode_seconds:.1f} s "

@@ -104,6 +104,8 @@ def read_label_lists(paths) -> dict:
     """{(machine, file name): (reference file name, label)} from eval_data_list csv files."""
     table = {}
     for path in paths:
+        if not Path(path).is_file():
+            raise ValueError(f"label list {path} does not exist")
         machine = None
         with open(path, newline="") as handle:
             for line, row in enumerate(csv.reader(handle), 1):
@@ -114,11 +116,19 @@ def read_label_lists(paths) -> dict:
                     if machine is None:
                         raise ValueError(f"{path}:{line}: a file row before any machine-name row")
                     reference = row[1] if len(row) >= 3 else ""
-                    try:
-                        table[(machine, Path(row[0]).name)] = (Path(reference).name, int(float(row[-1])))
-                    except ValueError:
-                        raise ValueError(f"{path}:{line}: label {row[-1]!r} is not 0 or 1") from None
+                    table[(machine, Path(row[0]).name)] = (Path(reference).name, _binary_label(row[-1], path, line))
     return table
+
+
+def _binary_label(cell: str, path, line: int) -> int:
+    """0 or 1, also written 0.0 / 1.0; anything else (0.7, 2, inf) is an error, never rounded to a class."""
+    try:
+        value = float(cell)
+    except ValueError:
+        value = None
+    if value not in (0.0, 1.0):
+        raise ValueError(f"{path}:{line}: label {cell!r} is not 0 or 1")
+    return int(value)
 
 
 def _dcase_fields(name: str, year: int):

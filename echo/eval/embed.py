@@ -27,14 +27,6 @@ BATCH_FILES = 64
 READ_WORKERS = 4
 
 
-def file_hash(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_hash(model) -> str:
     """A hash of the weights and config, for models that do not come from a file."""
     digest = hashlib.sha256(repr(sorted(model.config.to_dict().items())).encode())
@@ -44,8 +36,19 @@ def model_hash(model) -> str:
     return digest.hexdigest()
 
 
+def shown(path) -> str:
+    """A path as printable text, also when its name is not valid UTF-8 (those bytes become \\xNN escapes)."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def encoding_key(model_key: str, dtype: torch.dtype) -> str:
+    """What an embedding depends on besides its file: the model, and the dtype its products ran in (bf16 moves
+    embeddings by ~5e-3, so a float32 run must not reuse bf16 ones). float32 keeps the bare model key."""
+    return model_key if dtype == torch.float32 else f"{str(dtype).removeprefix('torch.')}-{model_key}"
+
+
 class EmbeddingCache:
-    """Embeddings of one model in `folder/<model hash>/*.safetensors`, one shard per encoded batch."""
+    """Embeddings of one model in `folder/<encoding key>/*.safetensors`, one shard per encoded batch."""
 
     def __init__(self, folder, model_key: str):
         self.folder = Path(folder) / model_key[:32]
@@ -55,8 +58,14 @@ class EmbeddingCache:
 
     @staticmethod
     def key(path: Path) -> str:
+        """The file's identity (where, size, last change). A name that is not valid UTF-8 is refused here: the
+        outputs' path columns are text."""
+        try:
+            name = str(path.resolve()).encode()
+        except UnicodeEncodeError:
+            raise ValueError("its name is not valid UTF-8 (rename it)") from None
         stat = path.stat()
-        return hashlib.sha256(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:40]
+        return hashlib.sha256(name + f"\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:40]
 
     def add(self, entries: dict[str, np.ndarray]) -> None:
         if not entries:
@@ -101,13 +110,15 @@ def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | N
                 dtype=torch.float32, batch_files: int = BATCH_FILES, progress: bool = True) -> Embedded:
     """Utterance embeddings of `paths`, each file read by `read(path) -> (signal, rate)`."""
     paths = [Path(p) for p in paths]
-    cache = EmbeddingCache(cache_dir, model_key or model_hash(model)) if cache_dir is not None else None
+    cache = None
+    if cache_dir is not None:
+        cache = EmbeddingCache(cache_dir, encoding_key(model_key or model_hash(model), dtype))
     result = Embedded([None] * len(paths))
     keys, todo = [None] * len(paths), []
     for index, path in enumerate(paths):
         try:
             keys[index] = EmbeddingCache.key(path)
-        except OSError as error:
+        except (OSError, ValueError) as error:
             result.failures.append((path, f"{type(error).__name__}: {error}"))
             continue
         if cache is not None and keys[index] in cache.entries:

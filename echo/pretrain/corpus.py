@@ -4,7 +4,9 @@ seeded sequence of mono examples whose rate and length are known before any audi
 sampling can be replayed without reading audio when a run resumes.
 
 Every channel of a file is its own example. A file that cannot be read, or is shorter than the minimum
-duration, is logged and skipped, and the skipped count is reported.
+duration, is logged and skipped, and the skipped count is reported. Damage that the header does not show (a
+truncated or corrupt stream, NaN or infinite samples) surfaces only when a crop is read: the reader raises
+UnreadableAudio and sampling drops that clip.
 """
 from __future__ import annotations
 
@@ -45,6 +47,28 @@ class Example:
     frames: int  # samples per channel
     channel: int
     read: Callable[[int, int], np.ndarray]
+
+
+class UnreadableAudio(ValueError):
+    """A crop that cannot be trained on although the file's header was fine."""
+
+    def __init__(self, source: str, reason: str):
+        super().__init__(f"{source}: {reason}")
+        self.source, self.reason = source, reason
+
+
+def checked_read(source: str, read: Callable[[], np.ndarray], count: int) -> np.ndarray:
+    """`read()`'s samples, or UnreadableAudio when decoding fails, returns fewer than `count` samples, or
+    returns NaN or infinite ones (a single one turns the loss, and then every weight, into NaN)."""
+    try:
+        data = read()
+    except RuntimeError as error:  # soundfile's LibsndfileError: e.g. "flac decoder lost sync"
+        raise UnreadableAudio(source, str(error).replace("\n", " ")) from error
+    if len(data) < count:
+        raise UnreadableAudio(source, f"{len(data)} of {count} samples read (truncated file)")
+    if not np.isfinite(data).all():
+        raise UnreadableAudio(source, "NaN or infinite samples")
+    return data
 
 
 def too_short(frames: int, sample_rate: int, min_seconds: float) -> bool:
@@ -185,18 +209,24 @@ class FolderCorpus:
     @staticmethod
     def _reader(path: Path, channel: int) -> Callable[[int, int], np.ndarray]:
         def read(start: int, count: int) -> np.ndarray:
-            data, _ = soundfile().read(str(path), frames=count, start=start, dtype="float32", always_2d=True)
-            return data[:, channel]
+            def decode() -> np.ndarray:
+                data, _ = soundfile().read(str(path), frames=count, start=start, dtype="float32", always_2d=True)
+                return data[:, channel]
+
+            return checked_read(str(path), decode, count)
 
         return read
 
 
-def decoded_reader(data: bytes, channel: int) -> Callable[[int, int], np.ndarray]:
-    """A reader over an in-memory audio file (a shard member)."""
+def decoded_reader(data: bytes, channel: int, source: str) -> Callable[[int, int], np.ndarray]:
+    """A reader over an in-memory audio file (a shard member); `source` names it in errors."""
 
     def read(start: int, count: int) -> np.ndarray:
-        with soundfile().SoundFile(io.BytesIO(data)) as handle:
-            handle.seek(start)
-            return handle.read(count, dtype="float32", always_2d=True)[:, channel]
+        def decode() -> np.ndarray:
+            with soundfile().SoundFile(io.BytesIO(data)) as handle:
+                handle.seek(start)
+                return handle.read(count, dtype="float32", always_2d=True)[:, channel]
+
+        return checked_read(source, decode, count)
 
     return read

@@ -8,10 +8,12 @@ padding.
 
 Everything random about a clip is drawn from its stream's generator using only the example's rate and length
 (`draw_clip`), and audio is read afterwards (`materialise`): a resumed run replays the batches it already
-trained on without reading their audio.
+trained on without reading their audio. A clip whose audio turns out unreadable only then (a truncated or
+corrupt stream, NaN samples) is dropped from its batch, which keeps the plan, and so the replay, unchanged.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, fields
 from typing import Iterator
@@ -22,7 +24,13 @@ import torch
 from .. import geometry
 from ..ops import stft as stft_ops
 from ..ops import tokens as token_ops
-from .corpus import Example
+from .corpus import Example, UnreadableAudio
+
+log = logging.getLogger("echo.pretrain")
+
+# Planned batches in a row without one readable clip after which a stream gives up: the data is (nearly) all
+# damaged, and going on would spin without training.
+UNREADABLE_BATCHES_LIMIT = 100
 
 
 @dataclass(frozen=True)
@@ -171,19 +179,31 @@ class Batch:
         return len(self.visible_rows) + len(self.student_sequence)
 
 
-def materialise(plans: list[ClipPlan], clones: int) -> Batch:
-    """Read the crops, cut the bands into patches and lay out teacher, student and decoder rows."""
+def materialise(plans: list[ClipPlan], clones: int, reported: set[str] | None = None) -> Batch | None:
+    """Read the crops, cut the bands into patches and lay out teacher, student and decoder rows. A clip whose
+    audio cannot be read is dropped, and its file reported unless already in `reported` (the files reported
+    so far, added to). None when no clip of the batch could be read."""
+    reported = set() if reported is None else reported
     images, positions, sequence_masks = [], [], []
-    seconds = 0.0
+    seconds, clips = 0.0, 0
     for plan in plans:
         rate = plan.example.sample_rate
-        spec = clip_spectrogram(plan)
+        try:
+            spec = clip_spectrogram(plan)
+        except UnreadableAudio as error:
+            if error.source not in reported:
+                reported.add(error.source)
+                log.warning("skipping unreadable audio in %s: %s", error.source, error.reason)
+            continue
         for band, start in enumerate(plan.band_starts):
             rows, position = band_image(spec, rate, start)
             images.append(token_ops.band_patches(rows))
             positions.append(position)
             sequence_masks.append(torch.from_numpy(plan.masks[:, band]))  # (clones, L)
         seconds += plan.samples / rate
+        clips += 1
+    if not clips:
+        return None
     lengths = torch.tensor([len(image) for image in images], dtype=torch.int64)
     order = torch.sort(lengths, stable=True).indices.tolist()  # equal lengths consecutive: attention takes views
     lengths = lengths[order]
@@ -213,7 +233,7 @@ def materialise(plans: list[ClipPlan], clones: int) -> Batch:
         masked_rows=masked.nonzero().squeeze(1),
         visible_rows=visible_rows,
         visible_sequence=decoder_sequence[visible_rows],
-        clips=len(plans),
+        clips=clips,
         audio_seconds=seconds,
     )
 
@@ -239,7 +259,10 @@ def batches_to_skip(consumed: int, stream: int, streams: int) -> int:
 class BatchStream(torch.utils.data.IterableDataset):
     """The endless batches of one rank. With W DataLoader workers the rank has W streams (stream w reads part
     rank * W + w of the corpus) and global batch k comes from stream k % W, so the order depends only on the
-    seed, the world size and W. `consumed` batches (from a checkpoint) are replayed without reading audio."""
+    seed, the world size and W. `consumed` batches (from a checkpoint) are replayed without reading audio.
+
+    A planned batch none of whose clips can be read is passed over for the next one; only a run that met such
+    a batch resumes into a different order (the replay, not reading audio, cannot know of it)."""
 
     def __init__(self, corpus, config: SamplingConfig, seed: int, rank: int = 0, world: int = 1,
                  workers: int = 0, consumed: int = 0):
@@ -257,8 +280,18 @@ class BatchStream(torch.utils.data.IterableDataset):
         plans = plan_batches(self.corpus.examples(self.seed, part, self.world * self.workers), rng, self.config)
         for _ in range(batches_to_skip(self.consumed, stream, self.workers)):
             next(plans)
-        for batch in plans:
-            yield materialise(batch, self.config.clones)
+        reported: set[str] = set()
+        unreadable_in_a_row = 0
+        for clips in plans:
+            batch = materialise(clips, self.config.clones, reported)
+            if batch is not None:
+                unreadable_in_a_row = 0
+                yield batch
+                continue
+            unreadable_in_a_row += 1
+            if unreadable_in_a_row == UNREADABLE_BATCHES_LIMIT:
+                raise ValueError(f"{unreadable_in_a_row} batches in a row held no readable clip: the audio is "
+                                 f"(nearly) all damaged, e.g. {', '.join(sorted(reported)[:3])}")
 
 
 def expected_clip_tokens(config: SamplingConfig) -> float:

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
@@ -56,29 +56,37 @@ def is_shards(spec) -> bool:
     return str(spec).endswith(".tar")
 
 
-def sample_key(relative: str) -> str:
-    """A WebDataset key: no dots (they separate a key from its extensions)."""
-    return re.sub(r"[^A-Za-z0-9_/-]", "_", relative)
+def sample_key(index: int, relative: str) -> str:
+    """The WebDataset key of the corpus's `index`-th file: no dots (they separate a key from its extensions).
+    The index, up to the first "_", keeps keys unique where names differ only in replaced characters ("a b.wav"
+    and "a_b.wav"); webdataset would merge two such samples into one."""
+    return f"{index}_" + re.sub(r"[^A-Za-z0-9_/-]", "_", relative)
 
 
 def write_shards(folder, out, per_shard: int = 1000, min_seconds: float = 1.0) -> list[Path]:
     """Every usable file of a folder into tar shards of at most `per_shard` files. Each shard is written to a
-    temporary name and renamed, so a crash leaves no half shard."""
+    temporary name and renamed, so a crash leaves no half shard. An `out` already holding .tar files is
+    refused: pretraining reads every .tar of a folder, so it would mix those with the new shards."""
     wds = webdataset()
-    source = corpus.FolderCorpus(folder, min_seconds)
     out = Path(out)
+    earlier = sorted(path.name for path in out.glob("*.tar"))
+    if earlier:
+        raise ValueError(f"{out} already holds {len(earlier)} .tar files ({', '.join(earlier[:3])}"
+                         f"{', ...' if len(earlier) > 3 else ''}); pretraining on it would read them with the new "
+                         f"shards. Delete them or write to another --out")
+    source = corpus.FolderCorpus(folder, min_seconds)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for first in tqdm(range(0, len(source.files), per_shard), desc="shards", unit="shard"):
         final = out / f"shard-{len(written):06d}.tar"
         temporary = final.with_name(final.name + ".tmp")
         with wds.TarWriter(str(temporary), encoder=False) as writer:
-            for entry in source.files[first : first + per_shard]:
+            for index, entry in enumerate(source.files[first : first + per_shard], start=first):
                 meta = {"sample_rate": entry.sample_rate, "frames": entry.frames, "channels": entry.channels,
                         "path": entry.path}
                 suffix = Path(entry.path).suffix.lower().lstrip(".")
-                writer.write({"__key__": sample_key(entry.path), suffix: (source.root / entry.path).read_bytes(),
-                              "json": json.dumps(meta).encode()})
+                writer.write({"__key__": sample_key(index, entry.path),
+                              suffix: (source.root / entry.path).read_bytes(), "json": json.dumps(meta).encode()})
         os.replace(temporary, final)
         written.append(final)
     print(f"wrote {len(written)} shards to {out}: {source.describe()}")
@@ -90,6 +98,7 @@ class ShardCorpus:
     shard in order, so every sample is read once per epoch across all ranks and workers."""
 
     def __init__(self, spec, min_seconds: float):
+        self.spec = spec
         self.urls = shard_urls(spec)
         self.min_seconds = min_seconds
 
@@ -102,22 +111,44 @@ class ShardCorpus:
                              f"write more, smaller shards (pretrain-shards --per-shard) or use fewer workers")
 
     def examples(self, seed: int, part: int, parts: int) -> Iterator[corpus.Example]:
-        wds = webdataset()
-        epoch = 0
+        """Endless. A stream whose share of the shards has yielded nothing yet checks, once, that some shard
+        holds a usable sample: otherwise it would loop over empty epochs for ever."""
+        epoch, yielded = 0, False
         while True:
             urls = [self.urls[i] for i in corpus.epoch_order(len(self.urls), seed, epoch)[part::parts]]
-            samples = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=wds.warn_and_continue))
-            for sample in samples:
-                yield from self._channels(sample, report=log.warning if epoch == 0 else log.debug)
+            for sample in self._samples(urls):
+                for example in self._channels(sample, log.warning if epoch == 0 else log.debug):
+                    yielded = True
+                    yield example
+            if not yielded and epoch == 0:
+                self._check_usable()
             epoch += 1
 
-    def _channels(self, sample: dict, report) -> Iterator[corpus.Example]:
-        """The sample's channels as examples; a bad or short sample is skipped and reported (by `report`: a
-        warning in the first epoch, not again in every later one)."""
+    @staticmethod
+    def _samples(urls: list[str]) -> Iterable[dict]:
+        wds = webdataset()
+        return wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=wds.warn_and_continue))
+
+    def _check_usable(self) -> None:
+        """The folder's "no usable audio" error when no shard holds a usable sample."""
+        samples, skipped = 0, {"unreadable": 0, "too short": 0}
+        for sample in self._samples(self.urls):
+            samples += 1
+            if next(self._channels(sample, log.debug, skipped), None) is not None:
+                return
+        raise ValueError(f"no usable audio under {self.spec}: {samples} samples in {len(self.urls)} shards, "
+                         f"skipped {skipped}")
+
+    def _channels(self, sample: dict, report, skipped: dict[str, int] | None = None) -> Iterator[corpus.Example]:
+        """The sample's channels as examples; a bad or short sample is skipped, counted in `skipped` and reported
+        (by `report`: a warning in the first epoch, not again in every later one)."""
+        skipped = {"unreadable": 0, "too short": 0} if skipped is None else skipped
         key = sample["__key__"]
+        source = f"{sample.get('__url__', 'shard')} sample {key}"
         audio = next((k for k in sample if f".{k}" in corpus.AUDIO_SUFFIXES), None)
         if audio is None:
             report("skipping shard sample %s: no audio member (%s)", key, ", ".join(sample))
+            skipped["unreadable"] += 1
             return
         data = sample[audio]
         if "json" in sample:
@@ -128,13 +159,16 @@ class ShardCorpus:
                 info = corpus.soundfile().info(io.BytesIO(data))
             except RuntimeError as error:
                 report("skipping unreadable shard sample %s: %s", key, error)
+                skipped["unreadable"] += 1
                 return
             rate, frames, channels = info.samplerate, info.frames, info.channels
         if corpus.too_short(frames, rate, self.min_seconds):
             report("skipping shard sample %s: %.3f s is shorter than %g s", key, frames / rate, self.min_seconds)
+            skipped["too short"] += 1
             return
         for channel in range(channels):
-            yield corpus.Example(f"{key}:{channel}", rate, frames, channel, corpus.decoded_reader(data, channel))
+            reader = corpus.decoded_reader(data, channel, source)
+            yield corpus.Example(f"{key}:{channel}", rate, frames, channel, reader)
 
 
 def open_corpus(spec, min_seconds: float, manifest=None):
@@ -146,7 +180,10 @@ def open_corpus(spec, min_seconds: float, manifest=None):
 
 def add_arguments(parser) -> None:
     parser.add_argument("--data", required=True, help="folder of audio files (WAV/FLAC/OGG, any rate)")
-    parser.add_argument("--out", required=True, help="folder to write shard-NNNNNN.tar files to")
+    parser.add_argument("--out", required=True,
+                        help="folder to write shard-NNNNNN.tar files to; one already holding .tar files "
+                             "(e.g. from an earlier write) is refused, since pretraining reads every .tar in the "
+                             "folder and would mix the two")
     parser.add_argument("--per-shard", type=int, default=1000, help="files per shard")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="skip files shorter than this")
 

@@ -188,6 +188,21 @@ class Meter:
         return out
 
 
+NO_STEP = torch.iinfo(torch.int64).max  # "no non-finite loss yet"
+
+
+def stop_if_diverged(first_nonfinite: torch.Tensor, world: int, out: Path) -> None:
+    """Raise when a step (on any rank) had a NaN or infinite loss. Its update made every weight NaN, so the run
+    stops before logging that as progress or checkpointing it: checkpoints/ keeps the last good ones. The flag
+    lives on the device and is read only here, at log and checkpoint steps, so other steps never wait on it."""
+    if world > 1:
+        dist.all_reduce(first_nonfinite, op=dist.ReduceOp.MIN)
+    step = int(first_nonfinite)
+    if step != NO_STEP:
+        raise ValueError(f"the loss was NaN or infinite at step {step}; stopped without checkpointing it "
+                         f"({out / 'checkpoints'} keeps the last good checkpoints). Lower --lr or check the data")
+
+
 def export(model: EchoModel, out: Path) -> Path:
     """The encoder as RUN_DIR/model.safetensors, the released key layout (loadable by echo.load)."""
     return model_files.save(model, Path(out) / "model.safetensors")
@@ -291,6 +306,7 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
     meter = Meter(device)
     bar = tqdm(total=config.steps, initial=step, disable=rank != 0 or not progress, unit="step")
     last = {}
+    first_nonfinite = torch.full((), NO_STEP, dtype=torch.int64, device=device)  # step of the first bad loss
     for host_batch in loader:
         if step >= config.steps or (stop_at is not None and step >= stop_at):
             break
@@ -308,6 +324,9 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
         decay = schedule.ema_decay(step, config.ema_start, config.ema_end, anneal)
         schedule.ema_update(teacher, student, decay)
         step += 1
+        first_nonfinite = torch.where(torch.isfinite(loss.detach()), first_nonfinite, first_nonfinite.clamp(max=step))
+        if step % config.log_every == 0 or step % config.save_every == 0 or step == config.steps:
+            stop_if_diverged(first_nonfinite, world, out)
         meter.add(loss, frame, utterance, host_batch.teacher_tokens + host_batch.student_tokens, host_batch.clips,
                   host_batch.audio_seconds)
         if step % config.log_every == 0 or step == config.steps:
@@ -323,7 +342,8 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
     exported = None
     if rank == 0 and step >= config.steps:
         exported = export(teacher if config.export == "teacher" else student, out)
-        print(f"done: {step} steps; last loss {last.get('loss', float('nan')):.4f}; {config.export} -> {exported}")
+        trained = f"last loss {last['loss']:.4f}" if last else "the run was already finished"  # not "loss nan"
+        print(f"done: {step} steps; {trained}; {config.export} -> {exported}")
     if world > 1:
         dist.barrier()
     return {"step": step, "student": student, "teacher": teacher, "decoder": decoder, "exported": exported,
