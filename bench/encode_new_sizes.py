@@ -52,8 +52,8 @@ def run(setting: str, calls: int, dtype: torch.dtype) -> dict:
         echo.fast.encode(model, signals, rates, dtype=dtype)
         seconds.append(time.perf_counter() - start)
     statm_rss = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"seconds": seconds, "row_counts": len(rows), "peak_rss_mb": peak_rss / 2**20, "final_rss_mb": statm_rss / 2**20}
+    return {"seconds": seconds, "row_counts": len(rows), "peak_rss_mb": host_memory.peak_rss_mb(),
+            "final_rss_mb": statm_rss / 2**20}
 
 
 def main() -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -136,7 +135,7 @@ def serve(name: str, path: str, size: str, device: str, backend: str | None) -> 
         sync()
         print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
     print(json.dumps({
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": host_memory.peak_rss_mb(),
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else 0.0,
     }), flush=True)
 

@@ -24,7 +24,6 @@ import copy
 import itertools
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from echo import geometry, packed
+from echo import geometry, host_memory, packed
 from echo.model import EchoConfig, EchoModel
 from echo.ops import attention as attention_ops
 from echo.pretrain import objective, schedule
@@ -243,7 +242,7 @@ def measure(args, size: str, path: str) -> dict:
         "tokens": sum(real_tokens(b) for b in timed),
         "padded_tokens": sum(padded_tokens(b) for b in timed),
         "clips": sum(b.clips for b in timed),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": host_memory.peak_rss_mb(),
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0,
     }
 

@@ -184,6 +184,12 @@ def run(args) -> int:
     except ImportError as error:
         print(f"error: {error}")
         return 2
+    if args.seed < 0:
+        raise ValueError(f"--seed must be 0 or more, got {args.seed}")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"--out {args.out} cannot be a folder: it or a folder above it is a file") from None
     started = time.perf_counter()
     host_memory.keep_freed_memory()  # the demo encodes on the CPU
     model = checkpoint.load(args.model)
@@ -197,7 +203,6 @@ def run(args) -> int:
     scores, rows, summary = score(task, embeddings)
     print(eval_cli.format_table(_table(rows), ["machine", "rate", "normal", "faulty", "AUC", "pAUC"]))
     print(f"mean AUC {summary['AUC (demo)']:.4f}, mean pAUC {summary['pAUC (demo)']:.4f}")
-    args.out.mkdir(parents=True, exist_ok=True)
     eval_cli._write_csv(args.out / "scores.csv", [
         {"clip": str(c.path), "machine": c.machine, "rate": c.section, "fault": f or "", "score": s}
         for c, f, s in zip(task.clips, task.faults, scores) if c.subset == "test"

@@ -49,8 +49,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-tokens", type=int, default=None, help="packed tokens per pass (echo.fast.encode)")
     parser.add_argument("--device", default=None, help="default: cuda (this rank's GPU) if present, else cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                        help="encoder compute dtype (bfloat16: ~4x faster on CPUs with AVX-512 bf16 or AMX, "
-                        "relative error ~5e-3)")
+                        help="encoder compute dtype (bfloat16: 2-6x faster end to end on CPUs with AVX-512 BF16 "
+                        "or AMX, relative error ~5e-3)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

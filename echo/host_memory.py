@@ -49,3 +49,17 @@ def keep_freed_memory() -> bool:
         return False
     mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
     return bool(mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT)) and bool(mallopt(M_TRIM_THRESHOLD, KEPT_HEAP_TOP))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB: the kernel's VmHWM of its own address space, not getrusage's
+    ru_maxrss, which Linux carries across fork and exec (a benchmark's worker started by a parent that had
+    reached 560 MB reported 560 MB whatever it used itself). ru_maxrss where /proc is missing."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return usage / 2**20 if platform.system() == "Darwin" else usage / 1024  # bytes on macOS, KiB elsewhere

@@ -148,9 +148,9 @@ def _after_attention(ops, layer, x: torch.Tensor, attended: torch.Tensor) -> tup
 
 def inference_copy(model, dtype: torch.dtype):
     """A copy of the model for inference with matrix products in `dtype`. Its attention and MLP matrices are in
-    `dtype` (bf16: ~4x faster products on AVX-512-bf16 CPUs and tensor cores); patch projection, embeddings
-    and norms stay float32, so does the residual stream (measured faster than autocast on CPU, which re-casts
-    activations at every product). On a CPU whose torch has oneDNN's packed ops for `dtype` (float32 or bf16),
+    `dtype` (bf16: 2-10x faster products on AVX-512-BF16 or AMX CPUs, and tensor cores); patch projection,
+    embeddings and norms stay float32, so does the residual stream (measured faster than autocast on CPU, which
+    re-casts activations at every product). On a CPU whose torch has oneDNN's packed ops for `dtype` (float32 or bf16),
     each layer also gets _CPUInferenceOps: no autograd through those."""
     if dtype == torch.float32:  # the copy shares the model's tensors: only the packed weights are new memory
         copy = deepcopy(model, {id(tensor): tensor for tensor in (*model.parameters(), *model.buffers())})

@@ -219,7 +219,7 @@ def main(argv=None) -> int:
                 reused += was_reused
 
     datalist = args.out / "datalist.csv"
-    temporary = datalist.with_name(datalist.name + ".tmp")
+    temporary = datalist.with_name(f"{datalist.name}.{os.getpid()}.tmp")  # one per process: seeds build side by side
     with open(temporary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, COLUMNS)
         writer.writeheader()

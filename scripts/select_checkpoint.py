@@ -1,18 +1,21 @@
-"""Choose which checkpoint of a pretraining run to bundle, on a validation task and never on the held-out clips.
+"""Choose which checkpoint of pretraining runs to bundle, on a validation task and never on the held-out clips.
 
 Self-distillation's loss keeps falling while the embeddings can get worse (echo/data/default/MODEL_CARD.md),
 so the loss cannot choose. The validation task is the demo's task (healthy vs bearing-fault clips over real
 backgrounds, cosine 1-NN to a healthy bank) with other machines and other clips (`--machine-seeds`, `--seed`)
 than the demo and the model card's evaluation use; six sets of four machines, because one set's AUC moves
 with how hard its machines happen to be (0.65-0.88 for the log-spectrogram baseline). Every checkpoint of the
-run is scored (AUC, pAUC and embedding spread, means over the sets); the one with the highest AUC is chosen,
-the earlier one on a tie.
+runs is scored (AUC, pAUC and embedding spread, means over the sets); the one with the highest AUC is chosen,
+the earlier step on a tie, then the run named first. Several runs are runs of one recipe with other seeds: the
+seed moves every score as much as most changes of recipe (the model card), so the choice is made across them.
 
-    python scripts/select_checkpoint.py RUN_DIR [--which student] [--baselines] [--csv RUN_DIR/validation.csv]
-        [--jobs N]
+    python scripts/select_checkpoint.py RUN_DIR [RUN_DIR ...] [--which student] [--baselines]
+        [--csv RUN_DIR/validation.csv] [--jobs N]
 
-The table goes to stderr and the chosen step alone to stdout, so a recipe can pass it on:
-`python scripts/export_default.py RUN_DIR --step "$(python scripts/select_checkpoint.py RUN_DIR)"`.
+The table goes to stderr (each run's rows also to RUN_DIR/validation.csv) and the choice to stdout, so a recipe
+can pass it on: for one run the step alone,
+`python scripts/export_default.py RUN_DIR --step "$(python scripts/select_checkpoint.py RUN_DIR)"`;
+for several, the chosen run's folder and its step, separated by a space (scripts/train_seeds.sh).
 """
 from __future__ import annotations
 
@@ -59,12 +62,13 @@ def encoder(model):
 _TASKS: list[demo.DemoTask] = []  # set by validate before it forks
 
 
-def validate(run: Path, which: str | None, tasks: list[demo.DemoTask], jobs: int = 1) -> list[dict]:
-    """One row per readable checkpoint of the run, oldest first. With jobs > 1 the checkpoints are scored in
-    that many processes of one torch thread each, which fork from this one and so share its tasks."""
+def validate(runs: list[Path], which: str | None, tasks: list[demo.DemoTask], jobs: int = 1) -> list[dict]:
+    """One row per readable checkpoint of the runs, run by run, oldest first, each naming its run. With jobs > 1
+    the checkpoints of all runs are scored in that many processes of one torch thread each, which fork from
+    this one and so share its tasks."""
     global _TASKS
     _TASKS = tasks
-    paths = checkpoints.checkpoint_paths(run / "checkpoints")
+    paths = [path for run in runs for path in checkpoints.checkpoint_paths(run / "checkpoints")]
     progress = partial(tqdm, total=len(paths), desc="checkpoints", unit="ckpt", file=sys.stderr)
     score = partial(_score_checkpoint, which=which)
     if jobs > 1 and "fork" in multiprocessing.get_all_start_methods():
@@ -81,7 +85,8 @@ def _score_checkpoint(path: Path, which: str | None) -> dict | None:
     saved = checkpoints.read_or_report(path)
     if saved is None:
         return None
-    return {"step": saved["step"], **scored(encoder(checkpoint_encoder(saved, which).eval()), _TASKS)}
+    return {"run": path.parents[1], "step": saved["step"],
+            **scored(encoder(checkpoint_encoder(saved, which).eval()), _TASKS)}
 
 
 def baselines(config: EchoConfig, tasks: list[demo.DemoTask]) -> list[dict]:
@@ -95,14 +100,14 @@ def baselines(config: EchoConfig, tasks: list[demo.DemoTask]) -> list[dict]:
 
 
 def chosen(rows: list[dict]) -> dict:
-    """The highest validation AUC; the earliest step among equals."""
+    """The highest validation AUC; the earliest step among equals, then the first row (the run named first)."""
     return max(rows, key=lambda row: (row["validation AUC"], -row["step"]))
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, COLUMNS)
+        writer = csv.DictWriter(handle, COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     os.replace(temporary, path)
@@ -110,7 +115,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", type=Path, help="run folder of python -m echo pretrain")
+    parser.add_argument("runs", type=Path, nargs="+", metavar="run",
+                        help="run folder of python -m echo pretrain (several: the same recipe with other seeds)")
     parser.add_argument("--which", choices=["teacher", "student"], default=None,
                         help="which encoder to score (default: the run's --export)")
     parser.add_argument("--machine-seeds", type=int, nargs="+", default=VALIDATION_MACHINE_SEEDS,
@@ -120,25 +126,34 @@ def main(argv=None) -> int:
     parser.add_argument("--tests", type=int, default=demo.TEST_CLIPS, help="test clips per machine and class")
     parser.add_argument("--baselines", action="store_true",
                         help="also print random weights and the log-spectrogram baseline on the same tasks")
-    parser.add_argument("--csv", type=Path, default=None, help="also write the table here (default RUN/validation.csv)")
+    parser.add_argument("--csv", type=Path, default=None,
+                        help="with one run, write its table here instead of RUN/validation.csv")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="checkpoints scored at once, each in a process of one torch thread (default: one per CPU)")
     args = parser.parse_args(argv)
 
+    if args.csv is not None and len(args.runs) > 1:
+        parser.error("--csv takes one run; with several, each run's table goes to RUN/validation.csv")
     tasks = [demo.build_task(args.seed, args.bank, args.tests, machine_seed=seed) for seed in args.machine_seeds]
-    rows = validate(args.run, args.which, tasks, args.jobs)
+    rows = validate(args.runs, args.which, tasks, args.jobs)
     if not rows:
-        raise SystemExit(f"no readable checkpoint in {args.run / 'checkpoints'}")
+        raise SystemExit(f"no readable checkpoint in {', '.join(str(run / 'checkpoints') for run in args.runs)}")
     best = chosen(rows)
-    for column in COLUMNS:
-        print(column.ljust(18), end="", file=sys.stderr)
-    print(file=sys.stderr)
-    config = PretrainConfig(**json.loads((args.run / "config.json").read_text())).model_config
-    for row in rows + (baselines(config, tasks) if args.baselines else []):
-        cells = [str(row["step"])] + [f"{row[c]:.4f}" for c in COLUMNS[1:]]
-        print("".join(cell.ljust(18) for cell in cells) + ("<- chosen" if row is best else ""), file=sys.stderr)
-    write_csv(rows, args.csv or args.run / "validation.csv")
-    print(best["step"])
+    columns = ("run",) * (len(args.runs) > 1) + COLUMNS
+    widths = [max(18, 2 + max(len(str(run)) for run in args.runs)) if column == "run" else 18 for column in columns]
+    print("".join(column.ljust(width) for column, width in zip(columns, widths)), file=sys.stderr)
+    if args.baselines:
+        config = PretrainConfig(**json.loads((args.runs[0] / "config.json").read_text())).model_config
+        rows_shown = rows + baselines(config, tasks)
+    else:
+        rows_shown = rows
+    for row in rows_shown:
+        cells = [str(row.get(column, "")) if column in ("run", "step") else f"{row[column]:.4f}" for column in columns]
+        print("".join(cell.ljust(width) for cell, width in zip(cells, widths)) + ("<- chosen" if row is best else ""),
+              file=sys.stderr)
+    for run in args.runs:
+        write_csv([row for row in rows if row["run"] == run], args.csv or run / "validation.csv")
+    print(best["step"] if len(args.runs) == 1 else f"{best['run']} {best['step']}")
     return 0
 
 

@@ -9,9 +9,10 @@
 # torch sees one (DEVICE=cpu or DEVICE=cuda:1 to choose). On a 2-core CPU a step takes ~10 s: STOP_AT=200 stops
 # after the bundled checkpoint's step (~35 minutes) with the schedule unchanged.
 # STEPS, TOKENS (teacher tokens per step), LR, WARMUP, WORKERS (DataLoader workers, which also fix the order of
-# the data) and SEED default to the bundled model's recipe (1400, 16384, 8e-4, 100, 14, 0). The seed moved every
-# score as much as most changes of recipe did (the model card): compare configs over several. EXTRA=hydrogen-drumkits
-# adds the drum kits to the corpus (not in the bundled recipe).
+# the data), SEED and SAVE_EVERY default to the bundled model's recipe (1400, 16384, 8e-4, 100, 14, 0, 200). The
+# seed moved every score as much as most changes of recipe did (the model card): compare configs over several
+# (scripts/train_seeds.sh runs seeds side by side). EXTRA=hydrogen-drumkits adds the drum kits to the corpus (not
+# in the bundled recipe). TRAIN_ONLY=1 stops after training, before the choice, export and evaluation.
 # The corpus (~220 MB) is built from Debian packages fetched with apt-get download (nothing is installed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,8 +30,9 @@ fi
 "$PYTHON" -m echo pretrain --data corpus/pretrain --out "$RUN_DIR" --size tiny --steps "${STEPS:-1400}" \
     --tokens-per-batch "${TOKENS:-16384}" --crop-seconds 4 --lr "${LR:-8e-4}" --warmup "${WARMUP:-100}" \
     --ema-start 0.999 --ema-end 0.9999 --utterance-target layer-mean --export student --precision bf16 \
-    --workers "${WORKERS:-14}" --seed "${SEED:-0}" --save-every 200 --keep 20 --log-every 20 ${DEVICE:+--device "$DEVICE"} \
+    --workers "${WORKERS:-14}" --seed "${SEED:-0}" --save-every "${SAVE_EVERY:-200}" --keep 20 --log-every 20 ${DEVICE:+--device "$DEVICE"} \
     ${STOP_AT:+--stop-at "$STOP_AT"}
+[ -z "${TRAIN_ONLY:-}" ] || exit 0
 # The checkpoint is chosen on a validation task (other machines and clips than the demo's), never on the
 # held-out clips the model card reports.
 STEP=$("$PYTHON" scripts/select_checkpoint.py "$RUN_DIR")

@@ -37,3 +37,15 @@ def test_demo_command_reports_a_missing_model(tmp_path):
     run = subprocess.run([sys.executable, "-m", "echo", "demo", "--model", str(tmp_path / "none.safetensors"),
                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 2 and "does not exist" in run.stdout and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("option,message", [(["--out", "{file}"], "cannot be a folder"),
+                                            (["--out", "{file}/sub"], "cannot be a folder"),
+                                            (["--seed", "-1"], "--seed must be 0 or more, got -1")])
+def test_demo_command_refuses_bad_options_before_the_work(tmp_path, option, message, monkeypatch, capsys):
+    from echo import cli
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(demo, "build_task", lambda *args: pytest.fail("the work started"))
+    argv = ["demo", "--out", str(tmp_path / "out"), *[o.format(file=tmp_path / "file") for o in option]]
+    assert cli.main(argv) == 2 and message in capsys.readouterr().out

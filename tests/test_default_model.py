@@ -166,6 +166,28 @@ def test_select_checkpoint_scores_every_checkpoint_and_prints_the_best(stopped_r
     assert float(rows[1]["validation AUC"]) == pytest.approx(np.mean(aucs), abs=1e-9)
 
 
+def test_select_checkpoint_chooses_across_the_runs_of_several_seeds(tmp_path, capsys, monkeypatch):
+    """The highest validation AUC of all runs; on a tie the earlier step, then the run named first. Each run's
+    rows go to its own validation.csv; the choice is printed as 'RUN STEP'."""
+    select = import_script("select_checkpoint")
+    runs = [tmp_path / "seed-0", tmp_path / "seed-1", tmp_path / "seed-2"]
+    aucs = {(0, 2): 0.80, (0, 4): 0.90, (1, 2): 0.70, (1, 4): 0.90, (2, 2): 0.75, (2, 4): 0.90}
+    rows = [{"run": runs[r], "step": step, "validation AUC": auc, "validation pAUC": 0.5, "embedding spread": 0.01}
+            for (r, step), auc in aucs.items()]
+    monkeypatch.setattr(select, "validate", lambda asked, *rest: [row for run in asked for row in rows
+                                                                  if row["run"] == run])  # run by run, as asked
+    monkeypatch.setattr(select.demo, "build_task", lambda *args, **kwargs: None)  # the tasks go unused here
+    for run in runs:
+        run.mkdir()
+    assert select.main([str(run) for run in runs]) == 0
+    assert capsys.readouterr().out.strip() == f"{runs[0]} 4"  # three at 0.90, all at step 4: the first run
+    assert select.main([str(runs[2]), str(runs[1])]) == 0
+    assert capsys.readouterr().out.strip() == f"{runs[2]} 4"
+    with open(runs[1] / "validation.csv", newline="") as handle:
+        assert [(int(r["step"]), float(r["validation AUC"])) for r in csv.DictReader(handle)] == [(2, 0.7), (4, 0.9)]
+    assert select.main([str(runs[0])]) == 0 and capsys.readouterr().out.strip() == "4"  # one run: the step alone
+
+
 def test_the_corpus_takes_each_hydrogen_kit_with_its_recorded_licence_and_reads_flac(tmp_path, capsys):
     soundfile = pytest.importorskip("soundfile")
     build_corpus = import_script("build_corpus")

@@ -153,6 +153,16 @@ def test_close_embeddings_are_scored_to_float64_precision():
     assert np.abs(scores[8:] - expected).max() / expected.max() < 1e-9
 
 
+def test_embeddings_that_cannot_be_scored_are_named():
+    clips = [Clip(Path(f"{i}"), "dev", "fan", "00", None, "train" if i < 2 else "test", 0) for i in range(4)]
+    with pytest.raises(ValueError, match=r"embeddings differ in shape \(\(4,\), \(5,\)\)"):
+        anomaly.score_clips(clips, [np.ones(4), np.ones(4), np.ones(5), np.ones(5)])
+    e = np.ones((4, 3))
+    e[3, 2] = np.inf  # was scored inf, the most anomalous clip, then failed in scikit-learn
+    with pytest.raises(ValueError, match=r"embeddings: row\(s\) 3 hold NaN or infinite values"):
+        anomaly.score_clips(clips, e)
+
+
 def test_test_clips_without_a_bank_are_an_error():
     clips = [Clip(Path("a"), "dev", "fan", "00", None, "train", 0), Clip(Path("b"), "dev", "fan", "01", None, "test", 0)]
     with pytest.raises(ValueError, match="dev fan section 01: 1 test clips but no training clip"):

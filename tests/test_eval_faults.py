@@ -127,3 +127,11 @@ def test_bad_protocol_inputs():
         faults.evaluate(points, labels, "split")
     with pytest.raises(ValueError, match="17 labels for 18 embeddings"):
         faults.evaluate(points, labels[:-1], "loocv")
+    with pytest.raises(ValueError, match="no embeddings to evaluate"):
+        faults.evaluate(np.zeros((0, 3)), [], "loocv")
+    with pytest.raises(ValueError, match=r"channels \[5\] must be a non-empty subset of 0..1"):
+        faults.evaluate(np.stack([points, points], 1), labels, "loocv", channels=[5])
+    broken = points.copy()
+    broken[4, 0] = np.nan  # made every neighbour -1 through the bank's centre: accuracy 0.5, no error
+    with pytest.raises(ValueError, match=r"embeddings: row\(s\) 4 hold NaN or infinite values"):
+        faults.evaluate(broken, labels, "loocv")

@@ -109,6 +109,32 @@ def test_bad_requests_are_clear():
         neighbors.nearest(bank, bank, metric="manhattan")
     with pytest.raises(ValueError, match="channels"):
         neighbors.fused_nearest(np.zeros((1, 2, 3)), np.zeros((4, 2, 3)), 1, [2])
+    with pytest.raises(ValueError, match=r"exclude must hold one bank row \(or -1\) per query: 3 values"):
+        neighbors.nearest(bank, bank, 1, exclude=[0])  # was broadcast: row 0 excluded for every query
+
+
+@pytest.mark.parametrize("side", ["queries", "bank"])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_rows_with_nan_or_inf_are_named_not_searched(side, value):
+    """A NaN distance made up neighbour -1, and a NaN bank centre made every Euclidean neighbour -1."""
+    rows = {"queries": np.ones((3, 4)), "bank": np.ones((5, 4))}
+    rows[side][2, 1] = value
+    with pytest.raises(ValueError, match=f"{side}: row\\(s\\) 2 hold NaN or infinite values"):
+        neighbors.nearest(rows["queries"], rows["bank"], 1)
+    with pytest.raises(ValueError, match=f"{side}: row\\(s\\) 2 hold NaN or infinite values"):
+        neighbors.fused_nearest(rows["queries"][:, None], rows["bank"][:, None], 1)
+
+
+def test_equal_distances_come_in_bank_order():
+    """torch.topk leaves ties in any order; the module promises the lower bank index first among equal
+    distances (and the fault vote breaks tied votes by that order). Integer points repeat: many exact ties."""
+    rng = seeded_rng()
+    bank = rng.integers(0, 10, size=(300, 2)).astype(np.float64)
+    queries = rng.integers(0, 10, size=(40, 2)).astype(np.float64)
+    distances, indices = neighbors.nearest(queries, bank, 7)
+    tied = distances[:, 1:] == distances[:, :-1]
+    assert tied.sum() > 20
+    assert (indices[:, 1:] > indices[:, :-1])[tied].all()
 
 
 def test_faiss_backend_matches_torch():

@@ -76,3 +76,22 @@ def test_kept_heap_serves_large_blocks_and_keeps_them_after_a_free():
 @glibc_only
 def test_malloc_tunables_of_the_user_are_left_alone():
     assert python(KEPT_AFTER_A_FREE, "glibc.malloc.arena_max=2") == ["False", "1", "False"]
+
+
+PEAK_OF_A_CHILD = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("host_memory", sys.argv[1])
+host_memory = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(host_memory)
+print(host_memory.peak_rss_mb())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_a_childs_peak_memory_is_its_own_not_its_parents():
+    """getrusage's ru_maxrss carries the parent's peak across fork and exec: the encode benchmark's workers all
+    reported their launcher's ~600 MB."""
+    ballast = bytearray(400 << 20)  # this process's peak passes 400 MB
+    ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page
+    child = float(python(PEAK_OF_A_CHILD)[0])
+    assert host_memory.peak_rss_mb() > 400 and child < 200

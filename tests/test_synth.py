@@ -150,3 +150,58 @@ def test_bad_arguments_are_named():
         synth.machine_signal(synth.Machine(), 1000, 100)
     with pytest.raises(ValueError, match="non-silent 1-D"):
         synth.mix(np.ones(10), np.zeros(10), 0.0)
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: synth.Bearing(balls=0), "Bearing.balls must be an integer >= 1, got 0"),
+    (lambda: synth.Bearing(balls=8.5), "Bearing.balls must be an integer >= 1, got 8.5"),
+    (lambda: synth.Bearing(ball_diameter=0), "Bearing.ball_diameter must be a finite number > 0, got 0"),
+    (lambda: synth.Bearing(ball_diameter=50), "Bearing.ball_diameter must be smaller than pitch_diameter 39.04, got 50"),
+    (lambda: synth.Bearing(pitch_diameter=NAN), "Bearing.pitch_diameter must be a finite number > 0, got nan"),
+    (lambda: synth.Bearing(contact_angle=90), "Bearing.contact_angle must be a finite number in [0, 90), got 90"),
+    (lambda: synth.Bearing(contact_angle=-5), "Bearing.contact_angle must be a finite number in [0, 90), got -5"),
+    (lambda: synth.Machine(shaft_hz=NAN), "Machine.shaft_hz must be a finite number > 0, got nan"),
+    (lambda: synth.Machine(shaft_hz=0), "Machine.shaft_hz must be a finite number > 0, got 0"),
+    (lambda: synth.Machine(harmonics=0), "Machine.harmonics must be an integer >= 1, got 0"),
+    (lambda: synth.Machine(harmonics=True), "Machine.harmonics must be an integer >= 1, got True"),
+    (lambda: synth.Machine(harmonic_decay=1.5), "Machine.harmonic_decay must be a finite number in [0, 1], got 1.5"),
+    (lambda: synth.Machine(imbalance=-0.1), "Machine.imbalance must be a finite number >= 0, got -0.1"),
+    (lambda: synth.Machine(misalignment=float("inf")), "Machine.misalignment must be a finite number >= 0, got inf"),
+    (lambda: synth.Machine(gear_level=-1), "Machine.gear_level must be a finite number >= 0, got -1"),
+    (lambda: synth.Machine(fault_level=NAN), "Machine.fault_level must be a finite number >= 0, got nan"),
+    (lambda: synth.Machine(load=-1), "Machine.load must be a finite number >= 0, got -1"),
+    (lambda: synth.Machine(noise=-0.01), "Machine.noise must be a finite number >= 0, got -0.01"),
+    (lambda: synth.Machine(sidebands=-1), "Machine.sidebands must be an integer >= 0, got -1"),
+    (lambda: synth.Machine(gear_teeth=-17), "Machine.gear_teeth must be an integer >= 0, got -17"),
+    (lambda: synth.Machine(gear_teeth=3), "Machine.gear_teeth must be 0 (no gear) or more than sidebands 3, got 3"),
+    (lambda: synth.Machine(gear_modulation=2), "Machine.gear_modulation must be a finite number in [0, 1], got 2"),
+    (lambda: synth.Machine(resonance_hz=0), "Machine.resonance_hz must be a finite number > 0, got 0"),
+    (lambda: synth.Machine(resonance_hz=NAN), "Machine.resonance_hz must be a finite number > 0, got nan"),
+    (lambda: synth.Machine(resonance_damping=0), "Machine.resonance_damping must be a finite number in (0, 1), got 0"),
+    (lambda: synth.Machine(resonance_damping=1.5), "Machine.resonance_damping must be a finite number in (0, 1), got 1.5"),
+    (lambda: synth.Machine(slip=-0.1), "Machine.slip must be a finite number in [0, 1), got -0.1"),
+    (lambda: synth.Machine(speed_variation=1), "Machine.speed_variation must be a finite number in [0, 1), got 1"),
+    (lambda: synth.Machine(load_variation=NAN), "Machine.load_variation must be a finite number in [0, 1), got nan"),
+    (lambda: synth.Machine(bearing="6205"), "Machine.bearing must be a Bearing, got '6205'"),
+    (lambda: synth.machine_signal(synth.Machine(shaft_hz=900.0, fault="inner"), 8000, 800),
+     "the inner defect rate reaches 4873.7 Hz, at or above the Nyquist frequency 4000 Hz of sample rate 8000"),
+    (lambda: synth.mix(np.ones(10), np.ones(10), NAN), "background SNR must be a finite number of dB, got nan"),
+])
+def test_bad_parameters_are_named_with_their_value(make, message):
+    with pytest.raises(ValueError) as caught:
+        make()
+    assert str(caught.value).endswith(message)
+
+
+def test_edge_parameters_still_make_a_signal():
+    # a resonance above Nyquist is clipped to 0.4 of the rate; the thinnest gear keeps its sidebands above 0 Hz
+    for machine in (synth.Machine(fault="outer", resonance_hz=1e6), synth.Machine(gear_teeth=4, sidebands=3),
+                    synth.Machine(fault="ball", bearing=synth.Bearing(contact_angle=89.9), slip=0.0, noise=0.0)):
+        x = synth.machine_signal(machine, 8000, 800)
+        assert np.isfinite(x).all() and x.std() > 0
+    # a slow, barely damped mode rings for ~1100 s; only the clip's length of it is built
+    assert len(synth._resonance(8000, 10.0, 1e-4, 800)) == 800
+    assert len(synth._resonance(8000, 3000.0, 0.05, 8000)) == int(np.log(1000) / (0.05 * 2 * np.pi * 3000) * 8000)

@@ -32,6 +32,7 @@ the same samples.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -42,6 +43,22 @@ FAULTS = ("outer", "inner", "ball")
 RESONANCE_LIMIT = 0.4  # of the sample rate: the resonance stays clearly below Nyquist
 
 
+def _check(owner: str, name: str, value, low: float, high: float = math.inf, bounds: str = "[]",
+           integer: bool = False) -> None:
+    """Refuse `value` unless it is a finite number (an integer if `integer`) from `low` to `high`, each bound
+    included where `bounds` has a square bracket. Finiteness is tested first: NaN passes no comparison, so a
+    `value <= 0` test alone lets it through."""
+    kind = numbers.Integral if integer else numbers.Real
+    ok = not isinstance(value, bool) and isinstance(value, kind) and math.isfinite(value)
+    ok = ok and (value >= low if bounds[0] == "[" else value > low)
+    ok = ok and (value <= high if bounds[1] == "]" else value < high)
+    if not ok:
+        where = (f"{'>=' if bounds[0] == '[' else '>'} {low}" if high == math.inf
+                 else f"in {bounds[0]}{low}, {high}{bounds[1]}")
+        raise ValueError(f"{owner}.{name} must be {'an integer' if integer else 'a finite number'} {where}, "
+                         f"got {value!r}")
+
+
 @dataclass(frozen=True)
 class Bearing:
     """Rolling-element bearing geometry (mm and degrees). The default is an SKF 6205 deep-groove bearing."""
@@ -50,6 +67,17 @@ class Bearing:
     ball_diameter: float = 7.94
     pitch_diameter: float = 39.04
     contact_angle: float = 0.0
+
+    def __post_init__(self):
+        """Keep r = (d / D) cos(phi) in [0, 1): at r >= 1 the cage, outer-race and ball rates turn negative,
+        and d = 0 divides the ball rate by zero."""
+        _check("Bearing", "balls", self.balls, 1, integer=True)
+        _check("Bearing", "pitch_diameter", self.pitch_diameter, 0, bounds="(]")
+        _check("Bearing", "ball_diameter", self.ball_diameter, 0, bounds="(]")
+        if self.ball_diameter >= self.pitch_diameter:
+            raise ValueError(f"Bearing.ball_diameter must be smaller than pitch_diameter {self.pitch_diameter}, "
+                             f"got {self.ball_diameter!r}")
+        _check("Bearing", "contact_angle", self.contact_angle, 0, 90, bounds="[)")
 
     def defect_frequencies(self, shaft_hz: float) -> dict[str, float]:
         """Impact rates in Hz of a defect on each part, and the cage rate, for a shaft at `shaft_hz`."""
@@ -87,15 +115,30 @@ class Machine:
     noise: float = 0.01  # standard deviation of white background noise
 
     def __post_init__(self):
+        """Refuse what would crash the generator or silently make another signal than the one described:
+        an undamped mode never decays and one damped at or past critical does not ring (0 < damping < 1), a
+        variation of 100 % stops the shaft, a gear with no more teeth than sidebands folds its lower sidebands
+        through 0 Hz, a slip of a whole defect period erases the defect rate, and negative amplitudes, levels
+        or noise have no meaning."""
         if self.fault not in (None, *FAULTS):
             raise ValueError(f"unknown bearing fault {self.fault!r}; known: {', '.join(FAULTS)} or None")
-        if self.shaft_hz <= 0 or self.harmonics < 1:
-            raise ValueError(f"shaft_hz must be > 0 and harmonics >= 1, got {self.shaft_hz}, {self.harmonics}")
-        if not 0 <= self.speed_variation < 1 or not 0 <= self.load_variation < 1:
-            raise ValueError(
-                f"speed_variation and load_variation must lie in [0, 1), got {self.speed_variation}, "
-                f"{self.load_variation}"
-            )
+        if not isinstance(self.bearing, Bearing):
+            raise ValueError(f"Machine.bearing must be a Bearing, got {self.bearing!r}")
+        _check("Machine", "shaft_hz", self.shaft_hz, 0, bounds="(]")
+        _check("Machine", "harmonics", self.harmonics, 1, integer=True)
+        _check("Machine", "harmonic_decay", self.harmonic_decay, 0, 1)
+        for name in ("imbalance", "misalignment", "gear_level", "fault_level", "load", "noise"):
+            _check("Machine", name, getattr(self, name), 0)
+        _check("Machine", "sidebands", self.sidebands, 0, integer=True)
+        _check("Machine", "gear_teeth", self.gear_teeth, 0, integer=True)
+        if 0 < self.gear_teeth <= self.sidebands:
+            raise ValueError(f"Machine.gear_teeth must be 0 (no gear) or more than sidebands {self.sidebands}, "
+                             f"got {self.gear_teeth!r}")
+        _check("Machine", "gear_modulation", self.gear_modulation, 0, 1)
+        _check("Machine", "resonance_hz", self.resonance_hz, 0, bounds="(]")
+        _check("Machine", "resonance_damping", self.resonance_damping, 0, 1, bounds="()")
+        for name in ("slip", "speed_variation", "load_variation"):
+            _check("Machine", name, getattr(self, name), 0, 1, bounds="[)")
 
     @property
     def defect_hz(self) -> float | None:
@@ -110,11 +153,13 @@ def _drift(rng: np.random.Generator, t: np.ndarray, slowest_hz: float = 0.05, fa
     return curve / max(np.abs(curve).max(), 1e-12)
 
 
-def _resonance(sample_rate: int, hz: float, damping: float) -> np.ndarray:
-    """Impulse response of a single-mode structure, rung until it has decayed by 60 dB."""
+def _resonance(sample_rate: int, hz: float, damping: float, n_samples: int) -> np.ndarray:
+    """Impulse response of a single-mode structure, rung until it has decayed by 60 dB or for `n_samples` (the
+    convolution keeps no more): a slow or barely damped mode would otherwise ring for hours of samples."""
     omega = 2 * np.pi * hz
     decay = damping * omega
-    t = np.arange(max(2, int(math.log(1000) / decay * sample_rate))) / sample_rate
+    ring = n_samples if decay * n_samples < math.log(1000) * sample_rate else math.log(1000) / decay * sample_rate
+    t = np.arange(max(2, int(ring))) / sample_rate
     return np.exp(-decay * t) * np.sin(omega * math.sqrt(1 - damping**2) * t)
 
 
@@ -179,9 +224,13 @@ def machine_signal(machine: Machine, sample_rate: int, n_samples: int, seed: int
             out += machine.gear_level * load * envelope * np.sin(mesh_phase)
 
     if machine.fault is not None:
-        resonance = min(machine.resonance_hz, RESONANCE_LIMIT * sample_rate)
+        defect_top = machine.bearing.defect_frequencies(top_speed)[machine.fault]
+        if defect_top >= nyquist:  # over one impact per two samples: the impact train itself would alias
+            raise ValueError(f"synthetic signal: the {machine.fault} defect rate reaches {defect_top:.1f} Hz, at or "
+                             f"above the Nyquist frequency {nyquist:g} Hz of sample rate {sample_rate}")
+        resonance = min(machine.resonance_hz, RESONANCE_LIMIT * sample_rate)  # above it: clipped, not refused
         impacts = _impacts(machine, rng, shaft_phase, load, sample_rate)
-        out += _convolve(impacts, _resonance(sample_rate, resonance, machine.resonance_damping))
+        out += _convolve(impacts, _resonance(sample_rate, resonance, machine.resonance_damping, n_samples))
 
     out += machine.noise * rng.standard_normal(n_samples)
     if background is not None:
@@ -192,6 +241,8 @@ def machine_signal(machine: Machine, sample_rate: int, n_samples: int, seed: int
 def mix(signal, noise, snr_db: float, rng: np.random.Generator | None = None) -> np.ndarray:
     """`signal` plus `noise` scaled so that signal power / noise power = `snr_db`. A shorter noise is tiled,
     a longer one is cut at a random offset (drawn from `rng`, or 0 without one)."""
+    if isinstance(snr_db, bool) or not isinstance(snr_db, numbers.Real) or not math.isfinite(snr_db):
+        raise ValueError(f"background SNR must be a finite number of dB, got {snr_db!r}")  # NaN would give a NaN signal
     signal = np.asarray(signal, dtype=np.float64)
     noise = np.asarray(noise, dtype=np.float64)
     if noise.ndim != 1 or noise.size == 0 or not np.any(noise):

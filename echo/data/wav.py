@@ -28,11 +28,12 @@ def read_wav(source) -> tuple[np.ndarray, int]:
 
 
 def write_wav(path, waveform, rate: int) -> Path:
-    """Write a mono (N,) or (C, N) float waveform in [-1, 1] as 16-bit PCM, atomically (temp file + rename)."""
+    """Write a mono (N,) or (C, N) float waveform in [-1, 1] as 16-bit PCM, atomically (temp file + rename; the
+    temp file is the process's own, so processes writing the same corpus side by side never share one)."""
     path = Path(path)
     samples = np.atleast_2d(np.asarray(waveform, dtype=np.float64))
     pcm = np.clip(np.rint(samples * 32768), -32768, 32767).astype("<i2")
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with wave.open(str(temporary), "wb") as writer:
         writer.setnchannels(pcm.shape[0])
         writer.setsampwidth(2)

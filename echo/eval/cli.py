@@ -26,8 +26,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--cache", type=Path, help="embedding cache folder (default: OUT/cache)")
     parser.add_argument("--device", default=None, help="encode and search device (default: cuda if present)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                        help="encoder compute dtype (bfloat16: ~4x faster on CPUs with AVX-512 bf16 or AMX, "
-                        "relative error ~5e-3)")
+                        help="encoder compute dtype (bfloat16: 2-6x faster end to end on CPUs with AVX-512 BF16 "
+                        "or AMX, relative error ~5e-3)")
     parser.add_argument("--labels", type=Path, action="append", help="DCASE eval_data_list csv (default: found "
                         "under --data)")
     parser.add_argument("--domain-auc", choices=anomaly.DOMAIN_RULES, default="official",

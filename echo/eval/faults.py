@@ -28,7 +28,7 @@ def vote(neighbor_labels: np.ndarray) -> np.ndarray:
 
 
 def _as_channels(embeddings) -> np.ndarray:
-    embeddings = np.asarray(embeddings)
+    embeddings = neighbors.as_rows(embeddings)
     if embeddings.ndim == 2:
         return embeddings[:, None, :]
     if embeddings.ndim != 3:
@@ -41,7 +41,7 @@ def predict(bank, bank_codes, queries, k: int = 5, channels=None, fuse: bool = F
             device=None) -> np.ndarray:
     """kNN predictions (label codes) for `queries` against `bank` on the chosen channels."""
     bank, queries = _as_channels(bank), _as_channels(queries)
-    channels = list(range(bank.shape[1])) if channels is None else list(channels)
+    channels = neighbors.chosen_channels(channels, bank.shape[1])
     if fuse:
         _, indices = neighbors.fused_nearest(queries, bank, k, channels, exclude, device)
     else:

@@ -22,12 +22,48 @@ CHUNK_BYTES = 256 * 2**20  # one chunk of the distance matrix
 BANK_CHUNK_ROWS = 65536
 
 
+def check_finite(rows, name: str) -> None:
+    """A NaN or infinite value would turn distances into NaN and neighbours into made-up indices (-1), or make
+    one row the farthest of all: refused, naming the first rows that hold one."""
+    values = np.asarray(rows)
+    bad = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1)) if values.size else []
+    if len(bad):
+        shown = ", ".join(map(str, bad[:8])) + (f", ... ({len(bad)} in all)" if len(bad) > 8 else "")
+        raise ValueError(f"{name}: row(s) {shown} hold NaN or infinite values")
+
+
+def as_rows(embeddings, name: str = "embeddings") -> np.ndarray:
+    """Embeddings as one array of finite rows. Embeddings of different shapes (two models, or rates with other
+    band counts) and NaN or infinite values are named here rather than by numpy or as made-up neighbours."""
+    try:
+        rows = np.asarray(embeddings)
+    except ValueError:
+        shapes = sorted({np.shape(row) for row in embeddings})
+        raise ValueError(f"{name} differ in shape ({', '.join(map(str, shapes[:4]))}): one model and one sample "
+                         f"rate (band count) per evaluation") from None
+    if rows.dtype == object:
+        raise ValueError(f"{name} must be numbers of one shape, got objects")
+    if len(rows) == 0:
+        raise ValueError(f"no {name} to evaluate")
+    check_finite(rows, name)
+    return rows
+
+
+def chosen_channels(channels, count: int) -> list[int]:
+    """The channels asked for (all of them by default), each one of the data's `count`."""
+    channels = list(range(count)) if channels is None else list(channels)
+    if not channels or not all(0 <= c < count for c in channels):
+        raise ValueError(f"channels {channels} must be a non-empty subset of 0..{count - 1}")
+    return channels
+
+
 def _as_matrix(x, name: str, device, dtype=None) -> torch.Tensor:
     x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
     if x.dim() != 2 or x.shape[0] == 0:
         raise ValueError(f"{name} must be a non-empty (rows, features) matrix, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         x = x.double()
+    check_finite(x.cpu(), name)
     return x.to(device=device, dtype=dtype or x.dtype)
 
 
@@ -36,6 +72,9 @@ def _check(queries: torch.Tensor, bank: torch.Tensor, k: int, metric: str, exclu
         raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
     if queries.shape[1] != bank.shape[1]:
         raise ValueError(f"queries have {queries.shape[1]} features but the bank has {bank.shape[1]}")
+    if exclude is not None and np.shape(exclude) != (queries.shape[0],):
+        raise ValueError(f"exclude must hold one bank row (or -1) per query: {queries.shape[0]} values, "
+                         f"got shape {tuple(np.shape(exclude))}")
     available = bank.shape[0] - (exclude is not None)
     if not 1 <= k <= available:
         raise ValueError(f"k={k} neighbours asked of a bank of {bank.shape[0]} rows"
@@ -94,6 +133,10 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
             if exclude is not None:
                 distances.masked_fill_(exclude[rows, None] == columns[None, :], float("inf"))
             chunk_d, chunk_i = torch.topk(distances, take, dim=1, largest=False, sorted=True)
+            # topk leaves equal distances in any order: put them in bank order, as the merge below keeps it
+            chunk_i, by_index = chunk_i.sort(dim=1)
+            chunk_d, by_distance = chunk_d.gather(1, by_index).sort(dim=1, stable=True)
+            chunk_i = chunk_i.gather(1, by_distance)
             merged_d = torch.cat([best_d[rows], chunk_d], dim=1)
             merged_i = torch.cat([best_i[rows], chunk_i + b0], dim=1)
             order = torch.sort(merged_d, dim=1, stable=True).indices[:, :k]
@@ -106,6 +149,8 @@ def _nearest_faiss(queries, bank, k: int, metric: str, exclude) -> tuple[np.ndar
     faiss = require("faiss", "backend='faiss'")
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     bank = np.ascontiguousarray(bank, dtype=np.float32)
+    check_finite(queries, "queries")
+    check_finite(bank, "bank")
     _check(torch.from_numpy(queries), torch.from_numpy(bank), k, metric, exclude)
     if metric == "cosine":
         queries, bank = queries.copy(), bank.copy()
@@ -138,9 +183,9 @@ def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=Non
     if queries.dim() != 3 or bank.dim() != 3 or queries.shape[1:] != bank.shape[1:]:
         raise ValueError(f"fused search needs (rows, channels, features) for both sides with equal channels and "
                          f"features, got queries {tuple(queries.shape)} and bank {tuple(bank.shape)}")
-    channels = list(range(bank.shape[1])) if channels is None else list(channels)
-    if not channels or not all(0 <= c < bank.shape[1] for c in channels):
-        raise ValueError(f"channels {channels} must be a non-empty subset of 0..{bank.shape[1] - 1}")
+    check_finite(queries, "queries")
+    check_finite(bank, "bank")
+    channels = chosen_channels(channels, bank.shape[1])
     dtype = queries.dtype if queries.is_floating_point() else torch.float64
     queries, bank = queries.to(device, dtype), bank.to(device, dtype)
     exclude = None if exclude is None else torch.as_tensor(np.asarray(exclude), dtype=torch.long, device=device)

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Several seeds of the default model's recipe side by side (on one GPU when torch sees one), every checkpoint of
+# every seed scored on validation, and the best across seeds and steps exported and evaluated: the model card's
+# "Next run" in one command. The seed moves every score as much as most changes of recipe do, so a recipe is
+# only measured, and its checkpoint only chosen, over several.
+# Run from a fresh clone with echo's dev extra installed (pip install -e '.[dev]'):
+#
+#     SEEDS="0 1 2 3" STOP_AT=400 SAVE_EVERY=50 bash scripts/train_seeds.sh [ROOT]   (default runs/seeds)
+#
+# Seed N trains into ROOT/seed-N (log: ROOT/seed-N.log) through scripts/train_default.sh, whose settings (STEPS,
+# TOKENS, LR, WARMUP, EXTRA, STOP_AT, SAVE_EVERY, DEVICE) apply to every seed; WORKERS (default 14) are shared out
+# among the seeds. The chosen encoder is exported to OUT (default ROOT/chosen) with its evaluation: the bundled
+# model is replaced only when asked, with OUT=echo/data/default.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=${1:-runs/seeds}
+PYTHON=${PYTHON:-python}
+read -r -a seeds <<< "${SEEDS:-0 1 2 3}"
+workers=$(( ${WORKERS:-14} / ${#seeds[@]} ))
+mkdir -p "$ROOT"
+"$PYTHON" scripts/build_corpus.py --out corpus --synthetic 500 --seed 0 ${EXTRA:+--extra $EXTRA} >"$ROOT/corpus.log"
+pids=()
+for seed in "${seeds[@]}"; do
+    SEED=$seed WORKERS=$(( workers > 0 ? workers : 1 )) TRAIN_ONLY=1 \
+        bash scripts/train_default.sh "$ROOT/seed-$seed" >"$ROOT/seed-$seed.log" 2>&1 &
+    pids+=($!)
+done
+failed=0
+for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || { echo "seed ${seeds[$i]} failed: see $ROOT/seed-${seeds[$i]}.log"; failed=1; }
+done
+[ "$failed" -eq 0 ] || exit 1
+runs=()
+for seed in "${seeds[@]}"; do runs+=("$ROOT/seed-$seed"); done
+# one torch thread per scoring process, as the model card's numbers were scored
+export OMP_NUM_THREADS=1
+read -r CHOSEN STEP <<< "$("$PYTHON" scripts/select_checkpoint.py "${runs[@]}" --baselines 2> >(tee "$ROOT/validation.txt" >&2))"
+OUT=${OUT:-$ROOT/chosen}
+"$PYTHON" scripts/export_default.py "$CHOSEN" --step "$STEP" --out "$OUT" --datalist corpus/datalist.csv
+"$PYTHON" scripts/evaluate_default.py --model "$OUT/model.safetensors" --corpus corpus --json "$OUT/evaluation.json"
