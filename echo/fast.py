@@ -26,9 +26,9 @@ DEFAULT_MAX_TOKENS = {"cpu": 4096}
 DEFAULT_MAX_TOKENS_ELSEWHERE = 65536
 # oneDNN builds a product for every row count it meets (~40 ms for a layer's four bf16 products on this CPU) and
 # keeps the last 1024: passes of ever new sizes paid that at every pass and grew the process with the cache
-# (bench/RESULTS.md). On a CPU a pass's rows are rounded up to a multiple of max(64, max_tokens / 64), so a
-# budget meets at most ~64 row counts, each built once; the padding rows are one-token sequences of zeros,
-# never read back.
+# (bench/RESULTS.md). On a CPU a pass's rows are rounded up to a multiple of max(64, budget / 64), the budget
+# being max_tokens or the call's own tokens if fewer, so a budget meets at most ~64 row counts, each built once;
+# the padding rows are one-token sequences of zeros, never read back.
 CPU_ROW_COUNTS = 64
 
 
@@ -139,7 +139,9 @@ def encode(
     signal_list, rates = _as_list(signals, sample_rates)
     monos = _monos(signal_list, rates)
     spec_cache: tuple[tuple[int, ...], torch.Tensor, list[int]] | None = None
-    row_step = _row_step(max_tokens, device)
+    # passes never exceed the call's own tokens: a budget far above them (max_tokens=10**9 for one pass) would
+    # otherwise pad a pass to a multiple of max_tokens / 64 rows
+    row_step = _row_step(min(max_tokens, sum(sum(mono.segment_tokens) for mono in monos)), device)
     for chunk in _chunks(monos, max_tokens):
         members = [m for m, _ in chunk]
         plan = make_plan(

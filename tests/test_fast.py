@@ -102,6 +102,20 @@ def test_cpu_passes_padded_to_few_row_counts_give_the_unpadded_result(model, mon
         assert rel_err(pu, u) < tolerance and rel_err(pf, f) < tolerance
 
 
+def test_a_budget_far_above_the_call_pads_by_the_call_not_by_the_budget(model, monkeypatch):
+    """max_tokens=10**9 (one pass, whatever the call) once padded the pass to a multiple of 10**9 / 64 rows."""
+    from echo import packed
+
+    signals, rates = mixed_batch(count_long=0)
+    rows, forward = [], packed.forward
+    monkeypatch.setattr(packed, "forward", lambda model, tokens, *rest, **options: (
+        rows.append(len(tokens)), forward(model, tokens, *rest, **options))[1])
+    out = fast.encode(model, signals, rates, max_tokens=10**9)
+    tokens = make_plan([len(s) for s in signals], rates).total_tokens
+    assert len(rows) == 1 and tokens <= rows[0] <= tokens + max(64, tokens // 64 + 1)
+    assert all(rel_err(u, model.encode(s, r)[0]) < 1e-5 for u, s, r in zip(out, signals, rates))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cls_only_forward_equals_the_cls_rows_of_the_whole_forward(model, monkeypatch, dtype):
     """In any order of lengths; the last layer's rows after attention padded to a multiple of the step."""
