@@ -170,13 +170,13 @@ def measure(name: str, paths: list[str], args) -> dict[str, dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="small")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
+    parser.add_argument("--size", default="small", help="model preset (default: small)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), help="default: W1 W2 W3")
     parser.add_argument("--paths", nargs="+", default=None,
                         help=f"default: {' '.join(PATHS)} (no fast-*-eager, -kept-heap or -utterances on CUDA, "
                              "where they change nothing the GPU runs); also fast-bf16-sdpa")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=5, help="timed rounds per path, the best kept (default: 5)")
     parser.add_argument("--backend", default=None, help="force every op of the fast path: torch, triton, reference")
     parser.add_argument("--serve", nargs=2, metavar=("WORKLOAD", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()

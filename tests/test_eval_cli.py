@@ -128,3 +128,16 @@ def test_models_by_name_and_a_cache_per_dtype(tmp_path, capsys):
     assert "(0 from the cache" in capsys.readouterr().out
     assert run_eval(*common, "--out", tmp_path / "o") == 0
     assert "(9 from the cache" in capsys.readouterr().out
+
+
+def test_roc_figures_only_where_test_clips_have_both_labels(tmp_path):
+    from pathlib import Path
+
+    from echo.eval import plots
+    from echo.eval.anomaly import Clip
+
+    clips = [Clip(Path(f"{machine}{i}"), "dev", machine, "00", None, "test", label)
+             for machine, labels in (("fan", [0, 1, 0, 1]), ("pump", [None] * 4)) for i, label in enumerate(labels)]
+    written = plots.anomaly_plots(clips, np.linspace(0, 1, len(clips)), tmp_path)
+    assert sorted(path.name for path in written) == ["roc_dev_fan.png", "scores_dev_fan.png", "scores_dev_pump.png"]
+    assert all(path.stat().st_size > 1000 for path in written)

@@ -29,7 +29,8 @@ def _safe(name: str) -> str:
 
 
 def anomaly_plots(clips, scores, out: Path) -> list[Path]:
-    """One ROC figure (a curve per section) and one score histogram per (split, machine)."""
+    """One ROC figure (a curve per section with both labels; none where no section has them) and one score
+    histogram per (split, machine)."""
     plt, metrics = _pyplot(), require("sklearn.metrics", "ROC curves")
     groups = defaultdict(list)
     for index, clip in enumerate(clips):
@@ -44,12 +45,15 @@ def anomaly_plots(clips, scores, out: Path) -> list[Path]:
             labels = np.array([clips[i].label for i in chosen])
             if len(set(labels)) == 2:
                 fpr, tpr, _ = metrics.roc_curve(labels, scores[chosen])
-                axis.plot(fpr, tpr, label=f"section {section} (AUC {metrics.roc_auc_score(labels, scores[chosen]):.3f})")
-        axis.plot([0, 1], [0, 1], "k:", linewidth=1)
-        axis.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{machine} ({split})")
+                name = f"section {section}" if str(section).isdigit() else section  # DCASE ids, or the demo's names
+                axis.plot(fpr, tpr, label=f"{name} (AUC {metrics.roc_auc_score(labels, scores[chosen]):.3f})")
         if axis.get_legend_handles_labels()[0]:
+            axis.plot([0, 1], [0, 1], "k:", linewidth=1)
+            axis.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{machine} ({split})")
             axis.legend(fontsize=8)
-        written.append(_save(figure, out / f"roc_{_safe(split)}_{_safe(machine)}.png"))
+            written.append(_save(figure, out / f"roc_{_safe(split)}_{_safe(machine)}.png"))
+        else:  # unlabelled test clips: no curve to draw
+            plt.close(figure)
         figure, axis = plt.subplots(figsize=(6, 4))
         for name, label in (("normal", 0), ("anomalous", 1), ("unlabelled", None)):
             values = [scores[i] for i in members if clips[i].label == label]

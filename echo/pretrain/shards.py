@@ -184,7 +184,7 @@ def add_arguments(parser) -> None:
                         help="folder to write shard-NNNNNN.tar files to; one already holding .tar files "
                              "(e.g. from an earlier write) is refused, since pretraining reads every .tar in the "
                              "folder and would mix the two")
-    parser.add_argument("--per-shard", type=int, default=1000, help="files per shard")
+    parser.add_argument("--per-shard", type=int, default=1000, help="files per shard (default: 1000)")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="skip files shorter than this")
 
 
