@@ -16,7 +16,7 @@ LOG_EPS = 1e-9
 LOG_MEAN = 5.874158  # s = (ln(|X| + 1e-9) + LOG_MEAN) / LOG_STD
 LOG_STD = 10.446348
 FPE_SCALE = 25.0  # gamma of the frequency positional encoding
-MIN_SAMPLE_RATE = 2000
+MIN_SAMPLE_RATE = 100  # the lowest rate whose 10 ms hop is a whole sample (the spec: any positive rate)
 MAX_SAMPLE_RATE = 10_000_000  # 10 MHz: past acoustic-emission sensors (~1-2 MHz)
 
 

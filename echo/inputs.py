@@ -19,8 +19,9 @@ PCM_SCALES = {torch.int16: 1 / 32768, torch.int32: 1 / 2147483648}
 
 
 def check_sample_rate(sample_rate, where: str = "") -> int:
-    """An integer rate of 2000 Hz (below, the 25 ms window has under 50 samples) to 10 MHz (above, one window
-    holds over 250 000 samples in some 3900 bands: a typo, not a sensor); a 0-d tensor or array is its value."""
+    """An integer rate of 100 Hz (below, the 10 ms hop is no whole sample; slow sensors such as 1 kHz
+    accelerometers get one band) to 10 MHz (above, one window holds over 250 000 samples in some 3900 bands: a
+    typo, not a sensor); a 0-d tensor or array is its value."""
     if isinstance(sample_rate, (torch.Tensor, np.ndarray)) and sample_rate.ndim == 0:
         sample_rate = sample_rate.item()
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real):

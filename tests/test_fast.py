@@ -56,6 +56,16 @@ def test_equals_reference_on_the_bundled_real_recordings(model):
         assert rel_err(utterance, model.encode(signal, rate)[0]) < 1e-5
 
 
+@pytest.mark.parametrize("rate", [100, 149, 1000, 1999])
+def test_slow_sensors_down_to_100_hz(model, rate):
+    """Rates under the audio families (accelerometers at 1 kHz): windows of 2-49 samples, one band of 2-25 bins
+    padded to 32, hops of 1-19 samples; short, patch-boundary and multi-segment lengths."""
+    signals = [torch.randn(samples_for(frames, rate)) for frames in (1, 17, 32, 2100)]
+    for (utterance, frame_rows), signal in zip(fast.encode(model, signals, rate, frames=True), signals):
+        ref_u, ref_f = model.encode(signal, rate)
+        assert rel_err(utterance, ref_u) < 1e-5 and rel_err(frame_rows, ref_f) < 1e-5
+
+
 def test_utterances_only_and_single_signal(model):
     x = np.random.randn(16000).astype(np.float32)
     (utterance,) = fast.encode(model, x, 16000)
@@ -196,7 +206,7 @@ def test_plan_orders_sequences_by_length_into_slices():
     [
         ([torch.randn(16000), torch.randn(100)], 16000, "signal 1: signal of 100 samples is shorter"),
         ([torch.randn(16000), torch.randn(16000)], [16000], "2 signals but 1 sample rates"),
-        ([torch.randn(16000), torch.randn(16000)], [16000, 1000], "signal 1: sample rate 1000 Hz is outside"),
+        ([torch.randn(16000), torch.randn(16000)], [16000, 99], "signal 1: sample rate 99 Hz is outside"),
         (None, 16000, "signals must be a signal or a list of signals, got NoneType"),
         ([torch.randn(8000), torch.full((9000,), float("nan"))], 8000, "signal 1: signal contains 9000 NaN"),
     ],

@@ -47,6 +47,16 @@ def test_mixed_rates_one_launch(poisoned_empty):
         assert torch.all(image[pad_start : pad_start + pad] == 0)
 
 
+@pytest.mark.parametrize("rate", [100, 1000])
+def test_slow_sensor_rates(rate, poisoned_empty):
+    """Windows of 2 and 25 samples: one band, most of its 32 rows padding."""
+    lengths = [samples_for(frames, rate, 1) for frames in (1, 70)]
+    _, flat, offsets, plan = ragged_batch(lengths, [rate] * 2)
+    got = stft_ops.ragged_spectrogram(flat, offsets, plan, backend="triton")
+    assert not got.isnan().any()
+    assert_front_end_close(got, flat, offsets, plan)
+
+
 @pytest.mark.parametrize("rate", [44100, 48000, 50000])
 def test_high_rates(rate, poisoned_empty):
     """Window lengths 1102, 1200, 1250 (many k-steps) and the widest band layouts."""
