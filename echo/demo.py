@@ -167,7 +167,8 @@ def _plots(task: DemoTask, scores: np.ndarray, embeddings: list, out: Path) -> t
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("echo-demo"), help="folder for the plots and scores (default: echo-demo)")
+    parser.add_argument("--out", type=Path, default=Path("echo-demo"),
+                        help="folder for the plots and scores (default: echo-demo)")
     parser.add_argument("--model", default="default",
                         help="checkpoint name (default, echo-small, echo-tiny) or path (default: default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated clips")

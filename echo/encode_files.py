@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import host_memory, inputs
+from . import fast, host_memory, inputs
 from .data.bundled import SAMPLES_DIR
 from .data.wav import read_wav
 from .eval.datasets import read_audio
@@ -220,8 +220,8 @@ def run(args) -> int:
 
     if args.batch_files < 1:
         raise ValueError(f"--batch-files must be at least 1, got {args.batch_files}")
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.max_tokens is not None:
+        fast.checked_max_tokens(args.max_tokens)
     _check_out(args.out)
     rank, world = _distributed()
     device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")

@@ -131,10 +131,7 @@ def encode(
     device = model.device
     if max_tokens is None:
         max_tokens = DEFAULT_MAX_TOKENS.get(device.type, DEFAULT_MAX_TOKENS_ELSEWHERE)
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Real) or \
-            not float(max_tokens).is_integer() or max_tokens <= 0:
-        raise ValueError(f"max_tokens must be a positive whole number of tokens, got {max_tokens!r}")
-    max_tokens = int(max_tokens)
+    max_tokens = checked_max_tokens(max_tokens)
     model = packed.inference_model(model, dtype)
     signal_list, rates = _as_list(signals, sample_rates)
     monos = _monos(signal_list, rates)
@@ -155,6 +152,14 @@ def encode(
             spec_cache = (tuple(members), stft_ops.ragged_spectrogram(waves, wave_offsets, plan, backend))
         _encode_chunk(model, plan, spec_cache[1], [monos[m] for m in members], frames, device, backend, row_step)
     return _gather(monos, len(signal_list), frames)
+
+
+def checked_max_tokens(max_tokens) -> int:
+    """A positive whole number of tokens: 0.5 or inf is refused, not truncated or overflowed."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Real) or \
+            not float(max_tokens).is_integer() or max_tokens <= 0:
+        raise ValueError(f"max_tokens must be a positive whole number of tokens, got {max_tokens!r}")
+    return int(max_tokens)
 
 
 def _same_device(asked: torch.device, model_device: torch.device) -> bool:

@@ -169,7 +169,7 @@ def test_bad_arguments(tmp_path, model_path, capsys):
     assert "no audio files" in capsys.readouterr().out
     # refused before any file is encoded
     assert run(tmp_path, "--model", model_path, "--out", tmp_path / "e.npz", "--max-tokens", "0") == 2
-    assert "--max-tokens must be at least 1, got 0" in capsys.readouterr().out
+    assert "max_tokens must be a positive whole number of tokens, got 0" in capsys.readouterr().out
     (tmp_path / "folder.npz").mkdir()
     assert run(tmp_path, "--model", model_path, "--out", tmp_path / "folder.npz") == 2
     assert "is a folder" in capsys.readouterr().out

@@ -24,9 +24,14 @@ BANK_CHUNK_ROWS = 65536
 
 def check_finite(rows, name: str) -> None:
     """A NaN or infinite value would turn distances into NaN and neighbours into made-up indices (-1), or make
-    one row the farthest of all: refused, naming the first rows that hold one."""
-    values = np.asarray(rows)
-    bad = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1)) if values.size else []
+    one row the farthest of all: refused, naming the first rows that hold one. Tensors are checked where they
+    are (a bank on the GPU is not copied)."""
+    if isinstance(rows, torch.Tensor):
+        finite = torch.isfinite(rows.flatten(1)).all(dim=1) if rows.dim() > 1 else torch.isfinite(rows)
+        bad = (~finite).nonzero().flatten().cpu().numpy()
+    else:
+        values = np.asarray(rows)
+        bad = np.flatnonzero(~np.isfinite(values).all(axis=tuple(range(1, values.ndim))))
     if len(bad):
         shown = ", ".join(map(str, bad[:8])) + (f", ... ({len(bad)} in all)" if len(bad) > 8 else "")
         raise ValueError(f"{name}: row(s) {shown} hold NaN or infinite values")
@@ -63,7 +68,7 @@ def _as_matrix(x, name: str, device, dtype=None) -> torch.Tensor:
         raise ValueError(f"{name} must be a non-empty (rows, features) matrix, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         x = x.double()
-    check_finite(x.cpu(), name)
+    check_finite(x, name)
     return x.to(device=device, dtype=dtype or x.dtype)
 
 
