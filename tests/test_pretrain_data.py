@@ -122,6 +122,15 @@ def test_masks_keep_the_exact_ratio_and_the_student_sees_only_visible_patches(tm
         assert int(batch.student_lengths.sum()) == batch.student_tokens
 
 
+@pytest.mark.parametrize("seconds", [0.15, 0.0, 20.5])
+def test_a_crop_with_no_token_to_mask_or_past_one_pass_is_refused(seconds):
+    """At 0.15 s every band sequence is one patch: nothing was masked and the frame loss was NaN."""
+    with pytest.raises(ValueError, match=r"crop_seconds must be in \[0.2, 20\]"):
+        sampling.SamplingConfig(crop_seconds=seconds)
+    crop = sampling.SamplingConfig(crop_seconds=sampling.MIN_CLIP_SECONDS, tokens_per_batch=400, clones=1)
+    assert crop.max_clip_patches == 2 and sampling.masked_count(crop.max_clip_patches, crop.mask_ratio) >= 1
+
+
 def test_ratio_over_a_ten_second_band_is_in_the_spec_range():
     patches = geometry.n_patches(geometry.n_frames(160000, 16000))
     assert 0.75 <= sampling.masked_count(patches, 0.8) / patches <= 0.8

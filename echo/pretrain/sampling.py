@@ -33,6 +33,11 @@ log = logging.getLogger("echo.pretrain")
 UNREADABLE_BATCHES_LIMIT = 100
 
 
+# The shortest clip worth a crop: two patches, so that each band sequence has a token to mask. At 0.15 s every
+# sequence is one patch, nothing is masked, and the frame loss is the mean of nothing (NaN).
+MIN_CLIP_SECONDS = 0.2
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     crop_seconds: float = 10.0
@@ -43,8 +48,9 @@ class SamplingConfig:
     tokens_per_batch: int = 16384
 
     def __post_init__(self):
-        if not 0 < self.crop_seconds <= 20:
-            raise ValueError(f"crop_seconds must be in (0, 20] (one 2000-frame pass), got {self.crop_seconds}")
+        if not MIN_CLIP_SECONDS <= self.crop_seconds <= 20:
+            raise ValueError(f"crop_seconds must be in [{MIN_CLIP_SECONDS}, 20] (two patches, one to mask, to one "
+                             f"2000-frame pass), got {self.crop_seconds}")
         if not 1 <= self.min_bands <= self.max_bands:
             raise ValueError(f"need 1 <= min_bands <= max_bands, got {self.min_bands} and {self.max_bands}")
         if self.clones < 1:

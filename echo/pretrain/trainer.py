@@ -25,7 +25,7 @@ from ..model import EchoConfig, EchoModel
 from ..packed import Packing
 from . import checkpoints, schedule
 from .objective import UTTERANCE_TARGETS, ConvDecoder, Learner, teacher_targets
-from .sampling import BatchStream, SamplingConfig, nominal_clips_per_batch
+from .sampling import MIN_CLIP_SECONDS, BatchStream, SamplingConfig, nominal_clips_per_batch
 from .shards import open_corpus
 
 
@@ -78,8 +78,9 @@ class PretrainConfig:
         if self.steps <= 0 or self.keep <= 0 or self.save_every <= 0 or self.log_every <= 0:
             raise ValueError(f"steps ({self.steps}), keep ({self.keep}), save_every ({self.save_every}) and "
                              f"log_every ({self.log_every}) must be positive")
-        if self.min_seconds < 0.2:
-            raise ValueError(f"min_seconds must be at least 0.2 (two patches, one to mask), got {self.min_seconds}")
+        if self.min_seconds < MIN_CLIP_SECONDS:
+            raise ValueError(f"min_seconds must be at least {MIN_CLIP_SECONDS} (two patches, one to mask), "
+                             f"got {self.min_seconds}")
         if self.utterance_target not in UTTERANCE_TARGETS:
             raise ValueError(f"utterance_target must be one of {UTTERANCE_TARGETS}, got {self.utterance_target!r}")
         if not 0 < self.ema_start <= self.ema_end < 1:
