@@ -39,5 +39,15 @@ def main(argv=None) -> int:
     try:
         return args.run(args)
     except ValueError as error:
-        print(f"error: {error}")
+        print(f"error: {worker_message(error)}")
         return 2
+
+
+def worker_message(error: ValueError) -> str:
+    """The error's own message. One raised in a DataLoader worker (pretraining's data) reaches this process
+    wrapped by torch, the worker's traceback included: its last line is the message."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if last.startswith(f"{type(error).__name__}: ") else last

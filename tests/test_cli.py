@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import echo
 from echo import demo
@@ -49,3 +50,19 @@ def test_demo_command_refuses_bad_options_before_the_work(tmp_path, option, mess
     monkeypatch.setattr(demo, "build_task", lambda *args: pytest.fail("the work started"))
     argv = ["demo", "--out", str(tmp_path / "out"), *[o.format(file=tmp_path / "file") for o in option]]
     assert cli.main(argv) == 2 and message in capsys.readouterr().out
+
+
+class _NoAudio(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        raise ValueError("no usable audio under somewhere")
+
+
+def test_an_error_raised_in_a_data_loader_worker_is_printed_as_its_own_message():
+    """torch wraps a worker's exception with the worker's whole traceback; the command prints the message."""
+    from echo import cli
+
+    with pytest.raises(ValueError) as raised:
+        next(iter(torch.utils.data.DataLoader(_NoAudio(), batch_size=None, num_workers=1)))
+    assert "Original Traceback" in str(raised.value)
+    assert cli.worker_message(raised.value) == "no usable audio under somewhere"
+    assert cli.worker_message(ValueError("plain")) == "plain"
