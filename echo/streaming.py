@@ -43,6 +43,7 @@ class StreamEncoder:
         self.upper_start = 0
         self.done_frames = 0
         self.outputs = []  # per emitted full segment: (nb, L+1, D) outputs, band 0 provisional
+        self.unreturned = []  # segments encoded but not yet handed out: a push that failed after them returns none
         self.finished = False
 
     def push(self, chunk) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -64,10 +65,10 @@ class StreamEncoder:
         self.total += chunk.double().sum()
         self.audio = torch.cat([self.audio, chunk])
         self._compute_frames()
-        emitted = []
         while self.done_frames >= (len(self.outputs) + 1) * geometry.SEGMENT_FRAMES:
-            emitted.append(self._emit_block(len(self.outputs)))
+            self.unreturned.append(self._emit_block(len(self.outputs)))
         self._trim()
+        emitted, self.unreturned = self.unreturned, []
         return emitted
 
     def _compute_frames(self) -> None:
@@ -125,12 +126,12 @@ class StreamEncoder:
     def finish(self):
         if self.finished:
             raise ValueError("finish() was already called")
-        self.finished = True
-        if self.samples < self.n_fft:
+        if self.samples < self.n_fft:  # the stream stays open: more audio may follow
             raise ValueError(
                 f"signal of {self.samples} samples is shorter than one 25 ms window at {self.rate} Hz "
                 f"({self.n_fft} samples)"
             )
+        self.finished = True
         band0 = self._band0(self.total / self.samples)
         segments = geometry.segments(self.done_frames)
         outputs = list(self.outputs)

@@ -73,9 +73,12 @@ def test_stream_errors(model):
         fast.StreamEncoder(model, 16000, dtype=torch.int8)
     with pytest.raises(ValueError, match="NaN or Inf"):
         stream.push(torch.tensor([0.0, float("nan")]))
-    stream.push(torch.zeros(100))
+    x = torch.randn(8000)
+    stream.push(x[:100])
     with pytest.raises(ValueError, match="signal of 100 samples is shorter than one 25 ms window"):
         stream.finish()
+    stream.push(x[100:])  # a finish() refused for too little audio leaves the stream open
+    assert rel_err(stream.finish(), model.encode(x, 16000)[0]) < 1e-5
     with pytest.raises(ValueError, match="after finish"):
         stream.push(torch.zeros(10))
     with pytest.raises(ValueError, match="outside 100 to"):
@@ -86,3 +89,26 @@ def test_stream_errors(model):
     for chunk, kind in (("abc", "str"), (None, "NoneType"), ([0.0, 1.0], "list")):
         with pytest.raises(ValueError, match=f"chunk must be a torch.Tensor or numpy array, got {kind}"):
             stream.push(chunk)
+
+
+def test_a_push_that_fails_part_way_loses_no_finished_segment(model, monkeypatch):
+    """A push that completes two segments and fails encoding the second (out of memory, say) had stored the
+    first without returning it: the next push returned only the second."""
+    rate = 2000
+    x = torch.randn(geometry.n_fft(rate) + 4100 * geometry.hop(rate))
+    stream = fast.StreamEncoder(model, rate, frames=True)
+    encode, calls = stream._encode, []
+
+    def fails_once(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return encode(*args)
+
+    monkeypatch.setattr(stream, "_encode", fails_once)
+    cut = geometry.n_fft(rate) + 4050 * geometry.hop(rate)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        stream.push(x[:cut])
+    assert [k for k, _, _ in stream.push(x[cut:])] == [0, 1]
+    assert rel_err(stream.finish()[0], model.encode(x, rate)[0]) < 1e-5
+
