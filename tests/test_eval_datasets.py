@@ -1,4 +1,5 @@
 """Each adapter on a synthetic folder in its published layout, and on a wrong layout."""
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,28 @@ def test_dcase2020_ids_and_unlabelled_eval(tmp_path):
     assert "1 test clips have no label" in data.notes[0]
 
 
+def test_dcase_split_comes_from_the_folders_below_the_root(tmp_path):
+    """A data folder named evaluation_sets must not turn dev_data clips into eval; a root that is eval_data/ is eval."""
+    names = ("fan/train/section_00_source_train_normal_0000.wav", "fan/test/section_00_source_test_anomaly_0000.wav")
+    touch(tmp_path / "evaluation_sets", *(f"dev_data/{n}" for n in names), *(f"eval_data/{n}" for n in names))
+    data = datasets.load("dcase2023", tmp_path / "evaluation_sets")
+    assert sorted({(c.path.parts[-4], c.split) for c in data.items}) == [("dev_data", "dev"), ("eval_data", "eval")]
+    assert {c.split for c in datasets.load("dcase2023", tmp_path / "evaluation_sets" / "eval_data").items} == {"eval"}
+
+
+def test_dcase_another_years_label_list_is_not_used(tmp_path):
+    touch(tmp_path, "dev_data/fan/train/section_00_source_train_normal_0000.wav",
+          "dev_data/fan/test/section_00_source_test_normal_0000.wav",
+          "eval_data/fan/train/section_00_source_train_normal_0000.wav", "eval_data/fan/test/section_00_0000.wav")
+    other = tmp_path / "eval_data_list_2022.csv"
+    other.write_text("fan\nsection_00_0000.wav,section_00_source_test_anomaly_0000.wav,1\n")
+    data = datasets.load("dcase2024", tmp_path)
+    assert [c.label for c in data.items if c.path.name == "section_00_0000.wav"] == [None]
+    assert "no entry in eval_data_list_2024.csv" in data.notes[0] and str(other) in data.notes[0]
+    chosen = datasets.load("dcase2024", tmp_path, [other])  # a list the user names is used
+    assert [c.label for c in chosen.items if c.path.name == "section_00_0000.wav"] == [1] and not chosen.notes
+
+
 def test_dcase_wrong_layouts(tmp_path):
     with pytest.raises(ValueError, match="no DCASE machine folder"):
         datasets.load("dcase2022", tmp_path)
@@ -78,6 +101,16 @@ def test_folder_task(tmp_path):
         datasets.load("folder", tmp_path / "test" / "anomalous")
 
 
+def test_folder_task_test_subfolders_any_case_and_unknown_ones_refused(tmp_path):
+    touch(tmp_path, "normal/a.wav", "test/Normal/b.wav", "test/ANOMALY/c.wav", "test/Anomalous/d.wav")
+    data = datasets.load("folder", tmp_path)
+    assert sorted((c.path.name, c.label) for c in data.items if c.subset == "test") == [
+        ("b.wav", 0), ("c.wav", 1), ("d.wav", 1)]
+    touch(tmp_path, "test/abnormal/e.wav")
+    with pytest.raises(ValueError, match="test/abnormal: unknown test folder; test/ may hold normal, anomalous"):
+        datasets.load("folder", tmp_path)
+
+
 def test_cwru_classes_from_paths_and_mat_reading(tmp_path):
     scipy_io = pytest.importorskip("scipy.io")
     names = ["12k_Drive_End_Bearing_Fault_Data/IR007_0.mat", "12k_Drive_End_Bearing_Fault_Data/B014_1.mat",
@@ -95,6 +128,14 @@ def test_cwru_classes_from_paths_and_mat_reading(tmp_path):
     assert "skipped 2 files" in data.notes[0]
     read, rate = data.read(data.items[0].path)
     assert rate == 12000 and np.allclose(read, signal)  # the DE variable, not the FE one
+    path = tmp_path / "12k_Drive_End_Bearing_Fault_Data/IR007_0.mat"
+    scipy_io.savemat(path, {"X105_DE_time": signal})  # saved as one row (1, N)
+    assert np.allclose(data.read(path)[0], signal)
+    for array, what in ((np.stack([signal, -signal], 1), r"shape \(500, 2\) and dtype float64"),
+                        ((signal + 1j * signal)[:, None], r"shape \(500, 1\) and dtype complex128")):
+        scipy_io.savemat(path, {"X105_DE_time": array})
+        with pytest.raises(ValueError, match=f"IR007_0.mat: variable X105_DE_time has {what}"):
+            data.read(path)
     (tmp_path / "12k_Drive_End_Bearing_Fault_Data/X7.mat").write_bytes(b"")
     with pytest.raises(ValueError, match="X7.mat: cannot tell the class"):
         datasets.load("cwru", tmp_path)
@@ -115,6 +156,11 @@ def test_mafaulda_classes_and_csv(tmp_path):
     np.savetxt(tmp_path / "normal/bad.csv", table[:, :5], delimiter=",")
     with pytest.raises(ValueError, match="5 columns, MAFAULDA files have 8"):
         data.read(tmp_path / "normal/bad.csv")
+    touch(tmp_path, "normal/empty.csv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's own warning must not leak
+        with pytest.raises(ValueError, match="empty.csv: empty file"):
+            data.read(tmp_path / "normal/empty.csv")
     touch(tmp_path, "misc/1.csv")
     with pytest.raises(ValueError, match="must be one of normal"):
         datasets.load("mafaulda", tmp_path)
@@ -135,3 +181,18 @@ def test_iiee_and_iica(tmp_path):
     touch(tmp_path / "air", "d.wav")
     with pytest.raises(ValueError, match="folder named after their class"):
         datasets.load("iica", tmp_path / "air")
+
+
+def test_iica_split_folders_lie_above_the_class_folder(tmp_path):
+    touch(tmp_path / "nosplit", "normal/a.wav", "testbench_leak/b.wav")  # a class, not a test split
+    data = datasets.load("iica", tmp_path / "nosplit")
+    assert sorted((i.label, i.subset) for i in data.items) == [("normal", None), ("testbench_leak", None)]
+    touch(tmp_path / "split", "train_cut/normal/a.wav", "test_cut/normal/b.wav")
+    data = datasets.load("iica", tmp_path / "split")
+    assert sorted((i.label, i.subset) for i in data.items) == [("normal", "test"), ("normal", "train")]
+    touch(tmp_path / "split", "train_cut/c.wav")
+    with pytest.raises(ValueError, match="c.wav: lies directly in the split folder .*train_cut"):
+        datasets.load("iica", tmp_path / "split")
+    touch(tmp_path / "bare", "train/a.wav", "test/b.wav")  # no class folder at all
+    with pytest.raises(ValueError, match="test/b.wav: lies directly in the split folder"):
+        datasets.load("iica", tmp_path / "bare")

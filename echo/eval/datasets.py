@@ -13,14 +13,15 @@ that names what is missing where. Nothing is downloaded.
                  horizontal-/vertical-misalignment, {under,over}hang x {ball_fault, cage_fault, outer_race})
     iiee         IDMT-ISA electric engine: train_cut/ and test_cut/ (or test/); classes good, broken, heavyload
     iica         IDMT-ISA compressed air (48 kHz): the class is the folder holding the file; a train*/test*
-                 folder above it gives the split, otherwise stratified k-fold
+                 folder above that class folder gives the split, otherwise stratified k-fold
     folder       a user's machine: <root>/normal/* is the bank, <root>/test/{normal,anomalous}/* is scored
-                 (files directly in <root>/test/ are scored without a label)
+                 (any case; files directly in <root>/test/ are scored without a label; other sub-folders are an error)
 """
 from __future__ import annotations
 
 import csv
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -37,6 +38,7 @@ MAFAULDA_CHANNELS = 8
 MAFAULDA_TOP = ("normal", "imbalance", "horizontal-misalignment", "vertical-misalignment", "underhang", "overhang")
 MAFAULDA_BEARING = ("ball_fault", "cage_fault", "outer_race")
 IIEE_CLASSES = ("good", "broken", "heavyload")
+FOLDER_TEST_LABELS = {"normal": 0, "anomalous": 1, "anomaly": 1}  # test/ sub-folders, matched case-insensitively
 TASKS = tuple(f"dcase{year}" for year in range(2020, 2026)) + ("cwru", "mafaulda", "iiee", "iica", "folder")
 
 
@@ -76,11 +78,22 @@ def read_cwru(path: Path) -> tuple[np.ndarray, int]:
         raise ValueError(f"{path}: no X<nnn>_DE_time variable (has {', '.join(k for k in content if k[0] != '_')})")
     number = re.match(r"\d+", path.stem)
     own = [key for key in keys if number and int(key[1:].split("_")[0]) == int(number.group())]
-    return np.asarray(content[(own or keys)[0]], dtype=np.float32).ravel(), CWRU_RATE
+    key = (own or keys)[0]
+    data = np.asarray(content[key])
+    # CWRU stores one (N, 1) column; ravel would interleave a second column and casting would drop an imaginary part
+    signal = data.reshape(-1) if data.ndim == 2 and 1 in data.shape else data
+    if signal.ndim != 1 or data.dtype.kind not in "iuf":
+        raise ValueError(f"{path}: variable {key} has shape {data.shape} and dtype {data.dtype}; expected one "
+                         f"real-valued column (N, 1)")
+    return signal.astype(np.float32), CWRU_RATE
 
 
 def read_mafaulda(path: Path) -> tuple[np.ndarray, int]:
-    table = np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
+    with warnings.catch_warnings():  # an empty file is reported as such below, not as numpy's warning
+        warnings.filterwarnings("ignore", "loadtxt: input contained no data")
+        table = np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
+    if table.size == 0:
+        raise ValueError(f"{path}: empty file")
     if table.shape[1] != MAFAULDA_CHANNELS:
         raise ValueError(f"{path}: {table.shape[1]} columns, MAFAULDA files have {MAFAULDA_CHANNELS}")
     return np.ascontiguousarray(table.T), MAFAULDA_RATE
@@ -146,13 +159,17 @@ def dcase(root, year: int, label_lists=None) -> Dataset:
     if not machine_dirs:
         raise ValueError(f"{root}: no DCASE machine folder: expected <root>/dev_data/<machine>/train/ and "
                          f"<root>/dev_data/<machine>/test/ (and eval_data/... for the evaluation set)")
-    lists = list(label_lists) if label_lists else sorted(root.rglob("eval_data_list*.csv"))
-    lists = [p for p in lists if str(year) in Path(p).name] or lists
+    # only the year's own lists (or the user's): another year's list would label this year's clips wrongly
+    found = [] if label_lists else sorted(root.rglob("eval_data_list*.csv"))
+    lists = list(label_lists) if label_lists else [p for p in found if str(year) in p.name]
     labels = read_label_lists(lists)
     items, notes, unlabelled = [], [], 0
     for machine_dir in machine_dirs:
         machine = machine_dir.name
-        where = (root.name,) + machine_dir.relative_to(root).parts[:-1]
+        # the folders below the root decide, so a data folder named e.g. evaluation_sets keeps dev_data as dev;
+        # the root's own name only counts where nothing below it says dev or eval (root = eval_data/)
+        below = machine_dir.relative_to(root).parts[:-1]
+        where = [part for part in below if part.lower().startswith(("dev", "eval"))] or [root.name]
         split = "eval" if any(part.lower().startswith("eval") for part in where) else "dev"
         test_dir = machine_dir / "test"
         if not test_dir.is_dir():
@@ -174,8 +191,11 @@ def dcase(root, year: int, label_lists=None) -> Dataset:
                 unlabelled += label is None
                 items.append(Clip(path, split, machine, section, domain, subset, label))
     if unlabelled:
-        notes.append(f"{unlabelled} test clips have no label (no eval_data_list_{year}.csv entry under {root}): "
-                     f"they are scored but not measured")
+        source = "the --labels lists" if label_lists else f"eval_data_list_{year}.csv under {root}"
+        others = [str(p) for p in found if p not in lists]
+        notes.append(f"{unlabelled} test clips have no label (no entry in {source}): they are scored but not "
+                     f"measured" + (f"; other years' lists found, pass one with --labels if it applies: "
+                                    f"{', '.join(others)}" if others else ""))
     return Dataset(f"dcase{year}", "anomaly", items, read_audio, year=year, notes=notes)
 
 
@@ -186,8 +206,12 @@ def folder(root) -> Dataset:
         raise ValueError(f"{root / 'normal'}: no audio file; a folder task needs <root>/normal/* (the normal "
                          f"bank) and <root>/test/{{normal,anomalous}}/*")
     tests = [(path, None) for path in _files(root / "test", AUDIO_SUFFIXES)]
-    for name, label in (("normal", 0), ("anomalous", 1), ("anomaly", 1)):
-        tests += [(path, label) for path in _files(root / "test" / name, AUDIO_SUFFIXES, recursive=True)]
+    for sub in sorted(p for p in (root / "test").glob("*") if p.is_dir()):
+        label = FOLDER_TEST_LABELS.get(sub.name.lower())
+        if label is None:  # an unknown folder would drop its clips from the evaluation unseen
+            raise ValueError(f"{sub}: unknown test folder; test/ may hold {', '.join(FOLDER_TEST_LABELS)} "
+                             f"(any case) and unlabelled files")
+        tests += [(path, label) for path in _files(sub, AUDIO_SUFFIXES, recursive=True)]
     if not tests:
         raise ValueError(f"{root / 'test'}: no audio file to score (expected test/normal/*, test/anomalous/* "
                          f"or test/*)")
@@ -282,13 +306,21 @@ def iica(root) -> Dataset:
     files = _files(root, AUDIO_SUFFIXES, recursive=True)
     if not files:
         raise ValueError(f"{root}: no audio file; IDMT-ISA compressed air expects <root>/[train|test/]<class>/*.wav")
-    items = []
+    items, split_dirs = [], set()
     for path in files:
         parts = path.relative_to(root).parts[:-1]
         if not parts:
             raise ValueError(f"{path}: lies directly in {root}; files must lie in a folder named after their class")
-        subset = next((s for part in parts for s in ("train", "test") if part.lower().startswith(s)), None)
-        items.append(Sample(path, parts[-1], subset))
+        # only folders above the class folder give the split, so a class such as testbench_leak stays a class
+        level = next(((i, s) for i, part in enumerate(parts[:-1]) for s in ("train", "test")
+                      if part.lower().startswith(s)), None)
+        if level:
+            split_dirs.add(root.joinpath(*parts[:level[0] + 1]))
+        items.append(Sample(path, parts[-1], level[1] if level else None))
+    for item in items:  # its class would be the split folder's name
+        if item.path.parent in split_dirs or item.label.lower() in ("train", "test"):
+            raise ValueError(f"{item.path}: lies directly in the split folder {item.path.parent}; files must lie "
+                             f"in <root>/<train*|test*>/<class>/")
     subsets = {item.subset for item in items}
     if None in subsets and len(subsets) > 1:
         raise ValueError(f"{root}: some files lie under a train/test folder and some do not")

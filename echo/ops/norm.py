@@ -19,8 +19,11 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 def available_backends(device: torch.device) -> tuple[str, ...]:
     """The norms' backends, in order of preference; "torch" (so ECHO_BACKEND=torch forces every op) is the
-    reference: torch's own kernels."""
-    return ("triton", "torch", "reference")
+    reference: torch's own kernels. "csrc", where built, is the compiled norm of CPU inference
+    (residual_layer_norm_inference, run by echo.packed); elsewhere (autograd) it means torch's kernels."""
+    from .. import extension
+
+    return ("triton", *(("csrc",) if extension.has_op("residual_layer_norm", device) else ()), "torch", "reference")
 
 
 def _backend(device: torch.device, requested: str | None) -> str:
