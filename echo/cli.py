@@ -37,6 +37,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
     try:
+        if args.command != "info":  # info reports a bad setting row by row: it is where one goes to find it
+            from .ops.backend import check_environment
+
+            check_environment()
         return args.run(args)
     except ValueError as error:
         print(f"error: {worker_message(error)}")

@@ -228,6 +228,8 @@ def run(args) -> int:
     if torch.device(device).type == "cpu":
         host_memory.keep_freed_memory()
     model = load(args.model, device=device)
+    options = {"dtype": DTYPES[args.dtype], "device": device, "max_tokens": args.max_tokens}
+    fast.check_settings(model, **options)
     model_key = encoding_key(model_hash(model), DTYPES[args.dtype])
     files, unusable = find_files(args.paths or [SAMPLES_DIR])  # the same on every rank, unlike `failures`
     if not files:
@@ -245,7 +247,6 @@ def run(args) -> int:
     if world > 1:  # every rank has read the shards before any writes one, so all share out the same `wanted`
         dist.barrier()
     mine = wanted[rank::world]
-    options = {"dtype": DTYPES[args.dtype], "device": device, "max_tokens": args.max_tokens}
     failures, start, seconds = [], time.perf_counter(), 0.0
     bar = tqdm(total=len(mine), desc=f"encoding (rank {rank})" if world > 1 else "encoding", unit="file",
                disable=args.quiet or rank != 0)

@@ -154,6 +154,12 @@ def encode(
     return _gather(monos, len(signal_list), frames)
 
 
+def check_settings(model: EchoModel, **options) -> None:
+    """Encodes one short silent signal with `options` (those of `encode`): a setting that cannot encode at all
+    (a backend forced where this device lacks it) fails once, before a long job, not again for every file."""
+    encode(model, [torch.zeros(geometry.n_fft(16000))], 16000, **options)
+
+
 def checked_max_tokens(max_tokens) -> int:
     """A positive whole number of tokens: 0.5 or inf is refused, not truncated or overflowed."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Real) or \

@@ -14,7 +14,7 @@ from .ops import backend as backends
 from .ops import linear as linear_ops
 
 # ops whose dispatch exposes available_backends(device): op name (as in ECHO_BACKEND_<OP>) -> module
-OPS = {"stft": "echo.ops.stft", "tokens": "echo.ops.tokens", "attention": "echo.ops.attention", "norm": "echo.ops.norm"}
+OPS = {op: f"echo.ops.{op}" for op in backends.OPS}
 DEVICES = (torch.device("cpu"), torch.device("cuda"))
 
 
@@ -80,6 +80,10 @@ def report() -> str:
     tiles = "yes" if attention_ops.tiles_usable() else "no (needs echo._C, a CPU with AMX and a kernel that allows it)"
     sizes = f"{attention_ops.TILE_FROM}-{attention_ops.TILE_TOKENS}"
     lines.append(f"bf16 attention of {sizes}-token sequences on AMX tiles: {tiles}")
+    try:
+        backends.check_environment()
+    except ValueError as error:  # other commands stop on it; here it is reported with the rows it affects
+        lines.append(f"environment: {error}")
     lines.append("")
     rows = [(op, device.type, *describe(op, device)) for op in OPS for device in DEVICES]
     widths = [max(len(row[i]) for row in rows + [("op", "device", "backend")]) for i in range(3)]

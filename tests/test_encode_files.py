@@ -178,6 +178,19 @@ def test_bad_arguments(tmp_path, model_path, capsys):
     assert f"{tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name,value,message", [
+    ("ECHO_BACKEND", "csrc", "op tokens has no 'csrc' backend"),  # skipped every file, wrote an empty output
+    ("ECHO_BACKEND", "bogus", "ECHO_BACKEND=bogus: unknown backend"),
+    ("ECHO_BACKEND_ATTENTON", "torch", "ECHO_BACKEND_ATTENTON: no such op"),  # was ignored
+])
+def test_a_backend_setting_that_cannot_run_stops_the_command_before_any_file(tmp_path, model_path, capsys,
+                                                                             monkeypatch, name, value, message):
+    write_corpus(tmp_path / "data")
+    monkeypatch.setenv(name, value)
+    assert run(tmp_path / "data", "--model", model_path, "--out", tmp_path / "e.npz") == 2
+    assert message in capsys.readouterr().out and not (tmp_path / "e.npz").exists()
+
+
 def test_ranks_share_the_files_and_rank_0_merges(tmp_path, model_path):
     good = write_corpus(tmp_path / "data")
     with socket.socket() as probe:

@@ -74,3 +74,9 @@ def test_info_reports_a_bad_forcing_instead_of_failing(capsys, monkeypatch):
     monkeypatch.setenv("ECHO_BACKEND", "fortran")
     _, rows = info_rows(capsys)
     assert rows["stft", "cpu"][0] == "error" and "unknown backend 'fortran'" in rows["stft", "cpu"][1]
+
+
+def test_info_names_a_setting_for_no_op(capsys, monkeypatch):
+    monkeypatch.setenv("ECHO_BACKEND_ATTENTON", "torch")  # a typo the ops would ignore
+    assert main(["info"]) == 0
+    assert "environment: ECHO_BACKEND_ATTENTON: no such op" in capsys.readouterr().out

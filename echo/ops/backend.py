@@ -24,6 +24,23 @@ def triton_available(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+OPS = ("stft", "tokens", "attention", "norm")
+
+
+def check_environment(environ=os.environ) -> None:
+    """ECHO_BACKEND and ECHO_BACKEND_<OP> name known ops and backends: a typo in either would otherwise be
+    ignored (the op runs its default) or fail file by file deep inside a long job."""
+    for name, value in environ.items():
+        if not name.startswith("ECHO_BACKEND") or not value:
+            continue
+        op = name.removeprefix("ECHO_BACKEND").removeprefix("_").lower()
+        if name != "ECHO_BACKEND" and (not name.startswith("ECHO_BACKEND_") or op not in OPS):
+            raise ValueError(f"{name}: no such op; set ECHO_BACKEND or ECHO_BACKEND_<OP> for an op of "
+                             f"{', '.join(op.upper() for op in OPS)}")
+        if value not in BACKENDS:
+            raise ValueError(f"{name}={value}: unknown backend; choose from {', '.join(BACKENDS)}")
+
+
 def forced(op: str, backend: str | None = None) -> str | None:
     """The backend asked for `op`: the argument, else ECHO_BACKEND_<OP>, else ECHO_BACKEND; None when free."""
     return backend or os.environ.get(f"ECHO_BACKEND_{op.upper()}") or os.environ.get("ECHO_BACKEND")
