@@ -43,7 +43,7 @@ def main(argv=None) -> int:
             check_environment()
         return args.run(args)
     except ValueError as error:
-        print(f"error: {worker_message(error)}")
+        print(f"error: {worker_message(error)}", file=sys.stderr)
         return 2
 
 

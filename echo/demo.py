@@ -12,6 +12,7 @@ The machines are drawn with seeds the pretraining corpus does not use: the model
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -183,7 +184,7 @@ def run(args) -> int:
         require("sklearn.metrics", "the demo's AUC")
         require("matplotlib", "the demo's plots")
     except ImportError as error:
-        print(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
         return 2
     if args.seed < 0:
         raise ValueError(f"--seed must be 0 or more, got {args.seed}")

@@ -37,7 +37,7 @@ def test_demo_command_prints_the_table_and_writes_the_plots(tmp_path):
 def test_demo_command_reports_a_missing_model(tmp_path):
     run = subprocess.run([sys.executable, "-m", "echo", "demo", "--model", str(tmp_path / "none.safetensors"),
                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
-    assert run.returncode == 2 and "does not exist" in run.stdout and "Traceback" not in run.stderr
+    assert run.returncode == 2 and "does not exist" in run.stderr and "Traceback" not in run.stderr
 
 
 @pytest.mark.parametrize("option,message", [(["--out", "{file}"], "cannot be a folder"),
@@ -49,7 +49,7 @@ def test_demo_command_refuses_bad_options_before_the_work(tmp_path, option, mess
     (tmp_path / "file").write_text("")
     monkeypatch.setattr(demo, "build_task", lambda *args: pytest.fail("the work started"))
     argv = ["demo", "--out", str(tmp_path / "out"), *[o.format(file=tmp_path / "file") for o in option]]
-    assert cli.main(argv) == 2 and message in capsys.readouterr().out
+    assert cli.main(argv) == 2 and message in capsys.readouterr().err
 
 
 class _NoAudio(torch.utils.data.IterableDataset):

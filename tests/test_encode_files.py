@@ -159,23 +159,23 @@ def test_missing_soundfile_stops_with_the_install_hint(tmp_path, model_path, cap
     write_corpus(tmp_path / "data")
     monkeypatch.setitem(sys.modules, "soundfile", None)
     assert run(tmp_path / "data", "--model", model_path, "--out", tmp_path / "e.npz") == 2
-    assert "needs the package 'soundfile'" in capsys.readouterr().out and not (tmp_path / "e.npz").exists()
+    assert "needs the package 'soundfile'" in capsys.readouterr().err and not (tmp_path / "e.npz").exists()
 
 
 def test_bad_arguments(tmp_path, model_path, capsys):
     assert run(tmp_path, "--model", model_path, "--out", tmp_path / "e.txt") == 2
-    assert "--out must end in .npz or .parquet" in capsys.readouterr().out
+    assert "--out must end in .npz or .parquet" in capsys.readouterr().err
     assert run(tmp_path / "nothing-here", "--model", model_path, "--out", tmp_path / "e.npz") == 2
-    assert "no audio files" in capsys.readouterr().out
+    assert "no audio files" in capsys.readouterr().err
     # refused before any file is encoded
     assert run(tmp_path, "--model", model_path, "--out", tmp_path / "e.npz", "--max-tokens", "0") == 2
-    assert "max_tokens must be a positive whole number of tokens, got 0" in capsys.readouterr().out
+    assert "max_tokens must be a positive whole number of tokens, got 0" in capsys.readouterr().err
     (tmp_path / "folder.npz").mkdir()
     assert run(tmp_path, "--model", model_path, "--out", tmp_path / "folder.npz") == 2
-    assert "is a folder" in capsys.readouterr().out
+    assert "is a folder" in capsys.readouterr().err
     (tmp_path / "file").write_text("")
     assert run(tmp_path, "--model", model_path, "--out", tmp_path / "file" / "e.npz") == 2
-    assert f"{tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().out
+    assert f"{tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name,value,message", [
@@ -188,7 +188,7 @@ def test_a_backend_setting_that_cannot_run_stops_the_command_before_any_file(tmp
     write_corpus(tmp_path / "data")
     monkeypatch.setenv(name, value)
     assert run(tmp_path / "data", "--model", model_path, "--out", tmp_path / "e.npz") == 2
-    assert message in capsys.readouterr().out and not (tmp_path / "e.npz").exists()
+    assert message in capsys.readouterr().err and not (tmp_path / "e.npz").exists()
 
 
 def test_ranks_share_the_files_and_rank_0_merges(tmp_path, model_path):

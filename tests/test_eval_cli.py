@@ -110,7 +110,7 @@ def test_mafaulda_faults_with_channels(tmp_path, model_path):
 
 def test_wrong_layout_is_a_clear_error(tmp_path, model_path, capsys):
     assert run_eval("--task", "dcase2021", "--data", tmp_path, "--model", model_path, "--out", tmp_path / "o") == 2
-    assert "no DCASE machine folder" in capsys.readouterr().out
+    assert "no DCASE machine folder" in capsys.readouterr().err
 
 
 def test_models_by_name_and_a_cache_per_dtype(tmp_path, capsys):

@@ -163,7 +163,7 @@ def test_command_line_writes_shards_trains_on_them_and_exports(data, tmp_path, c
     assert cli.main(["pretrain", "--data", "unused", "--out", str(run), "--export-only", "--export", "student"]) == 0
     assert_same_state(echo.load(run / "model.safetensors").state_dict(), student.state_dict())
     assert cli.main(argv[:-1] + ["--mask-ratio", "1.5"]) == 2
-    assert "mask_ratio must be in (0, 1), got 1.5" in capsys.readouterr().out
+    assert "mask_ratio must be in (0, 1), got 1.5" in capsys.readouterr().err
 
 
 def ddp_worker(rank, world, port, data, out):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -138,7 +139,7 @@ def run(args) -> int:
     try:
         return _run(args)
     except ImportError as error:  # an optional dependency is missing: say which and how to install it
-        print(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
         return 2
 
 
