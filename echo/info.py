@@ -59,6 +59,18 @@ def describe(op: str, device: torch.device) -> tuple[str, str]:
     return chosen, "; ".join(why)
 
 
+def why_no_tiles() -> str:
+    """Which of the tile kernel's three needs is missing: the compiled op, AMX in the CPU, the OS's permission."""
+    if not extension.has_op("tile_attention", "cpu"):
+        return "echo._C is not built with the tile kernel"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+    except OSError:
+        return "a CPU with AMX, and an OS kernel that allows its tiles"
+    return "the kernel does not allow AMX tiles to this process" if "amx_tile" in flags else "this CPU has no AMX"
+
+
 def report() -> str:
     triton = importlib.util.find_spec("triton")
     lines = [
@@ -77,7 +89,7 @@ def report() -> str:
         lines.append(f"compiled extension echo._C: loaded; ops: {', '.join(ops)}")
     packed = [str(dtype)[6:] for dtype in (torch.float32, torch.bfloat16) if linear_ops.available(dtype)]
     lines.append(f"inference on the CPU: oneDNN packed products in {', '.join(packed) if packed else 'no dtype'}")
-    tiles = "yes" if attention_ops.tiles_usable() else "no (needs echo._C, a CPU with AMX and a kernel that allows it)"
+    tiles = "yes" if attention_ops.tiles_usable() else f"no ({why_no_tiles()})"
     sizes = f"{attention_ops.TILE_FROM}-{attention_ops.TILE_TOKENS}"
     lines.append(f"bf16 attention of {sizes}-token sequences on AMX tiles: {tiles}")
     try:

@@ -80,3 +80,15 @@ def test_info_names_a_setting_for_no_op(capsys, monkeypatch):
     monkeypatch.setenv("ECHO_BACKEND_ATTENTON", "torch")  # a typo the ops would ignore
     assert main(["info"]) == 0
     assert "environment: ECHO_BACKEND_ATTENTON: no such op" in capsys.readouterr().out
+
+
+def test_the_missing_need_of_the_tile_kernel_is_named(monkeypatch):
+    from echo import info
+
+    monkeypatch.setattr(extension, "has_op", lambda name, device: False)
+    assert info.why_no_tiles() == "echo._C is not built with the tile kernel"
+    monkeypatch.setattr(extension, "has_op", lambda name, device: True)
+    with open("/proc/cpuinfo") as cpuinfo:
+        amx = "amx_tile" in next(line for line in cpuinfo if line.startswith("flags")).split()
+    expected = "the kernel does not allow AMX tiles to this process" if amx else "this CPU has no AMX"
+    assert info.why_no_tiles() == expected
