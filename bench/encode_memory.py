@@ -22,11 +22,6 @@ import torch
 from encode_throughput import workload  # bench/encode_throughput.py: the encode benchmark's inputs
 
 
-def current_rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
-
-
 def measure(copies: int, max_tokens: int, dtype: str, size: str) -> dict:
     import echo
     import echo.fast
@@ -37,7 +32,7 @@ def measure(copies: int, max_tokens: int, dtype: str, size: str) -> dict:
     signals, rates = workload("W2")
     echo.fast.encode(model, signals[:4], rates[:4], dtype=getattr(torch, dtype))  # the inference copy, built once
     signals, rates = signals * copies, rates * copies
-    before = current_rss_mb()
+    before = host_memory.current_rss_mb()
     out = echo.fast.encode(model, signals, rates, dtype=getattr(torch, dtype), max_tokens=max_tokens or 10**9)
     returned = sum(u.numel() * u.element_size() for u in out) / 2**20
     peak = host_memory.peak_rss_mb()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -51,9 +50,8 @@ def run(setting: str, calls: int, dtype: torch.dtype) -> dict:
         start = time.perf_counter()
         echo.fast.encode(model, signals, rates, dtype=dtype)
         seconds.append(time.perf_counter() - start)
-    statm_rss = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
     return {"seconds": seconds, "row_counts": len(rows), "peak_rss_mb": host_memory.peak_rss_mb(),
-            "final_rss_mb": statm_rss / 2**20}
+            "final_rss_mb": host_memory.current_rss_mb()}
 
 
 def main() -> int:

@@ -31,6 +31,7 @@ from .data.bundled import SAMPLES_DIR
 from .data.wav import read_wav
 from .eval.datasets import read_audio
 from .eval.embed import EmbeddingCache, encoding_key, model_hash, shown
+from .ops.backend import BackendError
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -102,6 +103,8 @@ def _encode_batch(model, loaded: list, frames: bool, options: dict) -> list:
     """Embeddings of a batch of (signal, rate); if the batch fails, file by file, so only the bad one fails."""
     try:
         return _encode(model, [s for s, _ in loaded], [r for _, r in loaded], frames, options)
+    except BackendError:  # a setting, not a file: stop the job
+        raise
     except (ValueError, RuntimeError):
         results = []
         for signal, rate in loaded:
@@ -205,14 +208,16 @@ def _check_out(out: Path) -> None:
         _require_pyarrow()
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size) under torchrun, with a process group for the final barrier; (0, 1) otherwise."""
+def _distributed() -> tuple[int, int, bool]:
+    """(rank, world size, whether this call made the process group) under torchrun, with a gloo group for the
+    barriers; (0, 1, False) otherwise. A group the caller made is used, and left to the caller."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1
-    if not dist.is_initialized():
+        return 0, 1, False
+    made = not dist.is_initialized()
+    if made:
         dist.init_process_group("gloo")
-    return dist.get_rank(), world
+    return dist.get_rank(), world, made
 
 
 def run(args) -> int:
@@ -223,13 +228,12 @@ def run(args) -> int:
     if args.max_tokens is not None:
         fast.checked_max_tokens(args.max_tokens)
     _check_out(args.out)
-    rank, world = _distributed()
+    rank, world, own_group = _distributed()
     device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cpu":
         host_memory.keep_freed_memory()
     model = load(args.model, device=device)
     options = {"dtype": DTYPES[args.dtype], "device": device, "max_tokens": args.max_tokens}
-    fast.check_settings(model, **options)
     model_key = encoding_key(model_hash(model), DTYPES[args.dtype])
     files, unusable = find_files(args.paths or [SAMPLES_DIR])  # the same on every rank, unlike `failures`
     if not files:
@@ -283,7 +287,8 @@ def run(args) -> int:
         dist.all_reduce(totals)  # returns once every rank has encoded its share and saved its shards
         skipped, seconds = len(unusable) + int(totals[0]), float(totals[1])
         if rank != 0:
-            dist.destroy_process_group()
+            if own_group:
+                dist.destroy_process_group()
             return 0
         cache = EmbeddingCache(parts, model_key)  # every rank's shards
     done.update(cache.entries)
@@ -300,7 +305,7 @@ def run(args) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     _write(args.out, rows, model_key, args.frames)
     shutil.rmtree(parts, ignore_errors=True)
-    if world > 1:
+    if own_group:
         dist.destroy_process_group()
     reused = len(rows) - len(set(wanted) & {Path(row["path"]) for row in rows})
     speed = f"; {seconds:.1f} s of audio in {elapsed:.1f} s ({seconds / max(elapsed, 1e-9):.1f}x real time)" \

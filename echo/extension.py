@@ -12,7 +12,7 @@ import importlib
 import torch
 
 # compiled op -> the echo op (echo/ops/, backend name in ECHO_BACKEND_<OP>) whose contract it implements.
-# residual_layer_norm is not a backend of its op: the CPU inference path (echo.packed) calls it directly.
+# residual_layer_norm is the norm's csrc backend on a CPU, run by the inference path (echo.packed) only.
 # tile_attention runs inside attention's csrc backend, in bf16 where the CPU has AMX tiles.
 OPS = {"ragged_spectrogram": "stft", "short_attention": "attention", "tile_attention": "attention",
        "residual_layer_norm": "norm"}

@@ -27,8 +27,8 @@ DEFAULT_MAX_TOKENS_ELSEWHERE = 65536
 # oneDNN builds a product for every row count it meets (~40 ms for a layer's four bf16 products on this CPU) and
 # keeps the last 1024: passes of ever new sizes paid that at every pass and grew the process with the cache
 # (bench/RESULTS.md). On a CPU a pass's rows are rounded up to a multiple of max(64, budget / 64), the budget
-# being max_tokens or the call's own tokens if fewer, so a budget meets at most ~64 row counts, each built once;
-# the padding rows are one-token sequences of zeros, never read back.
+# being max_tokens or, if smaller, the call's own tokens rounded up to a power of two, so a budget meets at most
+# ~64 row counts, each built once; the padding rows are one-token sequences of zeros, never read back.
 CPU_ROW_COUNTS = 64
 
 
@@ -137,8 +137,10 @@ def encode(
     monos = _monos(signal_list, rates)
     spec_cache: tuple[tuple[int, ...], torch.Tensor, list[int]] | None = None
     # passes never exceed the call's own tokens: a budget far above them (max_tokens=10**9 for one pass) would
-    # otherwise pad a pass to a multiple of max_tokens / 64 rows
-    row_step = _row_step(min(max_tokens, sum(sum(mono.segment_tokens) for mono in monos)), device)
+    # otherwise pad a pass to a multiple of max_tokens / 64 rows. The call's tokens are rounded up to a power of
+    # two, so calls of any size still meet few row counts.
+    call_tokens = sum(sum(mono.segment_tokens) for mono in monos)
+    row_step = _row_step(min(max_tokens, 1 << max(call_tokens - 1, 1).bit_length()), device)
     for chunk in _chunks(monos, max_tokens):
         members = [m for m, _ in chunk]
         plan = make_plan(
@@ -154,12 +156,6 @@ def encode(
     return _gather(monos, len(signal_list), frames)
 
 
-def check_settings(model: EchoModel, **options) -> None:
-    """Encodes one short silent signal with `options` (those of `encode`): a setting that cannot encode at all
-    (a backend forced where this device lacks it) fails once, before a long job, not again for every file."""
-    encode(model, [torch.zeros(geometry.n_fft(16000))], 16000, **options)
-
-
 def checked_max_tokens(max_tokens) -> int:
     """A positive whole number of tokens: 0.5 or inf is refused, not truncated or overflowed."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Real) or \
@@ -170,6 +166,8 @@ def checked_max_tokens(max_tokens) -> int:
 
 def _same_device(asked: torch.device, model_device: torch.device) -> bool:
     """"cuda" is the current CUDA device and "cpu:0" the CPU: other spellings of the model's device."""
+    if asked.type != model_device.type:
+        return False
     if asked.type == "cuda" and asked.index is None:
         asked = torch.device("cuda", torch.cuda.current_device())
     return asked.type == model_device.type and (asked.type == "cpu" or asked.index == model_device.index)

@@ -51,6 +51,12 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT)) and bool(mallopt(M_TRIM_THRESHOLD, KEPT_HEAP_TOP))
 
 
+def current_rss_mb() -> float:
+    """This process's resident memory now, in MiB (Linux: /proc/self/status VmRSS)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory in MiB: the kernel's VmHWM of its own address space, not getrusage's
     ru_maxrss, which Linux carries across fork and exec (a benchmark's worker started by a parent that had

@@ -68,7 +68,8 @@ def why_no_tiles() -> str:
             flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
     except OSError:
         return "a CPU with AMX, and an OS kernel that allows its tiles"
-    return "the kernel does not allow AMX tiles to this process" if "amx_tile" in flags else "this CPU has no AMX"
+    return ("the kernel does not allow AMX tiles to this process" if "amx_tile" in flags
+            else "no AMX reported by this CPU and kernel")
 
 
 def report() -> str:

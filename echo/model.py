@@ -2,6 +2,8 @@
 per-signal `encode` that follows the released behaviour step by step (spec sections 1-6)."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -25,11 +27,19 @@ class EchoConfig:
     final_norm_eps: float = 1e-6  # the final `norm`; some authors' snippets used torch's default 1e-5
 
     def __post_init__(self):
-        if self.dim <= 0 or self.dim % 2 or self.depth <= 0 or self.heads <= 0 or self.dim % self.heads:
-            raise ValueError(
-                f"invalid ECHO config: dim={self.dim} must be even and divisible by heads={self.heads}, "
-                f"depth={self.depth} must be positive"
-            )
+        """Sizes are whole numbers and eps finite and positive, whatever the config came from (a preset, a
+        checkpoint's metadata, overrides): dim=192.0 failed deep in torch and eps=NaN made a NaN model."""
+        sizes = {"dim": self.dim, "depth": self.depth, "heads": self.heads, "mlp_ratio": self.mlp_ratio}
+        bad = [f"{name}={value!r}" for name, value in sizes.items()
+               if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0]
+        bad += [f"{name}={value!r}" for name, value in (("layer_norm_eps", self.layer_norm_eps),
+                                                        ("final_norm_eps", self.final_norm_eps))
+                if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf]
+        if bad:
+            raise ValueError(f"invalid ECHO config: {', '.join(bad)} (sizes are positive integers, eps finite "
+                             f"and positive)")
+        if self.dim % 2 or self.dim % self.heads:
+            raise ValueError(f"invalid ECHO config: dim={self.dim} must be even and divisible by heads={self.heads}")
 
     @classmethod
     def preset(cls, size: str, **overrides) -> "EchoConfig":

@@ -12,7 +12,8 @@
 # the data), SEED and SAVE_EVERY default to the bundled model's recipe (1400, 16384, 8e-4, 100, 14, 0, 200). The
 # seed moved every score as much as most changes of recipe did (the model card): compare configs over several
 # (scripts/train_seeds.sh runs seeds side by side). EXTRA=hydrogen-drumkits adds the drum kits to the corpus (not
-# in the bundled recipe). TRAIN_ONLY=1 stops after training, before the choice, export and evaluation.
+# in the bundled recipe). TRAIN_ONLY=1 stops after training, before the choice, export and evaluation;
+# CORPUS_BUILT=1 skips the corpus step (scripts/train_seeds.sh builds it once for all seeds).
 # The corpus (~220 MB) is built from Debian packages fetched with apt-get download (nothing is installed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +27,7 @@ if [ "${DEVICE:-}" = cpu ] || ! "$PYTHON" -c "import sys, torch; sys.exit(not to
     export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=4194304:glibc.malloc.hugetlb=1}
 fi
 
-"$PYTHON" scripts/build_corpus.py --out corpus --synthetic 500 --seed 0 ${EXTRA:+--extra $EXTRA}
+[ -n "${CORPUS_BUILT:-}" ] || "$PYTHON" scripts/build_corpus.py --out corpus --synthetic 500 --seed 0 ${EXTRA:+--extra $EXTRA}
 "$PYTHON" -m echo pretrain --data corpus/pretrain --out "$RUN_DIR" --size tiny --steps "${STEPS:-1400}" \
     --tokens-per-batch "${TOKENS:-16384}" --crop-seconds 4 --lr "${LR:-8e-4}" --warmup "${WARMUP:-100}" \
     --ema-start 0.999 --ema-end 0.9999 --utterance-target layer-mean --export student --precision bf16 \

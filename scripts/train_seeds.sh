@@ -21,7 +21,7 @@ mkdir -p "$ROOT"
 "$PYTHON" scripts/build_corpus.py --out corpus --synthetic 500 --seed 0 ${EXTRA:+--extra $EXTRA} >"$ROOT/corpus.log"
 pids=()
 for seed in "${seeds[@]}"; do
-    SEED=$seed WORKERS=$(( workers > 0 ? workers : 1 )) TRAIN_ONLY=1 \
+    SEED=$seed WORKERS=$(( workers > 0 ? workers : 1 )) TRAIN_ONLY=1 CORPUS_BUILT=1 \
         bash scripts/train_default.sh "$ROOT/seed-$seed" >"$ROOT/seed-$seed.log" 2>&1 &
     pids+=($!)
 done
@@ -34,7 +34,8 @@ runs=()
 for seed in "${seeds[@]}"; do runs+=("$ROOT/seed-$seed"); done
 # one torch thread per scoring process, as the model card's numbers were scored
 export OMP_NUM_THREADS=1
-read -r CHOSEN STEP <<< "$("$PYTHON" scripts/select_checkpoint.py "${runs[@]}" --baselines 2> >(tee "$ROOT/validation.txt" >&2))"
+choice=$("$PYTHON" scripts/select_checkpoint.py "${runs[@]}" --baselines 2> >(tee "$ROOT/validation.txt" >&2))
+CHOSEN=${choice% *} STEP=${choice##* }  # "RUN STEP": the run folder may hold spaces
 OUT=${OUT:-$ROOT/chosen}
 "$PYTHON" scripts/export_default.py "$CHOSEN" --step "$STEP" --out "$OUT" --datalist corpus/datalist.csv
 "$PYTHON" scripts/evaluate_default.py --model "$OUT/model.safetensors" --corpus corpus --json "$OUT/evaluation.json"

@@ -139,13 +139,28 @@ def test_non_floating_weights_are_refused_by_key_and_dtype(tmp_path, dtype):
     ("{not json", "is not valid JSON"),
     (json.dumps({"dim": 192, "depth": 12, "heads": 3, "qk_norm": True}), "fields this echo does not know: qk_norm"),
     ("[1, 2]", "must be a JSON object, not list"),
-    (json.dumps({"dim": "192", "depth": 12, "heads": 3}), "not numbers: dim='192'"),
 ])
 def test_bad_config_metadata_names_file_and_problem(tmp_path, metadata, problem):
     path = tmp_path / "m.safetensors"
     save_file(random_model("tiny").state_dict(), str(path), metadata={"echo_config": metadata})
     with pytest.raises(ValueError, match=f"m.safetensors: its echo_config metadata .*{problem}"):
         echo.load(path)
+
+
+@pytest.mark.parametrize("fields, problem", [
+    ({"dim": "192"}, "dim='192'"),
+    ({"dim": 192.0}, "dim=192.0"),  # failed in torch.zeros
+    ({"layer_norm_eps": float("nan")}, "layer_norm_eps=nan"),  # loaded a model of NaN outputs
+    ({"heads": 0}, "heads=0"),
+])
+def test_config_values_are_checked_whatever_the_config_came_from(tmp_path, fields, problem):
+    path = tmp_path / "m.safetensors"
+    config = {"dim": 192, "depth": 12, "heads": 3, **fields}
+    save_file(random_model("tiny").state_dict(), str(path), metadata={"echo_config": json.dumps(config)})
+    with pytest.raises(ValueError, match=f"m.safetensors: invalid ECHO config: {problem}"):
+        echo.load(path)
+    with pytest.raises(ValueError, match=f"invalid ECHO config: {problem}"):
+        echo.EchoConfig(**config)
 
 
 @pytest.mark.parametrize("with_metadata", [True, False])

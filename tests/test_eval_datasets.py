@@ -102,7 +102,8 @@ def test_folder_task(tmp_path):
 
 
 def test_folder_task_test_subfolders_any_case_and_unknown_ones_refused(tmp_path):
-    touch(tmp_path, "normal/a.wav", "test/Normal/b.wav", "test/ANOMALY/c.wav", "test/Anomalous/d.wav")
+    touch(tmp_path, "normal/a.wav", "test/Normal/b.wav", "test/ANOMALY/c.wav", "test/Anomalous/d.wav",
+          "test/plots/roc.png")  # a folder without audio leaves nothing out
     data = datasets.load("folder", tmp_path)
     assert sorted((c.path.name, c.label) for c in data.items if c.subset == "test") == [
         ("b.wav", 0), ("c.wav", 1), ("d.wav", 1)]

@@ -222,6 +222,9 @@ def test_rates_as_tensors_and_other_spellings_of_the_device(model):
     for rates in (torch.tensor(8000), np.array(8000), torch.tensor([8000, 8000]), np.array([8000, 8000])):
         assert all(torch.equal(a, b) for a, b in zip(fast.encode(model, [x, x], rates), expected))
     assert torch.equal(fast.encode(model, [x, x], 8000, device="cpu:0")[0], expected[0])
+    if not torch.cuda.is_available():  # a CPU-only torch: the clear error, not torch's "not compiled with CUDA"
+        with pytest.raises(ValueError, match="model is on cpu but device=cuda was asked"):
+            fast.encode(model, [x], 8000, device="cuda")
 
 
 def test_bad_options(model):

@@ -94,12 +94,26 @@ def test_a_nan_loss_stops_the_run_naming_its_step_and_keeps_the_good_checkpoints
 
     monkeypatch.setattr(objective.Learner, "forward", nan_at_step_five)
     run = tmp_path / "run"
-    with pytest.raises(ValueError, match="the loss was NaN or infinite at step 5; stopped without checkpointing"):
+    with pytest.raises(ValueError, match="the loss or its gradients were NaN or infinite at step 5; stopped without checkpointing"):
         trainer.train(tiny_config(data, run, steps=8, save_every=2, log_every=3, keep=2), progress=False)
     assert [p.name for p in checkpoints.checkpoint_paths(run / "checkpoints")] == [
         "step-000000002.pt", "step-000000004.pt"]  # step 6 (NaN weights) neither written nor rotating them out
     assert all(torch.isfinite(w).all() for w in checkpoints.load_latest(run / "checkpoints")["student"].values())
     assert [int(r["step"]) for r in rows(run)] == [3] and not (run / "model.safetensors").exists()
+
+
+def test_non_finite_gradients_under_a_finite_loss_stop_the_run_too(data, tmp_path, monkeypatch):
+    """bf16 can overflow in the backward pass while the loss stays finite: the update still makes NaN weights."""
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def overflow_at_step_three(*args, **kwargs):
+        calls.append(1)
+        norm = clip(*args, **kwargs)
+        return norm * float("inf") if len(calls) == 3 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", overflow_at_step_three)
+    with pytest.raises(ValueError, match="NaN or infinite at step 3"):
+        trainer.train(tiny_config(data, tmp_path / "run", steps=6, save_every=2, log_every=3), progress=False)
 
 
 def test_resuming_with_another_config_is_refused(data, tmp_path):

@@ -188,7 +188,7 @@ NAN = float("nan")
     (lambda: synth.Machine(bearing="6205"), "Machine.bearing must be a Bearing, got '6205'"),
     (lambda: synth.machine_signal(synth.Machine(shaft_hz=900.0, fault="inner"), 8000, 800),
      "the inner defect rate reaches 4873.7 Hz, at or above the Nyquist frequency 4000 Hz of sample rate 8000"),
-    (lambda: synth.mix(np.ones(10), np.ones(10), NAN), "background SNR must be a finite number of dB, got nan"),
+    (lambda: synth.mix(np.ones(10), np.ones(10), NAN), "mix.snr_db must be a finite number > -inf, got nan"),
 ])
 def test_bad_parameters_are_named_with_their_value(make, message):
     with pytest.raises(ValueError) as caught:

@@ -158,7 +158,7 @@ def _resonance(sample_rate: int, hz: float, damping: float, n_samples: int) -> n
     convolution keeps no more): a slow or barely damped mode would otherwise ring for hours of samples."""
     omega = 2 * np.pi * hz
     decay = damping * omega
-    ring = n_samples if decay * n_samples < math.log(1000) * sample_rate else math.log(1000) / decay * sample_rate
+    ring = min(n_samples, math.log(1000) / decay * sample_rate)
     t = np.arange(max(2, int(ring))) / sample_rate
     return np.exp(-decay * t) * np.sin(omega * math.sqrt(1 - damping**2) * t)
 
@@ -241,8 +241,7 @@ def machine_signal(machine: Machine, sample_rate: int, n_samples: int, seed: int
 def mix(signal, noise, snr_db: float, rng: np.random.Generator | None = None) -> np.ndarray:
     """`signal` plus `noise` scaled so that signal power / noise power = `snr_db`. A shorter noise is tiled,
     a longer one is cut at a random offset (drawn from `rng`, or 0 without one)."""
-    if isinstance(snr_db, bool) or not isinstance(snr_db, numbers.Real) or not math.isfinite(snr_db):
-        raise ValueError(f"background SNR must be a finite number of dB, got {snr_db!r}")  # NaN would give a NaN signal
+    _check("mix", "snr_db", snr_db, -math.inf, bounds="(]")  # NaN would give a NaN signal
     signal = np.asarray(signal, dtype=np.float64)
     noise = np.asarray(noise, dtype=np.float64)
     if noise.ndim != 1 or noise.size == 0 or not np.any(noise):

@@ -144,7 +144,7 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from .. import checkpoint, fast, host_memory
+    from .. import checkpoint, host_memory
 
     started = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -154,7 +154,6 @@ def _run(args) -> int:
     if device.type == "cpu":
         host_memory.keep_freed_memory()
     model = checkpoint.load(args.model, device=device)
-    fast.check_settings(model, dtype=DTYPES[args.dtype], device=device)
     args.out.mkdir(parents=True, exist_ok=True)
     embedded = embed_files(model, [item.path for item in dataset.items], dataset.read,
                            args.cache or args.out / "cache", None, device, DTYPES[args.dtype],

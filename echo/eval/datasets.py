@@ -208,6 +208,8 @@ def folder(root) -> Dataset:
     tests = [(path, None) for path in _files(root / "test", AUDIO_SUFFIXES)]
     for sub in sorted(p for p in (root / "test").glob("*") if p.is_dir()):
         label = FOLDER_TEST_LABELS.get(sub.name.lower())
+        if label is None and not _files(sub, AUDIO_SUFFIXES, recursive=True):
+            continue  # no audio (plots/, .ipynb_checkpoints): nothing is left out
         if label is None:  # an unknown folder would drop its clips from the evaluation unseen
             raise ValueError(f"{sub}: unknown test folder; test/ may hold {', '.join(FOLDER_TEST_LABELS)} "
                              f"(any case) and unlabelled files")

@@ -22,6 +22,7 @@ from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
 from .. import inputs
+from ..ops.backend import BackendError
 
 BATCH_FILES = 64
 READ_WORKERS = 4
@@ -142,6 +143,8 @@ def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | N
             result.failures += [(paths[i], item) for i, item in zip(batch, loaded) if isinstance(item, str)]
             try:
                 vectors = good and _encode(model, [s for _, (s, _) in good], [r for _, (_, r) in good], device, dtype)
+            except BackendError:  # a setting, not a file: stop the job
+                raise
             except (ValueError, RuntimeError):  # find the file(s) at fault, encode the rest
                 vectors = []
                 for i, (signal, rate) in good:

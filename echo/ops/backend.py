@@ -27,6 +27,11 @@ def triton_available(device: torch.device) -> bool:
 OPS = ("stft", "tokens", "attention", "norm")
 
 
+class BackendError(ValueError):
+    """A backend asked for that cannot run (unknown, or not on this device): a setting to fix, so a job over many
+    files stops at it rather than reporting every file as bad."""
+
+
 def check_environment(environ=os.environ) -> None:
     """ECHO_BACKEND and ECHO_BACKEND_<OP> name known ops and backends: a typo in either would otherwise be
     ignored (the op runs its default) or fail file by file deep inside a long job."""
@@ -52,11 +57,11 @@ def choose(op: str, device: torch.device, requested: str | None = None, availabl
     requested = forced(op, requested)
     if requested:
         if requested not in BACKENDS:
-            raise ValueError(f"unknown backend {requested!r} for {op}; choose from {', '.join(BACKENDS)}")
+            raise BackendError(f"unknown backend {requested!r} for {op}; choose from {', '.join(BACKENDS)}")
         if requested == "triton" and not triton_available(device):
-            raise ValueError(f"backend 'triton' for {op} needs triton and a CUDA device (or TRITON_INTERPRET=1)")
+            raise BackendError(f"backend 'triton' for {op} needs triton and a CUDA device (or TRITON_INTERPRET=1)")
         if requested not in available:
-            raise ValueError(f"op {op} has no {requested!r} backend; it has {', '.join(available)}")
+            raise BackendError(f"op {op} has no {requested!r} backend; it has {', '.join(available)}")
         return requested
     triton_by_default = device.type == "cuda" and op not in TRITON_OFF_BY_DEFAULT and triton_available(device)
     return next(name for name in available if name != "triton" or triton_by_default)

@@ -193,15 +193,16 @@ NO_STEP = torch.iinfo(torch.int64).max  # "no non-finite loss yet"
 
 
 def stop_if_diverged(first_nonfinite: torch.Tensor, world: int, out: Path) -> None:
-    """Raise when a step (on any rank) had a NaN or infinite loss. Its update made every weight NaN, so the run
-    stops before logging that as progress or checkpointing it: checkpoints/ keeps the last good ones. The flag
-    lives on the device and is read only here, at log and checkpoint steps, so other steps never wait on it."""
+    """Raise when a step (on any rank) had a NaN or infinite loss or gradient. Its update made every weight NaN,
+    so the run stops before logging that as progress or checkpointing it: checkpoints/ keeps the last good ones.
+    The flag lives on the device and is read only here, at log and checkpoint steps, so other steps never wait."""
     if world > 1:
         dist.all_reduce(first_nonfinite, op=dist.ReduceOp.MIN)
     step = int(first_nonfinite)
     if step != NO_STEP:
-        raise ValueError(f"the loss was NaN or infinite at step {step}; stopped without checkpointing it "
-                         f"({out / 'checkpoints'} keeps the last good checkpoints). Lower --lr or check the data")
+        raise ValueError(f"the loss or its gradients were NaN or infinite at step {step}; stopped without "
+                         f"checkpointing it ({out / 'checkpoints'} keeps the last good checkpoints). Lower --lr or "
+                         f"check the data")
 
 
 def export(model: EchoModel, out: Path) -> Path:
@@ -319,13 +320,14 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
             loss, frame, utterance = model(batch, student_packing, targets, utterance_targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(learner.parameters(), config.clip_grad)
+        grad_norm = torch.nn.utils.clip_grad_norm_(learner.parameters(), config.clip_grad)
         optimizer.step()
         scheduler.step()
         decay = schedule.ema_decay(step, config.ema_start, config.ema_end, anneal)
         schedule.ema_update(teacher, student, decay)
         step += 1
-        first_nonfinite = torch.where(torch.isfinite(loss.detach()), first_nonfinite, first_nonfinite.clamp(max=step))
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)  # a finite loss can still overflow backward
+        first_nonfinite = torch.where(finite, first_nonfinite, first_nonfinite.clamp(max=step))
         if step % config.log_every == 0 or step % config.save_every == 0 or step == config.steps:
             stop_if_diverged(first_nonfinite, world, out)
         meter.add(loss, frame, utterance, host_batch.teacher_tokens + host_batch.student_tokens, host_batch.clips,
