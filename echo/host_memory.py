@@ -51,10 +51,15 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT)) and bool(mallopt(M_TRIM_THRESHOLD, KEPT_HEAP_TOP))
 
 
-def current_rss_mb() -> float:
-    """This process's resident memory now, in MiB (Linux: /proc/self/status VmRSS)."""
+def _status_mb(field: str) -> float:
+    """A kB field of /proc/self/status (Linux), in MiB."""
     with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+        return next(int(line.split()[1]) for line in status if line.startswith(f"{field}:")) / 1024
+
+
+def current_rss_mb() -> float:
+    """This process's resident memory now, in MiB (Linux)."""
+    return _status_mb("VmRSS")
 
 
 def peak_rss_mb() -> float:
@@ -62,8 +67,7 @@ def peak_rss_mb() -> float:
     ru_maxrss, which Linux carries across fork and exec (a benchmark's worker started by a parent that had
     reached 560 MB reported 560 MB whatever it used itself). ru_maxrss where /proc is missing."""
     try:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+        return _status_mb("VmHWM")
     except (OSError, StopIteration):
         import resource
 
