@@ -17,18 +17,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from . import hub
+from . import atomic, hub
+from .inputs import first_items
 from .model import PRESETS, EchoConfig, EchoModel
 
 CONFIG_KEY = "echo_config"  # safetensors metadata entry holding the JSON config
 CONFIG_FIELDS = tuple(field.name for field in dataclasses.fields(EchoConfig))
 LAYER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.")
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")  # only to point at files inside a folder
-
-
-def _name_keys(keys: list[str]) -> str:
-    """The first keys of a list, so an error stays readable for a checkpoint with hundreds of bad keys."""
-    return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
 
 
 def _file_format(path: Path) -> str:
@@ -102,7 +98,7 @@ def _read_torch(path: Path) -> dict:
         raise ValueError(f"{path}: expected a flat dict of tensors, or one under the key 'encoder'")
     not_strings = [repr(key) for key in obj if not isinstance(key, str)]
     if not_strings:
-        raise ValueError(f"{path}: state dict keys must be strings, found {_name_keys(not_strings)}")
+        raise ValueError(f"{path}: state dict keys must be strings, found {first_items(not_strings)}")
     return obj
 
 
@@ -114,7 +110,7 @@ def _read_state_dict(path: Path) -> tuple[dict, dict]:
         state, saved = _read_torch(path), {}
     not_floating = [f"{key} ({value.dtype})" for key, value in state.items() if not value.is_floating_point()]
     if not_floating:  # casting them to float32 would load a model of truncated or zeroed weights
-        raise ValueError(f"{path}: weights must be floating point; these are not: {_name_keys(not_floating)}")
+        raise ValueError(f"{path}: weights must be floating point; these are not: {first_items(not_floating)}")
     return state, saved
 
 
@@ -149,7 +145,7 @@ def check_state_dict(model: EchoModel, state: dict, source: str) -> None:
         for key in expected
         if key in state and state[key].shape != expected[key].shape
     ]
-    problems = [f"{label}: {_name_keys(keys)}"
+    problems = [f"{label}: {first_items(keys)}"
                 for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                                     ("mis-shaped keys", misshaped))
                 if keys]
@@ -171,7 +167,7 @@ def _checkpoint_file(path) -> Path:
     path = Path(path)
     if path.is_dir():
         inside = sorted(p.name for p in path.iterdir() if p.suffix in CHECKPOINT_SUFFIXES and p.is_file())
-        hint = f"; it holds {_name_keys(inside)}: load one of those by path" if inside else ""
+        hint = f"; it holds {first_items(inside)}: load one of those by path" if inside else ""
         raise ValueError(f"checkpoint {path} is a directory, not a checkpoint file{hint}")
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
@@ -188,6 +184,7 @@ def load(path, size: str | None = None, device=None, heads: int | None = None, *
                          f"{', '.join(CONFIG_FIELDS)}")
     if heads is not None:
         overrides["heads"] = heads
+    device = None if device is None else checked_device(device)
     path = _checkpoint_file(path)
     state, saved = _read_state_dict(path)
     try:
@@ -205,9 +202,23 @@ def load(path, size: str | None = None, device=None, heads: int | None = None, *
     return model.to(device).eval() if device is not None else model.eval()
 
 
+def checked_device(device) -> torch.device:
+    """A device torch can put a model on: a typo or a GPU this machine lacks is named before any work."""
+    try:
+        checked = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; e.g. cpu, cuda, cuda:1") from None
+    try:
+        torch.empty(0, device=checked)
+    except (RuntimeError, AssertionError) as error:
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0].split(". ")[0]
+        raise ValueError(f"device {checked} is not available here: {reason}") from None
+    return checked
+
+
 def save(model: EchoModel, path, dtype: torch.dtype = torch.float32) -> Path:
     """Write `path` (.safetensors, the released flat key layout, config in its metadata) and a `.json`
-    config beside it. Both are written to a temporary file and renamed, so a crash leaves no half file."""
+    config beside it, each whole or not at all (echo.atomic)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"save writes .safetensors files, got {path.name}")
@@ -216,11 +227,7 @@ def save(model: EchoModel, path, dtype: torch.dtype = torch.float32) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     config = json.dumps(model.config.to_dict())
-    temporary = path.with_name(path.name + ".tmp")
-    save_file(state, str(temporary), metadata={CONFIG_KEY: config})
-    os.replace(temporary, path)
-    config_path = path.with_suffix(".json")
-    temporary = config_path.with_name(config_path.name + ".tmp")
-    temporary.write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-    os.replace(temporary, config_path)
+    with atomic.replacing(path) as temporary:
+        save_file(state, str(temporary), metadata={CONFIG_KEY: config})
+    atomic.write_text(path.with_suffix(".json"), json.dumps(model.config.to_dict(), indent=2) + "\n")
     return path

@@ -21,8 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser(argv) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="echo-fm", description="ECHO embeddings for machine signals")
+def build_parser(argv, prog: str = "echo-fm") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="ECHO embeddings for machine signals")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text)
@@ -33,9 +33,10 @@ def build_parser(argv) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "echo-fm") -> int:
+    """`prog`: the command as the user typed it, for usage lines (`echo-fm`, or `python -m echo`)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv).parse_args(argv)
+    args = build_parser(argv, prog).parse_args(argv)
     try:
         if args.command != "info":  # info reports a bad setting row by row: it is where one goes to find it
             from .ops.backend import check_environment
@@ -45,6 +46,12 @@ def main(argv=None) -> int:
     except ValueError as error:
         print(f"error: {worker_message(error)}", file=sys.stderr)
         return 2
+    except OSError as error:  # the machine's, not echo's: a full disk, a permission, a vanished folder
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def worker_message(error: ValueError) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import host_memory
+from . import atomic, host_memory
 from .data import bundled, synth
 
 CLIP_SECONDS = 2.0
@@ -205,10 +205,10 @@ def run(args) -> int:
     scores, rows, summary = score(task, embeddings)
     print(eval_cli.format_table(_table(rows), ["machine", "rate", "normal", "faulty", "AUC", "pAUC"]))
     print(f"mean AUC {summary['AUC (demo)']:.4f}, mean pAUC {summary['pAUC (demo)']:.4f}")
-    eval_cli._write_csv(args.out / "scores.csv", [
+    atomic.write_csv(args.out / "scores.csv", ["clip", "machine", "rate", "fault", "score"], [
         {"clip": str(c.path), "machine": c.machine, "rate": c.section, "fault": f or "", "score": s}
         for c, f, s in zip(task.clips, task.faults, scores) if c.subset == "test"
-    ], ["clip", "machine", "rate", "fault", "score"])
+    ])
     overview, figures = _plots(task, scores, embeddings, args.out)
     print(f"wrote scores.csv and {len(figures)} figures to {args.out}/ (all machines: {overview.name}) "
           f"in {time.perf_counter() - started:.1f} s")

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +29,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import fast, host_memory, inputs
+from . import atomic, fast, host_memory
 from .data.bundled import SAMPLES_DIR
 from .data.wav import read_wav
 from .eval.datasets import read_audio
-from .eval.embed import EmbeddingCache, encoding_key, model_hash, shown
+from .eval.embed import EmbeddingCache, encoding_key, model_hash, read_checked, shown
 from .ops.backend import BackendError
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
@@ -56,16 +59,29 @@ def add_arguments(parser) -> None:
 
 
 def find_files(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Audio files under `paths` (folders searched recursively, files taken as given), and the missing ones."""
-    files, missing = [], []
+    """Audio files under `paths` (folders searched recursively, symbolic links to folders not followed; files
+    taken as given), each once however it was spelt, and the paths that could not be used with the reason
+    (a missing path, a folder that cannot be read, a broken link)."""
+    files, unusable = [], []
     for path in paths:
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+            found = []
+            for folder, _, names in os.walk(path, onerror=lambda error: unusable.append(
+                    (Path(error.filename), f"folder not readable: {error.strerror}"))):
+                found += [Path(folder) / name for name in names if Path(name).suffix.lower() in AUDIO_SUFFIXES]
+            files += sorted(p for p in found if p.is_file() or p.is_symlink())  # a broken link fails, named
         elif path.is_file():
             files.append(path)
+        elif path.is_symlink():
+            unusable.append((path, "a broken or looping symbolic link"))
+        elif path.exists():
+            unusable.append((path, "not a regular file or folder"))
         else:
-            missing.append((path, "no such file or folder"))
-    return list(dict.fromkeys(files)), missing
+            unusable.append((path, "no such file or folder"))
+    first_spelling = {}
+    for path in files:
+        first_spelling.setdefault(os.path.realpath(path), path)
+    return list(first_spelling.values()), unusable
 
 
 def read_file(path: Path) -> tuple[np.ndarray, int]:
@@ -76,18 +92,6 @@ def read_file(path: Path) -> tuple[np.ndarray, int]:
         if path.suffix.lower() == ".wav":
             return read_wav(path)
         raise
-
-
-def _read_checked(path: Path):
-    """(float32 signal, rate) or the reason the file cannot be used."""
-    try:
-        signal, rate = read_file(path)
-        rate = inputs.check_sample_rate(rate)
-        return inputs.as_signal(signal, rate), rate
-    except ImportError:  # a missing audio package fails every file alike: stop and say what to install
-        raise
-    except Exception as error:  # a corrupt or unsupported file is reported, never fatal
-        return f"{type(error).__name__}: {error}"
 
 
 def _encode(model, signals, rates, frames: bool, options: dict) -> list[dict]:
@@ -149,15 +153,20 @@ def _require_pyarrow():
 
 
 def _write(out: Path, rows: list[dict], model_key: str, frames: bool) -> None:
-    temporary = out.with_name(out.name + ".tmp")
-    if out.suffix == ".parquet":
+    with atomic.replacing(out) as temporary:
+        _write_table(temporary, out.suffix, rows, model_key, frames)
+
+
+def _write_table(path: Path, suffix: str, rows: list[dict], model_key: str, frames: bool) -> None:
+    if suffix == ".parquet":
         pyarrow = _require_pyarrow()
         columns = {name: [row[name] for row in rows] for name in ("path", "key", "sample_rate", "channels")}
         columns["model"] = [model_key] * len(rows)
-        columns["utterance"] = [row["utterance"].tolist() for row in rows]
+        vector = pyarrow.list_(pyarrow.float32())  # as computed: a plain list would be float64, twice the size
+        columns["utterance"] = pyarrow.array([row["utterance"].tolist() for row in rows], type=vector)
         if frames:
-            columns["frames"] = [row["frames"].tolist() for row in rows]
-        pyarrow.parquet.write_table(pyarrow.table(columns), str(temporary))
+            columns["frames"] = pyarrow.array([row["frames"].tolist() for row in rows], type=pyarrow.list_(vector))
+        pyarrow.parquet.write_table(pyarrow.table(columns), str(path))
     else:
         arrays = {"paths": np.array([row["path"] for row in rows], dtype=str),
                   "keys": np.array([row["key"] for row in rows], dtype=str),
@@ -168,9 +177,8 @@ def _write(out: Path, rows: list[dict], model_key: str, frames: bool) -> None:
             arrays[f"utterance/{i}"] = row["utterance"]
             if frames:
                 arrays[f"frames/{i}"] = row["frames"]
-        with open(temporary, "wb") as handle:  # a file object: numpy appends no ".npz" to the name
+        with open(path, "wb") as handle:  # a file object: numpy appends no ".npz" to the name
             np.savez(handle, **arrays)
-    os.replace(temporary, out)
 
 
 def _previous(out: Path, model_key: str, frames: bool) -> dict:
@@ -182,7 +190,7 @@ def _previous(out: Path, model_key: str, frames: bool) -> dict:
     except Exception as error:  # an unreadable old output only means nothing is reused
         print(f"note: the existing {out} is not readable ({type(error).__name__}: {error}); encoding everything")
         return {}
-    if old["model"] != model_key:
+    if old["model"] != model_key:  # another model's or dtype's embeddings are replaced
         return {}
     entries = {}
     for row in old["files"].values():
@@ -206,6 +214,31 @@ def _check_out(out: Path) -> None:
         raise ValueError(f"--out {out} cannot be written: {blocking} is a file, not a folder")
     if out.suffix == ".parquet":
         _require_pyarrow()
+    if out.is_file():
+        problem = _not_an_output(out)
+        if problem:  # replacing it would destroy someone's data
+            raise ValueError(f"--out {out} exists and is not an output of echo encode ({problem}); move it away "
+                             f"or choose another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as error:
+        raise ValueError(f"--out {out} cannot be written: {error.strerror}: {error.filename or out.parent}") from None
+
+
+def _not_an_output(path: Path) -> str:
+    """Why an existing file is not an `encode` output, or "" when it is one."""
+    try:
+        if path.suffix == ".parquet":
+            names = _require_pyarrow().parquet.read_schema(str(path)).names
+        else:
+            with np.load(path, allow_pickle=False) as data:
+                names = data.files
+    except Exception as error:  # anything unreadable is not ours
+        return f"{type(error).__name__}: {error}"
+    missing = [name for name in (("path", "model") if path.suffix == ".parquet" else ("paths", "model"))
+               if name not in names]
+    return f"it has no {', '.join(missing)}" if missing else ""
 
 
 def _distributed() -> tuple[int, int, bool]:
@@ -221,7 +254,7 @@ def _distributed() -> tuple[int, int, bool]:
 
 
 def run(args) -> int:
-    from .checkpoint import load
+    from .checkpoint import checked_device, load
 
     if args.batch_files < 1:
         raise ValueError(f"--batch-files must be at least 1, got {args.batch_files}")
@@ -229,15 +262,18 @@ def run(args) -> int:
         fast.checked_max_tokens(args.max_tokens)
     _check_out(args.out)
     rank, world, own_group = _distributed()
-    device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type == "cpu":
+    device = checked_device(
+        args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
         host_memory.keep_freed_memory()
     model = load(args.model, device=device)
     options = {"dtype": DTYPES[args.dtype], "device": device, "max_tokens": args.max_tokens}
     model_key = encoding_key(model_hash(model), DTYPES[args.dtype])
     files, unusable = find_files(args.paths or [SAMPLES_DIR])  # the same on every rank, unlike `failures`
     if not files:
-        raise ValueError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) found in {', '.join(map(str, args.paths))}")
+        reasons = "".join(f"; {shown(path)}: {reason}" for path, reason in unusable)
+        raise ValueError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) found in "
+                         f"{', '.join(map(shown, args.paths))}{reasons}")
     parts = args.out.with_name(args.out.name + ".parts")
     cache = EmbeddingCache(parts, model_key)
     done = {**_previous(args.out, model_key, args.frames), **cache.entries}
@@ -254,29 +290,34 @@ def run(args) -> int:
     failures, start, seconds = [], time.perf_counter(), 0.0
     bar = tqdm(total=len(mine), desc=f"encoding (rank {rank})" if world > 1 else "encoding", unit="file",
                disable=args.quiet or rank != 0)
-    with ThreadPoolExecutor(4) as pool:
-        for first in range(0, len(mine), args.batch_files):
-            batch = mine[first:first + args.batch_files]
-            try:
-                loaded = list(pool.map(_read_checked, batch))
-            except ImportError as error:
-                raise ValueError(f"{error} (plain 16-bit WAV files need no package)") from None
-            good = [(path, item) for path, item in zip(batch, loaded) if not isinstance(item, str)]
-            failures += [(path, item) for path, item in zip(batch, loaded) if isinstance(item, str)]
-            results = _encode_batch(model, [item for _, item in good], args.frames, options)
-            fresh = {}
-            for (path, (signal, rate)), result in zip(good, results):
-                if isinstance(result, str):
-                    failures.append((path, result))
-                    continue
-                channels = signal.shape[0] if signal.dim() == 2 else 1
-                fresh[keys[path]] = result["utterance"]
-                fresh[keys[path] + META] = np.array([rate, channels], dtype=np.int64)
-                if args.frames:
-                    fresh[keys[path] + FRAMES] = result["frames"]
-                seconds += signal.shape[-1] / rate
-            cache.add(fresh)
-            bar.update(len(batch))
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            for first in range(0, len(mine), args.batch_files):
+                batch = mine[first:first + args.batch_files]
+                try:
+                    loaded = list(pool.map(partial(read_checked, read_file), batch))
+                except ImportError as error:
+                    raise ValueError(f"{error} (plain 16-bit WAV files need no package)") from None
+                good = [(path, item) for path, item in zip(batch, loaded) if not isinstance(item, str)]
+                failures += [(path, item) for path, item in zip(batch, loaded) if isinstance(item, str)]
+                results = _encode_batch(model, [item for _, item in good], args.frames, options)
+                fresh = {}
+                for (path, (signal, rate)), result in zip(good, results):
+                    if isinstance(result, str):
+                        failures.append((path, result))
+                        continue
+                    channels = signal.shape[0] if signal.dim() == 2 else 1
+                    fresh[keys[path]] = result["utterance"]
+                    fresh[keys[path] + META] = np.array([rate, channels], dtype=np.int64)
+                    if args.frames:
+                        fresh[keys[path] + FRAMES] = result["frames"]
+                    seconds += signal.shape[-1] / rate
+                cache.add(fresh)
+                bar.update(len(batch))
+    except KeyboardInterrupt:  # every finished batch is in its shard already
+        bar.close()
+        print(f"interrupted: what was encoded is kept in {parts}; the same command resumes", file=sys.stderr)
+        raise
     bar.close()
     elapsed = time.perf_counter() - start
     for path, reason in (unusable if rank == 0 else []) + failures:
@@ -302,14 +343,16 @@ def run(args) -> int:
         if args.frames:
             row["frames"] = done[key + FRAMES]
         rows.append(row)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    _write(args.out, rows, model_key, args.frames)
-    shutil.rmtree(parts, ignore_errors=True)
     if own_group:
         dist.destroy_process_group()
+    if not rows:
+        print(f"no file could be encoded ({skipped} skipped); {args.out} was not written")
+        return 1
+    _write(args.out, rows, model_key, args.frames)
+    shutil.rmtree(parts, ignore_errors=True)
     reused = len(rows) - len(set(wanted) & {Path(row["path"]) for row in rows})
     speed = f"; {seconds:.1f} s of audio in {elapsed:.1f} s ({seconds / max(elapsed, 1e-9):.1f}x real time)" \
         if seconds else ""
     print(f"wrote {args.out}: {len(rows)} files ({reused} reused from an earlier run), "
           f"{skipped} skipped{speed}")
-    return 0 if rows else 1
+    return 0

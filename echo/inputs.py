@@ -9,6 +9,7 @@ soundfile and WAV). uint8, bool and complex inputs are refused.
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import numpy as np
 import torch
@@ -16,6 +17,13 @@ import torch
 from . import geometry
 
 PCM_SCALES = {torch.int16: 1 / 32768, torch.int32: 1 / 2147483648}
+
+
+def first_items(items, shown: int = 8) -> str:
+    """The first few of a list, comma-separated, and how many there are: an error about hundreds of bad keys
+    or rows stays readable."""
+    items = [str(item) for item in items]
+    return ", ".join(items[:shown]) + (f", ... ({len(items)} in all)" if len(items) > shown else "")
 
 
 def check_sample_rate(sample_rate, where: str = "") -> int:
@@ -37,47 +45,60 @@ def check_sample_rate(sample_rate, where: str = "") -> int:
 
 def as_tensor(samples, where: str = "", what: str = "signal") -> torch.Tensor:
     """A tensor of the samples of a tensor or numpy array (float or integer PCM dtypes; float128 is narrowed
-    to float64, which torch holds); anything else is refused here rather than by torch."""
+    to float64, which torch holds; big-endian data is put in native order); anything else is refused here
+    rather than by torch. A read-only array is wrapped without a copy: echo never writes into its input."""
     if isinstance(samples, np.ndarray):
         if samples.dtype.kind not in "fi":
             raise ValueError(f"{where}{what} has unsupported dtype {samples.dtype}; pass float or int16/int32 PCM")
         if samples.dtype.kind == "f" and samples.dtype.itemsize > 8:
             samples = samples.astype(np.float64)
-        return torch.from_numpy(np.ascontiguousarray(samples))
+        samples = np.ascontiguousarray(samples, dtype=samples.dtype.newbyteorder("="))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+            return torch.from_numpy(samples)
     if not isinstance(samples, torch.Tensor):
         raise ValueError(f"{where}{what} must be a torch.Tensor or numpy array, got {type(samples).__name__}")
+    if samples.is_meta:
+        raise ValueError(f"{where}{what} is a meta tensor: it has a shape but no samples")
     return samples
+
+
+def as_float32(samples: torch.Tensor, where: str = "", what: str = "signal") -> torch.Tensor:
+    """The samples (a tensor from as_tensor) as float32, integer PCM scaled; refused if any is NaN, Inf or
+    beyond float32's range."""
+    if samples.dtype in PCM_SCALES:
+        return samples.to(torch.float32) * PCM_SCALES[samples.dtype]
+    if not samples.is_floating_point():
+        raise ValueError(f"{where}{what} has unsupported dtype {samples.dtype}; pass float or int16/int32 PCM")
+    converted = samples.to(torch.float32)
+    # one pass: NaN/Inf propagate into the sum, and float32 samples cannot overflow a float64 sum
+    if not torch.isfinite(converted.sum(dtype=torch.float64)):
+        bad = (~torch.isfinite(samples)).sum().item()
+        if bad:
+            raise ValueError(f"{where}{what} contains {bad} NaN or Inf sample(s)")
+        beyond = (~torch.isfinite(converted)).sum().item()
+        raise ValueError(f"{where}{what} has {beyond} sample(s) beyond float32's range (|x| > 3.4e38)")
+    return converted
 
 
 def as_signal(waveform, sample_rate: int, where: str = "") -> torch.Tensor:
     """A checked float32 tensor of shape (N,) or (C, N), every channel at least one window long."""
     waveform = as_tensor(waveform, where)
-    if waveform.dtype in PCM_SCALES:
-        waveform = waveform.to(torch.float32) * PCM_SCALES[waveform.dtype]
-    elif not waveform.is_floating_point():
-        raise ValueError(f"{where}signal has unsupported dtype {waveform.dtype}; pass float or int16/int32 PCM")
     if waveform.dim() not in (1, 2):
         raise ValueError(
             f"{where}signal must be 1-D (samples) or 2-D (channels, samples), got shape {tuple(waveform.shape)}"
         )
     if waveform.numel() == 0:
         raise ValueError(f"{where}signal is empty (shape {tuple(waveform.shape)})")
+    if waveform.dim() == 2 and waveform.shape[0] > waveform.shape[1]:  # (samples, channels), not C tiny channels
+        raise ValueError(
+            f"{where}signal of shape {tuple(waveform.shape)} has more channels than samples; channels come first: "
+            f"pass (channels, samples), not (samples, channels)"
+        )
     window = geometry.n_fft(sample_rate)
     n = waveform.shape[-1]
     if n < window:
-        hint = ""
-        if waveform.dim() == 2 and waveform.shape[0] >= window:
-            hint = "; channels come first: pass (channels, samples), not (samples, channels)"
         raise ValueError(
-            f"{where}signal of {n} samples is shorter than one 25 ms window at {sample_rate} Hz "
-            f"({window} samples){hint}"
+            f"{where}signal of {n} samples is shorter than one 25 ms window at {sample_rate} Hz ({window} samples)"
         )
-    given, waveform = waveform, waveform.to(torch.float32)
-    # one pass: NaN/Inf propagate into the sum, and float32 samples cannot overflow a float64 sum
-    if not torch.isfinite(waveform.sum(dtype=torch.float64)):
-        bad = (~torch.isfinite(given)).sum().item()
-        if bad:
-            raise ValueError(f"{where}signal contains {bad} NaN or Inf sample(s)")
-        beyond = (~torch.isfinite(waveform)).sum().item()
-        raise ValueError(f"{where}signal has {beyond} sample(s) beyond float32's range (|x| > 3.4e38)")
-    return waveform
+    return as_float32(waveform, where)

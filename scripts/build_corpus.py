@@ -24,7 +24,6 @@ out and listed in the summary.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 from collections import Counter
@@ -38,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from echo import geometry  # noqa: E402
+from echo import atomic, geometry  # noqa: E402
 from echo.data import debian, synth  # noqa: E402
 from echo.data.opensfx import read_catalogue  # noqa: E402
 from echo.data.wav import read_wav, write_wav  # noqa: E402
@@ -219,12 +218,7 @@ def main(argv=None) -> int:
                 reused += was_reused
 
     datalist = args.out / "datalist.csv"
-    temporary = datalist.with_name(f"{datalist.name}.{os.getpid()}.tmp")  # one per process: seeds build side by side
-    with open(temporary, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    temporary.replace(datalist)
+    atomic.write_csv(datalist, COLUMNS, rows)  # its temporary is the process's own: seeds build side by side
 
     print(f"{len(rows)} files in {args.out} ({reused} from an earlier run), {len(skipped)} left out; "
           f"data list {datalist}")

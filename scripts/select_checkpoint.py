@@ -20,7 +20,6 @@ for several, the chosen run's folder and its step, separated by a space (scripts
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import multiprocessing
 import os
@@ -33,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from echo import demo  # noqa: E402
+from echo import atomic, demo  # noqa: E402
 from echo.model import EchoConfig, EchoModel  # noqa: E402
 from echo.pretrain import checkpoints  # noqa: E402
 from echo.pretrain.trainer import PretrainConfig, checkpoint_encoder  # noqa: E402
@@ -105,12 +104,7 @@ def chosen(rows: list[dict]) -> dict:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temporary, path)
+    atomic.write_csv(path, COLUMNS, rows)
 
 
 def main(argv=None) -> int:

@@ -67,7 +67,7 @@ def test_folder_to_npz_matches_the_reference_and_skips_bad_files(tmp_path, model
         assert row["sample_rate"] == rate and row["channels"] == channels
         assert row["utterance"].shape == (channels * echo.geometry.n_bands(rate) * 192,)
         assert rel_err(row["utterance"], utterance) < 1e-5 and rel_err(row["frames"], frames) < 1e-5
-    assert not (tmp_path / "out" / "emb.npz.parts").exists() and not (tmp_path / "out" / "emb.npz.tmp").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["emb.npz"]
 
 
 def test_rerun_and_interrupted_run_resume(tmp_path, model_path, capsys, monkeypatch):
@@ -95,8 +95,9 @@ def test_rerun_and_interrupted_run_resume(tmp_path, model_path, capsys, monkeypa
         return real(*args, **kwargs)
 
     monkeypatch.setattr(command, "_encode_batch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "data", "--model", model_path, "--out", out2, "--batch-files", "2")
+    capsys.readouterr()
+    assert run(tmp_path / "data", "--model", model_path, "--out", out2, "--batch-files", "2") == 130
+    assert "the same command resumes" in capsys.readouterr().err
     assert not out2.exists() and any((tmp_path / "emb2.npz.parts").rglob("*.safetensors"))
     monkeypatch.setattr(command, "_encode_batch", real)
     capsys.readouterr()
@@ -143,6 +144,8 @@ def test_parquet_rows_match_npz(tmp_path, model_path):
     for path, row in npz["files"].items():
         assert np.array_equal(parquet["files"][path]["utterance"], row["utterance"])
         assert np.array_equal(parquet["files"][path]["frames"], row["frames"])
+    schema = pytest.importorskip("pyarrow.parquet").read_schema(str(tmp_path / "e.parquet"))
+    assert str(schema.field("utterance").type) == "list<element: float>"  # float32, as computed
 
 
 def test_no_path_encodes_the_bundled_samples_with_a_kept_heap_on_the_cpu(tmp_path, model_path, monkeypatch):
@@ -178,8 +181,85 @@ def test_bad_arguments(tmp_path, model_path, capsys):
     assert f"{tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
 
 
+def test_bad_places_are_refused_before_any_work(tmp_path, model_path, capsys, monkeypatch):
+    soundfile.write(str(tmp_path / "a.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    # someone's own npz is not replaced
+    theirs = tmp_path / "theirs.npz"
+    np.savez(theirs, weights=np.arange(3))
+    assert run(tmp_path / "a.wav", "--model", model_path, "--out", theirs) == 2
+    assert "exists and is not an output of echo encode (it has no paths, model)" in capsys.readouterr().err
+    assert np.array_equal(np.load(theirs)["weights"], np.arange(3))
+    assert run(tmp_path / "a.wav", "--model", model_path, "--out", tmp_path / "e.npz", "--device", "bogus") == 2
+    assert "unknown device 'bogus'" in capsys.readouterr().err
+
+    def no_room(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path))
+
+    monkeypatch.setattr("tempfile.TemporaryFile", no_room)
+    assert run(tmp_path / "a.wav", "--model", model_path, "--out", tmp_path / "e.npz") == 2
+    assert "cannot be written: No space left on device" in capsys.readouterr().err
+
+
+def test_each_file_once_however_spelt_and_unusable_paths_named(tmp_path, model_path, capsys, monkeypatch):
+    folder = tmp_path / "d"
+    (folder / "locked").mkdir(parents=True)
+    soundfile.write(str(folder / "a.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    soundfile.write(str(folder / "locked" / "b.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    (tmp_path / "dangling.wav").symlink_to(tmp_path / "gone.wav")
+    (folder / "dangling.wav").symlink_to(tmp_path / "gone.wav")
+    (tmp_path / "link.wav").symlink_to(folder / "a.wav")
+    scandir = os.scandir
+
+    def locked(path="."):  # root reads any folder: a permission failure is simulated
+        if isinstance(path, (str, os.PathLike)) and Path(path) == folder / "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", locked)
+    out = tmp_path / "e.npz"
+    spellings = [folder, folder.resolve() / "a.wav", folder / ".." / "d" / "a.wav", tmp_path / "link.wav",
+                 tmp_path / "dangling.wav"]
+    assert run(*spellings, "--model", model_path, "--out", out) == 0
+    printed = capsys.readouterr().out
+    assert list(read_embeddings(out)["files"]) == [str(folder / "a.wav")]
+    assert f"skipped {folder / 'locked'}: folder not readable: Permission denied" in printed
+    assert f"skipped {tmp_path / 'dangling.wav'}: a broken or looping symbolic link" in printed
+    assert f"skipped {folder / 'dangling.wav'}: FileNotFoundError" in printed
+
+
+def test_a_damaged_shard_is_set_aside_and_its_files_encoded_again(tmp_path, model_path, capsys):
+    soundfile.write(str(tmp_path / "a.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    out = tmp_path / "e.npz"
+    assert run(tmp_path / "a.wav", "--model", model_path, "--out", out) == 0
+    expected = read_embeddings(out)["files"][str(tmp_path / "a.wav")]["utterance"]
+    out.unlink()
+    shard_folder = tmp_path / "e.npz.parts" / "x"
+    shard_folder.mkdir(parents=True)
+    import echo.encode_files as command
+
+    cache_folder = command.EmbeddingCache(tmp_path / "e.npz.parts", command.encoding_key(
+        command.model_hash(echo.load(model_path)), torch.float32)).folder
+    cache_folder.mkdir(parents=True, exist_ok=True)
+    (cache_folder / "1-1.safetensors").write_bytes(b"")  # a shard cut short by a power failure
+    capsys.readouterr()
+    assert run(tmp_path / "a.wav", "--model", model_path, "--out", out) == 0
+    assert "1-1.safetensors are unreadable" in capsys.readouterr().out
+    assert np.array_equal(read_embeddings(out)["files"][str(tmp_path / "a.wav")]["utterance"], expected)
+
+
+def test_nothing_encodable_leaves_the_earlier_output(tmp_path, model_path, capsys):
+    soundfile.write(str(tmp_path / "a.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    out = tmp_path / "e.npz"
+    assert run(tmp_path / "a.wav", "--model", model_path, "--out", out) == 0
+    before = out.read_bytes()
+    (tmp_path / "bad.wav").write_bytes(b"RIFF nothing")
+    assert run(tmp_path / "bad.wav", "--model", model_path, "--out", out) == 1
+    assert "was not written" in capsys.readouterr().out and out.read_bytes() == before
+
+
 @pytest.mark.parametrize("name,value,message", [
-    ("ECHO_BACKEND", "csrc", "op tokens has no 'csrc' backend"),  # skipped every file, wrote an empty output
+    ("ECHO_BACKEND", "csrc", "ECHO_BACKEND=csrc: no 'csrc' backend here for tokens"),  # skipped every file
+    ("ECHO_BACKEND_TOKENS", "csrc", "ECHO_BACKEND_TOKENS=csrc: no 'csrc' backend here for tokens"),
     ("ECHO_BACKEND", "bogus", "ECHO_BACKEND=bogus: unknown backend"),
     ("ECHO_BACKEND_ATTENTON", "torch", "ECHO_BACKEND_ATTENTON: no such op"),  # was ignored
 ])

@@ -141,3 +141,12 @@ def test_roc_figures_only_where_test_clips_have_both_labels(tmp_path):
     written = plots.anomaly_plots(clips, np.linspace(0, 1, len(clips)), tmp_path)
     assert sorted(path.name for path in written) == ["roc_dev_fan.png", "scores_dev_fan.png", "scores_dev_pump.png"]
     assert all(path.stat().st_size > 1000 for path in written)
+
+
+def test_unmeasured_figures_are_written_as_json_null():
+    """A domain with one class has no AUC (NaN): results.json must stay JSON, which has no NaN."""
+    from echo.eval.cli import _json_values
+
+    summary = {"AUC (dev)": float("nan"), "pAUC": 0.5, "groups": [{"AUC": float("inf")}, ("x", float("-inf"))]}
+    written = json.loads(json.dumps(_json_values(summary), allow_nan=False))
+    assert written == {"AUC (dev)": None, "pAUC": 0.5, "groups": [{"AUC": None}, ["x", None]]}

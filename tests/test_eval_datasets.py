@@ -64,6 +64,18 @@ def test_dcase_split_comes_from_the_folders_below_the_root(tmp_path):
     data = datasets.load("dcase2023", tmp_path / "evaluation_sets")
     assert sorted({(c.path.parts[-4], c.split) for c in data.items}) == [("dev_data", "dev"), ("eval_data", "eval")]
     assert {c.split for c in datasets.load("dcase2023", tmp_path / "evaluation_sets" / "eval_data").items} == {"eval"}
+    touch(tmp_path / "dev", *(f"evaluation_sets/dev_data/{n}" for n in names))
+    data = datasets.load("dcase2023", tmp_path / "dev")
+    assert {c.split for c in data.items} == {"dev"}
+    touch(tmp_path / "eval", *(f"dev_data/{n}" for n in names))
+    assert {c.split for c in datasets.load("dcase2023", tmp_path / "eval").items} == {"dev"}
+
+
+def test_dcase_two_copies_of_a_machine_are_refused(tmp_path):
+    names = ("fan/train/section_00_source_train_normal_0000.wav", "fan/test/section_00_source_test_anomaly_0000.wav")
+    touch(tmp_path, *(f"dev_data/{n}" for n in names), *(f"backup/dev_data/{n}" for n in names))
+    with pytest.raises(ValueError, match="two dev folders for machine 'fan'"):
+        datasets.load("dcase2023", tmp_path)
 
 
 def test_dcase_another_years_label_list_is_not_used(tmp_path):
@@ -197,3 +209,10 @@ def test_iica_split_folders_lie_above_the_class_folder(tmp_path):
     touch(tmp_path / "bare", "train/a.wav", "test/b.wav")  # no class folder at all
     with pytest.raises(ValueError, match="test/b.wav: lies directly in the split folder"):
         datasets.load("iica", tmp_path / "bare")
+
+
+def test_a_broken_link_is_kept_to_be_reported_not_left_out(tmp_path):
+    touch(tmp_path, "normal/a.wav", "test/normal/b.wav", "test/anomalous/c.wav")
+    (tmp_path / "normal" / "moved.wav").symlink_to(tmp_path / "elsewhere.wav")
+    paths = {c.path.name for c in datasets.load("folder", tmp_path).items}
+    assert paths == {"a.wav", "moved.wav", "b.wav", "c.wav"}

@@ -1,3 +1,4 @@
+import importlib.util
 """Exact kNN search against brute-force loops written here, on fresh random data and hand cases."""
 import numpy as np
 import pytest
@@ -146,3 +147,37 @@ def test_faiss_backend_matches_torch():
         got = neighbors.nearest(bank, bank, 3, metric, exclude=np.arange(50), backend="faiss")
         np.testing.assert_array_equal(got[1], ref[1])
         np.testing.assert_allclose(got[0], ref[0], rtol=1e-4, atol=1e-5)
+
+
+def test_faiss_ranks_in_the_inputs_precision():
+    """Near-duplicate clips (1 - cos ~ 1e-4): faiss's float32 ranking only proposes candidates; distances and
+    order are the float64 search's."""
+    pytest.importorskip("faiss")
+    rng = seeded_rng()
+    centre = rng.normal(size=768)
+    bank = centre + 0.01 * rng.normal(size=(300, 768))
+    queries = centre + 0.01 * rng.normal(size=(40, 768))
+    for metric in ("euclidean", "cosine"):
+        ref = neighbors.nearest(queries, bank, 5, metric)
+        got = neighbors.nearest(queries, bank, 5, metric, backend="faiss")
+        np.testing.assert_array_equal(got[1], ref[1])
+        np.testing.assert_allclose(got[0], ref[0], rtol=0, atol=1e-12)  # float32: ~1e-6
+        ref = neighbors.nearest(bank, bank, 3, metric, exclude=np.arange(300))
+        got = neighbors.nearest(bank, bank, 3, metric, exclude=np.arange(300), backend="faiss")
+        np.testing.assert_array_equal(got[1], ref[1])
+
+
+@pytest.mark.parametrize("rows", [4, 8, 16, 33])
+def test_equal_distances_at_the_last_place_go_to_the_lowest_index(rows):
+    """Every bank row at the same distance: k=1 must be row 0 (torch.topk alone picked 2, 6, 10 or 22), in
+    every chunking, in the fused search and through faiss."""
+    bank = np.zeros((rows, 4))
+    bank[:, 0] = 1.0
+    queries = np.zeros((3, 4))
+    for chunk_bytes in (8, neighbors.CHUNK_BYTES):
+        distances, indices = neighbors.nearest(queries, bank, 2, chunk_bytes=chunk_bytes)
+        assert (indices == [0, 1]).all() and (distances == 1).all()
+    _, fused = neighbors.fused_nearest(np.stack([queries, queries], 1), np.stack([bank, bank], 1), 1)
+    assert (fused == 0).all()
+    if importlib.util.find_spec("faiss"):
+        assert (neighbors.nearest(queries, bank, 1, backend="faiss")[1] == 0).all()

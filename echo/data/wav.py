@@ -3,11 +3,12 @@ plays them) need no audio package."""
 from __future__ import annotations
 
 import io
-import os
 import wave
 from pathlib import Path
 
 import numpy as np
+
+from .. import atomic
 
 
 def read_wav(source) -> tuple[np.ndarray, int]:
@@ -33,11 +34,9 @@ def write_wav(path, waveform, rate: int) -> Path:
     path = Path(path)
     samples = np.atleast_2d(np.asarray(waveform, dtype=np.float64))
     pcm = np.clip(np.rint(samples * 32768), -32768, 32767).astype("<i2")
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with wave.open(str(temporary), "wb") as writer:
+    with atomic.replacing(path) as temporary, wave.open(str(temporary), "wb") as writer:
         writer.setnchannels(pcm.shape[0])
         writer.setsampwidth(2)
         writer.setframerate(int(rate))
         writer.writeframes(pcm.T.tobytes())
-    os.replace(temporary, path)
     return path

@@ -3,7 +3,6 @@ with the SIREN protocol, print and save the results (results.csv, results.json, 
 and the plots (PNG) in --out, with files/s and the share of time spent encoding vs searching."""
 from __future__ import annotations
 
-import csv
 import json
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import atomic
 from . import anomaly, datasets, faults, plots
 from .embed import embed_files, shown
 
@@ -33,16 +33,16 @@ def add_arguments(parser) -> None:
                         "under --data)")
     parser.add_argument("--domain-auc", choices=anomaly.DOMAIN_RULES, default="official",
                         help="2022-2025 domain AUC: official (normals of the domain + all anomalies) or siren "
-                        "(the domain's clips only)")
-    parser.add_argument("--eps", type=float, default=anomaly.HMEAN_EPS, help="floor of values in harmonic means")
+                        "(the domain's clips only) (default: official)")
+    parser.add_argument("--eps", type=float, default=anomaly.HMEAN_EPS, help="floor of values in harmonic means (default: %(default)g)")
     parser.add_argument("--protocol", action="append", choices=faults.PROTOCOLS,
                         help="fault protocols (default: those the data set defines)")
-    parser.add_argument("--k", type=int, default=5, help="neighbours for fault classification")
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=1, help="k-fold shuffle seed")
+    parser.add_argument("--k", type=int, default=5, help="neighbours for fault classification (default: 5)")
+    parser.add_argument("--folds", type=int, default=5, help="folds of the k-fold protocol (default: 5)")
+    parser.add_argument("--seed", type=int, default=1, help="k-fold shuffle seed (default: 1)")
     parser.add_argument("--channels", help="channels fused for multi-channel data, e.g. 0,1,2 (default: all)")
-    parser.add_argument("--search", choices=("torch", "faiss"), default="torch", help="anomaly search backend")
-    parser.add_argument("--batch-files", type=int, default=64, help="files encoded per batch")
+    parser.add_argument("--search", choices=("torch", "faiss"), default="torch", help="anomaly search backend (default: torch)")
+    parser.add_argument("--batch-files", type=int, default=64, help="files encoded per batch (default: 64)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -55,19 +55,16 @@ def format_table(rows: list, columns: list) -> str:
     return "\n".join(lines)
 
 
-def _write_csv(path: Path, rows: list, columns: list) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    temporary.replace(path)
-
-
-def _write_json(path: Path, content: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(content, indent=2, default=str) + "\n")
-    temporary.replace(path)
+def _json_values(value):
+    """NaN and infinities (a figure that could not be measured) as null: JSON has no NaN, and strict readers
+    refuse the bare NaN Python's json writes."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_values(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_values(item) for item in value]
+    return value
 
 
 def _stack(vectors: list, items: list) -> np.ndarray:
@@ -85,12 +82,12 @@ def _anomaly(args, dataset, items, vectors, device) -> tuple[dict, list]:
     scores = anomaly.score_clips(items, vectors, device, args.search)
     rows, excluded = anomaly.group_metrics(items, scores, dataset.year, args.domain_auc)
     summary = anomaly.summarise(rows, dataset.year, args.eps)
-    _write_csv(args.out / "scores.csv", [
+    atomic.write_csv(args.out / "scores.csv", ["path", "split", "machine", "section", "domain", "label", "score"], [
         {"path": c.path, "split": c.split, "machine": c.machine, "section": c.section, "domain": c.domain or "",
          "label": "" if c.label is None else c.label, "score": s} for c, s in zip(items, scores) if c.subset == "test"
-    ], ["path", "split", "machine", "section", "domain", "label", "score"])
+    ])
     columns = ["split", "machine", "section", "domain", "metric", "value", "normals", "anomalies"]
-    _write_csv(args.out / "results.csv", rows, columns)
+    atomic.write_csv(args.out / "results.csv", columns, rows)
     print(format_table(rows, columns) if rows else "no labelled test clip with both classes: nothing to measure")
     for group in excluded:
         print(f"excluded (one class only): {group['split']} {group['machine']} section {group['section']} "
@@ -120,7 +117,7 @@ def _faults(args, dataset, items, vectors, device) -> tuple[dict, list]:
                for protocol in (args.protocol or dataset.protocols) for channels, fuse in views]
     rows = [result.row() for result in results]
     columns = ["protocol", "view", "files", "accuracy", "precision", "recall", "f1", "fold_mean", "fold_std"]
-    _write_csv(args.out / "results.csv", rows, columns)
+    atomic.write_csv(args.out / "results.csv", columns, rows)
     print(format_table(rows, columns))
     figures = []
     if not args.no_plots:
@@ -147,7 +144,7 @@ def _run(args) -> int:
     from .. import checkpoint, host_memory
 
     started = time.perf_counter()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = checkpoint.checked_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dataset = datasets.load(args.task, args.data, args.labels)
     for note in dataset.notes:
         print(f"note: {note}")
@@ -158,8 +155,8 @@ def _run(args) -> int:
     embedded = embed_files(model, [item.path for item in dataset.items], dataset.read,
                            args.cache or args.out / "cache", None, device, DTYPES[args.dtype],
                            args.batch_files, progress=not args.quiet)
-    _write_csv(args.out / "failures.csv", [{"path": shown(p), "reason": r} for p, r in embedded.failures],
-               ["path", "reason"])
+    atomic.write_csv(args.out / "failures.csv", ["path", "reason"],
+                     [{"path": shown(p), "reason": r} for p, r in embedded.failures])
     for path, reason in embedded.failures:
         print(f"skipped {shown(path)}: {reason}")
     kept = [i for i, vector in enumerate(embedded.vectors) if vector is not None]
@@ -177,10 +174,10 @@ def _run(args) -> int:
              "from_cache": embedded.cached, "encoded": embedded.encoded, "seconds": total,
              "files_per_second": len(dataset.items) / total, "encode_seconds": embedded.encode_seconds,
              "read_wait_seconds": embedded.read_seconds, "search_and_metrics_seconds": search_seconds}
-    _write_json(args.out / "results.json", {"task": args.task, "data": str(args.data), "model": str(args.model),
-                                            "domain_auc": args.domain_auc, "notes": dataset.notes, **results,
-                                            "failures": [(shown(p), r) for p, r in embedded.failures], "speed": speed,
-                                            "plots": [p.name for p in figures]})
+    summary = {"task": args.task, "data": str(args.data), "model": str(args.model), "domain_auc": args.domain_auc,
+               "notes": dataset.notes, **results, "failures": [(shown(p), r) for p, r in embedded.failures],
+               "speed": speed, "plots": [p.name for p in figures]}
+    atomic.write_text(args.out / "results.json", json.dumps(_json_values(summary), indent=2, default=str) + "\n")
     print(f"{len(dataset.items)} files ({embedded.cached} from the cache, {len(embedded.failures)} failed) in "
           f"{total:.1f} s: {speed['files_per_second']:.1f} files/s; encoding {embedded.encode_seconds:.1f} s "
           f"({100 * embedded.encode_seconds / total:.0f}%), search + metrics {search_seconds:.1f} s "

@@ -108,7 +108,8 @@ def _root(root) -> Path:
 
 def _files(folder: Path, suffixes, recursive: bool = False) -> list[Path]:
     pattern = folder.rglob("*") if recursive else folder.glob("*")
-    return sorted(p for p in pattern if p.is_file() and p.suffix.lower() in suffixes)
+    # a broken link is kept, to be reported as unreadable (failures.csv) rather than left out unseen
+    return sorted(p for p in pattern if (p.is_file() or p.is_symlink()) and p.suffix.lower() in suffixes)
 
 
 # ---------------------------------------------------------------- DCASE
@@ -163,14 +164,18 @@ def dcase(root, year: int, label_lists=None) -> Dataset:
     found = [] if label_lists else sorted(root.rglob("eval_data_list*.csv"))
     lists = list(label_lists) if label_lists else [p for p in found if str(year) in p.name]
     labels = read_label_lists(lists)
-    items, notes, unlabelled = [], [], 0
+    items, notes, unlabelled, seen = [], [], 0, {}
     for machine_dir in machine_dirs:
         machine = machine_dir.name
-        # the folders below the root decide, so a data folder named e.g. evaluation_sets keeps dev_data as dev;
-        # the root's own name only counts where nothing below it says dev or eval (root = eval_data/)
+        # the nearest dev/eval folder above the machine decides, so a data folder named e.g. evaluation_sets
+        # keeps dev_data as dev; the root's own name only counts where nothing below it says (root = eval_data/)
         below = machine_dir.relative_to(root).parts[:-1]
         where = [part for part in below if part.lower().startswith(("dev", "eval"))] or [root.name]
-        split = "eval" if any(part.lower().startswith("eval") for part in where) else "dev"
+        split = "eval" if where[-1].lower().startswith("eval") else "dev"
+        if (split, machine) in seen:  # two copies would merge into one bank and double its clips
+            raise ValueError(f"two {split} folders for machine {machine!r}: {seen[split, machine]} and "
+                             f"{machine_dir}; point --data at one copy of the data")
+        seen[split, machine] = machine_dir
         test_dir = machine_dir / "test"
         if not test_dir.is_dir():
             raise ValueError(f"{machine_dir}: has train/ but no test/ folder")

@@ -21,7 +21,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
-from .. import inputs
+from .. import atomic, inputs
 from ..ops.backend import BackendError
 
 BATCH_FILES = 64
@@ -55,7 +55,16 @@ class EmbeddingCache:
         self.folder = Path(folder) / model_key[:32]
         self.entries: dict[str, np.ndarray] = {}
         for shard in sorted(self.folder.glob("*.safetensors")) if self.folder.is_dir() else []:
-            self.entries.update(load_file(str(shard)))
+            try:
+                self.entries.update(load_file(str(shard)))
+            except Exception as error:  # a damaged shard only costs its files an encode again
+                aside = shard.with_name(shard.name + ".unreadable")
+                print(f"note: cached embeddings {shard} are unreadable ({type(error).__name__}: {error}); "
+                      f"their files are encoded again; the shard is kept as {aside.name}")
+                try:
+                    shard.replace(aside)
+                except FileNotFoundError:  # another rank set it aside first
+                    pass
 
     @staticmethod
     def key(path: Path) -> str:
@@ -73,9 +82,8 @@ class EmbeddingCache:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         shard = self.folder / f"{time.time_ns()}-{os.getpid()}.safetensors"
-        temporary = shard.with_name(shard.name + ".tmp")
-        save_file({key: np.ascontiguousarray(value) for key, value in entries.items()}, str(temporary))
-        os.replace(temporary, shard)
+        with atomic.replacing(shard) as temporary:
+            save_file({key: np.ascontiguousarray(value) for key, value in entries.items()}, str(temporary))
         self.entries.update(entries)
 
 
@@ -89,9 +97,10 @@ class Embedded:
     encode_seconds: float = 0.0
 
 
-def _read_checked(read: Callable, path: Path):
+def read_checked(read: Callable, path: Path):
     """(signal tensor, rate) or the reason it cannot be used."""
     try:
+        open(path, "rb").close()  # a file we may not read is named as such, not as the decoder's "System error"
         signal, rate = read(path)
         rate = inputs.check_sample_rate(rate)
         return inputs.as_signal(signal, rate), rate
@@ -131,7 +140,7 @@ def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | N
     bar = tqdm(total=len(paths), initial=len(paths) - len(todo), desc="embedding", unit="file",
                disable=not progress)
     with ThreadPoolExecutor(READ_WORKERS) as pool:
-        submit = lambda batch: [pool.submit(_read_checked, read, paths[i]) for i in batch]  # noqa: E731
+        submit = lambda batch: [pool.submit(read_checked, read, paths[i]) for i in batch]  # noqa: E731
         pending = submit(batches[0]) if batches else []
         for number, batch in enumerate(batches):
             start = time.perf_counter()

@@ -6,8 +6,7 @@ centring both sides on the bank mean (translation leaves distances unchanged and
 the cancellation). Cosine distance is 1 - q.b on L2-normalised rows. `backend="faiss"` uses faiss's exact flat
 indexes instead, for banks that outgrow the device.
 
-Among neighbours at exactly equal distance the lower bank index comes first, except at the k-th place of a
-chunk, where torch.topk picks one of the tied candidates.
+Among neighbours at exactly equal distance the lower bank index comes first.
 """
 from __future__ import annotations
 
@@ -15,11 +14,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..inputs import first_items
 from . import require
 
 METRICS = ("euclidean", "cosine")
 CHUNK_BYTES = 256 * 2**20  # one chunk of the distance matrix
 BANK_CHUNK_ROWS = 65536
+FAISS_EXTRA_CANDIDATES = 16  # candidates beyond k that faiss's float32 ranking hands over for exact ranking
 
 
 def check_finite(rows, name: str) -> None:
@@ -33,8 +34,7 @@ def check_finite(rows, name: str) -> None:
         values = np.asarray(rows)
         bad = np.flatnonzero(~np.isfinite(values).all(axis=tuple(range(1, values.ndim))))
     if len(bad):
-        shown = ", ".join(map(str, bad[:8])) + (f", ... ({len(bad)} in all)" if len(bad) > 8 else "")
-        raise ValueError(f"{name}: row(s) {shown} hold NaN or infinite values")
+        raise ValueError(f"{name}: row(s) {first_items(bad)} hold NaN or infinite values")
 
 
 def as_rows(embeddings, name: str = "embeddings") -> np.ndarray:
@@ -104,6 +104,20 @@ def _preparer(bank: torch.Tensor, metric: str, device):
     return lambda rows: rows - centre
 
 
+def _smallest(distances: torch.Tensor, take: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `take` smallest distances of each row and their columns, ascending, equal distances in column
+    order: torch.topk picks among equal distances in any order, which could flip a tied kNN vote."""
+    values, columns = torch.topk(distances, take, dim=1, largest=False, sorted=True)
+    crowded = (distances <= values[:, -1:]).sum(1) > take  # more columns at the last value than places left
+    if crowded.any():  # rare outside duplicated or quantised embeddings: sort those rows whole
+        rows = crowded.nonzero().flatten()
+        order = torch.sort(distances[rows], dim=1, stable=True).indices[:, :take]
+        values[rows], columns[rows] = distances[rows].gather(1, order), order
+    columns, by_column = columns.sort(dim=1)
+    values, by_value = values.gather(1, by_column).sort(dim=1, stable=True)
+    return values, columns.gather(1, by_value)
+
+
 def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, device=None,
             backend: str = "torch", chunk_bytes: int = CHUNK_BYTES) -> tuple[np.ndarray, np.ndarray]:
     """(distances (Q, k), bank indices (Q, k)), ascending per row.
@@ -137,11 +151,7 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
             distances = pairwise_distances(queries[rows], chunk, metric, chunk_sq)
             if exclude is not None:
                 distances.masked_fill_(exclude[rows, None] == columns[None, :], float("inf"))
-            chunk_d, chunk_i = torch.topk(distances, take, dim=1, largest=False, sorted=True)
-            # topk leaves equal distances in any order: put them in bank order, as the merge below keeps it
-            chunk_i, by_index = chunk_i.sort(dim=1)
-            chunk_d, by_distance = chunk_d.gather(1, by_index).sort(dim=1, stable=True)
-            chunk_i = chunk_i.gather(1, by_distance)
+            chunk_d, chunk_i = _smallest(distances, take)
             merged_d = torch.cat([best_d[rows], chunk_d], dim=1)
             merged_i = torch.cat([best_i[rows], chunk_i + b0], dim=1)
             order = torch.sort(merged_d, dim=1, stable=True).indices[:, :k]
@@ -150,31 +160,39 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
     return best_d.cpu().numpy(), best_i.cpu().numpy()
 
 
-def _nearest_faiss(queries, bank, k: int, metric: str, exclude) -> tuple[np.ndarray, np.ndarray]:
+def _nearest_faiss(queries, bank, k: int, metric: str, exclude,
+                   chunk_bytes: int = CHUNK_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """faiss's flat index finds each query's nearest candidates in float32; their distances are then computed
+    again in the inputs' dtype and ranked as the torch search ranks them (1 - cos between clips 1 % apart is
+    ~1e-4, of which float32 keeps two or three digits)."""
     faiss = require("faiss", "backend='faiss'")
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    bank = np.ascontiguousarray(bank, dtype=np.float32)
-    check_finite(queries, "queries")
-    check_finite(bank, "bank")
-    _check(torch.from_numpy(queries), torch.from_numpy(bank), k, metric, exclude)
-    if metric == "cosine":
-        queries, bank = queries.copy(), bank.copy()
-        faiss.normalize_L2(queries)
-        faiss.normalize_L2(bank)
-        index = faiss.IndexFlatIP(bank.shape[1])
-    else:
-        index = faiss.IndexFlatL2(bank.shape[1])
-    index.add(bank)
-    extra = 0 if exclude is None else 1
-    distances, indices = index.search(queries, k + extra)
+    queries = _as_matrix(queries, "queries", "cpu")
+    bank = _as_matrix(bank, "bank", "cpu", queries.dtype)
+    _check(queries, bank, k, metric, exclude)
+    prepare = _preparer(bank, metric, "cpu")
+    queries, bank = prepare(queries), prepare(bank)
+    index = faiss.IndexFlatIP(bank.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(bank.shape[1])
+    index.add(np.ascontiguousarray(bank.float().numpy()))
+    wanted = min(bank.shape[0], k + 1 + FAISS_EXTRA_CANDIDATES)
+    candidates = torch.from_numpy(index.search(np.ascontiguousarray(queries.float().numpy()), wanted)[1])
+    candidates = candidates.masked_fill(candidates < 0, bank.shape[0]).sort(dim=1).values  # bank order
+    invalid = candidates == bank.shape[0]
     if exclude is not None:
-        exclude = np.asarray(exclude)
-        keep = indices != exclude[:, None]
-        keep[keep.sum(1) > k, -1] = False  # the excluded row was not among the k + 1: drop the farthest
-        distances = distances[keep].reshape(-1, k)
-        indices = indices[keep].reshape(-1, k)
-    distances = 1 - distances if metric == "cosine" else np.sqrt(np.maximum(distances, 0))
-    return distances.astype(np.float64), indices.astype(np.int64)
+        invalid |= candidates == torch.as_tensor(np.asarray(exclude), dtype=torch.long)[:, None]
+    candidates = candidates.clamp_max(bank.shape[0] - 1)
+    query_rows = max(1, chunk_bytes // (wanted * bank.shape[1] * bank.element_size()))
+    distances = torch.cat([
+        _candidate_distances(queries[q0:q0 + query_rows], bank[candidates[q0:q0 + query_rows]], metric)
+        for q0 in range(0, queries.shape[0], query_rows)])
+    values, columns = _smallest(distances.masked_fill(invalid, float("inf")), k)
+    return values.numpy(), candidates.gather(1, columns).numpy()
+
+
+def _candidate_distances(queries: torch.Tensor, candidates: torch.Tensor, metric: str) -> torch.Tensor:
+    """(Q, M) distances of prepared query rows (Q, E) to their own candidate rows (Q, M, E)."""
+    if metric == "cosine":
+        return 1 - torch.einsum("qe,qme->qm", queries, candidates)
+    return (candidates - queries[:, None, :]).norm(dim=2)
 
 
 def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=None,
@@ -218,7 +236,7 @@ def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=Non
             fused += (distances - mean) / torch.where(std > 0, std, torch.ones_like(std))
         fused /= len(channels)
         fused.masked_fill_(valid == 0, float("inf"))
-        d, i = torch.topk(fused, k, dim=1, largest=False, sorted=True)
+        d, i = _smallest(fused, k)
         out_d.append(d)
         out_i.append(i)
     return torch.cat(out_d).cpu().numpy(), torch.cat(out_i).cpu().numpy()

@@ -46,7 +46,9 @@ def anomaly_plots(clips, scores, out: Path) -> list[Path]:
             if len(set(labels)) == 2:
                 fpr, tpr, _ = metrics.roc_curve(labels, scores[chosen])
                 name = f"section {section}" if str(section).isdigit() else section  # DCASE ids, or the demo's names
-                axis.plot(fpr, tpr, label=f"{name} (AUC {metrics.roc_auc_score(labels, scores[chosen]):.3f})")
+                # one curve over the section's clips: with domains, an AUC results.csv does not list
+                scope = "AUC of all domains" if any(clips[i].domain for i in chosen) else "AUC"
+                axis.plot(fpr, tpr, label=f"{name} ({scope} {metrics.roc_auc_score(labels, scores[chosen]):.3f})")
         if axis.get_legend_handles_labels()[0]:
             axis.plot([0, 1], [0, 1], "k:", linewidth=1)
             axis.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{machine} ({split})")
