@@ -15,84 +15,109 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 import echo  # noqa: E402
+from echo import atomic  # noqa: E402
 from echo.eval import plots  # noqa: E402
 from echo.pretrain.trainer import PretrainConfig, run_encoder  # noqa: E402
 
+CURVE_COLUMNS = ("step", "loss", "frame_loss", "utterance_loss", "lr")
+DATALIST_COLUMNS = ("split", "source", "licence", "credit", "seconds")
 
-def _curve(steps_csv: Path, path: Path, exported_step: int) -> dict:
+
+def _read_csv(path: Path, columns: tuple[str, ...], parse) -> list:
+    """`parse(row)` of every row of an input CSV; ValueError naming the file when it is missing, lacks one of
+    `columns` or holds a value that does not parse."""
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist")
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [column for column in columns if column not in (reader.fieldnames or ())]
+        if missing:
+            raise ValueError(f"{path} has no column {', '.join(missing)}")
+        try:
+            return [parse(row) for row in reader]
+        except (TypeError, ValueError) as error:  # a short row gives None, a bad number ValueError
+            raise ValueError(f"{path} line {reader.line_num}: {error}") from error
+
+
+def _curve_rows(steps_csv: Path, exported_step: int) -> list[dict]:
+    """The training curve's rows (step, losses, lr as numbers); ValueError when none is logged by the
+    exported step."""
+    rows = _read_csv(steps_csv, CURVE_COLUMNS, lambda row: {key: float(value) for key, value in row.items()})
+    if not any(row["step"] <= exported_step for row in rows):
+        raise ValueError(f"{steps_csv} has no step logged by step {exported_step}")
+    return rows
+
+
+def _credit_totals(datalist: Path) -> dict[tuple, list]:
+    """(source, licence, credit) -> [files, minutes] of the data list's pretraining split."""
+    totals: dict[tuple, list] = {}
+    for row in _read_csv(datalist, DATALIST_COLUMNS, lambda row: row | {"seconds": float(row["seconds"])}):
+        if row["split"] == "pretrain":
+            total = totals.setdefault((row["source"], row["licence"], row["credit"]), [0, 0.0])
+            total[0] += 1
+            total[1] += row["seconds"] / 60
+    return totals
+
+
+def _plot_curve(rows: list[dict], path: Path, exported_step: int) -> dict:
     """Plot loss (total, frame, utterance) and learning rate against the step, the exported step marked;
     return the last row logged at or before it."""
-    with open(steps_csv, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    logged = [row for row in rows if int(row["step"]) <= exported_step]
-    if not logged:
-        raise SystemExit(f"{steps_csv} has no step logged by step {exported_step}")
-    step = [int(row["step"]) for row in rows]
+    step = [row["step"] for row in rows]
     plt = plots._pyplot()
     figure, (loss_axis, lr_axis) = plt.subplots(2, 1, figsize=(6, 4.5), sharex=True,
                                                 gridspec_kw={"height_ratios": [3, 1]})
     for column in ("loss", "frame_loss", "utterance_loss"):
-        loss_axis.plot(step, [float(row[column]) for row in rows], label=column.replace("_", " "))
+        loss_axis.plot(step, [row[column] for row in rows], label=column.replace("_", " "))
     loss_axis.set(ylabel="training loss", title="ECHO default model: pretraining")
     if exported_step < step[-1]:
         loss_axis.axvline(exported_step, color="black", linestyle=":", label=f"exported (step {exported_step})")
     loss_axis.legend(fontsize=8)
-    lr_axis.plot(step, [float(row["lr"]) for row in rows], color="gray")
+    lr_axis.plot(step, [row["lr"] for row in rows], color="gray")
     lr_axis.set(xlabel="step", ylabel="learning rate")
     plots._save(figure, path)
-    return logged[-1]
+    return [row for row in rows if row["step"] <= exported_step][-1]
 
 
-def _credits(datalist: Path, path: Path) -> None:
+def _write_credits(totals: dict[tuple, list], path: Path) -> None:
     """One row per (source, licence, credit) of the pretraining split: files and minutes."""
-    totals: dict[tuple, list] = {}
-    with open(datalist, newline="") as handle:
-        for row in csv.DictReader(handle):
-            if row["split"] == "pretrain":
-                total = totals.setdefault((row["source"], row["licence"], row["credit"]), [0, 0.0])
-                total[0] += 1
-                total[1] += float(row["seconds"]) / 60
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["source", "licence", "credit", "files", "minutes"])
-        for (source, licence, credit), (files, minutes) in sorted(totals.items()):
-            writer.writerow([source, licence, credit, files, f"{minutes:.2f}"])
-    os.replace(temporary, path)
+    atomic.write_csv(path, ("source", "licence", "credit", "files", "minutes"), (
+        {"source": source, "licence": licence, "credit": credit, "files": files, "minutes": f"{minutes:.2f}"}
+        for (source, licence, credit), (files, minutes) in sorted(totals.items())))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="run folder of python -m echo pretrain")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "echo/data/default")
+    parser.add_argument("--out", type=Path, default=REPO / "echo/data/default")
     parser.add_argument("--step", type=int, default=None, help="the checkpoint of this step (default: the newest)")
-    parser.add_argument("--datalist", type=Path, default=Path("corpus/datalist.csv"),
-                        help="the corpus's data list (scripts/build_corpus.py)")
+    parser.add_argument("--datalist", type=Path, default=REPO / "corpus/datalist.csv",
+                        help="the corpus's data list (scripts/build_corpus.py; default: the repository's)")
     args = parser.parse_args(argv)
 
-    try:
+    try:  # every input is read and checked before anything in --out is written
         model, saved = run_encoder(args.run, step=args.step)
-    except ValueError as error:
+        curve = _curve_rows(args.run / "steps.csv", saved["step"])
+        credits = _credit_totals(args.datalist)
+        plots._pyplot()  # matplotlib, for the curve
+    except (ValueError, ImportError) as error:
         raise SystemExit(str(error))
     config = PretrainConfig(**saved["config"])
     args.out.mkdir(parents=True, exist_ok=True)
     echo.save(model, args.out / "model.safetensors", dtype=torch.float16)
-    last = _curve(args.run / "steps.csv", args.out / "training_curve.png", saved["step"])
-    _credits(args.datalist, args.out / "DATA_CREDITS.csv")
+    last = _plot_curve(curve, args.out / "training_curve.png", saved["step"])
+    _write_credits(credits, args.out / "DATA_CREDITS.csv")
     record = {"steps_trained": saved["step"], "steps_planned": config.steps, "exported": config.export,
-              "last_logged": {key: float(value) for key, value in last.items()},
+              "last_logged": last,
               "pretrain_config": {k: v for k, v in config.to_dict().items() if k not in ("out", "device")}}
-    temporary = args.out / "training.json.tmp"
-    temporary.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(temporary, args.out / "training.json")
+    atomic.write_text(args.out / "training.json", json.dumps(record, indent=2) + "\n")
     size = (args.out / "model.safetensors").stat().st_size
     print(f"exported the {config.export} at step {saved['step']} of {config.steps} to "
           f"{args.out / 'model.safetensors'} ({size / 2**20:.1f} MiB, fp16)")

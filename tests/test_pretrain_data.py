@@ -226,6 +226,27 @@ def test_clips_that_cannot_be_read_are_dropped_and_their_file_reported_once(tmp_
         assert torch.equal(a.patches, b.patches) and torch.equal(a.masked, b.masked)
 
 
+def test_a_resumed_stream_skips_the_planned_batches_it_trained_on_with_passed_over_ones(tmp_path):
+    """At 70 tokens a batch holds one clip, so a damaged clip leaves a planned batch empty and passed over. Each
+    batch names its stream and plan index; the positions they give resume both workers' streams exactly."""
+    root = write_corpus(tmp_path / "data", files=3)
+    write_damaged(root)
+    source = corpus.FolderCorpus(root, 1.0)
+    config = sampling.SamplingConfig(crop_seconds=2, tokens_per_batch=70, clones=1)
+
+    def batches(consumed, positions, count):
+        stream = sampling.BatchStream(source, config, seed=0, workers=2, consumed=consumed, positions=positions)
+        return list(itertools.islice(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2), count))
+
+    straight = batches(0, None, 9)
+    positions = [0, 0]
+    for batch in straight[:5]:
+        positions[batch.stream] = batch.plan_index + 1
+    assert positions != [sampling.batches_to_skip(5, stream, 2) for stream in (0, 1)]  # batches were passed over
+    for a, b in zip(straight[5:], batches(5, positions, 4), strict=True):
+        assert (a.stream, a.plan_index) == (b.stream, b.plan_index) and torch.equal(a.patches, b.patches)
+
+
 def test_a_crop_read_short_or_with_infinite_samples_is_unreadable():
     def read(samples):
         return lambda: np.asarray(samples, dtype=np.float32)

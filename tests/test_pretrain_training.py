@@ -1,12 +1,16 @@
 """Pretraining runs: a 30-step tiny run, exact resumption, checkpoints, export, the command line, 2-process
 DDP on gloo."""
 import csv
+import importlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,10 +62,11 @@ def test_thirty_steps_learn_and_export_a_loadable_teacher(data, tmp_path):
 
 
 def test_a_stopped_and_resumed_run_equals_a_straight_run(data, tmp_path):
-    settings = dict(steps=8, save_every=2, log_every=2, keep=2)
+    """Checkpoints fall between log rows: the row of step 4 sums steps 1-3 from before the stop and step 4."""
+    settings = dict(steps=8, save_every=3, log_every=4, keep=2)
     straight = trainer.train(tiny_config(data, tmp_path / "straight", **settings), progress=False)
     first = trainer.train(tiny_config(data, tmp_path / "resumed", **settings), progress=False, stop_at=5)
-    assert first["step"] == 5 and first["exported"] is None  # "killed" after step 5; last checkpoint: step 4
+    assert first["step"] == 5 and first["exported"] is None  # "killed" after step 5; last checkpoint: step 3
     resumed = trainer.train(tiny_config(data, tmp_path / "resumed", **settings), progress=False)
     assert resumed["step"] == 8
     for part in ("student", "teacher", "decoder"):
@@ -156,6 +161,133 @@ def test_checkpoints_are_atomic_and_a_broken_one_is_passed_over(tmp_path, monkey
     assert [p.name for p in checkpoints.checkpoint_paths(folder)] == [f"step-00000000{s}.pt" for s in (4, 5, 6)]
 
 
+def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
+    """Files of later steps (say, a run's unreadable leftovers) neither count toward `keep` nor push out the
+    newest checkpoint."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "step-000000009.pt").write_bytes(b"not this run's")
+    for step in (1, 2, 3):
+        checkpoints.save(folder, step, {"step": step}, keep=1)
+    assert [p.name for p in checkpoints.checkpoint_paths(folder)] == ["step-000000003.pt", "step-000000009.pt"]
+
+
+def test_checkpoints_that_do_not_load_stop_the_run_instead_of_restarting_it(data, tmp_path):
+    run = tmp_path / "run"
+    trainer.train(tiny_config(data, run, steps=6, save_every=2, log_every=2, keep=1), progress=False, stop_at=4)
+    (run / "checkpoints" / "step-000000004.pt").write_bytes(b"torn")
+    logged = (run / "steps.csv").read_text()
+    with pytest.raises(ValueError, match=r"none of the 1 checkpoints in .*checkpoints loads \(step-000000004.pt\)"):
+        trainer.train(tiny_config(data, run, steps=6, save_every=2, log_every=2, keep=1), progress=False)
+    assert (run / "steps.csv").read_text() == logged  # not started over from step 0
+
+
+def test_newer_unreadable_checkpoints_are_set_aside_and_stale_temporaries_removed(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    settings = dict(steps=6, save_every=2, log_every=2, keep=2)
+    trainer.train(tiny_config(data, run, **settings), progress=False, stop_at=4)  # checkpoints of steps 2, 4
+    folder = run / "checkpoints"
+    (folder / "step-000000004.pt").write_bytes(b"torn")
+    (folder / "step-000000006.pt.12345.tmp").write_bytes(b"a write a kill interrupted")
+    capsys.readouterr()
+    trainer.train(tiny_config(data, run, **settings), progress=False, stop_at=3)  # resumes from step 2
+    assert f"note: step-000000004.pt does not load; set aside as {folder / 'step-000000004.pt.unreadable'}" in (
+        capsys.readouterr().out)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "step-000000002.pt", "step-000000004.pt.unreadable"]  # step 3 is no checkpoint step
+    trainer.train(tiny_config(data, run, **settings), progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "step-000000004.pt", "step-000000004.pt.unreadable", "step-000000006.pt"]
+
+
+def test_a_run_that_met_a_batch_without_readable_audio_resumes_exactly(tmp_path):
+    """Planned batch 8 of this corpus holds only damaged clips and is passed over: step 9 trains on planned
+    batch 9, and the checkpoint of step 9 must resume at planned batch 10, not 9."""
+    damaged = write_corpus(tmp_path / "data", files=3)
+    write_damaged(damaged)
+    settings = dict(steps=11, save_every=9, tokens_per_batch=70)  # 70: one clip, rarely two, per batch
+    straight = trainer.train(tiny_config(damaged, tmp_path / "straight", **settings), progress=False)
+    trainer.train(tiny_config(damaged, tmp_path / "resumed", **settings), progress=False, stop_at=10)
+    resumed = trainer.train(tiny_config(damaged, tmp_path / "resumed", **settings), progress=False)
+    for part in ("student", "teacher", "decoder"):
+        assert_same_state(straight[part].state_dict(), resumed[part].state_dict())
+
+
+def test_resuming_on_other_data_is_refused_but_a_moved_copy_resumes(data, tmp_path):
+    run = tmp_path / "run"
+    trainer.train(tiny_config(data, run, steps=4, save_every=2), progress=False, stop_at=2)
+    moved = shutil.copytree(data, tmp_path / "moved")
+    fewer = shutil.copytree(data, tmp_path / "fewer")
+    next(fewer.rglob("*.flac")).unlink()
+    with pytest.raises(ValueError, match=r"fewer is not the corpus the run in .*run was trained on \(it had "
+                                         r"examples 9, hash \w+; this has examples 8, hash \w+\)"):
+        trainer.train(tiny_config(fewer, run, steps=4, save_every=2), progress=False)
+    assert trainer.train(tiny_config(moved, run, steps=4, save_every=2), progress=False)["step"] == 4
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("lr", 0.0, "lr must be positive, got 0.0"),
+    ("base_lr", 0.0, "base_lr must be positive, got 0.0"),
+    ("lr", float("nan"), "lr must be positive, got nan"),
+    ("min_lr", -1e-5, "min_lr must be zero or more"),
+    ("warmup", -3, "warmup must be zero or more, got -3"),
+    ("ema_anneal_steps", -5, "ema_anneal_steps must be positive, got -5"),
+    ("ema_anneal_steps", 0, "ema_anneal_steps must be positive, got 0"),
+    ("clip_grad", 0.0, "clip_grad must be positive, got 0.0"),
+    ("utterance_weight", -1.0, "utterance_weight must be zero or more, got -1.0"),
+    ("weight_decay", -1.0, "weight_decay must be zero or more, got -1.0"),
+    ("decoder_groups", 0, "decoder_groups must be positive, got 0"),
+    ("decoder_kernel", 2, "decoder_kernel must be odd and positive, got 2"),
+    ("seed", -1, "seed must be zero or more, got -1"),
+    ("workers", -1, "workers must be zero or more, got -1"),
+    ("dim", 0, "invalid ECHO config: dim=0"),
+])
+def test_bad_options_are_refused_naming_them(tmp_path, option, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        trainer.PretrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), **{option: value})
+
+
+def test_a_bad_option_on_the_command_line_writes_nothing(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["pretrain", "--data", str(data), "--out", str(run), "--lr", "0", "--quiet"]) == 2
+    assert "lr must be positive, got 0.0" in capsys.readouterr().err and not run.exists()
+
+
+def import_export_script():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        return importlib.import_module("export_default")
+    finally:
+        sys.path.pop(0)
+
+
+def test_export_script_checks_every_input_before_writing(data, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    trainer.train(tiny_config(data, run, steps=2, save_every=2, log_every=1), progress=False)
+    export_default = import_export_script()
+    monkeypatch.setattr(export_default, "REPO", tmp_path / "repo")  # --datalist's default is the repository's
+    monkeypatch.chdir(tmp_path)  # ... not the working folder's
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "datalist.csv").write_text("path,split,source,licence,credit,seconds\n")
+    out = tmp_path / "bundle"
+    with pytest.raises(SystemExit, match=re.escape(f"{tmp_path / 'repo' / 'corpus' / 'datalist.csv'} does not exist")):
+        export_default.main([str(run), "--out", str(out)])
+    datalist = tmp_path / "repo" / "corpus" / "datalist.csv"
+    datalist.parent.mkdir(parents=True)
+    datalist.write_text("path,split,source,licence,credit,seconds\na.wav,pretrain,pkg,CC0,Someone,ninety\n")
+    with pytest.raises(SystemExit, match=r"datalist.csv line 2: could not convert string to float: 'ninety'"):
+        export_default.main([str(run), "--out", str(out)])
+    datalist.write_text("path,split,source,licence,credit,seconds\na.wav,pretrain,pkg,CC0,Someone,90\n")
+    (run / "steps.csv").rename(run / "elsewhere.csv")
+    with pytest.raises(SystemExit, match=r"steps.csv does not exist"):
+        export_default.main([str(run), "--out", str(out)])
+    (run / "elsewhere.csv").rename(run / "steps.csv")
+    (run / "checkpoints" / "step-000000002.pt").write_bytes(b"torn")
+    with pytest.raises(SystemExit, match=r"checkpoint .*step-000000002.pt does not load"):
+        export_default.main([str(run), "--out", str(out), "--step", "2"])
+    assert not out.exists()
+
+
 def test_command_line_writes_shards_trains_on_them_and_exports(data, tmp_path, capsys):
     pytest.importorskip("webdataset")
     assert cli.main(["pretrain-shards", "--data", str(data), "--out", str(tmp_path / "shards"),
@@ -166,6 +298,9 @@ def test_command_line_writes_shards_trains_on_them_and_exports(data, tmp_path, c
             "--log-every", "1", "--save-every", "1", "--export", "student", "--quiet"]
     assert cli.main(argv + ["--stop-at", "2"]) == 0  # a time-boxed process: checkpoint at 2, no export
     assert checkpoints.load_latest(run / "checkpoints")["step"] == 2 and not (run / "model.safetensors").exists()
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"stopped at step 2 of 3 (--stop-at 2); the same command resumes from {run / 'checkpoints'}"
+        f"/step-000000002.pt (step 2)")
     assert cli.main(argv) == 0  # the same command resumes and finishes
     assert checkpoints.load_latest(run / "checkpoints")["step"] == 3
     assert cli.main(argv) == 0  # once more: nothing left to train, and no "last loss nan"

@@ -1,16 +1,17 @@
 """Training checkpoints: everything a killed run needs to continue exactly (student, teacher, decoder,
-optimizer, scheduler, step, RNG states, batches consumed), written atomically, the last K kept."""
+optimizer, scheduler, step, RNG states, each data stream's place in its plan, the meter's sums not yet logged,
+the corpus's fingerprint), written atomically, the last K kept."""
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .. import atomic
 
 log = logging.getLogger("echo.pretrain")
 
@@ -50,41 +51,70 @@ def checkpoint_paths(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if NAME.match(p.name))
 
 
+def step_of(path: Path) -> int:
+    return int(NAME.match(path.name)[1])
+
+
 def save(folder: Path, step: int, state: dict, keep: int) -> Path:
     """Write step-NNNNNNNNN.pt through a temporary file and a rename (a crash leaves the previous checkpoints
-    whole), then delete all but the newest `keep`."""
+    whole), then delete all but the newest `keep` up to this step. Files of later steps (not this run's
+    history) neither count nor go, so the checkpoint just written is never the one deleted."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / file_name(step)
-    temporary = final.with_name(final.name + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, final)
-    for old in checkpoint_paths(folder)[:-keep]:
+    with atomic.replacing(final) as temporary:
+        torch.save(state, temporary)
+    for old in [p for p in checkpoint_paths(folder) if step_of(p) <= step][:-keep]:
         old.unlink()
     return final
 
 
+def remove_temporaries(folder: Path) -> None:
+    """Delete the temporaries of checkpoints whose writing a crash or kill interrupted (`step-*.pt.PID.tmp`)."""
+    for temporary in folder.glob("step-*.pt.*.tmp"):
+        temporary.unlink(missing_ok=True)
+
+
 def read(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The checkpoint at `path`; ValueError naming it when it does not load."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a torn or foreign file fails in many ways inside the unpickler
+        raise ValueError(f"checkpoint {path} does not load: {error}") from error
 
 
 def read_or_report(path: Path) -> dict | None:
     """The checkpoint at `path`, or None when it does not load (reported, so a caller can pass it over)."""
     try:
         return read(path)
-    except Exception as error:  # a torn or foreign file fails in many ways inside the unpickler
-        log.warning("skipping unreadable checkpoint %s: %s", path, error)
+    except ValueError as error:
+        log.warning("skipping: %s", error)
         return None
 
 
-def readable(folder: Path, newest_first: bool = False) -> Iterator[dict]:
-    """The checkpoints in `folder` that load; an unreadable one is reported and passed over."""
+def newest_readable(folder: Path) -> tuple[dict | None, list[Path]]:
+    """(the newest checkpoint that loads, the newer ones that do not): (None, []) for a folder without
+    checkpoints. ValueError when it holds checkpoints and none loads: starting over would overwrite the run."""
     paths = checkpoint_paths(folder)
-    for path in reversed(paths) if newest_first else paths:
-        state = read_or_report(path)
+    for index in reversed(range(len(paths))):
+        state = read_or_report(paths[index])
         if state is not None:
-            yield state
+            return state, paths[index + 1:]
+    if paths:
+        raise ValueError(f"none of the {len(paths)} checkpoints in {folder} loads ({', '.join(p.name for p in paths)}"
+                         f"); restore a readable one, or move them away to start the run over")
+    return None, []
 
 
 def load_latest(folder: Path) -> dict | None:
-    """The newest readable checkpoint (an unreadable one is reported and the one before it used), or None."""
-    return next(readable(folder, newest_first=True), None)
+    """The newest readable checkpoint (an unreadable one is reported and the one before it used), or None
+    when there is none; ValueError when there are checkpoints and none loads."""
+    return newest_readable(folder)[0]
+
+
+def set_aside(paths: list[Path]) -> None:
+    """Rename unreadable checkpoints newer than the one a run resumes from to NAME.unreadable, kept for a look
+    but never tried, counted among the kept ones or reported again."""
+    for path in paths:
+        aside = path.with_name(path.name + ".unreadable")
+        path.rename(aside)
+        print(f"note: {path.name} does not load; set aside as {aside}, the run resumes from an older checkpoint")

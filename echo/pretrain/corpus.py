@@ -11,16 +11,18 @@ UnreadableAudio and sampling drops that clip.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import io
+import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
-from .. import geometry
+from .. import atomic, geometry
 
 log = logging.getLogger("echo.pretrain")
 
@@ -119,13 +121,7 @@ def read_manifest(path: Path) -> dict[str, FileEntry]:
 
 
 def write_manifest(path: Path, entries: list[FileEntry]) -> None:
-    temporary = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(temporary, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(MANIFEST_FIELDS)
-        for e in entries:
-            writer.writerow([e.path, e.size, e.mtime_ns, e.sample_rate, e.frames, e.channels, e.problem])
-    os.replace(temporary, path)
+    atomic.write_csv(path, MANIFEST_FIELDS, (dataclasses.asdict(e) for e in entries))
 
 
 def index_folder(root, manifest: Path | None = None) -> tuple[list[FileEntry], Path]:
@@ -172,6 +168,11 @@ def usable(entries: list[FileEntry], min_seconds: float) -> tuple[list[FileEntry
     return kept, skipped
 
 
+def content_hash(facts: list) -> str:
+    """A short hash of JSON-able facts about a corpus's files, for telling corpora apart on resume."""
+    return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
+
+
 def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
     """The same permutation on every rank and worker (each then takes its own share of it)."""
     return np.random.default_rng([seed, epoch]).permutation(count)
@@ -191,6 +192,12 @@ class FolderCorpus:
     def describe(self) -> str:
         return (f"{len(self.files)} files ({len(self.items)} channels as examples) under {self.root}, "
                 f"skipped {sum(self.skipped.values())} ({', '.join(f'{k}: {v}' for k, v in self.skipped.items())})")
+
+    def fingerprint(self) -> dict:
+        """What a resumed run must find again: the usable files by path relative to the root, size and
+        frames (a moved or copied folder passes; files added, removed or changed do not)."""
+        return {"examples": len(self.items),
+                "hash": content_hash([(entry.path, entry.size, entry.frames) for entry in self.files])}
 
     def check_parts(self, parts: int) -> None:
         if len(self.items) < parts:

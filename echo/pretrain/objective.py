@@ -74,6 +74,16 @@ def teacher_targets(teacher, batch: Batch, packing: packed.Packing, utterance_ta
     return targets, F.layer_norm(stationary, (stationary.shape[-1],), eps=INSTANCE_NORM_EPS)
 
 
+def check_decoder_shape(layers: int, kernel: int, groups: int) -> None:
+    """ValueError naming each bad decoder option (groups < 1 would silently mean another grouping)."""
+    problems = [f"{name} must be {rule}, got {value}" for name, value, rule, bad in (
+        ("decoder_kernel", kernel, "odd and positive", kernel < 1 or kernel % 2 == 0),
+        ("decoder_layers", layers, "positive", layers < 1),
+        ("decoder_groups", groups, "positive", groups < 1)) if bad]
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 class ConvDecoder(nn.Module):
     """data2vec 2.0's light decoder: blocks of grouped conv over time (zero-padded at each sequence's ends),
     LayerNorm without affine, GELU, residual; then a linear layer. Works on rows of sequences laid back to
@@ -81,9 +91,7 @@ class ConvDecoder(nn.Module):
 
     def __init__(self, dim: int, layers: int = 4, kernel: int = 3, groups: int = 16):
         super().__init__()
-        if kernel < 1 or kernel % 2 == 0 or layers < 1:
-            raise ValueError(f"decoder needs an odd kernel and at least one layer, got kernel {kernel}, "
-                             f"layers {layers}")
+        check_decoder_shape(layers, kernel, groups)
         self.kernel = kernel
         self.mask_token = nn.Parameter(torch.zeros(dim))
         self.convs = nn.ModuleList(nn.Conv1d(dim, dim, kernel, groups=math.gcd(groups, dim)) for _ in range(layers))

@@ -9,7 +9,8 @@ padding.
 Everything random about a clip is drawn from its stream's generator using only the example's rate and length
 (`draw_clip`), and audio is read afterwards (`materialise`): a resumed run replays the batches it already
 trained on without reading their audio. A clip whose audio turns out unreadable only then (a truncated or
-corrupt stream, NaN samples) is dropped from its batch, which keeps the plan, and so the replay, unchanged.
+corrupt stream, NaN samples) is dropped from its batch, and a batch left without clips is passed over: the plan
+stays unchanged, and each batch names its place in it, so a checkpoint can say where each stream resumes.
 """
 from __future__ import annotations
 
@@ -165,6 +166,8 @@ class Batch:
     visible_sequence: torch.Tensor  # (V,) their student sequence
     clips: int
     audio_seconds: float
+    stream: int = 0  # set by BatchStream: the stream of this rank that made the batch,
+    plan_index: int = 0  # and the batch's index among those that stream planned (readable or not)
 
     def _apply(self, function) -> "Batch":
         return Batch(**{f.name: function(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v
@@ -265,15 +268,17 @@ def batches_to_skip(consumed: int, stream: int, streams: int) -> int:
 class BatchStream(torch.utils.data.IterableDataset):
     """The endless batches of one rank. With W DataLoader workers the rank has W streams (stream w reads part
     rank * W + w of the corpus) and global batch k comes from stream k % W, so the order depends only on the
-    seed, the world size and W. `consumed` batches (from a checkpoint) are replayed without reading audio.
-
-    A planned batch none of whose clips can be read is passed over for the next one; only a run that met such
-    a batch resumes into a different order (the replay, not reading audio, cannot know of it)."""
+    seed, the world size and W. A resumed stream replays, without reading audio, the batches it planned before:
+    `positions[w]` of stream w (the `plan_index + 1` of its last batch trained on, from a checkpoint). By default
+    it is stream w's share of the `consumed` batches, which is right unless a planned batch held no readable
+    clip and was passed over."""
 
     def __init__(self, corpus, config: SamplingConfig, seed: int, rank: int = 0, world: int = 1,
-                 workers: int = 0, consumed: int = 0):
+                 workers: int = 0, consumed: int = 0, positions: list[int] | None = None):
         self.corpus, self.config, self.seed = corpus, config, seed
         self.rank, self.world, self.workers, self.consumed = rank, world, max(workers, 1), consumed
+        self.positions = list(positions) if positions is not None else [
+            batches_to_skip(consumed, stream, self.workers) for stream in range(self.workers)]
         corpus.check_parts(self.world * self.workers)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -284,14 +289,15 @@ class BatchStream(torch.utils.data.IterableDataset):
         part = self.rank * self.workers + stream
         rng = np.random.default_rng([self.seed, part])
         plans = plan_batches(self.corpus.examples(self.seed, part, self.world * self.workers), rng, self.config)
-        for _ in range(batches_to_skip(self.consumed, stream, self.workers)):
+        for _ in range(self.positions[stream]):
             next(plans)
         reported: set[str] = set()
         unreadable_in_a_row = 0
-        for clips in plans:
+        for plan_index, clips in enumerate(plans, start=self.positions[stream]):
             batch = materialise(clips, self.config.clones, reported)
             if batch is not None:
                 unreadable_in_a_row = 0
+                batch.stream, batch.plan_index = stream, plan_index
                 yield batch
                 continue
             unreadable_in_a_row += 1

@@ -10,13 +10,13 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
+from .. import atomic
 from . import corpus
 
 log = logging.getLogger("echo.pretrain")
@@ -79,15 +79,13 @@ def write_shards(folder, out, per_shard: int = 1000, min_seconds: float = 1.0) -
     written: list[Path] = []
     for first in tqdm(range(0, len(source.files), per_shard), desc="shards", unit="shard"):
         final = out / f"shard-{len(written):06d}.tar"
-        temporary = final.with_name(final.name + ".tmp")
-        with wds.TarWriter(str(temporary), encoder=False) as writer:
+        with atomic.replacing(final) as temporary, wds.TarWriter(str(temporary), encoder=False) as writer:
             for index, entry in enumerate(source.files[first : first + per_shard], start=first):
                 meta = {"sample_rate": entry.sample_rate, "frames": entry.frames, "channels": entry.channels,
                         "path": entry.path}
                 suffix = Path(entry.path).suffix.lower().lstrip(".")
                 writer.write({"__key__": sample_key(index, entry.path),
                               suffix: (source.root / entry.path).read_bytes(), "json": json.dumps(meta).encode()})
-        os.replace(temporary, final)
         written.append(final)
     print(f"wrote {len(written)} shards to {out}: {source.describe()}")
     return written
@@ -104,6 +102,11 @@ class ShardCorpus:
 
     def describe(self) -> str:
         return f"{len(self.urls)} WebDataset shards"
+
+    def fingerprint(self) -> dict:
+        """What a resumed run must find again: the shards by file name and size (moved shards pass)."""
+        return {"shards": len(self.urls),
+                "hash": corpus.content_hash([(Path(url).name, Path(url).stat().st_size) for url in self.urls])}
 
     def check_parts(self, parts: int) -> None:
         if len(self.urls) < parts:

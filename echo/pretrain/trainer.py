@@ -20,11 +20,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .. import checkpoint as model_files
-from .. import host_memory
+from .. import atomic, host_memory
 from ..model import EchoConfig, EchoModel
 from ..packed import Packing
 from . import checkpoints, schedule
-from .objective import UTTERANCE_TARGETS, ConvDecoder, Learner, teacher_targets
+from .objective import UTTERANCE_TARGETS, ConvDecoder, Learner, check_decoder_shape, teacher_targets
 from .sampling import MIN_CLIP_SECONDS, BatchStream, SamplingConfig, nominal_clips_per_batch
 from .shards import open_corpus
 
@@ -70,14 +70,32 @@ class PretrainConfig:
     device: str | None = None
     manifest: str | None = None
 
-    # What a resumed run may change without changing what it computes.
+    # What a resumed run may change without changing what it computes. (--data may name a moved copy of the
+    # corpus; the checkpoint's fingerprint of it is checked instead, check_same_corpus.)
     FREE_ON_RESUME = ("data", "out", "save_every", "keep", "log_every", "export", "device", "manifest")
 
     def __post_init__(self):
         self.sampling, self.model_config  # building them validates their fields
-        if self.steps <= 0 or self.keep <= 0 or self.save_every <= 0 or self.log_every <= 0:
-            raise ValueError(f"steps ({self.steps}), keep ({self.keep}), save_every ({self.save_every}) and "
-                             f"log_every ({self.log_every}) must be positive")
+        check_decoder_shape(self.decoder_layers, self.decoder_kernel, self.decoder_groups)
+        # `not value > 0` rather than `value <= 0`: NaN is refused too. None means "the default".
+        problems = [f"{name} must be {rule}, got {value}" for name, value, rule, fine in (
+            ("steps", self.steps, "positive", self.steps > 0),
+            ("keep", self.keep, "positive", self.keep > 0),
+            ("save_every", self.save_every, "positive", self.save_every > 0),
+            ("log_every", self.log_every, "positive", self.log_every > 0),
+            ("lr", self.lr, "positive", self.lr is None or self.lr > 0),
+            ("base_lr", self.base_lr, "positive", self.base_lr > 0),
+            ("min_lr", self.min_lr, "zero or more", self.min_lr >= 0),
+            ("warmup", self.warmup, "zero or more", self.warmup is None or self.warmup >= 0),
+            ("ema_anneal_steps", self.ema_anneal_steps, "positive",
+             self.ema_anneal_steps is None or self.ema_anneal_steps > 0),
+            ("clip_grad", self.clip_grad, "positive", self.clip_grad > 0),
+            ("weight_decay", self.weight_decay, "zero or more", self.weight_decay >= 0),
+            ("utterance_weight", self.utterance_weight, "zero or more", self.utterance_weight >= 0),
+            ("workers", self.workers, "zero or more", self.workers >= 0),
+            ("seed", self.seed, "zero or more", self.seed >= 0)) if not fine]
+        if problems:
+            raise ValueError("; ".join(problems))
         if self.min_seconds < MIN_CLIP_SECONDS:
             raise ValueError(f"min_seconds must be at least {MIN_CLIP_SECONDS} (two patches, one to mask), "
                              f"got {self.min_seconds}")
@@ -96,7 +114,8 @@ class PretrainConfig:
 
     @property
     def model_config(self) -> EchoConfig:
-        overrides = {k: v for k, v in (("dim", self.dim), ("depth", self.depth), ("heads", self.heads)) if v}
+        overrides = {k: v for k, v in (("dim", self.dim), ("depth", self.depth), ("heads", self.heads))
+                     if v is not None}
         return EchoConfig.preset(self.size, **overrides)
 
     def to_dict(self) -> dict:
@@ -110,6 +129,17 @@ class PretrainConfig:
         if changed:
             raise ValueError(f"{self.out} holds a run with another config; resuming would not continue it "
                              f"({'; '.join(changed)}). Use a new --out or the same options")
+
+    def check_same_corpus(self, saved: dict | None, corpus) -> None:
+        """Refuse a resume over other data (--data may name a moved copy; checkpoints without a fingerprint
+        predate it and pass)."""
+        if saved is not None and saved.get("corpus") not in (None, corpus.fingerprint()):
+            def described(fingerprint: dict) -> str:
+                return ", ".join(f"{key} {value}" for key, value in fingerprint.items())
+
+            raise ValueError(f"{self.data} is not the corpus the run in {self.out} was trained on (it had "
+                             f"{described(saved['corpus'])}; this has {described(corpus.fingerprint())}). Resume "
+                             f"with the same files, or start a new run (a new --out)")
 
 
 def setup_distributed(device: str | None) -> tuple[int, int, torch.device]:
@@ -147,12 +177,7 @@ class CsvLog:
         if path.is_file() and resumed_step:
             with open(path, newline="") as handle:
                 rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resumed_step]
-        temporary = path.with_name(path.name + ".tmp")
-        with open(temporary, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, self.COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(temporary, path)
+        atomic.write_csv(path, self.COLUMNS, rows)
 
     def write(self, row: dict) -> None:
         with open(self.path, "a", newline="") as handle:
@@ -160,16 +185,22 @@ class CsvLog:
 
 
 class Meter:
-    """Sums since the last log line, reduced over ranks when read."""
+    """Sums since the last log line, reduced over ranks when read. A checkpoint holds those not yet logged
+    (`pending`) and a resumed run starts from them (`restored`), so its first row covers the same steps as
+    without the stop; the rates count only the steps timed in this process."""
 
     KEYS = ("loss", "frame_loss", "utterance_loss", "steps", "tokens", "clips", "audio_seconds")
 
-    def __init__(self, device):
+    def __init__(self, device, restored: torch.Tensor | None = None):
         self.device = device
         self.reset()
+        if restored is not None:
+            self.sums += restored.to(device)
+            self.untimed += restored.to(device)
 
     def reset(self):
         self.sums = torch.zeros(len(self.KEYS), dtype=torch.float64, device=self.device)
+        self.untimed = torch.zeros_like(self.sums)  # the part of `sums` restored from a checkpoint
         self.started = time.perf_counter()
 
     def add(self, loss, frame, utterance, tokens: int, clips: int, seconds: float):
@@ -177,16 +208,34 @@ class Meter:
                                   *torch.tensor([1, tokens, clips, seconds], dtype=torch.float64, device=self.device)])
 
     def read(self, world: int) -> dict:
+        sums = torch.stack([self.sums, self.untimed])
         if world > 1:
-            dist.all_reduce(self.sums)
-        values = dict(zip(self.KEYS, self.sums.tolist()))
+            dist.all_reduce(sums)
+        values = dict(zip(self.KEYS, sums[0].tolist()))
+        timed = dict(zip(self.KEYS, (sums[0] - sums[1]).tolist()))
         elapsed = time.perf_counter() - self.started
-        steps = values["steps"] / world
         out = {k: values[k] / values["steps"] for k in ("loss", "frame_loss", "utterance_loss")}
-        out.update(steps_per_s=steps / elapsed, tokens_per_s=values["tokens"] / elapsed, clips=int(values["clips"]),
-                   audio_seconds=values["audio_seconds"])
+        out.update(steps_per_s=timed["steps"] / world / elapsed, tokens_per_s=timed["tokens"] / elapsed,
+                   clips=int(values["clips"]), audio_seconds=values["audio_seconds"])
         self.reset()
         return out
+
+    def pending(self, world: int) -> torch.Tensor:
+        """The sums of all ranks since the last log line, on the CPU (a collective: every rank calls it)."""
+        sums = self.sums.clone()
+        if world > 1:
+            dist.all_reduce(sums)
+        return sums.cpu()
+
+
+def every_rank(values: list[int], world: int, device: torch.device) -> torch.Tensor:
+    """(world, len(values)) on the CPU: `values` of each rank, in rank order (a collective: every rank calls it)."""
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    if world == 1:
+        return mine[None].cpu()
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    return torch.stack(gathered).cpu()
 
 
 NO_STEP = torch.iinfo(torch.int64).max  # "no non-finite loss yet"
@@ -227,7 +276,7 @@ def run_encoder(run_dir, which: str | None = None, step: int | None = None) -> t
     else:
         path = folder / checkpoints.file_name(step)
         if not path.is_file():
-            steps = [int(checkpoints.NAME.match(p.name)[1]) for p in checkpoints.checkpoint_paths(folder)]
+            steps = [checkpoints.step_of(p) for p in checkpoints.checkpoint_paths(folder)]
             raise ValueError(f"no checkpoint of step {step} in {folder} (it holds steps {steps or 'none'})")
         saved = checkpoints.read(path)
     return checkpoint_encoder(saved, which), saved
@@ -243,22 +292,26 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
     kill would (no final checkpoint or export): for tests of exact resumption."""
     rank, world, device = setup_distributed(config.device)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    saved = checkpoints.load_latest(out / "checkpoints")
+    folder = out / "checkpoints"
+    saved, unreadable_newer = checkpoints.newest_readable(folder)
     if saved is not None:
         config.check_resumable(saved["config"])
         if (saved["world"], saved["workers"]) != (world, config.workers):
             raise ValueError(f"the run was started on {saved['world']} processes with {saved['workers']} data "
                              f"workers each; resume it the same way (now {world} and {config.workers})")
     if rank == 0:
-        print(json.dumps(config.to_dict(), indent=2))
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         corpus = open_corpus(config.data, config.min_seconds, config.manifest)  # indexes (or reuses) the manifest
     if world > 1:
-        dist.barrier()
+        dist.barrier()  # every rank has also read its checkpoint before rank 0 sets any aside
     if rank != 0:
         corpus = open_corpus(config.data, config.min_seconds, config.manifest)
-    if rank == 0:
+    config.check_same_corpus(saved, corpus)
+    if rank == 0:  # the run folder is written only once everything is checked
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoints.remove_temporaries(folder)
+        checkpoints.set_aside(unreadable_newer)
+        print(json.dumps(config.to_dict(), indent=2))
+        atomic.write_text(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
         print(f"data: {corpus.describe()}")
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
@@ -272,7 +325,7 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
     lr_schedule = schedule.CosineSchedule(peak, min(config.min_lr, peak), warmup, config.steps)
     optimizer = torch.optim.AdamW(parameter_groups(learner, config.weight_decay), lr=peak, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule)
-    step = 0
+    step, positions, pending = 0, None, None
     if saved is not None:
         student.load_state_dict(saved["student"])
         teacher.load_state_dict(saved["teacher"])
@@ -281,6 +334,9 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
         scheduler.load_state_dict(saved["scheduler"])
         checkpoints.restore_rng_states(saved["rng"])
         step = saved["step"]
+        if "positions" in saved:  # checkpoints written before these were kept resume from `step` alone
+            positions = saved["positions"][rank].tolist()
+            pending = saved["meter"] if rank == 0 else None  # rank 0's sums hold every rank's
         if rank == 0:
             print(f"resuming at step {step}")
     model = torch.nn.parallel.DistributedDataParallel(learner) if world > 1 else learner
@@ -295,17 +351,20 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
         if advice:
             print(advice)
 
-    def state() -> dict:
+    def state(positions_of_ranks: torch.Tensor, pending_sums: torch.Tensor) -> dict:
         return {"step": step, "student": student.state_dict(), "teacher": teacher.state_dict(),
                 "decoder": decoder.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": checkpoints.rng_states(), "config": config.to_dict(),
-                "world": world, "workers": config.workers}
+                "world": world, "workers": config.workers, "corpus": corpus.fingerprint(),
+                "positions": positions_of_ranks, "meter": pending_sums}
 
-    stream = BatchStream(corpus, config.sampling, config.seed, rank, world, config.workers, consumed=step)
+    stream = BatchStream(corpus, config.sampling, config.seed, rank, world, config.workers, consumed=step,
+                         positions=positions)
+    positions = list(stream.positions)  # per stream of this rank: planned batches trained on
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.workers,
                                          pin_memory=device.type == "cuda")
     log = CsvLog(out / "steps.csv", step) if rank == 0 else None
-    meter = Meter(device)
+    meter = Meter(device, pending)
     bar = tqdm(total=config.steps, initial=step, disable=rank != 0 or not progress, unit="step")
     last = {}
     first_nonfinite = torch.full((), NO_STEP, dtype=torch.int64, device=device)  # step of the first bad loss
@@ -326,6 +385,7 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
         decay = schedule.ema_decay(step, config.ema_start, config.ema_end, anneal)
         schedule.ema_update(teacher, student, decay)
         step += 1
+        positions[host_batch.stream] = host_batch.plan_index + 1
         finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)  # a finite loss can still overflow backward
         first_nonfinite = torch.where(finite, first_nonfinite, first_nonfinite.clamp(max=step))
         if step % config.log_every == 0 or step % config.save_every == 0 or step == config.steps:
@@ -339,14 +399,21 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", ema=f"{decay:.6f}",
                                 tok_s=f"{last['tokens_per_s']:.0f}", it_s=f"{last['steps_per_s']:.2f}")
         bar.update(1)
-        if rank == 0 and (step % config.save_every == 0 or step == config.steps):
-            checkpoints.save(out / "checkpoints", step, state(), config.keep)
+        if step % config.save_every == 0 or step == config.steps:
+            positions_of_ranks, pending_sums = every_rank(positions, world, device), meter.pending(world)
+            if rank == 0:
+                checkpoints.save(folder, step, state(positions_of_ranks, pending_sums), config.keep)
     bar.close()
     exported = None
     if rank == 0 and step >= config.steps:
         exported = export(teacher if config.export == "teacher" else student, out)
         trained = f"last loss {last['loss']:.4f}" if last else "the run was already finished"  # not "loss nan"
         print(f"done: {step} steps; {trained}; {config.export} -> {exported}")
+    elif rank == 0:  # stopped by stop_at
+        kept = checkpoints.checkpoint_paths(folder)
+        resumes = (f"the same command resumes from {kept[-1]} (step {checkpoints.step_of(kept[-1])})" if kept
+                   else "no checkpoint yet: the same command starts the run over")
+        print(f"stopped at step {step} of {config.steps} (--stop-at {stop_at}); {resumes}")
     if world > 1:
         dist.barrier()
     return {"step": step, "student": student, "teacher": teacher, "decoder": decoder, "exported": exported,
