@@ -14,6 +14,7 @@ import torch
 
 from . import geometry, inputs
 from .model import EchoModel
+from .ops import backend as backends
 from .ops import stft as stft_ops
 from .ops import tokens as token_ops
 from . import packed
@@ -120,12 +121,14 @@ def encode(
     `signals`: a list of (N,) or (C, N) tensors/arrays (or one signal); `sample_rates`: an int or one per signal.
     `dtype=torch.bfloat16` (or float16) runs the encoder's matrix products in that dtype; on a CPU the encoder
     runs on a cached copy of the model with its weights packed for oneDNN (packed.inference_model), rebuilt
-    when the model's parameters change. `max_tokens` bounds
+    when the model changed in any way (each call compares its weights in full). Any floating model works in any
+    of these dtypes: the encoder's residual stream is float32. `max_tokens` bounds
     the packed tokens per pass (default 4096 on CPU, 65536 on GPUs): any number of signals streams through in
     flat memory. `backend` forces every op's backend ("torch", "reference", "triton"); by default each op
     picks the fastest for the device. A process that encodes repeatedly on a CPU under glibc gains from
     echo.host_memory.keep_freed_memory() (a process-wide malloc setting, so it is the caller's choice).
     """
+    backends.check_environment()  # a misspelt ECHO_BACKEND_<OP> would be ignored by the op it meant
     if device is not None and not _same_device(torch.device(device), model.device):
         raise ValueError(f"model is on {model.device} but device={device} was asked; move the model first")
     device = model.device

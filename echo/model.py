@@ -163,7 +163,8 @@ class EchoModel(nn.Module):
         return self._encode_mono(waveform, sample_rate)
 
     def _encode_mono(self, waveform: torch.Tensor, sample_rate: int) -> tuple[torch.Tensor, torch.Tensor]:
-        spec = stft_ops.spectrogram(waveform.to(self.device), sample_rate)
+        # The front end is float64 inside and float32 out; a model converted to another dtype reads it in its own.
+        spec = stft_ops.spectrogram(waveform.to(self.device), sample_rate).to(self.cls_token.dtype)
         positions = token_ops.band_positions(sample_rate)
         utterances, frames = [], []
         for start, end in geometry.segments(spec.shape[-1]):

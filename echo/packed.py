@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .ops import attention as attention_ops
 from .ops import backend as backends
@@ -131,8 +132,12 @@ def cls_layer_forward(
     with zero rows to a multiple of `row_step` for the products (a CPU builds one per row count)."""
     ops = _layer_ops(layer, backend)
     qkv = ops.qkv(x if x_low is None else x_low)
-    attended = attention_ops.first_token_attention(qkv, packing, layer.self_attn.heads)
-    residual = x[packing.cu_seqlens[:-1].long()]
+    cls_rows = packing.cu_seqlens[:-1].long()
+    if backends.forced("attention", backend):  # the forced backend runs, on every query, as in the other layers
+        attended = attention_ops.packed_attention(qkv, packing, layer.self_attn.heads, backend)[cls_rows]
+    else:
+        attended = attention_ops.first_token_attention(qkv, packing, layer.self_attn.heads)
+    residual = x[cls_rows]
     padding = -residual.shape[0] % row_step
     if padding:
         attended, residual = (F.pad(t, (0, 0, 0, padding)) for t in (attended, residual))
@@ -146,42 +151,76 @@ def _after_attention(ops, layer, x: torch.Tensor, attended: torch.Tensor) -> tup
     return ops.norm(x, ops.mlp_out(hidden), layer.norm2)
 
 
-def inference_copy(model, dtype: torch.dtype):
-    """A copy of the model for inference with matrix products in `dtype`. Its attention and MLP matrices are in
-    `dtype` (bf16: 2-10x faster products on AVX-512-BF16 or AMX CPUs, and tensor cores); patch projection,
-    embeddings and norms stay float32, so does the residual stream (measured faster than autocast on CPU, which
-    re-casts activations at every product). On a CPU whose torch has oneDNN's packed ops for `dtype` (float32 or bf16),
-    each layer also gets _CPUInferenceOps: no autograd through those."""
-    if dtype == torch.float32:  # the copy shares the model's tensors: only the packed weights are new memory
-        copy = deepcopy(model, {id(tensor): tensor for tensor in (*model.parameters(), *model.buffers())})
-    else:
-        copy = deepcopy(model)
-        for layer in copy.encoder.layers:
-            for module in (layer.self_attn, layer.linear1, layer.linear2):
-                module.to(dtype)
+def inference_copy(model, dtype: torch.dtype, weights: list[torch.Tensor] | None = None):
+    """A float32 copy of the model for inference with matrix products in `dtype`, whatever the model's own
+    dtype (a .double() or .half() model too: the residual stream is float32). Its attention and MLP matrices
+    are in `dtype` (bf16: 2-10x faster products on AVX-512-BF16 or AMX CPUs, and tensor cores); patch
+    projection, embeddings and norms stay float32, so does the residual stream (measured faster than autocast
+    on CPU, which re-casts activations at every product). On a CPU whose torch has oneDNN's packed ops for
+    `dtype` (float32 or bf16), each layer also gets _CPUInferenceOps: no autograd through those.
+    `weights`: the model's tensors as _source_weights gives them, to build it from (by default taken here); the
+    copy shares no tensor with the model, so a later write to the model cannot half-reach it."""
+    tensors = [tensor for _, tensor in _named_tensors(model)]
+    weights = _source_weights(model) if weights is None else weights
+    owned = {id(tensor): nn.Parameter(weight, requires_grad=False) if isinstance(tensor, nn.Parameter) else weight
+             for tensor, weight in zip(tensors, weights)}
+    copy = deepcopy(model, owned).float()
+    for layer in copy.encoder.layers:
+        for module in (layer.self_attn, layer.linear1, layer.linear2):
+            module.to(dtype)
     if copy.device.type == "cpu" and linear_ops.available(dtype):
         for layer in copy.encoder.layers:
             layer.cpu_inference_ops = _CPUInferenceOps(layer, dtype)
     return copy
 
 
-_INFERENCE_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {dtype: (signature, copy)}
+def _named_tensors(model) -> list[tuple[str, torch.Tensor]]:
+    return [*model.named_parameters(), *model.named_buffers()]
+
+
+def _source_weights(model) -> list[torch.Tensor]:
+    """Detached copies of the model's tensors: what an inference copy is built from and later compared with."""
+    return [tensor.detach().clone() for _, tensor in _named_tensors(model)]
+
+
+def _signature(model, dtype: torch.dtype) -> tuple:
+    """Everything but tensor values that an inference copy is built from: the tensors' names and layouts, and
+    what the encoder reads from the modules besides tensors (the config, the norms' eps, the heads)."""
+    return (
+        dtype,
+        model.config,
+        tuple(module.eps for module in model.modules() if isinstance(module, nn.LayerNorm)),
+        tuple(layer.self_attn.heads for layer in model.encoder.layers),
+        tuple((name, tensor.shape, tensor.dtype, tensor.device) for name, tensor in _named_tensors(model)),
+    )
+
+
+_INFERENCE_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {dtype: (signature, weights, copy)}
 
 
 def inference_model(model, dtype: torch.dtype):
-    """The model itself for float32 where no faster inference ops exist; otherwise a cached inference copy
-    (inference_copy), rebuilt when any parameter of the model changed since (an optimiser step, a load)
-    or it moved device."""
+    """The float32 model itself where no faster inference ops exist; otherwise a cached inference copy
+    (inference_copy), rebuilt when anything it was built from changed: a tensor's values, however written (an
+    optimiser step, a load, `p.data.copy_(...)`, which no version counter sees), its device, a norm's eps.
+    Every call compares the model's tensors with the copy's source values in full: ~4 ms for ECHO-tiny and
+    ~15 ms for ECHO-small on one core, for an exact answer (a sampled check can miss a write). Those source
+    values cost one copy of the weights in memory (for a float32 model, the copy's own float32 tensors)."""
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
-    if dtype == torch.float32 and not (model.device.type == "cpu" and linear_ops.available(dtype)):
+    packs = model.device.type == "cpu" and linear_ops.available(dtype)
+    if dtype == torch.float32 and not packs and all(p.dtype == torch.float32 for p in model.parameters()):
         return model
-    signature = (dtype, model.device, tuple((p.data_ptr(), p._version) for p in model.parameters()))
+    signature = _signature(model, dtype)
     cached = _INFERENCE_COPIES.setdefault(model, {}).get(dtype)
-    if cached is None or cached[0] != signature:
-        cached = (signature, inference_copy(model, dtype))
-        _INFERENCE_COPIES[model][dtype] = cached
-    return cached[1]
+    if cached is not None and cached[0] == signature and all(
+        torch.equal(tensor.detach(), weight) for (_, tensor), weight in zip(_named_tensors(model), cached[1])
+    ):
+        return cached[2]
+    _INFERENCE_COPIES[model].pop(dtype, None)  # the stale copy goes before the new one is built: less peak memory
+    weights = _source_weights(model)
+    cached = (signature, weights, inference_copy(model, dtype, weights))
+    _INFERENCE_COPIES[model][dtype] = cached
+    return cached[2]
 
 
 def forward(

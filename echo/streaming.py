@@ -9,10 +9,13 @@ spectrum of bins 0..31 (32 complex values per frame), along with the last, overl
 """
 from __future__ import annotations
 
+from bisect import bisect_right
+
 import torch
 
 from . import geometry, inputs, packed
 from .model import EchoModel
+from .ops import backend as backends
 from .ops import stft as stft_ops
 from .ops import tokens as token_ops
 
@@ -24,6 +27,7 @@ class StreamEncoder:
 
     def __init__(self, model: EchoModel, sample_rate, *, frames: bool = False, dtype: torch.dtype = torch.float32,
                  backend: str | None = None):
+        backends.check_environment()
         self.model = packed.inference_model(model, dtype)  # as fast.encode: products in dtype, CPU inference ops
         self.rate = inputs.check_sample_rate(sample_rate)
         self.frames = frames
@@ -38,7 +42,8 @@ class StreamEncoder:
         self.total = torch.zeros((), dtype=torch.float64)  # running sum, for the mean
         self.audio = torch.zeros(0)  # samples from audio_start on
         self.audio_start = 0
-        self.low = []  # per computed frame block: raw complex bins 0..31, and the DC estimate it used
+        self.low = []  # per computed frame block: raw complex bins 0..31 (own copies), and the DC estimate it used
+        self.low_starts = []  # the first frame of each block of self.low
         self.upper = torch.zeros(self.bands * geometry.BAND_BINS, 0)  # band layout, frames from upper_start
         self.upper_start = 0
         self.done_frames = 0
@@ -46,6 +51,7 @@ class StreamEncoder:
         self.unreturned = []  # segments encoded but not yet handed out: a push that failed after them returns none
         self.finished = False
 
+    @torch.no_grad()  # chunks that require grad must not chain the whole stream into one autograd graph
     def push(self, chunk) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         if self.finished:
             raise ValueError("push() after finish(): start a new StreamEncoder for a new signal")
@@ -54,13 +60,7 @@ class StreamEncoder:
             raise ValueError(f"push() takes 1-D chunks of samples, got shape {tuple(chunk.shape)}")
         if chunk.numel() == 0:
             return []
-        if chunk.dtype in inputs.PCM_SCALES:
-            chunk = chunk.float() * inputs.PCM_SCALES[chunk.dtype]
-        if not chunk.is_floating_point():
-            raise ValueError(f"chunk has unsupported dtype {chunk.dtype}; pass float or int16/int32 PCM")
-        chunk = chunk.float()
-        if not torch.isfinite(chunk).all():
-            raise ValueError(f"chunk at sample {self.samples} contains NaN or Inf")
+        chunk = inputs.as_float32(chunk, what=f"chunk at sample {self.samples}")
         self.samples += chunk.numel()
         self.total += chunk.double().sum()
         self.audio = torch.cat([self.audio, chunk])
@@ -81,14 +81,25 @@ class StreamEncoder:
         estimate = self.total / self.samples
         # float64: the band-0 correction at finish() subtracts nearly equal complex numbers
         spectrum = torch.fft.rfft((span.double() - estimate).unfold(0, self.n_fft, self.hop) * self.window)
-        self.low.append((spectrum[:, : geometry.BAND_BINS], estimate))
+        # a copy: a view would keep the whole spectrum of the block alive
+        self.low.append((spectrum[:, : geometry.BAND_BINS].clone(), estimate))
+        self.low_starts.append(self.done_frames)
         layout = stft_ops.band_layout(stft_ops.log_normalise(spectrum.abs()).T.float(), self.rate)
         self.upper = torch.cat([self.upper, layout], dim=1)
         self.done_frames = available
 
-    def _band0(self, mean: torch.Tensor) -> torch.Tensor:
-        """Band-0 rows (32, frames) of every computed frame, DC removed with `mean`."""
-        corrected = torch.cat([raw - (mean - estimate) * self.window_dft[: raw.shape[1]] for raw, estimate in self.low])
+    def _band0(self, mean: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Band-0 rows (32, end - start) of computed frames start:end (default: all), DC removed with `mean`.
+        Only the blocks holding those frames are read: an emission costs the same however long the stream."""
+        end = self.done_frames if end is None else end
+        corrected = []
+        for block in range(bisect_right(self.low_starts, start) - 1, len(self.low)):
+            first, (raw, estimate) = self.low_starts[block], self.low[block]
+            if first >= end:
+                break
+            rows = raw[max(start - first, 0) : end - first]
+            corrected.append(rows - (mean - estimate) * self.window_dft[: raw.shape[1]])
+        corrected = torch.cat(corrected)
         return stft_ops.band_layout(stft_ops.log_normalise(corrected.abs()).T.float(), self.rate)[: geometry.BAND_BINS]
 
     def _encode(self, bands: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -96,20 +107,19 @@ class StreamEncoder:
         tokens = self.model.band_tokens(bands, positions)
         count, length, dim = tokens.shape
         packing = packed.Packing.from_lengths(torch.full((count,), length), tokens.device)
-        with torch.no_grad():
-            out = packed.forward(self.model, tokens.reshape(-1, dim), packing, self.backend)
+        out = packed.forward(self.model, tokens.reshape(-1, dim), packing, self.backend)
         return out.view(count, length, dim).float().cpu()
 
     def _segment_bands(self, start: int, end: int, band0: torch.Tensor) -> torch.Tensor:
+        """The (bands, 32, end - start) images of frames start:end, band 0 from `band0` (its rows of those frames)."""
         image = self.upper[:, start - self.upper_start : end - self.upper_start].clone()
-        image[: geometry.BAND_BINS] = band0[:, start:end]
+        image[: geometry.BAND_BINS] = band0
         return image.view(self.bands, geometry.BAND_BINS, end - start)
 
     def _emit_block(self, k: int) -> tuple[int, torch.Tensor, torch.Tensor]:
         start, end = k * geometry.SEGMENT_FRAMES, (k + 1) * geometry.SEGMENT_FRAMES
-        band0 = self._band0(self.total / self.samples)
-        with torch.no_grad():
-            out = self._encode(self._segment_bands(start, end, band0).to(self.model.device), self.positions)
+        band0 = self._band0(self.total / self.samples, start, end)
+        out = self._encode(self._segment_bands(start, end, band0).to(self.model.device), self.positions)
         self.outputs.append(out)
         return k, out[:, 0].reshape(-1), out[:, 1:].transpose(0, 1).flatten(1)
 
@@ -123,6 +133,7 @@ class StreamEncoder:
         self.audio = self.audio[keep_sample - self.audio_start :]
         self.audio_start = keep_sample
 
+    @torch.no_grad()
     def finish(self):
         if self.finished:
             raise ValueError("finish() was already called")
@@ -135,13 +146,13 @@ class StreamEncoder:
         band0 = self._band0(self.total / self.samples)
         segments = geometry.segments(self.done_frames)
         outputs = list(self.outputs)
-        with torch.no_grad():
-            if outputs:  # recompute band 0 of the emitted segments with the exact mean
-                images = torch.stack([band0[:, s:e] for s, e in segments[: len(outputs)]])
-                fixed = self._encode(images.to(self.model.device), self.positions[:1].expand(len(outputs)))
-                outputs = [torch.cat([fixed[i : i + 1], out[1:]]) for i, out in enumerate(outputs)]
-            for start, end in segments[len(outputs) :]:
-                outputs.append(self._encode(self._segment_bands(start, end, band0).to(self.model.device), self.positions))
+        if outputs:  # recompute band 0 of the emitted segments with the exact mean
+            images = torch.stack([band0[:, s:e] for s, e in segments[: len(outputs)]])
+            fixed = self._encode(images.to(self.model.device), self.positions[:1].expand(len(outputs)))
+            outputs = [torch.cat([fixed[i : i + 1], out[1:]]) for i, out in enumerate(outputs)]
+        for start, end in segments[len(outputs) :]:
+            image = self._segment_bands(start, end, band0[:, start:end])
+            outputs.append(self._encode(image.to(self.model.device), self.positions))
         utterance = torch.stack([out[:, 0].reshape(-1) for out in outputs]).mean(0)
         if not self.frames:
             return utterance

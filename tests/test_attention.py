@@ -40,3 +40,12 @@ def test_first_token_attention_equals_the_cls_rows():
         qkv = torch.randn(packing.total_tokens, 3 * 128)
         truth = per_sequence_float64(qkv, packing.cu_seqlens, heads=2)[packing.cu_seqlens[:-1].long()]
         assert rel_err(attention_ops.first_token_attention(qkv, packing, 2), truth) < 1e-5
+
+
+def test_every_backend_takes_a_strided_qkv():
+    """A column slice of a wider buffer: the default (compiled on CPU where built) equals the torch path."""
+    packing = Packing.from_lengths(torch.tensor([3, 9, 30, 126]))
+    qkv = torch.randn(packing.total_tokens, 3 * 2 * 64 + 8)[:, 4:4 + 3 * 2 * 64]
+    expected = attention_ops.packed_attention(qkv.contiguous(), packing, 2, backend="reference")
+    for backend in (None, "torch"):
+        assert rel_err(attention_ops.packed_attention(qkv, packing, 2, backend=backend), expected) < 1e-5

@@ -235,3 +235,90 @@ def test_bad_options(model):
         fast.encode(model, [torch.randn(8000)], 8000, dtype=torch.int8)
     with pytest.raises(ValueError, match="unknown backend"):
         fast.encode(model, [torch.randn(8000)], 8000, backend="magic")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_writes_the_version_counter_misses_and_eps_changes_rebuild_the_cached_copy(dtype):
+    """`p.data.copy_(q.data)` (EMA, weight sync) bumps no version counter: a copy cached by version mixed old
+    and new weights (rel err 1.4). A norm's eps is no tensor at all."""
+    from echo import packed
+
+    model, other = random_model("tiny"), random_model("tiny")
+    signal = torch.randn(int(torch.randint(8000, 20000, ())))
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    fast.encode(model, signal, 16000, dtype=dtype)
+    stale = packed.inference_model(model, dtype)
+    layer = int(torch.randint(0, model.config.depth, ()))
+    model.encoder.layers[layer].norm2.bias.data.copy_(other.encoder.layers[layer].norm2.bias.data)
+    assert packed.inference_model(model, dtype) is not stale  # one small tensor, anywhere, is seen
+    for p, q in zip(model.parameters(), other.parameters()):
+        p.data.copy_(q.data)
+    assert rel_err(fast.encode(model, signal, 16000, dtype=dtype)[0], model.encode(signal, 16000)[0]) < tolerance
+    model.norm.eps = 0.1
+    model.encoder.layers[layer].norm1.eps = 0.05
+    assert rel_err(fast.encode(model, signal, 16000, dtype=dtype)[0], model.encode(signal, 16000)[0]) < tolerance
+    assert packed.inference_model(model, dtype) is packed.inference_model(model, dtype)  # unchanged: kept
+
+
+def test_a_model_made_under_inference_mode(model):
+    """Inference tensors have no version counter: reading one raised inside fast.encode and StreamEncoder."""
+    with torch.inference_mode():
+        inference = random_model("tiny")
+    signal = torch.randn(int(torch.randint(8000, 20000, ())))
+    truth = inference.encode(signal, 16000)[0]
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        assert rel_err(fast.encode(inference, signal, 16000, dtype=dtype)[0], truth) < tolerance
+        stream = fast.StreamEncoder(inference, 16000, dtype=dtype)
+        stream.push(signal)
+        assert rel_err(stream.finish(), truth) < tolerance
+
+
+@pytest.mark.parametrize("conversion", ["double", "half", "bfloat16"])
+def test_models_of_any_float_dtype_in_every_compute_dtype(conversion):
+    """The fast path keeps a float32 residual stream whatever the model's dtype; a .half() model once fed its
+    half residual stream to float32 products. A float32 computation of a float64 model is fp32-accurate."""
+    model = getattr(random_model("tiny"), conversion)()
+    signal = torch.randn(int(torch.randint(8000, 20000, ())))
+    truth = model.encode(signal, 16000)[0]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        tolerance = 1e-5 if dtype == torch.float32 and conversion == "double" else 2e-2
+        assert rel_err(fast.encode(model, signal, 16000, dtype=dtype)[0], truth) < tolerance
+        stream = fast.StreamEncoder(model, 16000, dtype=dtype)
+        stream.push(signal)
+        assert rel_err(stream.finish(), truth) < tolerance
+
+
+def test_big_endian_and_meta_signals(model):
+    """Big-endian arrays (AIFF, network data) are encoded like native ones; a meta tensor is refused by name."""
+    native = np.random.randn(16000).astype(np.float32)
+    pcm = (native * 3000).astype(np.int16)
+    expected = fast.encode(model, [native, pcm], 16000)
+    out = fast.encode(model, [native.astype(">f4"), pcm.astype(">i2")], 16000)
+    assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1])
+    with pytest.raises(ValueError, match="signal 1: signal is a meta tensor"):
+        fast.encode(model, [native, torch.empty(16000, device="meta")], 16000)
+
+
+def test_a_misspelt_backend_setting_is_refused_not_ignored(monkeypatch):
+    model = random_model("tiny", depth=1)
+    monkeypatch.setenv("ECHO_BACKEND_ATTENTON", "reference")
+    with pytest.raises(ValueError, match="ECHO_BACKEND_ATTENTON: no such op"):
+        fast.encode(model, [torch.randn(4000)], 16000)
+    with pytest.raises(ValueError, match="ECHO_BACKEND_ATTENTON: no such op"):
+        fast.StreamEncoder(model, 16000)
+
+
+def test_a_forced_attention_backend_runs_in_the_cls_only_last_layer(monkeypatch):
+    """Utterances alone: the last layer attends from the CLS rows; a forced backend must still be the one run."""
+    from echo.ops import attention as attention_ops
+
+    model = random_model("tiny", depth=2)
+    signals = [torch.randn(int(torch.randint(2000, 30000, ()))) for _ in range(3)]
+    expected = fast.encode(model, signals, 16000)
+    ran = []
+    for name in ("varlen_attention", "first_token_attention"):
+        real = getattr(attention_ops, name)
+        monkeypatch.setattr(attention_ops, name, lambda *a, real=real, name=name, **k: ran.append(name) or real(*a, **k))
+    out = fast.encode(model, signals, 16000, backend="reference")
+    assert set(ran) == {"varlen_attention"} and ran.count("varlen_attention") == 2
+    assert all(rel_err(o, e) < 1e-5 for o, e in zip(out, expected))

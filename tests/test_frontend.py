@@ -86,3 +86,18 @@ def test_torch_ragged_front_end_equals_the_per_signal_reference(monkeypatch, gro
     waves = torch.cat(signals)
     out = stft_ops.ragged_spectrogram_torch(waves, offsets, plan)
     assert rel_err(out, stft_ops.ragged_spectrogram_reference(waves, offsets, plan)) < 1e-6
+
+
+def test_the_default_front_end_takes_what_the_reference_takes():
+    """int32 or strided offsets and float64 samples: the default backend answers as the reference does."""
+    from echo.plan import make_plan
+
+    lengths = [int(torch.randint(400, 3000, ())), int(torch.randint(400, 3000, ()))]
+    plan = make_plan(lengths, [16000, 16000])
+    waves = torch.randn(sum(lengths))
+    offsets = torch.tensor([0, lengths[0], sum(lengths)])
+    expected = stft_ops.ragged_spectrogram(waves, offsets, plan, backend="reference")
+    strided = torch.stack([offsets, offsets]).T.flatten()[::2]
+    for waves_in, offsets_in in ((waves, offsets.int()), (waves, strided), (waves.double(), offsets)):
+        out = stft_ops.ragged_spectrogram(waves_in, offsets_in, plan)
+        assert out.dtype == waves_in.dtype and rel_err(out, expected) < 1e-5

@@ -49,3 +49,47 @@ def test_numpy_and_float64_accepted(model):
     u_long, _ = model.encode(x.astype(np.longdouble), torch.tensor(12000))  # float128 where numpy has it
     u_0d, _ = model.encode(x, np.array(12000))
     assert torch.equal(u_long, u_t) and torch.equal(u_0d, u_t)
+
+
+@pytest.mark.parametrize(
+    "signal,rate,message",
+    [
+        (torch.randn(6000, 3), 100, r"signal of shape \(6000, 3\) has more channels than samples; channels come first"),
+        (torch.randn(500, 401), 16000, "more channels than samples"),
+        (torch.empty(16000, device="meta"), 16000, "signal is a meta tensor"),
+    ],
+)
+def test_samples_by_channels_and_meta_tensors_are_refused(model, signal, rate, message):
+    """A (samples, channels) array long enough per "channel" for one window was encoded as thousands of
+    channels of a few samples each."""
+    with pytest.raises(ValueError, match=message):
+        model.encode(signal, rate)
+
+
+def test_channels_first_with_fewer_channels_than_samples_is_accepted(model):
+    channels, samples = int(torch.randint(2, 40, ())), int(torch.randint(41, 80, ()))
+    signal = torch.randn(channels, samples)
+    utterance, _ = model.encode(signal, 100)
+    assert torch.equal(utterance[: model.config.dim], model.encode(signal[0], 100)[0])
+    assert utterance.shape == (channels * model.config.dim,)
+
+
+def test_big_endian_and_read_only_arrays_are_read_as_they_are(model):
+    """Big-endian arrays were refused with torch's message; read-only ones raised torch's "not writable"
+    warning (once per process: the only test here that passes a read-only array). Native read-only memory is
+    wrapped, not copied."""
+    import warnings
+
+    from echo import inputs
+
+    native = np.random.randn(8000)
+    expected = model.encode(native, 8000)[0]
+    for dtype in (">f8", ">f4", ">i2", ">i4"):
+        swapped = native.astype(dtype) if dtype[1] == "f" else (native * 1000).astype(dtype)
+        assert torch.equal(model.encode(swapped, 8000)[0], model.encode(swapped.astype(dtype[1:]), 8000)[0])
+    read_only = native.copy()
+    read_only.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(model.encode(read_only, 8000)[0], expected)
+        assert inputs.as_tensor(read_only).data_ptr() == read_only.ctypes.data

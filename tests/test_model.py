@@ -102,3 +102,17 @@ def test_multichannel_concatenates_channels():
 def test_final_norm_eps_is_configurable():
     model = random_model("tiny", final_norm_eps=1e-5)
     assert model.norm.eps == 1e-5 and model.encoder.layers[0].norm1.eps == 1e-6
+
+
+def test_encode_runs_in_the_models_dtype():
+    """A model converted with .double() or .bfloat16() encodes in its own dtype and still returns float32."""
+    model = random_model("tiny")
+    rate = RATE_FAMILIES[int(torch.randint(len(RATE_FAMILIES), ()))]
+    x = torch.randn(int(torch.randint(rate // 4, rate, ())))
+    ref_u, ref_f = independent_encode(model.state_dict(), model.config.heads, x.numpy(), rate)
+    utterance, frame_rows = model.double().encode(x, rate)
+    assert utterance.dtype == frame_rows.dtype == torch.float32
+    assert rel_err(utterance, ref_u) < 1e-6 and rel_err(frame_rows, ref_f) < 1e-6
+    utterance, frame_rows = model.bfloat16().encode(x, rate)
+    assert utterance.dtype == frame_rows.dtype == torch.float32
+    assert rel_err(utterance, ref_u) < 2e-2 and rel_err(frame_rows, ref_f) < 2e-2

@@ -112,3 +112,49 @@ def test_a_push_that_fails_part_way_loses_no_finished_segment(model, monkeypatch
     assert [k for k, _, _ in stream.push(x[cut:])] == [0, 1]
     assert rel_err(stream.finish()[0], model.encode(x, rate)[0]) < 1e-5
 
+
+
+def test_stream_keeps_32_bins_per_frame_and_emits_from_the_segments_own_frames(model):
+    """The stored band-0 spectrum was a view of each block's whole spectrum (201 bins per frame at 16 kHz, 19x
+    the memory); band 0 of an emitted segment was recomputed over every frame since the start."""
+    rate = 16000
+    stream = fast.StreamEncoder(model, rate)
+    push_in_random_pieces(stream, torch.randn(geometry.n_fft(rate) + int(torch.randint(2000, 2600, ())) * geometry.hop(rate)))
+    assert sum(raw.shape[0] for raw, _ in stream.low) == stream.done_frames
+    for raw, _ in stream.low:
+        assert raw.shape[1] == geometry.BAND_BINS
+        assert raw.untyped_storage().nbytes() == raw.numel() * raw.element_size()
+    mean = stream.total / stream.samples
+    whole = stream._band0(mean)
+    for _ in range(5):
+        start = int(torch.randint(0, stream.done_frames, ()))
+        end = int(torch.randint(start + 1, stream.done_frames + 1, ()))
+        assert torch.equal(stream._band0(mean, start, end), whole[:, start:end])
+
+
+def test_chunks_that_require_grad_build_no_graph(model):
+    """push() once chained every chunk of the stream into one autograd graph (memory grew with the stream)."""
+    rate = 8000
+    x = torch.randn(geometry.n_fft(rate) + int(torch.randint(2000, 2300, ())) * geometry.hop(rate))
+    stream = fast.StreamEncoder(model, rate)
+    emitted = push_in_random_pieces(stream, x.clone().requires_grad_())
+    assert emitted and not any(t.requires_grad for _, u, f in emitted for t in (u, f))
+    assert not (stream.total.requires_grad or stream.audio.requires_grad or stream.upper.requires_grad)
+    utterance = stream.finish()
+    assert not utterance.requires_grad and rel_err(utterance, model.encode(x, rate)[0]) < 1e-5
+
+
+def test_chunk_checks_are_those_of_whole_signals(model):
+    """Beyond float32's range was reported as "NaN or Inf"; big-endian PCM and meta tensors failed in torch."""
+    import numpy as np
+
+    stream = fast.StreamEncoder(model, 8000)
+    stream.push(torch.randn(100))
+    with pytest.raises(ValueError, match=r"chunk at sample 100 has 3 sample\(s\) beyond float32's range"):
+        stream.push(torch.tensor([0.0, 1e300, -1e300, 1e39], dtype=torch.float64))
+    with pytest.raises(ValueError, match="chunk is a meta tensor"):
+        stream.push(torch.empty(10, device="meta"))
+    pcm = (np.random.randn(8000) * 3000).astype(np.int16)
+    swapped = fast.StreamEncoder(model, 8000)
+    push_in_random_pieces(swapped, pcm.astype(">i2"))
+    assert rel_err(swapped.finish(), model.encode(pcm, 8000)[0]) < 1e-5

@@ -137,8 +137,8 @@ def packed_attention(qkv: torch.Tensor, packing, heads: int, backend: str | None
     if needs_grad or head_dim != COMPILED_HEAD_DIM or qkv.dtype not in (torch.float32, torch.bfloat16):
         available = tuple(name for name in available if name != "csrc")
     chosen = backends.choose("attention", qkv.device, backend, available=available)
-    if chosen == "csrc":
-        return compiled_then_grouped_attention(qkv, packing, heads)
+    if chosen == "csrc":  # the compiled kernels read rows of 3D values back to back
+        return compiled_then_grouped_attention(qkv.contiguous(), packing, heads)
     if chosen == "triton":
         from echo_kernels import attention as kernel
 

@@ -6,6 +6,7 @@ compiled extension, when built), "torch" (batched pure-torch fast path), "refere
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 
@@ -40,10 +41,18 @@ def check_environment(environ=os.environ) -> None:
             continue
         op = name.removeprefix("ECHO_BACKEND").removeprefix("_").lower()
         if name != "ECHO_BACKEND" and (not name.startswith("ECHO_BACKEND_") or op not in OPS):
-            raise ValueError(f"{name}: no such op; set ECHO_BACKEND or ECHO_BACKEND_<OP> for an op of "
+            raise BackendError(f"{name}: no such op; set ECHO_BACKEND or ECHO_BACKEND_<OP> for an op of "
                              f"{', '.join(op.upper() for op in OPS)}")
         if value not in BACKENDS:
-            raise ValueError(f"{name}={value}: unknown backend; choose from {', '.join(BACKENDS)}")
+            raise BackendError(f"{name}={value}: unknown backend; choose from {', '.join(BACKENDS)}")
+        lacking = [other for other in (OPS if name == "ECHO_BACKEND" else (op,)) if value not in _backends_of(other)]
+        if lacking:  # e.g. ECHO_BACKEND=csrc: the token stage has no compiled op, so every encode would fail
+            hint = "; force it for single ops instead (ECHO_BACKEND_<OP>)" if name == "ECHO_BACKEND" else ""
+            raise BackendError(f"{name}={value}: no {value!r} backend here for {', '.join(lacking)}{hint}")
+
+
+def _backends_of(op: str) -> tuple[str, ...]:
+    return importlib.import_module(f"echo.ops.{op}").available_backends(torch.device("cpu"))
 
 
 def forced(op: str, backend: str | None = None) -> str | None:

@@ -129,7 +129,7 @@ def ragged_spectrogram_torch(waves: torch.Tensor, wave_offsets: torch.Tensor, pl
 def ragged_spectrogram_csrc(waves: torch.Tensor, wave_offsets: torch.Tensor, plan) -> torch.Tensor:
     """Same result from the compiled op (csrc/frontend.cpp, csrc/cuda/frontend.cu), geometry from the plan.
     Inputs are checked here: the op's own checks are a last guard, not an error message."""
-    wave_offsets = wave_offsets.cpu()
+    wave_offsets = wave_offsets.to("cpu", torch.int64).contiguous()
     lengths = wave_offsets.diff().tolist()
     if waves.dim() != 1 or waves.dtype != torch.float32 or waves.numel() < int(wave_offsets[-1]) or lengths != plan.lengths:
         raise ValueError(
@@ -160,7 +160,10 @@ def ragged_spectrogram(waves: torch.Tensor, wave_offsets: torch.Tensor, plan, ba
     """Dispatch of the ragged front end (see ragged_spectrogram_reference for the contract)."""
     from . import backend as backends
 
-    chosen = backends.choose("stft", waves.device, backend, available=available_backends(waves.device))
+    available = available_backends(waves.device)
+    if waves.dtype != torch.float32:  # the compiled op reads float32 samples; the other paths keep the dtype
+        available = tuple(name for name in available if name != "csrc")
+    chosen = backends.choose("stft", waves.device, backend, available=available)
     if chosen == "csrc":
         return ragged_spectrogram_csrc(waves, wave_offsets, plan)
     if chosen == "triton":
