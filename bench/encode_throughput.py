@@ -150,22 +150,29 @@ def measure(name: str, paths: list[str], args) -> dict[str, dict]:
         command += ["--backend", args.backend] if args.backend else []
         env = {**os.environ, **PATH_ENV.get(path, {})}
         workers[path] = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        results[path] = json.loads(workers[path].stdout.readline())
+        results[path] = _reply(workers[path], path, name)
         results[path]["times"] = []
     for _ in range(args.repeat):
         for path, worker in workers.items():
             worker.stdin.write("time\n")
             worker.stdin.flush()
-            results[path]["times"].append(json.loads(worker.stdout.readline())["seconds"])
+            results[path]["times"].append(_reply(worker, path, name)["seconds"])
     for path, worker in workers.items():
         worker.stdin.write("quit\n")
         worker.stdin.flush()
-        results[path].update(json.loads(worker.stdout.readline()))
+        results[path].update(_reply(worker, path, name))
         if worker.wait():
             raise SystemExit(f"the {path} worker of {name} failed")
         # best of `repeat`: on a shared machine interference only ever adds time
         results[path]["seconds"] = min(results[path]["times"])
     return results
+
+
+def _reply(worker, path: str, name: str) -> dict:
+    line = worker.stdout.readline()
+    if not line:  # the worker died: its own error went to stderr, above
+        raise SystemExit(f"the {path} worker of {name} stopped with exit status {worker.wait()}; its error is above")
+    return json.loads(line)
 
 
 def main() -> int:
@@ -186,6 +193,15 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("skipped: --device cuda but no CUDA device is available")
         return 0
+    if args.backend:  # a backend this machine cannot run is named now, not after the peak measurement
+        import echo
+        import echo.fast
+
+        try:
+            echo.fast.encode(echo.EchoModel(echo.EchoConfig.preset("tiny")).to(args.device), torch.randn(4000),
+                             16000, backend=args.backend)
+        except ValueError as error:
+            raise SystemExit(f"--backend {args.backend}: {error}") from None
     if args.paths is None:
         args.paths = [path for path in PATHS if args.device == "cpu" or path not in CPU_ONLY_PATHS]
     dtypes = (torch.float32, torch.bfloat16)

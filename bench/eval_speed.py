@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument("--batch-files", type=int, default=64)
     parser.add_argument("--loop-files", type=int, default=32, help="clips timed in the per-file loop")
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("skipped: --device cuda but no CUDA device is available")
+        return
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     model = EchoModel(EchoConfig.preset(args.size)).eval().to(device)
     bank_count = args.files // 2

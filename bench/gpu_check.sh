@@ -4,7 +4,8 @@
 # end-to-end encode throughput, the packed-vs-padded pretraining step, and the compiled extension's CUDA op
 # (built here with nvcc, then its tests). Everything goes under $OUT (default ./gpu_out); each stage is
 # time-boxed, and a failing stage is logged without stopping the others. STAGES picks a subset.
-# Budget: about 4 minutes for kernels + benchmarks, 9 for encode + pretrain, 4 for csrc.
+# Time limits (most stages end sooner): environment 1 minute, kernels + benchmarks 4.5, encode + pretrain 8.7,
+# csrc build + tests 5; about 19 minutes if every stage ran to its limit. STAGES picks a subset to fit less.
 #
 #   OUT=/tmp/gpu_out bash bench/gpu_check.sh
 #   STAGES="pretrain csrc" bash bench/gpu_check.sh
@@ -23,7 +24,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run, log its output and exit status,
     local start=$SECONDS
     timeout --kill-after=10 "$seconds" "$@" >"$OUT/$name.log" 2>&1
     local status=$?
-    log "stage $name: exit $status ($((SECONDS - start)) s; log $OUT/$name.log)$([ $status -eq 124 ] && echo ' TIMED OUT')"
+    log "stage $name: exit $status ($((SECONDS - start)) s; log $OUT/$name.log)$([ $status -eq 124 ] || [ $status -eq 137 ] && echo ' TIMED OUT')"
     tail -n 25 "$OUT/$name.log" | sed 's/^/    /' | tee -a "$SUMMARY" >/dev/null
 }
 
