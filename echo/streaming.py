@@ -47,7 +47,8 @@ class StreamEncoder:
         self.upper = torch.zeros(self.bands * geometry.BAND_BINS, 0)  # band layout, frames from upper_start
         self.upper_start = 0
         self.done_frames = 0
-        self.outputs = []  # per emitted full segment: (nb, L+1, D) outputs, band 0 provisional
+        self.outputs = []  # per emitted full segment: (nb, L+1, D) outputs, band 0 provisional ((nb, 1, D) CLS
+        # rows alone without frames: what finish() reads of them)
         self.unreturned = []  # segments encoded but not yet handed out: a push that failed after them returns none
         self.finished = False
 
@@ -120,7 +121,7 @@ class StreamEncoder:
         start, end = k * geometry.SEGMENT_FRAMES, (k + 1) * geometry.SEGMENT_FRAMES
         band0 = self._band0(self.total / self.samples, start, end)
         out = self._encode(self._segment_bands(start, end, band0).to(self.model.device), self.positions)
-        self.outputs.append(out)
+        self.outputs.append(out if self.frames else out[:, :1].clone())
         return k, out[:, 0].reshape(-1), out[:, 1:].transpose(0, 1).flatten(1)
 
     def _trim(self) -> None:
@@ -149,6 +150,7 @@ class StreamEncoder:
         if outputs:  # recompute band 0 of the emitted segments with the exact mean
             images = torch.stack([band0[:, s:e] for s, e in segments[: len(outputs)]])
             fixed = self._encode(images.to(self.model.device), self.positions[:1].expand(len(outputs)))
+            fixed = fixed if self.frames else fixed[:, :1]
             outputs = [torch.cat([fixed[i : i + 1], out[1:]]) for i, out in enumerate(outputs)]
         for start, end in segments[len(outputs) :]:
             image = self._segment_bands(start, end, band0[:, start:end])

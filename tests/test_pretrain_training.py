@@ -339,6 +339,30 @@ def test_a_plain_cuda_device_gets_this_processs_gpu_index(monkeypatch, asked, lo
     assert (rank, world, device) == (0, 1, torch.device(expected)) and chosen == [torch.device(expected)]
 
 
+def failing_rank_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        trainer.raise_together(ValueError("no corpus here") if rank == 0 else None, world, torch.device("cpu"))
+    except ValueError as error:
+        Path(out, f"rank{rank}.txt").write_text(str(error))
+    torch.distributed.destroy_process_group()
+
+
+def test_an_error_on_one_rank_stops_every_rank(tmp_path):
+    """Rank 0 could not open the corpus: rank 1 must stop too, not wait for it at the next collective."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(failing_rank_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "rank0.txt").read_text() == "no corpus here"
+    assert "1 other process(es) of this run failed" in (tmp_path / "rank1.txt").read_text()
+
+
 @pytest.mark.slow
 def test_two_process_gloo_ddp_keeps_ranks_identical(data, tmp_path):
     import socket

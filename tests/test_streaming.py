@@ -65,6 +65,16 @@ def test_utterance_only_and_pcm(model):
     assert rel_err(utterance, model.encode(pcm, 12000)[0]) < 1e-5
 
 
+def test_utterances_alone_keep_only_the_cls_rows_of_emitted_segments(model):
+    """Without frames, finish() reads the emitted segments' CLS rows alone: the rest is not kept."""
+    rate = 1000  # 2000 frames of 10 ms in few samples
+    x = torch.randn(geometry.n_fft(rate) + (2 * 2000 + int(torch.randint(1, 900, ()))) * geometry.hop(rate)) + 2.0
+    stream = fast.StreamEncoder(model, rate)
+    assert len(push_in_random_pieces(stream, x)) == 2
+    assert all(out.shape == (geometry.n_bands(rate), 1, model.config.dim) for out in stream.outputs)
+    assert rel_err(stream.finish(), fast.encode(model, [x], rate)[0]) < 1e-5
+
+
 def test_stream_errors(model):
     stream = fast.StreamEncoder(model, 16000)
     with pytest.raises(ValueError, match="1-D chunks"):

@@ -156,6 +156,26 @@ def setup_distributed(device: str | None) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def attempt(function, *args):
+    """(function(*args), None), or (None, the exception it raised)."""
+    try:
+        return function(*args), None
+    except Exception as error:
+        return None, error
+
+
+def raise_together(error: Exception | None, world: int, device: torch.device) -> None:
+    """Raise `error` here and an error on every other rank when any rank met one: a rank that went on alone
+    would wait for the failed one at its next collective, forever. Every rank calls it."""
+    if world > 1:
+        failed = torch.tensor([float(error is not None)], device=device)
+        dist.all_reduce(failed)
+        if failed.item() and error is None:
+            raise ValueError(f"{int(failed.item())} other process(es) of this run failed; their error is above")
+    if error is not None:
+        raise error
+
+
 def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only, not on biases, norms, CLS or mask tokens."""
     decay, plain = [], []
@@ -299,12 +319,13 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
         if (saved["world"], saved["workers"]) != (world, config.workers):
             raise ValueError(f"the run was started on {saved['world']} processes with {saved['workers']} data "
                              f"workers each; resume it the same way (now {world} and {config.workers})")
-    if rank == 0:
-        corpus = open_corpus(config.data, config.min_seconds, config.manifest)  # indexes (or reuses) the manifest
-    if world > 1:
-        dist.barrier()  # every rank has also read its checkpoint before rank 0 sets any aside
+    corpus, error = None, None
+    if rank == 0:  # indexes (or reuses) the manifest, which the other ranks then read
+        corpus, error = attempt(open_corpus, config.data, config.min_seconds, config.manifest)
+    raise_together(error, world, device)  # also: every rank has read its checkpoint before rank 0 sets any aside
     if rank != 0:
-        corpus = open_corpus(config.data, config.min_seconds, config.manifest)
+        corpus, error = attempt(open_corpus, config.data, config.min_seconds, config.manifest)
+    raise_together(error, world, device)
     config.check_same_corpus(saved, corpus)
     if rank == 0:  # the run folder is written only once everything is checked
         out.mkdir(parents=True, exist_ok=True)
