@@ -134,6 +134,13 @@ def test_a_run_saved_before_a_config_field_existed_resumes_with_its_default(tmp_
     with pytest.raises(ValueError, match="utterance_target: 'frame-mean' -> 'layer-mean'"):
         trainer.PretrainConfig(data=str(tmp_path), out=str(tmp_path / "run"),
                                utterance_target="layer-mean").check_resumable(older)
+    # naming a default's value names the same run; another value does not
+    defaults = trainer.PretrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), steps=100).to_dict()
+    trainer.PretrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), steps=100, warmup=5,
+                           ema_anneal_steps=100).check_resumable(defaults)
+    with pytest.raises(ValueError, match="warmup: 5 -> 6"):
+        trainer.PretrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), steps=100,
+                               warmup=6).check_resumable(defaults)
     with pytest.raises(ValueError, match="utterance_target must be one of"):
         trainer.PretrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), utterance_target="frames")
 

@@ -123,8 +123,9 @@ class PretrainConfig:
 
     def check_resumable(self, saved: dict) -> None:
         # A field the saved run predates had its default there.
-        saved = {**{f.name: f.default for f in fields(self) if f.default is not MISSING}, **saved}
-        changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in self.to_dict().items()
+        saved = with_derived_defaults({**{f.name: f.default for f in fields(self) if f.default is not MISSING},
+                                       **saved})
+        changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in with_derived_defaults(self.to_dict()).items()
                    if k not in self.FREE_ON_RESUME and saved.get(k) != v]
         if changed:
             raise ValueError(f"{self.out} holds a run with another config; resuming would not continue it "
@@ -140,6 +141,13 @@ class PretrainConfig:
             raise ValueError(f"{self.data} is not the corpus the run in {self.out} was trained on (it had "
                              f"{described(saved['corpus'])}; this has {described(corpus.fingerprint())}). Resume "
                              f"with the same files, or start a new run (a new --out)")
+
+
+def with_derived_defaults(config: dict) -> dict:
+    """A config's fields with the defaults that follow from other fields filled in (warm-up 5% of the steps, the
+    EMA annealed over all of them): `--warmup 5` names the same run as the default where that is 5%."""
+    return {**config, "warmup": max(1, config["steps"] // 20) if config["warmup"] is None else config["warmup"],
+            "ema_anneal_steps": config["ema_anneal_steps"] or config["steps"]}
 
 
 def setup_distributed(device: str | None) -> tuple[int, int, torch.device]:
@@ -342,7 +350,7 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
     teacher = copy.deepcopy(student).requires_grad_(False)
     clips_per_step = world * nominal_clips_per_batch(config.sampling)
     peak = config.lr if config.lr is not None else config.base_lr * clips_per_step / 256
-    warmup = config.warmup if config.warmup is not None else max(1, config.steps // 20)
+    warmup = with_derived_defaults(config.to_dict())["warmup"]
     lr_schedule = schedule.CosineSchedule(peak, min(config.min_lr, peak), warmup, config.steps)
     optimizer = torch.optim.AdamW(parameter_groups(learner, config.weight_decay), lr=peak, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule)
@@ -361,7 +369,7 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
         if rank == 0:
             print(f"resuming at step {step}")
     model = torch.nn.parallel.DistributedDataParallel(learner) if world > 1 else learner
-    anneal = config.ema_anneal_steps or config.steps
+    anneal = with_derived_defaults(config.to_dict())["ema_anneal_steps"]
     bf16 = config.precision == "bf16" or (
         config.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
