@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import atomic, hub
-from .inputs import first_items
+from .inputs import checked_device, first_items
 from .model import PRESETS, EchoConfig, EchoModel
 
 CONFIG_KEY = "echo_config"  # safetensors metadata entry holding the JSON config
@@ -200,20 +200,6 @@ def load(path, size: str | None = None, device=None, heads: int | None = None, *
     check_state_dict(model, state, str(path))
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
     return model.to(device).eval() if device is not None else model.eval()
-
-
-def checked_device(device) -> torch.device:
-    """A device torch can put a model on: a typo or a GPU this machine lacks is named before any work."""
-    try:
-        checked = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; e.g. cpu, cuda, cuda:1") from None
-    try:
-        torch.empty(0, device=checked)
-    except (RuntimeError, AssertionError) as error:
-        reason = (str(error).strip() or type(error).__name__).splitlines()[0].split(". ")[0]
-        raise ValueError(f"device {checked} is not available here: {reason}") from None
-    return checked
 
 
 def save(model: EchoModel, path, dtype: torch.dtype = torch.float32) -> Path:

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import atomic, fast, host_memory
+from . import atomic, fast, host_memory, inputs
 from .data.bundled import SAMPLES_DIR
 from .data.wav import read_wav
 from .eval.datasets import read_audio
@@ -254,7 +254,7 @@ def _distributed() -> tuple[int, int, bool]:
 
 
 def run(args) -> int:
-    from .checkpoint import checked_device, load
+    from .checkpoint import load
 
     if args.batch_files < 1:
         raise ValueError(f"--batch-files must be at least 1, got {args.batch_files}")
@@ -262,7 +262,7 @@ def run(args) -> int:
         fast.checked_max_tokens(args.max_tokens)
     _check_out(args.out)
     rank, world, own_group = _distributed()
-    device = checked_device(
+    device = inputs.checked_device(
         args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         host_memory.keep_freed_memory()

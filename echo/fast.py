@@ -129,7 +129,7 @@ def encode(
     echo.host_memory.keep_freed_memory() (a process-wide malloc setting, so it is the caller's choice).
     """
     backends.check_environment()  # a misspelt ECHO_BACKEND_<OP> would be ignored by the op it meant
-    if device is not None and not _same_device(torch.device(device), model.device):
+    if device is not None and not _same_device(inputs.checked_device(device), model.device):
         raise ValueError(f"model is on {model.device} but device={device} was asked; move the model first")
     device = model.device
     if max_tokens is None:

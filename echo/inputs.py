@@ -26,6 +26,20 @@ def first_items(items, shown: int = 8) -> str:
     return ", ".join(items[:shown]) + (f", ... ({len(items)} in all)" if len(items) > shown else "")
 
 
+def checked_device(device) -> torch.device:
+    """A device torch can put a model on: a typo or a GPU this machine lacks is named before any work."""
+    try:
+        checked = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; e.g. cpu, cuda, cuda:1") from None
+    try:
+        torch.empty(0, device=checked)
+    except (RuntimeError, AssertionError) as error:
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0].split(". ")[0]
+        raise ValueError(f"device {checked} is not available here: {reason}") from None
+    return checked
+
+
 def check_sample_rate(sample_rate, where: str = "") -> int:
     """An integer rate of 100 Hz (below, the 10 ms hop is no whole sample; slow sensors such as 1 kHz
     accelerometers get one band) to 10 MHz (above, one window holds over 250 000 samples in some 3900 bands: a

@@ -223,8 +223,10 @@ def test_rates_as_tensors_and_other_spellings_of_the_device(model):
         assert all(torch.equal(a, b) for a, b in zip(fast.encode(model, [x, x], rates), expected))
     assert torch.equal(fast.encode(model, [x, x], 8000, device="cpu:0")[0], expected[0])
     if not torch.cuda.is_available():  # a CPU-only torch: the clear error, not torch's "not compiled with CUDA"
-        with pytest.raises(ValueError, match="model is on cpu but device=cuda was asked"):
+        with pytest.raises(ValueError, match="device cuda is not available here"):
             fast.encode(model, [x], 8000, device="cuda")
+    with pytest.raises(ValueError, match="unknown device 'bogus'; e.g. cpu, cuda, cuda:1"):
+        fast.encode(model, [x], 8000, device="bogus")
 
 
 def test_bad_options(model):

@@ -57,8 +57,9 @@ def test_envelope_spectrum_peaks_at_the_defect_frequency(fault, rate):
         # the strongest envelope line is the defect rate (resolution 0.25 Hz, plus the 1 % slip)
         assert strongest == pytest.approx(expected, abs=0.5), (strongest, expected)
         return
-    # A ball defect, carried through the load zone by the cage, puts nearly equal lines at BSF and 2 BSF
-    # (the textbook ball signature); in ~3 % of draws 2 BSF is the taller. The strongest line is one of the
+    # A ball defect, carried through the load zone by the cage, puts nearly equal lines at BSF and 2 BSF (one
+    # strike per BSF period here: a real ball strikes both races and leans to 2 BSF); in ~3 % of draws 2 BSF is
+    # the taller. The strongest line is one of the
     # two, and the BSF line itself reaches 80 % of it (over 120 draws it never fell below 93 %).
     assert min(abs(strongest - expected), abs(strongest - 2 * expected)) <= 1.0, (strongest, expected)
     at_defect = spectrum[np.abs(freqs - expected) <= 0.5].max()
@@ -188,7 +189,11 @@ NAN = float("nan")
     (lambda: synth.Machine(bearing="6205"), "Machine.bearing must be a Bearing, got '6205'"),
     (lambda: synth.machine_signal(synth.Machine(shaft_hz=900.0, fault="inner"), 8000, 800),
      "the inner defect rate reaches 4873.7 Hz, at or above the Nyquist frequency 4000 Hz of sample rate 8000"),
-    (lambda: synth.mix(np.ones(10), np.ones(10), NAN), "mix.snr_db must be a finite number > -inf, got nan"),
+    (lambda: synth.mix(np.ones(10), np.ones(10), NAN), "mix.snr_db must be a finite number in [-200.0, 200.0], got nan"),
+    (lambda: synth.mix(np.ones(10), np.ones(10), 4000), "mix.snr_db must be a finite number in [-200.0, 200.0], got 4000"),
+    (lambda: synth.mix(np.zeros(10), np.ones(10), 10), "lies above the Nyquist frequency, with no noise)"),
+    (lambda: synth.machine_signal(synth.Machine(fault="outer", fault_level=1e39), 16000, 4000),
+     "samples beyond float32's range (largest inf): lower the machine's levels"),
 ])
 def test_bad_parameters_are_named_with_their_value(make, message):
     with pytest.raises(ValueError) as caught:

@@ -22,12 +22,19 @@ accelerometer or microphone:
   (SKF 6205, the Case Western bearing: BPFO = 3.5848 fr, BPFI = 5.4152 fr, BSF = 2.3567 fr.) An inner-race
   defect turns with the shaft through the load zone, so its impacts are amplitude-modulated at fr
   (sidebands at BPFI +- fr); a ball defect is modulated at the cage frequency; an outer-race defect sits
-  still and is not modulated. Impacts slip by ~1 % of a period, as real rolling elements do.
+  still and is not modulated. Impacts slip by ~1 % of a period, as real rolling elements do. A simplification:
+  a ball defect strikes once per BSF period here, where a real one strikes both races, twice per period (its
+  envelope spectrum then leans to 2 BSF).
 - load scales the gear mesh and the bearing impacts, and may drift (load variation);
 - white background noise, and optionally a recorded noise mixed in at a chosen SNR (`mix`).
 
 Everything is drawn from `numpy.random.default_rng(seed)`: the same machine, rate, length and seed give
-the same samples.
+the same samples (another length or rate draws differently: a shorter clip is not a prefix of a longer one).
+The speed and load drifts are scaled to reach their full variation within each clip.
+
+Nothing aliases: a harmonic at or above Nyquist is left out, and so is the whole gear once its top sideband
+would be; the resonance is lowered to 0.4 x the sample rate where it lies above; a bearing defect whose impact
+rate reaches Nyquist is refused (a faulty machine needs a rate of a few hundred Hz at least).
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ from ..inputs import check_sample_rate
 
 FAULTS = ("outer", "inner", "ball")
 RESONANCE_LIMIT = 0.4  # of the sample rate: the resonance stays clearly below Nyquist
+MAX_SNR_DB = 200.0
 
 
 def _check(owner: str, name: str, value, low: float, high: float = math.inf, bounds: str = "[]",
@@ -235,17 +243,26 @@ def machine_signal(machine: Machine, sample_rate: int, n_samples: int, seed: int
     out += machine.noise * rng.standard_normal(n_samples)
     if background is not None:
         out = mix(out, background, background_snr_db, rng)
-    return out.astype(np.float32)
+    with np.errstate(over="ignore"):  # checked below, with a message
+        out = out.astype(np.float32)
+    if not np.isfinite(out).all():  # levels beyond float32's range (a fault_level of 1e39, say)
+        raise ValueError(f"synthetic signal: samples beyond float32's range (largest {np.abs(out).max()}): "
+                         f"lower the machine's levels")
+    return out
 
 
 def mix(signal, noise, snr_db: float, rng: np.random.Generator | None = None) -> np.ndarray:
     """`signal` plus `noise` scaled so that signal power / noise power = `snr_db`. A shorter noise is tiled,
     a longer one is cut at a random offset (drawn from `rng`, or 0 without one)."""
-    _check("mix", "snr_db", snr_db, -math.inf, bounds="(]")  # NaN would give a NaN signal
+    # beyond +-200 dB one of the two is below float rounding of the other, and 10 ** (snr / 10) overflows
+    _check("mix", "snr_db", snr_db, -MAX_SNR_DB, MAX_SNR_DB)
     signal = np.asarray(signal, dtype=np.float64)
     noise = np.asarray(noise, dtype=np.float64)
     if noise.ndim != 1 or noise.size == 0 or not np.any(noise):
         raise ValueError(f"background noise must be a non-silent 1-D waveform, got shape {noise.shape}")
+    if not np.any(signal):  # no power to set the background's level by
+        raise ValueError("the signal to mix a background into is silent (e.g. a machine whose every component "
+                         "lies above the Nyquist frequency, with no noise)")
     if len(noise) < len(signal):
         noise = np.tile(noise, math.ceil(len(signal) / len(noise)))
     offset = 0 if rng is None else int(rng.integers(0, len(noise) - len(signal) + 1))

@@ -141,10 +141,10 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from .. import checkpoint, host_memory
+    from .. import checkpoint, host_memory, inputs
 
     started = time.perf_counter()
-    device = checkpoint.checked_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = inputs.checked_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dataset = datasets.load(args.task, args.data, args.labels)
     for note in dataset.notes:
         print(f"note: {note}")
