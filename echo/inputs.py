@@ -9,7 +9,6 @@ soundfile and WAV). uint8, bool and complex inputs are refused.
 from __future__ import annotations
 
 import numbers
-import warnings
 
 import numpy as np
 import torch
@@ -60,16 +59,16 @@ def check_sample_rate(sample_rate, where: str = "") -> int:
 def as_tensor(samples, where: str = "", what: str = "signal") -> torch.Tensor:
     """A tensor of the samples of a tensor or numpy array (float or integer PCM dtypes; float128 is narrowed
     to float64, which torch holds; big-endian data is put in native order); anything else is refused here
-    rather than by torch. A read-only array is wrapped without a copy: echo never writes into its input."""
+    rather than by torch."""
     if isinstance(samples, np.ndarray):
         if samples.dtype.kind not in "fi":
             raise ValueError(f"{where}{what} has unsupported dtype {samples.dtype}; pass float or int16/int32 PCM")
         if samples.dtype.kind == "f" and samples.dtype.itemsize > 8:
             samples = samples.astype(np.float64)
         samples = np.ascontiguousarray(samples, dtype=samples.dtype.newbyteorder("="))
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
-            return torch.from_numpy(samples)
+        # torch warns on read-only arrays (np.frombuffer, read-only memmaps); a copy is quiet, where silencing the
+        # warning would change the process's warning filters under the file-reading threads
+        return torch.from_numpy(samples if samples.flags.writeable else samples.copy())
     if not isinstance(samples, torch.Tensor):
         raise ValueError(f"{where}{what} must be a torch.Tensor or numpy array, got {type(samples).__name__}")
     if samples.is_meta:
