@@ -101,8 +101,8 @@ def test_mafaulda_faults_with_channels(tmp_path, model_path):
                     "--k", "3") == 0
     rows = read_rows(out / "results.csv")
     views = {(r["protocol"], r["view"]) for r in rows}
-    assert ("loocv", "all") in views and ("kfold", "channel 7") in views and ("loocv", "fused 0,1,2,3,4,5,6,7") in views
-    assert len(rows) == 2 * (1 + 8 + 1)
+    assert ("loocv", "all") in views and ("kfold", "channel 6") in views and ("loocv", "fused 0,1,2,3,4,5,6") in views
+    assert len(rows) == 2 * (1 + 7 + 1)
     assert all(float(r["accuracy"]) == 1.0 for r in rows if r["view"] == "all")
     assert all(r["fold_mean"] for r in rows if r["protocol"] == "kfold")
     assert (out / "confusion_loocv_all.png").stat().st_size > 1000

@@ -42,9 +42,42 @@ def test_a_label_that_is_not_0_or_1_is_refused_not_rounded(tmp_path, label):
     lists.write_text(f"saw\nsection_00_0000.wav,section_00_source_test_normal_0000.wav,1.0\n"
                      f"section_00_0001.wav,section_00_source_test_anomaly_0001.wav,{label}\n")
     with pytest.raises(ValueError, match=f"{lists}:3: label '{label}' is not 0 or 1"):
-        datasets.read_label_lists([lists])
+        datasets.read_label_lists([lists], 2023)
     with pytest.raises(ValueError, match="label list .*missing.csv does not exist"):
-        datasets.read_label_lists([tmp_path / "missing.csv"])
+        datasets.read_label_lists([tmp_path / "missing.csv"], 2023)
+
+
+def test_dcase_published_two_column_label_list(tmp_path):
+    """The nttcslab eval_data_list_<year>.csv rows are `file,reference_file`: label and domain are in the reference."""
+    touch(tmp_path, "eval_data/raw/saw/train/section_00_source_train_normal_0000_vel_15.wav",
+          "eval_data/raw/saw/test/section_00_0005.wav", "eval_data/raw/saw/test/section_00_0006.wav")
+    lists = tmp_path / "eval_data_list_2023.csv"
+    lists.write_text("saw\nsection_00_0005.wav,section_00_source_test_anomaly_0005_vel_15.wav\n"
+                     "section_00_0006.wav,section_00_target_test_normal_0006_vel_15.wav\n")
+    data = datasets.load("dcase2023", tmp_path)
+    tests = {c.path.name: (c.domain, c.label) for c in data.items if c.subset == "test"}
+    assert tests == {"section_00_0005.wav": ("source", 1), "section_00_0006.wav": ("target", 0)} and not data.notes
+    lists.write_text("saw\nsection_00_0005.wav,section_00_source_test_0005.wav\n")
+    with pytest.raises(ValueError, match=f"{lists}:2: no label: the reference name 'section_00_source_test_0005.wav'"):
+        datasets.load("dcase2023", tmp_path)
+
+
+def test_dcase2021_published_source_and_target_test_folders(tmp_path):
+    originals = [("source_test", "section_00_source_test_anomaly_0000.wav"),
+                 ("target_test", "section_00_target_test_normal_0000.wav")]
+    touch(tmp_path, "dev_data/fan/train/section_00_source_train_normal_0000.wav",
+          *(f"dev_data/fan/{folder}/{name}" for folder, name in originals))
+
+    def tests():
+        items = datasets.load("dcase2021", tmp_path).items
+        return sorted((c.path.parent.name, c.path.name) for c in items if c.subset == "test")
+
+    assert tests() == sorted(originals)
+    touch(tmp_path, *(f"dev_data/fan/test/{name}" for _, name in originals))  # the baseline's copy: read once
+    assert tests() == sorted(("test", name) for _, name in originals)
+    (tmp_path / "dev_data/fan/test" / originals[0][1]).unlink()  # a partial copy would drop clips
+    with pytest.raises(ValueError, match="fan: test/ and source_test/, target_test/ hold different files"):
+        tests()
 
 
 def test_dcase2020_ids_and_unlabelled_eval(tmp_path):
@@ -95,7 +128,7 @@ def test_dcase_wrong_layouts(tmp_path):
     with pytest.raises(ValueError, match="no DCASE machine folder"):
         datasets.load("dcase2022", tmp_path)
     touch(tmp_path, "dev_data/fan/train/section_00_source_train_normal_0000.wav")
-    with pytest.raises(ValueError, match="fan: has train/ but no test/ folder"):
+    with pytest.raises(ValueError, match=r"fan: has train/ but no test/ folder \(nor source_test/, target_test/\)"):
         datasets.load("dcase2022", tmp_path)
     touch(tmp_path, "dev_data/fan/test/normal_id_00_0000.wav")
     with pytest.raises(ValueError, match="has no section_XX"):
@@ -141,6 +174,8 @@ def test_cwru_classes_from_paths_and_mat_reading(tmp_path):
     assert "skipped 2 files" in data.notes[0]
     read, rate = data.read(data.items[0].path)
     assert rate == 12000 and np.allclose(read, signal)  # the DE variable, not the FE one
+    fan_end = next(item.path for item in data.items if item.label.startswith("FE"))
+    assert np.allclose(data.read(fan_end)[0], -signal)  # a fan-end fault is read from the fan-end sensor
     path = tmp_path / "12k_Drive_End_Bearing_Fault_Data/IR007_0.mat"
     scipy_io.savemat(path, {"X105_DE_time": signal})  # saved as one row (1, N)
     assert np.allclose(data.read(path)[0], signal)
@@ -154,6 +189,35 @@ def test_cwru_classes_from_paths_and_mat_reading(tmp_path):
         datasets.load("cwru", tmp_path)
 
 
+def test_cwru_variable_of_the_file_and_the_mirror_layout(tmp_path):
+    """The mirror layout {B,IR,OR}/<size>/[@N/]<id>_<load>.mat: the file's own number picks among variables, a
+    lone variable of another number is taken (174.mat holds X173), several others are refused."""
+    scipy_io = pytest.importorskip("scipy.io")
+    rng = seeded_rng()
+    own, other = rng.normal(size=(400, 1)), rng.normal(size=(400, 1))
+    end = tmp_path / "12k_Drive_End_Bearing_Fault_Data"
+    files = {"IR/007/105_0.mat": {"X105_DE_time": own, "X106_DE_time": other, "X105_FE_time": other},
+             "IR/007/174_1.mat": {"X173_DE_time": own, "X173_FE_time": other},
+             "OR/014/197_0.mat": {"X197_DE_time": own},  # 0.014" drive-end outer race: only @6 recorded
+             "OR/007/@3/144_0.mat": {"X144_DE_time": own}}
+    for name, variables in files.items():
+        (end / name).parent.mkdir(parents=True, exist_ok=True)
+        scipy_io.savemat(end / name, variables)
+    data = datasets.load("cwru", tmp_path)
+    assert {item.path.relative_to(end).as_posix(): item.label for item in data.items} == {
+        "IR/007/105_0.mat": "DE_IR", "IR/007/174_1.mat": "DE_IR", "OR/014/197_0.mat": "DE_OR@6",
+        "OR/007/@3/144_0.mat": "DE_OR@3"}
+    assert all(np.allclose(data.read(item.path)[0], own[:, 0]) for item in data.items)
+    scipy_io.savemat(end / "IR/007/174_1.mat", {"X173_DE_time": own, "X172_DE_time": other})
+    with pytest.raises(ValueError, match="174_1.mat: 2 variables X172_DE_time, X173_DE_time and none numbered"):
+        data.read(end / "IR/007/174_1.mat")
+    fan = tmp_path / "12k_Fan_End_Bearing_Fault_Data/OR/014/300_0.mat"  # no one-position rule for the fan end
+    fan.parent.mkdir(parents=True)
+    scipy_io.savemat(fan, {"X300_FE_time": own})
+    with pytest.raises(ValueError, match="300_0.mat: cannot tell the class"):
+        datasets.load("cwru", tmp_path)
+
+
 def test_mafaulda_classes_and_csv(tmp_path):
     table = seeded_rng().normal(size=(300, 8)).astype(np.float32)
     for name in ["normal/12.288.csv", "imbalance/6g/13.9.csv", "overhang/cage_fault/20g/14.1.csv",
@@ -164,8 +228,9 @@ def test_mafaulda_classes_and_csv(tmp_path):
     assert sorted(item.label for item in data.items) == ["imbalance", "normal", "overhang-cage_fault",
                                                          "underhang-outer_race"]
     signal, rate = data.read(data.items[0].path)
-    assert rate == 50000 and signal.shape == (8, 300) and np.allclose(signal, table.T, rtol=1e-6)
-    assert data.channels == 8
+    # column 1, the tachometer, is left out: the 6 accelerometer axes and the microphone remain
+    assert rate == 50000 and signal.shape == (7, 300) and np.allclose(signal, table[:, 1:].T, rtol=1e-6)
+    assert data.channels == 7
     np.savetxt(tmp_path / "normal/bad.csv", table[:, :5], delimiter=",")
     with pytest.raises(ValueError, match="5 columns, MAFAULDA files have 8"):
         data.read(tmp_path / "normal/bad.csv")
@@ -187,28 +252,27 @@ def test_iiee_and_iica(tmp_path):
         ("a.wav", "good", "train"), ("b.wav", "broken", "train"), ("c.wav", "heavyload", "test")]
     with pytest.raises(ValueError, match="needs train_cut/ and test_cut/"):
         datasets.load("iiee", tmp_path / "ee" / "train_cut")
-    touch(tmp_path / "air", "leak/a.wav", "leak/b.wav", "tight/c.wav")
+
+
+def test_iica_class_is_leak_folder_and_status_in_the_name_not_the_session(tmp_path):
+    """<leak>/<condition>/<session>/<prefix>_<iO|niO>_<knob>_<mic>_<n>.wav: niO = leak, iO = no leak."""
+    expected = {}
+    for leak in ("tubeleak", "ventlow"):
+        for session in ("1", "2"):
+            for status, name in (("niO", "leak"), ("iO", "noleak")):
+                relative = f"{leak}/hydr_low/{session}/hydr_low_{status}_k1_1m_0.wav"
+                expected[relative] = (f"{leak}_{name}", f"{leak}/hydr_low/{session}")
+    touch(tmp_path / "air", *expected)
     data = datasets.load("iica", tmp_path / "air")
-    assert sorted((i.label, i.subset) for i in data.items) == [("leak", None), ("leak", None), ("tight", None)]
-    assert data.protocols == ("kfold", "loocv")
-    touch(tmp_path / "air", "d.wav")
-    with pytest.raises(ValueError, match="folder named after their class"):
-        datasets.load("iica", tmp_path / "air")
-
-
-def test_iica_split_folders_lie_above_the_class_folder(tmp_path):
-    touch(tmp_path / "nosplit", "normal/a.wav", "testbench_leak/b.wav")  # a class, not a test split
-    data = datasets.load("iica", tmp_path / "nosplit")
-    assert sorted((i.label, i.subset) for i in data.items) == [("normal", None), ("testbench_leak", None)]
-    touch(tmp_path / "split", "train_cut/normal/a.wav", "test_cut/normal/b.wav")
-    data = datasets.load("iica", tmp_path / "split")
-    assert sorted((i.label, i.subset) for i in data.items) == [("normal", "test"), ("normal", "train")]
-    touch(tmp_path / "split", "train_cut/c.wav")
-    with pytest.raises(ValueError, match="c.wav: lies directly in the split folder .*train_cut"):
-        datasets.load("iica", tmp_path / "split")
-    touch(tmp_path / "bare", "train/a.wav", "test/b.wav")  # no class folder at all
-    with pytest.raises(ValueError, match="test/b.wav: lies directly in the split folder"):
-        datasets.load("iica", tmp_path / "bare")
+    assert {i.path.relative_to(tmp_path / "air").as_posix(): (i.label, i.group) for i in data.items} == expected
+    assert data.protocols == ("kfold", "loocv") and not data.notes
+    for name in ("lab_k1_1m_0.wav", "lab_iO_niO_1m_0.wav"):  # no status, or two: no class to give it
+        touch(tmp_path / name, f"ventlow/lab/3/{name}")
+        with pytest.raises(ValueError, match=f"{name}: the file name must hold one field niO .leak. or iO"):
+            datasets.load("iica", tmp_path / name)
+    touch(tmp_path / "old", "leak/lab_niO_k1_1m_0.wav")  # a folder per class is not the published layout
+    with pytest.raises(ValueError, match="leak/lab_niO_k1_1m_0.wav: not in the IDMT-ISA compressed air layout"):
+        datasets.load("iica", tmp_path / "old")
 
 
 def test_a_broken_link_is_kept_to_be_reported_not_left_out(tmp_path):

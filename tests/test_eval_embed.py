@@ -58,8 +58,14 @@ def test_embeddings_equal_model_encode_and_cache(tmp_path, model):
     assert changed.encoded == 1 and changed.cached == 3
     assert rel_err(changed.vectors[3], reference(model, files[3])) < 1e-5
     assert not np.allclose(changed.vectors[3], first.vectors[3])
-    # another model key never sees these entries
+    # another model key never sees these entries, nor does another reader (a data set reading other channels)
     assert embed.embed_files(model, files[:1], read_audio, cache, "other", progress=False).encoded == 1
+
+    def first_channel(path):
+        signal, rate = read_audio(path)
+        return (signal[0] if signal.ndim == 2 else signal), rate
+
+    assert embed.embed_files(model, files, first_channel, cache, "key", progress=False).encoded == 4
 
 
 def test_bad_files_are_reported_and_skipped(tmp_path, model):

@@ -62,6 +62,31 @@ def test_kfold_matches_brute_force():
     assert row["fold_std"] == pytest.approx(np.sqrt(np.mean((np.array(fold_accuracies) - np.mean(fold_accuracies)) ** 2)))
 
 
+def test_a_group_never_finds_itself():
+    """Segments of one recording (a group) sit near each other: leave-one-out leaves the whole group out of the
+    bank, and each fold holds whole groups; brute force decides what the neighbours are."""
+    points, labels = clustered(n_per_class=12, spread=2.0)
+    rng = seeded_rng()
+    groups = np.repeat(np.arange(12), 3)  # four groups per class, three segments each
+    points = points + 5 * rng.normal(size=(12, points.shape[1]))[groups]  # a recording's own offset
+    result = faults.evaluate(points, labels, "loocv", groups=groups)
+    expected = []
+    for i in range(len(points)):
+        bank = groups != groups[i]
+        expected.append(naive_predict(points[bank], labels[bank], points[i], 5))
+    assert result.y_pred.tolist() == expected
+    assert result.y_pred.tolist() != faults.evaluate(points, labels, "loocv").y_pred.tolist()  # the leak it closes
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    result = faults.evaluate(points, labels, "kfold", folds=4, seed=1, groups=groups)
+    predictions = np.empty(len(labels), dtype=object)
+    for train, test in StratifiedGroupKFold(4, shuffle=True, random_state=1).split(points, labels, groups):
+        assert not set(groups[train]) & set(groups[test])
+        for i in test:
+            predictions[i] = naive_predict(points[train], labels[train], points[i], 5)
+    assert result.y_pred.tolist() == predictions.tolist()
+
+
 def test_given_split_hand_case_and_metrics():
     # 1-D: class x near 0, class y near 10; k=3
     train = np.array([[0.0], [1.0], [2.0], [9.0], [10.0], [11.0]])

@@ -108,12 +108,13 @@ def _faults(args, dataset, items, vectors, device) -> tuple[dict, list]:
     embeddings = vectors.reshape(len(vectors), dataset.channels, -1)
     labels = [item.label for item in items]
     subsets = [item.subset for item in items]
+    groups = [item.group for item in items] if any(item.group for item in items) else None
     fused = None if args.channels is None else [int(c) for c in args.channels.split(",")]
     views = [(None, False)]
     if dataset.channels > 1:
         views += [([c], False) for c in range(dataset.channels)] + [(fused, True)]
     results = [faults.evaluate(embeddings, labels, protocol, args.k, subsets, channels, fuse, args.folds,
-                               args.seed, device)
+                               args.seed, device, groups)
                for protocol in (args.protocol or dataset.protocols) for channels, fuse in views]
     rows = [result.row() for result in results]
     columns = ["protocol", "view", "files", "accuracy", "precision", "recall", "f1", "fold_mean", "fold_std"]

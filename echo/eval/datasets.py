@@ -4,16 +4,20 @@ Each adapter returns a `Dataset`: the files with their labels, the reader that t
 (signal (N,) or (C, N), sample rate), and the protocols that apply. A wrong layout fails with a message
 that names what is missing where. Nothing is downloaded.
 
-    dcase<year>  DCASE Task 2 2020-2025: <root>/{dev_data,eval_data}/<machine>/{train,test}/*.wav (any depth);
-                 eval test labels from eval_data_list_<year>.csv (a one-field row names the machine, then
-                 `file,reference_file,label` rows; the domain is read from the reference file name)
+    dcase<year>  DCASE Task 2 2020-2025: <root>/{dev_data,eval_data}/<machine>/{train,test}/*.wav (any depth;
+                 2021 as published: source_test/ and target_test/ where there is no test/); eval test labels
+                 from eval_data_list_<year>.csv (a one-field row names the machine, then `file,reference_file`
+                 rows as published, label and domain read from the reference name, or `file,reference_file,label`)
     cwru         CWRU 12 kHz drive-end and fan-end fault .mat files; 10 classes: end (DE/FE) x fault type
-                 (B, IR, OR) with the outer-race position @3/@6/@12; signal = variable X<nnn>_DE_time
-    mafaulda     MAFAULDA CSV files (8 columns, 50 kHz); 10 classes from the path (normal, imbalance,
-                 horizontal-/vertical-misalignment, {under,over}hang x {ball_fault, cage_fault, outer_race})
+                 (B, IR, OR) with the outer-race position @3/@6/@12; signal = the accelerometer at the fault's
+                 end, variable X<nnn>_DE_time or X<nnn>_FE_time
+    mafaulda     MAFAULDA CSV files (50 kHz); 10 classes from the path (normal, imbalance,
+                 horizontal-/vertical-misalignment, {under,over}hang x {ball_fault, cage_fault, outer_race});
+                 7 channels: columns 2-8 of the 8 (MAFAULDA_CHANNELS), the tachometer (column 1) left out
     iiee         IDMT-ISA electric engine: train_cut/ and test_cut/ (or test/); classes good, broken, heavyload
-    iica         IDMT-ISA compressed air (48 kHz): the class is the folder holding the file; a train*/test*
-                 folder above that class folder gives the split, otherwise stratified k-fold
+    iica         IDMT-ISA compressed air (48 kHz): <leak>/<condition>/<session>/<prefix>_<iO|niO>_....wav; class
+                 = leak folder + leak status from the name (tubeleak_leak, tubeleak_noleak, ...); group =
+                 session folder
     folder       a user's machine: <root>/normal/* is the bank, <root>/test/{normal,anomalous}/* is scored
                  (any case; files directly in <root>/test/ are scored without a label; other sub-folders are an error)
 """
@@ -34,10 +38,18 @@ from .anomaly import Clip, check_year
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".aiff", ".aif"}
 CWRU_RATE = 12000
 MAFAULDA_RATE = 50000
-MAFAULDA_CHANNELS = 8
+# the 8 columns of a MAFAULDA file; the tachometer's pulse train only marks the shaft speed (neither vibration
+# nor sound), so the channels evaluated are the other seven, in column order
+MAFAULDA_COLUMNS = ("tachometer", "underhang-axial", "underhang-radial", "underhang-tangential",
+                    "overhang-axial", "overhang-radial", "overhang-tangential", "microphone")
+MAFAULDA_CHANNELS = MAFAULDA_COLUMNS[1:]
 MAFAULDA_TOP = ("normal", "imbalance", "horizontal-misalignment", "vertical-misalignment", "underhang", "overhang")
 MAFAULDA_BEARING = ("ball_fault", "cage_fault", "outer_race")
 IIEE_CLASSES = ("good", "broken", "heavyload")
+IICA_LEAKS = ("tubeleak", "ventleak", "ventlow")
+IICA_STATUS = {"niO": "leak", "iO": "noleak"}  # a field of the file name: (nicht) in Ordnung
+# outer-race sizes recorded at one position only, so the mirror's OR/<size>/ folder has no @<position> folder
+CWRU_SINGLE_POSITION = {("DE", "014"): "@6"}
 FOLDER_TEST_LABELS = {"normal": 0, "anomalous": 1, "anomaly": 1}  # test/ sub-folders, matched case-insensitively
 TASKS = tuple(f"dcase{year}" for year in range(2020, 2026)) + ("cwru", "mafaulda", "iiee", "iica", "folder")
 
@@ -48,6 +60,7 @@ class Sample:
     path: Path
     label: str
     subset: str | None = None  # "train" / "test" where the data set gives a split
+    group: str | None = None  # the recording(s) the file was cut from: folds must keep a group on one side
 
 
 @dataclass
@@ -68,16 +81,20 @@ def read_audio(path: Path) -> tuple[np.ndarray, int]:
     return (data[:, 0] if data.shape[1] == 1 else np.ascontiguousarray(data.T)), rate
 
 
-def read_cwru(path: Path) -> tuple[np.ndarray, int]:
-    """The drive-end accelerometer of a CWRU .mat file; where a file holds several, the one whose number
-    is the file's own."""
+def read_cwru(path: Path, end: str) -> tuple[np.ndarray, int]:
+    """The accelerometer at `end` ("DE" drive end, "FE" fan end) of a CWRU .mat file; where a file holds
+    several, the one whose number is the file's own. A lone variable of another number is taken (174.mat
+    holds X173, the 0.028" files X048-X059); among several, none is guessed."""
     io = require("scipy.io", "reading CWRU .mat files")
     content = io.loadmat(str(path))
-    keys = sorted(key for key in content if re.fullmatch(r"X\d+_DE_time", key))
+    keys = sorted(key for key in content if re.fullmatch(rf"X\d+_{end}_time", key))
     if not keys:
-        raise ValueError(f"{path}: no X<nnn>_DE_time variable (has {', '.join(k for k in content if k[0] != '_')})")
+        raise ValueError(f"{path}: no X<nnn>_{end}_time variable (has {', '.join(k for k in content if k[0] != '_')})")
     number = re.match(r"\d+", path.stem)
     own = [key for key in keys if number and int(key[1:].split("_")[0]) == int(number.group())]
+    if not own and len(keys) > 1:
+        raise ValueError(f"{path}: {len(keys)} variables {', '.join(keys)} and none numbered as the file; "
+                         f"cannot tell which recording is this file's")
     key = (own or keys)[0]
     data = np.asarray(content[key])
     # CWRU stores one (N, 1) column; ravel would interleave a second column and casting would drop an imaginary part
@@ -89,14 +106,15 @@ def read_cwru(path: Path) -> tuple[np.ndarray, int]:
 
 
 def read_mafaulda(path: Path) -> tuple[np.ndarray, int]:
+    """The MAFAULDA_CHANNELS of a MAFAULDA csv file, (7, N)."""
     with warnings.catch_warnings():  # an empty file is reported as such below, not as numpy's warning
         warnings.filterwarnings("ignore", "loadtxt: input contained no data")
         table = np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
     if table.size == 0:
         raise ValueError(f"{path}: empty file")
-    if table.shape[1] != MAFAULDA_CHANNELS:
-        raise ValueError(f"{path}: {table.shape[1]} columns, MAFAULDA files have {MAFAULDA_CHANNELS}")
-    return np.ascontiguousarray(table.T), MAFAULDA_RATE
+    if table.shape[1] != len(MAFAULDA_COLUMNS):
+        raise ValueError(f"{path}: {table.shape[1]} columns, MAFAULDA files have {len(MAFAULDA_COLUMNS)}")
+    return np.ascontiguousarray(table[:, 1:].T), MAFAULDA_RATE
 
 
 def _root(root) -> Path:
@@ -114,8 +132,10 @@ def _files(folder: Path, suffixes, recursive: bool = False) -> list[Path]:
 
 # ---------------------------------------------------------------- DCASE
 
-def read_label_lists(paths) -> dict:
-    """{(machine, file name): (reference file name, label)} from eval_data_list csv files."""
+def read_label_lists(paths, year: int) -> dict:
+    """{(machine, file name): (reference file name, label)} from eval_data_list csv files: rows
+    `file,reference_file` (the published lists: the label is read from the reference name) or
+    `file,reference_file,label`."""
     table = {}
     for path in paths:
         if not Path(path).is_file():
@@ -129,8 +149,12 @@ def read_label_lists(paths) -> dict:
                 elif len(row) >= 2:
                     if machine is None:
                         raise ValueError(f"{path}:{line}: a file row before any machine-name row")
-                    reference = row[1] if len(row) >= 3 else ""
-                    table[(machine, Path(row[0]).name)] = (Path(reference).name, _binary_label(row[-1], path, line))
+                    reference = Path(row[1]).name
+                    label = _binary_label(row[-1], path, line) if len(row) >= 3 else _dcase_fields(reference, year)[2]
+                    if label is None:
+                        raise ValueError(f"{path}:{line}: no label: the reference name {reference!r} holds neither "
+                                         f"normal nor anomaly, and there is no third (label) column")
+                    table[(machine, Path(row[0]).name)] = (reference, label)
     return table
 
 
@@ -153,6 +177,22 @@ def _dcase_fields(name: str, year: int):
             None if label is None else int(label.group(1) == "anomaly"))
 
 
+def _dcase_test_folders(machine_dir: Path) -> list[Path]:
+    """test/, or where there is none (DCASE 2021 as published) source_test/ and target_test/. The 2021 baseline
+    copies those two into test/: the copy is read, never both, and only if it holds the same files."""
+    test, originals = machine_dir / "test", [machine_dir / n for n in ("source_test", "target_test")]
+    originals = [folder for folder in originals if folder.is_dir()]
+    if not test.is_dir():
+        if not originals:
+            raise ValueError(f"{machine_dir}: has train/ but no test/ folder (nor source_test/, target_test/)")
+        return originals
+    names = lambda folders: {p.name for folder in folders for p in _files(folder, AUDIO_SUFFIXES)}  # noqa: E731
+    if originals and names([test]) != names(originals):
+        raise ValueError(f"{machine_dir}: test/ and {', '.join(f.name + '/' for f in originals)} hold different "
+                         f"files; keep test/ as a copy of them, or remove it to read them")
+    return [test]
+
+
 def dcase(root, year: int, label_lists=None) -> Dataset:
     root, year = _root(root), check_year(year)
     naming = "id_XX" if year == 2020 else "section_XX"
@@ -163,7 +203,7 @@ def dcase(root, year: int, label_lists=None) -> Dataset:
     # only the year's own lists (or the user's): another year's list would label this year's clips wrongly
     found = [] if label_lists else sorted(root.rglob("eval_data_list*.csv"))
     lists = list(label_lists) if label_lists else [p for p in found if str(year) in p.name]
-    labels = read_label_lists(lists)
+    labels = read_label_lists(lists, year)
     items, notes, unlabelled, seen = [], [], 0, {}
     for machine_dir in machine_dirs:
         machine = machine_dir.name
@@ -176,13 +216,11 @@ def dcase(root, year: int, label_lists=None) -> Dataset:
             raise ValueError(f"two {split} folders for machine {machine!r}: {seen[split, machine]} and "
                              f"{machine_dir}; point --data at one copy of the data")
         seen[split, machine] = machine_dir
-        test_dir = machine_dir / "test"
-        if not test_dir.is_dir():
-            raise ValueError(f"{machine_dir}: has train/ but no test/ folder")
-        for subset in ("train", "test"):
-            files = _files(machine_dir / subset, AUDIO_SUFFIXES)
+        for subset, folders in (("train", [machine_dir / "train"]), ("test", _dcase_test_folders(machine_dir))):
+            files = [path for folder in folders for path in _files(folder, AUDIO_SUFFIXES)]
             if not files:
-                raise ValueError(f"{machine_dir / subset}: no audio file ({', '.join(sorted(AUDIO_SUFFIXES))})")
+                raise ValueError(f"{' and '.join(map(str, folders))}: no audio file "
+                                 f"({', '.join(sorted(AUDIO_SUFFIXES))})")
             for path in files:
                 section, domain, label = _dcase_fields(path.name, year)
                 if subset == "test" and label is None:
@@ -234,14 +272,16 @@ def _cwru_label(relative: Path) -> str | None:
     end = "DE" if re.search(r"drive|(?:^|[^a-z])de(?:[^a-z]|$)", text) else \
         "FE" if re.search(r"fan|(?:^|[^a-z])fe(?:[^a-z]|$)", text) else None
     tokens = re.split(r"[/_\s\-]+", relative.with_suffix("").as_posix())
-    fault = position = None
-    for token in tokens:
+    fault = position = size = None
+    for token, following in zip(tokens, tokens[1:] + [""]):
         match = re.fullmatch(r"(IR|B|OR)(\d{3})?(@\d+)?", token, flags=re.IGNORECASE)
         if match:
             fault = match.group(1).upper()
+            size = match.group(2) or (following if re.fullmatch(r"\d{3}", following) else size)  # OR/014/
             position = match.group(3) or position
         elif re.fullmatch(r"@(3|6|12)", token):
             position = token
+    position = position or CWRU_SINGLE_POSITION.get((end, size))
     if end is None or fault is None or (fault == "OR" and position not in ("@3", "@6", "@12")):
         return None
     return f"{end}_{fault}{position if fault == 'OR' else ''}"
@@ -267,7 +307,9 @@ def cwru(root) -> Dataset:
                              f"@3/@6/@12 for the outer race)")
         items.append(Sample(path, label))
     notes = [f"skipped {len(skipped)} files that are not 12 kHz fault data (48k or normal)"] if skipped else []
-    return Dataset("cwru", "faults", items, read_cwru, protocols=("loocv", "kfold"), notes=notes)
+    ends = {item.path: item.label[:2] for item in items}  # DE_... / FE_...: the sensor at the faulty bearing
+    return Dataset("cwru", "faults", items, lambda path: read_cwru(path, ends[path]), protocols=("loocv", "kfold"),
+                   notes=notes)
 
 
 def mafaulda(root) -> Dataset:
@@ -286,7 +328,7 @@ def mafaulda(root) -> Dataset:
                 raise ValueError(f"{path}: a {label} file must lie in {label}/<{'|'.join(MAFAULDA_BEARING)}>/")
             label = f"{label}-{parts[1]}"
         items.append(Sample(path, label))
-    return Dataset("mafaulda", "faults", items, read_mafaulda, channels=MAFAULDA_CHANNELS,
+    return Dataset("mafaulda", "faults", items, read_mafaulda, channels=len(MAFAULDA_CHANNELS),
                    protocols=("loocv", "kfold"))
 
 
@@ -309,30 +351,26 @@ def iiee(root) -> Dataset:
 
 
 def iica(root) -> Dataset:
+    """The class is the leak folder plus the status in the file name, as SIREN's metadata: the session folders
+    1/2/3 are recording sessions, not classes. A session's files are cut from the same recordings, so the
+    session folder is each file's group."""
     root = _root(root)
+    layout = f"<{'|'.join(IICA_LEAKS)}>/<condition>/<session>/<prefix>_<iO|niO>_....wav"
     files = _files(root, AUDIO_SUFFIXES, recursive=True)
     if not files:
-        raise ValueError(f"{root}: no audio file; IDMT-ISA compressed air expects <root>/[train|test/]<class>/*.wav")
-    items, split_dirs = [], set()
+        raise ValueError(f"{root}: no audio file; IDMT-ISA compressed air expects {layout}")
+    items = []
     for path in files:
         parts = path.relative_to(root).parts[:-1]
-        if not parts:
-            raise ValueError(f"{path}: lies directly in {root}; files must lie in a folder named after their class")
-        # only folders above the class folder give the split, so a class such as testbench_leak stays a class
-        level = next(((i, s) for i, part in enumerate(parts[:-1]) for s in ("train", "test")
-                      if part.lower().startswith(s)), None)
-        if level:
-            split_dirs.add(root.joinpath(*parts[:level[0] + 1]))
-        items.append(Sample(path, parts[-1], level[1] if level else None))
-    for item in items:  # its class would be the split folder's name
-        if item.path.parent in split_dirs or item.label.lower() in ("train", "test"):
-            raise ValueError(f"{item.path}: lies directly in the split folder {item.path.parent}; files must lie "
-                             f"in <root>/<train*|test*>/<class>/")
-    subsets = {item.subset for item in items}
-    if None in subsets and len(subsets) > 1:
-        raise ValueError(f"{root}: some files lie under a train/test folder and some do not")
-    protocols = ("kfold", "loocv") if subsets == {None} else ("split",)
-    return Dataset("iica", "faults", items, read_audio, protocols=protocols)
+        if len(parts) < 3 or parts[-3] not in IICA_LEAKS:
+            raise ValueError(f"{path}: not in the IDMT-ISA compressed air layout {layout}")
+        # the field after the prefix; looked up by value, as a prefix such as hydr_low holds an underscore
+        status = [IICA_STATUS[field] for field in path.stem.split("_") if field in IICA_STATUS]
+        if len(status) != 1:  # a guessed status would mislabel the file
+            raise ValueError(f"{path}: the file name must hold one field niO (leak) or iO (no leak), as in "
+                             f"lab_niO_k1_1m_0.wav")
+        items.append(Sample(path, f"{parts[-3]}_{status[0]}", group="/".join(parts)))
+    return Dataset("iica", "faults", items, read_audio, protocols=("kfold", "loocv"))
 
 
 def load(task: str, root, label_lists=None) -> Dataset:

@@ -3,12 +3,14 @@
 Files are read by a thread pool one batch ahead of the encoder and encoded in batches of mixed rates and
 lengths. Each finished batch is written to the cache as one safetensors shard (temporary file + rename), so
 an interrupted run loses at most one batch and a rerun encodes only what is missing. A cache entry is keyed
-by (model hash, resolved file path, size, mtime): a changed file gets a new key and is encoded again. A file
+by (model hash, dtype, the reader and its module's source, resolved file path, size, mtime): a changed file,
+or a reader that now returns other channels, is encoded again. A file
 that cannot be read or encoded is reported with the reason and left out, never replaced by a zero vector.
 """
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +42,16 @@ def model_hash(model) -> str:
 def shown(path) -> str:
     """A path as printable text, also when its name is not valid UTF-8 (those bytes become \\xNN escapes)."""
     return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def reader_key(read: Callable) -> str:
+    """The reader's name and the source of the module defining it: embeddings cached from a reader that has
+    since changed what it returns (another channel choice, another scaling) are not served again. An edit
+    elsewhere in that module re-encodes once, which is the safe side."""
+    module = inspect.getmodule(read)
+    source = inspect.getsource(module) if module is not None else ""
+    name = f"{getattr(read, '__module__', '')}.{getattr(read, '__qualname__', type(read).__name__)}"
+    return hashlib.sha256(f"{name}\0{source}".encode()).hexdigest()[:16]
 
 
 def encoding_key(model_key: str, dtype: torch.dtype) -> str:
@@ -122,7 +134,8 @@ def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | N
     paths = [Path(p) for p in paths]
     cache = None
     if cache_dir is not None:
-        cache = EmbeddingCache(cache_dir, encoding_key(model_key or model_hash(model), dtype))
+        key = f"{encoding_key(model_key or model_hash(model), dtype)}\0{reader_key(read)}"
+        cache = EmbeddingCache(cache_dir, hashlib.sha256(key.encode()).hexdigest())
     result = Embedded([None] * len(paths))
     keys, todo = [None] * len(paths), []
     for index, path in enumerate(paths):

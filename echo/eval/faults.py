@@ -3,7 +3,8 @@
 k = 5, Euclidean distance on the raw embeddings, majority vote; a tied vote goes to the tied label met first
 in ascending-distance order. Protocols: leave-one-file-out (the query is never its own neighbour), stratified
 k-fold (5 folds, seed 1: accuracy of the pooled predictions, plus per-fold mean and population std) and a
-given train/test split. Multi-channel embeddings (rows, channels, features) are scored on all channels
+given train/test split. Where a data set groups its files (segments cut from one recording), a group stays on
+one side: group folds, and leave-one-group-out. Multi-channel embeddings (rows, channels, features) are scored on all channels
 concatenated, on each channel alone, and by the fused distance of `neighbors.fused_nearest`.
 """
 from __future__ import annotations
@@ -89,8 +90,11 @@ def view_name(channels, fuse: bool, n_channels: int) -> str:
 
 
 def evaluate(embeddings, labels, protocol: str, k: int = 5, subsets=None, channels=None, fuse: bool = False,
-             folds: int = 5, seed: int = 1, device=None) -> FaultResult:
-    """One protocol on one channel view. `subsets` ("train"/"test" per row) is needed for "split"."""
+             folds: int = 5, seed: int = 1, device=None, groups=None) -> FaultResult:
+    """One protocol on one channel view. `subsets` ("train"/"test" per row) is needed for "split". `groups`
+    (one per row: the recording a file was cut from) keeps a group on one side: folds are stratified group
+    folds, and leave-one-out leaves the query's whole group out of the bank (segments of one recording would
+    otherwise find each other)."""
     embeddings = _as_channels(embeddings)
     labels = np.asarray(labels)
     if len(labels) != len(embeddings):
@@ -100,14 +104,24 @@ def evaluate(embeddings, labels, protocol: str, k: int = 5, subsets=None, channe
     run = lambda bank, queries, exclude=None: classes[predict(  # noqa: E731
         embeddings[bank], codes[bank], embeddings[queries], k, channels, fuse, exclude, device)]
     everything = np.arange(len(labels))
-    if protocol == "loocv":
+    if groups is not None and len(groups) != len(labels):
+        raise ValueError(f"{len(groups)} groups for {len(labels)} embeddings")
+    if protocol == "loocv" and groups is None:
         return score(labels, run(everything, everything, everything), classes, protocol, view)
+    if protocol == "loocv":
+        groups = np.asarray(groups)
+        predictions = np.empty_like(labels)
+        for group in np.unique(groups):
+            inside = groups == group
+            predictions[inside] = run(everything[~inside], everything[inside])
+        return score(labels, predictions, classes, protocol, view)
     if protocol == "kfold":
         selection = require("sklearn.model_selection", "stratified k-fold")
-        splitter = selection.StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        splitter = (selection.StratifiedKFold if groups is None else selection.StratifiedGroupKFold)(
+            n_splits=folds, shuffle=True, random_state=seed)
         predictions = np.empty_like(labels)
         fold_accuracies = []
-        for train, test in splitter.split(np.zeros(len(labels)), labels):
+        for train, test in splitter.split(np.zeros(len(labels)), labels, groups):
             predictions[test] = run(train, test)
             fold_accuracies.append(float(np.mean(predictions[test] == labels[test])))
         return score(labels, predictions, classes, protocol, view, fold_accuracies)
