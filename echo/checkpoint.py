@@ -94,6 +94,13 @@ def _read_torch(path: Path) -> dict:
         raise ValueError(f"{path}: not a readable torch checkpoint ({type(error).__name__}: {error})") from None
     if isinstance(obj, dict) and isinstance(obj.get("encoder"), dict):
         obj = obj["encoder"]
+    if isinstance(obj, dict) and {"student", "teacher", "step"} <= obj.keys():  # echo's own training state
+        run = path.parent.parent
+        raise ValueError(
+            f"{path} is a pretraining checkpoint (step {obj['step']}: a student and a teacher, and the training "
+            f"state); write one of its encoders as a model file with `python -m echo pretrain --data DATA --out "
+            f"{run} --export-only --export teacher` (the newest checkpoint, to {run / 'model.safetensors'}), or "
+            f"in Python: echo.pretrain.trainer.run_encoder('{run}', 'teacher', step={obj['step']})")
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path}: expected a flat dict of tensors, or one under the key 'encoder'")
     not_strings = [repr(key) for key in obj if not isinstance(key, str)]

@@ -310,6 +310,8 @@ def test_command_line_writes_shards_trains_on_them_and_exports(data, tmp_path, c
         f"/step-000000002.pt (step 2)")
     assert cli.main(argv) == 0  # the same command resumes and finishes
     assert checkpoints.load_latest(run / "checkpoints")["step"] == 3
+    with pytest.raises(ValueError, match=r"is a pretraining checkpoint \(step 3: a student and a teacher"):
+        echo.load(checkpoints.checkpoint_paths(run / "checkpoints")[-1])  # not "expected a flat dict of tensors"
     assert cli.main(argv) == 0  # once more: nothing left to train, and no "last loss nan"
     out = capsys.readouterr().out
     assert "3 WebDataset shards" in out and '"tokens_per_batch": 400' in out
