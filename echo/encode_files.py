@@ -1,12 +1,12 @@
 """`python -m echo encode [PATH ...] --model default --out embeddings.npz`: audio files to ECHO embeddings.
 
-Files (WAV/FLAC/OGG, any rate, any channel count: channels are encoded on their own and concatenated) or
+Files (WAV/FLAC/OGG/AIFF, any rate, any channel count: channels are encoded on their own and concatenated) or
 folders (searched recursively) are read and encoded in batches through `echo.fast.encode`; with no PATH the
 bundled samples are encoded. A file that cannot be read or encoded is reported with the reason and left out.
 
 Every finished batch is saved at once in `OUT.parts/` (one shard per batch, written atomically), so an
 interrupted run loses at most one batch; the output is written atomically at the end, and a re-run skips
-every file already encoded by the same model, in the old output or in the shards. Under
+every file already encoded by the same model in the same dtype, in the old output or in the shards. Under
 `torchrun --nproc-per-node N -m echo encode ...` rank r encodes files r, r + N, ... and rank 0 merges.
 
 Output: `.npz` with `paths`, `keys`, `sample_rates`, `channels`, `model` and one array per file,
@@ -30,13 +30,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import atomic, fast, host_memory, inputs
+from .data import AUDIO_SUFFIXES
 from .data.bundled import SAMPLES_DIR
 from .data.wav import read_wav
 from .eval.datasets import read_audio
 from .eval.embed import EmbeddingCache, encoding_key, model_hash, read_checked, shown
 from .ops.backend import BackendError
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FRAMES = "/frames"  # suffixes of a file's frame-embedding and (rate, channels) entries in the shards
 META = "/meta"

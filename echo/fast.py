@@ -1,5 +1,6 @@
-"""echo.fast.encode: many signals of any lengths and sample rates in one call, packed with no padding,
-the same embeddings as EchoModel.encode.
+"""echo.fast.encode: many signals of any lengths and sample rates in one call, packed with no padding within
+or between sequences (a CPU pass gets one-token filler rows, never read back), the same embeddings as
+EchoModel.encode.
 
 plan -> ragged front end (one FFT per distinct rate) -> all patches in one matrix product -> encoder layers
 on the packed buffer (attention per sequence) -> CLS and patch rows gathered back per signal.

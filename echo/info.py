@@ -113,3 +113,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     print(report())
     return 0
+
+
+if __name__ == "__main__":  # `python -m echo.info`, as `python -m echo info`
+    raise SystemExit(run(None))

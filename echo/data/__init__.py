@@ -2,4 +2,7 @@
 the package (licences in samples/CREDITS.md)."""
 from .bundled import sample, samples
 
-__all__ = ["sample", "samples"]
+# The audio files echo picks out of folders (encode, eval, pretraining), all read by soundfile.
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".aif", ".aiff")
+
+__all__ = ["AUDIO_SUFFIXES", "sample", "samples"]

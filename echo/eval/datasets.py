@@ -32,10 +32,10 @@ from typing import Callable
 
 import numpy as np
 
+from ..data import AUDIO_SUFFIXES
 from . import require
 from .anomaly import Clip, check_year
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".aiff", ".aif"}
 CWRU_RATE = 12000
 MAFAULDA_RATE = 50000
 # the 8 columns of a MAFAULDA file; the tachometer's pulse train only marks the shaft speed (neither vibration

@@ -31,7 +31,8 @@ READ_WORKERS = 4
 
 
 def model_hash(model) -> str:
-    """A hash of the weights and config, for models that do not come from a file."""
+    """A hash of the weights and config: the model part of every cache key (a name or a file of the same
+    weights gives the same key)."""
     digest = hashlib.sha256(repr(sorted(model.config.to_dict().items())).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())

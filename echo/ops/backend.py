@@ -1,7 +1,8 @@
 """Which implementation of an op runs: chosen per device, forced by an argument or an environment variable.
 
-Backends, in order of preference: "triton" (CUDA, or CPU under TRITON_INTERPRET=1 when forced), "csrc" (the
-compiled extension, when built), "torch" (batched pure-torch fast path), "reference" (the readable truth).
+Backends: "triton" (CUDA, or CPU under TRITON_INTERPRET=1 when forced), "csrc" (the compiled extension, when
+built), "torch" (batched pure-torch fast path), "reference" (the readable truth). Each op lists its own, fastest
+first (ops/<op>.available_backends); Triton is a default only on CUDA, and only for tokens and attention.
 `ECHO_BACKEND=torch` forces every op; `ECHO_BACKEND_ATTENTION=reference` forces one op.
 """
 from __future__ import annotations

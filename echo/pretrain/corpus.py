@@ -23,10 +23,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .. import atomic, geometry
+from ..data import AUDIO_SUFFIXES
 
 log = logging.getLogger("echo.pretrain")
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".aif", ".aiff")
 MANIFEST_NAME = ".echo_manifest.csv"
 MANIFEST_FIELDS = ("path", "size", "mtime_ns", "sample_rate", "frames", "channels", "problem")
 

@@ -117,7 +117,7 @@ def draw_clip(example: Example, rng: np.random.Generator, config: SamplingConfig
 
 
 def band_image(spec: torch.Tensor, sample_rate: int, start: int) -> tuple[torch.Tensor, float]:
-    """32 rows of a (F, T) spectrogram from bin `start`, and the FPE position of their centre. Below 2560 Hz
+    """32 rows of a (F, T) spectrogram from bin `start`, and the FPE position of their centre. Below 2480 Hz
     there are fewer than 32 bins: zero rows go before the real ones, as in the grid split."""
     bins = spec.shape[0]
     end = min(start + geometry.BAND_BINS, bins)

@@ -17,6 +17,7 @@ from typing import Iterable, Iterator
 from tqdm import tqdm
 
 from .. import atomic
+from ..data import AUDIO_SUFFIXES
 from . import corpus
 
 log = logging.getLogger("echo.pretrain")
@@ -148,7 +149,7 @@ class ShardCorpus:
         skipped = {"unreadable": 0, "too short": 0} if skipped is None else skipped
         key = sample["__key__"]
         source = f"{sample.get('__url__', 'shard')} sample {key}"
-        audio = next((k for k in sample if f".{k}" in corpus.AUDIO_SUFFIXES), None)
+        audio = next((k for k in sample if f".{k}" in AUDIO_SUFFIXES), None)
         if audio is None:
             report("skipping shard sample %s: no audio member (%s)", key, ", ".join(sample))
             skipped["unreadable"] += 1
@@ -182,7 +183,7 @@ def open_corpus(spec, min_seconds: float, manifest=None):
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--data", required=True, help="folder of audio files (WAV/FLAC/OGG, any rate)")
+    parser.add_argument("--data", required=True, help="folder of audio files (WAV/FLAC/OGG/AIFF, any rate)")
     parser.add_argument("--out", required=True,
                         help="folder to write shard-NNNNNN.tar files to; one already holding .tar files "
                              "(e.g. from an earlier write) is refused, since pretraining reads every .tar in the "
