@@ -3,9 +3,9 @@
 Inference (`keep_freed_memory`): an encode pass frees its activations and the next pass asks for blocks of the
 same sizes. By default glibc maps blocks over its mmap threshold on their own and returns a heap top over its
 trim threshold to the kernel, so the next pass faults every page in again, zeroed: 12-78 thousand page faults
-per call on the encode workloads. Keeping those blocks in the heap removes the faults at about the same peak memory (+2-17 MB);
-bf16 encodes ran 1.00-1.35x faster (bench/encode_throughput.py, `fast-bf16-kept-heap`). It is a process-wide
-setting, so echo's own commands make it and the library leaves it to the caller.
+per call on the encode workloads. Keeping those blocks in the heap removes the faults at about the same peak
+memory (+2-17 MB); bf16 encodes ran 1.00-1.35x faster (bench/encode_throughput.py, `fast-bf16-kept-heap`). It is
+a process-wide setting, so echo's own commands make it and the library leaves it to the caller.
 
 Pretraining (`allocator_advice`): a step's activations vary in size (a packed batch's token count varies), and
 the heap that serves blocks under the mmap threshold fragments: in a CPU run of 14 data workers the trainer grew
