@@ -27,7 +27,7 @@ def replacing(path) -> Iterator[Path]:
     temporary = temporary_name(path)
     try:
         yield temporary
-        _flush(temporary)
+        _flush(temporary, os.O_RDWR)  # a descriptor that may write: Windows refuses to flush a read-only one
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
@@ -51,8 +51,8 @@ def write_csv(path, columns, rows) -> None:
         writer.writerows(rows)
 
 
-def _flush(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
+def _flush(path: Path, mode: int = os.O_RDONLY) -> None:
+    descriptor = os.open(path, mode)
     try:
         os.fsync(descriptor)
     finally:

@@ -227,7 +227,9 @@ def _check_out(out: Path) -> None:
 
 
 def _not_an_output(path: Path) -> str:
-    """Why an existing file is not an `encode` output, or "" when it is one."""
+    """Why an existing file is not an `encode` output, or "" when it is one (or empty: made by mktemp, say)."""
+    if path.stat().st_size == 0:
+        return ""
     try:
         if path.suffix == ".parquet":
             names = _require_pyarrow().parquet.read_schema(str(path)).names

@@ -9,6 +9,7 @@ soundfile and WAV). uint8, bool and complex inputs are refused.
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import numpy as np
 import torch
@@ -29,14 +30,19 @@ def checked_device(device) -> torch.device:
     """A device torch can put a model on: a typo or a GPU this machine lacks is named before any work."""
     try:
         checked = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; e.g. cpu, cuda, cuda:1") from None
+    except (RuntimeError, TypeError) as error:  # torch's own text names every device type it was built with
+        if isinstance(device, str) or isinstance(error, TypeError):
+            raise ValueError(f"unknown device {device!r}; e.g. cpu, cuda, cuda:1") from None
+        raise ValueError(f"device {device!r} is not available here: {_first_sentence(error)}") from None
     try:
         torch.empty(0, device=checked)
-    except (RuntimeError, AssertionError) as error:
-        reason = (str(error).strip() or type(error).__name__).splitlines()[0].split(". ")[0]
-        raise ValueError(f"device {checked} is not available here: {reason}") from None
+    except Exception as error:  # not compiled in, no such GPU, a backend module missing: each says so its way
+        raise ValueError(f"device {checked} is not available here: {_first_sentence(error)}") from None
     return checked
+
+
+def _first_sentence(error: Exception) -> str:
+    return (str(error).strip() or type(error).__name__).splitlines()[0].split(". ")[0]
 
 
 def check_sample_rate(sample_rate, where: str = "") -> int:
@@ -103,15 +109,16 @@ def as_signal(waveform, sample_rate: int, where: str = "") -> torch.Tensor:
         )
     if waveform.numel() == 0:
         raise ValueError(f"{where}signal is empty (shape {tuple(waveform.shape)})")
-    if waveform.dim() == 2 and waveform.shape[0] > waveform.shape[1]:  # (samples, channels), not C tiny channels
-        raise ValueError(
-            f"{where}signal of shape {tuple(waveform.shape)} has more channels than samples; channels come first: "
-            f"pass (channels, samples), not (samples, channels)"
-        )
     window = geometry.n_fft(sample_rate)
     n = waveform.shape[-1]
+    flipped = waveform.dim() == 2 and waveform.shape[0] > n  # more channels than samples: (samples, channels)?
     if n < window:
+        hint = "; channels come first: pass (channels, samples), not (samples, channels)" if flipped else ""
         raise ValueError(
             f"{where}signal of {n} samples is shorter than one 25 ms window at {sample_rate} Hz ({window} samples)"
+            f"{hint}"
         )
+    if flipped:  # it may be valid (a sensor array, briefly): said, not refused
+        warnings.warn(f"{where}signal of shape {tuple(waveform.shape)} is read as {waveform.shape[0]} channels of "
+                      f"{n} samples; if it is (samples, channels), pass its transpose", UserWarning, stacklevel=3)
     return as_float32(waveform, where)

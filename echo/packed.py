@@ -183,6 +183,15 @@ def _source_weights(model) -> list[torch.Tensor]:
     return [tensor.detach().clone() for _, tensor in _named_tensors(model)]
 
 
+def _unchanged(model, weights: list[torch.Tensor]) -> bool:
+    """The model's tensors equal `weights`, exactly. On a GPU in one reduction and one wait for it, not one per
+    tensor (torch.equal's answer is a Python bool: a synchronisation each)."""
+    pairs = [(tensor.detach(), weight) for (_, tensor), weight in zip(_named_tensors(model), weights)]
+    if model.device.type == "cpu":
+        return all(torch.equal(tensor, weight) for tensor, weight in pairs)
+    return not torch.stack([torch.ne(tensor, weight).any() for tensor, weight in pairs]).any().item()
+
+
 def _signature(model, dtype: torch.dtype) -> tuple:
     """Everything but tensor values that an inference copy is built from: the tensors' names and layouts, and
     what the encoder reads from the modules besides tensors (the config, the norms' eps, the heads)."""
@@ -212,9 +221,7 @@ def inference_model(model, dtype: torch.dtype):
         return model
     signature = _signature(model, dtype)
     cached = _INFERENCE_COPIES.setdefault(model, {}).get(dtype)
-    if cached is not None and cached[0] == signature and all(
-        torch.equal(tensor.detach(), weight) for (_, tensor), weight in zip(_named_tensors(model), cached[1])
-    ):
+    if cached is not None and cached[0] == signature and _unchanged(model, cached[1]):
         return cached[2]
     _INFERENCE_COPIES[model].pop(dtype, None)  # the stale copy goes before the new one is built: less peak memory
     weights = _source_weights(model)

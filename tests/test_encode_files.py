@@ -191,6 +191,8 @@ def test_bad_places_are_refused_before_any_work(tmp_path, model_path, capsys, mo
     assert np.array_equal(np.load(theirs)["weights"], np.arange(3))
     assert run(tmp_path / "a.wav", "--model", model_path, "--out", tmp_path / "e.npz", "--device", "bogus") == 2
     assert "unknown device 'bogus'" in capsys.readouterr().err
+    (tmp_path / "made-by-mktemp.npz").write_bytes(b"")  # an empty file holds nothing to lose
+    assert run(tmp_path / "a.wav", "--model", model_path, "--out", tmp_path / "made-by-mktemp.npz") == 0
 
     def no_room(*args, **kwargs):
         raise OSError(28, "No space left on device", str(tmp_path))

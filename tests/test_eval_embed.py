@@ -1,4 +1,5 @@
 """Embedding a folder of files: equal to model.encode per file, cached, resumable, bad files reported."""
+import functools
 import os
 
 import numpy as np
@@ -66,6 +67,18 @@ def test_embeddings_equal_model_encode_and_cache(tmp_path, model):
         return (signal[0] if signal.ndim == 2 else signal), rate
 
     assert embed.embed_files(model, files, first_channel, cache, "key", progress=False).encoded == 4
+    assert embed.embed_files(model, files, first_channel, cache, "key", progress=False).cached == 4
+    # the same reader in another version, or bound to another choice, reads other samples
+    assert embed.embed_files(model, files, first_channel, cache, "key", progress=False,
+                             reader_version="2").encoded == 4
+
+    def channel(path, index):
+        signal, rate = read_audio(path)
+        return (signal[min(index, len(signal) - 1)] if signal.ndim == 2 else signal), rate
+
+    for index in (0, 1):
+        assert embed.embed_files(model, files, functools.partial(channel, index=index), cache, "key",
+                                 progress=False).encoded == 4
 
 
 def test_bad_files_are_reported_and_skipped(tmp_path, model):

@@ -1,5 +1,6 @@
-import importlib.util
 """Exact kNN search against brute-force loops written here, on fresh random data and hand cases."""
+import importlib.util
+
 import numpy as np
 import pytest
 

@@ -155,7 +155,7 @@ def _run(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     embedded = embed_files(model, [item.path for item in dataset.items], dataset.read,
                            args.cache or args.out / "cache", None, device, DTYPES[args.dtype],
-                           args.batch_files, progress=not args.quiet)
+                           args.batch_files, progress=not args.quiet, reader_version=datasets.READERS_VERSION)
     atomic.write_csv(args.out / "failures.csv", ["path", "reason"],
                      [{"path": shown(p), "reason": r} for p, r in embedded.failures])
     for path, reason in embedded.failures:

@@ -33,6 +33,11 @@ from typing import Callable
 import numpy as np
 
 from ..data import AUDIO_SUFFIXES
+
+# Part of the embedding cache's key (echo.eval.embed): raise it when a reader returns other samples for the same
+# file (another channel choice or sensor, another scaling), so that embeddings of the old samples are not reused.
+# 2: MAFAULDA without the tachometer column, CWRU fan-end files from their own sensor.
+READERS_VERSION = "2"
 from . import require
 from .anomaly import Clip, check_year
 

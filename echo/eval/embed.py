@@ -3,14 +3,14 @@
 Files are read by a thread pool one batch ahead of the encoder and encoded in batches of mixed rates and
 lengths. Each finished batch is written to the cache as one safetensors shard (temporary file + rename), so
 an interrupted run loses at most one batch and a rerun encodes only what is missing. A cache entry is keyed
-by (model hash, dtype, the reader and its module's source, resolved file path, size, mtime): a changed file,
-or a reader that now returns other channels, is encoded again. A file
+by (model hash, dtype, the reader and its version, resolved file path, size, mtime): a changed file, or a reader
+that now returns other samples, is encoded again. A file
 that cannot be read or encoded is reported with the reason and left out, never replaced by a zero vector.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
-import inspect
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -45,14 +45,12 @@ def shown(path) -> str:
     return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def reader_key(read: Callable) -> str:
-    """The reader's name and the source of the module defining it: embeddings cached from a reader that has
-    since changed what it returns (another channel choice, another scaling) are not served again. An edit
-    elsewhere in that module re-encodes once, which is the safe side."""
-    module = inspect.getmodule(read)
-    source = inspect.getsource(module) if module is not None else ""
-    name = f"{getattr(read, '__module__', '')}.{getattr(read, '__qualname__', type(read).__name__)}"
-    return hashlib.sha256(f"{name}\0{source}".encode()).hexdigest()[:16]
+def reader_identity(read: Callable) -> str:
+    """Which reader made the samples: its qualified name, and for a functools.partial what it binds (another
+    sensor or channel choice reads other samples from the same file)."""
+    if isinstance(read, functools.partial):
+        return f"{reader_identity(read.func)}{read.args!r}{sorted(read.keywords.items())!r}"
+    return f"{getattr(read, '__module__', '')}.{getattr(read, '__qualname__', type(read).__name__)}"
 
 
 def encoding_key(model_key: str, dtype: torch.dtype) -> str:
@@ -130,12 +128,15 @@ def _encode(model, signals: list, rates: list, device, dtype) -> list:
 
 
 def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | None = None, device=None,
-                dtype=torch.float32, batch_files: int = BATCH_FILES, progress: bool = True) -> Embedded:
-    """Utterance embeddings of `paths`, each file read by `read(path) -> (signal, rate)`."""
+                dtype=torch.float32, batch_files: int = BATCH_FILES, progress: bool = True,
+                reader_version: str = "") -> Embedded:
+    """Utterance embeddings of `paths`, each file read by `read(path) -> (signal, rate)`. The cache is keyed by
+    the reader too (reader_identity, and `reader_version`: change it when the reader's code changes what it
+    returns), so embeddings of samples read another way are not served."""
     paths = [Path(p) for p in paths]
     cache = None
     if cache_dir is not None:
-        key = f"{encoding_key(model_key or model_hash(model), dtype)}\0{reader_key(read)}"
+        key = f"{encoding_key(model_key or model_hash(model), dtype)}\0{reader_identity(read)}\0{reader_version}"
         cache = EmbeddingCache(cache_dir, hashlib.sha256(key.encode()).hexdigest())
     result = Embedded([None] * len(paths))
     keys, todo = [None] * len(paths), []

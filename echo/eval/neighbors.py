@@ -189,10 +189,13 @@ def _nearest_faiss(queries, bank, k: int, metric: str, exclude,
 
 
 def _candidate_distances(queries: torch.Tensor, candidates: torch.Tensor, metric: str) -> torch.Tensor:
-    """(Q, M) distances of prepared query rows (Q, E) to their own candidate rows (Q, M, E)."""
+    """(Q, M) distances of prepared query rows (Q, E) to their own candidate rows (Q, M, E), by the formula of
+    pairwise_distances, so that both searches round alike."""
+    products = torch.einsum("qe,qme->qm", queries, candidates)
     if metric == "cosine":
-        return 1 - torch.einsum("qe,qme->qm", queries, candidates)
-    return (candidates - queries[:, None, :]).norm(dim=2)
+        return 1 - products
+    queries_sq = (queries * queries).sum(1, keepdim=True)
+    return (queries_sq + (candidates * candidates).sum(2) - 2 * products).clamp_min_(0).sqrt_()
 
 
 def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=None,

@@ -131,15 +131,15 @@ class PretrainConfig:
             raise ValueError(f"{self.out} holds a run with another config; resuming would not continue it "
                              f"({'; '.join(changed)}). Use a new --out or the same options")
 
-    def check_same_corpus(self, saved: dict | None, corpus) -> None:
-        """Refuse a resume over other data (--data may name a moved copy; checkpoints without a fingerprint
-        predate it and pass)."""
-        if saved is not None and saved.get("corpus") not in (None, corpus.fingerprint()):
-            def described(fingerprint: dict) -> str:
-                return ", ".join(f"{key} {value}" for key, value in fingerprint.items())
+    def check_same_corpus(self, saved: dict | None, fingerprint: dict) -> None:
+        """Refuse a resume over other data, by the corpus's `fingerprint` (--data may name a moved copy;
+        checkpoints without a fingerprint predate it and pass)."""
+        if saved is not None and saved.get("corpus") not in (None, fingerprint):
+            def described(facts: dict) -> str:
+                return ", ".join(f"{key} {value}" for key, value in facts.items())
 
             raise ValueError(f"{self.data} is not the corpus the run in {self.out} was trained on (it had "
-                             f"{described(saved['corpus'])}; this has {described(corpus.fingerprint())}). Resume "
+                             f"{described(saved['corpus'])}; this has {described(fingerprint)}). Resume "
                              f"with the same files, or start a new run (a new --out)")
 
 
@@ -334,7 +334,8 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
     if rank != 0:
         corpus, error = attempt(open_corpus, config.data, config.min_seconds, config.manifest)
     raise_together(error, world, device)
-    config.check_same_corpus(saved, corpus)
+    fingerprint = corpus.fingerprint()  # a hash over every file: once, not at every checkpoint
+    config.check_same_corpus(saved, fingerprint)
     if rank == 0:  # the run folder is written only once everything is checked
         out.mkdir(parents=True, exist_ok=True)
         checkpoints.remove_temporaries(folder)
@@ -350,7 +351,8 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
     teacher = copy.deepcopy(student).requires_grad_(False)
     clips_per_step = world * nominal_clips_per_batch(config.sampling)
     peak = config.lr if config.lr is not None else config.base_lr * clips_per_step / 256
-    warmup = with_derived_defaults(config.to_dict())["warmup"]
+    derived = with_derived_defaults(config.to_dict())
+    warmup = derived["warmup"]
     lr_schedule = schedule.CosineSchedule(peak, min(config.min_lr, peak), warmup, config.steps)
     optimizer = torch.optim.AdamW(parameter_groups(learner, config.weight_decay), lr=peak, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule)
@@ -369,7 +371,7 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
         if rank == 0:
             print(f"resuming at step {step}")
     model = torch.nn.parallel.DistributedDataParallel(learner) if world > 1 else learner
-    anneal = with_derived_defaults(config.to_dict())["ema_anneal_steps"]
+    anneal = derived["ema_anneal_steps"]
     bf16 = config.precision == "bf16" or (
         config.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
@@ -384,7 +386,7 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
         return {"step": step, "student": student.state_dict(), "teacher": teacher.state_dict(),
                 "decoder": decoder.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": checkpoints.rng_states(), "config": config.to_dict(),
-                "world": world, "workers": config.workers, "corpus": corpus.fingerprint(),
+                "world": world, "workers": config.workers, "corpus": fingerprint,
                 "positions": positions_of_ranks, "meter": pending_sums}
 
     stream = BatchStream(corpus, config.sampling, config.seed, rank, world, config.workers, consumed=step,
