@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
+import struct
+from pathlib import Path
 
 import torch
 
@@ -21,15 +24,42 @@ OPS = {"ragged_spectrogram": "stft", "short_attention": "attention", "tile_atten
 @functools.cache
 def load_error() -> str | None:
     """None once echo._C is imported; else the reason it could not be."""
+    spec = importlib.util.find_spec("echo._C")
+    if spec is None or spec.origin is None:
+        return ("echo._C is not built (install with a C++ compiler and "
+                "`pip install --no-build-isolation -e .`; ECHO_BUILD_EXT=0 skips it)")
+    rebuild = f"rebuild it against the installed torch {torch.__version__}"
+    damage = cut_short(Path(spec.origin))
+    if damage:  # loading it would kill the process (SIGBUS), which no Python code can catch
+        return f"echo._C failed to load: {spec.origin} is cut short ({damage}); {rebuild}"
     try:
         importlib.import_module("echo._C")
-    except ImportError as error:
-        if getattr(error, "name", None) == "echo._C":
-            return ("echo._C is not built (install with a C++ compiler and "
-                    "`pip install --no-build-isolation -e .`; ECHO_BUILD_EXT=0 skips it)")
-        return f"echo._C failed to load: {error} (rebuild it against the installed torch {torch.__version__})"
-    except OSError as error:
-        return f"echo._C failed to load: {error}"
+    except Exception as error:  # a missing symbol, a foreign build, an error in its own initialisation
+        return f"echo._C failed to load: {type(error).__name__}: {error} ({rebuild})"
+    return None
+
+
+def cut_short(path: Path) -> str | None:
+    """How an ELF shared library is shorter than its own program headers say (an interrupted copy or build),
+    or None. Only 64-bit ELF is read; other formats are left to their loader."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        header = handle.read(64)
+        if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] != 2:
+            return None
+        order = "<" if header[5] == 1 else ">"
+        (table_offset,) = struct.unpack_from(order + "Q", header, 0x20)
+        entry_size, entries = struct.unpack_from(order + "HH", header, 0x36)
+        handle.seek(table_offset)
+        table = handle.read(entry_size * entries)
+    if len(table) < entry_size * entries:
+        return f"{size} bytes, its program headers end at {table_offset + entry_size * entries}"
+    for entry in range(entries):
+        start = entry * entry_size
+        (kind,) = struct.unpack_from(order + "I", table, start)
+        offset, _, _, file_size = struct.unpack_from(order + "4Q", table, start + 8)
+        if kind == 1 and offset + file_size > size:  # PT_LOAD: a segment mapped from the file
+            return f"{size} bytes, a loaded segment ends at byte {offset + file_size}"
     return None
 
 

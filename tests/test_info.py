@@ -1,6 +1,7 @@
 """`python -m echo info`: one row per op and device, with the backend that dispatch really picks and why."""
 import importlib.util
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,3 +94,45 @@ def test_the_missing_need_of_the_tile_kernel_is_named(monkeypatch):
     expected = ("the kernel does not allow AMX tiles to this process" if amx
                 else "no AMX reported by this CPU and kernel")
     assert info.why_no_tiles() == expected
+
+
+def test_a_damaged_extension_is_named_not_loaded(tmp_path, monkeypatch):
+    """A .so cut short by an interrupted copy killed the process (SIGBUS) when loaded; a library whose own
+    initialisation raises escaped every fast.encode. Both are reasons now, and the torch paths run."""
+    from types import SimpleNamespace
+
+    from echo.ops.backend import check_environment
+
+    spec = importlib.util.find_spec("echo._C")
+    if spec is None:
+        pytest.skip("echo._C is not built")
+    built = open(spec.origin, "rb").read()
+    assert extension.cut_short(Path(spec.origin)) is None
+    cut = tmp_path / "_C.so"
+    cut.write_bytes(built[: len(built) // 16])
+    assert f"{len(built) // 16} bytes, a loaded segment ends at byte" in extension.cut_short(cut)
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: SimpleNamespace(origin=str(cut)) if name == "echo._C" else real_find(name, *a))
+    extension.load_error.cache_clear()
+    try:
+        assert "is cut short" in extension.load_error()
+        monkeypatch.setenv("ECHO_BACKEND_NORM", "csrc")
+        with pytest.raises(ValueError, match="no 'csrc' backend here for norm .*is cut short"):
+            check_environment()
+        monkeypatch.delenv("ECHO_BACKEND_NORM")
+        monkeypatch.setattr(importlib.util, "find_spec", real_find)
+        real_import = extension.importlib.import_module
+
+        def failing(name, *a):
+            if name == "echo._C":
+                raise RuntimeError("registration failed")
+            return real_import(name, *a)
+
+        monkeypatch.setattr(extension.importlib, "import_module", failing)
+        extension.load_error.cache_clear()
+        assert extension.load_error().startswith("echo._C failed to load: RuntimeError: registration failed")
+    finally:
+        monkeypatch.undo()
+        extension.load_error.cache_clear()
+    assert extension.load_error() is None

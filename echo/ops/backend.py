@@ -49,6 +49,10 @@ def check_environment(environ=os.environ) -> None:
         lacking = [other for other in (OPS if name == "ECHO_BACKEND" else (op,)) if value not in _backends_of(other)]
         if lacking:  # e.g. ECHO_BACKEND=csrc: the token stage has no compiled op, so every encode would fail
             hint = "; force it for single ops instead (ECHO_BACKEND_<OP>)" if name == "ECHO_BACKEND" else ""
+            if value == "csrc":
+                from .. import extension
+
+                hint += f" ({extension.load_error()})" if extension.load_error() else ""
             raise BackendError(f"{name}={value}: no {value!r} backend here for {', '.join(lacking)}{hint}")
 
 
