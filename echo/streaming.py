@@ -4,12 +4,11 @@ released segmenting rule makes it final, and ending with exactly what echo.fast.
 Why this works although the front end subtracts the mean of the WHOLE signal: a constant c changes the STFT
 of a frame by c * W[k], W the DFT of the periodic Hann window, which is zero at every bin but 0 and 1. So
 only band 0 depends on the final mean. Bands >= 1 of a full segment are final when its 2000 frames exist;
-band 0 is emitted with the running mean (provisional) and recomputed at finish() from the stored complex
-spectrum of bins 0..31 (32 complex values per frame), along with the last, overlapping segment.
+band 0 is emitted with the running mean (provisional) and recomputed at finish(), along with the last,
+overlapping segment. For that a stream keeps, per frame, bins 0 and 1 as complex128 with the DC estimate they
+were computed with, and bins 2..31 once as their final float32 values: 160 bytes (32 + 8 + 120).
 """
 from __future__ import annotations
-
-from bisect import bisect_right
 
 import torch
 
@@ -18,6 +17,28 @@ from .model import EchoModel
 from .ops import backend as backends
 from .ops import stft as stft_ops
 from .ops import tokens as token_ops
+
+
+class _Rows:
+    """Rows appended to one buffer whose capacity doubles. A small tensor per push (~1200 per 10 minutes in
+    0.5 s chunks) sat between each push's large temporaries, so glibc's heap could not shrink: RSS grew ~15x
+    faster than the state."""
+
+    def __init__(self, width: int, dtype: torch.dtype):
+        self.buffer = torch.empty(0, width, dtype=dtype)
+        self.count = 0
+
+    def append(self, rows: torch.Tensor) -> None:
+        end = self.count + rows.shape[0]
+        if end > self.buffer.shape[0]:
+            grown = self.buffer.new_empty(max(end, 2 * self.buffer.shape[0]), self.buffer.shape[1])
+            grown[: self.count] = self.buffer[: self.count]
+            self.buffer = grown
+        self.buffer[self.count : end] = rows
+        self.count = end
+
+    def __getitem__(self, frames: slice) -> torch.Tensor:
+        return self.buffer[: self.count][frames]
 
 
 class StreamEncoder:
@@ -35,15 +56,19 @@ class StreamEncoder:
         self.n_fft, self.hop = geometry.n_fft(self.rate), geometry.hop(self.rate)
         self.bands = geometry.n_bands(self.rate)
         self.positions = token_ops.band_positions(self.rate)
-        window = torch.hann_window(self.n_fft, periodic=True, dtype=torch.float64)
-        self.window = window
-        self.window_dft = torch.fft.rfft(window)[: geometry.BAND_BINS]  # W[k], k < 32
+        self.window = torch.hann_window(self.n_fft, periodic=True, dtype=torch.float64)
+        self.window_dft = torch.fft.rfft(self.window)[:2]  # W[0], W[1]: the bins a DC change moves
+        self.low_bins = min(geometry.BAND_BINS, geometry.n_bins(self.rate))  # band 0's real bins
         self.samples = 0
         self.total = torch.zeros((), dtype=torch.float64)  # running sum, for the mean
         self.audio = torch.zeros(0)  # samples from audio_start on
         self.audio_start = 0
-        self.low = []  # per computed frame block: raw complex bins 0..31 (own copies), and the DC estimate it used
-        self.low_starts = []  # the first frame of each block of self.low
+        # per computed frame, for finish(): bins 0 and 1 (float64: their correction subtracts nearly equal
+        # numbers), the DC estimate they were computed with, and bins 2.. of band 0 as final float32 (a DC
+        # change does not move them)
+        self.dc_bins = _Rows(2, torch.complex128)
+        self.estimates = _Rows(1, torch.float64)
+        self.low_rows = _Rows(self.low_bins - 2, torch.float32)
         self.upper = torch.zeros(self.bands * geometry.BAND_BINS, 0)  # band layout, frames from upper_start
         self.upper_start = 0
         self.done_frames = 0
@@ -80,28 +105,21 @@ class StreamEncoder:
         count = available - self.done_frames
         span = self.audio[first : first + self.n_fft + (count - 1) * self.hop]
         estimate = self.total / self.samples
-        # float64: the band-0 correction at finish() subtracts nearly equal complex numbers
         spectrum = torch.fft.rfft((span.double() - estimate).unfold(0, self.n_fft, self.hop) * self.window)
-        # a copy: a view would keep the whole spectrum of the block alive
-        self.low.append((spectrum[:, : geometry.BAND_BINS].clone(), estimate))
-        self.low_starts.append(self.done_frames)
-        layout = stft_ops.band_layout(stft_ops.log_normalise(spectrum.abs()).T.float(), self.rate)
-        self.upper = torch.cat([self.upper, layout], dim=1)
+        self.dc_bins.append(spectrum[:, :2])
+        self.estimates.append(estimate.expand(count, 1))
+        levels = stft_ops.log_normalise(spectrum.abs()).float()  # (count, bins)
+        self.low_rows.append(levels[:, 2 : self.low_bins])
+        self.upper = torch.cat([self.upper, stft_ops.band_layout(levels.T, self.rate)], dim=1)
         self.done_frames = available
 
     def _band0(self, mean: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Band-0 rows (32, end - start) of computed frames start:end (default: all), DC removed with `mean`.
-        Only the blocks holding those frames are read: an emission costs the same however long the stream."""
-        end = self.done_frames if end is None else end
-        corrected = []
-        for block in range(bisect_right(self.low_starts, start) - 1, len(self.low)):
-            first, (raw, estimate) = self.low_starts[block], self.low[block]
-            if first >= end:
-                break
-            rows = raw[max(start - first, 0) : end - first]
-            corrected.append(rows - (mean - estimate) * self.window_dft[: raw.shape[1]])
-        corrected = torch.cat(corrected)
-        return stft_ops.band_layout(stft_ops.log_normalise(corrected.abs()).T.float(), self.rate)[: geometry.BAND_BINS]
+        Only those frames are read: an emission costs the same however long the stream."""
+        frames = slice(start, end)
+        corrected = self.dc_bins[frames] - (mean - self.estimates[frames]) * self.window_dft
+        levels = torch.cat([stft_ops.log_normalise(corrected.abs()).float(), self.low_rows[frames]], dim=1)
+        return stft_ops.band_layout(levels.T, self.rate)[: geometry.BAND_BINS]
 
     def _encode(self, bands: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """(B, 32, T) band images -> (B, L+1, D) outputs through the packed encoder."""

@@ -3,6 +3,7 @@ import torch
 
 import echo.fast as fast
 from echo import geometry
+from echo.ops import stft as stft_ops
 
 from conftest import random_model, rel_err
 
@@ -123,23 +124,51 @@ def test_a_push_that_fails_part_way_loses_no_finished_segment(model, monkeypatch
     assert rel_err(stream.finish()[0], model.encode(x, rate)[0]) < 1e-5
 
 
-
-def test_stream_keeps_32_bins_per_frame_and_emits_from_the_segments_own_frames(model):
-    """The stored band-0 spectrum was a view of each block's whole spectrum (201 bins per frame at 16 kHz, 19x
-    the memory); band 0 of an emitted segment was recomputed over every frame since the start."""
+def test_stream_keeps_160_bytes_a_frame_in_doubling_buffers_and_emits_from_the_segments_own_frames(model, monkeypatch):
+    """finish() needs per frame bins 0 and 1 (complex128) with their DC estimate and bins 2..31 as final float32:
+    160 bytes. They were 32 complex bins (512 bytes) in one small tensor per push, which kept glibc's heap from
+    shrinking (RSS grew ~15x faster than the state); band 0 of an emitted segment was once recomputed over
+    every frame since the start."""
     rate = 16000
+    first, hop = geometry.n_fft(rate), geometry.hop(rate)
+    x = torch.randn(first + int(torch.randint(2000, 2600, ())) * hop)
     stream = fast.StreamEncoder(model, rate)
-    push_in_random_pieces(stream, torch.randn(geometry.n_fft(rate) + int(torch.randint(2000, 2600, ())) * geometry.hop(rate)))
-    assert sum(raw.shape[0] for raw, _ in stream.low) == stream.done_frames
-    for raw, _ in stream.low:
-        assert raw.shape[1] == geometry.BAND_BINS
-        assert raw.untyped_storage().nbytes() == raw.numel() * raw.element_size()
+    state = (stream.dc_bins, stream.estimates, stream.low_rows)
+    stream.push(x[:first])
+    buffers, allocations = [rows.buffer for rows in state], 0
+    for start in range(first, len(x), hop):  # a frame a push
+        stream.push(x[start : start + hop])
+        allocations += sum(rows.buffer is not buffer for rows, buffer in zip(state, buffers))
+        buffers = [rows.buffer for rows in state]
+    frames = stream.done_frames
+    assert sum(rows[:].nbytes for rows in state) == 160 * frames
+    assert all(rows.count == frames <= rows.buffer.shape[0] <= 2 * frames for rows in state)
+    assert allocations <= 3 * frames.bit_length()  # capacity doubles: not an allocation a push
     mean = stream.total / stream.samples
     whole = stream._band0(mean)
-    for _ in range(5):
-        start = int(torch.randint(0, stream.done_frames, ()))
-        end = int(torch.randint(start + 1, stream.done_frames + 1, ()))
-        assert torch.equal(stream._band0(mean, start, end), whole[:, start:end])
+    start = int(torch.randint(0, frames, ()))
+    end = int(torch.randint(start + 1, frames + 1, ()))
+    log_normalise, corrected = stft_ops.log_normalise, []
+    monkeypatch.setattr(stft_ops, "log_normalise", lambda m: corrected.append(len(m)) or log_normalise(m))
+    assert torch.equal(stream._band0(mean, start, end), whole[:, start:end])
+    assert corrected == [end - start]  # the frames outside start:end are not corrected
+
+
+@pytest.mark.parametrize("rate", [16000, 2000])
+def test_stream_with_digital_silence_and_a_dc_offset(model, rate):
+    """Silent frames put bins 2..31 at the log floor; they are kept as computed with the running estimate (0
+    for the leading silence, far from the final mean), not corrected to the final mean: fast.encode agrees.
+    At 2000 Hz band 0 holds 26 real bins after 6 zero rows."""
+    n = geometry.n_fft(rate) + int(torch.randint(4100, 4400, ())) * geometry.hop(rate)
+    third = n // 3
+    x = torch.zeros(n)
+    x[third:] = float(torch.empty(()).uniform_(2, 5))  # a DC offset from one third on, constant in the last
+    x[third : 2 * third] += torch.randn(third) * 0.5
+    ref_u, ref_f = fast.encode(model, [x], rate, frames=True)[0]
+    stream = fast.StreamEncoder(model, rate, frames=True)
+    assert len(push_in_random_pieces(stream, x)) == 2
+    utterance, frame_rows = stream.finish()
+    assert rel_err(utterance, ref_u) < 1e-5 and rel_err(frame_rows, ref_f) < 1e-5
 
 
 def test_chunks_that_require_grad_build_no_graph(model):
