@@ -1,0 +1,56 @@
+"""Resident memory of a long StreamEncoder stream: audio pushed in chunks for many minutes, RSS and the
+stream's own state printed every minute. finish() needs a little per frame (band 0 with the exact mean), so
+the state grows slowly with the stream; RSS should grow at about the same pace, not many times faster.
+
+    python bench/stream_memory.py [--minutes 10] [--rate 8000] [--chunk-seconds 0.5] [--size tiny] [--frames]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def main() -> int:
+    import echo
+    import echo.fast
+    from echo.host_memory import current_rss_mb
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--rate", type=int, default=8000)
+    parser.add_argument("--chunk-seconds", type=float, default=0.5)
+    parser.add_argument("--size", default="tiny")
+    parser.add_argument("--frames", action="store_true", help="keep frame embeddings (their outputs grow too)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = echo.EchoModel(echo.EchoConfig.preset(args.size)).eval()
+    stream = echo.fast.StreamEncoder(model, args.rate, frames=args.frames)
+    chunk = int(args.rate * args.chunk_seconds)
+    chunks = int(args.minutes * 60 / args.chunk_seconds)
+    per_minute = max(1, int(60 / args.chunk_seconds))
+    generator = torch.Generator().manual_seed(1)
+    started, readings = time.perf_counter(), []
+    print(f"ECHO-{args.size}, {args.rate} Hz in {args.chunk_seconds:g} s chunks, frames={args.frames}; "
+          f"RSS {current_rss_mb():.0f} MB before the stream")
+    print(f"{'minute':>6} {'RSS MB':>8} {'state MB':>9}")
+    for index in range(chunks):
+        stream.push(torch.randn(chunk, generator=generator))
+        if (index + 1) % per_minute == 0:
+            state = sum(rows.buffer.numel() * rows.buffer.element_size()
+                        for rows in (stream.dc_bins, stream.estimates, stream.low_rows))
+            state += sum(out.numel() * out.element_size() for out in stream.outputs)
+            readings.append(current_rss_mb())
+            print(f"{(index + 1) // per_minute:6d} {readings[-1]:8.0f} {state / 2**20:9.1f}", flush=True)
+    finish_started = time.perf_counter()
+    stream.finish()
+    # from the first minute on: the first one also builds the inference copy and the first segment's buffers
+    growth = (readings[-1] - readings[0]) / max(len(readings) - 1, 1)
+    print(f"finish() {time.perf_counter() - finish_started:.2f} s; RSS grew {growth:.1f} MB a minute from minute 1 "
+          f"to {len(readings)} ({time.perf_counter() - started:.0f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
