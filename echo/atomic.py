@@ -7,8 +7,11 @@ is flushed too. Without the flushes a power cut after the rename can leave the n
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import stat
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,16 +29,34 @@ def replacing(path) -> Iterator[Path]:
     path = Path(path)
     temporary = temporary_name(path)
     try:
+        # made here first, so it has the permissions any new file gets (the umask's); some writers (safetensors)
+        # make their files readable by their owner alone, which another user loading a model then cannot
+        temporary.unlink(missing_ok=True)  # left by a killed process whose id this one now has (containers)
+        open(temporary, "xb").close()
+        usual_mode = stat.S_IMODE(temporary.stat().st_mode)
         yield temporary
+        os.chmod(temporary, usual_mode)
         _flush(temporary, os.O_RDWR)  # a descriptor that may write: Windows refuses to flush a read-only one
         os.replace(temporary, path)
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the error being raised says more than one about its temporary
+            temporary.unlink(missing_ok=True)
         raise
     try:
         _flush(path.parent)
     except OSError:  # a folder that cannot be opened for a flush (Windows): the rename is still atomic
         pass
+
+
+def check_writable(folder, what: str) -> None:
+    """Make `folder` if needed and create a file in it, before any work: a long job must not learn at its end
+    that its output cannot be written. ValueError naming `what` and the reason."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise ValueError(f"{what} cannot be written: {error.strerror}: {error.filename or folder}") from None
 
 
 def write_text(path, text: str) -> None:

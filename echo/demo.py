@@ -188,10 +188,9 @@ def run(args) -> int:
         return 2
     if args.seed < 0:
         raise ValueError(f"--seed must be 0 or more, got {args.seed}")
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ValueError(f"--out {args.out} cannot be a folder: it or a folder above it is a file") from None
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} cannot be a folder: it or a folder above it is a file")
+    atomic.check_writable(args.out, f"--out {args.out}")
     started = time.perf_counter()
     host_memory.keep_freed_memory()  # the demo encodes on the CPU
     model = checkpoint.load(args.model)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -219,11 +218,7 @@ def _check_out(out: Path) -> None:
         if problem:  # replacing it would destroy someone's data
             raise ValueError(f"--out {out} exists and is not an output of echo encode ({problem}); move it away "
                              f"or choose another --out")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out.parent).close()
-    except OSError as error:
-        raise ValueError(f"--out {out} cannot be written: {error.strerror}: {error.filename or out.parent}") from None
+    atomic.check_writable(out.parent, f"--out {out}")
 
 
 def _not_an_output(path: Path) -> str:

@@ -34,3 +34,37 @@ def test_an_error_leaves_the_old_file_and_no_temporary(tmp_path):
 
 def test_temporaries_are_the_processs_own(tmp_path):
     assert str(os.getpid()) in atomic.temporary_name(tmp_path / "x.wav").name
+
+
+def test_a_file_gets_the_permissions_any_new_file_gets(tmp_path):
+    """safetensors makes its files 0600: a model exported for others could not be loaded by them."""
+    import torch
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    with atomic.replacing(tmp_path / "model.safetensors") as temporary:
+        save_file({"weight": torch.zeros(2)}, str(temporary))
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+def test_the_writers_error_is_the_one_raised(tmp_path):
+    """A temporary that cannot even be removed (its folder is a file) must not hide why writing failed."""
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError) as caught:
+        atomic.write_text(tmp_path / "file" / "x.txt", "text")
+    assert caught.value.__context__ is None
+
+
+def test_a_temporary_left_under_this_process_id_is_replaced(tmp_path):
+    """A killed process's temporary, when this process has its id again (a container restarts from the same
+    ids), neither blocks the write nor lends it its permissions."""
+    target = tmp_path / "x.txt"
+    stale = atomic.temporary_name(target)
+    stale.write_text("half")
+    stale.chmod(0o600)
+    atomic.write_text(target, "whole")
+    assert target.read_text() == "whole" and not stale.exists()
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

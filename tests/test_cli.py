@@ -41,7 +41,7 @@ def test_demo_command_reports_a_missing_model(tmp_path):
 
 
 @pytest.mark.parametrize("option,message", [(["--out", "{file}"], "cannot be a folder"),
-                                            (["--out", "{file}/sub"], "cannot be a folder"),
+                                            (["--out", "{file}/sub"], "cannot be written: Not a directory"),
                                             (["--seed", "-1"], "--seed must be 0 or more, got -1")])
 def test_demo_command_refuses_bad_options_before_the_work(tmp_path, option, message, monkeypatch, capsys):
     from echo import cli
@@ -50,6 +50,19 @@ def test_demo_command_refuses_bad_options_before_the_work(tmp_path, option, mess
     monkeypatch.setattr(demo, "build_task", lambda *args: pytest.fail("the work started"))
     argv = ["demo", "--out", str(tmp_path / "out"), *[o.format(file=tmp_path / "file") for o in option]]
     assert cli.main(argv) == 2 and message in capsys.readouterr().err
+
+
+def test_demo_command_refuses_a_folder_it_cannot_write_before_the_work(tmp_path, monkeypatch, capsys):
+    """A read-only --out was found only after the table was printed."""
+    from echo import cli
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "out"))
+
+    monkeypatch.setattr("tempfile.TemporaryFile", read_only)
+    monkeypatch.setattr(demo, "build_task", lambda *args: pytest.fail("the work started"))
+    assert cli.main(["demo", "--out", str(tmp_path / "out")]) == 2
+    assert "--out " + str(tmp_path / "out") + " cannot be written: Permission denied" in capsys.readouterr().err
 
 
 class _NoAudio(torch.utils.data.IterableDataset):
