@@ -150,3 +150,10 @@ def test_unmeasured_figures_are_written_as_json_null():
     summary = {"AUC (dev)": float("nan"), "pAUC": 0.5, "groups": [{"AUC": float("inf")}, ("x", float("-inf"))]}
     written = json.loads(json.dumps(_json_values(summary), allow_nan=False))
     assert written == {"AUC (dev)": None, "pAUC": 0.5, "groups": [{"AUC": None}, ["x", None]]}
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_the_encoding(tmp_path, model_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert run_eval("--task", "folder", "--data", tmp_path, "--model", model_path,
+                    "--out", tmp_path / "file" / "results") == 2
+    assert "cannot be written: Not a directory" in capsys.readouterr().err

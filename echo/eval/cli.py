@@ -146,13 +146,13 @@ def _run(args) -> int:
 
     started = time.perf_counter()
     device = inputs.checked_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    atomic.check_writable(args.out, f"--out {args.out}")  # before the encoding, not after it
     dataset = datasets.load(args.task, args.data, args.labels)
     for note in dataset.notes:
         print(f"note: {note}")
     if device.type == "cpu":
         host_memory.keep_freed_memory()
     model = checkpoint.load(args.model, device=device)
-    args.out.mkdir(parents=True, exist_ok=True)
     embedded = embed_files(model, [item.path for item in dataset.items], dataset.read,
                            args.cache or args.out / "cache", None, device, DTYPES[args.dtype],
                            args.batch_files, progress=not args.quiet, reader_version=datasets.READERS_VERSION)
