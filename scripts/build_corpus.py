@@ -18,17 +18,24 @@ machine signals, with a data list of every file's source, licence and credit.
                                          licence, credit
 
 Packages come from `apt-get download` + `dpkg-deb -x` (nothing is installed). Every file is written
-atomically, so a rerun skips finished files; silent files and files shorter than one 25 ms window are left
-out and listed in the summary.
+atomically and its row recorded in OUT/datalist.partial.csv while the build runs (OUT/datalist.csv replaces
+it when the build is done), so a rerun, or the same command after an interruption, reuses a file only where
+that record says it came from the same source and the file reads whole at its recorded length; others are
+written again. Audio files of an earlier build that this one does not list are removed (pretraining would
+read them without their credit); audio files no build listed stop the build. Silent files and files shorter
+than one 25 ms window are left out and listed in the summary.
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import errno
 import os
+import re
+import signal
 import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
@@ -36,12 +43,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 from echo import atomic, geometry  # noqa: E402
 from echo.data import debian, synth  # noqa: E402
 from echo.data.opensfx import read_catalogue  # noqa: E402
 from echo.data.wav import read_wav, write_wav  # noqa: E402
 from echo.encode_files import read_file  # noqa: E402
+from echo.pretrain.corpus import audio_files  # noqa: E402
 
 PRETRAIN_PACKAGES = ("openttd-opensfx", "asterisk-core-sounds-en-wav", "alsa-utils", "sound-icons")
 EXTRA_PACKAGES = ("hydrogen-drumkits",)  # more real wideband audio, for runs beyond the bundled model's recipe
@@ -70,6 +79,11 @@ HYDROGEN_SUFFIXES = (".wav", ".flac", ".aiff", ".aif")
 SYNTHETIC_RATES = (8000, 12000, 16000, 22050, 44100, 48000, 50000)
 SILENCE = 1e-4  # peak below which a file counts as silent
 COLUMNS = ("path", "split", "source", "original", "sample_rate", "seconds", "channels", "label", "licence", "credit")
+PARTIAL = "datalist.partial.csv"  # the rows of the files written so far, while a build runs
+LENGTH = ("sample_rate", "seconds", "channels")  # what a reused file must still read as
+# Errors of the place written to, not of one file: every later file would fail the same way.
+FATAL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOTDIR, errno.EACCES, errno.EPERM}
+FLUSH_EVERY = 50  # files between two saves of the partial data list
 
 
 @dataclass
@@ -160,34 +174,116 @@ def _unusable(waveform: np.ndarray, rate: int) -> str | None:
     return None
 
 
-def _corpus_file(out: Path, item: Item, source) -> tuple[dict | None, tuple[str, str] | None, bool]:
-    """Write one corpus file (or reuse it, written atomically by an earlier run): (data-list row, None, reused),
-    or (None, (original, why it was left out), False)."""
+def _row(item: Item, waveform: np.ndarray, rate: int) -> dict:
+    """The data-list row of a written file, its values as the CSV holds them."""
+    channels = 1 if waveform.ndim == 1 else waveform.shape[0]
+    return {"path": item.relative, "split": item.split, "source": item.source, "original": item.original,
+            "sample_rate": str(rate), "seconds": str(round(waveform.shape[-1] / rate, 4)),
+            "channels": str(channels), "label": item.label, "licence": item.licence, "credit": item.credit}
+
+
+def _corpus_file(out: Path, item: Item, source, recorded: dict | None) -> tuple[dict | None, tuple | None, bool]:
+    """Write one corpus file, or reuse the one an earlier build recorded as made from the same source when it
+    reads at its recorded length: (data-list row, None, reused), or (None, (original, why it was left out),
+    False). Errors of the output folder (FATAL) are raised."""
     target = out / item.relative
     try:
-        reused = target.is_file()
-        if reused:
-            waveform, rate = read_wav(target)
-        else:
-            waveform, rate = _waveform(source)
-            reason = _unusable(waveform, rate)
-            if reason:
-                return None, (item.original, reason), False
-            target.parent.mkdir(parents=True, exist_ok=True)
-            write_wav(target, waveform, rate)
+        if recorded is not None:
+            try:
+                row = _row(item, *read_wav(target))
+                if all(row[column] == recorded[column] for column in LENGTH):
+                    return row, None, True
+            except (ValueError, OSError):  # missing, empty or damaged: written again below
+                pass
+        waveform, rate = _waveform(source)
+        reason = _unusable(waveform, rate)
+        if reason:
+            target.unlink(missing_ok=True)  # an earlier build's file here would stay in pretraining, unlisted
+            return None, (item.original, reason), False
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_wav(target, waveform, rate)
     except (ValueError, OSError) as error:
+        if isinstance(error, OSError) and error.errno in FATAL:
+            raise
         return None, (item.original, f"{type(error).__name__}: {error}"), False
-    channels = 1 if waveform.ndim == 1 else waveform.shape[0]
-    row = {"path": item.relative, "split": item.split, "source": item.source, "original": item.original,
-           "sample_rate": rate, "seconds": round(waveform.shape[-1] / rate, 4), "channels": channels,
-           "label": item.label, "licence": item.licence, "credit": item.credit}
-    return row, None, reused
+    return _row(item, waveform, rate), None, False
+
+
+def _records(out: Path) -> dict[str, dict]:
+    """path -> data-list row of the files an earlier build wrote: those of the build under way when it was
+    interrupted, else those of the last finished one."""
+    for name in (PARTIAL, "datalist.csv"):
+        if (out / name).is_file():
+            with open(out / name, newline="") as handle:
+                return {row["path"]: row for row in csv.DictReader(handle)}
+    return {}
+
+
+def _remove_dead_temporaries(out: Path) -> None:
+    """Delete the temporaries (NAME.PID.tmp, echo.atomic) of writers a kill stopped."""
+    for temporary in out.rglob("*.tmp"):
+        match = re.search(r"\.(\d+)\.tmp$", temporary.name)
+        if match and not _alive(int(match[1])):
+            temporary.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        pass
+    return True
+
+
+def _unlisted(out: Path, listed: set[str], records: dict[str, dict]) -> list[str]:
+    """Audio files in OUT/pretrain and OUT/heldout outside this build's list; SystemExit naming those no build
+    recorded (not ours to delete)."""
+    present = [f"{split}/{name}" for split in ("pretrain", "heldout") for name in audio_files(out / split)]
+    unlisted = [path for path in present if path not in listed]
+    foreign = [path for path in unlisted if path not in records]
+    if foreign:
+        raise SystemExit(f"{out} holds {len(foreign)} audio files that no build of this script listed, which "
+                         f"pretraining would read without their credit: {', '.join(foreign[:5])}"
+                         f"{' ...' if len(foreign) > 5 else ''}; move them away or choose another --out")
+    return unlisted
+
+
+def _ignore_interrupts() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent alone handles it
+
+
+def _write(out: Path, work: list, kept: dict[str, dict], jobs: int, quiet: bool) -> tuple[list, list, int]:
+    """(rows in the order of `work`, left out, reused) of writing every file; the partial data list (`kept`,
+    then every finished file) is saved as files finish and when the build stops."""
+    done = dict(kept)
+    results = {}
+    pool = ProcessPoolExecutor(jobs, initializer=_ignore_interrupts) if jobs > 1 else None
+    try:
+        arguments = (repeat(out), *zip(*work), [kept.get(item.relative) for item, _ in work])
+        outcomes = pool.map(_corpus_file, *arguments, chunksize=8) if pool else map(_corpus_file, *arguments)
+        for number, ((item, _), outcome) in enumerate(zip(work, tqdm(outcomes, total=len(work), desc="corpus",
+                                                                     unit="file", disable=quiet)), 1):
+            results[item.relative] = outcome
+            if outcome[0] is not None:
+                done[item.relative] = outcome[0]
+            if number % FLUSH_EVERY == 0:
+                atomic.write_csv(out / PARTIAL, COLUMNS, done.values())
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        atomic.write_csv(out / PARTIAL, COLUMNS, done.values())
+    rows = [results[item.relative][0] for item, _ in work if results[item.relative][0] is not None]
+    skipped = [results[item.relative][1] for item, _ in work if results[item.relative][1] is not None]
+    return rows, skipped, sum(outcome[2] for outcome in results.values())
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("corpus"))
-    parser.add_argument("--cache", type=Path, default=Path(".cache/debian"), help="where packages are kept")
+    parser.add_argument("--out", type=Path, default=REPO / "corpus", help="default: the repository's corpus/")
+    parser.add_argument("--cache", type=Path, default=REPO / ".cache/debian",
+                        help="where packages are kept (default: the repository's .cache/debian)")
     parser.add_argument("--synthetic", type=int, default=500, help="synthetic machine clips (2-10 s each)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--extra", nargs="+", choices=EXTRA_PACKAGES, default=[],
@@ -196,36 +292,63 @@ def main(argv=None) -> int:
                         help="processes writing files (default: one per CPU; the files do not depend on it)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    if args.synthetic < 0 or args.jobs < 1 or not 0 <= args.seed < 2**32:
+        parser.error("--synthetic must be >= 0, --jobs >= 1 and --seed in [0, 2**32)")
+    try:
+        return _build(args)
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted; the same command resumes") from None
+
+
+def _build(args) -> int:
+    out = args.out.resolve()
+    try:  # before fetching anything: the output must be writable
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "not writable", str(out))
+    except OSError as error:
+        raise SystemExit(f"cannot write the corpus to {out}: {error}") from None
 
     work = []
-    for package in (*PRETRAIN_PACKAGES, *args.extra, HELD_OUT_PACKAGE):
-        root = debian.fetch(package, args.cache)
-        work += _package_items(package, root, "heldout" if package == HELD_OUT_PACKAGE else "pretrain")
+    try:
+        for package in (*PRETRAIN_PACKAGES, *args.extra, HELD_OUT_PACKAGE):
+            root = debian.fetch(package, args.cache)
+            work += _package_items(package, root, "heldout" if package == HELD_OUT_PACKAGE else "pretrain")
+    except (debian.FetchError, OSError) as error:
+        raise SystemExit(f"fetching {package}: {error}") from None
     work += _synthetic_items(args.synthetic, args.seed)
-    clashes = sorted(path for path, count in Counter(item.relative for item, _ in work).items() if count > 1)
-    if clashes:  # a rerun would take one file's output for the other's
+    planned = {item.relative: item for item, _ in work}
+    if len(planned) < len(work):  # a rerun would take one file's output for the other's
+        clashes = sorted(path for path, count in Counter(item.relative for item, _ in work).items() if count > 1)
         raise SystemExit(f"two sources would be written to the same corpus file: {clashes[:5]}")
 
-    rows, skipped, reused = [], [], 0
-    with ProcessPoolExecutor(args.jobs) if args.jobs > 1 else nullcontext() as pool:
-        results = (pool.map(_corpus_file, repeat(args.out), *zip(*work), chunksize=8) if pool is not None
-                   else map(_corpus_file, repeat(args.out), *zip(*work)))
-        for row, skip, was_reused in tqdm(results, total=len(work), desc="corpus", unit="file", disable=args.quiet):
-            if skip is not None:
-                skipped.append(skip)
-            else:
-                rows.append(row)
-                reused += was_reused
+    _remove_dead_temporaries(out)
+    records = _records(out)
+    unlisted = _unlisted(out, set(planned), records)
+    # Only records of the same source are kept: a file about to be written from another one is no longer what
+    # its record says, even if the build stops before it is.
+    kept = {path: row for path, row in records.items()
+            if path in planned and (row["source"], row["original"]) == (planned[path].source, planned[path].original)}
+    try:
+        atomic.write_csv(out / PARTIAL, COLUMNS, kept.values())
+        (out / "datalist.csv").unlink(missing_ok=True)  # it lists the corpus only once the build is done
+        for path in unlisted:
+            (out / path).unlink()
+        rows, skipped, reused = _write(out, work, kept, args.jobs, args.quiet)
+        datalist = out / "datalist.csv"
+        atomic.write_csv(datalist, COLUMNS, rows)  # its temporary is the process's own: seeds build side by side
+        (out / PARTIAL).unlink()
+    except OSError as error:
+        raise SystemExit(f"cannot write the corpus to {out}: {error}; the same command resumes") from None
 
-    datalist = args.out / "datalist.csv"
-    atomic.write_csv(datalist, COLUMNS, rows)  # its temporary is the process's own: seeds build side by side
-
-    print(f"{len(rows)} files in {args.out} ({reused} from an earlier run), {len(skipped)} left out; "
+    if unlisted:
+        print(f"removed {len(unlisted)} files of an earlier build that this one does not list, e.g. {unlisted[0]}")
+    print(f"{len(rows)} files in {out} ({reused} from an earlier run), {len(skipped)} left out; "
           f"data list {datalist}")
     for split in ("pretrain", "heldout"):
         chosen = [r for r in rows if r["split"] == split]
-        rates = sorted({r["sample_rate"] for r in chosen})
-        hours = sum(r["seconds"] for r in chosen) / 3600
+        rates = sorted({int(r["sample_rate"]) for r in chosen})
+        hours = sum(float(r["seconds"]) for r in chosen) / 3600
         print(f"  {split}: {len(chosen)} files, {hours:.2f} h, rates {', '.join(map(str, rates))} Hz")
     for original, reason in skipped[:20]:
         print(f"  left out {original}: {reason}")

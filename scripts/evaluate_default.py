@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -25,8 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from echo import checkpoint, demo  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from echo import atomic, checkpoint, demo  # noqa: E402
 from echo.data.wav import read_wav  # noqa: E402
 from echo.eval import faults  # noqa: E402
 from echo.model import EchoModel  # noqa: E402
@@ -54,38 +56,62 @@ def embedders(model_name: str, seed: int) -> dict:
 
 
 def bucklespring(corpus: Path, limit: int | None) -> tuple[list, list, list]:
-    """(signals, rates, labels) of the held-out key switches; `limit` keeps that many of each label."""
-    with open(corpus / "datalist.csv", newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if row["path"].startswith(HELD_OUT) and row["label"]]
+    """(signals, rates, labels) of the held-out key switches; `limit` keeps that many of each label. SystemExit
+    when the corpus lacks them."""
+    datalist = corpus / "datalist.csv"
+    if not datalist.is_file():
+        raise SystemExit(f"{datalist} does not exist: run scripts/build_corpus.py (or pass --corpus)")
+    with open(datalist, newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("path", "").startswith(HELD_OUT) and row["label"]]
     if not rows:
-        raise SystemExit(f"no labelled {HELD_OUT} rows in {corpus / 'datalist.csv'}: run scripts/build_corpus.py")
+        raise SystemExit(f"no labelled {HELD_OUT} rows in {datalist}: run scripts/build_corpus.py")
     if limit:
         seen = Counter()
         rows = [row for row in rows if seen.update([row["label"]]) or seen[row["label"]] <= limit]
-    signals, rates = zip(*(read_wav(corpus / row["path"]) for row in rows))
+    try:
+        signals, rates = zip(*(read_wav(corpus / row["path"]) for row in rows))
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"a held-out clip of {datalist} does not read ({error}): run scripts/build_corpus.py "
+                         "again, which rewrites missing and damaged files") from None
     return list(signals), list(rates), [row["label"] for row in rows]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default", help="checkpoint name or path (default: default)")
-    parser.add_argument("--corpus", type=Path, default=Path("corpus"), help="built by scripts/build_corpus.py")
+    parser.add_argument("--corpus", type=Path, default=REPO / "corpus",
+                        help="built by scripts/build_corpus.py (default: the repository's corpus/)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the demo clips and of the random weights")
     parser.add_argument("--bank", type=int, default=demo.BANK_CLIPS, help="demo: healthy bank clips per machine")
     parser.add_argument("--tests", type=int, default=demo.TEST_CLIPS, help="demo: test clips per machine and class")
     parser.add_argument("--limit", type=int, default=None, help="bucklespring: clips per label (default: all)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = parser.parse_args(argv)
+    if args.bank < 1 or args.tests < 1 or (args.limit is not None and args.limit < 1):
+        parser.error("--bank, --tests and --limit must be at least 1")
+    if not 0 <= args.seed < 2**32:
+        parser.error("--seed must be in [0, 2**32)")
+    if args.json is not None:  # before the evaluation: its result must have somewhere to go
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise SystemExit(f"cannot write --json {args.json}: {error}") from None
+        if args.json.is_dir() or not os.access(args.json.parent, os.W_OK):
+            raise SystemExit(f"cannot write --json {args.json}: a folder, or in a folder that is not writable")
 
-    task = demo.build_task(args.seed, args.bank, args.tests)
     key_signals, key_rates, key_labels = bucklespring(args.corpus, args.limit)
+    try:
+        embedding = embedders(args.model, args.seed)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--model {args.model}: {error}") from None
+    task = demo.build_task(args.seed, args.bank, args.tests)
     # Embeddings of a nearly collapsed model nearly tie, so AUCs can move by ~0.01 with the float summation
     # order, which the thread count changes: say which it was.
     print(f"demo task: {len(task.clips)} clips (seed {args.seed}); bucklespring: {len(key_labels)} clips "
           f"({', '.join(f'{key_labels.count(label)} {label}' for label in sorted(set(key_labels)))}); "
           f"{torch.get_num_threads()} torch threads")
     results = {}
-    for name, embed in embedders(args.model, args.seed).items():
+    for name, embed in embedding.items():
         started = time.perf_counter()
         vectors = embed(task.signals, task.rates)
         _, rows, summary = demo.score(task, vectors)
@@ -106,7 +132,7 @@ def main(argv=None) -> int:
         print(f"{name.ljust(width)}  " + "  ".join(f"{numbers['demo per machine'][m]:.4f}".ljust(len(m))
                                                  for m in machines))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        atomic.write_text(args.json, json.dumps(results, indent=2) + "\n")
     return 0
 
 

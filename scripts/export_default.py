@@ -102,6 +102,8 @@ def main(argv=None) -> int:
                         help="the corpus's data list (scripts/build_corpus.py; default: the repository's)")
     args = parser.parse_args(argv)
 
+    if args.out.exists() and not args.out.is_dir():
+        raise SystemExit(f"--out {args.out} is a file: it takes the folder to export into")
     try:  # every input is read and checked before anything in --out is written
         model, saved = run_encoder(args.run, step=args.step)
         curve = _curve_rows(args.run / "steps.csv", saved["step"])
@@ -110,7 +112,10 @@ def main(argv=None) -> int:
     except (ValueError, ImportError) as error:
         raise SystemExit(str(error))
     config = PretrainConfig(**saved["config"])
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"cannot create --out {args.out}: {error}") from None
     echo.save(model, args.out / "model.safetensors", dtype=torch.float16)
     last = _plot_curve(curve, args.out / "training_curve.png", saved["step"])
     _write_credits(credits, args.out / "DATA_CREDITS.csv")

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from echo import atomic  # noqa: E402
 from echo.data import debian  # noqa: E402
 from echo.data.opensfx import read_catalogue  # noqa: E402
 from echo.data.bundled import SAMPLES_DIR  # noqa: E402
@@ -93,21 +95,25 @@ def credits_text(rows: list[tuple[Cut, int, float, str, str, str, str]]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=Path, default=Path(".cache/debian"), help="where packages are kept")
+    parser.add_argument("--cache", type=Path, default=REPO / ".cache/debian",
+                        help="where packages are kept (default: the repository's .cache/debian)")
     parser.add_argument("--out", type=Path, default=SAMPLES_DIR)
     args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"cannot create --out {args.out}: {error}") from None
     rows = []
     for cut in CUTS:
-        root = debian.fetch(cut.package, args.cache)
+        try:
+            root = debian.fetch(cut.package, args.cache)
+        except (debian.FetchError, OSError) as error:
+            raise SystemExit(f"fetching {cut.package}: {error}") from None
         waveform, rate, original, licence, authors = cut_waveform(cut, root)
         write_wav(args.out / f"{cut.name}.wav", waveform, rate)
         rows.append((cut, rate, len(waveform) / rate, debian.version(root), original, licence, authors))
         print(f"{cut.name}.wav: {rate} Hz, {len(waveform) / rate:.2f} s from {cut.package} {original}")
-    credits = args.out / "CREDITS.md"
-    temporary = credits.with_name(credits.name + ".tmp")
-    temporary.write_text(credits_text(rows))
-    temporary.replace(credits)
+    atomic.write_text(args.out / "CREDITS.md", credits_text(rows))
     total = sum(path.stat().st_size for path in args.out.glob("*.wav"))
     print(f"{len(rows)} samples, {total / 1e6:.2f} MB in {args.out}")
     return 0

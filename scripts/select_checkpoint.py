@@ -10,16 +10,19 @@ the earlier step on a tie, then the run named first. Several runs are runs of on
 seed moves every score as much as most changes of recipe (the model card), so the choice is made across them.
 
     python scripts/select_checkpoint.py RUN_DIR [RUN_DIR ...] [--which student] [--baselines]
-        [--csv RUN_DIR/validation.csv] [--jobs N]
+        [--csv RUN_DIR/validation.csv] [--jobs N] [--print-run]
 
-The table goes to stderr (each run's rows also to RUN_DIR/validation.csv) and the choice to stdout, so a recipe
-can pass it on: for one run the step alone,
+The table goes to stderr (each run's rows also to RUN_DIR/validation.csv, rewritten as each checkpoint is
+scored: a rerun with the same task settings scores only the checkpoints it lacks) and the choice to stdout, so
+a recipe can pass it on: for one run the step alone,
 `python scripts/export_default.py RUN_DIR --step "$(python scripts/select_checkpoint.py RUN_DIR)"`;
-for several, the chosen run's folder and its step, separated by a space (scripts/train_seeds.sh).
+for several, or with --print-run, the chosen run's folder and its step, separated by a space
+(scripts/train_seeds.sh).
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import multiprocessing
 import os
@@ -41,6 +44,7 @@ from echo.pretrain.trainer import PretrainConfig, checkpoint_encoder  # noqa: E4
 VALIDATION_MACHINE_SEEDS = (95_000, 96_000, 97_000, 98_000, 99_000, 100_000)
 VALIDATION_SEED = 1  # the demo and the model card's evaluation use clip seed 0
 COLUMNS = ("step", "validation AUC", "validation pAUC", "embedding spread")
+CSV_COLUMNS = (*COLUMNS, "task")  # "task": the settings the scores were made with; a rerun reuses only equal ones
 
 
 def scored(embed, tasks: list[demo.DemoTask]) -> dict:
@@ -61,21 +65,34 @@ def encoder(model):
 _TASKS: list[demo.DemoTask] = []  # set by validate before it forks
 
 
-def validate(runs: list[Path], which: str | None, tasks: list[demo.DemoTask], jobs: int = 1) -> list[dict]:
-    """One row per readable checkpoint of the runs, run by run, oldest first, each naming its run. With jobs > 1
-    the checkpoints of all runs are scored in that many processes of one torch thread each, which fork from
-    this one and so share its tasks."""
+def validate(runs: list[Path], which: str | None, tasks: list[demo.DemoTask], jobs: int = 1,
+             earlier: dict | None = None, save=None) -> list[dict]:
+    """One row per readable checkpoint of the runs, run by run, oldest first, each naming its run. A row of
+    `earlier` ((run, step) -> row, scored before on the same tasks) is taken as it is; `save(rows)` is called
+    with the rows so far after each checkpoint scored. With jobs > 1 the checkpoints of all runs are scored in
+    that many processes of one torch thread each, which fork from this one and so share its tasks."""
     global _TASKS
     _TASKS = tasks
+    earlier = earlier or {}
     paths = [path for run in runs for path in checkpoints.checkpoint_paths(run / "checkpoints")]
-    progress = partial(tqdm, total=len(paths), desc="checkpoints", unit="ckpt", file=sys.stderr)
+    rows = {path: earlier.get((path.parents[1], checkpoints.step_of(path))) for path in paths}
+    todo = [path for path in paths if rows[path] is None]
+    progress = partial(tqdm, total=len(todo), desc="checkpoints", unit="ckpt", file=sys.stderr)
     score = partial(_score_checkpoint, which=which)
-    if jobs > 1 and "fork" in multiprocessing.get_all_start_methods():
-        with multiprocessing.get_context("fork").Pool(min(jobs, len(paths) or 1)) as pool:
-            rows = list(progress(pool.imap(score, paths, chunksize=1)))
+    if jobs > 1 and todo and "fork" in multiprocessing.get_all_start_methods():
+        pool = multiprocessing.get_context("fork").Pool(min(jobs, len(todo)))
+        results = pool.imap(score, todo, chunksize=1)
     else:
-        rows = list(progress(map(score, paths)))
-    return [row for row in rows if row is not None]
+        pool, results = None, map(score, todo)
+    try:
+        for path, row in zip(todo, progress(results)):
+            rows[path] = row
+            if save is not None and row is not None:
+                save([row for row in rows.values() if row is not None])
+    finally:
+        if pool is not None:
+            pool.terminate()
+    return [rows[path] for path in paths if rows[path] is not None]
 
 
 def _score_checkpoint(path: Path, which: str | None) -> dict | None:
@@ -103,8 +120,21 @@ def chosen(rows: list[dict]) -> dict:
     return max(rows, key=lambda row: (row["validation AUC"], -row["step"]))
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    atomic.write_csv(path, COLUMNS, rows)
+def read_csv(run: Path, path: Path, task: str) -> dict:
+    """(run, step) -> row of an earlier table of `run` scored with the same `task` settings."""
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as handle:
+        try:
+            return {(run, int(row["step"])): {"run": run, "step": int(row["step"]),
+                                              **{column: float(row[column]) for column in COLUMNS[1:]}}
+                    for row in csv.DictReader(handle) if row.get("task") == task}
+        except (KeyError, TypeError, ValueError):  # a table of another layout: scored again
+            return {}
+
+
+def write_csv(rows: list[dict], path: Path, task: str) -> None:
+    atomic.write_csv(path, CSV_COLUMNS, ({**row, "task": task} for row in rows))
 
 
 def main(argv=None) -> int:
@@ -124,14 +154,39 @@ def main(argv=None) -> int:
                         help="with one run, write its table here instead of RUN/validation.csv")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="checkpoints scored at once, each in a process of one torch thread (default: one per CPU)")
+    parser.add_argument("--print-run", action="store_true",
+                        help="print the chosen run's folder before its step even for one run")
     args = parser.parse_args(argv)
 
     if args.csv is not None and len(args.runs) > 1:
         parser.error("--csv takes one run; with several, each run's table goes to RUN/validation.csv")
+    if args.bank < 1 or args.tests < 1 or args.jobs < 1:
+        parser.error("--bank, --tests and --jobs must be at least 1")
+    if not 0 <= args.seed < 2**32 or not all(0 <= seed < 2**32 for seed in args.machine_seeds):
+        parser.error("--seed and --machine-seeds must be in [0, 2**32)")
+    empty = [str(run / "checkpoints") for run in args.runs if not checkpoints.checkpoint_paths(run / "checkpoints")]
+    if empty:
+        raise SystemExit(f"no checkpoint in {', '.join(empty)}")
+    task = (f"which={args.which or 'export'} machine-seeds={','.join(map(str, args.machine_seeds))} "
+            f"seed={args.seed} bank={args.bank} tests={args.tests}")
+    tables = {run: args.csv or run / "validation.csv" for run in args.runs}
+    earlier = {key: row for run, table in tables.items() for key, row in read_csv(run, table, task).items()}
+
+    def save(rows: list[dict]) -> None:
+        for run, table in tables.items():
+            write_csv([row for row in rows if row["run"] == run], table, task)
+
+    try:  # before scoring anything: every table must be writable
+        for table in tables.values():
+            table.parent.mkdir(parents=True, exist_ok=True)
+        save(list(earlier.values()))
+    except OSError as error:
+        raise SystemExit(f"cannot write the validation table: {error}") from None
     tasks = [demo.build_task(args.seed, args.bank, args.tests, machine_seed=seed) for seed in args.machine_seeds]
-    rows = validate(args.runs, args.which, tasks, args.jobs)
+    rows = validate(args.runs, args.which, tasks, args.jobs, earlier, save)
     if not rows:
         raise SystemExit(f"no readable checkpoint in {', '.join(str(run / 'checkpoints') for run in args.runs)}")
+    save(rows)  # without the rows of checkpoints gone since (--keep)
     best = chosen(rows)
     columns = ("run",) * (len(args.runs) > 1) + COLUMNS
     widths = [max(18, 2 + max(len(str(run)) for run in args.runs)) if column == "run" else 18 for column in columns]
@@ -145,9 +200,7 @@ def main(argv=None) -> int:
         cells = [str(row.get(column, "")) if column in ("run", "step") else f"{row[column]:.4f}" for column in columns]
         print("".join(cell.ljust(width) for cell, width in zip(cells, widths)) + ("<- chosen" if row is best else ""),
               file=sys.stderr)
-    for run in args.runs:
-        write_csv([row for row in rows if row["run"] == run], args.csv or run / "validation.csv")
-    print(best["step"] if len(args.runs) == 1 else f"{best['run']} {best['step']}")
+    print(best["step"] if len(args.runs) == 1 and not args.print_run else f"{best['run']} {best['step']}")
     return 0
 
 

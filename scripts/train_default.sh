@@ -16,22 +16,29 @@
 # CORPUS_BUILT=1 skips the corpus step (scripts/train_seeds.sh builds it once for all seeds).
 # The corpus (~220 MB) is built from Debian packages fetched with apt-get download (nothing is installed).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-RUN_DIR=${1:-runs/default}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+# Paths given relative are relative to where the script was started: made absolute before the cd
+RUN_DIR=${1:-$REPO/runs/default}
+[[ $RUN_DIR = /* ]] || RUN_DIR=$PWD/$RUN_DIR
+PYTHON=${PYTHON:-python}
+[[ $PYTHON != */* || $PYTHON = /* ]] || PYTHON=$PWD/$PYTHON  # a path, not a command looked up in PATH
+cd "$REPO"
 # One torch thread per process: the data workers are the processes that need the cores, and the checkpoint
 # choice and evaluation below were scored with one thread (more change the float summation order).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-PYTHON=${PYTHON:-python}
 # On a CPU, glibc's heap fragments over a run (echo/host_memory.py): large blocks mapped on huge pages.
 if [ "${DEVICE:-}" = cpu ] || ! "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
     export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=4194304:glibc.malloc.hugetlb=1}
 fi
 
 [ -n "${CORPUS_BUILT:-}" ] || "$PYTHON" scripts/build_corpus.py --out corpus --synthetic 500 --seed 0 ${EXTRA:+--extra $EXTRA}
+# A step is logged by the first checkpoint's, so that every checkpoint can be exported with its curve
+SAVE_EVERY=${SAVE_EVERY:-200}
+LOG_EVERY=$(( SAVE_EVERY < 20 ? SAVE_EVERY : 20 ))
 "$PYTHON" -m echo pretrain --data corpus/pretrain --out "$RUN_DIR" --size tiny --steps "${STEPS:-1400}" \
     --tokens-per-batch "${TOKENS:-16384}" --crop-seconds 4 --lr "${LR:-8e-4}" --warmup "${WARMUP:-100}" \
     --ema-start 0.999 --ema-end 0.9999 --utterance-target layer-mean --export student --precision bf16 \
-    --workers "${WORKERS:-14}" --seed "${SEED:-0}" --save-every "${SAVE_EVERY:-200}" --keep 20 --log-every 20 ${DEVICE:+--device "$DEVICE"} \
+    --workers "${WORKERS:-14}" --seed "${SEED:-0}" --save-every "$SAVE_EVERY" --keep 20 --log-every "$LOG_EVERY" ${DEVICE:+--device "$DEVICE"} \
     ${STOP_AT:+--stop-at "$STOP_AT"}
 [ -z "${TRAIN_ONLY:-}" ] || exit 0
 # The checkpoint is chosen on a validation task (other machines and clips than the demo's), never on the

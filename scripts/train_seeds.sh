@@ -12,10 +12,18 @@
 # among the seeds. The chosen encoder is exported to OUT (default ROOT/chosen) with its evaluation: the bundled
 # model is replaced only when asked, with OUT=echo/data/default.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-ROOT=${1:-runs/seeds}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+# Paths given relative are relative to where the script was started: made absolute before the cd
+ROOT=${1:-$REPO/runs/seeds}
+[[ $ROOT = /* ]] || ROOT=$PWD/$ROOT
+OUT=${OUT:-$ROOT/chosen}
+[[ $OUT = /* ]] || OUT=$PWD/$OUT
 PYTHON=${PYTHON:-python}
-read -r -a seeds <<< "${SEEDS:-0 1 2 3}"
+[[ $PYTHON != */* || $PYTHON = /* ]] || PYTHON=$PWD/$PYTHON  # a path, not a command looked up in PATH
+export PYTHON
+cd "$REPO"
+read -r -a seeds <<< "${SEEDS-0 1 2 3}"
+[ ${#seeds[@]} -gt 0 ] || { echo "SEEDS is empty: give at least one seed, e.g. SEEDS=\"0 1\"" >&2; exit 2; }
 workers=$(( ${WORKERS:-14} / ${#seeds[@]} ))
 mkdir -p "$ROOT"
 "$PYTHON" scripts/build_corpus.py --out corpus --synthetic 500 --seed 0 ${EXTRA:+--extra $EXTRA} >"$ROOT/corpus.log"
@@ -34,8 +42,8 @@ runs=()
 for seed in "${seeds[@]}"; do runs+=("$ROOT/seed-$seed"); done
 # one torch thread per scoring process, as the model card's numbers were scored
 export OMP_NUM_THREADS=1
-choice=$("$PYTHON" scripts/select_checkpoint.py "${runs[@]}" --baselines 2> >(tee "$ROOT/validation.txt" >&2))
+choice=$("$PYTHON" scripts/select_checkpoint.py "${runs[@]}" --baselines --print-run \
+    2> >(tee "$ROOT/validation.txt" >&2))
 CHOSEN=${choice% *} STEP=${choice##* }  # "RUN STEP": the run folder may hold spaces
-OUT=${OUT:-$ROOT/chosen}
 "$PYTHON" scripts/export_default.py "$CHOSEN" --step "$STEP" --out "$OUT" --datalist corpus/datalist.csv
 "$PYTHON" scripts/evaluate_default.py --model "$OUT/model.safetensors" --corpus corpus --json "$OUT/evaluation.json"

@@ -178,7 +178,8 @@ def test_select_checkpoint_chooses_across_the_runs_of_several_seeds(tmp_path, ca
                                                                   if row["run"] == run])  # run by run, as asked
     monkeypatch.setattr(select.demo, "build_task", lambda *args, **kwargs: None)  # the tasks go unused here
     for run in runs:
-        run.mkdir()
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints" / "step-000000002.pt").write_bytes(b"")  # scored by the validate above
     assert select.main([str(run) for run in runs]) == 0
     assert capsys.readouterr().out.strip() == f"{runs[0]} 4"  # three at 0.90, all at step 4: the first run
     assert select.main([str(runs[2]), str(runs[1])]) == 0

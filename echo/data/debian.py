@@ -1,9 +1,11 @@
 """Files of Debian packages without installing them: `apt-get download NAME` and `dpkg-deb -x` into a cache
 folder (changes nothing on the system). Used by the scripts that rebuild the bundled samples and the
-pretraining corpus."""
+pretraining corpus. Processes fetching into one cache side by side each download and extract into a folder of
+their own and rename the result into place, so none ever sees another's half-written files."""
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,33 +23,72 @@ LICENCES = {
 }
 
 
+class FetchError(RuntimeError):
+    """A package could not be fetched: a missing tool, no network, a damaged .deb. Its message says which."""
+
+
 def _run(command: list[str], cwd: Path) -> None:
     if shutil.which(command[0]) is None:
-        raise RuntimeError(f"`{command[0]}` is not available: fetching Debian packages needs a Debian-like system")
+        raise FetchError(f"`{command[0]}` is not available: fetching Debian packages needs a Debian-like system")
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"`{' '.join(command)}` failed ({result.returncode}): {result.stderr.strip()[-500:]}")
+        raise FetchError(f"`{' '.join(command)}` failed ({result.returncode}): {result.stderr.strip()[-500:]}")
+
+
+def _private(folder: Path) -> Path:
+    """An empty folder beside `folder`, this process's own."""
+    private = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(private, ignore_errors=True)
+    private.mkdir(parents=True)
+    return private
+
+
+def _download(package: str, debs: Path) -> Path:
+    """`package`'s .deb in `debs`, downloaded once."""
+    archives = sorted(debs.glob(f"{package}_*.deb"))
+    if archives:
+        return archives[-1]
+    private = _private(debs / package)
+    try:
+        _run(["apt-get", "download", package], private)
+        downloaded = sorted(private.glob(f"{package}_*.deb"))
+        if not downloaded:
+            raise FetchError(f"apt-get download {package} produced no {package}_*.deb")
+        os.replace(downloaded[-1], debs / downloaded[-1].name)  # another process's copy is the same file
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    return debs / downloaded[-1].name
 
 
 def fetch(package: str, cache) -> Path:
     """The folder holding `package`'s extracted files (downloaded and extracted once, then reused)."""
     cache = Path(cache).resolve()
     root = cache / "extracted" / package
-    done = root / ".extracted"
-    if done.is_file():
+    if (root / ".extracted").is_file():
         return root
     debs = cache / "debs"
     debs.mkdir(parents=True, exist_ok=True)
-    archives = sorted(debs.glob(f"{package}_*.deb"))
-    if not archives:
-        _run(["apt-get", "download", package], debs)
-        archives = sorted(debs.glob(f"{package}_*.deb"))
-    if not archives:
-        raise RuntimeError(f"apt-get download {package} produced no {package}_*.deb in {debs}")
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    _run(["dpkg-deb", "-x", str(archives[-1].resolve()), str(root)], cache)
-    done.write_text(archives[-1].name + "\n")
+    archive = _download(package, debs)
+    private = _private(root)
+    try:
+        try:
+            _run(["dpkg-deb", "-x", str(archive), str(private)], cache)
+        except FetchError as error:
+            if shutil.which("dpkg-deb") is None:
+                raise
+            raise FetchError(f"{error}\n{archive} may be damaged (an interrupted download): delete it and run "
+                             "again to download it anew") from None
+        (private / ".extracted").write_text(archive.name + "\n")
+        if root.is_dir() and not (root / ".extracted").is_file():  # left by an extraction that did not finish
+            shutil.rmtree(root, ignore_errors=True)
+        try:
+            private.rename(root)
+        except OSError:
+            if not (root / ".extracted").is_file():
+                raise
+            # another process extracted it first: its copy is the same
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
     return root
 
 

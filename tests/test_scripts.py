@@ -1,0 +1,267 @@
+"""The recipe scripts (scripts/): rebuilding a corpus into an earlier one, resuming, failing with a message
+(missing tools, bad arguments, unwritable outputs), and the shell recipes' argument handling."""
+import csv
+import errno
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from echo.data import debian
+from test_default_model import import_script
+
+REPO = Path(__file__).resolve().parents[1]
+build_corpus = import_script("build_corpus")
+select = import_script("select_checkpoint")
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture
+def synthetic_only(tmp_path, monkeypatch):
+    """build_corpus with no package (nothing fetched): the synthetic files alone. Returns a build function."""
+    monkeypatch.setattr(build_corpus.debian, "fetch", lambda package, cache: tmp_path / "no-package")
+    monkeypatch.setattr(build_corpus, "_package_items", lambda package, root, split: [])
+
+    def build(out, count, seed=0, jobs=1):
+        return build_corpus.main(["--out", str(out), "--synthetic", str(count), "--seed", str(seed),
+                                  "--jobs", str(jobs), "--quiet"])
+    return build
+
+
+def test_a_rebuild_reuses_only_files_of_its_own_sources_and_removes_the_earlier_builds_others(tmp_path,
+                                                                                              synthetic_only):
+    """Seed 0 and seed 1 both name a file machine_00004_inner.wav (44.1 kHz): the seed-1 build must not take
+    the seed-0 one, nor leave seed 0's sixth file (which no data list would credit) for pretraining."""
+    synthetic_only(tmp_path / "fresh", 5, seed=1)
+    synthetic_only(tmp_path / "rebuilt", 6, seed=0, jobs=2)
+    synthetic_only(tmp_path / "rebuilt", 5, seed=1, jobs=2)
+    assert files(tmp_path / "rebuilt") == files(tmp_path / "fresh")
+
+
+def test_a_damaged_or_foreign_file_is_not_taken_for_a_finished_one(tmp_path, synthetic_only, capsys):
+    out = tmp_path / "corpus"
+    synthetic_only(out, 4)
+    built = files(out)
+    first, second = sorted(out.rglob("*.wav"))[:2]
+    first.write_bytes(b"")
+    second.write_bytes(second.read_bytes()[:200])  # a torn write of an older echo
+    (out / "pretrain" / "x.wav.999999999.tmp").write_bytes(b"left by a killed writer")
+    capsys.readouterr()
+    synthetic_only(out, 4)
+    assert "(2 from an earlier run)" in capsys.readouterr().out
+    assert files(out) == built
+
+    (out / "pretrain" / "mine.wav").write_bytes(built[str(first.relative_to(out))])
+    with pytest.raises(SystemExit, match="1 audio files that no build of this script listed.*pretrain/mine.wav"):
+        synthetic_only(out, 4)
+
+
+def test_an_interrupted_build_resumes_from_the_files_it_finished(tmp_path, synthetic_only, monkeypatch, capsys):
+    out = tmp_path / "corpus"
+    waveform = build_corpus._waveform
+    made = []
+
+    def interrupted_after_three(source):
+        if len(made) == 3:
+            raise KeyboardInterrupt
+        made.append(source)
+        return waveform(source)
+    monkeypatch.setattr(build_corpus, "_waveform", interrupted_after_three)
+    with pytest.raises(SystemExit, match="interrupted; the same command resumes"):
+        synthetic_only(out, 5)
+    assert not (out / "datalist.csv").exists()  # the corpus is listed only once it is whole
+    monkeypatch.setattr(build_corpus, "_waveform", waveform)
+    capsys.readouterr()
+    synthetic_only(out, 5)
+    assert "(3 from an earlier run)" in capsys.readouterr().out
+    synthetic_only(tmp_path / "whole", 5)
+    assert files(out) == files(tmp_path / "whole")
+
+
+def test_the_corpus_stops_at_an_unwritable_output_before_any_work(tmp_path, synthetic_only, monkeypatch):
+    (tmp_path / "a file").write_text("")
+    monkeypatch.setattr(build_corpus, "_synthetic_items", lambda *args: pytest.fail("worked before the check"))
+    with pytest.raises(SystemExit, match="cannot write the corpus to .*a file/corpus"):
+        synthetic_only(tmp_path / "a file" / "corpus", 3)
+
+
+def test_a_full_disk_stops_the_corpus_instead_of_leaving_every_file_out(tmp_path, synthetic_only, monkeypatch):
+    def full(path, waveform, rate):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(build_corpus, "write_wav", full)
+    with pytest.raises(SystemExit, match="No space left on device; the same command resumes"):
+        synthetic_only(tmp_path / "corpus", 3)
+
+
+def fake_tool(folder: Path, name: str, script: str) -> None:
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text(f"#!/bin/sh\nPATH=/usr/bin:/bin\n{script}\n")
+    (folder / name).chmod(0o755)
+
+
+def test_a_missing_tool_or_network_ends_the_scripts_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    fake_tool(tmp_path / "bin", "ls", "")  # the folder exists, without apt-get
+    with pytest.raises(SystemExit, match="fetching openttd-opensfx: `apt-get` is not available"):
+        build_corpus.main(["--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")])
+    fetch_samples = import_script("fetch_samples")
+    fake_tool(tmp_path / "bin", "apt-get", "echo 'E: Temporary failure resolving deb.debian.org' >&2; exit 100")
+    with pytest.raises(SystemExit, match="`apt-get download openttd-opensfx` failed .*Temporary failure resolving"):
+        fetch_samples.main(["--out", str(tmp_path / "samples"), "--cache", str(tmp_path / "cache")])
+
+
+def test_a_torn_deb_is_named_for_deletion(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    fake_tool(tmp_path / "bin", "dpkg-deb", "echo 'dpkg-deb: error: unexpected end of file' >&2; exit 2")
+    deb = tmp_path / "cache" / "debs" / "pkg_1_all.deb"
+    deb.parent.mkdir(parents=True)
+    deb.write_bytes(b"!<arch>\n")
+    with pytest.raises(debian.FetchError, match=f"{deb} may be damaged .*delete it"):
+        debian.fetch("pkg", tmp_path / "cache")
+    assert sorted(p.name for p in (tmp_path / "cache" / "extracted").iterdir()) == []
+
+
+def test_side_by_side_fetches_each_work_in_their_own_folder_and_the_first_one_done_wins(tmp_path, monkeypatch):
+    """apt-get downloads into a folder of its own; dpkg-deb extracts into one, and when another process has put
+    its copy in place meanwhile (done here by the fake dpkg-deb), that copy is used."""
+    cache = tmp_path / "cache"
+    winner = cache / "extracted" / "pkg"
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    fake_tool(tmp_path / "bin", "apt-get", '[ "$(basename "$PWD")" != debs ] && echo deb > pkg_1_all.deb')
+    fake_tool(tmp_path / "bin", "dpkg-deb", f'echo mine > "$3/sound"; mkdir -p "{winner}" && '
+                                            f'echo theirs > "{winner}/sound" && echo pkg_1_all.deb > "{winner}/.extracted"')
+    assert debian.fetch("pkg", cache) == winner
+    assert (winner / "sound").read_text() == "theirs\n" and debian.version(winner) == "pkg_1_all.deb"
+    assert sorted(p.name for p in cache.rglob("*")) == [".extracted", "debs", "extracted", "pkg", "pkg_1_all.deb",
+                                                        "sound"]
+
+
+def write_checkpoints(run: Path, steps) -> None:
+    (run / "checkpoints").mkdir(parents=True)
+    for step in steps:
+        (run / "checkpoints" / f"step-{step:09d}.pt").write_bytes(b"")
+
+
+def test_select_checkpoint_keeps_scores_as_it_goes_and_a_rerun_scores_only_the_rest(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    write_checkpoints(run, (2, 4, 6))
+    scored = []
+
+    def score(path, which):
+        step = int(path.stem.split("-")[1])
+        if step == 6 and not scored.count("allow 6"):
+            raise KeyboardInterrupt
+        scored.append(step)
+        return {"run": path.parents[1], "step": step, "validation AUC": step / 10, "validation pAUC": 0.5,
+                "embedding spread": 0.25}
+    monkeypatch.setattr(select, "_score_checkpoint", score)
+    monkeypatch.setattr(select.demo, "build_task", lambda *args, **kwargs: None)
+    table = tmp_path / "new folder" / "validation.csv"
+    options = [str(run), "--csv", str(table), "--jobs", "1", "--print-run"]
+    with pytest.raises(KeyboardInterrupt):
+        select.main(options)
+    with open(table, newline="") as handle:
+        assert [row["step"] for row in csv.DictReader(handle)] == ["2", "4"]
+    scored[:] = ["allow 6"]
+    assert select.main(options) == 0
+    assert scored == ["allow 6", 6] and capsys.readouterr().out.strip() == f"{run} 6"
+    assert select.main([*options, "--seed", "5"]) == 0  # another task: every checkpoint again
+    assert scored[2:] == [2, 4, 6]
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--bank", "0"], "must be at least 1"), (["--seed", "-1"], "must be in [0, 2**32)"),
+    (["--machine-seeds", "-3"], "must be in [0, 2**32)"), (["--jobs", "0"], "must be at least 1")],
+    ids=["bank", "seed", "machine-seeds", "jobs"])
+def test_select_checkpoint_refuses_bad_arguments(tmp_path, capsys, arguments, message):
+    write_checkpoints(tmp_path / "run", (2,))
+    with pytest.raises(SystemExit):
+        select.main([str(tmp_path / "run"), *arguments])
+    assert message in capsys.readouterr().err
+
+
+def test_select_checkpoint_stops_before_scoring_without_checkpoints_or_a_writable_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(select.demo, "build_task", lambda *args, **kwargs: pytest.fail("scored"))
+    with pytest.raises(SystemExit, match="no checkpoint in .*nothing/checkpoints"):
+        select.main([str(tmp_path / "nothing")])
+    write_checkpoints(tmp_path / "run", (2,))
+    (tmp_path / "a file").write_text("")
+    with pytest.raises(SystemExit, match="cannot write the validation table"):
+        select.main([str(tmp_path / "run"), "--csv", str(tmp_path / "a file" / "validation.csv")])
+
+
+def test_evaluate_default_checks_its_arguments_and_corpus_before_evaluating(tmp_path):
+    evaluate = import_script("evaluate_default")
+    with pytest.raises(SystemExit, match="datalist.csv does not exist: run scripts/build_corpus.py"):
+        evaluate.main(["--corpus", str(tmp_path)])
+    (tmp_path / "datalist.csv").write_text("path,split,label\nheldout/bucklespring/a-0.wav,heldout,press\n")
+    with pytest.raises(SystemExit, match="a held-out clip of .* does not read .*rewrites missing and damaged"):
+        evaluate.main(["--corpus", str(tmp_path)])
+    for arguments in (["--limit", "-1"], ["--bank", "0"], ["--seed", "-1"], ["--seed", str(2**64)]):
+        with pytest.raises(SystemExit) as stopped:
+            evaluate.main(["--corpus", str(tmp_path), *arguments])
+        assert stopped.value.code == 2, arguments  # argparse's usage error, not a traceback
+    (tmp_path / "a file").write_text("")
+    with pytest.raises(SystemExit, match="cannot write --json"):
+        evaluate.main(["--corpus", str(tmp_path), "--json", str(tmp_path / "a file" / "e.json")])
+
+
+def test_export_default_refuses_a_file_for_its_output_folder(tmp_path):
+    (tmp_path / "a file").write_text("")
+    with pytest.raises(SystemExit, match="is a file: it takes the folder"):
+        import_script("export_default").main([str(tmp_path / "run"), "--out", str(tmp_path / "a file")])
+
+
+@pytest.fixture
+def fake_python(tmp_path):
+    """A PYTHON for the shell recipes that logs each call (one line, arguments joined by '|') and answers
+    select_checkpoint with step 4 of the first run ('RUN 4' with --print-run)."""
+    log = tmp_path / "calls.log"
+    fake_tool(tmp_path / "bin", "python", f"""
+IFS='|'; echo "$*" >> "{log}"
+case "$*" in
+  -c*) exit 1 ;;
+  *select_checkpoint.py*--print-run*) echo "$2 4" ;;
+  *select_checkpoint.py*) echo 4 ;;
+esac""")
+    return tmp_path / "bin" / "python", log
+
+
+def run_recipe(script: str, cwd: Path, python: Path, *arguments, **env):
+    return subprocess.run(["bash", str(REPO / "scripts" / script), *arguments], cwd=cwd, capture_output=True,
+                          text=True, env={**os.environ, "PYTHON": str(python), **env})
+
+
+def test_train_seeds_with_one_seed_exports_that_run_at_its_chosen_step(tmp_path, fake_python):
+    python, log = fake_python
+    done = run_recipe("train_seeds.sh", tmp_path, python, "my runs", SEEDS="5")
+    assert done.returncode == 0, done.stderr
+    calls = [line.split("|") for line in log.read_text().splitlines()]
+    pretrain = next(call for call in calls if call[:3] == ["-m", "echo", "pretrain"])
+    assert pretrain[pretrain.index("--out") + 1] == f"{tmp_path}/my runs/seed-5"  # where the script was started
+    export = next(call for call in calls if call[0] == "scripts/export_default.py")
+    assert export[1:6] == [f"{tmp_path}/my runs/seed-5", "--step", "4", "--out", f"{tmp_path}/my runs/chosen"]
+
+
+@pytest.mark.parametrize("seeds", ["", "   "], ids=["empty", "blank"])
+def test_train_seeds_stops_on_empty_seeds_before_building_anything(tmp_path, fake_python, seeds):
+    python, log = fake_python
+    done = run_recipe("train_seeds.sh", tmp_path, python, "runs", SEEDS=seeds)
+    assert done.returncode != 0 and "SEEDS is empty" in done.stderr
+    assert not log.exists() and not (tmp_path / "runs").exists()
+
+
+def test_train_default_logs_a_step_by_every_checkpoint(tmp_path, fake_python):
+    python, log = fake_python
+    done = run_recipe("train_default.sh", tmp_path, python, "run", SAVE_EVERY="10", CORPUS_BUILT="1")
+    assert done.returncode == 0, done.stderr
+    calls = [line.split("|") for line in log.read_text().splitlines()]
+    pretrain = next(call for call in calls if call[:3] == ["-m", "echo", "pretrain"])
+    assert pretrain[pretrain.index("--log-every") + 1] == "10"
+    assert pretrain[pretrain.index("--out") + 1] == f"{tmp_path}/run"
+    export = next(call for call in calls if call[0] == "scripts/export_default.py")
+    assert export[1:4] == [f"{tmp_path}/run", "--step", "4"]
