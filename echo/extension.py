@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+ELF64_PROGRAM_HEADER = 56  # bytes of one 64-bit program header
+PN_XNUM = 0xFFFF  # "the count is elsewhere" (section header 0): not read here
 # compiled op -> the echo op (echo/ops/, backend name in ECHO_BACKEND_<OP>) whose contract it implements.
 # residual_layer_norm is the norm's csrc backend on a CPU, run by the inference path (echo.packed) only.
 # tile_attention runs inside attention's csrc backend, in bf16 where the CPU has AMX tiles.
@@ -41,24 +43,31 @@ def load_error() -> str | None:
 
 def cut_short(path: Path) -> str | None:
     """How an ELF shared library is shorter than its own program headers say (an interrupted copy or build),
-    or None. Only 64-bit ELF is read; other formats are left to their loader."""
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        header = handle.read(64)
-        if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] != 2:
-            return None
-        order = "<" if header[5] == 1 else ">"
-        (table_offset,) = struct.unpack_from(order + "Q", header, 0x20)
-        entry_size, entries = struct.unpack_from(order + "HH", header, 0x36)
-        handle.seek(table_offset)
-        table = handle.read(entry_size * entries)
+    or None. Only plain 64-bit ELF is read; anything else (other formats, odd headers, an unreadable file) is
+    left to the loader, which says what is wrong with it."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            header = handle.read(64)
+            if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] != 2:
+                return None
+            order = "<" if header[5] == 1 else ">"
+            (table_offset,) = struct.unpack_from(order + "Q", header, 0x20)
+            entry_size, entries = struct.unpack_from(order + "HH", header, 0x36)
+            if entry_size < ELF64_PROGRAM_HEADER or entries == PN_XNUM:
+                return None
+            handle.seek(table_offset)
+            table = handle.read(entry_size * entries)
+    except OSError:
+        return None
     if len(table) < entry_size * entries:
         return f"{size} bytes, its program headers end at {table_offset + entry_size * entries}"
     for entry in range(entries):
         start = entry * entry_size
         (kind,) = struct.unpack_from(order + "I", table, start)
         offset, _, _, file_size = struct.unpack_from(order + "4Q", table, start + 8)
-        if kind == 1 and offset + file_size > size:  # PT_LOAD: a segment mapped from the file
+        # PT_LOAD: a segment mapped from the file (one of zero file bytes, all bss, may start past its end)
+        if kind == 1 and file_size and offset + file_size > size:
             return f"{size} bytes, a loaded segment ends at byte {offset + file_size}"
     return None
 
