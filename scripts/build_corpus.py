@@ -81,7 +81,7 @@ SILENCE = 1e-4  # peak below which a file counts as silent
 COLUMNS = ("path", "split", "source", "original", "sample_rate", "seconds", "channels", "label", "licence", "credit")
 PARTIAL = "datalist.partial.csv"  # the rows of the files written so far, while a build runs
 LENGTH = ("sample_rate", "seconds", "channels")  # what a reused file must still read as
-# Errors of the place written to, not of one file: every later file would fail the same way.
+# Errors of the place written to, not of one file: every later file would fail the same way (_fatal).
 FATAL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOTDIR, errno.EACCES, errno.EPERM}
 FLUSH_EVERY = 50  # files between two saves of the partial data list
 
@@ -203,10 +203,17 @@ def _corpus_file(out: Path, item: Item, source, recorded: dict | None) -> tuple[
         target.parent.mkdir(parents=True, exist_ok=True)
         write_wav(target, waveform, rate)
     except (ValueError, OSError) as error:
-        if isinstance(error, OSError) and error.errno in FATAL:
+        if _fatal(error, out):
             raise
         return None, (item.original, f"{type(error).__name__}: {error}"), False
     return _row(item, waveform, rate), None, False
+
+
+def _fatal(error: Exception, out: Path) -> bool:
+    """A FATAL error of the output, not of reading one package's source file (reported, and that file left
+    out). A write to an open file fails without a file name."""
+    return (isinstance(error, OSError) and error.errno in FATAL
+            and (error.filename is None or Path(os.path.abspath(error.filename)).is_relative_to(out)))
 
 
 def _records(out: Path) -> dict[str, dict]:
@@ -223,18 +230,9 @@ def _remove_dead_temporaries(out: Path) -> None:
     """Delete the temporaries (NAME.PID.tmp, echo.atomic) of writers a kill stopped."""
     for temporary in out.rglob("*.tmp"):
         match = re.search(r"\.(\d+)\.tmp$", temporary.name)
-        if match and not _alive(int(match[1])):
+        # Files only: a folder of such a name is not a temporary of echo.atomic.
+        if match and temporary.is_file() and not debian.pid_alive(int(match[1])):
             temporary.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        pass
-    return True
 
 
 def _unlisted(out: Path, listed: set[str], records: dict[str, dict]) -> list[str]:
@@ -254,10 +252,12 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent alone handles it
 
 
-def _write(out: Path, work: list, kept: dict[str, dict], jobs: int, quiet: bool) -> tuple[list, list, int]:
-    """(rows in the order of `work`, left out, reused) of writing every file; the partial data list (`kept`,
-    then every finished file) is saved as files finish and when the build stops."""
-    done = dict(kept)
+def _write(out: Path, work: list, recorded: dict[str, dict], kept: dict[str, dict], jobs: int,
+           quiet: bool) -> tuple[list, list, int]:
+    """(rows in the order of `work`, left out, reused) of writing every file, reusing those of `kept`; the
+    partial data list (`recorded`, then the row of every finished file) is saved as files finish and when the
+    build stops."""
+    done = dict(recorded)
     results = {}
     pool = ProcessPoolExecutor(jobs, initializer=_ignore_interrupts) if jobs > 1 else None
     try:
@@ -302,12 +302,10 @@ def main(argv=None) -> int:
 
 def _build(args) -> int:
     out = args.out.resolve()
-    try:  # before fetching anything: the output must be writable
-        out.mkdir(parents=True, exist_ok=True)
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise PermissionError(errno.EACCES, "not writable", str(out))
-    except OSError as error:
-        raise SystemExit(f"cannot write the corpus to {out}: {error}") from None
+    try:  # before fetching anything
+        atomic.check_writable(out, f"the corpus folder {out}")
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
 
     work = []
     try:
@@ -329,14 +327,18 @@ def _build(args) -> int:
     # its record says, even if the build stops before it is.
     kept = {path: row for path, row in records.items()
             if path in planned and (row["source"], row["original"]) == (planned[path].source, planned[path].original)}
+    # Every other planned file is recorded as this script's before any is written, with no source (so never
+    # reused): a file that workers finish after an interruption, unrecorded, is then no stranger to a later
+    # build. The unlisted files keep their rows until they are deleted.
+    planned_rows = {**{path: {"path": path} for path in planned}, **kept}
     try:
-        atomic.write_csv(out / PARTIAL, COLUMNS, kept.values())
+        atomic.write_csv(out / PARTIAL, COLUMNS, [*planned_rows.values(), *(records[path] for path in unlisted)])
         (out / "datalist.csv").unlink(missing_ok=True)  # it lists the corpus only once the build is done
         for path in unlisted:
             (out / path).unlink()
-        rows, skipped, reused = _write(out, work, kept, args.jobs, args.quiet)
+        rows, skipped, reused = _write(out, work, planned_rows, kept, args.jobs, args.quiet)
         datalist = out / "datalist.csv"
-        atomic.write_csv(datalist, COLUMNS, rows)  # its temporary is the process's own: seeds build side by side
+        atomic.write_csv(datalist, COLUMNS, rows)  # atomic: a kill leaves the partial list, never a torn one
         (out / PARTIAL).unlink()
     except OSError as error:
         raise SystemExit(f"cannot write the corpus to {out}: {error}; the same command resumes") from None

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -92,12 +91,12 @@ def main(argv=None) -> int:
     if not 0 <= args.seed < 2**32:
         parser.error("--seed must be in [0, 2**32)")
     if args.json is not None:  # before the evaluation: its result must have somewhere to go
+        if args.json.is_dir():
+            raise SystemExit(f"--json {args.json} is a folder: it takes the file to write")
         try:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise SystemExit(f"cannot write --json {args.json}: {error}") from None
-        if args.json.is_dir() or not os.access(args.json.parent, os.W_OK):
-            raise SystemExit(f"cannot write --json {args.json}: a folder, or in a folder that is not writable")
+            atomic.check_writable(args.json.parent, f"--json {args.json}")
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
 
     key_signals, key_rates, key_labels = bucklespring(args.corpus, args.limit)
     try:

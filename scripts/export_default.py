@@ -113,9 +113,9 @@ def main(argv=None) -> int:
         raise SystemExit(str(error))
     config = PretrainConfig(**saved["config"])
     try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise SystemExit(f"cannot create --out {args.out}: {error}") from None
+        atomic.check_writable(args.out, f"--out {args.out}")
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     echo.save(model, args.out / "model.safetensors", dtype=torch.float16)
     last = _plot_curve(curve, args.out / "training_curve.png", saved["step"])
     _write_credits(credits, args.out / "DATA_CREDITS.csv")

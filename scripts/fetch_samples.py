@@ -99,10 +99,10 @@ def main(argv=None) -> int:
                         help="where packages are kept (default: the repository's .cache/debian)")
     parser.add_argument("--out", type=Path, default=SAMPLES_DIR)
     args = parser.parse_args(argv)
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise SystemExit(f"cannot create --out {args.out}: {error}") from None
+    try:  # before fetching anything
+        atomic.check_writable(args.out, f"--out {args.out}")
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     rows = []
     for cut in CUTS:
         try:

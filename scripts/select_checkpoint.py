@@ -13,8 +13,8 @@ seed moves every score as much as most changes of recipe (the model card), so th
         [--csv RUN_DIR/validation.csv] [--jobs N] [--print-run]
 
 The table goes to stderr (each run's rows also to RUN_DIR/validation.csv, rewritten as each checkpoint is
-scored: a rerun with the same task settings scores only the checkpoints it lacks) and the choice to stdout, so
-a recipe can pass it on: for one run the step alone,
+scored: a rerun with the same task settings scores only the checkpoints it lacks or whose file changed) and
+the choice to stdout, so a recipe can pass it on: for one run the step alone,
 `python scripts/export_default.py RUN_DIR --step "$(python scripts/select_checkpoint.py RUN_DIR)"`;
 for several, or with --print-run, the chosen run's folder and its step, separated by a space
 (scripts/train_seeds.sh).
@@ -44,7 +44,10 @@ from echo.pretrain.trainer import PretrainConfig, checkpoint_encoder  # noqa: E4
 VALIDATION_MACHINE_SEEDS = (95_000, 96_000, 97_000, 98_000, 99_000, 100_000)
 VALIDATION_SEED = 1  # the demo and the model card's evaluation use clip seed 0
 COLUMNS = ("step", "validation AUC", "validation pAUC", "embedding spread")
-CSV_COLUMNS = (*COLUMNS, "task")  # "task": the settings the scores were made with; a rerun reuses only equal ones
+# "size", "mtime_ns": the checkpoint file scored, so that one retrained in the same folder is scored again;
+# "task": the settings the scores were made with. A rerun reuses a row only when all three are equal.
+STAMP = ("size", "mtime_ns")
+CSV_COLUMNS = (*COLUMNS, *STAMP, "task")
 
 
 def scored(embed, tasks: list[demo.DemoTask]) -> dict:
@@ -65,30 +68,54 @@ def encoder(model):
 _TASKS: list[demo.DemoTask] = []  # set by validate before it forks
 
 
+def forks(jobs: int) -> bool:
+    """Whether checkpoints are scored in forked processes (of one torch thread each, _score_checkpoint)."""
+    return jobs > 1 and "fork" in multiprocessing.get_all_start_methods()
+
+
+def scoring_threads(jobs: int) -> int:
+    """Torch threads of the processes that score: their sums, and so the scores' last digits, depend on it."""
+    return 1 if forks(jobs) else torch.get_num_threads()
+
+
+def stamp(path: Path) -> dict:
+    info = path.stat()
+    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
+
+
 def validate(runs: list[Path], which: str | None, tasks: list[demo.DemoTask], jobs: int = 1,
              earlier: dict | None = None, save=None) -> list[dict]:
     """One row per readable checkpoint of the runs, run by run, oldest first, each naming its run. A row of
-    `earlier` ((run, step) -> row, scored before on the same tasks) is taken as it is; `save(rows)` is called
-    with the rows so far after each checkpoint scored. With jobs > 1 the checkpoints of all runs are scored in
-    that many processes of one torch thread each, which fork from this one and so share its tasks."""
+    `earlier` ((run, step) -> row, scored before on the same tasks) is taken as it is when its size and mtime_ns
+    are the checkpoint file's; `save(run, rows)` is called with that run's rows so far after each of its
+    checkpoints scored. With jobs > 1 the checkpoints of all runs are scored in that many processes of one
+    torch thread each, which fork from this one and so share its tasks."""
     global _TASKS
     _TASKS = tasks
     earlier = earlier or {}
     paths = [path for run in runs for path in checkpoints.checkpoint_paths(run / "checkpoints")]
-    rows = {path: earlier.get((path.parents[1], checkpoints.step_of(path))) for path in paths}
+    # Stamped before any reading: a file replaced while it is scored then differs from its row next time.
+    stamps = {path: stamp(path) for path in paths}
+    rows = {}
+    for path in paths:
+        row = earlier.get((path.parents[1], checkpoints.step_of(path)))
+        rows[path] = row if row is not None and {key: row[key] for key in STAMP} == stamps[path] else None
     todo = [path for path in paths if rows[path] is None]
     progress = partial(tqdm, total=len(todo), desc="checkpoints", unit="ckpt", file=sys.stderr)
     score = partial(_score_checkpoint, which=which)
-    if jobs > 1 and todo and "fork" in multiprocessing.get_all_start_methods():
+    if todo and forks(jobs):
         pool = multiprocessing.get_context("fork").Pool(min(jobs, len(todo)))
         results = pool.imap(score, todo, chunksize=1)
     else:
         pool, results = None, map(score, todo)
     try:
         for path, row in zip(todo, progress(results)):
-            rows[path] = row
-            if save is not None and row is not None:
-                save([row for row in rows.values() if row is not None])
+            if row is None:
+                continue
+            rows[path] = {**row, **stamps[path]}
+            if save is not None:
+                run = path.parents[1]
+                save(run, [row for row in rows.values() if row is not None and row["run"] == run])
     finally:
         if pool is not None:
             pool.terminate()
@@ -127,7 +154,8 @@ def read_csv(run: Path, path: Path, task: str) -> dict:
     with open(path, newline="") as handle:
         try:
             return {(run, int(row["step"])): {"run": run, "step": int(row["step"]),
-                                              **{column: float(row[column]) for column in COLUMNS[1:]}}
+                                              **{column: float(row[column]) for column in COLUMNS[1:]},
+                                              **{column: int(row[column]) for column in STAMP}}
                     for row in csv.DictReader(handle) if row.get("task") == task}
         except (KeyError, TypeError, ValueError):  # a table of another layout: scored again
             return {}
@@ -168,25 +196,25 @@ def main(argv=None) -> int:
     if empty:
         raise SystemExit(f"no checkpoint in {', '.join(empty)}")
     task = (f"which={args.which or 'export'} machine-seeds={','.join(map(str, args.machine_seeds))} "
-            f"seed={args.seed} bank={args.bank} tests={args.tests}")
+            f"seed={args.seed} bank={args.bank} tests={args.tests} threads={scoring_threads(args.jobs)}")
     tables = {run: args.csv or run / "validation.csv" for run in args.runs}
     earlier = {key: row for run, table in tables.items() for key, row in read_csv(run, table, task).items()}
 
-    def save(rows: list[dict]) -> None:
-        for run, table in tables.items():
-            write_csv([row for row in rows if row["run"] == run], table, task)
+    def save(run: Path, rows: list[dict]) -> None:
+        write_csv(rows, tables[run], task)
 
     try:  # before scoring anything: every table must be writable
-        for table in tables.values():
+        for run, table in tables.items():
             table.parent.mkdir(parents=True, exist_ok=True)
-        save(list(earlier.values()))
+            save(run, [row for key, row in earlier.items() if key[0] == run])
     except OSError as error:
         raise SystemExit(f"cannot write the validation table: {error}") from None
     tasks = [demo.build_task(args.seed, args.bank, args.tests, machine_seed=seed) for seed in args.machine_seeds]
     rows = validate(args.runs, args.which, tasks, args.jobs, earlier, save)
     if not rows:
         raise SystemExit(f"no readable checkpoint in {', '.join(str(run / 'checkpoints') for run in args.runs)}")
-    save(rows)  # without the rows of checkpoints gone since (--keep)
+    for run in args.runs:  # without the rows of checkpoints gone since (--keep) or changed
+        save(run, [row for row in rows if row["run"] == run])
     best = chosen(rows)
     columns = ("run",) * (len(args.runs) > 1) + COLUMNS
     widths = [max(18, 2 + max(len(str(run)) for run in args.runs)) if column == "run" else 18 for column in columns]

@@ -17,11 +17,9 @@
 # The corpus (~220 MB) is built from Debian packages fetched with apt-get download (nothing is installed).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-# Paths given relative are relative to where the script was started: made absolute before the cd
+source "$REPO/scripts/paths.sh"  # absolute, PYTHON
 RUN_DIR=${1:-$REPO/runs/default}
-[[ $RUN_DIR = /* ]] || RUN_DIR=$PWD/$RUN_DIR
-PYTHON=${PYTHON:-python}
-[[ $PYTHON != */* || $PYTHON = /* ]] || PYTHON=$PWD/$PYTHON  # a path, not a command looked up in PATH
+absolute RUN_DIR
 cd "$REPO"
 # One torch thread per process: the data workers are the processes that need the cores, and the checkpoint
 # choice and evaluation below were scored with one thread (more change the float summation order).

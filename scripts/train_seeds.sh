@@ -13,13 +13,11 @@
 # model is replaced only when asked, with OUT=echo/data/default.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-# Paths given relative are relative to where the script was started: made absolute before the cd
+source "$REPO/scripts/paths.sh"  # absolute, PYTHON
 ROOT=${1:-$REPO/runs/seeds}
-[[ $ROOT = /* ]] || ROOT=$PWD/$ROOT
+absolute ROOT
 OUT=${OUT:-$ROOT/chosen}
-[[ $OUT = /* ]] || OUT=$PWD/$OUT
-PYTHON=${PYTHON:-python}
-[[ $PYTHON != */* || $PYTHON = /* ]] || PYTHON=$PWD/$PYTHON  # a path, not a command looked up in PATH
+absolute OUT
 export PYTHON
 cd "$REPO"
 read -r -a seeds <<< "${SEEDS-0 1 2 3}"

@@ -82,10 +82,65 @@ def test_an_interrupted_build_resumes_from_the_files_it_finished(tmp_path, synth
     assert files(out) == files(tmp_path / "whole")
 
 
+def test_a_build_interrupted_while_removing_the_earlier_builds_files_resumes(tmp_path, synthetic_only,
+                                                                              monkeypatch):
+    out = tmp_path / "corpus"
+    synthetic_only(out, 6, seed=0)
+    unlink = Path.unlink
+
+    def interrupted(path, missing_ok=False):
+        if "machine_00005" in path.name:  # seed 0's sixth file, which the seed-1 build removes
+            raise KeyboardInterrupt
+        return unlink(path, missing_ok=missing_ok)
+    monkeypatch.setattr(Path, "unlink", interrupted)
+    with pytest.raises(SystemExit, match="interrupted"):
+        synthetic_only(out, 5, seed=1)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    synthetic_only(out, 5, seed=1)
+    synthetic_only(tmp_path / "fresh", 5, seed=1)
+    assert files(out) == files(tmp_path / "fresh")
+
+
+def test_files_written_after_an_interruption_are_not_taken_for_strangers(tmp_path, synthetic_only, monkeypatch):
+    """Workers go on writing after Ctrl-C; the parent never records those files. Here the third file is
+    written and the interruption comes before its row is kept."""
+    out = tmp_path / "corpus"
+
+    def interrupted_on_the_third(outcomes, **options):
+        for number, outcome in enumerate(outcomes):
+            if number == 2:
+                raise KeyboardInterrupt
+            yield outcome
+    progress = build_corpus.tqdm
+    monkeypatch.setattr(build_corpus, "tqdm", interrupted_on_the_third)
+    with pytest.raises(SystemExit, match="interrupted"):
+        synthetic_only(out, 5, seed=1)
+    assert len(list(out.rglob("*.wav"))) == 3
+    monkeypatch.setattr(build_corpus, "tqdm", progress)
+    synthetic_only(out, 2, seed=0)  # other settings: the third file is removed, not refused
+    assert len(list(out.rglob("*.wav"))) == 2
+
+
+def test_an_unreadable_source_file_is_left_out_and_a_folder_named_like_a_temporary_is_kept(
+        tmp_path, synthetic_only, monkeypatch, capsys):
+    out = tmp_path / "corpus"
+    (out / "pretrain" / "kit.wav.999999999.tmp").mkdir(parents=True)
+    waveform = build_corpus._waveform
+
+    def unreadable_second(source):
+        if source[0] == 1:
+            raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "package" / "b.wav"))
+        return waveform(source)
+    monkeypatch.setattr(build_corpus, "_waveform", unreadable_second)
+    synthetic_only(out, 3)
+    assert "2 files in" in capsys.readouterr().out
+    assert (out / "pretrain" / "kit.wav.999999999.tmp").is_dir()
+
+
 def test_the_corpus_stops_at_an_unwritable_output_before_any_work(tmp_path, synthetic_only, monkeypatch):
     (tmp_path / "a file").write_text("")
     monkeypatch.setattr(build_corpus, "_synthetic_items", lambda *args: pytest.fail("worked before the check"))
-    with pytest.raises(SystemExit, match="cannot write the corpus to .*a file/corpus"):
+    with pytest.raises(SystemExit, match="corpus folder .*a file/corpus cannot be written"):
         synthetic_only(tmp_path / "a file" / "corpus", 3)
 
 
@@ -140,6 +195,26 @@ def test_side_by_side_fetches_each_work_in_their_own_folder_and_the_first_one_do
                                                         "sound"]
 
 
+def test_a_fetch_removes_dead_processes_folders_and_renames_a_half_extracted_root_before_deleting_it(
+        tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    root = cache / "extracted" / "pkg"
+    (root / "usr").mkdir(parents=True)  # half-extracted: no .extracted
+    for left in (cache / "extracted" / "pkg.999999999.tmp", cache / "debs" / "pkg.999999999.tmp"):
+        (left / "sound").mkdir(parents=True)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    fake_tool(tmp_path / "bin", "apt-get", 'echo deb > pkg_1_all.deb')
+    fake_tool(tmp_path / "bin", "dpkg-deb", 'echo mine > "$3/sound"')
+    removed = []
+    rmtree = debian.shutil.rmtree
+    monkeypatch.setattr(debian.shutil, "rmtree",
+                        lambda path, **options: (removed.append(path), rmtree(path, **options)))
+    assert debian.fetch("pkg", cache) == root and (root / "sound").read_text() == "mine\n"
+    assert root not in removed  # another process's finished copy may be there by the time it would be deleted
+    assert sorted(p.name for p in cache.rglob("*")) == [".extracted", "debs", "extracted", "pkg", "pkg_1_all.deb",
+                                                        "sound"]
+
+
 def write_checkpoints(run: Path, steps) -> None:
     (run / "checkpoints").mkdir(parents=True)
     for step in steps:
@@ -171,6 +246,35 @@ def test_select_checkpoint_keeps_scores_as_it_goes_and_a_rerun_scores_only_the_r
     assert scored == ["allow 6", 6] and capsys.readouterr().out.strip() == f"{run} 6"
     assert select.main([*options, "--seed", "5"]) == 0  # another task: every checkpoint again
     assert scored[2:] == [2, 4, 6]
+
+
+def test_select_checkpoint_scores_a_retrained_checkpoint_again_and_rewrites_only_its_runs_table(
+        tmp_path, monkeypatch, capsys):
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        write_checkpoints(run, (2, 4))
+
+    def score(path, which):  # the AUC is the file's content: retraining changes it
+        return {"run": path.parents[1], "step": int(path.stem.split("-")[1]),
+                "validation AUC": float(path.read_bytes() or 0), "validation pAUC": 0.5, "embedding spread": 0.25}
+    monkeypatch.setattr(select, "_score_checkpoint", score)
+    monkeypatch.setattr(select.demo, "build_task", lambda *args, **kwargs: None)
+    options = [*map(str, runs), "--jobs", "1"]
+    (runs[0] / "checkpoints" / "step-000000002.pt").write_bytes(b"0.9")
+    assert select.main(options) == 0 and capsys.readouterr().out.strip() == f"{runs[0]} 2"
+    (runs[0] / "checkpoints" / "step-000000002.pt").write_bytes(b"0.15")  # retrained in the same folder
+    (runs[0] / "checkpoints" / "step-000000004.pt").write_bytes(b"0.8")
+    writes = []
+    monkeypatch.setattr(select, "write_csv", lambda rows, path, task: writes.append(path))
+    assert select.main(options) == 0 and capsys.readouterr().out.strip() == f"{runs[0]} 4"
+    tables = [run / "validation.csv" for run in runs]
+    assert writes[:2] == tables and writes[2:-2] == [tables[0]] * 2 and writes[-2:] == tables
+
+
+def test_select_checkpoint_records_the_scoring_thread_count_with_the_task(monkeypatch):
+    monkeypatch.setattr(select.torch, "get_num_threads", lambda: 7)
+    assert select.scoring_threads(1) == 7
+    assert select.scoring_threads(4) == (1 if "fork" in select.multiprocessing.get_all_start_methods() else 7)
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -206,8 +310,18 @@ def test_evaluate_default_checks_its_arguments_and_corpus_before_evaluating(tmp_
             evaluate.main(["--corpus", str(tmp_path), *arguments])
         assert stopped.value.code == 2, arguments  # argparse's usage error, not a traceback
     (tmp_path / "a file").write_text("")
-    with pytest.raises(SystemExit, match="cannot write --json"):
+    with pytest.raises(SystemExit, match="--json .*a file/e.json cannot be written"):
         evaluate.main(["--corpus", str(tmp_path), "--json", str(tmp_path / "a file" / "e.json")])
+    with pytest.raises(SystemExit, match="is a folder: it takes the file"):
+        evaluate.main(["--corpus", str(tmp_path), "--json", str(tmp_path)])
+
+
+def test_fetch_samples_stops_at_an_unwritable_output_before_fetching(tmp_path, monkeypatch):
+    fetch_samples = import_script("fetch_samples")
+    monkeypatch.setattr(fetch_samples.debian, "fetch", lambda *args: pytest.fail("fetched before the check"))
+    (tmp_path / "a file").write_text("")
+    with pytest.raises(SystemExit, match="--out .*a file/samples cannot be written"):
+        fetch_samples.main(["--out", str(tmp_path / "a file" / "samples"), "--cache", str(tmp_path)])
 
 
 def test_export_default_refuses_a_file_for_its_output_folder(tmp_path):
@@ -265,3 +379,11 @@ def test_train_default_logs_a_step_by_every_checkpoint(tmp_path, fake_python):
     assert pretrain[pretrain.index("--out") + 1] == f"{tmp_path}/run"
     export = next(call for call in calls if call[0] == "scripts/export_default.py")
     assert export[1:4] == [f"{tmp_path}/run", "--step", "4"]
+
+
+def test_the_recipes_take_a_relative_python_and_out_from_where_they_were_started(tmp_path, fake_python):
+    python, log = fake_python
+    done = run_recipe("train_seeds.sh", tmp_path, Path("bin/python"), "runs", SEEDS="5", OUT="out")
+    assert done.returncode == 0, done.stderr
+    export = next(line.split("|") for line in log.read_text().splitlines() if "export_default.py" in line)
+    assert f"{tmp_path}/out" in export

@@ -4,8 +4,10 @@ pretraining corpus. Processes fetching into one cache side by side each download
 their own and rename the result into place, so none ever sees another's half-written files."""
 from __future__ import annotations
 
+import glob
 import gzip
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -35,11 +37,26 @@ def _run(command: list[str], cwd: Path) -> None:
         raise FetchError(f"`{' '.join(command)}` failed ({result.returncode}): {result.stderr.strip()[-500:]}")
 
 
-def _private(folder: Path) -> Path:
-    """An empty folder beside `folder`, this process's own."""
-    private = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        pass
+    return True
+
+
+def _private(folder: Path, kind: str = "") -> Path:
+    """A folder name beside `folder`, this process's own (FOLDER.[KIND.]PID.tmp). Such folders of processes no
+    longer alive (killed mid-download or mid-extraction) are removed first: nothing else ever would."""
+    if folder.parent.is_dir():
+        for left in folder.parent.glob(f"{glob.escape(folder.name)}.*tmp"):
+            match = re.fullmatch(rf"{re.escape(folder.name)}\.(?:\w+\.)?(\d+)\.tmp", left.name)
+            if match and left.is_dir() and not pid_alive(int(match[1])):
+                shutil.rmtree(left, ignore_errors=True)
+    private = folder.with_name(f"{folder.name}.{kind + '.' if kind else ''}{os.getpid()}.tmp")
     shutil.rmtree(private, ignore_errors=True)
-    private.mkdir(parents=True)
     return private
 
 
@@ -49,6 +66,7 @@ def _download(package: str, debs: Path) -> Path:
     if archives:
         return archives[-1]
     private = _private(debs / package)
+    private.mkdir(parents=True)
     try:
         _run(["apt-get", "download", package], private)
         downloaded = sorted(private.glob(f"{package}_*.deb"))
@@ -70,6 +88,7 @@ def fetch(package: str, cache) -> Path:
     debs.mkdir(parents=True, exist_ok=True)
     archive = _download(package, debs)
     private = _private(root)
+    private.mkdir(parents=True)
     try:
         try:
             _run(["dpkg-deb", "-x", str(archive), str(private)], cache)
@@ -80,7 +99,13 @@ def fetch(package: str, cache) -> Path:
                              "again to download it anew") from None
         (private / ".extracted").write_text(archive.name + "\n")
         if root.is_dir() and not (root / ".extracted").is_file():  # left by an extraction that did not finish
-            shutil.rmtree(root, ignore_errors=True)
+            # Renamed away first (atomic: one process wins), so that no two delete it together.
+            stale = _private(root, "stale")
+            try:
+                root.rename(stale)
+            except OSError:
+                pass
+            shutil.rmtree(stale, ignore_errors=True)
         try:
             private.rename(root)
         except OSError:
