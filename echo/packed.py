@@ -160,8 +160,9 @@ def inference_copy(model, dtype: torch.dtype, weights: list[torch.Tensor] | None
     `dtype` (float32 or bf16), each layer also gets _CPUInferenceOps: no autograd through those.
     `weights`: the model's tensors as _source_weights gives them, to build it from (by default taken here); the
     copy shares no tensor with the model, so a later write to the model cannot half-reach it."""
-    tensors = [tensor for _, tensor in _named_tensors(model)]
-    weights = _source_weights(model) if weights is None else weights
+    named = _named_tensors(model)
+    tensors = [tensor for _, tensor in named]
+    weights = _source_weights(named) if weights is None else weights
     owned = {id(tensor): nn.Parameter(weight, requires_grad=False) if isinstance(tensor, nn.Parameter) else weight
              for tensor, weight in zip(tensors, weights)}
     copy = deepcopy(model, owned).float()
@@ -178,21 +179,21 @@ def _named_tensors(model) -> list[tuple[str, torch.Tensor]]:
     return [*model.named_parameters(), *model.named_buffers()]
 
 
-def _source_weights(model) -> list[torch.Tensor]:
+def _source_weights(named: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
     """Detached copies of the model's tensors: what an inference copy is built from and later compared with."""
-    return [tensor.detach().clone() for _, tensor in _named_tensors(model)]
+    return [tensor.detach().clone() for _, tensor in named]
 
 
-def _unchanged(model, weights: list[torch.Tensor]) -> bool:
-    """The model's tensors equal `weights`, exactly. On a GPU in one reduction and one wait for it, not one per
-    tensor (torch.equal's answer is a Python bool: a synchronisation each)."""
-    pairs = [(tensor.detach(), weight) for (_, tensor), weight in zip(_named_tensors(model), weights)]
-    if model.device.type == "cpu":
+def _unchanged(named: list[tuple[str, torch.Tensor]], weights: list[torch.Tensor], device: torch.device) -> bool:
+    """The model's tensors (`named`) equal `weights`, exactly. On a GPU in one reduction and one wait for it, not
+    one per tensor (torch.equal's answer is a Python bool: a synchronisation each)."""
+    pairs = [(tensor.detach(), weight) for (_, tensor), weight in zip(named, weights)]
+    if device.type == "cpu":
         return all(torch.equal(tensor, weight) for tensor, weight in pairs)
     return not torch.stack([torch.ne(tensor, weight).any() for tensor, weight in pairs]).any().item()
 
 
-def _signature(model, dtype: torch.dtype) -> tuple:
+def _signature(model, dtype: torch.dtype, named: list[tuple[str, torch.Tensor]]) -> tuple:
     """Everything but tensor values that an inference copy is built from: the tensors' names and layouts, and
     what the encoder reads from the modules besides tensors (the config, the norms' eps, the heads)."""
     return (
@@ -200,7 +201,7 @@ def _signature(model, dtype: torch.dtype) -> tuple:
         model.config,
         tuple(module.eps for module in model.modules() if isinstance(module, nn.LayerNorm)),
         tuple(layer.self_attn.heads for layer in model.encoder.layers),
-        tuple((name, tensor.shape, tensor.dtype, tensor.device) for name, tensor in _named_tensors(model)),
+        tuple((name, tensor.shape, tensor.dtype, tensor.device) for name, tensor in named),
     )
 
 
@@ -219,12 +220,13 @@ def inference_model(model, dtype: torch.dtype):
     packs = model.device.type == "cpu" and linear_ops.available(dtype)
     if dtype == torch.float32 and not packs and all(p.dtype == torch.float32 for p in model.parameters()):
         return model
-    signature = _signature(model, dtype)
+    named = _named_tensors(model)  # once a call: the signature and the comparison both walk them
+    signature = _signature(model, dtype, named)
     cached = _INFERENCE_COPIES.setdefault(model, {}).get(dtype)
-    if cached is not None and cached[0] == signature and _unchanged(model, cached[1]):
+    if cached is not None and cached[0] == signature and _unchanged(named, cached[1], model.device):
         return cached[2]
     _INFERENCE_COPIES[model].pop(dtype, None)  # the stale copy goes before the new one is built: less peak memory
-    weights = _source_weights(model)
+    weights = _source_weights(named)
     cached = (signature, weights, inference_copy(model, dtype, weights))
     _INFERENCE_COPIES[model][dtype] = cached
     return cached[2]

@@ -326,16 +326,15 @@ def test_a_forced_attention_backend_runs_in_the_cls_only_last_layer(monkeypatch)
     assert all(rel_err(o, e) < 1e-5 for o, e in zip(out, expected))
 
 
-def test_the_weight_check_on_a_gpu_sees_one_changed_value(monkeypatch):
+def test_the_weight_check_on_a_gpu_sees_one_changed_value():
     """The GPU's check reduces on the device and waits once; run here on CPU tensors through that branch."""
     from echo import packed
-    from echo.model import EchoModel
 
     model = random_model("tiny", depth=1)
     weights = [tensor.detach().clone() for _, tensor in packed._named_tensors(model)]
-    monkeypatch.setattr(EchoModel, "device", property(lambda self: torch.device("cuda")))
-    assert packed._unchanged(model, weights)
+    gpu = torch.device("cuda")
+    assert packed._unchanged(packed._named_tensors(model), weights, gpu)
     with torch.no_grad():
         parameters = list(model.parameters())
         parameters[int(torch.randint(len(parameters), ()))].view(-1)[0] += 1e-3
-    assert not packed._unchanged(model, weights)
+    assert not packed._unchanged(packed._named_tensors(model), weights, gpu)
