@@ -9,15 +9,16 @@
 #
 # Seed N trains into ROOT/seed-N (log: ROOT/seed-N.log) through scripts/train_default.sh, whose settings (STEPS,
 # TOKENS, LR, WARMUP, EXTRA, STOP_AT, SAVE_EVERY, DEVICE) apply to every seed; WORKERS (default 14) are shared out
-# among the seeds. The chosen encoder is exported to OUT (default ROOT/chosen) with its evaluation: the bundled
-# model is replaced only when asked, with OUT=echo/data/default.
+# among the seeds. The chosen encoder is exported to EXPORT_DIR (default ROOT/chosen) with its evaluation: the
+# bundled model is replaced only when asked, with EXPORT_DIR=echo/data/default. (Not OUT: CI and other tools set
+# OUT for their own output, and a device machine's once received the export.)
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 source "$REPO/scripts/paths.sh"  # absolute, PYTHON
 ROOT=${1:-$REPO/runs/seeds}
 absolute ROOT
-OUT=${OUT:-$ROOT/chosen}
-absolute OUT
+EXPORT_DIR=${EXPORT_DIR:-$ROOT/chosen}
+absolute EXPORT_DIR
 export PYTHON
 cd "$REPO"
 read -r -a seeds <<< "${SEEDS-0 1 2 3}"
@@ -43,5 +44,5 @@ export OMP_NUM_THREADS=1
 choice=$("$PYTHON" scripts/select_checkpoint.py "${runs[@]}" --baselines --print-run \
     2> >(tee "$ROOT/validation.txt" >&2))
 CHOSEN=${choice% *} STEP=${choice##* }  # "RUN STEP": the run folder may hold spaces
-"$PYTHON" scripts/export_default.py "$CHOSEN" --step "$STEP" --out "$OUT" --datalist corpus/datalist.csv
-"$PYTHON" scripts/evaluate_default.py --model "$OUT/model.safetensors" --corpus corpus --json "$OUT/evaluation.json"
+"$PYTHON" scripts/export_default.py "$CHOSEN" --step "$STEP" --out "$EXPORT_DIR" --datalist corpus/datalist.csv
+"$PYTHON" scripts/evaluate_default.py --model "$EXPORT_DIR/model.safetensors" --corpus corpus --json "$EXPORT_DIR/evaluation.json"

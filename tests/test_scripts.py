@@ -361,6 +361,15 @@ def test_train_seeds_with_one_seed_exports_that_run_at_its_chosen_step(tmp_path,
     assert export[1:6] == [f"{tmp_path}/my runs/seed-5", "--step", "4", "--out", f"{tmp_path}/my runs/chosen"]
 
 
+def test_train_seeds_ignores_an_out_set_for_other_tools(tmp_path, fake_python):
+    """CI and other tools name their own output folder OUT: the export stays under ROOT."""
+    python, log = fake_python
+    done = run_recipe("train_seeds.sh", tmp_path, python, "runs", SEEDS="5", OUT=str(tmp_path / "tool output"))
+    assert done.returncode == 0, done.stderr
+    export = next(line.split("|") for line in log.read_text().splitlines() if "export_default.py" in line)
+    assert export[export.index("--out") + 1] == f"{tmp_path}/runs/chosen"
+
+
 @pytest.mark.parametrize("seeds", ["", "   "], ids=["empty", "blank"])
 def test_train_seeds_stops_on_empty_seeds_before_building_anything(tmp_path, fake_python, seeds):
     python, log = fake_python
@@ -383,7 +392,7 @@ def test_train_default_logs_a_step_by_every_checkpoint(tmp_path, fake_python):
 
 def test_the_recipes_take_a_relative_python_and_out_from_where_they_were_started(tmp_path, fake_python):
     python, log = fake_python
-    done = run_recipe("train_seeds.sh", tmp_path, Path("bin/python"), "runs", SEEDS="5", OUT="out")
+    done = run_recipe("train_seeds.sh", tmp_path, Path("bin/python"), "runs", SEEDS="5", EXPORT_DIR="out")
     assert done.returncode == 0, done.stderr
     export = next(line.split("|") for line in log.read_text().splitlines() if "export_default.py" in line)
     assert f"{tmp_path}/out" in export
