@@ -33,8 +33,7 @@ from .data import AUDIO_SUFFIXES
 from .data.bundled import SAMPLES_DIR
 from .data.wav import read_wav
 from .eval.datasets import read_audio
-from .eval.embed import EmbeddingCache, encoding_key, model_hash, read_checked, shown
-from .ops.backend import BackendError
+from .eval.embed import EmbeddingCache, encode_isolating_failures, encoding_key, model_hash, read_checked, shown
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FRAMES = "/frames"  # suffixes of a file's frame-embedding and (rate, channels) entries in the shards
@@ -104,18 +103,8 @@ def _encode(model, signals, rates, frames: bool, options: dict) -> list[dict]:
 
 def _encode_batch(model, loaded: list, frames: bool, options: dict) -> list:
     """Embeddings of a batch of (signal, rate); if the batch fails, file by file, so only the bad one fails."""
-    try:
-        return _encode(model, [s for s, _ in loaded], [r for _, r in loaded], frames, options)
-    except BackendError:  # a setting, not a file: stop the job
-        raise
-    except (ValueError, RuntimeError):
-        results = []
-        for signal, rate in loaded:
-            try:
-                results += _encode(model, [signal], [rate], frames, options)
-            except (ValueError, RuntimeError) as error:
-                results.append(f"encode failed: {error}")
-        return results
+    return encode_isolating_failures(partial(_encode, model, frames=frames, options=options),
+                                     [s for s, _ in loaded], [r for _, r in loaded])
 
 
 def read_embeddings(path) -> dict:

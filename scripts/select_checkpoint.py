@@ -26,6 +26,7 @@ import csv
 import json
 import multiprocessing
 import os
+import signal
 import sys
 from functools import partial
 from pathlib import Path
@@ -104,7 +105,9 @@ def validate(runs: list[Path], which: str | None, tasks: list[demo.DemoTask], jo
     progress = partial(tqdm, total=len(todo), desc="checkpoints", unit="ckpt", file=sys.stderr)
     score = partial(_score_checkpoint, which=which)
     if todo and forks(jobs):
-        pool = multiprocessing.get_context("fork").Pool(min(jobs, len(todo)))
+        # Ctrl-C reaches the parent, which stops the pool: the workers need not print a traceback each.
+        pool = multiprocessing.get_context("fork").Pool(min(jobs, len(todo)), signal.signal,
+                                                         (signal.SIGINT, signal.SIG_IGN))
         results = pool.imap(score, todo, chunksize=1)
     else:
         pool, results = None, map(score, todo)
@@ -192,6 +195,9 @@ def main(argv=None) -> int:
         parser.error("--bank, --tests and --jobs must be at least 1")
     if not 0 <= args.seed < 2**32 or not all(0 <= seed < 2**32 for seed in args.machine_seeds):
         parser.error("--seed and --machine-seeds must be in [0, 2**32)")
+    files = [str(run) for run in args.runs if run.exists() and not run.is_dir()]
+    if files:  # e.g. a glob that caught the runs' logs
+        raise SystemExit(f"not a run folder: {', '.join(files)} (give the folders python -m echo pretrain --out wrote)")
     empty = [str(run / "checkpoints") for run in args.runs if not checkpoints.checkpoint_paths(run / "checkpoints")]
     if empty:
         raise SystemExit(f"no checkpoint in {', '.join(empty)}")
@@ -232,5 +238,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli(argv=None) -> int:
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the scores made so far are kept in each run's validation.csv; the same command "
+              "scores the rest", file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -9,6 +9,7 @@ import torch
 from conftest import random_model, rel_err, seeded_rng
 from echo.eval import embed
 from echo.eval.datasets import read_audio
+from echo.ops.backend import BackendError
 
 soundfile = pytest.importorskip("soundfile")
 
@@ -96,16 +97,34 @@ def test_bad_files_are_reported_and_skipped(tmp_path, model):
     assert rel_err(result.vectors[4], reference(model, files[1])) < 1e-5
 
 
+def test_a_failed_batch_is_encoded_signal_by_signal_and_a_backend_error_stops_the_job():
+    calls = []
+
+    def encode(signals, rates):
+        calls.append(len(signals))
+        if "bad" in signals:
+            raise ValueError("a bad signal")
+        return [signal.upper() for signal in signals]
+    assert embed.encode_isolating_failures(encode, ["a", "bad", "c"], [1, 2, 3]) == [
+        "A", "encode failed: a bad signal", "C"]
+    assert calls == [3, 1, 1, 1]
+
+    def setting_at_retry(signals, rates):  # the batch fails on its input, then a setting fails the retry
+        raise RuntimeError("batch") if len(signals) > 1 else BackendError("ECHO_BACKEND_ATTENTION=bogus")
+    with pytest.raises(BackendError, match="bogus"):
+        embed.encode_isolating_failures(setting_at_retry, ["a", "b"], [1, 1])
+
+
 def test_interrupted_run_resumes(tmp_path, model, monkeypatch):
     files = make_files(tmp_path / "data")
     calls = []
     original = embed._encode
 
-    def interrupted(*args):
+    def interrupted(*args, **kwargs):
         if calls:
             raise KeyboardInterrupt
         calls.append(1)
-        return original(*args)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(embed, "_encode", interrupted)
     with pytest.raises(KeyboardInterrupt):

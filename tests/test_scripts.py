@@ -248,6 +248,22 @@ def test_select_checkpoint_keeps_scores_as_it_goes_and_a_rerun_scores_only_the_r
     assert scored[2:] == [2, 4, 6]
 
 
+def test_select_checkpoint_interrupted_from_the_command_line_says_what_is_kept(tmp_path, monkeypatch, capsys):
+    write_checkpoints(tmp_path / "run", (2,))
+    monkeypatch.setattr(select, "_score_checkpoint", lambda path, which: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(select.demo, "build_task", lambda *args, **kwargs: None)
+    assert select.cli([str(tmp_path / "run"), "--jobs", "1"]) == 130
+    assert "the same command scores the rest" in capsys.readouterr().err
+
+
+def test_select_checkpoint_names_a_run_that_is_a_file(tmp_path, monkeypatch):
+    write_checkpoints(tmp_path / "seed-0", (2,))
+    (tmp_path / "seed-0.log").write_text("a log, caught by seed-*")
+    monkeypatch.setattr(select.demo, "build_task", lambda *args, **kwargs: pytest.fail("scored"))
+    with pytest.raises(SystemExit, match=r"not a run folder: .*seed-0\.log \(give the folders"):
+        select.main([str(tmp_path / "seed-0"), str(tmp_path / "seed-0.log")])
+
+
 def test_select_checkpoint_scores_a_retrained_checkpoint_again_and_rewrites_only_its_runs_table(
         tmp_path, monkeypatch, capsys):
     runs = [tmp_path / "a", tmp_path / "b"]

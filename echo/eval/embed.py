@@ -127,6 +127,26 @@ def _encode(model, signals: list, rates: list, device, dtype) -> list:
     return [u.float().cpu().numpy() for u in fast.encode(model, signals, rates, dtype=dtype, device=device)]
 
 
+def encode_isolating_failures(encode: Callable, signals: list, rates: list) -> list:
+    """`encode(signals, rates)`, one output per signal; when the batch fails on its input, signal by signal, so
+    that only the bad ones fail: their places hold "encode failed: REASON". A BackendError (a setting, not a
+    signal) stops the job."""
+    try:
+        return encode(signals, rates)
+    except BackendError:
+        raise
+    except (ValueError, RuntimeError):
+        results = []
+        for signal, rate in zip(signals, rates):
+            try:
+                results += encode([signal], [rate])
+            except BackendError:
+                raise
+            except (ValueError, RuntimeError) as error:
+                results.append(f"encode failed: {error}")
+        return results
+
+
 def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | None = None, device=None,
                 dtype=torch.float32, batch_files: int = BATCH_FILES, progress: bool = True,
                 reader_version: str = "") -> Embedded:
@@ -165,22 +185,14 @@ def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | N
             start = time.perf_counter()
             good = [(i, item) for i, item in zip(batch, loaded) if not isinstance(item, str)]
             result.failures += [(paths[i], item) for i, item in zip(batch, loaded) if isinstance(item, str)]
-            try:
-                vectors = good and _encode(model, [s for _, (s, _) in good], [r for _, (_, r) in good], device, dtype)
-            except BackendError:  # a setting, not a file: stop the job
-                raise
-            except (ValueError, RuntimeError):  # find the file(s) at fault, encode the rest
-                vectors = []
-                for i, (signal, rate) in good:
-                    try:
-                        vectors += _encode(model, [signal], [rate], device, dtype)
-                    except (ValueError, RuntimeError) as error:
-                        result.failures.append((paths[i], f"encode failed: {error}"))
-                        vectors.append(None)
+            encode = functools.partial(_encode, model, device=device, dtype=dtype)
+            vectors = good and encode_isolating_failures(encode, [s for _, (s, _) in good], [r for _, (_, r) in good])
             result.encode_seconds += time.perf_counter() - start
             fresh = {}
             for (i, _), vector in zip(good, vectors):
-                if vector is not None:
+                if isinstance(vector, str):
+                    result.failures.append((paths[i], vector))
+                else:
                     result.vectors[i] = vector
                     fresh[keys[i]] = vector
             result.encoded += len(fresh)
