@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -20,6 +21,26 @@ from pathlib import Path
 def temporary_name(path: Path) -> Path:
     """The temporary beside `path`, unique to this process (processes writing side by side never share one)."""
     return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs (another user's counts): a temporary named after it may be being written."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def remove_abandoned(folder: Path, pattern: str = "*.tmp") -> None:
+    """Delete the temporaries (files of temporary_name's form) under `folder` matching `pattern` ("**/*.tmp"
+    for every sub-folder) whose writers are gone: a kill mid-write leaves them, and nothing else ever would."""
+    for temporary in Path(folder).glob(pattern):
+        match = re.fullmatch(r".+\.(\d+)\.tmp", temporary.name)
+        if match and temporary.is_file() and not process_alive(int(match[1])):
+            temporary.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -31,7 +31,6 @@ import argparse
 import csv
 import errno
 import os
-import re
 import signal
 import sys
 from collections import Counter
@@ -226,15 +225,6 @@ def _records(out: Path) -> dict[str, dict]:
     return {}
 
 
-def _remove_dead_temporaries(out: Path) -> None:
-    """Delete the temporaries (NAME.PID.tmp, echo.atomic) of writers a kill stopped."""
-    for temporary in out.rglob("*.tmp"):
-        match = re.search(r"\.(\d+)\.tmp$", temporary.name)
-        # Files only: a folder of such a name is not a temporary of echo.atomic.
-        if match and temporary.is_file() and not debian.pid_alive(int(match[1])):
-            temporary.unlink(missing_ok=True)
-
-
 def _unlisted(out: Path, listed: set[str], records: dict[str, dict]) -> list[str]:
     """Audio files in OUT/pretrain and OUT/heldout outside this build's list; SystemExit naming those no build
     recorded (not ours to delete)."""
@@ -320,7 +310,7 @@ def _build(args) -> int:
         clashes = sorted(path for path, count in Counter(item.relative for item, _ in work).items() if count > 1)
         raise SystemExit(f"two sources would be written to the same corpus file: {clashes[:5]}")
 
-    _remove_dead_temporaries(out)
+    atomic.remove_abandoned(out, "**/*.tmp")
     records = _records(out)
     unlisted = _unlisted(out, set(planned), records)
     # Only records of the same source are kept: a file about to be written from another one is no longer what

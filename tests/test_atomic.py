@@ -68,3 +68,20 @@ def test_a_temporary_left_under_this_process_id_is_replaced(tmp_path):
     plain = tmp_path / "plain"
     plain.write_bytes(b"")
     assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+def test_only_the_temporaries_of_writers_that_are_gone_are_removed(tmp_path):
+    dead = tmp_path / "sub" / "x.wav.999999999.tmp"  # above any pid_max
+    dead.parent.mkdir()
+    dead.write_bytes(b"half")
+    mine = atomic.temporary_name(tmp_path / "y.wav")  # a live writer's: this process
+    mine.write_bytes(b"being written")
+    folder = tmp_path / "kit.wav.999999999.tmp"  # a folder of that name is no temporary of this module
+    folder.mkdir()
+    other = tmp_path / "notes.tmp"
+    other.write_text("not of temporary_name's form")
+    atomic.remove_abandoned(tmp_path, "*.tmp")
+    assert dead.exists()  # not in the top folder
+    atomic.remove_abandoned(tmp_path, "**/*.tmp")
+    assert not dead.exists() and mine.exists() and folder.is_dir() and other.exists()
+    assert atomic.process_alive(os.getpid()) and not atomic.process_alive(999999999)

@@ -195,7 +195,7 @@ def test_newer_unreadable_checkpoints_are_set_aside_and_stale_temporaries_remove
     trainer.train(tiny_config(data, run, **settings), progress=False, stop_at=4)  # checkpoints of steps 2, 4
     folder = run / "checkpoints"
     (folder / "step-000000004.pt").write_bytes(b"torn")
-    (folder / "step-000000006.pt.12345.tmp").write_bytes(b"a write a kill interrupted")
+    (folder / "step-000000006.pt.999999999.tmp").write_bytes(b"a write a kill interrupted")
     capsys.readouterr()
     trainer.train(tiny_config(data, run, **settings), progress=False, stop_at=3)  # resumes from step 2
     assert f"note: step-000000004.pt does not load; set aside as {folder / 'step-000000004.pt.unreadable'}" in (

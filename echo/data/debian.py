@@ -12,6 +12,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from .. import atomic
+
 # Licence and authors of the audio in each package, from its /usr/share/doc/PACKAGE/copyright. OpenSFX
 # sounds carry their own credit and licence (CC BY 3.0, CC BY-SA 3.0 or CC0) in the catalogue.
 LICENCES = {
@@ -37,23 +39,13 @@ def _run(command: list[str], cwd: Path) -> None:
         raise FetchError(f"`{' '.join(command)}` failed ({result.returncode}): {result.stderr.strip()[-500:]}")
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        pass
-    return True
-
-
 def _private(folder: Path, kind: str = "") -> Path:
     """A folder name beside `folder`, this process's own (FOLDER.[KIND.]PID.tmp). Such folders of processes no
     longer alive (killed mid-download or mid-extraction) are removed first: nothing else ever would."""
     if folder.parent.is_dir():
         for left in folder.parent.glob(f"{glob.escape(folder.name)}.*tmp"):
             match = re.fullmatch(rf"{re.escape(folder.name)}\.(?:\w+\.)?(\d+)\.tmp", left.name)
-            if match and left.is_dir() and not pid_alive(int(match[1])):
+            if match and left.is_dir() and not atomic.process_alive(int(match[1])):
                 shutil.rmtree(left, ignore_errors=True)
     private = folder.with_name(f"{folder.name}.{kind + '.' if kind else ''}{os.getpid()}.tmp")
     shutil.rmtree(private, ignore_errors=True)

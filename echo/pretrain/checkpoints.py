@@ -70,8 +70,7 @@ def save(folder: Path, step: int, state: dict, keep: int) -> Path:
 
 def remove_temporaries(folder: Path) -> None:
     """Delete the temporaries of checkpoints whose writing a crash or kill interrupted (`step-*.pt.PID.tmp`)."""
-    for temporary in folder.glob("step-*.pt.*.tmp"):
-        temporary.unlink(missing_ok=True)
+    atomic.remove_abandoned(folder, "step-*.pt.*.tmp")
 
 
 def read(path: Path) -> dict:
