@@ -8,6 +8,11 @@ weights vs a log-spectrogram baseline, on
       press / release in corpus/datalist.csv): leave-one-out 5-NN accuracy (echo.eval.faults, Euclidean).
 
     python scripts/evaluate_default.py [--model default] [--corpus corpus] [--json results.json]
+    python scripts/evaluate_default.py --runs RUN [RUN ...] [--csv heldout.csv]
+
+With --runs: the trained embedding of every checkpoint of those pretraining runs (the encoder each run exports,
+rounded to fp16 as scripts/export_default.py writes it) on the same two tasks, for the model card's record of a
+recipe's spread over seeds and steps. Not for choosing: scripts/select_checkpoint.py chooses on validation tasks.
 
 The log-spectrogram baseline is the time mean of the normalised log spectrogram of echo.ops.stft in the
 model's band layout (every 32-bin band, concatenated): what the encoder starts from, without the encoder.
@@ -17,6 +22,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import multiprocessing
+import os
 import sys
 import time
 from collections import Counter
@@ -32,6 +39,8 @@ from echo.data.wav import read_wav  # noqa: E402
 from echo.eval import faults  # noqa: E402
 from echo.model import EchoModel  # noqa: E402
 from echo.ops import stft  # noqa: E402
+from echo.pretrain import checkpoints  # noqa: E402
+from echo.pretrain.trainer import checkpoint_encoder  # noqa: E402
 
 HELD_OUT = "heldout/bucklespring/"
 
@@ -75,6 +84,46 @@ def bucklespring(corpus: Path, limit: int | None) -> tuple[list, list, list]:
     return list(signals), list(rates), [row["label"] for row in rows]
 
 
+def scores(embed, task: demo.DemoTask, keys: tuple[list, list, list]) -> dict:
+    """One embedding's numbers on the demo's task and on the held-out key switches (signals, rates, labels)."""
+    vectors = embed(task.signals, task.rates)
+    _, rows, summary = demo.score(task, vectors)
+    signals, rates, labels = keys
+    accuracy = faults.evaluate(np.stack(embed(signals, rates)), labels, "loocv", k=5).accuracy
+    return {"demo AUC": summary["AUC (demo)"], "demo pAUC": summary["pAUC (demo)"],
+            "bucklespring 5-NN LOOCV accuracy": accuracy, "demo embedding spread": demo.embedding_spread(task, vectors),
+            "demo per machine": {f"{r['machine']} {r['metric']}": r["value"] for r in rows}}
+
+
+_TASKS: tuple = ()  # (demo task, key switches), set before the scoring processes fork
+
+
+def _score_checkpoint(path: Path) -> dict | None:
+    if multiprocessing.parent_process() is not None:
+        torch.set_num_threads(1)
+    saved = checkpoints.read_or_report(path)
+    if saved is None:
+        return None
+    model = checkpoint_encoder(saved).half().float().eval()  # as exported
+    numbers = scores(lambda signals, rates: demo.encode(model, signals, rates), *_TASKS)
+    del numbers["demo per machine"]
+    return {"run": str(path.parents[1]), "step": saved["step"], **numbers,
+            "bucklespring clips": round(numbers["bucklespring 5-NN LOOCV accuracy"] * len(_TASKS[1][2]))}
+
+
+def score_checkpoints(runs: list[Path], task: demo.DemoTask, keys: tuple, jobs: int) -> list[dict]:
+    """A row per readable checkpoint of the runs, in order, each scored in a process of one torch thread."""
+    global _TASKS
+    _TASKS = (task, keys)
+    paths = [path for run in runs for path in checkpoints.checkpoint_paths(run / "checkpoints")]
+    if jobs > 1 and "fork" in multiprocessing.get_all_start_methods():
+        with multiprocessing.get_context("fork").Pool(min(jobs, len(paths))) as pool:
+            rows = pool.map(_score_checkpoint, paths, chunksize=1)
+    else:
+        rows = [_score_checkpoint(path) for path in paths]
+    return [row for row in rows if row is not None]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default", help="checkpoint name or path (default: default)")
@@ -85,7 +134,16 @@ def main(argv=None) -> int:
     parser.add_argument("--tests", type=int, default=demo.TEST_CLIPS, help="demo: test clips per machine and class")
     parser.add_argument("--limit", type=int, default=None, help="bucklespring: clips per label (default: all)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    parser.add_argument("--runs", type=Path, nargs="+", default=None, metavar="RUN",
+                        help="instead of --model: every checkpoint of these pretraining runs, for the record")
+    parser.add_argument("--csv", type=Path, default=None, help="with --runs, also write the rows here")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="with --runs, checkpoints scored at once (default: one per CPU)")
     args = parser.parse_args(argv)
+    if args.runs is None and args.csv is not None:
+        parser.error("--csv goes with --runs")
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     if args.bank < 1 or args.tests < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--bank, --tests and --limit must be at least 1")
     if not 0 <= args.seed < 2**32:
@@ -99,6 +157,8 @@ def main(argv=None) -> int:
             raise SystemExit(str(error)) from None
 
     key_signals, key_rates, key_labels = bucklespring(args.corpus, args.limit)
+    if args.runs is not None:
+        return _record_checkpoints(args, (key_signals, key_rates, key_labels))
     try:
         embedding = embedders(args.model, args.seed)
     except (OSError, ValueError) as error:
@@ -112,13 +172,7 @@ def main(argv=None) -> int:
     results = {}
     for name, embed in embedding.items():
         started = time.perf_counter()
-        vectors = embed(task.signals, task.rates)
-        _, rows, summary = demo.score(task, vectors)
-        keys = np.stack(embed(key_signals, key_rates))
-        accuracy = faults.evaluate(keys, key_labels, "loocv", k=5).accuracy
-        results[name] = {"demo AUC": summary["AUC (demo)"], "demo pAUC": summary["pAUC (demo)"],
-                         "bucklespring 5-NN LOOCV accuracy": accuracy, "demo embedding spread": demo.embedding_spread(task, vectors),
-                         "demo per machine": {f"{r['machine']} {r['metric']}": r["value"] for r in rows}}
+        results[name] = scores(embed, task, (key_signals, key_rates, key_labels))
         print(f"{name}: {time.perf_counter() - started:.1f} s")
     columns = ["demo AUC", "demo pAUC", "bucklespring 5-NN LOOCV accuracy", "demo embedding spread"]
     width = max(len(name) for name in results)
@@ -132,6 +186,26 @@ def main(argv=None) -> int:
                                                  for m in machines))
     if args.json:
         atomic.write_text(args.json, json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def _record_checkpoints(args, keys: tuple) -> int:
+    """--runs: every checkpoint's numbers, printed and optionally written as CSV."""
+    empty = [str(run) for run in args.runs if not checkpoints.checkpoint_paths(run / "checkpoints")]
+    if empty:
+        raise SystemExit(f"no checkpoint in {', '.join(empty)} (give the folders python -m echo pretrain --out wrote)")
+    if args.csv is not None:
+        try:
+            atomic.check_writable(args.csv.parent, f"--csv {args.csv}")
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
+    rows = score_checkpoints(args.runs, demo.build_task(args.seed, args.bank, args.tests), keys, args.jobs)
+    columns = list(rows[0]) if rows else []
+    print("  ".join(columns))
+    for row in rows:
+        print("  ".join(f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns))
+    if args.csv is not None and rows:
+        atomic.write_csv(args.csv, columns, rows)
     return 0
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Several seeds of the default model's recipe side by side (on one GPU when torch sees one), every checkpoint of
-# every seed scored on validation, and the best across seeds and steps exported and evaluated: the model card's
-# "Next run" in one command. The seed moves every score as much as most changes of recipe do, so a recipe is
-# only measured, and its checkpoint only chosen, over several.
+# every seed scored on validation, the best across seeds and steps exported and evaluated, then every checkpoint
+# scored on the evaluation's tasks too (ROOT/heldout.csv, for the record, not to choose). The seed moves every
+# score as much as most changes of recipe do, so a recipe is only measured, and its checkpoint only chosen, over
+# several.
 # Run from a fresh clone with echo's dev extra installed (pip install -e '.[dev]'):
 #
 #     SEEDS="0 1 2 3" STOP_AT=400 SAVE_EVERY=50 bash scripts/train_seeds.sh [ROOT]   (default runs/seeds)
@@ -46,3 +47,5 @@ choice=$("$PYTHON" scripts/select_checkpoint.py "${runs[@]}" --baselines --print
 CHOSEN=${choice% *} STEP=${choice##* }  # "RUN STEP": the run folder may hold spaces
 "$PYTHON" scripts/export_default.py "$CHOSEN" --step "$STEP" --out "$EXPORT_DIR" --datalist corpus/datalist.csv
 "$PYTHON" scripts/evaluate_default.py --model "$EXPORT_DIR/model.safetensors" --corpus corpus --json "$EXPORT_DIR/evaluation.json"
+# for the record of the recipe's spread, after the choice: every checkpoint on the reported tasks
+"$PYTHON" scripts/evaluate_default.py --runs "${runs[@]}" --corpus corpus --csv "$ROOT/heldout.csv"

@@ -1,11 +1,14 @@
 """The demo's task and scoring (echo/demo.py; the command itself is tested in test_cli.py) and the
 evaluation script of the default model (scripts/evaluate_default.py) on a tiny corpus."""
+import csv
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import echo
 from echo import demo
@@ -55,9 +58,8 @@ def test_score_separates_what_is_separable():
         demo.score(task, embeddings[:-1])
 
 
-def test_evaluation_script_on_a_tiny_corpus(tmp_path):
-    """Three embeddings, two tasks, numbers in range; key clips here are tones (press) vs noise (release)."""
-    corpus = tmp_path / "corpus"
+def key_switch_corpus(corpus: Path) -> Path:
+    """A corpus of held-out key clips only: tones (press) and noise (release)."""
     rng = np.random.default_rng(0)
     lines = ["path,split,source,original,sample_rate,seconds,channels,label,licence,credit"]
     for index in range(6):
@@ -69,11 +71,22 @@ def test_evaluation_script_on_a_tiny_corpus(tmp_path):
             write_wav(corpus / path, (0.3 * wave).astype(np.float32), 44100)
             lines.append(f"{path},heldout,test,{path},44100,0.1,1,{label},x,x")
     (corpus / "datalist.csv").write_text("\n".join(lines) + "\n")
+    return corpus
+
+
+def evaluation_script():
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         import evaluate_default
     finally:
         sys.path.remove(str(ROOT / "scripts"))
+    return evaluate_default
+
+
+def test_evaluation_script_on_a_tiny_corpus(tmp_path):
+    """Three embeddings, two tasks, numbers in range; key clips here are tones (press) vs noise (release)."""
+    corpus = key_switch_corpus(tmp_path / "corpus")
+    evaluate_default = evaluation_script()
     out = tmp_path / "results.json"
     model = echo.save(random_model(dim=32, depth=1, heads=2), tmp_path / "small.safetensors")
     assert evaluate_default.main(["--model", str(model), "--corpus", str(corpus), "--bank", "2", "--tests", "2",
@@ -84,3 +97,33 @@ def test_evaluation_script_on_a_tiny_corpus(tmp_path):
         assert all(0 <= numbers[key] <= 1 for key in ("demo AUC", "demo pAUC", "bucklespring 5-NN LOOCV accuracy"))
         assert len(numbers["demo per machine"]) == 2 * len(demo.MACHINES)
     assert results["log-spectrogram baseline"]["bucklespring 5-NN LOOCV accuracy"] == 1.0  # tone vs noise
+
+
+@pytest.mark.slow
+def test_every_checkpoint_of_runs_scores_as_its_exported_file(tmp_path):
+    """--runs: each checkpoint's row equals the evaluation of the fp16 file export_default.py would write."""
+    from echo.pretrain.trainer import PretrainConfig
+
+    corpus = key_switch_corpus(tmp_path / "corpus")
+    evaluate_default = evaluation_script()
+    config = PretrainConfig(data="unused", out=str(tmp_path / "run"), dim=32, depth=1, heads=2, export="student")
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    students = {}
+    for step in (2, 4):
+        students[step] = random_model(dim=32, depth=1, heads=2)
+        torch.save({"step": step, "config": dataclasses.asdict(config), "student": students[step].state_dict(),
+                    "teacher": random_model(dim=32, depth=1, heads=2).state_dict()}, folder / f"step-{step:09d}.pt")
+    options = ["--corpus", str(corpus), "--bank", "2", "--tests", "2", "--limit", "5"]
+    table = tmp_path / "heldout.csv"
+    assert evaluate_default.main(["--runs", str(tmp_path / "run"), "--csv", str(table), "--jobs", "2", *options]) == 0
+    with open(table, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["step"]) for row in rows] == [2, 4]
+    for row in rows:
+        exported = echo.save(students[int(row["step"])], tmp_path / "model.safetensors", dtype=torch.float16)
+        assert evaluate_default.main(["--model", str(exported), "--json", str(tmp_path / "one.json"), *options]) == 0
+        trained = next(iter(json.loads((tmp_path / "one.json").read_text()).values()))
+        for column in ("demo AUC", "demo pAUC", "bucklespring 5-NN LOOCV accuracy"):
+            assert float(row[column]) == pytest.approx(trained[column], abs=1e-12)
+        assert int(row["bucklespring clips"]) == round(trained["bucklespring 5-NN LOOCV accuracy"] * 10)
