@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("soundfile")
 import soundfile as sf  # noqa: E402
-from conftest import seeded_rng  # noqa: E402
+from conftest import RATE_FAMILIES, seeded_rng  # noqa: E402
 from independent import numpy_spectrogram  # noqa: E402
 from pretrain_corpus import write_corpus, write_damaged  # noqa: E402
 
@@ -289,7 +289,8 @@ def test_writing_shards_into_a_folder_with_earlier_shards_is_refused(tmp_path):
     shards.write_shards(root, tmp_path / "shards", per_shard=1)
     with pytest.raises(ValueError, match=r"shards already holds 3 .tar files \(shard-000000.tar, "):
         shards.write_shards(root, tmp_path / "shards", per_shard=10)
-    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [f"shard-00000{i}.tar" for i in range(3)]
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [
+        ".echo_shards.json", *(f"shard-00000{i}.tar" for i in range(3))]
 
 
 def test_files_whose_names_sanitise_alike_keep_distinct_shard_samples(tmp_path):
@@ -317,3 +318,167 @@ def test_a_stream_of_nothing_but_unreadable_clips_stops_with_a_clear_error(tmp_p
     stream = sampling.BatchStream(corpus.FolderCorpus(root, min_seconds=1.0), config, seed=0)
     with pytest.raises(ValueError, match=r"3 batches in a row held no readable clip: .*all_nan.wav"):
         next(iter(stream))
+
+
+def test_a_file_changed_since_it_was_indexed_is_dropped_not_read_wrongly(tmp_path, caplog):
+    """A stereo 16 kHz file rewritten as mono 8 kHz mid-run: channel 1 crashed the worker (IndexError), and channel
+    0's samples were trained on as if at 16 kHz."""
+    root = tmp_path / "data"
+    root.mkdir()
+    wave = seeded_rng().standard_normal((32000, 2)).astype(np.float32) * 0.1
+    sf.write(root / "a.wav", wave, 16000)
+    source = corpus.FolderCorpus(root, min_seconds=1.0)
+    examples = sorted(itertools.islice(source.examples(0, 0, 1), 2), key=lambda example: example.channel)
+    sf.write(root / "a.wav", wave[:, 0], 8000)
+    for example in examples:
+        with pytest.raises(corpus.UnreadableAudio, match=r"a.wav: changed since it was indexed: now 8000 Hz, 1 ch"):
+            example.read(0, 100)
+
+
+def test_shard_json_from_elsewhere_falls_back_to_the_audio_header(tmp_path):
+    """Shards written by other tools often carry a JSON member of their own (labels): it raised KeyError."""
+    wds = pytest.importorskip("webdataset")
+    import io
+    import json
+
+    wave = seeded_rng().standard_normal(24000).astype(np.float32) * 0.1
+    buffer = io.BytesIO()
+    sf.write(buffer, wave, 12000, format="WAV", subtype="FLOAT")
+    (tmp_path / "shards").mkdir()
+    with wds.TarWriter(str(tmp_path / "shards" / "other.tar"), encoder=False) as writer:
+        writer.write({"__key__": "labelled", "wav": buffer.getvalue(), "json": json.dumps({"label": "pump"}).encode()})
+        writer.write({"__key__": "garbled", "wav": buffer.getvalue(), "json": b"{not json"})
+    examples = list(itertools.islice(shards.ShardCorpus(tmp_path / "shards", 1.0).examples(0, 0, 1), 2))
+    assert [e.key for e in examples] == ["labelled:0", "garbled:0"]
+    for example in examples:
+        assert (example.sample_rate, example.frames) == (12000, 24000)
+        assert example.read(0, 24000).tobytes() == wave.tobytes()
+
+
+@pytest.mark.parametrize("rate", [11025, *RATE_FAMILIES])
+def test_a_clip_never_takes_more_tokens_than_the_budget_is_checked_for(rate):
+    """At 22050 Hz the hop is 220 samples, not 220.5: a 16 s crop of samples held 1602 frames, 101 patches, and a
+    5-band clip 510 teacher tokens, past a budget of 505 that the config accepted as enough for one clip."""
+    config = sampling.SamplingConfig(crop_seconds=16, min_bands=5, max_bands=5, clones=1, tokens_per_batch=505)
+    assert config.max_clip_tokens == 5 * (100 + 1)  # 1600 frames of 10 ms: 100 patches
+    example = corpus.Example("long.wav:0", rate, 60 * rate, 0, lambda start, count: np.zeros(count, np.float32))
+    clip = sampling.draw_clip(example, seeded_rng(), config)
+    assert clip.tokens <= config.tokens_per_batch
+    assert clip.samples >= round(15.9 * rate)  # still a 16 s crop, give or take the last hop
+
+
+def test_a_manifest_from_an_older_version_or_damaged_is_rebuilt(tmp_path, caplog):
+    root = write_corpus(tmp_path / "data", files=3)
+    (root / corpus.MANIFEST_NAME).write_text("path,size\nmachine0/clip0.wav,12\n")
+    with caplog.at_level("WARNING", logger=corpus.log.name):
+        source = corpus.FolderCorpus(root, min_seconds=1.0)
+    assert len(source.files) == 3
+    assert any("indexing the folder again" in r.getMessage() for r in caplog.records)
+    assert corpus.read_manifest(root / corpus.MANIFEST_NAME).keys() == {f.path for f in source.files}
+
+
+def test_files_whose_names_are_not_utf8_or_broken_links_are_reported_skips(tmp_path, caplog, monkeypatch):
+    """A name with undecodable bytes (a Windows archive unpacked on Linux) crashed indexing with a
+    UnicodeEncodeError; a broken link was left out unseen."""
+    import os
+
+    monkeypatch.setattr(corpus, "MANIFEST_SAVE_SECONDS", 0.0, raising=False)  # the manifest saved as it goes too
+    root = write_corpus(tmp_path / "data", files=2)
+    (root / "fine.wav").write_bytes((root / "machine0" / "clip0.wav").read_bytes())
+    os.rename(root / "fine.wav", os.fsdecode(os.fsencode(root) + b"/caf\xe9.wav"))  # Latin-1 bytes
+    (root / "gone.wav").symlink_to(root / "nowhere.wav")
+    (root / "machine0" / "loop").symlink_to(root)  # not followed: indexing ends
+    with caplog.at_level("WARNING", logger=corpus.log.name):
+        source = corpus.FolderCorpus(root, min_seconds=0.5)
+    assert len(source.files) == 2 and source.skipped == {"unreadable": 2, "too short": 0}
+    messages = " | ".join(r.getMessage() for r in caplog.records)
+    assert "caf" in messages and "not valid UTF-8" in messages and "gone.wav" in messages
+    assert len(corpus.FolderCorpus(root, min_seconds=0.5).files) == 2  # and again, from the manifest
+
+
+def test_indexing_saves_its_progress_so_an_interrupted_index_resumes(tmp_path, monkeypatch):
+    """Opening a large corpus's files takes hours; the manifest was written only at the end, so a stop lost all."""
+    root = write_corpus(tmp_path / "data", files=6)
+    monkeypatch.setattr(corpus, "MANIFEST_SAVE_SECONDS", 0.0, raising=False)
+    opened = []
+    original = corpus.probe
+
+    def probe_then_stop(root, relative):
+        if len(opened) == 4:
+            raise KeyboardInterrupt
+        opened.append(relative)
+        return original(root, relative)
+
+    monkeypatch.setattr(corpus, "probe", probe_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        corpus.FolderCorpus(root, min_seconds=1.0)
+    assert corpus.read_manifest(root / corpus.MANIFEST_NAME).keys() == set(opened)
+    monkeypatch.setattr(corpus, "probe", lambda root, relative: opened.append(relative) or original(root, relative))
+    assert len(corpus.FolderCorpus(root, min_seconds=1.0).files) == 6
+    assert len(opened) == 6 and len(set(opened)) == 6  # the 4 indexed before the stop were not opened again
+
+
+def test_a_file_gone_or_changed_while_shards_are_written_is_skipped_or_described_as_written(tmp_path, monkeypatch,
+                                                                                               caplog):
+    """Files deleted after indexing crashed the writer (FileNotFoundError) after the earlier shards; a file
+    rewritten at another rate got the indexed rate in its JSON, and was read at the wrong rate."""
+    pytest.importorskip("webdataset")
+    root = write_corpus(tmp_path / "data", files=3)
+    original = corpus.usable
+
+    def usable_then_changed(entries, min_seconds):
+        kept = original(entries, min_seconds)
+        (root / "machine0" / "clip0.wav").unlink()
+        sf.write(root / "machine1" / "clip1.flac", np.full(20000, 0.25, np.float32), 8000)
+        return kept
+
+    monkeypatch.setattr(corpus, "usable", usable_then_changed)
+    with caplog.at_level("WARNING", logger=shards.log.name):
+        shards.write_shards(root, tmp_path / "shards", per_shard=1)
+    assert any("machine0/clip0.wav" in r.getMessage() for r in caplog.records)
+    examples = list(itertools.islice(shards.ShardCorpus(tmp_path / "shards", 1.0).examples(0, 0, 1), 2))
+    assert sorted(e.key.split("_", 1)[1] for e in examples) == ["machine1/clip1_flac:0", "machine2/clip2_wav:0"]
+    changed = next(e for e in examples if "clip1" in e.key)
+    assert (changed.sample_rate, changed.frames) == (8000, 20000)
+    np.testing.assert_array_equal(changed.read(0, 20000), np.full(20000, 0.25, np.float32))
+
+
+def test_a_folder_with_both_shards_and_audio_files_is_a_clear_error(tmp_path):
+    pytest.importorskip("webdataset")
+    root = write_corpus(tmp_path / "data", files=2)
+    shards.write_shards(root, root, per_shard=1)
+    with pytest.raises(ValueError, match=r"data holds both .tar shards \(2\) and audio files \(2\)"):
+        shards.open_corpus(root, min_seconds=1.0)
+
+
+def test_a_stopped_shard_write_resumes_with_the_missing_shards_only(tmp_path, monkeypatch):
+    """A stop left whole shards, but the same command then refused the folder: hours of finished shards lost."""
+    pytest.importorskip("webdataset")
+    root = write_corpus(tmp_path / "data", files=5)
+    shards.write_shards(root, tmp_path / "straight", per_shard=2)
+    original = shards.shard_sample
+    written = []
+
+    def sample_then_stop(root, index, relative):
+        if index == 3:
+            raise KeyboardInterrupt
+        written.append(index)
+        return original(root, index, relative)
+
+    monkeypatch.setattr(shards, "shard_sample", sample_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        shards.write_shards(root, tmp_path / "shards", per_shard=2)
+    assert sorted(p.name for p in (tmp_path / "shards").glob("*.tar*")) == ["shard-000000.tar"]  # no half shard
+    written.clear()
+    monkeypatch.setattr(shards, "shard_sample", lambda *args: written.append(args[1]) or original(*args))
+    assert len(shards.write_shards(root, tmp_path / "shards", per_shard=2)) == 3
+    assert written == [2, 3, 4]  # shard 0 kept, shards 1 and 2 written
+
+    def samples(folder):
+        source = shards.ShardCorpus(folder, min_seconds=1.0)
+        return {e.key: e.read(0, e.frames).tobytes() for e in itertools.islice(source.examples(0, 0, 1), 6)}
+
+    assert samples(tmp_path / "shards") == samples(tmp_path / "straight")
+    (root / "machine0" / "clip0.wav").unlink()  # another corpus now: its shards would not match those kept
+    with pytest.raises(ValueError, match=r"already holds 3 .tar files .* of another write"):
+        shards.write_shards(root, tmp_path / "shards", per_shard=2)

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -29,6 +30,8 @@ log = logging.getLogger("echo.pretrain")
 
 MANIFEST_NAME = ".echo_manifest.csv"
 MANIFEST_FIELDS = ("path", "size", "mtime_ns", "sample_rate", "frames", "channels", "problem")
+# Indexing saves the manifest at least this often, so that a stop (hours into a large corpus) keeps what it opened.
+MANIFEST_SAVE_SECONDS = 60.0
 
 
 def soundfile():
@@ -89,9 +92,13 @@ class FileEntry:
 
 
 def probe(root: Path, relative: str) -> FileEntry:
-    """Header facts of one file (no samples decoded); an unreadable file gets its error as `problem`."""
+    """Header facts of one file (no samples decoded); an unreadable file (a broken link, one deleted since the
+    folder was listed) gets its error as `problem`."""
     path = root / relative
-    stat = path.stat()
+    try:
+        stat = path.stat()
+    except OSError as error:
+        return FileEntry(relative, 0, 0, 0, 0, 0, f"cannot be opened: {error.strerror}")
     try:
         info = soundfile().info(str(path))
         if info.frames <= 0 or info.samplerate < geometry.MIN_SAMPLE_RATE:
@@ -102,26 +109,44 @@ def probe(root: Path, relative: str) -> FileEntry:
 
 
 def audio_files(root: Path) -> list[str]:
+    """Audio files under `root` (symbolic links to folders not followed); a broken link is kept, to be reported
+    as unreadable rather than left out unseen."""
     return sorted(
         str(path.relative_to(root)) for path in root.rglob("*")
-        if path.suffix.lower() in AUDIO_SUFFIXES and path.is_file()
+        if path.suffix.lower() in AUDIO_SUFFIXES and (path.is_file() or path.is_symlink())
     )
 
 
+def name_problem(relative: str) -> str:
+    """Why a file cannot be opened by its name ("" when it can): soundfile and the manifest need names that
+    encode, and bytes that are not UTF-8 (a Windows archive unpacked on Linux) decode to ones that do not."""
+    try:
+        relative.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"the file name is not valid UTF-8 ({ascii(relative)}): rename it"
+    return ""
+
+
 def read_manifest(path: Path) -> dict[str, FileEntry]:
+    """The cached entries, or none (with a warning) when the file is not a manifest of this version."""
     if not path.is_file():
         return {}
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    return {
-        row["path"]: FileEntry(row["path"], int(row["size"]), int(row["mtime_ns"]), int(row["sample_rate"]),
-                               int(row["frames"]), int(row["channels"]), row["problem"])
-        for row in rows
-    }
+    try:
+        with open(path, newline="") as handle:
+            return {
+                row["path"]: FileEntry(row["path"], int(row["size"]), int(row["mtime_ns"]), int(row["sample_rate"]),
+                                       int(row["frames"]), int(row["channels"]), row["problem"])
+                for row in csv.DictReader(handle)
+            }
+    except (KeyError, TypeError, ValueError, csv.Error) as error:
+        log.warning("ignoring the manifest %s, which is damaged or from another version (%s): indexing the folder "
+                    "again", path, f"no column {error}" if isinstance(error, KeyError) else error)
+        return {}
 
 
-def write_manifest(path: Path, entries: list[FileEntry]) -> None:
-    atomic.write_csv(path, MANIFEST_FIELDS, (dataclasses.asdict(e) for e in entries))
+def write_manifest(path: Path, entries) -> None:
+    """The entries, less those whose names it could not hold (name_problem; they are never opened anyway)."""
+    atomic.write_csv(path, MANIFEST_FIELDS, (dataclasses.asdict(e) for e in entries if not name_problem(e.path)))
 
 
 def index_folder(root, manifest: Path | None = None) -> tuple[list[FileEntry], Path]:
@@ -132,18 +157,33 @@ def index_folder(root, manifest: Path | None = None) -> tuple[list[FileEntry], P
         raise ValueError(f"audio folder {root} does not exist")
     manifest = Path(manifest) if manifest is not None else root / MANIFEST_NAME
     cached = read_manifest(manifest)
-    entries, probed = [], 0
+    entries, probed, saved = [], 0, time.monotonic()
     for relative in audio_files(root):
-        stat = (root / relative).stat()
+        problem = name_problem(relative)
+        if problem:
+            entries.append(FileEntry(relative, 0, 0, 0, 0, 0, problem))
+            continue
         entry = cached.get(relative)
-        if entry is None or (entry.size, entry.mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+        if entry is None or not unchanged(root / relative, entry):
             entry = probe(root, relative)
             probed += 1
+            if time.monotonic() - saved >= MANIFEST_SAVE_SECONDS:  # keeps the cached entries not reached yet
+                write_manifest(manifest, {**cached, **{e.path: e for e in entries}, entry.path: entry}.values())
+                saved = time.monotonic()
         entries.append(entry)
-    if probed or len(entries) != len(cached):
+    if probed or sum(not name_problem(entry.path) for entry in entries) != len(cached):
         write_manifest(manifest, entries)
     log.info("indexed %d audio files under %s (%d opened, the rest from %s)", len(entries), root, probed, manifest)
     return entries, manifest
+
+
+def unchanged(path: Path, entry: FileEntry) -> bool:
+    """Whether the file still has the manifest entry's size and modification time (False when it is gone)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    return (entry.size, entry.mtime_ns) == (stat.st_size, stat.st_mtime_ns)
 
 
 def usable(entries: list[FileEntry], min_seconds: float) -> tuple[list[FileEntry], dict[str, int]]:
@@ -210,30 +250,36 @@ class FolderCorpus:
             for index in epoch_order(len(self.items), seed, epoch)[part::parts]:
                 entry, channel = self.items[index]
                 yield Example(f"{entry.path}:{channel}", entry.sample_rate, entry.frames, channel,
-                              self._reader(self.root / entry.path, channel))
+                              self._reader(self.root / entry.path, entry.sample_rate, channel))
             epoch += 1
 
     @staticmethod
-    def _reader(path: Path, channel: int) -> Callable[[int, int], np.ndarray]:
-        def read(start: int, count: int) -> np.ndarray:
-            def decode() -> np.ndarray:
-                data, _ = soundfile().read(str(path), frames=count, start=start, dtype="float32", always_2d=True)
-                return data[:, channel]
-
-            return checked_read(str(path), decode, count)
-
-        return read
+    def _reader(path: Path, sample_rate: int, channel: int) -> Callable[[int, int], np.ndarray]:
+        return channel_reader(lambda: soundfile().SoundFile(str(path)), str(path), sample_rate, channel)
 
 
-def decoded_reader(data: bytes, channel: int, source: str) -> Callable[[int, int], np.ndarray]:
-    """A reader over an in-memory audio file (a shard member); `source` names it in errors."""
+def channel_reader(open_audio: Callable, source: str, sample_rate: int,
+                   channel: int) -> Callable[[int, int], np.ndarray]:
+    """`read(start, count)` of one channel of the audio `open_audio()` opens (a soundfile.SoundFile); `source`
+    names it in errors. Audio that no longer has the rate and channel it was indexed with (a file rewritten
+    during a run, a shard's JSON that does not describe its audio) is UnreadableAudio: its samples read at the
+    indexed rate would be wrong ones, and a channel it lacks crashed the worker."""
 
     def read(start: int, count: int) -> np.ndarray:
         def decode() -> np.ndarray:
-            with soundfile().SoundFile(io.BytesIO(data)) as handle:
+            with open_audio() as handle:
+                if handle.samplerate != sample_rate or handle.channels <= channel:
+                    raise UnreadableAudio(source, f"changed since it was indexed: now {handle.samplerate} Hz, "
+                                                  f"{handle.channels} channel(s); indexed at {sample_rate} Hz "
+                                                  f"with channel {channel}")
                 handle.seek(start)
                 return handle.read(count, dtype="float32", always_2d=True)[:, channel]
 
         return checked_read(source, decode, count)
 
     return read
+
+
+def decoded_reader(data: bytes, sample_rate: int, channel: int, source: str) -> Callable[[int, int], np.ndarray]:
+    """A reader over an in-memory audio file (a shard member); `source` names it in errors."""
+    return channel_reader(lambda: soundfile().SoundFile(io.BytesIO(data)), source, sample_rate, channel)

@@ -96,9 +96,12 @@ class ClipPlan:
 
 
 def crop_samples(example: Example, seconds: float) -> int:
-    """Samples of a crop: `seconds`, at most the file and at most one 2000-frame pass."""
+    """Samples of a crop: `seconds`, at most the file, and at most `seconds` of 10 ms frames (and one 2000-frame
+    pass). The hop is 10 ms rounded down (220 samples at 22050 Hz), so `seconds` of samples can hold more frames,
+    and patches, than SamplingConfig checked the token budget for."""
     rate = example.sample_rate
-    longest = geometry.n_fft(rate) + (geometry.SEGMENT_FRAMES - 1) * geometry.hop(rate)
+    frames = min(round(seconds * 100), geometry.SEGMENT_FRAMES)
+    longest = geometry.n_fft(rate) + (frames - 1) * geometry.hop(rate)
     return min(example.frames, round(seconds * rate), longest)
 
 
@@ -247,7 +250,8 @@ def materialise(plans: list[ClipPlan], clones: int, reported: set[str] | None = 
     )
 
 
-def plan_batches(examples: Iterator[Example], rng: np.random.Generator, config: SamplingConfig) -> Iterator[list[ClipPlan]]:
+def plan_batches(examples: Iterator[Example], rng: np.random.Generator,
+                 config: SamplingConfig) -> Iterator[list[ClipPlan]]:
     """Clips packed greedily by the token budget; a clip that would overflow starts the next batch."""
     batch: list[ClipPlan] = []
     used = 0

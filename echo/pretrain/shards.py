@@ -22,6 +22,9 @@ from . import corpus
 
 log = logging.getLogger("echo.pretrain")
 
+# What write_shards is writing into its --out, so that a stopped write resumes only into shards of the same plan.
+PLAN_NAME = ".echo_shards.json"
+
 
 def webdataset():
     try:
@@ -50,10 +53,17 @@ def shard_urls(spec) -> list[str]:
 
 
 def is_shards(spec) -> bool:
-    """--data names shards when it is a .tar file or pattern, or a folder holding .tar files and no audio."""
+    """--data names shards when it is a .tar file or pattern, or a folder holding .tar files and no audio. A
+    folder holding both is refused: training on either would silently leave the other out."""
     path = Path(spec)
     if path.is_dir():
-        return any(path.glob("*.tar")) and not corpus.audio_files(path)
+        tars = list(path.glob("*.tar"))
+        loose = corpus.audio_files(path) if tars else []
+        if loose:
+            raise ValueError(f"{spec} holds both .tar shards ({len(tars)}) and audio files ({len(loose)}), e.g. "
+                             f"{tars[0].name} and {loose[0]}: move one or the other out, or name the shards by a "
+                             f"pattern ({Path(spec) / 'shard-{000000..000009}.tar'})")
+        return bool(tars)
     return str(spec).endswith(".tar")
 
 
@@ -66,30 +76,78 @@ def sample_key(index: int, relative: str) -> str:
 
 def write_shards(folder, out, per_shard: int = 1000, min_seconds: float = 1.0) -> list[Path]:
     """Every usable file of a folder into tar shards of at most `per_shard` files. Each shard is written to a
-    temporary name and renamed, so a crash leaves no half shard. An `out` already holding .tar files is
-    refused: pretraining reads every .tar of a folder, so it would mix those with the new shards."""
+    temporary name and renamed, so a crash leaves no half shard, and the same command after a stop writes only
+    the shards still missing: `out` keeps the plan (PLAN_NAME: the files, by path, size and time, and the
+    options), and shards are resumed only under the same plan. An `out` holding other .tar files is refused:
+    pretraining reads every .tar of a folder, so it would mix those with the new shards."""
     wds = webdataset()
     out = Path(out)
     earlier = sorted(path.name for path in out.glob("*.tar"))
-    if earlier:
-        raise ValueError(f"{out} already holds {len(earlier)} .tar files ({', '.join(earlier[:3])}"
-                         f"{', ...' if len(earlier) > 3 else ''}); pretraining on it would read them with the new "
-                         f"shards. Delete them or write to another --out")
+    refusal = (f"{out} already holds {len(earlier)} .tar files ({', '.join(earlier[:3])}"
+               f"{', ...' if len(earlier) > 3 else ''}) of another write (other files or options); pretraining "
+               f"on it would read them with the new shards. Delete them or write to another --out")
+    plan_path = out / PLAN_NAME
+    if earlier and not plan_path.is_file():
+        raise ValueError(refusal)
     source = corpus.FolderCorpus(folder, min_seconds)
+    plan = {"per_shard": per_shard, "min_seconds": min_seconds,
+            "files": corpus.content_hash([(entry.path, entry.size, entry.mtime_ns) for entry in source.files])}
+    if earlier and saved_plan(plan_path) != plan:
+        raise ValueError(refusal)
     out.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(plan_path, json.dumps(plan) + "\n")
     written: list[Path] = []
+    gone = resumed = 0
     for first in tqdm(range(0, len(source.files), per_shard), desc="shards", unit="shard"):
         final = out / f"shard-{len(written):06d}.tar"
+        written.append(final)
+        if final.is_file():  # written whole by an earlier, stopped, run of this plan
+            resumed += 1
+            continue
         with atomic.replacing(final) as temporary, wds.TarWriter(str(temporary), encoder=False) as writer:
             for index, entry in enumerate(source.files[first : first + per_shard], start=first):
-                meta = {"sample_rate": entry.sample_rate, "frames": entry.frames, "channels": entry.channels,
-                        "path": entry.path}
-                suffix = Path(entry.path).suffix.lower().lstrip(".")
-                writer.write({"__key__": sample_key(index, entry.path),
-                              suffix: (source.root / entry.path).read_bytes(), "json": json.dumps(meta).encode()})
-        written.append(final)
-    print(f"wrote {len(written)} shards to {out}: {source.describe()}")
+                sample = shard_sample(source.root, index, entry.path)
+                if sample is None:
+                    gone += 1
+                else:
+                    writer.write(sample)
+    changed = f"; {gone} file(s) gone or unreadable since indexing, left out" if gone else ""
+    kept = f" ({resumed} of them by an earlier run)" if resumed else ""
+    print(f"wrote {len(written)} shards{kept} to {out}: {source.describe()}{changed}")
     return written
+
+
+def saved_plan(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # gone or damaged: no plan to resume under
+        return None
+
+
+def shard_sample(root: Path, index: int, relative: str) -> dict | None:
+    """The sample of one file: its bytes, and JSON facts taken from those bytes' header, not from the index (the
+    file may have changed since). None, with a warning, for a file that has gone or can no longer be read."""
+    try:
+        data = (root / relative).read_bytes()
+        info = corpus.soundfile().info(io.BytesIO(data))
+    except (OSError, RuntimeError) as error:  # soundfile raises LibsndfileError (a RuntimeError) for bad files
+        log.warning("leaving out %s, gone or unreadable since the folder was indexed: %s", relative,
+                    str(error).replace("\n", " "))
+        return None
+    meta = {"sample_rate": info.samplerate, "frames": info.frames, "channels": info.channels, "path": relative}
+    return {"__key__": sample_key(index, relative), Path(relative).suffix.lower().lstrip("."): data,
+            "json": json.dumps(meta).encode()}
+
+
+def written_facts(member: bytes | None) -> tuple[int, int, int] | None:
+    """(sample rate, frames, channels) from the JSON member that pretrain-shards writes; None for JSON that is not
+    that (shards from other tools carry labels or captions) or no JSON at all."""
+    try:
+        meta = json.loads(member)
+        facts = (meta["sample_rate"], meta["frames"], meta["channels"])
+    except (TypeError, ValueError, KeyError):  # no member, not JSON, not a dict, another dict
+        return None
+    return facts if all(isinstance(value, int) and value > 0 for value in facts) else None
 
 
 class ShardCorpus:
@@ -155,9 +213,9 @@ class ShardCorpus:
             skipped["unreadable"] += 1
             return
         data = sample[audio]
-        if "json" in sample:
-            meta = json.loads(sample["json"])
-            rate, frames, channels = meta["sample_rate"], meta["frames"], meta["channels"]
+        facts = written_facts(sample.get("json"))
+        if facts is not None:
+            rate, frames, channels = facts
         else:  # shards from elsewhere: read the header
             try:
                 info = corpus.soundfile().info(io.BytesIO(data))
@@ -171,7 +229,7 @@ class ShardCorpus:
             skipped["too short"] += 1
             return
         for channel in range(channels):
-            reader = corpus.decoded_reader(data, channel, source)
+            reader = corpus.decoded_reader(data, rate, channel, source)
             yield corpus.Example(f"{key}:{channel}", rate, frames, channel, reader)
 
 
@@ -185,9 +243,9 @@ def open_corpus(spec, min_seconds: float, manifest=None):
 def add_arguments(parser) -> None:
     parser.add_argument("--data", required=True, help="folder of audio files (WAV/FLAC/OGG/AIFF, any rate)")
     parser.add_argument("--out", required=True,
-                        help="folder to write shard-NNNNNN.tar files to; one already holding .tar files "
-                             "(e.g. from an earlier write) is refused, since pretraining reads every .tar in the "
-                             "folder and would mix the two")
+                        help="folder to write shard-NNNNNN.tar files to; the same command after a stop writes "
+                             "only the missing shards, but one holding .tar files of another write (other files or "
+                             "options) is refused, since pretraining reads every .tar in the folder")
     parser.add_argument("--per-shard", type=int, default=1000, help="files per shard (default: 1000)")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="skip files shorter than this")
 
