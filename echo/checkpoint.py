@@ -2,11 +2,12 @@
 
 Only safetensors and `torch.load(weights_only=True)` are used, so no file can run code on load. The format is
 read from the file's first bytes, not its suffix (a safetensors file named .bin loads). Loading is strict: a
-missing, unexpected, mis-shaped or non-floating-point key is an error that names the keys.
+missing, unexpected, mis-shaped, non-floating-point or non-finite key is an error that names the keys.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import pickle
@@ -23,6 +24,7 @@ from .model import PRESETS, EchoConfig, EchoModel
 
 CONFIG_KEY = "echo_config"  # safetensors metadata entry holding the JSON config
 CONFIG_FIELDS = tuple(field.name for field in dataclasses.fields(EchoConfig))
+SIZE_FIELDS = ("dim", "depth", "heads")  # what a preset (size=) sets
 LAYER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.")
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")  # only to point at files inside a folder
 
@@ -132,7 +134,8 @@ def infer_config(state: dict, **overrides) -> EchoConfig:
     layers = {int(m.group(1)) for key in state if (m := LAYER_KEY.match(key))}
     dim = overrides.pop("dim", state["cls_token"].shape[-1])
     depth = overrides.pop("depth", max(layers) + 1 if layers else 0)
-    if "heads" not in overrides:
+    whole_sizes = all(isinstance(n, int) and not isinstance(n, bool) for n in (dim, depth))  # else EchoConfig says
+    if "heads" not in overrides and whole_sizes:
         preset = next((p for p in PRESETS.values() if (p.dim, p.depth) == (dim, depth)), None)
         if preset is not None:
             overrides["heads"] = preset.heads
@@ -141,6 +144,39 @@ def infer_config(state: dict, **overrides) -> EchoConfig:
         else:
             raise ValueError(f"unknown size: dim {dim}, depth {depth} matches no preset; pass heads=")
     return EchoConfig(dim=dim, depth=depth, **overrides)
+
+
+def _check_layers(config: EchoConfig, state: dict, source: str) -> None:
+    """The file's encoder layers must be 0 .. depth-1. Checked before any model is built: a stray key such as
+    encoder.layers.50000.x (or a metadata depth of 50000) would otherwise build 50001 layers, tens of GB, only
+    to report them."""
+    held = {int(m.group(1)) for key in state if (m := LAYER_KEY.match(key))}
+    unexpected = sorted(index for index in held if index >= config.depth)
+    missing_count = config.depth - (len(held) - len(unexpected))
+    if not unexpected and not missing_count:
+        return
+    problems = []
+    if missing_count:
+        missing = [str(index) for index in itertools.islice((i for i in range(config.depth) if i not in held), 8)]
+        more = f", ... ({missing_count} in all)" if missing_count > len(missing) else ""
+        problems.append(f"missing layers: {', '.join(missing)}{more}")
+    if unexpected:
+        problems.append(f"unexpected layers: {first_items(unexpected)}")
+    raise ValueError(f"{source}: does not match ECHO-{config.size or 'custom'} (dim {config.dim}, depth "
+                     f"{config.depth}); " + "; ".join(problems) + f" (it holds {len(held)} layers"
+                     + (f", numbered up to {max(held)})" if held else ")"))
+
+
+def _float32_weights(state: dict, source: str) -> dict:
+    """The weights in float32, all finite: a NaN or Inf (or a float64 value beyond float32's range) would load
+    a model whose embeddings are NaN."""
+    weights = {key: value.to(torch.float32) for key, value in state.items()}
+    non_finite = [f"{key} ({int((~torch.isfinite(value)).sum())} of {value.numel()} values)"
+                  for key, value in weights.items() if not torch.isfinite(value).all()]
+    if non_finite:
+        raise ValueError(f"{source}: weights must be finite; these hold NaN or Inf (in float32, which they are "
+                         f"loaded as): {first_items(non_finite)}")
+    return weights
 
 
 def check_state_dict(model: EchoModel, state: dict, source: str) -> None:
@@ -169,13 +205,18 @@ def _looks_like_name(path: str) -> bool:
 def _checkpoint_file(path) -> Path:
     """The file `path` names: a checkpoint name is resolved through echo.hub; a folder is refused (naming the
     checkpoint files in it) rather than guessing which file was meant."""
+    if isinstance(path, str) and not path.strip():
+        raise ValueError(f"no checkpoint given (an empty path); give a checkpoint file or a name: "
+                         f"{', '.join(hub.NAMES)}")
     if isinstance(path, str) and not Path(path).exists() and _looks_like_name(path):
         return hub.resolve(path)
-    path = Path(path)
+    path = Path(path).expanduser()  # "~/models/x.safetensors", as a shell would read it
     if path.is_dir():
         inside = sorted(p.name for p in path.iterdir() if p.suffix in CHECKPOINT_SUFFIXES and p.is_file())
         hint = f"; it holds {first_items(inside)}: load one of those by path" if inside else ""
         raise ValueError(f"checkpoint {path} is a directory, not a checkpoint file{hint}")
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"checkpoint {path} is a symbolic link to {os.readlink(path)}, which does not exist")
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
     return path
@@ -195,17 +236,19 @@ def load(path, size: str | None = None, device=None, heads: int | None = None, *
     path = _checkpoint_file(path)
     state, saved = _read_state_dict(path)
     try:
-        if size is not None:
-            config = EchoConfig.preset(size, **overrides)
-        elif saved:
-            config = EchoConfig(**{**saved, **overrides})
-        else:
-            config = infer_config(state, **overrides)
+        if size is not None:  # the preset gives the size; the file's other fields (eps) still apply
+            kept = {key: value for key, value in saved.items() if key not in SIZE_FIELDS}
+            config = EchoConfig.preset(size, **{**kept, **overrides})
+        else:  # fields the metadata lacks come from the shapes, not from EchoConfig's defaults (small's heads)
+            config = infer_config(state, **{**saved, **overrides})
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
+    _check_layers(config, state, str(path))
+    with torch.device("meta"):  # shapes checked without allocating a model the file may not fit
+        check_state_dict(EchoModel(config), state, str(path))
+    weights = _float32_weights(state, str(path))
     model = EchoModel(config)
-    check_state_dict(model, state, str(path))
-    model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+    model.load_state_dict(weights)
     return model.to(device).eval() if device is not None else model.eval()
 
 

@@ -21,6 +21,8 @@ from .ops import tokens as token_ops
 from . import packed
 from .plan import make_plan
 
+__all__ = ["encode", "StreamEncoder"]
+
 # Tokens per packed pass. On CPU, 4096 keeps a layer's intermediates near the caches: the elementwise ops
 # (GELU, norms, copies) ran ~3x slower per element at 32k tokens, for 10-15% of the whole (bench/RESULTS.md);
 # a GPU wants large passes to fill the device.

@@ -44,11 +44,14 @@ def _offline() -> bool:
 
 
 def _cache_dir(cache_dir) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    from huggingface_hub import constants
-
-    return Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
+    """The hub cache as an absolute path, found as huggingface_hub finds it but from the environment as it is now
+    (its constants are read once, at import): ~ and $VARS expanded, for a literal '~' would go into the commands
+    of `_not_found`, and a relative path would be wrong there, as they are run from another folder."""
+    if cache_dir is None:
+        home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+        legacy = os.environ.get("HUGGINGFACE_HUB_CACHE")
+        cache_dir = os.environ.get("HF_HUB_CACHE") or legacy or os.path.join(home, "hub")
+    return Path(os.path.expandvars(os.path.expanduser(cache_dir))).resolve()
 
 
 def _not_found(name: str, release: Release, cache: Path, reason: str) -> ValueError:
@@ -113,6 +116,6 @@ def resolve(name: str, cache_dir=None) -> Path:
     except LocalEntryNotFoundError as error:
         reason = "offline mode (HF_HUB_OFFLINE)" if _offline() else f"the hub cannot be reached: {error}"
         raise _not_found(name, release, cache, reason) from None
-    except OSError as error:  # network or HTTP errors are OSError subclasses in huggingface_hub
+    except Exception as error:  # HTTP errors are OSErrors, but the transport's (httpx: timeouts, proxies) are not
         raise _not_found(name, release, cache, f"{type(error).__name__}: {error}") from None
     return _verify(Path(path), name, release)

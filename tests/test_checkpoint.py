@@ -5,6 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 import echo
+from echo import checkpoint
+from echo.model import EchoModel
 from conftest import random_model
 
 
@@ -191,3 +193,65 @@ def test_zero_dim_cls_token_and_non_string_keys_are_named(tmp_path):
     torch.save({**state, 0: torch.zeros(1)}, path)
     with pytest.raises(ValueError, match="m.pth: state dict keys must be strings, found 0"):
         echo.load(path)
+
+
+@pytest.mark.parametrize("dtype, value", [(torch.float32, float("nan")), (torch.float16, float("inf")),
+                                          (torch.float64, 1e300)])  # 1e300 is Inf in float32
+def test_non_finite_weights_are_refused_by_key(tmp_path, dtype, value):
+    state = {key: tensor.to(dtype) for key, tensor in random_model("tiny").state_dict().items()}
+    state["encoder.layers.2.linear2.weight"][5, 7] = value
+    path = tmp_path / "m.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match=r"m.safetensors: weights must be finite; these hold NaN or Inf .*: "
+                                         r"encoder.layers.2.linear2.weight \(1 of 147456 values\)$"):
+        echo.load(path)
+
+
+def test_metadata_without_heads_takes_them_from_the_shapes_not_the_small_default(tmp_path):
+    model = random_model("tiny")
+    path = tmp_path / "m.safetensors"
+    save_file(model.state_dict(), str(path), metadata={"echo_config": json.dumps({"dim": 192, "depth": 12})})
+    loaded = echo.load(path)
+    assert loaded.config.heads == 3
+    x = torch.randn(16000)
+    assert torch.equal(loaded.encode(x, 16000)[0], model.encode(x, 16000)[0])
+
+
+def test_size_keeps_the_files_other_fields(tmp_path):
+    path = echo.save(random_model("tiny", final_norm_eps=1e-5), tmp_path / "m.safetensors")
+    assert echo.load(path, size="tiny").config.final_norm_eps == 1e-5
+    assert echo.load(path, size="tiny", final_norm_eps=1e-6).config.final_norm_eps == 1e-6
+
+
+@pytest.mark.parametrize("extra, metadata, problem", [
+    ({"encoder.layers.100000.linear1.bias": torch.zeros(3)}, None,
+     r"depth 100001\); missing layers: 12, 13, .* \(99988 in all\) \(it holds 13 layers, numbered up to 100000\)"),
+    ({}, {"dim": 192, "depth": 100000, "heads": 3}, r"depth 100000\); missing layers: 12, 13, .*\(99988 in all\)"),
+    ({}, {"dim": 65536, "depth": 12, "heads": 1024},
+     r"mis-shaped keys: cls_token \(1, 1, 192\) \(expected \(1, 1, 65536"),
+])
+def test_a_file_that_does_not_fit_its_config_is_refused_before_a_model_is_built(tmp_path, monkeypatch, extra,
+                                                                                metadata, problem):
+    """A stray key or a bad metadata size once built a model of 100001 layers (or dim 65536): tens of GB."""
+    def checked_first(config):
+        assert torch.empty(0).device.type == "meta", f"a model of {config} was built before the file was checked"
+        return EchoModel(config)
+
+    monkeypatch.setattr(checkpoint, "EchoModel", checked_first)
+    path = tmp_path / "m.safetensors"
+    save_file({**random_model("tiny").state_dict(), **extra}, str(path),
+              metadata=metadata and {"echo_config": json.dumps(metadata)})
+    with pytest.raises(ValueError, match=f"m.safetensors: does not match ECHO-custom .*{problem}"):
+        echo.load(path)
+
+
+def test_home_relative_paths_empty_paths_and_broken_links(tmp_path, monkeypatch):
+    model = random_model("tiny")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    echo.save(model, tmp_path / "models" / "m.safetensors")
+    assert torch.equal(echo.load("~/models/m.safetensors").norm.weight, model.norm.weight)
+    with pytest.raises(ValueError, match="no checkpoint given .*; give a checkpoint file or a name: default, echo-"):
+        echo.load("")
+    (tmp_path / "link.safetensors").symlink_to(tmp_path / "gone.safetensors")
+    with pytest.raises(ValueError, match="link.safetensors is a symbolic link to .*gone.safetensors, which does not"):
+        echo.load(tmp_path / "link.safetensors")

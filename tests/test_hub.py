@@ -121,3 +121,53 @@ def test_paths_win_over_names_and_missing_hub_is_explained(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     with pytest.raises(ValueError, match=r"needs huggingface_hub \(pip install 'echo-fm\[hub\]'\)"):
         echo.load("echo-tiny")
+
+
+@pytest.mark.parametrize("cache_setting", ["~/hub", "$CACHE_ROOT/hub", "hub"])
+def test_commands_name_the_cache_as_an_absolute_path(tmp_path, monkeypatch, cache_setting):
+    """'~/hub' went into the commands quoted, so mkdir made a folder named '~'; a relative cache was taken from
+    the download folder; '$CACHE_ROOT' was neither expanded nor what huggingface_hub reads."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("CACHE_ROOT", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", cache_setting)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as error:
+        echo.load("echo-small")
+    commands = re.search(r"from the folder holding it: (mkdir .*)$", str(error.value)).group(1)
+    assert f"mkdir -p {tmp_path}/hub/models--yucongzh--echo-small-0824/snapshots/local " in commands
+    model = random_model("tiny")
+    released_file(tmp_path / "download" / "model.safetensors", model)
+    subprocess.run(["sh", "-c", commands], cwd=tmp_path / "download", check=True)
+    assert same_weights(echo.load("echo-small"), model)
+
+
+def test_hf_home_set_after_huggingface_hub_was_imported(tmp_path, monkeypatch):
+    from huggingface_hub import constants  # its paths are read now, once, as in any process that used it
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert constants.HF_HOME != str(tmp_path / "hf")
+    model = random_model("tiny")
+    populate(tmp_path / "hf" / "hub", hub.RELEASES["echo-tiny"], model)
+    assert same_weights(echo.load("echo-tiny"), model)
+
+
+class ReadTimeout(Exception):
+    """Like httpx's transport errors, which huggingface_hub lets through: not an OSError."""
+
+
+def test_transport_errors_are_explained(offline_cache, monkeypatch):
+    import huggingface_hub
+
+    def timing_out(*args, **kwargs):
+        raise ReadTimeout("The read operation timed out")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", timing_out)
+    with pytest.raises(ValueError, match=r"echo-tiny: model.safetensors of yucongzh/echo-tiny-0824 is not in the "
+                                         r"Hugging Face cache and could not be downloaded \(ReadTimeout: The read "
+                                         r"operation timed out\)\. Either download https://huggingface.co/"):
+        echo.load("echo-tiny")
