@@ -176,13 +176,15 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    import torch
+
     from . import checkpoint
     from .eval import cli as eval_cli
     from .eval import require
 
-    try:  # fail before the work, not after it
-        require("sklearn.metrics", "the demo's AUC")
-        require("matplotlib", "the demo's plots")
+    try:  # fail before the work, not after it; top-level names: require gives pip's name for 'sklearn' only
+        require("sklearn", "the demo")
+        require("matplotlib", "the demo")
     except ImportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -197,7 +199,9 @@ def run(args) -> int:
     task = build_task(args.seed)
     rates = ", ".join(f"{rate} Hz" for rate in sorted(set(task.rates)))
     backgrounds = ", ".join(sorted({name for machine in MACHINES for name in machine.backgrounds}))
-    print(f"ECHO-{model.config.size or 'custom'} ({args.model}): {len(task.clips)} clips of {CLIP_SECONDS:g} s from "
+    device = next(model.parameters()).device
+    print(f"ECHO-{model.config.size or 'custom'} ({args.model}) on {device.type} "
+          f"(torch threads: {torch.get_num_threads()}): {len(task.clips)} clips of {CLIP_SECONDS:g} s from "
           f"{len(MACHINES)} machines at {rates}; bearing faults {', '.join(synth.FAULTS)}; real backgrounds "
           f"{backgrounds}")
     embeddings = encode(model, task.signals, task.rates)

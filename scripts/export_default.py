@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import echo  # noqa: E402
 from echo import atomic  # noqa: E402
-from echo.eval import plots  # noqa: E402
+from echo.eval import plots, require  # noqa: E402
 from echo.pretrain.trainer import PretrainConfig, run_encoder  # noqa: E402
 
 CURVE_COLUMNS = ("step", "loss", "frame_loss", "utterance_loss", "lr")
@@ -71,8 +71,7 @@ def _plot_curve(rows: list[dict], path: Path, exported_step: int) -> dict:
     """Plot loss (total, frame, utterance) and learning rate against the step, the exported step marked;
     return the last row logged at or before it."""
     step = [row["step"] for row in rows]
-    plt = plots._pyplot()
-    figure, (loss_axis, lr_axis) = plt.subplots(2, 1, figsize=(6, 4.5), sharex=True,
+    figure, (loss_axis, lr_axis) = plots.figure(2, 1, figsize=(6, 4.5), sharex=True,
                                                 gridspec_kw={"height_ratios": [3, 1]})
     for column in ("loss", "frame_loss", "utterance_loss"):
         loss_axis.plot(step, [row[column] for row in rows], label=column.replace("_", " "))
@@ -82,7 +81,7 @@ def _plot_curve(rows: list[dict], path: Path, exported_step: int) -> dict:
     loss_axis.legend(fontsize=8)
     lr_axis.plot(step, [row["lr"] for row in rows], color="gray")
     lr_axis.set(xlabel="step", ylabel="learning rate")
-    plots._save(figure, path)
+    plots.save(figure, path)
     return [row for row in rows if row["step"] <= exported_step][-1]
 
 
@@ -108,7 +107,7 @@ def main(argv=None) -> int:
         model, saved = run_encoder(args.run, step=args.step)
         curve = _curve_rows(args.run / "steps.csv", saved["step"])
         credits = _credit_totals(args.datalist)
-        plots._pyplot()  # matplotlib, for the curve
+        require("matplotlib", "the training curve")
     except (ValueError, ImportError) as error:
         raise SystemExit(str(error))
     config = PretrainConfig(**saved["config"])

@@ -127,3 +127,124 @@ def test_every_checkpoint_of_runs_scores_as_its_exported_file(tmp_path):
         for column in ("demo AUC", "demo pAUC", "bucklespring 5-NN LOOCV accuracy"):
             assert float(row[column]) == pytest.approx(trained[column], abs=1e-12)
         assert int(row["bucklespring clips"]) == round(trained["bucklespring 5-NN LOOCV accuracy"] * 10)
+
+
+def small_demo(tmp_path, monkeypatch, capsys) -> tuple[list[str], Path]:
+    """`python -m echo demo` on a small random model and few short clips: (stdout lines, --out)."""
+    from echo import cli
+
+    full_task = demo.build_task
+    monkeypatch.setattr(demo, "build_task", lambda seed: full_task(seed, bank=3, tests=4, seconds=0.3))
+    model = echo.save(random_model(dim=32, depth=1, heads=2), tmp_path / "small.safetensors")
+    out = tmp_path / "demo out ü"
+    assert cli.main(["demo", "--model", str(model), "--out", str(out), "--seed", "2"]) == 0
+    return capsys.readouterr().out.splitlines(), out
+
+
+def test_demo_table_matches_sklearn_on_the_written_scores_and_names_device_and_threads(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """The table's AUC and pAUC (McClish, max_fpr 0.1) are sklearn's on scores.csv; the header names the
+    device and the thread count the numbers came from."""
+    from sklearn.metrics import roc_auc_score
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        lines, out = small_demo(tmp_path, monkeypatch, capsys)
+    finally:
+        torch.set_num_threads(threads)
+    assert "on cpu (torch threads: 1)" in lines[0]
+    with open(out / "scores.csv", newline="") as handle:
+        written = list(csv.DictReader(handle))
+    table = {line.split()[0]: line.split() for line in lines[1:]}
+    for spec in demo.MACHINES:
+        rows = [row for row in written if row["machine"] == spec.name]
+        assert {row["rate"] for row in rows} == {f"{spec.sample_rate} Hz"}
+        labels = [int(row["fault"] != "") for row in rows]
+        values = [float(row["score"]) for row in rows]
+        assert table[spec.name][1:5] == [str(spec.sample_rate), "Hz", "4", "4"]
+        assert float(table[spec.name][5]) == pytest.approx(roc_auc_score(labels, values), abs=5e-5)
+        assert float(table[spec.name][6]) == pytest.approx(roc_auc_score(labels, values, max_fpr=0.1), abs=5e-5)
+    assert lines[-1].startswith(f"wrote scores.csv and {3 * len(demo.MACHINES) + 2} figures to {out}/")
+
+
+def test_demo_without_scikit_learn_names_the_package_to_install(tmp_path, monkeypatch, capsys):
+    """The message named 'sklearn', which is not the name pip installs scikit-learn by."""
+    from echo import cli
+
+    for name in {"sklearn", *(name for name in sys.modules if name.split(".")[0] == "sklearn")}:
+        monkeypatch.setitem(sys.modules, name, None)  # importing it now raises ImportError
+    monkeypatch.setattr(demo, "build_task", lambda *args: pytest.fail("the work started"))
+    assert cli.main(["demo", "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "'scikit-learn'" in error and "echo-fm[eval]" in error and "Traceback" not in error
+
+
+def test_an_interrupted_figure_leaves_the_earlier_file_and_no_open_figure(tmp_path, monkeypatch):
+    """A PNG half written when Ctrl-C came replaced the earlier run's whole one, and the figure stayed open."""
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from echo.eval import plots
+
+    def interrupted(figure, target, **kwargs):
+        Path(target).write_bytes(b"\x89PNG\r\n")
+        raise KeyboardInterrupt
+
+    path = tmp_path / "projection.png"
+    path.write_bytes(b"earlier run")
+    monkeypatch.setattr(Figure, "savefig", interrupted)
+    open_before = plt.get_fignums()
+    with pytest.raises(KeyboardInterrupt):
+        plots.projection_plot(np.eye(4), ["a", "a", "b", "b"], path, "title")
+    assert path.read_bytes() == b"earlier run"
+    assert [p.name for p in tmp_path.iterdir()] == ["projection.png"]
+    assert plt.get_fignums() == open_before
+
+
+def test_score_histogram_draws_both_classes_on_the_same_bins(tmp_path, monkeypatch):
+    """Each class binned over its own range drew a tight normal class as invisible slivers beside the
+    anomalies' wide bars."""
+    from echo.eval import plots
+    from echo.eval.anomaly import Clip
+
+    widths = {}
+    save = plots.save
+
+    def recording(figure, path):
+        widths[path.name] = [bar.get_width() for bar in figure.axes[0].patches]
+        return save(figure, path)
+
+    monkeypatch.setattr(plots, "save", recording)
+    labels = [0] * 10 + [1] * 10
+    clips = [Clip(Path(f"c{i}"), "demo", "fan", "16000 Hz", None, "test", label) for i, label in enumerate(labels)]
+    scores = np.concatenate([np.linspace(1e-5, 1.1e-5, 10), np.linspace(0, 1e-3, 10)])
+    plots.anomaly_plots(clips, scores, tmp_path)
+    bars = widths["scores_demo_fan.png"]
+    assert len(bars) == 60 and max(bars) == pytest.approx(min(bars), rel=1e-9)
+
+
+def test_plots_leave_the_users_matplotlib_backend_and_write_png(tmp_path):
+    """An interactive session's backend is the user's: plots are Figures of their own, outside pyplot."""
+    import matplotlib
+
+    from echo.eval import plots
+
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")
+    try:
+        path = plots.projection_plot(np.eye(4), ["a", "a", "b", "b"], tmp_path / "projection.png", "title")
+        assert matplotlib.get_backend() == "pdf"
+    finally:
+        matplotlib.use(before)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("module, package", [("sklearn.metrics", "scikit-learn"), ("faiss", "faiss-cpu"),
+                                             ("scipy.io", "scipy")])
+def test_a_missing_optional_module_is_named_by_what_pip_installs(monkeypatch, module, package):
+    from echo.eval import require
+
+    monkeypatch.setitem(sys.modules, module, None)  # an import of it raises ImportError
+    with pytest.raises(ImportError, match=f"needs the package '{package}'"):
+        require(module, "this")

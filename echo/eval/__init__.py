@@ -21,5 +21,6 @@ def require(module: str, purpose: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        package = {"sklearn": "scikit-learn", "scipy.io": "scipy"}.get(module, module.split(".")[0])
+        top = module.split(".")[0]
+        package = {"sklearn": "scikit-learn", "faiss": "faiss-cpu"}.get(top, top)  # pip's names
         raise ImportError(f"{purpose} needs the package {package!r}, which is not installed: {EXTRA_HINT}") from None
