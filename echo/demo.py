@@ -192,10 +192,10 @@ def run(args) -> int:
         raise ValueError(f"--seed must be 0 or more, got {args.seed}")
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} cannot be a folder: it or a folder above it is a file")
-    atomic.check_writable(args.out, f"--out {args.out}")
     started = time.perf_counter()
     host_memory.keep_freed_memory()  # the demo encodes on the CPU
-    model = checkpoint.load(args.model)
+    model = checkpoint.load(args.model)  # before --out is made: a bad --model leaves no empty folder behind
+    atomic.check_writable(args.out, f"--out {args.out}")
     task = build_task(args.seed)
     rates = ", ".join(f"{rate} Hz" for rate in sorted(set(task.rates)))
     backgrounds = ", ".join(sorted({name for machine in MACHINES for name in machine.backgrounds}))

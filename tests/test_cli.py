@@ -34,10 +34,11 @@ def test_demo_command_prints_the_table_and_writes_the_plots(tmp_path):
     assert len(scores) == 1 + 2 * demo.TEST_CLIPS * len(demo.MACHINES)
 
 
-def test_demo_command_reports_a_missing_model(tmp_path):
+def test_demo_command_reports_a_missing_model_and_makes_no_output_folder(tmp_path):
     run = subprocess.run([sys.executable, "-m", "echo", "demo", "--model", str(tmp_path / "none.safetensors"),
-                          "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+                          "--out", str(tmp_path / "plots")], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 2 and "does not exist" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "plots").exists()
 
 
 @pytest.mark.parametrize("option,message", [(["--out", "{file}"], "cannot be a folder"),
