@@ -208,8 +208,9 @@ def _signature(model, dtype: torch.dtype, named: list[tuple[str, torch.Tensor]])
 _INFERENCE_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {dtype: (signature, weights, copy)}
 
 
-def inference_model(model, dtype: torch.dtype):
-    """The float32 model itself where no faster inference ops exist; otherwise a cached inference copy
+def inference_model(model, dtype: torch.dtype, snapshot: bool = False):
+    """The float32 model itself where no faster inference ops exist (unless `snapshot`: a stream encodes with
+    the weights it started with, and the model itself would change under it); otherwise a cached inference copy
     (inference_copy), rebuilt when anything it was built from changed: a tensor's values, however written (an
     optimiser step, a load, `p.data.copy_(...)`, which no version counter sees), its device, a norm's eps.
     Every call compares the model's tensors with the copy's source values in full: ~4 ms for ECHO-tiny and
@@ -218,7 +219,8 @@ def inference_model(model, dtype: torch.dtype):
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
     packs = model.device.type == "cpu" and linear_ops.available(dtype)
-    if dtype == torch.float32 and not packs and all(p.dtype == torch.float32 for p in model.parameters()):
+    if (not snapshot and dtype == torch.float32 and not packs
+            and all(p.dtype == torch.float32 for p in model.parameters())):
         return model
     named = _named_tensors(model)  # once a call: the signature and the comparison both walk them
     signature = _signature(model, dtype, named)
