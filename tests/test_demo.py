@@ -240,11 +240,16 @@ def test_plots_leave_the_users_matplotlib_backend_and_write_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("module, package", [("sklearn.metrics", "scikit-learn"), ("faiss", "faiss-cpu"),
-                                             ("scipy.io", "scipy")])
-def test_a_missing_optional_module_is_named_by_what_pip_installs(monkeypatch, module, package):
+@pytest.mark.parametrize("module, package, extra", [
+    ("sklearn.metrics", "scikit-learn", "eval"), ("faiss", "faiss-cpu", "faiss"), ("scipy.io", "scipy", "eval"),
+    ("soundfile", "soundfile", "audio")])
+def test_a_missing_optional_module_is_named_by_what_pip_installs(monkeypatch, module, package, extra):
+    import tomllib
+
     from echo.eval import require
 
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"][extra]
+    assert any(requirement.startswith(package) for requirement in extras)  # the extra named does install it
     monkeypatch.setitem(sys.modules, module, None)  # an import of it raises ImportError
-    with pytest.raises(ImportError, match=f"needs the package '{package}'"):
+    with pytest.raises(ImportError, match=rf"needs the package '{package}'.*pip install 'echo-fm\[{extra}\]'"):
         require(module, "this")

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import importlib
 
-EXTRA_HINT = "pip install 'echo-fm[eval]'"
+PIP_NAMES = {"sklearn": "scikit-learn", "faiss": "faiss-cpu"}
+# The smallest extra of pyproject.toml that installs a package (the rest come with `eval`): reading audio for
+# `python -m echo encode` should not pull scikit-learn and matplotlib.
+EXTRAS = {"soundfile": "audio", "faiss": "faiss"}
 
 
 def require(module: str, purpose: str):
@@ -22,5 +25,5 @@ def require(module: str, purpose: str):
         return importlib.import_module(module)
     except ImportError:
         top = module.split(".")[0]
-        package = {"sklearn": "scikit-learn", "faiss": "faiss-cpu"}.get(top, top)  # pip's names
-        raise ImportError(f"{purpose} needs the package {package!r}, which is not installed: {EXTRA_HINT}") from None
+        raise ImportError(f"{purpose} needs the package {PIP_NAMES.get(top, top)!r}, which is not installed: "
+                          f"pip install 'echo-fm[{EXTRAS.get(top, 'eval')}]'") from None
