@@ -244,10 +244,9 @@ def test_plots_leave_the_users_matplotlib_backend_and_write_png(tmp_path):
     ("sklearn.metrics", "scikit-learn", "eval"), ("faiss", "faiss-cpu", "faiss"), ("scipy.io", "scipy", "eval"),
     ("soundfile", "soundfile", "audio")])
 def test_a_missing_optional_module_is_named_by_what_pip_installs(monkeypatch, module, package, extra):
-    import tomllib
-
     from echo.eval import require
 
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"][extra]
     assert any(requirement.startswith(package) for requirement in extras)  # the extra named does install it
     monkeypatch.setitem(sys.modules, module, None)  # an import of it raises ImportError
