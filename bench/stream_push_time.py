@@ -1,0 +1,49 @@
+"""Time of each StreamEncoder.push in a long stream of small pushes (one hop each): it should not grow with
+the position in the stream (a push copies only its own frames).
+
+    python bench/stream_push_time.py [--rate 48000] [--frames 6000] [--size tiny]
+
+Prints the median push time per 500-frame stretch of the stream (pushes that emitted a segment left out), one
+torch thread, random weights.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import echo
+import echo.fast as fast
+from echo import geometry
+
+STRETCH = 500
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=int, default=48000)
+    parser.add_argument("--frames", type=int, default=6000)
+    parser.add_argument("--size", default="tiny")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = echo.EchoModel(echo.EchoConfig.preset(args.size)).eval()
+    hop, n_fft = geometry.hop(args.rate), geometry.n_fft(args.rate)
+    signal = torch.randn(n_fft + args.frames * hop)
+    stream = fast.StreamEncoder(model, args.rate)
+    stream.push(signal[:n_fft])
+    times = []
+    for start in range(n_fft, len(signal), hop):
+        began = time.perf_counter()
+        emitted = stream.push(signal[start : start + hop])
+        times.append(None if emitted else time.perf_counter() - began)
+    print(f"ECHO-{args.size}, {args.rate} Hz, one hop ({hop} samples) a push, 1 thread: median ms a push")
+    for first in range(0, len(times), STRETCH):
+        kept = [t for t in times[first : first + STRETCH] if t is not None]
+        print(f"  frames {first:6d}-{first + STRETCH:6d}: {1e3 * statistics.median(kept):.3f}")
+
+
+if __name__ == "__main__":
+    main()
