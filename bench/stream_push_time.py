@@ -42,7 +42,7 @@ def main() -> None:
     print(f"ECHO-{args.size}, {args.rate} Hz, one hop ({hop} samples) a push, 1 thread: median ms a push")
     for first in range(0, len(times), STRETCH):
         kept = [t for t in times[first : first + STRETCH] if t is not None]
-        print(f"  frames {first:6d}-{first + STRETCH:6d}: {1e3 * statistics.median(kept):.3f}")
+        print(f"  frames {first:6d}-{min(first + STRETCH, len(times)):6d}: {1e3 * statistics.median(kept):.3f}")
 
 
 if __name__ == "__main__":

@@ -24,22 +24,25 @@ def temporary_name(path: Path) -> Path:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether process `pid` runs (another user's counts): a temporary named after it may be being written."""
+    """Whether process `pid` runs (another user's counts): a temporary named after it may be being written. A
+    number no process can have counts as alive: such a file is no temporary of ours to delete."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError):
         pass
     return True
 
 
 def remove_abandoned(folder: Path, pattern: str = "*.tmp") -> None:
     """Delete the temporaries (files of temporary_name's form) under `folder` matching `pattern` ("**/*.tmp"
-    for every sub-folder) whose writers are gone: a kill mid-write leaves them, and nothing else ever would."""
+    for every sub-folder) whose writers are gone: a kill mid-write leaves them, and nothing else ever would. Call
+    it before this process writes there: its own id on a temporary is then a killed process's (a container
+    restarted gives the same ids again)."""
     for temporary in Path(folder).glob(pattern):
         match = re.fullmatch(r".+\.(\d+)\.tmp", temporary.name)
-        if match and temporary.is_file() and not process_alive(int(match[1])):
+        if match and temporary.is_file() and (int(match[1]) == os.getpid() or not process_alive(int(match[1]))):
             temporary.unlink(missing_ok=True)
 
 

@@ -45,7 +45,8 @@ def add_arguments(parser) -> None:
                         help="audio files or folders (default: the bundled samples)")
     parser.add_argument("--model", default="default",
                         help="checkpoint path or name: default, echo-small, echo-tiny (default: default)")
-    parser.add_argument("--out", type=Path, default=Path("embeddings.npz"), help=".npz or .parquet (default: embeddings.npz)")
+    parser.add_argument("--out", type=Path, default=Path("embeddings.npz"),
+                        help=".npz or .parquet (default: embeddings.npz)")
     parser.add_argument("--frames", action="store_true", help="keep the frame embeddings too")
     parser.add_argument("--batch-files", type=int, default=32, help="files encoded per batch")
     parser.add_argument("--max-tokens", type=int, default=None, help="packed tokens per pass (echo.fast.encode)")

@@ -40,6 +40,9 @@ class _Rows:
     def __getitem__(self, frames: slice) -> torch.Tensor:
         return self.buffer[: self.count][frames]
 
+    def truncate(self, count: int) -> None:
+        self.count = min(self.count, count)
+
 
 class _Window:
     """Rows of the frames from `start` on: appended at the end, dropped from the front, in one buffer
@@ -71,6 +74,10 @@ class _Window:
         self.offset, self.count, self.start = self.offset + dropped, self.count - dropped, frame
         if self.buffer.shape[0] > 4 * self.count:
             self._reallocate(2 * self.count)
+
+    def truncate(self, end: int) -> None:
+        """Forget the rows of frames from `end` on."""
+        self.count = min(self.count, end - self.start)
 
     def frames(self, start: int, end: int) -> torch.Tensor:
         """Rows of frames start:end (a view)."""
@@ -146,6 +153,9 @@ class StreamEncoder:
         available = geometry.n_frames(self.samples, self.rate)
         if available <= self.done_frames:
             return
+        # rows a failed push appended (out of memory in a later append) would shift every later frame's
+        for rows in (self.dc_bins, self.estimates, self.low_rows, self.upper):
+            rows.truncate(self.done_frames)
         first = self.done_frames * self.hop - self.audio_start
         count = available - self.done_frames
         span = self.audio[first : first + self.n_fft + (count - 1) * self.hop]

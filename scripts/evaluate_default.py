@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import multiprocessing
 import os
 import sys
 import time
@@ -99,8 +98,6 @@ _TASKS: tuple = ()  # (demo task, key switches), set before the scoring processe
 
 
 def _score_checkpoint(path: Path) -> dict | None:
-    if multiprocessing.parent_process() is not None:
-        torch.set_num_threads(1)
     saved = checkpoints.read_or_report(path)
     if saved is None:
         return None
@@ -112,16 +109,13 @@ def _score_checkpoint(path: Path) -> dict | None:
 
 
 def score_checkpoints(runs: list[Path], task: demo.DemoTask, keys: tuple, jobs: int) -> list[dict]:
-    """A row per readable checkpoint of the runs, in order, each scored in a process of one torch thread."""
+    """A row per readable checkpoint of the runs, in order, scored as select_checkpoint.py scores them."""
+    from select_checkpoint import in_processes
+
     global _TASKS
     _TASKS = (task, keys)
     paths = [path for run in runs for path in checkpoints.checkpoint_paths(run / "checkpoints")]
-    if jobs > 1 and "fork" in multiprocessing.get_all_start_methods():
-        with multiprocessing.get_context("fork").Pool(min(jobs, len(paths))) as pool:
-            rows = pool.map(_score_checkpoint, paths, chunksize=1)
-    else:
-        rows = [_score_checkpoint(path) for path in paths]
-    return [row for row in rows if row is not None]
+    return [row for row in in_processes(_score_checkpoint, paths, jobs) if row is not None]
 
 
 def main(argv=None) -> int:
@@ -142,6 +136,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.runs is None and args.csv is not None:
         parser.error("--csv goes with --runs")
+    if args.runs is not None and args.json is not None:
+        parser.error("--json goes with --model; with --runs the rows go to --csv")
+    if args.csv is not None and args.csv.is_dir():
+        raise SystemExit(f"--csv {args.csv} is a folder: it takes the file to write")
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
     if args.bank < 1 or args.tests < 1 or (args.limit is not None and args.limit < 1):
@@ -156,6 +154,11 @@ def main(argv=None) -> int:
         except ValueError as error:
             raise SystemExit(str(error)) from None
 
+    if args.runs is not None:
+        empty = [str(run) for run in args.runs if not checkpoints.checkpoint_paths(run / "checkpoints")]
+        if empty:
+            raise SystemExit(f"no checkpoint in {', '.join(empty)} (give the folders python -m echo pretrain "
+                             "--out wrote)")
     key_signals, key_rates, key_labels = bucklespring(args.corpus, args.limit)
     if args.runs is not None:
         return _record_checkpoints(args, (key_signals, key_rates, key_labels))
@@ -191,9 +194,6 @@ def main(argv=None) -> int:
 
 def _record_checkpoints(args, keys: tuple) -> int:
     """--runs: every checkpoint's numbers, printed and optionally written as CSV."""
-    empty = [str(run) for run in args.runs if not checkpoints.checkpoint_paths(run / "checkpoints")]
-    if empty:
-        raise SystemExit(f"no checkpoint in {', '.join(empty)} (give the folders python -m echo pretrain --out wrote)")
     if args.csv is not None:
         try:
             atomic.check_writable(args.csv.parent, f"--csv {args.csv}")

@@ -71,8 +71,8 @@ def _plot_curve(rows: list[dict], path: Path, exported_step: int) -> dict:
     """Plot loss (total, frame, utterance) and learning rate against the step, the exported step marked;
     return the last row logged at or before it."""
     step = [row["step"] for row in rows]
-    figure, (loss_axis, lr_axis) = plots.figure(2, 1, figsize=(6, 4.5), sharex=True,
-                                                gridspec_kw={"height_ratios": [3, 1]})
+    figure, (loss_axis, lr_axis) = plots.new_figure(2, 1, figsize=(6, 4.5), sharex=True,
+                                                    gridspec_kw={"height_ratios": [3, 1]})
     for column in ("loss", "frame_loss", "utterance_loss"):
         loss_axis.plot(step, [row[column] for row in rows], label=column.replace("_", " "))
     loss_axis.set(ylabel="training loss", title="ECHO default model: pretraining")

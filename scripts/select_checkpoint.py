@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -79,6 +80,24 @@ def scoring_threads(jobs: int) -> int:
     return 1 if forks(jobs) else torch.get_num_threads()
 
 
+def _scoring_process() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the pool
+    torch.set_num_threads(1)
+
+
+def in_processes(score, paths: list[Path], jobs: int) -> Iterator:
+    """score(path) for each path, in order: in `jobs` processes of one torch thread each, which fork from this
+    one and so share its module state (the tasks), where fork exists; else here, in turn."""
+    if not paths or not forks(jobs):
+        yield from map(score, paths)
+        return
+    pool = multiprocessing.get_context("fork").Pool(min(jobs, len(paths)), _scoring_process)
+    try:
+        yield from pool.imap(score, paths, chunksize=1)
+    finally:
+        pool.terminate()
+
+
 def stamp(path: Path) -> dict:
     info = path.stat()
     return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
@@ -103,31 +122,17 @@ def validate(runs: list[Path], which: str | None, tasks: list[demo.DemoTask], jo
         rows[path] = row if row is not None and {key: row[key] for key in STAMP} == stamps[path] else None
     todo = [path for path in paths if rows[path] is None]
     progress = partial(tqdm, total=len(todo), desc="checkpoints", unit="ckpt", file=sys.stderr)
-    score = partial(_score_checkpoint, which=which)
-    if todo and forks(jobs):
-        # Ctrl-C reaches the parent, which stops the pool: the workers need not print a traceback each.
-        pool = multiprocessing.get_context("fork").Pool(min(jobs, len(todo)), signal.signal,
-                                                         (signal.SIGINT, signal.SIG_IGN))
-        results = pool.imap(score, todo, chunksize=1)
-    else:
-        pool, results = None, map(score, todo)
-    try:
-        for path, row in zip(todo, progress(results)):
-            if row is None:
-                continue
-            rows[path] = {**row, **stamps[path]}
-            if save is not None:
-                run = path.parents[1]
-                save(run, [row for row in rows.values() if row is not None and row["run"] == run])
-    finally:
-        if pool is not None:
-            pool.terminate()
+    for path, row in zip(todo, progress(in_processes(partial(_score_checkpoint, which=which), todo, jobs))):
+        if row is None:
+            continue
+        rows[path] = {**row, **stamps[path]}
+        if save is not None:
+            run = path.parents[1]
+            save(run, [row for row in rows.values() if row is not None and row["run"] == run])
     return [rows[path] for path in paths if rows[path] is not None]
 
 
 def _score_checkpoint(path: Path, which: str | None) -> dict | None:
-    if multiprocessing.parent_process() is not None:
-        torch.set_num_threads(1)
     saved = checkpoints.read_or_report(path)
     if saved is None:
         return None

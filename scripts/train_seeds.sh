@@ -46,6 +46,7 @@ choice=$("$PYTHON" scripts/select_checkpoint.py "${runs[@]}" --baselines --print
     2> >(tee "$ROOT/validation.txt" >&2))
 CHOSEN=${choice% *} STEP=${choice##* }  # "RUN STEP": the run folder may hold spaces
 "$PYTHON" scripts/export_default.py "$CHOSEN" --step "$STEP" --out "$EXPORT_DIR" --datalist corpus/datalist.csv
-"$PYTHON" scripts/evaluate_default.py --model "$EXPORT_DIR/model.safetensors" --corpus corpus --json "$EXPORT_DIR/evaluation.json"
+"$PYTHON" scripts/evaluate_default.py --model "$EXPORT_DIR/model.safetensors" --corpus corpus \
+    --json "$EXPORT_DIR/evaluation.json"
 # for the record of the recipe's spread, after the choice: every checkpoint on the reported tasks
 "$PYTHON" scripts/evaluate_default.py --runs "${runs[@]}" --corpus corpus --csv "$ROOT/heldout.csv"

@@ -74,8 +74,12 @@ def test_only_the_temporaries_of_writers_that_are_gone_are_removed(tmp_path):
     dead = tmp_path / "sub" / "x.wav.999999999.tmp"  # above any pid_max
     dead.parent.mkdir()
     dead.write_bytes(b"half")
-    mine = atomic.temporary_name(tmp_path / "y.wav")  # a live writer's: this process
-    mine.write_bytes(b"being written")
+    mine = atomic.temporary_name(tmp_path / "y.wav")  # a killed process's whose id this one now has
+    mine.write_bytes(b"half")
+    alive = tmp_path / f"z.wav.{os.getppid()}.tmp"  # a live writer's: the parent process
+    alive.write_bytes(b"being written")
+    huge = tmp_path / "take.20240101123045.tmp"  # a date, not a process id
+    huge.write_bytes(b"a user's")
     folder = tmp_path / "kit.wav.999999999.tmp"  # a folder of that name is no temporary of this module
     folder.mkdir()
     other = tmp_path / "notes.tmp"
@@ -83,5 +87,6 @@ def test_only_the_temporaries_of_writers_that_are_gone_are_removed(tmp_path):
     atomic.remove_abandoned(tmp_path, "*.tmp")
     assert dead.exists()  # not in the top folder
     atomic.remove_abandoned(tmp_path, "**/*.tmp")
-    assert not dead.exists() and mine.exists() and folder.is_dir() and other.exists()
+    assert not dead.exists() and not mine.exists()
+    assert alive.exists() and huge.exists() and folder.is_dir() and other.exists()
     assert atomic.process_alive(os.getpid()) and not atomic.process_alive(999999999)

@@ -469,10 +469,12 @@ def test_a_stopped_shard_write_resumes_with_the_missing_shards_only(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         shards.write_shards(root, tmp_path / "shards", per_shard=2)
     assert sorted(p.name for p in (tmp_path / "shards").glob("*.tar*")) == ["shard-000000.tar"]  # no half shard
+    (tmp_path / "shards" / "shard-000001.tar.999999999.tmp").write_bytes(b"half a shard, its writer killed")
     written.clear()
     monkeypatch.setattr(shards, "shard_sample", lambda *args: written.append(args[1]) or original(*args))
     assert len(shards.write_shards(root, tmp_path / "shards", per_shard=2)) == 3
     assert written == [2, 3, 4]  # shard 0 kept, shards 1 and 2 written
+    assert not list((tmp_path / "shards").glob("*.tmp"))
 
     def samples(folder):
         source = shards.ShardCorpus(folder, min_seconds=1.0)

@@ -330,6 +330,15 @@ def test_evaluate_default_checks_its_arguments_and_corpus_before_evaluating(tmp_
         evaluate.main(["--corpus", str(tmp_path), "--json", str(tmp_path / "a file" / "e.json")])
     with pytest.raises(SystemExit, match="is a folder: it takes the file"):
         evaluate.main(["--corpus", str(tmp_path), "--json", str(tmp_path)])
+    write_checkpoints(tmp_path / "run", (2,))
+    with pytest.raises(SystemExit, match=r"--csv .* is a folder: it takes the file"):  # not after the scoring
+        evaluate.main(["--corpus", str(tmp_path), "--runs", str(tmp_path / "run"), "--csv", str(tmp_path)])
+    for arguments in (["--runs", str(tmp_path / "run"), "--json", "x.json"], ["--csv", "x.csv"]):
+        with pytest.raises(SystemExit) as stopped:
+            evaluate.main(["--corpus", str(tmp_path), *arguments])
+        assert stopped.value.code == 2, arguments  # an option that would be ignored: a usage error
+    with pytest.raises(SystemExit, match=r"no checkpoint in .*nothing \(give the folders"):
+        evaluate.main(["--corpus", str(tmp_path / "no corpus"), "--runs", str(tmp_path / "nothing")])
 
 
 def test_fetch_samples_stops_at_an_unwritable_output_before_fetching(tmp_path, monkeypatch):

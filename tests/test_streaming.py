@@ -341,3 +341,26 @@ def test_a_push_whose_audio_could_not_be_kept_changes_nothing_and_can_be_repeate
     monkeypatch.undo()
     stream.push(signal[5000:])  # the caller retries the chunk
     assert rel_err(stream.finish(), fast.encode(model, [signal], rate)[0]) < 1e-5
+
+
+def test_a_push_that_fails_while_keeping_its_frames_leaves_no_rows_behind(model, monkeypatch):
+    """Out of memory in the last buffer a push appends to: the rows already appended to the others must not
+    shift the frames of the next push."""
+    import echo.streaming as streaming
+
+    rate = 8000
+    signal = torch.randn(geometry.hop(rate) * 2300 + 31)
+    stream = fast.StreamEncoder(model, rate, frames=True)
+    stream.push(signal[: geometry.hop(rate) * 100])
+    reallocate = streaming._Window._reallocate
+
+    def fails_once(window, rows):
+        monkeypatch.setattr(streaming._Window, "_reallocate", reallocate)
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(streaming._Window, "_reallocate", fails_once)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        stream.push(signal[geometry.hop(rate) * 100 : geometry.hop(rate) * 1000])
+    stream.push(signal[geometry.hop(rate) * 1000 :])  # the failed push's samples were kept: not pushed again
+    utterance, frames = stream.finish()
+    expected_utterance, expected_frames = fast.encode(model, [signal], rate, frames=True)[0]
+    assert rel_err(utterance, expected_utterance) < 1e-5 and rel_err(frames, expected_frames) < 1e-5

@@ -12,23 +12,23 @@ from .. import atomic
 from . import require
 
 
-def figure(*grid, **options):
+def new_figure(*grid, **options):
     """(figure, axes) as `pyplot.subplots(*grid, **options)` gives them, but a Figure of its own, outside pyplot:
     no backend is chosen (a user's interactive one stays) and nothing is kept open after it is saved."""
     require("matplotlib", "plots")
     from matplotlib.figure import Figure
 
     subplot_options = {key: options.pop(key) for key in ("sharex", "sharey", "gridspec_kw") if key in options}
-    made = Figure(**options)
-    return made, made.subplots(*grid, **subplot_options)
+    figure = Figure(**options)
+    return figure, figure.subplots(*grid, **subplot_options)
 
 
-def save(made, path: Path) -> Path:
+def save(figure, path: Path) -> Path:
     """Write a figure whole or not at all: an interrupt mid-write leaves no half PNG over an earlier one."""
     path = Path(path)
-    made.tight_layout()
+    figure.tight_layout()
     with atomic.replacing(path) as temporary:  # its name ends in .tmp: the format comes from `path`
-        made.savefig(temporary, dpi=100, format=path.suffix.lstrip(".") or "png")
+        figure.savefig(temporary, dpi=100, format=path.suffix.lstrip(".") or "png")
     return path
 
 
@@ -46,7 +46,7 @@ def anomaly_plots(clips, scores, out: Path) -> list[Path]:
             groups[(clip.split, clip.machine)].append(index)
     written = []
     for (split, machine), members in sorted(groups.items()):
-        made, axis = figure(figsize=(5, 5))
+        figure, axis = new_figure(figsize=(5, 5))
         sections = sorted({clips[i].section for i in members})
         for section in sections:
             chosen = [i for i in members if clips[i].section == section and clips[i].label is not None]
@@ -61,8 +61,8 @@ def anomaly_plots(clips, scores, out: Path) -> list[Path]:
             axis.plot([0, 1], [0, 1], "k:", linewidth=1)
             axis.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{machine} ({split})")
             axis.legend(fontsize=8)
-            written.append(save(made, out / f"roc_{_safe(split)}_{_safe(machine)}.png"))
-        made, axis = figure(figsize=(6, 4))
+            written.append(save(figure, out / f"roc_{_safe(split)}_{_safe(machine)}.png"))
+        figure, axis = new_figure(figsize=(6, 4))
         # one set of bins for every class: bins of each class's own range draw a tight class as slivers
         edges = np.histogram_bin_edges([scores[i] for i in members], bins=30)
         for name, label in (("normal", 0), ("anomalous", 1), ("unlabelled", None)):
@@ -72,13 +72,13 @@ def anomaly_plots(clips, scores, out: Path) -> list[Path]:
         axis.set(xlabel="anomaly score (cosine distance to the nearest normal clip)", ylabel="clips",
                  title=f"{machine} ({split})")
         axis.legend(fontsize=8)
-        written.append(save(made, out / f"scores_{_safe(split)}_{_safe(machine)}.png"))
+        written.append(save(figure, out / f"scores_{_safe(split)}_{_safe(machine)}.png"))
     return written
 
 
 def confusion_plot(result, path: Path) -> Path:
     size = max(4, 0.6 * len(result.classes) + 2)
-    made, axis = figure(figsize=(size, size))
+    figure, axis = new_figure(figsize=(size, size))
     axis.imshow(result.confusion, cmap="Blues")
     ticks = range(len(result.classes))
     axis.set_xticks(ticks, [str(c) for c in result.classes], rotation=90, fontsize=8)
@@ -87,7 +87,7 @@ def confusion_plot(result, path: Path) -> Path:
         axis.text(column, row, str(count), ha="center", va="center", fontsize=7)
     axis.set(xlabel="predicted", ylabel="true",
              title=f"{result.protocol}, {result.view}: accuracy {result.accuracy:.3f}")
-    return save(made, path)
+    return save(figure, path)
 
 
 def projection_plot(vectors: np.ndarray, labels, path: Path, title: str) -> Path:
@@ -97,10 +97,10 @@ def projection_plot(vectors: np.ndarray, labels, path: Path, title: str) -> Path
     points = decomposition.PCA(n_components=2).fit_transform(vectors) if len(vectors) > 2 else \
         np.zeros((len(vectors), 2))
     labels = np.asarray([str(label) for label in labels])
-    made, axis = figure(figsize=(6, 5))
+    figure, axis = new_figure(figsize=(6, 5))
     for label in sorted(set(labels)):
         chosen = labels == label
         axis.scatter(points[chosen, 0], points[chosen, 1], s=8, label=f"{label} ({chosen.sum()})")
     axis.set(xlabel="PC 1", ylabel="PC 2", title=title)
     axis.legend(fontsize=7, markerscale=2)
-    return save(made, path)
+    return save(figure, path)

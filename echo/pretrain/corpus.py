@@ -157,7 +157,7 @@ def index_folder(root, manifest: Path | None = None) -> tuple[list[FileEntry], P
         raise ValueError(f"audio folder {root} does not exist")
     manifest = Path(manifest) if manifest is not None else root / MANIFEST_NAME
     cached = read_manifest(manifest)
-    entries, probed, saved = [], 0, time.monotonic()
+    entries, probed, last_save = [], 0, time.monotonic()
     for relative in audio_files(root):
         problem = name_problem(relative)
         if problem:
@@ -167,9 +167,9 @@ def index_folder(root, manifest: Path | None = None) -> tuple[list[FileEntry], P
         if entry is None or not unchanged(root / relative, entry):
             entry = probe(root, relative)
             probed += 1
-            if time.monotonic() - saved >= MANIFEST_SAVE_SECONDS:  # keeps the cached entries not reached yet
+            if time.monotonic() - last_save >= MANIFEST_SAVE_SECONDS:  # keeps the cached entries not reached yet
                 write_manifest(manifest, {**cached, **{e.path: e for e in entries}, entry.path: entry}.values())
-                saved = time.monotonic()
+                last_save = time.monotonic()
         entries.append(entry)
     if probed or sum(not name_problem(entry.path) for entry in entries) != len(cached):
         write_manifest(manifest, entries)

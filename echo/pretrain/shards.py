@@ -95,6 +95,7 @@ def write_shards(folder, out, per_shard: int = 1000, min_seconds: float = 1.0) -
     if earlier and saved_plan(plan_path) != plan:
         raise ValueError(refusal)
     out.mkdir(parents=True, exist_ok=True)
+    atomic.remove_abandoned(out, "shard-*.tar.*.tmp")  # a killed write's half shard: a shard's worth of disk
     atomic.write_text(plan_path, json.dumps(plan) + "\n")
     written: list[Path] = []
     gone = resumed = 0
