@@ -99,7 +99,8 @@ def test_a_nan_loss_stops_the_run_naming_its_step_and_keeps_the_good_checkpoints
 
     monkeypatch.setattr(objective.Learner, "forward", nan_at_step_five)
     run = tmp_path / "run"
-    with pytest.raises(ValueError, match="the loss or its gradients were NaN or infinite at step 5; stopped without checkpointing"):
+    with pytest.raises(ValueError, match="the loss or its gradients were NaN or infinite at step 5; stopped without "
+                                         "checkpointing"):
         trainer.train(tiny_config(data, run, steps=8, save_every=2, log_every=3, keep=2), progress=False)
     assert [p.name for p in checkpoints.checkpoint_paths(run / "checkpoints")] == [
         "step-000000002.pt", "step-000000004.pt"]  # step 6 (NaN weights) neither written nor rotating them out
@@ -233,16 +234,21 @@ def test_resuming_on_other_data_is_refused_but_a_moved_copy_resumes(data, tmp_pa
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("lr", 0.0, "lr must be positive, got 0.0"),
-    ("base_lr", 0.0, "base_lr must be positive, got 0.0"),
-    ("lr", float("nan"), "lr must be positive, got nan"),
+    ("lr", 0.0, "lr must be positive and finite, got 0.0"),
+    ("base_lr", 0.0, "base_lr must be positive and finite, got 0.0"),
+    ("lr", float("nan"), "lr must be positive and finite, got nan"),
+    ("lr", float("inf"), "lr must be positive and finite, got inf"),
+    ("base_lr", float("inf"), "base_lr must be positive and finite, got inf"),
     ("min_lr", -1e-5, "min_lr must be zero or more"),
+    ("min_lr", float("inf"), "min_lr must be zero or more and finite, got inf"),
     ("warmup", -3, "warmup must be zero or more, got -3"),
     ("ema_anneal_steps", -5, "ema_anneal_steps must be positive, got -5"),
     ("ema_anneal_steps", 0, "ema_anneal_steps must be positive, got 0"),
     ("clip_grad", 0.0, "clip_grad must be positive, got 0.0"),
-    ("utterance_weight", -1.0, "utterance_weight must be zero or more, got -1.0"),
-    ("weight_decay", -1.0, "weight_decay must be zero or more, got -1.0"),
+    ("utterance_weight", -1.0, "utterance_weight must be zero or more and finite, got -1.0"),
+    ("utterance_weight", float("inf"), "utterance_weight must be zero or more and finite, got inf"),
+    ("weight_decay", -1.0, "weight_decay must be zero or more and finite, got -1.0"),
+    ("weight_decay", float("inf"), "weight_decay must be zero or more and finite, got inf"),
     ("decoder_groups", 0, "decoder_groups must be positive, got 0"),
     ("decoder_kernel", 2, "decoder_kernel must be odd and positive, got 2"),
     ("seed", -1, "seed must be zero or more, got -1"),
@@ -257,7 +263,35 @@ def test_bad_options_are_refused_naming_them(tmp_path, option, value, message):
 def test_a_bad_option_on_the_command_line_writes_nothing(data, tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main(["pretrain", "--data", str(data), "--out", str(run), "--lr", "0", "--quiet"]) == 2
-    assert "lr must be positive, got 0.0" in capsys.readouterr().err and not run.exists()
+    assert "lr must be positive and finite, got 0.0" in capsys.readouterr().err and not run.exists()
+
+
+@pytest.mark.parametrize("device, message", [
+    ("foo", "device must be cpu, cuda or cuda:N, got 'foo'"),
+    (f"cuda:{torch.cuda.device_count()}", f"is not on this machine: it has {torch.cuda.device_count()} CUDA GPU(s)"),
+])
+def test_a_device_this_machine_lacks_is_refused_without_a_traceback(data, tmp_path, capsys, device, message):
+    run = tmp_path / "run"
+    assert cli.main(["pretrain", "--data", str(data), "--out", str(run), "--device", device, "--quiet"]) == 2
+    assert message in capsys.readouterr().err and not run.exists()
+
+
+def test_a_negative_stop_at_is_refused(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["pretrain", "--data", str(data), "--out", str(run), "--stop-at", "-1", "--quiet"]) == 2
+    assert "stop_at must be zero or more, got -1" in capsys.readouterr().err and not run.exists()
+
+
+def test_export_only_writes_the_encoder_the_run_chose_unless_told(data, tmp_path):
+    """A run trained with --export student: --export-only alone must not overwrite its student with the teacher."""
+    run = tmp_path / "run"
+    trainer.train(tiny_config(data, run, steps=2, save_every=2, export="student"), progress=False)
+    saved = checkpoints.load_latest(run / "checkpoints")
+    assert not torch.equal(saved["student"]["norm.weight"], saved["teacher"]["norm.weight"])
+    for asked, expected in ([], "student"), (["--export", "teacher"], "teacher"), (["--export", "student"], "student"):
+        (run / "model.safetensors").unlink()
+        assert cli.main(["pretrain", "--data", "unused", "--out", str(run), "--export-only", *asked]) == 0
+        assert_same_state(echo.load(run / "model.safetensors").state_dict(), saved[expected])
 
 
 def import_export_script():
@@ -340,6 +374,8 @@ def test_a_plain_cuda_device_gets_this_processs_gpu_index(monkeypatch, asked, lo
     """torch.cuda.set_device refuses a device without an index: `--device cuda` failed on a GPU."""
     chosen = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append(device))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     if local_rank is not None:

@@ -35,9 +35,12 @@ HELP = {
     "save_every": "checkpoint every N steps",
     "keep": "checkpoints kept",
     "log_every": "log line (steps.csv, progress bar) every N steps",
-    "export": "which encoder goes to RUN_DIR/model.safetensors at the end",
+    "export": "which encoder goes to RUN_DIR/model.safetensors at the end (default teacher; with --export-only, "
+              "the run's own choice)",
     "manifest": "where the folder manifest is cached (default DATA/.echo_manifest.csv)",
 }
+# Options whose absence --export-only reads as "what the run chose" (its config), not as the field's default.
+RUN_DEFAULTS = ("export",)
 CHOICES = {"size": list(PRESETS), "precision": ["auto", "fp32", "bf16"], "export": ["teacher", "student"],
            "utterance_target": list(UTTERANCE_TARGETS)}
 
@@ -48,12 +51,16 @@ def add_arguments(parser) -> None:
         option = "--" + field.name.replace("_", "-")
         if field.default is MISSING:
             parser.add_argument(option, type=kind, required=True, help=HELP.get(field.name))
+        elif field.name in RUN_DEFAULTS:
+            parser.add_argument(option, type=kind, default=None, choices=CHOICES.get(field.name),
+                                help=HELP[field.name])
         else:
             default_text = "" if field.default is None else f" (default {field.default})"
             parser.add_argument(option, type=kind, default=field.default, choices=CHOICES.get(field.name),
                                 help=(HELP.get(field.name) or field.name.replace("_", " ")) + default_text)
     parser.add_argument("--export-only", action="store_true",
-                        help="write model.safetensors from the run's newest checkpoint and stop")
+                        help="write model.safetensors from the run's newest checkpoint (the encoder its --export "
+                             "named, unless given here) and stop")
     parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                         help="end this process after STEP, as a kill would (the checkpoint of a STEP that is a "
                              "multiple of --save-every is written); the same command resumes the run")
@@ -65,6 +72,7 @@ def run(args) -> int:
     if args.export_only:
         print(f"exported {export_run(args.out, args.export)}")
         return 0
-    config = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
+    given = {f.name: getattr(args, f.name) for f in fields(PretrainConfig)}
+    config = PretrainConfig(**{k: v for k, v in given.items() if not (k in RUN_DEFAULTS and v is None)})
     train(config, progress=not args.quiet, stop_at=args.stop_at)
     return 0

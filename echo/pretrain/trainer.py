@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import math
 import os
 import time
 from contextlib import nullcontext
@@ -77,21 +78,24 @@ class PretrainConfig:
     def __post_init__(self):
         self.sampling, self.model_config  # building them validates their fields
         check_decoder_shape(self.decoder_layers, self.decoder_kernel, self.decoder_groups)
-        # `not value > 0` rather than `value <= 0`: NaN is refused too. None means "the default".
+        # `not value > 0` rather than `value <= 0`: NaN is refused too. None means "the default". An infinite lr
+        # or weight decay makes the first update's weights NaN under a finite loss: that step's checkpoint would be
+        # written before the next step's loss showed it.
         problems = [f"{name} must be {rule}, got {value}" for name, value, rule, fine in (
             ("steps", self.steps, "positive", self.steps > 0),
             ("keep", self.keep, "positive", self.keep > 0),
             ("save_every", self.save_every, "positive", self.save_every > 0),
             ("log_every", self.log_every, "positive", self.log_every > 0),
-            ("lr", self.lr, "positive", self.lr is None or self.lr > 0),
-            ("base_lr", self.base_lr, "positive", self.base_lr > 0),
-            ("min_lr", self.min_lr, "zero or more", self.min_lr >= 0),
+            ("lr", self.lr, "positive and finite", self.lr is None or 0 < self.lr < math.inf),
+            ("base_lr", self.base_lr, "positive and finite", 0 < self.base_lr < math.inf),
+            ("min_lr", self.min_lr, "zero or more and finite", 0 <= self.min_lr < math.inf),
             ("warmup", self.warmup, "zero or more", self.warmup is None or self.warmup >= 0),
             ("ema_anneal_steps", self.ema_anneal_steps, "positive",
              self.ema_anneal_steps is None or self.ema_anneal_steps > 0),
             ("clip_grad", self.clip_grad, "positive", self.clip_grad > 0),
-            ("weight_decay", self.weight_decay, "zero or more", self.weight_decay >= 0),
-            ("utterance_weight", self.utterance_weight, "zero or more", self.utterance_weight >= 0),
+            ("weight_decay", self.weight_decay, "zero or more and finite", 0 <= self.weight_decay < math.inf),
+            ("utterance_weight", self.utterance_weight, "zero or more and finite",
+             0 <= self.utterance_weight < math.inf),
             ("workers", self.workers, "zero or more", self.workers >= 0),
             ("seed", self.seed, "zero or more", self.seed >= 0)) if not fine]
         if problems:
@@ -150,14 +154,29 @@ def with_derived_defaults(config: dict) -> dict:
             "ema_anneal_steps": config["ema_anneal_steps"] or config["steps"]}
 
 
+def training_device(name: str | None, local_rank: int = 0) -> torch.device:
+    """The device `--device` names (default: a GPU where there is one; plain "cuda": this process's GPU).
+    ValueError for a name torch does not know or a GPU this machine lacks: torch's own errors for them are
+    tracebacks from deep inside it."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.index >= gpus:
+            raise ValueError(f"device {device} is not on this machine: it has {gpus} CUDA GPU(s)")
+    return device
+
+
 def setup_distributed(device: str | None) -> tuple[int, int, torch.device]:
     """(rank, world size, device) from torchrun's environment; one process alone needs none of it."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = training_device(device, int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
-        if device.index is None:  # plain "cuda": this process's GPU
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -310,14 +329,16 @@ def run_encoder(run_dir, which: str | None = None, step: int | None = None) -> t
     return checkpoint_encoder(saved, which), saved
 
 
-def export_run(run_dir, which: str = "teacher") -> Path:
-    """Export the teacher or student of a run's newest checkpoint."""
+def export_run(run_dir, which: str | None = None) -> Path:
+    """Export the teacher or student of a run's newest checkpoint (default: the run's own --export)."""
     return export(run_encoder(run_dir, which)[0], Path(run_dir))
 
 
 def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = None) -> dict:
     """Run (or resume) pretraining to config.steps. `stop_at` ends the process's work after that step as a
     kill would (no final checkpoint or export): for tests of exact resumption."""
+    if stop_at is not None and stop_at < 0:
+        raise ValueError(f"stop_at must be zero or more, got {stop_at}")
     rank, world, device = setup_distributed(config.device)
     out = Path(config.out)
     folder = out / "checkpoints"
