@@ -297,8 +297,8 @@ def stop_if_diverged(first_nonfinite: torch.Tensor, world: int, out: Path) -> No
     step = int(first_nonfinite)
     if step != NO_STEP:
         raise ValueError(f"the loss or its gradients were NaN or infinite at step {step}; stopped without "
-                         f"checkpointing it ({out / 'checkpoints'} keeps the last good checkpoints). Lower --lr or "
-                         f"check the data")
+                         f"checkpointing it ({out / 'checkpoints'} keeps the last good checkpoints). Check the "
+                         f"data, or start again with a lower --lr in a new --out (a run's lr is fixed on resume)")
 
 
 def export(model: EchoModel, out: Path) -> Path:
