@@ -105,12 +105,8 @@ def test_stream_errors(model):
             stream.push(chunk)
 
 
-def test_a_push_that_fails_part_way_loses_no_finished_segment(model, monkeypatch):
-    """A push that completes two segments and fails encoding the second (out of memory, say) had stored the
-    first without returning it: the next push returned only the second."""
-    rate = 2000
-    x = torch.randn(geometry.n_fft(rate) + 4100 * geometry.hop(rate))
-    stream = fast.StreamEncoder(model, rate, frames=True)
+def second_encode_fails(stream, monkeypatch) -> None:
+    """The stream's second encode from now on raises, as out of memory would; the others run."""
     encode, calls = stream._encode, []
 
     def fails_once(*args):
@@ -120,6 +116,15 @@ def test_a_push_that_fails_part_way_loses_no_finished_segment(model, monkeypatch
         return encode(*args)
 
     monkeypatch.setattr(stream, "_encode", fails_once)
+
+
+def test_a_push_that_fails_part_way_loses_no_finished_segment(model, monkeypatch):
+    """A push that completes two segments and fails encoding the second (out of memory, say) had stored the
+    first without returning it: the next push returned only the second."""
+    rate = 2000
+    x = torch.randn(geometry.n_fft(rate) + 4100 * geometry.hop(rate))
+    stream = fast.StreamEncoder(model, rate, frames=True)
+    second_encode_fails(stream, monkeypatch)
     cut = geometry.n_fft(rate) + 4050 * geometry.hop(rate)
     with pytest.raises(RuntimeError, match="out of memory"):
         stream.push(x[:cut])
@@ -262,15 +267,7 @@ def test_a_finish_that_failed_can_be_called_again(model, monkeypatch):
     x = torch.randn(geometry.n_fft(rate) + int(torch.randint(2001, 3999, ())) * geometry.hop(rate))
     stream = fast.StreamEncoder(model, rate, frames=True)
     push_in_random_pieces(stream, x)
-    encode, calls = stream._encode, []
-
-    def fails_once(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("out of memory")
-        return encode(*args)
-
-    monkeypatch.setattr(stream, "_encode", fails_once)
+    second_encode_fails(stream, monkeypatch)
     with pytest.raises(RuntimeError, match="out of memory"):
         stream.finish()
     utterance, frame_rows = stream.finish()
