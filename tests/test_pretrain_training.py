@@ -294,6 +294,17 @@ def test_export_only_writes_the_encoder_the_run_chose_unless_told(data, tmp_path
         assert_same_state(echo.load(run / "model.safetensors").state_dict(), saved[expected])
 
 
+def test_a_resumed_run_exports_what_it_was_started_to_export_unless_told(data, tmp_path):
+    """--export left out when resuming a student run exported the teacher at the end."""
+    run = tmp_path / "run"
+    trainer.train(tiny_config(data, run, steps=4, save_every=2, export="student"), progress=False, stop_at=2)
+    done = trainer.train(tiny_config(data, run, steps=4, save_every=2), progress=False)  # --export not given
+    assert_same_state(echo.load(run / "model.safetensors").state_dict(), done["student"].state_dict())
+    assert json.loads((run / "config.json").read_text())["export"] == "student"
+    fresh = trainer.train(tiny_config(data, tmp_path / "new", steps=2, save_every=2), progress=False)
+    assert_same_state(echo.load(tmp_path / "new" / "model.safetensors").state_dict(), fresh["teacher"].state_dict())
+
+
 def import_export_script():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     try:

@@ -35,12 +35,10 @@ HELP = {
     "save_every": "checkpoint every N steps",
     "keep": "checkpoints kept",
     "log_every": "log line (steps.csv, progress bar) every N steps",
-    "export": "which encoder goes to RUN_DIR/model.safetensors at the end (default teacher; with --export-only, "
-              "the run's own choice)",
+    "export": "which encoder goes to RUN_DIR/model.safetensors at the end (default: a resumed run's own choice, "
+              "also with --export-only; teacher for a new run)",
     "manifest": "where the folder manifest is cached (default DATA/.echo_manifest.csv)",
 }
-# Options whose absence --export-only reads as "what the run chose" (its config), not as the field's default.
-RUN_DEFAULTS = ("export",)
 CHOICES = {"size": list(PRESETS), "precision": ["auto", "fp32", "bf16"], "export": ["teacher", "student"],
            "utterance_target": list(UTTERANCE_TARGETS)}
 
@@ -51,9 +49,6 @@ def add_arguments(parser) -> None:
         option = "--" + field.name.replace("_", "-")
         if field.default is MISSING:
             parser.add_argument(option, type=kind, required=True, help=HELP.get(field.name))
-        elif field.name in RUN_DEFAULTS:
-            parser.add_argument(option, type=kind, default=None, choices=CHOICES.get(field.name),
-                                help=HELP[field.name])
         else:
             default_text = "" if field.default is None else f" (default {field.default})"
             parser.add_argument(option, type=kind, default=field.default, choices=CHOICES.get(field.name),
@@ -72,7 +67,6 @@ def run(args) -> int:
     if args.export_only:
         print(f"exported {export_run(args.out, args.export)}")
         return 0
-    given = {f.name: getattr(args, f.name) for f in fields(PretrainConfig)}
-    config = PretrainConfig(**{k: v for k, v in given.items() if not (k in RUN_DEFAULTS and v is None)})
+    config = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
     train(config, progress=not args.quiet, stop_at=args.stop_at)
     return 0

@@ -13,7 +13,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -67,7 +67,7 @@ class PretrainConfig:
     save_every: int = 1000
     keep: int = 3
     log_every: int = 50
-    export: str = "teacher"
+    export: str | None = None  # teacher or student; not given: a resumed run's own choice, a new run's teacher
     device: str | None = None
     manifest: str | None = None
 
@@ -107,7 +107,7 @@ class PretrainConfig:
             raise ValueError(f"utterance_target must be one of {UTTERANCE_TARGETS}, got {self.utterance_target!r}")
         if not 0 < self.ema_start <= self.ema_end < 1:
             raise ValueError(f"need 0 < ema_start <= ema_end < 1, got {self.ema_start} and {self.ema_end}")
-        if self.precision not in ("auto", "fp32", "bf16") or self.export not in ("teacher", "student"):
+        if self.precision not in ("auto", "fp32", "bf16") or self.export not in (None, "teacher", "student"):
             raise ValueError(f"precision must be auto/fp32/bf16 and export teacher/student, got {self.precision!r} "
                              f"and {self.export!r}")
 
@@ -343,6 +343,8 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
     out = Path(config.out)
     folder = out / "checkpoints"
     saved, unreadable_newer = checkpoints.newest_readable(folder)
+    if config.export is None:  # a resumed run exports the encoder it was started to export
+        config = replace(config, export=(saved or {}).get("config", {}).get("export") or "teacher")
     if saved is not None:
         config.check_resumable(saved["config"])
         if (saved["world"], saved["workers"]) != (world, config.workers):
