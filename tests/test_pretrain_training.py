@@ -455,3 +455,16 @@ def test_a_killed_process_resumes_exactly(data, tmp_path):
     resumed = trainer.train(tiny_config(data, run, **settings), progress=False)
     for part in ("student", "teacher", "decoder"):
         assert_same_state(straight[part].state_dict(), resumed[part].state_dict())
+
+
+def test_a_schedule_its_options_cannot_honour_is_said_at_the_start(data, tmp_path, capsys):
+    """A derived peak lr under --min-lr was clamped to a constant lr, and a warm-up longer than the run never
+    reached its peak, both without a word."""
+    trainer.train(tiny_config(data, tmp_path / "run", steps=2, save_every=2, lr=1e-6, min_lr=1e-5, warmup=5),
+                  progress=False)
+    printed = capsys.readouterr().out
+    assert "note: --min-lr 1e-05 is above the peak lr 1e-06" in printed
+    assert "note: the warm-up (5 steps) is not shorter than the run (2 steps)" in printed
+    trainer.train(tiny_config(data, tmp_path / "plain", steps=6, save_every=6, warmup=2), progress=False)
+    printed = capsys.readouterr().out
+    assert "above the peak lr" not in printed and "never reached" not in printed

@@ -154,6 +154,18 @@ def with_derived_defaults(config: dict) -> dict:
             "ema_anneal_steps": config["ema_anneal_steps"] or config["steps"]}
 
 
+def schedule_notes(peak: float, min_lr: float, warmup: int, steps: int) -> list[str]:
+    """What the schedule will do that its options do not say: settings it can only honour in part."""
+    notes = []
+    if min_lr > peak:
+        notes.append(f"--min-lr {min_lr:.3g} is above the peak lr {peak:.3g}: the lr stays at the peak after the "
+                     "warm-up (set --lr, or a lower --min-lr)")
+    if warmup >= steps:
+        notes.append(f"the warm-up ({warmup} steps) is not shorter than the run ({steps} steps): the peak lr is "
+                     "never reached")
+    return notes
+
+
 def training_device(name: str | None, local_rank: int = 0) -> torch.device:
     """The device `--device` names (default: a GPU where there is one; plain "cuda": this process's GPU).
     ValueError for a name torch does not know or a GPU this machine lacks: torch's own errors for them are
@@ -401,6 +413,8 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
     if rank == 0:
         print(f"{world} process(es) on {device}, {'bf16' if bf16 else 'fp32'}; peak lr {peak:.3g} "
               f"(~{clips_per_step} clips per step), warm-up {warmup} steps")
+        for note in schedule_notes(peak, config.min_lr, warmup, config.steps):
+            print(f"note: {note}")
         advice = host_memory.allocator_advice(device.type)
         if advice:
             print(advice)
