@@ -393,7 +393,11 @@ def test_files_whose_names_are_not_utf8_or_broken_links_are_reported_skips(tmp_p
     assert len(source.files) == 2 and source.skipped == {"unreadable": 2, "too short": 0}
     messages = " | ".join(r.getMessage() for r in caplog.records)
     assert "caf" in messages and "not valid UTF-8" in messages and "gone.wav" in messages
-    assert len(corpus.FolderCorpus(root, min_seconds=0.5).files) == 2  # and again, from the manifest
+    manifest = root / corpus.MANIFEST_NAME
+    written = manifest.stat().st_mtime_ns
+    monkeypatch.setattr(corpus, "probe", lambda *args: pytest.fail(f"opened {args[1]} again"))
+    assert len(corpus.FolderCorpus(root, min_seconds=0.5).files) == 2  # and again, from the manifest alone
+    assert manifest.stat().st_mtime_ns == written  # a still-broken link is no change to record
 
 
 def test_indexing_saves_its_progress_so_an_interrupted_index_resumes(tmp_path, monkeypatch):

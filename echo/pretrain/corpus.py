@@ -178,11 +178,13 @@ def index_folder(root, manifest: Path | None = None) -> tuple[list[FileEntry], P
 
 
 def unchanged(path: Path, entry: FileEntry) -> bool:
-    """Whether the file still has the manifest entry's size and modification time (False when it is gone)."""
+    """Whether the file still has the manifest entry's size and modification time; a file that still cannot be
+    opened (a broken link) is unchanged when it was recorded so, else every start opened it and rewrote the
+    manifest."""
     try:
         stat = path.stat()
     except OSError:
-        return False
+        return (entry.size, entry.mtime_ns) == (0, 0) and entry.problem.startswith("cannot be opened")
     return (entry.size, entry.mtime_ns) == (stat.st_size, stat.st_mtime_ns)
 
 
