@@ -71,7 +71,8 @@ def as_tensor(samples, where: str = "", what: str = "signal") -> torch.Tensor:
             raise ValueError(f"{where}{what} has unsupported dtype {samples.dtype}; pass float or int16/int32 PCM")
         if samples.dtype.kind == "f" and samples.dtype.itemsize > 8:
             samples = samples.astype(np.float64)
-        samples = np.ascontiguousarray(samples, dtype=samples.dtype.newbyteorder("="))
+        # reshaped because ascontiguousarray makes a 0-d array 1-d, which would pass as a one-sample signal
+        samples = np.ascontiguousarray(samples, dtype=samples.dtype.newbyteorder("=")).reshape(samples.shape)
         # torch warns on read-only arrays (np.frombuffer, read-only memmaps); a copy is quiet, where silencing the
         # warning would change the process's warning filters under the file-reading threads
         return torch.from_numpy(samples if samples.flags.writeable else samples.copy())

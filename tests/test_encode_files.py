@@ -294,3 +294,26 @@ def test_ranks_share_the_files_and_rank_0_merges(tmp_path, model_path):
     assert sum(output.count("skipped ") for output in outputs) == 2, outputs
     assert f"{len(good)} files (0 reused from an earlier run), 2 skipped" in outputs[0]
     assert set(read_embeddings(out)["files"]) == {str(p) for p in good}
+
+
+def test_a_soundfile_without_its_c_library_falls_back_for_plain_wav(tmp_path, monkeypatch):
+    """`import soundfile` raises OSError when libsndfile is missing: that was no ImportError, so plain 16-bit
+    WAV files, which need no package, were reported unreadable."""
+    import echo.eval
+    from echo.data.wav import write_wav
+    from echo.encode_files import read_file
+
+    real_import = echo.eval.importlib.import_module
+
+    def no_library(name, *args):
+        if name == "soundfile":
+            raise OSError("sndfile library not found")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(echo.eval.importlib, "import_module", no_library)
+    samples = np.array([0.5, -0.25, 0.125], dtype=np.float32)
+    waveform, rate = read_file(write_wav(tmp_path / "plain.wav", samples, 8000))
+    assert rate == 8000 and np.array_equal(waveform, samples)
+    (tmp_path / "x.flac").write_bytes(b"fLaC")
+    with pytest.raises(ImportError, match=r"'soundfile', which does not load \(sndfile library not found\)"):
+        read_file(tmp_path / "x.flac")

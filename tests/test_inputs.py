@@ -28,6 +28,7 @@ def model():
         (torch.randn(16000), 16000.5, "integer number of Hz, got 16000.5"),
         (torch.randn(16000), "16000", "integer number of Hz, got '16000'"),
         (torch.randn(16000, 2), 16000, r"pass \(channels, samples\)"),
+        (np.array(0.5), 16000, r"1-D \(samples\) or 2-D \(channels, samples\), got shape \(\)"),  # not 1 sample
     ],
 )
 def test_bad_input_is_a_clear_value_error(model, signal, rate, message):

@@ -23,7 +23,8 @@ def require(module: str, purpose: str):
     """Import an optional dependency, or fail with the command that installs it."""
     try:
         return importlib.import_module(module)
-    except ImportError:
+    except (ImportError, OSError) as error:  # OSError: installed, but its C library is not (soundfile's libsndfile)
         top = module.split(".")[0]
-        raise ImportError(f"{purpose} needs the package {PIP_NAMES.get(top, top)!r}, which is not installed: "
+        state = "which is not installed" if isinstance(error, ImportError) else f"which does not load ({error})"
+        raise ImportError(f"{purpose} needs the package {PIP_NAMES.get(top, top)!r}, {state}: "
                           f"pip install 'echo-fm[{EXTRAS.get(top, 'eval')}]'") from None
