@@ -223,5 +223,5 @@ def varlen_attention(
     block = block or _tile_size(max_seqlen)
     if block < 16 or block & (block - 1):
         raise ValueError(f"attention tile must be a power of two >= 16, got {block}")
-    cu_seqlens = cu_seqlens.to(device=qkv.device, dtype=torch.int32)
+    cu_seqlens = cu_seqlens.to(device=qkv.device, dtype=torch.int32).contiguous()
     return _VarlenAttention.apply(qkv.contiguous(), cu_seqlens, heads, block)

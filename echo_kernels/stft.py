@@ -146,6 +146,7 @@ def ragged_spectrogram(
     """
     if waves.dtype != torch.float32:
         raise ValueError(f"ragged_spectrogram takes float32 waveforms, got {waves.dtype}")
+    waves = waves.contiguous()  # the kernel reads samples at offsets into one flat buffer
     device = waves.device
     spec_bounds = torch.as_tensor(spec_offsets, dtype=torch.int64).cpu()
     signals = len(frames)
@@ -162,12 +163,13 @@ def ragged_spectrogram(
         dtype=torch.int64,
     )
     per_signal = torch.cat([per_signal, spec_bounds[None, :-1]]).to(device, non_blocking=True)
-    offsets = torch.as_tensor(wave_offsets, dtype=torch.int64).to(device, non_blocking=True)
+    offsets = torch.as_tensor(wave_offsets, dtype=torch.int64).to(device, non_blocking=True).contiguous()
     # Tile table: every (row block, frame block) of every signal, signal-major, built without a Python loop.
     row_tiles = (torch.tensor(rows) + block_rows - 1) // block_rows
     frame_tiles = (torch.tensor(frames) + block_frames - 1) // block_frames
     tile_signal = torch.repeat_interleave(torch.arange(signals), row_tiles * frame_tiles)
-    local = torch.arange(len(tile_signal)) - (torch.cumsum(row_tiles * frame_tiles, 0) - row_tiles * frame_tiles)[tile_signal]
+    first_tile = torch.cumsum(row_tiles * frame_tiles, 0) - row_tiles * frame_tiles
+    local = torch.arange(len(tile_signal)) - first_tile[tile_signal]
     tiles = torch.stack([
         tile_signal, (local % frame_tiles[tile_signal]) * block_frames, (local // frame_tiles[tile_signal]) * block_rows
     ]).to(device, non_blocking=True)
@@ -178,35 +180,6 @@ def ragged_spectrogram(
     _spectrogram_tile_kernel[(tiles.shape[1],)](
         waves, means, out, bases, *tiles,
         offsets, n_ffts, hops, frames_of, bins_of, rows_of, signal_spec_offsets, basis_offsets,
-        log_eps, log_mean, log_std,
-        BAND=band, BLOCK_R=block_rows, BLOCK_T=block_frames, BLOCK_K=block_k,
-        PRECISION=dot_precision(torch.float32),
-    )
-    return out
-    rows = [b * band for b in bands]
-    shapes = tuple(sorted(set(zip(n_fft, rows))))
-    bases, basis_at = _bases(shapes, band, device)
-
-    tile_signal, tile_frame, tile_row = [], [], []
-    for i in range(signals):
-        for first_row in range(0, rows[i], block_rows):
-            for first_frame in range(0, frames[i], block_frames):
-                tile_signal.append(i)
-                tile_frame.append(first_frame)
-                tile_row.append(first_row)
-
-    def on_device(values, dtype=torch.int64):
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
-    offsets = on_device(wave_bounds)
-    means = torch.empty(signals, dtype=torch.float32, device=device)
-    _signal_mean_kernel[(signals,)](waves, offsets, means, BLOCK=1024)
-    _spectrogram_tile_kernel[(len(tile_signal),)](
-        waves, means, out, bases,
-        on_device(tile_signal), on_device(tile_frame), on_device(tile_row),
-        offsets, on_device(n_fft), on_device(hop), on_device(frames),
-        on_device([n // 2 + 1 for n in n_fft]), on_device(rows), spec_bounds.to(device),
-        on_device([basis_at[shape] for shape in zip(n_fft, rows)]),
         log_eps, log_mean, log_std,
         BAND=band, BLOCK_R=block_rows, BLOCK_T=block_frames, BLOCK_K=block_k,
         PRECISION=dot_precision(torch.float32),

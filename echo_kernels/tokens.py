@@ -108,6 +108,7 @@ def pack_tokens(
     its dtype. The per-sequence tensors are host data (the plan's), so no device sync is needed.
     """
     dim, _, band, patch = weight.shape
+    spec = spec.contiguous()  # the kernel reads images at offsets into one flat buffer
     device = spec.device
     patches = torch.as_tensor(patches, dtype=torch.int64).cpu()
     cu_seqlens = torch.as_tensor(cu_seqlens).cpu()

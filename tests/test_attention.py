@@ -49,3 +49,24 @@ def test_every_backend_takes_a_strided_qkv():
     expected = attention_ops.packed_attention(qkv.contiguous(), packing, 2, backend="reference")
     for backend in (None, "torch"):
         assert rel_err(attention_ops.packed_attention(qkv, packing, 2, backend=backend), expected) < 1e-5
+
+
+def test_triton_is_offered_only_for_head_dims_and_dtypes_its_kernel_takes(monkeypatch):
+    """A custom config's 48-dim heads (or a float64 model) made the Triton kernel, CUDA's default, refuse the
+    call instead of the dispatch choosing another backend."""
+    from echo.ops import backend as backends
+
+    offered, choose = [], backends.choose
+
+    def recording(op, device, requested=None, available=backends.BACKENDS):
+        offered.append(available)
+        return choose(op, device, requested, available)
+
+    monkeypatch.setattr(backends, "choose", recording)
+    packing = Packing.from_lengths(torch.tensor([5, 17]))
+    for heads, dim, dtype, takes in ((4, 192, torch.float32, False), (3, 192, torch.float32, True),
+                                     (3, 192, torch.float64, False)):
+        qkv = torch.randn(packing.total_tokens, 3 * dim, dtype=dtype)
+        truth = per_sequence_float64(qkv, packing.cu_seqlens, heads)
+        assert rel_err(attention_ops.packed_attention(qkv, packing, heads), truth) < 1e-5
+        assert ("triton" in offered[-1]) == takes, (heads, dtype)

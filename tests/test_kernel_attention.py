@@ -1,4 +1,6 @@
 """The Triton varlen attention (echo_kernels/attention.py), forward and backward, against the reference."""
+import os
+
 import pytest
 import torch
 
@@ -86,3 +88,23 @@ def test_rejects_unsupported_head_dim():
     qkv = torch.randn(5, 3 * 96, device=DEVICE)
     with pytest.raises(ValueError, match="head dim"):
         kernel.varlen_attention(qkv, torch.tensor([0, 5], dtype=torch.int32), 5, heads=2)
+
+
+def test_strided_cu_seqlens():
+    """Sequence bounds given as a strided int32 view are read as their values, not as the base's."""
+    qkv, cu_seqlens = packed([3, 20, 1], torch.float32)
+    strided = torch.stack([cu_seqlens, torch.full_like(cu_seqlens, 7)], dim=1).reshape(-1)[::2]
+    assert not strided.is_contiguous() and torch.equal(strided, cu_seqlens)
+    got = kernel.varlen_attention(qkv.to(DEVICE), strided.to(DEVICE), 20, HEADS)
+    assert rel_err(got.cpu(), attention_ops.varlen_attention(qkv.double(), cu_seqlens, HEADS)) < 1e-5
+
+
+def test_bf16_whatever_the_interpreter_setting_reads_now(monkeypatch):
+    """How bf16 operands are multiplied follows what Triton chose when the kernels were defined. Triton also
+    takes TRITON_INTERPRET=true; the kernels checked for "1" at each launch and then fed the interpreter's
+    dot raw bf16 bits (relative error 1e9)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "true" if os.environ.get("TRITON_INTERPRET") == "1" else "0")
+    qkv, cu_seqlens = packed([5, 30], torch.bfloat16)
+    out = kernel.varlen_attention(qkv.to(DEVICE), cu_seqlens.to(DEVICE), 30, HEADS).cpu()
+    exact = attention_ops.varlen_attention(qkv.double(), cu_seqlens, HEADS)
+    assert_flash_rule(out, attention_ops.varlen_attention(qkv, cu_seqlens, HEADS), exact, 2)

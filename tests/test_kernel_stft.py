@@ -77,3 +77,21 @@ def test_rejects_non_float32():
     _, flat, offsets, plan = ragged_batch([400], [16000])
     with pytest.raises(ValueError, match="float32"):
         stft_ops.ragged_spectrogram(flat.double(), offsets, plan, backend="triton")
+
+
+def every_other(values: torch.Tensor) -> torch.Tensor:
+    """The same values as a strided view, every other element of a larger buffer."""
+    strided = torch.stack([values, torch.randn_like(values.double()).to(values.dtype)], dim=1).reshape(-1)[::2]
+    assert not strided.is_contiguous() and torch.equal(strided, values)
+    return strided
+
+
+@pytest.mark.parametrize("strided", ["waves", "offsets"])
+def test_strided_inputs(strided):
+    """A waveform buffer or offsets given as strided views are read as their values: the kernel indexes flat
+    buffers, and read the base's elements in between (samples: relative error 0.1; offsets: garbage)."""
+    lengths = [samples_for(4, 16000, 3), samples_for(6, 8000)]
+    _, flat, offsets, plan = ragged_batch(lengths, [16000, 8000])
+    waves, wave_offsets = (every_other(flat), offsets) if strided == "waves" else (flat, every_other(offsets))
+    got = stft_ops.ragged_spectrogram(waves, wave_offsets, plan, backend="triton")
+    assert_front_end_close(got, flat, offsets, plan)

@@ -136,6 +136,10 @@ def packed_attention(qkv: torch.Tensor, packing, heads: int, backend: str | None
     needs_grad = torch.is_grad_enabled() and qkv.requires_grad
     if needs_grad or head_dim != COMPILED_HEAD_DIM or qkv.dtype not in (torch.float32, torch.bfloat16):
         available = tuple(name for name in available if name != "csrc")
+    # The Triton kernel's tiles need a power-of-two head dim of 16 or more (a custom config's 48 is valid) and
+    # it computes in fp32 at most: it is no default for those, and a forced request names the reason.
+    if head_dim < 16 or head_dim & (head_dim - 1) or qkv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        available = tuple(name for name in available if name != "triton")
     chosen = backends.choose("attention", qkv.device, backend, available=available)
     if chosen == "csrc":  # the compiled kernels read rows of 3D values back to back
         return compiled_then_grouped_attention(qkv.contiguous(), packing, heads)

@@ -20,10 +20,19 @@ BACKENDS = ("triton", "csrc", "torch", "reference")
 TRITON_OFF_BY_DEFAULT = frozenset({"stft", "norm"})
 
 
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_available(device: torch.device) -> bool:
-    if importlib.util.find_spec("triton") is None:
+    """Whether the Triton kernels run on `device`: CUDA, or a CPU when they were defined in Triton's interpreter
+    (TRITON_INTERPRET=1 when echo_kernels was imported: Triton reads it then, not at each launch)."""
+    if not triton_installed():
         return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cuda" or importlib.import_module("echo_kernels").INTERPRETED
+
+
+TRITON_MISSING = "triton is not installed (pip install -e '.[triton]')"
 
 
 OPS = ("stft", "tokens", "attention", "norm")
@@ -46,6 +55,8 @@ def check_environment(environ=os.environ) -> None:
                              f"{', '.join(op.upper() for op in OPS)}")
         if value not in BACKENDS:
             raise BackendError(f"{name}={value}: unknown backend; choose from {', '.join(BACKENDS)}")
+        if value == "triton" and not triton_installed():
+            raise BackendError(f"{name}={value}: {TRITON_MISSING}")
         lacking = [other for other in (OPS if name == "ECHO_BACKEND" else (op,)) if value not in _backends_of(other)]
         if lacking:  # e.g. ECHO_BACKEND=csrc: the token stage has no compiled op, so every encode would fail
             hint = "; force it for single ops instead (ECHO_BACKEND_<OP>)" if name == "ECHO_BACKEND" else ""
@@ -62,20 +73,34 @@ def _backends_of(op: str) -> tuple[str, ...]:
 
 def forced(op: str, backend: str | None = None) -> str | None:
     """The backend asked for `op`: the argument, else ECHO_BACKEND_<OP>, else ECHO_BACKEND; None when free."""
-    return backend or os.environ.get(f"ECHO_BACKEND_{op.upper()}") or os.environ.get("ECHO_BACKEND")
+    return _request(op, backend)[0]
+
+
+def _request(op: str, backend: str | None) -> tuple[str | None, str]:
+    """The backend asked for `op` and where the request came from, as an error message names it."""
+    if backend:
+        return backend, f"backend={backend!r}"
+    for name in (f"ECHO_BACKEND_{op.upper()}", "ECHO_BACKEND"):
+        if os.environ.get(name):
+            return os.environ[name], f"{name}={os.environ[name]}"
+    return None, ""
 
 
 def choose(op: str, device: torch.device, requested: str | None = None, available: tuple[str, ...] = BACKENDS) -> str:
     """The backend for `op` on `device`: the requested one (argument, then environment), else the first of
-    `available` (listed fastest first) that can run, Triton by default only on CUDA and where it measured faster."""
-    requested = forced(op, requested)
+    `available` (listed fastest first) that can run, Triton by default only on CUDA and where it measured faster.
+    A request that cannot run is an error naming the setting that made it."""
+    requested, source = _request(op, requested)
     if requested:
         if requested not in BACKENDS:
-            raise BackendError(f"unknown backend {requested!r} for {op}; choose from {', '.join(BACKENDS)}")
+            raise BackendError(f"{source}: unknown backend {requested!r} for {op}; choose from {', '.join(BACKENDS)}")
+        if requested == "triton" and not triton_installed():
+            raise BackendError(f"{source}: {op} cannot run on Triton: {TRITON_MISSING}")
         if requested == "triton" and not triton_available(device):
-            raise BackendError(f"backend 'triton' for {op} needs triton and a CUDA device (or TRITON_INTERPRET=1)")
+            raise BackendError(f"{source}: the Triton {op} runs on CUDA tensors, or on CPU tensors in Triton's "
+                               f"interpreter (TRITON_INTERPRET=1 set before echo_kernels is imported); got {device}")
         if requested not in available:
-            raise BackendError(f"op {op} has no {requested!r} backend; it has {', '.join(available)}")
+            raise BackendError(f"{source}: op {op} has no {requested!r} backend; it has {', '.join(available)}")
         return requested
     triton_by_default = device.type == "cuda" and op not in TRITON_OFF_BY_DEFAULT and triton_available(device)
     return next(name for name in available if name != "triton" or triton_by_default)
