@@ -133,7 +133,7 @@ def pack_tokens(
     ]).to(device, non_blocking=True)
     tile_sequence, tile_patch = table[: 2 * len(tile_sequence)].view(2, -1)
     per_sequence = table[2 * len(tile_sequence) :].view(-1, sequences)
-    positions = torch.as_tensor(positions, dtype=torch.float32).to(device, non_blocking=True)
+    positions = torch.as_tensor(positions, dtype=torch.float32).to(device, non_blocking=True).contiguous()
 
     grid = (len(tile_sequence), triton.cdiv(dim, block_dim))
     _pack_tokens_kernel[grid](

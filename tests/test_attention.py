@@ -70,3 +70,15 @@ def test_triton_is_offered_only_for_head_dims_and_dtypes_its_kernel_takes(monkey
         truth = per_sequence_float64(qkv, packing.cu_seqlens, heads)
         assert rel_err(attention_ops.packed_attention(qkv, packing, heads), truth) < 1e-5
         assert ("triton" in offered[-1]) == takes, (heads, dtype)
+
+
+def test_a_forced_triton_attention_says_why_it_cannot_take_the_heads():
+    import pytest
+
+    from echo.ops.backend import BackendError
+
+    packing = Packing.from_lengths(torch.tensor([5, 17]))
+    for heads, dtype in ((4, torch.float32), (3, torch.float64)):
+        qkv = torch.randn(packing.total_tokens, 3 * 192, dtype=dtype)
+        with pytest.raises(BackendError, match=f"got {dtype} heads of dim {192 // heads}"):
+            attention_ops.packed_attention(qkv, packing, heads, backend="triton")

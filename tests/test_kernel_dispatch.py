@@ -1,5 +1,6 @@
 """Which backend an op runs (echo/ops/backend.py): the documented precedence, and a forced Triton backend that
 cannot run is an error naming the setting that forced it and what is missing."""
+import importlib
 import importlib.util
 import os
 import subprocess
@@ -84,3 +85,20 @@ def test_forced_triton_on_cpu_without_the_interpreter(late_interpreter, clean_en
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ECHO_BACKEND_ATTENTION=triton: the Triton attention runs on CUDA tensors" in result.stdout
     assert "TRITON_INTERPRET=1 set before echo_kernels is imported" in result.stdout
+
+
+def test_a_triton_that_does_not_import_is_no_backend_and_no_traceback(clean_environment, monkeypatch):
+    """An installed triton whose import fails (a driver mismatch) made a forced CPU request raise ImportError
+    from deep inside the dispatch."""
+    real_import = importlib.import_module
+
+    def broken(name, *args):
+        if name == "echo_kernels":
+            raise ImportError("libcuda mismatch")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(backends.importlib, "import_module", broken)
+    monkeypatch.setattr(backends, "triton_installed", lambda: True)
+    assert not backends.triton_available(CPU)
+    with pytest.raises(backends.BackendError, match="backend='triton'"):
+        backends.choose("attention", CPU, "triton")

@@ -78,3 +78,22 @@ def test_strided_spectrogram_buffer():
     got = token_ops.pack_tokens(strided, plan, *params, backend="triton")
     ref = token_ops.pack_tokens_reference(spec.cpu(), plan, *[p.cpu() for p in params])
     assert rel_err(got.cpu(), ref) < 1e-5
+
+
+def test_strided_positions_are_read_as_their_values(monkeypatch):
+    """A caller's strided view of the frequency positions was read as the base's elements (error ~2)."""
+    from echo_kernels import tokens as kernel
+
+    spec, plan = case([33, 5], [16000, 8000])
+    params = random_parameters()
+    launch = kernel.pack_tokens
+
+    def strided_positions(*args, positions, **kwargs):
+        view = torch.stack([positions, torch.randn_like(positions)], dim=1).reshape(-1)[::2]
+        assert not view.is_contiguous() and torch.equal(view, positions)
+        return launch(*args, positions=view, **kwargs)
+
+    monkeypatch.setattr(kernel, "pack_tokens", strided_positions)
+    got = token_ops.pack_tokens(spec, plan, *params, backend="triton")
+    ref = token_ops.pack_tokens_reference(spec.cpu(), plan, *[p.cpu() for p in params])
+    assert rel_err(got.cpu(), ref) < 1e-5

@@ -464,7 +464,16 @@ def test_a_schedule_its_options_cannot_honour_is_said_at_the_start(data, tmp_pat
                   progress=False)
     printed = capsys.readouterr().out
     assert "note: --min-lr 1e-05 is above the peak lr 1e-06" in printed
-    assert "note: the warm-up (5 steps) is not shorter than the run (2 steps)" in printed
+    assert "note: the warm-up (5 steps) is longer than the run (2 steps)" in printed
     trainer.train(tiny_config(data, tmp_path / "plain", steps=6, save_every=6, warmup=2), progress=False)
     printed = capsys.readouterr().out
     assert "above the peak lr" not in printed and "never reached" not in printed
+
+
+def test_a_run_stopped_before_its_first_checkpoint_keeps_its_export(data, tmp_path):
+    run = tmp_path / "run"
+    trainer.train(tiny_config(data, run, steps=4, save_every=2, export="student"), progress=False, stop_at=1)
+    assert not list((run / "checkpoints").glob("*.pt"))
+    done = trainer.train(tiny_config(data, run, steps=4, save_every=2), progress=False)  # --export not given
+    assert json.loads((run / "config.json").read_text())["export"] == "student"
+    assert_same_state(echo.load(run / "model.safetensors").state_dict(), done["student"].state_dict())

@@ -139,6 +139,9 @@ def packed_attention(qkv: torch.Tensor, packing, heads: int, backend: str | None
     # The Triton kernel's tiles need a power-of-two head dim of 16 or more (a custom config's 48 is valid) and
     # it computes in fp32 at most: it is no default for those, and a forced request names the reason.
     if head_dim < 16 or head_dim & (head_dim - 1) or qkv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        if backends.forced("attention", backend) == "triton":
+            raise backends.BackendError(f"the Triton attention takes float32, bf16 or fp16 heads of a power-of-two "
+                                        f"dim >= 16, got {qkv.dtype} heads of dim {head_dim}")
         available = tuple(name for name in available if name != "triton")
     chosen = backends.choose("attention", qkv.device, backend, available=available)
     if chosen == "csrc":  # the compiled kernels read rows of 3D values back to back

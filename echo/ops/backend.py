@@ -29,7 +29,12 @@ def triton_available(device: torch.device) -> bool:
     (TRITON_INTERPRET=1 when echo_kernels was imported: Triton reads it then, not at each launch)."""
     if not triton_installed():
         return False
-    return device.type == "cuda" or importlib.import_module("echo_kernels").INTERPRETED
+    if device.type == "cuda":
+        return True
+    try:
+        return importlib.import_module("echo_kernels").INTERPRETED
+    except Exception:  # a triton that is installed but does not import (a driver mismatch, say) runs nothing
+        return False
 
 
 TRITON_MISSING = "triton is not installed (pip install -e '.[triton]')"

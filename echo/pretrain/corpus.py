@@ -38,7 +38,7 @@ def soundfile():
     """The soundfile module, or a clear message on how to get it."""
     try:
         import soundfile as sf
-    except ImportError as error:  # pragma: no cover - depends on the environment
+    except (ImportError, OSError) as error:  # OSError: installed without its C library (libsndfile)
         raise ValueError("pretraining reads audio with soundfile: pip install 'echo-fm[data]'") from error
     return sf
 

@@ -154,15 +154,24 @@ def with_derived_defaults(config: dict) -> dict:
             "ema_anneal_steps": config["ema_anneal_steps"] or config["steps"]}
 
 
+def _written_config(out: Path) -> dict:
+    """The config a run stopped before its first checkpoint wrote (config.json), or {} for a new run."""
+    try:
+        written = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return written if isinstance(written, dict) else {}
+
+
 def schedule_notes(peak: float, min_lr: float, warmup: int, steps: int) -> list[str]:
     """What the schedule will do that its options do not say: settings it can only honour in part."""
     notes = []
     if min_lr > peak:
         notes.append(f"--min-lr {min_lr:.3g} is above the peak lr {peak:.3g}: the lr stays at the peak after the "
                      "warm-up (set --lr, or a lower --min-lr)")
-    if warmup >= steps:
-        notes.append(f"the warm-up ({warmup} steps) is not shorter than the run ({steps} steps): the peak lr is "
-                     "never reached")
+    if warmup > steps:
+        notes.append(f"the warm-up ({warmup} steps) is longer than the run ({steps} steps): the peak lr is never "
+                     "reached")
     return notes
 
 
@@ -356,7 +365,8 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
     folder = out / "checkpoints"
     saved, unreadable_newer = checkpoints.newest_readable(folder)
     if config.export is None:  # a resumed run exports the encoder it was started to export
-        config = replace(config, export=(saved or {}).get("config", {}).get("export") or "teacher")
+        started = saved["config"] if saved is not None else _written_config(out)
+        config = replace(config, export=started.get("export") or "teacher")
     if saved is not None:
         config.check_resumable(saved["config"])
         if (saved["world"], saved["workers"]) != (world, config.workers):
