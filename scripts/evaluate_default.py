@@ -40,6 +40,7 @@ from echo.model import EchoModel  # noqa: E402
 from echo.ops import stft  # noqa: E402
 from echo.pretrain import checkpoints  # noqa: E402
 from echo.pretrain.trainer import checkpoint_encoder  # noqa: E402
+from select_checkpoint import in_processes  # noqa: E402  (a sibling: importing this script puts its folder on the path)
 
 HELD_OUT = "heldout/bucklespring/"
 
@@ -110,8 +111,6 @@ def _score_checkpoint(path: Path) -> dict | None:
 
 def score_checkpoints(runs: list[Path], task: demo.DemoTask, keys: tuple, jobs: int) -> list[dict]:
     """A row per readable checkpoint of the runs, in order, scored as select_checkpoint.py scores them."""
-    from select_checkpoint import in_processes
-
     global _TASKS
     _TASKS = (task, keys)
     paths = [path for run in runs for path in checkpoints.checkpoint_paths(run / "checkpoints")]

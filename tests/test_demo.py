@@ -15,6 +15,7 @@ from echo import demo
 from echo.data import synth
 from echo.data.wav import write_wav
 from conftest import random_model
+from test_default_model import import_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,19 +75,10 @@ def key_switch_corpus(corpus: Path) -> Path:
     return corpus
 
 
-def evaluation_script():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import evaluate_default
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    return evaluate_default
-
-
 def test_evaluation_script_on_a_tiny_corpus(tmp_path):
     """Three embeddings, two tasks, numbers in range; key clips here are tones (press) vs noise (release)."""
     corpus = key_switch_corpus(tmp_path / "corpus")
-    evaluate_default = evaluation_script()
+    evaluate_default = import_script("evaluate_default")
     out = tmp_path / "results.json"
     model = echo.save(random_model(dim=32, depth=1, heads=2), tmp_path / "small.safetensors")
     assert evaluate_default.main(["--model", str(model), "--corpus", str(corpus), "--bank", "2", "--tests", "2",
@@ -105,7 +97,7 @@ def test_every_checkpoint_of_runs_scores_as_its_exported_file(tmp_path):
     from echo.pretrain.trainer import PretrainConfig
 
     corpus = key_switch_corpus(tmp_path / "corpus")
-    evaluate_default = evaluation_script()
+    evaluate_default = import_script("evaluate_default")
     config = PretrainConfig(data="unused", out=str(tmp_path / "run"), dim=32, depth=1, heads=2, export="student")
     folder = tmp_path / "run" / "checkpoints"
     folder.mkdir(parents=True)

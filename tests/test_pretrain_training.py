@@ -1,7 +1,6 @@
 """Pretraining runs: a 30-step tiny run, exact resumption, checkpoints, export, the command line, 2-process
 DDP on gloo."""
 import csv
-import importlib
 import json
 import os
 import re
@@ -17,6 +16,7 @@ import torch
 
 pytest.importorskip("soundfile")
 from pretrain_corpus import tiny_config, write_corpus, write_damaged  # noqa: E402
+from test_default_model import import_script  # noqa: E402
 
 import echo  # noqa: E402
 from echo import cli  # noqa: E402
@@ -305,18 +305,10 @@ def test_a_resumed_run_exports_what_it_was_started_to_export_unless_told(data, t
     assert_same_state(echo.load(tmp_path / "new" / "model.safetensors").state_dict(), fresh["teacher"].state_dict())
 
 
-def import_export_script():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    try:
-        return importlib.import_module("export_default")
-    finally:
-        sys.path.pop(0)
-
-
 def test_export_script_checks_every_input_before_writing(data, tmp_path, monkeypatch):
     run = tmp_path / "run"
     trainer.train(tiny_config(data, run, steps=2, save_every=2, log_every=1), progress=False)
-    export_default = import_export_script()
+    export_default = import_script("export_default")
     monkeypatch.setattr(export_default, "REPO", tmp_path / "repo")  # --datalist's default is the repository's
     monkeypatch.chdir(tmp_path)  # ... not the working folder's
     (tmp_path / "corpus").mkdir()
