@@ -36,6 +36,7 @@ PATH_ENV = {"fast-fp32-eager": {"ECHO_BACKEND_NORM": "torch"}, "fast-bf16-eager"
 # `python -m echo encode` does on a CPU): its A/B against the library's default, glibc's own settings.
 # fast-*-utterances: frames=False, what the encode and eval commands ask for: on a CPU the last layer runs on
 # the CLS rows alone (echo.packed.cls_layer_forward). Every other path returns the frames too, as the reference.
+# fast-*-utterances-cls-layer (not in PATHS, for GPUs): the CLS-only last layer on every device, its A/B there.
 CPU_ONLY_PATHS = (*PATH_ENV, "fast-fp32-kept-heap", "fast-bf16-kept-heap", "fast-fp32-utterances",
                   "fast-bf16-utterances")
 
@@ -111,6 +112,8 @@ def serve(name: str, path: str, size: str, device: str, backend: str | None) -> 
 
     if path.endswith("-kept-heap"):
         host_memory.keep_freed_memory()
+    if path.endswith("-cls-layer"):
+        echo.fast.CLS_LAYER_DEVICES = (device,)
     torch.manual_seed(0)
     model = echo.EchoModel(echo.EchoConfig.preset(size)).eval().to(device)
     signals, rates = workload(name)
@@ -118,14 +121,14 @@ def serve(name: str, path: str, size: str, device: str, backend: str | None) -> 
         call = lambda: [model.encode(s, r) for s, r in zip(signals, rates)]  # noqa: E731
     else:
         dtype = torch.bfloat16 if path.startswith("fast-bf16") else torch.float32
-        frames = not path.endswith("-utterances")
+        frames = "-utterances" not in path
         call = lambda: echo.fast.encode(  # noqa: E731
             model, signals, rates, dtype=dtype, frames=frames, backend=backend)
     call()  # warm-up
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     print(json.dumps({"audio_seconds": sum(len(s) / r for s, r in zip(signals, rates)),
                       "flops": model_flops(signals, rates, model.config.dim, model.config.depth,
-                                           cls_only=path.endswith("-utterances") and device == "cpu")}), flush=True)
+                                           cls_only="-utterances" in path and device in echo.fast.CLS_LAYER_DEVICES)}), flush=True)
     for command in sys.stdin:
         if command.strip() != "time":
             break

@@ -34,6 +34,10 @@ DEFAULT_MAX_TOKENS_ELSEWHERE = 65536
 # being max_tokens or, if smaller, the call's own tokens rounded up to a power of two, so a budget meets at most
 # ~64 row counts, each built once; the padding rows are one-token sequences of zeros, never read back.
 CPU_ROW_COUNTS = 64
+# Where frames=False runs the last layer on the CLS rows alone. Not on a GPU so far, where its per-length loop of
+# small ops may cost more launches than the work it skips takes there (bench/encode_throughput.py's
+# `fast-*-utterances-cls-layer` paths measure it).
+CLS_LAYER_DEVICES = ("cpu",)
 
 
 @dataclass
@@ -193,12 +197,16 @@ def _encode_chunk(model, plan, spec, members: list[_Mono], frames: bool, device,
     if padding:
         tokens = torch.cat([tokens, tokens.new_zeros(padding, tokens.shape[1])])
     packing = plan.packing(device, padding)
-    if not frames and device.type == "cpu":
-        # Only the CLS rows are read: the last layer runs on them alone (packed.cls_layer_forward), 6% fewer
-        # FLOPs. Not on a GPU, where its per-length loop of small ops is likely to cost more launches than the
-        # work it skips takes there; not measured yet.
-        out = packed.forward(model, tokens, packing, backend, cls_only=True, row_step=row_step)
-        out = out[: plan.num_sequences].float().cpu()
+    if not frames:
+        if device.type in CLS_LAYER_DEVICES:
+            # Only the CLS rows are read: the last layer runs on them alone (packed.cls_layer_forward), 6% fewer
+            # FLOPs.
+            out = packed.forward(model, tokens, packing, backend, cls_only=True, row_step=row_step)
+            out = out[: plan.num_sequences]
+        else:
+            # The CLS rows are picked where they were computed: 1/(L+1) of the output crosses to the host.
+            out = packed.forward(model, tokens, packing, backend)[packing.cu_seqlens[: plan.num_sequences].long()]
+        out = out.float().cpu()
         for index, first, bands, _ in plan.segments:
             _add_utterance(members[index], out[first : first + bands].reshape(-1))
         return

@@ -12,7 +12,8 @@
 # the data), SEED and SAVE_EVERY default to the bundled model's recipe (1400, 16384, 8e-4, 100, 14, 0, 200). The
 # seed moved every score as much as most changes of recipe did (the model card): compare configs over several
 # (scripts/train_seeds.sh runs seeds side by side). EXTRA=hydrogen-drumkits adds the drum kits to the corpus (not
-# in the bundled recipe). TRAIN_ONLY=1 stops after training, before the choice, export and evaluation;
+# in the bundled recipe); SHORTEST_CROP=0.2 draws crops of random length from 0.2 s to 4 s, MIN_SECONDS=0.2 keeps
+# files from 0.2 s (the recipe: 4 s crops, files from 1 s). TRAIN_ONLY=1 stops after training, before the choice, export and evaluation;
 # CORPUS_BUILT=1 skips the corpus step (scripts/train_seeds.sh builds it once for all seeds).
 # The corpus (~220 MB) is built from Debian packages fetched with apt-get download (nothing is installed).
 set -euo pipefail
@@ -37,7 +38,8 @@ LOG_EVERY=$(( SAVE_EVERY < 20 ? SAVE_EVERY : 20 ))
     --tokens-per-batch "${TOKENS:-16384}" --crop-seconds 4 --lr "${LR:-8e-4}" --warmup "${WARMUP:-100}" \
     --ema-start 0.999 --ema-end 0.9999 --utterance-target layer-mean --export student --precision bf16 \
     --workers "${WORKERS:-14}" --seed "${SEED:-0}" --save-every "$SAVE_EVERY" --keep 20 --log-every "$LOG_EVERY" ${DEVICE:+--device "$DEVICE"} \
-    ${STOP_AT:+--stop-at "$STOP_AT"}
+    ${STOP_AT:+--stop-at "$STOP_AT"} ${SHORTEST_CROP:+--shortest-crop-seconds "$SHORTEST_CROP"} \
+    ${MIN_SECONDS:+--min-seconds "$MIN_SECONDS"}
 [ -z "${TRAIN_ONLY:-}" ] || exit 0
 # The checkpoint is chosen on a validation task (other machines and clips than the demo's), never on the
 # held-out clips the model card reports.

@@ -9,7 +9,7 @@
 #     SEEDS="0 1 2 3" STOP_AT=400 SAVE_EVERY=50 bash scripts/train_seeds.sh [ROOT]   (default runs/seeds)
 #
 # Seed N trains into ROOT/seed-N (log: ROOT/seed-N.log) through scripts/train_default.sh, whose settings (STEPS,
-# TOKENS, LR, WARMUP, EXTRA, STOP_AT, SAVE_EVERY, DEVICE) apply to every seed; WORKERS (default 14) are shared out
+# TOKENS, LR, WARMUP, EXTRA, SHORTEST_CROP, MIN_SECONDS, STOP_AT, SAVE_EVERY, DEVICE) apply to every seed; WORKERS (default 14) are shared out
 # among the seeds. The chosen encoder is exported to EXPORT_DIR (default ROOT/chosen) with its evaluation: the
 # bundled model is replaced only when asked, with EXPORT_DIR=echo/data/default. (Not OUT: CI and other tools set
 # OUT for their own output, and a device machine's once received the export.)

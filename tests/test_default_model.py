@@ -69,12 +69,22 @@ def test_package_data_stays_small():
     assert total < PACKAGE_DATA_LIMIT, f"echo/data holds {total / 2**20:.1f} MiB"
 
 
+SCRIPTS = str(Path(__file__).resolve().parents[1] / "scripts")
+
+
 def import_script(name: str):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    sys.path.insert(0, SCRIPTS)
     try:
         return importlib.import_module(name)
     finally:
-        sys.path.pop(0)
+        sys.path.remove(SCRIPTS)  # by value: the script may have put the repository before it
+
+
+def test_import_script_leaves_no_scripts_folder_on_the_path(monkeypatch):
+    monkeypatch.delitem(sys.modules, "evaluate_default", raising=False)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != SCRIPTS])
+    assert import_script("evaluate_default").__name__ == "evaluate_default"
+    assert SCRIPTS not in sys.path
 
 
 @pytest.fixture(scope="module")

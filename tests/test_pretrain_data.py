@@ -488,3 +488,32 @@ def test_a_stopped_shard_write_resumes_with_the_missing_shards_only(tmp_path, mo
     (root / "machine0" / "clip0.wav").unlink()  # another corpus now: its shards would not match those kept
     with pytest.raises(ValueError, match=r"already holds 3 .tar files .* of another write"):
         shards.write_shards(root, tmp_path / "shards", per_shard=2)
+
+
+def test_crops_of_random_length_span_the_range_log_uniformly_and_fixed_crops_draw_nothing():
+    """Short crops train the embedding of clips as short as those it is asked about; a fixed crop must not draw
+    a length, or every run made before the option would replay other batches."""
+    rate = int(np.random.choice(RATE_FAMILIES))
+    example = corpus.Example("long.wav:0", rate, 60 * rate, 0, lambda start, count: np.zeros(count, np.float32))
+    config = sampling.SamplingConfig(crop_seconds=4, shortest_crop_seconds=0.2, tokens_per_batch=1000, clones=1)
+    rng = seeded_rng()
+    seconds = np.array([sampling.draw_clip(example, rng, config).samples / rate for _ in range(3000)])
+    assert seconds.min() >= 0.2 - 1 / rate and seconds.max() <= 4 + 1 / rate
+    # log-uniform: the log lengths' quartiles split [log 0.2, log 4] in four equal parts
+    quartiles = np.quantile(np.log(seconds), [0.25, 0.5, 0.75])
+    expected = np.log(0.2) + np.log(20) * np.array([0.25, 0.5, 0.75])
+    assert np.abs(quartiles - expected).max() < 0.1
+    assert min(sampling.draw_clip(example, rng, config).masks.sum(-1).min() for _ in range(200)) >= 1
+    # more clips fit a batch, and lr scaling counts them
+    fixed = sampling.SamplingConfig(crop_seconds=4, tokens_per_batch=1000, clones=1)
+    assert sampling.nominal_clips_per_batch(config) > 2 * sampling.nominal_clips_per_batch(fixed)
+    # a fixed crop's first draw is still its start
+    seed = int(np.random.randint(0, 10**6))
+    clip = sampling.draw_clip(example, np.random.default_rng(seed), fixed)
+    assert clip.start == np.random.default_rng(seed).integers(0, example.frames - clip.samples + 1)
+
+
+@pytest.mark.parametrize("shortest", [0.1, 4.5, float("nan")])
+def test_a_shortest_crop_outside_two_patches_to_the_crop_is_refused(shortest):
+    with pytest.raises(ValueError, match=r"shortest_crop_seconds must be in \[0.2, crop_seconds = 4"):
+        sampling.SamplingConfig(crop_seconds=4, shortest_crop_seconds=shortest)

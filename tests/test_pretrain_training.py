@@ -61,9 +61,10 @@ def test_thirty_steps_learn_and_export_a_loadable_teacher(data, tmp_path):
     assert not list((run / "checkpoints").glob("*.tmp"))
 
 
-def test_a_stopped_and_resumed_run_equals_a_straight_run(data, tmp_path):
+@pytest.mark.parametrize("crops", [{}, {"shortest_crop_seconds": 0.3}], ids=["fixed-crops", "random-length-crops"])
+def test_a_stopped_and_resumed_run_equals_a_straight_run(data, tmp_path, crops):
     """Checkpoints fall between log rows: the row of step 4 sums steps 1-3 from before the stop and step 4."""
-    settings = dict(steps=8, save_every=3, log_every=4, keep=2)
+    settings = dict(steps=8, save_every=3, log_every=4, keep=2, **crops)
     straight = trainer.train(tiny_config(data, tmp_path / "straight", **settings), progress=False)
     first = trainer.train(tiny_config(data, tmp_path / "resumed", **settings), progress=False, stop_at=5)
     assert first["step"] == 5 and first["exported"] is None  # "killed" after step 5; last checkpoint: step 3
@@ -142,6 +143,12 @@ def test_a_run_saved_before_a_config_field_existed_resumes_with_its_default(tmp_
     with pytest.raises(ValueError, match="warmup: 5 -> 6"):
         trainer.PretrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), steps=100,
                                warmup=6).check_resumable(defaults)
+    # the preset's own width, depth and heads, named, are the preset
+    trainer.PretrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), steps=100, dim=192, depth=12,
+                           heads=3).check_resumable(defaults)
+    with pytest.raises(ValueError, match="depth: 12 -> 6"):
+        trainer.PretrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), steps=100,
+                               depth=6).check_resumable(defaults)
     with pytest.raises(ValueError, match="utterance_target must be one of"):
         trainer.PretrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), utterance_target="frames")
 
@@ -249,11 +256,13 @@ def test_resuming_on_other_data_is_refused_but_a_moved_copy_resumes(data, tmp_pa
     ("utterance_weight", float("inf"), "utterance_weight must be zero or more and finite, got inf"),
     ("weight_decay", -1.0, "weight_decay must be zero or more and finite, got -1.0"),
     ("weight_decay", float("inf"), "weight_decay must be zero or more and finite, got inf"),
-    ("decoder_groups", 0, "decoder_groups must be positive, got 0"),
+    ("decoder_groups", 0, "decoder_groups must be positive and divide the width 192, got 0"),
+    ("decoder_groups", 20, "decoder_groups must be positive and divide the width 192, got 20"),
     ("decoder_kernel", 2, "decoder_kernel must be odd and positive, got 2"),
     ("seed", -1, "seed must be zero or more, got -1"),
     ("workers", -1, "workers must be zero or more, got -1"),
     ("dim", 0, "invalid ECHO config: dim=0"),
+    ("shortest_crop_seconds", 10.5, "shortest_crop_seconds must be in [0.2, crop_seconds = 10.0], got 10.5"),
 ])
 def test_bad_options_are_refused_naming_them(tmp_path, option, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):

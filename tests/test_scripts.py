@@ -415,6 +415,23 @@ def test_train_default_logs_a_step_by_every_checkpoint(tmp_path, fake_python):
     assert export[1:4] == [f"{tmp_path}/run", "--step", "4"]
 
 
+def test_train_seeds_passes_short_crop_settings_to_every_seed_and_none_by_default(tmp_path, fake_python):
+    python, log = fake_python
+    done = run_recipe("train_seeds.sh", tmp_path, python, "runs", SEEDS="1 2", SHORTEST_CROP="0.25",
+                      MIN_SECONDS="0.3")
+    assert done.returncode == 0, done.stderr
+    calls = [line.split("|") for line in log.read_text().splitlines() if "pretrain" in line]
+    assert len(calls) == 2
+    for call in calls:
+        assert call[call.index("--shortest-crop-seconds") + 1] == "0.25"
+        assert call[call.index("--min-seconds") + 1] == "0.3"
+    log.unlink()
+    done = run_recipe("train_default.sh", tmp_path, python, "run", CORPUS_BUILT="1")
+    assert done.returncode == 0, done.stderr
+    pretrain = next(line for line in log.read_text().splitlines() if "pretrain" in line)
+    assert "--shortest-crop-seconds" not in pretrain and "--min-seconds" not in pretrain
+
+
 def test_the_recipes_take_a_relative_python_and_out_from_where_they_were_started(tmp_path, fake_python):
     python, log = fake_python
     done = run_recipe("train_seeds.sh", tmp_path, Path("bin/python"), "runs", SEEDS="5", EXPORT_DIR="out")

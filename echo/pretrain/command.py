@@ -18,6 +18,8 @@ HELP = {
     "depth": "custom layer count",
     "heads": "custom head count",
     "crop_seconds": "crop length (<= 20 s, one pass)",
+    "shortest_crop_seconds": "crops of random length, log-uniform from this to --crop-seconds, for embeddings of "
+                             "short clips (default: every crop is --crop-seconds)",
     "min_seconds": "files shorter than this are skipped",
     "min_bands": "fewest random 32-bin bands per clip",
     "max_bands": "most random 32-bin bands per clip",

@@ -11,7 +11,6 @@ per-row mask of the taps.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -74,12 +73,13 @@ def teacher_targets(teacher, batch: Batch, packing: packed.Packing, utterance_ta
     return targets, F.layer_norm(stationary, (stationary.shape[-1],), eps=INSTANCE_NORM_EPS)
 
 
-def check_decoder_shape(layers: int, kernel: int, groups: int) -> None:
-    """ValueError naming each bad decoder option (groups < 1 would silently mean another grouping)."""
+def check_decoder_shape(dim: int, layers: int, kernel: int, groups: int) -> None:
+    """ValueError naming each bad decoder option (groups < 1, or not dividing the width, would silently mean
+    another grouping)."""
     problems = [f"{name} must be {rule}, got {value}" for name, value, rule, bad in (
         ("decoder_kernel", kernel, "odd and positive", kernel < 1 or kernel % 2 == 0),
         ("decoder_layers", layers, "positive", layers < 1),
-        ("decoder_groups", groups, "positive", groups < 1)) if bad]
+        ("decoder_groups", groups, f"positive and divide the width {dim}", groups < 1 or dim % groups)) if bad]
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -91,10 +91,10 @@ class ConvDecoder(nn.Module):
 
     def __init__(self, dim: int, layers: int = 4, kernel: int = 3, groups: int = 16):
         super().__init__()
-        check_decoder_shape(layers, kernel, groups)
+        check_decoder_shape(dim, layers, kernel, groups)
         self.kernel = kernel
         self.mask_token = nn.Parameter(torch.zeros(dim))
-        self.convs = nn.ModuleList(nn.Conv1d(dim, dim, kernel, groups=math.gcd(groups, dim)) for _ in range(layers))
+        self.convs = nn.ModuleList(nn.Conv1d(dim, dim, kernel, groups=groups) for _ in range(layers))
         self.proj = nn.Linear(dim, dim)
         nn.init.normal_(self.mask_token, std=0.02)
 

@@ -1,8 +1,8 @@
 """From examples to packed training batches (spec section 8).
 
-Each clip is a random crop; it contributes 2-5 random 32-bin bands at random bin offsets (FPE from each
-band's own centre), and each band sequence is masked independently in every clone (uniform random masking,
-an exact count per sequence). Clips are added to a batch until the next would overflow a token budget
+Each clip is a random crop (of one length, or of random lengths down to `shortest_crop_seconds`); it
+contributes 2-5 random 32-bin bands at random bin offsets (FPE from each band's own centre), and each band
+sequence is masked independently in every clone (uniform random masking, an exact count per sequence). Clips are added to a batch until the next would overflow a token budget
 (teacher tokens: every band sequence's L + 1), so batches hold many short clips or few long ones, never
 padding.
 
@@ -47,11 +47,18 @@ class SamplingConfig:
     clones: int = 4
     mask_ratio: float = 0.8
     tokens_per_batch: int = 16384
+    # Crops of random length, log-uniform from this to crop_seconds: clips as short as the ones an embedding is
+    # asked about (0.2-2 s key clicks, machine snippets). None: every crop is crop_seconds (or the whole file).
+    shortest_crop_seconds: float | None = None
 
     def __post_init__(self):
         if not MIN_CLIP_SECONDS <= self.crop_seconds <= 20:
             raise ValueError(f"crop_seconds must be in [{MIN_CLIP_SECONDS}, 20] (two patches, one to mask, to one "
                              f"2000-frame pass), got {self.crop_seconds}")
+        if self.shortest_crop_seconds is not None and not (
+                MIN_CLIP_SECONDS <= self.shortest_crop_seconds <= self.crop_seconds):
+            raise ValueError(f"shortest_crop_seconds must be in [{MIN_CLIP_SECONDS}, crop_seconds = "
+                             f"{self.crop_seconds}], got {self.shortest_crop_seconds}")
         if not 1 <= self.min_bands <= self.max_bands:
             raise ValueError(f"need 1 <= min_bands <= max_bands, got {self.min_bands} and {self.max_bands}")
         if self.clones < 1:
@@ -105,8 +112,15 @@ def crop_samples(example: Example, seconds: float) -> int:
     return min(example.frames, round(seconds * rate), longest)
 
 
+def crop_seconds(rng: np.random.Generator, config: SamplingConfig) -> float:
+    """The length drawn for one crop; nothing is drawn for fixed crops, so their runs replay as before."""
+    if config.shortest_crop_seconds is None:
+        return config.crop_seconds
+    return math.exp(rng.uniform(math.log(config.shortest_crop_seconds), math.log(config.crop_seconds)))
+
+
 def draw_clip(example: Example, rng: np.random.Generator, config: SamplingConfig) -> ClipPlan:
-    samples = crop_samples(example, config.crop_seconds)
+    samples = crop_samples(example, crop_seconds(rng, config))
     start = int(rng.integers(0, example.frames - samples + 1))
     patches = geometry.n_patches(geometry.n_frames(samples, example.sample_rate))
     bands = int(rng.integers(config.min_bands, config.max_bands + 1))
@@ -311,9 +325,12 @@ class BatchStream(torch.utils.data.IterableDataset):
 
 
 def expected_clip_tokens(config: SamplingConfig) -> float:
-    """Teacher tokens of an average full-length clip: for the nominal clips-per-batch of lr scaling."""
+    """Teacher tokens of an average clip as long as its crop: for the nominal clips-per-batch of lr scaling."""
     mean_bands = (config.min_bands + config.max_bands) / 2
-    return mean_bands * (min(config.max_clip_patches, geometry.MAX_PATCHES) + 1)
+    seconds = config.crop_seconds
+    if config.shortest_crop_seconds is not None and config.shortest_crop_seconds < seconds:
+        seconds = (seconds - config.shortest_crop_seconds) / math.log(seconds / config.shortest_crop_seconds)
+    return mean_bands * (min(geometry.n_patches(round(seconds * 100)), geometry.MAX_PATCHES) + 1)
 
 
 def nominal_clips_per_batch(config: SamplingConfig) -> int:

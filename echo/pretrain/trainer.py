@@ -41,6 +41,7 @@ class PretrainConfig:
     steps: int = 400_000
     # sampling fields: their defaults are SamplingConfig's, the one place they are set
     crop_seconds: float = SamplingConfig.crop_seconds
+    shortest_crop_seconds: float | None = SamplingConfig.shortest_crop_seconds
     min_seconds: float = 1.0
     min_bands: int = SamplingConfig.min_bands
     max_bands: int = SamplingConfig.max_bands
@@ -76,8 +77,8 @@ class PretrainConfig:
     FREE_ON_RESUME = ("data", "out", "save_every", "keep", "log_every", "export", "device", "manifest")
 
     def __post_init__(self):
-        self.sampling, self.model_config  # building them validates their fields
-        check_decoder_shape(self.decoder_layers, self.decoder_kernel, self.decoder_groups)
+        self.sampling  # building it validates its fields
+        check_decoder_shape(self.model_config.dim, self.decoder_layers, self.decoder_kernel, self.decoder_groups)
         # `not value > 0` rather than `value <= 0`: NaN is refused too. None means "the default". An infinite lr
         # or weight decay makes the first update's weights NaN under a finite loss: that step's checkpoint would be
         # written before the next step's loss showed it.
@@ -114,7 +115,7 @@ class PretrainConfig:
     @property
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(self.crop_seconds, self.min_bands, self.max_bands, self.clones, self.mask_ratio,
-                              self.tokens_per_batch)
+                              self.tokens_per_batch, self.shortest_crop_seconds)
 
     @property
     def model_config(self) -> EchoConfig:
@@ -149,9 +150,14 @@ class PretrainConfig:
 
 def with_derived_defaults(config: dict) -> dict:
     """A config's fields with the defaults that follow from other fields filled in (warm-up 5% of the steps, the
-    EMA annealed over all of them): `--warmup 5` names the same run as the default where that is 5%."""
+    EMA annealed over all of them, the preset's shape): `--warmup 5` names the same run as the default where that
+    is 5%, `--dim 192` the same as tiny's own width. (The derived lr also follows the world size, which a config
+    does not hold.)"""
+    preset = EchoConfig.preset(config["size"])
     return {**config, "warmup": max(1, config["steps"] // 20) if config["warmup"] is None else config["warmup"],
-            "ema_anneal_steps": config["ema_anneal_steps"] or config["steps"]}
+            "ema_anneal_steps": config["ema_anneal_steps"] or config["steps"],
+            **{name: getattr(preset, name) if config[name] is None else config[name]
+               for name in ("dim", "depth", "heads")}}
 
 
 def _written_config(out: Path) -> dict:
