@@ -207,13 +207,25 @@ class _VarlenAttention(torch.autograd.Function):
         return grad_qkv, None, None, None
 
 
+def check_cover(cu_seqlens: torch.Tensor, rows: int) -> None:
+    """ValueError unless cu_seqlens is 0, then non-decreasing offsets, ending at `rows`."""
+    if cu_seqlens.dim() != 1 or len(cu_seqlens) < 1:
+        raise ValueError(f"cu_seqlens must be 1-D with at least one offset, got shape {tuple(cu_seqlens.shape)}")
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0 or offsets[-1] != rows or any(b < a for a, b in zip(offsets, offsets[1:])):
+        shown = offsets if len(offsets) <= 6 else [*offsets[:3], "...", *offsets[-2:]]
+        raise ValueError(f"cu_seqlens must rise from 0 to the {rows} rows of qkv, got {shown}")
+
+
 def varlen_attention(
     qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, heads: int, block: int | None = None
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v within each packed sequence: qkv (total, 3D) with rows Q, K, V per token
     and heads as contiguous D/H slices -> (total, D) in qkv's dtype. Differentiable (dqkv).
 
-    `max_seqlen` (host int) only picks the tile size; `block` overrides it (a power of two >= 16).
+    `max_seqlen` (host int) only picks the tile size; `block` overrides it (a power of two >= 16). A host
+    `cu_seqlens` is checked to cover the rows exactly (the kernels would read past it); one already on the
+    device is trusted, as checking it would wait for the device.
     """
     if qkv.dim() != 2 or qkv.shape[1] % (3 * heads):
         raise ValueError(f"qkv must be (total, 3*D) with D divisible by heads={heads}, got {tuple(qkv.shape)}")
@@ -223,5 +235,7 @@ def varlen_attention(
     block = block or _tile_size(max_seqlen)
     if block < 16 or block & (block - 1):
         raise ValueError(f"attention tile must be a power of two >= 16, got {block}")
+    if cu_seqlens.device.type == "cpu":
+        check_cover(cu_seqlens, qkv.shape[0])
     cu_seqlens = cu_seqlens.to(device=qkv.device, dtype=torch.int32).contiguous()
     return _VarlenAttention.apply(qkv.contiguous(), cu_seqlens, heads, block)

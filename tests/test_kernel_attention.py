@@ -108,3 +108,12 @@ def test_bf16_whatever_the_interpreter_setting_reads_now(monkeypatch):
     out = kernel.varlen_attention(qkv.to(DEVICE), cu_seqlens.to(DEVICE), 30, HEADS).cpu()
     exact = attention_ops.varlen_attention(qkv.double(), cu_seqlens, HEADS)
     assert_flash_rule(out, attention_ops.varlen_attention(qkv, cu_seqlens, HEADS), exact, 2)
+
+
+@pytest.mark.parametrize("offsets", [[0, 3, 5], [0, 3, 9], [1, 3, 7], [0, 5, 3, 7]],
+                         ids=["short-of-the-rows", "past-the-rows", "not-from-zero", "falling"])
+def test_cu_seqlens_that_do_not_cover_the_rows_exactly_are_refused(offsets):
+    """The kernels read cu_seqlens at each row's sequence id: rows past its end read out of bounds."""
+    qkv = torch.randn(7, 3 * DIM)
+    with pytest.raises(ValueError, match=r"cu_seqlens must rise from 0 to the 7 rows of qkv"):
+        kernel.varlen_attention(qkv, torch.tensor(offsets, dtype=torch.int32), 4, HEADS)
