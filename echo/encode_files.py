@@ -6,7 +6,8 @@ bundled samples are encoded. A file that cannot be read or encoded is reported w
 
 Every finished batch is saved at once in `OUT.parts/` (one shard per batch, written atomically), so an
 interrupted run loses at most one batch; the output is written atomically at the end, and a re-run skips
-every file already encoded by the same model in the same dtype, in the old output or in the shards. Under
+every file already encoded by the same model in the same dtype, in the old output or in the shards (a run
+in another dtype or with another model leaves those shards for it to resume). Under
 `torchrun --nproc-per-node N -m echo encode ...` rank r encodes files r, r + N, ... and rank 0 merges.
 
 Output: `.npz` with `paths`, `keys`, `sample_rates`, `channels`, `model` and one array per file,
@@ -15,6 +16,7 @@ Output: `.npz` with `paths`, `keys`, `sample_rates`, `channels`, `model` and one
 """
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import sys
@@ -60,7 +62,7 @@ def add_arguments(parser) -> None:
 def find_files(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Audio files under `paths` (folders searched recursively, symbolic links to folders not followed; files
     taken as given), each once however it was spelt, and the paths that could not be used with the reason
-    (a missing path, a folder that cannot be read, a broken link)."""
+    (a missing path, a folder that cannot be read, a broken or looping link, a pipe)."""
     files, unusable = [], []
     for path in paths:
         if path.is_dir():
@@ -68,29 +70,39 @@ def find_files(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
             for folder, _, names in os.walk(path, onerror=lambda error: unusable.append(
                     (Path(error.filename), f"folder not readable: {error.strerror}"))):
                 found += [Path(folder) / name for name in names if Path(name).suffix.lower() in AUDIO_SUFFIXES]
-            files += sorted(p for p in found if p.is_file() or p.is_symlink())  # a broken link fails, named
+            for entry in sorted(found):  # a link loop or a pipe is named as given ones are
+                if entry.is_file():
+                    files.append(entry)
+                else:
+                    unusable.append((entry, _not_a_file(entry)))
         elif path.is_file():
             files.append(path)
-        elif path.is_symlink():
-            unusable.append((path, "a broken or looping symbolic link"))
-        elif path.exists():
-            unusable.append((path, "not a regular file or folder"))
         else:
-            unusable.append((path, "no such file or folder"))
+            unusable.append((path, _not_a_file(path)))
     first_spelling = {}
     for path in files:
         first_spelling.setdefault(os.path.realpath(path), path)
     return list(first_spelling.values()), unusable
 
 
+def _not_a_file(path: Path) -> str:
+    """Why a path that is neither a regular file nor a folder cannot be encoded."""
+    if path.is_symlink():
+        return "a broken or looping symbolic link"
+    return "not a regular file or folder" if path.exists() else "no such file or folder"
+
+
 def read_file(path: Path) -> tuple[np.ndarray, int]:
     """(waveform (N,) or (C, N), rate) with soundfile; plain 16-bit WAV needs no package."""
     try:
         return read_audio(path)
-    except ImportError:
-        if path.suffix.lower() == ".wav":
+    except ImportError as missing:
+        if path.suffix.lower() != ".wav":
+            raise
+        try:
             return read_wav(path)
-        raise
+        except ValueError as error:  # e.g. 24-bit PCM: soundfile's to read, and why it could not
+            raise ValueError(f"{error}; soundfile is not usable here: {missing}") from None
 
 
 def _encode(model, signals, rates, frames: bool, options: dict) -> list[dict]:
@@ -249,6 +261,8 @@ def run(args) -> int:
         fast.checked_max_tokens(args.max_tokens)
     _check_out(args.out)
     rank, world, own_group = _distributed()
+    if rank == 0:  # only rank 0 writes OUT; a run killed while writing it left its temporary
+        atomic.remove_abandoned(args.out.parent, f"{glob.escape(args.out.name)}.*.tmp")
     device = inputs.checked_device(
         args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
@@ -290,6 +304,8 @@ def run(args) -> int:
                 results = _encode_batch(model, [item for _, item in good], args.frames, options)
                 fresh = {}
                 for (path, (signal, rate)), result in zip(good, results):
+                    if not isinstance(result, str) and not all(np.isfinite(v).all() for v in result.values()):
+                        result = "encode failed: the embedding holds NaN or infinite values"  # float16 overflows
                     if isinstance(result, str):
                         failures.append((path, result))
                         continue
@@ -336,7 +352,14 @@ def run(args) -> int:
         print(f"no file could be encoded ({skipped} skipped); {args.out} was not written")
         return 1
     _write(args.out, rows, model_key, args.frames)
-    shutil.rmtree(parts, ignore_errors=True)
+    shutil.rmtree(cache.folder, ignore_errors=True)  # its shards are in the output now
+    try:
+        parts.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError:  # not empty: another model's or dtype's shards, the finished work of an interrupted run
+        print(f"kept {parts}: the saved batches of an interrupted run with another model or dtype; "
+              f"that run's command resumes from them")
     reused = len(rows) - len(set(wanted) & {Path(row["path"]) for row in rows})
     speed = f"; {seconds:.1f} s of audio in {elapsed:.1f} s ({seconds / max(elapsed, 1e-9):.1f}x real time)" \
         if seconds else ""

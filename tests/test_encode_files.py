@@ -119,6 +119,57 @@ def test_a_rerun_in_another_dtype_encodes_again(tmp_path, model_path, capsys):
     assert rel_err(torch.from_numpy(read_embeddings(out)["files"][str(tmp_path / "a.wav")]["utterance"]), ref) < 1e-5
 
 
+def test_a_finished_run_keeps_the_saved_batches_of_an_interrupted_run_in_another_dtype(tmp_path, model_path,
+                                                                                       capsys, monkeypatch):
+    """A completed run deleted all of OUT.parts/, so the finished batches of an interrupted bf16 run to the same
+    OUT were lost to a float32 run in between, and the bf16 run started over."""
+    import echo.encode_files as command
+
+    for name in ("a.wav", "b.wav"):
+        soundfile.write(str(tmp_path / name), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    out, calls, real = tmp_path / "e.npz", [], command._encode_batch
+    bf16 = (tmp_path / "a.wav", tmp_path / "b.wav", "--model", model_path, "--out", out, "--batch-files", "1",
+            "--dtype", "bfloat16")
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(command, "_encode_batch", interrupted)
+    assert run(*bf16) == 130  # a.wav's batch was saved, b.wav's was not
+    monkeypatch.setattr(command, "_encode_batch", real)
+    assert run(tmp_path / "a.wav", tmp_path / "b.wav", "--model", model_path, "--out", out) == 0
+    assert "kept" in capsys.readouterr().out
+    assert run(*bf16) == 0
+    assert "2 files (1 reused from an earlier run)" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "b.wav", "e.npz", "model"]
+
+
+def test_an_embedding_that_overflows_is_a_failure_of_its_file_never_written_or_kept(tmp_path, capsys):
+    """float16 products overflow (beyond 65504) on a model whose float32 products do not: every embedding held
+    NaN, and was written as a success, and reused by every rerun."""
+    model = random_model("tiny", depth=2)
+    with torch.no_grad():
+        model.patch_embed.proj.weight.mul_(1e5)
+    model_path = echo.save(model, tmp_path / "model" / "hot.safetensors")
+    files = [tmp_path / "a.wav", tmp_path / "b.wav"]
+    for path in files:
+        soundfile.write(str(path), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    out = tmp_path / "e.npz"
+    for _ in range(2):  # nothing kept from the first run to serve the second
+        assert run(*files, "--model", model_path, "--out", out, "--dtype", "float16") == 1
+        printed = capsys.readouterr().out
+        for path in files:
+            assert f"skipped {path}: encode failed: the embedding holds NaN or infinite values" in printed
+        assert "no file could be encoded (2 skipped)" in printed and not out.exists()
+    assert run(*files, "--model", model_path, "--out", out) == 0  # float32 holds them
+    for path in files:
+        utterance = read_embeddings(out)["files"][str(path)]["utterance"]
+        assert rel_err(utterance, reference(model, path)[0]) < 1e-5
+
+
 def test_a_file_name_that_is_not_utf8_is_reported_and_skipped(tmp_path, model_path, capsys):
     if sys.platform != "linux":
         pytest.skip("needs a file system that takes any bytes in names")
@@ -226,7 +277,26 @@ def test_each_file_once_however_spelt_and_unusable_paths_named(tmp_path, model_p
     assert list(read_embeddings(out)["files"]) == [str(folder / "a.wav")]
     assert f"skipped {folder / 'locked'}: folder not readable: Permission denied" in printed
     assert f"skipped {tmp_path / 'dangling.wav'}: a broken or looping symbolic link" in printed
-    assert f"skipped {folder / 'dangling.wav'}: FileNotFoundError" in printed
+    assert f"skipped {folder / 'dangling.wav'}: a broken or looping symbolic link" in printed
+
+
+def test_a_looping_link_or_a_pipe_in_a_folder_is_named_and_skipped(tmp_path, model_path, capsys):
+    """A link loop inside a folder crashed the run (pathlib's RuntimeError from resolve(), a deep traceback),
+    and a named pipe called x.wav was dropped without a word; given by name, both were reported."""
+    folder = tmp_path / "d"
+    folder.mkdir()
+    soundfile.write(str(folder / "a.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    (folder / "loop1.wav").symlink_to(folder / "loop2.wav")
+    (folder / "loop2.wav").symlink_to(folder / "loop1.wav")
+    os.mkfifo(folder / "pipe.wav")
+    out = tmp_path / "e.npz"
+    assert run(folder, "--model", model_path, "--out", out) == 0
+    printed = capsys.readouterr().out
+    assert list(read_embeddings(out)["files"]) == [str(folder / "a.wav")]
+    for name in ("loop1.wav", "loop2.wav"):
+        assert f"skipped {folder / name}: a broken or looping symbolic link" in printed
+    assert f"skipped {folder / 'pipe.wav'}: not a regular file or folder" in printed
+    assert "1 files (0 reused from an earlier run), 3 skipped" in printed
 
 
 def test_a_damaged_shard_is_set_aside_and_its_files_encoded_again(tmp_path, model_path, capsys):
@@ -247,6 +317,24 @@ def test_a_damaged_shard_is_set_aside_and_its_files_encoded_again(tmp_path, mode
     assert run(tmp_path / "a.wav", "--model", model_path, "--out", out) == 0
     assert "1-1.safetensors are unreadable" in capsys.readouterr().out
     assert np.array_equal(read_embeddings(out)["files"][str(tmp_path / "a.wav")]["utterance"], expected)
+
+
+def test_the_half_written_output_of_a_killed_run_is_removed(tmp_path, model_path):
+    """A run killed while writing its output left OUT.<pid>.tmp, as big as the output, beside it for good."""
+    soundfile.write(str(tmp_path / "a.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    killed, writing = subprocess.Popen(["true"]), subprocess.Popen(["sleep", "30"])
+    killed.wait()
+    abandoned = tmp_path / f"e[1].npz.{killed.pid}.tmp"
+    in_progress = tmp_path / f"e[1].npz.{writing.pid}.tmp"  # another process's write, still going on
+    others = [tmp_path / f"other.npz.{killed.pid}.tmp", tmp_path / f"e1.npz.{killed.pid}.tmp"]
+    for path in [abandoned, in_progress, *others]:
+        path.write_bytes(b"PK half a zip")
+    try:
+        assert run(tmp_path / "a.wav", "--model", model_path, "--out", tmp_path / "e[1].npz") == 0
+    finally:
+        writing.kill()
+        writing.wait()
+    assert not abandoned.exists() and in_progress.exists() and all(path.exists() for path in others)
 
 
 def test_nothing_encodable_leaves_the_earlier_output(tmp_path, model_path, capsys):
@@ -317,3 +405,11 @@ def test_a_soundfile_without_its_c_library_falls_back_for_plain_wav(tmp_path, mo
     (tmp_path / "x.flac").write_bytes(b"fLaC")
     with pytest.raises(ImportError, match=r"'soundfile', which does not load \(sndfile library not found\)"):
         read_file(tmp_path / "x.flac")
+    # a WAV the plain reader cannot take: the error says soundfile would, and why it did not
+    import soundfile
+
+    monkeypatch.setattr(echo.eval.importlib, "import_module", real_import)
+    soundfile.write(tmp_path / "deep.wav", samples, 8000, subtype="PCM_24")
+    monkeypatch.setattr(echo.eval.importlib, "import_module", no_library)
+    with pytest.raises(ValueError, match=r"24-bit PCM samples.*soundfile.*sndfile library not found"):
+        read_file(tmp_path / "deep.wav")
