@@ -171,3 +171,31 @@ def test_test_clips_without_a_bank_are_an_error():
         anomaly.group_metrics(clips, [0, 0], 2019)
     with pytest.raises(ValueError, match="unknown domain AUC rule"):
         anomaly.group_metrics(clips, [0, 0], 2023, "strict")
+
+
+
+@pytest.mark.parametrize("field, value", [("label", "1"), ("label", 2), ("domain", "Source"), ("domain", None)])
+def test_labels_and_domains_the_groups_cannot_read_are_refused(field, value):
+    """A label "0"/"1" read from a csv as text equals neither 0 nor 1, and a domain spelt otherwise matches neither
+    source nor target: the clip fell out of every count, and its group was excluded as "one class only" or its
+    domain AUC measured without it."""
+    clips, scores, _ = make_table()
+    clips[2] = Clip(**{**vars(clips[2]), field: value})
+    with pytest.raises(ValueError, match=f"c2: {field} {value!r}"):
+        anomaly.group_metrics(clips, scores, 2023)
+
+
+def test_labels_of_other_number_types_are_read():
+    clips, scores, _ = make_table()
+    retyped = [Clip(**{**vars(c), "label": kind(c.label)})
+               for c, kind in zip(clips, [np.int64, bool, float, np.int8, int, np.float32, np.int64])]
+    values = by_group(anomaly.group_metrics(retyped, scores, 2023)[0])
+    assert values[("source", "AUC")] == pytest.approx(5 / 6)  # as in test_2022_on_domain_rules_...
+    assert values[("target", "AUC")] == pytest.approx(4 / 6)
+
+
+def test_a_year_given_as_text_is_named_as_text():
+    """"DCASE year 2023 is not supported; supported: 2020-2025" said of the string "2023" contradicted itself."""
+    clips, scores, _ = make_table()
+    with pytest.raises(ValueError, match="DCASE year '2023' is not supported"):
+        anomaly.group_metrics(clips, scores, "2023")

@@ -2,6 +2,7 @@
 drawn like the normals give AUC near 0.5; tables, JSON and non-empty plots are written."""
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -157,3 +158,48 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_encoding(tmp_path, 
     assert run_eval("--task", "folder", "--data", tmp_path, "--model", model_path,
                     "--out", tmp_path / "file" / "results") == 2
     assert "cannot be written: Not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task, option, message", [
+    ("mafaulda", ("--channels", "0,9"), r"channels \[0, 9\] must be a non-empty subset of 0..6"),
+    ("mafaulda", ("--channels", "0;1"), "--channels '0;1': channel numbers separated by commas"),
+    ("folder", ("--channels", "0"), "--channels chooses among the channels of multi-channel data; folder has one"),
+    ("mafaulda", ("--protocol", "split"), "--protocol split: mafaulda has no train/test split"),
+    ("mafaulda", ("--k", "0"), "--k 0: at least one neighbour"),
+    ("mafaulda", ("--folds", "1"), "--folds 1: k-fold needs two folds or more"),
+])
+def test_options_the_data_set_cannot_take_are_refused_before_the_encoding(tmp_path, model_path, capsys, monkeypatch,
+                                                                          task, option, message):
+    """They failed only after every file was encoded (hours on a large set), or were ignored (--channels)."""
+    import echo.eval.cli
+
+    monkeypatch.setattr(echo.eval.cli, "embed_files", lambda *args, **kwargs: pytest.fail("encoded"))
+    for name in ("mafaulda/normal/0.csv", "mafaulda/imbalance/0.csv", "folder/normal/a.wav", "folder/test/b.wav"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    assert run_eval("--task", task, "--data", tmp_path / task, "--model", model_path, "--out", tmp_path / "out",
+                    *option) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("missing, options, package, extra", [
+    ("sklearn", (), "scikit-learn", "eval"), ("matplotlib", (), "matplotlib", "eval"),
+    ("faiss", ("--search", "faiss", "--no-plots"), "faiss-cpu", "faiss")])
+def test_a_missing_optional_package_is_named_before_the_encoding(tmp_path, model_path, capsys, monkeypatch, missing,
+                                                                 options, package, extra):
+    """scikit-learn (AUC), matplotlib (plots) and faiss (--search faiss) were first imported after every file was
+    encoded; the demo checks them first, so does eval."""
+    import sys
+
+    import echo.eval.cli
+
+    for name in {missing, *(name for name in sys.modules if name.split(".")[0] == missing)}:
+        monkeypatch.setitem(sys.modules, name, None)  # importing it now raises ImportError
+    monkeypatch.setattr(echo.eval.cli, "embed_files", lambda *args, **kwargs: pytest.fail("encoded"))
+    for name in ("normal/a.wav", "test/b.wav"):
+        (tmp_path / "machine" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "machine" / name).write_text("")
+    assert run_eval("--task", "folder", "--data", tmp_path / "machine", "--model", model_path, "--out",
+                    tmp_path / "out", *options) == 2
+    error = capsys.readouterr().err
+    assert f"'{package}'" in error and f"echo-fm[{extra}]" in error

@@ -62,6 +62,15 @@ def test_dcase_published_two_column_label_list(tmp_path):
         datasets.load("dcase2023", tmp_path)
 
 
+def test_a_label_list_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """A list saved as "CSV UTF-8" (Excel) starts with a byte order mark, which became part of the first
+    machine's name: none of its clips found their labels."""
+    lists = tmp_path / "eval_data_list_2023.csv"
+    lists.write_text("saw\nsection_00_0005.wav,section_00_source_test_anomaly_0005.wav\n", encoding="utf-8-sig")
+    assert datasets.read_label_lists([lists], 2023) == {
+        ("saw", "section_00_0005.wav"): ("section_00_source_test_anomaly_0005.wav", 1)}
+
+
 def test_dcase2021_published_source_and_target_test_folders(tmp_path):
     originals = [("source_test", "section_00_source_test_anomaly_0000.wav"),
                  ("target_test", "section_00_target_test_normal_0000.wav")]
@@ -90,6 +99,25 @@ def test_dcase2020_ids_and_unlabelled_eval(tmp_path):
     assert "1 test clips have no label" in data.notes[0]
 
 
+def test_dcase2020_official_label_list_without_a_year_in_its_name(tmp_path):
+    """DCASE 2020's official evaluator reads its labels from eval_data_list.csv (`file,reference,label`): found
+    for 2020, where it was passed over as "another year's list"; a list without a year stays unused for the
+    later years, whose lists name theirs."""
+    root = tmp_path / "2020"
+    touch(root, "eval_data/ToyCar/train/normal_id_05_00000000.wav", "eval_data/ToyCar/test/id_05_00000000.wav",
+          "eval_data/ToyCar/test/id_05_00000001.wav")
+    (root / "eval_data_list.csv").write_text(
+        "ToyCar\nid_05_00000000.wav,anomaly_id_05_00000011.wav,1\nid_05_00000001.wav,normal_id_05_00000012.wav,0\n")
+    data = datasets.load("dcase2020", root)
+    assert {c.path.name: c.label for c in data.items if c.subset == "test"} == {
+        "id_05_00000000.wav": 1, "id_05_00000001.wav": 0} and not data.notes
+    root = tmp_path / "2023"
+    touch(root, "eval_data/fan/train/section_00_source_train_normal_0000.wav",
+          "eval_data/fan/test/section_00_0000.wav")
+    (root / "eval_data_list.csv").write_text("fan\nsection_00_0000.wav,section_00_source_test_anomaly_0000.wav\n")
+    assert [c.label for c in datasets.load("dcase2023", root).items if c.subset == "test"] == [None]
+
+
 def test_dcase_split_comes_from_the_folders_below_the_root(tmp_path):
     """A data folder named evaluation_sets must not turn dev_data clips into eval; a root that is eval_data/ is eval."""
     names = ("fan/train/section_00_source_train_normal_0000.wav", "fan/test/section_00_source_test_anomaly_0000.wav")
@@ -102,6 +130,20 @@ def test_dcase_split_comes_from_the_folders_below_the_root(tmp_path):
     assert {c.split for c in data.items} == {"dev"}
     touch(tmp_path / "eval", *(f"dev_data/{n}" for n in names))
     assert {c.split for c in datasets.load("dcase2023", tmp_path / "eval").items} == {"dev"}
+
+
+def test_a_root_given_as_dot_or_dotdot_keeps_its_folder_name(tmp_path, monkeypatch):
+    """`--data .` run inside eval_data/ is the eval split, and a user's folder `.` is named after the folder:
+    Path(".").name is "" and Path("..").name is "..", which made the clips dev and the machine nameless."""
+    touch(tmp_path, "eval_data/fan/train/section_00_source_train_normal_0000.wav",
+          "eval_data/fan/test/section_00_source_test_anomaly_0000.wav", "my_pump/normal/a.wav",
+          "my_pump/test/b.wav")
+    monkeypatch.chdir(tmp_path / "eval_data")
+    assert {c.split for c in datasets.load("dcase2023", Path(".")).items} == {"eval"}
+    monkeypatch.chdir(tmp_path / "eval_data" / "fan")
+    assert {c.split for c in datasets.load("dcase2023", Path("..")).items} == {"eval"}
+    monkeypatch.chdir(tmp_path / "my_pump")
+    assert {c.machine for c in datasets.load("folder", Path(".")).items} == {"my_pump"}
 
 
 def test_dcase_two_copies_of_a_machine_are_refused(tmp_path):

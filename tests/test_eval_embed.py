@@ -115,6 +115,36 @@ def test_a_failed_batch_is_encoded_signal_by_signal_and_a_backend_error_stops_th
         embed.encode_isolating_failures(setting_at_retry, ["a", "b"], [1, 1])
 
 
+def test_an_embedding_with_nan_is_a_failure_of_its_file_and_not_cached(tmp_path, model, monkeypatch):
+    """A model that overflows on one file (NaN or Inf in its embedding) fails that file, named in failures.csv;
+    the evaluation then stopped on "embeddings: row(s) N hold NaN", N counting only the files kept, and the NaN
+    was served from the cache on every rerun."""
+    files = make_files(tmp_path / "data")
+    original = embed._encode
+
+    def overflowing(model, signals, rates, device, dtype):
+        vectors = original(model, signals, rates, device, dtype)
+        return [np.full_like(v, np.nan) if len(s.shape) == 2 else v for v, s in zip(vectors, signals)]  # c.wav
+
+    monkeypatch.setattr(embed, "_encode", overflowing)
+    result = embed.embed_files(model, files, read_audio, tmp_path / "cache", "key", progress=False)
+    assert [v is None for v in result.vectors] == [False, False, True, False]
+    assert [(path.name, "NaN" in reason) for path, reason in result.failures] == [("c.wav", True)]
+    monkeypatch.setattr(embed, "_encode", original)
+    again = embed.embed_files(model, files, read_audio, tmp_path / "cache", "key", progress=False)
+    assert again.cached == 3 and again.encoded == 1 and not again.failures
+    assert rel_err(again.vectors[2], reference(model, files[2])) < 1e-5
+
+
+@pytest.mark.parametrize("batch_files", [0, -3])
+def test_a_batch_size_under_one_is_refused(tmp_path, model, batch_files):
+    """0 failed in range() ("arg 3 must not be zero"); a negative size made no batch, so no file was encoded
+    and none reported as failed."""
+    files = make_files(tmp_path)
+    with pytest.raises(ValueError, match=f"batch_files={batch_files}: at least one file per batch"):
+        embed.embed_files(model, files, read_audio, None, batch_files=batch_files, progress=False)
+
+
 def test_interrupted_run_resumes(tmp_path, model, monkeypatch):
     files = make_files(tmp_path / "data")
     calls = []

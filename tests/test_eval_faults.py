@@ -160,3 +160,11 @@ def test_bad_protocol_inputs():
     broken[4, 0] = np.nan  # made every neighbour -1 through the bank's centre: accuracy 0.5, no error
     with pytest.raises(ValueError, match=r"embeddings: row\(s\) 4 hold NaN or infinite values"):
         faults.evaluate(broken, labels, "loocv")
+
+
+def test_leave_one_group_out_of_a_single_group_is_a_clear_error():
+    """Every file in one group (IDMT-ISA files of one session) leaves an empty bank: it was reported as
+    "no embeddings to evaluate", as if the data set were empty."""
+    points, labels = clustered()
+    with pytest.raises(ValueError, match="leave-one-group-out needs two groups or more, got 1"):
+        faults.evaluate(points, labels, "loocv", groups=["session 1"] * len(labels))

@@ -48,7 +48,7 @@ class Clip:
 def check_year(year: int | None) -> int | None:
     """A DCASE year, or None for a user's folder (one bank per machine, no domains, scored as 2020)."""
     if year is not None and year not in YEARS:
-        raise ValueError(f"DCASE year {year} is not supported; supported: {YEARS[0]}-{YEARS[-1]}")
+        raise ValueError(f"DCASE year {year!r} is not supported; supported: {YEARS[0]}-{YEARS[-1]}")
     return year
 
 
@@ -87,6 +87,15 @@ def _metric_rows(key: dict, labels: np.ndarray, scores: np.ndarray, metrics: tup
         rows.append({**key, "metric": metric, "value": float(value), "normals": normals, "anomalies": anomalies})
 
 
+def _check_labelled(clip: Clip, year: int | None) -> None:
+    """A label or domain no group matches (a label read from a csv as the text "1", a domain "Source") would
+    drop the clip from every count unseen, and its group as "one class only"."""
+    if clip.label not in (0, 1):
+        raise ValueError(f"{clip.path}: label {clip.label!r} is neither 0 (normal) nor 1 (anomalous)")
+    if year not in (2020, None) and clip.domain not in ("source", "target"):
+        raise ValueError(f"{clip.path}: domain {clip.domain!r} is neither 'source' nor 'target' (DCASE {year})")
+
+
 def group_metrics(clips: list[Clip], scores, year: int | None, domain_rule: str = "official") -> tuple[list, list]:
     """(rows, excluded): one row per (group, metric) with its value; excluded one-class groups."""
     check_year(year)
@@ -96,6 +105,7 @@ def group_metrics(clips: list[Clip], scores, year: int | None, domain_rule: str 
     tests = defaultdict(list)
     for index, clip in enumerate(clips):
         if clip.subset == "test" and clip.label is not None:
+            _check_labelled(clip, year)
             tests[(clip.split, clip.machine, clip.section)].append(index)
     rows, excluded = [], []
     for (split, machine, section), members in sorted(tests.items()):

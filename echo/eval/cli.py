@@ -1,6 +1,6 @@
 """`python -m echo eval --task TASK --data DIR --model PATH --out DIR`: embed a data set (cached), score it
-with the SIREN protocol, print and save the results (results.csv, results.json, scores.csv, failures.csv)
-and the plots (PNG) in --out, with files/s and the share of time spent encoding vs searching."""
+with the SIREN protocol, print and save the results (results.csv, results.json, failures.csv; scores.csv for
+anomaly detection) and the plots (PNG) in --out, with files/s and the share of time spent encoding vs searching."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .. import atomic
-from . import anomaly, datasets, faults, plots
+from . import anomaly, datasets, faults, neighbors, plots, require
 from .embed import embed_files, shown
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -78,6 +78,39 @@ def _stack(vectors: list, items: list) -> np.ndarray:
     return np.stack(vectors).astype(np.float32)
 
 
+def _fused_channels(args, dataset) -> list[int] | None:
+    """The channel numbers of --channels, each one of the data set's (which must have several)."""
+    if args.channels is None:
+        return None
+    if dataset.channels < 2:
+        raise ValueError(f"--channels chooses among the channels of multi-channel data; {dataset.task} has one")
+    try:
+        channels = [int(c) for c in args.channels.split(",")]
+    except ValueError:
+        raise ValueError(f"--channels {args.channels!r}: channel numbers separated by commas, e.g. 0,1,2") from None
+    return neighbors.chosen_channels(channels, dataset.channels)
+
+
+def _check_options(args, dataset) -> None:
+    """What the data set cannot take, and optional packages the evaluation will import, refused before the
+    encoding (hours on a large set) rather than after it."""
+    require("sklearn", "the evaluation's metrics")
+    if not args.no_plots:
+        require("matplotlib", "the plots (or --no-plots)")
+    if args.search == "faiss" and dataset.kind == "anomaly":
+        require("faiss", "--search faiss")
+    _fused_channels(args, dataset)
+    if dataset.kind != "faults":
+        return
+    if args.k < 1:
+        raise ValueError(f"--k {args.k}: at least one neighbour")
+    protocols = args.protocol or dataset.protocols
+    if "kfold" in protocols and args.folds < 2:
+        raise ValueError(f"--folds {args.folds}: k-fold needs two folds or more")
+    if "split" in protocols and not any(item.subset for item in dataset.items):
+        raise ValueError(f"--protocol split: {dataset.task} has no train/test split; use loocv or kfold")
+
+
 def _anomaly(args, dataset, items, vectors, device) -> tuple[dict, list]:
     scores = anomaly.score_clips(items, vectors, device, args.search)
     rows, excluded = anomaly.group_metrics(items, scores, dataset.year, args.domain_auc)
@@ -109,7 +142,7 @@ def _faults(args, dataset, items, vectors, device) -> tuple[dict, list]:
     labels = [item.label for item in items]
     subsets = [item.subset for item in items]
     groups = [item.group for item in items] if any(item.group for item in items) else None
-    fused = None if args.channels is None else [int(c) for c in args.channels.split(",")]
+    fused = _fused_channels(args, dataset)
     views = [(None, False)]
     if dataset.channels > 1:
         views += [([c], False) for c in range(dataset.channels)] + [(fused, True)]
@@ -148,6 +181,7 @@ def _run(args) -> int:
     device = inputs.checked_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     atomic.check_writable(args.out, f"--out {args.out}")  # before the encoding, not after it
     dataset = datasets.load(args.task, args.data, args.labels)
+    _check_options(args, dataset)
     for note in dataset.notes:
         print(f"note: {note}")
     if device.type == "cpu":

@@ -6,8 +6,9 @@ that names what is missing where. Nothing is downloaded.
 
     dcase<year>  DCASE Task 2 2020-2025: <root>/{dev_data,eval_data}/<machine>/{train,test}/*.wav (any depth;
                  2021 as published: source_test/ and target_test/ where there is no test/); eval test labels
-                 from eval_data_list_<year>.csv (a one-field row names the machine, then `file,reference_file`
-                 rows as published, label and domain read from the reference name, or `file,reference_file,label`)
+                 from eval_data_list_<year>.csv, in 2020 also eval_data_list.csv (a one-field row names the
+                 machine, then `file,reference_file` rows as published, label and domain read from the reference
+                 name, or `file,reference_file,label`)
     cwru         CWRU 12 kHz drive-end and fan-end fault .mat files; 10 classes: end (DE/FE) x fault type
                  (B, IR, OR) with the outer-race position @3/@6/@12; signal = the accelerometer at the fault's
                  end, variable X<nnn>_DE_time or X<nnn>_FE_time
@@ -146,7 +147,7 @@ def read_label_lists(paths, year: int) -> dict:
         if not Path(path).is_file():
             raise ValueError(f"label list {path} does not exist")
         machine = None
-        with open(path, newline="") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # a byte order mark (Excel) is no name
             for line, row in enumerate(csv.reader(handle), 1):
                 row = [cell.strip() for cell in row if cell.strip()]
                 if len(row) == 1:
@@ -205,17 +206,20 @@ def dcase(root, year: int, label_lists=None) -> Dataset:
     if not machine_dirs:
         raise ValueError(f"{root}: no DCASE machine folder: expected <root>/dev_data/<machine>/train/ and "
                          f"<root>/dev_data/<machine>/test/ (and eval_data/... for the evaluation set)")
-    # only the year's own lists (or the user's): another year's list would label this year's clips wrongly
+    # only the year's own lists (or the user's): another year's list would label this year's clips wrongly;
+    # 2020's official evaluator names its list eval_data_list.csv
     found = [] if label_lists else sorted(root.rglob("eval_data_list*.csv"))
-    lists = list(label_lists) if label_lists else [p for p in found if str(year) in p.name]
+    lists = list(label_lists) if label_lists else [
+        p for p in found if str(year) in p.name or (year == 2020 and p.name == "eval_data_list.csv")]
     labels = read_label_lists(lists, year)
     items, notes, unlabelled, seen = [], [], 0, {}
     for machine_dir in machine_dirs:
         machine = machine_dir.name
         # the nearest dev/eval folder above the machine decides, so a data folder named e.g. evaluation_sets
-        # keeps dev_data as dev; the root's own name only counts where nothing below it says (root = eval_data/)
+        # keeps dev_data as dev; the root's own name only counts where nothing below it says (root = eval_data/,
+        # also given as `.`, whose name is "")
         below = machine_dir.relative_to(root).parts[:-1]
-        where = [part for part in below if part.lower().startswith(("dev", "eval"))] or [root.name]
+        where = [part for part in below if part.lower().startswith(("dev", "eval"))] or [root.resolve().name]
         split = "eval" if where[-1].lower().startswith("eval") else "dev"
         if (split, machine) in seen:  # two copies would merge into one bank and double its clips
             raise ValueError(f"two {split} folders for machine {machine!r}: {seen[split, machine]} and "
@@ -265,7 +269,8 @@ def folder(root) -> Dataset:
     if not tests:
         raise ValueError(f"{root / 'test'}: no audio file to score (expected test/normal/*, test/anomalous/* "
                          f"or test/*)")
-    clip = lambda path, subset, label: Clip(path, "dev", root.name, "00", None, subset, label)  # noqa: E731
+    machine = root.resolve().name  # the folder's own name, also where it is given as `.`
+    clip = lambda path, subset, label: Clip(path, "dev", machine, "00", None, subset, label)  # noqa: E731
     items = [clip(path, "train", 0) for path in bank] + [clip(path, "test", label) for path, label in tests]
     return Dataset("folder", "anomaly", items, read_audio)
 

@@ -4,8 +4,8 @@ Files are read by a thread pool one batch ahead of the encoder and encoded in ba
 lengths. Each finished batch is written to the cache as one safetensors shard (temporary file + rename), so
 an interrupted run loses at most one batch and a rerun encodes only what is missing. A cache entry is keyed
 by (model hash, dtype, the reader and its version, resolved file path, size, mtime): a changed file, or a reader
-that now returns other samples, is encoded again. A file
-that cannot be read or encoded is reported with the reason and left out, never replaced by a zero vector.
+that now returns other samples, is encoded again. A file that cannot be read or encoded (an embedding holding
+NaN or Inf included) is reported with the reason and left out, never replaced by a zero vector.
 """
 from __future__ import annotations
 
@@ -128,11 +128,12 @@ def _encode(model, signals: list, rates: list, device, dtype) -> list:
 
 
 def encode_isolating_failures(encode: Callable, signals: list, rates: list) -> list:
-    """`encode(signals, rates)`, one output per signal; when the batch fails on its input, signal by signal, so
-    that only the bad ones fail: their places hold "encode failed: REASON". A BackendError (a setting, not a
-    signal) stops the job."""
+    """`encode(signals, rates)`, one output (an array, or a dict of arrays) per signal; when the batch fails on
+    its input, signal by signal, so that only the bad ones fail: their places hold "encode failed: REASON", as do
+    outputs holding NaN or Inf (float16 overflows), which must never be saved or searched. A BackendError (a
+    setting, not a signal) stops the job."""
     try:
-        return encode(signals, rates)
+        results = encode(signals, rates)
     except BackendError:
         raise
     except (ValueError, RuntimeError):
@@ -144,7 +145,12 @@ def encode_isolating_failures(encode: Callable, signals: list, rates: list) -> l
                 raise
             except (ValueError, RuntimeError) as error:
                 results.append(f"encode failed: {error}")
-        return results
+    return [result if isinstance(result, str) or _finite(result) else
+            "encode failed: the embedding holds NaN or infinite values" for result in results]
+
+
+def _finite(output) -> bool:
+    return all(np.isfinite(value).all() for value in (output.values() if isinstance(output, dict) else [output]))
 
 
 def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | None = None, device=None,
@@ -153,6 +159,8 @@ def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | N
     """Utterance embeddings of `paths`, each file read by `read(path) -> (signal, rate)`. The cache is keyed by
     the reader too (reader_identity, and `reader_version`: change it when the reader's code changes what it
     returns), so embeddings of samples read another way are not served."""
+    if batch_files < 1:  # a negative size made no batch: nothing encoded, nothing reported
+        raise ValueError(f"batch_files={batch_files}: at least one file per batch")
     paths = [Path(p) for p in paths]
     cache = None
     if cache_dir is not None:

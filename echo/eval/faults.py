@@ -110,8 +110,11 @@ def evaluate(embeddings, labels, protocol: str, k: int = 5, subsets=None, channe
         return score(labels, run(everything, everything, everything), classes, protocol, view)
     if protocol == "loocv":
         groups = np.asarray(groups)
+        names = np.unique(groups)
+        if len(names) < 2:  # the only group's bank would be empty
+            raise ValueError(f"leave-one-group-out needs two groups or more, got {len(names)}")
         predictions = np.empty_like(labels)
-        for group in np.unique(groups):
+        for group in names:
             inside = groups == group
             predictions[inside] = run(everything[~inside], everything[inside])
         return score(labels, predictions, classes, protocol, view)
