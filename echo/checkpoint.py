@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import numbers
 import os
 import pickle
 import re
@@ -134,7 +135,7 @@ def infer_config(state: dict, **overrides) -> EchoConfig:
     layers = {int(m.group(1)) for key in state if (m := LAYER_KEY.match(key))}
     dim = overrides.pop("dim", state["cls_token"].shape[-1])
     depth = overrides.pop("depth", max(layers) + 1 if layers else 0)
-    whole_sizes = all(isinstance(n, int) and not isinstance(n, bool) for n in (dim, depth))  # else EchoConfig says
+    whole_sizes = all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in (dim, depth))  # else EchoConfig says
     if "heads" not in overrides and whole_sizes:
         preset = next((p for p in PRESETS.values() if (p.dim, p.depth) == (dim, depth)), None)
         if preset is not None:

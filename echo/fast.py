@@ -7,7 +7,7 @@ on the packed buffer (attention per sequence) -> CLS and patch rows gathered bac
 """
 from __future__ import annotations
 
-import numbers
+from collections.abc import Iterable, Set as AbstractSet
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,15 +53,22 @@ class _Mono:
 
 
 def _as_list(signals, sample_rates) -> tuple[list, list[int]]:
-    if isinstance(signals, (torch.Tensor, np.ndarray)):
+    # one signal; an object array (pandas' ragged batches) is never one: it holds the signals
+    if isinstance(signals, torch.Tensor) or (isinstance(signals, np.ndarray) and signals.dtype != object):
         signals = [signals]
+    if isinstance(signals, AbstractSet):  # results come back in input order: a set has none the caller chose
+        raise ValueError("signals must be given in order, not as a set: pass a list")
     try:
         signals = list(signals)
     except TypeError:
         raise ValueError(f"signals must be a signal or a list of signals, got {type(signals).__name__}") from None
-    if isinstance(sample_rates, (list, tuple)) or (
-        isinstance(sample_rates, (np.ndarray, torch.Tensor)) and sample_rates.ndim > 0
-    ):
+    # one rate per signal from any iterable, as signals come (a generator, a dict's values); a string, a number
+    # or a 0-d tensor or array is one rate for all
+    per_signal = isinstance(sample_rates, Iterable) and not isinstance(sample_rates, (str, bytes)) and \
+        getattr(sample_rates, "ndim", None) != 0
+    if per_signal:
+        if isinstance(sample_rates, AbstractSet):
+            raise ValueError("sample rates must be given in the signals' order, not as a set: pass a list")
         sample_rates = list(sample_rates)
         if len(sample_rates) != len(signals):
             raise ValueError(f"got {len(signals)} signals but {len(sample_rates)} sample rates")
@@ -159,7 +166,7 @@ def encode(
             [subset for _, subset in chunk],
         )
         if spec_cache is None or spec_cache[0] != tuple(members):
-            waves = torch.cat([monos[m].waveform for m in members]).to(device)
+            waves = torch.cat([monos[m].waveform.to(device) for m in members])  # signals may come from several devices
             wave_offsets = torch.tensor([0] + [monos[m].waveform.shape[0] for m in members]).cumsum(0)
             spec_cache = (tuple(members), stft_ops.ragged_spectrogram(waves, wave_offsets, plan, backend))
         _encode_chunk(model, plan, spec_cache[1], [monos[m] for m in members], frames, device, backend, row_step)
@@ -168,10 +175,10 @@ def encode(
 
 def checked_max_tokens(max_tokens) -> int:
     """A positive whole number of tokens: 0.5 or inf is refused, not truncated or overflowed."""
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Real) or \
-            not float(max_tokens).is_integer() or max_tokens <= 0:
+    tokens = inputs.whole_number(max_tokens)
+    if tokens is None or tokens <= 0:
         raise ValueError(f"max_tokens must be a positive whole number of tokens, got {max_tokens!r}")
-    return int(max_tokens)
+    return tokens
 
 
 def _same_device(asked: torch.device, model_device: torch.device) -> bool:

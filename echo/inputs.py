@@ -9,6 +9,8 @@ soundfile and WAV). uint8, bool and complex inputs are refused.
 from __future__ import annotations
 
 import numbers
+import os
+import sys
 import warnings
 
 import numpy as np
@@ -45,17 +47,25 @@ def _first_sentence(error: Exception) -> str:
     return (str(error).strip() or type(error).__name__).splitlines()[0].split(". ")[0]
 
 
+def whole_number(value) -> int | None:
+    """`value` as an int if it is a whole number (16000, 16000.0, numpy's or a 0-d tensor's, 10**400), else None
+    (bool, 0.5, inf, NaN, text)."""
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    if isinstance(value, numbers.Integral):  # before float(): 10**400 has none
+        return int(value)
+    return int(value) if float(value).is_integer() else None
+
+
 def check_sample_rate(sample_rate, where: str = "") -> int:
     """An integer rate of 100 Hz (below, the 10 ms hop is no whole sample; slow sensors such as 1 kHz
     accelerometers get one band) to 10 MHz (above, one window holds over 250 000 samples in some 3900 bands: a
     typo, not a sensor); a 0-d tensor or array is its value."""
-    if isinstance(sample_rate, (torch.Tensor, np.ndarray)) and sample_rate.ndim == 0:
-        sample_rate = sample_rate.item()
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real):
+    if whole_number(sample_rate) is None:
         raise ValueError(f"{where}sample rate must be an integer number of Hz, got {sample_rate!r}")
-    if not float(sample_rate).is_integer():
-        raise ValueError(f"{where}sample rate must be an integer number of Hz, got {sample_rate!r}")
-    sample_rate = int(sample_rate)
+    sample_rate = whole_number(sample_rate)
     if not geometry.MIN_SAMPLE_RATE <= sample_rate <= geometry.MAX_SAMPLE_RATE:
         raise ValueError(f"{where}sample rate {sample_rate} Hz is outside {geometry.MIN_SAMPLE_RATE} to "
                          f"{geometry.MAX_SAMPLE_RATE} Hz")
@@ -66,6 +76,11 @@ def as_tensor(samples, where: str = "", what: str = "signal") -> torch.Tensor:
     """A tensor of the samples of a tensor or numpy array (float or integer PCM dtypes; float128 is narrowed
     to float64, which torch holds; big-endian data is put in native order); anything else is refused here
     rather than by torch."""
+    if isinstance(samples, np.ma.MaskedArray):  # its data holds arbitrary values where the mask hides samples
+        masked = np.ma.count_masked(samples)
+        if masked:
+            raise ValueError(f"{where}{what} has {masked} masked sample(s); fill them (np.ma.filled) or pass .data")
+        samples = samples.data
     if isinstance(samples, np.ndarray):
         if samples.dtype.kind not in "fi":
             raise ValueError(f"{where}{what} has unsupported dtype {samples.dtype}; pass float or int16/int32 PCM")
@@ -80,6 +95,10 @@ def as_tensor(samples, where: str = "", what: str = "signal") -> torch.Tensor:
         raise ValueError(f"{where}{what} must be a torch.Tensor or numpy array, got {type(samples).__name__}")
     if samples.is_meta:
         raise ValueError(f"{where}{what} is a meta tensor: it has a shape but no samples")
+    if samples.is_nested:
+        raise ValueError(f"{where}{what} is a nested tensor; pass a list of its signals (.unbind())")
+    if samples.layout != torch.strided:  # sparse or mkldnn: most ops the front end runs have no kernel for them
+        raise ValueError(f"{where}{what} is a {samples.layout} tensor; pass a dense one (.to_dense())")
     return samples
 
 
@@ -121,5 +140,19 @@ def as_signal(waveform, sample_rate: int, where: str = "") -> torch.Tensor:
         )
     if flipped:  # it may be valid (a sensor array, briefly): said, not refused
         warnings.warn(f"{where}signal of shape {tuple(waveform.shape)} is read as {waveform.shape[0]} channels of "
-                      f"{n} samples; if it is (samples, channels), pass its transpose", UserWarning, stacklevel=3)
+                      f"{n} samples; if it is (samples, channels), pass its transpose", UserWarning,
+                      stacklevel=_caller_stacklevel())
     return as_float32(waveform, where)
+
+
+# echo's own files and torch's (its no_grad wrapper sits between model.encode and its caller)
+_LIBRARY_DIRS = (os.path.dirname(__file__) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel, for a warning raised by this function's caller, of the first frame outside echo and
+    torch: the warning then names the user's line, where filters by module and readers look for it."""
+    level, frame = 1, sys._getframe(1)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        level, frame = level + 1, frame.f_back
+    return level

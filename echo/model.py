@@ -28,7 +28,8 @@ class EchoConfig:
 
     def __post_init__(self):
         """Sizes are whole numbers and eps finite and positive, whatever the config came from (a preset, a
-        checkpoint's metadata, overrides): dim=192.0 failed deep in torch and eps=NaN made a NaN model."""
+        checkpoint's metadata, overrides): dim=192.0 failed deep in torch and eps=NaN made a NaN model. They are
+        kept as plain int and float: a numpy scalar (heads=np.int64(3)) made echo.save fail, JSON has no such type."""
         sizes = {"dim": self.dim, "depth": self.depth, "heads": self.heads, "mlp_ratio": self.mlp_ratio}
         bad = [f"{name}={value!r}" for name, value in sizes.items()
                if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0]
@@ -38,6 +39,10 @@ class EchoConfig:
         if bad:
             raise ValueError(f"invalid ECHO config: {', '.join(bad)} (sizes are positive integers, eps finite "
                              f"and positive)")
+        for name in sizes:  # frozen: set as dataclasses' own __init__ does
+            object.__setattr__(self, name, int(getattr(self, name)))
+        for name in ("layer_norm_eps", "final_norm_eps"):
+            object.__setattr__(self, name, float(getattr(self, name)))
         if self.dim % 2 or self.dim % self.heads:
             raise ValueError(f"invalid ECHO config: dim={self.dim} must be even and divisible by heads={self.heads}")
 

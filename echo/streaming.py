@@ -14,7 +14,9 @@ import torch
 
 from . import geometry, inputs, packed
 from .model import EchoModel
+from .ops import attention as attention_ops
 from .ops import backend as backends
+from .ops import norm as norm_ops
 from .ops import stft as stft_ops
 from .ops import tokens as token_ops
 
@@ -101,6 +103,9 @@ class StreamEncoder:
         self.model = packed.inference_model(model, dtype, snapshot=True)
         self.rate = inputs.check_sample_rate(sample_rate)
         self.frames = frames
+        # the ops `backend` reaches; one they cannot run is said now, not at the first segment's encode, 20 s on
+        for name, op in (("attention", attention_ops), ("norm", norm_ops)):
+            backends.choose(name, self.model.device, backend, op.available_backends(self.model.device))
         self.backend = backend
         if max_tokens is None:
             max_tokens = fast.DEFAULT_MAX_TOKENS.get(self.model.device.type, fast.DEFAULT_MAX_TOKENS_ELSEWHERE)
@@ -132,12 +137,13 @@ class StreamEncoder:
     def push(self, chunk) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         if self.finished:
             raise ValueError("push() after finish(): start a new StreamEncoder for a new signal")
-        chunk = inputs.as_tensor(chunk, what="chunk")
+        what = f"chunk at sample {self.samples}"  # every refusal names it alike: a numpy uint8 chunk was "chunk"
+        chunk = inputs.as_tensor(chunk, what=what)
         if chunk.dim() != 1:
             raise ValueError(f"push() takes 1-D chunks of samples, got shape {tuple(chunk.shape)}")
         if chunk.numel() == 0:
             return []
-        chunk = inputs.as_float32(chunk, what=f"chunk at sample {self.samples}").cpu()  # the stream's state
+        chunk = inputs.as_float32(chunk, what=what).cpu()  # the stream's state
         # is on the CPU; the three together, so that a failure (out of memory) leaves audio and counts matching:
         # frames not computed yet are computed by the next push
         audio, total = torch.cat([self.audio, chunk]), self.total + chunk.double().sum()

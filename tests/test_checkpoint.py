@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -40,6 +41,10 @@ def test_heads_override_and_size(tmp_path):
     path = echo.save(random_model("tiny"), tmp_path / "m.safetensors")
     (tmp_path / "m.json").unlink()
     assert echo.load(path, heads=6).config.heads == 6
+    # a numpy size names the preset as an int does (it took the 6-head default: a silently other model)
+    pth = tmp_path / "m.pth"
+    torch.save(random_model("tiny").state_dict(), pth)
+    assert echo.load(pth, depth=np.int64(12)).config.heads == echo.load(pth).config.heads == 3
     with pytest.raises(ValueError, match="does not match ECHO-small"):
         echo.load(path, size="small")
     with pytest.raises(ValueError, match="unknown ECHO size 'medium'"):

@@ -233,9 +233,12 @@ def test_rates_as_tensors_and_other_spellings_of_the_device(model):
 
 
 def test_bad_options(model):
-    for max_tokens in (0, -3, 0.5, float("inf"), "4096"):
+    for max_tokens in (0, -3, 0.5, float("inf"), float("nan"), "4096", True, 10**400 * -1):
         with pytest.raises(ValueError, match="max_tokens must be a positive whole number of tokens"):
             fast.encode(model, [torch.randn(8000)], 8000, max_tokens=max_tokens)
+    # whole numbers of any kind are budgets, as rates are
+    assert fast.checked_max_tokens(torch.tensor(4096)) == fast.checked_max_tokens(np.int64(4096)) == 4096
+    assert fast.checked_max_tokens(10**400) == 10**400
     with pytest.raises(ValueError, match="dtype must be"):
         fast.encode(model, [torch.randn(8000)], 8000, dtype=torch.int8)
     with pytest.raises(ValueError, match="unknown backend"):
@@ -341,3 +344,40 @@ def test_the_weight_check_on_a_gpu_sees_one_changed_value():
         parameters = list(model.parameters())
         parameters[int(torch.randint(len(parameters), ()))].view(-1)[0] += 1e-3
     assert not packed._unchanged(packed._named_tensors(model), weights, gpu)
+
+
+def test_rates_from_any_iterable_as_signals_are(model):
+    """Signals could come from a generator, their rates only from a list, tuple or array: a generator or a dict's
+    values was refused as "signal 0: sample rate must be an integer number of Hz, got <generator ...>"."""
+    clips = {"pump": (torch.randn(8000), 8000), "fan": (torch.randn(12000), 12000)}
+    expected = [model.encode(signal, rate)[0] for signal, rate in clips.values()]
+    signals = [signal for signal, _ in clips.values()]
+    rates = {name: rate for name, (_, rate) in clips.items()}
+    for given in ((rate for rate in rates.values()), rates.values()):
+        assert all(rel_err(u, e) < 1e-5 for u, e in zip(fast.encode(model, signals, given), expected))
+    with pytest.raises(ValueError, match="got 2 signals but 3 sample rates"):
+        fast.encode(model, signals, (rate for rate in (8000, 8000, 8000)))
+    with pytest.raises(ValueError, match="signal 0: sample rate must be an integer number of Hz, got '8000'"):
+        fast.encode(model, signals, "8000")  # a string is one (bad) rate, not one rate per character
+
+
+def test_an_object_array_of_signals_is_a_list_of_signals(model):
+    """A ragged batch as pandas gives it (df["audio"].to_numpy(): a 1-D object array of arrays) was taken for one
+    signal and refused as "signal 0: signal has unsupported dtype object"; no object array is one signal."""
+    signals = [np.random.randn(8000).astype(np.float32), np.random.randn(9000).astype(np.float32)]
+    batch = np.empty(2, dtype=object)
+    batch[:] = signals
+    expected = [model.encode(signal, 8000)[0] for signal in signals]
+    assert all(rel_err(u, e) < 1e-5 for u, e in zip(fast.encode(model, batch, 8000), expected))
+    with pytest.raises(ValueError, match="signal 1: signal must be a torch.Tensor or numpy array, got str"):
+        fast.encode(model, np.array([signals[0], "clip.wav"], dtype=object), 8000)
+
+
+def test_sets_of_signals_or_rates_are_refused(model):
+    """A set has no order the caller chooses: its rates would be matched to the signals in the set's iteration
+    order, and its signals' results (a set of tensors was taken) could not be matched back to them."""
+    signals = [torch.randn(8000), torch.randn(16000)]
+    with pytest.raises(ValueError, match="sample rates must be given in the signals' order, not as a set"):
+        fast.encode(model, signals, {8000, 16000})
+    with pytest.raises(ValueError, match="signals must be given in order, not as a set"):
+        fast.encode(model, set(signals), 8000)

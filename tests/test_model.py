@@ -137,3 +137,24 @@ def test_layer_norm_eps_is_felt_and_is_the_released_1e6(size):
         ref = torch.nn.functional.layer_norm(reference(x), (model.config.dim,), state["norm.weight"],
                                              state["norm.bias"], 1e-6)
     assert rel_err(ours, ref) < 1e-5  # measured ~2e-7; eps 1e-5 in the layers or the final norm gives ~0.6-0.9
+
+
+def test_config_fields_given_as_numpy_scalars_are_plain_numbers(tmp_path):
+    """heads=np.int64(3) (read from an array, a table, a sweep's grid) was kept as given: echo.save then failed
+    with "Object of type int64 is not JSON serializable", after the model was trained."""
+    import json
+
+    import numpy as np
+
+    config = echo.EchoConfig(dim=np.int64(192), depth=np.int32(2), heads=np.int64(3), mlp_ratio=np.uint8(4),
+                             layer_norm_eps=np.float32(1e-6), final_norm_eps=np.float64(1e-5))
+    fields = config.to_dict()
+    assert [type(fields[name]) for name in ("dim", "depth", "heads", "mlp_ratio")] == [int] * 4
+    assert type(fields["layer_norm_eps"]) is float and type(fields["final_norm_eps"]) is float
+    assert fields == {"dim": 192, "depth": 2, "heads": 3, "mlp_ratio": 4, "layer_norm_eps": float(np.float32(1e-6)),
+                      "final_norm_eps": 1e-5}
+    model = random_model("tiny", depth=2)
+    loaded = echo.load(echo.save(model, tmp_path / "model.safetensors"), heads=np.int64(3),
+                       final_norm_eps=np.float64(1e-5))
+    path = echo.save(loaded, tmp_path / "again.safetensors")
+    assert json.loads(path.with_suffix(".json").read_text())["heads"] == 3

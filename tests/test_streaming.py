@@ -101,7 +101,7 @@ def test_stream_errors(model):
         fast.StreamEncoder(model, 1e30)
     stream = fast.StreamEncoder(model, 16000)
     for chunk, kind in (("abc", "str"), (None, "NoneType"), ([0.0, 1.0], "list")):
-        with pytest.raises(ValueError, match=f"chunk must be a torch.Tensor or numpy array, got {kind}"):
+        with pytest.raises(ValueError, match=f"^chunk at sample 0 must be a torch.Tensor or numpy array, got {kind}"):
             stream.push(chunk)
 
 
@@ -199,7 +199,7 @@ def test_chunk_checks_are_those_of_whole_signals(model):
     stream.push(torch.randn(100))
     with pytest.raises(ValueError, match=r"chunk at sample 100 has 3 sample\(s\) beyond float32's range"):
         stream.push(torch.tensor([0.0, 1e300, -1e300, 1e39], dtype=torch.float64))
-    with pytest.raises(ValueError, match="chunk is a meta tensor"):
+    with pytest.raises(ValueError, match="^chunk at sample 100 is a meta tensor"):
         stream.push(torch.empty(10, device="meta"))
     pcm = (np.random.randn(8000) * 3000).astype(np.int16)
     swapped = fast.StreamEncoder(model, 8000)
@@ -361,3 +361,17 @@ def test_a_push_that_fails_while_keeping_its_frames_leaves_no_rows_behind(model,
     utterance, frames = stream.finish()
     expected_utterance, expected_frames = fast.encode(model, [signal], rate, frames=True)[0]
     assert rel_err(utterance, expected_utterance) < 1e-5 and rel_err(frames, expected_frames) < 1e-5
+
+
+def test_a_backend_that_cannot_run_is_refused_when_the_stream_is_made(model):
+    """It was first used by the first segment's encode: a typo surfaced 20 s into a stream, after its audio was
+    gone."""
+    from echo.ops.backend import BackendError
+
+    for backend in ("magic", "Torch"):
+        with pytest.raises(BackendError, match=f"^backend={backend!r}: unknown backend {backend!r}"):
+            fast.StreamEncoder(model, 16000, backend=backend)
+    x = torch.randn(geometry.n_fft(1000) + 2100 * geometry.hop(1000))
+    stream = fast.StreamEncoder(model, 1000, backend="reference")
+    assert len(push_in_random_pieces(stream, x)) == 1
+    assert rel_err(stream.finish(), model.encode(x, 1000)[0]) < 1e-5
