@@ -206,6 +206,8 @@ def _looks_like_name(path: str) -> bool:
 def _checkpoint_file(path) -> Path:
     """The file `path` names: a checkpoint name is resolved through echo.hub; a folder is refused (naming the
     checkpoint files in it) rather than guessing which file was meant."""
+    if not isinstance(path, (str, os.PathLike)):  # pathlib's TypeError would name neither load nor its argument
+        raise ValueError(f"echo.load takes a checkpoint path or name, got {type(path).__name__} {path!r:.80}")
     if isinstance(path, str) and not path.strip():
         raise ValueError(f"no checkpoint given (an empty path); give a checkpoint file or a name: "
                          f"{', '.join(hub.NAMES)}")

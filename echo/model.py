@@ -48,7 +48,7 @@ class EchoConfig:
 
     @classmethod
     def preset(cls, size: str, **overrides) -> "EchoConfig":
-        if size not in PRESETS:
+        if not isinstance(size, str) or size not in PRESETS:  # a list is unhashable: no TypeError
             raise ValueError(f"unknown ECHO size {size!r}; known sizes: {', '.join(PRESETS)}")
         return replace(PRESETS[size], **overrides)
 

@@ -49,6 +49,11 @@ def test_heads_override_and_size(tmp_path):
         echo.load(path, size="small")
     with pytest.raises(ValueError, match="unknown ECHO size 'medium'"):
         echo.load(path, size="medium")
+    with pytest.raises(ValueError, match=r"unknown ECHO size \['tiny'\]"):
+        echo.load(path, size=["tiny"])
+    for wrong in (None, 3, path.read_bytes()[:10], [path]):
+        with pytest.raises(ValueError, match=f"echo.load takes a checkpoint path or name, got {type(wrong).__name__}"):
+            echo.load(wrong)
 
 
 def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path):
