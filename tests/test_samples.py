@@ -1,5 +1,6 @@
 """Bundled samples, the stdlib WAV reader/writer and the OpenSFX catalogue reader."""
 import io
+import re
 import struct
 import wave
 
@@ -79,3 +80,11 @@ def test_opensfx_catalogue_is_read(tmp_path):
     path.write_bytes(header[:8] + struct.pack("<II", 10**9, 5) + body)
     with pytest.raises(ValueError, match="entry 1 .* lies outside"):
         read_catalogue(path)
+
+
+def test_sample_reads_only_bundled_names(tmp_path):
+    """A name is looked up among the bundled recordings, never resolved as a path to some other WAV file."""
+    outside = write_wav(tmp_path / "elsewhere.wav", np.zeros(100), 8000)
+    for name in (str(outside.with_suffix("")), f"../samples/{bundled.names()[0]}", "../../data/samples/x"):
+        with pytest.raises(ValueError, match=re.escape(f"no bundled sample {name!r}; bundled: ")):
+            echo.data.sample(name)

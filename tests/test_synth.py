@@ -1,8 +1,9 @@
 """The synthetic machines' physics, checked with spectra computed here (scipy), against literature values."""
 import numpy as np
 import pytest
-from scipy.signal import butter, hilbert, sosfiltfilt
+from scipy.signal import butter, correlate, hilbert, sosfiltfilt
 
+import echo.data
 from echo.data import synth
 
 # Case Western Reserve bearing data centre, SKF 6205-2RS: defect frequencies as multiples of the shaft rate
@@ -142,6 +143,33 @@ def test_recorded_noise_is_mixed_at_the_requested_snr():
     assert noisy.shape == clean.shape and not np.allclose(noisy, clean)
 
 
+def test_a_bundled_recording_is_mixed_in_as_sample_returns_it():
+    """echo.data.sample's (waveform, rate) pair is taken as it is, at the signal's rate."""
+    background = echo.data.sample("voice_prompt")
+    rate, snr = background[1], 12.0
+    clean = synth.machine_signal(synth.Machine(), rate, 2 * rate, seed=5).astype(np.float64)
+    noisy = synth.machine_signal(synth.Machine(), rate, 2 * rate, seed=5, background=background,
+                                 background_snr_db=snr)
+    added = noisy - clean
+    assert 10 * np.log10(np.mean(clean**2) / np.mean(added**2)) == pytest.approx(snr, abs=0.01)
+    recording = background[0].astype(np.float64)
+    energy = np.cumsum(np.r_[0, recording**2])
+    window_norms = np.sqrt(energy[len(added):] - energy[: len(energy) - len(added)])
+    similarity = correlate(recording, added, mode="valid", method="fft") / np.linalg.norm(added) / window_norms
+    assert similarity.max() > 0.999  # the recording itself, cut at some offset
+
+
+def test_harmonics_beyond_nyquist_cost_nothing():
+    """A count meaning "all of them" builds only the orders below Nyquist (1x and 2x here)."""
+    x = synth.machine_signal(synth.Machine(shaft_hz=900.0, harmonics=10**12, harmonic_decay=0.5, noise=0.0),
+                             4000, 4000, seed=0)
+    freqs, spectrum = amplitude_spectrum(x, 4000)
+    assert peak_near(freqs, spectrum, 900) == pytest.approx(0.1, rel=0.02)
+    assert peak_near(freqs, spectrum, 1800) == pytest.approx(0.05, rel=0.02)
+    kept = (np.abs(freqs - 900) < 3) | (np.abs(freqs - 1800) < 3)
+    assert spectrum[~kept].max() < 1e-3
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="unknown bearing fault 'cage'"):
         synth.Machine(fault="cage")
@@ -164,6 +192,10 @@ NAN = float("nan")
     (lambda: synth.Bearing(pitch_diameter=NAN), "Bearing.pitch_diameter must be a finite number > 0, got nan"),
     (lambda: synth.Bearing(contact_angle=90), "Bearing.contact_angle must be a finite number in [0, 90), got 90"),
     (lambda: synth.Bearing(contact_angle=-5), "Bearing.contact_angle must be a finite number in [0, 90), got -5"),
+    (lambda: synth.Bearing().defect_frequencies(NAN),
+     "Bearing.defect_frequencies.shaft_hz must be a finite number > 0, got nan"),
+    (lambda: synth.Bearing().defect_frequencies(-30),
+     "Bearing.defect_frequencies.shaft_hz must be a finite number > 0, got -30"),
     (lambda: synth.Machine(shaft_hz=NAN), "Machine.shaft_hz must be a finite number > 0, got nan"),
     (lambda: synth.Machine(shaft_hz=0), "Machine.shaft_hz must be a finite number > 0, got 0"),
     (lambda: synth.Machine(harmonics=0), "Machine.harmonics must be an integer >= 1, got 0"),
@@ -192,6 +224,22 @@ NAN = float("nan")
     (lambda: synth.mix(np.ones(10), np.ones(10), NAN), "mix.snr_db must be a finite number in [-200.0, 200.0], got nan"),
     (lambda: synth.mix(np.ones(10), np.ones(10), 4000), "mix.snr_db must be a finite number in [-200.0, 200.0], got 4000"),
     (lambda: synth.mix(np.zeros(10), np.ones(10), 10), "lies above the Nyquist frequency, with no noise)"),
+    (lambda: synth.mix(np.ones(10), np.array([0.1, NAN, float("inf")]), 10),
+     "background noise has 2 NaN or infinite samples"),
+    (lambda: synth.mix(np.array([0.1, NAN]), np.ones(10), 10),
+     "the signal to mix a background into has 1 NaN or infinite samples"),
+    (lambda: synth.mix(np.ones((2, 10)), np.ones(10), 10),
+     "the signal to mix a background into must be 1-D, got shape (2, 10)"),
+    (lambda: synth.mix(np.float64(1.0), np.ones(10), 10),
+     "the signal to mix a background into must be 1-D, got shape ()"),
+    (lambda: synth.machine_signal(synth.Machine(), 8000, 800, background=np.array([0.1, NAN])),
+     "background noise has 1 NaN or infinite samples"),
+    (lambda: synth.machine_signal(synth.Machine(), 8000, 800, background=(np.ones(100), 16000)),
+     "synthetic signal: the background is recorded at 16000 Hz, not at the signal's 8000 Hz: resample it first"),
+    (lambda: synth.machine_signal(synth.Machine(), 8000, 800, background=np.ones(100), background_snr_db=NAN),
+     "machine_signal.background_snr_db must be a finite number in [-200.0, 200.0], got nan"),
+    (lambda: synth.machine_signal(synth.Machine(), 8000, 800, background=(np.ones((2, 100)), 8000)),
+     "background noise must be a non-silent 1-D waveform, got shape (2, 100)"),
     (lambda: synth.machine_signal(synth.Machine(fault="outer", fault_level=1e39), 16000, 4000),
      "samples beyond float32's range (largest inf): lower the machine's levels"),
 ])

@@ -16,11 +16,11 @@ def names() -> list[str]:
 
 
 def sample(name: str) -> tuple[np.ndarray, int]:
-    """(float32 mono waveform, sample rate) of one bundled recording."""
-    path = SAMPLES_DIR / f"{name}.wav"
-    if not path.is_file():
+    """(float32 mono waveform, sample rate) of one bundled recording. The name is looked up, never joined to
+    the folder as given: an absolute path or ../ in it would read any WAV file."""
+    if name not in names():
         raise ValueError(f"no bundled sample {name!r}; bundled: {', '.join(names()) or 'none'}")
-    return read_wav(path)
+    return read_wav(SAMPLES_DIR / f"{name}.wav")
 
 
 def samples() -> dict[str, tuple[np.ndarray, int]]:

@@ -89,6 +89,7 @@ class Bearing:
 
     def defect_frequencies(self, shaft_hz: float) -> dict[str, float]:
         """Impact rates in Hz of a defect on each part, and the cage rate, for a shaft at `shaft_hz`."""
+        _check("Bearing.defect_frequencies", "shaft_hz", shaft_hz, 0, bounds="(]")  # NaN or < 0 is no rate
         r = self.ball_diameter / self.pitch_diameter * math.cos(math.radians(self.contact_angle))
         return {
             "cage": shaft_hz / 2 * (1 - r),
@@ -198,25 +199,35 @@ def _convolve(signal: np.ndarray, kernel: np.ndarray) -> np.ndarray:
 
 def machine_signal(machine: Machine, sample_rate: int, n_samples: int, seed: int = 0,
                    background=None, background_snr_db: float = 10.0) -> np.ndarray:
-    """`n_samples` float32 samples of `machine` at `sample_rate` Hz. `background`: a recorded noise (1-D,
-    same rate) mixed in at `background_snr_db` dB below the machine (tiled if shorter)."""
+    """`n_samples` float32 samples of `machine` at `sample_rate` Hz. `background`: a recorded noise (1-D, at
+    `sample_rate`, or a (waveform, rate) pair as echo.data.sample returns, whose rate is checked) mixed in at
+    `background_snr_db` dB below the machine (tiled if shorter)."""
     sample_rate = check_sample_rate(sample_rate, "synthetic signal: ")
     if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
         raise ValueError(f"synthetic signal: n_samples must be a positive integer, got {n_samples!r}")
+    if background is not None:  # named as the caller knows it, before a long clip is generated for nothing
+        _check("machine_signal", "background_snr_db", background_snr_db, -MAX_SNR_DB, MAX_SNR_DB)
+    if isinstance(background, tuple) and len(background) == 2 and np.ndim(background[0]) > np.ndim(background[1]):
+        background, background_rate = background  # a waveform and a scalar rate, not two samples or channels
+        if background_rate != sample_rate:  # mixed as it is, it would sound at another pitch and tempo
+            raise ValueError(f"synthetic signal: the background is recorded at {background_rate} Hz, not at the "
+                             f"signal's {sample_rate} Hz: resample it first")
     rng = np.random.default_rng(seed)
     t = np.arange(n_samples) / sample_rate
     nyquist = sample_rate / 2
     speed = machine.shaft_hz * (1 + machine.speed_variation * _drift(rng, t))
     shaft_phase = rng.uniform(0, 2 * np.pi) + 2 * np.pi * np.cumsum(speed) / sample_rate
     load = machine.load * (1 + machine.load_variation * _drift(rng, t))
-    top_speed = speed.max()
+    top_speed = float(speed.max())  # a Python float: Nyquist over a shaft of 1e-320 Hz is inf, with no warning
 
     healthy_1x = 0.1
-    amplitudes = healthy_1x * machine.harmonic_decay ** np.arange(machine.harmonics)
+    # only the orders that may lie below Nyquist are built: harmonics=10**9, meaning "all", costs nothing
+    orders = int(min(machine.harmonics, nyquist / top_speed + 1))
+    amplitudes = healthy_1x * machine.harmonic_decay ** np.arange(orders)
     amplitudes[0] += healthy_1x * machine.imbalance
-    if machine.harmonics >= 2:
+    if orders >= 2:
         amplitudes[1] += healthy_1x * machine.misalignment
-    if machine.harmonics >= 3:
+    if orders >= 3:
         amplitudes[2] += 0.4 * healthy_1x * machine.misalignment
     out = np.zeros(n_samples)
     for order, amplitude in enumerate(amplitudes, start=1):
@@ -260,6 +271,12 @@ def mix(signal, noise, snr_db: float, rng: np.random.Generator | None = None) ->
     noise = np.asarray(noise, dtype=np.float64)
     if noise.ndim != 1 or noise.size == 0 or not np.any(noise):
         raise ValueError(f"background noise must be a non-silent 1-D waveform, got shape {noise.shape}")
+    if signal.ndim != 1:
+        raise ValueError(f"the signal to mix a background into must be 1-D, got shape {signal.shape}")
+    # one NaN or Inf sets the power that scales the noise, and every mixed sample would be NaN
+    for what, samples in (("background noise", noise), ("the signal to mix a background into", signal)):
+        if not np.isfinite(samples).all():
+            raise ValueError(f"{what} has {np.count_nonzero(~np.isfinite(samples))} NaN or infinite samples")
     if not np.any(signal):  # no power to set the background's level by
         raise ValueError("the signal to mix a background into is silent (e.g. a machine whose every component "
                          "lies above the Nyquist frequency, with no noise)")
