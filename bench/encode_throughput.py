@@ -182,7 +182,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="small", help="model preset (default: small)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), help="default: W1 W2 W3")
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS),
+                        help="default: W1 W2 W3")
     parser.add_argument("--paths", nargs="+", default=None,
                         help=f"default: {' '.join(PATHS)} (no fast-*-eager, -kept-heap or -utterances on CUDA, "
                              "where they change nothing the GPU runs); also fast-bf16-sdpa")

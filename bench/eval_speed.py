@@ -33,7 +33,7 @@ def clips(count: int, seconds: float, rate: int, seed: int = 0):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=10000)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rate", type=int, default=16000)
@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument("--batch-files", type=int, default=64)
     parser.add_argument("--loop-files", type=int, default=32, help="clips timed in the per-file loop")
     args = parser.parse_args()
+    if args.files < 2 or args.batch_files < 1 or args.loop_files < 1:
+        parser.error("--files must be at least 2 (half form the bank, half are scored), --batch-files and "
+                     "--loop-files at least 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("skipped: --device cuda but no CUDA device is available")
         return

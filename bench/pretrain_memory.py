@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pretrain_loader import generated_folder
+from pretrain_loader import generated_folder, soundfile_missing
 
 from echo.host_memory import TUNABLES
 
@@ -52,6 +52,12 @@ def main() -> None:
     parser.add_argument("--tokens-per-batch", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    if not 0 <= args.skip < args.steps:
+        parser.error(f"--skip must leave a step to time (0 <= --skip < --steps), got --skip {args.skip} "
+                     f"--steps {args.steps}")
+    if reason := soundfile_missing():
+        print(f"skipped: {reason}")
+        return
     with tempfile.TemporaryDirectory() as scratch:
         if args.data is None:  # beside the run folders, not above them: the corpus is indexed at every start
             (Path(scratch) / "data").mkdir()

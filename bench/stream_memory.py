@@ -24,12 +24,16 @@ def main() -> int:
     parser.add_argument("--size", default="tiny")
     parser.add_argument("--frames", action="store_true", help="keep frame embeddings (their outputs grow too)")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    model = echo.EchoModel(echo.EchoConfig.preset(args.size)).eval()
-    stream = echo.fast.StreamEncoder(model, args.rate, frames=args.frames)
+    if args.chunk_seconds <= 0:
+        parser.error("--chunk-seconds must be positive")
     chunk = int(args.rate * args.chunk_seconds)
     chunks = int(args.minutes * 60 / args.chunk_seconds)
     per_minute = max(1, int(60 / args.chunk_seconds))
+    if chunks < per_minute:
+        parser.error("RSS is read once a minute: --minutes must be at least 1 (and at least one chunk)")
+    torch.manual_seed(0)
+    model = echo.EchoModel(echo.EchoConfig.preset(args.size)).eval()
+    stream = echo.fast.StreamEncoder(model, args.rate, frames=args.frames)
     generator = torch.Generator().manual_seed(1)
     started, readings = time.perf_counter(), []
     print(f"ECHO-{args.size}, {args.rate} Hz in {args.chunk_seconds:g} s chunks, frames={args.frames}; "

@@ -22,7 +22,7 @@ STRETCH = 500
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=int, default=48000)
     parser.add_argument("--frames", type=int, default=6000)
     parser.add_argument("--size", default="tiny")
@@ -42,7 +42,8 @@ def main() -> None:
     print(f"ECHO-{args.size}, {args.rate} Hz, one hop ({hop} samples) a push, 1 thread: median ms a push")
     for first in range(0, len(times), STRETCH):
         kept = [t for t in times[first : first + STRETCH] if t is not None]
-        print(f"  frames {first:6d}-{min(first + STRETCH, len(times)):6d}: {1e3 * statistics.median(kept):.3f}")
+        median = f"{1e3 * statistics.median(kept):.3f}" if kept else "- (every push emitted a segment)"
+        print(f"  frames {first:6d}-{min(first + STRETCH, len(times)):6d}: {median}")
 
 
 if __name__ == "__main__":
