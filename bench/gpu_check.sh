@@ -4,8 +4,8 @@
 # end-to-end encode throughput, the packed-vs-padded pretraining step, and the compiled extension's CUDA op
 # (built here with nvcc, then its tests). Everything goes under $OUT (default ./gpu_out); each stage is
 # time-boxed, and a failing stage is logged without stopping the others. STAGES picks a subset.
-# Time limits (most stages end sooner): environment 1 minute, kernels + benchmarks 4.5, encode + pretrain 8.7,
-# csrc build + tests 5; about 19 minutes if every stage ran to its limit. STAGES picks a subset to fit less.
+# Time limits (most stages end sooner): environment 1 minute, kernels + benchmarks 4.5, encode + pretrain 9.7,
+# csrc build + tests 5; about 20 minutes if every stage ran to its limit. STAGES picks a subset to fit less.
 #
 #   OUT=/tmp/gpu_out bash bench/gpu_check.sh
 #   STAGES="pretrain csrc" bash bench/gpu_check.sh
@@ -85,6 +85,8 @@ fi
 # 4. end to end: fast.encode against the per-signal reference (issue 4)
 # (the per-signal reference path dominates: W1 and W2 at --repeat 2 ran past 110 s on an H100)
 wanted encode && stage encode 240 "$PYTHON" bench/encode_throughput.py --device cuda --workloads W1 W2 --repeat 2
+# the GPU path is bound by the host (bf16 at 1-5% of the peak): where the host's time goes
+wanted encode && stage encode_profile 60 "$PYTHON" bench/profile_encode.py --device cuda --python --dtype bfloat16
 
 # 5. pretraining: the packed step against the padded one, tiny and small (issue 7)
 # 32768 teacher tokens: ~270 clips of the 1-10 s mix per step, the paper's batch of 256 (measured: ~200 s on an H100)
