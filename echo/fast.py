@@ -224,8 +224,7 @@ def _encode_chunk(model, plan, spec, members: list[_Mono], frames: bool, device,
         mono = members[index]
         block = out[starts[first] : starts[first] + bands * (patches + 1)].view(bands, patches + 1, dim)
         _add_utterance(mono, block[:, 0].reshape(-1))
-        if frames:
-            mono.frames.append(block[:, 1:].transpose(0, 1).reshape(patches, bands * dim))
+        mono.frames.append(block[:, 1:].transpose(0, 1).reshape(patches, bands * dim))
 
 
 def _add_utterance(mono: _Mono, cls: torch.Tensor) -> None:

@@ -243,7 +243,8 @@ def dcase(root, year: int, label_lists=None) -> Dataset:
                 unlabelled += label is None
                 items.append(Clip(path, split, machine, section, domain, subset, label))
     if unlabelled:
-        source = "the --labels lists" if label_lists else f"eval_data_list_{year}.csv under {root}"
+        source = "the --labels lists" if label_lists else \
+            f"eval_data_list_{year}.csv{' or eval_data_list.csv' if year == 2020 else ''} under {root}"
         others = [str(p) for p in found if p not in lists]
         notes.append(f"{unlabelled} test clips have no label (no entry in {source}): they are scored but not "
                      f"measured" + (f"; other years' lists found, pass one with --labels if it applies: "

@@ -73,13 +73,15 @@ def teacher_targets(teacher, batch: Batch, packing: packed.Packing, utterance_ta
     return targets, F.layer_norm(stationary, (stationary.shape[-1],), eps=INSTANCE_NORM_EPS)
 
 
-def check_decoder_shape(dim: int, layers: int, kernel: int, groups: int) -> None:
+def check_decoder_shape(dim: int | None, layers: int, kernel: int, groups: int) -> None:
     """ValueError naming each bad decoder option (groups < 1, or not dividing the width, would silently mean
-    another grouping)."""
+    another grouping). dim=None leaves the division unchecked: a run started before it was checked built its
+    decoder with gcd(groups, width) groups, and resumes with them (trainer.train)."""
     problems = [f"{name} must be {rule}, got {value}" for name, value, rule, bad in (
         ("decoder_kernel", kernel, "odd and positive", kernel < 1 or kernel % 2 == 0),
         ("decoder_layers", layers, "positive", layers < 1),
-        ("decoder_groups", groups, f"positive and divide the width {dim}", groups < 1 or dim % groups)) if bad]
+        ("decoder_groups", groups, "positive" if dim is None else f"positive and divide the width {dim}",
+         groups < 1 or (dim is not None and dim % groups != 0))) if bad]
     if problems:
         raise ValueError("; ".join(problems))
 

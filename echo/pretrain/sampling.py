@@ -2,9 +2,9 @@
 
 Each clip is a random crop (of one length, or of random lengths down to `shortest_crop_seconds`); it
 contributes 2-5 random 32-bin bands at random bin offsets (FPE from each band's own centre), and each band
-sequence is masked independently in every clone (uniform random masking, an exact count per sequence). Clips are added to a batch until the next would overflow a token budget
-(teacher tokens: every band sequence's L + 1), so batches hold many short clips or few long ones, never
-padding.
+sequence is masked independently in every clone (uniform random masking, an exact count per sequence). Clips
+are added to a batch until the next would overflow a token budget (teacher tokens: every band sequence's
+L + 1), so batches hold many short clips or few long ones, never padding.
 
 Everything random about a clip is drawn from its stream's generator using only the example's rate and length
 (`draw_clip`), and audio is read afterwards (`materialise`): a resumed run replays the batches it already

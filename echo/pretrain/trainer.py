@@ -77,8 +77,10 @@ class PretrainConfig:
     FREE_ON_RESUME = ("data", "out", "save_every", "keep", "log_every", "export", "device", "manifest")
 
     def __post_init__(self):
-        self.sampling  # building it validates its fields
-        check_decoder_shape(self.model_config.dim, self.decoder_layers, self.decoder_kernel, self.decoder_groups)
+        self.sampling, self.model_config  # building them validates their fields
+        # groups that do not divide the width are refused by train() for a new run only: a run started before
+        # that was checked (its decoder has gcd(groups, width) groups) still resumes, and its checkpoints export
+        check_decoder_shape(None, self.decoder_layers, self.decoder_kernel, self.decoder_groups)
         # `not value > 0` rather than `value <= 0`: NaN is refused too. None means "the default". An infinite lr
         # or weight decay makes the first update's weights NaN under a finite loss: that step's checkpoint would be
         # written before the next step's loss showed it.
@@ -373,7 +375,10 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
     if config.export is None:  # a resumed run exports the encoder it was started to export
         started = saved["config"] if saved is not None else _written_config(out)
         config = replace(config, export=started.get("export") or "teacher")
-    if saved is not None:
+    if saved is None:  # a new run: its decoder groups must divide the width
+        check_decoder_shape(config.model_config.dim, config.decoder_layers, config.decoder_kernel,
+                            config.decoder_groups)
+    else:
         config.check_resumable(saved["config"])
         if (saved["world"], saved["workers"]) != (world, config.workers):
             raise ValueError(f"the run was started on {saved['world']} processes with {saved['workers']} data "
@@ -397,7 +402,10 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     student = EchoModel(config.model_config)
-    decoder = ConvDecoder(student.config.dim, config.decoder_layers, config.decoder_kernel, config.decoder_groups)
+    # gcd: the grouping a run started before the groups had to divide the width was built with (checked above
+    # for a new run, where it is the groups themselves)
+    decoder = ConvDecoder(student.config.dim, config.decoder_layers, config.decoder_kernel,
+                          math.gcd(config.decoder_groups, student.config.dim))
     learner = Learner(student, decoder, config.utterance_weight).to(device)
     teacher = copy.deepcopy(student).requires_grad_(False)
     clips_per_step = world * nominal_clips_per_batch(config.sampling)
