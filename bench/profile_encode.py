@@ -1,7 +1,7 @@
 """Where the time of echo.fast.encode goes, by kind of work (torch.profiler, self CPU time per op).
 
     python bench/profile_encode.py --workload W1 --dtype bfloat16        # ECHO-small, CPU
-    python bench/profile_encode.py --device cuda --python                # on a GPU: host against device time
+    python bench/profile_encode.py --device cuda --python --utterances   # on a GPU: host against device time
 
 On a GPU the table gives the host's time per kind of work and the device's busy time: where the GPU waits on
 the host, `--python` lists the echo functions that take the host's time (cProfile, cumulative).
@@ -42,6 +42,8 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--python", action="store_true", help="also the echo functions by cumulative time")
+    parser.add_argument("--utterances", action="store_true",
+                        help="frames=False, what the encode and eval commands ask for (default: frames too)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("skipped: --device cuda needs a CUDA GPU")
@@ -54,7 +56,7 @@ def main() -> int:
     signals, rates = workload(args.workload)
     dtype = getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    call = lambda: echo.fast.encode(model, signals, rates, dtype=dtype, frames=True)  # noqa: E731
+    call = lambda: echo.fast.encode(model, signals, rates, dtype=dtype, frames=not args.utterances)  # noqa: E731
     call()  # warm-up (and the bf16 copy of the model)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -72,6 +74,7 @@ def main() -> int:
     in_ops = sum(totals.values())
     totals["Python/dispatch (wall - ops)"] = max(0.0, wall - in_ops)
     print(f"ECHO-{args.size} {args.workload} ({WORKLOADS[args.workload]}), {args.dtype}, {args.device}, "
+          f"{'utterances only' if args.utterances else 'with frames'}, "
           f"{torch.get_num_threads()} threads: {wall:.3f} s wall")
     if args.device == "cuda":
         print(f"GPU busy {device_busy:.3f} s of the {wall:.3f} s ({100 * device_busy / wall:.0f}%); host time below")
