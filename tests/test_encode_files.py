@@ -70,6 +70,22 @@ def test_folder_to_npz_matches_the_reference_and_skips_bad_files(tmp_path, model
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["emb.npz"]
 
 
+def interrupt_at_second_batch(monkeypatch):
+    """The command's second batch raises KeyboardInterrupt, as Ctrl-C there would; returns the real encoder."""
+    import echo.encode_files as command
+
+    calls, real = [], command._encode_batch
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(command, "_encode_batch", interrupted)
+    return real
+
+
 def test_rerun_and_interrupted_run_resume(tmp_path, model_path, capsys, monkeypatch):
     good = write_corpus(tmp_path / "data")
     out = tmp_path / "emb.npz"
@@ -86,15 +102,8 @@ def test_rerun_and_interrupted_run_resume(tmp_path, model_path, capsys, monkeypa
     # an interrupted run keeps its finished batches; the next run encodes only the rest
     import echo.encode_files as command
 
-    out2, calls, real = tmp_path / "emb2.npz", [], command._encode_batch
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(command, "_encode_batch", interrupted)
+    out2 = tmp_path / "emb2.npz"
+    real = interrupt_at_second_batch(monkeypatch)
     capsys.readouterr()
     assert run(tmp_path / "data", "--model", model_path, "--out", out2, "--batch-files", "2") == 130
     assert "the same command resumes" in capsys.readouterr().err
@@ -127,17 +136,10 @@ def test_a_finished_run_keeps_the_saved_batches_of_an_interrupted_run_in_another
 
     for name in ("a.wav", "b.wav"):
         soundfile.write(str(tmp_path / name), np.random.uniform(-0.5, 0.5, 4000), 16000)
-    out, calls, real = tmp_path / "e.npz", [], command._encode_batch
+    out = tmp_path / "e.npz"
     bf16 = (tmp_path / "a.wav", tmp_path / "b.wav", "--model", model_path, "--out", out, "--batch-files", "1",
             "--dtype", "bfloat16")
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(command, "_encode_batch", interrupted)
+    real = interrupt_at_second_batch(monkeypatch)
     assert run(*bf16) == 130  # a.wav's batch was saved, b.wav's was not
     monkeypatch.setattr(command, "_encode_batch", real)
     assert run(tmp_path / "a.wav", tmp_path / "b.wav", "--model", model_path, "--out", out) == 0
