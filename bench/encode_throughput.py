@@ -126,9 +126,10 @@ def serve(name: str, path: str, size: str, device: str, backend: str | None) -> 
             model, signals, rates, dtype=dtype, frames=frames, backend=backend)
     call()  # warm-up
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    cls_only = "-utterances" in path and device in echo.fast.CLS_LAYER_DEVICES
     print(json.dumps({"audio_seconds": sum(len(s) / r for s, r in zip(signals, rates)),
-                      "flops": model_flops(signals, rates, model.config.dim, model.config.depth,
-                                           cls_only="-utterances" in path and device in echo.fast.CLS_LAYER_DEVICES)}), flush=True)
+                      "flops": model_flops(signals, rates, model.config.dim, model.config.depth, cls_only=cls_only)}),
+          flush=True)
     for command in sys.stdin:
         if command.strip() != "time":
             break

@@ -86,7 +86,8 @@ fi
 # (the per-signal reference path dominates: W1 and W2 at --repeat 2 ran past 110 s on an H100)
 wanted encode && stage encode 240 "$PYTHON" bench/encode_throughput.py --device cuda --workloads W1 W2 --repeat 2
 # the GPU path is bound by the host (bf16 at 1-5% of the peak): where the host's time goes
-wanted encode && stage encode_profile 60 "$PYTHON" bench/profile_encode.py --device cuda --python --utterances --dtype bfloat16
+wanted encode && stage encode_profile 60 "$PYTHON" bench/profile_encode.py --device cuda --python --utterances \
+    --dtype bfloat16
 
 # 5. pretraining: the packed step against the padded one, tiny and small (issue 7)
 # 32768 teacher tokens: ~270 clips of the 1-10 s mix per step, the paper's batch of 256 (measured: ~200 s on an H100)

@@ -135,7 +135,8 @@ def infer_config(state: dict, **overrides) -> EchoConfig:
     layers = {int(m.group(1)) for key in state if (m := LAYER_KEY.match(key))}
     dim = overrides.pop("dim", state["cls_token"].shape[-1])
     depth = overrides.pop("depth", max(layers) + 1 if layers else 0)
-    whole_sizes = all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in (dim, depth))  # else EchoConfig says
+    # numpy's integers too (a 6-head default for depth=np.int64(12)); anything else EchoConfig refuses
+    whole_sizes = all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in (dim, depth))
     if "heads" not in overrides and whole_sizes:
         preset = next((p for p in PRESETS.values() if (p.dim, p.depth) == (dim, depth)), None)
         if preset is not None:

@@ -166,7 +166,8 @@ def encode(
             [subset for _, subset in chunk],
         )
         if spec_cache is None or spec_cache[0] != tuple(members):
-            waves = torch.cat([monos[m].waveform.to(device) for m in members])  # signals may come from several devices
+            # each moved first: the signals may come from several devices
+            waves = torch.cat([monos[m].waveform.to(device) for m in members])
             wave_offsets = torch.tensor([0] + [monos[m].waveform.shape[0] for m in members]).cumsum(0)
             spec_cache = (tuple(members), stft_ops.ragged_spectrogram(waves, wave_offsets, plan, backend))
         _encode_chunk(model, plan, spec_cache[1], [monos[m] for m in members], frames, device, backend, row_step)

@@ -63,13 +63,13 @@ def check_sample_rate(sample_rate, where: str = "") -> int:
     """An integer rate of 100 Hz (below, the 10 ms hop is no whole sample; slow sensors such as 1 kHz
     accelerometers get one band) to 10 MHz (above, one window holds over 250 000 samples in some 3900 bands: a
     typo, not a sensor); a 0-d tensor or array is its value."""
-    if whole_number(sample_rate) is None:
+    rate = whole_number(sample_rate)
+    if rate is None:
         raise ValueError(f"{where}sample rate must be an integer number of Hz, got {sample_rate!r}")
-    sample_rate = whole_number(sample_rate)
-    if not geometry.MIN_SAMPLE_RATE <= sample_rate <= geometry.MAX_SAMPLE_RATE:
-        raise ValueError(f"{where}sample rate {sample_rate} Hz is outside {geometry.MIN_SAMPLE_RATE} to "
+    if not geometry.MIN_SAMPLE_RATE <= rate <= geometry.MAX_SAMPLE_RATE:
+        raise ValueError(f"{where}sample rate {rate} Hz is outside {geometry.MIN_SAMPLE_RATE} to "
                          f"{geometry.MAX_SAMPLE_RATE} Hz")
-    return sample_rate
+    return rate
 
 
 def as_tensor(samples, where: str = "", what: str = "signal") -> torch.Tensor:
