@@ -54,9 +54,20 @@ def describe(op: str, device: torch.device) -> tuple[str, str]:
     except ValueError as error:
         return "error", str(error)
     if forced:
-        return chosen, f"forced by {forced}"
-    why = ["default"] + skipped_reasons(op, device, available, chosen)
+        return chosen, "; ".join([f"forced by {forced}", *heads_taken(op, device, available, chosen, forced)])
+    why = ["default"] + skipped_reasons(op, device, available, chosen) + heads_taken(op, device, available, chosen)
     return chosen, "; ".join(why)
+
+
+def heads_taken(op: str, device: torch.device, available: tuple[str, ...], chosen: str,
+                forced: str | None = None) -> list[str]:
+    """Which heads the chosen attention backend takes, and where a custom config's others go: "csrc" alone
+    read as if every model's attention ran compiled."""
+    if op != "attention" or chosen not in attention_ops.TAKES:
+        return []
+    others = "are refused" if forced else "run on " + backends.choose(
+        op, device, available=tuple(name for name in available if name != chosen))
+    return [f"{chosen} takes {attention_ops.TAKES[chosen]}; other heads {others}"]
 
 
 def why_no_tiles() -> str:

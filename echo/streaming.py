@@ -103,9 +103,12 @@ class StreamEncoder:
         self.model = packed.inference_model(model, dtype, snapshot=True)
         self.rate = inputs.check_sample_rate(sample_rate)
         self.frames = frames
-        # the ops `backend` reaches; one they cannot run is said now, not at the first segment's encode, 20 s on
-        for name, op in (("attention", attention_ops), ("norm", norm_ops)):
-            backends.choose(name, self.model.device, backend, op.available_backends(self.model.device))
+        # the ops `backend` reaches; one they cannot run (or whose attention cannot take the model's heads) is
+        # said now, not at the first segment's encode, 20 s on
+        device, config = self.model.device, self.model.config
+        backends.choose("attention", device, backend,
+                        attention_ops.fitting_backends(config.dim // config.heads, dtype, device, backend))
+        backends.choose("norm", device, backend, norm_ops.available_backends(device))
         self.backend = backend
         if max_tokens is None:
             max_tokens = fast.DEFAULT_MAX_TOKENS.get(self.model.device.type, fast.DEFAULT_MAX_TOKENS_ELSEWHERE)

@@ -82,3 +82,28 @@ def test_a_forced_triton_attention_says_why_it_cannot_take_the_heads():
         qkv = torch.randn(packing.total_tokens, 3 * 192, dtype=dtype)
         with pytest.raises(BackendError, match=f"got {dtype} heads of dim {192 // heads}"):
             attention_ops.packed_attention(qkv, packing, heads, backend="triton")
+
+
+def test_a_forced_backend_names_the_setting_and_why_it_cannot_take_the_heads(monkeypatch):
+    """A custom config's heads (dim 40, 5 heads: dim 8) under ECHO_BACKEND_ATTENTION=csrc were refused as if
+    attention had no compiled backend ("it has torch, reference"), though it is built and the heads were the
+    reason; the Triton refusal did not name the setting that asked for it."""
+    import pytest
+
+    from echo import extension
+    from echo.ops import backend as backends
+
+    packing = Packing.from_lengths(torch.tensor([5, 17]))
+    qkv = torch.randn(packing.total_tokens, 3 * 40)
+    forced = [name for name, runs in (("csrc", extension.has_op("short_attention", "cpu")),
+                                      ("triton", backends.triton_available(qkv.device))) if runs]
+    for name in forced:
+        with pytest.raises(backends.BackendError, match=f"^backend='{name}': .*got torch.float32 heads of dim 8$"):
+            attention_ops.packed_attention(qkv, packing, 5, backend=name)
+        monkeypatch.setenv("ECHO_BACKEND_ATTENTION", name)
+        with pytest.raises(backends.BackendError, match=f"^ECHO_BACKEND_ATTENTION={name}: .*heads of dim 8$"):
+            attention_ops.packed_attention(qkv, packing, 5)
+        monkeypatch.delenv("ECHO_BACKEND_ATTENTION")
+    if "csrc" in forced:
+        with pytest.raises(backends.BackendError, match="heads of dim 64 that need gradients$"):
+            attention_ops.packed_attention(torch.randn(22, 3 * 128, requires_grad=True), packing, 2, backend="csrc")

@@ -162,3 +162,25 @@ def test_odd_but_valid_library_headers_are_not_called_cut_short(tmp_path):
     library.chmod(0)
     if not os.access(library, os.R_OK):  # root reads it anyway
         assert extension.cut_short(library) is None
+
+
+def test_info_says_which_heads_the_attention_backend_takes(capsys, monkeypatch):
+    """The CPU row said "csrc  default" for every model, but a custom config's heads (dim 40, 5 heads: dim 8)
+    run on torch: the compiled kernel takes heads of dim 64 only."""
+    from echo.ops import attention as attention_ops
+    from echo.ops import backend as backends
+    from echo.packed import Packing
+
+    monkeypatch.delenv("ECHO_BACKEND_ATTENTION", raising=False)
+    assert main(["info"]) == 0
+    rows = dict(re.findall(r"^attention\s+(cpu|cuda)\s+\S+\s+(.*)$", capsys.readouterr().out, re.M))
+    chosen, choose = [], backends.choose
+    monkeypatch.setattr(backends, "choose", lambda *a, **k: chosen.append(choose(*a, **k)) or chosen[-1])
+    packing = Packing.from_lengths(torch.tensor([5, 17]))
+    for heads in (2, 5):  # heads of dim 64, then of dim 8
+        attention_ops.packed_attention(torch.randn(packing.total_tokens, 3 * 128 if heads == 2 else 3 * 40),
+                                       packing, heads)
+    if chosen[0] in attention_ops.TAKES:
+        assert f"{chosen[0]} takes {attention_ops.TAKES[chosen[0]]}; other heads run on {chosen[1]}" in rows["cpu"]
+    else:
+        assert "takes" not in rows["cpu"]

@@ -375,3 +375,20 @@ def test_a_backend_that_cannot_run_is_refused_when_the_stream_is_made(model):
     stream = fast.StreamEncoder(model, 1000, backend="reference")
     assert len(push_in_random_pieces(stream, x)) == 1
     assert rel_err(stream.finish(), model.encode(x, 1000)[0]) < 1e-5
+
+
+def test_a_forced_attention_that_cannot_take_the_heads_is_refused_when_the_stream_is_made():
+    """A 1-head dim-48 model with backend="csrc" built its stream and failed at the first segment, 20 s on."""
+    from echo import extension
+    from echo.ops.backend import BackendError
+
+    if not extension.has_op("short_attention", torch.device("cpu")):
+        pytest.skip("the compiled extension is not built")
+    custom = random_model("tiny", dim=48, heads=1, depth=1)
+    with pytest.raises(BackendError, match=r"^backend='csrc': the compiled attention takes .* got torch.float32 heads "
+                                           r"of dim 48"):
+        fast.StreamEncoder(custom, 16000, backend="csrc")
+    x = torch.randn(16000)
+    stream = fast.StreamEncoder(custom, 16000)  # unforced: the heads run where they can
+    push_in_random_pieces(stream, x)
+    assert rel_err(stream.finish(), custom.encode(x, 16000)[0]) < 1e-5

@@ -127,23 +127,47 @@ def available_backends(device: torch.device) -> tuple[str, ...]:
     return ("csrc", *fallbacks) if extension.has_op("short_attention", device) else fallbacks
 
 
+# What the backends that take only some heads take (echo info says it too).
+TAKES = {
+    "csrc": f"float32 or bf16 heads of dim {COMPILED_HEAD_DIM} in inference (no backward)",
+    "triton": "float32, bf16 or fp16 heads of a power-of-two dim >= 16",
+}
+
+
+def unfit_backends(head_dim: int, dtype: torch.dtype, needs_grad: bool = False) -> dict[str, str]:
+    """The backends that cannot take these heads, each with the reason: a custom config's heads (dim 8, 25, 48,
+    256...) run on the next backend by default, and a forced one that cannot take them is an error saying why."""
+    got = f"got {dtype} heads of dim {head_dim}{' that need gradients' if needs_grad else ''}"
+    unfit = {}
+    if needs_grad or head_dim != COMPILED_HEAD_DIM or dtype not in (torch.float32, torch.bfloat16):
+        unfit["csrc"] = f"the compiled attention takes {TAKES['csrc']}, {got}"
+    if head_dim < 16 or head_dim & (head_dim - 1) or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        unfit["triton"] = f"the Triton attention takes {TAKES['triton']}, {got}"
+    return unfit
+
+
+def fitting_backends(head_dim: int, dtype: torch.dtype, device: torch.device, backend: str | None = None,
+                     needs_grad: bool = False) -> tuple[str, ...]:
+    """The backends on `device` that take these heads, fastest first; a forced one that cannot take them is an
+    error saying why (and one not built or not on this device says that first)."""
+    from . import backend as backends
+
+    unfit = unfit_backends(head_dim, dtype, needs_grad)
+    available = available_backends(device)
+    requested, source = backends.request("attention", backend)
+    if requested in unfit:
+        backends.choose("attention", device, backend, available)
+        raise backends.BackendError(f"{source}: {unfit[requested]}")
+    return tuple(name for name in available if name not in unfit)
+
+
 def packed_attention(qkv: torch.Tensor, packing, heads: int, backend: str | None = None) -> torch.Tensor:
     """Dispatch of varlen attention on a packed (total, 3D) buffer described by an echo.packed.Packing."""
     from . import backend as backends
 
-    available = available_backends(qkv.device)
-    head_dim = qkv.shape[1] // (3 * heads)
-    needs_grad = torch.is_grad_enabled() and qkv.requires_grad
-    if needs_grad or head_dim != COMPILED_HEAD_DIM or qkv.dtype not in (torch.float32, torch.bfloat16):
-        available = tuple(name for name in available if name != "csrc")
-    # The Triton kernel's tiles need a power-of-two head dim of 16 or more (a custom config's 48 is valid) and
-    # it computes in fp32 at most: it is no default for those, and a forced request names the reason.
-    if head_dim < 16 or head_dim & (head_dim - 1) or qkv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        if backends.forced("attention", backend) == "triton":
-            raise backends.BackendError(f"the Triton attention takes float32, bf16 or fp16 heads of a power-of-two "
-                                        f"dim >= 16, got {qkv.dtype} heads of dim {head_dim}")
-        available = tuple(name for name in available if name != "triton")
-    chosen = backends.choose("attention", qkv.device, backend, available=available)
+    fitting = fitting_backends(qkv.shape[1] // (3 * heads), qkv.dtype, qkv.device, backend,
+                               torch.is_grad_enabled() and qkv.requires_grad)
+    chosen = backends.choose("attention", qkv.device, backend, fitting)
     if chosen == "csrc":  # the compiled kernels read rows of 3D values back to back
         return compiled_then_grouped_attention(qkv.contiguous(), packing, heads)
     if chosen == "triton":

@@ -78,10 +78,10 @@ def _backends_of(op: str) -> tuple[str, ...]:
 
 def forced(op: str, backend: str | None = None) -> str | None:
     """The backend asked for `op`: the argument, else ECHO_BACKEND_<OP>, else ECHO_BACKEND; None when free."""
-    return _request(op, backend)[0]
+    return request(op, backend)[0]
 
 
-def _request(op: str, backend: str | None) -> tuple[str | None, str]:
+def request(op: str, backend: str | None) -> tuple[str | None, str]:
     """The backend asked for `op` and where the request came from, as an error message names it."""
     if backend:
         return backend, f"backend={backend!r}"
@@ -95,7 +95,7 @@ def choose(op: str, device: torch.device, requested: str | None = None, availabl
     """The backend for `op` on `device`: the requested one (argument, then environment), else the first of
     `available` (listed fastest first) that can run, Triton by default only on CUDA and where it measured faster.
     A request that cannot run is an error naming the setting that made it."""
-    requested, source = _request(op, requested)
+    requested, source = request(op, requested)
     if requested:
         if requested not in BACKENDS:
             raise BackendError(f"{source}: unknown backend {requested!r} for {op}; choose from {', '.join(BACKENDS)}")
