@@ -230,8 +230,8 @@ def varlen_attention(
     if qkv.dim() != 2 or qkv.shape[1] % (3 * heads):
         raise ValueError(f"qkv must be (total, 3*D) with D divisible by heads={heads}, got {tuple(qkv.shape)}")
     head_dim = qkv.shape[1] // (3 * heads)
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"the Triton attention needs a power-of-two head dim >= 16, got {head_dim}")
+    if not 16 <= head_dim <= 128 or head_dim & (head_dim - 1):  # a tile holds whole heads in shared memory
+        raise ValueError(f"the Triton attention needs a power-of-two head dim from 16 to 128, got {head_dim}")
     block = block or _tile_size(max_seqlen)
     if block < 16 or block & (block - 1):
         raise ValueError(f"attention tile must be a power of two >= 16, got {block}")

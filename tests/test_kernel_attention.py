@@ -84,10 +84,13 @@ def test_empty_batch():
     assert out.shape == (0, DIM) and dqkv.shape == (0, 3 * DIM)
 
 
-def test_rejects_unsupported_head_dim():
-    qkv = torch.randn(5, 3 * 96, device=DEVICE)
-    with pytest.raises(ValueError, match="head dim"):
+@pytest.mark.parametrize("head_dim", [8, 48, 256])
+def test_rejects_unsupported_head_dim(head_dim):
+    """Past 128, a tile's whole heads (q, k and v, 64 rows each) outgrow a GPU's shared memory."""
+    qkv = torch.randn(5, 3 * 2 * head_dim, device=DEVICE)
+    with pytest.raises(ValueError, match=f"power-of-two head dim from 16 to 128, got {head_dim}"):
         kernel.varlen_attention(qkv, torch.tensor([0, 5], dtype=torch.int32), 5, heads=2)
+    assert "triton" in attention_ops.unfit_backends(head_dim, torch.float32)  # never the default for them
 
 
 def test_strided_cu_seqlens():

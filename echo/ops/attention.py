@@ -130,7 +130,7 @@ def available_backends(device: torch.device) -> tuple[str, ...]:
 # What the backends that take only some heads take (echo info says it too).
 TAKES = {
     "csrc": f"float32 or bf16 heads of dim {COMPILED_HEAD_DIM} in inference (no backward)",
-    "triton": "float32, bf16 or fp16 heads of a power-of-two dim >= 16",
+    "triton": "float32, bf16 or fp16 heads of a power-of-two dim from 16 to 128",
 }
 
 
@@ -141,7 +141,10 @@ def unfit_backends(head_dim: int, dtype: torch.dtype, needs_grad: bool = False) 
     unfit = {}
     if needs_grad or head_dim != COMPILED_HEAD_DIM or dtype not in (torch.float32, torch.bfloat16):
         unfit["csrc"] = f"the compiled attention takes {TAKES['csrc']}, {got}"
-    if head_dim < 16 or head_dim & (head_dim - 1) or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    # (echo_kernels.attention's own check: a tile holds whole heads, and 64 rows of 256 float32 channels, times
+    # q, k and v, pass the shared memory of a GPU)
+    if not 16 <= head_dim <= 128 or head_dim & (head_dim - 1) or \
+            dtype not in (torch.float32, torch.bfloat16, torch.float16):
         unfit["triton"] = f"the Triton attention takes {TAKES['triton']}, {got}"
     return unfit
 
