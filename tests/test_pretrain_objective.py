@@ -1,5 +1,6 @@
-"""The pretraining objective: packed loss vs sequence by sequence, the student never sees a masked token,
-EMA and learning-rate schedules vs hand computations."""
+"""The pretraining objective: packed loss, and its gradients under every backend, vs sequence by sequence; an
+inference call in between changes nothing; the student never sees a masked token; EMA and learning-rate
+schedules vs hand computations."""
 import copy
 import itertools
 
@@ -13,6 +14,8 @@ from conftest import random_model, rel_err  # noqa: E402
 from independent import torch_layers  # noqa: E402
 from pretrain_corpus import write_corpus  # noqa: E402
 
+from echo import extension, fast  # noqa: E402
+from echo.ops import backend as backends  # noqa: E402
 from echo.packed import Packing  # noqa: E402
 from echo.pretrain import corpus, objective, sampling, schedule  # noqa: E402
 
@@ -34,22 +37,24 @@ def random_learner(dim=64, depth=2, heads=1):
 
 
 def loss_sequence_by_sequence(learner, teacher, batch, utterance_target):
-    """The same loss written per sequence, with torch.nn.TransformerEncoder layers for the teacher, the model's
-    own per-band path for the student and a padded nn.Conv1d decoder."""
-    dim = teacher.config.dim
-    layers = torch_layers(teacher.state_dict(), dim, teacher.config.heads, teacher.config.depth).layers
+    """The same loss written per sequence, in the dtype of the models, with torch.nn.TransformerEncoder layers
+    for the teacher and the student (the student's, returned with the loss, hold its encoder's gradients), the
+    per-band token path and a padded nn.Conv1d decoder."""
+    dim, dtype = teacher.config.dim, teacher.cls_token.dtype
+    layers = torch_layers(teacher.state_dict(), dim, teacher.config.heads, teacher.config.depth).to(dtype).layers
     first = torch.cumsum(batch.lengths, 0) - batch.lengths
     targets, utterance_targets, bands = [], [], []
     for s, length in enumerate(batch.lengths.tolist()):
-        rows = batch.patches[first[s] : first[s] + length].reshape(length, 32, 16)
+        rows = batch.patches[first[s] : first[s] + length].reshape(length, 32, 16).to(dtype)
         band = rows.permute(1, 0, 2).reshape(1, 32, length * 16)
         bands.append(band)
-        x = teacher.band_tokens(band, batch.positions[s : s + 1])
-        average = raw_average = 0
-        for layer in layers:
-            x = layer(x)
-            average = average + F.instance_norm(x[:, 1:].transpose(1, 2)).transpose(1, 2) / len(layers)
-            raw_average = raw_average + x[0, 1:] / len(layers)
+        with torch.no_grad():
+            x = teacher.band_tokens(band, batch.positions[s : s + 1])
+            average = raw_average = 0
+            for layer in layers:
+                x = layer(x)
+                average = average + F.instance_norm(x[:, 1:].transpose(1, 2)).transpose(1, 2) / len(layers)
+                raw_average = raw_average + x[0, 1:] / len(layers)
         target = F.layer_norm(average[0], (dim,))
         targets.append(target)
         if utterance_target == "frame-mean":
@@ -57,6 +62,7 @@ def loss_sequence_by_sequence(learner, teacher, batch, utterance_target):
         else:
             utterance_targets.append(F.layer_norm(raw_average.mean(0), (dim,)))
     student, decoder = learner.student, learner.decoder
+    student_layers = torch_layers(student.state_dict(), dim, student.config.heads, student.config.depth).to(dtype)
     masked_errors, utterance_errors = [], []
     start = 0
     for j, s in enumerate(batch.student_sequence.tolist()):
@@ -65,7 +71,7 @@ def loss_sequence_by_sequence(learner, teacher, batch, utterance_target):
         start += length
         tokens = student.band_tokens(bands[s], batch.positions[s : s + 1])[0]
         visible = torch.cat([torch.tensor([0]), 1 + (~masked).nonzero().squeeze(1)])  # CLS + visible patches
-        out = student(tokens[visible][None])[0]
+        out = student.norm(student_layers(tokens[visible][None]))[0]
         x = decoder.mask_token.expand(length, dim).clone()
         x[~masked] = out[1:]
         x = x.T[None]
@@ -77,7 +83,19 @@ def loss_sequence_by_sequence(learner, teacher, batch, utterance_target):
         utterance_errors.append((out[0] - utterance_targets[s]) ** 2)
     frame = torch.cat(masked_errors).mean()
     utterance = torch.stack(utterance_errors).mean()
-    return frame + learner.utterance_weight * utterance, frame, utterance
+    return (frame + learner.utterance_weight * utterance, frame, utterance), student_layers
+
+
+def float64_gradients(learner, teacher, batch, utterance_target="frame-mean") -> dict:
+    """The gradient of every trained parameter of `learner`, by name, of loss_sequence_by_sequence in float64."""
+    learner, teacher = copy.deepcopy(learner).double(), copy.deepcopy(teacher).double()
+    batch = copy.copy(batch)
+    batch.patches = batch.patches.double()
+    (loss, _, _), student_layers = loss_sequence_by_sequence(learner, teacher, batch, utterance_target)
+    loss.backward()
+    grads = {name: p.grad for name, p in learner.named_parameters() if p.requires_grad}
+    grads.update({f"student.encoder.{name}": p.grad for name, p in student_layers.named_parameters()})
+    return grads
 
 
 def packed_loss(learner, teacher, batch, utterance_target="frame-mean"):
@@ -93,11 +111,85 @@ def test_packed_loss_equals_the_loss_computed_sequence_by_sequence(tmp_path, utt
     teacher = random_model("tiny", dim=64, depth=2, heads=1)
     packed = packed_loss(learner, teacher, batch, utterance_target)
     with torch.no_grad():
-        reference = loss_sequence_by_sequence(learner, teacher, batch, utterance_target)
+        reference, _ = loss_sequence_by_sequence(learner, teacher, batch, utterance_target)
     for got, expected in zip(packed, reference):
         assert rel_err(got.detach(), expected) < 1e-5
     packed[0].backward()  # and it trains: every trained parameter gets a gradient
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in learner.parameters() if p.requires_grad)
+
+
+def packed_gradients(learner, teacher, batch, autocast: bool) -> dict:
+    """The gradient of every trained parameter of `learner`, by name, of the packed loss (the trainer's step:
+    forward under bf16 autocast or none, backward outside it)."""
+    learner.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = packed_loss(learner, teacher, batch)[0]
+    loss.backward()
+    return {name: p.grad for name, p in learner.named_parameters() if p.requires_grad}
+
+
+TRITON = pytest.mark.skipif(not backends.triton_available(torch.device("cpu")),
+                            reason="Triton's interpreter is not available")
+# Every backend a user can pick for the ops a training step runs (attention and the norms), and the default,
+# which runs the compiled attention in the teacher (no gradients there) but never in the student.
+SETTINGS = [{}, {"ECHO_BACKEND": "torch"}, {"ECHO_BACKEND": "reference"}, {"ECHO_BACKEND_ATTENTION": "torch"},
+            {"ECHO_BACKEND_ATTENTION": "reference"}, {"ECHO_BACKEND_NORM": "csrc"}, {"ECHO_BACKEND_NORM": "torch"},
+            {"ECHO_BACKEND_NORM": "reference"},
+            *(pytest.param(setting, marks=TRITON) for setting in (
+                {"ECHO_BACKEND": "triton"}, {"ECHO_BACKEND_ATTENTION": "triton"}, {"ECHO_BACKEND_NORM": "triton"}))]
+
+
+@pytest.mark.parametrize("heads", [1, 2])  # head dim 64 (as ECHO's, and the compiled attention's) or 32
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda setting: ",".join(f"{k}={v}" for k, v in setting.items())
+                         or "default")
+def test_every_gradient_equals_the_float64_per_sequence_gradient_under_every_backend(tmp_path, monkeypatch, setting,
+                                                                                     heads):
+    """A fast op without a backward (the compiled attention, an inference-only path) picked while training
+    would stop or bend gradients silently: each parameter's gradient against float64 autograd of the loss
+    written per sequence with torch.nn layers, float32 within 1e-5, bf16 autocast within 2e-2."""
+    for name, value in setting.items():
+        monkeypatch.setenv(name, value)
+    batch = small_batch(tmp_path)
+    learner, teacher = random_learner(heads=heads), random_model("tiny", dim=64, depth=2, heads=heads)
+    expected = float64_gradients(learner, teacher, batch)
+    for autocast, tolerance in ((False, 1e-5), (True, 2e-2)):
+        got = packed_gradients(learner, teacher, batch, autocast)
+        assert got.keys() == expected.keys()
+        for name, grad in got.items():
+            assert grad is not None and rel_err(grad, expected[name]) < tolerance, (name, autocast)
+
+
+@pytest.mark.skipif(not extension.has_op("short_attention", "cpu"), reason="echo._C has no compiled attention")
+def test_a_forced_compiled_attention_runs_the_teacher_but_refuses_to_train(tmp_path, monkeypatch):
+    """The compiled attention has no backward: forced, it runs where no gradient is needed (the teacher) and
+    is an error naming the setting in the student, never a silent stop of the gradients."""
+    monkeypatch.setenv("ECHO_BACKEND_ATTENTION", "csrc")
+    batch = small_batch(tmp_path)
+    learner, teacher = random_learner(), random_model("tiny", dim=64, depth=2, heads=1)
+    targets = objective.teacher_targets(teacher, batch, Packing.from_lengths(batch.lengths + 1))
+    with pytest.raises(backends.BackendError, match="ECHO_BACKEND_ATTENTION=csrc"):
+        learner(batch, Packing.from_lengths(batch.student_lengths), *targets)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_inference_call_neither_changes_training_nor_keeps_serving_the_old_weights(tmp_path, dtype):
+    """echo.fast.encode on the student may cache an inference copy (weights packed for oneDNN, no autograd):
+    the gradients after it are the same, the step trains the real parameters and the next encode sees them."""
+    batch = small_batch(tmp_path)
+    learner, teacher = random_learner(), random_model("tiny", dim=64, depth=2, heads=1)
+    student, signal, rate = learner.student, torch.randn(int(np.random.randint(4000, 16000))), 16000
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    before = packed_gradients(learner, teacher, batch, autocast=False)
+    (old,) = fast.encode(student, [signal], rate, dtype=dtype)
+    assert rel_err(old, student.encode(signal, rate)[0]) < tolerance
+    after = packed_gradients(learner, teacher, batch, autocast=False)
+    assert all(torch.equal(after[name], grad) for name, grad in before.items())
+    weights = {name: p.detach().clone() for name, p in learner.named_parameters() if p.requires_grad}
+    torch.optim.AdamW(learner.parameters(), lr=1e-2).step()
+    assert not any(torch.equal(p, weights[name]) for name, p in learner.named_parameters() if p.requires_grad)
+    (new,) = fast.encode(student, [signal], rate, dtype=dtype)
+    assert rel_err(new, student.encode(signal, rate)[0]) < tolerance
+    assert rel_err(new, old) > 10 * tolerance  # the step moved the embedding: the comparison above could tell
 
 
 def test_the_student_never_sees_a_masked_patch(tmp_path):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 pytest.importorskip("soundfile")
+from conftest import rel_err  # noqa: E402
 from pretrain_corpus import tiny_config, write_corpus, write_damaged  # noqa: E402
 from test_default_model import import_script  # noqa: E402
 
@@ -59,6 +60,25 @@ def test_thirty_steps_learn_and_export_a_loadable_teacher(data, tmp_path):
     kept = checkpoints.checkpoint_paths(run / "checkpoints")
     assert [p.name for p in kept] == ["step-000000020.pt", "step-000000030.pt"]  # keep=2
     assert not list((run / "checkpoints").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_after_a_step_the_teacher_is_the_ema_of_the_trained_student_in_every_tensor(data, tmp_path, precision):
+    """teacher = decay * teacher + (1 - decay) * student, the student as the step's update left it, for every
+    parameter and buffer of the real step (bf16 autocast, clipping, the optimizer): not another module's tensors,
+    not the student before its update."""
+    decay = float(torch.empty(()).uniform_(0.3, 0.9))  # far from 1, so a tensor left out or mispaired shows
+    config = tiny_config(data, tmp_path / "run", steps=1, warmup=0, lr=1e-2, ema_start=decay, ema_end=decay,
+                         precision=precision)
+    torch.manual_seed(config.seed)
+    initial = echo.EchoModel(config.model_config).state_dict()  # the teacher before the step
+    result = trainer.train(config, progress=False)
+    student, teacher = result["student"].state_dict(), result["teacher"].state_dict()
+    assert teacher.keys() == student.keys() == initial.keys()
+    for key, value in teacher.items():
+        assert torch.equal(student[key], initial[key]) == (key == "pos_embed"), key  # all but it trained
+        expected = decay * initial[key].double() + (1 - decay) * student[key].double()
+        assert rel_err(value, expected) < 1e-6, key
 
 
 @pytest.mark.parametrize("crops", [{}, {"shortest_crop_seconds": 0.3}], ids=["fixed-crops", "random-length-crops"])
