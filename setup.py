@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shlex
 import shutil
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def extension_setup() -> dict:
         print("echo: torch is not importable in this build environment, not building the compiled extension "
               "(install torch first, then pip install --no-build-isolation -e .)")
         return {}
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
+    compiler = shlex.split(os.environ.get("CXX", "c++"))[:1]  # CXX may carry a launcher or flags: "ccache g++"
+    if not compiler or shutil.which(compiler[0]) is None:
         print("echo: no C++ compiler found, not building the compiled extension")
         return {}
 

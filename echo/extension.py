@@ -10,6 +10,8 @@ import functools
 import importlib
 import importlib.util
 import struct
+import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,24 +23,35 @@ PN_XNUM = 0xFFFF  # "the count is elsewhere" (section header 0): not read here
 # tile_attention runs inside attention's csrc backend, in bf16 where the CPU has AMX tiles.
 OPS = {"ragged_spectrogram": "stft", "short_attention": "attention", "tile_attention": "attention",
        "residual_layer_norm": "norm"}
+REBUILD = "`pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`)"
+_loading = threading.Lock()
+
+
+def load_error() -> str | None:
+    """None once echo._C is imported; else the reason it could not be. A library that is there but does not
+    load (a torch upgrade since it was built) is warned about once: every op would run slower, silently."""
+    with _loading:  # threads encoding at once on first use: one load, one warning
+        return _load_error()
 
 
 @functools.cache
-def load_error() -> str | None:
-    """None once echo._C is imported; else the reason it could not be."""
+def _load_error() -> str | None:
     spec = importlib.util.find_spec("echo._C")
     if spec is None or spec.origin is None:
-        return ("echo._C is not built (install with a C++ compiler and "
-                "`pip install --no-build-isolation -e .`; ECHO_BUILD_EXT=0 skips it)")
-    rebuild = f"rebuild it against the installed torch {torch.__version__}"
+        return f"echo._C is not built (install with a C++ compiler and {REBUILD}; ECHO_BUILD_EXT=0 skips it)"
     damage = cut_short(Path(spec.origin))
     if damage:  # loading it would kill the process (SIGBUS), which no Python code can catch
-        return f"echo._C failed to load: {spec.origin} is cut short ({damage}); {rebuild}"
-    try:
-        importlib.import_module("echo._C")
-    except Exception as error:  # a missing symbol, a foreign build, an error in its own initialisation
-        return f"echo._C failed to load: {type(error).__name__}: {error} ({rebuild})"
-    return None
+        reason = f"{spec.origin} is cut short ({damage})"
+    else:
+        try:
+            importlib.import_module("echo._C")
+            return None
+        except Exception as error:  # a missing symbol, a foreign build, an error in its own initialisation
+            reason = f"{type(error).__name__}: {error}"
+    reason = (f"echo._C failed to load: {reason}; echo runs its torch ops instead. Rebuild it against the "
+              f"installed torch {torch.__version__}: {REBUILD}")
+    warnings.warn(reason, RuntimeWarning)
+    return reason
 
 
 def cut_short(path: Path) -> str | None:
@@ -80,9 +93,11 @@ def has_op(name: str, device: torch.device | str) -> bool:
 @functools.cache
 def _has_kernel(name: str, device_type: str) -> bool:
     """Cached: the registrations do not change once echo._C is loaded, and the encoder's layers ask at
-    every call."""
+    every call. An op that a build from older sources never registered is asked about first: the dispatcher
+    raises on a per-device query of it."""
     dispatch_key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return dispatch_key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"echo::{name}", dispatch_key)
+    return (dispatch_key is not None and torch._C._dispatch_has_kernel(f"echo::{name}")
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"echo::{name}", dispatch_key))
 
 
 def why_unavailable(name: str, device: torch.device | str) -> str | None:
@@ -92,6 +107,8 @@ def why_unavailable(name: str, device: torch.device | str) -> str | None:
         return reason
     if has_op(name, device):
         return None
+    if not torch._C._dispatch_has_kernel(f"echo::{name}"):
+        return f"echo._C has no op {name} (built from older sources); rebuild it: {REBUILD}"
     device_type = torch.device(device).type
     if device_type == "cuda":
         return "echo._C was built without CUDA (needs a CUDA torch and nvcc at build time)"

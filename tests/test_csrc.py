@@ -288,3 +288,19 @@ def test_a_library_that_crashes_or_will_not_load_is_reported_with_the_fix(tmp_pa
     build["error_problem"].__globals__["ERROR_PROBE"] = "import os; os.abort()"
     crashed = build["error_problem"](str(tmp_path / "absent.so"))
     assert crashed is not None and "crashed the process" in crashed and "exit -6" in crashed
+
+
+@pytest.mark.parametrize("cxx,found", [("/nonexistent/c++", False), ("{python} -O2", True)])
+def test_setup_finds_a_compiler_given_with_a_launcher_or_flags(cxx, found):
+    """CXX="ccache g++" (or a compiler with flags) is what torch's build runs; setup.py looked the whole string
+    up as one program, said "no C++ compiler found" and built nothing. `--version` builds nothing either way."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "CXX": cxx.format(python=sys.executable), "ECHO_BUILD_EXT": "1"}
+    result = subprocess.run([sys.executable, "setup.py", "--version"], cwd=root, env=env, capture_output=True,
+                            text=True, check=True)
+    assert ("no C++ compiler found" not in result.stdout) == found, result.stdout
