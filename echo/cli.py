@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 
@@ -36,8 +37,10 @@ def build_parser(argv, prog: str = "echo-fm") -> argparse.ArgumentParser:
 def main(argv=None, prog: str = "echo-fm") -> int:
     """`prog`: the command as the user typed it, for usage lines (`echo-fm`, or `python -m echo`)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv, prog).parse_args(argv)
+    stdout = sys.stdout
+    sys.stdout = stdout and ReaderStdout(stdout)  # None when the shell closed it (`>&-`): print() then drops
     try:
+        args = build_parser(argv, prog).parse_args(argv)  # imports the command's module: Ctrl-C can come here
         if args.command != "info":  # info reports a bad setting row by row: it is where one goes to find it
             from .ops.backend import check_environment
 
@@ -52,6 +55,44 @@ def main(argv=None, prog: str = "echo-fm") -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+        sys.stdout = stdout
+
+
+class ReaderStdout:
+    """stdout during a command: what its reader cannot take is not the command's failure, which would lose the
+    work (encode's output is written after its skip list is printed). Text the encoding lacks (a path under
+    LANG=C) is escaped, as stderr does; once the reader has gone (`| head`) the rest is dropped."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except UnicodeEncodeError:
+            encoding = self.stream.encoding
+            return self.write(text.encode(encoding, "backslashreplace").decode(encoding))
+        except BrokenPipeError:
+            self._drop()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._drop()
+
+    def _drop(self) -> None:
+        """Point the descriptor at /dev/null, so neither later writes nor the flush at exit fail."""
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, self.stream.fileno())
+        os.close(null)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def worker_message(error: ValueError) -> str:

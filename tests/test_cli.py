@@ -1,14 +1,17 @@
-"""`python -m echo demo` end to end, on a small random model saved to a file (fast, and independent of the
-bundled weights)."""
+"""The command line: `python -m echo demo` end to end, on a small random model saved to a file (fast, and
+independent of the bundled weights), and what every command shares (Ctrl-C, stdout, bad output paths)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import echo
 from echo import demo
+from echo.encode_files import read_embeddings
 from conftest import random_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,3 +83,69 @@ def test_an_error_raised_in_a_data_loader_worker_is_printed_as_its_own_message()
     assert "Original Traceback" in str(raised.value)
     assert cli.worker_message(raised.value) == "no usable audio under somewhere"
     assert cli.worker_message(ValueError("plain")) == "plain"
+
+
+def test_ctrl_c_while_the_command_loads_exits_130_without_a_traceback(monkeypatch, capsys):
+    """The command's module is imported while the arguments are parsed, which took a Ctrl-C as a traceback."""
+    from echo import cli
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.importlib, "import_module", interrupted)
+    assert cli.main(["info"]) == 130 and capsys.readouterr().err.startswith("interrupted")
+
+
+def _wav(path, seconds=0.5, rate=8000):
+    from echo.data.wav import write_wav
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_wav(path, (0.1 * np.sin(np.arange(int(seconds * rate)) / 3)).astype(np.float32), rate)
+    return path
+
+
+def test_a_reader_that_went_away_neither_stops_the_command_nor_prints_a_traceback(tmp_path):
+    """`encode ... | head` lost the output when the skip list broke the pipe (error: Broken pipe, exit 1), and
+    a buffered stdout broke at exit ('Exception ignored ... BrokenPipeError', exit 120)."""
+    _wav(tmp_path / "in" / "good.wav")
+    (tmp_path / "in" / "bad.wav").write_text("not audio")
+    out = tmp_path / "out.npz"
+    for unbuffered, command in (("1", ["encode", str(tmp_path / "in"), "--out", str(out), "--quiet"]),
+                                ("", ["info"])):
+        reader, writer = os.pipe()
+        os.close(reader)
+        env = {**os.environ, "PYTHONUNBUFFERED": unbuffered}
+        run = subprocess.run([sys.executable, "-m", "echo", *command], stdout=writer, stderr=subprocess.PIPE,
+                             text=True, cwd=ROOT, env=env)
+        os.close(writer)
+        assert run.returncode == 0 and run.stderr == "", run.stderr
+    assert set(read_embeddings(out)["files"]) == {str(tmp_path / "in" / "good.wav")}
+
+
+def test_text_the_terminal_cannot_show_is_escaped_not_a_failure(tmp_path):
+    """Under an ASCII stdout (LANG=C without UTF-8 mode) a path's 'ü' in a printed line raised UnicodeEncodeError,
+    a ValueError: exit 2 and a codec message, after the encoding."""
+    _wav(tmp_path / "ü" / "a.wav")
+    out = tmp_path / "ü.npz"
+    run = subprocess.run([sys.executable, "-m", "echo", "encode", str(tmp_path / "ü"), "--out", str(out), "--quiet"],
+                         capture_output=True, cwd=ROOT, env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert run.returncode == 0, run.stderr
+    assert f"wrote {tmp_path}/\\xfc.npz: 1 files".encode() in run.stdout and out.is_file()
+
+
+@pytest.mark.parametrize("option, shown, message", [
+    ("--out", "file", "file is a file, not a folder"), ("--out", "file/run", "file is a file, not a folder"),
+    ("--manifest", "file/manifest.csv", "file is a file, not a folder")])
+def test_pretrain_refuses_an_output_it_cannot_write_before_indexing_the_data(tmp_path, monkeypatch, capsys, option,
+                                                                             shown, message):
+    """They failed (error: [Errno 17] File exists, exit 1) once the whole folder had been indexed."""
+    from echo import cli
+    from echo.pretrain import command
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(command, "train", lambda *args, **kwargs: pytest.fail("the work started"))
+    options = {"--out": str(tmp_path / "run"), option: str(tmp_path / shown)}
+    argv = ["pretrain", "--data", str(tmp_path), *[text for pair in options.items() for text in pair]]
+    assert cli.main(argv) == 2
+    assert f"{option} {tmp_path / shown} cannot be written: {tmp_path / message}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

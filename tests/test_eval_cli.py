@@ -203,3 +203,17 @@ def test_a_missing_optional_package_is_named_before_the_encoding(tmp_path, model
                     tmp_path / "out", *options) == 2
     error = capsys.readouterr().err
     assert f"'{package}'" in error and f"echo-fm[{extra}]" in error
+
+
+def test_a_cache_that_cannot_be_written_is_refused_before_the_encoding(tmp_path, model_path, capsys, monkeypatch):
+    """A --cache under a file failed in the first batch, after the data set was read and the model loaded."""
+    import echo.eval.cli
+
+    monkeypatch.setattr(echo.eval.cli, "embed_files", lambda *args, **kwargs: pytest.fail("encoded"))
+    for name in ("normal/a.wav", "test/b.wav"):
+        (tmp_path / "machine" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "machine" / name).write_text("")
+    (tmp_path / "file").write_text("")
+    assert run_eval("--task", "folder", "--data", tmp_path / "machine", "--model", model_path,
+                    "--out", tmp_path / "out", "--cache", tmp_path / "file" / "cache") == 2
+    assert f"--cache {tmp_path / 'file' / 'cache'} cannot be written: Not a directory" in capsys.readouterr().err

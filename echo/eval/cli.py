@@ -180,6 +180,8 @@ def _run(args) -> int:
     started = time.perf_counter()
     device = inputs.checked_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     atomic.check_writable(args.out, f"--out {args.out}")  # before the encoding, not after it
+    if args.cache is not None:
+        atomic.check_writable(args.cache, f"--cache {args.cache}")
     dataset = datasets.load(args.task, args.data, args.labels)
     _check_options(args, dataset)
     for note in dataset.notes:

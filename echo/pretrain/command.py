@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import MISSING, fields
+from pathlib import Path
 
+from .. import atomic
 from ..model import PRESETS
 from .objective import UTTERANCE_TARGETS
 from .trainer import PretrainConfig, export_run, train
@@ -70,5 +72,17 @@ def run(args) -> int:
         print(f"exported {export_run(args.out, args.export)}")
         return 0
     config = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
+    check_writable(Path(config.out), f"--out {config.out}")
+    if config.manifest is not None:
+        check_writable(Path(config.manifest).parent, f"--manifest {config.manifest}")
     train(config, progress=not args.quiet, stop_at=args.stop_at)
     return 0
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Refused before the data is indexed (hours on a large corpus), not after; nothing is made, as the trainer
+    makes the run folder only once the data is checked."""
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{what} cannot be written: {existing} is a file, not a folder")
+    atomic.check_writable(existing, what)
