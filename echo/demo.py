@@ -172,7 +172,7 @@ def add_arguments(parser) -> None:
                         help="folder for the plots and scores (default: echo-demo)")
     parser.add_argument("--model", default="default",
                         help="checkpoint name (default, echo-small, echo-tiny) or path (default: default)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the generated clips")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated clips (default: 0)")
 
 
 def run(args) -> int:

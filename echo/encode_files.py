@@ -50,7 +50,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, default=Path("embeddings.npz"),
                         help=".npz or .parquet (default: embeddings.npz)")
     parser.add_argument("--frames", action="store_true", help="keep the frame embeddings too")
-    parser.add_argument("--batch-files", type=int, default=32, help="files encoded per batch")
+    parser.add_argument("--batch-files", type=int, default=32, help="files encoded per batch (default: 32)")
     parser.add_argument("--max-tokens", type=int, default=None, help="packed tokens per pass (echo.fast.encode)")
     parser.add_argument("--device", default=None, help="default: cuda (this rank's GPU) if present, else cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",

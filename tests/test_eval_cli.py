@@ -167,6 +167,8 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_encoding(tmp_path, 
     ("mafaulda", ("--protocol", "split"), "--protocol split: mafaulda has no train/test split"),
     ("mafaulda", ("--k", "0"), "--k 0: at least one neighbour"),
     ("mafaulda", ("--folds", "1"), "--folds 1: k-fold needs two folds or more"),
+    ("folder", ("--eps", "0"), r"--eps 0.0: the harmonic means' floor must be in \(0, 1\)"),
+    ("folder", ("--eps", "-1"), r"--eps -1.0: the harmonic means' floor must be in \(0, 1\)"),
 ])
 def test_options_the_data_set_cannot_take_are_refused_before_the_encoding(tmp_path, model_path, capsys, monkeypatch,
                                                                           task, option, message):

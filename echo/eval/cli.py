@@ -99,6 +99,8 @@ def _check_options(args, dataset) -> None:
         require("matplotlib", "the plots (or --no-plots)")
     if args.search == "faiss" and dataset.kind == "anomaly":
         require("faiss", "--search faiss")
+    if not 0 < args.eps < 1:  # a floor of 0 divides by a zero AUC; one of 1 or more floors every score to it
+        raise ValueError(f"--eps {args.eps}: the harmonic means' floor must be in (0, 1)")
     _fused_channels(args, dataset)
     if dataset.kind != "faults":
         return
