@@ -322,3 +322,13 @@ def test_a_broken_link_is_kept_to_be_reported_not_left_out(tmp_path):
     (tmp_path / "normal" / "moved.wav").symlink_to(tmp_path / "elsewhere.wav")
     paths = {c.path.name for c in datasets.load("folder", tmp_path).items}
     assert paths == {"a.wav", "moved.wav", "b.wav", "c.wav"}
+
+
+@pytest.mark.parametrize("task", ["folder", "dcase2023", "cwru"])
+def test_data_that_is_a_file_or_missing_is_named_as_such(tmp_path, task):
+    """A file given as --data was called a folder that "does not exist"."""
+    (tmp_path / "clips.wav").write_bytes(b"RIFF")
+    with pytest.raises(ValueError, match=r"data folder .*clips.wav is a file, not a folder"):
+        datasets.load(task, tmp_path / "clips.wav")
+    with pytest.raises(ValueError, match=r"data folder .*nowhere does not exist"):
+        datasets.load(task, tmp_path / "nowhere")

@@ -517,3 +517,12 @@ def test_crops_of_random_length_span_the_range_log_uniformly_and_fixed_crops_dra
 def test_a_shortest_crop_outside_two_patches_to_the_crop_is_refused(shortest):
     with pytest.raises(ValueError, match=r"shortest_crop_seconds must be in \[0.2, crop_seconds = 4"):
         sampling.SamplingConfig(crop_seconds=4, shortest_crop_seconds=shortest)
+
+
+def test_a_shard_folder_that_cannot_be_written_is_refused_before_indexing(tmp_path, monkeypatch):
+    """--out naming a file gave "[Errno 17] File exists" after the whole folder was indexed."""
+    pytest.importorskip("webdataset")
+    (tmp_path / "taken").write_text("a file")
+    monkeypatch.setattr(corpus, "FolderCorpus", lambda *args: pytest.fail("indexed before the check"))
+    with pytest.raises(ValueError, match=r"--out .*taken cannot be written"):
+        shards.write_shards(tmp_path / "data", tmp_path / "taken")

@@ -126,7 +126,7 @@ def read_mafaulda(path: Path) -> tuple[np.ndarray, int]:
 def _root(root) -> Path:
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"data folder {root} does not exist")
+        raise ValueError(f"data folder {root} {'is a file, not a folder' if root.exists() else 'does not exist'}")
     return root
 
 

@@ -89,6 +89,7 @@ def write_shards(folder, out, per_shard: int = 1000, min_seconds: float = 1.0) -
     plan_path = out / PLAN_NAME
     if earlier and not plan_path.is_file():
         raise ValueError(refusal)
+    atomic.check_writable(out, f"--out {out}")  # before the folder is indexed (hours for a large one)
     source = corpus.FolderCorpus(folder, min_seconds)
     plan = {"per_shard": per_shard, "min_seconds": min_seconds,
             "files": corpus.content_hash([(entry.path, entry.size, entry.mtime_ns) for entry in source.files])}
