@@ -134,9 +134,11 @@ TAKES = {
 }
 
 
+@functools.cache
 def unfit_backends(head_dim: int, dtype: torch.dtype, needs_grad: bool = False) -> dict[str, str]:
     """The backends that cannot take these heads, each with the reason: a custom config's heads (dim 8, 25, 48,
-    256...) run on the next backend by default, and a forced one that cannot take them is an error saying why."""
+    256...) run on the next backend by default, and a forced one that cannot take them is an error saying why.
+    Cached: every layer of every pass asks, with the same few answers (callers only read the dict)."""
     got = f"got {dtype} heads of dim {head_dim}{' that need gradients' if needs_grad else ''}"
     unfit = {}
     if needs_grad or head_dim != COMPILED_HEAD_DIM or dtype not in (torch.float32, torch.bfloat16):
