@@ -3,7 +3,8 @@
 The extension is built with torch.utils.cpp_extension (ninja when installed) only when the build sees torch,
 so use `pip install --no-build-isolation -e .` after installing torch (an isolated build has no torch and
 skips it). C++ CPU ops are always built; the CUDA ops only when torch has CUDA and nvcc is found.
-ECHO_BUILD_EXT=0 skips the build. A failed build is a warning: echo works without it (python -m echo info).
+ECHO_BUILD_EXT=0 skips the build. A failed build is a warning: echo works without it (python -m echo info), and
+it removes an earlier build, which may no longer match the sources.
 """
 from __future__ import annotations
 
@@ -56,11 +57,25 @@ def extension_setup() -> dict:
         """A failed compile leaves echo without its compiled ops, never without echo."""
 
         def run(self):
+            earlier_builds = self.extension_files()  # first: setuptools clears self.inplace while it builds
             try:
                 super().run()
             except Exception as error:  # noqa: BLE001: any compiler or toolchain failure
-                print(f"echo: WARNING: the compiled extension failed to build ({error}); "
+                removed = [path for path in earlier_builds if os.path.exists(path)]
+                for path in removed:
+                    os.remove(path)
+                removal = f"removed the earlier build, which may not match csrc/ ({', '.join(removed)}); " \
+                    if removed else ""
+                print(f"echo: WARNING: the compiled extension failed to build ({error}); {removal}"
                       "echo falls back to its torch ops (python -m echo info)")
+
+        def extension_files(self) -> list[str]:
+            """Where a build of the extension lands: the build folder, which an install copies, and with
+            --inplace (or an editable install) the package, which Python imports. A failed build removes an
+            earlier one from both: setuptools would keep it, and echo would run code older than its sources."""
+            files = [os.path.join(self.build_lib, self.get_ext_filename(self.get_ext_fullname(ext.name)))
+                     for ext in self.extensions]
+            return files + ([self.get_ext_fullpath(ext.name) for ext in self.extensions] if self.inplace else [])
 
         def build_extension(self, ext):
             super().build_extension(ext)

@@ -23,6 +23,7 @@ PN_XNUM = 0xFFFF  # "the count is elsewhere" (section header 0): not read here
 # tile_attention runs inside attention's csrc backend, in bf16 where the CPU has AMX tiles.
 OPS = {"ragged_spectrogram": "stft", "short_attention": "attention", "tile_attention": "attention",
        "residual_layer_norm": "norm"}
+CUDA_KERNELS = frozenset({"ragged_spectrogram"})  # the compiled ops with a CUDA kernel too (csrc/cuda/)
 REBUILD = "`pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`)"
 _loading = threading.Lock()
 
@@ -85,6 +86,11 @@ def cut_short(path: Path) -> str | None:
     return None
 
 
+def compiled_op(op: str) -> str | None:
+    """The compiled op whose presence makes echo op `op`'s "csrc" backend, or None where echo._C has none."""
+    return next((name for name, echo_op in OPS.items() if echo_op == op), None)
+
+
 def has_op(name: str, device: torch.device | str) -> bool:
     """Whether echo._C is loaded and has a kernel of op `name` for this device's type."""
     return load_error() is None and _has_kernel(name, torch.device(device).type)
@@ -110,6 +116,6 @@ def why_unavailable(name: str, device: torch.device | str) -> str | None:
     if not torch._C._dispatch_has_kernel(f"echo::{name}"):
         return f"echo._C has no op {name} (built from older sources); rebuild it: {REBUILD}"
     device_type = torch.device(device).type
-    if device_type == "cuda":
+    if device_type == "cuda" and name in CUDA_KERNELS:
         return "echo._C was built without CUDA (needs a CUDA torch and nvcc at build time)"
     return f"echo._C has no {device_type} kernel for {name}"

@@ -304,3 +304,54 @@ def test_setup_finds_a_compiler_given_with_a_launcher_or_flags(cxx, found):
     result = subprocess.run([sys.executable, "setup.py", "--version"], cwd=root, env=env, capture_output=True,
                             text=True, check=True)
     assert ("no C++ compiler found" not in result.stdout) == found, result.stdout
+
+
+def test_a_failed_build_removes_the_earlier_one(tmp_path):
+    """setuptools copies only a whole build: a rebuild whose compile failed kept the earlier echo/_C*.so in the
+    package and in the build folder (which an install copies), so echo went on running ops older than csrc/
+    while the build said it fell back to torch. A compiler that fails at once (CXX=false) builds nothing."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(root / name, tmp_path / name)
+    shutil.copytree(root / "csrc", tmp_path / "csrc")
+    library = "_C" + sysconfig.get_config_var("EXT_SUFFIX")
+    in_place, in_build_folder = tmp_path / "echo" / library, tmp_path / "built" / "echo" / library
+    for earlier in (in_place, in_build_folder):
+        earlier.parent.mkdir(parents=True)
+        earlier.write_bytes(b"an earlier build")
+    (tmp_path / "echo" / "__init__.py").touch()
+    env = {**os.environ, "CXX": "false", "ECHO_BUILD_EXT": "1"}
+    result = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "--build-lib", "built",
+                             "--build-temp", "temp"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            check=True, timeout=120)
+    assert "the compiled extension failed to build" in result.stdout, result.stdout + result.stderr
+    assert "removed the earlier build" in result.stdout
+    assert not in_place.exists() and not in_build_folder.exists()
+
+
+@requires_cpu_op
+def test_forcing_the_compiled_front_end_on_float64_samples_names_the_dtype():
+    """The compiled op reads float32 samples: forced on float64 ones it said stft had no 'csrc' backend at all."""
+    from echo.ops.backend import BackendError
+
+    waves, offsets, plan = random_batch([16000])
+    with pytest.raises(BackendError, match=r"^backend='csrc': the compiled stft reads float32 samples, got "
+                                           r"torch.float64$"):
+        stft_ops.ragged_spectrogram(waves.double(), offsets, plan, backend="csrc")
+
+
+@requires_norm_op
+def test_a_cpu_only_compiled_op_on_cuda_is_not_blamed_on_the_build():
+    """The compiled norm has a CPU kernel only: on CUDA it was reported as "built without CUDA (needs nvcc)",
+    which no rebuild would change. Only the front end has a CUDA kernel (csrc/cuda/)."""
+    assert extension.why_unavailable("residual_layer_norm", "cuda") == \
+        "echo._C has no cuda kernel for residual_layer_norm"
+    if not extension.has_op("ragged_spectrogram", "cuda"):
+        assert "built without CUDA" in extension.why_unavailable("ragged_spectrogram", "cuda")

@@ -102,3 +102,63 @@ def test_a_triton_that_does_not_import_is_no_backend_and_no_traceback(clean_envi
     assert not backends.triton_available(CPU)
     with pytest.raises(backends.BackendError, match="backend='triton'"):
         backends.choose("attention", CPU, "triton")
+
+
+LOAD_ERROR = "echo._C failed to load: ImportError: undefined symbol: stand_in"
+TOKENS_HAS_NO_CSRC = ("no 'csrc' backend here for tokens (the compiled extension echo._C has no tokens op; "
+                      "tokens offers triton, torch, reference)")
+
+
+@pytest.fixture(params=["loaded", "not loading"])
+def extension_state(request, monkeypatch):
+    """echo._C loaded, or as if it failed to load (`load_error` is what every availability check asks)."""
+    from echo import extension
+
+    if request.param == "loaded" and extension.load_error():
+        pytest.skip(extension.load_error())
+    if request.param == "not loading":
+        monkeypatch.setattr(extension, "load_error", lambda: LOAD_ERROR)
+    return request.param
+
+
+def test_forcing_csrc_on_the_tokens_op_says_it_has_none(clean_environment, monkeypatch, extension_state):
+    """The token stage has no compiled op in any build: forcing one said nothing more (the extension loaded) or
+    gave the extension's load error, as if a rebuild would help."""
+    from echo.ops import tokens as token_ops
+
+    monkeypatch.setenv("ECHO_BACKEND_TOKENS", "csrc")
+    with pytest.raises(backends.BackendError) as raised:
+        backends.check_environment()
+    assert str(raised.value) == f"ECHO_BACKEND_TOKENS=csrc: {TOKENS_HAS_NO_CSRC}"
+    with pytest.raises(backends.BackendError) as raised:
+        backends.choose("tokens", CPU, "csrc", token_ops.available_backends(CPU))
+    assert str(raised.value) == f"backend='csrc': {TOKENS_HAS_NO_CSRC}"
+
+
+@pytest.mark.parametrize("op", ["stft", "attention", "norm"])
+def test_forcing_csrc_where_the_extension_does_not_load_gives_the_load_error(clean_environment, monkeypatch, op):
+    """An op that has a compiled backend, forced where echo._C does not load: the dispatch said the op had no
+    'csrc' backend at all, hiding the load error and its rebuild command."""
+    from echo import extension
+
+    monkeypatch.setattr(extension, "load_error", lambda: LOAD_ERROR)
+    monkeypatch.setenv(f"ECHO_BACKEND_{op.upper()}", "csrc")
+    expected = f"ECHO_BACKEND_{op.upper()}=csrc: no 'csrc' backend here for {op} ({LOAD_ERROR})"
+    with pytest.raises(backends.BackendError) as raised:
+        backends.check_environment()
+    assert str(raised.value) == expected
+    available = importlib.import_module(f"echo.ops.{op}").available_backends(CPU)
+    with pytest.raises(backends.BackendError) as raised:
+        backends.choose(op, CPU, available=available)
+    assert str(raised.value) == expected
+
+
+def test_forcing_csrc_on_every_op_names_each_reason(clean_environment, monkeypatch, extension_state):
+    """ECHO_BACKEND=csrc: the tokens op has no compiled op anywhere, the others none here only when echo._C does
+    not load; the load error was appended after the hint as if it were the tokens op's reason too."""
+    monkeypatch.setenv("ECHO_BACKEND", "csrc")
+    with pytest.raises(backends.BackendError) as raised:
+        backends.check_environment()
+    not_loading = f"no 'csrc' backend here for stft, attention, norm ({LOAD_ERROR}); "
+    assert str(raised.value) == ("ECHO_BACKEND=csrc: " + (not_loading if extension_state == "not loading" else "")
+                                 + TOKENS_HAS_NO_CSRC + "; force it for single ops instead (ECHO_BACKEND_<OP>)")

@@ -64,16 +64,38 @@ def check_environment(environ=os.environ) -> None:
             raise BackendError(f"{name}={value}: {TRITON_MISSING}")
         lacking = [other for other in (OPS if name == "ECHO_BACKEND" else (op,)) if value not in _backends_of(other)]
         if lacking:  # e.g. ECHO_BACKEND=csrc: the token stage has no compiled op, so every encode would fail
+            ops_by_reason = {}  # ECHO_BACKEND=csrc with echo._C not loading: tokens lacks it for another reason
+            for other in lacking:
+                ops_by_reason.setdefault(missing_backend(other, value, torch.device("cpu")), []).append(other)
+            said = "; ".join(f"no {value!r} backend here for {', '.join(ops)} ({reason})"
+                             for reason, ops in ops_by_reason.items())
             hint = "; force it for single ops instead (ECHO_BACKEND_<OP>)" if name == "ECHO_BACKEND" else ""
-            if value == "csrc":
-                from .. import extension
-
-                hint += f" ({extension.load_error()})" if extension.load_error() else ""
-            raise BackendError(f"{name}={value}: no {value!r} backend here for {', '.join(lacking)}{hint}")
+            raise BackendError(f"{name}={value}: {said}{hint}")
 
 
 def _backends_of(op: str) -> tuple[str, ...]:
     return importlib.import_module(f"echo.ops.{op}").available_backends(torch.device("cpu"))
+
+
+def offered_backends(op: str) -> tuple[str, ...]:
+    """Every backend `op` has where everything is installed and built: all but "csrc" for an op that echo._C
+    does not compile (tokens)."""
+    from .. import extension
+
+    return tuple(name for name in BACKENDS if name != "csrc" or extension.compiled_op(op))
+
+
+def missing_backend(op: str, backend: str, device: torch.device) -> str:
+    """Why `backend` is not among `op`'s backends on `device`, with the fix: an op that has no such backend in
+    any build says which it has; a compiled op that is not built, did not load or has no kernel for the device
+    says that (its rebuild command). Either way a user who forced it learns whether a rebuild would help."""
+    from .. import extension
+
+    offered = offered_backends(op)
+    if backend not in offered:
+        return f"the compiled extension echo._C has no {op} op; {op} offers {', '.join(offered)}"
+    why_not = extension.why_unavailable(extension.compiled_op(op), device) if backend == "csrc" else None
+    return why_not or f"the {backend!r} {op} does not take these inputs on {device}"
 
 
 def forced(op: str, backend: str | None = None) -> str | None:
@@ -105,7 +127,8 @@ def choose(op: str, device: torch.device, requested: str | None = None, availabl
             raise BackendError(f"{source}: the Triton {op} runs on CUDA tensors, or on CPU tensors in Triton's "
                                f"interpreter (TRITON_INTERPRET=1 set before echo_kernels is imported); got {device}")
         if requested not in available:
-            raise BackendError(f"{source}: op {op} has no {requested!r} backend; it has {', '.join(available)}")
+            raise BackendError(f"{source}: no {requested!r} backend here for {op} "
+                               f"({missing_backend(op, requested, device)})")
         return requested
     triton_by_default = device.type == "cuda" and op not in TRITON_OFF_BY_DEFAULT and triton_available(device)
     return next(name for name in available if name != "triton" or triton_by_default)

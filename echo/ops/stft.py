@@ -161,8 +161,11 @@ def ragged_spectrogram(waves: torch.Tensor, wave_offsets: torch.Tensor, plan, ba
     from . import backend as backends
 
     available = available_backends(waves.device)
-    if waves.dtype != torch.float32:  # the compiled op reads float32 samples; the other paths keep the dtype
-        available = tuple(name for name in available if name != "csrc")
+    if waves.dtype != torch.float32 and "csrc" in available:  # the compiled op reads float32 samples only
+        requested, source = backends.request("stft", backend)
+        if requested == "csrc":  # not "no csrc backend here", which would send a user to rebuild a working one
+            raise backends.BackendError(f"{source}: the compiled stft reads float32 samples, got {waves.dtype}")
+        available = tuple(name for name in available if name != "csrc")  # the other paths keep the dtype
     chosen = backends.choose("stft", waves.device, backend, available=available)
     if chosen == "csrc":
         return ragged_spectrogram_csrc(waves, wave_offsets, plan)
