@@ -19,10 +19,11 @@ machine signals, with a data list of every file's source, licence and credit.
 
 Packages come from `apt-get download` + `dpkg-deb -x` (nothing is installed). Every file is written
 atomically and its row recorded in OUT/datalist.partial.csv while the build runs (OUT/datalist.csv replaces
-it when the build is done), so a rerun, or the same command after an interruption, reuses a file only where
-that record says it came from the same source and the file reads whole at its recorded length; others are
-written again. Audio files of an earlier build that this one does not list are removed (pretraining would
-read them without their credit); audio files no build listed stop the build. Silent files and files shorter
+it when the build is done): every file's source before any is written, its length once it is. A rerun, or the
+same command after an interruption, reuses a file only where that record says it came from the same source and
+the file is whole (and reads at its recorded length, where one was recorded); others are written again. Audio
+files of an earlier build that this one does not list are removed (pretraining would read them without their
+credit); audio files no build listed stop the build. Silent files and files shorter
 than one 25 ms window are left out and listed in the summary.
 """
 from __future__ import annotations
@@ -173,27 +174,32 @@ def _unusable(waveform: np.ndarray, rate: int) -> str | None:
     return None
 
 
+def _planned_row(item: Item) -> dict:
+    """The data-list row of a file not written yet: its source, and no length ("")."""
+    return {"path": item.relative, "split": item.split, "source": item.source, "original": item.original,
+            **dict.fromkeys(LENGTH, ""), "label": item.label, "licence": item.licence, "credit": item.credit}
+
+
 def _row(item: Item, waveform: np.ndarray, rate: int) -> dict:
     """The data-list row of a written file, its values as the CSV holds them."""
     channels = 1 if waveform.ndim == 1 else waveform.shape[0]
-    return {"path": item.relative, "split": item.split, "source": item.source, "original": item.original,
-            "sample_rate": str(rate), "seconds": str(round(waveform.shape[-1] / rate, 4)),
-            "channels": str(channels), "label": item.label, "licence": item.licence, "credit": item.credit}
+    return {**_planned_row(item), "sample_rate": str(rate), "seconds": str(round(waveform.shape[-1] / rate, 4)),
+            "channels": str(channels)}
 
 
-def _corpus_file(out: Path, item: Item, source, recorded: dict | None) -> tuple[dict | None, tuple | None, bool]:
-    """Write one corpus file, or reuse the one an earlier build recorded as made from the same source when it
-    reads at its recorded length: (data-list row, None, reused), or (None, (original, why it was left out),
-    False). Errors of the output folder (FATAL) are raised."""
+def _corpus_file(out: Path, item: Item, source, recorded: dict) -> tuple[dict | None, tuple | None, bool]:
+    """Write one corpus file, or reuse the one there when it is whole and reads at the length `recorded` (its
+    row, of this source) gives, or at any length where the row has none yet (the file was written after its
+    source was recorded, atomically, but the build stopped before keeping its length). (data-list row, None,
+    reused), or (None, (original, why it was left out), False). Errors of the output folder (FATAL) are raised."""
     target = out / item.relative
     try:
-        if recorded is not None:
-            try:
-                row = _row(item, *read_wav(target))
-                if all(row[column] == recorded[column] for column in LENGTH):
-                    return row, None, True
-            except (ValueError, OSError):  # missing, empty or damaged: written again below
-                pass
+        try:
+            row = _row(item, *read_wav(target))
+            if _whole(target) and all(recorded[column] in ("", row[column]) for column in LENGTH):
+                return row, None, True
+        except (ValueError, OSError):  # missing, empty or damaged: written again below
+            pass
         waveform, rate = _waveform(source)
         reason = _unusable(waveform, rate)
         if reason:
@@ -206,6 +212,13 @@ def _corpus_file(out: Path, item: Item, source, recorded: dict | None) -> tuple[
             raise
         return None, (item.original, f"{type(error).__name__}: {error}"), False
     return _row(item, waveform, rate), None, False
+
+
+def _whole(path: Path) -> bool:
+    """Whether a WAV file is as long as its RIFF header says (read_wav reads the frames of a file cut short)."""
+    with open(path, "rb") as handle:
+        header = handle.read(8)
+    return len(header) == 8 and int.from_bytes(header[4:], "little") + 8 == path.stat().st_size
 
 
 def _fatal(error: Exception, out: Path) -> bool:
@@ -242,16 +255,15 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent alone handles it
 
 
-def _write(out: Path, work: list, recorded: dict[str, dict], kept: dict[str, dict], jobs: int,
-           quiet: bool) -> tuple[list, list, int]:
-    """(rows in the order of `work`, left out, reused) of writing every file, reusing those of `kept`; the
-    partial data list (`recorded`, then the row of every finished file) is saved as files finish and when the
-    build stops."""
+def _write(out: Path, work: list, recorded: dict[str, dict], jobs: int, quiet: bool) -> tuple[list, list, int]:
+    """(rows in the order of `work`, left out, reused) of writing every file, reusing those that `recorded`
+    (path -> row of this source) allows (_corpus_file); the partial data list (`recorded`, then the row of every
+    finished file) is saved as files finish and when the build stops."""
     done = dict(recorded)
     results = {}
     pool = ProcessPoolExecutor(jobs, initializer=_ignore_interrupts) if jobs > 1 else None
     try:
-        arguments = (repeat(out), *zip(*work), [kept.get(item.relative) for item, _ in work])
+        arguments = (repeat(out), *zip(*work), [recorded[item.relative] for item, _ in work])
         outcomes = pool.map(_corpus_file, *arguments, chunksize=8) if pool else map(_corpus_file, *arguments)
         for number, ((item, _), outcome) in enumerate(zip(work, tqdm(outcomes, total=len(work), desc="corpus",
                                                                      unit="file", disable=quiet)), 1):
@@ -317,16 +329,21 @@ def _build(args) -> int:
     # its record says, even if the build stops before it is.
     kept = {path: row for path, row in records.items()
             if path in planned and (row["source"], row["original"]) == (planned[path].source, planned[path].original)}
-    # Every other planned file is recorded as this script's before any is written, with no source (so never
-    # reused): a file that workers finish after an interruption, unrecorded, is then no stranger to a later
-    # build. The unlisted files keep their rows until they are deleted.
-    planned_rows = {**{path: {"path": path} for path in planned}, **kept}
+    # Every other planned file is recorded as this script's with no source (so never reused) while the files at
+    # their paths (of other sources, or unrecorded) are deleted, and the unlisted ones, which keep their rows
+    # until then.
+    others = [path for path in planned if path not in kept]
     try:
-        atomic.write_csv(out / PARTIAL, COLUMNS, [*planned_rows.values(), *(records[path] for path in unlisted)])
+        atomic.write_csv(out / PARTIAL, COLUMNS, [*kept.values(), *({"path": path} for path in others),
+                                                  *(records[path] for path in unlisted)])
         (out / "datalist.csv").unlink(missing_ok=True)  # it lists the corpus only once the build is done
-        for path in unlisted:
-            (out / path).unlink()
-        rows, skipped, reused = _write(out, work, planned_rows, kept, args.jobs, args.quiet)
+        for path in [*unlisted, *others]:
+            (out / path).unlink(missing_ok=True)
+        # Then with their sources, before any is written: a file there is then of that source, and whole (written
+        # atomically), so one that workers finish after an interruption, its length never recorded, is reused.
+        recorded = {**{path: _planned_row(item) for path, item in planned.items()}, **kept}
+        atomic.write_csv(out / PARTIAL, COLUMNS, recorded.values())
+        rows, skipped, reused = _write(out, work, recorded, args.jobs, args.quiet)
         datalist = out / "datalist.csv"
         atomic.write_csv(datalist, COLUMNS, rows)  # atomic: a kill leaves the partial list, never a torn one
         (out / PARTIAL).unlink()

@@ -1,5 +1,6 @@
 """Pretraining data: manifest caching and bad files, WebDataset shards, crops, bands, masks, token budget."""
 import itertools
+import shutil
 
 import numpy as np
 import pytest
@@ -455,39 +456,69 @@ def test_a_folder_with_both_shards_and_audio_files_is_a_clear_error(tmp_path):
         shards.open_corpus(root, min_seconds=1.0)
 
 
+def stop_a_shard_write_in_its_second_shard(root, out, monkeypatch) -> list[int]:
+    """Write shards of two files from `root` into `out`, stopped (as by Ctrl-C) at file 3; returns the list that
+    the indices of the files later writes read are appended to."""
+    original = shards.shard_sample
+
+    def sample_then_stop(root, index, relative):
+        if index == 3:
+            raise KeyboardInterrupt
+        return original(root, index, relative)
+
+    monkeypatch.setattr(shards, "shard_sample", sample_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        shards.write_shards(root, out, per_shard=2)
+    assert sorted(p.name for p in out.glob("*.tar*")) == ["shard-000000.tar"]  # no half shard
+    written = []
+    monkeypatch.setattr(shards, "shard_sample", lambda *args: written.append(args[1]) or original(*args))
+    return written
+
+
+def shard_examples(folder) -> dict[str, bytes]:
+    source = shards.ShardCorpus(folder, min_seconds=1.0)
+    return {e.key: e.read(0, e.frames).tobytes() for e in itertools.islice(source.examples(0, 0, 1), 6)}
+
+
 def test_a_stopped_shard_write_resumes_with_the_missing_shards_only(tmp_path, monkeypatch):
     """A stop left whole shards, but the same command then refused the folder: hours of finished shards lost."""
     pytest.importorskip("webdataset")
     root = write_corpus(tmp_path / "data", files=5)
     shards.write_shards(root, tmp_path / "straight", per_shard=2)
-    original = shards.shard_sample
-    written = []
-
-    def sample_then_stop(root, index, relative):
-        if index == 3:
-            raise KeyboardInterrupt
-        written.append(index)
-        return original(root, index, relative)
-
-    monkeypatch.setattr(shards, "shard_sample", sample_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        shards.write_shards(root, tmp_path / "shards", per_shard=2)
-    assert sorted(p.name for p in (tmp_path / "shards").glob("*.tar*")) == ["shard-000000.tar"]  # no half shard
+    written = stop_a_shard_write_in_its_second_shard(root, tmp_path / "shards", monkeypatch)
     (tmp_path / "shards" / "shard-000001.tar.999999999.tmp").write_bytes(b"half a shard, its writer killed")
-    written.clear()
-    monkeypatch.setattr(shards, "shard_sample", lambda *args: written.append(args[1]) or original(*args))
     assert len(shards.write_shards(root, tmp_path / "shards", per_shard=2)) == 3
     assert written == [2, 3, 4]  # shard 0 kept, shards 1 and 2 written
     assert not list((tmp_path / "shards").glob("*.tmp"))
-
-    def samples(folder):
-        source = shards.ShardCorpus(folder, min_seconds=1.0)
-        return {e.key: e.read(0, e.frames).tobytes() for e in itertools.islice(source.examples(0, 0, 1), 6)}
-
-    assert samples(tmp_path / "shards") == samples(tmp_path / "straight")
+    assert shard_examples(tmp_path / "shards") == shard_examples(tmp_path / "straight")
     (root / "machine0" / "clip0.wav").unlink()  # another corpus now: its shards would not match those kept
     with pytest.raises(ValueError, match=r"already holds 3 .tar files .* of another write"):
         shards.write_shards(root, tmp_path / "shards", per_shard=2)
+
+
+def test_a_shard_write_resumes_from_a_copy_of_its_folder_but_not_from_changed_content(tmp_path, monkeypatch):
+    """`cp -r` of the folder gives every file a new time, and the plan held the times: the copy was refused.
+    Only the times may differ: a file whose bytes changed at the same size and header is still refused."""
+    pytest.importorskip("webdataset")
+    root = write_corpus(tmp_path / "data", files=5)
+    shards.write_shards(root, tmp_path / "straight", per_shard=2)
+    stop_a_shard_write_in_its_second_shard(root, tmp_path / "shards", monkeypatch)
+    copy = shutil.copytree(root, tmp_path / "copy", copy_function=shutil.copy)  # as cp -r: new times
+    changed = shutil.copytree(root, tmp_path / "changed", copy_function=shutil.copy)
+    assert (copy / "machine0" / "clip0.wav").stat().st_mtime_ns != (root / "machine0" / "clip0.wav").stat().st_mtime_ns
+    raw = (changed / "machine0" / "clip0.wav").read_bytes()  # file 0, in the shard written
+    (changed / "machine0" / "clip0.wav").write_bytes(raw[:-64] + bytes(b ^ 0xFF for b in raw[-64:]))
+    assert sf.info(changed / "machine0" / "clip0.wav").frames == sf.info(root / "machine0" / "clip0.wav").frames
+
+    first_shard = tmp_path / "shards" / "shard-000000.tar"
+    kept = (first_shard.stat().st_ino, first_shard.stat().st_mtime_ns)
+    with pytest.raises(ValueError, match=r"of another write \(shard-000000.tar does not hold machine0/clip0.wav "
+                                         r"as it is now\)"):
+        shards.write_shards(changed, tmp_path / "shards", per_shard=2)
+    assert sorted(p.name for p in (tmp_path / "shards").glob("*.tar")) == ["shard-000000.tar"]
+    assert len(shards.write_shards(copy, tmp_path / "shards", per_shard=2)) == 3
+    assert (first_shard.stat().st_ino, first_shard.stat().st_mtime_ns) == kept  # resumed, not written again
+    assert shard_examples(tmp_path / "shards") == shard_examples(tmp_path / "straight")
 
 
 def test_crops_of_random_length_span_the_range_log_uniformly_and_fixed_crops_draw_nothing():

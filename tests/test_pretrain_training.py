@@ -149,6 +149,31 @@ def test_resuming_with_another_config_is_refused(data, tmp_path):
         trainer.train(tiny_config(data, tmp_path / "run", steps=4, mask_ratio=0.75), progress=False)
 
 
+def trained_lr(run: Path) -> float:
+    """The peak lr the optimizer of a run's newest checkpoint was built with."""
+    return checkpoints.load_latest(run / "checkpoints")["optimizer"]["param_groups"][0]["initial_lr"]
+
+
+def test_an_lr_named_by_the_value_a_run_trained_with_resumes_it_and_another_is_refused(data, tmp_path):
+    """A derived lr follows the world size, which the saved config does not hold: `--lr X` naming the lr a run
+    derived was refused as "lr: None -> X", and so was a plain resume of a run whose --lr was its derived value."""
+    settings = dict(steps=4, save_every=2, log_every=2)
+    derived = tmp_path / "derived"
+    trainer.train(tiny_config(data, derived, lr=None, **settings), progress=False, stop_at=2)
+    peak = trained_lr(derived)
+    assert peak != tiny_config(data, derived).lr  # not the explicit lr of the other runs
+    with pytest.raises(ValueError, match=re.escape(f"(lr: derived {peak!r} -> {peak * 2!r})")):
+        trainer.train(tiny_config(data, derived, lr=peak * 2, **settings), progress=False)
+    assert trainer.train(tiny_config(data, derived, lr=peak, **settings), progress=False)["step"] == 4
+    assert trained_lr(derived) == peak
+    assert json.loads((derived / "config.json").read_text())["lr"] is None  # still resumes without --lr
+
+    explicit = tmp_path / "explicit"
+    trainer.train(tiny_config(data, explicit, lr=peak, **settings), progress=False, stop_at=2)
+    assert trainer.train(tiny_config(data, explicit, lr=None, **settings), progress=False)["step"] == 4
+    assert trained_lr(explicit) == peak
+
+
 def test_a_run_whose_decoder_groups_do_not_divide_the_width_still_resumes_and_exports(data, tmp_path):
     """Before decoder groups had to divide the width, the decoder took gcd(groups, width) of them (width 64 and
     --decoder-groups 24: 8 groups): such a run must still resume, and its checkpoints export; a new one is refused."""
@@ -443,8 +468,8 @@ def failing_rank_worker(rank, world, port, out):
     torch.distributed.destroy_process_group()
 
 
-def test_an_error_on_one_rank_stops_every_rank(tmp_path):
-    """Rank 0 could not open the corpus: rank 1 must stop too, not wait for it at the next collective."""
+def spawn_two_ranks(worker, *args) -> None:
+    """worker(rank, 2, port, *args) in two processes, on a free local port."""
     import socket
 
     import torch.multiprocessing as mp
@@ -452,21 +477,68 @@ def test_an_error_on_one_rank_stops_every_rank(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    mp.spawn(failing_rank_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, port, *args), nprocs=2, join=True)
+
+
+def test_an_error_on_one_rank_stops_every_rank(tmp_path):
+    """Rank 0 could not open the corpus: rank 1 must stop too, not wait for it at the next collective."""
+    spawn_two_ranks(failing_rank_worker, str(tmp_path))
     assert (tmp_path / "rank0.txt").read_text() == "no corpus here"
     assert "1 other process(es) of this run failed" in (tmp_path / "rank1.txt").read_text()
 
 
+# Each rank's audio seconds of two steps: float sums that depend on their order, (0.1 + 0.7) + (0.2 + 0.3) being
+# 1.2999999999999998 and ((0.1 + 0.2) + 0.7) + 0.3 being 1.3.
+SECONDS_OF_RANKS = [[0.1, 0.7], [0.2, 0.3]]
+
+
+def meter_worker(rank, world, port, out):
+    """Rank `rank`'s meter over two steps, read straight, and read after a stop after step 1 that restored it
+    from the checkpoint's `pending`."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+
+    def step(meter, seconds):
+        loss = torch.tensor(seconds, dtype=torch.float64)
+        meter.add(loss, loss, loss, tokens=100, clips=2, seconds=seconds)
+
+    first, second = SECONDS_OF_RANKS[rank]
+    straight = trainer.Meter(torch.device("cpu"))
+    step(straight, first)
+    step(straight, second)
+    stopped = trainer.Meter(torch.device("cpu"))
+    step(stopped, first)
+    checkpointed = stopped.pending(world)
+    resumed = trainer.Meter(torch.device("cpu"), checkpointed, rank)
+    step(resumed, second)
+    torch.save({"straight": straight.read(world), "resumed": resumed.read(world)}, f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_a_resumed_meter_logs_the_numbers_of_a_straight_run_on_every_rank_to_the_last_bit(tmp_path):
+    """A checkpoint held every rank's sums reduced into rank 0's: the resumed run added them in another order,
+    and steps.csv showed audio_seconds 120.35380555555557 where the straight run had 120.35380555555555."""
+    spawn_two_ranks(meter_worker, str(tmp_path))
+    for rank in range(2):
+        logged = torch.load(tmp_path / f"rank{rank}.pt")
+        straight, resumed = logged["straight"], logged["resumed"]
+        (a, b), (c, d) = SECONDS_OF_RANKS
+        assert straight["audio_seconds"] == (a + b) + (c + d) and straight["clips"] == 8
+        assert straight["loss"] == ((a + b) + (c + d)) / 4
+        for key in ("loss", "frame_loss", "utterance_loss", "clips", "audio_seconds"):
+            assert resumed[key] == straight[key], key
+
+
+def test_a_checkpoint_of_the_meter_before_it_was_kept_per_rank_restores_on_rank_0():
+    """Older checkpoints hold one row, every rank's sums together: rank 0 takes it, the others start at 0."""
+    older = torch.arange(7, dtype=torch.float64)
+    assert torch.equal(trainer.Meter(torch.device("cpu"), older, rank=0).sums, older)
+    assert torch.equal(trainer.Meter(torch.device("cpu"), older, rank=1).sums, torch.zeros(7, dtype=torch.float64))
+
+
 @pytest.mark.slow
 def test_two_process_gloo_ddp_keeps_ranks_identical(data, tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mp.spawn(ddp_worker, args=(2, port, str(data), str(tmp_path)), nprocs=2, join=True)
+    spawn_two_ranks(ddp_worker, str(data), str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert_same_state(ranks[0]["student"], ranks[1]["student"])
     assert_same_state(ranks[0]["teacher"], ranks[1]["teacher"])

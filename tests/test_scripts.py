@@ -14,6 +14,7 @@ from test_default_model import import_script
 REPO = Path(__file__).resolve().parents[1]
 build_corpus = import_script("build_corpus")
 select = import_script("select_checkpoint")
+PROGRESS = build_corpus.tqdm
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -101,24 +102,63 @@ def test_a_build_interrupted_while_removing_the_earlier_builds_files_resumes(tmp
     assert files(out) == files(tmp_path / "fresh")
 
 
+def interrupted_before_keeping_the_row_of_file(last: int):
+    """A stand-in for build_corpus's progress bar that stops taking the files' outcomes with Ctrl-C once file
+    number `last` (from 1) is written, before the build keeps its row, as when workers go on writing after it."""
+    def interrupted(outcomes, **options):
+        for number, outcome in enumerate(outcomes, 1):
+            if number == last:
+                raise KeyboardInterrupt
+            yield outcome
+    return interrupted
+
+
 def test_files_written_after_an_interruption_are_not_taken_for_strangers(tmp_path, synthetic_only, monkeypatch):
     """Workers go on writing after Ctrl-C; the parent never records those files. Here the third file is
     written and the interruption comes before its row is kept."""
     out = tmp_path / "corpus"
-
-    def interrupted_on_the_third(outcomes, **options):
-        for number, outcome in enumerate(outcomes):
-            if number == 2:
-                raise KeyboardInterrupt
-            yield outcome
-    progress = build_corpus.tqdm
-    monkeypatch.setattr(build_corpus, "tqdm", interrupted_on_the_third)
+    monkeypatch.setattr(build_corpus, "tqdm", interrupted_before_keeping_the_row_of_file(3))
     with pytest.raises(SystemExit, match="interrupted"):
         synthetic_only(out, 5, seed=1)
     assert len(list(out.rglob("*.wav"))) == 3
-    monkeypatch.setattr(build_corpus, "tqdm", progress)
+    monkeypatch.setattr(build_corpus, "tqdm", PROGRESS)
     synthetic_only(out, 2, seed=0)  # other settings: the third file is removed, not refused
     assert len(list(out.rglob("*.wav"))) == 2
+
+
+def test_a_file_finished_just_before_an_interruption_is_kept_not_written_again(tmp_path, synthetic_only,
+                                                                              monkeypatch, capsys):
+    """Its row never reached the partial data list, so the rerun did not know it as finished and wrote it again
+    (hours of files, with workers finishing a chunk each after Ctrl-C)."""
+    out = tmp_path / "corpus"
+    monkeypatch.setattr(build_corpus, "tqdm", interrupted_before_keeping_the_row_of_file(1))
+    with pytest.raises(SystemExit, match="interrupted"):
+        synthetic_only(out, 3)
+    [finished] = out.rglob("*.wav")
+    before = (finished.stat().st_ino, finished.stat().st_mtime_ns)
+    monkeypatch.setattr(build_corpus, "tqdm", PROGRESS)
+    capsys.readouterr()
+    synthetic_only(out, 3)
+    assert "(1 from an earlier run)" in capsys.readouterr().out
+    assert (finished.stat().st_ino, finished.stat().st_mtime_ns) == before
+    synthetic_only(tmp_path / "whole", 3)
+    assert files(out) == files(tmp_path / "whole")
+
+
+def test_a_file_cut_short_since_an_interruption_is_written_again(tmp_path, synthetic_only, monkeypatch, capsys):
+    """A file whose row has no length yet is reused for being whole, not for reading at a recorded length."""
+    out = tmp_path / "corpus"
+    monkeypatch.setattr(build_corpus, "tqdm", interrupted_before_keeping_the_row_of_file(1))
+    with pytest.raises(SystemExit, match="interrupted"):
+        synthetic_only(out, 2)
+    [finished] = out.rglob("*.wav")
+    finished.write_bytes(finished.read_bytes()[:-2000])  # still reads, 1000 frames short
+    monkeypatch.setattr(build_corpus, "tqdm", PROGRESS)
+    capsys.readouterr()
+    synthetic_only(out, 2)
+    assert "(0 from an earlier run)" in capsys.readouterr().out
+    synthetic_only(tmp_path / "whole", 2)
+    assert files(out) == files(tmp_path / "whole")
 
 
 def test_an_unreadable_source_file_is_left_out_and_a_folder_named_like_a_temporary_is_kept(

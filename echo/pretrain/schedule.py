@@ -36,6 +36,6 @@ def ema_decay(step: int, start: float, end: float, anneal_steps: int) -> float:
 @torch.no_grad()
 def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
     """teacher <- decay * teacher + (1 - decay) * student, for every trained parameter (frozen ones such as
-    pos_embed stay equal in both)."""
+    pos_embed stay equal in both). Parameters are the whole state: the encoder has no buffers."""
     pairs = [(t, s) for t, s in zip(teacher.parameters(), student.parameters()) if s.requires_grad]
     torch._foreach_lerp_([t for t, _ in pairs], [s.detach() for _, s in pairs], 1.0 - decay)

@@ -78,30 +78,29 @@ def write_shards(folder, out, per_shard: int = 1000, min_seconds: float = 1.0) -
     """Every usable file of a folder into tar shards of at most `per_shard` files. Each shard is written to a
     temporary name and renamed, so a crash leaves no half shard, and the same command after a stop writes only
     the shards still missing: `out` keeps the plan (PLAN_NAME: the files, by path, size and time, and the
-    options), and shards are resumed only under the same plan. An `out` holding other .tar files is refused:
-    pretraining reads every .tar of a folder, so it would mix those with the new shards."""
+    options), and shards are resumed only under the same plan, or, where only the files' times differ (a copy
+    of the folder), where the shards written hold exactly what this write would put in them (check_resumable).
+    An `out` holding other .tar files is refused: pretraining reads every .tar of a folder, so it would mix those
+    with the new shards."""
     wds = webdataset()
     out = Path(out)
     earlier = sorted(path.name for path in out.glob("*.tar"))
-    refusal = (f"{out} already holds {len(earlier)} .tar files ({', '.join(earlier[:3])}"
-               f"{', ...' if len(earlier) > 3 else ''}) of another write (other files or options); pretraining "
-               f"on it would read them with the new shards. Delete them or write to another --out")
     plan_path = out / PLAN_NAME
     if earlier and not plan_path.is_file():
-        raise ValueError(refusal)
+        raise other_write(out, earlier, "other files or options")
     atomic.check_writable(out, f"--out {out}")  # before the folder is indexed (hours for a large one)
     source = corpus.FolderCorpus(folder, min_seconds)
     plan = {"per_shard": per_shard, "min_seconds": min_seconds,
             "files": corpus.content_hash([(entry.path, entry.size, entry.mtime_ns) for entry in source.files])}
-    if earlier and saved_plan(plan_path) != plan:
-        raise ValueError(refusal)
+    if earlier:
+        check_resumable(out, earlier, saved_plan(plan_path), plan, source)
     out.mkdir(parents=True, exist_ok=True)
     atomic.remove_abandoned(out, "shard-*.tar.*.tmp")  # a killed write's half shard: a shard's worth of disk
     atomic.write_text(plan_path, json.dumps(plan) + "\n")
     written: list[Path] = []
     gone = resumed = 0
     for first in tqdm(range(0, len(source.files), per_shard), desc="shards", unit="shard"):
-        final = out / f"shard-{len(written):06d}.tar"
+        final = out / shard_name(len(written))
         written.append(final)
         if final.is_file():  # written whole by an earlier, stopped, run of this plan
             resumed += 1
@@ -117,6 +116,58 @@ def write_shards(folder, out, per_shard: int = 1000, min_seconds: float = 1.0) -
     kept = f" ({resumed} of them by an earlier run)" if resumed else ""
     print(f"wrote {len(written)} shards{kept} to {out}: {source.describe()}{changed}")
     return written
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:06d}.tar"
+
+
+def other_write(out: Path, earlier: list[str], why: str) -> ValueError:
+    """The refusal of an `out` whose .tar files (`earlier`) this write would not continue."""
+    return ValueError(f"{out} already holds {len(earlier)} .tar files ({', '.join(earlier[:3])}"
+                      f"{', ...' if len(earlier) > 3 else ''}) of another write ({why}); pretraining on it would "
+                      f"read them with the new shards. Delete them or write to another --out")
+
+
+def check_resumable(out: Path, earlier: list[str], saved: dict | None, plan: dict, source) -> None:
+    """Refuse to write into `out`, holding the shards `earlier`, unless this write continues the one that wrote
+    them: the same options, and the same files by path, size and time; where the times (or sizes, or the file
+    list) differ, as they do in a copy of the folder (`cp -r` gives every file a new time), each shard written
+    must hold exactly the samples that this write would put in it, compared byte for byte."""
+    def options(written_plan: dict) -> dict:
+        return {key: value for key, value in written_plan.items() if key != "files"}
+
+    if not isinstance(saved, dict) or options(saved) != options(plan):
+        raise other_write(out, earlier, "other files or options")
+    if saved.get("files") == plan["files"]:
+        return
+    per_shard = plan["per_shard"]
+    planned = {shard_name(number): first for number, first in enumerate(range(0, len(source.files), per_shard))}
+    for name in earlier:
+        if name not in planned:
+            raise other_write(out, earlier, f"{name} is not a shard of the files of {source.root} now")
+        difference = shard_difference(out / name, source, planned[name], per_shard)
+        if difference:
+            raise other_write(out, earlier, f"{name} {difference}")
+
+
+def shard_difference(shard: Path, source, first: int, per_shard: int) -> str:
+    """How `shard` differs from the shard of `source`'s files from the `first`-th on that this write would
+    write, or "" where it holds exactly those samples."""
+    written = iter(ShardCorpus._samples([str(shard)]))
+    for index, entry in enumerate(source.files[first : first + per_shard], start=first):
+        expected = shard_sample(source.root, index, entry.path)
+        sample = next(written, None)
+        if expected is None or sample is None or written_members(sample) != expected:
+            return f"does not hold {entry.path} as it is now"
+    extra = next(written, None)
+    return f"also holds {extra['__key__']}, which is no file of {source.root} now" if extra is not None else ""
+
+
+def written_members(sample: dict) -> dict:
+    """A sample read from a shard as shard_sample made it: its key and members, without the reader's facts
+    (`__url__`, ...)."""
+    return {key: value for key, value in sample.items() if key == "__key__" or not key.startswith("__")}
 
 
 def saved_plan(path: Path) -> dict | None:

@@ -128,11 +128,34 @@ class PretrainConfig:
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    def check_resumable(self, saved: dict) -> None:
+    def clips_per_step(self, world: int) -> int:
+        """Clips of a step of all `world` ranks, as the derived lr counts them."""
+        return world * nominal_clips_per_batch(self.sampling)
+
+    def peak_lr(self, world: int) -> float:
+        """--lr, or the lr derived from --base-lr and the clips of a step on `world` ranks."""
+        return self.lr if self.lr is not None else self.base_lr * self.clips_per_step(world) / 256
+
+    def with_lr_option_of(self, saved: dict, trained_lr: float, world: int) -> PretrainConfig:
+        """This config with the lr option of the saved config (None where the run derived its lr) where its own
+        peak lr on `world` ranks is `trained_lr`, the one that run trained with: `--lr X` resumes a run whose
+        derived lr was X (a derived lr follows the world size, which a config does not hold), and the run's
+        config stays as it was, so the command it was started with still resumes it."""
+        return replace(self, lr=saved.get("lr")) if self.peak_lr(world) == trained_lr else self
+
+    def check_resumable(self, saved: dict, trained_lr: float | None = None) -> None:
+        """Refuse a config that would not continue the saved run's; `trained_lr`, the peak lr the run trained
+        with, describes a derived lr (None in `saved`) in the refusal."""
         # A field the saved run predates had its default there.
         saved = with_derived_defaults({**{f.name: f.default for f in fields(self) if f.default is not MISSING},
                                        **saved})
-        changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in with_derived_defaults(self.to_dict()).items()
+
+        def described(key: str, value) -> str:
+            derived_lr = key == "lr" and value is None and trained_lr is not None
+            return f"derived {trained_lr!r}" if derived_lr else repr(value)
+
+        changed = [f"{k}: {described(k, saved.get(k))} -> {v!r}"
+                   for k, v in with_derived_defaults(self.to_dict()).items()
                    if k not in self.FREE_ON_RESUME and saved.get(k) != v]
         if changed:
             raise ValueError(f"{self.out} holds a run with another config; resuming would not continue it "
@@ -262,17 +285,21 @@ class CsvLog:
 
 class Meter:
     """Sums since the last log line, reduced over ranks when read. A checkpoint holds those not yet logged
-    (`pending`) and a resumed run starts from them (`restored`), so its first row covers the same steps as
-    without the stop; the rates count only the steps timed in this process."""
+    (`pending`, each rank's own) and a resumed run starts from them (`restored`), so its first row covers the
+    same steps as without the stop, to the last bit (float sums depend on their order: a resumed rank adds on to
+    its own sums, as without the stop); the rates count only the steps timed in this process."""
 
     KEYS = ("loss", "frame_loss", "utterance_loss", "steps", "tokens", "clips", "audio_seconds")
 
-    def __init__(self, device, restored: torch.Tensor | None = None):
+    def __init__(self, device, restored: torch.Tensor | None = None, rank: int = 0):
+        """`restored`: a checkpoint's `pending`, a row per rank. Checkpoints written before the rows were kept
+        per rank hold one row, the sums of every rank, which rank 0 takes."""
         self.device = device
         self.reset()
-        if restored is not None:
-            self.sums += restored.to(device)
-            self.untimed += restored.to(device)
+        if restored is not None and (restored.dim() == 2 or rank == 0):
+            mine = (restored[rank] if restored.dim() == 2 else restored).to(device)
+            self.sums += mine
+            self.untimed += mine
 
     def reset(self):
         self.sums = torch.zeros(len(self.KEYS), dtype=torch.float64, device=self.device)
@@ -297,16 +324,13 @@ class Meter:
         return out
 
     def pending(self, world: int) -> torch.Tensor:
-        """The sums of all ranks since the last log line, on the CPU (a collective: every rank calls it)."""
-        sums = self.sums.clone()
-        if world > 1:
-            dist.all_reduce(sums)
-        return sums.cpu()
+        """(world, len(KEYS)) on the CPU: each rank's sums since the last log line (a collective: every rank
+        calls it)."""
+        return every_rank(self.sums, world)
 
 
-def every_rank(values: list[int], world: int, device: torch.device) -> torch.Tensor:
-    """(world, len(values)) on the CPU: `values` of each rank, in rank order (a collective: every rank calls it)."""
-    mine = torch.tensor(values, dtype=torch.int64, device=device)
+def every_rank(mine: torch.Tensor, world: int) -> torch.Tensor:
+    """(world, *mine.shape) on the CPU: `mine` of each rank, in rank order (a collective: every rank calls it)."""
     if world == 1:
         return mine[None].cpu()
     gathered = [torch.empty_like(mine) for _ in range(world)]
@@ -379,10 +403,12 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
         check_decoder_shape(config.model_config.dim, config.decoder_layers, config.decoder_kernel,
                             config.decoder_groups)
     else:
-        config.check_resumable(saved["config"])
         if (saved["world"], saved["workers"]) != (world, config.workers):
             raise ValueError(f"the run was started on {saved['world']} processes with {saved['workers']} data "
                              f"workers each; resume it the same way (now {world} and {config.workers})")
+        trained_lr = saved["scheduler"]["base_lrs"][0]  # the peak lr its optimizer was built with
+        config = config.with_lr_option_of(saved["config"], trained_lr, world)
+        config.check_resumable(saved["config"], trained_lr)
     corpus, error = None, None
     if rank == 0:  # indexes (or reuses) the manifest, which the other ranks then read
         corpus, error = attempt(open_corpus, config.data, config.min_seconds, config.manifest)
@@ -408,8 +434,7 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
                           math.gcd(config.decoder_groups, student.config.dim))
     learner = Learner(student, decoder, config.utterance_weight).to(device)
     teacher = copy.deepcopy(student).requires_grad_(False)
-    clips_per_step = world * nominal_clips_per_batch(config.sampling)
-    peak = config.lr if config.lr is not None else config.base_lr * clips_per_step / 256
+    peak = config.peak_lr(world)
     derived = with_derived_defaults(config.to_dict())
     warmup = derived["warmup"]
     lr_schedule = schedule.CosineSchedule(peak, min(config.min_lr, peak), warmup, config.steps)
@@ -426,7 +451,7 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
         step = saved["step"]
         if "positions" in saved:  # checkpoints written before these were kept resume from `step` alone
             positions = saved["positions"][rank].tolist()
-            pending = saved["meter"] if rank == 0 else None  # rank 0's sums hold every rank's
+            pending = saved["meter"]
         if rank == 0:
             print(f"resuming at step {step}")
     model = torch.nn.parallel.DistributedDataParallel(learner) if world > 1 else learner
@@ -436,7 +461,7 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     if rank == 0:
         print(f"{world} process(es) on {device}, {'bf16' if bf16 else 'fp32'}; peak lr {peak:.3g} "
-              f"(~{clips_per_step} clips per step), warm-up {warmup} steps")
+              f"(~{config.clips_per_step(world)} clips per step), warm-up {warmup} steps")
         for note in schedule_notes(peak, config.min_lr, warmup, config.steps):
             print(f"note: {note}")
         advice = host_memory.allocator_advice(device.type)
@@ -456,7 +481,7 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.workers,
                                          pin_memory=device.type == "cuda")
     log = CsvLog(out / "steps.csv", step) if rank == 0 else None
-    meter = Meter(device, pending)
+    meter = Meter(device, pending, rank)
     bar = tqdm(total=config.steps, initial=step, disable=rank != 0 or not progress, unit="step")
     last = {}
     first_nonfinite = torch.full((), NO_STEP, dtype=torch.int64, device=device)  # step of the first bad loss
@@ -492,7 +517,8 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
                                 tok_s=f"{last['tokens_per_s']:.0f}", it_s=f"{last['steps_per_s']:.2f}")
         bar.update(1)
         if step % config.save_every == 0 or step == config.steps:
-            positions_of_ranks, pending_sums = every_rank(positions, world, device), meter.pending(world)
+            positions_of_ranks = every_rank(torch.tensor(positions, dtype=torch.int64, device=device), world)
+            pending_sums = meter.pending(world)
             if rank == 0:
                 checkpoints.save(folder, step, state(positions_of_ranks, pending_sums), config.keep)
     bar.close()
