@@ -7,12 +7,18 @@ weights vs a log-spectrogram baseline, on
   (b) bucklespring key switches held out of pretraining (corpus/heldout/bucklespring, 44.1 kHz, labelled
       press / release in corpus/datalist.csv): leave-one-out 5-NN accuracy (echo.eval.faults, Euclidean).
 
-    python scripts/evaluate_default.py [--model default] [--corpus corpus] [--json results.json]
+    python scripts/evaluate_default.py [--model default] [--corpus corpus] [--json results.json] [--demo-seeds 20]
     python scripts/evaluate_default.py --runs RUN [RUN ...] [--csv heldout.csv]
 
 With --runs: the trained embedding of every checkpoint of those pretraining runs (the encoder each run exports,
 rounded to fp16 as scripts/export_default.py writes it) on the same two tasks, for the model card's record of a
 recipe's spread over seeds and steps. Not for choosing: scripts/select_checkpoint.py chooses on validation tasks.
+
+Is a difference more than chance? On bucklespring the trained model and the baseline classify the same clips,
+so an exact McNemar test (a binomial test on the clips only one of them gets right) says how likely a gap that
+size is between two equal embeddings. The demo's task is one draw of clips: --demo-seeds N scores it again with
+N clip seeds (the same four machines, other clips) and prints each embedding's mean and the paired difference
+of the trained model to the others, with a 95% interval.
 
 The log-spectrogram baseline is the time mean of the normalised log spectrogram of echo.ops.stft in the
 model's band layout (every 32-bin band, concatenated): what the encoder starts from, without the encoder.
@@ -89,13 +95,61 @@ def scores(embed, task: demo.DemoTask, keys: tuple[list, list, list]) -> dict:
     vectors = embed(task.signals, task.rates)
     _, rows, summary = demo.score(task, vectors)
     signals, rates, labels = keys
-    accuracy = faults.evaluate(np.stack(embed(signals, rates)), labels, "loocv", k=5).accuracy
+    keys_result = faults.evaluate(np.stack(embed(signals, rates)), labels, "loocv", k=5)
     return {"demo AUC": summary["AUC (demo)"], "demo pAUC": summary["pAUC (demo)"],
-            "bucklespring 5-NN LOOCV accuracy": accuracy, "demo embedding spread": demo.embedding_spread(task, vectors),
-            "demo per machine": {f"{r['machine']} {r['metric']}": r["value"] for r in rows}}
+            "bucklespring 5-NN LOOCV accuracy": keys_result.accuracy,
+            "demo embedding spread": demo.embedding_spread(task, vectors),
+            "demo per machine": {f"{r['machine']} {r['metric']}": r["value"] for r in rows},
+            "bucklespring clips right": (keys_result.y_pred == keys_result.y_true).astype(int).tolist()}
 
 
-_TASKS: tuple = ()  # (demo task, key switches), set before the scoring processes fork
+def demo_over_seeds(embed, seeds: range, bank: int, tests: int) -> dict:
+    """{"demo AUC over seeds": [...], "demo pAUC over seeds": [...]}: the demo's task drawn with each clip seed."""
+    summaries = [demo.score(task, embed(task.signals, task.rates))[2]
+                 for task in (demo.build_task(seed, bank, tests) for seed in seeds)]
+    return {f"demo {metric} over seeds": [summary[f"{metric} (demo)"] for summary in summaries]
+            for metric in ("AUC", "pAUC")}
+
+
+def mcnemar(right: list, other_right: list) -> tuple[int, int, float]:
+    """(clips only the first gets right, clips only the other gets right, exact two-sided McNemar p-value)."""
+    from scipy import stats
+
+    only, other_only = (int(sum(a and not b for a, b in zip(x, y))) for x, y in ((right, other_right),
+                                                                                  (other_right, right)))
+    pvalue = stats.binomtest(only, only + other_only).pvalue if only + other_only else 1.0
+    return only, other_only, float(pvalue)
+
+
+def paired_difference(values: list, other_values: list) -> tuple[float, float, float, int]:
+    """(mean of values - other_values, 95% t interval low, high, count where values is ahead)."""
+    from scipy import stats
+
+    differences = np.subtract(values, other_values)
+    mean = float(differences.mean())
+    if len(differences) < 2 or not differences.std():
+        return mean, mean, mean, int((differences > 0).sum())
+    low, high = stats.t.interval(0.95, len(differences) - 1, loc=mean, scale=stats.sem(differences))
+    return mean, float(low), float(high), int((differences > 0).sum())
+
+
+def print_chance(results: dict, seeds: range) -> None:
+    """How the trained embedding (the first) compares with each other one, beyond the draw of the clips."""
+    (trained, numbers), *others = results.items()
+    print(f"\n{trained} against the others (more than chance?)")
+    for name, other in others:
+        only, other_only, pvalue = mcnemar(numbers["bucklespring clips right"], other["bucklespring clips right"])
+        print(f"  {name}: bucklespring, clips only one gets right: {only} trained, {other_only} {name}; "
+              f"exact McNemar p = {pvalue:.3g}")
+        if len(seeds) > 1:
+            for metric in ("AUC", "pAUC"):
+                mean, low, high, ahead = paired_difference(numbers[f"demo {metric} over seeds"],
+                                                           other[f"demo {metric} over seeds"])
+                print(f"    demo {metric} over {len(seeds)} clip seeds: trained - {name} = {mean:+.4f} "
+                      f"(95% interval {low:+.4f} to {high:+.4f}), trained ahead in {ahead}")
+
+
+_TASKS: tuple = ()  # (demo task, key switches, demo clip seeds, bank, tests), set before the scoring processes fork
 
 
 def _score_checkpoint(path: Path) -> dict | None:
@@ -103,16 +157,23 @@ def _score_checkpoint(path: Path) -> dict | None:
     if saved is None:
         return None
     model = checkpoint_encoder(saved).half().float().eval()  # as exported
-    numbers = scores(lambda signals, rates: demo.encode(model, signals, rates), *_TASKS)
-    del numbers["demo per machine"]
+    embed = lambda signals, rates: demo.encode(model, signals, rates)  # noqa: E731
+    task, keys, seeds, bank, tests = _TASKS
+    numbers = scores(embed, task, keys)
+    del numbers["demo per machine"], numbers["bucklespring clips right"]
+    if len(seeds) > 1:
+        numbers.update({f"demo {metric} {len(seeds)}-draw mean": float(np.mean(values)) for metric, values in zip(
+            ("AUC", "pAUC"), demo_over_seeds(embed, seeds, bank, tests).values())})
     return {"run": str(path.parents[1]), "step": saved["step"], **numbers,
-            "bucklespring clips": round(numbers["bucklespring 5-NN LOOCV accuracy"] * len(_TASKS[1][2]))}
+            "bucklespring clips": round(numbers["bucklespring 5-NN LOOCV accuracy"] * len(keys[2]))}
 
 
-def score_checkpoints(runs: list[Path], task: demo.DemoTask, keys: tuple, jobs: int) -> list[dict]:
-    """A row per readable checkpoint of the runs, in order, scored as select_checkpoint.py scores them."""
+def score_checkpoints(runs: list[Path], task: demo.DemoTask, keys: tuple, jobs: int, seeds: range = range(1),
+                      bank: int = demo.BANK_CLIPS, tests: int = demo.TEST_CLIPS) -> list[dict]:
+    """A row per readable checkpoint of the runs, in order, scored as select_checkpoint.py scores them; with
+    several clip `seeds`, also the demo's mean AUC and pAUC over those draws."""
     global _TASKS
-    _TASKS = (task, keys)
+    _TASKS = (task, keys, seeds, bank, tests)
     paths = [path for run in runs for path in checkpoints.checkpoint_paths(run / "checkpoints")]
     return [row for row in in_processes(_score_checkpoint, paths, jobs) if row is not None]
 
@@ -126,6 +187,9 @@ def main(argv=None) -> int:
     parser.add_argument("--bank", type=int, default=demo.BANK_CLIPS, help="demo: healthy bank clips per machine")
     parser.add_argument("--tests", type=int, default=demo.TEST_CLIPS, help="demo: test clips per machine and class")
     parser.add_argument("--limit", type=int, default=None, help="bucklespring: clips per label (default: all)")
+    parser.add_argument("--demo-seeds", type=int, default=1,
+                        help="also score the demo's task drawn with this many clip seeds from --seed (default: 1); "
+                             "with --runs, each checkpoint's mean over them")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     parser.add_argument("--runs", type=Path, nargs="+", default=None, metavar="RUN",
                         help="instead of --model: every checkpoint of these pretraining runs, for the record")
@@ -141,10 +205,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"--csv {args.csv} is a folder: it takes the file to write")
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
-    if args.bank < 1 or args.tests < 1 or (args.limit is not None and args.limit < 1):
-        parser.error("--bank, --tests and --limit must be at least 1")
-    if not 0 <= args.seed < 2**32:
-        parser.error("--seed must be in [0, 2**32)")
+    if args.bank < 1 or args.tests < 1 or args.demo_seeds < 1 or (args.limit is not None and args.limit < 1):
+        parser.error("--bank, --tests, --demo-seeds and --limit must be at least 1")
+    if not 0 <= args.seed <= 2**32 - args.demo_seeds:
+        parser.error("--seed must be in [0, 2**32 - --demo-seeds]")
     if args.json is not None:  # before the evaluation: its result must have somewhere to go
         if args.json.is_dir():
             raise SystemExit(f"--json {args.json} is a folder: it takes the file to write")
@@ -171,10 +235,13 @@ def main(argv=None) -> int:
     print(f"demo task: {len(task.clips)} clips (seed {args.seed}); bucklespring: {len(key_labels)} clips "
           f"({', '.join(f'{key_labels.count(label)} {label}' for label in sorted(set(key_labels)))}); "
           f"{torch.get_num_threads()} torch threads")
+    seeds = range(args.seed, args.seed + args.demo_seeds)
     results = {}
     for name, embed in embedding.items():
         started = time.perf_counter()
         results[name] = scores(embed, task, (key_signals, key_rates, key_labels))
+        if len(seeds) > 1:
+            results[name].update(demo_over_seeds(embed, seeds, args.bank, args.tests))
         print(f"{name}: {time.perf_counter() - started:.1f} s")
     columns = ["demo AUC", "demo pAUC", "bucklespring 5-NN LOOCV accuracy", "demo embedding spread"]
     width = max(len(name) for name in results)
@@ -186,6 +253,13 @@ def main(argv=None) -> int:
     for name, numbers in results.items():
         print(f"{name.ljust(width)}  " + "  ".join(f"{numbers['demo per machine'][m]:.4f}".ljust(len(m))
                                                  for m in machines))
+    if len(seeds) > 1:
+        print(f"\n{f'demo, clip seeds {seeds.start}-{seeds.stop - 1}'.ljust(width)}  mean AUC (sd)    mean pAUC (sd)")
+        for name, numbers in results.items():
+            auc, pauc = (np.asarray(numbers[f"demo {metric} over seeds"]) for metric in ("AUC", "pAUC"))
+            print(f"{name.ljust(width)}  {auc.mean():.4f} ({auc.std(ddof=1):.4f})  "
+                  f"{pauc.mean():.4f} ({pauc.std(ddof=1):.4f})")
+    print_chance(results, seeds)
     if args.json:
         atomic.write_text(args.json, json.dumps(results, indent=2) + "\n")
     return 0
@@ -198,7 +272,8 @@ def _record_checkpoints(args, keys: tuple) -> int:
             atomic.check_writable(args.csv.parent, f"--csv {args.csv}")
         except ValueError as error:
             raise SystemExit(str(error)) from None
-    rows = score_checkpoints(args.runs, demo.build_task(args.seed, args.bank, args.tests), keys, args.jobs)
+    rows = score_checkpoints(args.runs, demo.build_task(args.seed, args.bank, args.tests), keys, args.jobs,
+                             range(args.seed, args.seed + args.demo_seeds), args.bank, args.tests)
     columns = list(rows[0]) if rows else []
     print("  ".join(columns))
     for row in rows:

@@ -45,4 +45,5 @@ LOG_EVERY=$(( SAVE_EVERY < 20 ? SAVE_EVERY : 20 ))
 # held-out clips the model card reports.
 STEP=$("$PYTHON" scripts/select_checkpoint.py "$RUN_DIR")
 "$PYTHON" scripts/export_default.py "$RUN_DIR" --step "$STEP" --out echo/data/default --datalist corpus/datalist.csv
-"$PYTHON" scripts/evaluate_default.py --model default --corpus corpus --json echo/data/default/evaluation.json
+"$PYTHON" scripts/evaluate_default.py --model default --corpus corpus --demo-seeds 20 \
+    --json echo/data/default/evaluation.json

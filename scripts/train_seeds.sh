@@ -13,6 +13,8 @@
 # among the seeds. The chosen encoder is exported to EXPORT_DIR (default ROOT/chosen) with its evaluation: the
 # bundled model is replaced only when asked, with EXPORT_DIR=echo/data/default. (Not OUT: CI and other tools set
 # OUT for their own output, and a device machine's once received the export.)
+# Both evaluations draw the demo's clips DEMO_SEEDS times (default 20; one draw says little, see the model card's
+# "More than chance?"); each draw costs a few seconds a checkpoint.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 source "$REPO/scripts/paths.sh"  # absolute, PYTHON
@@ -47,6 +49,7 @@ choice=$("$PYTHON" scripts/select_checkpoint.py "${runs[@]}" --baselines --print
 CHOSEN=${choice% *} STEP=${choice##* }  # "RUN STEP": the run folder may hold spaces
 "$PYTHON" scripts/export_default.py "$CHOSEN" --step "$STEP" --out "$EXPORT_DIR" --datalist corpus/datalist.csv
 "$PYTHON" scripts/evaluate_default.py --model "$EXPORT_DIR/model.safetensors" --corpus corpus \
-    --json "$EXPORT_DIR/evaluation.json"
+    --demo-seeds "${DEMO_SEEDS:-20}" --json "$EXPORT_DIR/evaluation.json"
 # for the record of the recipe's spread, after the choice: every checkpoint on the reported tasks
-"$PYTHON" scripts/evaluate_default.py --runs "${runs[@]}" --corpus corpus --csv "$ROOT/heldout.csv"
+"$PYTHON" scripts/evaluate_default.py --runs "${runs[@]}" --corpus corpus --demo-seeds "${DEMO_SEEDS:-20}" \
+    --csv "$ROOT/heldout.csv"
