@@ -22,9 +22,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser: an argument it does not know is its own error, shown under its usage (argparse hands
+    such arguments up to the top-level parser, whose usage names no command's options)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, unknown = super().parse_known_args(args, namespace)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return namespace, unknown
+
+
 def build_parser(argv, prog: str = "echo-fm") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="ECHO embeddings for machine signals")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     for name, (module_name, help_text) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text)
         if name in argv:  # import a command's module only when it runs
@@ -52,8 +63,8 @@ def main(argv=None, prog: str = "echo-fm") -> int:
     except OSError as error:  # the machine's, not echo's: a full disk, a permission, a vanished folder
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # a command that kept work says what, in the interrupt's message
+        print(f"interrupted: {interrupt}" if interrupt.args else "interrupted", file=sys.stderr)
         return 130
     finally:
         if sys.stdout is not None:

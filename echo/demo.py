@@ -12,6 +12,7 @@ The machines are drawn with seeds the pretraining corpus does not use: the model
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -176,10 +177,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import torch
-
-    from . import checkpoint
-    from .eval import cli as eval_cli
     from .eval import require
 
     try:  # fail before the work, not after it; top-level names: require gives pip's name for 'sklearn' only
@@ -192,6 +189,31 @@ def run(args) -> int:
         raise ValueError(f"--seed must be 0 or more, got {args.seed}")
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} cannot be a folder: it or a folder above it is a file")
+    before = _files(args.out)
+    try:
+        return _demonstrate(args)
+    except KeyboardInterrupt:
+        written = sorted(name for name, _ in _files(args.out) - before)
+        raise KeyboardInterrupt(f"kept {', '.join(written)} in {args.out}/; the rest was not written" if written
+                                else f"nothing was written to {args.out}/") from None
+
+
+def _files(folder: Path) -> set[tuple[str, int]]:
+    """(name, inode) of each file in `folder`: one the demo writes gets a new inode (atomic.replacing), so an
+    interrupted run can tell its own files from an earlier run's."""
+    if not folder.is_dir():
+        return set()
+    with os.scandir(folder) as entries:
+        return {(entry.name, entry.inode()) for entry in entries if entry.is_file()}
+
+
+def _demonstrate(args) -> int:
+    """The demo proper, once its options are checked."""
+    import torch
+
+    from . import checkpoint
+    from .eval import cli as eval_cli
+
     started = time.perf_counter()
     host_memory.keep_freed_memory()  # the demo encodes on the CPU
     model = checkpoint.load(args.model)  # before --out is made: a bad --model leaves no empty folder behind

@@ -1,7 +1,7 @@
 """`python -m echo encode [PATH ...] --model default --out embeddings.npz`: audio files to ECHO embeddings.
 
 Files (WAV/FLAC/OGG/AIFF, any rate, any channel count: channels are encoded on their own and concatenated) or
-folders (searched recursively) are read and encoded in batches through `echo.fast.encode`; with no PATH the
+folders (searched recursively, through links to folders) are read and encoded in batches through `echo.fast.encode`; with no PATH the
 bundled samples are encoded. A file that cannot be read or encoded is reported with the reason and left out.
 
 Every finished batch is saved at once in `OUT.parts/` (one shard per batch, written atomically), so an
@@ -19,7 +19,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -30,7 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import atomic, fast, host_memory, inputs
+from . import atomic, fast, folders, host_memory, inputs
 from .data import AUDIO_SUFFIXES
 from .data.bundled import SAMPLES_DIR
 from .data.wav import read_wav
@@ -60,16 +59,15 @@ def add_arguments(parser) -> None:
 
 
 def find_files(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Audio files under `paths` (folders searched recursively, symbolic links to folders not followed; files
-    taken as given), each once however it was spelt, and the paths that could not be used with the reason
-    (a missing path, a folder that cannot be read, a broken or looping link, a pipe)."""
+    """Audio files under `paths` (folders searched recursively, following links to folders, each folder once;
+    files taken as given), each once however it was spelt, and the paths that could not be used with the reason
+    (a missing path, a folder that cannot be read or is reached a second time, a broken or looping link, a
+    pipe)."""
     files, unusable = [], []
     for path in paths:
         if path.is_dir():
-            found = []
-            for folder, _, names in os.walk(path, onerror=lambda error: unusable.append(
-                    (Path(error.filename), f"folder not readable: {error.strerror}"))):
-                found += [Path(folder) / name for name in names if Path(name).suffix.lower() in AUDIO_SUFFIXES]
+            found = [where / name for where, names in folders.walk(path, lambda *skipped: unusable.append(skipped))
+                     for name in names if Path(name).suffix.lower() in AUDIO_SUFFIXES]
             for entry in sorted(found):  # a link loop or a pipe is named as given ones are
                 if entry.is_file():
                     files.append(entry)
@@ -315,10 +313,12 @@ def run(args) -> int:
                     seconds += signal.shape[-1] / rate
                 cache.add(fresh)
                 bar.update(len(batch))
-    except KeyboardInterrupt:  # every finished batch is in its shard already
+    except KeyboardInterrupt:  # every finished batch is in its shard already: the command line says what is kept
         bar.close()
-        print(f"interrupted: what was encoded is kept in {parts}; the same command resumes", file=sys.stderr)
-        raise
+        saved = sum(keys[path] in cache.entries for path in mine)
+        raise KeyboardInterrupt(
+            f"{saved} files encoded are kept in {parts}; the same command resumes with the {len(mine) - saved} left"
+            if saved else "no batch was finished, so nothing was kept; the same command starts again") from None
     bar.close()
     elapsed = time.perf_counter() - start
     for path, reason in (unusable if rank == 0 else []) + failures:
@@ -334,13 +334,14 @@ def run(args) -> int:
             return 0
         cache = EmbeddingCache(parts, model_key)  # every rank's shards
     done.update(cache.entries)
-    rows = []
+    rows, reused, encoded_here = [], 0, set(wanted)
     for path in files:
         key = keys.get(path)
         if key is None or key not in done or (args.frames and key + FRAMES not in done):
             continue
+        reused += path not in encoded_here
         rate, channels = (int(v) for v in done[key + META])
-        row = {"path": str(path), "key": key, "sample_rate": rate, "channels": channels, "utterance": done[key]}
+        row = {"path": shown(path), "key": key, "sample_rate": rate, "channels": channels, "utterance": done[key]}
         if args.frames:
             row["frames"] = done[key + FRAMES]
         rows.append(row)
@@ -358,7 +359,6 @@ def run(args) -> int:
     except OSError:  # not empty: another model's or dtype's shards, the finished work of an interrupted run
         print(f"kept {parts}: the saved batches of an interrupted run with another model or dtype; "
               f"that run's command resumes from them")
-    reused = len(rows) - len(set(wanted) & {Path(row["path"]) for row in rows})
     speed = f"; {seconds:.1f} s of audio in {elapsed:.1f} s ({seconds / max(elapsed, 1e-9):.1f}x real time)" \
         if seconds else ""
     print(f"wrote {args.out}: {len(rows)} files ({reused} reused from an earlier run), "

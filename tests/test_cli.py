@@ -85,6 +85,21 @@ def test_an_error_raised_in_a_data_loader_worker_is_printed_as_its_own_message()
     assert cli.worker_message(ValueError("plain")) == "plain"
 
 
+def interrupt_call(monkeypatch, owner, name: str, number: int = 1):
+    """Call `number` of `owner.name` raises KeyboardInterrupt, as Ctrl-C there would (the others run it);
+    returns the real function."""
+    real, calls = getattr(owner, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == number:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, interrupted)
+    return real
+
+
 def test_ctrl_c_while_the_command_loads_exits_130_without_a_traceback(monkeypatch, capsys):
     """The command's module is imported while the arguments are parsed, which took a Ctrl-C as a traceback."""
     from echo import cli
@@ -94,6 +109,34 @@ def test_ctrl_c_while_the_command_loads_exits_130_without_a_traceback(monkeypatc
 
     monkeypatch.setattr(cli.importlib, "import_module", interrupted)
     assert cli.main(["info"]) == 130 and capsys.readouterr().err.startswith("interrupted")
+
+
+def test_the_package_loads_torch_only_inside_the_command_so_ctrl_c_there_is_caught():
+    """A Ctrl-C while `import echo` loaded torch came before any handler (a traceback): the package now defers
+    torch to the command's module, which cli.main imports inside its handler (the test above)."""
+    probe = ("import sys, echo, echo.cli; loaded = 'torch' in sys.modules; "
+             "from echo import EchoModel, load; import echo.geometry as g; "
+             "print(loaded, 'torch' in sys.modules, echo.fast.__name__, sorted(set(echo.__all__) - set(dir(echo))))")
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                           cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    assert shown == ["False", "True", "echo.fast", "[]"]
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        echo.no_such_name
+
+
+@pytest.mark.parametrize("argv, usage, error", [
+    (["encode", "--bogus"], "usage: python -m echo encode [-h] [--model MODEL]", "python -m echo encode: error:"),
+    (["--bogus", "info"], "usage: python -m echo [-h]", "python -m echo: error:")])
+def test_an_unknown_option_is_shown_under_the_usage_of_the_parser_it_was_given_to(capsys, argv, usage, error):
+    """argparse handed a command's unknown option up to the top-level parser, whose usage names no command's
+    options."""
+    from echo import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv, prog="python -m echo")
+    assert exited.value.code == 2
+    printed = capsys.readouterr().err
+    assert printed.startswith(usage) and printed.endswith(f"\n{error} unrecognized arguments: --bogus\n")
 
 
 def _wav(path, seconds=0.5, rate=8000):

@@ -14,7 +14,9 @@ import echo
 from echo import demo
 from echo.data import synth
 from echo.data.wav import write_wav
+from echo.eval import plots
 from conftest import random_model
+from test_cli import interrupt_call
 from test_default_model import import_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,6 +160,28 @@ def test_demo_table_matches_sklearn_on_the_written_scores_and_names_device_and_t
         assert float(table[spec.name][5]) == pytest.approx(roc_auc_score(labels, values), abs=5e-5)
         assert float(table[spec.name][6]) == pytest.approx(roc_auc_score(labels, values, max_fpr=0.1), abs=5e-5)
     assert lines[-1].startswith(f"wrote scores.csv and {3 * len(demo.MACHINES) + 2} figures to {out}/")
+
+
+@pytest.mark.parametrize("owner, name, number, message", [
+    (demo, "score", 1, "nothing was written to {out}/"),
+    (plots, "save", 2, "kept roc_demo_all-machines.png, scores.csv in {out}/; the rest was not written")])
+def test_an_interrupted_demo_says_which_of_its_files_it_kept(tmp_path, monkeypatch, capsys, owner, name, number,
+                                                             message):
+    """Ctrl-C printed a bare "interrupted": whether scores.csv or any figure had been written was not said. An
+    earlier run's files are not claimed."""
+    from echo import cli
+
+    full_task = demo.build_task
+    monkeypatch.setattr(demo, "build_task", lambda seed: full_task(seed, bank=1, tests=1, seconds=0.3))
+    monkeypatch.setattr(demo, "encode", lambda model, signals, rates: [np.random.standard_normal(8) for _ in signals])
+    model = echo.save(random_model(dim=32, depth=1, heads=2), tmp_path / "small.safetensors")
+    out = tmp_path / "out"
+    out.mkdir()
+    for earlier in ("scores.csv", "projection_fan.png"):
+        (out / earlier).write_text("an earlier run's")
+    interrupt_call(monkeypatch, owner, name, number)
+    assert cli.main(["demo", "--model", str(model), "--out", str(out)]) == 130
+    assert capsys.readouterr().err == f"interrupted: {message.format(out=out)}\n"
 
 
 def test_demo_without_scikit_learn_names_the_package_to_install(tmp_path, monkeypatch, capsys):

@@ -14,6 +14,7 @@ from echo import cli, host_memory
 from echo.data import bundled
 from echo.encode_files import read_embeddings
 from conftest import random_model, rel_err
+from test_cli import interrupt_call
 
 soundfile = pytest.importorskip("soundfile")
 
@@ -70,20 +71,11 @@ def test_folder_to_npz_matches_the_reference_and_skips_bad_files(tmp_path, model
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["emb.npz"]
 
 
-def interrupt_at_second_batch(monkeypatch):
-    """The command's second batch raises KeyboardInterrupt, as Ctrl-C there would; returns the real encoder."""
+def interrupt_at_batch(monkeypatch, number=2):
+    """The command's batch `number` raises KeyboardInterrupt, as Ctrl-C there would; returns the real encoder."""
     import echo.encode_files as command
 
-    calls, real = [], command._encode_batch
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(command, "_encode_batch", interrupted)
-    return real
+    return interrupt_call(monkeypatch, command, "_encode_batch", number)
 
 
 def test_rerun_and_interrupted_run_resume(tmp_path, model_path, capsys, monkeypatch):
@@ -103,7 +95,7 @@ def test_rerun_and_interrupted_run_resume(tmp_path, model_path, capsys, monkeypa
     import echo.encode_files as command
 
     out2 = tmp_path / "emb2.npz"
-    real = interrupt_at_second_batch(monkeypatch)
+    real = interrupt_at_batch(monkeypatch)
     capsys.readouterr()
     assert run(tmp_path / "data", "--model", model_path, "--out", out2, "--batch-files", "2") == 130
     assert "the same command resumes" in capsys.readouterr().err
@@ -113,6 +105,22 @@ def test_rerun_and_interrupted_run_resume(tmp_path, model_path, capsys, monkeypa
     assert run(tmp_path / "data", "--model", model_path, "--out", out2, "--batch-files", "2") == 0
     # the finished first batch held a.wav and broken.wav (sorted), so one embedding was kept
     assert "5 files (1 reused from an earlier run)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("batch, message", [
+    (1, "no batch was finished, so nothing was kept; the same command starts again"),
+    (3, "2 files encoded are kept in {parts}; the same command resumes with the 1 left")])
+def test_an_interrupted_run_says_once_what_it_kept_and_how_to_resume(tmp_path, model_path, capsys, monkeypatch,
+                                                                      batch, message):
+    """The command's own "interrupted: ... kept" line was followed by the command line's bare "interrupted"."""
+    for name in ("a.wav", "b.wav", "c.wav"):
+        soundfile.write(str(tmp_path / name), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    interrupt_at_batch(monkeypatch, batch)
+    out = tmp_path / "e.npz"
+    assert run(tmp_path / "a.wav", tmp_path / "b.wav", tmp_path / "c.wav", "--model", model_path, "--out", out,
+               "--batch-files", "1") == 130
+    parts = tmp_path / "e.npz.parts"
+    assert capsys.readouterr().err == f"interrupted: {message.format(parts=parts)}\n"
 
 
 def test_a_rerun_in_another_dtype_encodes_again(tmp_path, model_path, capsys):
@@ -139,7 +147,7 @@ def test_a_finished_run_keeps_the_saved_batches_of_an_interrupted_run_in_another
     out = tmp_path / "e.npz"
     bf16 = (tmp_path / "a.wav", tmp_path / "b.wav", "--model", model_path, "--out", out, "--batch-files", "1",
             "--dtype", "bfloat16")
-    real = interrupt_at_second_batch(monkeypatch)
+    real = interrupt_at_batch(monkeypatch)
     assert run(*bf16) == 130  # a.wav's batch was saved, b.wav's was not
     monkeypatch.setattr(command, "_encode_batch", real)
     assert run(tmp_path / "a.wav", tmp_path / "b.wav", "--model", model_path, "--out", out) == 0
@@ -186,6 +194,27 @@ def test_a_file_name_that_is_not_utf8_is_reported_and_skipped(tmp_path, model_pa
     printed = capsys.readouterr().out
     assert "bad\\xff.wav" in printed and "not valid UTF-8" in printed and "1 skipped" in printed
     assert list(read_embeddings(out)["files"]) == [str(folder / "good.wav")]
+
+
+def test_a_utf8_name_is_encoded_and_written_as_itself_under_an_ascii_locale(tmp_path, model_path, capsys):
+    """Under LC_ALL=C without UTF-8 mode Python holds a name's non-ASCII bytes as surrogate escapes: a file named
+    in UTF-8 was skipped as "not valid UTF-8". Its name is written as the UTF-8 text any other locale reads."""
+    if sys.platform != "linux":
+        pytest.skip("needs a locale whose file system encoding is ASCII")
+    folder = tmp_path / "dü"
+    folder.mkdir()
+    files = [folder / "ä.wav", folder / "plain.wav"]
+    for path in files:
+        soundfile.write(str(path), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    out = tmp_path / "e.npz"
+    ascii_locale = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    encoded = subprocess.run([sys.executable, "-m", "echo", "encode", folder, "--model", model_path, "--out", out,
+                              "--quiet"], capture_output=True, cwd=Path(__file__).resolve().parents[1],
+                             env=ascii_locale)
+    assert encoded.returncode == 0 and b"2 files (0 reused" in encoded.stdout, encoded.stdout + encoded.stderr
+    assert set(read_embeddings(out)["files"]) == {str(path) for path in files}
+    assert run(folder, "--model", model_path, "--out", out) == 0  # here, in a UTF-8 locale: the same files
+    assert "2 files (2 reused from an earlier run)" in capsys.readouterr().out
 
 
 def test_parquet_rows_match_npz(tmp_path, model_path):
@@ -300,6 +329,25 @@ def test_a_looping_link_or_a_pipe_in_a_folder_is_named_and_skipped(tmp_path, mod
         assert f"skipped {folder / name}: a broken or looping symbolic link" in printed
     assert f"skipped {folder / 'pipe.wav'}: not a regular file or folder" in printed
     assert "1 files (0 reused from an earlier run), 3 skipped" in printed
+
+
+def test_a_linked_folder_is_followed_and_a_link_loop_named(tmp_path, model_path, capsys):
+    """A folder linked in from another disk was left out without a word (os.walk lists links to folders as
+    folders and does not enter them); eval's folder scans follow them, and so does encode, each folder once."""
+    elsewhere, folder = tmp_path / "other disk" / "fan", tmp_path / "d"
+    elsewhere.mkdir(parents=True)
+    folder.mkdir()
+    soundfile.write(str(folder / "a.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    soundfile.write(str(elsewhere / "b.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    (folder / "fan").symlink_to(elsewhere)
+    (folder / "fan again").symlink_to(elsewhere)
+    (elsewhere / "up").symlink_to(folder)  # a loop: d/fan/up/fan/up/...
+    out = tmp_path / "e.npz"
+    assert run(folder, "--model", model_path, "--out", out) == 0
+    printed = capsys.readouterr().out
+    assert sorted(read_embeddings(out)["files"]) == [str(folder / "a.wav"), str(folder / "fan" / "b.wav")]
+    assert f"skipped {folder / 'fan' / 'up'}: a symbolic link loop back to {folder}" in printed
+    assert f"skipped {folder / 'fan again'}: the same folder as {folder / 'fan'}, listed there" in printed
 
 
 def test_a_damaged_shard_is_set_aside_and_its_files_encoded_again(tmp_path, model_path, capsys):

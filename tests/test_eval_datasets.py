@@ -1,4 +1,5 @@
 """Each adapter on a synthetic folder in its published layout, and on a wrong layout."""
+import os
 import warnings
 from pathlib import Path
 
@@ -332,3 +333,72 @@ def test_data_that_is_a_file_or_missing_is_named_as_such(tmp_path, task):
         datasets.load(task, tmp_path / "clips.wav")
     with pytest.raises(ValueError, match=r"data folder .*nowhere does not exist"):
         datasets.load(task, tmp_path / "nowhere")
+
+
+def test_linked_machine_folders_are_followed_each_folder_and_file_once_and_a_loop_is_noted(tmp_path):
+    """Folders linked in from another disk (dev_data/fan -> /mnt/big/fan) were not searched: their clips were
+    left out, or the data set had "no DCASE machine folder"."""
+    big = tmp_path / "big"
+    touch(big, "fan/train/section_00_source_train_normal_0000.wav", "fan/test/section_00_source_test_anomaly_0000.wav")
+    (big / "fan" / "train" / "section_00_source_train_normal_0001.wav").symlink_to(
+        big / "fan" / "train" / "section_00_source_train_normal_0000.wav")  # the same file under a second name
+    (big / "fan" / "train" / "back").symlink_to(big / "fan")  # a loop
+    root = tmp_path / "data"
+    touch(root, "dev_data/pump/train/section_00_source_train_normal_0000.wav",
+          "dev_data/pump/test/section_00_source_test_normal_0000.wav")
+    (root / "dev_data" / "fan").symlink_to(big / "fan")
+    (root / "dev_data" / "fan_again").symlink_to(big / "fan")  # a second link to the same machine
+    data = datasets.load("dcase2023", root)
+    assert sorted((c.machine, c.subset, c.path.relative_to(root).as_posix()) for c in data.items) == [
+        ("fan", "test", "dev_data/fan/test/section_00_source_test_anomaly_0000.wav"),
+        ("fan", "train", "dev_data/fan/train/section_00_source_train_normal_0000.wav"),
+        ("pump", "test", "dev_data/pump/test/section_00_source_test_normal_0000.wav"),
+        ("pump", "train", "dev_data/pump/train/section_00_source_train_normal_0000.wav")]
+    fan = root / "dev_data" / "fan"
+    assert f"skipped {fan / 'train' / 'back'}: a symbolic link loop back to {fan}" in data.notes
+    assert f"skipped {root / 'dev_data' / 'fan_again'}: the same folder as {fan}, listed there" in data.notes
+    assert (f"listed once: 1 files under {fan / 'train'} reached through a second link (e.g. "
+            f"{fan / 'train' / 'section_00_source_train_normal_0001.wav'}, the same file as "
+            f"{fan / 'train' / 'section_00_source_train_normal_0000.wav'})") in data.notes
+
+
+def test_a_linked_folder_task_with_a_loop_and_a_pipe(tmp_path):
+    """A folder task's normal/ linked in, holding a loop to the folder above it; a pipe named .wav was left out
+    unseen (it is listed, for the embedding to report it as not a regular file)."""
+    touch(tmp_path / "big", "bank/a.wav", "bank/more/b.wav", "scored/c.wav")
+    (tmp_path / "big" / "bank" / "more" / "up").symlink_to(tmp_path / "big" / "bank")
+    os.mkfifo(tmp_path / "big" / "scored" / "pipe.wav")
+    (tmp_path / "machine" / "test").mkdir(parents=True)
+    (tmp_path / "machine" / "normal").symlink_to(tmp_path / "big" / "bank")
+    (tmp_path / "machine" / "test" / "anomalous").symlink_to(tmp_path / "big" / "scored")
+    data = datasets.load("folder", tmp_path / "machine")
+    assert sorted((c.path.relative_to(tmp_path / "machine").as_posix(), c.label) for c in data.items) == [
+        ("normal/a.wav", 0), ("normal/more/b.wav", 0), ("test/anomalous/c.wav", 1), ("test/anomalous/pipe.wav", 1)]
+    normal = tmp_path / "machine" / "normal"
+    assert data.notes == [f"skipped {normal / 'more' / 'up'}: a symbolic link loop back to {normal}"]
+
+
+def test_a_folder_that_cannot_be_read_is_noted_not_left_out_unseen(tmp_path, monkeypatch):
+    touch(tmp_path, "OR007@6/12k_Fan_End/OR007@6_1.mat", "locked/12k_Drive_End/IR007_0.mat")
+    scandir = os.scandir
+
+    def locked(path="."):  # root reads any folder: a permission failure is simulated
+        if isinstance(path, (str, os.PathLike)) and Path(path) == tmp_path / "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", locked)
+    data = datasets.load("cwru", tmp_path)
+    assert [item.label for item in data.items] == ["FE_OR@6"]
+    assert data.notes == [f"skipped {tmp_path / 'locked'}: folder not readable: Permission denied"]
+
+
+def test_a_linked_root_is_named_as_given_then_by_its_target(tmp_path):
+    """A root eval_data/ linked to /mnt/big/dcase2023_eval was named after the target only: its clips were dev."""
+    touch(tmp_path / "big" / "dcase2023_eval", "fan/train/section_00_source_train_normal_0000.wav",
+          "fan/test/section_00_source_test_anomaly_0000.wav")
+    (tmp_path / "eval_data").symlink_to(tmp_path / "big" / "dcase2023_eval")
+    assert {c.split for c in datasets.load("dcase2023", tmp_path / "eval_data").items} == {"eval"}
+    (tmp_path / "big" / "dcase2023_eval").rename(tmp_path / "big" / "eval_data")
+    (tmp_path / "data").symlink_to(tmp_path / "big" / "eval_data")  # a link's name that says nothing
+    assert {c.split for c in datasets.load("dcase2023", tmp_path / "data").items} == {"eval"}

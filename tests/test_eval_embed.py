@@ -1,6 +1,9 @@
 """Embedding a folder of files: equal to model.encode per file, cached, resumable, bad files reported."""
+import errno
 import functools
+import hashlib
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -80,6 +83,53 @@ def test_embeddings_equal_model_encode_and_cache(tmp_path, model):
     for index in (0, 1):
         assert embed.embed_files(model, files, functools.partial(channel, index=index), cache, "key",
                                  progress=False).encoded == 4
+
+
+def test_a_file_replaced_keeping_its_size_and_times_is_encoded_again(tmp_path, model):
+    """The cache was keyed by path, size and mtime: other content of the same size copied over with `cp -p`, or
+    times restored by a tool, was served the old content's embedding."""
+    files = make_files(tmp_path / "data")
+    first = embed.embed_files(model, files[:1], read_audio, tmp_path / "cache", "key", progress=False)
+    before = files[0].stat()
+    write(files[0], 0.3 * seeded_rng().normal(size=8000).astype(np.float32), 16000)
+    os.utime(files[0], ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (files[0].stat().st_size, files[0].stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    again = embed.embed_files(model, files[:1], read_audio, tmp_path / "cache", "key", progress=False)
+    assert again.encoded == 1 and again.cached == 0
+    assert rel_err(again.vectors[0], reference(model, files[0])) < 1e-5
+    assert not np.allclose(again.vectors[0], first.vectors[0])
+
+
+def test_entries_keyed_by_size_and_mtime_are_not_read(tmp_path, model):
+    """A cache written before files were keyed by their content holds entries that may be stale: none is served."""
+    path = make_files(tmp_path / "data")[0]
+    reader = f"{embed.encoding_key('key', torch.float32)}\0{embed.reader_identity(read_audio)}\0"
+    old_cache = embed.EmbeddingCache(tmp_path / "cache", hashlib.sha256(reader.encode()).hexdigest())
+    status = path.stat()
+    old_key = hashlib.sha256(f"{path.resolve()}\0{status.st_size}\0{status.st_mtime_ns}".encode()).hexdigest()[:40]
+    old_cache.add({old_key: np.zeros(8, np.float32)})  # where and how the cache kept it then
+    result = embed.embed_files(model, [path], read_audio, tmp_path / "cache", "key", progress=False)
+    assert result.encoded == 1 and result.cached == 0
+    assert rel_err(result.vectors[0], reference(model, path)) < 1e-5
+
+
+def test_a_pipe_or_a_looping_link_is_reported_not_waited_on(tmp_path, model):
+    """A pipe named .wav was opened for reading, which waits for a writer for ever; a link loop crashed the run
+    with pathlib's RuntimeError ("Symlink loop from ...")."""
+    good, pipe, loop = tmp_path / "a.wav", tmp_path / "pipe.wav", tmp_path / "loop.wav"
+    write(good, 0.3 * seeded_rng().normal(size=8000).astype(np.float32), 16000)
+    os.mkfifo(pipe)
+    loop.symlink_to(loop)
+    release = threading.Timer(10, lambda: os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)))  # a reader waits
+    release.start()
+    try:
+        result = embed.embed_files(model, [pipe, loop, good], read_audio, tmp_path / "cache", "key",
+                                   progress=False)
+    finally:
+        release.cancel()
+    assert [v is None for v in result.vectors] == [True, True, False]
+    assert result.failures == [(pipe, "ValueError: not a regular file"),
+                               (loop, f"OSError: [Errno {errno.ELOOP}] {os.strerror(errno.ELOOP)}: {str(loop)!r}")]
 
 
 def test_bad_files_are_reported_and_skipped(tmp_path, model):

@@ -25,6 +25,8 @@ that names what is missing where. Nothing is downloaded.
 from __future__ import annotations
 
 import csv
+import fnmatch
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from typing import Callable
 
 import numpy as np
 
+from .. import folders
 from ..data import AUDIO_SUFFIXES
 
 # Part of the embedding cache's key (echo.eval.embed): raise it when a reader returns other samples for the same
@@ -83,7 +86,10 @@ class Dataset:
 
 def read_audio(path: Path) -> tuple[np.ndarray, int]:
     soundfile = require("soundfile", "reading audio files")
-    data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    # soundfile encodes a str name with the locale's codec, strictly: under LC_ALL=C a UTF-8 name fails there;
+    # its bytes open it (Windows opens by wide-character name)
+    name = str(path) if os.name == "nt" else os.fsencode(path)
+    data, rate = soundfile.read(name, dtype="float32", always_2d=True)
     return (data[:, 0] if data.shape[1] == 1 else np.ascontiguousarray(data.T)), rate
 
 
@@ -130,10 +136,30 @@ def _root(root) -> Path:
     return root
 
 
-def _files(folder: Path, suffixes, recursive: bool = False) -> list[Path]:
-    pattern = folder.rglob("*") if recursive else folder.glob("*")
-    # a broken link is kept, to be reported as unreadable (failures.csv) rather than left out unseen
-    return sorted(p for p in pattern if (p.is_file() or p.is_symlink()) and p.suffix.lower() in suffixes)
+def _note(notes: list, note: str) -> None:
+    if note not in notes:  # a folder walked twice (a DCASE root) would say it twice
+        notes.append(note)
+
+
+def _walk(top: Path, notes: list, recursive: bool = True):
+    return folders.walk(top, lambda path, reason: _note(notes, f"skipped {path}: {reason}"), recursive)
+
+
+def _files(folder: Path, suffixes, notes: list, recursive: bool = False) -> list[Path]:
+    """The files in `folder` (and below it, if `recursive`) ending in one of `suffixes`, sorted, each once
+    however many links lead to it. Whatever is not a folder counts: a broken link or a pipe is reported as
+    unreadable (failures.csv) rather than left out unseen."""
+    found = sorted(where / name for where, names in _walk(folder, notes, recursive) for name in names
+                   if Path(name).suffix.lower() in suffixes)
+    first_spelling, repeated = {}, []
+    for path in found:
+        first = first_spelling.setdefault(os.path.realpath(path), path)
+        if first != path:
+            repeated.append((path, first))
+    if repeated:
+        _note(notes, f"listed once: {len(repeated)} files under {folder} reached through a second link (e.g. "
+                     f"{repeated[0][0]}, the same file as {repeated[0][1]})")
+    return list(first_spelling.values())
 
 
 # ---------------------------------------------------------------- DCASE
@@ -183,7 +209,7 @@ def _dcase_fields(name: str, year: int):
             None if label is None else int(label.group(1) == "anomaly"))
 
 
-def _dcase_test_folders(machine_dir: Path) -> list[Path]:
+def _dcase_test_folders(machine_dir: Path, notes: list) -> list[Path]:
     """test/, or where there is none (DCASE 2021 as published) source_test/ and target_test/. The 2021 baseline
     copies those two into test/: the copy is read, never both, and only if it holds the same files."""
     test, originals = machine_dir / "test", [machine_dir / n for n in ("source_test", "target_test")]
@@ -192,7 +218,7 @@ def _dcase_test_folders(machine_dir: Path) -> list[Path]:
         if not originals:
             raise ValueError(f"{machine_dir}: has train/ but no test/ folder (nor source_test/, target_test/)")
         return originals
-    names = lambda folders: {p.name for folder in folders for p in _files(folder, AUDIO_SUFFIXES)}  # noqa: E731
+    names = lambda dirs: {p.name for folder in dirs for p in _files(folder, AUDIO_SUFFIXES, notes)}  # noqa: E731
     if originals and names([test]) != names(originals):
         raise ValueError(f"{machine_dir}: test/ and {', '.join(f.name + '/' for f in originals)} hold different "
                          f"files; keep test/ as a copy of them, or remove it to read them")
@@ -202,33 +228,38 @@ def _dcase_test_folders(machine_dir: Path) -> list[Path]:
 def dcase(root, year: int, label_lists=None) -> Dataset:
     root, year = _root(root), check_year(year)
     naming = "id_XX" if year == 2020 else "section_XX"
-    machine_dirs = sorted({p.parent for p in root.rglob("train") if p.is_dir()})
+    notes = []
+    tree = list(_walk(root, notes))
+    machine_dirs = sorted({folder.parent for folder, _ in tree if folder.name == "train" and folder != root})
     if not machine_dirs:
         raise ValueError(f"{root}: no DCASE machine folder: expected <root>/dev_data/<machine>/train/ and "
                          f"<root>/dev_data/<machine>/test/ (and eval_data/... for the evaluation set)")
     # only the year's own lists (or the user's): another year's list would label this year's clips wrongly;
     # 2020's official evaluator names its list eval_data_list.csv
-    found = [] if label_lists else sorted(root.rglob("eval_data_list*.csv"))
+    found = [] if label_lists else sorted(folder / name for folder, names in tree for name in names
+                                          if fnmatch.fnmatchcase(name, "eval_data_list*.csv"))
     lists = list(label_lists) if label_lists else [
         p for p in found if str(year) in p.name or (year == 2020 and p.name == "eval_data_list.csv")]
     labels = read_label_lists(lists, year)
-    items, notes, unlabelled, seen = [], [], 0, {}
+    items, unlabelled, seen = [], 0, {}
+    marked = lambda names: [name for name in names if name.lower().startswith(("dev", "eval"))]  # noqa: E731
     for machine_dir in machine_dirs:
         machine = machine_dir.name
         # the nearest dev/eval folder above the machine decides, so a data folder named e.g. evaluation_sets
         # keeps dev_data as dev; the root's own name only counts where nothing below it says (root = eval_data/,
-        # also given as `.`, whose name is "")
+        # also given as `.`, whose name is ""), as given, else a linked root's target's
         below = machine_dir.relative_to(root).parts[:-1]
-        where = [part for part in below if part.lower().startswith(("dev", "eval"))] or [root.resolve().name]
-        split = "eval" if where[-1].lower().startswith("eval") else "dev"
+        where = marked(below)[-1:] or marked([Path(os.path.abspath(root)).name, root.resolve().name])[:1]
+        split = "eval" if where and where[0].lower().startswith("eval") else "dev"
         if (split, machine) in seen:  # two copies would merge into one bank and double its clips
             raise ValueError(f"two {split} folders for machine {machine!r}: {seen[split, machine]} and "
                              f"{machine_dir}; point --data at one copy of the data")
         seen[split, machine] = machine_dir
-        for subset, folders in (("train", [machine_dir / "train"]), ("test", _dcase_test_folders(machine_dir))):
-            files = [path for folder in folders for path in _files(folder, AUDIO_SUFFIXES)]
+        for subset, subset_dirs in (("train", [machine_dir / "train"]),
+                                    ("test", _dcase_test_folders(machine_dir, notes))):
+            files = [path for folder in subset_dirs for path in _files(folder, AUDIO_SUFFIXES, notes)]
             if not files:
-                raise ValueError(f"{' and '.join(map(str, folders))}: no audio file "
+                raise ValueError(f"{' and '.join(map(str, subset_dirs))}: no audio file "
                                  f"({', '.join(sorted(AUDIO_SUFFIXES))})")
             for path in files:
                 section, domain, label = _dcase_fields(path.name, year)
@@ -253,27 +284,27 @@ def dcase(root, year: int, label_lists=None) -> Dataset:
 
 
 def folder(root) -> Dataset:
-    root = _root(root)
-    bank = _files(root / "normal", AUDIO_SUFFIXES, recursive=True)
+    root, notes = _root(root), []
+    bank = _files(root / "normal", AUDIO_SUFFIXES, notes, recursive=True)
     if not bank:
         raise ValueError(f"{root / 'normal'}: no audio file; a folder task needs <root>/normal/* (the normal "
                          f"bank) and <root>/test/{{normal,anomalous}}/*")
-    tests = [(path, None) for path in _files(root / "test", AUDIO_SUFFIXES)]
+    tests = [(path, None) for path in _files(root / "test", AUDIO_SUFFIXES, notes)]
     for sub in sorted(p for p in (root / "test").glob("*") if p.is_dir()):
         label = FOLDER_TEST_LABELS.get(sub.name.lower())
-        if label is None and not _files(sub, AUDIO_SUFFIXES, recursive=True):
+        if label is None and not _files(sub, AUDIO_SUFFIXES, notes, recursive=True):
             continue  # no audio (plots/, .ipynb_checkpoints): nothing is left out
         if label is None:  # an unknown folder would drop its clips from the evaluation unseen
             raise ValueError(f"{sub}: unknown test folder; test/ may hold {', '.join(FOLDER_TEST_LABELS)} "
                              f"(any case) and unlabelled files")
-        tests += [(path, label) for path in _files(sub, AUDIO_SUFFIXES, recursive=True)]
+        tests += [(path, label) for path in _files(sub, AUDIO_SUFFIXES, notes, recursive=True)]
     if not tests:
         raise ValueError(f"{root / 'test'}: no audio file to score (expected test/normal/*, test/anomalous/* "
                          f"or test/*)")
     machine = root.resolve().name  # the folder's own name, also where it is given as `.`
     clip = lambda path, subset, label: Clip(path, "dev", machine, "00", None, subset, label)  # noqa: E731
     items = [clip(path, "train", 0) for path in bank] + [clip(path, "test", label) for path, label in tests]
-    return Dataset("folder", "anomaly", items, read_audio)
+    return Dataset("folder", "anomaly", items, read_audio, notes=notes)
 
 
 # ---------------------------------------------------------------- fault data sets
@@ -299,8 +330,8 @@ def _cwru_label(relative: Path) -> str | None:
 
 
 def cwru(root) -> Dataset:
-    root = _root(root)
-    files = _files(root, {".mat"}, recursive=True)
+    root, notes = _root(root), []
+    files = _files(root, {".mat"}, notes, recursive=True)
     if not files:
         raise ValueError(f"{root}: no .mat file; expected the CWRU 12k drive-end and fan-end fault folders, "
                          f"e.g. <root>/12k_Drive_End/IR007_0.mat, <root>/12k_Fan_End/OR007@6_1.mat")
@@ -317,15 +348,16 @@ def cwru(root) -> Dataset:
                              f"'Fan_End' folder) and the fault (B007, IR014, OR021@6, or B/IR/OR folders with "
                              f"@3/@6/@12 for the outer race)")
         items.append(Sample(path, label))
-    notes = [f"skipped {len(skipped)} files that are not 12 kHz fault data (48k or normal)"] if skipped else []
+    if skipped:
+        notes.append(f"skipped {len(skipped)} files that are not 12 kHz fault data (48k or normal)")
     ends = {item.path: item.label[:2] for item in items}  # DE_... / FE_...: the sensor at the faulty bearing
     return Dataset("cwru", "faults", items, lambda path: read_cwru(path, ends[path]), protocols=("loocv", "kfold"),
                    notes=notes)
 
 
 def mafaulda(root) -> Dataset:
-    root = _root(root)
-    files = _files(root, {".csv"}, recursive=True)
+    root, notes = _root(root), []
+    files = _files(root, {".csv"}, notes, recursive=True)
     if not files:
         raise ValueError(f"{root}: no .csv file; expected the MAFAULDA folders {', '.join(MAFAULDA_TOP)}")
     items = []
@@ -340,7 +372,7 @@ def mafaulda(root) -> Dataset:
             label = f"{label}-{parts[1]}"
         items.append(Sample(path, label))
     return Dataset("mafaulda", "faults", items, read_mafaulda, channels=len(MAFAULDA_CHANNELS),
-                   protocols=("loocv", "kfold"))
+                   protocols=("loocv", "kfold"), notes=notes)
 
 
 def iiee(root) -> Dataset:
@@ -348,9 +380,9 @@ def iiee(root) -> Dataset:
     test_dir = next((root / name for name in ("test_cut", "test") if (root / name).is_dir()), None)
     if not (root / "train_cut").is_dir() or test_dir is None:
         raise ValueError(f"{root}: IDMT-ISA electric engine needs train_cut/ and test_cut/ (or test/) folders")
-    items = []
+    items, notes = [], []
     for subset, base in (("train", root / "train_cut"), ("test", test_dir)):
-        for path in _files(base, AUDIO_SUFFIXES, recursive=True):
+        for path in _files(base, AUDIO_SUFFIXES, notes, recursive=True):
             found = [c for part in path.relative_to(base).parts[:-1] for c in IIEE_CLASSES if c in part.lower()]
             if not found:
                 raise ValueError(f"{path}: no class ({', '.join(IIEE_CLASSES)}) in its folder names")
@@ -358,7 +390,7 @@ def iiee(root) -> Dataset:
     for subset in ("train", "test"):
         if not any(item.subset == subset for item in items):
             raise ValueError(f"{root}: no audio file in the {subset} folder")
-    return Dataset("iiee", "faults", items, read_audio, protocols=("split",))
+    return Dataset("iiee", "faults", items, read_audio, protocols=("split",), notes=notes)
 
 
 def iica(root) -> Dataset:
@@ -367,7 +399,8 @@ def iica(root) -> Dataset:
     session folder is each file's group."""
     root = _root(root)
     layout = f"<{'|'.join(IICA_LEAKS)}>/<condition>/<session>/<prefix>_<iO|niO>_....wav"
-    files = _files(root, AUDIO_SUFFIXES, recursive=True)
+    notes = []
+    files = _files(root, AUDIO_SUFFIXES, notes, recursive=True)
     if not files:
         raise ValueError(f"{root}: no audio file; IDMT-ISA compressed air expects {layout}")
     items = []
@@ -381,7 +414,7 @@ def iica(root) -> Dataset:
             raise ValueError(f"{path}: the file name must hold one field niO (leak) or iO (no leak), as in "
                              f"lab_niO_k1_1m_0.wav")
         items.append(Sample(path, f"{parts[-3]}_{status[0]}", group="/".join(parts)))
-    return Dataset("iica", "faults", items, read_audio, protocols=("kfold", "loocv"))
+    return Dataset("iica", "faults", items, read_audio, protocols=("kfold", "loocv"), notes=notes)
 
 
 def load(task: str, root, label_lists=None) -> Dataset:

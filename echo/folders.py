@@ -1,0 +1,39 @@
+"""Walking folders of recordings for the commands that take them (encode, eval): symbolic links to folders are
+followed, as data sets are often linked in from other disks, and each folder is listed once."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+
+def walk(top: Path, skip: Callable[[Path, str], None], recursive: bool = True) -> Iterator[tuple[Path, list[str]]]:
+    """(folder, the names in it that are not folders) for `top` and, if `recursive`, every folder below it. A
+    folder is listed once, under its real path where it has one below `top`; `skip(path, reason)` hears of each
+    folder left out: a link back to a folder above it (a loop), a second link to one already listed, a folder
+    that cannot be read."""
+    def unreadable(error: OSError) -> None:
+        skip(Path(error.filename), f"folder not readable: {error.strerror}")
+
+    if not top.is_dir():
+        return
+    listed, starts = {}, [top]  # (device, inode) of each folder listed: the path it was listed under
+    while starts:  # the real folders under a start first, then the linked ones found there
+        for folder, subfolders, names in os.walk(starts.pop(0), onerror=unreadable):
+            folder = Path(folder)
+            try:
+                status = folder.stat()
+            except OSError as error:  # gone since its parent was listed
+                unreadable(error)
+                continue
+            first = listed.setdefault((status.st_dev, status.st_ino), folder)
+            if first != folder:
+                skip(folder, f"a symbolic link loop back to {first}" if first in folder.parents
+                     else f"the same folder as {first}, listed there")
+                subfolders.clear()
+                continue
+            if recursive:
+                starts += [folder / name for name in sorted(subfolders) if (folder / name).is_symlink()]
+            else:
+                subfolders.clear()
+            yield folder, names
