@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,3 +113,18 @@ def assert_spectrogram_close(out: torch.Tensor, truth: torch.Tensor, released: t
     magnitude = lambda normalised: torch.exp(normalised.double() * geometry.LOG_STD - geometry.LOG_MEAN)
     assert rel_err(magnitude(out.cpu()), magnitude(truth)) < 1e-5
     assert rel_err(out.cpu(), truth) < max(1e-3, 2 * rel_err(released, truth))
+
+
+@pytest.fixture
+def lock_folder(monkeypatch):
+    """lock_folder(path): listing that folder fails with "Permission denied", as for a user who may not read it
+    (the tests run as root, who reads any folder)."""
+    locked, scandir = set(), os.scandir
+
+    def scan(path="."):
+        if isinstance(path, (str, os.PathLike)) and Path(path) in locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scan)
+    return lambda path: locked.add(Path(path))

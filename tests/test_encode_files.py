@@ -285,7 +285,7 @@ def test_bad_places_are_refused_before_any_work(tmp_path, model_path, capsys, mo
     assert "cannot be written: No space left on device" in capsys.readouterr().err
 
 
-def test_each_file_once_however_spelt_and_unusable_paths_named(tmp_path, model_path, capsys, monkeypatch):
+def test_each_file_once_however_spelt_and_unusable_paths_named(tmp_path, model_path, capsys, lock_folder):
     folder = tmp_path / "d"
     (folder / "locked").mkdir(parents=True)
     soundfile.write(str(folder / "a.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
@@ -293,14 +293,7 @@ def test_each_file_once_however_spelt_and_unusable_paths_named(tmp_path, model_p
     (tmp_path / "dangling.wav").symlink_to(tmp_path / "gone.wav")
     (folder / "dangling.wav").symlink_to(tmp_path / "gone.wav")
     (tmp_path / "link.wav").symlink_to(folder / "a.wav")
-    scandir = os.scandir
-
-    def locked(path="."):  # root reads any folder: a permission failure is simulated
-        if isinstance(path, (str, os.PathLike)) and Path(path) == folder / "locked":
-            raise PermissionError(13, "Permission denied", str(path))
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", locked)
+    lock_folder(folder / "locked")
     out = tmp_path / "e.npz"
     spellings = [folder, folder.resolve() / "a.wav", folder / ".." / "d" / "a.wav", tmp_path / "link.wav",
                  tmp_path / "dangling.wav"]

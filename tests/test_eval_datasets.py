@@ -378,16 +378,9 @@ def test_a_linked_folder_task_with_a_loop_and_a_pipe(tmp_path):
     assert data.notes == [f"skipped {normal / 'more' / 'up'}: a symbolic link loop back to {normal}"]
 
 
-def test_a_folder_that_cannot_be_read_is_noted_not_left_out_unseen(tmp_path, monkeypatch):
+def test_a_folder_that_cannot_be_read_is_noted_not_left_out_unseen(tmp_path, lock_folder):
     touch(tmp_path, "OR007@6/12k_Fan_End/OR007@6_1.mat", "locked/12k_Drive_End/IR007_0.mat")
-    scandir = os.scandir
-
-    def locked(path="."):  # root reads any folder: a permission failure is simulated
-        if isinstance(path, (str, os.PathLike)) and Path(path) == tmp_path / "locked":
-            raise PermissionError(13, "Permission denied", str(path))
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", locked)
+    lock_folder(tmp_path / "locked")
     data = datasets.load("cwru", tmp_path)
     assert [item.label for item in data.items] == ["FE_OR@6"]
     assert data.notes == [f"skipped {tmp_path / 'locked'}: folder not readable: Permission denied"]

@@ -21,6 +21,16 @@ def files(folder: Path) -> dict[str, bytes]:
     return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
+def assert_resumes_as_one_build(build, out: Path, count: int, reused: int, capsys) -> None:
+    """The same command finishes the interrupted build `out`, taking `reused` files from before, and it then
+    holds what one uninterrupted build writes."""
+    capsys.readouterr()
+    build(out, count)
+    assert f"({reused} from an earlier run)" in capsys.readouterr().out
+    build(out.parent / "whole", count)
+    assert files(out) == files(out.parent / "whole")
+
+
 @pytest.fixture
 def synthetic_only(tmp_path, monkeypatch):
     """build_corpus with no package (nothing fetched): the synthetic files alone. Returns a build function."""
@@ -76,11 +86,7 @@ def test_an_interrupted_build_resumes_from_the_files_it_finished(tmp_path, synth
         synthetic_only(out, 5)
     assert not (out / "datalist.csv").exists()  # the corpus is listed only once it is whole
     monkeypatch.setattr(build_corpus, "_waveform", waveform)
-    capsys.readouterr()
-    synthetic_only(out, 5)
-    assert "(3 from an earlier run)" in capsys.readouterr().out
-    synthetic_only(tmp_path / "whole", 5)
-    assert files(out) == files(tmp_path / "whole")
+    assert_resumes_as_one_build(synthetic_only, out, 5, 3, capsys)
 
 
 def test_a_build_interrupted_while_removing_the_earlier_builds_files_resumes(tmp_path, synthetic_only,
@@ -137,12 +143,8 @@ def test_a_file_finished_just_before_an_interruption_is_kept_not_written_again(t
     [finished] = out.rglob("*.wav")
     before = (finished.stat().st_ino, finished.stat().st_mtime_ns)
     monkeypatch.setattr(build_corpus, "tqdm", PROGRESS)
-    capsys.readouterr()
-    synthetic_only(out, 3)
-    assert "(1 from an earlier run)" in capsys.readouterr().out
+    assert_resumes_as_one_build(synthetic_only, out, 3, 1, capsys)
     assert (finished.stat().st_ino, finished.stat().st_mtime_ns) == before
-    synthetic_only(tmp_path / "whole", 3)
-    assert files(out) == files(tmp_path / "whole")
 
 
 def test_a_file_cut_short_since_an_interruption_is_written_again(tmp_path, synthetic_only, monkeypatch, capsys):
@@ -154,11 +156,7 @@ def test_a_file_cut_short_since_an_interruption_is_written_again(tmp_path, synth
     [finished] = out.rglob("*.wav")
     finished.write_bytes(finished.read_bytes()[:-2000])  # still reads, 1000 frames short
     monkeypatch.setattr(build_corpus, "tqdm", PROGRESS)
-    capsys.readouterr()
-    synthetic_only(out, 2)
-    assert "(0 from an earlier run)" in capsys.readouterr().out
-    synthetic_only(tmp_path / "whole", 2)
-    assert files(out) == files(tmp_path / "whole")
+    assert_resumes_as_one_build(synthetic_only, out, 2, 0, capsys)
 
 
 def test_an_unreadable_source_file_is_left_out_and_a_folder_named_like_a_temporary_is_kept(
