@@ -36,7 +36,7 @@ def skipped_reasons(op: str, device: torch.device, available: tuple[str, ...], c
             reasons.append("triton runs by default only on CUDA (forced: needs TRITON_INTERPRET=1 on CPU)")
         elif op in backends.TRITON_OFF_BY_DEFAULT:
             reasons.append("triton measured slower here, runs only when forced (bench/RESULTS.md)")
-    compiled = next((name for name, echo_op in extension.OPS.items() if echo_op == op), None)
+    compiled = extension.compiled_op(op)
     if compiled is None:
         reasons.append("no compiled op")
     elif "csrc" not in available:
