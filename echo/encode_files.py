@@ -251,14 +251,22 @@ def _distributed() -> tuple[int, int, bool]:
 
 
 def run(args) -> int:
-    from .checkpoint import load
-
     if args.batch_files < 1:
         raise ValueError(f"--batch-files must be at least 1, got {args.batch_files}")
     if args.max_tokens is not None:
         fast.checked_max_tokens(args.max_tokens)
     _check_out(args.out)
     rank, world, own_group = _distributed()
+    try:
+        return _encode_files(args, rank, world)
+    finally:  # however the command ends: a process that exits with its group alive can abort in gloo's threads
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _encode_files(args, rank: int, world: int) -> int:
+    from .checkpoint import load
+
     if rank == 0:  # only rank 0 writes OUT; a run killed while writing it left its temporary
         atomic.remove_abandoned(args.out.parent, f"{glob.escape(args.out.name)}.*.tmp")
     device = inputs.checked_device(
@@ -329,8 +337,6 @@ def run(args) -> int:
         dist.all_reduce(totals)  # returns once every rank has encoded its share and saved its shards
         skipped, seconds = len(unusable) + int(totals[0]), float(totals[1])
         if rank != 0:
-            if own_group:
-                dist.destroy_process_group()
             return 0
         cache = EmbeddingCache(parts, model_key)  # every rank's shards
     done.update(cache.entries)
@@ -345,8 +351,6 @@ def run(args) -> int:
         if args.frames:
             row["frames"] = done[key + FRAMES]
         rows.append(row)
-    if own_group:
-        dist.destroy_process_group()
     if not rows:
         print(f"no file could be encoded ({skipped} skipped); {args.out} was not written")
         return 1

@@ -428,6 +428,25 @@ def test_ranks_share_the_files_and_rank_0_merges(tmp_path, model_path):
     assert set(read_embeddings(out)["files"]) == {str(p) for p in good}
 
 
+@pytest.mark.parametrize("ending, status", [(ValueError("a bad setting"), 2), (KeyboardInterrupt(), 130)])
+def test_the_process_group_it_made_is_destroyed_however_the_command_ends(tmp_path, model_path, monkeypatch,
+                                                                        ending, status):
+    """A rank that left with its gloo group alive could abort at exit ("terminate called without an active
+    exception") instead of reporting what stopped it."""
+    import echo.encode_files as command
+
+    destroyed = []
+    monkeypatch.setattr(command, "_distributed", lambda: (1, 2, True))
+    monkeypatch.setattr(command.dist, "destroy_process_group", lambda: destroyed.append(True))
+
+    def stopped(*args):
+        raise ending
+
+    monkeypatch.setattr(command, "_encode_files", stopped)
+    assert run(tmp_path, "--model", model_path, "--out", tmp_path / "e.npz") == status
+    assert destroyed == [True]
+
+
 def test_a_soundfile_without_its_c_library_falls_back_for_plain_wav(tmp_path, monkeypatch):
     """`import soundfile` raises OSError when libsndfile is missing: that was no ImportError, so plain 16-bit
     WAV files, which need no package, were reported unreadable."""

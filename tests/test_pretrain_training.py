@@ -458,6 +458,25 @@ def test_a_plain_cuda_device_gets_this_processs_gpu_index(monkeypatch, asked, lo
     assert (rank, world, device) == (0, 1, torch.device(expected)) and chosen == [torch.device(expected)]
 
 
+@pytest.mark.parametrize("ending", [ValueError("no audio"), KeyboardInterrupt()])
+def test_the_process_group_a_run_made_is_destroyed_however_it_ends(tmp_path, monkeypatch, ending):
+    """Under torchrun the run makes its process group: a rank that left with it alive could abort at exit
+    ("terminate called without an active exception") instead of reporting what stopped it."""
+    destroyed = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(trainer.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(trainer, "setup_distributed", lambda device: (1, 2, torch.device("cpu")))
+    monkeypatch.setattr(trainer.dist, "destroy_process_group", lambda: destroyed.append(True))
+
+    def stopped(*args):
+        raise ending
+
+    monkeypatch.setattr(trainer, "_train", stopped)
+    with pytest.raises(type(ending)):
+        trainer.train(trainer.PretrainConfig(data=str(tmp_path), out=str(tmp_path / "run")))
+    assert destroyed == [True]
+
+
 def failing_rank_worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)

@@ -392,7 +392,17 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
     kill would (no final checkpoint or export): for tests of exact resumption."""
     if stop_at is not None and stop_at < 0:
         raise ValueError(f"stop_at must be zero or more, got {stop_at}")
+    made_group = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
     rank, world, device = setup_distributed(config.device)
+    try:
+        return _train(config, progress, stop_at, rank, world, device)
+    finally:  # however the run ends: a process that exits with its group alive can abort in gloo's threads
+        if made_group:
+            dist.destroy_process_group()
+
+
+def _train(config: PretrainConfig, progress: bool, stop_at: int | None, rank: int, world: int,
+           device: torch.device) -> dict:
     out = Path(config.out)
     folder = out / "checkpoints"
     saved, unreadable_newer = checkpoints.newest_readable(folder)
