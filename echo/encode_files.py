@@ -258,7 +258,10 @@ def run(args) -> int:
     _check_out(args.out)
     rank, world, own_group = _distributed()
     try:
-        return _encode_files(args, rank, world)
+        status = _encode_files(args, rank, world)
+        if world > 1:  # the ranks leave together: rank 1 tearing down while rank 0 still merged aborted at times
+            dist.barrier()
+        return status
     finally:  # however the command ends: a process that exits with its group alive can abort in gloo's threads
         if own_group:
             dist.destroy_process_group()

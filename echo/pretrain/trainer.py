@@ -394,11 +394,12 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
         raise ValueError(f"stop_at must be zero or more, got {stop_at}")
     made_group = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
     rank, world, device = setup_distributed(config.device)
-    try:
-        return _train(config, progress, stop_at, rank, world, device)
-    finally:  # however the run ends: a process that exits with its group alive can abort in gloo's threads
-        if made_group:
-            dist.destroy_process_group()
+    result = _train(config, progress, stop_at, rank, world, device)
+    # after the run's last barrier: a process that exits with its group alive can abort in gloo's threads. Not
+    # after an error: destroying a group while other ranks wait in a collective can hang them (NCCL)
+    if made_group:
+        dist.destroy_process_group()
+    return result
 
 
 def _train(config: PretrainConfig, progress: bool, stop_at: int | None, rank: int, world: int,
