@@ -104,11 +104,14 @@ def scores(embed, task: demo.DemoTask, keys: tuple[list, list, list]) -> dict:
 
 
 def demo_over_seeds(embed, seeds: range, bank: int, tests: int) -> dict:
-    """{"demo AUC over seeds": [...], "demo pAUC over seeds": [...]}: the demo's task drawn with each clip seed."""
-    summaries = [demo.score(task, embed(task.signals, task.rates))[2]
-                 for task in (demo.build_task(seed, bank, tests) for seed in seeds)]
-    return {f"demo {metric} over seeds": [summary[f"{metric} (demo)"] for summary in summaries]
-            for metric in ("AUC", "pAUC")}
+    """The demo's task drawn with each clip seed: {"demo AUC over seeds": [...], "demo pAUC over seeds": [...],
+    "demo per machine over seeds": {"fan AUC": [...], ...}} (a model can lead on the mean and trail at a rate)."""
+    scored = [demo.score(task, embed(task.signals, task.rates))[1:]
+              for task in (demo.build_task(seed, bank, tests) for seed in seeds)]
+    machines = [{f"{row['machine']} {row['metric']}": row["value"] for row in rows} for rows, _ in scored]
+    return {**{f"demo {metric} over seeds": [summary[f"{metric} (demo)"] for _, summary in scored]
+               for metric in ("AUC", "pAUC")},
+            "demo per machine over seeds": {key: [draw[key] for draw in machines] for key in machines[0]}}
 
 
 def mcnemar(right: list, other_right: list) -> tuple[int, int, float]:
@@ -131,6 +134,15 @@ def paired_difference(values: list, other_values: list) -> tuple[float, float, f
         return mean, mean, mean, int((differences > 0).sum())
     low, high = stats.t.interval(0.95, len(differences) - 1, loc=mean, scale=stats.sem(differences))
     return mean, float(low), float(high), int((differences > 0).sum())
+
+
+def print_machines(results: dict, width: int, title: str, values_of) -> None:
+    """A table of each embedding's per-machine numbers (`values_of(its results)`: "fan AUC" -> value)."""
+    machines = list(values_of(next(iter(results.values()))))
+    print(f"\n{title.ljust(width)}  " + "  ".join(machines))
+    for name, numbers in results.items():
+        values = values_of(numbers)
+        print(f"{name.ljust(width)}  " + "  ".join(f"{values[m]:.4f}".ljust(len(m)) for m in machines))
 
 
 def print_chance(results: dict, seeds: range) -> None:
@@ -162,8 +174,11 @@ def _score_checkpoint(path: Path) -> dict | None:
     numbers = scores(embed, task, keys)
     del numbers["demo per machine"], numbers["bucklespring clips right"]
     if len(seeds) > 1:
-        numbers.update({f"demo {metric} {len(seeds)}-draw mean": float(np.mean(values)) for metric, values in zip(
-            ("AUC", "pAUC"), demo_over_seeds(embed, seeds, bank, tests).values())})
+        draws = demo_over_seeds(embed, seeds, bank, tests)
+        numbers.update({f"demo {metric} {len(seeds)}-draw mean": float(np.mean(draws[f"demo {metric} over seeds"]))
+                        for metric in ("AUC", "pAUC")})
+        numbers.update({f"{key} {len(seeds)}-draw mean": float(np.mean(values))
+                        for key, values in draws["demo per machine over seeds"].items()})
     return {"run": str(path.parents[1]), "step": saved["step"], **numbers,
             "bucklespring clips": round(numbers["bucklespring 5-NN LOOCV accuracy"] * len(keys[2]))}
 
@@ -248,17 +263,15 @@ def main(argv=None) -> int:
     print(f"\n{'embedding'.ljust(width)}  " + "  ".join(columns))
     for name, numbers in results.items():
         print(f"{name.ljust(width)}  " + "  ".join(f"{numbers[c]:.4g}".ljust(len(c)) for c in columns))
-    machines = list(next(iter(results.values()))["demo per machine"])
-    print(f"\n{'per machine'.ljust(width)}  " + "  ".join(machines))
-    for name, numbers in results.items():
-        print(f"{name.ljust(width)}  " + "  ".join(f"{numbers['demo per machine'][m]:.4f}".ljust(len(m))
-                                                 for m in machines))
+    print_machines(results, width, "per machine", lambda numbers: numbers["demo per machine"])
     if len(seeds) > 1:
         print(f"\n{f'demo, clip seeds {seeds.start}-{seeds.stop - 1}'.ljust(width)}  mean AUC (sd)    mean pAUC (sd)")
         for name, numbers in results.items():
             auc, pauc = (np.asarray(numbers[f"demo {metric} over seeds"]) for metric in ("AUC", "pAUC"))
             print(f"{name.ljust(width)}  {auc.mean():.4f} ({auc.std(ddof=1):.4f})  "
                   f"{pauc.mean():.4f} ({pauc.std(ddof=1):.4f})")
+        print_machines(results, width, f"per machine, {len(seeds)}-draw mean", lambda numbers: {
+            key: float(np.mean(values)) for key, values in numbers["demo per machine over seeds"].items()})
     print_chance(results, seeds)
     if args.json:
         atomic.write_text(args.json, json.dumps(results, indent=2) + "\n")

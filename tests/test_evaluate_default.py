@@ -52,10 +52,16 @@ def test_demo_seeds_redraw_the_clips_and_compare(tmp_path, evaluate_default, cap
         assert len(numbers["demo AUC over seeds"]) == len(numbers["demo pAUC over seeds"]) == 3
         assert numbers["demo AUC over seeds"][0] == numbers["demo AUC"]  # seed 0 is the one-seed task
         assert numbers["demo pAUC over seeds"][0] == numbers["demo pAUC"]
+        per_machine = numbers["demo per machine over seeds"]
+        assert {key: values[0] for key, values in per_machine.items()} == numbers["demo per machine"]
+        for metric in ("AUC", "pAUC"):  # the demo's mean is the mean of its machines, in every draw
+            machines = [values for key, values in per_machine.items() if key.endswith(f" {metric}")]
+            assert np.mean(machines, axis=0) == pytest.approx(numbers[f"demo {metric} over seeds"])
         assert np.mean(numbers["bucklespring clips right"]) == pytest.approx(
             numbers["bucklespring 5-NN LOOCV accuracy"])
     assert len(set(results["log-spectrogram baseline"]["demo AUC over seeds"])) > 1  # other clips, other scores
     assert printed.count("exact McNemar p") == 2 and printed.count("clip seeds: trained - ") == 4
+    assert "per machine, 3-draw mean" in printed
 
 
 @pytest.mark.parametrize("options, message", [
@@ -88,3 +94,5 @@ def test_each_checkpoint_gets_the_mean_of_the_draws(tmp_path, evaluate_default):
     draws = next(iter(json.loads((tmp_path / "one.json").read_text()).values()))
     for metric in ("AUC", "pAUC"):
         assert float(row[f"demo {metric} 2-draw mean"]) == pytest.approx(np.mean(draws[f"demo {metric} over seeds"]))
+    for key, values in draws["demo per machine over seeds"].items():
+        assert float(row[f"{key} 2-draw mean"]) == pytest.approx(np.mean(values))
