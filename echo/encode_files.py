@@ -1,8 +1,9 @@
 """`python -m echo encode [PATH ...] --model default --out embeddings.npz`: audio files to ECHO embeddings.
 
 Files (WAV/FLAC/OGG/AIFF, any rate, any channel count: channels are encoded on their own and concatenated) or
-folders (searched recursively, through links to folders) are read and encoded in batches through `echo.fast.encode`; with no PATH the
-bundled samples are encoded. A file that cannot be read or encoded is reported with the reason and left out.
+folders (searched recursively, through links to folders) are read and encoded in batches through
+`echo.fast.encode`; with no PATH the bundled samples are encoded. A file that cannot be read or encoded is
+reported with the reason and left out.
 
 Every finished batch is saved at once in `OUT.parts/` (one shard per batch, written atomically), so an
 interrupted run loses at most one batch; the output is written atomically at the end, and a re-run skips
@@ -34,7 +35,8 @@ from .data import AUDIO_SUFFIXES
 from .data.bundled import SAMPLES_DIR
 from .data.wav import read_wav
 from .eval.datasets import read_audio
-from .eval.embed import EmbeddingCache, encode_isolating_failures, encoding_key, model_hash, read_checked, shown
+from .eval.embed import (READ_WORKERS, EmbeddingCache, encode_isolating_failures, encoding_key, key_checked,
+                         model_hash, read_checked, shown)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FRAMES = "/frames"  # suffixes of a file's frame-embedding and (rate, channels) entries in the shards
@@ -288,11 +290,12 @@ def _encode_files(args, rank: int, world: int) -> int:
     cache = EmbeddingCache(parts, model_key)
     done = {**_previous(args.out, model_key, args.frames), **cache.entries}
     keys = {}
-    for path in files:
-        try:
-            keys[path] = EmbeddingCache.key(path)
-        except (OSError, ValueError) as error:
-            unusable.append((path, f"{type(error).__name__}: {error}"))
+    with ThreadPoolExecutor(READ_WORKERS) as pool:  # in threads, as eval's: hashing lets go of the GIL
+        for path, (key, reason) in zip(files, pool.map(key_checked, files)):
+            if reason:
+                unusable.append((path, reason))
+            else:
+                keys[path] = key
     wanted = [p for p in keys if keys[p] not in done or (args.frames and keys[p] + FRAMES not in done)]
     if world > 1:  # every rank has read the shards before any writes one, so all share out the same `wanted`
         dist.barrier()
@@ -301,7 +304,7 @@ def _encode_files(args, rank: int, world: int) -> int:
     bar = tqdm(total=len(mine), desc=f"encoding (rank {rank})" if world > 1 else "encoding", unit="file",
                disable=args.quiet or rank != 0)
     try:
-        with ThreadPoolExecutor(4) as pool:
+        with ThreadPoolExecutor(READ_WORKERS) as pool:
             for first in range(0, len(mine), args.batch_files):
                 batch = mine[first:first + args.batch_files]
                 try:
