@@ -150,6 +150,7 @@ def encode(
         max_tokens = DEFAULT_MAX_TOKENS.get(device.type, DEFAULT_MAX_TOKENS_ELSEWHERE)
     max_tokens = checked_max_tokens(max_tokens)
     model = packed.inference_model(model, dtype)
+    backends.check_argument(backends.OPS, device, backend, model.config.dim // model.config.heads, dtype)
     signal_list, rates = _as_list(signals, sample_rates)
     monos = _monos(signal_list, rates)
     spec_cache: tuple[tuple[int, ...], torch.Tensor, list[int]] | None = None

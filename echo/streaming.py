@@ -14,9 +14,7 @@ import torch
 
 from . import geometry, inputs, packed
 from .model import EchoModel
-from .ops import attention as attention_ops
 from .ops import backend as backends
-from .ops import norm as norm_ops
 from .ops import stft as stft_ops
 from .ops import tokens as token_ops
 
@@ -106,9 +104,7 @@ class StreamEncoder:
         # the ops `backend` reaches; one they cannot run (or whose attention cannot take the model's heads) is
         # said now, not at the first segment's encode, 20 s on
         device, config = self.model.device, self.model.config
-        backends.choose("attention", device, backend,
-                        attention_ops.fitting_backends(config.dim // config.heads, dtype, device, backend))
-        backends.choose("norm", device, backend, norm_ops.available_backends(device))
+        backends.check_argument(("attention", "norm"), device, backend, config.dim // config.heads, dtype)
         self.backend = backend
         if max_tokens is None:
             max_tokens = fast.DEFAULT_MAX_TOKENS.get(self.model.device.type, fast.DEFAULT_MAX_TOKENS_ELSEWHERE)

@@ -64,6 +64,23 @@ def test_demo_seeds_redraw_the_clips_and_compare(tmp_path, evaluate_default, cap
     assert "per machine, 3-draw mean" in printed
 
 
+def test_the_first_draw_is_encoded_once(evaluate_default):
+    """The draw of the first clip seed is the one-draw task, already scored: it was encoded a second time."""
+    from echo import demo
+
+    calls = []
+
+    def embed(signals, rates):
+        calls.append(len(signals))
+        return evaluate_default.log_spectrogram_features(signals, rates)
+
+    first = evaluate_default.demo_numbers(task := demo.build_task(0, 2, 2), embed(task.signals, task.rates))
+    calls.clear()
+    reused = evaluate_default.demo_over_seeds(embed, range(3), 2, 2, first)
+    assert len(calls) == 2
+    assert reused == evaluate_default.demo_over_seeds(embed, range(3), 2, 2) and len(calls) == 5
+
+
 @pytest.mark.parametrize("options, message", [
     (["--demo-seeds", "0"], "--demo-seeds"),
     (["--seed", str(2**32 - 2), "--demo-seeds", "3"], "--seed must be in"),

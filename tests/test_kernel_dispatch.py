@@ -135,6 +135,27 @@ def test_forcing_csrc_on_the_tokens_op_says_it_has_none(clean_environment, monke
     assert str(raised.value) == f"backend='csrc': {TOKENS_HAS_NO_CSRC}"
 
 
+def test_fast_encode_refuses_a_forced_backend_before_the_front_end_runs(clean_environment, monkeypatch,
+                                                                        extension_state):
+    """fast.encode(backend="csrc") ran the first pass's front end (seconds on a long call) before the token stage
+    refused it."""
+    from echo import fast
+    from echo.model import EchoConfig, EchoModel
+    from echo.ops import stft as stft_ops
+
+    def front_end_ran(*args, **kwargs):
+        raise AssertionError("the front end ran before the forced backend was checked")
+
+    model = EchoModel(EchoConfig(dim=64, depth=1, heads=1))
+    monkeypatch.setattr(stft_ops, "ragged_spectrogram", front_end_ran)
+    with pytest.raises(backends.BackendError) as raised:
+        fast.encode(model, [torch.randn(4000)], 16000, backend="csrc")
+    # the ops in the order a call reaches them: the front end first, which lacks it only where echo._C does not load
+    first_refusal = (f"no 'csrc' backend here for stft ({LOAD_ERROR})" if extension_state == "not loading"
+                     else TOKENS_HAS_NO_CSRC)
+    assert str(raised.value) == f"backend='csrc': {first_refusal}"
+
+
 @pytest.mark.parametrize("op", ["stft", "attention", "norm"])
 def test_forcing_csrc_where_the_extension_does_not_load_gives_the_load_error(clean_environment, monkeypatch, op):
     """An op that has a compiled backend, forced where echo._C does not load: the dispatch said the op had no

@@ -101,7 +101,7 @@ def _check_options(args, dataset) -> None:
         require("faiss", "--search faiss")
     if not 0 < args.eps < 1:  # a floor of 0 divides by a zero AUC; one of 1 or more floors every score to it
         raise ValueError(f"--eps {args.eps}: the harmonic means' floor must be in (0, 1)")
-    _fused_channels(args, dataset)
+    args.fused_channels = _fused_channels(args, dataset)  # parsed once, here, before the encoding
     if dataset.kind != "faults":
         return
     if args.k < 1:
@@ -144,10 +144,9 @@ def _faults(args, dataset, items, vectors, device) -> tuple[dict, list]:
     labels = [item.label for item in items]
     subsets = [item.subset for item in items]
     groups = [item.group for item in items] if any(item.group for item in items) else None
-    fused = _fused_channels(args, dataset)
     views = [(None, False)]
     if dataset.channels > 1:
-        views += [([c], False) for c in range(dataset.channels)] + [(fused, True)]
+        views += [([c], False) for c in range(dataset.channels)] + [(args.fused_channels, True)]
     results = [faults.evaluate(embeddings, labels, protocol, args.k, subsets, channels, fuse, args.folds,
                                args.seed, device, groups)
                for protocol in (args.protocol or dataset.protocols) for channels, fuse in views]

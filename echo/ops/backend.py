@@ -73,6 +73,20 @@ def check_environment(environ=os.environ) -> None:
             raise BackendError(f"{name}={value}: {said}{hint}")
 
 
+def check_argument(ops: tuple[str, ...], device: torch.device, backend: str | None, head_dim: int,
+                   dtype: torch.dtype) -> None:
+    """A backend forced for `ops` (argument or environment) that one of them cannot run on `device`, or whose
+    attention cannot take heads of `head_dim` in `dtype`, is said before any work: the op would refuse it only
+    when reached, after the front end's work (seconds on a long call)."""
+    from . import attention
+
+    for op in ops:
+        if op == "attention":
+            choose(op, device, backend, attention.fitting_backends(head_dim, dtype, device, backend))
+        else:
+            choose(op, device, backend, importlib.import_module(f"echo.ops.{op}").available_backends(device))
+
+
 def _backends_of(op: str) -> tuple[str, ...]:
     return importlib.import_module(f"echo.ops.{op}").available_backends(torch.device("cpu"))
 
