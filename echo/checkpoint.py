@@ -28,6 +28,9 @@ CONFIG_FIELDS = tuple(field.name for field in dataclasses.fields(EchoConfig))
 SIZE_FIELDS = ("dim", "depth", "heads")  # what a preset (size=) sets
 LAYER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.")
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")  # only to point at files inside a folder
+# where torch.compile and DataParallel / DistributedDataParallel keep the model they wrap; their state dicts hold
+# its keys under this name and a dot
+WRAPPER_ATTRIBUTES = ("_orig_mod", "module")
 
 
 def _file_format(path: Path) -> str:
@@ -104,12 +107,28 @@ def _read_torch(path: Path) -> dict:
             f"state); write one of its encoders as a model file with `python -m echo pretrain --data DATA --out "
             f"{run} --export-only --export teacher` (the newest checkpoint, to {run / 'model.safetensors'}), or "
             f"in Python: echo.pretrain.trainer.run_encoder('{run}', 'teacher', step={obj['step']})")
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a flat dict of tensors, or one under the key 'encoder'")
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a flat dict of tensors, or one under the key 'encoder'; it holds a "
+                         f"{type(obj).__name__}")
+    others = [f"{key!r} ({type(value).__name__})" for key, value in obj.items() if not isinstance(value, torch.Tensor)]
+    if others:  # named: a trainer's checkpoint keeps the weights under a key of its own ('state_dict', 'model')
+        raise ValueError(f"{path}: expected a flat dict of tensors, or one under the key 'encoder'; these entries are "
+                         f"not tensors: {first_items(others)}")
     not_strings = [repr(key) for key in obj if not isinstance(key, str)]
     if not_strings:
         raise ValueError(f"{path}: state dict keys must be strings, found {first_items(not_strings)}")
     return obj
+
+
+def _check_unprefixed(state: dict, path: Path) -> None:
+    """A wrapper's state dict holds the encoder's keys under a prefix: said so, rather than as every key (or
+    every layer, or cls_token) missing."""
+    prefixed = next((key for key in state if key.endswith(".cls_token")), None)
+    if prefixed and "cls_token" not in state:
+        prefix = prefixed[: -len("cls_token")]
+        raise ValueError(f"{path}: its keys are under the prefix {prefix!r} ({prefixed}, not cls_token), as a "
+                         f"wrapper's state dict (torch.compile's, DistributedDataParallel's) holds them; save the "
+                         f"model it wraps instead, or remove the prefix from the keys")
 
 
 def _read_state_dict(path: Path) -> tuple[dict, dict]:
@@ -118,6 +137,7 @@ def _read_state_dict(path: Path) -> tuple[dict, dict]:
         state, saved = _read_safetensors(path)
     else:
         state, saved = _read_torch(path), {}
+    _check_unprefixed(state, path)
     not_floating = [f"{key} ({value.dtype})" for key, value in state.items() if not value.is_floating_point()]
     if not_floating:  # casting them to float32 would load a model of truncated or zeroed weights
         raise ValueError(f"{path}: weights must be floating point; these are not: {first_items(not_floating)}")
@@ -256,12 +276,25 @@ def load(path, size: str | None = None, device=None, heads: int | None = None, *
     return model.to(device).eval() if device is not None else model.eval()
 
 
+def _check_saveable(model) -> None:
+    """An EchoModel itself: a wrapper's state dict (torch.compile's, DistributedDataParallel's) holds its keys
+    under a prefix, and a file of those would be refused by echo.load."""
+    if isinstance(model, EchoModel):
+        return
+    wrapped = next((name for name in WRAPPER_ATTRIBUTES if isinstance(getattr(model, name, None), EchoModel)), None)
+    hint = f"; pass the model it wraps, its .{wrapped}" if wrapped else ""
+    raise ValueError(f"save takes an EchoModel, got {type(model).__name__}{hint}")
+
+
 def save(model: EchoModel, path, dtype: torch.dtype = torch.float32) -> Path:
     """Write `path` (.safetensors, the released flat key layout, config in its metadata) and a `.json`
-    config beside it, each whole or not at all (echo.atomic)."""
-    path = Path(path)
+    config beside it, each whole or not at all (echo.atomic). `~` is expanded, as echo.load expands it."""
+    _check_saveable(model)
+    path = Path(path).expanduser()
     if path.suffix != ".safetensors":
         raise ValueError(f"save writes .safetensors files, got {path.name}")
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"save's dtype is a torch dtype such as torch.float16, got {dtype!r}")
     if not dtype.is_floating_point:
         raise ValueError(f"save needs a floating-point dtype, got {dtype}: weights would be truncated")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,14 @@ def check_sample_rate(sample_rate, where: str = "") -> int:
     return rate
 
 
+def _unsupported_dtype(dtype, integer: bool, where: str, what: str) -> ValueError:
+    """The refusal of a dtype; for integers it says how to scale, for "pass int16 PCM" alone invites
+    x.astype(int16), which reads 8-bit samples (uint8 WAV, int8) 256 times too quiet, without a word."""
+    advice = ("only int16 and int32 are read as PCM: convert other integers to float in [-1, 1) by their full "
+              "scale, e.g. (x - 128) / 128 for 8-bit WAV's uint8" if integer else "pass float or int16/int32 PCM")
+    return ValueError(f"{where}{what} has unsupported dtype {dtype}; {advice}")
+
+
 def as_tensor(samples, where: str = "", what: str = "signal") -> torch.Tensor:
     """A tensor of the samples of a tensor or numpy array (float or integer PCM dtypes; float128 is narrowed
     to float64, which torch holds; big-endian data is put in native order); anything else is refused here
@@ -83,7 +91,7 @@ def as_tensor(samples, where: str = "", what: str = "signal") -> torch.Tensor:
         samples = samples.data
     if isinstance(samples, np.ndarray):
         if samples.dtype.kind not in "fi":
-            raise ValueError(f"{where}{what} has unsupported dtype {samples.dtype}; pass float or int16/int32 PCM")
+            raise _unsupported_dtype(samples.dtype, samples.dtype.kind in "iu", where, what)
         if samples.dtype.kind == "f" and samples.dtype.itemsize > 8:
             samples = samples.astype(np.float64)
         # reshaped because ascontiguousarray makes a 0-d array 1-d, which would pass as a one-sample signal
@@ -108,7 +116,8 @@ def as_float32(samples: torch.Tensor, where: str = "", what: str = "signal") -> 
     if samples.dtype in PCM_SCALES:
         return samples.to(torch.float32) * PCM_SCALES[samples.dtype]
     if not samples.is_floating_point():
-        raise ValueError(f"{where}{what} has unsupported dtype {samples.dtype}; pass float or int16/int32 PCM")
+        integer = not samples.is_complex() and samples.dtype != torch.bool
+        raise _unsupported_dtype(samples.dtype, integer, where, what)
     converted = samples.to(torch.float32)
     # one pass: NaN/Inf propagate into the sum, and float32 samples cannot overflow a float64 sum
     if not torch.isfinite(converted.sum(dtype=torch.float64)):

@@ -134,7 +134,61 @@ def test_format_is_read_from_content_not_suffix(tmp_path):
 def test_save_refuses_non_floating_dtypes(tmp_path):
     with pytest.raises(ValueError, match="floating-point dtype, got torch.int32"):
         echo.save(random_model("tiny"), tmp_path / "m.safetensors", dtype=torch.int32)
+    for spelled in ("float16", np.float16):  # an AttributeError: 'str' object has no attribute 'is_floating_point'
+        with pytest.raises(ValueError, match=r"save's dtype is a torch dtype such as torch.float16, got .*float16"):
+            echo.save(random_model("tiny"), tmp_path / "m.safetensors", dtype=spelled)
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_save_takes_the_model_not_a_wrapper_or_its_state(tmp_path):
+    """A torch.compile'd model was saved with every key under '_orig_mod.': a file echo.load then refused."""
+    model = random_model("tiny")
+    path = tmp_path / "m.safetensors"
+    for wrapper, attribute in ((torch.compile(model), "_orig_mod"), (torch.nn.DataParallel(model), "module")):
+        with pytest.raises(ValueError, match=rf"save takes an EchoModel, got {type(wrapper).__name__}; pass the model "
+                                             rf"it wraps, its .{attribute}$"):
+            echo.save(wrapper, path)
+    for wrong, problem in ((model.state_dict(), "OrderedDict$"), (path, "PosixPath$")):  # (path, model): swapped
+        with pytest.raises(ValueError, match=f"save takes an EchoModel, got {problem}"):
+            echo.save(wrong, model)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_expands_home_as_load_does(tmp_path, monkeypatch):
+    """save wrote "~/models/m.safetensors" under a folder named '~' in the working folder, where
+    echo.load("~/models/m.safetensors") did not look."""
+    model = random_model("tiny")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert echo.save(model, "~/models/m.safetensors") == tmp_path / "home" / "models" / "m.safetensors"
+    assert not (tmp_path / "~").exists()
+    assert torch.equal(echo.load("~/models/m.safetensors").norm.weight, model.norm.weight)
+
+
+@pytest.mark.parametrize("content, problem", [
+    (lambda state: {"state_dict": state, "epoch": 3}, r"these entries are not tensors: 'state_dict' \(OrderedDict\), "
+                                                     r"'epoch' \(int\)$"),
+    (lambda state: {**state, "step": 7}, r"these entries are not tensors: 'step' \(int\)$"),
+    (lambda state: [state], "it holds a list$"),
+])
+def test_a_trainers_checkpoint_names_what_it_holds(tmp_path, content, problem):
+    """Refused as "expected a flat dict of tensors" alone: which key held the weights was left to guess."""
+    path = tmp_path / "m.pth"
+    torch.save(content(random_model("tiny").state_dict()), path)
+    with pytest.raises(ValueError, match=rf"m.pth: expected a flat dict of tensors, or one under the key 'encoder'; "
+                                         rf"{problem}"):
+        echo.load(path)
+
+
+@pytest.mark.parametrize("prefix, size", [("module.", None), ("_orig_mod.", None), ("module.", "tiny")])
+def test_a_wrappers_state_dict_is_named_as_such(tmp_path, prefix, size):
+    """Keys under DistributedDataParallel's or torch.compile's prefix were reported as "no 'cls_token'", or with
+    size= as every layer missing."""
+    path = tmp_path / "m.pth"
+    torch.save({prefix + key: value for key, value in random_model("tiny").state_dict().items()}, path)
+    with pytest.raises(ValueError, match=rf"m.pth: its keys are under the prefix '{prefix}' \({prefix}cls_token, not "
+                                         rf"cls_token\), as a wrapper's state dict"):
+        echo.load(path, size=size)
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64])

@@ -54,6 +54,25 @@ def test_numpy_and_float64_accepted(model):
     assert torch.equal(u_long, u_t) and torch.equal(u_0d, u_t)
 
 
+SCALE_ADVICE = r"only int16 and int32 are read as PCM: convert other integers to float in \[-1, 1\) by their full scale"
+
+
+@pytest.mark.parametrize("signal, advice", [
+    (np.full(8000, 128, dtype=np.uint8), SCALE_ADVICE),
+    (torch.zeros(8000, dtype=torch.int8), SCALE_ADVICE),
+    (torch.zeros(8000, dtype=torch.int64), SCALE_ADVICE),
+    (np.zeros(8000, dtype=bool), r"pass float or int16/int32 PCM$"),
+    (torch.zeros(8000, dtype=torch.complex64), r"pass float or int16/int32 PCM$"),
+])
+def test_other_integer_dtypes_are_refused_with_how_to_scale_them(model, signal, advice):
+    """The refusal said "pass float or int16/int32 PCM", inviting x.astype(np.int16): 8-bit WAV samples were then
+    read 256 times too quiet, without a word."""
+    with pytest.raises(ValueError, match=f"^signal has unsupported dtype .*; {advice}"):
+        model.encode(signal, 8000)
+    with pytest.raises(ValueError, match=f"^chunk at sample 0 has unsupported dtype .*; {advice}"):
+        fast.StreamEncoder(model, 8000).push(signal)
+
+
 def test_meta_tensors_are_refused(model):
     with pytest.raises(ValueError, match="signal is a meta tensor"):
         model.encode(torch.empty(16000, device="meta"), 16000)
