@@ -297,6 +297,8 @@ def save(model: EchoModel, path, dtype: torch.dtype = torch.float32) -> Path:
         raise ValueError(f"save's dtype is a torch dtype such as torch.float16, got {dtype!r}")
     if not dtype.is_floating_point:
         raise ValueError(f"save needs a floating-point dtype, got {dtype}: weights would be truncated")
+    if path.is_dir():
+        raise ValueError(f"save writes a file, and {path} is a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     config = json.dumps(model.config.to_dict())

@@ -36,6 +36,8 @@ def checked_device(device) -> torch.device:
         if isinstance(device, str) or isinstance(error, TypeError):
             raise ValueError(f"unknown device {device!r}; e.g. cpu, cuda, cuda:1") from None
         raise ValueError(f"device {device!r} is not available here: {_first_sentence(error)}") from None
+    if checked.type == "meta":  # a model there has shapes and no weights: encode would fail deep in torch
+        raise ValueError("device meta holds no data; choose a device that computes: cpu, cuda, ...")
     try:
         torch.empty(0, device=checked)
     except Exception as error:  # not compiled in, no such GPU, a backend module missing: each says so its way

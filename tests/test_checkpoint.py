@@ -319,3 +319,11 @@ def test_home_relative_paths_empty_paths_and_broken_links(tmp_path, monkeypatch)
     (tmp_path / "link.safetensors").symlink_to(tmp_path / "gone.safetensors")
     with pytest.raises(ValueError, match="link.safetensors is a symbolic link to .*gone.safetensors, which does not"):
         echo.load(tmp_path / "link.safetensors")
+
+
+def test_save_onto_a_folder_names_the_folder(tmp_path):
+    """A raw IsADirectoryError named the temporary file beside the folder."""
+    (tmp_path / "m.safetensors").mkdir()
+    with pytest.raises(ValueError, match=r"save writes a file, and .*m\.safetensors is a folder"):
+        echo.save(random_model("tiny"), tmp_path / "m.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]

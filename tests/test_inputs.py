@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import echo.fast as fast
+from echo import inputs
 from conftest import random_model
 
 
@@ -162,3 +163,10 @@ def test_the_channels_warning_points_at_the_callers_line(model):
         with pytest.warns(UserWarning, match="read as 60 channels") as record:
             encode()
         assert [warning.filename for warning in record] == [__file__]
+
+
+def test_the_meta_device_is_refused_up_front():
+    """echo.load(path, device="meta") gave a model of shapes without weights, whose encode failed deep in torch
+    ("Cannot copy out of meta tensor")."""
+    with pytest.raises(ValueError, match="device meta holds no data"):
+        inputs.checked_device("meta")
