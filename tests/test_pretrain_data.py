@@ -456,6 +456,15 @@ def test_a_folder_with_both_shards_and_audio_files_is_a_clear_error(tmp_path):
         shards.open_corpus(root, min_seconds=1.0)
 
 
+def test_data_naming_one_audio_file_is_refused_as_a_file_not_as_missing(tmp_path):
+    """It said "audio folder .../clip0.wav does not exist" of a file that does."""
+    one_file = next(write_corpus(tmp_path / "data", files=1).rglob("clip0.wav"))
+    with pytest.raises(ValueError, match=f"audio folder {one_file} is a file: name the folder that holds it"):
+        shards.open_corpus(one_file, min_seconds=1.0)
+    with pytest.raises(ValueError, match="audio folder .*missing does not exist"):
+        shards.open_corpus(tmp_path / "missing", min_seconds=1.0)
+
+
 def stop_a_shard_write_in_its_second_shard(root, out, monkeypatch) -> list[int]:
     """Write shards of two files from `root` into `out`, stopped (as by Ctrl-C) at file 3; returns the list that
     the indices of the files later writes read are appended to."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -61,11 +62,24 @@ def save(folder: Path, step: int, state: dict, keep: int) -> Path:
     history) neither count nor go, so the checkpoint just written is never the one deleted."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / file_name(step)
-    with atomic.replacing(final) as temporary:
-        torch.save(state, temporary)
+    try:
+        with atomic.replacing(final) as temporary:
+            torch.save(state, temporary)
+    except (OSError, RuntimeError) as error:  # torch reports a full disk as "[enforce fail ...] unexpected pos"
+        free = shutil.disk_usage(folder).free / 2**20
+        raise OSError(f"checkpoint {final} could not be written ({error}; {free:.0f} MiB free on its disk); "
+                      f"{resume_note(folder)}") from error
     for old in [p for p in checkpoint_paths(folder) if step_of(p) <= step][:-keep]:
         old.unlink()
     return final
+
+
+def resume_note(folder: Path) -> str:
+    """Where the same command would resume the run of `folder`, for a run that stops early."""
+    kept = checkpoint_paths(folder)
+    if not kept:
+        return "no checkpoint yet: the same command starts the run over"
+    return f"the same command resumes from {kept[-1]} (step {step_of(kept[-1])})"
 
 
 def remove_temporaries(folder: Path) -> None:

@@ -154,7 +154,8 @@ def index_folder(root, manifest: Path | None = None) -> tuple[list[FileEntry], P
     ROOT/.echo_manifest.csv) is reused: only files that are new or changed (size, mtime) are opened again."""
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"audio folder {root} does not exist")
+        why = "is a file: name the folder that holds it" if root.exists() else "does not exist"
+        raise ValueError(f"audio folder {root} {why}")
     manifest = Path(manifest) if manifest is not None else root / MANIFEST_NAME
     cached = read_manifest(manifest)
     entries, probed, last_save = [], 0, time.monotonic()

@@ -265,7 +265,9 @@ def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]
 
 
 class CsvLog:
-    """steps.csv in the run folder; on resume, rows after the checkpoint's step are dropped."""
+    """steps.csv in the run folder; on resume, rows after the checkpoint's step are dropped, and so are rows a
+    power cut left damaged (appended rows are not flushed to the disk, checkpoints are: a row can come back as
+    NUL bytes beside the checkpoint of its step)."""
 
     COLUMNS = ("step", "loss", "frame_loss", "utterance_loss", "lr", "ema_decay", "steps_per_s", "tokens_per_s",
                "clips", "audio_seconds")
@@ -275,12 +277,25 @@ class CsvLog:
         rows = []
         if path.is_file() and resumed_step:
             with open(path, newline="") as handle:
-                rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resumed_step]
+                steps_and_rows = [(logged_step(r), r) for r in csv.DictReader(handle)]
+            rows = [r for step, r in steps_and_rows if step is not None and step <= resumed_step]
+            damaged = sum(step is None for step, _ in steps_and_rows)
+            if damaged:
+                print(f"note: {path} held {damaged} damaged row(s) (a crash or power cut while it was written); "
+                      "dropped")
         atomic.write_csv(path, self.COLUMNS, rows)
 
     def write(self, row: dict) -> None:
         with open(self.path, "a", newline="") as handle:
             csv.DictWriter(handle, self.COLUMNS).writerow(row)
+
+
+def logged_step(row: dict) -> int | None:
+    """The step of a steps.csv row, or None for a damaged one."""
+    try:
+        return int(row["step"])
+    except ValueError:
+        return None
 
 
 class Meter:
@@ -394,7 +409,10 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
         raise ValueError(f"stop_at must be zero or more, got {stop_at}")
     made_group = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
     rank, world, device = setup_distributed(config.device)
-    result = _train(config, progress, stop_at, rank, world, device)
+    try:
+        result = _train(config, progress, stop_at, rank, world, device)
+    except KeyboardInterrupt:  # the command line prints its message: where the same command resumes
+        raise KeyboardInterrupt(checkpoints.resume_note(Path(config.out) / "checkpoints")) from None
     # after the run's last barrier: a process that exits with its group alive can abort in gloo's threads. Not
     # after an error: destroying a group while other ranks wait in a collective can hang them (NCCL)
     if made_group:
@@ -493,56 +511,54 @@ def _train(config: PretrainConfig, progress: bool, stop_at: int | None, rank: in
                                          pin_memory=device.type == "cuda")
     log = CsvLog(out / "steps.csv", step) if rank == 0 else None
     meter = Meter(device, pending, rank)
-    bar = tqdm(total=config.steps, initial=step, disable=rank != 0 or not progress, unit="step")
     last = {}
     first_nonfinite = torch.full((), NO_STEP, dtype=torch.int64, device=device)  # step of the first bad loss
-    for host_batch in loader:
-        if step >= config.steps or (stop_at is not None and step >= stop_at):
-            break
-        batch = host_batch.to(device, non_blocking=True)
-        teacher_packing = Packing.from_lengths(host_batch.lengths + 1, device)
-        student_packing = Packing.from_lengths(host_batch.student_lengths, device)
-        with autocast:
-            targets, utterance_targets = teacher_targets(teacher, batch, teacher_packing, config.utterance_target)
-            loss, frame, utterance = model(batch, student_packing, targets, utterance_targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(learner.parameters(), config.clip_grad)
-        optimizer.step()
-        scheduler.step()
-        decay = schedule.ema_decay(step, config.ema_start, config.ema_end, anneal)
-        schedule.ema_update(teacher, student, decay)
-        step += 1
-        positions[host_batch.stream] = host_batch.plan_index + 1
-        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)  # a finite loss can still overflow backward
-        first_nonfinite = torch.where(finite, first_nonfinite, first_nonfinite.clamp(max=step))
-        if step % config.log_every == 0 or step % config.save_every == 0 or step == config.steps:
-            stop_if_diverged(first_nonfinite, world, out)
-        meter.add(loss, frame, utterance, host_batch.teacher_tokens + host_batch.student_tokens, host_batch.clips,
-                  host_batch.audio_seconds)
-        if step % config.log_every == 0 or step == config.steps:
-            last = {"step": step, **meter.read(world), "lr": lr_schedule.lr(step - 1), "ema_decay": decay}
-            if rank == 0:
-                log.write(last)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", ema=f"{decay:.6f}",
-                                tok_s=f"{last['tokens_per_s']:.0f}", it_s=f"{last['steps_per_s']:.2f}")
-        bar.update(1)
-        if step % config.save_every == 0 or step == config.steps:
-            positions_of_ranks = every_rank(torch.tensor(positions, dtype=torch.int64, device=device), world)
-            pending_sums = meter.pending(world)
-            if rank == 0:
-                checkpoints.save(folder, step, state(positions_of_ranks, pending_sums), config.keep)
-    bar.close()
+    # closed on an error too: the error then starts a line of its own, not the bar's
+    with tqdm(total=config.steps, initial=step, disable=rank != 0 or not progress, unit="step") as bar:
+        for host_batch in loader:
+            if step >= config.steps or (stop_at is not None and step >= stop_at):
+                break
+            batch = host_batch.to(device, non_blocking=True)
+            teacher_packing = Packing.from_lengths(host_batch.lengths + 1, device)
+            student_packing = Packing.from_lengths(host_batch.student_lengths, device)
+            with autocast:
+                targets, utterance_targets = teacher_targets(teacher, batch, teacher_packing, config.utterance_target)
+                loss, frame, utterance = model(batch, student_packing, targets, utterance_targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(learner.parameters(), config.clip_grad)
+            optimizer.step()
+            scheduler.step()
+            decay = schedule.ema_decay(step, config.ema_start, config.ema_end, anneal)
+            schedule.ema_update(teacher, student, decay)
+            step += 1
+            positions[host_batch.stream] = host_batch.plan_index + 1
+            # a finite loss can still overflow backward
+            finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+            first_nonfinite = torch.where(finite, first_nonfinite, first_nonfinite.clamp(max=step))
+            if step % config.log_every == 0 or step % config.save_every == 0 or step == config.steps:
+                stop_if_diverged(first_nonfinite, world, out)
+            meter.add(loss, frame, utterance, host_batch.teacher_tokens + host_batch.student_tokens, host_batch.clips,
+                      host_batch.audio_seconds)
+            if step % config.log_every == 0 or step == config.steps:
+                last = {"step": step, **meter.read(world), "lr": lr_schedule.lr(step - 1), "ema_decay": decay}
+                if rank == 0:
+                    log.write(last)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", ema=f"{decay:.6f}",
+                                    tok_s=f"{last['tokens_per_s']:.0f}", it_s=f"{last['steps_per_s']:.2f}")
+            bar.update(1)
+            if step % config.save_every == 0 or step == config.steps:
+                positions_of_ranks = every_rank(torch.tensor(positions, dtype=torch.int64, device=device), world)
+                pending_sums = meter.pending(world)
+                if rank == 0:
+                    checkpoints.save(folder, step, state(positions_of_ranks, pending_sums), config.keep)
     exported = None
     if rank == 0 and step >= config.steps:
         exported = export(teacher if config.export == "teacher" else student, out)
         trained = f"last loss {last['loss']:.4f}" if last else "the run was already finished"  # not "loss nan"
         print(f"done: {step} steps; {trained}; {config.export} -> {exported}")
     elif rank == 0:  # stopped by stop_at
-        kept = checkpoints.checkpoint_paths(folder)
-        resumes = (f"the same command resumes from {kept[-1]} (step {checkpoints.step_of(kept[-1])})" if kept
-                   else "no checkpoint yet: the same command starts the run over")
-        print(f"stopped at step {step} of {config.steps} (--stop-at {stop_at}); {resumes}")
+        print(f"stopped at step {step} of {config.steps} (--stop-at {stop_at}); {checkpoints.resume_note(folder)}")
     if world > 1:
         dist.barrier()
     return {"step": step, "student": student, "teacher": teacher, "decoder": decoder, "exported": exported,

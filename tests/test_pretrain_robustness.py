@@ -1,0 +1,95 @@
+"""A long pretraining run stopped early, by a full disk at a checkpoint, Ctrl-C or a power cut: the work kept is
+named, and the same command resumes from it."""
+import csv
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("soundfile")
+from pretrain_corpus import tiny_config, write_corpus  # noqa: E402
+from test_cli import interrupt_call  # noqa: E402
+
+from echo import cli  # noqa: E402
+from echo.pretrain import checkpoints, objective, trainer  # noqa: E402
+
+# torch.save's own error when the disk fills up under it (seen on a full tmpfs)
+TORCH_FULL_DISK = "[enforce fail at inline_container.cc:672] . unexpected pos 1026240 vs 1026128"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "data", files=4)
+
+
+def command(data, run, quiet: bool = True) -> list[str]:
+    return ["pretrain", "--data", str(data), "--out", str(run), "--dim", "64", "--depth", "2", "--heads", "1",
+            "--steps", "6", "--crop-seconds", "2", "--tokens-per-batch", "400", "--clones", "2", "--lr", "1e-3",
+            "--warmup", "1", "--workers", "0", "--log-every", "2", "--save-every", "2", "--keep", "3",
+            *(["--quiet"] if quiet else [])]
+
+
+def test_a_full_disk_at_a_checkpoint_is_an_error_naming_it_and_the_run_resumes_from_the_one_before(
+        data, tmp_path, monkeypatch, capsys):
+    """torch raises a RuntimeError about "unexpected pos" for a full disk: it came out of the command line as a
+    traceback, without a word on what was kept."""
+    real_save = torch.save
+
+    def disk_full_after_step_2(state, path):
+        if state["step"] > 2:
+            path.write_bytes(b"PK half a checkpoint")
+            raise RuntimeError(TORCH_FULL_DISK)
+        real_save(state, path)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(torch, "save", disk_full_after_step_2)
+    assert cli.main(command(data, run)) == 1
+    error = capsys.readouterr().err
+    assert f"error: checkpoint {run / 'checkpoints' / 'step-000000004.pt'} could not be written" in error
+    assert TORCH_FULL_DISK in error and "MiB free on its disk" in error
+    assert error.rstrip().endswith(f"the same command resumes from {run / 'checkpoints'}/step-000000002.pt (step 2)")
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000000002.pt"]  # no half file
+    monkeypatch.undo()  # space freed
+    assert cli.main(command(data, run)) == 0
+    assert "resuming at step 2" in capsys.readouterr().out
+    assert checkpoints.load_latest(run / "checkpoints")["step"] == 6 and (run / "model.safetensors").is_file()
+
+
+def test_an_interrupted_run_says_where_the_same_command_resumes(data, tmp_path, monkeypatch, capsys):
+    """Ctrl-C printed a bare "interrupted": whether any step was kept was not said."""
+    run = tmp_path / "run"
+    interrupt_call(monkeypatch, objective.Learner, "forward", 5)  # in step 5
+    assert cli.main(command(data, run)) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"interrupted: the same command resumes from {run / 'checkpoints'}/step-000000004.pt (step 4)")
+
+
+def test_a_row_of_steps_csv_a_power_cut_zeroed_is_dropped_and_the_run_resumes(data, tmp_path, capsys):
+    """Appended rows are not flushed to the disk, checkpoints are: after a power cut the row of the checkpoint's
+    step can read back as NUL bytes, and resuming failed on "invalid literal for int()"."""
+    run = tmp_path / "run"
+    settings = dict(steps=8, save_every=2, log_every=2)
+    trainer.train(tiny_config(data, run, **settings), progress=False, stop_at=6)
+    lines = (run / "steps.csv").read_bytes().splitlines(keepends=True)
+    assert lines[-1].startswith(b"6,")
+    (run / "steps.csv").write_bytes(b"".join(lines[:-1]) + b"\0" * (len(lines[-1]) - 1) + b"\n")
+    assert trainer.train(tiny_config(data, run, **settings), progress=False)["step"] == 8
+    assert f"note: {run / 'steps.csv'} held 1 damaged row(s)" in capsys.readouterr().out
+    with open(run / "steps.csv", newline="") as handle:
+        assert [int(row["step"]) for row in csv.DictReader(handle)] == [2, 4, 8]
+
+
+def test_an_error_during_training_starts_its_own_line_after_the_progress_bar(data, tmp_path, monkeypatch, capsys):
+    """The bar was left open: its line had no end, and the error was printed on it ("tok_s=1796]error: ...")."""
+    original, calls = objective.Learner.forward, []
+
+    def nan_at_step_3(self, *args):
+        loss, frame, utterance = original(self, *args)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 3 else loss), frame, utterance
+
+    monkeypatch.setattr(objective.Learner, "forward", nan_at_step_3)
+    assert cli.main(command(data, tmp_path / "run", quiet=False)) == 2
+    error = capsys.readouterr().err
+    assert "3/6" in error and re.search(r"^error: the loss or its gradients were NaN or infinite at step 3", error,
+                                        re.MULTILINE)
