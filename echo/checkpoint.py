@@ -302,7 +302,10 @@ def save(model: EchoModel, path, dtype: torch.dtype = torch.float32) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     config = json.dumps(model.config.to_dict())
-    with atomic.replacing(path) as temporary:
-        save_file(state, str(temporary), metadata={CONFIG_KEY: config})
+    try:
+        with atomic.replacing(path) as temporary:
+            save_file(state, str(temporary), metadata={CONFIG_KEY: config})
+    except SafetensorError as error:  # a full disk, in safetensors' own type, which the command lines do not catch
+        raise OSError(f"{path} could not be written: {error}") from error
     atomic.write_text(path.with_suffix(".json"), json.dumps(model.config.to_dict(), indent=2) + "\n")
     return path

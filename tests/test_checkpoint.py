@@ -327,3 +327,22 @@ def test_save_onto_a_folder_names_the_folder(tmp_path):
     with pytest.raises(ValueError, match=r"save writes a file, and .*m\.safetensors is a folder"):
         echo.save(random_model("tiny"), tmp_path / "m.safetensors")
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_a_failed_write_is_an_os_error_naming_the_file(tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own SafetensorError, which no command line catches: the export at
+    the end of a pretraining run came out as a traceback."""
+    from safetensors import SafetensorError
+
+    from echo import checkpoint
+
+    full = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+
+    def disk_full(state, path, metadata):
+        open(path, "wb").write(b"half")
+        raise SafetensorError(full)
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    with pytest.raises(OSError, match=r"m\.safetensors could not be written: Error while serializing"):
+        echo.save(random_model("tiny"), tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
