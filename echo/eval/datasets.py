@@ -59,6 +59,8 @@ IICA_LEAKS = ("tubeleak", "ventleak", "ventlow")
 IICA_STATUS = {"niO": "leak", "iO": "noleak"}  # a field of the file name: (nicht) in Ordnung
 # outer-race sizes recorded at one position only, so the mirror's OR/<size>/ folder has no @<position> folder
 CWRU_SINGLE_POSITION = {("DE", "014"): "@6"}
+DCASE_TEST_FOLDERS = ("test", "source_test", "target_test")  # source_test/ and target_test/: DCASE 2021 as published
+DCASE_SPLIT_FOLDERS = ("dev_data", "eval_data")  # the published names: the only ones above --data that count
 FOLDER_TEST_LABELS = {"normal": 0, "anomalous": 1, "anomaly": 1}  # test/ sub-folders, matched case-insensitively
 TASKS = tuple(f"dcase{year}" for year in range(2020, 2026)) + ("cwru", "mafaulda", "iiee", "iica", "folder")
 
@@ -212,7 +214,7 @@ def _dcase_fields(name: str, year: int):
 def _dcase_test_folders(machine_dir: Path, notes: list) -> list[Path]:
     """test/, or where there is none (DCASE 2021 as published) source_test/ and target_test/. The 2021 baseline
     copies those two into test/: the copy is read, never both, and only if it holds the same files."""
-    test, originals = machine_dir / "test", [machine_dir / n for n in ("source_test", "target_test")]
+    test, originals = machine_dir / "test", [machine_dir / n for n in DCASE_TEST_FOLDERS[1:]]
     originals = [folder for folder in originals if folder.is_dir()]
     if not test.is_dir():
         if not originals:
@@ -225,12 +227,36 @@ def _dcase_test_folders(machine_dir: Path, notes: list) -> list[Path]:
     return [test]
 
 
+def _dcase_split(machine_dir: Path, root: Path) -> str:
+    """"eval" or "dev": the nearest folder above the machine folder that says. Up to the data folder (the folder
+    holding the machine folder, where that is the data folder itself), any name starting with dev or eval says,
+    so a data folder named e.g. evaluation_sets keeps dev_data as dev; the data folder as given (also as `.`,
+    whose name is ""), else a linked one's target. Above it only DCASE's own dev_data and eval_data say (a data
+    folder eval_data/raw/ is eval), as a home or project folder's name may start with either."""
+    top = [Path(os.path.abspath(root)), root.resolve()]
+    if machine_dir == root:  # its own name is the machine's
+        top = [folder.parent for folder in top]
+    nearby = [*reversed(machine_dir.relative_to(root).parts[:-1]), *(folder.name for folder in top)]
+    said = [name for name in nearby if name.lower().startswith(("dev", "eval"))] or \
+        [folder.name for above in top for folder in above.parents if folder.name.lower() in DCASE_SPLIT_FOLDERS]
+    return "eval" if said and said[0].lower().startswith("eval") else "dev"
+
+
 def dcase(root, year: int, label_lists=None) -> Dataset:
     root, year = _root(root), check_year(year)
     naming = "id_XX" if year == 2020 else "section_XX"
     notes = []
     tree = list(_walk(root, notes))
     machine_dirs = sorted({folder.parent for folder, _ in tree if folder.name == "train" and folder != root})
+    # DCASE publishes an evaluation set's training clips apart from its test clips: test clips without them were
+    # left out unseen, and the evaluation set with them
+    benchless = sorted({folder.parent for folder, names in tree
+                        if folder.name in DCASE_TEST_FOLDERS and folder != root and folder.parent not in machine_dirs
+                        and any(Path(name).suffix.lower() in AUDIO_SUFFIXES for name in names)})
+    if benchless:
+        raise ValueError(f"{benchless[0]}: test clips but no train/ folder to build their memory bank from (DCASE "
+                         f"publishes the evaluation set's training clips as a download of their own); add them, or "
+                         f"point --data at the folders that have them")
     if not machine_dirs:
         raise ValueError(f"{root}: no DCASE machine folder: expected <root>/dev_data/<machine>/train/ and "
                          f"<root>/dev_data/<machine>/test/ (and eval_data/... for the evaluation set)")
@@ -242,15 +268,9 @@ def dcase(root, year: int, label_lists=None) -> Dataset:
         p for p in found if str(year) in p.name or (year == 2020 and p.name == "eval_data_list.csv")]
     labels = read_label_lists(lists, year)
     items, unlabelled, seen = [], 0, {}
-    marked = lambda names: [name for name in names if name.lower().startswith(("dev", "eval"))]  # noqa: E731
     for machine_dir in machine_dirs:
-        machine = machine_dir.name
-        # the nearest dev/eval folder above the machine decides, so a data folder named e.g. evaluation_sets
-        # keeps dev_data as dev; the root's own name only counts where nothing below it says (root = eval_data/,
-        # also given as `.`, whose name is ""), as given, else a linked root's target's
-        below = machine_dir.relative_to(root).parts[:-1]
-        where = marked(below)[-1:] or marked([Path(os.path.abspath(root)).name, root.resolve().name])[:1]
-        split = "eval" if where and where[0].lower().startswith("eval") else "dev"
+        machine = Path(os.path.abspath(machine_dir)).name  # also where the machine folder is given as `.`
+        split = _dcase_split(machine_dir, root)
         if (split, machine) in seen:  # two copies would merge into one bank and double its clips
             raise ValueError(f"two {split} folders for machine {machine!r}: {seen[split, machine]} and "
                              f"{machine_dir}; point --data at one copy of the data")
@@ -348,6 +368,9 @@ def cwru(root) -> Dataset:
                              f"'Fan_End' folder) and the fault (B007, IR014, OR021@6, or B/IR/OR folders with "
                              f"@3/@6/@12 for the outer race)")
         items.append(Sample(path, label))
+    if not items:  # else "no file could be embedded (0 failures)", after the model was loaded
+        raise ValueError(f"{root}: no 12 kHz fault file: the {len(skipped)} .mat files are 48 kHz or normal baseline "
+                         f"data (e.g. {skipped[0]}); expected the 12k_Drive_End and 12k_Fan_End fault folders")
     if skipped:
         notes.append(f"skipped {len(skipped)} files that are not 12 kHz fault data (48k or normal)")
     ends = {item.path: item.label[:2] for item in items}  # DE_... / FE_...: the sensor at the faulty bearing

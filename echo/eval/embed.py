@@ -206,27 +206,38 @@ def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | N
                    disable=not progress)
         submit = lambda batch: [pool.submit(read_checked, read, paths[i]) for i in batch]  # noqa: E731
         pending = submit(batches[0]) if batches else []
-        for number, batch in enumerate(batches):
-            start = time.perf_counter()
-            loaded = [future.result() for future in pending]
-            result.read_seconds += time.perf_counter() - start
-            pending = submit(batches[number + 1]) if number + 1 < len(batches) else []
-            start = time.perf_counter()
-            good = [(i, item) for i, item in zip(batch, loaded) if not isinstance(item, str)]
-            result.failures += [(paths[i], item) for i, item in zip(batch, loaded) if isinstance(item, str)]
-            encode = functools.partial(_encode, model, device=device, dtype=dtype)
-            vectors = good and encode_isolating_failures(encode, [s for _, (s, _) in good], [r for _, (_, r) in good])
-            result.encode_seconds += time.perf_counter() - start
-            fresh = {}
-            for (i, _), vector in zip(good, vectors):
-                if isinstance(vector, str):
-                    result.failures.append((paths[i], vector))
-                else:
-                    result.vectors[i] = vector
-                    fresh[keys[i]] = vector
-            result.encoded += len(fresh)
-            if cache is not None:
-                cache.add(fresh)
-            bar.update(len(batch))
-    bar.close()
+        try:
+            for number, batch in enumerate(batches):
+                start = time.perf_counter()
+                loaded = [future.result() for future in pending]
+                result.read_seconds += time.perf_counter() - start
+                pending = submit(batches[number + 1]) if number + 1 < len(batches) else []
+                start = time.perf_counter()
+                good = [(i, item) for i, item in zip(batch, loaded) if not isinstance(item, str)]
+                result.failures += [(paths[i], item) for i, item in zip(batch, loaded) if isinstance(item, str)]
+                encode = functools.partial(_encode, model, device=device, dtype=dtype)
+                vectors = good and encode_isolating_failures(encode, [s for _, (s, _) in good],
+                                                             [r for _, (_, r) in good])
+                result.encode_seconds += time.perf_counter() - start
+                fresh = {}
+                for (i, _), vector in zip(good, vectors):
+                    if isinstance(vector, str):
+                        result.failures.append((paths[i], vector))
+                    else:
+                        result.vectors[i] = vector
+                        fresh[keys[i]] = vector
+                result.encoded += len(fresh)
+                if cache is not None:
+                    cache.add(fresh)
+                bar.update(len(batch))
+        except KeyboardInterrupt:  # each finished batch is in its shard already: the command line says what is kept
+            if cache is None:
+                raise
+            kept = sum(key in cache.entries for key in keys if key is not None)
+            raise KeyboardInterrupt(
+                f"embeddings of {kept} files are kept in {cache.folder}; the same command encodes only the other "
+                f"{len(paths) - kept}" if kept else "no batch was finished, so nothing was kept; the same command "
+                "starts again") from None
+        finally:  # an error or the interrupt's message starts a line of its own, after the progress bar
+            bar.close()
     return result

@@ -1,0 +1,101 @@
+"""Layouts and interruptions users meet with `python -m echo eval`: each once gave a silently wrong or incomplete
+answer."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import random_model, seeded_rng
+from echo.eval import datasets, embed
+from echo.eval.datasets import read_audio
+
+
+def touch(root: Path, *names):
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+
+
+MACHINE = ("train/section_00_source_train_normal_0000.wav", "test/section_00_0000.wav")
+
+
+def test_a_machine_folder_or_raw_folder_given_as_data_keeps_its_name_and_split(tmp_path, monkeypatch):
+    """`--data .` inside a machine folder named the machine "" (its eval labels were not found: nothing was
+    measured), and a machine folder or the baseline's eval_data/raw/ given as --data made eval clips dev."""
+    touch(tmp_path / "eval_data" / "raw" / "fan", *MACHINE)
+    lists = tmp_path / "eval_data_list_2023.csv"
+    lists.write_text("fan\nsection_00_0000.wav,section_00_source_test_anomaly_0000.wav\n")
+
+    def clips(root):
+        return {(c.split, c.machine, c.subset, c.label) for c in datasets.load("dcase2023", root, [lists]).items}
+
+    expected = {("eval", "fan", "train", 0), ("eval", "fan", "test", 1)}
+    assert clips(tmp_path / "eval_data" / "raw") == expected
+    assert clips(tmp_path / "eval_data" / "raw" / "fan") == expected
+    monkeypatch.chdir(tmp_path / "eval_data" / "raw" / "fan")
+    assert clips(Path(".")) == expected
+
+
+def test_above_the_data_folder_only_dcase_folder_names_say_the_split(tmp_path):
+    """A home or project folder whose name starts with eval (evaldas/) makes no dev clip eval."""
+    touch(tmp_path / "evaldas" / "data" / "fan", *MACHINE[:1], "test/section_00_source_test_anomaly_0000.wav")
+    assert {c.split for c in datasets.load("dcase2023", tmp_path / "evaldas" / "data").items} == {"dev"}
+    assert {c.split for c in datasets.load("dcase2023", tmp_path / "evaldas" / "data" / "fan").items} == {"dev"}
+
+
+@pytest.mark.parametrize("test_folder", ["test", "source_test"])
+def test_test_clips_without_training_clips_are_refused_not_left_out(tmp_path, test_folder):
+    """The evaluation set's training clips are a download of their own: an eval_data/ holding test clips only was
+    left out without a word, and the results held the development set alone."""
+    touch(tmp_path, *(f"dev_data/fan/{name}" for name in MACHINE), f"eval_data/saw/{test_folder}/section_03_0000.wav")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'eval_data' / 'saw'}: test clips but no train/ folder"):
+        datasets.load("dcase2023", tmp_path)
+    (tmp_path / "eval_data" / "saw" / test_folder / "section_03_0000.wav").unlink()
+    touch(tmp_path, f"eval_data/saw/{test_folder}/readme.txt")  # no audio: nothing is left out
+    assert {c.machine for c in datasets.load("dcase2023", tmp_path).items} == {"fan"}
+
+
+def test_cwru_data_without_12k_fault_files_is_named_as_such(tmp_path):
+    """A folder holding only the 48 kHz or normal-baseline files failed after the model was loaded, with "no file
+    could be embedded (0 failures)"."""
+    touch(tmp_path, "48k_Drive_End_Bearing_Fault_Data/IR007_0.mat", "Normal_Baseline_Data/97.mat")
+    with pytest.raises(ValueError, match="no 12 kHz fault file: the 2 .mat files are 48 kHz or normal baseline"):
+        datasets.load("cwru", tmp_path)
+
+
+def test_an_interrupted_embedding_says_what_it_kept(tmp_path, monkeypatch, capsys):
+    """Ctrl-C said only "interrupted", on the progress bar's line: nothing told that the finished batches were
+    kept and that the same command goes on from them."""
+    soundfile = pytest.importorskip("soundfile")
+    files = [tmp_path / "data" / f"{i}.wav" for i in range(3)]
+    files[0].parent.mkdir()
+    for path in files:
+        soundfile.write(str(path), 0.3 * seeded_rng().normal(size=4000).astype(np.float32), 8000)
+    model, original = random_model("tiny", depth=1), embed._encode
+
+    def interrupted_at(call):
+        calls = []
+
+        def encode(*args, **kwargs):
+            calls.append(args)
+            if len(calls) == call:
+                raise KeyboardInterrupt
+            return original(*args, **kwargs)
+        return encode
+
+    def run():
+        return embed.embed_files(model, files, read_audio, tmp_path / "cache", "key", batch_files=1)
+
+    monkeypatch.setattr(embed, "_encode", interrupted_at(1))
+    with pytest.raises(KeyboardInterrupt, match="^no batch was finished, so nothing was kept; the same command starts"):
+        try:
+            run()
+        finally:  # where the command line prints the message: the bar's line is ended, the message starts its own
+            assert capsys.readouterr().err.endswith("\n")
+    monkeypatch.setattr(embed, "_encode", interrupted_at(2))
+    with pytest.raises(KeyboardInterrupt) as interruption:
+        run()
+    folder = next((tmp_path / "cache").iterdir())
+    assert str(interruption.value) == (f"embeddings of 1 files are kept in {folder}; the same command encodes only "
+                                       f"the other 2")
