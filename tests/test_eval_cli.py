@@ -169,6 +169,10 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_encoding(tmp_path, 
     ("mafaulda", ("--folds", "1"), "--folds 1: k-fold needs two folds or more"),
     ("folder", ("--eps", "0"), r"--eps 0.0: the harmonic means' floor must be in \(0, 1\)"),
     ("folder", ("--eps", "-1"), r"--eps -1.0: the harmonic means' floor must be in \(0, 1\)"),
+    # ignored before: the user meant them to change something
+    ("mafaulda", ("--labels", "list.csv"), "--labels: only the DCASE tasks read label lists"),
+    ("folder", ("--domain-auc", "siren"), "--domain-auc: only DCASE 2022-2025 score a domain's AUC by either rule"),
+    ("folder", ("--protocol", "loocv"), "--protocol chooses among fault classification protocols; folder is"),
 ])
 def test_options_the_data_set_cannot_take_are_refused_before_the_encoding(tmp_path, model_path, capsys, monkeypatch,
                                                                           task, option, message):

@@ -31,7 +31,7 @@ def add_arguments(parser) -> None:
                         "or AMX, relative error ~5e-3)")
     parser.add_argument("--labels", type=Path, action="append", help="DCASE eval_data_list csv (default: found "
                         "under --data)")
-    parser.add_argument("--domain-auc", choices=anomaly.DOMAIN_RULES, default="official",
+    parser.add_argument("--domain-auc", choices=anomaly.DOMAIN_RULES,
                         help="2022-2025 domain AUC: official (normals of the domain + all anomalies) or siren "
                         "(the domain's clips only) (default: official)")
     parser.add_argument("--eps", type=float, default=anomaly.HMEAN_EPS, help="floor of values in harmonic means (default: %(default)g)")
@@ -102,6 +102,17 @@ def _check_options(args, dataset) -> None:
     if not 0 < args.eps < 1:  # a floor of 0 divides by a zero AUC; one of 1 or more floors every score to it
         raise ValueError(f"--eps {args.eps}: the harmonic means' floor must be in (0, 1)")
     args.fused_channels = _fused_channels(args, dataset)  # parsed once, here, before the encoding
+    # options the task has no use for are refused, not ignored: the user meant them to change something
+    if args.labels and dataset.year is None:
+        raise ValueError(f"--labels: only the DCASE tasks read label lists; {args.task} takes its labels from its "
+                         f"files and folders")
+    if args.domain_auc is not None and (dataset.year or 0) < 2022:
+        raise ValueError(f"--domain-auc: only DCASE 2022-2025 score a domain's AUC by either rule; {args.task} has "
+                         f"one way")
+    args.domain_auc = args.domain_auc or "official"
+    if args.protocol and dataset.kind != "faults":
+        raise ValueError(f"--protocol chooses among fault classification protocols; {args.task} is anomaly "
+                         f"detection")
     if dataset.kind != "faults":
         return
     if args.k < 1:
