@@ -8,8 +8,9 @@ reported with the reason and left out.
 Every finished batch is saved at once in `OUT.parts/` (one shard per batch, written atomically), so an
 interrupted run loses at most one batch; the output is written atomically at the end, and a re-run skips
 every file already encoded by the same model in the same dtype, in the old output or in the shards (a run
-in another dtype or with another model leaves those shards for it to resume). Under
-`torchrun --nproc-per-node N -m echo encode ...` rank r encodes files r, r + N, ... and rank 0 merges.
+in another dtype or with another model leaves those shards, and one without --frames their frames, for the
+interrupted run to resume). Under `torchrun --nproc-per-node N -m echo encode ...` rank r encodes files r,
+r + N, ... and rank 0 merges.
 
 Output: `.npz` with `paths`, `keys`, `sample_rates`, `channels`, `model` and one array per file,
 `utterance/{i}` (and `frames/{i}` with --frames), since embedding sizes differ between rates; or, for an
@@ -17,9 +18,9 @@ Output: `.npz` with `paths`, `keys`, `sample_rates`, `channels`, `model` and one
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from tqdm import tqdm
 
 from . import atomic, fast, folders, host_memory, inputs
@@ -127,11 +129,13 @@ def read_embeddings(path) -> dict:
     if path.suffix == ".parquet":
         table = _require_pyarrow().parquet.read_table(str(path)).to_pylist()
         model = table[0]["model"] if table else ""
-        rows = {row["path"]: {**row, "utterance": np.asarray(row["utterance"], dtype=np.float32)} for row in table}
-        for row in rows.values():
+        files = {}
+        for row in table:  # the fields an npz row has, no more: "path" and "model" are the keys above
+            files[row["path"]] = {"key": row["key"], "sample_rate": row["sample_rate"], "channels": row["channels"],
+                                  "utterance": np.asarray(row["utterance"], dtype=np.float32)}
             if row.get("frames") is not None:
-                row["frames"] = np.asarray(row["frames"], dtype=np.float32)
-        return {"model": model, "files": rows}
+                files[row["path"]]["frames"] = np.asarray(row["frames"], dtype=np.float32)
+        return {"model": model, "files": files}
     with np.load(path, allow_pickle=False) as data:
         files = {}
         for i, name in enumerate(data["paths"]):
@@ -204,6 +208,27 @@ def _previous(out: Path, model_key: str, frames: bool) -> dict:
     return entries
 
 
+def _held(key: str, entries: dict, frames: bool) -> bool:
+    """Whether `entries` hold the file of `key` as this run wants it: its utterance, and its frames with --frames."""
+    return key in entries and (not frames or key + FRAMES in entries)
+
+
+def _remove_written_shards(cache: EmbeddingCache, written: set[str], frames: bool) -> None:
+    """Delete this model's shards, which the output now holds, but not those holding frames of its files that it
+    leaves out (an interrupted --frames run's finished work): the next --frames run takes them."""
+    for shard in sorted(cache.folder.iterdir()) if cache.folder.is_dir() else []:
+        if frames or shard.suffix != ".safetensors" or not _holds_frames_of(shard, written):
+            shard.unlink()
+    with contextlib.suppress(OSError):  # gone, or left holding such frames
+        cache.folder.rmdir()
+
+
+def _holds_frames_of(shard: Path, keys: set[str]) -> bool:
+    """Whether `shard` holds the frames of any file of `keys`."""
+    with safe_open(str(shard), "numpy") as handle:  # the names alone, from the header
+        return any(name.endswith(FRAMES) and name.removesuffix(FRAMES) in keys for name in handle.keys())
+
+
 def _check_out(out: Path) -> None:
     """Refused before any work, not after every file is encoded: a wrong suffix, a folder, a file in the way."""
     if out.suffix not in (".npz", ".parquet"):
@@ -213,6 +238,9 @@ def _check_out(out: Path) -> None:
     blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
     if blocking is not None:
         raise ValueError(f"--out {out} cannot be written: {blocking} is a file, not a folder")
+    if _parts(out).exists() and not _parts(out).is_dir():  # found only once the first batch was encoded
+        raise ValueError(f"--out {out} cannot be written: {_parts(out)}, the folder its finished batches are saved "
+                         f"in, is a file; move it away")
     if out.suffix == ".parquet":
         _require_pyarrow()
     if out.is_file():
@@ -221,6 +249,11 @@ def _check_out(out: Path) -> None:
             raise ValueError(f"--out {out} exists and is not an output of echo encode ({problem}); move it away "
                              f"or choose another --out")
     atomic.check_writable(out.parent, f"--out {out}")
+
+
+def _parts(out: Path) -> Path:
+    """The folder of the shards of an `out` being written."""
+    return out.with_name(out.name + ".parts")
 
 
 def _not_an_output(path: Path) -> str:
@@ -286,7 +319,7 @@ def _encode_files(args, rank: int, world: int) -> int:
         reasons = "".join(f"; {shown(path)}: {reason}" for path, reason in unusable)
         raise ValueError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) found in "
                          f"{', '.join(map(shown, args.paths))}{reasons}")
-    parts = args.out.with_name(args.out.name + ".parts")
+    parts = _parts(args.out)
     cache = EmbeddingCache(parts, model_key)
     done = {**_previous(args.out, model_key, args.frames), **cache.entries}
     keys = {}
@@ -296,7 +329,7 @@ def _encode_files(args, rank: int, world: int) -> int:
                 unusable.append((path, reason))
             else:
                 keys[path] = key
-    wanted = [p for p in keys if keys[p] not in done or (args.frames and keys[p] + FRAMES not in done)]
+    wanted = [path for path in keys if not _held(keys[path], done, args.frames)]
     if world > 1:  # every rank has read the shards before any writes one, so all share out the same `wanted`
         dist.barrier()
     mine = wanted[rank::world]
@@ -329,7 +362,7 @@ def _encode_files(args, rank: int, world: int) -> int:
                 bar.update(len(batch))
     except KeyboardInterrupt:  # every finished batch is in its shard already: the command line says what is kept
         bar.close()
-        saved = sum(keys[path] in cache.entries for path in mine)
+        saved = sum(_held(keys[path], cache.entries, args.frames) for path in mine)
         raise KeyboardInterrupt(
             f"{saved} files encoded are kept in {parts}; the same command resumes with the {len(mine) - saved} left"
             if saved else "no batch was finished, so nothing was kept; the same command starts again") from None
@@ -349,7 +382,7 @@ def _encode_files(args, rank: int, world: int) -> int:
     rows, reused, encoded_here = [], 0, set(wanted)
     for path in files:
         key = keys.get(path)
-        if key is None or key not in done or (args.frames and key + FRAMES not in done):
+        if key is None or not _held(key, done, args.frames):
             continue
         reused += path not in encoded_here
         rate, channels = (int(v) for v in done[key + META])
@@ -360,15 +393,19 @@ def _encode_files(args, rank: int, world: int) -> int:
     if not rows:
         print(f"no file could be encoded ({skipped} skipped); {args.out} was not written")
         return 1
-    _write(args.out, rows, model_key, args.frames)
-    shutil.rmtree(cache.folder, ignore_errors=True)  # its shards are in the output now
+    try:
+        _write(args.out, rows, model_key, args.frames)
+    except KeyboardInterrupt:  # a large output takes a while to write; its embeddings are all kept
+        raise KeyboardInterrupt(f"{args.out} was left as it was; the same command writes it without encoding any "
+                                f"file again") from None
+    _remove_written_shards(cache, {row["key"] for row in rows}, args.frames)
     try:
         parts.rmdir()
     except FileNotFoundError:
         pass
-    except OSError:  # not empty: another model's or dtype's shards, the finished work of an interrupted run
-        print(f"kept {parts}: the saved batches of an interrupted run with another model or dtype; "
-              f"that run's command resumes from them")
+    except OSError:  # not empty: the finished work of an interrupted run that this output does not hold
+        print(f"kept {parts}: the saved batches of an interrupted run with --frames, another model or another "
+              f"dtype, which {args.out} does not hold; that run's command resumes from them")
     speed = f"; {seconds:.1f} s of audio in {elapsed:.1f} s ({seconds / max(elapsed, 1e-9):.1f}x real time)" \
         if seconds else ""
     print(f"wrote {args.out}: {len(rows)} files ({reused} reused from an earlier run), "

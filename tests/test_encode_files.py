@@ -123,6 +123,24 @@ def test_an_interrupted_run_says_once_what_it_kept_and_how_to_resume(tmp_path, m
     assert capsys.readouterr().err == f"interrupted: {message.format(parts=parts)}\n"
 
 
+def test_an_interrupted_output_write_says_that_nothing_is_lost_and_the_rerun_encodes_nothing(tmp_path, model_path,
+                                                                                            capsys, monkeypatch):
+    """Ctrl-C while the output was written (seconds to minutes for one with frames) printed a bare "interrupted",
+    as if the encoding were lost."""
+    import echo.encode_files as command
+
+    soundfile.write(str(tmp_path / "a.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    out = tmp_path / "e.npz"
+    real = interrupt_call(monkeypatch, command, "_write_table", 1)
+    assert run(tmp_path / "a.wav", "--model", model_path, "--out", out) == 130
+    assert capsys.readouterr().err == (f"interrupted: {out} was left as it was; the same command writes it without "
+                                       f"encoding any file again\n")
+    assert not out.exists()
+    monkeypatch.setattr(command, "_write_table", real)
+    assert run(tmp_path / "a.wav", "--model", model_path, "--out", out) == 0
+    assert "1 files (1 reused from an earlier run)" in capsys.readouterr().out
+
+
 def test_a_rerun_in_another_dtype_encodes_again(tmp_path, model_path, capsys):
     """bf16 embeddings differ from float32 ones by ~5e-3: a float32 run must not take them from a bf16 run's
     output or shards, and the other way round."""
@@ -155,6 +173,50 @@ def test_a_finished_run_keeps_the_saved_batches_of_an_interrupted_run_in_another
     assert run(*bf16) == 0
     assert "2 files (1 reused from an earlier run)" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "b.wav", "e.npz", "model"]
+
+
+def test_the_frames_of_an_interrupted_frames_run_outlive_a_run_without_them(tmp_path, model_path, capsys,
+                                                                            monkeypatch):
+    """A run without --frames deleted every shard of its model once its output was written, the frames of an
+    interrupted --frames run to the same OUT with them: the next --frames run encoded those files again."""
+    import echo.encode_files as command
+
+    files = [tmp_path / name for name in ("a.wav", "b.wav", "c.wav")]
+    for path in files:
+        soundfile.write(str(path), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    out = tmp_path / "e.npz"
+    options = ("--model", model_path, "--out", out, "--batch-files", "1")
+    real = interrupt_at_batch(monkeypatch)
+    assert run(*files, *options, "--frames") == 130  # a.wav's batch was saved, with its frames
+    monkeypatch.setattr(command, "_encode_batch", real)
+    assert run(*files, *options) == 0
+    assert f"kept {tmp_path / 'e.npz.parts'}: " in capsys.readouterr().out
+    assert run(*files, *options, "--frames") == 0
+    assert "3 files (1 reused from an earlier run)" in capsys.readouterr().out
+    row = read_embeddings(out)["files"][str(files[0])]
+    utterance, frames = reference(echo.load(model_path), files[0])
+    assert rel_err(row["utterance"], utterance) < 1e-5 and rel_err(row["frames"], frames) < 1e-5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "b.wav", "c.wav", "e.npz", "model"]
+
+
+def test_an_interrupted_frames_run_does_not_count_utterances_saved_without_frames_as_kept(tmp_path, model_path,
+                                                                                         capsys, monkeypatch):
+    """An earlier run's shard of a.wav's utterance alone was counted as this --frames run's kept work: "1 files
+    encoded are kept", when none was."""
+    import echo.encode_files as command
+
+    files = [tmp_path / name for name in ("a.wav", "b.wav")]
+    for path in files:
+        soundfile.write(str(path), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    options = ("--model", model_path, "--out", tmp_path / "e.npz", "--batch-files", "1")
+    real = interrupt_at_batch(monkeypatch)
+    assert run(*files, *options) == 130  # a.wav's utterance was saved
+    monkeypatch.setattr(command, "_encode_batch", real)
+    interrupt_at_batch(monkeypatch, 1)
+    capsys.readouterr()
+    assert run(*files, *options, "--frames") == 130
+    assert capsys.readouterr().err == "interrupted: no batch was finished, so nothing was kept; the same command " \
+                                      "starts again\n"
 
 
 def test_an_embedding_that_overflows_is_a_failure_of_its_file_never_written_or_kept(tmp_path, capsys):
@@ -218,6 +280,7 @@ def test_a_utf8_name_is_encoded_and_written_as_itself_under_an_ascii_locale(tmp_
 
 
 def test_parquet_rows_match_npz(tmp_path, model_path):
+    """read_embeddings gave a parquet row two fields more than an npz one ("path" and "model")."""
     pytest.importorskip("pyarrow")
     write_corpus(tmp_path / "data")
     for name in ("e.npz", "e.parquet"):
@@ -225,6 +288,8 @@ def test_parquet_rows_match_npz(tmp_path, model_path):
     npz, parquet = read_embeddings(tmp_path / "e.npz"), read_embeddings(tmp_path / "e.parquet")
     assert parquet["model"] == npz["model"] and set(parquet["files"]) == set(npz["files"])
     for path, row in npz["files"].items():
+        assert parquet["files"][path].keys() == row.keys()
+        assert all(parquet["files"][path][name] == row[name] for name in ("key", "sample_rate", "channels"))
         assert np.array_equal(parquet["files"][path]["utterance"], row["utterance"])
         assert np.array_equal(parquet["files"][path]["frames"], row["frames"])
     schema = pytest.importorskip("pyarrow.parquet").read_schema(str(tmp_path / "e.parquet"))
@@ -274,6 +339,11 @@ def test_bad_places_are_refused_before_any_work(tmp_path, model_path, capsys, mo
     assert np.array_equal(np.load(theirs)["weights"], np.arange(3))
     assert run(tmp_path / "a.wav", "--model", model_path, "--out", tmp_path / "e.npz", "--device", "bogus") == 2
     assert "unknown device 'bogus'" in capsys.readouterr().err
+    (tmp_path / "e.npz.parts").write_text("")  # was found once a batch was encoded: "[Errno 20] Not a directory"
+    assert run(tmp_path / "a.wav", "--model", model_path, "--out", tmp_path / "e.npz") == 2
+    assert f"{tmp_path / 'e.npz.parts'}, the folder its finished batches are saved in, is a file" in \
+        capsys.readouterr().err
+    (tmp_path / "e.npz.parts").unlink()
     (tmp_path / "made-by-mktemp.npz").write_bytes(b"")  # an empty file holds nothing to lose
     assert run(tmp_path / "a.wav", "--model", model_path, "--out", tmp_path / "made-by-mktemp.npz") == 0
 

@@ -118,6 +118,15 @@ def write_shards(folder, out, per_shard: int = 1000, min_seconds: float = 1.0) -
     return written
 
 
+def kept_note(out: Path) -> str:
+    """What a stopped write leaves in `out`, and that the same command goes on from it."""
+    kept = sorted(path.name for path in out.glob("shard-*.tar"))
+    if not kept:
+        return "no shard was finished, so none was kept; the same command starts again"
+    names = kept[0] if len(kept) == 1 else f"{kept[0]} to {kept[-1]}"
+    return f"{len(kept)} finished shards are kept in {out} ({names}); the same command writes only the missing ones"
+
+
 def shard_name(number: int) -> str:
     return f"shard-{number:06d}.tar"
 
@@ -306,6 +315,11 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     if args.per_shard <= 0:
         raise ValueError(f"--per-shard must be positive, got {args.per_shard}")
+    if not 0 <= args.min_seconds < float("inf"):  # NaN skipped nothing and -1 said it skipped files
+        raise ValueError(f"--min-seconds must be 0 or more, got {args.min_seconds}")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    write_shards(args.data, args.out, args.per_shard, args.min_seconds)
+    try:
+        write_shards(args.data, args.out, args.per_shard, args.min_seconds)
+    except KeyboardInterrupt:  # every finished shard is whole on disk: the command line says which, and how to go on
+        raise KeyboardInterrupt(kept_note(Path(args.out))) from None
     return 0

@@ -103,7 +103,7 @@ class PretrainConfig:
             ("seed", self.seed, "zero or more", self.seed >= 0)) if not fine]
         if problems:
             raise ValueError("; ".join(problems))
-        if self.min_seconds < MIN_CLIP_SECONDS:
+        if not self.min_seconds >= MIN_CLIP_SECONDS:  # NaN too
             raise ValueError(f"min_seconds must be at least {MIN_CLIP_SECONDS} (two patches, one to mask), "
                              f"got {self.min_seconds}")
         if self.utterance_target not in UTTERANCE_TARGETS:
