@@ -140,11 +140,10 @@ class StreamEncoder:
         chunk = inputs.as_tensor(chunk, what=what)
         if chunk.dim() != 1:
             raise ValueError(f"push() takes 1-D chunks of samples, got shape {tuple(chunk.shape)}")
-        if chunk.numel() == 0:
-            return []
+        # an empty chunk is checked as any other, and still computes and returns what a failed push left
         chunk = inputs.as_float32(chunk, what=what).cpu()  # the stream's state
         # is on the CPU; the three together, so that a failure (out of memory) leaves audio and counts matching:
-        # frames not computed yet are computed by the next push
+        # frames not computed yet are computed by the next push or finish()
         audio, total = torch.cat([self.audio, chunk]), self.total + chunk.double().sum()
         self.audio, self.total, self.samples = audio, total, self.samples + chunk.numel()
         self._compute_frames()
@@ -220,6 +219,7 @@ class StreamEncoder:
                 f"signal of {self.samples} samples is shorter than one 25 ms window at {self.rate} Hz "
                 f"({self.n_fft} samples)"
             )
+        self._compute_frames()  # those of a push that failed after keeping its samples: they are the signal's
         mean = self.total / self.samples
         segments = geometry.segments(self.done_frames)
         emitted = len(self.outputs)

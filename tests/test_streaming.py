@@ -192,11 +192,15 @@ def test_chunks_that_require_grad_build_no_graph(model):
 
 
 def test_chunk_checks_are_those_of_whole_signals(model):
-    """Beyond float32's range was reported as "NaN or Inf"; big-endian PCM and meta tensors failed in torch."""
+    """Beyond float32's range was reported as "NaN or Inf"; big-endian PCM and meta tensors failed in torch; an
+    empty chunk of a refused dtype was taken."""
     import numpy as np
 
     stream = fast.StreamEncoder(model, 8000)
     stream.push(torch.randn(100))
+    for dtype in (torch.bool, torch.uint8, torch.complex64):
+        with pytest.raises(ValueError, match=f"^chunk at sample 100 has unsupported dtype {dtype}"):
+            stream.push(torch.zeros(0, dtype=dtype))
     with pytest.raises(ValueError, match=r"chunk at sample 100 has 3 sample\(s\) beyond float32's range"):
         stream.push(torch.tensor([0.0, 1e300, -1e300, 1e39], dtype=torch.float64))
     with pytest.raises(ValueError, match="^chunk at sample 100 is a meta tensor"):
@@ -340,27 +344,52 @@ def test_a_push_whose_audio_could_not_be_kept_changes_nothing_and_can_be_repeate
     assert rel_err(stream.finish(), fast.encode(model, [signal], rate)[0]) < 1e-5
 
 
-def test_a_push_that_fails_while_keeping_its_frames_leaves_no_rows_behind(model, monkeypatch):
-    """Out of memory in the last buffer a push appends to: the rows already appended to the others must not
-    shift the frames of the next push."""
+def keeping_frames_fails_once(monkeypatch) -> None:
+    """The next growth of a stream's band rows raises, as out of memory would: the last buffer a push appends to."""
     import echo.streaming as streaming
 
-    rate = 8000
-    signal = torch.randn(geometry.hop(rate) * 2300 + 31)
-    stream = fast.StreamEncoder(model, rate, frames=True)
-    stream.push(signal[: geometry.hop(rate) * 100])
     reallocate = streaming._Window._reallocate
 
     def fails_once(window, rows):
         monkeypatch.setattr(streaming._Window, "_reallocate", reallocate)
         raise RuntimeError("out of memory")
     monkeypatch.setattr(streaming._Window, "_reallocate", fails_once)
+
+
+def test_a_push_that_fails_while_keeping_its_frames_leaves_no_rows_behind(model, monkeypatch):
+    """Out of memory in the last buffer a push appends to: the rows already appended to the others must not
+    shift the frames of the next push."""
+    rate = 8000
+    signal = torch.randn(geometry.hop(rate) * 2300 + 31)
+    stream = fast.StreamEncoder(model, rate, frames=True)
+    stream.push(signal[: geometry.hop(rate) * 100])
+    keeping_frames_fails_once(monkeypatch)
     with pytest.raises(RuntimeError, match="out of memory"):
         stream.push(signal[geometry.hop(rate) * 100 : geometry.hop(rate) * 1000])
     stream.push(signal[geometry.hop(rate) * 1000 :])  # the failed push's samples were kept: not pushed again
     utterance, frames = stream.finish()
     expected_utterance, expected_frames = fast.encode(model, [signal], rate, frames=True)[0]
     assert rel_err(utterance, expected_utterance) < 1e-5 and rel_err(frames, expected_frames) < 1e-5
+
+
+@pytest.mark.parametrize("then", ["finish", "empty push"])
+def test_the_frames_of_a_last_push_that_failed_are_in_the_result(model, monkeypatch, then):
+    """A push that fails while keeping its frames keeps its samples (not to be pushed again), but finish() right
+    after it read only the frames computed before: 7 frame rows of 250, no error. An empty push did not compute
+    them either, nor return the segment they complete."""
+    rate = 8000
+    signal = torch.randn(geometry.hop(rate) * 2300 + int(torch.randint(0, geometry.hop(rate), ())))
+    stream = fast.StreamEncoder(model, rate, frames=True)
+    stream.push(signal[: geometry.hop(rate) * 100])
+    keeping_frames_fails_once(monkeypatch)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        stream.push(signal[geometry.hop(rate) * 100 :])
+    if then == "empty push":
+        assert [k for k, _, _ in stream.push(signal[len(signal) :])] == [0]
+    utterance, frame_rows = stream.finish()
+    expected_utterance, expected_frames = fast.encode(model, [signal], rate, frames=True)[0]
+    assert frame_rows.shape == expected_frames.shape
+    assert rel_err(utterance, expected_utterance) < 1e-5 and rel_err(frame_rows, expected_frames) < 1e-5
 
 
 def test_a_backend_that_cannot_run_is_refused_when_the_stream_is_made(model):

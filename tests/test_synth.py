@@ -1,7 +1,9 @@
 """The synthetic machines' physics, checked with spectra computed here (scipy), against literature values."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
-from scipy.signal import butter, correlate, hilbert, sosfiltfilt
+from scipy.signal import butter, correlate, find_peaks, hilbert, sosfiltfilt
 
 import echo.data
 from echo.data import synth
@@ -242,6 +244,15 @@ NAN = float("nan")
      "background noise must be a non-silent 1-D waveform, got shape (2, 100)"),
     (lambda: synth.machine_signal(synth.Machine(fault="outer", fault_level=1e39), 16000, 4000),
      "samples beyond float32's range (largest inf): lower the machine's levels"),
+    # None would give another signal at each call: no seed reproduces it
+    (lambda: synth.machine_signal(synth.Machine(), 8000, 800, seed=None),
+     "machine_signal.seed must be an integer >= 0, got None"),
+    (lambda: synth.machine_signal(synth.Machine(), 8000, 800, seed=-1),
+     "machine_signal.seed must be an integer >= 0, got -1"),
+    (lambda: synth.machine_signal(synth.Machine(), 8000, 800, seed=2.5),
+     "machine_signal.seed must be an integer >= 0, got 2.5"),
+    (lambda: synth.random_machine(-3), "random_machine.seed must be an integer >= 0, got -3"),
+    (lambda: synth.random_machine(None), "random_machine.seed must be an integer >= 0, got None"),
 ])
 def test_bad_parameters_are_named_with_their_value(make, message):
     with pytest.raises(ValueError) as caught:
@@ -258,3 +269,121 @@ def test_edge_parameters_still_make_a_signal():
     # a slow, barely damped mode rings for ~1100 s; only the clip's length of it is built
     assert len(synth._resonance(8000, 10.0, 1e-4, 800)) == 800
     assert len(synth._resonance(8000, 3000.0, 0.05, 8000)) == int(np.log(1000) / (0.05 * 2 * np.pi * 3000) * 8000)
+
+
+def textbook_defect_frequencies(balls, ball_diameter, pitch_diameter, contact_angle, shaft):
+    """The textbook formulas (e.g. Randall and Antoni 2011, Rolling element bearing diagnostics), written out
+    here rather than taken from the module."""
+    ratio = ball_diameter / pitch_diameter * np.cos(np.radians(contact_angle))
+    return {"cage": shaft / 2 * (1 - ratio), "outer": balls * shaft / 2 * (1 - ratio),
+            "inner": balls * shaft / 2 * (1 + ratio),
+            "ball": pitch_diameter / (2 * ball_diameter) * shaft * (1 - ratio**2)}
+
+
+def random_bearing():
+    pitch = float(np.random.uniform(25, 80))
+    return synth.Bearing(int(np.random.randint(6, 16)), float(np.random.uniform(0.1, 0.3)) * pitch, pitch,
+                         float(np.random.uniform(0, 40)))
+
+
+def test_defect_frequencies_follow_the_textbook_formulas_for_any_geometry():
+    bearing, shaft = random_bearing(), float(np.random.uniform(5, 60))
+    got = bearing.defect_frequencies(shaft)
+    expected = textbook_defect_frequencies(bearing.balls, bearing.ball_diameter, bearing.pitch_diameter,
+                                           bearing.contact_angle, shaft)
+    assert got == pytest.approx(expected, rel=1e-12)
+    # the identities that tie them: each ball passes a point of the outer race at the cage rate, and the two
+    # races see n balls per shaft turn between them
+    assert got["outer"] == pytest.approx(bearing.balls * got["cage"], rel=1e-12)
+    assert got["outer"] + got["inner"] == pytest.approx(bearing.balls * shaft, rel=1e-12)
+
+
+@pytest.mark.parametrize("fault", ["outer", "inner", "ball"])
+def test_impacts_come_at_the_textbook_rate_for_any_geometry(fault):
+    """An angular-contact bearing of random geometry, at the pump's 8 kHz: the envelope line within 15 % of the
+    textbook rate (its sidebands lie a shaft or cage period away) lies on it."""
+    rate, shaft, bearing = 8000, float(np.random.uniform(15, 25)), random_bearing()
+    expected = textbook_defect_frequencies(bearing.balls, bearing.ball_diameter, bearing.pitch_diameter,
+                                           bearing.contact_angle, shaft)[fault]
+    machine = synth.Machine(shaft_hz=shaft, fault=fault, bearing=bearing, resonance_hz=3000, noise=0.01)
+    x = synth.machine_signal(machine, rate, 4 * rate, seed=int(np.random.randint(1 << 30)))
+    freqs, spectrum = envelope_spectrum(x, rate, 2100, 3900)
+    near = np.abs(freqs - expected) < 0.15 * expected
+    assert freqs[near][np.argmax(spectrum[near])] == pytest.approx(expected, abs=0.5), (bearing, shaft)
+
+
+def test_a_ball_fault_is_modulated_by_the_cage():
+    """The ball is carried through the load zone at the cage rate: lines at FTF and BSF +- FTF, none of which
+    the unmodulated outer race has."""
+    shaft, rate = 25.0, 16000
+    rates = textbook_defect_frequencies(9, 7.94, 39.04, 0.0, shaft)
+    relative = {}
+    for fault in ("ball", "outer"):
+        machine = synth.Machine(shaft_hz=shaft, fault=fault, noise=0.0, slip=0.0)
+        freqs, spectrum = envelope_spectrum(synth.machine_signal(machine, rate, 8 * rate, seed=3), rate, 2000, 4000)
+        carrier = peak_near(freqs, spectrum, rates[fault], 0.3)
+        relative[fault] = [peak_near(freqs, spectrum, hz, 0.3) / carrier
+                           for hz in (rates["cage"], rates[fault] - rates["cage"], rates[fault] + rates["cage"])]
+    assert min(relative["ball"]) > 0.2 and max(relative["outer"]) < 0.01, relative
+
+
+def test_speed_variation_integrates_the_phase():
+    """The phase is the integral of the drifting speed, not speed(t) * t (whose frequency, speed + t * speed',
+    runs off by Hz per second): the 1x line's instantaneous frequency stays within the variation, and the
+    outer race's impacts follow the shaft, 1 / (BPFO / fr) of a turn apart however fast it turns."""
+    rate, shaft, variation = 8000, 20.0, 0.3
+    machine = synth.Machine(shaft_hz=shaft, harmonics=1, imbalance=10.0, speed_variation=variation, fault="outer",
+                            slip=0.0, resonance_damping=0.1, noise=0.0)
+    x = synth.machine_signal(machine, rate, 10 * rate, seed=int(np.random.randint(1 << 30))).astype(np.float64)
+    turns = np.unwrap(np.angle(hilbert(sosfiltfilt(butter(4, 100, fs=rate, output="sos"), x)))) / (2 * np.pi)
+    middle = slice(rate, -rate)  # the ends of a Hilbert transform ring
+    speed = np.diff(turns)[middle] * rate
+    assert speed.min() > shaft * (1 - variation) - 0.5 and speed.max() < shaft * (1 + variation) + 0.5
+    assert speed.max() - speed.min() > 0.2 * shaft * variation  # it does drift
+    rings = np.abs(hilbert(sosfiltfilt(butter(4, 1000, btype="high", fs=rate, output="sos"), x)))
+    impacts, _ = find_peaks(rings[middle], height=0.1 * rings.max(), distance=rate // 200)
+    per_turn = textbook_defect_frequencies(9, 7.94, 39.04, 0.0, 1.0)["outer"]
+    error = np.abs(np.diff(turns[middle][impacts]) * per_turn - 1)  # one in some 600 meets a clipped ring
+    assert np.percentile(error, 99) < 0.03, np.sort(error)[-10:]
+
+
+def test_nothing_folds_into_the_band_at_low_rates():
+    """At 1 kHz a mesh at 23 x 29.5 = 678.5 Hz (sidebands to 767 Hz) is left out rather than folded to
+    1000 - 678.5 = 321.5 Hz, and a 2.7 kHz resonance rings at 0.4 x 1000 = 400 Hz, not folded to 300 Hz."""
+    rate = 1000
+    gear = synth.Machine(harmonics=1, gear_teeth=23, gear_level=0.1, noise=0.0)
+    freqs, spectrum = amplitude_spectrum(synth.machine_signal(gear, rate, 4 * rate, seed=1), rate)
+    assert spectrum[freqs > 40].max() < 1e-3  # only the 1x line at 29.5 Hz
+    assert peak_near(freqs, spectrum, 29.5, 1) == pytest.approx(0.1, rel=0.05)
+    faulty = synth.Machine(harmonics=1, fault="outer", resonance_hz=2700, noise=0.0)
+    x = synth.machine_signal(faulty, rate, 4 * rate, seed=1)
+    assert np.array_equal(x, synth.machine_signal(replace(faulty, resonance_hz=400), rate, 4 * rate, seed=1))
+    freqs, spectrum = amplitude_spectrum(x, rate)
+    energy = spectrum**2 * (freqs > 40)
+    assert np.sum(freqs * energy) / np.sum(energy) == pytest.approx(400, abs=30)
+
+
+def test_the_seed_alone_sets_the_signal():
+    """Neither numpy's global state nor the calls made before (at other rates, other seeds) changes a clip."""
+    machine = synth.random_machine(11, fault="ball")
+    np.random.seed(1)
+    first = synth.machine_signal(machine, 16000, 8000, seed=5)
+    np.random.seed(2)
+    np.random.random(17)
+    for rate in (8000, 44100):
+        synth.machine_signal(machine, rate, 4000, seed=6)
+    assert np.array_equal(first, synth.machine_signal(machine, 16000, 8000, seed=5))
+    assert not np.allclose(first, synth.machine_signal(machine, 16000, 8000, seed=6))
+    huge = 2**1100  # numpy takes any non-negative integer as a seed, beyond float's range too
+    assert np.array_equal(synth.machine_signal(machine, 16000, 800, seed=huge),
+                          synth.machine_signal(machine, 16000, 800, seed=huge))
+    assert synth.random_machine(huge) == synth.random_machine(huge)
+    with pytest.raises(ValueError, match=r"machine_signal.seed must be an integer >= 0, got Generator\(PCG64\)"):
+        synth.machine_signal(machine, 16000, 800, seed=np.random.default_rng(0))  # another signal at each use
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_the_shortest_clips(n):
+    machine = synth.Machine(fault="inner", gear_teeth=23, speed_variation=0.1, load_variation=0.1)
+    x = synth.machine_signal(machine, 8000, n, seed=0)
+    assert x.shape == (n,) and np.isfinite(x).all()

@@ -22,15 +22,17 @@ accelerometer or microphone:
   (SKF 6205, the Case Western bearing: BPFO = 3.5848 fr, BPFI = 5.4152 fr, BSF = 2.3567 fr.) An inner-race
   defect turns with the shaft through the load zone, so its impacts are amplitude-modulated at fr
   (sidebands at BPFI +- fr); a ball defect is modulated at the cage frequency; an outer-race defect sits
-  still and is not modulated. Impacts slip by ~1 % of a period, as real rolling elements do. A simplification:
+  still and is not modulated. Impacts slip by ~1 % of a period, as real rolling elements do, and fall on whole
+  samples (up to half a sample more: 8 % of a 160 Hz period at a rate of 1 kHz). A simplification:
   a ball defect strikes once per BSF period here, where a real one strikes both races, twice per period (its
   envelope spectrum then leans to 2 BSF).
 - load scales the gear mesh and the bearing impacts, and may drift (load variation);
 - white background noise, and optionally a recorded noise mixed in at a chosen SNR (`mix`).
 
-Everything is drawn from `numpy.random.default_rng(seed)`: the same machine, rate, length and seed give
-the same samples (another length or rate draws differently: a shorter clip is not a prefix of a longer one).
-The speed and load drifts are scaled to reach their full variation within each clip.
+Everything is drawn from `numpy.random.default_rng(seed)`, seed a non-negative integer (None would draw
+another signal at each call): the same machine, rate, length and seed give the same samples (another length
+or rate draws differently: a shorter clip is not a prefix of a longer one). The speed and load drifts are
+scaled to reach their full variation within each clip.
 
 Nothing aliases: a harmonic at or above Nyquist is left out, and so is the whole gear once its top sideband
 would be; the resonance is lowered to 0.4 x the sample rate where it lies above; a bearing defect whose impact
@@ -55,9 +57,9 @@ def _check(owner: str, name: str, value, low: float, high: float = math.inf, bou
            integer: bool = False) -> None:
     """Refuse `value` unless it is a finite number (an integer if `integer`) from `low` to `high`, each bound
     included where `bounds` has a square bracket. Finiteness is tested first: NaN passes no comparison, so a
-    `value <= 0` test alone lets it through."""
+    `value <= 0` test alone lets it through. An integer is finite (math.isfinite overflows past float's range)."""
     kind = numbers.Integral if integer else numbers.Real
-    ok = not isinstance(value, bool) and isinstance(value, kind) and math.isfinite(value)
+    ok = not isinstance(value, bool) and isinstance(value, kind) and (integer or math.isfinite(value))
     ok = ok and (value >= low if bounds[0] == "[" else value > low)
     ok = ok and (value <= high if bounds[1] == "]" else value < high)
     if not ok:
@@ -203,6 +205,7 @@ def machine_signal(machine: Machine, sample_rate: int, n_samples: int, seed: int
     `sample_rate`, or a (waveform, rate) pair as echo.data.sample returns, whose rate is checked) mixed in at
     `background_snr_db` dB below the machine (tiled if shorter)."""
     sample_rate = check_sample_rate(sample_rate, "synthetic signal: ")
+    _check("machine_signal", "seed", seed, 0, integer=True)  # None or a Generator would not reproduce the signal
     if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
         raise ValueError(f"synthetic signal: n_samples must be a positive integer, got {n_samples!r}")
     if background is not None:  # named as the caller knows it, before a long clip is generated for nothing
@@ -300,6 +303,7 @@ BEARINGS = {
 def random_machine(seed: int, fault: str | None = None) -> Machine:
     """A plausible machine drawn at random (speed, harmonics, gear, bearing, resonance, drifts, noise), with
     the given bearing fault: the population the demo and pretraining augmentation draw from."""
+    _check("random_machine", "seed", seed, 0, integer=True)
     rng = np.random.default_rng(seed)
     machine = Machine(
         shaft_hz=float(rng.uniform(10, 60)),
