@@ -139,7 +139,9 @@ class StreamEncoder:
         what = f"chunk at sample {self.samples}"  # every refusal names it alike: a numpy uint8 chunk was "chunk"
         chunk = inputs.as_tensor(chunk, what=what)
         if chunk.dim() != 1:
-            raise ValueError(f"push() takes 1-D chunks of samples, got shape {tuple(chunk.shape)}")
+            raise ValueError(f"{what}: push() takes 1-D chunks of samples, got shape {tuple(chunk.shape)}; stream "
+                             f"each channel through a StreamEncoder of its own and concatenate their embeddings, as "
+                             f"model.encode does")
         # an empty chunk is checked as any other, and still computes and returns what a failed push left
         chunk = inputs.as_float32(chunk, what=what).cpu()  # the stream's state
         # is on the CPU; the three together, so that a failure (out of memory) leaves audio and counts matching:

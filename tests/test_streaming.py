@@ -203,6 +203,9 @@ def test_chunk_checks_are_those_of_whole_signals(model):
             stream.push(torch.zeros(0, dtype=dtype))
     with pytest.raises(ValueError, match=r"chunk at sample 100 has 3 sample\(s\) beyond float32's range"):
         stream.push(torch.tensor([0.0, 1e300, -1e300, 1e39], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"^chunk at sample 100: push\(\) takes 1-D chunks of samples, got shape "
+                                         r"\(2, 50\); stream each channel through a StreamEncoder of its own"):
+        stream.push(torch.randn(2, 50))
     with pytest.raises(ValueError, match="^chunk at sample 100 is a meta tensor"):
         stream.push(torch.empty(10, device="meta"))
     pcm = (np.random.randn(8000) * 3000).astype(np.int16)
