@@ -165,7 +165,7 @@ def inference_copy(model, dtype: torch.dtype, weights: list[torch.Tensor] | None
     weights = _source_weights(named) if weights is None else weights
     owned = {id(tensor): nn.Parameter(weight, requires_grad=False) if isinstance(tensor, nn.Parameter) else weight
              for tensor, weight in zip(tensors, weights)}
-    copy = deepcopy(model, owned).float()
+    copy = deepcopy(model, {**owned, **_hooks_left_behind(model)}).float()
     for layer in copy.encoder.layers:
         for module in (layer.self_attn, layer.linear1, layer.linear2):
             module.to(dtype)
@@ -173,6 +173,13 @@ def inference_copy(model, dtype: torch.dtype, weights: list[torch.Tensor] | None
         for layer in copy.encoder.layers:
             layer.cpu_inference_ops = _CPUInferenceOps(layer, dtype)
     return copy
+
+
+def _hooks_left_behind(model) -> dict[int, dict]:
+    """deepcopy memo entries that give the copy empty hook dicts: hooks never run on packed tokens, and deepcopy
+    copied each bound-method hook's owner (a feature-capture object holding a lock made fast.encode fail)."""
+    return {id(hooks): type(hooks)() for module in model.modules() for name, hooks in vars(module).items()
+            if name.endswith("_hooks") and isinstance(hooks, dict)}
 
 
 def _named_tensors(model) -> list[tuple[str, torch.Tensor]]:

@@ -1,3 +1,5 @@
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -295,6 +297,28 @@ def test_models_of_any_float_dtype_in_every_compute_dtype(conversion):
         stream.push(signal)
         assert rel_err(stream.finish(), truth) < tolerance
 
+
+def test_a_model_with_a_hook_whose_owner_cannot_be_copied():
+    """A feature-capture hook, a bound method of an object holding a lock, made fast.encode and StreamEncoder
+    raise "cannot pickle '_thread.lock' object": the inference copy deep-copied the model's hooks, owners and all."""
+    class Capture:
+        def __init__(self):
+            self.lock, self.outputs = threading.Lock(), []
+
+        def keep(self, module, args, output):
+            with self.lock:
+                self.outputs.append(output)
+
+    model, capture = random_model("tiny", depth=2), Capture()
+    model.encoder.layers[0].register_forward_hook(capture.keep)
+    signal = torch.randn(int(torch.randint(8000, 20000, ())))
+    truth = model.encode(signal, 16000)[0]
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        assert rel_err(fast.encode(model, signal, 16000, dtype=dtype)[0], truth) < tolerance
+        stream = fast.StreamEncoder(model, 16000, dtype=dtype)
+        stream.push(signal)
+        assert rel_err(stream.finish(), truth) < tolerance
+    assert len(capture.outputs) == 1  # the model keeps its hook; only the reference call ran it
 
 def test_big_endian_and_meta_signals(model):
     """Big-endian arrays (AIFF, network data) are encoded like native ones; a meta tensor is refused by name."""
