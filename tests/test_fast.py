@@ -270,6 +270,14 @@ def test_writes_the_version_counter_misses_and_eps_changes_rebuild_the_cached_co
     assert packed.inference_model(model, dtype) is packed.inference_model(model, dtype)  # unchanged: kept
 
 
+def assert_fast_paths_give(truth, model, signal, dtype, tolerance):
+    """fast.encode and a StreamEncoder fed the whole 16 kHz signal both give `truth` within `tolerance`."""
+    assert rel_err(fast.encode(model, signal, 16000, dtype=dtype)[0], truth) < tolerance
+    stream = fast.StreamEncoder(model, 16000, dtype=dtype)
+    stream.push(signal)
+    assert rel_err(stream.finish(), truth) < tolerance
+
+
 def test_a_model_made_under_inference_mode(model):
     """Inference tensors have no version counter: reading one raised inside fast.encode and StreamEncoder."""
     with torch.inference_mode():
@@ -277,10 +285,7 @@ def test_a_model_made_under_inference_mode(model):
     signal = torch.randn(int(torch.randint(8000, 20000, ())))
     truth = inference.encode(signal, 16000)[0]
     for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        assert rel_err(fast.encode(inference, signal, 16000, dtype=dtype)[0], truth) < tolerance
-        stream = fast.StreamEncoder(inference, 16000, dtype=dtype)
-        stream.push(signal)
-        assert rel_err(stream.finish(), truth) < tolerance
+        assert_fast_paths_give(truth, inference, signal, dtype, tolerance)
 
 
 @pytest.mark.parametrize("conversion", ["double", "half", "bfloat16"])
@@ -292,10 +297,7 @@ def test_models_of_any_float_dtype_in_every_compute_dtype(conversion):
     truth = model.encode(signal, 16000)[0]
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         tolerance = 1e-5 if dtype == torch.float32 and conversion == "double" else 2e-2
-        assert rel_err(fast.encode(model, signal, 16000, dtype=dtype)[0], truth) < tolerance
-        stream = fast.StreamEncoder(model, 16000, dtype=dtype)
-        stream.push(signal)
-        assert rel_err(stream.finish(), truth) < tolerance
+        assert_fast_paths_give(truth, model, signal, dtype, tolerance)
 
 
 def test_a_model_with_a_hook_whose_owner_cannot_be_copied():
@@ -314,11 +316,9 @@ def test_a_model_with_a_hook_whose_owner_cannot_be_copied():
     signal = torch.randn(int(torch.randint(8000, 20000, ())))
     truth = model.encode(signal, 16000)[0]
     for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        assert rel_err(fast.encode(model, signal, 16000, dtype=dtype)[0], truth) < tolerance
-        stream = fast.StreamEncoder(model, 16000, dtype=dtype)
-        stream.push(signal)
-        assert rel_err(stream.finish(), truth) < tolerance
+        assert_fast_paths_give(truth, model, signal, dtype, tolerance)
     assert len(capture.outputs) == 1  # the model keeps its hook; only the reference call ran it
+
 
 def test_big_endian_and_meta_signals(model):
     """Big-endian arrays (AIFF, network data) are encoded like native ones; a meta tensor is refused by name."""
