@@ -141,6 +141,10 @@ def _read_state_dict(path: Path) -> tuple[dict, dict]:
     not_floating = [f"{key} ({value.dtype})" for key, value in state.items() if not value.is_floating_point()]
     if not_floating:  # casting them to float32 would load a model of truncated or zeroed weights
         raise ValueError(f"{path}: weights must be floating point; these are not: {first_items(not_floating)}")
+    not_dense = [f"{key} ({value.layout})" for key, value in state.items() if value.layout != torch.strided]
+    if not_dense:  # the finiteness and shape checks would fail inside torch on them
+        raise ValueError(f"{path}: weights must be dense tensors; these are not: {first_items(not_dense)} (save "
+                         f"them with .to_dense())")
     return state, saved
 
 

@@ -346,3 +346,13 @@ def test_a_failed_write_is_an_os_error_naming_the_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r"m\.safetensors could not be written: Error while serializing"):
         echo.save(random_model("tiny"), tmp_path / "m.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sparse_weights_are_named(tmp_path):
+    """A .pth holding a sparse tensor failed inside torch (NotImplementedError for SparseCPU)."""
+    state = random_model("tiny").state_dict()
+    state["norm.weight"] = state["norm.weight"].to_sparse()
+    torch.save(state, tmp_path / "sparse.pth")
+    with pytest.raises(ValueError, match=r"weights must be dense tensors; these are not: norm\.weight "
+                                         r"\(torch\.sparse_coo\)"):
+        echo.load(tmp_path / "sparse.pth")
