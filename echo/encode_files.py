@@ -37,8 +37,8 @@ from .data import AUDIO_SUFFIXES
 from .data.bundled import SAMPLES_DIR
 from .data.wav import read_wav
 from .eval.datasets import read_audio
-from .eval.embed import (READ_WORKERS, EmbeddingCache, encode_isolating_failures, encoding_key, key_checked,
-                         model_hash, read_checked, shown)
+from .eval.embed import (NOTHING_KEPT, READ_WORKERS, EmbeddingCache, encode_isolating_failures, encoding_key,
+                         key_checked, model_hash, read_checked, shown)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FRAMES = "/frames"  # suffixes of a file's frame-embedding and (rate, channels) entries in the shards
@@ -365,7 +365,7 @@ def _encode_files(args, rank: int, world: int) -> int:
         saved = sum(_held(keys[path], cache.entries, args.frames) for path in mine)
         raise KeyboardInterrupt(
             f"{saved} files encoded are kept in {parts}; the same command resumes with the {len(mine) - saved} left"
-            if saved else "no batch was finished, so nothing was kept; the same command starts again") from None
+            if saved else NOTHING_KEPT) from None
     bar.close()
     elapsed = time.perf_counter() - start
     for path, reason in (unusable if rank == 0 else []) + failures:

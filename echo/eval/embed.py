@@ -30,6 +30,8 @@ from ..ops.backend import BackendError
 
 BATCH_FILES = 64
 READ_WORKERS = 4
+# what Ctrl-C before the first finished batch leaves, said alike by eval and encode
+NOTHING_KEPT = "no batch was finished, so nothing was kept; the same command starts again"
 HASH_CHUNK = 1 << 20
 # how EmbeddingCache.key names a file, part of the cache folder's name: entries keyed another way (path, size and
 # mtime before) lie in another folder, never read
@@ -236,8 +238,7 @@ def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | N
             kept = sum(key in cache.entries for key in keys if key is not None)
             raise KeyboardInterrupt(
                 f"embeddings of {kept} files are kept in {cache.folder}; the same command encodes only the other "
-                f"{len(paths) - kept}" if kept else "no batch was finished, so nothing was kept; the same command "
-                "starts again") from None
+                f"{len(paths) - kept}" if kept else NOTHING_KEPT) from None
         finally:  # an error or the interrupt's message starts a line of its own, after the progress bar
             bar.close()
     return result
