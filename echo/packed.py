@@ -24,6 +24,7 @@ class Packing:
     max_seqlen: int
     groups: dict[int, slice | torch.Tensor]  # sequence length -> packed rows of all sequences of that length
     _leading: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
+    _row_sequences: dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_lengths(cls, lengths: torch.Tensor, device=None) -> "Packing":
@@ -45,6 +46,15 @@ class Packing:
     @property
     def total_tokens(self) -> int:
         return int(self.cu_seqlens[-1])
+
+    def row_sequences(self, rows: int, device: torch.device) -> torch.Tensor:
+        """The sequence of each of the `rows` packed rows (all of them), int32 on `device`: what the Triton
+        attention reads, computed once per packing rather than in every layer."""
+        if device not in self._row_sequences:
+            from echo_kernels.attention import row_sequences
+
+            self._row_sequences[device] = row_sequences(self.cu_seqlens.to(device, torch.int32), rows)
+        return self._row_sequences[device]
 
     def leading_up_to(self, tokens: int) -> tuple[int, torch.Tensor]:
         """(rows, cu_seqlens): the sequences at the start that have at most `tokens` tokens each, as their
@@ -192,12 +202,22 @@ def _source_weights(named: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]
 
 
 def _unchanged(named: list[tuple[str, torch.Tensor]], weights: list[torch.Tensor], device: torch.device) -> bool:
-    """The model's tensors (`named`) equal `weights`, exactly. On a GPU in one reduction and one wait for it, not
-    one per tensor (torch.equal's answer is a Python bool: a synchronisation each)."""
+    """The model's tensors (`named`) equal `weights`, exactly. On a GPU with a few multi-tensor launches per
+    dtype and one wait: two launches per tensor (ne, any) were ~300 for ECHO-small, a third of a W1 call's host
+    time on an H200 (bench/RESULTS.md). There a floating tensor is unchanged when the L1 norm of its difference
+    is 0: a sum of magnitudes cannot round a nonzero difference to 0 (a squared one can) and carries NaN (a
+    weight that became NaN, or inf - inf) as a change."""
     pairs = [(tensor.detach(), weight) for (_, tensor), weight in zip(named, weights)]
     if device.type == "cpu":
         return all(torch.equal(tensor, weight) for tensor, weight in pairs)
-    return not torch.stack([torch.ne(tensor, weight).any() for tensor, weight in pairs]).any().item()
+    by_dtype: dict[torch.dtype, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for tensor, weight in pairs:
+        by_dtype.setdefault(tensor.dtype if tensor.is_floating_point() else None, []).append((tensor, weight))
+    changed = [torch.ne(tensor, weight).any() for tensor, weight in by_dtype.pop(None, [])]
+    for group in by_dtype.values():
+        differences = torch._foreach_sub([tensor for tensor, _ in group], [weight for _, weight in group])
+        changed.append(torch.stack(torch._foreach_norm(differences, 1)).ne(0).any())
+    return not (changed and torch.stack(changed).any().item())
 
 
 def _signature(model, dtype: torch.dtype, named: list[tuple[str, torch.Tensor]]) -> tuple:

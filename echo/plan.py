@@ -53,6 +53,24 @@ class Plan:
         """Row of each sequence's CLS token in the packed buffer."""
         return self.cu_seqlens[:-1].long()
 
+    def output_rows(self) -> torch.Tensor:
+        """The packed buffer's rows in output order: every CLS row (sequence order), then each segment's patch
+        rows in (patch, band) order, so that a segment's frame embeddings are one (patches, bands * D) block
+        and consecutive segments of a signal (the plan keeps them in time order) one block too."""
+        patches = self.seq_patches
+        bands = torch.tensor([nb for _, _, nb, _ in self.segments], dtype=torch.int64)
+        segment_rows = bands * torch.tensor([p for _, _, _, p in self.segments], dtype=torch.int64)
+        segment_start = torch.cumsum(segment_rows, 0) - segment_rows
+        # per sequence: where its segment's block starts, the segment's band count, the sequence's band
+        sequence_segment = torch.repeat_interleave(torch.arange(len(self.segments)), bands)
+        block, stride, band = segment_start[sequence_segment], bands[sequence_segment], self.seq_band
+        # per patch token: its sequence and patch index
+        sequence = torch.repeat_interleave(torch.arange(self.num_sequences), patches)
+        patch = torch.arange(len(sequence)) - (torch.cumsum(patches, 0) - patches)[sequence]
+        order = torch.empty(len(sequence), dtype=torch.int64)
+        order[block[sequence] + patch * stride[sequence] + band[sequence]] = self.cls_rows()[sequence] + 1 + patch
+        return torch.cat([self.cls_rows(), order])
+
     def patch_rows(self) -> torch.Tensor:
         """Rows of all patch tokens in packed order (every row that is not a CLS)."""
         is_patch = torch.ones(self.total_tokens, dtype=torch.bool)

@@ -166,16 +166,19 @@ def _tile_size(max_seqlen: int) -> int:
     return min(64, max(16, triton.next_power_of_2(max(1, max_seqlen))))
 
 
+def row_sequences(cu_seqlens: torch.Tensor, rows: int) -> torch.Tensor:
+    """The sequence of each of the `rows` packed rows (int32), computed on cu_seqlens' device: no host round
+    trip. A caller running many layers over one packing computes it once (three launches a call otherwise)."""
+    positions = torch.arange(rows, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:], positions, right=True).to(torch.int32)
+
+
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv, cu_seqlens, heads, block):
+    def forward(ctx, qkv, cu_seqlens, seq_ids, heads, block):
         total, three_dim = qkv.shape
         dim = three_dim // 3
         head_dim = dim // heads
-        # Sequence id of every packed row, computed on the device from cu_seqlens: no host round trip.
-        seq_ids = torch.searchsorted(
-            cu_seqlens[1:], torch.arange(total, device=qkv.device, dtype=cu_seqlens.dtype), right=True
-        ).to(torch.int32)
         out = torch.empty(total, dim, dtype=qkv.dtype, device=qkv.device)
         lse = torch.empty(heads, total, dtype=torch.float32, device=qkv.device)
         scale = head_dim**-0.5
@@ -204,7 +207,7 @@ class _VarlenAttention(torch.autograd.Function):
             grid = (triton.cdiv(total, block), heads)
             _backward_kv_kernel[grid](*args, **meta)
             _backward_q_kernel[grid](*args, **meta)
-        return grad_qkv, None, None, None
+        return grad_qkv, None, None, None, None
 
 
 def check_cover(cu_seqlens: torch.Tensor, rows: int) -> None:
@@ -218,14 +221,16 @@ def check_cover(cu_seqlens: torch.Tensor, rows: int) -> None:
 
 
 def varlen_attention(
-    qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, heads: int, block: int | None = None
+    qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, heads: int, block: int | None = None,
+    seq_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v within each packed sequence: qkv (total, 3D) with rows Q, K, V per token
     and heads as contiguous D/H slices -> (total, D) in qkv's dtype. Differentiable (dqkv).
 
     `max_seqlen` (host int) only picks the tile size; `block` overrides it (a power of two >= 16). A host
     `cu_seqlens` is checked to cover the rows exactly (the kernels would read past it); one already on the
-    device is trusted, as checking it would wait for the device.
+    device is trusted, as checking it would wait for the device. `seq_ids`: row_sequences(cu_seqlens on
+    qkv's device, rows of qkv), when the caller keeps it for many calls.
     """
     if qkv.dim() != 2 or qkv.shape[1] % (3 * heads):
         raise ValueError(f"qkv must be (total, 3*D) with D divisible by heads={heads}, got {tuple(qkv.shape)}")
@@ -238,4 +243,6 @@ def varlen_attention(
     if cu_seqlens.device.type == "cpu":
         check_cover(cu_seqlens, qkv.shape[0])
     cu_seqlens = cu_seqlens.to(device=qkv.device, dtype=torch.int32).contiguous()
-    return _VarlenAttention.apply(qkv.contiguous(), cu_seqlens, heads, block)
+    if seq_ids is None:
+        seq_ids = row_sequences(cu_seqlens, qkv.shape[0])
+    return _VarlenAttention.apply(qkv.contiguous(), cu_seqlens, seq_ids, heads, block)

@@ -206,6 +206,19 @@ def test_plan_orders_sequences_by_length_into_slices():
     assert padded.cu_seqlens[: plan.num_sequences + 1].tolist() == packing.cu_seqlens.tolist()
 
 
+def test_output_rows_put_cls_rows_first_then_each_segment_patch_major():
+    """Checked against the layout written out segment by segment: CLS rows in sequence order, then per segment
+    patch 0 of every band, patch 1 of every band, ..."""
+    lengths = [samples_for(t, r) for t, r in ((40, 16000), (500, 8000), (4100, 48000), (17, 12000), (2000, 8000))]
+    plan = make_plan(lengths, [16000, 8000, 48000, 12000, 8000])
+    starts = plan.cu_seqlens.tolist()
+    expected = list(starts[:-1])
+    for _, first, bands, patches in plan.segments:
+        expected += [starts[first + b] + 1 + p for p in range(patches) for b in range(bands)]
+    assert plan.output_rows().tolist() == expected
+    assert sorted(expected) == list(range(plan.total_tokens))
+
+
 @pytest.mark.parametrize(
     "signals,rates,message",
     [
@@ -368,6 +381,35 @@ def test_the_weight_check_on_a_gpu_sees_one_changed_value():
         parameters = list(model.parameters())
         parameters[int(torch.randint(len(parameters), ()))].view(-1)[0] += 1e-3
     assert not packed._unchanged(packed._named_tensors(model), weights, gpu)
+
+
+@pytest.mark.parametrize("change", [1e-30, float("nan"), float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_the_gpu_weight_check_sees_tiny_and_non_finite_changes(change, dtype):
+    """A change too small to survive squaring, or to NaN or Inf, in any floating dtype, and in an integer buffer
+    (compared elementwise), is a change; equal tensors, NaN where it was, are not."""
+    from echo import packed
+
+    model = random_model("tiny", depth=1).to(dtype)
+    model.register_buffer("counts", torch.arange(5))
+    named = packed._named_tensors(model)
+    gpu = torch.device("cuda")
+    with torch.no_grad():
+        target = list(model.parameters())[int(torch.randint(len(list(model.parameters())), ()))]
+        target.view(-1)[0] = 0.0
+        weights = [tensor.detach().clone() for _, tensor in named]
+        assert packed._unchanged(named, weights, gpu)
+        target.view(-1)[0] = change
+        assert (target.view(-1)[0] != 0).item(), "the change must be representable in this dtype"
+        assert not packed._unchanged(named, weights, gpu)
+        if change != change:  # NaN in both: equal as far as the copy goes (the model is what it was)
+            weights = [tensor.detach().clone() for _, tensor in named]
+            assert not packed._unchanged(named, weights, gpu)  # NaN - NaN is NaN: rebuilt, never stale
+        target.view(-1)[0] = 0.0
+        model.counts[3] = 7
+        weights_before = [tensor.detach().clone() for _, tensor in named]
+        model.counts[3] = 3
+        assert not packed._unchanged(named, weights_before, gpu)
 
 
 def test_rates_from_any_iterable_as_signals_are(model):

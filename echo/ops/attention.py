@@ -178,7 +178,8 @@ def packed_attention(qkv: torch.Tensor, packing, heads: int, backend: str | None
     if chosen == "triton":
         from echo_kernels import attention as kernel
 
-        return kernel.varlen_attention(qkv, packing.cu_seqlens, packing.max_seqlen, heads)
+        return kernel.varlen_attention(qkv, packing.cu_seqlens, packing.max_seqlen, heads,
+                                       seq_ids=packing.row_sequences(qkv.shape[0], qkv.device))
     if chosen == "reference":
         return varlen_attention(qkv, packing.cu_seqlens, heads)
     return grouped_attention(qkv, packing.groups, heads)
