@@ -81,14 +81,13 @@ def ragged_spectrogram_reference(waves: torch.Tensor, wave_offsets: torch.Tensor
 
 # On a CPU one FFT over every frame of a rate runs out of cache: on the encode benchmark's workloads it was
 # 1.4-3.3x slower than the per-signal reference (bench/RESULTS.md, "The front end's torch path"). Groups of signals
-# of at most this many frames keep the FFT, |X| and log in cache; a GPU takes each rate in one call.
-CPU_GROUP_FRAMES = 1024
+# of at most this many frames keep the FFT, |X| and log in cache; a GPU takes each rate in one group
+# (ragged_spectrogram_by_rate; None sends a CPU there too, the tests' way to run it).
+CPU_GROUP_FRAMES: int | None = 1024
 
 
-def frame_groups(members: list[int], frames: list[int], budget: int | None) -> list[list[int]]:
+def frame_groups(members: list[int], frames: list[int], budget: int) -> list[list[int]]:
     """`members` (signal indices) cut, in order, into runs of at most `budget` frames (a longer signal alone)."""
-    if budget is None:
-        return [members]
     groups, group, used = [], [], 0
     for i in members:
         if group and used + frames[i] > budget:
@@ -102,17 +101,15 @@ def frame_groups(members: list[int], frames: list[int], budget: int | None) -> l
 def ragged_spectrogram_torch(waves: torch.Tensor, wave_offsets: torch.Tensor, plan) -> torch.Tensor:
     """Same result, one windowed real FFT per distinct sample rate over the frames of all its signals (on a CPU
     per group of CPU_GROUP_FRAMES frames), in float64 like the reference."""
+    if waves.device.type != "cpu" or CPU_GROUP_FRAMES is None:
+        return ragged_spectrogram_by_rate(waves, wave_offsets, plan)
     out = waves.new_empty(int(plan.spec_offsets[-1]))
     bounds = wave_offsets.tolist()
     spec_bounds = plan.spec_offsets.tolist()
-    budget = CPU_GROUP_FRAMES if waves.device.type == "cpu" else None
-    by_rate: dict[int, list[int]] = {}
-    for i, sr in enumerate(plan.sample_rates):
-        by_rate.setdefault(sr, []).append(i)
-    for sr, members in by_rate.items():
+    for sr, members in _by_rate(plan).items():
         window_length, step = geometry.n_fft(sr), geometry.hop(sr)
         window = torch.hann_window(window_length, periodic=True, dtype=torch.float64, device=waves.device)
-        for group in frame_groups(members, plan.frames, budget):
+        for group in frame_groups(members, plan.frames, CPU_GROUP_FRAMES):
             framed = torch.cat([
                 remove_dc(waves[bounds[i] : bounds[i + 1]].double()).unfold(0, window_length, step) for i in group
             ])
@@ -124,6 +121,40 @@ def ragged_spectrogram_torch(waves: torch.Tensor, wave_offsets: torch.Tensor, pl
                 out[spec_bounds[i] : spec_bounds[i + 1]].view_as(layout).copy_(layout)
                 first += frames
     return out
+
+
+def ragged_spectrogram_by_rate(waves: torch.Tensor, wave_offsets: torch.Tensor, plan) -> torch.Tensor:
+    """The same for a GPU: every rate in one group, each signal's mean taken off its frames, the rate's band
+    layout made at once and copied into each signal's place. Three launches per signal (its mean, its frames,
+    its layout) where the CPU's loop takes ~7, which made W2's 128 signals 2.5x slower on an H200
+    (bench/RESULTS.md). A running sum over all signals would spare the means' launches but carries a loud
+    signal's magnitude into a quiet one's mean. On a CPU this order is slower: its passes run out of cache."""
+    starts = wave_offsets.tolist()
+    samples = waves.double()
+    means = torch.stack([samples[starts[i] : starts[i + 1]].mean() for i in range(len(starts) - 1)])
+    spec_bounds = plan.spec_offsets.tolist()
+    out = waves.new_empty(spec_bounds[-1])
+    for sr, members in _by_rate(plan).items():
+        window_length, step = geometry.n_fft(sr), geometry.hop(sr)
+        window = torch.hann_window(window_length, periodic=True, dtype=torch.float64, device=waves.device)
+        framed = torch.cat([samples[starts[i] : starts[i + 1]].unfold(0, window_length, step) for i in members])
+        signals, counts = torch.tensor([members, [plan.frames[i] for i in members]]).to(waves.device)
+        frame_means = torch.repeat_interleave(means[signals], counts, output_size=framed.shape[0])
+        spectrum = torch.fft.rfft((framed - frame_means[:, None]) * window)  # (frames, F)
+        layout = band_layout(log_normalise(spectrum.abs()).T, sr)  # (rows, frames)
+        column = 0
+        for i in members:
+            frames = plan.frames[i]
+            out[spec_bounds[i] : spec_bounds[i + 1]].view(-1, frames).copy_(layout[:, column : column + frames])
+            column += frames
+    return out
+
+
+def _by_rate(plan) -> dict[int, list[int]]:
+    by_rate: dict[int, list[int]] = {}
+    for i, sr in enumerate(plan.sample_rates):
+        by_rate.setdefault(sr, []).append(i)
+    return by_rate
 
 
 def ragged_spectrogram_csrc(waves: torch.Tensor, wave_offsets: torch.Tensor, plan) -> torch.Tensor:
