@@ -153,25 +153,64 @@ def encode(
     backends.check_argument(backends.OPS, device, backend, model.config.dim // model.config.heads, dtype)
     signal_list, rates = _as_list(signals, sample_rates)
     monos = _monos(signal_list, rates)
-    spec_cache: tuple[tuple[int, ...], torch.Tensor, list[int]] | None = None
     # passes never exceed the call's own tokens: a budget far above them (max_tokens=10**9 for one pass) would
     # otherwise pad a pass to a multiple of max_tokens / 64 rows. The call's tokens are rounded up to a power of
     # two, so calls of any size still meet few row counts.
     call_tokens = sum(sum(mono.segment_tokens) for mono in monos)
     row_step = _row_step(min(max_tokens, 1 << max(call_tokens - 1, 1).bit_length()), device)
-    for chunk in _chunks(monos, max_tokens):
+    chunks = _chunks(monos, max_tokens)
+    front_end = _FrontEnd(monos, chunks, device, backend)
+    for number, chunk in enumerate(chunks):
         members = [m for m, _ in chunk]
         plan = make_plan(
             [monos[m].waveform.shape[0] for m in members],
             [monos[m].sample_rate for m in members],
             [subset for _, subset in chunk],
         )
-        if spec_cache is None or spec_cache[0] != tuple(members):
-            waves = _on_device([monos[m].waveform for m in members], device)
-            wave_offsets = torch.tensor([0] + [monos[m].waveform.shape[0] for m in members]).cumsum(0)
-            spec_cache = (tuple(members), stft_ops.ragged_spectrogram(waves, wave_offsets, plan, backend))
-        _encode_chunk(model, plan, spec_cache[1], [monos[m] for m in members], frames, device, backend, row_step)
+        spec = front_end.spectrogram(number, members, plan)
+        _encode_chunk(model, plan, spec, [monos[m] for m in members], frames, device, backend, row_step)
     return _gather(monos, len(signal_list), frames)
+
+
+class _FrontEnd:
+    """The band-layout spectrograms of a call's chunks, each mono's computed once: a mono split across chunks
+    (one over max_tokens) keeps its own until its last chunk. Recomputed with each chunk's other members, a
+    3-minute signal between two short ones went through the front end 3 times, +26% of the call (ECHO-tiny,
+    bf16, this CPU)."""
+
+    def __init__(self, monos: list[_Mono], chunks: list[list[tuple[int, list[int]]]], device, backend):
+        self.monos, self.device, self.backend = monos, device, backend
+        chunks_of: dict[int, list[int]] = {}
+        for number, chunk in enumerate(chunks):
+            for m, _ in chunk:
+                chunks_of.setdefault(m, []).append(number)
+        self.last_chunk = {m: numbers[-1] for m, numbers in chunks_of.items() if len(numbers) > 1}
+        self.kept: dict[int, torch.Tensor] = {}
+
+    def spectrogram(self, number: int, members: list[int], plan) -> torch.Tensor:
+        """The chunk's spectrogram buffer, laid out as `plan` (its members' in order)."""
+        fresh = [m for m in members if m not in self.kept]
+        spec = self._computed(fresh, plan if len(fresh) == len(members) else None)
+        if len(fresh) < len(members) or any(m in self.last_chunk for m in fresh):
+            size_of = {m: nb * geometry.BAND_BINS * t for m, nb, t in zip(members, plan.bands, plan.frames)}
+            pieces = dict(zip(fresh, spec.split([size_of[m] for m in fresh])))
+            self.kept.update({m: pieces[m] for m in fresh if m in self.last_chunk})
+            if len(fresh) < len(members):
+                spec = torch.cat([pieces[m] if m in pieces else self.kept[m] for m in members])
+        for m in members:
+            if self.last_chunk.get(m) == number:
+                del self.kept[m]
+        return spec
+
+    def _computed(self, fresh: list[int], plan) -> torch.Tensor:
+        """The spectrograms of `fresh` monos back to back, in one front-end call (plan: theirs, when at hand)."""
+        if not fresh:
+            return torch.empty(0, device=self.device)
+        waveforms = [self.monos[m].waveform for m in fresh]
+        if plan is None:
+            plan = make_plan([w.shape[0] for w in waveforms], [self.monos[m].sample_rate for m in fresh])
+        wave_offsets = torch.tensor([0] + [w.shape[0] for w in waveforms]).cumsum(0)
+        return stft_ops.ragged_spectrogram(_on_device(waveforms, self.device), wave_offsets, plan, self.backend)
 
 
 def checked_max_tokens(max_tokens) -> int:

@@ -92,6 +92,23 @@ def test_small_token_budget_streams_through(model):
         assert rel_err(cu, u) < 1e-6 and rel_err(cf, f) < 1e-6
 
 
+def test_a_signal_split_across_passes_goes_through_the_front_end_once(model, monkeypatch):
+    """A long signal between short ones, over several passes: every sample is transformed once (it was up to 3
+    times, with each pass's other signals), and the result is the one-pass result."""
+    from echo.ops import stft as stft_ops
+
+    rates = [16000, 48000, 8000, 48000, 12000]
+    signals = [torch.randn(samples_for(t, r)) for t, r in zip((300, 6100, 40, 4500, 2001), rates)]
+    whole = fast.encode(model, signals, rates, frames=True, max_tokens=10**6)
+    transformed = []
+    real = stft_ops.ragged_spectrogram
+    monkeypatch.setattr(stft_ops, "ragged_spectrogram", lambda waves, *a, **k: transformed.append(waves.numel()) or real(waves, *a, **k))
+    chunked = fast.encode(model, signals, rates, frames=True, max_tokens=int(torch.randint(1500, 4000, ())))
+    assert len(transformed) > 1 and sum(transformed) == sum(len(x) for x in signals)
+    for (u, f), (cu, cf) in zip(whole, chunked):
+        assert rel_err(cu, u) < 1e-6 and rel_err(cf, f) < 1e-6
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_passes_padded_to_few_row_counts_give_the_unpadded_result(model, monkeypatch, dtype):
     from echo import packed
