@@ -175,8 +175,8 @@ def encode(
 class _FrontEnd:
     """The band-layout spectrograms of a call's chunks, each mono's computed once: a mono split across chunks
     (one over max_tokens) keeps its own until its last chunk. Recomputed with each chunk's other members, a
-    3-minute signal between two short ones went through the front end 3 times, +26% of the call (ECHO-tiny,
-    bf16, this CPU)."""
+    3-minute signal between two short ones went through the front end 3 times: the call ran at 0.89-0.92x
+    (bench/encode_throughput.py's W4, ECHO-tiny, bf16, bench/RESULTS.md)."""
 
     def __init__(self, monos: list[_Mono], chunks: list[list[tuple[int, list[int]]]], device, backend):
         self.monos, self.device, self.backend = monos, device, backend
