@@ -175,7 +175,7 @@ def inference_copy(model, dtype: torch.dtype, weights: list[torch.Tensor] | None
     weights = _source_weights(named) if weights is None else weights
     owned = {id(tensor): nn.Parameter(weight, requires_grad=False) if isinstance(tensor, nn.Parameter) else weight
              for tensor, weight in zip(tensors, weights)}
-    copy = deepcopy(model, {**owned, **_hooks_left_behind(model)}).float()
+    copy = deepcopy(model, {**owned, **_attributes_shared(model), **_hooks_left_behind(model)}).float()
     for layer in copy.encoder.layers:
         for module in (layer.self_attn, layer.linear1, layer.linear2):
             module.to(dtype)
@@ -183,6 +183,17 @@ def inference_copy(model, dtype: torch.dtype, weights: list[torch.Tensor] | None
         for layer in copy.encoder.layers:
             layer.cpu_inference_ops = _CPUInferenceOps(layer, dtype)
     return copy
+
+
+_MODULE_STATE = frozenset(vars(nn.Module()))  # what every module keeps: its tensors, submodules, hooks, mode
+
+
+def _attributes_shared(model) -> dict[int, object]:
+    """deepcopy memo entries that share every other attribute of the model's modules with the copy (the config,
+    the sizes, anything a user hung on them) instead of copying it: the encoder reads none of them but what
+    the copy's signature compares, and a lock or an open file among them made fast.encode fail."""
+    return {id(value): value for module in model.modules() for name, value in vars(module).items()
+            if name not in _MODULE_STATE and not isinstance(value, (nn.Module, torch.Tensor))}
 
 
 def _hooks_left_behind(model) -> dict[int, dict]:

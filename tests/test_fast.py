@@ -350,6 +350,20 @@ def test_a_model_with_a_hook_whose_owner_cannot_be_copied():
     assert len(capture.outputs) == 1  # the model keeps its hook; only the reference call ran it
 
 
+def test_a_model_holding_objects_that_cannot_be_copied():
+    """A lock or an open file hung on the model or one of its modules (a service's bookkeeping) made the
+    inference copy fail with "cannot pickle"; the copy now shares such attributes, and changes none."""
+    model = random_model("tiny", depth=2)
+    model.lock = threading.Lock()
+    with open(__file__) as log:
+        model.encoder.layers[1].bookkeeping = {"log": log, "calls": [threading.Lock()]}
+        signal = torch.randn(int(torch.randint(8000, 20000, ())))
+        truth = model.encode(signal, 16000)[0]
+        for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+            assert_fast_paths_give(truth, model, signal, dtype, tolerance)
+        assert model.encoder.layers[1].bookkeeping["log"] is log and not log.closed
+
+
 def test_big_endian_and_meta_signals(model):
     """Big-endian arrays (AIFF, network data) are encoded like native ones; a meta tensor is refused by name."""
     native = np.random.randn(16000).astype(np.float32)
