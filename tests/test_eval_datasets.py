@@ -200,6 +200,18 @@ def test_folder_task_test_subfolders_any_case_and_unknown_ones_refused(tmp_path)
         datasets.load("folder", tmp_path)
 
 
+def test_folder_task_normal_and_test_folders_in_any_case(tmp_path):
+    """Normal/ and TEST/ (a Windows-made folder copied to Linux) were "no audio file"; two spellings of one
+    folder are refused rather than one of them left out."""
+    touch(tmp_path, "Normal/a.wav", "TEST/anomalous/b.wav", "TEST/c.wav")
+    data = datasets.load("folder", tmp_path)
+    assert sorted((c.path.name, c.subset, c.label) for c in data.items) == [
+        ("a.wav", "train", 0), ("b.wav", "test", 1), ("c.wav", "test", None)]
+    touch(tmp_path, "normal/d.wav")
+    with pytest.raises(ValueError, match="Normal and normal are the same folder to a folder task; merge them into normal/"):
+        datasets.load("folder", tmp_path)
+
+
 def test_cwru_classes_from_paths_and_mat_reading(tmp_path):
     scipy_io = pytest.importorskip("scipy.io")
     names = ["12k_Drive_End_Bearing_Fault_Data/IR007_0.mat", "12k_Drive_End_Bearing_Fault_Data/B014_1.mat",

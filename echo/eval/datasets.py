@@ -303,14 +303,25 @@ def dcase(root, year: int, label_lists=None) -> Dataset:
     return Dataset(f"dcase{year}", "anomaly", items, read_audio, year=year, notes=notes)
 
 
+def _any_case(root: Path, name: str) -> Path:
+    """root/name, or the one folder whose name is `name` in another case (Normal/, TEST/), as test/'s sub-folders
+    are matched; two spellings of it are refused rather than one left out."""
+    found = sorted(p for p in root.glob("*") if p.is_dir() and p.name.lower() == name)
+    if len(found) > 1:
+        raise ValueError(f"{root}: {' and '.join(p.name for p in found)} are the same folder to a folder task; "
+                         f"merge them into {name}/")
+    return found[0] if found else root / name
+
+
 def folder(root) -> Dataset:
     root, notes = _root(root), []
-    bank = _files(root / "normal", AUDIO_SUFFIXES, notes, recursive=True)
+    normal, test = _any_case(root, "normal"), _any_case(root, "test")
+    bank = _files(normal, AUDIO_SUFFIXES, notes, recursive=True)
     if not bank:
-        raise ValueError(f"{root / 'normal'}: no audio file; a folder task needs <root>/normal/* (the normal "
-                         f"bank) and <root>/test/{{normal,anomalous}}/*")
-    tests = [(path, None) for path in _files(root / "test", AUDIO_SUFFIXES, notes)]
-    for sub in sorted(p for p in (root / "test").glob("*") if p.is_dir()):
+        raise ValueError(f"{normal}: no audio file; a folder task needs <root>/normal/* (the normal "
+                         f"bank) and <root>/test/{{normal,anomalous}}/* (folder names in any case)")
+    tests = [(path, None) for path in _files(test, AUDIO_SUFFIXES, notes)]
+    for sub in sorted(p for p in test.glob("*") if p.is_dir()):
         label = FOLDER_TEST_LABELS.get(sub.name.lower())
         if label is None and not _files(sub, AUDIO_SUFFIXES, notes, recursive=True):
             continue  # no audio (plots/, .ipynb_checkpoints): nothing is left out
@@ -319,7 +330,7 @@ def folder(root) -> Dataset:
                              f"(any case) and unlabelled files")
         tests += [(path, label) for path in _files(sub, AUDIO_SUFFIXES, notes, recursive=True)]
     if not tests:
-        raise ValueError(f"{root / 'test'}: no audio file to score (expected test/normal/*, test/anomalous/* "
+        raise ValueError(f"{test}: no audio file to score (expected test/normal/*, test/anomalous/* "
                          f"or test/*)")
     machine = root.resolve().name  # the folder's own name, also where it is given as `.`
     clip = lambda path, subset, label: Clip(path, "dev", machine, "00", None, subset, label)  # noqa: E731
