@@ -513,6 +513,31 @@ def test_an_error_on_one_rank_stops_every_rank(tmp_path):
     assert "1 other process(es) of this run failed" in (tmp_path / "rank1.txt").read_text()
 
 
+def failing_checkpoint_worker(rank, world, port, data, out):
+    """A two-rank run whose rank 0 cannot write its checkpoint (a full disk)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    checkpoints.save = full_disk
+    try:
+        trainer.train(tiny_config(data, out, steps=2, log_every=1, save_every=1), progress=False)
+    except Exception as error:  # what each rank ended with
+        Path(out, f"rank{rank}.txt").write_text(f"{type(error).__name__}: {error}")
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_cannot_be_written_stops_every_rank(data, tmp_path):
+    """Rank 0 alone stopped; rank 1 waited for it at its next collective (torchrun ends such ranks, other
+    launchers need not)."""
+    spawn_two_ranks(failing_checkpoint_worker, str(data), str(tmp_path))
+    assert (tmp_path / "rank0.txt").read_text() == "OSError: No space left on device"
+    assert "1 other process(es) of this run failed" in (tmp_path / "rank1.txt").read_text()
+
+
 # Each rank's audio seconds of two steps: float sums that depend on their order, (0.1 + 0.7) + (0.2 + 0.3) being
 # 1.2999999999999998 and ((0.1 + 0.2) + 0.7) + 0.3 being 1.3.
 SECONDS_OF_RANKS = [[0.1, 0.7], [0.2, 0.3]]

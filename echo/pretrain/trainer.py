@@ -550,11 +550,18 @@ def _train(config: PretrainConfig, progress: bool, stop_at: int | None, rank: in
             if step % config.save_every == 0 or step == config.steps:
                 positions_of_ranks = every_rank(torch.tensor(positions, dtype=torch.int64, device=device), world)
                 pending_sums = meter.pending(world)
+                # a write that failed (a full disk) stops every rank, not rank 0 alone: the others would wait for
+                # it at their next collective, forever under a launcher that does not end them as torchrun does
+                error = None
                 if rank == 0:
-                    checkpoints.save(folder, step, state(positions_of_ranks, pending_sums), config.keep)
-    exported = None
+                    _, error = attempt(checkpoints.save, folder, step, state(positions_of_ranks, pending_sums),
+                                       config.keep)
+                raise_together(error, world, device)
+    exported, error = None, None
     if rank == 0 and step >= config.steps:
-        exported = export(teacher if config.export == "teacher" else student, out)
+        exported, error = attempt(export, teacher if config.export == "teacher" else student, out)
+    raise_together(error, world, device)
+    if rank == 0 and step >= config.steps:
         trained = f"last loss {last['loss']:.4f}" if last else "the run was already finished"  # not "loss nan"
         print(f"done: {step} steps; {trained}; {config.export} -> {exported}")
     elif rank == 0:  # stopped by stop_at
