@@ -8,8 +8,8 @@ reported with the reason and left out.
 Every finished batch is saved at once in `OUT.parts/` (one shard per batch, written atomically), so an
 interrupted run loses at most one batch; the output is written atomically at the end, and a re-run skips
 every file already encoded by the same model in the same dtype, in the old output or in the shards (a run
-in another dtype or with another model leaves those shards, and one without --frames their frames, for the
-interrupted run to resume). Under `torchrun --nproc-per-node N -m echo encode ...` rank r encodes files r,
+over other files, in another dtype or with another model leaves those shards, and one without --frames their
+frames, for the interrupted run to resume). Under `torchrun --nproc-per-node N -m echo encode ...` rank r encodes files r,
 r + N, ... and rank 0 merges.
 
 Output: `.npz` with `paths`, `keys`, `sample_rates`, `channels`, `model` and one array per file,
@@ -214,19 +214,22 @@ def _held(key: str, entries: dict, frames: bool) -> bool:
 
 
 def _remove_written_shards(cache: EmbeddingCache, written: set[str], frames: bool) -> None:
-    """Delete this model's shards, which the output now holds, but not those holding frames of its files that it
-    leaves out (an interrupted --frames run's finished work): the next --frames run takes them."""
+    """Delete this model's shards that the output now holds in full. Keep any holding a file it leaves out or
+    frames it does not keep: the finished work of an interrupted run over other files or with --frames, which
+    that run's command takes up again."""
     for shard in sorted(cache.folder.iterdir()) if cache.folder.is_dir() else []:
-        if frames or shard.suffix != ".safetensors" or not _holds_frames_of(shard, written):
+        if shard.suffix != ".safetensors" or _held_by_output(shard, written, frames):
             shard.unlink()
-    with contextlib.suppress(OSError):  # gone, or left holding such frames
+    with contextlib.suppress(OSError):  # gone, or left holding such work
         cache.folder.rmdir()
 
 
-def _holds_frames_of(shard: Path, keys: set[str]) -> bool:
-    """Whether `shard` holds the frames of any file of `keys`."""
+def _held_by_output(shard: Path, keys: set[str], frames: bool) -> bool:
+    """Whether an output of the files of `keys` (with their frames if `frames`) holds all that `shard` holds."""
     with safe_open(str(shard), "numpy") as handle:  # the names alone, from the header
-        return any(name.endswith(FRAMES) and name.removesuffix(FRAMES) in keys for name in handle.keys())
+        names = list(handle.keys())
+    return all(name.removesuffix(FRAMES).removesuffix(META) in keys and (frames or not name.endswith(FRAMES))
+               for name in names)
 
 
 def _check_out(out: Path) -> None:
@@ -404,8 +407,9 @@ def _encode_files(args, rank: int, world: int) -> int:
     except FileNotFoundError:
         pass
     except OSError:  # not empty: the finished work of an interrupted run that this output does not hold
-        print(f"kept {parts}: the saved batches of an interrupted run with --frames, another model or another "
-              f"dtype, which {args.out} does not hold; that run's command resumes from them")
+        print(f"kept {parts}: the saved batches of an interrupted run over other files, with --frames, with "
+              f"another model or another dtype, which {args.out} does not hold; that run's command resumes from "
+              f"them")
     speed = f"; {seconds:.1f} s of audio in {elapsed:.1f} s ({seconds / max(elapsed, 1e-9):.1f}x real time)" \
         if seconds else ""
     print(f"wrote {args.out}: {len(rows)} files ({reused} reused from an earlier run), "

@@ -199,6 +199,27 @@ def test_the_frames_of_an_interrupted_frames_run_outlive_a_run_without_them(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "b.wav", "c.wav", "e.npz", "model"]
 
 
+def test_an_interrupted_run_over_other_files_keeps_its_work_through_a_finished_run_to_the_same_out(
+        tmp_path, model_path, capsys, monkeypatch):
+    """A finished run deleted every shard of its model once its output was written, those of an interrupted run
+    over other files to the same OUT too: that run's command encoded them again."""
+    import echo.encode_files as command
+
+    files = [tmp_path / name for name in ("a.wav", "b.wav", "c.wav", "d.wav")]
+    for path in files:
+        soundfile.write(str(path), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    out = tmp_path / "e.npz"
+    options = ("--model", model_path, "--out", out, "--batch-files", "1")
+    real = interrupt_at_batch(monkeypatch, 3)
+    assert run(*files[:3], *options) == 130  # a.wav and b.wav saved
+    monkeypatch.setattr(command, "_encode_batch", real)
+    assert run(files[1], files[3], *options) == 0  # b.wav reused, d.wav encoded
+    assert "2 files (1 reused from an earlier run)" in capsys.readouterr().out
+    assert run(*files[:3], *options) == 0
+    assert "3 files (2 reused from an earlier run)" in capsys.readouterr().out
+    assert not (tmp_path / "e.npz.parts").exists()  # all of it written, all of it removed
+
+
 def test_an_interrupted_frames_run_does_not_count_utterances_saved_without_frames_as_kept(tmp_path, model_path,
                                                                                          capsys, monkeypatch):
     """An earlier run's shard of a.wav's utterance alone was counted as this --frames run's kept work: "1 files
