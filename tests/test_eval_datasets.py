@@ -208,7 +208,7 @@ def test_folder_task_normal_and_test_folders_in_any_case(tmp_path):
     assert sorted((c.path.name, c.subset, c.label) for c in data.items) == [
         ("a.wav", "train", 0), ("b.wav", "test", 1), ("c.wav", "test", None)]
     touch(tmp_path, "normal/d.wav")
-    with pytest.raises(ValueError, match="Normal and normal are the same folder to a folder task; merge them into normal/"):
+    with pytest.raises(ValueError, match="Normal and normal are the same folder to a folder task; merge them into"):
         datasets.load("folder", tmp_path)
 
 

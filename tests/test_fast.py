@@ -102,7 +102,8 @@ def test_a_signal_split_across_passes_goes_through_the_front_end_once(model, mon
     whole = fast.encode(model, signals, rates, frames=True, max_tokens=10**6)
     transformed = []
     real = stft_ops.ragged_spectrogram
-    monkeypatch.setattr(stft_ops, "ragged_spectrogram", lambda waves, *a, **k: transformed.append(waves.numel()) or real(waves, *a, **k))
+    monkeypatch.setattr(stft_ops, "ragged_spectrogram",
+                        lambda waves, *a, **k: transformed.append(waves.numel()) or real(waves, *a, **k))
     chunked = fast.encode(model, signals, rates, frames=True, max_tokens=int(torch.randint(1500, 4000, ())))
     assert len(transformed) > 1 and sum(transformed) == sum(len(x) for x in signals)
     for (u, f), (cu, cf) in zip(whole, chunked):

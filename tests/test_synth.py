@@ -172,6 +172,29 @@ def test_harmonics_beyond_nyquist_cost_nothing():
     assert spectrum[~kept].max() < 1e-3
 
 
+def test_a_slow_shaft_builds_only_the_orders_its_decay_leaves_above_zero(monkeypatch):
+    """At 2 Hz and 48 kHz, 12000 orders lie below Nyquist, but 0.6^k underflows to 0 by k ~ 1460: each order
+    was still built (a sine over every sample, 12 s for one second of signal at 1 Hz)."""
+    sines = []
+
+    class CountingNumpy:
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        def sin(self, x):
+            sines.append(1)
+            return np.sin(x)
+
+    monkeypatch.setattr(synth, "np", CountingNumpy())
+    machine = synth.Machine(shaft_hz=2.0, harmonics=10**5, harmonic_decay=0.6, noise=0.0, speed_variation=0.0)
+    x = synth.machine_signal(machine, 48000, 48000, seed=3)
+    assert len(sines) < 1600
+    freqs, spectrum = amplitude_spectrum(x, 48000)
+    for order in (1, 2, 3):  # the orders it builds are as they were
+        expected = 0.1 * 0.6 ** (order - 1)
+        assert peak_near(freqs, spectrum, 2.0 * order, width=0.5) == pytest.approx(expected, rel=0.05)
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="unknown bearing fault 'cage'"):
         synth.Machine(fault="cage")

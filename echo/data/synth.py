@@ -235,7 +235,9 @@ def machine_signal(machine: Machine, sample_rate: int, n_samples: int, seed: int
     out = np.zeros(n_samples)
     for order, amplitude in enumerate(amplitudes, start=1):
         if order * top_speed < nyquist:  # never alias a harmonic
-            out += amplitude * np.sin(order * shaft_phase + rng.uniform(0, 2 * np.pi))
+            phase = rng.uniform(0, 2 * np.pi)  # drawn for every order: a seed gives the signal it always gave
+            if amplitude:  # the decay underflows to 0 after ~1500 orders: a slow shaft has tens of thousands
+                out += amplitude * np.sin(order * shaft_phase + phase)
 
     if machine.gear_teeth:
         bands = machine.sidebands
