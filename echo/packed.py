@@ -221,7 +221,7 @@ def _unchanged(named: list[tuple[str, torch.Tensor]], weights: list[torch.Tensor
     pairs = [(tensor.detach(), weight) for (_, tensor), weight in zip(named, weights)]
     if device.type == "cpu":
         return all(torch.equal(tensor, weight) for tensor, weight in pairs)
-    by_dtype: dict[torch.dtype, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    by_dtype: dict[torch.dtype | None, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # None: not floating
     for tensor, weight in pairs:
         by_dtype.setdefault(tensor.dtype if tensor.is_floating_point() else None, []).append((tensor, weight))
     changed = [torch.ne(tensor, weight).any() for tensor, weight in by_dtype.pop(None, [])]
