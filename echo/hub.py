@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,12 @@ class Release:
     @property
     def url(self) -> str:
         return f"https://huggingface.co/{self.repo_id}/resolve/{self.revision}/{self.filename}"
+
+    @property
+    def pinned(self) -> bool:
+        """A commit, which huggingface_hub looks up in snapshots/<commit> directly; a branch or tag goes through
+        refs/<revision>."""
+        return re.fullmatch(r"[0-9a-f]{40}", self.revision) is not None
 
 
 RELEASES = {
@@ -54,18 +61,35 @@ def _cache_dir(cache_dir) -> Path:
     return Path(os.path.expandvars(os.path.expanduser(cache_dir))).resolve()
 
 
+def _one_line(error: Exception) -> str:
+    """huggingface_hub's messages span lines; echo's errors are one line."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+def _not_on_hub(name: str, release: Release, error: Exception) -> ValueError:
+    """The hub answered that the repository, revision or file is not there: no download can be put in the cache."""
+    others = ", ".join(known for known in NAMES if known != name)
+    return ValueError(f"{name}: the Hugging Face hub has no {release.url} ({type(error).__name__}): the release is "
+                      f"not published there, or is private and needs a login; load a checkpoint by path, or another "
+                      f"name: {others}")
+
+
 def _not_found(name: str, release: Release, cache: Path, reason: str) -> ValueError:
     """Says how to put a downloaded file where huggingface_hub looks offline. refs/main must hold the snapshot
-    name exactly: huggingface_hub does not strip it, so `echo local > refs/main` (with its newline) fails."""
+    name exactly: huggingface_hub does not strip it, so `echo local > refs/main` (with its newline) fails.
+    A pinned commit needs no ref, and its snapshot must be named by the commit."""
     folder = cache / f"models--{release.repo_id.replace('/', '--')}"
-    ref = folder / "refs" / release.revision
-    held = ref.read_text() if ref.is_file() else ""
-    if held != held.strip():
-        reason += f"; {ref} holds {held!r}, and huggingface_hub reads it without stripping whitespace"
-    snapshot = folder / "snapshots" / "local"
-    commands = (f"mkdir -p {shlex.quote(str(snapshot))} {shlex.quote(str(ref.parent))} && "
-                f"cp {release.filename} {shlex.quote(str(snapshot / release.filename))} && "
-                f"printf local > {shlex.quote(str(ref))}")
+    snapshot = folder / "snapshots" / (release.revision if release.pinned else "local")
+    folders, naming = [snapshot], ""
+    if not release.pinned:
+        ref = folder / "refs" / release.revision
+        held = ref.read_text() if ref.is_file() else ""
+        if held != held.strip():
+            reason += f"; {ref} holds {held!r}, and huggingface_hub reads it without stripping whitespace"
+        folders.append(ref.parent)
+        naming = f" && printf local > {shlex.quote(str(ref))}"
+    commands = (f"mkdir -p {' '.join(shlex.quote(str(path)) for path in folders)} && "
+                f"cp {release.filename} {shlex.quote(str(snapshot / release.filename))}{naming}")
     return ValueError(
         f"{name}: {release.filename} of {release.repo_id} is not in the Hugging Face cache and could not be "
         f"downloaded ({reason}). Either download {release.url} and load it by path "
@@ -81,9 +105,10 @@ def _verify(path: Path, name: str, release: Release) -> Path:
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    if digest.hexdigest() != release.sha256:
+    if digest.hexdigest() != release.sha256:  # copied over, not deleted: huggingface_hub would link its blob again
         raise ValueError(f"{name}: {path} has sha256 {digest.hexdigest()}, but the release has {release.sha256}; "
-                         f"delete it and download {release.url} again")
+                         f"download {release.url} and copy it over the cached file, from the folder holding it: "
+                         f"cp {release.filename} {shlex.quote(str(path))}")
     return path
 
 
@@ -98,14 +123,15 @@ def resolve(name: str, cache_dir=None) -> Path:
             )
         return DEFAULT_CHECKPOINT
     if name not in RELEASES:
-        spelled_alike = [known for known in NAMES if known == name.lower().replace("_", "-")]
+        spelled_alike = [known for known in NAMES if known == name.strip().lower().replace("_", "-")]
         hint = f" (did you mean {spelled_alike[0]!r}?)" if spelled_alike else ""
         raise ValueError(f"unknown checkpoint name {name!r}{hint}; known names: {', '.join(NAMES)}, "
                          f"or give the path of a checkpoint file")
     release = RELEASES[name]
     try:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.utils import LocalEntryNotFoundError
+        from huggingface_hub.utils import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                           RepositoryNotFoundError, RevisionNotFoundError)
     except ImportError:
         raise ValueError(f"{name}: loading released checkpoints by name needs huggingface_hub "
                          f"(pip install 'echo-fm[hub]'), or download {release.url} and load it by path") from None
@@ -114,8 +140,12 @@ def resolve(name: str, cache_dir=None) -> Path:
         path = hf_hub_download(release.repo_id, release.filename, revision=release.revision,
                                cache_dir=str(cache), local_files_only=_offline())
     except LocalEntryNotFoundError as error:
-        reason = "offline mode (HF_HUB_OFFLINE)" if _offline() else f"the hub cannot be reached: {error}"
+        reason = "offline mode (HF_HUB_OFFLINE)" if _offline() else f"the hub cannot be reached: {_one_line(error)}"
         raise _not_found(name, release, cache, reason) from None
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as error:
+        if isinstance(error, GatedRepoError):  # there, but its terms must be accepted: a download can be cached
+            raise _not_found(name, release, cache, _one_line(error)) from None
+        raise _not_on_hub(name, release, error) from None
     except Exception as error:  # HTTP errors are OSErrors, but the transport's (httpx: timeouts, proxies) are not
-        raise _not_found(name, release, cache, f"{type(error).__name__}: {error}") from None
+        raise _not_found(name, release, cache, _one_line(error)) from None
     return _verify(Path(path), name, release)

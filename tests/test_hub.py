@@ -72,7 +72,8 @@ def test_a_newline_in_refs_main_is_pointed_out(offline_cache):
 
 
 @pytest.mark.parametrize("name, hint", [("echo-base", ""), ("Echo-Small", " (did you mean 'echo-small'?)"),
-                                        ("echo_tiny", " (did you mean 'echo-tiny'?)")])
+                                        ("echo_tiny", " (did you mean 'echo-tiny'?)"),
+                                        (" echo-small\n", " (did you mean 'echo-small'?)")])
 def test_unknown_names_list_the_known_ones(tmp_path, monkeypatch, name, hint):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=re.escape(f"unknown checkpoint name {name!r}{hint}; known names: default, "
@@ -171,3 +172,80 @@ def test_transport_errors_are_explained(offline_cache, monkeypatch):
                                          r"Hugging Face cache and could not be downloaded \(ReadTimeout: The read "
                                          r"operation timed out\)\. Either download https://huggingface.co/"):
         echo.load("echo-tiny")
+
+
+def test_a_pinned_commit_gets_commands_that_work_when_run(offline_cache, tmp_path, monkeypatch):
+    """huggingface_hub looks a commit up in snapshots/<commit> and never in refs/, so the commands written for a
+    branch (snapshots/local named by refs/main) left a pinned release not found."""
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    monkeypatch.setitem(hub.RELEASES, "echo-small", replace(hub.RELEASES["echo-small"], revision=commit))
+    with pytest.raises(ValueError) as error:
+        echo.load("echo-small")
+    assert f"https://huggingface.co/yucongzh/echo-small-0824/resolve/{commit}/model.safetensors" in str(error.value)
+    commands = re.search(r"from the folder holding it: (mkdir .*)$", str(error.value)).group(1)
+    model = random_model("tiny")
+    released_file(tmp_path / "download" / "model.safetensors", model)
+    subprocess.run(["sh", "-c", commands], cwd=tmp_path / "download", check=True)
+    assert same_weights(echo.load("echo-small"), model)
+
+
+def test_a_cached_file_with_the_wrong_sha256_gets_a_command_that_replaces_it(offline_cache, tmp_path, monkeypatch):
+    """'Delete it and download again' left huggingface_hub's blob, to which it links the deleted file again."""
+    release = hub.RELEASES["echo-tiny"]
+    model = random_model("tiny")
+    download = released_file(tmp_path / "download" / "model.safetensors", model)
+    monkeypatch.setitem(hub.RELEASES, "echo-tiny",
+                        replace(release, sha256=hashlib.sha256(download.read_bytes()).hexdigest()))
+    populate(offline_cache, release, random_model("tiny"))  # another file in the cache
+    with pytest.raises(ValueError, match="has sha256 .*, but the release has ") as error:
+        echo.load("echo-tiny")
+    command = re.search(r"from the folder holding it: (cp .*)$", str(error.value)).group(1)
+    subprocess.run(["sh", "-c", command], cwd=tmp_path / "download", check=True)
+    assert same_weights(echo.load("echo-tiny"), model)
+
+
+def hub_answer(status, error_code):
+    """The error huggingface_hub raises for the hub's answer, made from a response without any network."""
+    httpx2 = pytest.importorskip("httpx2")  # huggingface_hub's HTTP client from its 1.x
+    from huggingface_hub.utils import hf_raise_for_status
+
+    url = "https://huggingface.co/yucongzh/echo-tiny-0824/resolve/main/model.safetensors"
+    try:
+        hf_raise_for_status(httpx2.Response(status, headers={"X-Error-Code": error_code},
+                                            request=httpx2.Request("HEAD", url)))
+    except Exception as error:
+        return error
+    raise AssertionError(f"huggingface_hub did not raise for {status} {error_code}")
+
+
+@pytest.mark.parametrize("status, error_code", [(401, "RepoNotFound"), (404, "RevisionNotFound"),
+                                                (404, "EntryNotFound")])
+def test_a_release_missing_from_the_hub_is_named_in_one_line(offline_cache, monkeypatch, status, error_code):
+    """huggingface_hub's messages span lines, and the file to download and put in the cache does not exist."""
+    import huggingface_hub
+
+    def answering(*args, **kwargs):
+        raise hub_answer(status, error_code)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", answering)
+    with pytest.raises(ValueError) as error:
+        echo.load("echo-tiny")
+    text = str(error.value)
+    assert "\n" not in text
+    assert text.startswith("echo-tiny: the Hugging Face hub has no https://huggingface.co/yucongzh/echo-tiny-0824/"
+                           "resolve/main/model.safetensors")
+    assert "mkdir" not in text
+
+
+def test_other_hub_errors_are_one_line(offline_cache, monkeypatch):
+    import huggingface_hub
+
+    def unavailable(*args, **kwargs):
+        raise hub_answer(503, "")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unavailable)
+    with pytest.raises(ValueError, match=r"could not be downloaded \(HfHubHTTPError: .*503") as error:
+        echo.load("echo-tiny")
+    assert "\n" not in str(error.value)
