@@ -110,6 +110,21 @@ def test_a_quiet_signal_after_a_loud_one_keeps_its_own_spectrum(monkeypatch, gro
         assert rel_err(out[rows], expected[rows]) < 1e-6, f"signal {i}"
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_offsets_that_disagree_with_the_plan_are_refused_by_every_front_end(backend):
+    """The torch path failed in a reshape, and the reference returned fewer frames than the plan holds."""
+    from echo.plan import make_plan
+
+    lengths = [int(torch.randint(2000, 9000, ())), int(torch.randint(2000, 9000, ()))]
+    plan = make_plan(lengths, [16000, 8000])
+    waves = torch.randn(sum(lengths))
+    short = torch.tensor([0, lengths[0] - 7, sum(lengths) - 7])
+    with pytest.raises(ValueError, match=rf"front end: waves must be 1-D.*signal lengths \[{lengths[0] - 7}, "):
+        stft_ops.ragged_spectrogram(waves, short, plan, backend=backend)
+    with pytest.raises(ValueError, match="offsets to .* samples"):
+        stft_ops.ragged_spectrogram(waves[:-1], torch.tensor([0, lengths[0], sum(lengths)]), plan, backend=backend)
+
+
 def test_the_default_front_end_takes_what_the_reference_takes():
     """int32 or strided offsets and float64 samples: the default backend answers as the reference does."""
     from echo.plan import make_plan

@@ -160,14 +160,9 @@ def _by_rate(plan) -> dict[int, list[int]]:
 def ragged_spectrogram_csrc(waves: torch.Tensor, wave_offsets: torch.Tensor, plan) -> torch.Tensor:
     """Same result from the compiled op (csrc/frontend.cpp, csrc/cuda/frontend.cu), geometry from the plan.
     Inputs are checked here: the op's own checks are a last guard, not an error message."""
-    wave_offsets = wave_offsets.to("cpu", torch.int64).contiguous()
-    lengths = wave_offsets.diff().tolist()
-    if waves.dim() != 1 or waves.dtype != torch.float32 or waves.numel() < int(wave_offsets[-1]) or lengths != plan.lengths:
-        raise ValueError(
-            f"compiled front end: waves must be 1-D float32 holding the plan's signals back to back; got "
-            f"{waves.dtype} {tuple(waves.shape)}, offsets to {int(wave_offsets[-1])} samples, signal lengths "
-            f"{lengths[:8]} where the plan has {plan.lengths[:8]}"
-        )
+    if waves.dtype != torch.float32:
+        raise ValueError(f"compiled front end: waves must be float32, got {waves.dtype}")
+    wave_offsets = checked_offsets(waves, wave_offsets, plan, "compiled front end")
     signal_geometry = torch.tensor(
         [[geometry.n_fft(sr), geometry.hop(sr), t, nb] for sr, t, nb in zip(plan.sample_rates, plan.frames, plan.bands)],
         dtype=torch.int64,
@@ -176,6 +171,20 @@ def ragged_spectrogram_csrc(waves: torch.Tensor, wave_offsets: torch.Tensor, pla
         waves.contiguous(), wave_offsets, plan.spec_offsets, signal_geometry,
         geometry.LOG_EPS, geometry.LOG_MEAN, geometry.LOG_STD,
     )
+
+
+def checked_offsets(waves: torch.Tensor, wave_offsets: torch.Tensor, plan, front_end: str) -> torch.Tensor:
+    """wave_offsets (int64, on the CPU), refused unless 1-D `waves` holds the plan's signals at them: a backend
+    would fail deep inside, or (the reference) return fewer frames than the plan holds."""
+    wave_offsets = wave_offsets.to("cpu", torch.int64).contiguous()
+    lengths = wave_offsets.diff().tolist()
+    if waves.dim() != 1 or waves.numel() < int(wave_offsets[-1]) or lengths != plan.lengths:
+        raise ValueError(
+            f"{front_end}: waves must be 1-D, holding the plan's signals back to back; got {waves.dtype} "
+            f"{tuple(waves.shape)}, offsets to {int(wave_offsets[-1])} samples, signal lengths {lengths[:8]} where "
+            f"the plan has {plan.lengths[:8]}"
+        )
+    return wave_offsets
 
 
 def available_backends(device: torch.device) -> tuple[str, ...]:
@@ -200,6 +209,7 @@ def ragged_spectrogram(waves: torch.Tensor, wave_offsets: torch.Tensor, plan, ba
     chosen = backends.choose("stft", waves.device, backend, available=available)
     if chosen == "csrc":
         return ragged_spectrogram_csrc(waves, wave_offsets, plan)
+    wave_offsets = checked_offsets(waves, wave_offsets, plan, f"the {chosen} front end")
     if chosen == "triton":
         from echo_kernels import stft as kernel
 
