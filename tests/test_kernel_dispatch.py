@@ -183,3 +183,11 @@ def test_forcing_csrc_on_every_op_names_each_reason(clean_environment, monkeypat
     not_loading = f"no 'csrc' backend here for stft, attention, norm ({LOAD_ERROR}); "
     assert str(raised.value) == ("ECHO_BACKEND=csrc: " + (not_loading if extension_state == "not loading" else "")
                                  + TOKENS_HAS_NO_CSRC + "; force it for single ops instead (ECHO_BACKEND_<OP>)")
+
+
+def test_an_op_variable_in_the_wrong_case_is_refused(clean_environment, monkeypatch):
+    """ECHO_BACKEND_attention=reference passed the environment check (its op lowercased to a known one), yet the
+    dispatch reads only ECHO_BACKEND_ATTENTION: the forced backend was silently ignored."""
+    monkeypatch.setenv("ECHO_BACKEND_attention", "reference")
+    with pytest.raises(backends.BackendError, match="ECHO_BACKEND_attention: no such op"):
+        backends.check_environment()

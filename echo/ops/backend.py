@@ -41,6 +41,7 @@ TRITON_MISSING = "triton is not installed (pip install -e '.[triton]')"
 
 
 OPS = ("stft", "tokens", "attention", "norm")
+OP_VARIABLES = frozenset(f"ECHO_BACKEND_{op.upper()}" for op in OPS)
 
 
 class BackendError(ValueError):
@@ -54,8 +55,8 @@ def check_environment(environ=os.environ) -> None:
     for name, value in environ.items():
         if not name.startswith("ECHO_BACKEND") or not value:
             continue
-        op = name.removeprefix("ECHO_BACKEND").removeprefix("_").lower()
-        if name != "ECHO_BACKEND" and (not name.startswith("ECHO_BACKEND_") or op not in OPS):
+        op = name.removeprefix("ECHO_BACKEND_").lower()
+        if name != "ECHO_BACKEND" and name not in OP_VARIABLES:  # the dispatch reads these names exactly
             raise BackendError(f"{name}: no such op; set ECHO_BACKEND or ECHO_BACKEND_<OP> for an op of "
                              f"{', '.join(op.upper() for op in OPS)}")
         if value not in BACKENDS:
