@@ -232,6 +232,10 @@ def varlen_attention(
     device is trusted, as checking it would wait for the device. `seq_ids`: row_sequences(cu_seqlens on
     qkv's device, rows of qkv), when the caller keeps it for many calls.
     """
+    if heads < 1:
+        raise ValueError(f"heads must be a positive count, got {heads}")
+    if qkv.dtype not in (torch.float32, torch.bfloat16, torch.float16):  # what the kernels' dot and fp32 softmax keep
+        raise ValueError(f"the Triton attention takes float32, bf16 or fp16 heads, got {qkv.dtype}")
     if qkv.dim() != 2 or qkv.shape[1] % (3 * heads):
         raise ValueError(f"qkv must be (total, 3*D) with D divisible by heads={heads}, got {tuple(qkv.shape)}")
     head_dim = qkv.shape[1] // (3 * heads)
@@ -245,4 +249,8 @@ def varlen_attention(
     cu_seqlens = cu_seqlens.to(device=qkv.device, dtype=torch.int32).contiguous()
     if seq_ids is None:
         seq_ids = row_sequences(cu_seqlens, qkv.shape[0])
+    elif seq_ids.shape != qkv.shape[:1] or seq_ids.dtype != torch.int32 or seq_ids.device != qkv.device:
+        # a kept one of another packing: the kernels would read it past its end
+        raise ValueError(f"seq_ids must be int32 of the {qkv.shape[0]} rows of qkv on {qkv.device}, got "
+                         f"{seq_ids.dtype} {tuple(seq_ids.shape)} on {seq_ids.device}")
     return _VarlenAttention.apply(qkv.contiguous(), cu_seqlens, seq_ids, heads, block)

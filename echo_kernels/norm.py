@@ -18,6 +18,25 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
+COMPUTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_computable(**tensors: torch.Tensor) -> None:
+    """The kernels compute in fp32 and store in the inputs' dtype: integers would come back truncated, float64
+    with fp32 precision; torch's own ops refuse the first and keep the second."""
+    for name, tensor in tensors.items():
+        if tensor.dtype not in COMPUTED_DTYPES:
+            raise ValueError(f"the Triton norms take float32, bfloat16 or float16 tensors; got {name} of {tensor.dtype}")
+
+
+def _check_width(x: torch.Tensor, **params: torch.Tensor) -> None:
+    """Per-feature parameters of x's last axis: the kernels read one value per column, so a shorter one would be
+    read past its end."""
+    for name, param in params.items():
+        if param.shape != x.shape[-1:]:
+            raise ValueError(f"{name} {tuple(param.shape)} does not match the last axis of x {tuple(x.shape)}")
+
+
 @triton.jit
 def _residual_sum(x, residual, index, mask, dtype: tl.constexpr):
     """x + residual in fp32, rounded to the output dtype as the reference's addition is (every operand is
@@ -129,6 +148,8 @@ def residual_layer_norm(
     (statistics in fp32). Differentiable."""
     if x.shape != residual.shape:
         raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} must have the same shape")
+    _check_computable(x=x, residual=residual)
+    _check_width(x, weight=weight, bias=bias)
     return _ResidualLayerNorm.apply(x, residual, weight.contiguous(), bias.contiguous(), eps)
 
 
@@ -211,6 +232,6 @@ class _BiasGelu(torch.autograd.Function):
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """gelu(x + bias), exact erf form, over the last axis; in the promoted dtype of x and bias, as torch's
     x + bias. Differentiable."""
-    if bias.shape != x.shape[-1:]:
-        raise ValueError(f"bias {tuple(bias.shape)} does not match the last axis of x {tuple(x.shape)}")
+    _check_computable(x=x, bias=bias)
+    _check_width(x, bias=bias)
     return _BiasGelu.apply(x, bias.contiguous())

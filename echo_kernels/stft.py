@@ -121,6 +121,33 @@ def _bases(shapes: tuple[tuple[int, int], ...], band: int, device: torch.device)
     return torch.cat(parts), offsets
 
 
+def _check_geometry(waves, wave_offsets, n_fft, hop, frames, bands, spec_bounds: torch.Tensor, band: int) -> None:
+    """ValueError unless every signal's frames lie inside its samples and its image holds its bins: the kernels
+    read and write at these offsets unchecked. Offsets already on the device are trusted, as checking them would
+    wait for it."""
+    signals = len(frames)
+    if not len(n_fft) == len(hop) == len(bands) == signals or spec_bounds.shape != (signals + 1,):
+        raise ValueError(f"n_fft, hop, frames and bands need one value per signal and spec_offsets one more; got "
+                         f"{len(n_fft)}, {len(hop)}, {signals}, {len(bands)} and {len(spec_bounds)}")
+    for i, (window, rows) in enumerate(zip(n_fft, (b * band for b in bands))):
+        if not rows - band < window // 2 + 1 <= rows:
+            raise ValueError(f"signal {i}: the {window // 2 + 1} bins of n_fft {window} need "
+                             f"{-(-(window // 2 + 1) // band)} bands of {band} rows, got {bands[i]}")
+    sizes = [b * band * t for b, t in zip(bands, frames)]
+    if spec_bounds[0] != 0 or spec_bounds.diff().tolist() != sizes:
+        raise ValueError(f"spec_offsets must step by each signal's bands x {band} rows x frames from 0, got "
+                         f"{spec_bounds.tolist()[:8]} for sizes {sizes[:8]}")
+    if isinstance(wave_offsets, torch.Tensor) and wave_offsets.device.type != "cpu":
+        return
+    bounds = torch.as_tensor(wave_offsets, dtype=torch.int64).reshape(-1).tolist()
+    needed = [window + (t - 1) * step for window, step, t in zip(n_fft, hop, frames)]
+    if len(bounds) != signals + 1 or (signals and (bounds[0] < 0 or bounds[-1] > waves.numel())) or any(
+        end - start < need for start, end, need in zip(bounds, bounds[1:], needed)
+    ):
+        raise ValueError(f"wave_offsets must bound each signal's samples inside the {waves.numel()} of waves, with "
+                         f"the samples of its frames; got {bounds[:8]} for signals of at least {needed[:8]} samples")
+
+
 def ragged_spectrogram(
     waves: torch.Tensor,
     wave_offsets: Sequence[int] | torch.Tensor,
@@ -150,6 +177,7 @@ def ragged_spectrogram(
     device = waves.device
     spec_bounds = torch.as_tensor(spec_offsets, dtype=torch.int64).cpu()
     signals = len(frames)
+    _check_geometry(waves, wave_offsets, n_fft, hop, frames, bands, spec_bounds, band)
     out = torch.empty(int(spec_bounds[-1]) if signals else 0, dtype=torch.float32, device=device)
     if signals == 0 or out.numel() == 0:
         return out

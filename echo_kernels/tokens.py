@@ -81,6 +81,23 @@ def _pack_tokens_kernel(
         tl.store(out + token_start * dim + feature, cls.to(out.dtype.element_ty), mask=feature_ok)
 
 
+def _check_layout(patches: torch.Tensor, cu_seqlens: torch.Tensor, dim: int, bias: torch.Tensor,
+                  cls_token: torch.Tensor, pos_embed: torch.Tensor) -> None:
+    """ValueError unless each sequence's rows are exactly its CLS and patches and the per-feature parameters cover
+    what the kernel reads: it writes rows cu_seqlens[s]:cu_seqlens[s] + patches[s] + 1 of a buffer of cu_seqlens[-1]
+    rows and reads pos_embed rows up to the longest sequence's patches, none of it bounds-checked."""
+    if cu_seqlens.shape != (len(patches) + 1,) or cu_seqlens[0] != 0 or not torch.equal(cu_seqlens.diff(), patches + 1):
+        raise ValueError(f"cu_seqlens must step by patches + 1 from 0 (a CLS and the patches of each of the "
+                         f"{len(patches)} sequences), got {cu_seqlens.tolist()[:8]} for patches {patches.tolist()[:8]}")
+    for name, param in (("bias", bias), ("cls_token", cls_token)):
+        if param.numel() != dim:
+            raise ValueError(f"{name} {tuple(param.shape)} must hold the {dim} features of the weight")
+    needed_rows = int(patches.max()) + 1 if len(patches) else 0
+    if pos_embed.shape[-1] != dim or pos_embed.numel() < needed_rows * dim:
+        raise ValueError(f"pos_embed {tuple(pos_embed.shape)} must hold {needed_rows} rows (CLS and the longest "
+                         f"sequence's patches) of the {dim} features of the weight")
+
+
 def pack_tokens(
     spec: torch.Tensor,
     weight: torch.Tensor,
@@ -111,8 +128,9 @@ def pack_tokens(
     spec = spec.contiguous()  # the kernel reads images at offsets into one flat buffer
     device = spec.device
     patches = torch.as_tensor(patches, dtype=torch.int64).cpu()
-    cu_seqlens = torch.as_tensor(cu_seqlens).cpu()
-    total = int(cu_seqlens[-1]) if len(cu_seqlens) else 0
+    cu_seqlens = torch.as_tensor(cu_seqlens, dtype=torch.int64).cpu()
+    _check_layout(patches, cu_seqlens, dim, bias, cls_token, pos_embed)
+    total = int(cu_seqlens[-1])
     out = torch.empty(total, dim, dtype=weight.dtype, device=device)
     if len(patches) == 0:
         return out

@@ -120,3 +120,28 @@ def test_cu_seqlens_that_do_not_cover_the_rows_exactly_are_refused(offsets):
     qkv = torch.randn(7, 3 * DIM)
     with pytest.raises(ValueError, match=r"cu_seqlens must rise from 0 to the 7 rows of qkv"):
         kernel.varlen_attention(qkv, torch.tensor(offsets, dtype=torch.int32), 4, HEADS)
+
+
+@pytest.mark.parametrize("heads", [0, -2])
+def test_heads_that_are_not_positive_are_refused(heads):
+    """heads=0 raised ZeroDivisionError; a negative count was reported as a negative head dim."""
+    qkv, cu_seqlens = packed([3, 4], torch.float32)
+    with pytest.raises(ValueError, match=f"heads must be a positive count, got {heads}"):
+        kernel.varlen_attention(qkv.to(DEVICE), cu_seqlens, 4, heads)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float64])
+def test_dtypes_the_kernel_does_not_take_are_refused(dtype):
+    """Integer qkv failed deep in Triton ('Unsupported lhs dtype int32'); float64 ran at float32 precision. The
+    dispatch already keeps both off the Triton backend; a direct call now says the same."""
+    qkv, cu_seqlens = packed([3, 4], torch.float32)
+    with pytest.raises(ValueError, match=f"float32, bf16 or fp16 heads, got {dtype}"):
+        kernel.varlen_attention((qkv * 4).to(DEVICE, dtype), cu_seqlens, 4, HEADS)
+
+
+def test_seq_ids_of_other_rows_are_refused():
+    """A kept seq_ids of another packing (fewer rows) was read past its end: a plausible but wrong result."""
+    qkv, cu_seqlens = packed([3, 4], torch.float32)
+    stale = kernel.row_sequences(torch.tensor([0, 3], dtype=torch.int32, device=DEVICE), 3)
+    with pytest.raises(ValueError, match=r"seq_ids must be int32 of the 7 rows of qkv on (cpu|cuda)"):
+        kernel.varlen_attention(qkv.to(DEVICE), cu_seqlens, 4, HEADS, seq_ids=stale)

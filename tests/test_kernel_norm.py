@@ -107,3 +107,27 @@ def test_cpu_default_is_the_reference():
     x, residual, weight, bias = layer_norm_inputs(5, 32)
     assert torch.equal(norm_ops.fused_residual_layer_norm(x, residual, weight, bias, 1e-6),
                        reference_layer_norm(x, residual, weight, bias))
+
+
+@pytest.mark.parametrize("width", [32, 128])
+def test_norm_parameters_of_another_width_are_refused(width):
+    """A weight or bias narrower than the rows was read past its end (a plausible but wrong result), one wider
+    was silently cut; torch's layer_norm refuses both."""
+    x, residual, weight, bias = on_device(layer_norm_inputs(5, 64))
+    for name, params in [("weight", (torch.rand(width, device=DEVICE), bias)),
+                         ("bias", (weight, torch.rand(width, device=DEVICE)))]:
+        with pytest.raises(ValueError, match=rf"{name} \({width},\) does not match the last axis of x \(5, 64\)"):
+            kernel.residual_layer_norm(x, residual, *params, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float64])
+def test_norm_kernels_refuse_what_they_cannot_compute(dtype):
+    """Integer rows came back as truncated integers, float64 ones rounded to float32 precision in a float64
+    tensor; torch's own ops raise for integers and keep float64."""
+    x, residual, weight, bias = layer_norm_inputs(5, 64)
+    x, residual = on_device([(x * 4).to(dtype), (residual * 4).to(dtype)])
+    weight, bias = on_device([weight, bias])
+    with pytest.raises(ValueError, match=f"float32, bfloat16 or float16 tensors; got x of {dtype}"):
+        kernel.residual_layer_norm(x, residual, weight, bias, 1e-6)
+    with pytest.raises(ValueError, match=f"float32, bfloat16 or float16 tensors; got x of {dtype}"):
+        kernel.bias_gelu(x, bias.to(dtype))

@@ -95,3 +95,35 @@ def test_strided_inputs(strided):
     waves, wave_offsets = (every_other(flat), offsets) if strided == "waves" else (flat, every_other(offsets))
     got = stft_ops.ragged_spectrogram(waves, wave_offsets, plan, backend="triton")
     assert_front_end_close(got, flat, offsets, plan)
+
+
+@pytest.mark.parametrize("change", ["waves cut short", "signal shorter than its frames", "offset missing"])
+def test_offsets_that_do_not_hold_the_plans_signals_are_refused(change):
+    """The kernels read each signal's frames at its offset, unchecked: a buffer shorter than the offsets or a signal
+    shorter than its frames need was read past its end (a plausible spectrogram of other memory), a missing offset
+    crashed the process."""
+    lengths = [samples_for(4, 16000, 3), samples_for(6, 8000)]
+    _, flat, offsets, plan = ragged_batch(lengths, [16000, 8000])
+    if change == "waves cut short":
+        flat = flat[: len(flat) - 100]
+    elif change == "signal shorter than its frames":
+        offsets = torch.tensor([0, lengths[0] - 200, sum(lengths)])
+    else:
+        offsets = offsets[:-1]
+    from echo_kernels import stft as kernel
+
+    with pytest.raises(ValueError, match="wave_offsets"):  # the kernel's own check (the dispatch has its own)
+        kernel.ragged_spectrogram(
+            flat, offsets, [geometry.n_fft(sr) for sr in plan.sample_rates],
+            [geometry.hop(sr) for sr in plan.sample_rates], plan.frames, plan.bands, plan.spec_offsets,
+            log_eps=geometry.LOG_EPS, log_mean=geometry.LOG_MEAN, log_std=geometry.LOG_STD)
+
+
+def test_bands_that_do_not_hold_the_bins_are_refused():
+    """One band of 32 rows for a 400-sample window's 201 bins computed 32 rows and dropped the rest silently."""
+    from echo_kernels import stft as kernel
+
+    waves = torch.randn(samples_for(4, 16000)).to(DEVICE)
+    with pytest.raises(ValueError, match=r"201 bins of n_fft 400 need 7 bands of 32 rows, got 1"):
+        kernel.ragged_spectrogram(waves, [0, len(waves)], [400], [160], [4], [1], [0, 32 * 4],
+                                  log_eps=geometry.LOG_EPS, log_mean=geometry.LOG_MEAN, log_std=geometry.LOG_STD)

@@ -1,4 +1,6 @@
 """The Triton token packing (echo_kernels/tokens.py) against the reference."""
+import re
+
 import pytest
 import torch
 
@@ -97,3 +99,40 @@ def test_strided_positions_are_read_as_their_values(monkeypatch):
     got = token_ops.pack_tokens(spec, plan, *params, backend="triton")
     ref = token_ops.pack_tokens_reference(spec.cpu(), plan, *[p.cpu() for p in params])
     assert rel_err(got.cpu(), ref) < 1e-5
+
+
+@pytest.mark.parametrize("change", ["rows past the last sequence", "rows short of the last sequence", "one offset more"])
+def test_cu_seqlens_that_disagree_with_the_patches_are_refused(change, monkeypatch):
+    """The output has cu_seqlens[-1] rows and sequence s is written at cu_seqlens[s] for patches[s] + 1 rows: extra
+    rows came back unwritten (garbage), too few were written past the buffer's end (a crash)."""
+    from echo_kernels import tokens as kernel
+
+    spec, plan = case([33, 5], [16000, 8000])
+    launch = kernel.pack_tokens
+    altered = {"rows past the last sequence": lambda cu: torch.cat([cu[:-1], cu[-1:] + 4]),
+               "rows short of the last sequence": lambda cu: torch.cat([cu[:-1], cu[-1:] - 2]),
+               "one offset more": lambda cu: torch.cat([cu, cu[-1:] + 1])}[change]
+    monkeypatch.setattr(kernel, "pack_tokens", lambda *args, cu_seqlens, **kwargs: launch(
+        *args, cu_seqlens=altered(cu_seqlens), **kwargs))
+    with pytest.raises(ValueError, match=r"cu_seqlens must step by patches \+ 1"):
+        token_ops.pack_tokens(spec, plan, *random_parameters(), backend="triton")
+
+
+@pytest.mark.parametrize("which", ["bias", "cls_token", "pos_embed"])
+def test_parameters_of_another_shape_are_refused(which):
+    """A narrow bias or CLS, or a position table with fewer rows than the longest sequence's patches, were read past
+    their end (plausible but wrong tokens); the torch path raises for each."""
+    spec, plan = case([33, 5], [16000, 8000])
+    weight, bias, cls_token, pos_embed = random_parameters()
+    short = {"bias": bias[:10], "cls_token": cls_token[..., :10], "pos_embed": pos_embed[:, :2]}
+    params = dict(weight=weight, bias=bias, cls_token=cls_token, pos_embed=pos_embed) | {which: short[which]}
+    with pytest.raises(ValueError, match=rf"{which} {re.escape(str(tuple(short[which].shape)))} must hold"):
+        token_ops.pack_tokens(spec, plan, *params.values(), backend="triton")
+
+
+@pytest.mark.parametrize("bins", [300, 100])
+def test_band_split_refuses_a_spectrogram_of_another_rate(bins):
+    """16 kHz has 201 bins: 300 rows were cut silently (the last band taken from rows 268-299), 100 failed in a
+    reshape."""
+    with pytest.raises(ValueError, match=f"16000 Hz has 201 frequency bins, got a spectrogram of shape \\({bins}, 10\\)"):
+        token_ops.band_split(torch.randn(bins, 10), 16000)

@@ -13,6 +13,9 @@ from .. import geometry
 def band_split(spec: torch.Tensor, sample_rate: int) -> torch.Tensor:
     """(F, T) -> (nb, 32, T). Band b holds bins [32b, min(32b+32, F)); a narrower last band is zero-padded
     with rows BEFORE its real bins (0 is a value of the normalised domain)."""
+    if spec.dim() != 2 or spec.shape[0] != geometry.n_bins(sample_rate):  # other rows would be cut or misplaced
+        raise ValueError(f"{sample_rate} Hz has {geometry.n_bins(sample_rate)} frequency bins, got a spectrogram of "
+                         f"shape {tuple(spec.shape)}")
     bins, frames = spec.shape
     bands = geometry.n_bands(sample_rate)
     pad = bands * geometry.BAND_BINS - bins
