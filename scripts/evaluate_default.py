@@ -293,11 +293,13 @@ def _record_checkpoints(args, keys: tuple) -> int:
             raise SystemExit(str(error)) from None
     rows = score_checkpoints(args.runs, demo.build_task(args.seed, args.bank, args.tests), keys, args.jobs,
                              range(args.seed, args.seed + args.demo_seeds), args.bank, args.tests)
-    columns = list(rows[0]) if rows else []
+    if not rows:
+        raise SystemExit(f"no readable checkpoint in {', '.join(str(run / 'checkpoints') for run in args.runs)}")
+    columns = list(rows[0])
     print("  ".join(columns))
     for row in rows:
         print("  ".join(f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns))
-    if args.csv is not None and rows:
+    if args.csv is not None:
         atomic.write_csv(args.csv, columns, rows)
     return 0
 

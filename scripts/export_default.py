@@ -7,8 +7,8 @@ and its training curve.
 
 Writes OUT/model.safetensors, OUT/model.json, OUT/training.json, OUT/training_curve.png and, from the
 corpus's data list, OUT/DATA_CREDITS.csv (every source, licence and credit of the pretraining audio, with
-its file count and minutes). A run that has not finished is exported as it stands; training.json says how
-many steps it got.
+its file count and minutes); an OUT/evaluation.json, which measured the model replaced, is removed. A run that
+has not finished is exported as it stands; training.json says how many steps it got.
 """
 from __future__ import annotations
 
@@ -115,6 +115,12 @@ def main(argv=None) -> int:
         atomic.check_writable(args.out, f"--out {args.out}")
     except ValueError as error:
         raise SystemExit(str(error)) from None
+    # It measured the model about to be replaced: kept, it would pass for the new one's until evaluated again.
+    evaluation = args.out / "evaluation.json"
+    if evaluation.is_file():
+        evaluation.unlink()
+        print(f"removed {evaluation}, the evaluation of the model replaced: run scripts/evaluate_default.py "
+              "--json to measure the new one")
     echo.save(model, args.out / "model.safetensors", dtype=torch.float16)
     last = _plot_curve(curve, args.out / "training_curve.png", saved["step"])
     _write_credits(credits, args.out / "DATA_CREDITS.csv")

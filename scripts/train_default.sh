@@ -17,6 +17,11 @@
 # CORPUS_BUILT=1 skips the corpus step (scripts/train_seeds.sh builds it once for all seeds).
 # The corpus (~220 MB) is built from Debian packages fetched with apt-get download (nothing is installed).
 set -euo pipefail
+# an option or a second folder would otherwise be taken for the run folder, hours before anyone notices
+if [ $# -gt 1 ] || [[ ${1:-} = -* ]]; then
+    echo "usage: bash scripts/train_default.sh [RUN_DIR]   (settings as VAR=value before it: see the script's header)" >&2
+    exit 2
+fi
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 source "$REPO/scripts/paths.sh"  # absolute, PYTHON
 RUN_DIR=${1:-$REPO/runs/default}

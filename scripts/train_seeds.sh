@@ -16,6 +16,11 @@
 # Both evaluations draw the demo's clips DEMO_SEEDS times (default 20; one draw says little, see the model card's
 # "More than chance?"); each draw costs a few seconds a checkpoint.
 set -euo pipefail
+# an option or a second folder would otherwise be taken for the root folder, hours before anyone notices
+if [ $# -gt 1 ] || [[ ${1:-} = -* ]]; then
+    echo "usage: bash scripts/train_seeds.sh [ROOT]   (settings as VAR=value before it: see the script's header)" >&2
+    exit 2
+fi
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 source "$REPO/scripts/paths.sh"  # absolute, PYTHON
 ROOT=${1:-$REPO/runs/seeds}
@@ -26,6 +31,12 @@ export PYTHON
 cd "$REPO"
 read -r -a seeds <<< "${SEEDS-0 1 2 3}"
 [ ${#seeds[@]} -gt 0 ] || { echo "SEEDS is empty: give at least one seed, e.g. SEEDS=\"0 1\"" >&2; exit 2; }
+# seed N trains into ROOT/seed-N: a repeated seed would run two trainings into one folder at once
+for seed in "${seeds[@]}"; do
+    [[ $seed =~ ^(0|[1-9][0-9]*)$ ]] || { echo "SEEDS holds '$seed': give whole numbers, e.g. SEEDS=\"0 1\"" >&2; exit 2; }
+done
+[ "$(printf '%s\n' "${seeds[@]}" | sort -u | wc -l)" -eq ${#seeds[@]} ] || {
+    echo "SEEDS repeats a seed (${seeds[*]}): each trains into its own ROOT/seed-N" >&2; exit 2; }
 workers=$(( ${WORKERS:-14} / ${#seeds[@]} ))
 mkdir -p "$ROOT"
 "$PYTHON" scripts/build_corpus.py --out corpus --synthetic 500 --seed 0 ${EXTRA:+--extra $EXTRA} >"$ROOT/corpus.log"

@@ -136,6 +136,22 @@ def test_export_script_turns_an_unfinished_run_into_a_bundle(stopped_run, tmp_pa
 
 
 @pytest.mark.slow
+def test_export_removes_the_evaluation_of_the_model_it_replaces(stopped_run, tmp_path, capsys):
+    """evaluation.json beside the exported file measured the model replaced: kept, it was taken for the new
+    one's numbers whenever the evaluation after the export did not run to its end."""
+    datalist = tmp_path / "datalist.csv"
+    datalist.write_text("path,split,source,original,sample_rate,seconds,channels,label,licence,credit\n"
+                        "a.wav,pretrain,pkg,a.wav,8000,30,1,,CC0,Someone\n")
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "evaluation.json").write_text('{"trained (default)": {"demo AUC": 0.99}}\n')
+    export_default = import_script("export_default")
+    assert export_default.main([str(stopped_run), "--out", str(out), "--datalist", str(datalist)]) == 0
+    assert not (out / "evaluation.json").exists()
+    assert "evaluation.json" in capsys.readouterr().out  # said, not silent
+
+
+@pytest.mark.slow
 def test_select_checkpoint_scores_every_checkpoint_and_prints_the_best(stopped_run, tmp_path, capsys):
     """Each checkpoint's validation AUC is that of its teacher on validation machines the demo does not use,
     and the printed step is the best row."""

@@ -113,3 +113,13 @@ def test_each_checkpoint_gets_the_mean_of_the_draws(tmp_path, evaluate_default):
         assert float(row[f"demo {metric} 2-draw mean"]) == pytest.approx(np.mean(draws[f"demo {metric} over seeds"]))
     for key, values in draws["demo per machine over seeds"].items():
         assert float(row[f"{key} 2-draw mean"]) == pytest.approx(np.mean(values))
+
+
+def test_runs_without_a_readable_checkpoint_stop_with_the_reason(tmp_path, evaluate_default):
+    """It printed an empty table and succeeded, leaving --csv as an earlier command wrote it."""
+    corpus = key_switch_corpus(tmp_path / "corpus")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step-000000003.pt").write_bytes(b"")  # torn: does not load
+    with pytest.raises(SystemExit, match=r"no readable checkpoint in .*run"):
+        evaluate_default.main(["--runs", str(tmp_path / "run"), "--csv", str(tmp_path / "rows.csv"), "--corpus",
+                               str(corpus), "--bank", "2", "--tests", "2", "--limit", "5", "--jobs", "1"])

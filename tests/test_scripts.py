@@ -476,3 +476,23 @@ def test_the_recipes_take_a_relative_python_and_out_from_where_they_were_started
     assert done.returncode == 0, done.stderr
     export = next(line.split("|") for line in log.read_text().splitlines() if "export_default.py" in line)
     assert f"{tmp_path}/out" in export
+
+
+@pytest.mark.parametrize("script", ["train_default.sh", "train_seeds.sh"])
+@pytest.mark.parametrize("arguments", [["--help"], ["runs/a", "runs/b"]], ids=["option", "two folders"])
+def test_the_recipes_refuse_arguments_they_do_not_take_before_running_anything(tmp_path, fake_python, script,
+                                                                               arguments):
+    """`--help` was taken for the run folder: hours of training into ./--help, then the bundled model replaced."""
+    python, log = fake_python
+    done = run_recipe(script, tmp_path, python, *arguments, SEEDS="5", CORPUS_BUILT="1")
+    assert done.returncode == 2 and f"usage: bash scripts/{script}" in done.stderr
+    assert not log.exists() and list(tmp_path.iterdir()) == [tmp_path / "bin"]
+
+
+@pytest.mark.parametrize("seeds", ["1 2 1", "0,1"], ids=["repeated", "not a number"])
+def test_train_seeds_refuses_repeated_or_malformed_seeds_before_building_anything(tmp_path, fake_python, seeds):
+    """A repeated seed started two trainings into one run folder at once, each overwriting the other's files."""
+    python, log = fake_python
+    done = run_recipe("train_seeds.sh", tmp_path, python, "runs", SEEDS=seeds)
+    assert done.returncode == 2 and "SEEDS" in done.stderr
+    assert not log.exists() and not (tmp_path / "runs").exists()
