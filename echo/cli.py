@@ -34,7 +34,10 @@ class CommandParser(argparse.ArgumentParser):
 
 
 def build_parser(argv, prog: str = "echo-fm") -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog=prog, description="ECHO embeddings for machine signals")
+    parser.add_argument("--version", action="version", version=f"echo-fm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     for name, (module_name, help_text) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text)

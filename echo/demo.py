@@ -12,6 +12,7 @@ The machines are drawn with seeds the pretraining corpus does not use: the model
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -168,8 +169,16 @@ def _plots(task: DemoTask, scores: np.ndarray, embeddings: list, out: Path) -> t
     return written[0], written
 
 
+def output_folder(text: str) -> Path:
+    """--out as the user meant it: "~" is their home (as for --model, and where a shell leaves `--out=~/x`
+    alone); an empty path, an unset variable's, is refused rather than read as the current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path; give a folder (default: echo-demo)")
+    return Path(text).expanduser()
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("echo-demo"),
+    parser.add_argument("--out", type=output_folder, default=Path("echo-demo"),
                         help="folder for the plots and scores (default: echo-demo)")
     parser.add_argument("--model", default="default",
                         help="checkpoint name (default, echo-small, echo-tiny) or path (default: default)")
@@ -213,15 +222,19 @@ def _demonstrate(args) -> int:
 
     from . import checkpoint
     from .eval import cli as eval_cli
+    from .ops import backend as backends
 
     started = time.perf_counter()
     host_memory.keep_freed_memory()  # the demo encodes on the CPU
     model = checkpoint.load(args.model)  # before --out is made: a bad --model leaves no empty folder behind
+    device = next(model.parameters()).device
+    # a forced backend that cannot run this model here: said now, not by fast.encode once the clips are made
+    backends.check_argument(backends.OPS, device, None, model.config.dim // model.config.heads, torch.float32)
     atomic.check_writable(args.out, f"--out {args.out}")
+    atomic.remove_abandoned(args.out)  # a killed run's temporaries: nothing else would ever delete them
     task = build_task(args.seed)
     rates = ", ".join(f"{rate} Hz" for rate in sorted(set(task.rates)))
     backgrounds = ", ".join(sorted({name for machine in MACHINES for name in machine.backgrounds}))
-    device = next(model.parameters()).device
     print(f"ECHO-{model.config.size or 'custom'} ({args.model}) on {device.type} "
           f"(torch threads: {torch.get_num_threads()}): {len(task.clips)} clips of {CLIP_SECONDS:g} s from "
           f"{len(MACHINES)} machines at {rates}; bearing faults {', '.join(synth.FAULTS)}; real backgrounds "

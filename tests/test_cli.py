@@ -56,6 +56,48 @@ def test_demo_command_refuses_bad_options_before_the_work(tmp_path, option, mess
     assert cli.main(argv) == 2 and message in capsys.readouterr().err
 
 
+def test_demo_command_refuses_an_empty_out_as_bad_usage(tmp_path, monkeypatch, capsys):
+    """`--out "$UNSET"` wrote the demo's fifteen files into the current folder."""
+    from echo import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo, "build_task", lambda *args: pytest.fail("the work started"))
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["demo", "--out", ""])
+    assert exited.value.code == 2 and "argument --out: an empty path" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_command_reads_a_tilde_in_out_as_the_home_folder(tmp_path, monkeypatch, capsys):
+    """`--out=~/plots`, which the shell leaves as typed, made a folder named '~' in the current one."""
+    from echo import cli
+
+    def stop(*args):
+        raise KeyboardInterrupt
+
+    (tmp_path / "home").mkdir()
+    (tmp_path / "here").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path / "here")
+    monkeypatch.setattr(demo, "build_task", stop)  # the folder is made before the work
+    model = echo.save(random_model(dim=32, depth=1, heads=2), tmp_path / "small.safetensors")
+    assert cli.main(["demo", "--model", str(model), "--out=~/plots"]) == 130
+    assert (tmp_path / "home" / "plots").is_dir() and list((tmp_path / "here").iterdir()) == []
+    assert f"nothing was written to {tmp_path / 'home' / 'plots'}/" in capsys.readouterr().err
+
+
+def test_demo_command_refuses_a_forced_backend_this_model_cannot_run_before_the_work(tmp_path, monkeypatch, capsys):
+    """The setting was found by fast.encode once the clips were made, and left an empty --out behind."""
+    from echo import cli
+
+    monkeypatch.setenv("ECHO_BACKEND_ATTENTION", "csrc")  # the compiled attention takes heads of 64 only
+    monkeypatch.setattr(demo, "build_task", lambda *args: pytest.fail("the work started"))
+    model = echo.save(random_model(dim=32, depth=1, heads=2), tmp_path / "small.safetensors")
+    assert cli.main(["demo", "--model", str(model), "--out", str(tmp_path / "out")]) == 2
+    assert "ECHO_BACKEND_ATTENTION=csrc" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_demo_command_refuses_a_folder_it_cannot_write_before_the_work(tmp_path, monkeypatch, capsys):
     """A read-only --out was found only after the table was printed."""
     from echo import cli
@@ -122,6 +164,17 @@ def test_the_package_loads_torch_only_inside_the_command_so_ctrl_c_there_is_caug
     assert shown == ["False", "True", "echo.fast", "[]"]
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
         echo.no_such_name
+
+
+def test_version_prints_the_packages_version(capsys):
+    """`--version` was answered by "the following arguments are required: command", which names no version."""
+    from echo import cli
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out == f"echo-fm {version}\n"
 
 
 @pytest.mark.parametrize("argv, usage, error", [

@@ -184,6 +184,24 @@ def test_an_interrupted_demo_says_which_of_its_files_it_kept(tmp_path, monkeypat
     assert capsys.readouterr().err == f"interrupted: {message.format(out=out)}\n"
 
 
+def test_demo_deletes_the_temporaries_a_killed_run_left(tmp_path, monkeypatch):
+    """A demo killed while writing left `scores.csv.<pid>.tmp` in --out, which no later run removed."""
+    from echo import cli
+
+    full_task = demo.build_task
+    monkeypatch.setattr(demo, "build_task", lambda seed: full_task(seed, bank=1, tests=1, seconds=0.3))
+    monkeypatch.setattr(demo, "encode", lambda model, signals, rates: [np.random.standard_normal(8) for _ in signals])
+    model = echo.save(random_model(dim=32, depth=1, heads=2), tmp_path / "small.safetensors")
+    out = tmp_path / "out"
+    out.mkdir()
+    killed = out / f"scores.csv.{2**22 + 1}.tmp"  # above any pid_max: no process has this id
+    running = out / "roc_demo_fan.png.1.tmp"  # process 1 runs: this one may be being written
+    killed.write_text("half")
+    running.write_text("half")
+    assert cli.main(["demo", "--model", str(model), "--out", str(out)]) == 0
+    assert not killed.exists() and running.exists() and (out / "scores.csv").is_file()
+
+
 def test_demo_without_scikit_learn_names_the_package_to_install(tmp_path, monkeypatch, capsys):
     """The message named 'sklearn', which is not the name pip installs scikit-learn by."""
     from echo import cli
