@@ -162,6 +162,17 @@ def test_demo_table_matches_sklearn_on_the_written_scores_and_names_device_and_t
     assert lines[-1].startswith(f"wrote scores.csv and {3 * len(demo.MACHINES) + 2} figures to {out}/")
 
 
+def quick_demo(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """A one-clip-per-machine demo with stand-in embeddings: (its model file, its empty --out folder)."""
+    full_task = demo.build_task
+    monkeypatch.setattr(demo, "build_task", lambda seed: full_task(seed, bank=1, tests=1, seconds=0.3))
+    monkeypatch.setattr(demo, "encode", lambda model, signals, rates: [np.random.standard_normal(8) for _ in signals])
+    model = echo.save(random_model(dim=32, depth=1, heads=2), tmp_path / "small.safetensors")
+    out = tmp_path / "out"
+    out.mkdir()
+    return model, out
+
+
 @pytest.mark.parametrize("owner, name, number, message", [
     (demo, "score", 1, "nothing was written to {out}/"),
     (plots, "save", 2, "kept roc_demo_all-machines.png, scores.csv in {out}/; the rest was not written")])
@@ -171,12 +182,7 @@ def test_an_interrupted_demo_says_which_of_its_files_it_kept(tmp_path, monkeypat
     earlier run's files are not claimed."""
     from echo import cli
 
-    full_task = demo.build_task
-    monkeypatch.setattr(demo, "build_task", lambda seed: full_task(seed, bank=1, tests=1, seconds=0.3))
-    monkeypatch.setattr(demo, "encode", lambda model, signals, rates: [np.random.standard_normal(8) for _ in signals])
-    model = echo.save(random_model(dim=32, depth=1, heads=2), tmp_path / "small.safetensors")
-    out = tmp_path / "out"
-    out.mkdir()
+    model, out = quick_demo(tmp_path, monkeypatch)
     for earlier in ("scores.csv", "projection_fan.png"):
         (out / earlier).write_text("an earlier run's")
     interrupt_call(monkeypatch, owner, name, number)
@@ -188,12 +194,7 @@ def test_demo_deletes_the_temporaries_a_killed_run_left(tmp_path, monkeypatch):
     """A demo killed while writing left `scores.csv.<pid>.tmp` in --out, which no later run removed."""
     from echo import cli
 
-    full_task = demo.build_task
-    monkeypatch.setattr(demo, "build_task", lambda seed: full_task(seed, bank=1, tests=1, seconds=0.3))
-    monkeypatch.setattr(demo, "encode", lambda model, signals, rates: [np.random.standard_normal(8) for _ in signals])
-    model = echo.save(random_model(dim=32, depth=1, heads=2), tmp_path / "small.safetensors")
-    out = tmp_path / "out"
-    out.mkdir()
+    model, out = quick_demo(tmp_path, monkeypatch)
     killed = out / f"scores.csv.{2**22 + 1}.tmp"  # above any pid_max: no process has this id
     running = out / "roc_demo_fan.png.1.tmp"  # process 1 runs: this one may be being written
     killed.write_text("half")
