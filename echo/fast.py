@@ -192,7 +192,7 @@ class _FrontEnd:
         fresh = [m for m in members if m not in self.kept]
         spec = self._computed(fresh, plan if len(fresh) == len(members) else None)
         if len(fresh) < len(members) or any(m in self.last_chunk for m in fresh):
-            size_of = {m: nb * geometry.BAND_BINS * t for m, nb, t in zip(members, plan.bands, plan.frames)}
+            size_of = dict(zip(members, plan.spec_offsets.diff().tolist()))
             pieces = dict(zip(fresh, spec.split([size_of[m] for m in fresh])))
             self.kept.update({m: pieces[m] for m in fresh if m in self.last_chunk})
             if len(fresh) < len(members):
