@@ -15,6 +15,7 @@ log-sum-exp is log2-domain; q.k products accumulate in fp32 whatever the input d
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import triton
@@ -211,9 +212,14 @@ class _VarlenAttention(torch.autograd.Function):
 
 
 def check_cover(cu_seqlens: torch.Tensor, rows: int) -> None:
-    """ValueError unless cu_seqlens is 0, then non-decreasing offsets, ending at `rows`."""
+    """ValueError unless cu_seqlens is 1-D integer offsets and, on the host, 0, then non-decreasing offsets,
+    ending at `rows`. Offsets on a device are not read: that would wait for the device."""
     if cu_seqlens.dim() != 1 or len(cu_seqlens) < 1:
         raise ValueError(f"cu_seqlens must be 1-D with at least one offset, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):  # the kernels' int32 copy would truncate 3.5 to 3
+        raise ValueError(f"cu_seqlens must be int32 or int64 offsets, got {cu_seqlens.dtype}")
+    if cu_seqlens.device.type != "cpu":
+        return
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0 or offsets[-1] != rows or any(b < a for a, b in zip(offsets, offsets[1:])):
         shown = offsets if len(offsets) <= 6 else [*offsets[:3], "...", *offsets[-2:]]
@@ -227,13 +233,13 @@ def varlen_attention(
     """softmax(q k^T / sqrt(d)) v within each packed sequence: qkv (total, 3D) with rows Q, K, V per token
     and heads as contiguous D/H slices -> (total, D) in qkv's dtype. Differentiable (dqkv).
 
-    `max_seqlen` (host int) only picks the tile size; `block` overrides it (a power of two >= 16). A host
-    `cu_seqlens` is checked to cover the rows exactly (the kernels would read past it); one already on the
-    device is trusted, as checking it would wait for the device. `seq_ids`: row_sequences(cu_seqlens on
-    qkv's device, rows of qkv), when the caller keeps it for many calls.
+    `max_seqlen` (host int) only picks the tile size; `block` overrides it (a power of two >= 16).
+    `cu_seqlens` is int32 or int64; a host one is checked to cover the rows exactly (the kernels would read past
+    it), the values of one already on the device are trusted, as checking them would wait for the device.
+    `seq_ids`: row_sequences(cu_seqlens on qkv's device, rows of qkv), when the caller keeps it for many calls.
     """
-    if heads < 1:
-        raise ValueError(f"heads must be a positive count, got {heads}")
+    if not isinstance(heads, numbers.Integral) or heads < 1:
+        raise ValueError(f"heads must be a positive count, got {heads!r}")
     if qkv.dtype not in (torch.float32, torch.bfloat16, torch.float16):  # what the kernels' dot and fp32 softmax keep
         raise ValueError(f"the Triton attention takes float32, bf16 or fp16 heads, got {qkv.dtype}")
     if qkv.dim() != 2 or qkv.shape[1] % (3 * heads):
@@ -244,8 +250,7 @@ def varlen_attention(
     block = block or _tile_size(max_seqlen)
     if block < 16 or block & (block - 1):
         raise ValueError(f"attention tile must be a power of two >= 16, got {block}")
-    if cu_seqlens.device.type == "cpu":
-        check_cover(cu_seqlens, qkv.shape[0])
+    check_cover(cu_seqlens, qkv.shape[0])
     cu_seqlens = cu_seqlens.to(device=qkv.device, dtype=torch.int32).contiguous()
     if seq_ids is None:
         seq_ids = row_sequences(cu_seqlens, qkv.shape[0])

@@ -122,9 +122,20 @@ def test_cu_seqlens_that_do_not_cover_the_rows_exactly_are_refused(offsets):
         kernel.varlen_attention(qkv, torch.tensor(offsets, dtype=torch.int32), 4, HEADS)
 
 
-@pytest.mark.parametrize("heads", [0, -2])
+@pytest.mark.parametrize("offsets", [[0, 3.5, 7], [0, 3, 7], [0, 3, 9]],
+                         ids=["fractional", "whole", "past-the-rows"])
+def test_float_cu_seqlens_are_refused(offsets):
+    """The kernels' int32 copy truncated them: [0, 3.5, 7] ran as [0, 3, 7], with no word. The dtype is said
+    first, on any device, before the offsets are read."""
+    qkv = torch.randn(7, 3 * DIM, device=DEVICE)
+    with pytest.raises(ValueError, match="cu_seqlens must be int32 or int64 offsets, got torch.float32"):
+        kernel.varlen_attention(qkv, torch.tensor(offsets, dtype=torch.float32, device=DEVICE), 4, HEADS)
+
+
+@pytest.mark.parametrize("heads", [0, -2, 2.0])
 def test_heads_that_are_not_positive_are_refused(heads):
-    """heads=0 raised ZeroDivisionError; a negative count was reported as a negative head dim."""
+    """heads=0 raised ZeroDivisionError; a negative count was reported as a negative head dim, heads=2.0 as a
+    float that has no '&'."""
     qkv, cu_seqlens = packed([3, 4], torch.float32)
     with pytest.raises(ValueError, match=f"heads must be a positive count, got {heads}"):
         kernel.varlen_attention(qkv.to(DEVICE), cu_seqlens, 4, heads)

@@ -1,4 +1,6 @@
 """The oneDNN-packed products (echo.ops.linear) and the packed encoder's CPU inference path (bf16 and float32)."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -130,3 +132,12 @@ def test_without_the_compiled_extension_the_inference_path_falls_back_to_torch(m
     signals, rates = [torch.randn(8000), torch.randn(30000)], [8000, 48000]
     for signal, rate, got in zip(signals, rates, fast.encode(model, signals, rates, dtype=dtype)):
         assert rel_err(got, model.encode(signal, rate)[0]) < (2e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@requires_onednn_fp32
+@pytest.mark.parametrize("shape", [(3, 12), (2, 3, 20), (16, 1)])
+def test_packed_linear_refuses_an_input_of_another_width(shape):
+    """oneDNN's own refusal ("could not create a primitive descriptor...") named neither width."""
+    layer = linear_ops.PackedLinear(torch.randn(8, 16), torch.randn(8), torch.float32)
+    with pytest.raises(ValueError, match=re.escape(f"PackedLinear takes inputs of width 16, got {shape}")):
+        layer(torch.randn(shape))

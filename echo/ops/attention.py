@@ -3,6 +3,7 @@ D/H slices, scale 1/sqrt(head_dim), no mask."""
 from __future__ import annotations
 
 import functools
+import numbers
 
 import torch
 
@@ -166,10 +167,21 @@ def fitting_backends(head_dim: int, dtype: torch.dtype, device: torch.device, ba
     return tuple(name for name in available if name not in unfit)
 
 
+def check_heads(qkv: torch.Tensor, heads: int) -> None:
+    """ValueError unless qkv is (total, 3D) rows of `heads` whole heads: heads=0 was a ZeroDivisionError and a
+    count that does not divide D a reshape error deep in a backend. (echo_kernels.attention.varlen_attention
+    says the same for a direct call: the kernels import no model code.)"""
+    if not isinstance(heads, numbers.Integral) or heads < 1:
+        raise ValueError(f"heads must be a positive count, got {heads!r}")
+    if qkv.dim() != 2 or qkv.shape[1] % (3 * heads):
+        raise ValueError(f"qkv must be (total, 3*D) with D divisible by heads={heads}, got {tuple(qkv.shape)}")
+
+
 def packed_attention(qkv: torch.Tensor, packing, heads: int, backend: str | None = None) -> torch.Tensor:
     """Dispatch of varlen attention on a packed (total, 3D) buffer described by an echo.packed.Packing."""
     from . import backend as backends
 
+    check_heads(qkv, heads)
     fitting = fitting_backends(qkv.shape[1] // (3 * heads), qkv.dtype, qkv.device, backend,
                                torch.is_grad_enabled() and qkv.requires_grad)
     chosen = backends.choose("attention", qkv.device, backend, fitting)

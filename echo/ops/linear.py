@@ -46,6 +46,10 @@ class PackedLinear:
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), PACKING_ROWS)
 
     def __call__(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        """Any input dtype is cast to the layer's. An input of another width is refused here: oneDNN's own
+        refusal ("could not create a primitive descriptor") names neither width."""
+        if x.shape[-1:] != self.weight.shape[1:]:  # the packed weight keeps its (out, in) shape
+            raise ValueError(f"PackedLinear takes inputs of width {self.weight.shape[1]}, got {tuple(x.shape)}")
         x = x.to(self.dtype)
         if gelu:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], "none")
