@@ -224,20 +224,22 @@ def check_state_dict(model: EchoModel, state: dict, source: str) -> None:
 
 
 def _looks_like_name(path: str) -> bool:
-    """'echo-base', not 'weights/model.pth': a missing path of this shape is reported as an unknown name."""
-    return "/" not in path and os.sep not in path and not Path(path).suffix
+    """'echo-base', not 'weights/model.pth' nor '~' (the home folder, as a shell reads it): a missing path of this
+    shape is reported as an unknown name."""
+    return "/" not in path and os.sep not in path and not path.startswith("~") and not Path(path).suffix
 
 
-def _checkpoint_file(path) -> Path:
-    """The file `path` names: a checkpoint name is resolved through echo.hub; a folder is refused (naming the
-    checkpoint files in it) rather than guessing which file was meant."""
+def _checkpoint_file(path) -> tuple[Path, str | None]:
+    """The file `path` names, and the release name it was resolved from through echo.hub (None for a path or
+    "default"); a folder is refused (naming the checkpoint files in it) rather than guessing which file was
+    meant."""
     if not isinstance(path, (str, os.PathLike)):  # pathlib's TypeError would name neither load nor its argument
         raise ValueError(f"echo.load takes a checkpoint path or name, got {type(path).__name__} {path!r:.80}")
     if isinstance(path, str) and not path.strip():
         raise ValueError(f"no checkpoint given (an empty path); give a checkpoint file or a name: "
                          f"{', '.join(hub.NAMES)}")
     if isinstance(path, str) and not Path(path).exists() and _looks_like_name(path):
-        return hub.resolve(path)
+        return hub.resolve(path), path if path in hub.RELEASES else None
     path = Path(path).expanduser()  # "~/models/x.safetensors", as a shell would read it
     if path.is_dir():
         inside = sorted(p.name for p in path.iterdir() if p.suffix in CHECKPOINT_SUFFIXES and p.is_file())
@@ -247,7 +249,7 @@ def _checkpoint_file(path) -> Path:
         raise ValueError(f"checkpoint {path} is a symbolic link to {os.readlink(path)}, which does not exist")
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
-    return path
+    return path, None
 
 
 def load(path, size: str | None = None, device=None, heads: int | None = None, **overrides) -> EchoModel:
@@ -261,8 +263,13 @@ def load(path, size: str | None = None, device=None, heads: int | None = None, *
     if heads is not None:
         overrides["heads"] = heads
     device = None if device is None else checked_device(device)
-    path = _checkpoint_file(path)
-    state, saved = _read_state_dict(path)
+    path, release = _checkpoint_file(path)
+    try:
+        state, saved = _read_state_dict(path)
+    except ValueError as error:
+        if release is None:
+            raise
+        raise hub.damaged(release, path, error) from None
     try:
         if size is not None:  # the preset gives the size; the file's other fields (eps) still apply
             kept = {key: value for key, value in saved.items() if key not in SIZE_FIELDS}

@@ -1,9 +1,9 @@
 """Checkpoints by name: `echo.load("echo-small")`, `"echo-tiny"`, `"default"`.
 
 Released checkpoints are fetched with huggingface_hub's `hf_hub_download`, so its cache
-(HF_HUB_CACHE / HF_HOME, or `cache_dir=`) and offline mode (HF_HUB_OFFLINE=1) apply; a file already in
-the cache is used without any network. "default" is the small model trained by echo's own pretraining and
-bundled in the package (echo/data/default/model.safetensors).
+(HF_HUB_CACHE / HF_HOME, or `cache_dir=`) and offline mode (HF_HUB_OFFLINE=1, or TRANSFORMERS_OFFLINE=1) apply;
+a file already in the cache is used without any network. "default" is the small model trained by echo's own
+pretraining and bundled in the package (echo/data/default/model.safetensors).
 """
 from __future__ import annotations
 
@@ -46,8 +46,18 @@ RELEASES = {
 NAMES = ("default", *RELEASES)
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+def _offline() -> str | None:
+    """What sets huggingface_hub's offline mode, or None. It reads HF_HUB_OFFLINE, or TRANSFORMERS_OFFLINE where
+    that is unset or empty, once, at import; read again here the same way, so that a variable set later (in a
+    notebook, a test) applies too, and its setting is named in echo's message."""
+    from huggingface_hub import constants
+
+    variable = next((name for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if os.environ.get(name)), None)
+    if variable and os.environ[variable].upper() in constants.ENV_VARS_TRUE_VALUES:
+        return f"{variable}={os.environ[variable]}"
+    if constants.HF_HUB_OFFLINE:  # is_offline_mode() returns it, in the versions that have that function
+        return "HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE, as set when huggingface_hub was imported"
+    return None
 
 
 def _cache_dir(cache_dir) -> Path:
@@ -98,6 +108,20 @@ def _not_found(name: str, release: Release, cache: Path, reason: str) -> ValueEr
     )
 
 
+def _replacing(path: Path, release: Release) -> str:
+    """How to replace a bad cached file: copied over, not deleted, for huggingface_hub would link its blob again."""
+    return (f"download {release.url} and copy it over the cached file, from the folder holding it: "
+            f"cp {release.filename} {shlex.quote(str(path))}")
+
+
+def damaged(name: str, path: Path, problem: ValueError) -> ValueError:
+    """A named release's cached file that echo cannot read (cut short, or not the weights): said to be the
+    cache's copy of the release, which huggingface_hub keeps using rather than download again."""
+    release = RELEASES[name]
+    return ValueError(f"{name}: the Hugging Face cache's copy of {release.url} is damaged ({problem}); "
+                      f"{_replacing(path, release)}")
+
+
 def _verify(path: Path, name: str, release: Release) -> Path:
     if release.sha256 is None:
         return path
@@ -105,10 +129,9 @@ def _verify(path: Path, name: str, release: Release) -> Path:
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    if digest.hexdigest() != release.sha256:  # copied over, not deleted: huggingface_hub would link its blob again
+    if digest.hexdigest() != release.sha256:
         raise ValueError(f"{name}: {path} has sha256 {digest.hexdigest()}, but the release has {release.sha256}; "
-                         f"download {release.url} and copy it over the cached file, from the folder holding it: "
-                         f"cp {release.filename} {shlex.quote(str(path))}")
+                         f"{_replacing(path, release)}")
     return path
 
 
@@ -135,12 +158,12 @@ def resolve(name: str, cache_dir=None) -> Path:
     except ImportError:
         raise ValueError(f"{name}: loading released checkpoints by name needs huggingface_hub "
                          f"(pip install 'echo-fm[hub]'), or download {release.url} and load it by path") from None
-    cache = _cache_dir(cache_dir)
+    cache, offline = _cache_dir(cache_dir), _offline()
     try:
         path = hf_hub_download(release.repo_id, release.filename, revision=release.revision,
-                               cache_dir=str(cache), local_files_only=_offline())
+                               cache_dir=str(cache), local_files_only=offline is not None)
     except LocalEntryNotFoundError as error:
-        reason = "offline mode (HF_HUB_OFFLINE)" if _offline() else f"the hub cannot be reached: {_one_line(error)}"
+        reason = f"offline mode ({offline})" if offline else f"the hub cannot be reached: {_one_line(error)}"
         raise _not_found(name, release, cache, reason) from None
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as error:
         if isinstance(error, GatedRepoError):  # there, but its terms must be accepted: a download can be cached

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -356,3 +357,20 @@ def test_sparse_weights_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"weights must be dense tensors; these are not: norm\.weight "
                                          r"\(torch\.sparse_coo\)"):
         echo.load(tmp_path / "sparse.pth")
+
+
+def test_a_lone_tilde_is_the_home_folder_not_a_checkpoint_name(tmp_path, monkeypatch):
+    """echo.load("~") answered "unknown checkpoint name '~'"."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    home = tmp_path / "home"
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {home} does not exist") + "$"):
+        echo.load("~")
+    echo.save(random_model("tiny"), home / "model.safetensors")
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {home} is a directory, not a checkpoint file; it "
+                                                   f"holds model.safetensors: load")):
+        echo.load("~")
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {home / 'models' / 'm.safetensors'} does not exist")):
+        echo.load("~/models/m.safetensors")
+    with pytest.raises(ValueError, match=r"unknown checkpoint name 'Echo-Tiny' \(did you mean 'echo-tiny'\?\)"):
+        echo.load("Echo-Tiny")

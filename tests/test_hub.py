@@ -249,3 +249,78 @@ def test_other_hub_errors_are_one_line(offline_cache, monkeypatch):
     with pytest.raises(ValueError, match=r"could not be downloaded \(HfHubHTTPError: .*503") as error:
         echo.load("echo-tiny")
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("settings, named", [
+    ({"TRANSFORMERS_OFFLINE": "1"}, "TRANSFORMERS_OFFLINE=1"),  # was "the hub cannot be reached", and a download
+    ({"HF_HUB_OFFLINE": "", "TRANSFORMERS_OFFLINE": "yes"}, "TRANSFORMERS_OFFLINE=yes"),
+    ({"HF_HUB_OFFLINE": "True", "TRANSFORMERS_OFFLINE": "0"}, "HF_HUB_OFFLINE=True"),
+    ({"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "1"}, None),  # huggingface_hub reads HF_HUB_OFFLINE alone then
+    ({"HF_HUB_OFFLINE": " 1"}, None),
+], ids=["transformers", "hub-empty", "hub-first", "hub-off", "spaced"])
+def test_offline_mode_is_what_huggingface_hub_takes_it_to_be(offline_cache, monkeypatch, settings, named):
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in settings.items():
+        monkeypatch.setenv(variable, value)
+    reads = subprocess.run([sys.executable, "-c", "from huggingface_hub import constants; "
+                            "print(constants.HF_HUB_OFFLINE)"], capture_output=True, text=True, check=True)
+    assert reads.stdout.strip() == str(named is not None)  # as huggingface_hub reads the same environment
+
+    asked = []
+
+    def not_cached(*args, local_files_only, **kwargs):  # never the network, whatever echo asks for
+        asked.append(local_files_only)
+        raise LocalEntryNotFoundError("not in the cache")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # as imported in a process without either variable
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", not_cached)
+    reason = f"offline mode ({named})" if named else "the hub cannot be reached: LocalEntryNotFoundError"
+    with pytest.raises(ValueError, match=re.escape(f"could not be downloaded ({reason}")):
+        echo.load("echo-small")
+    assert asked == [named is not None]
+
+
+def test_offline_mode_set_when_huggingface_hub_was_imported_is_named(offline_cache, monkeypatch):
+    """huggingface_hub keeps the offline mode it read at import, though the variable is unset since."""
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match=r"could not be downloaded \(offline mode \(HF_HUB_OFFLINE or "
+                                         r"TRANSFORMERS_OFFLINE, as set when huggingface_hub was imported\)\)"):
+        echo.load("echo-small")
+
+
+@pytest.mark.parametrize("broken, problem", [
+    (lambda good: good[:1000], "not a readable safetensors file"),
+    (lambda good: b"<!DOCTYPE html><html><body>Error 502</body></html>", "neither a safetensors file nor a torch"),
+], ids=["cut-short", "a-web-page"])
+def test_a_damaged_cached_release_is_named_with_a_command_that_replaces_it(offline_cache, tmp_path, broken, problem):
+    """Reported by its path in the cache alone, which neither said it was the release nor how to replace it."""
+    model = random_model("tiny")
+    download = released_file(tmp_path / "download" / "model.safetensors", model)
+    folder = offline_cache / "models--yucongzh--echo-small-0824"  # as huggingface_hub keeps it: a link to a blob
+    blob = folder / "blobs" / "0123abcd"
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(broken(download.read_bytes()))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    cached = folder / "snapshots" / commit / "model.safetensors"
+    cached.parent.mkdir(parents=True)
+    cached.symlink_to(blob)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    with pytest.raises(ValueError) as error:
+        echo.load("echo-small")
+    text = str(error.value)
+    assert text.startswith("echo-small: the Hugging Face cache's copy of https://huggingface.co/yucongzh/"
+                           f"echo-small-0824/resolve/main/model.safetensors is damaged ({cached}: {problem}")
+    assert "\n" not in text
+    command = re.search(r"from the folder holding it: (cp .*)$", text).group(1)
+    subprocess.run(["sh", "-c", command], cwd=tmp_path / "download", check=True)
+    assert same_weights(echo.load("echo-small"), model)
