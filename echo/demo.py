@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from . import atomic, host_memory
 from .data import bundled, synth
@@ -27,7 +28,8 @@ from .data import bundled, synth
 CLIP_SECONDS = 2.0
 BANK_CLIPS = 20  # healthy clips per machine in the memory bank
 TEST_CLIPS = 12  # test clips per machine and class (healthy, faulty)
-MACHINE_SEED = 90_000  # random_machine seeds from here on; scripts/build_corpus.py uses 0..count-1
+# random_machine seeds from here on; scripts/build_corpus.py uses 0..count-1, and refuses a count reaching here
+MACHINE_SEED = 90_000
 PEAK = 0.5  # a machine's clips share one gain that puts its healthy peak here
 FAULT_LEVEL = (0.05, 0.15)  # an incipient fault: this fraction of the level random_machine draws
 
@@ -83,10 +85,11 @@ def _clip(base: synth.Machine, spec: DemoMachine, rng: np.random.Generator, faul
 
 
 def build_task(seed: int = 0, bank: int = BANK_CLIPS, tests: int = TEST_CLIPS, seconds: float = CLIP_SECONDS,
-               machines=MACHINES, machine_seed: int = MACHINE_SEED) -> DemoTask:
+               machines=MACHINES, machine_seed: int = MACHINE_SEED, progress: bool = False) -> DemoTask:
     """The demo's clips: per machine `bank` healthy training clips, `tests` healthy and `tests` faulty test
     clips (faults cycling outer, inner, ball). The same seeds give the same clips; another `machine_seed` gives
-    other machines (a validation task for choosing a checkpoint, apart from the demo's own)."""
+    other machines (a validation task for choosing a checkpoint, apart from the demo's own). `progress`: count
+    each machine's clips on a bar as they are made (the demo's take seconds, which would pass in silence)."""
     from .eval.anomaly import Clip
 
     if bank < 1 or tests < 1 or seconds <= 0:
@@ -97,7 +100,9 @@ def build_task(seed: int = 0, bank: int = BANK_CLIPS, tests: int = TEST_CLIPS, s
         base = _base_machine(spec, index, machine_seed)
         plan = [("train", None)] * bank + [("test", None)] * tests
         plan += [("test", synth.FAULTS[i % len(synth.FAULTS)]) for i in range(tests)]
-        signals = [_clip(base, spec, rng, fault, seconds) for _, fault in plan]
+        signals = [_clip(base, spec, rng, fault, seconds) for _, fault in tqdm(
+            plan, desc=f"generating {spec.name} clips ({index + 1}/{len(machines)})", unit="clip", leave=False,
+            disable=not progress)]
         gain = PEAK / max(float(np.abs(s).max()) for s, (_, fault) in zip(signals, plan) if fault is None)
         for number, ((subset, fault), signal) in enumerate(zip(plan, signals)):
             label = None if subset == "train" else int(fault is not None)
@@ -232,7 +237,7 @@ def _demonstrate(args) -> int:
     backends.check_argument(backends.OPS, device, None, model.config.dim // model.config.heads, torch.float32)
     atomic.check_writable(args.out, f"--out {args.out}")
     atomic.remove_abandoned(args.out)  # a killed run's temporaries: nothing else would ever delete them
-    task = build_task(args.seed)
+    task = build_task(args.seed, progress=True)
     rates = ", ".join(f"{rate} Hz" for rate in sorted(set(task.rates)))
     backgrounds = ", ".join(sorted({name for machine in MACHINES for name in machine.backgrounds}))
     print(f"ECHO-{model.config.size or 'custom'} ({args.model}) on {device.type} "

@@ -7,15 +7,19 @@ and its training curve.
 
 Writes OUT/model.safetensors, OUT/model.json, OUT/training.json, OUT/training_curve.png and, from the
 corpus's data list, OUT/DATA_CREDITS.csv (every source, licence and credit of the pretraining audio, with
-its file count and minutes); an OUT/evaluation.json, which measured the model replaced, is removed. A run that
-has not finished is exported as it stands; training.json says how many steps it got.
+its file count and minutes); an OUT/evaluation.json, which measured the model replaced, is removed. They are
+moved over the earlier export's only once all are written: an export that fails midway leaves that one whole. A
+run that has not finished is exported as it stands; training.json says how many steps it got.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -29,6 +33,8 @@ from echo.pretrain.trainer import PretrainConfig, run_encoder  # noqa: E402
 
 CURVE_COLUMNS = ("step", "loss", "frame_loss", "utterance_loss", "lr")
 DATALIST_COLUMNS = ("split", "source", "licence", "credit", "seconds")
+# what an export writes, in the order it moves them into --out: the weights last, once the rest is in place
+BUNDLE = ("training_curve.png", "DATA_CREDITS.csv", "training.json", "model.json", "model.safetensors")
 
 
 def _read_csv(path: Path, columns: tuple[str, ...], parse) -> list:
@@ -115,19 +121,28 @@ def main(argv=None) -> int:
         atomic.check_writable(args.out, f"--out {args.out}")
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    # It measured the model about to be replaced: kept, it would pass for the new one's until evaluated again.
-    evaluation = args.out / "evaluation.json"
-    if evaluation.is_file():
-        evaluation.unlink()
-        print(f"removed {evaluation}, the evaluation of the model replaced: run scripts/evaluate_default.py "
-              "--json to measure the new one")
-    echo.save(model, args.out / "model.safetensors", dtype=torch.float16)
-    last = _plot_curve(curve, args.out / "training_curve.png", saved["step"])
-    _write_credits(credits, args.out / "DATA_CREDITS.csv")
-    record = {"steps_trained": saved["step"], "steps_planned": config.steps, "exported": config.export,
-              "last_logged": last,
-              "pretrain_config": {k: v for k, v in config.to_dict().items() if k not in ("out", "device")}}
-    atomic.write_text(args.out / "training.json", json.dumps(record, indent=2) + "\n")
+    # Every file is written into a folder of its own inside --out first, and moved over the old ones only once
+    # all are: an error midway leaves the old set whole, never new weights beside the old curve and credits.
+    staging = Path(tempfile.mkdtemp(prefix="export-", suffix=".tmp", dir=args.out))
+    try:
+        echo.save(model, staging / "model.safetensors", dtype=torch.float16)
+        last = _plot_curve(curve, staging / "training_curve.png", saved["step"])
+        _write_credits(credits, staging / "DATA_CREDITS.csv")
+        record = {"steps_trained": saved["step"], "steps_planned": config.steps, "exported": config.export,
+                  "last_logged": last,
+                  "pretrain_config": {k: v for k, v in config.to_dict().items() if k not in ("out", "device")}}
+        atomic.write_text(staging / "training.json", json.dumps(record, indent=2) + "\n")
+        # It measured the model about to be replaced: kept, it would pass for the new one's until evaluated
+        # again. Removed before the moves, so that even a move failing midway leaves no new file beside it.
+        evaluation = args.out / "evaluation.json"
+        if evaluation.is_file():
+            evaluation.unlink()
+            print(f"removed {evaluation}, the evaluation of the model replaced: run scripts/evaluate_default.py "
+                  "--json to measure the new one")
+        for name in BUNDLE:
+            os.replace(staging / name, args.out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     size = (args.out / "model.safetensors").stat().st_size
     print(f"exported the {config.export} at step {saved['step']} of {config.steps} to "
           f"{args.out / 'model.safetensors'} ({size / 2**20:.1f} MiB, fp16)")

@@ -49,6 +49,21 @@ CUTS = [
 ]
 
 
+def check_members(package: str, root: Path) -> None:
+    """SystemExit naming the package's version and every file of it that CUTS takes and it no longer holds (a
+    newer release moved or renamed them), rather than a traceback at the first."""
+    wanted = {OPENSFX_CATALOGUE if cut.member.startswith("opensfx.cat#") else cut.member
+              for cut in CUTS if cut.package == package}
+    missing = sorted(member for member in wanted if not (root / member).is_file())
+    if missing:
+        try:
+            source = f"{package} ({debian.version(root)})"
+        except OSError:  # no record of the .deb it came from: its version unknown
+            source = package
+        raise SystemExit(f"{source} has no {', '.join(missing)}: the package changed; point CUTS in "
+                         "scripts/fetch_samples.py at where its files are now")
+
+
 def cut_waveform(cut: Cut, root: Path) -> tuple[np.ndarray, int, str, str, str]:
     """(mono waveform, rate, original file name, licence, authors/credit) of one cut."""
     if cut.member.startswith("opensfx.cat#"):
@@ -109,6 +124,7 @@ def main(argv=None) -> int:
             root = debian.fetch(cut.package, args.cache)
         except (debian.FetchError, OSError) as error:
             raise SystemExit(f"fetching {cut.package}: {error}") from None
+        check_members(cut.package, root)
         waveform, rate, original, licence, authors = cut_waveform(cut, root)
         write_wav(args.out / f"{cut.name}.wav", waveform, rate)
         rows.append((cut, rate, len(waveform) / rate, debian.version(root), original, licence, authors))

@@ -72,7 +72,7 @@ def test_demo_command_reads_a_tilde_in_out_as_the_home_folder(tmp_path, monkeypa
     """`--out=~/plots`, which the shell leaves as typed, made a folder named '~' in the current one."""
     from echo import cli
 
-    def stop(*args):
+    def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
     (tmp_path / "home").mkdir()

@@ -1,6 +1,7 @@
 """The bundled default model (echo/data/default/, made by scripts/train_default.sh): loads by name, embeds
 at three sample rates through the fast path as the reference does, and keeps the package small."""
 import csv
+import errno
 import importlib
 import json
 import re
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import echo
-from conftest import rel_err
+from conftest import random_model, rel_err
 from echo import fast, geometry, hub
 
 PACKAGE_DATA = Path(echo.__file__).parent / "data"
@@ -149,6 +150,36 @@ def test_export_removes_the_evaluation_of_the_model_it_replaces(stopped_run, tmp
     assert export_default.main([str(stopped_run), "--out", str(out), "--datalist", str(datalist)]) == 0
     assert not (out / "evaluation.json").exists()
     assert "evaluation.json" in capsys.readouterr().out  # said, not silent
+
+
+def test_an_export_failing_midway_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    """A write failing after the weights and the curve are written (the credits') replaces none of the earlier
+    export's files, not its evaluation either, and leaves no temporary in --out."""
+    from echo.pretrain.trainer import PretrainConfig
+
+    export_default = import_script("export_default")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "steps.csv").write_text("step,loss,frame_loss,utterance_loss,lr\n2,1.0,0.6,0.4,1e-4\n4,0.8,0.5,0.3,1e-4\n")
+    config = PretrainConfig(data="unused", out=str(run), dim=32, depth=1, heads=2, steps=4).to_dict()
+    monkeypatch.setattr(export_default, "run_encoder", lambda run, step=None: (
+        random_model(dim=32, depth=1, heads=2), {"step": 4, "config": config}))  # other weights at each export
+    datalist = tmp_path / "datalist.csv"
+    datalist.write_text("path,split,source,original,sample_rate,seconds,channels,label,licence,credit\n"
+                        "a.wav,pretrain,pkg,a.wav,8000,30,1,,CC0,Someone\n")
+    out = tmp_path / "bundle"
+    options = [str(run), "--out", str(out), "--datalist", str(datalist)]
+    assert export_default.main(options) == 0
+    (out / "evaluation.json").write_text('{"trained (default)": {"demo AUC": 0.9}}\n')
+    earlier = {path.name: path.read_bytes() for path in out.iterdir()}
+
+    def full(totals, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(export_default, "_write_credits", full)
+    with pytest.raises(OSError, match="No space left"):
+        export_default.main(options)
+    assert sorted(path.name for path in out.iterdir()) == sorted(earlier)  # no temporary left
+    assert {name: (out / name).read_bytes() for name in earlier} == earlier
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 evaluation script of the default model (scripts/evaluate_default.py) on a tiny corpus."""
 import csv
 import dataclasses
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -42,6 +43,40 @@ def test_task_layout_and_reproducibility():
 def test_task_rejects_empty_parts():
     with pytest.raises(ValueError, match="bank >= 1"):
         demo.build_task(bank=0)
+
+
+def test_the_clips_are_counted_on_a_bar_as_they_are_made_when_asked(monkeypatch, capsys):
+    bars = []
+
+    class Recorded(demo.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append((self, self.disable))  # closing disables it
+
+    monkeypatch.setattr(demo, "tqdm", Recorded)
+    task = demo.build_task(seed=0, bank=2, tests=1, seconds=0.3, progress=True)
+    assert sum(bar.n for bar, _ in bars) == len(task.clips) and not any(disabled for _, disabled in bars)
+    shown = capsys.readouterr().err
+    assert all(f"generating {spec.name} clips" in shown for spec in demo.MACHINES)
+    bars.clear()
+    demo.build_task(seed=0, bank=2, tests=1, seconds=0.3)  # the scripts that score checkpoints show their own
+    assert bars and all(disabled for _, disabled in bars) and capsys.readouterr().err == ""
+
+
+def test_the_demo_command_shows_the_clips_being_made(tmp_path, monkeypatch):
+    """Making them takes seconds before the command prints anything."""
+    from echo import cli
+
+    asked = []
+    real = demo.build_task
+
+    def stop(*args, **kwargs):
+        asked.append(inspect.signature(real).bind(*args, **kwargs).arguments)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(demo, "build_task", stop)
+    model = echo.save(random_model(dim=32, depth=1, heads=2), tmp_path / "small.safetensors")
+    assert cli.main(["demo", "--model", str(model), "--out", str(tmp_path / "out")]) == 130
+    assert asked[0]["progress"] is True
 
 
 def test_score_separates_what_is_separable():
@@ -128,7 +163,7 @@ def small_demo(tmp_path, monkeypatch, capsys) -> tuple[list[str], Path]:
     from echo import cli
 
     full_task = demo.build_task
-    monkeypatch.setattr(demo, "build_task", lambda seed: full_task(seed, bank=3, tests=4, seconds=0.3))
+    monkeypatch.setattr(demo, "build_task", lambda seed, **options: full_task(seed, bank=3, tests=4, seconds=0.3))
     model = echo.save(random_model(dim=32, depth=1, heads=2), tmp_path / "small.safetensors")
     out = tmp_path / "demo out ü"
     assert cli.main(["demo", "--model", str(model), "--out", str(out), "--seed", "2"]) == 0
@@ -165,7 +200,7 @@ def test_demo_table_matches_sklearn_on_the_written_scores_and_names_device_and_t
 def quick_demo(tmp_path, monkeypatch) -> tuple[Path, Path]:
     """A one-clip-per-machine demo with stand-in embeddings: (its model file, its empty --out folder)."""
     full_task = demo.build_task
-    monkeypatch.setattr(demo, "build_task", lambda seed: full_task(seed, bank=1, tests=1, seconds=0.3))
+    monkeypatch.setattr(demo, "build_task", lambda seed, **options: full_task(seed, bank=1, tests=1, seconds=0.3))
     monkeypatch.setattr(demo, "encode", lambda model, signals, rates: [np.random.standard_normal(8) for _ in signals])
     model = echo.save(random_model(dim=32, depth=1, heads=2), tmp_path / "small.safetensors")
     out = tmp_path / "out"

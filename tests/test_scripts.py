@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from echo import demo
 from echo.data import debian
 from test_default_model import import_script
 
@@ -180,6 +181,27 @@ def test_the_corpus_stops_at_an_unwritable_output_before_any_work(tmp_path, synt
     monkeypatch.setattr(build_corpus, "_synthetic_items", lambda *args: pytest.fail("worked before the check"))
     with pytest.raises(SystemExit, match="corpus folder .*a file/corpus cannot be written"):
         synthetic_only(tmp_path / "a file" / "corpus", 3)
+
+
+def test_the_corpus_refuses_synthetic_machines_held_out_for_the_demo_and_the_validation(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """--seed 0 takes random_machine seeds 0 .. --synthetic - 1 (other seeds start above every held-out one): a
+    count reaching demo.MACHINE_SEED would train the model on the machines it is then tested on."""
+    held_out = [seed + index for seed in (demo.MACHINE_SEED, *select.VALIDATION_MACHINE_SEEDS)
+                for index in range(len(demo.MACHINES))]
+    assert [recipe[0] for _, recipe in build_corpus._synthetic_items(3, 0)] == [0, 1, 2]
+    assert min(recipe[0] for _, recipe in build_corpus._synthetic_items(3, 1)) > max(held_out)
+    assert min(held_out) == demo.MACHINE_SEED
+    built = []
+    monkeypatch.setattr(build_corpus, "_build", lambda args: built.append((args.synthetic, args.seed)) or 0)
+    options = ["--out", str(tmp_path / "corpus")]
+    with pytest.raises(SystemExit) as stopped:
+        build_corpus.main([*options, "--synthetic", str(demo.MACHINE_SEED + 1)])
+    assert stopped.value.code == 2 and built == []
+    assert f"--synthetic must be at most {demo.MACHINE_SEED} with --seed 0" in capsys.readouterr().err
+    assert build_corpus.main([*options, "--synthetic", str(demo.MACHINE_SEED)]) == 0
+    assert build_corpus.main([*options, "--synthetic", str(demo.MACHINE_SEED + 1), "--seed", "1"]) == 0
+    assert built == [(demo.MACHINE_SEED, 0), (demo.MACHINE_SEED + 1, 1)]
 
 
 def test_a_full_disk_stops_the_corpus_instead_of_leaving_every_file_out(tmp_path, synthetic_only, monkeypatch):
@@ -385,6 +407,27 @@ def test_fetch_samples_stops_at_an_unwritable_output_before_fetching(tmp_path, m
     (tmp_path / "a file").write_text("")
     with pytest.raises(SystemExit, match="--out .*a file/samples cannot be written"):
         fetch_samples.main(["--out", str(tmp_path / "a file" / "samples"), "--cache", str(tmp_path)])
+
+
+def test_fetch_samples_names_the_files_a_newer_package_no_longer_holds(tmp_path, monkeypatch):
+    """A release that moved or renamed files the cuts take ends with the package, its .deb and every such file,
+    before any sample is cut, not with a traceback at the first."""
+    fetch_samples = import_script("fetch_samples")
+    root = tmp_path / "cache" / "extracted" / "pkg"
+    (root / "usr/share/sounds").mkdir(parents=True)
+    (root / ".extracted").write_text("pkg_2.0-1_all.deb\n")
+    (root / "usr/share/sounds/kept.wav").write_bytes(b"")
+    monkeypatch.setattr(fetch_samples, "CUTS", [fetch_samples.Cut(name, "pkg", f"usr/share/sounds/{name}.wav", 0.0,
+                                                                  1.0, name) for name in ("kept", "moved", "renamed")])
+    monkeypatch.setattr(fetch_samples.debian, "fetch", lambda package, cache: root)
+    options = ["--out", str(tmp_path / "samples"), "--cache", str(tmp_path / "cache")]
+    with pytest.raises(SystemExit, match=r"^pkg \(pkg_2\.0-1_all\.deb\) has no usr/share/sounds/moved\.wav, "
+                                         r"usr/share/sounds/renamed\.wav: the package changed"):
+        fetch_samples.main(options)
+    assert list((tmp_path / "samples").iterdir()) == []
+    (root / ".extracted").unlink()
+    with pytest.raises(SystemExit, match=r"^pkg has no usr/share/sounds/moved\.wav, "):  # its version unknown
+        fetch_samples.main(options)
 
 
 def test_export_default_refuses_a_file_for_its_output_folder(tmp_path):
