@@ -145,6 +145,15 @@ def test_recorded_noise_is_mixed_at_the_requested_snr():
     assert noisy.shape == clean.shape and not np.allclose(noisy, clean)
 
 
+def test_a_silent_stretch_of_the_background_is_refused_by_name():
+    """It was divided by, and the mixed signal came back all NaN (the demo's clips of 0.1 s met one)."""
+    background = np.concatenate([np.zeros(300), np.random.randn(700)])
+    with pytest.raises(ValueError, match="the background's samples 0 to 250 are silent"):
+        synth.mix(np.random.randn(250), background, 10.0)
+    mixed = synth.mix(np.random.randn(250), background[::-1].copy(), 10.0)  # its sound first: mixed as asked
+    assert np.isfinite(mixed).all()
+
+
 def test_a_bundled_recording_is_mixed_in_as_sample_returns_it():
     """echo.data.sample's (waveform, rate) pair is taken as it is, at the signal's rate."""
     background = echo.data.sample("voice_prompt")

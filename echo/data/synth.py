@@ -289,6 +289,9 @@ def mix(signal, noise, snr_db: float, rng: np.random.Generator | None = None) ->
         noise = np.tile(noise, math.ceil(len(signal) / len(noise)))
     offset = 0 if rng is None else int(rng.integers(0, len(noise) - len(signal) + 1))
     noise = noise[offset: offset + len(signal)]
+    if not np.any(noise):  # a quiet stretch of a recording: no gain lifts it to the asked level
+        raise ValueError(f"the background's samples {offset} to {offset + len(signal)} are silent: no level of "
+                         f"them gives an SNR of {snr_db} dB (use a longer signal or a background without silences)")
     scale = math.sqrt(np.mean(signal**2) / np.mean(noise**2) / 10 ** (snr_db / 10))
     return signal + scale * noise
 
