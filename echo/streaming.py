@@ -132,16 +132,19 @@ class StreamEncoder:
         self.unreturned = []  # segments encoded but not yet handed out: a push that failed after them returns none
         self.finished = False
 
+    # the stream's buffers are never inference tensors: pushes inside torch.inference_mode() (per thread: a
+    # serving handler's) made them so, and a later push outside it may not write into them
+    @torch.inference_mode(False)
     @torch.no_grad()  # chunks that require grad must not chain the whole stream into one autograd graph
     def push(self, chunk) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         if self.finished:
             raise ValueError("push() after finish(): start a new StreamEncoder for a new signal")
         what = f"chunk at sample {self.samples}"  # every refusal names it alike: a numpy uint8 chunk was "chunk"
         chunk = inputs.as_tensor(chunk, what=what)
-        if chunk.dim() != 1:
-            raise ValueError(f"{what}: push() takes 1-D chunks of samples, got shape {tuple(chunk.shape)}; stream "
-                             f"each channel through a StreamEncoder of its own and concatenate their embeddings, as "
-                             f"model.encode does")
+        if chunk.dim() != 1:  # the advice on channels fits (channels, samples) chunks, not a lone sample
+            advice = ("; stream each channel through a StreamEncoder of its own and concatenate their embeddings, as "
+                      "model.encode does" if chunk.dim() == 2 else "")
+            raise ValueError(f"{what}: push() takes 1-D chunks of samples, got shape {tuple(chunk.shape)}{advice}")
         # an empty chunk is checked as any other, and still computes and returns what a failed push left
         chunk = inputs.as_float32(chunk, what=what).cpu()  # the stream's state
         # is on the CPU; the three together, so that a failure (out of memory) leaves audio and counts matching:
@@ -184,10 +187,11 @@ class StreamEncoder:
 
     def _encode(self, bands: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """(B, 32, T) band images -> (B, L+1, D) outputs through the packed encoder."""
-        tokens = self.model.band_tokens(bands, positions)
-        count, length, dim = tokens.shape
-        packing = packed.Packing.from_lengths(torch.full((count,), length), tokens.device)
-        out = packed.forward(self.model, tokens.reshape(-1, dim), packing, self.backend)
+        with packed.as_asked(self.model.device):
+            tokens = self.model.band_tokens(bands, positions)
+            count, length, dim = tokens.shape
+            packing = packed.Packing.from_lengths(torch.full((count,), length), tokens.device)
+            out = packed.forward(self.model, tokens.reshape(-1, dim), packing, self.backend)
         return out.view(count, length, dim).float().cpu()
 
     def _segment_bands(self, start: int, end: int, band0: torch.Tensor) -> torch.Tensor:
@@ -212,6 +216,7 @@ class StreamEncoder:
         self.audio = self.audio[keep_sample - self.audio_start :]
         self.audio_start = keep_sample
 
+    @torch.inference_mode(False)  # as push(): it computes the frames of a push that failed
     @torch.no_grad()
     def finish(self):
         if self.finished:

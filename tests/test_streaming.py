@@ -424,3 +424,38 @@ def test_a_forced_attention_that_cannot_take_the_heads_is_refused_when_the_strea
     stream = fast.StreamEncoder(custom, 16000)  # unforced: the heads run where they can
     push_in_random_pieces(stream, x)
     assert rel_err(stream.finish(), custom.encode(x, 16000)[0]) < 1e-5
+
+
+def test_a_stream_pushed_partly_inside_inference_mode(model):
+    """Pushes inside torch.inference_mode() (a serving thread's handler; the mode is per thread) grew the stream's
+    buffers as inference tensors, which a later push outside it may not write into: torch's "Inplace update to
+    inference tensor outside InferenceMode" instead of the embeddings."""
+    rate = 1000
+    x = torch.randn(geometry.n_fft(rate) + int(torch.randint(2001, 2600, ())) * geometry.hop(rate)) + 1.0
+    stream = fast.StreamEncoder(model, rate, frames=True)
+    pieces = torch.tensor_split(x, 4)
+    with torch.inference_mode():
+        for piece in pieces[:2]:
+            stream.push(piece)
+    for piece in pieces[2:]:
+        stream.push(piece)
+    utterance, frame_rows = stream.finish()
+    ref_u, ref_f = model.encode(x, rate)
+    assert rel_err(utterance, ref_u) < 1e-5 and rel_err(frame_rows, ref_f) < 1e-5
+
+
+def test_a_chunk_that_is_not_1d_is_refused_with_advice_that_fits_its_shape(model):
+    """A lone sample (0-d) or a 3-D chunk was told to "stream each channel through a StreamEncoder of its own":
+    advice for (channels, samples) chunks alone."""
+    import numpy as np
+
+    stream = fast.StreamEncoder(model, 8000)
+    for chunk, shape in ((torch.tensor(0.5), r"\(\)"), (np.zeros((2, 3, 50), np.float32), r"\(2, 3, 50\)")):
+        with pytest.raises(ValueError, match=rf"^chunk at sample 0: push\(\) takes 1-D chunks of samples, got shape "
+                                             rf"{shape}$"):
+            stream.push(chunk)
+    with pytest.raises(ValueError, match=r"got shape \(2, 50\); stream each channel through a StreamEncoder"):
+        stream.push(torch.zeros(2, 50))
+    x = torch.randn(9000)
+    stream.push(x)  # the refusals kept nothing
+    assert rel_err(stream.finish(), model.encode(x, 8000)[0]) < 1e-5
