@@ -160,15 +160,16 @@ def encode(
     row_step = _row_step(min(max_tokens, 1 << max(call_tokens - 1, 1).bit_length()), device)
     chunks = _chunks(monos, max_tokens)
     front_end = _FrontEnd(monos, chunks, device, backend)
-    for number, chunk in enumerate(chunks):
-        members = [m for m, _ in chunk]
-        plan = make_plan(
-            [monos[m].waveform.shape[0] for m in members],
-            [monos[m].sample_rate for m in members],
-            [subset for _, subset in chunk],
-        )
-        spec = front_end.spectrogram(number, members, plan)
-        _encode_chunk(model, plan, spec, [monos[m] for m in members], frames, device, backend, row_step)
+    with packed.as_asked(device):
+        for number, chunk in enumerate(chunks):
+            members = [m for m, _ in chunk]
+            plan = make_plan(
+                [monos[m].waveform.shape[0] for m in members],
+                [monos[m].sample_rate for m in members],
+                [subset for _, subset in chunk],
+            )
+            spec = front_end.spectrogram(number, members, plan)
+            _encode_chunk(model, plan, spec, [monos[m] for m in members], frames, device, backend, row_step)
     return _gather(monos, len(signal_list), frames)
 
 

@@ -319,6 +319,16 @@ def test_a_model_made_under_inference_mode(model):
         assert_fast_paths_give(truth, inference, signal, dtype, tolerance)
 
 
+def test_an_autocast_around_the_call_does_not_lower_float32_products(model):
+    """dtype says the products' precision: under a caller's bf16 autocast float32 calls were 5e-5 (utterances)
+    to 1e-3 (a stream) off, within bf16's tolerance but not float32's."""
+    signal = torch.randn(int(torch.randint(30000, 50000, ())))  # over 2000 frames: the stream emits a segment
+    truth = model.encode(signal, 16000)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert_fast_paths_give(truth, model, signal, torch.float32, 1e-5)
+        assert torch.is_autocast_enabled("cpu")  # the caller's setting is theirs again after the call
+
+
 @pytest.mark.parametrize("conversion", ["double", "half", "bfloat16"])
 def test_models_of_any_float_dtype_in_every_compute_dtype(conversion):
     """The fast path keeps a float32 residual stream whatever the model's dtype; a .half() model once fed its
