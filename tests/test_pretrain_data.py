@@ -1,5 +1,6 @@
 """Pretraining data: manifest caching and bad files, WebDataset shards, crops, bands, masks, token budget."""
 import itertools
+import re
 import shutil
 
 import numpy as np
@@ -505,9 +506,11 @@ def test_a_stopped_shard_write_resumes_with_the_missing_shards_only(tmp_path, mo
         shards.write_shards(root, tmp_path / "shards", per_shard=2)
 
 
-def test_a_shard_write_resumes_from_a_copy_of_its_folder_but_not_from_changed_content(tmp_path, monkeypatch):
+def test_a_shard_write_resumes_from_a_copy_of_its_folder_but_not_from_changed_content(tmp_path, monkeypatch,
+                                                                                      capsys):
     """`cp -r` of the folder gives every file a new time, and the plan held the times: the copy was refused.
-    Only the times may differ: a file whose bytes changed at the same size and header is still refused."""
+    Only the times may differ: a file whose bytes changed at the same size and header is still refused. The
+    check reads every shard written and its files again, as long as writing them took: its progress is shown."""
     pytest.importorskip("webdataset")
     root = write_corpus(tmp_path / "data", files=5)
     shards.write_shards(root, tmp_path / "straight", per_shard=2)
@@ -525,7 +528,9 @@ def test_a_shard_write_resumes_from_a_copy_of_its_folder_but_not_from_changed_co
                                          r"as it is now\)"):
         shards.write_shards(changed, tmp_path / "shards", per_shard=2)
     assert sorted(p.name for p in (tmp_path / "shards").glob("*.tar")) == ["shard-000000.tar"]
+    capsys.readouterr()
     assert len(shards.write_shards(copy, tmp_path / "shards", per_shard=2)) == 3
+    assert re.search(r"checking shards: 100%.* 1/1 ", capsys.readouterr().err)
     assert (first_shard.stat().st_ino, first_shard.stat().st_mtime_ns) == kept  # resumed, not written again
     assert shard_examples(tmp_path / "shards") == shard_examples(tmp_path / "straight")
 

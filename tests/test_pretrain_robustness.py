@@ -93,3 +93,26 @@ def test_an_error_during_training_starts_its_own_line_after_the_progress_bar(dat
     error = capsys.readouterr().err
     assert "3/6" in error and re.search(r"^error: the loss or its gradients were NaN or infinite at step 3", error,
                                         re.MULTILINE)
+
+
+def test_a_full_disk_at_a_log_row_is_an_error_naming_steps_csv_and_where_the_run_resumes(
+        data, tmp_path, monkeypatch, capsys):
+    """An append to steps.csv that failed came out as a bare "[Errno 28] No space left on device": neither the
+    file nor the checkpoint kept was named."""
+    real_writerow = csv.DictWriter.writerow
+
+    def disk_full_at_step_4(self, row):
+        if row.get("step") == 4:
+            raise OSError(28, "No space left on device")
+        return real_writerow(self, row)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(csv.DictWriter, "writerow", disk_full_at_step_4)
+    assert cli.main(command(data, run)) == 1
+    error = capsys.readouterr().err.strip()
+    assert error == (f"error: {run / 'steps.csv'} could not be written ([Errno 28] No space left on device); the "
+                     f"same command resumes from {run / 'checkpoints'}/step-000000002.pt (step 2)")
+    monkeypatch.undo()  # space freed
+    assert cli.main(command(data, run)) == 0
+    with open(run / "steps.csv", newline="") as handle:
+        assert [int(row["step"]) for row in csv.DictReader(handle)] == [2, 4, 6]

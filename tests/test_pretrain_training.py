@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -303,6 +304,38 @@ def test_resuming_on_other_data_is_refused_but_a_moved_copy_resumes(data, tmp_pa
     assert trainer.train(tiny_config(moved, run, steps=4, save_every=2), progress=False)["step"] == 4
 
 
+def test_resuming_over_another_folder_whose_files_match_by_name_and_size_says_so(data, tmp_path, capsys):
+    """Corpora of equal-length WAV files with systematic names (one machine's recordings and another's) match by
+    name, size and length: a resume over the wrong folder passed the corpus check and went on without a word."""
+    run = tmp_path / "run"
+    trainer.train(tiny_config(data, run, steps=4, save_every=2), progress=False, stop_at=2)
+    other = shutil.copytree(data, tmp_path / "other")
+    for wav in other.rglob("*.wav"):  # other samples, the same header and size
+        raw = wav.read_bytes()
+        wav.write_bytes(raw[:-64] + bytes(b ^ 0xFF for b in raw[-64:]))
+    capsys.readouterr()
+    assert trainer.train(tiny_config(other, run, steps=4, save_every=2), progress=False)["step"] == 4
+    assert (f"note: the run was trained on {data}, not {other}; their files match by name and size, so it goes on "
+            f"over {other}") in capsys.readouterr().out
+    trainer.train(tiny_config(other, run, steps=4, save_every=2), progress=False)  # its own folder now
+    assert "note: the run was trained on" not in capsys.readouterr().out
+
+
+def test_a_run_resumed_in_another_precision_says_so(data, tmp_path, capsys):
+    """--precision auto is bf16 on a GPU that has it and fp32 elsewhere, and --device may change on resume: a run
+    trained in bf16 went on in fp32 (or the other way) without a word."""
+    run = tmp_path / "run"
+    trainer.train(tiny_config(data, run, steps=4, save_every=2), progress=False, stop_at=2)
+    path = checkpoints.checkpoint_paths(run / "checkpoints")[-1]
+    saved = checkpoints.read(path)
+    assert saved["bf16"] is False  # auto on the CPU
+    torch.save({**saved, "bf16": True}, path)  # as written on a GPU with bf16
+    capsys.readouterr()
+    trainer.train(tiny_config(data, run, steps=4, save_every=2), progress=False)
+    assert "note: the run trained in bf16 up to step 2; it goes on in fp32 (--precision auto on cpu)" in (
+        capsys.readouterr().out)
+
+
 @pytest.mark.parametrize("option, value, message", [
     ("lr", 0.0, "lr must be positive and finite, got 0.0"),
     ("base_lr", 0.0, "base_lr must be positive and finite, got 0.0"),
@@ -534,6 +567,32 @@ def test_a_checkpoint_that_cannot_be_written_stops_every_rank(data, tmp_path):
     """Rank 0 alone stopped; rank 1 waited for it at its next collective (torchrun ends such ranks, other
     launchers need not)."""
     spawn_two_ranks(failing_checkpoint_worker, str(data), str(tmp_path))
+    assert (tmp_path / "rank0.txt").read_text() == "OSError: No space left on device"
+    assert "1 other process(es) of this run failed" in (tmp_path / "rank1.txt").read_text()
+
+
+def failing_log_worker(rank, world, port, data, out):
+    """A two-rank run whose rank 0 cannot append to steps.csv (a full disk); a minute's timeout, not gloo's half
+    hour, for a rank left waiting."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    trainer.CsvLog.write = full_disk
+    try:
+        trainer.train(tiny_config(data, out, steps=2, log_every=1, save_every=2), progress=False)
+    except Exception as error:  # what each rank ended with
+        Path(out, f"rank{rank}.txt").write_text(f"{type(error).__name__}: {error}")
+
+
+@pytest.mark.slow
+def test_a_log_row_that_cannot_be_written_stops_every_rank(data, tmp_path):
+    """Rank 0 alone stopped, as a failed checkpoint once did; rank 1 waited for it at its next collective."""
+    spawn_two_ranks(failing_log_worker, str(data), str(tmp_path))
     assert (tmp_path / "rank0.txt").read_text() == "OSError: No space left on device"
     assert "1 other process(es) of this run failed" in (tmp_path / "rank1.txt").read_text()
 

@@ -1,6 +1,6 @@
 """Training checkpoints: everything a killed run needs to continue exactly (student, teacher, decoder,
 optimizer, scheduler, step, RNG states, each data stream's place in its plan, the meter's sums not yet logged,
-the corpus's fingerprint), written atomically, the last K kept."""
+the corpus's fingerprint, whether it trained in bf16), written atomically, the last K kept."""
 from __future__ import annotations
 
 import logging

@@ -238,7 +238,9 @@ class FolderCorpus:
 
     def fingerprint(self) -> dict:
         """What a resumed run must find again: the usable files by path relative to the root, size and
-        frames (a moved or copied folder passes; files added, removed or changed do not)."""
+        frames (a moved or copied folder passes; files added, removed or changed in size or length do not, but
+        files rewritten at the same size and length, or another folder of such files, pass: the trainer says when
+        --data names another folder)."""
         return {"examples": len(self.items),
                 "hash": content_hash([(entry.path, entry.size, entry.frames) for entry in self.files])}
 

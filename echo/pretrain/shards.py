@@ -142,7 +142,8 @@ def check_resumable(out: Path, earlier: list[str], saved: dict | None, plan: dic
     """Refuse to write into `out`, holding the shards `earlier`, unless this write continues the one that wrote
     them: the same options, and the same files by path, size and time; where the times (or sizes, or the file
     list) differ, as they do in a copy of the folder (`cp -r` gives every file a new time), each shard written
-    must hold exactly the samples that this write would put in it, compared byte for byte."""
+    must hold exactly the samples that this write would put in it, compared byte for byte (reading the shards and
+    their files again takes about as long as writing them did: its progress is shown)."""
     def options(written_plan: dict) -> dict:
         return {key: value for key, value in written_plan.items() if key != "files"}
 
@@ -152,12 +153,13 @@ def check_resumable(out: Path, earlier: list[str], saved: dict | None, plan: dic
         return
     per_shard = plan["per_shard"]
     planned = {shard_name(number): first for number, first in enumerate(range(0, len(source.files), per_shard))}
-    for name in earlier:
-        if name not in planned:
-            raise other_write(out, earlier, f"{name} is not a shard of the files of {source.root} now")
-        difference = shard_difference(out / name, source, planned[name], per_shard)
-        if difference:
-            raise other_write(out, earlier, f"{name} {difference}")
+    with tqdm(earlier, desc="checking shards", unit="shard") as bar:  # closed on a refusal: it starts its own line
+        for name in bar:
+            if name not in planned:
+                raise other_write(out, earlier, f"{name} is not a shard of the files of {source.root} now")
+            difference = shard_difference(out / name, source, planned[name], per_shard)
+            if difference:
+                raise other_write(out, earlier, f"{name} {difference}")
 
 
 def shard_difference(shard: Path, source, first: int, per_shard: int) -> str:

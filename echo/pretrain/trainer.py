@@ -286,8 +286,14 @@ class CsvLog:
         atomic.write_csv(path, self.COLUMNS, rows)
 
     def write(self, row: dict) -> None:
-        with open(self.path, "a", newline="") as handle:
-            csv.DictWriter(handle, self.COLUMNS).writerow(row)
+        """Append a row; OSError naming the file and the checkpoint the run resumes from when that fails (a full
+        disk: Python's error names neither)."""
+        try:
+            with open(self.path, "a", newline="") as handle:
+                csv.DictWriter(handle, self.COLUMNS).writerow(row)
+        except OSError as error:
+            raise OSError(f"{self.path} could not be written ({error}); "
+                          f"{checkpoints.resume_note(self.path.parent / 'checkpoints')}") from error
 
 
 def logged_step(row: dict) -> int | None:
@@ -454,6 +460,10 @@ def _train(config: PretrainConfig, progress: bool, stop_at: int | None, rank: in
         print(json.dumps(config.to_dict(), indent=2))
         atomic.write_text(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
         print(f"data: {corpus.describe()}")
+        trained_on = saved["config"]["data"] if saved is not None else config.data
+        if Path(trained_on).resolve() != Path(config.data).resolve():  # the fingerprint cannot tell contents apart
+            print(f"note: the run was trained on {trained_on}, not {config.data}; their files match by name and "
+                  f"size, so it goes on over {config.data}")
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     student = EchoModel(config.model_config)
@@ -493,6 +503,9 @@ def _train(config: PretrainConfig, progress: bool, stop_at: int | None, rank: in
               f"(~{config.clips_per_step(world)} clips per step), warm-up {warmup} steps")
         for note in schedule_notes(peak, config.min_lr, warmup, config.steps):
             print(f"note: {note}")
+        if saved is not None and saved.get("bf16", bf16) != bf16:  # auto follows the device, which may change
+            print(f"note: the run trained in {'bf16' if saved['bf16'] else 'fp32'} up to step {step}; it goes on in "
+                  f"{'bf16' if bf16 else 'fp32'} (--precision {config.precision} on {device})")
         advice = host_memory.allocator_advice(device.type)
         if advice:
             print(advice)
@@ -501,7 +514,7 @@ def _train(config: PretrainConfig, progress: bool, stop_at: int | None, rank: in
         return {"step": step, "student": student.state_dict(), "teacher": teacher.state_dict(),
                 "decoder": decoder.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": checkpoints.rng_states(), "config": config.to_dict(),
-                "world": world, "workers": config.workers, "corpus": fingerprint,
+                "world": world, "workers": config.workers, "corpus": fingerprint, "bf16": bf16,
                 "positions": positions_of_ranks, "meter": pending_sums}
 
     stream = BatchStream(corpus, config.sampling, config.seed, rank, world, config.workers, consumed=step,
@@ -542,10 +555,12 @@ def _train(config: PretrainConfig, progress: bool, stop_at: int | None, rank: in
                       host_batch.audio_seconds)
             if step % config.log_every == 0 or step == config.steps:
                 last = {"step": step, **meter.read(world), "lr": lr_schedule.lr(step - 1), "ema_decay": decay}
+                error = None
                 if rank == 0:
-                    log.write(last)
+                    _, error = attempt(log.write, last)
                     bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", ema=f"{decay:.6f}",
                                     tok_s=f"{last['tokens_per_s']:.0f}", it_s=f"{last['steps_per_s']:.2f}")
+                raise_together(error, world, device)  # every rank stops, as for a checkpoint below
             bar.update(1)
             if step % config.save_every == 0 or step == config.steps:
                 positions_of_ranks = every_rank(torch.tensor(positions, dtype=torch.int64, device=device), world)
