@@ -138,3 +138,16 @@ def test_the_default_front_end_takes_what_the_reference_takes():
     for waves_in, offsets_in in ((waves, offsets.int()), (waves, strided), (waves.double(), offsets)):
         out = stft_ops.ragged_spectrogram(waves_in, offsets_in, plan)
         assert out.dtype == waves_in.dtype and rel_err(out, expected) < 1e-5
+
+
+@pytest.mark.parametrize("rate", [16000, 22050, 11025])
+def test_a_signal_shorter_than_one_window_is_a_clear_error_at_the_front_end(rate):
+    """Spec section 1: a signal shorter than n_fft = floor(0.025 sr) has no frame, "an error the user must see, not
+    a crash inside torch", also when the front end is called on its own (scripts do). N = n_fft is one frame."""
+    n_fft = rate * 25 // 1000
+    for call in (lambda x: stft_ops.spectrogram(x, rate),
+                 lambda x: stft_ops.spectrogram_bins(x, rate, torch.tensor([0, 3]))):
+        with pytest.raises(ValueError, match=rf"signal of {n_fft - 1} samples is shorter than one 25 ms window at "
+                                             rf"{rate} Hz \({n_fft} samples\)"):
+            call(torch.randn(2, n_fft - 1))
+        assert call(torch.randn(n_fft)).shape[-1] == 1

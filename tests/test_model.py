@@ -86,6 +86,7 @@ def test_segment_average_rule():
             outs.append(model(model.band_tokens(bands, token_ops.band_positions(rate))))
     assert frame_rows.shape == (250, 4 * 192)
     assert rel_err(utterance, (outs[0][:, 0].flatten() + outs[1][:, 0].flatten()) / 2) < 1e-6
+    assert rel_err(frame_rows[:125], outs[0][:, 1:].transpose(0, 1).flatten(1)) < 1e-6
     assert rel_err(frame_rows[125:], outs[1][:, 1:].transpose(0, 1).flatten(1)) < 1e-6
 
 

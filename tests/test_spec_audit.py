@@ -7,6 +7,7 @@ spec section it pins.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -132,6 +133,32 @@ def test_frames_start_at_sample_zero_and_dc_is_the_whole_signal_mean():
     assert spec[0, 5].item() == pytest.approx(s_of(0.95), abs=1e-9)
 
 
+@pytest.mark.parametrize("rate", [1999, 11025, 22050, 44100, 50000])
+def test_impulse_frames_at_odd_rates(rate):
+    """Section 1 at rates whose window or hop is a rounded-down 25 ms / 10 ms (odd n_fft at 1999, 11025, 22050;
+    hop 220 at 22050, not 221): one impulse at sample m of N, in float64. DC removal leaves delta_m - 1/N; frame t
+    covers [hop t, hop t + n_fft) (no centring); a periodic Hann window sums to n_fft/2 and its DFT is zero at
+    every bin k >= 2 of the one-sided range, so |X[k >= 2]| of frame t is w(m - hop t) where the impulse lies in
+    the frame and 0 elsewhere, and X[0] = w(m - hop t) [in frame] - (n_fft / 2) / N. w(j) = 0.5 - 0.5
+    cos(2 pi j / n_fft) (periodic): a symmetric window (cos(2 pi j / (n_fft - 1))), a rounded hop or window, or
+    centring give other numbers."""
+    n_fft, hop = math.floor(Fraction(25, 1000) * rate), math.floor(Fraction(10, 1000) * rate)
+    n = n_fft + 20 * hop + hop // 2
+    m = 9 * hop + n_fft // 3
+    x = torch.zeros(n, dtype=torch.float64)
+    x[m] = 1.0
+    spec = stft_ops.spectrogram(x, rate)
+    frames, bins = 1 + (n - n_fft) // hop, n_fft // 2 + 1
+    assert spec.shape == (bins, frames)
+    hann = lambda j: 0.5 - 0.5 * math.cos(2 * math.pi * j / n_fft)
+    hit = [t for t in range(frames) if hop * t <= m < hop * t + n_fft]
+    assert len(hit) >= 2
+    for t in range(frames):
+        w = hann(m - hop * t) if t in hit else 0.0
+        assert spec[2:, t].tolist() == pytest.approx([s_of(w)] * (bins - 2), abs=1e-8), t
+        assert spec[0, t].item() == pytest.approx(s_of(abs(w - n_fft / 2 / n)), abs=1e-8), t
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Section 2: band split at the edges of the 32-bin grid
 
@@ -241,6 +268,8 @@ def test_time_table_is_float64_then_float32_halves_concatenated():
         (22050, [(32 * b + 32 * b + 31) / 551 for b in range(8)] + [(256 + 276 - 1) / 551]),
         (8000, [31 / 200, 95 / 200, 159 / 200, (96 + 101 - 1) / 200]),
         (100, [1 / 2]),  # F = 2: bins 0, 1, centre 0.5, n_fft 2
+        (11025, [(64 * b + 31) / 275 for b in range(4)] + [(128 + 138 - 1) / 275]),  # F = 138: last band 10 bins
+        (44100, [(64 * b + 31) / 1102 for b in range(17)] + [(544 + 552 - 1) / 1102]),  # F = 552: last 8 bins
     ],
 )
 def test_band_positions_are_centre_bins_over_nyquist(rate, fractions):
@@ -280,7 +309,7 @@ def test_frequency_encoding_is_computed_in_float32():
 
 
 def test_token_assembly_rows():
-    """Token i (1-based) = proj(patch i) + pos_embed[i] + fpe; CLS = cls_token + fpe, no time row."""
+    """Token i (1-based) = proj(patch i) + pos_embed[i] + fpe; CLS = cls_token + fpe, no time row (not row 0)."""
     config = echo.EchoConfig(dim=192, depth=1, heads=3)
     model = echo.EchoModel(config).eval()
     with torch.no_grad():
@@ -288,6 +317,7 @@ def test_token_assembly_rows():
         model.patch_embed.proj.bias.zero_()
         model.cls_token.copy_(torch.full((1, 1, 192), 0.25))
         model.pos_embed.copy_(torch.arange(126, dtype=torch.float32)[None, :, None].expand(1, 126, 192) * 1000)
+        model.pos_embed[0, 0] = 7.0  # row 0 is unused: a file's non-zero row 0 must reach no token
     positions = torch.tensor([0.0775, 0.98])
     tokens = model.band_tokens(torch.zeros(2, 32, 40), positions)  # 40 frames -> L = 3
     assert tokens.shape == (2, 4, 192)
@@ -397,6 +427,19 @@ def test_encoder_layers_and_final_norm_as_written_in_the_spec(size, heads):
     assert rel_err(final(ref_tanh), final(ref)) > 2e-5  # the check above would see a tanh GELU
 
 
+def test_sequences_never_attend_to_each_other():
+    """Section 2: every band is its own sequence. Changing every token of sequence 0 leaves sequences 1, 2 as they
+    were (no attention, no norm across the batch), and does change sequence 0."""
+    model = random_model("tiny", depth=2)
+    x = torch.randn(3, 9, 192)
+    y = x.clone()
+    y[0] = torch.randn(9, 192)
+    with torch.no_grad():
+        out_x, out_y = model(x), model(y)
+    assert rel_err(out_y[1:], out_x[1:]) < 1e-6
+    assert rel_err(out_y[0], out_x[0]) > 0.1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Section 7: the released key layout
 
@@ -483,3 +526,43 @@ def test_segments_whole_blocks_then_the_last_2000(frames, expected):
     assert geometry.segments(frames) == expected
     assert [math.ceil((b - a) / 16) for a, b in expected] == geometry.SignalGeometry(
         16000, 400 + (frames - 1) * 160).segment_patches
+
+
+def test_three_segments_average_and_stack():
+    """Section 6 with three segments: 4001 frames are [0, 2000), [2000, 4000) and the LAST 2000, [2001, 4001), cut
+    from the spectrogram of the whole signal (one DC mean). Utterance = the plain mean of the three CLS vectors;
+    frames = the three segments' 125 rows each, stacked in that order. 2 kHz: n_fft 50, hop 20, F = 26, one band
+    (6 zero rows, then the 26 bins), p = (0 + 26 - 1) / 2 / 25 = 0.5."""
+    model = random_model("tiny", depth=1)
+    rate, n = 2000, 50 + 4000 * 20
+    x = torch.randn(n) + 0.5
+    utterance, frames = model.encode(x, rate)
+    spec = stft_ops.spectrogram(x, rate)
+    assert spec.shape == (26, 4001)
+    cls, rows = [], []
+    with torch.no_grad():
+        for start in (0, 2000, 2001):
+            band = torch.zeros(1, 32, 2000)
+            band[0, 6:] = spec[:, start : start + 2000]
+            out = model(model.band_tokens(band, torch.tensor([0.5])))  # (1, 126, 192)
+            cls.append(out[0, 0])
+            rows.append(out[0, 1:])
+    assert utterance.shape == (192,) and frames.shape == (375, 192)
+    assert rel_err(utterance, (cls[0] + cls[1] + cls[2]) / 3) < 1e-6
+    for k in range(3):
+        assert rel_err(frames[125 * k : 125 * (k + 1)], rows[k]) < 1e-6, k
+
+
+def test_integer_pcm_is_scaled_by_its_full_scale():
+    """Not in the spec (it takes float32): int16 and int32 samples are read as WAV/soundfile PCM, x / 32768 and
+    x / 2**31, from torch or numpy. The front end is not scale-free (the log's eps), so a wrong scale shows."""
+    model = random_model("tiny", depth=1)
+    rate = 8000
+    pcm16 = torch.randint(-32768, 32768, (4000,), dtype=torch.int16)
+    pcm32 = torch.randint(-(2**31), 2**31, (4000,), dtype=torch.int64).to(torch.int32)
+    for pcm, full_scale in ((pcm16, 32768), (pcm32, 2**31)):
+        scaled = torch.from_numpy(pcm.numpy().astype(np.float64) / full_scale).float()
+        want_u, want_f = model.encode(scaled, rate)
+        for given in (pcm, pcm.numpy()):
+            got_u, got_f = model.encode(given, rate)
+            assert torch.equal(got_u, want_u) and torch.equal(got_f, want_f), (pcm.dtype, type(given))

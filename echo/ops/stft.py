@@ -14,6 +14,9 @@ def remove_dc(waveform: torch.Tensor) -> torch.Tensor:
 def complex_stft(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
     """Complex STFT of (..., N) -> (..., F, T): 25 ms periodic Hann window, 10 ms hop, no centring, one-sided."""
     window_length = geometry.n_fft(sample_rate)
+    if waveform.shape[-1] < window_length:  # no frame: the spec wants an error a user can read, not torch's
+        raise ValueError(f"signal of {waveform.shape[-1]} samples is shorter than one 25 ms window at {sample_rate} "
+                         f"Hz ({window_length} samples)")
     window = torch.hann_window(window_length, periodic=True, dtype=waveform.dtype, device=waveform.device)
     spectrum = torch.stft(
         waveform.reshape(-1, waveform.shape[-1]),
