@@ -116,3 +116,31 @@ def test_a_full_disk_at_a_log_row_is_an_error_naming_steps_csv_and_where_the_run
     assert cli.main(command(data, run)) == 0
     with open(run / "steps.csv", newline="") as handle:
         assert [int(row["step"]) for row in csv.DictReader(handle)] == [2, 4, 6]
+
+
+@pytest.mark.parametrize("blocker", ["file", "broken link"])
+def test_a_checkpoints_path_that_is_not_a_folder_is_refused_before_training(data, tmp_path, capsys, blocker):
+    """The run trained until its first checkpoint and failed there ("File exists")."""
+    run = tmp_path / "run"
+    run.mkdir()
+    if blocker == "file":
+        (run / "checkpoints").write_text("not a folder")
+    else:
+        (run / "checkpoints").symlink_to(tmp_path / "gone")
+    assert cli.main(command(data, run)) == 2
+    assert f"{run / 'checkpoints'} is not a folder (a file or a broken link)" in capsys.readouterr().err
+    assert not (run / "steps.csv").exists()  # refused before any step
+
+
+def test_a_new_run_over_an_export_whose_checkpoints_are_gone_is_refused(data, tmp_path, capsys):
+    """The same command after the checkpoints were deleted trained again from step 0, over the exported encoder."""
+    run = tmp_path / "run"
+    assert cli.main(command(data, run)) == 0
+    exported = (run / "model.safetensors").read_bytes()
+    for path in (run / "checkpoints").iterdir():
+        path.unlink()
+    assert cli.main(command(data, run)) == 2
+    assert "holds an exported encoder (model.safetensors) and no checkpoint to resume" in capsys.readouterr().err
+    assert (run / "model.safetensors").read_bytes() == exported
+    (run / "model.safetensors").rename(run / "kept.safetensors")  # as the message says: the run starts over
+    assert cli.main(command(data, run)) == 0 and (run / "model.safetensors").exists()

@@ -118,6 +118,20 @@ def newest_readable(folder: Path) -> tuple[dict | None, list[Path]]:
     return None, []
 
 
+def check_run_folder(out: Path, saved: dict | None) -> None:
+    """Refused before any step is trained: a run that could keep no checkpoint (it failed at the first, minutes
+    or hours in), and a new run over a finished one whose checkpoints are gone (it would overwrite that export)."""
+    folder = out / "checkpoints"
+    if folder.is_symlink() and not folder.exists() or folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder (a file or a broken link), and the run keeps its checkpoints "
+                         "there: move it away")
+    exported = out / "model.safetensors"
+    if saved is None and exported.exists():
+        raise ValueError(f"{out} holds an exported encoder ({exported.name}) and no checkpoint to resume: a new run "
+                         f"there would overwrite it; give another --out, or move {exported.name} away to train "
+                         "from step 0 again")
+
+
 def load_latest(folder: Path) -> dict | None:
     """The newest readable checkpoint (an unreadable one is reported and the one before it used), or None
     when there is none; ValueError when there are checkpoints and none loads."""

@@ -431,6 +431,7 @@ def _train(config: PretrainConfig, progress: bool, stop_at: int | None, rank: in
     out = Path(config.out)
     folder = out / "checkpoints"
     saved, unreadable_newer = checkpoints.newest_readable(folder)
+    checkpoints.check_run_folder(out, saved)
     if config.export is None:  # a resumed run exports the encoder it was started to export
         started = saved["config"] if saved is not None else _written_config(out)
         config = replace(config, export=started.get("export") or "teacher")
