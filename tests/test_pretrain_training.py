@@ -597,6 +597,34 @@ def test_a_log_row_that_cannot_be_written_stops_every_rank(data, tmp_path):
     assert "1 other process(es) of this run failed" in (tmp_path / "rank1.txt").read_text()
 
 
+def disagreeing_checkpoints_worker(rank, world, port, data, out):
+    """A two-rank run stopped after step 2, resumed where rank 1's listing of the run folder misses step 2's
+    checkpoint (a shared file system's stale listing on another machine)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    config = tiny_config(data, out, steps=4, log_every=1, save_every=1)
+    trainer.train(config, progress=False, stop_at=2)
+    if rank == 1:
+        listed = checkpoints.checkpoint_paths
+        checkpoints.checkpoint_paths = lambda folder: listed(folder)[:-1]
+    try:
+        trainer.train(config, progress=False)
+    except Exception as error:  # what each rank ended with
+        Path(out, f"rank{rank}.txt").write_text(f"{type(error).__name__}: {error}")
+
+
+@pytest.mark.slow
+def test_ranks_that_find_different_newest_checkpoints_are_refused(data, tmp_path):
+    """Each rank resumed from the newest checkpoint it saw: ranks at other steps, and weights that differ."""
+    spawn_two_ranks(disagreeing_checkpoints_worker, str(data), str(tmp_path))
+    for rank in range(2):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == (
+            f"ValueError: the processes of this run found different newest checkpoints in {tmp_path / 'checkpoints'} "
+            "(steps by rank: 2, 1); every process must see the same run folder")
+
+
 # Each rank's audio seconds of two steps: float sums that depend on their order, (0.1 + 0.7) + (0.2 + 0.3) being
 # 1.2999999999999998 and ((0.1 + 0.2) + 0.7) + 0.3 being 1.3.
 SECONDS_OF_RANKS = [[0.1, 0.7], [0.2, 0.3]]

@@ -430,7 +430,15 @@ def _train(config: PretrainConfig, progress: bool, stop_at: int | None, rank: in
            device: torch.device) -> dict:
     out = Path(config.out)
     folder = out / "checkpoints"
-    saved, unreadable_newer = checkpoints.newest_readable(folder)
+    found, error = attempt(checkpoints.newest_readable, folder)
+    raise_together(error, world, device)
+    saved, unreadable_newer = found
+    # a shared file system that lists the folder differently on another machine would resume ranks at other steps
+    steps = every_rank(torch.tensor([saved["step"] if saved is not None else -1], device=device), world)[:, 0]
+    if len(set(steps.tolist())) > 1:
+        found_by_rank = ", ".join("none" if step < 0 else str(step) for step in steps.tolist())
+        raise ValueError(f"the processes of this run found different newest checkpoints in {folder} (steps by rank: "
+                         f"{found_by_rank}); every process must see the same run folder")
     checkpoints.check_run_folder(out, saved)
     if config.export is None:  # a resumed run exports the encoder it was started to export
         started = saved["config"] if saved is not None else _written_config(out)
