@@ -386,16 +386,23 @@ def test_a_negative_stop_at_is_refused(data, tmp_path, capsys):
     assert "stop_at must be zero or more, got -1" in capsys.readouterr().err and not run.exists()
 
 
-def test_export_only_writes_the_encoder_the_run_chose_unless_told(data, tmp_path):
-    """A run trained with --export student: --export-only alone must not overwrite its student with the teacher."""
+def test_export_only_writes_the_encoder_the_run_chose_unless_told(data, tmp_path, capsys):
+    """A run trained with --export student: --export-only alone must not overwrite its student with the teacher.
+    It says which encoder of which step it wrote (past an unreadable newer checkpoint, an earlier one)."""
     run = tmp_path / "run"
     trainer.train(tiny_config(data, run, steps=2, save_every=2, export="student"), progress=False)
     saved = checkpoints.load_latest(run / "checkpoints")
     assert not torch.equal(saved["student"]["norm.weight"], saved["teacher"]["norm.weight"])
+    capsys.readouterr()
     for asked, expected in ([], "student"), (["--export", "teacher"], "teacher"), (["--export", "student"], "student"):
         (run / "model.safetensors").unlink()
         assert cli.main(["pretrain", "--data", "unused", "--out", str(run), "--export-only", *asked]) == 0
         assert_same_state(echo.load(run / "model.safetensors").state_dict(), saved[expected])
+        assert capsys.readouterr().out.strip().endswith(
+            f"exported the {expected} of step 2 to {run / 'model.safetensors'}")
+    (run / "checkpoints" / checkpoints.file_name(4)).write_bytes(b"cut short")
+    assert cli.main(["pretrain", "--data", "unused", "--out", str(run), "--export-only"]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"exported the student of step 2 to {run / 'model.safetensors'}")
 
 
 def test_a_resumed_run_exports_what_it_was_started_to_export_unless_told(data, tmp_path):

@@ -403,9 +403,12 @@ def run_encoder(run_dir, which: str | None = None, step: int | None = None) -> t
     return checkpoint_encoder(saved, which), saved
 
 
-def export_run(run_dir, which: str | None = None) -> Path:
-    """Export the teacher or student of a run's newest checkpoint (default: the run's own --export)."""
-    return export(run_encoder(run_dir, which)[0], Path(run_dir))
+def export_run(run_dir, which: str | None = None) -> str:
+    """Export the teacher or student of a run's newest readable checkpoint (default: the run's own --export);
+    what was exported, its step said: an unreadable newer checkpoint makes it an earlier one."""
+    model, saved = run_encoder(run_dir, which)
+    path = export(model, Path(run_dir))
+    return f"the {which or saved['config']['export']} of step {saved['step']} to {path}"
 
 
 def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = None) -> dict:
