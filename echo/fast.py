@@ -116,6 +116,17 @@ def _chunks(monos: list[_Mono], max_tokens: int) -> list[list[tuple[int, list[in
     return chunks
 
 
+def checked_model(model) -> None:
+    """What encodes is an EchoModel with weights: a path, None or a model on the meta device failed in torch's
+    attribute lookups or kernels, naming neither the model nor what to pass."""
+    if not isinstance(model, EchoModel):
+        raise TypeError(f"model must be an echo.EchoModel (echo.load makes one from a file or a name), got "
+                        f"{type(model).__name__} {model!r:.60}")
+    if model.device.type == "meta":
+        raise ValueError("the model is on the meta device: it has shapes but no weights; load its weights on a "
+                         "device that computes (cpu, cuda, ...)")
+
+
 @torch.no_grad()
 def encode(
     model: EchoModel,
@@ -143,6 +154,7 @@ def encode(
     echo.host_memory.keep_freed_memory() (a process-wide malloc setting, so it is the caller's choice).
     """
     backends.check_environment()  # a misspelt ECHO_BACKEND_<OP> would be ignored by the op it meant
+    checked_model(model)
     if device is not None and not _same_device(inputs.checked_device(device), model.device):
         raise ValueError(f"model is on {model.device} but device={device} was asked; move the model first")
     device = model.device

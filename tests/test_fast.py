@@ -278,6 +278,19 @@ def test_bad_options(model):
         fast.encode(model, [torch.randn(8000)], 8000, backend="magic")
 
 
+def test_what_is_not_a_model_with_weights_is_refused_by_name(model):
+    """A path, None or a model on the meta device failed in torch ('str' object has no attribute 'device', or
+    a meta kernel's NotImplementedError), and a StreamEncoder took a meta model and failed at its first segment."""
+    with torch.device("meta"):
+        meta = random_model(dim=32, depth=1, heads=2)
+    for given, error, message in (("model.safetensors", TypeError, "model must be an echo.EchoModel .*got str"),
+                                  (None, TypeError, "got NoneType"), (meta, ValueError, "on the meta device")):
+        with pytest.raises(error, match=message):
+            fast.encode(given, [torch.randn(8000)], 8000)
+        with pytest.raises(error, match=message):
+            fast.StreamEncoder(given, 8000)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_writes_the_version_counter_misses_and_eps_changes_rebuild_the_cached_copy(dtype):
     """`p.data.copy_(q.data)` (EMA, weight sync) bumps no version counter: a copy cached by version mixed old
