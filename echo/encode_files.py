@@ -18,9 +18,12 @@ Output: `.npz` with `paths`, `keys`, `sample_rates`, `channels`, `model` and one
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import errno
 import glob
 import os
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -45,17 +48,27 @@ FRAMES = "/frames"  # suffixes of a file's frame-embedding and (rate, channels) 
 META = "/meta"
 
 
+def _path(text: str) -> Path:
+    """A PATH or --out as the user meant it: "~" is their home (as for --model, and where a shell leaves
+    `--out=~/x` alone; "~nobody-here" stays as typed, as a shell leaves it, where pathlib's expanduser raises); an
+    empty one, an unset variable's, is refused rather than read as the current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder")
+    return Path(os.path.expanduser(text))
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("paths", nargs="*", type=Path,
+    parser.add_argument("paths", nargs="*", type=_path,
                         help="audio files or folders (default: the bundled samples)")
     parser.add_argument("--model", default="default",
                         help="checkpoint path or name: default, echo-small, echo-tiny (default: default)")
-    parser.add_argument("--out", type=Path, default=Path("embeddings.npz"),
+    parser.add_argument("--out", type=_path, default=Path("embeddings.npz"),
                         help=".npz or .parquet (default: embeddings.npz)")
     parser.add_argument("--frames", action="store_true", help="keep the frame embeddings too")
     parser.add_argument("--batch-files", type=int, default=32, help="files encoded per batch (default: 32)")
     parser.add_argument("--max-tokens", type=int, default=None, help="packed tokens per pass (echo.fast.encode)")
-    parser.add_argument("--device", default=None, help="default: cuda (this rank's GPU) if present, else cpu")
+    parser.add_argument("--device", default=None,
+                        help="default: cuda if present, else cpu; plain cuda is this rank's GPU (LOCAL_RANK)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="encoder compute dtype (bfloat16: 2-6x faster end to end on CPUs with AVX-512 BF16 "
                         "or AMX, relative error ~5e-3)")
@@ -66,32 +79,44 @@ def find_files(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Audio files under `paths` (folders searched recursively, following links to folders, each folder once;
     files taken as given), each once however it was spelt, and the paths that could not be used with the reason
     (a missing path, a folder that cannot be read or is reached a second time, a broken or looping link, a
-    pipe)."""
+    pipe), each once too."""
     files, unusable = [], []
     for path in paths:
-        if path.is_dir():
+        kind = _kind(path)
+        if kind == "folder":
             found = [where / name for where, names in folders.walk(path, lambda *skipped: unusable.append(skipped))
                      for name in names if Path(name).suffix.lower() in AUDIO_SUFFIXES]
             for entry in sorted(found):  # a link loop or a pipe is named as given ones are
-                if entry.is_file():
+                kind = _kind(entry)
+                if kind == "file":
                     files.append(entry)
                 else:
-                    unusable.append((entry, _not_a_file(entry)))
-        elif path.is_file():
+                    unusable.append((entry, kind))
+        elif kind == "file":
             files.append(path)
         else:
-            unusable.append((path, _not_a_file(path)))
-    first_spelling = {}
+            unusable.append((path, kind))
+    first_spelling, bad = {}, {}
     for path in files:
         first_spelling.setdefault(os.path.realpath(path), path)
-    return list(first_spelling.values()), unusable
+    for path, reason in unusable:  # its folder's real path: a broken link resolves to its target, not to itself
+        bad.setdefault(os.path.join(os.path.realpath(path.parent), path.name), (path, reason))
+    return list(first_spelling.values()), list(bad.values())
 
 
-def _not_a_file(path: Path) -> str:
-    """Why a path that is neither a regular file nor a folder cannot be encoded."""
-    if path.is_symlink():
-        return "a broken or looping symbolic link"
-    return "not a regular file or folder" if path.exists() else "no such file or folder"
+def _kind(path: Path) -> str:
+    """"folder" or "file" (a regular one), through links; else why `path` cannot be used. A name in a folder that
+    may not be searched (no x permission) is one of these, not the end of the run (pathlib's is_dir raises)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        if os.path.islink(path):
+            return "a broken or looping symbolic link"
+        return "no such file or folder" if error.errno in (errno.ENOENT, errno.ENOTDIR) else \
+            f"not usable: {error.strerror}"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    return "file" if stat.S_ISREG(mode) else "not a regular file or folder"
 
 
 def read_file(path: Path) -> tuple[np.ndarray, int]:
@@ -252,6 +277,12 @@ def _check_out(out: Path) -> None:
             raise ValueError(f"--out {out} exists and is not an output of echo encode ({problem}); move it away "
                              f"or choose another --out")
     atomic.check_writable(out.parent, f"--out {out}")
+    temporary = atomic.temporary_name(out)  # the longest name written beside OUT (OUT.parts is no longer)
+    try:  # too long a name was refused only once every file was encoded
+        open(temporary, "wb").close()
+        temporary.unlink()
+    except OSError as error:
+        raise ValueError(f"--out {out} cannot be written: {error.strerror}: {temporary.name}") from None
 
 
 def _parts(out: Path) -> Path:
@@ -310,8 +341,9 @@ def _encode_files(args, rank: int, world: int) -> int:
 
     if rank == 0:  # only rank 0 writes OUT; a run killed while writing it left its temporary
         atomic.remove_abandoned(args.out.parent, f"{glob.escape(args.out.name)}.*.tmp")
-    device = inputs.checked_device(
-        args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"))
+    device = inputs.checked_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:  # this rank's GPU, as pretraining's: not all on GPU 0
+        device = inputs.checked_device(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
     if device.type == "cpu":
         host_memory.keep_freed_memory()
     model = load(args.model, device=device)
@@ -401,6 +433,9 @@ def _encode_files(args, rank: int, world: int) -> int:
     except KeyboardInterrupt:  # a large output takes a while to write; its embeddings are all kept
         raise KeyboardInterrupt(f"{args.out} was left as it was; the same command writes it without encoding any "
                                 f"file again") from None
+    except OSError as error:  # a full disk: "[Errno 28]" alone reads as if the encoding were lost
+        raise OSError(f"{args.out} could not be written ({error}); it was left as it was, and the same command "
+                      f"writes it without encoding any file again") from None
     _remove_written_shards(cache, {row["key"] for row in rows}, args.frames)
     try:
         parts.rmdir()

@@ -33,7 +33,8 @@ def walk(top: Path, skip: Callable[[Path, str], None], recursive: bool = True) -
                 subfolders.clear()
                 continue
             if recursive:
-                starts += [folder / name for name in sorted(subfolders) if (folder / name).is_symlink()]
+                # islink, not is_symlink: in a folder that may be read but not searched that raises, ending the walk
+                starts += [folder / name for name in sorted(subfolders) if os.path.islink(folder / name)]
             else:
                 subfolders.clear()
             yield folder, names

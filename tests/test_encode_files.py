@@ -567,3 +567,172 @@ def test_a_soundfile_without_its_c_library_falls_back_for_plain_wav(tmp_path, mo
     monkeypatch.setattr(echo.eval.importlib, "import_module", no_library)
     with pytest.raises(ValueError, match=r"24-bit PCM samples.*soundfile.*sndfile library not found"):
         read_file(tmp_path / "deep.wav")
+
+
+def test_an_empty_path_is_refused_as_bad_usage_and_a_tilde_is_the_home_folder(tmp_path, model_path, monkeypatch,
+                                                                             capsys):
+    """`encode "$DIR"` with DIR unset encoded the current folder and all below it; `--out=~/e.npz`, which a shell
+    leaves as typed, made a folder named "~" in the current one."""
+    here, home = tmp_path / "here", tmp_path / "home"
+    here.mkdir()
+    home.mkdir()
+    soundfile.write(str(here / "a.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    monkeypatch.chdir(here)
+    monkeypatch.setenv("HOME", str(home))
+    with pytest.raises(SystemExit) as exited:
+        run("", "--model", model_path, "--out", tmp_path / "e.npz")
+    assert exited.value.code == 2 and "an empty path" in capsys.readouterr().err
+    assert not (tmp_path / "e.npz").exists()
+    assert cli.main(["encode", "a.wav", "--model", str(model_path), "--out=~/e.npz", "--quiet"]) == 0
+    assert list(read_embeddings(home / "e.npz")["files"]) == ["a.wav"]
+    assert sorted(p.name for p in here.iterdir()) == ["a.wav"]
+
+
+def test_a_bad_path_named_several_times_is_reported_and_counted_once(tmp_path, model_path, capsys):
+    """A broken link given by name and found in its folder and its parent folder, both given, was reported three
+    times and counted as 3 skipped, when good files named so are encoded once."""
+    folder = tmp_path / "d" / "sub"
+    folder.mkdir(parents=True)
+    soundfile.write(str(folder / "a.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    (folder / "dangling.wav").symlink_to(tmp_path / "gone.wav")
+    out = tmp_path / "e.npz"
+    assert run(tmp_path / "d", folder, folder / "dangling.wav", folder / "a.wav", "--model", model_path,
+               "--out", out) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("skipped ") == 1 and "1 files (0 reused from an earlier run), 1 skipped" in printed
+    assert list(read_embeddings(out)["files"]) == [str(folder / "a.wav")]
+
+
+def test_paths_in_a_folder_that_may_not_be_searched_are_reported_and_skipped(tmp_path, model_path, capsys,
+                                                                            monkeypatch):
+    """The names in a folder one may read but not search (mode r--), or a file given in a folder one may not
+    enter, cannot be looked up: pathlib's is_dir/is_file raised "Permission denied", which ended the whole run
+    (exit 1, nothing encoded) instead of skipping those paths as unreadable folders are."""
+    locked = tmp_path / "d" / "locked"
+    (locked / "sub").mkdir(parents=True)
+    for path in (tmp_path / "d" / "a.wav", locked / "b.wav", locked / "c.wav", locked / "sub" / "d.wav"):
+        soundfile.write(str(path), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    real_stat, real_lstat = os.stat, os.lstat
+
+    def refused(real):  # as for a user without the folder's x permission (the tests run as root)
+        def stat(path, *args, **kwargs):
+            if isinstance(path, (str, os.PathLike)) and Path(path).parent == locked:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real(path, *args, **kwargs)
+        return stat
+
+    monkeypatch.setattr(os, "stat", refused(real_stat))
+    monkeypatch.setattr(os, "lstat", refused(real_lstat))
+    out = tmp_path / "e.npz"
+    assert run(tmp_path / "d", locked / "c.wav", "--model", model_path, "--out", out) == 0
+    printed = capsys.readouterr().out
+    for name in ("b.wav", "c.wav"):
+        assert f"skipped {locked / name}: not usable: Permission denied" in printed
+    assert f"skipped {locked / 'sub'}: folder not readable: Permission denied" in printed
+    assert "1 files (0 reused from an earlier run), 3 skipped" in printed
+    monkeypatch.setattr(os, "stat", real_stat)
+    monkeypatch.setattr(os, "lstat", real_lstat)
+    assert list(read_embeddings(out)["files"]) == [str(tmp_path / "d" / "a.wav")]
+
+
+def test_a_full_disk_while_a_batch_is_saved_is_one_line_and_the_saved_batches_resume(tmp_path, model_path,
+                                                                                     capsys, monkeypatch):
+    """safetensors raises its own SafetensorError, no OSError, when the disk fills while a batch is saved: the
+    command ended in a traceback."""
+    from safetensors import SafetensorError
+
+    from echo.eval import embed
+
+    files = [tmp_path / name for name in ("a.wav", "b.wav")]
+    for path in files:
+        soundfile.write(str(path), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    out = tmp_path / "e.npz"
+    real, saved = embed.save_file, []
+
+    def fills_up(*args, **kwargs):
+        saved.append(True)
+        if len(saved) == 2:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embed, "save_file", fills_up)
+    options = ("--model", model_path, "--out", out, "--batch-files", "1")
+    assert run(*files, *options) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {tmp_path / 'e.npz.parts'}") and "No space left on device" in error
+    assert error.count("\n") == 1 and not out.exists()
+    monkeypatch.setattr(embed, "save_file", real)
+    assert run(*files, *options) == 0
+    assert "2 files (1 reused from an earlier run)" in capsys.readouterr().out
+    model = echo.load(model_path)
+    for path in files:
+        assert rel_err(read_embeddings(out)["files"][str(path)]["utterance"], reference(model, path)[0]) < 1e-5
+
+
+def test_a_full_disk_while_the_output_is_written_says_that_nothing_is_lost(tmp_path, model_path, capsys,
+                                                                          monkeypatch):
+    """"error: [Errno 28] No space left on device" named neither the file nor what became of the encoding, as if
+    it were lost; the earlier output is left as it was and the same command writes the new one."""
+    import echo.encode_files as command
+
+    files = [tmp_path / name for name in ("a.wav", "b.wav")]
+    for path in files:
+        soundfile.write(str(path), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    out = tmp_path / "e.npz"
+    assert run(files[0], "--model", model_path, "--out", out) == 0
+    before = out.read_bytes()
+    real = command._write_table
+
+    def fills_up(path, *args):
+        Path(path).write_bytes(b"PK half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(command, "_write_table", fills_up)
+    capsys.readouterr()
+    assert run(*files, "--model", model_path, "--out", out) == 1
+    assert capsys.readouterr().err == (f"error: {out} could not be written ([Errno 28] No space left on device); it "
+                                       f"was left as it was, and the same command writes it without encoding any "
+                                       f"file again\n")
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.wav", "b.wav", "e.npz", "e.npz.parts", "model"]
+    monkeypatch.setattr(command, "_write_table", real)
+    assert run(*files, "--model", model_path, "--out", out) == 0
+    assert "2 files (2 reused from an earlier run)" in capsys.readouterr().out
+    model = echo.load(model_path)
+    for path in files:
+        assert rel_err(read_embeddings(out)["files"][str(path)]["utterance"], reference(model, path)[0]) < 1e-5
+
+
+def test_plain_cuda_is_this_ranks_gpu(tmp_path, model_path, monkeypatch):
+    """`torchrun ... encode --device cuda` put every rank on GPU 0 ("cuda" is the current device, never set),
+    where the default and pretraining take each rank's own (LOCAL_RANK)."""
+    import echo.checkpoint
+    import echo.encode_files as command
+
+    placed = []
+
+    def load(name, device):
+        placed.append(device)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(command.inputs, "checked_device", torch.device)  # no GPU needed to choose one
+    monkeypatch.setattr(echo.checkpoint, "load", load)
+    monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: None)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    for device in ("cuda", "cuda:0", "cpu"):
+        assert run(tmp_path, "--model", model_path, "--out", tmp_path / "e.npz", "--device", device) == 2
+    assert placed == [torch.device("cuda", 1), torch.device("cuda", 0), torch.device("cpu")]
+
+
+def test_an_out_whose_temporary_name_is_too_long_is_refused_before_any_work(tmp_path, model_path, capsys,
+                                                                           monkeypatch):
+    """OUT is written as OUT.<pid>.tmp first: a name that fits while that one does not (over 255 bytes) was
+    refused only once every file was encoded, and by every rerun again."""
+    import echo.encode_files as command
+
+    soundfile.write(str(tmp_path / "a.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    monkeypatch.setattr(command, "_encode_batch", lambda *args: pytest.fail("the work started"))
+    out = tmp_path / ("x" * (255 - len(".npz.parts")) + ".npz")  # OUT.parts fits, OUT.<pid>.tmp does not
+    assert run(tmp_path / "a.wav", "--model", model_path, "--out", out) == 2
+    assert f"--out {out} cannot be written: File name too long" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "model"]

@@ -126,6 +126,7 @@ def test_write_wav_writes_pcm_as_the_readers_scale_it(tmp_path):
     (np.array([0.5, np.nan, 0.25]), 8000, r"1 NaN or Inf"),  # was written as a silent 0
     (np.array([np.inf, -np.inf]), 8000, r"2 NaN or Inf"),
     (np.zeros((2, 2, 5)), 8000, r"shape \(2, 2, 5\)"),  # was written as 2 channels of 10 interleaved samples
+    (np.zeros((0, 5)), 8000, r"shape \(0, 5\)"),  # wave's own error, naming no file: "# channels not specified"
     (np.ones(4, dtype=bool), 8000, "dtype bool"),
     (np.ones(4, dtype=np.int64), 8000, "dtype int64"),  # was clipped to full scale
     (np.zeros(4), 44100.5, "got 44100.5"),  # was written at 44100 Hz

@@ -84,9 +84,9 @@ def write_wav(path, waveform, rate: int) -> Path:
         samples = samples / float(2 ** (8 * samples.dtype.itemsize - 1))
     elif samples.dtype.kind != "f":
         raise ValueError(f"{path}: samples of dtype {samples.dtype}; pass floats in [-1, 1] or int16/int32 PCM")
-    if samples.ndim not in (1, 2) or np.atleast_2d(samples).shape[0] > 0xFFFF:
+    if samples.ndim not in (1, 2) or not 0 < np.atleast_2d(samples).shape[0] <= 0xFFFF:
         raise ValueError(f"{path}: waveform of shape {samples.shape}; pass (samples,) or (channels, samples), "
-                         f"at most 65535 channels")
+                         f"1 to 65535 channels")
     if not np.isfinite(samples).all():
         raise ValueError(f"{path}: waveform has {np.count_nonzero(~np.isfinite(samples))} NaN or Inf sample(s)")
     if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not float(rate).is_integer() \

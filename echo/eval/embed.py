@@ -22,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
@@ -109,8 +110,12 @@ class EmbeddingCache:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         shard = self.folder / f"{time.time_ns()}-{os.getpid()}.safetensors"
-        with atomic.replacing(shard) as temporary:
-            save_file({key: np.ascontiguousarray(value) for key, value in entries.items()}, str(temporary))
+        try:
+            with atomic.replacing(shard) as temporary:
+                save_file({key: np.ascontiguousarray(value) for key, value in entries.items()}, str(temporary))
+        except SafetensorError as error:  # a full disk, raised as safetensors' own error: a traceback, not OSError
+            raise OSError(f"{self.folder}: a batch of embeddings could not be saved ({error}); the batches saved "
+                          f"before it are kept") from None
         self.entries.update(entries)
 
 
