@@ -173,6 +173,14 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_encoding(tmp_path, 
     ("mafaulda", ("--labels", "list.csv"), "--labels: only the DCASE tasks read label lists"),
     ("folder", ("--domain-auc", "siren"), "--domain-auc: only DCASE 2022-2025 score a domain's AUC by either rule"),
     ("folder", ("--protocol", "loocv"), "--protocol chooses among fault classification protocols; folder is"),
+    # were ignored: the anomaly score is the 1-NN cosine distance, fault classification searches with torch only
+    ("folder", ("--k", "3"), "--k is an option of fault classification; folder is anomaly detection"),
+    ("folder", ("--folds", "10"), "--folds is an option of fault classification; folder is anomaly detection"),
+    ("folder", ("--seed", "2"), "--seed is an option of fault classification; folder is anomaly detection"),
+    ("mafaulda", ("--search", "faiss"), "--search chooses the anomaly detection search; mafaulda is fault"),
+    ("mafaulda", ("--protocol", "loocv", "--folds", "10"), "--folds: only the kfold protocol takes it; mafaulda runs "
+                                                           "loocv"),
+    ("mafaulda", ("--protocol", "loocv", "--seed", "2"), "--seed: only the kfold protocol takes it"),
 ])
 def test_options_the_data_set_cannot_take_are_refused_before_the_encoding(tmp_path, model_path, capsys, monkeypatch,
                                                                           task, option, message):

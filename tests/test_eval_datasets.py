@@ -1,5 +1,6 @@
 """Each adapter on a synthetic folder in its published layout, and on a wrong layout."""
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -70,6 +71,29 @@ def test_a_label_list_saved_with_a_byte_order_mark_is_read(tmp_path):
     lists.write_text("saw\nsection_00_0005.wav,section_00_source_test_anomaly_0005.wav\n", encoding="utf-8-sig")
     assert datasets.read_label_lists([lists], 2023) == {
         ("saw", "section_00_0005.wav"): ("section_00_source_test_anomaly_0005.wav", 1)}
+
+
+def test_a_label_list_with_more_columns_reads_the_label_from_the_third(tmp_path):
+    """`file,reference_file,label` rows with a column after the label (a domain, a note): the last column was read
+    as the label, which inverted both clips below; the official 2020 evaluator reads the third column, as the
+    reference names say. An empty third cell leaves the label to the reference name."""
+    lists = tmp_path / "eval_data_list_2023.csv"
+    lists.write_text("saw,,,\r\nsection_00_0000.wav,section_00_source_test_anomaly_0000.wav,1,0\r\n"
+                     "section_00_0001.wav,section_00_target_test_normal_0001.wav,0,1\r\n"
+                     "section_00_0002.wav,section_00_target_test_anomaly_0002.wav,,0\r\n")
+    assert datasets.read_label_lists([lists], 2023) == {
+        ("saw", "section_00_0000.wav"): ("section_00_source_test_anomaly_0000.wav", 1),
+        ("saw", "section_00_0001.wav"): ("section_00_target_test_normal_0001.wav", 0),
+        ("saw", "section_00_0002.wav"): ("section_00_target_test_anomaly_0002.wav", 1)}
+
+
+def test_a_label_list_that_is_not_utf8_text_is_named(tmp_path):
+    """A list saved as UTF-16 ("Unicode text") failed with "'utf-8' codec can't decode byte 0xff in position 0",
+    naming no file."""
+    lists = tmp_path / "eval_data_list_2023.csv"
+    lists.write_text("saw\nsection_00_0000.wav,section_00_source_test_anomaly_0000.wav\n", encoding="utf-16")
+    with pytest.raises(ValueError, match=f"^label list {re.escape(str(lists))} is not UTF-8 text"):
+        datasets.read_label_lists([lists], 2023)
 
 
 def test_dcase2021_published_source_and_target_test_folders(tmp_path):

@@ -16,6 +16,8 @@ from . import anomaly, datasets, faults, neighbors, plots, require
 from .embed import embed_files, shown
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# fault classification's options, None on the command line until _check_options knows the task takes them
+FAULT_DEFAULTS = {"k": 5, "folds": 5, "seed": 1}
 
 
 def add_arguments(parser) -> None:
@@ -37,11 +39,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--eps", type=float, default=anomaly.HMEAN_EPS, help="floor of values in harmonic means (default: %(default)g)")
     parser.add_argument("--protocol", action="append", choices=faults.PROTOCOLS,
                         help="fault protocols (default: those the data set defines)")
-    parser.add_argument("--k", type=int, default=5, help="neighbours for fault classification (default: 5)")
-    parser.add_argument("--folds", type=int, default=5, help="folds of the k-fold protocol (default: 5)")
-    parser.add_argument("--seed", type=int, default=1, help="k-fold shuffle seed (default: 1)")
+    parser.add_argument("--k", type=int, help=f"neighbours for fault classification (default: {FAULT_DEFAULTS['k']})")
+    parser.add_argument("--folds", type=int, help=f"folds of the k-fold protocol (default: {FAULT_DEFAULTS['folds']})")
+    parser.add_argument("--seed", type=int, help=f"k-fold shuffle seed (default: {FAULT_DEFAULTS['seed']})")
     parser.add_argument("--channels", help="channels fused for multi-channel data, e.g. 0,1,2 (default: all)")
-    parser.add_argument("--search", choices=("torch", "faiss"), default="torch", help="anomaly search backend (default: torch)")
+    parser.add_argument("--search", choices=("torch", "faiss"), help="anomaly search backend (default: torch)")
     parser.add_argument("--batch-files", type=int, default=64, help="files encoded per batch (default: 64)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -114,10 +116,25 @@ def _check_options(args, dataset) -> None:
         raise ValueError(f"--protocol chooses among fault classification protocols; {args.task} is anomaly "
                          f"detection")
     if dataset.kind != "faults":
+        # the anomaly score is the cosine distance to the nearest bank clip: no k, no folds
+        given = [f"--{name}" for name in FAULT_DEFAULTS if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{given[0]} is an option of fault classification; {args.task} is anomaly detection")
+        args.search = args.search or "torch"
         return
+    if args.search is not None:
+        raise ValueError(f"--search chooses the anomaly detection search; {args.task} is fault classification, "
+                         f"searched exactly by torch")
+    protocols = args.protocol or dataset.protocols
+    if "kfold" not in protocols:
+        given = [f"--{name}" for name in ("folds", "seed") if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{given[0]}: only the kfold protocol takes it; {args.task} runs {', '.join(protocols)}")
+    for name, default in FAULT_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.k < 1:
         raise ValueError(f"--k {args.k}: at least one neighbour")
-    protocols = args.protocol or dataset.protocols
     if "kfold" in protocols and args.folds < 2:
         raise ValueError(f"--folds {args.folds}: k-fold needs two folds or more")
     if "split" in protocols and not any(item.subset for item in dataset.items):

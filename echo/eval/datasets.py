@@ -169,26 +169,34 @@ def _files(folder: Path, suffixes, notes: list, recursive: bool = False) -> list
 def read_label_lists(paths, year: int) -> dict:
     """{(machine, file name): (reference file name, label)} from eval_data_list csv files: rows
     `file,reference_file` (the published lists: the label is read from the reference name) or
-    `file,reference_file,label`."""
+    `file,reference_file,label`. Cells count by position, as the official 2020 evaluator reads them: the label
+    is the third (an empty one leaves it to the reference name), columns after it are not read."""
     table = {}
     for path in paths:
         if not Path(path).is_file():
             raise ValueError(f"label list {path} does not exist")
         machine = None
-        with open(path, newline="", encoding="utf-8-sig") as handle:  # a byte order mark (Excel) is no name
-            for line, row in enumerate(csv.reader(handle), 1):
-                row = [cell.strip() for cell in row if cell.strip()]
-                if len(row) == 1:
-                    machine = row[0]
-                elif len(row) >= 2:
-                    if machine is None:
-                        raise ValueError(f"{path}:{line}: a file row before any machine-name row")
-                    reference = Path(row[1]).name
-                    label = _binary_label(row[-1], path, line) if len(row) >= 3 else _dcase_fields(reference, year)[2]
-                    if label is None:
-                        raise ValueError(f"{path}:{line}: no label: the reference name {reference!r} holds neither "
-                                         f"normal nor anomaly, and there is no third (label) column")
-                    table[(machine, Path(row[0]).name)] = (reference, label)
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as handle:  # a byte order mark (Excel) is no name
+                rows = list(csv.reader(handle))
+        except UnicodeDecodeError as error:  # UTF-16 ("Unicode text"), or not a text file at all
+            raise ValueError(f"label list {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+        for line, row in enumerate(rows, 1):
+            row = [cell.strip() for cell in row]
+            while row and not row[-1]:  # Excel pads every row to the widest: a machine row reads `fan,,`
+                row.pop()
+            if len(row) == 1:
+                machine = row[0]
+            elif len(row) >= 2:
+                if machine is None:
+                    raise ValueError(f"{path}:{line}: a file row before any machine-name row")
+                reference = Path(row[1]).name
+                label = _binary_label(row[2], path, line) if len(row) >= 3 and row[2] else \
+                    _dcase_fields(reference, year)[2]
+                if label is None:
+                    raise ValueError(f"{path}:{line}: no label: the reference name {reference!r} holds neither "
+                                     f"normal nor anomaly, and there is no third (label) column")
+                table[(machine, Path(row[0]).name)] = (reference, label)
     return table
 
 
