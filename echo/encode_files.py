@@ -367,6 +367,11 @@ def _encode_files(args, rank: int, world: int) -> int:
     wanted = [path for path in keys if not _held(keys[path], done, args.frames)]
     if world > 1:  # every rank has read the shards before any writes one, so all share out the same `wanted`
         dist.barrier()
+        # rank 0's list and keys are every rank's: a file added or changed while the ranks scanned shifted one
+        # rank's shares against the others', and files between them were encoded by none, and left out unsaid
+        shared = [wanted, keys]
+        dist.broadcast_object_list(shared, src=0)
+        wanted, keys = shared
     mine = wanted[rank::world]
     failures, start, seconds = [], time.perf_counter(), 0.0
     bar = tqdm(total=len(mine), desc=f"encoding (rank {rank})" if world > 1 else "encoding", unit="file",

@@ -519,6 +519,44 @@ def test_ranks_share_the_files_and_rank_0_merges(tmp_path, model_path):
     assert set(read_embeddings(out)["files"]) == {str(p) for p in good}
 
 
+LATE_FILE_RANK = """
+import sys
+from pathlib import Path
+import echo.encode_files as command
+from echo import cli
+
+found = command.find_files
+if sys.argv[1] == "1":  # this rank's scan came after a file was added
+    command.find_files = lambda paths: ([Path(sys.argv[2]), *found(paths)[0]], found(paths)[1])
+sys.exit(cli.main(sys.argv[3:]))
+"""
+
+
+def test_ranks_that_scan_different_files_still_encode_every_file_rank_0_found(tmp_path, model_path):
+    """Each rank shared out the files of its own scan: a file added while they scanned shifted one rank's shares,
+    and files between them were encoded by no rank and left out of the output without a word."""
+    good = write_corpus(tmp_path / "data")
+    late = tmp_path / "late" / "late.wav"
+    late.parent.mkdir()
+    soundfile.write(str(late), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "emb.npz"
+    root = Path(__file__).resolve().parents[1]
+    ranks = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(root)}
+        ranks.append(subprocess.Popen([sys.executable, "-c", LATE_FILE_RANK, str(rank), str(late), "encode",
+                                       str(tmp_path / "data"), "--model", str(model_path), "--out", str(out),
+                                       "--quiet", "--batch-files", "1", "--device", "cpu"],
+                                      env=env, stdout=subprocess.PIPE, text=True))
+    outputs = [process.communicate(timeout=120)[0] for process in ranks]
+    assert [process.returncode for process in ranks] == [0, 0], outputs
+    assert set(read_embeddings(out)["files"]) == {str(p) for p in good}  # rank 0's scan; a rerun takes the late one
+
+
 @pytest.mark.parametrize("ending, status", [(ValueError("a bad setting"), 2), (KeyboardInterrupt(), 130)])
 def test_the_process_group_it_made_is_destroyed_however_the_command_ends(tmp_path, model_path, monkeypatch,
                                                                         ending, status):
