@@ -22,6 +22,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "frontend.h"
+
 #include <cmath>
 #include <map>
 #include <vector>
@@ -29,48 +31,11 @@
 namespace echo {
 namespace {
 
-constexpr int64_t kBandBins = 32;
 constexpr int64_t kChunkFrames = 64;  // frames per work item: ~100 KB of spectrum at 16 kHz, in L2
 
 struct Chunk {
   int64_t signal, first_frame, frames;
 };
-
-void check_inputs(const at::Tensor& waves, const at::Tensor& wave_offsets, const at::Tensor& spec_offsets,
-                  const at::Tensor& signal_geometry) {
-  TORCH_CHECK(waves.dim() == 1 && waves.scalar_type() == at::kFloat && waves.is_contiguous(),
-              "ragged_spectrogram: waves must be a contiguous 1-D float32 tensor, got ", waves.sizes(), " ",
-              waves.scalar_type());
-  const int64_t signals = signal_geometry.size(0);
-  TORCH_CHECK(signal_geometry.dim() == 2 && signal_geometry.size(1) == 4 && signal_geometry.is_cpu() &&
-                  signal_geometry.scalar_type() == at::kLong,
-              "ragged_spectrogram: signal_geometry must be a CPU int64 (signals, 4) tensor of "
-              "(n_fft, hop, frames, bands), got ", signal_geometry.sizes());
-  for (const auto& offsets : {wave_offsets, spec_offsets}) {
-    TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == signals + 1 && offsets.is_cpu() &&
-                    offsets.scalar_type() == at::kLong && offsets.is_contiguous(),
-                "ragged_spectrogram: offsets must be CPU int64 tensors of ", signals + 1, " entries, got ",
-                offsets.sizes());
-  }
-  const int64_t* geometry = signal_geometry.contiguous().data_ptr<int64_t>();
-  const int64_t* bounds = wave_offsets.data_ptr<int64_t>();
-  const int64_t* spec_bounds = spec_offsets.data_ptr<int64_t>();
-  TORCH_CHECK(bounds[signals] <= waves.numel(), "ragged_spectrogram: wave_offsets end at ", bounds[signals],
-              " but waves has ", waves.numel(), " samples");
-  for (int64_t i = 0; i < signals; ++i) {
-    const int64_t n_fft = geometry[4 * i], hop = geometry[4 * i + 1], frames = geometry[4 * i + 2],
-                  bands = geometry[4 * i + 3];
-    const int64_t length = bounds[i + 1] - bounds[i];
-    TORCH_CHECK(n_fft > 0 && hop > 0 && frames >= 0 && bands * kBandBins >= n_fft / 2 + 1,
-                "ragged_spectrogram: signal ", i, " has inconsistent geometry n_fft=", n_fft, " hop=", hop,
-                " bands=", bands);
-    TORCH_CHECK(frames == 0 || (frames - 1) * hop + n_fft <= length, "ragged_spectrogram: signal ", i, " has ",
-                length, " samples, too few for ", frames, " frames of ", n_fft, " with hop ", hop);
-    TORCH_CHECK(spec_bounds[i + 1] - spec_bounds[i] == bands * kBandBins * frames, "ragged_spectrogram: signal ",
-                i, " needs ", bands * kBandBins * frames, " spectrogram values but spec_offsets give ",
-                spec_bounds[i + 1] - spec_bounds[i]);
-  }
-}
 
 // Periodic Hann window of each distinct n_fft, like torch.hann_window's definition.
 std::map<int64_t, std::vector<double>> hann_windows(const int64_t* geometry, int64_t signals) {
@@ -88,7 +53,7 @@ std::map<int64_t, std::vector<double>> hann_windows(const int64_t* geometry, int
 at::Tensor ragged_spectrogram_cpu(const at::Tensor& waves, const at::Tensor& wave_offsets,
                                   const at::Tensor& spec_offsets, const at::Tensor& signal_geometry,
                                   double log_eps, double log_mean, double log_std) {
-  check_inputs(waves, wave_offsets, spec_offsets, signal_geometry);
+  check_spectrogram_inputs(waves, wave_offsets, spec_offsets, signal_geometry);
   const at::Tensor geometry_table = signal_geometry.contiguous();
   const int64_t* geometry = geometry_table.data_ptr<int64_t>();
   const int64_t* bounds = wave_offsets.data_ptr<int64_t>();

@@ -11,16 +11,20 @@
 
 namespace echo {
 
-// cu_seqlens as int64 offsets, after checking that `qkv` is a contiguous (total, 3 * heads * head_dim) tensor,
-// that the offsets run from 0 to its rows and that every sequence has 1 to `max_tokens` tokens; `op` names the
-// caller in the errors. The caller checks the dtype.
+// cu_seqlens (of any integer type) as int64 offsets, after checking that `qkv` is a contiguous
+// (total, 3 * heads * head_dim) tensor, that the offsets run from 0 to its rows and that every sequence has 1 to
+// `max_tokens` tokens; `op` names the caller in the errors. The caller checks qkv's dtype.
 inline at::Tensor checked_offsets(const char* op, const at::Tensor& qkv, const at::Tensor& cu_seqlens, int64_t heads,
                                   int64_t head_dim, int64_t max_tokens) {
-  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && heads > 0 && qkv.size(1) == 3 * heads * head_dim, op,
-              ": qkv must be a contiguous (total, 3 * heads * ", head_dim, ") tensor, got ", qkv.sizes(),
+  // the width divided, not heads multiplied: 3 * heads * head_dim of a huge `heads` wraps around to the width
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && heads > 0 && qkv.size(1) % (3 * head_dim) == 0 &&
+                  qkv.size(1) / (3 * head_dim) == heads,
+              op, ": qkv must be a contiguous (total, 3 * heads * ", head_dim, ") tensor, got ", qkv.sizes(),
               " with heads=", heads);
-  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1 && cu_seqlens.is_cpu(), op,
-              ": cu_seqlens must be a 1-D CPU tensor, got ", cu_seqlens.sizes());
+  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1 && cu_seqlens.is_cpu() &&
+                  at::isIntegralType(cu_seqlens.scalar_type(), /*includeBool=*/false),
+              op, ": cu_seqlens must be a 1-D CPU tensor of integers, got ", cu_seqlens.sizes(), " ",
+              cu_seqlens.scalar_type());
   at::Tensor offsets = cu_seqlens.to(at::kLong).contiguous();
   const int64_t* bounds = offsets.data_ptr<int64_t>();
   const int64_t sequences = offsets.size(0) - 1;

@@ -79,12 +79,13 @@ struct Scratch {
 };
 
 // e^x for x <= 0 in the lanes of `keep` (0 elsewhere, and where x < -87: no subnormal weights, whose products
-// cost the CPU a microcode assist): x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor polynomial of degree 6
+// cost the CPU a microcode assist; a NaN stays NaN, as in the reference's softmax, where a mask of x >= -87 made
+// it a weight of 0): x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor polynomial of degree 6
 // (relative error < 2e-7, far under the bf16 rounding of the numerators), 2^n by vscalefps. The AVX-512 twin of
 // cpu_vector.h's exp_nonpositive, which must also compile for AVX2: with vscalefps, masks and the rounding
 // instruction it takes about half the instructions, and the softmax is this kernel's largest part.
 ECHO_TILES ECHO_INLINE __m512 masked_exp_nonpositive(__m512 x, __mmask16 keep) {
-  keep = _mm512_mask_cmp_ps_mask(keep, x, _mm512_set1_ps(-87.f), _CMP_GE_OQ);
+  keep = _mm512_mask_cmp_ps_mask(keep, x, _mm512_set1_ps(-87.f), _CMP_NLT_UQ);  // x >= -87 or NaN
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945f), x);

@@ -355,3 +355,124 @@ def test_a_cpu_only_compiled_op_on_cuda_is_not_blamed_on_the_build():
         "echo._C has no cuda kernel for residual_layer_norm"
     if not extension.has_op("ragged_spectrogram", "cuda"):
         assert "built without CUDA" in extension.why_unavailable("ragged_spectrogram", "cuda")
+
+
+def spectrogram_call(rates: list[int], seconds: float = 0.5):
+    """The raw op's arguments for signals of `rates`, built from a plan as ragged_spectrogram_csrc does, and the
+    float64 reference of them; `waves` is a view into a larger buffer, so what lies just outside it is memory."""
+    from echo import geometry
+
+    lengths = [int(sr * seconds) for sr in rates]
+    plan = make_plan(lengths, rates)
+    buffer = torch.randn(sum(lengths) + 2000)
+    waves = buffer[1000 : 1000 + sum(lengths)]
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor(lengths), 0)
+    table = torch.tensor([[geometry.n_fft(sr), geometry.hop(sr), t, nb]
+                          for sr, t, nb in zip(plan.sample_rates, plan.frames, plan.bands)], dtype=torch.int64)
+    constants = (geometry.LOG_EPS, geometry.LOG_MEAN, geometry.LOG_STD)
+    return waves, offsets, plan.spec_offsets.clone(), table, constants, \
+        stft_ops.ragged_spectrogram_reference(waves.double(), offsets, plan)
+
+
+@requires_cpu_op
+def test_ragged_spectrogram_reads_a_non_contiguous_geometry_table():
+    """The op checked the geometry through a pointer into `signal_geometry.contiguous()`, a temporary freed at
+    once when the table is not contiguous: it read freed memory (garbage n_fft and hop, "inconsistent
+    geometry n_fft=94848658381609") where it should take the table as it is."""
+    waves, offsets, spec_offsets, table, constants, truth = spectrogram_call([16000, 8000, 44100])
+    strided = table.T.contiguous().T
+    assert not strided.is_contiguous()
+    out = torch.ops.echo.ragged_spectrogram(waves, offsets, spec_offsets, strided, *constants)
+    assert rel_err(out, truth) < 1e-6
+
+
+@requires_cpu_op
+def test_ragged_spectrogram_refuses_offsets_outside_its_buffers():
+    """Offsets that run backwards or before the samples read outside `waves` (a signal of 10^8 samples in a
+    buffer of 24000 was a segfault), and spec_offsets that do not start at 0 wrote before the output (a
+    negative start) or left its head unwritten (garbage): each must be refused."""
+    waves, offsets, spec_offsets, table, constants, _ = spectrogram_call([16000, 16000])
+    op = torch.ops.echo.ragged_spectrogram
+    backwards = offsets.clone()
+    backwards[1] = offsets[2] + 500  # signal 0 runs 500 samples past the end of waves, signal 1 backwards
+    geometry = table.clone()
+    geometry[0, 2] = (int(backwards[1]) - 400) // 160 + 1
+    geometry[1, 2] = 0
+    spec = torch.cat([spec_offsets[:1], (geometry[:, 2] * geometry[:, 3] * 32).cumsum(0)])
+    with pytest.raises(RuntimeError, match="wave_offsets must"):
+        op(waves, backwards, spec, geometry, *constants)
+    before = offsets - 100  # signal 0 starts 100 samples before waves
+    with pytest.raises(RuntimeError, match="wave_offsets must"):
+        op(waves, before, spec_offsets, table, *constants)
+    with pytest.raises(RuntimeError, match="spec_offsets must"):
+        op(waves, offsets, spec_offsets + 5, table, *constants)
+
+
+@requires_cpu_op
+def test_ragged_spectrogram_refuses_more_bands_than_the_bins_fill():
+    """8 bands of 32 rows for the 201 bins of n_fft 400 (7 bands): the zero rows inserted before the last
+    band's bins ran over rows 224 to 278, past the signal's 256-row image (into the next signal's image, or
+    past the output: heap corruption), and rows 201..223 were never written."""
+    waves, offsets, spec_offsets, table, constants, _ = spectrogram_call([16000, 16000])
+    geometry = table.clone()
+    geometry[0, 3] = 8
+    spec = torch.cat([spec_offsets[:1], (geometry[:, 2] * geometry[:, 3] * 32).cumsum(0)])
+    with pytest.raises(RuntimeError, match="inconsistent geometry"):
+        torch.ops.echo.ragged_spectrogram(waves, offsets, spec, geometry, *constants)
+
+
+@requires_attention_op
+def test_short_attention_refuses_a_head_count_that_overflows_the_width_check():
+    """heads = 2^58 + 1 made 3 * heads * 64 wrap around to 192, the width of qkv: the check passed and the
+    kernel read heads 2^58 rows away (a segfault) instead of refusing."""
+    qkv = torch.randn(8, 3 * 64)
+    with pytest.raises(RuntimeError, match="qkv must be"):
+        torch.ops.echo.short_attention(qkv, torch.tensor([0, 3, 8]), 2**58 + 1)
+
+
+@requires_attention_op
+@pytest.mark.parametrize("offsets", [torch.tensor([0.0, 3.7, 8.0]), torch.tensor([False, True])])
+def test_short_attention_refuses_offsets_that_are_not_integers(offsets):
+    """float cu_seqlens were truncated (3.7 -> 3) and taken; bool ones read as 0, 1."""
+    with pytest.raises(RuntimeError, match="cu_seqlens must be"):
+        torch.ops.echo.short_attention(torch.randn(int(offsets[-1]), 3 * 64), offsets, 1)
+
+
+@requires_attention_op
+@pytest.mark.parametrize("offset_dtype", [torch.int32, torch.int64])
+def test_short_attention_edges_views_empty_and_nan(offset_dtype):
+    """Lengths 1 and 128 (the kernel's limit; 129 is refused), int32 or int64 offsets, qkv at a non-zero
+    storage offset, no sequences at all, and a NaN in one key: every output row of that (sequence, head) is
+    NaN, as in the float64 softmax, and no other row."""
+    lengths = torch.tensor([1, 128, 5, 1, 64, 65])
+    packing = Packing.from_lengths(lengths)
+    offsets = packing.cu_seqlens.to(offset_dtype)
+    rows = packing.total_tokens
+    qkv = torch.randn(rows + 3, 3 * 64 * 2)[3:]
+    assert qkv.storage_offset() > 0
+    out = torch.ops.echo.short_attention(qkv, offsets, 2)
+    assert rel_err(out, per_sequence_float64(qkv, packing.cu_seqlens, 2)) < 1e-5
+    with pytest.raises(RuntimeError, match="1 to 128 tokens"):
+        torch.ops.echo.short_attention(torch.randn(129, 3 * 64), torch.tensor([0, 129], dtype=offset_dtype), 1)
+    empty = torch.ops.echo.short_attention(torch.randn(0, 3 * 64 * 2), torch.zeros(1, dtype=offset_dtype), 2)
+    assert empty.shape == (0, 128)
+    poisoned = qkv.clone()
+    poisoned[1 + 40, 128 + 7] = float("nan")  # a key channel of head 0 in sequence 1 (rows 1..128)
+    out = torch.ops.echo.short_attention(poisoned, offsets, 2)
+    nan = out.isnan()
+    assert nan[1:129, :64].all() and not nan[1:129, 64:].any()
+    assert not nan[:1].any() and not nan[129:].any()
+
+
+@requires_tiles
+def test_tile_attention_propagates_a_nan_key_to_its_sequence_and_head_only():
+    """A NaN score fell out of the softmax: the exponential's mask (x >= -87, ordered) was false for NaN, so the
+    key got weight 0 and its queries finite outputs where the float64 softmax gives NaN (found by reading the code,
+    on a CPU without AMX). Every row of that (sequence, head) must be NaN, and no other."""
+    packing = Packing.from_lengths(torch.tensor([20, 126, 40]))
+    qkv = torch.randn(packing.total_tokens, 3 * 64 * 2).bfloat16()
+    qkv[20 + 77, 128 + 5] = float("nan")  # key 77 of sequence 1, head 0
+    nan = torch.ops.echo.tile_attention(qkv, packing.cu_seqlens, 2).isnan()
+    assert nan[20:146, :64].all() and not nan[20:146, 64:].any()
+    assert not nan[:20].any() and not nan[146:].any()

@@ -17,6 +17,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../frontend.h"
+
 #include <map>
 #include <tuple>
 #include <vector>
@@ -24,7 +26,6 @@
 namespace echo {
 namespace {
 
-constexpr int64_t kBandBins = 32;
 constexpr int kTile = 32;      // transpose tile: 32 frames x 32 rows
 constexpr int kTileRows = 8;   // threads per tile column
 constexpr int kThreads = 256;
@@ -109,34 +110,21 @@ __global__ void log_band_layout(const double2* __restrict__ spectrum, const Sign
 at::Tensor ragged_spectrogram_cuda(const at::Tensor& waves, const at::Tensor& wave_offsets,
                                    const at::Tensor& spec_offsets, const at::Tensor& signal_geometry,
                                    double log_eps, double log_mean, double log_std) {
-  TORCH_CHECK(waves.is_cuda() && waves.dim() == 1 && waves.scalar_type() == at::kFloat && waves.is_contiguous(),
-              "ragged_spectrogram: waves must be a contiguous 1-D float32 CUDA tensor");
+  TORCH_CHECK(waves.is_cuda(), "ragged_spectrogram: waves must be a CUDA tensor here, got ", waves.device());
+  check_spectrogram_inputs(waves, wave_offsets, spec_offsets, signal_geometry);
   const int64_t signals = signal_geometry.size(0);
-  TORCH_CHECK(signal_geometry.is_cpu() && signal_geometry.dim() == 2 && signal_geometry.size(1) == 4 &&
-                  signal_geometry.scalar_type() == at::kLong && wave_offsets.is_cpu() &&
-                  wave_offsets.scalar_type() == at::kLong && wave_offsets.numel() == signals + 1 &&
-                  spec_offsets.is_cpu() && spec_offsets.scalar_type() == at::kLong &&
-                  spec_offsets.numel() == signals + 1,
-              "ragged_spectrogram: geometry and offsets must be CPU int64 tensors (signals, 4), (signals + 1,)");
   const c10::cuda::CUDAGuard guard(waves.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor geometry_table = signal_geometry.contiguous();
-  const at::Tensor wave_bounds = wave_offsets.contiguous(), spec_bounds = spec_offsets.contiguous();
   const int64_t* geometry = geometry_table.data_ptr<int64_t>();
-  const int64_t* bounds = wave_bounds.data_ptr<int64_t>();
-  const int64_t* spec_starts = spec_bounds.data_ptr<int64_t>();
-  TORCH_CHECK(bounds[signals] <= waves.numel(), "ragged_spectrogram: wave_offsets end at ", bounds[signals],
-              " but waves has ", waves.numel(), " samples");
+  const int64_t* bounds = wave_offsets.data_ptr<int64_t>();
+  const int64_t* spec_starts = spec_offsets.data_ptr<int64_t>();
   at::Tensor out = at::empty({spec_starts[signals]}, waves.options());
 
   std::map<std::tuple<int64_t, int64_t, int64_t>, std::vector<int64_t>> groups;  // (n_fft, hop, bands) -> signals
   for (int64_t i = 0; i < signals; ++i) {
     const int64_t n_fft = geometry[4 * i], hop = geometry[4 * i + 1], frames = geometry[4 * i + 2],
                   bands = geometry[4 * i + 3];
-    TORCH_CHECK(n_fft > 0 && hop > 0 && bands * kBandBins >= n_fft / 2 + 1 &&
-                    (frames == 0 || (frames - 1) * hop + n_fft <= bounds[i + 1] - bounds[i]) &&
-                    spec_starts[i + 1] - spec_starts[i] == bands * kBandBins * frames,
-                "ragged_spectrogram: signal ", i, " has inconsistent geometry or offsets");
     if (frames > 0) groups[{n_fft, hop, bands}].push_back(i);
   }
 
