@@ -58,27 +58,41 @@ def wav_bytes(samples, rate):
     return buffer.getvalue()
 
 
-def test_opensfx_catalogue_is_read(tmp_path):
-    pcm = np.random.randint(-30000, 30000, 777)
-    entries = [
-        (b'"Saw". Original "saw.wav" by "someone". License: Creative Commons Zero 1.0.\0', wav_bytes(pcm, 44100)),
-        (b'"Unused". Trivial empty sound file.\0', b"\0" * 44),
-    ]
+def catalogue(entries, trailer=b"\0\x14src/wav/osfx_00.wav\0"):
+    """A sound catalogue laid out as Debian's opensfx.cat: each table size counts the WAV alone; the name comes
+    before the WAV and its source file name after it."""
     table = 8 * len(entries)
     body, header = b"", b""
     for name, data in entries:
-        entry = bytes([len(name)]) + name + data
-        header += struct.pack("<II", (table + len(body)) | (1 << 31), len(entry))
-        body += entry
+        header += struct.pack("<II", (table + len(body)) | (1 << 31), len(data))
+        body += bytes([len(name)]) + name + data + trailer
+    return header + body
+
+
+def test_opensfx_catalogue_is_read(tmp_path):
+    """Every sample of each sound is read. The size was taken to count the name too: each WAV lost its last
+    1 + name-length bytes (Debian's opensfx.cat: 77 to 256 bytes, up to 128 samples per sound)."""
+    pcm = np.random.randint(-30000, 30000, 777)
+    empty = wav_bytes([], 44100)  # OpenSFX's unused slots: a WAV header without samples
+    entries = [
+        (b'"Saw". Original "saw.wav" by "someone". License: Creative Commons Zero 1.0.\0', wav_bytes(pcm, 44100)),
+        (b'"Unused/Nothing". Trivial empty sound file. License: Creative Commons Zero 1.0.\0', empty),
+        (b'"Corrupt sound"\0', b"\0" * 44),
+    ]
     path = tmp_path / "test.cat"
-    path.write_bytes(header + body)
+    path.write_bytes(catalogue(entries))
     sounds = read_catalogue(path)
-    assert [s.title for s in sounds] == ["Saw", "Unused"]
-    assert sounds[0].licence == "Creative Commons Zero 1.0" and sounds[1].wav == b""
+    assert [s.title for s in sounds] == ["Saw", "Unused/Nothing", "Corrupt sound"]
+    assert sounds[0].licence == "Creative Commons Zero 1.0" and sounds[1].wav == sounds[2].wav == b""
+    assert sounds[0].wav == entries[0][1]
     waveform, rate = read_wav(sounds[0].wav)
     assert rate == 44100 and np.array_equal(waveform * 32768, pcm.astype(np.float32))
-    path.write_bytes(header[:8] + struct.pack("<II", 10**9, 5) + body)
+    data = catalogue(entries)
+    path.write_bytes(data[:8] + struct.pack("<II", 10**9, 5) + data[16:])
     with pytest.raises(ValueError, match="entry 1 .* lies outside"):
+        read_catalogue(path)
+    path.write_bytes(catalogue(entries, trailer=b"")[:-1])  # the last WAV cut short by a byte
+    with pytest.raises(ValueError, match="entry 2 .* lies outside"):
         read_catalogue(path)
 
 

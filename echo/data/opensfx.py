@@ -4,7 +4,9 @@ Layout (little-endian): a table of (uint32 offset, uint32 size) pairs, one per s
 also ends the table, so there are offset / 8 entries. The top bit of each offset is set in catalogues whose
 WAV rates are to be honoured (OpenTTD plays old Transport Tycoon files, without that bit, at 11025 Hz).
 Each entry is a length byte, a NUL-terminated name (OpenSFX stores each sound's title, authors and licence
-there), then a complete RIFF WAVE file (empty for unused slots).
+there), then a complete RIFF WAVE file of the table's size: the size counts the WAV alone, not the name before
+it (in Debian's opensfx.cat each is its WAV's RIFF size + 8, and the WAV's source file name follows it). An
+unused slot holds a WAV without samples.
 """
 from __future__ import annotations
 
@@ -44,10 +46,22 @@ def read_catalogue(path) -> list[CatalogueSound]:
     for index in range(count):
         offset, size = struct.unpack_from("<II", data, 8 * index)
         offset &= ~HONOUR_RATE_BIT
-        if offset + size > len(data) or size < 1:
-            raise ValueError(f"{path}: entry {index} ({offset}+{size}) lies outside the {len(data)}-byte file")
-        name_length = data[offset]
-        name = data[offset + 1: offset + 1 + name_length].split(b"\0")[0].decode("utf-8", "replace")
-        body = data[offset + 1 + name_length: offset + size]
-        sounds.append(CatalogueSound(index, name, body if body[:4] == b"RIFF" else b""))
+        start = offset + 1 + (data[offset] if offset < len(data) else 0)  # past the length byte and the name
+        if start + size > len(data):
+            raise ValueError(f"{path}: entry {index} ({offset}+{start - offset}+{size}) lies outside the "
+                             f"{len(data)}-byte file")
+        name = data[offset + 1: start].split(b"\0")[0].decode("utf-8", "replace")
+        body = data[start: start + size]
+        sounds.append(CatalogueSound(index, name, body if body[:4] == b"RIFF" and _has_samples(body) else b""))
     return sounds
+
+
+def _has_samples(wav: bytes) -> bool:
+    """Whether a RIFF WAVE file holds a non-empty data chunk (OpenSFX fills unused slots with a bare header)."""
+    position = 12
+    while position + 8 <= len(wav):
+        kind, size = wav[position: position + 4], int.from_bytes(wav[position + 4: position + 8], "little")
+        if kind == b"data":
+            return size > 0 and position + 8 < len(wav)
+        position += 8 + size + size % 2
+    return False
