@@ -419,3 +419,56 @@ def test_the_shortest_clips(n):
     machine = synth.Machine(fault="inner", gear_teeth=23, speed_variation=0.1, load_variation=0.1)
     x = synth.machine_signal(machine, 8000, n, seed=0)
     assert x.shape == (n,) and np.isfinite(x).all()
+
+
+def test_misalignment_adds_its_2x_and_3x_whatever_the_harmonic_count():
+    """Misalignment's extra 2x (and 3x at 40 % of it) are lines of their own: with harmonics=1 or 2 they were
+    left out, and the misaligned machine sounded healthy."""
+    rate, shaft = 8000, 30.0
+    for harmonics, expected in ((1, (0.1, 0.1, 0.04)), (2, (0.1, 0.06 + 0.1, 0.04))):
+        machine = synth.Machine(shaft_hz=shaft, harmonics=harmonics, misalignment=1.0, noise=0.0)
+        freqs, spectrum = amplitude_spectrum(synth.machine_signal(machine, rate, 2 * rate, seed=7), rate)
+        for order, amplitude in enumerate(expected, start=1):
+            assert peak_near(freqs, spectrum, order * shaft) == pytest.approx(amplitude, rel=0.05), (harmonics, order)
+        assert peak_near(freqs, spectrum, 4 * shaft) < 1e-3  # no healthy 4x for a count of 1 or 2
+
+
+def test_a_very_slow_shaft_draws_no_phase_one_by_one_for_orders_it_does_not_build(monkeypatch):
+    """At 0.05 Hz and 8 kHz, 80 000 orders lie below Nyquist, and each drew its phase in a call of its own (and
+    held an amplitude), though 0.6^k is 0 past ~1460 orders: a minute for a 0.0001 Hz shaft, 8 GB at 1e-9 Hz."""
+    draws = []
+    default_rng = np.random.default_rng
+
+    class Counting:
+        def __init__(self, seed):
+            self.rng = default_rng(seed)
+
+        def __getattr__(self, name):
+            return getattr(self.rng, name)
+
+        def uniform(self, *args, **kwargs):
+            draws.append(1)
+            assert len(draws) < 100, "a phase drawn per order"
+            return self.rng.uniform(*args, **kwargs)
+
+    monkeypatch.setattr(synth.np.random, "default_rng", Counting)
+    for shaft in (0.05, 1e-9):
+        machine = synth.Machine(shaft_hz=shaft, harmonics=10**9, imbalance=1.0, noise=0.0)
+        x = synth.machine_signal(machine, 8000, 8000, seed=3)
+        assert np.isfinite(x).all() and 0 < np.abs(x).max() < 0.5  # 0.2 at 1x, 0.1 x 0.6^(k-1) above
+
+
+@pytest.mark.parametrize("signal_scale, noise_scale", [(1e200, 1.0), (1.0, 1e-200), (1e-170, 1e-170),
+                                                       (1e-300, 1e300), (1e300, 1e-300)])
+def test_mix_keeps_the_snr_at_any_scale(signal_scale, noise_scale):
+    """Powers were means of squares: samples past 1e154 overflowed and under 1e-162 underflowed to a power of
+    0, and the whole mix came back NaN."""
+    signal, noise = np.random.randn(500) * signal_scale, np.random.randn(300) * noise_scale
+    snr = float(np.random.uniform(-10, 20))
+    mixed = synth.mix(signal, noise, snr, np.random.default_rng(1))
+    assert np.isfinite(mixed).all()
+
+    def rms(x):
+        return np.abs(x).max() * np.sqrt(np.mean((x / np.abs(x).max()) ** 2))
+
+    assert 20 * np.log10(rms(signal) / rms(mixed - signal)) == pytest.approx(snr, abs=1e-6)

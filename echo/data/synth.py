@@ -5,8 +5,8 @@ A machine is a shaft turning at `shaft_hz` (optionally drifting: speed variation
 accelerometer or microphone:
 
 - shaft harmonics k * fr, k = 1..harmonics, amplitude decaying by `harmonic_decay` per order;
-- imbalance raises the 1x harmonic, misalignment raises 2x (and 3x at 40 % of that): the classic
-  vibration-analysis signatures;
+- imbalance raises the 1x harmonic, misalignment raises 2x (and 3x at 40 % of that), however few harmonics
+  the machine has: the classic vibration-analysis signatures;
 - a gear of Z teeth meshes at Z * fr; its mesh tone is amplitude-modulated by the shaft, which puts
   sidebands at Z * fr +- j * fr;
 - a bearing defect makes one impact per passage of a rolling element over it. Each impact rings the
@@ -224,20 +224,29 @@ def machine_signal(machine: Machine, sample_rate: int, n_samples: int, seed: int
     top_speed = float(speed.max())  # a Python float: Nyquist over a shaft of 1e-320 Hz is inf, with no warning
 
     healthy_1x = 0.1
-    # only the orders that may lie below Nyquist are built: harmonics=10**9, meaning "all", costs nothing
-    orders = int(min(machine.harmonics, nyquist / top_speed + 1))
-    amplitudes = healthy_1x * machine.harmonic_decay ** np.arange(orders)
-    amplitudes[0] += healthy_1x * machine.imbalance
-    if orders >= 2:
-        amplitudes[1] += healthy_1x * machine.misalignment
-    if orders >= 3:
-        amplitudes[2] += 0.4 * healthy_1x * machine.misalignment
+    # misalignment's 2x and 3x are lines of their own: harmonics=1 or 2 left them out without a word
+    lines = max(machine.harmonics, 3 if machine.misalignment else 1)
+    below = int(min(lines, nyquist / top_speed + 1))  # never alias a harmonic: orders 1..below lie under Nyquist
+    while below and below * top_speed >= nyquist:
+        below -= 1
+    # Each order below Nyquist draws a phase (a seed gives the signal it always gave), but only those whose
+    # amplitude is not 0 are built or even drawn one by one: 0.1 * decay^k underflows to 0 after ~1500 orders
+    # of a decay of 0.6 (surely once decay^k < e^-760), where a slow shaft has millions below Nyquist and
+    # harmonics=10**9 means "all".
+    decay = machine.harmonic_decay
+    built = below if decay == 1 else min(below, 3 + math.ceil(-760 / (math.log(decay) if decay else -math.inf)))
+    amplitudes = healthy_1x * decay ** np.arange(built)
+    amplitudes[machine.harmonics:] = 0
+    extras = (healthy_1x * machine.imbalance, healthy_1x * machine.misalignment,
+              0.4 * healthy_1x * machine.misalignment)
+    for index, extra in enumerate(extras[:built]):
+        amplitudes[index] += extra
+    phases = rng.uniform(0, 2 * np.pi, built)
+    rng.bit_generator.advance(below - built)  # the draws of the orders left out, as if made
     out = np.zeros(n_samples)
-    for order, amplitude in enumerate(amplitudes, start=1):
-        if order * top_speed < nyquist:  # never alias a harmonic
-            phase = rng.uniform(0, 2 * np.pi)  # drawn for every order: a seed gives the signal it always gave
-            if amplitude:  # the decay underflows to 0 after ~1500 orders: a slow shaft has tens of thousands
-                out += amplitude * np.sin(order * shaft_phase + phase)
+    for order, (amplitude, phase) in enumerate(zip(amplitudes, phases), start=1):
+        if amplitude:
+            out += amplitude * np.sin(order * shaft_phase + phase)
 
     if machine.gear_teeth:
         bands = machine.sidebands
@@ -292,8 +301,12 @@ def mix(signal, noise, snr_db: float, rng: np.random.Generator | None = None) ->
     if not np.any(noise):  # a quiet stretch of a recording: no gain lifts it to the asked level
         raise ValueError(f"the background's samples {offset} to {offset + len(signal)} are silent: no level of "
                          f"them gives an SNR of {snr_db} dB (use a longer signal or a background without silences)")
-    scale = math.sqrt(np.mean(signal**2) / np.mean(noise**2) / 10 ** (snr_db / 10))
-    return signal + scale * noise
+    # Both are scaled by a power of two near their peak (exactly: the mix is the same to the bit), since squares
+    # of samples past 1e154 overflow and those of samples under 1e-162 underflow to 0 (the mix came back NaN).
+    exponents = [math.frexp(np.abs(samples).max())[1] for samples in (signal, noise)]
+    scaled_signal, scaled_noise = (np.ldexp(x, -exponent) for x, exponent in zip((signal, noise), exponents))
+    gain = math.sqrt(np.mean(scaled_signal**2) / np.mean(scaled_noise**2) / 10 ** (snr_db / 10))
+    return signal + np.ldexp(gain * scaled_noise, exponents[0])
 
 
 # A few common deep-groove bearings (balls, ball and pitch diameter in mm)
