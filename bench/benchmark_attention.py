@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from echo.ops import attention as attention_ops
 from echo.packed import Packing
 
-from conftest import NO_GPU, workload
+from .conftest import NO_GPU, workload
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
 DIM, HEADS = 384, 6

@@ -8,7 +8,7 @@ import torch
 
 from echo.ops import norm as norm_ops
 
-from conftest import NO_GPU, workload
+from .conftest import NO_GPU, workload
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
 DIM = 384

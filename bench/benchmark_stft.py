@@ -9,7 +9,7 @@ import torch
 from echo import geometry
 from echo.ops import stft as stft_ops
 
-from conftest import NO_GPU, ragged_inputs
+from .conftest import NO_GPU, ragged_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
 

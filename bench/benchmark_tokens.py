@@ -9,7 +9,7 @@ import torch
 from echo.ops import stft as stft_ops
 from echo.ops import tokens as token_ops
 
-from conftest import NO_GPU, ragged_inputs
+from .conftest import NO_GPU, ragged_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
 DIM = 384

@@ -41,6 +41,10 @@ PATH_ENV = {"fast-fp32-eager": {"ECHO_BACKEND_NORM": "torch"}, "fast-bf16-eager"
 # fast-*-utterances-cls-layer (not in PATHS, for GPUs): the CLS-only last layer on every device, its A/B there.
 CPU_ONLY_PATHS = (*PATH_ENV, "fast-fp32-kept-heap", "fast-bf16-kept-heap", "fast-fp32-utterances",
                   "fast-bf16-utterances")
+# every path --paths takes: serve() reads a path's settings from its name, so a misspelt one would run as plain
+# fast-fp32 (or fast-bf16) under the name asked for
+KNOWN_PATHS = tuple(dict.fromkeys((*PATHS, *CPU_ONLY_PATHS, "fast-fp32-utterances-cls-layer",
+                                   "fast-bf16-utterances-cls-layer")))
 
 
 def workload(name: str) -> tuple[list[torch.Tensor], list[int]]:
@@ -86,8 +90,8 @@ def matmul_peak(dtype: torch.dtype, device: str, shape: tuple[int, int, int], re
     warm_until = time.perf_counter() + warm_seconds
     while time.perf_counter() < warm_until:
         a @ b
-    if device == "cuda":
-        torch.cuda.synchronize()
+        if device == "cuda":  # else the host queues products for 2 s and the GPU then runs them all (minutes in fp32)
+            torch.cuda.synchronize()
     times = []
     for _ in range(repeat):
         if device == "cuda":
@@ -186,12 +190,14 @@ def _reply(worker, path: str, name: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="small", help="model preset (default: small)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    # exactly these two: the timing loops synchronise CUDA where the device is "cuda" (a "cuda:0" would go unsynced)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu or cuda (default: cpu)")
     parser.add_argument("--workloads", nargs="+", default=["W1", "W2", "W3"], choices=list(WORKLOADS),
                         help="default: W1 W2 W3")
-    parser.add_argument("--paths", nargs="+", default=None,
+    parser.add_argument("--paths", nargs="+", default=None, choices=KNOWN_PATHS, metavar="PATH",
                         help=f"default: {' '.join(PATHS)} (no fast-*-eager, -kept-heap or -utterances on CUDA, "
-                             "where they change nothing the GPU runs); also fast-bf16-sdpa")
+                             "where they change nothing the GPU runs); also fast-fp32-kept-heap, fast-bf16-sdpa, "
+                             "fast-fp32-utterances-cls-layer, fast-bf16-utterances-cls-layer")
     parser.add_argument("--repeat", type=int, default=5, help="timed rounds per path, the best kept (default: 5)")
     parser.add_argument("--backend", default=None, help="force every op of the fast path: torch, triton, reference")
     parser.add_argument("--serve", nargs=2, metavar=("WORKLOAD", "PATH"), help=argparse.SUPPRESS)

@@ -39,6 +39,7 @@ def main() -> int:
         model = echo.EchoModel(echo.EchoConfig.preset(size)).eval()
         for dtype in (torch.float32, torch.bfloat16):
             echo.fast.encode(model, clip, 16000, dtype=dtype)  # builds the copy
+            echo.fast.encode(model, w1, 16000, dtype=dtype)  # W1's pass sizes, met once before they are timed
             check = best_ms(lambda: packed.inference_model(model, dtype), args.repeat)
             one = best_ms(lambda: echo.fast.encode(model, clip, 16000, dtype=dtype), args.repeat)
             whole = best_ms(lambda: echo.fast.encode(model, w1, 16000, dtype=dtype), max(1, args.repeat // 5))

@@ -36,8 +36,9 @@ def run(data: Path, out: Path, tunables: str, args) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLIBC_TUNABLES": tunables}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(process.pid, 0)
-    if status:
-        raise SystemExit(f"pretraining under {tunables or 'the default'} failed ({status})")
+    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    if process.returncode:
+        raise SystemExit(f"pretraining under {tunables or 'the default'} failed (exit status {process.returncode})")
     with open(out / "steps.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     return {"peak_mb": usage.ru_maxrss / 1024, "losses": [float(r["loss"]) for r in rows],
@@ -73,12 +74,12 @@ def main() -> None:
                 raise SystemExit(f"{name}: the losses differ from the default's; the comparison is void")
     print(f"{args.steps} steps of {args.tokens_per_batch} teacher tokens, ECHO-tiny, bf16, one torch thread; "
           f"losses equal under every setting")
-    print(f"{'setting':30} {'peak RSS MB':>24} {'s per step (median)':>24}")
+    print(f"{'setting':30} {'peak RSS MB':>24} {'s per step (median, x default)':>32}")
     default = statistics.median(s for r in results["glibc default"] for s in r["seconds"])
     for name, runs in results.items():
         peaks = " / ".join(f"{r['peak_mb']:.0f}" for r in runs)
         seconds = statistics.median(s for r in runs for s in r["seconds"])
-        print(f"{name:30} {peaks:>24} {seconds:>16.2f} ({seconds / default:.2f}x)")
+        print(f"{name:30} {peaks:>24} {seconds:>24.2f} ({seconds / default:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ from encode_throughput import WORKLOADS, workload
 
 CATEGORIES = {
     "matrix products": ("addmm", "aten::mm", "bmm", "matmul", "linear", "baddbmm"),
-    "attention": ("scaled_dot_product", "flash_attention", "_efficient_attention", "short_attention"),
+    # echo's compiled CPU kernels: short_attention (FMA) and tile_attention (AMX, bf16 from TILE_FROM tokens)
+    "attention": ("scaled_dot_product", "flash_attention", "_efficient_attention", "short_attention", "tile_attention"),
     "norms": ("layer_norm",),
     "GELU": ("gelu",),
     "front end": ("fft", "stft", "aten::abs", "aten::log", "ragged_spectrogram"),
