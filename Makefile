@@ -18,7 +18,7 @@ test: install
 	$(PY) csrc/build.py check-cuda
 	$(PY) -m pytest -q -m 'slow or not slow'
 
-quicktest:
+quicktest: install
 	$(PY) -m pytest -q
 
 demo: install

@@ -286,7 +286,7 @@ def _write(out: Path, work: list, recorded: dict[str, dict], jobs: int, quiet: b
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "corpus", help="default: the repository's corpus/")
     parser.add_argument("--cache", type=Path, default=REPO / ".cache/debian",
                         help="where packages are kept (default: the repository's .cache/debian)")

@@ -200,7 +200,7 @@ def score_checkpoints(runs: list[Path], task: demo.DemoTask, keys: tuple, jobs: 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="checkpoint name or path (default: default)")
     parser.add_argument("--corpus", type=Path, default=REPO / "corpus",
                         help="built by scripts/build_corpus.py (default: the repository's corpus/)")

@@ -99,7 +99,7 @@ def _write_credits(totals: dict[tuple, list], path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="run folder of python -m echo pretrain")
     parser.add_argument("--out", type=Path, default=REPO / "echo/data/default")
     parser.add_argument("--step", type=int, default=None, help="the checkpoint of this step (default: the newest)")

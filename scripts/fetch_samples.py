@@ -109,7 +109,7 @@ def credits_text(rows: list[tuple[Cut, int, float, str, str, str, str]]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, default=REPO / ".cache/debian",
                         help="where packages are kept (default: the repository's .cache/debian)")
     parser.add_argument("--out", type=Path, default=SAMPLES_DIR)

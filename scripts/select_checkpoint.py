@@ -174,7 +174,7 @@ def write_csv(rows: list[dict], path: Path, task: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, nargs="+", metavar="run",
                         help="run folder of python -m echo pretrain (several: the same recipe with other seeds)")
     parser.add_argument("--which", choices=["teacher", "student"], default=None,
