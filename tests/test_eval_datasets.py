@@ -268,6 +268,18 @@ def test_cwru_classes_from_paths_and_mat_reading(tmp_path):
         datasets.load("cwru", tmp_path)
 
 
+def test_cwru_end_is_the_one_named_nearest_the_file(tmp_path):
+    """A folder above the end's own that says 'drive' (a Google Drive backup) made the fan-end files drive-end."""
+    scipy_io = pytest.importorskip("scipy.io")
+    signal = seeded_rng().normal(size=(300, 1))
+    for name in ("gdrive_backup/12k_Fan_End_Bearing_Fault_Data/IR007_0.mat",
+                 "gdrive_backup/12k_Drive_End_Bearing_Fault_Data/B014_1.mat"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        scipy_io.savemat(tmp_path / name, {"X105_DE_time": signal, "X105_FE_time": signal})
+    labels = {item.path.name: item.label for item in datasets.load("cwru", tmp_path).items}
+    assert labels == {"IR007_0.mat": "FE_IR", "B014_1.mat": "DE_B"}
+
+
 def test_cwru_variable_of_the_file_and_the_mirror_layout(tmp_path):
     """The mirror layout {B,IR,OR}/<size>/[@N/]<id>_<load>.mat: the file's own number picks among variables, a
     lone variable of another number is taken (174.mat holds X173), several others are refused."""

@@ -348,10 +348,20 @@ def folder(root) -> Dataset:
 
 # ---------------------------------------------------------------- fault data sets
 
+def _cwru_end(relative: Path) -> str | None:
+    """The end named nearest the file: a folder above the end's own (a 'gdrive_backup' above 12k_Fan_End) made
+    every fan-end file a drive-end one, as 'drive' was looked for in the whole path first."""
+    for part in reversed(relative.parts):
+        text = part.lower()
+        if re.search(r"drive|(?:^|[^a-z])de(?:[^a-z]|$)", text):
+            return "DE"
+        if re.search(r"fan|(?:^|[^a-z])fe(?:[^a-z]|$)", text):
+            return "FE"
+    return None
+
+
 def _cwru_label(relative: Path) -> str | None:
-    text = relative.as_posix().lower()
-    end = "DE" if re.search(r"drive|(?:^|[^a-z])de(?:[^a-z]|$)", text) else \
-        "FE" if re.search(r"fan|(?:^|[^a-z])fe(?:[^a-z]|$)", text) else None
+    end = _cwru_end(relative)
     tokens = re.split(r"[/_\s\-]+", relative.with_suffix("").as_posix())
     fault = position = size = None
     for token, following in zip(tokens, tokens[1:] + [""]):
