@@ -3,7 +3,6 @@ importable or not, forced by the environment), so a slow or surprising run can b
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 
 import torch
@@ -30,7 +29,7 @@ def skipped_reasons(op: str, device: torch.device, available: tuple[str, ...], c
     """Why the backends listed before the chosen one, and a compiled op that is not built, do not run."""
     reasons = []
     if "triton" in available[: available.index(chosen)]:
-        if importlib.util.find_spec("triton") is None:
+        if backends.triton_import_error():
             reasons.append("triton not importable")
         elif device.type != "cuda":
             reasons.append("triton runs by default only on CUDA (forced: needs TRITON_INTERPRET=1 on CPU)")
@@ -84,11 +83,10 @@ def why_no_tiles() -> str:
 
 
 def report() -> str:
-    triton = importlib.util.find_spec("triton")
     lines = [
         f"torch {torch.__version__} (CUDA {torch.version.cuda or 'not built'}, "
         f"{'a GPU' if torch.cuda.is_available() else 'no GPU'} visible); "
-        f"triton {'importable' if triton else 'not importable'}",
+        f"triton {'importable' if backends.triton_import_error() is None else 'not importable'}",
     ]
     load_error = extension.load_error()
     if load_error:

@@ -27,7 +27,9 @@ def info_rows(capsys) -> tuple[str, dict[tuple[str, str], tuple[str, str]]]:
 
 @pytest.fixture(autouse=True)
 def no_forcing(monkeypatch):
-    for name in ("ECHO_BACKEND", "ECHO_BACKEND_STFT", "ECHO_BACKEND_TOKENS", "TRITON_INTERPRET"):
+    """TRITON_INTERPRET stays as conftest set it: the CUDA rows import echo_kernels, and kernels defined without
+    it would not run in the CPU kernel tests after these."""
+    for name in ("ECHO_BACKEND", "ECHO_BACKEND_STFT", "ECHO_BACKEND_TOKENS"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -254,3 +256,22 @@ def test_two_threads_on_first_use_load_the_extension_once(stale_extension, monke
     for thread in threads:
         thread.join()
     assert len(loads) == 1 and len(warned) == 1
+
+
+def test_info_says_a_triton_that_does_not_import_runs_nothing(capsys, monkeypatch):
+    """An installed triton whose import fails (a driver mismatch) was reported "importable" and as the CUDA
+    default for tokens, which the dispatch then failed to import at every encode."""
+    from echo.ops import backend as backends
+
+    real_import = importlib.import_module
+
+    def broken(name, *args):
+        if name == "echo_kernels":
+            raise ImportError("libcuda mismatch")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(backends.importlib, "import_module", broken)
+    monkeypatch.setattr(backends, "triton_installed", lambda: True)
+    text, rows = info_rows(capsys)
+    assert "triton not importable" in text.splitlines()[0]
+    assert rows["tokens", "cuda"][0] == "torch" and "triton not importable" in rows["tokens", "cuda"][1]

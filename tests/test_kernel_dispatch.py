@@ -191,3 +191,26 @@ def test_an_op_variable_in_the_wrong_case_is_refused(clean_environment, monkeypa
     monkeypatch.setenv("ECHO_BACKEND_attention", "reference")
     with pytest.raises(backends.BackendError, match="ECHO_BACKEND_attention: no such op"):
         backends.check_environment()
+
+
+def test_a_triton_that_does_not_import_is_no_default_on_cuda_either(clean_environment, monkeypatch):
+    """On CUDA an installed triton was taken for one that runs: one whose import fails (a driver mismatch) was the
+    tokens and attention default, and every encode raised its ImportError from inside the dispatch."""
+    from echo.ops import tokens as token_ops
+
+    real_import = importlib.import_module
+
+    def broken(name, *args):
+        if name == "echo_kernels":
+            raise ImportError("libcuda mismatch")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(backends.importlib, "import_module", broken)
+    monkeypatch.setattr(backends, "triton_installed", lambda: True)
+    cuda = torch.device("cuda")
+    assert not backends.triton_available(cuda)
+    assert backends.choose("tokens", cuda, available=token_ops.available_backends(cuda)) == "torch"
+    assert backends.choose("attention", cuda, available=attention_ops.available_backends(cuda)) == "torch"
+    with pytest.raises(backends.BackendError, match="backend='triton': tokens cannot run on Triton: triton does not "
+                                                    "import \\(ImportError: libcuda mismatch\\)"):
+        backends.choose("tokens", cuda, "triton")

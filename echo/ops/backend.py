@@ -24,20 +24,26 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+TRITON_MISSING = "triton is not installed (pip install -e '.[triton]')"
+
+
+def triton_import_error() -> str | None:
+    """Why the Triton kernels do not import, or None: a triton that is installed but does not import (a driver
+    mismatch, say) runs nothing, on CUDA either, where it would otherwise be the default and fail at every call."""
+    if not triton_installed():
+        return TRITON_MISSING
+    try:
+        importlib.import_module("echo_kernels")
+    except Exception as error:
+        return f"triton does not import ({type(error).__name__}: {error})"
+    return None
+
+
 def triton_available(device: torch.device) -> bool:
     """Whether the Triton kernels run on `device`: CUDA, or a CPU when they were defined in Triton's interpreter
     (TRITON_INTERPRET=1 when echo_kernels was imported: Triton reads it then, not at each launch)."""
-    if not triton_installed():
-        return False
-    if device.type == "cuda":
-        return True
-    try:
-        return importlib.import_module("echo_kernels").INTERPRETED
-    except Exception:  # a triton that is installed but does not import (a driver mismatch, say) runs nothing
-        return False
-
-
-TRITON_MISSING = "triton is not installed (pip install -e '.[triton]')"
+    return triton_import_error() is None and (
+        device.type == "cuda" or importlib.import_module("echo_kernels").INTERPRETED)
 
 
 OPS = ("stft", "tokens", "attention", "norm")
@@ -136,8 +142,8 @@ def choose(op: str, device: torch.device, requested: str | None = None, availabl
     if requested:
         if requested not in BACKENDS:
             raise BackendError(f"{source}: unknown backend {requested!r} for {op}; choose from {', '.join(BACKENDS)}")
-        if requested == "triton" and not triton_installed():
-            raise BackendError(f"{source}: {op} cannot run on Triton: {TRITON_MISSING}")
+        if requested == "triton" and (why_not := triton_import_error()):
+            raise BackendError(f"{source}: {op} cannot run on Triton: {why_not}")
         if requested == "triton" and not triton_available(device):
             raise BackendError(f"{source}: the Triton {op} runs on CUDA tensors, or on CPU tensors in Triton's "
                                f"interpreter (TRITON_INTERPRET=1 set before echo_kernels is imported); got {device}")
