@@ -13,6 +13,7 @@ import numbers
 import os
 import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -89,8 +90,21 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
     return state, saved  # the values are checked by EchoConfig, in load
 
 
+def _is_torchscript(path: Path) -> bool:
+    """Whether a zip holds a TorchScript archive (torch's own test: a constants.pkl record): torch.load warns of
+    it, then refuses it under weights_only with advice to retry without, which would run the archive's code."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.split("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+    except Exception:  # not a zip (a legacy pickle), or damaged in one of many ways: torch.load reports it
+        return False
+
+
 def _read_torch(path: Path) -> dict:
     """The flat state dict of a torch checkpoint, bare or under 'encoder' as the released .pth files hold it."""
+    if _is_torchscript(path):
+        raise ValueError(f"{path}: a TorchScript archive (torch.jit.save), which holds code, and echo never runs a "
+                         f"file's code; save the scripted model's state_dict() with torch.save and load that")
     try:
         with open(path, "rb") as handle:  # a handle, not the path: torch reads a path ending .safetensors as one
             obj = torch.load(handle, map_location="cpu", weights_only=True)
@@ -193,12 +207,17 @@ def _check_layers(config: EchoConfig, state: dict, source: str) -> None:
                      + (f", numbered up to {max(held)})" if held else ")"))
 
 
+def _non_finite(weights: dict) -> list[str]:
+    """The keys holding NaN or Inf, each with how many (counted in float32: float8_e4m3fn has no isfinite)."""
+    counts = {key: int((~torch.isfinite(value.float())).sum()) for key, value in weights.items()}
+    return [f"{key} ({count} of {weights[key].numel()} values)" for key, count in counts.items() if count]
+
+
 def _float32_weights(state: dict, source: str) -> dict:
     """The weights in float32, all finite: a NaN or Inf (or a float64 value beyond float32's range) would load
     a model whose embeddings are NaN."""
     weights = {key: value.to(torch.float32) for key, value in state.items()}
-    non_finite = [f"{key} ({int((~torch.isfinite(value)).sum())} of {value.numel()} values)"
-                  for key, value in weights.items() if not torch.isfinite(value).all()]
+    non_finite = _non_finite(weights)
     if non_finite:
         raise ValueError(f"{source}: weights must be finite; these hold NaN or Inf (in float32, which they are "
                          f"loaded as): {first_items(non_finite)}")
@@ -310,8 +329,12 @@ def save(model: EchoModel, path, dtype: torch.dtype = torch.float32) -> Path:
         raise ValueError(f"save needs a floating-point dtype, got {dtype}: weights would be truncated")
     if path.is_dir():
         raise ValueError(f"save writes a file, and {path} is a folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    non_finite = _non_finite(state)
+    if non_finite:  # a diverged model, or weights beyond the dtype's range (float16's 65504): a file load refuses
+        raise ValueError(f"{path}: not written: these weights hold NaN or Inf in {dtype} (in the model, or beyond "
+                         f"that dtype's range), which echo.load refuses: {first_items(non_finite)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     config = json.dumps(model.config.to_dict())
     try:
         with atomic.replacing(path) as temporary:

@@ -374,3 +374,42 @@ def test_a_lone_tilde_is_the_home_folder_not_a_checkpoint_name(tmp_path, monkeyp
         echo.load("~/models/m.safetensors")
     with pytest.raises(ValueError, match=r"unknown checkpoint name 'Echo-Tiny' \(did you mean 'echo-tiny'\?\)"):
         echo.load("Echo-Tiny")
+
+
+def test_a_torchscript_archive_is_refused_without_torchs_warning_or_advice(tmp_path):
+    """torch.load warned that it was "dispatching to 'torch.jit.load'", then refused with its advice to re-run
+    with weights_only=False, which would run the archive's code."""
+    import warnings
+
+    path = tmp_path / "m.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit's own, in torch 2.10 and later
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match=r"m\.pt: a TorchScript archive \(torch\.jit\.save\)") as error:
+            echo.load(path)
+    assert "weights_only" not in str(error.value)
+    assert [str(warning.message) for warning in caught] == []
+
+
+@pytest.mark.parametrize("value, dtype", [
+    (float("nan"), torch.float32),
+    (1e5, torch.float16),  # finite in the model, beyond float16's 65504
+    (float("-inf"), torch.bfloat16),
+    (float("nan"), torch.float8_e4m3fn),  # torch has no isfinite for it
+])
+def test_save_refuses_weights_that_load_would_refuse(tmp_path, value, dtype):
+    """A NaN weight, or one beyond the range of save's dtype (float16 for a release), was written without a word:
+    echo.load then refused the file, after the model it came from was gone."""
+    model = random_model("tiny", depth=2)
+    with torch.no_grad():
+        model.norm.weight[3] = value
+    with pytest.raises(ValueError, match=rf"m\.safetensors: not written: these weights hold NaN or Inf in "
+                                         rf"{re.escape(str(dtype))} .*, which echo\.load refuses: norm\.weight "
+                                         rf"\(1 of 192 values\)$"):
+        echo.save(model, tmp_path / "m.safetensors", dtype=dtype)
+    assert list(tmp_path.iterdir()) == []
+    with torch.no_grad():
+        model.norm.weight[3] = 1.0
+    assert echo.load(echo.save(model, tmp_path / "m.safetensors", dtype=dtype)).norm.weight[3] == 1.0
