@@ -6,6 +6,7 @@ and `run(args) -> int`; it is listed in COMMANDS and imported only when asked fo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -59,7 +60,10 @@ def main(argv=None, prog: str = "echo-fm") -> int:
             from .ops.backend import check_environment
 
             check_environment()
-        return args.run(args)
+        status = args.run(args)
+        if sys.stdout is not None:  # here, not only below: a full disk under `> file` is an error like any other
+            sys.stdout.flush()
+        return status
     except ValueError as error:
         print(f"error: {worker_message(error)}", file=sys.stderr)
         return 2
@@ -71,7 +75,8 @@ def main(argv=None, prog: str = "echo-fm") -> int:
         return 130
     finally:
         if sys.stdout is not None:
-            sys.stdout.flush()
+            with contextlib.suppress(OSError):  # a command that failed has said so; this one would hide it
+                sys.stdout.flush()
         sys.stdout = stdout
 
 
@@ -92,12 +97,18 @@ class ReaderStdout:
         except BrokenPipeError:
             self._drop()
             return len(text)
+        except OSError:  # a full disk: the command's error; the rest is dropped, as it would fail at exit again
+            self._drop()
+            raise
 
     def flush(self) -> None:
         try:
             self.stream.flush()
         except BrokenPipeError:
             self._drop()
+        except OSError:  # a full disk: said once; the text it kept would fail again at exit ("Exception ignored")
+            self._drop()
+            raise
 
     def _drop(self) -> None:
         """Point the descriptor at /dev/null, so neither later writes nor the flush at exit fail."""

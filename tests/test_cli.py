@@ -218,6 +218,35 @@ def test_a_reader_that_went_away_neither_stops_the_command_nor_prints_a_tracebac
     assert set(read_embeddings(out)["files"]) == {str(tmp_path / "in" / "good.wav")}
 
 
+def test_a_stdout_on_a_full_disk_is_an_error_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """`echo info > file` on a full disk: the flush after the command raised out of main, a traceback, and the
+    text it kept failed again at exit ('Exception ignored', exit 120)."""
+    import errno
+
+    from echo import cli
+
+    target = open(tmp_path / "out.txt", "w")
+
+    class FullDisk:
+        encoding = "utf-8"
+
+        def write(self, text):
+            return len(text)
+
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def fileno(self):
+            return target.fileno()
+
+    monkeypatch.setattr(sys, "stdout", FullDisk())
+    assert cli.main(["info"]) == 1
+    assert capsys.readouterr().err == "error: [Errno 28] No space left on device\n"
+    target.write("dropped")
+    target.close()  # its descriptor now writes to /dev/null: the exit's flush cannot fail again
+    assert (tmp_path / "out.txt").read_text() == ""
+
+
 def test_text_the_terminal_cannot_show_is_escaped_not_a_failure(tmp_path):
     """Under an ASCII stdout (LANG=C without UTF-8 mode) a path's 'ü' in a printed line raised UnicodeEncodeError,
     a ValueError: exit 2 and a codec message, after the encoding."""
