@@ -163,8 +163,9 @@ def _read_state_dict(path: Path) -> tuple[dict, dict]:
 
 
 def infer_config(state: dict, **overrides) -> EchoConfig:
-    """The config a state dict was saved from: dim from `cls_token`, depth from the layer keys, heads from the
-    preset of that (dim, depth) (heads cannot be read from shapes), or head dim 64 for a custom size.
+    """The config a state dict was saved from: dim from `cls_token`, depth from the layer keys, the MLP ratio from
+    the first layer's MLP, heads from the preset of that (dim, depth) (heads cannot be read from shapes), or head
+    dim 64 for a custom size.
     `overrides` replace any of these; the shapes are checked against the result afterwards."""
     if "cls_token" not in state:
         raise ValueError("no 'cls_token': not an ECHO encoder state dict (missing key cls_token)")
@@ -183,6 +184,10 @@ def infer_config(state: dict, **overrides) -> EchoConfig:
             overrides["heads"] = dim // 64
         else:
             raise ValueError(f"unknown size: dim {dim}, depth {depth} matches no preset; pass heads=")
+    hidden = state.get("encoder.layers.0.linear1.weight")
+    if "mlp_ratio" not in overrides and whole_sizes and dim and hidden is not None and hidden.dim() == 2 \
+            and hidden.shape[1] == dim and hidden.shape[0] % dim == 0:  # a file of another ratio was "mis-shaped"
+        overrides["mlp_ratio"] = hidden.shape[0] // dim
     return EchoConfig(dim=dim, depth=depth, **overrides)
 
 

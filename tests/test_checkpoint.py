@@ -38,6 +38,16 @@ def test_pth_and_released_flat_safetensors(tmp_path, wrapped):
         assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
 
 
+def test_a_flat_file_of_another_mlp_ratio_loads_with_its_ratio(tmp_path):
+    """Without metadata the ratio came from EchoConfig's default (4): a ratio-2 file was "mis-shaped"."""
+    model = random_model(dim=128, depth=2, heads=2, mlp_ratio=2)
+    flat = tmp_path / "flat.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(flat))
+    loaded = echo.load(flat, heads=2)
+    assert loaded.config == model.config
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
 def test_heads_override_and_size(tmp_path):
     path = echo.save(random_model("tiny"), tmp_path / "m.safetensors")
     (tmp_path / "m.json").unlink()
