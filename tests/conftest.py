@@ -128,3 +128,21 @@ def lock_folder(monkeypatch):
 
     monkeypatch.setattr(os, "scandir", scan)
     return lambda path: locked.add(Path(path))
+
+
+@pytest.fixture
+def broken_triton(monkeypatch):
+    """A triton that is installed but whose kernels do not import (a driver mismatch): "libcuda mismatch"."""
+    import importlib
+
+    from echo.ops import backend as backends
+
+    real_import = importlib.import_module
+
+    def broken(name, *args):
+        if name == "echo_kernels":
+            raise ImportError("libcuda mismatch")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(backends.importlib, "import_module", broken)
+    monkeypatch.setattr(backends, "triton_installed", lambda: True)

@@ -496,22 +496,29 @@ def test_a_backend_setting_that_cannot_run_stops_the_command_before_any_file(tmp
     assert message in capsys.readouterr().err and not (tmp_path / "e.npz").exists()
 
 
-def test_ranks_share_the_files_and_rank_0_merges(tmp_path, model_path):
-    good = write_corpus(tmp_path / "data")
+def as_two_ranks(command) -> list[str]:
+    """The stdout of `command(rank)` (an argv) run as two processes, as torchrun --nproc-per-node 2 sets them up;
+    both must succeed."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    out = tmp_path / "emb.npz"
     root = Path(__file__).resolve().parents[1]
     ranks = []
-    for rank in range(2):  # what torchrun --nproc-per-node 2 sets up
+    for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(root)}
-        ranks.append(subprocess.Popen([sys.executable, "-m", "echo", "encode", str(tmp_path / "data"), "--model",
-                                       str(model_path), "--out", str(out), "--quiet", "--batch-files", "1",
-                                       "--device", "cpu"], env=env, stdout=subprocess.PIPE, text=True))
+        ranks.append(subprocess.Popen(command(rank), env=env, stdout=subprocess.PIPE, text=True))
     outputs = [process.communicate(timeout=120)[0] for process in ranks]
     assert [process.returncode for process in ranks] == [0, 0], outputs
+    return outputs
+
+
+def test_ranks_share_the_files_and_rank_0_merges(tmp_path, model_path):
+    good = write_corpus(tmp_path / "data")
+    out = tmp_path / "emb.npz"
+    outputs = as_two_ranks(lambda rank: [sys.executable, "-m", "echo", "encode", str(tmp_path / "data"), "--model",
+                                         str(model_path), "--out", str(out), "--quiet", "--batch-files", "1",
+                                         "--device", "cpu"])
     assert "wrote" in outputs[0] and "wrote" not in outputs[1]
     # each rank reports the bad files it met; the summary counts both ranks' (broken.wav, short.flac)
     assert sum(output.count("skipped ") for output in outputs) == 2, outputs
@@ -539,21 +546,10 @@ def test_ranks_that_scan_different_files_still_encode_every_file_rank_0_found(tm
     late = tmp_path / "late" / "late.wav"
     late.parent.mkdir()
     soundfile.write(str(late), np.random.uniform(-0.5, 0.5, 4000), 16000)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     out = tmp_path / "emb.npz"
-    root = Path(__file__).resolve().parents[1]
-    ranks = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(root)}
-        ranks.append(subprocess.Popen([sys.executable, "-c", LATE_FILE_RANK, str(rank), str(late), "encode",
-                                       str(tmp_path / "data"), "--model", str(model_path), "--out", str(out),
-                                       "--quiet", "--batch-files", "1", "--device", "cpu"],
-                                      env=env, stdout=subprocess.PIPE, text=True))
-    outputs = [process.communicate(timeout=120)[0] for process in ranks]
-    assert [process.returncode for process in ranks] == [0, 0], outputs
+    as_two_ranks(lambda rank: [sys.executable, "-c", LATE_FILE_RANK, str(rank), str(late), "encode",
+                               str(tmp_path / "data"), "--model", str(model_path), "--out", str(out), "--quiet",
+                               "--batch-files", "1", "--device", "cpu"])
     assert set(read_embeddings(out)["files"]) == {str(p) for p in good}  # rank 0's scan; a rerun takes the late one
 
 

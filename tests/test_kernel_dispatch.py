@@ -87,18 +87,9 @@ def test_forced_triton_on_cpu_without_the_interpreter(late_interpreter, clean_en
     assert "TRITON_INTERPRET=1 set before echo_kernels is imported" in result.stdout
 
 
-def test_a_triton_that_does_not_import_is_no_backend_and_no_traceback(clean_environment, monkeypatch):
+def test_a_triton_that_does_not_import_is_no_backend_and_no_traceback(clean_environment, broken_triton):
     """An installed triton whose import fails (a driver mismatch) made a forced CPU request raise ImportError
     from deep inside the dispatch."""
-    real_import = importlib.import_module
-
-    def broken(name, *args):
-        if name == "echo_kernels":
-            raise ImportError("libcuda mismatch")
-        return real_import(name, *args)
-
-    monkeypatch.setattr(backends.importlib, "import_module", broken)
-    monkeypatch.setattr(backends, "triton_installed", lambda: True)
     assert not backends.triton_available(CPU)
     with pytest.raises(backends.BackendError, match="backend='triton'"):
         backends.choose("attention", CPU, "triton")
@@ -193,20 +184,11 @@ def test_an_op_variable_in_the_wrong_case_is_refused(clean_environment, monkeypa
         backends.check_environment()
 
 
-def test_a_triton_that_does_not_import_is_no_default_on_cuda_either(clean_environment, monkeypatch):
+def test_a_triton_that_does_not_import_is_no_default_on_cuda_either(clean_environment, broken_triton):
     """On CUDA an installed triton was taken for one that runs: one whose import fails (a driver mismatch) was the
     tokens and attention default, and every encode raised its ImportError from inside the dispatch."""
     from echo.ops import tokens as token_ops
 
-    real_import = importlib.import_module
-
-    def broken(name, *args):
-        if name == "echo_kernels":
-            raise ImportError("libcuda mismatch")
-        return real_import(name, *args)
-
-    monkeypatch.setattr(backends.importlib, "import_module", broken)
-    monkeypatch.setattr(backends, "triton_installed", lambda: True)
     cuda = torch.device("cuda")
     assert not backends.triton_available(cuda)
     assert backends.choose("tokens", cuda, available=token_ops.available_backends(cuda)) == "torch"

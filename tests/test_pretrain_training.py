@@ -553,20 +553,33 @@ def test_an_error_on_one_rank_stops_every_rank(tmp_path):
     assert "1 other process(es) of this run failed" in (tmp_path / "rank1.txt").read_text()
 
 
-def failing_checkpoint_worker(rank, world, port, data, out):
-    """A two-rank run whose rank 0 cannot write its checkpoint (a full disk)."""
+def as_torchrun_rank(rank, world, port, group: bool = False) -> None:
+    """This spawned process as torchrun would set up rank `rank`; with `group`, its gloo group made here, with a
+    minute's timeout, not gloo's half hour, for a rank left waiting."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    if group:
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
 
-    def full_disk(*args, **kwargs):
-        raise OSError("No space left on device")
 
-    checkpoints.save = full_disk
+def train_noting_the_ending(config, out, rank) -> None:
+    """Train, writing what this rank ended with (an exception's type and message) to OUT/rank<rank>.txt."""
     try:
-        trainer.train(tiny_config(data, out, steps=2, log_every=1, save_every=1), progress=False)
-    except Exception as error:  # what each rank ended with
+        trainer.train(config, progress=False)
+    except Exception as error:
         Path(out, f"rank{rank}.txt").write_text(f"{type(error).__name__}: {error}")
+
+
+def full_disk(*args, **kwargs):
+    raise OSError("No space left on device")
+
+
+def failing_checkpoint_worker(rank, world, port, data, out):
+    """A two-rank run whose rank 0 cannot write its checkpoint (a full disk)."""
+    as_torchrun_rank(rank, world, port)
+    checkpoints.save = full_disk
+    train_noting_the_ending(tiny_config(data, out, steps=2, log_every=1, save_every=1), out, rank)
 
 
 @pytest.mark.slow
@@ -579,21 +592,10 @@ def test_a_checkpoint_that_cannot_be_written_stops_every_rank(data, tmp_path):
 
 
 def failing_log_worker(rank, world, port, data, out):
-    """A two-rank run whose rank 0 cannot append to steps.csv (a full disk); a minute's timeout, not gloo's half
-    hour, for a rank left waiting."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-
-    def full_disk(*args, **kwargs):
-        raise OSError("No space left on device")
-
+    """A two-rank run whose rank 0 cannot append to steps.csv (a full disk)."""
+    as_torchrun_rank(rank, world, port, group=True)
     trainer.CsvLog.write = full_disk
-    try:
-        trainer.train(tiny_config(data, out, steps=2, log_every=1, save_every=2), progress=False)
-    except Exception as error:  # what each rank ended with
-        Path(out, f"rank{rank}.txt").write_text(f"{type(error).__name__}: {error}")
+    train_noting_the_ending(tiny_config(data, out, steps=2, log_every=1, save_every=2), out, rank)
 
 
 @pytest.mark.slow
@@ -607,19 +609,13 @@ def test_a_log_row_that_cannot_be_written_stops_every_rank(data, tmp_path):
 def disagreeing_checkpoints_worker(rank, world, port, data, out):
     """A two-rank run stopped after step 2, resumed where rank 1's listing of the run folder misses step 2's
     checkpoint (a shared file system's stale listing on another machine)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    as_torchrun_rank(rank, world, port, group=True)
     config = tiny_config(data, out, steps=4, log_every=1, save_every=1)
     trainer.train(config, progress=False, stop_at=2)
     if rank == 1:
         listed = checkpoints.checkpoint_paths
         checkpoints.checkpoint_paths = lambda folder: listed(folder)[:-1]
-    try:
-        trainer.train(config, progress=False)
-    except Exception as error:  # what each rank ended with
-        Path(out, f"rank{rank}.txt").write_text(f"{type(error).__name__}: {error}")
+    train_noting_the_ending(config, out, rank)
     torch.distributed.barrier()  # both refused at the same place: none waits in a collective
     torch.distributed.destroy_process_group()  # a process leaving with its group alive can abort in gloo's threads
 
