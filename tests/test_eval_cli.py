@@ -59,6 +59,7 @@ def test_dcase2023_separable(tmp_path, model_path, capsys):
     assert all(float(r["value"]) > 0.9 for r in rows)
     result = json.loads((out / "results.json").read_text())
     assert result["summary"]["official score (dev)"] > 0.9 and result["speed"]["encoded"] == 28
+    assert result["domain_auc"] == "official"  # 2023 scores a domain's AUC by a rule: the one it used
     assert len(read_rows(out / "scores.csv")) == 16
     for name in ("roc_dev_fan.png", "scores_dev_fan.png", "projection.png"):
         assert (out / name).stat().st_size > 1000
@@ -86,6 +87,7 @@ def test_folder_not_separable_and_a_bad_file_with_a_kept_heap_on_the_cpu(tmp_pat
     failures = read_rows(out / "failures.csv")
     assert [f["path"].endswith("broken.wav") for f in failures] == [True]
     assert (out / "roc_dev_machine.png").stat().st_size > 1000
+    assert json.loads((out / "results.json").read_text())["domain_auc"] is None  # no domains, no rule: "official"
 
 
 def test_mafaulda_faults_with_channels(tmp_path, model_path):

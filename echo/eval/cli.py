@@ -111,7 +111,8 @@ def _check_options(args, dataset) -> None:
     if args.domain_auc is not None and (dataset.year or 0) < 2022:
         raise ValueError(f"--domain-auc: only DCASE 2022-2025 score a domain's AUC by either rule; {args.task} has "
                          f"one way")
-    args.domain_auc = args.domain_auc or "official"
+    # recorded in results.json: none where the task has no rule to choose (no domains before 2022)
+    args.domain_auc = args.domain_auc or ("official" if (dataset.year or 0) >= 2022 else None)
     if args.protocol and dataset.kind != "faults":
         raise ValueError(f"--protocol chooses among fault classification protocols; {args.task} is anomaly "
                          f"detection")
@@ -143,7 +144,7 @@ def _check_options(args, dataset) -> None:
 
 def _anomaly(args, dataset, items, vectors, device) -> tuple[dict, list]:
     scores = anomaly.score_clips(items, vectors, device, args.search)
-    rows, excluded = anomaly.group_metrics(items, scores, dataset.year, args.domain_auc)
+    rows, excluded = anomaly.group_metrics(items, scores, dataset.year, args.domain_auc or "official")
     summary = anomaly.summarise(rows, dataset.year, args.eps)
     atomic.write_csv(args.out / "scores.csv", ["path", "split", "machine", "section", "domain", "label", "score"], [
         {"path": c.path, "split": c.split, "machine": c.machine, "section": c.section, "domain": c.domain or "",
