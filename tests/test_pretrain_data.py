@@ -571,3 +571,44 @@ def test_a_shard_folder_that_cannot_be_written_is_refused_before_indexing(tmp_pa
     monkeypatch.setattr(corpus, "FolderCorpus", lambda *args: pytest.fail("indexed before the check"))
     with pytest.raises(ValueError, match=r"--out .*taken cannot be written"):
         shards.write_shards(tmp_path / "data", tmp_path / "taken")
+
+
+def test_the_default_sampling_is_the_spec_recipe():
+    """Spec section 8: masking ratio 0.75 to 0.8, 2 to 5 bands per clip, several clones per clip."""
+    config = sampling.SamplingConfig()
+    assert 0.75 <= config.mask_ratio <= 0.8
+    assert (config.min_bands, config.max_bands) == (2, 5)
+    assert config.clones >= 2
+
+
+def ten_second_clips(count: int, config: sampling.SamplingConfig, rate: int = 16000) -> list:
+    example = corpus.Example("long.wav:0", rate, 60 * rate, 0, lambda start, n: np.zeros(n, np.float32))
+    rng = seeded_rng()
+    return [sampling.draw_clip(example, rng, config) for _ in range(count)]
+
+
+def test_each_clip_draws_two_to_five_bands_at_any_bin_offset():
+    """Spec section 8: 2 to 5 random 32-bin bands per clip at random bin offsets, not on the 32-bin grid: at
+    16 kHz (201 bins) every start from 0 to 169 occurs, and every count from 2 to 5."""
+    clips = ten_second_clips(2000, sampling.SamplingConfig())
+    assert {len(clip.band_starts) for clip in clips} == {2, 3, 4, 5}
+    assert {start for clip in clips for start in clip.band_starts} == set(range(201 - 32 + 1))
+
+
+def test_masks_are_uniform_random_independently_per_band_sequence_and_clone():
+    """Spec section 8: MAE-style uniform random masking per band sequence, and each clone masked anew. A 10 s
+    band at 16 kHz has 998 frames, 63 patches; with m masked, uniform sampling without replacement masks each
+    patch with probability m / 63 and two neighbours with m (m - 1) / (63 * 62); block masking (EAT's inverse
+    block) masks neighbours together far more often."""
+    config = sampling.SamplingConfig()
+    clips = ten_second_clips(300, config)
+    masks = np.concatenate([clip.masks.reshape(-1, clip.patches) for clip in clips])  # (sequences, 63)
+    assert masks.shape[1] == 63
+    m = int(masks[0].sum())
+    assert (masks.sum(-1) == m).all() and 0.75 <= m / 63 <= 0.8
+    assert np.abs(masks.mean(0) - m / 63).max() < 0.05  # every position alike: no position is favoured
+    neighbours = (masks[:, 1:] & masks[:, :-1]).mean()
+    assert neighbours == pytest.approx(m * (m - 1) / (63 * 62), abs=0.01)
+    for clip in clips:  # every clone and every band has a mask of its own
+        flat = clip.masks.reshape(-1, clip.patches)
+        assert len({row.tobytes() for row in flat}) == len(flat)

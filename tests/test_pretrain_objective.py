@@ -241,3 +241,44 @@ def test_bf16_autocast_loss_is_close_to_the_float32_loss(tmp_path):
         low = packed_loss(learner, teacher, batch)
     for got, expected in zip(low, reference):
         assert rel_err(got.detach(), expected.detach()) < 2e-2
+
+
+def test_the_peak_lr_is_the_base_lr_times_the_clips_of_a_step_over_256(tmp_path):
+    """Spec section 8: base lr 1e-4 scaled by the effective batch size / 256, min lr 1e-5. A default clip is a
+    10 s crop: at 16 kHz 1 + (160000 - 400) // 160 = 998 frames, ceil(998 / 16) = 63 patches, 64 tokens per
+    band, 3.5 bands on average (2 to 5): 224 teacher tokens, so 16384 tokens hold 73 clips per process."""
+    from echo.pretrain.trainer import PretrainConfig
+
+    config = PretrainConfig(data=str(tmp_path), out=str(tmp_path / "run"))
+    assert (config.base_lr, config.min_lr, config.lr, config.tokens_per_batch) == (1e-4, 1e-5, None, 16384)
+    clips = 16384 // int(3.5 * (-(-(1 + (160000 - 400) // 160) // 16) + 1))
+    assert clips == 73
+    for world in (1, 4):
+        assert config.peak_lr(world) == pytest.approx(1e-4 * world * clips / 256, rel=1e-12)
+
+
+def test_the_default_objective_and_ema_are_the_spec_recipe(tmp_path):
+    """Spec section 8 with `python -m echo pretrain`'s defaults: frame-mean utterance target with weight 1,
+    a decoder of conv blocks with kernel 3, grouped, LayerNorm without affine (no norm parameters), then one
+    linear layer; weight decay 0.05; EMA decay from 0.9998 to 0.99999 over the whole run."""
+    from echo.pretrain.trainer import PretrainConfig, with_derived_defaults
+
+    config = PretrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), steps=1000)
+    assert (config.utterance_target, config.utterance_weight, config.weight_decay) == ("frame-mean", 1.0, 0.05)
+    assert config.decoder_kernel == 3 and config.decoder_groups > 1 and config.decoder_layers >= 2
+    assert (config.ema_start, config.ema_end) == (0.9998, 0.99999)
+    assert with_derived_defaults(config.to_dict())["ema_anneal_steps"] == 1000
+    decoder = objective.ConvDecoder(192, config.decoder_layers, config.decoder_kernel, config.decoder_groups)
+    assert objective.Learner(random_model("tiny", dim=64, depth=1, heads=1), decoder).utterance_weight == 1.0
+    assert {name.split(".")[0] for name, _ in decoder.named_parameters()} == {"mask_token", "convs", "proj"}
+    assert all(conv.kernel_size == (3,) and conv.groups > 1 for conv in decoder.convs)
+    assert isinstance(decoder.proj, torch.nn.Linear)
+
+
+def test_the_ema_covers_the_whole_encoder_state_and_only_the_encoder():
+    """The teacher is the EMA of the student: every trained tensor of the encoder, and no buffer is left out
+    (the encoder has none). The decoder is not part of the teacher."""
+    student = random_model("tiny", dim=64, depth=1, heads=1)
+    assert not list(student.buffers())
+    assert set(student.state_dict()) == {name for name, _ in student.named_parameters()}
+    assert [name for name, p in student.named_parameters() if not p.requires_grad] == ["pos_embed"]
