@@ -83,6 +83,8 @@ def make_plan(lengths: list[int], sample_rates: list[int], segment_subsets: list
 
     `segment_subsets[i]`, when given, keeps only those segments (indices into geometry.segments) of signal i:
     how one signal too long for a memory budget is encoded over several calls."""
+    if len(lengths) != len(sample_rates):  # zipped, the extra signals were dropped from the plan without a word
+        raise ValueError(f"a plan needs one sample rate per signal: {len(lengths)} lengths, {len(sample_rates)} rates")
     frames = [geometry.n_frames(n, sr) for n, sr in zip(lengths, sample_rates)]
     bands = [geometry.n_bands(sr) for sr in sample_rates]
     spec_sizes = [nb * geometry.BAND_BINS * t for nb, t in zip(bands, frames)]

@@ -224,6 +224,12 @@ def test_plan_orders_sequences_by_length_into_slices():
     assert padded.cu_seqlens[: plan.num_sequences + 1].tolist() == packing.cu_seqlens.tolist()
 
 
+def test_a_plan_needs_one_rate_per_signal():
+    """Zipped, a third length without its rate was left out of the plan (bench scripts call make_plan directly)."""
+    with pytest.raises(ValueError, match="one sample rate per signal: 3 lengths, 2 rates"):
+        make_plan([16000, 8000, 4000], [16000, 8000])
+
+
 def test_output_rows_put_cls_rows_first_then_each_segment_patch_major():
     """Checked against the layout written out segment by segment: CLS rows in sequence order, then per segment
     patch 0 of every band, patch 1 of every band, ..."""
