@@ -10,6 +10,7 @@ import contextlib
 import importlib
 import os
 import sys
+from pathlib import Path
 
 
 # command -> (module, one-line help)
@@ -47,6 +48,15 @@ def build_parser(argv, prog: str = "echo-fm") -> argparse.ArgumentParser:
             module.add_arguments(sub)
             sub.set_defaults(run=module.run)
     return parser
+
+
+def user_path(text: str) -> Path:
+    """A path option as the user meant it: "~" is their home (where a shell leaves `--out=~/x` alone;
+    "~nobody-here" stays as typed, as a shell leaves it, where pathlib's expanduser raises); an empty one, an unset
+    variable's, is refused rather than read as the current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder")
+    return Path(os.path.expanduser(text))
 
 
 def main(argv=None, prog: str = "echo-fm") -> int:

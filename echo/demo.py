@@ -12,7 +12,6 @@ The machines are drawn with seeds the pretraining corpus does not use: the model
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -23,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import atomic, host_memory
+from .cli import user_path
 from .data import bundled, synth
 
 CLIP_SECONDS = 2.0
@@ -174,16 +174,8 @@ def _plots(task: DemoTask, scores: np.ndarray, embeddings: list, out: Path) -> t
     return written[0], written
 
 
-def output_folder(text: str) -> Path:
-    """--out as the user meant it: "~" is their home (as for --model, and where a shell leaves `--out=~/x`
-    alone); an empty path, an unset variable's, is refused rather than read as the current folder."""
-    if not text:
-        raise argparse.ArgumentTypeError("an empty path; give a folder (default: echo-demo)")
-    return Path(text).expanduser()
-
-
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", type=output_folder, default=Path("echo-demo"),
+    parser.add_argument("--out", type=user_path, default=Path("echo-demo"),
                         help="folder for the plots and scores (default: echo-demo)")
     parser.add_argument("--model", default="default",
                         help="checkpoint name (default, echo-small, echo-tiny) or path (default: default)")

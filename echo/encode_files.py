@@ -18,7 +18,6 @@ Output: `.npz` with `paths`, `keys`, `sample_rates`, `channels`, `model` and one
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import glob
@@ -36,6 +35,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from . import atomic, fast, folders, host_memory, inputs
+from .cli import user_path
 from .data import AUDIO_SUFFIXES
 from .data.bundled import SAMPLES_DIR
 from .data.wav import read_wav
@@ -48,21 +48,12 @@ FRAMES = "/frames"  # suffixes of a file's frame-embedding and (rate, channels) 
 META = "/meta"
 
 
-def _path(text: str) -> Path:
-    """A PATH or --out as the user meant it: "~" is their home (as for --model, and where a shell leaves
-    `--out=~/x` alone; "~nobody-here" stays as typed, as a shell leaves it, where pathlib's expanduser raises); an
-    empty one, an unset variable's, is refused rather than read as the current folder."""
-    if not text:
-        raise argparse.ArgumentTypeError("an empty path; give a file or folder")
-    return Path(os.path.expanduser(text))
-
-
 def add_arguments(parser) -> None:
-    parser.add_argument("paths", nargs="*", type=_path,
+    parser.add_argument("paths", nargs="*", type=user_path,
                         help="audio files or folders (default: the bundled samples)")
     parser.add_argument("--model", default="default",
                         help="checkpoint path or name: default, echo-small, echo-tiny (default: default)")
-    parser.add_argument("--out", type=_path, default=Path("embeddings.npz"),
+    parser.add_argument("--out", type=user_path, default=Path("embeddings.npz"),
                         help=".npz or .parquet (default: embeddings.npz)")
     parser.add_argument("--frames", action="store_true", help="keep the frame embeddings too")
     parser.add_argument("--batch-files", type=int, default=32, help="files encoded per batch (default: 32)")
