@@ -47,9 +47,15 @@ class _Mono:
     signal: int
     waveform: torch.Tensor
     sample_rate: int
-    segment_tokens: list[int]
-    utterance_sum: torch.Tensor | None = None
-    frames: list[torch.Tensor] = field(default_factory=list)
+    bands: int
+    segment_patches: list[int]
+    utterance_sum: torch.Tensor | None = None  # (bands * D,): the segments' CLS rows summed, band by band
+    frames: list[torch.Tensor] = field(default_factory=list)  # finished segments' frames, in time order
+    open_frames: torch.Tensor | None = None  # (patches, bands, D) of a segment whose bands are split over passes
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.bands * (patches + 1) for patches in self.segment_patches)
 
 
 def _as_list(signals, sample_rates) -> tuple[list, list[int]]:
@@ -84,33 +90,41 @@ def _monos(signals, rates) -> list[_Mono]:
         waveform = inputs.as_signal(signal, sr, f"signal {i}: ")
         for channel in waveform if waveform.dim() == 2 else waveform[None]:
             frames = geometry.n_frames(channel.shape[0], sr)
-            tokens = [geometry.n_bands(sr) * (geometry.n_patches(e - s) + 1) for s, e in geometry.segments(frames)]
-            monos.append(_Mono(i, channel, sr, tokens))
+            patches = [geometry.n_patches(e - s) for s, e in geometry.segments(frames)]
+            monos.append(_Mono(i, channel, sr, geometry.n_bands(sr), patches))
     return monos
 
 
-def _chunks(monos: list[_Mono], max_tokens: int) -> list[list[tuple[int, list[int]]]]:
-    """Consecutive (mono, segment indices) groups of at most max_tokens tokens. A mono is split across chunks
-    only when it alone exceeds the budget; a single segment over the budget still runs, alone."""
+Piece = tuple[int, int, int]  # (segment index, first band, end band) of a mono: see plan.make_plan
+
+
+def _chunks(monos: list[_Mono], max_tokens: int) -> list[list[tuple[int, list[Piece]]]]:
+    """Consecutive (mono, pieces) groups of at most max_tokens tokens. A mono is split across chunks only when
+    it alone exceeds the budget, by segment; a segment over the budget (a rate of hundreds of kHz has hundreds of
+    bands) by band. One band sequence over the budget still runs, alone."""
     chunks, current, used = [], [], 0
+
+    def add(m: int, pieces: list[Piece], tokens: int) -> None:
+        nonlocal current, used
+        if used + tokens > max_tokens and current:
+            chunks.append(current)
+            current, used = [], 0
+        if current and current[-1][0] == m:
+            current[-1][1].extend(pieces)
+        else:
+            current.append((m, list(pieces)))
+        used += tokens
+
     for m, mono in enumerate(monos):
-        total = sum(mono.segment_tokens)
-        if total <= max_tokens:
-            if used + total > max_tokens and current:
-                chunks.append(current)
-                current, used = [], 0
-            current.append((m, list(range(len(mono.segment_tokens)))))
-            used += total
+        if mono.tokens <= max_tokens:
+            add(m, [(k, 0, mono.bands) for k in range(len(mono.segment_patches))], mono.tokens)
             continue
-        for k, tokens in enumerate(mono.segment_tokens):
-            if used + tokens > max_tokens and current:
-                chunks.append(current)
-                current, used = [], 0
-            if current and current[-1][0] == m:
-                current[-1][1].append(k)
-            else:
-                current.append((m, [k]))
-            used += tokens
+        for k, patches in enumerate(mono.segment_patches):
+            per_band = patches + 1
+            group = max(1, min(mono.bands, max_tokens // per_band))
+            for first in range(0, mono.bands, group):
+                end = min(first + group, mono.bands)
+                add(m, [(k, first, end)], (end - first) * per_band)
     if current:
         chunks.append(current)
     return chunks
@@ -168,7 +182,7 @@ def encode(
     # passes never exceed the call's own tokens: a budget far above them (max_tokens=10**9 for one pass) would
     # otherwise pad a pass to a multiple of max_tokens / 64 rows. The call's tokens are rounded up to a power of
     # two, so calls of any size still meet few row counts.
-    call_tokens = sum(sum(mono.segment_tokens) for mono in monos)
+    call_tokens = sum(mono.tokens for mono in monos)
     row_step = _row_step(min(max_tokens, 1 << max(call_tokens - 1, 1).bit_length()), device)
     chunks = _chunks(monos, max_tokens)
     front_end = _FrontEnd(monos, chunks, device, backend)
@@ -191,7 +205,7 @@ class _FrontEnd:
     3-minute signal between two short ones went through the front end 3 times: the call ran at 0.89-0.92x
     (bench/encode_throughput.py's W4, ECHO-tiny, bf16, bench/RESULTS.md)."""
 
-    def __init__(self, monos: list[_Mono], chunks: list[list[tuple[int, list[int]]]], device, backend):
+    def __init__(self, monos: list[_Mono], chunks: list[list[tuple[int, list[Piece]]]], device, backend):
         self.monos, self.device, self.backend = monos, device, backend
         chunks_of: dict[int, list[int]] = {}
         for number, chunk in enumerate(chunks):
@@ -279,8 +293,8 @@ def _encode_chunk(model, plan, spec, members: list[_Mono], frames: bool, device,
             # The CLS rows are picked where they were computed: 1/(L+1) of the output crosses to the host.
             out = packed.forward(model, tokens, packing, backend)[packing.cu_seqlens[: plan.num_sequences].long()]
         out = out.float().cpu()
-        for index, first, bands, _ in plan.segments:
-            _add_utterance(members[index], out[first : first + bands].reshape(-1))
+        for index, first, bands, _, first_band in plan.segments:
+            _add_utterance(members[index], out[first : first + bands], first_band)
         return
     # Rows are picked in output order where they were computed (plan.output_rows): a member's frames come out in
     # one copy of their own, not a copy per segment and another to join them.
@@ -288,23 +302,35 @@ def _encode_chunk(model, plan, spec, members: list[_Mono], frames: bool, device,
     rows = plan.output_rows().to(device)
     cls = out.index_select(0, rows[: plan.num_sequences]).float().cpu()
     patch_rows = rows[plan.num_sequences :]
-    runs: list[list[int]] = []  # [member, first patch row, end]: a member's consecutive segments
+    runs: list[list[int]] = []  # [member, first patch row, end]: a member's consecutive whole segments
     end = 0
-    for index, first, bands, patches in plan.segments:
-        _add_utterance(members[index], cls[first : first + bands].reshape(-1))
+    for index, first, bands, patches, first_band in plan.segments:
+        mono = members[index]
+        _add_utterance(mono, cls[first : first + bands], first_band)
         start, end = end, end + patches * bands
-        if runs and runs[-1][0] == index and runs[-1][2] == start:
+        if bands < mono.bands:  # a piece of a segment's bands: its columns of the segment's frames
+            block = out.index_select(0, patch_rows[start:end]).float().cpu().view(patches, bands, -1)
+            if first_band == 0:
+                mono.open_frames = block.new_empty(patches, mono.bands, block.shape[2])
+            mono.open_frames[:, first_band : first_band + bands] = block
+            if first_band + bands == mono.bands:
+                mono.frames.append(mono.open_frames.view(patches, -1))
+                mono.open_frames = None
+        elif runs and runs[-1][0] == index and runs[-1][2] == start:
             runs[-1][2] = end
         else:
             runs.append([index, start, end])
     for index, start, end in runs:
         mono = members[index]
         block = out.index_select(0, patch_rows[start:end]).float().cpu()
-        mono.frames.append(block.view(-1, geometry.n_bands(mono.sample_rate) * out.shape[1]))
+        mono.frames.append(block.view(-1, mono.bands * out.shape[1]))
 
 
-def _add_utterance(mono: _Mono, cls: torch.Tensor) -> None:
-    mono.utterance_sum = cls.clone() if mono.utterance_sum is None else mono.utterance_sum + cls
+def _add_utterance(mono: _Mono, cls: torch.Tensor, first_band: int) -> None:
+    """Add a segment's (or a piece's) CLS rows (bands, D) to the mono's sum at their bands' place."""
+    if mono.utterance_sum is None:
+        mono.utterance_sum = cls.new_zeros(mono.bands * cls.shape[1])
+    mono.utterance_sum[first_band * cls.shape[1] : (first_band + cls.shape[0]) * cls.shape[1]] += cls.reshape(-1)
 
 
 def _gather(monos: list[_Mono], count: int, frames: bool) -> list:
@@ -312,7 +338,7 @@ def _gather(monos: list[_Mono], count: int, frames: bool) -> list:
     utterances: list[list[torch.Tensor]] = [[] for _ in range(count)]
     frame_rows: list[list[torch.Tensor]] = [[] for _ in range(count)]
     for mono in monos:
-        utterances[mono.signal].append(mono.utterance_sum / len(mono.segment_tokens))
+        utterances[mono.signal].append(mono.utterance_sum / len(mono.segment_patches))
         if frames:
             frame_rows[mono.signal].append(_joined(mono.frames))
     results = [torch.cat(u) for u in utterances]

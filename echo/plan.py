@@ -31,8 +31,8 @@ class Plan:
     seq_patches: torch.Tensor  # (S,) L
     seq_position: torch.Tensor  # (S,) float32 FPE position p of its band
     cu_seqlens: torch.Tensor  # (S + 1,) int32 token offsets
-    # one entry per segment: (signal, first sequence, bands, patches)
-    segments: list[tuple[int, int, int, int]] = field(default_factory=list)
+    # one entry per segment, or per piece of a segment's bands: (signal, first sequence, bands, patches, first band)
+    segments: list[tuple[int, int, int, int, int]] = field(default_factory=list)
 
     def packing(self, device=None, padding: int = 0):
         """The plan's sequences back to back, then `padding` one-token sequences (rows that no output reads)."""
@@ -58,12 +58,14 @@ class Plan:
         rows in (patch, band) order, so that a segment's frame embeddings are one (patches, bands * D) block
         and consecutive segments of a signal (the plan keeps them in time order) one block too."""
         patches = self.seq_patches
-        bands = torch.tensor([nb for _, _, nb, _ in self.segments], dtype=torch.int64)
-        segment_rows = bands * torch.tensor([p for _, _, _, p in self.segments], dtype=torch.int64)
+        bands = torch.tensor([nb for _, _, nb, _, _ in self.segments], dtype=torch.int64)
+        segment_rows = bands * torch.tensor([p for _, _, _, p, _ in self.segments], dtype=torch.int64)
         segment_start = torch.cumsum(segment_rows, 0) - segment_rows
-        # per sequence: where its segment's block starts, the segment's band count, the sequence's band
+        first_band = torch.tensor([b for *_, b in self.segments], dtype=torch.int64)
+        # per sequence: where its segment's block starts, the segment's band count, the sequence's band in it
         sequence_segment = torch.repeat_interleave(torch.arange(len(self.segments)), bands)
-        block, stride, band = segment_start[sequence_segment], bands[sequence_segment], self.seq_band
+        block, stride = segment_start[sequence_segment], bands[sequence_segment]
+        band = self.seq_band - first_band[sequence_segment]
         # per patch token: its sequence and patch index
         sequence = torch.repeat_interleave(torch.arange(self.num_sequences), patches)
         patch = torch.arange(len(sequence)) - (torch.cumsum(patches, 0) - patches)[sequence]
@@ -78,11 +80,13 @@ class Plan:
         return is_patch.nonzero().squeeze(1)
 
 
-def make_plan(lengths: list[int], sample_rates: list[int], segment_subsets: list[list[int]] | None = None) -> Plan:
+def make_plan(lengths: list[int], sample_rates: list[int],
+              pieces: list[list[tuple[int, int, int]]] | None = None) -> Plan:
     """The plan of mono signals with these sample counts and rates (all already validated).
 
-    `segment_subsets[i]`, when given, keeps only those segments (indices into geometry.segments) of signal i:
-    how one signal too long for a memory budget is encoded over several calls."""
+    `pieces[i]`, when given, keeps only those (segment, first band, end band) pieces of signal i (segments
+    indexing geometry.segments): how a signal, or one segment of a very high rate, too large for a memory
+    budget is encoded over several passes."""
     if len(lengths) != len(sample_rates):  # zipped, the extra signals were dropped from the plan without a word
         raise ValueError(f"a plan needs one sample rate per signal: {len(lengths)} lengths, {len(sample_rates)} rates")
     frames = [geometry.n_frames(n, sr) for n, sr in zip(lengths, sample_rates)]
@@ -91,23 +95,24 @@ def make_plan(lengths: list[int], sample_rates: list[int], segment_subsets: list
     units = []  # (patches, signal, start, end)
     for i, t in enumerate(frames):
         ranges = geometry.segments(t)
-        chosen = ranges if segment_subsets is None else [ranges[k] for k in segment_subsets[i]]
-        units += [(geometry.n_patches(end - start), i, start, end) for start, end in chosen]
+        chosen = [(k, 0, bands[i]) for k in range(len(ranges))] if pieces is None else pieces[i]
+        units += [(geometry.n_patches(ranges[k][1] - ranges[k][0]), i, *ranges[k], first, end)
+                  for k, first, end in chosen]
     units.sort()
     seq_signal, seq_band, seq_start, seq_frames, seq_patches, seq_position, segments = [], [], [], [], [], [], []
     positions = {
         sr: [geometry.band_position(sr, *geometry.band_edges(sr, b)) for b in range(geometry.n_bands(sr))]
         for sr in set(sample_rates)
     }
-    for patches, i, start, end in units:
-        nb = bands[i]
-        segments.append((i, len(seq_signal), nb, patches))
+    for patches, i, start, end, first_band, end_band in units:
+        nb = end_band - first_band
+        segments.append((i, len(seq_signal), nb, patches, first_band))
         seq_signal += [i] * nb
-        seq_band += range(nb)
+        seq_band += range(first_band, end_band)
         seq_start += [start] * nb
         seq_frames += [end - start] * nb
         seq_patches += [patches] * nb
-        seq_position += positions[sample_rates[i]]
+        seq_position += positions[sample_rates[i]][first_band:end_band]
     patches = torch.tensor(seq_patches, dtype=torch.int64)
     cu_seqlens = torch.zeros(len(patches) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.cumsum(patches + 1, 0)

@@ -90,7 +90,7 @@ class StreamEncoder:
     """`push(chunk)` returns the segments that became final, as (index, utterance, frames) with band 0
     provisional; `finish()` returns utterance, or (utterance, frames) with frames=True, of the whole signal.
     `dtype=torch.bfloat16` runs the matrix products in bf16, as in echo.fast.encode. `max_tokens` bounds the
-    tokens of finish()'s passes over the emitted segments, as in echo.fast.encode (a segment runs whole). A
+    tokens of every pass, as in echo.fast.encode. A
     stream encodes with the model's weights as they were when it was made: a later change does not reach it."""
 
     def __init__(self, model: EchoModel, sample_rate, *, frames: bool = False, dtype: torch.dtype = torch.float32,
@@ -192,13 +192,19 @@ class StreamEncoder:
         return stft_ops.band_layout(levels.T, self.rate)[: geometry.BAND_BINS]
 
     def _encode(self, bands: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """(B, 32, T) band images -> (B, L+1, D) outputs through the packed encoder."""
+        """(B, 32, T) band images -> (B, L+1, D) outputs through the packed encoder, in passes of at most
+        max_tokens tokens (a segment of a rate of hundreds of kHz has hundreds of bands)."""
+        length = geometry.n_patches(bands.shape[2]) + 1
+        group = max(1, self.max_tokens // length)
+        outputs = []
         with packed.as_asked(self.model.device):
-            tokens = self.model.band_tokens(bands, positions)
-            count, length, dim = tokens.shape
-            packing = packed.Packing.from_lengths(torch.full((count,), length), tokens.device)
-            out = packed.forward(self.model, tokens.reshape(-1, dim), packing, self.backend)
-        return out.view(count, length, dim).float().cpu()
+            for first in range(0, bands.shape[0], group):
+                tokens = self.model.band_tokens(bands[first : first + group], positions[first : first + group])
+                count, _, dim = tokens.shape
+                packing = packed.Packing.from_lengths(torch.full((count,), length), tokens.device)
+                out = packed.forward(self.model, tokens.reshape(-1, dim), packing, self.backend)
+                outputs.append(out.view(count, length, dim).float().cpu())
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def _segment_bands(self, start: int, end: int, band0: torch.Tensor) -> torch.Tensor:
         """The (bands, 32, end - start) images of frames start:end, band 0 from `band0` (its rows of those frames)."""

@@ -186,15 +186,42 @@ def test_utterances_only_equal_reference_in_small_passes(model, monkeypatch, cls
         assert rel_err(utterance, model.encode(signal, rate)[0]) < 1e-5
 
 
-def test_chunks_respect_budget_and_cover_every_segment():
-    monos = fast._monos([torch.randn(samples_for(t, 16000)) for t in (10, 3000, 500, 6100, 30)], [16000] * 5)
-    budget = 2000
+@pytest.mark.parametrize("rate,budget", [(16000, 2000), (16000, 300), (200000, 1000), (200000, 100)])
+def test_chunks_respect_budget_and_cover_every_band_of_every_segment(rate, budget):
+    """A segment over the budget is split by band (200 kHz: 79 bands of up to 126 tokens, 9954 a segment);
+    only a lone band sequence may exceed it."""
+    monos = fast._monos([torch.randn(samples_for(t, rate)) for t in (10, 3000, 500, 6100, 30)], [rate] * 5)
     chunks = fast._chunks(monos, budget)
-    seen = [(m, k) for chunk in chunks for m, ks in chunk for k in ks]
-    assert seen == [(m, k) for m, mono in enumerate(monos) for k in range(len(mono.segment_tokens))]
+    seen = [(m, k, band) for chunk in chunks for m, pieces in chunk for k, first, end in pieces
+            for band in range(first, end)]
+    assert seen == [(m, k, band) for m, mono in enumerate(monos) for k in range(len(mono.segment_patches))
+                    for band in range(mono.bands)]
     for chunk in chunks:
-        used = sum(monos[m].segment_tokens[k] for m, ks in chunk for k in ks)
-        assert used <= budget or sum(len(ks) for _, ks in chunk) == 1
+        sequences = [monos[m].segment_patches[k] + 1 for m, pieces in chunk for k, first, end in pieces
+                     for _ in range(first, end)]
+        assert sum(sequences) <= budget or len(sequences) == 1
+
+
+@pytest.mark.parametrize("frames", [False, True])
+def test_segments_of_very_high_rates_split_by_band_equal_the_reference(model, frames, monkeypatch):
+    """max_tokens bounds every pass: a segment of a 1 MHz signal (391 bands) once ran whole, ~49k tokens past a
+    4096-token budget. Split by band over passes, it gives model.encode's result, also with its pieces' passes
+    shared with other signals."""
+    passes = []
+    real = fast._encode_chunk
+    monkeypatch.setattr(fast, "_encode_chunk", lambda model, plan, *a: passes.append(plan.total_tokens)
+                        or real(model, plan, *a))
+    rates = [1_000_000, 16000, 24_001, 1_000_000]
+    signals = [torch.randn(samples_for(t, r)) for t, r in zip((33, 40, 2003, 1), rates)]
+    budget = int(torch.randint(300, 700, ()))
+    results = fast.encode(model, signals, rates, frames=frames, max_tokens=budget)
+    assert max(passes) <= budget and len(passes) > 4
+    for result, signal, rate in zip(results, signals, rates):
+        ref_u, ref_f = model.encode(signal, rate)
+        utterance, frame_rows = result if frames else (result, None)
+        assert rel_err(utterance, ref_u) < 1e-5
+        if frames:
+            assert frame_rows.shape == ref_f.shape and rel_err(frame_rows, ref_f) < 1e-5
 
 
 def test_bf16_close_to_reference(model):
@@ -237,10 +264,30 @@ def test_output_rows_put_cls_rows_first_then_each_segment_patch_major():
     plan = make_plan(lengths, [16000, 8000, 48000, 12000, 8000])
     starts = plan.cu_seqlens.tolist()
     expected = list(starts[:-1])
-    for _, first, bands, patches in plan.segments:
+    for _, first, bands, patches, _ in plan.segments:
         expected += [starts[first + b] + 1 + p for p in range(patches) for b in range(bands)]
     assert plan.output_rows().tolist() == expected
     assert sorted(expected) == list(range(plan.total_tokens))
+
+
+def test_a_plan_of_band_pieces_holds_those_bands_laid_out_as_their_own_blocks():
+    """Pieces of a segment's bands (fast.encode's passes at very high rates): each piece's sequences read its
+    own bands at their positions, and its frame rows are a (patches, piece bands) block."""
+    rate = 200000
+    length = samples_for(2100, rate)
+    bands = geometry.n_bands(rate)
+    whole = make_plan([length], [rate])
+    plan = make_plan([length], [rate], [[(1, 5, 9), (0, 70, bands)]])
+    assert [(segment[4], segment[2]) for segment in plan.segments] == [(70, bands - 70), (5, 4)]
+    assert plan.seq_band.tolist() == list(range(70, bands)) + list(range(5, 9))
+    assert plan.seq_frame_start.tolist() == [0] * (bands - 70) + [100] * 4
+    keep = torch.cat([torch.arange(70, bands), bands + torch.arange(5, 9)])
+    assert torch.equal(plan.seq_position, whole.seq_position[keep])
+    starts = plan.cu_seqlens.tolist()
+    expected = list(starts[:-1])
+    for _, first, count, patches, _ in plan.segments:
+        expected += [starts[first + b] + 1 + p for p in range(patches) for b in range(count)]
+    assert plan.output_rows().tolist() == expected
 
 
 @pytest.mark.parametrize(

@@ -268,6 +268,24 @@ def test_finish_encodes_the_emitted_segments_in_passes_of_max_tokens(model):
         fast.StreamEncoder(model, rate, max_tokens=0)
 
 
+def test_every_pass_keeps_to_max_tokens_at_rates_of_many_bands(model, monkeypatch):
+    """A segment's bands (10 at 24 kHz; hundreds at the rates of acoustic-emission sensors) went through the
+    encoder in one pass, past max_tokens: now in passes of whole bands within it, at emission and at finish()."""
+    from echo import packed
+
+    rate, budget = 24001, int(torch.randint(260, 500, ()))
+    x = torch.randn(geometry.n_fft(rate) + 2100 * geometry.hop(rate)) + 0.5
+    ref_u, ref_f = fast.encode(model, [x], rate, frames=True)[0]
+    passes, forward = [], packed.forward
+    monkeypatch.setattr(packed, "forward", lambda model, tokens, *a, **k: passes.append(tokens.shape[0])
+                        or forward(model, tokens, *a, **k))
+    stream = fast.StreamEncoder(model, rate, frames=True, max_tokens=budget)
+    emitted = push_in_random_pieces(stream, x)
+    utterance, frame_rows = stream.finish()
+    assert len(emitted) == 1 and max(passes) <= budget and len(passes) > 6
+    assert rel_err(utterance, ref_u) < 1e-5 and rel_err(frame_rows, ref_f) < 1e-5
+
+
 def test_a_finish_that_failed_can_be_called_again(model, monkeypatch):
     """finish() marked the stream finished before encoding: one that failed (out of memory, say) lost the stream."""
     rate = 1000

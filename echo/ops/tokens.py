@@ -99,11 +99,11 @@ def patch_matrix(spec: torch.Tensor, plan) -> torch.Tensor:
     frames, bin-major like the conv kernel)."""
     pieces = []
     spec_bounds = plan.spec_offsets.tolist()
-    for signal, first, bands, patches in plan.segments:
+    for signal, first, bands, patches, first_band in plan.segments:
         start = int(plan.seq_frame_start[first])
         frames = int(plan.seq_frames[first])
-        image = spec[spec_bounds[signal] : spec_bounds[signal + 1]].view(bands, geometry.BAND_BINS, -1)
-        segment = image[:, :, start : start + frames]
+        image = spec[spec_bounds[signal] : spec_bounds[signal + 1]].view(plan.bands[signal], geometry.BAND_BINS, -1)
+        segment = image[first_band : first_band + bands, :, start : start + frames]
         segment = F.pad(segment, (0, patches * geometry.PATCH_FRAMES - frames))
         pieces.append(
             segment.reshape(bands, geometry.BAND_BINS, patches, geometry.PATCH_FRAMES)
