@@ -3,7 +3,6 @@ importable or not, forced by the environment), so a slow or surprising run can b
 from __future__ import annotations
 
 import importlib
-import os
 
 import torch
 
@@ -17,14 +16,6 @@ OPS = {op: f"echo.ops.{op}" for op in backends.OPS}
 DEVICES = (torch.device("cpu"), torch.device("cuda"))
 
 
-def forcing(op: str) -> str | None:
-    """The environment variable that forces this op's backend, as NAME=value, if one is set."""
-    for name in (f"ECHO_BACKEND_{op.upper()}", "ECHO_BACKEND"):
-        if os.environ.get(name):
-            return f"{name}={os.environ[name]}"
-    return None
-
-
 def skipped_reasons(op: str, device: torch.device, available: tuple[str, ...], chosen: str) -> list[str]:
     """Why the backends listed before the chosen one, and a compiled op that is not built, do not run."""
     reasons = []
@@ -35,6 +26,8 @@ def skipped_reasons(op: str, device: torch.device, available: tuple[str, ...], c
             reasons.append("triton runs by default only on CUDA (forced: needs TRITON_INTERPRET=1 on CPU)")
         elif op in backends.TRITON_OFF_BY_DEFAULT:
             reasons.append("triton measured slower here, runs only when forced (bench/RESULTS.md)")
+        elif backends.triton_interpreted():
+            reasons.append(f"triton not a default: {backends.INTERPRETED_ON_CUDA}")
     compiled = extension.compiled_op(op)
     if compiled is None:
         reasons.append("no compiled op")
@@ -47,13 +40,15 @@ def skipped_reasons(op: str, device: torch.device, available: tuple[str, ...], c
 def describe(op: str, device: torch.device) -> tuple[str, str]:
     """(backend, why) of op on device."""
     available = importlib.import_module(OPS[op]).available_backends(device)
-    forced = forcing(op)
+    _, forced = backends.request(op, None)
     try:
         chosen = backends.choose(op, device, available=available)
     except ValueError as error:
         return "error", str(error)
     if forced:
-        return chosen, "; ".join([f"forced by {forced}", *heads_taken(op, device, available, chosen, forced)])
+        interpreted = chosen == "triton" and device.type == "cuda" and backends.triton_interpreted()
+        return chosen, "; ".join([f"forced by {forced}", *[backends.INTERPRETED_ON_CUDA] * interpreted,
+                                  *heads_taken(op, device, available, chosen, forced)])
     why = ["default"] + skipped_reasons(op, device, available, chosen) + heads_taken(op, device, available, chosen)
     return chosen, "; ".join(why)
 

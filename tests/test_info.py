@@ -42,7 +42,9 @@ def test_info_matches_dispatch(capsys, monkeypatch):
     assert cpu_backend == ("csrc" if built else "torch")
     # the Triton front end measured slower than torch on an H100: not a CUDA default (echo/ops/backend.py)
     assert rows["stft", "cuda"][0] == ("csrc" if extension.has_op("ragged_spectrogram", "cuda") else "torch")
-    assert rows["tokens", "cuda"][0] == ("triton" if importlib.util.find_spec("triton") else "torch")
+    # not under the interpreter (the suite's TRITON_INTERPRET on a CPU machine): it would run through the CPU
+    compiled = importlib.util.find_spec("triton") and not importlib.import_module("echo_kernels").INTERPRETED
+    assert rows["tokens", "cuda"][0] == ("triton" if compiled else "torch")
     if rows["stft", "cuda"][0] == "torch" and importlib.util.find_spec("triton"):
         assert "triton measured slower here" in rows["stft", "cuda"][1]
     assert cpu_why.startswith("default")
@@ -264,3 +266,16 @@ def test_info_says_a_triton_that_does_not_import_runs_nothing(capsys, broken_tri
     text, rows = info_rows(capsys)
     assert "triton not importable" in text.splitlines()[0]
     assert rows["tokens", "cuda"][0] == "torch" and "triton not importable" in rows["tokens", "cuda"][1]
+
+
+@pytest.mark.parametrize("forced", [False, True])
+def test_info_says_the_interpreter_keeps_triton_off_cuda(capsys, monkeypatch, forced):
+    """Under TRITON_INTERPRET=1 (set when echo_kernels was imported) the CUDA rows named Triton the tokens
+    default, which ran in the CPU interpreter; forced, the row said nothing of it."""
+    monkeypatch.setattr(pytest.importorskip("echo_kernels"), "INTERPRETED", True)
+    if forced:
+        monkeypatch.setenv("ECHO_BACKEND_TOKENS", "triton")
+    _, rows = info_rows(capsys)
+    backend, why = rows["tokens", "cuda"]
+    assert backend == ("triton" if forced else "torch")
+    assert "CPU interpreter here (TRITON_INTERPRET was set when echo_kernels was imported)" in why

@@ -196,3 +196,62 @@ def test_a_triton_that_does_not_import_is_no_default_on_cuda_either(clean_enviro
     with pytest.raises(backends.BackendError, match="backend='triton': tokens cannot run on Triton: triton does not "
                                                     "import \\(ImportError: libcuda mismatch\\)"):
         backends.choose("tokens", cuda, "triton")
+
+
+@pytest.mark.parametrize("interpreted", [False, True])
+def test_the_interpreter_is_no_default_on_cuda(interpreted, clean_environment, monkeypatch):
+    """TRITON_INTERPRET=1 left set when echo_kernels was imported on a GPU machine kept Triton the tokens and
+    attention default on CUDA: every call ran in Triton's CPU interpreter, orders of magnitude slower, unsaid."""
+    from echo.ops import tokens as token_ops
+
+    monkeypatch.setattr(pytest.importorskip("echo_kernels"), "INTERPRETED", interpreted)
+    cuda = torch.device("cuda")
+    default = "torch" if interpreted else "triton"
+    assert backends.choose("tokens", cuda, available=token_ops.available_backends(cuda)) == default
+    assert backends.choose("attention", cuda, available=attention_ops.fitting_backends(64, torch.float32, cuda)) \
+        == default
+
+
+def test_forced_triton_on_cuda_under_the_interpreter_runs_and_warns_once(clean_environment, monkeypatch):
+    """Forcing Triton on CUDA under the interpreter still runs it (its tests, a kernel being debugged), but once
+    per setting it says the tensors go through the CPU; on CPU tensors the interpreter is the point: no warning."""
+    import warnings
+
+    monkeypatch.setattr(pytest.importorskip("echo_kernels"), "INTERPRETED", True)
+    backends._warn_interpreted.cache_clear()
+    monkeypatch.setenv("ECHO_BACKEND_TOKENS", "triton")
+    cuda = torch.device("cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert [backends.choose("tokens", cuda) for _ in range(3)] == ["triton"] * 3
+        assert backends.choose("tokens", CPU) == "triton"
+    assert len(caught) == 1 and caught[0].category is RuntimeWarning
+    assert str(caught[0].message).startswith("ECHO_BACKEND_TOKENS=triton: the Triton kernels run in Triton's CPU "
+                                             "interpreter here (TRITON_INTERPRET was set")
+
+
+def test_a_global_backend_is_not_checked_on_the_ops_that_override_it(clean_environment, monkeypatch,
+                                                                     extension_state):
+    """ECHO_BACKEND=csrc with ECHO_BACKEND_TOKENS=torch (the token stage has no compiled op) was refused as if
+    tokens would run csrc, with the hint to do what was done: force single ops."""
+    from echo.ops import tokens as token_ops
+
+    monkeypatch.setenv("ECHO_BACKEND", "csrc")
+    monkeypatch.setenv("ECHO_BACKEND_TOKENS", "torch")
+    if extension_state == "not loading":
+        with pytest.raises(backends.BackendError) as raised:
+            backends.check_environment()
+        assert str(raised.value) == (f"ECHO_BACKEND=csrc: no 'csrc' backend here for stft, attention, norm "
+                                     f"({LOAD_ERROR}); force it for single ops instead (ECHO_BACKEND_<OP>)")
+        return
+    backends.check_environment()
+    assert backends.choose("tokens", CPU, available=token_ops.available_backends(CPU)) == "torch"
+    assert backends.choose("attention", CPU, available=attention_ops.available_backends(CPU)) == "csrc"
+
+
+def test_a_backend_name_with_spaces_is_shown_as_it_is(clean_environment, monkeypatch):
+    """ECHO_BACKEND_NORM='torch ' (a stray space from a shell script) was refused as 'ECHO_BACKEND_NORM=torch :
+    unknown backend', which reads as if torch itself were unknown."""
+    monkeypatch.setenv("ECHO_BACKEND_NORM", "torch ")
+    with pytest.raises(backends.BackendError, match="unknown backend 'torch '"):
+        backends.check_environment()

@@ -2,14 +2,17 @@
 
 Backends: "triton" (CUDA, or CPU under TRITON_INTERPRET=1 when forced), "csrc" (the compiled extension, when
 built), "torch" (batched pure-torch fast path), "reference" (the readable truth). Each op lists its own, fastest
-first (ops/<op>.available_backends); Triton is a default only on CUDA, and only for tokens and attention.
+first (ops/<op>.available_backends); Triton is a default only on CUDA, only for tokens and attention, and not
+under Triton's interpreter.
 `ECHO_BACKEND=torch` forces every op; `ECHO_BACKEND_ATTENTION=reference` forces one op.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -39,11 +42,20 @@ def triton_import_error() -> str | None:
     return None
 
 
+def triton_interpreted() -> bool:
+    """Whether the Triton kernels were defined in Triton's interpreter (TRITON_INTERPRET=1 when echo_kernels was
+    imported: Triton reads it then, not at each launch). They then run on CPU tensors, and on CUDA tensors only
+    by copying them through the CPU."""
+    return triton_import_error() is None and importlib.import_module("echo_kernels").INTERPRETED
+
+
+INTERPRETED_ON_CUDA = ("the Triton kernels run in Triton's CPU interpreter here (TRITON_INTERPRET was set when "
+                       "echo_kernels was imported): CUDA tensors go through the CPU, orders of magnitude slower")
+
+
 def triton_available(device: torch.device) -> bool:
-    """Whether the Triton kernels run on `device`: CUDA, or a CPU when they were defined in Triton's interpreter
-    (TRITON_INTERPRET=1 when echo_kernels was imported: Triton reads it then, not at each launch)."""
-    return triton_import_error() is None and (
-        device.type == "cuda" or importlib.import_module("echo_kernels").INTERPRETED)
+    """Whether the Triton kernels run on `device`: CUDA, or a CPU when they were defined in the interpreter."""
+    return triton_import_error() is None and (device.type == "cuda" or triton_interpreted())
 
 
 OPS = ("stft", "tokens", "attention", "norm")
@@ -66,10 +78,13 @@ def check_environment(environ=os.environ) -> None:
             raise BackendError(f"{name}: no such op; set ECHO_BACKEND or ECHO_BACKEND_<OP> for an op of "
                              f"{', '.join(op.upper() for op in OPS)}")
         if value not in BACKENDS:
-            raise BackendError(f"{name}={value}: unknown backend; choose from {', '.join(BACKENDS)}")
+            raise BackendError(f"{name}={value}: unknown backend {value!r}; choose from {', '.join(BACKENDS)}")
         if value == "triton" and not triton_installed():
             raise BackendError(f"{name}={value}: {TRITON_MISSING}")
-        lacking = [other for other in (OPS if name == "ECHO_BACKEND" else (op,)) if value not in _backends_of(other)]
+        # ECHO_BACKEND forces only the ops without an ECHO_BACKEND_<OP> of their own (which wins, as in `request`)
+        ruled = [op] if name != "ECHO_BACKEND" else [
+            other for other in OPS if not environ.get(f"ECHO_BACKEND_{other.upper()}")]
+        lacking = [other for other in ruled if value not in _backends_of(other)]
         if lacking:  # e.g. ECHO_BACKEND=csrc: the token stage has no compiled op, so every encode would fail
             ops_by_reason = {}  # ECHO_BACKEND=csrc with echo._C not loading: tokens lacks it for another reason
             for other in lacking:
@@ -150,6 +165,18 @@ def choose(op: str, device: torch.device, requested: str | None = None, availabl
         if requested not in available:
             raise BackendError(f"{source}: no {requested!r} backend here for {op} "
                                f"({missing_backend(op, requested, device)})")
+        if requested == "triton" and device.type == "cuda" and triton_interpreted():
+            _warn_interpreted(source)
         return requested
-    triton_by_default = device.type == "cuda" and op not in TRITON_OFF_BY_DEFAULT and triton_available(device)
+    # the interpreter on CUDA would pass every call through the CPU: the default falls to the next backend
+    triton_by_default = (device.type == "cuda" and op not in TRITON_OFF_BY_DEFAULT and triton_available(device)
+                         and not triton_interpreted())
     return next(name for name in available if name != "triton" or triton_by_default)
+
+
+@functools.cache
+def _warn_interpreted(source: str) -> None:
+    """Once per setting: a forced Triton backend runs under the interpreter (its tests, a kernel being debugged),
+    but a TRITON_INTERPRET left set from a test run would otherwise slow every call without a word."""
+    warnings.warn(f"{source}: {INTERPRETED_ON_CUDA}; start without TRITON_INTERPRET for the GPU kernels",
+                  RuntimeWarning, stacklevel=3)
