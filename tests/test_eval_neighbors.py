@@ -182,3 +182,48 @@ def test_equal_distances_at_the_last_place_go_to_the_lowest_index(rows):
     assert (fused == 0).all()
     if importlib.util.find_spec("faiss"):
         assert (neighbors.nearest(queries, bank, 1, backend="faiss")[1] == 0).all()
+
+
+def with_duplicates(rng, rows: int, dim: int, dtype) -> tuple[np.ndarray, list[list[int]]]:
+    """Random rows where some rows repeat at other places; also the groups of equal rows."""
+    unique = rng.normal(size=(rows, dim)) + rng.normal(size=dim)  # a shared offset: cosines far from 0
+    copies = rng.choice(rows, size=rows // 3, replace=False)
+    bank = np.concatenate([unique, unique[copies], unique[copies[:2]]]).astype(dtype)
+    order = rng.permutation(len(bank))
+    bank, source = bank[order], np.concatenate([np.arange(rows), copies, copies[:2]])[order]
+    groups = [np.flatnonzero(source == s).tolist() for s in range(rows)]
+    return bank, [group for group in groups if len(group) > 1]
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dim", [3, 64, 768])
+def test_cosine_of_equal_rows_is_exactly_zero_and_never_negative(backend, dtype, dim, monkeypatch):
+    """1 - q.b of equal unit rows rounded to about +-1e-16 (+-1e-7 in float32): a duplicate of a bank clip
+    scored below 0 or above another duplicate, in either search, with or without the own row excluded."""
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    monkeypatch.setattr(neighbors, "BANK_CHUNK_ROWS", 16)  # duplicates fall in different bank chunks
+    rng = seeded_rng()
+    bank, groups = with_duplicates(rng, 30, dim, dtype)
+    queries = np.concatenate([bank, rng.normal(size=(5, dim)).astype(dtype)])
+    k = 5
+    distances, indices = neighbors.nearest(queries, bank, k, "cosine", backend=backend)
+    ref_d, _ = brute_force(queries.astype(np.float64), bank.astype(np.float64), k, "cosine")
+    assert (distances >= 0).all()
+    np.testing.assert_allclose(distances, ref_d, atol=1e-5 if dtype == np.float32 else 1e-12, rtol=0)
+    for group in groups:
+        for row in group:  # every copy first, at exactly 0 and in bank order; then only distances above 0
+            assert indices[row, :len(group)].tolist() == group
+            assert (distances[row, :len(group)] == 0).all() and (distances[row, len(group):] > 0).all()
+    single = [row for row in range(len(bank)) if not any(row in group for group in groups)]
+    assert (indices[single, 0] == single).all() and (distances[single, 0] == 0).all()
+    assert (distances[single, 1:] > 0).all() and (distances[len(bank):] > 0).all()
+
+    distances, indices = neighbors.nearest(bank, bank, 2, "cosine", exclude=np.arange(len(bank)),
+                                           backend=backend)
+    assert (distances >= 0).all() and not (indices == np.arange(len(bank))[:, None]).any()
+    for group in groups:
+        for row in group:
+            assert indices[row, 0] == [other for other in group if other != row][0] and distances[row, 0] == 0
+    assert (distances[single] > 0).all()

@@ -3,8 +3,9 @@
 A (queries x bank) distance matrix is never held whole: the bank is visited in chunks and a running top-k is
 merged, so memory stays bounded for banks of 10^6 x 7680. Euclidean distances use |q|^2 + |b|^2 - 2 q.b after
 centring both sides on the bank mean (translation leaves distances unchanged and the centring removes most of
-the cancellation). Cosine distance is 1 - q.b on L2-normalised rows. `backend="faiss"` uses faiss's exact flat
-indexes instead, for banks that outgrow the device.
+the cancellation). Cosine distance is 1 - q.b on L2-normalised rows, never below 0, and exactly 0 between equal
+rows (rounding leaves them a few ulps either side). `backend="faiss"` uses faiss's exact flat indexes instead,
+for banks that outgrow the device.
 
 Among neighbours at exactly equal distance the lower bank index comes first.
 """
@@ -90,10 +91,24 @@ def pairwise_distances(queries: torch.Tensor, bank: torch.Tensor, metric: str, b
     """(Q, B) distances of prepared rows (centred for euclidean, unit-norm for cosine)."""
     products = queries @ bank.T
     if metric == "cosine":
-        return 1 - products
+        return (1 - products).clamp_min_(0)
     queries_sq = (queries * queries).sum(1, keepdim=True)
     bank_sq = (bank * bank).sum(1) if bank_sq is None else bank_sq
     return (queries_sq + bank_sq - 2 * products).clamp_min_(0).sqrt_()
+
+
+def _zero_equal_rows(distances: torch.Tensor, queries: torch.Tensor, bank: torch.Tensor, columns=None) -> None:
+    """Sets the cosine distances (Q, M) between equal rows to exactly 0. queries (Q, E) and bank (B, E) are the
+    rows as given (normalising two copies of a row apart may round them apart); columns (Q, M) the bank row of
+    each distance, or None for bank rows in order. Only pairs within the rounding of 1 - q.q whose first values
+    agree are compared whole, a slice at a time in no more memory than the distances."""
+    bound = 2 * queries.shape[1] * torch.finfo(distances.dtype).eps  # normalising and the product: each < E ulps
+    first = bank[:, 0].contiguous()  # a strided column would be read E apart for every query
+    maybe = (distances <= bound) & (queries[:, :1] == (first if columns is None else first[columns]))
+    for pairs in maybe.nonzero().split(max(1, maybe.numel() // queries.shape[1])):
+        q, m = pairs.T
+        equal = (queries[q] == bank[m if columns is None else columns[q, m]]).all(1)
+        distances[q[equal], m[equal]] = 0
 
 
 def _preparer(bank: torch.Tensor, metric: str, device):
@@ -135,20 +150,23 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
     exclude = None if exclude is None else torch.as_tensor(np.asarray(exclude), dtype=torch.long, device=device)
     _check(queries, bank, k, metric, exclude)
     prepare = _preparer(bank, metric, device)
-    queries = prepare(queries)
+    given, queries = queries, prepare(queries)
     n_queries, n_bank = queries.shape[0], bank.shape[0]
     best_d = torch.full((n_queries, k), float("inf"), dtype=queries.dtype, device=device)
     best_i = torch.full((n_queries, k), -1, dtype=torch.long, device=device)
     bank_rows = min(n_bank, BANK_CHUNK_ROWS)
     query_rows = max(1, chunk_bytes // (bank_rows * queries.element_size()))
     for b0 in range(0, n_bank, bank_rows):
-        chunk = prepare(bank[b0:b0 + bank_rows].to(device))
+        given_chunk = bank[b0:b0 + bank_rows].to(device)
+        chunk = prepare(given_chunk)
         chunk_sq = (chunk * chunk).sum(1)
         columns = torch.arange(b0, b0 + chunk.shape[0], device=device)
         take = min(k, chunk.shape[0])
         for q0 in range(0, n_queries, query_rows):
             rows = slice(q0, q0 + query_rows)
             distances = pairwise_distances(queries[rows], chunk, metric, chunk_sq)
+            if metric == "cosine":
+                _zero_equal_rows(distances, given[rows], given_chunk)
             if exclude is not None:
                 distances.masked_fill_(exclude[rows, None] == columns[None, :], float("inf"))
             chunk_d, chunk_i = _smallest(distances, take)
@@ -170,6 +188,7 @@ def _nearest_faiss(queries, bank, k: int, metric: str, exclude,
     bank = _as_matrix(bank, "bank", "cpu", queries.dtype)
     _check(queries, bank, k, metric, exclude)
     prepare = _preparer(bank, metric, "cpu")
+    given, given_bank = queries, bank
     queries, bank = prepare(queries), prepare(bank)
     index = faiss.IndexFlatIP(bank.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(bank.shape[1])
     index.add(np.ascontiguousarray(bank.float().numpy()))
@@ -181,9 +200,13 @@ def _nearest_faiss(queries, bank, k: int, metric: str, exclude,
         invalid |= candidates == torch.as_tensor(np.asarray(exclude), dtype=torch.long)[:, None]
     candidates = candidates.clamp_max(bank.shape[0] - 1)
     query_rows = max(1, chunk_bytes // (wanted * bank.shape[1] * bank.element_size()))
-    distances = torch.cat([
-        _candidate_distances(queries[q0:q0 + query_rows], bank[candidates[q0:q0 + query_rows]], metric)
-        for q0 in range(0, queries.shape[0], query_rows)])
+    distances = []
+    for q0 in range(0, queries.shape[0], query_rows):
+        rows = slice(q0, q0 + query_rows)
+        distances.append(_candidate_distances(queries[rows], bank[candidates[rows]], metric))
+        if metric == "cosine":
+            _zero_equal_rows(distances[-1], given[rows], given_bank, candidates[rows])
+    distances = torch.cat(distances)
     values, columns = _smallest(distances.masked_fill(invalid, float("inf")), k)
     return values.numpy(), candidates.gather(1, columns).numpy()
 
@@ -193,7 +216,7 @@ def _candidate_distances(queries: torch.Tensor, candidates: torch.Tensor, metric
     pairwise_distances, so that both searches round alike."""
     products = torch.einsum("qe,qme->qm", queries, candidates)
     if metric == "cosine":
-        return 1 - products
+        return (1 - products).clamp_min_(0)
     queries_sq = (queries * queries).sum(1, keepdim=True)
     return (queries_sq + (candidates * candidates).sum(2) - 2 * products).clamp_min_(0).sqrt_()
 
