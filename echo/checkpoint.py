@@ -278,8 +278,9 @@ def _checkpoint_file(path) -> tuple[Path, str | None]:
 
 def load(path, size: str | None = None, device=None, heads: int | None = None, **overrides) -> EchoModel:
     """An EchoModel in eval mode from a checkpoint file, or by name ("default", "echo-small", "echo-tiny":
-    see echo.hub). `size` forces a preset; `heads` and other keyword arguments override config fields
-    (e.g. final_norm_eps=1e-5), whether the config comes from the file's metadata or from its shapes."""
+    see echo.hub), in float32 on `device` (the CPU by default) whatever torch's default device and dtype. `size`
+    forces a preset; `heads` and other keyword arguments override config fields (e.g. final_norm_eps=1e-5),
+    whether the config comes from the file's metadata or from its shapes."""
     unknown = sorted(set(overrides) - set(CONFIG_FIELDS))
     if unknown:
         raise ValueError(f"unknown config field(s) {', '.join(unknown)}; valid: size, device, "
@@ -304,11 +305,15 @@ def load(path, size: str | None = None, device=None, heads: int | None = None, *
         raise ValueError(f"{path}: {error}") from None
     _check_layers(config, state, str(path))
     with torch.device("meta"):  # shapes checked without allocating a model the file may not fit
-        check_state_dict(EchoModel(config), state, str(path))
+        model = EchoModel(config)
+    check_state_dict(model, state, str(path))
     weights = _float32_weights(state, str(path))
-    model = EchoModel(config)
+    # Allocated on `device` in float32, not on torch's default device in its default dtype (a user's
+    # set_default_device("meta") gave a model without weights); left uninitialised, as the strict load below
+    # fills every parameter and the model has no buffers.
+    model = model.float().to_empty(device=device or "cpu")
     model.load_state_dict(weights)
-    return model.to(device).eval() if device is not None else model.eval()
+    return model.eval()
 
 
 def _check_saveable(model) -> None:

@@ -423,3 +423,36 @@ def test_save_refuses_weights_that_load_would_refuse(tmp_path, value, dtype):
     with torch.no_grad():
         model.norm.weight[3] = 1.0
     assert echo.load(echo.save(model, tmp_path / "m.safetensors", dtype=dtype)).norm.weight[3] == 1.0
+
+
+@pytest.fixture
+def torch_defaults():
+    """Lets a test set torch's default device and dtype; both are restored after it, whatever happens."""
+    device, dtype = torch.get_default_device(), torch.get_default_dtype()
+    yield
+    torch.set_default_device(None if device == torch.device("cpu") else device)
+    torch.set_default_dtype(dtype)
+
+
+CUDA = ["cuda"] if torch.cuda.is_available() else []
+
+
+@pytest.mark.parametrize("default_device, default_dtype", [
+    ("meta", torch.float32), ("cpu", torch.float64), ("meta", torch.float64), *((d, torch.float32) for d in CUDA)])
+@pytest.mark.parametrize("device", [None, "cpu", *CUDA])
+def test_load_is_float32_on_its_device_whatever_torchs_defaults(tmp_path, torch_defaults, default_device,
+                                                                 default_dtype, device):
+    """The model was built on torch's default device and in its default dtype: under set_default_device("meta")
+    load returned a model without weights (or failed moving it to `device`), on "cuda" a device=None model was
+    on the GPU, and under set_default_dtype(torch.float64) it was float64."""
+    model = random_model("tiny", depth=2)
+    path = echo.save(model, tmp_path / "m.safetensors")
+    torch.set_default_device(default_device)
+    torch.set_default_dtype(default_dtype)
+    loaded = echo.load(path, device=device)
+    assert not loaded.training and not loaded.pos_embed.requires_grad
+    state = loaded.state_dict()
+    assert state.keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert state[key].device == torch.device(device or "cpu") and state[key].dtype == torch.float32, key
+        assert torch.equal(state[key].cpu(), value), key
