@@ -9,8 +9,9 @@ Every finished batch is saved at once in `OUT.parts/` (one shard per batch, writ
 interrupted run loses at most one batch; the output is written atomically at the end, and a re-run skips
 every file already encoded by the same model in the same dtype, in the old output or in the shards (a run
 over other files, in another dtype or with another model leaves those shards, and one without --frames their
-frames, for the interrupted run to resume). Under `torchrun --nproc-per-node N -m echo encode ...` rank r encodes files r,
-r + N, ... and rank 0 merges.
+frames, for the interrupted run to resume; a shard that cannot be read is set aside as `*.unreadable` and kept,
+named at the end of every run until it is deleted). Under `torchrun --nproc-per-node N -m echo encode ...` rank r
+encodes files r, r + N, ... and rank 0 merges.
 
 Output: `.npz` with `paths`, `keys`, `sample_rates`, `channels`, `model` and one array per file,
 `utterance/{i}` (and `frames/{i}` with --frames), since embedding sizes differ between rates; or, for an
@@ -44,8 +45,9 @@ from .eval.embed import (NOTHING_KEPT, READ_WORKERS, EmbeddingCache, encode_isol
                          key_checked, model_hash, read_checked, shown)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FRAMES = "/frames"  # suffixes of a file's frame-embedding and (rate, channels) entries in the shards
+FRAMES = "/frames"  # suffixes of a file's frame-embedding, (rate, channels) and real-path entries in the shards
 META = "/meta"
+PATH = "/path"
 
 
 def add_arguments(parser) -> None:
@@ -229,23 +231,34 @@ def _held(key: str, entries: dict, frames: bool) -> bool:
     return key in entries and (not frames or key + FRAMES in entries)
 
 
-def _remove_written_shards(cache: EmbeddingCache, written: set[str], frames: bool) -> None:
-    """Delete this model's shards that the output now holds in full. Keep any holding a file it leaves out or
-    frames it does not keep: the finished work of an interrupted run over other files or with --frames, which
-    that run's command takes up again."""
+def _remove_written_shards(cache: EmbeddingCache, written: dict[str, str], frames: bool) -> None:
+    """Delete this model's shards that the output of `written` ({real path: key}) makes useless, and killed runs'
+    half-written ones. Keep any holding a file it leaves out or frames it does not keep: the finished work of an
+    interrupted run over other files or with --frames, which that run's command takes up again; and the
+    unreadable ones set aside, which the user was told are kept."""
     for shard in sorted(cache.folder.iterdir()) if cache.folder.is_dir() else []:
-        if shard.suffix != ".safetensors" or _held_by_output(shard, written, frames):
+        if shard.suffix == ".tmp" or shard.suffix == ".safetensors" and _useless(shard, written, frames):
             shard.unlink()
     with contextlib.suppress(OSError):  # gone, or left holding such work
         cache.folder.rmdir()
 
 
-def _held_by_output(shard: Path, keys: set[str], frames: bool) -> bool:
-    """Whether an output of the files of `keys` (with their frames if `frames`) holds all that `shard` holds."""
-    with safe_open(str(shard), "numpy") as handle:  # the names alone, from the header
+def _useless(shard: Path, written: dict[str, str], frames: bool) -> bool:
+    """Whether an output of the files of `written` ({real path: key}, with their frames if `frames`) holds all
+    that `shard` holds, or in place of a file's old content its new one, which no run can use again."""
+    with safe_open(str(shard), "numpy") as handle:  # the names from the header, and the small path entries
         names = list(handle.keys())
-    return all(name.removesuffix(FRAMES).removesuffix(META) in keys and (frames or not name.endswith(FRAMES))
-               for name in names)
+        paths = {name.removesuffix(PATH): os.fsdecode(handle.get_tensor(name).tobytes())
+                 for name in names if name.endswith(PATH)}
+    keys = set(written.values())
+
+    def useless(name: str) -> bool:
+        key = name.partition("/")[0]
+        path = paths.get(key)
+        changed = path in written and written[path] != key
+        return changed or key in keys and (frames or not name.endswith(FRAMES))
+
+    return all(useless(name) for name in names)
 
 
 def _check_out(out: Path) -> None:
@@ -386,6 +399,7 @@ def _encode_files(args, rank: int, world: int) -> int:
                     channels = signal.shape[0] if signal.dim() == 2 else 1
                     fresh[keys[path]] = result["utterance"]
                     fresh[keys[path] + META] = np.array([rate, channels], dtype=np.int64)
+                    fresh[keys[path] + PATH] = np.frombuffer(os.fsencode(os.path.realpath(path)), dtype=np.uint8)
                     if args.frames:
                         fresh[keys[path] + FRAMES] = result["frames"]
                     seconds += signal.shape[-1] / rate
@@ -410,7 +424,7 @@ def _encode_files(args, rank: int, world: int) -> int:
             return 0
         cache = EmbeddingCache(parts, model_key)  # every rank's shards
     done.update(cache.entries)
-    rows, reused, encoded_here = [], 0, set(wanted)
+    rows, written, reused, encoded_here = [], {}, 0, set(wanted)
     for path in files:
         key = keys.get(path)
         if key is None or not _held(key, done, args.frames):
@@ -421,6 +435,7 @@ def _encode_files(args, rank: int, world: int) -> int:
         if args.frames:
             row["frames"] = done[key + FRAMES]
         rows.append(row)
+        written[os.path.realpath(path)] = key
     if not rows:
         print(f"no file could be encoded ({skipped} skipped); {args.out} was not written")
         return 1
@@ -432,15 +447,16 @@ def _encode_files(args, rank: int, world: int) -> int:
     except OSError as error:  # a full disk: "[Errno 28]" alone reads as if the encoding were lost
         raise OSError(f"{args.out} could not be written ({error}); it was left as it was, and the same command "
                       f"writes it without encoding any file again") from None
-    _remove_written_shards(cache, {row["key"] for row in rows}, args.frames)
-    try:
+    _remove_written_shards(cache, written, args.frames)
+    with contextlib.suppress(OSError):  # gone, or left holding what is said below
         parts.rmdir()
-    except FileNotFoundError:
-        pass
-    except OSError:  # not empty: the finished work of an interrupted run that this output does not hold
+    if any(parts.rglob("*.safetensors")):  # the finished work of an interrupted run that this output does not hold
         print(f"kept {parts}: the saved batches of an interrupted run over other files, with --frames, with "
               f"another model or another dtype, which {args.out} does not hold; that run's command resumes from "
               f"them")
+    for aside in sorted(parts.rglob("*.unreadable")):  # said at every run's end until the user deletes it
+        print(f"kept {aside}: a saved batch that could not be read; its files were encoded again, so it may be "
+              f"deleted")
     speed = f"; {seconds:.1f} s of audio in {elapsed:.1f} s ({seconds / max(elapsed, 1e-9):.1f}x real time)" \
         if seconds else ""
     print(f"wrote {args.out}: {len(rows)} files ({reused} reused from an earlier run), "

@@ -220,6 +220,32 @@ def test_an_interrupted_run_over_other_files_keeps_its_work_through_a_finished_r
     assert not (tmp_path / "e.npz.parts").exists()  # all of it written, all of it removed
 
 
+def test_a_file_changed_since_an_interrupted_run_is_encoded_again_and_its_old_batch_dropped(tmp_path, model_path,
+                                                                                          capsys, monkeypatch):
+    """A file rewritten after an interrupted run saved it (same path, size and times, new samples) was encoded
+    anew, but the shard of its old samples was kept for good, called "the saved batches of an interrupted run ...
+    that run's command resumes from them" at every run's end, though no run could ever use it."""
+    import echo.encode_files as command
+
+    files = [tmp_path / name for name in ("a.wav", "b.wav", "c.wav")]
+    for path in files:
+        soundfile.write(str(path), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    options = (*files, "--model", model_path, "--out", tmp_path / "e.npz", "--batch-files", "1")
+    real = interrupt_at_batch(monkeypatch)
+    assert run(*options) == 130  # a.wav's batch was saved
+    monkeypatch.setattr(command, "_encode_batch", real)
+    times = os.stat(files[0])
+    soundfile.write(str(files[0]), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    os.utime(files[0], ns=(times.st_atime_ns, times.st_mtime_ns))
+    capsys.readouterr()
+    assert run(*options) == 0
+    printed = capsys.readouterr().out
+    assert "3 files (0 reused from an earlier run)" in printed and "kept" not in printed
+    row = read_embeddings(tmp_path / "e.npz")["files"][str(files[0])]
+    assert rel_err(row["utterance"], reference(echo.load(model_path), files[0])[0]) < 1e-5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "b.wav", "c.wav", "e.npz", "model"]
+
+
 def test_an_interrupted_frames_run_does_not_count_utterances_saved_without_frames_as_kept(tmp_path, model_path,
                                                                                          capsys, monkeypatch):
     """An earlier run's shard of a.wav's utterance alone was counted as this --frames run's kept work: "1 files
@@ -434,24 +460,40 @@ def test_a_linked_folder_is_followed_and_a_link_loop_named(tmp_path, model_path,
     assert f"skipped {folder / 'fan again'}: the same folder as {folder / 'fan'}, listed there" in printed
 
 
-def test_a_damaged_shard_is_set_aside_and_its_files_encoded_again(tmp_path, model_path, capsys):
-    soundfile.write(str(tmp_path / "a.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
-    out = tmp_path / "e.npz"
-    assert run(tmp_path / "a.wav", "--model", model_path, "--out", out) == 0
-    expected = read_embeddings(out)["files"][str(tmp_path / "a.wav")]["utterance"]
-    out.unlink()
-    shard_folder = tmp_path / "e.npz.parts" / "x"
-    shard_folder.mkdir(parents=True)
+def test_a_damaged_shard_is_set_aside_kept_and_named_at_the_end_of_every_run(tmp_path, model_path, capsys,
+                                                                            monkeypatch):
+    """A shard that cannot be read is set aside as *.unreadable, with a note that it is kept: the run's end
+    deleted it all the same, and meanwhile called the folder holding it the saved batches of an interrupted run.
+    It stays until the user deletes it, and every run's end says where it is and that it may be deleted."""
     import echo.encode_files as command
 
-    cache_folder = command.EmbeddingCache(tmp_path / "e.npz.parts", command.encoding_key(
-        command.model_hash(echo.load(model_path)), torch.float32)).folder
-    cache_folder.mkdir(parents=True, exist_ok=True)
-    (cache_folder / "1-1.safetensors").write_bytes(b"")  # a shard cut short by a power failure
+    files = [tmp_path / name for name in ("a.wav", "b.wav")]
+    for path in files:
+        soundfile.write(str(path), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    out = tmp_path / "e.npz"
+    options = (*files, "--model", model_path, "--out", out, "--batch-files", "1")
+    real = interrupt_at_batch(monkeypatch)
+    assert run(*options) == 130  # a.wav's batch was saved
+    monkeypatch.setattr(command, "_encode_batch", real)
+    [shard] = (tmp_path / "e.npz.parts").rglob("*.safetensors")
+    shard.write_bytes(shard.read_bytes()[:100])  # cut short by a power failure
+    damaged, aside = shard.read_bytes(), shard.with_name(shard.name + ".unreadable")
+    kept = f"kept {aside}: a saved batch that could not be read; its files were encoded again, so it may be deleted"
     capsys.readouterr()
-    assert run(tmp_path / "a.wav", "--model", model_path, "--out", out) == 0
-    assert "1-1.safetensors are unreadable" in capsys.readouterr().out
-    assert np.array_equal(read_embeddings(out)["files"][str(tmp_path / "a.wav")]["utterance"], expected)
+    assert run(*options) == 0
+    printed = capsys.readouterr().out
+    assert f"{shard} are unreadable" in printed and "2 files (0 reused from an earlier run)" in printed
+    assert kept in printed and "interrupted run" not in printed
+    assert aside.read_bytes() == damaged and list(aside.parent.iterdir()) == [aside]
+    model = echo.load(model_path)
+    for path in files:
+        assert rel_err(read_embeddings(out)["files"][str(path)]["utterance"], reference(model, path)[0]) < 1e-5
+    assert run(*options) == 0  # still there, and said again
+    printed = capsys.readouterr().out
+    assert kept in printed and "2 files (2 reused from an earlier run)" in printed and aside.exists()
+    aside.unlink()
+    assert run(*options) == 0 and kept not in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "b.wav", "e.npz", "model"]
 
 
 def test_the_half_written_output_of_a_killed_run_is_removed(tmp_path, model_path):
