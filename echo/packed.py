@@ -29,8 +29,17 @@ class Packing:
     @classmethod
     def from_lengths(cls, lengths: torch.Tensor, device=None) -> "Packing":
         """Sequences of these lengths back to back. A length whose sequences are consecutive gets a slice (a
-        view, no copy) in `groups`; order sequences by length to get only slices."""
-        lengths = torch.as_tensor(lengths, dtype=torch.int64).cpu()
+        view, no copy) in `groups`; order sequences by length to get only slices. ValueError for lengths that
+        are not a 1-D tensor of positive integers (a float was cut, a length under 1 gave sequences of no rows or
+        overlapping ones)."""
+        lengths = torch.as_tensor(lengths)
+        if lengths.ndim != 1:
+            raise ValueError(f"Packing lengths must be 1-D (one per sequence), got shape {tuple(lengths.shape)}")
+        if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+            raise ValueError(f"Packing lengths must be integers, got {lengths.dtype}")
+        lengths = lengths.to("cpu", torch.int64)
+        if len(lengths) and (shortest := int(lengths.min())) < 1:
+            raise ValueError(f"Packing lengths must be >= 1, got {shortest}")
         cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int64)
         cu_seqlens[1:] = torch.cumsum(lengths, 0)
         groups: dict[int, slice | torch.Tensor] = {}

@@ -8,8 +8,9 @@ and its training curve.
 Writes OUT/model.safetensors, OUT/model.json, OUT/training.json, OUT/training_curve.png and, from the
 corpus's data list, OUT/DATA_CREDITS.csv (every source, licence and credit of the pretraining audio, with
 its file count and minutes); an OUT/evaluation.json, which measured the model replaced, is removed. They are
-moved over the earlier export's only once all are written: an export that fails midway leaves that one whole. A
-run that has not finished is exported as it stands; training.json says how many steps it got.
+moved over the earlier export's only once all are written: an export that fails midway leaves that one whole (the
+staging folder of one killed outright is removed by the next export). A run that has not finished is exported
+as it stands; training.json says how many steps it got.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -98,6 +100,19 @@ def _write_credits(totals: dict[tuple, list], path: Path) -> None:
         for (source, licence, credit), (files, minutes) in sorted(totals.items())))
 
 
+def _staging(out: Path) -> Path:
+    """A new staging folder in `out`, export-PID-XXXXXXXX.tmp. Those of processes no longer alive (an export
+    killed mid-write) are removed first: nothing else ever would. The process id tells them from a concurrent
+    export's into the same folder, which an age would not (a slow disk can take long to write one), nor a lock
+    (a killed process's lock is as stale as its folder). This process's own id on one is a killed process's:
+    a restarted container gives the same ids again."""
+    for left in out.glob("export-*.tmp"):
+        match = re.fullmatch(r"export-(\d+)-\w+\.tmp", left.name)
+        if match and left.is_dir() and (int(match[1]) == os.getpid() or not atomic.process_alive(int(match[1]))):
+            shutil.rmtree(left, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"export-{os.getpid()}-", suffix=".tmp", dir=out))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="run folder of python -m echo pretrain")
@@ -123,7 +138,7 @@ def main(argv=None) -> int:
         raise SystemExit(str(error)) from None
     # Every file is written into a folder of its own inside --out first, and moved over the old ones only once
     # all are: an error midway leaves the old set whole, never new weights beside the old curve and credits.
-    staging = Path(tempfile.mkdtemp(prefix="export-", suffix=".tmp", dir=args.out))
+    staging = _staging(args.out)
     try:
         echo.save(model, staging / "model.safetensors", dtype=torch.float16)
         last = _plot_curve(curve, staging / "training_curve.png", saved["step"])

@@ -118,3 +118,18 @@ def test_heads_that_are_not_a_positive_count_dividing_the_width_are_refused(head
     message = "D divisible by heads=5" if heads == 5 else f"heads must be a positive count, got {heads}"
     with pytest.raises(ValueError, match=message):
         attention_ops.packed_attention(qkv, packing, heads)
+
+
+@pytest.mark.parametrize("lengths, message", [
+    (torch.tensor([5, 0, 17]), "lengths must be >= 1, got 0"),
+    (torch.tensor([5, -3]), "lengths must be >= 1, got -3"),
+    (torch.tensor([5.7, 17.0]), "lengths must be integers, got torch.float32"),
+    (torch.tensor([True, True]), "lengths must be integers, got torch.bool"),
+    (torch.tensor([[5, 17]]), r"lengths must be 1-D \(one per sequence\), got shape \(1, 2\)"),
+    (torch.tensor(5), r"lengths must be 1-D \(one per sequence\), got shape \(\)"),
+])
+def test_lengths_that_are_no_sequence_lengths_are_refused(lengths, message):
+    """They made a packing silently (5.7 cut to 5; a 0 or negative length a sequence of no rows or one overlapping
+    the next, whose first row is another sequence's), or failed deep inside on the shape (2-D, 0-D)."""
+    with pytest.raises(ValueError, match=f"^Packing {message}"):
+        Packing.from_lengths(lengths)

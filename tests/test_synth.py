@@ -472,3 +472,38 @@ def test_mix_keeps_the_snr_at_any_scale(signal_scale, noise_scale):
         return np.abs(x).max() * np.sqrt(np.mean((x / np.abs(x).max()) ** 2))
 
     assert 20 * np.log10(rms(signal) / rms(mixed - signal)) == pytest.approx(snr, abs=1e-6)
+
+
+def test_gear_sidebands_whose_level_is_0_are_neither_built_nor_drawn_one_by_one(monkeypatch):
+    """0.4^j underflows to 0 past j ~ 810, yet each of a million sidebands (a shaft slow enough to hold them
+    under Nyquist) was built over every sample and drew its phase in a call of its own: 30 s for 1000 samples.
+    Their draws are still made (a seed gives the signal it always gave), skipped over at once."""
+    cosines, draws = [], []
+    default_rng = np.random.default_rng
+
+    class Counting:
+        def __init__(self, seed):
+            self.rng = default_rng(seed)
+
+        def __getattr__(self, name):
+            return getattr(self.rng, name)
+
+        def uniform(self, *args, **kwargs):
+            draws.append(1)
+            return self.rng.uniform(*args, **kwargs)
+
+    class CountingNumpy:
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        def cos(self, x):
+            cosines.append(1)
+            return np.cos(x)
+
+    monkeypatch.setattr(synth, "np", CountingNumpy())
+    monkeypatch.setattr(np.random, "default_rng", Counting)
+    audible = sum(1 for j in range(1, 2000) if 0.4**j)
+    machine = synth.Machine(shaft_hz=1e-4, harmonics=1, gear_teeth=10**6 + 1, sidebands=10**6, noise=0.0)
+    x = synth.machine_signal(machine, 8000, 1000, seed=0)
+    assert np.isfinite(x).all() and np.abs(x).max() > 0
+    assert len(cosines) == audible and len(draws) < audible + 10
