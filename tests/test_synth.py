@@ -28,6 +28,42 @@ def envelope_spectrum(x, rate, low, high):
     return amplitude_spectrum(envelope - envelope.mean(), rate)
 
 
+def count_numpy_calls(monkeypatch, function: str) -> list:
+    """A list that grows by one at each call of numpy's `function` from synth."""
+    calls = []
+
+    class CountingNumpy:
+        def __getattr__(self, name):
+            if name != function:
+                return getattr(np, name)
+            return lambda *args, **kwargs: calls.append(1) or getattr(np, name)(*args, **kwargs)
+
+    monkeypatch.setattr(synth, "np", CountingNumpy())
+    return calls
+
+
+def count_uniform_draws(monkeypatch, limit: int | None = None) -> list:
+    """A list that grows by one at each `uniform` draw of the generators synth makes (the phases), failing past
+    `limit` draws."""
+    draws = []
+    default_rng = np.random.default_rng
+
+    class Counting:
+        def __init__(self, seed):
+            self.rng = default_rng(seed)
+
+        def __getattr__(self, name):
+            return getattr(self.rng, name)
+
+        def uniform(self, *args, **kwargs):
+            draws.append(1)
+            assert limit is None or len(draws) < limit, "a phase drawn per order"
+            return self.rng.uniform(*args, **kwargs)
+
+    monkeypatch.setattr(np.random, "default_rng", Counting)
+    return draws
+
+
 def test_defect_frequencies_match_the_published_6205_values():
     shaft = float(np.random.uniform(5, 60))
     got = synth.Bearing().defect_frequencies(shaft)
@@ -184,17 +220,7 @@ def test_harmonics_beyond_nyquist_cost_nothing():
 def test_a_slow_shaft_builds_only_the_orders_its_decay_leaves_above_zero(monkeypatch):
     """At 2 Hz and 48 kHz, 12000 orders lie below Nyquist, but 0.6^k underflows to 0 by k ~ 1460: each order
     was still built (a sine over every sample, 12 s for one second of signal at 1 Hz)."""
-    sines = []
-
-    class CountingNumpy:
-        def __getattr__(self, name):
-            return getattr(np, name)
-
-        def sin(self, x):
-            sines.append(1)
-            return np.sin(x)
-
-    monkeypatch.setattr(synth, "np", CountingNumpy())
+    sines = count_numpy_calls(monkeypatch, "sin")
     machine = synth.Machine(shaft_hz=2.0, harmonics=10**5, harmonic_decay=0.6, noise=0.0, speed_variation=0.0)
     x = synth.machine_signal(machine, 48000, 48000, seed=3)
     assert len(sines) < 1600
@@ -436,22 +462,7 @@ def test_misalignment_adds_its_2x_and_3x_whatever_the_harmonic_count():
 def test_a_very_slow_shaft_draws_no_phase_one_by_one_for_orders_it_does_not_build(monkeypatch):
     """At 0.05 Hz and 8 kHz, 80 000 orders lie below Nyquist, and each drew its phase in a call of its own (and
     held an amplitude), though 0.6^k is 0 past ~1460 orders: a minute for a 0.0001 Hz shaft, 8 GB at 1e-9 Hz."""
-    draws = []
-    default_rng = np.random.default_rng
-
-    class Counting:
-        def __init__(self, seed):
-            self.rng = default_rng(seed)
-
-        def __getattr__(self, name):
-            return getattr(self.rng, name)
-
-        def uniform(self, *args, **kwargs):
-            draws.append(1)
-            assert len(draws) < 100, "a phase drawn per order"
-            return self.rng.uniform(*args, **kwargs)
-
-    monkeypatch.setattr(synth.np.random, "default_rng", Counting)
+    count_uniform_draws(monkeypatch, limit=100)  # fails at once, not after a minute or 8 GB
     for shaft in (0.05, 1e-9):
         machine = synth.Machine(shaft_hz=shaft, harmonics=10**9, imbalance=1.0, noise=0.0)
         x = synth.machine_signal(machine, 8000, 8000, seed=3)
@@ -478,30 +489,7 @@ def test_gear_sidebands_whose_level_is_0_are_neither_built_nor_drawn_one_by_one(
     """0.4^j underflows to 0 past j ~ 810, yet each of a million sidebands (a shaft slow enough to hold them
     under Nyquist) was built over every sample and drew its phase in a call of its own: 30 s for 1000 samples.
     Their draws are still made (a seed gives the signal it always gave), skipped over at once."""
-    cosines, draws = [], []
-    default_rng = np.random.default_rng
-
-    class Counting:
-        def __init__(self, seed):
-            self.rng = default_rng(seed)
-
-        def __getattr__(self, name):
-            return getattr(self.rng, name)
-
-        def uniform(self, *args, **kwargs):
-            draws.append(1)
-            return self.rng.uniform(*args, **kwargs)
-
-    class CountingNumpy:
-        def __getattr__(self, name):
-            return getattr(np, name)
-
-        def cos(self, x):
-            cosines.append(1)
-            return np.cos(x)
-
-    monkeypatch.setattr(synth, "np", CountingNumpy())
-    monkeypatch.setattr(np.random, "default_rng", Counting)
+    cosines, draws = count_numpy_calls(monkeypatch, "cos"), count_uniform_draws(monkeypatch)
     audible = sum(1 for j in range(1, 2000) if 0.4**j)
     machine = synth.Machine(shaft_hz=1e-4, harmonics=1, gear_teeth=10**6 + 1, sidebands=10**6, noise=0.0)
     x = synth.machine_signal(machine, 8000, 1000, seed=0)
