@@ -152,23 +152,29 @@ def test_export_removes_the_evaluation_of_the_model_it_replaces(stopped_run, tmp
     assert "evaluation.json" in capsys.readouterr().out  # said, not silent
 
 
-def test_an_export_failing_midway_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
-    """A write failing after the weights and the curve are written (the credits') replaces none of the earlier
-    export's files, not its evaluation either, and leaves no temporary in --out."""
+def fake_run_to_export(tmp_path, monkeypatch, export_default, out: Path) -> list[str]:
+    """export_default's arguments for a run of 4 steps whose encoder (a tiny random model, other weights at each
+    export) is made up, with a one-file data list."""
     from echo.pretrain.trainer import PretrainConfig
 
-    export_default = import_script("export_default")
     run = tmp_path / "run"
     run.mkdir()
     (run / "steps.csv").write_text("step,loss,frame_loss,utterance_loss,lr\n2,1.0,0.6,0.4,1e-4\n4,0.8,0.5,0.3,1e-4\n")
     config = PretrainConfig(data="unused", out=str(run), dim=32, depth=1, heads=2, steps=4).to_dict()
     monkeypatch.setattr(export_default, "run_encoder", lambda run, step=None: (
-        random_model(dim=32, depth=1, heads=2), {"step": 4, "config": config}))  # other weights at each export
+        random_model(dim=32, depth=1, heads=2), {"step": 4, "config": config}))
     datalist = tmp_path / "datalist.csv"
     datalist.write_text("path,split,source,original,sample_rate,seconds,channels,label,licence,credit\n"
                         "a.wav,pretrain,pkg,a.wav,8000,30,1,,CC0,Someone\n")
+    return [str(run), "--out", str(out), "--datalist", str(datalist)]
+
+
+def test_an_export_failing_midway_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    """A write failing after the weights and the curve are written (the credits') replaces none of the earlier
+    export's files, not its evaluation either, and leaves no temporary in --out."""
+    export_default = import_script("export_default")
     out = tmp_path / "bundle"
-    options = [str(run), "--out", str(out), "--datalist", str(datalist)]
+    options = fake_run_to_export(tmp_path, monkeypatch, export_default, out)
     assert export_default.main(options) == 0
     (out / "evaluation.json").write_text('{"trained (default)": {"demo AUC": 0.9}}\n')
     earlier = {path.name: path.read_bytes() for path in out.iterdir()}

@@ -10,7 +10,7 @@ import pytest
 
 from echo import demo
 from echo.data import debian
-from test_default_model import import_script
+from test_default_model import fake_run_to_export, import_script
 
 REPO = Path(__file__).resolve().parents[1]
 build_corpus = import_script("build_corpus")
@@ -544,26 +544,15 @@ def test_train_seeds_refuses_repeated_or_malformed_seeds_before_building_anythin
 def test_an_export_removes_the_staging_folders_of_killed_exports_and_keeps_a_running_ones(tmp_path, monkeypatch):
     """An export killed mid-write (kill -9, out of memory) left its export-*.tmp folder, a model's worth, in
     --out for good. One of a live process is another export's, into the same folder: it is left alone."""
-    from conftest import random_model
-    from echo.pretrain.trainer import PretrainConfig
-
     export_default = import_script("export_default")
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "steps.csv").write_text("step,loss,frame_loss,utterance_loss,lr\n4,0.8,0.5,0.3,1e-4\n")
-    config = PretrainConfig(data="unused", out=str(run), dim=32, depth=1, heads=2, steps=4).to_dict()
-    monkeypatch.setattr(export_default, "run_encoder", lambda run, step=None: (
-        random_model(dim=32, depth=1, heads=2), {"step": 4, "config": config}))
-    datalist = tmp_path / "datalist.csv"
-    datalist.write_text("path,split,source,original,sample_rate,seconds,channels,label,licence,credit\n"
-                        "a.wav,pretrain,pkg,a.wav,8000,30,1,,CC0,Someone\n")
     out = tmp_path / "bundle"
+    options = fake_run_to_export(tmp_path, monkeypatch, export_default, out)
     # a dead process's; this process's own id on one is a killed one's (a restarted container gives it again)
     killed = [out / "export-999999999-k1ll3d_x.tmp", out / f"export-{os.getpid()}-restart.tmp"]
     running = out / f"export-{os.getppid()}-running.tmp"
     for staging in (*killed, running):
         staging.mkdir(parents=True)
         (staging / "model.safetensors").write_bytes(b"half written")
-    assert export_default.main([str(run), "--out", str(out), "--datalist", str(datalist)]) == 0
+    assert export_default.main(options) == 0
     assert sorted(path.name for path in out.iterdir()) == sorted([*export_default.BUNDLE, running.name])
     assert (running / "model.safetensors").read_bytes() == b"half written"
