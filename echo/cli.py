@@ -10,6 +10,7 @@ import contextlib
 import importlib
 import os
 import sys
+import traceback
 from pathlib import Path
 
 
@@ -74,12 +75,12 @@ def main(argv=None, prog: str = "echo-fm") -> int:
         if sys.stdout is not None:  # here, not only below: a full disk under `> file` is an error like any other
             sys.stdout.flush()
         return status
-    except ValueError as error:
-        print(f"error: {worker_message(error)}", file=sys.stderr)
-        return 2
-    except OSError as error:  # the machine's, not echo's: a full disk, a permission, a vanished folder
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    except WorkKept as kept:  # the error that stopped the command, then what it kept
+        status = _report(kept.__cause__)
+        print(kept, file=sys.stderr)
+        return status
+    except (ValueError, OSError) as error:
+        return _report(error)
     except KeyboardInterrupt as interrupt:  # a command that kept work says what, in the interrupt's message
         print(f"interrupted: {interrupt}" if interrupt.args else "interrupted", file=sys.stderr)
         return 130
@@ -88,6 +89,24 @@ def main(argv=None, prog: str = "echo-fm") -> int:
             with contextlib.suppress(OSError):  # a command that failed has said so; this one would hide it
                 sys.stdout.flush()
         sys.stdout = stdout
+
+
+class WorkKept(Exception):
+    """Raised by a command, `from` the error that stopped it, when it had kept finished work: its message says
+    what and how to resume, and follows the error's own, however that is said."""
+
+
+def _report(error: BaseException) -> int:
+    """Say `error` on stderr; the exit status. A ValueError is bad usage (2), an OSError the machine's, not echo's:
+    a full disk, a permission, a vanished folder (1); anything else no one foresaw, a bug: its traceback (1)."""
+    if isinstance(error, ValueError):
+        print(f"error: {worker_message(error)}", file=sys.stderr)
+        return 2
+    if isinstance(error, OSError):
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    traceback.print_exception(error)
+    return 1
 
 
 class ReaderStdout:

@@ -3,15 +3,15 @@
 Files (WAV/FLAC/OGG/AIFF, any rate, any channel count: channels are encoded on their own and concatenated) or
 folders (searched recursively, through links to folders) are read and encoded in batches through
 `echo.fast.encode`; with no PATH the bundled samples are encoded. A file that cannot be read or encoded is
-reported with the reason and left out.
+reported with the reason and left out; an encoder failing alike on a batch and on each of its files stops the run.
 
 Every finished batch is saved at once in `OUT.parts/` (one shard per batch, written atomically), so an
 interrupted run loses at most one batch; the output is written atomically at the end, and a re-run skips
 every file already encoded by the same model in the same dtype, in the old output or in the shards (a run
 over other files, in another dtype or with another model leaves those shards, and one without --frames their
 frames, for the interrupted run to resume; a shard that cannot be read is set aside as `*.unreadable` and kept,
-named at the end of every run until it is deleted). Under `torchrun --nproc-per-node N -m echo encode ...` rank r
-encodes files r, r + N, ... and rank 0 merges.
+named at the end of every run until it is deleted, as are shards whose files are all gone). Under
+`torchrun --nproc-per-node N -m echo encode ...` rank r encodes files r, r + N, ... and rank 0 merges.
 
 Output: `.npz` with `paths`, `keys`, `sample_rates`, `channels`, `model` and one array per file,
 `utterance/{i}` (and `frames/{i}` with --frames), since embedding sizes differ between rates; or, for an
@@ -32,11 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from . import atomic, fast, folders, host_memory, inputs
-from .cli import user_path
+from .cli import WorkKept, user_path
 from .data import AUDIO_SUFFIXES
 from .data.bundled import SAMPLES_DIR
 from .data.wav import read_wav
@@ -243,13 +243,20 @@ def _remove_written_shards(cache: EmbeddingCache, written: dict[str, str], frame
         cache.folder.rmdir()
 
 
-def _useless(shard: Path, written: dict[str, str], frames: bool) -> bool:
-    """Whether an output of the files of `written` ({real path: key}, with their frames if `frames`) holds all
-    that `shard` holds, or in place of a file's old content its new one, which no run can use again."""
+def _recorded(shard: Path) -> tuple[list[str], dict[str, str]]:
+    """The names of `shard`'s entries, and {key: real path} of the files whose paths it records (older shards
+    record none)."""
     with safe_open(str(shard), "numpy") as handle:  # the names from the header, and the small path entries
         names = list(handle.keys())
         paths = {name.removesuffix(PATH): os.fsdecode(handle.get_tensor(name).tobytes())
                  for name in names if name.endswith(PATH)}
+    return names, paths
+
+
+def _useless(shard: Path, written: dict[str, str], frames: bool) -> bool:
+    """Whether an output of the files of `written` ({real path: key}, with their frames if `frames`) holds all
+    that `shard` holds, or in place of a file's old content its new one, which no run can use again."""
+    names, paths = _recorded(shard)
     keys = set(written.values())
 
     def useless(name: str) -> bool:
@@ -259,6 +266,16 @@ def _useless(shard: Path, written: dict[str, str], frames: bool) -> bool:
         return changed or key in keys and (frames or not name.endswith(FRAMES))
 
     return all(useless(name) for name in names)
+
+
+def _of_gone_files(shard: Path) -> bool:
+    """Whether every file `shard` holds is gone from where it was encoded (moved, renamed or deleted): no run can
+    use it unless they come back. Not so for one that cannot be read or does not record its files' paths."""
+    try:
+        names, paths = _recorded(shard)
+    except (SafetensorError, OSError):
+        return False
+    return {name.partition("/")[0] for name in names} == set(paths) and not any(map(os.path.exists, paths.values()))
 
 
 def _check_out(out: Path) -> None:
@@ -380,6 +397,12 @@ def _encode_files(args, rank: int, world: int) -> int:
     failures, start, seconds = [], time.perf_counter(), 0.0
     bar = tqdm(total=len(mine), desc=f"encoding (rank {rank})" if world > 1 else "encoding", unit="file",
                disable=args.quiet or rank != 0)
+
+    def kept() -> str:
+        saved = sum(_held(keys[path], cache.entries, args.frames) for path in mine)
+        return f"{saved} files encoded are kept in {parts}; the same command resumes with the {len(mine) - saved} " \
+               f"left" if saved else ""
+
     try:
         with ThreadPoolExecutor(READ_WORKERS) as pool:
             for first in range(0, len(mine), args.batch_files):
@@ -406,12 +429,13 @@ def _encode_files(args, rank: int, world: int) -> int:
                 cache.add(fresh)
                 bar.update(len(batch))
     except KeyboardInterrupt:  # every finished batch is in its shard already: the command line says what is kept
+        raise KeyboardInterrupt(kept() or NOTHING_KEPT) from None
+    except Exception as error:  # a long run's unforeseen end (a MemoryError, a failing GPU) keeps its batches too
+        if said := kept():
+            raise WorkKept(said) from error
+        raise
+    finally:
         bar.close()
-        saved = sum(_held(keys[path], cache.entries, args.frames) for path in mine)
-        raise KeyboardInterrupt(
-            f"{saved} files encoded are kept in {parts}; the same command resumes with the {len(mine) - saved} left"
-            if saved else NOTHING_KEPT) from None
-    bar.close()
     elapsed = time.perf_counter() - start
     for path, reason in (unusable if rank == 0 else []) + failures:
         print(f"skipped {shown(path)}: {reason}")
@@ -450,7 +474,11 @@ def _encode_files(args, rank: int, world: int) -> int:
     _remove_written_shards(cache, written, args.frames)
     with contextlib.suppress(OSError):  # gone, or left holding what is said below
         parts.rmdir()
-    if any(parts.rglob("*.safetensors")):  # the finished work of an interrupted run that this output does not hold
+    left = sorted(parts.rglob("*.safetensors"))  # the finished work of an interrupted run this output does not hold
+    if left and all(map(_of_gone_files, left)):  # kept: a disk not mounted now, say, brings its files back
+        print(f"kept {parts}: the saved batches of an interrupted run whose files are gone (moved, renamed or "
+              f"deleted since); no run can use them unless those files come back, so it may be deleted")
+    elif left:
         print(f"kept {parts}: the saved batches of an interrupted run over other files, with --frames, with "
               f"another model or another dtype, which {args.out} does not hold; that run's command resumes from "
               f"them")

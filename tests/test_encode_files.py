@@ -246,6 +246,117 @@ def test_a_file_changed_since_an_interrupted_run_is_encoded_again_and_its_old_ba
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "b.wav", "c.wav", "e.npz", "model"]
 
 
+def test_the_saved_batches_of_files_gone_since_an_interrupted_run_are_said_to_be_of_no_use_till_they_return(
+        tmp_path, model_path, capsys, monkeypatch):
+    """A file renamed or deleted after an interrupted run saved it left its shard for good, called at every run's
+    end "the saved batches of an interrupted run ... that run's command resumes from them", which no run could."""
+    import echo.encode_files as command
+
+    folder, parts = tmp_path / "data", tmp_path / "e.npz.parts"
+    folder.mkdir()
+    for name in ("a.wav", "b.wav", "c.wav"):
+        soundfile.write(str(folder / name), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    options = (folder, "--model", model_path, "--out", tmp_path / "e.npz", "--batch-files", "1")
+    real = interrupt_at_batch(monkeypatch)
+    assert run(*options) == 130  # a.wav's batch was saved
+    monkeypatch.setattr(command, "_encode_batch", real)
+    (folder / "a.wav").rename(folder / "z.wav")
+    capsys.readouterr()
+    assert run(*options) == 0
+    printed = capsys.readouterr().out
+    assert "3 files (0 reused from an earlier run)" in printed and "resumes" not in printed
+    assert f"kept {parts}: the saved batches of an interrupted run whose files are gone (moved, renamed or deleted " \
+           f"since); no run can use them unless those files come back, so it may be deleted" in printed
+    (folder / "z.wav").rename(folder / "a.wav")  # back where it was encoded: its saved batch serves again
+    assert run(*options) == 0
+    printed = capsys.readouterr().out
+    assert "3 files (3 reused from an earlier run)" in printed and "kept" not in printed and not parts.exists()
+
+
+def test_a_batch_saved_before_a_ctrl_c_in_its_folders_flush_is_counted_as_kept(tmp_path, model_path, capsys,
+                                                                             monkeypatch):
+    """Ctrl-C after a shard was renamed into place, while its folder was flushed, said "nothing was kept", though
+    the batch was on disk and the rerun reused it."""
+    from echo import atomic
+
+    files = [tmp_path / name for name in ("a.wav", "b.wav", "c.wav")]
+    for path in files:
+        soundfile.write(str(path), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    real = atomic._flush
+
+    def interrupted_at_a_folder(path, *mode):
+        if Path(path).is_dir():
+            raise KeyboardInterrupt
+        return real(path, *mode)
+
+    monkeypatch.setattr(atomic, "_flush", interrupted_at_a_folder)
+    options = (*files, "--model", model_path, "--out", tmp_path / "e.npz", "--batch-files", "1")
+    assert run(*options) == 130
+    assert capsys.readouterr().err == (f"interrupted: 1 files encoded are kept in {tmp_path / 'e.npz.parts'}; the "
+                                       f"same command resumes with the 2 left\n")
+    monkeypatch.setattr(atomic, "_flush", real)
+    assert run(*options) == 0
+    assert "3 files (1 reused from an earlier run)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("error, status, said", [
+    (MemoryError(), 1, "\nMemoryError\n"),  # a traceback: no one foresaw it
+    (ValueError("a.flac needs the package 'soundfile'"), 2, "error: a.flac needs the package 'soundfile'\n")])
+def test_an_error_that_stops_a_run_is_followed_by_what_was_kept_and_how_to_resume(tmp_path, model_path, capsys,
+                                                                                  monkeypatch, error, status, said):
+    """A run that died of an error other than Ctrl-C (MemoryError, a RuntimeError out of torch, a package missing
+    for a later batch's files) said nothing of the batches it had saved, nor that the same command resumes."""
+    import echo.encode_files as command
+
+    files = [tmp_path / name for name in ("a.wav", "b.wav", "c.wav")]
+    for path in files:
+        soundfile.write(str(path), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    real, calls = command._encode_batch, []
+
+    def fails_at_the_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise error
+        return real(*args)
+
+    monkeypatch.setattr(command, "_encode_batch", fails_at_the_second)
+    assert run(*files, "--model", model_path, "--out", tmp_path / "e.npz", "--batch-files", "1") == status
+    printed = capsys.readouterr().err
+    assert said in printed and printed.endswith(
+        f"{said}1 files encoded are kept in {tmp_path / 'e.npz.parts'}; the same command resumes with the 2 left\n")
+
+
+def test_a_device_failing_on_every_file_stops_the_run_and_keeps_its_work(tmp_path, model_path, capsys, monkeypatch):
+    """A GPU in a sticky error state ("CUDA error: ..." at every call) had every file after it retried alone and
+    skipped: the run ended with status 0 and an output missing them all."""
+    import echo.encode_files as command
+
+    files = [tmp_path / name for name in ("a.wav", "b.wav", "c.wav", "d.wav")]
+    for path in files:
+        soundfile.write(str(path), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    real, calls = command._encode, []
+
+    def broken_after_the_first_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(command, "_encode", broken_after_the_first_batch)
+    out = tmp_path / "e.npz"
+    options = (*files, "--model", model_path, "--out", out, "--batch-files", "2")
+    assert run(*options) == 1
+    assert capsys.readouterr().err == (
+        "error: the encoder failed on a batch of 2 signals and on each of them alone, with the same error, so the "
+        "device or the model fails, not the signals: RuntimeError: CUDA error: an illegal memory access was "
+        f"encountered\n2 files encoded are kept in {tmp_path / 'e.npz.parts'}; the same command resumes with the 2 "
+        f"left\n")
+    assert len(calls) == 4 and not out.exists()  # the first batch; the second, then each of its files
+    monkeypatch.setattr(command, "_encode", real)
+    assert run(*options) == 0
+    assert "4 files (2 reused from an earlier run), 0 skipped" in capsys.readouterr().out
+
+
 def test_an_interrupted_frames_run_does_not_count_utterances_saved_without_frames_as_kept(tmp_path, model_path,
                                                                                          capsys, monkeypatch):
     """An earlier run's shard of a.wav's utterance alone was counted as this --frames run's kept work: "1 files
@@ -734,9 +845,10 @@ def test_a_full_disk_while_a_batch_is_saved_is_one_line_and_the_saved_batches_re
     monkeypatch.setattr(embed, "save_file", fills_up)
     options = ("--model", model_path, "--out", out, "--batch-files", "1")
     assert run(*files, *options) == 1
-    error = capsys.readouterr().err
-    assert error.startswith(f"error: {tmp_path / 'e.npz.parts'}") and "No space left on device" in error
-    assert error.count("\n") == 1 and not out.exists()
+    error, parts = capsys.readouterr().err, tmp_path / "e.npz.parts"
+    assert error.startswith(f"error: {parts}") and "No space left on device" in error and not out.exists()
+    assert error.endswith(f"kept\n1 files encoded are kept in {parts}; the same command resumes with the 1 left\n")
+    assert error.count("\n") == 2
     monkeypatch.setattr(embed, "save_file", real)
     assert run(*files, *options) == 0
     assert "2 files (1 reused from an earlier run)" in capsys.readouterr().out

@@ -4,6 +4,7 @@ import functools
 import hashlib
 import os
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -128,8 +129,23 @@ def test_a_pipe_or_a_looping_link_is_reported_not_waited_on(tmp_path, model):
     finally:
         release.cancel()
     assert [v is None for v in result.vectors] == [True, True, False]
-    assert result.failures == [(pipe, "ValueError: not a regular file"),
-                               (loop, f"OSError: [Errno {errno.ELOOP}] {os.strerror(errno.ELOOP)}: {str(loop)!r}")]
+    assert result.failures == [(pipe, "ValueError: not a regular file"), (loop, f"OSError: {os.strerror(errno.ELOOP)}")]
+
+
+def test_the_reason_a_file_cannot_be_used_does_not_repeat_its_path(tmp_path):
+    """"skipped P: FileNotFoundError: [Errno 2] No such file or directory: 'P'" named the file twice; a reader's
+    error about another file still names that one."""
+    gone = tmp_path / "gone.wav"
+    missing = f"FileNotFoundError: {os.strerror(errno.ENOENT)}"
+    assert embed.key_checked(gone) == (None, missing)
+    assert embed.read_checked(read_audio, gone) == missing
+    present = write(tmp_path / "a.wav", np.zeros(800, np.float32), 16000)
+
+    def needs_a_sidecar(path):
+        return open(path.with_suffix(".json"))
+
+    assert embed.read_checked(needs_a_sidecar, present) == \
+        f"FileNotFoundError: [Errno {errno.ENOENT}] {os.strerror(errno.ENOENT)}: {str(present.with_suffix('.json'))!r}"
 
 
 def test_bad_files_are_reported_and_skipped(tmp_path, model):
@@ -163,6 +179,52 @@ def test_a_failed_batch_is_encoded_signal_by_signal_and_a_backend_error_stops_th
         raise RuntimeError("batch") if len(signals) > 1 else BackendError("ECHO_BACKEND_ATTENTION=bogus")
     with pytest.raises(BackendError, match="bogus"):
         embed.encode_isolating_failures(setting_at_retry, ["a", "b"], [1, 1])
+
+
+def test_an_encoder_failing_alike_on_a_batch_and_on_each_of_its_signals_stops_the_job():
+    """A GPU in a sticky error state raises "CUDA error: ..." at every call: each signal of every batch was then
+    retried alone, reported "encode failed" and left out, and the job ended well, its output missing them all."""
+    calls = []
+
+    def broken(signals, rates):
+        calls.append(len(signals))
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with pytest.raises(embed.EncoderFailure, match=r"^the encoder failed on a batch of 3 signals and on each of "
+                       r"them alone, with the same error, so the device or the model fails, not the signals: "
+                       r"RuntimeError: CUDA error: an illegal memory access was encountered$"):
+        embed.encode_isolating_failures(broken, ["a", "b", "c"], [1, 1, 1])
+    assert calls == [3, 1, 1, 1]
+    # one signal alone, or signals failing each their own way, are the signals' fault
+    assert embed.encode_isolating_failures(broken, ["a"], [1]) == [
+        "encode failed: CUDA error: an illegal memory access was encountered"]
+
+    def each_its_own(signals, rates):
+        raise ValueError(f"bad {'+'.join(signals)}")
+
+    assert embed.encode_isolating_failures(each_its_own, ["a", "b"], [1, 1]) == [
+        "encode failed: bad a", "encode failed: bad b"]
+
+
+def test_a_failed_batch_holds_no_memory_while_its_signals_are_retried():
+    """The retries ran inside the batch's `except` clause, whose traceback kept the failed call's locals (a GPU
+    batch's intermediate tensors after an out-of-memory error) alive: the retries then ran out of memory too."""
+
+    class Intermediate:
+        pass
+
+    held, alive = [], []
+
+    def encode(signals, rates):
+        if len(signals) > 1:
+            intermediate = Intermediate()
+            held.append(weakref.ref(intermediate))
+            raise RuntimeError("out of memory")
+        alive.append(held[0]() is not None)
+        return signals
+
+    assert embed.encode_isolating_failures(encode, ["a", "b"], [1, 1]) == ["a", "b"]
+    assert alive == [False, False]
 
 
 def test_an_embedding_with_nan_is_a_failure_of_its_file_and_not_cached(tmp_path, model, monkeypatch):
@@ -213,6 +275,28 @@ def test_interrupted_run_resumes(tmp_path, model, monkeypatch):
     assert not list((tmp_path / "cache").rglob("*.tmp"))
     resumed = embed.embed_files(model, files, read_audio, tmp_path / "cache", "key", batch_files=2, progress=False)
     assert resumed.cached == 2 and resumed.encoded == 2
+
+
+def test_a_damaged_shard_is_reported_once_by_the_process_that_sets_it_aside(tmp_path, monkeypatch, capsys):
+    """Every torchrun rank that read the damaged shard before one set it aside printed the same note."""
+    cache = embed.EmbeddingCache(tmp_path, "key")
+    cache.add({"a": np.zeros(4, np.float32)})
+    [shard] = cache.folder.glob("*.safetensors")
+    shard.write_bytes(shard.read_bytes()[:20])
+    real, ranks = embed.load_file, []
+
+    def another_rank_reads_it_meanwhile(name):  # after this one did, before this one set it aside
+        try:
+            return real(name)
+        finally:
+            if not ranks:
+                ranks.append(None)
+                ranks[0] = embed.EmbeddingCache(tmp_path, "key")
+
+    monkeypatch.setattr(embed, "load_file", another_rank_reads_it_meanwhile)
+    assert embed.EmbeddingCache(tmp_path, "key").entries == {} and ranks[0].entries == {}
+    assert capsys.readouterr().out.count(f"{shard} are unreadable") == 1
+    assert [p.name for p in cache.folder.iterdir()] == [shard.name + ".unreadable"]
 
 
 def test_model_hash_changes_with_weights():

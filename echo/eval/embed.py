@@ -79,12 +79,12 @@ class EmbeddingCache:
                 self.entries.update(load_file(str(shard)))
             except Exception as error:  # a damaged shard only costs its files an encode again
                 aside = shard.with_name(shard.name + ".unreadable")
-                print(f"note: cached embeddings {shard} are unreadable ({type(error).__name__}: {error}); "
-                      f"their files are encoded again; the shard is kept as {aside.name}")
                 try:
                     shard.replace(aside)
-                except FileNotFoundError:  # another rank set it aside first
-                    pass
+                except FileNotFoundError:  # another rank set it aside first, and said so
+                    continue
+                print(f"note: cached embeddings {shard} are unreadable ({type(error).__name__}: {error}); "
+                      f"their files are encoded again; the shard is kept as {aside.name}")
 
     @staticmethod
     def key(path: Path) -> str:
@@ -116,7 +116,9 @@ class EmbeddingCache:
         except SafetensorError as error:  # a full disk, raised as safetensors' own error: a traceback, not OSError
             raise OSError(f"{self.folder}: a batch of embeddings could not be saved ({error}); the batches saved "
                           f"before it are kept") from None
-        self.entries.update(entries)
+        finally:  # also after a Ctrl-C in the folder's flush, once renamed: a rerun reuses the shard, so it is kept
+            if shard.is_file():
+                self.entries.update(entries)
 
 
 @dataclass
@@ -129,12 +131,20 @@ class Embedded:
     encode_seconds: float = 0.0
 
 
+def _failure(error: Exception, path=None) -> str:
+    """"Type: message"; an OSError about `path` itself without the path, which the line naming the file shows."""
+    if isinstance(error, OSError) and error.strerror and error.filename is not None and error.filename2 is None \
+            and path is not None and error.filename == os.fspath(path):
+        return f"{type(error).__name__}: {error.strerror}"
+    return f"{type(error).__name__}: {error}"
+
+
 def key_checked(path: Path) -> tuple[str | None, str]:
     """(EmbeddingCache.key, "") or (None, the reason the file cannot be used)."""
     try:
         return EmbeddingCache.key(path), ""
     except (OSError, ValueError) as error:
-        return None, f"{type(error).__name__}: {error}"
+        return None, _failure(error, path)
 
 
 def read_checked(read: Callable, path: Path):
@@ -147,7 +157,7 @@ def read_checked(read: Callable, path: Path):
     except ImportError:  # a missing optional package is not a bad file
         raise
     except Exception as error:  # any reader failure (corrupt file, wrong format) is reported, not raised
-        return f"{type(error).__name__}: {error}"
+        return _failure(error, path)
 
 
 def _encode(model, signals: list, rates: list, device, dtype) -> list:
@@ -156,24 +166,43 @@ def _encode(model, signals: list, rates: list, device, dtype) -> list:
     return [u.float().cpu().numpy() for u in fast.encode(model, signals, rates, dtype=dtype, device=device)]
 
 
+class EncoderFailure(OSError):
+    """The encoder fails alike whatever it is given (a GPU in a sticky error state raises "CUDA error: ..." at every
+    call): no signal's fault, so the job stops rather than skip every signal left. An OSError, the machine's: the
+    command line says it in a line, with what was kept."""
+
+
 def encode_isolating_failures(encode: Callable, signals: list, rates: list) -> list:
     """`encode(signals, rates)`, one output (an array, or a dict of arrays) per signal; when the batch fails on
     its input, signal by signal, so that only the bad ones fail: their places hold "encode failed: REASON", as do
     outputs holding NaN or Inf (float16 overflows), which must never be saved or searched. A BackendError (a
-    setting, not a signal) stops the job."""
+    setting, not a signal) stops the job, and so does EncoderFailure: a batch and each of its signals alone failing
+    with the same error."""
     try:
-        results = encode(signals, rates)
+        return _finite_or_failed(encode(signals, rates))
     except BackendError:
         raise
-    except (ValueError, RuntimeError):
-        results = []
-        for signal, rate in zip(signals, rates):
-            try:
-                results += encode([signal], [rate])
-            except BackendError:
-                raise
-            except (ValueError, RuntimeError) as error:
-                results.append(f"encode failed: {error}")
+    except (ValueError, RuntimeError) as error:
+        batch_failure = _failure(error)
+    # retried here, past the except clause: its traceback held the failed call's tensors (a GPU batch's, out of
+    # memory) for the duration of the retries
+    results, failures = [], []
+    for signal, rate in zip(signals, rates):
+        try:
+            results += encode([signal], [rate])
+        except BackendError:
+            raise
+        except (ValueError, RuntimeError) as error:
+            results.append(f"encode failed: {error}")
+            failures.append(_failure(error))
+    if len(signals) > 1 and failures == [batch_failure] * len(signals):
+        raise EncoderFailure(f"the encoder failed on a batch of {len(signals)} signals and on each of them alone, "
+                             f"with the same error, so the device or the model fails, not the signals: "
+                             f"{batch_failure}")
+    return _finite_or_failed(results)
+
+
+def _finite_or_failed(results: list) -> list:
     return [result if isinstance(result, str) or _finite(result) else
             "encode failed: the embedding holds NaN or infinite values" for result in results]
 
