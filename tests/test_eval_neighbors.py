@@ -195,12 +195,30 @@ def with_duplicates(rng, rows: int, dim: int, dtype) -> tuple[np.ndarray, list[l
     return bank, [group for group in groups if len(group) > 1]
 
 
+def exact_distances(queries, bank, metric):
+    """Distances without cancellation, in extended precision (numpy's plain loops, not BLAS: equal rows give
+    equal distances): from the rows' differences d = b - q, and for cosine by Lagrange's identity
+    |q|^2 |b|^2 - (q.b)^2 = |q|^2 |d|^2 - (q.d)^2."""
+    bank = bank.astype(np.longdouble)
+    rows = []
+    for q in queries.astype(np.longdouble):
+        d = bank - q
+        if metric == "euclidean":
+            rows.append(np.sqrt((d * d).sum(1)))
+        else:
+            norms = np.sqrt(q @ q * (bank * bank).sum(1))
+            rows.append((q @ q * (d * d).sum(1) - (d @ q) ** 2) / (norms * (norms + bank @ q)))
+    return np.array(rows, dtype=np.float64)
+
+
 @pytest.mark.parametrize("backend", ["torch", "faiss"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("dim", [3, 64, 768])
-def test_cosine_of_equal_rows_is_exactly_zero_and_never_negative(backend, dtype, dim, monkeypatch):
-    """1 - q.b of equal unit rows rounded to about +-1e-16 (+-1e-7 in float32): a duplicate of a bank clip
-    scored below 0 or above another duplicate, in either search, with or without the own row excluded."""
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_equal_rows_are_exactly_zero_and_never_negative(metric, backend, dtype, dim, monkeypatch):
+    """1 - q.b of equal unit rows rounded to about +-1e-16 (+-1e-7 in float32), and |q|^2 + |b|^2 - 2 q.b to
+    about 1e-12 (1e-3 in float32; 0.02 after the square root): a duplicate of a bank clip scored below 0 or
+    above another duplicate, in either search, with or without the own row excluded."""
     if backend == "faiss":
         pytest.importorskip("faiss")
     monkeypatch.setattr(neighbors, "BANK_CHUNK_ROWS", 16)  # duplicates fall in different bank chunks
@@ -208,10 +226,10 @@ def test_cosine_of_equal_rows_is_exactly_zero_and_never_negative(backend, dtype,
     bank, groups = with_duplicates(rng, 30, dim, dtype)
     queries = np.concatenate([bank, rng.normal(size=(5, dim)).astype(dtype)])
     k = 5
-    distances, indices = neighbors.nearest(queries, bank, k, "cosine", backend=backend)
-    ref_d, _ = brute_force(queries.astype(np.float64), bank.astype(np.float64), k, "cosine")
+    distances, indices = neighbors.nearest(queries, bank, k, metric, backend=backend)
+    ref_d = np.sort(exact_distances(queries, bank, metric), axis=1)[:, :k]
     assert (distances >= 0).all()
-    np.testing.assert_allclose(distances, ref_d, atol=1e-5 if dtype == np.float32 else 1e-12, rtol=0)
+    np.testing.assert_allclose(distances, ref_d, rtol=1e-6 if dtype == np.float32 else 1e-12, atol=0)
     for group in groups:
         for row in group:  # every copy first, at exactly 0 and in bank order; then only distances above 0
             assert indices[row, :len(group)].tolist() == group
@@ -220,10 +238,40 @@ def test_cosine_of_equal_rows_is_exactly_zero_and_never_negative(backend, dtype,
     assert (indices[single, 0] == single).all() and (distances[single, 0] == 0).all()
     assert (distances[single, 1:] > 0).all() and (distances[len(bank):] > 0).all()
 
-    distances, indices = neighbors.nearest(bank, bank, 2, "cosine", exclude=np.arange(len(bank)),
-                                           backend=backend)
+    distances, indices = neighbors.nearest(bank, bank, 2, metric, exclude=np.arange(len(bank)), backend=backend)
     assert (distances >= 0).all() and not (indices == np.arange(len(bank))[:, None]).any()
     for group in groups:
         for row in group:
             assert indices[row, 0] == [other for other in group if other != row][0] and distances[row, 0] == 0
     assert (distances[single] > 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_near_duplicates_match_exact_float64_distances(metric, dtype, backend, monkeypatch):
+    """Rows 1e-6 apart (relative) lie far inside the rounding of |q|^2 + |b|^2 - 2 q.b and 1 - q.b, which put
+    them in random order and at distances off by up to |q| sqrt(eps): the k nearest must be the nearest and
+    measure as float64 differences do, to the dtype's precision, also for a row with 40 near copies, more
+    than the search first hands over. (Seen from afar the 40 lie 1e-8 apart: float32 cannot order them.)"""
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    monkeypatch.setattr(neighbors, "BANK_CHUNK_ROWS", 32)  # near copies fall in different bank chunks
+    rng = seeded_rng()
+    dim, k = 768, 5
+    unique = rng.normal(size=(60, dim)) + rng.normal(size=dim)  # a shared offset: centring matters
+    near = lambda row, count: row * (1 + 1e-6 * rng.normal(size=(count, dim)))  # noqa: E731
+    bank = np.concatenate([unique, unique[:4], near(unique[0], 40), near(unique[1], 3)]).astype(dtype)
+    bank = bank[rng.permutation(len(bank))]
+    fresh = np.concatenate([near(unique[0], 2), near(unique[2], 2), rng.normal(size=(3, dim))]).astype(dtype)
+    queries = np.concatenate([bank, fresh])
+    exclude = np.concatenate([np.arange(len(bank)), np.full(len(fresh), -1)])  # leave-one-out for bank rows
+    distances, indices = neighbors.nearest(queries, bank, k, metric, exclude=exclude, backend=backend)
+    reference = exact_distances(queries, bank, metric)
+    reference[np.arange(len(bank)), np.arange(len(bank))] = np.inf
+    chosen = np.take_along_axis(reference, indices, 1)
+    rtol = 1e-6 if dtype == np.float32 else 1e-12  # float32: 8 ulps
+    np.testing.assert_allclose(distances, chosen, rtol=rtol, atol=0)
+    np.testing.assert_allclose(chosen, np.sort(reference, axis=1)[:, :k], rtol=rtol, atol=0)
+    if dtype == np.float64:
+        np.testing.assert_array_equal(indices, np.argsort(reference, axis=1, kind="stable")[:, :k])

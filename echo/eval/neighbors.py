@@ -1,19 +1,23 @@
 """Exact k-nearest-neighbour search by chunked matrix products, on the encode device.
 
 A (queries x bank) distance matrix is never held whole: the bank is visited in chunks and a running top-k is
-merged, so memory stays bounded for banks of 10^6 x 7680. Euclidean distances use |q|^2 + |b|^2 - 2 q.b after
-centring both sides on the bank mean (translation leaves distances unchanged and the centring removes most of
-the cancellation). Cosine distance is 1 - q.b on L2-normalised rows, never below 0, and exactly 0 between equal
-rows (rounding leaves them a few ulps either side). `backend="faiss"` uses faiss's exact flat indexes instead,
-for banks that outgrow the device.
+merged, so memory stays bounded for banks of 10^6 x 7680. The search ranks by |q|^2 + |b|^2 - 2 q.b, on rows
+scaled to unit length for cosine (|q - b|^2 = 2 (1 - cos) there), after centring both sides on the bank mean
+(translation leaves distances unchanged and removes most of the cancellation): fast, but off by up to ~E ulps
+of (|q| + |b|)^2, which scrambles near-duplicates and leaves equal rows ~|q| sqrt(eps) apart. So each query's
+best candidates, all those within that bound of the k-th, are measured again from the rows' differences:
+accurate relative to the distance itself, exactly 0 between equal rows, never below 0. A query with more
+candidates inside the bound than the search handed over is searched again for more. `backend="faiss"` uses
+faiss's exact flat index for the search instead, for banks that outgrow the device.
 
 Among neighbours at exactly equal distance the lower bank index comes first.
 """
 from __future__ import annotations
 
+from functools import lru_cache, partial
+
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..inputs import first_items
 from . import require
@@ -21,7 +25,7 @@ from . import require
 METRICS = ("euclidean", "cosine")
 CHUNK_BYTES = 256 * 2**20  # one chunk of the distance matrix
 BANK_CHUNK_ROWS = 65536
-FAISS_EXTRA_CANDIDATES = 16  # candidates beyond k that faiss's float32 ranking hands over for exact ranking
+EXTRA_CANDIDATES = 16  # beyond k, so that few queries need a second search to hold every candidate
 
 
 def check_finite(rows, name: str) -> None:
@@ -87,36 +91,49 @@ def _check(queries: torch.Tensor, bank: torch.Tensor, k: int, metric: str, exclu
                          + (" (each query's own row excluded)" if exclude is not None else ""))
 
 
-def pairwise_distances(queries: torch.Tensor, bank: torch.Tensor, metric: str, bank_sq=None) -> torch.Tensor:
-    """(Q, B) distances of prepared rows (centred for euclidean, unit-norm for cosine)."""
-    products = queries @ bank.T
-    if metric == "cosine":
-        return (1 - products).clamp_min_(0)
+def _search_values(queries: torch.Tensor, bank: torch.Tensor, bank_sq=None) -> torch.Tensor:
+    """(Q, B) squared distances of prepared rows, within the bound of `_search_limit`."""
     queries_sq = (queries * queries).sum(1, keepdim=True)
     bank_sq = (bank * bank).sum(1) if bank_sq is None else bank_sq
-    return (queries_sq + bank_sq - 2 * products).clamp_min_(0).sqrt_()
+    return (queries_sq + bank_sq - 2 * queries @ bank.T).clamp_min_(0)
 
 
-def _zero_equal_rows(distances: torch.Tensor, queries: torch.Tensor, bank: torch.Tensor, columns=None) -> None:
-    """Sets the cosine distances (Q, M) between equal rows to exactly 0. queries (Q, E) and bank (B, E) are the
-    rows as given (normalising two copies of a row apart may round them apart); columns (Q, M) the bank row of
-    each distance, or None for bank rows in order. Only pairs within the rounding of 1 - q.q whose first values
-    agree are compared whole, a slice at a time in no more memory than the distances."""
-    bound = 2 * queries.shape[1] * torch.finfo(distances.dtype).eps  # normalising and the product: each < E ulps
-    first = bank[:, 0].contiguous()  # a strided column would be read E apart for every query
-    maybe = (distances <= bound) & (queries[:, :1] == (first if columns is None else first[columns]))
-    for pairs in maybe.nonzero().split(max(1, maybe.numel() // queries.shape[1])):
-        q, m = pairs.T
-        equal = (queries[q] == bank[m if columns is None else columns[q, m]]).all(1)
-        distances[q[equal], m[equal]] = 0
+def _search_limit(metric: str, eps: float, search_eps: float, dim: int, query_norms: torch.Tensor,
+                  kth: torch.Tensor) -> torch.Tensor:
+    """The largest search value that a bank row as near as the k-th neighbour (exact distance `kth`) can get.
+    With u = eps / 2 and r the k-th's distance between prepared rows: the search's E-term products and sums and
+    the centring are off by at most (E + 4) u (|q| + |b|)^2, where |b| <= 2 |q| + r; cosine's norms, each off
+    by at most (E / 2 + 1) u, move q - b by (E + 4) u; kth is off by u. Taken as (E + 8) eps, for margin."""
+    if metric == "euclidean":
+        return kth * kth * (1 + 2 * eps) + (dim + 8) * search_eps * (2 * query_norms + kth) ** 2
+    apart = (2 * kth).sqrt()
+    return apart * apart * (1 + 2 * eps) + (dim + 8) * (search_eps * (2 * query_norms + apart) ** 2 + eps * apart)
+
+
+def _exact_distances(queries: torch.Tensor, candidates: torch.Tensor, metric: str) -> torch.Tensor:
+    """(Q, M) distances of query rows (Q, E) to their own candidate rows (Q, M, E), both as given, from their
+    differences: relative to the distance, not to |q|, and exactly 0 between equal rows."""
+    apart = candidates - queries[:, None]
+    if metric == "euclidean":
+        return torch.linalg.vector_norm(apart, dim=2)
+    # 1 - cos = |v|^2 / 2 with v = c/|c| - q/|q| = apart/|q| - s c, s = (|c| - |q|) / (|q| |c|), and
+    # |c| - |q| = apart.(c + q) / (|c| + |q|): no difference of nearly equal numbers is rounded
+    q_norm, c_norm = queries.norm(dim=1, keepdim=True), candidates.norm(dim=2)
+    s = (torch.einsum("qme,qme->qm", apart, candidates) + torch.einsum("qme,qe->qm", apart, queries)) / (
+        (c_norm + q_norm) * q_norm * c_norm)
+    v = apart.div_(q_norm[..., None]).addcmul_(candidates, s[..., None], value=-1)  # in place: the big one
+    return (torch.einsum("qme,qme->qm", v, v) / 2).where((q_norm > 0) & (c_norm > 0), 1)  # zero rows: 1 off
 
 
 def _preparer(bank: torch.Tensor, metric: str, device):
-    """The map applied to query and bank rows before `pairwise_distances`."""
-    if metric == "cosine":
-        return lambda rows: F.normalize(rows, dim=1)
-    centre = bank.mean(0, keepdim=True).to(device)
-    return lambda rows: rows - centre
+    """The map applied to query and bank rows before `_search_values`. Cosine's centre, the bank's sum over the
+    sum of its norms, is a mean of the unit rows (weighted by norm) for the price of one pass of norms."""
+    if metric == "euclidean":
+        centre = bank.mean(0, keepdim=True).to(device)
+        return lambda rows: rows - centre
+    centre = (bank.sum(0, keepdim=True) / torch.linalg.vector_norm(bank, dim=1).sum().clamp_min(1e-12)).to(device)
+    # F.normalize(rows) - centre in one pass over the rows
+    return lambda rows: torch.addcdiv(-centre, rows, rows.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
 def _smallest(distances: torch.Tensor, take: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,87 +155,100 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
     """(distances (Q, k), bank indices (Q, k)), ascending per row.
 
     `exclude`: for each query, one bank row it may not match (its own row in leave-one-out), or -1.
-    Computed in the inputs' dtype (float32 unless float64 is passed).
+    Searched in the inputs' dtype (float32 unless float64 is passed; faiss: float32), the k nearest measured
+    in float64 and returned in the inputs' dtype.
     """
-    if backend == "faiss":
-        return _nearest_faiss(queries, bank, k, metric, exclude)
-    if backend != "torch":
+    if backend not in ("torch", "faiss"):
         raise ValueError(f"unknown search backend {backend!r}; known: torch, faiss")
-    device = torch.device(device or "cpu")
+    device = torch.device("cpu" if backend == "faiss" else device or "cpu")
     queries = _as_matrix(queries, "queries", device)
     bank = _as_matrix(bank, "bank", "cpu", queries.dtype)
     exclude = None if exclude is None else torch.as_tensor(np.asarray(exclude), dtype=torch.long, device=device)
     _check(queries, bank, k, metric, exclude)
     prepare = _preparer(bank, metric, device)
-    given, queries = queries, prepare(queries)
-    n_queries, n_bank = queries.shape[0], bank.shape[0]
-    best_d = torch.full((n_queries, k), float("inf"), dtype=queries.dtype, device=device)
-    best_i = torch.full((n_queries, k), -1, dtype=torch.long, device=device)
-    bank_rows = min(n_bank, BANK_CHUNK_ROWS)
-    query_rows = max(1, chunk_bytes // (bank_rows * queries.element_size()))
-    for b0 in range(0, n_bank, bank_rows):
-        given_chunk = bank[b0:b0 + bank_rows].to(device)
-        chunk = prepare(given_chunk)
-        chunk_sq = (chunk * chunk).sum(1)
-        columns = torch.arange(b0, b0 + chunk.shape[0], device=device)
-        take = min(k, chunk.shape[0])
-        for q0 in range(0, n_queries, query_rows):
-            rows = slice(q0, q0 + query_rows)
-            distances = pairwise_distances(queries[rows], chunk, metric, chunk_sq)
-            if metric == "cosine":
-                _zero_equal_rows(distances, given[rows], given_chunk)
-            if exclude is not None:
-                distances.masked_fill_(exclude[rows, None] == columns[None, :], float("inf"))
-            chunk_d, chunk_i = _smallest(distances, take)
-            merged_d = torch.cat([best_d[rows], chunk_d], dim=1)
-            merged_i = torch.cat([best_i[rows], chunk_i + b0], dim=1)
-            order = torch.sort(merged_d, dim=1, stable=True).indices[:, :k]
-            best_d[rows] = merged_d.gather(1, order)
-            best_i[rows] = merged_i.gather(1, order)
+    prepared = prepare(queries)
+    if backend == "faiss":
+        search = partial(_search_faiss, index=_faiss_index(prepare(bank)))
+    else:
+        chunk = lru_cache(maxsize=1)(partial(_prepared_chunk, bank, prepare, device))  # 1 chunk: prepared once
+        search = partial(_search_torch, chunk=chunk, bank_size=bank.shape[0], chunk_bytes=chunk_bytes)
+    eps = torch.finfo(queries.dtype).eps
+    search_eps = torch.finfo(torch.float32).eps if backend == "faiss" else eps
+    best_d = torch.empty((queries.shape[0], k), dtype=queries.dtype, device=device)
+    best_i = torch.empty((queries.shape[0], k), dtype=torch.long, device=device)
+    pending = torch.arange(queries.shape[0], device=device)
+    wanted = k + (exclude is not None) + EXTRA_CANDIDATES
+    while len(pending):
+        wanted = min(wanted, bank.shape[0])
+        candidates, reach = search(prepared[pending], wanted=wanted)
+        skip = None if exclude is None else exclude[pending]
+        d, i = _rerank(queries[pending], bank, candidates, k, metric, skip, chunk_bytes)
+        best_d[pending], best_i[pending] = d, i
+        # every other row's search value is at least reach: above the limit, none can be as near as the k-th
+        limit = _search_limit(metric, eps, search_eps, bank.shape[1], prepared[pending].norm(dim=1), d[:, -1])
+        settled = (reach > limit) | (wanted == bank.shape[0])
+        pending = pending[~settled]
+        wanted *= 4
     return best_d.cpu().numpy(), best_i.cpu().numpy()
 
 
-def _nearest_faiss(queries, bank, k: int, metric: str, exclude,
-                   chunk_bytes: int = CHUNK_BYTES) -> tuple[np.ndarray, np.ndarray]:
-    """faiss's flat index finds each query's nearest candidates in float32; their distances are then computed
-    again in the inputs' dtype and ranked as the torch search ranks them (1 - cos between clips 1 % apart is
-    ~1e-4, of which float32 keeps two or three digits)."""
+def _prepared_chunk(bank: torch.Tensor, prepare, device, b0: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prepared bank rows from b0 on, one chunk's worth, and their squared norms."""
+    rows = prepare(bank[b0:b0 + BANK_CHUNK_ROWS].to(device))
+    return rows, (rows * rows).sum(1)
+
+
+def _search_torch(queries: torch.Tensor, chunk, bank_size: int, wanted: int,
+                  chunk_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each prepared query's `wanted` bank rows of smallest search value (Q, wanted), in any order, and the
+    largest of those values (Q,). chunk(b0): as `_prepared_chunk`."""
+    best_v = torch.full((queries.shape[0], wanted), float("inf"), dtype=queries.dtype, device=queries.device)
+    best_i = torch.zeros((queries.shape[0], wanted), dtype=torch.long, device=queries.device)
+    query_rows = max(1, chunk_bytes // (min(bank_size, BANK_CHUNK_ROWS) * queries.element_size()))
+    for b0 in range(0, bank_size, BANK_CHUNK_ROWS):
+        rows_b, rows_sq = chunk(b0)
+        take = min(wanted, rows_b.shape[0])
+        for q0 in range(0, queries.shape[0], query_rows):
+            rows = slice(q0, q0 + query_rows)
+            chunk_v, chunk_i = torch.topk(_search_values(queries[rows], rows_b, rows_sq), take, dim=1,
+                                          largest=False, sorted=False)
+            merged_v = torch.cat([best_v[rows], chunk_v], dim=1)
+            merged_i = torch.cat([best_i[rows], chunk_i + b0], dim=1)
+            best_v[rows], order = torch.topk(merged_v, wanted, dim=1, largest=False, sorted=False)
+            best_i[rows] = merged_i.gather(1, order)
+    return best_i, best_v.max(1).values
+
+
+def _faiss_index(bank: torch.Tensor):
+    """faiss's exact flat (squared Euclidean) index of the prepared bank rows, in float32."""
     faiss = require("faiss", "backend='faiss'")
-    queries = _as_matrix(queries, "queries", "cpu")
-    bank = _as_matrix(bank, "bank", "cpu", queries.dtype)
-    _check(queries, bank, k, metric, exclude)
-    prepare = _preparer(bank, metric, "cpu")
-    given, given_bank = queries, bank
-    queries, bank = prepare(queries), prepare(bank)
-    index = faiss.IndexFlatIP(bank.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(bank.shape[1])
+    index = faiss.IndexFlatL2(bank.shape[1])
     index.add(np.ascontiguousarray(bank.float().numpy()))
-    wanted = min(bank.shape[0], k + 1 + FAISS_EXTRA_CANDIDATES)
-    candidates = torch.from_numpy(index.search(np.ascontiguousarray(queries.float().numpy()), wanted)[1])
-    candidates = candidates.masked_fill(candidates < 0, bank.shape[0]).sort(dim=1).values  # bank order
-    invalid = candidates == bank.shape[0]
-    if exclude is not None:
-        invalid |= candidates == torch.as_tensor(np.asarray(exclude), dtype=torch.long)[:, None]
-    candidates = candidates.clamp_max(bank.shape[0] - 1)
-    query_rows = max(1, chunk_bytes // (wanted * bank.shape[1] * bank.element_size()))
+    return index
+
+
+def _search_faiss(queries: torch.Tensor, index, wanted: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `_search_torch`, by faiss, in float32."""
+    values, candidates = index.search(np.ascontiguousarray(queries.float().numpy()), wanted)
+    return torch.from_numpy(candidates), torch.from_numpy(values[:, -1]).to(queries.dtype)
+
+
+def _rerank(queries: torch.Tensor, bank: torch.Tensor, candidates: torch.Tensor, k: int, metric: str, exclude,
+            chunk_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest of each query's candidates (Q, M) by `_exact_distances` of the rows as given, in float64
+    (float32 sums of E terms keep ~sqrt(E) ulps) rounded to the inputs' dtype, equal distances in bank order."""
+    candidates = candidates.sort(dim=1).values
+    query_rows = max(1, chunk_bytes // (candidates.shape[1] * bank.shape[1] * 8))
     distances = []
     for q0 in range(0, queries.shape[0], query_rows):
-        rows = slice(q0, q0 + query_rows)
-        distances.append(_candidate_distances(queries[rows], bank[candidates[rows]], metric))
-        if metric == "cosine":
-            _zero_equal_rows(distances[-1], given[rows], given_bank, candidates[rows])
-    distances = torch.cat(distances)
-    values, columns = _smallest(distances.masked_fill(invalid, float("inf")), k)
-    return values.numpy(), candidates.gather(1, columns).numpy()
-
-
-def _candidate_distances(queries: torch.Tensor, candidates: torch.Tensor, metric: str) -> torch.Tensor:
-    """(Q, M) distances of prepared query rows (Q, E) to their own candidate rows (Q, M, E), by the formula of
-    pairwise_distances, so that both searches round alike."""
-    products = torch.einsum("qe,qme->qm", queries, candidates)
-    if metric == "cosine":
-        return (1 - products).clamp_min_(0)
-    queries_sq = (queries * queries).sum(1, keepdim=True)
-    return (queries_sq + (candidates * candidates).sum(2) - 2 * products).clamp_min_(0).sqrt_()
+        rows = candidates[q0:q0 + query_rows]
+        distances.append(_exact_distances(queries[q0:q0 + query_rows].double(),
+                                          bank[rows.cpu()].to(rows.device, torch.float64), metric))
+    distances = torch.cat(distances).to(queries.dtype)
+    if exclude is not None:
+        distances.masked_fill_(candidates == exclude[:, None], float("inf"))
+    values, columns = _smallest(distances, k)
+    return values, candidates.gather(1, columns)
 
 
 def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=None,
@@ -256,7 +286,7 @@ def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=Non
         count = valid.sum(1, keepdim=True)
         fused = torch.zeros_like(valid)
         for (q, b), b_sq in zip(prepared, bank_sq):
-            distances = pairwise_distances(q[rows], b, "euclidean", b_sq)
+            distances = _search_values(q[rows], b, b_sq).sqrt_()
             mean = (distances * valid).sum(1, keepdim=True) / count
             std = ((((distances - mean) * valid) ** 2).sum(1, keepdim=True) / count).sqrt()
             fused += (distances - mean) / torch.where(std > 0, std, torch.ones_like(std))
