@@ -75,12 +75,12 @@ PRESETS = {
 class SelfAttention(nn.Module):
     """Named like nn.MultiheadAttention so checkpoints load: packed in_proj (rows Q, K, V) + out_proj."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, **factory):
         super().__init__()
         self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
-        self.out_proj = nn.Linear(dim, dim)
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim, **factory))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim, **factory))
+        self.out_proj = nn.Linear(dim, dim, **factory)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,14 +92,14 @@ class SelfAttention(nn.Module):
 class EchoLayer(nn.Module):
     """One post-norm layer, exactly nn.TransformerEncoderLayer(norm_first=False, activation='gelu')."""
 
-    def __init__(self, config: EchoConfig):
+    def __init__(self, config: EchoConfig, **factory):
         super().__init__()
         dim = config.dim
-        self.self_attn = SelfAttention(dim, config.heads)
-        self.linear1 = nn.Linear(dim, config.mlp_ratio * dim)
-        self.linear2 = nn.Linear(config.mlp_ratio * dim, dim)
-        self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.self_attn = SelfAttention(dim, config.heads, **factory)
+        self.linear1 = nn.Linear(dim, config.mlp_ratio * dim, **factory)
+        self.linear2 = nn.Linear(config.mlp_ratio * dim, dim, **factory)
+        self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps, **factory)
+        self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = norm_ops.residual_layer_norm(x, self.self_attn(x), self.norm1.weight, self.norm1.bias, self.norm1.eps)
@@ -108,31 +108,34 @@ class EchoLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, config: EchoConfig):
+    def __init__(self, config: EchoConfig, **factory):
         super().__init__()
-        self.layers = nn.ModuleList(EchoLayer(config) for _ in range(config.depth))
+        self.layers = nn.ModuleList(EchoLayer(config, **factory) for _ in range(config.depth))
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, **factory):
         super().__init__()
         patch = (geometry.BAND_BINS, geometry.PATCH_FRAMES)
-        self.proj = nn.Conv2d(1, dim, kernel_size=patch, stride=patch)
+        self.proj = nn.Conv2d(1, dim, kernel_size=patch, stride=patch, **factory)
 
 
 class EchoModel(nn.Module):
-    """The ECHO encoder. `state_dict()` has exactly the released keys and shapes (spec section 7)."""
+    """The ECHO encoder. `state_dict()` has exactly the released keys and shapes (spec section 7). Made on
+    `device` in `dtype`, by default torch's default device and dtype, as nn.Linear is."""
 
-    def __init__(self, config: EchoConfig | None = None):
+    def __init__(self, config: EchoConfig | None = None, device=None, dtype: torch.dtype | None = None):
         super().__init__()
         self.config = config or EchoConfig()
         dim = self.config.dim
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        # Fixed sin/cos table, but stored in checkpoints: a frozen parameter, as released.
-        self.pos_embed = nn.Parameter(token_ops.time_position_table(dim), requires_grad=False)
-        self.patch_embed = PatchEmbed(dim)
-        self.encoder = Encoder(self.config)
-        self.norm = nn.LayerNorm(dim, eps=self.config.final_norm_eps)
+        factory = {"device": device, "dtype": dtype}
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim, **factory))
+        # Fixed sin/cos table, but stored in checkpoints: a frozen parameter, as released. Placed with the other
+        # tensors: always made on the CPU in float32, it left a model made under a default GPU unable to encode.
+        self.pos_embed = nn.Parameter(token_ops.time_position_table(dim).to(self.cls_token), requires_grad=False)
+        self.patch_embed = PatchEmbed(dim, **factory)
+        self.encoder = Encoder(self.config, **factory)
+        self.norm = nn.LayerNorm(dim, eps=self.config.final_norm_eps, **factory)
         nn.init.normal_(self.cls_token, std=0.02)
 
     @property

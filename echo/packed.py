@@ -31,16 +31,16 @@ class Packing:
         """Sequences of these lengths back to back. A length whose sequences are consecutive gets a slice (a
         view, no copy) in `groups`; order sequences by length to get only slices. ValueError for lengths that
         are not a 1-D tensor of positive integers (a float was cut, a length under 1 gave sequences of no rows or
-        overlapping ones)."""
-        lengths = torch.as_tensor(lengths)
+        overlapping ones). Computed on the CPU, whatever torch's default device."""
+        lengths = torch.as_tensor(lengths, device="cpu")
         if lengths.ndim != 1:
             raise ValueError(f"Packing lengths must be 1-D (one per sequence), got shape {tuple(lengths.shape)}")
         if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
             raise ValueError(f"Packing lengths must be integers, got {lengths.dtype}")
-        lengths = lengths.to("cpu", torch.int64)
+        lengths = lengths.to(torch.int64)
         if len(lengths) and (shortest := int(lengths.min())) < 1:
             raise ValueError(f"Packing lengths must be >= 1, got {shortest}")
-        cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+        cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int64, device="cpu")
         cu_seqlens[1:] = torch.cumsum(lengths, 0)
         groups: dict[int, slice | torch.Tensor] = {}
         for length in torch.unique(lengths).tolist():
@@ -49,7 +49,7 @@ class Packing:
             if int(members[-1] - members[0]) + 1 == len(members):
                 groups[length] = slice(int(first[0]), int(first[0]) + len(members) * length)
             else:
-                groups[length] = (first[:, None] + torch.arange(length)).reshape(-1).to(device)
+                groups[length] = (first[:, None] + torch.arange(length, device="cpu")).reshape(-1).to(device)
         return cls(cu_seqlens.to(torch.int32).to(device), int(lengths.max()) if len(lengths) else 0, groups)
 
     @property

@@ -14,6 +14,8 @@ import torch
 
 from . import geometry
 
+HOST = torch.device("cpu")  # the plan's tensors, whatever torch's default device: a caller's GPU default or meta
+
 
 @dataclass
 class Plan:
@@ -58,24 +60,24 @@ class Plan:
         rows in (patch, band) order, so that a segment's frame embeddings are one (patches, bands * D) block
         and consecutive segments of a signal (the plan keeps them in time order) one block too."""
         patches = self.seq_patches
-        bands = torch.tensor([nb for _, _, nb, _, _ in self.segments], dtype=torch.int64)
-        segment_rows = bands * torch.tensor([p for _, _, _, p, _ in self.segments], dtype=torch.int64)
+        bands = torch.tensor([nb for _, _, nb, _, _ in self.segments], dtype=torch.int64, device=HOST)
+        segment_rows = bands * torch.tensor([p for _, _, _, p, _ in self.segments], dtype=torch.int64, device=HOST)
         segment_start = torch.cumsum(segment_rows, 0) - segment_rows
-        first_band = torch.tensor([b for *_, b in self.segments], dtype=torch.int64)
+        first_band = torch.tensor([b for *_, b in self.segments], dtype=torch.int64, device=HOST)
         # per sequence: where its segment's block starts, the segment's band count, the sequence's band in it
-        sequence_segment = torch.repeat_interleave(torch.arange(len(self.segments)), bands)
+        sequence_segment = torch.repeat_interleave(torch.arange(len(self.segments), device=HOST), bands)
         block, stride = segment_start[sequence_segment], bands[sequence_segment]
         band = self.seq_band - first_band[sequence_segment]
         # per patch token: its sequence and patch index
-        sequence = torch.repeat_interleave(torch.arange(self.num_sequences), patches)
-        patch = torch.arange(len(sequence)) - (torch.cumsum(patches, 0) - patches)[sequence]
-        order = torch.empty(len(sequence), dtype=torch.int64)
+        sequence = torch.repeat_interleave(torch.arange(self.num_sequences, device=HOST), patches)
+        patch = torch.arange(len(sequence), device=HOST) - (torch.cumsum(patches, 0) - patches)[sequence]
+        order = torch.empty(len(sequence), dtype=torch.int64, device=HOST)
         order[block[sequence] + patch * stride[sequence] + band[sequence]] = self.cls_rows()[sequence] + 1 + patch
         return torch.cat([self.cls_rows(), order])
 
     def patch_rows(self) -> torch.Tensor:
         """Rows of all patch tokens in packed order (every row that is not a CLS)."""
-        is_patch = torch.ones(self.total_tokens, dtype=torch.bool)
+        is_patch = torch.ones(self.total_tokens, dtype=torch.bool, device=HOST)
         is_patch[self.cls_rows()] = False
         return is_patch.nonzero().squeeze(1)
 
@@ -113,23 +115,23 @@ def make_plan(lengths: list[int], sample_rates: list[int],
         seq_frames += [end - start] * nb
         seq_patches += [patches] * nb
         seq_position += positions[sample_rates[i]][first_band:end_band]
-    patches = torch.tensor(seq_patches, dtype=torch.int64)
-    cu_seqlens = torch.zeros(len(patches) + 1, dtype=torch.int32)
+    patches = torch.tensor(seq_patches, dtype=torch.int64, device=HOST)
+    cu_seqlens = torch.zeros(len(patches) + 1, dtype=torch.int32, device=HOST)
     cu_seqlens[1:] = torch.cumsum(patches + 1, 0)
-    spec_offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
-    spec_offsets[1:] = torch.cumsum(torch.tensor(spec_sizes, dtype=torch.int64), 0)
+    spec_offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64, device=HOST)
+    spec_offsets[1:] = torch.cumsum(torch.tensor(spec_sizes, dtype=torch.int64, device=HOST), 0)
     return Plan(
         sample_rates=list(sample_rates),
         lengths=list(lengths),
         frames=frames,
         bands=bands,
         spec_offsets=spec_offsets,
-        seq_signal=torch.tensor(seq_signal, dtype=torch.int64),
-        seq_band=torch.tensor(seq_band, dtype=torch.int64),
-        seq_frame_start=torch.tensor(seq_start, dtype=torch.int64),
-        seq_frames=torch.tensor(seq_frames, dtype=torch.int64),
+        seq_signal=torch.tensor(seq_signal, dtype=torch.int64, device=HOST),
+        seq_band=torch.tensor(seq_band, dtype=torch.int64, device=HOST),
+        seq_frame_start=torch.tensor(seq_start, dtype=torch.int64, device=HOST),
+        seq_frames=torch.tensor(seq_frames, dtype=torch.int64, device=HOST),
         seq_patches=patches,
-        seq_position=torch.tensor(seq_position, dtype=torch.float64).to(torch.float32),
+        seq_position=torch.tensor(seq_position, dtype=torch.float64, device=HOST).to(torch.float32),
         cu_seqlens=cu_seqlens,
         segments=segments,
     )

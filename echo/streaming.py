@@ -27,7 +27,7 @@ class _Rows:
     faster than the state."""
 
     def __init__(self, width: int, dtype: torch.dtype):
-        self.buffer = torch.empty(0, width, dtype=dtype)
+        self.buffer = torch.empty(0, width, dtype=dtype, device="cpu")
         self.count = 0
 
     def append(self, rows: torch.Tensor) -> None:
@@ -53,7 +53,7 @@ class _Window:
     48 kHz went from 0.17 to 2.1 ms (now 0.14 ms throughout: bench/stream_push_time.py)."""
 
     def __init__(self, width: int, dtype: torch.dtype):
-        self.buffer = torch.empty(0, width, dtype=dtype)
+        self.buffer = torch.empty(0, width, dtype=dtype, device="cpu")
         self.offset = 0  # buffer row of frame `start`
         self.count = 0
         self.start = 0
@@ -115,12 +115,13 @@ class StreamEncoder:
         self.n_fft, self.hop = geometry.n_fft(self.rate), geometry.hop(self.rate)
         self.bands = geometry.n_bands(self.rate)
         self.positions = token_ops.band_positions(self.rate)
-        self.window = torch.hann_window(self.n_fft, periodic=True, dtype=torch.float64)
+        # the stream's state is on the CPU in the dtypes given here, whatever torch's default device and dtype
+        self.window = torch.hann_window(self.n_fft, periodic=True, dtype=torch.float64, device="cpu")
         self.window_dft = torch.fft.rfft(self.window)[:2]  # W[0], W[1]: the bins a DC change moves
         self.low_bins = min(geometry.BAND_BINS, geometry.n_bins(self.rate))  # band 0's real bins
         self.samples = 0
-        self.total = torch.zeros((), dtype=torch.float64)  # running sum, for the mean
-        self.audio = torch.zeros(0)  # samples from audio_start on
+        self.total = torch.zeros((), dtype=torch.float64, device="cpu")  # running sum, for the mean
+        self.audio = torch.zeros(0, dtype=torch.float32, device="cpu")  # samples from audio_start on
         self.audio_start = 0
         # per computed frame, for finish(): bins 0 and 1 (float64: their correction subtracts nearly equal
         # numbers), the DC estimate they were computed with, and bins 2.. of band 0 as final float32 (a DC
@@ -201,7 +202,7 @@ class StreamEncoder:
             for first in range(0, bands.shape[0], group):
                 tokens = self.model.band_tokens(bands[first : first + group], positions[first : first + group])
                 count, _, dim = tokens.shape
-                packing = packed.Packing.from_lengths(torch.full((count,), length), tokens.device)
+                packing = packed.Packing.from_lengths([length] * count, tokens.device)
                 out = packed.forward(self.model, tokens.reshape(-1, dim), packing, self.backend)
                 outputs.append(out.view(count, length, dim).float().cpu())
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)

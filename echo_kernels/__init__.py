@@ -5,6 +5,10 @@ import torch
 import triton
 import triton.language as tl
 
+# Where the launch tables are built before their one copy to the device: the host, whatever torch's default
+# device (torch.as_tensor and factories without a device follow a caller's set_default_device).
+HOST = torch.device("cpu")
+
 
 def dot_precision(dtype: torch.dtype) -> str:
     """How a kernel's `dot` multiplies operands of this dtype.

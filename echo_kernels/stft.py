@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import dot, dot_precision
+from . import HOST, dot, dot_precision
 
 
 @triton.jit
@@ -100,10 +100,10 @@ def _basis(n_fft: int, rows: int, band: int, device: torch.device) -> torch.Tens
     bins = n_fft // 2 + 1
     pad = rows - bins
     last_start = rows - band
-    row = torch.arange(rows, dtype=torch.int64)
+    row = torch.arange(rows, dtype=torch.int64, device=HOST)
     k = torch.where(row < last_start, row, row - pad)
     is_bin = (row < last_start) | (row >= last_start + pad)
-    n = torch.arange(n_fft, dtype=torch.int64)
+    n = torch.arange(n_fft, dtype=torch.int64, device=HOST)
     phase = 2 * math.pi * ((k[:, None] * n[None, :]) % n_fft).double() / n_fft
     window = 0.5 - 0.5 * torch.cos(2 * math.pi * n.double() / n_fft)
     basis = torch.stack([torch.cos(phase), torch.sin(phase)]) * window * is_bin[:, None]
@@ -139,7 +139,7 @@ def _check_geometry(waves, wave_offsets, n_fft, hop, frames, bands, spec_bounds:
                          f"{spec_bounds.tolist()[:8]} for sizes {sizes[:8]}")
     if isinstance(wave_offsets, torch.Tensor) and wave_offsets.device.type != "cpu":
         return
-    bounds = torch.as_tensor(wave_offsets, dtype=torch.int64).reshape(-1).tolist()
+    bounds = torch.as_tensor(wave_offsets, dtype=torch.int64, device=HOST).reshape(-1).tolist()
     needed = [window + (t - 1) * step for window, step, t in zip(n_fft, hop, frames)]
     if len(bounds) != signals + 1 or (signals and (bounds[0] < 0 or bounds[-1] > waves.numel())) or any(
         end - start < need for start, end, need in zip(bounds, bounds[1:], needed)
@@ -175,7 +175,7 @@ def ragged_spectrogram(
         raise ValueError(f"ragged_spectrogram takes float32 waveforms, got {waves.dtype}")
     waves = waves.contiguous()  # the kernel reads samples at offsets into one flat buffer
     device = waves.device
-    spec_bounds = torch.as_tensor(spec_offsets, dtype=torch.int64).cpu()
+    spec_bounds = torch.as_tensor(spec_offsets, dtype=torch.int64, device=HOST)
     signals = len(frames)
     _check_geometry(waves, wave_offsets, n_fft, hop, frames, bands, spec_bounds, band)
     out = torch.empty(int(spec_bounds[-1]) if signals else 0, dtype=torch.float32, device=device)
@@ -188,16 +188,18 @@ def ragged_spectrogram(
     # Per-signal integers, one host -> device copy; row j is one kernel argument.
     per_signal = torch.tensor(
         [n_fft, hop, frames, [n // 2 + 1 for n in n_fft], rows, [basis_at[shape] for shape in zip(n_fft, rows)]],
-        dtype=torch.int64,
+        dtype=torch.int64, device=HOST,
     )
     per_signal = torch.cat([per_signal, spec_bounds[None, :-1]]).to(device, non_blocking=True)
-    offsets = torch.as_tensor(wave_offsets, dtype=torch.int64).to(device, non_blocking=True).contiguous()
+    offsets = torch.as_tensor(wave_offsets, dtype=torch.int64,
+                              device=wave_offsets.device if torch.is_tensor(wave_offsets) else HOST)
+    offsets = offsets.to(device, non_blocking=True).contiguous()
     # Tile table: every (row block, frame block) of every signal, signal-major, built without a Python loop.
-    row_tiles = (torch.tensor(rows) + block_rows - 1) // block_rows
-    frame_tiles = (torch.tensor(frames) + block_frames - 1) // block_frames
-    tile_signal = torch.repeat_interleave(torch.arange(signals), row_tiles * frame_tiles)
+    row_tiles = (torch.tensor(rows, device=HOST) + block_rows - 1) // block_rows
+    frame_tiles = (torch.tensor(frames, device=HOST) + block_frames - 1) // block_frames
+    tile_signal = torch.repeat_interleave(torch.arange(signals, device=HOST), row_tiles * frame_tiles)
     first_tile = torch.cumsum(row_tiles * frame_tiles, 0) - row_tiles * frame_tiles
-    local = torch.arange(len(tile_signal)) - first_tile[tile_signal]
+    local = torch.arange(len(tile_signal), device=HOST) - first_tile[tile_signal]
     tiles = torch.stack([
         tile_signal, (local % frame_tiles[tile_signal]) * block_frames, (local // frame_tiles[tile_signal]) * block_rows
     ]).to(device, non_blocking=True)

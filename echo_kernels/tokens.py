@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import dot, dot_precision
+from . import HOST, dot, dot_precision
 
 
 @triton.jit
@@ -127,8 +127,8 @@ def pack_tokens(
     dim, _, band, patch = weight.shape
     spec = spec.contiguous()  # the kernel reads images at offsets into one flat buffer
     device = spec.device
-    patches = torch.as_tensor(patches, dtype=torch.int64).cpu()
-    cu_seqlens = torch.as_tensor(cu_seqlens, dtype=torch.int64).cpu()
+    patches = torch.as_tensor(patches, dtype=torch.int64, device=HOST)
+    cu_seqlens = torch.as_tensor(cu_seqlens, dtype=torch.int64, device=HOST)
     _check_layout(patches, cu_seqlens, dim, bias, cls_token, pos_embed)
     total = int(cu_seqlens[-1])
     out = torch.empty(total, dim, dtype=weight.dtype, device=device)
@@ -136,14 +136,14 @@ def pack_tokens(
         return out
     # One tile per BLOCK_P patches of each sequence (at least one, which writes the CLS).
     tiles = ((patches + block_patches - 1) // block_patches).clamp(min=1)
-    tile_sequence = torch.repeat_interleave(torch.arange(len(patches)), tiles)
+    tile_sequence = torch.repeat_interleave(torch.arange(len(patches), device=HOST), tiles)
     tile_first = torch.cumsum(tiles, 0) - tiles
-    tile_patch = (torch.arange(len(tile_sequence)) - tile_first[tile_sequence]) * block_patches
+    tile_patch = (torch.arange(len(tile_sequence), device=HOST) - tile_first[tile_sequence]) * block_patches
 
     # Every per-tile and per-sequence integer in one host -> device copy; row j is one kernel argument.
     sequences = len(patches)
     per_sequence = torch.stack([
-        torch.as_tensor(t, dtype=torch.int64).cpu()
+        torch.as_tensor(t, dtype=torch.int64, device=HOST)
         for t in (image_offsets, image_strides, frame_starts, frames, patches, cu_seqlens[:-1])
     ])
     table = torch.cat([
@@ -151,7 +151,7 @@ def pack_tokens(
     ]).to(device, non_blocking=True)
     tile_sequence, tile_patch = table[: 2 * len(tile_sequence)].view(2, -1)
     per_sequence = table[2 * len(tile_sequence) :].view(-1, sequences)
-    positions = torch.as_tensor(positions, dtype=torch.float32).to(device, non_blocking=True).contiguous()
+    positions = torch.as_tensor(positions, dtype=torch.float32, device=HOST).to(device, non_blocking=True).contiguous()
 
     grid = (len(tile_sequence), triton.cdiv(dim, block_dim))
     _pack_tokens_kernel[grid](

@@ -38,8 +38,10 @@ def time_position_table(dim: int, rows: int = geometry.MAX_PATCHES + 1) -> torch
 
 def frequency_encoding(position: torch.Tensor | float, dim: int) -> torch.Tensor:
     """FPE of band positions p (fraction of Nyquist), (...,) -> (..., D), float32, sin/cos interleaved:
-    angle_i = (25 p) * exp(2i * -ln(10000) / D)."""
-    position = torch.as_tensor(position, dtype=torch.float32)
+    angle_i = (25 p) * exp(2i * -ln(10000) / D). Positions in a tensor stay on its device (as_tensor alone moves
+    them to torch's default device); a number is put on the CPU."""
+    position = torch.as_tensor(position, dtype=torch.float32,
+                               device=position.device if isinstance(position, torch.Tensor) else "cpu")
     inverse_freq = torch.exp(
         torch.arange(0, dim, 2, dtype=torch.float32, device=position.device) * (-math.log(10000.0) / dim)
     )
@@ -48,13 +50,15 @@ def frequency_encoding(position: torch.Tensor | float, dim: int) -> torch.Tensor
 
 
 def band_positions(sample_rate: int) -> torch.Tensor:
-    """p of every grid band of a rate, from the centre of its real bins."""
+    """p of every grid band of a rate, from the centre of its real bins (on the CPU, whatever torch's default
+    device)."""
     return torch.tensor(
         [
             geometry.band_position(sample_rate, *geometry.band_edges(sample_rate, b))
             for b in range(geometry.n_bands(sample_rate))
         ],
         dtype=torch.float64,
+        device="cpu",
     ).to(torch.float32)
 
 
@@ -119,7 +123,8 @@ def pack_tokens_torch(spec, plan, weight, bias, cls_token, pos_embed) -> torch.T
     patch_rows = plan.patch_rows()
     cls_rows = plan.cls_rows()
     fpe = frequency_encoding(plan.seq_position.to(spec.device), dim).to(weight.dtype)  # (S, D)
-    seq_of_patch = torch.repeat_interleave(torch.arange(plan.num_sequences), plan.seq_patches)
+    seq_of_patch = torch.repeat_interleave(torch.arange(plan.num_sequences, device=plan.seq_patches.device),
+                                           plan.seq_patches)
     patch_index = patch_rows - plan.cu_seqlens[:-1].long()[seq_of_patch]  # 1..L within its sequence
     projected = torch.addmm(bias, patch_matrix(spec, plan).to(weight.dtype), weight.reshape(dim, -1).T)
     tokens = torch.empty(plan.total_tokens, dim, dtype=weight.dtype, device=spec.device)
@@ -141,7 +146,7 @@ def pack_tokens(spec, plan, weight, bias, cls_token, pos_embed, backend: str | N
     if chosen == "triton":
         from echo_kernels import tokens as kernel
 
-        signal_frames = torch.tensor(plan.frames, dtype=torch.int64)[plan.seq_signal]
+        signal_frames = torch.tensor(plan.frames, dtype=torch.int64, device=plan.seq_signal.device)[plan.seq_signal]
         return kernel.pack_tokens(
             spec,
             weight,

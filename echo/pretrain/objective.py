@@ -89,15 +89,18 @@ def check_decoder_shape(dim: int | None, layers: int, kernel: int, groups: int) 
 class ConvDecoder(nn.Module):
     """data2vec 2.0's light decoder: blocks of grouped conv over time (zero-padded at each sequence's ends),
     LayerNorm without affine, GELU, residual; then a linear layer. Works on rows of sequences laid back to
-    back; a tap that would cross into the next sequence is masked to zero."""
+    back; a tap that would cross into the next sequence is masked to zero. Made on `device` in `dtype`, by default
+    torch's, as nn.Linear is."""
 
-    def __init__(self, dim: int, layers: int = 4, kernel: int = 3, groups: int = 16):
+    def __init__(self, dim: int, layers: int = 4, kernel: int = 3, groups: int = 16, device=None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         check_decoder_shape(dim, layers, kernel, groups)
+        factory = {"device": device, "dtype": dtype}
         self.kernel = kernel
-        self.mask_token = nn.Parameter(torch.zeros(dim))
-        self.convs = nn.ModuleList(nn.Conv1d(dim, dim, kernel, groups=groups) for _ in range(layers))
-        self.proj = nn.Linear(dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(dim, **factory))
+        self.convs = nn.ModuleList(nn.Conv1d(dim, dim, kernel, groups=groups, **factory) for _ in range(layers))
+        self.proj = nn.Linear(dim, dim, **factory)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def inside(self, time: torch.Tensor, length: torch.Tensor) -> torch.Tensor:

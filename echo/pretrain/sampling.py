@@ -149,7 +149,7 @@ def clip_spectrogram(plan: ClipPlan) -> torch.Tensor:
     never read."""
     rate = plan.example.sample_rate
     wave = torch.from_numpy(np.ascontiguousarray(plan.example.read(plan.start, plan.samples)))
-    needed = torch.zeros(geometry.n_bins(rate), dtype=torch.bool)
+    needed = torch.zeros(geometry.n_bins(rate), dtype=torch.bool, device="cpu")
     for start in plan.band_starts:
         needed[start: start + geometry.BAND_BINS] = True
     bins = needed.nonzero().squeeze(1)
@@ -230,7 +230,8 @@ def materialise(plans: list[ClipPlan], clones: int, reported: set[str] | None = 
         clips += 1
     if not clips:
         return None
-    lengths = torch.tensor([len(image) for image in images], dtype=torch.int64)
+    # on the host whatever torch's default device (a default GPU failed in forked data workers, which cannot use CUDA)
+    lengths = torch.tensor([len(image) for image in images], dtype=torch.int64, device="cpu")
     order = torch.sort(lengths, stable=True).indices.tolist()  # equal lengths consecutive: attention takes views
     lengths = lengths[order]
     first = torch.cumsum(lengths, 0) - lengths
@@ -240,18 +241,18 @@ def materialise(plans: list[ClipPlan], clones: int, reported: set[str] | None = 
         for clone in range(clones):
             for s in members:
                 students.append(s)
-                sources.append(first[s] + torch.arange(length))
+                sources.append(first[s] + torch.arange(length, device="cpu"))
                 masked.append(sequence_masks[order[s]][clone])
     masked = torch.cat(masked)
     visible_rows = (~masked).nonzero().squeeze(1)
-    students = torch.tensor(students, dtype=torch.int64)
-    decoder_sequence = torch.repeat_interleave(torch.arange(len(students)), lengths[students])
+    students = torch.tensor(students, dtype=torch.int64, device="cpu")
+    decoder_sequence = torch.repeat_interleave(torch.arange(len(students), device="cpu"), lengths[students])
     return Batch(
         patches=torch.cat([images[i] for i in order]),
         lengths=lengths,
-        positions=torch.tensor([positions[i] for i in order], dtype=torch.float64).to(torch.float32),
-        patch_sequence=torch.repeat_interleave(torch.arange(len(lengths)), lengths),
-        patch_position=torch.cat([torch.arange(1, n + 1) for n in lengths.tolist()]),
+        positions=torch.tensor([positions[i] for i in order], dtype=torch.float64, device="cpu").to(torch.float32),
+        patch_sequence=torch.repeat_interleave(torch.arange(len(lengths), device="cpu"), lengths),
+        patch_position=torch.cat([torch.arange(1, n + 1, device="cpu") for n in lengths.tolist()]),
         student_sequence=students,
         student_lengths=torch.bincount(decoder_sequence[visible_rows], minlength=len(students)) + 1,
         decoder_source=torch.cat(sources),

@@ -381,8 +381,9 @@ def export(model: EchoModel, out: Path) -> Path:
 
 
 def checkpoint_encoder(saved: dict, which: str | None = None) -> EchoModel:
-    """The teacher or student of a loaded checkpoint; `which` defaults to the run's own export choice."""
-    model = EchoModel(PretrainConfig(**saved["config"]).model_config)
+    """The teacher or student of a loaded checkpoint, in float32 on the CPU whatever torch's default device and dtype
+    (a default meta device gave a model without weights); `which` defaults to the run's own export choice."""
+    model = EchoModel(PretrainConfig(**saved["config"]).model_config, device="cpu", dtype=torch.float32)
     model.load_state_dict(saved[which or saved["config"]["export"]])
     return model
 
@@ -418,8 +419,13 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
         raise ValueError(f"stop_at must be zero or more, got {stop_at}")
     made_group = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
     rank, world, device = setup_distributed(config.device)
+    # A run needs autograd whatever its caller set (no grad, inference mode), and torch's default device on the CPU:
+    # torch's DataLoader and AdamW make tensors there (the run's own device is --device). That default is set only
+    # where a caller moved it, as it takes every torch call through Python.
+    on_host = nullcontext() if torch.get_default_device().type == "cpu" else torch.device("cpu")
     try:
-        result = _train(config, progress, stop_at, rank, world, device)
+        with on_host, torch.enable_grad(), torch.inference_mode(False):
+            result = _train(config, progress, stop_at, rank, world, device)
     except KeyboardInterrupt:  # the command line prints its message: where the same command resumes
         raise KeyboardInterrupt(checkpoints.resume_note(Path(config.out) / "checkpoints")) from None
     # after the run's last barrier: a process that exits with its group alive can abort in gloo's threads. Not
@@ -478,11 +484,14 @@ def _train(config: PretrainConfig, progress: bool, stop_at: int | None, rank: in
                   f"size, so it goes on over {config.data}")
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    student = EchoModel(config.model_config)
+    # made in float32 on the CPU, then moved: the same initial weights whatever torch's default device and dtype
+    # (a default float64 trained float64 models from other weights)
+    host = {"device": "cpu", "dtype": torch.float32}
+    student = EchoModel(config.model_config, **host)
     # gcd: the grouping a run started before the groups had to divide the width was built with (checked above
     # for a new run, where it is the groups themselves)
     decoder = ConvDecoder(student.config.dim, config.decoder_layers, config.decoder_kernel,
-                          math.gcd(config.decoder_groups, student.config.dim))
+                          math.gcd(config.decoder_groups, student.config.dim), **host)
     learner = Learner(student, decoder, config.utterance_weight).to(device)
     teacher = copy.deepcopy(student).requires_grad_(False)
     peak = config.peak_lr(world)
