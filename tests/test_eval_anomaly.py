@@ -163,6 +163,17 @@ def test_embeddings_that_cannot_be_scored_are_named():
         anomaly.score_clips(clips, e)
 
 
+def test_zero_embeddings_are_named_by_their_row():
+    """Cosine distance is undefined for a zero embedding; the search names rows of one group's bank or test
+    clips, not of the embeddings given."""
+    clips = [Clip(Path(f"{i}"), "dev", m, "00", None, s, 0)
+             for i, (m, s) in enumerate([("fan", "train"), ("fan", "test"), ("pump", "train"), ("pump", "test")])]
+    e = seeded_rng().normal(size=(4, 3))
+    e[3] = 0
+    with pytest.raises(ValueError, match=r"embeddings: row\(s\) 3 have length 0"):
+        anomaly.score_clips(clips, e)
+
+
 def test_test_clips_without_a_bank_are_an_error():
     clips = [Clip(Path("a"), "dev", "fan", "00", None, "train", 0), Clip(Path("b"), "dev", "fan", "01", None, "test", 0)]
     with pytest.raises(ValueError, match="dev fan section 01: 1 test clips but no training clip"):

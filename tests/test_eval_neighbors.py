@@ -3,6 +3,7 @@ import importlib.util
 
 import numpy as np
 import pytest
+import torch
 
 from echo.eval import neighbors
 
@@ -275,3 +276,120 @@ def test_near_duplicates_match_exact_float64_distances(metric, dtype, backend, m
     np.testing.assert_allclose(chosen, np.sort(reference, axis=1)[:, :k], rtol=rtol, atol=0)
     if dtype == np.float64:
         np.testing.assert_array_equal(indices, np.argsort(reference, axis=1, kind="stable")[:, :k])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_ranks_equal_and_near_duplicate_rows_exactly(dtype):
+    """The fused search measured every distance as |q|^2 + |b|^2 - 2 q.b: equal rows came out ~|q| sqrt(eps)
+    apart and rows 1e-6 apart (relative) in random order. Channel c here is the base rows times a power of 2
+    (exact in any dtype), so each channel's z-score is a positive multiple of the base distance less a constant,
+    whatever the bank's mean and std: the fused ranking must be the exact ranking of base distances, equal rows
+    at equal fused distances in bank order, including a row with 40 near copies."""
+    rng = seeded_rng()
+    dim, k = 768, 5
+    unique = rng.normal(size=(60, dim)) + rng.normal(size=dim)  # a shared offset: centring matters
+    near = lambda row, count: row * (1 + 1e-6 * rng.normal(size=(count, dim)))  # noqa: E731
+    base = np.concatenate([unique, unique[:4], near(unique[0], 40), near(unique[1], 3)]).astype(dtype)
+    base = base[rng.permutation(len(base))]
+    fresh = np.concatenate([near(unique[0], 2), near(unique[2], 2)]).astype(dtype)
+    scales = np.array([1, 8, 0.25], dtype=dtype)[None, :, None]
+    queries = np.concatenate([base, fresh])
+    exclude = np.concatenate([np.arange(len(base)), np.full(len(fresh), -1)])  # leave-one-out for bank rows
+    distances, indices = neighbors.fused_nearest(queries[:, None] * scales, base[:, None] * scales, k,
+                                                 exclude=exclude, chunk_bytes=2**16)  # several chunks
+    reference = exact_distances(queries, base, "euclidean")
+    reference[np.arange(len(base)), np.arange(len(base))] = np.inf
+    np.testing.assert_array_equal(indices, np.argsort(reference, axis=1, kind="stable")[:, :k])
+    chosen = np.take_along_axis(reference, indices, 1)
+    tied = chosen[:, 1:] == chosen[:, :-1]
+    assert tied.sum() >= 4 and (distances[:, 1:] == distances[:, :-1])[tied].all()
+    assert (distances[:, 1:] >= distances[:, :-1]).all()
+
+
+def test_exclusions_outside_the_bank_are_refused():
+    """An exclude value below -1 or past the bank's last row matched no row and was silently ignored (a query
+    then met its own row), and 1.5 was read as row 1."""
+    bank = np.arange(12.0).reshape(3, 4)
+    for value in (3, -2):
+        message = rf"exclude: query 1 excludes row {value}, which is neither -1 nor a row of the bank \(0\.\.2\)"
+        with pytest.raises(ValueError, match=message):
+            neighbors.nearest(bank, bank, 1, exclude=[0, value, 5])
+        with pytest.raises(ValueError, match=message):
+            neighbors.fused_nearest(bank[:, None], bank[:, None], 1, exclude=[0, value, 5])
+    with pytest.raises(ValueError, match="exclude must hold integers, got float64"):
+        neighbors.nearest(bank, bank, 1, exclude=[0, 1.5, 2])
+
+
+@pytest.fixture
+def matmul_precision_restored():
+    yield
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.fp32_precision = "none"
+    torch.backends.cuda.matmul.fp32_precision = "none"
+    torch.backends.mkldnn.matmul.fp32_precision = "none"
+
+
+USER_PRECISIONS = {  # the three ways a user can lower float32 matmul precision globally, and what each reads
+    "allow_tf32": (lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True),
+                   lambda: torch.backends.cuda.matmul.allow_tf32),
+    "set_float32_matmul_precision": (lambda: torch.set_float32_matmul_precision("medium"),
+                                     lambda: (torch.get_float32_matmul_precision(),
+                                              torch.backends.mkldnn.matmul.fp32_precision)),
+    "fp32_precision": (lambda: (setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"),
+                                setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16")),
+                       lambda: (torch.backends.cuda.matmul.fp32_precision,
+                                torch.backends.mkldnn.matmul.fp32_precision)),
+}
+
+
+@pytest.mark.skipif(not neighbors.PER_BACKEND_PRECISION, reason="reads torch 2.9's per-backend settings")
+@pytest.mark.parametrize("per_backend, setting", [(True, setting) for setting in USER_PRECISIONS]
+                         + [(False, "allow_tf32"), (False, "set_float32_matmul_precision")])
+def test_searches_multiply_in_full_float32_whatever_the_users_setting(per_backend, setting, monkeypatch,
+                                                                      matmul_precision_restored):
+    """TF32 (GPU) and bf16 (oneDNN on CPUs) products round to 10 or 7 bits, far past the rounding the search's
+    bound allows: a neighbour could be missed. Both searches multiply in full float32 and give the user's
+    setting back, by torch's per-backend settings or, before torch 2.9, its one setting for all. (No GPU here:
+    the setting seen inside the search is what is checked.)"""
+    monkeypatch.setattr(neighbors, "PER_BACKEND_PRECISION", per_backend)
+    seen = []
+
+    def spy(*args):
+        seen.append((torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision))
+        return search_values(*args)
+
+    search_values = neighbors._search_values
+    monkeypatch.setattr(neighbors, "_search_values", spy)
+    lower, read = USER_PRECISIONS[setting]
+    lower()
+    before = read()
+    rows = seeded_rng().normal(size=(6, 4)).astype(np.float32)
+    neighbors.nearest(rows, rows, 2)
+    neighbors.fused_nearest(rows[:, None], rows[:, None], 2)
+    assert seen and set(seen) == {("ieee", "ieee")}
+    assert read() == before
+
+
+def test_cosine_refuses_zero_rows_and_measures_tiny_ones():
+    """A zero row has no direction: it tied with every row, each query re-ranked against the whole bank.
+    A row of length 1e-14 was scaled by 1e12 (a floor on norms), so the search put it ~1 from everything
+    and a query missed the row of its own direction."""
+    rng = seeded_rng()
+    queries = rng.normal(size=(3, 8))
+    bank = queries[0] + 0.2 * rng.normal(size=(60, 8))  # all near query 0's direction
+    zeroed = queries.copy()
+    zeroed[1] = 0
+    with pytest.raises(ValueError, match=r"queries: row\(s\) 1 have length 0: cosine distance is undefined"):
+        neighbors.nearest(zeroed, bank, 1, "cosine")
+    zeroed = bank.copy()
+    zeroed[[5, 9]] = 0
+    with pytest.raises(ValueError, match=r"bank: row\(s\) 5, 9 have length 0"):
+        neighbors.nearest(queries, zeroed, 1, "cosine")
+    np.testing.assert_array_equal(neighbors.nearest(queries, zeroed, 3)[1],  # Euclidean: zero rows are points
+                                  brute_force(queries, zeroed, 3, "euclidean")[1])
+    bank[7] = queries[0] * 1e-14
+    distances, indices = neighbors.nearest(queries, bank, 3, "cosine")
+    ref_d, ref_i = brute_force(queries, bank, 3, "cosine")
+    assert ref_i[0, 0] == 7
+    np.testing.assert_array_equal(indices, ref_i)
+    np.testing.assert_allclose(distances, ref_d, rtol=1e-9, atol=1e-15)

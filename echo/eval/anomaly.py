@@ -55,6 +55,7 @@ def check_year(year: int | None) -> int | None:
 def score_clips(clips: list[Clip], embeddings, device=None, backend: str = "torch") -> np.ndarray:
     """Cosine 1-NN distance of every test clip to its own bank; NaN for training clips."""
     embeddings = neighbors.as_rows(embeddings)
+    neighbors.check_nonzero(embeddings, "embeddings")  # by the row given, not by its place in a group
     if len(embeddings) != len(clips):
         raise ValueError(f"{len(embeddings)} embeddings for {len(clips)} clips")
     groups = defaultdict(lambda: ([], []))
