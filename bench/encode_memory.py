@@ -1,5 +1,5 @@
-"""Peak memory of echo.fast.encode against the number of signals in one call: the token budget (`max_tokens`)
-should keep the working memory flat however many signals a call holds.
+"""Peak memory of echo.fast.encode against the number of signals in one call (the token budget should keep the
+working memory flat however many signals a call holds), and on long signals (`--long`).
 
 Each (copies, max_tokens, dtype) runs in a fresh process, which builds `copies` copies of the W2 workload
 (bench/encode_throughput.py: 128 segments of 0.5-2.5 s at 12, 16, 48 and 50 kHz), notes its resident memory,
@@ -9,13 +9,22 @@ signals and the returned embeddings grow with the call by nature.
 
     python bench/encode_memory.py [--copies 1 4 16] [--max-tokens 4096] [--dtypes bfloat16 float32] [--size small]
     python bench/encode_memory.py --copies 1 4 --max-tokens 0          (0: the whole call in one pass)
+
+`--long RATE:SECONDS[:SIGNALS] ...` measures long signals instead: each item is one call on SIGNALS (default 1)
+random signals of that length, default max_tokens, for each front end of `--stft` (ECHO_BACKEND_STFT); it
+prints the peak over the call's start against the signals' float32 size. The front end's whole band-layout
+spectrogram of a signal is ~1.3x that size (bands x 32 rows of float32 per hop of samples).
+
+    python bench/encode_memory.py --long 48000:600 16000:1800 --size tiny --dtypes bfloat16 --stft csrc torch
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -40,14 +49,60 @@ def measure(copies: int, max_tokens: int, dtype: str, size: str) -> dict:
             "working_mb": peak - before - returned}
 
 
+def measure_long(rate: int, seconds: float, signals: int, dtype: str, size: str) -> dict:
+    import echo
+    import echo.fast
+    from echo import host_memory
+
+    torch.manual_seed(0)
+    model = echo.EchoModel(echo.EchoConfig.preset(size)).eval()
+    echo.fast.encode(model, torch.randn(rate), rate, dtype=getattr(torch, dtype))  # the inference copy, built once
+    waves = [torch.randn(int(rate * seconds)) for _ in range(signals)]
+    with open("/proc/self/clear_refs", "w") as clear:  # VmHWM from here on (Linux): making `waves` peaked higher
+        clear.write("5")
+    before = host_memory.current_rss_mb()
+    started = time.perf_counter()
+    echo.fast.encode(model, waves, rate, dtype=getattr(torch, dtype))
+    return {"seconds": time.perf_counter() - started, "signal_mb": sum(w.numel() * 4 for w in waves) / 2**20,
+            "over_start_mb": host_memory.peak_rss_mb() - before}
+
+
+def main_long(args) -> int:
+    print("| front end | signals | dtype | ECHO | signals MB (float32) | peak over the call's start MB | x signals | "
+          "call s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for item in args.long:
+        rate, seconds, signals = (item.split(":") + ["1"])[:3]
+        for stft in args.stft:
+            for dtype in args.dtypes:
+                run = subprocess.run([sys.executable, __file__, "--long-worker", rate, seconds, signals, dtype,
+                                      args.size], capture_output=True, text=True, check=True,
+                                     env={**os.environ, "ECHO_BACKEND_STFT": stft})
+                r = json.loads(run.stdout.strip().splitlines()[-1])
+                what = f"{signals} x {float(seconds):g} s at {int(rate) / 1000:g} kHz"
+                print(f"| {stft} | {what} | {dtype} | {args.size} | {r['signal_mb']:.0f} | {r['over_start_mb']:.0f} | "
+                      f"{r['over_start_mb'] / r['signal_mb']:.2f} | {r['seconds']:.1f} |", flush=True)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--copies", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-tokens", type=int, nargs="+", default=[4096], help="0: the whole call in one pass")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--size", default="small")
+    parser.add_argument("--long", nargs="+", metavar="RATE:SECONDS[:SIGNALS]",
+                        help="long signals, one call per item, instead of copies of W2")
+    parser.add_argument("--stft", nargs="+", default=["csrc", "torch"], help="front ends of --long")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--long-worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.long_worker:
+        rate, seconds, signals, dtype, size = args.long_worker
+        print(json.dumps(measure_long(int(rate), float(seconds), int(signals), dtype, size)))
+        return 0
+    if args.long:
+        return main_long(args)
     if args.worker:
         copies, max_tokens, dtype, size = args.worker
         print(json.dumps(measure(int(copies), int(max_tokens), dtype, size)))

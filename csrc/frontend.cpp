@@ -24,6 +24,7 @@
 
 #include "frontend.h"
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <vector>
@@ -31,7 +32,10 @@
 namespace echo {
 namespace {
 
-constexpr int64_t kChunkFrames = 64;  // frames per work item: ~100 KB of spectrum at 16 kHz, in L2
+// Frames per work item: 64 (~100 KB of spectrum at 16 kHz, in L2), fewer where 64 windows exceed kChunkSamples:
+// at 1 MHz, 64 frames were 13 MB of frames and 13 MB of spectrum per thread, which glibc kept after the call.
+constexpr int64_t kChunkFrames = 64;
+constexpr int64_t kChunkSamples = 64 * 2400;  // 64 windows at 96 kHz
 
 struct Chunk {
   int64_t signal, first_frame, frames;
@@ -75,9 +79,11 @@ at::Tensor ragged_spectrogram_cpu(const at::Tensor& waves, const at::Tensor& wav
   });
 
   std::vector<Chunk> chunks;
-  for (int64_t i = 0; i < signals; ++i)
-    for (int64_t t = 0; t < geometry[4 * i + 2]; t += kChunkFrames)
-      chunks.push_back({i, t, std::min(kChunkFrames, geometry[4 * i + 2] - t)});
+  for (int64_t i = 0; i < signals; ++i) {
+    const int64_t step = std::clamp<int64_t>(kChunkSamples / geometry[4 * i], 1, kChunkFrames);
+    for (int64_t t = 0; t < geometry[4 * i + 2]; t += step)
+      chunks.push_back({i, t, std::min(step, geometry[4 * i + 2] - t)});
+  }
   const auto windows = hann_windows(geometry, signals);
   const double inv_std = 1.0 / log_std;
 

@@ -203,7 +203,9 @@ class _FrontEnd:
     """The band-layout spectrograms of a call's chunks, each mono's computed once: a mono split across chunks
     (one over max_tokens) keeps its own until its last chunk. Recomputed with each chunk's other members, a
     3-minute signal between two short ones went through the front end 3 times: the call ran at 0.89-0.92x
-    (bench/encode_throughput.py's W4, ECHO-tiny, bf16, bench/RESULTS.md)."""
+    (bench/encode_throughput.py's W4, ECHO-tiny, bf16, bench/RESULTS.md). A chunk of that mono alone gets the
+    kept spectrogram itself: a copy for each chunk, two of them alive at once, raised the peak of one 10-minute
+    signal by 2.5x its size (bench/RESULTS.md, "the front end's peak on long signals")."""
 
     def __init__(self, monos: list[_Mono], chunks: list[list[tuple[int, list[Piece]]]], device, backend):
         self.monos, self.device, self.backend = monos, device, backend
@@ -223,7 +225,7 @@ class _FrontEnd:
             pieces = dict(zip(fresh, spec.split([size_of[m] for m in fresh])))
             self.kept.update({m: pieces[m] for m in fresh if m in self.last_chunk})
             if len(fresh) < len(members):
-                spec = torch.cat([pieces[m] if m in pieces else self.kept[m] for m in members])
+                spec = _joined([pieces[m] if m in pieces else self.kept[m] for m in members])
         for m in members:
             if self.last_chunk.get(m) == number:
                 del self.kept[m]
@@ -260,7 +262,11 @@ def _same_device(asked: torch.device, model_device: torch.device) -> bool:
 def _on_device(waveforms: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """The waveforms back to back on `device`, each copied straight into its place: no wait for the device per
     signal (W2's 128 copies each waited), and no join on the host first (for W3 one more copy of 46 MB there).
-    non_blocking is safe from pageable host memory: CUDA stages the samples before the call returns."""
+    non_blocking is safe from pageable host memory: CUDA stages the samples before the call returns. A lone
+    waveform already on `device` is not copied: the front end only reads it, and a long signal's copy was as
+    large as the signal."""
+    if len(waveforms) == 1 and waveforms[0].device == device:
+        return waveforms[0]
     out = torch.empty(sum(waveform.shape[0] for waveform in waveforms), dtype=waveforms[0].dtype, device=device)
     start = 0
     for waveform in waveforms:

@@ -1,11 +1,12 @@
 import pytest
 import torch
 
+from echo import extension, geometry
 from echo.ops import stft as stft_ops
 from echo.ops import tokens as token_ops
 from independent import numpy_spectrogram
 
-from conftest import RATE_FAMILIES, rel_err
+from conftest import RATE_FAMILIES, random_model, rel_err
 
 
 @pytest.mark.parametrize("rate", RATE_FAMILIES + [2000, 24000, 32000])
@@ -66,16 +67,18 @@ def test_frequency_encoding_16k():
 def test_frame_groups_cut_in_order_under_the_budget():
     frames = [5, 3, 9, 2, 2, 20, 1]
     groups = stft_ops.frame_groups(list(range(7)), frames, budget=8)
-    assert groups == [[0, 1], [2], [3, 4], [5], [6]]  # a signal over the budget goes alone
+    # (signal, first frame, frames): a signal over the budget in spans of the budget, its rest with the next ones
+    assert groups == [[(0, 0, 5), (1, 0, 3)], [(2, 0, 8)], [(2, 8, 1), (3, 0, 2), (4, 0, 2)], [(5, 0, 8)],
+                      [(5, 8, 8)], [(5, 16, 4), (6, 0, 1)]]
 
 
-@pytest.mark.parametrize("group_frames", [40, 1024, None])
-def test_torch_ragged_front_end_equals_the_per_signal_reference(monkeypatch, group_frames):
-    """The batched torch path, cut into groups of signals (as on a CPU) or not (None, as on a GPU), gives the
-    reference's numbers."""
+@pytest.mark.parametrize("group_samples", [40 * 400, 1024 * 400, None])
+def test_torch_ragged_front_end_equals_the_per_signal_reference(monkeypatch, group_samples):
+    """The batched torch path, cut into groups of frames (as on a CPU; the smallest budget cuts most signals here
+    into spans) or not (None, as on a GPU), gives the reference's numbers."""
     from echo.plan import make_plan
 
-    monkeypatch.setattr(stft_ops, "CPU_GROUP_FRAMES", group_frames)
+    monkeypatch.setattr(stft_ops, "CPU_GROUP_SAMPLES", group_samples)
     generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     rates = [8000, 12000, 16000, 22050, 44100, 48000, 50000, 16000, 8000, 44100]
     seconds = [0.3, 1.7, 0.45, 2.3, 0.31, 1.05, 0.77, 0.26, 3.1, 0.9]
@@ -90,13 +93,13 @@ def test_torch_ragged_front_end_equals_the_per_signal_reference(monkeypatch, gro
     assert rel_err(out, stft_ops.ragged_spectrogram_reference(waves, offsets, plan)) < 1e-6
 
 
-@pytest.mark.parametrize("group_frames", [1024, None])
-def test_a_quiet_signal_after_a_loud_one_keeps_its_own_spectrum(monkeypatch, group_frames):
+@pytest.mark.parametrize("group_samples", [1024 * 400, None])
+def test_a_quiet_signal_after_a_loud_one_keeps_its_own_spectrum(monkeypatch, group_samples):
     """The GPU order takes each mean from one running sum over all signals: a quiet signal after a loud, offset
     one must come out as the reference makes it, signal by signal (a shared norm would hide it)."""
     from echo.plan import make_plan
 
-    monkeypatch.setattr(stft_ops, "CPU_GROUP_FRAMES", group_frames)
+    monkeypatch.setattr(stft_ops, "CPU_GROUP_SAMPLES", group_samples)
     rates = [48000, 8000, 16000]
     signals = [torch.randn(3 * 48000) * 10 + 1e3, torch.randn(8000) * 1e-3 + 1e-3, torch.randn(4000) * 1e-4]
     plan = make_plan([len(x) for x in signals], rates)
@@ -108,6 +111,61 @@ def test_a_quiet_signal_after_a_loud_one_keeps_its_own_spectrum(monkeypatch, gro
     for i in range(3):
         rows = slice(int(plan.spec_offsets[i]), int(plan.spec_offsets[i + 1]))
         assert rel_err(out[rows], expected[rows]) < 1e-6, f"signal {i}"
+
+
+def largest_temporary(call) -> tuple[torch.Tensor, int]:
+    """`call()`'s result and the largest block an op of it allocated on the CPU, its result's aside."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        out = call()
+    result = out.numel() * out.element_size()
+    return out, max(event.cpu_memory_usage for event in profiler.events() if event.cpu_memory_usage != result)
+
+
+@pytest.mark.parametrize("backend", ["torch", "csrc"])
+def test_a_long_signal_goes_through_the_cpu_front_end_a_few_frames_at_a_time(backend):
+    """No float64 copy of a whole signal, and no group of frames larger than ~1 MB of windows: the torch path took
+    a long signal in one group (10 minutes at 48 kHz: +1.9 GB), and the compiled op 64 frames per work item
+    whatever the window (at 1 MHz, 13 MB of frames and as much spectrum per thread)."""
+    if backend == "csrc" and not extension.has_op("ragged_spectrogram", "cpu"):
+        pytest.skip(f"compiled front end unavailable: {extension.why_unavailable('ragged_spectrogram', 'cpu')}")
+    from echo.plan import make_plan
+
+    rate = 1_000_000
+    waves = torch.randn(int(rate * torch.empty(()).uniform_(1.1, 1.5))) + 0.1  # 25 ms windows of 25,000 samples
+    plan = make_plan([len(waves)], [rate])
+    offsets = torch.tensor([0, len(waves)])
+    out, temporary = largest_temporary(lambda: stft_ops.ragged_spectrogram(waves, offsets, plan, backend=backend))
+    assert 2**20 < temporary <= 4 * 2**20  # over 1 MB: the profiler saw the groups' blocks
+    assert rel_err(out, stft_ops.ragged_spectrogram_reference(waves, offsets, plan)) < 1e-6
+
+
+def test_a_signal_over_several_passes_is_read_in_place_and_its_spectrogram_never_copied(monkeypatch):
+    """fast.encode's front end reads a lone signal's own samples (their copy was as large as the signal) and
+    hands every pass of it the one spectrogram it made (a copy for each pass, two alive at once, raised the peak
+    of one 10-minute signal by 2.5x its size); the embeddings are the one-pass ones."""
+    import echo.fast as fast
+
+    model = random_model("tiny")
+    rate = 8000
+    signal = torch.randn(geometry.n_fft(rate) + int(torch.randint(4050, 4300, ())) * geometry.hop(rate))  # 3 segments
+    whole = fast.encode(model, signal, rate, frames=True, max_tokens=10**6)
+    made, read = [], []
+    front_end, tokens = stft_ops.ragged_spectrogram, token_ops.pack_tokens
+
+    def recorded_front_end(waves, *args, **kwargs):
+        out = front_end(waves, *args, **kwargs)
+        made.append((waves.data_ptr(), out.data_ptr()))
+        return out
+
+    monkeypatch.setattr(stft_ops, "ragged_spectrogram", recorded_front_end)
+    monkeypatch.setattr(token_ops, "pack_tokens",
+                        lambda spec, *args, **kwargs: read.append(spec.data_ptr()) or tokens(spec, *args, **kwargs))
+    # 4 bands of 126 tokens a segment: passes of whole segments and of some of a segment's bands
+    ((utterance, frames),) = fast.encode(model, signal, rate, frames=True, max_tokens=int(torch.randint(130, 700, ())))
+    assert made == [(signal.data_ptr(), read[0])] and len(read) > 2 and set(read) == {read[0]}
+    assert rel_err(utterance, whole[0][0]) < 1e-6 and rel_err(frames, whole[0][1]) < 1e-6
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])

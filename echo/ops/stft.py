@@ -83,28 +83,39 @@ def ragged_spectrogram_reference(waves: torch.Tensor, wave_offsets: torch.Tensor
 
 
 # On a CPU one FFT over every frame of a rate runs out of cache: on the encode benchmark's workloads it was
-# 1.4-3.3x slower than the per-signal reference (bench/RESULTS.md, "The front end's torch path"). Groups of signals
-# of at most this many frames keep the FFT, |X| and log in cache; a GPU takes each rate in one group
-# (ragged_spectrogram_by_rate; None sends a CPU there too, the tests' way to run it).
-CPU_GROUP_FRAMES: int | None = 1024
+# 1.4-3.3x slower than the per-signal reference (bench/RESULTS.md, "The front end's torch path"). Groups of frames
+# of at most this many window samples (1024 frames at 16 kHz) keep the FFT, |X| and log in cache, and bound the
+# float64 temporaries of a long signal: whole, 10 minutes at 48 kHz took 1.9 GB, and 1024 frames at 1 MHz 0.8 GB.
+# A GPU takes each rate in one group (ragged_spectrogram_by_rate; None sends a CPU there too, the tests' way to
+# run it).
+CPU_GROUP_SAMPLES: int | None = 1024 * 400
+MEAN_BLOCK = 1 << 16  # samples summed per float64 copy in signal_mean
 
 
-def frame_groups(members: list[int], frames: list[int], budget: int) -> list[list[int]]:
-    """`members` (signal indices) cut, in order, into runs of at most `budget` frames (a longer signal alone)."""
+def frame_groups(members: list[int], frames: list[int], budget: int) -> list[list[tuple[int, int, int]]]:
+    """The frames of `members` (signal indices), in order, in groups of at most `budget`: (signal, first frame,
+    frames) spans, whole signals where they fit, a longer signal cut into spans of `budget` frames."""
     groups, group, used = [], [], 0
     for i in members:
-        if group and used + frames[i] > budget:
-            groups.append(group)
-            group, used = [], 0
-        group.append(i)
-        used += frames[i]
+        for first in range(0, frames[i], budget):
+            count = min(budget, frames[i] - first)
+            if group and used + count > budget:
+                groups.append(group)
+                group, used = [], 0
+            group.append((i, first, count))
+            used += count
     return groups + [group]
+
+
+def signal_mean(samples: torch.Tensor) -> torch.Tensor:
+    """The mean of 1-D samples, summed in float64 as the reference's, without a float64 copy of a long signal."""
+    return sum(block.double().sum() for block in samples.split(MEAN_BLOCK)) / samples.shape[0]
 
 
 def ragged_spectrogram_torch(waves: torch.Tensor, wave_offsets: torch.Tensor, plan) -> torch.Tensor:
     """Same result, one windowed real FFT per distinct sample rate over the frames of all its signals (on a CPU
-    per group of CPU_GROUP_FRAMES frames), in float64 like the reference."""
-    if waves.device.type != "cpu" or CPU_GROUP_FRAMES is None:
+    per group of CPU_GROUP_SAMPLES samples of frames), in float64 like the reference."""
+    if waves.device.type != "cpu" or CPU_GROUP_SAMPLES is None:
         return ragged_spectrogram_by_rate(waves, wave_offsets, plan)
     out = waves.new_empty(int(plan.spec_offsets[-1]))
     bounds = wave_offsets.tolist()
@@ -112,17 +123,19 @@ def ragged_spectrogram_torch(waves: torch.Tensor, wave_offsets: torch.Tensor, pl
     for sr, members in _by_rate(plan).items():
         window_length, step = geometry.n_fft(sr), geometry.hop(sr)
         window = torch.hann_window(window_length, periodic=True, dtype=torch.float64, device=waves.device)
-        for group in frame_groups(members, plan.frames, CPU_GROUP_FRAMES):
+        means = {i: signal_mean(waves[bounds[i] : bounds[i + 1]]) for i in members}
+        for group in frame_groups(members, plan.frames, max(1, CPU_GROUP_SAMPLES // window_length)):
             framed = torch.cat([
-                remove_dc(waves[bounds[i] : bounds[i + 1]].double()).unfold(0, window_length, step) for i in group
+                (waves[bounds[i] + first * step : bounds[i] + (first + count - 1) * step + window_length].double()
+                 - means[i]).unfold(0, window_length, step)
+                for i, first, count in group
             ])
             spec = log_normalise(torch.fft.rfft(framed * window).abs())  # (frames of the group, F)
-            first = 0
-            for i in group:
-                frames = plan.frames[i]
-                layout = band_layout(spec[first : first + frames].T, sr)
-                out[spec_bounds[i] : spec_bounds[i + 1]].view_as(layout).copy_(layout)
-                first += frames
+            row = 0
+            for i, first, count in group:
+                image = out[spec_bounds[i] : spec_bounds[i + 1]].view(-1, plan.frames[i])
+                image[:, first : first + count] = band_layout(spec[row : row + count].T, sr)
+                row += count
     return out
 
 
