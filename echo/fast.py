@@ -194,8 +194,9 @@ def encode(
                 [monos[m].sample_rate for m in members],
                 [subset for _, subset in chunk],
             )
-            spec = front_end.spectrogram(number, members, plan)
-            _encode_chunk(model, plan, spec, [monos[m] for m in members], frames, device, backend, row_step)
+            # no name holds a pass's spectrogram: the next pass's is made after this one's is freed
+            _encode_chunk(model, plan, front_end.spectrogram(number, members, plan), [monos[m] for m in members],
+                          frames, device, backend, row_step)
     return _gather(monos, len(signal_list), frames)
 
 
@@ -238,7 +239,7 @@ class _FrontEnd:
         waveforms = [self.monos[m].waveform for m in fresh]
         if plan is None:
             plan = make_plan([w.shape[0] for w in waveforms], [self.monos[m].sample_rate for m in fresh])
-        wave_offsets = torch.tensor([0] + [w.shape[0] for w in waveforms]).cumsum(0)
+        wave_offsets = torch.tensor([0] + [w.shape[0] for w in waveforms], device="cpu").cumsum(0)
         return stft_ops.ragged_spectrogram(_on_device(waveforms, self.device), wave_offsets, plan, self.backend)
 
 

@@ -112,6 +112,16 @@ def as_tensor(samples, where: str = "", what: str = "signal") -> torch.Tensor:
     return samples
 
 
+SUM_BLOCK = 1 << 16  # samples widened to float64 at a time by float64_sum
+
+
+def float64_sum(samples: torch.Tensor) -> torch.Tensor:
+    """The sum of all samples in float64, widened a block at a time: torch's sum(dtype=float64) widens them all
+    at once, a copy twice the size of a float32 signal (+221 MB for 10 minutes at 48 kHz)."""
+    return sum((block.sum(dtype=torch.float64) for block in samples.reshape(-1).split(SUM_BLOCK)),
+               torch.zeros((), dtype=torch.float64, device=samples.device))
+
+
 def as_float32(samples: torch.Tensor, where: str = "", what: str = "signal") -> torch.Tensor:
     """The samples (a tensor from as_tensor) as float32, integer PCM scaled; refused if any is NaN, Inf or
     beyond float32's range."""
@@ -122,7 +132,7 @@ def as_float32(samples: torch.Tensor, where: str = "", what: str = "signal") -> 
         raise _unsupported_dtype(samples.dtype, integer, where, what)
     converted = samples.to(torch.float32)
     # one pass: NaN/Inf propagate into the sum, and float32 samples cannot overflow a float64 sum
-    if not torch.isfinite(converted.sum(dtype=torch.float64)):
+    if not torch.isfinite(float64_sum(converted)):
         bad = (~torch.isfinite(samples)).sum().item()
         if bad:
             raise ValueError(f"{where}{what} contains {bad} NaN or Inf sample(s)")

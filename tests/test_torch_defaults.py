@@ -98,17 +98,11 @@ ENCODERS = {
     "StreamEncoder": lambda model, signal, rate: [
         t for dtype in (torch.float32, torch.bfloat16) for t in stream_encode(model, signal, rate, dtype)],
 }
-FAST_ON_META = pytest.mark.xfail(strict=True, reason="echo/plan.py and echo/fast.py make host tensors on torch's "
-                                                     "default device (reported)")
-
-
 @pytest.mark.parametrize("setting, encoder", cases(SETTINGS, ENCODERS))
-def test_encoders_give_float32_on_the_cpu_as_under_torchs_defaults(request, setting, encoder):
+def test_encoders_give_float32_on_the_cpu_as_under_torchs_defaults(setting, encoder):
     """A model made under torch's defaults encodes the same under any setting: under a default meta device the
     band positions and a stream's state were made there ("Cannot copy out of meta tensor"), and under a default
     float64 a stream held its audio in float64."""
-    if (setting, encoder) == ("default device meta", "fast.encode"):
-        request.applymarker(FAST_ON_META)
     model, rate = random_model("tiny", depth=2), 4000  # two bands
     signal = torch.randn(rate * 21)  # over 2000 frames: two segments, and a stream emits one before finish()
     truth = ENCODERS[encoder](model, signal, rate)

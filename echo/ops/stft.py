@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import geometry
+from .. import geometry, inputs
 
 
 def remove_dc(waveform: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,6 @@ def ragged_spectrogram_reference(waves: torch.Tensor, wave_offsets: torch.Tensor
 # A GPU takes each rate in one group (ragged_spectrogram_by_rate; None sends a CPU there too, the tests' way to
 # run it).
 CPU_GROUP_SAMPLES: int | None = 1024 * 400
-MEAN_BLOCK = 1 << 16  # samples summed per float64 copy in signal_mean
 
 
 def frame_groups(members: list[int], frames: list[int], budget: int) -> list[list[tuple[int, int, int]]]:
@@ -109,7 +108,7 @@ def frame_groups(members: list[int], frames: list[int], budget: int) -> list[lis
 
 def signal_mean(samples: torch.Tensor) -> torch.Tensor:
     """The mean of 1-D samples, summed in float64 as the reference's, without a float64 copy of a long signal."""
-    return sum(block.double().sum() for block in samples.split(MEAN_BLOCK)) / samples.shape[0]
+    return inputs.float64_sum(samples) / samples.shape[0]
 
 
 def ragged_spectrogram_torch(waves: torch.Tensor, wave_offsets: torch.Tensor, plan) -> torch.Tensor:
@@ -154,7 +153,7 @@ def ragged_spectrogram_by_rate(waves: torch.Tensor, wave_offsets: torch.Tensor, 
         window_length, step = geometry.n_fft(sr), geometry.hop(sr)
         window = torch.hann_window(window_length, periodic=True, dtype=torch.float64, device=waves.device)
         framed = torch.cat([samples[starts[i] : starts[i + 1]].unfold(0, window_length, step) for i in members])
-        signals, counts = torch.tensor([members, [plan.frames[i] for i in members]]).to(waves.device)
+        signals, counts = torch.tensor([members, [plan.frames[i] for i in members]], device=waves.device)
         frame_means = torch.repeat_interleave(means[signals], counts, output_size=framed.shape[0])
         spectrum = torch.fft.rfft((framed - frame_means[:, None]) * window)  # (frames, F)
         layout = band_layout(log_normalise(spectrum.abs()).T, sr)  # (rows, frames)
@@ -181,7 +180,7 @@ def ragged_spectrogram_csrc(waves: torch.Tensor, wave_offsets: torch.Tensor, pla
     wave_offsets = checked_offsets(waves, wave_offsets, plan, "compiled front end")
     signal_geometry = torch.tensor(
         [[geometry.n_fft(sr), geometry.hop(sr), t, nb] for sr, t, nb in zip(plan.sample_rates, plan.frames, plan.bands)],
-        dtype=torch.int64,
+        dtype=torch.int64, device="cpu",
     ).reshape(-1, 4)
     return torch.ops.echo.ragged_spectrogram(
         waves.contiguous(), wave_offsets, plan.spec_offsets, signal_geometry,
