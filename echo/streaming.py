@@ -90,8 +90,8 @@ class StreamEncoder:
     """`push(chunk)` returns the segments that became final, as (index, utterance, frames) with band 0
     provisional; `finish()` returns utterance, or (utterance, frames) with frames=True, of the whole signal.
     `dtype=torch.bfloat16` runs the matrix products in bf16, as in echo.fast.encode. `max_tokens` bounds the
-    tokens of every pass, as in echo.fast.encode. A
-    stream encodes with the model's weights as they were when it was made: a later change does not reach it."""
+    tokens of every pass, as in echo.fast.encode. A stream encodes with the model's weights as they were when it
+    was made: a later change does not reach it."""
 
     def __init__(self, model: EchoModel, sample_rate, *, frames: bool = False, dtype: torch.dtype = torch.float32,
                  backend: str | None = None, max_tokens: int | None = None):
