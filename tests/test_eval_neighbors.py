@@ -247,6 +247,17 @@ def test_equal_rows_are_exactly_zero_and_never_negative(metric, backend, dtype, 
     assert (distances[single] > 0).all()
 
 
+def near_duplicates(dtype, others: int, dim: int = 768) -> tuple[np.ndarray, np.ndarray]:
+    """(bank, fresh queries): 60 rows with a shared offset (centring matters), 4 exact copies, 40 copies of one
+    row and 3 of another 1e-6 apart (relative), shuffled; queries near rows 0 and 2, and `others` unrelated."""
+    rng = seeded_rng()
+    unique = rng.normal(size=(60, dim)) + rng.normal(size=dim)
+    near = lambda row, count: row * (1 + 1e-6 * rng.normal(size=(count, dim)))  # noqa: E731
+    bank = np.concatenate([unique, unique[:4], near(unique[0], 40), near(unique[1], 3)]).astype(dtype)
+    fresh = np.concatenate([near(unique[0], 2), near(unique[2], 2), rng.normal(size=(others, dim))])
+    return bank[rng.permutation(len(bank))], fresh.astype(dtype)
+
+
 @pytest.mark.parametrize("backend", ["torch", "faiss"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
@@ -258,13 +269,8 @@ def test_near_duplicates_match_exact_float64_distances(metric, dtype, backend, m
     if backend == "faiss":
         pytest.importorskip("faiss")
     monkeypatch.setattr(neighbors, "BANK_CHUNK_ROWS", 32)  # near copies fall in different bank chunks
-    rng = seeded_rng()
-    dim, k = 768, 5
-    unique = rng.normal(size=(60, dim)) + rng.normal(size=dim)  # a shared offset: centring matters
-    near = lambda row, count: row * (1 + 1e-6 * rng.normal(size=(count, dim)))  # noqa: E731
-    bank = np.concatenate([unique, unique[:4], near(unique[0], 40), near(unique[1], 3)]).astype(dtype)
-    bank = bank[rng.permutation(len(bank))]
-    fresh = np.concatenate([near(unique[0], 2), near(unique[2], 2), rng.normal(size=(3, dim))]).astype(dtype)
+    k = 5
+    bank, fresh = near_duplicates(dtype, others=3)
     queries = np.concatenate([bank, fresh])
     exclude = np.concatenate([np.arange(len(bank)), np.full(len(fresh), -1)])  # leave-one-out for bank rows
     distances, indices = neighbors.nearest(queries, bank, k, metric, exclude=exclude, backend=backend)
@@ -285,13 +291,8 @@ def test_fused_ranks_equal_and_near_duplicate_rows_exactly(dtype):
     (exact in any dtype), so each channel's z-score is a positive multiple of the base distance less a constant,
     whatever the bank's mean and std: the fused ranking must be the exact ranking of base distances, equal rows
     at equal fused distances in bank order, including a row with 40 near copies."""
-    rng = seeded_rng()
-    dim, k = 768, 5
-    unique = rng.normal(size=(60, dim)) + rng.normal(size=dim)  # a shared offset: centring matters
-    near = lambda row, count: row * (1 + 1e-6 * rng.normal(size=(count, dim)))  # noqa: E731
-    base = np.concatenate([unique, unique[:4], near(unique[0], 40), near(unique[1], 3)]).astype(dtype)
-    base = base[rng.permutation(len(base))]
-    fresh = np.concatenate([near(unique[0], 2), near(unique[2], 2)]).astype(dtype)
+    k = 5
+    base, fresh = near_duplicates(dtype, others=0)
     scales = np.array([1, 8, 0.25], dtype=dtype)[None, :, None]
     queries = np.concatenate([base, fresh])
     exclude = np.concatenate([np.arange(len(base)), np.full(len(fresh), -1)])  # leave-one-out for bank rows
