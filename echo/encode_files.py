@@ -3,7 +3,8 @@
 Files (WAV/FLAC/OGG/AIFF, any rate, any channel count: channels are encoded on their own and concatenated) or
 folders (searched recursively, through links to folders) are read and encoded in batches through
 `echo.fast.encode`; with no PATH the bundled samples are encoded. A file that cannot be read or encoded is
-reported with the reason and left out; an encoder failing alike on a batch and on each of its files stops the run.
+reported with the reason and left out; an encoder failing alike on a batch and on each of its files, or on
+three single-file batches in a row, stops the run.
 
 Every finished batch is saved at once in `OUT.parts/` (one shard per batch, written atomically), so an
 interrupted run loses at most one batch; the output is written atomically at the end, and a re-run skips
@@ -41,8 +42,8 @@ from .data import AUDIO_SUFFIXES
 from .data.bundled import SAMPLES_DIR
 from .data.wav import read_wav
 from .eval.datasets import read_audio
-from .eval.embed import (NOTHING_KEPT, READ_WORKERS, EmbeddingCache, encode_isolating_failures, encoding_key,
-                         key_checked, model_hash, read_checked, shown)
+from .eval.embed import (NOTHING_KEPT, READ_WORKERS, EmbeddingCache, FailureStreak, encode_isolating_failures,
+                         encoding_key, key_checked, model_hash, read_checked, shown)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FRAMES = "/frames"  # suffixes of a file's frame-embedding, (rate, channels) and real-path entries in the shards
@@ -134,10 +135,10 @@ def _encode(model, signals, rates, frames: bool, options: dict) -> list[dict]:
     return [{"utterance": u.float().numpy(), "frames": f.float().numpy()} for u, f in outputs]
 
 
-def _encode_batch(model, loaded: list, frames: bool, options: dict) -> list:
+def _encode_batch(model, loaded: list, frames: bool, options: dict, streak: FailureStreak) -> list:
     """Embeddings of a batch of (signal, rate); if the batch fails, file by file, so only the bad one fails."""
     return encode_isolating_failures(partial(_encode, model, frames=frames, options=options),
-                                     [s for s, _ in loaded], [r for _, r in loaded])
+                                     [s for s, _ in loaded], [r for _, r in loaded], streak)
 
 
 def read_embeddings(path) -> dict:
@@ -394,7 +395,7 @@ def _encode_files(args, rank: int, world: int) -> int:
         dist.broadcast_object_list(shared, src=0)
         wanted, keys = shared
     mine = wanted[rank::world]
-    failures, start, seconds = [], time.perf_counter(), 0.0
+    failures, start, seconds, streak = [], time.perf_counter(), 0.0, FailureStreak()
     bar = tqdm(total=len(mine), desc=f"encoding (rank {rank})" if world > 1 else "encoding", unit="file",
                disable=args.quiet or rank != 0)
 
@@ -413,7 +414,7 @@ def _encode_files(args, rank: int, world: int) -> int:
                     raise ValueError(f"{error} (plain 16-bit WAV files need no package)") from None
                 good = [(path, item) for path, item in zip(batch, loaded) if not isinstance(item, str)]
                 failures += [(path, item) for path, item in zip(batch, loaded) if isinstance(item, str)]
-                results = _encode_batch(model, [item for _, item in good], args.frames, options)
+                results = _encode_batch(model, [item for _, item in good], args.frames, options, streak)
                 fresh = {}
                 for (path, (signal, rate)), result in zip(good, results):
                     if isinstance(result, str):

@@ -357,6 +357,59 @@ def test_a_device_failing_on_every_file_stops_the_run_and_keeps_its_work(tmp_pat
     assert "4 files (2 reused from an earlier run), 0 skipped" in capsys.readouterr().out
 
 
+def test_a_device_failing_on_every_file_stops_a_run_of_single_file_batches(tmp_path, model_path, capsys,
+                                                                           monkeypatch):
+    """With --batch-files 1 no batch of several could fail alike: a broken GPU had every file after it tried twice
+    and skipped, and the run ended with status 0."""
+    import echo.encode_files as command
+
+    files = [tmp_path / f"{name}.wav" for name in "abcde"]
+    for path in files:
+        soundfile.write(str(path), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    real, calls = command._encode, []
+
+    def broken_after_the_first_file(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(command, "_encode", broken_after_the_first_file)
+    out = tmp_path / "e.npz"
+    options = (*files, "--model", model_path, "--out", out, "--batch-files", "1")
+    assert run(*options) == 1
+    assert capsys.readouterr().err == (
+        "error: the encoder failed on 3 single-signal batches in a row with the same error, so the device or the "
+        "model fails, not the signals: RuntimeError: CUDA error: an illegal memory access was encountered\n"
+        f"1 files encoded are kept in {tmp_path / 'e.npz.parts'}; the same command resumes with the 4 left\n")
+    assert len(calls) == 4 and not out.exists()  # the first file, then three failing once each
+    monkeypatch.setattr(command, "_encode", real)
+    assert run(*options) == 0
+    assert "5 files (1 reused from an earlier run), 0 skipped" in capsys.readouterr().out
+
+
+def test_a_file_the_encoder_fails_on_among_good_ones_is_only_skipped(tmp_path, model_path, capsys, monkeypatch):
+    import echo.encode_files as command
+
+    files = [tmp_path / f"{name}.wav" for name in "abcd"]
+    for path in files:  # c.wav, longer, is the one the encoder fails on
+        soundfile.write(str(path), np.random.uniform(-0.5, 0.5, 6000 if path.stem == "c" else 4000), 16000)
+    real = command._encode
+
+    def failing_on_c(model, signals, rates, **kwargs):
+        if signals[0].shape[-1] == 6000:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(model, signals, rates, **kwargs)
+
+    monkeypatch.setattr(command, "_encode", failing_on_c)
+    out = tmp_path / "e.npz"
+    assert run(*files, "--model", model_path, "--out", out, "--batch-files", "1") == 0
+    printed = capsys.readouterr().out
+    assert f"skipped {files[2]}: encode failed: CUDA error: an illegal memory access was encountered" in printed
+    assert "wrote" in printed and "3 files (0 reused from an earlier run), 1 skipped" in printed
+    assert sorted(read_embeddings(out)["files"]) == sorted(str(path) for path in files if path.stem != "c")
+
+
 def test_an_interrupted_frames_run_does_not_count_utterances_saved_without_frames_as_kept(tmp_path, model_path,
                                                                                          capsys, monkeypatch):
     """An earlier run's shard of a.wav's utterance alone was counted as this --frames run's kept work: "1 files

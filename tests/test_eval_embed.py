@@ -206,6 +206,56 @@ def test_an_encoder_failing_alike_on_a_batch_and_on_each_of_its_signals_stops_th
         "encode failed: bad a", "encode failed: bad b"]
 
 
+def test_single_signal_batches_failing_alike_in_a_row_stop_the_job():
+    """With one signal per batch (batch_files=1, or a last batch of one) a broken GPU had every signal tried twice,
+    alone, and skipped: no batch of several ever failed alike."""
+    calls = []
+
+    def broken(signals, rates):
+        calls.append(len(signals))
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    streak = embed.FailureStreak()
+    for signal in ("a", "b"):
+        assert embed.encode_isolating_failures(broken, [signal], [1], streak) == [
+            "encode failed: CUDA error: an illegal memory access was encountered"]
+    with pytest.raises(embed.EncoderFailure, match=r"^the encoder failed on 3 single-signal batches in a row with "
+                       r"the same error, so the device or the model fails, not the signals: RuntimeError: CUDA "
+                       r"error: an illegal memory access was encountered$"):
+        embed.encode_isolating_failures(broken, ["c"], [1], streak)
+    assert calls == [1, 1, 1]  # a signal alone is not retried
+
+
+def test_embed_files_one_file_a_batch_stops_on_a_broken_device_keeping_its_work(tmp_path, model, monkeypatch):
+    real, calls = embed._encode, []
+
+    def broken_after_the_first_file(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embed, "_encode", broken_after_the_first_file)
+    files = make_files(tmp_path)
+    with pytest.raises(embed.EncoderFailure, match="3 single-signal batches in a row"):
+        embed.embed_files(model, files, read_audio, tmp_path / "cache", "key", batch_files=1, progress=False)
+    monkeypatch.setattr(embed, "_encode", real)
+    assert embed.embed_files(model, files, read_audio, tmp_path / "cache", "key", progress=False).cached == 1
+
+
+def test_bad_signals_between_good_ones_or_failing_each_their_own_way_are_only_skipped():
+    def encode(signals, rates):
+        if signals[0].startswith("bad"):
+            raise ValueError(f"{signals[0]} is too short" if signals[0][-1].isdigit() else "too short")
+        return [signal.upper() for signal in signals]
+
+    streak = embed.FailureStreak()
+    outputs = [embed.encode_isolating_failures(encode, [signal], [1], streak)[0]
+               for signal in ("bad", "bad", "a", "bad", "bad", "b", "bad1", "bad2", "bad3", "c")]
+    assert outputs == ["encode failed: too short"] * 2 + ["A"] + ["encode failed: too short"] * 2 + ["B"] + [
+        f"encode failed: bad{i} is too short" for i in (1, 2, 3)] + ["C"]
+
+
 def test_a_failed_batch_holds_no_memory_while_its_signals_are_retried():
     """The retries ran inside the batch's `except` clause, whose traceback kept the failed call's locals (a GPU
     batch's intermediate tensors after an out-of-memory error) alive: the retries then ran out of memory too."""

@@ -172,18 +172,46 @@ class EncoderFailure(OSError):
     command line says it in a line, with what was kept."""
 
 
-def encode_isolating_failures(encode: Callable, signals: list, rates: list) -> list:
+REPEATED_FAILURES = 3
+
+
+class FailureStreak:
+    """A job's single-signal batches (batch size 1, or a last batch of one) failing with the same error in a row,
+    no batch encoded between: REPEATED_FAILURES of them are the device's or the model's fault, which no batch of
+    several told (a signal read and checked rarely fails to encode, and then most often says its length)."""
+
+    def __init__(self):
+        self.failure, self.count = "", 0
+
+    def record(self, failure: str = "") -> None:
+        """A batch's end: the error of a single signal that failed, or "" for any other batch."""
+        self.count = self.count + 1 if failure and failure == self.failure else int(bool(failure))
+        self.failure = failure
+        if self.count == REPEATED_FAILURES:
+            raise EncoderFailure(f"the encoder failed on {self.count} single-signal batches in a row with the same "
+                                 f"error, so the device or the model fails, not the signals: {failure}")
+
+
+def encode_isolating_failures(encode: Callable, signals: list, rates: list, streak: FailureStreak | None = None) \
+        -> list:
     """`encode(signals, rates)`, one output (an array, or a dict of arrays) per signal; when the batch fails on
     its input, signal by signal, so that only the bad ones fail: their places hold "encode failed: REASON", as do
     outputs holding NaN or Inf (float16 overflows), which must never be saved or searched. A BackendError (a
     setting, not a signal) stops the job, and so does EncoderFailure: a batch and each of its signals alone failing
-    with the same error."""
+    with the same error, or the job's single-signal batches in a row (`streak`, kept across its batches)."""
+    streak = streak or FailureStreak()
     try:
-        return _finite_or_failed(encode(signals, rates))
+        results = encode(signals, rates)
     except BackendError:
         raise
     except (ValueError, RuntimeError) as error:
         batch_failure = _failure(error)
+        if len(signals) == 1:  # tried alone already
+            streak.record(batch_failure)
+            return [f"encode failed: {error}"]
+    else:
+        streak.record()
+        return _finite_or_failed(results)
     # retried here, past the except clause: its traceback held the failed call's tensors (a GPU batch's, out of
     # memory) for the duration of the retries
     results, failures = [], []
@@ -195,10 +223,11 @@ def encode_isolating_failures(encode: Callable, signals: list, rates: list) -> l
         except (ValueError, RuntimeError) as error:
             results.append(f"encode failed: {error}")
             failures.append(_failure(error))
-    if len(signals) > 1 and failures == [batch_failure] * len(signals):
+    if failures == [batch_failure] * len(signals):
         raise EncoderFailure(f"the encoder failed on a batch of {len(signals)} signals and on each of them alone, "
                              f"with the same error, so the device or the model fails, not the signals: "
                              f"{batch_failure}")
+    streak.record()
     return _finite_or_failed(results)
 
 
@@ -242,6 +271,7 @@ def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | N
                    disable=not progress)
         submit = lambda batch: [pool.submit(read_checked, read, paths[i]) for i in batch]  # noqa: E731
         pending = submit(batches[0]) if batches else []
+        streak = FailureStreak()
         try:
             for number, batch in enumerate(batches):
                 start = time.perf_counter()
@@ -253,7 +283,7 @@ def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | N
                 result.failures += [(paths[i], item) for i, item in zip(batch, loaded) if isinstance(item, str)]
                 encode = functools.partial(_encode, model, device=device, dtype=dtype)
                 vectors = good and encode_isolating_failures(encode, [s for _, (s, _) in good],
-                                                             [r for _, (_, r) in good])
+                                                             [r for _, (_, r) in good], streak)
                 result.encode_seconds += time.perf_counter() - start
                 fresh = {}
                 for (i, _), vector in zip(good, vectors):
