@@ -394,3 +394,61 @@ def test_cosine_refuses_zero_rows_and_measures_tiny_ones():
     assert ref_i[0, 0] == 7
     np.testing.assert_array_equal(indices, ref_i)
     np.testing.assert_allclose(distances, ref_d, rtol=1e-9, atol=1e-15)
+
+
+def rounded_reference(queries, bank, k, metric):
+    """float64 distances rounded to the inputs' dtype, ranked there (equal ones in bank order), as `nearest`."""
+    q, b = queries.astype(np.float64), bank.astype(np.float64)
+    if metric == "cosine":
+        unit = lambda rows: rows / np.linalg.norm(rows, axis=1, keepdims=True)  # noqa: E731
+        distances = 1 - unit(q) @ unit(b).T
+    else:
+        distances = np.linalg.norm(q[:, None] - b[None], axis=2)
+    distances = distances.astype(queries.dtype)
+    order = np.argsort(distances, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(distances, order, 1), order
+
+
+# values whose squared norms (16 features) overflow the dtype, their distances well inside it
+OVERFLOWING = [(np.float16, 300.0), (np.float32, 1e20)]
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("dtype, scale", OVERFLOWING)
+def test_values_whose_squares_overflow_the_dtype_are_searched_wider(dtype, scale, metric):
+    """Squared norms past the dtype's range made search values inf or NaN, which the finiteness check did not
+    see: made-up neighbours and distances."""
+    rng = seeded_rng()
+    bank = (rng.normal(size=(40, 16)) * scale).astype(dtype)
+    queries = (rng.normal(size=(7, 16)) * scale).astype(dtype)
+    distances, indices = neighbors.nearest(queries, bank, 3, metric)
+    ref_d, ref_i = rounded_reference(queries, bank, 3, metric)
+    assert distances.dtype == dtype
+    np.testing.assert_array_equal(indices, ref_i)
+    np.testing.assert_array_equal(distances, ref_d)
+
+
+@pytest.mark.parametrize("dtype, scale", OVERFLOWING)
+def test_fused_values_whose_squares_overflow_the_dtype_are_searched_wider(dtype, scale):
+    rng = seeded_rng()
+    bank = (rng.normal(size=(30, 2, 16)) * scale).astype(dtype)
+    queries = (rng.normal(size=(5, 2, 16)) * scale).astype(dtype)
+    distances, indices = neighbors.fused_nearest(queries, bank, 3)
+    ref_d, ref_i = naive_fused(queries.astype(np.float64), bank.astype(np.float64), 3, [0, 1])
+    np.testing.assert_array_equal(indices, ref_i)
+    np.testing.assert_allclose(distances, ref_d, rtol=2 * np.finfo(dtype).eps, atol=4 * np.finfo(dtype).eps)
+
+
+def test_distances_past_the_dtype_and_squares_past_float64_are_refused():
+    """A float16 distance past 65504 came back inf; float64 rows past ~1e154 have no wider dtype to search in."""
+    queries, bank = np.array([[4e4]], np.float16), np.array([[-4e4], [0.0]], np.float16)
+    distances, indices = neighbors.nearest(queries, bank, 1)
+    assert indices.tolist() == [[1]] and distances.tolist() == [[4e4]]
+    with pytest.raises(ValueError, match="distances between queries and bank exceed float16's range"):
+        neighbors.nearest(queries, bank, 2)
+    for metric in ("euclidean", "cosine"):
+        with pytest.raises(ValueError, match=r"bank: values up to 1e\+160 would overflow the search's squares in "
+                                             r"float64; scale the rows down"):
+            neighbors.nearest(np.ones((2, 3)), np.full((4, 3), 1e160), 1, metric)
+    with pytest.raises(ValueError, match=r"queries: values up to 1e\+160"):
+        neighbors.fused_nearest(np.full((2, 1, 3), 1e160), np.ones((4, 1, 3)), 1)

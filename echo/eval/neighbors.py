@@ -219,15 +219,39 @@ def _best(distances: torch.Tensor, candidates: torch.Tensor, k: int, exclude) ->
     return values, candidates.gather(1, columns.gather(1, by_value))
 
 
-def _preparer(bank: torch.Tensor, metric: str, device):
-    """The map applied to query and bank rows before `_search_values`. Cosine's centre, the bank's sum over the
-    sum of its norms, is a mean of the unit rows (weighted by norm) for the price of one pass of norms."""
+def _search_dtype(queries: torch.Tensor, bank: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """`dtype`, else the first wider one in which the search's squares cannot overflow (the finiteness check does
+    not see an inf that only the squares reach). Rows of values up to m prepare to at most 2 sqrt(E) m long, so
+    search values and bounds stay below 32 E m^2 (1 + (E + 8) eps). Embeddings are ~1, but a user's features
+    may be in any units: those are searched wider (float16 in float32, float32 past ~1e17 in float64), slower
+    but right; past float64's range, refused."""
+    dim = bank.shape[-1]
+    largest = {name: float(torch.linalg.vector_norm(rows, float("inf")))
+               for name, rows in (("queries", queries), ("bank", bank))}
+    m = max(largest.values())
+    for wider in (dtype, torch.float32, torch.float64):
+        finfo = torch.finfo(wider)
+        if wider.itemsize >= dtype.itemsize and 32 * dim * m * m * (1 + (dim + 8) * finfo.eps) <= finfo.max:
+            return wider
+    name = max(largest, key=largest.get)
+    raise ValueError(f"{name}: values up to {largest[name]:.3g} would overflow the search's squares in float64; "
+                     f"scale the rows down")
+
+
+def _preparer(bank: torch.Tensor, metric: str, device, dtype: torch.dtype):
+    """The map applied to query and bank rows before `_search_values`, into the search's dtype. Cosine's centre,
+    the bank's sum over the sum of its norms, is a mean of the unit rows (weighted by norm) for the price of one
+    pass of norms."""
     if metric == "euclidean":
-        centre = bank.mean(0, keepdim=True).to(device)
-        return lambda rows: rows - centre
-    centre = (bank.sum(0, keepdim=True) / torch.linalg.vector_norm(bank, dim=1).sum()).to(device)
-    # F.normalize(rows) - centre in one pass over the rows
-    return lambda rows: torch.addcdiv(-centre, rows, rows.norm(dim=1, keepdim=True))
+        centre = bank.mean(0, keepdim=True, dtype=dtype).to(device)
+        return lambda rows: rows.to(dtype) - centre
+    centre = (bank.sum(0, keepdim=True, dtype=dtype) / torch.linalg.vector_norm(bank, dim=1, dtype=dtype).sum())
+    centre = centre.to(device)
+
+    def prepare(rows: torch.Tensor) -> torch.Tensor:  # F.normalize(rows) - centre in one pass over the rows
+        rows = rows.to(dtype)
+        return torch.addcdiv(-centre, rows, rows.norm(dim=1, keepdim=True))
+    return prepare
 
 
 @_full_float32_products()
@@ -236,8 +260,9 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
     """(distances (Q, k), bank indices (Q, k)), ascending per row.
 
     `exclude`: for each query, one bank row it may not match (its own row in leave-one-out), or -1.
-    Searched in the inputs' dtype (float32 unless float64 is passed; faiss: float32), the k nearest measured
-    in float64 and returned (and ranked) in the inputs' dtype.
+    Searched in the inputs' dtype (float32 unless float64 is passed; faiss: float32), or a wider one where
+    their squares would overflow it (`_search_dtype`), the k nearest measured in float64 and returned (and
+    ranked) in the inputs' dtype: refused if they exceed its range.
     """
     if backend not in ("torch", "faiss"):
         raise ValueError(f"unknown search backend {backend!r}; known: torch, faiss")
@@ -252,7 +277,10 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
     if metric == "cosine":
         check_nonzero(queries, "queries")
         check_nonzero(bank, "bank")
-    prepare = _preparer(bank, metric, device)
+    search_dtype = _search_dtype(queries, bank, queries.dtype)
+    if backend == "faiss" and _search_dtype(queries, bank, torch.float32) != torch.float32:
+        raise ValueError("backend='faiss' searches in float32, where these rows' squares overflow: use 'torch'")
+    prepare = _preparer(bank, metric, device, search_dtype)
     prepared = prepare(queries)
     if backend == "faiss":
         search = partial(_search_faiss, index=_faiss_index(prepare(bank)))
@@ -260,7 +288,7 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
         chunk = lru_cache(maxsize=1)(partial(_prepared_chunk, bank, prepare, device))  # 1 chunk: prepared once
         search = partial(_search_torch, chunk=chunk, bank_size=bank.shape[0], chunk_bytes=chunk_bytes)
     eps = torch.finfo(queries.dtype).eps
-    search_eps = torch.finfo(torch.float32).eps if backend == "faiss" else eps
+    search_eps = torch.finfo(torch.float32 if backend == "faiss" else search_dtype).eps
     best_d = torch.empty((queries.shape[0], k), dtype=queries.dtype, device=device)
     best_i = torch.empty((queries.shape[0], k), dtype=torch.long, device=device)
     pending = torch.arange(queries.shape[0], device=device)
@@ -271,9 +299,13 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
         candidates = candidates.sort(dim=1).values
         distances = _measured(queries[pending], bank, candidates, metric, chunk_bytes).to(queries.dtype)
         d, i = _best(distances, candidates, k, None if exclude is None else exclude[pending])
+        if torch.isinf(d).any():
+            raise ValueError(f"distances between queries and bank exceed {str(queries.dtype)[6:]}'s range: pass "
+                             f"the rows in a wider dtype")
         best_d[pending], best_i[pending] = d, i
         # every other row's search value is at least reach: above the limit, none can be as near as the k-th
-        limit = _search_limit(metric, eps, search_eps, bank.shape[1], prepared[pending].norm(dim=1), d[:, -1])
+        limit = _search_limit(metric, eps, search_eps, bank.shape[1], prepared[pending].norm(dim=1),
+                              d[:, -1].to(search_dtype))
         settled = (reach > limit) | (wanted == bank.shape[0])
         pending = pending[~settled]
         wanted *= 4
@@ -330,7 +362,8 @@ def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=Non
 
     Every row whose fused distance could be as small as the k-th's, by the search's bound on each distance, is
     measured again from the rows' differences and ranked in float64 (near-duplicates differ by far less than
-    the inputs' dtype resolves around -mean/std), then returned in the inputs' dtype. The mean and std are
+    the inputs' dtype resolves around -mean/std), then returned in the inputs' dtype. Searched wider where the
+    inputs' squares would overflow their dtype (`_search_dtype`). The mean and std are
     taken over the search's distances, each off by up to sqrt((E + 8) eps) (|q| + |b|), though far less in
     practice: exact ones would measure every (query, bank) pair from its difference, which no matrix product
     does (torch.cdist that way takes ~10 times the search's time). A mean moves all of a query's fused
@@ -345,13 +378,14 @@ def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=Non
     channels = chosen_channels(channels, bank.shape[1])
     exclude = _exclusions(exclude, queries.shape[0], bank.shape[0], device)
     _check(queries[:, 0], bank[:, 0], k, "euclidean", exclude)
-    eps = torch.finfo(queries.dtype).eps
+    search_dtype = _search_dtype(queries, bank, queries.dtype)
+    eps = torch.finfo(search_dtype).eps
     prepared = []
     for c in channels:
-        prepare = _preparer(bank[:, c], "euclidean", device)
+        prepare = _preparer(bank[:, c], "euclidean", device, search_dtype)
         rows = prepare(bank[:, c])
         prepared.append((prepare(queries[:, c]), rows, (rows * rows).sum(1)))
-    query_rows = max(1, chunk_bytes // (8 * bank.shape[0] * queries.element_size()))  # the most held at once
+    query_rows = max(1, chunk_bytes // (8 * bank.shape[0] * search_dtype.itemsize))  # the most held at once
     out_d, out_i = [], []
     for q0 in range(0, queries.shape[0], query_rows):
         rows = slice(q0, q0 + query_rows)
