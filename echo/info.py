@@ -23,7 +23,9 @@ def skipped_reasons(op: str, device: torch.device, available: tuple[str, ...], c
         if backends.triton_import_error():
             reasons.append("triton not importable")
         elif device.type != "cuda":
-            reasons.append("triton runs by default only on CUDA (forced: needs TRITON_INTERPRET=1 on CPU)")
+            forcing = ("forced, runs in Triton's CPU interpreter" if backends.triton_interpreted() else
+                       "forcing it on CPU needs TRITON_INTERPRET=1 set before echo_kernels is imported")
+            reasons.append(f"triton runs by default only on CUDA ({forcing})")
         elif op in backends.TRITON_OFF_BY_DEFAULT:
             reasons.append("triton measured slower here, runs only when forced (bench/RESULTS.md)")
         elif backends.triton_interpreted():
@@ -42,7 +44,8 @@ def describe(op: str, device: torch.device) -> tuple[str, str]:
     available = importlib.import_module(OPS[op]).available_backends(device)
     _, forced = backends.request(op, None)
     try:
-        chosen = backends.choose(op, device, available=available)
+        # the row says what the one-time interpreter warning says: not printed beside it, nor used up
+        chosen = backends.choose(op, device, available=available, warn=False)
     except ValueError as error:
         return "error", str(error)
     if forced:

@@ -2,6 +2,7 @@
 import importlib.util
 import os
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from echo import extension
 from echo.cli import main
+from echo.ops import backend as backends
 from echo.ops import stft as stft_ops
 from echo.plan import make_plan
 
@@ -275,7 +277,23 @@ def test_info_says_the_interpreter_keeps_triton_off_cuda(capsys, monkeypatch, fo
     monkeypatch.setattr(pytest.importorskip("echo_kernels"), "INTERPRETED", True)
     if forced:
         monkeypatch.setenv("ECHO_BACKEND_TOKENS", "triton")
-    _, rows = info_rows(capsys)
+    backends._warn_interpreted.cache_clear()  # another test may have used up the one-time warning
+    with warnings.catch_warnings(record=True) as caught:  # the row says it: no RuntimeWarning beside it
+        warnings.simplefilter("always")
+        _, rows = info_rows(capsys)
+    assert [str(w.message) for w in caught] == []
     backend, why = rows["tokens", "cuda"]
     assert backend == ("triton" if forced else "torch")
     assert "CPU interpreter here (TRITON_INTERPRET was set when echo_kernels was imported)" in why
+    if forced:  # info left the one-time warning for a real call
+        with pytest.warns(RuntimeWarning, match="CPU interpreter"):
+            backends.choose("tokens", torch.device("cuda"))
+    else:  # forcing on a CPU works under the interpreter: the row said it needed TRITON_INTERPRET=1 all the same
+        assert "only on CUDA (forced, runs in Triton's CPU interpreter)" in rows["tokens", "cpu"][1]
+
+
+def test_info_says_forcing_triton_on_cpu_needs_the_interpreter(capsys, monkeypatch):
+    monkeypatch.setattr(pytest.importorskip("echo_kernels"), "INTERPRETED", False)
+    _, rows = info_rows(capsys)
+    assert ("triton runs by default only on CUDA (forcing it on CPU needs TRITON_INTERPRET=1 set before "
+            "echo_kernels is imported)") in rows["tokens", "cpu"][1]

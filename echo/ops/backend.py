@@ -149,10 +149,12 @@ def request(op: str, backend: str | None) -> tuple[str | None, str]:
     return None, ""
 
 
-def choose(op: str, device: torch.device, requested: str | None = None, available: tuple[str, ...] = BACKENDS) -> str:
+def choose(op: str, device: torch.device, requested: str | None = None, available: tuple[str, ...] = BACKENDS,
+           warn: bool = True) -> str:
     """The backend for `op` on `device`: the requested one (argument, then environment), else the first of
     `available` (listed fastest first) that can run, Triton by default only on CUDA and where it measured faster.
-    A request that cannot run is an error naming the setting that made it."""
+    A request that cannot run is an error naming the setting that made it; one that runs in Triton's interpreter
+    on CUDA warns once, unless `warn` is False (echo info says so in its own words)."""
     requested, source = request(op, requested)
     if requested:
         if requested not in BACKENDS:
@@ -165,7 +167,7 @@ def choose(op: str, device: torch.device, requested: str | None = None, availabl
         if requested not in available:
             raise BackendError(f"{source}: no {requested!r} backend here for {op} "
                                f"({missing_backend(op, requested, device)})")
-        if requested == "triton" and device.type == "cuda" and triton_interpreted():
+        if warn and requested == "triton" and device.type == "cuda" and triton_interpreted():
             _warn_interpreted(source)
         return requested
     # the interpreter on CUDA would pass every call through the CPU: the default falls to the next backend
