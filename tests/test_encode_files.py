@@ -326,66 +326,42 @@ def test_an_error_that_stops_a_run_is_followed_by_what_was_kept_and_how_to_resum
         f"{said}1 files encoded are kept in {tmp_path / 'e.npz.parts'}; the same command resumes with the 2 left\n")
 
 
-def test_a_device_failing_on_every_file_stops_the_run_and_keeps_its_work(tmp_path, model_path, capsys, monkeypatch):
+@pytest.mark.parametrize("batch_files, said, kept, calls", [
+    (2, "the encoder failed on a batch of 2 signals and on each of them alone, with the same error", 2,
+     4),  # the first batch; the second, then each of its files
+    (1, "the encoder failed on 3 single-signal batches in a row with the same error", 1,
+     4),  # the first file, then three failing once each
+])
+def test_a_device_failing_on_every_file_stops_the_run_and_keeps_its_work(tmp_path, model_path, capsys, monkeypatch,
+                                                                         batch_files, said, kept, calls):
     """A GPU in a sticky error state ("CUDA error: ..." at every call) had every file after it retried alone and
-    skipped: the run ended with status 0 and an output missing them all."""
+    skipped: the run ended with status 0 and an output missing them all; with --batch-files 1 no batch of several
+    could fail alike, and every file was tried twice and skipped."""
     import echo.encode_files as command
 
-    files = [tmp_path / name for name in ("a.wav", "b.wav", "c.wav", "d.wav")]
+    files = [tmp_path / f"{name}.wav" for name in "abcde"[: 4 + (batch_files == 1)]]
     for path in files:
         soundfile.write(str(path), np.random.uniform(-0.5, 0.5, 4000), 16000)
-    real, calls = command._encode, []
+    real, made = command._encode, []
 
     def broken_after_the_first_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 1:
+        made.append(1)
+        if len(made) > 1:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(command, "_encode", broken_after_the_first_batch)
     out = tmp_path / "e.npz"
-    options = (*files, "--model", model_path, "--out", out, "--batch-files", "2")
+    options = (*files, "--model", model_path, "--out", out, "--batch-files", str(batch_files))
     assert run(*options) == 1
     assert capsys.readouterr().err == (
-        "error: the encoder failed on a batch of 2 signals and on each of them alone, with the same error, so the "
-        "device or the model fails, not the signals: RuntimeError: CUDA error: an illegal memory access was "
-        f"encountered\n2 files encoded are kept in {tmp_path / 'e.npz.parts'}; the same command resumes with the 2 "
-        f"left\n")
-    assert len(calls) == 4 and not out.exists()  # the first batch; the second, then each of its files
+        f"error: {said}, so the device or the model fails, not the signals: RuntimeError: CUDA error: an illegal "
+        f"memory access was encountered\n{kept} files encoded are kept in {tmp_path / 'e.npz.parts'}; the same "
+        f"command resumes with the {len(files) - kept} left\n")
+    assert len(made) == calls and not out.exists()
     monkeypatch.setattr(command, "_encode", real)
     assert run(*options) == 0
-    assert "4 files (2 reused from an earlier run), 0 skipped" in capsys.readouterr().out
-
-
-def test_a_device_failing_on_every_file_stops_a_run_of_single_file_batches(tmp_path, model_path, capsys,
-                                                                           monkeypatch):
-    """With --batch-files 1 no batch of several could fail alike: a broken GPU had every file after it tried twice
-    and skipped, and the run ended with status 0."""
-    import echo.encode_files as command
-
-    files = [tmp_path / f"{name}.wav" for name in "abcde"]
-    for path in files:
-        soundfile.write(str(path), np.random.uniform(-0.5, 0.5, 4000), 16000)
-    real, calls = command._encode, []
-
-    def broken_after_the_first_file(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 1:
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(command, "_encode", broken_after_the_first_file)
-    out = tmp_path / "e.npz"
-    options = (*files, "--model", model_path, "--out", out, "--batch-files", "1")
-    assert run(*options) == 1
-    assert capsys.readouterr().err == (
-        "error: the encoder failed on 3 single-signal batches in a row with the same error, so the device or the "
-        "model fails, not the signals: RuntimeError: CUDA error: an illegal memory access was encountered\n"
-        f"1 files encoded are kept in {tmp_path / 'e.npz.parts'}; the same command resumes with the 4 left\n")
-    assert len(calls) == 4 and not out.exists()  # the first file, then three failing once each
-    monkeypatch.setattr(command, "_encode", real)
-    assert run(*options) == 0
-    assert "5 files (1 reused from an earlier run), 0 skipped" in capsys.readouterr().out
+    assert f"{len(files)} files ({kept} reused from an earlier run), 0 skipped" in capsys.readouterr().out
 
 
 def test_a_file_the_encoder_fails_on_among_good_ones_is_only_skipped(tmp_path, model_path, capsys, monkeypatch):
