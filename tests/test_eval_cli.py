@@ -11,12 +11,14 @@ import echo
 from conftest import random_model, seeded_rng
 from echo import host_memory
 from echo.cli import main
+from echo.eval import embed
 
 soundfile = pytest.importorskip("soundfile")
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 RATE = 8000
+ENCODE = embed._encode  # the encoder, for tests that count or fail its calls
 
 
 def tone(rng, frequency, seconds=0.3, noise=0.05):
@@ -233,3 +235,68 @@ def test_a_cache_that_cannot_be_written_is_refused_before_the_encoding(tmp_path,
     assert run_eval("--task", "folder", "--data", tmp_path / "machine", "--model", model_path,
                     "--out", tmp_path / "out", "--cache", tmp_path / "file" / "cache") == 2
     assert f"--cache {tmp_path / 'file' / 'cache'} cannot be written: Not a directory" in capsys.readouterr().err
+
+
+def folder_task_of_nine(tmp_path, model_path) -> tuple:
+    """A folder-task data set of 9 tones (3 bank clips, 3 normal and 3 anomalous test clips); eval's options for it,
+    3 files a batch."""
+    rng = seeded_rng()
+    for name in ("normal/n", "test/normal/t", "test/anomalous/a"):
+        for i in range(3):
+            path = tmp_path / "machine" / f"{name}{i}.wav"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            soundfile.write(str(path), tone(rng, 400, seconds=0.1), RATE)
+    return ("--task", "folder", "--data", tmp_path / "machine", "--model", model_path, "--out", tmp_path / "out",
+            "--batch-files", 3, "--no-plots")
+
+
+def counted_encoder(monkeypatch, error=None, from_call=1) -> list:
+    """The sizes of the batches the encoder is called with; with `error`, raised from call number `from_call` on."""
+    calls = []
+
+    def encode(model, signals, *args, **kwargs):
+        calls.append(len(signals))
+        if error is not None and len(calls) >= from_call:
+            raise error
+        return ENCODE(model, signals, *args, **kwargs)
+
+    monkeypatch.setattr(embed, "_encode", encode)
+    return calls
+
+
+DEVICE_ERROR = RuntimeError("CUDA error: an illegal memory access was encountered")
+DEVICE_FAILURE = ("error: the encoder failed on a batch of 3 signals and on each of them alone, with the same error, "
+                  "so the device or the model fails, not the signals: RuntimeError: CUDA error: an illegal memory "
+                  "access was encountered\n")
+
+
+@pytest.mark.parametrize("error, said, calls_made", [
+    (MemoryError(), "\nMemoryError\n", [3, 3]),  # a traceback: no one foresaw it
+    (DEVICE_ERROR, DEVICE_FAILURE, [3, 3, 1, 1, 1]),  # the second batch, then each of its files alone
+], ids=["MemoryError", "CUDA error"])
+def test_an_error_that_stops_the_embedding_is_followed_by_what_was_kept_and_how_to_resume(
+        tmp_path, model_path, capsys, monkeypatch, error, said, calls_made):
+    """An error other than Ctrl-C (a MemoryError, a failing GPU) ended in its traceback or line alone, silent on the
+    batches saved in the cache before it and on the same command resuming from them."""
+    options = folder_task_of_nine(tmp_path, model_path)
+    calls = counted_encoder(monkeypatch, error, from_call=2)
+    assert run_eval(*options) == 1
+    printed, folder = capsys.readouterr().err, next((tmp_path / "out" / "cache").iterdir())
+    assert calls == calls_made and printed.endswith(
+        f"{said}embeddings of 3 files are kept in {folder}; the same command encodes only the other 6\n")
+    calls = counted_encoder(monkeypatch)
+    assert run_eval(*options) == 0
+    speed = json.loads((tmp_path / "out" / "results.json").read_text())["speed"]
+    assert calls == [3, 3] and (speed["from_cache"], speed["encoded"], speed["embedded"]) == (3, 6, 9)
+
+
+def test_an_error_before_any_batch_was_saved_is_said_alone_as_before(tmp_path, model_path, capsys, monkeypatch):
+    """With nothing in the cache there is nothing kept to tell of."""
+    options = folder_task_of_nine(tmp_path, model_path)
+    calls = counted_encoder(monkeypatch, DEVICE_ERROR)
+    assert run_eval(*options) == 1
+    assert calls == [3, 1, 1, 1] and capsys.readouterr().err == DEVICE_FAILURE
+    counted_encoder(monkeypatch, MemoryError())
+    with pytest.raises(MemoryError):  # no one foresaw it: Python's traceback, as before
+        run_eval(*options)
+    assert "kept" not in capsys.readouterr().err

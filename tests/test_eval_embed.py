@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import random_model, rel_err, seeded_rng
+from echo.cli import WorkKept
 from echo.eval import embed
 from echo.eval.datasets import read_audio
 from echo.ops.backend import BackendError
@@ -237,8 +238,11 @@ def test_embed_files_one_file_a_batch_stops_on_a_broken_device_keeping_its_work(
 
     monkeypatch.setattr(embed, "_encode", broken_after_the_first_file)
     files = make_files(tmp_path)
-    with pytest.raises(embed.EncoderFailure, match="3 single-signal batches in a row"):
+    with pytest.raises(WorkKept, match="^embeddings of 1 files are kept in .*; the same command encodes only the "
+                       "other 3$") as stopped:
         embed.embed_files(model, files, read_audio, tmp_path / "cache", "key", batch_files=1, progress=False)
+    assert isinstance(stopped.value.__cause__, embed.EncoderFailure)
+    assert "3 single-signal batches in a row" in str(stopped.value.__cause__)
     monkeypatch.setattr(embed, "_encode", real)
     assert embed.embed_files(model, files, read_audio, tmp_path / "cache", "key", progress=False).cached == 1
 

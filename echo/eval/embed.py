@@ -27,6 +27,7 @@ from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
 from .. import atomic, inputs
+from ..cli import WorkKept
 from ..ops.backend import BackendError
 
 BATCH_FILES = 64
@@ -245,7 +246,9 @@ def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | N
                 reader_version: str = "") -> Embedded:
     """Utterance embeddings of `paths`, each file read by `read(path) -> (signal, rate)`. The cache is keyed by
     the reader too (reader_identity, and `reader_version`: change it when the reader's code changes what it
-    returns), so embeddings of samples read another way are not served."""
+    returns), so embeddings of samples read another way are not served. A run stopped after it saved batches says
+    what it kept and that the same command resumes: Ctrl-C in its KeyboardInterrupt, an error in a WorkKept from it
+    (an ImportError excepted, named as such by the command line)."""
     if batch_files < 1:  # a negative size made no batch: nothing encoded, nothing reported
         raise ValueError(f"batch_files={batch_files}: at least one file per batch")
     paths = [Path(p) for p in paths]
@@ -272,6 +275,13 @@ def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | N
         submit = lambda batch: [pool.submit(read_checked, read, paths[i]) for i in batch]  # noqa: E731
         pending = submit(batches[0]) if batches else []
         streak = FailureStreak()
+
+        def kept() -> str:
+            """What a stopped run leaves the next: the finished batches, each in its shard; "" when none."""
+            saved = 0 if cache is None else sum(key in cache.entries for key in keys if key is not None)
+            return f"embeddings of {saved} files are kept in {cache.folder}; the same command encodes only the " \
+                   f"other {len(paths) - saved}" if saved else ""
+
         try:
             for number, batch in enumerate(batches):
                 start = time.perf_counter()
@@ -299,10 +309,13 @@ def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | N
         except KeyboardInterrupt:  # each finished batch is in its shard already: the command line says what is kept
             if cache is None:
                 raise
-            kept = sum(key in cache.entries for key in keys if key is not None)
-            raise KeyboardInterrupt(
-                f"embeddings of {kept} files are kept in {cache.folder}; the same command encodes only the other "
-                f"{len(paths) - kept}" if kept else NOTHING_KEPT) from None
+            raise KeyboardInterrupt(kept() or NOTHING_KEPT) from None
+        except ImportError:  # eval's command line names the missing package in a line, which a WorkKept would not
+            raise
+        except Exception as error:  # a long run's unforeseen end (a MemoryError, a failing GPU) keeps its batches too
+            if said := kept():
+                raise WorkKept(said) from error
+            raise
         finally:  # an error or the interrupt's message starts a line of its own, after the progress bar
             bar.close()
     return result
