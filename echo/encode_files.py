@@ -25,8 +25,10 @@ import errno
 import glob
 import os
 import stat
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -329,6 +331,12 @@ def _not_an_output(path: Path) -> str:
     return f"it has no {', '.join(missing)}" if missing else ""
 
 
+# How long a rank waits for the others at a barrier: one that stopped early waits there while they finish their
+# shares (gloo's default of 30 minutes would end it, and torchrun the others with it, mid-batch). A rank that dies
+# does not make the others wait: torchrun ends them.
+RANKS_WAIT = timedelta(days=2)
+
+
 def _distributed() -> tuple[int, int, bool]:
     """(rank, world size, whether this call made the process group) under torchrun, with a gloo group for the
     barriers; (0, 1, False) otherwise. A group the caller made is used, and left to the caller."""
@@ -337,8 +345,19 @@ def _distributed() -> tuple[int, int, bool]:
         return 0, 1, False
     made = not dist.is_initialized()
     if made:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=RANKS_WAIT)
     return dist.get_rank(), world, made
+
+
+def _summed(failures: int, seconds: float, world: int, stopped: int | None = None) -> torch.Tensor:
+    """The ranks' last meeting, once each has encoded its share and saved its shards, or stopped: every rank's
+    failures and seconds of audio summed, then one flag per rank, set where that rank stopped."""
+    totals = torch.zeros(2 + world, dtype=torch.float64)
+    totals[0], totals[1] = failures, seconds
+    if stopped is not None:
+        totals[2 + stopped] = 1
+    dist.all_reduce(totals)
+    return totals
 
 
 def run(args) -> int:
@@ -399,9 +418,9 @@ def _encode_files(args, rank: int, world: int) -> int:
     bar = tqdm(total=len(mine), desc=f"encoding (rank {rank})" if world > 1 else "encoding", unit="file",
                disable=args.quiet or rank != 0)
 
-    def kept() -> str:
-        saved = sum(_held(keys[path], cache.entries, args.frames) for path in mine)
-        return f"{saved} files encoded are kept in {parts}; the same command resumes with the {len(mine) - saved} " \
+    def kept(share: list) -> str:
+        saved = sum(_held(keys[path], cache.entries, args.frames) for path in share)
+        return f"{saved} files encoded are kept in {parts}; the same command resumes with the {len(share) - saved} " \
                f"left" if saved else ""
 
     try:
@@ -414,7 +433,8 @@ def _encode_files(args, rank: int, world: int) -> int:
                     raise ValueError(f"{error} (plain 16-bit WAV files need no package)") from None
                 good = [(path, item) for path, item in zip(batch, loaded) if not isinstance(item, str)]
                 failures += [(path, item) for path, item in zip(batch, loaded) if isinstance(item, str)]
-                results = _encode_batch(model, [item for _, item in good], args.frames, options, streak)
+                # no call for a batch of unreadable files: it would end a failing device's streak of failures
+                results = good and _encode_batch(model, [item for _, item in good], args.frames, options, streak)
                 fresh = {}
                 for (path, (signal, rate)), result in zip(good, results):
                     if isinstance(result, str):
@@ -430,9 +450,16 @@ def _encode_files(args, rank: int, world: int) -> int:
                 cache.add(fresh)
                 bar.update(len(batch))
     except KeyboardInterrupt:  # every finished batch is in its shard already: the command line says what is kept
-        raise KeyboardInterrupt(kept() or NOTHING_KEPT) from None
+        raise KeyboardInterrupt(kept(mine) or NOTHING_KEPT) from None
     except Exception as error:  # a long run's unforeseen end (a MemoryError, a failing GPU) keeps its batches too
-        if said := kept():
+        if world > 1:  # the other ranks finish their shares, then learn that this one stopped, rather than wait on it
+            reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            print(f"rank {rank} stopped ({reason}); it waits for the other ranks to finish their shares",
+                  file=sys.stderr, flush=True)
+            with contextlib.suppress(RuntimeError):  # a broken group: the error that stopped this rank is the one said
+                _summed(0, 0.0, world, stopped=rank)
+                dist.barrier()  # run's, which the other ranks meet next
+        if said := kept(mine):
             raise WorkKept(said) from error
         raise
     finally:
@@ -442,12 +469,17 @@ def _encode_files(args, rank: int, world: int) -> int:
         print(f"skipped {shown(path)}: {reason}")
     skipped = len(unusable) + len(failures)
     if world > 1:
-        totals = torch.tensor([len(failures), seconds], dtype=torch.float64)  # the summary counts every rank
-        dist.all_reduce(totals)  # returns once every rank has encoded its share and saved its shards
+        totals = _summed(len(failures), seconds, world)  # the summary counts every rank
         skipped, seconds = len(unusable) + int(totals[0]), float(totals[1])
+        stopped = [str(r) for r in range(world) if totals[2 + r]]
         if rank != 0:
-            return 0
+            return 1 if stopped else 0
         cache = EmbeddingCache(parts, model_key)  # every rank's shards
+        if stopped:  # an output without their files would pass for the whole run's
+            which = f"rank {stopped[0]} stopped (that rank prints its error)" if len(stopped) == 1 else \
+                f"ranks {', '.join(stopped)} stopped (each prints its error)"
+            print(f"error: {which}, so {args.out} was not written; {kept(wanted) or NOTHING_KEPT}", file=sys.stderr)
+            return 1
     done.update(cache.entries)
     rows, written, reused, encoded_here = [], {}, 0, set(wanted)
     for path in files:

@@ -364,6 +364,31 @@ def test_a_device_failing_on_every_file_stops_the_run_and_keeps_its_work(tmp_pat
     assert f"{len(files)} files ({kept} reused from an earlier run), 0 skipped" in capsys.readouterr().out
 
 
+def test_unreadable_files_between_a_failing_devices_one_file_batches_do_not_let_the_run_go_on(tmp_path, model_path,
+                                                                                              capsys, monkeypatch):
+    """A batch of unreadable files called the encoder with no signal, which returned nothing and so ended the streak
+    of failures: a device failing on every file, among unreadable ones, had the run go on skipping them all."""
+    import echo.encode_files as command
+
+    files = []
+    for number in range(4):  # unreadable, readable, unreadable, ...
+        (tmp_path / f"{number}-broken.wav").write_bytes(b"RIFF not really a wav file")
+        soundfile.write(str(tmp_path / f"{number}-good.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
+        files += [tmp_path / f"{number}-broken.wav", tmp_path / f"{number}-good.wav"]
+    tried = []
+
+    def broken(model, signals, rates, **kwargs):
+        if not signals:  # nothing to compute, nothing that fails: fast.encode's answer to no signal
+            return []
+        tried.append(signals)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(command, "_encode", broken)
+    assert run(*files, "--model", model_path, "--out", tmp_path / "e.npz", "--batch-files", "1") == 1
+    assert "error: the encoder failed on 3 single-signal batches in a row" in capsys.readouterr().err
+    assert len(tried) == 3 and not (tmp_path / "e.npz").exists()
+
+
 def test_a_file_the_encoder_fails_on_among_good_ones_is_only_skipped(tmp_path, model_path, capsys, monkeypatch):
     import echo.encode_files as command
 
@@ -678,21 +703,32 @@ def test_a_backend_setting_that_cannot_run_stops_the_command_before_any_file(tmp
     assert message in capsys.readouterr().err and not (tmp_path / "e.npz").exists()
 
 
-def as_two_ranks(command) -> list[str]:
-    """The stdout of `command(rank)` (an argv) run as two processes, as torchrun --nproc-per-node 2 sets them up;
-    both must succeed."""
+def two_ranks(command) -> list[tuple[int, str, str]]:
+    """(exit status, stdout, stderr) of `command(rank)` (an argv) run as two processes, as torchrun
+    --nproc-per-node 2 sets them up; each must end within two minutes."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     root = Path(__file__).resolve().parents[1]
     ranks = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(root)}
-        ranks.append(subprocess.Popen(command(rank), env=env, stdout=subprocess.PIPE, text=True))
-    outputs = [process.communicate(timeout=120)[0] for process in ranks]
-    assert [process.returncode for process in ranks] == [0, 0], outputs
-    return outputs
+    try:
+        for rank in range(2):
+            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(root)}
+            ranks.append(subprocess.Popen(command(rank), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+        outputs = [process.communicate(timeout=120) for process in ranks]
+        return [(process.returncode, *output) for process, output in zip(ranks, outputs)]
+    finally:
+        for process in ranks:  # one left waiting on the other
+            process.kill()
+
+
+def as_two_ranks(command) -> list[str]:
+    """The stdout of `command(rank)` run as two ranks (two_ranks); both must succeed."""
+    ranks = two_ranks(command)
+    assert [status for status, _, _ in ranks] == [0, 0], ranks
+    return [stdout for _, stdout, _ in ranks]
 
 
 def test_ranks_share_the_files_and_rank_0_merges(tmp_path, model_path):
@@ -733,6 +769,62 @@ def test_ranks_that_scan_different_files_still_encode_every_file_rank_0_found(tm
                                str(tmp_path / "data"), "--model", str(model_path), "--out", str(out), "--quiet",
                                "--batch-files", "1", "--device", "cpu"])
     assert set(read_embeddings(out)["files"]) == {str(p) for p in good}  # rank 0's scan; a rerun takes the late one
+
+
+FAILING_RANK = """
+import sys
+import echo.encode_files as command
+from echo import cli
+
+real, batches = command._encode_batch, []
+
+
+def fails_at_the_second(*args):
+    batches.append(1)
+    if len(batches) == 2:
+        raise MemoryError()
+    return real(*args)
+
+
+if sys.argv[1] == "1":
+    command._encode_batch = fails_at_the_second
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_a_rank_that_stops_is_said_by_rank_0_once_the_others_finished_their_shares(tmp_path, model_path,
+                                                                                     monkeypatch, capsys):
+    """A rank that stopped on an error never met the others at the summary: they waited there until gloo gave up
+    (a traceback) or torchrun killed them, and their finished shares were not said to be kept."""
+    import echo.encode_files as command
+
+    files = [tmp_path / "data" / f"{number}.wav" for number in range(6)]  # rank 0: 0, 2, 4; rank 1: 1, 3, 5
+    files[0].parent.mkdir()
+    for path in files:
+        soundfile.write(str(path), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    out = tmp_path / "emb.npz"
+    options = ("--model", model_path, "--out", out, "--batch-files", "1", "--device", "cpu")
+    ranks = two_ranks(lambda rank: [sys.executable, "-c", FAILING_RANK, str(rank), "encode", str(files[0].parent),
+                                    *map(str, options), "--quiet"])
+    assert [status for status, _, _ in ranks] == [1, 1], ranks
+    parts = tmp_path / "emb.npz.parts"
+    assert ranks[0][2] == f"error: rank 1 stopped (that rank prints its error), so {out} was not written; 4 files " \
+                          f"encoded are kept in {parts}; the same command resumes with the 2 left\n", ranks
+    assert ranks[1][2].startswith("rank 1 stopped (MemoryError); it waits for the other ranks to finish their "
+                                  "shares\n"), ranks  # said at once, not only once the others finished
+    assert "\nMemoryError\n" in ranks[1][2] and ranks[1][2].endswith(
+        f"1 files encoded are kept in {parts}; the same command resumes with the 2 left\n"), ranks
+    assert not out.exists()
+    real, encoded = command._encode_batch, []
+
+    def counted(model, loaded, *args):
+        encoded.extend(loaded)
+        return real(model, loaded, *args)
+
+    monkeypatch.setattr(command, "_encode_batch", counted)
+    assert run(files[0].parent, *options) == 0
+    assert "6 files (4 reused from an earlier run), 0 skipped" in capsys.readouterr().out and len(encoded) == 2
+    assert set(read_embeddings(out)["files"]) == {str(path) for path in files}
 
 
 @pytest.mark.parametrize("ending, status", [(ValueError("a bad setting"), 2), (KeyboardInterrupt(), 130)])
