@@ -14,6 +14,8 @@ from .ops import linear as linear_ops
 # ops whose dispatch exposes available_backends(device): op name (as in ECHO_BACKEND_<OP>) -> module
 OPS = {op: f"echo.ops.{op}" for op in backends.OPS}
 DEVICES = (torch.device("cpu"), torch.device("cuda"))
+CPUINFO = "/proc/cpuinfo"
+BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")  # x86 AMX, x86 AVX-512, Arm (FEAT_BF16)
 
 
 def skipped_reasons(op: str, device: torch.device, available: tuple[str, ...], chosen: str) -> list[str]:
@@ -67,17 +69,39 @@ def heads_taken(op: str, device: torch.device, available: tuple[str, ...], chose
     return [f"{chosen} takes {attention_ops.TAKES[chosen]}; other heads {others}"]
 
 
+def cpu_flags() -> set[str] | None:
+    """The CPU's features as Linux reports them (x86 `flags`, Arm `Features`); None where it does not."""
+    try:
+        with open(CPUINFO) as cpuinfo:
+            line = next((line for line in cpuinfo if line.startswith(("flags", "Features"))), None)
+    except OSError:
+        return None
+    return None if line is None else set(line.partition(":")[2].split())
+
+
 def why_no_tiles() -> str:
     """Which of the tile kernel's three needs is missing: the compiled op, AMX in the CPU, the OS's permission."""
     if not extension.has_op("tile_attention", "cpu"):
         return "echo._C is not built with the tile kernel"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
-    except OSError:
+    flags = cpu_flags()
+    if flags is None:
         return "a CPU with AMX, and an OS kernel that allows its tiles"
     return ("the kernel does not allow AMX tiles to this process" if "amx_tile" in flags
             else "no AMX reported by this CPU and kernel")
+
+
+def bf16_products() -> str:
+    """Whether the CPU multiplies bf16 in hardware. Without it `--dtype bfloat16` still runs (converted on the
+    way) and still rounds like bf16, but the products' speed-up over float32 (2.2x with AVX512-BF16, 4.5-10x
+    with AMX: bench/RESULTS.md) is not to be counted on: one choosing a dtype for an edge CPU is told to measure."""
+    flags = cpu_flags()
+    if flags is None:
+        return "unknown (this system does not list the CPU's features)"
+    native = [flag for flag in BF16_FLAGS if flag in flags]
+    if native:
+        return f"in hardware ({', '.join(native)})"
+    return (f"not in hardware (no {', '.join(BF16_FLAGS[:-1])} or {BF16_FLAGS[-1]} reported): bfloat16 may be "
+            f"slower than float32 here; `python bench/encode_throughput.py` measures both")
 
 
 def report() -> str:
@@ -97,6 +121,7 @@ def report() -> str:
         lines.append(f"compiled extension echo._C: loaded; ops: {', '.join(ops)}")
     packed = [str(dtype)[6:] for dtype in (torch.float32, torch.bfloat16) if linear_ops.available(dtype)]
     lines.append(f"inference on the CPU: oneDNN packed products in {', '.join(packed) if packed else 'no dtype'}")
+    lines.append(f"bf16 products on this CPU: {bf16_products()}")
     tiles = "yes" if attention_ops.tiles_usable() else f"no ({why_no_tiles()})"
     sizes = f"{attention_ops.TILE_FROM}-{attention_ops.TILE_TOKENS}"
     lines.append(f"bf16 attention of {sizes}-token sequences on AMX tiles: {tiles}")

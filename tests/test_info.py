@@ -96,11 +96,40 @@ def test_the_missing_need_of_the_tile_kernel_is_named(monkeypatch):
     monkeypatch.setattr(extension, "has_op", lambda name, device: False)
     assert info.why_no_tiles() == "echo._C is not built with the tile kernel"
     monkeypatch.setattr(extension, "has_op", lambda name, device: True)
-    with open("/proc/cpuinfo") as cpuinfo:
-        amx = "amx_tile" in next(line for line in cpuinfo if line.startswith("flags")).split()
-    expected = ("the kernel does not allow AMX tiles to this process" if amx
-                else "no AMX reported by this CPU and kernel")
-    assert info.why_no_tiles() == expected
+    monkeypatch.setattr(info, "cpu_flags", lambda: {"avx512f", "amx_tile"})
+    assert info.why_no_tiles() == "the kernel does not allow AMX tiles to this process"
+    monkeypatch.setattr(info, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert info.why_no_tiles() == "no AMX reported by this CPU and kernel"
+
+
+@pytest.mark.parametrize("cpuinfo, flags", [
+    ("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\nbugs\t\t: spectre\n", {"fpu", "avx2", "avx512_bf16"}),
+    ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\nCPU part\t: 0xd40\n", {"fp", "asimd", "sve", "bf16", "i8mm"}),
+    ("processor\t: 0\n", None),
+], ids=["x86", "Arm", "none listed"])
+def test_the_cpu_features_are_read_as_linux_lists_them(tmp_path, monkeypatch, cpuinfo, flags):
+    from echo import info
+
+    (tmp_path / "cpuinfo").write_text(cpuinfo)
+    monkeypatch.setattr(info, "CPUINFO", str(tmp_path / "cpuinfo"))
+    assert info.cpu_flags() == flags
+    monkeypatch.setattr(info, "CPUINFO", str(tmp_path / "absent"))
+    assert info.cpu_flags() is None
+
+
+def test_info_says_whether_the_cpu_multiplies_bf16_in_hardware(monkeypatch, capsys):
+    """A user choosing --dtype bfloat16 for an edge CPU without bf16 instructions was told only that oneDNN runs
+    bf16 products, not that they are converted on the way there."""
+    from echo import info
+
+    for flags, said in [({"avx2", "avx512_bf16", "amx_bf16"}, "in hardware (amx_bf16, avx512_bf16)"),
+                        ({"asimd", "bf16"}, "in hardware (bf16)"),
+                        ({"avx2", "fma"}, "not in hardware (no amx_bf16, avx512_bf16 or bf16 reported): bfloat16 "
+                                          "may be slower than float32 here"),
+                        (None, "unknown")]:
+        monkeypatch.setattr(info, "cpu_flags", lambda flags=flags: flags)
+        assert main(["info"]) == 0
+        assert f"\nbf16 products on this CPU: {said}" in capsys.readouterr().out
 
 
 def test_a_damaged_extension_is_named_not_loaded(tmp_path, monkeypatch):
