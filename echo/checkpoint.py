@@ -159,6 +159,11 @@ def _read_state_dict(path: Path) -> tuple[dict, dict]:
     if not_dense:  # the finiteness and shape checks would fail inside torch on them
         raise ValueError(f"{path}: weights must be dense tensors; these are not: {first_items(not_dense)} (save "
                          f"them with .to_dense())")
+    on_meta = [key for key, value in state.items() if value.is_meta]
+    if on_meta:  # the finiteness check failed inside torch ("Tensor.item() cannot be called on meta tensors")
+        raise ValueError(f"{path}: holds no weights: these are meta tensors, which have shapes and no values (saved "
+                         f"from a model made on the meta device before its weights were loaded): "
+                         f"{first_items(on_meta)}")
     return state, saved
 
 
@@ -191,10 +196,20 @@ def infer_config(state: dict, **overrides) -> EchoConfig:
     return EchoConfig(dim=dim, depth=depth, **overrides)
 
 
-def _check_layers(config: EchoConfig, state: dict, source: str) -> None:
-    """The file's encoder layers must be 0 .. depth-1. Checked before any model is built: a stray key such as
-    encoder.layers.50000.x (or a metadata depth of 50000) would otherwise build 50001 layers, tens of GB, only
-    to report them."""
+def _described(config: EchoConfig) -> str:
+    """The model a file must match, as the errors name it."""
+    return f"ECHO-{config.size or 'custom'} (dim {config.dim}, depth {config.depth})"
+
+
+def _check_size(config: EchoConfig, state: dict, source: str) -> None:
+    """The file's encoder layers must be 0 .. depth-1, and its cls_token (1, 1, dim). Checked before any model is
+    built: a stray key such as encoder.layers.50000.x (or a metadata depth of 50000) would otherwise build 50001
+    layers, tens of GB, only to report them; and even on the meta device a model computes its pos_embed table
+    (126 x dim), so a metadata dim of 2**40 failed as numpy's MemoryError."""
+    cls_token = state.get("cls_token")
+    if cls_token is not None and tuple(cls_token.shape) != (1, 1, config.dim):
+        raise ValueError(f"{source}: does not match {_described(config)}; mis-shaped keys: cls_token "
+                         f"{tuple(cls_token.shape)} (expected (1, 1, {config.dim}))")
     held = {int(m.group(1)) for key in state if (m := LAYER_KEY.match(key))}
     unexpected = sorted(index for index in held if index >= config.depth)
     missing_count = config.depth - (len(held) - len(unexpected))
@@ -207,8 +222,8 @@ def _check_layers(config: EchoConfig, state: dict, source: str) -> None:
         problems.append(f"missing layers: {', '.join(missing)}{more}")
     if unexpected:
         problems.append(f"unexpected layers: {first_items(unexpected)}")
-    raise ValueError(f"{source}: does not match ECHO-{config.size or 'custom'} (dim {config.dim}, depth "
-                     f"{config.depth}); " + "; ".join(problems) + f" (it holds {len(held)} layers"
+    raise ValueError(f"{source}: does not match {_described(config)}; " + "; ".join(problems)
+                     + f" (it holds {len(held)} layers"
                      + (f", numbered up to {max(held)})" if held else ")"))
 
 
@@ -243,8 +258,7 @@ def check_state_dict(model: EchoModel, state: dict, source: str) -> None:
                                     ("mis-shaped keys", misshaped))
                 if keys]
     if problems:
-        raise ValueError(f"{source}: does not match ECHO-{model.config.size or 'custom'} "
-                         f"(dim {model.config.dim}, depth {model.config.depth}); " + "; ".join(problems))
+        raise ValueError(f"{source}: does not match {_described(model.config)}; " + "; ".join(problems))
 
 
 def _looks_like_name(path: str) -> bool:
@@ -271,8 +285,10 @@ def _checkpoint_file(path) -> tuple[Path, str | None]:
         raise ValueError(f"checkpoint {path} is a directory, not a checkpoint file{hint}")
     if path.is_symlink() and not path.exists():
         raise ValueError(f"checkpoint {path} is a symbolic link to {os.readlink(path)}, which does not exist")
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"checkpoint {path} does not exist")
+    if not path.is_file():  # /dev/null, a pipe: each read of it gives other bytes, or none
+        raise ValueError(f"checkpoint {path} is not a regular file")
     return path, None
 
 
@@ -303,7 +319,7 @@ def load(path, size: str | None = None, device=None, heads: int | None = None, *
             config = infer_config(state, **{**saved, **overrides})
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
-    _check_layers(config, state, str(path))
+    _check_size(config, state, str(path))
     with torch.device("meta"):  # shapes checked without allocating a model the file may not fit
         model = EchoModel(config)
     check_state_dict(model, state, str(path))
@@ -330,6 +346,8 @@ def save(model: EchoModel, path, dtype: torch.dtype = torch.float32) -> Path:
     """Write `path` (.safetensors, the released flat key layout, config in its metadata) and a `.json`
     config beside it, each whole or not at all (echo.atomic). `~` is expanded, as echo.load expands it."""
     _check_saveable(model)
+    if not isinstance(path, (str, os.PathLike)):  # pathlib's TypeError would name neither save nor its argument
+        raise ValueError(f"save takes a .safetensors path, got {type(path).__name__} {path!r:.80}")
     path = Path(path).expanduser()
     if path.suffix != ".safetensors":
         raise ValueError(f"save writes .safetensors files, got {path.name}")
@@ -339,7 +357,15 @@ def save(model: EchoModel, path, dtype: torch.dtype = torch.float32) -> Path:
         raise ValueError(f"save needs a floating-point dtype, got {dtype}: weights would be truncated")
     if path.is_dir():
         raise ValueError(f"save writes a file, and {path} is a folder")
-    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    weights = model.state_dict()
+    on_meta = [key for key, value in weights.items() if value.is_meta]
+    if on_meta:  # copying them out failed inside torch ("Cannot copy out of meta tensor; no data!")
+        raise ValueError(f"{path}: not written: the model's weights are on the meta device, which holds shapes and "
+                         f"no values (load or initialise them first): {first_items(on_meta)}")
+    with torch.device("meta"):  # a model cut to fewer layers, or given a head, made a file echo.load refused
+        check_state_dict(EchoModel(model.config), weights, f"{path}: not written: the model's weights, which "
+                                                           f"echo.load would refuse")
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in weights.items()}
     non_finite = _non_finite(state)
     if non_finite:  # a diverged model, or weights beyond the dtype's range (float16's 65504): a file load refuses
         raise ValueError(f"{path}: not written: these weights hold NaN or Inf in {dtype} (in the model, or beyond "

@@ -7,6 +7,7 @@ pretraining and bundled in the package (echo/data/default/model.safetensors).
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import re
@@ -146,7 +147,7 @@ def resolve(name: str, cache_dir=None) -> Path:
             )
         return DEFAULT_CHECKPOINT
     if name not in RELEASES:
-        spelled_alike = [known for known in NAMES if known == name.strip().lower().replace("_", "-")]
+        spelled_alike = difflib.get_close_matches(name.strip().lower().replace("_", "-"), NAMES, n=1, cutoff=0.8)
         hint = f" (did you mean {spelled_alike[0]!r}?)" if spelled_alike else ""
         raise ValueError(f"unknown checkpoint name {name!r}{hint}; known names: {', '.join(NAMES)}, "
                          f"or give the path of a checkpoint file")

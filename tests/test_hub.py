@@ -73,7 +73,9 @@ def test_a_newline_in_refs_main_is_pointed_out(offline_cache):
 
 @pytest.mark.parametrize("name, hint", [("echo-base", ""), ("Echo-Small", " (did you mean 'echo-small'?)"),
                                         ("echo_tiny", " (did you mean 'echo-tiny'?)"),
-                                        (" echo-small\n", " (did you mean 'echo-small'?)")])
+                                        (" echo-small\n", " (did you mean 'echo-small'?)"),
+                                        ("echo-smal", " (did you mean 'echo-small'?)"),  # a typo got no hint
+                                        ("defualt", " (did you mean 'default'?)"), ("echo-large", "")])
 def test_unknown_names_list_the_known_ones(tmp_path, monkeypatch, name, hint):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=re.escape(f"unknown checkpoint name {name!r}{hint}; known names: default, "
