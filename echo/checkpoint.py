@@ -305,8 +305,14 @@ def load(path, size: str | None = None, device=None, heads: int | None = None, *
         overrides["heads"] = heads
     device = None if device is None else checked_device(device)
     path, release = _checkpoint_file(path)
+    if release is not None:  # echo-small is ECHO-small, whatever file the cache holds
+        if size not in (None, hub.RELEASES[release].size):
+            raise ValueError(f"{release} is ECHO-{hub.RELEASES[release].size}: size={size!r} contradicts it")
+        size = hub.RELEASES[release].size
     try:
         state, saved = _read_state_dict(path)
+        if release is not None:  # another model in the cache's place is as wrong as a file cut short
+            _check_size(EchoConfig.preset(size), state, str(path))
     except ValueError as error:
         if release is None:
             raise

@@ -23,6 +23,7 @@ class Release:
     repo_id: str
     filename: str
     sha256: str | None  # None: not published where echo could read it; the download is then not verified
+    size: str  # the preset the file must hold: without a sha256, what tells a wrong file put in the cache by hand
     revision: str = "main"
 
     @property
@@ -39,10 +40,10 @@ class Release:
 RELEASES = {
     # github.com/yucongzh/ECHO (README, August 2025): weights at huggingface.co/yucongzh/echo-small-0824,
     # loaded there with safetensors' load_file("model.safetensors"). Its sha256 was not found published.
-    "echo-small": Release("yucongzh/echo-small-0824", "model.safetensors", None),
+    "echo-small": Release("yucongzh/echo-small-0824", "model.safetensors", None, "small"),
     # PLACEHOLDER: the ECHO README lists ECHO-tiny as "Coming Soon" and no hub repository for it was found;
     # this id follows the small release's naming and must be checked when the tiny weights are published.
-    "echo-tiny": Release("yucongzh/echo-tiny-0824", "model.safetensors", None),
+    "echo-tiny": Release("yucongzh/echo-tiny-0824", "model.safetensors", None, "tiny"),
 }
 NAMES = ("default", *RELEASES)
 

@@ -37,6 +37,12 @@ def populate(cache, release, model, snapshot="0123456789abcdef0123456789abcdef01
     (folder / "refs" / "main").write_text(snapshot)
 
 
+@pytest.fixture
+def small_of_tiny_weights(monkeypatch):
+    """echo-small's release as if it were ECHO-tiny: tests of the cache's mechanics stay small and fast."""
+    monkeypatch.setitem(hub.RELEASES, "echo-small", replace(hub.RELEASES["echo-small"], size="tiny"))
+
+
 def same_weights(loaded, model):
     return all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
 
@@ -48,7 +54,7 @@ def test_release_loads_from_a_populated_cache(offline_cache):
     assert loaded.config.size == "tiny" and same_weights(loaded, model)
 
 
-def test_offline_without_cache_gives_commands_that_work_when_run(offline_cache, tmp_path):
+def test_offline_without_cache_gives_commands_that_work_when_run(offline_cache, tmp_path, small_of_tiny_weights):
     with pytest.raises(ValueError) as error:
         echo.load("echo-small")
     text = str(error.value)
@@ -127,7 +133,7 @@ def test_paths_win_over_names_and_missing_hub_is_explained(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("cache_setting", ["~/hub", "$CACHE_ROOT/hub", "hub"])
-def test_commands_name_the_cache_as_an_absolute_path(tmp_path, monkeypatch, cache_setting):
+def test_commands_name_the_cache_as_an_absolute_path(tmp_path, monkeypatch, cache_setting, small_of_tiny_weights):
     """'~/hub' went into the commands quoted, so mkdir made a folder named '~'; a relative cache was taken from
     the download folder; '$CACHE_ROOT' was neither expanded nor what huggingface_hub reads."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -176,7 +182,7 @@ def test_transport_errors_are_explained(offline_cache, monkeypatch):
         echo.load("echo-tiny")
 
 
-def test_a_pinned_commit_gets_commands_that_work_when_run(offline_cache, tmp_path, monkeypatch):
+def test_a_pinned_commit_gets_commands_that_work_when_run(offline_cache, tmp_path, monkeypatch, small_of_tiny_weights):
     """huggingface_hub looks a commit up in snapshots/<commit> and never in refs/, so the commands written for a
     branch (snapshots/local named by refs/main) left a pinned release not found."""
     commit = "89abcdef0123456789abcdef0123456789abcdef"
@@ -303,7 +309,8 @@ def test_offline_mode_set_when_huggingface_hub_was_imported_is_named(offline_cac
     (lambda good: good[:1000], "not a readable safetensors file"),
     (lambda good: b"<!DOCTYPE html><html><body>Error 502</body></html>", "neither a safetensors file nor a torch"),
 ], ids=["cut-short", "a-web-page"])
-def test_a_damaged_cached_release_is_named_with_a_command_that_replaces_it(offline_cache, tmp_path, broken, problem):
+def test_a_damaged_cached_release_is_named_with_a_command_that_replaces_it(offline_cache, tmp_path, broken, problem,
+                                                                           small_of_tiny_weights):
     """Reported by its path in the cache alone, which neither said it was the release nor how to replace it."""
     model = random_model("tiny")
     download = released_file(tmp_path / "download" / "model.safetensors", model)
@@ -326,3 +333,18 @@ def test_a_damaged_cached_release_is_named_with_a_command_that_replaces_it(offli
     command = re.search(r"from the folder holding it: (cp .*)$", text).group(1)
     subprocess.run(["sh", "-c", command], cwd=tmp_path / "download", check=True)
     assert same_weights(echo.load("echo-small"), model)
+
+
+def test_a_release_holding_another_model_in_the_cache_is_named_damaged(offline_cache, tmp_path):
+    """A file of another size put in the cache's place by hand (without a published sha256, nothing else tells)
+    loaded as that size under the release's name: echo.load("echo-tiny") returned a model of dim 64."""
+    populate(offline_cache, hub.RELEASES["echo-tiny"], random_model("tiny", dim=64, heads=1))
+    with pytest.raises(ValueError) as error:
+        echo.load("echo-tiny")
+    text = str(error.value)
+    assert text.startswith("echo-tiny: the Hugging Face cache's copy of https://huggingface.co/yucongzh/echo-tiny-0824"
+                           "/resolve/main/model.safetensors is damaged (") and "does not match ECHO-tiny (dim 192, " \
+        "depth 12); mis-shaped keys: cls_token (1, 1, 64) (expected (1, 1, 192))" in text
+    assert re.search(r"from the folder holding it: cp model\.safetensors \S+$", text)
+    with pytest.raises(ValueError, match=r"^echo-tiny is ECHO-tiny: size='small' contradicts it$"):
+        echo.load("echo-tiny", size="small")
