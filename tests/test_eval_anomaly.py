@@ -210,3 +210,22 @@ def test_a_year_given_as_text_is_named_as_text():
     clips, scores, _ = make_table()
     with pytest.raises(ValueError, match="DCASE year '2023' is not supported"):
         anomaly.group_metrics(clips, scores, "2023")
+
+
+def test_scores_that_do_not_pair_with_the_clips_are_refused():
+    """One score too many paired each clip with its neighbour's score and measured that; one too few failed
+    with an IndexError deep in the groups."""
+    clips, scores, _ = make_table()
+    scores = np.asarray(scores, dtype=np.float64)
+    for wrong in (np.r_[0.5, scores], scores[:-1]):
+        with pytest.raises(ValueError, match=f"{len(wrong)} scores for {len(clips)} clips"):
+            anomaly.group_metrics(clips, wrong, 2023)
+
+
+def test_a_test_clip_without_a_finite_score_is_named():
+    """scikit-learn's "Input contains NaN" named no clip."""
+    clips, scores, _ = make_table()
+    scores = np.array(scores, dtype=np.float64)
+    scores[2] = np.nan
+    with pytest.raises(ValueError, match="c2: score nan is not a finite number"):
+        anomaly.group_metrics(clips, scores, 2023)

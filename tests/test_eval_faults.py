@@ -168,3 +168,36 @@ def test_leave_one_group_out_of_a_single_group_is_a_clear_error():
     points, labels = clustered()
     with pytest.raises(ValueError, match="leave-one-group-out needs two groups or more, got 1"):
         faults.evaluate(points, labels, "loocv", groups=["session 1"] * len(labels))
+
+
+@pytest.mark.filterwarnings("ignore:The least populated class")
+@pytest.mark.parametrize("folds, groups, why", [
+    (20, None, "greater than the number of samples"),
+    (7, None, "cannot be greater than the number of members in each class"),
+    (5, ["s1"] * 6 + ["s2"] * 6 + ["s3"] * 6, "greater than the number of groups: 3"),
+])
+def test_more_folds_than_the_data_allows_is_named_with_the_class_counts(folds, groups, why):
+    """scikit-learn's "n_splits=7 cannot be greater than the number of members in each class" named neither the
+    folds option nor the data that has too few files."""
+    points, labels = clustered()
+    labels = np.r_[["a"] * 6, ["b"] * 6, ["c"] * 5, ["d"]]
+    grouped = "" if groups is None else "; 3 groups"
+    with pytest.raises(ValueError, match=f"{folds}-fold cross-validation of 18 files \\(per class: a 6, b 6, c 5, "
+                                         f"d 1{grouped}\\) is impossible: .*{why}.* Choose fewer folds"):
+        faults.evaluate(points, labels, "kfold", k=3, folds=folds, groups=groups)
+
+
+def test_a_single_class_is_refused_not_scored_perfect():
+    """Every file of one class (a MAFAULDA download of normal/ only) scored accuracy 1.0."""
+    points, _ = clustered()
+    for protocol in ("loocv", "kfold"):
+        with pytest.raises(ValueError, match="needs two classes or more; every file is 'normal'"):
+            faults.evaluate(points, ["normal"] * len(points), protocol)
+
+
+def test_subsets_and_labels_of_the_wrong_shape_are_named():
+    points, labels = clustered()
+    with pytest.raises(ValueError, match="17 subsets for 18 embeddings"):  # was an IndexError of a boolean mask
+        faults.evaluate(points, labels, "split", subsets=["train"] * 9 + ["test"] * 8)
+    with pytest.raises(ValueError, match=r"labels must be one per embedding, a flat list; got shape \(18, 1\)"):
+        faults.evaluate(points, labels[:, None], "loocv")  # a table's label column: failed in the vote

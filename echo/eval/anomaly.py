@@ -103,10 +103,14 @@ def group_metrics(clips: list[Clip], scores, year: int | None, domain_rule: str 
     if domain_rule not in DOMAIN_RULES:
         raise ValueError(f"unknown domain AUC rule {domain_rule!r}; known: {', '.join(DOMAIN_RULES)}")
     scores = np.asarray(scores, dtype=np.float64)
+    if len(scores) != len(clips):  # fewer failed deep in the groups; more paired every clip with a wrong score
+        raise ValueError(f"{len(scores)} scores for {len(clips)} clips")
     tests = defaultdict(list)
     for index, clip in enumerate(clips):
         if clip.subset == "test" and clip.label is not None:
             _check_labelled(clip, year)
+            if not np.isfinite(scores[index]).all():  # scikit-learn's "Input contains NaN" names no clip
+                raise ValueError(f"{clip.path}: score {scores[index]} is not a finite number")
             tests[(clip.split, clip.machine, clip.section)].append(index)
     rows, excluded = [], []
     for (split, machine, section), members in sorted(tests.items()):

@@ -150,9 +150,14 @@ def _walk(top: Path, notes: list, recursive: bool = True):
 def _files(folder: Path, suffixes, notes: list, recursive: bool = False) -> list[Path]:
     """The files in `folder` (and below it, if `recursive`) ending in one of `suffixes`, sorted, each once
     however many links lead to it. Whatever is not a folder counts: a broken link or a pipe is reported as
-    unreadable (failures.csv) rather than left out unseen."""
+    unreadable (failures.csv) rather than left out unseen; but not macOS's ._<name> files, which hold another
+    file's Finder metadata (copied to a USB drive or network share, every recording has one beside it)."""
     found = sorted(where / name for where, names in _walk(folder, notes, recursive) for name in names
                    if Path(name).suffix.lower() in suffixes)
+    metadata = [path for path in found if path.name.startswith("._")]
+    if metadata:
+        _note(notes, f"skipped {len(metadata)} macOS metadata files under {folder} (e.g. {metadata[0]}): not audio")
+        found = [path for path in found if not path.name.startswith("._")]
     first_spelling, repeated = {}, []
     for path in found:
         first = first_spelling.setdefault(os.path.realpath(path), path)
@@ -173,8 +178,9 @@ def read_label_lists(paths, year: int) -> dict:
     is the third (an empty one leaves it to the reference name), columns after it are not read."""
     table = {}
     for path in paths:
-        if not Path(path).is_file():
-            raise ValueError(f"label list {path} does not exist")
+        if not Path(path).is_file():  # a folder (--labels eval_data/) was said not to exist
+            state = "is a folder, not a csv file" if Path(path).is_dir() else "does not exist"
+            raise ValueError(f"label list {path} {state}")
         machine = None
         try:
             with open(path, newline="", encoding="utf-8-sig") as handle:  # a byte order mark (Excel) is no name
@@ -308,7 +314,26 @@ def dcase(root, year: int, label_lists=None) -> Dataset:
         notes.append(f"{unlabelled} test clips have no label (no entry in {source}): they are scored but not "
                      f"measured" + (f"; other years' lists found, pass one with --labels if it applies: "
                                     f"{', '.join(others)}" if others else ""))
+    _check_banks(items)
     return Dataset(f"dcase{year}", "anomaly", items, read_audio, year=year, notes=notes)
+
+
+def _check_banks(clips: list) -> None:
+    """Refused before the encoding (hours on a large set), not while scoring after it: a test clip whose
+    bank (split, machine, section) has no training clip, and a file reached twice within one bank through a
+    link: as a bank clip and a test clip it is its own nearest neighbour (score 0, a perfect normal), as two
+    test clips (test/normal/ and test/anomalous/) it is counted under both labels."""
+    banks = {(clip.split, clip.machine, clip.section) for clip in clips if clip.subset == "train"}
+    first = {}
+    for clip in clips:
+        bank = (clip.split, clip.machine, clip.section)
+        if bank not in banks:
+            raise ValueError(f"{clip.path}: {clip.split} {clip.machine} section {clip.section} has test clips but "
+                             f"no training clip to build the memory bank from")
+        other = first.setdefault((*bank, os.path.realpath(clip.path)), clip)
+        if other is not clip:
+            raise ValueError(f"{clip.path} is the same file as {other.path} (a {clip.subset} and a {other.subset} "
+                             f"clip of {clip.machine} section {clip.section}), reached through a link; keep one")
 
 
 def _any_case(root: Path, name: str) -> Path:
@@ -343,6 +368,7 @@ def folder(root) -> Dataset:
     machine = root.resolve().name  # the folder's own name, also where it is given as `.`
     clip = lambda path, subset, label: Clip(path, "dev", machine, "00", None, subset, label)  # noqa: E731
     items = [clip(path, "train", 0) for path in bank] + [clip(path, "test", label) for path, label in tests]
+    _check_banks(items)
     return Dataset("folder", "anomaly", items, read_audio, notes=notes)
 
 

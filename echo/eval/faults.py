@@ -97,15 +97,18 @@ def evaluate(embeddings, labels, protocol: str, k: int = 5, subsets=None, channe
     otherwise find each other)."""
     embeddings = _as_channels(embeddings)
     labels = np.asarray(labels)
-    if len(labels) != len(embeddings):
-        raise ValueError(f"{len(labels)} labels for {len(embeddings)} embeddings")
+    if labels.ndim != 1:  # a table's label column as an (N, 1) array failed deep in the vote
+        raise ValueError(f"labels must be one per embedding, a flat list; got shape {labels.shape}")
+    for name, values in (("labels", labels), ("subsets", subsets), ("groups", groups)):
+        if values is not None and len(values) != len(embeddings):
+            raise ValueError(f"{len(values)} {name} for {len(embeddings)} embeddings")
     classes, codes = np.unique(labels, return_inverse=True)
+    if len(classes) < 2:  # every prediction would be right: an accuracy of 1 that measures nothing
+        raise ValueError(f"fault classification needs two classes or more; every file is {str(classes[0])!r}")
     view = view_name(channels, fuse, embeddings.shape[1])
     run = lambda bank, queries, exclude=None: classes[predict(  # noqa: E731
         embeddings[bank], codes[bank], embeddings[queries], k, channels, fuse, exclude, device)]
     everything = np.arange(len(labels))
-    if groups is not None and len(groups) != len(labels):
-        raise ValueError(f"{len(groups)} groups for {len(labels)} embeddings")
     if protocol == "loocv" and groups is None:
         return score(labels, run(everything, everything, everything), classes, protocol, view)
     if protocol == "loocv":
@@ -122,9 +125,16 @@ def evaluate(embeddings, labels, protocol: str, k: int = 5, subsets=None, channe
         selection = require("sklearn.model_selection", "stratified k-fold")
         splitter = (selection.StratifiedKFold if groups is None else selection.StratifiedGroupKFold)(
             n_splits=folds, shuffle=True, random_state=seed)
+        try:
+            splits = list(splitter.split(np.zeros(len(labels)), labels, groups))
+        except ValueError as error:  # scikit-learn names its n_splits, not the data that has too few files
+            counts = ", ".join(f"{name} {count}" for name, count in zip(classes, np.bincount(codes)))
+            grouped = "" if groups is None else f"; {len(np.unique(groups))} groups"
+            raise ValueError(f"{folds}-fold cross-validation of {len(labels)} files (per class: {counts}{grouped}) "
+                             f"is impossible: {error} Choose fewer folds.") from None
         predictions = np.empty_like(labels)
         fold_accuracies = []
-        for train, test in splitter.split(np.zeros(len(labels)), labels, groups):
+        for train, test in splits:
             predictions[test] = run(train, test)
             fold_accuracies.append(float(np.mean(predictions[test] == labels[test])))
         return score(labels, predictions, classes, protocol, view, fold_accuracies)
