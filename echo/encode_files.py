@@ -72,8 +72,8 @@ def add_arguments(parser) -> None:
 
 
 def find_files(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Audio files under `paths` (folders searched recursively, following links to folders, each folder once;
-    files taken as given), each once however it was spelt, and the paths that could not be used with the reason
+    """Audio files under `paths` (folders searched recursively, following links to folders, each folder once,
+    macOS's ._ metadata files left out as other files that are not audio; files taken as given), each once however it was spelt, and the paths that could not be used with the reason
     (a missing path, a folder that cannot be read or is reached a second time, a broken or looping link, a
     pipe), each once too."""
     files, unusable = [], []
@@ -81,7 +81,8 @@ def find_files(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
         kind = _kind(path)
         if kind == "folder":
             found = [where / name for where, names in folders.walk(path, lambda *skipped: unusable.append(skipped))
-                     for name in names if Path(name).suffix.lower() in AUDIO_SUFFIXES]
+                     for name in names
+                     if Path(name).suffix.lower() in AUDIO_SUFFIXES and not folders.finder_metadata(name)]
             for entry in sorted(found):  # a link loop or a pipe is named as given ones are
                 kind = _kind(entry)
                 if kind == "file":

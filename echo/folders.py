@@ -7,6 +7,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
+def finder_metadata(name: str) -> bool:
+    """macOS's ._<name> files: another file's Finder metadata, one beside every recording copied from a Mac to a
+    USB drive or a network share. They end in .wav like it, but hold no audio."""
+    return name.startswith("._")
+
+
 def walk(top: Path, skip: Callable[[Path, str], None], recursive: bool = True) -> Iterator[tuple[Path, list[str]]]:
     """(folder, the names in it that are not folders) for `top` and, if `recursive`, every folder below it. A
     folder is listed once, under its real path where it has one below `top`; `skip(path, reason)` hears of each

@@ -1045,3 +1045,17 @@ def test_an_out_whose_temporary_name_is_too_long_is_refused_before_any_work(tmp_
     assert run(tmp_path / "a.wav", "--model", model_path, "--out", out) == 2
     assert f"--out {out} cannot be written: File name too long" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "model"]
+
+
+def test_macos_metadata_files_in_a_folder_are_not_taken_for_recordings(tmp_path):
+    """Every recording copied from a Mac to a USB drive has a ._<name>.wav beside it, Finder's metadata: each was
+    read, failed and reported, one "skipped" line per recording. Named on the command line, it is read as given."""
+    from echo.encode_files import find_files
+
+    folder = tmp_path / "usb"
+    (folder / "day1").mkdir(parents=True)
+    for name in ("a.wav", "day1/b.WAV"):
+        soundfile.write(str(folder / name), np.zeros(800), 8000)
+        (folder / name).with_name(f"._{Path(name).name}").write_bytes(b"\x00\x05\x16\x07Mac OS X        ")
+    assert find_files([folder]) == ([folder / "a.wav", folder / "day1" / "b.WAV"], [])
+    assert find_files([folder / "._a.wav"]) == ([folder / "._a.wav"], [])

@@ -150,14 +150,14 @@ def _walk(top: Path, notes: list, recursive: bool = True):
 def _files(folder: Path, suffixes, notes: list, recursive: bool = False) -> list[Path]:
     """The files in `folder` (and below it, if `recursive`) ending in one of `suffixes`, sorted, each once
     however many links lead to it. Whatever is not a folder counts: a broken link or a pipe is reported as
-    unreadable (failures.csv) rather than left out unseen; but not macOS's ._<name> files, which hold another
-    file's Finder metadata (copied to a USB drive or network share, every recording has one beside it)."""
+    unreadable (failures.csv) rather than left out unseen; but not macOS's ._<name> files
+    (folders.finder_metadata), with a note."""
     found = sorted(where / name for where, names in _walk(folder, notes, recursive) for name in names
                    if Path(name).suffix.lower() in suffixes)
-    metadata = [path for path in found if path.name.startswith("._")]
+    metadata = [path for path in found if folders.finder_metadata(path.name)]
     if metadata:
         _note(notes, f"skipped {len(metadata)} macOS metadata files under {folder} (e.g. {metadata[0]}): not audio")
-        found = [path for path in found if not path.name.startswith("._")]
+        found = [path for path in found if not folders.finder_metadata(path.name)]
     first_spelling, repeated = {}, []
     for path in found:
         first = first_spelling.setdefault(os.path.realpath(path), path)
