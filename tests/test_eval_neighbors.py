@@ -374,7 +374,8 @@ def test_searches_multiply_in_full_float32_whatever_the_users_setting(per_backen
 def test_cosine_refuses_zero_rows_and_measures_tiny_ones():
     """A zero row has no direction: it tied with every row, each query re-ranked against the whole bank.
     A row of length 1e-14 was scaled by 1e12 (a floor on norms), so the search put it ~1 from everything
-    and a query missed the row of its own direction."""
+    and a query missed the row of its own direction; a float32 row of 1e-30, whose squares underflow, was
+    refused as length 0."""
     rng = seeded_rng()
     queries = rng.normal(size=(3, 8))
     bank = queries[0] + 0.2 * rng.normal(size=(60, 8))  # all near query 0's direction
@@ -394,6 +395,13 @@ def test_cosine_refuses_zero_rows_and_measures_tiny_ones():
     assert ref_i[0, 0] == 7
     np.testing.assert_array_equal(indices, ref_i)
     np.testing.assert_allclose(distances, ref_d, rtol=1e-9, atol=1e-15)
+    bank = bank.astype(np.float32)
+    bank[7] = queries[0] * 1e-30
+    distances, indices = neighbors.nearest(queries.astype(np.float32), bank, 3, "cosine")
+    ref_d, ref_i = brute_force(queries.astype(np.float32).astype(np.float64), bank.astype(np.float64), 3, "cosine")
+    assert ref_i[0, 0] == 7
+    np.testing.assert_array_equal(indices, ref_i)
+    np.testing.assert_allclose(distances, ref_d, rtol=1e-6, atol=1e-7)
 
 
 def rounded_reference(queries, bank, k, metric):
@@ -415,7 +423,7 @@ OVERFLOWING = [(np.float16, 300.0), (np.float32, 1e20)]
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 @pytest.mark.parametrize("dtype, scale", OVERFLOWING)
-def test_values_whose_squares_overflow_the_dtype_are_searched_wider(dtype, scale, metric):
+def test_values_whose_squares_overflow_the_dtype_are_searched_right(dtype, scale, metric):
     """Squared norms past the dtype's range made search values inf or NaN, which the finiteness check did not
     see: made-up neighbours and distances."""
     rng = seeded_rng()
@@ -429,26 +437,127 @@ def test_values_whose_squares_overflow_the_dtype_are_searched_wider(dtype, scale
 
 
 @pytest.mark.parametrize("dtype, scale", OVERFLOWING)
-def test_fused_values_whose_squares_overflow_the_dtype_are_searched_wider(dtype, scale):
+def test_fused_values_whose_squares_overflow_the_dtype_are_searched_right(dtype, scale):
     rng = seeded_rng()
     bank = (rng.normal(size=(30, 2, 16)) * scale).astype(dtype)
     queries = (rng.normal(size=(5, 2, 16)) * scale).astype(dtype)
     distances, indices = neighbors.fused_nearest(queries, bank, 3)
     ref_d, ref_i = naive_fused(queries.astype(np.float64), bank.astype(np.float64), 3, [0, 1])
     np.testing.assert_array_equal(indices, ref_i)
-    np.testing.assert_allclose(distances, ref_d, rtol=2 * np.finfo(dtype).eps, atol=4 * np.finfo(dtype).eps)
+    # the mean and std are the search's, in float32 (at least) as for rows near 1: a few float32 ulps of mean/std
+    tol = max(np.finfo(dtype).eps, 2.0 ** -20)
+    np.testing.assert_allclose(distances, ref_d, rtol=8 * tol, atol=8 * tol)
 
 
-def test_distances_past_the_dtype_and_squares_past_float64_are_refused():
-    """A float16 distance past 65504 came back inf; float64 rows past ~1e154 have no wider dtype to search in."""
+def test_distances_past_the_dtype_are_refused():
+    """A float16 distance past 65504 came back inf; so would a float64 one past ~1.8e308, whose rows have no wider
+    dtype."""
     queries, bank = np.array([[4e4]], np.float16), np.array([[-4e4], [0.0]], np.float16)
     distances, indices = neighbors.nearest(queries, bank, 1)
     assert indices.tolist() == [[1]] and distances.tolist() == [[4e4]]
-    with pytest.raises(ValueError, match="distances between queries and bank exceed float16's range"):
+    with pytest.raises(ValueError, match="distances between queries and bank exceed float16's range: pass the "
+                                         "rows in a wider dtype"):
         neighbors.nearest(queries, bank, 2)
-    for metric in ("euclidean", "cosine"):
-        with pytest.raises(ValueError, match=r"bank: values up to 1e\+160 would overflow the search's squares in "
-                                             r"float64; scale the rows down"):
-            neighbors.nearest(np.ones((2, 3)), np.full((4, 3), 1e160), 1, metric)
-    with pytest.raises(ValueError, match=r"queries: values up to 1e\+160"):
-        neighbors.fused_nearest(np.full((2, 1, 3), 1e160), np.ones((4, 1, 3)), 1)
+    queries, bank = np.array([[1.5e308]]), np.array([[-1.5e308], [0.0]])
+    distances, indices = neighbors.nearest(queries, bank, 1)
+    assert indices.tolist() == [[1]] and distances.tolist() == [[1.5e308]]
+    with pytest.raises(ValueError, match="exceed float64's range: scale the rows down"):
+        neighbors.nearest(queries, bank, 2)
+
+
+# rows times these powers of two: squares that underflow to 0 or overflow, in float32 and in float64
+UNITS = [(np.float32, 2.0 ** -80), (np.float32, 2.0 ** 100), (np.float64, 2.0 ** -600), (np.float64, 2.0 ** 600)]
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("dtype, factor", UNITS)
+def test_rows_in_any_units_are_searched_as_rows_near_1(dtype, factor, metric, monkeypatch):
+    """float32 values near 1e-24 (features in odd units) made every square underflow: every search value 0, so
+    each query was searched again with 4 times the candidates until it had measured the whole bank; float64
+    values near 1e-181 also measured every distance as 0; cosine refused both as length 0, and float64 values
+    past ~1e154 were refused. Rows times a power of two must give the rows' own neighbours, at their distances
+    times it (bit for bit: the search sees the same rows), in the first search (k + EXTRA_CANDIDATES each); the
+    fused search the same neighbours and distances, for a different power in each channel."""
+    asked = []
+    search = neighbors._search_torch
+
+    def counting(queries, **kwargs):
+        asked.append(kwargs["wanted"])
+        return search(queries, **kwargs)
+
+    monkeypatch.setattr(neighbors, "_search_torch", counting)
+    rng = seeded_rng()
+    bank = (rng.normal(size=(3000, 16)) + 2).astype(dtype)
+    queries = (rng.normal(size=(40, 16)) + 2).astype(dtype)
+    k = 5
+    ref_d, ref_i = neighbors.nearest(queries, bank, k, metric)
+    assert asked == [k + neighbors.EXTRA_CANDIDATES]
+    distances, indices = neighbors.nearest(queries * dtype(factor), bank * dtype(factor), k, metric)
+    assert asked == [k + neighbors.EXTRA_CANDIDATES] * 2
+    np.testing.assert_array_equal(indices, ref_i)
+    np.testing.assert_array_equal(distances, ref_d * dtype(factor) if metric == "euclidean" else ref_d)
+
+    factors = np.array([1, factor, 1 / factor], dtype=dtype)[None, :, None]
+    ref_d, ref_i = neighbors.fused_nearest(queries[:, None].repeat(3, 1), bank[:, None].repeat(3, 1), k)
+    distances, indices = neighbors.fused_nearest(queries[:, None] * factors, bank[:, None] * factors, k)
+    np.testing.assert_array_equal(indices, ref_i)
+    np.testing.assert_array_equal(distances, ref_d)
+
+
+def fused_reference(queries, bank, k, exclude):
+    """Fused distances in float64 from the rows' differences (torch.cdist without its matrix product), each
+    (query, channel) row z-scored over the bank less the query's excluded row; equal ones in bank order."""
+    q, b = torch.as_tensor(queries).transpose(0, 1), torch.as_tensor(bank).transpose(0, 1)  # (C, rows, E)
+    distances = torch.cdist(q, b, compute_mode="donot_use_mm_for_euclid_dist")  # (C, Q, B)
+    keep = torch.ones(distances.shape[1:], dtype=torch.bool)
+    own = np.flatnonzero(exclude >= 0)
+    keep[own, exclude[own]] = False
+    count = keep.sum(1, keepdim=True)
+    mean = (distances * keep).sum(2, keepdim=True) / count
+    std = (((distances - mean) * keep) ** 2).sum(2, keepdim=True).div(count).sqrt()
+    fused = ((distances - mean) / std).mean(0).masked_fill(~keep, float("inf")).numpy()
+    order = np.argsort(fused, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(fused, order, 1), order
+
+
+@pytest.mark.parametrize("k", [5, 40])
+def test_fused_visits_the_bank_a_chunk_at_a_time(k, monkeypatch):
+    """fused_nearest held every channel's prepared bank, and the bank, on the device: more than it has for a
+    large bank. Now a chunk at a time (here 37 rows: 6 chunks, the last of 15, k above and below one chunk's
+    rows, several blocks of queries), with each query's mean and std merged over the chunks: the neighbours of
+    exact float64 z-scores, each query's own row out of its mean and std."""
+    monkeypatch.setattr(neighbors, "BANK_CHUNK_ROWS", 37)
+    prepared_rows = []
+    preparer = neighbors._preparer
+
+    def counting(*args, **kwargs):
+        prepare = preparer(*args, **kwargs)
+        return lambda rows: prepared_rows.append(len(rows)) or prepare(rows)
+
+    monkeypatch.setattr(neighbors, "_preparer", counting)
+    rng = seeded_rng()
+    bank = rng.normal(size=(200, 3, 8)) * np.array([1, 10, 0.1])[None, :, None] + rng.normal(size=(1, 3, 8))
+    queries = np.concatenate([bank[:12], bank[:11] + 0.3 * rng.normal(size=(11, 3, 8))])
+    exclude = np.concatenate([np.arange(12), np.full(11, -1)])
+    distances, indices = neighbors.fused_nearest(queries, bank, k, exclude=exclude, chunk_bytes=2**14)
+    ref_d, ref_i = fused_reference(queries, bank, k, exclude)
+    np.testing.assert_array_equal(indices, ref_i)
+    np.testing.assert_allclose(distances, ref_d, rtol=1e-9, atol=1e-9)
+    assert max(prepared_rows) <= 37  # queries (23) and bank rows alike
+
+
+def test_fused_ties_across_bank_chunks_come_in_bank_order(monkeypatch):
+    """Integer points repeat: many rows at exactly equal fused distance, in different chunks of the bank (channel 1
+    is channel 0 times 4: the same z-scores, no near ties between channels)."""
+    monkeypatch.setattr(neighbors, "BANK_CHUNK_ROWS", 37)
+    rng = seeded_rng()
+    points = rng.integers(0, 4, size=(230, 2)).astype(np.float64)
+    rows = np.stack([points, 4 * points], 1)
+    bank, queries = rows[:200], np.concatenate([rows[:10], rows[200:]])
+    exclude = np.concatenate([np.arange(10), np.full(30, -1)])
+    distances, indices = neighbors.fused_nearest(queries, bank, 7, exclude=exclude, chunk_bytes=2**14)
+    ref_d, ref_i = fused_reference(queries, bank, 7, exclude)
+    assert (ref_d[:, 1:] == ref_d[:, :-1]).sum() > 100
+    np.testing.assert_array_equal(indices, ref_i)
+    # the mean and std are the search's: its distances between equal rows are ~1e-8 (|q| sqrt(eps)), not 0
+    np.testing.assert_allclose(distances, ref_d, rtol=1e-6)

@@ -2,18 +2,26 @@
 
 A (queries x bank) distance matrix is never held whole: the bank is visited in chunks and a running top-k is
 merged, so memory stays bounded for banks of 10^6 x 7680. The search ranks by |q|^2 + |b|^2 - 2 q.b, on rows
-scaled to unit length for cosine (|q - b|^2 = 2 (1 - cos) there), after centring both sides on the bank mean
-(translation leaves distances unchanged and removes most of the cancellation): fast, but off by up to ~E ulps
-of (|q| + |b|)^2, which scrambles near-duplicates and leaves equal rows ~|q| sqrt(eps) apart. So each query's
+scaled to unit length for cosine (|q - b|^2 = 2 (1 - cos) there), after centring both sides on a mean of bank
+rows (translation leaves distances unchanged and removes most of the cancellation): fast, but off by up to ~E
+ulps of (|q| + |b|)^2, which scrambles near-duplicates and leaves equal rows ~|q| sqrt(eps) apart. So each query's
 best candidates, all those within that bound of the k-th, are measured again from the rows' differences:
 accurate relative to the distance itself, exactly 0 between equal rows, never below 0. A query with more
 candidates inside the bound than the search handed over is searched again for more. The products are taken
 in full float32 whatever the user's TF32 or bf16 setting, which would round far past that bound.
 `backend="faiss"` uses faiss's exact flat index for the search instead, for banks that outgrow the device.
 
-`fused_nearest` z-scores each query's distances over the whole bank, so it holds them for a chunk of queries
-at a time; its candidates are measured again in the same way, but the mean and std stay the search's (see
-there).
+Features may come in any units: the search sees rows times a power of two that brings the largest value
+below 1 (each cosine row times its own), so that no square overflows and none that matters underflows (tiny
+rows made every search value 0, and each query searched again until it had the whole bank). The product is
+exact for every value that stays a normal number, which all but those below ~2^-125 of the largest (float32)
+do; one that turns subnormal is off by less than the smallest normal, which the bound allows for
+(`_search_error`). In float64 the rows measured again are scaled alike (float32 and float16 cosine rows need
+not be), and Euclidean distances scaled back, exactly.
+
+`fused_nearest` z-scores each query's distances over the whole bank: it visits the bank twice, in chunks, first
+for each query's mean and std, then for the z-scores, keeping each query's candidates as it goes; these are
+measured again in the same way, but the mean and std stay the search's (see there).
 
 Among neighbours at exactly equal distance the lower bank index comes first.
 """
@@ -55,13 +63,14 @@ def check_finite(rows, name: str) -> None:
 
 
 def check_nonzero(rows, name: str) -> None:
-    """Cosine distance is undefined for a row of length 0 (all zero, or too small to square in its dtype), which
-    would tie with every row: refused, naming the first ones."""
+    """Cosine distance is undefined for a row of length 0 (all zero), which would tie with every row: refused,
+    naming the first ones. A row too small to square in its dtype still has a direction, which the search
+    sees scaled."""
     if isinstance(rows, torch.Tensor):
-        norms = torch.linalg.vector_norm(rows.flatten(1), dim=1)
+        nonzero = rows.flatten(1).any(dim=1)
     else:
-        norms = np.linalg.norm(np.reshape(rows, (len(rows), -1)), axis=1)
-    _refuse(norms == 0, name, "have length 0: cosine distance is undefined for them")
+        nonzero = np.reshape(rows, (len(rows), -1)).any(axis=1)
+    _refuse(~nonzero, name, "have length 0: cosine distance is undefined for them")
 
 
 def as_rows(embeddings, name: str = "embeddings") -> np.ndarray:
@@ -156,24 +165,45 @@ def _search_values(queries: torch.Tensor, bank: torch.Tensor, bank_sq=None) -> t
     return (queries_sq + bank_sq - 2 * queries @ bank.T).clamp_min_(0)
 
 
-def _search_error(eps: float, dim: int, sizes: torch.Tensor) -> torch.Tensor:
-    """The most by which `_search_values` of prepared rows with |q| + |b| = sizes can be off: with u = eps / 2,
-    the E-term products and sums and the centring are off by at most (E + 4) u (|q| + |b|)^2, taken as
-    (E + 8) eps for margin."""
-    return (dim + 8) * eps * sizes ** 2
+def _search_error(search: torch.finfo, dim: int, sizes: torch.Tensor) -> torch.Tensor:
+    """The most by which `_search_values` of prepared rows with |q| + |b| = sizes (S) can be off, in the search's
+    dtype `search`: with u = eps / 2, the E-term products and sums and the centring are off by at most
+    (E + 4) u S^2, taken as (E + 8) eps for margin. A value below the dtype's smallest normal (tiny) can be off
+    by up to tiny rather than u of itself (flushed to 0 at worst): the products by 4 E tiny in all, and the rows
+    (scaled, normalised, rounded to faiss's float32) by sqrt(E) tiny a step, which moves |q - b|^2 by at most
+    12 sqrt(E) tiny S <= u S^2 + 36 E tiny (tiny < u); taken as 64 (E + 8) tiny."""
+    return (dim + 8) * (search.eps * sizes ** 2 + 64 * search.tiny)
 
 
-def _search_limit(metric: str, eps: float, search_eps: float, dim: int, query_norms: torch.Tensor,
+def _search_limit(metric: str, eps: float, search: torch.finfo, dim: int, query_norms: torch.Tensor,
                   kth: torch.Tensor) -> torch.Tensor:
-    """The largest search value that a bank row as near as the k-th neighbour (exact distance `kth`, rounded by
-    u = eps / 2) can get. With r the k-th's distance between prepared rows, |q| + |b| <= 2 |q| + r; cosine's
-    norms, each off by at most (E / 2 + 1) u, move q - b by (E + 4) u: |q - b|^2 by (E + 8) eps |q - b|, with
-    margin."""
+    """The largest search value that a bank row as near as the k-th neighbour (exact distance `kth` between the
+    rows as the search scales them, rounded by u = eps / 2) can get. With r the k-th's distance between prepared
+    rows, |q| + |b| <= 2 |q| + r; cosine's norms, each off by at most (E / 2 + 1) u, move q - b by (E + 4) u:
+    |q - b|^2 by (E + 8) eps |q - b|, with margin."""
     if metric == "euclidean":
-        return kth * kth * (1 + 2 * eps) + _search_error(search_eps, dim, 2 * query_norms + kth)
+        return kth * kth * (1 + 2 * eps) + _search_error(search, dim, 2 * query_norms + kth)
     apart = (2 * kth).sqrt()
-    return apart * apart * (1 + 2 * eps) + _search_error(search_eps, dim, 2 * query_norms + apart) + (
+    return apart * apart * (1 + 2 * eps) + _search_error(search, dim, 2 * query_norms + apart) + (
         (dim + 8) * eps * apart)
+
+
+def _power_of_two(largest: torch.Tensor) -> torch.Tensor:
+    """For each largest = m 2^e (1/2 <= m < 1), 2^-e (m / largest, exactly): rows of values up to `largest` times
+    it lie below 1, every value exact but those that become subnormal (below 2^-125 or 2^-1021 of the largest in
+    float32 or float64). Kept within the normal range: values all subnormal come out below 1/2, values past
+    1 / (4 tiny) below 8."""
+    tiny = torch.finfo(largest.dtype).tiny
+    largest = largest.clamp(tiny, 1 / (4 * tiny))
+    return torch.frexp(largest).mantissa / largest
+
+
+def _scaled(rows: torch.Tensor, metric: str, scale: float, out=None) -> torch.Tensor:
+    """Rows times `scale`, or for cosine each row (the last axis) times its own power of two (so that its norm
+    neither overflows nor underflows): Euclidean distances come out times `scale`, cosine ones unchanged."""
+    if metric == "cosine":
+        scale = _power_of_two(torch.linalg.vector_norm(rows, float("inf"), dim=-1, keepdim=True))
+    return torch.mul(rows, scale, out=out)
 
 
 def _exact_distances(queries: torch.Tensor, candidates: torch.Tensor, metric: str) -> torch.Tensor:
@@ -192,14 +222,21 @@ def _exact_distances(queries: torch.Tensor, candidates: torch.Tensor, metric: st
 
 
 def _measured(queries: torch.Tensor, bank: torch.Tensor, candidates: torch.Tensor, metric: str,
-              chunk_bytes: int) -> torch.Tensor:
-    """`_exact_distances` (Q, M) of query rows (Q, E) to their candidate bank rows (Q, M), both as given, in
-    float64 (float32 sums of E terms keep ~sqrt(E) ulps), a chunk of queries at a time."""
+              chunk_bytes: int, scale: float) -> torch.Tensor:
+    """`_exact_distances` (Q, M) of query rows (Q, E) to their candidate bank rows (Q, M), both `_scaled` (but
+    for cosine rows narrower than float64, whose squares cannot leave its range), in float64 (float32 sums of E
+    terms keep ~sqrt(E) ulps), a chunk of queries at a time."""
+    rescale = metric == "euclidean" or bank.dtype == torch.float64
     query_rows = max(1, chunk_bytes // (candidates.shape[1] * bank.shape[1] * 8))
-    return torch.cat([
-        _exact_distances(queries[q0:q0 + query_rows].double(),
-                         bank[rows.to(bank.device)].to(rows.device, torch.float64), metric)
-        for q0, rows in zip(range(0, len(candidates), query_rows), candidates.split(query_rows))])
+    measured = []
+    for q0, rows in zip(range(0, len(candidates), query_rows), candidates.split(query_rows)):
+        q_rows = queries[q0:q0 + query_rows].double()
+        c_rows = bank[rows.to(bank.device)].to(rows.device, torch.float64)  # a copy: scaled in place
+        if rescale:
+            q_rows = _scaled(q_rows, metric, scale)
+            _scaled(c_rows, metric, scale, out=c_rows)
+        measured.append(_exact_distances(q_rows, c_rows, metric))
+    return torch.cat(measured)
 
 
 def _best(distances: torch.Tensor, candidates: torch.Tensor, k: int, exclude) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,39 +256,22 @@ def _best(distances: torch.Tensor, candidates: torch.Tensor, k: int, exclude) ->
     return values, candidates.gather(1, columns.gather(1, by_value))
 
 
-def _search_dtype(queries: torch.Tensor, bank: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
-    """`dtype`, else the first wider one in which the search's squares cannot overflow (the finiteness check does
-    not see an inf that only the squares reach). Rows of values up to m prepare to at most 2 sqrt(E) m long, so
-    search values and bounds stay below 32 E m^2 (1 + (E + 8) eps). Embeddings are ~1, but a user's features
-    may be in any units: those are searched wider (float16 in float32, float32 past ~1e17 in float64), slower
-    but right; past float64's range, refused."""
-    dim = bank.shape[-1]
-    largest = {name: float(torch.linalg.vector_norm(rows, float("inf")))
-               for name, rows in (("queries", queries), ("bank", bank))}
-    m = max(largest.values())
-    for wider in (dtype, torch.float32, torch.float64):
-        finfo = torch.finfo(wider)
-        if wider.itemsize >= dtype.itemsize and 32 * dim * m * m * (1 + (dim + 8) * finfo.eps) <= finfo.max:
-            return wider
-    name = max(largest, key=largest.get)
-    raise ValueError(f"{name}: values up to {largest[name]:.3g} would overflow the search's squares in float64; "
-                     f"scale the rows down")
+def _preparer(bank: torch.Tensor, metric: str, device, dtype: torch.dtype, scale: float):
+    """The map applied to query and bank rows (on `device`) before `_search_values`, into the search's dtype:
+    `_scaled` (cosine rows then to unit length), less a centre, the mean of the prepared rows of one chunk's
+    worth of bank rows spread over the bank. Any centre leaves distances as they are; a central one removes
+    most of the cancellation, which a chunk's does as well as the whole bank's, for the price of one chunk."""
+    def scaled(rows: torch.Tensor) -> torch.Tensor:
+        rows = _scaled(rows.to(dtype), metric, scale)
+        return rows if metric == "euclidean" else rows.div_(rows.norm(dim=1, keepdim=True))
+    step = -(-bank.shape[0] // BANK_CHUNK_ROWS)  # one chunk's rows at most
+    centre = scaled(bank[::step].to(device)).mean(0, keepdim=True)
+    return lambda rows: scaled(rows).sub_(centre)
 
 
-def _preparer(bank: torch.Tensor, metric: str, device, dtype: torch.dtype):
-    """The map applied to query and bank rows before `_search_values`, into the search's dtype. Cosine's centre,
-    the bank's sum over the sum of its norms, is a mean of the unit rows (weighted by norm) for the price of one
-    pass of norms."""
-    if metric == "euclidean":
-        centre = bank.mean(0, keepdim=True, dtype=dtype).to(device)
-        return lambda rows: rows.to(dtype) - centre
-    centre = (bank.sum(0, keepdim=True, dtype=dtype) / torch.linalg.vector_norm(bank, dim=1, dtype=dtype).sum())
-    centre = centre.to(device)
-
-    def prepare(rows: torch.Tensor) -> torch.Tensor:  # F.normalize(rows) - centre in one pass over the rows
-        rows = rows.to(dtype)
-        return torch.addcdiv(-centre, rows, rows.norm(dim=1, keepdim=True))
-    return prepare
+def _largest(rows: torch.Tensor, dim=None) -> torch.Tensor:
+    """The largest magnitude of the rows' values (over `dim`), on the CPU."""
+    return torch.linalg.vector_norm(rows, float("inf"), dim=dim).cpu()
 
 
 @_full_float32_products()
@@ -260,9 +280,9 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
     """(distances (Q, k), bank indices (Q, k)), ascending per row.
 
     `exclude`: for each query, one bank row it may not match (its own row in leave-one-out), or -1.
-    Searched in the inputs' dtype (float32 unless float64 is passed; faiss: float32), or a wider one where
-    their squares would overflow it (`_search_dtype`), the k nearest measured in float64 and returned (and
-    ranked) in the inputs' dtype: refused if they exceed its range.
+    Searched in the inputs' dtype, float32 at least (faiss: float32; float16's products are exact in float32,
+    and its own eps would put most of the bank within the bound), the k nearest measured in float64 and
+    returned (and ranked) in the inputs' dtype: refused if they exceed its range.
     """
     if backend not in ("torch", "faiss"):
         raise ValueError(f"unknown search backend {backend!r}; known: torch, faiss")
@@ -277,10 +297,11 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
     if metric == "cosine":
         check_nonzero(queries, "queries")
         check_nonzero(bank, "bank")
-    search_dtype = _search_dtype(queries, bank, queries.dtype)
-    if backend == "faiss" and _search_dtype(queries, bank, torch.float32) != torch.float32:
-        raise ValueError("backend='faiss' searches in float32, where these rows' squares overflow: use 'torch'")
-    prepare = _preparer(bank, metric, device, search_dtype)
+    search_dtype = torch.promote_types(queries.dtype, torch.float32)
+    scale = 1.0  # cosine rows are scaled each by its own
+    if metric == "euclidean":
+        scale = _power_of_two(torch.maximum(_largest(queries), _largest(bank)).to(search_dtype)).item()
+    prepare = _preparer(bank, metric, device, search_dtype, scale)
     prepared = prepare(queries)
     if backend == "faiss":
         search = partial(_search_faiss, index=_faiss_index(prepare(bank)))
@@ -288,7 +309,7 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
         chunk = lru_cache(maxsize=1)(partial(_prepared_chunk, bank, prepare, device))  # 1 chunk: prepared once
         search = partial(_search_torch, chunk=chunk, bank_size=bank.shape[0], chunk_bytes=chunk_bytes)
     eps = torch.finfo(queries.dtype).eps
-    search_eps = torch.finfo(torch.float32 if backend == "faiss" else search_dtype).eps
+    search_finfo = torch.finfo(torch.float32 if backend == "faiss" else search_dtype)
     best_d = torch.empty((queries.shape[0], k), dtype=queries.dtype, device=device)
     best_i = torch.empty((queries.shape[0], k), dtype=torch.long, device=device)
     pending = torch.arange(queries.shape[0], device=device)
@@ -297,15 +318,16 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
         wanted = min(wanted, bank.shape[0])
         candidates, reach = search(prepared[pending], wanted=wanted)
         candidates = candidates.sort(dim=1).values
-        distances = _measured(queries[pending], bank, candidates, metric, chunk_bytes).to(queries.dtype)
-        d, i = _best(distances, candidates, k, None if exclude is None else exclude[pending])
+        distances = _measured(queries[pending], bank, candidates, metric, chunk_bytes, scale) / scale
+        d, i = _best(distances.to(queries.dtype), candidates, k, None if exclude is None else exclude[pending])
         if torch.isinf(d).any():
-            raise ValueError(f"distances between queries and bank exceed {str(queries.dtype)[6:]}'s range: pass "
-                             f"the rows in a wider dtype")
+            advice = "scale the rows down" if queries.dtype == torch.float64 else "pass the rows in a wider dtype"
+            raise ValueError(f"distances between queries and bank exceed {str(queries.dtype)[6:]}'s range: "
+                             f"{advice}")
         best_d[pending], best_i[pending] = d, i
         # every other row's search value is at least reach: above the limit, none can be as near as the k-th
-        limit = _search_limit(metric, eps, search_eps, bank.shape[1], prepared[pending].norm(dim=1),
-                              d[:, -1].to(search_dtype))
+        limit = _search_limit(metric, eps, search_finfo, bank.shape[1], prepared[pending].norm(dim=1),
+                              d[:, -1].to(search_dtype) * scale)
         settled = (reach > limit) | (wanted == bank.shape[0])
         pending = pending[~settled]
         wanted *= 4
@@ -353,6 +375,42 @@ def _search_faiss(queries: torch.Tensor, index, wanted: int) -> tuple[torch.Tens
     return torch.from_numpy(candidates), torch.from_numpy(values[:, -1]).to(queries.dtype)
 
 
+def _merged(moments: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
+    """Running (count, mean, sum of squared deviations) (3, Q) of each query's distances, in float64, merged with
+    those of a further chunk (Q, B) (NaN: left out), taken in two passes over it, by Chan, Golub and LeVeque's
+    update: as accurate as two passes over the whole row."""
+    count = distances.shape[1] - distances.isnan().sum(1)
+    mean = distances.nansum(1, keepdim=True) / count.clamp_min(1)[:, None]
+    squares = (distances - mean).square_().nansum(1).double()
+    total = moments[0] + count
+    delta, weight = mean[:, 0].double() - moments[1], count / total.clamp_min(1)
+    return torch.stack([total, moments[1] + delta * weight, moments[2] + squares + delta * delta * moments[0] * weight])
+
+
+def _own(skip, b0: int, size: int):
+    """(queries, columns) of the queries' excluded rows (skip: one per query, or -1) among the `size` bank rows
+    from b0 on; None without exclusions."""
+    if skip is None:
+        return None
+    inside = (skip >= b0) & (skip < b0 + size)
+    return inside.nonzero().flatten(), skip[inside] - b0
+
+
+def _kept(kept, lower: torch.Tensor, upper: torch.Tensor, b0: int, k: int):
+    """Each query's candidates (bank rows, their lower bounds) and its k smallest upper bounds so far (None before
+    the first chunk), after the bounds (Q, B) of the chunk's rows from b0 on: every row whose lower bound is at
+    most the k-th upper one (which only falls as chunks come) is kept, among as many rows of smallest lower
+    bound as any query keeps."""
+    rows = torch.arange(b0, b0 + lower.shape[1], device=lower.device).expand_as(lower)
+    if kept is None:
+        kept = rows[:, :0], lower[:, :0], torch.full_like(lower[:, :1], float("inf")).expand(-1, k)
+    rows, lower, upper = (torch.cat(pair, 1) for pair in zip(kept, (rows, lower, upper)))
+    upper = torch.topk(upper, k, dim=1, largest=False).values
+    take = int((lower <= upper[:, -1:]).sum(1).max())
+    lower, order = torch.topk(lower, take, dim=1, largest=False, sorted=False)
+    return rows.gather(1, order), lower, upper
+
+
 @_full_float32_products()
 def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=None,
                   chunk_bytes: int = CHUNK_BYTES) -> tuple[np.ndarray, np.ndarray]:
@@ -360,61 +418,79 @@ def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=Non
     distances is z-scored over the bank (population std; a query's excluded row takes no part), then the
     chosen channels are averaged. queries (Q, C, E), bank (B, C, E) -> (fused distances, indices) (Q, k).
 
-    Every row whose fused distance could be as small as the k-th's, by the search's bound on each distance, is
-    measured again from the rows' differences and ranked in float64 (near-duplicates differ by far less than
-    the inputs' dtype resolves around -mean/std), then returned in the inputs' dtype. Searched wider where the
-    inputs' squares would overflow their dtype (`_search_dtype`). The mean and std are
-    taken over the search's distances, each off by up to sqrt((E + 8) eps) (|q| + |b|), though far less in
-    practice: exact ones would measure every (query, bank) pair from its difference, which no matrix product
-    does (torch.cdist that way takes ~10 times the search's time). A mean moves all of a query's fused
-    distances alike, never its ranking; a std weighs its channel by its own small relative error.
+    The bank stays on the CPU and is visited in chunks, twice: first for each query's mean and std per channel,
+    merged chunk by chunk, then for the z-scores, keeping every row whose fused distance could be as small as
+    the k-th's, by the search's bound on each distance. Those are measured again from the rows' differences and
+    ranked in float64 (near-duplicates differ by far less than the inputs' dtype resolves around -mean/std),
+    then returned in the inputs' dtype. Each channel is searched (and measured) on its rows times its own
+    power of two, which no z-score sees. The mean and std are taken over the search's distances, each off by
+    up to sqrt((E + 8) eps) (|q| + |b|), though far less in practice: exact ones would measure every (query,
+    bank) pair from its difference, which no matrix product does (torch.cdist that way takes ~10 times the
+    search's time). A mean moves all of a query's fused distances alike, never its ranking; a std weighs its
+    channel by its own small relative error. Device memory holds the queries and one chunk of the bank.
     """
     device = torch.device(device or "cpu")
     queries = _as_tensor(queries, "queries", device)
-    bank = _as_tensor(bank, "bank", device, queries.dtype)
+    bank = _as_tensor(bank, "bank", "cpu", queries.dtype)
     if queries.dim() != 3 or bank.dim() != 3 or queries.shape[1:] != bank.shape[1:]:
         raise ValueError(f"fused search needs (rows, channels, features) for both sides with equal channels and "
                          f"features, got queries {tuple(queries.shape)} and bank {tuple(bank.shape)}")
     channels = chosen_channels(channels, bank.shape[1])
     exclude = _exclusions(exclude, queries.shape[0], bank.shape[0], device)
     _check(queries[:, 0], bank[:, 0], k, "euclidean", exclude)
-    search_dtype = _search_dtype(queries, bank, queries.dtype)
-    eps = torch.finfo(search_dtype).eps
-    prepared = []
-    for c in channels:
-        prepare = _preparer(bank[:, c], "euclidean", device, search_dtype)
-        rows = prepare(bank[:, c])
-        prepared.append((prepare(queries[:, c]), rows, (rows * rows).sum(1)))
-    query_rows = max(1, chunk_bytes // (8 * bank.shape[0] * search_dtype.itemsize))  # the most held at once
-    out_d, out_i = [], []
-    for q0 in range(0, queries.shape[0], query_rows):
-        rows = slice(q0, q0 + query_rows)
-        skip = None if exclude is None else exclude[rows]
-        own = None if skip is None else ((skip >= 0).nonzero().flatten(), skip[skip >= 0])  # (query, bank row)
-        fused = slack = 0
-        stats = []
-        for q, b, b_sq in prepared:
-            distances = _search_values(q[rows], b, b_sq).sqrt_()
+    search_dtype = torch.promote_types(queries.dtype, torch.float32)
+    search = torch.finfo(search_dtype)
+    largest = torch.maximum(_largest(queries, (0, 2)), _largest(bank, (0, 2)))[channels]
+    scales = _power_of_two(largest.to(search_dtype)).tolist()
+    preparers = [_preparer(bank[:, c], "euclidean", device, search_dtype, s) for c, s in zip(channels, scales)]
+    prepared = [prepare(queries[:, c]) for c, prepare in zip(channels, preparers)]
+    query_norms = [rows.norm(dim=1, keepdim=True) for rows in prepared]
+
+    @lru_cache(maxsize=1)  # a bank of one chunk is prepared once
+    def chunk(b0: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        rows = bank[b0:b0 + BANK_CHUNK_ROWS].to(device)  # every channel in one move
+        return [_prepared_chunk(rows[:, c], prepare, device, 0) for c, prepare in zip(channels, preparers)]
+    query_rows = max(1, chunk_bytes // (8 * min(bank.shape[0], BANK_CHUNK_ROWS) * search_dtype.itemsize))
+    blocks = [slice(q0, q0 + query_rows) for q0 in range(0, queries.shape[0], query_rows)]  # the most held at once
+    skips = [None if exclude is None else exclude[block] for block in blocks]
+
+    moments = torch.zeros((3, queries.shape[0], len(channels)), dtype=torch.float64, device=device)
+    for b0 in range(0, bank.shape[0], BANK_CHUNK_ROWS):
+        for block, skip in zip(blocks, skips):
+            for j, (q, (b, b_sq)) in enumerate(zip(prepared, chunk(b0))):
+                distances = _search_values(q[block], b, b_sq).sqrt_()
+                own = _own(skip, b0, distances.shape[1])
+                if own is not None:
+                    distances[own] = float("nan")  # left out of the mean and std
+                moments[:, block, j] = _merged(moments[:, block, j], distances)
+    mean = moments[1].to(search_dtype)
+    std = (moments[2] / moments[0]).sqrt_().to(search_dtype)
+    std = torch.where(std > 0, std, 1)
+
+    kept = [None] * len(blocks)
+    for b0 in range(0, bank.shape[0], BANK_CHUNK_ROWS):
+        for n, (block, skip) in enumerate(zip(blocks, skips)):
+            fused = slack = 0
+            for q, q_norm, (b, b_sq), mu, sigma in zip(prepared, query_norms, chunk(b0), mean[block].T, std[block].T):
+                distances = _search_values(q[block], b, b_sq).sqrt_()
+                mu, sigma = mu[:, None], sigma[:, None]
+                fused = fused + (distances - mu) / sigma
+                # a distance whose square is off by at most L is off by at most min(sqrt(L), L / distance); the
+                # z-score and the sum over channels round by a few ulps of distance + mean
+                error = _search_error(search, q.shape[1], q_norm[block] + b_sq.sqrt())
+                slack = slack + (torch.fmin(error.sqrt(), error / distances)
+                                 + len(channels) * search.eps * (distances + mu)) / sigma
+            own = _own(skip, b0, fused.shape[1])
             if own is not None:
-                distances[own] = float("nan")  # left out of the mean and std
-            mean = distances.nanmean(1, keepdim=True)
-            std = (distances - mean).square_().nanmean(1, keepdim=True).sqrt_()
-            std = torch.where(std > 0, std, 1)
-            stats.append((mean.double(), std.double()))
-            fused = fused + (distances - mean) / std
-            # a distance whose square is off by at most L is off by at most min(sqrt(L), L / distance); the
-            # z-score and the sum over channels round by a few ulps of distance + mean
-            error = _search_error(eps, q.shape[1], q[rows].norm(dim=1, keepdim=True) + b_sq.sqrt())
-            slack = slack + (torch.fmin(error.sqrt(), error / distances)
-                             + len(channels) * eps * (distances + mean)) / std
-        if own is not None:
-            fused[own], slack[own] = float("inf"), 0
-        lower = fused - slack
-        kth_upper = torch.kthvalue(fused + slack, k, dim=1, keepdim=True).values
-        take = int((lower <= kth_upper).sum(1).max())
-        candidates = torch.topk(lower, take, dim=1, largest=False).indices.sort(dim=1).values
-        exact = sum((_measured(queries[rows, c], bank[:, c], candidates, "euclidean", chunk_bytes) - mean) / std
-                    for c, (mean, std) in zip(channels, stats)) / len(channels)
+                fused[own], slack[own] = float("inf"), 0
+            kept[n] = _kept(kept[n], fused - slack, fused + slack, b0, k)
+
+    out_d, out_i = [], []
+    for block, skip, (rows, _, _) in zip(blocks, skips, kept):
+        candidates = rows.sort(dim=1).values
+        exact = sum((_measured(queries[block, c], bank[:, c], candidates, "euclidean", chunk_bytes, s) - mu[:, None])
+                    / sigma[:, None] for c, s, mu, sigma in zip(channels, scales, mean[block].T.double(),
+                                                               std[block].T.double())) / len(channels)
         d, i = _best(exact, candidates, k, skip)
         out_d.append(d.to(queries.dtype))
         out_i.append(i)
