@@ -133,12 +133,23 @@ def as_float32(samples: torch.Tensor, where: str = "", what: str = "signal") -> 
     converted = samples.to(torch.float32)
     # one pass: NaN/Inf propagate into the sum, and float32 samples cannot overflow a float64 sum
     if not torch.isfinite(float64_sum(converted)):
-        bad = (~torch.isfinite(samples)).sum().item()
-        if bad:
-            raise ValueError(f"{where}{what} contains {bad} NaN or Inf sample(s)")
-        beyond = (~torch.isfinite(converted)).sum().item()
-        raise ValueError(f"{where}{what} has {beyond} sample(s) beyond float32's range (|x| > 3.4e38)")
+        bad = ~torch.isfinite(samples)
+        if bad.any():  # where the first is, so that a recording's dropout can be found in it
+            raise ValueError(f"{where}{what} contains {bad.sum().item()} NaN or Inf sample(s), the first at "
+                             f"{_position(bad)}")
+        beyond = ~torch.isfinite(converted)
+        raise ValueError(f"{where}{what} has {beyond.sum().item()} sample(s) beyond float32's range (|x| > 3.4e38), "
+                         f"the first at {_position(beyond)}")
     return converted
+
+
+def _position(mask: torch.Tensor) -> str:
+    """Where the first True of a (N,) or (C, N) mask is, within what was checked: "index i", or "channel c, index
+    i"."""
+    index = mask.flatten().nonzero()[0].item()
+    if mask.dim() < 2:
+        return f"index {index}"
+    return f"channel {index // mask.shape[-1]}, index {index % mask.shape[-1]}"
 
 
 def as_signal(waveform, sample_rate: int, where: str = "") -> torch.Tensor:
