@@ -11,7 +11,7 @@ import echo
 from conftest import random_model, seeded_rng
 from echo import host_memory
 from echo.cli import main
-from echo.eval import embed
+from echo.eval import datasets, embed
 
 soundfile = pytest.importorskip("soundfile")
 pytest.importorskip("sklearn")
@@ -300,3 +300,50 @@ def test_an_error_before_any_batch_was_saved_is_said_alone_as_before(tmp_path, m
     with pytest.raises(MemoryError):  # no one foresaw it: Python's traceback, as before
         run_eval(*options)
     assert "kept" not in capsys.readouterr().err
+
+
+def fault_data_set(root, files_per_folder: dict) -> None:
+    """Readable files, as many as `files_per_folder` says in each folder under `root`: MAFAULDA tables (8
+    columns) where the folder is a MAFAULDA class, tones otherwise."""
+    rng = seeded_rng()
+    for folder, count in files_per_folder.items():
+        (root / folder).mkdir(parents=True)
+        for i in range(count):
+            if folder in datasets.MAFAULDA_TOP:
+                np.savetxt(root / folder / f"{i}.csv", rng.normal(size=(2500, 8)), delimiter=",")
+            else:
+                soundfile.write(str(root / folder / f"{i}.wav"), tone(rng, 400, seconds=0.1), RATE)
+
+
+ONE_CLASS = {"normal": 4}
+FEWER_PER_CLASS_THAN_FOLDS = {"normal": 3, "imbalance": 2}
+TWO_CLASSES = {"normal": 5, "imbalance": 5}
+TRAIN_AND_TEST = {"train_cut/good": 2, "train_cut/broken": 2, "test_cut/good": 1, "test_cut/broken": 1}
+TRAIN_FILES = sum(count for folder, count in TRAIN_AND_TEST.items() if folder.startswith("train"))
+FILES = sum(TWO_CLASSES.values())
+
+
+@pytest.mark.parametrize("task, files_per_folder, options, message", [
+    ("mafaulda", ONE_CLASS, (), "fault classification needs two classes or more; every file is 'normal'"),
+    ("mafaulda", FEWER_PER_CLASS_THAN_FOLDS, ("--protocol", "kfold", "--folds", 4, "--k", 1),
+     re.escape(f"4-fold cross-validation of {sum(FEWER_PER_CLASS_THAN_FOLDS.values())} files (per class: "
+               + ", ".join(f"{label} {count}" for label, count in sorted(FEWER_PER_CLASS_THAN_FOLDS.items()))
+               + ") is impossible: ") + ".*members in each class.* Choose fewer folds"),
+    ("mafaulda", TWO_CLASSES, ("--protocol", "loocv", "--k", FILES), re.escape(
+        f"k={FILES} neighbours asked of the loocv protocol's bank of {FILES - 1} files (every file but the query)")),
+    ("mafaulda", TWO_CLASSES, ("--protocol", "kfold", "--k", FILES), re.escape(  # 5 folds, each a fifth of a class
+        f"k={FILES} neighbours asked of the kfold protocol's bank of {FILES - FILES // 5} files (the smallest "
+        f"training part of the 5 folds)")),
+    ("iiee", TRAIN_AND_TEST, ("--k", TRAIN_FILES + 1), re.escape(
+        f"k={TRAIN_FILES + 1} neighbours asked of the split protocol's bank of {TRAIN_FILES} files (the train files)")),
+], ids=["one class", "folds above a class", "k above loocv", "k above kfold", "k above split"])
+def test_what_the_fault_protocols_cannot_take_is_refused_before_the_encoding(
+        tmp_path, model_path, capsys, monkeypatch, task, files_per_folder, options, message):
+    """One class, more folds than a class holds and a k above a protocol's bank were refused by the scoring, after
+    every file was embedded (hours on a large set)."""
+    fault_data_set(tmp_path / task, files_per_folder)
+    calls = counted_encoder(monkeypatch)
+    assert run_eval("--task", task, "--data", tmp_path / task, "--model", model_path, "--out", tmp_path / "out",
+                    "--no-plots", *options) == 2
+    assert calls == []
+    assert re.search(message, capsys.readouterr().err)

@@ -1,4 +1,5 @@
 """kNN fault classification against brute-force loops and hand cases."""
+import re
 from collections import Counter
 
 import numpy as np
@@ -201,3 +202,27 @@ def test_subsets_and_labels_of_the_wrong_shape_are_named():
         faults.evaluate(points, labels, "split", subsets=["train"] * 9 + ["test"] * 8)
     with pytest.raises(ValueError, match=r"labels must be one per embedding, a flat list; got shape \(18, 1\)"):
         faults.evaluate(points, labels[:, None], "loocv")  # a table's label column: failed in the vote
+
+
+def test_a_k_above_a_protocols_smallest_bank_is_refused_before_any_search(monkeypatch):
+    """It failed in the search, naming rows of a bank but not the protocol nor that k was the option to change;
+    the smallest banks are counted here from the data: brute force of what each protocol leaves out."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    monkeypatch.setattr(faults, "predict", lambda *args, **kwargs: pytest.fail("searched"))
+    points, labels = clustered()
+    groups = np.repeat(["g1", "g2", "g3", "g4", "g5", "g6"], [2, 4, 3, 3, 4, 2])  # each within one class
+    subsets = np.where(np.arange(len(labels)) % 3 == 0, "test", "train")
+    fold_trains = [len(train) for train, _ in StratifiedGroupKFold(3, shuffle=True, random_state=1).split(
+        points, labels, groups)]
+    for protocol, options, smallest, bank in [
+        ("loocv", {}, len(labels) - 1, "every file but the query"),
+        ("loocv", {"groups": groups}, len(labels) - max(Counter(groups).values()), "the files outside the largest group"),
+        ("kfold", {"groups": groups, "folds": 3}, min(fold_trains), "the smallest training part of the 3 folds"),
+        ("split", {"subsets": subsets}, np.sum(subsets == "train"), "the train files"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(f"k={smallest + 1} neighbours asked of the {protocol} "
+                                                       f"protocol's bank of {smallest} files ({bank}): choose a "
+                                                       f"smaller k")):
+            faults.evaluate(points, labels, protocol, k=smallest + 1, **options)
+        assert len(faults.banks_and_queries(protocol, labels, smallest, **options)) >= 1  # k = the bank is taken

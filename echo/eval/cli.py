@@ -140,6 +140,19 @@ def _check_options(args, dataset) -> None:
         raise ValueError(f"--folds {args.folds}: k-fold needs two folds or more")
     if "split" in protocols and not any(item.subset for item in dataset.items):
         raise ValueError(f"--protocol split: {dataset.task} has no train/test split; use loocv or kfold")
+    # one class, too many folds, a k above a bank: checked on the files as listed (evaluate checks again on those
+    # embedded, which files that fail to read can make fewer)
+    labels, subsets, groups = _labels_subsets_groups(dataset.items)
+    faults.class_codes(labels)
+    for protocol in protocols:
+        faults.banks_and_queries(protocol, labels, args.k, subsets, groups, args.folds, args.seed)
+
+
+def _labels_subsets_groups(items) -> tuple[list, list, list | None]:
+    """Each file's class, train/test subset and group, as the fault protocols take them: no groups (None) where
+    the data set groups none."""
+    groups = [item.group for item in items]
+    return [item.label for item in items], [item.subset for item in items], groups if any(groups) else None
 
 
 def _anomaly(args, dataset, items, vectors, device) -> tuple[dict, list]:
@@ -170,9 +183,7 @@ def _anomaly(args, dataset, items, vectors, device) -> tuple[dict, list]:
 
 def _faults(args, dataset, items, vectors, device) -> tuple[dict, list]:
     embeddings = vectors.reshape(len(vectors), dataset.channels, -1)
-    labels = [item.label for item in items]
-    subsets = [item.subset for item in items]
-    groups = [item.group for item in items] if any(item.group for item in items) else None
+    labels, subsets, groups = _labels_subsets_groups(items)
     views = [(None, False)]
     if dataset.channels > 1:
         views += [([c], False) for c in range(dataset.channels)] + [(args.fused_channels, True)]

@@ -89,6 +89,69 @@ def view_name(channels, fuse: bool, n_channels: int) -> str:
     return ("fused " if fuse else "channel " if len(channels) == 1 else "channels ") + ",".join(map(str, channels))
 
 
+def class_codes(labels) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted classes and each label's code in them. One class is refused: every prediction would be
+    right, an accuracy of 1 that measures nothing."""
+    classes, codes = np.unique(np.asarray(labels), return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(f"fault classification needs two classes or more; every file is {str(classes[0])!r}")
+    return classes, codes
+
+
+def fold_splits(labels, folds: int, seed: int, groups=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The k-fold protocol's (train, test) rows of `labels`: stratified folds (stratified group folds where
+    files are grouped) shuffled by `seed`. More folds than the data allows is refused with its class counts:
+    scikit-learn names its n_splits, not the data that has too few files."""
+    selection = require("sklearn.model_selection", "stratified k-fold")
+    splitter = (selection.StratifiedKFold if groups is None else selection.StratifiedGroupKFold)(
+        n_splits=folds, shuffle=True, random_state=seed)
+    labels = np.asarray(labels)
+    try:
+        return list(splitter.split(np.zeros(len(labels)), labels, groups))
+    except ValueError as error:
+        counts = ", ".join(f"{name} {count}" for name, count in zip(*np.unique(labels, return_counts=True)))
+        grouped = "" if groups is None else f"; {len(np.unique(groups))} groups"
+        raise ValueError(f"{folds}-fold cross-validation of {len(labels)} files (per class: {counts}{grouped}) "
+                         f"is impossible: {error} Choose fewer folds.") from None
+
+
+def banks_and_queries(protocol: str, labels, k: int = 5, subsets=None, groups=None, folds: int = 5,
+                      seed: int = 1) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """The protocol's searches over the rows of `labels`: (bank rows, query rows, each query's own row left
+    out of the bank or None). What the data cannot take, k above the smallest bank included, is refused here
+    before any search, so the command can refuse it before the encoding on the files as listed."""
+    labels = np.asarray(labels)
+    everything = np.arange(len(labels))
+    if protocol == "loocv" and groups is None:
+        searches, bank = [(everything, everything, everything)], "every file but the query"
+    elif protocol == "loocv":
+        groups = np.asarray(groups)
+        names = np.unique(groups)
+        if len(names) < 2:  # the only group's bank would be empty
+            raise ValueError(f"leave-one-group-out needs two groups or more, got {len(names)}")
+        searches = [(everything[groups != name], everything[groups == name], None) for name in names]
+        bank = "the files outside the largest group"
+    elif protocol == "kfold":
+        searches = [(train, test, None) for train, test in fold_splits(labels, folds, seed, groups)]
+        bank = f"the smallest training part of the {folds} folds"
+    elif protocol == "split":
+        if subsets is None:
+            raise ValueError("protocol 'split' needs a train/test subset for every file")
+        subsets = np.asarray(subsets)
+        train, test = everything[subsets == "train"], everything[subsets == "test"]
+        if not len(train) or not len(test):
+            raise ValueError(f"protocol 'split' needs train and test files, got {len(train)} train and "
+                             f"{len(test)} test")
+        searches, bank = [(train, test, None)], "the train files"
+    else:
+        raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    smallest = min(len(rows) - (own is not None) for rows, _, own in searches)
+    if k > smallest:
+        raise ValueError(f"k={k} neighbours asked of the {protocol} protocol's bank of {smallest} files ({bank}): "
+                         f"choose a smaller k")
+    return searches
+
+
 def evaluate(embeddings, labels, protocol: str, k: int = 5, subsets=None, channels=None, fuse: bool = False,
              folds: int = 5, seed: int = 1, device=None, groups=None) -> FaultResult:
     """One protocol on one channel view. `subsets` ("train"/"test" per row) is needed for "split". `groups`
@@ -102,49 +165,16 @@ def evaluate(embeddings, labels, protocol: str, k: int = 5, subsets=None, channe
     for name, values in (("labels", labels), ("subsets", subsets), ("groups", groups)):
         if values is not None and len(values) != len(embeddings):
             raise ValueError(f"{len(values)} {name} for {len(embeddings)} embeddings")
-    classes, codes = np.unique(labels, return_inverse=True)
-    if len(classes) < 2:  # every prediction would be right: an accuracy of 1 that measures nothing
-        raise ValueError(f"fault classification needs two classes or more; every file is {str(classes[0])!r}")
-    view = view_name(channels, fuse, embeddings.shape[1])
-    run = lambda bank, queries, exclude=None: classes[predict(  # noqa: E731
-        embeddings[bank], codes[bank], embeddings[queries], k, channels, fuse, exclude, device)]
-    everything = np.arange(len(labels))
-    if protocol == "loocv" and groups is None:
-        return score(labels, run(everything, everything, everything), classes, protocol, view)
-    if protocol == "loocv":
-        groups = np.asarray(groups)
-        names = np.unique(groups)
-        if len(names) < 2:  # the only group's bank would be empty
-            raise ValueError(f"leave-one-group-out needs two groups or more, got {len(names)}")
-        predictions = np.empty_like(labels)
-        for group in names:
-            inside = groups == group
-            predictions[inside] = run(everything[~inside], everything[inside])
-        return score(labels, predictions, classes, protocol, view)
-    if protocol == "kfold":
-        selection = require("sklearn.model_selection", "stratified k-fold")
-        splitter = (selection.StratifiedKFold if groups is None else selection.StratifiedGroupKFold)(
-            n_splits=folds, shuffle=True, random_state=seed)
-        try:
-            splits = list(splitter.split(np.zeros(len(labels)), labels, groups))
-        except ValueError as error:  # scikit-learn names its n_splits, not the data that has too few files
-            counts = ", ".join(f"{name} {count}" for name, count in zip(classes, np.bincount(codes)))
-            grouped = "" if groups is None else f"; {len(np.unique(groups))} groups"
-            raise ValueError(f"{folds}-fold cross-validation of {len(labels)} files (per class: {counts}{grouped}) "
-                             f"is impossible: {error} Choose fewer folds.") from None
-        predictions = np.empty_like(labels)
-        fold_accuracies = []
-        for train, test in splits:
-            predictions[test] = run(train, test)
-            fold_accuracies.append(float(np.mean(predictions[test] == labels[test])))
-        return score(labels, predictions, classes, protocol, view, fold_accuracies)
-    if protocol == "split":
-        if subsets is None:
-            raise ValueError("protocol 'split' needs a train/test subset for every file")
-        subsets = np.asarray(subsets)
-        train, test = everything[subsets == "train"], everything[subsets == "test"]
-        if not len(train) or not len(test):
-            raise ValueError(f"protocol 'split' needs train and test files, got {len(train)} train and "
-                             f"{len(test)} test")
-        return score(labels[test], run(train, test), classes, protocol, view)
-    raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    classes, codes = class_codes(labels)
+    searches = banks_and_queries(protocol, labels, k, subsets, groups, folds, seed)
+    predictions = np.empty_like(labels)
+    queried = np.zeros(len(labels), dtype=bool)
+    fold_accuracies = []
+    for bank, queries, own in searches:
+        predictions[queries] = classes[predict(embeddings[bank], codes[bank], embeddings[queries], k, channels,
+                                               fuse, own, device)]
+        queried[queries] = True
+        if protocol == "kfold":
+            fold_accuracies.append(float(np.mean(predictions[queries] == labels[queries])))
+    return score(labels[queried], predictions[queried], classes, protocol,
+                 view_name(channels, fuse, embeddings.shape[1]), fold_accuracies)
