@@ -16,6 +16,7 @@ prints the peak over the call's start against the signals' float32 size. The fro
 spectrogram of a signal is ~1.3x that size (bands x 32 rows of float32 per hop of samples).
 
     python bench/encode_memory.py --long 48000:600 16000:1800 --size tiny --dtypes bfloat16 --stft csrc torch
+    python bench/encode_memory.py --long 48000:600 --api encode stream --size tiny --dtypes bfloat16 --stft csrc
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ import time
 import torch
 
 from encode_throughput import workload  # bench/encode_throughput.py: the encode benchmark's inputs
+
+API_NAMES = {"encode": "fast.encode", "stream": "StreamEncoder, one push"}
 
 
 def measure(copies: int, max_tokens: int, dtype: str, size: str) -> dict:
@@ -49,39 +52,48 @@ def measure(copies: int, max_tokens: int, dtype: str, size: str) -> dict:
             "working_mb": peak - before - returned}
 
 
-def measure_long(rate: int, seconds: float, signals: int, dtype: str, size: str) -> dict:
+def measure_long(rate: int, seconds: float, signals: int, dtype: str, size: str, api: str) -> dict:
     import echo
     import echo.fast
     from echo import host_memory
 
     torch.manual_seed(0)
     model = echo.EchoModel(echo.EchoConfig.preset(size)).eval()
-    echo.fast.encode(model, torch.randn(rate), rate, dtype=getattr(torch, dtype))  # the inference copy, built once
+    dtype = getattr(torch, dtype)
+    echo.fast.encode(model, torch.randn(rate), rate, dtype=dtype)  # the inference copy, built once
     waves = [torch.randn(int(rate * seconds)) for _ in range(signals)]
     with open("/proc/self/clear_refs", "w") as clear:  # VmHWM from here on (Linux): making `waves` peaked higher
         clear.write("5")
     before = host_memory.current_rss_mb()
     started = time.perf_counter()
-    echo.fast.encode(model, waves, rate, dtype=getattr(torch, dtype))
+    if api == "encode":
+        echo.fast.encode(model, waves, rate, dtype=dtype)
+    else:  # each signal as one push of a whole file, then finish()
+        for wave in waves:
+            stream = echo.fast.StreamEncoder(model, rate, dtype=dtype)
+            stream.push(wave)
+            stream.finish()
     return {"seconds": time.perf_counter() - started, "signal_mb": sum(w.numel() * 4 for w in waves) / 2**20,
             "over_start_mb": host_memory.peak_rss_mb() - before}
 
 
 def main_long(args) -> int:
-    print("| front end | signals | dtype | ECHO | signals MB (float32) | peak over the call's start MB | x signals | "
-          "call s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| api | front end | signals | dtype | ECHO | signals MB (float32) | peak over the call's start MB | "
+          "x signals | call s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for item in args.long:
         rate, seconds, signals = (item.split(":") + ["1"])[:3]
-        for stft in args.stft:
-            for dtype in args.dtypes:
-                run = subprocess.run([sys.executable, __file__, "--long-worker", rate, seconds, signals, dtype,
-                                      args.size], capture_output=True, text=True, check=True,
-                                     env={**os.environ, "ECHO_BACKEND_STFT": stft})
-                r = json.loads(run.stdout.strip().splitlines()[-1])
-                what = f"{signals} x {float(seconds):g} s at {int(rate) / 1000:g} kHz"
-                print(f"| {stft} | {what} | {dtype} | {args.size} | {r['signal_mb']:.0f} | {r['over_start_mb']:.0f} | "
-                      f"{r['over_start_mb'] / r['signal_mb']:.2f} | {r['seconds']:.1f} |", flush=True)
+        for api in args.api:
+            for stft in args.stft:
+                for dtype in args.dtypes:
+                    run = subprocess.run([sys.executable, __file__, "--long-worker", rate, seconds, signals, dtype,
+                                          args.size, api], capture_output=True, text=True, check=True,
+                                         env={**os.environ, "ECHO_BACKEND_STFT": stft})
+                    r = json.loads(run.stdout.strip().splitlines()[-1])
+                    what = f"{signals} x {float(seconds):g} s at {int(rate) / 1000:g} kHz"
+                    print(f"| {API_NAMES[api]} | {stft} | {what} | {dtype} | {args.size} | {r['signal_mb']:.0f} | "
+                          f"{r['over_start_mb']:.0f} | {r['over_start_mb'] / r['signal_mb']:.2f} | "
+                          f"{r['seconds']:.1f} |", flush=True)
     return 0
 
 
@@ -94,12 +106,14 @@ def main() -> int:
     parser.add_argument("--long", nargs="+", metavar="RATE:SECONDS[:SIGNALS]",
                         help="long signals, one call per item, instead of copies of W2")
     parser.add_argument("--stft", nargs="+", default=["csrc", "torch"], help="front ends of --long")
+    parser.add_argument("--api", nargs="+", choices=sorted(API_NAMES), default=["encode"],
+                        help="--long through fast.encode, or each signal as one StreamEncoder push (stream)")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
-    parser.add_argument("--long-worker", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--long-worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.long_worker:
-        rate, seconds, signals, dtype, size = args.long_worker
-        print(json.dumps(measure_long(int(rate), float(seconds), int(signals), dtype, size)))
+        rate, seconds, signals, dtype, size, api = args.long_worker
+        print(json.dumps(measure_long(int(rate), float(seconds), int(signals), dtype, size, api)))
         return 0
     if args.long:
         return main_long(args)
