@@ -2,7 +2,8 @@
 
 Files (WAV/FLAC/OGG/AIFF, any rate, any channel count: channels are encoded on their own and concatenated) or
 folders (searched recursively, through links to folders) are read and encoded in batches through
-`echo.fast.encode`; with no PATH the bundled samples are encoded. A file that cannot be read or encoded is
+`echo.fast.encode`, bounded in files (--batch-files) and in decoded samples, so that long recordings do not
+exhaust memory; with no PATH the bundled samples are encoded. A file that cannot be read or encoded is
 reported with the reason and left out; an encoder failing alike on a batch and on each of its files, or on
 three single-file batches in a row, stops the run.
 
@@ -44,8 +45,9 @@ from .data import AUDIO_SUFFIXES
 from .data.bundled import SAMPLES_DIR
 from .data.wav import read_wav
 from .eval.datasets import read_audio
-from .eval.embed import (NOTHING_KEPT, READ_WORKERS, EmbeddingCache, FailureStreak, encode_isolating_failures,
-                         encoding_key, key_checked, model_hash, read_checked, shown)
+from .eval.embed import (NOTHING_KEPT, READ_WORKERS, EmbeddingCache, FailureStreak, batch_files_help, batched,
+                         decoded_sizes, encode_isolating_failures, encoding_key, key_checked, model_hash, read_checked,
+                         shown)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FRAMES = "/frames"  # suffixes of a file's frame-embedding, (rate, channels) and real-path entries in the shards
@@ -61,7 +63,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", type=user_path, default=Path("embeddings.npz"),
                         help=".npz or .parquet (default: embeddings.npz)")
     parser.add_argument("--frames", action="store_true", help="keep the frame embeddings too")
-    parser.add_argument("--batch-files", type=int, default=32, help="files encoded per batch (default: 32)")
+    parser.add_argument("--batch-files", type=int, default=32, help=batch_files_help(32))
     parser.add_argument("--max-tokens", type=int, default=None, help="packed tokens per pass (echo.fast.encode)")
     parser.add_argument("--device", default=None,
                         help="default: cuda if present, else cpu; plain cuda is this rank's GPU (LOCAL_RANK)")
@@ -424,31 +426,36 @@ def _encode_files(args, rank: int, world: int) -> int:
         return f"{saved} files encoded are kept in {parts}; the same command resumes with the {len(share) - saved} " \
                f"left" if saved else ""
 
+    def encode_and_save(batch: list, pool) -> float:
+        """Read `batch` in `pool`, encode it and save its shard; the seconds of audio encoded. Its signals are freed
+        on return, before the next batch is read: held across, two batches were decoded at once."""
+        try:
+            loaded = list(pool.map(partial(read_checked, read_file), batch))
+        except ImportError as error:
+            raise ValueError(f"{error} (plain 16-bit WAV files need no package)") from None
+        good = [(path, item) for path, item in zip(batch, loaded) if not isinstance(item, str)]
+        failures.extend((path, item) for path, item in zip(batch, loaded) if isinstance(item, str))
+        # no call for a batch of unreadable files: it would end a failing device's streak of failures
+        results = good and _encode_batch(model, [item for _, item in good], args.frames, options, streak)
+        fresh, seconds = {}, 0.0
+        for (path, (signal, rate)), result in zip(good, results):
+            if isinstance(result, str):
+                failures.append((path, result))
+                continue
+            channels = signal.shape[0] if signal.dim() == 2 else 1
+            fresh[keys[path]] = result["utterance"]
+            fresh[keys[path] + META] = np.array([rate, channels], dtype=np.int64)
+            fresh[keys[path] + PATH] = np.frombuffer(os.fsencode(os.path.realpath(path)), dtype=np.uint8)
+            if args.frames:
+                fresh[keys[path] + FRAMES] = result["frames"]
+            seconds += signal.shape[-1] / rate
+        cache.add(fresh)
+        return seconds
+
     try:
         with ThreadPoolExecutor(READ_WORKERS) as pool:
-            for first in range(0, len(mine), args.batch_files):
-                batch = mine[first:first + args.batch_files]
-                try:
-                    loaded = list(pool.map(partial(read_checked, read_file), batch))
-                except ImportError as error:
-                    raise ValueError(f"{error} (plain 16-bit WAV files need no package)") from None
-                good = [(path, item) for path, item in zip(batch, loaded) if not isinstance(item, str)]
-                failures += [(path, item) for path, item in zip(batch, loaded) if isinstance(item, str)]
-                # no call for a batch of unreadable files: it would end a failing device's streak of failures
-                results = good and _encode_batch(model, [item for _, item in good], args.frames, options, streak)
-                fresh = {}
-                for (path, (signal, rate)), result in zip(good, results):
-                    if isinstance(result, str):
-                        failures.append((path, result))
-                        continue
-                    channels = signal.shape[0] if signal.dim() == 2 else 1
-                    fresh[keys[path]] = result["utterance"]
-                    fresh[keys[path] + META] = np.array([rate, channels], dtype=np.int64)
-                    fresh[keys[path] + PATH] = np.frombuffer(os.fsencode(os.path.realpath(path)), dtype=np.uint8)
-                    if args.frames:
-                        fresh[keys[path] + FRAMES] = result["frames"]
-                    seconds += signal.shape[-1] / rate
-                cache.add(fresh)
+            for batch in batched(mine, decoded_sizes(mine, pool), args.batch_files):
+                seconds += encode_and_save(batch, pool)
                 bar.update(len(batch))
     except KeyboardInterrupt:  # every finished batch is in its shard already: the command line says what is kept
         raise KeyboardInterrupt(kept(mine) or NOTHING_KEPT) from None

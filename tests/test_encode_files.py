@@ -71,6 +71,40 @@ def test_folder_to_npz_matches_the_reference_and_skips_bad_files(tmp_path, model
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["emb.npz"]
 
 
+def test_a_batch_holds_files_up_to_the_sample_limit_with_the_same_embeddings(tmp_path, model_path, capsys,
+                                                                             monkeypatch):
+    """Batches were counted in files alone: 32 one-hour recordings were decoded at once, tens of GB."""
+    import echo.encode_files as command
+    from echo.eval import embed
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, shape in {"a.wav": (4000,), "b.wav": (3000, 2), "c.wav": (12000,), "d.wav": (2500,),
+                        "e.wav": (2500,)}.items():
+        soundfile.write(str(folder / name), np.random.uniform(-0.5, 0.5, shape), 16000)
+    (folder / "broken.wav").write_bytes(b"RIFF not really a wav file")  # no header: sized 13, as 26 bytes of PCM
+    assert run(folder, "--model", model_path, "--out", tmp_path / "whole.npz") == 0
+    real, calls = command._encode_batch, []
+
+    def counted(model, loaded, *args):
+        calls.append([signal.numel() for signal, _ in loaded])
+        return real(model, loaded, *args)
+
+    monkeypatch.setattr(command, "_encode_batch", counted)
+    monkeypatch.setattr(embed, "BATCH_SAMPLES", 10000)
+    capsys.readouterr()
+    assert run(folder, "--model", model_path, "--out", tmp_path / "cut.npz") == 0
+    # a, b | broken (unreadable: no call) | c, over the limit, alone | d, e
+    assert calls == [[4000, 6000], [12000], [2500, 2500]]
+    printed = capsys.readouterr().out
+    assert f"skipped {folder / 'broken.wav'}: " in printed and "5 files (0 reused from an earlier run), 1 skipped" \
+        in printed
+    whole, cut = read_embeddings(tmp_path / "whole.npz")["files"], read_embeddings(tmp_path / "cut.npz")["files"]
+    assert set(cut) == set(whole) and len(cut) == 5
+    # equal up to the order of float sums, which other passes of the encoder may change
+    assert all(rel_err(cut[path]["utterance"], whole[path]["utterance"]) < 1e-6 for path in whole)
+
+
 def interrupt_at_batch(monkeypatch, number=2):
     """The command's batch `number` raises KeyboardInterrupt, as Ctrl-C there would; returns the real encoder."""
     import echo.encode_files as command

@@ -3,8 +3,10 @@ import errno
 import functools
 import hashlib
 import os
+import sys
 import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -300,6 +302,52 @@ def test_an_embedding_with_nan_is_a_failure_of_its_file_and_not_cached(tmp_path,
     again = embed.embed_files(model, files, read_audio, tmp_path / "cache", "key", progress=False)
     assert again.cached == 3 and again.encoded == 1 and not again.failures
     assert rel_err(again.vectors[2], reference(model, files[2])) < 1e-5
+
+
+def test_batches_end_at_the_file_count_or_before_the_sample_limit_a_longer_item_alone(monkeypatch):
+    monkeypatch.setattr(embed, "BATCH_SAMPLES", 10)
+    sizes = {"a": 3, "b": 4, "c": 5, "long": 25, "d": 10, "e": 1, "f": 1, "g": 1, "h": 0}
+    assert embed.batched(list(sizes), list(sizes.values()), 3) == [
+        ["a", "b"], ["c"], ["long"], ["d"], ["e", "f", "g"], ["h"]]
+    assert embed.batched([], [], 3) == []
+    monkeypatch.undo()  # the real limit does not cut batches of ordinary clips: 64 of 10 s at 48 kHz, stereo
+    assert embed.batched(list(range(64)), [2 * 10 * 48000] * 64, 64) == [list(range(64))]
+
+
+def test_decoded_sizes_come_from_headers_else_from_the_file_size(tmp_path, monkeypatch):
+    stereo = write(tmp_path / "stereo.wav", np.zeros((3000, 2), np.float32), 16000)
+    flac = write(tmp_path / "mono.flac", 0.3 * seeded_rng().normal(size=5000).astype(np.float32), 8000)
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF this header does not read")
+    table = tmp_path / "table.csv"  # eval's MAFAULDA files: a format soundfile does not read
+    table.write_text("0.25,0.5\n" * 10)
+    paths = [stereo, flac, broken, table, tmp_path / "gone.wav"]
+    with ThreadPoolExecutor(2) as pool:
+        assert embed.decoded_sizes(paths, pool) == [6000, 5000, broken.stat().st_size // 2,
+                                                    table.stat().st_size // 2, 0]
+        monkeypatch.setitem(sys.modules, "soundfile", None)  # plain WAV files are read without it: sized alike
+        assert embed.decoded_sizes(paths[:1], pool) == [stereo.stat().st_size // 2]  # 6022: its header's 44 bytes
+
+
+def test_a_batch_holds_files_up_to_the_sample_limit_with_the_same_embeddings(tmp_path, model, monkeypatch):
+    """Batches were counted in files alone: 64 one-hour recordings were decoded at once, tens of GB."""
+    files = make_files(tmp_path / "data")  # 8000, 3000, 2 x 12000 and 9000 samples
+    files.append(write(tmp_path / "data" / "e.wav", 0.3 * seeded_rng().normal(size=25000).astype(np.float32),
+                       16000))
+    whole = embed.embed_files(model, files, read_audio, None, progress=False)
+    real, calls = embed._encode, []
+
+    def counted(model, signals, rates, device, dtype):
+        calls.append([signal.numel() for signal in signals])
+        return real(model, signals, rates, device, dtype)
+
+    monkeypatch.setattr(embed, "_encode", counted)
+    monkeypatch.setattr(embed, "BATCH_SAMPLES", 20000)
+    cut = embed.embed_files(model, files, read_audio, None, progress=False)
+    assert calls == [[8000, 3000], [24000], [9000], [25000]]  # the stereo file and e.wav over the limit, alone
+    assert cut.encoded == whole.encoded == 5 and not cut.failures
+    # equal up to the order of float sums, which other passes of the encoder may change
+    assert all(rel_err(a, b) < 1e-6 for a, b in zip(cut.vectors, whole.vectors))
 
 
 @pytest.mark.parametrize("batch_files", [0, -3])

@@ -13,7 +13,7 @@ import torch
 
 from .. import atomic
 from . import anomaly, datasets, faults, neighbors, plots, require
-from .embed import embed_files, shown
+from .embed import BATCH_FILES, batch_files_help, embed_files, shown
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # fault classification's options, None on the command line until _check_options knows the task takes them
@@ -44,7 +44,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, help=f"k-fold shuffle seed (default: {FAULT_DEFAULTS['seed']})")
     parser.add_argument("--channels", help="channels fused for multi-channel data, e.g. 0,1,2 (default: all)")
     parser.add_argument("--search", choices=("torch", "faiss"), help="anomaly search backend (default: torch)")
-    parser.add_argument("--batch-files", type=int, default=64, help="files encoded per batch (default: 64)")
+    parser.add_argument("--batch-files", type=int, default=BATCH_FILES, help=batch_files_help(BATCH_FILES))
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -1,12 +1,12 @@
 """Utterance embeddings of a whole data set through `echo.fast.encode`, cached on disk.
 
 Files are read by a thread pool one batch ahead of the encoder and encoded in batches of mixed rates and
-lengths. Each finished batch is written to the cache as one safetensors shard (temporary file + rename), so
-an interrupted run loses at most one batch and a rerun encodes only what is missing. A cache entry is keyed
-by (model hash, dtype, the reader and its version, resolved file path, a hash of the file's bytes): a changed
-file, also one replaced keeping its size and time stamps, or a reader that now returns other samples, is encoded
-again. A file that cannot be read or encoded (an embedding holding NaN or Inf included) is reported with the
-reason and left out, never replaced by a zero vector.
+lengths, bounded in files and in decoded samples (`batched`). Each finished batch is written to the cache as one
+safetensors shard (temporary file + rename), so an interrupted run loses at most one batch and a rerun encodes
+only what is missing. A cache entry is keyed by (model hash, dtype, the reader and its version, resolved file
+path, a hash of the file's bytes): a changed file, also one replaced keeping its size and time stamps, or a reader
+that now returns other samples, is encoded again. A file that cannot be read or encoded (an embedding holding NaN
+or Inf included) is reported with the reason and left out, never replaced by a zero vector.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import hashlib
 import os
 import stat
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,8 +29,13 @@ from tqdm import tqdm
 from .. import atomic, inputs
 from ..cli import WorkKept
 from ..ops.backend import BackendError
+from . import require
 
 BATCH_FILES = 64
+# A batch's decoded samples at most (frames x channels, 256 MB of float32: ~23 minutes of 48 kHz mono), besides its
+# files: a count alone had 32 one-hour recordings decoded at once, tens of GB. 64 clips of 10 s at 48 kHz stereo
+# (61M samples) still make one batch.
+BATCH_SAMPLES = 2 ** 26
 READ_WORKERS = 4
 # what Ctrl-C before the first finished batch leaves, said alike by eval and encode
 NOTHING_KEPT = "no batch was finished, so nothing was kept; the same command starts again"
@@ -161,6 +166,51 @@ def read_checked(read: Callable, path: Path):
         return _failure(error, path)
 
 
+def batch_files_help(default: int) -> str:
+    """--batch-files' help, alike in encode and eval."""
+    return (f"files encoded per batch at most (default: {default}); a batch also ends before {BATCH_SAMPLES:,} "
+            f"decoded samples ({BATCH_SAMPLES * 4 >> 20} MB of float32, ~{BATCH_SAMPLES / 48000 / 60:.0f} minutes of "
+            f"48 kHz mono); a longer file is a batch alone")
+
+
+def decoded_sizes(paths: list, pool: Executor) -> list[int]:
+    """Each file's decoded samples (frames x channels) from its header, without decoding it, read in `pool`:
+    soundfile's where soundfile is usable and reads the header; else the file's bytes / 2, 16-bit PCM's count, a
+    bound from above for the files read without it (a plain WAV: exact; eval's .mat files of float64 and .csv text:
+    2-8 times too many). A file that cannot be opened counts 0: its read fails later and is reported as any."""
+    try:
+        soundfile = require("soundfile", "reading audio headers")
+    except ImportError:
+        soundfile = None
+    return list(pool.map(functools.partial(_decoded_samples, soundfile), paths))
+
+
+def _decoded_samples(soundfile, path: Path) -> int:
+    if soundfile is not None:
+        try:  # by the name's bytes, as read_audio opens it
+            info = soundfile.info(str(path) if os.name == "nt" else os.fsencode(path))
+            return info.frames * info.channels
+        except Exception:  # a format it does not read (a .mat, a .csv) or a damaged header: the size tells
+            pass
+    try:
+        return os.stat(path).st_size // 2
+    except OSError:
+        return 0
+
+
+def batched(items: list, sizes: list[int], batch_files: int) -> list[list]:
+    """`items` in order, cut into batches of at most `batch_files` items and BATCH_SAMPLES decoded samples (`sizes`,
+    one per item), an item over that limit alone, so a batch's memory is bounded whatever its files' lengths."""
+    batches, samples = [], 0
+    for item, size in zip(items, sizes):
+        if not batches or len(batches[-1]) == batch_files or samples + size > BATCH_SAMPLES:
+            batches.append([])
+            samples = 0
+        batches[-1].append(item)
+        samples += size
+    return batches
+
+
 def _encode(model, signals: list, rates: list, device, dtype) -> list:
     from .. import fast
 
@@ -269,7 +319,7 @@ def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | N
                 result.cached += 1
             else:
                 todo.append(index)
-        batches = [todo[i:i + batch_files] for i in range(0, len(todo), batch_files)]
+        batches = batched(todo, decoded_sizes([paths[i] for i in todo], pool), batch_files)
         bar = tqdm(total=len(paths), initial=len(paths) - len(todo), desc="embedding", unit="file",
                    disable=not progress)
         submit = lambda batch: [pool.submit(read_checked, read, paths[i]) for i in batch]  # noqa: E731
@@ -287,16 +337,17 @@ def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | N
                 start = time.perf_counter()
                 loaded = [future.result() for future in pending]
                 result.read_seconds += time.perf_counter() - start
-                pending = submit(batches[number + 1]) if number + 1 < len(batches) else []
-                start = time.perf_counter()
                 good = [(i, item) for i, item in zip(batch, loaded) if not isinstance(item, str)]
                 result.failures += [(paths[i], item) for i, item in zip(batch, loaded) if isinstance(item, str)]
+                # the next batch is read once `good` no longer holds the last one's signals: two batches alive, not 3
+                pending = submit(batches[number + 1]) if number + 1 < len(batches) else []
+                start = time.perf_counter()
                 encode = functools.partial(_encode, model, device=device, dtype=dtype)
                 vectors = good and encode_isolating_failures(encode, [s for _, (s, _) in good],
                                                              [r for _, (_, r) in good], streak)
                 result.encode_seconds += time.perf_counter() - start
                 fresh = {}
-                for (i, _), vector in zip(good, vectors):
+                for i, vector in zip([i for i, _ in good], vectors):  # no loop variable keeps a signal alive
                     if isinstance(vector, str):
                         result.failures.append((paths[i], vector))
                     else:
