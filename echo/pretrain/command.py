@@ -7,7 +7,9 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from .. import atomic
+from ..cli import user_path
 from ..model import PRESETS
+from .corpus import MANIFEST_NAME
 from .objective import UTTERANCE_TARGETS
 from .trainer import PretrainConfig, export_run, train
 
@@ -45,11 +47,19 @@ HELP = {
 }
 CHOICES = {"size": list(PRESETS), "precision": ["auto", "fp32", "bf16"], "export": ["teacher", "student"],
            "utterance_target": list(UTTERANCE_TARGETS)}
+PATHS = ("data", "out", "manifest")
+
+
+def path_text(text: str) -> str:
+    """A path option read as cli.user_path reads one ("~" expanded, an empty one refused: it named the current
+    folder, where a run then wrote its files), kept as text for the config."""
+    return str(user_path(text))
 
 
 def add_arguments(parser) -> None:
     for field in fields(PretrainConfig):
-        kind = int if "int" in field.type else float if "float" in field.type else str
+        kind = (path_text if field.name in PATHS else int if "int" in field.type else float if "float" in field.type
+                else str)
         option = "--" + field.name.replace("_", "-")
         if field.default is MISSING:
             parser.add_argument(option, type=kind, required=True, help=HELP.get(field.name))
@@ -74,6 +84,9 @@ def run(args) -> int:
     config = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
     check_writable(Path(config.out), f"--out {config.out}")
     if config.manifest is not None:
+        if Path(config.manifest).is_dir():  # found only when the index, hours in, was written
+            raise ValueError(f"--manifest {config.manifest} is a folder: name the file, e.g. "
+                             f"{Path(config.manifest) / MANIFEST_NAME}")
         check_writable(Path(config.manifest).parent, f"--manifest {config.manifest}")
     train(config, progress=not args.quiet, stop_at=args.stop_at)
     return 0
@@ -82,7 +95,10 @@ def run(args) -> int:
 def check_writable(folder: Path, what: str) -> None:
     """Refused before the data is indexed (hours on a large corpus), not after; nothing is made, as the trainer
     makes the run folder only once the data is checked."""
-    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    existing = next(path for path in (folder, *folder.parents) if path.exists() or path.is_symlink())
+    if not existing.exists():  # a link to an unmounted disk: making the folder failed on "File exists"
+        raise ValueError(f"{what} cannot be written: {existing} is a link to {existing.readlink()}, which does not "
+                         "exist")
     if not existing.is_dir():
         raise ValueError(f"{what} cannot be written: {existing} is a file, not a folder")
     atomic.check_writable(existing, what)

@@ -144,9 +144,17 @@ def read_manifest(path: Path) -> dict[str, FileEntry]:
         return {}
 
 
-def write_manifest(path: Path, entries) -> None:
-    """The entries, less those whose names it could not hold (name_problem; they are never opened anyway)."""
-    atomic.write_csv(path, MANIFEST_FIELDS, (dataclasses.asdict(e) for e in entries if not name_problem(e.path)))
+def write_manifest(path: Path, entries) -> bool:
+    """The entries, less those whose names it could not hold (name_problem; they are never opened anyway). False,
+    with a warning, where it cannot be written (a read-only corpus, a full disk): it is a cache, so the index is
+    used without it (the error stopped a run once every file had been opened, hours in)."""
+    try:
+        atomic.write_csv(path, MANIFEST_FIELDS, (dataclasses.asdict(e) for e in entries if not name_problem(e.path)))
+    except OSError as error:
+        log.warning("the manifest %s cannot be written (%s): the folder is indexed without it, so the next start "
+                    "opens every file again; give --manifest a path that can be written to keep it", path, error)
+        return False
+    return True
 
 
 def index_folder(root, manifest: Path | None = None) -> tuple[list[FileEntry], Path]:
@@ -158,7 +166,7 @@ def index_folder(root, manifest: Path | None = None) -> tuple[list[FileEntry], P
         raise ValueError(f"audio folder {root} {why}")
     manifest = Path(manifest) if manifest is not None else root / MANIFEST_NAME
     cached = read_manifest(manifest)
-    entries, probed, last_save = [], 0, time.monotonic()
+    entries, probed, last_save, saving = [], 0, time.monotonic(), True
     for relative in audio_files(root):
         problem = name_problem(relative)
         if problem:
@@ -168,11 +176,12 @@ def index_folder(root, manifest: Path | None = None) -> tuple[list[FileEntry], P
         if entry is None or not unchanged(root / relative, entry):
             entry = probe(root, relative)
             probed += 1
-            if time.monotonic() - last_save >= MANIFEST_SAVE_SECONDS:  # keeps the cached entries not reached yet
-                write_manifest(manifest, {**cached, **{e.path: e for e in entries}, entry.path: entry}.values())
+            if saving and time.monotonic() - last_save >= MANIFEST_SAVE_SECONDS:
+                kept = {**cached, **{e.path: e for e in entries}, entry.path: entry}  # + cached ones not reached yet
+                saving = write_manifest(manifest, kept.values())
                 last_save = time.monotonic()
         entries.append(entry)
-    if probed or sum(not name_problem(entry.path) for entry in entries) != len(cached):
+    if saving and (probed or sum(not name_problem(entry.path) for entry in entries) != len(cached)):
         write_manifest(manifest, entries)
     log.info("indexed %d audio files under %s (%d opened, the rest from %s)", len(entries), root, probed, manifest)
     return entries, manifest
@@ -229,6 +238,8 @@ class FolderCorpus:
         entries, self.manifest = index_folder(self.root, manifest)
         self.files, self.skipped = usable(entries, min_seconds)
         self.items = [(f, c) for f in self.files for c in range(f.channels)]
+        if not entries:  # a folder of MP3s said "0 files, skipped {'unreadable': 0, 'too short': 0}"
+            raise ValueError(f"no audio files under {self.root}: pretraining reads {', '.join(AUDIO_SUFFIXES)} files")
         if not self.items:
             raise ValueError(f"no usable audio under {self.root}: {len(entries)} files, skipped {self.skipped}")
 
