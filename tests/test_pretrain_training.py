@@ -336,7 +336,34 @@ def test_a_run_resumed_in_another_precision_says_so(data, tmp_path, capsys):
         capsys.readouterr().out)
 
 
+def test_a_run_resumed_with_its_precision_named_or_another_goes_on(data, tmp_path, capsys):
+    """An `auto` run resumed as --precision fp32 (what auto is on a CPU) was refused as another config, though the
+    README says a resume in another precision goes on, with a note."""
+    run = tmp_path / "run"
+    trainer.train(tiny_config(data, run, steps=6, save_every=2), progress=False, stop_at=2)
+    assert trainer.train(tiny_config(data, run, steps=6, save_every=2, precision="fp32"), progress=False,
+                         stop_at=4)["step"] == 4
+    assert "note: the run trained in" not in capsys.readouterr().out
+    assert trainer.train(tiny_config(data, run, steps=6, save_every=2, precision="bf16"), progress=False)["step"] == 6
+    assert "note: the run trained in fp32 up to step 4; it goes on in bf16 (--precision bf16 on cpu)" in (
+        capsys.readouterr().out)
+
+
+def test_a_relative_data_folder_resumed_from_another_folder_is_the_same(data, tmp_path, capsys, monkeypatch):
+    """A run started on a relative --data and resumed from another working folder (the same data named from
+    there) said "the run was trained on data, not ../data"."""
+    run = tmp_path / "run"
+    monkeypatch.chdir(data.parent)
+    trainer.train(tiny_config(data.name, run, steps=4, save_every=2), progress=False, stop_at=2)
+    (data.parent / "elsewhere").mkdir()
+    monkeypatch.chdir(data.parent / "elsewhere")
+    capsys.readouterr()
+    assert trainer.train(tiny_config(f"../{data.name}", run, steps=4, save_every=2), progress=False)["step"] == 4
+    assert "note: the run was trained on" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("option, value, message", [
+    ("seed", 2**64, "seed must be in 0 .. 2**64 - 1, got 18446744073709551616"),
     ("lr", 0.0, "lr must be positive and finite, got 0.0"),
     ("base_lr", 0.0, "base_lr must be positive and finite, got 0.0"),
     ("lr", float("nan"), "lr must be positive and finite, got nan"),
@@ -354,7 +381,7 @@ def test_a_run_resumed_in_another_precision_says_so(data, tmp_path, capsys):
     ("weight_decay", float("inf"), "weight_decay must be zero or more and finite, got inf"),
     ("decoder_groups", 0, "decoder_groups must be positive, got 0"),
     ("decoder_kernel", 2, "decoder_kernel must be odd and positive, got 2"),
-    ("seed", -1, "seed must be zero or more, got -1"),
+    ("seed", -1, "seed must be in 0 .. 2**64 - 1, got -1"),
     ("workers", -1, "workers must be zero or more, got -1"),
     ("dim", 0, "invalid ECHO config: dim=0"),
     ("shortest_crop_seconds", 10.5, "shortest_crop_seconds must be in [0.2, crop_seconds = 10.0], got 10.5"),

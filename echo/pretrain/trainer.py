@@ -74,7 +74,8 @@ class PretrainConfig:
 
     # What a resumed run may change without changing what it computes. (--data may name a moved copy of the
     # corpus; the checkpoint's fingerprint of it is checked instead, check_same_corpus.)
-    FREE_ON_RESUME = ("data", "out", "save_every", "keep", "log_every", "export", "device", "manifest")
+    # precision too: `auto` follows the device, and a resume in either precision continues the run, with a note
+    FREE_ON_RESUME = ("data", "out", "save_every", "keep", "log_every", "export", "device", "manifest", "precision")
 
     def __post_init__(self):
         self.sampling, self.model_config  # building them validates their fields
@@ -100,7 +101,8 @@ class PretrainConfig:
             ("utterance_weight", self.utterance_weight, "zero or more and finite",
              0 <= self.utterance_weight < math.inf),
             ("workers", self.workers, "zero or more", self.workers >= 0),
-            ("seed", self.seed, "zero or more", self.seed >= 0)) if not fine]
+            # torch.manual_seed takes 64 bits: a larger seed failed after the indexing, as "Overflow when unpacking"
+            ("seed", self.seed, "in 0 .. 2**64 - 1", 0 <= self.seed < 2**64)) if not fine]
         if problems:
             raise ValueError("; ".join(problems))
         if not self.min_seconds >= MIN_CLIP_SECONDS:  # NaN too
@@ -437,6 +439,9 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
 
 def _train(config: PretrainConfig, progress: bool, stop_at: int | None, rank: int, world: int,
            device: torch.device) -> dict:
+    # recorded absolute: a run started on a relative --data and resumed from another folder said it had been
+    # "trained on data, not data"
+    config = replace(config, data=os.path.abspath(config.data))
     out = Path(config.out)
     folder = out / "checkpoints"
     found, error = attempt(checkpoints.newest_readable, folder)
