@@ -8,6 +8,7 @@ soundfile and WAV). uint8, bool and complex inputs are refused.
 """
 from __future__ import annotations
 
+import decimal
 import numbers
 import os
 import sys
@@ -50,10 +51,12 @@ def _first_sentence(error: Exception) -> str:
 
 
 def whole_number(value) -> int | None:
-    """`value` as an int if it is a whole number (16000, 16000.0, numpy's or a 0-d tensor's, 10**400), else None
-    (bool, 0.5, inf, NaN, text)."""
+    """`value` as an int if it is a whole number (16000, 16000.0, Decimal("16000"), numpy's or a 0-d tensor's,
+    10**400), else None (bool, 0.5, inf, NaN, text)."""
     if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
         value = value.item()
+    if isinstance(value, decimal.Decimal):  # how boto3 (DynamoDB) and SQL NUMERIC columns give numbers
+        return int(value) if value.is_finite() and value == value.to_integral_value() else None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
     if isinstance(value, numbers.Integral):  # before float(): 10**400 has none

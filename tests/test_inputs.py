@@ -57,6 +57,20 @@ def test_numpy_and_float64_accepted(model):
     assert torch.equal(u_long, u_t) and torch.equal(u_0d, u_t)
 
 
+def test_decimal_rates_and_budgets_are_their_numbers(model):
+    """boto3 (DynamoDB) and SQL NUMERIC columns give numbers as Decimal: a rate of Decimal('16000') was refused as
+    "sample rate must be an integer number of Hz, got Decimal('16000')", which it is."""
+    from decimal import Decimal
+
+    signals = [torch.randn(int(torch.randint(8000, 12000, ()))) for _ in range(2)]
+    assert torch.equal(model.encode(signals[0], Decimal("8000"))[0], model.encode(signals[0], 8000)[0])
+    out = fast.encode(model, signals, [Decimal("8000"), Decimal("8.000E+3")], max_tokens=Decimal("4096"))
+    assert all(torch.equal(u, e) for u, e in zip(out, fast.encode(model, signals, 8000)))
+    for rate in ("8000.5", "NaN", "sNaN", "Infinity"):
+        with pytest.raises(ValueError, match=f"integer number of Hz, got Decimal\\('{rate}'\\)"):
+            model.encode(signals[0], Decimal(rate))
+
+
 SCALE_ADVICE = r"only int16 and int32 are read as PCM: convert other integers to float in \[-1, 1\) by their full scale"
 
 
