@@ -432,6 +432,26 @@ def test_export_only_writes_the_encoder_the_run_chose_unless_told(data, tmp_path
     assert capsys.readouterr().out.strip().endswith(f"exported the student of step 2 to {run / 'model.safetensors'}")
 
 
+def test_an_export_the_disk_cannot_take_names_the_file_and_what_is_kept(data, tmp_path, monkeypatch):
+    """A full disk at the end said "[Errno 28] No space left on device" alone: neither the file nor that the run's
+    checkpoints were kept and the export could be made again."""
+    run = tmp_path / "run"
+    saved = trainer.model_files.save
+
+    def full_disk(model, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer.model_files, "save", full_disk)
+    with pytest.raises(OSError, match=re.escape(
+            f"{run / 'model.safetensors'} could not be written ([Errno 28] No space left on device); the run's "
+            f"checkpoints are kept, and the same command (or --export-only) exports it again")):
+        trainer.train(tiny_config(data, run, steps=2, save_every=2), progress=False)
+    assert checkpoints.checkpoint_paths(run / "checkpoints")
+    monkeypatch.setattr(trainer.model_files, "save", saved)
+    assert trainer.train(tiny_config(data, run, steps=2, save_every=2), progress=False)["exported"] == (
+        run / "model.safetensors")
+
+
 def test_a_resumed_run_exports_what_it_was_started_to_export_unless_told(data, tmp_path):
     """--export left out when resuming a student run exported the teacher at the end."""
     run = tmp_path / "run"

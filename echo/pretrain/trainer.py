@@ -378,8 +378,15 @@ def stop_if_diverged(first_nonfinite: torch.Tensor, world: int, out: Path) -> No
 
 
 def export(model: EchoModel, out: Path) -> Path:
-    """The encoder as RUN_DIR/model.safetensors, the released key layout (loadable by echo.load)."""
-    return model_files.save(model, Path(out) / "model.safetensors")
+    """The encoder as RUN_DIR/model.safetensors, the released key layout (loadable by echo.load). A disk that
+    cannot take it is said with the file and what is kept: "[Errno 28] No space left on device" alone read as if
+    the run were lost."""
+    path = Path(out) / "model.safetensors"
+    try:
+        return model_files.save(model, path)
+    except OSError as error:
+        raise OSError(f"{path} could not be written ({error}); the run's checkpoints are kept, and the same command "
+                      f"(or --export-only) exports it again") from None
 
 
 def checkpoint_encoder(saved: dict, which: str | None = None) -> EchoModel:
