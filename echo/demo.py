@@ -12,6 +12,8 @@ The machines are drawn with seeds the pretraining corpus does not use: the model
 """
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import sys
 import time
@@ -32,6 +34,9 @@ TEST_CLIPS = 12  # test clips per machine and class (healthy, faulty)
 MACHINE_SEED = 90_000
 PEAK = 0.5  # a machine's clips share one gain that puts its healthy peak here
 FAULT_LEVEL = (0.05, 0.15)  # an incipient fault: this fraction of the level random_machine draws
+# What the demo writes in --out (echo.eval.plots names its figures roc_<split>_<machine>.png and so on), the only
+# files whose killed writes' temporaries (<name>.<pid>.tmp) it deletes: --out may hold the user's own files
+OUTPUTS = ("scores.csv", "roc_demo_*.png", "scores_demo_*.png", "projection_*.png")
 
 
 @dataclass(frozen=True)
@@ -92,8 +97,12 @@ def build_task(seed: int = 0, bank: int = BANK_CLIPS, tests: int = TEST_CLIPS, s
     each machine's clips on a bar as they are made (the demo's take seconds, which would pass in silence)."""
     from .eval.anomaly import Clip
 
-    if bank < 1 or tests < 1 or seconds <= 0:
-        raise ValueError(f"demo task: need bank >= 1, tests >= 1 and seconds > 0, got {bank}, {tests}, {seconds}")
+    slowest = min(spec.sample_rate for spec in machines)
+    counts = all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1 for n in (bank, tests))
+    length = isinstance(seconds, numbers.Real) and math.isfinite(seconds) and int(seconds * slowest) >= 1
+    if not (counts and length):
+        raise ValueError(f"demo task: need whole numbers bank >= 1 and tests >= 1, and seconds that hold a sample at "
+                         f"{slowest} Hz, got {bank}, {tests}, {seconds}")
     task = DemoTask([], [], [], [])
     for index, spec in enumerate(machines):
         rng = np.random.default_rng([seed, index])
@@ -228,7 +237,8 @@ def _demonstrate(args) -> int:
     # a forced backend that cannot run this model here: said now, not by fast.encode once the clips are made
     backends.check_argument(backends.OPS, device, None, model.config.dim // model.config.heads, torch.float32)
     atomic.check_writable(args.out, f"--out {args.out}")
-    atomic.remove_abandoned(args.out)  # a killed run's temporaries: nothing else would ever delete them
+    for output in OUTPUTS:  # a killed run's temporaries: nothing else would ever delete them
+        atomic.remove_abandoned(args.out, f"{output}.[0-9]*.tmp")
     task = build_task(args.seed, progress=True)
     rates = ", ".join(f"{rate} Hz" for rate in sorted(set(task.rates)))
     backgrounds = ", ".join(sorted({name for machine in MACHINES for name in machine.backgrounds}))

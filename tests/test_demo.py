@@ -40,9 +40,15 @@ def test_task_layout_and_reproducibility():
     assert not any(np.array_equal(a, b) for a, b in zip(task.signals, other.signals))
 
 
-def test_task_rejects_empty_parts():
-    with pytest.raises(ValueError, match="bank >= 1"):
-        demo.build_task(bank=0)
+@pytest.mark.parametrize("options", [dict(bank=0), dict(tests=1.5), dict(seconds=float("nan")),
+                                     dict(seconds=float("inf")), dict(seconds=1e-5)])
+def test_task_rejects_empty_parts(options):
+    """Fractional counts, NaN or infinite seconds, and clips too short to hold a sample at the slowest rate were
+    refused by Python or numpy in words of their own ("can't multiply sequence by non-int of type 'float'",
+    "cannot convert float NaN to integer", OverflowError, synth's "n_samples ... got 0")."""
+    with pytest.raises(ValueError, match=r"demo task: need whole numbers bank >= 1 and tests >= 1, and seconds "
+                                         r"that hold a sample at 8000 Hz, got"):
+        demo.build_task(**{"bank": 1, "tests": 1, "seconds": 0.1, **options})
 
 
 def test_the_clips_are_counted_on_a_bar_as_they_are_made_when_asked(monkeypatch, capsys):
@@ -236,6 +242,20 @@ def test_demo_deletes_the_temporaries_a_killed_run_left(tmp_path, monkeypatch):
     running.write_text("half")
     assert cli.main(["demo", "--model", str(model), "--out", str(out)]) == 0
     assert not killed.exists() and running.exists() and (out / "scores.csv").is_file()
+
+
+def test_demo_deletes_no_temporary_of_the_users_own_in_out(tmp_path, monkeypatch):
+    """--out may be a folder of the user's files: one named like any temporary (`draft.<dead pid>.tmp`) was
+    deleted as a killed demo's."""
+    from echo import cli
+
+    model, out = quick_demo(tmp_path, monkeypatch)
+    dead = 2**22 + 1  # above any pid_max: no process has this id
+    theirs = [out / f"draft.{dead}.tmp", out / f"scores.csv.old.{dead}.tmp", out / f"roc_{dead}.png.{dead}.tmp"]
+    for path in theirs:
+        path.write_text("the user's")
+    assert cli.main(["demo", "--model", str(model), "--out", str(out)]) == 0
+    assert all(path.read_text() == "the user's" for path in theirs)
 
 
 def test_demo_without_scikit_learn_names_the_package_to_install(tmp_path, monkeypatch, capsys):
