@@ -35,11 +35,11 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def remove_abandoned(folder: Path, pattern: str = "*.tmp") -> None:
-    """Delete the temporaries (files of temporary_name's form) under `folder` matching `pattern` ("**/*.tmp"
-    for every sub-folder) whose writers are gone: a kill mid-write leaves them, and nothing else ever would. Call
-    it before this process writes there: its own id on a temporary is then a killed process's (a container
-    restarted gives the same ids again)."""
+def remove_abandoned(folder: Path, pattern: str) -> None:
+    """Delete the temporaries (files of temporary_name's form) under `folder` matching `pattern` ("x.csv.*.tmp",
+    "sub/**/*.tmp") whose writers are gone: a kill mid-write leaves them, and nothing else ever would. Call it
+    before this process writes there: its own id on a temporary is then a killed process's (a container restarted
+    gives the same ids again). The pattern names the caller's own files: a user's note.2024.tmp is no temporary."""
     for temporary in Path(folder).glob(pattern):
         match = re.fullmatch(r".+\.(\d+)\.tmp", temporary.name)
         if match and temporary.is_file() and (int(match[1]) == os.getpid() or not process_alive(int(match[1]))):

@@ -331,7 +331,8 @@ def _build(args) -> int:
         clashes = sorted(path for path, count in Counter(item.relative for item, _ in work).items() if count > 1)
         raise SystemExit(f"two sources would be written to the same corpus file: {clashes[:5]}")
 
-    atomic.remove_abandoned(out, "**/*.tmp")
+    for written in ("pretrain/**/*.tmp", "heldout/**/*.tmp", "datalist*.csv.*.tmp"):  # ours: --out may hold others'
+        atomic.remove_abandoned(out, written)
     records = _records(out)
     unlisted = _unlisted(out, set(planned), records)
     # Only records of the same source are kept: a file about to be written from another one is no longer what

@@ -62,9 +62,12 @@ def test_a_damaged_or_foreign_file_is_not_taken_for_a_finished_one(tmp_path, syn
     first.write_bytes(b"")
     second.write_bytes(second.read_bytes()[:200])  # a torn write of an older echo
     (out / "pretrain" / "x.wav.999999999.tmp").write_bytes(b"left by a killed writer")
+    (out / "notes.2024.tmp").write_text("the user's own, in the corpus folder")  # no temporary of the build's
     capsys.readouterr()
     synthetic_only(out, 4)
     assert "(2 from an earlier run)" in capsys.readouterr().out
+    assert (out / "notes.2024.tmp").exists()
+    (out / "notes.2024.tmp").unlink()
     assert files(out) == built
 
     (out / "pretrain" / "mine.wav").write_bytes(built[str(first.relative_to(out))])
