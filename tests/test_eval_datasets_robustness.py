@@ -1,18 +1,11 @@
 """Data-set layouts users meet that once gave a wrong number, a misleading note, or an error only after the
 encoding."""
 import os
-from pathlib import Path
 
 import pytest
 
 from echo.eval import datasets
-
-
-def touch(root: Path, *names):
-    for name in names:
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"")
+from test_eval_datasets import touch
 
 
 FAN = ("dev_data/fan/train/section_00_source_train_normal_0000.wav",

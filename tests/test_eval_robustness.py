@@ -8,13 +8,7 @@ import pytest
 from conftest import random_model, seeded_rng
 from echo.eval import datasets, embed
 from echo.eval.datasets import read_audio
-
-
-def touch(root: Path, *names):
-    for name in names:
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"")
+from test_eval_datasets import touch
 
 
 MACHINE = ("train/section_00_source_train_normal_0000.wav", "test/section_00_0000.wav")
