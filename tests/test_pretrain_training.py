@@ -627,15 +627,17 @@ def failing_checkpoint_worker(rank, world, port, data, out):
     as_torchrun_rank(rank, world, port)
     checkpoints.save = full_disk
     train_noting_the_ending(tiny_config(data, out, steps=2, log_every=1, save_every=1), out, rank)
+    Path(out, f"group{rank}.txt").write_text(str(torch.distributed.is_initialized()))
 
 
 @pytest.mark.slow
 def test_a_checkpoint_that_cannot_be_written_stops_every_rank(data, tmp_path):
     """Rank 0 alone stopped; rank 1 waited for it at its next collective (torchrun ends such ranks, other
-    launchers need not)."""
+    launchers need not). Stopped together, they left their group alive, which could abort them at exit."""
     spawn_two_ranks(failing_checkpoint_worker, str(data), str(tmp_path))
     assert (tmp_path / "rank0.txt").read_text() == "OSError: No space left on device"
     assert "1 other process(es) of this run failed" in (tmp_path / "rank1.txt").read_text()
+    assert [(tmp_path / f"group{rank}.txt").read_text() for rank in range(2)] == ["False", "False"]
 
 
 def failing_log_worker(rank, world, port, data, out):

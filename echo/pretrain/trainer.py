@@ -252,7 +252,9 @@ def raise_together(error: Exception | None, world: int, device: torch.device) ->
         failed = torch.tensor([float(error is not None)], device=device)
         dist.all_reduce(failed)
         if failed.item() and error is None:
-            raise ValueError(f"{int(failed.item())} other process(es) of this run failed; their error is above")
+            error = ValueError(f"{int(failed.item())} other process(es) of this run failed; their error is above")
+        if error is not None:
+            error.raised_together = True  # every rank raises here, none waits in a collective: see train()
     if error is not None:
         raise error
 
@@ -437,8 +439,15 @@ def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = N
             result = _train(config, progress, stop_at, rank, world, device)
     except KeyboardInterrupt:  # the command line prints its message: where the same command resumes
         raise KeyboardInterrupt(checkpoints.resume_note(Path(config.out) / "checkpoints")) from None
-    # after the run's last barrier: a process that exits with its group alive can abort in gloo's threads. Not
-    # after an error: destroying a group while other ranks wait in a collective can hang them (NCCL)
+    except Exception as error:
+        # an error every rank raised at once: the group is destroyed as after a run's end (left alive, gloo's
+        # threads aborted the process at exit at times, SIGABRT after the error's message). Not after another
+        # error: destroying a group while other ranks wait in a collective can hang them (NCCL)
+        if made_group and getattr(error, "raised_together", False):
+            dist.barrier()
+            dist.destroy_process_group()
+        raise
+    # after the run's last barrier: a process that exits with its group alive can abort in gloo's threads
     if made_group:
         dist.destroy_process_group()
     return result
