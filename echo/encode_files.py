@@ -29,7 +29,6 @@ import stat
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -334,12 +333,6 @@ def _not_an_output(path: Path) -> str:
     return f"it has no {', '.join(missing)}" if missing else ""
 
 
-# How long a rank waits for the others at a barrier: one that stopped early waits there while they finish their
-# shares (gloo's default of 30 minutes would end it, and torchrun the others with it, mid-batch). A rank that dies
-# does not make the others wait: torchrun ends them.
-RANKS_WAIT = timedelta(days=2)
-
-
 def _distributed() -> tuple[int, int, bool]:
     """(rank, world size, whether this call made the process group) under torchrun, with a gloo group for the
     barriers; (0, 1, False) otherwise. A group the caller made is used, and left to the caller."""
@@ -348,7 +341,7 @@ def _distributed() -> tuple[int, int, bool]:
         return 0, 1, False
     made = not dist.is_initialized()
     if made:
-        dist.init_process_group("gloo", timeout=RANKS_WAIT)
+        dist.init_process_group("gloo")
     return dist.get_rank(), world, made
 
 
