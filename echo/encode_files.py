@@ -74,9 +74,9 @@ def add_arguments(parser) -> None:
 
 def find_files(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Audio files under `paths` (folders searched recursively, following links to folders, each folder once,
-    macOS's ._ metadata files left out as other files that are not audio; files taken as given), each once however it was spelt, and the paths that could not be used with the reason
-    (a missing path, a folder that cannot be read or is reached a second time, a broken or looping link, a
-    pipe), each once too."""
+    macOS's ._ metadata files left out as other files that are not audio; files taken as given), each once
+    however it was spelt, and the paths that could not be used with the reason (a missing path, a folder that
+    cannot be read or is reached a second time, a broken or looping link, a pipe), each once too."""
     files, unusable = [], []
     for path in paths:
         kind = _kind(path)
