@@ -1,5 +1,7 @@
 """The synthetic machines' physics, checked with spectra computed here (scipy), against literature values."""
-from dataclasses import replace
+import tracemalloc
+from dataclasses import fields, replace
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -311,6 +313,20 @@ NAN = float("nan")
      "machine_signal.seed must be an integer >= 0, got 2.5"),
     (lambda: synth.random_machine(-3), "random_machine.seed must be an integer >= 0, got -3"),
     (lambda: synth.random_machine(None), "random_machine.seed must be an integer >= 0, got None"),
+    # past float's range: OverflowError, from float arithmetic after the check or from math.isfinite in it; the
+    # repr of an int past 4300 digits is itself refused (ValueError, naming no field)
+    (lambda: synth.Bearing(balls=10**400),
+     "Bearing.balls must be an integer >= 1, got 1.000e+400 (past float's range)"),
+    (lambda: synth.Bearing().defect_frequencies(-(10**400)),
+     "Bearing.defect_frequencies.shaft_hz must be a finite number > 0, got -1.000e+400 (past float's range)"),
+    (lambda: synth.Machine(load=Fraction(10**401, 3)),
+     "Machine.load must be a finite number >= 0, got 3.333e+400 (past float's range)"),
+    (lambda: synth.Machine(gear_teeth=10**308, sidebands=9 * 10**307),
+     "Machine.gear_teeth + sidebands must be an integer >= 0, got 1.900e+308 (past float's range)"),
+    (lambda: synth.mix(np.ones(10), np.ones(10), 10**400),
+     "mix.snr_db must be a finite number in [-200.0, 200.0], got 1.000e+400 (past float's range)"),
+    (lambda: synth.machine_signal(synth.Machine(), 8000, 800, seed=-(10**5000)),
+     "machine_signal.seed must be an integer >= 0, got -1.000e+5000 (past float's range)"),
     # numpy's own words ("could not convert string to float: 'circular_saw'"), a complex background cast to its
     # real part with only a warning, a rate given as text compared as unequal to the same number
     (lambda: synth.machine_signal(synth.Machine(), 8000, 800, background="circular_saw"),
@@ -532,5 +548,54 @@ def test_the_resonance_is_convolved_at_a_fast_fft_size(monkeypatch):
     synth.machine_signal(synth.Machine(fault="outer"), 8000, n, seed=int(np.random.randint(1 << 30)))
     assert sizes and all(largest_prime_factor(size) <= 5 for size in sizes), sizes
     monkeypatch.undo()
-    signal, kernel = np.random.randn(1009), np.random.randn(211)
-    assert np.allclose(synth._convolve(signal, kernel), np.convolve(signal, kernel)[:1009], atol=1e-12)
+    positions = np.random.randint(0, 1009, 60)  # some repeat: their amplitudes add up
+    amplitudes, kernel = np.random.randn(60), np.random.randn(211)
+    train = np.zeros(1009)
+    np.add.at(train, positions, amplitudes)
+    assert np.allclose(synth._ring(positions, amplitudes, kernel, 1009), np.convolve(train, kernel)[:1009], atol=1e-12)
+
+
+@pytest.mark.parametrize("machine, background", [
+    (synth.Machine(gear_teeth=23, speed_variation=0.02, load_variation=0.1), None),
+    (synth.Machine(fault="inner", gear_teeth=23, speed_variation=0.02, load_variation=0.1), None),
+    (synth.Machine(fault="outer"), np.random.default_rng(0).standard_normal(48000)),
+])
+def test_the_peak_memory_is_a_few_arrays_of_the_clip(machine, background):
+    """Every stage made float64 temporaries of the whole clip (drift, phases, each harmonic's sine, the impact
+    train, four FFT arrays, the mix's scaled copies): 56 to 112 bytes a sample at the peak, 19 GB for an hour at
+    48 kHz. Now three float64 arrays of the clip's length at a time (phase, load and sum; or sum and two spectra;
+    or signal, tiled background and one scaled copy), plus blocks of 64 Ki samples."""
+    rate, n = 48000, 48000 * 16
+    synth.machine_signal(machine, rate, 1000, background=background)  # one-time allocations (FFT plans) first
+    tracemalloc.start()
+    try:
+        x = synth.machine_signal(machine, rate, n, seed=1, background=background)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert x.shape == (n,) and np.isfinite(x).all()
+    assert peak / n < 30, f"{peak / n:.1f} bytes a sample"
+
+
+def test_the_block_size_changes_no_sample(monkeypatch):
+    """The per-sample stages run a block at a time: cut anywhere (a one-block run is the whole-array arithmetic of
+    old), the samples a seed gives are the same to the bit, the demo's and the model card's numbers with them."""
+    machine = synth.Machine(fault="ball", gear_teeth=31, speed_variation=0.03, load_variation=0.2)
+    n = 4001
+    monkeypatch.setattr(synth, "BLOCK", n)
+    whole = synth.machine_signal(machine, 16000, n, seed=4)
+    for block in (1, 997):
+        monkeypatch.setattr(synth, "BLOCK", block)
+        assert np.array_equal(synth.machine_signal(machine, 16000, n, seed=4), whole), block
+
+
+@pytest.mark.parametrize("cls", [synth.Bearing, synth.Machine])
+def test_every_field_refuses_a_number_past_floats_range_by_name(cls):
+    """10**400 passed the integer fields' checks (10**400 <= inf holds) and met float arithmetic later, and
+    math.isfinite overflowed in the others' checks: OverflowError, naming no field."""
+    for field in fields(cls):
+        if field.name in ("bearing", "fault"):
+            continue
+        with pytest.raises(ValueError, match=rf"^{cls.__name__}\.{field.name} must be .*, got 1\.000e\+400 "
+                                             r"\(past float's range\)$"):
+            cls(**{field.name: 10**400})

@@ -40,6 +40,7 @@ rate reaches Nyquist is refused (a faulty machine needs a rate of a few hundred 
 """
 from __future__ import annotations
 
+import decimal
 import math
 import numbers
 from dataclasses import dataclass, field, replace
@@ -50,23 +51,43 @@ from ..inputs import check_sample_rate
 
 FAULTS = ("outer", "inner", "ball")
 RESONANCE_LIMIT = 0.4  # of the sample rate: the resonance stays clearly below Nyquist
+BLOCK = 1 << 16  # samples a block of the per-sample stages: temporaries of 512 KiB each, not of the whole clip
 MAX_SNR_DB = 200.0
 
 
 def _check(owner: str, name: str, value, low: float, high: float = math.inf, bounds: str = "[]",
-           integer: bool = False) -> None:
+           integer: bool = False, any_size: bool = False) -> None:
     """Refuse `value` unless it is a finite number (an integer if `integer`) from `low` to `high`, each bound
     included where `bounds` has a square bracket. Finiteness is tested first: NaN passes no comparison, so a
-    `value <= 0` test alone lets it through. An integer is finite (math.isfinite overflows past float's range)."""
+    `value <= 0` test alone lets it through. A number past float's range (an int of 10**400) is not finite either:
+    the float arithmetic after the check raised OverflowError on it. `any_size` lets any integer through (a seed,
+    which numpy takes as it is)."""
     kind = numbers.Integral if integer else numbers.Real
-    ok = not isinstance(value, bool) and isinstance(value, kind) and (integer or math.isfinite(value))
+    ok = not isinstance(value, bool) and isinstance(value, kind) and (any_size or _finite(value))
     ok = ok and (value >= low if bounds[0] == "[" else value > low)
     ok = ok and (value <= high if bounds[1] == "]" else value < high)
     if not ok:
         where = (f"{'>=' if bounds[0] == '[' else '>'} {low}" if high == math.inf
                  else f"in {bounds[0]}{low}, {high}{bounds[1]}")
         raise ValueError(f"{owner}.{name} must be {'an integer' if integer else 'a finite number'} {where}, "
-                         f"got {value!r}")
+                         f"got {_shown(value)}")
+
+
+def _finite(value) -> bool:
+    """math.isfinite(value), False where the value is past float's range (an int or Fraction of 10**400), on which
+    it raises OverflowError."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _shown(value) -> str:
+    """repr(value), but a rational past float's range in scientific notation: an int's repr fails past 4300
+    digits (ValueError, naming no field), and 400 digits say less than 1.000e+400."""
+    if isinstance(value, numbers.Rational) and not _finite(value):
+        return f"{decimal.Decimal(value.numerator) / value.denominator:.3e} (past float's range)"
+    return repr(value)
 
 
 @dataclass(frozen=True)
@@ -145,6 +166,8 @@ class Machine:
         if 0 < self.gear_teeth <= self.sidebands:
             raise ValueError(f"Machine.gear_teeth must be 0 (no gear) or more than sidebands {self.sidebands}, "
                              f"got {self.gear_teeth!r}")
+        # the top sideband's order, met in float arithmetic: each term within float's range, their sum need not be
+        _check("Machine", "gear_teeth + sidebands", self.gear_teeth + self.sidebands, 0, integer=True)
         _check("Machine", "gear_modulation", self.gear_modulation, 0, 1)
         _check("Machine", "resonance_hz", self.resonance_hz, 0, bounds="(]")
         _check("Machine", "resonance_damping", self.resonance_damping, 0, 1, bounds="()")
@@ -157,11 +180,31 @@ class Machine:
         return None if self.fault is None else self.bearing.defect_frequencies(self.shaft_hz)[self.fault]
 
 
-def _drift(rng: np.random.Generator, t: np.ndarray, slowest_hz: float = 0.05, fastest_hz: float = 0.5):
+def _blocks(n_samples: int):
+    """Consecutive slices of BLOCK samples covering `n_samples`: a per-sample stage built block by block holds
+    temporaries of one block, not of the whole clip, and gives the same samples."""
+    return (slice(start, min(start + BLOCK, n_samples)) for start in range(0, n_samples, BLOCK))
+
+
+def _drift(rng: np.random.Generator, n_samples: int, sample_rate: int, slowest_hz: float = 0.05,
+           fastest_hz: float = 0.5) -> np.ndarray:
     """A slow random curve with peak |1|: four sinusoids of random frequency and phase."""
-    curve = sum(np.sin(2 * np.pi * f * t + p) for f, p in zip(rng.uniform(slowest_hz, fastest_hz, 4),
-                                                               rng.uniform(0, 2 * np.pi, 4)))
-    return curve / max(np.abs(curve).max(), 1e-12)
+    frequencies, phases = rng.uniform(slowest_hz, fastest_hz, 4), rng.uniform(0, 2 * np.pi, 4)
+    curve = np.empty(n_samples)
+    for block in _blocks(n_samples):
+        t = np.arange(block.start, block.stop) / sample_rate
+        curve[block] = sum(np.sin(2 * np.pi * f * t + p) for f, p in zip(frequencies, phases))
+    curve /= max(curve.max(), -curve.min(), 1e-12)  # the peak |curve|, without an array of |curve|
+    return curve
+
+
+def _varying(rng: np.random.Generator, n_samples: int, sample_rate: int, mean: float, variation: float):
+    """mean * (1 + variation * a drift), worked out in the drift's own array."""
+    values = _drift(rng, n_samples, sample_rate)
+    values *= variation
+    values += 1
+    values *= mean
+    return values
 
 
 def _resonance(sample_rate: int, hz: float, damping: float, n_samples: int) -> np.ndarray:
@@ -174,11 +217,32 @@ def _resonance(sample_rate: int, hz: float, damping: float, n_samples: int) -> n
     return np.exp(-decay * t) * np.sin(omega * math.sqrt(1 - damping**2) * t)
 
 
-def _impacts(machine: Machine, rng, shaft_phase: np.ndarray, load: np.ndarray, sample_rate: int) -> np.ndarray:
-    """The bearing fault's impact train (unit impulses scaled by load and modulation), not yet filtered."""
+def _add_tones(out: np.ndarray, machine: Machine, shaft_phase: np.ndarray, load: np.ndarray, tones, gear) -> None:
+    """Add to `out`, a block at a time, the shaft harmonics `tones` (order, amplitude, phase) and, where `gear`
+    holds its phases (the sidebands' and the mesh's), the gear mesh. A function of its own, so that no view of a
+    block outlives it and keeps the whole phase or load alive."""
+    for block in _blocks(len(out)):
+        phase, chunk = shaft_phase[block], out[block]
+        for order, amplitude, start in tones:
+            chunk += amplitude * np.sin(order * phase + start)
+        if gear is not None:
+            sideband_phases, mesh_start = gear
+            sidebands = 0  # summed before the 1 is added, in the order the signal always had
+            for j, start in enumerate(sideband_phases, start=1):
+                sidebands = sidebands + machine.gear_modulation**j * np.cos(j * phase + start)
+            chunk += machine.gear_level * load[block] * (1 + sidebands) * np.sin(
+                machine.gear_teeth * phase + mesh_start)
+
+
+def _impacts(machine: Machine, rng, shaft_phase: np.ndarray, load: np.ndarray, sample_rate: int):
+    """The bearing fault's impacts: their sample positions and amplitudes (scaled by load and modulation)."""
     ratios = machine.bearing.defect_frequencies(1.0)
-    cycles = ratios[machine.fault] * shaft_phase / (2 * np.pi)
-    starts = np.flatnonzero(np.diff(np.floor(cycles))) + 1
+    starts = []  # where a new defect cycle begins, found a block at a time (each block from the sample before)
+    for block in _blocks(len(shaft_phase)):
+        first = max(block.start - 1, 0)
+        cycles = np.floor(ratios[machine.fault] * shaft_phase[first: block.stop] / (2 * np.pi))
+        starts.append(np.flatnonzero(np.diff(cycles)) + first + 1)
+    starts = np.concatenate(starts)
     period = sample_rate / machine.defect_hz
     positions = np.rint(starts + rng.normal(0, machine.slip * period, len(starts))).astype(np.int64)
     positions = positions[(positions >= 0) & (positions < len(shaft_phase))]
@@ -189,9 +253,7 @@ def _impacts(machine: Machine, rng, shaft_phase: np.ndarray, load: np.ndarray, s
         modulation = 0.5 * (1 + np.cos(ratios["cage"] * phase))
     else:
         modulation = np.ones(len(positions))
-    train = np.zeros(len(shaft_phase))
-    np.add.at(train, positions, machine.fault_level * load[positions] * modulation)
-    return train
+    return positions, machine.fault_level * load[positions] * modulation
 
 
 def _fft_size(n: int) -> int:
@@ -208,10 +270,18 @@ def _fft_size(n: int) -> int:
     return best
 
 
-def _convolve(signal: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """The linear convolution's first len(signal) samples, zero-padded to a fast FFT size."""
-    size = _fft_size(len(signal) + len(kernel) - 1)
-    return np.fft.irfft(np.fft.rfft(signal, size) * np.fft.rfft(kernel, size), size)[: len(signal)]
+def _ring(positions: np.ndarray, amplitudes: np.ndarray, kernel: np.ndarray, n_samples: int) -> np.ndarray:
+    """The first `n_samples` of the linear convolution of `kernel` with the impact train (`amplitudes` at
+    `positions`), zero-padded to a fast FFT size. The train is built here, to be freed once transformed, and the
+    spectra are multiplied in place: two arrays of the FFT's size at a time. The FFT itself is what it was (its
+    samples to the bit), so these two cannot be made smaller."""
+    size = _fft_size(n_samples + len(kernel) - 1)
+    train = np.zeros(n_samples)
+    np.add.at(train, positions, amplitudes)
+    spectrum = np.fft.rfft(train, size)
+    del train
+    spectrum *= np.fft.rfft(kernel, size)
+    return np.fft.irfft(spectrum, size)[:n_samples]
 
 
 def machine_signal(machine: Machine, sample_rate: int, n_samples: int, seed: int = 0,
@@ -222,7 +292,8 @@ def machine_signal(machine: Machine, sample_rate: int, n_samples: int, seed: int
     if not isinstance(machine, Machine):
         raise ValueError(f"synthetic signal: machine must be a Machine, got {machine!r}")
     sample_rate = check_sample_rate(sample_rate, "synthetic signal: ")
-    _check("machine_signal", "seed", seed, 0, integer=True)  # None or a Generator would not reproduce the signal
+    # None or a Generator would not reproduce the signal; numpy takes an integer of any size
+    _check("machine_signal", "seed", seed, 0, integer=True, any_size=True)
     if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
         raise ValueError(f"synthetic signal: n_samples must be a positive integer, got {n_samples!r}")
     if background is not None:  # named as the caller knows it, before a long clip is generated for nothing
@@ -234,12 +305,23 @@ def machine_signal(machine: Machine, sample_rate: int, n_samples: int, seed: int
             raise ValueError(f"synthetic signal: the background is recorded at {background_rate} Hz, not at the "
                              f"signal's {sample_rate} Hz: resample it first")
     rng = np.random.default_rng(seed)
-    t = np.arange(n_samples) / sample_rate
     nyquist = sample_rate / 2
-    speed = machine.shaft_hz * (1 + machine.speed_variation * _drift(rng, t))
-    shaft_phase = rng.uniform(0, 2 * np.pi) + 2 * np.pi * np.cumsum(speed) / sample_rate
-    load = machine.load * (1 + machine.load_variation * _drift(rng, t))
+    # Each full-length array is made once and worked on in place (8 bytes a sample each), and per-sample stages
+    # run a block at a time: the samples are those of the whole-array expressions, operation for operation.
+    speed = _varying(rng, n_samples, sample_rate, machine.shaft_hz, machine.speed_variation)
     top_speed = float(speed.max())  # a Python float: Nyquist over a shaft of 1e-320 Hz is inf, with no warning
+    start = rng.uniform(0, 2 * np.pi)
+    shaft_phase = np.cumsum(speed, out=speed)  # integrated in place: the speed's array becomes the phase
+    del speed
+    shaft_phase *= 2 * np.pi
+    shaft_phase /= sample_rate
+    shaft_phase += start
+    load = _varying(rng, n_samples, sample_rate, machine.load, machine.load_variation)
+    if machine.fault is not None:
+        defect_top = machine.bearing.defect_frequencies(top_speed)[machine.fault]
+        if defect_top >= nyquist:  # over one impact per two samples: the impact train itself would alias
+            raise ValueError(f"synthetic signal: the {machine.fault} defect rate reaches {defect_top:.1f} Hz, at or "
+                             f"above the Nyquist frequency {nyquist:g} Hz of sample rate {sample_rate}")
 
     healthy_1x = 0.1
     # misalignment's 2x and 3x are lines of their own: harmonics=1 or 2 left them out without a word
@@ -261,38 +343,32 @@ def machine_signal(machine: Machine, sample_rate: int, n_samples: int, seed: int
         amplitudes[index] += extra
     phases = rng.uniform(0, 2 * np.pi, built)
     rng.bit_generator.advance(below - built)  # the draws of the orders left out, as if made
+    tones = [(order, amplitude, phase) for order, (amplitude, phase) in enumerate(zip(amplitudes, phases), start=1)
+             if amplitude]
+
+    gear = None
+    if machine.gear_teeth and (machine.gear_teeth + machine.sidebands) * top_speed < nyquist:
+        # Levels m^j only fall: past the first that underflows to 0 (j ~ 810 for m = 0.4) no sideband is
+        # built, and their phases are skipped over as if drawn, so that a seed gives the signal it always gave
+        # and a million sidebands of a slow shaft cost no more than the ones heard.
+        sideband_phases = []
+        while len(sideband_phases) < machine.sidebands and machine.gear_modulation ** (len(sideband_phases) + 1):
+            sideband_phases.append(rng.uniform(0, 2 * np.pi))
+        rng.bit_generator.advance(machine.sidebands - len(sideband_phases))
+        gear = sideband_phases, rng.uniform(0, 2 * np.pi)
+
     out = np.zeros(n_samples)
-    for order, (amplitude, phase) in enumerate(zip(amplitudes, phases), start=1):
-        if amplitude:
-            out += amplitude * np.sin(order * shaft_phase + phase)
-
-    if machine.gear_teeth:
-        bands = machine.sidebands
-        if (machine.gear_teeth + bands) * top_speed < nyquist:
-            # Levels m^j only fall: past the first that underflows to 0 (j ~ 810 for m = 0.4) no sideband is
-            # built, and their phases are skipped over as if drawn, so that a seed gives the signal it always gave
-            # and a million sidebands of a slow shaft cost no more than the ones heard.
-            sidebands = 0  # summed before the 1 is added, in the order the signal always had
-            built = 0
-            while built < bands and machine.gear_modulation ** (built + 1):
-                built += 1
-                sidebands = sidebands + machine.gear_modulation**built * np.cos(
-                    built * shaft_phase + rng.uniform(0, 2 * np.pi))
-            rng.bit_generator.advance(bands - built)
-            envelope = 1 + sidebands
-            mesh_phase = machine.gear_teeth * shaft_phase + rng.uniform(0, 2 * np.pi)
-            out += machine.gear_level * load * envelope * np.sin(mesh_phase)
-
-    if machine.fault is not None:
-        defect_top = machine.bearing.defect_frequencies(top_speed)[machine.fault]
-        if defect_top >= nyquist:  # over one impact per two samples: the impact train itself would alias
-            raise ValueError(f"synthetic signal: the {machine.fault} defect rate reaches {defect_top:.1f} Hz, at or "
-                             f"above the Nyquist frequency {nyquist:g} Hz of sample rate {sample_rate}")
+    _add_tones(out, machine, shaft_phase, load, tones, gear)
+    impacts = None if machine.fault is None else _impacts(machine, rng, shaft_phase, load, sample_rate)
+    del shaft_phase, load  # neither the ringing nor the noise needs them: freed before their arrays are made
+    if impacts is not None:
         resonance = min(machine.resonance_hz, RESONANCE_LIMIT * sample_rate)  # above it: clipped, not refused
-        impacts = _impacts(machine, rng, shaft_phase, load, sample_rate)
-        out += _convolve(impacts, _resonance(sample_rate, resonance, machine.resonance_damping, n_samples))
+        out += _ring(*impacts, _resonance(sample_rate, resonance, machine.resonance_damping, n_samples), n_samples)
 
-    out += machine.noise * rng.standard_normal(n_samples)
+    noise = rng.standard_normal(n_samples)
+    noise *= machine.noise
+    out += noise
+    del noise  # before the mix makes its arrays
     if background is not None:
         out = mix(out, background, background_snr_db, rng)
     with np.errstate(over="ignore"):  # checked below, with a message
@@ -346,10 +422,19 @@ def mix(signal, noise, snr_db: float, rng: np.random.Generator | None = None) ->
                          f"them gives an SNR of {snr_db} dB (use a longer signal or a background without silences)")
     # Both are scaled by a power of two near their peak (exactly: the mix is the same to the bit), since squares
     # of samples past 1e154 overflow and those of samples under 1e-162 underflow to 0 (the mix came back NaN).
-    exponents = [math.frexp(np.abs(samples).max())[1] for samples in (signal, noise)]
-    scaled_signal, scaled_noise = (np.ldexp(x, -exponent) for x, exponent in zip((signal, noise), exponents))
-    gain = math.sqrt(np.mean(scaled_signal**2) / np.mean(scaled_noise**2) / 10 ** (snr_db / 10))
-    return signal + np.ldexp(gain * scaled_noise, exponents[0])
+    exponents = [math.frexp(max(samples.max(), -samples.min()))[1] for samples in (signal, noise)]
+    gain = math.sqrt(_scaled_power(signal, exponents[0]) / _scaled_power(noise, exponents[1]) / 10 ** (snr_db / 10))
+    mixed = np.ldexp(noise, -exponents[1])  # one array of the signal's length, worked on in place
+    mixed *= gain
+    np.ldexp(mixed, exponents[0], out=mixed)
+    mixed += signal
+    return mixed
+
+
+def _scaled_power(samples: np.ndarray, exponent: int) -> float:
+    """The mean square of `samples` * 2^-exponent, squared in place: one array the size of `samples`, not two."""
+    scaled = np.ldexp(samples, -exponent)
+    return np.mean(np.square(scaled, out=scaled))
 
 
 # A few common deep-groove bearings (balls, ball and pitch diameter in mm)
@@ -364,7 +449,7 @@ BEARINGS = {
 def random_machine(seed: int, fault: str | None = None) -> Machine:
     """A plausible machine drawn at random (speed, harmonics, gear, bearing, resonance, drifts, noise), with
     the given bearing fault: the population the demo and pretraining augmentation draw from."""
-    _check("random_machine", "seed", seed, 0, integer=True)
+    _check("random_machine", "seed", seed, 0, integer=True, any_size=True)
     rng = np.random.default_rng(seed)
     machine = Machine(
         shaft_hz=float(rng.uniform(10, 60)),
