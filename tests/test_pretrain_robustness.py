@@ -1,7 +1,9 @@
 """A long pretraining run stopped early, by a full disk at a checkpoint, Ctrl-C or a power cut: the work kept is
-named, and the same command resumes from it."""
+named, and the same command resumes from it. A run that cannot fit in memory is refused before it starts."""
 import csv
+import math
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -144,3 +146,77 @@ def test_a_new_run_over_an_export_whose_checkpoints_are_gone_is_refused(data, tm
     assert (run / "model.safetensors").read_bytes() == exported
     (run / "model.safetensors").rename(run / "kept.safetensors")  # as the message says: the run starts over
     assert cli.main(command(data, run)) == 0 and (run / "model.safetensors").exists()
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("options, refusal", [
+    (["--tokens-per-batch", "100000000000"],
+     "--tokens-per-batch 100000000000 cannot fit in memory: a step of it needs at least 8.0 PiB of activations "
+     "(--clones 4 masked copies of each token through 12 student layers of width 192 and --decoder-layers 4), "
+     "besides 0.1 GiB for the weights and their training state; cpu has 8.0 GiB. By this lower bound at most 94543 "
+     "tokens could fit"),
+    (["--dim", "1000000", "--heads", "8"],
+     "the model of --size tiny --dim 1000000 (width 1000000, 12 layers) with --decoder-layers 4 cannot fit in "
+     "memory: its matrices hold 1.46e+14 weights, which with their gradients, AdamW moments and the EMA teacher "
+     "need at least 2.6 PiB; cpu has 8.0 GiB. Choose a smaller model"),
+    (["--size", "small", "--depth", "100000"],
+     "the model of --size small --depth 100000 (width 384, 100000 layers) with --decoder-layers 4 cannot fit in "
+     "memory: its matrices hold 1.77e+11 weights")])
+def test_a_run_that_cannot_fit_in_memory_is_refused_before_the_corpus_is_indexed(tmp_path, monkeypatch, capsys,
+                                                                                 options, refusal):
+    """The budget was packed into the first batch until the machine's memory ran out (the process was killed),
+    the model failed in torch's allocator: both after the corpus had been indexed."""
+    monkeypatch.setattr(trainer, "device_memory", lambda device: 8 * GIB)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(trainer, "open_corpus", lambda *args: pytest.fail("the corpus was indexed"))
+    run = tmp_path / "run"
+    assert cli.main(["pretrain", "--data", str(tmp_path), "--out", str(run), "--device", "cpu", *options]) == 2
+    assert f"error: {refusal}" in capsys.readouterr().err
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("size, tokens, memory", [
+    ("tiny", 16384, 8 * GIB), ("small", 65536, 80 * 10**9), ("base", 65536, 80 * 10**9),
+    ("large", 65536, 80 * 10**9)])
+def test_the_usual_runs_are_not_refused(monkeypatch, size, tokens, memory):
+    """The default model's recipe on a small machine, the presets at the usual budgets on an 80 GB GPU."""
+    monkeypatch.setattr(trainer, "device_memory", lambda device: memory)
+    trainer.check_memory(trainer.PretrainConfig(data="d", out="o", size=size, tokens_per_batch=tokens),
+                         torch.device("cuda", 0))
+
+
+def test_the_processes_of_a_cpu_run_share_its_memory(monkeypatch):
+    """torchrun's processes on one machine each hold a model and a step in its memory; on GPUs each has its own."""
+    config = trainer.PretrainConfig(data="d", out="o", size="tiny", tokens_per_batch=65536)  # >= 5.6 GiB
+    monkeypatch.setattr(trainer, "device_memory", lambda device: 16 * GIB)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    trainer.check_memory(config, torch.device("cpu"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    trainer.check_memory(config, torch.device("cuda", 0))
+    with pytest.raises(ValueError, match="cpu has 16.0 GiB, shared by this machine's 4 processes. By this lower "
+                                         "bound at most 46663 tokens"):
+        trainer.check_memory(config, torch.device("cpu"))
+
+
+def test_the_memory_of_a_gpu_is_its_own(monkeypatch):
+    """Not the machine's: a run on a GPU is bounded by the GPU's memory."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties", {torch.device("cuda", 1): SimpleNamespace(
+        total_memory=80 * 10**9)}.get)
+    assert trainer.device_memory(torch.device("cuda", 1)) == 80 * 10**9
+
+
+@pytest.mark.parametrize("settings", [
+    dict(size="tiny"), dict(size="base", depth=1), dict(dim=64, depth=2, heads=1, decoder_layers=2, decoder_groups=6)])
+def test_the_weights_counted_from_the_shapes_are_nearly_all_of_the_models_and_no_more(settings):
+    """A lower bound: counted without building the model, which may not fit (groups that do not divide the width:
+    a run started before they had to is built with gcd(groups, width))."""
+    config = trainer.PretrainConfig(data="d", out="o", **settings)
+    dim = config.model_config.dim
+    student = trainer.EchoModel(config.model_config, device="cpu")
+    decoder = objective.ConvDecoder(dim, config.decoder_layers, config.decoder_kernel,
+                                    math.gcd(config.decoder_groups, dim), device="cpu")
+    for counted, model in zip(trainer.matrix_weights(config), (student, decoder)):
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert 0.98 * trained <= counted <= trained

@@ -267,7 +267,10 @@ def materialise(plans: list[ClipPlan], clones: int, reported: set[str] | None = 
 
 def plan_batches(examples: Iterator[Example], rng: np.random.Generator,
                  config: SamplingConfig) -> Iterator[list[ClipPlan]]:
-    """Clips packed greedily by the token budget; a clip that would overflow starts the next batch."""
+    """Clips packed greedily by the token budget; a clip that would overflow starts the next batch. The examples are
+    endless (epoch after epoch): a budget larger than the stream's share of the corpus takes a file into a batch
+    more than once, with other crops, bands and masks, as more clones would. The budget is bounded by memory
+    instead (trainer.check_memory): a budget no machine could hold was packed here until the memory ran out."""
     batch: list[ClipPlan] = []
     used = 0
     for example in examples:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .. import checkpoint as model_files
-from .. import atomic, host_memory
+from .. import atomic, geometry, host_memory
 from ..model import EchoConfig, EchoModel
 from ..packed import Packing
 from . import checkpoints, schedule
@@ -223,6 +223,83 @@ def training_device(name: str | None, local_rank: int = 0) -> torch.device:
         if device.index >= gpus:
             raise ValueError(f"device {device} is not on this machine: it has {gpus} CUDA GPU(s)")
     return device
+
+
+# What a run needs at least, to refuse one that cannot fit before the corpus is indexed (hours on a large one) or a
+# model is built: a mistyped --tokens-per-batch packed clips into its first batch until the memory ran out, an
+# absurd --dim or --depth failed in torch's allocator. Lower bounds, so that no run that fits is refused:
+# - weights: those of the student's and decoder's matrices (biases, norms, tokens: under 2% of a preset's), in
+#   float32 with a gradient and two AdamW moments each, and the encoder's with the EMA teacher's copy too;
+# - a step's activations, per unit of width: per visible student token and encoder layer (the teacher's outputs
+#   included), and per decoder row (every patch of every clone) and decoder layer. A step's peak memory against its
+#   teacher tokens, measured on a CPU (glibc's mmap threshold at 64 KiB, so that freed blocks leave the process;
+#   widths 64-192, 2-12 layers, 1-4 decoder layers, 1-4 clones), fitted about 67 and 20-28 bytes in fp32, 39-54
+#   and 12-21 under bf16 autocast; about half of the bf16 figures is taken (a GPU's fused attention keeps no
+#   probabilities), a bound of 0.3-0.7x every measured step.
+# ECHO-base at 65536 tokens (4 clones, mask 0.8) needs at least 24 GiB by these, ECHO-large 54 GiB: both pass on
+# an 80 GB GPU; the default model's recipe (ECHO-tiny, 16384 tokens) 1.5 GiB.
+ENCODER_WEIGHT_BYTES = 4 * 5  # weight, gradient, two AdamW moments, EMA teacher
+DECODER_WEIGHT_BYTES = 4 * 4
+STUDENT_ACTIVATION_BYTES = 32
+DECODER_ACTIVATION_BYTES = 10
+
+
+def device_memory(device: torch.device) -> int:
+    """The total memory of `device` in bytes: the GPU's own, or the machine's for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def matrix_weights(config: PretrainConfig) -> tuple[int, int]:
+    """(encoder, decoder) weights in their matrices, from the shapes alone: a model too large to fit cannot be
+    built to count them. Attention 4 D^2 and MLP 2 r D^2 per layer and the patch projection; the grouped convs
+    (with the run's gcd grouping) and the projection of the decoder."""
+    model = config.model_config
+    dim = model.dim
+    encoder = model.depth * (4 + 2 * model.mlp_ratio) * dim * dim + geometry.BAND_BINS * geometry.PATCH_FRAMES * dim
+    groups = math.gcd(config.decoder_groups, dim)
+    decoder = config.decoder_layers * dim * (dim // groups) * config.decoder_kernel + dim * dim
+    return encoder, decoder
+
+
+def binary_size(size: float) -> str:
+    """`size` bytes in GiB, or in TiB to EiB for sizes no machine has."""
+    units = ("GiB", "TiB", "PiB", "EiB")
+    power = min(len(units) - 1, max(0, int(math.log(max(size, 1), 1024)) - 3))
+    return f"{size / 1024 ** (power + 3):.1f} {units[power]}"
+
+
+def check_memory(config: PretrainConfig, device: torch.device) -> None:
+    """ValueError naming the option when the run needs more than the total memory of `device` (the CPU's shared by
+    the processes torchrun started on this machine), by the lower bounds above: the run would fail at its first
+    step, or be killed, after the corpus was indexed."""
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1
+    total = device_memory(device)
+    available = total // ranks
+    has = f"{device} has {binary_size(total)}" + (f", shared by this machine's {ranks} processes" if ranks > 1 else "")
+    model = config.model_config
+    encoder, decoder = matrix_weights(config)
+    weights = encoder * ENCODER_WEIGHT_BYTES + decoder * DECODER_WEIGHT_BYTES
+    if weights > available:
+        given = " ".join([f"--size {config.size}"] + [f"--{name} {value}" for name, value in
+                                                       (("dim", config.dim), ("depth", config.depth))
+                                                       if value is not None])
+        raise ValueError(f"the model of {given} (width {model.dim}, {model.depth} layers) with --decoder-layers "
+                         f"{config.decoder_layers} cannot fit in memory: its matrices hold {encoder + decoder:.3g} "
+                         f"weights, which with their gradients, AdamW moments and the EMA teacher need at least "
+                         f"{binary_size(weights)}; {has}. Choose a smaller model")
+    per_token = config.clones * model.dim * ((1 - config.mask_ratio) * model.depth * STUDENT_ACTIVATION_BYTES
+                                             + config.decoder_layers * DECODER_ACTIVATION_BYTES)
+    activations = per_token * config.tokens_per_batch
+    if weights + activations > available:
+        raise ValueError(
+            f"--tokens-per-batch {config.tokens_per_batch} cannot fit in memory: a step of it needs at least "
+            f"{binary_size(activations)} of activations (--clones {config.clones} masked copies of each token "
+            f"through {model.depth} student layers of width {model.dim} and --decoder-layers "
+            f"{config.decoder_layers}), besides {binary_size(weights)} for the weights and their training state; "
+            f"{has}. By this lower bound at most {int((available - weights) / per_token)} tokens could fit: lower "
+            f"--tokens-per-batch (16384 to 65536 are usual)")
 
 
 def setup_distributed(device: str | None) -> tuple[int, int, torch.device]:
@@ -458,6 +535,8 @@ def _train(config: PretrainConfig, progress: bool, stop_at: int | None, rank: in
     # recorded absolute: a run started on a relative --data and resumed from another folder said it had been
     # "trained on data, not data"
     config = replace(config, data=os.path.abspath(config.data))
+    _, error = attempt(check_memory, config, device)  # before the corpus is indexed and any model built
+    raise_together(error, world, device)
     out = Path(config.out)
     folder = out / "checkpoints"
     found, error = attempt(checkpoints.newest_readable, folder)
