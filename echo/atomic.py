@@ -13,14 +13,16 @@ import os
 import re
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 
 def temporary_name(path: Path) -> Path:
-    """The temporary beside `path`, unique to this process (processes writing side by side never share one)."""
-    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    """The temporary beside `path`, unique to this thread of this process, NAME.PID-TID.tmp: writers side by side,
+    processes or threads of one, never share one (threads sharing NAME.PID.tmp lost or tore each other's writes)."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{threading.current_thread().native_id}.tmp")
 
 
 def process_alive(pid: int) -> bool:
@@ -36,14 +38,23 @@ def process_alive(pid: int) -> bool:
 
 
 def remove_abandoned(folder: Path, pattern: str) -> None:
-    """Delete the temporaries (files of temporary_name's form) under `folder` matching `pattern` ("x.csv.*.tmp",
-    "sub/**/*.tmp") whose writers are gone: a kill mid-write leaves them, and nothing else ever would. Call it
-    before this process writes there: its own id on a temporary is then a killed process's (a container restarted
-    gives the same ids again). The pattern names the caller's own files: a user's note.2024.tmp is no temporary."""
+    """Delete the temporaries (files of temporary_name's form, or NAME.PID.tmp of earlier versions) under `folder`
+    matching `pattern` ("x.csv.*.tmp", "sub/**/*.tmp") whose writers are gone: a kill mid-write leaves them, and
+    nothing else ever would. This process's own id on one is a killed process's (a container restarted gives the
+    same ids again) unless a live thread of this process has its thread id: that one may be being written. The
+    pattern names the caller's own files: a user's note.2024.tmp is no temporary."""
     for temporary in Path(folder).glob(pattern):
-        match = re.fullmatch(r".+\.(\d+)\.tmp", temporary.name)
-        if match and temporary.is_file() and (int(match[1]) == os.getpid() or not process_alive(int(match[1]))):
+        match = re.fullmatch(r".+\.(\d+)(?:-(\d+))?\.tmp", temporary.name)
+        if match and temporary.is_file() and _abandoned(int(match[1]), match[2] and int(match[2])):
             temporary.unlink(missing_ok=True)
+
+
+def _abandoned(pid: int, thread: int | None) -> bool:
+    """Whether no live writer has the ids on a temporary (`thread`: None on an earlier version's, which no live
+    writer of this process has)."""
+    if pid != os.getpid():
+        return not process_alive(pid)
+    return thread not in {running.native_id for running in threading.enumerate()}
 
 
 @contextmanager

@@ -35,7 +35,7 @@ MACHINE_SEED = 90_000
 PEAK = 0.5  # a machine's clips share one gain that puts its healthy peak here
 FAULT_LEVEL = (0.05, 0.15)  # an incipient fault: this fraction of the level random_machine draws
 # What the demo writes in --out (echo.eval.plots names its figures roc_<split>_<machine>.png and so on), the only
-# files whose killed writes' temporaries (<name>.<pid>.tmp) it deletes: --out may hold the user's own files
+# files whose killed writes' temporaries (<name>.<pid>-<thread>.tmp) it deletes: --out may hold the user's own files
 OUTPUTS = ("scores.csv", "roc_demo_*.png", "scores_demo_*.png", "projection_*.png")
 
 

@@ -1,4 +1,5 @@
 import os
+import threading
 
 import pytest
 
@@ -32,8 +33,46 @@ def test_an_error_leaves_the_old_file_and_no_temporary(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv"]
 
 
-def test_temporaries_are_the_processs_own(tmp_path):
-    assert str(os.getpid()) in atomic.temporary_name(tmp_path / "x.wav").name
+def test_temporaries_are_the_writers_own(tmp_path):
+    names = [atomic.temporary_name(tmp_path / "x.wav")]
+    thread = threading.Thread(target=lambda: names.append(atomic.temporary_name(tmp_path / "x.wav")))
+    thread.start()
+    thread.join()
+    assert names[0] != names[1] and all(f".{os.getpid()}-" in name.name for name in names)
+
+
+def test_threads_writing_one_path_at_once_each_write_whole_files(tmp_path):
+    """Threads of one process shared one temporary: one's rename failed or found the other's removed, or the file
+    it put in place held the other's half-written bytes."""
+    target = tmp_path / "out.bin"
+    start, errors, seen = threading.Barrier(3), [], []
+    whole = {bytes([letter]) * 2**16 for letter in b"ab"}
+
+    def write(letter: int) -> None:
+        start.wait()
+        try:
+            for _ in range(40):
+                with atomic.replacing(target) as temporary, open(temporary, "wb") as handle:
+                    for _ in range(16):  # in pieces: the other writer meets this one mid-file
+                        handle.write(bytes([letter]) * 2**12)
+        except Exception as error:  # a thread's error would only be printed: asserted below
+            errors.append(error)
+
+    def read() -> None:
+        start.wait()
+        while any(writer.is_alive() for writer in writers):
+            if target.exists():
+                seen.append(target.read_bytes())
+
+    writers = [threading.Thread(target=write, args=(letter,)) for letter in b"ab"]
+    reader = threading.Thread(target=read)
+    for thread in [*writers, reader]:
+        thread.start()
+    for thread in [*writers, reader]:
+        thread.join()
+    assert not errors
+    assert seen and all(contents in whole for contents in seen) and target.read_bytes() in whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
 
 
 def test_a_file_gets_the_permissions_any_new_file_gets(tmp_path):
@@ -74,10 +113,16 @@ def test_only_the_temporaries_of_writers_that_are_gone_are_removed(tmp_path):
     dead = tmp_path / "sub" / "x.wav.999999999.tmp"  # above any pid_max
     dead.parent.mkdir()
     dead.write_bytes(b"half")
-    mine = atomic.temporary_name(tmp_path / "y.wav")  # a killed process's whose id this one now has
+    mine = tmp_path / f"y.wav.{os.getpid()}-999999999.tmp"  # a killed process's whose id this one now has
     mine.write_bytes(b"half")
+    earlier = tmp_path / f"v.wav.{os.getpid()}.tmp"  # the same, named as earlier versions named them
+    earlier.write_bytes(b"half")
+    gone = tmp_path / "w.wav.999999999-5.tmp"
+    gone.write_bytes(b"half")
     alive = tmp_path / f"z.wav.{os.getppid()}.tmp"  # a live writer's: the parent process
     alive.write_bytes(b"being written")
+    alive_thread = tmp_path / f"u.wav.{os.getppid()}-7.tmp"  # a thread of it
+    alive_thread.write_bytes(b"being written")
     huge = tmp_path / "take.20240101123045.tmp"  # a date, not a process id
     huge.write_bytes(b"a user's")
     folder = tmp_path / "kit.wav.999999999.tmp"  # a folder of that name is no temporary of this module
@@ -87,6 +132,32 @@ def test_only_the_temporaries_of_writers_that_are_gone_are_removed(tmp_path):
     atomic.remove_abandoned(tmp_path, "*.tmp")
     assert dead.exists()  # not in the top folder
     atomic.remove_abandoned(tmp_path, "**/*.tmp")
-    assert not dead.exists() and not mine.exists()
-    assert alive.exists() and huge.exists() and folder.is_dir() and other.exists()
+    assert not dead.exists() and not mine.exists() and not earlier.exists() and not gone.exists()
+    assert alive.exists() and alive_thread.exists() and huge.exists() and folder.is_dir() and other.exists()
     assert atomic.process_alive(os.getpid()) and not atomic.process_alive(999999999)
+
+
+def test_the_temporary_another_thread_of_this_process_writes_is_kept(tmp_path):
+    """This process's id on a temporary was taken for a killed process's: a thread removing abandoned temporaries
+    deleted the one another thread was writing, whose rename then failed."""
+    target, writing, written = tmp_path / "x.csv", threading.Event(), threading.Event()
+    errors = []
+
+    def write() -> None:
+        try:
+            with atomic.replacing(target) as temporary:
+                temporary.write_text("whole")
+                writing.set()
+                written.wait(10)
+        except Exception as error:  # asserted below
+            errors.append(error)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    try:
+        assert writing.wait(10)
+        atomic.remove_abandoned(tmp_path, "x.csv.*.tmp")
+    finally:
+        written.set()
+        thread.join()
+    assert not errors and target.read_text() == "whole"

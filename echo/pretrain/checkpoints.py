@@ -83,7 +83,7 @@ def resume_note(folder: Path) -> str:
 
 
 def remove_temporaries(folder: Path) -> None:
-    """Delete the temporaries of checkpoints whose writing a crash or kill interrupted (`step-*.pt.PID.tmp`)."""
+    """Delete the temporaries of checkpoints whose writing a crash or kill interrupted (`step-*.pt.PID-TID.tmp`)."""
     atomic.remove_abandoned(folder, "step-*.pt.*.tmp")
 
 
