@@ -321,54 +321,92 @@ def test_exclusions_outside_the_bank_are_refused():
         neighbors.nearest(bank, bank, 1, exclude=[0, 1.5, 2])
 
 
+PER_BACKEND = hasattr(torch.backends, "fp32_precision")  # torch >= 2.9
+
+
 @pytest.fixture
 def matmul_precision_restored():
     yield
     torch.set_float32_matmul_precision("highest")
-    torch.backends.fp32_precision = "none"
-    torch.backends.cuda.matmul.fp32_precision = "none"
-    torch.backends.mkldnn.matmul.fp32_precision = "none"
+    if PER_BACKEND:
+        torch.backends.fp32_precision = "none"
+        torch.backends.cuda.matmul.fp32_precision = "none"
+        torch.backends.mkldnn.matmul.fp32_precision = "none"
 
 
-USER_PRECISIONS = {  # the three ways a user can lower float32 matmul precision globally, and what each reads
-    "allow_tf32": (lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True),
-                   lambda: torch.backends.cuda.matmul.allow_tf32),
-    "set_float32_matmul_precision": (lambda: torch.set_float32_matmul_precision("medium"),
-                                     lambda: (torch.get_float32_matmul_precision(),
-                                              torch.backends.mkldnn.matmul.fp32_precision)),
-    "fp32_precision": (lambda: (setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"),
-                                setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16")),
-                       lambda: (torch.backends.cuda.matmul.fp32_precision,
-                                torch.backends.mkldnn.matmul.fp32_precision)),
+def precision_settings():
+    """Torch's process-wide settings of float32 products' precision, as it reports them (per backend from torch
+    2.9 on, where the one-setting getter raises once both ways of setting were used)."""
+    if PER_BACKEND:
+        return (torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
+                torch.backends.mkldnn.matmul.fp32_precision)
+    return torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+
+
+USER_PRECISIONS = {  # the ways a user can lower float32 products' precision for the whole process
+    "allow_tf32": lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True),
+    "medium": lambda: torch.set_float32_matmul_precision("medium"),  # bf16 products on a CPU with bf16 (oneDNN)
+    "high": lambda: torch.set_float32_matmul_precision("high"),
+    "fp32_precision": lambda: (setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"),
+                               setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16")),
 }
 
 
-@pytest.mark.skipif(not neighbors.PER_BACKEND_PRECISION, reason="reads torch 2.9's per-backend settings")
-@pytest.mark.parametrize("per_backend, setting", [(True, setting) for setting in USER_PRECISIONS]
-                         + [(False, "allow_tf32"), (False, "set_float32_matmul_precision")])
-def test_searches_multiply_in_full_float32_whatever_the_users_setting(per_backend, setting, monkeypatch,
-                                                                      matmul_precision_restored):
-    """TF32 (GPU) and bf16 (oneDNN on CPUs) products round to 10 or 7 bits, far past the rounding the search's
-    bound allows: a neighbour could be missed. Both searches multiply in full float32 and give the user's
-    setting back, by torch's per-backend settings or, before torch 2.9, its one setting for all. (No GPU here:
-    the setting seen inside the search is what is checked.)"""
-    monkeypatch.setattr(neighbors, "PER_BACKEND_PRECISION", per_backend)
+def near_ties(rng, dim: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(queries, bank) in float32: each query has 40 bank rows 0.5 (1 + j 1e-4) from it (j = 0..39, shuffled),
+    more than the search first hands over, off at right angles, so that their cosine distances come in the same
+    order; and 40 other rows."""
+    queries = rng.normal(size=(5, dim)) + 1.0
+    away = rng.normal(size=(5, 40, dim))
+    away -= (away @ queries[:, :, None]) / (queries * queries).sum(1)[:, None, None] * queries[:, None]
+    away /= np.linalg.norm(away, axis=2, keepdims=True)
+    ties = queries[:, None] + 0.5 * (1 + 1e-4 * rng.permutation(40))[:, None] * away
+    bank = np.concatenate([ties.reshape(-1, dim), rng.normal(size=(40, dim)) + 1.0])
+    return queries.astype(np.float32), bank[rng.permutation(len(bank))].astype(np.float32)
+
+
+def bf16_nearest(queries, bank, k: int, metric: str) -> np.ndarray:
+    """The k nearest by |q|^2 + |b|^2 - 2 q.b with q.b taken of the rows (unit rows for cosine) rounded to bf16."""
+    q, b = (torch.from_numpy(rows).double() for rows in (queries, bank))
+    if metric == "cosine":
+        q, b = q / q.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+    values = (q * q).sum(1, keepdim=True) + (b * b).sum(1) - 2 * q.bfloat16().double() @ b.bfloat16().double().T
+    return np.argsort(values.numpy(), axis=1, kind="stable")[:, :k]
+
+
+@pytest.mark.parametrize("setting", [name for name in USER_PRECISIONS if PER_BACKEND or name != "fp32_precision"])
+def test_searches_neither_change_nor_follow_the_users_matmul_precision(setting, monkeypatch,
+                                                                       matmul_precision_restored):
+    """TF32 (GPU) and bf16 (oneDNN on CPUs) float32 products, the user's choice for the whole process, round to
+    10 or 7 bits, far past the search's bound: a neighbour could be missed. The searches set full float32 for
+    their duration, which held for every other thread's products too, and two searches at once could give each
+    other's setting back, leaving it changed. The setting is now left as the user made it, inside the searches
+    too, and both find the neighbours of exact float64 distances among near ties that products of rows
+    rounded to bf16 put in another order (a search by float32 products under "medium" missed some of them on
+    a CPU with bf16, and z-scored by means and stds off by 0.5 %)."""
+    queries, bank = near_ties(seeded_rng())
+    reference = {metric: brute_force(queries.astype(np.float64), bank.astype(np.float64), 6, metric)
+                 for metric in ("euclidean", "cosine")}
+    for metric, (_, indices) in reference.items():
+        assert (bf16_nearest(queries, bank, 6, metric) != indices).any()
+    USER_PRECISIONS[setting]()
+    before = precision_settings()
     seen = []
-
-    def spy(*args):
-        seen.append((torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision))
-        return search_values(*args)
-
     search_values = neighbors._search_values
-    monkeypatch.setattr(neighbors, "_search_values", spy)
-    lower, read = USER_PRECISIONS[setting]
-    lower()
-    before = read()
-    rows = seeded_rng().normal(size=(6, 4)).astype(np.float32)
-    neighbors.nearest(rows, rows, 2)
-    neighbors.fused_nearest(rows[:, None], rows[:, None], 2)
-    assert seen and set(seen) == {("ieee", "ieee")}
-    assert read() == before
+    monkeypatch.setattr(neighbors, "_search_values", lambda *args: seen.append(precision_settings())
+                        or search_values(*args))
+    for metric, (ref_d, ref_i) in reference.items():
+        distances, indices = neighbors.nearest(queries, bank, 6, metric)
+        np.testing.assert_array_equal(indices, ref_i)
+        np.testing.assert_allclose(distances, ref_d, rtol=1e-6, atol=1e-7)
+    # channel 1 is channel 0 times 4: the same z-scores, so the fused ranking is channel 0's distances'
+    channels = lambda rows: np.stack([rows, 4 * rows], 1)  # noqa: E731
+    distances, indices = neighbors.fused_nearest(channels(queries), channels(bank), 6)
+    np.testing.assert_array_equal(indices, reference["euclidean"][1])
+    ref_d, _ = fused_reference(channels(queries).astype(np.float64), channels(bank).astype(np.float64), 6,
+                               np.full(len(queries), -1))
+    np.testing.assert_allclose(distances, ref_d, rtol=1e-5, atol=1e-6)
+    assert seen and set(seen) == {before} and precision_settings() == before
 
 
 def test_cosine_refuses_zero_rows_and_measures_tiny_ones():

@@ -7,15 +7,18 @@ rows (translation leaves distances unchanged and removes most of the cancellatio
 ulps of (|q| + |b|)^2, which scrambles near-duplicates and leaves equal rows ~|q| sqrt(eps) apart. So each query's
 best candidates, all those within that bound of the k-th, are measured again from the rows' differences:
 accurate relative to the distance itself, exactly 0 between equal rows, never below 0. A query with more
-candidates inside the bound than the search handed over is searched again for more. The products are taken
-in full float32 whatever the user's TF32 or bf16 setting, which would round far past that bound.
+candidates inside the bound than the search handed over is searched again for more. The search runs in
+float64, which no precision setting of torch reaches: float32 products follow the user's TF32 or bf16 choice,
+which rounds far past that bound, and that choice is the whole process's, so the search neither reads nor
+changes it (set for the search, it held for every other thread's products too, and two searches at once could
+give each other's back).
 `backend="faiss"` uses faiss's exact flat index for the search instead, for banks that outgrow the device.
 
 Features may come in any units: the search sees rows times a power of two that brings the largest value
 below 1 (each cosine row times its own), so that no square overflows and none that matters underflows (tiny
 rows made every search value 0, and each query searched again until it had the whole bank). The product is
-exact for every value that stays a normal number, which all but those below ~2^-125 of the largest (float32)
-do; one that turns subnormal is off by less than the smallest normal, which the bound allows for
+exact for every value that stays a normal number, which all but those below ~2^-125 of the largest (faiss's
+float32) do; one that turns subnormal is off by less than the smallest normal, which the bound allows for
 (`_search_error`). In float64 the rows measured again are scaled alike (float32 and float16 cosine rows need
 not be), and Euclidean distances scaled back, exactly.
 
@@ -27,7 +30,6 @@ Among neighbours at exactly equal distance the lower bank index comes first.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from functools import lru_cache, partial
 
 import numpy as np
@@ -40,7 +42,6 @@ METRICS = ("euclidean", "cosine")
 CHUNK_BYTES = 256 * 2**20  # one chunk of the distance matrix
 BANK_CHUNK_ROWS = 65536
 EXTRA_CANDIDATES = 16  # beyond k, so that few queries need a second search to hold every candidate
-PER_BACKEND_PRECISION = hasattr(torch.backends, "fp32_precision")  # torch >= 2.9
 
 
 def _refuse(bad, name: str, why: str) -> None:
@@ -133,29 +134,6 @@ def _check(queries: torch.Tensor, bank: torch.Tensor, k: int, metric: str, exclu
     if not 1 <= k <= available:
         raise ValueError(f"k={k} neighbours asked of a bank of {bank.shape[0]} rows"
                          + (" (each query's own row excluded)" if exclude is not None else ""))
-
-
-@contextmanager
-def _full_float32_products():
-    """TF32 (cuBLAS) or bf16 (oneDNN) float32 products, a user's global choice, round to 10 or 7 bits, far past
-    the search's bound: turned off for the search, the user's setting given back after."""
-    if not PER_BACKEND_PRECISION:  # one setting for both
-        saved = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(saved)
-        return
-    settings = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
-    saved = [setting.fp32_precision for setting in settings]
-    try:
-        for setting in settings:
-            setting.fp32_precision = "ieee"
-        yield
-    finally:
-        for setting, precision in zip(settings, saved):
-            setting.fp32_precision = precision
 
 
 def _search_values(queries: torch.Tensor, bank: torch.Tensor, bank_sq=None) -> torch.Tensor:
@@ -274,15 +252,13 @@ def _largest(rows: torch.Tensor, dim=None) -> torch.Tensor:
     return torch.linalg.vector_norm(rows, float("inf"), dim=dim).cpu()
 
 
-@_full_float32_products()
 def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, device=None,
             backend: str = "torch", chunk_bytes: int = CHUNK_BYTES) -> tuple[np.ndarray, np.ndarray]:
     """(distances (Q, k), bank indices (Q, k)), ascending per row.
 
     `exclude`: for each query, one bank row it may not match (its own row in leave-one-out), or -1.
-    Searched in the inputs' dtype, float32 at least (faiss: float32; float16's products are exact in float32,
-    and its own eps would put most of the bank within the bound), the k nearest measured in float64 and
-    returned (and ranked) in the inputs' dtype: refused if they exceed its range.
+    Searched in float64 (faiss: float32, which torch's settings do not reach either), the k nearest measured in
+    float64 and returned (and ranked) in the inputs' dtype: refused if they exceed its range.
     """
     if backend not in ("torch", "faiss"):
         raise ValueError(f"unknown search backend {backend!r}; known: torch, faiss")
@@ -297,7 +273,7 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
     if metric == "cosine":
         check_nonzero(queries, "queries")
         check_nonzero(bank, "bank")
-    search_dtype = torch.promote_types(queries.dtype, torch.float32)
+    search_dtype = torch.float64 if backend == "torch" else torch.promote_types(queries.dtype, torch.float32)
     scale = 1.0  # cosine rows are scaled each by its own
     if metric == "euclidean":
         scale = _power_of_two(torch.maximum(_largest(queries), _largest(bank)).to(search_dtype)).item()
@@ -411,7 +387,6 @@ def _kept(kept, lower: torch.Tensor, upper: torch.Tensor, b0: int, k: int):
     return rows.gather(1, order), lower, upper
 
 
-@_full_float32_products()
 def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=None,
                   chunk_bytes: int = CHUNK_BYTES) -> tuple[np.ndarray, np.ndarray]:
     """k nearest neighbours by the fused multi-channel distance: each (query, channel) row of Euclidean
@@ -438,7 +413,7 @@ def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=Non
     channels = chosen_channels(channels, bank.shape[1])
     exclude = _exclusions(exclude, queries.shape[0], bank.shape[0], device)
     _check(queries[:, 0], bank[:, 0], k, "euclidean", exclude)
-    search_dtype = torch.promote_types(queries.dtype, torch.float32)
+    search_dtype = torch.float64  # as nearest's
     search = torch.finfo(search_dtype)
     largest = torch.maximum(_largest(queries, (0, 2)), _largest(bank, (0, 2)))[channels]
     scales = _power_of_two(largest.to(search_dtype)).tolist()
