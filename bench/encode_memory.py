@@ -12,8 +12,9 @@ signals and the returned embeddings grow with the call by nature.
 
 `--long RATE:SECONDS[:SIGNALS] ...` measures long signals instead: each item is one call on SIGNALS (default 1)
 random signals of that length, default max_tokens, for each front end of `--stft` (ECHO_BACKEND_STFT); it
-prints the peak over the call's start against the signals' float32 size. The front end's whole band-layout
-spectrogram of a signal is ~1.3x that size (bands x 32 rows of float32 per hop of samples).
+prints the peak over the call's start against the signals' float32 size. A signal's whole band-layout
+spectrogram would be ~1.3x that size (bands x 32 rows of float32 per hop of samples); fast.encode's passes
+make only their own segments'.
 
     python bench/encode_memory.py --long 48000:600 16000:1800 --size tiny --dtypes bfloat16 --stft csrc torch
     python bench/encode_memory.py --long 48000:600 --api encode stream --size tiny --dtypes bfloat16 --stft csrc

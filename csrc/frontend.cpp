@@ -56,8 +56,10 @@ std::map<int64_t, std::vector<double>> hann_windows(const int64_t* geometry, int
 
 at::Tensor ragged_spectrogram_cpu(const at::Tensor& waves, const at::Tensor& wave_offsets,
                                   const at::Tensor& spec_offsets, const at::Tensor& signal_geometry,
-                                  double log_eps, double log_mean, double log_std) {
+                                  double log_eps, double log_mean, double log_std,
+                                  const std::optional<at::Tensor>& given_means) {
   check_spectrogram_inputs(waves, wave_offsets, spec_offsets, signal_geometry);
+  check_spectrogram_means(given_means, signal_geometry.size(0));
   const at::Tensor geometry_table = signal_geometry.contiguous();
   const int64_t* geometry = geometry_table.data_ptr<int64_t>();
   const int64_t* bounds = wave_offsets.data_ptr<int64_t>();
@@ -67,16 +69,20 @@ at::Tensor ragged_spectrogram_cpu(const at::Tensor& waves, const at::Tensor& wav
   at::Tensor out = at::empty({spec_bounds[signals]}, waves.options());
   float* y = out.data_ptr<float>();
 
-  // DC of each signal, summed in double like the reference.
+  // DC of each signal, summed in double like the reference, unless given.
   std::vector<double> means(signals);
-  at::parallel_for(0, signals, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      double sum = 0;
-      for (int64_t k = bounds[i]; k < bounds[i + 1]; ++k) sum += x[k];
-      const int64_t length = bounds[i + 1] - bounds[i];
-      means[i] = length ? sum / length : 0.0;
-    }
-  });
+  if (given_means) {
+    std::copy_n(given_means->data_ptr<double>(), signals, means.begin());
+  } else {
+    at::parallel_for(0, signals, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        double sum = 0;
+        for (int64_t k = bounds[i]; k < bounds[i + 1]; ++k) sum += x[k];
+        const int64_t length = bounds[i + 1] - bounds[i];
+        means[i] = length ? sum / length : 0.0;
+      }
+    });
+  }
 
   std::vector<Chunk> chunks;
   for (int64_t i = 0; i < signals; ++i) {
@@ -127,7 +133,7 @@ at::Tensor ragged_spectrogram_cpu(const at::Tensor& waves, const at::Tensor& wav
 TORCH_LIBRARY(echo, m) {
   m.def(
       "ragged_spectrogram(Tensor waves, Tensor wave_offsets, Tensor spec_offsets, Tensor signal_geometry, "
-      "float log_eps, float log_mean, float log_std) -> Tensor");
+      "float log_eps, float log_mean, float log_std, Tensor? means=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(echo, CPU, m) { m.impl("ragged_spectrogram", &ragged_spectrogram_cpu); }

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace echo {
 
@@ -53,6 +54,16 @@ inline void check_spectrogram_inputs(const at::Tensor& waves, const at::Tensor& 
                 i, " needs ", bands * kBandBins * frames, " spectrogram values but spec_offsets give ",
                 spec_bounds[i + 1] - spec_bounds[i]);
   }
+}
+
+// The DC to remove from each signal, when the caller gives it: a span of frames of a longer signal takes the
+// whole signal's mean (the spec's DC removal), not the span's. One float64 per signal, on the CPU.
+inline void check_spectrogram_means(const std::optional<at::Tensor>& means, int64_t signals) {
+  if (!means) return;
+  TORCH_CHECK(means->dim() == 1 && means->size(0) == signals && means->is_cpu() &&
+                  means->scalar_type() == at::kDouble && means->is_contiguous(),
+              "ragged_spectrogram: means must be a contiguous CPU float64 tensor of ", signals, " entries, got ",
+              means->sizes(), " ", means->scalar_type(), " on ", means->device());
 }
 
 }  // namespace echo

@@ -57,6 +57,10 @@ class _Mono:
     def tokens(self) -> int:
         return sum(self.bands * (patches + 1) for patches in self.segment_patches)
 
+    @property
+    def frame_count(self) -> int:
+        return geometry.n_frames(self.waveform.shape[0], self.sample_rate)
+
 
 def _as_list(signals, sample_rates) -> tuple[list, list[int]]:
     # one signal; an object array (pandas' ragged batches) is never one: it holds the signals
@@ -95,7 +99,53 @@ def _monos(signals, rates) -> list[_Mono]:
     return monos
 
 
-Piece = tuple[int, int, int]  # (segment index, first band, end band) of a mono: see plan.make_plan
+Piece = tuple[int, int, int]  # (segment index, first band, end band) of a mono
+
+
+@dataclass
+class _Span:
+    """The frames [first, end) of a mono that one pass reads: the whole mono when it fits a pass, else the
+    pass's whole segments, or one segment whose bands are split over passes. A pass's front end computes its
+    spans' frames only, so a long signal is never one band-layout image (1.25-1.4x its size) at once."""
+
+    mono: int
+    first: int
+    end: int
+    pieces: list[tuple[int, int, int, int]]  # (first frame, end frame, first band, end band) within the span
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return self.mono, self.first, self.end
+
+    def waveform(self, mono: _Mono) -> torch.Tensor:
+        """Its samples, a view: the whole waveform for the whole mono (the samples after its last frame count in
+        its mean), else those its frames read."""
+        if self.first == 0 and self.end == mono.frame_count:
+            return mono.waveform
+        hop = geometry.hop(mono.sample_rate)
+        return mono.waveform[self.first * hop : (self.end - 1) * hop + geometry.n_fft(mono.sample_rate)]
+
+
+def _spans(chunk: list[tuple[int, list[Piece]]], monos: list[_Mono]) -> list[_Span]:
+    """A chunk's members as spans: a mono's consecutive whole segments make one span, a piece of a segment's
+    bands the segment's own (the same span in every pass of that segment, computed once: see _FrontEnd)."""
+    spans: list[_Span] = []
+    for m, pieces in chunk:
+        mono = monos[m]
+        ranges = geometry.segments(mono.frame_count)
+        joinable = False  # the last span is this mono's, of whole segments
+        for k, first_band, end_band in pieces:
+            start, end = ranges[k]
+            whole = first_band == 0 and end_band == mono.bands
+            if whole and joinable:
+                spans[-1].end = end
+                spans[-1].pieces.append((start, end, first_band, end_band))
+            else:
+                spans.append(_Span(m, start, end, [(start, end, first_band, end_band)]))
+            joinable = whole
+    for span in spans:
+        span.pieces = [(start - span.first, end - span.first, *bands) for start, end, *bands in span.pieces]
+    return spans
 
 
 def _chunks(monos: list[_Mono], max_tokens: int) -> list[list[tuple[int, list[Piece]]]]:
@@ -184,63 +234,73 @@ def encode(
     # two, so calls of any size still meet few row counts.
     call_tokens = sum(mono.tokens for mono in monos)
     row_step = _row_step(min(max_tokens, 1 << max(call_tokens - 1, 1).bit_length()), device)
-    chunks = _chunks(monos, max_tokens)
-    front_end = _FrontEnd(monos, chunks, device, backend)
+    passes = [_spans(chunk, monos) for chunk in _chunks(monos, max_tokens)]
+    front_end = _FrontEnd(monos, passes, device, backend)
     with packed.as_asked(device):
-        for number, chunk in enumerate(chunks):
-            members = [m for m, _ in chunk]
+        for number, spans in enumerate(passes):
             plan = make_plan(
-                [monos[m].waveform.shape[0] for m in members],
-                [monos[m].sample_rate for m in members],
-                [subset for _, subset in chunk],
+                [span.waveform(monos[span.mono]).shape[0] for span in spans],
+                [monos[span.mono].sample_rate for span in spans],
+                [span.pieces for span in spans],
             )
             # no name holds a pass's spectrogram: the next pass's is made after this one's is freed
-            _encode_chunk(model, plan, front_end.spectrogram(number, members, plan), [monos[m] for m in members],
+            _encode_chunk(model, plan, front_end.spectrogram(number, spans, plan), [monos[s.mono] for s in spans],
                           frames, device, backend, row_step)
     return _gather(monos, len(signal_list), frames)
 
 
 class _FrontEnd:
-    """The band-layout spectrograms of a call's chunks, each mono's computed once: a mono split across chunks
-    (one over max_tokens) keeps its own until its last chunk. Recomputed with each chunk's other members, a
-    3-minute signal between two short ones went through the front end 3 times: the call ran at 0.89-0.92x
-    (bench/encode_throughput.py's W4, ECHO-tiny, bf16, bench/RESULTS.md). A chunk of that mono alone gets the
-    kept spectrogram itself: a copy for each chunk, two of them alive at once, raised the peak of one 10-minute
-    signal by 2.5x its size (bench/RESULTS.md, "the front end's peak on long signals")."""
+    """The band-layout spectrograms of a call's passes, each span's computed once: a segment whose bands are
+    split over passes (rates of hundreds of kHz) keeps its own until its last pass. A span of a longer signal
+    loses that signal's mean, as the front end of the whole would. (Recomputed in each pass, a segment of a
+    1 MHz signal would go through the front end once for each of its ~12 passes. Before spans, every pass read
+    the whole signal's image, which raised the peak of one 10-minute signal by 1.25-1.4x its size:
+    bench/RESULTS.md, "Twenty-third session".)"""
 
-    def __init__(self, monos: list[_Mono], chunks: list[list[tuple[int, list[Piece]]]], device, backend):
+    def __init__(self, monos: list[_Mono], passes: list[list[_Span]], device, backend):
         self.monos, self.device, self.backend = monos, device, backend
-        chunks_of: dict[int, list[int]] = {}
-        for number, chunk in enumerate(chunks):
-            for m, _ in chunk:
-                chunks_of.setdefault(m, []).append(number)
-        self.last_chunk = {m: numbers[-1] for m, numbers in chunks_of.items() if len(numbers) > 1}
-        self.kept: dict[int, torch.Tensor] = {}
+        passes_of: dict[tuple[int, int, int], list[int]] = {}
+        for number, spans in enumerate(passes):
+            for span in spans:
+                passes_of.setdefault(span.key, []).append(number)
+        self.last_pass = {key: numbers[-1] for key, numbers in passes_of.items() if len(numbers) > 1}
+        self.kept: dict[tuple[int, int, int], torch.Tensor] = {}
+        self.means: dict[int, float] = {}  # of the monos whose spans were computed
 
-    def spectrogram(self, number: int, members: list[int], plan) -> torch.Tensor:
-        """The chunk's spectrogram buffer, laid out as `plan` (its members' in order)."""
-        fresh = [m for m in members if m not in self.kept]
-        spec = self._computed(fresh, plan if len(fresh) == len(members) else None)
-        if len(fresh) < len(members) or any(m in self.last_chunk for m in fresh):
-            size_of = dict(zip(members, plan.spec_offsets.diff().tolist()))
-            pieces = dict(zip(fresh, spec.split([size_of[m] for m in fresh])))
-            self.kept.update({m: pieces[m] for m in fresh if m in self.last_chunk})
-            if len(fresh) < len(members):
-                spec = _joined([pieces[m] if m in pieces else self.kept[m] for m in members])
-        for m in members:
-            if self.last_chunk.get(m) == number:
-                del self.kept[m]
+    def spectrogram(self, number: int, spans: list[_Span], plan) -> torch.Tensor:
+        """The pass's spectrogram buffer, laid out as `plan` (its spans' in order)."""
+        fresh = [span for span in spans if span.key not in self.kept]
+        spec = self._computed(fresh, plan if len(fresh) == len(spans) else None)
+        if len(fresh) < len(spans) or any(span.key in self.last_pass for span in fresh):
+            size_of = dict(zip([span.key for span in spans], plan.spec_offsets.diff().tolist()))
+            pieces = dict(zip([span.key for span in fresh], spec.split([size_of[span.key] for span in fresh])))
+            self.kept.update({key: piece for key, piece in pieces.items() if key in self.last_pass})
+            if len(fresh) < len(spans):
+                spec = _joined([pieces[span.key] if span.key in pieces else self.kept[span.key] for span in spans])
+        for span in spans:
+            if self.last_pass.get(span.key) == number:
+                del self.kept[span.key]
         return spec
 
-    def _computed(self, fresh: list[int], plan) -> torch.Tensor:
-        """The spectrograms of `fresh` monos back to back, in one front-end call (plan: theirs, when at hand)."""
+    def _computed(self, fresh: list[_Span], plan) -> torch.Tensor:
+        """The spectrograms of `fresh` spans back to back, in one front-end call (plan: theirs, when at hand)."""
         if not fresh:
             return torch.empty(0, device=self.device)
-        waveforms = [self.monos[m].waveform for m in fresh]
+        monos = [self.monos[span.mono] for span in fresh]
+        waveforms = [span.waveform(mono) for span, mono in zip(fresh, monos)]
         if plan is None:
-            plan = make_plan([w.shape[0] for w in waveforms], [self.monos[m].sample_rate for m in fresh])
+            plan = make_plan([w.shape[0] for w in waveforms], [mono.sample_rate for mono in monos])
         wave_offsets = torch.tensor([0] + [w.shape[0] for w in waveforms], device="cpu").cumsum(0)
-        return stft_ops.ragged_spectrogram(_on_device(waveforms, self.device), wave_offsets, plan, self.backend)
+        means = None
+        if any(waveform is not mono.waveform for waveform, mono in zip(waveforms, monos)):
+            means = torch.tensor([self._mean(span.mono) for span in fresh], dtype=torch.float64)
+        return stft_ops.ragged_spectrogram(_on_device(waveforms, self.device), wave_offsets, plan, self.backend,
+                                           means)
+
+    def _mean(self, m: int) -> float:
+        if m not in self.means:
+            self.means[m] = float(stft_ops.signal_mean(self.monos[m].waveform))
+        return self.means[m]
 
 
 def checked_max_tokens(max_tokens) -> int:

@@ -83,12 +83,13 @@ class Plan:
 
 
 def make_plan(lengths: list[int], sample_rates: list[int],
-              pieces: list[list[tuple[int, int, int]]] | None = None) -> Plan:
+              pieces: list[list[tuple[int, int, int, int]]] | None = None) -> Plan:
     """The plan of mono signals with these sample counts and rates (all already validated).
 
-    `pieces[i]`, when given, keeps only those (segment, first band, end band) pieces of signal i (segments
-    indexing geometry.segments): how a signal, or one segment of a very high rate, too large for a memory
-    budget is encoded over several passes."""
+    `pieces[i]`, when given, replaces signal i's segments by these (first frame, end frame, first band, end
+    band) pieces of its frames: how a signal, or one segment of a very high rate, too large for a memory
+    budget is encoded over several passes (the signal then being a span of frames of a longer one, whose
+    segments the caller cut by the released rule)."""
     if len(lengths) != len(sample_rates):  # zipped, the extra signals were dropped from the plan without a word
         raise ValueError(f"a plan needs one sample rate per signal: {len(lengths)} lengths, {len(sample_rates)} rates")
     frames = [geometry.n_frames(n, sr) for n, sr in zip(lengths, sample_rates)]
@@ -96,10 +97,10 @@ def make_plan(lengths: list[int], sample_rates: list[int],
     spec_sizes = [nb * geometry.BAND_BINS * t for nb, t in zip(bands, frames)]
     units = []  # (patches, signal, start, end)
     for i, t in enumerate(frames):
-        ranges = geometry.segments(t)
-        chosen = [(k, 0, bands[i]) for k in range(len(ranges))] if pieces is None else pieces[i]
-        units += [(geometry.n_patches(ranges[k][1] - ranges[k][0]), i, *ranges[k], first, end)
-                  for k, first, end in chosen]
+        chosen = [(*frame_range, 0, bands[i]) for frame_range in geometry.segments(t)] if pieces is None \
+            else pieces[i]
+        units += [(geometry.n_patches(end - start), i, start, end, first, end_band)
+                  for start, end, first, end_band in chosen]
     units.sort()
     seq_signal, seq_band, seq_start, seq_frames, seq_patches, seq_position, segments = [], [], [], [], [], [], []
     positions = {

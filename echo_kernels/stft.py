@@ -164,10 +164,12 @@ def ragged_spectrogram(
     block_rows: int = 64,
     block_frames: int = 64,
     block_k: int = 32,
+    means: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Signal i = waves[wave_offsets[i]:wave_offsets[i+1]] (float32) with window n_fft[i], hop[i] and
     frames[i] frames -> flat float32 buffer: signal i's (bands[i]*band, frames[i]) image of
     (ln(|X| + log_eps) + log_mean) / log_std at spec_offsets[i], zero rows before its last band's real bins.
+    Each signal loses its own mean, or means[i] when given (a span of frames of a longer signal).
 
     The per-signal integers are host data (the plan's), so building the tile table needs no device sync.
     """
@@ -204,8 +206,11 @@ def ragged_spectrogram(
         tile_signal, (local % frame_tiles[tile_signal]) * block_frames, (local // frame_tiles[tile_signal]) * block_rows
     ]).to(device, non_blocking=True)
 
-    means = torch.empty(signals, dtype=torch.float32, device=device)
-    _signal_mean_kernel[(signals,)](waves, offsets, means, BLOCK=1024)
+    if means is None:
+        means = torch.empty(signals, dtype=torch.float32, device=device)
+        _signal_mean_kernel[(signals,)](waves, offsets, means, BLOCK=1024)
+    else:
+        means = means.to(device, torch.float32, non_blocking=True)
     n_ffts, hops, frames_of, bins_of, rows_of, basis_offsets, signal_spec_offsets = per_signal
     _spectrogram_tile_kernel[(tiles.shape[1],)](
         waves, means, out, bases, *tiles,

@@ -105,6 +105,27 @@ def test_ragged_spectrogram_cuda_matches_reference():
     out = stft_ops.ragged_spectrogram_csrc(waves.cuda(), offsets, plan)
     assert out.is_cuda
     check_against_reference(out, waves, offsets, plan)
+    # given means (spans of longer signals, fast.encode): each signal loses that DC, not its own
+    means = torch.randn(len(plan.lengths), dtype=torch.float64)
+    out = stft_ops.ragged_spectrogram_csrc(waves.cuda(), offsets, plan, means)
+    truth = stft_ops.ragged_spectrogram_reference(waves.double(), offsets, plan, means)
+    assert rel_err(out.cpu(), truth) < 1e-6
+
+
+@requires_cpu_op
+def test_a_build_without_means_is_not_asked_for_them(monkeypatch):
+    """A build from sources before `means` would fail on the argument: the front end goes to torch instead,
+    and a forced csrc says to rebuild."""
+    from echo.ops import backend as backends
+
+    waves, offsets, plan = random_batch([16000, 8000])
+    means = torch.randn(2, dtype=torch.float64)
+    monkeypatch.setattr(stft_ops, "_compiled_op_takes_means", lambda: False)
+    monkeypatch.setattr(stft_ops, "ragged_spectrogram_csrc", lambda *args: pytest.fail("the compiled op was called"))
+    out = stft_ops.ragged_spectrogram(waves, offsets, plan, means=means)
+    assert rel_err(out, stft_ops.ragged_spectrogram_reference(waves.double(), offsets, plan, means)) < 1e-6
+    with pytest.raises(backends.BackendError, match="takes no means; rebuild it"):
+        stft_ops.ragged_spectrogram(waves, offsets, plan, backend="csrc", means=means)
 
 
 requires_norm_op = pytest.mark.skipif(

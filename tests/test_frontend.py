@@ -141,31 +141,83 @@ def test_a_long_signal_goes_through_the_cpu_front_end_a_few_frames_at_a_time(bac
     assert rel_err(out, stft_ops.ragged_spectrogram_reference(waves, offsets, plan)) < 1e-6
 
 
-def test_a_signal_over_several_passes_is_read_in_place_and_its_spectrogram_never_copied(monkeypatch):
-    """fast.encode's front end reads a lone signal's own samples (their copy was as large as the signal) and
-    hands every pass of it the one spectrogram it made (a copy for each pass, two alive at once, raised the peak
-    of one 10-minute signal by 2.5x its size); the embeddings are the one-pass ones."""
+def spans_of(signal: torch.Tensor, rate: int, ranges: list[tuple[int, int]]):
+    """Views of `signal` holding the frames [first, end) of each range back to back, their offsets and plan."""
+    from echo.plan import make_plan
+
+    hop, n_fft = geometry.hop(rate), geometry.n_fft(rate)
+    views = [signal[first * hop : (end - 1) * hop + n_fft] for first, end in ranges]
+    offsets = torch.tensor([0] + [len(view) for view in views]).cumsum(0)
+    return torch.cat(views), offsets, make_plan([len(view) for view in views], [rate] * len(views))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "torch-by-rate", "csrc"])
+def test_spans_of_frames_given_their_signal_mean_are_those_columns_of_the_whole_image(backend, monkeypatch):
+    """fast.encode's passes over a long signal compute only their spans' frames: a span loses the whole
+    signal's mean (the spec's DC removal), given as `means`, not its own."""
+    if backend == "csrc" and not extension.has_op("ragged_spectrogram", "cpu"):
+        pytest.skip(f"compiled front end unavailable: {extension.why_unavailable('ragged_spectrogram', 'cpu')}")
+    if backend == "torch-by-rate":
+        monkeypatch.setattr(stft_ops, "CPU_GROUP_SAMPLES", None)
+        backend = "torch"
+    from echo.plan import make_plan
+
+    rate = RATE_FAMILIES[int(torch.randint(len(RATE_FAMILIES), ()))]
+    frames = int(torch.randint(300, 500, ()))
+    signal = torch.randn(geometry.n_fft(rate) + (frames - 1) * geometry.hop(rate) + 7)
+    signal += torch.linspace(-2, 3, len(signal))  # a drifting DC: each span's own mean is far from the signal's
+    whole = stft_ops.ragged_spectrogram_reference(signal, torch.tensor([0, len(signal)]), make_plan([len(signal)], [rate]))
+    whole = whole.view(-1, frames)
+    ranges = [(0, 37), (int(torch.randint(40, 200, ())), frames - 1), (frames - 16, frames)]
+    waves, offsets, plan = spans_of(signal, rate, ranges)
+    means = torch.full((len(ranges),), float(signal.double().mean()))
+    out = stft_ops.ragged_spectrogram(waves, offsets, plan, backend=backend, means=means)
+    images = out.split(plan.spec_offsets.diff().tolist())
+    for image, (first, end) in zip(images, ranges):
+        assert rel_err(image.view(-1, end - first), whole[:, first:end]) < 1e-6
+    own = stft_ops.ragged_spectrogram(waves, offsets, plan, backend=backend)  # each span's own mean: not the same
+    assert rel_err(own.split(plan.spec_offsets.diff().tolist())[0].view(-1, 37), whole[:, :37]) > 1e-3
+
+
+@pytest.mark.parametrize("means,message", [
+    (torch.zeros(3), r"one DC per signal of the plan \(2\), got shape \(3,\)"),
+    (torch.tensor([0.0, float("nan")]), "means must be finite"),
+])
+def test_means_that_do_not_fit_the_plan_are_refused(means, message):
+    waves, offsets, plan = spans_of(torch.randn(4000), 8000, [(0, 10), (5, 20)])
+    with pytest.raises(ValueError, match=message):
+        stft_ops.ragged_spectrogram(waves, offsets, plan, means=means)
+
+
+def test_a_long_signal_over_several_passes_goes_through_the_front_end_a_span_at_a_time(monkeypatch):
+    """fast.encode's passes over a long signal each compute their own segments' frames, read in place (views of
+    the signal) and DC-free by the whole signal's mean. Before, the front end made the whole signal's
+    band-layout image (1.25-1.4x its size) and kept it through every pass. A segment whose bands are split over
+    passes goes through the front end once. The embeddings are the one-pass ones."""
     import echo.fast as fast
 
     model = random_model("tiny")
     rate = 8000
-    signal = torch.randn(geometry.n_fft(rate) + int(torch.randint(4050, 4300, ())) * geometry.hop(rate))  # 3 segments
+    frames = int(torch.randint(10_050, 11_000, ()))  # 6 segments, the last overlapping the fifth
+    signal = torch.randn(geometry.n_fft(rate) + (frames - 1) * geometry.hop(rate) + 3)
+    signal += torch.linspace(-1, 2, len(signal))
     whole = fast.encode(model, signal, rate, frames=True, max_tokens=10**6)
-    made, read = [], []
-    front_end, tokens = stft_ops.ragged_spectrogram, token_ops.pack_tokens
+    computed = []
+    front_end = stft_ops.ragged_spectrogram
 
-    def recorded_front_end(waves, *args, **kwargs):
-        out = front_end(waves, *args, **kwargs)
-        made.append((waves.data_ptr(), out.data_ptr()))
-        return out
+    def recorded_front_end(waves, offsets, plan, *args, **kwargs):
+        computed.append((waves.data_ptr(), sum(plan.frames)))
+        return front_end(waves, offsets, plan, *args, **kwargs)
 
     monkeypatch.setattr(stft_ops, "ragged_spectrogram", recorded_front_end)
-    monkeypatch.setattr(token_ops, "pack_tokens",
-                        lambda spec, *args, **kwargs: read.append(spec.data_ptr()) or tokens(spec, *args, **kwargs))
-    # 4 bands of 126 tokens a segment: passes of whole segments and of some of a segment's bands
-    ((utterance, frames),) = fast.encode(model, signal, rate, frames=True, max_tokens=int(torch.randint(130, 700, ())))
-    assert made == [(signal.data_ptr(), read[0])] and len(read) > 2 and set(read) == {read[0]}
-    assert rel_err(utterance, whole[0][0]) < 1e-6 and rel_err(frames, whole[0][1]) < 1e-6
+    # 4 bands of 126 tokens a segment: passes of one or two whole segments, or of some of a segment's bands
+    budget = int(torch.randint(130, 1100, ()))
+    ((utterance, frame_rows),) = fast.encode(model, signal, rate, frames=True, max_tokens=budget)
+    start = signal.data_ptr()
+    assert all(start <= pointer < start + signal.numel() * 4 for pointer, _ in computed)
+    assert max(count for _, count in computed) <= 2 * geometry.SEGMENT_FRAMES
+    assert sum(count for _, count in computed) <= frames + geometry.SEGMENT_FRAMES  # the overlap, at most
+    assert rel_err(utterance, whole[0][0]) < 1e-6 and rel_err(frame_rows, whole[0][1]) < 1e-6
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])

@@ -7,7 +7,7 @@ from echo.ops import stft as stft_ops
 from echo.plan import make_plan
 from independent import numpy_spectrogram
 
-from conftest import assert_front_end_close, assert_spectrogram_close, float32_front_end
+from conftest import assert_front_end_close, assert_spectrogram_close, float32_front_end, rel_err
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -45,6 +45,19 @@ def test_mixed_rates_one_launch(poisoned_empty):
         pad_start = (plan.bands[i] - 1) * geometry.BAND_BINS
         pad = plan.bands[i] * geometry.BAND_BINS - geometry.n_bins(sr)
         assert torch.all(image[pad_start : pad_start + pad] == 0)
+
+
+def test_given_means_are_the_dc_each_signal_loses(poisoned_empty):
+    """fast.encode's passes over a long signal give each span of it the whole signal's mean, not its own."""
+    rates = [8000, 16000, 12000]
+    lengths = [samples_for(int(torch.randint(2, 70, ())), sr, 3) for sr in rates]
+    waves, flat, offsets, plan = ragged_batch(lengths, rates)
+    means = torch.stack([wave.double().mean() for wave in waves]) + torch.empty(len(rates)).uniform_(-2, 2).double()
+    got = stft_ops.ragged_spectrogram(flat, offsets, plan, backend="triton", means=means)
+    truth = stft_ops.ragged_spectrogram_reference(flat.double().cpu(), offsets, plan, means)
+    assert_spectrogram_close(got, truth, truth)  # the log's bound: 1e-3
+    own = stft_ops.ragged_spectrogram_reference(flat.double().cpu(), offsets, plan)
+    assert rel_err(own, truth) > 1e-2
 
 
 @pytest.mark.parametrize("rate", [100, 1000])

@@ -2,8 +2,8 @@
 // ragged_spectrogram_reference; the CPU kernel and the op's schema are in ../frontend.cpp).
 //
 // Signals are grouped by (window, hop, bands): one group per distinct sample rate. Per group: 64 blocks per
-// signal sum its samples (the DC), one block per frame writes the windowed DC-free frame into a (frames, n_fft)
-// buffer, cuFFT (through ATen) takes the real FFT of all frames at once, and a tiled transpose writes
+// signal sum its samples (the DC, unless the caller gives it), one block per frame writes the windowed DC-free
+// frame into a (frames, n_fft) buffer, cuFFT (through ATen) takes the real FFT of all frames at once, and a tiled transpose writes
 // (ln|X| + eps + mean) / std straight into each signal's band image (bins x frames, zero rows inserted before
 // the last band's real bins) in the flat output buffer. Frames, FFT and log run in double and only the result
 // is rounded to float32, for the reason given in ../frontend.cpp (float32 FFT noise in near-silent bins).
@@ -109,10 +109,12 @@ __global__ void log_band_layout(const double2* __restrict__ spectrum, const Sign
 
 at::Tensor ragged_spectrogram_cuda(const at::Tensor& waves, const at::Tensor& wave_offsets,
                                    const at::Tensor& spec_offsets, const at::Tensor& signal_geometry,
-                                   double log_eps, double log_mean, double log_std) {
+                                   double log_eps, double log_mean, double log_std,
+                                   const std::optional<at::Tensor>& means) {
   TORCH_CHECK(waves.is_cuda(), "ragged_spectrogram: waves must be a CUDA tensor here, got ", waves.device());
   check_spectrogram_inputs(waves, wave_offsets, spec_offsets, signal_geometry);
   const int64_t signals = signal_geometry.size(0);
+  check_spectrogram_means(means, signals);
   const c10::cuda::CUDAGuard guard(waves.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor geometry_table = signal_geometry.contiguous();
@@ -150,10 +152,21 @@ at::Tensor ragged_spectrogram_cuda(const at::Tensor& waves, const at::Tensor& wa
     const auto* rows = reinterpret_cast<const SignalRow*>(device_table.data_ptr<int64_t>());
     const int64_t* sample_bounds = device_table.data_ptr<int64_t>() + 4 * count;
 
-    at::Tensor sums = at::zeros({count}, waves.options().dtype(at::kDouble));
-    signal_sums<<<dim3(count, kSlices), kThreads, 0, stream>>>(waves.data_ptr<float>(), sample_bounds,
-                                                              sums.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    at::Tensor sums;
+    if (means) {  // given: each member's sum is its mean times its length, which window_frames divides again
+      at::Tensor host_sums = at::empty({count}, means->options().pinned_memory(true));
+      const double* given = means->data_ptr<double>();
+      for (int j = 0; j < count; ++j) {
+        const int64_t i = members[j];
+        host_sums.data_ptr<double>()[j] = given[i] * static_cast<double>(bounds[i + 1] - bounds[i]);
+      }
+      sums = host_sums.to(waves.device(), /*non_blocking=*/true);
+    } else {
+      sums = at::zeros({count}, waves.options().dtype(at::kDouble));
+      signal_sums<<<dim3(count, kSlices), kThreads, 0, stream>>>(waves.data_ptr<float>(), sample_bounds,
+                                                                sums.data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     at::Tensor framed = at::empty({group_frames, n_fft}, waves.options().dtype(at::kDouble));
     window_frames<<<static_cast<unsigned>(group_frames), kThreads, 0, stream>>>(
         waves.data_ptr<float>(), rows, count, sample_bounds, sums.data_ptr<double>(), n_fft, hop,

@@ -1,14 +1,17 @@
 """Front end: DC removal, STFT magnitude, log + normalise (spec section 1)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import geometry, inputs
 
 
-def remove_dc(waveform: torch.Tensor) -> torch.Tensor:
-    """Subtract the mean of the whole signal (one scalar per signal, last axis)."""
-    return waveform - waveform.mean(dim=-1, keepdim=True)
+def remove_dc(waveform: torch.Tensor, mean: float | None = None) -> torch.Tensor:
+    """Subtract the mean of the whole signal (one scalar per signal, last axis): its own, or `mean` when the
+    waveform is a span of frames of a longer signal, whose mean is the spec's DC."""
+    return waveform - (waveform.mean(dim=-1, keepdim=True) if mean is None else mean)
 
 
 def complex_stft(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
@@ -42,14 +45,15 @@ def log_normalise(magnitude: torch.Tensor) -> torch.Tensor:
     return (torch.log(magnitude + geometry.LOG_EPS) + geometry.LOG_MEAN) / geometry.LOG_STD
 
 
-def spectrogram(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
-    """The whole front end: (..., N) float32 -> normalised log magnitude (..., F, T), frequency first.
+def spectrogram(waveform: torch.Tensor, sample_rate: int, mean: float | None = None) -> torch.Tensor:
+    """The whole front end: (..., N) float32 -> normalised log magnitude (..., F, T), frequency first
+    (`mean`: see remove_dc).
 
     Computed in float64, returned in the input's dtype. The log of a near-zero bin (the Nyquist bin of a
     noisy signal, say) turns float32 FFT rounding into errors of ~1e-3 at that bin; the released float32 code
     carries that noise, the reference does not (it agrees with the released front end to float32 rounding
     everywhere else)."""
-    return log_normalise(stft_magnitude(remove_dc(waveform.double()), sample_rate)).to(waveform.dtype)
+    return log_normalise(stft_magnitude(remove_dc(waveform.double(), mean), sample_rate)).to(waveform.dtype)
 
 
 def spectrogram_bins(waveform: torch.Tensor, sample_rate: int, bins: torch.Tensor) -> torch.Tensor:
@@ -71,12 +75,18 @@ def band_layout(spec: torch.Tensor, sample_rate: int) -> torch.Tensor:
     return torch.cat([spec[..., :last_start, :], zeros, spec[..., last_start:, :]], dim=-2)
 
 
-def ragged_spectrogram_reference(waves: torch.Tensor, wave_offsets: torch.Tensor, plan) -> torch.Tensor:
+def ragged_spectrogram_reference(waves: torch.Tensor, wave_offsets: torch.Tensor, plan,
+                                 means: torch.Tensor | None = None) -> torch.Tensor:
     """All signals of a plan, back to back in `waves` (signal i = waves[wave_offsets[i]:wave_offsets[i+1]]),
-    -> one flat buffer holding each signal's band-layout spectrogram (nb*32, T) at plan.spec_offsets[i]."""
+    -> one flat buffer holding each signal's band-layout spectrogram (nb*32, T) at plan.spec_offsets[i].
+
+    `means` (float64, one per signal, on the CPU), when given, is the DC each signal loses instead of its own
+    mean: a signal that is a span of frames of a longer one (fast.encode's passes over a long signal) loses
+    that signal's mean, as the spec's front end of the whole would."""
     bounds = wave_offsets.tolist()
+    dc = [None] * len(plan.sample_rates) if means is None else means.tolist()
     pieces = [
-        band_layout(spectrogram(waves[bounds[i] : bounds[i + 1]], sr), sr).reshape(-1)
+        band_layout(spectrogram(waves[bounds[i] : bounds[i + 1]], sr, dc[i]), sr).reshape(-1)
         for i, sr in enumerate(plan.sample_rates)
     ]
     return torch.cat(pieces) if pieces else waves.new_empty(0)
@@ -111,22 +121,23 @@ def signal_mean(samples: torch.Tensor) -> torch.Tensor:
     return inputs.float64_sum(samples) / samples.shape[0]
 
 
-def ragged_spectrogram_torch(waves: torch.Tensor, wave_offsets: torch.Tensor, plan) -> torch.Tensor:
+def ragged_spectrogram_torch(waves: torch.Tensor, wave_offsets: torch.Tensor, plan,
+                             means: torch.Tensor | None = None) -> torch.Tensor:
     """Same result, one windowed real FFT per distinct sample rate over the frames of all its signals (on a CPU
     per group of CPU_GROUP_SAMPLES samples of frames), in float64 like the reference."""
     if waves.device.type != "cpu" or CPU_GROUP_SAMPLES is None:
-        return ragged_spectrogram_by_rate(waves, wave_offsets, plan)
+        return ragged_spectrogram_by_rate(waves, wave_offsets, plan, means)
     out = waves.new_empty(int(plan.spec_offsets[-1]))
     bounds = wave_offsets.tolist()
     spec_bounds = plan.spec_offsets.tolist()
     for sr, members in _by_rate(plan).items():
         window_length, step = geometry.n_fft(sr), geometry.hop(sr)
         window = torch.hann_window(window_length, periodic=True, dtype=torch.float64, device=waves.device)
-        means = {i: signal_mean(waves[bounds[i] : bounds[i + 1]]) for i in members}
+        dc = {i: signal_mean(waves[bounds[i] : bounds[i + 1]]) if means is None else means[i] for i in members}
         for group in frame_groups(members, plan.frames, max(1, CPU_GROUP_SAMPLES // window_length)):
             framed = torch.cat([
                 (waves[bounds[i] + first * step : bounds[i] + (first + count - 1) * step + window_length].double()
-                 - means[i]).unfold(0, window_length, step)
+                 - dc[i]).unfold(0, window_length, step)
                 for i, first, count in group
             ])
             spec = log_normalise(torch.fft.rfft(framed * window).abs())  # (frames of the group, F)
@@ -138,7 +149,8 @@ def ragged_spectrogram_torch(waves: torch.Tensor, wave_offsets: torch.Tensor, pl
     return out
 
 
-def ragged_spectrogram_by_rate(waves: torch.Tensor, wave_offsets: torch.Tensor, plan) -> torch.Tensor:
+def ragged_spectrogram_by_rate(waves: torch.Tensor, wave_offsets: torch.Tensor, plan,
+                               means: torch.Tensor | None = None) -> torch.Tensor:
     """The same for a GPU: every rate in one group, each signal's mean taken off its frames, the rate's band
     layout made at once and copied into each signal's place. Three launches per signal (its mean, its frames,
     its layout) where the CPU's loop takes ~7, which made W2's 128 signals 2.5x slower on an H200
@@ -146,7 +158,10 @@ def ragged_spectrogram_by_rate(waves: torch.Tensor, wave_offsets: torch.Tensor, 
     signal's magnitude into a quiet one's mean. On a CPU this order is slower: its passes run out of cache."""
     starts = wave_offsets.tolist()
     samples = waves.double()
-    means = torch.stack([samples[starts[i] : starts[i + 1]].mean() for i in range(len(starts) - 1)])
+    if means is None:
+        means = torch.stack([samples[starts[i] : starts[i + 1]].mean() for i in range(len(starts) - 1)])
+    else:
+        means = means.to(waves.device, non_blocking=True)
     spec_bounds = plan.spec_offsets.tolist()
     out = waves.new_empty(spec_bounds[-1])
     for sr, members in _by_rate(plan).items():
@@ -172,7 +187,8 @@ def _by_rate(plan) -> dict[int, list[int]]:
     return by_rate
 
 
-def ragged_spectrogram_csrc(waves: torch.Tensor, wave_offsets: torch.Tensor, plan) -> torch.Tensor:
+def ragged_spectrogram_csrc(waves: torch.Tensor, wave_offsets: torch.Tensor, plan,
+                            means: torch.Tensor | None = None) -> torch.Tensor:
     """Same result from the compiled op (csrc/frontend.cpp, csrc/cuda/frontend.cu), geometry from the plan.
     Inputs are checked here: the op's own checks are a last guard, not an error message."""
     if waves.dtype != torch.float32:
@@ -182,9 +198,10 @@ def ragged_spectrogram_csrc(waves: torch.Tensor, wave_offsets: torch.Tensor, pla
         [[geometry.n_fft(sr), geometry.hop(sr), t, nb] for sr, t, nb in zip(plan.sample_rates, plan.frames, plan.bands)],
         dtype=torch.int64, device="cpu",
     ).reshape(-1, 4)
+    dc = () if means is None else (means,)  # a build from older sources takes no means: not passed when None
     return torch.ops.echo.ragged_spectrogram(
         waves.contiguous(), wave_offsets, plan.spec_offsets, signal_geometry,
-        geometry.LOG_EPS, geometry.LOG_MEAN, geometry.LOG_STD,
+        geometry.LOG_EPS, geometry.LOG_MEAN, geometry.LOG_STD, *dc,
     )
 
 
@@ -211,11 +228,21 @@ def available_backends(device: torch.device) -> tuple[str, ...]:
     return ("csrc", *fallbacks) if extension.has_op("ragged_spectrogram", device) else fallbacks
 
 
-def ragged_spectrogram(waves: torch.Tensor, wave_offsets: torch.Tensor, plan, backend: str | None = None) -> torch.Tensor:
+def ragged_spectrogram(waves: torch.Tensor, wave_offsets: torch.Tensor, plan, backend: str | None = None,
+                       means: torch.Tensor | None = None) -> torch.Tensor:
     """Dispatch of the ragged front end (see ragged_spectrogram_reference for the contract)."""
     from . import backend as backends
 
+    means = checked_means(means, plan)
     available = available_backends(waves.device)
+    if means is not None and "csrc" in available and not _compiled_op_takes_means():
+        requested, source = backends.request("stft", backend)
+        if requested == "csrc":
+            from .. import extension
+
+            raise backends.BackendError(f"{source}: this build of the compiled stft takes no means; rebuild it: "
+                                        f"{extension.REBUILD}")
+        available = tuple(name for name in available if name != "csrc")
     if waves.dtype != torch.float32 and "csrc" in available:  # the compiled op reads float32 samples only
         requested, source = backends.request("stft", backend)
         if requested == "csrc":  # not "no csrc backend here", which would send a user to rebuild a working one
@@ -223,7 +250,7 @@ def ragged_spectrogram(waves: torch.Tensor, wave_offsets: torch.Tensor, plan, ba
         available = tuple(name for name in available if name != "csrc")  # the other paths keep the dtype
     chosen = backends.choose("stft", waves.device, backend, available=available)
     if chosen == "csrc":
-        return ragged_spectrogram_csrc(waves, wave_offsets, plan)
+        return ragged_spectrogram_csrc(waves, wave_offsets, plan, means)
     wave_offsets = checked_offsets(waves, wave_offsets, plan, f"the {chosen} front end")
     if chosen == "triton":
         from echo_kernels import stft as kernel
@@ -240,7 +267,28 @@ def ragged_spectrogram(waves: torch.Tensor, wave_offsets: torch.Tensor, plan, ba
             log_mean=geometry.LOG_MEAN,
             log_std=geometry.LOG_STD,
             band=geometry.BAND_BINS,
+            means=means,
         )
     if chosen == "reference":
-        return ragged_spectrogram_reference(waves, wave_offsets, plan)
-    return ragged_spectrogram_torch(waves, wave_offsets, plan)
+        return ragged_spectrogram_reference(waves, wave_offsets, plan, means)
+    return ragged_spectrogram_torch(waves, wave_offsets, plan, means)
+
+
+def checked_means(means, plan) -> torch.Tensor | None:
+    """Given DCs as a contiguous CPU float64 tensor of one finite value per signal, or refused by name."""
+    if means is None:
+        return None
+    means = torch.as_tensor(means).to("cpu", torch.float64).contiguous()
+    if means.shape != (len(plan.lengths),):
+        raise ValueError(f"means must hold one DC per signal of the plan ({len(plan.lengths)}), got shape "
+                         f"{tuple(means.shape)}")
+    if not bool(torch.isfinite(means).all()):
+        raise ValueError(f"means must be finite, got {means.tolist()[:8]}")
+    return means
+
+
+@functools.cache
+def _compiled_op_takes_means() -> bool:
+    """Whether the loaded echo._C's ragged_spectrogram has a `means` argument (builds before it had none)."""
+    schema = torch.ops.echo.ragged_spectrogram.default._schema
+    return any(argument.name == "means" for argument in schema.arguments)
