@@ -59,6 +59,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
+    if args.repeats < 1:  # else a median of no times, after the peak measurement
+        parser.error("--repeats must be at least 1")
     missing = [f"{op}: {why}" for op in ("residual_layer_norm", "short_attention")
                if (why := extension.why_unavailable(op, "cpu"))]
     if missing or not linear_ops.available():

@@ -39,6 +39,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, nargs="*", default=[torch.get_num_threads()])
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
+    if args.repeats < 1 or not args.threads or min(args.threads) < 1:  # else a median of no times, a torch error
+        parser.error("--repeats and every --threads must be at least 1")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("skipped: no CUDA device")

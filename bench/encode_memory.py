@@ -78,20 +78,37 @@ def measure_long(rate: int, seconds: float, signals: int, dtype: str, size: str,
             "over_start_mb": host_memory.peak_rss_mb() - before}
 
 
+def long_item(text: str) -> tuple[int, float, int]:
+    """RATE:SECONDS[:SIGNALS] of --long, refused by argparse when malformed (it was a traceback)."""
+    parts = text.split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        return int(parts[0]), float(parts[1]), int(parts[2]) if len(parts) == 3 else 1
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not RATE:SECONDS[:SIGNALS], e.g. 48000:600 or 16000:60:4")
+
+
+def worker(arguments: list[str], env: dict | None = None) -> dict:
+    """A worker's result; a failed worker's own error (an unknown --stft, --dtypes or --size) as the message,
+    where check=True's CalledProcessError hid it in the captured output."""
+    run = subprocess.run([sys.executable, __file__, *arguments], capture_output=True, text=True, env=env)
+    if run.returncode:
+        raise SystemExit(f"worker {' '.join(arguments)} failed:\n{run.stderr.strip()}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def main_long(args) -> int:
     print("| api | front end | signals | dtype | ECHO | signals MB (float32) | peak over the call's start MB | "
           "x signals | call s |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for item in args.long:
-        rate, seconds, signals = (item.split(":") + ["1"])[:3]
+    for rate, seconds, signals in args.long:
         for api in args.api:
             for stft in args.stft:
                 for dtype in args.dtypes:
-                    run = subprocess.run([sys.executable, __file__, "--long-worker", rate, seconds, signals, dtype,
-                                          args.size, api], capture_output=True, text=True, check=True,
-                                         env={**os.environ, "ECHO_BACKEND_STFT": stft})
-                    r = json.loads(run.stdout.strip().splitlines()[-1])
-                    what = f"{signals} x {float(seconds):g} s at {int(rate) / 1000:g} kHz"
+                    r = worker(["--long-worker", str(rate), str(seconds), str(signals), dtype, args.size, api],
+                               env={**os.environ, "ECHO_BACKEND_STFT": stft})
+                    what = f"{signals} x {seconds:g} s at {rate / 1000:g} kHz"
                     print(f"| {API_NAMES[api]} | {stft} | {what} | {dtype} | {args.size} | {r['signal_mb']:.0f} | "
                           f"{r['over_start_mb']:.0f} | {r['over_start_mb'] / r['signal_mb']:.2f} | "
                           f"{r['seconds']:.1f} |", flush=True)
@@ -104,7 +121,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, nargs="+", default=[4096], help="0: the whole call in one pass")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--size", default="small")
-    parser.add_argument("--long", nargs="+", metavar="RATE:SECONDS[:SIGNALS]",
+    parser.add_argument("--long", nargs="+", type=long_item, metavar="RATE:SECONDS[:SIGNALS]",
                         help="long signals, one call per item, instead of copies of W2")
     parser.add_argument("--stft", nargs="+", default=["csrc", "torch"], help="front ends of --long")
     parser.add_argument("--api", nargs="+", choices=sorted(API_NAMES), default=["encode"],
@@ -122,14 +139,14 @@ def main() -> int:
         copies, max_tokens, dtype, size = args.worker
         print(json.dumps(measure(int(copies), int(max_tokens), dtype, size)))
         return 0
+    if min(args.copies) < 1:  # else a row of no signals
+        parser.error("--copies must be at least 1")
     print("| dtype | max_tokens | signals | RSS before the call MB | peak RSS MB | embeddings returned MB | working MB |")
     print("|---|---|---|---|---|---|---|")
     for dtype in args.dtypes:
         for max_tokens in args.max_tokens:
             for copies in args.copies:
-                run = subprocess.run([sys.executable, __file__, "--worker", str(copies), str(max_tokens), dtype,
-                                      args.size], capture_output=True, text=True, check=True)
-                r = json.loads(run.stdout.strip().splitlines()[-1])
+                r = worker(["--worker", str(copies), str(max_tokens), dtype, args.size])
                 print(f"| {dtype} | {max_tokens or 'one pass'} | {r['signals']} | {r['before_mb']:.0f} | "
                       f"{r['peak_mb']:.0f} | {r['returned_mb']:.1f} | {r['working_mb']:.0f} |", flush=True)
     return 0

@@ -61,6 +61,8 @@ def main() -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--serve", choices=SETTINGS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.calls < 1 or args.repeat < 1:  # else a table of zeros, or of none
+        parser.error("--calls and --repeat must be at least 1")
     dtype = getattr(torch, args.dtype)
     if args.serve:
         print(json.dumps(run(args.serve, args.calls, dtype)))

@@ -205,6 +205,8 @@ def main() -> int:
     if args.serve:
         serve(*args.serve, args.size, args.device, args.backend)
         return 0
+    if args.repeat < 1:  # else min() of no times, after every worker's warm-up
+        parser.error("--repeat must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("skipped: --device cuda but no CUDA device is available")
         return 0

@@ -45,9 +45,9 @@ def main() -> None:
     parser.add_argument("--batch-files", type=int, default=64)
     parser.add_argument("--loop-files", type=int, default=32, help="clips timed in the per-file loop")
     args = parser.parse_args()
-    if args.files < 2 or args.batch_files < 1 or args.loop_files < 1:
+    if args.files < 2 or args.batch_files < 1 or args.loop_files < 1 or args.seconds <= 0:
         parser.error("--files must be at least 2 (half form the bank, half are scored), --batch-files and "
-                     "--loop-files at least 1")
+                     "--loop-files at least 1, --seconds positive")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("skipped: --device cuda but no CUDA device is available")
         return

@@ -20,10 +20,17 @@ esac
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
 # without a GPU every stage would skip or run the CPU's tests again (and the csrc stage would rebuild the CPU
-# extension in place): one line and exit 0, as the other benchmarks do; checked again below after an install
-if "$PYTHON" -c 'import torch' 2>/dev/null \
-        && ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-    echo "skipped: no CUDA device (torch.cuda.is_available() is False); every stage of gpu_check.sh needs one"
+# extension in place): one line and exit 0, as the other benchmarks do; checked again below after an install.
+# A $PYTHON without torch is judged by the NVIDIA driver: on a CPU machine it made ./gpu_out and pip-installed
+# torch, triton and the rest into that Python before finding no GPU.
+if "$PYTHON" -c 'import torch' 2>/dev/null; then
+    "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null \
+        || no_gpu="torch.cuda.is_available() is False"
+elif [ ! -e /proc/driver/nvidia/version ] && ! command -v nvidia-smi >/dev/null; then
+    no_gpu="no NVIDIA driver, and $PYTHON cannot import torch"
+fi
+if [ -n "${no_gpu:-}" ]; then
+    echo "skipped: no CUDA device ($no_gpu); every stage of gpu_check.sh needs one"
     exit 0
 fi
 OUT="${OUT:-./gpu_out}"

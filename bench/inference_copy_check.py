@@ -30,6 +30,8 @@ def main() -> int:
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"])
     parser.add_argument("--repeat", type=int, default=20, help="calls timed, the best kept (W1: a fifth of them)")
     args = parser.parse_args()
+    if args.repeat < 1:  # else min() of no times, after the warm-up encodes
+        parser.error("--repeat must be at least 1")
     generator = torch.Generator().manual_seed(0)
     clip = [torch.randn(16000, generator=generator)]
     w1 = [torch.randn(160000, generator=generator) for _ in range(16)]

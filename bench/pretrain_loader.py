@@ -84,15 +84,23 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    if args.batches < 1 or args.repeats < 1:  # else plans[0] of no plans, min() of no times
+        parser.error("--batches and --repeats must be at least 1")
+    try:
+        config = sampling.SamplingConfig(crop_seconds=args.crop_seconds, tokens_per_batch=args.tokens_per_batch)
+    except ValueError as error:
+        parser.error(str(error))
     if reason := soundfile_missing():
         print(f"skipped: {reason}")
         return
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)  # skipped short files are not this script's business
-    config = sampling.SamplingConfig(crop_seconds=args.crop_seconds, tokens_per_batch=args.tokens_per_batch)
     with tempfile.TemporaryDirectory() as scratch:
         folder = args.data or generated_folder(Path(scratch), files=70, seconds=6.0)
-        source = corpus.FolderCorpus(folder, 1.0, manifest=Path(scratch) / "manifest.csv")
+        try:
+            source = corpus.FolderCorpus(folder, 1.0, manifest=Path(scratch) / "manifest.csv")
+        except ValueError as error:  # a --data folder that does not exist or holds no usable audio
+            parser.error(f"--data: {error}")
         plans = list(itertools.islice(sampling.plan_batches(source.examples(0, 0, 1), np.random.default_rng(0), config),
                                       args.batches))
         with reference_front_end():

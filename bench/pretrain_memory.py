@@ -27,8 +27,11 @@ SETTINGS = {"glibc default": "", "mmap above 4 MB": MMAP_THRESHOLD, "mmap above 
 
 
 def run(data: Path, out: Path, tunables: str, args) -> dict:
-    """One pretraining process; its peak RSS (from the kernel's accounting of the child) and its steps."""
+    """One pretraining process; its peak RSS (from the kernel's accounting of the child) and its steps. The
+    corpus's manifest goes beside the run folders (indexed by the first run, reused by the others), not into
+    --data, where `echo pretrain` caches it by default."""
     command = [sys.executable, "-m", "echo", "pretrain", "--data", str(data), "--out", str(out), "--size", "tiny",
+               "--manifest", str(out.parent / "manifest.csv"),
                "--steps", "1000", "--stop-at", str(args.steps), "--tokens-per-batch", str(args.tokens_per_batch),
                "--crop-seconds", "4", "--utterance-target", "layer-mean",
                "--precision", "bf16", "--workers", "0", "--seed", "0", "--log-every", "1", "--save-every", "100000",
@@ -53,6 +56,8 @@ def main() -> None:
     parser.add_argument("--tokens-per-batch", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if not 0 <= args.skip < args.steps:
         parser.error(f"--skip must leave a step to time (0 <= --skip < --steps), got --skip {args.skip} "
                      f"--steps {args.steps}")

@@ -284,11 +284,17 @@ def main() -> int:
     if args.one:
         print(json.dumps(measure(args, *args.one)))
         return 0
+    # at once, not after the batches and the loss check (a KeyError, a division by zero)
+    if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
+        parser.error("--steps and --repeats must be at least 1, --warmup at least 0")
+    try:
+        config = sampling_config(args)
+    except ValueError as error:  # a budget no clip fits, no clones
+        parser.error(str(error))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("skipped: --device cuda but no CUDA device is available")
         return 0
     device = torch.device(args.device)
-    config = sampling_config(args)
     bf16 = bf16_wanted(args, device)
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)

@@ -35,7 +35,7 @@ def main() -> int:
     model = echo.EchoModel(echo.EchoConfig.preset(args.size)).eval()
     stream = echo.fast.StreamEncoder(model, args.rate, frames=args.frames)
     generator = torch.Generator().manual_seed(1)
-    started, readings = time.perf_counter(), []
+    started, readings, minutes = time.perf_counter(), [], []
     print(f"ECHO-{args.size}, {args.rate} Hz in {args.chunk_seconds:g} s chunks, frames={args.frames}; "
           f"RSS {current_rss_mb():.0f} MB before the stream")
     print(f"{'minute':>6} {'RSS MB':>8} {'state MB':>9}")
@@ -46,13 +46,19 @@ def main() -> int:
                         for rows in (stream.dc_bins, stream.estimates, stream.low_rows))
             state += sum(out.numel() * out.element_size() for out in stream.outputs)
             readings.append(current_rss_mb())
-            print(f"{(index + 1) // per_minute:6d} {readings[-1]:8.0f} {state / 2**20:9.1f}", flush=True)
+            # the audio pushed, not the reading's count: 7 s chunks are read every 56 s
+            minutes.append((index + 1) * chunk / args.rate / 60)
+            print(f"{minutes[-1]:6.2f} {readings[-1]:8.0f} {state / 2**20:9.1f}", flush=True)
     finish_started = time.perf_counter()
     stream.finish()
-    # from the first minute on: the first one also builds the inference copy and the first segment's buffers
-    growth = (readings[-1] - readings[0]) / max(len(readings) - 1, 1)
-    print(f"finish() {time.perf_counter() - finish_started:.2f} s; RSS grew {growth:.1f} MB a minute from minute 1 "
-          f"to {len(readings)} ({time.perf_counter() - started:.0f} s in all)")
+    # from the first reading on: the first minute also builds the inference copy and the first segment's buffers
+    if len(readings) > 1:
+        growth = (readings[-1] - readings[0]) / (minutes[-1] - minutes[0])
+        grew = f"RSS grew {growth:.1f} MB a minute from minute {minutes[0]:.2f} to {minutes[-1]:.2f}"
+    else:  # it said "grew 0.0 MB a minute from minute 1 to 1"
+        grew = "one reading: no growth measured (--minutes 2 or more)"
+    print(f"finish() {time.perf_counter() - finish_started:.2f} s; {grew} "
+          f"({time.perf_counter() - started:.0f} s in all)")
     return 0
 
 

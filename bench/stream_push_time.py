@@ -27,6 +27,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=6000)
     parser.add_argument("--size", default="tiny")
     args = parser.parse_args()
+    if args.frames < 1:  # else a header alone, or a negative tensor size
+        parser.error("--frames must be at least 1")
     torch.manual_seed(0)
     torch.set_num_threads(1)
     model = echo.EchoModel(echo.EchoConfig.preset(args.size)).eval()

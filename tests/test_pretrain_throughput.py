@@ -3,6 +3,7 @@ its timings compare the same work; and it really pads (the batch has sequences o
 import os
 import sys
 
+import pytest
 import torch
 
 from conftest import random_model, rel_err
@@ -37,3 +38,17 @@ def loss_and_gradients(trainer, batch, padded):
     parts = bench.losses(trainer, batch, padded)
     parts[0].backward()
     return [p.detach() for p in parts], [p.grad.clone() for p in trainer.learner.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("option, named", [(["--steps", "0"], "--steps"), (["--repeats", "0"], "--repeats"),
+                                           (["--warmup", "-1"], "--warmup"),
+                                           (["--tokens-per-batch", "100"], "tokens_per_batch 100")])
+def test_options_that_leave_nothing_to_time_are_refused_at_once(monkeypatch, capsys, option, named):
+    """They ran on through the batches and the loss check to a KeyError or ZeroDivisionError (or a ValueError
+    traceback from the sampling config): now an argument error, before any batch is made."""
+    monkeypatch.setattr(sys, "argv", ["pretrain_throughput.py", "--sizes", "tiny", *option])
+    monkeypatch.setattr(bench, "make_batches", lambda *args, **kwargs: pytest.fail("batches made"))
+    with pytest.raises(SystemExit) as exited:
+        bench.main()
+    assert exited.value.code == 2
+    assert named in capsys.readouterr().err
