@@ -293,7 +293,7 @@ class _FrontEnd:
         wave_offsets = torch.tensor([0] + [w.shape[0] for w in waveforms], device="cpu").cumsum(0)
         means = None
         if any(waveform is not mono.waveform for waveform, mono in zip(waveforms, monos)):
-            means = torch.tensor([self._mean(span.mono) for span in fresh], dtype=torch.float64)
+            means = torch.tensor([self._mean(span.mono) for span in fresh], dtype=torch.float64, device="cpu")
         return stft_ops.ragged_spectrogram(_on_device(waveforms, self.device), wave_offsets, plan, self.backend,
                                            means)
 

@@ -95,7 +95,7 @@ def make_plan(lengths: list[int], sample_rates: list[int],
     frames = [geometry.n_frames(n, sr) for n, sr in zip(lengths, sample_rates)]
     bands = [geometry.n_bands(sr) for sr in sample_rates]
     spec_sizes = [nb * geometry.BAND_BINS * t for nb, t in zip(bands, frames)]
-    units = []  # (patches, signal, start, end)
+    units = []  # (patches, signal, start frame, end frame, first band, end band)
     for i, t in enumerate(frames):
         chosen = [(*frame_range, 0, bands[i]) for frame_range in geometry.segments(t)] if pieces is None \
             else pieces[i]

@@ -91,9 +91,11 @@ def stream_encode(model, signal, rate, dtype):
 
 ENCODERS = {
     "model.encode": lambda model, signal, rate: list(model.encode(signal, rate)),
+    # max_tokens 200: the long signal's passes take spans of it, given its mean (made on the default device once)
     "fast.encode": lambda model, signal, rate: [
-        t for dtype in (torch.float32, torch.bfloat16)
-        for pair in echo.fast.encode(model, [signal, signal[: rate // 2]], rate, frames=True, dtype=dtype)
+        t for dtype in (torch.float32, torch.bfloat16) for max_tokens in (None, 200)
+        for pair in echo.fast.encode(model, [signal, signal[: rate // 2]], rate, frames=True, dtype=dtype,
+                                     max_tokens=max_tokens)
         for t in pair],
     "StreamEncoder": lambda model, signal, rate: [
         t for dtype in (torch.float32, torch.bfloat16) for t in stream_encode(model, signal, rate, dtype)],

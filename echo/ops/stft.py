@@ -278,7 +278,7 @@ def checked_means(means, plan) -> torch.Tensor | None:
     """Given DCs as a contiguous CPU float64 tensor of one finite value per signal, or refused by name."""
     if means is None:
         return None
-    means = torch.as_tensor(means).to("cpu", torch.float64).contiguous()
+    means = torch.as_tensor(means, dtype=torch.float64, device="cpu").contiguous()
     if means.shape != (len(plan.lengths),):
         raise ValueError(f"means must hold one DC per signal of the plan ({len(plan.lengths)}), got shape "
                          f"{tuple(means.shape)}")
