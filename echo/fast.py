@@ -137,14 +137,12 @@ def _spans(chunk: list[tuple[int, list[Piece]]], monos: list[_Mono]) -> list[_Sp
         for k, first_band, end_band in pieces:
             start, end = ranges[k]
             whole = first_band == 0 and end_band == mono.bands
-            if whole and joinable:
-                spans[-1].end = end
-                spans[-1].pieces.append((start, end, first_band, end_band))
-            else:
-                spans.append(_Span(m, start, end, [(start, end, first_band, end_band)]))
+            if not (whole and joinable):
+                spans.append(_Span(m, start, end, []))
+            span = spans[-1]
+            span.end = end
+            span.pieces.append((start - span.first, end - span.first, first_band, end_band))
             joinable = whole
-    for span in spans:
-        span.pieces = [(start - span.first, end - span.first, *bands) for start, end, *bands in span.pieces]
     return spans
 
 
