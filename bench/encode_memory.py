@@ -24,12 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 import torch
 
+from _shared import worker_result  # a failed worker (an unknown --stft, --dtypes or --size) shows its own error
 from encode_throughput import workload  # bench/encode_throughput.py: the encode benchmark's inputs
 
 API_NAMES = {"encode": "fast.encode", "stream": "StreamEncoder, one push"}
@@ -89,15 +89,6 @@ def long_item(text: str) -> tuple[int, float, int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not RATE:SECONDS[:SIGNALS], e.g. 48000:600 or 16000:60:4")
 
 
-def worker(arguments: list[str], env: dict | None = None) -> dict:
-    """A worker's result; a failed worker's own error (an unknown --stft, --dtypes or --size) as the message,
-    where check=True's CalledProcessError hid it in the captured output."""
-    run = subprocess.run([sys.executable, __file__, *arguments], capture_output=True, text=True, env=env)
-    if run.returncode:
-        raise SystemExit(f"worker {' '.join(arguments)} failed:\n{run.stderr.strip()}")
-    return json.loads(run.stdout.strip().splitlines()[-1])
-
-
 def main_long(args) -> int:
     print("| api | front end | signals | dtype | ECHO | signals MB (float32) | peak over the call's start MB | "
           "x signals | call s |")
@@ -106,8 +97,8 @@ def main_long(args) -> int:
         for api in args.api:
             for stft in args.stft:
                 for dtype in args.dtypes:
-                    r = worker(["--long-worker", str(rate), str(seconds), str(signals), dtype, args.size, api],
-                               env={**os.environ, "ECHO_BACKEND_STFT": stft})
+                    arguments = ["--long-worker", str(rate), str(seconds), str(signals), dtype, args.size, api]
+                    r = worker_result(__file__, arguments, env={**os.environ, "ECHO_BACKEND_STFT": stft})
                     what = f"{signals} x {seconds:g} s at {rate / 1000:g} kHz"
                     print(f"| {API_NAMES[api]} | {stft} | {what} | {dtype} | {args.size} | {r['signal_mb']:.0f} | "
                           f"{r['over_start_mb']:.0f} | {r['over_start_mb'] / r['signal_mb']:.2f} | "
@@ -146,7 +137,7 @@ def main() -> int:
     for dtype in args.dtypes:
         for max_tokens in args.max_tokens:
             for copies in args.copies:
-                r = worker(["--worker", str(copies), str(max_tokens), dtype, args.size])
+                r = worker_result(__file__, ["--worker", str(copies), str(max_tokens), dtype, args.size])
                 print(f"| {dtype} | {max_tokens or 'one pass'} | {r['signals']} | {r['before_mb']:.0f} | "
                       f"{r['peak_mb']:.0f} | {r['returned_mb']:.1f} | {r['working_mb']:.0f} |", flush=True)
     return 0

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 
 import numpy as np
 import torch
+
+from _shared import positive_int, worker_result
 
 RATES = (8000, 12000, 16000, 22050, 44100, 48000, 50000)
 SETTINGS = ("padded", "unpadded")
@@ -56,13 +56,11 @@ def run(setting: str, calls: int, dtype: torch.dtype) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calls", type=int, default=60)
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--calls", type=positive_int, default=60)
+    parser.add_argument("--repeat", type=positive_int, default=2)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--serve", choices=SETTINGS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.calls < 1 or args.repeat < 1:  # else a table of zeros, or of none
-        parser.error("--calls and --repeat must be at least 1")
     dtype = getattr(torch, args.dtype)
     if args.serve:
         print(json.dumps(run(args.serve, args.calls, dtype)))
@@ -74,8 +72,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|")
     for repeat in range(args.repeat):
         for setting in SETTINGS if repeat % 2 == 0 else SETTINGS[::-1]:
-            command = [sys.executable, __file__, "--serve", setting, "--calls", str(args.calls), "--dtype", args.dtype]
-            result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+            result = worker_result(__file__, ["--serve", setting, "--calls", str(args.calls), "--dtype", args.dtype])
             later, total = sum(result["seconds"][half:]), sum(result["seconds"])
             print(f"| {repeat + 1} | {setting} | {later:.1f} | {total:.1f} | {result['row_counts']} | "
                   f"{result['peak_rss_mb']:.0f} | {result['final_rss_mb']:.0f} |", flush=True)

@@ -19,9 +19,10 @@ import time
 import numpy as np
 import torch
 
-from echo import fast
+from _shared import positive_float, positive_int, sample_rate
+from echo import fast, geometry, inputs
 from echo.eval import neighbors
-from echo.model import EchoConfig, EchoModel
+from echo.model import PRESETS, EchoConfig, EchoModel
 
 
 def clips(count: int, seconds: float, rate: int, seed: int = 0):
@@ -37,21 +38,28 @@ def clips(count: int, seconds: float, rate: int, seed: int = 0):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=10000)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--rate", type=int, default=16000)
-    parser.add_argument("--size", default="small")
+    parser.add_argument("--seconds", type=positive_float, default=10.0)
+    parser.add_argument("--rate", type=sample_rate, default=16000)
+    parser.add_argument("--size", choices=list(PRESETS), default="small")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--batch-files", type=int, default=64)
-    parser.add_argument("--loop-files", type=int, default=32, help="clips timed in the per-file loop")
+    parser.add_argument("--batch-files", type=positive_int, default=64)
+    parser.add_argument("--loop-files", type=positive_int, default=32, help="clips timed in the per-file loop")
     args = parser.parse_args()
-    if args.files < 2 or args.batch_files < 1 or args.loop_files < 1 or args.seconds <= 0:
-        parser.error("--files must be at least 2 (half form the bank, half are scored), --batch-files and "
-                     "--loop-files at least 1, --seconds positive")
+    if args.files < 2:
+        parser.error(f"--files must be at least 2 (half form the bank, half are scored), got {args.files}")
+    samples, window = int(args.seconds * args.rate), geometry.n_fft(args.rate)
+    if samples < window:  # else the library's "shorter than one 25 ms window", after the model was built
+        parser.error(f"--seconds {args.seconds:g} at --rate {args.rate} is {samples} samples, shorter than one "
+                     f"25 ms window ({window} samples)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("skipped: --device cuda but no CUDA device is available")
         return
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    try:
+        device = inputs.checked_device(args.device)
+    except ValueError as error:  # a typo was torch's RuntimeError listing every device type it knows
+        parser.error(f"--device {args.device}: {error}")
+    dtype = getattr(torch, args.dtype)
     model = EchoModel(EchoConfig.preset(args.size)).eval().to(device)
     bank_count = args.files // 2
 

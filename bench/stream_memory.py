@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from _shared import positive_float, sample_rate
+
 
 def main() -> int:
     import echo
@@ -18,19 +20,20 @@ def main() -> int:
     from echo.host_memory import current_rss_mb
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--rate", type=int, default=8000)
-    parser.add_argument("--chunk-seconds", type=float, default=0.5)
-    parser.add_argument("--size", default="tiny")
+    parser.add_argument("--minutes", type=positive_float, default=10.0)
+    parser.add_argument("--rate", type=sample_rate, default=8000)
+    parser.add_argument("--chunk-seconds", type=positive_float, default=0.5)
+    parser.add_argument("--size", choices=list(echo.PRESETS), default="tiny")
     parser.add_argument("--frames", action="store_true", help="keep frame embeddings (their outputs grow too)")
     args = parser.parse_args()
-    if args.chunk_seconds <= 0:
-        parser.error("--chunk-seconds must be positive")
     chunk = int(args.rate * args.chunk_seconds)
+    if chunk < 1:  # else empty pushes, and no audio to divide the RSS growth by
+        parser.error(f"--chunk-seconds {args.chunk_seconds:g} at --rate {args.rate} is less than one sample")
     chunks = int(args.minutes * 60 / args.chunk_seconds)
     per_minute = max(1, int(60 / args.chunk_seconds))
     if chunks < per_minute:
-        parser.error("RSS is read once a minute: --minutes must be at least 1 (and at least one chunk)")
+        parser.error(f"RSS is read once a minute: --minutes must be at least 1 (and at least one chunk), got "
+                     f"--minutes {args.minutes:g} with --chunk-seconds {args.chunk_seconds:g}")
     torch.manual_seed(0)
     model = echo.EchoModel(echo.EchoConfig.preset(args.size)).eval()
     stream = echo.fast.StreamEncoder(model, args.rate, frames=args.frames)

@@ -16,6 +16,7 @@ import torch
 
 import echo
 import echo.fast as fast
+from _shared import positive_int, sample_rate
 from echo import geometry
 
 STRETCH = 500
@@ -23,12 +24,10 @@ STRETCH = 500
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rate", type=int, default=48000)
-    parser.add_argument("--frames", type=int, default=6000)
-    parser.add_argument("--size", default="tiny")
+    parser.add_argument("--rate", type=sample_rate, default=48000)
+    parser.add_argument("--frames", type=positive_int, default=6000)
+    parser.add_argument("--size", choices=list(echo.PRESETS), default="tiny")
     args = parser.parse_args()
-    if args.frames < 1:  # else a header alone, or a negative tensor size
-        parser.error("--frames must be at least 1")
     torch.manual_seed(0)
     torch.set_num_threads(1)
     model = echo.EchoModel(echo.EchoConfig.preset(args.size)).eval()
