@@ -121,8 +121,9 @@ class StreamEncoder:
         self.low_bins = min(geometry.BAND_BINS, geometry.n_bins(self.rate))  # band 0's real bins
         self.samples = 0
         self.total = torch.zeros((), dtype=torch.float64, device="cpu")  # running sum, for the mean
-        self.audio = torch.zeros(0, dtype=torch.float32, device="cpu")  # samples from audio_start on
+        self.audio = torch.zeros(0, dtype=torch.float32, device="cpu")  # the stream's copy of samples from audio_start
         self.audio_start = 0
+        self.chunk = self.audio  # during a push, the chunk's samples (the last ones), read in place
         # per computed frame, for finish(): bins 0 and 1 (float64: their correction subtracts nearly equal
         # numbers), the DC estimate they were computed with, and bins 2.. of band 0 as final float32 (a DC
         # change does not move them)
@@ -150,25 +151,46 @@ class StreamEncoder:
                       "model.encode does" if chunk.dim() == 2 else "")
             raise ValueError(f"{what}: push() takes 1-D chunks of samples, got shape {tuple(chunk.shape)}{advice}")
         # an empty chunk is checked as any other, and still computes and returns what a failed push left
-        chunk = inputs.as_float32(chunk, what=what).cpu()  # the stream's state
-        # is on the CPU; the three together, so that a failure (out of memory) leaves audio and counts matching:
-        # frames not computed yet are computed by the next push or finish()
-        audio, total = torch.cat([self.audio, chunk]), self.total + inputs.float64_sum(chunk)
-        self.audio, self.total, self.samples = audio, total, self.samples + chunk.numel()
-        # a segment at a time, its band rows dropped once emitted: a push of a whole 10-minute file at 48 kHz kept
-        # those of all its frames, and widened all its samples to float64 for their sum: a peak of 2.2x that of
-        # fast.encode on the file (1.3x now)
-        while True:
-            segment_end = (len(self.outputs) + 1) * geometry.SEGMENT_FRAMES
-            self._compute_frames(segment_end)
-            if self.done_frames < segment_end:
-                break
-            self.unreturned.append(self._emit_block(len(self.outputs)))
+        chunk = inputs.as_float32(chunk, what=what).cpu()  # the stream's state is on the CPU
+        # the chunk is read in place: joined whole to the samples kept, it was copied (+110 MB for 10 minutes at 48
+        # kHz). Only its head is joined to them, enough for every group of frames that starts before the chunk.
+        # Joined and summed before anything changes, so that a failure (out of memory) leaves samples and counts
+        # matching: frames not computed yet are computed by the next push or finish()
+        kept = torch.cat([self._samples(self.audio_start, self.samples), chunk[: self._span(FRAMES_AT_ONCE)]])
+        total = self.total + inputs.float64_sum(chunk)
+        self.audio, self.chunk, self.total, self.samples = kept, chunk, total, self.samples + chunk.numel()
+        try:
+            # a segment at a time, its band rows dropped once emitted: a push of a whole 10-minute file at 48 kHz
+            # kept those of all its frames, and widened all its samples to float64 for their sum: a peak of 2.2x
+            # that of fast.encode on the file (1.3x now)
+            while True:
+                segment_end = (len(self.outputs) + 1) * geometry.SEGMENT_FRAMES
+                self._compute_frames(segment_end)
+                if self.done_frames < segment_end:
+                    break
+                self.unreturned.append(self._emit_block(len(self.outputs)))
+                self._drop_band_rows()
             self._drop_band_rows()
-        self._drop_band_rows()
-        self._drop_computed_audio()
+        finally:  # after a failure too: the caller may refill the chunk, which the stream must not read later
+            self._drop_computed_audio()
         emitted, self.unreturned = self.unreturned, []
         return emitted
+
+    def _span(self, frames: int) -> int:
+        """The samples that `frames` consecutive frames read."""
+        return self.n_fft + (frames - 1) * self.hop
+
+    def _samples(self, first: int, end: int) -> torch.Tensor:
+        """Samples first:end of the signal: a view where they lie in the stream's copy or in the chunk being pushed,
+        else the two joined: only what a failed push left, as a push's head holds every group that starts before it."""
+        chunk_start = self.samples - self.chunk.numel()
+        if first >= chunk_start:
+            return self.chunk[first - chunk_start : end - chunk_start]
+        audio_end = self.audio_start + self.audio.numel()
+        if end <= audio_end:
+            return self.audio[first - self.audio_start : end - self.audio_start]
+        beyond_audio = self.chunk[audio_end - chunk_start : end - chunk_start]
+        return torch.cat([self.audio[first - self.audio_start :], beyond_audio])
 
     def _compute_frames(self, end: int | None = None) -> None:
         """Compute the frames that the samples complete, up to frame `end` if given."""
@@ -185,8 +207,8 @@ class StreamEncoder:
         # the peak RSS by 1.5 GB of float64 and complex128 temporaries (0.37 GB in groups, ECHO-tiny)
         while self.done_frames < available:
             count = min(available - self.done_frames, FRAMES_AT_ONCE)
-            first = self.done_frames * self.hop - self.audio_start
-            span = self.audio[first : first + self.n_fft + (count - 1) * self.hop]
+            first = self.done_frames * self.hop
+            span = self._samples(first, first + self._span(count))
             spectrum = torch.fft.rfft((span.double() - estimate).unfold(0, self.n_fft, self.hop) * self.window)
             self.dc_bins.append(spectrum[:, :2])
             self.estimates.append(estimate.expand(count, 1))
@@ -237,11 +259,11 @@ class StreamEncoder:
         self.upper.drop_before(min(keep_frame, len(self.outputs) * geometry.SEGMENT_FRAMES))
 
     def _drop_computed_audio(self) -> None:
-        """Keep only the audio of frames not yet computed, as a copy: a view kept all of a push's audio alive
+        """Keep only the samples of frames not yet computed, as a copy: a view kept all of a push's audio alive
         (115 MB after one push of 10 minutes at 48 kHz, for less than one window's samples)."""
         keep_sample = self.done_frames * self.hop
-        self.audio = self.audio[keep_sample - self.audio_start :].clone()
-        self.audio_start = keep_sample
+        audio = self._samples(keep_sample, self.samples).clone()
+        self.audio, self.audio_start, self.chunk = audio, keep_sample, audio[:0]
 
     @torch.inference_mode(False)  # as push(): it computes the frames of a push that failed
     @torch.no_grad()

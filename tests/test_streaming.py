@@ -15,6 +15,16 @@ def model():
     return random_model("tiny")
 
 
+class TorchWithCat:
+    """torch as echo.streaming sees it (monkeypatched in as its `torch`), with torch.cat replaced by `cat`."""
+
+    def __init__(self, cat):
+        self.cat = cat
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
 def push_in_random_pieces(stream, x):
     emitted, position = [], 0
     while position < len(x):
@@ -59,6 +69,58 @@ def test_stream_in_bf16_equals_offline_bf16(model):
     assert [k for k, _, _ in emitted] == [0] and frame_rows.shape == ref_f.shape
     assert rel_err(utterance, ref_u) < 5e-3 and rel_err(frame_rows, ref_f) < 5e-3  # the same bf16 ops
     assert rel_err(utterance, exact_u) < 2e-2 and rel_err(frame_rows, exact_f) < 2e-2
+
+
+@pytest.mark.parametrize("layout", ["float32", "non-contiguous", "int16", "float64 numpy"])
+def test_chunks_of_any_layout_pushed_whole_or_in_pieces_equal_the_signal_encoded_whole(model, monkeypatch, layout):
+    """A push reads its chunk in place but for the head it joins to the samples kept; groups of frames (37 here)
+    cross the chunk's start, the head's end and the segment ends."""
+    import numpy as np
+    from echo import streaming
+
+    monkeypatch.setattr(streaming, "FRAMES_AT_ONCE", 37)
+    rate = 1000
+    n_fft, hop = geometry.n_fft(rate), geometry.hop(rate)
+    x = torch.randn(n_fft + int(torch.randint(2100, 2600, ())) * hop) * 0.3 + 0.5
+    signal = {"float32": x, "non-contiguous": torch.stack([x, -x], 1)[:, 0], "int16": (x * 10000).to(torch.int16),
+              "float64 numpy": x.double().numpy()}[layout]
+    assert isinstance(signal, np.ndarray) or signal.is_contiguous() == (layout != "non-contiguous")
+    ref_u, ref_f = fast.encode(model, [signal], rate, frames=True)[0]
+    cut = int(torch.randint(1, n_fft + hop, ()))  # less than a window, then the rest: its head completes a frame
+    for push in (lambda stream: stream.push(signal), lambda stream: push_in_random_pieces(stream, signal),
+                 lambda stream: stream.push(signal[:cut]) + stream.push(signal[cut:])):
+        stream = fast.StreamEncoder(model, rate, frames=True)
+        assert [k for k, _, _ in push(stream)] == [0]
+        utterance, frame_rows = stream.finish()
+        assert rel_err(utterance, ref_u) < 1e-5 and rel_err(frame_rows, ref_f) < 1e-5
+
+
+def test_one_push_of_a_whole_file_reads_it_in_place(model, monkeypatch):
+    """A push joined its whole chunk to the samples kept (torch.cat): a copy of the chunk, +110 MB at the peak of a
+    push of 10 minutes at 48 kHz. It joins only the chunk's head now, the span of a group of frames (50 here)."""
+    from echo import streaming
+
+    monkeypatch.setattr(streaming, "FRAMES_AT_ONCE", 50)
+    rate = 1000
+    n_fft, hop = geometry.n_fft(rate), geometry.hop(rate)
+    x = torch.randn(n_fft + int(torch.randint(2100, 2600, ())) * hop) + 0.5
+    stream = fast.StreamEncoder(model, rate, frames=True)
+    cut = int(torch.randint(1, n_fft + 3 * hop, ()))  # some samples kept before the push
+    stream.push(x[:cut])
+    joined = []  # the samples of each torch.cat of samples
+
+    def recording(tensors, *args, **kwargs):
+        if tensors[0].dim() == 1:  # samples, not band rows
+            joined.append(sum(t.numel() for t in tensors))
+        return torch.cat(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(streaming, "torch", TorchWithCat(recording))
+    assert [k for k, _, _ in stream.push(x[cut:])] == [0]
+    monkeypatch.setattr(streaming, "torch", torch)
+    assert joined and max(joined) <= cut + n_fft + 49 * hop < len(x) // 20, (joined, len(x))
+    ref_u, ref_f = fast.encode(model, [x], rate, frames=True)[0]
+    utterance, frame_rows = stream.finish()
+    assert rel_err(utterance, ref_u) < 1e-5 and rel_err(frame_rows, ref_f) < 1e-5
 
 
 def test_utterance_only_and_pcm(model):
@@ -341,23 +403,14 @@ def test_a_push_whose_audio_could_not_be_kept_changes_nothing_and_can_be_repeate
     """A push that fails while keeping its audio (out of memory) must not count samples it did not keep."""
     import echo.streaming as streaming
 
-    class CatFailsOnce:
-        fail = True
-
-        def __getattr__(self, name):
-            return getattr(torch, name)
-
-        def cat(self, tensors, *args, **kwargs):
-            if CatFailsOnce.fail:
-                CatFailsOnce.fail = False
-                raise RuntimeError("out of memory")
-            return torch.cat(tensors, *args, **kwargs)
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory")
 
     rate = 8000
     signal = torch.randn(geometry.hop(rate) * 2300 + 17)
     stream = fast.StreamEncoder(model, rate)
     stream.push(signal[:5000])
-    monkeypatch.setattr(streaming, "torch", CatFailsOnce())
+    monkeypatch.setattr(streaming, "torch", TorchWithCat(out_of_memory))
     with pytest.raises(RuntimeError, match="out of memory"):
         stream.push(signal[5000:])
     monkeypatch.undo()
@@ -379,15 +432,23 @@ def keeping_frames_fails_once(monkeypatch) -> None:
 
 def test_a_push_that_fails_while_keeping_its_frames_leaves_no_rows_behind(model, monkeypatch):
     """Out of memory in the last buffer a push appends to: the rows already appended to the others must not
-    shift the frames of the next push."""
+    shift the frames of the next push. The samples kept are the stream's copy, not a view of the chunk (read in
+    place during the push), which the caller may refill."""
+    from echo import streaming
+
+    monkeypatch.setattr(streaming, "FRAMES_AT_ONCE", 37)  # a chunk longer than the head joined to the samples kept
     rate = 8000
-    signal = torch.randn(geometry.hop(rate) * 2300 + 31)
+    hop = geometry.hop(rate)
+    signal = torch.randn(hop * 2300 + 31)
     stream = fast.StreamEncoder(model, rate, frames=True)
-    stream.push(signal[: geometry.hop(rate) * 100])
+    first = geometry.n_fft(rate) + 2 * hop  # 3 frames: the band rows' buffer grows in the next push's first group
+    stream.push(signal[:first])
     keeping_frames_fails_once(monkeypatch)
+    chunk = signal[first : hop * 1000].clone()
     with pytest.raises(RuntimeError, match="out of memory"):
-        stream.push(signal[geometry.hop(rate) * 100 : geometry.hop(rate) * 1000])
-    stream.push(signal[geometry.hop(rate) * 1000 :])  # the failed push's samples were kept: not pushed again
+        stream.push(chunk)
+    chunk.fill_(float("nan"))  # the caller's buffer, refilled
+    stream.push(signal[hop * 1000 :])  # the failed push's samples were kept: not pushed again
     utterance, frames = stream.finish()
     expected_utterance, expected_frames = fast.encode(model, [signal], rate, frames=True)[0]
     assert rel_err(utterance, expected_utterance) < 1e-5 and rel_err(frames, expected_frames) < 1e-5
@@ -521,7 +582,8 @@ def test_a_push_keeps_only_the_samples_of_frames_not_yet_computed(model):
 def test_one_push_of_a_whole_file_allocates_nothing_larger_than_its_audio():
     """A push of several segments kept the band rows of all its frames until its end (1.6x its audio at 8 kHz, in
     a buffer that doubles) and widened its chunk to float64 at once (2x): for 10 minutes at 48 kHz its peak was
-    2.2x that of fast.encode on the file. Now its largest allocation is the stream's copy of its audio."""
+    2.2x that of fast.encode on the file. Its largest allocation was then a copy of its audio, now not made either
+    (test_one_push_of_a_whole_file_reads_it_in_place)."""
     from torch.profiler import ProfilerActivity, profile
 
     model = random_model("tiny", depth=1)  # 7 segments to encode
