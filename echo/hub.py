@@ -25,6 +25,8 @@ class Release:
     sha256: str | None  # None: not published where echo could read it; the download is then not verified
     size: str  # the preset the file must hold: without a sha256, what tells a wrong file put in the cache by hand
     revision: str = "main"
+    # said in every error about the release: where its repository id is a guess, a failed download is no news
+    caveat: str = ""
 
     @property
     def url(self) -> str:
@@ -43,7 +45,9 @@ RELEASES = {
     "echo-small": Release("yucongzh/echo-small-0824", "model.safetensors", None, "small"),
     # PLACEHOLDER: the ECHO README lists ECHO-tiny as "Coming Soon" and no hub repository for it was found;
     # this id follows the small release's naming and must be checked when the tiny weights are published.
-    "echo-tiny": Release("yucongzh/echo-tiny-0824", "model.safetensors", None, "tiny"),
+    "echo-tiny": Release("yucongzh/echo-tiny-0824", "model.safetensors", None, "tiny",
+                         caveat="ECHO-tiny's weights were not published when this version of echo was made; "
+                                "the repository id follows echo-small's naming and may not exist"),
 }
 NAMES = ("default", *RELEASES)
 
@@ -78,12 +82,17 @@ def _one_line(error: Exception) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
+def _named(name: str, release: Release) -> str:
+    """The head of an error about a release: its name, and its caveat first, before any command to copy."""
+    return f"{name} ({release.caveat})" if release.caveat else name
+
+
 def _not_on_hub(name: str, release: Release, error: Exception) -> ValueError:
     """The hub answered that the repository, revision or file is not there: no download can be put in the cache."""
     others = ", ".join(known for known in NAMES if known != name)
-    return ValueError(f"{name}: the Hugging Face hub has no {release.url} ({type(error).__name__}): the release is "
-                      f"not published there, or is private and needs a login; load a checkpoint by path, or another "
-                      f"name: {others}")
+    return ValueError(f"{_named(name, release)}: the Hugging Face hub has no {release.url} "
+                      f"({type(error).__name__}): the release is not published there, or is private and needs a "
+                      f"login; load a checkpoint by path, or another name: {others}")
 
 
 def _not_found(name: str, release: Release, cache: Path, reason: str) -> ValueError:
@@ -103,8 +112,8 @@ def _not_found(name: str, release: Release, cache: Path, reason: str) -> ValueEr
     commands = (f"mkdir -p {' '.join(shlex.quote(str(path)) for path in folders)} && "
                 f"cp {release.filename} {shlex.quote(str(snapshot / release.filename))}{naming}")
     return ValueError(
-        f"{name}: {release.filename} of {release.repo_id} is not in the Hugging Face cache and could not be "
-        f"downloaded ({reason}). Either download {release.url} and load it by path "
+        f"{_named(name, release)}: {release.filename} of {release.repo_id} is not in the Hugging Face cache and "
+        f"could not be downloaded ({reason}). Either download {release.url} and load it by path "
         f"(echo.load('/path/to/{release.filename}')), or put it in the cache, from the folder holding it: "
         f"{commands}"
     )

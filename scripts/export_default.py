@@ -127,6 +127,10 @@ def main(argv=None) -> int:
     try:  # every input is read and checked before anything in --out is written
         model, saved = run_encoder(args.run, step=args.step)
         curve = _curve_rows(args.run / "steps.csv", saved["step"])
+        if not args.datalist.is_file():
+            raise ValueError(f"--datalist {args.datalist} does not exist: the export credits the audio of the run's "
+                             f"corpus from its data list, which scripts/build_corpus.py writes; pass --datalist with "
+                             f"the list of the corpus this run trained on")
         credits = _credit_totals(args.datalist)
         require("matplotlib", "the training curve")
     except (ValueError, ImportError) as error:

@@ -68,6 +68,20 @@ def test_offline_without_cache_gives_commands_that_work_when_run(offline_cache, 
     assert same_weights(echo.load("echo-small"), model)
 
 
+def test_an_unpublished_release_says_so_before_the_commands_to_run(offline_cache, tmp_path):
+    """ECHO-tiny's hub id is a guess: its error says so at its head, and the commands at its end still run as given
+    (a caveat after them would be copied into the shell)."""
+    with pytest.raises(ValueError) as error:
+        echo.load("echo-tiny")
+    text = str(error.value)
+    assert text.startswith("echo-tiny (ECHO-tiny's weights were not published when this version of echo was made; ")
+    commands = re.search(r"from the folder holding it: (mkdir .*)$", text).group(1)
+    model = random_model("tiny")
+    released_file(tmp_path / "download" / "model.safetensors", model)
+    subprocess.run(["sh", "-c", commands], cwd=tmp_path / "download", check=True)
+    assert same_weights(echo.load("echo-tiny"), model)
+
+
 def test_a_newline_in_refs_main_is_pointed_out(offline_cache):
     folder = offline_cache / "models--yucongzh--echo-small-0824"
     released_file(folder / "snapshots" / "local" / "model.safetensors", random_model("tiny"))
@@ -176,7 +190,7 @@ def test_transport_errors_are_explained(offline_cache, monkeypatch):
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", timing_out)
-    with pytest.raises(ValueError, match=r"echo-tiny: model.safetensors of yucongzh/echo-tiny-0824 is not in the "
+    with pytest.raises(ValueError, match=r"echo-tiny \(.*\): model.safetensors of yucongzh/echo-tiny-0824 is not in the "
                                          r"Hugging Face cache and could not be downloaded \(ReadTimeout: The read "
                                          r"operation timed out\)\. Either download https://huggingface.co/"):
         echo.load("echo-tiny")
@@ -241,8 +255,9 @@ def test_a_release_missing_from_the_hub_is_named_in_one_line(offline_cache, monk
         echo.load("echo-tiny")
     text = str(error.value)
     assert "\n" not in text
-    assert text.startswith("echo-tiny: the Hugging Face hub has no https://huggingface.co/yucongzh/echo-tiny-0824/"
-                           "resolve/main/model.safetensors")
+    assert text.startswith(f"echo-tiny ({hub.RELEASES['echo-tiny'].caveat}): the Hugging Face hub has no "
+                           "https://huggingface.co/yucongzh/echo-tiny-0824/resolve/main/model.safetensors")
+    assert "not published" in hub.RELEASES["echo-tiny"].caveat
     assert "mkdir" not in text
 
 

@@ -473,7 +473,8 @@ def test_export_script_checks_every_input_before_writing(data, tmp_path, monkeyp
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "datalist.csv").write_text("path,split,source,licence,credit,seconds\n")
     out = tmp_path / "bundle"
-    with pytest.raises(SystemExit, match=re.escape(f"{tmp_path / 'repo' / 'corpus' / 'datalist.csv'} does not exist")):
+    with pytest.raises(SystemExit, match=re.escape(f"--datalist {tmp_path / 'repo' / 'corpus' / 'datalist.csv'} does "
+                                                   f"not exist: the export credits the audio") + ".*scripts/build_corpus.py"):
         export_default.main([str(run), "--out", str(out)])
     datalist = tmp_path / "repo" / "corpus" / "datalist.csv"
     datalist.parent.mkdir(parents=True)
