@@ -10,7 +10,7 @@ echo op is faster), after checking both against float64:
   filling 4096 rows; then the tile kernel against the FMA kernel, the A/B behind TILE_FROM.
 
 End to end, `python bench/encode_throughput.py` compares fast-bf16 and fast-fp32 with fast-*-eager (these ops off).
-Run: PYTHONPATH=. python bench/cpu_inference_ops.py [--repeats 15]
+Run: python bench/cpu_inference_ops.py [--repeats 15]
 """
 from __future__ import annotations
 

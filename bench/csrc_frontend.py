@@ -2,7 +2,7 @@
 path, the compiled op (torch.ops.echo.ragged_spectrogram, csrc/) where built, and Triton on CUDA. Prints median
 milliseconds per backend and the ratios reference / torch and torch / csrc (> 1: the second is faster), after
 checking every backend against the float64 result.
-Run: PYTHONPATH=. python bench/csrc_frontend.py [--device cuda] [--threads 1 2 16] [--repeats 7]
+Run: python bench/csrc_frontend.py [--device cuda] [--threads 1 2 16] [--repeats 7]
 """
 from __future__ import annotations
 

@@ -83,15 +83,31 @@ def replacing(path) -> Iterator[Path]:
         pass
 
 
+def nearest_folder(folder, what: str) -> Path:
+    """`folder`, or its nearest parent that exists. ValueError naming `what` where a file or a link to nothing
+    is in the way: making the folder would fail on "File exists" or "Not a directory", naming neither."""
+    folder = Path(folder)
+    existing = next(path for path in (folder, *folder.parents) if path.exists() or path.is_symlink())
+    if not existing.exists():  # a link to an unmounted disk
+        raise ValueError(f"{what} cannot be written: {existing} is a link to {existing.readlink()}, which does not "
+                         "exist")
+    if not existing.is_dir():
+        raise ValueError(f"{what} cannot be written: {existing} is a file, not a folder")
+    return existing
+
+
 def check_writable(folder, what: str) -> None:
     """Make `folder` if needed and create a file in it, before any work: a long job must not learn at its end
-    that its output cannot be written. ValueError naming `what` and the reason."""
+    that its output cannot be written. ValueError naming `what`, the reason and the folder (not the file tried,
+    whose random name says nothing)."""
     folder = Path(folder)
+    nearest_folder(folder, what)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as error:
-        raise ValueError(f"{what} cannot be written: {error.strerror}: {error.filename or folder}") from None
+        place = error.filename if error.filename and Path(error.filename).parent != folder else folder
+        raise ValueError(f"{what} cannot be written: {error.strerror}: {place}") from None
 
 
 def write_text(path, text: str) -> None:

@@ -28,6 +28,7 @@ import os
 import stat
 import sys
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -38,7 +39,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from . import atomic, fast, folders, host_memory, inputs
+from . import atomic, folders, host_memory, inputs
 from .cli import WorkKept, user_path
 from .data import AUDIO_SUFFIXES
 from .data.bundled import SAMPLES_DIR
@@ -289,9 +290,7 @@ def _check_out(out: Path) -> None:
         raise ValueError(f"--out must end in .npz or .parquet, got {out.name}")
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give the file to write, e.g. {out / 'embeddings.npz'}")
-    blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
-    if blocking is not None:
-        raise ValueError(f"--out {out} cannot be written: {blocking} is a file, not a folder")
+    atomic.nearest_folder(out.parent, f"--out {out}")
     if _parts(out).exists() and not _parts(out).is_dir():  # found only once the first batch was encoded
         raise ValueError(f"--out {out} cannot be written: {_parts(out)}, the folder its finished batches are saved "
                          f"in, is a file; move it away")
@@ -320,6 +319,9 @@ def _not_an_output(path: Path) -> str:
     """Why an existing file is not an `encode` output, or "" when it is one (or empty: made by mktemp, say)."""
     if path.stat().st_size == 0:
         return ""
+    if path.suffix == ".npz" and not zipfile.is_zipfile(path):  # np.load would try it as a pickle, and say so
+        with open(path, "rb") as handle:
+            return f"not an .npz file: it starts with {handle.read(16)!r}"
     try:
         if path.suffix == ".parquet":
             names = _require_pyarrow().parquet.read_schema(str(path)).names
@@ -359,8 +361,8 @@ def _summed(failures: int, seconds: float, world: int, stopped: int | None = Non
 def run(args) -> int:
     if args.batch_files < 1:
         raise ValueError(f"--batch-files must be at least 1, got {args.batch_files}")
-    if args.max_tokens is not None:
-        fast.checked_max_tokens(args.max_tokens)
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     _check_out(args.out)
     rank, world, own_group = _distributed()
     try:

@@ -45,7 +45,7 @@ def test_demo_command_reports_a_missing_model_and_makes_no_output_folder(tmp_pat
 
 
 @pytest.mark.parametrize("option,message", [(["--out", "{file}"], "cannot be a folder"),
-                                            (["--out", "{file}/sub"], "cannot be written: Not a directory"),
+                                            (["--out", "{file}/sub"], "file is a file, not a folder"),
                                             (["--seed", "-1"], "--seed must be 0 or more, got -1")])
 def test_demo_command_refuses_bad_options_before_the_work(tmp_path, option, message, monkeypatch, capsys):
     from echo import cli

@@ -566,7 +566,7 @@ def test_bad_arguments(tmp_path, model_path, capsys):
     assert "no audio files" in capsys.readouterr().err
     # refused before any file is encoded
     assert run(tmp_path, "--model", model_path, "--out", tmp_path / "e.npz", "--max-tokens", "0") == 2
-    assert "max_tokens must be a positive whole number of tokens, got 0" in capsys.readouterr().err
+    assert "--max-tokens must be at least 1, got 0" in capsys.readouterr().err
     (tmp_path / "folder.npz").mkdir()
     assert run(tmp_path, "--model", model_path, "--out", tmp_path / "folder.npz") == 2
     assert "is a folder" in capsys.readouterr().err
@@ -583,6 +583,12 @@ def test_bad_places_are_refused_before_any_work(tmp_path, model_path, capsys, mo
     assert run(tmp_path / "a.wav", "--model", model_path, "--out", theirs) == 2
     assert "exists and is not an output of echo encode (it has no paths, model)" in capsys.readouterr().err
     assert np.array_equal(np.load(theirs)["weights"], np.arange(3))
+    notes = tmp_path / "notes.npz"  # not even a zip: np.load tried it as a pickle and said so
+    notes.write_text("hi\n")
+    assert run(tmp_path / "a.wav", "--model", model_path, "--out", notes) == 2
+    assert "exists and is not an output of echo encode (not an .npz file: it starts with b'hi\\n')" in \
+        capsys.readouterr().err
+    assert notes.read_text() == "hi\n"
     assert run(tmp_path / "a.wav", "--model", model_path, "--out", tmp_path / "e.npz", "--device", "bogus") == 2
     assert "unknown device 'bogus'" in capsys.readouterr().err
     (tmp_path / "e.npz.parts").write_text("")  # was found once a batch was encoded: "[Errno 20] Not a directory"
@@ -593,12 +599,12 @@ def test_bad_places_are_refused_before_any_work(tmp_path, model_path, capsys, mo
     (tmp_path / "made-by-mktemp.npz").write_bytes(b"")  # an empty file holds nothing to lose
     assert run(tmp_path / "a.wav", "--model", model_path, "--out", tmp_path / "made-by-mktemp.npz") == 0
 
-    def no_room(*args, **kwargs):
-        raise OSError(28, "No space left on device", str(tmp_path))
+    def no_room(*args, dir, **kwargs):  # as the OS says it: of the file tried, whose random name says nothing
+        raise OSError(28, "No space left on device", str(Path(dir) / "tmpsyt6__bf"))
 
     monkeypatch.setattr("tempfile.TemporaryFile", no_room)
     assert run(tmp_path / "a.wav", "--model", model_path, "--out", tmp_path / "e.npz") == 2
-    assert "cannot be written: No space left on device" in capsys.readouterr().err
+    assert f"cannot be written: No space left on device: {tmp_path}\n" in capsys.readouterr().err
 
 
 def test_each_file_once_however_spelt_and_unusable_paths_named(tmp_path, model_path, capsys, lock_folder):

@@ -161,7 +161,10 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_encoding(tmp_path, 
     (tmp_path / "file").write_text("")
     assert run_eval("--task", "folder", "--data", tmp_path, "--model", model_path,
                     "--out", tmp_path / "file" / "results") == 2
-    assert "cannot be written: Not a directory" in capsys.readouterr().err
+    assert f"cannot be written: {tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
+    assert run_eval("--task", "folder", "--data", tmp_path, "--model", model_path, "--out", tmp_path / "file") == 2
+    assert f"--out {tmp_path / 'file'} cannot be written: {tmp_path / 'file'} is a file, not a folder" in \
+        capsys.readouterr().err  # was the OS's "File exists"
 
 
 @pytest.mark.parametrize("task, option, message", [
@@ -234,7 +237,8 @@ def test_a_cache_that_cannot_be_written_is_refused_before_the_encoding(tmp_path,
     (tmp_path / "file").write_text("")
     assert run_eval("--task", "folder", "--data", tmp_path / "machine", "--model", model_path,
                     "--out", tmp_path / "out", "--cache", tmp_path / "file" / "cache") == 2
-    assert f"--cache {tmp_path / 'file' / 'cache'} cannot be written: Not a directory" in capsys.readouterr().err
+    assert (f"--cache {tmp_path / 'file' / 'cache'} cannot be written: {tmp_path / 'file'} is a file, not a folder"
+            in capsys.readouterr().err)
 
 
 def folder_task_of_nine(tmp_path, model_path) -> tuple:
@@ -328,7 +332,8 @@ FILES = sum(TWO_CLASSES.values())
     ("mafaulda", FEWER_PER_CLASS_THAN_FOLDS, ("--protocol", "kfold", "--folds", 4, "--k", 1),
      re.escape(f"4-fold cross-validation of {sum(FEWER_PER_CLASS_THAN_FOLDS.values())} files (per class: "
                + ", ".join(f"{label} {count}" for label, count in sorted(FEWER_PER_CLASS_THAN_FOLDS.items()))
-               + ") is impossible: ") + ".*members in each class.* Choose fewer folds"),
+               + ") is impossible: ") + ".*members in each class.* "
+     + re.escape("Choose fewer folds (--folds of `echo eval`), or leave-one-out (--protocol loocv).")),
     ("mafaulda", TWO_CLASSES, ("--protocol", "loocv", "--k", FILES), re.escape(
         f"k={FILES} neighbours asked of the loocv protocol's bank of {FILES - 1} files (every file but the query)")),
     ("mafaulda", TWO_CLASSES, ("--protocol", "kfold", "--k", FILES), re.escape(  # 5 folds, each a fifth of a class

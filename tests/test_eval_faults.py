@@ -184,7 +184,8 @@ def test_more_folds_than_the_data_allows_is_named_with_the_class_counts(folds, g
     labels = np.r_[["a"] * 6, ["b"] * 6, ["c"] * 5, ["d"]]
     grouped = "" if groups is None else "; 3 groups"
     with pytest.raises(ValueError, match=f"{folds}-fold cross-validation of 18 files \\(per class: a 6, b 6, c 5, "
-                                         f"d 1{grouped}\\) is impossible: .*{why}.* Choose fewer folds"):
+                                         f"d 1{grouped}\\) is impossible: .*{why}.* Choose fewer folds "
+                                         "\\(--folds of `echo eval`\\), or leave-one-out \\(--protocol loocv\\)"):
         faults.evaluate(points, labels, "kfold", k=3, folds=folds, groups=groups)
 
 

@@ -280,7 +280,7 @@ def test_shards_without_a_usable_sample_are_a_clear_error_not_an_endless_loop(tm
     source = shards.ShardCorpus(tmp_path / "shards", min_seconds=1.0)
     for part in range(3):
         with pytest.raises(ValueError, match=r"no usable audio under .*shards: 3 samples in 3 shards, skipped "
-                                             r"\{'unreadable': 1, 'too short': 2\}"):
+                                             r"3 \(unreadable: 1, too short: 2\)"):
             next(source.examples(0, part, 3))
     assert max(epochs) == 0
 
@@ -612,3 +612,12 @@ def test_masks_are_uniform_random_independently_per_band_sequence_and_clone():
     for clip in clips:  # every clone and every band has a mask of its own
         flat = clip.masks.reshape(-1, clip.patches)
         assert len({row.tobytes() for row in flat}) == len(flat)
+
+
+def test_a_folder_without_usable_audio_says_what_was_skipped_in_words(tmp_path):
+    """It printed the counts as a Python dict: "skipped {'unreadable': 1, 'too short': 1}"."""
+    (tmp_path / "broken.wav").write_bytes(b"RIFF not really")
+    sf.write(tmp_path / "short.wav", np.zeros(800, dtype=np.float32), 8000)
+    with pytest.raises(ValueError, match=re.escape(f"no usable audio under {tmp_path}: 2 files, skipped 2 "
+                                                   "(unreadable: 1, too short: 1)")):
+        corpus.FolderCorpus(tmp_path, min_seconds=1.0)

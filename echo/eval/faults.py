@@ -112,7 +112,8 @@ def fold_splits(labels, folds: int, seed: int, groups=None) -> list[tuple[np.nda
         counts = ", ".join(f"{name} {count}" for name, count in zip(*np.unique(labels, return_counts=True)))
         grouped = "" if groups is None else f"; {len(np.unique(groups))} groups"
         raise ValueError(f"{folds}-fold cross-validation of {len(labels)} files (per class: {counts}{grouped}) "
-                         f"is impossible: {error} Choose fewer folds.") from None
+                         f"is impossible: {error} Choose fewer folds (--folds of `echo eval`), or leave-one-out "
+                         f"(--protocol loocv).") from None
 
 
 def banks_and_queries(protocol: str, labels, k: int = 5, subsets=None, groups=None, folds: int = 5,

@@ -95,10 +95,4 @@ def run(args) -> int:
 def check_writable(folder: Path, what: str) -> None:
     """Refused before the data is indexed (hours on a large corpus), not after; nothing is made, as the trainer
     makes the run folder only once the data is checked."""
-    existing = next(path for path in (folder, *folder.parents) if path.exists() or path.is_symlink())
-    if not existing.exists():  # a link to an unmounted disk: making the folder failed on "File exists"
-        raise ValueError(f"{what} cannot be written: {existing} is a link to {existing.readlink()}, which does not "
-                         "exist")
-    if not existing.is_dir():
-        raise ValueError(f"{what} cannot be written: {existing} is a file, not a folder")
-    atomic.check_writable(existing, what)
+    atomic.check_writable(atomic.nearest_folder(folder, what), what)

@@ -220,6 +220,11 @@ def usable(entries: list[FileEntry], min_seconds: float) -> tuple[list[FileEntry
     return kept, skipped
 
 
+def skipped_text(skipped: dict[str, int]) -> str:
+    """"skipped 3 (unreadable: 1, too short: 2)": the counts of `usable`, said as the summaries say them."""
+    return f"skipped {sum(skipped.values())} ({', '.join(f'{reason}: {count}' for reason, count in skipped.items())})"
+
+
 def content_hash(facts: list) -> str:
     """A short hash of JSON-able facts about a corpus's files, for telling corpora apart on resume."""
     return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
@@ -241,11 +246,11 @@ class FolderCorpus:
         if not entries:  # a folder of MP3s said "0 files, skipped {'unreadable': 0, 'too short': 0}"
             raise ValueError(f"no audio files under {self.root}: pretraining reads {', '.join(AUDIO_SUFFIXES)} files")
         if not self.items:
-            raise ValueError(f"no usable audio under {self.root}: {len(entries)} files, skipped {self.skipped}")
+            raise ValueError(f"no usable audio under {self.root}: {len(entries)} files, {skipped_text(self.skipped)}")
 
     def describe(self) -> str:
         return (f"{len(self.files)} files ({len(self.items)} channels as examples) under {self.root}, "
-                f"skipped {sum(self.skipped.values())} ({', '.join(f'{k}: {v}' for k, v in self.skipped.items())})")
+                f"{skipped_text(self.skipped)}")
 
     def fingerprint(self) -> dict:
         """What a resumed run must find again: the usable files by path relative to the root, size and

@@ -263,7 +263,7 @@ class ShardCorpus:
             if next(self._channels(sample, log.debug, skipped), None) is not None:
                 return
         raise ValueError(f"no usable audio under {self.spec}: {samples} samples in {len(self.urls)} shards, "
-                         f"skipped {skipped}")
+                         f"{corpus.skipped_text(skipped)}")
 
     def _channels(self, sample: dict, report, skipped: dict[str, int] | None = None) -> Iterator[corpus.Example]:
         """The sample's channels as examples; a bad or short sample is skipped, counted in `skipped` and reported
