@@ -456,3 +456,15 @@ def test_load_is_float32_on_its_device_whatever_torchs_defaults(tmp_path, torch_
     for key, value in model.state_dict().items():
         assert state[key].device == torch.device(device or "cpu") and state[key].dtype == torch.float32, key
         assert torch.equal(state[key].cpu(), value), key
+
+
+def test_a_flat_file_of_a_custom_size_gets_64_dim_heads(tmp_path):
+    """Without metadata or heads=, a size that is no preset takes head dim 64 (infer_config): dim 256 has 4
+    heads, and the loaded model encodes as the one saved (heads change the outputs)."""
+    model = random_model(dim=256, depth=2, heads=4)
+    flat = tmp_path / "custom.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(flat))
+    loaded = echo.load(flat)
+    assert loaded.config.heads == 256 // 64 == 4 and loaded.config == model.config
+    x = torch.randn(int(torch.randint(4000, 9000, ())))
+    assert torch.equal(loaded.encode(x, 16000)[0], model.encode(x, 16000)[0])

@@ -229,3 +229,24 @@ def test_a_test_clip_without_a_finite_score_is_named():
     scores[2] = np.nan
     with pytest.raises(ValueError, match="c2: score nan is not a finite number"):
         anomaly.group_metrics(clips, scores, 2023)
+
+
+def test_a_users_folder_is_scored_as_2020_arithmetic_means_and_no_domains():
+    """year=None (a user's folder): AUC and pAUC per (machine, section), no domains, arithmetic means (not the
+    eps-floored harmonic ones of 2021-2025)."""
+    rng = seeded_rng()
+    labels = np.r_[np.zeros(12, int), np.ones(9, int)]
+    scores = rng.normal(size=len(labels)) + labels
+    clips = [Clip(Path(str(i)), "dev", "pump", "00", None, "test", int(y)) for i, y in enumerate(labels)]
+    rows, excluded = anomaly.group_metrics(clips, scores, None)
+    values = {row["metric"]: row["value"] for row in rows}
+    assert not excluded and {row["domain"] for row in rows} == {""} and set(values) == {"AUC", "pAUC"}
+    assert values["AUC"] == pytest.approx(pairwise_auc(labels, scores))
+    assert values["pAUC"] == pytest.approx(mcclish_pauc(labels, scores))
+    hand = [{"split": "dev", "metric": "AUC", "value": 0.5}, {"split": "dev", "metric": "pAUC", "value": 0.0},
+            {"split": "eval", "metric": "AUC", "value": 0.9}, {"split": "eval", "metric": "pAUC", "value": 0.7}]
+    summary = anomaly.summarise(hand, None)
+    assert summary["official score (dev)"] == pytest.approx(0.25)  # arithmetic: the harmonic mean is ~2 eps
+    assert summary["official score (eval)"] == pytest.approx(0.8)
+    assert summary["yearly figure (dev+eval)"] == pytest.approx((0.5 + 0.0 + 0.9 + 0.7) / 4)
+    assert anomaly.mean_score([0.2, 0.6], None) == pytest.approx(0.4)

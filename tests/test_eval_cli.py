@@ -352,3 +352,29 @@ def test_what_the_fault_protocols_cannot_take_is_refused_before_the_encoding(
                     "--no-plots", *options) == 2
     assert calls == []
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_fault_classification_defaults_are_k5_five_folds_seed_1(tmp_path, model_path, monkeypatch):
+    """Without --k, --folds or --seed every fault protocol runs as SIREN's: k = 5, 5 folds shuffled with seed 1."""
+    import inspect
+
+    from echo.eval import faults
+
+    evaluate, calls = faults.evaluate, []
+
+    def recording(*args, **kwargs):
+        calls.append(inspect.signature(evaluate).bind(*args, **kwargs).arguments)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(faults, "evaluate", recording)
+    rng = seeded_rng()
+    t = np.arange(2500) / 50000
+    for label, frequency in (("normal", 800), ("imbalance", 3000)):
+        for i in range(6):
+            table = np.stack([np.sin(2 * np.pi * frequency * (c + 1) * t + rng.uniform(0, 6)) for c in range(8)], 1)
+            path = tmp_path / "mafaulda" / label / f"{i}.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savetxt(path, table + 0.01 * rng.normal(size=table.shape), delimiter=",")
+    assert run_eval("--task", "mafaulda", "--data", tmp_path / "mafaulda", "--model", model_path,
+                    "--out", tmp_path / "out", "--protocol", "kfold", "--no-plots") == 0
+    assert calls and all((c["k"], c["folds"], c["seed"]) == (5, 5, 1) for c in calls)

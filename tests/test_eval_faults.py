@@ -227,3 +227,18 @@ def test_a_k_above_a_protocols_smallest_bank_is_refused_before_any_search(monkey
                                                        f"smaller k")):
             faults.evaluate(points, labels, protocol, k=smallest + 1, **options)
         assert len(faults.banks_and_queries(protocol, labels, smallest, **options)) >= 1  # k = the bank is taken
+
+
+def test_kfold_defaults_are_the_protocols_five_folds_seed_1():
+    """evaluate() without folds= or seed= runs SIREN's k-fold: 5 stratified folds shuffled with seed 1, k = 5 (an
+    API user relies on the defaults; the brute force below names every number itself)."""
+    points, labels = clustered(n_per_class=10, spread=3.0)  # overlapping classes: the folds decide the votes
+    result = faults.evaluate(points, labels, "kfold")
+    predictions = np.empty(len(labels), dtype=object)
+    fold_accuracies = []
+    for train, test in StratifiedKFold(5, shuffle=True, random_state=1).split(points, labels):
+        for i in test:
+            predictions[i] = naive_predict(points[train], labels[train], points[i], 5)
+        fold_accuracies.append(np.mean(predictions[test] == labels[test]))
+    assert result.y_pred.tolist() == predictions.tolist()
+    assert result.fold_accuracies == pytest.approx(fold_accuracies, abs=0)
