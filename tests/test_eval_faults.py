@@ -47,9 +47,13 @@ def test_loocv_matches_brute_force():
     assert result.accuracy == pytest.approx(np.mean(np.array(expected) == labels))
 
 
-def test_kfold_matches_brute_force():
-    points, labels = clustered(n_per_class=8)
-    result = faults.evaluate(points, labels, "kfold", folds=5, seed=1)
+@pytest.mark.parametrize("options, clusters", [({"folds": 5, "seed": 1}, {"n_per_class": 8}),
+                                               ({}, {"n_per_class": 10, "spread": 3.0})])
+def test_kfold_matches_brute_force(options, clusters):
+    """Without folds= or seed=, SIREN's k-fold: 5 stratified folds shuffled with seed 1, k = 5 (an API user relies
+    on the defaults; overlapping classes make the folds decide the votes)."""
+    points, labels = clustered(**clusters)
+    result = faults.evaluate(points, labels, "kfold", **options)
     predictions = np.empty(len(labels), dtype=object)
     fold_accuracies = []
     for train, test in StratifiedKFold(5, shuffle=True, random_state=1).split(points, labels):
@@ -57,6 +61,7 @@ def test_kfold_matches_brute_force():
             predictions[i] = naive_predict(points[train], labels[train], points[i], 5)
         fold_accuracies.append(np.mean(predictions[test] == labels[test]))
     assert result.y_pred.tolist() == predictions.tolist()
+    assert result.fold_accuracies == pytest.approx(fold_accuracies, abs=0)
     row = result.row()
     assert row["accuracy"] == pytest.approx(np.mean(predictions == labels))
     assert row["fold_mean"] == pytest.approx(np.mean(fold_accuracies))
@@ -227,18 +232,3 @@ def test_a_k_above_a_protocols_smallest_bank_is_refused_before_any_search(monkey
                                                        f"smaller k")):
             faults.evaluate(points, labels, protocol, k=smallest + 1, **options)
         assert len(faults.banks_and_queries(protocol, labels, smallest, **options)) >= 1  # k = the bank is taken
-
-
-def test_kfold_defaults_are_the_protocols_five_folds_seed_1():
-    """evaluate() without folds= or seed= runs SIREN's k-fold: 5 stratified folds shuffled with seed 1, k = 5 (an
-    API user relies on the defaults; the brute force below names every number itself)."""
-    points, labels = clustered(n_per_class=10, spread=3.0)  # overlapping classes: the folds decide the votes
-    result = faults.evaluate(points, labels, "kfold")
-    predictions = np.empty(len(labels), dtype=object)
-    fold_accuracies = []
-    for train, test in StratifiedKFold(5, shuffle=True, random_state=1).split(points, labels):
-        for i in test:
-            predictions[i] = naive_predict(points[train], labels[train], points[i], 5)
-        fold_accuracies.append(np.mean(predictions[test] == labels[test]))
-    assert result.y_pred.tolist() == predictions.tolist()
-    assert result.fold_accuracies == pytest.approx(fold_accuracies, abs=0)
