@@ -342,3 +342,51 @@ def test_a_missing_optional_module_is_named_by_what_pip_installs(monkeypatch, mo
     monkeypatch.setitem(sys.modules, module, None)  # an import of it raises ImportError
     with pytest.raises(ImportError, match=rf"needs the package '{package}'.*pip install 'echo-fm\[{extra}\]'"):
         require(module, "this")
+
+
+def test_a_machines_clips_share_one_gain_that_puts_its_healthy_peak_at_PEAK():
+    task = demo.build_task(seed=int(np.random.randint(1 << 30)), bank=3, tests=3, seconds=0.2)
+    for members in task.machine_indices().values():
+        healthy = [i for i in members if task.faults[i] is None]
+        assert max(float(np.abs(task.signals[i]).max()) for i in healthy) == pytest.approx(demo.PEAK, rel=1e-6)
+
+
+def test_each_machine_is_its_own_and_each_clip_has_its_fault_and_a_background_of_the_machines(monkeypatch):
+    """The four machines are drawn from four seeds from MACHINE_SEED on (seeds pretraining never uses); a faulty
+    clip's machine has the clip's fault at an incipient level, speed and load within the normal range; the
+    backgrounds of a machine are drawn among all of its recordings."""
+    bases, made, backgrounds = [], [], []
+    random_machine, machine_signal, sample = synth.random_machine, synth.machine_signal, demo.bundled.sample
+
+    def drawn(seed, *args, **kwargs):
+        bases.append((seed, random_machine(seed, *args, **kwargs)))
+        return bases[-1][1]
+
+    def signal(machine, rate, *args, **kwargs):
+        made.append(machine)
+        return machine_signal(machine, rate, *args, **kwargs)
+
+    def background(name):
+        backgrounds.append(name)
+        return sample(name)
+
+    monkeypatch.setattr(synth, "random_machine", drawn)
+    monkeypatch.setattr(synth, "machine_signal", signal)
+    monkeypatch.setattr(demo.bundled, "sample", background)
+    bank, tests = 20, 6
+    task = demo.build_task(seed=int(np.random.randint(1 << 30)), bank=bank, tests=tests, seconds=0.2)
+    seeds = [seed for seed, _ in bases]
+    assert len(set(seeds)) == len(demo.MACHINES) and min(seeds) >= demo.MACHINE_SEED, seeds
+    assert len(made) == len(task.clips) == len(backgrounds)
+    per_machine = bank + 2 * tests
+    for number, spec in enumerate(demo.MACHINES):
+        base = bases[number][1]
+        for i in task.machine_indices()[spec.name]:
+            machine = made[i]
+            assert machine.fault == task.faults[i]
+            assert base.shaft_hz * 0.96 <= machine.shaft_hz <= base.shaft_hz * 1.04
+            assert base.load * 0.75 <= machine.load <= base.load * 1.25
+            assert base.fault_level * 0.05 <= machine.fault_level <= base.fault_level * 0.15
+            assert (machine.bearing, machine.harmonics, machine.resonance_hz) == \
+                (base.bearing, base.harmonics, base.resonance_hz)
+        assert set(backgrounds[number * per_machine: (number + 1) * per_machine]) == set(spec.backgrounds)

@@ -1099,3 +1099,79 @@ def test_macos_metadata_files_in_a_folder_are_not_taken_for_recordings(tmp_path)
         (folder / name).with_name(f"._{Path(name).name}").write_bytes(b"\x00\x05\x16\x07Mac OS X        ")
     assert find_files([folder]) == ([folder / "a.wav", folder / "day1" / "b.WAV"], [])
     assert find_files([folder / "._a.wav"]) == ([folder / "._a.wav"], [])
+
+
+def test_a_rerun_writes_the_rate_and_channels_of_each_reused_file(tmp_path, model_path, capsys):
+    """The rows a rerun takes from the earlier output keep their own sample rate and channel count, as the
+    files have them, next to the embeddings they were encoded with."""
+    good = write_corpus(tmp_path / "data")
+    out = tmp_path / "emb.npz"
+    assert run(tmp_path / "data", "--model", model_path, "--out", out) == 0
+    soundfile.write(str(tmp_path / "data" / "new.wav"), np.random.uniform(-0.5, 0.5, 5000), 22050)
+    capsys.readouterr()
+    assert run(tmp_path / "data", "--model", model_path, "--out", out) == 0
+    assert "5 files (4 reused from an earlier run)" in capsys.readouterr().out
+    rows = read_embeddings(out)["files"]
+    model = echo.load(model_path)
+    for path, (signal, rate) in good.items():
+        row = rows[str(path)]
+        assert (row["sample_rate"], row["channels"]) == (rate, signal.shape[0] if signal.ndim == 2 else 1), path
+        assert rel_err(row["utterance"], reference(model, path)[0]) < 1e-5
+    assert (rows[str(tmp_path / "data" / "new.wav")]["sample_rate"], rows[str(tmp_path / "data" / "new.wav")]
+            ["channels"]) == (22050, 1)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".parquet"])
+def test_files_given_out_of_order_each_keep_their_own_embedding(tmp_path, model_path, suffix):
+    """Files named on the command line in no sorted order: each path's row holds that file's embedding (the
+    output's path column and its embeddings in the same order)."""
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    files = [tmp_path / name for name in ("c.wav", "a.wav", "d.wav", "b.wav")]
+    for path in files:
+        soundfile.write(str(path), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    out = tmp_path / f"emb{suffix}"
+    assert run(*files, "--model", model_path, "--out", out, "--batch-files", "3", "--frames") == 0
+    rows = read_embeddings(out)["files"]
+    assert sorted(rows) == sorted(map(str, files))
+    model = echo.load(model_path)
+    for path in files:
+        utterance, frames = reference(model, path)
+        assert rel_err(rows[str(path)]["utterance"], utterance) < 1e-5, path
+        assert rel_err(rows[str(path)]["frames"], frames) < 1e-5, path
+
+
+def test_a_frames_run_encodes_again_the_files_an_interrupted_run_saved_without_frames(tmp_path, model_path,
+                                                                                    capsys, monkeypatch):
+    """A shard holding a file's utterance alone does not hold what a --frames run wants: the file is encoded
+    again, and written with its frames."""
+    import echo.encode_files as command
+
+    files = [tmp_path / name for name in ("a.wav", "b.wav", "c.wav")]
+    for path in files:
+        soundfile.write(str(path), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    options = ("--model", model_path, "--out", tmp_path / "e.npz", "--batch-files", "1")
+    real = interrupt_at_batch(monkeypatch)
+    assert run(*files, *options) == 130  # a.wav's utterance was saved, without its frames
+    monkeypatch.setattr(command, "_encode_batch", real)
+    capsys.readouterr()
+    assert run(*files, *options, "--frames") == 0
+    assert "3 files (0 reused from an earlier run)" in capsys.readouterr().out
+    rows = read_embeddings(tmp_path / "e.npz")["files"]
+    model = echo.load(model_path)
+    for path in files:
+        utterance, frames = reference(model, path)
+        assert rel_err(rows[str(path)]["utterance"], utterance) < 1e-5
+        assert rel_err(rows[str(path)]["frames"], frames) < 1e-5
+
+
+def test_hidden_recordings_are_found_only_macos_metadata_is_left_out(tmp_path):
+    """Only ._<name> files are Finder's metadata: a recording whose name starts with a dot is a recording."""
+    from echo.encode_files import find_files
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in (".take1.wav", "a.wav"):
+        soundfile.write(str(folder / name), np.zeros(800), 8000)
+    (folder / "._a.wav").write_bytes(b"\x00\x05\x16\x07Mac OS X        ")
+    assert find_files([folder]) == ([folder / ".take1.wav", folder / "a.wav"], [])

@@ -200,3 +200,16 @@ def test_the_finiteness_check_widens_a_long_signal_a_block_at_a_time():
     samples[int(torch.randint(0, len(samples), ()))] = float("nan")
     with pytest.raises(ValueError, match="contains 1 NaN"):
         inputs.as_float32(samples)
+
+
+def test_int32_pcm_is_scaled_by_2_to_the_31(model):
+    """int32 PCM is read as soundfile and WAV read it: x / 2147483648, full scale -2**31 at -1."""
+    pcm = np.random.randint(-2**31, 2**31, 8000, dtype=np.int64).astype(np.int32)
+    pcm[:2] = (-2**31, 2**31 - 1)
+    scaled = inputs.as_float32(inputs.as_tensor(pcm))
+    expected = pcm.astype(np.float64) / 2**31
+    assert scaled.dtype == torch.float32 and scaled[0].item() == -1.0
+    assert np.allclose(scaled.numpy(), expected, rtol=1e-7, atol=0)
+    u_int, _ = model.encode(torch.from_numpy(pcm), 8000)
+    u_float, _ = model.encode(torch.from_numpy(expected.astype(np.float32)), 8000)
+    assert torch.allclose(u_int, u_float, rtol=1e-5, atol=1e-6)

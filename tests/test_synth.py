@@ -599,3 +599,113 @@ def test_every_field_refuses_a_number_past_floats_range_by_name(cls):
         with pytest.raises(ValueError, match=rf"^{cls.__name__}\.{field.name} must be .*, got 1\.000e\+400 "
                                              r"\(past float's range\)$"):
             cls(**{field.name: 10**400})
+
+
+# Tests added by a mutation audit of the generator's physics: each one failed on a one-line edit that the tests
+# above let through.
+
+
+def test_load_scales_the_gear_mesh_and_the_bearing_impacts_not_the_shaft_harmonics():
+    """The module says load scales the gear mesh and the bearing impacts: a mesh of gear_level x load, impacts
+    (rung above 1 kHz here) whose level follows the load, and a 1x line that does not move."""
+    rate, shaft, teeth = 16000, 20.0, 23
+    load = float(np.random.uniform(1.5, 3.0))
+    seed = int(np.random.randint(1 << 30))
+    gear = synth.Machine(shaft_hz=shaft, harmonics=1, gear_teeth=teeth, gear_level=0.1, gear_modulation=0.0,
+                         noise=0.0)
+    for level in (1.0, load):
+        x = synth.machine_signal(replace(gear, load=level), rate, 4 * rate, seed)
+        freqs, spectrum = amplitude_spectrum(x, rate)
+        assert peak_near(freqs, spectrum, teeth * shaft) == pytest.approx(0.1 * level, rel=0.03), level
+        assert peak_near(freqs, spectrum, shaft) == pytest.approx(0.1, rel=0.03), level
+    faulty = synth.Machine(shaft_hz=shaft, harmonics=1, fault="outer", resonance_hz=3000, noise=0.0)
+    high = butter(4, 1000, btype="high", fs=rate, output="sos")
+    rms = [np.sqrt(np.mean(sosfiltfilt(high, synth.machine_signal(replace(faulty, load=level), rate, 2 * rate, seed)
+                                       .astype(np.float64)) ** 2)) for level in (1.0, load)]
+    assert rms[1] / rms[0] == pytest.approx(load, rel=0.02), (rms, load)
+
+
+def test_load_variation_drifts_the_load_by_its_own_amount():
+    """load_variation, not speed_variation, sets how far the load drifts: the envelope of a mesh tone (no shaft
+    modulation, no speed drift) swings by +-load_variation around gear_level x load, reaching its full variation
+    within the clip, and stays flat without it."""
+    rate, shaft, teeth, variation = 8000, 20.0, 31, float(np.random.uniform(0.2, 0.4))
+    machine = synth.Machine(shaft_hz=shaft, harmonics=1, imbalance=0.0, gear_teeth=teeth, gear_level=0.1,
+                            gear_modulation=0.0, noise=0.0)
+    band = butter(4, [teeth * shaft - 100, teeth * shaft + 100], btype="band", fs=rate, output="sos")
+    middle = slice(rate, -rate)  # the ends of a filtered, Hilbert-transformed clip ring
+    seed = int(np.random.randint(1 << 30))
+    for load_variation in (0.0, variation):
+        x = synth.machine_signal(replace(machine, load_variation=load_variation), rate, 20 * rate, seed)
+        envelope = np.abs(hilbert(sosfiltfilt(band, x.astype(np.float64))))[middle] / 0.1
+        deviation = np.abs(envelope - 1).max()
+        if load_variation == 0:
+            assert deviation < 0.01, deviation
+        else:  # the drift's peak may fall in the trimmed ends: most of it lies inside
+            assert 0.7 * variation < deviation < variation + 0.01, (deviation, variation)
+
+
+def test_a_gear_whose_top_sideband_reaches_nyquist_is_left_out_whole():
+    """The mesh itself lies below Nyquist but its upper sidebands do not: the whole gear is left out, rather
+    than its top sidebands folded back under Nyquist."""
+    rate, shaft = 1000, np.random.randint(60, 100) / 4  # 15 to 25 Hz, on a bin of the 4 s spectrum
+    teeth = int(np.ceil(500 / shaft)) - 1  # the mesh under 500 Hz, mesh + 3 shaft rates above
+    assert teeth * shaft < 500 <= (teeth + 3) * shaft and teeth > 3
+    machine = synth.Machine(shaft_hz=shaft, harmonics=1, gear_teeth=teeth, gear_level=0.1, noise=0.0)
+    freqs, spectrum = amplitude_spectrum(synth.machine_signal(machine, rate, 4 * rate, seed=1), rate)
+    assert spectrum[freqs > 2 * shaft].max() < 1e-3  # only the 1x line
+    assert peak_near(freqs, spectrum, shaft, 1) == pytest.approx(0.1, rel=0.05)
+
+
+def test_a_defect_rate_that_reaches_nyquist_only_at_the_top_speed_is_refused():
+    """At its nominal speed the outer race's impacts come at 99.9 % of Nyquist; a speed drift of 50 % carries
+    them past it within a clip of a minute, where the impact train would alias."""
+    rate = 1000
+    ratio = textbook_defect_frequencies(9, 7.94, 39.04, 0.0, 1.0)["outer"]
+    machine = synth.Machine(shaft_hz=0.999 * 500 / ratio, harmonics=1, fault="outer", noise=0.0)
+    synth.machine_signal(machine, rate, 60 * rate, seed=0)  # steady: below Nyquist, made
+    with pytest.raises(ValueError, match="the outer defect rate reaches .* Hz, at or above the Nyquist"):
+        synth.machine_signal(replace(machine, speed_variation=0.5), rate, 60 * rate,
+                             seed=int(np.random.randint(1 << 30)))
+
+
+def test_different_seeds_draw_different_machines():
+    seeds = [int(np.random.randint(1 << 30)), int(np.random.randint(1 << 30))]
+    assert seeds[0] != seeds[1]
+    first, second = (synth.random_machine(int(seed)) for seed in seeds)
+    assert first == synth.random_machine(int(seeds[0])) and first != second
+    assert first.shaft_hz != second.shaft_hz  # drawn from 10 to 60 Hz: equal only if drawn alike
+
+
+def test_impacts_slip_by_the_given_fraction_of_the_defect_period():
+    """Impacts slip by `slip` of a defect period (not of a shaft turn, 3.6 times as long for a 6205's outer race):
+    the intervals between impacts, each the difference of two independent slips, vary by sqrt(2) x slip x period."""
+    rate, shaft, slip = 16000, 20.0, float(np.random.uniform(0.03, 0.06))
+    machine = synth.Machine(shaft_hz=shaft, harmonics=1, fault="outer", slip=slip, resonance_hz=3000,
+                            resonance_damping=0.1, noise=0.0)
+    x = synth.machine_signal(machine, rate, 10 * rate, seed=int(np.random.randint(1 << 30))).astype(np.float64)
+    rings = np.abs(hilbert(sosfiltfilt(butter(4, 1000, btype="high", fs=rate, output="sos"), x)))
+    period = rate / textbook_defect_frequencies(9, 7.94, 39.04, 0.0, shaft)["outer"]
+    impacts, _ = find_peaks(rings, height=0.3 * rings.max(), distance=int(0.5 * period))
+    intervals = np.diff(impacts)
+    assert len(intervals) > 600 and np.median(intervals) == pytest.approx(period, rel=0.02)
+    assert np.std(intervals) / (np.sqrt(2) * period) == pytest.approx(slip, rel=0.25), (np.std(intervals), period)
+
+
+def test_a_longer_background_is_cut_where_the_seed_says():
+    """A background longer than the clip is cut at an offset drawn from the clip's seed: two seeds hear
+    different stretches of it, one seed always the same."""
+    rate, n = 8000, 4000
+    background = np.random.default_rng(int(np.random.randint(1 << 30))).standard_normal(40 * n)
+    machine = synth.Machine()
+
+    def offset(seed):
+        clean = synth.machine_signal(machine, rate, n, seed=seed).astype(np.float64)
+        added = synth.machine_signal(machine, rate, n, seed=seed, background=background,
+                                     background_snr_db=0.0) - clean
+        return int(np.argmax(correlate(background, added, mode="valid", method="fft")))
+
+    seeds = [int(np.random.randint(1 << 30)) for _ in range(3)]
+    offsets = [offset(seed) for seed in seeds]
+    assert offset(seeds[0]) == offsets[0]
+    assert len(set(offsets)) == 3, offsets  # all equal (e.g. all 0) when the seed's generator is not used
