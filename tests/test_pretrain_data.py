@@ -621,3 +621,118 @@ def test_a_folder_without_usable_audio_says_what_was_skipped_in_words(tmp_path):
     with pytest.raises(ValueError, match=re.escape(f"no usable audio under {tmp_path}: 2 files, skipped 2 "
                                                    "(unreadable: 1, too short: 1)")):
         corpus.FolderCorpus(tmp_path, min_seconds=1.0)
+
+
+def test_every_band_sequence_keeps_a_visible_patch_and_masks_round_ratio_times_its_length():
+    """masked_count: round(ratio * L) masked, but at least one patch left visible. A two-patch sequence (a 0.2 s
+    crop, as random-length crops draw) at ratio 0.75-0.8 rounds to two masked: the student would see only its CLS."""
+    rng = seeded_rng()
+    for patches in range(2, 130):
+        for ratio in (0.75, 0.8, float(rng.uniform(0.05, 0.999))):
+            masked = sampling.masked_count(patches, ratio)
+            assert 1 <= patches - masked, (patches, ratio)
+            if round(ratio * patches) < patches:
+                assert masked == round(ratio * patches), (patches, ratio)
+    assert sampling.masked_count(2, 0.8) == 1
+    rate = int(rng.choice(RATE_FAMILIES))
+    example = corpus.Example("short.wav:0", rate, rate // 5, 0, lambda start, n: np.zeros(n, np.float32))
+    config = sampling.SamplingConfig(crop_seconds=0.2, tokens_per_batch=400, clones=4)
+    for _ in range(20):
+        clip = sampling.draw_clip(example, rng, config)
+        assert clip.patches == 2 and (~clip.masks).sum(-1).min() >= 1 and clip.masks.sum(-1).min() >= 1
+
+
+def test_each_clone_in_a_batch_has_the_mask_drawn_for_it():
+    """materialise lays out `clones` student sequences per band sequence: their masks are the plan's masks of
+    that band, one per clone (not one clone's mask repeated, nor another sequence's). One band per clip and crops
+    of distinct lengths, so a teacher sequence's length names its clip whatever the batch's order."""
+    rng = seeded_rng()
+    clones = int(rng.integers(2, 5))
+    config = sampling.SamplingConfig(crop_seconds=10, min_bands=1, max_bands=1, clones=clones,
+                                     mask_ratio=float(rng.uniform(0.5, 0.8)), tokens_per_batch=1000)
+    plans = []
+    for seconds in rng.permutation([0.5, 0.8, 1.1, 1.4, 2.0]):
+        example = corpus.Example(f"{seconds}.wav:0", 16000, int(seconds * 16000), 0,
+                                 lambda start, n: rng.standard_normal(n).astype(np.float32))
+        plans.append(sampling.draw_clip(example, rng, config))
+    by_length = {plan.patches: plan for plan in plans}
+    assert len(by_length) == len(plans)
+    batch = sampling.materialise(plans, clones)
+    starts = torch.cumsum(batch.lengths[batch.student_sequence], 0) - batch.lengths[batch.student_sequence]
+    for s, length in enumerate(batch.lengths.tolist()):
+        students = (batch.student_sequence == s).nonzero().squeeze(1).tolist()
+        got = sorted(batch.masked[starts[j]: starts[j] + length].numpy().tobytes() for j in students)
+        expected = sorted(mask.tobytes() for mask in by_length[length].masks[:, 0])
+        assert got == expected, s
+
+
+def test_a_clip_that_fills_the_budget_exactly_stays_in_its_batch():
+    """Only a clip that would overflow the budget starts the next batch. A 2 s crop at 16 kHz is
+    1 + (32000 - 400) // 160 = 198 frames, ceil(198 / 16) = 13 patches, 14 tokens per band: with two bands a clip
+    takes 28 tokens, so a budget of 84 holds exactly three clips and one of 83 two."""
+    example = corpus.Example("long.wav:0", 16000, 60 * 16000, 0, lambda start, n: np.zeros(n, np.float32))
+    for budget, per_batch in ((84, 3), (83, 2), (112, 4)):
+        config = sampling.SamplingConfig(crop_seconds=2, min_bands=2, max_bands=2, clones=1, tokens_per_batch=budget)
+        batches = list(itertools.islice(sampling.plan_batches(itertools.repeat(example), seeded_rng(), config), 5))
+        assert all(clip.tokens == 28 for batch in batches for clip in batch)
+        assert [len(batch) for batch in batches] == [per_batch] * 5, budget
+
+
+@pytest.mark.parametrize("shortest, longest", [(0.2, 4.0), (0.5, 10.0), (1.0, 20.0)])
+def test_the_nominal_clip_of_random_length_crops_is_as_long_as_their_mean(shortest, longest):
+    """The lr scaling counts clips of a batch by an average clip: for log-uniform crop lengths on [a, b] the mean
+    is (b - a) / ln(b / a) (checked here against a sample), at 100 frames per second, 16 frames per patch, one CLS
+    per band and 3.5 bands on average."""
+    mean = (longest - shortest) / np.log(longest / shortest)
+    drawn = np.exp(seeded_rng().uniform(np.log(shortest), np.log(longest), 200_000))
+    assert drawn.mean() == pytest.approx(mean, rel=0.01)
+    tokens = 3.5 * (-(-round(mean * 100) // 16) + 1)
+    config = sampling.SamplingConfig(crop_seconds=longest, shortest_crop_seconds=shortest, tokens_per_batch=4000)
+    assert sampling.expected_clip_tokens(config) == pytest.approx(tokens)
+    assert sampling.nominal_clips_per_batch(config) == int(4000 // tokens)
+
+
+@pytest.mark.parametrize("from_shards", [False, True])
+def test_each_epoch_is_a_new_permutation_and_the_order_follows_the_seed(tmp_path, from_shards):
+    """Examples come epoch after epoch, each epoch every example once in an order of its own, and another seed
+    gives another order (8 files, 9 examples: two orders coincide by chance with probability at most 1 / 8!).
+    Shards: each epoch reshuffles the shard order (one file per shard here)."""
+    root = write_corpus(tmp_path / "data", files=8)
+    source = corpus.FolderCorpus(root, 1.0)
+    count = len(source.items)
+    assert count == 9  # file 0 is stereo
+    if from_shards:
+        pytest.importorskip("webdataset")
+        shards.write_shards(root, tmp_path / "shards", per_shard=1)
+        source = shards.ShardCorpus(tmp_path / "shards", min_seconds=1.0)
+    seed = int(np.random.randint(0, 10**6))
+
+    def epochs(seed, number):
+        keys = [e.key for e in itertools.islice(source.examples(seed, 0, 1), number * count)]
+        return [keys[k * count: (k + 1) * count] for k in range(number)]
+
+    orders = epochs(seed, 3)
+    assert all(sorted(order) == sorted(orders[0]) and len(set(order)) == count for order in orders)
+    assert orders[0] != orders[1] and orders[1] != orders[2]
+    assert epochs(seed, 1)[0] == orders[0]  # replayed
+    assert epochs(seed + 1, 1)[0] != orders[0]
+
+
+def test_the_streams_of_ranks_and_workers_draw_crops_bands_and_masks_of_their_own(tmp_path):
+    """Each stream's generator is its own (seeded by the seed and its part): files alike in rate and length
+    still get other crops, bands and masks in another stream, not the same draws."""
+    root = tmp_path / "data"
+    root.mkdir()
+    rng = seeded_rng()
+    for i in range(4):
+        sf.write(root / f"clip{i}.wav", (0.1 * rng.standard_normal(40000)).astype(np.float32), 16000)
+    config = sampling.SamplingConfig(crop_seconds=2, tokens_per_batch=300, clones=2)
+    source = corpus.FolderCorpus(root, 1.0)
+    seed = int(rng.integers(0, 10**6))
+    first = [next(iter(sampling.BatchStream(source, config, seed, rank=rank, world=2))) for rank in (0, 1)]
+    assert not (torch.equal(first[0].positions, first[1].positions) and torch.equal(first[0].masked, first[1].masked))
+    loader = torch.utils.data.DataLoader(sampling.BatchStream(source, config, seed, workers=2), batch_size=None,
+                                         num_workers=2)
+    a, b = itertools.islice(loader, 2)
+    assert (a.stream, b.stream) == (0, 1)
+    assert not (torch.equal(a.positions, b.positions) and torch.equal(a.masked, b.masked))

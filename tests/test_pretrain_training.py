@@ -3,6 +3,7 @@ DDP on gloo."""
 import csv
 import gc
 import json
+import math
 import os
 import re
 import shutil
@@ -787,3 +788,59 @@ def test_a_run_stopped_before_its_first_checkpoint_keeps_its_export(data, tmp_pa
     done = trainer.train(tiny_config(data, run, steps=4, save_every=2), progress=False)  # --export not given
     assert json.loads((run / "config.json").read_text())["export"] == "student"
     assert_same_state(echo.load(run / "model.safetensors").state_dict(), done["student"].state_dict())
+
+
+def test_each_step_trains_with_the_scheduled_lr_and_ema_decay(data, tmp_path):
+    """Spec section 8 wired into the run: step k (1-based) of S trains with lr peak (k / W) during the W warm-up
+    steps, then min + (peak - min) (1 + cos(pi (k - 1 - W) / (S - W))) / 2, and updates the teacher with decay
+    start + (end - start) (k - 1) / A (A: ema_anneal_steps, default S); the log says both. Each checkpoint's
+    optimizer holds the lr of the next step, and its teacher is the EMA of the one before."""
+    peak, minimum, warmup, steps, start, end = 1e-3, 1e-4, 2, 6, 0.5, 0.9
+    run = tmp_path / "run"
+    config = tiny_config(data, run, steps=steps, warmup=warmup, lr=peak, min_lr=minimum, ema_start=start,
+                         ema_end=end, log_every=1, save_every=1, keep=steps)
+    torch.manual_seed(config.seed)
+    initial = echo.EchoModel(config.model_config).state_dict()
+    trainer.train(config, progress=False)
+
+    def lr(k):  # of 1-based step k
+        if k <= warmup:
+            return peak * k / warmup
+        return minimum + (peak - minimum) * 0.5 * (1 + math.cos(math.pi * (k - 1 - warmup) / (steps - warmup)))
+
+    logged = rows(run)
+    assert [int(r["step"]) for r in logged] == list(range(1, steps + 1))
+    teacher = initial
+    for k in range(1, steps + 1):
+        decay = start + (end - start) * (k - 1) / steps
+        assert float(logged[k - 1]["lr"]) == pytest.approx(lr(k), rel=1e-9)
+        assert float(logged[k - 1]["ema_decay"]) == pytest.approx(decay, rel=1e-12)
+        saved = checkpoints.read(run / "checkpoints" / checkpoints.file_name(k))
+        if k < steps:
+            assert [group["lr"] for group in saved["optimizer"]["param_groups"]] == pytest.approx([lr(k + 1)] * 2)
+        for key, value in saved["teacher"].items():
+            expected = decay * teacher[key].double() + (1 - decay) * saved["student"][key].double()
+            assert rel_err(value, expected) < 1e-6, (k, key)
+        teacher = saved["teacher"]
+
+
+def test_weight_decay_falls_on_matrices_only_and_every_trained_parameter_is_in_one_group():
+    """AdamW's decay (0.05) on the weight matrices of the encoder and decoder (conv kernels included), none on
+    biases, norms, the CLS and mask tokens; the frozen pos_embed in no group."""
+    student = echo.EchoModel(echo.EchoConfig.preset("tiny", dim=64, depth=1, heads=1), device="cpu")
+    learner = objective.Learner(student, objective.ConvDecoder(64, layers=2))
+    decayed, plain = trainer.parameter_groups(learner, 0.05)
+    assert (decayed["weight_decay"], plain["weight_decay"]) == (0.05, 0.0)
+    names = {id(p): name for name, p in learner.named_parameters()}
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    plain_names = {names[id(p)] for p in plain["params"]}
+    assert not decayed_names & plain_names
+    trained = {name for name, p in learner.named_parameters() if name != "student.pos_embed"}
+    assert decayed_names | plain_names == trained
+    for name, p in learner.named_parameters():
+        if name in decayed_names:
+            assert p.dim() >= 2 and not name.endswith("_token"), name
+        elif name in plain_names:
+            assert p.dim() == 1 or name.endswith("_token"), name
+    assert {"student.cls_token", "decoder.mask_token"} <= plain_names
+    assert any(name.startswith("decoder.convs") and name.endswith("weight") for name in decayed_names)
