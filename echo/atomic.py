@@ -104,10 +104,12 @@ def check_writable(folder, what: str) -> None:
     nearest_folder(folder, what)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # the level that could not be made
+        raise ValueError(f"{what} cannot be written: {error.strerror}: {error.filename or folder}") from None
+    try:
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as error:
-        place = error.filename if error.filename and Path(error.filename).parent != folder else folder
-        raise ValueError(f"{what} cannot be written: {error.strerror}: {place}") from None
+        raise ValueError(f"{what} cannot be written: {error.strerror}: {folder}") from None
 
 
 def write_text(path, text: str) -> None:
