@@ -223,7 +223,10 @@ class StreamEncoder:
         frames = slice(start, end)
         corrected = self.dc_bins[frames] - (mean - self.estimates[frames]) * self.window_dft
         levels = torch.cat([stft_ops.log_normalise(corrected.abs()).float(), self.low_rows[frames]], dim=1)
-        return stft_ops.band_layout(levels.T, self.rate)[: geometry.BAND_BINS]
+        # band 0 of the band layout without the layout of every band: its 32 bins, or at rates with fewer bins
+        # (band 0 is then the last band) zero rows before them. A view of the whole layout held it all: finish()
+        # kept one per emitted segment (+170 MB for 10 minutes at 48 kHz)
+        return torch.nn.functional.pad(levels.T, (0, 0, geometry.BAND_BINS - self.low_bins, 0))
 
     def _encode(self, bands: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """(B, 32, T) band images -> (B, L+1, D) outputs through the packed encoder, in passes of at most
