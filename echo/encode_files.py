@@ -411,6 +411,10 @@ def _encode_files(args, rank: int, world: int) -> int:
         shared = [wanted, keys]
         dist.broadcast_object_list(shared, src=0)
         wanted, keys = shared
+    # the earlier output's rows of files this run does not write (another folder's, files removed since) are let
+    # go: all of it stayed in memory to the run's end (with --frames, 0.7 MB a 10 s clip at 16 kHz, ECHO-small)
+    written_here = set(keys.values())
+    done = {entry: value for entry, value in done.items() if entry.split("/", 1)[0] in written_here}
     mine = wanted[rank::world]
     failures, start, seconds, streak = [], time.perf_counter(), 0.0, FailureStreak()
     bar = tqdm(total=len(mine), desc=f"encoding (rank {rank})" if world > 1 else "encoding", unit="file",

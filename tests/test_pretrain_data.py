@@ -2,6 +2,7 @@
 import itertools
 import re
 import shutil
+import weakref
 
 import numpy as np
 import pytest
@@ -320,6 +321,29 @@ def test_a_stream_of_nothing_but_unreadable_clips_stops_with_a_clear_error(tmp_p
     stream = sampling.BatchStream(corpus.FolderCorpus(root, min_seconds=1.0), config, seed=0)
     with pytest.raises(ValueError, match=r"3 batches in a row held no readable clip: .*all_nan.wav"):
         next(iter(stream))
+
+
+def test_a_stream_lets_go_of_a_batchs_plans_before_it_plans_the_next(tmp_path, monkeypatch):
+    """A shard's clip plans hold their files' bytes, and the stream kept a batch's plans while it drew the next
+    batch's: two batches' files at once, +69 MB per data worker for 10 s clips at 48 kHz (16384 tokens a batch)."""
+    write_corpus(tmp_path / "data", files=4)
+    shards.write_shards(tmp_path / "data", tmp_path / "shards", per_shard=2)
+    materialise, draw, materialised, held = sampling.materialise, sampling.draw_clip, [], []
+
+    def recorded(plans, *args):
+        materialised.extend(weakref.ref(plan) for plan in plans)
+        return materialise(plans, *args)
+
+    def drawn(*args):
+        held.append(sum(ref() is not None for ref in materialised))
+        return draw(*args)
+
+    monkeypatch.setattr(sampling, "materialise", recorded)
+    monkeypatch.setattr(sampling, "draw_clip", drawn)
+    config = sampling.SamplingConfig(crop_seconds=1, tokens_per_batch=300, clones=1)
+    stream = sampling.BatchStream(shards.ShardCorpus(tmp_path / "shards", min_seconds=1.0), config, seed=0)
+    batches = list(itertools.islice(stream, 3))
+    assert sum(batch.clips for batch in batches) == len(materialised) and max(held) == 0
 
 
 def test_a_file_changed_since_it_was_indexed_is_dropped_not_read_wrongly(tmp_path, caplog):

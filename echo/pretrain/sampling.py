@@ -315,8 +315,14 @@ class BatchStream(torch.utils.data.IterableDataset):
             next(plans)
         reported: set[str] = set()
         unreadable_in_a_row = 0
-        for plan_index, clips in enumerate(plans, start=self.positions[stream]):
+        # A batch's plans go before the next batch's are drawn: a shard's hold their files' bytes, and kept while
+        # the next were drawn they doubled a stream's (+69 MB a data worker for 10 s clips at 48 kHz). Not
+        # enumerate(plans): the result tuple it reuses held the last plans until the next were all drawn.
+        plan_index = self.positions[stream] - 1
+        for clips in plans:
+            plan_index += 1
             batch = materialise(clips, self.config.clones, reported)
+            del clips
             if batch is not None:
                 unreadable_in_a_row = 0
                 batch.stream, batch.plan_index = stream, plan_index
