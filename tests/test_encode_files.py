@@ -572,6 +572,51 @@ def test_parquet_rows_match_npz(tmp_path, model_path):
     assert str(schema.field("utterance").type) == "list<element: float>"  # float32, as computed
 
 
+def test_parquet_columns_go_through_their_joined_values_in_chunks_of_what_arrow_offsets_reach(tmp_path, model_path,
+                                                                                             monkeypatch):
+    """Embeddings went to and from parquet as lists of Python floats, 10-12x their size in memory (1.3 GB to write
+    129 MB of frames). Now as their joined float32 values, in list arrays of at most the values int32 offsets
+    reach: here made small, so the frames are several chunks."""
+    import echo.encode_files as command
+
+    pyarrow = pytest.importorskip("pyarrow")
+    pytest.importorskip("pyarrow.parquet")
+    write_corpus(tmp_path / "data")
+    list_chunk, chunks = command._list_chunk, []
+
+    def recorded(arrays, pyarrow):
+        chunks.append((arrays[0].ndim, sum(a.size for a in arrays), len(arrays)))
+        return list_chunk(arrays, pyarrow)
+
+    monkeypatch.setattr(command, "LIST_VALUES", 5000)  # a file's frames are 0.3-1.4 chunks' worth
+    monkeypatch.setattr(command, "_list_chunk", recorded)
+    for name in ("e.npz", "e.parquet"):
+        assert run(tmp_path / "data", "--model", model_path, "--out", tmp_path / name, "--frames") == 0
+    frame_chunks = [(values, files) for ndim, values, files in chunks if ndim == 2]
+    assert len(frame_chunks) > 1 and sum(files for _, files in frame_chunks) == 4
+    assert all(values <= 5000 or files == 1 for values, files in frame_chunks)
+    npz, parquet = read_embeddings(tmp_path / "e.npz")["files"], read_embeddings(tmp_path / "e.parquet")["files"]
+    assert set(parquet) == set(npz) and len(npz) == 4
+    for path, row in npz.items():
+        for name in ("utterance", "frames"):
+            got = parquet[path][name]
+            assert got.dtype == np.float32 and got.shape == row[name].shape and np.array_equal(got, row[name])
+            assert (got if got.base is None else got.base).nbytes == got.nbytes  # not a view holding the column
+    # a table written elsewhere, a row group a file, its second row without frames: that file reads without them
+    table = pyarrow.parquet.read_table(str(tmp_path / "e.parquet"))
+    frames = table.column("frames").combine_chunks()
+    valid = pyarrow.array([True, False] + [True] * (len(table) - 2))
+    table = table.set_column(table.column_names.index("frames"), "frames", pyarrow.ListArray.from_arrays(
+        frames.offsets, frames.values, mask=pyarrow.compute.invert(valid)))
+    pyarrow.parquet.write_table(table, str(tmp_path / "f.parquet"), row_group_size=1)
+    files = read_embeddings(tmp_path / "f.parquet")["files"]
+    second = table.column("path")[1].as_py()
+    assert "frames" not in files[second]
+    for path, row in npz.items():
+        assert path == second or np.array_equal(files[path]["frames"], row["frames"])
+        assert np.array_equal(files[path]["utterance"], row["utterance"])
+
+
 def test_no_path_encodes_the_bundled_samples_with_a_kept_heap_on_the_cpu(tmp_path, model_path, monkeypatch):
     calls = []
     monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append("kept"))
