@@ -148,6 +148,28 @@ def test_roc_figures_only_where_test_clips_have_both_labels(tmp_path):
     assert all(path.stat().st_size > 1000 for path in written)
 
 
+def test_a_section_whose_labelled_clips_are_all_normal_gets_no_roc_curve(tmp_path, monkeypatch):
+    """AUC is undefined over one class: such a section is left out of the ROC figure (scikit-learn gives no curve
+    and an AUC of NaN, or raises), while its machine's other sections and score histogram are drawn."""
+    from pathlib import Path
+
+    from echo.eval import plots
+    from echo.eval.anomaly import Clip
+
+    legends, save = {}, plots.save
+
+    def recording(figure, path):
+        legends[path.name] = figure.axes[0].get_legend_handles_labels()[1]
+        return save(figure, path)
+
+    monkeypatch.setattr(plots, "save", recording)
+    clips = [Clip(Path(f"{section}-{i}"), "dev", "fan", section, None, "test", label)
+             for section, labels in (("00", [0, 1, 0, 1]), ("01", [0, 0, 0])) for i, label in enumerate(labels)]
+    written = plots.anomaly_plots(clips, np.linspace(0, 1, len(clips)), tmp_path)
+    assert sorted(path.name for path in written) == ["roc_dev_fan.png", "scores_dev_fan.png"]
+    assert [label.split(" (")[0] for label in legends["roc_dev_fan.png"]] == ["section 00"]
+
+
 def test_unmeasured_figures_are_written_as_json_null():
     """A domain with one class has no AUC (NaN): results.json must stay JSON, which has no NaN."""
     from echo.eval.cli import _json_values

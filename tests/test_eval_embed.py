@@ -104,6 +104,25 @@ def test_a_file_replaced_keeping_its_size_and_times_is_encoded_again(tmp_path, m
     assert not np.allclose(again.vectors[0], first.vectors[0])
 
 
+def test_copies_of_one_file_at_two_places_each_get_their_own_embedding(tmp_path, model):
+    """A reader may choose by where a file is (CWRU's sensor comes from the folder): two copies of the same bytes
+    under other names read other samples, and neither may be served the other's embedding from the cache."""
+    first = make_files(tmp_path / "drive")[0]
+    second = tmp_path / "fan" / first.name
+    second.parent.mkdir()
+    second.write_bytes(first.read_bytes())
+
+    def by_place(path):
+        signal, rate = read_audio(path)
+        return (signal if path.parent.name == "drive" else signal[::-1].copy()), rate
+
+    fresh = embed.embed_files(model, [first, second], by_place, tmp_path / "cache", "key", progress=False)
+    again = embed.embed_files(model, [first, second], by_place, tmp_path / "cache", "key", progress=False)
+    assert again.cached == 2 and not np.allclose(fresh.vectors[0], fresh.vectors[1])
+    for a, b in zip(fresh.vectors, again.vectors):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_entries_keyed_by_size_and_mtime_are_not_read(tmp_path, model):
     """A cache written before files were keyed by their content holds entries that may be stale: none is served."""
     path = make_files(tmp_path / "data")[0]
@@ -399,6 +418,23 @@ def test_a_damaged_shard_is_reported_once_by_the_process_that_sets_it_aside(tmp_
     assert embed.EmbeddingCache(tmp_path, "key").entries == {} and ranks[0].entries == {}
     assert capsys.readouterr().out.count(f"{shard} are unreadable") == 1
     assert [p.name for p in cache.folder.iterdir()] == [shard.name + ".unreadable"]
+
+
+def test_a_batch_that_could_not_be_saved_is_not_counted_as_kept(tmp_path, monkeypatch):
+    """A full disk under a shard's write: its entries are not in the cache, so the message saying what a stopped run
+    kept must not count them, nor may this run serve them as cached."""
+    from safetensors import SafetensorError
+
+    cache = embed.EmbeddingCache(tmp_path, "key")
+    cache.add({"a": np.zeros(4, np.float32)})
+
+    def full_disk(tensors, filename):
+        raise SafetensorError("No space left on device (os error 28)")
+
+    monkeypatch.setattr(embed, "save_file", full_disk)
+    with pytest.raises(OSError, match="could not be saved .*No space left"):
+        cache.add({"b": np.ones(4, np.float32)})
+    assert sorted(cache.entries) == ["a"] and sorted(embed.EmbeddingCache(tmp_path, "key").entries) == ["a"]
 
 
 def test_model_hash_changes_with_weights():

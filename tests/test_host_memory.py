@@ -95,3 +95,18 @@ def test_a_childs_peak_memory_is_its_own_not_its_parents():
     ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page
     child = float(python(PEAK_OF_A_CHILD)[0])
     assert host_memory.peak_rss_mb() > 400 and child < 200
+
+
+PEAK_AFTER_A_FREE = PEAK_OF_A_CHILD.replace("print(host_memory.peak_rss_mb())", """
+ballast = bytearray(300 << 20)
+ballast[::4096] = b"x" * len(ballast[::4096])
+del ballast  # a block this large is mapped on its own: the free gives it back to the kernel
+print(host_memory.peak_rss_mb(), host_memory.current_rss_mb())
+""")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_the_peak_is_the_most_held_not_what_is_held_now():
+    """A benchmark reads the peak after its work has freed its memory: the resident size then is not the peak."""
+    peak, now = map(float, python(PEAK_AFTER_A_FREE))
+    assert peak > 300 and now < 200

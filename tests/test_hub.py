@@ -178,6 +178,21 @@ def test_hf_home_set_after_huggingface_hub_was_imported(tmp_path, monkeypatch):
     assert same_weights(echo.load("echo-tiny"), model)
 
 
+def test_hf_hub_cache_wins_over_the_legacy_variable(tmp_path, monkeypatch):
+    """huggingface_hub takes HF_HUB_CACHE over HUGGINGFACE_HUB_CACHE where both are set: a release cached under the
+    first must be found there, not looked for (and downloaded again) under the legacy one."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "legacy"))
+    release, snapshot = hub.RELEASES["echo-tiny"], "0123456789abcdef0123456789abcdef01234567"
+    folder = tmp_path / "hub" / f"models--{release.repo_id.replace('/', '--')}"
+    (folder / "snapshots" / snapshot).mkdir(parents=True)
+    (folder / "snapshots" / snapshot / release.filename).write_bytes(b"weights")
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(snapshot)
+    assert hub.resolve("echo-tiny") == folder / "snapshots" / snapshot / release.filename
+
+
 class ReadTimeout(Exception):
     """Like httpx's transport errors, which huggingface_hub lets through: not an OSError."""
 

@@ -96,6 +96,38 @@ def test_opensfx_catalogue_is_read(tmp_path):
         read_catalogue(path)
 
 
+def test_a_catalogue_whose_last_wav_ends_the_file_is_read_whole(tmp_path):
+    """The last sound of a catalogue without a source name after its WAV ends exactly at the file's end: it lies
+    inside the file, and is read with every sample."""
+    pcm = np.random.default_rng(0).integers(-30000, 30000, 301)
+    entries = [(b'"First"\0', wav_bytes(pcm[:100], 22050)), (b'"Last"\0', wav_bytes(pcm, 44100))]
+    path = tmp_path / "test.cat"
+    path.write_bytes(catalogue(entries, trailer=b""))
+    sounds = read_catalogue(path)
+    assert [s.title for s in sounds] == ["First", "Last"] and sounds[1].wav == entries[1][1]
+    waveform, rate = read_wav(sounds[1].wav)
+    assert rate == 44100 and np.array_equal(waveform * 32768, pcm.astype(np.float32))
+
+
+def test_unused_slots_are_told_by_the_data_chunk_wherever_it_lies(tmp_path):
+    """A WAV with an odd-sized chunk before its data (a LIST of tags; a pad byte follows it) holds samples, and a
+    WAV whose data chunk is empty is an unused slot also where another chunk follows it."""
+    def chunk(kind, payload):
+        return kind + struct.pack("<I", len(payload)) + payload + b"\0" * (len(payload) % 2)
+
+    fmt = chunk(b"fmt ", struct.pack("<HHIIHH", 1, 1, 8000, 16000, 2, 16))
+    samples = np.arange(-50, 50, dtype="<i2")
+    tagged = b"WAVE" + fmt + chunk(b"LIST", b"INFOx") + chunk(b"data", samples.tobytes())
+    empty = b"WAVE" + fmt + chunk(b"data", b"") + chunk(b"LIST", b"INFOtags")
+    entries = [(b'"Tagged"\0', b"RIFF" + struct.pack("<I", len(tagged)) + tagged),
+               (b'"Unused"\0', b"RIFF" + struct.pack("<I", len(empty)) + empty)]
+    path = tmp_path / "test.cat"
+    path.write_bytes(catalogue(entries))
+    sounds = read_catalogue(path)
+    assert sounds[0].wav == entries[0][1] and sounds[1].wav == b""
+    assert np.array_equal(read_wav(sounds[0].wav)[0] * 32768, samples.astype(np.float32))
+
+
 def test_sample_reads_only_bundled_names(tmp_path):
     """A name is looked up among the bundled recordings, never resolved as a path to some other WAV file."""
     outside = write_wav(tmp_path / "elsewhere.wav", np.zeros(100), 8000)

@@ -258,6 +258,33 @@ def test_side_by_side_fetches_each_work_in_their_own_folder_and_the_first_one_do
                                                         "sound"]
 
 
+def test_a_package_extracted_once_is_reused_without_apt_or_dpkg(tmp_path, monkeypatch):
+    """A finished extraction is the package's files: a rebuild reads them again without downloading or extracting
+    anything, also where the .deb was deleted since and no Debian tool is at hand."""
+    root = tmp_path / "cache" / "extracted" / "pkg"
+    root.mkdir(parents=True)
+    (root / "sound").write_text("mine\n")
+    (root / ".extracted").write_text("pkg_1_all.deb\n")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    fake_tool(tmp_path / "bin", "ls", "")  # the folder exists, without apt-get or dpkg-deb
+    assert debian.fetch("pkg", tmp_path / "cache") == root
+    assert (root / "sound").read_text() == "mine\n" and debian.version(root) == "pkg_1_all.deb"
+
+
+def test_an_extraction_that_cannot_be_put_in_place_is_an_error(tmp_path, monkeypatch):
+    """Where the extracted folder cannot be renamed into place (a file in the way) and no finished copy is there,
+    the fetch fails: what lies at the place is not the package's files."""
+    root = tmp_path / "cache" / "extracted" / "pkg"
+    root.parent.mkdir(parents=True)
+    root.write_text("a file in the way")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    fake_tool(tmp_path / "bin", "apt-get", 'echo deb > pkg_1_all.deb')
+    fake_tool(tmp_path / "bin", "dpkg-deb", 'echo mine > "$3/sound"')
+    with pytest.raises(OSError):
+        debian.fetch("pkg", tmp_path / "cache")
+    assert root.read_text() == "a file in the way" and sorted(p.name for p in root.parent.iterdir()) == ["pkg"]
+
+
 def test_a_fetch_removes_dead_processes_folders_and_renames_a_half_extracted_root_before_deleting_it(
         tmp_path, monkeypatch):
     cache = tmp_path / "cache"

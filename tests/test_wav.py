@@ -98,6 +98,8 @@ UNREADABLE = {
     "24-bit": (riff(fmt_chunk(2, 8000, bits=24), chunk(b"data", b"\0" * 12)), "24-bit PCM samples"),
     "float": (riff(fmt_chunk(1, 8000, bits=32, tag=3), chunk(b"data", b"\0" * 8)), "32-bit float samples"),
     "rate 0": (riff(fmt_chunk(1, 0), chunk(b"data", b"\0" * 8)), "1 channels at 0 Hz"),
+    # divided by 0 channels before the reader said which file
+    "0 channels": (riff(fmt_chunk(0, 8000), chunk(b"data", b"\0" * 8)), "0 channels at 8000 Hz"),
     "data before fmt": (riff(chunk(b"data", b"\0" * 8), fmt_chunk(1, 8000)), "data chunk comes before the fmt"),
     "no data": (riff(fmt_chunk(1, 8000)), "no data chunk"),
 }
@@ -131,6 +133,7 @@ def test_write_wav_writes_pcm_as_the_readers_scale_it(tmp_path):
     (np.ones(4, dtype=np.int64), 8000, "dtype int64"),  # was clipped to full scale
     (np.zeros(4), 44100.5, "got 44100.5"),  # was written at 44100 Hz
     (np.zeros(4), 0, "got 0"),
+    (np.zeros(4), 2 ** 32, "got 4294967296"),  # over the header's 32 bits: struct's error, naming no file
 ])
 def test_write_wav_refuses_what_it_cannot_write_faithfully(tmp_path, waveform, rate, reason):
     path = tmp_path / "x.wav"
