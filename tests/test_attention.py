@@ -110,12 +110,13 @@ def test_a_forced_backend_names_the_setting_and_why_it_cannot_take_the_heads(mon
             attention_ops.packed_attention(torch.randn(22, 3 * 128, requires_grad=True), packing, 2, backend="csrc")
 
 
-@pytest.mark.parametrize("heads", [0, -2, 2.0, 5])
+@pytest.mark.parametrize("heads", [0, -2, 2.0, 5, 3])
 def test_heads_that_are_not_a_positive_count_dividing_the_width_are_refused(heads):
-    """heads=0 raised ZeroDivisionError, a count that does not divide the width a reshape error in a backend."""
+    """heads=0 raised ZeroDivisionError, a count that does not divide the width a reshape error in a backend.
+    heads=3 divides 3*D = 384 but not D = 128: each head must be a whole slice of D, not of the packed rows."""
     packing = Packing.from_lengths(torch.tensor([5, 17]))
     qkv = torch.randn(packing.total_tokens, 3 * 128)
-    message = "D divisible by heads=5" if heads == 5 else f"heads must be a positive count, got {heads}"
+    message = f"D divisible by heads={heads}" if heads in (3, 5) else f"heads must be a positive count, got {heads}"
     with pytest.raises(ValueError, match=message):
         attention_ops.packed_attention(qkv, packing, heads)
 

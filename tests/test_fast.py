@@ -180,6 +180,39 @@ def test_cls_only_forward_equals_the_cls_rows_of_the_whole_forward(model, monkey
         packed.forward(inference, tokens, packing, return_layers=True, cls_only=True)
 
 
+@pytest.mark.parametrize("prepared", [False, True], ids=["eager-ops", "cpu-inference-ops"])
+def test_packed_forward_norms_read_their_own_eps(prepared):
+    """Every LayerNorm of the packed encoder (norm1, norm2, the final norm) reads its module's eps, on the eager
+    ops (a GPU's path, or a forced norm backend) and on the CPU inference ops. Inputs of variance ~1e-6, where eps
+    1e-6 and 1e-5 give outputs ~2x apart (at unit variance ~4e-6, under the end-to-end tolerance), against
+    torch's TransformerEncoderLayer with layer_norm_eps=1e-6 and a final LayerNorm with eps 1e-6, per sequence."""
+    import torch.nn.functional as F
+
+    from echo import packed
+    from echo.ops import linear as linear_ops
+    from independent import torch_layers
+
+    if prepared and not linear_ops.available(torch.float32):
+        pytest.skip("no oneDNN linear ops in this torch")
+    model = random_model("tiny", depth=2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):  # every LayerNorm input stays at ~1e-3 scale
+                param.mul_(1e-3)
+    state = model.state_dict()
+    reference = torch_layers(state, model.config.dim, model.config.heads, model.config.depth)
+    packing = packed.Packing.from_lengths(torch.randint(2, 40, (int(torch.randint(3, 10, ())),)).sort().values)
+    tokens = torch.randn(packing.total_tokens, model.config.dim) * 1e-3
+    runner = packed.inference_model(model, torch.float32) if prepared else model
+    assert (getattr(runner.encoder.layers[0], "cpu_inference_ops", None) is not None) == prepared
+    bounds = packing.cu_seqlens.tolist()
+    with torch.no_grad():
+        out = packed.forward(runner, tokens, packing)
+        ref = torch.cat([F.layer_norm(reference(tokens[start:end][None])[0], (model.config.dim,), state["norm.weight"],
+                                      state["norm.bias"], 1e-6) for start, end in zip(bounds[:-1], bounds[1:])])
+    assert rel_err(out, ref) < 1e-5  # eps 1e-5 in any norm: ~0.5
+
+
 @pytest.mark.parametrize("cls_layer", [True, False], ids=["cls-only-last-layer", "cls-rows-picked"])
 def test_utterances_only_equal_reference_in_small_passes(model, monkeypatch, cls_layer):
     """frames=False runs the last layer on the CLS rows alone, over several passes and long signals; where it

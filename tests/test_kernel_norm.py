@@ -51,6 +51,20 @@ def test_residual_layer_norm_fp32(rows, dim, poisoned_empty):
         assert not g.isnan().any() and rel_err(g.cpu(), e) < 1e-5, name
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_the_dispatch_hands_its_eps_to_the_backend(backend, poisoned_empty):
+    """fused_residual_layer_norm passes its eps on to the backend it runs. Inputs of variance ~1e-6, where eps 1e-6
+    and torch's default 1e-5 give outputs ~2x apart (at unit variance ~4e-6, under the tolerance above), against
+    LayerNorm written out in float64."""
+    rows, dim = int(torch.randint(1, 40, ())), 96
+    x, residual = torch.randn(rows, dim) * 1e-3, torch.randn(rows, dim) * 1e-3
+    weight, bias = torch.rand(dim) + 0.5, torch.randn(dim) * 0.1
+    v = (x + residual).double()
+    normed = (v - v.mean(-1, keepdim=True)) / torch.sqrt(v.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    out = norm_ops.fused_residual_layer_norm(*on_device([x, residual, weight, bias]), 1e-6, backend=backend)
+    assert rel_err(out.cpu(), normed * weight.double() + bias.double()) < 1e-5  # eps 1e-5: ~0.5
+
+
 @pytest.mark.parametrize("rows, cols", [(37, 200), (1, 64), (int(torch.randint(2, 60, ())), 384)])
 def test_bias_gelu_fp32(rows, cols, poisoned_empty):
     inputs = [torch.randn(rows, 32), torch.randn(cols, 32) * 0.3, torch.randn(cols)]
