@@ -152,12 +152,18 @@ def read_embeddings(path) -> dict:
     path = Path(path)
     if path.suffix == ".parquet":
         pyarrow = _require_pyarrow()
-        table = pyarrow.parquet.read_table(str(path))
-        fields = {name: table.column(name).to_pylist() for name in ("path", "model", "key", "sample_rate",
-                                                                     "channels")}
-        utterances = _arrays(table.column("utterance"), pyarrow)
-        frames = _arrays(table.column("frames"), pyarrow) if "frames" in table.column_names else \
-            [None] * table.num_rows
+        fields = {name: [] for name in ("path", "model", "key", "sample_rate", "channels")}
+        utterances, frames = [], []
+        handle = pyarrow.parquet.ParquetFile(str(path), buffer_size=PARQUET_READ_BUFFER, pre_buffer=False)
+        try:
+            for batch in handle.iter_batches(batch_size=PARQUET_READ_ROWS):
+                for name, values in fields.items():
+                    values += batch.column(name).to_pylist()
+                utterances += _arrays(pyarrow.chunked_array([batch.column("utterance")]), pyarrow)
+                frames += _arrays(pyarrow.chunked_array([batch.column("frames")]), pyarrow) \
+                    if "frames" in batch.schema.names else [None] * batch.num_rows
+        finally:
+            handle.close()
         files = {}
         for i, file in enumerate(fields["path"]):  # the fields an npz row has, no more: "path" and "model" are keys
             files[file] = {name: fields[name][i] for name in ("key", "sample_rate", "channels")}
@@ -167,9 +173,12 @@ def read_embeddings(path) -> dict:
         return {"model": fields["model"][0] if fields["model"] else "", "files": files}
     with np.load(path, allow_pickle=False) as data:
         files = {}
+        # each column read once: data[name] reads and parses it from the archive at every access, and read per row
+        # it made reading n files quadratic (16,000 files: 43 s, re-run's own start included)
+        keys, rates, channels = data["keys"], data["sample_rates"], data["channels"]
         for i, name in enumerate(data["paths"]):
-            row = {"key": str(data["keys"][i]), "sample_rate": int(data["sample_rates"][i]),
-                   "channels": int(data["channels"][i]), "utterance": data[f"utterance/{i}"]}
+            row = {"key": str(keys[i]), "sample_rate": int(rates[i]), "channels": int(channels[i]),
+                   "utterance": data[f"utterance/{i}"]}
             if f"frames/{i}" in data:
                 row["frames"] = data[f"frames/{i}"]
             files[str(name)] = row
@@ -189,6 +198,10 @@ def _require_pyarrow():
 # Parquet columns of embeddings go between numpy and Arrow through their joined values: as lists of Python floats
 # (`tolist`, `to_pylist`) they took 10-12x their size in memory and 6-9x the time (1.3 GB and 7 s to write 129 MB).
 LIST_VALUES = 2**31 - 1  # the most values one Arrow list array's int32 offsets reach: a column is chunked under it
+# A parquet output is read back a few rows at a time, its column chunks through a small buffer, not read ahead whole:
+# read as one table, 302 MB (3000 clips with frames) took +1.6 GB at the peak to decode, at every re-run.
+PARQUET_READ_ROWS = 64
+PARQUET_READ_BUFFER = 1 << 20
 
 
 def _column(arrays: list[np.ndarray], pyarrow):
