@@ -136,7 +136,8 @@ class EchoModel(nn.Module):
         self.patch_embed = PatchEmbed(dim, **factory)
         self.encoder = Encoder(self.config, **factory)
         self.norm = nn.LayerNorm(dim, eps=self.config.final_norm_eps, **factory)
-        nn.init.normal_(self.cls_token, std=0.02)
+        if not self.cls_token.is_meta:  # a meta tensor has no values; its normal_ imports torch._dynamo (~3 s of
+            nn.init.normal_(self.cls_token, std=0.02)  # every echo.load, which shapes the model on the meta device)
 
     @property
     def device(self) -> torch.device:

@@ -468,3 +468,15 @@ def test_a_flat_file_of_a_custom_size_gets_64_dim_heads(tmp_path):
     assert loaded.config.heads == 256 // 64 == 4 and loaded.config == model.config
     x = torch.randn(int(torch.randint(4000, 9000, ())))
     assert torch.equal(loaded.encode(x, 16000)[0], model.encode(x, 16000)[0])
+
+
+def test_loading_a_checkpoint_does_not_import_torch_dynamo(tmp_path):
+    """load shapes the model on the meta device, where nn.init.normal_ goes through torch._refs, which imports
+    torch._dynamo: ~1-3 s added to every command's start, for a tensor whose values are never used."""
+    import subprocess
+    import sys
+
+    path = echo.save(random_model("tiny", depth=1), tmp_path / "tiny.safetensors")
+    loaded = subprocess.run([sys.executable, "-c", f"import sys, echo; echo.load({str(path)!r}); "
+                             "print('torch._dynamo' in sys.modules)"], capture_output=True, text=True)
+    assert loaded.returncode == 0 and loaded.stdout.split() == ["False"], loaded.stdout + loaded.stderr
