@@ -190,17 +190,12 @@ def test_packed_forward_norms_read_their_own_eps(prepared):
 
     from echo import packed
     from echo.ops import linear as linear_ops
-    from independent import torch_layers
+    from independent import eps_felt_reference
 
     if prepared and not linear_ops.available(torch.float32):
         pytest.skip("no oneDNN linear ops in this torch")
     model = random_model("tiny", depth=2)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):  # every LayerNorm input stays at ~1e-3 scale
-                param.mul_(1e-3)
-    state = model.state_dict()
-    reference = torch_layers(state, model.config.dim, model.config.heads, model.config.depth)
+    state, reference = eps_felt_reference(model)
     packing = packed.Packing.from_lengths(torch.randint(2, 40, (int(torch.randint(3, 10, ())),)).sort().values)
     tokens = torch.randn(packing.total_tokens, model.config.dim) * 1e-3
     runner = packed.inference_model(model, torch.float32) if prepared else model

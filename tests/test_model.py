@@ -3,7 +3,7 @@ import torch
 
 import echo
 from echo import geometry
-from independent import independent_encode, torch_layers
+from independent import eps_felt_reference, independent_encode, torch_layers
 
 from conftest import RATE_FAMILIES, random_model, rel_err
 
@@ -126,12 +126,7 @@ def test_layer_norm_eps_is_felt_and_is_the_released_1e6(size):
     tolerance). The preset's model against the spec's definition: torch's TransformerEncoderLayer with
     layer_norm_eps=1e-6, then LayerNorm with eps 1e-6."""
     model = random_model(size)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):  # every LayerNorm input stays at ~1e-3 scale
-                param.mul_(1e-3)
-    state = model.state_dict()
-    reference = torch_layers(state, model.config.dim, model.config.heads, model.config.depth)
+    state, reference = eps_felt_reference(model)
     x = torch.randn(3, 1 + int(torch.randint(1, 126, ())), model.config.dim) * 1e-3
     with torch.no_grad():
         ours = model(x)
