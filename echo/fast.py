@@ -434,9 +434,9 @@ def _gather(monos: list[_Mono], count: int, frame_outputs: list[torch.Tensor] | 
     return results
 
 
-def _joined(pieces: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
-    """torch.cat, which copies even one piece: frames are the bulk of an output."""
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+def _joined(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat, which copies even one piece: a pass's spectrogram is most of its memory."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 from .streaming import StreamEncoder  # noqa: E402  (re-exported: echo.fast.StreamEncoder)
