@@ -31,6 +31,8 @@ def run_script(script: str, *arguments: str, **environment: str) -> subprocess.C
     ("eval_speed.py", "--seconds", "inf"),
     ("eval_speed.py", "--seconds", "0.01"),  # shorter than one 25 ms window at 16 kHz
     ("eval_speed.py", "--device", "gpu"),
+    ("fault_groups_speed.py", "--groups", "1"),
+    ("fault_groups_speed.py", "--k", "10000"),  # above every bank of 10^4 rows
 ])
 def test_a_bad_option_is_a_usage_error_naming_it(script, option, value):
     run = run_script(script, option, value)

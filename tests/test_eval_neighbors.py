@@ -52,6 +52,37 @@ def test_nearest_excludes_own_row_and_float32_agrees():
     np.testing.assert_allclose(distances, ref_d, rtol=1e-5)
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_groups_leave_each_querys_own_group_out(metric, chunked, monkeypatch):
+    """Leave-one-group-out in one search (faults searched each group apart, every search preparing nearly the
+    whole bank again): a query never meets a row of its own group, ties (repeated integer rows, across groups and
+    bank chunks; Euclidean) come in bank order, and a query whose group leaves fewer rows than the search first
+    hands over (k + 16) still gets the k nearest of those, never a row twice; as brute force over the bank
+    without the group."""
+    if chunked:
+        monkeypatch.setattr(neighbors, "BANK_CHUNK_ROWS", 7)
+    rng = seeded_rng()
+    points = rng.integers(1, 4, size=(60, 3)).astype(np.float64)  # 27 distinct rows: many exact ties
+    if metric == "cosine":  # parallel rows ([1, 1, 1], [2, 2, 2]) round apart in brute force's 1 - cos
+        points += 1e-3 * rng.normal(size=points.shape)
+    groups = np.r_[rng.integers(1, 6, size=15), np.zeros(45, dtype=int)]  # 15 rows outside group 0, row 0 one
+    for k in (4, 15):  # 15: every row outside group 0, for its queries
+        distances, indices = neighbors.nearest(points, points, k, metric, groups=(groups, groups),
+                                               chunk_bytes=1 if chunked else neighbors.CHUNK_BYTES)
+        for q in range(len(points)):
+            bank = np.flatnonzero(groups != groups[q])
+            ref_d, ref_i = brute_force(points[q:q + 1], points[bank], k, metric)
+            assert indices[q].tolist() == bank[ref_i[0]].tolist()
+            np.testing.assert_allclose(distances[q], ref_d[0], rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match=r"k=16 neighbours asked of a bank of 60 rows \(15 outside the largest group"):
+        neighbors.nearest(points, points, 16, metric, groups=(groups, groups))
+    with pytest.raises(ValueError, match="groups: with the torch search only, and without exclude"):
+        neighbors.nearest(points, points, 1, metric, exclude=np.arange(60), groups=(groups, groups))
+    with pytest.raises(ValueError, match=r"one group per query \(60\) and one per bank row \(60\)"):
+        neighbors.nearest(points, points, 1, metric, groups=(groups, groups[1:]))
+
+
 def test_hand_case_on_a_line():
     bank = np.array([[0.0], [1.0], [4.0], [10.0]])
     distances, indices = neighbors.nearest(np.array([[3.0], [9.0]]), bank, 2)

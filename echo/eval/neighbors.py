@@ -125,15 +125,36 @@ def _exclusions(exclude, queries: int, bank: int, device) -> torch.Tensor | None
     return torch.as_tensor(values, dtype=torch.long, device=device)
 
 
-def _check(queries: torch.Tensor, bank: torch.Tensor, k: int, metric: str, exclude) -> None:
+def _group_codes(groups, queries: int, bank: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`groups` as (query groups (Q,), bank groups (B,)), integer codes on `device`; None without."""
+    if groups is None:
+        return None
+    if len(groups) != 2:
+        raise ValueError("groups must be a pair: (one group per query, one per bank row)")
+    codes = [np.asarray(side) for side in groups]
+    if codes[0].shape != (queries,) or codes[1].shape != (bank,):
+        raise ValueError(f"groups must hold one group per query ({queries}) and one per bank row ({bank}), got "
+                         f"shapes {codes[0].shape} and {codes[1].shape}")
+    if not all(np.issubdtype(side.dtype, np.integer) for side in codes):
+        raise ValueError(f"groups must hold integer codes, got {codes[0].dtype} and {codes[1].dtype}")
+    return tuple(torch.as_tensor(side, dtype=torch.long, device=device) for side in codes)
+
+
+def _check(queries: torch.Tensor, bank: torch.Tensor, k: int, metric: str, exclude, groups=None) -> None:
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
     if queries.shape[1] != bank.shape[1]:
         raise ValueError(f"queries have {queries.shape[1]} features but the bank has {bank.shape[1]}")
     available = bank.shape[0] - (exclude is not None)
+    if groups is not None:  # the bank less the largest group a query leaves out
+        names, counts = torch.unique(groups[1], return_counts=True)
+        left_out = counts[torch.isin(names, groups[0])]
+        available = bank.shape[0] - (int(left_out.max()) if len(left_out) else 0)
     if not 1 <= k <= available:
         raise ValueError(f"k={k} neighbours asked of a bank of {bank.shape[0]} rows"
-                         + (" (each query's own row excluded)" if exclude is not None else ""))
+                         + (" (each query's own row excluded)" if exclude is not None else "")
+                         + (f" ({available} outside the largest group a query leaves out)" if groups is not None
+                            else ""))
 
 
 def _search_values(queries: torch.Tensor, bank: torch.Tensor, bank_sq=None) -> torch.Tensor:
@@ -217,12 +238,15 @@ def _measured(queries: torch.Tensor, bank: torch.Tensor, candidates: torch.Tenso
     return torch.cat(measured)
 
 
-def _best(distances: torch.Tensor, candidates: torch.Tensor, k: int, exclude) -> tuple[torch.Tensor, torch.Tensor]:
+def _best(distances: torch.Tensor, candidates: torch.Tensor, k: int, exclude,
+          own=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The k smallest distances (Q, M) of each query to its candidates (Q, M, ascending bank rows) and their bank
-    rows, never the query's excluded one. Equal distances in bank order: torch.topk picks among them in any
-    order, which could flip a tied kNN vote."""
+    rows, never the query's excluded one nor one of its own group (`own`: a (Q, M) mask). Equal distances in bank
+    order: torch.topk picks among them in any order, which could flip a tied kNN vote."""
     if exclude is not None:
         distances = distances.masked_fill(candidates == exclude[:, None], float("inf"))
+    if own is not None:
+        distances = distances.masked_fill(own, float("inf"))
     values, columns = torch.topk(distances, k, dim=1, largest=False, sorted=True)
     crowded = (distances <= values[:, -1:]).sum(1) > k  # more columns at the last value than places left
     if crowded.any():  # rare outside duplicated or quantised embeddings: sort those rows whole
@@ -253,10 +277,12 @@ def _largest(rows: torch.Tensor, dim=None) -> torch.Tensor:
 
 
 def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, device=None,
-            backend: str = "torch", chunk_bytes: int = CHUNK_BYTES) -> tuple[np.ndarray, np.ndarray]:
+            backend: str = "torch", chunk_bytes: int = CHUNK_BYTES, groups=None) -> tuple[np.ndarray, np.ndarray]:
     """(distances (Q, k), bank indices (Q, k)), ascending per row.
 
     `exclude`: for each query, one bank row it may not match (its own row in leave-one-out), or -1.
+    `groups`: (one integer group per query, one per bank row): a query never matches a bank row of its own group
+    (leave-one-group-out in one search, the bank prepared once; torch search only).
     Searched in float64 (faiss: float32, which torch's settings do not reach either), the k nearest measured in
     float64 and returned (and ranked) in the inputs' dtype: refused if they exceed its range.
     """
@@ -269,7 +295,10 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
         if rows.dim() != 2 or rows.shape[0] == 0:
             raise ValueError(f"{name} must be a non-empty (rows, features) matrix, got shape {tuple(rows.shape)}")
     exclude = _exclusions(exclude, queries.shape[0], bank.shape[0], device)
-    _check(queries, bank, k, metric, exclude)
+    groups = _group_codes(groups, queries.shape[0], bank.shape[0], device)
+    if groups is not None and (exclude is not None or backend != "torch"):
+        raise ValueError("groups: with the torch search only, and without exclude")
+    _check(queries, bank, k, metric, exclude, groups)
     if metric == "cosine":
         check_nonzero(queries, "queries")
         check_nonzero(bank, "bank")
@@ -292,10 +321,12 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
     wanted = k + (exclude is not None) + EXTRA_CANDIDATES
     while len(pending):
         wanted = min(wanted, bank.shape[0])
-        candidates, reach = search(prepared[pending], wanted=wanted)
+        own_groups = {} if groups is None else {"groups": (groups[0][pending], groups[1])}
+        candidates, reach = search(prepared[pending], wanted=wanted, **own_groups)
         candidates = candidates.sort(dim=1).values
         distances = _measured(queries[pending], bank, candidates, metric, chunk_bytes, scale) / scale
-        d, i = _best(distances.to(queries.dtype), candidates, k, None if exclude is None else exclude[pending])
+        own = None if groups is None else groups[1][candidates] == groups[0][pending, None]
+        d, i = _best(distances.to(queries.dtype), candidates, k, None if exclude is None else exclude[pending], own)
         if torch.isinf(d).any():
             advice = "scale the rows down" if queries.dtype == torch.float64 else "pass the rows in a wider dtype"
             raise ValueError(f"distances between queries and bank exceed {str(queries.dtype)[6:]}'s range: "
@@ -316,10 +347,12 @@ def _prepared_chunk(bank: torch.Tensor, prepare, device, b0: int) -> tuple[torch
     return rows, (rows * rows).sum(1)
 
 
-def _search_torch(queries: torch.Tensor, chunk, bank_size: int, wanted: int,
-                  chunk_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _search_torch(queries: torch.Tensor, chunk, bank_size: int, wanted: int, chunk_bytes: int,
+                  groups=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each prepared query's `wanted` bank rows of smallest search value (Q, wanted), in any order, and the
-    largest of those values (Q,). chunk(b0): as `_prepared_chunk`."""
+    largest of those values (Q,). chunk(b0): as `_prepared_chunk`. `groups` (the queries' (Q,), the bank's (B,)):
+    rows of a query's own group come after every other row, at the dtype's largest value (a row still, never the
+    fill), so that one among the wanted makes the largest value exceed any limit: every other row is in."""
     best_v = torch.full((queries.shape[0], wanted), float("inf"), dtype=queries.dtype, device=queries.device)
     best_i = torch.zeros((queries.shape[0], wanted), dtype=torch.long, device=queries.device)
     query_rows = max(1, chunk_bytes // (min(bank_size, BANK_CHUNK_ROWS) * queries.element_size()))
@@ -328,8 +361,11 @@ def _search_torch(queries: torch.Tensor, chunk, bank_size: int, wanted: int,
         take = min(wanted, rows_b.shape[0])
         for q0 in range(0, queries.shape[0], query_rows):
             rows = slice(q0, q0 + query_rows)
-            chunk_v, chunk_i = torch.topk(_search_values(queries[rows], rows_b, rows_sq), take, dim=1,
-                                          largest=False, sorted=False)
+            values = _search_values(queries[rows], rows_b, rows_sq)
+            if groups is not None:
+                values.masked_fill_(groups[0][rows, None] == groups[1][None, b0:b0 + rows_b.shape[0]],
+                                    torch.finfo(values.dtype).max)
+            chunk_v, chunk_i = torch.topk(values, take, dim=1, largest=False, sorted=False)
             merged_v = torch.cat([best_v[rows], chunk_v], dim=1)
             merged_i = torch.cat([best_i[rows], chunk_i + b0], dim=1)
             best_v[rows], order = torch.topk(merged_v, wanted, dim=1, largest=False, sorted=False)
