@@ -330,12 +330,27 @@ def load(path, size: str | None = None, device=None, heads: int | None = None, *
         model = EchoModel(config)
     check_state_dict(model, state, str(path))
     weights = _float32_weights(state, str(path))
-    # Allocated on `device` in float32, not on torch's default device in its default dtype (a user's
-    # set_default_device("meta") gave a model without weights); left uninitialised, as the strict load below
-    # fills every parameter and the model has no buffers.
-    model = model.float().to_empty(device=device or "cpu")
-    model.load_state_dict(weights)
+    del state
+    # The weights become the parameters, on `device` in float32 whatever torch's default device and dtype (a
+    # user's set_default_device("meta") gave a model without weights): not copied into a model allocated first,
+    # which held them twice, and whose allocation from the meta device (to_empty) imported torch's symbolic
+    # shapes and sympy, ~1 s of every command's start.
+    model.load_state_dict(_owned(weights, device or "cpu"), strict=True, assign=True)
     return model.eval()
+
+
+def _owned(weights: dict, device) -> dict:
+    """The weights on `device`, each in a storage of its own: a torch checkpoint may hold views of one tensor
+    (two keys sharing it would train as one parameter) or of a larger one (kept whole in memory)."""
+    owned, storages = {}, set()
+    for key, value in weights.items():
+        value = value.to(device)
+        storage = value.untyped_storage()
+        if storage.data_ptr() in storages or storage.nbytes() != value.nbytes or not value.is_contiguous():
+            value = value.clone(memory_format=torch.contiguous_format)
+        storages.add(value.untyped_storage().data_ptr())
+        owned[key] = value
+    return owned
 
 
 def _check_saveable(model) -> None:

@@ -470,13 +470,35 @@ def test_a_flat_file_of_a_custom_size_gets_64_dim_heads(tmp_path):
     assert torch.equal(loaded.encode(x, 16000)[0], model.encode(x, 16000)[0])
 
 
-def test_loading_a_checkpoint_does_not_import_torch_dynamo(tmp_path):
+def test_loading_a_checkpoint_does_not_import_torch_dynamo_or_sympy(tmp_path):
     """load shapes the model on the meta device, where nn.init.normal_ goes through torch._refs, which imports
-    torch._dynamo: ~1-3 s added to every command's start, for a tensor whose values are never used."""
+    torch._dynamo: ~1-3 s added to every command's start, for a tensor whose values are never used; and
+    allocating that model (to_empty) imported torch's symbolic shapes and sympy, ~1 s more."""
     import subprocess
     import sys
 
     path = echo.save(random_model("tiny", depth=1), tmp_path / "tiny.safetensors")
     loaded = subprocess.run([sys.executable, "-c", f"import sys, echo; echo.load({str(path)!r}); "
-                             "print('torch._dynamo' in sys.modules)"], capture_output=True, text=True)
-    assert loaded.returncode == 0 and loaded.stdout.split() == ["False"], loaded.stdout + loaded.stderr
+                             "print(*(name in sys.modules for name in ('torch._dynamo', 'sympy')))"],
+                            capture_output=True, text=True)
+    assert loaded.returncode == 0 and loaded.stdout.split() == ["False", "False"], loaded.stdout + loaded.stderr
+
+
+def test_weights_sharing_a_tensor_in_a_torch_checkpoint_load_as_parameters_of_their_own(tmp_path):
+    """The file's weights become the model's parameters (not copied into an allocated model): two keys saved as
+    views of one tensor would have trained as one parameter, and a slice kept its whole tensor in memory."""
+    model = random_model("tiny", depth=2)
+    state = dict(model.state_dict())
+    (first, second), sliced = (f"encoder.layers.{layer}.linear1.bias" for layer in (0, 1)), "cls_token"
+    state[second] = state[first]  # one tensor under two keys
+    state[sliced] = torch.cat([state[sliced].flatten(), torch.randn(1000)])[:state[sliced].numel()].view_as(
+        state[sliced])
+    torch.save(state, tmp_path / "views.pt")
+    loaded = echo.load(tmp_path / "views.pt")
+    with torch.no_grad():
+        loaded.get_parameter(first).add_(1)
+    assert torch.equal(loaded.get_parameter(first), model.get_parameter(first) + 1)
+    assert torch.equal(loaded.get_parameter(second), model.get_parameter(first))
+    assert torch.equal(loaded.cls_token, model.cls_token)
+    for name, parameter in loaded.named_parameters():
+        assert parameter.untyped_storage().nbytes() == parameter.nbytes and parameter.is_contiguous(), name
