@@ -17,7 +17,7 @@ def brute_force(queries, bank, k, metric, exclude=None):
             row = np.array([1 - query @ b / (np.linalg.norm(query) * np.linalg.norm(b)) for b in bank])
         else:
             row = np.array([np.sqrt(np.sum((query - b) ** 2)) for b in bank])
-        if exclude is not None:
+        if exclude is not None and exclude[q] >= 0:  # -1: none
             row[exclude[q]] = np.inf
         order = np.argsort(row, kind="stable")[:k]
         distances.append(row[order])
@@ -613,6 +613,64 @@ def test_fused_visits_the_bank_a_chunk_at_a_time(k, monkeypatch):
     np.testing.assert_array_equal(indices, ref_i)
     np.testing.assert_allclose(distances, ref_d, rtol=1e-9, atol=1e-9)
     assert max(prepared_rows) <= 37  # queries (23) and bank rows alike
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_wide_rows_are_searched_in_chunks_bounded_in_bytes(fused, monkeypatch):
+    """A bank chunk was 65,536 rows whatever their width: MAFAULDA's 7 x 7680 features made one of 28 GB of
+    prepared float64 rows. Wide rows now come fewer at a time (here 9 rows of 3 x 8), with the neighbours of
+    brute force."""
+    monkeypatch.setattr(neighbors, "BANK_CHUNK_BYTES", 8 * 3 * 8 * 9)
+    chunk_rows = []
+    prepared_chunk = neighbors._prepared_chunk
+
+    def counting(*args):
+        rows, squares = prepared_chunk(*args)
+        chunk_rows.append(len(rows))
+        return rows, squares
+
+    monkeypatch.setattr(neighbors, "_prepared_chunk", counting)
+    rng = seeded_rng()
+    bank = rng.normal(size=(40, 3, 8)) + 2.0
+    queries = np.concatenate([bank[:6], rng.normal(size=(5, 3, 8)) + 2.0])
+    exclude = np.concatenate([np.arange(6), np.full(5, -1)])
+    if fused:
+        distances, indices = neighbors.fused_nearest(queries, bank, 4, exclude=exclude)
+        ref_d, ref_i = fused_reference(queries, bank, 4, exclude)
+    else:
+        distances, indices = neighbors.nearest(queries.reshape(11, -1), bank.reshape(40, -1), 4, exclude=exclude)
+        ref_d, ref_i = brute_force(queries.reshape(11, -1), bank.reshape(40, -1), 4, "euclidean", exclude)
+    np.testing.assert_array_equal(indices, ref_i)
+    np.testing.assert_allclose(distances, ref_d, rtol=1e-9, atol=1e-9)
+    assert max(chunk_rows) == 9 and sum(chunk_rows) >= 40
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_bank_chunk_is_let_go_before_the_next_is_prepared(fused, monkeypatch):
+    """The last chunk was kept (lru_cache) while the next was prepared: 1.5-2x a chunk, a GB more at the
+    default size. A bank of one chunk is still prepared once for all the search's rounds."""
+    import weakref
+
+    earlier, alive = [], []
+    prepared_chunk = neighbors._prepared_chunk
+
+    def watching(*args):
+        alive.append(sum(ref() is not None for ref in earlier))
+        rows, squares = prepared_chunk(*args)
+        earlier.append(weakref.ref(rows))
+        return rows, squares
+
+    monkeypatch.setattr(neighbors, "_prepared_chunk", watching)
+    rng = seeded_rng()
+    bank = rng.normal(size=(50, 1, 6))
+    search = (lambda rows, k: neighbors.fused_nearest(rows, bank, k)) if fused else (
+        lambda rows, k: neighbors.nearest(rows[:, 0], bank[:, 0], k))
+    search(bank[:20] + 0.01, 45)  # k + 16 candidates are more than the bank: a second round
+    assert alive == [0]  # one chunk, prepared once
+    monkeypatch.setattr(neighbors, "BANK_CHUNK_ROWS", 12)
+    earlier.clear(), alive.clear()
+    search(bank[:20] + 0.01, 3)
+    assert len(alive) >= 5 and alive == [0] * len(alive)
 
 
 def test_fused_ties_across_bank_chunks_come_in_bank_order(monkeypatch):

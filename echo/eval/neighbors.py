@@ -30,7 +30,7 @@ Among neighbours at exactly equal distance the lower bank index comes first.
 """
 from __future__ import annotations
 
-from functools import lru_cache, partial
+from functools import partial
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from . import require
 METRICS = ("euclidean", "cosine")
 CHUNK_BYTES = 256 * 2**20  # one chunk of the distance matrix
 BANK_CHUNK_ROWS = 65536
+BANK_CHUNK_BYTES = 2**30  # one chunk of prepared (float64) bank rows: wide rows make it fewer than BANK_CHUNK_ROWS
 EXTRA_CANDIDATES = 16  # beyond k, so that few queries need a second search to hold every candidate
 
 
@@ -157,10 +158,15 @@ def _check(queries: torch.Tensor, bank: torch.Tensor, k: int, metric: str, exclu
                             else ""))
 
 
+def _squared_norms(rows: torch.Tensor) -> torch.Tensor:
+    """Each row's sum of squares, without a temporary of the rows' size (a bank chunk's: up to a GB)."""
+    return torch.einsum("ij,ij->i", rows, rows)
+
+
 def _search_values(queries: torch.Tensor, bank: torch.Tensor, bank_sq=None) -> torch.Tensor:
     """(Q, B) squared distances of prepared rows, within `_search_error` of the exact ones."""
-    queries_sq = (queries * queries).sum(1, keepdim=True)
-    bank_sq = (bank * bank).sum(1) if bank_sq is None else bank_sq
+    queries_sq = _squared_norms(queries)[:, None]
+    bank_sq = _squared_norms(bank) if bank_sq is None else bank_sq
     return (queries_sq + bank_sq - 2 * queries @ bank.T).clamp_min_(0)
 
 
@@ -258,15 +264,23 @@ def _best(distances: torch.Tensor, candidates: torch.Tensor, k: int, exclude,
     return values, candidates.gather(1, columns.gather(1, by_value))
 
 
-def _preparer(bank: torch.Tensor, metric: str, device, dtype: torch.dtype, scale: float):
+def _bank_chunk_rows(bank_rows: int, features: int) -> int:
+    """Bank rows searched at once: BANK_CHUNK_ROWS, fewer where their prepared float64 values would pass
+    BANK_CHUNK_BYTES (65,536 rows of MAFAULDA's 53,760 features were 28 GB), and no more than the bank has."""
+    return max(1, min(bank_rows, BANK_CHUNK_ROWS, BANK_CHUNK_BYTES // (8 * features)))
+
+
+def _preparer(bank: torch.Tensor, metric: str, device, dtype: torch.dtype, scale: float, chunk_rows: int):
     """The map applied to query and bank rows (on `device`) before `_search_values`, into the search's dtype:
     `_scaled` (cosine rows then to unit length), less a centre, the mean of the prepared rows of one chunk's
-    worth of bank rows spread over the bank. Any centre leaves distances as they are; a central one removes
-    most of the cancellation, which a chunk's does as well as the whole bank's, for the price of one chunk."""
+    worth (`chunk_rows`) of bank rows spread over the bank. Any centre leaves distances as they are; a central
+    one removes most of the cancellation, which a chunk's does as well as the whole bank's, for the price of one
+    chunk. Rows are converted once and scaled in place: one copy of them at a time."""
     def scaled(rows: torch.Tensor) -> torch.Tensor:
-        rows = _scaled(rows.to(dtype), metric, scale)
+        rows = rows.to(dtype, copy=True)
+        _scaled(rows, metric, scale, out=rows)
         return rows if metric == "euclidean" else rows.div_(rows.norm(dim=1, keepdim=True))
-    step = -(-bank.shape[0] // BANK_CHUNK_ROWS)  # one chunk's rows at most
+    step = -(-bank.shape[0] // chunk_rows)  # one chunk's rows at most
     centre = scaled(bank[::step].to(device)).mean(0, keepdim=True)
     return lambda rows: scaled(rows).sub_(centre)
 
@@ -306,13 +320,15 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
     scale = 1.0  # cosine rows are scaled each by its own
     if metric == "euclidean":
         scale = _power_of_two(torch.maximum(_largest(queries), _largest(bank)).to(search_dtype)).item()
-    prepare = _preparer(bank, metric, device, search_dtype, scale)
+    chunk_rows = _bank_chunk_rows(bank.shape[0], bank.shape[1])
+    prepare = _preparer(bank, metric, device, search_dtype, scale, chunk_rows)
     prepared = prepare(queries)
     if backend == "faiss":
         search = partial(_search_faiss, index=_faiss_index(prepare(bank)))
     else:
-        chunk = lru_cache(maxsize=1)(partial(_prepared_chunk, bank, prepare, device))  # 1 chunk: prepared once
-        search = partial(_search_torch, chunk=chunk, bank_size=bank.shape[0], chunk_bytes=chunk_bytes)
+        chunk = _last_held(partial(_prepared_chunk, bank, prepare, device, chunk_rows))
+        search = partial(_search_torch, chunk=chunk, bank_size=bank.shape[0], chunk_rows=chunk_rows,
+                         chunk_bytes=chunk_bytes)
     eps = torch.finfo(queries.dtype).eps
     search_finfo = torch.finfo(torch.float32 if backend == "faiss" else search_dtype)
     best_d = torch.empty((queries.shape[0], k), dtype=queries.dtype, device=device)
@@ -322,7 +338,8 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
     while len(pending):
         wanted = min(wanted, bank.shape[0])
         own_groups = {} if groups is None else {"groups": (groups[0][pending], groups[1])}
-        candidates, reach = search(prepared[pending], wanted=wanted, **own_groups)
+        searched = prepared if len(pending) == len(prepared) else prepared[pending]  # the first: not a copy
+        candidates, reach = search(searched, wanted=wanted, **own_groups)
         candidates = candidates.sort(dim=1).values
         distances = _measured(queries[pending], bank, candidates, metric, chunk_bytes, scale) / scale
         own = None if groups is None else groups[1][candidates] == groups[0][pending, None]
@@ -333,7 +350,7 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
                              f"{advice}")
         best_d[pending], best_i[pending] = d, i
         # every other row's search value is at least reach: above the limit, none can be as near as the k-th
-        limit = _search_limit(metric, eps, search_finfo, bank.shape[1], prepared[pending].norm(dim=1),
+        limit = _search_limit(metric, eps, search_finfo, bank.shape[1], searched.norm(dim=1),
                               d[:, -1].to(search_dtype) * scale)
         settled = (reach > limit) | (wanted == bank.shape[0])
         pending = pending[~settled]
@@ -341,13 +358,27 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
     return best_d.cpu().numpy(), best_i.cpu().numpy()
 
 
-def _prepared_chunk(bank: torch.Tensor, prepare, device, b0: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prepared bank rows from b0 on, one chunk's worth, and their squared norms."""
-    rows = prepare(bank[b0:b0 + BANK_CHUNK_ROWS].to(device))
-    return rows, (rows * rows).sum(1)
+def _prepared_chunk(bank: torch.Tensor, prepare, device, chunk_rows: int, b0: int) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+    """The prepared bank rows from b0 on, `chunk_rows` of them, and their squared norms."""
+    rows = prepare(bank[b0:b0 + chunk_rows].to(device))
+    return rows, _squared_norms(rows)
 
 
-def _search_torch(queries: torch.Tensor, chunk, bank_size: int, wanted: int, chunk_bytes: int,
+def _last_held(prepare_chunk):
+    """prepare_chunk(b0), remembered for the last b0 only: a bank of one chunk is prepared once, and a chunk is let
+    go before the next is prepared (lru_cache held both: 1.5x a chunk, up to a GB more)."""
+    held = {}
+
+    def chunk(b0: int):
+        if b0 not in held:
+            held.clear()
+            held[b0] = prepare_chunk(b0)
+        return held[b0]
+    return chunk
+
+
+def _search_torch(queries: torch.Tensor, chunk, bank_size: int, chunk_rows: int, wanted: int, chunk_bytes: int,
                   groups=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each prepared query's `wanted` bank rows of smallest search value (Q, wanted), in any order, and the
     largest of those values (Q,). chunk(b0): as `_prepared_chunk`. `groups` (the queries' (Q,), the bank's (B,)):
@@ -355,8 +386,8 @@ def _search_torch(queries: torch.Tensor, chunk, bank_size: int, wanted: int, chu
     fill), so that one among the wanted makes the largest value exceed any limit: every other row is in."""
     best_v = torch.full((queries.shape[0], wanted), float("inf"), dtype=queries.dtype, device=queries.device)
     best_i = torch.zeros((queries.shape[0], wanted), dtype=torch.long, device=queries.device)
-    query_rows = max(1, chunk_bytes // (min(bank_size, BANK_CHUNK_ROWS) * queries.element_size()))
-    for b0 in range(0, bank_size, BANK_CHUNK_ROWS):
+    query_rows = max(1, chunk_bytes // (chunk_rows * queries.element_size()))
+    for b0 in range(0, bank_size, chunk_rows):
         rows_b, rows_sq = chunk(b0)
         take = min(wanted, rows_b.shape[0])
         for q0 in range(0, queries.shape[0], query_rows):
@@ -370,6 +401,7 @@ def _search_torch(queries: torch.Tensor, chunk, bank_size: int, wanted: int, chu
             merged_i = torch.cat([best_i[rows], chunk_i + b0], dim=1)
             best_v[rows], order = torch.topk(merged_v, wanted, dim=1, largest=False, sorted=False)
             best_i[rows] = merged_i.gather(1, order)
+        del rows_b, rows_sq  # not held while the next chunk is prepared
     return best_i, best_v.max(1).values
 
 
@@ -453,20 +485,23 @@ def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=Non
     search = torch.finfo(search_dtype)
     largest = torch.maximum(_largest(queries, (0, 2)), _largest(bank, (0, 2)))[channels]
     scales = _power_of_two(largest.to(search_dtype)).tolist()
-    preparers = [_preparer(bank[:, c], "euclidean", device, search_dtype, s) for c, s in zip(channels, scales)]
+    chunk_rows = _bank_chunk_rows(bank.shape[0], len(channels) * bank.shape[2])
+    preparers = [_preparer(bank[:, c], "euclidean", device, search_dtype, s, chunk_rows)
+                 for c, s in zip(channels, scales)]
     prepared = [prepare(queries[:, c]) for c, prepare in zip(channels, preparers)]
     query_norms = [rows.norm(dim=1, keepdim=True) for rows in prepared]
 
-    @lru_cache(maxsize=1)  # a bank of one chunk is prepared once
-    def chunk(b0: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        rows = bank[b0:b0 + BANK_CHUNK_ROWS].to(device)  # every channel in one move
-        return [_prepared_chunk(rows[:, c], prepare, device, 0) for c, prepare in zip(channels, preparers)]
-    query_rows = max(1, chunk_bytes // (8 * min(bank.shape[0], BANK_CHUNK_ROWS) * search_dtype.itemsize))
+    def prepared_chunk(b0: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        rows = bank[b0:b0 + chunk_rows].to(device)  # every channel in one move
+        return [_prepared_chunk(rows[:, c], prepare, device, chunk_rows, 0)
+                for c, prepare in zip(channels, preparers)]
+    chunk = _last_held(prepared_chunk)
+    query_rows = max(1, chunk_bytes // (8 * chunk_rows * search_dtype.itemsize))
     blocks = [slice(q0, q0 + query_rows) for q0 in range(0, queries.shape[0], query_rows)]  # the most held at once
     skips = [None if exclude is None else exclude[block] for block in blocks]
 
     moments = torch.zeros((3, queries.shape[0], len(channels)), dtype=torch.float64, device=device)
-    for b0 in range(0, bank.shape[0], BANK_CHUNK_ROWS):
+    for b0 in range(0, bank.shape[0], chunk_rows):
         for block, skip in zip(blocks, skips):
             for j, (q, (b, b_sq)) in enumerate(zip(prepared, chunk(b0))):
                 distances = _search_values(q[block], b, b_sq).sqrt_()
@@ -474,12 +509,13 @@ def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=Non
                 if own is not None:
                     distances[own] = float("nan")  # left out of the mean and std
                 moments[:, block, j] = _merged(moments[:, block, j], distances)
+        del b, b_sq  # not held while the next chunk is prepared
     mean = moments[1].to(search_dtype)
     std = (moments[2] / moments[0]).sqrt_().to(search_dtype)
     std = torch.where(std > 0, std, 1)
 
     kept = [None] * len(blocks)
-    for b0 in range(0, bank.shape[0], BANK_CHUNK_ROWS):
+    for b0 in range(0, bank.shape[0], chunk_rows):
         for n, (block, skip) in enumerate(zip(blocks, skips)):
             fused = slack = 0
             for q, q_norm, (b, b_sq), mu, sigma in zip(prepared, query_norms, chunk(b0), mean[block].T, std[block].T):
@@ -495,6 +531,7 @@ def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=Non
             if own is not None:
                 fused[own], slack[own] = float("inf"), 0
             kept[n] = _kept(kept[n], fused - slack, fused + slack, b0, k)
+        del b, b_sq
 
     out_d, out_i = [], []
     for block, skip, (rows, _, _) in zip(blocks, skips, kept):
