@@ -33,6 +33,7 @@ def run_script(script: str, *arguments: str, **environment: str) -> subprocess.C
     ("eval_speed.py", "--device", "gpu"),
     ("fault_groups_speed.py", "--groups", "1"),
     ("fault_groups_speed.py", "--k", "10000"),  # above every bank of 10^4 rows
+    ("search_memory.py", "--k", "20000"),
 ])
 def test_a_bad_option_is_a_usage_error_naming_it(script, option, value):
     run = run_script(script, option, value)
