@@ -77,7 +77,7 @@ def _stack(vectors: list, items: list) -> np.ndarray:
         shown = "; ".join(f"{width} values (e.g. {path})" for width, path in widths.items())
         raise ValueError(f"the embeddings differ in size, so they cannot be compared (files at different sample "
                          f"rates or channel counts): {shown}")
-    return np.stack(vectors).astype(np.float32)
+    return np.stack(vectors).astype(np.float32, copy=False)  # float32 already: not a second copy
 
 
 def _fused_channels(args, dataset) -> list[int] | None:
@@ -243,6 +243,7 @@ def _run(args) -> int:
                          f"{args.out / 'failures.csv'})")
     items = [dataset.items[i] for i in kept]
     vectors = _stack([embedded.vectors[i] for i in kept], items)
+    embedded.vectors.clear()  # the stacked rows are the ones searched: not both held through the search
     search_started = time.perf_counter()
     evaluate = _anomaly if dataset.kind == "anomaly" else _faults
     results, figures = evaluate(args, dataset, items, vectors, device)
