@@ -202,6 +202,11 @@ LIST_VALUES = 2**31 - 1  # the most values one Arrow list array's int32 offsets 
 # read as one table, 302 MB (3000 clips with frames) took +1.6 GB at the peak to decode, at every re-run.
 PARQUET_READ_ROWS = 64
 PARQUET_READ_BUFFER = 1 << 20
+# ... and written a row group at a time, each of about this many bytes of embeddings: written as one table, the
+# joined values and Arrow's encoding of every row were held together (+469 MB to write 123 MB of frames, now +142).
+PARQUET_ROW_GROUP_BYTES = 16 << 20
+# dictionary pages for these only: embeddings never repeat, and trying one for them cost time and bytes
+DICTIONARY_COLUMNS = ["path", "key", "sample_rate", "channels", "model"]
 
 
 def _column(arrays: list[np.ndarray], pyarrow):
@@ -257,12 +262,16 @@ def _write(out: Path, rows: list[dict], model_key: str, frames: bool) -> None:
 def _write_table(path: Path, suffix: str, rows: list[dict], model_key: str, frames: bool) -> None:
     if suffix == ".parquet":
         pyarrow = _require_pyarrow()
-        columns = {name: [row[name] for row in rows] for name in ("path", "key", "sample_rate", "channels")}
-        columns["model"] = [model_key] * len(rows)
-        columns["utterance"] = _column([row["utterance"] for row in rows], pyarrow)
-        if frames:
-            columns["frames"] = _column([row["frames"] for row in rows], pyarrow)
-        pyarrow.parquet.write_table(pyarrow.table(columns), str(path))
+        writer = None
+        try:
+            for group in _row_groups(rows, frames):
+                table = _parquet_table(group, model_key, frames, pyarrow)
+                writer = writer or pyarrow.parquet.ParquetWriter(str(path), table.schema,
+                                                                 use_dictionary=DICTIONARY_COLUMNS)
+                writer.write_table(table)
+        finally:
+            if writer is not None:
+                writer.close()
     else:
         arrays = {"paths": np.array([row["path"] for row in rows], dtype=str),
                   "keys": np.array([row["key"] for row in rows], dtype=str),
@@ -275,6 +284,25 @@ def _write_table(path: Path, suffix: str, rows: list[dict], model_key: str, fram
                 arrays[f"frames/{i}"] = row["frames"]
         with open(path, "wb") as handle:  # a file object: numpy appends no ".npz" to the name
             np.savez(handle, **arrays)
+
+
+def _row_groups(rows: list[dict], frames: bool):
+    """Consecutive runs of rows holding about PARQUET_ROW_GROUP_BYTES of embeddings each (a row more at most)."""
+    start, size = 0, 0
+    for end, row in enumerate(rows, 1):
+        size += row["utterance"].nbytes + (row["frames"].nbytes if frames else 0)
+        if size >= PARQUET_ROW_GROUP_BYTES or end == len(rows):
+            yield rows[start:end]
+            start, size = end, 0
+
+
+def _parquet_table(rows: list[dict], model_key: str, frames: bool, pyarrow):
+    columns = {name: [row[name] for row in rows] for name in ("path", "key", "sample_rate", "channels")}
+    columns["model"] = [model_key] * len(rows)
+    columns["utterance"] = _column([row["utterance"] for row in rows], pyarrow)
+    if frames:
+        columns["frames"] = _column([row["frames"] for row in rows], pyarrow)
+    return pyarrow.table(columns)
 
 
 def _previous(out: Path, model_key: str, frames: bool) -> dict:

@@ -646,6 +646,42 @@ def test_a_parquet_output_is_read_back_a_few_rows_at_a_time(tmp_path, model_path
         assert all(np.array_equal(parquet["files"][path][name], row[name]) for name in ("utterance", "frames"))
 
 
+def test_a_parquet_output_is_written_a_row_group_at_a_time(tmp_path, model_path, monkeypatch):
+    """A parquet output was written as one table: the joined values and Arrow's encoding of every row held
+    together, ~4x the frames at the peak. Now a row group of about PARQUET_ROW_GROUP_BYTES at a time (made small
+    here), names alone dictionary-encoded: Arrow holds a fraction of the output, and the rows read back are the npz
+    output's, in order."""
+    import echo.encode_files as command
+
+    pyarrow = pytest.importorskip("pyarrow")
+    pytest.importorskip("pyarrow.parquet")
+    (tmp_path / "data").mkdir()
+    for i in range(12):  # 10 s at 48 kHz: 63 x 19 x 192 frame values each, 0.9 MB
+        soundfile.write(str(tmp_path / "data" / f"{i:02d}.wav"), np.random.uniform(-0.5, 0.5, 480000), 48000)
+    assert run(tmp_path / "data", "--model", model_path, "--out", tmp_path / "e.npz", "--frames") == 0
+    npz = read_embeddings(tmp_path / "e.npz")
+    row_bytes = [row["utterance"].nbytes + row["frames"].nbytes for row in npz["files"].values()]
+    monkeypatch.setattr(command, "PARQUET_ROW_GROUP_BYTES", 2 * max(row_bytes) + 1)  # 3 rows a group
+    default, watched = pyarrow.default_memory_pool(), pyarrow.proxy_memory_pool(pyarrow.default_memory_pool())
+    pyarrow.set_memory_pool(watched)
+    try:
+        assert run(tmp_path / "data", "--model", model_path, "--out", tmp_path / "e.parquet", "--frames") == 0
+    finally:
+        pyarrow.set_memory_pool(default)
+    metadata = pyarrow.parquet.ParquetFile(str(tmp_path / "e.parquet")).metadata
+    assert [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)] == [3, 3, 3, 3]
+    for i in range(metadata.num_columns):  # embeddings never repeat: no dictionary tried (it cost time and bytes)
+        column = metadata.row_group(0).column(i)
+        assert column.has_dictionary_page == (column.path_in_schema not in ("utterance.list.element",
+                                                                            "frames.list.element.list.element"))
+    assert watched.max_memory() < sum(row_bytes) / 2, f"{watched.max_memory() / sum(row_bytes):.2f}x the output"
+    parquet = read_embeddings(tmp_path / "e.parquet")
+    assert parquet["model"] == npz["model"] and list(parquet["files"]) == list(npz["files"])
+    for path, row in npz["files"].items():
+        assert all(parquet["files"][path][name] == row[name] for name in ("key", "sample_rate", "channels"))
+        assert all(np.array_equal(parquet["files"][path][name], row[name]) for name in ("utterance", "frames"))
+
+
 def test_parquet_columns_go_through_their_joined_values_in_chunks_of_what_arrow_offsets_reach(tmp_path, model_path,
                                                                                              monkeypatch):
     """Embeddings went to and from parquet as lists of Python floats, 10-12x their size in memory (1.3 GB to write
