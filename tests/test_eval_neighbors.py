@@ -81,6 +81,12 @@ def test_groups_leave_each_querys_own_group_out(metric, chunked, monkeypatch):
         neighbors.nearest(points, points, 1, metric, exclude=np.arange(60), groups=(groups, groups))
     with pytest.raises(ValueError, match=r"one group per query \(60\) and one per bank row \(60\)"):
         neighbors.nearest(points, points, 1, metric, groups=(groups, groups[1:]))
+    names = np.array([f"session {g}" for g in groups])  # names, coded alike on both sides: the same search
+    _, by_name = neighbors.nearest(points[:20], points, 4, metric, groups=(names[:20], names))
+    _, by_number = neighbors.nearest(points[:20], points, 4, metric, groups=(groups[:20], groups))
+    assert by_name.tolist() == by_number.tolist()
+    with pytest.raises(ValueError, match="groups must be names or numbers of one kind"):
+        neighbors.nearest(points, points, 1, metric, groups=(names.astype(object), [None] * 60))
 
 
 def test_hand_case_on_a_line():

@@ -127,18 +127,23 @@ def _exclusions(exclude, queries: int, bank: int, device) -> torch.Tensor | None
 
 
 def _group_codes(groups, queries: int, bank: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`groups` as (query groups (Q,), bank groups (B,)), integer codes on `device`; None without."""
+    """`groups` (query groups (Q,), bank groups (B,)), names or numbers, as integer codes on `device` shared by
+    both sides; None without."""
     if groups is None:
         return None
     if len(groups) != 2:
         raise ValueError("groups must be a pair: (one group per query, one per bank row)")
-    codes = [np.asarray(side) for side in groups]
-    if codes[0].shape != (queries,) or codes[1].shape != (bank,):
+    names = [np.asarray(side) for side in groups]
+    if names[0].shape != (queries,) or names[1].shape != (bank,):
         raise ValueError(f"groups must hold one group per query ({queries}) and one per bank row ({bank}), got "
-                         f"shapes {codes[0].shape} and {codes[1].shape}")
-    if not all(np.issubdtype(side.dtype, np.integer) for side in codes):
-        raise ValueError(f"groups must hold integer codes, got {codes[0].dtype} and {codes[1].dtype}")
-    return tuple(torch.as_tensor(side, dtype=torch.long, device=device) for side in codes)
+                         f"shapes {names[0].shape} and {names[1].shape}")
+    try:
+        codes = np.unique(np.concatenate(names), return_inverse=True)[1].reshape(-1)
+    except TypeError:  # None among strings, say: no order to code them by
+        raise ValueError(f"groups must be names or numbers of one kind, got {names[0].dtype} and "
+                         f"{names[1].dtype}") from None
+    codes = torch.as_tensor(codes, dtype=torch.long, device=device)
+    return codes[:queries], codes[queries:]
 
 
 def _check(queries: torch.Tensor, bank: torch.Tensor, k: int, metric: str, exclude, groups=None) -> None:
@@ -295,7 +300,7 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
     """(distances (Q, k), bank indices (Q, k)), ascending per row.
 
     `exclude`: for each query, one bank row it may not match (its own row in leave-one-out), or -1.
-    `groups`: (one integer group per query, one per bank row): a query never matches a bank row of its own group
+    `groups`: (one group per query, one per bank row; names or numbers): a query never matches a bank row of its group
     (leave-one-group-out in one search, the bank prepared once; torch search only).
     Searched in float64 (faiss: float32, which torch's settings do not reach either), the k nearest measured in
     float64 and returned (and ranked) in the inputs' dtype: refused if they exceed its range.
