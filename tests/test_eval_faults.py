@@ -114,6 +114,28 @@ def test_leave_one_group_out_is_one_search(monkeypatch):
     assert prepared_banks == [len(points)]  # one bank, every row: not 12 of 33
 
 
+def test_fused_leave_one_group_out_is_one_search_with_each_groups_own_votes(monkeypatch):
+    """The fused view searched each group apart too. One search now leaves each query's group out of its means,
+    stds and neighbours: the votes of the search per group, on a bank prepared once per channel."""
+    from echo.eval import neighbors
+
+    rng = seeded_rng()
+    points, labels = clustered(n_per_class=12, dim=12, spread=2.0)
+    embeddings = (points.reshape(len(points), 3, 4) * np.array([1.0, 10.0, 0.1])[None, :, None]).astype(np.float32)
+    groups = np.array([f"session {g}" for g in rng.permutation(np.repeat(np.arange(9), 4))])
+    classes, codes = faults.class_codes(labels)
+    expected = np.empty_like(labels)
+    for bank, queries, _ in faults.banks_and_queries("loocv", labels, 5, groups=groups):
+        expected[queries] = classes[faults.predict(embeddings[bank], codes[bank], embeddings[queries], 5, fuse=True)]
+    prepared_banks = []
+    preparer = neighbors._preparer
+    monkeypatch.setattr(neighbors, "_preparer", lambda bank, *args: prepared_banks.append(len(bank))
+                        or preparer(bank, *args))
+    result = faults.evaluate(embeddings, labels, "loocv", fuse=True, groups=groups)
+    assert result.y_pred.tolist() == expected.tolist()
+    assert prepared_banks == [len(points)] * 3  # one bank a channel, every row
+
+
 def test_leave_one_out_searches_the_embeddings_not_copies(monkeypatch):
     """Leave-one-out took its bank and queries (every row, in order) and then their channels by fancy indexing:
     four copies of the embeddings for one search (MAFAULDA's 1951 x 7 x 7680 floats, 420 MB: 1.7 GB of the 5.1 GB

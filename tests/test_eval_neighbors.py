@@ -129,6 +129,36 @@ def test_fused_matches_naive(leave_one_out):
     np.testing.assert_allclose(distances, ref_d, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_fused_groups_leave_each_querys_own_group_out(chunked, monkeypatch):
+    """Leave-one-group-out by the fused distance in one search (faults searched each group apart): a query's own
+    group takes no part in its means and stds nor in its neighbours, as brute force over the bank without the
+    group; across bank chunks too."""
+    if chunked:
+        monkeypatch.setattr(neighbors, "BANK_CHUNK_ROWS", 9)
+    rng = seeded_rng()
+    points = rng.normal(size=(40, 3, 5)) * np.array([1, 10, 0.1])[None, :, None]
+    groups = rng.integers(0, 5, size=40)
+    distances, indices = neighbors.fused_nearest(points, points, 4, [0, 2], groups=(groups, groups),
+                                                 chunk_bytes=1 if chunked else neighbors.CHUNK_BYTES)
+    for q in range(len(points)):
+        bank = np.flatnonzero(groups != groups[q])
+        ref_d, ref_i = naive_fused(points[q:q + 1], points[bank], 4, [0, 2])
+        assert indices[q].tolist() == bank[ref_i[0]].tolist()
+        np.testing.assert_allclose(distances[q], ref_d[0], rtol=1e-9, atol=1e-9)
+    # a query of group 1 sees group 0's 35 equal rows at one distance: all are candidates for its block, and those
+    # of group 0's queries (their own group) must still never be chosen
+    tied = np.concatenate([np.repeat(points[:1], 35, 0), points[35:]])
+    tied_groups = np.r_[np.zeros(35, dtype=int), np.ones(5, dtype=int)]
+    _, indices = neighbors.fused_nearest(tied, tied, 4, groups=(tied_groups, tied_groups))
+    assert (indices[:35] >= 35).all() and (indices[35:] < 35).all()
+    largest = np.bincount(groups).max()
+    with pytest.raises(ValueError, match=f"\\({40 - largest} outside the largest group a query leaves out\\)"):
+        neighbors.fused_nearest(points, points, 41 - largest, groups=(groups, groups))
+    with pytest.raises(ValueError, match="groups: without exclude"):
+        neighbors.fused_nearest(points, points, 1, exclude=np.arange(40), groups=(groups, groups))
+
+
 def test_fused_scale_invariance_by_hand():
     """z-scoring makes a channel's scale irrelevant: channel 1 = 1000 x channel 0 gives channel 0's ranking."""
     base = np.array([[0.0], [1.0], [3.0], [7.0]])

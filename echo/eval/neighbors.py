@@ -445,6 +445,13 @@ def _own(skip, b0: int, size: int):
     return inside.nonzero().flatten(), skip[inside] - b0
 
 
+def _same_group(groups, block: slice, b0: int, chunk_rows: int) -> torch.Tensor | None:
+    """(queries of the block, bank rows of the chunk from b0 on) mask of the pairs in one group; None without."""
+    if groups is None:
+        return None
+    return groups[0][block, None] == groups[1][None, b0:b0 + chunk_rows]
+
+
 def _kept(kept, lower: torch.Tensor, upper: torch.Tensor, b0: int, k: int):
     """Each query's candidates (bank rows, their lower bounds) and its k smallest upper bounds so far (None before
     the first chunk), after the bounds (Q, B) of the chunk's rows from b0 on: every row whose lower bound is at
@@ -461,10 +468,11 @@ def _kept(kept, lower: torch.Tensor, upper: torch.Tensor, b0: int, k: int):
 
 
 def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=None,
-                  chunk_bytes: int = CHUNK_BYTES) -> tuple[np.ndarray, np.ndarray]:
+                  chunk_bytes: int = CHUNK_BYTES, groups=None) -> tuple[np.ndarray, np.ndarray]:
     """k nearest neighbours by the fused multi-channel distance: each (query, channel) row of Euclidean
     distances is z-scored over the bank (population std; a query's excluded row takes no part), then the
     chosen channels are averaged. queries (Q, C, E), bank (B, C, E) -> (fused distances, indices) (Q, k).
+    `groups`: as `nearest`'s; a query's own group takes no part either, as if each group had its own bank.
 
     The bank stays on the CPU and is visited in chunks, twice: first for each query's mean and std per channel,
     merged chunk by chunk, then for the z-scores, keeping every row whose fused distance could be as small as
@@ -485,7 +493,10 @@ def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=Non
                          f"features, got queries {tuple(queries.shape)} and bank {tuple(bank.shape)}")
     channels = chosen_channels(channels, bank.shape[1])
     exclude = _exclusions(exclude, queries.shape[0], bank.shape[0], device)
-    _check(queries[:, 0], bank[:, 0], k, "euclidean", exclude)
+    groups = _group_codes(groups, queries.shape[0], bank.shape[0], device)
+    if groups is not None and exclude is not None:
+        raise ValueError("groups: without exclude")
+    _check(queries[:, 0], bank[:, 0], k, "euclidean", exclude, groups)
     search_dtype = torch.float64  # as nearest's
     search = torch.finfo(search_dtype)
     largest = torch.maximum(_largest(queries, (0, 2)), _largest(bank, (0, 2)))[channels]
@@ -508,11 +519,14 @@ def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=Non
     moments = torch.zeros((3, queries.shape[0], len(channels)), dtype=torch.float64, device=device)
     for b0 in range(0, bank.shape[0], chunk_rows):
         for block, skip in zip(blocks, skips):
+            same = _same_group(groups, block, b0, chunk_rows)
             for j, (q, (b, b_sq)) in enumerate(zip(prepared, chunk(b0))):
                 distances = _search_values(q[block], b, b_sq).sqrt_()
                 own = _own(skip, b0, distances.shape[1])
                 if own is not None:
                     distances[own] = float("nan")  # left out of the mean and std
+                if same is not None:
+                    distances.masked_fill_(same, float("nan"))
                 moments[:, block, j] = _merged(moments[:, block, j], distances)
         del b, b_sq  # not held while the next chunk is prepared
     mean = moments[1].to(search_dtype)
@@ -522,6 +536,7 @@ def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=Non
     kept = [None] * len(blocks)
     for b0 in range(0, bank.shape[0], chunk_rows):
         for n, (block, skip) in enumerate(zip(blocks, skips)):
+            same = _same_group(groups, block, b0, chunk_rows)
             fused = slack = 0
             for q, q_norm, (b, b_sq), mu, sigma in zip(prepared, query_norms, chunk(b0), mean[block].T, std[block].T):
                 distances = _search_values(q[block], b, b_sq).sqrt_()
@@ -535,6 +550,8 @@ def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=Non
             own = _own(skip, b0, fused.shape[1])
             if own is not None:
                 fused[own], slack[own] = float("inf"), 0
+            if same is not None:
+                fused, slack = fused.masked_fill(same, float("inf")), slack.masked_fill(same, 0)
             kept[n] = _kept(kept[n], fused - slack, fused + slack, b0, k)
         del b, b_sq
 
@@ -544,7 +561,8 @@ def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=Non
         exact = sum((_measured(queries[block, c], bank[:, c], candidates, "euclidean", chunk_bytes, s) - mu[:, None])
                     / sigma[:, None] for c, s, mu, sigma in zip(channels, scales, mean[block].T.double(),
                                                                std[block].T.double())) / len(channels)
-        d, i = _best(exact, candidates, k, skip)
+        own = None if groups is None else groups[1][candidates] == groups[0][block, None]
+        d, i = _best(exact, candidates, k, skip, own)
         out_d.append(d.to(queries.dtype))
         out_i.append(i)
     return torch.cat(out_d).cpu().numpy(), torch.cat(out_i).cpu().numpy()
