@@ -48,9 +48,10 @@ class _Rows:
 
 class _Window:
     """Rows of the frames from `start` on: appended at the end, dropped from the front, in one buffer
-    reallocated at twice the live rows when full (or when over four times too large, after a long push). They
-    were one torch.cat a push, which re-copied every frame kept: over the first segment, a push of one hop at
-    48 kHz went from 0.17 to 2.1 ms (now 0.14 ms throughout: bench/stream_push_time.py)."""
+    reallocated at twice the live rows when full. They were one torch.cat a push, which re-copied every frame
+    kept: over the first segment, a push of one hop at 48 kHz went from 0.17 to 2.1 ms (now 0.14 ms throughout:
+    bench/stream_push_time.py). The stream computes and drops a segment at a time, so the buffer never outgrows
+    twice the two segments' rows it can hold at once."""
 
     def __init__(self, width: int, dtype: torch.dtype):
         self.buffer = torch.empty(0, width, dtype=dtype, device="cpu")
@@ -74,8 +75,6 @@ class _Window:
     def drop_before(self, frame: int) -> None:
         dropped = frame - self.start
         self.offset, self.count, self.start = self.offset + dropped, self.count - dropped, frame
-        if self.buffer.shape[0] > 4 * self.count:
-            self._reallocate(2 * self.count)
 
     def truncate(self, end: int) -> None:
         """Forget the rows of frames from `end` on."""

@@ -502,3 +502,108 @@ def test_weights_sharing_a_tensor_in_a_torch_checkpoint_load_as_parameters_of_th
     assert torch.equal(loaded.cls_token, model.cls_token)
     for name, parameter in loaded.named_parameters():
         assert parameter.untyped_storage().nbytes() == parameter.nbytes and parameter.is_contiguous(), name
+
+
+def test_a_checkpoint_in_torchs_legacy_format_loads(tmp_path):
+    """torch.save(..., _use_new_zipfile_serialization=False) writes a bare pickle (its first byte the pickle
+    protocol's 0x80), not a zip: the format check must still read it as a torch checkpoint."""
+    model = random_model("tiny", depth=1)
+    path = tmp_path / "legacy.pth"
+    torch.save(model.state_dict(), path, _use_new_zipfile_serialization=False)
+    assert not path.read_bytes().startswith(b"PK")
+    loaded = echo.load(path, depth=1)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_pretraining_checkpoint_with_its_training_state_is_named(tmp_path):
+    """echo's pretraining checkpoints hold a student, a teacher and the step among other entries (optimizer,
+    decoder, rng...): recognised only when those three were all it held, it was refused as entries that are not
+    tensors, with no word of how to export an encoder."""
+    state = random_model("tiny", depth=1).state_dict()
+    step = int(torch.randint(1, 10**6, ()))
+    extra = {"optimizer": {"state": {}}, "decoder": dict(state), "world": 1}
+    path = tmp_path / "run" / "checkpoints" / "step.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"step": step, "student": state, "teacher": state, **extra}, path)
+    with pytest.raises(ValueError, match=rf"is a pretraining checkpoint \(step {step}: a student and a teacher"):
+        echo.load(path)
+
+
+@pytest.mark.parametrize("key", [1.5, ("encoder", 0), b"cls_token"])
+def test_keys_of_any_type_but_str_are_named(tmp_path, key):
+    """Only integer keys were thought of: a tuple or bytes key went on to the key comparisons, where sorting
+    str with other types fails as a TypeError naming no file."""
+    path = tmp_path / "m.pth"
+    torch.save({**random_model("tiny", depth=1).state_dict(), key: torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match=re.escape(f"m.pth: state dict keys must be strings, found {key!r}")):
+        echo.load(path)
+
+
+def test_a_stray_key_ending_in_cls_token_beside_cls_token_is_an_unexpected_key(tmp_path):
+    """Only a state dict without cls_token is a wrapper's: one that holds cls_token and, say, a head's
+    head.cls_token is the encoder with a key too many, and was said to be under the prefix 'head.'."""
+    state = random_model("tiny", depth=1).state_dict()
+    path = tmp_path / "m.pth"
+    torch.save({**state, "head.cls_token": torch.randn(1, 1, 8)}, path)
+    with pytest.raises(ValueError, match=r"unexpected keys: head\.cls_token") as error:
+        echo.load(path)
+    assert "prefix" not in str(error.value)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_sparse_weights_of_every_layout_are_named(tmp_path):
+    """Not only COO: a compressed sparse row matrix (to_sparse_csr) is no dense weight either, and failed inside
+    torch as COO did."""
+    state = random_model("tiny", depth=1).state_dict()
+    state["encoder.layers.0.linear1.weight"] = state["encoder.layers.0.linear1.weight"].to_sparse_csr()
+    torch.save(state, tmp_path / "sparse.pth")
+    with pytest.raises(ValueError, match=r"weights must be dense tensors; these are not: encoder\.layers\.0\.linear1"
+                                         r"\.weight \(torch\.sparse_csr\)"):
+        echo.load(tmp_path / "sparse.pth")
+
+
+def test_layers_a_file_has_too_many_or_too_few_are_listed_exactly():
+    """The layer check's edges: a file's layer `depth` (one past the config's last) is unexpected, not a count of
+    -1 missing layers; and a short list of missing layers is given whole, without a ", ... (N in all)"."""
+    from echo.model import EchoConfig
+
+    held = int(torch.randint(2, 6, ()))
+    state = random_model("tiny", depth=held).state_dict()
+    fewer = held - 1
+    with pytest.raises(ValueError, match=rf"\(dim 192, depth {fewer}\); unexpected layers: {fewer} \(it holds "
+                                         rf"{held} layers, numbered up to {held - 1}\)$"):
+        checkpoint._check_size(EchoConfig(dim=192, depth=fewer, heads=3), state, "m.pth")
+    more = held + int(torch.randint(1, 8, ()))
+    missing = ", ".join(map(str, range(held, more)))
+    with pytest.raises(ValueError, match=rf"\(dim 192, depth {more}\); missing layers: {missing} \(it holds {held} "
+                                         rf"layers, numbered up to {held - 1}\)$"):
+        checkpoint._check_size(EchoConfig(dim=192, depth=more, heads=3), state, "m.pth")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_file_loads_as_float32(tmp_path, dtype):
+    """A file saved in float16 or bfloat16 loads as a float32 model, as the docstring says: its weights kept in
+    the file's dtype made a model that echo's float32 paths could not run on."""
+    model = random_model("tiny", depth=1)
+    path = echo.save(model, tmp_path / "half.safetensors", dtype=dtype)
+    loaded = echo.load(path)
+    for key, value in model.state_dict().items():
+        assert loaded.state_dict()[key].dtype == torch.float32, key
+        assert torch.equal(loaded.state_dict()[key], value.to(dtype).float()), key
+
+
+@pytest.mark.parametrize("name", ["model.pth", "model.bin", "model"])
+def test_save_to_another_suffix_is_refused_and_writes_nothing(tmp_path, name):
+    """save writes safetensors: a file named .pth (or without a suffix) would hold safetensors bytes under a
+    torch checkpoint's name, with its config beside it as model.json."""
+    with pytest.raises(ValueError, match=f"save writes .safetensors files, got {name}$"):
+        echo.save(random_model("tiny", depth=1), tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("path", [" ", "\t\n", "   "])
+def test_a_blank_path_is_an_empty_path_not_a_name(path):
+    """A path of spaces alone (an unset variable quoted in a shell script, padded) was looked up as a release
+    name."""
+    with pytest.raises(ValueError, match=r"^no checkpoint given \(an empty path\)"):
+        echo.load(path)

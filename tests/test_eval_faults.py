@@ -296,3 +296,70 @@ def test_a_k_above_a_protocols_smallest_bank_is_refused_before_any_search(monkey
                                                        f"smaller k")):
             faults.evaluate(points, labels, protocol, k=smallest + 1, **options)
         assert len(faults.banks_and_queries(protocol, labels, smallest, **options)) >= 1  # k = the bank is taken
+
+
+def test_weighted_precision_of_a_class_never_predicted_is_zero():
+    """A class that no file is predicted as has no precision: scikit-learn's zero_division decides it, and 1
+    would credit the classifier with perfect precision for a class it never finds."""
+    rng = seeded_rng()
+    y_true = rng.choice(["a", "b", "c"], size=40)
+    y_true[:3] = ["a", "b", "c"]
+    y_pred = rng.choice(["a", "b"], size=40)  # never "c"
+    result = faults.score(y_true, y_pred, ["a", "b", "c"], "loocv", "all")
+    precision = f1 = 0.0
+    for c in "ab":  # "c" adds weight * 0 to both
+        tp = np.sum((y_pred == c) & (y_true == c))
+        p, r = tp / np.sum(y_pred == c), tp / np.sum(y_true == c)
+        precision += np.mean(y_true == c) * p
+        f1 += np.mean(y_true == c) * (2 * p * r / (p + r) if p + r else 0)
+    assert (result.precision, result.f1) == pytest.approx((precision, f1))
+
+
+def test_every_channel_named_one_by_one_is_the_all_view():
+    """channels=[0, 1, 2] of three channels is the same search as channels=None: both are "all" in the results
+    table, not one "all" row and one "channels 0,1,2" row for the same numbers."""
+    points, labels = clustered(n_per_class=6, dim=12)
+    embeddings = points.reshape(len(points), 3, 4)
+    named = faults.evaluate(embeddings, labels, "loocv", channels=[0, 1, 2])
+    assert named.view == faults.evaluate(embeddings, labels, "loocv").view == "all"
+    assert faults.evaluate(embeddings, labels, "loocv", channels=[0, 1]).view == "channels 0,1"
+
+
+def test_embeddings_of_one_dimension_are_named():
+    """A flat vector (one number per file) is neither (rows, features) nor (rows, channels, features): it failed
+    as an IndexError when the channels were counted."""
+    points, labels = clustered()
+    for wrong in (points[:, 0], points[:, :, None, None]):
+        with pytest.raises(ValueError, match=re.escape(f"got shape {wrong.shape}")):
+            faults.evaluate(wrong, labels, "loocv")
+
+
+def test_a_split_without_train_or_without_test_files_is_refused():
+    """A split of only train files scored nothing and failed inside scikit-learn on empty arrays; one of only test
+    files had no bank."""
+    points, labels = clustered()
+    n = len(labels)
+    for subsets, train, test in ((["train"] * n, n, 0), (["test"] * n, 0, n)):
+        with pytest.raises(ValueError, match=f"needs train and test files, got {train} train and {test} test"):
+            faults.evaluate(points, labels, "split", subsets=subsets)
+
+
+def test_only_kfold_reports_fold_accuracies():
+    """Leave-one-out and a given split have no folds: a fold mean and std in their rows would be of one "fold",
+    the whole data set, a std of 0 that measures nothing."""
+    points, labels = clustered()
+    subsets = np.where(seeded_rng().permutation(len(labels)) % 3 == 0, "test", "train")
+    for protocol in ("loocv", "split"):
+        result = faults.evaluate(points, labels, protocol, subsets=subsets)
+        assert result.fold_accuracies == [] and "fold_mean" not in result.row() and "fold_std" not in result.row()
+    assert len(faults.evaluate(points, labels, "kfold", k=3, folds=3).fold_accuracies) == 3
+
+
+def test_the_kfold_searches_default_to_sirens_folds():
+    """banks_and_queries is what `echo eval` checks the data against before encoding: without folds= or seed= it
+    must give SIREN's 5 stratified folds shuffled with seed 1, as evaluate does."""
+    points, labels = clustered(n_per_class=int(seeded_rng().integers(6, 12)))
+    expected = StratifiedKFold(5, shuffle=True, random_state=1).split(points, labels)
+    got = faults.banks_and_queries("kfold", labels)
+    assert [(train.tolist(), test.tolist(), None) for train, test in expected] == \
+        [(bank.tolist(), queries.tolist(), own) for bank, queries, own in got]

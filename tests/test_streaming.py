@@ -132,12 +132,14 @@ def test_utterance_only_and_pcm(model):
 
 
 def test_utterances_alone_keep_only_the_cls_rows_of_emitted_segments(model):
-    """Without frames, finish() reads the emitted segments' CLS rows alone: the rest is not kept."""
+    """Without frames, finish() reads the emitted segments' CLS rows alone: the rest is not kept (nor held alive
+    by a view of the CLS rows, whose storage is the whole segment's outputs)."""
     rate = 1000  # 2000 frames of 10 ms in few samples
     x = torch.randn(geometry.n_fft(rate) + (2 * 2000 + int(torch.randint(1, 900, ()))) * geometry.hop(rate)) + 2.0
     stream = fast.StreamEncoder(model, rate)
     assert len(push_in_random_pieces(stream, x)) == 2
     assert all(out.shape == (geometry.n_bands(rate), 1, model.config.dim) for out in stream.outputs)
+    assert all(out.untyped_storage().nbytes() == out.nbytes for out in stream.outputs)
     assert rel_err(stream.finish(), fast.encode(model, [x], rate)[0]) < 1e-5
 
 
@@ -617,3 +619,64 @@ def test_one_push_of_a_whole_file_allocates_nothing_larger_than_its_audio():
     largest = max(event.self_cpu_memory_usage for event in prof.events())
     assert largest <= x.nbytes, (largest, x.nbytes)
     assert rel_err(stream.finish(), fast.encode(model, [x], rate)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("rate", [16000, 1000])
+def test_a_signal_of_exactly_one_window_finishes(model, rate):
+    """One window's samples make one frame, the shortest signal fast.encode takes: finish() must encode it,
+    refusing only signals shorter than a window."""
+    n_fft = geometry.n_fft(rate)
+    x = torch.randn(n_fft) + float(torch.randn(()))
+    stream = fast.StreamEncoder(model, rate, frames=True)
+    push_in_random_pieces(stream, x[:-1])
+    with pytest.raises(ValueError, match=f"signal of {n_fft - 1} samples is shorter than one 25 ms window"):
+        stream.finish()
+    stream.push(x[-1:])
+    utterance, frame_rows = stream.finish()
+    ref_u, ref_f = fast.encode(model, [x], rate, frames=True)[0]
+    assert frame_rows.shape == ref_f.shape
+    assert rel_err(utterance, ref_u) < 1e-5 and rel_err(frame_rows, ref_f) < 1e-5
+
+
+def test_band_rows_once_dropped_are_never_read(model, monkeypatch):
+    """Rows before the band window's start stay in its buffer until it is reallocated: a stream that dropped one
+    row too many of the last, overlapping segment read it there unnoticed, and a wrong row after the next
+    reallocation. Dropped rows are poisoned (NaN) here, so reading one cannot pass."""
+    from echo import streaming
+
+    drop = streaming._Window.drop_before
+
+    def poisoning(window, frame):
+        drop(window, frame)
+        window.buffer[: window.offset] = float("nan")
+
+    monkeypatch.setattr(streaming._Window, "drop_before", poisoning)
+    rate = 4000  # two bands: at 1000 Hz band 0 is the only one, and its rows come from elsewhere
+    x = torch.randn(geometry.n_fft(rate) + int(torch.randint(2001, 3999, ())) * geometry.hop(rate)) + 0.5
+    ref_u, ref_f = fast.encode(model, [x], rate, frames=True)[0]
+    stream = fast.StreamEncoder(model, rate, frames=True)
+    push_in_random_pieces(stream, x)
+    utterance, frame_rows = stream.finish()
+    assert rel_err(utterance, ref_u) < 1e-5 and rel_err(frame_rows, ref_f) < 1e-5
+
+
+def test_finish_keeps_to_a_max_tokens_just_below_whole_segments(model):
+    """finish() re-encodes band 0 of the emitted segments, MAX_PATCHES + 1 tokens each (CLS included), as many a
+    pass as max_tokens holds: a budget one token short of k segments takes k - 1, not k (a random budget
+    rarely lands there)."""
+    rate = 100  # a frame a sample
+    per_segment = geometry.MAX_PATCHES + 1
+    budget = int(torch.randint(2, 5, ())) * per_segment - 1
+    x = torch.randn(geometry.n_fft(rate) + int(torch.randint(5 * 2000 + 1, 6 * 2000, ()))) + 1.0
+    stream = fast.StreamEncoder(model, rate, max_tokens=budget)
+    push_in_random_pieces(stream, x)
+    encode, passes = stream._encode, []
+
+    def counted(bands, positions):
+        passes.append(bands.shape[0] * (geometry.n_patches(bands.shape[-1]) + 1))
+        return encode(bands, positions)
+
+    stream._encode = counted
+    utterance = stream.finish()
+    assert max(passes) <= budget
+    assert rel_err(utterance, fast.encode(model, [x], rate)[0]) < 1e-5
