@@ -159,8 +159,8 @@ def read_embeddings(path) -> dict:
             for batch in handle.iter_batches(batch_size=PARQUET_READ_ROWS):
                 for name, values in fields.items():
                     values += batch.column(name).to_pylist()
-                utterances += _arrays(pyarrow.chunked_array([batch.column("utterance")]), pyarrow)
-                frames += _arrays(pyarrow.chunked_array([batch.column("frames")]), pyarrow) \
+                utterances += _arrays(batch.column("utterance"), pyarrow)
+                frames += _arrays(batch.column("frames"), pyarrow) \
                     if "frames" in batch.schema.names else [None] * batch.num_rows
         finally:
             handle.close()
@@ -234,23 +234,23 @@ def _offsets(lengths: list[int]) -> np.ndarray:
 
 
 def _arrays(column, pyarrow) -> list[np.ndarray | None]:
-    """Per row of a list<float32> or list<list<float32>> column, its float32 array (2-D for the second), or None."""
+    """Per row of a list<float32> or list<list<float32>> array, its float32 array (2-D for the second), or None."""
+    missing = column.is_null().to_numpy(zero_copy_only=False)
+    # the offsets index the whole of .values, whatever the array's own offset in it
+    outer, rows = column.offsets.to_numpy(), column.values
+    nested = pyarrow.types.is_list(rows.type)
+    inner = rows.offsets.to_numpy() if nested else None
+    values = (rows.values if nested else rows).to_numpy(zero_copy_only=False)
     out = []
-    for chunk in column.chunks:  # offsets index the whole of .values, whatever the chunk's own offset
-        missing = chunk.is_null().to_numpy(zero_copy_only=False)
-        outer, rows = chunk.offsets.to_numpy(), chunk.values
-        nested = pyarrow.types.is_list(rows.type)
-        inner = rows.offsets.to_numpy() if nested else None
-        values = (rows.values if nested else rows).to_numpy(zero_copy_only=False)
-        for i in range(len(chunk)):
-            first, end = outer[i], outer[i + 1]
-            if missing[i]:
-                out.append(None)
-            elif nested:
-                width = inner[first + 1] - inner[first] if end > first else 0
-                out.append(values[inner[first] : inner[end]].astype(np.float32).reshape(end - first, width))
-            else:
-                out.append(values[first:end].astype(np.float32))
+    for i in range(len(column)):
+        first, end = outer[i], outer[i + 1]
+        if missing[i]:
+            out.append(None)
+        elif nested:
+            width = inner[first + 1] - inner[first] if end > first else 0
+            out.append(values[inner[first] : inner[end]].astype(np.float32).reshape(end - first, width))
+        else:
+            out.append(values[first:end].astype(np.float32))
     return out
 
 
