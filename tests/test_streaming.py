@@ -34,6 +34,18 @@ def push_in_random_pieces(stream, x):
     return emitted
 
 
+def finish_counting_tokens(stream):
+    """stream.finish() and the tokens of each of its encoder passes."""
+    encode, passes = stream._encode, []
+
+    def counted(bands, positions):
+        passes.append(bands.shape[0] * (geometry.n_patches(bands.shape[-1]) + 1))
+        return encode(bands, positions)
+
+    stream._encode = counted
+    return stream.finish(), passes
+
+
 @pytest.mark.parametrize(
     "rate,frames",
     [(16000, 700), (8000, 2000), (12000, 2001), (1000, 2300), (100, 40),
@@ -339,14 +351,7 @@ def test_finish_encodes_the_emitted_segments_in_passes_of_max_tokens(model):
     for frames, options in ((False, {}), (True, {"max_tokens": int(torch.randint(126, 600, ()))})):
         stream = fast.StreamEncoder(model, rate, frames=frames, **options)
         push_in_random_pieces(stream, x)
-        encode, passes = stream._encode, []
-
-        def counted(bands, positions):
-            passes.append(bands.shape[0] * (geometry.n_patches(bands.shape[-1]) + 1))
-            return encode(bands, positions)
-
-        stream._encode = counted
-        out = stream.finish()
+        out, passes = finish_counting_tokens(stream)
         assert max(passes) <= options.get("max_tokens", fast.DEFAULT_MAX_TOKENS["cpu"])
         assert rel_err(out[0] if frames else out, ref_u) < 1e-5
         assert not frames or rel_err(out[1], ref_f) < 1e-5
@@ -670,13 +675,6 @@ def test_finish_keeps_to_a_max_tokens_just_below_whole_segments(model):
     x = torch.randn(geometry.n_fft(rate) + int(torch.randint(5 * 2000 + 1, 6 * 2000, ()))) + 1.0
     stream = fast.StreamEncoder(model, rate, max_tokens=budget)
     push_in_random_pieces(stream, x)
-    encode, passes = stream._encode, []
-
-    def counted(bands, positions):
-        passes.append(bands.shape[0] * (geometry.n_patches(bands.shape[-1]) + 1))
-        return encode(bands, positions)
-
-    stream._encode = counted
-    utterance = stream.finish()
+    utterance, passes = finish_counting_tokens(stream)
     assert max(passes) <= budget
     assert rel_err(utterance, fast.encode(model, [x], rate)[0]) < 1e-5
