@@ -218,10 +218,11 @@ def _scaled(rows: torch.Tensor, metric: str, scale: float, out=None) -> torch.Te
 
 def _exact_distances(queries: torch.Tensor, candidates: torch.Tensor, metric: str) -> torch.Tensor:
     """(Q, M) distances of query rows (Q, E) to their own candidate rows (Q, M, E), both as given, from their
-    differences: relative to the distance, not to |q|, and exactly 0 between equal rows."""
-    apart = candidates - queries[:, None]
+    differences: relative to the distance, not to |q|, and exactly 0 between equal rows. Euclidean overwrites
+    `candidates` with the differences: measuring holds one copy of the candidate rows, not two."""
     if metric == "euclidean":
-        return torch.linalg.vector_norm(apart, dim=2)
+        return torch.linalg.vector_norm(candidates.sub_(queries[:, None]), dim=2)
+    apart = candidates - queries[:, None]
     # 1 - cos = |v|^2 / 2 with v = c/|c| - q/|q| = apart/|q| - s c, s = (|c| - |q|) / (|q| |c|), and
     # |c| - |q| = apart.(c + q) / (|c| + |q|): no difference of nearly equal numbers is rounded
     q_norm, c_norm = queries.norm(dim=1, keepdim=True), candidates.norm(dim=2)
@@ -241,7 +242,7 @@ def _measured(queries: torch.Tensor, bank: torch.Tensor, candidates: torch.Tenso
     measured = []
     for q0, rows in zip(range(0, len(candidates), query_rows), candidates.split(query_rows)):
         q_rows = queries[q0:q0 + query_rows].double()
-        c_rows = bank[rows.to(bank.device)].to(rows.device, torch.float64)  # a copy: scaled in place
+        c_rows = bank[rows.to(bank.device)].to(rows.device, torch.float64)  # a copy: scaled (and measured) in place
         if rescale:
             q_rows = _scaled(q_rows, metric, scale)
             _scaled(c_rows, metric, scale, out=c_rows)
