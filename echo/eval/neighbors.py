@@ -400,8 +400,7 @@ def _search_torch(queries: torch.Tensor, chunk, bank_size: int, chunk_rows: int,
             rows = slice(q0, q0 + query_rows)
             values = _search_values(queries[rows], rows_b, rows_sq)
             if groups is not None:
-                values.masked_fill_(groups[0][rows, None] == groups[1][None, b0:b0 + rows_b.shape[0]],
-                                    torch.finfo(values.dtype).max)
+                values.masked_fill_(_same_group(groups, rows, b0, chunk_rows), torch.finfo(values.dtype).max)
             chunk_v, chunk_i = torch.topk(values, take, dim=1, largest=False, sorted=False)
             merged_v = torch.cat([best_v[rows], chunk_v], dim=1)
             merged_i = torch.cat([best_i[rows], chunk_i + b0], dim=1)
