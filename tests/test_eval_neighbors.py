@@ -184,7 +184,7 @@ def test_bad_requests_are_clear():
 
 
 @pytest.mark.parametrize("side", ["queries", "bank"])
-@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_rows_with_nan_or_inf_are_named_not_searched(side, value):
     """A NaN distance made up neighbour -1, and a NaN bank centre made every Euclidean neighbour -1."""
     rows = {"queries": np.ones((3, 4)), "bank": np.ones((5, 4))}
@@ -193,6 +193,62 @@ def test_rows_with_nan_or_inf_are_named_not_searched(side, value):
         neighbors.nearest(rows["queries"], rows["bank"], 1)
     with pytest.raises(ValueError, match=f"{side}: row\\(s\\) 2 hold NaN or infinite values"):
         neighbors.fused_nearest(rows["queries"][:, None], rows["bank"][:, None], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf, None])
+def test_every_non_finite_value_is_found_by_the_extremes_first(dtype, value):
+    """The check reads the rows' min and max before any mask of their size: each kind of bad value, alone
+    among finite ones, in tensors and arrays of each dtype, is still named by its rows."""
+    rows = torch.randn(6, 5).to(dtype)
+    if value is not None:
+        rows[4, 3] = value
+    for given in (rows, rows.float().numpy().astype(np.float16 if dtype == torch.float16 else np.float32)):
+        if value is None:
+            neighbors.check_finite(given, "bank")
+        else:
+            with pytest.raises(ValueError, match=r"bank: row\(s\) 4 hold NaN or infinite values"):
+                neighbors.check_finite(given, "bank")
+
+
+def test_missing_or_ragged_rows_are_named_not_numpys_error():
+    """embed_files holds None for a file it could not read, and rates with other band counts give rows of other
+    lengths: the search named neither (numpy's "inhomogeneous shape")."""
+    with pytest.raises(ValueError, match=r"queries: row\(s\) 1 are None, not embeddings"):
+        neighbors.nearest([np.ones(4), None], np.ones((3, 4)))
+    with pytest.raises(ValueError, match=r"bank differ in shape \(\(4,\), \(6,\)\)"):
+        neighbors.nearest(np.ones((2, 4)), [np.ones(4), np.ones(6)])
+    with pytest.raises(ValueError, match=r"embeddings: row\(s\) 0 are None"):
+        neighbors.as_rows((None, np.ones(3)))
+
+
+def test_a_bank_chunk_is_not_held_while_candidates_are_measured(monkeypatch):
+    """The search's last bank chunk stayed held through the measuring of its candidates: a second copy of a bank
+    of one chunk (820 MB at MAFAULDA's width) beside the measured rows."""
+    import weakref
+
+    chunks, alive_when_measured = [], []
+    prepared_chunk, measured = neighbors._prepared_chunk, neighbors._measured
+
+    def watching_chunk(*args):
+        rows, squares = prepared_chunk(*args)
+        chunks.append(weakref.ref(rows))
+        return rows, squares
+
+    def watching_measure(*args):
+        alive_when_measured.append(sum(ref() is not None for ref in chunks))
+        return measured(*args)
+
+    monkeypatch.setattr(neighbors, "_prepared_chunk", watching_chunk)
+    monkeypatch.setattr(neighbors, "_measured", watching_measure)
+    rng = seeded_rng()
+    bank = np.round(rng.normal(size=(300, 2)), 0)  # many equal rows: rounds beyond the first
+    distances, indices = neighbors.nearest(bank[:40] + 0.25, bank, 3)
+    assert len(chunks) >= 2 and alive_when_measured == [0] * len(alive_when_measured)
+    np.testing.assert_array_equal(indices, brute_force(bank[:40] + 0.25, bank, 3, "euclidean")[1])
+    chunks.clear(), alive_when_measured.clear()
+    neighbors.fused_nearest(bank[:40, None] + 0.25, bank[:, None], 3)
+    assert chunks and alive_when_measured == [0] * len(alive_when_measured)
 
 
 def test_equal_distances_come_in_bank_order():
@@ -684,7 +740,7 @@ def test_wide_rows_are_searched_in_chunks_bounded_in_bytes(fused, monkeypatch):
 @pytest.mark.parametrize("fused", [False, True])
 def test_a_bank_chunk_is_let_go_before_the_next_is_prepared(fused, monkeypatch):
     """The last chunk was kept (lru_cache) while the next was prepared: 1.5-2x a chunk, a GB more at the
-    default size. A bank of one chunk is still prepared once for all the search's rounds."""
+    default size. A bank of one chunk is prepared once for a search's round (the fused search's two passes)."""
     import weakref
 
     earlier, alive = [], []

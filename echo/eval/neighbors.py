@@ -55,11 +55,16 @@ def _refuse(bad, name: str, why: str) -> None:
 def check_finite(rows, name: str) -> None:
     """A NaN or infinite value would turn distances into NaN and neighbours into made-up indices (-1), or make
     one row the farthest of all: refused, naming the first rows that hold one. Tensors are checked where they
-    are (a bank on the GPU is not copied)."""
+    are (a bank on the GPU is not copied). The extremes come first: a NaN makes both NaN, so finite ones clear
+    every value with no mask of the rows' size (torch's isfinite also makes |rows|: +720 MB for a 430 MB bank)."""
     if isinstance(rows, torch.Tensor):
+        if not rows.numel() or torch.isfinite(torch.stack(torch.aminmax(rows))).all():
+            return
         finite = torch.isfinite(rows.flatten(1)).all(dim=1) if rows.dim() > 1 else torch.isfinite(rows)
     else:
         values = np.asarray(rows)
+        if not values.size or np.isfinite(values.min()) and np.isfinite(values.max()):
+            return
         finite = np.isfinite(values).all(axis=tuple(range(1, values.ndim)))
     _refuse(~finite, name, "hold NaN or infinite values")
 
@@ -75,9 +80,14 @@ def check_nonzero(rows, name: str) -> None:
     _refuse(~nonzero, name, "have length 0: cosine distance is undefined for them")
 
 
-def as_rows(embeddings, name: str = "embeddings") -> np.ndarray:
-    """Embeddings as one array of finite rows. Embeddings of different shapes (two models, or rates with other
-    band counts) and NaN or infinite values are named here rather than by numpy or as made-up neighbours."""
+def _array(embeddings, name: str) -> np.ndarray:
+    """Embeddings as one array. Rows of different shapes (two models, or rates with other band counts) and
+    missing rows (None: embed_files' entry for a file it could not read) are named here, not by numpy."""
+    if isinstance(embeddings, (list, tuple)):
+        missing = [i for i, row in enumerate(embeddings) if row is None]
+        if missing:
+            raise ValueError(f"{name}: row(s) {first_items(missing)} are None, not embeddings (files that could "
+                             f"not be embedded?): leave them out")
     try:
         rows = np.asarray(embeddings)
     except ValueError:
@@ -86,6 +96,13 @@ def as_rows(embeddings, name: str = "embeddings") -> np.ndarray:
                          f"rate (band count) per evaluation") from None
     if rows.dtype == object:
         raise ValueError(f"{name} must be numbers of one shape, got objects")
+    return rows
+
+
+def as_rows(embeddings, name: str = "embeddings") -> np.ndarray:
+    """Embeddings as one array of finite rows; NaN or infinite values are named here rather than found as
+    made-up neighbours."""
+    rows = _array(embeddings, name)
     if len(rows) == 0:
         raise ValueError(f"no {name} to evaluate")
     check_finite(rows, name)
@@ -101,7 +118,7 @@ def chosen_channels(channels, count: int) -> list[int]:
 
 
 def _as_tensor(x, name: str, device, dtype=None) -> torch.Tensor:
-    x = torch.as_tensor(x if isinstance(x, torch.Tensor) else np.asarray(x))
+    x = torch.as_tensor(x if isinstance(x, torch.Tensor) else _array(x, name))
     if not x.is_floating_point():
         x = x.double()
     check_finite(x, name)
@@ -172,7 +189,8 @@ def _search_values(queries: torch.Tensor, bank: torch.Tensor, bank_sq=None) -> t
     """(Q, B) squared distances of prepared rows, within `_search_error` of the exact ones."""
     queries_sq = _squared_norms(queries)[:, None]
     bank_sq = _squared_norms(bank) if bank_sq is None else bank_sq
-    return (queries_sq + bank_sq - 2 * queries @ bank.T).clamp_min_(0)
+    products = (queries @ bank.T).mul_(2)  # not (2 * queries) @ ...: a copy of the queries (820 MB, MAFAULDA-wide)
+    return (queries_sq + bank_sq).sub_(products).clamp_min_(0)
 
 
 def _search_error(search: torch.finfo, dim: int, sizes: torch.Tensor) -> torch.Tensor:
@@ -238,13 +256,22 @@ def _measured(queries: torch.Tensor, bank: torch.Tensor, candidates: torch.Tenso
     for cosine rows narrower than float64, whose squares cannot leave its range), in float64 (float32 sums of E
     terms keep ~sqrt(E) ulps), a chunk of queries at a time."""
     rescale = metric == "euclidean" or bank.dtype == torch.float64
-    query_rows = max(1, chunk_bytes // (candidates.shape[1] * bank.shape[1] * 8))
+    wanted, features = candidates.shape[1], bank.shape[1]
+    query_rows = min(len(candidates), max(1, chunk_bytes // (wanted * features * 8)))
+    # buffers filled again for each chunk of queries: new ones every time faulted in ~27 GB of fresh pages in a
+    # MAFAULDA-wide leave-one-out, and the query rows' ones (tens of MB, under glibc's mmap threshold once it
+    # has risen) were split by the small results between them, so the heap grew by their size at every chunk
+    gathered = torch.empty((query_rows * wanted, features), dtype=bank.dtype, device=bank.device)
+    query_buffer = torch.empty((query_rows, features), dtype=torch.float64, device=candidates.device)
+    candidate_buffer = torch.empty((query_rows, wanted, features), dtype=torch.float64, device=candidates.device)
     measured = []
     for q0, rows in zip(range(0, len(candidates), query_rows), candidates.split(query_rows)):
-        q_rows = queries[q0:q0 + query_rows].double()
-        c_rows = bank[rows.to(bank.device)].to(rows.device, torch.float64)  # a copy: scaled (and measured) in place
+        q_rows, c_rows = query_buffer[:len(rows)], candidate_buffer[:len(rows)]
+        q_rows.copy_(queries[q0:q0 + len(rows)])
+        picked = torch.index_select(bank, 0, rows.flatten().to(bank.device), out=gathered[:rows.numel()])
+        c_rows.view(-1, features).copy_(picked)  # scaled (and measured) in place
         if rescale:
-            q_rows = _scaled(q_rows, metric, scale)
+            _scaled(q_rows, metric, scale, out=q_rows)
             _scaled(c_rows, metric, scale, out=c_rows)
         measured.append(_exact_distances(q_rows, c_rows, metric))
     return torch.cat(measured)
@@ -330,11 +357,12 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
     prepare = _preparer(bank, metric, device, search_dtype, scale, chunk_rows)
     prepared = prepare(queries)
     if backend == "faiss":
-        search = partial(_search_faiss, index=_faiss_index(prepare(bank)))
+        search, release = partial(_search_faiss, index=_faiss_index(prepare(bank))), None
     else:
         chunk = _last_held(partial(_prepared_chunk, bank, prepare, device, chunk_rows))
         search = partial(_search_torch, chunk=chunk, bank_size=bank.shape[0], chunk_rows=chunk_rows,
                          chunk_bytes=chunk_bytes)
+        release = chunk.release
     eps = torch.finfo(queries.dtype).eps
     search_finfo = torch.finfo(torch.float32 if backend == "faiss" else search_dtype)
     best_d = torch.empty((queries.shape[0], k), dtype=queries.dtype, device=device)
@@ -347,7 +375,10 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
         searched = prepared if len(pending) == len(prepared) else prepared[pending]  # the first: not a copy
         candidates, reach = search(searched, wanted=wanted, **own_groups)
         candidates = candidates.sort(dim=1).values
-        distances = _measured(queries[pending], bank, candidates, metric, chunk_bytes, scale) / scale
+        if release:  # the bank chunk, not held while the candidates are measured: a second round prepares it again
+            release()
+        asked = queries if len(pending) == len(queries) else queries[pending]
+        distances = _measured(asked, bank, candidates, metric, chunk_bytes, scale) / scale
         own = None if groups is None else groups[1][candidates] == groups[0][pending, None]
         d, i = _best(distances.to(queries.dtype), candidates, k, None if exclude is None else exclude[pending], own)
         if torch.isinf(d).any():
@@ -373,7 +404,8 @@ def _prepared_chunk(bank: torch.Tensor, prepare, device, chunk_rows: int, b0: in
 
 def _last_held(prepare_chunk):
     """prepare_chunk(b0), remembered for the last b0 only: a bank of one chunk is prepared once, and a chunk is let
-    go before the next is prepared (lru_cache held both: 1.5x a chunk, up to a GB more)."""
+    go before the next is prepared (lru_cache held both: 1.5x a chunk, up to a GB more). chunk.release() lets go
+    of the last one."""
     held = {}
 
     def chunk(b0: int):
@@ -381,6 +413,7 @@ def _last_held(prepare_chunk):
             held.clear()
             held[b0] = prepare_chunk(b0)
         return held[b0]
+    chunk.release = held.clear
     return chunk
 
 
@@ -554,6 +587,7 @@ def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=Non
                 fused, slack = fused.masked_fill(same, float("inf")), slack.masked_fill(same, 0)
             kept[n] = _kept(kept[n], fused - slack, fused + slack, b0, k)
         del b, b_sq
+    chunk.release()  # not held while the candidates are measured
 
     out_d, out_i = [], []
     for block, skip, (rows, _, _) in zip(blocks, skips, kept):
