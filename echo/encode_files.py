@@ -55,7 +55,17 @@ META = "/meta"
 PATH = "/path"
 
 
+OUTPUT_HELP = (
+    "The .npz holds paths, keys, sample_rates and channels (an entry per file), model, and an array per file: "
+    "utterance/{i} (and frames/{i} with --frames), as embedding sizes differ between rates; a .parquet holds a row "
+    "per file: path, key, sample_rate, channels, model, utterance (and frames). model is the model's hash (its config "
+    "and weights), prefixed with the dtype where that is not float32; a key is a file's identity, a hash of its real "
+    "path and its bytes: a re-run skips the files whose key the output holds for the same model. "
+    "echo.encode_files.read_embeddings(OUT) reads either back.")
+
+
 def add_arguments(parser) -> None:
+    parser.epilog = OUTPUT_HELP
     parser.add_argument("paths", nargs="*", type=user_path,
                         help="audio files or folders (default: the bundled samples)")
     parser.add_argument("--model", default="default",
@@ -73,18 +83,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def find_files(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+def find_files(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]], list[str]]:
     """Audio files under `paths` (folders searched recursively, following links to folders, each folder once,
     macOS's ._ metadata files left out as other files that are not audio; files taken as given), each once
     however it was spelt, and the paths that could not be used with the reason (a missing path, a folder that
-    cannot be read or is reached a second time, a broken or looping link, a pipe), each once too."""
-    files, unusable = [], []
+    cannot be read or is reached a second time, a broken or looping link, a pipe), each once too; and notes on
+    what was left out unread: a folder's files of other suffixes, the second spellings of a file."""
+    files, unusable, notes = [], [], []
     for path in paths:
         kind = _kind(path)
         if kind == "folder":
-            found = [where / name for where, names in folders.walk(path, lambda *skipped: unusable.append(skipped))
-                     for name in names
-                     if Path(name).suffix.lower() in AUDIO_SUFFIXES and not folders.finder_metadata(name)]
+            found, left_out = folders.by_suffix(path, folders.walk(path, lambda *skipped: unusable.append(skipped)),
+                                                AUDIO_SUFFIXES)
+            notes += [left_out] if left_out else []
+            found = [entry for entry in found if not folders.finder_metadata(entry.name)]
             for entry in sorted(found):  # a link loop or a pipe is named as given ones are
                 kind = _kind(entry)
                 if kind == "file":
@@ -95,12 +107,19 @@ def find_files(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
             files.append(path)
         else:
             unusable.append((path, kind))
-    first_spelling, bad = {}, {}
+    first_spelling, repeated, bad = {}, [], {}
     for path in files:
-        first_spelling.setdefault(os.path.realpath(path), path)
+        real = os.path.realpath(path)
+        if real in first_spelling:
+            repeated.append((path, first_spelling[real]))
+        else:
+            first_spelling[real] = path
+    if repeated:  # as eval says it: a file left out without a word looked lost
+        notes.append(f"encoded once: {len(repeated)} files reached a second time, through a link or by another "
+                     f"path (e.g. {shown(repeated[0][0])}, the same file as {shown(repeated[0][1])})")
     for path, reason in unusable:  # its folder's real path: a broken link resolves to its target, not to itself
         bad.setdefault(os.path.join(os.path.realpath(path.parent), path.name), (path, reason))
-    return list(first_spelling.values()), list(bad.values())
+    return list(first_spelling.values()), list(bad.values()), notes
 
 
 def _kind(path: Path) -> str:
@@ -483,7 +502,7 @@ def _encode_files(args, rank: int, world: int) -> int:
     model = load(args.model, device=device)
     options = {"dtype": DTYPES[args.dtype], "device": device, "max_tokens": args.max_tokens}
     model_key = encoding_key(model_hash(model), DTYPES[args.dtype])
-    files, unusable = find_files(args.paths or [SAMPLES_DIR])  # the same on every rank, unlike `failures`
+    files, unusable, notes = find_files(args.paths or [SAMPLES_DIR])  # the same on every rank, unlike `failures`
     if not files:
         reasons = "".join(f"; {shown(path)}: {reason}" for path, reason in unusable)
         raise ValueError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) found in "
@@ -567,6 +586,8 @@ def _encode_files(args, rank: int, world: int) -> int:
     finally:
         bar.close()
     elapsed = time.perf_counter() - start
+    for note in (notes if rank == 0 and args.paths else []):  # no PATH: their CREDITS.md is no recording
+        print(f"note: {note}")
     for path, reason in (unusable if rank == 0 else []) + failures:
         print(f"skipped {shown(path)}: {reason}")
     skipped = len(unusable) + len(failures)

@@ -3,7 +3,8 @@ followed, as data sets are often linked in from other disks, and each folder is 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 
@@ -11,6 +12,25 @@ def finder_metadata(name: str) -> bool:
     """macOS's ._<name> files: another file's Finder metadata, one beside every recording copied from a Mac to a
     USB drive or a network share. They end in .wav like it, but hold no audio."""
     return name.startswith("._")
+
+
+def by_suffix(top: Path, walked: Iterable[tuple[Path, list[str]]], suffixes) -> tuple[list[Path], str]:
+    """The files of `walked` (what `walk(top)` yields) whose suffix, in any case, is one of `suffixes`; and a note
+    counting the others by suffix ("" if none), as a folder of MP3s was left out without a word. Hidden names and
+    what lies in hidden folders (.git/, macOS's ._ files) are not counted: no one took them for recordings."""
+    found, others = [], Counter()
+    for where, names in walked:
+        hidden = any(part.startswith(".") for part in where.relative_to(top).parts)
+        for name in names:
+            suffix = Path(name).suffix.lower()
+            if suffix in suffixes:
+                found.append(where / name)
+            elif not hidden and not name.startswith("."):
+                others[suffix or "no suffix"] += 1
+    counts = ", ".join(f"{suffix}: {count}" for suffix, count in sorted(others.items(), key=lambda s: (-s[1], s[0])))
+    note = f"{others.total()} files with other suffixes were left out of {top} ({counts}); files are read from " \
+        f"folders by suffix: {', '.join(sorted(suffixes))}" if others else ""
+    return found, note
 
 
 def walk(top: Path, skip: Callable[[Path, str], None], recursive: bool = True) -> Iterator[tuple[Path, list[str]]]:

@@ -314,6 +314,36 @@ def test_score_histogram_draws_both_classes_on_the_same_bins(tmp_path, monkeypat
     assert len(bars) == 60 and max(bars) == pytest.approx(min(bars), rel=1e-9)
 
 
+def test_each_class_has_one_colour_in_every_figure(tmp_path, monkeypatch):
+    """The score histogram drew normal blue and anomalous orange, the projection anomalous blue and normal
+    orange; and a machine without normal test clips drew its anomalous ones in normal's colour."""
+    from matplotlib.colors import to_rgb
+
+    from echo.eval import plots
+    from echo.eval.anomaly import Clip
+
+    colours, save = [], plots.save
+
+    def recording(figure, path):
+        axis = figure.axes[0]
+        drawn = [(bars.patches[0].get_label(), bars.patches[0].get_facecolor()) for bars in axis.containers] + \
+            [(points.get_label(), points.get_facecolor()[0]) for points in axis.collections]
+        colours.extend((label.split(" (")[0], to_rgb(colour)) for label, colour in drawn)
+        return save(figure, path)
+
+    monkeypatch.setattr(plots, "save", recording)
+    names = {0: "normal", 1: "anomalous", None: "unlabelled"}
+    for machine, labels in (("fan", [0, 1, None] * 3), ("pump", [1, None] * 3)):
+        clips = [Clip(Path(f"{machine}{i}"), "dev", machine, "00", None, "test", label)
+                 for i, label in enumerate(labels)]
+        plots.anomaly_plots(clips, np.linspace(0, 1, len(clips)), tmp_path)
+        plots.projection_plot(np.eye(len(labels)), [names[label] for label in labels], tmp_path / "p.png", "title")
+    assert {name for name, _ in colours} == set(names.values())
+    each = {name: {colour for drawn, colour in colours if drawn == name} for name in names.values()}
+    assert all(len(drawn) == 1 for drawn in each.values()), each
+    assert len({*each["normal"], *each["anomalous"], *each["unlabelled"]}) == 3
+
+
 def test_plots_leave_the_users_matplotlib_backend_and_write_png(tmp_path):
     """An interactive session's backend is the user's: plots are Figures of their own, outside pyplot."""
     import matplotlib

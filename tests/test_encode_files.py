@@ -727,11 +727,12 @@ def test_parquet_columns_go_through_their_joined_values_in_chunks_of_what_arrow_
         assert np.array_equal(files[path]["utterance"], row["utterance"])
 
 
-def test_no_path_encodes_the_bundled_samples_with_a_kept_heap_on_the_cpu(tmp_path, model_path, monkeypatch):
+def test_no_path_encodes_the_bundled_samples_with_a_kept_heap_on_the_cpu(tmp_path, model_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append("kept"))
     assert run("--model", model_path, "--out", tmp_path / "samples.npz", "--device", "cpu") == 0
     assert calls == ["kept"]
+    assert "note:" not in capsys.readouterr().out  # the samples' CREDITS.md is no recording left out
     files = read_embeddings(tmp_path / "samples.npz")["files"]
     assert {Path(p).stem for p in files} == set(bundled.names())
     assert len({row["sample_rate"] for row in files.values()}) >= 3
@@ -977,7 +978,7 @@ from echo import cli
 
 found = command.find_files
 if sys.argv[1] == "1":  # this rank's scan came after a file was added
-    command.find_files = lambda paths: ([Path(sys.argv[2]), *found(paths)[0]], found(paths)[1])
+    command.find_files = lambda paths: ([Path(sys.argv[2]), *found(paths)[0]], *found(paths)[1:])
 sys.exit(cli.main(sys.argv[3:]))
 """
 
@@ -1282,8 +1283,8 @@ def test_macos_metadata_files_in_a_folder_are_not_taken_for_recordings(tmp_path)
     for name in ("a.wav", "day1/b.WAV"):
         soundfile.write(str(folder / name), np.zeros(800), 8000)
         (folder / name).with_name(f"._{Path(name).name}").write_bytes(b"\x00\x05\x16\x07Mac OS X        ")
-    assert find_files([folder]) == ([folder / "a.wav", folder / "day1" / "b.WAV"], [])
-    assert find_files([folder / "._a.wav"]) == ([folder / "._a.wav"], [])
+    assert find_files([folder]) == ([folder / "a.wav", folder / "day1" / "b.WAV"], [], [])
+    assert find_files([folder / "._a.wav"]) == ([folder / "._a.wav"], [], [])
 
 
 def test_a_rerun_writes_the_rate_and_channels_of_each_reused_file(tmp_path, model_path, capsys):
@@ -1359,4 +1360,80 @@ def test_hidden_recordings_are_found_only_macos_metadata_is_left_out(tmp_path):
     for name in (".take1.wav", "a.wav"):
         soundfile.write(str(folder / name), np.zeros(800), 8000)
     (folder / "._a.wav").write_bytes(b"\x00\x05\x16\x07Mac OS X        ")
-    assert find_files([folder]) == ([folder / ".take1.wav", folder / "a.wav"], [])
+    assert find_files([folder]) == ([folder / ".take1.wav", folder / "a.wav"], [], [])
+
+
+def test_a_folders_files_of_other_suffixes_are_counted_in_one_note(tmp_path, model_path, capsys):
+    """A folder of MP3s (even WAVs renamed .mp3) was encoded as if empty without a word, while the same file named
+    on the command line was encoded. Hidden names, macOS's ._ files, what hidden folders hold and folders are not
+    counted."""
+    from echo.data import AUDIO_SUFFIXES
+
+    folder = tmp_path / "my_pump"
+    (folder / "sub.mp3").mkdir(parents=True)
+    (folder / ".git").mkdir()
+    for name in ("a.wav", "x.mp3", "sub.mp3/y.MP3", "sub.mp3/b.wav"):
+        soundfile.write(str(folder / name), np.random.uniform(-0.5, 0.5, 4000), 16000, format="WAV")
+    for name in ("notes.txt", "README", ".DS_Store", ".hidden.txt", "._a.wav", ".git/config"):
+        (folder / name).write_bytes(b"not audio")
+    assert run(folder, "--model", model_path, "--out", tmp_path / "e.npz") == 0
+    printed = capsys.readouterr().out
+    assert sorted(read_embeddings(tmp_path / "e.npz")["files"]) == [str(folder / "a.wav"),
+                                                                     str(folder / "sub.mp3" / "b.wav")]
+    assert (f"note: 4 files with other suffixes were left out of {folder} (.mp3: 2, .txt: 1, no suffix: 1); files "
+            f"are read from folders by suffix: {', '.join(sorted(AUDIO_SUFFIXES))}\n") in printed
+    assert printed.count("note:") == 1
+
+
+def test_a_file_reached_twice_in_a_folder_is_encoded_once_with_a_note(tmp_path, model_path, capsys):
+    """A link and its target under the encoded folder were kept once without a word, where eval notes it."""
+    folder = tmp_path / "d"
+    folder.mkdir()
+    for name in ("a.wav", "b.wav"):
+        soundfile.write(str(folder / name), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    (folder / "link-a.wav").symlink_to(folder / "a.wav")
+    (folder / "link-b.wav").symlink_to("b.wav")
+    assert run(folder, "--model", model_path, "--out", tmp_path / "e.npz") == 0
+    assert sorted(read_embeddings(tmp_path / "e.npz")["files"]) == [str(folder / "a.wav"), str(folder / "b.wav")]
+    assert (f"note: encoded once: 2 files reached a second time, through a link or by another path (e.g. "
+            f"{folder / 'link-a.wav'}, the same file as {folder / 'a.wav'})\n") in capsys.readouterr().out
+
+
+def test_an_empty_or_unrecognised_file_is_said_so_without_the_bytes_of_its_path(tmp_path, model_path, capsys):
+    """A 0-byte file read "LibsndfileError: Error opening b'/.../empty.wav': Format not recognised.": the path as
+    a bytes literal, after the path the line already names, and nothing said that the file was empty."""
+    folder = tmp_path / "d"
+    folder.mkdir()
+    soundfile.write(str(folder / "a.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    (folder / "empty.wav").write_bytes(b"")
+    (folder / "broken.wav").write_bytes(b"RIFF not really a wav file")
+    with pytest.raises(soundfile.LibsndfileError) as opening:
+        soundfile.SoundFile(str(folder / "broken.wav"))
+    assert run(folder, "--model", model_path, "--out", tmp_path / "e.npz") == 0
+    printed = capsys.readouterr().out
+    assert f"skipped {folder / 'empty.wav'}: empty file (0 bytes)\n" in printed
+    assert (f"skipped {folder / 'broken.wav'}: not a readable audio file (libsndfile: "
+            f"{opening.value.error_string.rstrip('.')})\n") in printed
+    assert "b'" not in printed
+
+
+def test_the_help_and_readme_name_every_field_of_the_outputs_and_how_to_read_them(tmp_path, model_path, capsys):
+    """What an output holds and what its model and keys are was said nowhere but in the code."""
+    pyarrow_parquet = pytest.importorskip("pyarrow.parquet")
+    soundfile.write(str(tmp_path / "a.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    fields = set()
+    for out in (tmp_path / "e.npz", tmp_path / "e.parquet"):
+        assert run(tmp_path / "a.wav", "--model", model_path, "--out", out, "--frames") == 0
+    with np.load(tmp_path / "e.npz") as data:  # utterance/0 is utterance/{i}
+        fields |= {name.split("/")[0] + "/{i}" if "/" in name else name for name in data.files}
+    fields |= set(pyarrow_parquet.read_schema(str(tmp_path / "e.parquet")).names)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(["encode", "--help"])
+    helped = " ".join(capsys.readouterr().out.split())
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Encoding files", 1)[1].split("\n## ", 1)[0]
+    for field in fields:
+        assert f" {field}" in helped and f"`{field}`" in section, field
+    reader = f"echo.encode_files.{read_embeddings.__name__}"
+    assert reader in helped and reader in section

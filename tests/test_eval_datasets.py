@@ -213,6 +213,25 @@ def test_folder_task(tmp_path):
         datasets.load("folder", tmp_path / "test" / "anomalous")
 
 
+def test_folder_task_notes_files_of_other_suffixes_and_names_the_suffixes_it_reads(tmp_path):
+    """normal/x.mp3 was left out of the bank without a word; a normal/ of MP3s only was "no audio file", without
+    saying which files are. Hidden names and macOS's ._ files are not counted."""
+    suffixes = ", ".join(sorted(datasets.AUDIO_SUFFIXES))
+    read = f"files are read from folders by suffix: {suffixes}"
+    touch(tmp_path, "normal/a.wav", "normal/x.mp3", "normal/day2/y.MP3", "normal/day2/z.txt", "normal/.DS_Store",
+          "normal/._a.wav", "test/normal/b.wav", "test/anomalous/c.wav", "test/README")
+    data = datasets.load("folder", tmp_path)
+    assert sorted(c.path.name for c in data.items) == ["a.wav", "b.wav", "c.wav"]
+    assert f"3 files with other suffixes were left out of {tmp_path / 'normal'} (.mp3: 2, .txt: 1); {read}" \
+        in data.notes
+    assert f"1 files with other suffixes were left out of {tmp_path / 'test'} (no suffix: 1); {read}" in data.notes
+    assert len(data.notes) == 3  # and the ._ file's own note
+    for name in ("a.wav", "._a.wav"):
+        (tmp_path / "normal" / name).unlink()
+    with pytest.raises(ValueError, match=re.escape(f"normal: no audio file ({suffixes})")):
+        datasets.load("folder", tmp_path)
+
+
 def test_folder_task_test_subfolders_any_case_and_unknown_ones_refused(tmp_path):
     touch(tmp_path, "normal/a.wav", "test/Normal/b.wav", "test/ANOMALY/c.wav", "test/Anomalous/d.wav",
           "test/plots/roc.png")  # a folder without audio leaves nothing out

@@ -182,6 +182,7 @@ def test_bad_files_are_reported_and_skipped(tmp_path, model):
     reasons = {path.name: reason for path, reason in result.failures}
     assert set(reasons) == {"corrupt.wav", "short.wav", "missing.wav"}
     assert "shorter than one 25 ms window" in reasons["short.wav"]
+    assert reasons["corrupt.wav"].startswith("not a readable audio file (libsndfile: ")
     assert rel_err(result.vectors[4], reference(model, files[1])) < 1e-5
 
 

@@ -62,6 +62,7 @@ CWRU_SINGLE_POSITION = {("DE", "014"): "@6"}
 DCASE_TEST_FOLDERS = ("test", "source_test", "target_test")  # source_test/ and target_test/: DCASE 2021 as published
 DCASE_SPLIT_FOLDERS = ("dev_data", "eval_data")  # the published names: the only ones above --data that count
 FOLDER_TEST_LABELS = {"normal": 0, "anomalous": 1, "anomaly": 1}  # test/ sub-folders, matched case-insensitively
+NO_AUDIO = f"no audio file ({', '.join(sorted(AUDIO_SUFFIXES))})"  # a folder of MP3s is told what is read
 TASKS = tuple(f"dcase{year}" for year in range(2020, 2026)) + ("cwru", "mafaulda", "iiee", "iica", "folder")
 
 
@@ -173,9 +174,11 @@ def _files(folder: Path, suffixes, notes: list, recursive: bool = False) -> list
     """The files in `folder` (and below it, if `recursive`) ending in one of `suffixes`, sorted, each once
     however many links lead to it. Whatever is not a folder counts: a broken link or a pipe is reported as
     unreadable (failures.csv) rather than left out unseen; but not macOS's ._<name> files
-    (folders.finder_metadata), with a note."""
-    found = sorted(where / name for where, names in _walk(folder, notes, recursive) for name in names
-                   if Path(name).suffix.lower() in suffixes)
+    (folders.finder_metadata), with a note; files of other suffixes are counted in a note."""
+    found, left_out = folders.by_suffix(folder, _walk(folder, notes, recursive), suffixes)
+    if left_out:
+        _note(notes, left_out)
+    found = sorted(found)
     metadata = [path for path in found if folders.finder_metadata(path.name)]
     if metadata:
         _note(notes, f"skipped {len(metadata)} macOS metadata files under {folder} (e.g. {metadata[0]}): not audio")
@@ -315,8 +318,7 @@ def dcase(root, year: int, label_lists=None) -> Dataset:
                                     ("test", _dcase_test_folders(machine_dir, notes))):
             files = [path for folder in subset_dirs for path in _files(folder, AUDIO_SUFFIXES, notes)]
             if not files:
-                raise ValueError(f"{' and '.join(map(str, subset_dirs))}: no audio file "
-                                 f"({', '.join(sorted(AUDIO_SUFFIXES))})")
+                raise ValueError(f"{' and '.join(map(str, subset_dirs))}: {NO_AUDIO}")
             for path in files:
                 section, domain, label = _dcase_fields(path.name, year)
                 if subset == "test" and label is None:
@@ -373,7 +375,7 @@ def folder(root) -> Dataset:
     normal, test = _any_case(root, "normal"), _any_case(root, "test")
     bank = _files(normal, AUDIO_SUFFIXES, notes, recursive=True)
     if not bank:
-        raise ValueError(f"{normal}: no audio file; a folder task needs <root>/normal/* (the normal "
+        raise ValueError(f"{normal}: {NO_AUDIO}; a folder task needs <root>/normal/* (the normal "
                          f"bank) and <root>/test/{{normal,anomalous}}/* (folder names in any case)")
     tests = [(path, None) for path in _files(test, AUDIO_SUFFIXES, notes)]
     for sub in sorted(p for p in test.glob("*") if p.is_dir()):
@@ -385,8 +387,7 @@ def folder(root) -> Dataset:
                              f"(any case) and unlabelled files")
         tests += [(path, label) for path in _files(sub, AUDIO_SUFFIXES, notes, recursive=True)]
     if not tests:
-        raise ValueError(f"{test}: no audio file to score (expected test/normal/*, test/anomalous/* "
-                         f"or test/*)")
+        raise ValueError(f"{test}: {NO_AUDIO} to score; expected test/normal/*, test/anomalous/* or test/*")
     machine = root.resolve().name  # the folder's own name, also where it is given as `.`
     clip = lambda path, subset, label: Clip(path, "dev", machine, "00", None, subset, label)  # noqa: E731
     items = [clip(path, "train", 0) for path in bank] + [clip(path, "test", label) for path, label in tests]

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import os
 import stat
+import sys
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -138,7 +139,11 @@ class Embedded:
 
 
 def _failure(error: Exception, path=None) -> str:
-    """"Type: message"; an OSError about `path` itself without the path, which the line naming the file shows."""
+    """"Type: message"; an OSError about `path` itself without the path, which the line naming the file shows, and
+    a libsndfile error without it either (it named the path as a bytes literal: b'/data/x.wav')."""
+    soundfile = sys.modules.get("soundfile")  # none of its errors where it was never imported
+    if soundfile is not None and isinstance(error, soundfile.LibsndfileError):
+        return f"not a readable audio file (libsndfile: {error.error_string.rstrip('.')})"
     if isinstance(error, OSError) and error.strerror and error.filename is not None and error.filename2 is None \
             and path is not None and error.filename == os.fspath(path):
         return f"{type(error).__name__}: {error.strerror}"
@@ -156,7 +161,9 @@ def key_checked(path: Path) -> tuple[str | None, str]:
 def read_checked(read: Callable, path: Path):
     """(signal tensor, rate) or the reason it cannot be used."""
     try:
-        open(path, "rb").close()  # a file we may not read is named as such, not as the decoder's "System error"
+        with open(path, "rb") as handle:  # a file we may not read is named as such, not as the decoder's "System error"
+            if os.fstat(handle.fileno()).st_size == 0:  # else each reader's own words: "Format not recognised"
+                return "empty file (0 bytes)"
         signal, rate = read(path)
         rate = inputs.check_sample_rate(rate)
         return inputs.as_signal(signal, rate), rate

@@ -11,6 +11,11 @@ import numpy as np
 from .. import atomic
 from . import require
 
+# A class's colour in every figure: the histogram's default cycle drew normal blue and anomalous orange, the
+# projection's sorted labels the other way round. The demo's healthy clips are its normal ones.
+CLASS_COLOURS = {"normal": "C0", "healthy": "C0", "anomalous": "C1", "unlabelled": "C2"}
+CYCLE = tuple(f"C{i}" for i in range(10))
+
 
 def new_figure(*grid, **options):
     """(figure, axes) as `pyplot.subplots(*grid, **options)` gives them, but a Figure of its own, outside pyplot:
@@ -68,7 +73,7 @@ def anomaly_plots(clips, scores, out: Path) -> list[Path]:
         for name, label in (("normal", 0), ("anomalous", 1), ("unlabelled", None)):
             values = [scores[i] for i in members if clips[i].label == label]
             if values:
-                axis.hist(values, bins=edges, alpha=0.6, label=f"{name} ({len(values)})")
+                axis.hist(values, bins=edges, alpha=0.6, color=CLASS_COLOURS[name], label=f"{name} ({len(values)})")
         axis.set(xlabel="anomaly score (cosine distance to the nearest normal clip)", ylabel="clips",
                  title=f"{machine} ({split})")
         axis.legend(fontsize=8)
@@ -98,9 +103,19 @@ def projection_plot(vectors: np.ndarray, labels, path: Path, title: str) -> Path
         np.zeros((len(vectors), 2))
     labels = np.asarray([str(label) for label in labels])
     figure, axis = new_figure(figsize=(6, 5))
-    for label in sorted(set(labels)):
+    colours = _colours(set(labels))
+    for label in sorted(colours):
         chosen = labels == label
-        axis.scatter(points[chosen, 0], points[chosen, 1], s=8, label=f"{label} ({chosen.sum()})")
+        axis.scatter(points[chosen, 0], points[chosen, 1], s=8, color=colours[label],
+                     label=f"{label} ({chosen.sum()})")
     axis.set(xlabel="PC 1", ylabel="PC 2", title=title)
     axis.legend(fontsize=7, markerscale=2)
     return save(figure, path)
+
+
+def _colours(labels: set) -> dict:
+    """label -> colour: CLASS_COLOURS' own, and the other labels (fault classes) the colours of the cycle those
+    leave, in sorted order."""
+    fixed = {label: CLASS_COLOURS[label] for label in labels if label in CLASS_COLOURS}
+    free = [colour for colour in CYCLE if colour not in fixed.values()]
+    return {**fixed, **{label: free[i % len(free)] for i, label in enumerate(sorted(labels - set(fixed)))}}
