@@ -89,6 +89,40 @@ def test_embeddings_equal_model_encode_and_cache(tmp_path, model):
                                  progress=False).encoded == 4
 
 
+def test_readers_of_one_name_but_other_code_or_values_never_share_embeddings(tmp_path, model):
+    """Two lambdas, or a function edited between runs, had one identity (its qualified name): a reader of the
+    first half second was served the whole files' embeddings from the cache."""
+    files, cache = make_files(tmp_path / "data")[:2], tmp_path / "cache"
+    whole = lambda path: read_audio(path)  # noqa: E731
+    head = lambda path: (read_audio(path)[0][:4000], read_audio(path)[1])  # noqa: E731
+    assert embed.embed_files(model, files, whole, cache, "key", progress=False).encoded == 2
+    again = embed.embed_files(model, files, head, cache, "key", progress=False)
+    assert again.encoded == 2 and not np.allclose(again.vectors[0], reference(model, files[0]))
+
+    def cut(samples):
+        return lambda path: (read_audio(path)[0][:samples], read_audio(path)[1])
+    assert embed.embed_files(model, files, cut(4000), cache, "key", progress=False).encoded == 2
+    assert embed.embed_files(model, files, cut(4000), cache, "key", progress=False).cached == 2
+    assert embed.embed_files(model, files, cut(2000), cache, "key", progress=False).encoded == 2
+    edited = {}
+    for body in ("return read_audio(path)", "return read_audio(path)[0][::-1].copy(), 16000"):
+        exec(f"def reader(path):\n    {body}\n", {"read_audio": read_audio}, edited)
+        assert embed.embed_files(model, files, edited["reader"], cache, "key", progress=False).encoded == 2
+
+
+def test_a_readers_identity_is_the_same_in_every_process():
+    """The identity keys the cache across runs: a function's set literal (its order follows the run's string
+    hashes) or a function it closes over (its repr holds an address) must not make every run miss."""
+    script = ("from echo.eval import embed, datasets\n"
+              "suffixes = lambda path: path.suffix in {'.wav', '.flac', '.ogg', '.aif', '.mp3', '.x'}\n"
+              "def closing(read):\n    return lambda path: read(path)\n"
+              "print(embed.reader_identity(suffixes), embed.reader_identity(closing(datasets.read_audio)))\n")
+    import subprocess
+    seen = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    assert len(seen) == 1 and seen.pop().strip()
+
+
 def test_a_file_replaced_keeping_its_size_and_times_is_encoded_again(tmp_path, model):
     """The cache was keyed by path, size and mtime: other content of the same size copied over with `cp -p`, or
     times restored by a tool, was served the old content's embedding."""

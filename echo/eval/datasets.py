@@ -88,6 +88,8 @@ class Dataset:
 
 
 def read_audio(path: Path) -> tuple[np.ndarray, int]:
+    """(float32 samples, (N,) or (C, N) channels first, sample rate) of any file soundfile reads: the reader of
+    the folder and DCASE tasks, and the one to give `embed.embed_files` for your own files."""
     soundfile = require("soundfile", "reading audio files")
     # soundfile encodes a str name with the locale's codec, strictly: under LC_ALL=C a UTF-8 name fails there;
     # its bytes open it (Windows opens by wide-character name)

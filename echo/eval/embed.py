@@ -16,6 +16,7 @@ import os
 import stat
 import sys
 import time
+import types
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,11 +63,51 @@ def shown(path) -> str:
 
 
 def reader_identity(read: Callable) -> str:
-    """Which reader made the samples: its qualified name, and for a functools.partial what it binds (another
-    sensor or channel choice reads other samples from the same file)."""
+    """Which reader made the samples: its qualified name; for a functools.partial what it binds (another sensor
+    or channel choice reads other samples from the same file); for a Python function also its code and the values
+    it closes over or takes by default: two lambdas, or a function edited between runs, had one name and were
+    served each other's embeddings. Globals it reads are not seen: `reader_version` says when they change."""
     if isinstance(read, functools.partial):
         return f"{reader_identity(read.func)}{read.args!r}{sorted(read.keywords.items())!r}"
-    return f"{getattr(read, '__module__', '')}.{getattr(read, '__qualname__', type(read).__name__)}"
+    if not isinstance(getattr(read, "__code__", None), types.CodeType):
+        return _function(read)
+    bound = [cell.cell_contents for cell in read.__closure__ or ()] + list(read.__defaults__ or ()) + sorted(
+        (read.__kwdefaults__ or {}).items())
+    return f"{_function(read)}{[_value_identity(value) for value in bound]!r}"
+
+
+def _function(read: Callable) -> str:
+    """A callable's qualified name, and a Python function's code by what it does, not where it stands in its
+    file (its bytecode, constants and the names it reads)."""
+    name = f"{getattr(read, '__module__', '')}.{getattr(read, '__qualname__', type(read).__name__)}"
+    code = getattr(read, "__code__", None)
+    return f"{name}:{_code_digest(code)}" if isinstance(code, types.CodeType) else name
+
+
+def _code_digest(code: types.CodeType) -> str:
+    return hashlib.sha256(repr((code.co_code, _constant(code.co_consts), code.co_names)).encode()).hexdigest()[:16]
+
+
+def _constant(value) -> str:
+    """A code constant as the same text in every process: a set literal's order follows the run's string hashes."""
+    if isinstance(value, types.CodeType):
+        return _code_digest(value)
+    if isinstance(value, tuple):
+        return f"({', '.join(map(_constant, value))})"
+    if isinstance(value, frozenset):
+        return f"frozenset({sorted(map(_constant, value))})"
+    return repr(value)
+
+
+def _value_identity(value) -> str:
+    """A value a reader closes over or takes by default: a function by its code (its repr holds an address that
+    changes from run to run; its own closure is not followed, which could loop), a keyword default by its parts,
+    anything else by its repr."""
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str):
+        return f"{value[0]}={_value_identity(value[1])}"
+    if isinstance(value, functools.partial):
+        return reader_identity(value)
+    return _function(value) if callable(value) else repr(value)
 
 
 def encoding_key(model_key: str, dtype: torch.dtype) -> str:
@@ -301,9 +342,12 @@ def _finite(output) -> bool:
 def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | None = None, device=None,
                 dtype=torch.float32, batch_files: int = BATCH_FILES, progress: bool = True,
                 reader_version: str = "") -> Embedded:
-    """Utterance embeddings of `paths`, each file read by `read(path) -> (signal, rate)`. The cache is keyed by
-    the reader too (reader_identity, and `reader_version`: change it when the reader's code changes what it
-    returns), so embeddings of samples read another way are not served. A run stopped after it saved batches says
+    """Utterance embeddings of `paths`, each file read by `read(path) -> (signal, rate)` (any audio file:
+    `echo.eval.datasets.read_audio`): `Embedded.vectors[i]` is `paths[i]`'s, None where the file failed (the
+    reason is in `Embedded.failures`). With `cache_dir` (None: no cache) a rerun encodes only new or changed
+    files. The cache is keyed by the reader too (reader_identity, and `reader_version`: change it when what the
+    reader's code reads, a global say, changes what it returns), so embeddings of samples read another way are
+    not served. A run stopped after it saved batches says
     what it kept and that the same command resumes: Ctrl-C in its KeyboardInterrupt, an error in a WorkKept from it
     (an ImportError excepted, named as such by the command line)."""
     if batch_files < 1:  # a negative size made no batch: nothing encoded, nothing reported

@@ -325,7 +325,8 @@ def _largest(rows: torch.Tensor, dim=None) -> torch.Tensor:
 
 def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, device=None,
             backend: str = "torch", chunk_bytes: int = CHUNK_BYTES, groups=None) -> tuple[np.ndarray, np.ndarray]:
-    """(distances (Q, k), bank indices (Q, k)), ascending per row.
+    """(distances (Q, k), bank indices (Q, k)), ascending per row. `metric`: "euclidean" or "cosine" (1 - cos,
+    the anomaly score: `nearest(test, normal_bank, 1, "cosine")[0][:, 0]` scores clips as `echo eval` does).
 
     `exclude`: for each query, one bank row it may not match (its own row in leave-one-out), or -1.
     `groups`: (one group per query, one per bank row; names or numbers): a query never matches a bank row of its group
