@@ -287,6 +287,21 @@ def test_cwru_classes_from_paths_and_mat_reading(tmp_path):
         datasets.load("cwru", tmp_path)
 
 
+def test_the_cwru_readers_identity_does_not_depend_on_how_the_data_is_spelt(tmp_path, monkeypatch):
+    """The reader knows each file's sensor end; its identity (the embedding cache's key, which holds what the reader
+    closes over) must be the same for --data given as a relative or an absolute path, or every file is encoded
+    again."""
+    scipy_io = pytest.importorskip("scipy.io")
+    from echo.eval.embed import reader_identity
+    path = tmp_path / "12k_Fan_End_Bearing_Fault_Data/IR007_0.mat"
+    path.parent.mkdir()
+    scipy_io.savemat(path, {"X105_DE_time": seeded_rng().normal(size=(300, 1)), "X105_FE_time": np.ones((300, 1))})
+    monkeypatch.chdir(tmp_path)
+    spellings = [datasets.load("cwru", root) for root in (tmp_path, Path("."), Path("../" + tmp_path.name))]
+    assert len({reader_identity(data.read) for data in spellings}) == 1
+    assert all(np.array_equal(data.read(data.items[0].path)[0], np.ones(300)) for data in spellings)
+
+
 def test_cwru_end_is_the_one_named_nearest_the_file(tmp_path):
     """A folder above the end's own that says 'drive' (a Google Drive backup) made the fan-end files drive-end."""
     scipy_io = pytest.importorskip("scipy.io")

@@ -453,9 +453,11 @@ def cwru(root) -> Dataset:
                          f"data (e.g. {skipped[0]}); expected the 12k_Drive_End and 12k_Fan_End fault folders")
     if skipped:
         notes.append(f"skipped {len(skipped)} files that are not 12 kHz fault data (48k or normal)")
-    ends = {item.path: item.label[:2] for item in items}  # DE_... / FE_...: the sensor at the faulty bearing
-    return Dataset("cwru", "faults", items, lambda path: read_cwru(path, ends[path]), protocols=("loocv", "kfold"),
-                   notes=notes)
+    # DE_... / FE_...: the sensor at the faulty bearing, by real path: the reader's identity (the embedding cache's
+    # key) holds these, the same however --data is spelt
+    ends = {os.path.realpath(item.path): item.label[:2] for item in items}
+    return Dataset("cwru", "faults", items, lambda path: read_cwru(path, ends[os.path.realpath(path)]),
+                   protocols=("loocv", "kfold"), notes=notes)
 
 
 def mafaulda(root) -> Dataset:
