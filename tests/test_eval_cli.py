@@ -92,6 +92,41 @@ def test_folder_not_separable_and_a_bad_file_with_a_kept_heap_on_the_cpu(tmp_pat
     assert json.loads((out / "results.json").read_text())["domain_auc"] is None  # no domains, no rule: "official"
 
 
+def test_files_of_other_rates_or_channel_counts_are_refused_before_any_encoding(tmp_path, model_path, monkeypatch,
+                                                                                 capsys):
+    """Embeddings of other band counts or channel counts cannot be compared: the folder was refused once every file
+    had been encoded (hours on a large set). Headers tell it first; rates of one band count may be mixed."""
+    monkeypatch.setattr(embed, "_encode", lambda *args, **kwargs: pytest.fail("encoded before the refusal"))
+    rng = seeded_rng()
+    files = [("normal", 8000, 1, 3), ("test/normal", 48000, 1, 2), ("test/anomalous", 8000, 2, 1)]
+    for name, rate, channels, count in files:
+        for i in range(count):
+            path = tmp_path / "machine" / name / f"{i}.wav"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            signal = rng.normal(size=(rate // 10, channels)).astype(np.float32)
+            soundfile.write(str(path), signal, rate)
+    (tmp_path / "machine" / "test" / "broken.wav").write_bytes(b"not audio")  # left to its reading
+    assert run_eval("--task", "folder", "--data", tmp_path / "machine", "--model", model_path, "--out",
+                    tmp_path / "out") == 2
+    error = capsys.readouterr().err
+    assert "would differ in size" in error
+    for name, rate, channels, count in files:
+        kind = "mono" if channels == 1 else f"{channels} channels"
+        assert f"{count} {'file' if count == 1 else 'files'} at {rate} Hz, {kind} (e.g. {tmp_path / 'machine' / name}" \
+            in error
+    assert not (tmp_path / "out" / "cache").exists()
+    same_bands = [rate for rate in (8000, 8001, 8100) if echo.geometry.n_bands(rate) == echo.geometry.n_bands(8000)]
+    for i, rate in enumerate(same_bands):  # one band count: compared, as before
+        soundfile.write(str(tmp_path / "machine" / "normal" / f"{i}.wav"), rng.normal(size=800), rate)
+    for folder in ("test/normal", "test/anomalous"):
+        for path in (tmp_path / "machine" / folder).glob("*.wav"):
+            soundfile.write(str(path), rng.normal(size=800), 8000)
+    monkeypatch.setattr(embed, "_encode", ENCODE)
+    assert run_eval("--task", "folder", "--data", tmp_path / "machine", "--out", tmp_path / "out",
+                    "--no-plots") == 0 and len(same_bands) > 1
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["model"] == "default"  # as encode and demo
+
+
 def test_mafaulda_faults_with_channels(tmp_path, model_path):
     rng = seeded_rng()
     t = np.arange(2500) / 50000

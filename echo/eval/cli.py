@@ -6,14 +6,17 @@ from __future__ import annotations
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import atomic
+from ..geometry import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, n_bands
 from . import anomaly, datasets, faults, neighbors, plots, require
-from .embed import BATCH_FILES, batch_files_help, embed_files, shown
+from .embed import BATCH_FILES, READ_WORKERS, audio_header, batch_files_help, embed_files, shown
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # fault classification's options, None on the command line until _check_options knows the task takes them
@@ -22,9 +25,13 @@ FAULT_DEFAULTS = {"k": 5, "folds": 5, "seed": 1}
 
 def add_arguments(parser) -> None:
     parser.add_argument("--task", required=True, choices=datasets.TASKS)
-    parser.add_argument("--data", required=True, type=Path, help="the data set's folder")
-    parser.add_argument("--model", required=True,
-                        help="checkpoint path (.safetensors or .pth) or name: default, echo-small, echo-tiny")
+    parser.add_argument("--data", required=True, type=Path,
+                        help="the data set's folder; for --task folder: DATA/normal/* (the normal bank) and "
+                        "DATA/test/normal/*, DATA/test/anomalous/* or DATA/test/* (unlabelled), of one sample rate "
+                        "(band count) and channel count")
+    parser.add_argument("--model", default="default",
+                        help="checkpoint path (.safetensors or .pth) or name: default, echo-small, echo-tiny "
+                        "(default: %(default)s, the bundled model)")
     parser.add_argument("--out", required=True, type=Path, help="folder for results and plots")
     parser.add_argument("--cache", type=Path, help="embedding cache folder (default: OUT/cache)")
     parser.add_argument("--device", default=None, help="encode and search device (default: cuda if present)")
@@ -67,6 +74,35 @@ def _json_values(value):
     if isinstance(value, (list, tuple)):
         return [_json_values(item) for item in value]
     return value
+
+
+def _check_sizes(dataset) -> None:
+    """Files whose embeddings would differ in size (another rate's band count, another channel count), refused
+    from their headers before the encoding: `_stack` found them after every file was encoded. Files whose header
+    cannot be read are left to the reading, which reports them."""
+    if dataset.read is not datasets.read_audio:  # the .mat and .csv data sets have one rate and channel count
+        return
+    soundfile = require("soundfile", "reading audio files")
+    paths = [item.path for item in dataset.items]
+    with ThreadPoolExecutor(READ_WORKERS) as pool:
+        headers = list(pool.map(partial(audio_header, soundfile), paths))
+    groups = {}  # values per embedding (over the model's width) -> {(rate, channels): (files, first path)}
+    for path, header in zip(paths, headers):
+        if header is None or not MIN_SAMPLE_RATE <= header.samplerate <= MAX_SAMPLE_RATE:  # its reading says what is wrong
+            continue
+        shapes = groups.setdefault(n_bands(header.samplerate) * header.channels, {})
+        count, first = shapes.get((header.samplerate, header.channels), (0, path))
+        shapes[(header.samplerate, header.channels)] = (count + 1, first)
+    if len(groups) > 1:
+        kinds = sorted(((count, rate, channels, first) for shapes in groups.values()
+                        for (rate, channels), (count, first) in shapes.items()), key=lambda kind: -kind[0])
+        shown = "; ".join(f"{count} {'file' if count == 1 else 'files'} at {rate} Hz, "
+                          f"{'mono' if channels == 1 else f'{channels} channels'} (e.g. {first})"
+                          for count, rate, channels, first in kinds[:6])
+        raise ValueError(f"the files' embeddings would differ in size, so they cannot be compared (each sample rate "
+                         f"has its band count, each channel its embedding): {shown}"
+                         f"{'; ...' if len(kinds) > 6 else ''}. One evaluation takes files of one band count "
+                         f"and channel count: resample or mix them down, or evaluate each kind on its own")
 
 
 def _stack(vectors: list, items: list) -> np.ndarray:
@@ -225,6 +261,7 @@ def _run(args) -> int:
         atomic.check_writable(args.cache, f"--cache {args.cache}")
     dataset = datasets.load(args.task, args.data, args.labels)
     _check_options(args, dataset)
+    _check_sizes(dataset)
     for note in dataset.notes:
         print(f"note: {note}")
     if device.type == "cpu":

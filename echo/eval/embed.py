@@ -233,14 +233,20 @@ def decoded_sizes(paths: list, pool: Executor) -> list[int]:
     return list(pool.map(functools.partial(_decoded_samples, soundfile), paths))
 
 
-def _decoded_samples(soundfile, path: Path) -> int:
-    if soundfile is not None:
-        try:  # by the name's bytes, as read_audio opens it
-            info = soundfile.info(str(path) if os.name == "nt" else os.fsencode(path))
-            return info.frames * info.channels
-        except Exception:  # a format it does not read (a .mat, a .csv) or a damaged header: the size tells
-            pass
+def audio_header(soundfile, path: Path):
+    """soundfile's info of `path` (rate, channels, frames) from its header, by the name's bytes as read_audio
+    opens it; None for a format it does not read (a .mat, a .csv) or a damaged header."""
     try:
+        return soundfile.info(str(path) if os.name == "nt" else os.fsencode(path))
+    except Exception:
+        return None
+
+
+def _decoded_samples(soundfile, path: Path) -> int:
+    info = soundfile and audio_header(soundfile, path)
+    if info is not None:
+        return info.frames * info.channels
+    try:  # the size tells
         return os.stat(path).st_size // 2
     except OSError:
         return 0
