@@ -70,7 +70,8 @@ def test_dcase2023_separable(tmp_path, model_path, capsys):
     assert json.loads((out / "results.json").read_text())["speed"]["from_cache"] == 28
 
 
-def test_folder_not_separable_and_a_bad_file_with_a_kept_heap_on_the_cpu(tmp_path, model_path, monkeypatch):
+def test_folder_not_separable_and_a_bad_file_with_a_kept_heap_on_the_cpu(tmp_path, model_path, monkeypatch,
+                                                                         capsys):
     calls = []
     monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append("kept"))
     rng = seeded_rng()
@@ -89,7 +90,16 @@ def test_folder_not_separable_and_a_bad_file_with_a_kept_heap_on_the_cpu(tmp_pat
     failures = read_rows(out / "failures.csv")
     assert [f["path"].endswith("broken.wav") for f in failures] == [True]
     assert (out / "roc_dev_machine.png").stat().st_size > 1000
-    assert json.loads((out / "results.json").read_text())["domain_auc"] is None  # no domains, no rule: "official"
+    result = json.loads((out / "results.json").read_text())
+    assert result["domain_auc"] is None  # no domains, no rule: "official"
+    # one's own folder: no DCASE split, section, domain or "official score" made up for it; what was scored is said
+    assert set(result["summary"]) == {"AUC", "pAUC"} and result["summary"]["AUC"] == pytest.approx(auc)
+    assert result["clips"] == {"bank": 12, "test normal": 24, "test anomalous": 24, "test unlabelled": 0}
+    assert list(read_rows(out / "results.csv")[0]) == ["metric", "value", "normals", "anomalies"]
+    assert list(read_rows(out / "scores.csv")[0]) == ["path", "label", "score"]
+    printed = capsys.readouterr().out
+    assert "scored 48 test clips (24 normal, 24 anomalous, 0 unlabelled: scores.csv only) against 12 normal bank " \
+        "clips" in printed and "official" not in printed and "section" not in printed
 
 
 def test_files_of_other_rates_or_channel_counts_are_refused_before_any_encoding(tmp_path, model_path, monkeypatch,

@@ -194,13 +194,22 @@ def _labels_subsets_groups(items) -> tuple[list, list, list | None]:
 def _anomaly(args, dataset, items, vectors, device) -> tuple[dict, list]:
     scores = anomaly.score_clips(items, vectors, device, args.search)
     rows, excluded = anomaly.group_metrics(items, scores, dataset.year, args.domain_auc or "official")
-    summary = anomaly.summarise(rows, dataset.year, args.eps)
-    atomic.write_csv(args.out / "scores.csv", ["path", "split", "machine", "section", "domain", "label", "score"], [
+    # one's own folder has no DCASE splits, sections, domains or official score: its table does not make them up
+    own = dataset.task == "folder"
+    summary = {row["metric"]: row["value"] for row in rows} if own else anomaly.summarise(rows, dataset.year, args.eps)
+    atomic.write_csv(args.out / "scores.csv", ["path", "label", "score"] if own else
+                     ["path", "split", "machine", "section", "domain", "label", "score"], [
         {"path": c.path, "split": c.split, "machine": c.machine, "section": c.section, "domain": c.domain or "",
          "label": "" if c.label is None else c.label, "score": s} for c, s in zip(items, scores) if c.subset == "test"
     ])
-    columns = ["split", "machine", "section", "domain", "metric", "value", "normals", "anomalies"]
+    columns = ["split", "machine", "section", "domain"] * (not own) + ["metric", "value", "normals", "anomalies"]
     atomic.write_csv(args.out / "results.csv", columns, rows)
+    clips = {"bank": sum(c.subset == "train" for c in items)} | {
+        f"test {name}": sum(c.subset == "test" and c.label == label for c in items)
+        for name, label in (("normal", 0), ("anomalous", 1), ("unlabelled", None))}
+    print(f"scored {sum(c.subset == 'test' for c in items)} test clips ({clips['test normal']} normal, "
+          f"{clips['test anomalous']} anomalous, {clips['test unlabelled']} unlabelled: scores.csv only) against "
+          f"{clips['bank']} normal bank clips")
     print(format_table(rows, columns) if rows else "no labelled test clip with both classes: nothing to measure")
     for group in excluded:
         print(f"excluded (one class only): {group['split']} {group['machine']} section {group['section']} "
@@ -214,7 +223,7 @@ def _anomaly(args, dataset, items, vectors, device) -> tuple[dict, list]:
         labels = [{0: "normal", 1: "anomalous", None: "unlabelled"}[items[i].label] for i in tests]
         figures.append(plots.projection_plot(vectors[tests], labels, args.out / "projection.png",
                                              "test clips (PCA of the embeddings)"))
-    return {"groups": rows, "excluded": excluded, "summary": summary}, figures
+    return {"groups": rows, "excluded": excluded, "summary": summary, "clips": clips}, figures
 
 
 def _faults(args, dataset, items, vectors, device) -> tuple[dict, list]:
