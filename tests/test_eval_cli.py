@@ -137,6 +137,27 @@ def test_files_of_other_rates_or_channel_counts_are_refused_before_any_encoding(
     assert json.loads((tmp_path / "out" / "results.json").read_text())["model"] == "default"  # as encode and demo
 
 
+def test_a_test_clip_equal_to_a_bank_clip_is_noted(tmp_path, model_path, capsys):
+    """A recording copied into both the bank and the test set, or a dead sensor's silence in both, scores 0: as
+    normal as can be, without a word."""
+    rng = seeded_rng()
+    for name, count in (("normal", 3), ("test/normal", 2), ("test/anomalous", 2)):
+        for i in range(count):
+            path = tmp_path / "machine" / name / f"{i}.wav"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            soundfile.write(str(path), tone(rng, 400, seconds=0.2, noise=1.0), RATE)
+    copy = tmp_path / "machine" / "test" / "normal" / "copy.wav"
+    copy.write_bytes((tmp_path / "machine" / "normal" / "1.wav").read_bytes())
+    out = tmp_path / "out"
+    assert run_eval("--task", "folder", "--data", tmp_path / "machine", "--model", model_path, "--out", out,
+                    "--no-plots") == 0
+    note = f"1 test clips have an embedding equal to a bank clip's (score 0; e.g. {copy})"
+    assert note in capsys.readouterr().out
+    assert any(line.startswith(note) for line in json.loads((out / "results.json").read_text())["notes"])
+    scores = {row["path"]: float(row["score"]) for row in read_rows(out / "scores.csv")}
+    assert scores[str(copy)] == 0 and sorted(scores.values())[1] > 0
+
+
 def test_mafaulda_faults_with_channels(tmp_path, model_path):
     rng = seeded_rng()
     t = np.arange(2500) / 50000

@@ -93,3 +93,26 @@ def test_an_interrupted_embedding_says_what_it_kept(tmp_path, monkeypatch, capsy
     folder = next((tmp_path / "cache").iterdir())
     assert str(interruption.value) == (f"embeddings of 1 files are kept in {folder}; the same command encodes only "
                                        f"the other 2")
+
+
+def test_a_wav_cut_short_is_refused_and_a_streamed_ones_placeholder_is_not(tmp_path):
+    """A copy cut short read as a shorter clip without a word (libsndfile notes it in its log only), and scored as
+    the most anomalous clip of its folder. A streaming recorder's placeholder size in the header loses nothing."""
+    import struct
+
+    soundfile = pytest.importorskip("soundfile")
+    signal = 0.1 * seeded_rng().normal(size=16000).astype(np.float32)
+    whole = tmp_path / "whole.wav"
+    soundfile.write(whole, signal, 16000, subtype="PCM_16")
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(data[: len(data) // 3])
+    held = len(data) // 3 - (data.find(b"data") + 8)
+    reason = embed.read_checked(read_audio, cut)
+    assert reason == f"ValueError: truncated: its header promises {2 * len(signal):,} bytes of samples, the file " \
+        f"holds {held:,} (a copy or download cut short?)"
+    streamed = bytearray(data)
+    at = data.find(b"data") + 4
+    streamed[at:at + 4] = struct.pack("<I", 0xFFFFFFFF)
+    (tmp_path / "streamed.wav").write_bytes(streamed)
+    np.testing.assert_array_equal(read_audio(tmp_path / "streamed.wav")[0], read_audio(whole)[0])

@@ -207,6 +207,11 @@ def _anomaly(args, dataset, items, vectors, device) -> tuple[dict, list]:
     clips = {"bank": sum(c.subset == "train" for c in items)} | {
         f"test {name}": sum(c.subset == "test" and c.label == label for c in items)
         for name, label in (("normal", 0), ("anomalous", 1), ("unlabelled", None))}
+    same = [c.path for c, score in zip(items, scores) if c.subset == "test" and score == 0]
+    if same:  # a leak from bank to test set, or digital silence (a dead sensor) in both: it scores as normal
+        dataset.notes.append(f"{len(same)} test clips have an embedding equal to a bank clip's (score 0; "
+                             f"e.g. {same[0]}): the same recording in the bank and the test set, or silence in both")
+        print(f"note: {dataset.notes[-1]}")
     print(f"scored {sum(c.subset == 'test' for c in items)} test clips ({clips['test normal']} normal, "
           f"{clips['test anomalous']} anomalous, {clips['test unlabelled']} unlabelled: scores.csv only) against "
           f"{clips['bank']} normal bank clips")
