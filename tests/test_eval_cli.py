@@ -137,9 +137,9 @@ def test_files_of_other_rates_or_channel_counts_are_refused_before_any_encoding(
     assert json.loads((tmp_path / "out" / "results.json").read_text())["model"] == "default"  # as encode and demo
 
 
-def test_a_test_clip_equal_to_a_bank_clip_is_noted(tmp_path, model_path, capsys):
+def test_a_test_clip_equal_to_a_bank_clip_or_of_another_length_is_noted(tmp_path, model_path, capsys):
     """A recording copied into both the bank and the test set, or a dead sensor's silence in both, scores 0: as
-    normal as can be, without a word."""
+    normal as can be, without a word. A clip far shorter than the bank's scores high for its length alone."""
     rng = seeded_rng()
     for name, count in (("normal", 3), ("test/normal", 2), ("test/anomalous", 2)):
         for i in range(count):
@@ -148,12 +148,16 @@ def test_a_test_clip_equal_to_a_bank_clip_is_noted(tmp_path, model_path, capsys)
             soundfile.write(str(path), tone(rng, 400, seconds=0.2, noise=1.0), RATE)
     copy = tmp_path / "machine" / "test" / "normal" / "copy.wav"
     copy.write_bytes((tmp_path / "machine" / "normal" / "1.wav").read_bytes())
+    short = tmp_path / "machine" / "test" / "anomalous" / "short.wav"
+    soundfile.write(str(short), tone(rng, 400, seconds=0.05, noise=1.0), RATE)
     out = tmp_path / "out"
     assert run_eval("--task", "folder", "--data", tmp_path / "machine", "--model", model_path, "--out", out,
                     "--no-plots") == 0
-    note = f"1 test clips have an embedding equal to a bank clip's (score 0; e.g. {copy})"
-    assert note in capsys.readouterr().out
-    assert any(line.startswith(note) for line in json.loads((out / "results.json").read_text())["notes"])
+    printed, notes = capsys.readouterr().out, json.loads((out / "results.json").read_text())["notes"]
+    for note in (f"1 test clips have an embedding equal to a bank clip's (score 0; e.g. {copy})",
+                 f"1 test clips are under half or over twice the bank clips' median length (0.20 s; e.g. {short}, "
+                 f"0.05 s)"):
+        assert f"note: {note}" in printed and any(line.startswith(note) for line in notes)
     scores = {row["path"]: float(row["score"]) for row in read_rows(out / "scores.csv")}
     assert scores[str(copy)] == 0 and sorted(scores.values())[1] > 0
 

@@ -76,22 +76,28 @@ def _json_values(value):
     return value
 
 
-def _check_sizes(dataset) -> None:
-    """Files whose embeddings would differ in size (another rate's band count, another channel count), refused
-    from their headers before the encoding: `_stack` found them after every file was encoded. Files whose header
-    cannot be read are left to the reading, which reports them."""
+def _check_headers(dataset) -> None:
+    """What the files' headers tell before the encoding: files whose embeddings would differ in size (another
+    rate's band count, another channel count) are refused (`_stack` found them once every file was encoded), and
+    test clips of lengths far from the bank's are noted. Files whose header cannot be read are left to the
+    reading, which reports them."""
     if dataset.read is not datasets.read_audio:  # the .mat and .csv data sets have one rate and channel count
         return
     soundfile = require("soundfile", "reading audio files")
-    paths = [item.path for item in dataset.items]
     with ThreadPoolExecutor(READ_WORKERS) as pool:
-        headers = list(pool.map(partial(audio_header, soundfile), paths))
+        headers = list(pool.map(partial(audio_header, soundfile), [item.path for item in dataset.items]))
+    usable = [(item, header) for item, header in zip(dataset.items, headers)
+              if header is not None and MIN_SAMPLE_RATE <= header.samplerate <= MAX_SAMPLE_RATE]
+    _refuse_other_sizes(usable)
+    if dataset.kind == "anomaly":
+        _note_other_lengths(dataset, usable)
+
+
+def _refuse_other_sizes(usable: list) -> None:
     groups = {}  # values per embedding (over the model's width) -> {(rate, channels): (files, first path)}
-    for path, header in zip(paths, headers):
-        if header is None or not MIN_SAMPLE_RATE <= header.samplerate <= MAX_SAMPLE_RATE:  # its reading says what is wrong
-            continue
+    for item, header in usable:
         shapes = groups.setdefault(n_bands(header.samplerate) * header.channels, {})
-        count, first = shapes.get((header.samplerate, header.channels), (0, path))
+        count, first = shapes.get((header.samplerate, header.channels), (0, item.path))
         shapes[(header.samplerate, header.channels)] = (count + 1, first)
     if len(groups) > 1:
         kinds = sorted(((count, rate, channels, first) for shapes in groups.values()
@@ -103,6 +109,22 @@ def _check_sizes(dataset) -> None:
                          f"has its band count, each channel its embedding): {shown}"
                          f"{'; ...' if len(kinds) > 6 else ''}. One evaluation takes files of one band count "
                          f"and channel count: resample or mix them down, or evaluate each kind on its own")
+
+
+def _note_other_lengths(dataset, usable: list) -> None:
+    """An utterance embedding moves with a clip's length (a 2 s clip cut to 0.25 s scored 0.15 against a bank of
+    its own 2 s clips, against 5e-6 whole): test clips far shorter or longer than the bank's are said."""
+    seconds = [(item, header.frames / header.samplerate) for item, header in usable]
+    bank = [length for item, length in seconds if item.subset == "train"]
+    if not bank:
+        return
+    typical = float(np.median(bank))
+    odd = [(item.path, length) for item, length in seconds
+           if item.subset == "test" and not typical / 2 <= length <= 2 * typical]
+    if odd:
+        dataset.notes.append(f"{len(odd)} test clips are under half or over twice the bank clips' median length "
+                             f"({typical:.2f} s; e.g. {odd[0][0]}, {odd[0][1]:.2f} s): an utterance embedding moves "
+                             f"with a clip's length, so their scores measure that too")
 
 
 def _stack(vectors: list, items: list) -> np.ndarray:
@@ -275,7 +297,7 @@ def _run(args) -> int:
         atomic.check_writable(args.cache, f"--cache {args.cache}")
     dataset = datasets.load(args.task, args.data, args.labels)
     _check_options(args, dataset)
-    _check_sizes(dataset)
+    _check_headers(dataset)
     for note in dataset.notes:
         print(f"note: {note}")
     if device.type == "cpu":
