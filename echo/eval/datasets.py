@@ -510,7 +510,7 @@ def iiee(root) -> Dataset:
             items.append(Sample(path, found[-1], subset))
     for subset in ("train", "test"):
         if not any(item.subset == subset for item in items):
-            raise ValueError(f"{root}: no audio file in the {subset} folder")
+            raise ValueError(f"{root}: {NO_AUDIO} in the {subset} folder")
     return Dataset("iiee", "faults", items, read_audio, protocols=("split",), notes=notes)
 
 
@@ -523,7 +523,7 @@ def iica(root) -> Dataset:
     notes = []
     files = _files(root, AUDIO_SUFFIXES, notes, recursive=True)
     if not files:
-        raise ValueError(f"{root}: no audio file; IDMT-ISA compressed air expects {layout}")
+        raise ValueError(f"{root}: {NO_AUDIO}; IDMT-ISA compressed air expects {layout}")
     items = []
     for path in files:
         parts = path.relative_to(root).parts[:-1]
