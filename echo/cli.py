@@ -19,8 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("echo.pretrain.command", "self-supervised teacher-student pretraining on an audio folder or shards"),
     "pretrain-shards": ("echo.pretrain.shards", "write an audio folder as WebDataset tar shards for pretraining"),
     "encode": ("echo.encode_files", "audio files or folders to ECHO embeddings (.npz or .parquet), resumable"),
-    "eval": ("echo.eval.cli", "evaluate embeddings: anomaly detection (DCASE, or your machine's folder of "
-             "normal and test clips) or fault classification (kNN)"),
+    "eval": ("echo.eval.cli", "evaluate embeddings: anomaly detection (DCASE, or your machine's normal and "
+             "test clips) or fault classification (kNN: CWRU, MAFAULDA, IDMT-ISA, or your own class folders)"),
     "demo": ("echo.demo", "anomaly detection on generated machines at four rates with the default model: table + plots"),
     "info": ("echo.info", "which backend each op uses on CPU and CUDA, and why (compiled extension, triton, env)"),
 }

@@ -162,6 +162,51 @@ def test_a_test_clip_equal_to_a_bank_clip_or_of_another_length_is_noted(tmp_path
     assert scores[str(copy)] == 0 and sorted(scores.values())[1] > 0
 
 
+def write_classes(base, frequencies, count, rng):
+    for label, frequency in frequencies.items():
+        for i in range(count):
+            path = base / label / ("take 1" if i % 2 else "") / f"{i}.wav"  # files at any depth in a class folder
+            path.parent.mkdir(parents=True, exist_ok=True)
+            soundfile.write(str(path), tone(rng, frequency, seconds=0.2), RATE)
+
+
+def test_classes_of_ones_own_folders_by_leave_one_out_k_fold_and_a_split(tmp_path, model_path, capsys):
+    """Fault classification of one's own labelled recordings: a folder per class, or train/ and test/ of them."""
+    rng = seeded_rng()
+    frequencies = {"healthy": 300, "bearing": 1500, "Gear wear": 3000}
+    write_classes(tmp_path / "plant", frequencies, 6, rng)
+    out = tmp_path / "out"
+    assert run_eval("--task", "classes", "--data", tmp_path / "plant", "--model", model_path, "--out", out, "--k",
+                    "3", "--no-plots") == 0
+    rows = read_rows(out / "results.csv")
+    assert {(r["protocol"], r["view"], r["files"]) for r in rows} == {("loocv", "all", "18"), ("kfold", "all", "18")}
+    assert all(float(r["accuracy"]) == 1.0 for r in rows)  # tones of three pitches
+    details = json.loads((out / "results.json").read_text())["results"]
+    assert all(sorted(d["classes"]) == sorted(frequencies) for d in details)
+    write_classes(tmp_path / "split" / "Train", frequencies, 4, rng)
+    write_classes(tmp_path / "split" / "test", {**frequencies, "cracked": 6000}, 2, rng)
+    assert run_eval("--task", "classes", "--data", tmp_path / "split", "--model", model_path, "--out", out,
+                    "--k", "3", "--no-plots") == 0
+    rows = read_rows(out / "results.csv")
+    assert [(r["protocol"], r["files"]) for r in rows] == [("split", "8")]
+    assert float(rows[0]["accuracy"]) == 0.75  # the two cracked files, a class never trained, are always wrong
+    assert "test classes with no train folder (always mispredicted): cracked" in capsys.readouterr().out
+
+
+def test_classes_layouts_that_would_lose_labels_are_refused(tmp_path):
+    rng = seeded_rng()
+    write_classes(tmp_path / "a", {"x": 300, "y": 600}, 2, rng)
+    soundfile.write(str(tmp_path / "a" / "loose.wav"), tone(rng, 300), RATE)
+    with pytest.raises(ValueError, match=r"1 audio files outside any class folder \(e.g. loose.wav\)"):
+        datasets.load("classes", tmp_path / "a")
+    write_classes(tmp_path / "b" / "train", {"x": 300, "y": 600}, 2, rng)
+    with pytest.raises(ValueError, match="train/ without test/: a split needs both"):
+        datasets.load("classes", tmp_path / "b")
+    (tmp_path / "c" / "x").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no audio file .* in class folders"):
+        datasets.load("classes", tmp_path / "c")
+
+
 def test_mafaulda_faults_with_channels(tmp_path, model_path):
     rng = seeded_rng()
     t = np.arange(2500) / 50000

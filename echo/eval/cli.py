@@ -26,9 +26,10 @@ FAULT_DEFAULTS = {"k": 5, "folds": 5, "seed": 1}
 def add_arguments(parser) -> None:
     parser.add_argument("--task", required=True, choices=datasets.TASKS)
     parser.add_argument("--data", required=True, type=Path,
-                        help="the data set's folder; for --task folder: DATA/normal/* (the normal bank) and "
-                        "DATA/test/normal/*, DATA/test/anomalous/* or DATA/test/* (unlabelled), of one sample rate "
-                        "(band count) and channel count")
+                        help="the data set's folder; for --task folder (anomaly detection): DATA/normal/* (the "
+                        "normal bank) and DATA/test/normal/*, DATA/test/anomalous/* or DATA/test/* (unlabelled); "
+                        "for --task classes (fault classification): DATA/<class>/*, or DATA/train/<class>/* and "
+                        "DATA/test/<class>/*; files of one sample rate (band count) and channel count")
     parser.add_argument("--model", default="default",
                         help="checkpoint path (.safetensors or .pth) or name: default, echo-small, echo-tiny "
                         "(default: %(default)s, the bundled model)")

@@ -63,7 +63,8 @@ DCASE_TEST_FOLDERS = ("test", "source_test", "target_test")  # source_test/ and 
 DCASE_SPLIT_FOLDERS = ("dev_data", "eval_data")  # the published names: the only ones above --data that count
 FOLDER_TEST_LABELS = {"normal": 0, "anomalous": 1, "anomaly": 1}  # test/ sub-folders, matched case-insensitively
 NO_AUDIO = f"no audio file ({', '.join(sorted(AUDIO_SUFFIXES))})"  # a folder of MP3s is told what is read
-TASKS = tuple(f"dcase{year}" for year in range(2020, 2026)) + ("cwru", "mafaulda", "iiee", "iica", "folder")
+TASKS = tuple(f"dcase{year}" for year in range(2020, 2026)) + ("cwru", "mafaulda", "iiee", "iica", "folder",
+                                                                 "classes")
 
 
 @dataclass
@@ -538,11 +539,42 @@ def iica(root) -> Dataset:
     return Dataset("iica", "faults", items, read_audio, protocols=("kfold", "loocv"), notes=notes)
 
 
+def classes(root) -> Dataset:
+    """Your own labelled recordings, a folder per class (its name is the label, files found at any depth below
+    it): <root>/<class>/ for leave-one-out and k-fold, or <root>/train/<class>/ and <root>/test/<class>/ (any
+    case) for the split. Audio files outside any class folder are refused rather than left unlabelled."""
+    root, notes = _root(root), []
+    train, test = _any_case(root, "train"), _any_case(root, "test")
+    if train.is_dir() != test.is_dir():
+        have, lack = ("train", "test") if train.is_dir() else ("test", "train")
+        raise ValueError(f"{root}: {have}/ without {lack}/: a split needs both, each holding a folder per class; "
+                         f"without one, the class folders go in {root} itself")
+    split = train.is_dir()
+    items = []
+    for base, subset in ((train, "train"), (test, "test")) if split else ((root, None),):
+        loose = _files(base, AUDIO_SUFFIXES, notes)
+        if loose:
+            raise ValueError(f"{base}: {len(loose)} audio files outside any class folder (e.g. {loose[0].name}): "
+                             f"the classes task reads {base}/<class>/..., the folder's name its class")
+        for folder in sorted(p for p in base.glob("*") if p.is_dir() and not p.name.startswith(".")):
+            items += [Sample(path, folder.name, subset)
+                      for path in _files(folder, AUDIO_SUFFIXES, notes, recursive=True)]
+    if not items:
+        raise ValueError(f"{root}: {NO_AUDIO} in class folders; the classes task reads <root>/<class>/... or "
+                         f"<root>/train/<class>/... and <root>/test/<class>/...")
+    unseen = sorted({item.label for item in items if item.subset == "test"}
+                    - {item.label for item in items if item.subset == "train"})
+    if unseen:  # never predicted: each of their files counts as an error
+        _note(notes, f"test classes with no train folder (always mispredicted): {', '.join(unseen)}")
+    return Dataset("classes", "faults", items, read_audio, protocols=("split",) if split else ("loocv", "kfold"),
+                   notes=notes)
+
+
 def load(task: str, root, label_lists=None) -> Dataset:
     """The adapter for `task` (one of TASKS) applied to folder `root`."""
     if task.startswith("dcase") and task in TASKS:
         return dcase(root, int(task[5:]), label_lists)
-    adapters = {"cwru": cwru, "mafaulda": mafaulda, "iiee": iiee, "iica": iica, "folder": folder}
+    adapters = {"cwru": cwru, "mafaulda": mafaulda, "iiee": iiee, "iica": iica, "folder": folder, "classes": classes}
     if task not in adapters:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     return adapters[task](root)
