@@ -45,6 +45,24 @@ def test_manifest_is_cached_and_bad_files_are_skipped(tmp_path, monkeypatch, cap
     assert next(f for f in third.files if f.path == changed.path).frames == 48000
 
 
+def test_a_wav_cut_short_is_unreadable_not_short_to_the_corpus_and_the_shards(tmp_path, caplog):
+    """Its header says more samples than it holds: "shorter than 1 s (--min-seconds)" said of a 3 s recording cut
+    in a copy, or worse, trained on as a clip it is not."""
+    root = write_corpus(tmp_path / "data", files=3)
+    whole = root / "whole.wav"
+    sf.write(whole, 0.1 * seeded_rng().normal(size=48000).astype(np.float32), 16000, subtype="PCM_16")
+    (root / "cut.wav").write_bytes(whole.read_bytes()[:40000])
+    with caplog.at_level("WARNING", logger=corpus.log.name):
+        source = corpus.FolderCorpus(root, min_seconds=0.5)
+    cut = [r.getMessage() for r in caplog.records if "cut.wav" in r.getMessage()]
+    assert cut == [f"skipping unreadable cut.wav: truncated: its header promises 96,000 bytes of samples, the file "
+                   f"holds {40000 - 44:,} (a copy or download cut short?)"]
+    assert source.skipped["unreadable"] == 1 and "whole.wav" in {f.path for f in source.files}
+    with caplog.at_level("WARNING", logger=shards.log.name):
+        assert shards.shard_sample(root, 0, "cut.wav") is None and shards.shard_sample(root, 1, "whole.wav")
+    assert any("leaving out cut.wav" in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
+
+
 def test_folder_examples_read_the_right_channel_and_split_across_streams(tmp_path):
     root = write_corpus(tmp_path / "data", files=6)
     source = corpus.FolderCorpus(root, min_seconds=1.0)

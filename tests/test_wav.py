@@ -1,6 +1,7 @@
 """The standard-library WAV reader and writer against files built byte by byte: the samples must be those
 written, as soundfile reads them (the same file gives the same embedding with or without soundfile), and every
 other file a ValueError naming it."""
+import re
 import struct
 import sys
 
@@ -70,8 +71,9 @@ READABLE = {
     "RIFF size 0xFFFFFFFF": (riff(fmt_chunk(1, 8000), chunk(b"data", interleaved(PCM1)), riff_size=2**32 - 1), PCM1),
     "chunks around data": (riff(chunk(b"LIST", b"INFOodd"), fmt_chunk(6, 100), chunk(b"fact", b"\0" * 4),
                                 chunk(b"data", interleaved(PCM6)), chunk(b"cue ", b"\0" * 4)), PCM6),
-    "data cut short": (riff(fmt_chunk(6, 1000000), b"data" + struct.pack("<I", 10**6) + interleaved(PCM6)
-                            + b"\1\2\3"), PCM6),  # 3 bytes of a frame that never came
+    # a recorder that streams leaves a placeholder for the size it never knew
+    "data size 0xFFFFFFFF": (riff(fmt_chunk(1, 8000), b"data" + struct.pack("<I", 2**32 - 1) + interleaved(PCM1)),
+                             PCM1),
     "odd data with its pad byte": (riff(fmt_chunk(1, 8000), chunk(b"data", interleaved(PCM1)[:-1])), PCM1[:, :-1]),
 }
 
@@ -87,6 +89,23 @@ def test_every_reader_gives_the_written_samples(tmp_path, monkeypatch, name):
         assert np.array_equal(waveform, as_read(pcm))
     waveform, _ = read_wav(content)
     assert np.array_equal(waveform, as_read(pcm))
+
+
+def test_a_wav_cut_short_is_refused_by_every_reader(tmp_path, monkeypatch):
+    """Its whole frames were read, as a shorter clip: an embedding of another clip, with nothing said (libsndfile
+    says it only in its log). Every reader refuses it, with the same words."""
+    content = riff(fmt_chunk(6, 1000000), b"data" + struct.pack("<I", 10**6) + interleaved(PCM6) + b"\1\2\3")
+    path = tmp_path / "x.wav"
+    path.write_bytes(content)
+    held = len(interleaved(PCM6)) + 3  # 3 bytes of a frame that never came
+    said = f"truncated: its header promises 1,000,000 bytes of samples, the file holds {held:,} (a copy or download"
+    readers = [read_wav, read_file] if soundfile is not None else [read_wav]
+    for read in readers:
+        with pytest.raises(ValueError, match=re.escape(said)):
+            read(path)
+    with monkeypatch.context() as patched, pytest.raises(ValueError, match=re.escape(said)):
+        patched.setitem(sys.modules, "soundfile", None)
+        read_file(path)
 
 
 UNREADABLE = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import numbers
+import re
 import struct
 import wave
 from pathlib import Path
@@ -14,6 +15,25 @@ from .. import atomic
 
 PCM, FLOAT, EXTENSIBLE = 0x0001, 0x0003, 0xFFFE  # WAVE format tags
 OTHER_RIFFS = {b"RIFX": "a big-endian RIFX WAV file", b"RF64": "an RF64 WAV file (the form for over 4 GiB)"}
+STREAMED_DATA_SIZE = 0x7FFFFFFF  # a data size at or above it is a placeholder left by a recorder that streams
+LOGGED_DATA_SIZE = re.compile(r"^data\s*:\s*(\d+) \(should be (\d+)\)", re.MULTILINE)  # libsndfile's words
+
+
+def truncation(promised: int, held: int) -> str:
+    """Why a WAV whose header promises more sample bytes than the file holds is refused ("" where it is not): cut
+    short by a copy or download, it read as a shorter clip (in an anomaly test set, the most anomalous of all).
+    A header promising less, 0 or a streaming placeholder, loses nothing."""
+    if STREAMED_DATA_SIZE > promised > held:
+        return (f"truncated: its header promises {promised:,} bytes of samples, the file holds {held:,} (a copy or "
+                f"download cut short?)")
+    return ""
+
+
+def logged_truncation(opened) -> str:
+    """`truncation` of a file soundfile opened (a SoundFile or its info), read from libsndfile's log of the header:
+    libsndfile reads such a file as shorter and says so nowhere else."""
+    found = LOGGED_DATA_SIZE.search(opened.extra_info)
+    return truncation(int(found[1]), int(found[2])) if found else ""
 
 
 def read_wav(source) -> tuple[np.ndarray, int]:
@@ -22,7 +42,7 @@ def read_wav(source) -> tuple[np.ndarray, int]:
 
     The chunks are walked here rather than by `wave`, which before Python 3.12 refuses WAVE_FORMAT_EXTENSIBLE
     (multichannel recorders write it) and refuses a RIFF size of 0 (left by recorders stopped mid-write). A data
-    chunk cut short gives the whole frames present, as soundfile does. Every error names the file."""
+    chunk cut short is refused (`truncation`), as echo refuses it from soundfile. Every error names the file."""
     in_memory = isinstance(source, (bytes, bytearray, memoryview))
     name = "WAV data" if in_memory else str(source)
     with io.BytesIO(source) if in_memory else open(source, "rb") as handle:
@@ -49,8 +69,10 @@ def _pcm16_chunks(handle, name: str) -> tuple[int, int, bytes]:
         if kind == b"data":
             if layout is None:
                 raise ValueError(f"{name}: the data chunk comes before the fmt chunk")
-            # a size past the end (a truncated file, or 0xFFFFFFFF from a recorder that never finished) reads
-            # what is there, without asking read() for gigabytes first
+            if problem := truncation(size, available):
+                raise ValueError(f"{name}: {problem}")
+            # a placeholder past the end (0xFFFFFFFF from a recorder that never finished) reads what is there,
+            # without asking read() for gigabytes first
             return (*layout, handle.read(min(size, available)))
         if kind == b"fmt ":
             layout = _pcm16_layout(handle.read(min(size, available)), name)

@@ -37,6 +37,7 @@ import numpy as np
 
 from .. import folders
 from ..data import AUDIO_SUFFIXES
+from ..data.wav import logged_truncation
 
 # Part of the embedding cache's key (echo.eval.embed): raise it when a reader returns other samples for the same
 # file (another channel choice or sensor, another scaling), so that embeddings of the old samples are not reused.
@@ -96,26 +97,12 @@ def read_audio(path: Path) -> tuple[np.ndarray, int]:
     # its bytes open it (Windows opens by wide-character name)
     name = str(path) if os.name == "nt" else os.fsencode(path)
     with soundfile.SoundFile(name) as handle:
-        _check_complete(handle)
+        if problem := logged_truncation(handle):
+            raise ValueError(problem)
         if handle.channels == 1 or not handle.seekable():
             data = handle.read(dtype="float32", always_2d=True)
             return (data[:, 0] if data.shape[1] == 1 else np.ascontiguousarray(data.T)), handle.samplerate
         return _channels_first(handle), handle.samplerate
-
-
-# libsndfile's log line for a data chunk whose size in the header is not what the file holds
-DATA_SIZE_MISMATCH = re.compile(r"^data\s*:\s*(\d+) \(should be (\d+)\)", re.MULTILINE)
-STREAMED_DATA_SIZE = 0x7FFFFFFF  # at or above: a placeholder written by a recorder that streams, not a size
-
-
-def _check_complete(handle) -> None:
-    """A WAV cut short (a copy or download interrupted) reads as a shorter clip, and libsndfile says so only in its
-    log: refused, as its embedding is another, shorter clip's (its anomaly score was the highest of a folder). A
-    header promising less than the file holds, 0 or a streaming placeholder, loses nothing."""
-    found = DATA_SIZE_MISMATCH.search(handle.extra_info)
-    if found and STREAMED_DATA_SIZE > int(found[1]) > int(found[2]):
-        raise ValueError(f"truncated: its header promises {int(found[1]):,} bytes of samples, the file holds "
-                         f"{int(found[2]):,} (a copy or download cut short?)")
 
 
 READ_BLOCK = 1 << 16  # frames a multichannel file is read in

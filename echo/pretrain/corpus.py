@@ -25,6 +25,7 @@ import numpy as np
 
 from .. import atomic, geometry
 from ..data import AUDIO_SUFFIXES
+from ..data.wav import logged_truncation
 
 log = logging.getLogger("echo.pretrain")
 
@@ -103,6 +104,8 @@ def probe(root: Path, relative: str) -> FileEntry:
         info = soundfile().info(str(path))
         if info.frames <= 0 or info.samplerate < geometry.MIN_SAMPLE_RATE:
             raise RuntimeError(f"{info.frames} frames at {info.samplerate} Hz")
+        if problem := logged_truncation(info):  # else "shorter than --min-seconds", or trained on as it is
+            raise RuntimeError(problem)
         return FileEntry(relative, stat.st_size, stat.st_mtime_ns, info.samplerate, info.frames, info.channels, "")
     except RuntimeError as error:  # soundfile raises LibsndfileError (a RuntimeError) for bad files
         return FileEntry(relative, stat.st_size, stat.st_mtime_ns, 0, 0, 0, str(error).replace("\n", " "))

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from .. import atomic
 from ..data import AUDIO_SUFFIXES
+from ..data.wav import logged_truncation
 from . import corpus
 
 log = logging.getLogger("echo.pretrain")
@@ -194,6 +195,8 @@ def shard_sample(root: Path, index: int, relative: str) -> dict | None:
     try:
         data = (root / relative).read_bytes()
         info = corpus.soundfile().info(io.BytesIO(data))
+        if problem := logged_truncation(info):
+            raise RuntimeError(problem)
     except (OSError, RuntimeError) as error:  # soundfile raises LibsndfileError (a RuntimeError) for bad files
         log.warning("leaving out %s, gone or unreadable since the folder was indexed: %s", relative,
                     str(error).replace("\n", " "))
