@@ -103,3 +103,25 @@ def test_a_folder_without_audio_files_names_the_formats_read(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         f"error: no audio files under {data}: pretraining reads .wav, .flac, .ogg, .aif, .aiff files")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("options,said", [
+    (["--tokens-per-batch", "0"], "error: --tokens-per-batch 0 is smaller than one clip can take"),
+    (["--save-every", "0", "--log-every", "0"],
+     "error: --save-every must be positive, got 0; --log-every must be positive, got 0"),
+    (["--min-seconds", "0.001"], "error: --min-seconds must be at least"),
+    (["--heads", "5"], "error: invalid ECHO config: --dim=64 must be even and divisible by --heads=5"),
+])
+def test_a_bad_option_is_named_as_the_option_not_the_config_field(tmp_path, capsys, options, said):
+    """The command line said tokens_per_batch, save_every, min_seconds: the config's names, which no one typed."""
+    assert cli.main([*command(tmp_path, tmp_path / "run"), *options]) == 2
+    assert capsys.readouterr().err.startswith(said)
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_only_needs_no_data_and_training_does(tmp_path, capsys):
+    """--export-only reads the run's checkpoints alone: --data was still demanded, and any folder did."""
+    assert cli.main(["pretrain", "--out", str(tmp_path / "run"), "--export-only"]) == 2
+    assert "no checkpoint in" in capsys.readouterr().err
+    assert cli.main(["pretrain", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == "error: --data is needed to train (only --export-only goes without it)"

@@ -3,6 +3,7 @@ tokens_per_batch, ...), so the command line and the saved config.json never drif
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -61,7 +62,9 @@ def add_arguments(parser) -> None:
         kind = (path_text if field.name in PATHS else int if "int" in field.type else float if "float" in field.type
                 else str)
         option = "--" + field.name.replace("_", "-")
-        if field.default is MISSING:
+        if field.default is MISSING and field.name == "data":  # --export-only reads no data
+            parser.add_argument(option, type=kind, help=HELP[field.name] + " (not needed with --export-only)")
+        elif field.default is MISSING:
             parser.add_argument(option, type=kind, required=True, help=HELP.get(field.name))
         else:
             default_text = "" if field.default is None else f" (default {field.default})"
@@ -81,7 +84,12 @@ def run(args) -> int:
     if args.export_only:
         print(f"exported {export_run(args.out, args.export)}")
         return 0
-    config = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
+    if args.data is None:
+        raise ValueError("--data is needed to train (only --export-only goes without it)")
+    try:
+        config = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
+    except ValueError as error:  # the config's words are its fields': said as the options they came from
+        raise ValueError(as_options(str(error))) from None
     check_writable(Path(config.out), f"--out {config.out}")
     if config.manifest is not None:
         if Path(config.manifest).is_dir():  # found only when the index, hours in, was written
@@ -90,6 +98,12 @@ def run(args) -> int:
         check_writable(Path(config.manifest).parent, f"--manifest {config.manifest}")
     train(config, progress=not args.quiet, stop_at=args.stop_at)
     return 0
+
+
+def as_options(message: str) -> str:
+    """`message` with PretrainConfig's field names (tokens_per_batch) as their options (--tokens-per-batch)."""
+    names = sorted((field.name for field in fields(PretrainConfig)), key=len, reverse=True)
+    return re.sub(rf"(?<![\w-])({'|'.join(names)})\b", lambda found: "--" + found[1].replace("_", "-"), message)
 
 
 def check_writable(folder: Path, what: str) -> None:
