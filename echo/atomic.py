@@ -112,6 +112,12 @@ def check_writable(folder, what: str) -> None:
         raise ValueError(f"{what} cannot be written: {error.strerror}: {folder}") from None
 
 
+def check_can_make(folder, what: str) -> None:
+    """As check_writable, making nothing (its nearest existing folder is tried): a command refused later, its data
+    found to hold no audio, leaves no empty output folder behind; it makes the folder once the data is checked."""
+    check_writable(nearest_folder(folder, what), what)
+
+
 def write_text(path, text: str) -> None:
     with replacing(path) as temporary:
         temporary.write_text(text)

@@ -27,7 +27,17 @@ def test_an_interrupted_shard_write_says_which_shards_it_kept_and_that_the_same_
     assert cli.main(argv) == 0
     resumed = stop_at // 2
     assert capsys.readouterr().out.startswith(
-        f"wrote 3 shards ({resumed} of them by an earlier run) to " if resumed else "wrote 3 shards to ")
+        f"wrote {3 - resumed} shards ({resumed} more by an earlier run) to " if resumed else "wrote 3 shards to ")
+    assert cli.main(argv) == 0  # a rerun writes nothing, and says so rather than "wrote 3 shards"
+    assert capsys.readouterr().out.startswith(f"all 3 shards in {out} were written by an earlier run: nothing to do")
+
+
+def test_a_folder_without_audio_leaves_no_shard_folder(tmp_path, capsys):
+    """An empty --data was refused, after --out had been made, empty, to check it could be written."""
+    (tmp_path / "data").mkdir()
+    out = tmp_path / "new" / "shards"
+    assert cli.main(["pretrain-shards", "--data", str(tmp_path / "data"), "--out", str(out)]) == 2
+    assert "no audio files under" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("value", ["-1", "nan", "inf"])

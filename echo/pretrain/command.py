@@ -90,12 +90,12 @@ def run(args) -> int:
         config = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
     except ValueError as error:  # the config's words are its fields': said as the options they came from
         raise ValueError(as_options(str(error))) from None
-    check_writable(Path(config.out), f"--out {config.out}")
+    atomic.check_can_make(Path(config.out), f"--out {config.out}")  # before the data is indexed (hours)
     if config.manifest is not None:
         if Path(config.manifest).is_dir():  # found only when the index, hours in, was written
             raise ValueError(f"--manifest {config.manifest} is a folder: name the file, e.g. "
                              f"{Path(config.manifest) / MANIFEST_NAME}")
-        check_writable(Path(config.manifest).parent, f"--manifest {config.manifest}")
+        atomic.check_can_make(Path(config.manifest).parent, f"--manifest {config.manifest}")
     train(config, progress=not args.quiet, stop_at=args.stop_at)
     return 0
 
@@ -104,9 +104,3 @@ def as_options(message: str) -> str:
     """`message` with PretrainConfig's field names (tokens_per_batch) as their options (--tokens-per-batch)."""
     names = sorted((field.name for field in fields(PretrainConfig)), key=len, reverse=True)
     return re.sub(rf"(?<![\w-])({'|'.join(names)})\b", lambda found: "--" + found[1].replace("_", "-"), message)
-
-
-def check_writable(folder: Path, what: str) -> None:
-    """Refused before the data is indexed (hours on a large corpus), not after; nothing is made, as the trainer
-    makes the run folder only once the data is checked."""
-    atomic.check_writable(atomic.nearest_folder(folder, what), what)

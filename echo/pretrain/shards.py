@@ -89,7 +89,7 @@ def write_shards(folder, out, per_shard: int = 1000, min_seconds: float = 1.0) -
     plan_path = out / PLAN_NAME
     if earlier and not plan_path.is_file():
         raise other_write(out, earlier, "other files or options")
-    atomic.check_writable(out, f"--out {out}")  # before the folder is indexed (hours for a large one)
+    atomic.check_can_make(out, f"--out {out}")  # before the folder is indexed (hours for a large one)
     source = corpus.FolderCorpus(folder, min_seconds)
     plan = {"per_shard": per_shard, "min_seconds": min_seconds,
             "files": corpus.content_hash([(entry.path, entry.size, entry.mtime_ns) for entry in source.files])}
@@ -114,8 +114,12 @@ def write_shards(folder, out, per_shard: int = 1000, min_seconds: float = 1.0) -
                 else:
                     writer.write(sample)
     changed = f"; {gone} file(s) gone or unreadable since indexing, left out" if gone else ""
-    kept = f" ({resumed} of them by an earlier run)" if resumed else ""
-    print(f"wrote {len(written)} shards{kept} to {out}: {source.describe()}{changed}")
+    if resumed == len(written):
+        print(f"all {len(written)} shards in {out} were written by an earlier run: nothing to do; "
+              f"{source.describe()}{changed}")
+    else:
+        kept = f" ({resumed} more by an earlier run)" if resumed else ""
+        print(f"wrote {len(written) - resumed} shards{kept} to {out}: {source.describe()}{changed}")
     return written
 
 
