@@ -269,8 +269,8 @@ def _looks_like_name(path: str) -> bool:
 
 def _checkpoint_file(path) -> tuple[Path, str | None]:
     """The file `path` names, and the release name it was resolved from through echo.hub (None for a path or
-    "default"); a folder is refused (naming the checkpoint files in it) rather than guessing which file was
-    meant."""
+    "default"). A folder holding one checkpoint file (a pretraining run's, or echo.save's) names that file;
+    one holding several is refused, naming them, rather than guessing which was meant."""
     if not isinstance(path, (str, os.PathLike)):  # pathlib's TypeError would name neither load nor its argument
         raise ValueError(f"echo.load takes a checkpoint path or name, got {type(path).__name__} {path!r:.80}")
     if isinstance(path, str) and not path.strip():
@@ -281,6 +281,11 @@ def _checkpoint_file(path) -> tuple[Path, str | None]:
     path = Path(path).expanduser()  # "~/models/x.safetensors", as a shell would read it
     if path.is_dir():
         inside = sorted(p.name for p in path.iterdir() if p.suffix in CHECKPOINT_SUFFIXES and p.is_file())
+        if len(inside) == 1:
+            return _checkpoint_file(path / inside[0])
+        if not inside and (path / "checkpoints").is_dir():  # a pretraining run before its export
+            raise ValueError(f"{path} is a pretraining run with no model file yet: `python -m echo pretrain --out "
+                             f"{path} --export-only` writes {path / 'model.safetensors'} from its newest checkpoint")
         hint = f"; it holds {first_items(inside)}: load one of those by path" if inside else ""
         raise ValueError(f"checkpoint {path} is a directory, not a checkpoint file{hint}")
     if path.is_symlink() and not path.exists():

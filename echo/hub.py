@@ -114,7 +114,8 @@ def _not_found(name: str, release: Release, cache: Path, reason: str) -> ValueEr
     return ValueError(
         f"{_named(name, release)}: {release.filename} of {release.repo_id} is not in the Hugging Face cache and "
         f"could not be downloaded ({reason}). Either download {release.url} and load it by path "
-        f"(echo.load('/path/to/{release.filename}')), or put it in the cache, from the folder holding it: "
+        f"(echo.load('/path/to/{release.filename}'), or --model /path/to/{release.filename} on the command line), "
+        f"or put it in the cache, from the folder holding it: "
         f"{commands}"
     )
 
@@ -174,7 +175,9 @@ def resolve(name: str, cache_dir=None) -> Path:
         path = hf_hub_download(release.repo_id, release.filename, revision=release.revision,
                                cache_dir=str(cache), local_files_only=offline is not None)
     except LocalEntryNotFoundError as error:
-        reason = f"offline mode ({offline})" if offline else f"the hub cannot be reached: {_one_line(error)}"
+        reason = f"offline mode ({offline})" if offline else (
+            f"the hub cannot be reached: {_one_line(error)}; with no network, HF_HUB_OFFLINE=1 says so at once, "
+            f"without the download's retries")
         raise _not_found(name, release, cache, reason) from None
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as error:
         if isinstance(error, GatedRepoError):  # there, but its terms must be accepted: a download can be cached

@@ -33,6 +33,10 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
+def same_weights(loaded, model) -> bool:
+    return all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
 def random_model(size: str = "tiny", **overrides):
     """A model with every parameter random (biases and norms included), so no term can hide."""
     from echo import EchoConfig, EchoModel

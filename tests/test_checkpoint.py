@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 import echo
 from echo import checkpoint
 from echo.model import EchoModel
-from conftest import random_model
+from conftest import random_model, same_weights
 
 
 def test_safetensors_round_trip(tmp_path):
@@ -109,7 +109,16 @@ def test_missing_and_corrupt_files(tmp_path):
     folder = tmp_path / "run"
     (folder / "logs").mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(path.read_bytes())
-    with pytest.raises(ValueError, match="run is a directory, not a checkpoint file; it holds model.safetensors: load"):
+    assert same_weights(echo.load(folder), echo.load(path))  # a run folder: its one model file
+    (folder / "model.safetensors").rename(folder / "teacher.safetensors")
+    (folder / "student.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match="run is a directory, not a checkpoint file; it holds student.pth, "
+                                         "teacher.safetensors: load one of those by path"):
+        echo.load(folder)
+    (folder / "teacher.safetensors").unlink(), (folder / "student.pth").unlink()
+    (folder / "checkpoints").mkdir()
+    with pytest.raises(ValueError, match=re.escape(f"{folder} is a pretraining run with no model file yet: `python -m "
+                                                   f"echo pretrain --out {folder} --export-only` writes")):
         echo.load(folder)
 
 
@@ -376,10 +385,9 @@ def test_a_lone_tilde_is_the_home_folder_not_a_checkpoint_name(tmp_path, monkeyp
     home = tmp_path / "home"
     with pytest.raises(ValueError, match=re.escape(f"checkpoint {home} does not exist") + "$"):
         echo.load("~")
-    echo.save(random_model("tiny"), home / "model.safetensors")
-    with pytest.raises(ValueError, match=re.escape(f"checkpoint {home} is a directory, not a checkpoint file; it "
-                                                   f"holds model.safetensors: load")):
-        echo.load("~")
+    model = random_model("tiny")
+    echo.save(model, home / "model.safetensors")
+    assert same_weights(echo.load("~"), model)  # the folder's one model file
     with pytest.raises(ValueError, match=re.escape(f"checkpoint {home / 'models' / 'm.safetensors'} does not exist")):
         echo.load("~/models/m.safetensors")
     with pytest.raises(ValueError, match=r"unknown checkpoint name 'Echo-Tiny' \(did you mean 'echo-tiny'\?\)"):

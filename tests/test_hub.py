@@ -6,12 +6,11 @@ import sys
 from dataclasses import replace
 
 import pytest
-import torch
 from safetensors.torch import save_file
 
 import echo
 from echo import hub
-from conftest import random_model
+from conftest import random_model, same_weights
 
 pytest.importorskip("huggingface_hub")
 
@@ -41,10 +40,6 @@ def populate(cache, release, model, snapshot="0123456789abcdef0123456789abcdef01
 def small_of_tiny_weights(monkeypatch):
     """echo-small's release as if it were ECHO-tiny: tests of the cache's mechanics stay small and fast."""
     monkeypatch.setitem(hub.RELEASES, "echo-small", replace(hub.RELEASES["echo-small"], size="tiny"))
-
-
-def same_weights(loaded, model):
-    return all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
 def test_release_loads_from_a_populated_cache(offline_cache):
@@ -137,9 +132,8 @@ def test_default_until_bundled_and_after(tmp_path, monkeypatch):
 def test_paths_win_over_names_and_missing_hub_is_explained(tmp_path, monkeypatch):
     model = random_model("tiny")
     monkeypatch.chdir(tmp_path)
-    echo.save(model, tmp_path / "echo-tiny" / "model.safetensors")  # a folder named like a release is not loaded
-    with pytest.raises(ValueError, match="checkpoint echo-tiny is a directory, not a checkpoint file"):
-        echo.load("echo-tiny")
+    echo.save(model, tmp_path / "echo-tiny" / "model.safetensors")  # a folder named like a release: its file
+    assert same_weights(echo.load("echo-tiny"), model)
     monkeypatch.chdir(tmp_path / "echo-tiny")
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     with pytest.raises(ValueError, match=r"needs huggingface_hub \(pip install 'echo-fm\[hub\]'\)"):
@@ -318,9 +312,12 @@ def test_offline_mode_is_what_huggingface_hub_takes_it_to_be(offline_cache, monk
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # as imported in a process without either variable
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", not_cached)
     reason = f"offline mode ({named})" if named else "the hub cannot be reached: LocalEntryNotFoundError"
-    with pytest.raises(ValueError, match=re.escape(f"could not be downloaded ({reason}")):
+    with pytest.raises(ValueError, match=re.escape(f"could not be downloaded ({reason}")) as refused:
         echo.load("echo-small")
     assert asked == [named is not None]
+    # where the hub was tried, how to be told at once; for the command line, its own option
+    assert ("HF_HUB_OFFLINE=1 says so at once" in str(refused.value)) == (named is None)
+    assert "or --model /path/to/model.safetensors on the command line" in str(refused.value)
 
 
 def test_offline_mode_set_when_huggingface_hub_was_imported_is_named(offline_cache, monkeypatch):
