@@ -166,8 +166,8 @@ def _encode_batch(model, loaded: list, frames: bool, options: dict, streak: Fail
 
 
 def read_embeddings(path) -> dict:
-    """{file path: {"utterance", "frames" (if kept), "key", "sample_rate", "channels"}} and "model" from an
-    npz or parquet output of `encode`."""
+    """{"model": the model's key, "files": {file path: {"utterance", "frames" (if kept), "key", "sample_rate",
+    "channels"}}} from an npz or parquet output of `encode`."""
     path = Path(path)
     if path.suffix == ".parquet":
         pyarrow = _require_pyarrow()
@@ -530,6 +530,9 @@ def _encode_files(args, rank: int, world: int) -> int:
     written_here = set(keys.values())
     done = {entry: value for entry, value in done.items() if entry.split("/", 1)[0] in written_here}
     mine = wanted[rank::world]
+    if rank == 0 and len(wanted) < len(keys):  # a resumed run says so before its bar, not only in its last line
+        print(f"{len(keys) - len(wanted)} files are encoded already ({args.out} or {parts}); "
+              + (f"{len(wanted)} to encode" if wanted else f"nothing to encode: writing {args.out} from them"))
     failures, start, seconds, streak = [], time.perf_counter(), 0.0, FailureStreak()
     bar = tqdm(total=len(mine), desc=f"encoding (rank {rank})" if world > 1 else "encoding", unit="file",
                disable=args.quiet or rank != 0)
