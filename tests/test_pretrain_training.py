@@ -440,7 +440,7 @@ def test_a_device_this_machine_lacks_is_refused_without_a_traceback(data, tmp_pa
 def test_a_negative_stop_at_is_refused(data, tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main(["pretrain", "--data", str(data), "--out", str(run), "--stop-at", "-1", "--quiet"]) == 2
-    assert "stop_at must be zero or more, got -1" in capsys.readouterr().err and not run.exists()
+    assert "--stop-at must be zero or more, got -1" in capsys.readouterr().err and not run.exists()
 
 
 def test_export_only_writes_the_encoder_the_run_chose_unless_told(data, tmp_path, capsys):
@@ -531,7 +531,8 @@ def test_command_line_writes_shards_trains_on_them_and_exports(data, tmp_path, c
             "--log-every", "1", "--save-every", "1", "--export", "student", "--quiet"]
     assert cli.main(argv + ["--stop-at", "2"]) == 0  # a time-boxed process: checkpoint at 2, no export
     assert checkpoints.load_latest(run / "checkpoints")["step"] == 2 and not (run / "model.safetensors").exists()
-    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+    first = capsys.readouterr().out
+    assert '"tokens_per_batch": 400' in first and first.strip().splitlines()[-1] == (
         f"stopped at step 2 of 3 (--stop-at 2); the same command resumes from {run / 'checkpoints'}"
         f"/step-000000002.pt (step 2)")
     assert cli.main(argv) == 0  # the same command resumes and finishes
@@ -540,14 +541,17 @@ def test_command_line_writes_shards_trains_on_them_and_exports(data, tmp_path, c
         echo.load(checkpoints.checkpoint_paths(run / "checkpoints")[-1])  # not "expected a flat dict of tensors"
     assert cli.main(argv) == 0  # once more: nothing left to train, and no "last loss nan"
     out = capsys.readouterr().out
-    assert "3 WebDataset shards" in out and '"tokens_per_batch": 400' in out
-    assert out.strip().splitlines()[-1].startswith("done: 3 steps; the run was already finished;")
+    # a resumed run's config is config.json's: not printed again, 40 lines at every start
+    assert "3 WebDataset shards" in out and "resuming at step 2" in out and '"tokens_per_batch"' not in out
+    assert out.strip().splitlines()[-1] == (
+        f"done: 3 steps; the run was already finished; student -> {run / 'model.safetensors'} (echo.load('{run}'), "
+        f"or --model {run}); the losses in {run / 'steps.csv'}")
     student = echo.load(run / "model.safetensors")
     (run / "model.safetensors").unlink()
     assert cli.main(["pretrain", "--data", "unused", "--out", str(run), "--export-only", "--export", "student"]) == 0
     assert_same_state(echo.load(run / "model.safetensors").state_dict(), student.state_dict())
     assert cli.main(argv[:-1] + ["--mask-ratio", "1.5"]) == 2
-    assert "mask_ratio must be in (0, 1), got 1.5" in capsys.readouterr().err
+    assert "--mask-ratio must be in (0, 1), got 1.5" in capsys.readouterr().err
 
 
 def ddp_worker(rank, world, port, data, out):

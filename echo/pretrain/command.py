@@ -86,6 +86,8 @@ def run(args) -> int:
         return 0
     if args.data is None:
         raise ValueError("--data is needed to train (only --export-only goes without it)")
+    if args.stop_at is not None and args.stop_at < 0:
+        raise ValueError(f"--stop-at must be zero or more, got {args.stop_at}")
     try:
         config = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
     except ValueError as error:  # the config's words are its fields': said as the options they came from

@@ -575,7 +575,8 @@ def _train(config: PretrainConfig, progress: bool, stop_at: int | None, rank: in
         out.mkdir(parents=True, exist_ok=True)
         checkpoints.remove_temporaries(folder)
         checkpoints.set_aside(unreadable_newer)
-        print(json.dumps(config.to_dict(), indent=2))
+        if saved is None:  # a resumed run's config is its own, in config.json: "resuming at step N" says enough
+            print(json.dumps(config.to_dict(), indent=2))
         atomic.write_text(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
         print(f"data: {corpus.describe()}")
         trained_on = saved["config"]["data"] if saved is not None else config.data
@@ -703,7 +704,8 @@ def _train(config: PretrainConfig, progress: bool, stop_at: int | None, rank: in
     raise_together(error, world, device)
     if rank == 0 and step >= config.steps:
         trained = f"last loss {last['loss']:.4f}" if last else "the run was already finished"  # not "loss nan"
-        print(f"done: {step} steps; {trained}; {config.export} -> {exported}")
+        print(f"done: {step} steps; {trained}; {config.export} -> {exported} (echo.load('{out}'), or --model {out}); "
+              f"the losses in {out / 'steps.csv'}")
     elif rank == 0:  # stopped by stop_at
         print(f"stopped at step {step} of {config.steps} (--stop-at {stop_at}); {checkpoints.resume_note(folder)}")
     if world > 1:
