@@ -162,6 +162,22 @@ def test_a_test_clip_equal_to_a_bank_clip_or_of_another_length_is_noted(tmp_path
     assert scores[str(copy)] == 0 and sorted(scores.values())[1] > 0
 
 
+def test_a_folder_with_one_test_class_says_what_it_could_not_measure(tmp_path, model_path, capsys):
+    """A folder's test clips all normal: nothing to measure, said without DCASE's split, section and domain."""
+    rng = seeded_rng()
+    for name, count in (("normal", 3), ("test/normal", 2)):
+        for i in range(count):
+            path = tmp_path / "machine" / name / f"{i}.wav"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            soundfile.write(str(path), tone(rng, 400, seconds=0.2, noise=1.0), RATE)
+    assert run_eval("--task", "folder", "--data", tmp_path / "machine", "--model", model_path, "--out",
+                    tmp_path / "out", "--no-plots") == 0
+    printed = capsys.readouterr().out
+    assert "no labelled test clip with both classes: nothing to measure" in printed
+    excluded = [line for line in printed.splitlines() if line.startswith("excluded (one class only): ")]
+    assert excluded and all(line.endswith(": 2 normal, 0 anomalous") and "section" not in line for line in excluded)
+
+
 def write_classes(base, frequencies, count, rng):
     for label, frequency in frequencies.items():
         for i in range(count):

@@ -240,8 +240,9 @@ def _anomaly(args, dataset, items, vectors, device) -> tuple[dict, list]:
           f"{clips['bank']} normal bank clips")
     print(format_table(rows, columns) if rows else "no labelled test clip with both classes: nothing to measure")
     for group in excluded:
-        print(f"excluded (one class only): {group['split']} {group['machine']} section {group['section']} "
-              f"{group['domain']} {group['metrics']}: {group['normals']} normal, {group['anomalies']} anomalous")
+        where = "" if own else f"{group['split']} {group['machine']} section {group['section']} {group['domain']} "
+        print(f"excluded (one class only): {where}{group['metrics']}: {group['normals']} normal, "
+              f"{group['anomalies']} anomalous")
     for name, value in summary.items():
         print(f"{name}: {value:.4f}")
     figures = []
