@@ -104,6 +104,15 @@ def test_readers_of_one_name_but_other_code_or_values_never_share_embeddings(tmp
     assert embed.embed_files(model, files, cut(4000), cache, "key", progress=False).encoded == 2
     assert embed.embed_files(model, files, cut(4000), cache, "key", progress=False).cached == 2
     assert embed.embed_files(model, files, cut(2000), cache, "key", progress=False).encoded == 2
+    taps = np.zeros(1001)
+    twin = taps.copy()
+    twin[500] = 1  # the same ends: their reprs are equal
+
+    def filtered(kernel):
+        return lambda path: (np.convolve(read_audio(path)[0], kernel, "same").astype(np.float32), read_audio(path)[1])
+    assert repr(taps) == repr(twin)
+    assert embed.reader_identity(filtered(taps)) != embed.reader_identity(filtered(twin))
+    assert embed.reader_identity(filtered(twin)) == embed.reader_identity(filtered(twin.copy()))
     edited = {}
     for body in ("return read_audio(path)", "return read_audio(path)[0][::-1].copy(), 16000"):
         exec(f"def reader(path):\n    {body}\n", {"read_audio": read_audio}, edited)

@@ -101,10 +101,13 @@ def _constant(value) -> str:
 
 def _value_identity(value) -> str:
     """A value a reader closes over or takes by default: a function by its code (its repr holds an address that
-    changes from run to run; its own closure is not followed, which could loop), a keyword default by its parts,
-    anything else by its repr."""
+    changes from run to run; its own closure is not followed, which could loop), an array by a hash of its values
+    (its repr elides all but its ends), a keyword default by its parts, anything else by its repr."""
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str):
         return f"{value[0]}={_value_identity(value[1])}"
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        values = np.ascontiguousarray(value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value)
+        return f"array {values.dtype} {values.shape} {hashlib.sha256(values.tobytes()).hexdigest()[:16]}"
     if isinstance(value, functools.partial):
         return reader_identity(value)
     return _function(value) if callable(value) else repr(value)
