@@ -457,6 +457,8 @@ def test_export_only_writes_the_encoder_the_run_chose_unless_told(data, tmp_path
         assert_same_state(echo.load(run / "model.safetensors").state_dict(), saved[expected])
         assert capsys.readouterr().out.strip().endswith(
             f"exported the {expected} of step 2 to {run / 'model.safetensors'}")
+        # what the file holds is written beside it: model.json is the config alone, the same for both encoders
+        assert json.loads((run / "export.json").read_text()) == {"encoder": expected, "step": 2}
     (run / "checkpoints" / checkpoints.file_name(4)).write_bytes(b"cut short")
     assert cli.main(["pretrain", "--data", "unused", "--out", str(run), "--export-only"]) == 0
     assert capsys.readouterr().out.strip().endswith(f"exported the student of step 2 to {run / 'model.safetensors'}")

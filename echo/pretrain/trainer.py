@@ -456,13 +456,16 @@ def stop_if_diverged(first_nonfinite: torch.Tensor, world: int, out: Path) -> No
                          f"data, or start again with a lower --lr in a new --out (a run's lr is fixed on resume)")
 
 
-def export(model: EchoModel, out: Path) -> Path:
-    """The encoder as RUN_DIR/model.safetensors, the released key layout (loadable by echo.load). A disk that
-    cannot take it is said with the file and what is kept: "[Errno 28] No space left on device" alone read as if
-    the run were lost."""
+def export(model: EchoModel, out: Path, encoder: str, step: int) -> Path:
+    """The encoder as RUN_DIR/model.safetensors, the released key layout (loadable by echo.load), and
+    RUN_DIR/export.json saying which encoder of which step it is (model.json holds the config alone: a teacher and
+    a student exported in turn could not be told apart). A disk that cannot take it is said with the file and
+    what is kept: "[Errno 28] No space left on device" alone read as if the run were lost."""
     path = Path(out) / "model.safetensors"
     try:
-        return model_files.save(model, path)
+        model_files.save(model, path)
+        atomic.write_text(Path(out) / "export.json", json.dumps({"encoder": encoder, "step": step}) + "\n")
+        return path
     except OSError as error:
         raise OSError(f"{path} could not be written ({error}); the run's checkpoints are kept, and the same command "
                       f"(or --export-only) exports it again") from None
@@ -496,8 +499,9 @@ def export_run(run_dir, which: str | None = None) -> str:
     """Export the teacher or student of a run's newest readable checkpoint (default: the run's own --export);
     what was exported, its step said: an unreadable newer checkpoint makes it an earlier one."""
     model, saved = run_encoder(run_dir, which)
-    path = export(model, Path(run_dir))
-    return f"the {which or saved['config']['export']} of step {saved['step']} to {path}"
+    which = which or saved["config"]["export"]
+    path = export(model, Path(run_dir), which, saved["step"])
+    return f"the {which} of step {saved['step']} to {path}"
 
 
 def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = None) -> dict:
@@ -700,7 +704,8 @@ def _train(config: PretrainConfig, progress: bool, stop_at: int | None, rank: in
                 raise_together(error, world, device)
     exported, error = None, None
     if rank == 0 and step >= config.steps:
-        exported, error = attempt(export, teacher if config.export == "teacher" else student, out)
+        exported, error = attempt(export, teacher if config.export == "teacher" else student, out, config.export,
+                                  step)
     raise_together(error, world, device)
     if rank == 0 and step >= config.steps:
         trained = f"last loss {last['loss']:.4f}" if last else "the run was already finished"  # not "loss nan"
