@@ -261,15 +261,19 @@ def _measured(queries: torch.Tensor, bank: torch.Tensor, candidates: torch.Tenso
     # buffers filled again for each chunk of queries: new ones every time faulted in ~27 GB of fresh pages in a
     # MAFAULDA-wide leave-one-out, and the query rows' ones (tens of MB, under glibc's mmap threshold once it
     # has risen) were split by the small results between them, so the heap grew by their size at every chunk
-    gathered = torch.empty((query_rows * wanted, features), dtype=bank.dtype, device=bank.device)
     query_buffer = torch.empty((query_rows, features), dtype=torch.float64, device=candidates.device)
     candidate_buffer = torch.empty((query_rows, wanted, features), dtype=torch.float64, device=candidates.device)
+    # a float64 bank where the measuring is: gathered straight into the candidates' buffer, not copied on
+    direct = bank.dtype == torch.float64 and bank.device == candidates.device
+    gathered = candidate_buffer.view(-1, features) if direct else torch.empty(
+        (query_rows * wanted, features), dtype=bank.dtype, device=bank.device)
     measured = []
     for q0, rows in zip(range(0, len(candidates), query_rows), candidates.split(query_rows)):
         q_rows, c_rows = query_buffer[:len(rows)], candidate_buffer[:len(rows)]
         q_rows.copy_(queries[q0:q0 + len(rows)])
         picked = torch.index_select(bank, 0, rows.flatten().to(bank.device), out=gathered[:rows.numel()])
-        c_rows.view(-1, features).copy_(picked)  # scaled (and measured) in place
+        if not direct:
+            c_rows.view(-1, features).copy_(picked)  # scaled (and measured) in place
         if rescale:
             _scaled(q_rows, metric, scale, out=q_rows)
             _scaled(c_rows, metric, scale, out=c_rows)
