@@ -48,6 +48,7 @@ from .eval.datasets import read_audio
 from .eval.embed import (NOTHING_KEPT, READ_WORKERS, EmbeddingCache, FailureStreak, batch_files_help, batched,
                          decoded_sizes, encode_isolating_failures, encoding_key, key_checked, model_hash, read_checked,
                          shown)
+from .wording import counted
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FRAMES = "/frames"  # suffixes of a file's frame-embedding, (rate, channels) and real-path entries in the shards
@@ -115,7 +116,7 @@ def find_files(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]], l
         else:
             first_spelling[real] = path
     if repeated:  # as eval says it: a file left out without a word looked lost
-        notes.append(f"encoded once: {len(repeated)} files reached a second time, through a link or by another "
+        notes.append(f"encoded once: {counted(len(repeated), 'file')} reached a second time, through a link or by another "
                      f"path (e.g. {shown(repeated[0][0])}, the same file as {shown(repeated[0][1])})")
     for path, reason in unusable:  # its folder's real path: a broken link resolves to its target, not to itself
         bad.setdefault(os.path.join(os.path.realpath(path.parent), path.name), (path, reason))
@@ -531,7 +532,7 @@ def _encode_files(args, rank: int, world: int) -> int:
     done = {entry: value for entry, value in done.items() if entry.split("/", 1)[0] in written_here}
     mine = wanted[rank::world]
     if rank == 0 and len(wanted) < len(keys):  # a resumed run says so before its bar, not only in its last line
-        print(f"{len(keys) - len(wanted)} files are encoded already ({args.out} or {parts}); "
+        print(f"encoded already: {counted(len(keys) - len(wanted), 'file')} ({args.out} or {parts}); "
               + (f"{len(wanted)} to encode" if wanted else f"nothing to encode: writing {args.out} from them"))
     failures, start, seconds, streak = [], time.perf_counter(), 0.0, FailureStreak()
     bar = tqdm(total=len(mine), desc=f"encoding (rank {rank})" if world > 1 else "encoding", unit="file",
@@ -539,7 +540,7 @@ def _encode_files(args, rank: int, world: int) -> int:
 
     def kept(share: list) -> str:
         saved = sum(_held(keys[path], cache.entries, args.frames) for path in share)
-        return f"{saved} files encoded are kept in {parts}; the same command resumes with the {len(share) - saved} " \
+        return f"{counted(saved, 'file')} encoded, kept in {parts}; the same command resumes with the {len(share) - saved} " \
                f"left" if saved else ""
 
     def encode_and_save(batch: list, pool) -> float:
@@ -646,6 +647,6 @@ def _encode_files(args, rank: int, world: int) -> int:
               f"deleted")
     speed = f"; {seconds:.1f} s of audio in {elapsed:.1f} s ({seconds / max(elapsed, 1e-9):.1f}x real time)" \
         if seconds else ""
-    print(f"wrote {args.out}: {len(rows)} files ({reused} reused from an earlier run), "
+    print(f"wrote {args.out}: {counted(len(rows), 'file')} ({reused} reused from an earlier run), "
           f"{skipped} skipped{speed}")
     return 0

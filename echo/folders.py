@@ -7,6 +7,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from .wording import counted
+
 
 def finder_metadata(name: str) -> bool:
     """macOS's ._<name> files: another file's Finder metadata, one beside every recording copied from a Mac to a
@@ -28,7 +30,7 @@ def by_suffix(top: Path, walked: Iterable[tuple[Path, list[str]]], suffixes) -> 
             elif not hidden and not name.startswith("."):
                 others[suffix or "no suffix"] += 1
     counts = ", ".join(f"{suffix}: {count}" for suffix, count in sorted(others.items(), key=lambda s: (-s[1], s[0])))
-    note = f"{others.total()} files with other suffixes were left out of {top} ({counts}); files are read from " \
+    note = f"left out of {top}: {counted(others.total(), 'file')} with other suffixes ({counts}); files are read from " \
         f"folders by suffix: {', '.join(sorted(suffixes))}" if others else ""
     return found, note
 

@@ -255,7 +255,7 @@ def test_text_the_terminal_cannot_show_is_escaped_not_a_failure(tmp_path):
     run = subprocess.run([sys.executable, "-m", "echo", "encode", str(tmp_path / "ü"), "--out", str(out), "--quiet"],
                          capture_output=True, cwd=ROOT, env={**os.environ, "PYTHONIOENCODING": "ascii"})
     assert run.returncode == 0, run.stderr
-    assert f"wrote {tmp_path}/\\xfc.npz: 1 files".encode() in run.stdout and out.is_file()
+    assert f"wrote {tmp_path}/\\xfc.npz: 1 file ".encode() in run.stdout and out.is_file()
 
 
 @pytest.mark.parametrize("option, shown, message", [

@@ -147,10 +147,10 @@ def test_rerun_and_interrupted_run_resume(tmp_path, model_path, capsys, monkeypa
     assert run(tmp_path / "data", "--model", model_path, "--out", out) == 0
     printed = capsys.readouterr().out
     # said before the bar, where a resumed run's bar counted the rest alone: "0/1"
-    assert printed.startswith(f"4 files are encoded already ({out} or {out}.parts); 3 to encode")  # 2 unreadable
+    assert printed.startswith(f"encoded already: 4 files ({out} or {out}.parts); 3 to encode")  # 2 unreadable
     assert "5 files (4 reused from an earlier run)" in printed
     assert run(tmp_path / "data", "--model", model_path, "--out", out) == 0
-    assert capsys.readouterr().out.startswith(f"5 files are encoded already ({out} or {out}.parts); 2 to encode")
+    assert capsys.readouterr().out.startswith(f"encoded already: 5 files ({out} or {out}.parts); 2 to encode")
     second = read_embeddings(out)
     for path in good:
         assert np.array_equal(second["files"][str(path)]["utterance"], first["files"][str(path)]["utterance"])
@@ -173,7 +173,7 @@ def test_rerun_and_interrupted_run_resume(tmp_path, model_path, capsys, monkeypa
 
 @pytest.mark.parametrize("batch, message", [
     (1, "no batch was finished, so nothing was kept; the same command starts again"),
-    (3, "2 files encoded are kept in {parts}; the same command resumes with the 1 left")])
+    (3, "2 files encoded, kept in {parts}; the same command resumes with the 1 left")])
 def test_an_interrupted_run_says_once_what_it_kept_and_how_to_resume(tmp_path, model_path, capsys, monkeypatch,
                                                                       batch, message):
     """The command's own "interrupted: ... kept" line was followed by the command line's bare "interrupted"."""
@@ -202,7 +202,7 @@ def test_an_interrupted_output_write_says_that_nothing_is_lost_and_the_rerun_enc
     assert not out.exists()
     monkeypatch.setattr(command, "_write_table", real)
     assert run(tmp_path / "a.wav", "--model", model_path, "--out", out) == 0
-    assert "1 files (1 reused from an earlier run)" in capsys.readouterr().out
+    assert "1 file (1 reused from an earlier run)" in capsys.readouterr().out
 
 
 def test_a_rerun_in_another_dtype_encodes_again(tmp_path, model_path, capsys):
@@ -213,7 +213,7 @@ def test_a_rerun_in_another_dtype_encodes_again(tmp_path, model_path, capsys):
     assert run(tmp_path / "a.wav", "--model", model_path, "--out", out, "--dtype", "bfloat16") == 0
     capsys.readouterr()
     assert run(tmp_path / "a.wav", "--model", model_path, "--out", out) == 0
-    assert "1 files (0 reused from an earlier run)" in capsys.readouterr().out
+    assert "1 file (0 reused from an earlier run)" in capsys.readouterr().out
     ref = reference(echo.load(model_path), tmp_path / "a.wav")[0]
     assert rel_err(torch.from_numpy(read_embeddings(out)["files"][str(tmp_path / "a.wav")]["utterance"]), ref) < 1e-5
 
@@ -385,7 +385,7 @@ def test_a_batch_saved_before_a_ctrl_c_in_its_folders_flush_is_counted_as_kept(t
     monkeypatch.setattr(atomic, "_flush", interrupted_at_a_folder)
     options = (*files, "--model", model_path, "--out", tmp_path / "e.npz", "--batch-files", "1")
     assert run(*options) == 130
-    assert capsys.readouterr().err == (f"interrupted: 1 files encoded are kept in {tmp_path / 'e.npz.parts'}; the "
+    assert capsys.readouterr().err == (f"interrupted: 1 file encoded, kept in {tmp_path / 'e.npz.parts'}; the "
                                        f"same command resumes with the 2 left\n")
     monkeypatch.setattr(atomic, "_flush", real)
     assert run(*options) == 0
@@ -416,7 +416,7 @@ def test_an_error_that_stops_a_run_is_followed_by_what_was_kept_and_how_to_resum
     assert run(*files, "--model", model_path, "--out", tmp_path / "e.npz", "--batch-files", "1") == status
     printed = capsys.readouterr().err
     assert said in printed and printed.endswith(
-        f"{said}1 files encoded are kept in {tmp_path / 'e.npz.parts'}; the same command resumes with the 2 left\n")
+        f"{said}1 file encoded, kept in {tmp_path / 'e.npz.parts'}; the same command resumes with the 2 left\n")
 
 
 @pytest.mark.parametrize("batch_files, said, kept, calls", [
@@ -449,7 +449,7 @@ def test_a_device_failing_on_every_file_stops_the_run_and_keeps_its_work(tmp_pat
     assert run(*options) == 1
     assert capsys.readouterr().err == (
         f"error: {said}, so the device or the model fails, not the signals: RuntimeError: CUDA error: an illegal "
-        f"memory access was encountered\n{kept} files encoded are kept in {tmp_path / 'e.npz.parts'}; the same "
+        f"memory access was encountered\n{kept} file{'s' * (kept > 1)} encoded, kept in {tmp_path / 'e.npz.parts'}; the same "
         f"command resumes with the {len(files) - kept} left\n")
     assert len(made) == calls and not out.exists()
     monkeypatch.setattr(command, "_encode", real)
@@ -834,7 +834,7 @@ def test_a_looping_link_or_a_pipe_in_a_folder_is_named_and_skipped(tmp_path, mod
     for name in ("loop1.wav", "loop2.wav"):
         assert f"skipped {folder / name}: a broken or looping symbolic link" in printed
     assert f"skipped {folder / 'pipe.wav'}: not a regular file or folder" in printed
-    assert "1 files (0 reused from an earlier run), 3 skipped" in printed
+    assert "1 file (0 reused from an earlier run), 3 skipped" in printed
 
 
 def test_a_linked_folder_is_followed_and_a_link_loop_named(tmp_path, model_path, capsys):
@@ -1040,11 +1040,11 @@ def test_a_rank_that_stops_is_said_by_rank_0_once_the_others_finished_their_shar
     assert [status for status, _, _ in ranks] == [1, 1], ranks
     parts = tmp_path / "emb.npz.parts"
     assert ranks[0][2] == f"error: rank 1 stopped (that rank prints its error), so {out} was not written; 4 files " \
-                          f"encoded are kept in {parts}; the same command resumes with the 2 left\n", ranks
+                          f"encoded, kept in {parts}; the same command resumes with the 2 left\n", ranks
     assert ranks[1][2].startswith("rank 1 stopped (MemoryError); it waits for the other ranks to finish their "
                                   "shares\n"), ranks  # said at once, not only once the others finished
     assert "\nMemoryError\n" in ranks[1][2] and ranks[1][2].endswith(
-        f"1 files encoded are kept in {parts}; the same command resumes with the 2 left\n"), ranks
+        f"1 file encoded, kept in {parts}; the same command resumes with the 2 left\n"), ranks
     assert not out.exists()
     real, encoded = command._encode_batch, []
 
@@ -1138,7 +1138,7 @@ def test_a_bad_path_named_several_times_is_reported_and_counted_once(tmp_path, m
     assert run(tmp_path / "d", folder, folder / "dangling.wav", folder / "a.wav", "--model", model_path,
                "--out", out) == 0
     printed = capsys.readouterr().out
-    assert printed.count("skipped ") == 1 and "1 files (0 reused from an earlier run), 1 skipped" in printed
+    assert printed.count("skipped ") == 1 and "1 file (0 reused from an earlier run), 1 skipped" in printed
     assert list(read_embeddings(out)["files"]) == [str(folder / "a.wav")]
 
 
@@ -1168,7 +1168,7 @@ def test_paths_in_a_folder_that_may_not_be_searched_are_reported_and_skipped(tmp
     for name in ("b.wav", "c.wav"):
         assert f"skipped {locked / name}: not usable: Permission denied" in printed
     assert f"skipped {locked / 'sub'}: folder not readable: Permission denied" in printed
-    assert "1 files (0 reused from an earlier run), 3 skipped" in printed
+    assert "1 file (0 reused from an earlier run), 3 skipped" in printed
     monkeypatch.setattr(os, "stat", real_stat)
     monkeypatch.setattr(os, "lstat", real_lstat)
     assert list(read_embeddings(out)["files"]) == [str(tmp_path / "d" / "a.wav")]
@@ -1199,7 +1199,7 @@ def test_a_full_disk_while_a_batch_is_saved_is_one_line_and_the_saved_batches_re
     assert run(*files, *options) == 1
     error, parts = capsys.readouterr().err, tmp_path / "e.npz.parts"
     assert error.startswith(f"error: {parts}") and "No space left on device" in error and not out.exists()
-    assert error.endswith(f"kept\n1 files encoded are kept in {parts}; the same command resumes with the 1 left\n")
+    assert error.endswith(f"kept\n1 file encoded, kept in {parts}; the same command resumes with the 1 left\n")
     assert error.count("\n") == 2
     monkeypatch.setattr(embed, "save_file", real)
     assert run(*files, *options) == 0
@@ -1385,7 +1385,7 @@ def test_a_folders_files_of_other_suffixes_are_counted_in_one_note(tmp_path, mod
     printed = capsys.readouterr().out
     assert sorted(read_embeddings(tmp_path / "e.npz")["files"]) == [str(folder / "a.wav"),
                                                                      str(folder / "sub.mp3" / "b.wav")]
-    assert (f"note: 4 files with other suffixes were left out of {folder} (.mp3: 2, .txt: 1, no suffix: 1); files "
+    assert (f"note: left out of {folder}: 4 files with other suffixes (.mp3: 2, .txt: 1, no suffix: 1); files "
             f"are read from folders by suffix: {', '.join(sorted(AUDIO_SUFFIXES))}\n") in printed
     assert printed.count("note:") == 1
 

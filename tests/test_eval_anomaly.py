@@ -176,7 +176,7 @@ def test_zero_embeddings_are_named_by_their_row():
 
 def test_test_clips_without_a_bank_are_an_error():
     clips = [Clip(Path("a"), "dev", "fan", "00", None, "train", 0), Clip(Path("b"), "dev", "fan", "01", None, "test", 0)]
-    with pytest.raises(ValueError, match="dev fan section 01: 1 test clips but no training clip"):
+    with pytest.raises(ValueError, match="dev fan section 01: 1 test clip but no training clip"):
         anomaly.score_clips(clips, np.eye(2))
     with pytest.raises(ValueError, match="DCASE year 2019"):
         anomaly.group_metrics(clips, [0, 0], 2019)

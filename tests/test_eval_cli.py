@@ -154,8 +154,8 @@ def test_a_test_clip_equal_to_a_bank_clip_or_of_another_length_is_noted(tmp_path
     assert run_eval("--task", "folder", "--data", tmp_path / "machine", "--model", model_path, "--out", out,
                     "--no-plots") == 0
     printed, notes = capsys.readouterr().out, json.loads((out / "results.json").read_text())["notes"]
-    for note in (f"1 test clips have an embedding equal to a bank clip's (score 0; e.g. {copy})",
-                 f"1 test clips are under half or over twice the bank clips' median length (0.20 s; e.g. {short}, "
+    for note in (f"1 test clip with an embedding equal to a bank clip's (score 0; e.g. {copy})",
+                 f"1 test clip under half or over twice the bank clips' median length (0.20 s; e.g. {short}, "
                  f"0.05 s)"):
         assert f"note: {note}" in printed and any(line.startswith(note) for line in notes)
     scores = {row["path"]: float(row["score"]) for row in read_rows(out / "scores.csv")}

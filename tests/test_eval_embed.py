@@ -303,7 +303,7 @@ def test_embed_files_one_file_a_batch_stops_on_a_broken_device_keeping_its_work(
 
     monkeypatch.setattr(embed, "_encode", broken_after_the_first_file)
     files = make_files(tmp_path)
-    with pytest.raises(WorkKept, match="^embeddings of 1 files are kept in .*; the same command encodes only the "
+    with pytest.raises(WorkKept, match="^embeddings of 1 file are kept in .*; the same command encodes only the "
                        "other 3$") as stopped:
         embed.embed_files(model, files, read_audio, tmp_path / "cache", "key", batch_files=1, progress=False)
     assert isinstance(stopped.value.__cause__, embed.EncoderFailure)

@@ -91,7 +91,7 @@ def test_an_interrupted_embedding_says_what_it_kept(tmp_path, monkeypatch, capsy
     with pytest.raises(KeyboardInterrupt) as interruption:
         run()
     folder = next((tmp_path / "cache").iterdir())
-    assert str(interruption.value) == (f"embeddings of 1 files are kept in {folder}; the same command encodes only "
+    assert str(interruption.value) == (f"embeddings of 1 file are kept in {folder}; the same command encodes only "
                                        f"the other 2")
 
 

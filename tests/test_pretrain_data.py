@@ -118,7 +118,7 @@ def test_too_few_shards_for_the_streams_is_a_clear_error(tmp_path):
     root = write_corpus(tmp_path / "data", files=2)
     shards.write_shards(root, tmp_path / "shards", per_shard=10)
     source = shards.ShardCorpus(tmp_path / "shards", min_seconds=1.0)
-    with pytest.raises(ValueError, match="1 shards cannot feed 4 streams"):
+    with pytest.raises(ValueError, match="1 shard cannot feed 4 streams"):
         sampling.BatchStream(source, sampling.SamplingConfig(crop_seconds=2, tokens_per_batch=400), 0, workers=4)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..wording import counted
 from . import neighbors, require
 
 YEARS = tuple(range(2020, 2026))
@@ -64,7 +65,7 @@ def score_clips(clips: list[Clip], embeddings, device=None, backend: str = "torc
     scores = np.full(len(clips), np.nan)
     for (split, machine, section), (bank, tests) in sorted(groups.items()):
         if tests and not bank:
-            raise ValueError(f"{split} {machine} section {section}: {len(tests)} test clips but no training "
+            raise ValueError(f"{split} {machine} section {section}: {counted(len(tests), 'test clip')} but no training "
                              f"clip to build the memory bank from")
         if tests:
             # In float64: 1 - cos of close clips (a model's embeddings of one machine differ by ~1 %) is ~1e-5,

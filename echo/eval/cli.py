@@ -15,6 +15,7 @@ import torch
 
 from .. import atomic
 from ..geometry import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, n_bands
+from ..wording import counted
 from . import anomaly, datasets, faults, neighbors, plots, require
 from .embed import BATCH_FILES, READ_WORKERS, audio_header, batch_files_help, embed_files, shown
 
@@ -123,7 +124,7 @@ def _note_other_lengths(dataset, usable: list) -> None:
     odd = [(item.path, length) for item, length in seconds
            if item.subset == "test" and not typical / 2 <= length <= 2 * typical]
     if odd:
-        dataset.notes.append(f"{len(odd)} test clips are under half or over twice the bank clips' median length "
+        dataset.notes.append(f"{counted(len(odd), 'test clip')} under half or over twice the bank clips' median length "
                              f"({typical:.2f} s; e.g. {odd[0][0]}, {odd[0][1]:.2f} s): an utterance embedding moves "
                              f"with a clip's length, so their scores measure that too")
 
@@ -232,12 +233,12 @@ def _anomaly(args, dataset, items, vectors, device) -> tuple[dict, list]:
         for name, label in (("normal", 0), ("anomalous", 1), ("unlabelled", None))}
     same = [c.path for c, score in zip(items, scores) if c.subset == "test" and score == 0]
     if same:  # a leak from bank to test set, or digital silence (a dead sensor) in both: it scores as normal
-        dataset.notes.append(f"{len(same)} test clips have an embedding equal to a bank clip's (score 0; "
+        dataset.notes.append(f"{counted(len(same), 'test clip')} with an embedding equal to a bank clip's (score 0; "
                              f"e.g. {same[0]}): the same recording in the bank and the test set, or silence in both")
         print(f"note: {dataset.notes[-1]}")
-    print(f"scored {sum(c.subset == 'test' for c in items)} test clips ({clips['test normal']} normal, "
+    print(f"scored {counted(sum(c.subset == 'test' for c in items), 'test clip')} ({clips['test normal']} normal, "
           f"{clips['test anomalous']} anomalous, {clips['test unlabelled']} unlabelled: scores.csv only) against "
-          f"{clips['bank']} normal bank clips")
+          f"{counted(clips['bank'], 'normal bank clip')}")
     print(format_table(rows, columns) if rows else "no labelled test clip with both classes: nothing to measure")
     for group in excluded:
         where = "" if own else f"{group['split']} {group['machine']} section {group['section']} {group['domain']} "
@@ -332,7 +333,7 @@ def _run(args) -> int:
                "notes": dataset.notes, **results, "failures": [(shown(p), r) for p, r in embedded.failures],
                "speed": speed, "plots": [p.name for p in figures]}
     atomic.write_text(args.out / "results.json", json.dumps(_json_values(summary), indent=2, default=str) + "\n")
-    print(f"{len(dataset.items)} files ({embedded.cached} from the cache, {len(embedded.failures)} failed) in "
+    print(f"{counted(len(dataset.items), 'file')} ({embedded.cached} from the cache, {len(embedded.failures)} failed) in "
           f"{total:.1f} s: {speed['files_per_second']:.1f} files/s; encoding {embedded.encode_seconds:.1f} s "
           f"({100 * embedded.encode_seconds / total:.0f}%), search + metrics {search_seconds:.1f} s "
           f"({100 * search_seconds / total:.0f}%); results in {args.out}")

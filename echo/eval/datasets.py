@@ -38,6 +38,7 @@ import numpy as np
 from .. import folders
 from ..data import AUDIO_SUFFIXES
 from ..data.wav import logged_truncation
+from ..wording import counted
 
 # Part of the embedding cache's key (echo.eval.embed): raise it when a reader returns other samples for the same
 # file (another channel choice or sensor, another scaling), so that embeddings of the old samples are not reused.
@@ -195,7 +196,7 @@ def _files(folder: Path, suffixes, notes: list, recursive: bool = False) -> list
         if first != path:
             repeated.append((path, first))
     if repeated:
-        _note(notes, f"listed once: {len(repeated)} files under {folder} reached through a second link (e.g. "
+        _note(notes, f"listed once: {counted(len(repeated), 'file')} under {folder} reached through a second link (e.g. "
                      f"{repeated[0][0]}, the same file as {repeated[0][1]})")
     return list(first_spelling.values())
 
@@ -341,7 +342,7 @@ def dcase(root, year: int, label_lists=None) -> Dataset:
         source = "the --labels lists" if label_lists else \
             f"eval_data_list_{year}.csv{' or eval_data_list.csv' if year == 2020 else ''} under {root}"
         others = [str(p) for p in found if p not in lists]
-        notes.append(f"{unlabelled} test clips have no label (no entry in {source}): they are scored but not "
+        notes.append(f"no label (no entry in {source}): {counted(unlabelled, 'test clip')}, scored but not "
                      f"measured" + (f"; other years' lists found, pass one with --labels if it applies: "
                                     f"{', '.join(others)}" if others else ""))
     _check_banks(items)
@@ -456,7 +457,7 @@ def cwru(root) -> Dataset:
         raise ValueError(f"{root}: no 12 kHz fault file: the {len(skipped)} .mat files are 48 kHz or normal baseline "
                          f"data (e.g. {skipped[0]}); expected the 12k_Drive_End and 12k_Fan_End fault folders")
     if skipped:
-        notes.append(f"skipped {len(skipped)} files that are not 12 kHz fault data (48k or normal)")
+        notes.append(f"skipped {counted(len(skipped), 'file')} of no 12 kHz fault data (48k or normal)")
     # DE_... / FE_...: the sensor at the faulty bearing, by real path: the reader's identity (the embedding cache's
     # key) holds these, the same however --data is spelt
     ends = {os.path.realpath(item.path): item.label[:2] for item in items}

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from .. import atomic, inputs
 from ..cli import WorkKept
 from ..ops.backend import BackendError
+from ..wording import counted
 from . import require
 
 BATCH_FILES = 64
@@ -389,7 +390,7 @@ def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | N
         def kept() -> str:
             """What a stopped run leaves the next: the finished batches, each in its shard; "" when none."""
             saved = 0 if cache is None else sum(key in cache.entries for key in keys if key is not None)
-            return f"embeddings of {saved} files are kept in {cache.folder}; the same command encodes only the " \
+            return f"embeddings of {counted(saved, 'file')} are kept in {cache.folder}; the same command encodes only the " \
                    f"other {len(paths) - saved}" if saved else ""
 
         try:

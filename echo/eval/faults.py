@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..wording import counted
 from . import neighbors, require
 
 PROTOCOLS = ("loocv", "kfold", "split")
@@ -157,7 +158,7 @@ def banks_and_queries(protocol: str, labels, k: int = 5, subsets=None, groups=No
         raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
     smallest = min(len(rows) - (own is not None) for rows, _, own in searches)
     if k > smallest:
-        raise ValueError(f"k={k} neighbours asked of the {protocol} protocol's bank of {smallest} files ({bank}): "
+        raise ValueError(f"k={k} neighbours asked of the {protocol} protocol's bank of {counted(smallest, 'file')} ({bank}): "
                          f"choose a smaller k")
     return searches
 

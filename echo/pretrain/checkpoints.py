@@ -113,7 +113,7 @@ def newest_readable(folder: Path) -> tuple[dict | None, list[Path]]:
         if state is not None:
             return state, paths[index + 1:]
     if paths:
-        raise ValueError(f"none of the {len(paths)} checkpoints in {folder} loads ({', '.join(p.name for p in paths)}"
+        raise ValueError(f"no checkpoint in {folder} loads ({', '.join(p.name for p in paths)}"
                          f"); restore a readable one, or move them away to start the run over")
     return None, []
 

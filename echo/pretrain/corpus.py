@@ -26,6 +26,7 @@ import numpy as np
 from .. import atomic, geometry
 from ..data import AUDIO_SUFFIXES
 from ..data.wav import logged_truncation
+from ..wording import counted
 
 log = logging.getLogger("echo.pretrain")
 
@@ -217,8 +218,8 @@ def usable(entries: list[FileEntry], min_seconds: float) -> tuple[list[FileEntry
             kept.append(entry)
     if short:
         more = f" and {len(short) - 3} more" if len(short) > 3 else ""
-        log.warning("skipping %d file%s shorter than %g s (--min-seconds): %s%s", len(short),
-                    "s" if len(short) > 1 else "", min_seconds, ", ".join(short[:3]), more)
+        log.warning("skipping %s shorter than %g s (--min-seconds): %s%s", counted(len(short), "file"), min_seconds,
+                    ", ".join(short[:3]), more)
     skipped["too short"] = len(short)
     return kept, skipped
 
@@ -249,10 +250,10 @@ class FolderCorpus:
         if not entries:  # a folder of MP3s said "0 files, skipped {'unreadable': 0, 'too short': 0}"
             raise ValueError(f"no audio files under {self.root}: pretraining reads {', '.join(AUDIO_SUFFIXES)} files")
         if not self.items:
-            raise ValueError(f"no usable audio under {self.root}: {len(entries)} files, {skipped_text(self.skipped)}")
+            raise ValueError(f"no usable audio under {self.root}: {counted(len(entries), 'file')}, {skipped_text(self.skipped)}")
 
     def describe(self) -> str:
-        return (f"{len(self.files)} files ({len(self.items)} channels as examples) under {self.root}, "
+        return (f"{counted(len(self.files), 'file')} ({counted(len(self.items), 'channel')} as examples) under {self.root}, "
                 f"{skipped_text(self.skipped)}")
 
     def fingerprint(self) -> dict:
@@ -265,7 +266,7 @@ class FolderCorpus:
 
     def check_parts(self, parts: int) -> None:
         if len(self.items) < parts:
-            raise ValueError(f"{len(self.items)} examples cannot feed {parts} streams (ranks x workers)")
+            raise ValueError(f"{counted(len(self.items), 'example')} cannot feed {parts} streams (ranks x workers)")
 
     def examples(self, seed: int, part: int, parts: int) -> Iterator[Example]:
         """Endless: epoch after epoch, this stream's share (every `parts`-th) of the epoch's permutation."""

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from .. import atomic
 from ..data import AUDIO_SUFFIXES
 from ..data.wav import logged_truncation
+from ..wording import counted
 from . import corpus
 
 log = logging.getLogger("echo.pretrain")
@@ -115,11 +116,11 @@ def write_shards(folder, out, per_shard: int = 1000, min_seconds: float = 1.0) -
                     writer.write(sample)
     changed = f"; {gone} file(s) gone or unreadable since indexing, left out" if gone else ""
     if resumed == len(written):
-        print(f"all {len(written)} shards in {out} were written by an earlier run: nothing to do; "
+        print(f"nothing to do: every shard in {out} ({len(written)}) was written by an earlier run; "
               f"{source.describe()}{changed}")
     else:
         kept = f" ({resumed} more by an earlier run)" if resumed else ""
-        print(f"wrote {len(written) - resumed} shards{kept} to {out}: {source.describe()}{changed}")
+        print(f"wrote {counted(len(written) - resumed, 'shard')}{kept} to {out}: {source.describe()}{changed}")
     return written
 
 
@@ -240,7 +241,7 @@ class ShardCorpus:
 
     def check_parts(self, parts: int) -> None:
         if len(self.urls) < parts:
-            raise ValueError(f"{len(self.urls)} shards cannot feed {parts} streams (ranks x DataLoader workers): "
+            raise ValueError(f"{counted(len(self.urls), 'shard')} cannot feed {parts} streams (ranks x DataLoader workers): "
                              f"write more, smaller shards (pretrain-shards --per-shard) or use fewer workers")
 
     def examples(self, seed: int, part: int, parts: int) -> Iterator[corpus.Example]:
@@ -269,7 +270,7 @@ class ShardCorpus:
             samples += 1
             if next(self._channels(sample, log.debug, skipped), None) is not None:
                 return
-        raise ValueError(f"no usable audio under {self.spec}: {samples} samples in {len(self.urls)} shards, "
+        raise ValueError(f"no usable audio under {self.spec}: {counted(samples, 'sample')} in {counted(len(self.urls), 'shard')}, "
                          f"{corpus.skipped_text(skipped)}")
 
     def _channels(self, sample: dict, report, skipped: dict[str, int] | None = None) -> Iterator[corpus.Example]:

@@ -24,6 +24,7 @@ from .. import checkpoint as model_files
 from .. import atomic, geometry, host_memory
 from ..model import EchoConfig, EchoModel
 from ..packed import Packing
+from ..wording import counted
 from . import checkpoints, schedule
 from .objective import UTTERANCE_TARGETS, ConvDecoder, Learner, check_decoder_shape, teacher_targets
 from .sampling import MIN_CLIP_SECONDS, BatchStream, SamplingConfig, nominal_clips_per_batch
@@ -709,7 +710,7 @@ def _train(config: PretrainConfig, progress: bool, stop_at: int | None, rank: in
     raise_together(error, world, device)
     if rank == 0 and step >= config.steps:
         trained = f"last loss {last['loss']:.4f}" if last else "the run was already finished"  # not "loss nan"
-        print(f"done: {step} steps; {trained}; {config.export} -> {exported} (echo.load('{out}'), or --model {out}); "
+        print(f"done: {counted(step, 'step')}; {trained}; {config.export} -> {exported} (echo.load('{out}'), or --model {out}); "
               f"the losses in {out / 'steps.csv'}")
     elif rank == 0:  # stopped by stop_at
         print(f"stopped at step {step} of {config.steps} (--stop-at {stop_at}); {checkpoints.resume_note(folder)}")
