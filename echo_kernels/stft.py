@@ -129,6 +129,9 @@ def _check_geometry(waves, wave_offsets, n_fft, hop, frames, bands, spec_bounds:
     if not len(n_fft) == len(hop) == len(bands) == signals or spec_bounds.shape != (signals + 1,):
         raise ValueError(f"n_fft, hop, frames and bands need one value per signal and spec_offsets one more; got "
                          f"{len(n_fft)}, {len(hop)}, {signals}, {len(bands)} and {len(spec_bounds)}")
+    for i, (step, count) in enumerate(zip(hop, frames)):
+        if step < 1 or count < 0:  # a negative hop read before the signal, negative frames wrote before the image
+            raise ValueError(f"signal {i}: hop must be at least 1 and frames at least 0, got hop {step}, frames {count}")
     for i, (window, rows) in enumerate(zip(n_fft, (b * band for b in bands))):
         if not rows - band < window // 2 + 1 <= rows:
             raise ValueError(f"signal {i}: the {window // 2 + 1} bins of n_fft {window} need "
@@ -180,6 +183,8 @@ def ragged_spectrogram(
     spec_bounds = torch.as_tensor(spec_offsets, dtype=torch.int64, device=HOST)
     signals = len(frames)
     _check_geometry(waves, wave_offsets, n_fft, hop, frames, bands, spec_bounds, band)
+    if means is not None and means.shape != (signals,):  # the kernel reads means[i] for signal i, unchecked
+        raise ValueError(f"means must hold one DC per signal ({signals}), got shape {tuple(means.shape)}")
     out = torch.empty(int(spec_bounds[-1]) if signals else 0, dtype=torch.float32, device=device)
     if signals == 0 or out.numel() == 0:
         return out

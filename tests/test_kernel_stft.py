@@ -140,3 +140,29 @@ def test_bands_that_do_not_hold_the_bins_are_refused():
     with pytest.raises(ValueError, match=r"201 bins of n_fft 400 need 7 bands of 32 rows, got 1"):
         kernel.ragged_spectrogram(waves, [0, len(waves)], [400], [160], [4], [1], [0, 32 * 4],
                                   log_eps=geometry.LOG_EPS, log_mean=geometry.LOG_MEAN, log_std=geometry.LOG_STD)
+
+
+
+@pytest.mark.parametrize("change, message", [
+    ("negative hop", "signal 1: hop must be at least 1 and frames at least 0, got hop -160, frames 2"),
+    ("negative frames", "signal 0: hop must be at least 1 and frames at least 0, got hop 160, frames -1"),
+    ("means of another count", r"means must hold one DC per signal \(2\), got shape \(3,\)"),
+])
+def test_a_geometry_that_reads_or_writes_outside_its_buffers_is_refused(change, message):
+    """Called directly, the kernel took a negative hop (frames read before their signal: plausible values of other
+    memory), negative frames with offsets stepping by them (written before the output: a corrupted heap, the
+    process aborted) and means of another count than the signals (read past their end)."""
+    from echo_kernels import stft as kernel
+
+    waves = torch.randn(samples_for(4, 16000) + samples_for(2, 16000)).to(DEVICE)
+    hop, frames, spec_offsets, means = [160, 160], [4, 2], [0, 7 * 32 * 4, 7 * 32 * 6], None
+    if change == "negative hop":
+        hop[1] = -160
+    elif change == "negative frames":
+        frames[0], spec_offsets = -1, [0, -7 * 32, 7 * 32]
+    else:
+        means = torch.zeros(3)
+    with pytest.raises(ValueError, match=message):
+        kernel.ragged_spectrogram(waves, [0, samples_for(4, 16000), len(waves)], [400, 400], hop, frames, [7, 7],
+                                  spec_offsets, log_eps=geometry.LOG_EPS, log_mean=geometry.LOG_MEAN,
+                                  log_std=geometry.LOG_STD, means=means)
