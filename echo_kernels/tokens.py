@@ -98,6 +98,26 @@ def _check_layout(patches: torch.Tensor, cu_seqlens: torch.Tensor, dim: int, bia
                          f"sequence's patches) of the {dim} features of the weight")
 
 
+def _check_images(spec: torch.Tensor, band: int, per_sequence: dict[str, torch.Tensor]) -> None:
+    """ValueError unless every per-sequence tensor has one value per sequence and each sequence's frames lie in
+    its image inside spec: the kernel reads band rows of image_strides[s] frames from image_offsets[s], frames
+    [frame_starts[s], + frames[s]) of each, unchecked (outside spec: other memory, NaN or a crash)."""
+    sequences = len(per_sequence["patches"])
+    counts = {name: len(values) for name, values in per_sequence.items()}
+    if set(counts.values()) != {sequences}:
+        raise ValueError(f"image_offsets, image_strides, frame_starts, frames, patches and positions need one value "
+                         f"per sequence, got {', '.join(f'{name} {count}' for name, count in counts.items())}")
+    offsets, strides, starts, frames = (per_sequence[name] for name in
+                                        ("image_offsets", "image_strides", "frame_starts", "frames"))
+    ends = offsets + (band - 1) * strides + starts + frames  # one past the last sample read
+    wrong = (offsets < 0) | (starts < 0) | (frames < 0) | (starts + frames > strides) | (ends > spec.numel())
+    if wrong.any():
+        s = int(wrong.nonzero()[0])
+        raise ValueError(f"sequence {s}: frames {int(starts[s])}-{int(starts[s] + frames[s])} of an image of {band} "
+                         f"rows of {int(strides[s])} frames at offset {int(offsets[s])} must lie inside its rows and "
+                         f"the {spec.numel()} values of spec")
+
+
 def pack_tokens(
     spec: torch.Tensor,
     weight: torch.Tensor,
@@ -130,6 +150,10 @@ def pack_tokens(
     patches = torch.as_tensor(patches, dtype=torch.int64, device=HOST)
     cu_seqlens = torch.as_tensor(cu_seqlens, dtype=torch.int64, device=HOST)
     _check_layout(patches, cu_seqlens, dim, bias, cls_token, pos_embed)
+    per_sequence = {name: torch.as_tensor(values, dtype=torch.int64, device=HOST).reshape(-1) for name, values in (
+        ("image_offsets", image_offsets), ("image_strides", image_strides), ("frame_starts", frame_starts),
+        ("frames", frames), ("patches", patches))}
+    _check_images(spec, band, per_sequence | {"positions": torch.as_tensor(positions).reshape(-1)})
     total = int(cu_seqlens[-1])
     out = torch.empty(total, dim, dtype=weight.dtype, device=device)
     if len(patches) == 0:
@@ -142,10 +166,7 @@ def pack_tokens(
 
     # Every per-tile and per-sequence integer in one host -> device copy; row j is one kernel argument.
     sequences = len(patches)
-    per_sequence = torch.stack([
-        torch.as_tensor(t, dtype=torch.int64, device=HOST)
-        for t in (image_offsets, image_strides, frame_starts, frames, patches, cu_seqlens[:-1])
-    ])
+    per_sequence = torch.stack([*per_sequence.values(), cu_seqlens[:-1]])
     table = torch.cat([
         torch.stack([tile_sequence, tile_patch]).reshape(-1), per_sequence.reshape(-1)
     ]).to(device, non_blocking=True)

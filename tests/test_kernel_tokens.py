@@ -118,6 +118,33 @@ def test_cu_seqlens_that_disagree_with_the_patches_are_refused(change, monkeypat
         token_ops.pack_tokens(spec, plan, *random_parameters(), backend="triton")
 
 
+
+@pytest.mark.parametrize("change, message", [
+    ("image past the spectrogram", r"sequence \d+: frames 0-\d+ of an image .* must lie inside its rows and the \d+ "),
+    ("frames past the image's row", r"sequence 0: frames 0-6 of an image of 32 rows of 5 frames at offset \d+ must lie"),
+    ("positions of one sequence", "need one value per sequence, got image_offsets 11, .* positions 1"),
+])
+def test_images_outside_the_spectrogram_are_refused(change, message, monkeypatch):
+    """Called directly, the kernel read each sequence's image at its offset unchecked: outside the spectrogram it
+    returned NaN or other memory's values, and a per-sequence tensor shorter than the sequences was read past its
+    end."""
+    from echo_kernels import tokens as kernel
+
+    spec, plan = case([33, 5], [16000, 8000])
+    launch = kernel.pack_tokens
+    altered = {"image past the spectrogram": ("image_offsets", lambda offsets: offsets + len(spec) // 2),
+               "frames past the image's row": ("frames", lambda frames: frames + 1),
+               "positions of one sequence": ("positions", lambda positions: positions[:1])}[change]
+
+    def pack(*args, **kwargs):
+        name, alter = altered
+        return launch(*args, **kwargs | {name: alter(kwargs[name])})
+
+    monkeypatch.setattr(kernel, "pack_tokens", pack)
+    with pytest.raises(ValueError, match=message):
+        token_ops.pack_tokens(spec, plan, *random_parameters(), backend="triton")
+
+
 @pytest.mark.parametrize("which", ["bias", "cls_token", "pos_embed"])
 def test_parameters_of_another_shape_are_refused(which):
     """A narrow bias or CLS, or a position table with fewer rows than the longest sequence's patches, were read past
