@@ -49,6 +49,23 @@ def sample_rate(text: str) -> int:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def device_option(text: str):
+    """An argparse type for --device: a device torch can compute on here (echo.inputs.checked_device's rule), or a
+    CUDA one on a machine without a GPU, which the script skips with a line. A typo was torch's RuntimeError listing
+    every device type it knows, after the option had been read."""
+    import torch
+    from echo import inputs
+
+    try:
+        if text.split(":")[0] == "cuda" and not torch.cuda.is_available():
+            return torch.device(text)
+        return inputs.checked_device(text)
+    except RuntimeError:  # "cuda:x": torch's own text
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; e.g. cpu, cuda, cuda:1") from None
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def worker_result(script: str, arguments: list[str], env: dict | None = None) -> dict:
     """The JSON that `script` run with `arguments` in a fresh process prints last. A failed worker ends this
     process with the worker's own error (the end of its stderr), where check=True's CalledProcessError hid it

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from _shared import device_option
 from encode_throughput import WORKLOADS, workload  # bench/encode_throughput.py: the encode benchmark's inputs
 from echo import extension
 from echo.ops import backend as backends
@@ -35,13 +36,13 @@ def median_seconds(fn, repeats: int, device: torch.device) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device_option, default="cpu")
     parser.add_argument("--threads", type=int, nargs="*", default=[torch.get_num_threads()])
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     if args.repeats < 1 or not args.threads or min(args.threads) < 1:  # else a median of no times, a torch error
         parser.error("--repeats and every --threads must be at least 1")
-    device = torch.device(args.device)
+    device = args.device
     if device.type == "cuda" and not torch.cuda.is_available():
         print("skipped: no CUDA device")
         return 0

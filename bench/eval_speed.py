@@ -19,8 +19,8 @@ import time
 import numpy as np
 import torch
 
-from _shared import positive_float, positive_int, sample_rate
-from echo import fast, geometry, inputs
+from _shared import device_option, positive_float, positive_int, sample_rate
+from echo import fast, geometry
 from echo.eval import neighbors
 from echo.model import PRESETS, EchoConfig, EchoModel
 
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=positive_float, default=10.0)
     parser.add_argument("--rate", type=sample_rate, default=16000)
     parser.add_argument("--size", choices=list(PRESETS), default="small")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device_option, default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--batch-files", type=positive_int, default=64)
     parser.add_argument("--loop-files", type=positive_int, default=32, help="clips timed in the per-file loop")
@@ -52,13 +52,10 @@ def main() -> None:
     if samples < window:  # else the library's "shorter than one 25 ms window", after the model was built
         parser.error(f"--seconds {args.seconds:g} at --rate {args.rate} is {samples} samples, shorter than one "
                      f"25 ms window ({window} samples)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    if args.device.type == "cuda" and not torch.cuda.is_available():
         print("skipped: --device cuda but no CUDA device is available")
         return
-    try:
-        device = inputs.checked_device(args.device)
-    except ValueError as error:  # a typo was torch's RuntimeError listing every device type it knows
-        parser.error(f"--device {args.device}: {error}")
+    device = args.device
     dtype = getattr(torch, args.dtype)
     model = EchoModel(EchoConfig.preset(args.size)).eval().to(device)
     bank_count = args.files // 2

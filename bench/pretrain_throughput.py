@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from _shared import device_option
 from echo import geometry, host_memory, packed
 from echo.model import EchoConfig, EchoModel
 from echo.ops import attention as attention_ops
@@ -219,7 +220,7 @@ def bf16_wanted(args, device: torch.device) -> bool:
 
 def measure(args, size: str, path: str) -> dict:
     """One measurement (run in its own process): warm-up steps, then timed steps on the shared batches."""
-    device = torch.device(args.device)
+    device = args.device
     batches = torch.load(args.batches, weights_only=False)
     trainer = make_trainer(EchoConfig.preset(size), device, bf16_wanted(args, device), args.seed)
     padded = path == "padded"
@@ -257,7 +258,8 @@ def full_clip_tokens(config: SamplingConfig) -> float:
 
 def run_measurement(args, size: str, path: str) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--one", size, path, "--batches", args.batches,
-               "--device", args.device, "--precision", args.precision, "--tokens-per-batch", str(args.tokens_per_batch),
+               "--device", str(args.device), "--precision", args.precision,
+               "--tokens-per-batch", str(args.tokens_per_batch),
                "--clones", str(args.clones), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--seed", str(args.seed)]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -269,7 +271,7 @@ def run_measurement(args, size: str, path: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device_option, default="cpu")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="auto: bf16 autocast on a GPU that supports it, fp32 otherwise (as the trainer)")
     parser.add_argument("--tokens-per-batch", type=int, default=SamplingConfig.tokens_per_batch)
@@ -291,10 +293,10 @@ def main() -> int:
         config = sampling_config(args)
     except ValueError as error:  # a budget no clip fits, no clones
         parser.error(str(error))
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    if args.device.type == "cuda" and not torch.cuda.is_available():
         print("skipped: --device cuda but no CUDA device is available")
         return 0
-    device = torch.device(args.device)
+    device = args.device
     bf16 = bf16_wanted(args, device)
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)

@@ -31,6 +31,9 @@ def run_script(script: str, *arguments: str, **environment: str) -> subprocess.C
     ("eval_speed.py", "--seconds", "inf"),
     ("eval_speed.py", "--seconds", "0.01"),  # shorter than one 25 ms window at 16 kHz
     ("eval_speed.py", "--device", "gpu"),
+    ("csrc_frontend.py", "--device", "gpu"),
+    ("pretrain_throughput.py", "--device", "gpu"),
+    ("pretrain_throughput.py", "--device", "meta"),
     ("fault_groups_speed.py", "--groups", "1"),
     ("fault_groups_speed.py", "--k", "10000"),  # above every bank of 10^4 rows
     ("search_memory.py", "--k", "20000"),
