@@ -25,7 +25,7 @@ def skipped_reasons(op: str, device: torch.device, available: tuple[str, ...], c
         if backends.triton_import_error():
             reasons.append("triton not importable")
         elif device.type != "cuda":
-            forcing = ("forced, runs in Triton's CPU interpreter" if backends.triton_interpreted() else
+            forcing = ("when forced, it runs in Triton's CPU interpreter" if backends.triton_interpreted() else
                        "forcing it on CPU needs TRITON_INTERPRET=1 set before echo_kernels is imported")
             reasons.append(f"triton runs by default only on CUDA ({forcing})")
         elif op in backends.TRITON_OFF_BY_DEFAULT:

@@ -318,7 +318,7 @@ def test_info_says_the_interpreter_keeps_triton_off_cuda(capsys, monkeypatch, fo
         with pytest.warns(RuntimeWarning, match="CPU interpreter"):
             backends.choose("tokens", torch.device("cuda"))
     else:  # forcing on a CPU works under the interpreter: the row said it needed TRITON_INTERPRET=1 all the same
-        assert "only on CUDA (forced, runs in Triton's CPU interpreter)" in rows["tokens", "cpu"][1]
+        assert "only on CUDA (when forced, it runs in Triton's CPU interpreter)" in rows["tokens", "cpu"][1]
 
 
 def test_info_says_forcing_triton_on_cpu_needs_the_interpreter(capsys, monkeypatch):
