@@ -105,7 +105,7 @@ def as_tensor(samples, where: str = "", what: str = "signal") -> torch.Tensor:
         # warning would change the process's warning filters under the file-reading threads
         return torch.from_numpy(samples if samples.flags.writeable else samples.copy())
     if not isinstance(samples, torch.Tensor):
-        raise ValueError(f"{where}{what} must be a torch.Tensor or numpy array, got {type(samples).__name__}")
+        raise ValueError(f"{where}{what} must be a torch.Tensor or numpy array, got {_not_an_array(samples)}")
     if samples.is_meta:
         raise ValueError(f"{where}{what} is a meta tensor: it has a shape but no samples")
     if samples.is_nested:
@@ -113,6 +113,20 @@ def as_tensor(samples, where: str = "", what: str = "signal") -> torch.Tensor:
     if samples.layout != torch.strided:  # sparse or mkldnn: most ops the front end runs have no kernel for them
         raise ValueError(f"{where}{what} is a {samples.layout} tensor; pass a dense one (.to_dense())")
     return samples
+
+
+def _not_an_array(samples) -> str:
+    """What was passed instead of an array, and what the likely mistake is: a list of numbers as fast.encode's
+    signals (or list(array)) is one signal per number, each refused as "got float32", which read like a dtype."""
+    if isinstance(samples, numbers.Number):  # numpy's scalars too
+        return (f"the number {samples!r:.40}, not an array of samples (a list of numbers given as fast.encode's "
+                f"signals is one signal per number): pass the samples as one array (np.asarray)")
+    if isinstance(samples, (str, bytes, os.PathLike)):
+        return (f"{type(samples).__name__} {samples!r:.80}: read an audio file first (echo.eval.datasets.read_audio "
+                f"gives its samples, channels first, and rate) or encode files with `python -m echo encode`")
+    if isinstance(samples, (list, tuple)):
+        return f"{type(samples).__name__}; np.asarray makes one of its samples"
+    return type(samples).__name__
 
 
 SUM_BLOCK = 1 << 16  # samples widened to float64 at a time by float64_sum

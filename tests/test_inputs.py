@@ -90,6 +90,26 @@ def test_other_integer_dtypes_are_refused_with_how_to_scale_them(model, signal, 
         fast.StreamEncoder(model, 8000).push(signal)
 
 
+@pytest.mark.parametrize(
+    "signal,named",
+    [
+        (np.float32(0.5), r"the number (np\.float32\()?0\.5\)?, not an array of samples \(a list of numbers given as "
+                          r"fast\.encode's signals is one signal per number\): pass the samples as one array"),
+        ("clip.wav", r"str 'clip\.wav': read an audio file first \(echo\.eval\.datasets\.read_audio"),
+        ([0.0] * 500, r"list; np\.asarray makes one of its samples"),
+    ],
+)
+def test_what_is_not_an_array_is_named_with_the_likely_mistake(model, signal, named):
+    """A list of numbers as fast.encode's signals (a list(array), a .tolist()) was read as one signal per number,
+    each refused as "got float32", which reads as a complaint about the dtype; a path was "got str"."""
+    with pytest.raises(ValueError, match=f"^signal must be a torch.Tensor or numpy array, got {named}"):
+        model.encode(signal, 16000)
+    with pytest.raises(ValueError, match=f"^signal 0: signal must be a torch.Tensor or numpy array, got {named}"):
+        fast.encode(model, [signal], 16000)
+    with pytest.raises(ValueError, match="^signal 0: .* one signal per number"):
+        fast.encode(model, list(np.zeros(500, np.float32)), 16000)
+
+
 def test_meta_tensors_are_refused(model):
     with pytest.raises(ValueError, match="signal is a meta tensor"):
         model.encode(torch.empty(16000, device="meta"), 16000)
