@@ -360,6 +360,11 @@ def test_bad_options(model):
     assert fast.checked_max_tokens(10**400) == 10**400
     with pytest.raises(ValueError, match="dtype must be"):
         fast.encode(model, [torch.randn(8000)], 8000, dtype=torch.int8)
+    # a name was echoed bare, "got bfloat16", as if torch.bfloat16 were refused
+    with pytest.raises(ValueError, match="got 'bfloat16': pass torch.bfloat16, not its name$"):
+        fast.encode(model, [torch.randn(8000)], 8000, dtype="bfloat16")
+    with pytest.raises(ValueError, match="got 'fp16'$"):
+        fast.StreamEncoder(model, 8000, dtype="fp16")
     with pytest.raises(ValueError, match="unknown backend"):
         fast.encode(model, [torch.randn(8000)], 8000, backend="magic")
 
