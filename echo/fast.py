@@ -7,7 +7,7 @@ on the packed buffer (attention per sequence) -> CLS and patch rows gathered bac
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Set as AbstractSet
+from collections.abc import Iterable, Mapping, Set as AbstractSet
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +69,13 @@ def _as_list(signals, sample_rates) -> tuple[list, list[int]]:
         signals = [signals]
     if isinstance(signals, AbstractSet):  # results come back in input order: a set has none the caller chose
         raise ValueError("signals must be given in order, not as a set: pass a list")
+    # a dict iterates over its keys: {name: signal} was "signal 0: ... got str", {name: rate} "got 'a.wav'"
+    if isinstance(signals, Mapping):
+        raise ValueError("signals is a dict, which iterates over its keys: pass list(signals.values()), whose order "
+                         "the results come back in")
+    if isinstance(sample_rates, Mapping):
+        raise ValueError("sample rates are a dict, which iterates over its keys: pass one rate per signal, in the "
+                         "signals' order (a list)")
     try:
         signals = list(signals)
     except TypeError:

@@ -595,6 +595,16 @@ def test_sets_of_signals_or_rates_are_refused(model):
         fast.encode(model, set(signals), 8000)
 
 
+def test_dicts_of_signals_or_rates_are_refused(model):
+    """A dict iterates over its keys: {name: signal} was refused as "signal 0: ... got str", and {index: rate}
+    read its keys as rates ("sample rate 0 Hz is outside ...")."""
+    signals = [torch.randn(8000), torch.randn(16000)]
+    with pytest.raises(ValueError, match=r"signals is a dict, which iterates over its keys: pass list\(signals"):
+        fast.encode(model, {"a.wav": signals[0], "b.wav": signals[1]}, 8000)
+    with pytest.raises(ValueError, match="sample rates are a dict, which iterates over its keys"):
+        fast.encode(model, signals, {0: 8000, 1: 16000})
+
+
 def test_a_pass_spectrogram_is_freed_before_the_next_is_made(model, monkeypatch):
     """The call held each pass's spectrogram until the next one was made: two alive at once, for long signals
     in separate passes (3 x 10 minutes at 48 kHz: +301 MB at the peak against +178 MB)."""
