@@ -65,7 +65,8 @@ class _Mono:
 
 def _as_list(signals, sample_rates) -> tuple[list, list[int]]:
     # one signal; an object array (pandas' ragged batches) is never one: it holds the signals
-    if isinstance(signals, torch.Tensor) or (isinstance(signals, np.ndarray) and signals.dtype != object):
+    one = isinstance(signals, torch.Tensor) or (isinstance(signals, np.ndarray) and signals.dtype != object)
+    if one:
         signals = [signals]
     if isinstance(signals, AbstractSet):  # results come back in input order: a set has none the caller chose
         raise ValueError("signals must be given in order, not as a set: pass a list")
@@ -89,7 +90,11 @@ def _as_list(signals, sample_rates) -> tuple[list, list[int]]:
             raise ValueError("sample rates must be given in the signals' order, not as a set: pass a list")
         sample_rates = list(sample_rates)
         if len(sample_rates) != len(signals):
-            raise ValueError(f"got {len(signals)} signals but {len(sample_rates)} sample rates")
+            # a (B, N) batch is one signal of B channels (documented), and was left to the caller to work out
+            batch = one and signals[0].ndim == 2 and signals[0].shape[0] == len(sample_rates)
+            hint = (f"; a {tuple(signals[0].shape)} array is one signal of {signals[0].shape[0]} channels: pass "
+                    f"list(batch) for {len(sample_rates)} signals") if batch else ""
+            raise ValueError(f"got {len(signals)} signals but {len(sample_rates)} sample rates{hint}")
     else:
         sample_rates = [sample_rates] * len(signals)
     rates = [inputs.check_sample_rate(sr, f"signal {i}: ") for i, sr in enumerate(sample_rates)]

@@ -605,6 +605,16 @@ def test_dicts_of_signals_or_rates_are_refused(model):
         fast.encode(model, signals, {0: 8000, 1: 16000})
 
 
+def test_a_batch_array_with_a_rate_per_row_is_said_to_be_one_signal(model):
+    """A (B, N) array is one signal of B channels; given with B rates it was refused as "got 1 signals but B
+    sample rates", leaving the caller to find out why."""
+    with pytest.raises(ValueError, match=r"got 1 signals but 3 sample rates; a \(3, 8000\) array is one signal of 3 "
+                                         r"channels: pass list\(batch\) for 3 signals$"):
+        fast.encode(model, np.zeros((3, 8000), np.float32), [8000] * 3)
+    with pytest.raises(ValueError, match="got 2 signals but 3 sample rates$"):
+        fast.encode(model, [torch.randn(3, 8000)] * 2, [8000] * 3)
+
+
 def test_a_pass_spectrogram_is_freed_before_the_next_is_made(model, monkeypatch):
     """The call held each pass's spectrogram until the next one was made: two alive at once, for long signals
     in separate passes (3 x 10 minutes at 48 kHz: +301 MB at the peak against +178 MB)."""
