@@ -4,7 +4,7 @@ Every public entry point goes through here, so a bad input fails with one clear 
 the problem and its numbers, never deep inside torch and never as a silently wrong embedding.
 
 Integer PCM is accepted and scaled to [-1, 1): int16 by 1/32768, int32 by 1/2147483648 (the convention of
-soundfile and WAV). uint8, bool and complex inputs are refused.
+soundfile and WAV). Other integers (uint8, int8, int64, ...), bool and complex inputs are refused.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """StreamEncoder: encode audio that arrives in pieces, emitting each 2000-frame segment as soon as the
-released segmenting rule makes it final, and ending with exactly what echo.fast.encode gives on the whole.
+released segmenting rule makes it final, and ending with what echo.fast.encode gives on the whole, to float32
+rounding (its own front end computes with a running mean, corrected at the end: relative error < 1e-5).
 
 Why this works although the front end subtracts the mean of the WHOLE signal: a constant c changes the STFT
 of a frame by c * W[k], W the DFT of the periodic Hann window, which is zero at every bin but 0 and 1. So
