@@ -68,6 +68,9 @@ def check_sample_rate(sample_rate, where: str = "") -> int:
     """An integer rate of 100 Hz (below, the 10 ms hop is no whole sample; slow sensors such as 1 kHz
     accelerometers get one band) to 10 MHz (above, one window holds over 250 000 samples in some 3900 bands: a
     typo, not a sensor); a 0-d tensor or array is its value."""
+    if _half_precision(sample_rate):  # its value is a whole number already rounded: checked, it passed as such
+        raise ValueError(f"{where}sample rate given as a {sample_rate.dtype} ({float(sample_rate)!r}), which holds most "
+                         f"rates only rounded (44100 reads 44096 in float16, 44032 in bfloat16); pass it as an int")
     rate = whole_number(sample_rate)
     if rate is None:
         raise ValueError(f"{where}sample rate must be an integer number of Hz, got {sample_rate!r}")
@@ -75,6 +78,18 @@ def check_sample_rate(sample_rate, where: str = "") -> int:
         raise ValueError(f"{where}sample rate {rate} Hz is outside {geometry.MIN_SAMPLE_RATE} to "
                          f"{geometry.MAX_SAMPLE_RATE} Hz")
     return rate
+
+
+def _half_precision(value) -> bool:
+    """Whether `value` is one 16-bit (or narrower) float, tensor or numpy: whole numbers above 2048 (float16) or
+    256 (bfloat16) it rounds to a multiple of 2 or more, so a rate there (a batch's tensors cast
+    .to(torch.bfloat16)) is a whole number already wrong."""
+    if getattr(value, "ndim", None) != 0:  # not one number: whole_number refuses it
+        return False
+    dtype = getattr(value, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype.is_floating_point and dtype.itemsize < 4
+    return isinstance(dtype, np.dtype) and dtype.kind == "f" and dtype.itemsize < 4
 
 
 def _unsupported_dtype(dtype, integer: bool, where: str, what: str) -> ValueError:

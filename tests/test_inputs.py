@@ -110,6 +110,20 @@ def test_what_is_not_an_array_is_named_with_the_likely_mistake(model, signal, na
         fast.encode(model, list(np.zeros(500, np.float32)), 16000)
 
 
+def test_rates_in_16_bit_floats_are_refused_not_rounded(model):
+    """A batch cast .to(torch.bfloat16), rates and all, gave 44100 Hz as 44032.0 and 48000 as 48128.0: whole
+    numbers, so they were encoded at the wrong rate without a word."""
+    x = torch.randn(48000)
+    with pytest.raises(ValueError, match=r"^signal 0: sample rate given as a torch.bfloat16 \(48128.0\), which holds "
+                                         r"most rates only rounded .*; pass it as an int$"):
+        fast.encode(model, [x, x], torch.tensor([48000, 44100]).to(torch.bfloat16))
+    with pytest.raises(ValueError, match=r"^sample rate given as a float16 \(44096.0\)"):
+        model.encode(x, np.float16(44100))
+    with pytest.raises(ValueError, match=r"^sample rate given as a torch.float16"):
+        fast.StreamEncoder(model, torch.tensor(16000.0, dtype=torch.float16))
+    assert inputs.check_sample_rate(torch.tensor(44100.0)) == inputs.check_sample_rate(np.float32(44100)) == 44100
+
+
 def test_meta_tensors_are_refused(model):
     with pytest.raises(ValueError, match="signal is a meta tensor"):
         model.encode(torch.empty(16000, device="meta"), 16000)
