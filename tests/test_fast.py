@@ -327,7 +327,7 @@ def test_a_plan_of_band_pieces_holds_those_bands_laid_out_as_their_own_blocks():
     "signals,rates,message",
     [
         ([torch.randn(16000), torch.randn(100)], 16000, "signal 1: signal of 100 samples is shorter"),
-        ([torch.randn(16000), torch.randn(16000)], [16000], "2 signals but 1 sample rates"),
+        ([torch.randn(16000), torch.randn(16000)], [16000], "2 signals but 1 sample rate$"),
         ([torch.randn(16000), torch.randn(16000)], [16000, 99], "signal 1: sample rate 99 Hz is outside"),
         (None, 16000, "signals must be a signal or a list of signals, got NoneType"),
         ([torch.randn(8000), torch.full((9000,), float("nan"))], 8000, "signal 1: signal contains 9000 NaN"),
@@ -608,7 +608,7 @@ def test_dicts_of_signals_or_rates_are_refused(model):
 def test_a_batch_array_with_a_rate_per_row_is_said_to_be_one_signal(model):
     """A (B, N) array is one signal of B channels; given with B rates it was refused as "got 1 signals but B
     sample rates", leaving the caller to find out why."""
-    with pytest.raises(ValueError, match=r"got 1 signals but 3 sample rates; a \(3, 8000\) array is one signal of 3 "
+    with pytest.raises(ValueError, match=r"got 1 signal but 3 sample rates; a \(3, 8000\) array is one signal of 3 "
                                          r"channels: pass list\(batch\) for 3 signals$"):
         fast.encode(model, np.zeros((3, 8000), np.float32), [8000] * 3)
     with pytest.raises(ValueError, match="got 2 signals but 3 sample rates$"):
