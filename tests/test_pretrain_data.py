@@ -2,6 +2,7 @@
 import itertools
 import re
 import shutil
+import sys
 import weakref
 
 import numpy as np
@@ -120,6 +121,23 @@ def test_too_few_shards_for_the_streams_is_a_clear_error(tmp_path):
     source = shards.ShardCorpus(tmp_path / "shards", min_seconds=1.0)
     with pytest.raises(ValueError, match="1 shard cannot feed 4 streams"):
         sampling.BatchStream(source, sampling.SamplingConfig(crop_seconds=2, tokens_per_batch=400), 0, workers=4)
+
+
+@pytest.mark.parametrize("data", ["shard-{000000..000001}.tar", "shard-000000.tar", "."])
+def test_shards_without_webdataset_name_the_extra_before_the_training(tmp_path, monkeypatch, capsys, data):
+    """A brace pattern or one .tar file imported braceexpand (a webdataset dependency) first: a traceback; a folder
+    of shards built the model and started the progress bar before saying that webdataset was missing."""
+    from echo import cli
+
+    for name in ("shard-000000.tar", "shard-000001.tar"):
+        (tmp_path / name).write_bytes(b"")
+    for module in ("webdataset", "braceexpand"):
+        monkeypatch.setitem(sys.modules, module, None)  # importing it now raises ImportError
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["pretrain", "--data", data, "--out", "run", "--device", "cpu", "--workers", "0"]) == 2
+    captured = capsys.readouterr()
+    assert "webdataset: pip install 'echo-fm[data]'" in captured.err and "Traceback" not in captured.err
+    assert "steps" not in captured.out + captured.err  # stopped before the training's first line
 
 
 def test_masks_keep_the_exact_ratio_and_the_student_sees_only_visible_patches(tmp_path):

@@ -37,14 +37,16 @@ def webdataset():
 
 
 def shard_urls(spec) -> list[str]:
-    """Shard files from a folder of .tar files, one .tar file, or a brace pattern (`shards-{000..015}.tar`)."""
+    """Shard files from a folder of .tar files, one .tar file, or a brace pattern (`shards-{000..015}.tar`).
+    Without webdataset this is where pretraining stops, before the model is built: its reader and braceexpand
+    (a webdataset dependency) come with it."""
+    webdataset()
     path = Path(spec)
     if path.is_dir():
         urls = sorted(str(p) for p in path.glob("*.tar"))
     else:
-        from braceexpand import braceexpand  # a webdataset dependency
+        from braceexpand import braceexpand
 
-        webdataset()
         urls = list(braceexpand(str(spec)))
         missing = [u for u in urls if not Path(u).is_file()]
         if missing:
