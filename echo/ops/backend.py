@@ -27,7 +27,7 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-TRITON_MISSING = "triton is not installed (pip install -e '.[triton]')"
+TRITON_MISSING = "triton is not installed (pip install 'echo-fm[triton]')"
 
 
 def triton_import_error() -> str | None:
