@@ -356,13 +356,15 @@ def test_options_the_data_set_cannot_take_are_refused_before_the_encoding(tmp_pa
     assert re.search(message, capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("missing, options, package, extra", [
-    ("sklearn", (), "scikit-learn", "eval"), ("matplotlib", (), "matplotlib", "eval"),
-    ("faiss", ("--search", "faiss", "--no-plots"), "faiss-cpu", "faiss")])
+@pytest.mark.parametrize("missing, options, package, extra, purpose", [
+    ("sklearn", (), "scikit-learn", "eval", "computing the evaluation's metrics"),
+    ("matplotlib", (), "matplotlib", "eval", "drawing the plots (--no-plots leaves them out)"),
+    ("faiss", ("--search", "faiss", "--no-plots"), "faiss-cpu", "faiss", "--search faiss")])
 def test_a_missing_optional_package_is_named_before_the_encoding(tmp_path, model_path, capsys, monkeypatch, missing,
-                                                                 options, package, extra):
+                                                                 options, package, extra, purpose):
     """scikit-learn (AUC), matplotlib (plots) and faiss (--search faiss) were first imported after every file was
-    encoded; the demo checks them first, so does eval."""
+    encoded; the demo checks them first, so does eval. The message is a sentence: it read "the evaluation's metrics
+    needs" and "the plots (or --no-plots) needs"."""
     import sys
 
     import echo.eval.cli
@@ -376,7 +378,8 @@ def test_a_missing_optional_package_is_named_before_the_encoding(tmp_path, model
     assert run_eval("--task", "folder", "--data", tmp_path / "machine", "--model", model_path, "--out",
                     tmp_path / "out", *options) == 2
     error = capsys.readouterr().err
-    assert f"'{package}'" in error and f"echo-fm[{extra}]" in error
+    assert f"error: {purpose} needs the package '{package}', which is not installed: pip install 'echo-fm[{extra}]'" \
+        in error
 
 
 def test_a_cache_that_cannot_be_written_is_refused_before_the_encoding(tmp_path, model_path, capsys, monkeypatch):

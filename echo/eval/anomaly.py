@@ -83,7 +83,7 @@ def _metric_rows(key: dict, labels: np.ndarray, scores: np.ndarray, metrics: tup
         excluded.append({**key, "metrics": "+".join(metrics), "normals": normals, "anomalies": anomalies,
                          "reason": "one class only"})
         return
-    sklearn_metrics = require("sklearn.metrics", "AUC/pAUC")
+    sklearn_metrics = require("sklearn.metrics", "computing AUC/pAUC")
     for metric in metrics:
         value = sklearn_metrics.roc_auc_score(labels, scores, max_fpr=MAX_FPR if metric == "pAUC" else None)
         rows.append({**key, "metric": metric, "value": float(value), "normals": normals, "anomalies": anomalies})

@@ -156,9 +156,9 @@ def _fused_channels(args, dataset) -> list[int] | None:
 def _check_options(args, dataset) -> None:
     """What the data set cannot take, and optional packages the evaluation will import, refused before the
     encoding (hours on a large set) rather than after it."""
-    require("sklearn", "the evaluation's metrics")
+    require("sklearn", "computing the evaluation's metrics")
     if not args.no_plots:
-        require("matplotlib", "the plots (or --no-plots)")
+        require("matplotlib", "drawing the plots (--no-plots leaves them out)")
     if args.search == "faiss" and dataset.kind == "anomaly":
         require("faiss", "--search faiss")
     if not 0 < args.eps < 1:  # a floor of 0 divides by a zero AUC; one of 1 or more floors every score to it

@@ -85,7 +85,7 @@ class FaultResult:
 
 
 def score(y_true, y_pred, classes, protocol: str, view: str, fold_accuracies=()) -> FaultResult:
-    metrics = require("sklearn.metrics", "fault classification metrics")
+    metrics = require("sklearn.metrics", "computing fault classification metrics")
     precision, recall, f1, _ = metrics.precision_recall_fscore_support(
         y_true, y_pred, labels=classes, average="weighted", zero_division=0)
     return FaultResult(protocol, view, list(classes), np.asarray(y_true), np.asarray(y_pred),

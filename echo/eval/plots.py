@@ -20,7 +20,7 @@ CYCLE = tuple(f"C{i}" for i in range(10))
 def new_figure(*grid, **options):
     """(figure, axes) as `pyplot.subplots(*grid, **options)` gives them, but a Figure of its own, outside pyplot:
     no backend is chosen (a user's interactive one stays) and nothing is kept open after it is saved."""
-    require("matplotlib", "plots")
+    require("matplotlib", "drawing plots")
     from matplotlib.figure import Figure
 
     subplot_options = {key: options.pop(key) for key in ("sharex", "sharey", "gridspec_kw") if key in options}
@@ -44,7 +44,7 @@ def _safe(name: str) -> str:
 def anomaly_plots(clips, scores, out: Path) -> list[Path]:
     """One ROC figure (a curve per section with both labels; none where no section has them) and one score
     histogram per (split, machine)."""
-    metrics = require("sklearn.metrics", "ROC curves")
+    metrics = require("sklearn.metrics", "drawing ROC curves")
     groups = defaultdict(list)
     for index, clip in enumerate(clips):
         if clip.subset == "test":
