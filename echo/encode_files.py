@@ -44,6 +44,7 @@ from .cli import WorkKept, user_path
 from .data import AUDIO_SUFFIXES
 from .data.bundled import SAMPLES_DIR
 from .data.wav import read_wav
+from .eval import require
 from .eval.datasets import read_audio
 from .eval.embed import (NOTHING_KEPT, READ_WORKERS, EmbeddingCache, FailureStreak, batch_files_help, batched,
                          decoded_sizes, encode_isolating_failures, encoding_key, key_checked, model_hash, read_checked,
@@ -149,6 +150,17 @@ def read_file(path: Path) -> tuple[np.ndarray, int]:
             return read_wav(path)
         except ValueError as error:  # e.g. 24-bit PCM: soundfile's to read, and why it could not
             raise ValueError(f"{error}; soundfile is not usable here: {missing}") from None
+
+
+def _check_reader(files: list[Path]) -> None:
+    """Files other than WAV need soundfile: refused before the encoding, not at the first batch that holds one,
+    which in a large folder came after hours of its WAV files."""
+    others = [path for path in files if path.suffix.lower() != ".wav"]
+    if others:
+        try:
+            require("soundfile", f"reading audio other than WAV ({len(others)} of the files, e.g. {shown(others[0])})")
+        except ImportError as error:
+            raise ValueError(f"{error} (plain 16-bit WAV files need no package)") from None
 
 
 def _encode(model, signals, rates, frames: bool, options: dict) -> list[dict]:
@@ -508,6 +520,7 @@ def _encode_files(args, rank: int, world: int) -> int:
         reasons = "".join(f"; {shown(path)}: {reason}" for path, reason in unusable)
         raise ValueError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) found in "
                          f"{', '.join(map(shown, args.paths))}{reasons}")
+    _check_reader(files)
     parts = _parts(args.out)
     cache = EmbeddingCache(parts, model_key)
     done = {**_previous(args.out, model_key, args.frames), **cache.entries}
@@ -546,10 +559,7 @@ def _encode_files(args, rank: int, world: int) -> int:
     def encode_and_save(batch: list, pool) -> float:
         """Read `batch` in `pool`, encode it and save its shard; the seconds of audio encoded. Its signals are freed
         on return, before the next batch is read: held across, two batches were decoded at once."""
-        try:
-            loaded = list(pool.map(partial(read_checked, read_file), batch))
-        except ImportError as error:
-            raise ValueError(f"{error} (plain 16-bit WAV files need no package)") from None
+        loaded = list(pool.map(partial(read_checked, read_file), batch))
         good = [(path, item) for path, item in zip(batch, loaded) if not isinstance(item, str)]
         failures.extend((path, item) for path, item in zip(batch, loaded) if isinstance(item, str))
         # no call for a batch of unreadable files: it would end a failing device's streak of failures

@@ -750,6 +750,21 @@ def test_missing_soundfile_stops_with_the_install_hint(tmp_path, model_path, cap
     assert "needs the package 'soundfile'" in capsys.readouterr().err and not (tmp_path / "e.npz").exists()
 
 
+def test_missing_soundfile_is_named_before_the_wav_files_are_encoded(tmp_path, model_path, capsys, monkeypatch):
+    """WAV files need no package, other files soundfile: a folder whose last batch held its one FLAC file stopped
+    there, after encoding every WAV file before it (hours in a large folder)."""
+    from echo.data.wav import write_wav
+
+    (tmp_path / "data").mkdir()
+    for i in range(3):
+        write_wav(tmp_path / "data" / f"a{i}.wav", np.zeros(800, dtype=np.float32), 8000)
+    (tmp_path / "data" / "z.flac").write_bytes(b"fLaC")  # never read: refused before any file is
+    monkeypatch.setitem(sys.modules, "soundfile", None)
+    assert run(tmp_path / "data", "--model", model_path, "--out", tmp_path / "e.npz", "--batch-files", "1") == 2
+    assert "reading audio other than WAV (1 of the files, e.g. " in capsys.readouterr().err
+    assert not list(tmp_path.glob("e.npz*"))  # neither the output nor the kept batches of an encoding
+
+
 def test_bad_arguments(tmp_path, model_path, capsys):
     assert run(tmp_path, "--model", model_path, "--out", tmp_path / "e.txt") == 2
     assert "--out must end in .npz or .parquet" in capsys.readouterr().err
