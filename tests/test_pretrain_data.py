@@ -140,6 +140,20 @@ def test_shards_without_webdataset_name_the_extra_before_the_training(tmp_path, 
     assert "steps" not in captured.out + captured.err  # stopped before the training's first line
 
 
+def test_an_indexed_folder_without_soundfile_names_the_extra_before_the_run_folder_is_written(tmp_path, monkeypatch,
+                                                                                               capsys):
+    """Its cached manifest needs no soundfile to read: the run wrote config.json and built its model, and stopped
+    at its first crop."""
+    from echo import cli
+
+    corpus.FolderCorpus(write_corpus(tmp_path / "data", files=2), min_seconds=1.0)  # caches the manifest
+    monkeypatch.setitem(sys.modules, "soundfile", None)  # importing it now raises ImportError
+    assert cli.main(["pretrain", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--device", "cpu",
+                     "--workers", "0", "--quiet"]) == 2
+    assert "soundfile: pip install 'echo-fm[data]'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_masks_keep_the_exact_ratio_and_the_student_sees_only_visible_patches(tmp_path):
     root = write_corpus(tmp_path / "data", files=5, seconds=(3, 12))
     ratio = float(np.random.uniform(0.75, 0.8))

@@ -308,7 +308,9 @@ class ShardCorpus:
 
 
 def open_corpus(spec, min_seconds: float, manifest=None):
-    """A FolderCorpus or a ShardCorpus, from what --data names."""
+    """A FolderCorpus or a ShardCorpus, from what --data names. Both read their audio with soundfile, checked here:
+    a folder indexed before (its manifest cached) let a run without it write its run folder and build its model."""
+    corpus.soundfile()
     if is_shards(spec):
         return ShardCorpus(spec, min_seconds)
     return corpus.FolderCorpus(spec, min_seconds, manifest)
