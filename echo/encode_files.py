@@ -158,7 +158,8 @@ def _check_reader(files: list[Path]) -> None:
     others = [path for path in files if path.suffix.lower() != ".wav"]
     if others:
         try:
-            require("soundfile", f"reading audio other than WAV ({len(others)} of the files, e.g. {shown(others[0])})")
+            require("soundfile", f"reading audio other than WAV ({counted(len(others), 'file')}, e.g. "
+                                 f"{shown(others[0])})")
         except ImportError as error:
             raise ValueError(f"{error} (plain 16-bit WAV files need no package)") from None
 

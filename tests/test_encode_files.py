@@ -761,7 +761,7 @@ def test_missing_soundfile_is_named_before_the_wav_files_are_encoded(tmp_path, m
     (tmp_path / "data" / "z.flac").write_bytes(b"fLaC")  # never read: refused before any file is
     monkeypatch.setitem(sys.modules, "soundfile", None)
     assert run(tmp_path / "data", "--model", model_path, "--out", tmp_path / "e.npz", "--batch-files", "1") == 2
-    assert "reading audio other than WAV (1 of the files, e.g. " in capsys.readouterr().err
+    assert "reading audio other than WAV (1 file, e.g. " in capsys.readouterr().err
     assert not list(tmp_path.glob("e.npz*"))  # neither the output nor the kept batches of an encoding
 
 
