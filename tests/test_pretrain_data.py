@@ -140,16 +140,18 @@ def test_shards_without_webdataset_name_the_extra_before_the_training(tmp_path, 
     assert "steps" not in captured.out + captured.err  # stopped before the training's first line
 
 
+@pytest.mark.parametrize("command, options", [("pretrain", ["--device", "cpu", "--workers", "0", "--quiet"]),
+                                               ("pretrain-shards", [])])
 def test_an_indexed_folder_without_soundfile_names_the_extra_before_the_run_folder_is_written(tmp_path, monkeypatch,
-                                                                                               capsys):
+                                                                                               capsys, command,
+                                                                                               options):
     """Its cached manifest needs no soundfile to read: the run wrote config.json and built its model, and stopped
-    at its first crop."""
+    at its first crop; pretrain-shards wrote its plan and started its bar, and stopped at its first file."""
     from echo import cli
 
     corpus.FolderCorpus(write_corpus(tmp_path / "data", files=2), min_seconds=1.0)  # caches the manifest
     monkeypatch.setitem(sys.modules, "soundfile", None)  # importing it now raises ImportError
-    assert cli.main(["pretrain", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--device", "cpu",
-                     "--workers", "0", "--quiet"]) == 2
+    assert cli.main([command, "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), *options]) == 2
     assert "soundfile: pip install 'echo-fm[data]'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 

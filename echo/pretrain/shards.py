@@ -87,6 +87,7 @@ def write_shards(folder, out, per_shard: int = 1000, min_seconds: float = 1.0) -
     An `out` holding other .tar files is refused: pretraining reads every .tar of a folder, so it would mix those
     with the new shards."""
     wds = webdataset()
+    corpus.soundfile()  # first: a folder indexed before is listed without it, and its plan was written, then it failed
     out = Path(out)
     earlier = sorted(path.name for path in out.glob("*.tar"))
     plan_path = out / PLAN_NAME
