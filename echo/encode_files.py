@@ -117,8 +117,8 @@ def find_files(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]], l
         else:
             first_spelling[real] = path
     if repeated:  # as eval says it: a file left out without a word looked lost
-        notes.append(f"encoded once: {counted(len(repeated), 'file')} reached a second time, through a link or by another "
-                     f"path (e.g. {shown(repeated[0][0])}, the same file as {shown(repeated[0][1])})")
+        notes.append(f"encoded once: {counted(len(repeated), 'file')} reached a second time, through a link or by "
+                     f"another path (e.g. {shown(repeated[0][0])}, the same file as {shown(repeated[0][1])})")
     for path, reason in unusable:  # its folder's real path: a broken link resolves to its target, not to itself
         bad.setdefault(os.path.join(os.path.realpath(path.parent), path.name), (path, reason))
     return list(first_spelling.values()), list(bad.values()), notes
@@ -554,8 +554,8 @@ def _encode_files(args, rank: int, world: int) -> int:
 
     def kept(share: list) -> str:
         saved = sum(_held(keys[path], cache.entries, args.frames) for path in share)
-        return f"{counted(saved, 'file')} encoded, kept in {parts}; the same command resumes with the {len(share) - saved} " \
-               f"left" if saved else ""
+        return f"{counted(saved, 'file')} encoded, kept in {parts}; the same command resumes with the " \
+               f"{len(share) - saved} left" if saved else ""
 
     def encode_and_save(batch: list, pool) -> float:
         """Read `batch` in `pool`, encode it and save its shard; the seconds of audio encoded. Its signals are freed

@@ -95,7 +95,8 @@ def _as_list(signals, sample_rates) -> tuple[list, list[int]]:
             batch = one and signals[0].ndim == 2 and signals[0].shape[0] == len(sample_rates)
             hint = (f"; a {tuple(signals[0].shape)} array is one signal of {signals[0].shape[0]} channels: pass "
                     f"list(batch) for {len(sample_rates)} signals") if batch else ""
-            raise ValueError(f"got {counted(len(signals), 'signal')} but {counted(len(sample_rates), 'sample rate')}{hint}")
+            raise ValueError(f"got {counted(len(signals), 'signal')} but "
+                             f"{counted(len(sample_rates), 'sample rate')}{hint}")
     else:
         sample_rates = [sample_rates] * len(signals)
     rates = [inputs.check_sample_rate(sr, f"signal {i}: ") for i, sr in enumerate(sample_rates)]

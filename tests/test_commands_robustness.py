@@ -27,7 +27,8 @@ def test_an_interrupted_shard_write_says_which_shards_it_kept_and_that_the_same_
     assert cli.main(argv) == 0
     resumed = stop_at // 2
     assert capsys.readouterr().out.startswith(
-        f"wrote {3 - resumed} shard{'s' * (resumed < 2)} ({resumed} more by an earlier run) to " if resumed else "wrote 3 shards to ")
+        f"wrote {3 - resumed} shard{'s' * (resumed < 2)} ({resumed} more by an earlier run) to " if resumed
+        else "wrote 3 shards to ")
     assert cli.main(argv) == 0  # a rerun writes nothing, and says so rather than "wrote 3 shards"
     assert capsys.readouterr().out.startswith(f"nothing to do: every shard in {out} (3) was written by an earlier run")
 

@@ -449,8 +449,8 @@ def test_a_device_failing_on_every_file_stops_the_run_and_keeps_its_work(tmp_pat
     assert run(*options) == 1
     assert capsys.readouterr().err == (
         f"error: {said}, so the device or the model fails, not the signals: RuntimeError: CUDA error: an illegal "
-        f"memory access was encountered\n{kept} file{'s' * (kept > 1)} encoded, kept in {tmp_path / 'e.npz.parts'}; the same "
-        f"command resumes with the {len(files) - kept} left\n")
+        f"memory access was encountered\n{kept} file{'s' * (kept > 1)} encoded, kept in {tmp_path / 'e.npz.parts'}; "
+        f"the same command resumes with the {len(files) - kept} left\n")
     assert len(made) == calls and not out.exists()
     monkeypatch.setattr(command, "_encode", real)
     assert run(*options) == 0

@@ -333,8 +333,8 @@ def _run(args) -> int:
                "notes": dataset.notes, **results, "failures": [(shown(p), r) for p, r in embedded.failures],
                "speed": speed, "plots": [p.name for p in figures]}
     atomic.write_text(args.out / "results.json", json.dumps(_json_values(summary), indent=2, default=str) + "\n")
-    print(f"{counted(len(dataset.items), 'file')} ({embedded.cached} from the cache, {len(embedded.failures)} failed) in "
-          f"{total:.1f} s: {speed['files_per_second']:.1f} files/s; encoding {embedded.encode_seconds:.1f} s "
+    print(f"{counted(len(dataset.items), 'file')} ({embedded.cached} from the cache, {len(embedded.failures)} failed) "
+          f"in {total:.1f} s: {speed['files_per_second']:.1f} files/s; encoding {embedded.encode_seconds:.1f} s "
           f"({100 * embedded.encode_seconds / total:.0f}%), search + metrics {search_seconds:.1f} s "
           f"({100 * search_seconds / total:.0f}%); results in {args.out}")
     return 0

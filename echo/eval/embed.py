@@ -390,8 +390,8 @@ def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | N
         def kept() -> str:
             """What a stopped run leaves the next: the finished batches, each in its shard; "" when none."""
             saved = 0 if cache is None else sum(key in cache.entries for key in keys if key is not None)
-            return f"embeddings of {counted(saved, 'file')} are kept in {cache.folder}; the same command encodes only the " \
-                   f"other {len(paths) - saved}" if saved else ""
+            return f"embeddings of {counted(saved, 'file')} are kept in {cache.folder}; the same command encodes " \
+                   f"only the other {len(paths) - saved}" if saved else ""
 
         try:
             for number, batch in enumerate(batches):

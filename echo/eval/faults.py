@@ -158,8 +158,8 @@ def banks_and_queries(protocol: str, labels, k: int = 5, subsets=None, groups=No
         raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
     smallest = min(len(rows) - (own is not None) for rows, _, own in searches)
     if k > smallest:
-        raise ValueError(f"k={k} neighbours asked of the {protocol} protocol's bank of {counted(smallest, 'file')} ({bank}): "
-                         f"choose a smaller k")
+        raise ValueError(f"k={k} neighbours asked of the {protocol} protocol's bank of {counted(smallest, 'file')} "
+                         f"({bank}): choose a smaller k")
     return searches
 
 

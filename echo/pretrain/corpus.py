@@ -250,11 +250,12 @@ class FolderCorpus:
         if not entries:  # a folder of MP3s said "0 files, skipped {'unreadable': 0, 'too short': 0}"
             raise ValueError(f"no audio files under {self.root}: pretraining reads {', '.join(AUDIO_SUFFIXES)} files")
         if not self.items:
-            raise ValueError(f"no usable audio under {self.root}: {counted(len(entries), 'file')}, {skipped_text(self.skipped)}")
+            raise ValueError(f"no usable audio under {self.root}: {counted(len(entries), 'file')}, "
+                             f"{skipped_text(self.skipped)}")
 
     def describe(self) -> str:
-        return (f"{counted(len(self.files), 'file')} ({counted(len(self.items), 'channel')} as examples) under {self.root}, "
-                f"{skipped_text(self.skipped)}")
+        return (f"{counted(len(self.files), 'file')} ({counted(len(self.items), 'channel')} as examples) under "
+                f"{self.root}, {skipped_text(self.skipped)}")
 
     def fingerprint(self) -> dict:
         """What a resumed run must find again: the usable files by path relative to the root, size and

@@ -244,8 +244,8 @@ class ShardCorpus:
 
     def check_parts(self, parts: int) -> None:
         if len(self.urls) < parts:
-            raise ValueError(f"{counted(len(self.urls), 'shard')} cannot feed {parts} streams (ranks x DataLoader workers): "
-                             f"write more, smaller shards (pretrain-shards --per-shard) or use fewer workers")
+            raise ValueError(f"{counted(len(self.urls), 'shard')} cannot feed {parts} streams (ranks x DataLoader "
+                             f"workers): write more, smaller shards (pretrain-shards --per-shard) or use fewer workers")
 
     def examples(self, seed: int, part: int, parts: int) -> Iterator[corpus.Example]:
         """Endless. A stream whose share of the shards has yielded nothing yet checks, once, that some shard
@@ -273,8 +273,8 @@ class ShardCorpus:
             samples += 1
             if next(self._channels(sample, log.debug, skipped), None) is not None:
                 return
-        raise ValueError(f"no usable audio under {self.spec}: {counted(samples, 'sample')} in {counted(len(self.urls), 'shard')}, "
-                         f"{corpus.skipped_text(skipped)}")
+        raise ValueError(f"no usable audio under {self.spec}: {counted(samples, 'sample')} in "
+                         f"{counted(len(self.urls), 'shard')}, {corpus.skipped_text(skipped)}")
 
     def _channels(self, sample: dict, report, skipped: dict[str, int] | None = None) -> Iterator[corpus.Example]:
         """The sample's channels as examples; a bad or short sample is skipped, counted in `skipped` and reported
