@@ -1,5 +1,6 @@
 """The command line: `python -m echo demo` end to end, on a small random model saved to a file (fast, and
 independent of the bundled weights), and what every command shares (Ctrl-C, stdout, bad output paths)."""
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -170,8 +171,7 @@ def test_version_prints_the_packages_version(capsys):
     """`--version` was answered by "the following arguments are required: command", which names no version."""
     from echo import cli
 
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
-    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    version = importlib.metadata.version("echo-fm")  # pip's, read by pyproject.toml from echo.__version__
     with pytest.raises(SystemExit) as exited:
         cli.main(["--version"])
     assert exited.value.code == 0 and capsys.readouterr().out == f"echo-fm {version}\n"
