@@ -24,7 +24,7 @@ PN_XNUM = 0xFFFF  # "the count is elsewhere" (section header 0): not read here
 OPS = {"ragged_spectrogram": "stft", "short_attention": "attention", "tile_attention": "attention",
        "residual_layer_norm": "norm"}
 CUDA_KERNELS = frozenset({"ragged_spectrogram"})  # the compiled ops with a CUDA kernel too (csrc/cuda/)
-REBUILD = "`pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`)"
+REBUILD = "`pip install --no-build-isolation -e .` in echo's source tree (or `python setup.py build_ext --inplace` there)"
 _loading = threading.Lock()
 
 
