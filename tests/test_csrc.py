@@ -347,7 +347,7 @@ def test_a_failed_build_removes_the_earlier_one(tmp_path):
     for earlier in (in_place, in_build_folder):
         earlier.parent.mkdir(parents=True)
         earlier.write_bytes(b"an earlier build")
-    (tmp_path / "echo" / "__init__.py").touch()
+    (tmp_path / "echo" / "__init__.py").write_text('__version__ = "0"\n')  # pyproject.toml reads the version here
     env = {**os.environ, "CXX": "false", "ECHO_BUILD_EXT": "1"}
     result = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "--build-lib", "built",
                              "--build-temp", "temp"], cwd=tmp_path, env=env, capture_output=True, text=True,
