@@ -204,6 +204,20 @@ def test_dcase_wrong_layouts(tmp_path):
         datasets.load("dcase2019", tmp_path)
 
 
+def test_archives_not_extracted_are_noted_and_named_where_the_layout_is_refused(tmp_path):
+    """A machine still in its dev_<machine>.zip beside extracted ones was left out of the scores without a word,
+    and a folder of archives only was refused with no word of them."""
+    touch(tmp_path, "dev_data/raw/fan/train/section_00_source_train_normal_0000.wav",
+          "dev_data/raw/fan/test/section_00_source_test_normal_0000.wav", "dev_data/raw/dev_valve.zip")
+    assert datasets.load("dcase2023", tmp_path).notes == [
+        f"1 archive ({tmp_path / 'dev_data/raw/dev_valve.zip'}) that is not read: extract it first"]
+    touch(tmp_path / "mafaulda", "normal.zip", "imbalance.ZIP")
+    with pytest.raises(ValueError, match=re.escape(f"no .csv file; expected the MAFAULDA folders normal, imbalance, "
+                                                   f"horizontal-misalignment, vertical-misalignment, underhang, "
+                                                   f"overhang; {tmp_path / 'mafaulda'} holds 2 archives (")):
+        datasets.load("mafaulda", tmp_path / "mafaulda")
+
+
 def test_folder_task(tmp_path):
     touch(tmp_path, "normal/a.wav", "normal/b.flac", "test/normal/c.wav", "test/anomalous/d.wav", "test/e.wav")
     data = datasets.load("folder", tmp_path)

@@ -65,6 +65,9 @@ DCASE_TEST_FOLDERS = ("test", "source_test", "target_test")  # source_test/ and 
 DCASE_SPLIT_FOLDERS = ("dev_data", "eval_data")  # the published names: the only ones above --data that count
 FOLDER_TEST_LABELS = {"normal": 0, "anomalous": 1, "anomaly": 1}  # test/ sub-folders, matched case-insensitively
 NO_AUDIO = f"no audio file ({', '.join(sorted(AUDIO_SUFFIXES))})"  # a folder of MP3s is told what is read
+# the data sets are published as archives (DCASE's dev_<machine>.zip, MAFAULDA's <class>.zip): one not extracted
+# is never read, and its machine or class was missing from the results without a word
+ARCHIVE_SUFFIXES = (".zip", ".7z", ".rar", ".tar", ".tgz", ".tar.gz", ".tar.xz", ".tar.bz2")
 TASKS = tuple(f"dcase{year}" for year in range(2020, 2026)) + ("cwru", "mafaulda", "iiee", "iica", "folder",
                                                                  "classes")
 
@@ -175,6 +178,18 @@ def _note(notes: list, note: str) -> None:
 
 def _walk(top: Path, notes: list, recursive: bool = True):
     return folders.walk(top, lambda path, reason: _note(notes, f"skipped {path}: {reason}"), recursive)
+
+
+def _archives(walked) -> list[Path]:
+    """The archive files among `walked` (what `_walk` yields), hidden ones left out."""
+    return sorted(folder / name for folder, names in walked for name in names
+                  if name.lower().endswith(ARCHIVE_SUFFIXES) and not name.startswith("."))
+
+
+def _archives_said(archives: list) -> str:
+    one, shown = len(archives) == 1, ", ".join(map(str, archives[:3])) + (", ..." if len(archives) > 3 else "")
+    return f"{counted(len(archives), 'archive')} ({shown}) that {'is' if one else 'are'} not read: extract " \
+        f"{'it' if one else 'them'} first"
 
 
 def _files(folder: Path, suffixes, notes: list, recursive: bool = False) -> list[Path]:
@@ -306,6 +321,8 @@ def dcase(root, year: int, label_lists=None) -> Dataset:
     if not machine_dirs:
         raise ValueError(f"{root}: no DCASE machine folder: expected <root>/dev_data/<machine>/train/ and "
                          f"<root>/dev_data/<machine>/test/ (and eval_data/... for the evaluation set)")
+    if archives := _archives(tree):  # the other adapters note each file they leave out; this one reads machines
+        _note(notes, _archives_said(archives))
     # only the year's own lists (or the user's): another year's list would label this year's clips wrongly;
     # 2020's official evaluator names its list eval_data_list.csv
     found = [] if label_lists else sorted(folder / name for folder, names in tree for name in names
@@ -558,11 +575,22 @@ def classes(root) -> Dataset:
                    notes=notes)
 
 
-def load(task: str, root, label_lists=None) -> Dataset:
-    """The adapter for `task` (one of TASKS) applied to folder `root`."""
+def _load(task: str, root, label_lists) -> Dataset:
     if task.startswith("dcase") and task in TASKS:
         return dcase(root, int(task[5:]), label_lists)
     adapters = {"cwru": cwru, "mafaulda": mafaulda, "iiee": iiee, "iica": iica, "folder": folder, "classes": classes}
     if task not in adapters:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     return adapters[task](root)
+
+
+def load(task: str, root, label_lists=None) -> Dataset:
+    """The adapter for `task` (one of TASKS) applied to folder `root`; a layout it refuses is also told of the
+    archives under `root`, where a download not yet extracted is the likely cause."""
+    try:
+        return _load(task, root, label_lists)
+    except ValueError as error:
+        archives = _archives(_walk(Path(root), [])) if Path(root).is_dir() else []
+        if not archives:
+            raise
+        raise ValueError(f"{error}; {root} holds {_archives_said(archives)}") from None
