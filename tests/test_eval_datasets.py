@@ -301,6 +301,24 @@ def test_cwru_classes_from_paths_and_mat_reading(tmp_path):
         datasets.load("cwru", tmp_path)
 
 
+def test_a_mat_file_cwru_cannot_read_is_named_for_what_it_is(tmp_path):
+    """An error page saved as a .mat read "IndexError: index out of range", a MATLAB v7.3 file scipy's advice to
+    use h5py, a file cut short "could not read bytes"."""
+    scipy_io = pytest.importorskip("scipy.io")
+    path = tmp_path / "IR007_0.mat"
+    path.write_bytes(b"<html>404 Not Found</html>")
+    with pytest.raises(ValueError, match=r"IR007_0.mat: not a MATLAB .mat file \(it starts b'<html>404 Not Fo'\)"):
+        datasets.read_cwru(path, "DE")
+    header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, HDF5 schema 1.00 .".ljust(124) + b"\x00\x02IM"
+    path.write_bytes(header + b"\x89HDF\r\n\x1a\n" + bytes(400))
+    with pytest.raises(ValueError, match=r"IR007_0.mat: a MATLAB v7.3 \(HDF5\) file, which is not read"):
+        datasets.read_cwru(path, "DE")
+    scipy_io.savemat(path, {"X105_DE_time": np.ones((3000, 1))})
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"IR007_0.mat: a .mat file cut short"):
+        datasets.read_cwru(path, "DE")
+
+
 def test_the_cwru_readers_identity_does_not_depend_on_how_the_data_is_spelt(tmp_path, monkeypatch):
     """The reader knows each file's sensor end; its identity (the embedding cache's key, which holds what the reader
     closes over) must be the same for --data given as a relative or an absolute path, or every file is encoded

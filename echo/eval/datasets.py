@@ -133,7 +133,7 @@ def read_cwru(path: Path, end: str) -> tuple[np.ndarray, int]:
     several, the one whose number is the file's own. A lone variable of another number is taken (174.mat
     holds X173, the 0.028" files X048-X059); among several, none is guessed."""
     io = require("scipy.io", "reading CWRU .mat files")
-    content = io.loadmat(str(path))
+    content = _mat_contents(io, path)
     keys = sorted(key for key in content if re.fullmatch(rf"X\d+_{end}_time", key))
     if not keys:
         raise ValueError(f"{path}: no X<nnn>_{end}_time variable (has {', '.join(k for k in content if k[0] != '_')})")
@@ -150,6 +150,31 @@ def read_cwru(path: Path, end: str) -> tuple[np.ndarray, int]:
         raise ValueError(f"{path}: variable {key} has shape {data.shape} and dtype {data.dtype}; expected one "
                          f"real-valued column (N, 1)")
     return signal.astype(np.float32), CWRU_RATE
+
+
+def _mat_contents(io, path: Path) -> dict:
+    """scipy's loadmat of `path`, whose failures on what is no .mat it reads were its own words ("IndexError: index
+    out of range" for a web page saved under the name, "use HDF reader" for MATLAB v7.3, "could not read bytes")."""
+    try:
+        version = io.matlab.matfile_version(str(path))[0]
+    except (ValueError, IndexError, io.matlab.MatReadError):
+        version = None
+    if version == 2:
+        raise ValueError(f"{path}: a MATLAB v7.3 (HDF5) file, which is not read: save it again with save -v7 "
+                         f"(CWRU publishes its files in the v5 format)")
+    if version is None:
+        with open(path, "rb") as handle:
+            start = handle.read(16)
+        raise ValueError(f"{path}: not a MATLAB .mat file (it starts {start!r}): an error page or an interrupted "
+                         f"download saved under the name? download it again")
+    try:
+        return io.loadmat(str(path))
+    except (ValueError, io.matlab.MatReadError) as error:
+        raise ValueError(f"{path}: a damaged .mat file ({error}): download it again") from None
+    except OSError as error:
+        if error.errno is not None:  # the system's own failure (a disk error), not scipy's "could not read bytes"
+            raise
+        raise ValueError(f"{path}: a .mat file cut short ({error}): download it again") from None
 
 
 def read_mafaulda(path: Path) -> tuple[np.ndarray, int]:
