@@ -64,6 +64,22 @@ def test_dcase_published_two_column_label_list(tmp_path):
         datasets.load("dcase2023", tmp_path)
 
 
+def test_label_list_clips_missing_from_a_labelled_machine_are_noted(tmp_path):
+    """An evaluation set downloaded in part was measured on the clips found without a word; another machine's
+    entries (a list of the whole set, --data one machine) and a machine labelled by its names are no partial one."""
+    touch(tmp_path, "eval_data/raw/saw/train/section_00_source_train_normal_0000.wav",
+          "eval_data/raw/saw/test/section_00_0000.wav", "dev_data/raw/fan/train/section_00_source_train_normal_0000.wav",
+          "dev_data/raw/fan/test/section_00_source_test_normal_0000.wav")
+    (tmp_path / "eval_data_list_2023.csv").write_text(
+        "saw\nsection_00_0000.wav,section_00_source_test_normal_0000.wav\n"
+        "section_00_0001.wav,section_00_source_test_anomaly_0001.wav\n"
+        "fan\nsection_00_0007.wav,section_00_source_test_anomaly_0007.wav\n"
+        "grinder\nsection_00_0000.wav,section_00_source_test_anomaly_0000.wav\n")
+    assert datasets.load("dcase2023", tmp_path).notes == [
+        f"the label lists name 1 test clip of saw not found under {tmp_path} (e.g. saw/section_00_0001.wav): a partial "
+        f"download? saw measured on the clips found"]
+
+
 def test_a_label_list_saved_with_a_byte_order_mark_is_read(tmp_path):
     """A list saved as "CSV UTF-8" (Excel) starts with a byte order mark, which became part of the first
     machine's name: none of its clips found their labels."""

@@ -355,7 +355,7 @@ def dcase(root, year: int, label_lists=None) -> Dataset:
     lists = list(label_lists) if label_lists else [
         p for p in found if str(year) in p.name or (year == 2020 and p.name == "eval_data_list.csv")]
     labels = read_label_lists(lists, year)
-    items, unlabelled, seen = [], 0, {}
+    items, unlabelled, seen, listed = [], 0, {}, set()
     for machine_dir in machine_dirs:
         machine = Path(os.path.abspath(machine_dir)).name  # also where the machine folder is given as `.`
         split = _dcase_split(machine_dir, root)
@@ -372,6 +372,7 @@ def dcase(root, year: int, label_lists=None) -> Dataset:
                 section, domain, label = _dcase_fields(path.name, year)
                 if subset == "test" and label is None:
                     reference, label = labels.get((machine, path.name), ("", None))
+                    listed.add((machine, path.name))
                     domain = domain or _dcase_fields(reference, year)[1]
                 label = 0 if subset == "train" and label is None else label
                 if section is None:
@@ -387,6 +388,14 @@ def dcase(root, year: int, label_lists=None) -> Dataset:
         notes.append(f"no label (no entry in {source}): {counted(unlabelled, 'test clip')}, scored but not "
                      f"measured" + (f"; other years' lists found, pass one with --labels if it applies: "
                                     f"{', '.join(others)}" if others else ""))
+    # a machine labelled from the lists that lacks clips they name: a partial download, whose AUCs are measured on
+    # the clips found
+    labelled_machines = {machine for machine, name in listed if (machine, name) in labels}
+    missing = sorted(key for key in labels if key[0] in labelled_machines and key not in listed)
+    if missing:
+        machines = " and ".join(sorted({machine for machine, _ in missing}))
+        notes.append(f"the label lists name {counted(len(missing), 'test clip')} of {machines} not found under {root} "
+                     f"(e.g. {'/'.join(missing[0])}): a partial download? {machines} measured on the clips found")
     _check_banks(items)
     return Dataset(f"dcase{year}", "anomaly", items, read_audio, year=year, notes=notes)
 
