@@ -58,8 +58,8 @@ def test_macos_metadata_files_are_skipped_with_a_note(tmp_path):
     data = datasets.load("folder", tmp_path)
     assert sorted(c.path.name for c in data.items) == ["a.WAV", "c.wav"]
     assert [note.split(" (")[0] for note in data.notes] == [
-        f"skipped 1 macOS metadata files under {tmp_path / 'normal'}",
-        f"skipped 1 macOS metadata files under {tmp_path / 'test' / 'anomalous'}"]
+        f"skipped 1 macOS metadata file under {tmp_path / 'normal'}",
+        f"skipped 1 macOS metadata file under {tmp_path / 'test' / 'anomalous'}"]
 
     root = tmp_path / "dcase"
     touch(root, "eval_data/fan/train/section_03_source_train_normal_0000.wav",

@@ -228,7 +228,8 @@ def _files(folder: Path, suffixes, notes: list, recursive: bool = False) -> list
     found = sorted(found)
     metadata = [path for path in found if folders.finder_metadata(path.name)]
     if metadata:
-        _note(notes, f"skipped {len(metadata)} macOS metadata files under {folder} (e.g. {metadata[0]}): not audio")
+        _note(notes, f"skipped {counted(len(metadata), 'macOS metadata file')} under {folder} (e.g. {metadata[0]}): "
+                     f"not audio")
         found = [path for path in found if not folders.finder_metadata(path.name)]
     first_spelling, repeated = {}, []
     for path in found:
