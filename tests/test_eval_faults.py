@@ -226,6 +226,8 @@ def test_bad_protocol_inputs():
         faults.evaluate(np.zeros((0, 3)), [], "loocv")
     with pytest.raises(ValueError, match=r"channels \[5\] must be a non-empty subset of 0..1"):
         faults.evaluate(np.stack([points, points], 1), labels, "loocv", channels=[5])
+    with pytest.raises(ValueError, match=r"channels \[1, 1\] must be a non-empty subset of 0..1, each channel once"):
+        faults.evaluate(np.stack([points, points], 1), labels, "loocv", channels=[1, 1], fuse=True)
     broken = points.copy()
     broken[4, 0] = np.nan  # made every neighbour -1 through the bank's centre: accuracy 0.5, no error
     with pytest.raises(ValueError, match=r"embeddings: row\(s\) 4 hold NaN or infinite values"):

@@ -110,10 +110,11 @@ def as_rows(embeddings, name: str = "embeddings") -> np.ndarray:
 
 
 def chosen_channels(channels, count: int) -> list[int]:
-    """The channels asked for (all of them by default), each one of the data's `count`."""
+    """The channels asked for (all of them by default), each one of the data's `count`, once: a repeated one was
+    fused as if it were two sensors and the view named after both."""
     channels = list(range(count)) if channels is None else list(channels)
-    if not channels or not all(0 <= c < count for c in channels):
-        raise ValueError(f"channels {channels} must be a non-empty subset of 0..{count - 1}")
+    if not channels or not all(0 <= c < count for c in channels) or len(set(channels)) < len(channels):
+        raise ValueError(f"channels {channels} must be a non-empty subset of 0..{count - 1}, each channel once")
     return channels
 
 
