@@ -130,6 +130,16 @@ def test_dcase2021_published_source_and_target_test_folders(tmp_path):
         tests()
 
 
+def test_dcase_2021s_layout_under_another_years_task_is_noted(tmp_path):
+    """Its clips are named as 2022-2025's: --task dcase2023 on it scored 2021's data by 2023's rules unseen."""
+    touch(tmp_path, "dev_data/fan/train/section_00_source_train_normal_0000.wav",
+          "dev_data/fan/source_test/section_00_source_test_anomaly_0000.wav")
+    assert not datasets.load("dcase2021", tmp_path).notes
+    assert datasets.load("dcase2023", tmp_path).notes == [
+        f"source_test/ and target_test/ folders are DCASE 2021's layout (1 machine folder, e.g. "
+        f"{tmp_path / 'dev_data/fan'}); scored by DCASE 2023's rules, as asked"]
+
+
 def test_dcase2020_ids_and_unlabelled_eval(tmp_path):
     touch(tmp_path, "dev_data/ToyCar/train/normal_id_01_00000000.wav", "dev_data/ToyCar/test/anomaly_id_01_00000000.wav",
           "eval_data/ToyCar/train/normal_id_05_00000000.wav", "eval_data/ToyCar/test/id_05_00000000.wav")

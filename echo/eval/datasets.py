@@ -356,7 +356,7 @@ def dcase(root, year: int, label_lists=None) -> Dataset:
     lists = list(label_lists) if label_lists else [
         p for p in found if str(year) in p.name or (year == 2020 and p.name == "eval_data_list.csv")]
     labels = read_label_lists(lists, year)
-    items, unlabelled, seen, listed = [], 0, {}, set()
+    items, unlabelled, seen, listed, layout_2021 = [], 0, {}, set(), []
     for machine_dir in machine_dirs:
         machine = Path(os.path.abspath(machine_dir)).name  # also where the machine folder is given as `.`
         split = _dcase_split(machine_dir, root)
@@ -364,8 +364,10 @@ def dcase(root, year: int, label_lists=None) -> Dataset:
             raise ValueError(f"two {split} folders for machine {machine!r}: {seen[split, machine]} and "
                              f"{machine_dir}; point --data at one copy of the data")
         seen[split, machine] = machine_dir
-        for subset, subset_dirs in (("train", [machine_dir / "train"]),
-                                    ("test", _dcase_test_folders(machine_dir, notes))):
+        test_dirs = _dcase_test_folders(machine_dir, notes)
+        if test_dirs[0].name != "test":
+            layout_2021.append(machine_dir)
+        for subset, subset_dirs in (("train", [machine_dir / "train"]), ("test", test_dirs)):
             files = [path for folder in subset_dirs for path in _files(folder, AUDIO_SUFFIXES, notes)]
             if not files:
                 raise ValueError(f"{' and '.join(map(str, subset_dirs))}: {NO_AUDIO}")
@@ -389,6 +391,10 @@ def dcase(root, year: int, label_lists=None) -> Dataset:
         notes.append(f"no label (no entry in {source}): {counted(unlabelled, 'test clip')}, scored but not "
                      f"measured" + (f"; other years' lists found, pass one with --labels if it applies: "
                                     f"{', '.join(others)}" if others else ""))
+    if layout_2021 and year != 2021:  # the clips' names are alike, the years' rules are not: a task name mixed up?
+        machines = counted(len(layout_2021), "machine folder")
+        notes.append(f"source_test/ and target_test/ folders are DCASE 2021's layout ({machines}, e.g. "
+                     f"{layout_2021[0]}); scored by DCASE {year}'s rules, as asked")
     # a machine labelled from the lists that lacks clips they name: a partial download, whose AUCs are measured on
     # the clips found
     labelled_machines = {machine for machine, name in listed if (machine, name) in labels}
