@@ -80,6 +80,15 @@ def test_label_list_clips_missing_from_a_labelled_machine_are_noted(tmp_path):
         f"download? saw measured on the clips found"]
 
 
+def test_a_label_list_naming_files_by_windows_paths_is_read(tmp_path):
+    """`eval_data\\raw\\saw\\test\\section_00_0000.wav` was one file name on Linux: every clip went unlabelled."""
+    lists = tmp_path / "eval_data_list_2023.csv"
+    lists.write_text("saw\neval_data\\raw\\saw\\test\\section_00_0000.wav,"
+                     "ref\\section_00_source_test_anomaly_0000.wav\n")
+    assert datasets.read_label_lists([lists], 2023) == {
+        ("saw", "section_00_0000.wav"): ("section_00_source_test_anomaly_0000.wav", 1)}
+
+
 def test_a_label_list_saved_with_a_byte_order_mark_is_read(tmp_path):
     """A list saved as "CSV UTF-8" (Excel) starts with a byte order mark, which became part of the first
     machine's name: none of its clips found their labels."""

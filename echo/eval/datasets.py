@@ -30,7 +30,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Callable
 
 import numpy as np
@@ -269,13 +269,14 @@ def read_label_lists(paths, year: int) -> dict:
             elif len(row) >= 2:
                 if machine is None:
                     raise ValueError(f"{path}:{line}: a file row before any machine-name row")
-                reference = Path(row[1]).name
+                # a cell's file name after a folder written either way (eval_data\raw\saw\test\x.wav from Windows)
+                reference = PureWindowsPath(row[1]).name
                 label = _binary_label(row[2], path, line) if len(row) >= 3 and row[2] else \
                     _dcase_fields(reference, year)[2]
                 if label is None:
                     raise ValueError(f"{path}:{line}: no label: the reference name {reference!r} holds neither "
                                      f"normal nor anomaly, and there is no third (label) column")
-                table[(machine, Path(row[0]).name)] = (reference, label)
+                table[(machine, PureWindowsPath(row[0]).name)] = (reference, label)
     return table
 
 
