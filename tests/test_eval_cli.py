@@ -89,7 +89,9 @@ def test_folder_not_separable_and_a_bad_file_with_a_kept_heap_on_the_cpu(tmp_pat
     assert abs(auc - 0.5) < 0.35  # 4.2 standard deviations (0.084) of the AUC of 24 x 24 exchangeable scores
     failures = read_rows(out / "failures.csv")
     assert [f["path"].endswith("broken.wav") for f in failures] == [True]
-    assert (out / "roc_dev_machine.png").stat().st_size > 1000
+    # named after the folder alone, as the table: "roc_dev_machine.png", "machine (dev)" and "section 00" made them up
+    assert (out / "roc_machine.png").stat().st_size > 1000 and (out / "scores_machine.png").is_file()
+    assert not list(out.glob("*_dev_*.png"))
     result = json.loads((out / "results.json").read_text())
     assert result["domain_auc"] is None  # no domains, no rule: "official"
     # one's own folder: no DCASE split, section, domain or "official score" made up for it; what was scored is said

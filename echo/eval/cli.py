@@ -248,7 +248,7 @@ def _anomaly(args, dataset, items, vectors, device) -> tuple[dict, list]:
         print(f"{name}: {value:.4f}")
     figures = []
     if not args.no_plots:
-        figures = plots.anomaly_plots(items, scores, args.out)
+        figures = plots.anomaly_plots(items, scores, args.out, dcase=not own)
         tests = [i for i, c in enumerate(items) if c.subset == "test"]
         labels = [{0: "normal", 1: "anomalous", None: "unlabelled"}[items[i].label] for i in tests]
         figures.append(plots.projection_plot(vectors[tests], labels, args.out / "projection.png",

@@ -41,9 +41,10 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
 
 
-def anomaly_plots(clips, scores, out: Path) -> list[Path]:
+def anomaly_plots(clips, scores, out: Path, dcase: bool = True) -> list[Path]:
     """One ROC figure (a curve per section with both labels; none where no section has them) and one score
-    histogram per (split, machine)."""
+    histogram per (split, machine). Without `dcase` (one's own folder: no split or section) a figure is named
+    after the machine alone."""
     metrics = require("sklearn.metrics", "drawing ROC curves")
     groups = defaultdict(list)
     for index, clip in enumerate(clips):
@@ -58,15 +59,19 @@ def anomaly_plots(clips, scores, out: Path) -> list[Path]:
             labels = np.array([clips[i].label for i in chosen])
             if len(set(labels)) == 2:
                 fpr, tpr, _ = metrics.roc_curve(labels, scores[chosen])
-                name = f"section {section}" if str(section).isdigit() else section  # DCASE ids, or the demo's names
+                # a DCASE section's id, or the demo's section names; one's own folder has one section, unnamed
+                name = "" if not dcase else f"section {section}" if str(section).isdigit() else section
                 # one curve over the section's clips: with domains, an AUC results.csv does not list
                 scope = "AUC of all domains" if any(clips[i].domain for i in chosen) else "AUC"
-                axis.plot(fpr, tpr, label=f"{name} ({scope} {metrics.roc_auc_score(labels, scores[chosen]):.3f})")
+                auc = f"{scope} {metrics.roc_auc_score(labels, scores[chosen]):.3f}"
+                axis.plot(fpr, tpr, label=f"{name} ({auc})" if name else auc)
+        title = f"{machine} ({split})" if dcase else machine
+        stem = f"{_safe(split)}_{_safe(machine)}" if dcase else _safe(machine)
         if axis.get_legend_handles_labels()[0]:
             axis.plot([0, 1], [0, 1], "k:", linewidth=1)
-            axis.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{machine} ({split})")
+            axis.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
             axis.legend(fontsize=8)
-            written.append(save(figure, out / f"roc_{_safe(split)}_{_safe(machine)}.png"))
+            written.append(save(figure, out / f"roc_{stem}.png"))
         figure, axis = new_figure(figsize=(6, 4))
         # one set of bins for every class: bins of each class's own range draw a tight class as slivers
         edges = np.histogram_bin_edges([scores[i] for i in members], bins=30)
@@ -74,10 +79,9 @@ def anomaly_plots(clips, scores, out: Path) -> list[Path]:
             values = [scores[i] for i in members if clips[i].label == label]
             if values:
                 axis.hist(values, bins=edges, alpha=0.6, color=CLASS_COLOURS[name], label=f"{name} ({len(values)})")
-        axis.set(xlabel="anomaly score (cosine distance to the nearest normal clip)", ylabel="clips",
-                 title=f"{machine} ({split})")
+        axis.set(xlabel="anomaly score (cosine distance to the nearest normal clip)", ylabel="clips", title=title)
         axis.legend(fontsize=8)
-        written.append(save(figure, out / f"scores_{_safe(split)}_{_safe(machine)}.png"))
+        written.append(save(figure, out / f"scores_{stem}.png"))
     return written
 
 
