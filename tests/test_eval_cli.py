@@ -281,6 +281,31 @@ def test_roc_figures_only_where_test_clips_have_both_labels(tmp_path):
     assert all(path.stat().st_size > 1000 for path in written)
 
 
+def test_score_histograms_count_whole_clips_and_write_small_scores_in_powers_of_ten(tmp_path, monkeypatch):
+    """A random model's scores (~3e-4, a few 1e-6 apart) were ticked 0.000296, 0.000298, ... labels touching, and
+    counts of 1-4 clips at 0.5, 1.5, ..."""
+    from pathlib import Path
+
+    from echo.eval import plots
+    from echo.eval.anomaly import Clip
+
+    axes, save = [], plots.save
+
+    def recording(figure, path):
+        figure.canvas.draw()  # ticks and the offset text are made when drawn
+        axes.append(figure.axes[0])
+        return save(figure, path)
+
+    monkeypatch.setattr(plots, "save", recording)
+    rng = seeded_rng()
+    clips = [Clip(Path(f"{i}.wav"), "dev", "pump", "00", None, "test", i % 2) for i in range(40)]
+    plots.anomaly_plots(clips, 3e-4 + rng.normal(0, 2e-6, 40) + np.arange(40) % 2 * 3e-6, tmp_path, dcase=False)
+    histogram = axes[-1]
+    assert all(float(tick).is_integer() for tick in histogram.get_yticks())
+    assert histogram.xaxis.get_offset_text().get_text() != ""  # "1e-4" once, the ticks 2.96, 2.98, ...
+    assert max(len(label.get_text()) for label in histogram.get_xticklabels()) <= 5
+
+
 def test_a_section_whose_labelled_clips_are_all_normal_gets_no_roc_curve(tmp_path, monkeypatch):
     """AUC is undefined over one class: such a section is left out of the ROC figure (scikit-learn gives no curve
     and an AUC of NaN, or raises), while its machine's other sections and score histogram are drawn."""

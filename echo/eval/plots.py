@@ -80,6 +80,9 @@ def anomaly_plots(clips, scores, out: Path, dcase: bool = True) -> list[Path]:
             if values:
                 axis.hist(values, bins=edges, alpha=0.6, color=CLASS_COLOURS[name], label=f"{name} ({len(values)})")
         axis.set(xlabel="anomaly score (cosine distance to the nearest normal clip)", ylabel="clips", title=title)
+        # counts are whole; small scores (3e-4) read 0.000296 per tick, labels run into each other: 2.96 x 1e-4
+        axis.yaxis.get_major_locator().set_params(integer=True)
+        axis.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
         axis.legend(fontsize=8)
         written.append(save(figure, out / f"scores_{stem}.png"))
     return written
