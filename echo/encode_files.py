@@ -39,7 +39,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from . import atomic, folders, host_memory, inputs
+from . import atomic, folders, host_memory, inputs, process_group
 from .cli import WorkKept, user_path
 from .data import AUDIO_SUFFIXES
 from .data.bundled import SAMPLES_DIR
@@ -471,7 +471,7 @@ def _distributed() -> tuple[int, int, bool]:
         return 0, 1, False
     made = not dist.is_initialized()
     if made:
-        dist.init_process_group("gloo")
+        process_group.join("gloo")
     return dist.get_rank(), world, made
 
 

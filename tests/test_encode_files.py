@@ -3,6 +3,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import weakref
 from pathlib import Path
 
@@ -1071,6 +1072,57 @@ def test_a_rank_that_stops_is_said_by_rank_0_once_the_others_finished_their_shar
     assert run(files[0].parent, *options) == 0
     assert "6 files (4 reused from an earlier run), 0 skipped" in capsys.readouterr().out and len(encoded) == 2
     assert set(read_embeddings(out)["files"]) == {str(path) for path in files}
+
+
+def test_a_world_size_left_in_the_environment_is_named_with_the_way_out(tmp_path, model_path, monkeypatch, capsys):
+    """A stale WORLD_SIZE (a shell in a cluster job's container) failed with torch's "environment variable
+    MASTER_ADDR expected, but not set", which did not say why one `python -m echo encode` needed it."""
+    soundfile.write(str(tmp_path / "a.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert run(tmp_path / "a.wav", "--model", model_path, "--out", tmp_path / "e.npz") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: WORLD_SIZE=2 and RANK=0 in the environment make this process one of a 2-process "
+                          "run, which could not be joined (") and "MASTER_ADDR" in err, err
+    assert err.endswith("run it under torchrun (torchrun --nproc-per-node N -m echo ...), or unset WORLD_SIZE and "
+                        "RANK for one process\n"), err
+
+
+WAITING_RANK = """
+import sys
+import echo.process_group
+from echo import cli
+
+echo.process_group.WAITING_NOTE_SECONDS = 0
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_process_waiting_for_ranks_that_never_start_says_what_it_waits_for(tmp_path, model_path):
+    """With WORLD_SIZE=2 and MASTER_ADDR/MASTER_PORT left in the environment, one process waited in torch's
+    rendezvous for 30 minutes without a word: it looked hung."""
+    soundfile.write(str(tmp_path / "a.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    process = subprocess.Popen([sys.executable, "-c", WAITING_RANK, "encode", str(tmp_path / "a.wav"), "--model",
+                                str(model_path), "--out", str(tmp_path / "e.npz")], env=env, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = threading.Timer(60, process.kill)  # a process that waits without a word is ended: no line
+    deadline.start()
+    try:
+        line = process.stderr.readline()  # the process waits on: its first line is the note
+    finally:
+        deadline.cancel()
+        process.kill()
+        process.communicate()
+    assert line == (f"waiting for the other processes of a 2-process run (WORLD_SIZE=2 and RANK=0 in the environment, "
+                    f"MASTER_ADDR:MASTER_PORT 127.0.0.1:{port}); if no other process was started, run it under "
+                    f"torchrun (torchrun --nproc-per-node N -m echo ...), or unset WORLD_SIZE and RANK for one "
+                    f"process\n")
 
 
 @pytest.mark.parametrize("ending, status", [(ValueError("a bad setting"), 2), (KeyboardInterrupt(), 130)])

@@ -582,6 +582,29 @@ def test_a_plain_cuda_device_gets_this_processs_gpu_index(monkeypatch, asked, lo
     assert (rank, world, device) == (0, 1, torch.device(expected)) and chosen == [torch.device(expected)]
 
 
+@pytest.mark.parametrize("rendezvous_error", [
+    None,  # MASTER_ADDR unset: torch's ValueError
+    torch.distributed.DistStoreError("Timed out after 1801 seconds waiting for clients. 1/2 clients joined."),
+])
+def test_a_world_size_left_in_the_environment_is_named_with_the_way_out(monkeypatch, rendezvous_error):
+    """A stale WORLD_SIZE (a shell in a cluster job's container) failed with torch's "environment variable
+    MASTER_ADDR expected", or after 30 minutes with a traceback of its rendezvous: neither said why one process
+    waited for others."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    if rendezvous_error is not None:
+        def times_out(backend):
+            raise rendezvous_error
+
+        monkeypatch.setattr(torch.distributed, "init_process_group", times_out)
+    with pytest.raises(ValueError, match=r"^WORLD_SIZE=2 and RANK=0 in the environment make this process one of a "
+                                         r"2-process run, which could not be joined \(.*(MASTER_ADDR|1/2 clients).*\); "
+                                         r"run it under torchrun .*, or unset WORLD_SIZE and RANK for one process$"):
+        trainer.setup_distributed("cpu")
+    assert not torch.distributed.is_initialized()
+
+
 @pytest.mark.parametrize("ending", [None, ValueError("no audio")])
 def test_the_process_group_a_run_made_is_destroyed_when_it_finishes(tmp_path, monkeypatch, ending):
     """Under torchrun the run makes its process group: a rank that left with it alive could abort at exit

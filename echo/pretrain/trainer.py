@@ -21,7 +21,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .. import checkpoint as model_files
-from .. import atomic, geometry, host_memory
+from .. import atomic, geometry, host_memory, process_group
 from ..model import EchoConfig, EchoModel
 from ..packed import Packing
 from ..wording import counted
@@ -311,7 +311,7 @@ def setup_distributed(device: str | None) -> tuple[int, int, torch.device]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        process_group.join("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
 
