@@ -600,14 +600,16 @@ def _encode_files(args, rank: int, world: int) -> int:
         raise
     finally:
         bar.close()
-    elapsed = time.perf_counter() - start
     for note in (notes if rank == 0 and args.paths else []):  # no PATH: their CREDITS.md is no recording
         print(f"note: {note}")
     for path, reason in (unusable if rank == 0 else []) + failures:
         print(f"skipped {shown(path)}: {reason}")
     skipped = len(unusable) + len(failures)
-    if world > 1:
-        totals = _summed(len(failures), seconds, world)  # the summary counts every rank
+    totals = _summed(len(failures), seconds, world) if world > 1 else None  # the summary counts every rank
+    # read once every rank has finished its share: rank 0's own time, against every rank's audio, claimed up to
+    # N times the speed where another rank's share took longer
+    elapsed = time.perf_counter() - start
+    if totals is not None:
         skipped, seconds = len(unusable) + int(totals[0]), float(totals[1])
         stopped = [str(r) for r in range(world) if totals[2 + r]]
         if rank != 0:

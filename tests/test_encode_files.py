@@ -1074,6 +1074,43 @@ def test_a_rank_that_stops_is_said_by_rank_0_once_the_others_finished_their_shar
     assert set(read_embeddings(out)["files"]) == {str(path) for path in files}
 
 
+CLOCKED_RANK = """
+import sys
+from types import SimpleNamespace
+import echo.encode_files as command
+from echo import cli
+
+met = []
+summed = command._summed
+
+
+def meets(*args, **kwargs):
+    met.append(True)
+    return summed(*args, **kwargs)
+
+
+command._summed = meets  # rank 0's clock: 0 s until the ranks meet, once each has finished its share, then 100 s
+command.time = SimpleNamespace(perf_counter=lambda: 100.0 if met else 0.0)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_the_speed_of_a_run_of_ranks_counts_to_the_last_rank_s_end(tmp_path, model_path):
+    """Rank 0 read its clock when its own share was done: every rank's seconds of audio over rank 0's time claimed
+    up to N times the speed where another rank's share took longer (41 s of audio "in 0.8 s" where the slower rank
+    took 1.7 s)."""
+    files = tmp_path / "data"
+    files.mkdir()
+    for number in range(2):
+        soundfile.write(str(files / f"{number}.wav"), np.random.uniform(-0.5, 0.5, 16000), 16000)
+    out = tmp_path / "emb.npz"
+    outputs = as_two_ranks(lambda rank: [sys.executable, "-c", CLOCKED_RANK, "encode", str(files), "--model",
+                                         str(model_path), "--out", str(out), "--quiet", "--device", "cpu"])
+    assert outputs[0].endswith("2 files (0 reused from an earlier run), 0 skipped; 2.0 s of audio in 100.0 s "
+                               "(0.0x real time)\n"), outputs
+
+
 def test_a_world_size_left_in_the_environment_is_named_with_the_way_out(tmp_path, model_path, monkeypatch, capsys):
     """A stale WORLD_SIZE (a shell in a cluster job's container) failed with torch's "environment variable
     MASTER_ADDR expected, but not set", which did not say why one `python -m echo encode` needed it."""
