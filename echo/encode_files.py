@@ -552,6 +552,8 @@ def _encode_files(args, rank: int, world: int) -> int:
     bar = tqdm(total=len(mine), desc=f"encoding (rank {rank})" if world > 1 else "encoding", unit="file",
                disable=args.quiet or rank != 0)
 
+    own = f"rank {rank}'s share: " if world > 1 else ""  # every rank says its own: unnamed, they read as the run's
+
     def kept(share: list) -> str:
         saved = sum(_held(keys[path], cache.entries, args.frames) for path in share)
         return f"{counted(saved, 'file')} encoded, kept in {parts}; the same command resumes with the " \
@@ -586,7 +588,7 @@ def _encode_files(args, rank: int, world: int) -> int:
                 seconds += encode_and_save(batch, pool)
                 bar.update(len(batch))
     except KeyboardInterrupt:  # every finished batch is in its shard already: the command line says what is kept
-        raise KeyboardInterrupt(kept(mine) or NOTHING_KEPT) from None
+        raise KeyboardInterrupt(own + (kept(mine) or NOTHING_KEPT)) from None
     except Exception as error:  # a long run's unforeseen end (a MemoryError, a failing GPU) keeps its batches too
         if world > 1:  # the other ranks finish their shares, then learn that this one stopped, rather than wait on it
             reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
@@ -596,7 +598,7 @@ def _encode_files(args, rank: int, world: int) -> int:
                 _summed(0, 0.0, world, stopped=rank)
                 dist.barrier()  # run's, which the other ranks meet next
         if said := kept(mine):
-            raise WorkKept(said) from error
+            raise WorkKept(own + said) from error
         raise
     finally:
         bar.close()

@@ -1059,8 +1059,8 @@ def test_a_rank_that_stops_is_said_by_rank_0_once_the_others_finished_their_shar
                           f"encoded, kept in {parts}; the same command resumes with the 2 left\n", ranks
     assert ranks[1][2].startswith("rank 1 stopped (MemoryError); it waits for the other ranks to finish their "
                                   "shares\n"), ranks  # said at once, not only once the others finished
-    assert "\nMemoryError\n" in ranks[1][2] and ranks[1][2].endswith(
-        f"1 file encoded, kept in {parts}; the same command resumes with the 2 left\n"), ranks
+    assert "\nMemoryError\n" in ranks[1][2] and ranks[1][2].endswith(  # its share's, not the run's: named so
+        f"rank 1's share: 1 file encoded, kept in {parts}; the same command resumes with the 2 left\n"), ranks
     assert not out.exists()
     real, encoded = command._encode_batch, []
 
