@@ -327,10 +327,10 @@ def raise_together(error: Exception | None, world: int, device: torch.device) ->
     """Raise `error` here and an error on every other rank when any rank met one: a rank that went on alone
     would wait for the failed one at its next collective, forever. Every rank calls it."""
     if world > 1:
-        failed = torch.tensor([float(error is not None)], device=device)
-        dist.all_reduce(failed)
-        if failed.item() and error is None:
-            error = ValueError(f"{int(failed.item())} other process(es) of this run failed; their error is above")
+        failed = every_rank(torch.tensor([error is not None], device=device), world)[:, 0].nonzero()[:, 0].tolist()
+        if failed and error is None:  # named: the ranks print at once, and theirs came below as often as above
+            error = ValueError(f"{'rank' if len(failed) == 1 else 'ranks'} {', '.join(map(str, failed))} of this "
+                               f"run failed, so this process stopped too; the failed process prints why")
         if error is not None:
             error.raised_together = True  # every rank raises here, none waits in a collective: see train()
     if error is not None:
