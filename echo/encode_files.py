@@ -496,7 +496,14 @@ def run(args) -> int:
     try:
         status = _encode_files(args, rank, world)
         if world > 1:  # the ranks leave together: rank 1 tearing down while rank 0 still merged aborted at times
-            dist.barrier()
+            try:
+                dist.barrier()
+            except RuntimeError:  # gloo's "Connection closed by peer" and its traceback, where rank 0 ended on an
+                if rank == 0:  # error after the others finished (writing OUT to a full disk, say)
+                    raise
+                print(f"error: rank 0 stopped while it merged the ranks' shares into {args.out} (that rank prints "
+                      f"its error)", file=sys.stderr)
+                return 1
         return status
     finally:  # however the command ends: a process that exits with its group alive can abort in gloo's threads
         if own_group:

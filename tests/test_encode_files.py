@@ -1162,6 +1162,37 @@ def test_a_process_waiting_for_ranks_that_never_start_says_what_it_waits_for(tmp
                     f"process\n")
 
 
+FULL_DISK_RANK_0 = """
+import errno
+import sys
+import echo.encode_files as command
+from echo import cli
+
+
+def full_disk(*args):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+if sys.argv[1] == "0":
+    command._write = full_disk
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_rank_0_failing_to_write_the_output_is_said_once_without_a_traceback_from_the_others(tmp_path, model_path):
+    """Rank 0 stopped on a full disk while the others waited for it at their last barrier: rank 1 then printed
+    gloo's "Connection closed by peer ... GLHF!" in a traceback of 30 lines, beside rank 0's own error."""
+    soundfile.write(str(tmp_path / "a.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    out = tmp_path / "emb.npz"
+    ranks = two_ranks(lambda rank: [sys.executable, "-c", FULL_DISK_RANK_0, str(rank), "encode", str(tmp_path),
+                                    "--model", str(model_path), "--out", str(out), "--quiet", "--device", "cpu"])
+    assert [status for status, _, _ in ranks] == [1, 1], ranks
+    assert ranks[0][2].startswith(f"error: {out} could not be written ([Errno 28] No space left on device)"), ranks
+    assert ranks[1][2] == f"error: rank 0 stopped while it merged the ranks' shares into {out} (that rank prints " \
+                          f"its error)\n", ranks
+
+
 @pytest.mark.parametrize("ending, status", [(ValueError("a bad setting"), 2), (KeyboardInterrupt(), 130)])
 def test_the_process_group_it_made_is_destroyed_however_the_command_ends(tmp_path, model_path, monkeypatch,
                                                                         ending, status):
