@@ -604,6 +604,9 @@ def _encode_files(args, rank: int, world: int) -> int:
             with contextlib.suppress(RuntimeError):  # a broken group: the error that stopped this rank is the one said
                 _summed(0, 0.0, world, stopped=rank)
                 dist.barrier()  # run's, which the other ranks meet next
+            if rank == 0:  # the run's account, as rank 0 gives it when another rank stopped: the others' shares too
+                cache = EmbeddingCache(parts, model_key)
+                raise WorkKept(f"{args.out} was not written; {kept(wanted) or NOTHING_KEPT}") from error
         if said := kept(mine):
             raise WorkKept(own + said) from error
         raise

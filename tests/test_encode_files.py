@@ -1193,6 +1193,25 @@ def test_rank_0_failing_to_write_the_output_is_said_once_without_a_traceback_fro
                           f"its error)\n", ranks
 
 
+@pytest.mark.slow
+def test_rank_0_stopping_says_what_the_run_kept_once_the_others_finished_their_shares(tmp_path, model_path):
+    """Rank 0, stopped, said only its own share's one file, kept, and "19 left": not that the output was not
+    written, nor the other ranks' shares, finished and kept."""
+    files = [tmp_path / "data" / f"{number}.wav" for number in range(6)]  # rank 0: 0, 2, 4; rank 1: 1, 3, 5
+    files[0].parent.mkdir()
+    for path in files:
+        soundfile.write(str(path), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    out = tmp_path / "emb.npz"
+    ranks = two_ranks(lambda rank: [sys.executable, "-c", FAILING_RANK, str(1 - rank),  # "1": rank 0 fails
+                                    "encode", str(files[0].parent), "--model", str(model_path), "--out", str(out),
+                                    "--batch-files", "1", "--device", "cpu", "--quiet"])
+    assert [status for status, _, _ in ranks] == [1, 1], ranks
+    assert "\nMemoryError\n" in ranks[0][2] and ranks[0][2].endswith(
+        f"{out} was not written; 4 files encoded, kept in {out}.parts; the same command resumes with the 2 left\n"), \
+        ranks
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("ending, status", [(ValueError("a bad setting"), 2), (KeyboardInterrupt(), 130)])
 def test_the_process_group_it_made_is_destroyed_however_the_command_ends(tmp_path, model_path, monkeypatch,
                                                                         ending, status):
