@@ -11,7 +11,7 @@ import echo
 from conftest import random_model, seeded_rng
 from echo import host_memory
 from echo.cli import main
-from echo.eval import datasets, embed
+from echo.eval import datasets, embed, plots
 
 soundfile = pytest.importorskip("soundfile")
 pytest.importorskip("sklearn")
@@ -72,8 +72,15 @@ def test_dcase2023_separable(tmp_path, model_path, capsys):
 
 def test_folder_not_separable_and_a_bad_file_with_a_kept_heap_on_the_cpu(tmp_path, model_path, monkeypatch,
                                                                          capsys):
-    calls = []
+    calls, drawn, save = [], {}, plots.save
     monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append("kept"))
+
+    def recording(figure, path):
+        axis = figure.axes[0]
+        drawn[path.name] = [axis.get_title(), *(axis.get_legend_handles_labels()[1] if axis.get_legend() else [])]
+        return save(figure, path)
+
+    monkeypatch.setattr(plots, "save", recording)
     rng = seeded_rng()
     for name, count in (("normal", 12), ("test/normal", 24), ("test/anomalous", 24)):
         for i in range(count):
@@ -96,6 +103,10 @@ def test_folder_not_separable_and_a_bad_file_with_a_kept_heap_on_the_cpu(tmp_pat
     assert result["domain_auc"] is None  # no domains, no rule: "official"
     # one's own folder: no DCASE split, section, domain or "official score" made up for it; what was scored is said
     assert set(result["summary"]) == {"AUC", "pAUC"} and result["summary"]["AUC"] == pytest.approx(auc)
+    assert [set(group) for group in result["groups"]] == [{"metric", "value", "normals", "anomalies"}] * 2
+    assert sorted(drawn) == ["projection.png", "roc_machine.png", "scores_machine.png"]
+    assert drawn["roc_machine.png"] == ["machine", f"AUC {auc:.3f}"]  # "machine (dev)", "section 00 (AUC ...)"
+    assert drawn["scores_machine.png"][0] == "machine"
     assert result["clips"] == {"bank": 12, "test normal": 24, "test anomalous": 24, "test unlabelled": 0}
     assert list(read_rows(out / "results.csv")[0]) == ["metric", "value", "normals", "anomalies"]
     assert list(read_rows(out / "scores.csv")[0]) == ["path", "label", "score"]

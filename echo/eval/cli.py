@@ -22,6 +22,8 @@ from .embed import BATCH_FILES, READ_WORKERS, audio_header, batch_files_help, em
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # fault classification's options, None on the command line until _check_options knows the task takes them
 FAULT_DEFAULTS = {"k": 5, "folds": 5, "seed": 1}
+# what names an anomaly-detection group of a DCASE data set; one's own folder (--task folder) has none of it
+DCASE_GROUP = ("split", "machine", "section", "domain")
 
 
 def add_arguments(parser) -> None:
@@ -226,7 +228,10 @@ def _anomaly(args, dataset, items, vectors, device) -> tuple[dict, list]:
         {"path": c.path, "split": c.split, "machine": c.machine, "section": c.section, "domain": c.domain or "",
          "label": "" if c.label is None else c.label, "score": s} for c, s in zip(items, scores) if c.subset == "test"
     ])
-    columns = ["split", "machine", "section", "domain"] * (not own) + ["metric", "value", "normals", "anomalies"]
+    columns = [*DCASE_GROUP] * (not own) + ["metric", "value", "normals", "anomalies"]
+    if own:  # nor do its groups in results.json
+        rows, excluded = ([{key: value for key, value in group.items() if key not in DCASE_GROUP} for group in groups]
+                          for groups in (rows, excluded))
     atomic.write_csv(args.out / "results.csv", columns, rows)
     clips = {"bank": sum(c.subset == "train" for c in items)} | {
         f"test {name}": sum(c.subset == "test" and c.label == label for c in items)
