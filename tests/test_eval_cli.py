@@ -226,7 +226,7 @@ def test_classes_layouts_that_would_lose_labels_are_refused(tmp_path):
     rng = seeded_rng()
     write_classes(tmp_path / "a", {"x": 300, "y": 600}, 2, rng)
     soundfile.write(str(tmp_path / "a" / "loose.wav"), tone(rng, 300), RATE)
-    with pytest.raises(ValueError, match=r"1 audio files outside any class folder \(e.g. loose.wav\)"):
+    with pytest.raises(ValueError, match=r"1 audio file outside any class folder \(e.g. loose.wav\)"):
         datasets.load("classes", tmp_path / "a")
     write_classes(tmp_path / "b" / "train", {"x": 300, "y": 600}, 2, rng)
     with pytest.raises(ValueError, match="train/ without test/: a split needs both"):

@@ -601,8 +601,9 @@ def classes(root) -> Dataset:
     for base, subset in ((train, "train"), (test, "test")) if split else ((root, None),):
         loose = _files(base, AUDIO_SUFFIXES, notes)
         if loose:
-            raise ValueError(f"{base}: {len(loose)} audio files outside any class folder (e.g. {loose[0].name}): "
-                             f"the classes task reads {base}/<class>/..., the folder's name its class")
+            raise ValueError(f"{base}: {counted(len(loose), 'audio file')} outside any class folder (e.g. "
+                             f"{loose[0].name}): the classes task reads {base}/<class>/..., the folder's name its "
+                             f"class")
         for folder in sorted(p for p in base.glob("*") if p.is_dir() and not p.name.startswith(".")):
             items += [Sample(path, folder.name, subset)
                       for path in _files(folder, AUDIO_SUFFIXES, notes, recursive=True)]
