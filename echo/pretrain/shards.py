@@ -324,7 +324,8 @@ def add_arguments(parser) -> None:
                              "only the missing shards, but one holding .tar files of another write (other files or "
                              "options) is refused, since pretraining reads every .tar in the folder")
     parser.add_argument("--per-shard", type=int, default=1000, help="files per shard (default: 1000)")
-    parser.add_argument("--min-seconds", type=float, default=1.0, help="skip files shorter than this")
+    parser.add_argument("--min-seconds", type=float, default=1.0,
+                        help="skip files shorter than this many seconds (default: 1.0, as pretrain)")
 
 
 def run(args) -> int:
