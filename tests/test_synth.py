@@ -181,6 +181,9 @@ def test_recorded_noise_is_mixed_at_the_requested_snr():
     clean = synth.machine_signal(machine, 8000, 8000, seed=4)
     noisy = synth.machine_signal(machine, 8000, 8000, seed=4, background=noise, background_snr_db=snr)
     assert noisy.shape == clean.shape and not np.allclose(noisy, clean)
+    default = synth.machine_signal(machine, 8000, 8000, seed=4, background=noise)
+    assert np.array_equal(default, synth.machine_signal(machine, 8000, 8000, seed=4, background=noise,
+                                                        background_snr_db=10.0))
 
 
 def test_a_silent_stretch_of_the_background_is_refused_by_name():
@@ -300,6 +303,10 @@ NAN = float("nan")
      "synthetic signal: the background is recorded at 16000 Hz, not at the signal's 8000 Hz: resample it first"),
     (lambda: synth.machine_signal(synth.Machine(), 8000, 800, background=np.ones(100), background_snr_db=NAN),
      "machine_signal.background_snr_db must be a finite number in [-200.0, 200.0], got nan"),
+    # without a background it was ignored: a clean clip where a noisy one was asked for
+    (lambda: synth.machine_signal(synth.Machine(), 8000, 800, background_snr_db=0.0),
+     "machine_signal.background_snr_db 0.0 is given without a background: it sets the level of background= "
+     "(a recorded noise); the machine's own white noise is Machine.noise"),
     (lambda: synth.machine_signal(synth.Machine(), 8000, 800, background=(np.ones((2, 100)), 8000)),
      "background noise must be a non-silent 1-D waveform, got shape (2, 100)"),
     (lambda: synth.machine_signal(synth.Machine(fault="outer", fault_level=1e39), 16000, 4000),

@@ -285,10 +285,10 @@ def _ring(positions: np.ndarray, amplitudes: np.ndarray, kernel: np.ndarray, n_s
 
 
 def machine_signal(machine: Machine, sample_rate: int, n_samples: int, seed: int = 0,
-                   background=None, background_snr_db: float = 10.0) -> np.ndarray:
+                   background=None, background_snr_db: float | None = None) -> np.ndarray:
     """`n_samples` float32 samples of `machine` at `sample_rate` Hz. `background`: a recorded noise (1-D, at
     `sample_rate`, or a (waveform, rate) pair as echo.data.sample returns, whose rate is checked) mixed in at
-    `background_snr_db` dB below the machine (tiled if shorter)."""
+    `background_snr_db` dB below the machine (10 dB unless given; tiled if shorter)."""
     if not isinstance(machine, Machine):
         raise ValueError(f"synthetic signal: machine must be a Machine, got {machine!r}")
     sample_rate = check_sample_rate(sample_rate, "synthetic signal: ")
@@ -296,7 +296,12 @@ def machine_signal(machine: Machine, sample_rate: int, n_samples: int, seed: int
     _check("machine_signal", "seed", seed, 0, integer=True, any_size=True)
     if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
         raise ValueError(f"synthetic signal: n_samples must be a positive integer, got {n_samples!r}")
+    if background is None and background_snr_db is not None:  # it was ignored: a clean clip, not the SNR asked
+        raise ValueError(f"machine_signal.background_snr_db {background_snr_db!r} is given without a background: "
+                         f"it sets the level of background= (a recorded noise); the machine's own white noise is "
+                         f"Machine.noise")
     if background is not None:  # named as the caller knows it, before a long clip is generated for nothing
+        background_snr_db = 10.0 if background_snr_db is None else background_snr_db
         _check("machine_signal", "background_snr_db", background_snr_db, -MAX_SNR_DB, MAX_SNR_DB)
     if isinstance(background, tuple) and len(background) == 2 and np.ndim(background[0]) > np.ndim(background[1]):
         background, background_rate = background  # a waveform and a scalar rate, not two samples or channels
