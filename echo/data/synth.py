@@ -92,7 +92,10 @@ def _shown(value) -> str:
 
 @dataclass(frozen=True)
 class Bearing:
-    """Rolling-element bearing geometry (mm and degrees). The default is an SKF 6205 deep-groove bearing."""
+    """Rolling-element bearing geometry. The default is an SKF 6205 deep-groove bearing.
+
+    balls: the number n of rolling elements; ball_diameter d and pitch_diameter D: in mm (any one unit: only
+    d / D counts); contact_angle: phi in degrees, 0 for a deep-groove bearing."""
 
     balls: int = 9
     ball_diameter: float = 7.94
@@ -111,7 +114,8 @@ class Bearing:
         _check("Bearing", "contact_angle", self.contact_angle, 0, 90, bounds="[)")
 
     def defect_frequencies(self, shaft_hz: float) -> dict[str, float]:
-        """Impact rates in Hz of a defect on each part, and the cage rate, for a shaft at `shaft_hz`."""
+        """Impact rates in Hz of a defect on each part, and the cage rate, for a shaft at `shaft_hz` (a ball's is
+        its spin rate BSF, at which this module strikes it: a real ball defect strikes twice per spin)."""
         _check("Bearing.defect_frequencies", "shaft_hz", shaft_hz, 0, bounds="(]")  # NaN or < 0 is no rate
         r = self.ball_diameter / self.pitch_diameter * math.cos(math.radians(self.contact_angle))
         return {
@@ -124,27 +128,39 @@ class Bearing:
 
 @dataclass(frozen=True)
 class Machine:
-    """One machine's parameters; amplitudes are in arbitrary units relative to a healthy 1x of 0.1."""
+    """One machine's parameters. Amplitudes are in arbitrary units relative to a healthy 1x of 0.1.
+
+    shaft_hz: the shaft's speed in Hz (rpm / 60). harmonics: how many shaft orders sound, each harmonic_decay
+    times the one below. imbalance: extra 1x; misalignment: extra 2x (and 3x at 40 % of it); both as multiples
+    of the healthy 1x. gear_teeth: Z of a gear on the shaft (0: no gear), meshing at Z x shaft_hz at gear_level,
+    its amplitude modulated by the shaft to depth gear_modulation m: sideband pair j of `sidebands` pairs has
+    m^j / 2 of the mesh (those whose level underflows to 0 cost nothing). bearing, fault: the Bearing and the
+    part with a defect (None, "outer", "inner" or "ball"). fault_level: each impact's amplitude (the ring it
+    starts peaks at up to ~fault_level x load). resonance_hz, resonance_damping: the structural mode the
+    impacts ring (Hz, damping ratio). slip: the impacts' timing jitter, a standard deviation as a fraction of
+    the defect period. load: a factor on the gear mesh and the impacts. speed_variation, load_variation: the
+    peak relative drift of speed and load within a clip. noise: the standard deviation of white background
+    noise."""
 
     shaft_hz: float = 29.5
     harmonics: int = 8
     harmonic_decay: float = 0.6
-    imbalance: float = 0.0  # extra 1x, as a multiple of the healthy 1x amplitude
-    misalignment: float = 0.0  # extra 2x, as a multiple of the healthy 1x amplitude
-    gear_teeth: int = 0  # 0: no gear
+    imbalance: float = 0.0
+    misalignment: float = 0.0
+    gear_teeth: int = 0
     gear_level: float = 0.05
-    gear_modulation: float = 0.4  # depth of the shaft's modulation of the mesh: sideband j has m^j / 2
-    sidebands: int = 3  # pairs; those whose level m^j underflows to 0 cost nothing
+    gear_modulation: float = 0.4
+    sidebands: int = 3
     bearing: Bearing = field(default_factory=Bearing)
-    fault: str | None = None  # None, "outer", "inner" or "ball"
+    fault: str | None = None
     fault_level: float = 0.5
     resonance_hz: float = 3000.0
-    resonance_damping: float = 0.05  # damping ratio of the structural resonance
-    slip: float = 0.01  # impact timing jitter, as a fraction of the defect period
-    speed_variation: float = 0.0  # peak relative deviation of the shaft speed
+    resonance_damping: float = 0.05
+    slip: float = 0.01
+    speed_variation: float = 0.0
     load: float = 1.0
-    load_variation: float = 0.0  # peak relative deviation of the load
-    noise: float = 0.01  # standard deviation of white background noise
+    load_variation: float = 0.0
+    noise: float = 0.01
 
     def __post_init__(self):
         """Refuse what would crash the generator or silently make another signal than the one described:
@@ -288,7 +304,9 @@ def machine_signal(machine: Machine, sample_rate: int, n_samples: int, seed: int
                    background=None, background_snr_db: float | None = None) -> np.ndarray:
     """`n_samples` float32 samples of `machine` at `sample_rate` Hz. `background`: a recorded noise (1-D, at
     `sample_rate`, or a (waveform, rate) pair as echo.data.sample returns, whose rate is checked) mixed in at
-    `background_snr_db` dB below the machine (10 dB unless given; tiled if shorter)."""
+    `background_snr_db` dB below the machine (10 dB unless given; tiled if shorter). The samples are in the
+    machine's units, not scaled to [-1, 1] (a random_machine's faulty clip may peak past 1.5): scale them before
+    writing fixed-point audio."""
     if not isinstance(machine, Machine):
         raise ValueError(f"synthetic signal: machine must be a Machine, got {machine!r}")
     sample_rate = check_sample_rate(sample_rate, "synthetic signal: ")
