@@ -339,6 +339,39 @@ def test_a_section_whose_labelled_clips_are_all_normal_gets_no_roc_curve(tmp_pat
     assert [label.split(" (")[0] for label in legends["roc_dev_fan.png"]] == ["section 00"]
 
 
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """Each figure the plots write, by file name, as saved: laid out and drawn, so texts have their places."""
+    figures, save = {}, plots.save
+
+    def recording(figure, path):
+        written = save(figure, path)
+        figures[path.name] = figure
+        return written
+
+    monkeypatch.setattr(plots, "save", recording)
+    return figures
+
+
+def test_a_confusion_matrix_reads_on_dark_cells_and_long_class_names_fit(tmp_path, saved_figures):
+    """Counts were black on every cell, unreadable on the dark blue of a good classifier's diagonal; and three
+    30-character class names, in a figure of fixed size, pushed the title out of it."""
+    from echo.eval import faults
+
+    names = ["outer_race_fault_0.021in_load3", "inner_race_fault_0.007in_load0", "normal_baseline_load0"]
+    truth = np.repeat(names, 4)
+    predicted = truth.copy()
+    predicted[::3] = names[0]
+    plots.confusion_plot(faults.score(truth, predicted, sorted(names), "kfold", "all"), tmp_path / "c.png")
+    figure = saved_figures["c.png"]
+    axis = figure.axes[0]
+    colours = {(text.get_text(), text.get_color()) for text in axis.texts}
+    assert colours == {("4", "white"), ("3", "white"), ("1", "black"), ("0", "black")}
+    for text in [axis.title, *axis.get_xticklabels(), *axis.get_yticklabels()]:
+        assert figure.bbox.contains(*text.get_window_extent().p0) and \
+            figure.bbox.contains(*text.get_window_extent().p1), text.get_text()
+
+
 def test_unmeasured_figures_are_written_as_json_null():
     """A domain with one class has no AUC (NaN): results.json must stay JSON, which has no NaN."""
     from echo.eval.cli import _json_values

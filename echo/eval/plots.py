@@ -15,6 +15,7 @@ from . import require
 # projection's sorted labels the other way round. The demo's healthy clips are its normal ones.
 CLASS_COLOURS = {"normal": "C0", "healthy": "C0", "anomalous": "C1", "unlabelled": "C2"}
 CYCLE = tuple(f"C{i}" for i in range(10))
+LABEL_INCHES_PER_CHARACTER = 0.065  # the width of a character of an 8-point tick label, with room to spare
 
 
 def new_figure(*grid, **options):
@@ -89,14 +90,19 @@ def anomaly_plots(clips, scores, out: Path, dcase: bool = True) -> list[Path]:
 
 
 def confusion_plot(result, path: Path) -> Path:
-    size = max(4, 0.6 * len(result.classes) + 2)
+    """Counts of files per (true, predicted) class. The figure grows with the class names: a fixed size left three
+    30-character names a thumbnail matrix and cut the title off."""
+    names = [str(c) for c in result.classes]
+    size = max(4, 0.6 * len(names) + 1.5 + LABEL_INCHES_PER_CHARACTER * max(map(len, names)))
     figure, axis = new_figure(figsize=(size, size))
-    axis.imshow(result.confusion, cmap="Blues")
-    ticks = range(len(result.classes))
-    axis.set_xticks(ticks, [str(c) for c in result.classes], rotation=90, fontsize=8)
-    axis.set_yticks(ticks, [str(c) for c in result.classes], fontsize=8)
+    image = axis.imshow(result.confusion, cmap="Blues")
+    ticks = range(len(names))
+    axis.set_xticks(ticks, names, rotation=90, fontsize=8)
+    axis.set_yticks(ticks, names, fontsize=8)
     for (row, column), count in np.ndenumerate(result.confusion):
-        axis.text(column, row, str(count), ha="center", va="center", fontsize=7)
+        # black on the dark cells (the diagonal of a good classifier) could not be read: white there
+        axis.text(column, row, str(count), ha="center", va="center", fontsize=7,
+                  color="white" if image.norm(count) > 0.5 else "black")
     axis.set(xlabel="predicted", ylabel="true",
              title=f"{result.protocol}, {result.view}: accuracy {result.accuracy:.3f}")
     return save(figure, path)
