@@ -372,6 +372,20 @@ def test_a_confusion_matrix_reads_on_dark_cells_and_long_class_names_fit(tmp_pat
             figure.bbox.contains(*text.get_window_extent().p1), text.get_text()
 
 
+def test_a_projection_of_15_classes_tells_each_apart_and_its_legend_hides_no_point(tmp_path, saved_figures):
+    """Past the ten colours of the cycle, five pairs of classes were drawn alike; and the legend, inside the axes,
+    covered a third of the points."""
+    from matplotlib.colors import to_rgb
+
+    names = [f"{kind}_fault_0.0{size}in_load3" for kind in ("ball", "inner_race", "outer_race") for size in range(5)]
+    plots.projection_plot(seeded_rng().normal(size=(45, 8)), names * 3, tmp_path / "p.png", "title")
+    axis = saved_figures["p.png"].axes[0]
+    looks = {(to_rgb(points.get_facecolor()[0]), points.get_paths()[0].vertices.round(3).tobytes())
+             for points in axis.collections}
+    assert len(axis.collections) == len(looks) == 15
+    assert not axis.get_legend().get_window_extent().overlaps(axis.get_window_extent())
+
+
 def test_unmeasured_figures_are_written_as_json_null():
     """A domain with one class has no AUC (NaN): results.json must stay JSON, which has no NaN."""
     from echo.eval.cli import _json_values
