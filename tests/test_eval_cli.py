@@ -317,6 +317,25 @@ def test_score_histograms_count_whole_clips_and_write_small_scores_in_powers_of_
     assert max(len(label.get_text()) for label in histogram.get_xticklabels()) <= 5
 
 
+def test_score_histograms_over_two_decades_are_logarithmic(tmp_path, saved_figures):
+    """The demo's pump (AUC 1: healthy 5e-6 to 1.3e-5, faults 4e-5 to 1.4e-3) drew every healthy clip and two faults
+    in the first of 30 linear bars, as though they overlapped."""
+    from pathlib import Path
+
+    from echo.eval.anomaly import Clip
+
+    def histogram(scores):
+        labels = [0] * (len(scores) // 2) + [1] * (len(scores) - len(scores) // 2)
+        clips = [Clip(Path(f"{i}.wav"), "dev", "pump", "00", None, "test", label) for i, label in enumerate(labels)]
+        plots.anomaly_plots(clips, np.asarray(scores), tmp_path, dcase=False)
+        return saved_figures["scores_pump.png"].axes[0]
+
+    axis = histogram([*np.geomspace(5e-6, 1.3e-5, 12), *np.geomspace(4e-5, 1.4e-3, 12)])
+    normal, anomalous = ([bar.get_height() for bar in bars] for bars in axis.containers)
+    assert axis.get_xscale() == "log" and not any(n and a for n, a in zip(normal, anomalous))
+    assert histogram(np.linspace(1e-5, 3e-5, 24)).get_xscale() == "linear"  # one decade: linear, as before
+
+
 def test_a_section_whose_labelled_clips_are_all_normal_gets_no_roc_curve(tmp_path, monkeypatch):
     """AUC is undefined over one class: such a section is left out of the ROC figure (scikit-learn gives no curve
     and an AUC of NaN, or raises), while its machine's other sections and score histogram are drawn."""
