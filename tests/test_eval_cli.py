@@ -336,6 +336,18 @@ def test_score_histograms_over_two_decades_are_logarithmic(tmp_path, saved_figur
     assert histogram(np.linspace(1e-5, 3e-5, 24)).get_xscale() == "linear"  # one decade: linear, as before
 
 
+def test_a_score_histogram_of_one_repeated_score_draws_it_where_it_is(tmp_path, saved_figures):
+    """Every test clip scoring 3e-4 (a collapsed encoder) was drawn as one bar at 0, on an axis from -0.5 to 0.5."""
+    from pathlib import Path
+
+    from echo.eval.anomaly import Clip
+
+    clips = [Clip(Path(f"{i}.wav"), "dev", "pump", "00", None, "test", i % 2) for i in range(8)]
+    plots.anomaly_plots(clips, np.full(8, 3e-4), tmp_path, dcase=False)
+    low, high = saved_figures["scores_pump.png"].axes[0].get_xlim()
+    assert low < 3e-4 < high and high - low < 1e-4
+
+
 def test_a_section_whose_labelled_clips_are_all_normal_gets_no_roc_curve(tmp_path, monkeypatch):
     """AUC is undefined over one class: such a section is left out of the ROC figure (scikit-learn gives no curve
     and an AUC of NaN, or raises), while its machine's other sections and score histogram are drawn."""

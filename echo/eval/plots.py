@@ -99,11 +99,13 @@ def _score_bins(scores: np.ndarray) -> tuple[np.ndarray, bool]:
     """30 bin edges over `scores`, and whether they are spaced on a log axis. Scores over two decades or more
     are: the demo's pump (healthy 5e-6 to 1.3e-5, faults 4e-5 to 1.4e-3, AUC 1) drew every healthy clip and two
     faults in one linear first bar. (Two decades hold two labelled powers of ten; over about one, matplotlib
-    labels 2, 3, 4 x 10^-5 ... into each other.)"""
+    labels 2, 3, 4 x 10^-5 ... into each other.) One score repeated gets bins around it: numpy's +-0.5 drew
+    3e-4 at 0."""
     low, high = float(np.min(scores)), float(np.max(scores))
     if low > 0 and high >= 100 * low:
         return np.geomspace(low, high, 31), True
-    return np.histogram_bin_edges(scores, bins=30), False
+    spread = sorted((low * 0.95, low * 1.05)) if low == high != 0 else None
+    return np.histogram_bin_edges(scores, bins=30, range=spread), False
 
 
 def confusion_plot(result, path: Path) -> Path:
