@@ -269,8 +269,9 @@ def _write(out: Path, work: list, recorded: dict[str, dict], jobs: int, quiet: b
     try:
         arguments = (repeat(out), *zip(*work), [recorded[item.relative] for item, _ in work])
         outcomes = pool.map(_corpus_file, *arguments, chunksize=8) if pool else map(_corpus_file, *arguments)
-        for number, ((item, _), outcome) in enumerate(zip(work, tqdm(outcomes, total=len(work), desc="corpus",
-                                                                     unit="file", disable=quiet)), 1):
+        # strict: the bar is asked for one more outcome after the last, which ends it at N of N, not N - 1
+        progress = tqdm(outcomes, total=len(work), desc="corpus", unit="file", disable=quiet)
+        for number, ((item, _), outcome) in enumerate(zip(work, progress, strict=True), 1):
             results[item.relative] = outcome
             if outcome[0] is not None:
                 done[item.relative] = outcome[0]

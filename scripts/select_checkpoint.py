@@ -122,7 +122,9 @@ def validate(runs: list[Path], which: str | None, tasks: list[demo.DemoTask], jo
         rows[path] = row if row is not None and {key: row[key] for key in STAMP} == stamps[path] else None
     todo = [path for path in paths if rows[path] is None]
     progress = partial(tqdm, total=len(todo), desc="checkpoints", unit="ckpt", file=sys.stderr)
-    for path, row in zip(todo, progress(in_processes(partial(_score_checkpoint, which=which), todo, jobs))):
+    # strict: the bar is asked for one more row after the last, which ends it at N of N, not N - 1
+    scores = progress(in_processes(partial(_score_checkpoint, which=which), todo, jobs))
+    for path, row in zip(todo, scores, strict=True):
         if row is None:
             continue
         rows[path] = {**row, **stamps[path]}

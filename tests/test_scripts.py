@@ -123,6 +123,12 @@ def interrupted_before_keeping_the_row_of_file(last: int):
     return interrupted
 
 
+def test_the_corpus_progress_bar_ends_at_every_file(tmp_path, synthetic_only, capsys):
+    """It stopped one file short (4/5) at the end of a build that wrote every file."""
+    build_corpus.main(["--out", str(tmp_path / "corpus"), "--synthetic", "5", "--jobs", "1"])
+    assert "5/5" in capsys.readouterr().err
+
+
 def test_files_written_after_an_interruption_are_not_taken_for_strangers(tmp_path, synthetic_only, monkeypatch):
     """Workers go on writing after Ctrl-C; the parent never records those files. Here the third file is
     written and the interruption comes before its row is kept."""
@@ -336,6 +342,17 @@ def test_select_checkpoint_keeps_scores_as_it_goes_and_a_rerun_scores_only_the_r
     assert scored == ["allow 6", 6] and capsys.readouterr().out.strip() == f"{run} 6"
     assert select.main([*options, "--seed", "5"]) == 0  # another task: every checkpoint again
     assert scored[2:] == [2, 4, 6]
+
+
+def test_select_checkpoint_progress_bar_ends_at_every_checkpoint(tmp_path, monkeypatch, capsys):
+    """It stopped one checkpoint short (1/2) once both were scored."""
+    write_checkpoints(tmp_path / "run", (2, 4))
+    monkeypatch.setattr(select, "_score_checkpoint", lambda path, which: {
+        "run": path.parents[1], "step": int(path.stem.split("-")[1]), "validation AUC": 0.5,
+        "validation pAUC": 0.5, "embedding spread": 0.25})
+    monkeypatch.setattr(select.demo, "build_task", lambda *args, **kwargs: None)
+    assert select.main([str(tmp_path / "run"), "--jobs", "1"]) == 0
+    assert "2/2" in capsys.readouterr().err
 
 
 def test_select_checkpoint_interrupted_from_the_command_line_says_what_is_kept(tmp_path, monkeypatch, capsys):
