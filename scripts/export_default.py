@@ -100,6 +100,13 @@ def _write_credits(totals: dict[tuple, list], path: Path) -> None:
         for (source, licence, credit), (files, minutes) in sorted(totals.items())))
 
 
+def _recorded_data(data: str) -> str:
+    """The run's --data as training.json records it: relative to the repository when it lies inside (the
+    recipe's corpus/pretrain), as the trainer records it absolute and the bundle ships with echo."""
+    path = Path(data)
+    return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else data
+
+
 def _staging(out: Path) -> Path:
     """A new staging folder in `out`, export-PID-XXXXXXXX.tmp. Those of processes no longer alive (an export
     killed mid-write) are removed first: nothing else ever would. The process id tells them from a concurrent
@@ -149,7 +156,8 @@ def main(argv=None) -> int:
         _write_credits(credits, staging / "DATA_CREDITS.csv")
         record = {"steps_trained": saved["step"], "steps_planned": config.steps, "exported": config.export,
                   "last_logged": last,
-                  "pretrain_config": {k: v for k, v in config.to_dict().items() if k not in ("out", "device")}}
+                  "pretrain_config": {k: v for k, v in config.to_dict().items() if k not in ("out", "device")}
+                  | {"data": _recorded_data(config.data)}}
         atomic.write_text(staging / "training.json", json.dumps(record, indent=2) + "\n")
         # It measured the model about to be replaced: kept, it would pass for the new one's until evaluated
         # again. Removed before the moves, so that even a move failing midway leaves no new file beside it.

@@ -70,7 +70,8 @@ def test_package_data_stays_small():
     assert total < PACKAGE_DATA_LIMIT, f"echo/data holds {total / 2**20:.1f} MiB"
 
 
-SCRIPTS = str(Path(__file__).resolve().parents[1] / "scripts")
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = str(REPO / "scripts")
 
 
 def import_script(name: str):
@@ -152,7 +153,18 @@ def test_export_removes_the_evaluation_of_the_model_it_replaces(stopped_run, tmp
     assert "evaluation.json" in capsys.readouterr().out  # said, not silent
 
 
-def fake_run_to_export(tmp_path, monkeypatch, export_default, out: Path) -> list[str]:
+@pytest.mark.parametrize("data, recorded", [(str(REPO / "corpus" / "pretrain"), "corpus/pretrain"),
+                                            ("/elsewhere/audio", "/elsewhere/audio")], ids=["in repo", "outside"])
+def test_export_records_the_recipes_corpus_relative_to_the_repository(tmp_path, monkeypatch, data, recorded):
+    """The trainer records --data absolute: the bundled training.json named the maintainer's own folders."""
+    export_default = import_script("export_default")
+    options = fake_run_to_export(tmp_path, monkeypatch, export_default, tmp_path / "bundle", data=data)
+    assert export_default.main(options) == 0
+    record = json.loads((tmp_path / "bundle" / "training.json").read_text())
+    assert record["pretrain_config"]["data"] == recorded
+
+
+def fake_run_to_export(tmp_path, monkeypatch, export_default, out: Path, data: str = "unused") -> list[str]:
     """export_default's arguments for a run of 4 steps whose encoder (a tiny random model, other weights at each
     export) is made up, with a one-file data list."""
     from echo.pretrain.trainer import PretrainConfig
@@ -160,7 +172,7 @@ def fake_run_to_export(tmp_path, monkeypatch, export_default, out: Path) -> list
     run = tmp_path / "run"
     run.mkdir()
     (run / "steps.csv").write_text("step,loss,frame_loss,utterance_loss,lr\n2,1.0,0.6,0.4,1e-4\n4,0.8,0.5,0.3,1e-4\n")
-    config = PretrainConfig(data="unused", out=str(run), dim=32, depth=1, heads=2, steps=4).to_dict()
+    config = PretrainConfig(data=data, out=str(run), dim=32, depth=1, heads=2, steps=4).to_dict()
     monkeypatch.setattr(export_default, "run_encoder", lambda run, step=None: (
         random_model(dim=32, depth=1, heads=2), {"step": 4, "config": config}))
     datalist = tmp_path / "datalist.csv"
