@@ -231,12 +231,12 @@ def main(argv=None) -> int:
     best = chosen(rows)
     columns = ("run",) * (len(args.runs) > 1) + COLUMNS
     widths = [max(18, 2 + max(len(str(run)) for run in args.runs)) if column == "run" else 18 for column in columns]
-    print("".join(column.ljust(width) for column, width in zip(columns, widths)), file=sys.stderr)
-    if args.baselines:
+    rows_shown = rows
+    if args.baselines:  # as long as a checkpoint or two: said, not a silent wait under the table's header
+        print("scoring random weights and the log-spectrogram baseline on the same tasks", file=sys.stderr)
         config = PretrainConfig(**json.loads((args.runs[0] / "config.json").read_text())).model_config
         rows_shown = rows + baselines(config, tasks)
-    else:
-        rows_shown = rows
+    print("".join(column.ljust(width) for column, width in zip(columns, widths)), file=sys.stderr)
     for row in rows_shown:
         cells = [str(row.get(column, "")) if column in ("run", "step") else f"{row[column]:.4f}" for column in columns]
         print("".join(cell.ljust(width) for cell, width in zip(cells, widths)) + ("<- chosen" if row is best else ""),

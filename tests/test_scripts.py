@@ -355,6 +355,20 @@ def test_select_checkpoint_progress_bar_ends_at_every_checkpoint(tmp_path, monke
     assert "2/2" in capsys.readouterr().err
 
 
+def test_select_checkpoint_says_it_scores_the_baselines_before_the_table(tmp_path, monkeypatch, capsys):
+    """The baselines took a checkpoint's time or two after the table's header, with nothing said."""
+    write_checkpoints(tmp_path / "run", (2,))
+    (tmp_path / "run" / "config.json").write_text('{"data": "unused", "out": "unused"}')
+    monkeypatch.setattr(select, "_score_checkpoint", lambda path, which: {
+        "run": path.parents[1], "step": 2, "validation AUC": 0.5, "validation pAUC": 0.5, "embedding spread": 0.25})
+    monkeypatch.setattr(select.demo, "build_task", lambda *args, **kwargs: None)
+    said = []
+    monkeypatch.setattr(select, "baselines", lambda config, tasks: said.append(capsys.readouterr().err) or [])
+    assert select.main([str(tmp_path / "run"), "--jobs", "1", "--baselines"]) == 0
+    assert "scoring random weights and the log-spectrogram baseline" in said[0] and "validation AUC" not in said[0]
+    assert "validation AUC" in capsys.readouterr().err
+
+
 def test_select_checkpoint_interrupted_from_the_command_line_says_what_is_kept(tmp_path, monkeypatch, capsys):
     write_checkpoints(tmp_path / "run", (2,))
     monkeypatch.setattr(select, "_score_checkpoint", lambda path, which: (_ for _ in ()).throw(KeyboardInterrupt))
