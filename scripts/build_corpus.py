@@ -51,6 +51,7 @@ from echo.data.opensfx import read_catalogue  # noqa: E402
 from echo.data.wav import read_wav, write_wav  # noqa: E402
 from echo.encode_files import read_file  # noqa: E402
 from echo.pretrain.corpus import audio_files  # noqa: E402
+from echo.wording import counted  # noqa: E402
 
 PRETRAIN_PACKAGES = ("openttd-opensfx", "asterisk-core-sounds-en-wav", "alsa-utils", "sound-icons")
 EXTRA_PACKAGES = ("hydrogen-drumkits",)  # more real wideband audio, for runs beyond the bundled model's recipe
@@ -249,8 +250,8 @@ def _unlisted(out: Path, listed: set[str], records: dict[str, dict]) -> list[str
     unlisted = [path for path in present if path not in listed]
     foreign = [path for path in unlisted if path not in records]
     if foreign:
-        raise SystemExit(f"{out} holds {len(foreign)} audio files that no build of this script listed, which "
-                         f"pretraining would read without their credit: {', '.join(foreign[:5])}"
+        raise SystemExit(f"{out} holds {counted(len(foreign), 'audio file')} that no build of this script listed, "
+                         f"which pretraining would read without their credit: {', '.join(foreign[:5])}"
                          f"{' ...' if len(foreign) > 5 else ''}; move them away or choose another --out")
     return unlisted
 
@@ -362,14 +363,15 @@ def _build(args) -> int:
         raise SystemExit(f"cannot write the corpus to {out}: {error}; the same command resumes") from None
 
     if unlisted:
-        print(f"removed {len(unlisted)} files of an earlier build that this one does not list, e.g. {unlisted[0]}")
-    print(f"{len(rows)} files in {out} ({reused} from an earlier run), {len(skipped)} left out; "
+        print(f"removed {counted(len(unlisted), 'file')} of an earlier build that this one does not list, e.g. "
+              f"{unlisted[0]}")
+    print(f"{counted(len(rows), 'file')} in {out} ({reused} from an earlier run), {len(skipped)} left out; "
           f"data list {datalist}")
     for split in ("pretrain", "heldout"):
         chosen = [r for r in rows if r["split"] == split]
         rates = sorted({int(r["sample_rate"]) for r in chosen})
         hours = sum(float(r["seconds"]) for r in chosen) / 3600
-        print(f"  {split}: {len(chosen)} files, {hours:.2f} h, rates {', '.join(map(str, rates))} Hz")
+        print(f"  {split}: {counted(len(chosen), 'file')}, {hours:.2f} h, rates {', '.join(map(str, rates))} Hz")
     for original, reason in skipped[:20]:
         print(f"  left out {original}: {reason}")
     if len(skipped) > 20:

@@ -71,7 +71,7 @@ def test_a_damaged_or_foreign_file_is_not_taken_for_a_finished_one(tmp_path, syn
     assert files(out) == built
 
     (out / "pretrain" / "mine.wav").write_bytes(built[str(first.relative_to(out))])
-    with pytest.raises(SystemExit, match="1 audio files that no build of this script listed.*pretrain/mine.wav"):
+    with pytest.raises(SystemExit, match="1 audio file that no build of this script listed.*pretrain/mine.wav"):
         synthetic_only(out, 4)
 
 
