@@ -255,7 +255,7 @@ def main(argv=None) -> int:
     # order, which the thread count changes: say which it was.
     print(f"demo task: {len(task.clips)} clips (seed {args.seed}); bucklespring: {len(key_labels)} clips "
           f"({', '.join(f'{key_labels.count(label)} {label}' for label in sorted(set(key_labels)))}); "
-          f"{torch.get_num_threads()} torch threads")
+          f"torch threads: {torch.get_num_threads()}")  # as the demo says it
     seeds = range(args.seed, args.seed + args.demo_seeds)
     results = {}
     for name, embed in embedding.items():
