@@ -204,6 +204,16 @@ def checked_model(model) -> None:
                          "device that computes (cpu, cuda, ...)")
 
 
+def checked_encoder(model, device, dtype) -> torch.device:
+    """The model's device, once the model, `device` (None, or the model's) and `dtype` are ones `encode` takes:
+    a caller that reads files before encoding names a wrong argument before that work."""
+    checked_model(model)
+    if device is not None and not _same_device(inputs.checked_device(device), model.device):
+        raise ValueError(f"model is on {model.device} but device={device} was asked; move the model first")
+    packed.check_dtype(dtype)
+    return model.device
+
+
 @torch.no_grad()
 def encode(
     model: EchoModel,
@@ -231,10 +241,7 @@ def encode(
     echo.host_memory.keep_freed_memory() (a process-wide malloc setting, so it is the caller's choice).
     """
     backends.check_environment()  # a misspelt ECHO_BACKEND_<OP> would be ignored by the op it meant
-    checked_model(model)
-    if device is not None and not _same_device(inputs.checked_device(device), model.device):
-        raise ValueError(f"model is on {model.device} but device={device} was asked; move the model first")
-    device = model.device
+    device = checked_encoder(model, device, dtype)
     if max_tokens is None:
         max_tokens = DEFAULT_MAX_TOKENS.get(device.type, DEFAULT_MAX_TOKENS_ELSEWHERE)
     max_tokens = checked_max_tokens(max_tokens)

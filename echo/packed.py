@@ -256,6 +256,15 @@ INFERENCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the en
 _INFERENCE_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {dtype: (signature, weights, copy)}
 
 
+def check_dtype(dtype) -> None:
+    """One of INFERENCE_DTYPES, the dtypes the encoders' products run in."""
+    if dtype not in INFERENCE_DTYPES:
+        # a name such as "bfloat16" (the CLI's --dtype) printed as "got bfloat16", as if torch.bfloat16 were refused
+        named = isinstance(dtype, str) and getattr(torch, dtype, None) in INFERENCE_DTYPES
+        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}"
+                         + (f": pass torch.{dtype}, not its name" if named else ""))
+
+
 def inference_model(model, dtype: torch.dtype, snapshot: bool = False):
     """The float32 model itself where no faster inference ops exist (unless `snapshot`: a stream encodes with
     the weights it started with, and the model itself would change under it); otherwise a cached inference copy
@@ -264,11 +273,7 @@ def inference_model(model, dtype: torch.dtype, snapshot: bool = False):
     Every call compares the model's tensors with the copy's source values in full: ~4 ms for ECHO-tiny and
     ~15 ms for ECHO-small on one core, for an exact answer (a sampled check can miss a write). Those source
     values cost one copy of the weights in memory (for a float32 model, the copy's own float32 tensors)."""
-    if dtype not in INFERENCE_DTYPES:
-        # a name such as "bfloat16" (the CLI's --dtype) printed as "got bfloat16", as if torch.bfloat16 were refused
-        named = isinstance(dtype, str) and getattr(torch, dtype, None) in INFERENCE_DTYPES
-        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}"
-                         + (f": pass torch.{dtype}, not its name" if named else ""))
+    check_dtype(dtype)
     packs = model.device.type == "cpu" and linear_ops.available(dtype)
     if (not snapshot and dtype == torch.float32 and not packs
             and all(p.dtype == torch.float32 for p in model.parameters())):

@@ -422,6 +422,33 @@ def test_a_batch_size_under_one_is_refused(tmp_path, model, batch_files):
         embed.embed_files(model, files, read_audio, None, batch_files=batch_files, progress=False)
 
 
+@pytest.mark.parametrize("argument, error", [
+    ({"dtype": "bfloat16"}, "pass torch.bfloat16, not its name"), ({"dtype": torch.float64}, "dtype must be"),
+    ({"device": "cpux"}, "unknown device 'cpux'"), ({"model": "tiny"}, "model must be an echo.EchoModel"),
+    ({"read": None}, "read must be a function path -> \\(signal, rate\\)")])
+def test_a_wrong_argument_is_named_before_any_file_is_read(tmp_path, model, argument, error):
+    """Found by the encoder, a wrong dtype or device failed every file as if it were bad (one file a batch), or
+    stopped the job saying "the device or the model fails, not the signals"; a model name failed in the cache
+    key's hash ("'str' object has no attribute 'config'")."""
+    files = make_files(tmp_path)
+    reads = []
+
+    def read(path):
+        reads.append(path)
+        return read_audio(path)
+    arguments = {"model": model, "read": read, **argument}
+    with pytest.raises((ValueError, TypeError), match=error):
+        embed.embed_files(arguments.pop("model"), files[:1], arguments.pop("read"), tmp_path / "cache",
+                          progress=False, **arguments)
+    assert not reads
+
+
+def test_a_reader_returning_no_pair_is_told_so():
+    """A reader returning the samples alone failed each file with "too many values to unpack (expected 2)"."""
+    assert embed.read_checked(lambda path: np.zeros(800, np.float32), __file__) == \
+        "the reader returned ndarray, not a pair (signal, rate)"
+
+
 def test_interrupted_run_resumes(tmp_path, model, monkeypatch):
     files = make_files(tmp_path / "data")
     calls = []

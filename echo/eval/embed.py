@@ -175,12 +175,13 @@ class EmbeddingCache:
 
 @dataclass
 class Embedded:
-    vectors: list  # one float32 array per path, None where the file failed
-    failures: list = field(default_factory=list)  # (path, reason)
-    cached: int = 0
-    encoded: int = 0
-    read_seconds: float = 0.0
-    encode_seconds: float = 0.0
+    """What `embed_files` returns."""
+    vectors: list  # one (features,) float32 numpy array per path, in the order given; None where the file failed
+    failures: list = field(default_factory=list)  # (Path, reason text) of each failed file, in the order found
+    cached: int = 0  # paths served from the cache
+    encoded: int = 0  # files encoded by this call (a file listed twice counts once)
+    read_seconds: float = 0.0  # time spent waiting for the readers
+    encode_seconds: float = 0.0  # time spent encoding
 
 
 def _failure(error: Exception, path=None) -> str:
@@ -209,7 +210,10 @@ def read_checked(read: Callable, path: Path):
         with open(path, "rb") as handle:  # a file we may not read is named as such, not as the decoder's "System error"
             if os.fstat(handle.fileno()).st_size == 0:  # else each reader's own words: "Format not recognised"
                 return "empty file (0 bytes)"
-        signal, rate = read(path)
+        result = read(path)
+        if not isinstance(result, (tuple, list)) or len(result) != 2:  # else "too many values to unpack"
+            return f"the reader returned {type(result).__name__}, not a pair (signal, rate)"
+        signal, rate = result
         rate = inputs.check_sample_rate(rate)
         return inputs.as_signal(signal, rate), rate
     except ImportError:  # a missing optional package is not a bad file
@@ -360,8 +364,15 @@ def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | N
     not served. A run stopped after it saved batches says
     what it kept and that the same command resumes: Ctrl-C in its KeyboardInterrupt, an error in a WorkKept from it
     (an ImportError excepted, named as such by the command line)."""
+    from .. import fast
+
     if batch_files < 1:  # a negative size made no batch: nothing encoded, nothing reported
         raise ValueError(f"batch_files={batch_files}: at least one file per batch")
+    # before any file is read: found by the encoder, a wrong argument failed every batch as if each file were bad,
+    # or the job as if the device had failed
+    fast.checked_encoder(model, device, dtype)
+    if not callable(read):
+        raise TypeError(f"read must be a function path -> (signal, rate), got {type(read).__name__} {read!r:.60}")
     paths = [Path(p) for p in paths]
     cache = None
     if cache_dir is not None:
