@@ -626,6 +626,23 @@ def test_distances_past_the_dtype_are_refused():
         neighbors.nearest(queries, bank, 2)
 
 
+def test_sides_of_two_dtypes_are_searched_and_returned_in_the_wider_one():
+    """A float64 bank was cast to float16 queries' dtype: rows 1e-4 apart became one row, at distance 0, and one of
+    7e4 infinite; a bfloat16 pair was searched, then failed in numpy ("unsupported ScalarType BFloat16")."""
+    queries = np.array([[1.0, 0.0]], np.float16)
+    bank = np.array([[1.0002, 0.0], [0.9999, 0.0], [7e4, 0.0]])
+    for given in ((queries, bank), (bank[:2].astype(np.float16), queries.astype(np.float64))):
+        assert neighbors.nearest(*given, 1)[0].dtype == np.float64
+    distances, indices = neighbors.nearest(queries, bank, 3)
+    assert indices.tolist() == [[1, 0, 2]]
+    np.testing.assert_allclose(distances, [[1e-4, 2e-4, 7e4 - 1]], rtol=1e-9)
+    distances, indices = neighbors.fused_nearest(queries[:, None], bank[:, None], 1)
+    assert indices.tolist() == [[1]] and distances.dtype == np.float64
+    distances, indices = neighbors.nearest(torch.tensor([[0.0, 1.0]], dtype=torch.bfloat16),
+                                           torch.tensor([[0.0, 0.0], [0.0, 3.0]], dtype=torch.bfloat16), 2)
+    assert distances.dtype == np.float32 and distances.tolist() == [[1.0, 2.0]] and indices.tolist() == [[0, 1]]
+
+
 # rows times these powers of two: squares that underflow to 0 or overflow, in float32 and in float64
 UNITS = [(np.float32, 2.0 ** -80), (np.float32, 2.0 ** 100), (np.float64, 2.0 ** -600), (np.float64, 2.0 ** 600)]
 

@@ -118,12 +118,20 @@ def chosen_channels(channels, count: int) -> list[int]:
     return channels
 
 
-def _as_tensor(x, name: str, device, dtype=None) -> torch.Tensor:
+def _as_tensor(x, name: str, device) -> torch.Tensor:
     x = torch.as_tensor(x if isinstance(x, torch.Tensor) else _array(x, name))
     if not x.is_floating_point():
         x = x.double()
     check_finite(x, name)
-    return x.to(device=device, dtype=dtype or x.dtype)
+    return x.to(device)
+
+
+def _common_dtype(queries: torch.Tensor, bank: torch.Tensor) -> torch.dtype:
+    """The dtype both sides are searched and returned in: the wider of theirs (the bank cast to the queries' one
+    rounded float64 rows to float16 queries' resolution: distinct rows at distance 0, large ones infinite), float32
+    for bfloat16, which numpy has no type for (the search ran, then its result could not be returned)."""
+    dtype = torch.promote_types(queries.dtype, bank.dtype)
+    return torch.float32 if dtype == torch.bfloat16 else dtype
 
 
 def _exclusions(exclude, queries: int, bank: int, device) -> torch.Tensor | None:
@@ -337,13 +345,16 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
     `groups`: (one group per query, one per bank row; names or numbers): a query never matches a bank row of its group
     (leave-one-group-out in one search, the bank prepared once; torch search only).
     Searched in float64 (faiss: float32, which torch's settings do not reach either), the k nearest measured in
-    float64 and returned (and ranked) in the inputs' dtype: refused if they exceed its range.
+    float64 and returned (and ranked) in the wider of the inputs' dtypes (float32 for bfloat16): refused if they
+    exceed its range. Distances come as a numpy array of that dtype, indices as an int64 one.
     """
     if backend not in ("torch", "faiss"):
         raise ValueError(f"unknown search backend {backend!r}; known: torch, faiss")
     device = torch.device("cpu" if backend == "faiss" else device or "cpu")
     queries = _as_tensor(queries, "queries", device)
-    bank = _as_tensor(bank, "bank", "cpu", queries.dtype)
+    bank = _as_tensor(bank, "bank", "cpu")
+    dtype = _common_dtype(queries, bank)
+    queries, bank = queries.to(dtype), bank.to(dtype)
     for name, rows in (("queries", queries), ("bank", bank)):
         if rows.dim() != 2 or rows.shape[0] == 0:
             raise ValueError(f"{name} must be a non-empty (rows, features) matrix, got shape {tuple(rows.shape)}")
@@ -510,14 +521,15 @@ def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=Non
                   chunk_bytes: int = CHUNK_BYTES, groups=None) -> tuple[np.ndarray, np.ndarray]:
     """k nearest neighbours by the fused multi-channel distance: each (query, channel) row of Euclidean
     distances is z-scored over the bank (population std; a query's excluded row takes no part), then the
-    chosen channels are averaged. queries (Q, C, E), bank (B, C, E) -> (fused distances, indices) (Q, k).
+    chosen channels are averaged. queries (Q, C, E), bank (B, C, E) -> (fused distances, indices) (Q, k), numpy
+    arrays, ascending per row.
     `groups`: as `nearest`'s; a query's own group takes no part either, as if each group had its own bank.
 
     The bank stays on the CPU and is visited in chunks, twice: first for each query's mean and std per channel,
     merged chunk by chunk, then for the z-scores, keeping every row whose fused distance could be as small as
     the k-th's, by the search's bound on each distance. Those are measured again from the rows' differences and
     ranked in float64 (near-duplicates differ by far less than the inputs' dtype resolves around -mean/std),
-    then returned in the inputs' dtype. Each channel is searched (and measured) on its rows times its own
+    then returned in the wider of the inputs' dtypes (float32 for bfloat16). Each channel is searched (and measured) on its rows times its own
     power of two, which no z-score sees. The mean and std are taken over the search's distances, each off by
     up to sqrt((E + 8) eps) (|q| + |b|), though far less in practice: exact ones would measure every (query,
     bank) pair from its difference, which no matrix product does (torch.cdist that way takes ~10 times the
@@ -526,7 +538,9 @@ def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=Non
     """
     device = torch.device(device or "cpu")
     queries = _as_tensor(queries, "queries", device)
-    bank = _as_tensor(bank, "bank", "cpu", queries.dtype)
+    bank = _as_tensor(bank, "bank", "cpu")
+    dtype = _common_dtype(queries, bank)
+    queries, bank = queries.to(dtype), bank.to(dtype)
     if queries.dim() != 3 or bank.dim() != 3 or queries.shape[1:] != bank.shape[1:]:
         raise ValueError(f"fused search needs (rows, channels, features) for both sides with equal channels and "
                          f"features, got queries {tuple(queries.shape)} and bank {tuple(bank.shape)}")
