@@ -181,6 +181,19 @@ def test_bad_requests_are_clear():
         neighbors.fused_nearest(np.zeros((1, 2, 3)), np.zeros((4, 2, 3)), 1, [2])
     with pytest.raises(ValueError, match=r"exclude must hold one bank row \(or -1\) per query: 3 values"):
         neighbors.nearest(bank, bank, 1, exclude=[0])  # was broadcast: row 0 excluded for every query
+    for k in (1.5, True):  # failed deep in torch: "argument 'size' failed to unpack", "must be int, not bool"
+        with pytest.raises(ValueError, match=f"k must be a whole number of neighbours, got {k}"):
+            neighbors.nearest(bank, bank, k)
+        with pytest.raises(ValueError, match=f"k must be a whole number of neighbours, got {k}"):
+            neighbors.fused_nearest(bank[:, None], bank[:, None], k)
+    assert neighbors.nearest(bank, bank, 2.0)[1].shape == (3, 2)
+    # text failed in torch ("can't convert np.ndarray of type numpy.str_"); complex values lost their imaginary part
+    with pytest.raises(ValueError, match="bank must be real numbers of one shape, got <U1"):
+        neighbors.nearest(bank, [["a"] * 4])
+    with pytest.raises(ValueError, match="queries must be real numbers of one shape, got complex128"):
+        neighbors.nearest(bank + 1j, bank)
+    with pytest.raises(ValueError, match="queries must be real numbers, got torch.complex64"):
+        neighbors.nearest(torch.ones(1, 4, dtype=torch.complex64), bank)
 
 
 @pytest.mark.parametrize("side", ["queries", "bank"])

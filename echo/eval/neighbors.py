@@ -35,7 +35,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from ..inputs import first_items
+from ..inputs import first_items, whole_number
 from . import require
 
 METRICS = ("euclidean", "cosine")
@@ -94,8 +94,9 @@ def _array(embeddings, name: str) -> np.ndarray:
         shapes = sorted({np.shape(row) for row in embeddings})
         raise ValueError(f"{name} differ in shape ({', '.join(map(str, shapes[:4]))}): one model and one sample "
                          f"rate (band count) per evaluation") from None
-    if rows.dtype == object:
-        raise ValueError(f"{name} must be numbers of one shape, got objects")
+    if rows.dtype.kind not in "biuf":  # text failed in torch, complex numbers lost their imaginary part
+        kind = "objects" if rows.dtype == object else rows.dtype
+        raise ValueError(f"{name} must be real numbers of one shape, got {kind}")
     return rows
 
 
@@ -120,6 +121,8 @@ def chosen_channels(channels, count: int) -> list[int]:
 
 def _as_tensor(x, name: str, device) -> torch.Tensor:
     x = torch.as_tensor(x if isinstance(x, torch.Tensor) else _array(x, name))
+    if x.is_complex():
+        raise ValueError(f"{name} must be real numbers, got {x.dtype}")
     if not x.is_floating_point():
         x = x.double()
     check_finite(x, name)
@@ -132,6 +135,14 @@ def _common_dtype(queries: torch.Tensor, bank: torch.Tensor) -> torch.dtype:
     for bfloat16, which numpy has no type for (the search ran, then its result could not be returned)."""
     dtype = torch.promote_types(queries.dtype, bank.dtype)
     return torch.float32 if dtype == torch.bfloat16 else dtype
+
+
+def _neighbour_count(k) -> int:
+    """k as an int; 1.5 or True failed deep in torch ("argument 'size' failed to unpack")."""
+    count = whole_number(k)
+    if count is None:
+        raise ValueError(f"k must be a whole number of neighbours, got {k!r}")
+    return count
 
 
 def _exclusions(exclude, queries: int, bank: int, device) -> torch.Tensor | None:
@@ -355,6 +366,7 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
     bank = _as_tensor(bank, "bank", "cpu")
     dtype = _common_dtype(queries, bank)
     queries, bank = queries.to(dtype), bank.to(dtype)
+    k = _neighbour_count(k)
     for name, rows in (("queries", queries), ("bank", bank)):
         if rows.dim() != 2 or rows.shape[0] == 0:
             raise ValueError(f"{name} must be a non-empty (rows, features) matrix, got shape {tuple(rows.shape)}")
@@ -541,6 +553,7 @@ def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=Non
     bank = _as_tensor(bank, "bank", "cpu")
     dtype = _common_dtype(queries, bank)
     queries, bank = queries.to(dtype), bank.to(dtype)
+    k = _neighbour_count(k)
     if queries.dim() != 3 or bank.dim() != 3 or queries.shape[1:] != bank.shape[1:]:
         raise ValueError(f"fused search needs (rows, channels, features) for both sides with equal channels and "
                          f"features, got queries {tuple(queries.shape)} and bank {tuple(bank.shape)}")
