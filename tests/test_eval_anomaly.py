@@ -185,6 +185,15 @@ def test_test_clips_without_a_bank_are_an_error():
 
 
 
+def test_a_subset_neither_train_nor_test_is_refused():
+    """A clip of subset "Test" joined the bank: the test clip most like it scored 0 against it, and it was left
+    out of every group unseen."""
+    clips = [Clip(Path(name), "dev", "fan", "00", None, subset, label)
+             for name, subset, label in (("a", "train", 0), ("b", "test", 0), ("c", "Test", 1))]
+    with pytest.raises(ValueError, match="c: subset 'Test' is neither 'train' \\(memory bank\\) nor 'test'"):
+        anomaly.score_clips(clips, np.eye(3))
+
+
 @pytest.mark.parametrize("field, value", [("label", "1"), ("label", 2), ("domain", "Source"), ("domain", None)])
 def test_labels_and_domains_the_groups_cannot_read_are_refused(field, value):
     """A label "0"/"1" read from a csv as text equals neither 0 nor 1, and a domain spelt otherwise matches neither

@@ -54,13 +54,16 @@ def check_year(year: int | None) -> int | None:
 
 
 def score_clips(clips: list[Clip], embeddings, device=None, backend: str = "torch") -> np.ndarray:
-    """Cosine 1-NN distance of every test clip to its own bank; NaN for training clips."""
+    """Cosine 1-NN distance of every test clip to the training clips of its (split, machine, section), its bank:
+    a float64 array (N,) in the clips' order, NaN for training clips."""
     embeddings = neighbors.as_rows(embeddings)
     neighbors.check_nonzero(embeddings, "embeddings")  # by the row given, not by its place in a group
     if len(embeddings) != len(clips):
         raise ValueError(f"{len(embeddings)} embeddings for {len(clips)} clips")
     groups = defaultdict(lambda: ([], []))
     for index, clip in enumerate(clips):
+        if clip.subset not in ("train", "test"):  # "Test" joined the bank: a test clip scored by itself, unscored
+            raise ValueError(f"{clip.path}: subset {clip.subset!r} is neither 'train' (memory bank) nor 'test'")
         groups[(clip.split, clip.machine, clip.section)][clip.subset == "test"].append(index)
     scores = np.full(len(clips), np.nan)
     for (split, machine, section), (bank, tests) in sorted(groups.items()):
