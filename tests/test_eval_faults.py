@@ -365,3 +365,9 @@ def test_the_kfold_searches_default_to_sirens_folds():
     got = faults.banks_and_queries("kfold", labels)
     assert [(train.tolist(), test.tolist(), None) for train, test in expected] == \
         [(bank.tolist(), queries.tolist(), own) for bank, queries, own in got]
+
+
+def test_labels_of_mixed_kinds_are_refused_naming_the_kinds():
+    """A missing label (None) among names failed in numpy's sort: "'<' not supported between instances"."""
+    with pytest.raises(ValueError, match="labels must be names or numbers of one kind, got NoneType, str"):
+        faults.evaluate(np.eye(4), ["a", None, "b", "b"], "loocv", k=1)

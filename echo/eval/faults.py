@@ -102,7 +102,11 @@ def view_name(channels, fuse: bool, n_channels: int) -> str:
 def class_codes(labels) -> tuple[np.ndarray, np.ndarray]:
     """The sorted classes and each label's code in them. One class is refused: every prediction would be
     right, an accuracy of 1 that measures nothing."""
-    classes, codes = np.unique(np.asarray(labels), return_inverse=True)
+    try:
+        classes, codes = np.unique(np.asarray(labels), return_inverse=True)
+    except TypeError:  # None among names, say: "'<' not supported between instances of 'NoneType' and 'str'"
+        kinds = sorted({type(label).__name__ for label in labels})
+        raise ValueError(f"labels must be names or numbers of one kind, got {', '.join(kinds)}") from None
     if len(classes) < 2:
         raise ValueError(f"fault classification needs two classes or more; every file is {str(classes[0])!r}")
     return classes, codes
