@@ -541,8 +541,8 @@ def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=Non
     merged chunk by chunk, then for the z-scores, keeping every row whose fused distance could be as small as
     the k-th's, by the search's bound on each distance. Those are measured again from the rows' differences and
     ranked in float64 (near-duplicates differ by far less than the inputs' dtype resolves around -mean/std),
-    then returned in the wider of the inputs' dtypes (float32 for bfloat16). Each channel is searched (and measured) on its rows times its own
-    power of two, which no z-score sees. The mean and std are taken over the search's distances, each off by
+    then returned in the wider of the inputs' dtypes (float32 for bfloat16). Each channel is searched (and
+    measured) on its rows times its own power of two, which no z-score sees. The mean and std are taken over the search's distances, each off by
     up to sqrt((E + 8) eps) (|q| + |b|), though far less in practice: exact ones would measure every (query,
     bank) pair from its difference, which no matrix product does (torch.cdist that way takes ~10 times the
     search's time). A mean moves all of a query's fused distances alike, never its ranking; a std weighs its
