@@ -194,14 +194,15 @@ def _chunks(monos: list[_Mono], max_tokens: int) -> list[list[tuple[int, list[Pi
 
 
 def checked_model(model) -> None:
-    """What encodes is an EchoModel with weights: a path, None or a model on the meta device failed in torch's
-    attribute lookups or kernels, naming neither the model nor what to pass."""
+    """What encodes is an EchoModel with weights, whose layers the packed path can run: a path, None or a model on
+    the meta device failed in torch's attribute lookups or kernels, naming neither the model nor what to pass."""
     if not isinstance(model, EchoModel):
         raise TypeError(f"model must be an echo.EchoModel (echo.load makes one from a file or a name), got "
                         f"{type(model).__name__} {model!r:.60}")
     if model.device.type == "meta":
         raise ValueError("the model is on the meta device: it has shapes but no weights; load its weights on a "
                          "device that computes (cpu, cuda, ...)")
+    packed.check_layers_run_as_built(model)
 
 
 def checked_encoder(model, device, dtype) -> torch.device:

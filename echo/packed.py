@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .model import EchoLayer, SelfAttention
 from .ops import attention as attention_ops
 from .ops import backend as backends
 from .ops import linear as linear_ops
@@ -128,6 +129,29 @@ def _layer_ops(layer, backend: str | None):
     if prepared is not None and backends.forced("norm", backend) in (None, "csrc"):
         return prepared
     return _EagerOps(layer, backend)
+
+
+# Modules of an encoder layer that EchoModel.encode runs (calls) but the packed path only reads tensors from.
+READ_NOT_RUN = {"": EchoLayer, "self_attn": SelfAttention, "self_attn.out_proj": nn.Linear, "linear2": nn.Linear}
+
+
+def check_layers_run_as_built(model) -> None:
+    """ValueError naming a layer's module whose forward is not its class's own (an adapter such as LoRA in place
+    of out_proj or linear2): the packed path reads such modules' weights and runs its own ops, so it left out
+    what that forward adds, silently (LoRA on out_proj and linear2: 0.36 off model.encode)."""
+    for index, layer in enumerate(model.encoder.layers):
+        for path, built in READ_NOT_RUN.items():
+            try:
+                module = layer.get_submodule(path)
+            except AttributeError:
+                module = None
+            if getattr(type(module), "forward", None) is not built.forward:
+                name = ".".join(filter(None, ("encoder.layers", str(index), path)))
+                raise ValueError(
+                    f"model.{name} is a {type(module).__name__}, whose forward is not {built.__name__}'s: echo.fast "
+                    f"reads its weights and does not run its forward, so it would leave out what that forward "
+                    f"changes; merge the change into the weights first (peft: merge_and_unload()) or use "
+                    f"model.encode")
 
 
 def layer_forward(

@@ -667,3 +667,32 @@ def test_a_pass_frames_are_let_go_once_written_into_their_signals_frames(model, 
         ref_u, ref_f = model.encode(signal, 16000)
         assert frame_rows.shape == ref_f.shape and frame_rows.is_contiguous()
         assert rel_err(utterance, ref_u) < 1e-5 and rel_err(frame_rows, ref_f) < 1e-5
+
+
+def test_a_layer_module_whose_forward_the_packed_path_would_skip_is_refused():
+    """A LoRA adapter in place of out_proj or linear2 (peft's target modules) runs in model.encode, which calls
+    those modules; fast.encode and StreamEncoder read their weights only and were 0.36 off, silently. A subclass
+    that keeps the class's forward (weight norm's parametrization) still encodes."""
+    from torch.nn.utils import parametrizations
+
+    class LoRA(torch.nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base_layer, self.down = base, torch.nn.Linear(base.in_features, 2, bias=False)
+
+        weight, bias = property(lambda self: self.base_layer.weight), property(lambda self: self.base_layer.bias)
+
+        def forward(self, x):
+            return self.base_layer(x) + self.down(x).sum(-1, keepdim=True)
+
+    model = random_model("tiny", depth=2)
+    signal = torch.randn(8000)
+    parametrizations.weight_norm(model.encoder.layers[1].linear2)
+    assert_fast_paths_give(model.encode(signal, 16000)[0], model, signal, torch.float32, 1e-5)
+    model.encoder.layers[1].linear2 = LoRA(model.encoder.layers[1].linear2)
+    for encoder in (lambda: fast.encode(model, signal, 16000), lambda: fast.StreamEncoder(model, 16000)):
+        with pytest.raises(ValueError, match=r"model.encoder.layers.1.linear2 is a LoRA, whose forward is not Linear's"):
+            encoder()
+    del model.encoder.layers[1].self_attn.out_proj
+    with pytest.raises(ValueError, match=r"layers.1.self_attn.out_proj is a NoneType"):
+        fast.encode(model, signal, 16000)
