@@ -2,7 +2,6 @@
 runs per sequence through `cu_seqlens`. Used by echo.fast (inference) and echo.pretrain (training)."""
 from __future__ import annotations
 
-import weakref
 from copy import deepcopy
 from dataclasses import dataclass, field
 
@@ -226,7 +225,7 @@ def _attributes_shared(model) -> dict[int, object]:
     the sizes, anything a user hung on them) instead of copying it: the encoder reads none of them but what
     the copy's signature compares, and a lock or an open file among them made fast.encode fail."""
     return {id(value): value for module in model.modules() for name, value in vars(module).items()
-            if name not in _MODULE_STATE and not isinstance(value, (nn.Module, torch.Tensor))}
+            if name not in _MODULE_STATE and not isinstance(value, (nn.Module, torch.Tensor, _InferenceCopies))}
 
 
 def _hooks_left_behind(model) -> dict[int, dict]:
@@ -277,7 +276,23 @@ def _signature(model, dtype: torch.dtype, named: list[tuple[str, torch.Tensor]])
 
 
 INFERENCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the encoders' products run in
-_INFERENCE_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {dtype: (signature, weights, copy)}
+
+
+class _InferenceCopies(dict):
+    """A model's inference copies, dtype -> (signature, weights, copy), kept on the model itself. A copy shares
+    the model's plain attributes, and one may lead back to the model (`model.encode_fn = model.encode`, a patched
+    forward): in a global weak-keyed table such a copy kept its model, itself and its weights alive for good, a
+    leak per model a service loaded. On the model, the cycle is garbage like any other. A copy or a pickle of the
+    model starts with none."""
+
+    def __deepcopy__(self, memo):
+        return type(self)()
+
+    def __reduce__(self):
+        return type(self), ()
+
+
+_COPIES_ATTRIBUTE = "_echo_inference_copies"
 
 
 def check_dtype(dtype) -> None:
@@ -304,13 +319,14 @@ def inference_model(model, dtype: torch.dtype, snapshot: bool = False):
         return model
     named = _named_tensors(model)  # once a call: the signature and the comparison both walk them
     signature = _signature(model, dtype, named)
-    cached = _INFERENCE_COPIES.setdefault(model, {}).get(dtype)
+    copies = vars(model).setdefault(_COPIES_ATTRIBUTE, _InferenceCopies())
+    cached = copies.get(dtype)
     if cached is not None and cached[0] == signature and _unchanged(named, cached[1], model.device):
         return cached[2]
-    _INFERENCE_COPIES[model].pop(dtype, None)  # the stale copy goes before the new one is built: less peak memory
+    copies.pop(dtype, None)  # the stale copy goes before the new one is built: less peak memory
     weights = _source_weights(named)
     cached = (signature, weights, inference_copy(model, dtype, weights))
-    _INFERENCE_COPIES[model][dtype] = cached
+    copies[dtype] = cached
     return cached[2]
 
 

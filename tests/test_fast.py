@@ -696,3 +696,27 @@ def test_a_layer_module_whose_forward_the_packed_path_would_skip_is_refused():
     del model.encoder.layers[1].self_attn.out_proj
     with pytest.raises(ValueError, match=r"layers.1.self_attn.out_proj is a NoneType"):
         fast.encode(model, signal, 16000)
+
+
+def test_a_model_that_refers_to_itself_is_freed_after_encoding():
+    """The inference copy shares the model's plain attributes; one that leads back to the model (a bound method,
+    a patched forward) made the global weak-keyed cache of copies keep the model, its copy and their weights
+    alive for good: a leak per model that a service loads. A copy or a pickle of the model starts with no copy."""
+    import copy
+    import gc
+    import io
+    import weakref
+
+    model = random_model("tiny", depth=1)
+    model.encode_signal = model.encode
+    fast.encode(model, torch.randn(8000), 16000)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+    model = random_model("tiny", depth=1)
+    fast.encode(model, torch.randn(8000), 16000)
+    saved = io.BytesIO()
+    torch.save(model, saved)
+    for fresh in (copy.deepcopy(model), torch.load(io.BytesIO(saved.getvalue()), weights_only=False)):
+        assert not vars(fresh).get("_echo_inference_copies")
