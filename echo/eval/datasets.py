@@ -516,7 +516,7 @@ def cwru(root) -> Dataset:
         raise ValueError(f"{root}: no 12 kHz fault file: the {len(skipped)} .mat files are 48 kHz or normal baseline "
                          f"data (e.g. {skipped[0]}); expected the 12k_Drive_End and 12k_Fan_End fault folders")
     if skipped:
-        notes.append(f"skipped {counted(len(skipped), 'file')} of no 12 kHz fault data (48k or normal)")
+        notes.append(f"skipped {counted(len(skipped), 'file')} outside the 12 kHz fault data (48k or normal)")
     # DE_... / FE_...: the sensor at the faulty bearing, by real path: the reader's identity (the embedding cache's
     # key) holds these, the same however --data is spelt
     ends = {os.path.realpath(item.path): item.label[:2] for item in items}
