@@ -338,17 +338,20 @@ def _parquet_table(rows: list[dict], model_key: str, frames: bool, pyarrow):
     return pyarrow.table(columns)
 
 
-def _previous(out: Path, model_key: str, frames: bool) -> dict:
-    """Entries of an earlier output of the same model, keyed like the shards, to skip their files."""
+def _previous(out: Path, model_key: str, frames: bool) -> tuple[dict, str, dict[str, str]]:
+    """Entries of an earlier output of the same model, keyed like the shards, to skip their files; and that output's
+    model and {key: path} of its files, to say what the new output leaves out of it (paths only: its rows of files
+    this run does not write are let go before the encoding)."""
     if not out.is_file():
-        return {}
+        return {}, model_key, {}
     try:
         old = read_embeddings(out)
     except Exception as error:  # an unreadable old output only means nothing is reused
         print(f"note: the existing {out} is not readable ({type(error).__name__}: {error}); encoding everything")
-        return {}
+        return {}, model_key, {}
+    paths = {row["key"]: path for path, row in old["files"].items()}
     if old["model"] != model_key:  # another model's or dtype's embeddings are replaced
-        return {}
+        return {}, old["model"], paths
     entries = {}
     for row in old["files"].values():
         if frames and row.get("frames") is None:
@@ -357,7 +360,24 @@ def _previous(out: Path, model_key: str, frames: bool) -> dict:
         entries[row["key"] + META] = np.array([row["sample_rate"], row["channels"]], dtype=np.int64)
         if row.get("frames") is not None:
             entries[row["key"] + FRAMES] = row["frames"]
-    return entries
+    return entries, model_key, paths
+
+
+def _left_out(out: Path, model_key: str, old_model: str, old_paths: dict[str, str], files: list[Path]) -> str:
+    """What this run's output leaves out of the existing `out` (of `old_model`, {key: path}): all of it when made
+    by another model or dtype, else its files that still exist but are not among this run's `files`; "" if
+    nothing. Both were replaced without a word: a user gathering folders into one output a run at a time, or
+    trying another model on the same --out, lost the earlier run's embeddings unsaid."""
+    if old_paths and old_model != model_key:
+        return (f"{out} holds {counted(len(old_paths), 'file')} encoded by another model or dtype ({old_model}); "
+                f"this run's output replaces it (Ctrl-C keeps it as it is; another --out keeps both)")
+    given = {os.path.realpath(path) for path in files}
+    others = [path for path in old_paths.values() if os.path.exists(path) and os.path.realpath(path) not in given]
+    if not others:
+        return ""
+    return (f"{out} holds {counted(len(others), 'file')} this run was not given (e.g. {shown(others[0])}); the output "
+            f"holds the files of this run's paths only, so they are left out of it (Ctrl-C keeps it as it is; give "
+            f"their paths too to keep them: their embeddings are reused)")
 
 
 def _held(key: str, entries: dict, frames: bool) -> bool:
@@ -531,7 +551,8 @@ def _encode_files(args, rank: int, world: int) -> int:
     _check_reader(files)
     parts = _parts(args.out)
     cache = EmbeddingCache(parts, model_key)
-    done = {**_previous(args.out, model_key, args.frames), **cache.entries}
+    done, old_model, old_paths = _previous(args.out, model_key, args.frames)
+    done.update(cache.entries)
     keys = {}
     with ThreadPoolExecutor(READ_WORKERS) as pool:  # in threads, as eval's: hashing lets go of the GIL
         for path, (key, reason) in zip(files, pool.map(key_checked, files)):
@@ -552,6 +573,8 @@ def _encode_files(args, rank: int, world: int) -> int:
     written_here = set(keys.values())
     done = {entry: value for entry, value in done.items() if entry.split("/", 1)[0] in written_here}
     mine = wanted[rank::world]
+    if rank == 0 and (left_out := _left_out(args.out, model_key, old_model, old_paths, files)):
+        print(f"note: {left_out}")
     if rank == 0 and len(wanted) < len(keys):  # a resumed run says so before its bar, not only in its last line
         print(f"encoded already: {counted(len(keys) - len(wanted), 'file')} ({args.out} or {parts}); "
               + (f"{len(wanted)} to encode" if wanted else f"nothing to encode: writing {args.out} from them"))

@@ -219,6 +219,26 @@ def test_a_rerun_in_another_dtype_encodes_again(tmp_path, model_path, capsys):
     assert rel_err(torch.from_numpy(read_embeddings(out)["files"][str(tmp_path / "a.wav")]["utterance"]), ref) < 1e-5
 
 
+def test_an_output_that_a_rerun_leaves_files_of_or_another_models_embeddings_out_of_says_so(tmp_path, model_path,
+                                                                                            capsys):
+    """A run over another folder, or in another dtype, into an existing --out replaced what it held without a word:
+    a user gathering folders into one output a run at a time lost the earlier runs' embeddings unsaid."""
+    files = [tmp_path / name for name in ("a.wav", "b.wav")]
+    for path in files:
+        soundfile.write(str(path), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    out = tmp_path / "e.npz"
+    assert run(files[0], "--model", model_path, "--out", out) == 0
+    capsys.readouterr()
+    assert run(files[1], "--model", model_path, "--out", out) == 0
+    said = capsys.readouterr().out
+    assert f"note: {out} holds 1 file this run was not given (e.g. {files[0]})" in said
+    assert "give their paths too" in said
+    assert run(*files, "--model", model_path, "--out", out) == 0  # both given: nothing left out, nothing said
+    assert "note:" not in capsys.readouterr().out
+    assert run(*files, "--model", model_path, "--out", out, "--dtype", "bfloat16") == 0
+    assert f"note: {out} holds 2 files encoded by another model or dtype (" in capsys.readouterr().out
+
+
 def test_a_finished_run_keeps_the_saved_batches_of_an_interrupted_run_in_another_dtype(tmp_path, model_path,
                                                                                        capsys, monkeypatch):
     """A completed run deleted all of OUT.parts/, so the finished batches of an interrupted bf16 run to the same
