@@ -62,7 +62,9 @@ OUTPUT_HELP = (
     "utterance/{i} (and frames/{i} with --frames), as embedding sizes differ between rates; a .parquet holds a row "
     "per file: path, key, sample_rate, channels, model, utterance (and frames). model is the model's hash (its config "
     "and weights), prefixed with the dtype where that is not float32; a key is a file's identity, a hash of its real "
-    "path and its bytes: a re-run skips the files whose key the output holds for the same model. "
+    "path and its bytes: a re-run skips the files whose key the output holds for the same model. Paths are as given "
+    "(relative ones to the folder the command ran in). The output holds this run's files only: to gather several "
+    "folders in one, give them all (the files it holds already are reused). "
     "echo.encode_files.read_embeddings(OUT) reads either back.")
 
 
