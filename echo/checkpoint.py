@@ -28,7 +28,9 @@ CONFIG_KEY = "echo_config"  # safetensors metadata entry holding the JSON config
 CONFIG_FIELDS = tuple(field.name for field in dataclasses.fields(EchoConfig))
 SIZE_FIELDS = ("dim", "depth", "heads")  # what a preset (size=) sets
 LAYER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.")
-CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")  # only to point at files inside a folder
+# only to point at files inside a folder; .ckpt is PyTorch Lightning's: a folder of model.pt and last.ckpt loaded
+# model.pt as if it were the folder's only checkpoint
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 # where torch.compile and DataParallel / DistributedDataParallel keep the model they wrap; their state dicts hold
 # its keys under this name and a dot
 WRAPPER_ATTRIBUTES = ("_orig_mod", "module")

@@ -115,7 +115,10 @@ def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(ValueError, match="run is a directory, not a checkpoint file; it holds student.pth, "
                                          "teacher.safetensors: load one of those by path"):
         echo.load(folder)
-    (folder / "teacher.safetensors").unlink(), (folder / "student.pth").unlink()
+    (folder / "student.pth").rename(folder / "last.ckpt")  # Lightning's suffix: one candidate too, not passed over
+    with pytest.raises(ValueError, match="it holds last.ckpt, teacher.safetensors: load one of those by path"):
+        echo.load(folder)
+    (folder / "teacher.safetensors").unlink(), (folder / "last.ckpt").unlink()
     (folder / "checkpoints").mkdir()
     with pytest.raises(ValueError, match=re.escape(f"{folder} is a pretraining run with no model file yet: `python -m "
                                                    f"echo pretrain --out {folder} --export-only` writes")):
