@@ -129,11 +129,23 @@ def _read_torch(path: Path) -> dict:
     others = [f"{key!r} ({type(value).__name__})" for key, value in obj.items() if not isinstance(value, torch.Tensor)]
     if others:  # named: a trainer's checkpoint keeps the weights under a key of its own ('state_dict', 'model')
         raise ValueError(f"{path}: expected a flat dict of tensors, or one under the key 'encoder'; these entries are "
-                         f"not tensors: {first_items(others)}")
+                         f"not tensors: {first_items(others)}{_weights_inside(obj, path)}")
     not_strings = [repr(key) for key in obj if not isinstance(key, str)]
     if not_strings:
         raise ValueError(f"{path}: state dict keys must be strings, found {first_items(not_strings)}")
     return obj
+
+
+def _weights_inside(checkpoint: dict, path: Path) -> str:
+    """Which entries of a trainer's checkpoint hold an encoder's state dict (one with a cls_token, under a prefix or
+    not), and how to save one alone: the entry's name alone left the user to work out the rest."""
+    held = [key for key, value in checkpoint.items() if isinstance(value, dict)
+            and any(isinstance(name, str) and name.split(".")[-1] == "cls_token" for name in value)]
+    if not held:
+        return ""
+    return (f"; the weights look to be under {', '.join(map(repr, held))}: save {'that' if len(held) == 1 else 'one'} "
+            f"alone and load it, e.g. torch.save(torch.load({str(path)!r}, weights_only=True)[{held[0]!r}], "
+            f"'model.pth')")
 
 
 def _check_unprefixed(state: dict, path: Path) -> None:

@@ -190,12 +190,18 @@ def test_save_expands_home_as_load_does(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("content, problem", [
     (lambda state: {"state_dict": state, "epoch": 3}, r"these entries are not tensors: 'state_dict' \(OrderedDict\), "
-                                                     r"'epoch' \(int\)$"),
+                                                     r"'epoch' \(int\); the weights look to be under 'state_dict': "
+                                                     r"save that alone and load it, e.g. torch.save\(torch.load\("
+                                                     r"'.*m.pth', weights_only=True\)\['state_dict'\], 'model.pth'\)$"),
+    (lambda state: {"model": state, "ema": {"module." + key: value for key, value in state.items()}},
+     r"these entries are not tensors: 'model' \(OrderedDict\), 'ema' \(dict\); the weights look to be under "
+     r"'model', 'ema': save one alone and load it, e.g. .*\['model'\]"),
     (lambda state: {**state, "step": 7}, r"these entries are not tensors: 'step' \(int\)$"),
     (lambda state: [state], "it holds a list$"),
 ])
 def test_a_trainers_checkpoint_names_what_it_holds(tmp_path, content, problem):
-    """Refused as "expected a flat dict of tensors" alone: which key held the weights was left to guess."""
+    """Refused as "expected a flat dict of tensors" alone: which key held the weights was left to guess; then
+    named, with no word of how to load them."""
     path = tmp_path / "m.pth"
     torch.save(content(random_model("tiny").state_dict()), path)
     with pytest.raises(ValueError, match=rf"m.pth: expected a flat dict of tensors, or one under the key 'encoder'; "
