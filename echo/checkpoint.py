@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from . import atomic, hub
 from .inputs import checked_device, first_items
 from .model import PRESETS, EchoConfig, EchoModel
+from .pretrain.checkpoints import NAME as PRETRAINING_CHECKPOINT
 
 CONFIG_KEY = "echo_config"  # safetensors metadata entry holding the JSON config
 CONFIG_FIELDS = tuple(field.name for field in dataclasses.fields(EchoConfig))
@@ -117,12 +118,7 @@ def _read_torch(path: Path) -> dict:
     if isinstance(obj, dict) and isinstance(obj.get("encoder"), dict):
         obj = obj["encoder"]
     if isinstance(obj, dict) and {"student", "teacher", "step"} <= obj.keys():  # echo's own training state
-        run = path.parent.parent
-        raise ValueError(
-            f"{path} is a pretraining checkpoint (step {obj['step']}: a student and a teacher, and the training "
-            f"state); write one of its encoders as a model file with `python -m echo pretrain --data DATA --out "
-            f"{run} --export-only --export teacher` (the newest checkpoint, to {run / 'model.safetensors'}), or "
-            f"in Python: echo.pretrain.trainer.run_encoder('{run}', 'teacher', step={obj['step']})")
+        raise _pretraining_checkpoint(path, obj["step"])
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a flat dict of tensors, or one under the key 'encoder'; it holds a "
                          f"{type(obj).__name__}")
@@ -134,6 +130,21 @@ def _read_torch(path: Path) -> dict:
     if not_strings:
         raise ValueError(f"{path}: state dict keys must be strings, found {first_items(not_strings)}")
     return obj
+
+
+def _pretraining_checkpoint(path: Path, step) -> ValueError:
+    """How to make a model file of a pretraining checkpoint's encoder: in Python from this file wherever it lies,
+    and, in its run's checkpoints/ folder, with the command that exports the run's newest checkpoint."""
+    in_python = (f"in Python: from echo.pretrain import checkpoints, trainer; echo.save(trainer.checkpoint_encoder("
+                 f"checkpoints.read({str(path)!r}), 'teacher'), 'model.safetensors')")
+    if path.parent.name != "checkpoints":
+        return ValueError(f"{path} is a pretraining checkpoint (step {step}: a student and a teacher, and the training "
+                          f"state); write one of its encoders as a model file {in_python}")
+    run = path.parent.parent
+    return ValueError(f"{path} is a pretraining checkpoint (step {step}: a student and a teacher, and the training "
+                      f"state); write one of its encoders as a model file with `python -m echo pretrain --out {run} "
+                      f"--export-only --export teacher` (the newest checkpoint, to {run / 'model.safetensors'}), or "
+                      f"this one's {in_python}")
 
 
 def _weights_inside(checkpoint: dict, path: Path) -> str:
@@ -275,6 +286,11 @@ def check_state_dict(model: EchoModel, state: dict, source: str) -> None:
         raise ValueError(f"{source}: does not match {_described(model.config)}; " + "; ".join(problems))
 
 
+def _export_command(run: Path) -> str:
+    return (f"`python -m echo pretrain --out {run} --export-only` writes {run / 'model.safetensors'} from its newest "
+            f"checkpoint")
+
+
 def _looks_like_name(path: str) -> bool:
     """'echo-base', not 'weights/model.pth' nor '~' (the home folder, as a shell reads it): a missing path of this
     shape is reported as an unknown name."""
@@ -298,8 +314,10 @@ def _checkpoint_file(path) -> tuple[Path, str | None]:
         if len(inside) == 1:
             return _checkpoint_file(path / inside[0])
         if not inside and (path / "checkpoints").is_dir():  # a pretraining run before its export
-            raise ValueError(f"{path} is a pretraining run with no model file yet: `python -m echo pretrain --out "
-                             f"{path} --export-only` writes {path / 'model.safetensors'} from its newest checkpoint")
+            raise ValueError(f"{path} is a pretraining run with no model file yet: {_export_command(path)}")
+        if inside and all(PRETRAINING_CHECKPOINT.match(name) for name in inside):  # its checkpoints/: none loads
+            raise ValueError(f"{path} holds a pretraining run's checkpoints ({first_items(inside)}), which are no "
+                             f"model files: {_export_command(path.parent)}")
         hint = f"; it holds {first_items(inside)}: load one of those by path" if inside else ""
         raise ValueError(f"checkpoint {path} is a directory, not a checkpoint file{hint}")
     if path.is_symlink() and not path.exists():

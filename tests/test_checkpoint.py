@@ -532,18 +532,40 @@ def test_a_checkpoint_in_torchs_legacy_format_loads(tmp_path):
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
-def test_a_pretraining_checkpoint_with_its_training_state_is_named(tmp_path):
+def test_a_pretraining_checkpoint_with_its_training_state_is_named(tmp_path, monkeypatch):
     """echo's pretraining checkpoints hold a student, a teacher and the step among other entries (optimizer,
     decoder, rng...): recognised only when those three were all it held, it was refused as entries that are not
-    tensors, with no word of how to export an encoder."""
-    state = random_model("tiny", depth=1).state_dict()
+    tensors, with no word of how to export an encoder. Then its Python advice failed after `import echo`
+    (echo.pretrain.trainer is not imported by it) and gave a tuple, not a model; its command asked for --data,
+    which --export-only does not need; and its checkpoints/ folder was answered "load one of those by path"."""
+    from echo.pretrain.trainer import PretrainConfig
+
+    model = random_model("tiny", depth=1)
+    state = model.state_dict()
+    config = PretrainConfig(data="unused", out="unused", depth=1).to_dict()
+    extra = {"optimizer": {"state": {}}, "decoder": dict(state), "world": 1, "config": config}
     step = int(torch.randint(1, 10**6, ()))
-    extra = {"optimizer": {"state": {}}, "decoder": dict(state), "world": 1}
-    path = tmp_path / "run" / "checkpoints" / "step.pt"
+    run = tmp_path / "run"
+    path = run / "checkpoints" / f"step-{step:09d}.pt"
     path.parent.mkdir(parents=True)
     torch.save({"step": step, "student": state, "teacher": state, **extra}, path)
-    with pytest.raises(ValueError, match=rf"is a pretraining checkpoint \(step {step}: a student and a teacher"):
-        echo.load(path)
+    (run / "checkpoints" / "step-000000000.pt").write_bytes(path.read_bytes())
+    with pytest.raises(ValueError, match=re.escape(f"checkpoints holds a pretraining run's checkpoints (step-000000000"
+                                                   f".pt, step-{step:09d}.pt), which are no model files: `python -m "
+                                                   f"echo pretrain --out {run} --export-only` writes")):
+        echo.load(path.parent)
+    loose = tmp_path / "step.pt"
+    loose.write_bytes(path.read_bytes())
+    for checkpoint_path, command in ((path, f"`python -m echo pretrain --out {run} --export-only --export teacher`"),
+                                     (loose, None)):
+        with pytest.raises(ValueError, match=rf"is a pretraining checkpoint \(step {step}: a student and a teacher"
+                           ) as error:
+            echo.load(checkpoint_path)
+        assert (command in str(error.value)) if command else ("python -m" not in str(error.value))
+        advice = str(error.value).split("in Python: ")[1]
+        monkeypatch.chdir(tmp_path)
+        exec(advice, {"echo": echo})  # as a user would run it after `import echo`
+        assert same_weights(echo.load("model.safetensors"), model)
 
 
 @pytest.mark.parametrize("key", [1.5, ("encoder", 0), b"cls_token"])
