@@ -160,14 +160,18 @@ def _weights_inside(checkpoint: dict, path: Path) -> str:
 
 
 def _check_unprefixed(state: dict, path: Path) -> None:
-    """A wrapper's state dict holds the encoder's keys under a prefix: said so, rather than as every key (or
-    every layer, or cls_token) missing."""
+    """A wrapper's state dict, or a larger model's, holds the encoder's keys under a prefix: said so, with how to
+    take them out, rather than as every key (or every layer, or cls_token) missing. Never stripped here: which
+    keys are the encoder's is the user's to say (a classifier's head under the same prefix is no weight of it)."""
     prefixed = next((key for key in state if key.endswith(".cls_token")), None)
     if prefixed and "cls_token" not in state:
         prefix = prefixed[: -len("cls_token")]
-        raise ValueError(f"{path}: its keys are under the prefix {prefix!r} ({prefixed}, not cls_token), as a "
-                         f"wrapper's state dict (torch.compile's, DistributedDataParallel's) holds them; save the "
-                         f"model it wraps instead, or remove the prefix from the keys")
+        holder = ("a wrapper's state dict (torch.compile's, DistributedDataParallel's) holds them; save the model it "
+                  "wraps instead, or" if set(prefix[:-1].split(".")) <= set(WRAPPER_ATTRIBUTES) else
+                  "a model holding the encoder as one of its parts (a classifier, a student/teacher pair) holds them;")
+        raise ValueError(f"{path}: its keys are under the prefix {prefix!r} ({prefixed}, not cls_token), as {holder} "
+                         f"save the encoder's keys alone, without the prefix: {{key.removeprefix({prefix!r}): value "
+                         f"for key, value in state_dict.items() if key.startswith({prefix!r})}}")
 
 
 def _read_state_dict(path: Path) -> tuple[dict, dict]:

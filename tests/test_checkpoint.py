@@ -220,6 +220,25 @@ def test_a_wrappers_state_dict_is_named_as_such(tmp_path, prefix, size):
         echo.load(path, size=size)
 
 
+@pytest.mark.parametrize("prefix, holder", [
+    ("_orig_mod.module.", "a wrapper's state dict"),  # torch.compile of a DistributedDataParallel
+    ("student.", "a model holding the encoder as one of its parts"),
+    ("encoder.", "a model holding the encoder as one of its parts"),
+])
+def test_prefixed_keys_are_said_with_what_holds_them_and_how_to_take_them_out(tmp_path, prefix, holder):
+    """A classifier's or a student/teacher pair's keys were said to be a wrapper's (torch.compile's,
+    DistributedDataParallel's), to be fixed by saving "the model it wraps"; and what to do with the keys was left
+    to the user to work out."""
+    state = random_model("tiny", depth=1).state_dict()
+    path = tmp_path / "m.pth"
+    torch.save({prefix + key: value for key, value in state.items()}, path)
+    with pytest.raises(ValueError, match=rf"under the prefix '{prefix}' .*, as {holder}") as error:
+        echo.load(path)
+    take_out = str(error.value).split("without the prefix: ")[1]
+    state_dict = torch.load(path, weights_only=True)
+    assert eval(take_out, {"state_dict": state_dict}).keys() == state.keys()
+
+
 @pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64])
 def test_non_floating_weights_are_refused_by_key_and_dtype(tmp_path, dtype):
     state = random_model("tiny").state_dict()
