@@ -64,7 +64,9 @@ def _unpickler_problem(path: Path, error: pickle.UnpicklingError) -> ValueError:
     foreign = re.search(r"GLOBAL ([\w.]+)", text)
     if foreign:
         return ValueError(f"{path}: refused: the pickle holds objects other than tensors and plain containers "
-                          f"({foreign.group(1)}), and echo never unpickles arbitrary objects")
+                          f"({foreign.group(1)}), and echo never unpickles arbitrary objects; a whole pickled model "
+                          f"(torch.save(model)) is no checkpoint echo reads: save its state_dict() instead, "
+                          f"torch.save(model.state_dict(), 'model.pth'), and load that")
     detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
     return ValueError(f"{path}: not a readable torch checkpoint" + (f" ({detail.group(1)})" if detail else ""))
 

@@ -96,6 +96,15 @@ def test_pickle_with_objects_is_refused_without_torchs_advice(tmp_path, capsys):
     assert "weights_only" not in str(error.value)
 
 
+def test_a_whole_pickled_model_is_refused_with_what_to_save_instead(tmp_path):
+    """Refused as objects echo never unpickles, with no word of the state dict that echo does read."""
+    path = tmp_path / "m.pt"
+    torch.save(random_model("tiny", depth=1), path)
+    with pytest.raises(ValueError, match=r"m.pt: refused: .*\(echo.model.EchoModel\), .*: save its state_dict\(\) "
+                                         r"instead, torch.save\(model.state_dict\(\), 'model.pth'\), and load that$"):
+        echo.load(path)
+
+
 def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         echo.load(tmp_path / "nope.safetensors")
