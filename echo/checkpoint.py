@@ -421,6 +421,9 @@ def save(model: EchoModel, path, dtype: torch.dtype = torch.float32) -> Path:
         raise ValueError(f"save needs a floating-point dtype, got {dtype}: weights would be truncated")
     if path.is_dir():
         raise ValueError(f"save writes a file, and {path} is a folder")
+    if path.with_suffix(".json").is_dir():  # the weights were written, then the config failed: half a pair
+        raise ValueError(f"save writes {path} and its config {path.with_suffix('.json').name} beside it, and "
+                         f"{path.with_suffix('.json')} is a folder")
     weights = model.state_dict()
     on_meta = [key for key, value in weights.items() if value.is_meta]
     if on_meta:  # copying them out failed inside torch ("Cannot copy out of meta tensor; no data!")
@@ -434,6 +437,7 @@ def save(model: EchoModel, path, dtype: torch.dtype = torch.float32) -> Path:
     if non_finite:  # a diverged model, or weights beyond the dtype's range (float16's 65504): a file load refuses
         raise ValueError(f"{path}: not written: these weights hold NaN or Inf in {dtype} (in the model, or beyond "
                          f"that dtype's range), which echo.load refuses: {first_items(non_finite)}")
+    atomic.nearest_folder(path.parent, str(path))  # a file where a folder should be: "File exists", naming neither
     path.parent.mkdir(parents=True, exist_ok=True)
     config = json.dumps(model.config.to_dict())
     try:

@@ -386,6 +386,20 @@ def test_save_onto_a_folder_names_the_folder(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
 
 
+def test_save_where_its_config_or_its_folder_cannot_be_names_what_is_in_the_way(tmp_path):
+    """A folder named as the config beside it: the weights were written, then IsADirectoryError, half a pair. A file
+    where a folder of the path should be: FileExistsError "[Errno 17] File exists", which said neither."""
+    model = random_model("tiny")
+    (tmp_path / "m.json").mkdir()
+    with pytest.raises(ValueError, match=r"save writes .*m\.safetensors and its config m\.json beside it, and "
+                                         r".*m\.json is a folder"):
+        echo.save(model, tmp_path / "m.safetensors")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match=r"afile/m\.safetensors cannot be written: .*afile is a file, not a folder"):
+        echo.save(model, tmp_path / "afile" / "m.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "m.json"]
+
+
 def test_a_failed_write_is_an_os_error_naming_the_file(tmp_path, monkeypatch):
     """safetensors reports a full disk as its own SafetensorError, which no command line catches: the export at
     the end of a pretraining run came out as a traceback."""
