@@ -19,6 +19,7 @@ import ctypes
 import functools
 import os
 import platform
+from collections.abc import Mapping
 
 TUNABLES = "glibc.malloc.mmap_threshold=4194304:glibc.malloc.hugetlb=1"
 
@@ -31,8 +32,11 @@ HEAP_BLOCK_LIMIT = 128 << 20
 KEPT_HEAP_TOP = 256 << 20
 
 
-def allocator_advice(device_type: str, environ=os.environ, libc: str | None = None) -> str | None:
-    """The line to print when a CPU run starts under glibc with its default malloc settings, else None."""
+def allocator_advice(device_type: str, environ: Mapping[str, str] | None = None, libc: str | None = None) -> str | None:
+    """The line to print when a CPU run starts under glibc with its default malloc settings, else None.
+    `environ` and `libc` (os.environ and the process's C library by default) are for tests. The default is None,
+    not os.environ, whose repr help() would print: every variable of the environment, tokens included."""
+    environ = os.environ if environ is None else environ
     libc = platform.libc_ver()[0] if libc is None else libc
     if device_type != "cpu" or libc != "glibc" or "GLIBC_TUNABLES" in environ:
         return None

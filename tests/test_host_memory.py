@@ -1,6 +1,7 @@
 """glibc's malloc settings: the pretraining advice, the tunables it names, and the heap an encode keeps."""
 import os
 import platform
+import pydoc
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,15 @@ def test_allocator_advice_on_a_glibc_cpu_run_only_and_the_recipe_follows_it():
     assert host_memory.allocator_advice("cpu", {}, "") is None  # musl, macOS: other allocators
     recipe = (Path(__file__).resolve().parents[1] / "scripts" / "train_default.sh").read_text()
     assert f"GLIBC_TUNABLES:-{host_memory.TUNABLES}" in recipe
+
+
+def test_allocator_advice_help_does_not_print_the_environment(monkeypatch):
+    monkeypatch.setenv("ECHO_TEST_SECRET", "hunter2")  # a default of os.environ showed every variable in help()
+    assert "hunter2" not in pydoc.render_doc(host_memory.allocator_advice)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert host_memory.allocator_advice("cpu", libc="glibc") is not None  # None still reads os.environ
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert host_memory.allocator_advice("cpu", libc="glibc") is None
 
 
 @glibc_only
