@@ -142,6 +142,9 @@ class StreamEncoder:
     @torch.inference_mode(False)
     @torch.no_grad()  # chunks that require grad must not chain the whole stream into one autograd graph
     def push(self, chunk) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Adds a 1-D chunk of samples at the stream's rate; returns the segments (2000 frames, ~20 s) it made
+        final, in order: (segment index, utterance (nb*D,), frames (rows, nb*D)), float32 on the CPU, frames
+        whatever `frames` is. Band 0 is provisional (the signal's mean is not known yet); finish() fixes it."""
         if self.finished:
             raise ValueError("push() after finish(): start a new StreamEncoder for a new signal")
         what = f"chunk at sample {self.samples}"  # every refusal names it alike: a numpy uint8 chunk was "chunk"
@@ -271,6 +274,8 @@ class StreamEncoder:
     @torch.inference_mode(False)  # as push(): it computes the frames of a push that failed
     @torch.no_grad()
     def finish(self):
+        """Ends the stream: the whole signal's utterance (nb*D,), or (utterance, frames (rows, nb*D)) with
+        frames=True, float32 on the CPU, as model.encode of the whole signal gives."""
         if self.finished:
             raise ValueError("finish() was already called")
         if self.samples < self.n_fft:  # the stream stays open: more audio may follow
