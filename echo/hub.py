@@ -2,7 +2,7 @@
 
 Released checkpoints are fetched with huggingface_hub's `hf_hub_download`, so its cache
 (HF_HUB_CACHE / HF_HOME, or `cache_dir=`) and offline mode (HF_HUB_OFFLINE=1, or TRANSFORMERS_OFFLINE=1) apply;
-a file already in the cache is used without any network. "default" is the small model trained by echo's own
+a file already in the cache is used without any network. "default" is an ECHO-tiny trained by echo's own
 pretraining and bundled in the package (echo/data/default/model.safetensors).
 """
 from __future__ import annotations
@@ -20,6 +20,8 @@ DEFAULT_CHECKPOINT = Path(__file__).parent / "data" / "default" / "model.safeten
 
 @dataclass(frozen=True)
 class Release:
+    """A checkpoint published on the Hugging Face hub: `filename` in repository `repo_id` at `revision`."""
+
     repo_id: str
     filename: str
     sha256: str | None  # None: not published where echo could read it; the download is then not verified
@@ -30,12 +32,13 @@ class Release:
 
     @property
     def url(self) -> str:
+        """The file's download address, for messages."""
         return f"https://huggingface.co/{self.repo_id}/resolve/{self.revision}/{self.filename}"
 
     @property
     def pinned(self) -> bool:
-        """A commit, which huggingface_hub looks up in snapshots/<commit> directly; a branch or tag goes through
-        refs/<revision>."""
+        """Whether `revision` is a commit, which huggingface_hub looks up in snapshots/<commit> directly; a branch
+        or tag goes through refs/<revision>."""
         return re.fullmatch(r"[0-9a-f]{40}", self.revision) is not None
 
 

@@ -19,6 +19,9 @@ from .ops import tokens as token_ops
 
 @dataclass(frozen=True)
 class EchoConfig:
+    """An ECHO encoder's shape: width `dim`, `depth` layers of `heads` attention heads, MLP width mlp_ratio x dim.
+    The defaults are ECHO-small's; EchoConfig.preset(size) or PRESETS holds each released size."""
+
     dim: int = 384
     depth: int = 12
     heads: int = 6
@@ -48,6 +51,7 @@ class EchoConfig:
 
     @classmethod
     def preset(cls, size: str, **overrides) -> "EchoConfig":
+        """The config of a PRESETS size ("tiny", "small", "base", "large"), with fields replaced by `overrides`."""
         if not isinstance(size, str) or size not in PRESETS:  # a list is unhashable: no TypeError
             raise ValueError(f"unknown ECHO size {size!r}; known sizes: {', '.join(PRESETS)}")
         return replace(PRESETS[size], **overrides)
@@ -61,6 +65,7 @@ class EchoConfig:
         return None
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict, as a checkpoint's metadata stores them (EchoConfig(**d) makes it again)."""
         return asdict(self)
 
 
@@ -141,6 +146,7 @@ class EchoModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where the weights are, and so where encode runs."""
         return self.cls_token.device
 
     def band_tokens(self, bands: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

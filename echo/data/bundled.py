@@ -12,6 +12,7 @@ SAMPLES_DIR = Path(__file__).parent / "samples"
 
 
 def names() -> list[str]:
+    """The bundled recordings' names, sorted: what `sample` takes."""
     return sorted(path.stem for path in SAMPLES_DIR.glob("*.wav"))
 
 
