@@ -175,13 +175,17 @@ class EmbeddingCache:
 
 @dataclass
 class Embedded:
-    """What `embed_files` returns."""
-    vectors: list  # one (features,) float32 numpy array per path, in the order given; None where the file failed
-    failures: list = field(default_factory=list)  # (Path, reason text) of each failed file, in the order found
-    cached: int = 0  # paths served from the cache
-    encoded: int = 0  # files encoded by this call (a file listed twice counts once)
-    read_seconds: float = 0.0  # time spent waiting for the readers
-    encode_seconds: float = 0.0  # time spent encoding
+    """What `embed_files` returns. vectors: one (features,) float32 numpy array per path, in the order given,
+    None where the file failed; failures: (Path, reason text) of each failed file, in the order found; cached:
+    paths served from the cache; encoded: files encoded by this call (a file listed twice counts once);
+    read_seconds, encode_seconds: time spent waiting for the readers, and encoding."""
+
+    vectors: list
+    failures: list = field(default_factory=list)
+    cached: int = 0
+    encoded: int = 0
+    read_seconds: float = 0.0
+    encode_seconds: float = 0.0
 
 
 def _failure(error: Exception, path=None) -> str:
@@ -361,9 +365,12 @@ def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | N
     reason is in `Embedded.failures`). With `cache_dir` (None: no cache) a rerun encodes only new or changed
     files. The cache is keyed by the reader too (reader_identity, and `reader_version`: change it when what the
     reader's code reads, a global say, changes what it returns), so embeddings of samples read another way are
-    not served. A run stopped after it saved batches says
-    what it kept and that the same command resumes: Ctrl-C in its KeyboardInterrupt, an error in a WorkKept from it
-    (an ImportError excepted, named as such by the command line)."""
+    not served. `model_key` names the model in the cache key instead of the hash of its weights (model_hash).
+    `device` and `dtype` are echo.fast.encode's (the cache keeps bf16 embeddings apart from float32 ones).
+    `batch_files` files at most are encoded at a time (fewer when they are long: BATCH_SAMPLES); `progress`
+    shows a progress bar on stderr. A run stopped after it saved batches says what it kept and that the same
+    command resumes: Ctrl-C in its KeyboardInterrupt, an error in a WorkKept from it (an ImportError excepted,
+    named as such by the command line)."""
     from .. import fast
 
     if batch_files < 1:  # a negative size made no batch: nothing encoded, nothing reported
