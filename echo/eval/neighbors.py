@@ -355,6 +355,9 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
     `exclude`: for each query, one bank row it may not match (its own row in leave-one-out), or -1.
     `groups`: (one group per query, one per bank row; names or numbers): a query never matches a bank row of its group
     (leave-one-group-out in one search, the bank prepared once; torch search only).
+    `device`: where the search runs (the CPU by default); the bank stays on the CPU and goes there a chunk at a
+    time. `backend`: "torch", or "faiss" (faiss-cpu: on the CPU whatever `device`). `chunk_bytes` bounds each
+    block of the distance matrix.
     Searched in float64 (faiss: float32, which torch's settings do not reach either), the k nearest measured in
     float64 and returned (and ranked) in the wider of the inputs' dtypes (float32 for bfloat16): refused if they
     exceed its range. Distances come as a numpy array of that dtype, indices as an int64 one.
@@ -534,8 +537,9 @@ def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=Non
     """k nearest neighbours by the fused multi-channel distance: each (query, channel) row of Euclidean
     distances is z-scored over the bank (population std; a query's excluded row takes no part), then the
     chosen channels are averaged. queries (Q, C, E), bank (B, C, E) -> (fused distances, indices) (Q, k), numpy
-    arrays, ascending per row.
-    `groups`: as `nearest`'s; a query's own group takes no part either, as if each group had its own bank.
+    arrays, ascending per row. `channels`: the channel indices to fuse (all by default). `exclude`, `device`,
+    `chunk_bytes`, `groups`: as `nearest`'s; a query's own group takes no part either, as if each group had its
+    own bank.
 
     The bank stays on the CPU and is visited in chunks, twice: first for each query's mean and std per channel,
     merged chunk by chunk, then for the z-scores, keeping every row whose fused distance could be as small as
