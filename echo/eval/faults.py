@@ -63,6 +63,9 @@ def predict(bank, bank_codes, queries, k: int = 5, channels=None, fuse: bool = F
 
 @dataclass
 class FaultResult:
+    """One evaluation: the true and predicted label of every file queried, and their scores (`row()` for a
+    table). fold_accuracies: each fold's accuracy, for the k-fold protocol."""
+
     protocol: str
     view: str  # which channels: "all", "channel 3", "fused 0,1,2"
     classes: list
@@ -76,6 +79,8 @@ class FaultResult:
     fold_accuracies: list = field(default_factory=list)
 
     def row(self) -> dict:
+        """The scores as one table row: protocol, view, files, accuracy, precision, recall, f1 (and the folds'
+        accuracy mean and std for k-fold)."""
         row = {"protocol": self.protocol, "view": self.view, "files": len(self.y_true),
                "accuracy": self.accuracy, "precision": self.precision, "recall": self.recall, "f1": self.f1}
         if self.fold_accuracies:
@@ -85,6 +90,7 @@ class FaultResult:
 
 
 def score(y_true, y_pred, classes, protocol: str, view: str, fold_accuracies=()) -> FaultResult:
+    """The FaultResult of predictions `y_pred` of labels `y_true`, scored over `classes`."""
     metrics = require("sklearn.metrics", "computing fault classification metrics")
     precision, recall, f1, _ = metrics.precision_recall_fscore_support(
         y_true, y_pred, labels=classes, average="weighted", zero_division=0)
@@ -94,6 +100,7 @@ def score(y_true, y_pred, classes, protocol: str, view: str, fold_accuracies=())
 
 
 def view_name(channels, fuse: bool, n_channels: int) -> str:
+    """The results' name of a channel view: "all", "channel 3", "channels 0,2" or "fused 0,1,2"."""
     if channels is None or (not fuse and list(channels) == list(range(n_channels))):
         return "all" if not fuse else "fused " + ",".join(map(str, range(n_channels)))
     return ("fused " if fuse else "channel " if len(channels) == 1 else "channels ") + ",".join(map(str, channels))
@@ -175,7 +182,11 @@ def _rows(embeddings: np.ndarray, chosen: np.ndarray) -> np.ndarray:
 
 def evaluate(embeddings, labels, protocol: str, k: int = 5, subsets=None, channels=None, fuse: bool = False,
              folds: int = 5, seed: int = 1, device=None, groups=None) -> FaultResult:
-    """One protocol on one channel view. `subsets` ("train"/"test" per row) is needed for "split". `groups`
+    """kNN fault classification of `embeddings` ((N, E), or (N, C, E) per channel) with their `labels`, by
+    `protocol`: "loocv" (leave one out), "kfold" (`folds` stratified folds shuffled by `seed`) or "split", each
+    query the majority label of its `k` nearest. `channels` (all by default) are searched concatenated, or with
+    `fuse` by the fused distance (neighbors.fused_nearest); `device`: where the search runs.
+    `subsets` ("train"/"test" per row) is needed for "split". `groups`
     (one per row: the recording a file was cut from) keeps a group on one side: folds are stratified group
     folds, and leave-one-out leaves the query's whole group out of the bank (segments of one recording would
     otherwise find each other)."""
