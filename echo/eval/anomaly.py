@@ -37,6 +37,8 @@ HMEAN_EPS = sys.float_info.epsilon
 
 @dataclass(frozen=True)
 class Clip:
+    """One clip of an anomaly-detection task, with what the DCASE scoring groups it by."""
+
     path: Path
     split: str  # "dev" or "eval"
     machine: str

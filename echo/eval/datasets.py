@@ -83,6 +83,10 @@ class Sample:
 
 @dataclass
 class Dataset:
+    """What `load` returns: the task's files as `items`, and `read(path) -> (signal, rate)` to read one. channels:
+    the signals' channels; year: a DCASE task's; protocols: the fault protocols `echo eval` runs on it by default
+    (none for anomaly data); notes: what the adapter left out, to be said."""
+
     task: str
     kind: str  # "anomaly" (items are anomaly.Clip) or "faults" (items are Sample)
     items: list
@@ -331,6 +335,8 @@ def _dcase_split(machine_dir: Path, root: Path) -> str:
 
 
 def dcase(root, year: int, label_lists=None) -> Dataset:
+    """A DCASE `year`'s anomaly-detection data under `root` (<machine>/train/ and test/ folders at any depth);
+    `label_lists`: the eval_data_list csv files that label its evaluation clips (read_label_lists)."""
     root, year = _root(root), check_year(year)
     naming = "id_XX" if year == 2020 else "section_XX"
     notes = []
@@ -437,6 +443,8 @@ def _any_case(root: Path, name: str) -> Path:
 
 
 def folder(root) -> Dataset:
+    """One machine's anomaly detection: <root>/normal/* is the bank, <root>/test/{normal,anomalous}/* (or
+    unlabelled <root>/test/*) is scored; folder names in any case."""
     root, notes = _root(root), []
     normal, test = _any_case(root, "normal"), _any_case(root, "test")
     bank = _files(normal, AUDIO_SUFFIXES, notes, recursive=True)
@@ -494,6 +502,7 @@ def _cwru_label(relative: Path) -> str | None:
 
 
 def cwru(root) -> Dataset:
+    """Case Western's 12 kHz drive-end and fan-end fault .mat files under `root`, each read at its faulty end."""
     root, notes = _root(root), []
     files = _files(root, {".mat"}, notes, recursive=True)
     if not files:
@@ -525,6 +534,7 @@ def cwru(root) -> Dataset:
 
 
 def mafaulda(root) -> Dataset:
+    """MAFAULDA's .csv files under `root`, the class from their folders, 7 channels (MAFAULDA_CHANNELS)."""
     root, notes = _root(root), []
     files = _files(root, {".csv"}, notes, recursive=True)
     if not files:
@@ -545,6 +555,8 @@ def mafaulda(root) -> Dataset:
 
 
 def iiee(root) -> Dataset:
+    """IDMT-ISA electric engine: <root>/train_cut/ and test_cut/ (or test/), the class in the folder names; the
+    split protocol only."""
     root = _root(root)
     test_dir = next((root / name for name in ("test_cut", "test") if (root / name).is_dir()), None)
     if not (root / "train_cut").is_dir() or test_dir is None:
