@@ -116,3 +116,9 @@ def test_a_wav_cut_short_is_refused_and_a_streamed_ones_placeholder_is_not(tmp_p
     streamed[at:at + 4] = struct.pack("<I", 0xFFFFFFFF)
     (tmp_path / "streamed.wav").write_bytes(streamed)
     np.testing.assert_array_equal(read_audio(tmp_path / "streamed.wav")[0], read_audio(whole)[0])
+
+
+def test_read_audio_of_a_missing_file_says_so_and_names_it(tmp_path):
+    pytest.importorskip("soundfile")
+    with pytest.raises(FileNotFoundError, match="missing.wav"):  # was libsndfile's "System error"
+        read_audio(tmp_path / "missing.wav")

@@ -101,6 +101,8 @@ def read_audio(path: Path) -> tuple[np.ndarray, int]:
     """(float32 samples, (N,) or (C, N) channels first, sample rate) of any file soundfile reads: the reader of
     the folder and DCASE tasks, and the one to give `embed.embed_files` for your own files."""
     soundfile = require("soundfile", "reading audio files")
+    with open(path, "rb"):  # a missing or unreadable file is named as such, not as libsndfile's "System error"
+        pass
     # soundfile encodes a str name with the locale's codec, strictly: under LC_ALL=C a UTF-8 name fails there;
     # its bytes open it (Windows opens by wide-character name)
     name = str(path) if os.name == "nt" else os.fsencode(path)
