@@ -237,8 +237,9 @@ def encode(
     when the model changed in any way (each call compares its weights in full). Any floating model works in any
     of these dtypes: the encoder's residual stream is float32. `device`: None or the model's own (a check: the
     encoder runs where the model is; move the model to run elsewhere). `max_tokens` bounds the packed tokens
-    per pass (default 4096 on CPU, 65536 on GPUs): any number of signals streams through in flat memory. `backend` forces every op's backend ("torch", "reference", "triton"); by default each op
-    picks the fastest for the device. A process that encodes repeatedly on a CPU under glibc gains from
+    per pass (default 4096 on CPU, 65536 on GPUs): any number of signals streams through in flat memory.
+    `backend` forces every op's backend ("torch", "reference", "triton"); by default each op picks the fastest
+    for the device. A process that encodes repeatedly on a CPU under glibc gains from
     echo.host_memory.keep_freed_memory() (a process-wide malloc setting, so it is the caller's choice).
     """
     backends.check_environment()  # a misspelt ECHO_BACKEND_<OP> would be ignored by the op it meant
