@@ -44,7 +44,7 @@ def build_parser(argv, prog: str = "echo-fm") -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"echo-fm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     for name, (module_name, help_text) in COMMANDS.items():
-        sub = commands.add_parser(name, help=help_text)
+        sub = commands.add_parser(name, help=help_text, description=help_text)  # `COMMAND -h` says what it does
         if name in argv:  # import a command's module only when it runs
             module = importlib.import_module(module_name)
             module.add_arguments(sub)

@@ -12,6 +12,7 @@ import torch
 
 import echo
 from echo import demo
+from echo.cli import COMMANDS
 from echo.encode_files import read_embeddings
 from conftest import random_model
 
@@ -175,6 +176,16 @@ def test_version_prints_the_packages_version(capsys):
     with pytest.raises(SystemExit) as exited:
         cli.main(["--version"])
     assert exited.value.code == 0 and capsys.readouterr().out == f"echo-fm {version}\n"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_each_commands_help_says_what_it_does(capsys, command):
+    """`python -m echo demo -h`, the first a new user types, listed the options alone, not what the demo does."""
+    from echo import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main([command, "-h"], prog="python -m echo")
+    assert exited.value.code == 0 and COMMANDS[command][1] in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize("argv, usage, error", [
