@@ -109,9 +109,10 @@ def build_task(seed: int = 0, bank: int = BANK_CLIPS, tests: int = TEST_CLIPS, s
         base = _base_machine(spec, index, machine_seed)
         plan = [("train", None)] * bank + [("test", None)] * tests
         plan += [("test", synth.FAULTS[i % len(synth.FAULTS)]) for i in range(tests)]
-        signals = [_clip(base, spec, rng, fault, seconds) for _, fault in tqdm(
-            plan, desc=f"generating {spec.name} clips ({index + 1}/{len(machines)})", unit="clip", leave=False,
-            disable=not progress)]
+        # closed on Ctrl-C too: a bar left open kept its line, and "interrupted: ..." was printed at its end
+        with tqdm(plan, desc=f"generating {spec.name} clips ({index + 1}/{len(machines)})", unit="clip",
+                  leave=False, disable=not progress) as bar:
+            signals = [_clip(base, spec, rng, fault, seconds) for _, fault in bar]
         gain = PEAK / max(float(np.abs(s).max()) for s, (_, fault) in zip(signals, plan) if fault is None)
         for number, ((subset, fault), signal) in enumerate(zip(plan, signals)):
             label = None if subset == "train" else int(fault is not None)

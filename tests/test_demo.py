@@ -69,6 +69,18 @@ def test_the_clips_are_counted_on_a_bar_as_they_are_made_when_asked(monkeypatch,
     assert bars and all(disabled for _, disabled in bars) and capsys.readouterr().err == ""
 
 
+def test_an_interrupted_bar_clears_its_line_for_the_interrupts_message(monkeypatch, capsys):
+    """The bar stayed open on Ctrl-C: "interrupted: nothing was written" was printed at the end of its line."""
+    def interrupt(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(demo, "_clip", interrupt)
+    try:
+        demo.build_task(seed=0, bank=2, tests=1, seconds=0.3, progress=True)
+    except KeyboardInterrupt:  # read where the command prints its message: the traceback keeps an open bar alive
+        shown = capsys.readouterr().err
+    assert "generating pump clips" in shown and shown.endswith("\r")  # leave=False: the line is blanked
+
+
 def test_the_demo_command_shows_the_clips_being_made(tmp_path, monkeypatch):
     """Making them takes seconds before the command prints anything."""
     from echo import cli
