@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, replace
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -209,9 +210,14 @@ def run(args) -> int:
     try:
         return _demonstrate(args)
     except KeyboardInterrupt:
-        written = sorted(name for name, _ in _files(args.out) - before)
-        raise KeyboardInterrupt(f"kept {', '.join(written)} in {args.out}/; the rest was not written" if written
-                                else f"nothing was written to {args.out}/") from None
+        after = _files(args.out)
+        written = sorted(name for name, _ in after - before)
+        # beside its new files an earlier run's figures read as this run's: a mix of two seeds or models
+        earlier = sorted(name for name, _ in after & before if any(fnmatch(name, output) for output in OUTPUTS))
+        if not written:
+            raise KeyboardInterrupt(f"nothing was written to {args.out}/") from None
+        kept = f"kept {', '.join(written)} in {args.out}/; the rest was not written"
+        raise KeyboardInterrupt(f"{kept} ({', '.join(earlier)} there: an earlier run's)" if earlier else kept) from None
 
 
 def _files(folder: Path) -> set[tuple[str, int]]:

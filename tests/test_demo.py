@@ -228,15 +228,16 @@ def quick_demo(tmp_path, monkeypatch) -> tuple[Path, Path]:
 
 @pytest.mark.parametrize("owner, name, number, message", [
     (demo, "score", 1, "nothing was written to {out}/"),
-    (plots, "save", 2, "kept roc_demo_all-machines.png, scores.csv in {out}/; the rest was not written")])
+    (plots, "save", 2, "kept roc_demo_all-machines.png, scores.csv in {out}/; the rest was not written "
+                       "(projection_fan.png there: an earlier run's)")])
 def test_an_interrupted_demo_says_which_of_its_files_it_kept(tmp_path, monkeypatch, capsys, owner, name, number,
                                                              message):
     """Ctrl-C printed a bare "interrupted": whether scores.csv or any figure had been written was not said. An
-    earlier run's files are not claimed."""
+    earlier run's files are not claimed, and those the demo writes are named: they read as this run's."""
     from echo import cli
 
     model, out = quick_demo(tmp_path, monkeypatch)
-    for earlier in ("scores.csv", "projection_fan.png"):
+    for earlier in ("scores.csv", "projection_fan.png", "notes.txt"):  # notes.txt: the user's own
         (out / earlier).write_text("an earlier run's")
     interrupt_call(monkeypatch, owner, name, number)
     assert cli.main(["demo", "--model", str(model), "--out", str(out)]) == 130
