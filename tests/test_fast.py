@@ -696,6 +696,10 @@ def test_a_layer_module_whose_forward_the_packed_path_would_skip_is_refused():
     del model.encoder.layers[1].self_attn.out_proj
     with pytest.raises(ValueError, match=r"layers.1.self_attn.out_proj is a NoneType"):
         fast.encode(model, signal, 16000)
+    patched = random_model("tiny", depth=1)
+    patched.encoder.layers[0].linear2.forward = lambda x: torch.zeros(())  # on the instance: its class is Linear
+    with pytest.raises(ValueError, match=r"model.encoder.layers.0.linear2 has a forward set on the module itself"):
+        fast.encode(patched, signal, 16000)
 
 
 def test_a_model_that_refers_to_itself_is_freed_after_encoding():
