@@ -340,18 +340,18 @@ def _parquet_table(rows: list[dict], model_key: str, frames: bool, pyarrow):
     return pyarrow.table(columns)
 
 
-def _previous(out: Path, model_key: str, frames: bool) -> tuple[dict, str, dict[str, str]]:
+def _previous(out: Path, model_key: str, frames: bool) -> tuple[dict, str, list[str]]:
     """Entries of an earlier output of the same model, keyed like the shards, to skip their files; and that output's
-    model and {key: path} of its files, to say what the new output leaves out of it (paths only: its rows of files
+    model and the paths of its files, to say what the new output leaves out of it (paths only: its rows of files
     this run does not write are let go before the encoding)."""
     if not out.is_file():
-        return {}, model_key, {}
+        return {}, model_key, []
     try:
         old = read_embeddings(out)
     except Exception as error:  # an unreadable old output only means nothing is reused
         print(f"note: the existing {out} is not readable ({type(error).__name__}: {error}); encoding everything")
-        return {}, model_key, {}
-    paths = {row["key"]: path for path, row in old["files"].items()}
+        return {}, model_key, []
+    paths = list(old["files"])
     if old["model"] != model_key:  # another model's or dtype's embeddings are replaced
         return {}, old["model"], paths
     entries = {}
@@ -365,16 +365,18 @@ def _previous(out: Path, model_key: str, frames: bool) -> tuple[dict, str, dict[
     return entries, model_key, paths
 
 
-def _left_out(out: Path, model_key: str, old_model: str, old_paths: dict[str, str], files: list[Path]) -> str:
-    """What this run's output leaves out of the existing `out` (of `old_model`, {key: path}): all of it when made
+def _left_out(out: Path, model_key: str, old_model: str, old_paths: list[str], files: list[Path]) -> str:
+    """What this run's output leaves out of the existing `out` (of `old_model`, its `old_paths`): all of it when made
     by another model or dtype, else its files that still exist but are not among this run's `files`; "" if
     nothing. Both were replaced without a word: a user gathering folders into one output a run at a time, or
     trying another model on the same --out, lost the earlier run's embeddings unsaid."""
     if old_paths and old_model != model_key:
         return (f"{out} holds {counted(len(old_paths), 'file')} encoded by another model or dtype ({old_model}); "
                 f"this run's output replaces it (Ctrl-C keeps it as it is; another --out keeps both)")
+    if not old_paths:  # a first run: no file's real path to look up
+        return ""
     given = {os.path.realpath(path) for path in files}
-    others = [path for path in old_paths.values() if os.path.exists(path) and os.path.realpath(path) not in given]
+    others = [path for path in old_paths if os.path.exists(path) and os.path.realpath(path) not in given]
     if not others:
         return ""
     return (f"{out} holds {counted(len(others), 'file')} this run was not given (e.g. {shown(others[0])}); the output "
