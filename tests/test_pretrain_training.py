@@ -856,7 +856,8 @@ def test_each_step_trains_with_the_scheduled_lr_and_ema_decay(data, tmp_path):
     """Spec section 8 wired into the run: step k (1-based) of S trains with lr peak (k / W) during the W warm-up
     steps, then min + (peak - min) (1 + cos(pi (k - 1 - W) / (S - W))) / 2, and updates the teacher with decay
     start + (end - start) (k - 1) / A (A: ema_anneal_steps, default S); the log says both. Each checkpoint's
-    optimizer holds the lr of the next step, and its teacher is the EMA of the one before."""
+    optimizer holds the lr of the next step and AdamW's betas (0.9, 0.95), and its teacher is the EMA of the one
+    before."""
     peak, minimum, warmup, steps, start, end = 1e-3, 1e-4, 2, 6, 0.5, 0.9
     run = tmp_path / "run"
     config = tiny_config(data, run, steps=steps, warmup=warmup, lr=peak, min_lr=minimum, ema_start=start,
@@ -880,6 +881,7 @@ def test_each_step_trains_with_the_scheduled_lr_and_ema_decay(data, tmp_path):
         saved = checkpoints.read(run / "checkpoints" / checkpoints.file_name(k))
         if k < steps:
             assert [group["lr"] for group in saved["optimizer"]["param_groups"]] == pytest.approx([lr(k + 1)] * 2)
+        assert [tuple(group["betas"]) for group in saved["optimizer"]["param_groups"]] == [(0.9, 0.95)] * 2
         for key, value in saved["teacher"].items():
             expected = decay * teacher[key].double() + (1 - decay) * saved["student"][key].double()
             assert rel_err(value, expected) < 1e-6, (k, key)
