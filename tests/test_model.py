@@ -55,6 +55,23 @@ def test_encode_matches_independent_formulation(rate):
     assert rel_err(utterance, ref_u) < 1e-5 and rel_err(frame_rows, ref_f) < 1e-5
 
 
+@pytest.mark.parametrize("rate", [100, 2480, 2560])
+@pytest.mark.parametrize("frames,leftover", [(1, False), (16, False), (17, True)])
+def test_encode_at_the_edges_matches_independent_formulation(rate, frames, leftover):
+    """The spec's edges end to end: the lowest rate (n_fft 2, hop 1, one band of 2 real bins), F = 32 exactly
+    (one full band) and F = 33 (a second band of one real bin); the smallest signal (one frame), a whole patch,
+    a patch and one frame; `leftover` adds the hop - 1 samples that make no frame (none at 100 Hz: hop 1)."""
+    model = random_model("tiny", depth=2)
+    hop = rate * 10 // 1000
+    n = rate * 25 // 1000 + (frames - 1) * hop + (hop - 1 if leftover else 0)
+    x = torch.randn(n) + 0.5
+    utterance, frame_rows = model.encode(x, rate)
+    ref_u, ref_f = independent_encode(model.state_dict(), model.config.heads, x.numpy(), rate)
+    bands = -(-(rate * 25 // 1000 // 2 + 1) // 32)
+    assert utterance.shape == (bands * 192,) and frame_rows.shape == (-(-frames // 16), bands * 192)
+    assert rel_err(utterance, ref_u) < 1e-5 and rel_err(frame_rows, ref_f) < 1e-5
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("size,rate,frames", [("small", 16000, 2001), ("tiny", 8000, 4500), ("tiny", 48000, 2000)])
 def test_long_signals_match_independent_formulation(size, rate, frames):
