@@ -35,6 +35,7 @@ def _tile_span(seq_ids, cu_seqlens, first_row, total, BLOCK: tl.constexpr):
 @triton.jit
 def _key_block(qkv, seq_ids, key, key_ok, col, dim):
     """Sequence ids, K and V of a block of key rows (ids of rows past the span never match a query's)."""
+    key = key.to(tl.int64)  # rows are 3D values apart: past 2^31 values from 932k tokens of ECHO-base
     seq_k = tl.load(seq_ids + key, mask=key_ok, other=-2)
     k = tl.load(qkv + key[:, None] * (3 * dim) + dim + col[None, :], mask=key_ok[:, None], other=0.0)
     v = tl.load(qkv + key[:, None] * (3 * dim) + 2 * dim + col[None, :], mask=key_ok[:, None], other=0.0)
@@ -44,6 +45,7 @@ def _key_block(qkv, seq_ids, key, key_ok, col, dim):
 @triton.jit
 def _query_block(qkv, grad_out, lse, delta, seq_ids, row, row_ok, head, col, total, dim):
     """What the backward needs of a block of query rows: sequence ids, Q, dO, log-sum-exp and delta."""
+    row = row.to(tl.int64)  # as in _key_block
     seq_q = tl.load(seq_ids + row, mask=row_ok, other=-1)
     q = tl.load(qkv + row[:, None] * (3 * dim) + col[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(grad_out + row[:, None] * dim + col[None, :], mask=row_ok[:, None], other=0.0)
@@ -66,7 +68,7 @@ def _forward_kernel(
     qkv, out, lse, seq_ids, cu_seqlens, total, dim, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    first_row = tl.program_id(0) * BLOCK_M
+    first_row = tl.program_id(0).to(tl.int64) * BLOCK_M  # as in _key_block
     head = tl.program_id(1)
     col = head * HEAD_DIM + tl.arange(0, HEAD_DIM)
     row = first_row + tl.arange(0, BLOCK_M)
@@ -106,7 +108,7 @@ def _backward_kv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dK and dV of one key tile, visiting the query rows of the sequences it touches."""
-    first_key = tl.program_id(0) * BLOCK_N
+    first_key = tl.program_id(0).to(tl.int64) * BLOCK_N  # as in _key_block
     head = tl.program_id(1)
     col = head * HEAD_DIM + tl.arange(0, HEAD_DIM)
     key = first_key + tl.arange(0, BLOCK_N)
@@ -138,7 +140,7 @@ def _backward_q_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dQ of one query tile: a second pass over the keys, so no atomics and a deterministic result."""
-    first_row = tl.program_id(0) * BLOCK_M
+    first_row = tl.program_id(0).to(tl.int64) * BLOCK_M  # as in _key_block
     head = tl.program_id(1)
     col = head * HEAD_DIM + tl.arange(0, HEAD_DIM)
     row = first_row + tl.arange(0, BLOCK_M)

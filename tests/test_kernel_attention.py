@@ -1,4 +1,5 @@
 """The Triton varlen attention (echo_kernels/attention.py), forward and backward, against the reference."""
+import math
 import os
 
 import pytest
@@ -156,3 +157,29 @@ def test_seq_ids_of_other_rows_are_refused():
     stale = kernel.row_sequences(torch.tensor([0, 3], dtype=torch.int32, device=DEVICE), 3)
     with pytest.raises(ValueError, match=r"seq_ids must be int32 of the 7 rows of qkv on (cpu|cuda)"):
         kernel.varlen_attention(qkv.to(DEVICE), cu_seqlens, 4, HEADS, seq_ids=stale)
+
+
+def test_rows_past_two_to_the_31_values_are_addressed_in_int64():
+    """A pass of ~1M tokens of ECHO-base (max_tokens=2**20 on a large GPU) puts qkv rows past 2^31 values, where
+    row * 3D in int32 wrapped to before the buffer. One tile of head 0 of a qkv so wide that its last row starts
+    there, in an untouched allocation 2^31 values past its start (what a wrapped offset read, not a crash)."""
+    rows, head_dim = 16, 16
+    dim = -(-(2**31 // (3 * (rows - 1)) + 1) // head_dim) * head_dim  # only the last row's offsets pass 2^31
+    try:
+        qkv = torch.empty(2**31 + rows * 3 * dim, dtype=torch.float16, device=DEVICE)[2**31:].view(rows, 3 * dim)
+        out = torch.empty(rows, dim, dtype=torch.float16, device=DEVICE)
+    except RuntimeError:  # torch.OutOfMemoryError included: a machine that refuses even untouched memory
+        pytest.skip("no room for a 9 GB allocation")
+    heads = torch.randn(3, rows, head_dim).to(torch.float16)
+    for i, part in enumerate(heads):
+        qkv[:, i * dim : i * dim + head_dim] = part.to(DEVICE)
+    lse = torch.empty(1, rows, device=DEVICE)
+    seq_ids = torch.zeros(rows, dtype=torch.int32, device=DEVICE)
+    cu_seqlens = torch.tensor([0, rows], dtype=torch.int32, device=DEVICE)
+    kernel._forward_kernel[(1, 1)](  # head 0 alone: the width's other heads would be millions of programs
+        qkv, out, lse, seq_ids, cu_seqlens, rows, dim, head_dim**-0.5 * math.log2(math.e),
+        HEAD_DIM=head_dim, BLOCK_M=rows, BLOCK_N=rows, PRECISION=kernel.dot_precision(torch.float16),
+    )
+    q, k, v = heads.double()
+    expected = torch.softmax(q @ k.T * head_dim**-0.5, -1) @ v
+    assert (out[:, :head_dim].cpu().double() - expected).abs().max() < 1e-2
