@@ -52,7 +52,8 @@ def _layer_norm_forward_kernel(
     x, residual, weight, bias, out, mean_out, rstd_out, rows, dim, eps,
     BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    # int64 rows: row * dim passes 2^31 at 2.8M tokens of ECHO-base (GELU's row * cols at 699k)
+    row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     col = tl.arange(0, BLOCK_D)
     col_ok = col < dim
     mask = (row < rows)[:, None] & col_ok[None, :]
@@ -74,7 +75,7 @@ def _layer_norm_backward_kernel(
     grad_out, x, residual, weight, mean_in, rstd_in, grad_in, partial_w, partial_b, rows, dim,
     BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    block = tl.program_id(0)
+    block = tl.program_id(0).to(tl.int64)  # int64: see the LayerNorm forward
     row = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     col = tl.arange(0, BLOCK_D)
     col_ok = col < dim
@@ -165,7 +166,7 @@ def _gelu_input(x, bias, index, col, mask, col_ok, dtype: tl.constexpr):
 
 @triton.jit
 def _bias_gelu_forward_kernel(x, bias, out, rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-    row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # int64: see the LayerNorm
     col = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     col_ok = col < cols
     mask = (row < rows)[:, None] & col_ok[None, :]
@@ -179,7 +180,7 @@ def _bias_gelu_forward_kernel(x, bias, out, rows, cols, BLOCK_ROWS: tl.constexpr
 def _bias_gelu_backward_kernel(
     grad_out, x, bias, grad_in, partial_b, rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr
 ):
-    block = tl.program_id(0)
+    block = tl.program_id(0).to(tl.int64)  # int64: see the LayerNorm forward
     row = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     col = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     col_ok = col < cols

@@ -145,3 +145,21 @@ def test_norm_kernels_refuse_what_they_cannot_compute(dtype):
         kernel.residual_layer_norm(x, residual, weight, bias, 1e-6)
     with pytest.raises(ValueError, match=f"float32, bfloat16 or float16 tensors; got x of {dtype}"):
         kernel.bias_gelu(x, bias.to(dtype))
+
+
+def test_rows_past_two_to_the_31_values_are_addressed_in_int64():
+    """The MLP's (tokens, 4D) hidden rows pass 2^31 values at 699k tokens of ECHO-base, where row * cols in int32
+    wrapped to before the buffer. One block of a matrix so wide that its last row starts there, in an untouched
+    allocation 2^31 values past its start (what a wrapped offset read, not a crash), GELU'd in place."""
+    rows, block = 16, 128
+    cols = -(-(2**31) // (rows - 1))  # only the last row's offsets pass 2^31
+    try:
+        x = torch.empty(2**31 + rows * cols, dtype=torch.float16, device=DEVICE)[2**31:].view(rows, cols)
+        bias = torch.empty(cols, dtype=torch.float16, device=DEVICE)
+    except RuntimeError:  # torch.OutOfMemoryError included: a machine that refuses even untouched memory
+        pytest.skip("no room for a 9 GB allocation")
+    values, bias_values = torch.randn(rows, block).to(torch.float16), torch.randn(block).to(torch.float16)
+    x[:, :block], bias[:block] = values.to(DEVICE), bias_values.to(DEVICE)
+    kernel._bias_gelu_forward_kernel[(1, 1)](x, bias, x, rows, cols, BLOCK_ROWS=rows, BLOCK_COLS=block)
+    expected = F.gelu((values + bias_values).double())
+    assert (x[:, :block].cpu().double() - expected).abs().max() < 1e-2
