@@ -172,10 +172,16 @@ class EchoModel(nn.Module):
         """
         sample_rate = inputs.check_sample_rate(sample_rate)
         waveform = inputs.as_signal(waveform, sample_rate)
-        if waveform.dim() == 2:
-            encoded = [self._encode_mono(channel, sample_rate) for channel in waveform]
-            return torch.cat([u for u, _ in encoded]), torch.cat([f for _, f in encoded], dim=-1)
-        return self._encode_mono(waveform, sample_rate)
+        if self.device.type == "meta":  # torch said "Cannot copy out of meta tensor", naming no model
+            raise ValueError("the model is on the meta device: it has shapes but no weights; load its weights on a "
+                             "device that computes (cpu, cuda, ...)")
+        # in the model's own dtype, as fast.encode runs in the one asked: a caller's bf16 autocast around the call
+        # (a training loop's validation) silently ran this reference's products in bf16, 2e-3 off
+        with torch.autocast(self.device.type, enabled=False):
+            if waveform.dim() == 2:
+                encoded = [self._encode_mono(channel, sample_rate) for channel in waveform]
+                return torch.cat([u for u, _ in encoded]), torch.cat([f for _, f in encoded], dim=-1)
+            return self._encode_mono(waveform, sample_rate)
 
     def _encode_mono(self, waveform: torch.Tensor, sample_rate: int) -> tuple[torch.Tensor, torch.Tensor]:
         # The front end is float64 inside and float32 out; a model converted to another dtype reads it in its own.

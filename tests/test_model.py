@@ -136,6 +136,24 @@ def test_encode_runs_in_the_models_dtype():
     assert rel_err(utterance, ref_u) < 2e-2 and rel_err(frame_rows, ref_f) < 2e-2
 
 
+def test_an_autocast_around_encode_leaves_it_in_the_models_dtype():
+    """encode is the reference fast.encode is checked against: under a caller's bf16 autocast (a training loop's
+    validation) its products silently ran in bf16, 2e-3 off, while fast.encode's stayed float32."""
+    model = random_model("tiny", depth=2)
+    x = torch.randn(int(torch.randint(8000, 16000, ())))
+    truth = model.encode(x, 16000)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model.encode(x, 16000)
+        assert torch.is_autocast_enabled("cpu")  # the caller's setting is theirs again after the call
+    assert all(rel_err(out, ref) < 1e-6 for out, ref in zip(got, truth))
+
+
+def test_a_model_on_the_meta_device_is_named():
+    model = echo.EchoModel(echo.EchoConfig.preset("tiny", depth=1), device="meta")
+    with pytest.raises(ValueError, match="the model is on the meta device"):
+        model.encode(torch.randn(4000), 16000)
+
+
 @pytest.mark.parametrize("size", ["tiny", "small"])
 def test_layer_norm_eps_is_felt_and_is_the_released_1e6(size):
     """Every LayerNorm (norm1, norm2 of each layer, the final norm) sees inputs of variance ~1e-6, where eps
