@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from . import geometry, inputs
+from .checkpoint import WRAPPER_ATTRIBUTES
 from .model import EchoModel
 from .ops import backend as backends
 from .ops import stft as stft_ops
@@ -197,6 +198,11 @@ def checked_model(model) -> None:
     """What encodes is an EchoModel with weights, whose layers the packed path can run: a path, None or a model on
     the meta device failed in torch's attribute lookups or kernels, naming neither the model nor what to pass."""
     if not isinstance(model, EchoModel):
+        # torch.compile's and DataParallel's wrappers hold it; the packed path runs its own ops, which they never reach
+        wrapped = next((name for name in WRAPPER_ATTRIBUTES if isinstance(getattr(model, name, None), EchoModel)), None)
+        if wrapped:
+            raise TypeError(f"model must be an echo.EchoModel, got the {type(model).__name__} wrapping one: pass "
+                            f"the model itself, its .{wrapped} (this encoder runs its own ops, not the wrapper's)")
         raise TypeError(f"model must be an echo.EchoModel (echo.load makes one from a file or a name), got "
                         f"{type(model).__name__} {model!r:.60}")
     if model.device.type == "meta":

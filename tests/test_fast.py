@@ -382,6 +382,15 @@ def test_what_is_not_a_model_with_weights_is_refused_by_name(model):
             fast.StreamEncoder(given, 8000)
 
 
+def test_a_wrapped_model_is_refused_naming_the_model_inside(model):
+    """A torch.compile'd model was refused as "got OptimizedModule" with a hint to echo.load one."""
+    for wrapper, attribute in ((torch.compile(model), "_orig_mod"), (torch.nn.DataParallel(model), "module")):
+        with pytest.raises(TypeError, match=rf"wrapping one: pass the model itself, its \.{attribute}"):
+            fast.encode(wrapper, [torch.randn(8000)], 8000)
+        with pytest.raises(TypeError, match=rf"its \.{attribute}"):
+            fast.StreamEncoder(wrapper, 8000)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_writes_the_version_counter_misses_and_eps_changes_rebuild_the_cached_copy(dtype):
     """`p.data.copy_(q.data)` (EMA, weight sync) bumps no version counter: a copy cached by version mixed old
