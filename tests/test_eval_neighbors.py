@@ -224,6 +224,17 @@ def test_every_non_finite_value_is_found_by_the_extremes_first(dtype, value):
                 neighbors.check_finite(given, "bank")
 
 
+def test_big_endian_rows_are_searched_as_native_ones():
+    """Rows read from a big-endian file ('>f4') failed in torch ("byte order different from the native byte
+    order"), as the signals they came from are read."""
+    rng = seeded_rng()
+    queries, bank = rng.standard_normal((5, 8)), rng.standard_normal((9, 8))
+    for metric in ("cosine", "euclidean"):
+        expected = brute_force(queries.astype(np.float32), bank.astype(np.float32), 2, metric)
+        distances, indices = neighbors.nearest(queries.astype(">f4"), bank.astype(">f4"), 2, metric)
+        assert np.array_equal(indices, expected[1]) and np.allclose(distances, expected[0], atol=1e-5)
+
+
 def test_missing_or_ragged_rows_are_named_not_numpys_error():
     """embed_files holds None for a file it could not read, and rates with other band counts give rows of other
     lengths: the search named neither (numpy's "inhomogeneous shape")."""

@@ -97,6 +97,8 @@ def _array(embeddings, name: str) -> np.ndarray:
     if rows.dtype.kind not in "biuf":  # text failed in torch, complex numbers lost their imaginary part
         kind = "objects" if rows.dtype == object else rows.dtype
         raise ValueError(f"{name} must be real numbers of one shape, got {kind}")
+    if not rows.dtype.isnative:  # big-endian rows (a file another machine wrote) failed in torch, naming neither side
+        rows = rows.astype(rows.dtype.newbyteorder("="))
     return rows
 
 
