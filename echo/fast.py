@@ -15,7 +15,7 @@ import torch
 
 from . import geometry, inputs
 from .checkpoint import WRAPPER_ATTRIBUTES
-from .model import EchoModel
+from .model import EchoModel, as_asked
 from .ops import backend as backends
 from .ops import stft as stft_ops
 from .ops import tokens as token_ops
@@ -265,7 +265,7 @@ def encode(
     passes = [_spans(chunk, monos) for chunk in _chunks(monos, max_tokens)]
     front_end = _FrontEnd(monos, passes, device, backend)
     frame_outputs = _frame_outputs(monos, len(signal_list), model.config.dim) if frames else None
-    with packed.as_asked(device):
+    with as_asked(device):
         for number, spans in enumerate(passes):
             plan = make_plan(
                 [span.waveform(monos[span.mono]).shape[0] for span in spans],

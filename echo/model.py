@@ -17,6 +17,12 @@ from .ops import stft as stft_ops
 from .ops import tokens as token_ops
 
 
+def as_asked(device: torch.device):
+    """Inference runs its products in the dtype the caller asked for: an autocast around the call (a serving
+    stack's, a notebook's, a training loop's validation) would silently run float32's in bf16, 5e-5 to 2e-3 off."""
+    return torch.autocast(device.type, enabled=False)
+
+
 @dataclass(frozen=True)
 class EchoConfig:
     """An ECHO encoder's shape: width `dim`, `depth` layers of `heads` attention heads, MLP width mlp_ratio x dim.
@@ -175,9 +181,7 @@ class EchoModel(nn.Module):
         if self.device.type == "meta":  # torch said "Cannot copy out of meta tensor", naming no model
             raise ValueError("the model is on the meta device: it has shapes but no weights; load its weights on a "
                              "device that computes (cpu, cuda, ...)")
-        # in the model's own dtype, as fast.encode runs in the one asked: a caller's bf16 autocast around the call
-        # (a training loop's validation) silently ran this reference's products in bf16, 2e-3 off
-        with torch.autocast(self.device.type, enabled=False):
+        with as_asked(self.device):  # the model's own dtype: a training loop's validation runs under its autocast
             if waveform.dim() == 2:
                 encoded = [self._encode_mono(channel, sample_rate) for channel in waveform]
                 return torch.cat([u for u, _ in encoded]), torch.cat([f for _, f in encoded], dim=-1)

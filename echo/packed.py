@@ -334,12 +334,6 @@ def inference_model(model, dtype: torch.dtype, snapshot: bool = False):
     return cached[2]
 
 
-def as_asked(device: torch.device):
-    """Inference runs its products in the dtype the caller asked for: an autocast around the call (a serving
-    stack's, a notebook's) would silently run float32's in bf16, 5e-5 to 1e-3 off the reference."""
-    return torch.autocast(device.type, enabled=False)
-
-
 def forward(
     model, x: torch.Tensor, packing: Packing, backend: str | None = None, return_layers: bool = False,
     cls_only: bool = False, row_step: int = 1,

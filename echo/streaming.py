@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import geometry, inputs, packed
-from .model import EchoModel
+from .model import EchoModel, as_asked
 from .ops import backend as backends
 from .ops import stft as stft_ops
 from .ops import tokens as token_ops
@@ -237,7 +237,7 @@ class StreamEncoder:
         length = geometry.n_patches(bands.shape[2]) + 1
         group = max(1, self.max_tokens // length)
         outputs = []
-        with packed.as_asked(self.model.device):
+        with as_asked(self.model.device):
             for first in range(0, bands.shape[0], group):
                 tokens = self.model.band_tokens(bands[first : first + group], positions[first : first + group])
                 count, _, dim = tokens.shape
