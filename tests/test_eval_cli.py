@@ -150,6 +150,23 @@ def test_files_of_other_rates_or_channel_counts_are_refused_before_any_encoding(
     assert json.loads((tmp_path / "out" / "results.json").read_text())["model"] == "default"  # as encode and demo
 
 
+def test_channels_and_bands_of_one_embedding_size_are_not_compared(tmp_path, model_path, monkeypatch, capsys):
+    """48 kHz stereo (2 x 19 bands) and 96 kHz mono (38 bands) give embeddings of one size: they were compared,
+    one file's second channel against the other's upper bands, where the README says they are refused."""
+    monkeypatch.setattr(embed, "_encode", lambda *args, **kwargs: pytest.fail("encoded before the refusal"))
+    assert 2 * echo.geometry.n_bands(48000) == echo.geometry.n_bands(96000)
+    rng = seeded_rng()
+    for name, rate, channels in (("normal/0", 48000, 2), ("normal/1", 48000, 2), ("test/normal/0", 48000, 2),
+                                 ("test/anomalous/0", 96000, 1)):
+        path = tmp_path / "machine" / f"{name}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        soundfile.write(str(path), rng.normal(size=(rate // 20, channels)).astype(np.float32), rate)
+    assert run_eval("--task", "folder", "--data", tmp_path / "machine", "--model", model_path, "--out",
+                    tmp_path / "out") == 2
+    error = capsys.readouterr().err
+    assert "3 files at 48000 Hz, 2 channels" in error and "1 file at 96000 Hz, mono" in error
+
+
 def test_a_test_clip_equal_to_a_bank_clip_or_of_another_length_is_noted(tmp_path, model_path, capsys):
     """A recording copied into both the bank and the test set, or a dead sensor's silence in both, scores 0: as
     normal as can be, without a word. A clip far shorter than the bank's scores high for its length alone."""

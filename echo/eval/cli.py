@@ -98,9 +98,11 @@ def _check_headers(dataset) -> None:
 
 
 def _refuse_other_sizes(usable: list) -> None:
-    groups = {}  # values per embedding (over the model's width) -> {(rate, channels): (files, first path)}
+    # (bands, channels) -> {(rate, channels): (files, first path)}; not keyed by their product, the embedding's
+    # size: 48 kHz stereo (2 x 19 bands) and 96 kHz mono (38) were compared, band against other channel's band
+    groups = {}
     for item, header in usable:
-        shapes = groups.setdefault(n_bands(header.samplerate) * header.channels, {})
+        shapes = groups.setdefault((n_bands(header.samplerate), header.channels), {})
         count, first = shapes.get((header.samplerate, header.channels), (0, item.path))
         shapes[(header.samplerate, header.channels)] = (count + 1, first)
     if len(groups) > 1:
@@ -109,8 +111,8 @@ def _refuse_other_sizes(usable: list) -> None:
         shown = "; ".join(f"{count} {'file' if count == 1 else 'files'} at {rate} Hz, "
                           f"{'mono' if channels == 1 else f'{channels} channels'} (e.g. {first})"
                           for count, rate, channels, first in kinds[:6])
-        raise ValueError(f"the files' embeddings would differ in size, so they cannot be compared (each sample rate "
-                         f"has its band count, each channel its embedding): {shown}"
+        raise ValueError(f"the files' embeddings would differ in size or layout, so they cannot be compared (each "
+                         f"sample rate has its band count, each channel its embedding): {shown}"
                          f"{'; ...' if len(kinds) > 6 else ''}. One evaluation takes files of one band count "
                          f"and channel count: resample or mix them down, or evaluate each kind on its own")
 
