@@ -239,6 +239,24 @@ def test_classes_of_ones_own_folders_by_leave_one_out_k_fold_and_a_split(tmp_pat
     assert "test classes with no train folder (always mispredicted): cracked" in capsys.readouterr().out
 
 
+def test_classes_of_multi_channel_files_are_viewed_per_channel_and_fused(tmp_path, model_path):
+    """A 3-axis accelerometer's files were only searched concatenated, and --channels was refused as if they had one
+    channel; each channel is now viewed alone and fused, as MAFAULDA's. Only channel 1 tells the classes apart."""
+    rng = seeded_rng()
+    for label, frequency in {"healthy": 300, "bearing": 1500, "gear": 3000}.items():
+        for i in range(4):
+            path = tmp_path / "axes" / label / f"{i}.wav"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            noise = rng.normal(size=(2, 1600))
+            soundfile.write(str(path), np.stack([noise[0], tone(rng, frequency, seconds=0.2), noise[1]], 1), RATE)
+    out = tmp_path / "out"
+    assert run_eval("--task", "classes", "--data", tmp_path / "axes", "--model", model_path, "--out", out,
+                    "--k", "3", "--protocol", "loocv", "--channels", "0,1", "--no-plots") == 0
+    accuracy = {r["view"]: float(r["accuracy"]) for r in read_rows(out / "results.csv")}
+    assert set(accuracy) == {"all", "channel 0", "channel 1", "channel 2", "fused 0,1"}
+    assert accuracy["channel 1"] == 1.0 and max(accuracy["channel 0"], accuracy["channel 2"]) < 1.0
+
+
 def test_classes_layouts_that_would_lose_labels_are_refused(tmp_path):
     rng = seeded_rng()
     write_classes(tmp_path / "a", {"x": 300, "y": 600}, 2, rng)
@@ -456,7 +474,7 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_encoding(tmp_path, 
 @pytest.mark.parametrize("task, option, message", [
     ("mafaulda", ("--channels", "0,9"), r"channels \[0, 9\] must be a non-empty subset of 0..6"),
     ("mafaulda", ("--channels", "0;1"), "--channels '0;1': channel numbers separated by commas"),
-    ("folder", ("--channels", "0"), "--channels chooses among the channels of multi-channel data; folder has one"),
+    ("folder", ("--channels", "0"), "--channels chooses the channels fault classification fuses; folder is anomaly"),
     ("mafaulda", ("--protocol", "split"), "--protocol split: mafaulda has no train/test split"),
     ("mafaulda", ("--k", "0"), "--k 0: at least one neighbour"),
     ("mafaulda", ("--folds", "1"), "--folds 1: k-fold needs two folds or more"),

@@ -95,6 +95,8 @@ def _check_headers(dataset) -> None:
     _refuse_other_sizes(usable)
     if dataset.kind == "anomaly":
         _note_other_lengths(dataset, usable)
+    elif usable:  # one channel count now: each channel of your own 3-axis files is also viewed alone and fused, as
+        dataset.channels = usable[0][1].channels  # MAFAULDA's (they were only concatenated, --channels refused)
 
 
 def _refuse_other_sizes(usable: list) -> None:
@@ -148,8 +150,12 @@ def _fused_channels(args, dataset) -> list[int] | None:
     """The channel numbers of --channels, each one of the data set's (which must have several)."""
     if args.channels is None:
         return None
+    if dataset.kind == "anomaly":
+        raise ValueError(f"--channels chooses the channels fault classification fuses; {dataset.task} is anomaly "
+                         f"detection, scored on all channels concatenated")
     if dataset.channels < 2:
-        raise ValueError(f"--channels chooses among the channels of multi-channel data; {dataset.task} has one")
+        raise ValueError(f"--channels chooses among the channels of multi-channel data; {dataset.task}'s files have "
+                         f"one")
     try:
         channels = [int(c) for c in args.channels.split(",")]
     except ValueError:
@@ -306,8 +312,8 @@ def _run(args) -> int:
     if args.cache is not None:
         atomic.check_writable(args.cache, f"--cache {args.cache}")
     dataset = datasets.load(args.task, args.data, args.labels)
+    _check_headers(dataset)  # first: it tells the channels --channels chooses among
     _check_options(args, dataset)
-    _check_headers(dataset)
     for note in dataset.notes:
         print(f"note: {note}")
     if device.type == "cpu":
