@@ -83,8 +83,8 @@ def _json_values(value):
 def _check_headers(dataset) -> None:
     """What the files' headers tell before the encoding: files whose embeddings would differ in size (another
     rate's band count, another channel count) are refused (`_stack` found them once every file was encoded), and
-    test clips of lengths far from the bank's are noted. Files whose header cannot be read are left to the
-    reading, which reports them."""
+    test clips of lengths far from the bank's are noted, and fault data's channel count is kept for its
+    per-channel views. Files whose header cannot be read are left to the reading, which reports them."""
     if dataset.read is not datasets.read_audio:  # the .mat and .csv data sets have one rate and channel count
         return
     soundfile = require("soundfile", "reading audio files")
@@ -95,8 +95,8 @@ def _check_headers(dataset) -> None:
     _refuse_other_sizes(usable)
     if dataset.kind == "anomaly":
         _note_other_lengths(dataset, usable)
-    elif usable:  # one channel count now: each channel of your own 3-axis files is also viewed alone and fused, as
-        dataset.channels = usable[0][1].channels  # MAFAULDA's (they were only concatenated, --channels refused)
+    elif usable:  # one channel count now: each channel of a 3-axis sensor's files is viewed alone and fused
+        dataset.channels = usable[0][1].channels
 
 
 def _refuse_other_sizes(usable: list) -> None:
