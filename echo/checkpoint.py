@@ -29,6 +29,13 @@ CONFIG_KEY = "echo_config"  # safetensors metadata entry holding the JSON config
 CONFIG_FIELDS = tuple(field.name for field in dataclasses.fields(EchoConfig))
 SIZE_FIELDS = ("dim", "depth", "heads")  # what a preset (size=) sets
 LAYER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.")
+
+
+class MissingCheckpoint(FileNotFoundError, ValueError):
+    """A checkpoint path that names no file: caught as a missing file (`except FileNotFoundError`, as `open` and
+    `torch.load` raise) or as bad input (`except ValueError`, as echo's other refusals)."""
+
+
 # only to point at files inside a folder; .ckpt is PyTorch Lightning's: a folder of model.pt and last.ckpt loaded
 # model.pt as if it were the folder's only checkpoint
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
@@ -327,9 +334,9 @@ def _checkpoint_file(path) -> tuple[Path, str | None]:
         hint = f"; it holds {first_items(inside)}: load one of those by path" if inside else ""
         raise ValueError(f"checkpoint {path} is a directory, not a checkpoint file{hint}")
     if path.is_symlink() and not path.exists():
-        raise ValueError(f"checkpoint {path} is a symbolic link to {os.readlink(path)}, which does not exist")
+        raise MissingCheckpoint(f"checkpoint {path} is a symbolic link to {os.readlink(path)}, which does not exist")
     if not path.exists():
-        raise ValueError(f"checkpoint {path} does not exist")
+        raise MissingCheckpoint(f"checkpoint {path} does not exist")
     if not path.is_file():  # /dev/null, a pipe: each read of it gives other bytes, or none
         raise ValueError(f"checkpoint {path} is not a regular file")
     return path, None
