@@ -5,7 +5,6 @@ their own and rename the result into place, so none ever sees another's half-wri
 from __future__ import annotations
 
 import glob
-import gzip
 import os
 import re
 import shutil
@@ -113,10 +112,3 @@ def version(root: Path) -> str:
     """The .deb file name a fetched package came from (name_version_arch.deb)."""
     return (Path(root) / ".extracted").read_text().strip()
 
-
-def copyright_text(root: Path, package: str) -> str:
-    path = Path(root) / "usr/share/doc" / package / "copyright"
-    if path.is_file():
-        return path.read_text(errors="replace")
-    gz = path.with_suffix(".gz")
-    return gzip.decompress(gz.read_bytes()).decode(errors="replace") if gz.is_file() else ""
