@@ -586,6 +586,8 @@ def _encode_files(args, rank: int, world: int) -> int:
     bar = tqdm(total=len(mine), desc=f"encoding (rank {rank})" if world > 1 else "encoding", unit="file",
                disable=args.quiet or rank != 0)
 
+    # the bar counts files, and one long recording is minutes of one call: its passes are shown as they end
+    options["progress"] = lambda done, passes: bar.set_postfix_str(f"batch {100 * done // passes}%")
     own = f"rank {rank}'s share: " if world > 1 else ""  # every rank says its own: unnamed, they read as the run's
 
     def kept(share: list) -> str:
@@ -620,6 +622,7 @@ def _encode_files(args, rank: int, world: int) -> int:
         with ThreadPoolExecutor(READ_WORKERS) as pool:
             for batch in batched(mine, decoded_sizes(mine, pool), args.batch_files):
                 seconds += encode_and_save(batch, pool)
+                bar.set_postfix_str("", refresh=False)  # the next batch's reading is not this one's 100%
                 bar.update(len(batch))
     except KeyboardInterrupt:  # every finished batch is in its shard already: the command line says what is kept
         raise KeyboardInterrupt(own + (kept(mine) or NOTHING_KEPT)) from None

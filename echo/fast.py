@@ -232,6 +232,7 @@ def encode(
     device=None,
     max_tokens: int | None = None,
     backend: str | None = None,
+    progress=None,
 ) -> list:
     """Embeddings of every signal, in input order: one utterance tensor each, or (utterance, frames) tuples
     with frames=True; float32 on the CPU, equal to model.encode of each signal. Utterances alone cost less on a
@@ -247,6 +248,7 @@ def encode(
     `backend` forces every op's backend ("torch", "reference", "triton"); by default each op picks the fastest
     for the device. A process that encodes repeatedly on a CPU under glibc gains from
     echo.host_memory.keep_freed_memory() (a process-wide malloc setting, so it is the caller's choice).
+    `progress(done, passes)` is called after each pass: one call over an hour-long recording runs for minutes.
     """
     backends.check_environment()  # a misspelt ECHO_BACKEND_<OP> would be ignored by the op it meant
     device = checked_encoder(model, device, dtype)
@@ -275,6 +277,8 @@ def encode(
             # no name holds a pass's spectrogram: the next pass's is made after this one's is freed
             _encode_chunk(model, plan, front_end.spectrogram(number, spans, plan), [monos[s.mono] for s in spans],
                           frames, device, backend, row_step)
+            if progress is not None:
+                progress(number + 1, len(passes))
     return _gather(monos, len(signal_list), frame_outputs)
 
 

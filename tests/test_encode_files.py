@@ -138,6 +138,15 @@ def interrupt_at_batch(monkeypatch, number=2):
     return interrupt_call(monkeypatch, command, "_encode_batch", number)
 
 
+def test_the_bar_shows_the_passes_of_a_long_batch(tmp_path, model_path, capsys):
+    """The bar counts files: over one long recording it sat at 0 for minutes, with no sign of life."""
+    soundfile.write(str(tmp_path / "long.wav"), np.random.uniform(-0.5, 0.5, 16000 * 25), 16000)
+    assert cli.main(["encode", str(tmp_path / "long.wav"), "--model", str(model_path), "--out",
+                     str(tmp_path / "e.npz"), "--max-tokens", "300"]) == 0
+    bar = capsys.readouterr().err
+    assert "0/1 [" in bar and "batch 50%" in bar and "batch 100%" in bar
+
+
 def test_rerun_and_interrupted_run_resume(tmp_path, model_path, capsys, monkeypatch):
     good = write_corpus(tmp_path / "data")
     out = tmp_path / "emb.npz"

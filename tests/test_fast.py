@@ -92,6 +92,17 @@ def test_small_token_budget_streams_through(model):
         assert rel_err(cu, u) < 1e-6 and rel_err(cf, f) < 1e-6
 
 
+def test_progress_is_called_after_every_pass(model):
+    """One call over a long recording runs for minutes: a caller's progress bar learns of every pass."""
+    signals, rates = [torch.randn(samples_for(200, 16000))], [16000]
+    calls = []
+    out = fast.encode(model, signals, rates, max_tokens=60, progress=lambda done, passes: calls.append((done, passes)))
+    passes = calls[0][1]
+    assert passes > 1 and calls == [(done, passes) for done in range(1, passes + 1)]
+    for u, plain in zip(out, fast.encode(model, signals, rates, max_tokens=60)):
+        assert torch.equal(u, plain)
+
+
 def test_a_signal_split_across_passes_goes_through_the_front_end_once(model, monkeypatch):
     """A long signal between short ones, over several passes: every frame is transformed once (it was up to 3
     times, with each pass's other signals), but for the frames a signal's last segment shares with the one
