@@ -259,6 +259,16 @@ def test_classes_of_multi_channel_files_are_viewed_per_channel_and_fused(tmp_pat
     assert accuracy["channel 1"] == 1.0 and max(accuracy["channel 0"], accuracy["channel 2"]) < 1.0
 
 
+def test_fault_searches_show_their_progress(tmp_path, model_path, capsys):
+    """After the embedding bar, a fault set's searches (a view and protocol each, minutes for MAFAULDA's size)
+    ran without a word until the table."""
+    write_classes(tmp_path / "plant", {"healthy": 300, "bearing": 1500}, 5, seeded_rng())
+    assert main(["eval", "--task", "classes", "--data", str(tmp_path / "plant"), "--model", str(model_path),
+                 "--out", str(tmp_path / "out"), "--k", "1", "--no-plots"]) == 0
+    printed = capsys.readouterr().err
+    assert "searching: 100%" in printed and "2/2" in printed  # leave-one-out and 5-fold
+
+
 def test_classes_layouts_that_would_lose_labels_are_refused(tmp_path):
     rng = seeded_rng()
     write_classes(tmp_path / "a", {"x": 300, "y": 600}, 2, rng)

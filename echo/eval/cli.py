@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .. import atomic
 from ..geometry import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, n_bands
@@ -278,9 +279,13 @@ def _faults(args, dataset, items, vectors, device) -> tuple[dict, object]:
     views = [(None, False)]
     if dataset.channels > 1:
         views += [([c], False) for c in range(dataset.channels)] + [(args.fused_channels, True)]
+    searches = [(protocol, channels, fuse) for protocol in (args.protocol or dataset.protocols)
+                for channels, fuse in views]
+    # MAFAULDA-sized (1951 files x 7 channels) leave-one-out took 224 s for its 9 views on 2 cores: said as it goes,
+    # not minutes of silence after the embedding bar
     results = [faults.evaluate(embeddings, labels, protocol, args.k, subsets, channels, fuse, args.folds,
                                args.seed, device, groups)
-               for protocol in (args.protocol or dataset.protocols) for channels, fuse in views]
+               for protocol, channels, fuse in tqdm(searches, desc="searching", unit="view", disable=args.quiet)]
     rows = [result.row() for result in results]
     columns = ["protocol", "view", "files", "accuracy", "precision", "recall", "f1", "fold_mean", "fold_std"]
     atomic.write_csv(args.out / "results.csv", columns, rows)
