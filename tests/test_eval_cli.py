@@ -735,3 +735,10 @@ def test_the_embeddings_are_stacked_in_one_copy():
         tracemalloc.stop()
     assert stacked.dtype == np.float32 and np.array_equal(stacked, np.stack(vectors))
     assert peak < 1.5 * stacked.nbytes
+
+
+def test_a_projection_legend_names_a_class_whose_name_starts_with_an_underscore(tmp_path, saved_figures):
+    """matplotlib leaves artists labelled "_..." out of a legend: a class folder _noise had points but no entry."""
+    plots.projection_plot(seeded_rng().normal(size=(6, 8)), ["_noise", "hum"] * 3, tmp_path / "p.png", "title")
+    entries = [text.get_text() for text in saved_figures["p.png"].axes[0].get_legend().get_texts()]
+    assert entries == ["_noise (3)", "hum (3)"]

@@ -140,12 +140,14 @@ def projection_plot(vectors: np.ndarray, labels, path: Path, title: str) -> Path
     columns = -(-len(entries) // LEGEND_ROWS)
     legend_inches = columns * (0.4 + LEGEND_INCHES_PER_CHARACTER * max(map(len, entries), default=0))
     figure, axis = new_figure(figsize=(6 + legend_inches, 5))
-    for label, entry in zip(sorted(styles), entries):
+    handles = []
+    for label in sorted(styles):
         colour, marker = styles[label]
         chosen = labels == label
-        axis.scatter(points[chosen, 0], points[chosen, 1], s=8, color=colour, marker=marker, label=entry)
+        handles.append(axis.scatter(points[chosen, 0], points[chosen, 1], s=8, color=colour, marker=marker))
     axis.set(xlabel="PC 1", ylabel="PC 2", title=title)
-    axis.legend(fontsize=7, markerscale=2, ncols=columns, loc="upper left", bbox_to_anchor=(1.01, 1))
+    # the entries given, not the artists' labels, which matplotlib leaves out when they start with "_" (a class _noise)
+    axis.legend(handles, entries, fontsize=7, markerscale=2, ncols=columns, loc="upper left", bbox_to_anchor=(1.01, 1))
     return save(figure, path)
 
 
