@@ -742,3 +742,19 @@ def test_a_projection_legend_names_a_class_whose_name_starts_with_an_underscore(
     plots.projection_plot(seeded_rng().normal(size=(6, 8)), ["_noise", "hum"] * 3, tmp_path / "p.png", "title")
     entries = [text.get_text() for text in saved_figures["p.png"].axes[0].get_legend().get_texts()]
     assert entries == ["_noise (3)", "hum (3)"]
+
+
+def test_class_names_holding_dollars_are_drawn_as_spelt(tmp_path, saved_figures):
+    """matplotlib reads text between two "$" as TeX: a class $x_1^2$ was drawn as x with indices, and one named
+    a$$b stopped the evaluation with a TeX parse error, its plots unwritten."""
+    from echo.eval import faults
+
+    names = ["$x_1^2$", "a$$b", "plain"]
+    truth = np.repeat(names, 2)
+    plots.confusion_plot(faults.score(truth, truth, sorted(names), "kfold", "all"), tmp_path / "c.png")
+    plots.projection_plot(seeded_rng().normal(size=(6, 8)), truth, tmp_path / "p.png", "$x_1^2$ (PCA)")
+    confusion, projection = saved_figures["c.png"].axes[0], saved_figures["p.png"].axes[0]
+    drawn = [text._preprocess_math(text.get_text()) for text in
+             [*confusion.get_xticklabels(), *projection.get_legend().get_texts(), projection.title]]
+    assert drawn == [(name, False) for name in sorted(names)] + \
+        [(f"{name} (2)", False) for name in sorted(names)] + [("$x_1^2$ (PCA)", False)]

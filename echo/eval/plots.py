@@ -45,6 +45,12 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
 
 
+def _plain(name) -> str:
+    """A folder's or class's name drawn as it is spelt: matplotlib reads text between two "$" as TeX, which drew
+    a class $x_1^2$ as x with indices and stopped the evaluation, its plots unwritten, at one named a$$b."""
+    return str(name).replace("$", r"\$")
+
+
 def anomaly_plots(clips, scores, out: Path, dcase: bool = True) -> list[Path]:
     """One ROC figure (a curve per section with both labels; none where no section has them) and one score
     histogram per (split, machine). Without `dcase` (one's own folder: no split or section) a figure is named
@@ -68,8 +74,8 @@ def anomaly_plots(clips, scores, out: Path, dcase: bool = True) -> list[Path]:
                 # one curve over the section's clips: with domains, an AUC results.csv does not list
                 scope = "AUC of all domains" if any(clips[i].domain for i in chosen) else "AUC"
                 auc = f"{scope} {metrics.roc_auc_score(labels, scores[chosen]):.3f}"
-                axis.plot(fpr, tpr, label=f"{name} ({auc})" if name else auc)
-        title = f"{machine} ({split})" if dcase else machine
+                axis.plot(fpr, tpr, label=f"{_plain(name)} ({auc})" if name else auc)
+        title = _plain(f"{machine} ({split})" if dcase else machine)
         stem = f"{_safe(split)}_{_safe(machine)}" if dcase else _safe(machine)
         if axis.get_legend_handles_labels()[0]:
             axis.plot([0, 1], [0, 1], "k:", linewidth=1)
@@ -113,6 +119,7 @@ def confusion_plot(result, path: Path) -> Path:
     30-character names a thumbnail matrix and cut the title off."""
     names = [str(c) for c in result.classes]
     size = max(4, 0.6 * len(names) + 1.5 + LABEL_INCHES_PER_CHARACTER * max(map(len, names)))
+    names = [_plain(name) for name in names]
     figure, axis = new_figure(figsize=(size, size))
     image = axis.imshow(result.confusion, cmap="Blues")
     ticks = range(len(names))
@@ -136,7 +143,7 @@ def projection_plot(vectors: np.ndarray, labels, path: Path, title: str) -> Path
         np.zeros((len(vectors), 2))
     labels = np.asarray([str(label) for label in labels])
     styles = _styles(set(labels))
-    entries = [f"{label} ({(labels == label).sum()})" for label in sorted(styles)]
+    entries = [f"{_plain(label)} ({(labels == label).sum()})" for label in sorted(styles)]
     columns = -(-len(entries) // LEGEND_ROWS)
     legend_inches = columns * (0.4 + LEGEND_INCHES_PER_CHARACTER * max(map(len, entries), default=0))
     figure, axis = new_figure(figsize=(6 + legend_inches, 5))
@@ -145,7 +152,7 @@ def projection_plot(vectors: np.ndarray, labels, path: Path, title: str) -> Path
         colour, marker = styles[label]
         chosen = labels == label
         handles.append(axis.scatter(points[chosen, 0], points[chosen, 1], s=8, color=colour, marker=marker))
-    axis.set(xlabel="PC 1", ylabel="PC 2", title=title)
+    axis.set(xlabel="PC 1", ylabel="PC 2", title=_plain(title))
     # the entries given, not the artists' labels, which matplotlib leaves out when they start with "_" (a class _noise)
     axis.legend(handles, entries, fontsize=7, markerscale=2, ncols=columns, loc="upper left", bbox_to_anchor=(1.01, 1))
     return save(figure, path)
