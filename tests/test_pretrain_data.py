@@ -812,3 +812,16 @@ def test_the_streams_of_ranks_and_workers_draw_crops_bands_and_masks_of_their_ow
     a, b = itertools.islice(loader, 2)
     assert (a.stream, b.stream) == (0, 1)
     assert not (torch.equal(a.positions, b.positions) and torch.equal(a.masked, b.masked))
+
+
+def test_shards_in_a_folder_whose_name_holds_a_colon_are_written_and_read(tmp_path, monkeypatch):
+    """webdataset takes "mic" in a relative path mic:A/shard-000000.tar for a URL scheme: writing the shards
+    stopped with "no gopen handler defined", and so did reading them."""
+    pytest.importorskip("webdataset")
+    root = write_corpus(tmp_path / "data", files=2)
+    monkeypatch.chdir(tmp_path)
+    shards.write_shards(root, "mic:A", per_shard=1)
+    for spec in ("mic:A", "mic:A/shard-{000000..000001}.tar"):
+        source = shards.ShardCorpus(spec, min_seconds=1.0)
+        examples = list(itertools.islice(source.examples(0, 0, 1), len(corpus.FolderCorpus(root, 1.0).items)))
+        assert len({example.key for example in examples}) == len(examples) > 0

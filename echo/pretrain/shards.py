@@ -43,11 +43,12 @@ def shard_urls(spec) -> list[str]:
     webdataset()
     path = Path(spec)
     if path.is_dir():
-        urls = sorted(str(p) for p in path.glob("*.tar"))
+        urls = sorted(str(p.absolute()) for p in path.glob("*.tar"))
     else:
         from braceexpand import braceexpand
 
-        urls = list(braceexpand(str(spec)))
+        # absolute: webdataset takes what precedes a ":" as a URL scheme, so shards in a folder mic:A were refused
+        urls = [str(Path(url).absolute()) for url in braceexpand(str(spec))]
         missing = [u for u in urls if not Path(u).is_file()]
         if missing:
             raise ValueError(f"{len(missing)} of {len(urls)} shard files do not exist, e.g. {missing[0]}")
@@ -110,7 +111,9 @@ def write_shards(folder, out, per_shard: int = 1000, min_seconds: float = 1.0) -
         if final.is_file():  # written whole by an earlier, stopped, run of this plan
             resumed += 1
             continue
-        with atomic.replacing(final) as temporary, wds.TarWriter(str(temporary), encoder=False) as writer:
+        # an open file, not a name: webdataset reads "mic:" in a name mic:A/shard-000000.tar as a URL scheme
+        with atomic.replacing(final) as temporary, open(temporary, "wb") as stream, \
+                wds.TarWriter(stream, encoder=False) as writer:
             for index, entry in enumerate(source.files[first : first + per_shard], start=first):
                 sample = shard_sample(source.root, index, entry.path)
                 if sample is None:
