@@ -908,3 +908,15 @@ def test_weight_decay_falls_on_matrices_only_and_every_trained_parameter_is_in_o
             assert p.dim() == 1 or name.endswith("_token"), name
     assert {"student.cls_token", "decoder.mask_token"} <= plain_names
     assert any(name.startswith("decoder.convs") and name.endswith("weight") for name in decayed_names)
+
+
+def test_the_finished_run_names_its_folder_in_a_form_to_paste(data, tmp_path, capsys):
+    """The last line's `--model my run's` was three words in a shell, and `echo.load('my run's')` no Python."""
+    import shlex
+
+    run = tmp_path / "my run's"
+    trainer.train(tiny_config(data, run, steps=1, warmup=0), progress=False)
+    said = capsys.readouterr().out.strip().splitlines()[-1]
+    model = said.split("--model ", 1)[1].split("); the losses", 1)[0]
+    assert shlex.split(model) == [str(run)]
+    assert eval(said.split("(echo.load(", 1)[1].split("), or", 1)[0]) == str(run)

@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import os
+import shlex
 import time
 from contextlib import nullcontext
 from dataclasses import MISSING, dataclass, fields, replace
@@ -710,8 +711,9 @@ def _train(config: PretrainConfig, progress: bool, stop_at: int | None, rank: in
     raise_together(error, world, device)
     if rank == 0 and step >= config.steps:
         trained = f"last loss {last['loss']:.4f}" if last else "the run was already finished"  # not "loss nan"
-        print(f"done: {counted(step, 'step')}; {trained}; {config.export} -> {exported} (echo.load('{out}'), or "
-              f"--model {out}); the losses in {out / 'steps.csv'}")
+        # quoted, to be pasted: a run folder "my run" gave --model my run, two arguments in a shell
+        print(f"done: {counted(step, 'step')}; {trained}; {config.export} -> {exported} (echo.load({str(out)!r}), or "
+              f"--model {shlex.quote(str(out))}); the losses in {out / 'steps.csv'}")
     elif rank == 0:  # stopped by stop_at
         print(f"stopped at step {step} of {config.steps} (--stop-at {stop_at}); {checkpoints.resume_note(folder)}")
     if world > 1:
