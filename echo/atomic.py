@@ -124,8 +124,9 @@ def write_text(path, text: str) -> None:
 
 
 def write_csv(path, columns, rows) -> None:
-    """Rows (dicts; keys outside `columns` are left out) under a header of `columns`."""
-    with replacing(path) as temporary, open(temporary, "w", newline="") as handle:
+    """Rows (dicts; keys outside `columns` are left out) under a header of `columns`, in UTF-8 whatever the locale:
+    in its encoding (cp1252 on Windows, ASCII under LC_ALL=C PYTHONUTF8=0) a file named 日本.wav stopped eval."""
+    with replacing(path) as temporary, open(temporary, "w", encoding="utf-8", newline="") as handle:
         writer = csv.DictWriter(handle, columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)

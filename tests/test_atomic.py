@@ -1,3 +1,4 @@
+import csv
 import os
 import threading
 
@@ -161,3 +162,20 @@ def test_the_temporary_another_thread_of_this_process_writes_is_kept(tmp_path):
         written.set()
         thread.join()
     assert not errors and target.read_text() == "whole"
+
+
+def test_a_csv_holds_any_name_in_utf8_whatever_the_locale_encodes(tmp_path):
+    """Written in the locale's encoding, a path 日本.wav stopped eval at scores.csv where that is cp1252 (Windows)
+    or ASCII (LC_ALL=C with PYTHONUTF8=0), after every file was encoded; and über was written in cp1252."""
+    import subprocess
+    import sys
+
+    names = ["日本.wav", "über,\n\"x\".wav"]
+    write = ("import csv, importlib.util, sys; spec = importlib.util.spec_from_file_location('atomic', sys.argv[1]); "
+             "atomic = importlib.util.module_from_spec(spec); spec.loader.exec_module(atomic); "
+             f"atomic.write_csv(sys.argv[2], ['path'], [{{'path': name}} for name in {ascii(names)}])")
+    environment = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0"}  # names as escapes: argv would decode them
+    subprocess.run([sys.executable, "-c", write, atomic.__file__, str(tmp_path / "a.csv")], check=True,
+                   env=environment)
+    with open(tmp_path / "a.csv", encoding="utf-8", newline="") as handle:
+        assert [row["path"] for row in csv.DictReader(handle)] == names

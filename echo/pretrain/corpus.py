@@ -136,7 +136,7 @@ def read_manifest(path: Path) -> dict[str, FileEntry]:
     if not path.is_file():
         return {}
     try:
-        with open(path, newline="") as handle:
+        with open(path, encoding="utf-8", newline="") as handle:
             return {
                 row["path"]: FileEntry(row["path"], int(row["size"]), int(row["mtime_ns"]), int(row["sample_rate"]),
                                        int(row["frames"]), int(row["channels"]), row["problem"])
