@@ -119,8 +119,9 @@ def check_can_make(folder, what: str) -> None:
 
 
 def write_text(path, text: str) -> None:
+    """In UTF-8, as write_csv: the credits name people whose names no locale's encoding need hold."""
     with replacing(path) as temporary:
-        temporary.write_text(text)
+        temporary.write_text(text, encoding="utf-8")
 
 
 def write_csv(path, columns, rows) -> None:

@@ -238,7 +238,7 @@ def _records(out: Path) -> dict[str, dict]:
     interrupted, else those of the last finished one."""
     for name in (PARTIAL, "datalist.csv"):
         if (out / name).is_file():
-            with open(out / name, newline="") as handle:
+            with open(out / name, encoding="utf-8", newline="") as handle:
                 return {row["path"]: row for row in csv.DictReader(handle)}
     return {}
 

@@ -75,7 +75,7 @@ def bucklespring(corpus: Path, limit: int | None) -> tuple[list, list, list]:
     datalist = corpus / "datalist.csv"
     if not datalist.is_file():
         raise SystemExit(f"{datalist} does not exist: run scripts/build_corpus.py (or pass --corpus)")
-    with open(datalist, newline="") as handle:
+    with open(datalist, encoding="utf-8", newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("path", "").startswith(HELD_OUT) and row["label"]]
     if not rows:
         raise SystemExit(f"no labelled {HELD_OUT} rows in {datalist}: run scripts/build_corpus.py")

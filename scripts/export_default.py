@@ -44,7 +44,7 @@ def _read_csv(path: Path, columns: tuple[str, ...], parse) -> list:
     `columns` or holds a value that does not parse."""
     if not path.is_file():
         raise ValueError(f"{path} does not exist")
-    with open(path, newline="") as handle:
+    with open(path, encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
         missing = [column for column in columns if column not in (reader.fieldnames or ())]
         if missing:

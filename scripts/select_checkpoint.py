@@ -161,7 +161,7 @@ def read_csv(run: Path, path: Path, task: str) -> dict:
     """(run, step) -> row of an earlier table of `run` scored with the same `task` settings."""
     if not path.is_file():
         return {}
-    with open(path, newline="") as handle:
+    with open(path, encoding="utf-8", newline="") as handle:
         try:
             return {(run, int(row["step"])): {"run": run, "step": int(row["step"]),
                                               **{column: float(row[column]) for column in COLUMNS[1:]},
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
     rows_shown = rows
     if args.baselines:  # as long as a checkpoint or two: said, not a silent wait under the table's header
         print("scoring random weights and the log-spectrogram baseline on the same tasks", file=sys.stderr)
-        config = PretrainConfig(**json.loads((args.runs[0] / "config.json").read_text())).model_config
+        config = PretrainConfig(**json.loads((args.runs[0] / "config.json").read_text(encoding="utf-8"))).model_config
         rows_shown = rows + baselines(config, tasks)
     print("".join(column.ljust(width) for column, width in zip(columns, widths)), file=sys.stderr)
     for row in rows_shown:

@@ -195,7 +195,7 @@ def written_members(sample: dict) -> dict:
 
 def saved_plan(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # gone or damaged: no plan to resume under
         return None
 

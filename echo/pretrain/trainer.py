@@ -192,7 +192,7 @@ def with_derived_defaults(config: dict) -> dict:
 def _written_config(out: Path) -> dict:
     """The config a run stopped before its first checkpoint wrote (config.json), or {} for a new run."""
     try:
-        written = json.loads((out / "config.json").read_text())
+        written = json.loads((out / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return written if isinstance(written, dict) else {}
@@ -359,7 +359,7 @@ class CsvLog:
         self.path = path
         rows = []
         if path.is_file() and resumed_step:
-            with open(path, newline="") as handle:
+            with open(path, encoding="utf-8", newline="") as handle:
                 steps_and_rows = [(logged_step(r), r) for r in csv.DictReader(handle)]
             rows = [r for step, r in steps_and_rows if step is not None and step <= resumed_step]
             damaged = sum(step is None for step, _ in steps_and_rows)
@@ -372,7 +372,7 @@ class CsvLog:
         """Append a row; OSError naming the file and the checkpoint the run resumes from when that fails (a full
         disk: Python's error names neither)."""
         try:
-            with open(self.path, "a", newline="") as handle:
+            with open(self.path, "a", encoding="utf-8", newline="") as handle:
                 csv.DictWriter(handle, self.COLUMNS).writerow(row)
         except OSError as error:
             raise OSError(f"{self.path} could not be written ({error}); "
