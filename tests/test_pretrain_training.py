@@ -920,3 +920,28 @@ def test_the_finished_run_names_its_folder_in_a_form_to_paste(data, tmp_path, ca
     model = said.split("--model ", 1)[1].split("); the losses", 1)[0]
     assert shlex.split(model) == [str(run)]
     assert eval(said.split("(echo.load(", 1)[1].split("), or", 1)[0]) == str(run)
+
+
+def test_a_run_from_init_starts_from_its_weights_and_another_shape_is_refused_first(data, tmp_path):
+    """--init: continued pretraining. Under a learning rate too small to move them, the first step's student and
+    teacher hold the given model's weights, not random ones. A model of another shape is refused before the data
+    is indexed, naming the options that make its shape; a resume does not read --init again."""
+    start = echo.EchoModel(echo.EchoConfig.preset("tiny", dim=64, depth=2, heads=1))
+    path = echo.save(start, tmp_path / "start.safetensors")
+    run = tmp_path / "run"
+    config = tiny_config(data, run, steps=2, warmup=0, lr=1e-12, min_lr=0, weight_decay=0, save_every=1,
+                         init=str(path))
+    trainer.train(config, progress=False, stop_at=1)
+    saved = checkpoints.read(run / "checkpoints" / checkpoints.file_name(1))
+    for key, value in start.state_dict().items():
+        assert torch.allclose(saved["student"][key], value, atol=1e-6), key
+        assert torch.allclose(saved["teacher"][key], value, atol=1e-6), key
+    path.unlink()  # read once, when the run began
+    trainer.train(config, progress=False)
+    assert checkpoints.read(run / "checkpoints" / checkpoints.file_name(2))["step"] == 2
+    other = tmp_path / "other"
+    with pytest.raises(ValueError, match=r"dim 64, depth 2, heads 1, and this run's options make dim 64, depth 3, "
+                                         r"heads 1: start it with --dim 64 --depth 2 --heads 1$"):
+        trainer.train(tiny_config(data, other, depth=3, init=str(echo.save(start, tmp_path / "m.safetensors"))),
+                      progress=False)
+    assert not other.exists()

@@ -22,6 +22,9 @@ HELP = {
     "dim": "custom width (overrides the preset)",
     "depth": "custom layer count",
     "heads": "custom head count",
+    "init": "start from this model's weights, not random ones (a checkpoint file, a run folder, or a name: default, "
+            "echo-small, ...): continued pretraining on your data; its shape must be the run's (--size or "
+            "--dim/--depth/--heads: the error says which)",
     "crop_seconds": "crop length (<= 20 s, one pass)",
     "shortest_crop_seconds": "crops of random length, log-uniform from this to --crop-seconds, for embeddings of "
                              "short clips (default: every crop is --crop-seconds)",

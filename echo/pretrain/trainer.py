@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .. import checkpoint as model_files
 from .. import atomic, geometry, host_memory, process_group
-from ..model import EchoConfig, EchoModel
+from ..model import PRESETS, EchoConfig, EchoModel
 from ..packed import Packing
 from ..wording import counted
 from . import checkpoints, schedule
@@ -40,6 +40,7 @@ class PretrainConfig:
     dim: int | None = None  # overrides of the preset, for custom (e.g. test) sizes
     depth: int | None = None
     heads: int | None = None
+    init: str | None = None  # a model to start from (file, run folder or name): continued pretraining
     steps: int = 400_000
     # sampling fields: their defaults are SamplingConfig's, the one place they are set
     crop_seconds: float = SamplingConfig.crop_seconds
@@ -187,6 +188,29 @@ def with_derived_defaults(config: dict) -> dict:
             "ema_anneal_steps": config["ema_anneal_steps"] or config["steps"],
             **{name: getattr(preset, name) if config[name] is None else config[name]
                for name in ("dim", "depth", "heads")}}
+
+
+def initial_encoder(config: PretrainConfig) -> EchoModel | None:
+    """The model `config.init` names, whose weights a new run starts from, checked to have the run's shape: the
+    run's options name the shape (it is in config.json and every checkpoint), and those to give are said."""
+    if config.init is None:
+        return None
+    model = model_files.load(config.init)
+    if model.config == config.model_config:
+        return model
+
+    def described(model_config: EchoConfig, names=("dim", "depth", "heads")) -> str:
+        return ", ".join(f"{name} {getattr(model_config, name)}" for name in names)
+
+    shape = {name: getattr(model.config, name) for name in ("dim", "depth", "heads")}
+    if model.config != EchoConfig.preset("tiny", **shape):  # the MLP width or an eps, which no option sets
+        fixed = ("mlp_ratio", "layer_norm_eps", "final_norm_eps")
+        raise ValueError(f"--init {config.init} has {described(model.config, fixed)}, where pretraining builds "
+                         f"the presets' {described(EchoConfig.preset('tiny'), fixed)}")
+    size = next((name for name in PRESETS if EchoConfig.preset(name) == model.config), None)
+    options = f"--size {size}" if size else " ".join(f"--{name} {value}" for name, value in shape.items())
+    raise ValueError(f"--init {config.init} is a model of {described(model.config)}, and this run's options make "
+                     f"{described(config.model_config)}: start it with {options}")
 
 
 def _written_config(out: Path) -> dict:
@@ -558,9 +582,12 @@ def _train(config: PretrainConfig, progress: bool, stop_at: int | None, rank: in
     if config.export is None:  # a resumed run exports the encoder it was started to export
         started = saved["config"] if saved is not None else _written_config(out)
         config = replace(config, export=started.get("export") or "teacher")
-    if saved is None:  # a new run: its decoder groups must divide the width
+    initial = None
+    if saved is None:  # a new run: its decoder groups must divide the width, and --init is read (not on a resume)
         check_decoder_shape(config.model_config.dim, config.decoder_layers, config.decoder_kernel,
                             config.decoder_groups)
+        initial, error = attempt(initial_encoder, config)
+        raise_together(error, world, device)
     else:
         if (saved["world"], saved["workers"]) != (world, config.workers):
             raise ValueError(f"the run was started on {saved['world']} processes with {saved['workers']} data "
@@ -595,6 +622,8 @@ def _train(config: PretrainConfig, progress: bool, stop_at: int | None, rank: in
     # (a default float64 trained float64 models from other weights)
     host = {"device": "cpu", "dtype": torch.float32}
     student = EchoModel(config.model_config, **host)
+    if initial is not None:  # drawn first all the same: the decoder starts as it would from random weights
+        student.load_state_dict(initial.state_dict())
     # gcd: the grouping a run started before the groups had to divide the width was built with (checked above
     # for a new run, where it is the groups themselves)
     decoder = ConvDecoder(student.config.dim, config.decoder_layers, config.decoder_kernel,
