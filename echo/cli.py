@@ -110,6 +110,14 @@ def _report(error: BaseException) -> int:
     return 1
 
 
+def _named(error: OSError) -> OSError:
+    """`error` of stdout, naming it: a bare "[Errno 28] No space left on device" read as if the command's output
+    files (written whole) could not be written."""
+    if error.filename is None:
+        error.filename = "standard output"
+    return error
+
+
 class ReaderStdout:
     """stdout during a command: what its reader cannot take is not the command's failure, which would lose the
     work (encode's output is written after its skip list is printed). Text the encoding lacks (a path under
@@ -127,18 +135,18 @@ class ReaderStdout:
         except BrokenPipeError:
             self._drop()
             return len(text)
-        except OSError:  # a full disk: the command's error; the rest is dropped, as it would fail at exit again
+        except OSError as error:  # a full disk: the command's error; the rest is dropped, as it would fail at exit
             self._drop()
-            raise
+            raise _named(error)
 
     def flush(self) -> None:
         try:
             self.stream.flush()
         except BrokenPipeError:
             self._drop()
-        except OSError:  # a full disk: said once; the text it kept would fail again at exit ("Exception ignored")
+        except OSError as error:  # a full disk: said once; the text kept would fail again at exit ("Exception ignored")
             self._drop()
-            raise
+            raise _named(error)
 
     def _drop(self) -> None:
         """Point the descriptor at /dev/null, so neither later writes nor the flush at exit fail."""

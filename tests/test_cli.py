@@ -231,7 +231,8 @@ def test_a_reader_that_went_away_neither_stops_the_command_nor_prints_a_tracebac
 
 def test_a_stdout_on_a_full_disk_is_an_error_not_a_traceback(tmp_path, monkeypatch, capsys):
     """`echo info > file` on a full disk: the flush after the command raised out of main, a traceback, and the
-    text it kept failed again at exit ('Exception ignored', exit 120)."""
+    text it kept failed again at exit ('Exception ignored', exit 120). Then its error named no file, as if the
+    command's output files (`encode`'s, written whole) could not be written: it names standard output."""
     import errno
 
     from echo import cli
@@ -252,7 +253,7 @@ def test_a_stdout_on_a_full_disk_is_an_error_not_a_traceback(tmp_path, monkeypat
 
     monkeypatch.setattr(sys, "stdout", FullDisk())
     assert cli.main(["info"]) == 1
-    assert capsys.readouterr().err == "error: [Errno 28] No space left on device\n"
+    assert capsys.readouterr().err == "error: [Errno 28] No space left on device: 'standard output'\n"
     target.write("dropped")
     target.close()  # its descriptor now writes to /dev/null: the exit's flush cannot fail again
     assert (tmp_path / "out.txt").read_text() == ""
