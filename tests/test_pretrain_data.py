@@ -582,6 +582,28 @@ def test_a_stopped_shard_write_resumes_with_the_missing_shards_only(tmp_path, mo
         shards.write_shards(root, tmp_path / "shards", per_shard=2)
 
 
+def test_a_full_disk_while_a_shard_is_written_names_it_and_the_shards_kept(tmp_path, monkeypatch):
+    """"error: [Errno 28] No space left on device" alone named neither the shard nor the ones kept."""
+    pytest.importorskip("webdataset")
+    root, out = write_corpus(tmp_path / "data", files=5), tmp_path / "shards"
+    original = shards.shard_sample
+
+    def disk_full_at_file_2(folder, index, path):
+        if index == 2:
+            raise OSError(28, "No space left on device")
+        return original(folder, index, path)
+
+    monkeypatch.setattr(shards, "shard_sample", disk_full_at_file_2)
+    with pytest.raises(OSError) as stopped:
+        shards.write_shards(root, out, per_shard=2)
+    assert str(stopped.value) == (f"{out / 'shard-000001.tar'} could not be written ([Errno 28] No space left on "
+                                  f"device); 1 finished shard is kept in {out} (shard-000000.tar); the same command "
+                                  f"writes only the missing ones")
+    assert sorted(path.name for path in out.iterdir()) == [shards.PLAN_NAME, "shard-000000.tar"]
+    monkeypatch.undo()  # space freed
+    assert len(shards.write_shards(root, out, per_shard=2)) == 3
+
+
 def test_a_shard_write_resumes_from_a_copy_of_its_folder_but_not_from_changed_content(tmp_path, monkeypatch,
                                                                                       capsys):
     """`cp -r` of the folder gives every file a new time, and the plan held the times: the copy was refused.

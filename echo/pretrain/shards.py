@@ -111,15 +111,17 @@ def write_shards(folder, out, per_shard: int = 1000, min_seconds: float = 1.0) -
         if final.is_file():  # written whole by an earlier, stopped, run of this plan
             resumed += 1
             continue
-        # an open file, not a name: webdataset reads "mic:" in a name mic:A/shard-000000.tar as a URL scheme
-        with atomic.replacing(final) as temporary, open(temporary, "wb") as stream, \
-                wds.TarWriter(stream, encoder=False) as writer:
-            for index, entry in enumerate(source.files[first : first + per_shard], start=first):
-                sample = shard_sample(source.root, index, entry.path)
-                if sample is None:
-                    gone += 1
-                else:
-                    writer.write(sample)
+        try:  # an open file, not a name: webdataset reads "mic:" in a name mic:A/shard-000000.tar as a URL scheme
+            with atomic.replacing(final) as temporary, open(temporary, "wb") as stream, \
+                    wds.TarWriter(stream, encoder=False) as writer:
+                for index, entry in enumerate(source.files[first : first + per_shard], start=first):
+                    sample = shard_sample(source.root, index, entry.path)
+                    if sample is None:
+                        gone += 1
+                    else:
+                        writer.write(sample)
+        except OSError as error:  # a full disk: "[Errno 28]" alone named neither the shard nor the ones kept
+            raise OSError(f"{final} could not be written ({error}); {kept_note(out)}") from error
     changed = f"; {gone} file(s) gone or unreadable since indexing, left out" if gone else ""
     if resumed == len(written):
         print(f"nothing to do: every shard in {out} ({len(written)}) was written by an earlier run; "
@@ -136,7 +138,8 @@ def kept_note(out: Path) -> str:
     if not kept:
         return "no shard was finished, so none was kept; the same command starts again"
     names = kept[0] if len(kept) == 1 else f"{kept[0]} to {kept[-1]}"
-    return f"{len(kept)} finished shards are kept in {out} ({names}); the same command writes only the missing ones"
+    return (f"{counted(len(kept), 'finished shard')} {'is' if len(kept) == 1 else 'are'} kept in {out} ({names}); "
+            f"the same command writes only the missing ones")
 
 
 def shard_name(number: int) -> str:
