@@ -642,6 +642,59 @@ def test_an_error_before_any_batch_was_saved_is_said_alone_as_before(tmp_path, m
     assert "kept" not in capsys.readouterr().err
 
 
+def test_a_full_disk_at_the_results_names_the_folder_and_the_embeddings_kept(tmp_path, model_path, capsys,
+                                                                             monkeypatch):
+    """Once every file was embedded, a full disk at results.csv said "error: [Errno 28] No space left on device"
+    alone: neither where, nor that the embeddings were kept and the same command would not encode them again."""
+    from echo import atomic
+
+    options = folder_task_of_nine(tmp_path, model_path)
+    real_write_csv = atomic.write_csv
+
+    def disk_full_at_the_results(path, *args):
+        if path.name == "results.csv":
+            raise OSError(28, "No space left on device")
+        return real_write_csv(path, *args)
+
+    monkeypatch.setattr(atomic, "write_csv", disk_full_at_the_results)
+    assert run_eval(*options) == 1
+    out = tmp_path / "out"
+    assert capsys.readouterr().err == (
+        f"error: {out}: the results could not be written ([Errno 28] No space left on device)\n"
+        f"the embeddings of 9 files are kept in {out / 'cache'}; the same command writes the results without "
+        f"encoding them again\n")
+    monkeypatch.undo()  # space freed
+    calls = counted_encoder(monkeypatch)
+    assert run_eval(*options) == 0 and calls == [] and read_rows(out / "results.csv")
+
+
+def test_a_full_stdout_during_the_results_is_not_blamed_on_the_out_folder(tmp_path, model_path, capsys,
+                                                                          monkeypatch):
+    """`echo eval ... > log` with the log's disk full: the error names standard output, not --out."""
+    options = folder_task_of_nine(tmp_path, model_path)
+    log = open(tmp_path / "log", "w")
+
+    class FullDisk:
+        encoding = "utf-8"
+
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return log.fileno()
+
+    monkeypatch.setattr("sys.stdout", FullDisk())
+    assert run_eval(*options) == 1
+    log.close()
+    assert capsys.readouterr().err == (
+        "error: [Errno 28] No space left on device: 'standard output'\n"
+        f"the embeddings of 9 files are kept in {tmp_path / 'out' / 'cache'}; the same command writes the results "
+        f"without encoding them again\n")
+
+
 def fault_data_set(root, files_per_folder: dict) -> None:
     """Readable files, as many as `files_per_folder` says in each folder under `root`: MAFAULDA tables (8
     columns) where the folder is a MAFAULDA class, tones otherwise."""

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from .. import atomic
+from ..cli import WorkKept
 from ..geometry import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, n_bands
 from ..wording import counted
 from . import anomaly, datasets, faults, neighbors, plots, require
@@ -329,9 +330,20 @@ def _run(args) -> int:
     if device.type == "cpu":
         host_memory.keep_freed_memory()
     model = checkpoint.load(args.model, device=device)
-    embedded = embed_files(model, [item.path for item in dataset.items], dataset.read,
-                           args.cache or args.out / "cache", None, device, DTYPES[args.dtype],
-                           args.batch_files, progress=not args.quiet, reader_version=datasets.READERS_VERSION)
+    cache = args.cache or args.out / "cache"
+    embedded = embed_files(model, [item.path for item in dataset.items], dataset.read, cache, None, device,
+                           DTYPES[args.dtype], args.batch_files, progress=not args.quiet,
+                           reader_version=datasets.READERS_VERSION)
+    try:
+        return _results(args, dataset, embedded, started, device)
+    except OSError as error:  # a full disk: "[Errno 28]" alone named neither the folder nor the embeddings kept
+        said = error if error.filename else OSError(f"{args.out}: the results could not be written ({error})")
+        raise WorkKept(f"the embeddings of {counted(embedded.cached + embedded.encoded, 'file')} are kept in {cache}; "
+                       f"the same command writes the results without encoding them again") from said
+
+
+def _results(args, dataset, embedded, started: float, device) -> int:
+    """Search, score and write the results of the files `embed_files` gave (`embedded`)."""
     atomic.write_csv(args.out / "failures.csv", ["path", "reason"],
                      [{"path": shown(p), "reason": r} for p, r in embedded.failures])
     for path, reason in embedded.failures:
