@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import atomic, host_memory
-from .cli import user_path
+from .cli import WorkKept, user_path
 from .data import bundled, synth
 
 CLIP_SECONDS = 2.0
@@ -210,14 +210,21 @@ def run(args) -> int:
     try:
         return _demonstrate(args)
     except KeyboardInterrupt:
-        after = _files(args.out)
-        written = sorted(name for name, _ in after - before)
-        # beside its new files an earlier run's figures read as this run's: a mix of two seeds or models
-        earlier = sorted(name for name, _ in after & before if any(fnmatch(name, output) for output in OUTPUTS))
-        if not written:
-            raise KeyboardInterrupt(f"nothing was written to {args.out}/") from None
-        kept = f"kept {', '.join(written)} in {args.out}/; the rest was not written"
-        raise KeyboardInterrupt(f"{kept} ({', '.join(earlier)} there: an earlier run's)" if earlier else kept) from None
+        raise KeyboardInterrupt(_kept(args.out, before)) from None
+    except WorkKept as stopped:  # its writes failed (a full disk): which files it wrote is said as for Ctrl-C
+        raise WorkKept(_kept(args.out, before)) from stopped.__cause__
+
+
+def _kept(out: Path, before: set[tuple[str, int]]) -> str:
+    """Which files a stopped demo wrote to `out`, which held the files `before` (_files) when it started."""
+    after = _files(out)
+    written = sorted(name for name, _ in after - before)
+    # beside its new files an earlier run's figures read as this run's: a mix of two seeds or models
+    earlier = sorted(name for name, _ in after & before if any(fnmatch(name, output) for output in OUTPUTS))
+    if not written:
+        return f"nothing was written to {out}/"
+    kept = f"kept {', '.join(written)} in {out}/; the rest was not written"
+    return f"{kept} ({', '.join(earlier)} there: an earlier run's)" if earlier else kept
 
 
 def _files(folder: Path) -> set[tuple[str, int]]:
@@ -257,11 +264,14 @@ def _demonstrate(args) -> int:
     scores, rows, summary = score(task, embeddings)
     print(eval_cli.format_table(_table(rows), ["machine", "rate", "normal", "faulty", "AUC", "pAUC"]))
     print(f"mean AUC {summary['AUC (demo)']:.4f}, mean pAUC {summary['pAUC (demo)']:.4f}")
-    atomic.write_csv(args.out / "scores.csv", ["clip", "machine", "rate", "fault", "score"], [
-        {"clip": str(c.path), "machine": c.machine, "rate": c.section, "fault": f or "", "score": s}
-        for c, f, s in zip(task.clips, task.faults, scores) if c.subset == "test"
-    ])
-    overview, figures = _plots(task, scores, embeddings, args.out)
+    try:
+        atomic.write_csv(args.out / "scores.csv", ["clip", "machine", "rate", "fault", "score"], [
+            {"clip": str(c.path), "machine": c.machine, "rate": c.section, "fault": f or "", "score": s}
+            for c, f, s in zip(task.clips, task.faults, scores) if c.subset == "test"
+        ])
+        overview, figures = _plots(task, scores, embeddings, args.out)
+    except OSError as error:  # a full disk: "[Errno 28]" alone named neither the folder nor what was written
+        raise WorkKept() from OSError(f"{args.out}/: the scores and figures could not be written ({error})")
     print(f"wrote scores.csv and {len(figures)} figures to {args.out}/ (all machines: {overview.name}) "
           f"in {time.perf_counter() - started:.1f} s")
     return 0

@@ -244,6 +244,28 @@ def test_an_interrupted_demo_says_which_of_its_files_it_kept(tmp_path, monkeypat
     assert capsys.readouterr().err == f"interrupted: {message.format(out=out)}\n"
 
 
+def test_a_full_disk_names_the_folder_and_the_files_written(tmp_path, monkeypatch, capsys):
+    """A full disk at a figure said "error: [Errno 28] No space left on device" alone: neither the folder nor
+    which of its files the demo had written."""
+    from echo import cli
+
+    model, out = quick_demo(tmp_path, monkeypatch)
+    saved = []
+
+    def disk_full_at_the_second_figure(figure, path):
+        saved.append(path)
+        if len(saved) == 2:
+            raise OSError(28, "No space left on device")
+        path.write_bytes(b"a figure")
+        return path
+
+    monkeypatch.setattr(plots, "save", disk_full_at_the_second_figure)
+    assert cli.main(["demo", "--model", str(model), "--out", str(out)]) == 1
+    assert capsys.readouterr().err.endswith(
+        f"error: {out}/: the scores and figures could not be written ([Errno 28] No space left on device)\n"
+        f"kept {saved[0].name}, scores.csv in {out}/; the rest was not written\n")
+
+
 def test_demo_deletes_the_temporaries_a_killed_run_left(tmp_path, monkeypatch):
     """A demo killed while writing left `scores.csv.<pid>.tmp` in --out, which no later run removed."""
     from echo import cli
