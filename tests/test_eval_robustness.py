@@ -122,3 +122,20 @@ def test_read_audio_of_a_missing_file_says_so_and_names_it(tmp_path):
     pytest.importorskip("soundfile")
     with pytest.raises(FileNotFoundError, match="missing.wav"):  # was libsndfile's "System error"
         read_audio(tmp_path / "missing.wav")
+
+
+def test_read_audio_keeps_a_64_bit_float_file_in_float64(tmp_path):
+    """libsndfile's float32 reading turned a double WAV's samples past float32's range into Inf, refused as "NaN or
+    Inf" samples the file does not hold, and rounded away a small signal on a large offset."""
+    soundfile = pytest.importorskip("soundfile")
+    from echo import inputs
+
+    samples = 1e5 + 1e-3 * seeded_rng().standard_normal((2, 800))
+    samples[1, 5] = 1e300
+    soundfile.write(tmp_path / "x.wav", samples.T, 16000, subtype="DOUBLE")
+    soundfile.write(tmp_path / "mono.wav", samples[0], 16000, subtype="DOUBLE")
+    stereo, mono = read_audio(tmp_path / "x.wav")[0], read_audio(tmp_path / "mono.wav")[0]
+    np.testing.assert_array_equal(stereo, samples)
+    np.testing.assert_array_equal(mono, samples[0])
+    with pytest.raises(ValueError, match=r"1 sample\(s\) beyond float32's range .*channel 1, index 5"):
+        inputs.as_signal(stereo, 16000)
