@@ -206,7 +206,18 @@ def as_signal(waveform, sample_rate: int, where: str = "") -> torch.Tensor:
         warnings.warn(f"{where}signal of shape {tuple(waveform.shape)} is read as {waveform.shape[0]} channels of "
                       f"{n} samples; if it is (samples, channels), pass its transpose", UserWarning,
                       stacklevel=_caller_stacklevel())
-    return as_float32(waveform, where)
+    converted = as_float32(waveform, where)
+    if waveform.dtype == torch.float64:
+        return less_offset(waveform, waveform.mean(dim=-1, keepdim=True), converted)
+    return converted
+
+
+def less_offset(samples: torch.Tensor, offset, converted: torch.Tensor) -> torch.Tensor:
+    """float64 samples less their DC `offset`, as float32 (else `converted`, where that would leave float32's range):
+    the front end removes the DC anyway, and a signal on a large offset (a pressure in Pa, 1e5 + 1e-2 sin) cast
+    to float32 first lost its variation in the offset's rounding."""
+    centred = (samples - offset).to(torch.float32)
+    return centred if bool(torch.isfinite(centred).all()) else converted
 
 
 # echo's own files and torch's (its no_grad wrapper sits between model.encode and its caller)

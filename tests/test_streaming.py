@@ -702,3 +702,16 @@ def test_finish_keeps_to_a_max_tokens_just_below_whole_segments(model):
     utterance, passes = finish_counting_tokens(stream)
     assert max(passes) <= budget
     assert rel_err(utterance, fast.encode(model, [x], rate)[0]) < 1e-5
+
+
+def test_float64_chunks_on_a_large_offset_keep_their_variation(model):
+    """float64 chunks lose an offset (the first chunk's mean) before they are rounded to float32, as model.encode
+    takes the signal's DC off first: 1e5 + 1e-2 noise was the quantised signal's embedding."""
+    variation = 1e-2 * torch.randn(30000, dtype=torch.float64)
+    stream = fast.StreamEncoder(model, 1000)
+    push_in_random_pieces(stream, 1e5 + variation)
+    assert rel_err(stream.finish(), fast.encode(model, [variation], 1000)[0]) < 1e-5
+    stream = fast.StreamEncoder(model, 16000)
+    stream.push(torch.full((500,), 3e38, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"chunk at sample 500: samples 3e\+38 .* past float32's range"):
+        stream.push(torch.full((500,), -3e38, dtype=torch.float64))
