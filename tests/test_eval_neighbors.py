@@ -821,3 +821,17 @@ def test_fused_ties_across_bank_chunks_come_in_bank_order(monkeypatch):
     np.testing.assert_array_equal(indices, ref_i)
     # the mean and std are the search's: its distances between equal rows are ~1e-8 (|q| sqrt(eps)), not 0
     np.testing.assert_allclose(distances, ref_d, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cosine_of_rows_of_very_different_lengths_is_their_cosine(dtype):
+    """float32 rows were measured unscaled, where a bank 1e20 times longer than its queries left terms ~1e20 that
+    cancel: 1 - cos came out as 6.6e6 (and queries below 1e-37 were refused as past float32's range)."""
+    rng = seeded_rng()
+    queries, bank = rng.standard_normal((3, 16)), rng.standard_normal((6, 16))
+    cosine = 1 - (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ (
+        bank / np.linalg.norm(bank, axis=1, keepdims=True)).T
+    for q, b in ((queries, bank * 1e20), (queries * 1e-38, bank)):
+        distances, indices = neighbors.nearest(q.astype(dtype), b.astype(dtype), 2, "cosine")
+        np.testing.assert_allclose(distances, np.take_along_axis(cosine, indices, 1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(indices, np.argsort(cosine, axis=1, kind="stable")[:, :2])

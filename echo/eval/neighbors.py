@@ -19,8 +19,7 @@ below 1 (each cosine row times its own), so that no square overflows and none th
 rows made every search value 0, and each query searched again until it had the whole bank). The product is
 exact for every value that stays a normal number, which all but those below ~2^-125 of the largest (faiss's
 float32) do; one that turns subnormal is off by less than the smallest normal, which the bound allows for
-(`_search_error`). In float64 the rows measured again are scaled alike (float32 and float16 cosine rows need
-not be), and Euclidean distances scaled back, exactly.
+(`_search_error`). The rows measured again are scaled alike, and Euclidean distances scaled back, exactly.
 
 `fused_nearest` z-scores each query's distances over the whole bank: it visits the bank twice, in chunks, first
 for each query's mean and std, then for the z-scores, keeping each query's candidates as it goes; these are
@@ -274,10 +273,10 @@ def _exact_distances(queries: torch.Tensor, candidates: torch.Tensor, metric: st
 
 def _measured(queries: torch.Tensor, bank: torch.Tensor, candidates: torch.Tensor, metric: str,
               chunk_bytes: int, scale: float) -> torch.Tensor:
-    """`_exact_distances` (Q, M) of query rows (Q, E) to their candidate bank rows (Q, M), both `_scaled` (but
-    for cosine rows narrower than float64, whose squares cannot leave its range), in float64 (float32 sums of E
-    terms keep ~sqrt(E) ulps), a chunk of queries at a time."""
-    rescale = metric == "euclidean" or bank.dtype == torch.float64
+    """`_exact_distances` (Q, M) of query rows (Q, E) to their candidate bank rows (Q, M), both `_scaled`, in
+    float64 (float32 sums of E terms keep ~sqrt(E) ulps), a chunk of queries at a time. Cosine rows are scaled
+    whatever their dtype: rows 1e10 times longer than their query left it terms ~|b| / |q| that cancel, and 1 - cos
+    came out as 8e6."""
     wanted, features = candidates.shape[1], bank.shape[1]
     query_rows = min(len(candidates), max(1, chunk_bytes // (wanted * features * 8)))
     # buffers filled again for each chunk of queries: new ones every time faulted in ~27 GB of fresh pages in a
@@ -296,9 +295,8 @@ def _measured(queries: torch.Tensor, bank: torch.Tensor, candidates: torch.Tenso
         picked = torch.index_select(bank, 0, rows.flatten().to(bank.device), out=gathered[:rows.numel()])
         if not direct:
             c_rows.view(-1, features).copy_(picked)  # scaled (and measured) in place
-        if rescale:
-            _scaled(q_rows, metric, scale, out=q_rows)
-            _scaled(c_rows, metric, scale, out=c_rows)
+        _scaled(q_rows, metric, scale, out=q_rows)
+        _scaled(c_rows, metric, scale, out=c_rows)
         measured.append(_exact_distances(q_rows, c_rows, metric))
     return torch.cat(measured)
 
