@@ -37,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import echo  # noqa: E402
 from echo import atomic, demo  # noqa: E402
 from echo.model import EchoConfig, EchoModel  # noqa: E402
 from echo.pretrain import checkpoints  # noqa: E402
@@ -142,14 +143,20 @@ def _score_checkpoint(path: Path, which: str | None) -> dict | None:
             **scored(encoder(checkpoint_encoder(saved, which).eval()), _TASKS)}
 
 
-def baselines(config: EchoConfig, tasks: list[demo.DemoTask]) -> list[dict]:
-    """Rows of the same architecture with random weights and of the log-spectrogram baseline, for scale."""
+def baselines(config: EchoConfig, tasks: list[demo.DemoTask], init: str | None = None) -> list[dict]:
+    """Rows of the same architecture with random weights, of the model a run started from (`init`: an --init
+    run's checkpoints are to be compared with it, not with random weights) and of the log-spectrogram baseline."""
     from evaluate_default import log_spectrogram_features
 
     torch.manual_seed(0)
     random = EchoModel(config).eval()
-    return [{"step": "random weights", **scored(encoder(random), tasks)},
-            {"step": "log-spectrogram", **scored(log_spectrogram_features, tasks)}]
+    rows = [{"step": "random weights", **scored(encoder(random), tasks)}]
+    if init is not None:
+        try:
+            rows.append({"step": f"--init {init}", **scored(encoder(echo.load(init)), tasks)})
+        except ValueError as error:  # moved or deleted since the run began: the other rows still say something
+            print(f"not scoring the run's --init model: {error}", file=sys.stderr)
+    return rows + [{"step": "log-spectrogram", **scored(log_spectrogram_features, tasks)}]
 
 
 def chosen(rows: list[dict]) -> dict:
@@ -187,7 +194,8 @@ def main(argv=None) -> int:
     parser.add_argument("--bank", type=int, default=demo.BANK_CLIPS, help="healthy bank clips per machine")
     parser.add_argument("--tests", type=int, default=demo.TEST_CLIPS, help="test clips per machine and class")
     parser.add_argument("--baselines", action="store_true",
-                        help="also print random weights and the log-spectrogram baseline on the same tasks")
+                        help="also print random weights, an --init run's starting model and the log-spectrogram "
+                             "baseline on the same tasks")
     parser.add_argument("--csv", type=Path, default=None,
                         help="with one run, write its table here instead of RUN/validation.csv")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
@@ -233,9 +241,10 @@ def main(argv=None) -> int:
     widths = [max(18, 2 + max(len(str(run)) for run in args.runs)) if column == "run" else 18 for column in columns]
     rows_shown = rows
     if args.baselines:  # as long as a checkpoint or two: said, not a silent wait under the table's header
-        print("scoring random weights and the log-spectrogram baseline on the same tasks", file=sys.stderr)
-        config = PretrainConfig(**json.loads((args.runs[0] / "config.json").read_text(encoding="utf-8"))).model_config
-        rows_shown = rows + baselines(config, tasks)
+        run_config = PretrainConfig(**json.loads((args.runs[0] / "config.json").read_text(encoding="utf-8")))
+        started = f", the --init model {run_config.init}" if run_config.init else ""
+        print(f"scoring random weights{started} and the log-spectrogram baseline on the same tasks", file=sys.stderr)
+        rows_shown = rows + baselines(run_config.model_config, tasks, run_config.init)
     print("".join(column.ljust(width) for column, width in zip(columns, widths)), file=sys.stderr)
     for row in rows_shown:
         cells = [str(row.get(column, "")) if column in ("run", "step") else f"{row[column]:.4f}" for column in columns]

@@ -7,7 +7,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
+import echo
 from echo import demo
 from echo.data import debian
 from test_default_model import fake_run_to_export, import_script
@@ -363,10 +365,27 @@ def test_select_checkpoint_says_it_scores_the_baselines_before_the_table(tmp_pat
         "run": path.parents[1], "step": 2, "validation AUC": 0.5, "validation pAUC": 0.5, "embedding spread": 0.25})
     monkeypatch.setattr(select.demo, "build_task", lambda *args, **kwargs: None)
     said = []
-    monkeypatch.setattr(select, "baselines", lambda config, tasks: said.append(capsys.readouterr().err) or [])
+    monkeypatch.setattr(select, "baselines", lambda *args: said.append(capsys.readouterr().err) or [])
     assert select.main([str(tmp_path / "run"), "--jobs", "1", "--baselines"]) == 0
     assert "scoring random weights and the log-spectrogram baseline" in said[0] and "validation AUC" not in said[0]
     assert "validation AUC" in capsys.readouterr().err
+
+
+def test_select_checkpoint_baselines_of_an_init_run_score_the_model_it_started_from(tmp_path, monkeypatch):
+    """An --init run's checkpoints were shown against random weights only, which they beat from step 0: the model
+    the run started from is the baseline that says whether the continued pretraining helped."""
+    config = echo.EchoConfig.preset("tiny", dim=64, depth=2, heads=1)
+    start = echo.save(echo.EchoModel(config), tmp_path / "start.safetensors")
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))  # the script's own folder, where it imports evaluate_default
+    scored_models = []
+    monkeypatch.setattr(select, "encoder", lambda model: model)
+    monkeypatch.setattr(select, "scored", lambda embed, tasks: scored_models.append(embed) or {})
+    rows = select.baselines(config, [], str(start))
+    assert [row["step"] for row in rows] == ["random weights", f"--init {start}", "log-spectrogram"]
+    weights = echo.load(start).state_dict()
+    assert all(torch.equal(value, weights[key]) for key, value in scored_models[1].state_dict().items())
+    start.unlink()  # moved since the run began: said, and the other rows are still scored
+    assert [row["step"] for row in select.baselines(config, [], str(start))] == ["random weights", "log-spectrogram"]
 
 
 def test_select_checkpoint_interrupted_from_the_command_line_says_what_is_kept(tmp_path, monkeypatch, capsys):
