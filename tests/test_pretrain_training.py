@@ -945,3 +945,11 @@ def test_a_run_from_init_starts_from_its_weights_and_another_shape_is_refused_fi
         trainer.train(tiny_config(data, other, depth=3, init=str(echo.save(start, tmp_path / "m.safetensors"))),
                       progress=False)
     assert not other.exists()
+
+
+def test_init_of_a_preset_shape_under_overriding_shape_options_says_to_drop_them(tmp_path):
+    """--init default --size tiny --heads 6 was told "start it with --size tiny", which it had been given."""
+    start = echo.save(echo.EchoModel(echo.EchoConfig.preset("tiny")), tmp_path / "tiny.safetensors")
+    config = tiny_config(tmp_path / "data", tmp_path / "run", init=str(start), dim=None, depth=None, heads=6)
+    with pytest.raises(ValueError, match=r"heads 6: start it with --size tiny and without --heads 6$"):
+        trainer.initial_encoder(config)

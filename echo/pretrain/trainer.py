@@ -209,6 +209,10 @@ def initial_encoder(config: PretrainConfig) -> EchoModel | None:
                          f"the presets' {described(EchoConfig.preset('tiny'), fixed)}")
     size = next((name for name in PRESETS if EchoConfig.preset(name) == model.config), None)
     options = f"--size {size}" if size else " ".join(f"--{name} {value}" for name, value in shape.items())
+    # they override the preset: "--size tiny" alone was the advice to a run given --size tiny --heads 6
+    given = " ".join(f"--{name} {getattr(config, name)}" for name in shape if getattr(config, name) is not None)
+    if size and given:
+        options += f" and without {given}"
     raise ValueError(f"--init {config.init} is a model of {described(model.config)}, and this run's options make "
                      f"{described(config.model_config)}: start it with {options}")
 
