@@ -129,6 +129,30 @@ def test_a_resumed_run_trains_without_the_checkpoint_it_resumed_from(data, tmp_p
     assert len(loaded) > 0 and alive == [0, 0]  # steps 2 and 3
 
 
+def test_a_run_from_init_trains_without_the_model_it_started_from(data, tmp_path, monkeypatch):
+    """The --init model, copied into the student, stayed referenced for the whole run: the encoder's weights
+    once more in memory to the end, as a resumed run's checkpoint had been."""
+    start = echo.save(echo.EchoModel(echo.EchoConfig.preset("tiny", dim=64, depth=2, heads=1)),
+                      tmp_path / "start.safetensors")
+    read, loaded, alive = trainer.initial_encoder, [], []
+
+    def recorded(config):
+        model = read(config)
+        loaded.extend(weakref.ref(tensor) for tensor in model.parameters())
+        return model
+
+    def ema_update(*args):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in loaded))
+        return update(*args)
+
+    update = trainer.schedule.ema_update
+    monkeypatch.setattr(trainer, "initial_encoder", recorded)
+    monkeypatch.setattr(trainer.schedule, "ema_update", ema_update)
+    trainer.train(tiny_config(data, tmp_path / "run", steps=2, log_every=1, init=str(start)), progress=False)
+    assert len(loaded) > 0 and alive == [0, 0]
+
+
 def test_a_run_over_damaged_audio_reports_it_skips_it_and_finishes(tmp_path, caplog):
     damaged = write_corpus(tmp_path / "data", files=4)
     write_damaged(damaged)

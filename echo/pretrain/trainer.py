@@ -672,8 +672,8 @@ def _train(config: PretrainConfig, progress: bool, stop_at: int | None, rank: in
             print(advice)
     # the checkpoint resumed from is in the models and the optimizer now: held as it was loaded, its student and
     # teacher stayed in memory for the whole run (ECHO-small: +140 MB measured; ECHO-base: +650 MB, and +1.3 GB
-    # where a GPU run's AdamW moments were copied to the device)
-    del saved, found
+    # where a GPU run's AdamW moments were copied to the device). So did the --init model, copied into the student
+    del saved, found, initial
 
     def state(positions_of_ranks: torch.Tensor, pending_sums: torch.Tensor) -> dict:
         return {"step": step, "student": student.state_dict(), "teacher": teacher.state_dict(),
