@@ -208,6 +208,7 @@ def test_select_checkpoint_scores_every_checkpoint_and_prints_the_best(stopped_r
     from echo.pretrain import trainer
 
     select = import_script("select_checkpoint")
+    import_script("evaluate_default")  # which --baselines imports, from the script's folder: not on a test's path
     table = tmp_path / "validation.csv"
     options = [str(stopped_run), "--bank", "3", "--tests", "2"]
     assert select.main(options + ["--csv", str(table), "--baselines", "--jobs", "2"]) == 0
