@@ -17,7 +17,7 @@ from _shared import positive_float, sample_rate
 def main() -> int:
     import echo
     import echo.fast
-    from echo.host_memory import current_rss_mb
+    from echo.host_memory import current_rss_mb, peak_rss_mb
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=positive_float, default=10.0)
@@ -52,15 +52,18 @@ def main() -> int:
             # the audio pushed, not the reading's count: 7 s chunks are read every 56 s
             minutes.append((index + 1) * chunk / args.rate / 60)
             print(f"{minutes[-1]:6.2f} {readings[-1]:8.0f} {state / 2**20:9.1f}", flush=True)
-    finish_started = time.perf_counter()
+    with open("/proc/self/clear_refs", "w") as refs:  # the peak (VmHWM) from here on: finish()'s own
+        refs.write("5")
+    before_finish, finish_started = current_rss_mb(), time.perf_counter()
     stream.finish()
+    finish_peak = peak_rss_mb() - before_finish
     # from the first reading on: the first minute also builds the inference copy and the first segment's buffers
     if len(readings) > 1:
         growth = (readings[-1] - readings[0]) / (minutes[-1] - minutes[0])
         grew = f"RSS grew {growth:.1f} MB a minute from minute {minutes[0]:.2f} to {minutes[-1]:.2f}"
     else:  # it said "grew 0.0 MB a minute from minute 1 to 1"
         grew = "one reading: no growth measured (--minutes 2 or more)"
-    print(f"finish() {time.perf_counter() - finish_started:.2f} s; {grew} "
+    print(f"finish() {time.perf_counter() - finish_started:.2f} s, its peak +{finish_peak:.0f} MB; {grew} "
           f"({time.perf_counter() - started:.0f} s in all)")
     return 0
 
