@@ -253,6 +253,15 @@ def test_archives_not_extracted_are_noted_and_named_where_the_layout_is_refused(
         datasets.load("mafaulda", tmp_path / "mafaulda")
 
 
+def test_archives_beside_the_folder_tasks_normal_and_test_folders_are_named(tmp_path):
+    """A folder task read normal/ and test/ only: more clips still in an archive beside them went unseen."""
+    touch(tmp_path, "normal/a.wav", "test/b.wav", "more_normal.zip", "downloads/test_2.tar.gz", "test/c.zip")
+    notes = datasets.load("folder", tmp_path).notes
+    assert any(f"2 archives ({tmp_path / 'downloads/test_2.tar.gz'}, {tmp_path / 'more_normal.zip'}) that are not "
+               f"read" in note for note in notes), notes
+    assert not any("c.zip" in note for note in notes), notes  # test/'s own is counted among its files left out
+
+
 def test_folder_task(tmp_path):
     touch(tmp_path, "normal/a.wav", "normal/b.flac", "test/normal/c.wav", "test/anomalous/d.wav", "test/e.wav")
     data = datasets.load("folder", tmp_path)

@@ -467,6 +467,10 @@ def folder(root) -> Dataset:
         tests += [(path, label) for path in _files(sub, AUDIO_SUFFIXES, notes, recursive=True)]
     if not tests:
         raise ValueError(f"{test}: {NO_AUDIO} to score; expected test/normal/*, test/anomalous/* or test/*")
+    elsewhere = [(folder, names) for folder, names in _walk(root, [])  # normal/ and test/ note theirs as left out
+                 if not any(folder == read or read in folder.parents for read in (normal, test))]
+    if archives := _archives(elsewhere):  # a download of more clips not yet extracted was left out unseen
+        _note(notes, _archives_said(archives))
     machine = root.resolve().name  # the folder's own name, also where it is given as `.`
     clip = lambda path, subset, label: Clip(path, "dev", machine, "00", None, subset, label)  # noqa: E731
     items = [clip(path, "train", 0) for path in bank] + [clip(path, "test", label) for path, label in tests]
