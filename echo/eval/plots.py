@@ -148,10 +148,11 @@ def projection_plot(vectors: np.ndarray, labels, path: Path, title: str) -> Path
     legend_inches = columns * (0.4 + LEGEND_INCHES_PER_CHARACTER * max(map(len, entries), default=0))
     figure, axis = new_figure(figsize=(6 + legend_inches, 5))
     handles = []
-    for label in sorted(styles):
+    for label, entry in zip(sorted(styles), entries):
         colour, marker = styles[label]
         chosen = labels == label
-        handles.append(axis.scatter(points[chosen, 0], points[chosen, 1], s=8, color=colour, marker=marker))
+        handles.append(axis.scatter(points[chosen, 0], points[chosen, 1], s=8, color=colour, marker=marker,
+                                    label=entry))
     axis.set(xlabel="PC 1", ylabel="PC 2", title=_plain(title))
     # the entries given, not the artists' labels, which matplotlib leaves out when they start with "_" (a class _noise)
     axis.legend(handles, entries, fontsize=7, markerscale=2, ncols=columns, loc="upper left", bbox_to_anchor=(1.01, 1))
