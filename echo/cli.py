@@ -9,7 +9,9 @@ import argparse
 import contextlib
 import importlib
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -66,6 +68,7 @@ def main(argv=None, prog: str = "echo-fm") -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     stdout = sys.stdout
     sys.stdout = stdout and ReaderStdout(stdout)  # None when the shell closed it (`>&-`): print() then drops
+    terminate = _stop_on_sigterm()
     try:
         args = build_parser(argv, prog).parse_args(argv)  # imports the command's module: Ctrl-C can come here
         if args.command != "info":  # info reports a bad setting row by row: it is where one goes to find it
@@ -90,6 +93,22 @@ def main(argv=None, prog: str = "echo-fm") -> int:
             with contextlib.suppress(OSError):  # a command that failed has said so; this one would hide it
                 sys.stdout.flush()
         sys.stdout = stdout
+        if terminate is not None:
+            signal.signal(signal.SIGTERM, terminate)
+
+
+def _stop_on_sigterm():
+    """Make SIGTERM (a scheduler's time limit, `timeout`, `docker stop`) stop the command as Ctrl-C does, saying
+    what it kept and removing its temporaries; Python's default ended it silently, mid-write. The handler it
+    replaces, to restore; None where another one was set (by the program calling main) or none can be (a thread)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+    return signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 class WorkKept(Exception):

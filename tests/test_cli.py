@@ -88,6 +88,24 @@ def test_demo_command_reads_a_tilde_in_out_as_the_home_folder(tmp_path, monkeypa
     assert f"nothing was written to {tmp_path / 'home' / 'plots'}/" in capsys.readouterr().err
 
 
+def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's time limit, `timeout`) ended a command silently, saying nothing of what it kept."""
+    import signal
+
+    from echo import cli
+
+    def terminated(*args, **kwargs):
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler), "SIGTERM would end the process at once"
+        handler(signal.SIGTERM, None)  # what the signal runs
+
+    monkeypatch.setattr(demo, "build_task", terminated)
+    model = echo.save(random_model(dim=32, depth=1, heads=2), tmp_path / "small.safetensors")
+    assert cli.main(["demo", "--model", str(model), "--out", str(tmp_path / "out")]) == 130
+    assert f"interrupted: nothing was written to {tmp_path / 'out'}/" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the process's own handling comes back
+
+
 def test_demo_command_refuses_a_forced_backend_this_model_cannot_run_before_the_work(tmp_path, monkeypatch, capsys):
     """The setting was found by fast.encode once the clips were made, and left an empty --out behind."""
     from echo import cli
