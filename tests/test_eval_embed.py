@@ -491,6 +491,20 @@ def test_a_damaged_shard_is_reported_once_by_the_process_that_sets_it_aside(tmp_
     assert [p.name for p in cache.folder.iterdir()] == [shard.name + ".unreadable"]
 
 
+def test_a_killed_writers_half_shard_is_removed_when_the_cache_is_opened(tmp_path):
+    """A kill -9 while a batch was saved left its temporary in the cache (eval's OUT/cache, encode's OUT.parts) for
+    good: one more at every kill, each a batch's embeddings in size."""
+    cache = embed.EmbeddingCache(tmp_path, "key")
+    cache.add({"a": np.zeros(4, np.float32)})
+    [shard] = cache.folder.glob("*.safetensors")
+    dead = shard.with_name(f"{shard.name}.999999999-5.tmp")  # above any pid_max: its writer is gone
+    dead.write_bytes(shard.read_bytes()[:20])
+    alive = shard.with_name(f"1-2.safetensors.{os.getppid()}-7.tmp")  # a live writer's (another rank's)
+    alive.write_bytes(b"")
+    assert sorted(embed.EmbeddingCache(tmp_path, "key").entries) == ["a"]
+    assert sorted(p.name for p in cache.folder.iterdir()) == sorted([shard.name, alive.name])
+
+
 def test_a_batch_that_could_not_be_saved_is_not_counted_as_kept(tmp_path, monkeypatch):
     """A full disk under a shard's write: its entries are not in the cache, so the message saying what a stopped run
     kept must not count them, nor may this run serve them as cached."""
