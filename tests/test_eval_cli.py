@@ -309,6 +309,20 @@ def test_wrong_layout_is_a_clear_error(tmp_path, model_path, capsys):
     assert "no DCASE machine folder" in capsys.readouterr().err
 
 
+def test_eval_deletes_the_temporaries_a_killed_run_left(tmp_path, model_path):
+    """An eval killed while writing its results left `scores.csv.<pid>-<tid>.tmp` in --out, which no later run
+    removed: one more at every kill."""
+    out = tmp_path / "o"
+    out.mkdir()
+    killed = [out / f"scores.csv.{2**22 + 1}-7.tmp", out / f"roc_pump.png.{2**22 + 1}-7.tmp"]  # above any pid_max
+    running = out / "results.json.1-1.tmp"  # process 1 runs: this one may be being written
+    theirs = [out / "notes.2024.tmp", out / f"photo.png.{2**22 + 1}-7.tmp"]  # the user's, not eval's temporaries
+    for path in killed + [running] + theirs:
+        path.write_text("half")
+    assert run_eval("--task", "folder", "--data", tmp_path / "none", "--model", model_path, "--out", out) == 2
+    assert sorted(out.iterdir()) == sorted([running] + theirs)
+
+
 def test_models_by_name_and_a_cache_per_dtype(tmp_path, capsys):
     """--model takes the names `encode` takes; bf16 embeddings (~5e-3 off) never answer a float32 run."""
     rng = seeded_rng()

@@ -306,6 +306,11 @@ def _faults(args, dataset, items, vectors, device) -> tuple[dict, object]:
     return {"results": details}, draw
 
 
+# what a run writes to --out (the plots' names follow the task's groups)
+OUTPUTS = ("results.csv", "results.json", "scores.csv", "failures.csv", "roc_*.png", "scores_*.png", "confusion_*.png",
+           "projection.png")
+
+
 def run(args) -> int:
     try:
         return _run(args)
@@ -320,6 +325,8 @@ def _run(args) -> int:
     started = time.perf_counter()
     device = inputs.checked_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     atomic.check_writable(args.out, f"--out {args.out}")  # before the encoding, not after it
+    for output in OUTPUTS:  # a killed run's temporaries: nothing else would ever delete them
+        atomic.remove_abandoned(args.out, f"{output}.[0-9]*.tmp")
     if args.cache is not None:
         atomic.check_writable(args.cache, f"--cache {args.cache}")
     dataset = datasets.load(args.task, args.data, args.labels)
