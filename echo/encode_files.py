@@ -301,8 +301,11 @@ def _write_table(path: Path, suffix: str, rows: list[dict], model_key: str, fram
         try:
             for group in _row_groups(rows, frames):
                 table = _parquet_table(group, model_key, frames, pyarrow)
+                # compliant names said: pyarrow < 13 named list items "item" (13 on: "element"), so a file's schema
+                # hung on the pyarrow that wrote it
                 writer = writer or pyarrow.parquet.ParquetWriter(str(path), table.schema,
-                                                                 use_dictionary=DICTIONARY_COLUMNS)
+                                                                 use_dictionary=DICTIONARY_COLUMNS,
+                                                                 use_compliant_nested_type=True)
                 writer.write_table(table)
         finally:
             if writer is not None:
