@@ -82,7 +82,8 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
     """(state dict, saved config or {}); the config metadata is checked here, so a bad one (say, from a newer
     echo) is reported with the file's name instead of as a JSON or TypeError."""
     try:
-        state = load_file(str(path))
+        with torch.device("cpu"):  # safetensors < 0.6 made its tensors on torch's default device: meta gave no weights
+            state = load_file(str(path))
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except (SafetensorError, OSError) as error:
