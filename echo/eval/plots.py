@@ -154,8 +154,12 @@ def projection_plot(vectors: np.ndarray, labels, path: Path, title: str) -> Path
         handles.append(axis.scatter(points[chosen, 0], points[chosen, 1], s=8, color=colour, marker=marker,
                                     label=entry))
     axis.set(xlabel="PC 1", ylabel="PC 2", title=_plain(title))
-    # the entries given, not the artists' labels, which matplotlib leaves out when they start with "_" (a class _noise)
-    axis.legend(handles, entries, fontsize=7, markerscale=2, ncols=columns, loc="upper left", bbox_to_anchor=(1.01, 1))
+    # matplotlib leaves out entries that start with "_" (a class _noise): artists' labels, and before 3.10 the labels
+    # given too, so each entry is given with a space before it and then set as it is
+    legend = axis.legend(handles, [f" {entry}" for entry in entries], fontsize=7, markerscale=2, ncols=columns,
+                         loc="upper left", bbox_to_anchor=(1.01, 1))
+    for text, entry in zip(legend.get_texts(), entries):
+        text.set_text(entry)
     return save(figure, path)
 
 
