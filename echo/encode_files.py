@@ -211,10 +211,11 @@ def read_embeddings(path) -> dict:
         # each column read once: data[name] reads and parses it from the archive at every access, and read per row
         # it made reading n files quadratic (16,000 files: 43 s, re-run's own start included)
         keys, rates, channels = data["keys"], data["sample_rates"], data["channels"]
+        stored = set(data.files)  # `in data` read the whole array in older numpy (1.24: Mapping's __contains__)
         for i, name in enumerate(data["paths"]):
             row = {"key": str(keys[i]), "sample_rate": int(rates[i]), "channels": int(channels[i]),
                    "utterance": data[f"utterance/{i}"]}
-            if f"frames/{i}" in data:
+            if f"frames/{i}" in stored:
                 row["frames"] = data[f"frames/{i}"]
             files[str(name)] = row
         return {"model": str(data["model"]), "files": files}
