@@ -254,7 +254,10 @@ def test_non_floating_weights_are_refused_by_key_and_dtype(tmp_path, dtype):
     state = random_model("tiny").state_dict()
     state["norm.weight"] = state["norm.weight"].to(dtype)
     path = tmp_path / "m.safetensors"
-    save_file(state, str(path))
+    try:
+        save_file(state, str(path))
+    except KeyError:  # safetensors < 0.7 (pyproject allows older) writes no complex tensors
+        pytest.skip(f"this safetensors cannot write {dtype}")
     with pytest.raises(ValueError, match=rf"must be floating point; these are not: norm.weight \({dtype}\)$"):
         echo.load(path)
 
