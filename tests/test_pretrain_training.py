@@ -102,6 +102,20 @@ def test_a_stopped_and_resumed_run_equals_a_straight_run(data, tmp_path, crops):
     ]
 
 
+def alive_at_each_step(monkeypatch, loaded: list) -> list:
+    """How many of the tensors `loaded` weakly refers to are alive at each step's EMA update (garbage collected
+    first): a list that fills as the run goes."""
+    update, alive = trainer.schedule.ema_update, []
+
+    def ema_update(*args):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in loaded))
+        return update(*args)
+
+    monkeypatch.setattr(trainer.schedule, "ema_update", ema_update)
+    return alive
+
+
 def test_a_resumed_run_trains_without_the_checkpoint_it_resumed_from(data, tmp_path, monkeypatch):
     """The loaded checkpoint stayed referenced for the whole resumed run: its student and teacher, copied into the
     models, held 2x the encoder's weights in host memory to the end (ECHO-small: +140 MB measured on a CPU;
@@ -109,7 +123,7 @@ def test_a_resumed_run_trains_without_the_checkpoint_it_resumed_from(data, tmp_p
     run = tmp_path / "run"
     settings = dict(steps=3, save_every=1, log_every=1)
     trainer.train(tiny_config(data, run, **settings), progress=False, stop_at=1)
-    newest, loaded, alive = checkpoints.newest_readable, [], []
+    newest, loaded = checkpoints.newest_readable, []
 
     def recorded(folder):
         found = newest(folder)
@@ -117,14 +131,8 @@ def test_a_resumed_run_trains_without_the_checkpoint_it_resumed_from(data, tmp_p
                       for tensor in found[0][part].values())
         return found
 
-    def ema_update(*args):
-        gc.collect()
-        alive.append(sum(ref() is not None for ref in loaded))
-        return update(*args)
-
-    update = trainer.schedule.ema_update
     monkeypatch.setattr(checkpoints, "newest_readable", recorded)
-    monkeypatch.setattr(trainer.schedule, "ema_update", ema_update)
+    alive = alive_at_each_step(monkeypatch, loaded)
     assert trainer.train(tiny_config(data, run, **settings), progress=False)["step"] == 3
     assert len(loaded) > 0 and alive == [0, 0]  # steps 2 and 3
 
@@ -134,21 +142,15 @@ def test_a_run_from_init_trains_without_the_model_it_started_from(data, tmp_path
     once more in memory to the end, as a resumed run's checkpoint had been."""
     start = echo.save(echo.EchoModel(echo.EchoConfig.preset("tiny", dim=64, depth=2, heads=1)),
                       tmp_path / "start.safetensors")
-    read, loaded, alive = trainer.initial_encoder, [], []
+    read, loaded = trainer.initial_encoder, []
 
     def recorded(config):
         model = read(config)
         loaded.extend(weakref.ref(tensor) for tensor in model.parameters())
         return model
 
-    def ema_update(*args):
-        gc.collect()
-        alive.append(sum(ref() is not None for ref in loaded))
-        return update(*args)
-
-    update = trainer.schedule.ema_update
     monkeypatch.setattr(trainer, "initial_encoder", recorded)
-    monkeypatch.setattr(trainer.schedule, "ema_update", ema_update)
+    alive = alive_at_each_step(monkeypatch, loaded)
     trainer.train(tiny_config(data, tmp_path / "run", steps=2, log_every=1, init=str(start)), progress=False)
     assert len(loaded) > 0 and alive == [0, 0]
 
