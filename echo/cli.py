@@ -86,8 +86,10 @@ def main(argv=None, prog: str = "echo-fm") -> int:
     except (ValueError, OSError) as error:
         return _report(error)
     except KeyboardInterrupt as interrupt:  # a command that kept work says what, in the interrupt's message
-        print(f"interrupted: {interrupt}" if interrupt.args else "interrupted", file=sys.stderr)
-        return 130
+        # SIGTERM's own word and status (128 + 15), which a scheduler reads: not Ctrl-C's
+        word, status = ("terminated", 143) if _terminated else ("interrupted", 130)
+        print(f"{word}: {interrupt}" if interrupt.args else word, file=sys.stderr)
+        return status
     finally:
         if sys.stdout is not None:
             with contextlib.suppress(OSError):  # a command that failed has said so; this one would hide it
@@ -97,10 +99,14 @@ def main(argv=None, prog: str = "echo-fm") -> int:
             signal.signal(signal.SIGTERM, terminate)
 
 
+_terminated = []  # the SIGTERMs that came, as the KeyboardInterrupts they were turned into say nothing of it
+
+
 def _stop_on_sigterm():
     """Make SIGTERM (a scheduler's time limit, `timeout`, `docker stop`) stop the command as Ctrl-C does, saying
     what it kept and removing its temporaries; Python's default ended it silently, mid-write. The handler it
     replaces, to restore; None where another one was set (by the program calling main) or none can be (a thread)."""
+    _terminated.clear()  # a program calling main again: this command's own
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         return None
@@ -108,6 +114,7 @@ def _stop_on_sigterm():
 
 
 def _interrupt(signum, frame):
+    _terminated.append(signum)
     raise KeyboardInterrupt
 
 

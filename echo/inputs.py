@@ -208,16 +208,22 @@ def as_signal(waveform, sample_rate: int, where: str = "") -> torch.Tensor:
                       stacklevel=_caller_stacklevel())
     converted = as_float32(waveform, where)
     if waveform.dtype == torch.float64:
-        return less_offset(waveform, waveform.mean(dim=-1, keepdim=True), converted)
+        centred = less_offset(waveform, waveform.mean(dim=-1, keepdim=True), converted)
+        return centred if centred is not None else waveform.to(torch.float32)
     return converted
 
 
-def less_offset(samples: torch.Tensor, offset, converted: torch.Tensor) -> torch.Tensor:
-    """float64 samples less their DC `offset`, as float32 (else `converted`, where that would leave float32's range):
-    the front end removes the DC anyway, and a signal on a large offset (a pressure in Pa, 1e5 + 1e-2 sin) cast
-    to float32 first lost its variation in the offset's rounding."""
-    centred = (samples - offset).to(torch.float32)
-    return centred if bool(torch.isfinite(centred).all()) else converted
+def less_offset(samples: torch.Tensor, offset, converted: torch.Tensor) -> torch.Tensor | None:
+    """float64 samples less their DC `offset`, written over `converted` (their float32 copy) a block at a time, or
+    None where that would leave float32's range (samples near +-3.4e38 of both signs): the front end removes the
+    DC anyway, and a signal on a large offset (a pressure in Pa, 1e5 + 1e-2 sin) cast to float32 first lost its
+    variation in the offset's rounding. By blocks, the float64 difference costs no copy of the signal."""
+    for start in range(0, samples.shape[-1], SUM_BLOCK):
+        centred = (samples[..., start : start + SUM_BLOCK] - offset).to(torch.float32)
+        if not bool(torch.isfinite(centred).all()):
+            return None
+        converted[..., start : start + SUM_BLOCK] = centred
+    return converted
 
 
 # echo's own files and torch's (its no_grad wrapper sits between model.encode and its caller)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -20,7 +21,10 @@ from .ops import tokens as token_ops
 def as_asked(device: torch.device):
     """Inference runs its products in the dtype the caller asked for: an autocast around the call (a serving
     stack's, a notebook's, a training loop's validation) would silently run float32's in bf16, 5e-5 to 2e-3 off."""
-    return torch.autocast(device.type, enabled=False)
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:  # a device type with no autocast (mps before torch 2.5): none to switch off
+        return nullcontext()
 
 
 @dataclass(frozen=True)

@@ -121,7 +121,8 @@ class StreamEncoder:
         self.low_bins = min(geometry.BAND_BINS, geometry.n_bins(self.rate))  # band 0's real bins
         self.samples = 0
         self.total = torch.zeros((), dtype=torch.float64, device="cpu")  # running sum, for the mean
-        self.offset = None  # taken off float64 chunks before their float32 rounding: the first one's mean
+        self.wide = None  # whether the chunks are float64: set by the first
+        self.offset = 0.0  # taken off float64 chunks before their float32 rounding: the first chunk's mean
         self.audio = torch.zeros(0, dtype=torch.float32, device="cpu")  # the stream's copy of samples from audio_start
         self.audio_start = 0
         self.chunk = self.audio  # during a push, the chunk's samples (the last ones), read in place
@@ -156,14 +157,17 @@ class StreamEncoder:
             raise ValueError(f"{what}: push() takes 1-D chunks of samples, got shape {tuple(chunk.shape)}{advice}")
         # an empty chunk is checked as any other, and still computes and returns what a failed push left
         converted = inputs.as_float32(chunk, what=what)
-        if chunk.dtype == torch.float64 and chunk.numel():  # the DC off in float64, as model.encode takes it off
-            if self.offset is None:  # any offset will do: the front end removes the signal's mean
-                self.offset = chunk.mean().item()
-            centred = inputs.less_offset(chunk, self.offset, converted)
-            if centred is converted:  # past float32's range: the stream's samples would not be of one signal
-                raise ValueError(f"{what}: samples {self.offset:.3g} (the first chunk's mean) apart reach past "
-                                 f"float32's range (3.4e38)")
-            converted = centred
+        if chunk.numel():  # float64 chunks lose an offset in float64, as model.encode takes a float64 signal's DC off
+            wide = chunk.dtype == torch.float64
+            if self.wide is None:  # any offset will do: the front end removes the signal's mean
+                self.wide, self.offset = wide, chunk.mean().item() if wide else 0.0
+            if wide != self.wide:  # one chunk's offset taken off and another's not: a step in the signal
+                raise ValueError(f"{what} is {chunk.dtype}, the stream's earlier chunks "
+                                 f"{'float64' if self.wide else 'not float64'}: float64 chunks have the stream's "
+                                 f"offset taken off in float64, others cannot; push all as float64 or none")
+            if wide and inputs.less_offset(chunk, self.offset, converted) is None:
+                raise ValueError(f"{what}: its samples less the stream's offset {self.offset:.3g} (its first "
+                                 f"chunk's mean) exceed float32's range (3.4e38)")
         chunk = converted.cpu()  # the stream's state is on the CPU
         # the chunk is read in place: joined whole to the samples kept, it was copied (+110 MB for 10 minutes at 48
         # kHz). Only its head is joined to them, enough for every group of frames that starts before the chunk.

@@ -89,7 +89,8 @@ def test_demo_command_reads_a_tilde_in_out_as_the_home_folder(tmp_path, monkeypa
 
 
 def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
-    """SIGTERM (a scheduler's time limit, `timeout`) ended a command silently, saying nothing of what it kept."""
+    """SIGTERM (a scheduler's time limit, `timeout`) ended a command silently, saying nothing of what it kept. It
+    says so as Ctrl-C does, under SIGTERM's own word and status (128 + 15), and Ctrl-C's stay Ctrl-C's."""
     import signal
 
     from echo import cli
@@ -101,9 +102,12 @@ def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(demo, "build_task", terminated)
     model = echo.save(random_model(dim=32, depth=1, heads=2), tmp_path / "small.safetensors")
+    assert cli.main(["demo", "--model", str(model), "--out", str(tmp_path / "out")]) == 143
+    assert f"terminated: nothing was written to {tmp_path / 'out'}/" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the process's own handling comes back
+    monkeypatch.setattr(demo, "build_task", lambda *args, **kwargs: signal.raise_signal(signal.SIGINT))
     assert cli.main(["demo", "--model", str(model), "--out", str(tmp_path / "out")]) == 130
     assert f"interrupted: nothing was written to {tmp_path / 'out'}/" in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the process's own handling comes back
 
 
 def test_demo_command_refuses_a_forced_backend_this_model_cannot_run_before_the_work(tmp_path, monkeypatch, capsys):

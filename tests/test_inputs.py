@@ -60,7 +60,7 @@ def test_numpy_and_float64_accepted(model):
 def test_a_float64_signal_on_a_large_offset_keeps_its_variation(model):
     """A pressure in Pa (1e5 + 1e-2 sin) was cast to float32 before its DC was taken off, and the offset's rounding
     (2^-7 at 1e5) replaced the variation on it: the embedding was that of a quantised signal."""
-    variation = 1e-2 * np.random.randn(2, 1000)
+    variation = 1e-2 * np.random.randn(2, inputs.SUM_BLOCK + 1001)  # over two of the blocks it is centred in
     expected = model.encode(variation, 8000)[0]
     for encoded in (model.encode(1e5 + variation, 8000)[0], fast.encode(model, [1e5 + variation], 8000)[0]):
         assert rel_err(encoded, expected) < 1e-5

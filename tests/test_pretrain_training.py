@@ -1,6 +1,7 @@
 """Pretraining runs: a 30-step tiny run, exact resumption, checkpoints, export, the command line, 2-process
 DDP on gloo."""
 import csv
+import dataclasses
 import gc
 import json
 import math
@@ -962,9 +963,10 @@ def test_a_run_from_init_starts_from_its_weights_and_another_shape_is_refused_fi
     for key, value in start.state_dict().items():
         assert torch.allclose(saved["student"][key], value, atol=1e-6), key
         assert torch.allclose(saved["teacher"][key], value, atol=1e-6), key
-    path.unlink()  # read once, when the run began
-    trainer.train(config, progress=False)
+    path.unlink()  # read once, when the run began: a resume without it goes on, and the run still names it
+    trainer.train(dataclasses.replace(config, init=None), progress=False)
     assert checkpoints.read(run / "checkpoints" / checkpoints.file_name(2))["step"] == 2
+    assert json.loads((run / "config.json").read_text())["init"] == str(path)
     other = tmp_path / "other"
     with pytest.raises(ValueError, match=r"dim 64, depth 2, heads 1, and this run's options make dim 64, depth 3, "
                                          r"heads 1: start it with --dim 64 --depth 2 --heads 1$"):

@@ -713,5 +713,19 @@ def test_float64_chunks_on_a_large_offset_keep_their_variation(model):
     assert rel_err(stream.finish(), fast.encode(model, [variation], 1000)[0]) < 1e-5
     stream = fast.StreamEncoder(model, 16000)
     stream.push(torch.full((500,), 3e38, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"chunk at sample 500: samples 3e\+38 .* past float32's range"):
+    with pytest.raises(ValueError, match=r"chunk at sample 500: its samples less the stream's offset 3e\+38 .* "
+                                         r"exceed float32's range"):
         stream.push(torch.full((500,), -3e38, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("first", [torch.float32, torch.float64])
+def test_float64_chunks_and_others_are_not_mixed_in_one_stream(model, first):
+    """Only float64 chunks lose the stream's offset before their rounding: a float32 chunk and a float64 one on a
+    large offset made a step in the signal (7% off the embedding)."""
+    other = torch.float64 if first == torch.float32 else torch.float32
+    stream = fast.StreamEncoder(model, 8000)
+    stream.push(1000 + torch.randn(4000, dtype=first))
+    stream.push(torch.zeros(0, dtype=other))  # an empty chunk holds no samples to mix
+    with pytest.raises(ValueError, match=rf"chunk at sample 4000 is {other}, the stream's earlier chunks "
+                                         rf"{'not ' if first == torch.float32 else ''}float64"):
+        stream.push(1000 + torch.randn(4000, dtype=other))

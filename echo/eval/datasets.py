@@ -42,8 +42,9 @@ from ..wording import counted
 
 # Part of the embedding cache's key (echo.eval.embed): raise it when a reader returns other samples for the same
 # file (another channel choice or sensor, another scaling), so that embeddings of the old samples are not reused.
-# 2: MAFAULDA without the tachometer column, CWRU fan-end files from their own sensor.
-READERS_VERSION = "2"
+# 2: MAFAULDA without the tachometer column, CWRU fan-end files from their own sensor. 3: 64-bit float files read
+# in float64 (and their DC taken off before float32, inputs.as_signal).
+READERS_VERSION = "3"
 from . import require
 from .anomaly import Clip, check_year
 

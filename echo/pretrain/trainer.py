@@ -569,6 +569,8 @@ def _train(config: PretrainConfig, progress: bool, stop_at: int | None, rank: in
     # recorded absolute: a run started on a relative --data and resumed from another folder said it had been
     # "trained on data, not data"
     config = replace(config, data=os.path.abspath(config.data))
+    if config.init is not None and os.path.exists(os.path.expanduser(config.init)):  # a name ("default") stays one
+        config = replace(config, init=os.path.abspath(os.path.expanduser(config.init)))
     _, error = attempt(check_memory, config, device)  # before the corpus is indexed and any model built
     raise_together(error, world, device)
     out = Path(config.out)
@@ -597,6 +599,8 @@ def _train(config: PretrainConfig, progress: bool, stop_at: int | None, rank: in
             raise ValueError(f"the run was started on {saved['world']} processes with {saved['workers']} data "
                              f"workers each; resume it the same way (now {world} and {config.workers})")
         trained_lr = saved["scheduler"]["base_lrs"][0]  # the peak lr its optimizer was built with
+        # the model the run started from stays the one its config names: a resume does not read --init
+        config = replace(config, init=saved["config"].get("init"))
         config = config.with_lr_option_of(saved["config"], trained_lr, world)
         config.check_resumable(saved["config"], trained_lr)
     corpus, error = None, None
