@@ -274,6 +274,25 @@ def test_a_run_saved_before_a_config_field_existed_resumes_with_its_default(tmp_
         trainer.PretrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), utterance_target="frames")
 
 
+def test_dataloader_workers_leave_sigterm_to_the_trainer(data, tmp_path, monkeypatch):
+    """torchrun and Slurm send SIGTERM to a rank's DataLoader workers too: a worker it ended first turned the
+    trainer's "interrupted: the same command resumes from ..." into a traceback (DataLoader worker killed)."""
+    real, made = torch.utils.data.DataLoader, []
+
+    def recorded(*args, **kwargs):
+        made.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", recorded)
+    trainer.train(tiny_config(data, tmp_path / "run", steps=1, workers=1), progress=False)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        made[0].get("worker_init_fn", lambda worker: None)(0)  # what each worker runs as it starts
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_checkpoints_are_atomic_and_a_broken_one_is_passed_over(tmp_path, monkeypatch):
     folder = tmp_path / "checkpoints"
     checkpoints.save(folder, 1, {"step": 1, "w": torch.randn(3)}, keep=3)

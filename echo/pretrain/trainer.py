@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import MISSING, dataclass, fields, replace
@@ -534,6 +535,13 @@ def export_run(run_dir, which: str | None = None) -> str:
     return f"the {which} of step {saved['step']} to {path}"
 
 
+def _leave_stopping_to_trainer(worker_id: int) -> None:
+    """A DataLoader worker ignores SIGTERM, as torch's ignore Ctrl-C: torchrun and Slurm send it to a rank's workers
+    too, and a worker it ended first turned the trainer's "interrupted: the same command resumes from ..." into a
+    traceback (DataLoader worker killed by signal: Terminated). The trainer ends its workers as it stops."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def train(config: PretrainConfig, progress: bool = True, stop_at: int | None = None) -> dict:
     """Run (or resume) pretraining to config.steps. `stop_at` ends the process's work after that step as a
     kill would (no final checkpoint or export): for tests of exact resumption."""
@@ -690,7 +698,7 @@ def _train(config: PretrainConfig, progress: bool, stop_at: int | None, rank: in
                          positions=positions)
     positions = list(stream.positions)  # per stream of this rank: planned batches trained on
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.workers,
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda", worker_init_fn=_leave_stopping_to_trainer)
     log = CsvLog(out / "steps.csv", step) if rank == 0 else None
     meter = Meter(device, pending, rank)
     last = {}
