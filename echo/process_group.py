@@ -6,6 +6,7 @@ A process whose environment holds WORLD_SIZE > 1 waits in torch's rendezvous for
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 
@@ -27,6 +28,7 @@ def join(backend: str) -> None:
         f"if no other process was started, {advice}",), kwargs={"file": sys.stderr, "flush": True})
     note.daemon = True
     note.start()
+    handlers = _ending_at_once()
     try:
         dist.init_process_group(backend)
     except (ValueError, dist.DistError) as error:  # the first: a missing variable; the second: a timeout, a port
@@ -34,3 +36,16 @@ def join(backend: str) -> None:
                          f"({error}); {advice}") from None
     finally:
         note.cancel()
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+
+
+def _ending_at_once() -> dict:
+    """Let Ctrl-C and SIGTERM end the process at once while it waits in the rendezvous: a Python handler (Ctrl-C's
+    KeyboardInterrupt, the command line's for SIGTERM) runs only once torch's wait returns, up to 30 minutes on, so
+    the waiting process ignored them (and torchrun, ending a run whose other rank failed, waited 30 s to kill it).
+    Nothing is kept yet to say. The handlers replaced, to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {number: signal.signal(number, signal.SIG_DFL) for number in (signal.SIGINT, signal.SIGTERM)
+            if callable(signal.getsignal(number))}

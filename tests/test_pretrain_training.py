@@ -651,6 +651,24 @@ def test_a_world_size_left_in_the_environment_is_named_with_the_way_out(monkeypa
     assert not torch.distributed.is_initialized()
 
 
+def test_ctrl_c_and_sigterm_end_a_process_waiting_in_the_rendezvous_at_once(monkeypatch):
+    """Their Python handlers (KeyboardInterrupt, the command line's for SIGTERM) run only once torch's rendezvous
+    returns: a process waiting for ranks that never came ignored both for up to 30 minutes."""
+    from echo import process_group
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    waiting = []
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend: waiting.append([signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]))
+    before = signal.signal(signal.SIGTERM, cli._interrupt)
+    try:
+        process_group.join("gloo")
+        assert waiting == [[signal.SIG_DFL, signal.SIG_DFL]]
+        assert signal.getsignal(signal.SIGTERM) is cli._interrupt  # the command line's again, once joined
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 @pytest.mark.parametrize("ending", [None, ValueError("no audio")])
 def test_the_process_group_a_run_made_is_destroyed_when_it_finishes(tmp_path, monkeypatch, ending):
     """Under torchrun the run makes its process group: a rank that left with it alive could abort at exit
