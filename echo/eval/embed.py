@@ -126,9 +126,9 @@ class EmbeddingCache:
     def __init__(self, folder, model_key: str):
         self.folder = Path(folder) / model_key[:32]
         self.entries: dict[str, np.ndarray] = {}
-        if self.folder.is_dir():  # a kill mid-write leaves its batch's temporary, one more at every kill
-            atomic.remove_abandoned(self.folder, "*.safetensors.*.tmp")
-        for shard in sorted(self.folder.glob("*.safetensors")) if self.folder.is_dir() else []:
+        # a kill mid-write leaves its batch's temporary, one more at every kill (a folder not made yet holds none)
+        atomic.remove_abandoned(self.folder, "*.safetensors.*.tmp")
+        for shard in sorted(self.folder.glob("*.safetensors")):
             try:
                 self.entries.update(load_file(str(shard)))
             except Exception as error:  # a damaged shard only costs its files an encode again
