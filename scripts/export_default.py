@@ -65,9 +65,18 @@ def _curve_rows(steps_csv: Path, exported_step: int) -> list[dict]:
 
 
 def _credit_totals(datalist: Path) -> dict[tuple, list]:
-    """(source, licence, credit) -> [files, minutes] of the data list's pretraining split."""
+    """(source, licence, credit) -> [files, minutes] of the data list's pretraining split; a ValueError naming
+    --datalist when the list is missing or is not one."""
+    if not datalist.is_file():
+        raise ValueError(f"--datalist {datalist} does not exist: the export credits the audio of the run's corpus "
+                         f"from its data list, which scripts/build_corpus.py writes; pass --datalist with the list of "
+                         f"the corpus this run trained on")
+    try:
+        rows = _read_csv(datalist, DATALIST_COLUMNS, lambda row: row | {"seconds": float(row["seconds"])})
+    except ValueError as error:
+        raise ValueError(f"--datalist {error}") from None
     totals: dict[tuple, list] = {}
-    for row in _read_csv(datalist, DATALIST_COLUMNS, lambda row: row | {"seconds": float(row["seconds"])}):
+    for row in rows:
         if row["split"] == "pretrain":
             total = totals.setdefault((row["source"], row["licence"], row["credit"]), [0, 0.0])
             total[0] += 1
@@ -131,14 +140,10 @@ def main(argv=None) -> int:
 
     if args.out.exists() and not args.out.is_dir():
         raise SystemExit(f"--out {args.out} is a file: it takes the folder to export into")
-    try:  # every input is read and checked before anything in --out is written
+    try:  # every input is read and checked before anything in --out is written; the data list first, at once
+        credits = _credit_totals(args.datalist)
         model, saved = run_encoder(args.run, step=args.step)
         curve = _curve_rows(args.run / "steps.csv", saved["step"])
-        if not args.datalist.is_file():
-            raise ValueError(f"--datalist {args.datalist} does not exist: the export credits the audio of the run's "
-                             f"corpus from its data list, which scripts/build_corpus.py writes; pass --datalist with "
-                             f"the list of the corpus this run trained on")
-        credits = _credit_totals(args.datalist)
         require("matplotlib", "the training curve")
     except (ValueError, ImportError) as error:
         raise SystemExit(str(error))

@@ -297,3 +297,21 @@ def test_the_corpus_is_the_same_whatever_the_number_of_processes_writing_it(tmp_
     assert len(files) == 6 and files == sorted(p.relative_to(outputs[2]) for p in outputs[2].rglob("*") if p.is_file())
     for relative in files:
         assert (outputs[1] / relative).read_bytes() == (outputs[2] / relative).read_bytes(), relative
+
+
+@pytest.mark.parametrize("content, error", [(None, "does not exist"), ("path,split,seconds\na.wav,pretrain,30\n",
+                                                                          "has no column source, licence, credit")],
+                         ids=["missing", "other columns"])
+def test_a_bad_data_list_is_refused_by_its_option_before_the_run_is_read(tmp_path, monkeypatch, content, error):
+    """A missing data list or one of other columns was found only once the checkpoint had loaded, and the second
+    was named as a file with no word of --datalist."""
+    export_default = import_script("export_default")
+    options = fake_run_to_export(tmp_path, monkeypatch, export_default, tmp_path / "bundle")
+    datalist = tmp_path / "datalist.csv"
+    datalist.unlink()
+    if content is not None:
+        datalist.write_text(content)
+    monkeypatch.setattr(export_default, "run_encoder", lambda *args, **kwargs: pytest.fail("the run was read first"))
+    with pytest.raises(SystemExit, match=re.escape(f"--datalist {datalist} {error}")):
+        export_default.main(options)
+    assert not (tmp_path / "bundle").exists()
