@@ -15,7 +15,7 @@ frames, for the interrupted run to resume; a shard that cannot be read is set as
 named at the end of every run until it is deleted, as are shards whose files are all gone). Under
 `torchrun --nproc-per-node N -m echo encode ...` rank r encodes files r, r + N, ... and rank 0 merges.
 
-Output: `.npz` with `paths`, `keys`, `sample_rates`, `channels`, `model` and one array per file,
+Output: `.npz` with `paths`, `keys`, `sample_rates`, `channels`, `model`, `model_name` and one array per file,
 `utterance/{i}` (and `frames/{i}` with --frames), since embedding sizes differ between rates; or, for an
 `.parquet` OUT (needs pyarrow), one row per file. `read_embeddings` reads either back.
 """
@@ -58,10 +58,11 @@ PATH = "/path"
 
 
 OUTPUT_HELP = (
-    "The .npz holds paths, keys, sample_rates and channels (an entry per file), model, and an array per file: "
-    "utterance/{i} (and frames/{i} with --frames), as embedding sizes differ between rates; a .parquet holds a row "
-    "per file: path, key, sample_rate, channels, model, utterance (and frames). model is the model's hash (its config "
-    "and weights), prefixed with the dtype where that is not float32; a key is a file's identity, a hash of its real "
+    "The .npz holds paths, keys, sample_rates and channels (an entry per file), model, model_name, and an array per "
+    "file: utterance/{i} (and frames/{i} with --frames), as embedding sizes differ between rates; a .parquet holds a "
+    "row per file: path, key, sample_rate, channels, model, model_name, utterance (and frames). model is the model's "
+    "hash (its config and weights), prefixed with the dtype where that is not float32, model_name the --model that "
+    "made it (a name, or a file's absolute path); a key is a file's identity, a hash of its real "
     "path and its bytes: a re-run skips the files whose key the output holds for the same model. Paths are as given "
     "(relative ones to the folder the command ran in). The output holds this run's files only: to gather several "
     "folders in one, give them all (the files it holds already are reused). "
@@ -182,18 +183,19 @@ def _encode_batch(model, loaded: list, frames: bool, options: dict, streak: Fail
 
 
 def read_embeddings(path) -> dict:
-    """{"model": the model's key, "files": {file path: {"utterance", "frames" (if kept), "key", "sample_rate",
-    "channels"}}} from an npz or parquet output of `encode`."""
+    """{"model": the model's key, "model_name": the --model that made it ("" in outputs older than it), "files":
+    {file path: {"utterance", "frames" (if kept), "key", "sample_rate", "channels"}}} from an npz or parquet output of
+    `encode`."""
     path = Path(path)
     if path.suffix == ".parquet":
         pyarrow = _require_pyarrow()
-        fields = {name: [] for name in ("path", "model", "key", "sample_rate", "channels")}
+        fields = {name: [] for name in ("path", "model", "model_name", "key", "sample_rate", "channels")}
         utterances, frames = [], []
         handle = pyarrow.parquet.ParquetFile(str(path), buffer_size=PARQUET_READ_BUFFER, pre_buffer=False)
         try:
             for batch in handle.iter_batches(batch_size=PARQUET_READ_ROWS):
                 for name, values in fields.items():
-                    values += batch.column(name).to_pylist()
+                    values += batch.column(name).to_pylist() if name in batch.schema.names else [""] * batch.num_rows
                 utterances += _arrays(batch.column("utterance"), pyarrow)
                 frames += _arrays(batch.column("frames"), pyarrow) \
                     if "frames" in batch.schema.names else [None] * batch.num_rows
@@ -205,7 +207,8 @@ def read_embeddings(path) -> dict:
             files[file]["utterance"] = utterances[i]
             if frames[i] is not None:
                 files[file]["frames"] = frames[i]
-        return {"model": fields["model"][0] if fields["model"] else "", "files": files}
+        return {"model": fields["model"][0] if fields["model"] else "",
+                "model_name": fields["model_name"][0] if fields["model_name"] else "", "files": files}
     with np.load(path, allow_pickle=False) as data:
         files = {}
         # each column read once: data[name] reads and parses it from the archive at every access, and read per row
@@ -218,7 +221,8 @@ def read_embeddings(path) -> dict:
             if f"frames/{i}" in stored:
                 row["frames"] = data[f"frames/{i}"]
             files[str(name)] = row
-        return {"model": str(data["model"]), "files": files}
+        return {"model": str(data["model"]), "model_name": str(data["model_name"]) if "model_name" in stored else "",
+                "files": files}
 
 
 def _require_pyarrow():
@@ -242,7 +246,7 @@ PARQUET_READ_BUFFER = 1 << 20
 # joined values and Arrow's encoding of every row were held together (+469 MB to write 123 MB of frames, now +142).
 PARQUET_ROW_GROUP_BYTES = 16 << 20
 # dictionary pages for these only: embeddings never repeat, and trying one for them cost time and bytes
-DICTIONARY_COLUMNS = ["path", "key", "sample_rate", "channels", "model"]
+DICTIONARY_COLUMNS = ["path", "key", "sample_rate", "channels", "model", "model_name"]
 
 
 def _column(arrays: list[np.ndarray], pyarrow):
@@ -290,18 +294,18 @@ def _arrays(column, pyarrow) -> list[np.ndarray | None]:
     return out
 
 
-def _write(out: Path, rows: list[dict], model_key: str, frames: bool) -> None:
+def _write(out: Path, rows: list[dict], model_key: str, model_name: str, frames: bool) -> None:
     with atomic.replacing(out) as temporary:
-        _write_table(temporary, out.suffix, rows, model_key, frames)
+        _write_table(temporary, out.suffix, rows, model_key, model_name, frames)
 
 
-def _write_table(path: Path, suffix: str, rows: list[dict], model_key: str, frames: bool) -> None:
+def _write_table(path: Path, suffix: str, rows: list[dict], model_key: str, model_name: str, frames: bool) -> None:
     if suffix == ".parquet":
         pyarrow = _require_pyarrow()
         writer = None
         try:
             for group in _row_groups(rows, frames):
-                table = _parquet_table(group, model_key, frames, pyarrow)
+                table = _parquet_table(group, model_key, model_name, frames, pyarrow)
                 # compliant names said: pyarrow < 13 named list items "item" (13 on: "element"), so a file's schema
                 # hung on the pyarrow that wrote it
                 writer = writer or pyarrow.parquet.ParquetWriter(str(path), table.schema,
@@ -316,7 +320,7 @@ def _write_table(path: Path, suffix: str, rows: list[dict], model_key: str, fram
                   "keys": np.array([row["key"] for row in rows], dtype=str),
                   "sample_rates": np.array([row["sample_rate"] for row in rows], dtype=np.int64),
                   "channels": np.array([row["channels"] for row in rows], dtype=np.int64),
-                  "model": np.array(model_key)}
+                  "model": np.array(model_key), "model_name": np.array(model_name)}
         for i, row in enumerate(rows):
             arrays[f"utterance/{i}"] = row["utterance"]
             if frames:
@@ -335,9 +339,10 @@ def _row_groups(rows: list[dict], frames: bool):
             start, size = end, 0
 
 
-def _parquet_table(rows: list[dict], model_key: str, frames: bool, pyarrow):
+def _parquet_table(rows: list[dict], model_key: str, model_name: str, frames: bool, pyarrow):
     columns = {name: [row[name] for row in rows] for name in ("path", "key", "sample_rate", "channels")}
     columns["model"] = [model_key] * len(rows)
+    columns["model_name"] = [model_name] * len(rows)
     columns["utterance"] = _column([row["utterance"] for row in rows], pyarrow)
     if frames:
         columns["frames"] = _column([row["frames"] for row in rows], pyarrow)
@@ -489,6 +494,13 @@ def _not_an_output(path: Path) -> str:
     missing = [name for name in (("path", "model") if path.suffix == ".parquet" else ("paths", "model"))
                if name not in names]
     return f"it has no {', '.join(missing)}" if missing else ""
+
+
+def _model_name(model: str) -> str:
+    """--model as the output records it: a name (default, echo-small) as given, a file or folder by its absolute
+    path, which still says which model it was when the output is read from another folder."""
+    path = os.path.expanduser(model)
+    return os.path.abspath(path) if os.path.exists(path) else model
 
 
 def _distributed() -> tuple[int, int, bool]:
@@ -683,7 +695,7 @@ def _encode_files(args, rank: int, world: int) -> int:
         print(f"no file could be encoded ({skipped} skipped); {args.out} was not written")
         return 1
     try:
-        _write(args.out, rows, model_key, args.frames)
+        _write(args.out, rows, model_key, _model_name(args.model), args.frames)
     except KeyboardInterrupt:  # a large output takes a while to write; its embeddings are all kept
         raise KeyboardInterrupt(f"{args.out} was left as it was; the same command writes it without encoding any "
                                 f"file again") from None

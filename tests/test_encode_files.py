@@ -631,6 +631,38 @@ def test_parquet_rows_match_npz(tmp_path, model_path):
     assert str(schema.field("utterance").type) == "list<element: float>"  # float32, as computed
 
 
+@pytest.mark.parametrize("suffix", [".npz", ".parquet"])
+def test_the_output_names_the_model_given_and_an_older_output_without_it_still_resumes(tmp_path, model_path, capsys,
+                                                                                      monkeypatch, suffix):
+    """The output held the model's hash only: read later, it could not say which model made it. A path is recorded
+    absolute (it is read from other folders), a name as given."""
+    from echo.encode_files import _model_name
+
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    soundfile.write(str(tmp_path / "a.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    out = tmp_path / f"e{suffix}"
+    monkeypatch.chdir(model_path.parent)
+    assert run(tmp_path / "a.wav", "--model", model_path.name, "--out", out) == 0
+    assert read_embeddings(out)["model_name"] == str(model_path)
+    assert _model_name("default") == "default"
+
+    if suffix == ".npz":  # an output of the echo before it: no model_name
+        with np.load(out) as data:
+            older = {name: data[name] for name in data.files if name != "model_name"}
+        with open(out, "wb") as handle:
+            np.savez(handle, **older)
+    else:
+        parquet = pytest.importorskip("pyarrow.parquet")
+        table = parquet.read_table(str(out))
+        parquet.write_table(table.select([name for name in table.column_names if name != "model_name"]), str(out))
+    assert read_embeddings(out)["model_name"] == ""
+    capsys.readouterr()
+    assert run(tmp_path / "a.wav", "--model", model_path.name, "--out", out) == 0
+    assert "1 file (1 reused from an earlier run)" in capsys.readouterr().out
+    assert read_embeddings(out)["model_name"] == str(model_path)
+
+
 def test_reading_an_npz_output_reads_each_column_once(tmp_path, model_path, monkeypatch):
     """read_embeddings read an npz's keys, sample_rates and channels arrays out of the archive again for every row,
     so reading n files back (and every re-run's start) took time quadratic in n: 16,000 files 43 s, now 6.6 s."""
@@ -645,9 +677,9 @@ def test_reading_an_npz_output_reads_each_column_once(tmp_path, model_path, monk
     monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", counted)
     files = read_embeddings(tmp_path / "e.npz")["files"]
     assert len(files) == 4 and all(row["frames"].ndim == 2 for row in files.values())
-    assert {name: reads.count(name) for name in ("paths", "keys", "sample_rates", "channels", "model")} == \
-        {"paths": 1, "keys": 1, "sample_rates": 1, "channels": 1, "model": 1}
-    assert sorted(reads) == sorted(["paths", "keys", "sample_rates", "channels", "model"]
+    columns = ["paths", "keys", "sample_rates", "channels", "model", "model_name"]
+    assert {name: reads.count(name) for name in columns} == dict.fromkeys(columns, 1)
+    assert sorted(reads) == sorted(columns
                                    + [f"{kind}/{i}" for kind in ("utterance", "frames") for i in range(4)])
 
 
