@@ -349,20 +349,23 @@ def _parquet_table(rows: list[dict], model_key: str, model_name: str, frames: bo
     return pyarrow.table(columns)
 
 
-def _previous(out: Path, model_key: str, frames: bool) -> tuple[dict, str, list[str]]:
-    """Entries of an earlier output of the same model, keyed like the shards, to skip their files; and that output's
+def _previous(out: Path, model_key: str, frames: bool) -> tuple[dict, str, list[str], tuple | None]:
+    """Entries of an earlier output of the same model, keyed like the shards, to skip their files; that output's
     model and the paths of its files, to say what the new output leaves out of it (paths only: its rows of files
-    this run does not write are let go before the encoding)."""
+    this run does not write are let go before the encoding); and its _listing, to leave it as it is where this run
+    would write it again (None without one)."""
     if not out.is_file():
-        return {}, model_key, []
+        return {}, model_key, [], None
     try:
         old = read_embeddings(out)
     except Exception as error:  # an unreadable old output only means nothing is reused
         print(f"note: the existing {out} is not readable ({type(error).__name__}: {error}); encoding everything")
-        return {}, model_key, []
+        return {}, model_key, [], None
     paths = list(old["files"])
+    listing = _listing(old["model"], old["model_name"], [(path, row["key"]) for path, row in old["files"].items()],
+                       bool(paths) and all("frames" in row for row in old["files"].values()))
     if old["model"] != model_key:  # another model's or dtype's embeddings are replaced
-        return {}, old["model"], paths
+        return {}, old["model"], paths, listing
     entries = {}
     for row in old["files"].values():
         if frames and row.get("frames") is None:
@@ -371,7 +374,13 @@ def _previous(out: Path, model_key: str, frames: bool) -> tuple[dict, str, list[
         entries[row["key"] + META] = np.array([row["sample_rate"], row["channels"]], dtype=np.int64)
         if row.get("frames") is not None:
             entries[row["key"] + FRAMES] = row["frames"]
-    return entries, model_key, paths
+    return entries, model_key, paths, listing
+
+
+def _listing(model_key: str, model_name: str, paths_and_keys: list[tuple[str, str]], frames: bool) -> tuple:
+    """What an output holds but its embeddings, which its model and files' keys make: two outputs of equal
+    listings are the same."""
+    return model_key, model_name, paths_and_keys, frames
 
 
 def _left_out(out: Path, model_key: str, old_model: str, old_paths: list[str], files: list[Path]) -> str:
@@ -571,7 +580,7 @@ def _encode_files(args, rank: int, world: int) -> int:
     _check_reader(files)
     parts = _parts(args.out)
     cache = EmbeddingCache(parts, model_key)
-    done, old_model, old_paths = _previous(args.out, model_key, args.frames)
+    done, old_model, old_paths, old_listing = _previous(args.out, model_key, args.frames)
     done.update(cache.entries)
     keys = {}
     with ThreadPoolExecutor(READ_WORKERS) as pool:  # in threads, as eval's: hashing lets go of the GIL
@@ -593,11 +602,16 @@ def _encode_files(args, rank: int, world: int) -> int:
     written_here = set(keys.values())
     done = {entry: value for entry, value in done.items() if entry.split("/", 1)[0] in written_here}
     mine = wanted[rank::world]
+    # a re-run with nothing to encode, whose output would be the one there: left as it is, not written again
+    unchanged = not wanted and old_listing == _listing(model_key, _model_name(args.model),
+                                                       [(shown(path), keys[path]) for path in files if path in keys],
+                                                       args.frames)
     if rank == 0 and (left_out := _left_out(args.out, model_key, old_model, old_paths, files)):
         print(f"note: {left_out}")
     if rank == 0 and len(wanted) < len(keys):  # a resumed run says so before its bar, not only in its last line
         print(f"encoded already: {counted(len(keys) - len(wanted), 'file')} ({args.out} or {parts}); "
-              + (f"{len(wanted)} to encode" if wanted else f"nothing to encode: writing {args.out} from them"))
+              + (f"{len(wanted)} to encode" if wanted else "nothing to encode" if unchanged else
+                 f"nothing to encode: writing {args.out} from them"))
     failures, start, seconds, streak = [], time.perf_counter(), 0.0, FailureStreak()
     bar = tqdm(total=len(mine), desc=f"encoding (rank {rank})" if world > 1 else "encoding", unit="file",
                disable=args.quiet or rank != 0)
@@ -695,7 +709,8 @@ def _encode_files(args, rank: int, world: int) -> int:
         print(f"no file could be encoded ({skipped} skipped); {args.out} was not written")
         return 1
     try:
-        _write(args.out, rows, model_key, _model_name(args.model), args.frames)
+        if not unchanged:
+            _write(args.out, rows, model_key, _model_name(args.model), args.frames)
     except KeyboardInterrupt:  # a large output takes a while to write; its embeddings are all kept
         raise KeyboardInterrupt(f"{args.out} was left as it was; the same command writes it without encoding any "
                                 f"file again") from None
@@ -718,6 +733,10 @@ def _encode_files(args, rank: int, world: int) -> int:
               f"deleted")
     speed = f"; {seconds:.1f} s of audio in {elapsed:.1f} s ({seconds / max(elapsed, 1e-9):.1f}x real time)" \
         if seconds else ""
-    print(f"wrote {args.out}: {counted(len(rows), 'file')} ({reused} reused from an earlier run), "
-          f"{skipped} skipped{speed}")
+    if unchanged:
+        print(f"left {args.out} as it was: every file of this run ({counted(len(rows), 'file')}) was encoded "
+              f"already, {skipped} skipped")
+    else:
+        print(f"wrote {args.out}: {counted(len(rows), 'file')} ({reused} reused from an earlier run), "
+              f"{skipped} skipped{speed}")
     return 0

@@ -197,6 +197,34 @@ def test_an_interrupted_run_says_once_what_it_kept_and_how_to_resume(tmp_path, m
     assert capsys.readouterr().err == f"interrupted: {message.format(parts=parts)}\n"
 
 
+@pytest.mark.parametrize("suffix", [".npz", ".parquet"])
+def test_a_rerun_with_every_file_encoded_already_leaves_the_output_as_it_was(tmp_path, model_path, capsys, suffix):
+    """A re-run over a finished output wrote it again, the same, however large: now it is left alone, and said so.
+    One that would write other rows (a file less, frames left out) still writes it."""
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    files = [tmp_path / name for name in ("a.wav", "b.wav")]
+    for path in files:
+        soundfile.write(str(path), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    out = tmp_path / f"e{suffix}"
+    assert run(*files, "--model", model_path, "--out", out, "--frames") == 0
+    before = out.stat()
+    capsys.readouterr()
+    assert run(*files, "--model", model_path, "--out", out, "--frames") == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"encoded already: 2 files ({out} or {out}.parts); nothing to encode\n")
+    assert f"left {out} as it was: every file of this run (2 files) was encoded already, 0 skipped" in printed
+    assert (out.stat().st_ino, out.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert not (tmp_path / f"e{suffix}.parts").exists()
+
+    assert run(*files, "--model", model_path, "--out", out) == 0  # without frames: rewritten without them
+    assert f"wrote {out}: 2 files (2 reused" in capsys.readouterr().out
+    assert all("frames" not in row for row in read_embeddings(out)["files"].values())
+    assert run(files[0], "--model", model_path, "--out", out) == 0  # b.wav left out
+    assert f"wrote {out}: 1 file (1 reused" in capsys.readouterr().out
+    assert list(read_embeddings(out)["files"]) == [str(files[0])]
+
+
 def test_an_interrupted_output_write_says_that_nothing_is_lost_and_the_rerun_encodes_nothing(tmp_path, model_path,
                                                                                             capsys, monkeypatch):
     """Ctrl-C while the output was written (seconds to minutes for one with frames) printed a bare "interrupted",
@@ -611,7 +639,7 @@ def test_a_utf8_name_is_encoded_and_written_as_itself_under_an_ascii_locale(tmp_
     assert encoded.returncode == 0 and b"2 files (0 reused" in encoded.stdout, encoded.stdout + encoded.stderr
     assert set(read_embeddings(out)["files"]) == {str(path) for path in files}
     assert run(folder, "--model", model_path, "--out", out) == 0  # here, in a UTF-8 locale: the same files
-    assert "2 files (2 reused from an earlier run)" in capsys.readouterr().out
+    assert "every file of this run (2 files) was encoded already" in capsys.readouterr().out
 
 
 def test_parquet_rows_match_npz(tmp_path, model_path):
@@ -963,7 +991,7 @@ def test_a_damaged_shard_is_set_aside_kept_and_named_at_the_end_of_every_run(tmp
         assert rel_err(read_embeddings(out)["files"][str(path)]["utterance"], reference(model, path)[0]) < 1e-5
     assert run(*options) == 0  # still there, and said again
     printed = capsys.readouterr().out
-    assert kept in printed and "2 files (2 reused from an earlier run)" in printed and aside.exists()
+    assert kept in printed and "every file of this run (2 files) was encoded already" in printed and aside.exists()
     aside.unlink()
     assert run(*options) == 0 and kept not in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "b.wav", "e.npz", "model"]
