@@ -149,7 +149,10 @@ SUM_BLOCK = 1 << 16  # samples widened to float64 at a time by float64_sum
 
 def float64_sum(samples: torch.Tensor) -> torch.Tensor:
     """The sum of all samples in float64, widened a block at a time: torch's sum(dtype=float64) widens them all
-    at once, a copy twice the size of a float32 signal (+221 MB for 10 minutes at 48 kHz)."""
+    at once, a copy twice the size of a float32 signal (+221 MB for 10 minutes at 48 kHz). One block's at once: the
+    blocks' generator cost a few samples' push to a stream 30 us, twice (bench/stream_push_time.py)."""
+    if samples.numel() <= SUM_BLOCK:
+        return samples.sum(dtype=torch.float64)
     return sum((block.sum(dtype=torch.float64) for block in samples.reshape(-1).split(SUM_BLOCK)),
                torch.zeros((), dtype=torch.float64, device=samples.device))
 
