@@ -38,6 +38,11 @@ class CommandParser(argparse.ArgumentParser):
             self.error(f"unrecognized arguments: {' '.join(unknown)}")
         return namespace, unknown
 
+    def error(self, message):
+        if _left_to_local_rank_0(on_every_rank(ValueError(message))):  # the command line's: every rank's alike
+            self.exit(2)
+        super().error(message)
+
 
 def build_parser(argv, prog: str = "echo-fm") -> argparse.ArgumentParser:
     from . import __version__
@@ -123,9 +128,25 @@ class WorkKept(Exception):
     what and how to resume, and follows the error's own, however that is said."""
 
 
+def on_every_rank(error: Exception) -> Exception:
+    """`error`, marked as one that every process of a torchrun launch on this machine meets alike (an option's
+    value, a missing input), which only the machine's first process (LOCAL_RANK 0) then prints: N processes printed
+    it N times. Errors of one process's own (its GPU, its share of the work) are left unmarked, said by each."""
+    error.on_every_rank = True
+    return error
+
+
+def _left_to_local_rank_0(error: BaseException) -> bool:
+    return getattr(error, "on_every_rank", False) and int(os.environ.get("WORLD_SIZE", "1")) > 1 and \
+        int(os.environ.get("LOCAL_RANK", "0")) != 0
+
+
 def _report(error: BaseException) -> int:
     """Say `error` on stderr; the exit status. A ValueError is bad usage (2), an OSError the machine's, not echo's:
-    a full disk, a permission, a vanished folder (1); anything else no one foresaw, a bug: its traceback (1)."""
+    a full disk, a permission, a vanished folder (1); anything else no one foresaw, a bug: its traceback (1). One
+    that every process of a launch meets alike is said by the machine's first (on_every_rank)."""
+    if _left_to_local_rank_0(error):
+        return 2 if isinstance(error, ValueError) else 1
     if isinstance(error, ValueError):
         print(f"error: {worker_message(error)}", file=sys.stderr)
         return 2

@@ -40,7 +40,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from . import atomic, folders, host_memory, inputs, process_group
-from .cli import WorkKept, user_path
+from .cli import WorkKept, on_every_rank, user_path
 from .data import AUDIO_SUFFIXES
 from .data.bundled import SAMPLES_DIR
 from .data.wav import read_wav
@@ -537,10 +537,14 @@ def _summed(failures: int, seconds: float, world: int, stopped: int | None = Non
 
 def run(args) -> int:
     if args.batch_files < 1:
-        raise ValueError(f"--batch-files must be at least 1, got {args.batch_files}")
+        raise on_every_rank(ValueError(f"--batch-files must be at least 1, got {args.batch_files}"))
     if args.max_tokens is not None and args.max_tokens < 1:
-        raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-    _check_out(args.out)
+        raise on_every_rank(ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}"))
+    try:
+        _check_out(args.out)
+    except ValueError as error:
+        on_every_rank(error)
+        raise
     rank, world, own_group = _distributed()
     try:
         status = _encode_files(args, rank, world)
@@ -575,8 +579,8 @@ def _encode_files(args, rank: int, world: int) -> int:
     files, unusable, notes = find_files(args.paths or [SAMPLES_DIR])  # the same on every rank, unlike `failures`
     if not files:
         reasons = "".join(f"; {shown(path)}: {reason}" for path, reason in unusable)
-        raise ValueError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) found in "
-                         f"{', '.join(map(shown, args.paths))}{reasons}")
+        raise on_every_rank(ValueError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) found in "
+                                       f"{', '.join(map(shown, args.paths))}{reasons}"))
     _check_reader(files)
     parts = _parts(args.out)
     cache = EmbeddingCache(parts, model_key)

@@ -308,3 +308,31 @@ def test_pretrain_refuses_an_output_it_cannot_write_before_indexing_the_data(tmp
     assert cli.main(argv) == 2
     assert f"{option} {tmp_path / shown} cannot be written: {tmp_path / message}" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("local_rank", [0, 1])
+def test_an_error_every_process_of_a_launch_meets_is_printed_by_the_machines_first_only(tmp_path, monkeypatch, capsys,
+                                                                                      local_rank):
+    """Under torchrun every process printed a bad option's error, or a missing input's: N processes, N copies. The
+    machine's first (LOCAL_RANK 0) says it; an error of a process's own is said by each."""
+    import echo.encode_files
+    from echo import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    out = str(tmp_path / "e.npz")
+    said = (lambda text: text) if local_rank == 0 else (lambda text: "")
+    assert cli.main(["encode", "--out", out, "--batch-files", "0"]) == 2
+    assert capsys.readouterr().err == said("error: --batch-files must be at least 1, got 0\n")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["encode", "--out", out, "--max-tokens", "many"])
+    assert exit_.value.code == 2
+    assert ("invalid int value: 'many'" in capsys.readouterr().err) == (local_rank == 0)
+    assert cli.main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--steps", "-3"]) == 2
+    assert capsys.readouterr().err == said("error: --steps must be positive, got -3\n")
+
+    def own_error(args):
+        raise ValueError(f"device cuda:{local_rank} is not available here")
+    monkeypatch.setattr(echo.encode_files, "run", own_error)
+    assert cli.main(["encode", "--out", out]) == 2
+    assert capsys.readouterr().err == f"error: device cuda:{local_rank} is not available here\n"

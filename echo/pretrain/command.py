@@ -8,7 +8,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from .. import atomic
-from ..cli import user_path
+from ..cli import on_every_rank, user_path
 from ..model import PRESETS
 from .corpus import MANIFEST_NAME
 from .objective import UTTERANCE_TARGETS
@@ -87,6 +87,18 @@ def run(args) -> int:
     if args.export_only:
         print(f"exported {export_run(args.out, args.export)}")
         return 0
+    try:
+        config = checked_config(args)
+    except ValueError as error:
+        on_every_rank(error)
+        raise
+    train(config, progress=not args.quiet, stop_at=args.stop_at)
+    return 0
+
+
+def checked_config(args) -> PretrainConfig:
+    """The run's config from the options, which are checked, and --out and --manifest, before the data is indexed
+    (hours)."""
     if args.data is None:
         raise ValueError("--data is needed to train (only --export-only goes without it)")
     if args.stop_at is not None and args.stop_at < 0:
@@ -95,14 +107,13 @@ def run(args) -> int:
         config = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
     except ValueError as error:  # the config's words are its fields': said as the options they came from
         raise ValueError(as_options(str(error))) from None
-    atomic.check_can_make(Path(config.out), f"--out {config.out}")  # before the data is indexed (hours)
+    atomic.check_can_make(Path(config.out), f"--out {config.out}")
     if config.manifest is not None:
         if Path(config.manifest).is_dir():  # found only when the index, hours in, was written
             raise ValueError(f"--manifest {config.manifest} is a folder: name the file, e.g. "
                              f"{Path(config.manifest) / MANIFEST_NAME}")
         atomic.check_can_make(Path(config.manifest).parent, f"--manifest {config.manifest}")
-    train(config, progress=not args.quiet, stop_at=args.stop_at)
-    return 0
+    return config
 
 
 def as_options(message: str) -> str:
