@@ -61,8 +61,11 @@ def walk(top: Path, skip: Callable[[Path, str], None], recursive: bool = True) -
                 subfolders.clear()
                 continue
             if recursive:
+                # in sorted order, not the file system's: of two links to one folder, the one listed (and naming its
+                # files) is the same on every machine
+                subfolders.sort()
                 # islink, not is_symlink: in a folder that may be read but not searched that raises, ending the walk
-                starts += [folder / name for name in sorted(subfolders) if os.path.islink(folder / name)]
+                starts += [folder / name for name in subfolders if os.path.islink(folder / name)]
             else:
                 subfolders.clear()
             yield folder, names

@@ -1,4 +1,5 @@
 """`python -m echo encode`: files and folders to embeddings, checked against EchoModel.encode per file."""
+import contextlib
 import os
 import socket
 import subprocess
@@ -959,6 +960,36 @@ def test_a_linked_folder_is_followed_and_a_link_loop_named(tmp_path, model_path,
     assert sorted(read_embeddings(out)["files"]) == [str(folder / "a.wav"), str(folder / "fan" / "b.wav")]
     assert f"skipped {folder / 'fan' / 'up'}: a symbolic link loop back to {folder}" in printed
     assert f"skipped {folder / 'fan again'}: the same folder as {folder / 'fan'}, listed there" in printed
+
+
+@pytest.mark.parametrize("listing", ["as listed", "reversed"])
+def test_a_folder_linked_from_two_folders_is_listed_under_the_same_path_whatever_the_listing_order(
+        tmp_path, monkeypatch, listing):
+    """Subfolders were walked in the file system's order, so which of two links to one folder was listed (and named
+    the files in the output) depended on that order: the first in sorted order is the one listed."""
+    from echo.encode_files import find_files
+
+    shared, folder = tmp_path / "shared", tmp_path / "d"
+    shared.mkdir()
+    soundfile.write(str(shared / "b.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    for name in ("x", "y"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "link").symlink_to(shared)
+    if listing == "reversed":
+        scandir = os.scandir
+
+        class Reversed(contextlib.nullcontext):  # os.walk iterates a scandir inside `with`
+            def __init__(self, path):
+                with scandir(path) as entries:
+                    super().__init__(iter(list(entries)[::-1]))
+
+            def __next__(self):
+                return next(self.enter_result)
+
+        monkeypatch.setattr(os, "scandir", Reversed)
+    files, unusable, _ = find_files([folder])
+    assert files == [folder / "x" / "link" / "b.wav"]
+    assert unusable == [(folder / "y" / "link", f"the same folder as {folder / 'x' / 'link'}, listed there")]
 
 
 def test_a_damaged_shard_is_set_aside_kept_and_named_at_the_end_of_every_run(tmp_path, model_path, capsys,
