@@ -1,8 +1,11 @@
 """`python -m echo eval` end to end on generated data sets: separable anomalies give AUC near 1, anomalies
 drawn like the normals give AUC near 0.5; tables, JSON and non-empty plots are written."""
+import contextlib
 import csv
 import json
+import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -585,6 +588,30 @@ def folder_task_of_nine(tmp_path, model_path) -> tuple:
             soundfile.write(str(path), tone(rng, 400, seconds=0.1), RATE)
     return ("--task", "folder", "--data", tmp_path / "machine", "--model", model_path, "--out", tmp_path / "out",
             "--batch-files", 3, "--no-plots")
+
+
+def test_a_pipe_in_the_data_is_reported_not_opened_for_its_header(tmp_path, model_path):
+    """The check of the files' headers before the encoding opened a pipe named .wav, which waits for a writer for
+    ever: eval hung before its first batch. The timer lets such a reader go, and says it found one waiting."""
+    options = folder_task_of_nine(tmp_path, model_path)
+    pipe = tmp_path / "machine" / "normal" / "pipe.wav"
+    os.mkfifo(pipe)
+    waited = []
+
+    def release():
+        with contextlib.suppress(OSError):  # ENXIO: no reader waits on it
+            os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+            waited.append(True)
+
+    timer = threading.Timer(10, release)
+    timer.start()
+    try:
+        assert run_eval(*options) == 0
+    finally:
+        timer.cancel()
+    assert not waited
+    assert [(row["path"], row["reason"]) for row in read_rows(tmp_path / "out" / "failures.csv")] == [
+        (str(pipe), "ValueError: not a regular file")]
 
 
 def counted_encoder(monkeypatch, error=None, from_call=1) -> list:

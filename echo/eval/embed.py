@@ -249,8 +249,11 @@ def decoded_sizes(paths: list, pool: Executor) -> list[int]:
 
 def audio_header(soundfile, path: Path):
     """soundfile's info of `path` (rate, channels, frames) from its header, by the name's bytes as read_audio
-    opens it; None for a format it does not read (a .mat, a .csv) or a damaged header."""
+    opens it; None for a format it does not read (a .mat, a .csv) or a damaged header, and for what is not a regular
+    file, never opened: opening a pipe waits for a writer for ever (the embedding reports it)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
         return soundfile.info(str(path) if os.name == "nt" else os.fsencode(path))
     except Exception:
         return None
