@@ -19,6 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Callable, Iterator
 
 import numpy as np
@@ -95,12 +96,15 @@ class FileEntry:
 
 def probe(root: Path, relative: str) -> FileEntry:
     """Header facts of one file (no samples decoded); an unreadable file (a broken link, one deleted since the
-    folder was listed) gets its error as `problem`."""
+    folder was listed) gets its error as `problem`, and so does what is not a regular file, never opened: a link
+    to a pipe hung the indexing, waiting for a writer."""
     path = root / relative
     try:
         stat = path.stat()
     except OSError as error:
         return FileEntry(relative, 0, 0, 0, 0, 0, f"cannot be opened: {error.strerror}")
+    if not S_ISREG(stat.st_mode):
+        return FileEntry(relative, stat.st_size, stat.st_mtime_ns, 0, 0, 0, "not a regular file")
     try:
         info = soundfile().info(str(path))
         if info.frames <= 0 or info.samplerate < geometry.MIN_SAMPLE_RATE:
