@@ -121,6 +121,18 @@ def test_a_label_list_that_is_not_utf8_text_is_named(tmp_path):
         datasets.read_label_lists([lists], 2023)
 
 
+@pytest.mark.parametrize("rest", ["short", "long"])
+def test_a_label_list_with_a_quote_left_open_is_named_not_read_as_a_machine(tmp_path, rest):
+    """A quote never closed made the rest of the list one cell: a machine name holding every row after it, whose
+    clips all went unlabelled; and past 131072 characters csv's own error ended eval in a traceback."""
+    clips = "".join(f"section_00_{i:04d}.wav,section_00_source_test_normal_{i:04d}.wav\n"
+                    for i in range(2 if rest == "short" else 3000))
+    lists = tmp_path / "eval_data_list_2023.csv"
+    lists.write_text(f"saw\nsection_00_9999.wav,section_00_source_test_anomaly_9999.wav\n\"{clips}")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(lists))}:3: not readable as csv .*: a quote opened"):
+        datasets.read_label_lists([lists], 2023)
+
+
 def test_dcase2021_published_source_and_target_test_folders(tmp_path):
     originals = [("source_test", "section_00_source_test_anomaly_0000.wav"),
                  ("target_test", "section_00_target_test_normal_0000.wav")]

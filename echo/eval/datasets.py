@@ -264,12 +264,18 @@ def read_label_lists(paths, year: int) -> dict:
         if not Path(path).is_file():  # a folder (--labels eval_data/) was said not to exist
             state = "is a folder, not a csv file" if Path(path).is_dir() else "does not exist"
             raise ValueError(f"label list {path} {state}")
-        machine = None
+        machine, rows, line = None, [], 0
         try:
             with open(path, newline="", encoding="utf-8-sig") as handle:  # a byte order mark (Excel) is no name
-                rows = list(csv.reader(handle))
+                reader = csv.reader(handle, strict=True)
+                for row in reader:
+                    rows.append(row)
+                    line = reader.line_num
         except UnicodeDecodeError as error:  # UTF-16 ("Unicode text"), or not a text file at all
             raise ValueError(f"label list {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+        except csv.Error as error:  # a quote left open took the rest of the file as one cell, or crashed on its size
+            raise ValueError(f"{path}:{line + 1}: not readable as csv ({error}): a quote opened there and never "
+                             f"closed?") from None
         for line, row in enumerate(rows, 1):
             row = [cell.strip() for cell in row]
             while row and not row[-1]:  # Excel pads every row to the widest: a machine row reads `fan,,`
