@@ -133,6 +133,17 @@ def test_a_label_list_with_a_quote_left_open_is_named_not_read_as_a_machine(tmp_
         datasets.read_label_lists([lists], 2023)
 
 
+@pytest.mark.parametrize("separator", [";", "\t"])
+def test_a_label_list_separated_by_other_than_commas_is_named(tmp_path, separator):
+    """A spreadsheet saving "CSV" in a locale whose decimal mark is a comma separates by ';' (or tabs): every row was
+    one cell, read as a machine's name, and no clip found its label."""
+    lists = tmp_path / "eval_data_list_2023.csv"
+    lists.write_text(f"saw\nsection_00_0000.wav{separator}section_00_source_test_anomaly_0000.wav\n")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(lists))}:2: .* is one cell: label lists are "
+                                         f"comma-separated, this one by {re.escape(repr(separator))}"):
+        datasets.read_label_lists([lists], 2023)
+
+
 def test_dcase2021_published_source_and_target_test_folders(tmp_path):
     originals = [("source_test", "section_00_source_test_anomaly_0000.wav"),
                  ("target_test", "section_00_target_test_normal_0000.wav")]

@@ -281,6 +281,10 @@ def read_label_lists(paths, year: int) -> dict:
             while row and not row[-1]:  # Excel pads every row to the widest: a machine row reads `fan,,`
                 row.pop()
             if len(row) == 1:
+                separator = next((mark for mark in ";\t" if mark in row[0]), None)
+                if separator:  # every row one cell, a machine's name: no clip found its label
+                    raise ValueError(f"{path}:{line}: {row[0]!r} is one cell: label lists are comma-separated, this "
+                                     f"one by {separator!r} (a spreadsheet's export in another locale?)")
                 machine = row[0]
             elif len(row) >= 2:
                 if machine is None:
