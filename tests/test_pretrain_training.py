@@ -293,10 +293,15 @@ def test_dataloader_workers_leave_sigterm_to_the_trainer(data, tmp_path, monkeyp
         signal.signal(signal.SIGTERM, before)
 
 
+def training_state(step: int) -> dict:
+    """The least a checkpoint holds (checkpoints.TRAINING_STATE), for tests of the files alone."""
+    return {"step": step, "config": {}, "student": {"w": torch.randn(3)}, "teacher": {}}
+
+
 def test_checkpoints_are_atomic_and_a_broken_one_is_passed_over(tmp_path, monkeypatch):
     folder = tmp_path / "checkpoints"
-    checkpoints.save(folder, 1, {"step": 1, "w": torch.randn(3)}, keep=3)
-    checkpoints.save(folder, 2, {"step": 2, "w": torch.randn(3)}, keep=3)
+    checkpoints.save(folder, 1, training_state(1), keep=3)
+    checkpoints.save(folder, 2, training_state(2), keep=3)
 
     def crash(state, path):
         with open(path, "wb") as handle:
@@ -314,6 +319,19 @@ def test_checkpoints_are_atomic_and_a_broken_one_is_passed_over(tmp_path, monkey
     for step in range(3, 7):
         checkpoints.save(folder, step, {"step": step}, keep=3)
     assert [p.name for p in checkpoints.checkpoint_paths(folder)] == [f"step-00000000{s}.pt" for s in (4, 5, 6)]
+
+
+def test_another_tools_file_named_as_a_checkpoint_is_passed_over_not_resumed_from(tmp_path):
+    """A state dict saved as step-NNNNNNNNN.pt (a model's weights, another trainer's file) loads, and resuming from
+    it ended in a KeyError traceback: it is passed over as a checkpoint that does not load."""
+    folder = tmp_path / "checkpoints"
+    checkpoints.save(folder, 1, training_state(1), keep=3)
+    torch.save({"cls_token": torch.randn(1, 1, 4)}, folder / checkpoints.file_name(2))
+    state, unreadable = checkpoints.newest_readable(folder)
+    assert state["step"] == 1 and unreadable == [folder / checkpoints.file_name(2)]
+    with pytest.raises(ValueError, match="is no echo pretraining checkpoint: it holds no step, config, student, "
+                                         "teacher"):
+        checkpoints.read(folder / checkpoints.file_name(2))
 
 
 def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):

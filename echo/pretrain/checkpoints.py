@@ -17,6 +17,7 @@ from .. import atomic
 log = logging.getLogger("echo.pretrain")
 
 NAME = re.compile(r"^step-(\d{9})\.pt$")
+TRAINING_STATE = ("step", "config", "student", "teacher")  # what a checkpoint holds, at the least
 
 
 def rng_states() -> dict:
@@ -88,11 +89,16 @@ def remove_temporaries(folder: Path) -> None:
 
 
 def read(path: Path) -> dict:
-    """The checkpoint at `path`; ValueError naming it when it does not load."""
+    """The checkpoint at `path`; ValueError naming it when it does not load, or holds no training state (another
+    tool's file of that name: resuming from it ended in a KeyError)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a torn or foreign file fails in many ways inside the unpickler
         raise ValueError(f"checkpoint {path} does not load: {error}") from error
+    missing = [key for key in TRAINING_STATE if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(f"checkpoint {path} is no echo pretraining checkpoint: it holds no {', '.join(missing)}")
+    return state
 
 
 def read_or_report(path: Path) -> dict | None:
