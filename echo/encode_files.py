@@ -185,8 +185,30 @@ def _encode_batch(model, loaded: list, frames: bool, options: dict, streak: Fail
 def read_embeddings(path) -> dict:
     """{"model": the model's key, "model_name": the --model that made it ("" in outputs older than it), "files":
     {file path: {"utterance", "frames" (if kept), "key", "sample_rate", "channels"}}} from an npz or parquet output of
-    `encode`."""
+    `encode`; a ValueError naming the file for any other file, whose parts are not an output's."""
     path = Path(path)
+    try:
+        output = _read_output(path)
+    except (KeyError, AttributeError, IndexError, TypeError, ValueError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path} is not an output of echo encode ({type(error).__name__}: {error})") from None
+    for file, row in output["files"].items():  # a re-run reuses them: one edited by hand would go on unseen
+        if not _embeddings_as_written(row):
+            shapes = ", ".join(f"{name} {getattr(row[name], 'dtype', None)}{list(getattr(row[name], 'shape', []))}"
+                               for name in ("utterance", "frames") if name in row)
+            raise ValueError(f"{path} is not an output of echo encode: {file} has {shapes}, not float32 vectors "
+                             f"(frames: rows of the utterance's size)")
+    return output
+
+
+def _embeddings_as_written(row: dict) -> bool:
+    utterance, frames = row["utterance"], row.get("frames")
+    if not isinstance(utterance, np.ndarray) or utterance.dtype != np.float32 or utterance.ndim != 1:
+        return False
+    return frames is None or (isinstance(frames, np.ndarray) and frames.dtype == np.float32 and frames.ndim == 2
+                              and (len(frames) == 0 or frames.shape[1] == utterance.size))
+
+
+def _read_output(path: Path) -> dict:
     if path.suffix == ".parquet":
         pyarrow = _require_pyarrow()
         fields = {name: [] for name in ("path", "model", "model_name", "key", "sample_rate", "channels")}

@@ -660,6 +660,41 @@ def test_parquet_rows_match_npz(tmp_path, model_path):
     assert str(schema.field("utterance").type) == "list<element: float>"  # float32, as computed
 
 
+def test_a_file_that_is_not_an_output_is_named_by_read_embeddings(tmp_path):
+    """Another program's npz or parquet reached read_embeddings' KeyError, AttributeError or reshape error."""
+    np.savez(tmp_path / "other.npz", weights=np.random.randn(3))
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'other.npz'} is not an output of echo encode \\(KeyError"):
+        read_embeddings(tmp_path / "other.npz")
+    pyarrow = pytest.importorskip("pyarrow")
+    pytest.importorskip("pyarrow.parquet").write_table(pyarrow.table({"path": ["a.wav"]}), str(tmp_path / "o.parquet"))
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'o.parquet'} is not an output of echo encode \\("):
+        read_embeddings(tmp_path / "o.parquet")
+
+
+@pytest.mark.parametrize("edit", ["float64", "2-D", "frames of another width"])
+def test_embeddings_edited_in_an_output_are_not_reused_by_a_rerun(tmp_path, model_path, capsys, edit):
+    """An output whose arrays were changed by hand (cast, reshaped) kept its model and keys, and a re-run reused the
+    arrays as they were, into its own output: they are refused, and the files encoded again."""
+    soundfile.write(str(tmp_path / "a.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    out = tmp_path / "e.npz"
+    assert run(tmp_path / "a.wav", "--model", model_path, "--out", out, "--frames") == 0
+    with np.load(out) as data:
+        arrays = {name: data[name] for name in data.files}
+    utterance, frames = arrays["utterance/0"], arrays["frames/0"]
+    arrays.update({"float64": {"utterance/0": utterance.astype(np.float64)},
+                   "2-D": {"utterance/0": utterance.reshape(2, -1)},
+                   "frames of another width": {"frames/0": frames[:, 1:]}}[edit])
+    np.savez(out, **arrays)
+    with pytest.raises(ValueError, match=f"^{out} is not an output of echo encode: {tmp_path / 'a.wav'} has "):
+        read_embeddings(out)
+    capsys.readouterr()
+    assert run(tmp_path / "a.wav", "--model", model_path, "--out", out, "--frames") == 0
+    assert f"note: the existing {out} is not readable" in capsys.readouterr().out
+    row = read_embeddings(out)["files"][str(tmp_path / "a.wav")]
+    assert row["utterance"].shape == utterance.shape and row["frames"].shape == frames.shape
+    assert rel_err(row["utterance"], utterance) < 1e-5 and rel_err(row["frames"], frames) < 1e-5
+
+
 @pytest.mark.parametrize("suffix", [".npz", ".parquet"])
 def test_the_output_names_the_model_given_and_an_older_output_without_it_still_resumes(tmp_path, model_path, capsys,
                                                                                       monkeypatch, suffix):
