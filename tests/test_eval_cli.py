@@ -562,6 +562,24 @@ def test_a_missing_optional_package_is_named_before_the_encoding(tmp_path, model
         in error
 
 
+def test_a_bare_install_is_told_the_extra_with_every_package_eval_needs(tmp_path, model_path, capsys, monkeypatch):
+    """Without soundfile and scikit-learn (`pip install echo-fm`), eval named soundfile's own extra, `audio`, and
+    once that was installed, `eval`: two installs where one does."""
+    import sys
+
+    import echo.eval.cli
+
+    for name in {"soundfile", "sklearn", *(name for name in sys.modules if name.split(".")[0] == "sklearn")}:
+        monkeypatch.setitem(sys.modules, name, None)  # importing it now raises ImportError
+    monkeypatch.setattr(echo.eval.cli, "embed_files", lambda *args, **kwargs: pytest.fail("encoded"))
+    for name in ("normal/a.wav", "test/b.wav"):
+        (tmp_path / "machine" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "machine" / name).write_text("")
+    assert run_eval("--task", "folder", "--data", tmp_path / "machine", "--model", model_path, "--out",
+                    tmp_path / "out") == 2
+    assert "pip install 'echo-fm[eval]'" in capsys.readouterr().err
+
+
 def test_a_cache_that_cannot_be_written_is_refused_before_the_encoding(tmp_path, model_path, capsys, monkeypatch):
     """A --cache under a file failed in the first batch, after the data set was read and the model loaded."""
     import echo.eval.cli

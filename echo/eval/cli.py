@@ -165,14 +165,19 @@ def _fused_channels(args, dataset) -> list[int] | None:
     return neighbors.chosen_channels(channels, dataset.channels)
 
 
-def _check_options(args, dataset) -> None:
-    """What the data set cannot take, and optional packages the evaluation will import, refused before the
-    encoding (hours on a large set) rather than after it."""
+def _check_packages(args, dataset) -> None:
+    """The optional packages the evaluation will import, refused before the encoding (hours on a large set) rather
+    than after it, and before the headers' soundfile: a bare install is told the extra that has them all, `eval`,
+    not soundfile's own `audio` first and `eval` after it."""
     require("sklearn", "computing the evaluation's metrics")
     if not args.no_plots:
         require("matplotlib", "drawing the plots (--no-plots leaves them out)")
     if args.search == "faiss" and dataset.kind == "anomaly":
         require("faiss", "--search faiss")
+
+
+def _check_options(args, dataset) -> None:
+    """What the data set cannot take, refused before the encoding (hours on a large set) rather than after it."""
     if not 0 < args.eps < 1:  # a floor of 0 divides by a zero AUC; one of 1 or more floors every score to it
         raise ValueError(f"--eps {args.eps}: the harmonic means' floor must be in (0, 1)")
     args.fused_channels = _fused_channels(args, dataset)  # parsed once, here, before the encoding
@@ -330,7 +335,8 @@ def _run(args) -> int:
     if args.cache is not None:
         atomic.check_writable(args.cache, f"--cache {args.cache}")
     dataset = datasets.load(args.task, args.data, args.labels)
-    _check_headers(dataset)  # first: it tells the channels --channels chooses among
+    _check_packages(args, dataset)
+    _check_headers(dataset)  # before the options: it tells the channels --channels chooses among
     _check_options(args, dataset)
     for note in dataset.notes:
         print(f"note: {note}")
