@@ -409,6 +409,22 @@ def test_a_missing_optional_module_is_named_by_what_pip_installs(monkeypatch, mo
         require(module, "this")
 
 
+def test_the_dev_extra_installs_on_macos_and_windows_where_triton_has_no_wheel():
+    """triton publishes Linux wheels only: `pip install -e '.[dev]'` failed on macOS and Windows (no matching
+    distribution for triton), where torch and every other dev package install and the Triton tests skip."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
+    requirements = pytest.importorskip("packaging.requirements")
+    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
+
+    def installed(platform: str, system: str) -> set[str]:
+        environment = {"sys_platform": platform, "platform_system": system}
+        return {requirement.name for requirement in map(requirements.Requirement, dev)
+                if requirement.marker is None or requirement.marker.evaluate(environment)}
+
+    assert "triton" in installed("linux", "Linux")
+    assert "triton" not in installed("darwin", "Darwin") | installed("win32", "Windows")
+
+
 def test_a_machines_clips_share_one_gain_that_puts_its_healthy_peak_at_PEAK():
     task = demo.build_task(seed=int(np.random.randint(1 << 30)), bank=3, tests=3, seconds=0.2)
     for members in task.machine_indices().values():
