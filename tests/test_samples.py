@@ -31,6 +31,31 @@ def test_bundled_samples_are_real_short_and_credited():
     assert np.array_equal(waveform, every[sorted(every)[0]][0])
 
 
+SPDX = {"Creative Commons Attribution 3.0": "CC-BY-3.0", "Creative Commons Attribution 3.0 Unported": "CC-BY-3.0",
+        "CC-BY-SA-3.0": "CC-BY-SA-3.0", "Creative Commons Attribution-ShareAlike 3.0 Unported": "CC-BY-SA-3.0",
+        "Creative Commons Zero 1.0": "CC0-1.0", "GPL-2": "GPL-2.0-only", "GPL-2+": "GPL-2.0-or-later"}
+
+
+def test_the_package_metadata_names_every_licence_it_ships():
+    """The wheel declared Apache-2.0 alone while it ships GPL-2 and CC recordings and a model trained on them: each
+    licence of the samples and of the default model's data is in the expression, and their credits in the wheel."""
+    import csv
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    samples = [row.split(" | ")[6] for row in (bundled.SAMPLES_DIR / "CREDITS.md").read_text().splitlines()
+               if row.startswith("| ") and ".wav |" in row]
+    credits = bundled.SAMPLES_DIR.parent / "default" / "DATA_CREDITS.csv"
+    with open(credits, newline="", encoding="utf-8") as handle:
+        trained_on = [row["licence"] for row in csv.DictReader(handle) if row["source"] != "echo.data.synth"]
+    assert len(samples) == len(echo.data.samples()) and trained_on
+    declared = set(project["license"].split(" AND "))
+    assert {SPDX[licence] for licence in samples + trained_on} | {"Apache-2.0"} == declared
+    assert {"echo/data/samples/CREDITS.md", "echo/data/default/DATA_CREDITS.csv"} <= set(project["license-files"])
+
+
 def test_unknown_sample_names_the_known_ones():
     with pytest.raises(ValueError, match="no bundled sample 'nope'; bundled: .*circular_saw"):
         echo.data.sample("nope")
