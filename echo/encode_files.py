@@ -478,10 +478,10 @@ def _of_gone_files(shard: Path) -> bool:
 
 def _check_out(out: Path) -> None:
     """Refused before any work, not after every file is encoded: a wrong suffix, a folder, a file in the way."""
+    if out.is_dir():  # before the suffix: `--out results` was told that its name lacks .npz, not that it is a folder
+        raise ValueError(f"--out {out} is a folder; give the file to write, e.g. {out / 'embeddings.npz'}")
     if out.suffix not in (".npz", ".parquet"):
         raise ValueError(f"--out must end in .npz or .parquet, got {out.name}")
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; give the file to write, e.g. {out / 'embeddings.npz'}")
     atomic.nearest_folder(out.parent, f"--out {out}")
     if _parts(out).exists() and not _parts(out).is_dir():  # found only once the first batch was encoded
         raise ValueError(f"--out {out} cannot be written: {_parts(out)}, the folder its finished batches are saved "

@@ -902,6 +902,10 @@ def test_bad_arguments(tmp_path, model_path, capsys):
     (tmp_path / "folder.npz").mkdir()
     assert run(tmp_path, "--model", model_path, "--out", tmp_path / "folder.npz") == 2
     assert "is a folder" in capsys.readouterr().err
+    (tmp_path / "results").mkdir()  # a folder without a suffix: the folder is the problem, not the name
+    assert run(tmp_path, "--model", model_path, "--out", tmp_path / "results") == 2
+    assert f"--out {tmp_path / 'results'} is a folder; give the file to write, e.g. " \
+           f"{tmp_path / 'results' / 'embeddings.npz'}" in capsys.readouterr().err
     (tmp_path / "file").write_text("")
     assert run(tmp_path, "--model", model_path, "--out", tmp_path / "file" / "e.npz") == 2
     assert f"{tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
