@@ -732,7 +732,7 @@ def _encode_files(args, rank: int, world: int) -> int:
         rows.append(row)
         written[os.path.realpath(path)] = key
     if not rows:
-        print(f"no file could be encoded ({skipped} skipped); {args.out} was not written")
+        print(f"error: no file could be encoded ({skipped} skipped); {args.out} was not written", file=sys.stderr)
         return 1
     try:
         if not unchanged:

@@ -597,10 +597,12 @@ def test_an_embedding_that_overflows_is_a_failure_of_its_file_never_written_or_k
     out = tmp_path / "e.npz"
     for _ in range(2):  # nothing kept from the first run to serve the second
         assert run(*files, "--model", model_path, "--out", out, "--dtype", "float16") == 1
-        printed = capsys.readouterr().out
+        printed = capsys.readouterr()
         for path in files:
-            assert f"skipped {path}: encode failed: the embedding holds NaN or infinite values" in printed
-        assert "no file could be encoded (2 skipped)" in printed and not out.exists()
+            assert f"skipped {path}: encode failed: the embedding holds NaN or infinite values" in printed.out
+        # the run's failure on stderr, as every other error: a log of stdout alone read as a quiet success
+        assert f"error: no file could be encoded (2 skipped); {out} was not written" in printed.err
+        assert not out.exists()
     assert run(*files, "--model", model_path, "--out", out) == 0  # float32 holds them
     for path in files:
         utterance = read_embeddings(out)["files"][str(path)]["utterance"]
@@ -1092,7 +1094,7 @@ def test_nothing_encodable_leaves_the_earlier_output(tmp_path, model_path, capsy
     before = out.read_bytes()
     (tmp_path / "bad.wav").write_bytes(b"RIFF nothing")
     assert run(tmp_path / "bad.wav", "--model", model_path, "--out", out) == 1
-    assert "was not written" in capsys.readouterr().out and out.read_bytes() == before
+    assert "was not written" in capsys.readouterr().err and out.read_bytes() == before
 
 
 @pytest.mark.parametrize("name,value,message", [
