@@ -308,8 +308,20 @@ def test_mafaulda_faults_with_channels(tmp_path, model_path):
 
 
 def test_wrong_layout_is_a_clear_error(tmp_path, model_path, capsys):
-    assert run_eval("--task", "dcase2021", "--data", tmp_path, "--model", model_path, "--out", tmp_path / "o") == 2
+    assert run_eval("--task", "dcase2021", "--data", tmp_path, "--model", model_path, "--out", tmp_path / "o",
+                    "--cache", tmp_path / "c") == 2
     assert "no DCASE machine folder" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()  # a refused run leaves no empty folder
+
+
+def test_a_model_that_does_not_load_leaves_no_empty_out_folder(tmp_path, capsys):
+    for name in ("normal/a.wav", "test/b.wav"):
+        (tmp_path / "machine" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "machine" / name).write_text("")
+    assert run_eval("--task", "folder", "--data", tmp_path / "machine", "--model", tmp_path / "none.safetensors",
+                    "--out", tmp_path / "out" / "run") == 2
+    assert f"checkpoint {tmp_path / 'none.safetensors'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_eval_deletes_the_temporaries_a_killed_run_left(tmp_path, model_path):
@@ -534,6 +546,7 @@ def test_options_the_data_set_cannot_take_are_refused_before_the_encoding(tmp_pa
     assert run_eval("--task", task, "--data", tmp_path / task, "--model", model_path, "--out", tmp_path / "out",
                     *option) == 2
     assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()  # made only for a run that goes ahead
 
 
 @pytest.mark.parametrize("missing, options, package, extra, purpose", [

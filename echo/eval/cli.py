@@ -329,11 +329,13 @@ def _run(args) -> int:
 
     started = time.perf_counter()
     device = inputs.checked_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    atomic.check_writable(args.out, f"--out {args.out}")  # before the encoding, not after it
+    # before the encoding, not after it; made once the data, options and model are found fit, so that a command
+    # refused for them leaves no empty folder behind
+    atomic.check_can_make(args.out, f"--out {args.out}")
     for output in OUTPUTS:  # a killed run's temporaries: nothing else would ever delete them
         atomic.remove_abandoned(args.out, f"{output}.[0-9]*.tmp")
     if args.cache is not None:
-        atomic.check_writable(args.cache, f"--cache {args.cache}")
+        atomic.check_can_make(args.cache, f"--cache {args.cache}")
     dataset = datasets.load(args.task, args.data, args.labels)
     _check_packages(args, dataset)
     _check_headers(dataset)  # before the options: it tells the channels --channels chooses among
@@ -343,6 +345,7 @@ def _run(args) -> int:
     if device.type == "cpu":
         host_memory.keep_freed_memory()
     model = checkpoint.load(args.model, device=device)
+    atomic.check_writable(args.out, f"--out {args.out}")
     cache = args.cache or args.out / "cache"
     embedded = embed_files(model, [item.path for item in dataset.items], dataset.read, cache, None, device,
                            DTYPES[args.dtype], args.batch_files, progress=not args.quiet,
