@@ -371,3 +371,24 @@ def test_labels_of_mixed_kinds_are_refused_naming_the_kinds():
     """A missing label (None) among names failed in numpy's sort: "'<' not supported between instances"."""
     with pytest.raises(ValueError, match="labels must be names or numbers of one kind, got NoneType, str"):
         faults.evaluate(np.eye(4), ["a", None, "b", "b"], "loocv", k=1)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"seed": -1}, "seed must be a whole number from 0 to 2**32 - 1, got -1"),  # was "... Choose fewer folds"
+    ({"seed": 2**32}, "seed must be a whole number from 0 to 2**32 - 1, got 4294967296"),
+    ({"seed": "a"}, "seed must be a whole number from 0 to 2**32 - 1, got 'a'"),
+    ({"folds": 1}, "folds must be a whole number, 2 or more, got 1"),  # was scikit-learn's n_splits=1
+    ({"folds": 2.5}, "folds must be a whole number, 2 or more, got 2.5"),
+    ({"k": "5"}, "k must be a whole number of neighbours, got '5'"),  # was a TypeError of '>' between str and int
+])
+def test_a_bad_k_folds_or_seed_is_named_as_itself(options, message):
+    points, labels = clustered()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        faults.evaluate(points, labels, "kfold", **options)
+
+
+def test_whole_folds_and_seed_of_other_types_are_taken():
+    points, labels = clustered()
+    expected = faults.evaluate(points, labels, "kfold", folds=3, seed=2)
+    result = faults.evaluate(points, labels, "kfold", folds=3.0, seed=np.int64(2))
+    assert result.accuracy == expected.accuracy and result.fold_accuracies == expected.fold_accuracies

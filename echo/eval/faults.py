@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..inputs import whole_number
 from ..wording import counted
 from . import neighbors, require
 
@@ -123,9 +124,15 @@ def fold_splits(labels, folds: int, seed: int, groups=None) -> list[tuple[np.nda
     """The k-fold protocol's (train, test) rows of `labels`: stratified folds (stratified group folds where
     files are grouped) shuffled by `seed`. More folds than the data allows is refused with its class counts:
     scikit-learn names its n_splits, not the data that has too few files."""
+    # refused here, not by scikit-learn: its error was read as too many folds for the data ("choose fewer folds")
+    count, start = whole_number(folds), whole_number(seed)
+    if count is None or count < 2:
+        raise ValueError(f"folds must be a whole number, 2 or more, got {folds!r}")
+    if start is None or not 0 <= start < 2**32:
+        raise ValueError(f"seed must be a whole number from 0 to 2**32 - 1, got {seed!r}")
     selection = require("sklearn.model_selection", "stratified k-fold")
     splitter = (selection.StratifiedKFold if groups is None else selection.StratifiedGroupKFold)(
-        n_splits=folds, shuffle=True, random_state=seed)
+        n_splits=count, shuffle=True, random_state=start)
     labels = np.asarray(labels)
     try:
         return list(splitter.split(np.zeros(len(labels)), labels, groups))
@@ -143,6 +150,7 @@ def banks_and_queries(protocol: str, labels, k: int = 5, subsets=None, groups=No
     out of the bank or None). What the data cannot take, k above the smallest bank included, is refused here
     before any search, so the command can refuse it before the encoding on the files as listed."""
     labels = np.asarray(labels)
+    k = neighbors.neighbour_count(k)  # before it is compared with the banks: k="5" failed there with a TypeError
     everything = np.arange(len(labels))
     if protocol == "loocv" and groups is None:
         searches, bank = [(everything, everything, everything)], "every file but the query"

@@ -138,7 +138,7 @@ def _common_dtype(queries: torch.Tensor, bank: torch.Tensor) -> torch.dtype:
     return torch.float32 if dtype == torch.bfloat16 else dtype
 
 
-def _neighbour_count(k) -> int:
+def neighbour_count(k) -> int:
     """k as an int; 1.5 or True failed deep in torch ("argument 'size' failed to unpack")."""
     count = whole_number(k)
     if count is None:
@@ -369,7 +369,7 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
     bank = _as_tensor(bank, "bank", "cpu")
     dtype = _common_dtype(queries, bank)
     queries, bank = queries.to(dtype), bank.to(dtype)
-    k = _neighbour_count(k)
+    k = neighbour_count(k)
     for name, rows in (("queries", queries), ("bank", bank)):
         if rows.dim() != 2 or rows.shape[0] == 0:
             raise ValueError(f"{name} must be a non-empty (rows, features) matrix, got shape {tuple(rows.shape)}")
@@ -557,7 +557,7 @@ def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=Non
     bank = _as_tensor(bank, "bank", "cpu")
     dtype = _common_dtype(queries, bank)
     queries, bank = queries.to(dtype), bank.to(dtype)
-    k = _neighbour_count(k)
+    k = neighbour_count(k)
     if queries.dim() != 3 or bank.dim() != 3 or queries.shape[1:] != bank.shape[1:]:
         raise ValueError(f"fused search needs (rows, channels, features) for both sides with equal channels and "
                          f"features, got queries {tuple(queries.shape)} and bank {tuple(bank.shape)}")
