@@ -519,6 +519,8 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_encoding(tmp_path, 
     ("mafaulda", ("--protocol", "split"), "--protocol split: mafaulda has no train/test split"),
     ("mafaulda", ("--k", "0"), "--k 0: at least one neighbour"),
     ("mafaulda", ("--folds", "1"), "--folds 1: k-fold needs two folds or more"),
+    ("mafaulda", ("--seed", "-1"), r"--seed -1: a shuffle seed is from 0 to 2\*\*32 - 1"),  # was "choose fewer folds"
+    ("folder", ("--batch-files", "0"), "--batch-files 0: at least one file per batch"),  # was after the model loaded
     ("folder", ("--eps", "0"), r"--eps 0.0: the harmonic means' floor must be in \(0, 1\)"),
     ("folder", ("--eps", "-1"), r"--eps -1.0: the harmonic means' floor must be in \(0, 1\)"),
     # ignored before: the user meant them to change something

@@ -180,6 +180,8 @@ def _check_options(args, dataset) -> None:
     """What the data set cannot take, refused before the encoding (hours on a large set) rather than after it."""
     if not 0 < args.eps < 1:  # a floor of 0 divides by a zero AUC; one of 1 or more floors every score to it
         raise ValueError(f"--eps {args.eps}: the harmonic means' floor must be in (0, 1)")
+    if args.batch_files < 1:  # said after the model was loaded, in embed_files' words (batch_files=0)
+        raise ValueError(f"--batch-files {args.batch_files}: at least one file per batch")
     args.fused_channels = _fused_channels(args, dataset)  # parsed once, here, before the encoding
     # options the task has no use for are refused, not ignored: the user meant them to change something
     if args.labels and dataset.year is None:
@@ -215,6 +217,8 @@ def _check_options(args, dataset) -> None:
         raise ValueError(f"--k {args.k}: at least one neighbour")
     if "kfold" in protocols and args.folds < 2:
         raise ValueError(f"--folds {args.folds}: k-fold needs two folds or more")
+    if "kfold" in protocols and not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed {args.seed}: a shuffle seed is from 0 to 2**32 - 1")
     if "split" in protocols and not any(item.subset for item in dataset.items):
         raise ValueError(f"--protocol split: {dataset.task} has no train/test split; use loocv or kfold")
     # one class, too many folds, a k above a bank: checked on the files as listed (evaluate checks again on those
