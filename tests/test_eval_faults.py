@@ -392,3 +392,25 @@ def test_whole_folds_and_seed_of_other_types_are_taken():
     expected = faults.evaluate(points, labels, "kfold", folds=3, seed=2)
     result = faults.evaluate(points, labels, "kfold", folds=3.0, seed=np.int64(2))
     assert result.accuracy == expected.accuracy and result.fold_accuracies == expected.fold_accuracies
+
+
+@pytest.mark.parametrize("channels, message", [
+    (0, "channels must be a list of channel numbers, e.g. [0, 2], got 0"),  # was "'int' object is not iterable"
+    ("0,1", "channels must be a list of channel numbers, e.g. [0, 2], got '0,1'"),
+    ([0.5], "channels [0.5] must be a non-empty subset of 0..1, each channel once"),  # failed in numpy's indexing
+    ([True], "channels [True] must be a non-empty subset of 0..1, each channel once"),  # was channel 1
+])
+def test_channels_that_are_no_list_of_channel_numbers_are_named(channels, message):
+    points, labels = clustered()
+    for fuse in (False, True):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            faults.evaluate(np.stack([points, points], 1), labels, "loocv", channels=channels, fuse=fuse)
+
+
+def test_channels_as_numpy_numbers_or_whole_floats_are_the_channels_themselves():
+    points, labels = clustered()
+    embeddings = np.stack([points, -points], 1)
+    expected = faults.evaluate(embeddings, labels, "loocv", channels=[1])
+    for channels in (np.array([1]), [1.0], (c for c in [1])):
+        result = faults.evaluate(embeddings, labels, "loocv", channels=channels)
+        assert result.view == expected.view == "channel 1" and result.accuracy == expected.accuracy

@@ -206,6 +206,8 @@ def evaluate(embeddings, labels, protocol: str, k: int = 5, subsets=None, channe
         if values is not None and len(values) != len(embeddings):
             raise ValueError(f"{len(values)} {name} for {len(embeddings)} embeddings")
     classes, codes = class_codes(labels)
+    if channels is not None:  # as ints, once: each search and the view's name read them (1.0 was "channel 1.0")
+        channels = neighbors.chosen_channels(channels, embeddings.shape[1])
     searches = [(bank, queries, own, None) for bank, queries, own in
                 banks_and_queries(protocol, labels, k, subsets, groups, folds, seed)]
     everything = np.arange(len(labels))

@@ -29,6 +29,7 @@ Among neighbours at exactly equal distance the lower bank index comes first.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import partial
 
 import numpy as np
@@ -114,10 +115,15 @@ def as_rows(embeddings, name: str = "embeddings") -> np.ndarray:
 def chosen_channels(channels, count: int) -> list[int]:
     """The channels asked for (all of them by default), each one of the data's `count`, once: a repeated one was
     fused as if it were two sensors and the view named after both."""
-    channels = list(range(count)) if channels is None else list(channels)
-    if not channels or not all(0 <= c < count for c in channels) or len(set(channels)) < len(channels):
+    if channels is None:
+        return list(range(count))
+    if isinstance(channels, (str, bytes)) or not isinstance(channels, Iterable):  # channels=0 failed deep in Python
+        raise ValueError(f"channels must be a list of channel numbers, e.g. [0, 2], got {channels!r}")
+    channels = list(channels)
+    numbers = [whole_number(c) for c in channels]  # [0.5] failed in numpy's indexing, [True] was channel 1
+    if not numbers or None in numbers or not all(0 <= c < count for c in numbers) or len(set(numbers)) < len(numbers):
         raise ValueError(f"channels {channels} must be a non-empty subset of 0..{count - 1}, each channel once")
-    return channels
+    return numbers
 
 
 def _as_tensor(x, name: str, device) -> torch.Tensor:
