@@ -141,6 +141,11 @@ class EchoModel(nn.Module):
 
     def __init__(self, config: EchoConfig | None = None, device=None, dtype: torch.dtype | None = None):
         super().__init__()
+        if config is not None and not isinstance(config, EchoConfig):  # "small" or a dict failed on a missing .dim
+            raise TypeError(f"config must be an EchoConfig, e.g. EchoConfig.preset('small') or EchoConfig(**fields) "
+                            f"(echo.load reads a checkpoint), got {type(config).__name__} {config!r:.60}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch dtype such as torch.float32, got {dtype!r}")
         self.config = config or EchoConfig()
         dim = self.config.dim
         factory = {"device": device, "dtype": dtype}

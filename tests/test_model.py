@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -152,6 +154,18 @@ def test_a_model_on_the_meta_device_is_named():
     model = echo.EchoModel(echo.EchoConfig.preset("tiny", depth=1), device="meta")
     with pytest.raises(ValueError, match="the model is on the meta device"):
         model.encode(torch.randn(4000), 16000)
+
+
+@pytest.mark.parametrize("config, dtype, message", [
+    ("small", None, "config must be an EchoConfig, e.g. EchoConfig.preset('small') or EchoConfig(**fields) "
+                    "(echo.load reads a checkpoint), got str 'small'"),  # was "'str' object has no attribute 'dim'"
+    ({"dim": 192}, None, "config must be an EchoConfig, e.g. EchoConfig.preset('small')"),
+    (None, torch.int32, "dtype must be a floating-point torch dtype such as torch.float32, got torch.int32"),
+    (None, "float16", "dtype must be a floating-point torch dtype such as torch.float32, got 'float16'"),
+])
+def test_a_config_or_dtype_of_the_wrong_kind_is_named(config, dtype, message):
+    with pytest.raises(TypeError, match=re.escape(message)):
+        echo.EchoModel(config, dtype=dtype)
 
 
 @pytest.mark.parametrize("size", ["tiny", "small"])
