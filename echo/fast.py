@@ -251,6 +251,8 @@ def encode(
     `progress(done, passes)` is called after each pass: one call over an hour-long recording runs for minutes.
     """
     backends.check_environment()  # a misspelt ECHO_BACKEND_<OP> would be ignored by the op it meant
+    if progress is not None and not callable(progress):  # it failed once the first pass was encoded
+        raise TypeError(f"progress must be a function (done, passes) or None, got {type(progress).__name__}")
     device = checked_encoder(model, device, dtype)
     if max_tokens is None:
         max_tokens = DEFAULT_MAX_TOKENS.get(device.type, DEFAULT_MAX_TOKENS_ELSEWHERE)

@@ -103,6 +103,13 @@ def test_progress_is_called_after_every_pass(model):
         assert torch.equal(u, plain)
 
 
+def test_a_progress_that_cannot_be_called_is_refused_before_any_pass(model, monkeypatch):
+    """progress=tqdm_bar (a bar, not its update) failed with "'tqdm' object is not callable" after the first pass."""
+    monkeypatch.setattr(fast, "_encode_chunk", lambda *args: pytest.fail("encoded"))
+    with pytest.raises(TypeError, match="progress must be a function \\(done, passes\\) or None, got int"):
+        fast.encode(model, [torch.randn(samples_for(200, 16000))], 16000, progress=5)
+
+
 def test_a_signal_split_across_passes_goes_through_the_front_end_once(model, monkeypatch):
     """A long signal between short ones, over several passes: every frame is transformed once (it was up to 3
     times, with each pass's other signals), but for the frames a signal's last segment shares with the one
