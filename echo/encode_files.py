@@ -187,6 +187,9 @@ def read_embeddings(path) -> dict:
     {file path: {"utterance", "frames" (if kept), "key", "sample_rate", "channels"}}} from an npz or parquet output of
     `encode`; a ValueError naming the file for any other file, whose parts are not an output's."""
     path = Path(path)
+    problem = _not_an_output(path) if path.is_file() else ""  # a missing file is numpy's FileNotFoundError
+    if problem:  # numpy read a WAV or a text file as a pickle, and advised loading it with allow_pickle
+        raise ValueError(f"{path} is not an output of echo encode ({problem})")
     try:
         output = _read_output(path)
     except (KeyError, AttributeError, IndexError, TypeError, ValueError, zipfile.BadZipFile) as error:
@@ -511,7 +514,7 @@ def _not_an_output(path: Path) -> str:
     """Why an existing file is not an `encode` output, or "" when it is one (or empty: made by mktemp, say)."""
     if path.stat().st_size == 0:
         return ""
-    if path.suffix == ".npz" and not zipfile.is_zipfile(path):  # np.load would try it as a pickle, and say so
+    if path.suffix != ".parquet" and not zipfile.is_zipfile(path):  # np.load would try it as a pickle, and say so
         with open(path, "rb") as handle:
             return f"not an .npz file: it starts with {handle.read(16)!r}"
     try:

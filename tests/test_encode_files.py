@@ -662,17 +662,6 @@ def test_parquet_rows_match_npz(tmp_path, model_path):
     assert str(schema.field("utterance").type) == "list<element: float>"  # float32, as computed
 
 
-def test_a_file_that_is_not_an_output_is_named_by_read_embeddings(tmp_path):
-    """Another program's npz or parquet reached read_embeddings' KeyError, AttributeError or reshape error."""
-    np.savez(tmp_path / "other.npz", weights=np.random.randn(3))
-    with pytest.raises(ValueError, match=f"^{tmp_path / 'other.npz'} is not an output of echo encode \\(KeyError"):
-        read_embeddings(tmp_path / "other.npz")
-    pyarrow = pytest.importorskip("pyarrow")
-    pytest.importorskip("pyarrow.parquet").write_table(pyarrow.table({"path": ["a.wav"]}), str(tmp_path / "o.parquet"))
-    with pytest.raises(ValueError, match=f"^{tmp_path / 'o.parquet'} is not an output of echo encode \\("):
-        read_embeddings(tmp_path / "o.parquet")
-
-
 @pytest.mark.parametrize("edit", ["float64", "2-D", "frames of another width"])
 def test_embeddings_edited_in_an_output_are_not_reused_by_a_rerun(tmp_path, model_path, capsys, edit):
     """An output whose arrays were changed by hand (cast, reshaped) kept its model and keys, and a re-run reused the
@@ -1757,3 +1746,22 @@ def test_the_help_and_readme_name_every_field_of_the_outputs_and_how_to_read_the
         assert f" {field}" in helped and f"`{field}`" in section, field
     reader = f"echo.encode_files.{read_embeddings.__name__}"
     assert reader in helped and reader in section
+
+
+def test_reading_back_a_file_that_is_no_output_says_so(tmp_path):
+    """read_embeddings(a .wav), or of any file that is no zip, got numpy's "This file contains pickled (object) data.
+    If you trust the file you can load it unsafely using the `allow_pickle=` keyword argument"; another program's
+    npz or parquet got a KeyError."""
+    audio = tmp_path / "a.wav"
+    soundfile.write(str(audio), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    with pytest.raises(ValueError, match=f"{audio} is not an output of echo encode \\(not an .npz file: it starts "
+                                         f"with b'RIFF"):
+        read_embeddings(audio)
+    other = tmp_path / "other.npz"  # a zip of someone else's arrays
+    np.savez(other, weights=np.random.rand(3))
+    with pytest.raises(ValueError, match=f"{other} is not an output of echo encode \\(it has no paths, model\\)"):
+        read_embeddings(other)
+    pyarrow = pytest.importorskip("pyarrow")
+    pytest.importorskip("pyarrow.parquet").write_table(pyarrow.table({"path": ["a.wav"]}), str(tmp_path / "o.parquet"))
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'o.parquet'} is not an output of echo encode \\("):
+        read_embeddings(tmp_path / "o.parquet")
