@@ -413,13 +413,21 @@ def test_a_batch_holds_files_up_to_the_sample_limit_with_the_same_embeddings(tmp
     assert all(rel_err(a, b) < 1e-6 for a, b in zip(cut.vectors, whole.vectors))
 
 
-@pytest.mark.parametrize("batch_files", [0, -3])
+@pytest.mark.parametrize("batch_files", [0, -3, "4", 2.5])
 def test_a_batch_size_under_one_is_refused(tmp_path, model, batch_files):
     """0 failed in range() ("arg 3 must not be zero"); a negative size made no batch, so no file was encoded
-    and none reported as failed."""
+    and none reported as failed; "4" failed with a TypeError of '<' between str and int."""
     files = make_files(tmp_path)
-    with pytest.raises(ValueError, match=f"batch_files={batch_files}: at least one file per batch"):
+    with pytest.raises(ValueError, match=f"batch_files={batch_files!r}: at least one file per batch, a whole number"):
         embed.embed_files(model, files, read_audio, None, batch_files=batch_files, progress=False)
+
+
+def test_one_path_given_for_a_list_of_paths_is_refused(tmp_path, model):
+    """A path string was a list of its characters: one "file" per character, each failed, and nothing said why."""
+    path = make_files(tmp_path)[0]
+    for given in (str(path), path):
+        with pytest.raises(TypeError, match="paths must be a list of paths, got the one path .*: pass \\[path\\]"):
+            embed.embed_files(model, given, read_audio, None, progress=False)
 
 
 @pytest.mark.parametrize("argument, error", [

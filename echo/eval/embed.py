@@ -378,13 +378,15 @@ def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | N
     named as such by the command line)."""
     from .. import fast
 
-    if batch_files < 1:  # a negative size made no batch: nothing encoded, nothing reported
-        raise ValueError(f"batch_files={batch_files}: at least one file per batch")
+    if inputs.whole_number(batch_files) is None or batch_files < 1:  # a negative size made no batch: nothing encoded
+        raise ValueError(f"batch_files={batch_files!r}: at least one file per batch, a whole number")
     # before any file is read: found by the encoder, a wrong argument failed every batch as if each file were bad,
     # or the job as if the device had failed
     fast.checked_encoder(model, device, dtype)
     if not callable(read):
         raise TypeError(f"read must be a function path -> (signal, rate), got {type(read).__name__} {read!r:.60}")
+    if isinstance(paths, (str, bytes, os.PathLike)):  # one path was read as a list of its characters, each "a file"
+        raise TypeError(f"paths must be a list of paths, got the one path {paths!r:.80}: pass [path]")
     paths = [Path(p) for p in paths]
     cache = None
     if cache_dir is not None:
