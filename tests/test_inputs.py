@@ -68,6 +68,27 @@ def test_a_float64_signal_on_a_large_offset_keeps_its_variation(model):
     assert torch.isfinite(model.encode(apart, 16000)[0]).all()
 
 
+def test_a_float64_signal_whose_centring_would_leave_float32_is_encoded_as_it_is(model):
+    """Samples near float32's limits whose mean is far from 0 leave float32's range once centred in float64: the
+    signal is then rounded to float32 as it is (the front end takes its DC off), never encoded as Inf (NaN out)."""
+    count = int(torch.randint(500, 800, ()))
+    lopsided = np.concatenate([np.full(count, 3e38), np.full(200, -3e38)]) * (1 + 1e-3 * np.random.rand(count + 200))
+    assert np.abs(lopsided - lopsided.mean()).max() > np.finfo(np.float32).max  # centred, it would overflow
+    expected = model.encode(lopsided.astype(np.float32), 16000)[0]
+    assert torch.isfinite(expected).all()
+    assert rel_err(model.encode(lopsided, 16000)[0], expected) < 1e-5
+
+
+def test_float64_channels_on_different_offsets_each_keep_their_variation(model):
+    """Each channel of a float64 signal loses its own offset before the float32 rounding: one mean over all
+    channels (here 3.5e4) left each one on an offset whose rounding (2^-8) swamps a variation of 1e-2."""
+    variation = 1e-2 * np.random.randn(2, 9000)
+    expected = model.encode(variation, 8000)[0]
+    offsets = np.array([[1e5], [-3e4]])
+    for encoded in (model.encode(offsets + variation, 8000)[0], fast.encode(model, [offsets + variation], 8000)[0]):
+        assert rel_err(encoded, expected) < 1e-5
+
+
 def test_decimal_rates_and_budgets_are_their_numbers(model):
     """boto3 (DynamoDB) and SQL NUMERIC columns give numbers as Decimal: a rate of Decimal('16000') was refused as
     "sample rate must be an integer number of Hz, got Decimal('16000')", which it is."""
@@ -157,6 +178,18 @@ def test_channels_first_with_fewer_channels_than_samples_is_accepted(model):
     utterance, _ = model.encode(signal, 100)
     assert torch.equal(utterance[: model.config.dim], model.encode(signal[0], 100)[0])
     assert utterance.shape == (channels * model.config.dim,)
+
+
+def test_as_many_channels_as_samples_is_read_without_a_warning(model):
+    """Only more channels than samples says the array may be (samples, channels): a square one is as likely channels
+    first, and a warning on every such signal would be noise."""
+    import warnings
+
+    size = int(torch.randint(2, 40, ()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        utterance, _ = model.encode(torch.randn(size, size), 100)
+    assert utterance.shape == (size * model.config.dim,)
 
 
 def test_big_endian_and_read_only_arrays_are_read_as_they_are(model):
