@@ -33,6 +33,17 @@ def test_grouped_attention_slices_and_gathers():
     assert all(isinstance(rows, slice) for rows in Packing.from_lengths(lengths.sort().values).groups.values())
 
 
+def test_leading_sequences_up_to_a_length_include_that_length():
+    """leading_up_to(t): the leading sequences of at most t tokens (a kernel's limit is inclusive), counted by hand."""
+    lengths = torch.randint(1, 40, (int(torch.randint(20, 60, ())),)).sort().values
+    packing = Packing.from_lengths(lengths)
+    for tokens in {0, *lengths.tolist(), 40}:
+        fits = [int(n) for n in lengths if n <= tokens]
+        rows, bounds = packing.leading_up_to(tokens)
+        assert rows == sum(fits)
+        assert bounds.tolist() == [sum(fits[:i]) for i in range(len(fits) + 1)]
+
+
 def test_first_token_attention_equals_the_cls_rows():
     """One query per sequence, for slices and gathered groups alike, equals the first row of each sequence."""
     lengths = torch.randint(1, 40, (int(torch.randint(20, 60, ())),))

@@ -432,6 +432,21 @@ def test_writes_the_version_counter_misses_and_eps_changes_rebuild_the_cached_co
     assert packed.inference_model(model, dtype) is packed.inference_model(model, dtype)  # unchanged: kept
 
 
+def test_a_write_to_any_one_tensor_rebuilds_the_cached_copy():
+    """Every tensor of the model is compared, the first and the last too: a write to any one, through `p.data`,
+    gives a new copy holding the new value."""
+    from echo import packed
+
+    model = random_model("tiny", depth=2)
+    for name, tensor in model.named_parameters():
+        stale = packed.inference_model(model, torch.bfloat16)
+        tensor.data.add_(torch.rand_like(tensor) + 0.5)
+        fresh = packed.inference_model(model, torch.bfloat16)
+        assert fresh is not stale, name
+        copied = fresh.get_parameter(name)
+        assert torch.equal(copied, tensor.to(copied.dtype)), name
+
+
 def assert_fast_paths_give(truth, model, signal, dtype, tolerance):
     """fast.encode and a StreamEncoder fed the whole 16 kHz signal both give `truth` within `tolerance`."""
     assert rel_err(fast.encode(model, signal, 16000, dtype=dtype)[0], truth) < tolerance
