@@ -110,6 +110,19 @@ def test_a_progress_that_cannot_be_called_is_refused_before_any_pass(model, monk
         fast.encode(model, [torch.randn(samples_for(200, 16000))], 16000, progress=5)
 
 
+def test_signals_of_exactly_max_tokens_take_one_pass(model):
+    """max_tokens bounds a pass's tokens inclusively: signals whose tokens add up to it exactly are one pass, one
+    token fewer is two."""
+    rates = [8000, 16000, 12000]
+    signals = [torch.randn(int(torch.randint(400, 4000, ()))) for _ in rates]
+    tokens = sum(geometry.n_bands(sr) * (geometry.n_patches(geometry.n_frames(len(x), sr)) + 1)
+                 for x, sr in zip(signals, rates))
+    for budget, expected in ((tokens, 1), (tokens - 1, 2)):
+        calls = []
+        fast.encode(model, signals, rates, max_tokens=budget, progress=lambda done, passes: calls.append(passes))
+        assert calls[-1] == expected
+
+
 def test_a_signal_split_across_passes_goes_through_the_front_end_once(model, monkeypatch):
     """A long signal between short ones, over several passes: every frame is transformed once (it was up to 3
     times, with each pass's other signals), but for the frames a signal's last segment shares with the one
@@ -167,6 +180,16 @@ def test_a_budget_far_above_the_call_pads_by_the_call_not_by_the_budget(model, m
     tokens = make_plan([len(s) for s in signals], rates).total_tokens
     assert len(rows) == 1 and tokens <= rows[0] < tokens + max(64, tokens // 32 + 1)  # a step of <= 2 tokens / 64
     assert all(rel_err(u, model.encode(s, r)[0]) < 1e-5 for u, s, r in zip(out, signals, rates))
+
+
+def test_a_cpu_budget_meets_at_most_64_row_counts():
+    """oneDNN builds a product per row count: the passes of any budget, padded to its step, come in at most 64 row
+    counts (and no more padding than a step of max(64, budget / 64) needs); a GPU pads nothing."""
+    for budget in [*torch.randint(64, 2**17, (20,)).tolist(), 4096, 65536]:
+        step = fast._row_step(budget, torch.device("cpu"))
+        assert len({-(-rows // step) for rows in range(1, budget + 1)}) <= fast.CPU_ROW_COUNTS
+        assert step <= max(64, budget / 64 + 1)
+        assert fast._row_step(budget, torch.device("cuda")) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
