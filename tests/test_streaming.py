@@ -359,12 +359,16 @@ def test_finish_encodes_the_emitted_segments_in_passes_of_max_tokens(model):
         fast.StreamEncoder(model, rate, max_tokens=0)
 
 
-def test_every_pass_keeps_to_max_tokens_at_rates_of_many_bands(model, monkeypatch):
+@pytest.mark.parametrize("short_of_whole_bands", [False, True])
+def test_every_pass_keeps_to_max_tokens_at_rates_of_many_bands(model, monkeypatch, short_of_whole_bands):
     """A segment's bands (10 at 24 kHz; hundreds at the rates of acoustic-emission sensors) went through the
-    encoder in one pass, past max_tokens: now in passes of whole bands within it, at emission and at finish()."""
+    encoder in one pass, past max_tokens: now in passes of whole bands within it, at emission and at finish().
+    A budget one or two tokens short of k bands' sequences (126 tokens each) gets passes of k - 1 bands."""
     from echo import packed
 
     rate, budget = 24001, int(torch.randint(260, 500, ()))
+    if short_of_whole_bands:
+        budget = (geometry.MAX_PATCHES + 1) * int(torch.randint(2, 4, ())) - int(torch.randint(1, 3, ()))
     x = torch.randn(geometry.n_fft(rate) + 2100 * geometry.hop(rate)) + 0.5
     ref_u, ref_f = fast.encode(model, [x], rate, frames=True)[0]
     passes, forward = [], packed.forward
@@ -375,6 +379,25 @@ def test_every_pass_keeps_to_max_tokens_at_rates_of_many_bands(model, monkeypatc
     utterance, frame_rows = stream.finish()
     assert len(emitted) == 1 and max(passes) <= budget and len(passes) > 6
     assert rel_err(utterance, ref_u) < 1e-5 and rel_err(frame_rows, ref_f) < 1e-5
+
+
+def test_the_band_rows_window_grows_by_doubling_and_keeps_its_rows():
+    """A stream appends each push's band rows to one window: reallocated at each append, it re-copied every kept
+    frame a push. Frames kept read back as appended, across reallocations and drops."""
+    from echo.streaming import _Window
+
+    window, appended, reallocations = _Window(3, torch.float32), [], 0
+    for _ in range(int(torch.randint(300, 600, ()))):
+        rows = torch.randn(int(torch.randint(1, 6, ())), 3)
+        buffer = window.buffer
+        window.append(rows)
+        reallocations += window.buffer is not buffer
+        appended.append(rows)
+        if torch.rand(()) < 0.02:  # the stream drops the frames it no longer needs
+            window.drop_before(int(torch.randint(window.start, window.start + window.count + 1, ())))
+    every = torch.cat(appended)
+    assert torch.equal(window.frames(window.start, len(every)), every[window.start :])
+    assert reallocations <= 2 * len(every).bit_length() + 20  # a few per drop at most, not one an append
 
 
 def test_finish_writes_the_frames_once(model, monkeypatch):
