@@ -279,6 +279,8 @@ def test_bad_config_metadata_names_file_and_problem(tmp_path, metadata, problem)
     ({"dim": 192.0}, "dim=192.0"),  # failed in torch.zeros
     ({"layer_norm_eps": float("nan")}, "layer_norm_eps=nan"),  # loaded a model of NaN outputs
     ({"heads": 0}, "heads=0"),
+    ({"heads": 5}, "dim=192 must be even and divisible by heads=5"),  # split_heads would cut the width unevenly
+    ({"dim": 195, "heads": 5}, "dim=195 must be even"),  # the positional encodings pair sines and cosines
 ])
 def test_config_values_are_checked_whatever_the_config_came_from(tmp_path, fields, problem):
     path = tmp_path / "m.safetensors"
