@@ -134,6 +134,16 @@ def test_a_checkpoints_path_that_is_not_a_folder_is_refused_before_training(data
     assert not (run / "steps.csv").exists()  # refused before any step
 
 
+def test_decoder_groups_that_do_not_divide_the_width_are_named_as_the_option(tmp_path, monkeypatch, capsys):
+    """train() checks them for a new run only (a resumed one keeps its grouping), past the command line's words for
+    the config's fields: the error named the field decoder_groups."""
+    monkeypatch.setattr(trainer, "open_corpus", lambda *args: pytest.fail("the corpus was indexed"))
+    run = tmp_path / "run"
+    assert cli.main(command(tmp_path, run) + ["--decoder-groups", "24"]) == 2
+    assert capsys.readouterr().err == "error: --decoder-groups must divide the model's width 64, got 24\n"
+    assert not run.exists()
+
+
 def test_a_new_run_over_an_export_whose_checkpoints_are_gone_is_refused(data, tmp_path, capsys):
     """The same command after the checkpoints were deleted trained again from step 0, over the exported encoder."""
     run = tmp_path / "run"

@@ -246,7 +246,7 @@ def test_a_run_whose_decoder_groups_do_not_divide_the_width_still_resumes_and_ex
     trainer.run_encoder(run)  # the export of a saved run builds its config
     assert trainer.train(tiny_config(data, run, steps=2, save_every=1, decoder_groups=24),
                          progress=False)["step"] == 2
-    with pytest.raises(ValueError, match="decoder_groups must be positive and divide the width 64, got 24"):
+    with pytest.raises(ValueError, match="--decoder-groups must divide the model's width 64, got 24"):
         trainer.train(tiny_config(data, tmp_path / "new", steps=2, decoder_groups=24), progress=False)
 
 

@@ -598,8 +598,9 @@ def _train(config: PretrainConfig, progress: bool, stop_at: int | None, rank: in
         config = replace(config, export=started.get("export") or "teacher")
     initial = None
     if saved is None:  # a new run: its decoder groups must divide the width, and --init is read (not on a resume)
-        check_decoder_shape(config.model_config.dim, config.decoder_layers, config.decoder_kernel,
-                            config.decoder_groups)
+        width = config.model_config.dim  # said as the option, as check_memory does: the command line gives it
+        if width % config.decoder_groups:
+            raise ValueError(f"--decoder-groups must divide the model's width {width}, got {config.decoder_groups}")
         initial, error = attempt(initial_encoder, config)
         raise_together(error, world, device)
     else:
