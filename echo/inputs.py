@@ -29,15 +29,16 @@ def first_items(items, shown: int = 8) -> str:
     return ", ".join(items[:shown]) + (f", ... ({len(items)} in all)" if len(items) > shown else "")
 
 
-def checked_device(device) -> torch.device:
-    """A device torch can put a model on: a typo or a GPU this machine lacks is named before any work."""
+def checked_device(device, allow_meta: bool = False) -> torch.device:
+    """A device torch can put a model on: a typo or a GPU this machine lacks is named before any work.
+    `allow_meta`: the meta device too, where a module has shapes and no weights (EchoModel's, as any module's)."""
     try:
         checked = torch.device(device)
     except (RuntimeError, TypeError) as error:  # torch's own text names every device type it was built with
         if isinstance(device, str) or isinstance(error, TypeError):
             raise ValueError(f"unknown device {device!r}; e.g. cpu, cuda, cuda:1") from None
         raise ValueError(f"device {device!r} is not available here: {_first_sentence(error)}") from None
-    if checked.type == "meta":  # a model there has shapes and no weights: encode would fail deep in torch
+    if checked.type == "meta" and not allow_meta:  # a model there has no weights: encode would fail deep in torch
         raise ValueError("device meta holds no data; choose a device that computes: cpu, cuda, ...")
     try:
         torch.empty(0, device=checked)

@@ -146,6 +146,8 @@ class EchoModel(nn.Module):
                             f"(echo.load reads a checkpoint), got {type(config).__name__} {config!r:.60}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating-point torch dtype such as torch.float32, got {dtype!r}")
+        if device is not None:  # a typo ("gpu") was torch's list of every device type it was built with
+            device = inputs.checked_device(device, allow_meta=True)
         self.config = config or EchoConfig()
         dim = self.config.dim
         factory = {"device": device, "dtype": dtype}

@@ -414,3 +414,17 @@ def test_channels_as_numpy_numbers_or_whole_floats_are_the_channels_themselves()
     for channels in (np.array([1]), [1.0], (c for c in [1])):
         result = faults.evaluate(embeddings, labels, "loocv", channels=channels)
         assert result.view == expected.view == "channel 1" and result.accuracy == expected.accuracy
+
+
+def test_an_unknown_device_is_named_as_echo_load_and_fast_encode_name_it():
+    """It was torch's RuntimeError listing every device type torch was built with."""
+    from echo.eval import neighbors
+
+    points, labels = clustered()
+    embeddings = np.stack([points, points], 1)
+    for search in (lambda: faults.evaluate(points, labels, "loocv", device="gpu"),
+                   lambda: faults.evaluate(embeddings, labels, "kfold", fuse=True, device="gpu"),
+                   lambda: neighbors.nearest(points, points, device="gpu"),
+                   lambda: neighbors.fused_nearest(embeddings, embeddings, 1, device="gpu")):
+        with pytest.raises(ValueError, match=re.escape("unknown device 'gpu'; e.g. cpu, cuda, cuda:1")):
+            search()

@@ -156,6 +156,14 @@ def test_a_model_on_the_meta_device_is_named():
         model.encode(torch.randn(4000), 16000)
 
 
+def test_an_unknown_device_is_named_as_echo_load_names_it():
+    """It was torch's RuntimeError listing every device type torch was built with."""
+    with pytest.raises(ValueError, match=re.escape("unknown device 'gpu'; e.g. cpu, cuda, cuda:1")):
+        echo.EchoModel(echo.EchoConfig.preset("tiny", depth=1), device="gpu")
+    with pytest.raises(ValueError, match=re.escape("unknown device 'gpu'; e.g. cpu, cuda, cuda:1")):
+        echo.load("default", device="gpu")
+
+
 @pytest.mark.parametrize("config, dtype, message", [
     ("small", None, "config must be an EchoConfig, e.g. EchoConfig.preset('small') or EchoConfig(**fields) "
                     "(echo.load reads a checkpoint), got str 'small'"),  # was "'str' object has no attribute 'dim'"

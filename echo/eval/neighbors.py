@@ -35,7 +35,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from ..inputs import first_items, whole_number
+from ..inputs import checked_device, first_items, whole_number
 from . import require
 
 METRICS = ("euclidean", "cosine")
@@ -370,7 +370,7 @@ def nearest(queries, bank, k: int = 1, metric: str = "euclidean", exclude=None, 
     """
     if backend not in ("torch", "faiss"):
         raise ValueError(f"unknown search backend {backend!r}; known: torch, faiss")
-    device = torch.device("cpu" if backend == "faiss" else device or "cpu")
+    device = torch.device("cpu") if backend == "faiss" else checked_device(device or "cpu")
     queries = _as_tensor(queries, "queries", device)
     bank = _as_tensor(bank, "bank", "cpu")
     dtype = _common_dtype(queries, bank)
@@ -558,7 +558,7 @@ def fused_nearest(queries, bank, k: int, channels=None, exclude=None, device=Non
     search's time). A mean moves all of a query's fused distances alike, never its ranking; a std weighs its
     channel by its own small relative error. Device memory holds the queries and one chunk of the bank.
     """
-    device = torch.device(device or "cpu")
+    device = checked_device(device or "cpu")
     queries = _as_tensor(queries, "queries", device)
     bank = _as_tensor(bank, "bank", "cpu")
     dtype = _common_dtype(queries, bank)
