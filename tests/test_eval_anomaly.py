@@ -1,4 +1,5 @@
 """DCASE scoring, grouping and aggregation against hand computations on small tables."""
+import re
 from pathlib import Path
 
 import numpy as np
@@ -325,3 +326,14 @@ def test_the_default_floor_is_the_official_evaluators_machine_epsilon():
     floored = np.maximum(values, sys.float_info.epsilon)
     for year in (2021, 2023):
         assert anomaly.mean_score(values, year) == pytest.approx(len(values) / np.sum(1 / floored), rel=1e-12)
+
+
+@pytest.mark.parametrize("eps", [0, -1.0, float("nan"), 1.5, "1e-3", True])
+def test_a_floor_outside_0_to_1_is_refused(eps):
+    """NaN gave NaN scores, 1.5 scored every group 1.5 and a text failed in numpy's maximum."""
+    rows = [{"split": "dev", "metric": "AUC", "value": float(seeded_rng().uniform(0.3, 1))}]
+    for call in (lambda: anomaly.mean_score([row["value"] for row in rows], 2023, eps),
+                 lambda: anomaly.summarise(rows, 2023, eps)):
+        with pytest.raises(ValueError, match=re.escape(f"eps, the harmonic means' floor, must be a number in (0, 1), "
+                                                       f"got {eps!r}")):
+            call()

@@ -19,6 +19,7 @@ dev + eval values.
 """
 from __future__ import annotations
 
+import numbers
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -144,7 +145,10 @@ def group_metrics(clips: list[Clip], scores, year: int | None, domain_rule: str 
 
 def mean_score(values, year: int | None, eps: float = HMEAN_EPS) -> float:
     """The year's official mean: arithmetic in 2020 (and users' folders), harmonic of eps-floored values
-    from 2021."""
+    from 2021. `eps` in (0, 1), as `echo eval --eps`: NaN gave NaN scores, 0 or less a 0 for one AUC of 0, 1 or
+    more that floor as every score."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
+        raise ValueError(f"eps, the harmonic means' floor, must be a number in (0, 1), got {eps!r}")
     values = np.asarray(values, dtype=np.float64)
     if not len(values):
         return float("nan")
