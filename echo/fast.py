@@ -253,6 +253,7 @@ def encode(
     backends.check_environment()  # a misspelt ECHO_BACKEND_<OP> would be ignored by the op it meant
     if progress is not None and not callable(progress):  # it failed once the first pass was encoded
         raise TypeError(f"progress must be a function (done, passes) or None, got {type(progress).__name__}")
+    frames = checked_frames(frames)
     device = checked_encoder(model, device, dtype)
     if max_tokens is None:
         max_tokens = DEFAULT_MAX_TOKENS.get(device.type, DEFAULT_MAX_TOKENS_ELSEWHERE)
@@ -344,6 +345,13 @@ def checked_max_tokens(max_tokens) -> int:
     if tokens is None or tokens <= 0:
         raise ValueError(f"max_tokens must be a positive whole number of tokens, got {max_tokens!r}")
     return tokens
+
+
+def checked_frames(frames) -> bool:
+    """`frames` as a bool: any other value was read by its truth, "no" as yes."""
+    if not isinstance(frames, (bool, np.bool_)):
+        raise TypeError(f"frames must be True or False, got {frames!r}")
+    return bool(frames)
 
 
 def _same_device(asked: torch.device, model_device: torch.device) -> bool:

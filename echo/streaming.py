@@ -99,6 +99,7 @@ class StreamEncoder:
 
         backends.check_environment()
         fast.checked_model(model)
+        frames = fast.checked_frames(frames)
         # as fast.encode (products in dtype, CPU inference ops), and a copy of the weights as they are now: every
         # segment of a stream is encoded with the same weights, whatever is written to the model meanwhile
         self.model = packed.inference_model(model, dtype, snapshot=True)

@@ -123,6 +123,19 @@ def test_signals_of_exactly_max_tokens_take_one_pass(model):
         assert calls[-1] == expected
 
 
+@pytest.mark.parametrize("frames", ["no", 0, None])
+def test_frames_that_is_no_bool_is_refused(model, monkeypatch, frames):
+    """frames="no" was taken by its truth: frames were returned."""
+    monkeypatch.setattr(fast, "_encode_chunk", lambda *args: pytest.fail("encoded"))
+    message = f"frames must be True or False, got {frames!r}"
+    with pytest.raises(TypeError, match=message):
+        fast.encode(model, [torch.randn(samples_for(20, 16000))], 16000, frames=frames)
+    with pytest.raises(TypeError, match=message):
+        fast.StreamEncoder(model, 16000, frames=frames)
+    monkeypatch.undo()  # numpy's bool is one
+    assert isinstance(fast.encode(model, [torch.randn(samples_for(20, 16000))], 16000, frames=np.bool_(True))[0], tuple)
+
+
 def test_a_signal_split_across_passes_goes_through_the_front_end_once(model, monkeypatch):
     """A long signal between short ones, over several passes: every frame is transformed once (it was up to 3
     times, with each pass's other signals), but for the frames a signal's last segment shares with the one
