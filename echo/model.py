@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,10 @@ class EchoConfig:
         """The config of a PRESETS size ("tiny", "small", "base", "large"), with fields replaced by `overrides`."""
         if not isinstance(size, str) or size not in PRESETS:  # a list is unhashable: no TypeError
             raise ValueError(f"unknown ECHO size {size!r}; known sizes: {', '.join(PRESETS)}")
+        names = [field.name for field in fields(cls)]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:  # the dataclass's own TypeError named one and not the fields there are
+            raise TypeError(f"unknown EchoConfig field(s) {', '.join(unknown)}; valid: {', '.join(names)}")
         return replace(PRESETS[size], **overrides)
 
     @property

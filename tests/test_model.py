@@ -32,6 +32,13 @@ def test_presets():
         echo.EchoConfig.preset("huge")
 
 
+def test_an_unknown_field_given_to_a_preset_is_named_with_the_valid_ones():
+    """It was the dataclass's TypeError "unexpected keyword argument", which lists no field."""
+    with pytest.raises(TypeError, match=re.escape("unknown EchoConfig field(s) layers, nope; valid: dim, depth, heads, "
+                                                  "mlp_ratio, layer_norm_eps, final_norm_eps")):
+        echo.EchoConfig.preset("tiny", nope=1, layers=2, depth=2)
+
+
 @pytest.mark.parametrize("size", ["tiny", "small"])
 def test_layers_match_torch_transformer(size):
     model = random_model(size)
