@@ -320,10 +320,11 @@ def _checkpoint_file(path) -> tuple[Path, str | None]:
     if isinstance(path, str) and not path.strip():
         raise ValueError(f"no checkpoint given (an empty path); give a checkpoint file or a name: "
                          f"{', '.join(hub.NAMES)}")
-    if isinstance(path, str) and not Path(path).exists() and _looks_like_name(path):
+    # os.path's tests, not pathlib's: those raised OSError "File name too long" for a long name or path
+    if isinstance(path, str) and not os.path.exists(path) and _looks_like_name(path):
         return hub.resolve(path), path if path in hub.RELEASES else None
     path = Path(path).expanduser()  # "~/models/x.safetensors", as a shell would read it
-    if path.is_dir():
+    if os.path.isdir(path):
         inside = sorted(p.name for p in path.iterdir() if p.suffix in CHECKPOINT_SUFFIXES and p.is_file())
         if len(inside) == 1:
             return _checkpoint_file(path / inside[0])
@@ -334,11 +335,11 @@ def _checkpoint_file(path) -> tuple[Path, str | None]:
                              f"model files: {_export_command(path.parent)}")
         hint = f"; it holds {first_items(inside)}: load one of those by path" if inside else ""
         raise ValueError(f"checkpoint {path} is a directory, not a checkpoint file{hint}")
-    if path.is_symlink() and not path.exists():
+    if os.path.islink(path) and not os.path.exists(path):
         raise MissingCheckpoint(f"checkpoint {path} is a symbolic link to {os.readlink(path)}, which does not exist")
-    if not path.exists():
+    if not os.path.exists(path):
         raise MissingCheckpoint(f"checkpoint {path} does not exist")
-    if not path.is_file():  # /dev/null, a pipe: each read of it gives other bytes, or none
+    if not os.path.isfile(path):  # /dev/null, a pipe: each read of it gives other bytes, or none
         raise ValueError(f"checkpoint {path} is not a regular file")
     return path, None
 

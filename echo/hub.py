@@ -163,7 +163,7 @@ def resolve(name: str, cache_dir=None) -> Path:
     if name not in RELEASES:
         spelled_alike = difflib.get_close_matches(name.strip().lower().replace("_", "-"), NAMES, n=1, cutoff=0.8)
         hint = f" (did you mean {spelled_alike[0]!r}?)" if spelled_alike else ""
-        raise ValueError(f"unknown checkpoint name {name!r}{hint}; known names: {', '.join(NAMES)}, "
+        raise ValueError(f"unknown checkpoint name {name!r:.80}{hint}; known names: {', '.join(NAMES)}, "
                          f"or give the path of a checkpoint file")
     release = RELEASES[name]
     try:

@@ -451,6 +451,17 @@ def test_a_lone_tilde_is_the_home_folder_not_a_checkpoint_name(tmp_path, monkeyp
         echo.load("Echo-Tiny")
 
 
+def test_a_name_or_path_too_long_for_the_file_system_is_unknown_or_missing(tmp_path):
+    """pathlib's checks raised OSError "[Errno 36] File name too long" for them."""
+    name = "x" * int(torch.randint(300, 5000, ()))
+    with pytest.raises(ValueError, match="unknown checkpoint name 'xxxx.*; known names: default"):
+        echo.load(name)
+    path = tmp_path / (name + ".safetensors")
+    for given in (path, str(path)):
+        with pytest.raises(FileNotFoundError, match=re.escape(f"checkpoint {path} does not exist")):
+            echo.load(given)
+
+
 def test_a_torchscript_archive_is_refused_without_torchs_warning_or_advice(tmp_path):
     """torch.load warned that it was "dispatching to 'torch.jit.load'", then refused with its advice to re-run
     with weights_only=False, which would run the archive's code."""
