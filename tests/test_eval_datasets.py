@@ -133,6 +133,18 @@ def test_a_label_list_with_a_quote_left_open_is_named_not_read_as_a_machine(tmp_
         datasets.read_label_lists([lists], 2023)
 
 
+@pytest.mark.parametrize("row, error", [
+    ("section_00_0000.wav," + "x" * 200_000, "field larger than field limit (131072)"),
+    ('"section_00_0000.wav"x,section_00_source_test_normal_0000.wav', "',' expected after '\"'")])
+def test_a_row_csv_cannot_read_is_not_said_to_hold_an_open_quote_where_it_has_none(tmp_path, row, error):
+    """A cell of 200 KB without quotes, or a quote closed early, was said to be "a quote opened there and never
+    closed?"."""
+    lists = tmp_path / "eval_data_list_2023.csv"
+    lists.write_text(f"saw\n{row}\nsection_00_0001.wav,section_00_source_test_normal_0001.wav\n")
+    with pytest.raises(ValueError, match=f"^{re.escape(f'{lists}:2: not readable as csv ({error})')}$"):
+        datasets.read_label_lists([lists], 2023)
+
+
 @pytest.mark.parametrize("separator", [";", "\t"])
 def test_a_label_list_separated_by_other_than_commas_is_named(tmp_path, separator):
     """A spreadsheet saving "CSV" in a locale whose decimal mark is a comma separates by ';' (or tabs): every row was

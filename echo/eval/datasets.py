@@ -274,8 +274,8 @@ def read_label_lists(paths, year: int) -> dict:
         except UnicodeDecodeError as error:  # UTF-16 ("Unicode text"), or not a text file at all
             raise ValueError(f"label list {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
         except csv.Error as error:  # a quote left open took the rest of the file as one cell, or crashed on its size
-            raise ValueError(f"{path}:{line + 1}: not readable as csv ({error}): a quote opened there and never "
-                             f"closed?") from None
+            hint = ": a quote opened there and never closed?" if _quote_left_open(path, line + 1) else ""
+            raise ValueError(f"{path}:{line + 1}: not readable as csv ({error}){hint}") from None
         for line, row in enumerate(rows, 1):
             row = [cell.strip() for cell in row]
             while row and not row[-1]:  # Excel pads every row to the widest: a machine row reads `fan,,`
@@ -298,6 +298,17 @@ def read_label_lists(paths, year: int) -> dict:
                                      f"normal nor anomaly, and there is no third (label) column")
                 table[(machine, PureWindowsPath(row[0]).name)] = (reference, label)
     return table
+
+
+def _quote_left_open(path, line: int) -> bool:
+    """Whether `line` of a file ends inside quotes (an odd count of them), which reads the rest of the file as one
+    cell: the likely cause where csv fails on a row starting there, but not for one cell too long without quotes,
+    nor a quote closed early ("a"b)."""
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
+        for _ in range(line - 1):
+            handle.readline()
+        text = handle.readline(csv.field_size_limit())  # not a whole file of one line (not a label list) in memory
+    return text.count('"') % 2 == 1
 
 
 def _binary_label(cell: str, path, line: int) -> int:
