@@ -409,7 +409,8 @@ def test_a_file_changed_since_it_was_indexed_is_dropped_not_read_wrongly(tmp_pat
     examples = sorted(itertools.islice(source.examples(0, 0, 1), 2), key=lambda example: example.channel)
     sf.write(root / "a.wav", wave[:, 0], 8000)
     for example in examples:
-        with pytest.raises(corpus.UnreadableAudio, match=r"a.wav: changed since it was indexed: now 8000 Hz, 1 ch"):
+        with pytest.raises(corpus.UnreadableAudio, match=r"a.wav: changed since it was indexed: the audio is 8000 Hz, "
+                                                         r"32000 frames, 1 channel; its index says 16000 Hz, 32000 "):
             example.read(0, 100)
 
 
@@ -431,6 +432,31 @@ def test_shard_json_from_elsewhere_falls_back_to_the_audio_header(tmp_path):
     for example in examples:
         assert (example.sample_rate, example.frames) == (12000, 24000)
         assert example.read(0, 24000).tobytes() == wave.tobytes()
+
+
+@pytest.mark.parametrize("claimed", [dict(sample_rate=10**12, frames=10**13), dict(frames=30 * 12000),
+                                     dict(channels=2)])
+def test_shard_json_that_does_not_describe_its_audio_is_said_so(tmp_path, claimed):
+    """It was said to have "changed since it was indexed" (shards are not indexed), or a crop past the audio's end
+    failed in libsndfile ("Internal psf_fseek() failed")."""
+    wds = pytest.importorskip("webdataset")
+    import io
+    import json
+
+    frames = int(seeded_rng().integers(20000, 30000))
+    buffer = io.BytesIO()
+    sf.write(buffer, seeded_rng().standard_normal(frames).astype(np.float32) * 0.1, 12000, format="WAV")
+    meta = {"sample_rate": 12000, "frames": frames, "channels": 1, **claimed}
+    (tmp_path / "shards").mkdir()
+    with wds.TarWriter(str(tmp_path / "shards" / "s.tar"), encoder=False) as writer:
+        writer.write({"__key__": "k", "wav": buffer.getvalue(), "json": json.dumps(meta).encode()})
+    examples = shards.ShardCorpus(tmp_path / "shards", 0.5).examples(0, 0, 1)
+    example = next(example for example in examples if example.channel == meta["channels"] - 1)
+    said = (f"sample k: its JSON member does not describe its audio: the audio is 12000 Hz, {frames} frames, 1 "
+            f"channel; its JSON member says {meta['sample_rate']} Hz, {meta['frames']} frames, at least "
+            f"{meta['channels']} channel")
+    with pytest.raises(corpus.UnreadableAudio, match=re.escape(said)):
+        example.read(example.frames - 6000, 6000)
 
 
 @pytest.mark.parametrize("rate", [11025, *RATE_FAMILIES])

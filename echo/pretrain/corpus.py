@@ -280,28 +280,32 @@ class FolderCorpus:
             for index in epoch_order(len(self.items), seed, epoch)[part::parts]:
                 entry, channel = self.items[index]
                 yield Example(f"{entry.path}:{channel}", entry.sample_rate, entry.frames, channel,
-                              self._reader(self.root / entry.path, entry.sample_rate, channel))
+                              self._reader(self.root / entry.path, entry.sample_rate, entry.frames, channel))
             epoch += 1
 
     @staticmethod
-    def _reader(path: Path, sample_rate: int, channel: int) -> Callable[[int, int], np.ndarray]:
-        return channel_reader(lambda: soundfile().SoundFile(str(path)), str(path), sample_rate, channel)
+    def _reader(path: Path, sample_rate: int, frames: int, channel: int) -> Callable[[int, int], np.ndarray]:
+        return channel_reader(lambda: soundfile().SoundFile(str(path)), str(path), sample_rate, frames, channel)
 
 
-def channel_reader(open_audio: Callable, source: str, sample_rate: int,
-                   channel: int) -> Callable[[int, int], np.ndarray]:
+def channel_reader(open_audio: Callable, source: str, sample_rate: int, frames: int, channel: int,
+                   told_by: str = "its index") -> Callable[[int, int], np.ndarray]:
     """`read(start, count)` of one channel of the audio `open_audio()` opens (a soundfile.SoundFile); `source`
-    names it in errors. Audio that no longer has the rate and channel it was indexed with (a file rewritten
-    during a run, a shard's JSON that does not describe its audio) is UnreadableAudio: its samples read at the
-    indexed rate would be wrong ones, and a channel it lacks crashed the worker."""
+    names it in errors. Audio without the rate, length and channel that `told_by` gave (the folder's index: a file
+    rewritten during the run; a shard sample's JSON member: a wrong one) is UnreadableAudio saying both: its samples
+    read at that rate would be wrong ones, a channel it lacks crashed the worker, and a crop past its end failed in
+    libsndfile ("Internal psf_fseek() failed")."""
 
     def read(start: int, count: int) -> np.ndarray:
         def decode() -> np.ndarray:
             with open_audio() as handle:
-                if handle.samplerate != sample_rate or handle.channels <= channel:
-                    raise UnreadableAudio(source, f"changed since it was indexed: now {handle.samplerate} Hz, "
-                                                  f"{handle.channels} channel(s); indexed at {sample_rate} Hz "
-                                                  f"with channel {channel}")
+                if handle.samplerate != sample_rate or handle.channels <= channel or handle.frames < frames:
+                    changed = "changed since it was indexed" if told_by == "its index" else \
+                        f"{told_by} does not describe its audio"
+                    raise UnreadableAudio(source, f"{changed}: the audio is {handle.samplerate} Hz, "
+                                                  f"{handle.frames} frames, {counted(handle.channels, 'channel')}; "
+                                                  f"{told_by} says {sample_rate} Hz, {frames} frames, at least "
+                                                  f"{counted(channel + 1, 'channel')}")
                 handle.seek(start)
                 return handle.read(count, dtype="float32", always_2d=True)[:, channel]
 
@@ -310,6 +314,9 @@ def channel_reader(open_audio: Callable, source: str, sample_rate: int,
     return read
 
 
-def decoded_reader(data: bytes, sample_rate: int, channel: int, source: str) -> Callable[[int, int], np.ndarray]:
-    """A reader over an in-memory audio file (a shard member); `source` names it in errors."""
-    return channel_reader(lambda: soundfile().SoundFile(io.BytesIO(data)), source, sample_rate, channel)
+def decoded_reader(data: bytes, sample_rate: int, frames: int, channel: int, source: str,
+                   told_by: str) -> Callable[[int, int], np.ndarray]:
+    """A reader over an in-memory audio file (a shard member); `source` names it in errors, `told_by` where its rate,
+    length and channels were read (channel_reader)."""
+    return channel_reader(lambda: soundfile().SoundFile(io.BytesIO(data)), source, sample_rate, frames, channel,
+                          told_by)

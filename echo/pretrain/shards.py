@@ -295,6 +295,7 @@ class ShardCorpus:
             return
         data = sample[audio]
         facts = written_facts(sample.get("json"))
+        told_by = "its JSON member" if facts is not None else "its header"
         if facts is not None:
             rate, frames, channels = facts
         else:  # shards from elsewhere: read the header
@@ -310,7 +311,7 @@ class ShardCorpus:
             skipped["too short"] += 1
             return
         for channel in range(channels):
-            reader = corpus.decoded_reader(data, rate, channel, source)
+            reader = corpus.decoded_reader(data, rate, frames, channel, source, told_by)
             yield corpus.Example(f"{key}:{channel}", rate, frames, channel, reader)
 
 
