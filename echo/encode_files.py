@@ -187,6 +187,8 @@ def read_embeddings(path) -> dict:
     {file path: {"utterance", "frames" (if kept), "key", "sample_rate", "channels"}}} from an npz or parquet output of
     `encode`; a ValueError naming the file for any other file, whose parts are not an output's."""
     path = Path(path)
+    if path.suffix == ".parquet":  # before the check: without pyarrow an output was said to be none
+        _require_pyarrow()
     problem = _not_an_output(path) if path.is_file() else ""  # a missing file is numpy's FileNotFoundError
     if problem:  # numpy read a WAV or a text file as a pickle, and advised loading it with allow_pickle
         raise ValueError(f"{path} is not an output of echo encode ({problem})")

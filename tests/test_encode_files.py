@@ -1765,3 +1765,16 @@ def test_reading_back_a_file_that_is_no_output_says_so(tmp_path):
     pytest.importorskip("pyarrow.parquet").write_table(pyarrow.table({"path": ["a.wav"]}), str(tmp_path / "o.parquet"))
     with pytest.raises(ValueError, match=f"^{tmp_path / 'o.parquet'} is not an output of echo encode \\("):
         read_embeddings(tmp_path / "o.parquet")
+
+
+def test_reading_back_a_parquet_output_without_pyarrow_names_pyarrow(tmp_path, model_path, monkeypatch):
+    """Without pyarrow a parquet output was said to be no output of echo encode (the check of its parts could not
+    read it), not that reading it needs pyarrow."""
+    pytest.importorskip("pyarrow")
+    soundfile.write(str(tmp_path / "a.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    out = tmp_path / "e.parquet"
+    assert run(tmp_path / "a.wav", "--model", model_path, "--out", out) == 0
+    for name in ("pyarrow", "pyarrow.parquet"):
+        monkeypatch.setitem(sys.modules, name, None)  # importing it now raises ImportError
+    with pytest.raises(ValueError, match=r"^writing or reading \.parquet needs pyarrow \(pip install"):
+        read_embeddings(out)
