@@ -194,7 +194,7 @@ def read_embeddings(path) -> dict:
         raise ValueError(f"{path} is not an output of echo encode ({problem})")
     try:
         output = _read_output(path)
-    except (KeyError, AttributeError, IndexError, TypeError, ValueError, zipfile.BadZipFile) as error:
+    except (KeyError, AttributeError, IndexError, TypeError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise ValueError(f"{path} is not an output of echo encode ({type(error).__name__}: {error})") from None
     for file, row in output["files"].items():  # a re-run reuses them: one edited by hand would go on unseen
         if not _embeddings_as_written(row):

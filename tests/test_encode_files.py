@@ -1778,3 +1778,11 @@ def test_reading_back_a_parquet_output_without_pyarrow_names_pyarrow(tmp_path, m
         monkeypatch.setitem(sys.modules, name, None)  # importing it now raises ImportError
     with pytest.raises(ValueError, match=r"^writing or reading \.parquet needs pyarrow \(pip install"):
         read_embeddings(out)
+
+
+def test_reading_back_an_empty_file_says_it_is_no_output(tmp_path):
+    """An empty .npz (made by mktemp, or cut off) got numpy's bare "EOFError: No data left in file", naming no file."""
+    empty = tmp_path / "e.npz"
+    empty.touch()
+    with pytest.raises(ValueError, match=f"^{empty} is not an output of echo encode \\(EOFError"):
+        read_embeddings(empty)
