@@ -31,7 +31,7 @@ def run(setting: str, calls: int, dtype: torch.dtype) -> dict:
 
     host_memory.keep_freed_memory()  # as `python -m echo encode`: page faults out of the comparison
     if setting == "unpadded":
-        echo.fast._row_step = lambda max_tokens, device: 1
+        echo.fast.pass_row_step = lambda max_tokens, tokens, device: 1
     rows, forward = set(), packed.forward
 
     def recorded(model, tokens, *rest, **options):

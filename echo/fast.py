@@ -266,7 +266,7 @@ def encode(
     # otherwise pad a pass to a multiple of max_tokens / 64 rows. The call's tokens are rounded up to a power of
     # two, so calls of any size still meet few row counts.
     call_tokens = sum(mono.tokens for mono in monos)
-    row_step = _row_step(min(max_tokens, 1 << max(call_tokens - 1, 1).bit_length()), device)
+    row_step = pass_row_step(max_tokens, call_tokens, device)
     passes = [_spans(chunk, monos) for chunk in _chunks(monos, max_tokens)]
     front_end = _FrontEnd(monos, passes, device, backend)
     frame_outputs = _frame_outputs(monos, len(signal_list), model.config.dim) if frames else None
@@ -379,9 +379,11 @@ def _on_device(waveforms: list[torch.Tensor], device: torch.device) -> torch.Ten
     return out
 
 
-def _row_step(max_tokens: int, device: torch.device) -> int:
-    """A pass's rows are padded to a multiple of this (see CPU_ROW_COUNTS)."""
-    return max(CPU_ROW_COUNTS, -(-max_tokens // CPU_ROW_COUNTS)) if device.type == "cpu" else 1
+def pass_row_step(max_tokens: int, tokens: int, device: torch.device) -> int:
+    """A pass's rows are padded to a multiple of this (see CPU_ROW_COUNTS), for passes of at most `max_tokens`
+    out of `tokens` in all (a call's, or a stream's pass's)."""
+    budget = min(max_tokens, 1 << max(tokens - 1, 1).bit_length())
+    return max(CPU_ROW_COUNTS, -(-budget // CPU_ROW_COUNTS)) if device.type == "cpu" else 1
 
 
 def _encode_chunk(model, plan, spec, members: list[_Mono], frames: bool, device, backend, row_step: int) -> None:

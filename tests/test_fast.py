@@ -173,8 +173,9 @@ def test_cpu_passes_padded_to_few_row_counts_give_the_unpadded_result(model, mon
 
     monkeypatch.setattr(packed, "forward", recorded)
     padded = fast.encode(model, signals, rates, frames=True, max_tokens=budget, dtype=dtype)
-    assert rows and all(count % fast._row_step(budget, torch.device("cpu")) == 0 for count in rows)
-    monkeypatch.setattr(fast, "_row_step", lambda max_tokens, device: 1)
+    tokens = make_plan([len(s) for s in signals], rates).total_tokens
+    assert rows and all(count % fast.pass_row_step(budget, tokens, torch.device("cpu")) == 0 for count in rows)
+    monkeypatch.setattr(fast, "pass_row_step", lambda max_tokens, tokens, device: 1)
     unpadded = fast.encode(model, signals, rates, frames=True, max_tokens=budget, dtype=dtype)
     tolerance = 1e-6 if dtype == torch.float32 else 1e-3  # the same products over more rows may block differently
     for (u, f), (pu, pf) in zip(unpadded, padded):
@@ -199,10 +200,10 @@ def test_a_cpu_budget_meets_at_most_64_row_counts():
     """oneDNN builds a product per row count: the passes of any budget, padded to its step, come in at most 64 row
     counts (and no more padding than a step of max(64, budget / 64) needs); a GPU pads nothing."""
     for budget in [*torch.randint(64, 2**17, (20,)).tolist(), 4096, 65536]:
-        step = fast._row_step(budget, torch.device("cpu"))
+        step = fast.pass_row_step(budget, budget, torch.device("cpu"))
         assert len({-(-rows // step) for rows in range(1, budget + 1)}) <= fast.CPU_ROW_COUNTS
         assert step <= max(64, budget / 64 + 1)
-        assert fast._row_step(budget, torch.device("cuda")) == 1
+        assert fast.pass_row_step(budget, budget, torch.device("cuda")) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
