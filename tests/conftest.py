@@ -1,4 +1,6 @@
+import contextlib
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +152,22 @@ def broken_triton(monkeypatch):
 
     monkeypatch.setattr(backends.importlib, "import_module", broken)
     monkeypatch.setattr(backends, "triton_installed", lambda: True)
+
+
+@contextlib.contextmanager
+def pipe_watch(pipe: Path, seconds: float = 10):
+    """For a test that a pipe is not opened for reading: after `seconds`, a reader still waiting on it (for ever,
+    with no writer) is let go, and the list yielded says so."""
+    waited = []
+
+    def release():
+        with contextlib.suppress(OSError):  # ENXIO: no reader waits on it
+            os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+            waited.append(True)
+
+    timer = threading.Timer(seconds, release)
+    timer.start()
+    try:
+        yield waited
+    finally:
+        timer.cancel()

@@ -1,11 +1,9 @@
 """`python -m echo eval` end to end on generated data sets: separable anomalies give AUC near 1, anomalies
 drawn like the normals give AUC near 0.5; tables, JSON and non-empty plots are written."""
-import contextlib
 import csv
 import json
 import os
 import re
-import threading
 import time
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import numpy as np
 import pytest
 
 import echo
-from conftest import random_model, seeded_rng
+from conftest import pipe_watch, random_model, seeded_rng
 from echo import host_memory
 from echo.cli import main
 from echo.eval import datasets, embed, plots
@@ -551,6 +549,22 @@ def test_options_the_data_set_cannot_take_are_refused_before_the_encoding(tmp_pa
     assert not (tmp_path / "out").exists()  # made only for a run that goes ahead
 
 
+def folder_task_without(tmp_path, model_path, monkeypatch, *packages) -> tuple:
+    """eval's options for a folder task of two empty files, with `packages` not installed (importing one raises
+    ImportError) and the encoding a test failure: what is refused must be refused before it."""
+    import sys
+
+    import echo.eval.cli
+
+    for name in {*packages, *(name for name in sys.modules if name.split(".")[0] in packages)}:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setattr(echo.eval.cli, "embed_files", lambda *args, **kwargs: pytest.fail("encoded"))
+    for name in ("normal/a.wav", "test/b.wav"):
+        (tmp_path / "machine" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "machine" / name).write_text("")
+    return "--task", "folder", "--data", tmp_path / "machine", "--model", model_path, "--out", tmp_path / "out"
+
+
 @pytest.mark.parametrize("missing, options, package, extra, purpose", [
     ("sklearn", (), "scikit-learn", "eval", "computing the evaluation's metrics"),
     ("matplotlib", (), "matplotlib", "eval", "drawing the plots (--no-plots leaves them out)"),
@@ -560,18 +574,7 @@ def test_a_missing_optional_package_is_named_before_the_encoding(tmp_path, model
     """scikit-learn (AUC), matplotlib (plots) and faiss (--search faiss) were first imported after every file was
     encoded; the demo checks them first, so does eval. The message is a sentence: it read "the evaluation's metrics
     needs" and "the plots (or --no-plots) needs"."""
-    import sys
-
-    import echo.eval.cli
-
-    for name in {missing, *(name for name in sys.modules if name.split(".")[0] == missing)}:
-        monkeypatch.setitem(sys.modules, name, None)  # importing it now raises ImportError
-    monkeypatch.setattr(echo.eval.cli, "embed_files", lambda *args, **kwargs: pytest.fail("encoded"))
-    for name in ("normal/a.wav", "test/b.wav"):
-        (tmp_path / "machine" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "machine" / name).write_text("")
-    assert run_eval("--task", "folder", "--data", tmp_path / "machine", "--model", model_path, "--out",
-                    tmp_path / "out", *options) == 2
+    assert run_eval(*folder_task_without(tmp_path, model_path, monkeypatch, missing), *options) == 2
     error = capsys.readouterr().err
     assert f"error: {purpose} needs the package '{package}', which is not installed: pip install 'echo-fm[{extra}]'" \
         in error
@@ -580,18 +583,7 @@ def test_a_missing_optional_package_is_named_before_the_encoding(tmp_path, model
 def test_a_bare_install_is_told_the_extra_with_every_package_eval_needs(tmp_path, model_path, capsys, monkeypatch):
     """Without soundfile and scikit-learn (`pip install echo-fm`), eval named soundfile's own extra, `audio`, and
     once that was installed, `eval`: two installs where one does."""
-    import sys
-
-    import echo.eval.cli
-
-    for name in {"soundfile", "sklearn", *(name for name in sys.modules if name.split(".")[0] == "sklearn")}:
-        monkeypatch.setitem(sys.modules, name, None)  # importing it now raises ImportError
-    monkeypatch.setattr(echo.eval.cli, "embed_files", lambda *args, **kwargs: pytest.fail("encoded"))
-    for name in ("normal/a.wav", "test/b.wav"):
-        (tmp_path / "machine" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "machine" / name).write_text("")
-    assert run_eval("--task", "folder", "--data", tmp_path / "machine", "--model", model_path, "--out",
-                    tmp_path / "out") == 2
+    assert run_eval(*folder_task_without(tmp_path, model_path, monkeypatch, "soundfile", "sklearn")) == 2
     assert "pip install 'echo-fm[eval]'" in capsys.readouterr().err
 
 
@@ -629,19 +621,8 @@ def test_a_pipe_in_the_data_is_reported_not_opened_for_its_header(tmp_path, mode
     options = folder_task_of_nine(tmp_path, model_path)
     pipe = tmp_path / "machine" / "normal" / "pipe.wav"
     os.mkfifo(pipe)
-    waited = []
-
-    def release():
-        with contextlib.suppress(OSError):  # ENXIO: no reader waits on it
-            os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
-            waited.append(True)
-
-    timer = threading.Timer(10, release)
-    timer.start()
-    try:
+    with pipe_watch(pipe) as waited:
         assert run_eval(*options) == 0
-    finally:
-        timer.cancel()
     assert not waited
     assert [(row["path"], row["reason"]) for row in read_rows(tmp_path / "out" / "failures.csv")] == [
         (str(pipe), "ValueError: not a regular file")]

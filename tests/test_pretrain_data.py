@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("soundfile")
 import soundfile as sf  # noqa: E402
-from conftest import RATE_FAMILIES, seeded_rng  # noqa: E402
+from conftest import RATE_FAMILIES, pipe_watch, seeded_rng  # noqa: E402
 from independent import numpy_spectrogram  # noqa: E402
 from pretrain_corpus import write_corpus, write_damaged  # noqa: E402
 
@@ -507,28 +507,14 @@ def test_files_whose_names_are_not_utf8_or_broken_links_are_reported_skips(tmp_p
 def test_a_link_to_a_pipe_is_reported_unreadable_not_opened(tmp_path, caplog):
     """Indexing opened what a link named .wav led to for its header: a pipe waits for a writer for ever, and
     pretraining hung before its first step. The timer lets such a reader go, and says it found one waiting."""
-    import contextlib
     import os
-    import threading
 
     root = write_corpus(tmp_path / "data", files=2)
     pipe = tmp_path / "pipe"
     os.mkfifo(pipe)
     (root / "live.wav").symlink_to(pipe)
-    waited = []
-
-    def release():
-        with contextlib.suppress(OSError):  # ENXIO: no reader waits on it
-            os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
-            waited.append(True)
-
-    timer = threading.Timer(10, release)
-    timer.start()
-    try:
-        with caplog.at_level("WARNING", logger=corpus.log.name):
-            source = corpus.FolderCorpus(root, min_seconds=0.5)
-    finally:
-        timer.cancel()
+    with pipe_watch(pipe) as waited, caplog.at_level("WARNING", logger=corpus.log.name):
+        source = corpus.FolderCorpus(root, min_seconds=0.5)
     assert not waited
     assert len(source.files) == 2 and source.skipped == {"unreadable": 1, "too short": 0}
     assert "skipping unreadable live.wav: not a regular file" in [r.getMessage() for r in caplog.records]
