@@ -602,7 +602,7 @@ def _encode_files(args, rank: int, world: int) -> int:
         host_memory.keep_freed_memory()
     model = load(args.model, device=device)
     options = {"dtype": DTYPES[args.dtype], "device": device, "max_tokens": args.max_tokens}
-    model_key = encoding_key(model_hash(model), DTYPES[args.dtype])
+    model_key, model_name = encoding_key(model_hash(model), DTYPES[args.dtype]), _model_name(args.model)
     files, unusable, notes = find_files(args.paths or [SAMPLES_DIR])  # the same on every rank, unlike `failures`
     if not files:
         reasons = "".join(f"; {shown(path)}: {reason}" for path, reason in unusable)
@@ -634,7 +634,7 @@ def _encode_files(args, rank: int, world: int) -> int:
     done = {entry: value for entry, value in done.items() if entry.split("/", 1)[0] in written_here}
     mine = wanted[rank::world]
     # a re-run with nothing to encode, whose output would be the one there: left as it is, not written again
-    unchanged = not wanted and old_listing == _listing(model_key, _model_name(args.model),
+    unchanged = not wanted and old_listing == _listing(model_key, model_name,
                                                        [(shown(path), keys[path]) for path in files if path in keys],
                                                        args.frames)
     if rank == 0 and (left_out := _left_out(args.out, model_key, old_model, old_paths, files)):
@@ -741,7 +741,7 @@ def _encode_files(args, rank: int, world: int) -> int:
         return 1
     try:
         if not unchanged:
-            _write(args.out, rows, model_key, _model_name(args.model), args.frames)
+            _write(args.out, rows, model_key, model_name, args.frames)
     except KeyboardInterrupt:  # a large output takes a while to write; its embeddings are all kept
         raise KeyboardInterrupt(f"{args.out} was left as it was; the same command writes it without encoding any "
                                 f"file again") from None
