@@ -1,10 +1,11 @@
 """`python -m echo encode [PATH ...] --model default --out embeddings.npz`: audio files to ECHO embeddings.
 
-Files (WAV/FLAC/OGG/AIFF, any rate, any channel count: channels are encoded on their own and concatenated) or
-folders (searched recursively, through links to folders) are read and encoded in batches through
-`echo.fast.encode`, bounded in files (--batch-files) and in decoded samples, so that long recordings do not
-exhaust memory; with no PATH the bundled samples are encoded. A file that cannot be read or encoded is
-reported with the reason and left out; an encoder failing alike on a batch and on each of its files, or on
+Files (WAV/FLAC/OGG/Opus/MP3/AIFF/CAF/W64/RF64, any rate, any channel count: channels are encoded on their own and
+concatenated) or folders (searched recursively, through links to folders) are read and encoded in batches through
+`echo.fast.encode`, bounded in files (--batch-files) and in decoded samples, so that long recordings do not exhaust
+memory (a file longer than a batch's samples is decoded a block at a time and streamed through one
+`echo.fast.StreamEncoder` per channel); with no PATH the bundled samples are encoded. A file that cannot be read or
+encoded is reported with the reason and left out; an encoder failing alike on a batch and on each of its files, or on
 three single-file batches in a row, stops the run.
 
 Every finished batch is saved at once in `OUT.parts/` (one shard per batch, written atomically), so an
@@ -32,6 +33,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -43,12 +45,13 @@ from . import atomic, folders, host_memory, inputs, process_group
 from .cli import WorkKept, on_every_rank, user_path
 from .data import AUDIO_SUFFIXES
 from .data.bundled import SAMPLES_DIR
-from .data.wav import read_wav
-from .eval import require
-from .eval.datasets import read_audio
+from .data.wav import read_wav, wav_blocks
+from .eval import embed, require
+from .eval.datasets import audio_blocks, read_audio
 from .eval.embed import (NOTHING_KEPT, READ_WORKERS, EmbeddingCache, FailureStreak, batch_files_help, batched,
-                         decoded_sizes, encode_isolating_failures, encoding_key, key_checked, model_hash, read_checked,
-                         shown)
+                         decoded_sizes, encode_isolating_failures, encoding_key, failure_reason, finite_or_failed,
+                         key_checked, model_hash, read_checked, shown)
+from .ops.backend import BackendError
 from .wording import counted
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -78,7 +81,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", type=user_path, default=Path("embeddings.npz"),
                         help=".npz or .parquet (default: embeddings.npz)")
     parser.add_argument("--frames", action="store_true", help="keep the frame embeddings too")
-    parser.add_argument("--batch-files", type=int, default=32, help=batch_files_help(32))
+    parser.add_argument("--batch-files", type=int, default=32, help=batch_files_help(
+        32, "a longer file is a batch alone, decoded and encoded a block at a time (StreamEncoder)"))
     parser.add_argument("--max-tokens", type=int, default=None, help="packed tokens per pass (echo.fast.encode)")
     parser.add_argument("--device", default=None,
                         help="default: cuda if present, else cpu; plain cuda is this rank's GPU (LOCAL_RANK)")
@@ -144,13 +148,18 @@ def _kind(path: Path) -> str:
 
 def read_file(path: Path) -> tuple[np.ndarray, int]:
     """(waveform (N,) or (C, N), rate) with soundfile; plain 16-bit WAV needs no package."""
+    return _read(path, read_audio, read_wav)
+
+
+def _read(path: Path, with_soundfile: Callable, without_soundfile: Callable):
+    """`with_soundfile(path)`, or where soundfile is missing and `path` is a WAV file, `without_soundfile(path)`."""
     try:
-        return read_audio(path)
+        return with_soundfile(path)
     except ImportError as missing:
         if path.suffix.lower() != ".wav":
             raise
         try:
-            return read_wav(path)
+            return without_soundfile(path)
         except ValueError as error:  # e.g. 24-bit PCM: soundfile's to read, and why it could not
             raise ValueError(f"{error}; soundfile is not usable here: {missing}") from None
 
@@ -180,6 +189,72 @@ def _encode_batch(model, loaded: list, frames: bool, options: dict, streak: Fail
     """Embeddings of a batch of (signal, rate); if the batch fails, file by file, so only the bad one fails."""
     return encode_isolating_failures(partial(_encode, model, frames=frames, options=options),
                                      [s for s, _ in loaded], [r for _, r in loaded], streak)
+
+
+def _read_and_encode(model, batch: list[Path], pool, frames: bool, options: dict, streak: FailureStreak) -> list:
+    """Per file of `batch`, read whole in `pool` and encoded together: ((rate, channels, samples), embeddings), or
+    the reason the file failed."""
+    loaded = list(pool.map(partial(read_checked, read_file), batch))
+    good = [(path, item) for path, item in zip(batch, loaded) if not isinstance(item, str)]
+    # no call for a batch of unreadable files: it would end a failing device's streak of failures
+    results = good and _encode_batch(model, [item for _, item in good], frames, options, streak)
+    encoded = [(path, (rate, signal.shape[0] if signal.dim() == 2 else 1, signal.shape[-1]), result)
+               for (path, (signal, rate)), result in zip(good, results)]
+    return [(path, item) for path, item in zip(batch, loaded) if isinstance(item, str)] + \
+        [(path, result if isinstance(result, str) else (facts, result)) for path, facts, result in encoded]
+
+
+STREAM_BLOCK = 1 << 22  # samples (frames x channels) of a long file decoded and pushed at a time: 16 MB of float32
+
+
+def _stream_and_encode(model, path: Path, frames: bool, options: dict, streak: FailureStreak):
+    """A file over a batch's decoded samples, decoded a block at a time, each channel pushed through a StreamEncoder
+    of its own (whose finish() is model.encode of the whole): ((rate, channels, samples), embeddings), or the reason
+    it failed. Read whole, a long recording took twice its float32 size and more (bench/RESULTS.md); streamed, a
+    few MB a channel and the frames' rows."""
+    from .streaming import StreamEncoder
+
+    try:
+        rate, channels, length, blocks = _read(path, partial(audio_blocks, samples=STREAM_BLOCK),
+                                               partial(wav_blocks, samples=STREAM_BLOCK))
+        rate = inputs.check_sample_rate(rate)
+    except ImportError:  # a missing optional package is not a bad file
+        raise
+    except Exception as error:  # as read_checked: the file's reason
+        return failure_reason(error, path)
+    samples, channel = 0, 0
+    with contextlib.closing(blocks):
+        streams = [StreamEncoder(model, rate, frames=frames, dtype=options["dtype"], max_tokens=options["max_tokens"])
+                   for _ in range(channels)]
+        try:
+            while True:
+                try:
+                    block = next(blocks, None)
+                except Exception as error:  # the decoder's: a damaged stream
+                    return failure_reason(error, path)
+                if block is None:
+                    break
+                for channel, stream in enumerate(streams):
+                    stream.push(torch.from_numpy(block[channel]))
+                samples += block.shape[1]
+                if length:
+                    options["progress"](min(samples, length), length)
+            channel = None  # the streams' ends fail alike (too short)
+            outputs = [stream.finish() for stream in streams]
+        except BackendError:  # a setting, not this file: the run stops
+            raise
+        except ValueError as error:  # the samples' (NaN, too short), said as read_checked says it of a whole file
+            return failure_reason(ValueError(f"channel {channel}: {error}") if channels > 1 and channel is not None
+                                  else error)
+        except RuntimeError as error:  # the encoder's (out of memory, a failing device), as encode_isolating_failures
+            streak.record(failure_reason(error))
+            return f"encode failed: {error}"
+    embeddings = {"utterance": torch.cat([out[0] if frames else out for out in outputs]).numpy()}
+    if frames:
+        embeddings["frames"] = torch.cat([out[1] for out in outputs], dim=1).numpy()
+    streak.record()
+    result = finite_or_failed([embeddings])[0]
+    return result if isinstance(result, str) else ((rate, channels, samples), result)
 
 
 def read_embeddings(path) -> dict:
@@ -656,33 +731,33 @@ def _encode_files(args, rank: int, world: int) -> int:
         return f"{counted(saved, 'file')} encoded, kept in {parts}; the same command resumes with the " \
                f"{len(share) - saved} left" if saved else ""
 
-    def encode_and_save(batch: list, pool) -> float:
-        """Read `batch` in `pool`, encode it and save its shard; the seconds of audio encoded. Its signals are freed
-        on return, before the next batch is read: held across, two batches were decoded at once."""
-        loaded = list(pool.map(partial(read_checked, read_file), batch))
-        good = [(path, item) for path, item in zip(batch, loaded) if not isinstance(item, str)]
-        failures.extend((path, item) for path, item in zip(batch, loaded) if isinstance(item, str))
-        # no call for a batch of unreadable files: it would end a failing device's streak of failures
-        results = good and _encode_batch(model, [item for _, item in good], args.frames, options, streak)
+    def encode_and_save(batch: list, pool, streamed: bool) -> float:
+        """Read `batch` in `pool` (or its one long file a block at a time, `streamed`), encode it and save its shard;
+        the seconds of audio encoded. Its signals are freed on return, before the next batch is read: held across,
+        two batches were decoded at once."""
+        encoded = [(batch[0], _stream_and_encode(model, batch[0], args.frames, options, streak))] if streamed else \
+            _read_and_encode(model, batch, pool, args.frames, options, streak)
         fresh, seconds = {}, 0.0
-        for (path, (signal, rate)), result in zip(good, results):
-            if isinstance(result, str):
-                failures.append((path, result))
+        for path, outcome in encoded:
+            if isinstance(outcome, str):
+                failures.append((path, outcome))
                 continue
-            channels = signal.shape[0] if signal.dim() == 2 else 1
+            (rate, channels, samples), result = outcome
             fresh[keys[path]] = result["utterance"]
             fresh[keys[path] + META] = np.array([rate, channels], dtype=np.int64)
             fresh[keys[path] + PATH] = np.frombuffer(os.fsencode(os.path.realpath(path)), dtype=np.uint8)
             if args.frames:
                 fresh[keys[path] + FRAMES] = result["frames"]
-            seconds += signal.shape[-1] / rate
+            seconds += samples / rate
         cache.add(fresh)
         return seconds
 
     try:
         with ThreadPoolExecutor(READ_WORKERS) as pool:
-            for batch in batched(mine, decoded_sizes(mine, pool), args.batch_files):
-                seconds += encode_and_save(batch, pool)
+            sizes = decoded_sizes(mine, pool)
+            long = {path for path, size in zip(mine, sizes) if size > embed.BATCH_SAMPLES}  # each a batch alone
+            for batch in batched(mine, sizes, args.batch_files):
+                seconds += encode_and_save(batch, pool, streamed=batch[0] in long)
                 bar.set_postfix_str("", refresh=False)  # the next batch's reading is not this one's 100%
                 bar.update(len(batch))
     except KeyboardInterrupt:  # every finished batch is in its shard already: the command line says what is kept

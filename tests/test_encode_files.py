@@ -74,6 +74,50 @@ def test_folder_to_npz_matches_the_reference_and_skips_bad_files(tmp_path, model
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["emb.npz"]
 
 
+# (suffix, soundfile format, subtype, rate): the containers besides WAV/FLAC/OGG/AIFF that field and monitoring
+# recordings come in, each at a rate it takes (Opus: 8-48 kHz; MP3: up to 48 kHz)
+MORE_CONTAINERS = [(".mp3", "MP3", "MPEG_LAYER_III", 22050), (".opus", "OGG", "OPUS", 12000),
+                   (".rf64", "RF64", "PCM_24", 50000), (".w64", "W64", "FLOAT", 44100), (".caf", "CAF", "PCM_16", 8000)]
+
+
+def test_mp3_opus_rf64_w64_and_caf_files_are_found_and_encoded_as_decoded(tmp_path, model_path, capsys):
+    """A folder of MP3s was told that no audio file was found in it; RF64 and Wave64, the forms of recordings past
+    4 GiB, were left out of folders too."""
+    if "MP3" not in soundfile.available_formats():
+        pytest.skip(f"this libsndfile ({soundfile.__libsndfile_version__}) has no MP3 codec")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    written = []
+    for suffix, kind, subtype, rate in MORE_CONTAINERS:
+        path = folder / f"clip{suffix.upper() if suffix == '.mp3' else suffix}"  # any case, as the other suffixes
+        signal = np.random.uniform(-0.5, 0.5, (rate // 3 + 77, 2 if suffix == ".w64" else 1))
+        soundfile.write(str(path), signal, rate, format=kind, subtype=subtype)
+        written.append((path, rate, signal.shape[1]))
+    out = tmp_path / "emb.npz"
+    assert run(folder, "--model", model_path, "--out", out) == 0
+    assert f"wrote {out}: 5 files (0 reused from an earlier run), 0 skipped" in capsys.readouterr().out
+    files = read_embeddings(out)["files"]
+    model = echo.load(model_path)
+    for path, rate, channels in written:
+        row = files[str(path)]
+        assert row["sample_rate"] == rate and row["channels"] == channels
+        assert rel_err(row["utterance"], reference(model, path)[0]) < 1e-5
+
+
+def test_an_mp3_that_this_libsndfile_cannot_decode_is_named_so(tmp_path, model_path, capsys, monkeypatch):
+    """A libsndfile before 1.1 (a system's) reads no MP3 and says "Format not recognised", as of a damaged file."""
+    soundfile.write(str(tmp_path / "fine.wav"), np.random.uniform(-0.5, 0.5, 4000), 16000)
+    (tmp_path / "song.mp3").write_bytes(b"ID3\x03\x00" + bytes(200))  # no frame a decoder would take
+    monkeypatch.setattr(soundfile, "available_formats", lambda: {"WAV": "Microsoft WAV"})
+    assert run(tmp_path, "--model", model_path, "--out", tmp_path / "emb.npz") == 0
+    printed = capsys.readouterr().out
+    assert (f"skipped {tmp_path / 'song.mp3'}: ValueError: this soundfile's libsndfile "
+            f"({soundfile.__libsndfile_version__}) reads no MP3 files: pip install -U soundfile") in printed
+    monkeypatch.undo()  # a libsndfile with MP3 says what is wrong with the file
+    assert run(tmp_path, "--model", model_path, "--out", tmp_path / "emb.npz") == 0
+    assert f"skipped {tmp_path / 'song.mp3'}: not a readable audio file" in capsys.readouterr().out
+
+
 def test_a_multichannel_file_is_read_into_place_at_the_size_of_its_samples(tmp_path, monkeypatch):
     """A multichannel file was read whole, interleaved, then transposed, both held at once: twice its float32 size at
     the peak, the run's peak for a long one (30 minutes of 48 kHz stereo: +1318 MB, now +659 MB). Now read a block
@@ -121,8 +165,8 @@ def test_a_batch_holds_files_up_to_the_sample_limit_with_the_same_embeddings(tmp
     monkeypatch.setattr(embed, "BATCH_SAMPLES", 10000)
     capsys.readouterr()
     assert run(folder, "--model", model_path, "--out", tmp_path / "cut.npz") == 0
-    # a, b | broken (unreadable: no call) | c, over the limit, alone | d, e
-    assert calls == [[4000, 6000], [12000], [2500, 2500]]
+    # a, b | broken (unreadable: no call) | c, over the limit, alone, streamed | d, e
+    assert calls == [[4000, 6000], [2500, 2500]]
     printed = capsys.readouterr().out
     assert f"skipped {folder / 'broken.wav'}: " in printed and "5 files (0 reused from an earlier run), 1 skipped" \
         in printed
@@ -130,6 +174,112 @@ def test_a_batch_holds_files_up_to_the_sample_limit_with_the_same_embeddings(tmp
     assert set(cut) == set(whole) and len(cut) == 5
     # equal up to the order of float sums, which other passes of the encoder may change
     assert all(rel_err(cut[path]["utterance"], whole[path]["utterance"]) < 1e-6 for path in whole)
+
+
+@pytest.fixture
+def streamed(monkeypatch):
+    """Files over 20,000 decoded samples are streamed, in blocks of 3001 samples; yields the paths streamed and each
+    block's shape."""
+    import echo.encode_files as command
+    from echo.eval import embed
+
+    monkeypatch.setattr(embed, "BATCH_SAMPLES", 20000)
+    monkeypatch.setattr(command, "STREAM_BLOCK", 3001)
+    seen = {"paths": [], "blocks": []}
+    real = command._stream_and_encode
+
+    def recorded(model, path, *args):
+        seen["paths"].append(path.name)
+        return real(model, path, *args)
+
+    def watched(read_blocks):
+        def read(path, samples):
+            rate, channels, frames, blocks = read_blocks(path, samples)
+            return rate, channels, frames, (seen["blocks"].append(b.shape) or b for b in blocks)
+        return read
+
+    monkeypatch.setattr(command, "_stream_and_encode", recorded)
+    monkeypatch.setattr(command, "audio_blocks", watched(command.audio_blocks))
+    monkeypatch.setattr(command, "wav_blocks", watched(command.wav_blocks))
+    return seen
+
+
+def test_a_file_over_a_batchs_samples_is_streamed_in_blocks_with_the_reference_embeddings(tmp_path, model_path,
+                                                                                          capsys, streamed):
+    """A long recording was decoded whole and encoded in one call: twice its float32 size and more at the peak (30
+    minutes of 48 kHz mono: +660 MB), whatever --batch-files. Now decoded a block at a time through StreamEncoders,
+    one per channel, with model.encode's embeddings; mono, stereo, a float64 file on a large offset, --frames."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    files = {"mono.wav": (rng.uniform(-0.5, 0.5, 41077), 16000, "PCM_16"),
+             "stereo.flac": (rng.uniform(-0.5, 0.5, (12011, 2)), 44100, "PCM_24"),
+             "offset.wav": (1e5 + 1e-2 * rng.standard_normal(30011), 8000, "DOUBLE"),  # a pressure in Pa
+             "short.wav": (rng.uniform(-0.5, 0.5, 4000), 12000, "FLOAT")}  # a batch of its own kind
+    for name, (signal, rate, subtype) in files.items():
+        soundfile.write(str(folder / name), signal, rate, subtype=subtype)
+    out = tmp_path / "e.npz"
+    assert run(folder, "--model", model_path, "--out", out, "--frames") == 0
+    assert "4 files (0 reused from an earlier run), 0 skipped" in capsys.readouterr().out
+    assert sorted(streamed["paths"]) == ["mono.wav", "offset.wav", "stereo.flac"]
+    assert max(rows * frames for rows, frames in streamed["blocks"]) <= 3001 and len(streamed["blocks"]) > 30
+    rows = read_embeddings(out)["files"]
+    model = echo.load(model_path)
+    for name, (signal, rate, subtype) in files.items():
+        data, _ = soundfile.read(str(folder / name), dtype="float64" if subtype == "DOUBLE" else "float32",
+                                 always_2d=True)
+        utterance, frames = model.encode(torch.from_numpy(np.ascontiguousarray(data.T)), rate)
+        row = rows[str(folder / name)]
+        assert (row["sample_rate"], row["channels"]) == (rate, data.shape[1])
+        assert rel_err(row["utterance"], utterance) < 1e-5 and rel_err(row["frames"], frames) < 1e-5, name
+
+
+def test_a_long_wav_is_streamed_without_soundfile(tmp_path, model_path, streamed, monkeypatch):
+    from echo.data.wav import read_wav, write_wav
+
+    signal = np.random.default_rng(6).uniform(-0.5, 0.5, (2, 11003))
+    write_wav(tmp_path / "long.wav", signal, 22050)
+    monkeypatch.setitem(sys.modules, "soundfile", None)
+    assert run(tmp_path / "long.wav", "--model", model_path, "--out", tmp_path / "e.npz") == 0
+    assert streamed["paths"] == ["long.wav"] and len(streamed["blocks"]) == 8  # 1500 frames a block
+    row = read_embeddings(tmp_path / "e.npz")["files"][str(tmp_path / "long.wav")]
+    waveform, rate = read_wav(tmp_path / "long.wav")
+    assert rel_err(row["utterance"], echo.load(model_path).encode(torch.from_numpy(waveform), rate)[0]) < 1e-5
+
+
+def test_a_streamed_file_with_bad_samples_or_a_damaged_stream_is_skipped_with_the_reason(tmp_path, model_path, capsys,
+                                                                                         streamed):
+    rng = np.random.default_rng(7)
+    mono, stereo = rng.uniform(-0.5, 0.5, 30000), rng.uniform(-0.5, 0.5, (15000, 2))
+    mono[25000] = np.nan
+    stereo[9000, 1] = np.inf
+    soundfile.write(str(tmp_path / "nan.wav"), mono, 16000, subtype="FLOAT")
+    soundfile.write(str(tmp_path / "inf.wav"), stereo, 16000, subtype="FLOAT")
+    soundfile.write(str(tmp_path / "whole.flac"), rng.uniform(-0.5, 0.5, 40000), 16000)
+    flac = (tmp_path / "whole.flac").read_bytes()
+    cut = len(flac) // 2
+    (tmp_path / "damaged.flac").write_bytes(flac[:cut] + bytes(range(256)) * 8 + flac[cut + 2048:])
+    assert run(tmp_path, "--model", model_path, "--out", tmp_path / "e.npz") == 0
+    printed = capsys.readouterr().out
+    assert (f"skipped {tmp_path / 'nan.wav'}: ValueError: chunk at sample 24008 contains 1 NaN or Inf sample(s), the "
+            f"first at index 992") in printed  # 8 blocks of 3001 samples before
+    assert (f"skipped {tmp_path / 'inf.wav'}: ValueError: channel 1: chunk at sample 9000 contains 1 NaN or Inf "
+            f"sample(s), the first at index 0") in printed  # blocks of 1500 frames
+    assert f"skipped {tmp_path / 'damaged.flac'}: " in printed
+    assert "1 file (0 reused from an earlier run), 3 skipped" in printed
+
+
+def test_a_streamed_files_progress_counts_its_samples(tmp_path, model_path, streamed):
+    import echo.encode_files as command
+    from echo.eval.embed import FailureStreak
+
+    soundfile.write(str(tmp_path / "long.flac"), np.random.uniform(-0.5, 0.5, 25000), 16000)
+    calls = []
+    options = {"dtype": torch.float32, "max_tokens": None, "progress": lambda done, total: calls.append((done, total))}
+    (rate, channels, samples), result = command._stream_and_encode(echo.load(model_path), tmp_path / "long.flac",
+                                                                   False, options, FailureStreak())
+    assert (rate, channels, samples) == (16000, 1, 25000) and result["utterance"].ndim == 1
+    assert calls == [(min(done, 25000), 25000) for done in range(3001, 25000 + 3001, 3001)]
 
 
 def interrupt_at_batch(monkeypatch, number=2):
@@ -1673,23 +1823,23 @@ def test_hidden_recordings_are_found_only_macos_metadata_is_left_out(tmp_path):
 
 
 def test_a_folders_files_of_other_suffixes_are_counted_in_one_note(tmp_path, model_path, capsys):
-    """A folder of MP3s (even WAVs renamed .mp3) was encoded as if empty without a word, while the same file named
+    """A folder of M4As (even WAVs renamed .m4a) was encoded as if empty without a word, while the same file named
     on the command line was encoded. Hidden names, macOS's ._ files, what hidden folders hold and folders are not
     counted."""
     from echo.data import AUDIO_SUFFIXES
 
     folder = tmp_path / "my_pump"
-    (folder / "sub.mp3").mkdir(parents=True)
+    (folder / "sub.m4a").mkdir(parents=True)
     (folder / ".git").mkdir()
-    for name in ("a.wav", "x.mp3", "sub.mp3/y.MP3", "sub.mp3/b.wav"):
+    for name in ("a.wav", "x.m4a", "sub.m4a/y.M4A", "sub.m4a/b.wav"):
         soundfile.write(str(folder / name), np.random.uniform(-0.5, 0.5, 4000), 16000, format="WAV")
     for name in ("notes.txt", "README", ".DS_Store", ".hidden.txt", "._a.wav", ".git/config"):
         (folder / name).write_bytes(b"not audio")
     assert run(folder, "--model", model_path, "--out", tmp_path / "e.npz") == 0
     printed = capsys.readouterr().out
     assert sorted(read_embeddings(tmp_path / "e.npz")["files"]) == [str(folder / "a.wav"),
-                                                                     str(folder / "sub.mp3" / "b.wav")]
-    assert (f"note: left out of {folder}: 4 files with other suffixes (.mp3: 2, .txt: 1, no suffix: 1); files "
+                                                                     str(folder / "sub.m4a" / "b.wav")]
+    assert (f"note: left out of {folder}: 4 files with other suffixes (.m4a: 2, .txt: 1, no suffix: 1); files "
             f"are read from folders by suffix: {', '.join(sorted(AUDIO_SUFFIXES))}\n") in printed
     assert printed.count("note:") == 1
 

@@ -307,15 +307,15 @@ def test_folder_task(tmp_path):
 
 
 def test_folder_task_notes_files_of_other_suffixes_and_names_the_suffixes_it_reads(tmp_path):
-    """normal/x.mp3 was left out of the bank without a word; a normal/ of MP3s only was "no audio file", without
+    """normal/x.m4a was left out of the bank without a word; a normal/ of M4As only was "no audio file", without
     saying which files are. Hidden names and macOS's ._ files are not counted."""
     suffixes = ", ".join(sorted(datasets.AUDIO_SUFFIXES))
     read = f"files are read from folders by suffix: {suffixes}"
-    touch(tmp_path, "normal/a.wav", "normal/x.mp3", "normal/day2/y.MP3", "normal/day2/z.txt", "normal/.DS_Store",
+    touch(tmp_path, "normal/a.wav", "normal/x.m4a", "normal/day2/y.M4A", "normal/day2/z.txt", "normal/.DS_Store",
           "normal/._a.wav", "test/normal/b.wav", "test/anomalous/c.wav", "test/README")
     data = datasets.load("folder", tmp_path)
     assert sorted(c.path.name for c in data.items) == ["a.wav", "b.wav", "c.wav"]
-    assert f"left out of {tmp_path / 'normal'}: 3 files with other suffixes (.mp3: 2, .txt: 1); {read}" \
+    assert f"left out of {tmp_path / 'normal'}: 3 files with other suffixes (.m4a: 2, .txt: 1); {read}" \
         in data.notes
     assert f"left out of {tmp_path / 'test'}: 1 file with other suffixes (no suffix: 1); {read}" in data.notes
     assert len(data.notes) == 3  # and the ._ file's own note

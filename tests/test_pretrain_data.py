@@ -64,6 +64,37 @@ def test_a_wav_cut_short_is_unreadable_not_short_to_the_corpus_and_the_shards(tm
     assert any("leaving out cut.wav" in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
 
 
+def test_mp3_and_rf64_files_are_pretraining_data_and_an_mp3_no_decoder_reads_is_named(tmp_path, monkeypatch, caplog):
+    """Folders of MP3 or RF64 recordings were no audio to pretraining; under a libsndfile without MP3 (before 1.1)
+    an MP3 is skipped with that reason, not as "Format not recognised"."""
+    if "MP3" not in sf.available_formats():
+        pytest.skip(f"this libsndfile ({sf.__libsndfile_version__}) has no MP3 codec")
+    root = tmp_path / "data"
+    root.mkdir()
+    sf.write(root / "a.mp3", 0.1 * seeded_rng().normal(size=24000), 24000, format="MP3")
+    sf.write(root / "b.rf64", 0.1 * seeded_rng().normal(size=(20000, 2)), 16000, format="RF64")
+    source = corpus.FolderCorpus(root, min_seconds=0.5)
+    assert sorted((f.path, f.sample_rate, f.frames, f.channels) for f in source.files) == [
+        ("a.mp3", 24000, 24000, 1), ("b.rf64", 16000, 20000, 2)]
+    crop = next(source.examples(0, 0, 1))  # read through the same decoder
+    assert np.isfinite(crop.read(0, 1000)).all()
+    info = sf.info
+
+    def without_mp3(path, *args):
+        if str(path).endswith(".mp3"):
+            raise sf.LibsndfileError(1, "Format not recognised")  # a libsndfile's words for an MP3 it cannot read
+        return info(path, *args)
+
+    monkeypatch.setattr(sf, "available_formats", lambda: {"WAV": "Microsoft WAV", "RF64": "RF64 WAV"})
+    monkeypatch.setattr(sf, "info", without_mp3)
+    (root / corpus.MANIFEST_NAME).unlink()
+    with caplog.at_level("WARNING", logger=corpus.log.name):
+        assert [f.path for f in corpus.FolderCorpus(root, min_seconds=0.5).files] == ["b.rf64"]
+    assert (f"skipping unreadable a.mp3: this soundfile's libsndfile ({sf.__libsndfile_version__}) reads no MP3 "
+            f"files: pip install -U soundfile (its wheels bring a libsndfile that does)") in [
+        r.getMessage() for r in caplog.records]
+
+
 def test_folder_examples_read_the_right_channel_and_split_across_streams(tmp_path):
     root = write_corpus(tmp_path / "data", files=6)
     source = corpus.FolderCorpus(root, min_seconds=1.0)

@@ -8,8 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from echo.data.wav import read_wav, write_wav
+from echo.data.wav import read_wav, wav_blocks, write_wav
 from echo.encode_files import read_file
+from echo.eval.datasets import audio_blocks
 
 try:
     import soundfile
@@ -50,11 +51,22 @@ def as_read(pcm: np.ndarray) -> np.ndarray:
     return (expected[0] if len(pcm) == 1 else expected).astype(np.float32)
 
 
+def joined_blocks(read_blocks, path, samples: int = 97) -> tuple[np.ndarray, int]:
+    """(waveform, rate) as read_wav gives it, from a block reader's blocks of `samples` samples (encode's reader of
+    long files), whose count of frames is checked against theirs."""
+    rate, channels, frames, blocks = read_blocks(path, samples)
+    blocks = list(blocks)
+    assert all(b.shape == (channels, max(samples // channels, 1)) for b in blocks[:-1]) and blocks[-1].shape[1]
+    waveform = np.concatenate(blocks, axis=1)
+    assert waveform.shape[1] == frames
+    return (waveform[0] if channels == 1 else waveform), rate
+
+
 def every_reader(path, monkeypatch) -> list:
-    """(waveform, rate) from read_wav, read_file with soundfile and read_file without it."""
-    results = [read_wav(path)]
+    """(waveform, rate) from read_wav, read_file with soundfile and read_file without it, and the block readers."""
+    results = [read_wav(path), joined_blocks(wav_blocks, path), joined_blocks(wav_blocks, path, samples=1)]
     if soundfile is not None:
-        results.append(read_file(path))
+        results += [read_file(path), joined_blocks(audio_blocks, path)]
     with monkeypatch.context() as patched:
         patched.setitem(sys.modules, "soundfile", None)
         results.append(read_file(path))
@@ -99,7 +111,8 @@ def test_a_wav_cut_short_is_refused_by_every_reader(tmp_path, monkeypatch):
     path.write_bytes(content)
     held = len(interleaved(PCM6)) + 3  # 3 bytes of a frame that never came
     said = f"truncated: its header promises 1,000,000 bytes of samples, the file holds {held:,} (a copy or download"
-    readers = [read_wav, read_file] if soundfile is not None else [read_wav]
+    readers = [read_wav, read_file, lambda path: wav_blocks(path, 100)]
+    readers += [lambda path: audio_blocks(path, 100)] if soundfile is not None else []
     for read in readers:
         with pytest.raises(ValueError, match=re.escape(said)):
             read(path)

@@ -1,8 +1,30 @@
 """Data for echo: synthetic machine signals with known physics, and the small real recordings bundled with
 the package (licences in samples/CREDITS.md)."""
+from pathlib import Path
+
 from .bundled import sample, samples
 
-# The audio files echo picks out of folders (encode, eval, pretraining), all read by soundfile.
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".aif", ".aiff")
+# The audio files echo picks out of folders (encode, eval, pretraining), all read by soundfile (libsndfile 1.1 or
+# later for MP3, as soundfile's wheels bundle): field recordings come as MP3 and Opus too, and long monitoring
+# recordings as RF64 or Wave64 (a WAV file stops at 4 GiB, 6 hours of 48 kHz stereo float32).
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".aif", ".aiff", ".caf", ".w64", ".rf64")
 
-__all__ = ["AUDIO_SUFFIXES", "sample", "samples"]
+# suffixes whose decoder a libsndfile may lack: soundfile's format and subtype (None: any) for them, and their name
+_DECODERS = {".mp3": ("MP3", None, "MP3"), ".opus": ("OGG", "OPUS", "Opus")}
+
+
+def missing_decoder(soundfile, path) -> str:
+    """Why this soundfile reads no file of `path`'s kind ("" where it does, or cannot tell): a libsndfile before
+    1.1 (a system's, under a distribution's soundfile) has no MP3 decoder and says "Format not recognised", as for
+    a damaged file."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in _DECODERS:
+        return ""
+    kind, subtype, name = _DECODERS[suffix]
+    if kind in soundfile.available_formats() and (subtype is None or subtype in soundfile.available_subtypes(kind)):
+        return ""
+    return (f"this soundfile's libsndfile ({soundfile.__libsndfile_version__}) reads no {name} files: "
+            f"pip install -U soundfile (its wheels bring a libsndfile that does)")
+
+
+__all__ = ["AUDIO_SUFFIXES", "missing_decoder", "sample", "samples"]

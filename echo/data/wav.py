@@ -8,6 +8,7 @@ import re
 import struct
 import wave
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -46,15 +47,39 @@ def read_wav(source) -> tuple[np.ndarray, int]:
     in_memory = isinstance(source, (bytes, bytearray, memoryview))
     name = "WAV data" if in_memory else str(source)
     with io.BytesIO(source) if in_memory else open(source, "rb") as handle:
-        channels, rate, data = _pcm16_chunks(handle, name)
-    pcm = np.frombuffer(data, dtype="<i2", count=len(data) // (2 * channels) * channels)  # whole frames
-    waveform = np.ascontiguousarray(pcm.reshape(-1, channels).T, dtype=np.float32)  # (C, N) rows, as soundfile's
-    waveform /= 32768  # in place: a long recording is not held twice in float32
+        channels, rate, size = _pcm16_chunks(handle, name)
+        waveform = _scaled(handle.read(size), channels)
     return (waveform[0] if channels == 1 else waveform), rate
 
 
-def _pcm16_chunks(handle, name: str) -> tuple[int, int, bytes]:
-    """(channels, rate, bytes of the data chunk) of an open WAV file."""
+def wav_blocks(path, samples: int) -> tuple[int, int, int, Iterator[np.ndarray]]:
+    """(rate, channels, frames in all, blocks) of a 16-bit PCM WAV file: read_wav's samples as (C, n) blocks of at
+    most `samples` samples (at least a frame), read one at a time, so a long recording is never whole in memory."""
+    handle = open(path, "rb")
+    try:
+        channels, rate, size = _pcm16_chunks(handle, str(path))
+    except BaseException:
+        handle.close()
+        raise
+    return rate, channels, size // (2 * channels), _blocks(handle, channels, size, max(samples // channels, 1))
+
+
+def _blocks(handle, channels: int, size: int, frames: int) -> Iterator[np.ndarray]:
+    with handle:
+        for start in range(0, size // (2 * channels), frames):  # not past the data chunk: chunks may follow
+            yield _scaled(handle.read(min(frames, size // (2 * channels) - start) * 2 * channels), channels)
+
+
+def _scaled(data: bytes, channels: int) -> np.ndarray:
+    """(C, N) float32 samples of 16-bit PCM bytes, whole frames: int16 / 32768, as soundfile reads them."""
+    pcm = np.frombuffer(data, dtype="<i2", count=len(data) // (2 * channels) * channels)
+    waveform = np.ascontiguousarray(pcm.reshape(-1, channels).T, dtype=np.float32)  # (C, N) rows, as soundfile's
+    waveform /= 32768  # in place: a long recording is not held twice in float32
+    return waveform
+
+
+def _pcm16_chunks(handle, name: str) -> tuple[int, int, int]:
+    """(channels, rate, bytes of samples) of an open WAV file, left at the start of its samples."""
     end = handle.seek(0, io.SEEK_END)
     handle.seek(0)
     header = handle.read(12)
@@ -73,7 +98,7 @@ def _pcm16_chunks(handle, name: str) -> tuple[int, int, bytes]:
                 raise ValueError(f"{name}: {problem}")
             # a placeholder past the end (0xFFFFFFFF from a recorder that never finished) reads what is there,
             # without asking read() for gigabytes first
-            return (*layout, handle.read(min(size, available)))
+            return (*layout, min(size, available))
         if kind == b"fmt ":
             layout = _pcm16_layout(handle.read(min(size, available)), name)
         handle.seek(start + size + size % 2)  # odd-sized chunks are followed by a pad byte

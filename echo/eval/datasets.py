@@ -31,12 +31,12 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
 from .. import folders
-from ..data import AUDIO_SUFFIXES
+from ..data import AUDIO_SUFFIXES, missing_decoder
 from ..data.wav import logged_truncation
 from ..wording import counted
 
@@ -103,20 +103,49 @@ def read_audio(path: Path) -> tuple[np.ndarray, int]:
     the folder and DCASE tasks, and the one to give `embed.embed_files` for your own files. A 64-bit float file's
     samples come as float64: read as float32 by libsndfile, values past float32's range became Inf (refused as
     "NaN or Inf" samples the file does not hold) and a large offset rounded away the signal on it."""
+    with _opened(path) as handle:
+        dtype = _dtype(handle)
+        if handle.channels == 1 or not handle.seekable():
+            data = handle.read(dtype=dtype, always_2d=True)
+            return (data[:, 0] if data.shape[1] == 1 else np.ascontiguousarray(data.T)), handle.samplerate
+        return _channels_first(handle, dtype), handle.samplerate
+
+
+def audio_blocks(path: Path, samples: int) -> tuple[int, int, int, Iterator[np.ndarray]]:
+    """(rate, channels, frames in all, blocks) of what read_audio reads: its samples as (C, n) blocks of at most
+    `samples` samples (at least a frame), decoded one at a time, so a long recording is never whole in memory."""
+    handle = _opened(path)
+    return handle.samplerate, handle.channels, handle.frames, _blocks(handle, max(samples // handle.channels, 1))
+
+
+def _blocks(handle, frames: int) -> Iterator[np.ndarray]:
+    with handle:
+        while len(block := handle.read(frames, dtype=_dtype(handle), always_2d=True)):
+            yield np.ascontiguousarray(block.T)
+
+
+def _opened(path: Path):
+    """`path` opened by soundfile, refused where its header promises more than it holds."""
     soundfile = require("soundfile", "reading audio files")
     with open(path, "rb"):  # a missing or unreadable file is named as such, not as libsndfile's "System error"
         pass
     # soundfile encodes a str name with the locale's codec, strictly: under LC_ALL=C a UTF-8 name fails there;
     # its bytes open it (Windows opens by wide-character name)
     name = str(path) if os.name == "nt" else os.fsencode(path)
-    with soundfile.SoundFile(name) as handle:
-        if problem := logged_truncation(handle):
-            raise ValueError(problem)
-        dtype = "float64" if handle.subtype == "DOUBLE" else "float32"
-        if handle.channels == 1 or not handle.seekable():
-            data = handle.read(dtype=dtype, always_2d=True)
-            return (data[:, 0] if data.shape[1] == 1 else np.ascontiguousarray(data.T)), handle.samplerate
-        return _channels_first(handle, dtype), handle.samplerate
+    try:
+        handle = soundfile.SoundFile(name)
+    except soundfile.LibsndfileError:
+        if missing := missing_decoder(soundfile, path):
+            raise ValueError(missing) from None
+        raise
+    if problem := logged_truncation(handle):
+        handle.close()
+        raise ValueError(problem)
+    return handle
+
+
+def _dtype(handle) -> str:
+    return "float64" if handle.subtype == "DOUBLE" else "float32"
 
 
 READ_BLOCK = 1 << 16  # frames a multichannel file is read in

@@ -190,7 +190,7 @@ class Embedded:
     encode_seconds: float = 0.0
 
 
-def _failure(error: Exception, path=None) -> str:
+def failure_reason(error: Exception, path=None) -> str:
     """"Type: message"; an OSError about `path` itself without the path, which the line naming the file shows, and
     a libsndfile error without it either (it named the path as a bytes literal: b'/data/x.wav')."""
     soundfile = sys.modules.get("soundfile")  # none of its errors where it was never imported
@@ -207,7 +207,7 @@ def key_checked(path: Path) -> tuple[str | None, str]:
     try:
         return EmbeddingCache.key(path), ""
     except (OSError, ValueError) as error:
-        return None, _failure(error, path)
+        return None, failure_reason(error, path)
 
 
 def read_checked(read: Callable, path: Path):
@@ -225,14 +225,14 @@ def read_checked(read: Callable, path: Path):
     except ImportError:  # a missing optional package is not a bad file
         raise
     except Exception as error:  # any reader failure (corrupt file, wrong format) is reported, not raised
-        return _failure(error, path)
+        return failure_reason(error, path)
 
 
-def batch_files_help(default: int) -> str:
-    """--batch-files' help, alike in encode and eval."""
+def batch_files_help(default: int, longer: str = "a longer file is a batch alone") -> str:
+    """--batch-files' help, alike in encode and eval but for what a longer file is (`longer`)."""
     return (f"files encoded per batch at most (default: {default}); a batch also ends before {BATCH_SAMPLES:,} "
             f"decoded samples ({BATCH_SAMPLES * 4 >> 20} MB of float32, ~{BATCH_SAMPLES / 48000 / 60:.0f} minutes of "
-            f"48 kHz mono); a longer file is a batch alone")
+            f"48 kHz mono); {longer}")
 
 
 def decoded_sizes(paths: list, pool: Executor) -> list[int]:
@@ -327,13 +327,13 @@ def encode_isolating_failures(encode: Callable, signals: list, rates: list, stre
     except BackendError:
         raise
     except (ValueError, RuntimeError) as error:
-        batch_failure = _failure(error)
+        batch_failure = failure_reason(error)
         if len(signals) == 1:  # tried alone already
             streak.record(batch_failure)
             return [f"encode failed: {error}"]
     else:
         streak.record()
-        return _finite_or_failed(results)
+        return finite_or_failed(results)
     # retried here, past the except clause: its traceback held the failed call's tensors (a GPU batch's, out of
     # memory) for the duration of the retries
     results, failures = [], []
@@ -344,16 +344,16 @@ def encode_isolating_failures(encode: Callable, signals: list, rates: list, stre
             raise
         except (ValueError, RuntimeError) as error:
             results.append(f"encode failed: {error}")
-            failures.append(_failure(error))
+            failures.append(failure_reason(error))
     if failures == [batch_failure] * len(signals):
         raise EncoderFailure(f"the encoder failed on a batch of {len(signals)} signals and on each of them alone, "
                              f"with the same error, so the device or the model fails, not the signals: "
                              f"{batch_failure}")
     streak.record()
-    return _finite_or_failed(results)
+    return finite_or_failed(results)
 
 
-def _finite_or_failed(results: list) -> list:
+def finite_or_failed(results: list) -> list:
     return [result if isinstance(result, str) or _finite(result) else
             "encode failed: the embedding holds NaN or infinite values" for result in results]
 

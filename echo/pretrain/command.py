@@ -15,8 +15,8 @@ from .objective import UTTERANCE_TARGETS
 from .trainer import PretrainConfig, export_run, train
 
 HELP = {
-    "data": "audio folder (WAV/FLAC/OGG/AIFF, any rate, indexed once into a cached manifest) or WebDataset shards "
-            "(a folder of .tar files, one .tar, or a brace pattern)",
+    "data": "audio folder (WAV/FLAC/OGG/Opus/MP3/AIFF/CAF/W64/RF64, any rate, indexed once into a cached manifest) or "
+            "WebDataset shards (a folder of .tar files, one .tar, or a brace pattern)",
     "out": "run folder: config.json, steps.csv, checkpoints/, model.safetensors; an existing run resumes",
     "size": "model preset",
     "dim": "custom width (overrides the preset)",

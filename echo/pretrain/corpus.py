@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .. import atomic, geometry
-from ..data import AUDIO_SUFFIXES
+from ..data import AUDIO_SUFFIXES, missing_decoder
 from ..data.wav import logged_truncation
 from ..wording import counted
 
@@ -113,7 +113,8 @@ def probe(root: Path, relative: str) -> FileEntry:
             raise RuntimeError(problem)
         return FileEntry(relative, stat.st_size, stat.st_mtime_ns, info.samplerate, info.frames, info.channels, "")
     except RuntimeError as error:  # soundfile raises LibsndfileError (a RuntimeError) for bad files
-        return FileEntry(relative, stat.st_size, stat.st_mtime_ns, 0, 0, 0, str(error).replace("\n", " "))
+        problem = missing_decoder(soundfile(), path) or str(error).replace("\n", " ")
+        return FileEntry(relative, stat.st_size, stat.st_mtime_ns, 0, 0, 0, problem)
 
 
 def audio_files(root: Path) -> list[str]:

@@ -325,7 +325,8 @@ def open_corpus(spec, min_seconds: float, manifest=None):
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--data", required=True, help="folder of audio files (WAV/FLAC/OGG/AIFF, any rate)")
+    parser.add_argument("--data", required=True,
+                        help="folder of audio files (WAV/FLAC/OGG/Opus/MP3/AIFF/CAF/W64/RF64, any rate)")
     parser.add_argument("--out", required=True,
                         help="folder to write shard-NNNNNN.tar files to; the same command after a stop writes "
                              "only the missing shards, but one holding .tar files of another write (other files or "
