@@ -7,6 +7,7 @@ import importlib
 import torch
 
 from . import extension
+from .data import AUDIO_SUFFIXES, missing_decoder
 from .ops import attention as attention_ops
 from .ops import backend as backends
 from .ops import linear as linear_ops
@@ -104,6 +105,21 @@ def bf16_products() -> str:
             f"slower than float32 here; `python bench/encode_throughput.py` measures both")
 
 
+def audio_files() -> str:
+    """The audio files this install reads (encode, eval, pretrain): with soundfile, its libsndfile's; without it,
+    plain 16-bit WAV. An MP3 read as "Format not recognised" is explained here at a glance."""
+    try:
+        import soundfile
+    except (ImportError, OSError) as error:  # OSError: installed without its C library
+        return f"plain 16-bit WAV only (soundfile: {error}; pip install 'echo-fm[audio]')"
+    unread = [suffix for suffix in AUDIO_SUFFIXES if missing_decoder(soundfile, f"file{suffix}")]
+    found = f"soundfile {soundfile.__version__}, libsndfile {soundfile.__libsndfile_version__}"
+    if not unread:
+        return f"{found}: {' '.join(AUDIO_SUFFIXES)}"
+    read = [suffix for suffix in AUDIO_SUFFIXES if suffix not in unread]
+    return f"{found}: {' '.join(read)}; not {' '.join(unread)} (pip install -U soundfile: its wheels read them)"
+
+
 def report() -> str:
     lines = [
         f"torch {torch.__version__} (CUDA {torch.version.cuda or 'not built'}, "
@@ -125,6 +141,7 @@ def report() -> str:
     tiles = "yes" if attention_ops.tiles_usable() else f"no ({why_no_tiles()})"
     sizes = f"{attention_ops.TILE_FROM}-{attention_ops.TILE_TOKENS}"
     lines.append(f"bf16 attention of {sizes}-token sequences on AMX tiles: {tiles}")
+    lines.append(f"audio files: {audio_files()}")
     try:
         backends.check_environment()
     except ValueError as error:  # other commands stop on it; here it is reported with the rows it affects

@@ -326,3 +326,25 @@ def test_info_says_forcing_triton_on_cpu_needs_the_interpreter(capsys, monkeypat
     _, rows = info_rows(capsys)
     assert ("triton runs by default only on CUDA (forcing it on CPU needs TRITON_INTERPRET=1 set before "
             "echo_kernels is imported)") in rows["tokens", "cpu"][1]
+
+
+def test_info_names_the_audio_files_this_install_reads(capsys, monkeypatch):
+    """An MP3 a system's libsndfile (before 1.1) cannot decode was "Format not recognised", as a damaged file; info
+    says which files the install reads, and what reads the rest."""
+    import sys
+
+    from echo.data import AUDIO_SUFFIXES
+
+    soundfile = pytest.importorskip("soundfile")
+    text, _ = info_rows(capsys)
+    found = f"audio files: soundfile {soundfile.__version__}, libsndfile {soundfile.__libsndfile_version__}: "
+    if "MP3" in soundfile.available_formats() and "OPUS" in soundfile.available_subtypes("OGG"):
+        assert found + " ".join(AUDIO_SUFFIXES) + "\n" in text
+    monkeypatch.setattr(soundfile, "available_formats", lambda: {"WAV": "Microsoft WAV", "OGG": "OGG"})
+    monkeypatch.setattr(soundfile, "available_subtypes", lambda kind=None: {"VORBIS": "Vorbis"})
+    text, _ = info_rows(capsys)
+    read = " ".join(suffix for suffix in AUDIO_SUFFIXES if suffix not in (".mp3", ".opus"))
+    assert f"{found}{read}; not .opus .mp3 (pip install -U soundfile: its wheels read them)\n" in text
+    monkeypatch.setitem(sys.modules, "soundfile", None)
+    text, _ = info_rows(capsys)
+    assert "audio files: plain 16-bit WAV only (soundfile: " in text and "pip install 'echo-fm[audio]')" in text
