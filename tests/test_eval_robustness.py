@@ -139,3 +139,19 @@ def test_read_audio_keeps_a_64_bit_float_file_in_float64(tmp_path):
     np.testing.assert_array_equal(mono, samples[0])
     with pytest.raises(ValueError, match=r"1 sample\(s\) beyond float32's range .*channel 1, index 5"):
         inputs.as_signal(stereo, 16000)
+
+
+@pytest.mark.parametrize("container, subtype", [("WAV", "GSM610"), ("AIFF", "GSM610"), ("W64", "GSM610"),
+                                                ("WAV", "G721_32"), ("WAV", "NMS_ADPCM_16")])
+def test_read_audio_reads_a_codec_that_cannot_seek(tmp_path, container, subtype):
+    """GSM 6.10, G.721 and NMS ADPCM decode from the start only: soundfile refuses to read "all" of such a file
+    ("frames must be specified for non-seekable files"), so encode and eval skipped every one."""
+    soundfile = pytest.importorskip("soundfile")
+    if subtype not in soundfile.available_subtypes(container):
+        pytest.skip(f"this libsndfile writes no {subtype} {container}")
+    path = tmp_path / f"phone.{container.lower()}"
+    soundfile.write(path, 0.3 * seeded_rng().standard_normal(2001), 8000, format=container, subtype=subtype)
+    expected, rate = soundfile.read(path, dtype="float32")
+    signal, read_rate = read_audio(path)
+    assert read_rate == rate == 8000 and signal.dtype == np.float32
+    np.testing.assert_array_equal(signal, expected)

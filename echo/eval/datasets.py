@@ -106,7 +106,9 @@ def read_audio(path: Path) -> tuple[np.ndarray, int]:
     with _opened(path) as handle:
         dtype = _dtype(handle)
         if handle.channels == 1 or not handle.seekable():
-            data = handle.read(dtype=dtype, always_2d=True)
+            # the header's frames, named: soundfile refuses "all" of a file it cannot seek in (GSM 6.10, G.721 and
+            # NMS ADPCM decode from the start only), which read in blocks as any
+            data = handle.read(handle.frames, dtype=dtype, always_2d=True)
             return (data[:, 0] if data.shape[1] == 1 else np.ascontiguousarray(data.T)), handle.samplerate
         return _channels_first(handle, dtype), handle.samplerate
 
