@@ -107,6 +107,25 @@ def test_folder_examples_read_the_right_channel_and_split_across_streams(tmp_pat
     assert stereo.sample_rate == rate and stereo.frames == len(data)
 
 
+@pytest.mark.parametrize("container, subtype", [("WAV", "GSM610"), ("AIFF", "GSM610"), ("W64", "GSM610"),
+                                                ("WAV", "G721_32")])
+def test_crops_of_a_codec_that_cannot_seek_are_read_from_the_folder_and_the_shards(tmp_path, monkeypatch, container,
+                                                                                   subtype):
+    """libsndfile refuses any seek in GSM 6.10 and G.721 (they decode from the start only): every crop of such a file
+    was dropped as unreadable ("Seek attempted on unseekable file type"), so it was indexed but never trained on."""
+    monkeypatch.setattr(corpus, "SKIP_BLOCK", 1000, raising=False)  # the frames before a crop: dropped in blocks
+    root, name = tmp_path / "data", f"call.{container.lower()}"
+    root.mkdir()
+    sf.write(root / name, 0.3 * seeded_rng().standard_normal(8001), 8000, format=container, subtype=subtype)
+    data, _ = sf.read(root / name, dtype="float32")
+    frames = corpus.FolderCorpus(root, min_seconds=0.5).files[0].frames
+    member = shards.shard_sample(root, 0, name)[container.lower()]
+    for read in (corpus.FolderCorpus._reader(root / name, 8000, frames, 0),
+                 corpus.decoded_reader(member, 8000, frames, 0, "shard sample", "its JSON member")):
+        for start, count in ((0, 400), (2999, 1001), (len(data) - 300, 300)):
+            np.testing.assert_array_equal(read(start, count), data[start : start + count])
+
+
 def test_shards_round_trip(tmp_path):
     pytest.importorskip("webdataset")
     root = write_corpus(tmp_path / "data", files=6)

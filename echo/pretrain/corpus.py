@@ -307,12 +307,25 @@ def channel_reader(open_audio: Callable, source: str, sample_rate: int, frames: 
                                                   f"{handle.frames} frames, {counted(handle.channels, 'channel')}; "
                                                   f"{told_by} says {sample_rate} Hz, {frames} frames, at least "
                                                   f"{counted(channel + 1, 'channel')}")
-                handle.seek(start)
+                if handle.seekable():
+                    handle.seek(start)
+                else:
+                    skip(handle, start)
                 return handle.read(count, dtype="float32", always_2d=True)[:, channel]
 
         return checked_read(source, decode, count)
 
     return read
+
+
+SKIP_BLOCK = 1 << 16  # frames decoded at a time on the way to a crop in a file that cannot seek
+
+
+def skip(handle, frames: int) -> None:
+    """Decode and drop `frames` frames of `handle` (fewer at its end): GSM 6.10, G.721 and NMS ADPCM decode from the
+    start only, and libsndfile refuses any seek in them, so every crop of such a file was dropped as unreadable."""
+    while frames > 0 and (read := len(handle.read(min(frames, SKIP_BLOCK), dtype="float32"))):
+        frames -= read
 
 
 def decoded_reader(data: bytes, sample_rate: int, frames: int, channel: int, source: str,
