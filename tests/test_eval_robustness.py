@@ -118,6 +118,27 @@ def test_a_wav_cut_short_is_refused_and_a_streamed_ones_placeholder_is_not(tmp_p
     np.testing.assert_array_equal(read_audio(tmp_path / "streamed.wav")[0], read_audio(whole)[0])
 
 
+@pytest.mark.parametrize("container, promised", [("W64", "{riff:,} bytes"), ("RF64", "{frames:,} frames"),
+                                                 ("AIFF", "{ssnd:,} bytes of sound data")], ids=["W64", "RF64", "AIFF"])
+def test_a_wave64_rf64_or_aiff_file_cut_short_is_refused_as_a_wav_is(tmp_path, container, promised):
+    """Only a WAV's log was read for a header promising more than the file holds: a Wave64 or RF64 copy of a long
+    recording cut short, or an AIFF, read as a shorter clip with nothing said, in eval, encode and pretraining."""
+    soundfile = pytest.importorskip("soundfile")
+    from echo.data.wav import logged_truncation
+    from echo.pretrain import corpus
+
+    frames = 3001
+    whole = tmp_path / f"whole.{container.lower()}"
+    soundfile.write(whole, 0.1 * seeded_rng().standard_normal((frames, 2)), 16000, format=container, subtype="PCM_16")
+    data = whole.read_bytes()
+    assert logged_truncation(soundfile.info(whole)) == ""
+    cut = tmp_path / f"cut.{container.lower()}"
+    cut.write_bytes(data[: len(data) // 2])
+    said = promised.format(riff=len(data), frames=frames, ssnd=4 * frames + 8)
+    assert f"truncated: its header promises {said}, the file holds " in embed.read_checked(read_audio, cut)
+    assert corpus.probe(tmp_path, cut.name).problem.startswith(f"truncated: its header promises {said}")
+
+
 def test_read_audio_of_a_missing_file_says_so_and_names_it(tmp_path):
     pytest.importorskip("soundfile")
     with pytest.raises(FileNotFoundError, match="missing.wav"):  # was libsndfile's "System error"
