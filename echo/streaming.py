@@ -86,6 +86,28 @@ class _Window:
         return self.buffer[self.offset + start - self.start : self.offset + end - self.start]
 
 
+_PICKLED_AS = "_echo_pickled_as"  # the attribute of a stream's model that pickles it, one for all its streams
+
+
+class _PickledModel:
+    """A stream's inference model in a pickle: rebuilt from its config, weights and norms' eps."""
+
+    def __init__(self, model, dtype: torch.dtype):
+        self.model, self.dtype = model, dtype
+
+    def __reduce__(self):
+        eps = [module.eps for module in self.model.modules() if isinstance(module, torch.nn.LayerNorm)]
+        return _rebuilt, (self.model.config, self.model.state_dict(), eps, self.dtype)
+
+
+def _rebuilt(config, weights: dict, eps: list, dtype: torch.dtype):
+    model = EchoModel(config, device=next(iter(weights.values())).device)
+    model.load_state_dict(weights)
+    for module, value in zip((m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)), eps):
+        module.eps = value
+    return packed.inference_model(model, dtype, snapshot=True)
+
+
 class StreamEncoder:
     """`push(chunk)` returns the segments that became final, as (index, utterance, frames) with band 0
     provisional; `finish()` returns utterance, or (utterance, frames) with frames=True, of the whole signal.
@@ -103,6 +125,7 @@ class StreamEncoder:
         # as fast.encode (products in dtype, CPU inference ops), and a copy of the weights as they are now: every
         # segment of a stream is encoded with the same weights, whatever is written to the model meanwhile
         self.model = packed.inference_model(model, dtype, snapshot=True)
+        self.dtype = dtype
         self.rate = inputs.check_sample_rate(sample_rate)
         self.frames = frames
         # the ops `backend` reaches; one they cannot run (or whose attention cannot take the model's heads) is
@@ -139,6 +162,15 @@ class StreamEncoder:
         # rows alone without frames: what finish() reads of them)
         self.unreturned = []  # segments encoded but not yet handed out: a push that failed after them returns none
         self.finished = False
+
+    def __getstate__(self) -> dict:
+        """The stream as it stands, for pickle (a service saves its streams and takes them up after a restart).
+        Its model's products are packed for oneDNN, which does not pickle them: the model is pickled as the
+        config, weights and norms' eps it encodes with, and rebuilt on loading, once for all the streams of one
+        model pickled together (`pickle.dump(streams)`), which share it again, as they did."""
+        state = dict(vars(self))
+        state["model"] = vars(self.model).setdefault(_PICKLED_AS, _PickledModel(self.model, self.dtype))
+        return state
 
     # the stream's buffers are never inference tensors: pushes inside torch.inference_mode() (per thread: a
     # serving handler's) made them so, and a later push outside it may not write into them

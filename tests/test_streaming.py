@@ -795,3 +795,63 @@ def test_a_push_of_a_few_samples_sums_them_without_the_blocks_of_a_long_chunk(mo
         stream.push(chunk)
     assert calls == []
     assert stream.total == sum(chunk.sum(dtype=torch.float64) for chunk in chunks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_pickled_stream_takes_up_where_it_stood(model, dtype):
+    """A stream could not be pickled (its products' oneDNN-packed weights do not pickle): a service could not save
+    its streams across a restart. Unpickled mid-stream, it goes on as the stream itself does, to the bit, with the
+    weights it started with (the model changed since), and ends with fast.encode's embeddings."""
+    import pickle
+
+    rate = 16000
+    x = torch.randn(geometry.n_fft(rate) + 4300 * geometry.hop(rate) + 7) * 0.3 + 0.2  # two segments and a last
+    work = copy.deepcopy(model)
+    reference = fast.encode(work, [x], rate, frames=True, dtype=dtype)[0]
+    stream = fast.StreamEncoder(work, rate, frames=True, dtype=dtype)
+    head = 2100 * geometry.hop(rate) + 5  # past the first segment: one emitted, band 0 provisional
+    first = stream.push(x[:head])
+    saved = pickle.dumps(stream)
+    with torch.no_grad():
+        for parameter in work.parameters():
+            parameter.mul_(1.5)  # the stream keeps the weights it started with; so does its pickle
+    restored = pickle.loads(saved)
+    outputs = [(s.push(x[head:]), s.finish()) for s in (stream, restored)]
+    (emitted, (utterance, frames)), (emitted_again, (utterance_again, frames_again)) = outputs
+    assert len(first) == 1 and [k for k, _, _ in emitted] == [k for k, _, _ in emitted_again] == [1]
+    assert torch.equal(utterance, utterance_again) and torch.equal(frames, frames_again)
+    assert all(torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(emitted, emitted_again))
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel_err(utterance_again, reference[0]) < tolerance and rel_err(frames_again, reference[1]) < tolerance
+
+
+def test_a_pickled_stream_keeps_a_changed_norm_eps(model):
+    """The model is rebuilt from its config on loading: a norm's eps set on the module was the config's again."""
+    import pickle
+
+    felt = copy.deepcopy(model)
+    for module in felt.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.eps = 0.5  # large enough to move every embedding
+    rate = 8000
+    x = torch.randn(geometry.n_fft(rate) + 300 * geometry.hop(rate))
+    stream = fast.StreamEncoder(felt, rate)
+    stream.push(x[:1000])
+    restored = pickle.loads(pickle.dumps(stream))
+    for s in (stream, restored):
+        s.push(x[1000:])
+    assert torch.equal(stream.finish(), restored.finish())
+
+
+def test_streams_pickled_together_share_one_model_again(model):
+    """Streams of one model share its weights' copy; loaded each with its own rebuilt model, 800 streams of a service
+    took 800 copies of the weights."""
+    import pickle
+
+    streams = [fast.StreamEncoder(model, rate) for rate in (8000, 16000, 16000)]
+    streams.append(fast.StreamEncoder(model, 16000, dtype=torch.bfloat16))
+    for stream in streams:
+        stream.push(torch.randn(3000))
+    loaded = pickle.loads(pickle.dumps(streams))
+    assert loaded[0].model is loaded[1].model is loaded[2].model and loaded[3].model is not loaded[0].model
+    assert [s.model.encoder.layers[0].linear1.weight.dtype for s in loaded] == [torch.float32] * 3 + [torch.bfloat16]
