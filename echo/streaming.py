@@ -172,6 +172,11 @@ class StreamEncoder:
         state["model"] = vars(self.model).setdefault(_PICKLED_AS, _PickledModel(self.model, self.dtype))
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        """A pickle's state holds the rebuilt model; copy.copy's, the model's stand-in for pickle."""
+        model = state["model"]
+        vars(self).update(state, model=model.model if isinstance(model, _PickledModel) else model)
+
     # the stream's buffers are never inference tensors: pushes inside torch.inference_mode() (per thread: a
     # serving handler's) made them so, and a later push outside it may not write into them
     @torch.inference_mode(False)

@@ -855,3 +855,5 @@ def test_streams_pickled_together_share_one_model_again(model):
     loaded = pickle.loads(pickle.dumps(streams))
     assert loaded[0].model is loaded[1].model is loaded[2].model and loaded[3].model is not loaded[0].model
     assert [s.model.encoder.layers[0].linear1.weight.dtype for s in loaded] == [torch.float32] * 3 + [torch.bfloat16]
+    assert copy.copy(streams[0]).model is streams[0].model  # not the stand-in that pickles it
+    assert copy.deepcopy(streams[0]).model.encoder.layers[0].linear1.weight.dtype == torch.float32
