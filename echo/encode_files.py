@@ -222,11 +222,11 @@ def _stream_and_encode(model, path: Path, frames: bool, options: dict, streak: F
         raise
     except Exception as error:  # as read_checked: the file's reason
         return failure_reason(error, path)
-    samples, channel = 0, 0
+    samples, channel = 0, None
     with contextlib.closing(blocks):
-        streams = [StreamEncoder(model, rate, frames=frames, dtype=options["dtype"], max_tokens=options["max_tokens"])
-                   for _ in range(channels)]
-        try:
+        try:  # making a stream copies the weights: out of memory on a full GPU is the file's failure, as in a push
+            streams = [StreamEncoder(model, rate, frames=frames, dtype=options["dtype"],
+                                     max_tokens=options["max_tokens"]) for _ in range(channels)]
             while True:
                 try:
                     block = next(blocks, None)

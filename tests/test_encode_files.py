@@ -269,6 +269,30 @@ def test_a_streamed_file_with_bad_samples_or_a_damaged_stream_is_skipped_with_th
     assert "1 file (0 reused from an earlier run), 3 skipped" in printed
 
 
+def test_a_stream_that_cannot_be_made_fails_its_file_and_counts_in_the_streak(tmp_path, model_path, capsys, streamed,
+                                                                             monkeypatch):
+    """Making a StreamEncoder copies the weights: out of memory there (a full GPU) stopped the run, where the same
+    error in a push, or in fast.encode for a batch, fails the file and counts towards the encoder's failure streak."""
+    from echo import streaming
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    rng = np.random.default_rng(8)
+    for name in ("a.flac", "b.flac", "c.flac"):
+        soundfile.write(str(tmp_path / name), rng.uniform(-0.5, 0.5, 30000), 16000)
+    soundfile.write(str(tmp_path / "d.flac"), rng.uniform(-0.5, 0.5, 4000), 16000)
+    monkeypatch.setattr(streaming.StreamEncoder, "__init__", out_of_memory)
+    assert run(tmp_path / "a.flac", tmp_path / "b.flac", tmp_path / "d.flac", "--model", model_path, "--out",
+               tmp_path / "e.npz") == 0
+    printed = capsys.readouterr().out
+    assert all(f"skipped {tmp_path / name}: encode failed: CUDA out of memory" in printed
+               for name in ("a.flac", "b.flac"))
+    assert "1 file (0 reused from an earlier run), 2 skipped" in printed
+    assert run(tmp_path, "--model", model_path, "--out", tmp_path / "e.npz") == 1  # a, b, c in a row
+    assert "the encoder failed on 3 single-signal batches in a row" in capsys.readouterr().err
+
+
 def test_a_streamed_files_progress_counts_its_samples(tmp_path, model_path, streamed):
     import echo.encode_files as command
     from echo.eval.embed import FailureStreak
