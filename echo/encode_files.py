@@ -249,12 +249,18 @@ def _stream_and_encode(model, path: Path, frames: bool, options: dict, streak: F
         except RuntimeError as error:  # the encoder's (out of memory, a failing device), as encode_isolating_failures
             streak.record(failure_reason(error))
             return f"encode failed: {error}"
-    embeddings = {"utterance": torch.cat([out[0] if frames else out for out in outputs]).numpy()}
+    embeddings = {"utterance": _side_by_side([out[0] if frames else out for out in outputs], 0).numpy()}
     if frames:
-        embeddings["frames"] = torch.cat([out[1] for out in outputs], dim=1).numpy()
+        embeddings["frames"] = _side_by_side([out[1] for out in outputs], 1).numpy()
     streak.record()
     result = finite_or_failed([embeddings])[0]
     return result if isinstance(result, str) else ((rate, channels, samples), result)
+
+
+def _side_by_side(channels: list, dim: int) -> torch.Tensor:
+    """The channels' embeddings joined along `dim`; one channel's as it is: a long recording's frames joined alone
+    were copied, their size again at the peak."""
+    return channels[0] if len(channels) == 1 else torch.cat(channels, dim=dim)
 
 
 def read_embeddings(path) -> dict:

@@ -306,6 +306,31 @@ def test_a_streamed_files_progress_counts_its_samples(tmp_path, model_path, stre
     assert calls == [(min(done, 25000), 25000) for done in range(3001, 25000 + 3001, 3001)]
 
 
+def test_a_streamed_mono_files_frames_are_kept_as_finished_not_copied(tmp_path, model_path, streamed, monkeypatch):
+    """One channel's frames were "joined" by torch.cat, a copy: with --frames, their size again at the run's peak
+    (20 minutes of 48 kHz mono, ECHO-tiny: +518 MB over the model, +416 MB now). Several channels are still joined."""
+    import echo.encode_files as command
+    from echo import streaming
+    from echo.eval.embed import FailureStreak
+
+    finished, real_finish = [], streaming.StreamEncoder.finish
+
+    def kept(self):
+        finished.append(real_finish(self))
+        return finished[-1]
+
+    monkeypatch.setattr(streaming.StreamEncoder, "finish", kept)
+    options = {"dtype": torch.float32, "max_tokens": None, "progress": lambda done, total: None}
+    rng = np.random.default_rng(9)
+    for channels in (1, 2):
+        soundfile.write(str(tmp_path / f"{channels}.flac"), rng.uniform(-0.5, 0.5, (25000, channels)), 16000)
+        finished.clear()
+        _, result = command._stream_and_encode(echo.load(model_path), tmp_path / f"{channels}.flac", True, options,
+                                               FailureStreak())
+        assert np.array_equal(result["frames"], torch.cat([rows for _, rows in finished], dim=1).numpy())
+        assert np.shares_memory(result["frames"], finished[0][1].numpy()) == (channels == 1)
+
+
 def interrupt_at_batch(monkeypatch, number=2):
     """The command's batch `number` raises KeyboardInterrupt, as Ctrl-C there would; returns the real encoder."""
     import echo.encode_files as command
