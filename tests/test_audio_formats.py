@@ -2,6 +2,7 @@
 (eval and encode's read_audio and audio_blocks, the header sizes that cut batches, pretraining's index and crops from
 a folder and from a shard sample) gives soundfile's samples, rate and channels."""
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -70,3 +71,24 @@ def test_every_reader_gives_soundfiles_samples(tmp_path, suffix, subtype, channe
         for start, count in ((0, 300), (1501, 777), (frames - 301, 301)):
             np.testing.assert_allclose(read(start, count), as_float32[start : start + count, channel], rtol=0,
                                        atol=tolerance)
+
+
+def test_a_flac_whose_header_gives_no_length_is_refused_by_every_reader(tmp_path, caplog):
+    """A FLAC written to a pipe has 0 samples in its header, which libsndfile counts as 2^63 - 1 frames and fails
+    to read to the end ("Internal psf_fseek() failed" a block before it): read whole it was "array is too big",
+    streamed a clip cut short, indexed for pretraining crops past its end."""
+    soundfile.write(str(tmp_path / "whole.flac"), np.random.default_rng(3).uniform(-0.5, 0.5, 30000), 16000)
+    content = bytearray((tmp_path / "whole.flac").read_bytes())
+    fields = int.from_bytes(content[18:26], "big")  # STREAMINFO: rate (20 bits), channels, bits, samples (36 bits)
+    content[18:26] = (fields & ~((1 << 36) - 1)).to_bytes(8, "big")
+    (tmp_path / "piped.flac").write_bytes(content)
+    assert soundfile.info(str(tmp_path / "piped.flac")).frames > 1 << 62  # the header as libsndfile reads it
+    said = "its header gives no length (written to a pipe?), and libsndfile cannot read such a file to its end"
+    for read in (read_audio, read_file, lambda path: audio_blocks(path, 4096)):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            read(tmp_path / "piped.flac")
+    assert corpus.probe(tmp_path, "piped.flac").problem.startswith(said)
+    with caplog.at_level("WARNING", logger=shards.log.name):
+        assert shards.shard_sample(tmp_path, 0, "piped.flac") is None
+    assert said in caplog.text
+    assert corpus.probe(tmp_path, "whole.flac").problem == ""

@@ -27,4 +27,17 @@ def missing_decoder(soundfile, path) -> str:
             f"pip install -U soundfile (its wheels bring a libsndfile that does)")
 
 
-__all__ = ["AUDIO_SUFFIXES", "missing_decoder", "sample", "samples"]
+UNKNOWN_FRAMES = 1 << 62  # from here a frame count is libsndfile's for "not given" (SF_COUNT_MAX)
+
+
+def unknown_length(opened) -> str:
+    """Why a file soundfile opened (a SoundFile or its info) is refused ("" where it is not): a FLAC written to a pipe
+    gives no length in its header, and libsndfile fails before its end ("Internal psf_fseek() failed"): read whole it
+    was "array is too big", streamed a clip cut short."""
+    if opened.frames < UNKNOWN_FRAMES:
+        return ""
+    return ("its header gives no length (written to a pipe?), and libsndfile cannot read such a file to its end: "
+            "write it again to a file (e.g. ffmpeg -i IN OUT.flac)")
+
+
+__all__ = ["AUDIO_SUFFIXES", "missing_decoder", "sample", "samples", "unknown_length"]

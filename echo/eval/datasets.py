@@ -36,7 +36,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .. import folders
-from ..data import AUDIO_SUFFIXES, missing_decoder
+from ..data import AUDIO_SUFFIXES, missing_decoder, unknown_length
 from ..data.wav import logged_truncation
 from ..wording import counted
 
@@ -127,7 +127,7 @@ def _blocks(handle, frames: int) -> Iterator[np.ndarray]:
 
 
 def _opened(path: Path):
-    """`path` opened by soundfile, refused where its header promises more than it holds."""
+    """`path` opened by soundfile, refused where its header promises more than it holds, or gives no length."""
     soundfile = require("soundfile", "reading audio files")
     with open(path, "rb"):  # a missing or unreadable file is named as such, not as libsndfile's "System error"
         pass
@@ -140,7 +140,7 @@ def _opened(path: Path):
         if missing := missing_decoder(soundfile, path):
             raise ValueError(missing) from None
         raise
-    if problem := logged_truncation(handle):
+    if problem := logged_truncation(handle) or unknown_length(handle):
         handle.close()
         raise ValueError(problem)
     return handle

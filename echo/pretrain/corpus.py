@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .. import atomic, geometry
-from ..data import AUDIO_SUFFIXES, missing_decoder
+from ..data import AUDIO_SUFFIXES, missing_decoder, unknown_length
 from ..data.wav import logged_truncation
 from ..wording import counted
 
@@ -109,7 +109,8 @@ def probe(root: Path, relative: str) -> FileEntry:
         info = soundfile().info(str(path))
         if info.frames <= 0 or info.samplerate < geometry.MIN_SAMPLE_RATE:
             raise RuntimeError(f"{info.frames} frames at {info.samplerate} Hz")
-        if problem := logged_truncation(info):  # else "shorter than --min-seconds", or trained on as it is
+        # else "shorter than --min-seconds", or trained on as it is; crops past where libsndfile stops were dropped
+        if problem := logged_truncation(info) or unknown_length(info):
             raise RuntimeError(problem)
         return FileEntry(relative, stat.st_size, stat.st_mtime_ns, info.samplerate, info.frames, info.channels, "")
     except RuntimeError as error:  # soundfile raises LibsndfileError (a RuntimeError) for bad files

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 from tqdm import tqdm
 
 from .. import atomic
-from ..data import AUDIO_SUFFIXES
+from ..data import AUDIO_SUFFIXES, unknown_length
 from ..data.wav import logged_truncation
 from ..wording import counted
 from . import corpus
@@ -209,7 +209,7 @@ def shard_sample(root: Path, index: int, relative: str) -> dict | None:
     try:
         data = (root / relative).read_bytes()
         info = corpus.soundfile().info(io.BytesIO(data))
-        if problem := logged_truncation(info):
+        if problem := logged_truncation(info) or unknown_length(info):
             raise RuntimeError(problem)
     except (OSError, RuntimeError) as error:  # soundfile raises LibsndfileError (a RuntimeError) for bad files
         log.warning("leaving out %s, gone or unreadable since the folder was indexed: %s", relative,
@@ -301,6 +301,8 @@ class ShardCorpus:
         else:  # shards from elsewhere: read the header
             try:
                 info = corpus.soundfile().info(io.BytesIO(data))
+                if problem := unknown_length(info):
+                    raise RuntimeError(problem)
             except RuntimeError as error:
                 report("skipping unreadable shard sample %s: %s", key, error)
                 skipped["unreadable"] += 1
