@@ -139,6 +139,28 @@ def test_a_wave64_rf64_or_aiff_file_cut_short_is_refused_as_a_wav_is(tmp_path, c
     assert corpus.probe(tmp_path, cut.name).problem.startswith(f"truncated: its header promises {said}")
 
 
+@pytest.mark.parametrize("channels", [1, 2])
+def test_an_mp3_cut_short_is_refused_by_the_whole_and_the_block_reader(tmp_path, channels):
+    """An MP3 keeps its header's frame count (its Xing tag's) when cut short, and libsndfile decodes what is there:
+    a download cut short read as a shorter clip with nothing said, where a WAV cut short is refused."""
+    soundfile = pytest.importorskip("soundfile")
+    if "MP3" not in soundfile.available_formats():
+        pytest.skip(f"this libsndfile ({soundfile.__libsndfile_version__}) has no MP3 codec")
+    from echo.eval.datasets import audio_blocks
+
+    whole = tmp_path / "whole.mp3"
+    soundfile.write(whole, 0.1 * seeded_rng().standard_normal((48000, channels)), 16000, format="MP3")
+    assert len(read_audio(whole)[0].T) == 48000  # whole, it decodes to what its header gives
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.mp3"
+    cut.write_bytes(data[: len(data) // 2])
+    assert soundfile.info(cut).frames == 48000  # the header as libsndfile reads it: no sign of the cut
+    said = "truncated: its header promises 48,000 frames, the file holds "
+    assert said in embed.read_checked(read_audio, cut)
+    with pytest.raises(ValueError, match=said):
+        list(audio_blocks(cut, 4096)[3])
+
+
 def test_read_audio_of_a_missing_file_says_so_and_names_it(tmp_path):
     pytest.importorskip("soundfile")
     with pytest.raises(FileNotFoundError, match="missing.wav"):  # was libsndfile's "System error"

@@ -36,8 +36,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .. import folders
-from ..data import AUDIO_SUFFIXES, missing_decoder, unknown_length
-from ..data.wav import logged_truncation
+from ..data import AUDIO_SUFFIXES, UNKNOWN_FRAMES, missing_decoder, unknown_length
+from ..data.wav import logged_truncation, truncation
 from ..wording import counted
 
 # Part of the embedding cache's key (echo.eval.embed): raise it when a reader returns other samples for the same
@@ -109,8 +109,11 @@ def read_audio(path: Path) -> tuple[np.ndarray, int]:
             # the header's frames, named: soundfile refuses "all" of a file it cannot seek in (GSM 6.10, G.721 and
             # NMS ADPCM decode from the start only), which read in blocks as any
             data = handle.read(handle.frames, dtype=dtype, always_2d=True)
-            return (data[:, 0] if data.shape[1] == 1 else np.ascontiguousarray(data.T)), handle.samplerate
-        return _channels_first(handle, dtype), handle.samplerate
+            signal = data[:, 0] if data.shape[1] == 1 else np.ascontiguousarray(data.T)
+        else:
+            signal = _channels_first(handle, dtype)
+        _check_decoded(handle, signal.shape[-1])
+        return signal, handle.samplerate
 
 
 def audio_blocks(path: Path, samples: int) -> tuple[int, int, int, Iterator[np.ndarray]]:
@@ -122,8 +125,11 @@ def audio_blocks(path: Path, samples: int) -> tuple[int, int, int, Iterator[np.n
 
 def _blocks(handle, frames: int) -> Iterator[np.ndarray]:
     with handle:
+        decoded = 0
         while len(block := handle.read(frames, dtype=_dtype(handle), always_2d=True)):
+            decoded += len(block)
             yield np.ascontiguousarray(block.T)
+        _check_decoded(handle, decoded)
 
 
 def _opened(path: Path):
@@ -144,6 +150,13 @@ def _opened(path: Path):
         handle.close()
         raise ValueError(problem)
     return handle
+
+
+def _check_decoded(handle, decoded: int) -> None:
+    """Refuses a file that decoded to fewer frames than its header gives: an MP3 cut short keeps its header's (its
+    Xing tag's) count, and libsndfile decodes what is there, a shorter clip with nothing said."""
+    if problem := truncation(handle.frames, decoded, "frames", UNKNOWN_FRAMES):
+        raise ValueError(problem)
 
 
 def _dtype(handle) -> str:
