@@ -6,7 +6,7 @@ from .bundled import sample, samples
 
 # The audio files echo picks out of folders (encode, eval, pretraining), all read by soundfile (libsndfile 1.1 or
 # later for MP3, as soundfile's wheels bundle): field recordings come as MP3 and Opus too, and long monitoring
-# recordings as RF64 or Wave64 (a WAV file stops at 4 GiB, 6 hours of 48 kHz stereo float32).
+# recordings as RF64 or Wave64 (a WAV file stops at 4 GiB: 3 hours of 48 kHz stereo float32, 6 in 16-bit PCM).
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".aif", ".aiff", ".caf", ".w64", ".rf64")
 
 # suffixes whose decoder a libsndfile may lack: soundfile's format and subtype (None: any) for them, and their name
