@@ -113,7 +113,7 @@ def test_crops_of_a_codec_that_cannot_seek_are_read_from_the_folder_and_the_shar
                                                                                    subtype):
     """libsndfile refuses any seek in GSM 6.10 and G.721 (they decode from the start only): every crop of such a file
     was dropped as unreadable ("Seek attempted on unseekable file type"), so it was indexed but never trained on."""
-    monkeypatch.setattr(corpus, "SKIP_BLOCK", 1000, raising=False)  # the frames before a crop: dropped in blocks
+    monkeypatch.setattr(corpus, "SKIP_BLOCK", 1000)  # the frames before a crop: dropped in blocks
     root, name = tmp_path / "data", f"call.{container.lower()}"
     root.mkdir()
     sf.write(root / name, 0.3 * seeded_rng().standard_normal(8001), 8000, format=container, subtype=subtype)
