@@ -798,15 +798,15 @@ def test_a_push_of_a_few_samples_sums_them_without_the_blocks_of_a_long_chunk(mo
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_pickled_stream_takes_up_where_it_stood(model, dtype):
+def test_a_pickled_stream_takes_up_where_it_stood(dtype):
     """A stream could not be pickled (its products' oneDNN-packed weights do not pickle): a service could not save
     its streams across a restart. Unpickled mid-stream, it goes on as the stream itself does, to the bit, with the
     weights it started with (the model changed since), and ends with fast.encode's embeddings."""
     import pickle
 
-    rate = 16000
+    rate = 4000  # two bands (band 0, redone by finish(), and one final when emitted): the cheapest passes
     x = torch.randn(geometry.n_fft(rate) + 4300 * geometry.hop(rate) + 7) * 0.3 + 0.2  # two segments and a last
-    work = copy.deepcopy(model)
+    work = random_model("tiny", depth=2)  # its weights change below
     reference = fast.encode(work, [x], rate, frames=True, dtype=dtype)[0]
     stream = fast.StreamEncoder(work, rate, frames=True, dtype=dtype)
     head = 2100 * geometry.hop(rate) + 5  # past the first segment: one emitted, band 0 provisional
@@ -825,11 +825,11 @@ def test_a_pickled_stream_takes_up_where_it_stood(model, dtype):
     assert rel_err(utterance_again, reference[0]) < tolerance and rel_err(frames_again, reference[1]) < tolerance
 
 
-def test_a_pickled_stream_keeps_a_changed_norm_eps(model):
+def test_a_pickled_stream_keeps_a_changed_norm_eps():
     """The model is rebuilt from its config on loading: a norm's eps set on the module was the config's again."""
     import pickle
 
-    felt = copy.deepcopy(model)
+    felt = random_model("tiny", depth=2)
     for module in felt.modules():
         if isinstance(module, torch.nn.LayerNorm):
             module.eps = 0.5  # large enough to move every embedding
@@ -843,11 +843,12 @@ def test_a_pickled_stream_keeps_a_changed_norm_eps(model):
     assert torch.equal(stream.finish(), restored.finish())
 
 
-def test_streams_pickled_together_share_one_model_again(model):
+def test_streams_pickled_together_share_one_model_again():
     """Streams of one model share its weights' copy; loaded each with its own rebuilt model, 800 streams of a service
     took 800 copies of the weights."""
     import pickle
 
+    model = random_model("tiny", depth=1)
     streams = [fast.StreamEncoder(model, rate) for rate in (8000, 16000, 16000)]
     streams.append(fast.StreamEncoder(model, 16000, dtype=torch.bfloat16))
     for stream in streams:
