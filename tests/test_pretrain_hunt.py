@@ -94,14 +94,16 @@ def test_an_out_through_a_link_whose_target_is_gone_is_refused_before_indexing(d
 
 
 def test_a_folder_without_audio_files_names_the_formats_read(tmp_path, capsys):
-    """A folder of MP3s said "no usable audio under DATA: 0 files, skipped {'unreadable': 0, 'too short': 0}":
+    """A folder of M4As said "no usable audio under DATA: 0 files, skipped {'unreadable': 0, 'too short': 0}":
     neither that its files were not audio to the command nor which files are."""
+    from echo.data import AUDIO_SUFFIXES
+
     data = tmp_path / "data"
     data.mkdir()
-    (data / "pump.mp3").write_bytes(b"ID3 not read")
+    (data / "pump.m4a").write_bytes(b"\0\0\0\x20ftypM4A not read")
     assert cli.main(command(data, tmp_path / "run")) == 2
     assert capsys.readouterr().err.strip() == (
-        f"error: no audio files under {data}: pretraining reads .wav, .flac, .ogg, .aif, .aiff files")
+        f"error: no audio files under {data}: pretraining reads {', '.join(AUDIO_SUFFIXES)} files")
     assert not (tmp_path / "run").exists()
 
 
