@@ -92,3 +92,15 @@ def test_a_flac_whose_header_gives_no_length_is_refused_by_every_reader(tmp_path
         assert shards.shard_sample(tmp_path, 0, "piped.flac") is None
     assert said in caplog.text
     assert corpus.probe(tmp_path, "whole.flac").problem == ""
+
+
+def test_a_file_named_mp3_that_is_none_is_said_so_not_missing(tmp_path):
+    """libsndfile's MP3 reader refuses data it cannot decode as "File does not exist or is not a regular file
+    (possibly a pipe?)", said of a file that is there: encode, eval and pretraining passed that on."""
+    from echo.eval.embed import read_checked
+
+    (tmp_path / "pump.mp3").write_bytes(b"ID3 but no MPEG frame after it" * 10)
+    said = "Format not recognised (no MP3 or other audio libsndfile can decode)"
+    assert read_checked(read_file, tmp_path / "pump.mp3") == f"not a readable audio file (libsndfile: {said})"
+    assert corpus.probe(tmp_path, "pump.mp3").problem == said
+    assert corpus.probe(tmp_path, "gone.mp3").problem.startswith("cannot be opened: No such file")

@@ -27,6 +27,17 @@ def missing_decoder(soundfile, path) -> str:
             f"pip install -U soundfile (its wheels bring a libsndfile that does)")
 
 
+_NOT_THERE = "File does not exist or is not a regular file"  # libsndfile's words, also its MP3 reader's for no MP3
+
+
+def libsndfile_words(error: str, path) -> str:
+    """libsndfile's `error` on opening `path`, reworded where it misleads: its MP3 reader refuses data it cannot
+    decode as "File does not exist or is not a regular file", said of a file that is there."""
+    if error.startswith(_NOT_THERE) and Path(path).is_file():
+        return "Format not recognised (no MP3 or other audio libsndfile can decode)"
+    return error
+
+
 UNKNOWN_FRAMES = 1 << 62  # from here a frame count is libsndfile's for "not given" (SF_COUNT_MAX)
 
 
@@ -40,4 +51,4 @@ def unknown_length(opened) -> str:
             "write it again to a file (e.g. ffmpeg -i IN OUT.flac)")
 
 
-__all__ = ["AUDIO_SUFFIXES", "missing_decoder", "sample", "samples", "unknown_length"]
+__all__ = ["AUDIO_SUFFIXES", "libsndfile_words", "missing_decoder", "sample", "samples", "unknown_length"]

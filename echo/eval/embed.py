@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from .. import atomic, inputs
 from ..cli import WorkKept
+from ..data import libsndfile_words
 from ..ops.backend import BackendError
 from ..wording import counted
 from . import require
@@ -195,7 +196,7 @@ def failure_reason(error: Exception, path=None) -> str:
     a libsndfile error without it either (it named the path as a bytes literal: b'/data/x.wav')."""
     soundfile = sys.modules.get("soundfile")  # none of its errors where it was never imported
     if soundfile is not None and isinstance(error, soundfile.LibsndfileError):
-        return f"not a readable audio file (libsndfile: {error.error_string.rstrip('.')})"
+        return f"not a readable audio file (libsndfile: {libsndfile_words(error.error_string, path).rstrip('.')})"
     if isinstance(error, OSError) and error.strerror and error.filename is not None and error.filename2 is None \
             and path is not None and error.filename == os.fspath(path):
         return f"{type(error).__name__}: {error.strerror}"

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .. import atomic, geometry
-from ..data import AUDIO_SUFFIXES, missing_decoder, unknown_length
+from ..data import AUDIO_SUFFIXES, libsndfile_words, missing_decoder, unknown_length
 from ..data.wav import logged_truncation
 from ..wording import counted
 
@@ -114,7 +114,8 @@ def probe(root: Path, relative: str) -> FileEntry:
             raise RuntimeError(problem)
         return FileEntry(relative, stat.st_size, stat.st_mtime_ns, info.samplerate, info.frames, info.channels, "")
     except RuntimeError as error:  # soundfile raises LibsndfileError (a RuntimeError) for bad files
-        problem = missing_decoder(soundfile(), path) or str(error).replace("\n", " ")
+        said = libsndfile_words(error.error_string, path) if hasattr(error, "error_string") else str(error)
+        problem = missing_decoder(soundfile(), path) or said.replace("\n", " ")
         return FileEntry(relative, stat.st_size, stat.st_mtime_ns, 0, 0, 0, problem)
 
 
