@@ -7,7 +7,7 @@ import importlib
 import torch
 
 from . import extension
-from .data import AUDIO_SUFFIXES, missing_decoder
+from .data.formats import AUDIO_SUFFIXES, missing_decoder
 from .ops import attention as attention_ops
 from .ops import backend as backends
 from .ops import linear as linear_ops

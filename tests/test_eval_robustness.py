@@ -124,7 +124,7 @@ def test_a_wave64_rf64_or_aiff_file_cut_short_is_refused_as_a_wav_is(tmp_path, c
     """Only a WAV's log was read for a header promising more than the file holds: a Wave64 or RF64 copy of a long
     recording cut short, or an AIFF, read as a shorter clip with nothing said, in eval, encode and pretraining."""
     soundfile = pytest.importorskip("soundfile")
-    from echo.data.wav import logged_truncation
+    from echo.data.formats import logged_truncation
     from echo.pretrain import corpus
 
     frames = 3001

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import numbers
-import re
 import struct
 import wave
 from pathlib import Path
@@ -13,40 +12,10 @@ from typing import Iterator
 import numpy as np
 
 from .. import atomic
+from .formats import truncation
 
 PCM, FLOAT, EXTENSIBLE = 0x0001, 0x0003, 0xFFFE  # WAVE format tags
 OTHER_RIFFS = {b"RIFX": "a big-endian RIFX WAV file", b"RF64": "an RF64 WAV file (the form for over 4 GiB)"}
-STREAMED_DATA_SIZE = 0x7FFFFFFF  # a data size at or above it is a placeholder left by a recorder that streams
-# libsndfile's words where a header promises more than the file holds, the unit, and the size from which the promise
-# is a streaming recorder's placeholder: a WAV's data chunk and an AIFF's SSND chunk (its 8 bytes of offset and block
-# size included) have 32-bit sizes; a Wave64's riff size (the whole file) has 64, no placeholder for a recording past
-# 4 GiB; an RF64's frames are its ds64 chunk's count (its 32-bit data size is 0xFFFFFFFF by design)
-_PROMISED = r"(?P<promised>\d+) \(should be (?P<held>\d+)\)"
-LOGGED_SIZES = (
-    (re.compile(rf"^data\s*:\s*{_PROMISED}", re.MULTILINE), "bytes of samples", STREAMED_DATA_SIZE),
-    (re.compile(rf"^ SSND\s*:\s*{_PROMISED}", re.MULTILINE), "bytes of sound data", STREAMED_DATA_SIZE),
-    (re.compile(rf"^riff\s*:\s*{_PROMISED}", re.MULTILINE), "bytes", 1 << 63),
-    (re.compile(r"Calculated frame count (?P<held>\d+) does not match value from 'ds64' chunk of (?P<promised>\d+)"),
-     "frames", 1 << 63))
-
-
-def truncation(promised: int, held: int, unit: str = "bytes of samples", streamed: int = STREAMED_DATA_SIZE) -> str:
-    """Why a file whose header promises more samples than it holds is refused ("" where it is not): cut short by a
-    copy or download, it read as a shorter clip (in an anomaly test set, the most anomalous of all). A header
-    promising less, 0 or a streaming placeholder (`streamed` or more), loses nothing."""
-    if streamed > promised > held:
-        return (f"truncated: its header promises {promised:,} {unit}, the file holds {held:,} (a copy or download "
-                f"cut short?)")
-    return ""
-
-
-def logged_truncation(opened) -> str:
-    """`truncation` of a file soundfile opened (a SoundFile or its info: WAV, AIFF, Wave64 or RF64), read from
-    libsndfile's log of the header: libsndfile reads such a file as shorter and says so nowhere else."""
-    for pattern, unit, streamed in LOGGED_SIZES:
-        if found := pattern.search(opened.extra_info):
-            return truncation(int(found["promised"]), int(found["held"]), unit, streamed)
-    return ""
 
 
 def read_wav(source) -> tuple[np.ndarray, int]:

@@ -36,8 +36,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .. import folders
-from ..data import AUDIO_SUFFIXES, UNKNOWN_FRAMES, missing_decoder, unknown_length
-from ..data.wav import logged_truncation, truncation
+from ..data.formats import (AUDIO_SUFFIXES, UNKNOWN_FRAMES, logged_truncation, missing_decoder, truncation,
+                            unknown_length)
 from ..wording import counted
 
 # Part of the embedding cache's key (echo.eval.embed): raise it when a reader returns other samples for the same

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from .. import atomic, inputs
 from ..cli import WorkKept
-from ..data import libsndfile_words
+from ..data.formats import libsndfile_words
 from ..ops.backend import BackendError
 from ..wording import counted
 from . import require

@@ -25,8 +25,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .. import atomic, geometry
-from ..data import AUDIO_SUFFIXES, libsndfile_words, missing_decoder, unknown_length
-from ..data.wav import logged_truncation
+from ..data.formats import AUDIO_SUFFIXES, libsndfile_words, logged_truncation, missing_decoder, unknown_length
 from ..wording import counted
 
 log = logging.getLogger("echo.pretrain")

@@ -17,8 +17,7 @@ from typing import Iterable, Iterator
 from tqdm import tqdm
 
 from .. import atomic
-from ..data import AUDIO_SUFFIXES, unknown_length
-from ..data.wav import logged_truncation
+from ..data.formats import AUDIO_SUFFIXES, logged_truncation, unknown_length
 from ..wording import counted
 from . import corpus
 
