@@ -207,26 +207,33 @@ def _read_and_encode(model, batch: list[Path], pool, frames: bool, options: dict
 STREAM_BLOCK = 1 << 22  # samples (frames x channels) of a long file decoded and pushed at a time: 16 MB of float32
 
 
-def _stream_and_encode(model, path: Path, frames: bool, options: dict, streak: FailureStreak):
+def _stream_and_encode(model, path: Path, frames: bool, options: dict, streak: FailureStreak,
+                       reading: Callable[[int, int], None] = lambda done, total: None):
     """A file over a batch's decoded samples, decoded a block at a time, each channel pushed through a StreamEncoder
     of its own (whose finish() is model.encode of the whole): ((rate, channels, samples), embeddings), or the reason
     it failed. Read whole, a long recording took twice its float32 size and more (bench/RESULTS.md); streamed, a
-    few MB a channel and the frames' rows."""
-    from .streaming import StreamEncoder
+    few MB a channel and the frames' rows. It is decoded twice: first for its channels' means (`reading(done,
+    total)` after each block), with which the streams keep nothing per frame (they kept band 0's bins to redo it
+    with the mean at the end: ~1-2 MB a minute, bench/RESULTS.md), and which find bad samples before the encoding."""
+    from .streaming import MeanMismatch, StreamEncoder
+
+    def opened():
+        return _read(path, partial(audio_blocks, samples=STREAM_BLOCK), partial(wav_blocks, samples=STREAM_BLOCK))
 
     try:
-        rate, channels, length, blocks = _read(path, partial(audio_blocks, samples=STREAM_BLOCK),
-                                               partial(wav_blocks, samples=STREAM_BLOCK))
+        rate, channels, length, blocks = opened()
         rate = inputs.check_sample_rate(rate)
+        means, length = _channel_means(blocks, channels, length, reading)
+        blocks = opened()[3]
     except ImportError:  # a missing optional package is not a bad file
         raise
     except Exception as error:  # as read_checked: the file's reason
         return failure_reason(error, path)
-    samples, channel = 0, None
+    samples = 0
     with contextlib.closing(blocks):
         try:  # making a stream copies the weights: out of memory on a full GPU is the file's failure, as in a push
             streams = [StreamEncoder(model, rate, frames=frames, dtype=options["dtype"],
-                                     max_tokens=options["max_tokens"]) for _ in range(channels)]
+                                     max_tokens=options["max_tokens"], mean=mean) for mean in means]
             while True:
                 try:
                     block = next(blocks, None)
@@ -237,15 +244,16 @@ def _stream_and_encode(model, path: Path, frames: bool, options: dict, streak: F
                 for channel, stream in enumerate(streams):
                     stream.push(torch.from_numpy(block[channel]))
                 samples += block.shape[1]
-                if length:
-                    options["progress"](min(samples, length), length)
-            channel = None  # the streams' ends fail alike (too short)
+                options["progress"](min(samples, length), length)
+            if samples != length:
+                return f"the file changed while it was read: {length} samples a channel, then {samples}"
             outputs = [stream.finish() for stream in streams]
         except BackendError:  # a setting, not this file: the run stops
             raise
-        except ValueError as error:  # the samples' (NaN, too short), said as read_checked says it of a whole file
-            return failure_reason(ValueError(f"channel {channel}: {error}") if channels > 1 and channel is not None
-                                  else error)
+        except MeanMismatch:
+            return "the file changed while it was read: its samples' mean is not its first reading's"
+        except ValueError as error:  # the samples' (a NaN the first reading did not meet: a file changed)
+            return failure_reason(error)
         except RuntimeError as error:  # the encoder's (out of memory, a failing device), as encode_isolating_failures
             streak.record(failure_reason(error))
             return f"encode failed: {error}"
@@ -255,6 +263,27 @@ def _stream_and_encode(model, path: Path, frames: bool, options: dict, streak: F
     streak.record()
     result = finite_or_failed([embeddings])[0]
     return result if isinstance(result, str) else ((rate, channels, samples), result)
+
+
+def _channel_means(blocks, channels: int, length: int, reading: Callable[[int, int], None]) -> tuple[list, int]:
+    """(the mean of each channel, summed in float64 as a stream sums them, the samples read) of a file's blocks;
+    a NaN or Inf sample is refused as a push refuses it, naming its channel where there are several."""
+    totals, samples = [torch.zeros((), dtype=torch.float64)] * channels, 0
+    with contextlib.closing(blocks):
+        for block in blocks:
+            for channel in range(channels):
+                row = torch.from_numpy(block[channel])
+                totals[channel] = totals[channel] + inputs.float64_sum(row)  # float64 files' in float64: exact
+                if not bool(torch.isfinite(totals[channel])):
+                    try:  # its words, naming the first NaN or Inf
+                        inputs.as_float32(row, what=f"chunk at sample {samples}")
+                    except ValueError as error:
+                        raise ValueError(f"channel {channel}: {error}" if channels > 1 else str(error)) from None
+            samples += block.shape[1]
+            reading(min(samples, length), length)
+    if not samples:
+        raise ValueError("no samples decoded")
+    return [(total / samples).item() for total in totals], samples
 
 
 def _side_by_side(channels: list, dim: int) -> torch.Tensor:
@@ -730,6 +759,7 @@ def _encode_files(args, rank: int, world: int) -> int:
 
     # the bar counts files, and one long recording is minutes of one call: its passes are shown as they end
     options["progress"] = lambda done, passes: bar.set_postfix_str(f"batch {100 * done // passes}%")
+    reading = lambda done, total: bar.set_postfix_str(f"reading {100 * done // total}%")  # a long file's first pass
     own = f"rank {rank}'s share: " if world > 1 else ""  # every rank says its own: unnamed, they read as the run's
 
     def kept(share: list) -> str:
@@ -741,8 +771,8 @@ def _encode_files(args, rank: int, world: int) -> int:
         """Read `batch` in `pool` (or its one long file a block at a time, `streamed`), encode it and save its shard;
         the seconds of audio encoded. Its signals are freed on return, before the next batch is read: held across,
         two batches were decoded at once."""
-        encoded = [(batch[0], _stream_and_encode(model, batch[0], args.frames, options, streak))] if streamed else \
-            _read_and_encode(model, batch, pool, args.frames, options, streak)
+        encoded = [(batch[0], _stream_and_encode(model, batch[0], args.frames, options, streak, reading))] if streamed \
+            else _read_and_encode(model, batch, pool, args.frames, options, streak)
         fresh, seconds = {}, 0.0
         for path, outcome in encoded:
             if isinstance(outcome, str):

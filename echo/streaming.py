@@ -8,8 +8,13 @@ only band 0 depends on the final mean. Bands >= 1 of a full segment are final wh
 band 0 is emitted with the running mean (provisional) and recomputed at finish(), along with the last,
 overlapping segment. For that a stream keeps, per frame, bins 0 and 1 as complex128 with the DC estimate they
 were computed with, and bins 2..31 once as their final float32 values: 160 bytes (32 + 8 + 120).
+Where the whole signal's mean is known before its end (a file read twice: `mean=`), every band is final when its
+segment is emitted, and the stream keeps nothing per frame.
 """
 from __future__ import annotations
+
+import math
+import numbers
 
 import torch
 
@@ -108,15 +113,24 @@ def _rebuilt(config, weights: dict, eps: list, dtype: torch.dtype):
     return packed.inference_model(model, dtype, snapshot=True)
 
 
+class MeanMismatch(ValueError):
+    """The `mean` a stream was given is not its samples'."""
+
+
+MEAN_TOLERANCE = 1e-7  # of the samples' peak: how far a given `mean` may be from theirs (float32 rounding is 6e-8)
+
+
 class StreamEncoder:
     """`push(chunk)` returns the segments that became final, as (index, utterance, frames) with band 0
     provisional; `finish()` returns utterance, or (utterance, frames) with frames=True, of the whole signal.
     `dtype=torch.bfloat16` runs the matrix products in bf16, as in echo.fast.encode. `max_tokens` bounds the
     tokens of every pass, as in echo.fast.encode. A stream encodes with the model's weights as they were when it
-    was made: a later change does not reach it."""
+    was made: a later change does not reach it. `mean`, the whole signal's mean where it is known before the
+    end (summed in float64), makes band 0 final when emitted and the stream's memory flat; finish() refuses a
+    mean that is not the samples'."""
 
     def __init__(self, model: EchoModel, sample_rate, *, frames: bool = False, dtype: torch.dtype = torch.float32,
-                 backend: str | None = None, max_tokens: int | None = None):
+                 backend: str | None = None, max_tokens: int | None = None, mean=None):
         from . import fast  # its module imports this one
 
         backends.check_environment()
@@ -143,6 +157,8 @@ class StreamEncoder:
         self.window = torch.hann_window(self.n_fft, periodic=True, dtype=torch.float64, device="cpu")
         self.window_dft = torch.fft.rfft(self.window)[:2]  # W[0], W[1]: the bins a DC change moves
         self.low_bins = min(geometry.BAND_BINS, geometry.n_bins(self.rate))  # band 0's real bins
+        self.mean = _checked_mean(mean)
+        self.peak = 0.0  # of the samples less the offset, with `mean`: the scale finish() checks it on
         self.samples = 0
         self.total = torch.zeros((), dtype=torch.float64, device="cpu")  # running sum, for the mean
         self.wide = None  # whether the chunks are float64: set by the first
@@ -150,7 +166,7 @@ class StreamEncoder:
         self.audio = torch.zeros(0, dtype=torch.float32, device="cpu")  # the stream's copy of samples from audio_start
         self.audio_start = 0
         self.chunk = self.audio  # during a push, the chunk's samples (the last ones), read in place
-        # per computed frame, for finish(): bins 0 and 1 (float64: their correction subtracts nearly equal
+        # per computed frame, for finish() where `mean` is not given: bins 0 and 1 (float64: their correction subtracts nearly equal
         # numbers), the DC estimate they were computed with, and bins 2.. of band 0 as final float32 (a DC
         # change does not move them)
         self.dc_bins = _Rows(2, torch.complex128)
@@ -184,7 +200,8 @@ class StreamEncoder:
     def push(self, chunk) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """Adds a 1-D chunk of samples at the stream's rate; returns the segments (2000 frames, ~20 s) it made
         final, in order: (segment index, utterance (nb*D,), frames (rows, nb*D)), float32 on the CPU, frames
-        whatever `frames` is. Band 0 is provisional (the signal's mean is not known yet); finish() fixes it."""
+        whatever `frames` is. Band 0 is provisional (the signal's mean is not known yet, unless given as `mean`);
+        finish() fixes it."""
         if self.finished:
             raise ValueError("push() after finish(): start a new StreamEncoder for a new signal")
         what = f"chunk at sample {self.samples}"  # every refusal names it alike: a numpy uint8 chunk was "chunk"
@@ -213,6 +230,8 @@ class StreamEncoder:
         # matching: frames not computed yet are computed by the next push or finish()
         kept = torch.cat([self._samples(self.audio_start, self.samples), chunk[: self._span(FRAMES_AT_ONCE)]])
         total = self.total + inputs.float64_sum(chunk)
+        if self.mean is not None and chunk.numel():
+            self.peak = max(self.peak, *(abs(bound.item()) for bound in torch.aminmax(chunk)))
         self.audio, self.chunk, self.total, self.samples = kept, chunk, total, self.samples + chunk.numel()
         try:
             # a segment at a time, its band rows dropped once emitted: a push of a whole 10-minute file at 48 kHz
@@ -257,7 +276,8 @@ class StreamEncoder:
         # rows a failed push appended (out of memory in a later append) would shift every later frame's
         for rows in (self.dc_bins, self.estimates, self.low_rows, self.upper):
             rows.truncate(self.done_frames)
-        estimate = self.total / self.samples
+        estimate = self.total / self.samples if self.mean is None else torch.tensor(self.mean - self.offset,
+                                                                                     dtype=torch.float64)
         # in groups of frames, as the encoders' front end: one push of a whole 10-minute file at 48 kHz raised
         # the peak RSS by 1.5 GB of float64 and complex128 temporaries (0.37 GB in groups, ECHO-tiny)
         while self.done_frames < available:
@@ -265,10 +285,11 @@ class StreamEncoder:
             first = self.done_frames * self.hop
             span = self._samples(first, first + self._span(count))
             spectrum = torch.fft.rfft((span.double() - estimate).unfold(0, self.n_fft, self.hop) * self.window)
-            self.dc_bins.append(spectrum[:, :2])
-            self.estimates.append(estimate.expand(count, 1))
             levels = stft_ops.log_normalise(spectrum.abs()).float()  # (count, bins)
-            self.low_rows.append(levels[:, 2 : self.low_bins])
+            if self.mean is None:
+                self.dc_bins.append(spectrum[:, :2])
+                self.estimates.append(estimate.expand(count, 1))
+                self.low_rows.append(levels[:, 2 : self.low_bins])
             self.upper.append(stft_ops.band_layout(levels.T, self.rate).T)
             self.done_frames += count
 
@@ -307,16 +328,16 @@ class StreamEncoder:
                 outputs.append(out.view(count, length, dim).float().cpu())
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
-    def _segment_bands(self, start: int, end: int, band0: torch.Tensor) -> torch.Tensor:
-        """The (bands, 32, end - start) images of frames start:end, band 0 from `band0` (its rows of those frames)."""
+    def _segment_bands(self, start: int, end: int) -> torch.Tensor:
+        """The (bands, 32, end - start) images of frames start:end, band 0 with the signal's mean as now known."""
         image = self.upper.frames(start, end).T.clone(memory_format=torch.contiguous_format)
-        image[: geometry.BAND_BINS] = band0
+        if self.mean is None:  # else computed with it
+            image[: geometry.BAND_BINS] = self._band0(self.total / self.samples, start, end)
         return image.view(self.bands, geometry.BAND_BINS, end - start)
 
     def _emit_block(self, k: int) -> tuple[int, torch.Tensor, torch.Tensor]:
         start, end = k * geometry.SEGMENT_FRAMES, (k + 1) * geometry.SEGMENT_FRAMES
-        band0 = self._band0(self.total / self.samples, start, end)
-        out = self._encode(self._segment_bands(start, end, band0).to(self.model.device), self.positions)
+        out = self._encode(self._segment_bands(start, end).to(self.model.device), self.positions)
         self.outputs.append(out if self.frames else out[:, :1].clone())
         return k, out[:, 0].reshape(-1), out[:, 1:].transpose(0, 1).flatten(1)
 
@@ -332,6 +353,30 @@ class StreamEncoder:
         audio = self._samples(keep_sample, self.samples).clone()
         self.audio, self.audio_start, self.chunk = audio, keep_sample, audio[:0]
 
+    def _with_band0_redone(self, segments: list[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The emitted `segments`' outputs, band 0's encoded again with the exact mean, in passes of at most
+        max_tokens tokens: one pass over them all once took ~30x the stream's state at its peak (ECHO-small, 1M
+        frames: +1.4 GB)."""
+        mean, parts = self.total / self.samples, []
+        per_pass = max(1, self.max_tokens // (geometry.MAX_PATCHES + 1))
+        for first in range(0, len(segments), per_pass):
+            batch = segments[first : first + per_pass]
+            images = torch.stack([self._band0(mean, start, end) for start, end in batch])
+            fixed = self._encode(images.to(self.model.device), self.positions[:1].expand(len(batch)))
+            fixed = fixed if self.frames else fixed[:, :1]
+            parts += [(fixed[i : i + 1], self.outputs[first + i][1:]) for i in range(len(batch))]
+        return parts
+
+    def _check_mean(self) -> None:
+        """The `mean` given is the samples': a wrong one made every segment's band 0 wrong, and the stream kept
+        nothing to redo them with."""
+        given, pushed = self.mean - self.offset, (self.total / self.samples).item()
+        if abs(given - pushed) > MEAN_TOLERANCE * self.peak:
+            raise MeanMismatch(
+                f"mean={self.mean!r} was given, but the {self.samples} samples pushed have mean "
+                f"{pushed + self.offset!r}: the segments emitted were encoded with the wrong one. Give the mean "
+                f"of the whole signal summed in float64 (e.g. signal.mean(dtype=numpy.float64)), or none")
+
     @torch.inference_mode(False)  # as push(): it computes the frames of a push that failed
     @torch.no_grad()
     def finish(self):
@@ -345,22 +390,16 @@ class StreamEncoder:
                 f"({self.n_fft} samples)"
             )
         self._compute_frames()  # those of a push that failed after keeping its samples: they are the signal's
-        mean = self.total / self.samples
+        if self.mean is not None:
+            self._check_mean()
         segments = geometry.segments(self.done_frames)
         emitted = len(self.outputs)
-        parts = []  # per segment: band 0's outputs (1, L+1, D) and the other bands' (nb - 1, L+1, D)
-        # band 0 of the emitted segments again, with the exact mean, in passes of at most max_tokens tokens: one
-        # pass over them all once took ~30x the stream's state at its peak (ECHO-small, 1M frames: +1.4 GB)
-        per_pass = max(1, self.max_tokens // (geometry.MAX_PATCHES + 1))
-        for first in range(0, emitted, per_pass):
-            batch = segments[first : min(first + per_pass, emitted)]
-            images = torch.stack([self._band0(mean, start, end) for start, end in batch])
-            fixed = self._encode(images.to(self.model.device), self.positions[:1].expand(len(batch)))
-            fixed = fixed if self.frames else fixed[:, :1]
-            parts += [(fixed[i : i + 1], self.outputs[first + i][1:]) for i in range(len(batch))]
+        # per segment: band 0's outputs (1, L+1, D) and the other bands' (nb - 1, L+1, D); given the mean, an
+        # emitted segment's are final
+        parts = [(out[:1], out[1:]) for out in self.outputs] if self.mean is not None else \
+            self._with_band0_redone(segments[:emitted])
         for start, end in segments[emitted:]:
-            image = self._segment_bands(start, end, self._band0(mean, start, end))
-            out = self._encode(image.to(self.model.device), self.positions)
+            out = self._encode(self._segment_bands(start, end).to(self.model.device), self.positions)
             parts.append((out[:1], out[1:]))
         utterance = torch.stack([torch.cat([low[:, 0], rest[:, 0]]).reshape(-1) for low, rest in parts]).mean(0)
         self.finished = True  # only now: a finish() that failed (out of memory, say) can be called again
@@ -377,3 +416,12 @@ class StreamEncoder:
             frames[row : row + count, 1:] = rest[:, 1:].transpose(0, 1)
             row += count
         return utterance, frames.flatten(1)
+
+
+def _checked_mean(mean) -> float | None:
+    """`mean` as a float (float64), or None; refused where it is not one finite real number."""
+    if isinstance(mean, torch.Tensor) and mean.dim() == 0 and not mean.is_complex():
+        mean = mean.item()
+    if mean is not None and (isinstance(mean, bool) or not isinstance(mean, numbers.Real) or not math.isfinite(mean)):
+        raise ValueError(f"mean must be one finite real number, the whole signal's, or None; got {mean!r}")
+    return None if mean is None else float(mean)

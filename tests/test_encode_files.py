@@ -241,7 +241,7 @@ def test_a_long_wav_is_streamed_without_soundfile(tmp_path, model_path, streamed
     write_wav(tmp_path / "long.wav", signal, 22050)
     monkeypatch.setitem(sys.modules, "soundfile", None)
     assert run(tmp_path / "long.wav", "--model", model_path, "--out", tmp_path / "e.npz") == 0
-    assert streamed["paths"] == ["long.wav"] and len(streamed["blocks"]) == 8  # 1500 frames a block
+    assert streamed["paths"] == ["long.wav"] and len(streamed["blocks"]) == 2 * 8  # 1500 frames a block, read twice
     row = read_embeddings(tmp_path / "e.npz")["files"][str(tmp_path / "long.wav")]
     waveform, rate = read_wav(tmp_path / "long.wav")
     assert rel_err(row["utterance"], echo.load(model_path).encode(torch.from_numpy(waveform), rate)[0]) < 1e-5
@@ -304,6 +304,59 @@ def test_a_streamed_files_progress_counts_its_samples(tmp_path, model_path, stre
                                                                    False, options, FailureStreak())
     assert (rate, channels, samples) == (16000, 1, 25000) and result["utterance"].ndim == 1
     assert calls == [(min(done, 25000), 25000) for done in range(3001, 25000 + 3001, 3001)]
+
+
+def test_a_streamed_file_is_read_first_for_its_channels_means(tmp_path, model_path, streamed, monkeypatch):
+    """With each channel's mean, the streams keep nothing per frame: they kept band 0's bins to redo it with the
+    mean at the end, ~1-2 MB a minute of audio. The first reading shows its own progress."""
+    import echo.encode_files as command
+    from echo import streaming
+    from echo.eval.embed import FailureStreak
+
+    means, real_init = [], streaming.StreamEncoder.__init__
+
+    def recorded(self, *args, mean=None, **kwargs):
+        means.append(mean)
+        real_init(self, *args, mean=mean, **kwargs)
+
+    monkeypatch.setattr(streaming.StreamEncoder, "__init__", recorded)
+    signal = np.random.default_rng(10).uniform(-0.5, 0.5, (25000, 2)) + [0.1, -0.2]
+    soundfile.write(str(tmp_path / "long.flac"), signal, 16000, subtype="PCM_24")
+    reading, encoding = [], []
+    options = {"dtype": torch.float32, "max_tokens": None, "progress": lambda done, total: encoding.append(done)}
+    (rate, channels, samples), result = command._stream_and_encode(
+        echo.load(model_path), tmp_path / "long.flac", False, options, FailureStreak(),
+        lambda done, total: reading.append((done, total)))
+    decoded, _ = soundfile.read(str(tmp_path / "long.flac"), dtype="float32")
+    assert means == pytest.approx(decoded.astype(np.float64).mean(axis=0).tolist(), rel=1e-12, abs=0)
+    assert reading == [(min(done, 25000), 25000) for done in range(1500, 25000 + 1500, 1500)]
+    assert len(encoding) == len(reading) and len(streamed["blocks"]) == 2 * len(reading)
+    model = echo.load(model_path)
+    assert rel_err(result["utterance"], model.encode(torch.from_numpy(decoded.T.copy()), 16000)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("then", [
+    (30000, 0.3, "its samples' mean is not its first reading's"),
+    (40000, 0.0, "30000 samples a channel, then 40000")])
+def test_a_file_that_changes_between_its_two_readings_is_skipped(tmp_path, model_path, capsys, streamed, monkeypatch,
+                                                                 then):
+    """A recording still being written, or replaced meanwhile: its first reading's means are not those of the
+    samples streamed, which would be a silently wrong band 0."""
+    import echo.encode_files as command
+
+    path = tmp_path / "growing.wav"
+    soundfile.write(str(path), np.random.default_rng(11).uniform(-0.5, 0.5, 30000), 16000, subtype="FLOAT")
+    real_means = command._channel_means
+
+    def then_changed(blocks, *args):
+        result = real_means(blocks, *args)
+        soundfile.write(str(path), np.random.default_rng(12).uniform(-0.5, 0.5, then[0]) + then[1], 16000,
+                        subtype="FLOAT")
+        return result
+
+    monkeypatch.setattr(command, "_channel_means", then_changed)
+    assert run(path, "--model", model_path, "--out", tmp_path / "e.npz") == 1
+    assert f"skipped {path}: the file changed while it was read: {then[2]}" in capsys.readouterr().out
 
 
 def test_a_streamed_mono_files_frames_are_kept_as_finished_not_copied(tmp_path, model_path, streamed, monkeypatch):

@@ -858,3 +858,51 @@ def test_streams_pickled_together_share_one_model_again():
     assert [s.model.encoder.layers[0].linear1.weight.dtype for s in loaded] == [torch.float32] * 3 + [torch.bfloat16]
     assert copy.copy(streams[0]).model is streams[0].model  # not the stand-in that pickles it
     assert copy.deepcopy(streams[0]).model.encoder.layers[0].linear1.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("rate,frames", [(8000, 4123), (22050, 2000), (48000, 2345), (12000, 700)])
+def test_a_stream_given_the_mean_emits_final_segments_and_keeps_nothing_per_frame(model, rate, frames):
+    """Without the mean, a stream keeps 160 bytes a frame to redo band 0 at the end (~1-2 MB a minute of audio,
+    without end) and emits band 0 provisional. Given the whole signal's mean (a file read twice), every emitted
+    segment is final, finish() encodes only what was not emitted, and the stream's state does not grow."""
+    n = geometry.n_fft(rate) + (frames - 1) * geometry.hop(rate) + int(torch.randint(0, geometry.hop(rate), ()))
+    x = torch.randn(n) * 0.5 + float(torch.randn(()) * 3)
+    ref_u, ref_f = fast.encode(model, [x], rate, frames=True)[0]
+    stream = fast.StreamEncoder(model, rate, frames=True, mean=x.double().mean())
+    emitted = push_in_random_pieces(stream, x)
+    assert all(rows.count == 0 for rows in (stream.dc_bins, stream.estimates, stream.low_rows))
+    for k, utterance, rows in emitted:  # band 0 too
+        assert rel_err(rows, ref_f[125 * k : 125 * (k + 1)]) < 1e-5
+    (utterance, frame_rows), passes = finish_counting_tokens(stream)
+    assert rel_err(utterance, ref_u) < 1e-5 and rel_err(frame_rows, ref_f) < 1e-5
+    segments = geometry.segments(geometry.n_frames(n, rate))
+    tokens = [geometry.n_bands(rate) * (geometry.n_patches(end - start) + 1) for start, end in segments]
+    assert sum(passes) == sum(tokens[len(emitted):])  # no band 0 encoded again
+
+
+def test_a_wrong_mean_is_refused_at_finish_and_a_mean_off_by_rounding_is_not(model):
+    """The stream keeps nothing to redo band 0 with: a mean that is not the samples' would be a wrong answer."""
+    x = torch.randn(30011) + 0.25
+    rounded = x.mean()  # in float32: off by its rounding
+    stream = fast.StreamEncoder(model, 8000, mean=rounded)
+    stream.push(x)
+    assert rel_err(stream.finish(), fast.encode(model, [x], 8000)[0]) < 1e-5
+    stream = fast.StreamEncoder(model, 8000, mean=x[:15000].double().mean())  # the first half's
+    stream.push(x)
+    with pytest.raises(ValueError, match=r"mean=0\.2.* was given, but the 30011 samples pushed have mean 0\.2"):
+        stream.finish()
+    variation = 1e-2 * torch.randn(30000, dtype=torch.float64)  # float64 on a large offset: its own scale
+    for mean, right in ((1e5 + variation.mean(), True), (1e5 + variation.mean() + 1e-6, False)):
+        stream = fast.StreamEncoder(model, 1000, mean=mean)
+        push_in_random_pieces(stream, 1e5 + variation)
+        if right:
+            assert rel_err(stream.finish(), fast.encode(model, [variation], 1000)[0]) < 1e-5
+        else:
+            with pytest.raises(ValueError, match="the 30000 samples pushed have mean"):
+                stream.finish()
+
+
+@pytest.mark.parametrize("mean", ["0.5", float("nan"), float("inf"), True, [0.5], 1j, torch.ones(2)])
+def test_a_mean_that_is_not_one_finite_real_number_is_refused(model, mean):
+    with pytest.raises(ValueError, match="mean must be one finite real number"):
+        fast.StreamEncoder(model, 8000, mean=mean)
