@@ -14,7 +14,8 @@ every file already encoded by the same model in the same dtype, in the old outpu
 over other files, in another dtype or with another model leaves those shards, and one without --frames their
 frames, for the interrupted run to resume; a shard that cannot be read is set aside as `*.unreadable` and kept,
 named at the end of every run until it is deleted, as are shards whose files are all gone). Under
-`torchrun --nproc-per-node N -m echo encode ...` rank r encodes files r, r + N, ... and rank 0 merges.
+`torchrun --nproc-per-node N -m echo encode ...` rank r encodes files r, r + N, ... and rank 0 merges. With
+`--window SECONDS [--hop SECONDS]` each file's equal windows are encoded as signals of their own (echo.windows).
 
 Output: `.npz` with `paths`, `keys`, `sample_rates`, `channels`, `model`, `model_name` and one array per file,
 `utterance/{i}` (and `frames/{i}` with --frames), since embedding sizes differ between rates; or, for an
@@ -41,7 +42,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from . import atomic, folders, host_memory, inputs, process_group
+from . import atomic, folders, geometry, host_memory, inputs, process_group, windows
 from .cli import WorkKept, on_every_rank, user_path
 from .data import AUDIO_SUFFIXES
 from .data.bundled import SAMPLES_DIR
@@ -69,6 +70,8 @@ OUTPUT_HELP = (
     "path and its bytes: a re-run skips the files whose key the output holds for the same model. Paths are as given "
     "(relative ones to the folder the command ran in). The output holds this run's files only: to gather several "
     "folders in one, give them all (the files it holds already are reused). "
+    "With --window, a file's utterance is (windows, features) and its frames the windows' rows one after another; "
+    "model and keys begin or end with the windows (window10.0s-hop5.0s). "
     "echo.encode_files.read_embeddings(OUT) reads either back.")
 
 
@@ -81,6 +84,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", type=user_path, default=Path("embeddings.npz"),
                         help=".npz or .parquet (default: embeddings.npz)")
     parser.add_argument("--frames", action="store_true", help="keep the frame embeddings too")
+    parser.add_argument("--window", type=float, metavar="SECONDS",
+                        help="embed each file window by window: spans of SECONDS (each encoded as a signal of its "
+                        "own), one every --hop seconds; the tail shorter than a window is left out, a file shorter "
+                        "than one is skipped")
+    parser.add_argument("--hop", type=float, metavar="SECONDS", help="seconds between windows' starts (default: "
+                        "--window, windows end to end)")
     parser.add_argument("--batch-files", type=int, default=32, help=batch_files_help(
         32, "a longer file is a batch alone, decoded and encoded a block at a time (StreamEncoder)"))
     parser.add_argument("--max-tokens", type=int, default=None, help="packed tokens per pass (echo.fast.encode)")
@@ -286,6 +295,67 @@ def _channel_means(blocks, channels: int, length: int, reading: Callable[[int, i
     return [(total / samples).item() for total in totals], samples
 
 
+def _window_and_encode(model, path: Path, frames: bool, options: dict, streak: FailureStreak, window: float,
+                       hop: float):
+    """A file's windows (echo.windows), decoded a block at a time and encoded a group at a time, each a signal of
+    its own: ((rate, channels, samples), embeddings of (windows, features) utterances and, with `frames`, the
+    windows' frame rows one after another), or the reason it failed. A group holds at most a batch's decoded
+    samples, so a long recording's memory is bounded, also where windows overlap."""
+    try:
+        rate, channels, length, blocks = _read(path, partial(audio_blocks, samples=STREAM_BLOCK),
+                                               partial(wav_blocks, samples=STREAM_BLOCK))
+        rate = inputs.check_sample_rate(rate)
+    except ImportError:  # a missing optional package is not a bad file
+        raise
+    except Exception as error:  # as read_checked: the file's reason
+        return failure_reason(error, path)
+    width, step = windows.spans(window, hop, rate)
+    if width < geometry.n_fft(rate):
+        return f"a window of {width} samples at {rate} Hz is shorter than one 25 ms frame"
+    per_group = max(1, embed.BATCH_SAMPLES // (width * channels))
+    decoded, unreadable, encoded, group = 0, "", [], []
+
+    def counted(blocks):
+        """The blocks, counted and shown; they end at a damaged stream, whose reason is kept."""
+        nonlocal decoded, unreadable
+        while True:
+            try:
+                block = next(blocks, None)
+            except Exception as error:  # the decoder's
+                unreadable = failure_reason(error, path)
+                return
+            if block is None:
+                return
+            decoded += block.shape[1]
+            options["progress"](min(decoded, length), length)
+            yield block
+
+    def encode_group() -> str:
+        """The group's windows encoded and kept; "" or the reason the file fails."""
+        results = encode_isolating_failures(partial(_encode, model, frames=frames, options=options),
+                                            [torch.from_numpy(piece) for piece in group], [rate] * len(group), streak)
+        for result in results:
+            if isinstance(result, str):
+                return f"window {len(encoded)} (from {len(encoded) * step / rate:.3f} s): {result}"
+            encoded.append(result)
+        group.clear()
+        return ""
+
+    with contextlib.closing(blocks):
+        for piece in windows.cut(counted(blocks), width, step):
+            group.append(piece)
+            if len(group) == per_group and (reason := encode_group()):
+                return reason
+    if unreadable or group and (unreadable := encode_group()):
+        return unreadable
+    if not encoded:
+        return f"shorter than one window ({decoded / rate:.3f} s < {window:g} s)"
+    embeddings = {"utterance": np.stack([result["utterance"] for result in encoded])}
+    if frames:
+        embeddings["frames"] = np.concatenate([result["frames"] for result in encoded])
+    return (rate, channels, decoded), embeddings
+
+
 def _side_by_side(channels: list, dim: int) -> torch.Tensor:
     """The channels' embeddings joined along `dim`; one channel's as it is: a long recording's frames joined alone
     were copied, their size again at the peak."""
@@ -293,9 +363,11 @@ def _side_by_side(channels: list, dim: int) -> torch.Tensor:
 
 
 def read_embeddings(path) -> dict:
-    """{"model": the model's key, "model_name": the --model that made it ("" in outputs older than it), "files":
-    {file path: {"utterance", "frames" (if kept), "key", "sample_rate", "channels"}}} from an npz or parquet output of
-    `encode`; a ValueError naming the file for any other file, whose parts are not an output's."""
+    """{"model": the model's key, "model_name": the --model that made it ("" in outputs older than it), "window":
+    (window, hop) in seconds, or None, "files": {file path: {"utterance", "frames" (if kept), "key", "sample_rate",
+    "channels", and with windows "starts", each window's start in seconds}}} from an npz or parquet output of
+    `encode`; a ValueError naming the file for any other file, whose parts are not an output's. With windows, a file's
+    utterance is (windows, features) and its frames the windows' rows one after another."""
     path = Path(path)
     if path.suffix == ".parquet":  # before the check: without pyarrow an output was said to be none
         _require_pyarrow()
@@ -306,21 +378,29 @@ def read_embeddings(path) -> dict:
         output = _read_output(path)
     except (KeyError, AttributeError, IndexError, TypeError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise ValueError(f"{path} is not an output of echo encode ({type(error).__name__}: {error})") from None
+    output["window"] = windows.parsed(output["model"])
     for file, row in output["files"].items():  # a re-run reuses them: one edited by hand would go on unseen
-        if not _embeddings_as_written(row):
+        if not _embeddings_as_written(row, output["window"] is not None):
             shapes = ", ".join(f"{name} {getattr(row[name], 'dtype', None)}{list(getattr(row[name], 'shape', []))}"
                                for name in ("utterance", "frames") if name in row)
-            raise ValueError(f"{path} is not an output of echo encode: {file} has {shapes}, not float32 vectors "
-                             f"(frames: rows of the utterance's size)")
+            wanted = "float32 vectors (frames: rows of the utterance's size)" if output["window"] is None else \
+                "float32 (windows, features) utterances (frames: the same count of rows of those features a window)"
+            raise ValueError(f"{path} is not an output of echo encode: {file} has {shapes}, not {wanted}")
+        if output["window"] is not None:
+            row["starts"] = windows.starts(len(row["utterance"]), output["window"][1], row["sample_rate"])
     return output
 
 
-def _embeddings_as_written(row: dict) -> bool:
+def _embeddings_as_written(row: dict, windowed: bool) -> bool:
+    """A float32 utterance vector, (windows, features) with windows, and frames of rows of its features, the same
+    count a window."""
     utterance, frames = row["utterance"], row.get("frames")
-    if not isinstance(utterance, np.ndarray) or utterance.dtype != np.float32 or utterance.ndim != 1:
+    if not isinstance(utterance, np.ndarray) or utterance.dtype != np.float32 or utterance.ndim != 1 + windowed \
+            or windowed and not len(utterance):
         return False
     return frames is None or (isinstance(frames, np.ndarray) and frames.dtype == np.float32 and frames.ndim == 2
-                              and (len(frames) == 0 or frames.shape[1] == utterance.size))
+                              and (len(frames) == 0 or frames.shape[1] == utterance.shape[-1])
+                              and len(frames) % (len(utterance) if windowed else 1) == 0)
 
 
 def _read_output(path: Path) -> dict:
@@ -526,7 +606,8 @@ def _left_out(out: Path, model_key: str, old_model: str, old_paths: list[str], f
     nothing. Both were replaced without a word: a user gathering folders into one output a run at a time, or
     trying another model on the same --out, lost the earlier run's embeddings unsaid."""
     if old_paths and old_model != model_key:
-        return (f"{out} holds {counted(len(old_paths), 'file')} encoded by another model or dtype ({old_model}); "
+        return (f"{out} holds {counted(len(old_paths), 'file')} encoded by another model or dtype, or with other "
+                f"windows ({old_model}); "
                 f"this run's output replaces it (Ctrl-C keeps it as it is; another --out keeps both)")
     if not old_paths:  # a first run: no file's real path to look up
         return ""
@@ -673,6 +754,13 @@ def _summed(failures: int, seconds: float, world: int, stopped: int | None = Non
 
 
 def run(args) -> int:
+    if args.hop is not None and args.window is None:
+        raise on_every_rank(ValueError("--hop needs --window"))
+    if args.window is not None:
+        args.hop = args.window if args.hop is None else args.hop
+        if not windows.SHORTEST <= args.window < float("inf") or not 0 < args.hop < float("inf"):
+            raise on_every_rank(ValueError(f"--window must be at least {windows.SHORTEST} s (one frame) and --hop "
+                                           f"over 0 s, both finite; got {args.window:g} and {args.hop:g}"))
     if args.batch_files < 1:
         raise on_every_rank(ValueError(f"--batch-files must be at least 1, got {args.batch_files}"))
     if args.max_tokens is not None and args.max_tokens < 1:
@@ -721,7 +809,10 @@ def _encode_files(args, rank: int, world: int) -> int:
     _check_reader(files)
     parts = _parts(args.out)
     cache = EmbeddingCache(parts, model_key)
-    done, old_model, old_paths, old_listing = _previous(args.out, model_key, args.frames)
+    # windows are said in the output's model key, and in the files' keys: their entries sit in the model's shards
+    # beside the same files' whole embeddings
+    output_key = model_key if args.window is None else f"{windows.label(args.window, args.hop)}-{model_key}"
+    done, old_model, old_paths, old_listing = _previous(args.out, output_key, args.frames)
     done.update(cache.entries)
     keys = {}
     with ThreadPoolExecutor(READ_WORKERS) as pool:  # in threads, as eval's: hashing lets go of the GIL
@@ -729,7 +820,7 @@ def _encode_files(args, rank: int, world: int) -> int:
             if reason:
                 unusable.append((path, reason))
             else:
-                keys[path] = key
+                keys[path] = key if args.window is None else f"{key}@{windows.label(args.window, args.hop)}"
     wanted = [path for path in keys if not _held(keys[path], done, args.frames)]
     if world > 1:  # every rank has read the shards before any writes one, so all share out the same `wanted`
         dist.barrier()
@@ -744,10 +835,10 @@ def _encode_files(args, rank: int, world: int) -> int:
     done = {entry: value for entry, value in done.items() if entry.split("/", 1)[0] in written_here}
     mine = wanted[rank::world]
     # a re-run with nothing to encode, whose output would be the one there: left as it is, not written again
-    unchanged = not wanted and old_listing == _listing(model_key, model_name,
+    unchanged = not wanted and old_listing == _listing(output_key, model_name,
                                                        [(shown(path), keys[path]) for path in files if path in keys],
                                                        args.frames)
-    if rank == 0 and (left_out := _left_out(args.out, model_key, old_model, old_paths, files)):
+    if rank == 0 and (left_out := _left_out(args.out, output_key, old_model, old_paths, files)):
         print(f"note: {left_out}")
     if rank == 0 and len(wanted) < len(keys):  # a resumed run says so before its bar, not only in its last line
         print(f"encoded already: {counted(len(keys) - len(wanted), 'file')} ({args.out} or {parts}); "
@@ -771,8 +862,13 @@ def _encode_files(args, rank: int, world: int) -> int:
         """Read `batch` in `pool` (or its one long file a block at a time, `streamed`), encode it and save its shard;
         the seconds of audio encoded. Its signals are freed on return, before the next batch is read: held across,
         two batches were decoded at once."""
-        encoded = [(batch[0], _stream_and_encode(model, batch[0], args.frames, options, streak, reading))] if streamed \
-            else _read_and_encode(model, batch, pool, args.frames, options, streak)
+        if args.window is not None:
+            encoded = [(path, _window_and_encode(model, path, args.frames, options, streak, args.window, args.hop))
+                       for path in batch]
+        elif streamed:
+            encoded = [(batch[0], _stream_and_encode(model, batch[0], args.frames, options, streak, reading))]
+        else:
+            encoded = _read_and_encode(model, batch, pool, args.frames, options, streak)
         fresh, seconds = {}, 0.0
         for path, outcome in encoded:
             if isinstance(outcome, str):
@@ -852,7 +948,7 @@ def _encode_files(args, rank: int, world: int) -> int:
         return 1
     try:
         if not unchanged:
-            _write(args.out, rows, model_key, model_name, args.frames)
+            _write(args.out, rows, output_key, model_name, args.frames)
     except KeyboardInterrupt:  # a large output takes a while to write; its embeddings are all kept
         raise KeyboardInterrupt(f"{args.out} was left as it was; the same command writes it without encoding any "
                                 f"file again") from None
@@ -879,6 +975,7 @@ def _encode_files(args, rank: int, world: int) -> int:
         print(f"left {args.out} as it was: every file of this run ({counted(len(rows), 'file')}) was encoded "
               f"already, {skipped} skipped")
     else:
-        print(f"wrote {args.out}: {counted(len(rows), 'file')} ({reused} reused from an earlier run), "
+        windowed = f" in {counted(sum(len(row['utterance']) for row in rows), 'window')}" if args.window else ""
+        print(f"wrote {args.out}: {counted(len(rows), 'file')}{windowed} ({reused} reused from an earlier run), "
               f"{skipped} skipped{speed}")
     return 0

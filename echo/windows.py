@@ -1,0 +1,55 @@
+"""Windows of a recording: equal spans of `window` seconds every `hop` seconds, each encoded as a signal of its own.
+
+Why equal spans: an utterance embedding moves with a clip's length, so a long recording scored window by window
+against a bank of normal windows needs every window the same length; the tail shorter than a window is left out.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import numpy as np
+
+SHORTEST = 0.025  # seconds: one STFT frame (25 ms) at every rate
+
+
+def spans(window: float, hop: float, rate: int) -> tuple[int, int]:
+    """(window, hop) in samples at `rate`, rounded to the nearest sample."""
+    return max(1, round(window * rate)), max(1, round(hop * rate))
+
+
+def count(samples: int, window: int, hop: int) -> int:
+    """How many whole windows `samples` samples hold."""
+    return 0 if samples < window else 1 + (samples - window) // hop
+
+
+def starts(windows: int, hop: float, rate: int) -> np.ndarray:
+    """Each window's start in seconds, from its first sample."""
+    return np.arange(windows) * spans(hop, hop, rate)[1] / rate
+
+
+def cut(blocks: Iterable[np.ndarray], window: int, hop: int) -> Iterator[np.ndarray]:
+    """The (C, window) windows of a recording given as consecutive (C, n) blocks, in order, each its own copy; only
+    the samples a later window still needs are kept between blocks."""
+    pending, first = None, 0  # samples not yet behind every window, and the signal index of pending's first
+    next_start = 0
+    for block in blocks:
+        pending = block if pending is None else np.concatenate([pending, block], axis=1)
+        while next_start + window <= first + pending.shape[1]:
+            offset = next_start - first
+            yield np.ascontiguousarray(pending[:, offset : offset + window])
+            next_start += hop
+        keep_from = min(next_start, first + pending.shape[1]) - first  # a hop past the end skips samples
+        pending, first = pending[:, keep_from:].copy(), first + keep_from
+
+
+def label(window: float, hop: float) -> str:
+    """The windows as said in an output's model key and its files' keys: "window10.0s-hop5.0s"."""
+    return f"window{window!r}s-hop{hop!r}s"
+
+
+def parsed(model_key: str) -> tuple[float, float] | None:
+    """(window, hop) of an output's model key (see label), or None for one encoded whole."""
+    if not model_key.startswith("window"):
+        return None
+    window, hop = model_key.removeprefix("window").split("-", 2)[:2]
+    return float(window.removesuffix("s")), float(hop.removeprefix("hop").removesuffix("s"))

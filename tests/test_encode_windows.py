@@ -1,0 +1,146 @@
+"""`echo encode --window SECONDS [--hop SECONDS]`: each file's equal windows encoded as signals of their own."""
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+import echo
+from echo import cli, windows
+from echo.encode_files import read_embeddings
+
+from conftest import random_model, rel_err
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    return echo.save(random_model("tiny", depth=2), tmp_path / "model" / "tiny.safetensors")
+
+
+def run(*argv):
+    return cli.main(["encode", *map(str, argv), "--quiet"])
+
+
+@pytest.mark.parametrize("window,hop", [(1000, 1000), (1000, 250), (700, 1300), (1, 1), (4999, 1)])
+def test_windows_cut_from_blocks_are_the_signals_slices(window, hop):
+    rng = np.random.default_rng()
+    signal = rng.standard_normal((2, 5003)).astype(np.float32)
+    cuts = np.cumsum(rng.integers(1, 900, 20))
+    blocks = np.split(signal, cuts[cuts < signal.shape[1]], axis=1)
+    pieces = list(windows.cut(iter(blocks), window, hop))
+    assert len(pieces) == windows.count(signal.shape[1], window, hop)
+    assert all(np.array_equal(piece, signal[:, i * hop : i * hop + window]) for i, piece in enumerate(pieces))
+    assert windows.count(window - 1, window, hop) == 0
+
+
+def test_each_window_is_encoded_as_a_signal_of_its_own(tmp_path, model_path, capsys):
+    """Windows at several rates and channel counts, overlapping and not: each row is model.encode of its span (DC
+    removed from it alone), frames the windows' rows in order; the tail shorter than a window is left out, and a
+    file shorter than one window is skipped, saying so."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rng = np.random.default_rng()
+    files = {"a.wav": (rng.uniform(-0.5, 0.5, 8000 * 5 + 313) + 0.2, 8000),
+             "b.flac": (rng.uniform(-0.5, 0.5, (22050 * 3 + 17, 2)), 22050),
+             "c.wav": (rng.uniform(-0.5, 0.5, 48000 * 2 + 1), 48000)}
+    for name, (signal, rate) in files.items():
+        soundfile.write(str(folder / name), signal, rate, subtype="FLOAT" if name.endswith(".wav") else "PCM_24")
+    soundfile.write(str(folder / "short.wav"), rng.uniform(-0.5, 0.5, 1100), 1000)
+    out = tmp_path / "w.npz"
+    assert run(folder, "--model", model_path, "--out", out, "--frames", "--window", "1.5", "--hop", "0.7") == 0
+    printed = capsys.readouterr().out
+    assert f"skipped {folder / 'short.wav'}: shorter than one window (1.100 s < 1.5 s)" in printed
+    written = read_embeddings(out)
+    assert written["window"] == (1.5, 0.7) and written["model"].startswith("window1.5s-hop0.7s-")
+    model = echo.load(model_path)
+    for name, (_, rate) in files.items():
+        data, _ = soundfile.read(str(folder / name), dtype="float32", always_2d=True)
+        signal = torch.from_numpy(np.ascontiguousarray(data.T))
+        width, step = round(1.5 * rate), round(0.7 * rate)
+        row = written["files"][str(folder / name)]
+        count = (signal.shape[1] - width) // step + 1
+        assert row["utterance"].shape[0] == count and np.allclose(row["starts"], np.arange(count) * step / rate)
+        frames = []
+        for i in range(count):
+            utterance, rows = model.encode(signal[:, i * step : i * step + width], rate)
+            assert rel_err(row["utterance"][i], utterance) < 1e-5, (name, i)
+            frames.append(rows)
+        assert rel_err(row["frames"], torch.cat(frames)) < 1e-5
+    windows_written = sum(len(row["utterance"]) for row in written["files"].values())
+    assert f"wrote {out}: 3 files in {windows_written} windows (0 reused from an earlier run), 1 skipped" in printed
+
+
+def test_a_long_file_is_windowed_a_block_and_a_group_at_a_time(tmp_path, model_path, monkeypatch):
+    """The file is decoded a block at a time and its windows encoded a group at a time (a batch's samples): the
+    same rows as in one go."""
+    import echo.encode_files as command
+    from echo.eval import embed
+
+    path = tmp_path / "long.flac"
+    soundfile.write(str(path), np.random.default_rng().uniform(-0.5, 0.5, (16000 * 6 + 99, 2)), 16000)
+    assert run(path, "--model", model_path, "--out", tmp_path / "whole.npz", "--window", "0.5", "--hop", "0.3") == 0
+    calls, real = [], command._encode
+
+    def counted(model, signals, rates, *args, **kwargs):
+        calls.append(len(signals))
+        return real(model, signals, rates, *args, **kwargs)
+
+    monkeypatch.setattr(command, "_encode", counted)
+    monkeypatch.setattr(command, "STREAM_BLOCK", 5001)
+    monkeypatch.setattr(embed, "BATCH_SAMPLES", 16000 * 4)  # 4 windows of 2 x 8000 samples
+    assert run(path, "--model", model_path, "--out", tmp_path / "cut.npz", "--window", "0.5", "--hop", "0.3") == 0
+    whole = read_embeddings(tmp_path / "whole.npz")["files"][str(path)]["utterance"]
+    cut = read_embeddings(tmp_path / "cut.npz")["files"][str(path)]["utterance"]
+    assert calls == [4] * (len(whole) // 4) + [len(whole) % 4] * (len(whole) % 4 > 0) and len(whole) == 19
+    assert rel_err(cut, whole) < 1e-6
+
+
+def test_a_windowed_run_resumes_and_other_windows_replace_it_with_a_note(tmp_path, model_path, capsys):
+    soundfile.write(str(tmp_path / "a.flac"), np.random.uniform(-0.5, 0.5, 16000 * 3), 16000)
+    out = tmp_path / "w.npz"
+    assert run(tmp_path / "a.flac", "--model", model_path, "--out", out, "--window", "1") == 0
+    first = read_embeddings(out)["files"][str(tmp_path / "a.flac")]["utterance"]
+    capsys.readouterr()
+    assert run(tmp_path / "a.flac", "--model", model_path, "--out", out, "--window", "1") == 0
+    assert "left w.npz as it was" in capsys.readouterr().out.replace(str(tmp_path) + "/", "")
+    assert run(tmp_path / "a.flac", "--model", model_path, "--out", out, "--window", "1", "--hop", "0.5") == 0
+    printed = capsys.readouterr().out
+    assert "encoded by another model or dtype, or with other windows (window1.0s-hop1.0s-" in printed
+    again = read_embeddings(out)
+    assert again["window"] == (1.0, 0.5) and len(again["files"][str(tmp_path / "a.flac")]["utterance"]) == 5
+    assert run(tmp_path / "a.flac", "--model", model_path, "--out", out) == 0  # whole again: a vector
+    whole = read_embeddings(out)
+    assert whole["window"] is None and whole["files"][str(tmp_path / "a.flac")]["utterance"].shape == first.shape[1:]
+
+
+def test_windowed_rows_round_trip_through_parquet(tmp_path, model_path):
+    pytest.importorskip("pyarrow")
+    soundfile.write(str(tmp_path / "a.flac"), np.random.uniform(-0.5, 0.5, (16000 * 3, 2)), 16000)
+    for suffix in (".npz", ".parquet"):
+        assert run(tmp_path / "a.flac", "--model", model_path, "--out", tmp_path / f"w{suffix}", "--window", "1.2",
+                   "--hop", "0.9", "--frames") == 0
+    npz, parquet = (read_embeddings(tmp_path / f"w{suffix}") for suffix in (".npz", ".parquet"))
+    assert npz["window"] == parquet["window"] == (1.2, 0.9)
+    for name in ("utterance", "frames", "starts"):
+        assert np.array_equal(npz["files"][str(tmp_path / "a.flac")][name],
+                              parquet["files"][str(tmp_path / "a.flac")][name]), name
+
+
+def test_a_window_with_bad_samples_fails_its_file_naming_the_window(tmp_path, model_path, capsys):
+    signal = np.random.uniform(-0.5, 0.5, 16000 * 3)
+    signal[16000 * 2 + 5] = np.nan
+    soundfile.write(str(tmp_path / "nan.wav"), signal, 16000, subtype="FLOAT")
+    assert run(tmp_path / "nan.wav", "--model", model_path, "--out", tmp_path / "w.npz", "--window", "1") == 1
+    assert f"skipped {tmp_path / 'nan.wav'}: window 2 (from 2.000 s): encode failed: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,said", [
+    (["--hop", "1"], "--hop needs --window"),
+    (["--window", "0.01"], "--window must be at least 0.025 s"),
+    (["--window", "1", "--hop", "0"], "--hop over 0 s"),
+    (["--window", "inf"], "both finite"),
+    (["--window", "nan"], "--window must be at least"),
+])
+def test_window_arguments_are_checked(tmp_path, model_path, capsys, argv, said):
+    soundfile.write(str(tmp_path / "a.flac"), np.random.uniform(-0.5, 0.5, 16000), 16000)
+    assert run(tmp_path / "a.flac", "--model", model_path, "--out", tmp_path / "w.npz", *argv) != 0
+    assert said in capsys.readouterr().err
