@@ -295,6 +295,9 @@ def _channel_means(blocks, channels: int, length: int, reading: Callable[[int, i
     return [(total / samples).item() for total in totals], samples
 
 
+WINDOW_GROUP = 1 << 24  # samples of windows encoded in one call: 64 MB of float32, ~35 windows of 10 s at 48 kHz
+
+
 def _window_and_encode(model, path: Path, frames: bool, options: dict, streak: FailureStreak, window: float,
                        hop: float):
     """A file's windows (echo.windows), decoded a block at a time and encoded a group at a time, each a signal of
@@ -312,7 +315,7 @@ def _window_and_encode(model, path: Path, frames: bool, options: dict, streak: F
     width, step = windows.spans(window, hop, rate)
     if width < geometry.n_fft(rate):
         return f"a window of {width} samples at {rate} Hz is shorter than one 25 ms frame"
-    per_group = max(1, embed.BATCH_SAMPLES // (width * channels))
+    per_group = max(1, WINDOW_GROUP // (width * channels))
     decoded, unreadable, encoded, group = 0, "", [], []
 
     def counted(blocks):
