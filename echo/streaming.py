@@ -118,6 +118,10 @@ class MeanMismatch(ValueError):
 
 
 MEAN_TOLERANCE = 1e-7  # of the samples' peak: how far a given `mean` may be from theirs (float32 rounding is 6e-8)
+# and of float64 chunks' offset: their float64 mean is off by its rounding (1e-16 of the offset, more summed in
+# blocks), beyond 1e-7 of their variation where that is small (a constant, 1e5 + 1e-4); 1e-12 was too loose: a mean
+# off by that much moved the frames of 1e5 + 1e-2 noise by 6e-4 (8 kHz)
+SUM_ROUNDING = 1e-14
 
 
 class StreamEncoder:
@@ -371,7 +375,7 @@ class StreamEncoder:
         """The `mean` given is the samples': a wrong one made every segment's band 0 wrong, and the stream kept
         nothing to redo them with."""
         given, pushed = self.mean - self.offset, (self.total / self.samples).item()
-        if abs(given - pushed) > MEAN_TOLERANCE * self.peak:
+        if abs(given - pushed) > MEAN_TOLERANCE * self.peak + SUM_ROUNDING * abs(self.offset):
             raise MeanMismatch(
                 f"mean={self.mean!r} was given, but the {self.samples} samples pushed have mean "
                 f"{pushed + self.offset!r}: the segments emitted were encoded with the wrong one. Give the mean "

@@ -359,6 +359,19 @@ def test_a_file_that_changes_between_its_two_readings_is_skipped(tmp_path, model
     assert f"skipped {path}: the file changed while it was read: {then[2]}" in capsys.readouterr().out
 
 
+def test_a_streamed_float64_file_of_a_small_variation_on_an_offset_is_encoded(tmp_path, model_path, streamed):
+    """Its samples less the stream's offset peak at ~4e-5, and the float64 rounding of its mean (~1e-11) was refused
+    as a mean that is not the samples': the file was skipped as one that changed while it was read."""
+    path = tmp_path / "pressure.wav"
+    signal = 1e5 + 0.3 + 1e-5 * np.random.default_rng(13).standard_normal(25000)
+    soundfile.write(str(path), signal, 16000, subtype="DOUBLE")
+    assert run(path, "--model", model_path, "--out", tmp_path / "e.npz") == 0
+    assert streamed["paths"] == ["pressure.wav"]
+    row = read_embeddings(tmp_path / "e.npz")["files"][str(path)]
+    reference = echo.load(model_path).encode(torch.from_numpy(soundfile.read(str(path))[0]), 16000)[0]
+    assert rel_err(row["utterance"], reference) < 1e-5
+
+
 def test_a_streamed_mono_files_frames_are_kept_as_finished_not_copied(tmp_path, model_path, streamed, monkeypatch):
     """One channel's frames were "joined" by torch.cat, a copy: with --frames, their size again at the run's peak
     (20 minutes of 48 kHz mono, ECHO-tiny: +518 MB over the model, +416 MB now). Several channels are still joined."""
