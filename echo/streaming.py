@@ -117,10 +117,11 @@ class MeanMismatch(ValueError):
     """The `mean` a stream was given is not its samples'."""
 
 
-MEAN_TOLERANCE = 1e-7  # of the samples' peak: how far a given `mean` may be from theirs (float32 rounding is 6e-8)
-# and of float64 chunks' offset: their float64 mean is off by its rounding (1e-16 of the offset, more summed in
-# blocks), beyond 1e-7 of their variation where that is small (a constant, 1e5 + 1e-4); 1e-12 was too loose: a mean
-# off by that much moved the frames of 1e5 + 1e-2 noise by 6e-4 (8 kHz)
+MEAN_TOLERANCE = 1e-7  # of float64 chunks' peak less their offset: the float32 rounding of the samples (6e-8)
+# of float64 chunks' offset, and of other chunks' peak (their samples are encoded as pushed): a float64 mean's rounding
+# (1e-16, more summed in blocks). 1e-7 of the peak was too loose for float32 chunks: a float32 mean (off by 6e-8 of
+# 1.0 + 1e-3 noise) moved their frames by 7e-5, a mean off by 1e-7 those of half silence by 7e-3; 1e-12 of the offset
+# those of 1e5 + 1e-2 noise by 6e-4 (8 kHz)
 SUM_ROUNDING = 1e-14
 
 
@@ -375,11 +376,12 @@ class StreamEncoder:
         """The `mean` given is the samples': a wrong one made every segment's band 0 wrong, and the stream kept
         nothing to redo them with."""
         given, pushed = self.mean - self.offset, (self.total / self.samples).item()
-        if abs(given - pushed) > MEAN_TOLERANCE * self.peak + SUM_ROUNDING * abs(self.offset):
+        rounding = MEAN_TOLERANCE if self.wide else SUM_ROUNDING
+        if abs(given - pushed) > rounding * self.peak + SUM_ROUNDING * abs(self.offset):
             raise MeanMismatch(
                 f"mean={self.mean!r} was given, but the {self.samples} samples pushed have mean "
                 f"{pushed + self.offset!r}: the segments emitted were encoded with the wrong one. Give the mean "
-                f"of the whole signal summed in float64 (e.g. signal.mean(dtype=numpy.float64)), or none")
+                f"of the samples as pushed, summed in float64 (e.g. signal.mean(dtype=numpy.float64)), or none")
 
     @torch.inference_mode(False)  # as push(): it computes the frames of a push that failed
     @torch.no_grad()
