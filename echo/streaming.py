@@ -171,9 +171,9 @@ class StreamEncoder:
         self.audio = torch.zeros(0, dtype=torch.float32, device="cpu")  # the stream's copy of samples from audio_start
         self.audio_start = 0
         self.chunk = self.audio  # during a push, the chunk's samples (the last ones), read in place
-        # per computed frame, for finish() where `mean` is not given: bins 0 and 1 (float64: their correction subtracts nearly equal
-        # numbers), the DC estimate they were computed with, and bins 2.. of band 0 as final float32 (a DC
-        # change does not move them)
+        # per computed frame, for finish() where `mean` is not given: bins 0 and 1 (float64: their correction
+        # subtracts nearly equal numbers), the DC estimate they were computed with, and bins 2.. of band 0 as final
+        # float32 (a DC change does not move them)
         self.dc_bins = _Rows(2, torch.complex128)
         self.estimates = _Rows(1, torch.float64)
         self.low_rows = _Rows(self.low_bins - 2, torch.float32)
