@@ -12,6 +12,29 @@ import numpy as np
 SHORTEST = 0.025  # seconds: one STFT frame (25 ms) at every rate
 
 
+def checked(window: float, hop: float | None) -> tuple[float, float]:
+    """(window, hop) in seconds, hop defaulting to the window (end to end); refused unless the window is at least one
+    frame and both are finite and positive."""
+    hop = window if hop is None else hop
+    if not SHORTEST <= window < float("inf") or not 0 < hop < float("inf"):
+        raise ValueError(f"a window must be at least {SHORTEST} s (one frame) and its hop over 0 s, both finite; got "
+                         f"{window:g} and {hop:g}")
+    return float(window), float(hop)
+
+
+def too_short(samples: int, rate: int, window: float) -> str:
+    """Why a recording of `samples` at `rate` has no window."""
+    return f"shorter than one window ({samples / rate:.3f} s < {window:g} s)"
+
+
+def of(signal, window: int, hop: int) -> list:
+    """The windows of a whole (N,) or (C, N) tensor, as views."""
+    if signal.shape[-1] < window:
+        return []
+    strided = signal.unfold(-1, window, hop)  # (..., windows, window)
+    return [strided[..., i, :] for i in range(strided.shape[-2])]
+
+
 def spans(window: float, hop: float, rate: int) -> tuple[int, int]:
     """(window, hop) in samples at `rate`, rounded to the nearest sample."""
     return max(1, round(window * rate)), max(1, round(hop * rate))

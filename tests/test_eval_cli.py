@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -866,3 +867,71 @@ def test_class_names_holding_dollars_are_drawn_as_spelt(tmp_path, saved_figures)
              [*confusion.get_xticklabels(), *projection.get_legend().get_texts(), projection.title]]
     assert drawn == [(name, False) for name in sorted(names)] + \
         [(f"{name} (2)", False) for name in sorted(names)] + [("$x_1^2$ (PCA)", False)]
+
+
+def test_folder_windows_are_clips_scored_against_a_bank_of_normal_windows(tmp_path, model_path, capsys):
+    """Long recordings: each file's windows are clips of their own, labelled as the file; the bank is every normal
+    window. A score is the cosine distance of the window's own embedding (model.encode of its span) to its nearest
+    bank window."""
+    import torch
+
+    rng = seeded_rng()
+    files = {"normal/a.wav": 400, "normal/b.wav": 400, "test/normal/c.wav": 400, "test/anomalous/d.wav": 1500}
+    for name, frequency in files.items():
+        path = tmp_path / "machine" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        soundfile.write(str(path), tone(rng, frequency, seconds=1.37), RATE)
+    soundfile.write(str(tmp_path / "machine" / "test" / "short.wav"), tone(rng, 400, seconds=0.2), RATE)
+    out = tmp_path / "out"
+    assert run_eval("--task", "folder", "--data", tmp_path / "machine", "--model", model_path, "--out", out,
+                    "--window", "0.4", "--hop", "0.3", "--no-plots") == 0
+    printed = capsys.readouterr().out
+    assert "clips: 16 windows of 0.4 s, one every 0.3 s, of 4 files" in printed  # 4 windows in 1.37 s
+    assert [row["reason"] for row in read_rows(out / "failures.csv")] == ["shorter than one window (0.200 s < 0.4 s)"]
+    model = echo.load(model_path)
+    embed_window = lambda name, k: model.encode(torch.from_numpy(
+        soundfile.read(str(tmp_path / "machine" / name), dtype="float32")[0][k * 2400 : k * 2400 + 3200]), RATE)[0]
+    bank = torch.stack([embed_window(name, k) for name in ("normal/a.wav", "normal/b.wav") for k in range(4)])
+    scores = read_rows(out / "scores.csv")
+    assert [row["path"].rsplit("/", 1)[1] for row in scores] == \
+        [f"{name}.wav#t={start:g},{start + 0.4:g}" for name in "dc" for start in (0, 0.3, 0.6, 0.9)]
+    for row in scores:
+        name, span = row["path"].split("machine/", 1)[1].split("#t=")
+        window = embed_window(name, round(float(span.split(",")[0]) / 0.3))
+        nearest = (1 - torch.nn.functional.cosine_similarity(window[None], bank)).min()
+        assert float(row["score"]) == pytest.approx(float(nearest), rel=1e-3, abs=1e-6), row["path"]
+        assert row["label"] == ("1" if "anomalous" in name else "0")
+    result = json.loads((out / "results.json").read_text())
+    assert result["window"] == {"seconds": 0.4, "hop": 0.3}
+    assert result["clips"] == {"bank": 8, "test normal": 4, "test anomalous": 4, "test unlabelled": 0}
+
+
+def test_windows_are_cached_apart_from_whole_files_and_from_other_windows(tmp_path, model_path, capsys):
+    rng = seeded_rng()
+    for name in ("normal/a.wav", "test/normal/b.wav", "test/anomalous/c.wav"):
+        path = tmp_path / "machine" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        soundfile.write(str(path), tone(rng, 400, seconds=1.0), RATE)
+    arguments = ["--task", "folder", "--data", tmp_path / "machine", "--model", model_path, "--out", tmp_path / "out",
+                 "--no-plots"]
+    for window, cached in ((["--window", "0.5"], 0), ([], 0), (["--window", "0.5"], 3), (["--window", "0.25"], 0)):
+        assert run_eval(*arguments, *window) == 0
+        assert f"3 files ({cached} from the cache, 0 failed)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arguments,said", [
+    (["--task", "folder", "--hop", "1"], "--hop needs --window"),
+    (["--task", "folder", "--window", "0.001"], "a window must be at least 0.025 s"),
+    (["--task", "classes", "--window", "1"], "--window: only --task folder scores windows; classes scores its files"),
+])
+def test_window_options_are_checked_before_the_encoding(tmp_path, model_path, capsys, arguments, said):
+    rng = seeded_rng()
+    for name in ("normal/a.wav", "test/normal/b.wav", "test/anomalous/c.wav", "x/d.wav", "y/e.wav"):
+        path = tmp_path / "data" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        soundfile.write(str(path), tone(rng, 400, seconds=0.5), RATE)
+    if arguments[1] == "classes":
+        for name in ("normal", "test"):
+            shutil.rmtree(tmp_path / "data" / name)
+    assert run_eval(*arguments, "--data", tmp_path / "data", "--model", model_path, "--out", tmp_path / "out") != 0
+    assert said in capsys.readouterr().err

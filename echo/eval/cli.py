@@ -3,6 +3,7 @@ with the SIREN protocol, print and save the results (results.csv, results.json, 
 anomaly detection) and the plots (PNG) in --out, with files/s and the share of time spent encoding vs searching."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .. import atomic
+from .. import atomic, windows
 from ..cli import WorkKept
 from ..geometry import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, n_bands
 from ..wording import counted
@@ -57,6 +58,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, help=f"k-fold shuffle seed (default: {FAULT_DEFAULTS['seed']})")
     parser.add_argument("--channels", help="channels fused for multi-channel data, e.g. 0,1,2 (default: all)")
     parser.add_argument("--search", choices=("torch", "faiss"), help="anomaly search backend (default: torch)")
+    parser.add_argument("--window", type=float, metavar="SECONDS",
+                        help="--task folder: score each file window by window, spans of SECONDS each a clip of its "
+                        "own (labelled as its file), one every --hop seconds: long recordings, a bank of normal "
+                        "windows; the tail shorter than a window is left out")
+    parser.add_argument("--hop", type=float, metavar="SECONDS",
+                        help="seconds between windows' starts (default: --window, windows end to end)")
     parser.add_argument("--batch-files", type=int, default=BATCH_FILES, help=batch_files_help(BATCH_FILES))
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -82,11 +89,12 @@ def _json_values(value):
     return value
 
 
-def _check_headers(dataset) -> None:
+def _check_headers(dataset, windowed: bool) -> None:
     """What the files' headers tell before the encoding: files whose embeddings would differ in size (another
     rate's band count, another channel count) are refused (`_stack` found them once every file was encoded), and
     test clips of lengths far from the bank's are noted, and fault data's channel count is kept for its
-    per-channel views. Files whose header cannot be read are left to the reading, which reports them."""
+    per-channel views (`windowed`: every clip a window, of one length). Files whose header cannot be read are left
+    to the reading, which reports them."""
     if dataset.read is not datasets.read_audio:  # the .mat and .csv data sets have one rate and channel count
         return
     soundfile = require("soundfile", "reading audio files")
@@ -95,7 +103,7 @@ def _check_headers(dataset) -> None:
     usable = [(item, header) for item, header in zip(dataset.items, headers)
               if header is not None and MIN_SAMPLE_RATE <= header.samplerate <= MAX_SAMPLE_RATE]
     _refuse_other_sizes(usable)
-    if dataset.kind == "anomaly":
+    if dataset.kind == "anomaly" and not windowed:
         _note_other_lengths(dataset, usable)
     elif usable:  # one channel count now: each channel of a 3-axis sensor's files is viewed alone and fused
         dataset.channels = usable[0][1].channels
@@ -135,6 +143,18 @@ def _note_other_lengths(dataset, usable: list) -> None:
         dataset.notes.append(f"{counted(len(odd), 'test clip')} under half or over twice the bank clips' median length "
                              f"({typical:.2f} s; e.g. {odd[0][0]}, {odd[0][1]:.2f} s): an utterance embedding moves "
                              f"with a clip's length, so their scores measure that too")
+
+
+def _windows_as_clips(items: list, vectors: list, window: tuple[float, float]) -> tuple[list, list]:
+    """Each file's windows as clips of its own, labelled as the file, named by a media fragment (x.wav#t=10,20)."""
+    soundfile = require("soundfile", "reading audio files")  # --task folder reads its files with it
+    clips, rows = [], []
+    for item, windowed in zip(items, vectors):
+        rate = audio_header(soundfile, item.path).samplerate  # its windows' starts are whole samples at its rate
+        for start, row in zip(windows.starts(len(windowed), window[1], rate), windowed):
+            clips.append(dataclasses.replace(item, path=Path(f"{item.path}#t={start:g},{start + window[0]:g}")))
+            rows.append(row)
+    return clips, rows
 
 
 def _stack(vectors: list, items: list) -> np.ndarray:
@@ -183,6 +203,11 @@ def _check_options(args, dataset) -> None:
     if args.batch_files < 1:  # said after the model was loaded, in embed_files' words (batch_files=0)
         raise ValueError(f"--batch-files {args.batch_files}: at least one file per batch")
     args.fused_channels = _fused_channels(args, dataset)  # parsed once, here, before the encoding
+    if args.hop is not None and args.window is None:
+        raise ValueError("--hop needs --window")
+    if args.window is not None and dataset.task != "folder":  # a DCASE score is a clip's; a fold must keep a
+        raise ValueError(f"--window: only --task folder scores windows; {args.task} scores its files whole")  # file
+    args.window = None if args.window is None else windows.checked(args.window, args.hop)
     # options the task has no use for are refused, not ignored: the user meant them to change something
     if args.labels and dataset.year is None:
         raise ValueError(f"--labels: only the DCASE tasks read label lists; {args.task} takes its labels from its "
@@ -342,8 +367,8 @@ def _run(args) -> int:
         atomic.check_can_make(args.cache, f"--cache {args.cache}")
     dataset = datasets.load(args.task, args.data, args.labels)
     _check_packages(args, dataset)
-    _check_headers(dataset)  # before the options: it tells the channels --channels chooses among
-    _check_options(args, dataset)
+    _check_headers(dataset, windowed=args.window is not None)  # before the options: it tells the channels
+    _check_options(args, dataset)  # --channels chooses among
     for note in dataset.notes:
         print(f"note: {note}")
     if device.type == "cpu":
@@ -353,7 +378,7 @@ def _run(args) -> int:
     cache = args.cache or args.out / "cache"
     embedded = embed_files(model, [item.path for item in dataset.items], dataset.read, cache, None, device,
                            DTYPES[args.dtype], args.batch_files, progress=not args.quiet,
-                           reader_version=datasets.READERS_VERSION)
+                           reader_version=datasets.READERS_VERSION, window=args.window)
     try:
         return _results(args, dataset, embedded, started, device)
     except OSError as error:  # a full disk: "[Errno 28]" alone named neither the folder nor the embeddings kept
@@ -372,8 +397,12 @@ def _results(args, dataset, embedded, started: float, device) -> int:
     if not kept:
         raise ValueError(f"no file of {args.data} could be embedded ({len(embedded.failures)} failures, see "
                          f"{args.out / 'failures.csv'})")
-    items = [dataset.items[i] for i in kept]
-    vectors = _stack([embedded.vectors[i] for i in kept], items)
+    items, vectors = [dataset.items[i] for i in kept], [embedded.vectors[i] for i in kept]
+    if args.window is not None:
+        items, vectors = _windows_as_clips(items, vectors, args.window)
+        print(f"clips: {counted(len(items), 'window')} of {args.window[0]:g} s, one every {args.window[1]:g} s, of "
+              f"{counted(len(kept), 'file')}; each scored as a clip, labelled as its file")
+    vectors = _stack(vectors, items)
     embedded.vectors.clear()  # the stacked rows are the ones searched: not both held through the search
     search_started = time.perf_counter()
     evaluate = _anomaly if dataset.kind == "anomaly" else _faults
@@ -389,6 +418,7 @@ def _results(args, dataset, embedded, started: float, device) -> int:
              "read_wait_seconds": embedded.read_seconds, "search_and_metrics_seconds": search_seconds,
              "plot_seconds": plot_seconds}
     summary = {"task": args.task, "data": str(args.data), "model": str(args.model), "domain_auc": args.domain_auc,
+               "window": None if args.window is None else dict(zip(("seconds", "hop"), args.window)),
                "notes": dataset.notes, **results, "failures": [(shown(p), r) for p, r in embedded.failures],
                "speed": speed, "plots": [p.name for p in figures]}
     atomic.write_text(args.out / "results.json", json.dumps(_json_values(summary), indent=2, default=str) + "\n")

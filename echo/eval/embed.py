@@ -20,7 +20,7 @@ import types
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
-from .. import atomic, inputs
+from .. import atomic, inputs, windows
 from ..cli import WorkKept
 from ..data.formats import libsndfile_words
 from ..ops.backend import BackendError
@@ -354,6 +354,56 @@ def encode_isolating_failures(encode: Callable, signals: list, rates: list, stre
     return finite_or_failed(results)
 
 
+def _windowed(encode: Callable, loaded: list, window: tuple[float, float], streak: FailureStreak) -> list:
+    """Per (signal, rate) of `loaded`, its windows' vectors (windows, features), or the reason it failed."""
+    def pieces():
+        for owner, (signal, rate) in enumerate(loaded):
+            width, step = windows.spans(*window, rate)
+            for number, samples in enumerate(windows.of(signal, width, step)):
+                yield owner, number * step / rate, samples, rate
+
+    results = encode_windows(encode, pieces(), streak)
+    return [np.stack(results[owner]) if isinstance(results.get(owner), list) else
+            results.get(owner) or windows.too_short(signal.shape[-1], rate, window[0])
+            for owner, (signal, rate) in enumerate(loaded)]
+
+
+WINDOW_GROUP = 1 << 24  # samples of windows encoded in one call: 64 MB of float32, ~35 windows of 10 s at 48 kHz
+
+
+def encode_windows(encode: Callable, pieces: Iterable, streak: FailureStreak) -> dict:
+    """Windows given as (owner, start in seconds, samples, rate), encoded through encode_isolating_failures a group
+    of at most WINDOW_GROUP samples at a time, so that a long recording's windows, overlapping too, take bounded
+    memory: {owner: its windows' outputs in order, or the reason its first failed window failed}; an owner whose
+    windows are all shorter than a window never appears. Once an owner failed, its later windows are not encoded."""
+    results, group, size = {}, [], 0
+
+    def flush() -> None:
+        nonlocal size
+        outputs = encode_isolating_failures(encode, [samples for _, _, samples, _ in group],
+                                            [rate for _, _, _, rate in group], streak)
+        for (owner, start, _, _), output in zip(group, outputs):
+            if isinstance(results.get(owner), str):
+                continue
+            if isinstance(output, str):
+                results[owner] = f"window from {start:.3f} s: {output}"
+            else:
+                results.setdefault(owner, []).append(output)
+        group.clear()
+        size = 0
+
+    for piece in pieces:
+        if isinstance(results.get(piece[0]), str):
+            continue
+        group.append(piece)
+        size += piece[2].numel()
+        if size >= WINDOW_GROUP:
+            flush()
+    if group:
+        flush()
+    return results
+
+
 def finite_or_failed(results: list) -> list:
     return [result if isinstance(result, str) or _finite(result) else
             "encode failed: the embedding holds NaN or infinite values" for result in results]
@@ -365,7 +415,7 @@ def _finite(output) -> bool:
 
 def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | None = None, device=None,
                 dtype=torch.float32, batch_files: int = BATCH_FILES, progress: bool = True,
-                reader_version: str = "") -> Embedded:
+                reader_version: str = "", window: tuple[float, float | None] | None = None) -> Embedded:
     """Utterance embeddings of `paths`, each file read by `read(path) -> (signal, rate)` (any audio file:
     `echo.eval.datasets.read_audio`): `Embedded.vectors[i]` is `paths[i]`'s, None where the file failed (the
     reason is in `Embedded.failures`). With `cache_dir` (None: no cache) a rerun encodes only new or changed
@@ -374,7 +424,8 @@ def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | N
     not served. `model_key` names the model in the cache key instead of the hash of its weights (model_hash).
     `device` and `dtype` are echo.fast.encode's (the cache keeps bf16 embeddings apart from float32 ones).
     `batch_files` files at most are encoded at a time (fewer when they are long: BATCH_SAMPLES); `progress`
-    shows a progress bar on stderr. A run stopped after it saved batches says what it kept and that the same
+    shows a progress bar on stderr. `window` = (seconds, hop seconds or None: end to end) embeds each file's
+    windows (echo.windows), each a signal of its own: a file's vector is then (windows, features). A run stopped after it saved batches says what it kept and that the same
     command resumes: Ctrl-C in its KeyboardInterrupt, an error in a WorkKept from it (an ImportError excepted,
     named as such by the command line)."""
     from .. import fast
@@ -389,10 +440,11 @@ def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | N
     if isinstance(paths, (str, bytes, os.PathLike)):  # one path was read as a list of its characters, each "a file"
         raise TypeError(f"paths must be a list of paths, got the one path {paths!r:.80}: pass [path]")
     paths = [Path(p) for p in paths]
+    window = None if window is None else windows.checked(*window)
     cache = None
     if cache_dir is not None:
         key = (f"{encoding_key(model_key or model_hash(model), dtype)}\0{reader_identity(read)}\0{reader_version}"
-               f"\0{FILE_KEYS}")
+               f"\0{FILE_KEYS}" + ("" if window is None else f"\0{windows.label(*window)}"))
         cache = EmbeddingCache(cache_dir, hashlib.sha256(key.encode()).hexdigest())
     result = Embedded([None] * len(paths))
     with ThreadPoolExecutor(READ_WORKERS) as pool:
@@ -430,8 +482,9 @@ def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | N
                 pending = submit(batches[number + 1]) if number + 1 < len(batches) else []
                 start = time.perf_counter()
                 encode = functools.partial(_encode, model, device=device, dtype=dtype)
-                vectors = good and encode_isolating_failures(encode, [s for _, (s, _) in good],
-                                                             [r for _, (_, r) in good], streak)
+                vectors = good and (encode_isolating_failures(encode, [s for _, (s, _) in good],
+                                                              [r for _, (_, r) in good], streak) if window is None
+                                    else _windowed(encode, [item for _, item in good], window, streak))
                 result.encode_seconds += time.perf_counter() - start
                 fresh = {}
                 for i, vector in zip([i for i, _ in good], vectors):  # no loop variable keeps a signal alive
