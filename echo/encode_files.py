@@ -379,9 +379,9 @@ def read_embeddings(path) -> dict:
         raise ValueError(f"{path} is not an output of echo encode ({problem})")
     try:
         output = _read_output(path)
+        output["window"] = windows.parsed(output["model"])
     except (KeyError, AttributeError, IndexError, TypeError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise ValueError(f"{path} is not an output of echo encode ({type(error).__name__}: {error})") from None
-    output["window"] = windows.parsed(output["model"])
     for file, row in output["files"].items():  # a re-run reuses them: one edited by hand would go on unseen
         if not _embeddings_as_written(row, output["window"] is not None):
             shapes = ", ".join(f"{name} {getattr(row[name], 'dtype', None)}{list(getattr(row[name], 'shape', []))}"

@@ -5,6 +5,7 @@ against a bank of normal windows needs every window the same length; the tail sh
 """
 from __future__ import annotations
 
+import re
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -70,9 +71,15 @@ def label(window: float, hop: float) -> str:
     return f"window{window!r}s-hop{hop!r}s"
 
 
+LABELLED = re.compile(r"window([^s]+)s-hop([^s]+)s-")  # a float's repr holds no "s", but may hold "-": 1e-05
+
+
 def parsed(model_key: str) -> tuple[float, float] | None:
-    """(window, hop) of an output's model key (see label), or None for one encoded whole."""
+    """(window, hop) of an output's model key (see label), or None for one encoded whole; a ValueError for a key
+    that begins as windows do but does not say them."""
     if not model_key.startswith("window"):
         return None
-    window, hop = model_key.removeprefix("window").split("-", 2)[:2]
-    return float(window.removesuffix("s")), float(hop.removeprefix("hop").removesuffix("s"))
+    said = LABELLED.match(model_key)
+    if said is None:
+        raise ValueError(f"model {model_key!r} does not say its windows as window<SECONDS>s-hop<SECONDS>s-")
+    return float(said[1]), float(said[2])

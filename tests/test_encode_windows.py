@@ -143,3 +143,25 @@ def test_window_arguments_are_checked(tmp_path, model_path, capsys, argv, said):
     soundfile.write(str(tmp_path / "a.flac"), np.random.uniform(-0.5, 0.5, 16000), 16000)
     assert run(tmp_path / "a.flac", "--model", model_path, "--out", tmp_path / "w.npz", *argv) != 0
     assert said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("window,hop", [(0.025, 1e-05), (1e-3, 5e-05), (0.1 + 0.2, 0.1 + 0.2), (3.0, 1e20)])
+def test_the_windows_said_in_a_model_key_read_back(window, hop):
+    """A hop under 1e-4 s is written 1e-05, whose "-" is also the key's separator."""
+    for model_key in ("0123abcd", "bfloat16-0123abcd"):
+        assert windows.parsed(f"{windows.label(window, hop)}-{model_key}") == (window, hop)
+    assert windows.parsed("bfloat16-0123abcd") is None
+
+
+def test_an_output_of_a_hop_under_a_ten_thousandth_of_a_second_is_read_and_resumed(tmp_path, model_path, capsys):
+    soundfile.write(str(tmp_path / "a.flac"), np.random.uniform(-0.5, 0.5, 800), 16000)
+    out = tmp_path / "w.npz"
+    for _ in range(2):
+        assert run(tmp_path / "a.flac", "--model", model_path, "--out", out, "--window", "0.025", "--hop", "5e-05") == 0
+    assert "left w.npz as it was" in capsys.readouterr().out.replace(str(tmp_path) + "/", "")
+    written = read_embeddings(out)
+    assert written["window"] == (0.025, 5e-05) and len(written["files"][str(tmp_path / "a.flac")]["utterance"]) == 401
+    edited = dict(np.load(out), model=np.array("windowXs-hop1s-0123abcd"))  # begins as windows do, says none
+    np.savez(tmp_path / "edited.npz", **edited)
+    with pytest.raises(ValueError, match="edited.npz is not an output of echo encode"):
+        read_embeddings(tmp_path / "edited.npz")
