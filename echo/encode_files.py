@@ -339,13 +339,22 @@ def _window_and_encode(model, path: Path, frames: bool, options: dict, streak: F
                                             [torch.from_numpy(piece) for piece in group], [rate] * len(group), streak)
         for result in results:
             if isinstance(result, str):
-                return f"window {len(encoded)} (from {len(encoded) * step / rate:.3f} s): {result}"
+                return f"{said(len(encoded))}: {result}"
             encoded.append(result)
         group.clear()
         return ""
 
+    def said(index: int) -> str:
+        return f"window {index} (from {index * step / rate:.3f} s)"
+
     with contextlib.closing(blocks):
         for piece in windows.cut(counted(blocks), width, step):
+            # checked before the encoder: a group of windows all NaN failed alike together and each alone, which
+            # encode_isolating_failures takes for a failing device, and the run stopped
+            try:
+                inputs.as_float32(torch.from_numpy(piece), what="window")
+            except ValueError as error:
+                return f"{said(len(encoded) + len(group))}: {error}"
             group.append(piece)
             if len(group) == per_group and (reason := encode_group()):
                 return reason
