@@ -668,7 +668,8 @@ def _useless(shard: Path, written: dict[str, str], frames: bool) -> bool:
     def useless(name: str) -> bool:
         key = name.partition("/")[0]
         path = paths.get(key)
-        changed = path in written and written[path] != key
+        # its file's content changed; the same content in other windows (KEY@window...) is another run's to resume
+        changed = path in written and written[path].partition("@")[0] != key.partition("@")[0]
         return changed or key in keys and (frames or not name.endswith(FRAMES))
 
     return all(useless(name) for name in names)
@@ -976,8 +977,8 @@ def _encode_files(args, rank: int, world: int) -> int:
               f"deleted since); no run can use them unless those files come back, so it may be deleted")
     elif left:
         print(f"kept {parts}: the saved batches of an interrupted run over other files, with --frames, with "
-              f"another model or another dtype, which {args.out} does not hold; that run's command resumes from "
-              f"them")
+              f"another model, another dtype or other windows, which {args.out} does not hold; that run's command "
+              f"resumes from them")
     for aside in sorted(parts.rglob("*.unreadable")):  # said at every run's end until the user deletes it
         print(f"kept {aside}: a saved batch that could not be read; its files were encoded again, so it may be "
               f"deleted")

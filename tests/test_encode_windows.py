@@ -9,6 +9,7 @@ from echo import cli, windows
 from echo.encode_files import read_embeddings
 
 from conftest import random_model, rel_err
+from test_cli import interrupt_call
 
 
 @pytest.fixture
@@ -177,3 +178,28 @@ def test_an_output_of_a_hop_under_a_ten_thousandth_of_a_second_is_read_and_resum
     np.savez(tmp_path / "edited.npz", **edited)
     with pytest.raises(ValueError, match="edited.npz is not an output of echo encode"):
         read_embeddings(tmp_path / "edited.npz")
+
+
+@pytest.mark.parametrize("interrupted,between", [
+    ([], ["--window", "1"]),
+    (["--window", "1"], []),
+    (["--window", "1", "--hop", "0.5"], ["--window", "1"]),
+])
+def test_an_interrupted_run_in_other_windows_keeps_its_work_through_a_finished_run_to_the_same_out(
+        tmp_path, model_path, capsys, monkeypatch, interrupted, between):
+    """A finished run dropped the saved batches holding its files in other windows (or whole), taken for the files'
+    old content: the interrupted run's command started over, unlike one in another dtype's."""
+    import echo.encode_files as command
+
+    paths = []
+    for name in ("a.flac", "b.flac"):
+        soundfile.write(str(tmp_path / name), np.random.uniform(-0.5, 0.5, 16000 * 2), 16000)
+        paths.append(tmp_path / name)
+    common = (*paths, "--model", model_path, "--out", tmp_path / "w.npz", "--batch-files", "1")
+    real = interrupt_call(monkeypatch, command, "_encode", 2)
+    assert run(*common, *interrupted) == 130  # a.flac's batch was saved, b.flac's was not
+    monkeypatch.setattr(command, "_encode", real)
+    assert run(*common, *between) == 0
+    assert f"kept {tmp_path / 'w.npz.parts'}" in capsys.readouterr().out
+    assert run(*common, *interrupted) == 0
+    assert "2 files" in (printed := capsys.readouterr().out) and "(1 reused from an earlier run)" in printed
