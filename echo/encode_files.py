@@ -315,6 +315,9 @@ def _window_and_encode(model, path: Path, frames: bool, options: dict, streak: F
     width, step = windows.spans(window, hop, rate)
     if width < geometry.n_fft(rate):
         return f"a window of {width} samples at {rate} Hz is shorter than one 25 ms frame"
+    if length < width:  # by its header: decoded, it was held whole (twice, joined to the next block) to be skipped
+        blocks.close()
+        return f"shorter than one window ({length / rate:.3f} s < {window:g} s)"
     per_group = max(1, WINDOW_GROUP // (width * channels))
     decoded, unreadable, encoded, group = 0, "", [], []
 

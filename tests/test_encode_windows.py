@@ -203,3 +203,20 @@ def test_an_interrupted_run_in_other_windows_keeps_its_work_through_a_finished_r
     assert f"kept {tmp_path / 'w.npz.parts'}" in capsys.readouterr().out
     assert run(*common, *interrupted) == 0
     assert "2 files" in (printed := capsys.readouterr().out) and "(1 reused from an earlier run)" in printed
+
+
+def test_a_file_shorter_than_one_window_is_skipped_undecoded(tmp_path, model_path, capsys, monkeypatch):
+    """Its header says its length: decoded, all of it was held (twice at a block's joining) only to be skipped."""
+    import echo.encode_files as command
+
+    soundfile.write(str(tmp_path / "a.flac"), np.random.uniform(-0.5, 0.5, 16000 * 2), 16000)
+    decoded, real = [], command.audio_blocks
+
+    def counted(*args, **kwargs):
+        rate, channels, length, blocks = real(*args, **kwargs)
+        return rate, channels, length, (decoded.append(block.shape[1]) or block for block in blocks)
+
+    monkeypatch.setattr(command, "audio_blocks", counted)
+    assert run(tmp_path / "a.flac", "--model", model_path, "--out", tmp_path / "w.npz", "--window", "5") == 1
+    assert f"skipped {tmp_path / 'a.flac'}: shorter than one window (2.000 s < 5 s)" in capsys.readouterr().out
+    assert decoded == []
