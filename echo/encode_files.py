@@ -773,10 +773,10 @@ def run(args) -> int:
     if args.hop is not None and args.window is None:
         raise on_every_rank(ValueError("--hop needs --window"))
     if args.window is not None:
-        args.hop = args.window if args.hop is None else args.hop
-        if not windows.SHORTEST <= args.window < float("inf") or not 0 < args.hop < float("inf"):
-            raise on_every_rank(ValueError(f"--window must be at least {windows.SHORTEST} s (one frame) and --hop "
-                                           f"over 0 s, both finite; got {args.window:g} and {args.hop:g}"))
+        try:
+            args.window, args.hop = windows.checked(args.window, args.hop)
+        except ValueError as error:
+            raise on_every_rank(ValueError(f"--window, --hop: {error}")) from None
     if args.batch_files < 1:
         raise on_every_rank(ValueError(f"--batch-files must be at least 1, got {args.batch_files}"))
     if args.max_tokens is not None and args.max_tokens < 1:

@@ -11,15 +11,17 @@ from typing import Iterable, Iterator
 import numpy as np
 
 SHORTEST = 0.025  # seconds: one STFT frame (25 ms) at every rate
+# seconds: past any recording (32 years), and in samples at any rate an int64 (starts); 1e305 s overflowed to inf
+LONGEST = 1e9
 
 
 def checked(window: float, hop: float | None) -> tuple[float, float]:
     """(window, hop) in seconds, hop defaulting to the window (end to end); refused unless the window is at least one
-    frame and both are finite and positive."""
+    frame, the hop over 0, and both at most LONGEST."""
     hop = window if hop is None else hop
-    if not SHORTEST <= window < float("inf") or not 0 < hop < float("inf"):
-        raise ValueError(f"a window must be at least {SHORTEST} s (one frame) and its hop over 0 s, both finite; got "
-                         f"{window:g} and {hop:g}")
+    if not SHORTEST <= window <= LONGEST or not 0 < hop <= LONGEST:
+        raise ValueError(f"a window must be at least {SHORTEST} s (one frame) and its hop over 0 s, both at most "
+                         f"{LONGEST:g} s; got {window:g} and {hop:g}")
     return float(window), float(hop)
 
 

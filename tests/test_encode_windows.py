@@ -147,10 +147,12 @@ def test_a_file_of_windows_all_nan_is_skipped_and_the_run_goes_on(tmp_path, mode
 
 @pytest.mark.parametrize("argv,said", [
     (["--hop", "1"], "--hop needs --window"),
-    (["--window", "0.01"], "--window must be at least 0.025 s"),
-    (["--window", "1", "--hop", "0"], "--hop over 0 s"),
-    (["--window", "inf"], "both finite"),
-    (["--window", "nan"], "--window must be at least"),
+    (["--window", "0.01"], "--window, --hop: a window must be at least 0.025 s (one frame)"),
+    (["--window", "1", "--hop", "0"], "its hop over 0 s"),
+    (["--window", "inf"], "both at most 1e+09 s; got inf and inf"),
+    (["--window", "1e305"], "both at most 1e+09 s"),  # its samples were inf: an OverflowError's traceback
+    (["--window", "1", "--hop", "1e20"], "both at most 1e+09 s"),  # its output's starts overflowed int64 unread
+    (["--window", "nan"], "a window must be at least"),
 ])
 def test_window_arguments_are_checked(tmp_path, model_path, capsys, argv, said):
     soundfile.write(str(tmp_path / "a.flac"), np.random.uniform(-0.5, 0.5, 16000), 16000)

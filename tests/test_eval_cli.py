@@ -921,7 +921,8 @@ def test_windows_are_cached_apart_from_whole_files_and_from_other_windows(tmp_pa
 
 @pytest.mark.parametrize("arguments,said", [
     (["--task", "folder", "--hop", "1"], "--hop needs --window"),
-    (["--task", "folder", "--window", "0.001"], "a window must be at least 0.025 s"),
+    (["--task", "folder", "--window", "0.001"], "--window, --hop: a window must be at least 0.025 s"),
+    (["--task", "folder", "--window", "1e305"], "both at most 1e+09 s"),
     (["--task", "classes", "--window", "1"], "--window: only --task folder scores windows; classes scores its files"),
 ])
 def test_window_options_are_checked_before_the_encoding(tmp_path, model_path, capsys, arguments, said):

@@ -207,7 +207,10 @@ def _check_options(args, dataset) -> None:
         raise ValueError("--hop needs --window")
     if args.window is not None and dataset.task != "folder":  # a DCASE score is a clip's; a fold must keep a
         raise ValueError(f"--window: only --task folder scores windows; {args.task} scores its files whole")  # file
-    args.window = None if args.window is None else windows.checked(args.window, args.hop)
+    try:
+        args.window = None if args.window is None else windows.checked(args.window, args.hop)
+    except ValueError as error:
+        raise ValueError(f"--window, --hop: {error}") from None
     # options the task has no use for are refused, not ignored: the user meant them to change something
     if args.labels and dataset.year is None:
         raise ValueError(f"--labels: only the DCASE tasks read label lists; {args.task} takes its labels from its "
