@@ -42,7 +42,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from . import atomic, folders, geometry, host_memory, inputs, process_group, windows
+from . import atomic, folders, host_memory, inputs, process_group, windows
 from .cli import WorkKept, on_every_rank, user_path
 from .data import AUDIO_SUFFIXES
 from .data.bundled import SAMPLES_DIR
@@ -50,8 +50,8 @@ from .data.wav import read_wav, wav_blocks
 from .eval import embed, require
 from .eval.datasets import audio_blocks, read_audio
 from .eval.embed import (NOTHING_KEPT, READ_WORKERS, EmbeddingCache, FailureStreak, batch_files_help, batched,
-                         decoded_sizes, encode_isolating_failures, encoding_key, failure_reason, finite_or_failed,
-                         key_checked, model_hash, read_checked, shown)
+                         decoded_sizes, encode_isolating_failures, encode_windows, encoding_key, failure_reason,
+                         finite_or_failed, key_checked, model_hash, read_checked, shown)
 from .ops.backend import BackendError
 from .wording import counted
 
@@ -295,15 +295,11 @@ def _channel_means(blocks, channels: int, length: int, reading: Callable[[int, i
     return [(total / samples).item() for total in totals], samples
 
 
-WINDOW_GROUP = 1 << 24  # samples of windows encoded in one call: 64 MB of float32, ~35 windows of 10 s at 48 kHz
-
-
 def _window_and_encode(model, path: Path, frames: bool, options: dict, streak: FailureStreak, window: float,
                        hop: float):
-    """A file's windows (echo.windows), decoded a block at a time and encoded a group at a time, each a signal of
-    its own: ((rate, channels, samples), embeddings of (windows, features) utterances and, with `frames`, the
-    windows' frame rows one after another), or the reason it failed. A group holds at most a batch's decoded
-    samples, so a long recording's memory is bounded, also where windows overlap."""
+    """A file's windows (echo.windows), decoded a block at a time and encoded through embed.encode_windows, each a
+    signal of its own: ((rate, channels, samples), embeddings of (windows, features) utterances and, with `frames`,
+    the windows' frame rows one after another), or the reason it failed."""
     try:
         rate, channels, length, blocks = _read(path, partial(audio_blocks, samples=STREAM_BLOCK),
                                                partial(wav_blocks, samples=STREAM_BLOCK))
@@ -313,13 +309,10 @@ def _window_and_encode(model, path: Path, frames: bool, options: dict, streak: F
     except Exception as error:  # as read_checked: the file's reason
         return failure_reason(error, path)
     width, step = windows.spans(window, hop, rate)
-    if width < geometry.n_fft(rate):
-        return f"a window of {width} samples at {rate} Hz is shorter than one 25 ms frame"
     if length < width:  # by its header: decoded, it was held whole (twice, joined to the next block) to be skipped
         blocks.close()
-        return f"shorter than one window ({length / rate:.3f} s < {window:g} s)"
-    per_group = max(1, WINDOW_GROUP // (width * channels))
-    decoded, unreadable, encoded, group = 0, "", [], []
+        return windows.too_short(length, rate, window)
+    decoded, unreadable = 0, ""
 
     def counted(blocks):
         """The blocks, counted and shown; they end at a damaged stream, whose reason is kept."""
@@ -336,35 +329,16 @@ def _window_and_encode(model, path: Path, frames: bool, options: dict, streak: F
             options["progress"](min(decoded, length), length)
             yield block
 
-    def encode_group() -> str:
-        """The group's windows encoded and kept; "" or the reason the file fails."""
-        results = encode_isolating_failures(partial(_encode, model, frames=frames, options=options),
-                                            [torch.from_numpy(piece) for piece in group], [rate] * len(group), streak)
-        for result in results:
-            if isinstance(result, str):
-                return f"{said(len(encoded))}: {result}"
-            encoded.append(result)
-        group.clear()
-        return ""
-
-    def said(index: int) -> str:
-        return f"window {index} (from {index * step / rate:.3f} s)"
-
+    # the bar shows the share of the file decoded, not each group's passes
+    encode = partial(_encode, model, frames=frames, options={**options, "progress": None})
     with contextlib.closing(blocks):
-        for piece in windows.cut(counted(blocks), width, step):
-            # checked before the encoder: a group of windows all NaN failed alike together and each alone, which
-            # encode_isolating_failures takes for a failing device, and the run stopped
-            try:
-                inputs.as_float32(torch.from_numpy(piece), what="window")
-            except ValueError as error:
-                return f"{said(len(encoded) + len(group))}: {error}"
-            group.append(piece)
-            if len(group) == per_group and (reason := encode_group()):
-                return reason
-    if unreadable or group and (unreadable := encode_group()):
-        return unreadable
-    if not encoded:
-        return f"shorter than one window ({decoded / rate:.3f} s < {window:g} s)"
+        pieces = ((0, windows.named(number, step, rate), torch.from_numpy(piece), rate)
+                  for number, piece in enumerate(windows.cut(counted(blocks), width, step)))
+        encoded = encode_windows(encode, pieces, streak).get(0)
+    if unreadable or isinstance(encoded, str):
+        return unreadable or encoded
+    if encoded is None:
+        return windows.too_short(decoded, rate, window)
     embeddings = {"utterance": np.stack([result["utterance"] for result in encoded])}
     if frames:
         embeddings["frames"] = np.concatenate([result["frames"] for result in encoded])

@@ -30,6 +30,11 @@ def too_short(samples: int, rate: int, window: float) -> str:
     return f"shorter than one window ({samples / rate:.3f} s < {window:g} s)"
 
 
+def named(number: int, hop: int, rate: int) -> str:
+    """A window as a failure names it: its number and start."""
+    return f"window {number} (from {number * hop / rate:.3f} s)"
+
+
 def of(signal, window: int, hop: int) -> list:
     """The windows of a whole (N,) or (C, N) tensor, as views."""
     if signal.shape[-1] < window:

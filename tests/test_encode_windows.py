@@ -74,6 +74,7 @@ def test_a_long_file_is_windowed_a_block_and_a_group_at_a_time(tmp_path, model_p
     """The file is decoded a block at a time and its windows encoded a group at a time (WINDOW_GROUP samples): the
     same rows as in one go."""
     import echo.encode_files as command
+    from echo.eval import embed
 
     path = tmp_path / "long.flac"
     soundfile.write(str(path), np.random.default_rng().uniform(-0.5, 0.5, (16000 * 6 + 99, 2)), 16000)
@@ -86,7 +87,7 @@ def test_a_long_file_is_windowed_a_block_and_a_group_at_a_time(tmp_path, model_p
 
     monkeypatch.setattr(command, "_encode", counted)
     monkeypatch.setattr(command, "STREAM_BLOCK", 5001)
-    monkeypatch.setattr(command, "WINDOW_GROUP", 16000 * 4)  # 4 windows of 2 x 8000 samples
+    monkeypatch.setattr(embed, "WINDOW_GROUP", 16000 * 4)  # 4 windows of 2 x 8000 samples
     assert run(path, "--model", model_path, "--out", tmp_path / "cut.npz", "--window", "0.5", "--hop", "0.3") == 0
     whole = read_embeddings(tmp_path / "whole.npz")["files"][str(path)]["utterance"]
     cut = read_embeddings(tmp_path / "cut.npz")["files"][str(path)]["utterance"]

@@ -536,3 +536,26 @@ def test_model_hash_changes_with_weights():
     with torch.no_grad():
         model.norm.bias[0] += 1
     assert embed.model_hash(model) != before
+
+
+def test_windows_all_nan_fail_their_recording_alone_not_the_encoder(model, monkeypatch):
+    """A group holding only one recording's windows, all NaN, failed alike together and each alone: taken for a
+    failing device (EncoderFailure), it stopped the job. They are checked before the encoder; a group is at most
+    WINDOW_GROUP samples, and a failed recording's later windows are not encoded."""
+    monkeypatch.setattr(embed, "WINDOW_GROUP", 3000)
+    calls = []
+
+    def encode(signals, rates):
+        calls.append(len(signals))
+        return embed._encode(model, signals, rates, None, torch.float32)
+
+    good, bad = torch.randn(4000), torch.full((4000,), float("nan"))
+    bad[2500:] = 0.0  # its last window is finite, after the first failed one
+    pieces = [(owner, f"w{k}", signal[k * 1000 : (k + 1) * 1000], 8000)
+              for owner, signal in (("bad", bad), ("good", good)) for k in range(4)]
+    results = embed.encode_windows(encode, iter(pieces), embed.FailureStreak())
+    assert results["bad"].startswith("w0: window contains 1000 NaN or Inf sample(s)")
+    assert calls == [3, 1] and len(results["good"]) == 4  # 3000 samples a group; the bad windows never encoded
+    for k, vector in enumerate(results["good"]):
+        assert rel_err(vector, embed._encode(model, [good[k * 1000 : (k + 1) * 1000]], [8000], None,
+                                             torch.float32)[0]) < 1e-6

@@ -360,7 +360,7 @@ def _windowed(encode: Callable, loaded: list, window: tuple[float, float], strea
         for owner, (signal, rate) in enumerate(loaded):
             width, step = windows.spans(*window, rate)
             for number, samples in enumerate(windows.of(signal, width, step)):
-                yield owner, number * step / rate, samples, rate
+                yield owner, windows.named(number, step, rate), samples, rate
 
     results = encode_windows(encode, pieces(), streak)
     return [np.stack(results[owner]) if isinstance(results.get(owner), list) else
@@ -372,9 +372,9 @@ WINDOW_GROUP = 1 << 24  # samples of windows encoded in one call: 64 MB of float
 
 
 def encode_windows(encode: Callable, pieces: Iterable, streak: FailureStreak) -> dict:
-    """Windows given as (owner, start in seconds, samples, rate), encoded through encode_isolating_failures a group
-    of at most WINDOW_GROUP samples at a time, so that a long recording's windows, overlapping too, take bounded
-    memory: {owner: its windows' outputs in order, or the reason its first failed window failed}; an owner whose
+    """Windows given as (owner, name, samples, rate), encoded through encode_isolating_failures a group of at most
+    WINDOW_GROUP samples at a time, so that a long recording's windows, overlapping too, take bounded memory: {owner:
+    its windows' outputs in order, or the reason its first failed window failed, after its name}; an owner whose
     windows are all shorter than a window never appears. Once an owner failed, its later windows are not encoded."""
     results, group, size = {}, [], 0
 
@@ -382,21 +382,28 @@ def encode_windows(encode: Callable, pieces: Iterable, streak: FailureStreak) ->
         nonlocal size
         outputs = encode_isolating_failures(encode, [samples for _, _, samples, _ in group],
                                             [rate for _, _, _, rate in group], streak)
-        for (owner, start, _, _), output in zip(group, outputs):
+        for (owner, name, _, _), output in zip(group, outputs):
             if isinstance(results.get(owner), str):
                 continue
             if isinstance(output, str):
-                results[owner] = f"window from {start:.3f} s: {output}"
+                results[owner] = f"{name}: {output}"
             else:
                 results.setdefault(owner, []).append(output)
         group.clear()
         size = 0
 
-    for piece in pieces:
-        if isinstance(results.get(piece[0]), str):
+    for owner, name, samples, rate in pieces:
+        if isinstance(results.get(owner), str):
             continue
-        group.append(piece)
-        size += piece[2].numel()
+        # checked before the encoder: a group of one recording's windows, all NaN, failed alike together and each
+        # alone, which encode_isolating_failures takes for a failing device, and the run stopped
+        try:
+            inputs.as_float32(samples, what="window")
+        except ValueError as error:
+            results[owner] = f"{name}: {error}"
+            continue
+        group.append((owner, name, samples, rate))
+        size += samples.numel()
         if size >= WINDOW_GROUP:
             flush()
     if group:
