@@ -50,8 +50,8 @@ from .data.wav import read_wav, wav_blocks
 from .eval import embed, require
 from .eval.datasets import audio_blocks, read_audio
 from .eval.embed import (NOTHING_KEPT, READ_WORKERS, EmbeddingCache, FailureStreak, batch_files_help, batched,
-                         decoded_sizes, encode_isolating_failures, encode_windows, encoding_key, failure_reason,
-                         finite_or_failed, key_checked, model_hash, read_checked, shown)
+                         checked_reading, decoded_sizes, encode_isolating_failures, encode_windows, encoding_key,
+                         failure_reason, finite_or_failed, key_checked, model_hash, read_checked, shown)
 from .ops.backend import BackendError
 from .wording import counted
 
@@ -216,6 +216,13 @@ def _read_and_encode(model, batch: list[Path], pool, frames: bool, options: dict
 STREAM_BLOCK = 1 << 22  # samples (frames x channels) of a long file decoded and pushed at a time: 16 MB of float32
 
 
+def _blocks_of(path: Path) -> tuple:
+    """(rate, channels, frames, blocks of at most STREAM_BLOCK decoded samples) of a file, its rate checked."""
+    rate, channels, length, blocks = _read(path, partial(audio_blocks, samples=STREAM_BLOCK),
+                                           partial(wav_blocks, samples=STREAM_BLOCK))
+    return inputs.check_sample_rate(rate), channels, length, blocks
+
+
 def _stream_and_encode(model, path: Path, frames: bool, options: dict, streak: FailureStreak,
                        reading: Callable[[int, int], None] = lambda done, total: None):
     """A file over a batch's decoded samples, decoded a block at a time, each channel pushed through a StreamEncoder
@@ -226,18 +233,18 @@ def _stream_and_encode(model, path: Path, frames: bool, options: dict, streak: F
     with the mean at the end: ~1-2 MB a minute, bench/RESULTS.md), and which find bad samples before the encoding."""
     from .streaming import MeanMismatch, StreamEncoder
 
-    def opened():
-        return _read(path, partial(audio_blocks, samples=STREAM_BLOCK), partial(wav_blocks, samples=STREAM_BLOCK))
+    def read_means(path: Path):
+        rate, channels, length, blocks = _blocks_of(path)
+        return (rate, channels) + _channel_means(blocks, channels, length, reading)
 
-    try:
-        rate, channels, length, blocks = opened()
-        rate = inputs.check_sample_rate(rate)
-        means, length = _channel_means(blocks, channels, length, reading)
-        blocks = opened()[3]
-    except ImportError:  # a missing optional package is not a bad file
-        raise
-    except Exception as error:  # as read_checked: the file's reason
-        return failure_reason(error, path)
+    first = checked_reading(read_means, path)
+    if isinstance(first, str):
+        return first
+    rate, channels, means, length = first
+    again = checked_reading(_blocks_of, path)
+    if isinstance(again, str):
+        return again
+    blocks = again[3]
     samples = 0
     with contextlib.closing(blocks):
         try:  # making a stream copies the weights: out of memory on a full GPU is the file's failure, as in a push
@@ -300,14 +307,10 @@ def _window_and_encode(model, path: Path, frames: bool, options: dict, streak: F
     """A file's windows (echo.windows), decoded a block at a time and encoded through embed.encode_windows, each a
     signal of its own: ((rate, channels, samples), embeddings of (windows, features) utterances and, with `frames`,
     the windows' frame rows one after another), or the reason it failed."""
-    try:
-        rate, channels, length, blocks = _read(path, partial(audio_blocks, samples=STREAM_BLOCK),
-                                               partial(wav_blocks, samples=STREAM_BLOCK))
-        rate = inputs.check_sample_rate(rate)
-    except ImportError:  # a missing optional package is not a bad file
-        raise
-    except Exception as error:  # as read_checked: the file's reason
-        return failure_reason(error, path)
+    opened = checked_reading(_blocks_of, path)
+    if isinstance(opened, str):
+        return opened
+    rate, channels, length, blocks = opened
     width, step = windows.spans(window, hop, rate)
     if length < width:  # by its header: decoded, it was held whole (twice, joined to the next block) to be skipped
         blocks.close()

@@ -223,3 +223,12 @@ def test_a_file_shorter_than_one_window_is_skipped_undecoded(tmp_path, model_pat
     assert run(tmp_path / "a.flac", "--model", model_path, "--out", tmp_path / "w.npz", "--window", "5") == 1
     assert f"skipped {tmp_path / 'a.flac'}: shorter than one window (2.000 s < 5 s)" in capsys.readouterr().out
     assert decoded == []
+
+
+def test_an_empty_file_is_said_to_be_one_with_windows_too(tmp_path, model_path, capsys):
+    """Windowed files are read a block at a time, which named an empty file by libsndfile's words ("Format not
+    recognised"), where a whole file's reading says what it is."""
+    (tmp_path / "empty.wav").write_bytes(b"")
+    soundfile.write(str(tmp_path / "a.wav"), np.random.uniform(-0.5, 0.5, 16000), 16000)
+    assert run(tmp_path, "--model", model_path, "--out", tmp_path / "w.npz", "--window", "0.5") == 0
+    assert f"skipped {tmp_path / 'empty.wav'}: empty file (0 bytes)" in capsys.readouterr().out

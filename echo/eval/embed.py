@@ -213,20 +213,30 @@ def key_checked(path: Path) -> tuple[str | None, str]:
 
 def read_checked(read: Callable, path: Path):
     """(signal tensor, rate) or the reason it cannot be used."""
+    return checked_reading(functools.partial(_signal_read, read), path)
+
+
+def checked_reading(read: Callable, path: Path):
+    """`read(path)`, or the reason the file cannot be used: any reader failure (a corrupt file, a wrong format) is
+    reported, not raised; a missing optional package is raised."""
     try:
         with open(path, "rb") as handle:  # a file we may not read is named as such, not as the decoder's "System error"
             if os.fstat(handle.fileno()).st_size == 0:  # else each reader's own words: "Format not recognised"
                 return "empty file (0 bytes)"
-        result = read(path)
-        if not isinstance(result, (tuple, list)) or len(result) != 2:  # else "too many values to unpack"
-            return f"the reader returned {type(result).__name__}, not a pair (signal, rate)"
-        signal, rate = result
-        rate = inputs.check_sample_rate(rate)
-        return inputs.as_signal(signal, rate), rate
+        return read(path)
     except ImportError:  # a missing optional package is not a bad file
         raise
-    except Exception as error:  # any reader failure (corrupt file, wrong format) is reported, not raised
+    except Exception as error:
         return failure_reason(error, path)
+
+
+def _signal_read(read: Callable, path: Path):
+    result = read(path)
+    if not isinstance(result, (tuple, list)) or len(result) != 2:  # else "too many values to unpack"
+        return f"the reader returned {type(result).__name__}, not a pair (signal, rate)"
+    signal, rate = result
+    rate = inputs.check_sample_rate(rate)
+    return inputs.as_signal(signal, rate), rate
 
 
 def batch_files_help(default: int, longer: str = "a longer file is a batch alone") -> str:
