@@ -245,6 +245,10 @@ def _stream_and_encode(model, path: Path, frames: bool, options: dict, streak: F
     if isinstance(again, str):
         return again
     blocks = again[3]
+    if again[:2] != (rate, channels):  # the streams are made for the first reading's
+        blocks.close()
+        return (f"the file changed while it was read: {counted(channels, 'channel')} at {rate} Hz, then "
+                f"{again[1]} at {again[0]} Hz")
     samples = 0
     with contextlib.closing(blocks):
         try:  # making a stream copies the weights: out of memory on a full GPU is the file's failure, as in a push

@@ -359,6 +359,31 @@ def test_a_file_that_changes_between_its_two_readings_is_skipped(tmp_path, model
     assert f"skipped {path}: the file changed while it was read: {then[2]}" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("channels,rate,said", [(1, 16000, "2 channels at 16000 Hz, then 1 at 16000 Hz"),
+                                                  (2, 8000, "2 channels at 16000 Hz, then 2 at 8000 Hz")])
+def test_a_file_whose_layout_changes_between_its_two_readings_is_skipped_and_the_run_goes_on(
+        tmp_path, model_path, capsys, streamed, monkeypatch, channels, rate, said):
+    """Streams made for the first reading's channels and rate: a second with fewer channels stopped the run (an
+    IndexError's traceback), one at another rate was encoded as if at the first's."""
+    import echo.encode_files as command
+
+    path, other = tmp_path / "changing.wav", tmp_path / "other.wav"
+    samples = np.random.default_rng(13).uniform(-0.5, 0.5, (30000, 2))
+    soundfile.write(str(path), samples, 16000, subtype="FLOAT")
+    soundfile.write(str(other), samples[:1000], 16000, subtype="FLOAT")
+    real_means = command._channel_means
+
+    def then_changed(blocks, *args):
+        result = real_means(blocks, *args)
+        soundfile.write(str(path), samples[:, :channels], rate, subtype="FLOAT")  # the same samples
+        return result
+
+    monkeypatch.setattr(command, "_channel_means", then_changed)
+    assert run(path, other, "--model", model_path, "--out", tmp_path / "e.npz") == 0
+    assert f"skipped {path}: the file changed while it was read: {said}" in capsys.readouterr().out
+    assert list(read_embeddings(tmp_path / "e.npz")["files"]) == [str(other)]
+
+
 def test_a_streamed_float64_file_of_a_small_variation_on_an_offset_is_encoded(tmp_path, model_path, streamed):
     """Its samples less the stream's offset peak at ~4e-5, and the float64 rounding of its mean (~1e-11) was refused
     as a mean that is not the samples': the file was skipped as one that changed while it was read."""
