@@ -48,6 +48,15 @@ def spans(window: float, hop: float, rate: int) -> tuple[int, int]:
     return max(1, round(window * rate)), max(1, round(hop * rate))
 
 
+def fragment(number: int, window: int, hop: int, rate: int) -> str:
+    """A window as a media fragment says it ("#t=10,20"): its first sample's time and its last's end, fixed point (an
+    exponent is none of a fragment's), to 7 decimals: a sample at the highest rate (10 MHz), so windows a hop apart are
+    named apart however late in a recording (six significant digits named 100000.25 s and 100000.5 s alike)."""
+    start = number * hop
+    return "#t=" + ",".join(np.format_float_positional(sample / rate, precision=7, trim="-")
+                            for sample in (start, start + window))
+
+
 def count(samples: int, window: int, hop: int) -> int:
     """How many whole windows `samples` samples hold."""
     return 0 if samples < window else 1 + (samples - window) // hop

@@ -936,3 +936,22 @@ def test_window_options_are_checked_before_the_encoding(tmp_path, model_path, ca
             shutil.rmtree(tmp_path / "data" / name)
     assert run_eval(*arguments, "--data", tmp_path / "data", "--model", model_path, "--out", tmp_path / "out") != 0
     assert said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("window,hop,rate,fragments", [
+    (0.5, 100000.25, RATE, ["#t=0,0.5", "#t=100000.25,100000.75"]),  # were 100000,100001: six digits
+    (0.025, 5e-05, 20000, ["#t=0,0.025", "#t=0.00005,0.02505", "#t=0.0001,0.0251"]),  # 5e-05: no time a fragment says
+    (0.4, 0.3, RATE, ["#t=0,0.4", "#t=0.3,0.7", "#t=0.6,1"]),
+])
+def test_a_window_is_named_by_its_exact_span(tmp_path, window, hop, rate, fragments):
+    """scores.csv names a window by a media fragment of its start and end, in seconds as a fragment writes them
+    (no exponent), to the sample: past 10,000 s six significant digits named windows a hop apart alike."""
+    from echo.eval import anomaly
+    from echo.eval.cli import _windows_as_clips
+
+    path = tmp_path / "long.wav"
+    soundfile.write(str(path), np.zeros(rate), rate)  # its header's rate is the windows'
+    clip = anomaly.Clip(path, "dev", "machine", "00", None, "test", 0)
+    clips, rows = _windows_as_clips([clip], [np.zeros((len(fragments), 2), np.float32)], (window, hop))
+    assert [str(clip.path) for clip in clips] == [f"{path}{fragment}" for fragment in fragments]
+    assert len(rows) == len(fragments)

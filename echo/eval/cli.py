@@ -150,9 +150,10 @@ def _windows_as_clips(items: list, vectors: list, window: tuple[float, float]) -
     soundfile = require("soundfile", "reading audio files")  # --task folder reads its files with it
     clips, rows = [], []
     for item, windowed in zip(items, vectors):
-        rate = audio_header(soundfile, item.path).samplerate  # its windows' starts are whole samples at its rate
-        for start, row in zip(windows.starts(len(windowed), window[1], rate), windowed):
-            clips.append(dataclasses.replace(item, path=Path(f"{item.path}#t={start:g},{start + window[0]:g}")))
+        rate = audio_header(soundfile, item.path).samplerate  # its windows' spans are whole samples at its rate
+        for number, row in enumerate(windowed):
+            fragment = windows.fragment(number, *windows.spans(*window, rate), rate)
+            clips.append(dataclasses.replace(item, path=Path(f"{item.path}{fragment}")))
             rows.append(row)
     return clips, rows
 
