@@ -564,7 +564,8 @@ def test_an_output_that_a_rerun_leaves_files_of_or_another_models_embeddings_out
     assert run(*files, "--model", model_path, "--out", out) == 0  # both given: nothing left out, nothing said
     assert "note:" not in capsys.readouterr().out
     assert run(*files, "--model", model_path, "--out", out, "--dtype", "bfloat16") == 0
-    assert f"note: {out} holds 2 files encoded by another model or dtype, or with other windows (" in capsys.readouterr().out
+    said = f"note: {out} holds 2 files encoded by another model or dtype, or with other windows ("
+    assert said in capsys.readouterr().out
 
 
 def test_a_finished_run_keeps_the_saved_batches_of_an_interrupted_run_in_another_dtype(tmp_path, model_path,

@@ -442,9 +442,9 @@ def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | N
     `device` and `dtype` are echo.fast.encode's (the cache keeps bf16 embeddings apart from float32 ones).
     `batch_files` files at most are encoded at a time (fewer when they are long: BATCH_SAMPLES); `progress`
     shows a progress bar on stderr. `window` = (seconds, hop seconds or None: end to end) embeds each file's
-    windows (echo.windows), each a signal of its own: a file's vector is then (windows, features). A run stopped after it saved batches says what it kept and that the same
-    command resumes: Ctrl-C in its KeyboardInterrupt, an error in a WorkKept from it (an ImportError excepted,
-    named as such by the command line)."""
+    windows (echo.windows), each a signal of its own: a file's vector is then (windows, features). A run stopped
+    after it saved batches says what it kept and that the same command resumes: Ctrl-C in its KeyboardInterrupt, an
+    error in a WorkKept from it (an ImportError excepted, named as such by the command line)."""
     from .. import fast
 
     if inputs.whole_number(batch_files) is None or batch_files < 1:  # a negative size made no batch: nothing encoded
