@@ -57,11 +57,6 @@ def fragment(number: int, window: int, hop: int, rate: int) -> str:
                             for sample in (start, start + window))
 
 
-def count(samples: int, window: int, hop: int) -> int:
-    """How many whole windows `samples` samples hold."""
-    return 0 if samples < window else 1 + (samples - window) // hop
-
-
 def starts(windows: int, hop: float, rate: int) -> np.ndarray:
     """Each window's start in seconds, from its first sample."""
     return np.arange(windows) * spans(hop, hop, rate)[1] / rate

@@ -28,9 +28,9 @@ def test_windows_cut_from_blocks_are_the_signals_slices(window, hop):
     cuts = np.cumsum(rng.integers(1, 900, 20))
     blocks = np.split(signal, cuts[cuts < signal.shape[1]], axis=1)
     pieces = list(windows.cut(iter(blocks), window, hop))
-    assert len(pieces) == windows.count(signal.shape[1], window, hop)
+    assert len(pieces) == len(range(0, signal.shape[1] - window + 1, hop))
     assert all(np.array_equal(piece, signal[:, i * hop : i * hop + window]) for i, piece in enumerate(pieces))
-    assert windows.count(window - 1, window, hop) == 0
+    assert list(windows.cut(iter([signal[:, : window - 1]]), window, hop)) == []
 
 
 def test_each_window_is_encoded_as_a_signal_of_its_own(tmp_path, model_path, capsys):
