@@ -44,8 +44,13 @@ def of(signal, window: int, hop: int) -> list:
 
 
 def spans(window: float, hop: float, rate: int) -> tuple[int, int]:
-    """(window, hop) in samples at `rate`, rounded to the nearest sample."""
-    return max(1, round(window * rate)), max(1, round(hop * rate))
+    """(window, hop) in samples at `rate`."""
+    return _in_samples(window, rate), _in_samples(hop, rate)
+
+
+def _in_samples(seconds: float, rate: int) -> int:
+    """Rounded to the nearest sample, at least one."""
+    return max(1, round(seconds * rate))
 
 
 def fragment(number: int, window: int, hop: int, rate: int) -> str:
@@ -59,7 +64,7 @@ def fragment(number: int, window: int, hop: int, rate: int) -> str:
 
 def starts(windows: int, hop: float, rate: int) -> np.ndarray:
     """Each window's start in seconds, from its first sample."""
-    return np.arange(windows) * spans(hop, hop, rate)[1] / rate
+    return np.arange(windows) * _in_samples(hop, rate) / rate
 
 
 def cut(blocks: Iterable[np.ndarray], window: int, hop: int) -> Iterator[np.ndarray]:
