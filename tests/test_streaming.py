@@ -927,6 +927,7 @@ def test_a_mean_that_the_stream_accepts_gives_the_encoding_of_its_samples(model,
         noise = torch.randn(len(x) // 2) * 0.3
         x = torch.cat([torch.zeros(len(x) // 2), noise - noise.double().mean().float()])  # a small mean: DC-free
     exact = x.double().mean().item()
+    accepted = []
     for mean in (exact, x.mean().item(), exact + 0.5e-7 * x.abs().max().item()):  # float32's rounding, such an error
         stream = fast.StreamEncoder(model, 16000, frames=True, mean=mean)
         stream.push(x)
@@ -934,4 +935,6 @@ def test_a_mean_that_the_stream_accepts_gives_the_encoding_of_its_samples(model,
             utterance, frame_rows = stream.finish()
         except streaming.MeanMismatch:
             continue
+        accepted.append(mean)
         assert rel_err(frame_rows, fast.encode(model, [x], 16000, frames=True)[0][1]) < 1e-5
+    assert accepted == [exact]  # else the loop checked nothing; the float32 mean is refused, as README says
