@@ -59,9 +59,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--channels", help="channels fused for multi-channel data, e.g. 0,1,2 (default: all)")
     parser.add_argument("--search", choices=("torch", "faiss"), help="anomaly search backend (default: torch)")
     parser.add_argument("--window", type=float, metavar="SECONDS",
-                        help="--task folder: score each file window by window, spans of SECONDS each a clip of its "
-                        "own (labelled as its file), one every --hop seconds: long recordings, a bank of normal "
-                        "windows; the tail shorter than a window is left out")
+                        help="--task folder, long recordings: score each file window by window, each span of SECONDS "
+                        "a clip of its own labelled as its file, one every --hop seconds, against a bank of every "
+                        "normal window (scores.csv names a window FILE#t=START,END); the tail shorter than a window "
+                        "is left out, a file shorter than one fails")
     parser.add_argument("--hop", type=float, metavar="SECONDS",
                         help="seconds between windows' starts (default: --window, windows end to end)")
     parser.add_argument("--batch-files", type=int, default=BATCH_FILES, help=batch_files_help(BATCH_FILES))
