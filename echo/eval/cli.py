@@ -93,9 +93,9 @@ def _json_values(value):
 def _check_headers(dataset, windowed: bool) -> None:
     """What the files' headers tell before the encoding: files whose embeddings would differ in size (another
     rate's band count, another channel count) are refused (`_stack` found them once every file was encoded), and
-    test clips of lengths far from the bank's are noted, and fault data's channel count is kept for its
-    per-channel views (`windowed`: every clip a window, of one length). Files whose header cannot be read are left
-    to the reading, which reports them."""
+    test clips of lengths far from the bank's are noted (not where `windowed`: every clip is a window, of one
+    length), and fault data's channel count is kept for its per-channel views. Files whose header cannot be read
+    are left to the reading, which reports them."""
     if dataset.read is not datasets.read_audio:  # the .mat and .csv data sets have one rate and channel count
         return
     soundfile = require("soundfile", "reading audio files")
@@ -104,8 +104,9 @@ def _check_headers(dataset, windowed: bool) -> None:
     usable = [(item, header) for item, header in zip(dataset.items, headers)
               if header is not None and MIN_SAMPLE_RATE <= header.samplerate <= MAX_SAMPLE_RATE]
     _refuse_other_sizes(usable)
-    if dataset.kind == "anomaly" and not windowed:
-        _note_other_lengths(dataset, usable)
+    if dataset.kind == "anomaly":
+        if not windowed:
+            _note_other_lengths(dataset, usable)
     elif usable:  # one channel count now: each channel of a 3-axis sensor's files is viewed alone and fused
         dataset.channels = usable[0][1].channels
 
