@@ -955,3 +955,25 @@ def test_a_window_is_named_by_its_exact_span(tmp_path, window, hop, rate, fragme
     clips, rows = _windows_as_clips([clip], [np.zeros((len(fragments), 2), np.float32)], (window, hop))
     assert [str(clip.path) for clip in clips] == [f"{path}{fragment}" for fragment in fragments]
     assert len(rows) == len(fragments)
+
+
+def test_a_windowed_file_removed_after_its_embedding_is_a_clear_error(tmp_path, model_path, monkeypatch, capsys):
+    """Its windows' times come from its header, read again after the embedding: an AttributeError's traceback."""
+    import echo.eval.cli as command
+
+    rng = seeded_rng()
+    for name in ("normal/a.wav", "test/normal/b.wav", "test/anomalous/c.wav"):
+        path = tmp_path / "machine" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        soundfile.write(str(path), tone(rng, 400, seconds=1.0), RATE)
+    real = command.embed_files
+
+    def then_removed(*args, **kwargs):
+        embedded = real(*args, **kwargs)
+        (tmp_path / "machine" / "test" / "normal" / "b.wav").unlink()
+        return embedded
+
+    monkeypatch.setattr(command, "embed_files", then_removed)
+    assert run_eval("--task", "folder", "--data", tmp_path / "machine", "--model", model_path, "--out",
+                    tmp_path / "out", "--window", "0.5", "--no-plots") != 0
+    assert "b.wav could not be read again for its windows' times" in capsys.readouterr().err

@@ -152,7 +152,11 @@ def _windows_as_clips(items: list, vectors: list, window: tuple[float, float]) -
     soundfile = require("soundfile", "reading audio files")  # --task folder reads its files with it
     clips, rows = [], []
     for item, windowed in zip(items, vectors):
-        rate = audio_header(soundfile, item.path).samplerate  # its windows' spans are whole samples at its rate
+        header = audio_header(soundfile, item.path)  # its windows' spans are whole samples at its rate
+        if header is None:  # not a traceback's AttributeError
+            raise ValueError(f"{item.path} could not be read again for its windows' times: removed or changed since "
+                             f"it was embedded? The same command scores again from the cache")
+        rate = header.samplerate
         for number, row in enumerate(windowed):
             fragment = windows.fragment(number, *windows.spans(*window, rate), rate)
             clips.append(dataclasses.replace(item, path=Path(f"{item.path}{fragment}")))
