@@ -249,22 +249,17 @@ def _stream_and_encode(model, path: Path, frames: bool, options: dict, streak: F
         blocks.close()
         return (f"the file changed while it was read: {counted(channels, 'channel')} at {rate} Hz, then "
                 f"{again[1]} at {again[0]} Hz")
-    samples = 0
+    decoding = _Decoding(blocks, path, length, options["progress"])
     with contextlib.closing(blocks):
         try:  # making a stream copies the weights: out of memory on a full GPU is the file's failure, as in a push
             streams = [StreamEncoder(model, rate, frames=frames, dtype=options["dtype"],
                                      max_tokens=options["max_tokens"], mean=mean) for mean in means]
-            while True:
-                try:
-                    block = next(blocks, None)
-                except Exception as error:  # the decoder's: a damaged stream
-                    return failure_reason(error, path)
-                if block is None:
-                    break
+            for block in decoding:
                 for channel, stream in enumerate(streams):
                     stream.push(torch.from_numpy(block[channel]))
-                samples += block.shape[1]
-                options["progress"](min(samples, length), length)
+            if decoding.failure:
+                return decoding.failure
+            samples = decoding.samples
             if samples != length:
                 return f"the file changed while it was read: {length} samples a channel, then {samples}"
             outputs = [stream.finish() for stream in streams]
@@ -319,37 +314,43 @@ def _window_and_encode(model, path: Path, frames: bool, options: dict, streak: F
     if length < width:  # by its header: decoded, it was held whole (twice, joined to the next block) to be skipped
         blocks.close()
         return windows.too_short(length, rate, window)
-    decoded, unreadable = 0, ""
-
-    def counted(blocks):
-        """The blocks, counted and shown; they end at a damaged stream, whose reason is kept."""
-        nonlocal decoded, unreadable
-        while True:
-            try:
-                block = next(blocks, None)
-            except Exception as error:  # the decoder's
-                unreadable = failure_reason(error, path)
-                return
-            if block is None:
-                return
-            decoded += block.shape[1]
-            options["progress"](min(decoded, length), length)
-            yield block
-
+    decoding = _Decoding(blocks, path, length, options["progress"])
     # the bar shows the share of the file decoded, not each group's passes
     encode = partial(_encode, model, frames=frames, options={**options, "progress": None})
     with contextlib.closing(blocks):
         pieces = ((0, windows.named(number, step, rate), torch.from_numpy(piece), rate)
-                  for number, piece in enumerate(windows.cut(counted(blocks), width, step)))
+                  for number, piece in enumerate(windows.cut(decoding, width, step)))
         encoded = encode_windows(encode, pieces, streak).get(0)
-    if unreadable or isinstance(encoded, str):
-        return unreadable or encoded
+    if decoding.failure or isinstance(encoded, str):
+        return decoding.failure or encoded
     if encoded is None:
-        return windows.too_short(decoded, rate, window)
+        return windows.too_short(decoding.samples, rate, window)
     embeddings = {"utterance": np.stack([result["utterance"] for result in encoded])}
     if frames:
         embeddings["frames"] = np.concatenate([result["frames"] for result in encoded])
-    return (rate, channels, decoded), embeddings
+    return (rate, channels, decoding.samples), embeddings
+
+
+class _Decoding:
+    """A file's blocks as they are decoded, counted and shown (`progress(done, total)`); a damaged stream ends them
+    and its reason is kept in `failure`: the decoder's error is the file's, never the encoder's."""
+
+    def __init__(self, blocks, path: Path, length: int, progress: Callable[[int, int], None]):
+        self.blocks, self.path, self.length, self.progress = blocks, path, length, progress
+        self.samples, self.failure = 0, ""
+
+    def __iter__(self):
+        while True:
+            try:
+                block = next(self.blocks, None)
+            except Exception as error:
+                self.failure = failure_reason(error, self.path)
+                return
+            if block is None:
+                return
+            self.samples += block.shape[1]
+            self.progress(min(self.samples, self.length), self.length)
+            yield block
 
 
 def _side_by_side(channels: list, dim: int) -> torch.Tensor:
