@@ -318,7 +318,7 @@ def _window_and_encode(model, path: Path, frames: bool, options: dict, streak: F
     # the bar shows the share of the file decoded, not each group's passes
     encode = partial(_encode, model, frames=frames, options={**options, "progress": None})
     with contextlib.closing(blocks):
-        pieces = ((0, windows.named(number, step, rate), torch.from_numpy(piece), rate)
+        pieces = ((0, windows.named(number, step, rate), torch.from_numpy(piece[0] if channels == 1 else piece), rate)
                   for number, piece in enumerate(windows.cut(decoding, width, step)))
         encoded = encode_windows(encode, pieces, streak).get(0)
     if decoding.failure or isinstance(encoded, str):

@@ -131,8 +131,8 @@ def test_a_window_with_bad_samples_fails_its_file_naming_the_window(tmp_path, mo
     signal[16000 * 2 + 5] = np.nan
     soundfile.write(str(tmp_path / "nan.wav"), signal, 16000, subtype="FLOAT")
     assert run(tmp_path / "nan.wav", "--model", model_path, "--out", tmp_path / "w.npz", "--window", "1") == 1
-    assert f"skipped {tmp_path / 'nan.wav'}: window 2 (from 2.000 s): window contains 1 NaN or Inf sample(s), the " \
-        f"first at channel 0, index 5" in capsys.readouterr().out
+    assert f"skipped {tmp_path / 'nan.wav'}: window 2 (from 2.000 s): it contains 1 NaN or Inf sample(s), the " \
+        f"first at index 5" in capsys.readouterr().out
 
 
 def test_a_file_of_windows_all_nan_is_skipped_and_the_run_goes_on(tmp_path, model_path, capsys):
@@ -141,7 +141,7 @@ def test_a_file_of_windows_all_nan_is_skipped_and_the_run_goes_on(tmp_path, mode
     soundfile.write(str(tmp_path / "a.flac"), np.random.uniform(-0.5, 0.5, 16000 * 2), 16000)
     out = tmp_path / "w.npz"
     assert run(tmp_path / "nan.wav", tmp_path / "a.flac", "--model", model_path, "--out", out, "--window", "1") == 0
-    assert f"skipped {tmp_path / 'nan.wav'}: window 0 (from 0.000 s): window contains 16000 NaN" in \
+    assert f"skipped {tmp_path / 'nan.wav'}: window 0 (from 0.000 s): it contains 16000 NaN" in \
         capsys.readouterr().out
     assert list(read_embeddings(out)["files"]) == [str(tmp_path / "a.flac")]
 

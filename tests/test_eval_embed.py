@@ -554,7 +554,7 @@ def test_windows_all_nan_fail_their_recording_alone_not_the_encoder(model, monke
     pieces = [(owner, f"w{k}", signal[k * 1000 : (k + 1) * 1000], 8000)
               for owner, signal in (("bad", bad), ("good", good)) for k in range(4)]
     results = embed.encode_windows(encode, iter(pieces), embed.FailureStreak())
-    assert results["bad"].startswith("w0: window contains 1000 NaN or Inf sample(s)")
+    assert results["bad"].startswith("w0: it contains 1000 NaN or Inf sample(s)")
     assert calls == [3, 1] and len(results["good"]) == 4  # 3000 samples a group; the bad windows never encoded
     for k, vector in enumerate(results["good"]):
         assert rel_err(vector, embed._encode(model, [good[k * 1000 : (k + 1) * 1000]], [8000], None,

@@ -408,7 +408,7 @@ def encode_windows(encode: Callable, pieces: Iterable, streak: FailureStreak) ->
         # checked before the encoder: a group of one recording's windows, all NaN, failed alike together and each
         # alone, which encode_isolating_failures takes for a failing device, and the run stopped
         try:
-            inputs.as_float32(samples, what="window")
+            inputs.as_float32(samples, what="it")
         except ValueError as error:
             results[owner] = f"{name}: {error}"
             continue
