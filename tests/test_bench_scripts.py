@@ -37,6 +37,9 @@ def run_script(script: str, *arguments: str, **environment: str) -> subprocess.C
     ("fault_groups_speed.py", "--groups", "1"),
     ("fault_groups_speed.py", "--k", "10000"),  # above every bank of 10^4 rows
     ("search_memory.py", "--k", "20000"),
+    ("encode_long_file.py", "--minutes", "nan"),
+    ("encode_long_file.py", "--rate", "0"),
+    ("encode_long_file.py", "--modes", "10:0"),  # a hop of 0 s: echo encode's error, after the file was written
 ])
 def test_a_bad_option_is_a_usage_error_naming_it(script, option, value):
     run = run_script(script, option, value)
