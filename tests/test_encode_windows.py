@@ -33,6 +33,19 @@ def test_windows_cut_from_blocks_are_the_signals_slices(window, hop):
     assert list(windows.cut(iter([signal[:, : window - 1]]), window, hop)) == []
 
 
+def test_a_window_of_many_blocks_is_joined_once(monkeypatch):
+    """Joined to the held samples at every block, a window of minutes was copied again at each of its blocks (2-3x
+    its size at the peak): the blocks are joined once the window is complete."""
+    joins, concatenate = [], np.concatenate
+    monkeypatch.setattr(windows.np, "concatenate", lambda arrays, **kwargs: joins.append(len(arrays)) or
+                        concatenate(arrays, **kwargs))
+    signal = np.arange(2 * 5000, dtype=np.float32).reshape(2, 5000)
+    pieces = list(windows.cut(iter(np.split(signal, 50, axis=1)), 1000, 1000))
+    assert len(pieces) == 5
+    assert all(np.array_equal(piece, signal[:, i * 1000 : (i + 1) * 1000]) for i, piece in enumerate(pieces))
+    assert joins == [10] * 5
+
+
 def test_each_window_is_encoded_as_a_signal_of_its_own(tmp_path, model_path, capsys):
     """Windows at several rates and channel counts, overlapping and not: each row is model.encode of its span (DC
     removed from it alone), frames the windows' rows in order; the tail shorter than a window is left out, and a
