@@ -339,10 +339,11 @@ def _windows_and_encode(model, batch: list[Path], frames: bool, options: dict, s
     # the bar shows the share of the files decoded, not each group's passes
     encode = partial(_encode, model, frames=frames, options={**options, "progress": None})
     encoded = encode_windows(encode, pieces(), streak)
-    return [(path, _windowed(opened[index], encoded.get(index), frames, window)) for index, path in enumerate(batch)]
+    return [(path, _file_from_windows(opened[index], encoded.get(index), frames, window))
+            for index, path in enumerate(batch)]
 
 
-def _windowed(opened, encoded, frames: bool, window: float):
+def _file_from_windows(opened, encoded, frames: bool, window: float):
     """A file's ((rate, channels, samples), embeddings) from its windows' outputs (`encoded`: a list, the reason one
     failed, or None for none), or the reason it failed (`opened`: one, or its (rate, channels, _Decoding))."""
     if isinstance(opened, str):

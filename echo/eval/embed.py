@@ -364,7 +364,8 @@ def encode_isolating_failures(encode: Callable, signals: list, rates: list, stre
     return finite_or_failed(results)
 
 
-def _windowed(encode: Callable, loaded: list, window: tuple[float, float], streak: FailureStreak) -> list:
+def _window_vectors(encode: Callable, loaded: list, window: tuple[float, float], streak: FailureStreak) \
+        -> list:
     """Per (signal, rate) of `loaded`, its windows' vectors (windows, features), or the reason it failed."""
     def pieces():
         for owner, (signal, rate) in enumerate(loaded):
@@ -499,9 +500,11 @@ def embed_files(model, paths, read: Callable, cache_dir=None, model_key: str | N
                 pending = submit(batches[number + 1]) if number + 1 < len(batches) else []
                 start = time.perf_counter()
                 encode = functools.partial(_encode, model, device=device, dtype=dtype)
-                vectors = good and (encode_isolating_failures(encode, [s for _, (s, _) in good],
-                                                              [r for _, (_, r) in good], streak) if window is None
-                                    else _windowed(encode, [item for _, item in good], window, streak))
+                if window is None:
+                    vectors = good and encode_isolating_failures(encode, [s for _, (s, _) in good],
+                                                                 [r for _, (_, r) in good], streak)
+                else:
+                    vectors = good and _window_vectors(encode, [item for _, item in good], window, streak)
                 result.encode_seconds += time.perf_counter() - start
                 fresh = {}
                 for i, vector in zip([i for i, _ in good], vectors):  # no loop variable keeps a signal alive
