@@ -71,7 +71,7 @@ OUTPUT_HELP = (
     "(relative ones to the folder the command ran in). The output holds this run's files only: to gather several "
     "folders in one, give them all (the files it holds already are reused). "
     "With --window, a file's utterance is (windows, features) and its frames the windows' rows one after another; "
-    "model and keys begin or end with the windows (window10.0s-hop5.0s). "
+    "model begins with the windows (window10.0s-hop5.0s-...) and keys end with them (...@window10.0s-hop5.0s). "
     "echo.encode_files.read_embeddings(OUT) reads either back.")
 
 
