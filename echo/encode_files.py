@@ -235,7 +235,14 @@ def _stream_and_encode(model, path: Path, frames: bool, options: dict, streak: F
 
     def read_means(path: Path):
         rate, channels, length, blocks = _blocks_of(path)
-        return (rate, channels) + _channel_means(blocks, channels, length, reading)
+        decoding = _Decoding(blocks, path, length, reading)
+        with contextlib.closing(blocks):
+            totals = _channel_totals(decoding, channels)
+        if decoding.failure:
+            return decoding.failure
+        if not decoding.samples:
+            raise ValueError("no samples decoded")
+        return rate, channels, [(total / decoding.samples).item() for total in totals], decoding.samples
 
     first = checked_reading(read_means, path)
     if isinstance(first, str):
@@ -280,25 +287,20 @@ def _stream_and_encode(model, path: Path, frames: bool, options: dict, streak: F
     return result if isinstance(result, str) else ((rate, channels, samples), result)
 
 
-def _channel_means(blocks, channels: int, length: int, reading: Callable[[int, int], None]) -> tuple[list, int]:
-    """(the mean of each channel, summed in float64 as a stream sums them, the samples read) of a file's blocks;
-    a NaN or Inf sample is refused as a push refuses it, naming its channel where there are several."""
-    totals, samples = [torch.zeros((), dtype=torch.float64)] * channels, 0
-    with contextlib.closing(blocks):
-        for block in blocks:
-            for channel in range(channels):
-                row = torch.from_numpy(block[channel])
-                totals[channel] = totals[channel] + inputs.float64_sum(row)  # float64 files' in float64: exact
-                if not bool(torch.isfinite(totals[channel])):
-                    try:  # its words, naming the first NaN or Inf
-                        inputs.as_float32(row, what=f"chunk at sample {samples}")
-                    except ValueError as error:
-                        raise ValueError(f"channel {channel}: {error}" if channels > 1 else str(error)) from None
-            samples += block.shape[1]
-            reading(min(samples, length), length)
-    if not samples:
-        raise ValueError("no samples decoded")
-    return [(total / samples).item() for total in totals], samples
+def _channel_totals(decoding: _Decoding, channels: int) -> list[torch.Tensor]:
+    """The sum of each channel of a file's blocks, in float64 as a stream sums them; a NaN or Inf sample is refused
+    as a push refuses it, naming its channel where there are several."""
+    totals = [torch.zeros((), dtype=torch.float64)] * channels
+    for block in decoding:
+        for channel in range(channels):
+            row = torch.from_numpy(block[channel])
+            totals[channel] = totals[channel] + inputs.float64_sum(row)  # float64 files' in float64: exact
+            if not bool(torch.isfinite(totals[channel])):
+                try:  # its words, naming the first NaN or Inf
+                    inputs.as_float32(row, what=f"chunk at sample {decoding.samples - block.shape[1]}")
+                except ValueError as error:
+                    raise ValueError(f"channel {channel}: {error}" if channels > 1 else str(error)) from None
+    return totals
 
 
 SHOWN_SHARES = 1000  # steps of the bar's share that a file of a windowed batch takes

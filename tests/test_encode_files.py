@@ -346,15 +346,15 @@ def test_a_file_that_changes_between_its_two_readings_is_skipped(tmp_path, model
 
     path = tmp_path / "growing.wav"
     soundfile.write(str(path), np.random.default_rng(11).uniform(-0.5, 0.5, 30000), 16000, subtype="FLOAT")
-    real_means = command._channel_means
+    real_totals = command._channel_totals
 
     def then_changed(blocks, *args):
-        result = real_means(blocks, *args)
+        result = real_totals(blocks, *args)
         soundfile.write(str(path), np.random.default_rng(12).uniform(-0.5, 0.5, then[0]) + then[1], 16000,
                         subtype="FLOAT")
         return result
 
-    monkeypatch.setattr(command, "_channel_means", then_changed)
+    monkeypatch.setattr(command, "_channel_totals", then_changed)
     assert run(path, "--model", model_path, "--out", tmp_path / "e.npz") == 1
     assert f"skipped {path}: the file changed while it was read: {then[2]}" in capsys.readouterr().out
 
@@ -371,14 +371,14 @@ def test_a_file_whose_layout_changes_between_its_two_readings_is_skipped_and_the
     samples = np.random.default_rng(13).uniform(-0.5, 0.5, (30000, 2))
     soundfile.write(str(path), samples, 16000, subtype="FLOAT")
     soundfile.write(str(other), samples[:1000], 16000, subtype="FLOAT")
-    real_means = command._channel_means
+    real_totals = command._channel_totals
 
     def then_changed(blocks, *args):
-        result = real_means(blocks, *args)
+        result = real_totals(blocks, *args)
         soundfile.write(str(path), samples[:, :channels], rate, subtype="FLOAT")  # the same samples
         return result
 
-    monkeypatch.setattr(command, "_channel_means", then_changed)
+    monkeypatch.setattr(command, "_channel_totals", then_changed)
     assert run(path, other, "--model", model_path, "--out", tmp_path / "e.npz") == 0
     assert f"skipped {path}: the file changed while it was read: {said}" in capsys.readouterr().out
     assert list(read_embeddings(tmp_path / "e.npz")["files"]) == [str(other)]
